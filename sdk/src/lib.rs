@@ -1,0 +1,11 @@
+//! edgetune: fine-tune and run Llama-family LLMs on any GPU through WGSL compute shaders.
+//!
+//! The data flow: a model folder or GGUF file is opened ([`model`]), its linear weights are
+//! quantized to NF4 ([`quant`]) and uploaded once to the GPU ([`gpu`]); the forward pass runs as
+//! a sequence of WGSL kernels, each with a CPU twin in [`reference`].
+
+pub mod error;
+pub mod model;
+pub mod quant;
+
+pub use error::{Error, Result};

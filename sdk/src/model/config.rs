@@ -1,0 +1,302 @@
+//! `ModelConfig`: the shape of a Llama-family model, read from a Hugging Face `config.json` or
+//! from GGUF metadata. Everything the forward pass needs is here, already validated.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+
+use crate::error::{Error, Result};
+use crate::model::gguf::{GgufFile, Value};
+
+/// Supported architectures. SmolLM is a Llama; Mistral (without sliding windows longer than the
+/// context) is a Llama too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// RoPE frequency scaling.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum RopeScaling {
+    /// Llama 3.x style: low frequencies scaled by `factor`, high ones kept, smooth in between.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    /// Plain position interpolation: every frequency divided by `factor`.
+    Linear { factor: f32 },
+    /// Per-frequency divisors given as a tensor (GGUF `rope_freqs.weight`).
+    Factors(Vec<f32>),
+}
+
+/// The model's hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry biases (Qwen2).
+    pub qkv_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn field<'a>(j: &'a Json, key: &str) -> Option<&'a Json> {
+    j.get(key).filter(|v| !v.is_null())
+}
+
+impl ModelConfig {
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_json(path: &Path, text: &str) -> Result<Self> {
+        let j: Json = serde_json::from_str(text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+        let usize_of = |key: &str| -> Result<usize> {
+            field(&j, key)
+                .and_then(Json::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::format(path, format!("field `{key}` is missing or not a positive integer")))
+        };
+        let model_type = field(&j, "model_type").and_then(Json::as_str).unwrap_or("");
+        let archs: Vec<&str> = field(&j, "architectures")
+            .and_then(Json::as_array)
+            .map(|a| a.iter().filter_map(Json::as_str).collect())
+            .unwrap_or_default();
+        let arch = match model_type {
+            "llama" | "smollm" | "smollm2" => Arch::Llama,
+            "mistral" => Arch::Mistral,
+            "qwen2" => Arch::Qwen2,
+            "" if archs.iter().any(|a| a.starts_with("Llama")) => Arch::Llama,
+            other => {
+                let name = if other.is_empty() { archs.join(",") } else { other.to_string() };
+                return Err(Error::unsupported(
+                    path,
+                    format!("architecture `{name}` (model_type); edgetune supports llama, mistral, qwen2"),
+                ));
+            }
+        };
+        let hidden_size = usize_of("hidden_size")?;
+        let num_heads = usize_of("num_attention_heads")?;
+        let num_kv_heads = field(&j, "num_key_value_heads").and_then(Json::as_u64).map_or(num_heads, |v| v as usize);
+        let head_dim = field(&j, "head_dim").and_then(Json::as_u64).map_or(hidden_size / num_heads.max(1), |v| v as usize);
+        // transformers 5 may nest rope_theta and the scaling inside `rope_parameters`.
+        let rope_params = field(&j, "rope_parameters");
+        let rope_theta = field(&j, "rope_theta")
+            .or_else(|| rope_params.and_then(|r| field(r, "rope_theta")))
+            .and_then(Json::as_f64)
+            .unwrap_or(10000.0) as f32;
+        let scaling_json = field(&j, "rope_scaling").or(rope_params);
+        let rope_scaling = match scaling_json {
+            Some(s) => parse_hf_rope_scaling(path, s)?,
+            None => None,
+        };
+        let eos_token_ids = match field(&j, "eos_token_id") {
+            Some(Json::Array(a)) => a.iter().filter_map(Json::as_u64).map(|v| v as u32).collect(),
+            Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            None => vec![],
+        };
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: usize_of("intermediate_size")?,
+            num_layers: usize_of("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: usize_of("vocab_size")?,
+            rms_norm_eps: field(&j, "rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6) as f32,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: field(&j, "max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096) as usize,
+            tie_word_embeddings: field(&j, "tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
+            qkv_bias: arch == Arch::Qwen2 || field(&j, "attention_bias").and_then(Json::as_bool).unwrap_or(false),
+            bos_token_id: field(&j, "bos_token_id").and_then(Json::as_u64).map(|v| v as u32),
+            eos_token_ids,
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads the hyper-parameters from GGUF metadata.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let path = g.path.as_path();
+        let arch_name = g.get_str("general.architecture")?;
+        let arch = match arch_name {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(Error::unsupported(
+                    path,
+                    format!("architecture `{other}` (general.architecture); edgetune reads llama and qwen2 GGUF files"),
+                ));
+            }
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let u = |k: &str| g.get_u64(&key(k)).map(|v| v as usize);
+        let hidden_size = u("embedding_length")?;
+        let num_heads = u("attention.head_count")?;
+        let num_kv_heads = g.get(&key("attention.head_count_kv")).and_then(Value::as_u64).map_or(num_heads, |v| v as usize);
+        let head_dim = g
+            .get(&key("attention.key_length"))
+            .or_else(|| g.get(&key("rope.dimension_count")))
+            .and_then(Value::as_u64)
+            .map_or(hidden_size / num_heads.max(1), |v| v as usize);
+        let vocab_size = match g.get(&key("vocab_size")).and_then(Value::as_u64) {
+            Some(v) => v as usize,
+            None => match g.get("tokenizer.ggml.tokens") {
+                Some(Value::Array(a)) => a.len(),
+                _ => g.tensors.get("token_embd.weight").map(|t| t.dims[1]).ok_or_else(|| {
+                    Error::format(path, "cannot tell the vocabulary size: no `vocab_size`, tokens or token_embd.weight")
+                })?,
+            },
+        };
+        let mut rope_scaling = None;
+        if let Some(t) = g.get(&key("rope.scaling.type")).and_then(Value::as_str) {
+            let factor = g.get(&key("rope.scaling.factor")).and_then(Value::as_f64).unwrap_or(1.0) as f32;
+            rope_scaling = match t {
+                "none" => None,
+                "linear" => Some(RopeScaling::Linear { factor }),
+                other => return Err(Error::unsupported(path, format!("rope scaling `{other}` ({arch_name}.rope.scaling.type)"))),
+            };
+        }
+        if g.tensors.contains_key("rope_freqs.weight") {
+            let (f, _) = g.tensor_f32("rope_freqs.weight")?;
+            rope_scaling = Some(RopeScaling::Factors(f));
+        }
+        let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
+        let cfg = ModelConfig {
+            arch,
+            hidden_size,
+            intermediate_size: u("feed_forward_length")?,
+            num_layers: u("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size,
+            rms_norm_eps: g.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            rope_theta: g.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0) as f32,
+            rope_scaling,
+            max_position_embeddings: u("context_length").unwrap_or(4096),
+            tie_word_embeddings: !g.tensors.contains_key("output.weight"),
+            qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
+            eos_token_ids: eos.into_iter().collect(),
+        };
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let mut problems = Vec::new();
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ] {
+            if v == 0 {
+                problems.push(format!("{name} is 0"));
+            }
+        }
+        if self.num_kv_heads != 0 && self.num_heads % self.num_kv_heads != 0 {
+            problems.push(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            problems.push(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
+        }
+        if self.head_dim > 256 {
+            problems.push(format!("head_dim {} is larger than 256, the attention kernel's limit", self.head_dim));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(Error::format(path, problems.join("; "))) }
+    }
+
+    /// Inverse RoPE frequencies (`head_dim / 2` values) with any scaling applied, as
+    /// transformers computes them.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        let base: Vec<f64> = (0..half)
+            .map(|i| 1.0 / f64::from(self.rope_theta).powf((2 * i) as f64 / self.head_dim as f64))
+            .collect();
+        let scaled: Vec<f64> = match &self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / f64::from(*factor)).collect(),
+            Some(RopeScaling::Factors(fs)) => base.iter().zip(fs).map(|(f, d)| f / f64::from(*d)).collect(),
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position }) => {
+                let (factor, lo, hi, omp) =
+                    (f64::from(*factor), f64::from(*low_freq_factor), f64::from(*high_freq_factor), f64::from(*original_max_position));
+                let low_wavelen = omp / lo;
+                let high_wavelen = omp / hi;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (omp / wavelen - lo) / (hi - lo);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// Parameter count (embeddings counted once when tied).
+    pub fn parameter_count(&self) -> usize {
+        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let q = h * self.num_heads * hd;
+        let kv = 2 * h * self.num_kv_heads * hd;
+        let o = self.num_heads * hd * h;
+        let bias = if self.qkv_bias { (self.num_heads + 2 * self.num_kv_heads) * hd } else { 0 };
+        let layer = q + kv + o + bias + 3 * h * i + 2 * h;
+        let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
+        self.num_layers * layer + emb + h
+    }
+}
+
+fn parse_hf_rope_scaling(path: &Path, s: &Json) -> Result<Option<RopeScaling>> {
+    let ty = field(s, "rope_type").or_else(|| field(s, "type")).and_then(Json::as_str).unwrap_or("default");
+    let f = |k: &str, d: f64| field(s, k).and_then(Json::as_f64).unwrap_or(d) as f32;
+    Ok(match ty {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: f("factor", 1.0) }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: f("factor", 8.0),
+            low_freq_factor: f("low_freq_factor", 1.0),
+            high_freq_factor: f("high_freq_factor", 4.0),
+            original_max_position: f("original_max_position_embeddings", 8192.0),
+        }),
+        other => {
+            return Err(Error::unsupported(
+                path,
+                format!("rope_scaling type `{other}`; edgetune supports default, linear and llama3"),
+            ));
+        }
+    })
+}

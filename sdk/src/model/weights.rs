@@ -1,0 +1,231 @@
+//! Tensor sources: a Hugging Face folder of safetensors (single or sharded) or a GGUF file.
+//!
+//! Callers ask for tensors by their Hugging Face name (`model.layers.0.self_attn.q_proj.weight`)
+//! and get f32 values in PyTorch's row-major layout, whatever the file stores. For GGUF llama
+//! files the q/k row permutation that llama.cpp applies is undone here, so the rest of edgetune
+//! sees one layout.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::gguf::GgufFile;
+
+/// One memory-mapped safetensors file.
+#[derive(Debug)]
+pub struct Shard {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+/// Where a model's tensors come from.
+#[derive(Debug)]
+pub enum WeightSource {
+    /// A Hugging Face folder: tensor name → shard index.
+    SafeTensors { shards: Vec<Shard>, index: BTreeMap<String, usize> },
+    Gguf(Box<GgufFile>),
+}
+
+/// Description of one stored tensor, for `edgetune info`.
+#[derive(Debug, Clone)]
+pub struct StoredTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    pub bytes: usize,
+}
+
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: read-only map of a model file that edgetune does not modify while it is open.
+    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
+}
+
+fn parse_shard(path: &Path, mmap: &memmap2::Mmap) -> Result<Vec<String>> {
+    let st = SafeTensors::deserialize(mmap)
+        .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+    Ok(st.names().into_iter().map(str::to_string).collect())
+}
+
+impl WeightSource {
+    /// Opens the safetensors files of a Hugging Face model folder.
+    pub fn open_safetensors_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let j: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::format(&index_path, format!("invalid JSON: {e}")))?;
+            let map = j
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::format(&index_path, "field `weight_map` is missing or not an object"))?;
+            let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if files.is_empty() {
+            return Err(Error::format(dir, "no *.safetensors weights in this folder"));
+        }
+        let mut shards = Vec::new();
+        let mut index = BTreeMap::new();
+        for (i, path) in files.into_iter().enumerate() {
+            let mmap = map_file(&path)?;
+            for name in parse_shard(&path, &mmap)? {
+                index.insert(name, i);
+            }
+            shards.push(Shard { path, mmap });
+        }
+        Ok(WeightSource::SafeTensors { shards, index })
+    }
+
+    /// The file a message should name.
+    pub fn path(&self) -> &Path {
+        match self {
+            WeightSource::SafeTensors { shards, .. } => &shards[0].path,
+            WeightSource::Gguf(g) => &g.path,
+        }
+    }
+
+    /// Every stored tensor, for reporting.
+    pub fn list(&self) -> Vec<StoredTensor> {
+        match self {
+            WeightSource::SafeTensors { shards, index } => index
+                .iter()
+                .filter_map(|(name, &i)| {
+                    let st = SafeTensors::deserialize(&shards[i].mmap).ok()?;
+                    let t = st.tensor(name).ok()?;
+                    Some(StoredTensor {
+                        name: name.clone(),
+                        shape: t.shape().to_vec(),
+                        dtype: format!("{:?}", t.dtype()),
+                        bytes: t.data().len(),
+                    })
+                })
+                .collect(),
+            WeightSource::Gguf(g) => g
+                .tensors
+                .values()
+                .map(|t| StoredTensor { name: t.name.clone(), shape: t.shape(), dtype: t.ty.name().into(), bytes: t.n_bytes })
+                .collect(),
+        }
+    }
+
+    /// Whether a tensor (by Hugging Face name) exists.
+    pub fn contains(&self, cfg: &ModelConfig, hf_name: &str) -> bool {
+        match self {
+            WeightSource::SafeTensors { index, .. } => index.contains_key(hf_name),
+            WeightSource::Gguf(g) => gguf_name(cfg, hf_name).is_some_and(|n| g.tensors.contains_key(&n)),
+        }
+    }
+
+    /// A tensor by Hugging Face name, as f32 in row-major order, checked against `expected`.
+    pub fn get(&self, cfg: &ModelConfig, hf_name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (data, shape) = match self {
+            WeightSource::SafeTensors { shards, index } => {
+                let &i = index
+                    .get(hf_name)
+                    .ok_or_else(|| Error::MissingTensor { path: shards[0].path.clone(), tensor: hf_name.into() })?;
+                let shard = &shards[i];
+                let st = SafeTensors::deserialize(&shard.mmap)
+                    .map_err(|e| Error::format(&shard.path, format!("not a valid safetensors file: {e}")))?;
+                let t = st
+                    .tensor(hf_name)
+                    .map_err(|e| Error::format(&shard.path, format!("tensor `{hf_name}`: {e}")))?;
+                let b = t.data();
+                let data: Vec<f32> = match t.dtype() {
+                    Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                    Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                    Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+                    other => {
+                        return Err(Error::unsupported(
+                            &shard.path,
+                            format!("dtype {other:?} of tensor `{hf_name}` (expected F32, F16 or BF16)"),
+                        ));
+                    }
+                };
+                (data, t.shape().to_vec())
+            }
+            WeightSource::Gguf(g) => {
+                let name = gguf_name(cfg, hf_name)
+                    .ok_or_else(|| Error::MissingTensor { path: g.path.clone(), tensor: hf_name.into() })?;
+                let (mut data, shape) = g.tensor_f32(&name)?;
+                if cfg.arch == Arch::Llama || cfg.arch == Arch::Mistral {
+                    if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
+                        data = unpermute_rows(&data, &shape, cfg.num_heads);
+                    } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
+                        data = unpermute_rows(&data, &shape, cfg.num_kv_heads);
+                    }
+                }
+                (data, shape)
+            }
+        };
+        // A 1-D tensor may be stored as (n,) or (1, n); compare element layout, not rank.
+        let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+        if squeeze(&shape) != squeeze(expected) {
+            return Err(Error::Shape { path: self.path().to_path_buf(), tensor: hf_name.into(), actual: shape, expected: expected.to_vec() });
+        }
+        Ok(data)
+    }
+}
+
+/// Undoes llama.cpp's q/k permutation: rows are reshaped (n_head, 2, rows/n_head/2) in GGUF and
+/// (n_head, rows/n_head/2, 2) in Hugging Face layout.
+pub fn unpermute_rows(data: &[f32], shape: &[usize], n_head: usize) -> Vec<f32> {
+    let rows = shape[0];
+    let cols: usize = shape[1..].iter().product::<usize>().max(1);
+    let half = rows / n_head / 2;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for j in 0..2 {
+                // HF row (h, i, j) comes from GGUF row (h, j, i).
+                let dst = (h * half + i) * 2 + j;
+                let src = (h * 2 + j) * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Maps a Hugging Face tensor name to its GGUF name.
+fn gguf_name(cfg: &ModelConfig, hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some(if cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" }.into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let g = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}.{kind}"))
+}

@@ -1,0 +1,217 @@
+//! CPU dequantization of GGUF/ggml tensor types, bit-exact with ggml's `dequantize_row_*`.
+//!
+//! Block layouts follow ggml's `ggml-common.h`. Every function takes the raw little-endian bytes
+//! of a whole tensor and the number of elements, and checks the byte length before reading.
+
+use half::{bf16, f16};
+
+/// The ggml tensor types edgetune reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    Bf16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+/// Values in a K-quant super-block.
+pub const QK_K: usize = 256;
+
+impl GgmlType {
+    /// Maps ggml's numeric type id; `Err` carries a readable name for unsupported ids.
+    pub fn from_id(id: u32) -> Result<Self, String> {
+        Ok(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            14 => Self::Q6K,
+            30 => Self::Bf16,
+            other => {
+                let name = match other {
+                    6 => "Q5_0",
+                    7 => "Q5_1",
+                    9 => "Q8_1",
+                    10 => "Q2_K",
+                    11 => "Q3_K",
+                    13 => "Q5_K",
+                    15 => "Q8_K",
+                    16..=23 => "IQ (importance) quant",
+                    24 => "I8",
+                    25 => "I16",
+                    26 => "I32",
+                    27 => "I64",
+                    28 => "F64",
+                    29 => "IQ1_M",
+                    34 => "TQ1_0",
+                    35 => "TQ2_0",
+                    39 => "MXFP4",
+                    _ => "unknown",
+                };
+                return Err(format!("ggml tensor type {name} (id {other})"));
+            }
+        })
+    }
+
+    /// The ggml name of the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::F16 => "F16",
+            Self::Bf16 => "BF16",
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q4K => "Q4_K",
+            Self::Q6K => "Q6_K",
+        }
+    }
+
+    /// (values per block, bytes per block).
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::Bf16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q8_0 => (32, 34),
+            Self::Q4K => (QK_K, 144),
+            Self::Q6K => (QK_K, 210),
+        }
+    }
+
+    /// Bytes needed for `n` elements, or `None` when `n` is not a whole number of blocks.
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        let (bv, bb) = self.block();
+        if n % bv != 0 {
+            return None;
+        }
+        (n / bv).checked_mul(bb)
+    }
+}
+
+fn h(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Dequantizes `n` elements of type `ty` from `data`. Errors when the byte length does not match.
+pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
+    let need = ty
+        .bytes_for(n)
+        .ok_or_else(|| format!("{n} elements is not a whole number of {} blocks", ty.name()))?;
+    if data.len() != need {
+        return Err(format!("{} data holds {} bytes, expected {need} for {n} elements", ty.name(), data.len()));
+    }
+    let mut out = Vec::with_capacity(n);
+    match ty {
+        GgmlType::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        GgmlType::F16 => out.extend(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::Bf16 => out.extend(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::Q8_0 => {
+            for b in data.chunks_exact(34) {
+                let d = h(b, 0);
+                out.extend(b[2..34].iter().map(|&q| d * f32::from(q as i8)));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for b in data.chunks_exact(18) {
+                let d = h(b, 0);
+                let qs = &b[2..18];
+                out.extend(qs.iter().map(|&q| d * (f32::from(q & 0xF) - 8.0)));
+                out.extend(qs.iter().map(|&q| d * (f32::from(q >> 4) - 8.0)));
+            }
+        }
+        GgmlType::Q4_1 => {
+            for b in data.chunks_exact(20) {
+                let (d, m) = (h(b, 0), h(b, 2));
+                let qs = &b[4..20];
+                out.extend(qs.iter().map(|&q| d * f32::from(q & 0xF) + m));
+                out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
+            }
+        }
+        GgmlType::Q4K => {
+            for b in data.chunks_exact(144) {
+                let (d, dmin) = (h(b, 0), h(b, 2));
+                let scales = &b[4..16];
+                let qs = &b[16..144];
+                for j in 0..4 {
+                    let (sc1, m1) = scale_min_k4(2 * j, scales);
+                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
+                    let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
+                    let q = &qs[32 * j..32 * j + 32];
+                    out.extend(q.iter().map(|&v| d1 * f32::from(v & 0xF) - m1));
+                    out.extend(q.iter().map(|&v| d2 * f32::from(v >> 4) - m2));
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for b in data.chunks_exact(210) {
+                let (ql_all, rest) = b.split_at(128);
+                let (qh_all, rest) = rest.split_at(64);
+                let (sc_all, dbytes) = rest.split_at(16);
+                let d = h(dbytes, 0);
+                let mut y = [0f32; QK_K];
+                for half in 0..2 {
+                    let ql = &ql_all[64 * half..];
+                    let qh = &qh_all[32 * half..];
+                    let sc = &sc_all[8 * half..];
+                    let yo = &mut y[128 * half..];
+                    for l in 0..32 {
+                        let is = l / 16;
+                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                        let s = |k: usize| d * f32::from(sc[is + k] as i8);
+                        yo[l] = s(0) * q1 as f32;
+                        yo[l + 32] = s(2) * q2 as f32;
+                        yo[l + 64] = s(4) * q3 as f32;
+                        yo[l + 96] = s(6) * q4 as f32;
+                    }
+                }
+                out.extend_from_slice(&y);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) of a Q4_K block.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q4_1_low_nibbles_are_the_first_half() {
+        let mut b = vec![0u8; 20];
+        b[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
+        b[2..4].copy_from_slice(&f16::from_f32(-1.0).to_le_bytes());
+        b[4] = 0x3A; // element 0 = 0xA, element 16 = 0x3
+        let v = dequantize(GgmlType::Q4_1, &b, 32).expect("valid block");
+        assert_eq!(v[0], 0.5 * 10.0 - 1.0);
+        assert_eq!(v[16], 0.5 * 3.0 - 1.0);
+        assert_eq!(v[1], -1.0);
+    }
+
+    #[test]
+    fn wrong_length_is_an_error_not_a_panic() {
+        let err = dequantize(GgmlType::Q4_0, &[0u8; 17], 32).expect_err("short block");
+        assert!(err.contains("17 bytes"), "{err}");
+        assert!(dequantize(GgmlType::Q4K, &[0u8; 144], 100).is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! NF4 quantization, bit-exact with bitsandbytes (`quantize_4bit(quant_type="nf4")`).
+//!
+//! Layout: the tensor is flattened row-major and cut into blocks of `block_size` values (the last
+//! block may be shorter). Each block stores one f32 absmax; each value stores the 4-bit index of
+//! the nearest NF4 code to `value / absmax`. Two indices share a byte, the FIRST element in the
+//! HIGH nibble. Dequantization is `NF4_CODE[q] * absmax`.
+//!
+//! Rounding follows bitsandbytes exactly: full blocks scale by the reciprocal of absmax
+//! (`x * (1/absmax)`), a trailing partial block divides, and the index is the number of code
+//! midpoints strictly below the scaled value (`torch.bucketize`, so a tie goes to the lower code).
+
+/// The NF4 code book (bitsandbytes `get_4bit_type("nf4")`).
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_800_998_687_7,
+    -0.525_073_051_452_636_7,
+    -0.394_917_488_098_144_53,
+    -0.284_441_381_692_886_35,
+    -0.184_773_430_228_233_34,
+    -0.091_050_036_251_544_95,
+    0.0,
+    0.079_580_299_556_255_34,
+    0.160_930_201_411_247_25,
+    0.246_112_301_945_686_34,
+    0.337_915_241_718_292_24,
+    0.440_709_829_330_444_34,
+    0.562_617_003_917_694_1,
+    0.722_956_836_223_602_3,
+    1.0,
+];
+
+/// The default NF4 block size (bitsandbytes' default).
+pub const DEFAULT_BLOCK_SIZE: usize = 64;
+
+/// A tensor quantized to NF4, as bitsandbytes stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4Tensor {
+    /// Row-major shape of the original tensor.
+    pub shape: Vec<usize>,
+    pub block_size: usize,
+    /// Two 4-bit indices per byte, first element in the high nibble; `ceil(n/2)` bytes.
+    pub packed: Vec<u8>,
+    /// One absmax per block.
+    pub absmax: Vec<f32>,
+}
+
+fn midpoints() -> [f32; 15] {
+    let mut m = [0f32; 15];
+    for (i, v) in m.iter_mut().enumerate() {
+        *v = (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0;
+    }
+    m
+}
+
+/// Index of the NF4 code for an already-scaled value in [-1, 1].
+#[inline]
+fn bucket(scaled: f32, mids: &[f32; 15]) -> u8 {
+    mids.iter().take_while(|&&m| m < scaled).count() as u8
+}
+
+/// Valid block sizes (bitsandbytes accepts powers of two from 32 to 4096).
+pub fn check_block_size(block_size: usize) -> Result<(), String> {
+    if block_size.is_power_of_two() && (32..=4096).contains(&block_size) {
+        Ok(())
+    } else {
+        Err(format!("NF4 block size {block_size} must be a power of two in 32..=4096"))
+    }
+}
+
+/// Quantizes a row-major tensor to NF4.
+pub fn quantize(data: &[f32], shape: &[usize], block_size: usize) -> Result<Nf4Tensor, String> {
+    check_block_size(block_size)?;
+    let n: usize = shape.iter().product();
+    if n != data.len() {
+        return Err(format!("shape {shape:?} holds {n} values but {} were given", data.len()));
+    }
+    let mids = midpoints();
+    let full = n - n % block_size;
+    let mut absmax = Vec::with_capacity(n.div_ceil(block_size));
+    let mut q = Vec::with_capacity(n + 1);
+    for block in data.chunks(block_size) {
+        let am = block.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        absmax.push(am);
+        let am = am.max(1e-38);
+        if block.len() == block_size {
+            let inv = 1.0 / am;
+            q.extend(block.iter().map(|&x| bucket((x * inv).clamp(-1.0, 1.0), &mids)));
+        } else {
+            q.extend(block.iter().map(|&x| bucket((x / am).clamp(-1.0, 1.0), &mids)));
+        }
+    }
+    debug_assert!(full <= q.len());
+    if q.len() % 2 == 1 {
+        q.push(bucket(0.0, &mids));
+    }
+    let packed = q.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect();
+    Ok(Nf4Tensor { shape: shape.to_vec(), block_size, packed, absmax })
+}
+
+impl Nf4Tensor {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The 4-bit index of element `i`.
+    #[inline]
+    pub fn index(&self, i: usize) -> u8 {
+        let b = self.packed[i / 2];
+        if i % 2 == 0 { b >> 4 } else { b & 0xF }
+    }
+
+    /// Dequantizes to f32 (`NF4_CODE[q] * absmax`, as bitsandbytes does in f32).
+    pub fn dequantize(&self) -> Vec<f32> {
+        (0..self.len()).map(|i| NF4_CODE[self.index(i) as usize] * self.absmax[i / self.block_size]).collect()
+    }
+}
+
+/// bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map(signed=True)`), used for double
+/// quantization of the absmax values.
+pub fn dynamic_map_signed() -> [f32; 256] {
+    let (max_exp, non_sign) = (7i32, 7i32);
+    let mut data: Vec<f64> = Vec::with_capacity(256);
+    let linspace = |n: usize| -> Vec<f32> {
+        // torch.linspace(0.1, 1, n) in f32, as ATen's vectorized CPU kernel computes it: a fused
+        // multiply-add from the start for the first half and from the end for the second.
+        let (start, end) = (0.1f32, 1.0f32);
+        let step = (end - start) / (n as f32 - 1.0);
+        let half = n / 2;
+        (0..n)
+            .map(|i| if i < half { step.mul_add(i as f32, start) } else { (-step).mul_add((n - 1 - i) as f32, end) })
+            .collect()
+    };
+    let additional = 2i32.pow((non_sign - max_exp) as u32) - 1;
+    for i in 0..max_exp {
+        let items = 2usize.pow((i + non_sign - max_exp) as u32) + 1;
+        let b = linspace(items);
+        // torch multiplies the f32 means by the Python scale in f32.
+        let scale = 10f64.powi(-(max_exp - 1) + i) as f32;
+        for sign in [1.0f32, -1.0] {
+            for w in b.windows(2) {
+                let mean = (w[0] + w[1]) / 2.0;
+                data.push(f64::from(sign * scale * mean));
+            }
+        }
+    }
+    debug_assert_eq!(additional, 0);
+    data.push(0.0);
+    data.push(1.0);
+    while data.len() < 256 {
+        data.push(0.0);
+    }
+    data.sort_by(f64::total_cmp);
+    let mut out = [0f32; 256];
+    for (o, v) in out.iter_mut().zip(data) {
+        *o = v as f32;
+    }
+    out
+}
+
+/// Double-quantized absmax values (bitsandbytes `compress_statistics=True`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoubleQuant {
+    /// Mean of the absmax values, subtracted before quantizing.
+    pub offset: f32,
+    /// One 8-bit index into [`dynamic_map_signed`] per absmax value.
+    pub codes: Vec<u8>,
+    /// One f32 scale per block of `block_size` absmax values.
+    pub absmax2: Vec<f32>,
+    pub block_size: usize,
+}
+
+/// Quantizes absmax values with bitsandbytes' blockwise 8-bit dynamic quantization.
+pub fn double_quantize(absmax: &[f32], block_size: usize) -> DoubleQuant {
+    // torch's f32 mean sums in an unspecified order; an f64 sum is within one ulp of it.
+    let offset = (absmax.iter().map(|&v| f64::from(v)).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    double_quantize_with_offset(absmax, offset, block_size)
+}
+
+/// [`double_quantize`] around a given offset.
+pub fn double_quantize_with_offset(absmax: &[f32], offset: f32, block_size: usize) -> DoubleQuant {
+    let code = dynamic_map_signed();
+    let centred: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
+    let mut codes = Vec::with_capacity(centred.len());
+    let mut absmax2 = Vec::new();
+    for block in centred.chunks(block_size) {
+        let am = block.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        absmax2.push(am);
+        for &x in block {
+            let s = (x / am).clamp(-1.0, 1.0);
+            codes.push(nearest(&code, s));
+        }
+    }
+    DoubleQuant { offset, codes, absmax2, block_size }
+}
+
+/// Index of the code nearest to `x` in a sorted code book; ties go to the lower index.
+fn nearest(code: &[f32; 256], x: f32) -> u8 {
+    let mut best = 0usize;
+    let mut best_d = f32::INFINITY;
+    for (i, &c) in code.iter().enumerate() {
+        let d = (x - c).abs();
+        if d < best_d {
+            best = i;
+            best_d = d;
+        }
+    }
+    best as u8
+}
+
+impl DoubleQuant {
+    /// The absmax values as bitsandbytes reconstructs them: `code[q] * absmax2 + offset`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let code = dynamic_map_signed();
+        self.codes
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| code[q as usize] * self.absmax2[i / self.block_size] + self.offset)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_element_is_the_high_nibble() {
+        let mut x = vec![0f32; 64];
+        x[0] = -1.0; // code 0
+        x[1] = 1.0; // code 15
+        let q = quantize(&x, &[64], 64).expect("valid");
+        assert_eq!(q.packed[0], 0x0F);
+        assert_eq!(q.absmax, vec![1.0]);
+        assert_eq!(q.dequantize()[..2], [-1.0, 1.0]);
+    }
+
+    #[test]
+    fn every_code_round_trips() {
+        let x: Vec<f32> = (0..64).map(|i| NF4_CODE[i % 16] * 2.0).collect();
+        let q = quantize(&x, &[1, 64], 64).expect("valid");
+        assert_eq!(q.dequantize(), x);
+    }
+
+    #[test]
+    fn bad_block_size_and_shape_are_errors() {
+        assert!(quantize(&[0.0; 10], &[10], 48).is_err());
+        assert!(quantize(&[0.0; 10], &[11], 64).is_err());
+    }
+}

@@ -1,0 +1,82 @@
+//! Helpers shared by the integration tests: fixture loading and `assert_close`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use safetensors::{Dtype, SafeTensors};
+
+/// The repository's `tests/reference/fixtures` folder.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures")
+}
+
+/// A fixture safetensors file, loaded whole.
+pub struct Fixture {
+    bytes: Vec<u8>,
+    pub name: String,
+}
+
+impl Fixture {
+    pub fn open(name: &str) -> Self {
+        let path = fixtures().join(name);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Fixture { bytes, name: name.into() }
+    }
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("fixture is valid safetensors")
+    }
+    pub fn metadata(&self, key: &str) -> String {
+        let (_, m) = SafeTensors::read_metadata(&self.bytes).expect("fixture header");
+        m.metadata().as_ref().and_then(|m| m.get(key).cloned()).unwrap_or_else(|| panic!("{}: no metadata {key}", self.name))
+    }
+    pub fn shape(&self, key: &str) -> Vec<usize> {
+        self.st().tensor(key).unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name)).shape().to_vec()
+    }
+    pub fn u8(&self, key: &str) -> Vec<u8> {
+        let st = self.st();
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name));
+        assert_eq!(t.dtype(), Dtype::U8, "{key}");
+        t.data().to_vec()
+    }
+    pub fn f32(&self, key: &str) -> Vec<f32> {
+        let st = self.st();
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name));
+        assert_eq!(t.dtype(), Dtype::F32, "{key}");
+        t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+    pub fn i64(&self, key: &str) -> Vec<i64> {
+        let st = self.st();
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name));
+        assert_eq!(t.dtype(), Dtype::I64, "{key}");
+        t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+    }
+}
+
+/// Asserts |a - e| <= abs + rel * |e| elementwise; on failure prints the max abs/rel diff and the
+/// first mismatching indices.
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], rel: f32, abs: f32) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length differs");
+    let mut max_abs = 0f32;
+    let mut max_rel = 0f32;
+    let mut bad = Vec::new();
+    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        let d = (a - e).abs();
+        max_abs = max_abs.max(d);
+        if e != 0.0 {
+            max_rel = max_rel.max(d / e.abs());
+        }
+        if !(d <= abs + rel * e.abs()) {
+            bad.push((i, a, e));
+        }
+    }
+    if !bad.is_empty() {
+        let first: Vec<String> = bad.iter().take(5).map(|(i, a, e)| format!("[{i}] got {a} want {e}")).collect();
+        panic!(
+            "{what}: {} of {} values differ (rel {rel}, abs {abs}); max abs diff {max_abs:e}, max rel diff {max_rel:e}; first: {}",
+            bad.len(),
+            actual.len(),
+            first.join(", ")
+        );
+    }
+    eprintln!("{what}: max abs diff {max_abs:e}, max rel diff {max_rel:e} over {} values", actual.len());
+}
