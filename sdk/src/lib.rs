@@ -5,7 +5,9 @@
 //! a sequence of WGSL kernels, each with a CPU twin in [`reference`].
 
 pub mod error;
+pub mod gpu;
 pub mod model;
 pub mod quant;
+pub mod reference;
 
 pub use error::{Error, Result};

@@ -1,0 +1,171 @@
+//! The GPU context: adapter choice, device, queue, capability report and the pipeline cache.
+//!
+//! Adapter choice: `EDGETUNE_ADAPTER` (or [`GpuOptions::adapter`]) picks the first adapter whose
+//! name contains the given text, case-insensitively; otherwise a discrete GPU is preferred, then
+//! an integrated one, then a virtual one, then a CPU implementation such as Mesa's lavapipe.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// How to choose the adapter.
+#[derive(Debug, Clone, Default)]
+pub struct GpuOptions {
+    /// Substring of the adapter name to use; `None` reads `EDGETUNE_ADAPTER`, then prefers a
+    /// discrete GPU.
+    pub adapter: Option<String>,
+}
+
+/// What the chosen adapter is and can do.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterReport {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub timestamp_query: bool,
+    pub cooperative_matrix: bool,
+    pub subgroup_size: (u32, u32),
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+}
+
+impl std::fmt::Display for AdapterReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "adapter: {} ({}, {}, driver {})", self.name, self.backend, self.device_type, self.driver)?;
+        writeln!(
+            f,
+            "features: shader-f16 {}, subgroups {} (size {}..{}), timestamp-query {}, cooperative-matrix {}",
+            self.shader_f16, self.subgroups, self.subgroup_size.0, self.subgroup_size.1, self.timestamp_query, self.cooperative_matrix
+        )?;
+        write!(
+            f,
+            "limits: storage binding {} MiB, buffer {} MiB, workgroup storage {} KiB, {} invocations/workgroup",
+            self.max_storage_buffer_binding_size >> 20,
+            self.max_buffer_size >> 20,
+            self.max_compute_workgroup_storage_size >> 10,
+            self.max_compute_invocations_per_workgroup
+        )
+    }
+}
+
+/// An open GPU device with its queue and compiled pipelines.
+#[derive(Debug)]
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub report: AdapterReport,
+    pub limits: wgpu::Limits,
+    pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+}
+
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    }
+}
+
+impl GpuContext {
+    /// Opens the adapter chosen by `opts` (see the module docs).
+    pub fn new(opts: &GpuOptions) -> Result<Self> {
+        pollster::block_on(Self::new_async(opts))
+    }
+
+    async fn new_async(opts: &GpuOptions) -> Result<Self> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if std::env::var_os("WGPU_BACKEND").is_none() {
+            desc.backends = wgpu::Backends::PRIMARY;
+        }
+        let instance = wgpu::Instance::new(desc);
+        let mut adapters = instance.enumerate_adapters(wgpu::Backends::all()).await;
+        // Never pick a GL adapter for compute: prefer the native APIs.
+        adapters.retain(|a| a.get_info().backend != wgpu::Backend::Gl);
+        let seen: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        let wanted = opts.adapter.clone().or_else(|| std::env::var("EDGETUNE_ADAPTER").ok()).filter(|s| !s.is_empty());
+        let adapter = match &wanted {
+            Some(w) => {
+                let lw = w.to_lowercase();
+                adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&lw)).ok_or_else(|| Error::NoAdapter {
+                    detail: format!(" matching EDGETUNE_ADAPTER={w:?} (adapters present: {seen:?})"),
+                })?
+            }
+            None => {
+                adapters.sort_by_key(|a| rank(a.get_info().device_type));
+                adapters.into_iter().next().ok_or_else(|| Error::NoAdapter { detail: String::new() })?
+            }
+        };
+        let info = adapter.get_info();
+        let features = adapter.features();
+        let limits = adapter.limits();
+        let mut required = wgpu::Features::empty();
+        for f in [wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::SUBGROUP] {
+            if features.contains(f) {
+                required |= f;
+            }
+        }
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("edgetune"),
+                required_features: required,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("could not open device on adapter {}: {e}", info.name)))?;
+        let report = AdapterReport {
+            name: info.name.clone(),
+            backend: format!("{:?}", info.backend),
+            device_type: format!("{:?}", info.device_type),
+            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
+            cooperative_matrix: features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            subgroup_size: (info.subgroup_min_size, info.subgroup_max_size),
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size.into(),
+            max_buffer_size: limits.max_buffer_size,
+            max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
+            max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+        };
+        Ok(GpuContext { device, queue, report, limits, pipelines: Mutex::new(HashMap::new()) })
+    }
+
+    /// The compute pipeline for a shader, compiled on first use and cached. Compilation errors
+    /// are caught through an error scope and returned, never panicked on.
+    pub fn pipeline(&self, shader: &crate::gpu::kernels::Shader) -> Result<wgpu::ComputePipeline> {
+        let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("pipeline cache poisoned".into()))?;
+        if let Some(p) = cache.get(shader.name) {
+            return Ok(p.clone());
+        }
+        let source = crate::gpu::kernels::expand(shader)?;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader.name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(shader.name),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("shader {} failed to compile: {err}", shader.name)));
+        }
+        cache.insert(shader.name, pipeline.clone());
+        Ok(pipeline)
+    }
+}

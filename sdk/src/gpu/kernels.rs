@@ -1,0 +1,333 @@
+//! The WGSL kernels: sources embedded at build time, `#include` expansion, one `#[repr(C)]`
+//! params struct per shader (with a compile-time size check against the WGSL struct), and typed
+//! launchers that record a dispatch into a command encoder.
+
+use bytemuck::{Pod, Zeroable};
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::GpuContext;
+
+/// A WGSL shader known to edgetune.
+#[derive(Debug, Clone, Copy)]
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+macro_rules! shader {
+    ($id:ident, $file:literal) => {
+        pub const $id: Shader = Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file, ".wgsl")) };
+    };
+}
+
+shader!(EMBEDDING, "embedding");
+shader!(RMS_NORM, "rms_norm");
+shader!(ROPE, "rope");
+shader!(SILU_MUL, "silu_mul");
+shader!(ADD, "add");
+shader!(CROSS_ENTROPY, "cross_entropy");
+shader!(MATMUL, "matmul");
+shader!(MATMUL_NF4, "matmul_nf4");
+shader!(ATTENTION, "attention");
+
+/// Every shader, so tests can compile each one on the adapter.
+pub const ALL_SHADERS: &[Shader] =
+    &[EMBEDDING, RMS_NORM, ROPE, SILU_MUL, ADD, CROSS_ENTROPY, MATMUL, MATMUL_NF4, ATTENTION];
+
+const SNIPPETS: &[(&str, &str)] = &[("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl"))];
+
+/// Expands `#include "common/x.wgsl"` lines with the shared snippets.
+pub fn expand(shader: &Shader) -> Result<String> {
+    let mut out = String::with_capacity(shader.source.len());
+    for line in shader.source.lines() {
+        if let Some(rest) = line.trim().strip_prefix("#include") {
+            let name = rest.trim().trim_matches('"');
+            let snippet = SNIPPETS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| Error::Gpu(format!("shader {}: unknown include {name:?}", shader.name)))?;
+            out.push_str(snippet.1);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+macro_rules! params {
+    ($(#[$m:meta])* $name:ident { $($f:ident : $t:ty),* $(,)? } = $size:literal) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Pod, Zeroable, Default)]
+        pub struct $name { $(pub $f: $t),* }
+        const _: () = assert!(std::mem::size_of::<$name>() == $size);
+    };
+}
+
+params!(/// `embedding.wgsl`
+    EmbeddingParams { n_tokens: u32, dim: u32, row_start: u32, row_count: u32 } = 16);
+params!(/// `rms_norm.wgsl`
+    RmsNormParams { n_rows: u32, dim: u32, eps: f32, _pad: u32 } = 16);
+params!(/// `rope.wgsl`
+    RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32 } = 16);
+params!(/// `silu_mul.wgsl` and `add.wgsl`
+    ElementwiseParams { n: u32, _pad0: u32, _pad1: u32, _pad2: u32 } = 16);
+params!(/// `cross_entropy.wgsl`
+    CrossEntropyParams { n_rows: u32, vocab: u32, _pad0: u32, _pad1: u32 } = 16);
+params!(/// `matmul.wgsl` and `matmul_nf4.wgsl`
+    MatmulParams { m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, _pad: u32 } = 32);
+params!(/// `attention.wgsl`
+    AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, _pad: u32 } = 32);
+
+/// Splits a 1-D workgroup count over x and y (each at most 65535); shaders recombine it as
+/// `gid.x + gid.y * 65535 * workgroup_size`.
+fn groups_1d(n: u32) -> [u32; 3] {
+    if n <= 65535 { [n.max(1), 1, 1] } else { [65535, n.div_ceil(65535), 1] }
+}
+
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::invalid(what, format!("{v} does not fit the GPU's 32-bit indices")))
+}
+
+impl GpuContext {
+    /// A storage buffer holding `data` (padded to 4 bytes).
+    pub fn storage_from<T: Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut padded;
+        let contents = if bytes.len() % 4 != 0 || bytes.is_empty() {
+            padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+            &padded[..]
+        } else {
+            bytes
+        };
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// A zero-filled storage buffer of `n_floats` f32 (or u32) values.
+    pub fn storage_zeroed(&self, label: &str, n_floats: usize) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (n_floats.max(1) * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Reads `n` f32 values back from a buffer (blocking).
+    pub fn read_f32(&self, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        let size = (n * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: size.max(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size.max(4));
+        self.queue.submit([enc.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback callback dropped".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
+        let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("reading back a buffer: {e:?}")))?;
+        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out[..n].to_vec())
+    }
+
+    /// Records one dispatch of `shader` with its params (binding 0) and storage buffers
+    /// (bindings 1..).
+    pub fn dispatch<P: Pod>(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        shader: &Shader,
+        params: &P,
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let pipeline = self.pipeline(shader)?;
+        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(shader.name),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+        }
+        let bind = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(shader.name),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(shader.name), timestamp_writes: None });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        Ok(())
+    }
+}
+
+/// Typed launchers, one per kernel. Shapes are given in elements; every launcher records into
+/// `enc` and returns immediately.
+pub mod launch {
+    use super::*;
+
+    /// out[t, :] = table[ids[t] - row_start, :] for ids in [row_start, row_start + row_count).
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding_forward(
+        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, ids: &wgpu::Buffer, table: &wgpu::Buffer,
+        out: &wgpu::Buffer, n_tokens: usize, dim: usize, row_start: usize, row_count: usize,
+    ) -> Result<()> {
+        let p = EmbeddingParams {
+            n_tokens: u32_of(n_tokens, "tokens")?,
+            dim: u32_of(dim, "dim")?,
+            row_start: u32_of(row_start, "row")?,
+            row_count: u32_of(row_count, "rows")?,
+        };
+        ctx.dispatch(enc, &EMBEDDING, &p, &[ids, table, out], [p.dim.div_ceil(64), p.n_tokens, 1])
+    }
+
+    /// y = rms_norm(x) * w over rows of `dim`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_forward(
+        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, w: &wgpu::Buffer, y: &wgpu::Buffer,
+        n_rows: usize, dim: usize, eps: f32,
+    ) -> Result<()> {
+        let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
+        ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
+    }
+
+    /// In-place RoPE on x (T, n_heads * head_dim) at positions pos_offset.. .
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_forward(
+        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, cos_sin: &wgpu::Buffer,
+        n_tokens: usize, n_heads: usize, head_dim: usize, pos_offset: usize,
+    ) -> Result<()> {
+        let p = RopeParams {
+            n_tokens: u32_of(n_tokens, "tokens")?,
+            n_heads: u32_of(n_heads, "heads")?,
+            head_dim: u32_of(head_dim, "head_dim")?,
+            pos_offset: u32_of(pos_offset, "position")?,
+        };
+        ctx.dispatch(enc, &ROPE, &p, &[x, cos_sin], [(p.head_dim / 2).div_ceil(64), p.n_tokens * p.n_heads, 1])
+    }
+
+    /// out = silu(gate) * up over n values.
+    pub fn silu_mul_forward(
+        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, gate: &wgpu::Buffer, up: &wgpu::Buffer, out: &wgpu::Buffer, n: usize,
+    ) -> Result<()> {
+        let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+        ctx.dispatch(enc, &SILU_MUL, &p, &[gate, up, out], groups_1d(p.n.div_ceil(256)))
+    }
+
+    /// y += x over n values.
+    pub fn add_forward(ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, y: &wgpu::Buffer, n: usize) -> Result<()> {
+        let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+        ctx.dispatch(enc, &ADD, &p, &[x, y], groups_1d(p.n.div_ceil(256)))
+    }
+
+    /// loss[t] = logsumexp(logits[t]) - logits[t, target[t]]; target u32::MAX scores 0.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cross_entropy_forward(
+        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, logits: &wgpu::Buffer, targets: &wgpu::Buffer,
+        loss: &wgpu::Buffer, n_rows: usize, vocab: usize,
+    ) -> Result<()> {
+        let p = CrossEntropyParams { n_rows: u32_of(n_rows, "rows")?, vocab: u32_of(vocab, "vocab")?, ..Default::default() };
+        ctx.dispatch(enc, &CROSS_ENTROPY, &p, &[logits, targets, loss], groups_1d(p.n_rows))
+    }
+
+    /// The weight operand of a linear layer.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Weight<'a> {
+        /// f32 (N, K).
+        Dense(&'a wgpu::Buffer),
+        /// Packed NF4 (N*K/8 words) and its absmax (one per block).
+        Nf4 { packed: &'a wgpu::Buffer, absmax: &'a wgpu::Buffer, block_size: usize },
+    }
+
+    /// Output placement: y is (M, stride) and this call writes columns [col_offset, col_offset + N).
+    #[derive(Debug, Clone, Copy)]
+    pub struct OutCols {
+        pub stride: usize,
+        pub col_offset: usize,
+    }
+
+    /// y[m, col_offset + n] = x[m, :] . w[n, :] (+ bias[n]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_forward(
+        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, w: Weight<'_>, bias: Option<&wgpu::Buffer>,
+        y: &wgpu::Buffer, m: usize, n: usize, k: usize, out: OutCols,
+    ) -> Result<()> {
+        let mut p = MatmulParams {
+            m: u32_of(m, "rows")?,
+            n: u32_of(n, "out features")?,
+            k: u32_of(k, "in features")?,
+            has_bias: bias.is_some() as u32,
+            y_stride: u32_of(out.stride, "stride")?,
+            y_col_offset: u32_of(out.col_offset, "column")?,
+            block_size: 0,
+            _pad: 0,
+        };
+        let groups = [p.n.div_ceil(64), p.m.div_ceil(4), 1];
+        // The bias binding must exist even when unused; x serves as a harmless dummy.
+        let b = bias.unwrap_or(x);
+        match w {
+            Weight::Dense(w) => ctx.dispatch(enc, &MATMUL, &p, &[x, w, b, y], groups),
+            Weight::Nf4 { packed, absmax, block_size } => {
+                if k % 64 != 0 || block_size % 8 != 0 {
+                    return Err(Error::invalid("NF4 matmul", format!("needs K % 64 == 0 and block size % 8 == 0 (K {k}, block {block_size})")));
+                }
+                p.block_size = u32_of(block_size, "block size")?;
+                ctx.dispatch(enc, &MATMUL_NF4, &p, &[x, packed, absmax, b, y], groups)
+            }
+        }
+    }
+
+    /// Shapes of an attention call.
+    #[derive(Debug, Clone, Copy)]
+    pub struct AttentionShape {
+        pub n_tokens: usize,
+        pub n_heads: usize,
+        pub n_kv_heads: usize,
+        pub head_dim: usize,
+        pub pos_offset: usize,
+    }
+
+    /// Causal GQA attention of q (T, H*hd) over the KV cache (positions 0..pos_offset+T).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward(
+        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer,
+        out: &wgpu::Buffer, s: AttentionShape,
+    ) -> Result<()> {
+        if s.head_dim > 256 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+            return Err(Error::invalid("attention", format!("unsupported heads {}/{} or head_dim {}", s.n_heads, s.n_kv_heads, s.head_dim)));
+        }
+        let p = AttentionParams {
+            n_tokens: u32_of(s.n_tokens, "tokens")?,
+            n_heads: u32_of(s.n_heads, "heads")?,
+            n_kv_heads: u32_of(s.n_kv_heads, "kv heads")?,
+            head_dim: u32_of(s.head_dim, "head_dim")?,
+            pos_offset: u32_of(s.pos_offset, "position")?,
+            kv_stride: u32_of(s.n_kv_heads * s.head_dim, "kv stride")?,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+            _pad: 0,
+        };
+        ctx.dispatch(enc, &ATTENTION, &p, &[q, k_cache, v_cache, out], [p.n_tokens, p.n_heads, 1])
+    }
+}

@@ -1,0 +1,5 @@
+//! GPU layer: the wgpu context and the WGSL kernels with their launchers.
+pub mod context;
+pub mod kernels;
+
+pub use context::{AdapterReport, GpuContext, GpuOptions};

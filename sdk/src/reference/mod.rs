@@ -1,0 +1,117 @@
+//! Naive CPU twins of every GPU kernel: the oracle the kernel tests compare against. Written for
+//! clarity, not speed; each mirrors the arithmetic order of its WGSL kernel where it matters.
+
+/// out[t, :] = table[ids[t], :].
+pub fn embedding_forward(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
+    ids.iter().flat_map(|&id| table[id as usize * dim..(id as usize + 1) * dim].iter().copied()).collect()
+}
+
+/// y = x * rsqrt(mean(x^2) + eps) * w, per row.
+pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let dim = w.len();
+    x.chunks(dim)
+        .flat_map(|row| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            row.iter().zip(w).map(move |(v, wi)| wi * (v * inv))
+        })
+        .collect()
+}
+
+/// (cos, sin) table for positions 0..max_pos: `[pos * half + i] = (cos, sin)(pos * inv_freq[i])`,
+/// with the angle rounded to f32 first, as transformers does.
+pub fn rope_table(inv_freq: &[f32], max_pos: usize) -> Vec<[f32; 2]> {
+    let mut t = Vec::with_capacity(max_pos * inv_freq.len());
+    for pos in 0..max_pos {
+        for &f in inv_freq {
+            let angle = f64::from(pos as f32 * f);
+            t.push([angle.cos() as f32, angle.sin() as f32]);
+        }
+    }
+    t
+}
+
+/// In-place RoPE (rotate_half layout) on x (T, n_heads * head_dim).
+pub fn rope_forward(x: &mut [f32], table: &[[f32; 2]], n_heads: usize, head_dim: usize, pos_offset: usize) {
+    let half = head_dim / 2;
+    for (th, head) in x.chunks_mut(head_dim).enumerate() {
+        let pos = pos_offset + th / n_heads;
+        for i in 0..half {
+            let [c, s] = table[pos * half + i];
+            let (x1, x2) = (head[i], head[i + half]);
+            head[i] = x1 * c - x2 * s;
+            head[i + half] = x2 * c + x1 * s;
+        }
+    }
+}
+
+/// silu(gate) * up.
+pub fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect()
+}
+
+/// y += x.
+pub fn add_forward(x: &[f32], y: &mut [f32]) {
+    y.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
+/// y = x w^T (+ bias); x (M, K), w (N, K).
+pub fn matmul_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f32;
+            for l in 0..k {
+                acc += x[i * k + l] * w[j * k + l];
+            }
+            y[i * n + j] = acc + bias.map_or(0.0, |b| b[j]);
+        }
+    }
+    y
+}
+
+/// Causal GQA attention: q (T, H*hd) at positions pos_offset.., k/v (P, Hkv*hd) for positions 0..P.
+pub fn attention_forward(
+    q: &[f32], k: &[f32], v: &[f32], n_heads: usize, n_kv_heads: usize, head_dim: usize, pos_offset: usize,
+) -> Vec<f32> {
+    let t_count = q.len() / (n_heads * head_dim);
+    let kv_stride = n_kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    for t in 0..t_count {
+        for h in 0..n_heads {
+            let kvh = h / (n_heads / n_kv_heads);
+            let qv = &q[(t * n_heads + h) * head_dim..][..head_dim];
+            let n_keys = pos_offset + t + 1;
+            let scores: Vec<f32> = (0..n_keys)
+                .map(|j| qv.iter().zip(&k[j * kv_stride + kvh * head_dim..][..head_dim]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                .collect();
+            let mx = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            let o = &mut out[(t * n_heads + h) * head_dim..][..head_dim];
+            for (j, w) in e.iter().enumerate() {
+                for (d, od) in o.iter_mut().enumerate() {
+                    *od += w / sum * v[j * kv_stride + kvh * head_dim + d];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Per-row softmax cross-entropy; a target of `u32::MAX` scores 0.
+pub fn cross_entropy_forward(logits: &[f32], targets: &[u32], vocab: usize) -> Vec<f32> {
+    logits
+        .chunks(vocab)
+        .zip(targets)
+        .map(|(row, &t)| {
+            if t == u32::MAX || t as usize >= vocab {
+                return 0.0;
+            }
+            let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = row.iter().map(|v| f64::from(v - mx).exp()).sum::<f64>().ln() as f32 + mx;
+            lse - row[t as usize]
+        })
+        .collect()
+}

@@ -1,0 +1,72 @@
+// Causal attention with grouped-query heads over a KV cache, one workgroup per (query, head).
+// Query t (at position pos_offset + t) attends to cache positions 0..=pos_offset + t. Keys are
+// processed in tiles of 64 with an online softmax: each thread scores one key of the tile, then
+// the threads split the head dimension to accumulate the weighted values.
+struct AttentionParams {
+    n_tokens: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos_offset: u32,
+    kv_stride: u32,   // floats per cache position: n_kv_heads * head_dim
+    scale: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: AttentionParams;
+@group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
+@group(0) @binding(2) var<storage, read> k_cache: array<f32>;      // (max_pos, Hkv * hd)
+@group(0) @binding(3) var<storage, read> v_cache: array<f32>;      // (max_pos, Hkv * hd)
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;    // (T, H * hd)
+
+var<workgroup> qs: array<f32, 256>;
+var<workgroup> scores: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let t = wg.x;
+    let h = wg.y;
+    if (t >= p.n_tokens || h >= p.n_heads) { return; }
+    let hd = p.head_dim;
+    let kvh = h / (p.n_heads / p.n_kv_heads);
+    let q_base = (t * p.n_heads + h) * hd;
+    for (var d = lid; d < hd; d += 64u) { qs[d] = q[q_base + d]; }
+    workgroupBarrier();
+    let n_keys = p.pos_offset + t + 1u;
+    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);   // dims lid, lid+64, lid+128, lid+192
+    var run_max = -3.402823e38;
+    var run_sum = 0.0;
+    for (var j0 = 0u; j0 < n_keys; j0 += 64u) {
+        let j = j0 + lid;
+        var s = -3.402823e38;
+        if (j < n_keys) {
+            let kb = j * p.kv_stride + kvh * hd;
+            var dot = 0.0;
+            for (var d = 0u; d < hd; d++) { dot += qs[d] * k_cache[kb + d]; }
+            s = dot * p.scale;
+        }
+        scores[lid] = s;
+        workgroupBarrier();
+        let cnt = min(64u, n_keys - j0);
+        var tile_max = run_max;
+        for (var i = 0u; i < cnt; i++) { tile_max = max(tile_max, scores[i]); }
+        let corr = exp(run_max - tile_max);
+        run_sum *= corr;
+        for (var r = 0u; r < 4u; r++) { acc[r] *= corr; }
+        for (var i = 0u; i < cnt; i++) {
+            let pw = exp(scores[i] - tile_max);
+            run_sum += pw;
+            let vb = (j0 + i) * p.kv_stride + kvh * hd;
+            for (var r = 0u; r < 4u; r++) {
+                let d = lid + 64u * r;
+                if (d < hd) { acc[r] += pw * v_cache[vb + d]; }
+            }
+        }
+        run_max = tile_max;
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let d = lid + 64u * r;
+        if (d < hd) { out[q_base + d] = acc[r] / run_sum; }
+    }
+}

@@ -1,0 +1,160 @@
+//! Every WGSL kernel against its CPU twin in `edgetune::reference`, on the adapter wgpu finds
+//! (Mesa's lavapipe in CI). A missing adapter fails these tests: it is never a silent skip.
+
+mod common;
+
+use common::assert_close;
+use edgetune::gpu::kernels::{self, launch};
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::quant::nf4;
+use edgetune::reference as r;
+
+fn ctx() -> GpuContext {
+    GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn run(ctx: &GpuContext, f: impl FnOnce(&mut wgpu::CommandEncoder) -> edgetune::Result<()>) {
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    f(&mut enc).expect("dispatch");
+    ctx.queue.submit([enc.finish()]);
+}
+
+#[test]
+fn every_shader_compiles_on_the_adapter() {
+    let ctx = ctx();
+    eprintln!("{}", ctx.report);
+    for s in kernels::ALL_SHADERS {
+        ctx.pipeline(s).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+    }
+}
+
+#[test]
+fn matmul_dense_matches_reference_on_odd_shapes() {
+    let ctx = ctx();
+    for (i, &(m, n, k)) in [(1, 1, 1), (3, 65, 70), (5, 130, 64), (17, 7, 129), (4, 64, 64)].iter().enumerate() {
+        let x = rand(m * k, 1 + i as u64, 1.0);
+        let w = rand(n * k, 100 + i as u64, 0.5);
+        let b = rand(n, 200 + i as u64, 0.5);
+        let want = r::matmul_forward(&x, &w, Some(&b), m, n, k);
+        let (xb, wb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("b", &b));
+        let y = ctx.storage_zeroed("y", m * n);
+        run(&ctx, |enc| {
+            launch::matmul_forward(&ctx, enc, &xb, launch::Weight::Dense(&wb), Some(&bb), &y, m, n, k, launch::OutCols { stride: n, col_offset: 0 })
+        });
+        let got = ctx.read_f32(&y, m * n).expect("readback");
+        // f32 sums of k products in a different order: error grows like sqrt(k) ulps of the terms.
+        assert_close(&format!("matmul {m}x{n}x{k}"), &got, &want, 1e-5, 1e-5 * (k as f32).sqrt());
+    }
+}
+
+#[test]
+fn matmul_nf4_matches_dequantized_reference() {
+    let ctx = ctx();
+    for (i, &(m, n, k, bs)) in [(1, 3, 64, 64), (6, 70, 128, 64), (9, 33, 192, 32), (2, 5, 256, 128)].iter().enumerate() {
+        let x = rand(m * k, 10 + i as u64, 1.0);
+        let w = rand(n * k, 20 + i as u64, 0.3);
+        let q = nf4::quantize(&w, &[n, k], bs).expect("quantize");
+        let want = r::matmul_forward(&x, &q.dequantize(), None, m, n, k);
+        let xb = ctx.storage_from("x", &x);
+        let pb = ctx.storage_from("packed", &q.packed);
+        let ab = ctx.storage_from("absmax", &q.absmax);
+        let y = ctx.storage_zeroed("y", m * n);
+        run(&ctx, |enc| {
+            launch::matmul_forward(&ctx, enc, &xb, launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs }, None, &y, m, n, k,
+                launch::OutCols { stride: n, col_offset: 0 })
+        });
+        let got = ctx.read_f32(&y, m * n).expect("readback");
+        assert_close(&format!("matmul_nf4 {m}x{n}x{k} block {bs}"), &got, &want, 1e-5, 1e-5 * (k as f32).sqrt());
+    }
+}
+
+#[test]
+fn rms_norm_silu_add_embedding_match_reference() {
+    let ctx = ctx();
+    for &(rows, dim) in &[(1, 1), (3, 65), (7, 200)] {
+        let x = rand(rows * dim, 3, 2.0);
+        let w = rand(dim, 4, 1.0);
+        let (xb, wb, yb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_zeroed("y", rows * dim));
+        run(&ctx, |enc| launch::rms_norm_forward(&ctx, enc, &xb, &wb, &yb, rows, dim, 1e-5));
+        assert_close("rms_norm", &ctx.read_f32(&yb, rows * dim).expect("read"), &r::rms_norm_forward(&x, &w, 1e-5), 1e-5, 1e-6);
+
+        let up = rand(rows * dim, 5, 2.0);
+        let ub = ctx.storage_from("up", &up);
+        run(&ctx, |enc| launch::silu_mul_forward(&ctx, enc, &xb, &ub, &yb, rows * dim));
+        assert_close("silu_mul", &ctx.read_f32(&yb, rows * dim).expect("read"), &r::silu_mul_forward(&x, &up), 1e-5, 1e-6);
+
+        let mut want = up.clone();
+        r::add_forward(&x, &mut want);
+        run(&ctx, |enc| launch::add_forward(&ctx, enc, &xb, &ub, rows * dim));
+        assert_close("add", &ctx.read_f32(&ub, rows * dim).expect("read"), &want, 0.0, 0.0);
+    }
+    // Embedding split in two row chunks, as large tables are.
+    let (vocab, dim) = (37, 19);
+    let table = rand(vocab * dim, 9, 1.0);
+    let ids: Vec<u32> = vec![0, 36, 5, 20, 19, 18];
+    let idb = ctx.storage_from("ids", &ids);
+    let out = ctx.storage_zeroed("out", ids.len() * dim);
+    let split = 19;
+    let t0 = ctx.storage_from("t0", &table[..split * dim]);
+    let t1 = ctx.storage_from("t1", &table[split * dim..]);
+    run(&ctx, |enc| {
+        launch::embedding_forward(&ctx, enc, &idb, &t0, &out, ids.len(), dim, 0, split)?;
+        launch::embedding_forward(&ctx, enc, &idb, &t1, &out, ids.len(), dim, split, vocab - split)
+    });
+    assert_close("embedding", &ctx.read_f32(&out, ids.len() * dim).expect("read"), &r::embedding_forward(&table, dim, &ids), 0.0, 0.0);
+}
+
+#[test]
+fn rope_matches_reference() {
+    let ctx = ctx();
+    for &(t, h, hd, pos) in &[(1, 1, 2, 0), (5, 3, 64, 7), (4, 2, 130, 100)] {
+        let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+        let table = r::rope_table(&inv, pos + t);
+        let x = rand(t * h * hd, 11, 1.0);
+        let mut want = x.clone();
+        r::rope_forward(&mut want, &table, h, hd, pos);
+        let xb = ctx.storage_from("x", &x);
+        let tb = ctx.storage_from("cos_sin", &table);
+        run(&ctx, |enc| launch::rope_forward(&ctx, enc, &xb, &tb, t, h, hd, pos));
+        assert_close("rope", &ctx.read_f32(&xb, x.len()).expect("read"), &want, 1e-6, 1e-6);
+    }
+}
+
+#[test]
+fn attention_matches_reference_with_gqa_and_cache_offset() {
+    let ctx = ctx();
+    for &(t, h, kvh, hd, pos) in &[(1, 1, 1, 8, 0), (5, 4, 2, 16, 0), (3, 6, 2, 64, 70), (2, 2, 1, 130, 3)] {
+        let q = rand(t * h * hd, 31, 1.0);
+        let k = rand((pos + t) * kvh * hd, 32, 1.0);
+        let v = rand((pos + t) * kvh * hd, 33, 1.0);
+        let want = r::attention_forward(&q, &k, &v, h, kvh, hd, pos);
+        let (qb, kb, vb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k), ctx.storage_from("v", &v));
+        let out = ctx.storage_zeroed("o", q.len());
+        let s = launch::AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos };
+        run(&ctx, |enc| launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &out, s));
+        assert_close(&format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos}"), &ctx.read_f32(&out, q.len()).expect("read"), &want, 1e-4, 1e-5);
+    }
+}
+
+#[test]
+fn cross_entropy_matches_reference() {
+    let ctx = ctx();
+    let (rows, vocab) = (5, 1000);
+    let logits = rand(rows * vocab, 41, 8.0);
+    let targets = vec![3u32, 999, u32::MAX, 0, 512];
+    let (lb, tb) = (ctx.storage_from("logits", &logits), ctx.storage_from("targets", &targets));
+    let out = ctx.storage_zeroed("loss", rows);
+    run(&ctx, |enc| launch::cross_entropy_forward(&ctx, enc, &lb, &tb, &out, rows, vocab));
+    assert_close("cross_entropy", &ctx.read_f32(&out, rows).expect("read"), &r::cross_entropy_forward(&logits, &targets, vocab), 1e-5, 1e-5);
+}
