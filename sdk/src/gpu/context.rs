@@ -62,6 +62,8 @@ pub struct GpuContext {
     pub report: AdapterReport,
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+    /// The first error wgpu reported outside an error scope; surfaced by [`GpuContext::check`].
+    uncaptured: std::sync::Arc<Mutex<Option<String>>>,
 }
 
 fn rank(t: wgpu::DeviceType) -> u8 {
@@ -138,7 +140,24 @@ impl GpuContext {
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
         };
-        Ok(GpuContext { device, queue, report, limits, pipelines: Mutex::new(HashMap::new()) })
+        // wgpu's default handler panics on validation errors; record them and return them as
+        // errors instead, so no panic escapes into an embedding application.
+        let uncaptured = std::sync::Arc::new(Mutex::new(None));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(std::sync::Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut slot) = sink.lock() {
+                slot.get_or_insert_with(|| e.to_string());
+            }
+        }));
+        Ok(GpuContext { device, queue, report, limits, pipelines: Mutex::new(HashMap::new()), uncaptured })
+    }
+
+    /// Returns (and clears) the first GPU error reported since the last check.
+    pub fn check(&self) -> Result<()> {
+        match self.uncaptured.lock().ok().and_then(|mut s| s.take()) {
+            Some(e) => Err(Error::Gpu(e)),
+            None => Ok(()),
+        }
     }
 
     /// The compute pipeline for a shader, compiled on first use and cached. Compilation errors

@@ -129,6 +129,7 @@ impl GpuContext {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        self.check()?;
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size.max(4));
         self.queue.submit([enc.finish()]);
@@ -143,6 +144,7 @@ impl GpuContext {
         rx.recv()
             .map_err(|_| Error::Gpu("readback callback dropped".into()))?
             .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
+        self.check()?;
         let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("reading back a buffer: {e:?}")))?;
         let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
         drop(view);

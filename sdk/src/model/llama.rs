@@ -1,0 +1,351 @@
+//! The Llama-family model on the GPU (Llama, Mistral, Qwen2, SmolLM): weights uploaded once,
+//! linear weights held as NF4 (or f32 for parity checks), and the forward pass as a sequence of
+//! kernel launches recorded into one command encoder per call.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
+use crate::gpu::kernels::launch::{self, AttentionShape, OutCols, Weight};
+use crate::model::config::ModelConfig;
+use crate::model::weights::WeightSource;
+use crate::quant::nf4;
+use crate::reference;
+
+/// How linear weights are held on the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quant {
+    /// 4-bit NF4 (bitsandbytes layout), the QLoRA default.
+    #[default]
+    Nf4,
+    /// Unquantized f32, for parity checks.
+    None,
+}
+
+impl std::str::FromStr for Quant {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "nf4" => Ok(Quant::Nf4),
+            "none" | "f32" => Ok(Quant::None),
+            other => Err(Error::invalid("quant", format!("`{other}` (expected nf4 or none)"))),
+        }
+    }
+}
+
+/// Options for loading a model onto the GPU.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub quant: Quant,
+    /// NF4 block size (bitsandbytes default 64).
+    pub block_size: usize,
+    /// KV-cache capacity in tokens (capped by the model's max_position_embeddings).
+    pub max_context: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { quant: Quant::Nf4, block_size: nf4::DEFAULT_BLOCK_SIZE, max_context: 2048 }
+    }
+}
+
+#[derive(Debug)]
+enum LinearWeight {
+    Dense(wgpu::Buffer),
+    Nf4 { packed: wgpu::Buffer, absmax: wgpu::Buffer, block_size: usize },
+}
+
+/// One linear layer: y = x W^T (+ b), W (n_out, n_in).
+#[derive(Debug)]
+struct Linear {
+    weight: LinearWeight,
+    bias: Option<wgpu::Buffer>,
+    n_out: usize,
+    n_in: usize,
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: wgpu::Buffer,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: wgpu::Buffer,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A (vocab, dim) f32 table stored in row chunks that each fit one storage binding.
+#[derive(Debug)]
+struct Table {
+    chunks: Vec<(wgpu::Buffer, usize, usize)>, // (buffer, first row, rows)
+    dim: usize,
+}
+
+/// A model resident on the GPU.
+#[derive(Debug)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub ctx: Arc<GpuContext>,
+    pub quant: Quant,
+    /// Bytes of weights held on the GPU.
+    pub weight_bytes: u64,
+    /// KV-cache capacity in tokens.
+    pub max_context: usize,
+    layers: Vec<Layer>,
+    embed: Table,
+    lm_head: Option<Table>,
+    final_norm: wgpu::Buffer,
+    cos_sin: wgpu::Buffer,
+}
+
+/// Per-sequence attention cache: keys and values of every past position, per layer.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<wgpu::Buffer>,
+    v: Vec<wgpu::Buffer>,
+    /// Positions filled so far.
+    pub len: usize,
+    pub capacity: usize,
+}
+
+struct Uploader<'a> {
+    ctx: &'a GpuContext,
+    src: &'a WeightSource,
+    cfg: &'a ModelConfig,
+    opts: &'a LoadOptions,
+    bytes: u64,
+}
+
+impl Uploader<'_> {
+    fn vector(&mut self, name: &str, n: usize) -> Result<wgpu::Buffer> {
+        let v = self.src.get(self.cfg, name, &[n])?;
+        self.bytes += (n * 4) as u64;
+        Ok(self.ctx.storage_from(name, &v))
+    }
+
+    fn linear(&mut self, prefix: &str, n_out: usize, n_in: usize, bias: bool) -> Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let w = self.src.get(self.cfg, &name, &[n_out, n_in])?;
+        let bs = self.opts.block_size;
+        let weight = if self.opts.quant == Quant::Nf4 && n_in % 64 == 0 && bs % 8 == 0 && n_in % bs == 0 {
+            let q = nf4::quantize(&w, &[n_out, n_in], bs).map_err(|e| Error::invalid("NF4 block size", e))?;
+            self.bytes += (q.packed.len() + q.absmax.len() * 4) as u64;
+            LinearWeight::Nf4 {
+                packed: self.ctx.storage_from(&name, &q.packed),
+                absmax: self.ctx.storage_from(&name, &q.absmax),
+                block_size: bs,
+            }
+        } else {
+            self.bytes += (w.len() * 4) as u64;
+            LinearWeight::Dense(self.ctx.storage_from(&name, &w))
+        };
+        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), n_out)?) } else { None };
+        Ok(Linear { weight, bias, n_out, n_in })
+    }
+
+    fn table(&mut self, name: &str, rows: usize, dim: usize) -> Result<Table> {
+        let data = self.src.get(self.cfg, name, &[rows, dim])?;
+        let limit = self.ctx.limits.max_storage_buffer_binding_size.min(self.ctx.limits.max_buffer_size) as usize;
+        let rows_per = (limit / (dim * 4)).max(1);
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let n = rows_per.min(rows - start);
+            chunks.push((self.ctx.storage_from(name, &data[start * dim..(start + n) * dim]), start, n));
+            start += n;
+        }
+        self.bytes += (data.len() * 4) as u64;
+        Ok(Table { chunks, dim })
+    }
+}
+
+impl Model {
+    /// Uploads a model from a weight source.
+    pub fn load(ctx: Arc<GpuContext>, config: ModelConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let mut up = Uploader { ctx: &ctx, src, cfg: c, opts, bytes: 0 };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                attn_norm: up.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                q: up.linear(&format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
+                k: up.linear(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                v: up.linear(&format!("{p}.self_attn.v_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                o: up.linear(&format!("{p}.self_attn.o_proj"), h, c.num_heads * hd, false)?,
+                ffn_norm: up.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate: up.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, false)?,
+                up: up.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
+                down: up.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, false)?,
+            });
+        }
+        let embed = up.table("model.embed_tokens.weight", c.vocab_size, h)?;
+        let tied = c.tie_word_embeddings || !src.contains(c, "lm_head.weight");
+        let lm_head = if tied { None } else { Some(up.table("lm_head.weight", c.vocab_size, h)?) };
+        let final_norm = up.vector("model.norm.weight", h)?;
+        let max_context = opts.max_context.min(c.max_position_embeddings).max(1);
+        let table = reference::rope_table(&c.rope_inv_freq(), max_context);
+        let cos_sin = ctx.storage_from("rope cos/sin", &table);
+        let weight_bytes = up.bytes;
+        Ok(Model { config, ctx, quant: opts.quant, weight_bytes, max_context, layers, embed, lm_head, final_norm, cos_sin })
+    }
+
+    /// Opens a Hugging Face folder or a `.gguf` file and uploads it.
+    pub fn open(ctx: Arc<GpuContext>, path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let (cfg, src) = crate::model::open_weights(path)?;
+        Self::load(ctx, cfg, &src, opts)
+    }
+
+    /// An empty KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        let c = &self.config;
+        let n = self.max_context * c.num_kv_heads * c.head_dim;
+        KvCache {
+            k: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("k cache", n)).collect(),
+            v: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("v cache", n)).collect(),
+            len: 0,
+            capacity: self.max_context,
+        }
+    }
+
+    fn linear(&self, enc: &mut wgpu::CommandEncoder, l: &Linear, x: &wgpu::Buffer, y: &wgpu::Buffer, m: usize) -> Result<()> {
+        let w = match &l.weight {
+            LinearWeight::Dense(b) => Weight::Dense(b),
+            LinearWeight::Nf4 { packed, absmax, block_size } => Weight::Nf4 { packed, absmax, block_size: *block_size },
+        };
+        launch::matmul_forward(&self.ctx, enc, x, w, l.bias.as_ref(), y, m, l.n_out, l.n_in, OutCols { stride: l.n_out, col_offset: 0 })
+    }
+
+    /// Runs `ids` through the transformer at the cache's next positions and returns the final
+    /// normed hidden states (T, hidden) on the GPU. The cache grows by `ids.len()`.
+    pub fn forward_hidden(&self, ids: &[u32], cache: &mut KvCache) -> Result<wgpu::Buffer> {
+        let c = &self.config;
+        let t = ids.len();
+        if t == 0 {
+            return Err(Error::invalid("input", "no tokens to run"));
+        }
+        if cache.len + t > cache.capacity {
+            return Err(Error::invalid(
+                "context",
+                format!("{} cached + {t} new tokens exceed the context capacity of {}", cache.len, cache.capacity),
+            ));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+            return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        let ctx = &self.ctx;
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let ids_buf = ctx.storage_from("ids", ids);
+        let x = ctx.storage_zeroed("x", t * h);
+        let xn = ctx.storage_zeroed("xn", t * h);
+        let q = ctx.storage_zeroed("q", t * qd);
+        let k = ctx.storage_zeroed("k", t * kvd);
+        let v = ctx.storage_zeroed("v", t * kvd);
+        let att = ctx.storage_zeroed("att", t * qd);
+        let proj = ctx.storage_zeroed("proj", t * h);
+        let g = ctx.storage_zeroed("gate", t * inter);
+        let u = ctx.storage_zeroed("up", t * inter);
+        let act = ctx.storage_zeroed("act", t * inter);
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        for (buf, start, rows) in &self.embed.chunks {
+            launch::embedding_forward(ctx, &mut enc, &ids_buf, buf, &x, t, h, *start, *rows)?;
+        }
+        let pos = cache.len;
+        let kv_off = (pos * kvd * 4) as u64;
+        let kv_bytes = (t * kvd * 4) as u64;
+        for (li, l) in self.layers.iter().enumerate() {
+            launch::rms_norm_forward(ctx, &mut enc, &x, &l.attn_norm, &xn, t, h, c.rms_norm_eps)?;
+            self.linear(&mut enc, &l.q, &xn, &q, t)?;
+            self.linear(&mut enc, &l.k, &xn, &k, t)?;
+            self.linear(&mut enc, &l.v, &xn, &v, t)?;
+            launch::rope_forward(ctx, &mut enc, &q, &self.cos_sin, t, c.num_heads, hd, pos)?;
+            launch::rope_forward(ctx, &mut enc, &k, &self.cos_sin, t, c.num_kv_heads, hd, pos)?;
+            enc.copy_buffer_to_buffer(&k, 0, &cache.k[li], kv_off, kv_bytes);
+            enc.copy_buffer_to_buffer(&v, 0, &cache.v[li], kv_off, kv_bytes);
+            let shape = AttentionShape { n_tokens: t, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: hd, pos_offset: pos };
+            launch::attention_forward(ctx, &mut enc, &q, &cache.k[li], &cache.v[li], &att, shape)?;
+            self.linear(&mut enc, &l.o, &att, &proj, t)?;
+            launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
+            launch::rms_norm_forward(ctx, &mut enc, &x, &l.ffn_norm, &xn, t, h, c.rms_norm_eps)?;
+            self.linear(&mut enc, &l.gate, &xn, &g, t)?;
+            self.linear(&mut enc, &l.up, &xn, &u, t)?;
+            launch::silu_mul_forward(ctx, &mut enc, &g, &u, &act, t * inter)?;
+            self.linear(&mut enc, &l.down, &act, &proj, t)?;
+            launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
+        }
+        launch::rms_norm_forward(ctx, &mut enc, &x, &self.final_norm, &xn, t, h, c.rms_norm_eps)?;
+        ctx.queue.submit([enc.finish()]);
+        cache.len += t;
+        Ok(xn)
+    }
+
+    /// Logits (rows, vocab) for `rows` hidden states starting at row `first` of `hidden`.
+    pub fn logits_gpu(&self, enc: &mut wgpu::CommandEncoder, hidden: &wgpu::Buffer, first: usize, rows: usize) -> Result<wgpu::Buffer> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let x = self.ctx.storage_zeroed("lm_head x", rows * h);
+        enc.copy_buffer_to_buffer(hidden, (first * h * 4) as u64, &x, 0, (rows * h * 4) as u64);
+        let logits = self.ctx.storage_zeroed("logits", rows * c.vocab_size);
+        let table = self.lm_head.as_ref().unwrap_or(&self.embed);
+        for (buf, start, n) in &table.chunks {
+            launch::matmul_forward(&self.ctx, enc, &x, Weight::Dense(buf), None, &logits, rows, *n, table.dim,
+                OutCols { stride: c.vocab_size, col_offset: *start })?;
+        }
+        Ok(logits)
+    }
+
+    /// Runs `ids` and returns the logits of the last position.
+    pub fn next_logits(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        let logits = self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?;
+        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.read_f32(&logits, self.config.vocab_size)
+    }
+
+    /// Logits for every position of `ids` (T, vocab), from a fresh cache.
+    pub fn all_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache();
+        let hidden = self.forward_hidden(ids, &mut cache)?;
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        let logits = self.logits_gpu(&mut enc, &hidden, 0, ids.len())?;
+        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.read_f32(&logits, ids.len() * self.config.vocab_size)
+    }
+
+    /// Mean next-token cross-entropy of `ids` (each position predicts the next), as
+    /// transformers' `labels=ids` computes it. Logits are formed in row chunks so that no
+    /// buffer exceeds the binding limit.
+    pub fn mean_loss(&self, ids: &[u32]) -> Result<f32> {
+        if ids.len() < 2 {
+            return Err(Error::invalid("text", "needs at least two tokens to score"));
+        }
+        let mut cache = self.new_cache();
+        let hidden = self.forward_hidden(ids, &mut cache)?;
+        let v = self.config.vocab_size;
+        let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
+        let chunk = (limit / (v * 4)).clamp(1, 256);
+        let n = ids.len() - 1;
+        let mut total = 0f64;
+        let mut start = 0;
+        while start < n {
+            let rows = chunk.min(n - start);
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            let logits = self.logits_gpu(&mut enc, &hidden, start, rows)?;
+            let targets = self.ctx.storage_from("targets", &ids[start + 1..start + 1 + rows]);
+            let loss = self.ctx.storage_zeroed("loss", rows);
+            launch::cross_entropy_forward(&self.ctx, &mut enc, &logits, &targets, &loss, rows, v)?;
+            self.ctx.queue.submit([enc.finish()]);
+            total += self.ctx.read_f32(&loss, rows)?.iter().map(|&l| f64::from(l)).sum::<f64>();
+            start += rows;
+        }
+        Ok((total / n as f64) as f32)
+    }
+}

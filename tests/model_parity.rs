@@ -1,0 +1,73 @@
+//! Forward-pass parity with transformers on tiny random Llama and Qwen2 models (fixtures written
+//! by tests/reference/generate.py), on the f32 path and on the NF4 path.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Fixture, assert_close, fixtures};
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::model::llama::{LoadOptions, Model, Quant};
+
+fn ctx() -> Arc<GpuContext> {
+    Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")))
+}
+
+fn check(kind: &str, quant: Quant) {
+    let fx = Fixture::open(&format!("tiny_{kind}_expected.safetensors"));
+    let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+    let opts = LoadOptions { quant, ..Default::default() };
+    let model = Model::open(ctx(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("tiny model loads");
+    let (key, loss_key) = match quant {
+        Quant::None => ("logits", "loss"),
+        Quant::Nf4 => ("nf4_logits", "nf4_loss"),
+    };
+    let want = fx.f32(key);
+    let got = model.all_logits(&ids).expect("forward");
+    // Both sides run f32 with the same weights (NF4 codes are bit-identical to bitsandbytes', so
+    // the dequantized weights are too). What differs is summation order inside dot products of
+    // length <= 128 and the GPU's exp/rsqrt: a few ulps of values of magnitude ~1-10 after two
+    // layers, so 1e-4 relative with a 1e-4 absolute floor for logits near zero.
+    assert_close(&format!("{kind} {quant:?} logits"), &got, &want, 1e-4, 1e-4);
+    let want_loss: f32 = fx.metadata(loss_key).parse().expect("loss");
+    let loss = model.mean_loss(&ids).expect("loss");
+    assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs(), "{kind} {quant:?} loss {loss} vs transformers {want_loss}");
+    eprintln!("{kind} {quant:?}: loss {loss} vs transformers {want_loss}");
+}
+
+#[test]
+fn tiny_llama_f32_logits_match_transformers() {
+    check("llama", Quant::None);
+}
+
+#[test]
+fn tiny_llama_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("llama", Quant::Nf4);
+}
+
+#[test]
+fn tiny_qwen2_f32_logits_match_transformers() {
+    check("qwen2", Quant::None);
+}
+
+#[test]
+fn tiny_qwen2_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("qwen2", Quant::Nf4);
+}
+
+#[test]
+fn incremental_decoding_with_the_kv_cache_matches_a_full_forward() {
+    let fx = Fixture::open("tiny_llama_expected.safetensors");
+    let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+    let model = Model::open(ctx(), &fixtures().join("tiny_llama"), &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    let v = model.config.vocab_size;
+    let full = fx.f32("logits");
+    let mut cache = model.new_cache();
+    let split = 5;
+    let first = model.next_logits(&ids[..split], &mut cache).expect("prefill");
+    assert_close("prefill last row", &first, &full[(split - 1) * v..split * v], 1e-4, 1e-4);
+    for (i, &id) in ids.iter().enumerate().skip(split) {
+        let step = model.next_logits(&[id], &mut cache).expect("decode step");
+        assert_close(&format!("decode position {i}"), &step, &full[i * v..(i + 1) * v], 1e-4, 1e-4);
+    }
+}
