@@ -6,8 +6,12 @@
 
 pub mod error;
 pub mod gpu;
+pub mod infer;
 pub mod model;
 pub mod quant;
 pub mod reference;
+pub mod session;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use session::Session;

@@ -184,8 +184,8 @@ impl WeightSource {
     }
 }
 
-/// Undoes llama.cpp's q/k permutation: rows are reshaped (n_head, 2, rows/n_head/2) in GGUF and
-/// (n_head, rows/n_head/2, 2) in Hugging Face layout.
+/// Undoes llama.cpp's q/k permutation: GGUF rows, viewed as (n_head, rows/n_head/2, 2), are
+/// the Hugging Face rows viewed as (n_head, 2, rows/n_head/2) with the last two axes swapped.
 pub fn unpermute_rows(data: &[f32], shape: &[usize], n_head: usize) -> Vec<f32> {
     let rows = shape[0];
     let cols: usize = shape[1..].iter().product::<usize>().max(1);
@@ -194,9 +194,9 @@ pub fn unpermute_rows(data: &[f32], shape: &[usize], n_head: usize) -> Vec<f32> 
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
-                // HF row (h, i, j) comes from GGUF row (h, j, i).
-                let dst = (h * half + i) * 2 + j;
-                let src = (h * 2 + j) * half + i;
+                // HF row (h, j, i) comes from GGUF row (h, i, j).
+                let dst = (h * 2 + j) * half + i;
+                let src = (h * half + i) * 2 + j;
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }

