@@ -1,1 +1,163 @@
-fn main(){}
+//! The `edgetune` command line: inspect a model, generate text, score a text file.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use edgetune::gpu::GpuOptions;
+use edgetune::infer::GenerateOptions;
+use edgetune::model::llama::{LoadOptions, Quant};
+use edgetune::tokenizer::Message;
+use edgetune::{Error, Result, Session};
+
+#[derive(Parser)]
+#[command(name = "edgetune", version, about = "Fine-tune and run LLMs on any GPU (WGSL on wgpu)")]
+struct Cli {
+    /// Adapter to use (substring of its name); default: EDGETUNE_ADAPTER, else a discrete GPU.
+    #[arg(long, global = true)]
+    adapter: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// How linear weights are held on the GPU: nf4 or none (f32).
+    #[arg(long, default_value = "nf4")]
+    quant: Quant,
+    /// KV-cache capacity in tokens.
+    #[arg(long, default_value_t = 2048)]
+    max_context: usize,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Architecture, parameter count, tensor types and a GPU memory estimate.
+    Info {
+        /// A Hugging Face model folder or a .gguf file.
+        model: PathBuf,
+    },
+    /// Generate text from a prompt (or, with --chat, as the assistant's reply).
+    Generate {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// Render the prompt as a user message with the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// A system message (with --chat).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop when this text is generated (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+    },
+    /// Mean token loss and perplexity of a text file.
+    Eval {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long)]
+        text: PathBuf,
+    },
+    /// Show the GPU adapter edgetune would use.
+    Gpu,
+}
+
+fn load(m: &ModelArgs, gpu: &GpuOptions) -> Result<Session> {
+    let load = LoadOptions { quant: m.quant, max_context: m.max_context, ..Default::default() };
+    Session::open(&m.model, gpu, &load)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let gpu = GpuOptions { adapter: cli.adapter };
+    match cli.cmd {
+        Cmd::Gpu => {
+            let ctx = edgetune::gpu::GpuContext::new(&gpu)?;
+            println!("{}", ctx.report);
+        }
+        Cmd::Info { model } => {
+            let (cfg, src) = edgetune::model::open_weights(&model)?;
+            let tensors = src.list();
+            let mut types: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+            let mut stored = 0usize;
+            for t in &tensors {
+                let e = types.entry(t.dtype.clone()).or_default();
+                e.0 += 1;
+                e.1 += t.bytes;
+                stored += t.bytes;
+            }
+            let params = cfg.parameter_count();
+            let linear = params - cfg.vocab_size * cfg.hidden_size * if cfg.tie_word_embeddings { 1 } else { 2 };
+            // NF4: 0.5 byte per linear weight + one f32 absmax per 64; embeddings and norms f32.
+            let nf4_bytes = linear / 2 + linear / 64 * 4 + (params - linear) * 4;
+            println!("model: {}", model.display());
+            println!("architecture: {} ({} layers, hidden {}, heads {}/{} kv, head_dim {}, ffn {}, vocab {})",
+                cfg.arch.name(), cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
+            println!("rope: theta {}, scaling {:?}; tied embeddings: {}; qkv bias: {}", cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings, cfg.qkv_bias);
+            println!("parameters: {params} ({:.1} M)", params as f64 / 1e6);
+            println!("stored: {} tensors, {:.1} MiB", tensors.len(), stored as f64 / 1048576.0);
+            for (ty, (n, b)) in types {
+                println!("  {ty:<6} {n:>4} tensors {:>9.1} MiB", b as f64 / 1048576.0);
+            }
+            println!("GPU weights estimate: nf4 {:.1} MiB, none (f32) {:.1} MiB (plus KV cache and activations)",
+                nf4_bytes as f64 / 1048576.0, (params * 4) as f64 / 1048576.0);
+        }
+        Cmd::Generate { m, prompt, chat, system, max_tokens, temperature, top_k, top_p, seed, stop } => {
+            let s = load(&m, &gpu)?;
+            let opts = GenerateOptions { max_new_tokens: max_tokens, temperature, top_k, top_p, seed, stop };
+            let print = |t: &str| {
+                let mut out = std::io::stdout().lock();
+                let _ = write!(out, "{t}");
+                let _ = out.flush();
+                true
+            };
+            if chat {
+                let mut msgs = Vec::new();
+                if let Some(sys) = system {
+                    msgs.push(Message::new("system", sys));
+                }
+                msgs.push(Message::new("user", prompt));
+                s.chat(&msgs, &opts, print)?;
+            } else {
+                print(&prompt);
+                s.generate(&prompt, &opts, print)?;
+            }
+            println!();
+        }
+        Cmd::Eval { m, text } => {
+            let bytes = std::fs::read(&text).map_err(|e| Error::Io { path: text.clone(), source: e })?;
+            let body = String::from_utf8(bytes)
+                .map_err(|e| Error::Format { path: text.clone(), what: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()) })?;
+            let s = load(&m, &gpu)?;
+            let loss = s.mean_loss(&body)?;
+            println!("mean token loss: {loss:.6}");
+            println!("perplexity: {:.4}", f64::from(loss).exp());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
