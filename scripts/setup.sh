@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what edgetune's commands and tests need on a fresh Debian/Ubuntu machine: a Vulkan
+# loader and Mesa's drivers (lavapipe gives wgpu a CPU adapter where there is no GPU), and the
+# default model (see fetch-model.sh). Safe to run again.
+set -euo pipefail
+need=()
+for p in libvulkan1 mesa-vulkan-drivers; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust from rustup.rs" >&2; exit 1; }
+bash "$(dirname "$0")/fetch-model.sh" >/dev/null
