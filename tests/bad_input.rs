@@ -1,0 +1,118 @@
+//! Bad input gets an error that names the file and what was wrong; nothing panics.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use edgetune::model::gguf::GgufFile;
+use edgetune::model::open_weights;
+use edgetune::tokenizer::Tokenizer;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edgetune-bad-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
+
+fn copy_tiny(to: &Path) {
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(common::fixtures().join("tiny_llama").join(f), to.join(f)).expect("copy");
+    }
+}
+
+fn err_of<T: std::fmt::Debug>(r: edgetune::Result<T>) -> String {
+    r.expect_err("must fail").to_string()
+}
+
+/// A minimal GGUF v3 file: header, the given metadata, one F32 tensor `t` of 4 values.
+fn gguf_bytes(arch: &str, tensor_type: u32) -> Vec<u8> {
+    let mut b = Vec::new();
+    let s = |b: &mut Vec<u8>, v: &str| {
+        b.extend((v.len() as u64).to_le_bytes());
+        b.extend(v.as_bytes());
+    };
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, arch);
+    s(&mut b, "t");
+    b.extend(1u32.to_le_bytes());
+    b.extend(4u64.to_le_bytes());
+    b.extend(tensor_type.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b.extend([0u8; 16]);
+    b
+}
+
+#[test]
+fn truncated_gguf_names_the_file_and_the_tensor() {
+    let d = tmpdir("gguf-trunc");
+    let p = d.join("m.gguf");
+    let bytes = gguf_bytes("llama", 0);
+    std::fs::write(&p, &bytes[..bytes.len() - 8]).expect("write");
+    let e = err_of(GgufFile::open(&p));
+    assert!(e.contains("m.gguf") && e.contains("tensor `t`") && e.contains("truncated"), "{e}");
+    std::fs::write(&p, &bytes[..20]).expect("write");
+    let e = err_of(GgufFile::open(&p));
+    assert!(e.contains("m.gguf") && e.contains("file ends"), "{e}");
+    std::fs::write(&p, b"not a gguf file at all").expect("write");
+    assert!(err_of(GgufFile::open(&p)).contains("not a GGUF file"));
+}
+
+#[test]
+fn unknown_architecture_and_tensor_type_are_named() {
+    let d = tmpdir("gguf-arch");
+    let p = d.join("m.gguf");
+    std::fs::write(&p, gguf_bytes("mamba", 0)).expect("write");
+    let e = err_of(open_weights(&p));
+    assert!(e.contains("architecture `mamba`"), "{e}");
+    std::fs::write(&p, gguf_bytes("llama", 13)).expect("write");
+    let e = err_of(GgufFile::open(&p));
+    assert!(e.contains("Q5_K") && e.contains("tensor `t`"), "{e}");
+}
+
+#[test]
+fn corrupt_safetensors_and_mismatched_shapes_are_named() {
+    let d = tmpdir("st");
+    copy_tiny(&d);
+    std::fs::write(d.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage").expect("write");
+    let e = err_of(open_weights(&d));
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors"), "{e}");
+
+    copy_tiny(&d);
+    let cfg = d.join("config.json");
+    let text = std::fs::read_to_string(&cfg).expect("read").replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    std::fs::write(&cfg, text).expect("write");
+    let (c, src) = open_weights(&d).expect("opens");
+    let e = err_of(src.get(&c, "model.layers.0.mlp.gate_proj.weight", &[c.intermediate_size, c.hidden_size]));
+    assert!(e.contains("gate_proj") && e.contains("[128, 64]") && e.contains("[96, 64]"), "{e}");
+}
+
+#[test]
+fn unknown_architecture_in_config_json_is_named() {
+    let d = tmpdir("arch");
+    copy_tiny(&d);
+    let cfg = d.join("config.json");
+    let text = std::fs::read_to_string(&cfg).expect("read").replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
+    std::fs::write(&cfg, text).expect("write");
+    let e = err_of(open_weights(&d));
+    assert!(e.contains("config.json") && e.contains("gpt_neox"), "{e}");
+    std::fs::write(&cfg, "{ not json").expect("write");
+    assert!(err_of(open_weights(&d)).contains("invalid JSON"));
+}
+
+#[test]
+fn missing_tokenizer_is_named() {
+    let d = tmpdir("tok");
+    copy_tiny(&d);
+    std::fs::remove_file(d.join("tokenizer.json")).expect("rm");
+    let e = err_of(Tokenizer::from_hf_dir(&d));
+    assert!(e.contains("tokenizer.json is missing"), "{e}");
+}
