@@ -40,9 +40,7 @@ impl Session {
         if prompt.is_empty() {
             return Err(Error::invalid("prompt", "is empty"));
         }
-        // Plain prompts are encoded as they are, as transformers' generate does for byte-level
-        // BPE models (SmolLM, Qwen2, Llama 3): no BOS is added.
-        let ids = self.tokenizer.encode(prompt)?;
+        let ids = self.tokenizer.encode_prompt(prompt)?;
         infer::generate(&self.model, &self.tokenizer, &ids, opts, on_text)
     }
 
@@ -58,7 +56,7 @@ impl Session {
 
     /// Mean next-token loss of a text (and so its perplexity, `exp(loss)`).
     pub fn mean_loss(&self, text: &str) -> Result<f32> {
-        let ids = self.tokenizer.encode(text)?;
+        let ids = self.tokenizer.encode_prompt(text)?;
         let cap = self.model.max_context;
         if ids.len() > cap {
             return Err(Error::invalid("text", format!("{} tokens exceed the context of {cap}", ids.len())));

@@ -165,6 +165,169 @@ def tiny_model(kind, tok):
     )
 
 
+def _write_gguf(path, arch, model, tok_meta, types, permute):
+    """Writes a transformers model as a GGUF file the way llama.cpp's converter does: HF tensor
+    names mapped to GGUF names, q/k rows permuted for llama, weights quantized per `types`."""
+    import gguf
+    from gguf.quants import quantize
+
+    cfg = model.config
+    w = gguf.GGUFWriter(path, arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    tok_meta(w)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    sub = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def perm(x, n):
+        return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name in names:
+            g = names[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            g = f"blk.{layer}.{sub[module]}.{kind}"
+        x = t.float().numpy()
+        if permute and (".attn_q." in g or ".attn_k." in g):
+            x = perm(x, nh if ".attn_q." in g else nkv)
+        kind = g.split(".")[-2] if g.startswith("blk.") else g.split(".")[0]
+        qt = types.get(kind, gguf.GGMLQuantizationType.F32) if x.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if qt == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(g, x.astype(np.float32))
+        else:
+            w.add_tensor(g, quantize(x.astype(np.float32), qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def tiny_gguf_fixtures():
+    """A tiny llama GGUF with a SentencePiece vocabulary and a tiny qwen2 GGUF with a byte-level
+    BPE vocabulary; expected logits and ids come from transformers loading those files."""
+    import gguf
+    import sentencepiece as spm
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2ForCausalLM
+
+    T = gguf.GGMLQuantizationType
+    text = [
+        "The quick brown fox jumps over the lazy dog.",
+        "edgetune fine-tunes language models on any GPU.",
+        "Paris is the capital of France. Berlin is the capital of Germany.",
+        "Hello, world! 12345 tokens and more tokens.",
+    ] * 30
+    tmp = os.path.join(OUT, "_spm")
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "corpus.txt"), "w") as f:
+        f.write("\n".join(text))
+    spm.SentencePieceTrainer.train(
+        input=os.path.join(tmp, "corpus.txt"), model_prefix=os.path.join(tmp, "sp"), vocab_size=400,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(tmp, "sp.model"))
+    tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    scores = [sp.get_score(i) for i in range(sp.get_piece_size())]
+    ttypes = []
+    for i in range(sp.get_piece_size()):
+        if sp.is_unknown(i):
+            ttypes.append(2)
+        elif sp.is_control(i):
+            ttypes.append(3)
+        elif sp.is_byte(i):
+            ttypes.append(6)
+        else:
+            ttypes.append(1)
+    shutil.rmtree(tmp)
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    llama = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in llama.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.08 if p.dim() == 2 else 1.0 + 0.1 * torch.randn_like(p))
+
+    def spm_meta(w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(ttypes)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+
+    llama_types = {"token_embd": T.Q8_0, "output": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q4_1, "attn_v": T.Q8_0,
+                   "attn_output": T.F16, "ffn_gate": T.BF16, "ffn_up": T.Q4_1, "ffn_down": T.Q4_0}
+    path = os.path.join(OUT, "tiny_llama_spm.gguf")
+    _write_gguf(path, "llama", llama, spm_meta, llama_types, permute=True)
+
+    # qwen2: the tiny qwen2 model (biases, tied embeddings) with the tiny byte-level BPE vocabulary.
+    qwen = Qwen2ForCausalLM.from_pretrained(os.path.join(OUT, "tiny_qwen2"), dtype=torch.float32)
+    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
+    vocab = tj["model"]["vocab"]
+    for t in tj["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    btokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        btokens[i] = t
+    specials = {t["content"] for t in tj["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+
+    def bpe_meta(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(btokens)
+        w.add_token_types([3 if t in specials else 1 for t in btokens])
+        w.add_token_merges(merges)
+        w.add_eos_token_id(vocab["<|im_end|>"])
+        w.add_chat_template(CHAT_TEMPLATE)
+
+    qwen_types = {"token_embd": T.Q8_0, "attn_q": T.Q4_1, "attn_k": T.Q4_0, "attn_v": T.F16, "attn_output": T.Q8_0,
+                  "ffn_gate": T.Q4_0, "ffn_up": T.Q8_0, "ffn_down": T.Q4_1}
+    qpath = os.path.join(OUT, "tiny_qwen2_bpe.gguf")
+    _write_gguf(qpath, "qwen2", qwen, bpe_meta, qwen_types, permute=False)
+
+    strings = ["Paris is the capital of France.", "Hello, world! 12345 tokens", "  two  spaces and ünïcödé ✓"]
+    for name, p in [("tiny_llama_spm", path), ("tiny_qwen2_bpe", qpath)]:
+        d, f = os.path.split(p)
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        model.eval()
+        ids = tok.encode(strings[0], add_special_tokens=True)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].numpy()
+        meta = {
+            "tokenizer": json.dumps([{"text": s, "ids": tok.encode(s, add_special_tokens=False),
+                                      "ids_with_specials": tok.encode(s, add_special_tokens=True),
+                                      "decoded": tok.decode(tok.encode(s, add_special_tokens=False))}
+                                     for s in strings]),
+        }
+        save_file({"logits": logits, "ids": np.array(ids, dtype=np.int64)},
+                  os.path.join(OUT, f"{name}_expected.safetensors"), metadata=meta)
+
+
 def smollm_fixture(gguf_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,6 +376,7 @@ def main():
         "gguf": gguf_blocks_fixture,
         "tiny": lambda: [tiny_model(k, tiny_tokenizer(os.path.join(OUT, "tiny_tokenizer.json")))
                          for k in ("llama", "qwen2")],
+        "gguf_models": tiny_gguf_fixtures,
         "smollm": lambda: smollm_fixture(a.smollm),
     }
     for name, fn in steps.items():

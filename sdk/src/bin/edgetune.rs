@@ -76,6 +76,20 @@ enum Cmd {
     },
     /// Show the GPU adapter edgetune would use.
     Gpu,
+    /// Forward throughput (prefill and decode tokens/s) and GPU memory.
+    Bench {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Tokens in the prefill pass.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens decoded one at a time after the prefill.
+        #[arg(long, default_value_t = 16)]
+        decode_tokens: usize,
+        /// Timed repetitions of the prefill.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+    },
 }
 
 fn load(m: &ModelArgs, gpu: &GpuOptions) -> Result<Session> {
@@ -90,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
             let ctx = edgetune::gpu::GpuContext::new(&gpu)?;
             println!("{}", ctx.report);
         }
+        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat } => bench(&m, &gpu, prompt_tokens, decode_tokens, repeat)?,
         Cmd::Info { model } => {
             let (cfg, src) = edgetune::model::open_weights(&model)?;
             let tensors = src.list();
@@ -148,6 +163,58 @@ fn run(cli: Cli) -> Result<()> {
             println!("mean token loss: {loss:.6}");
             println!("perplexity: {:.4}", f64::from(loss).exp());
         }
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+fn bench(m: &ModelArgs, gpu: &GpuOptions, prompt_tokens: usize, decode_tokens: usize, repeat: usize) -> Result<()> {
+    use std::time::Instant;
+    let ctx = std::sync::Arc::new(edgetune::gpu::GpuContext::new(gpu)?);
+    let before = ctx.allocated_bytes();
+    let t0 = Instant::now();
+    let load = LoadOptions { quant: m.quant, max_context: m.max_context, ..Default::default() };
+    let s = Session::open_with(ctx.clone(), &m.model, &load)?;
+    let model = &s.model;
+    println!("{}", ctx.report);
+    println!("model: {} ({:?}), loaded in {:.2} s", m.model.display(), m.quant, t0.elapsed().as_secs_f64());
+    let v = model.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..prompt_tokens as u32).map(|i| (i * 7919 + 13) % v).collect();
+    // Warm-up: compiles every pipeline.
+    let mut cache = model.new_cache();
+    model.next_logits(&ids[..prompt_tokens.min(8)], &mut cache)?;
+    let mut peak = ctx.allocated_bytes();
+    let mut best = f64::INFINITY;
+    for _ in 0..repeat.max(1) {
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        model.next_logits(&ids, &mut cache)?;
+        best = best.min(t.elapsed().as_secs_f64());
+        peak = peak.max(ctx.allocated_bytes());
+    }
+    let mut cache = model.new_cache();
+    model.next_logits(&ids, &mut cache)?;
+    let t = Instant::now();
+    for i in 0..decode_tokens {
+        model.next_logits(&[ids[i % ids.len()]], &mut cache)?;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    peak = peak.max(ctx.allocated_bytes());
+    println!("prefill: {prompt_tokens} tokens in {:.3} s = {:.1} tokens/s (best of {repeat})", best, prompt_tokens as f64 / best);
+    if decode_tokens > 0 {
+        println!("decode: {decode_tokens} tokens in {:.3} s = {:.2} tokens/s ({:.1} ms/token)", decode, decode_tokens as f64 / decode, decode * 1e3 / decode_tokens as f64);
+    }
+    let weights = model.weight_bytes;
+    let kv = model.kv_cache_bytes();
+    let act = model.activation_bytes(prompt_tokens, 1);
+    println!("expected GPU memory: weights {} + one KV cache {} + activations {} = {}", mib(weights), mib(kv), mib(act), mib(weights + 2 * kv + act));
+    println!("  (two KV caches are live at the peak: the benchmark's and the warm-up's)");
+    match (before, peak) {
+        (Some(b), Some(p)) => println!("driver allocator: {} allocated at peak ({} before loading)", mib(p), mib(b)),
+        _ => println!("driver allocator: not reported by this backend"),
     }
     Ok(())
 }

@@ -152,6 +152,12 @@ impl GpuContext {
         Ok(GpuContext { device, queue, report, limits, pipelines: Mutex::new(HashMap::new()), uncaptured })
     }
 
+    /// Bytes of GPU memory allocated through the driver allocator for this device, where the backend reports
+    /// it (Vulkan and DX12 do).
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        self.device.generate_allocator_report().map(|r| r.total_allocated_bytes)
+    }
+
     /// Returns (and clears) the first GPU error reported since the last check.
     pub fn check(&self) -> Result<()> {
         match self.uncaptured.lock().ok().and_then(|mut s| s.take()) {

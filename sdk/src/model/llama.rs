@@ -202,6 +202,22 @@ impl Model {
         Self::load(ctx, cfg, &src, opts)
     }
 
+    /// Bytes of one KV cache (keys and values, every layer, full capacity).
+    pub fn kv_cache_bytes(&self) -> u64 {
+        let c = &self.config;
+        (2 * c.num_layers * self.max_context * c.num_kv_heads * c.head_dim * 4) as u64
+    }
+
+    /// Bytes of the activation buffers one forward pass of `t` tokens allocates (plus the logits
+    /// of `logit_rows` rows).
+    pub fn activation_bytes(&self, t: usize, logit_rows: usize) -> u64 {
+        let c = &self.config;
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let floats = t * (1 + 2 * c.hidden_size + 2 * qd + 2 * kvd + c.hidden_size + 3 * c.intermediate_size)
+            + logit_rows * (c.vocab_size + c.hidden_size);
+        (floats * 4) as u64
+    }
+
     /// An empty KV cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
         let c = &self.config;

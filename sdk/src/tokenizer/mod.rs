@@ -37,6 +37,9 @@ pub struct Tokenizer {
     pub eos_token: Option<String>,
     pub eos_ids: Vec<u32>,
     pub chat_template: Option<String>,
+    /// Prepend BOS to plain prompts (SentencePiece-style vocabularies, or when the file says so).
+    pub add_bos: bool,
+    pub bos_id: Option<u32>,
 }
 
 fn tok_err(source: &str, what: impl std::fmt::Display) -> Error {
@@ -61,12 +64,22 @@ impl Tokenizer {
             return Err(tok_err(&source, "tokenizer.json is missing from the model folder"));
         }
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(&source, e))?;
-        let mut t = Tokenizer { inner, source, bos_token: None, eos_token: None, eos_ids: vec![], chat_template: None };
+        let mut t = Tokenizer {
+            inner,
+            source,
+            bos_token: None,
+            eos_token: None,
+            eos_ids: vec![],
+            chat_template: None,
+            add_bos: false,
+            bos_id: None,
+        };
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
             let j: Json = serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
             t.bos_token = token_text(j.get("bos_token"));
+            t.add_bos = j.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
             t.eos_token = token_text(j.get("eos_token"));
             t.chat_template = match j.get("chat_template") {
                 Some(Json::String(s)) => Some(s.clone()),
@@ -86,19 +99,15 @@ impl Tokenizer {
         if let Some(id) = t.eos_token.as_deref().and_then(|s| t.inner.token_to_id(s)) {
             t.eos_ids.push(id);
         }
+        t.bos_id = t.bos_token.as_deref().and_then(|s| t.inner.token_to_id(s));
         Ok(t)
     }
 
-    /// Builds the tokenizer stored in GGUF metadata.
+    /// Builds the tokenizer stored in GGUF metadata: byte-level BPE (`gpt2`) with the model's
+    /// pre-tokenizer, or a SentencePiece-style BPE (`llama`) with byte fallback.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let source = g.path.display().to_string();
         let model = g.get_str("tokenizer.ggml.model").map_err(|_| tok_err(&source, "metadata `tokenizer.ggml.model` is missing"))?;
-        if model != "gpt2" {
-            return Err(Error::unsupported(
-                &g.path,
-                format!("tokenizer.ggml.model `{model}` (edgetune builds byte-level BPE (`gpt2`) tokenizers from GGUF)"),
-            ));
-        }
         let strings = |key: &str| -> Result<Vec<String>> {
             match g.get(key) {
                 Some(Value::Array(a)) => a
@@ -109,56 +118,66 @@ impl Tokenizer {
             }
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| tok_err(&source, format!("merge `{m}` has no space"))))
-            .collect::<Result<_>>()?;
         let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
             Some(Value::Array(a)) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
         let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| tok_err(&source, e))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-        let byte_level = ByteLevel::new(false, true, false);
-        let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
-            Ok(Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-                .map_err(|e| tok_err(&source, e))?
-                .into())
+        let parse_merges = |list: Vec<String>| -> Result<Vec<(String, String)>> {
+            list.into_iter()
+                .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| tok_err(&source, format!("merge `{m}` has no space"))))
+                .collect()
         };
-        const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-        const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-        const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-        let pres: Vec<PreTokenizerWrapper> = match pre {
-            // SmolLM: digits one by one, then GPT-2's byte-level split.
-            "smollm" => vec![Digits::new(true).into(), split(GPT2)?, byte_level.into()],
-            "default" | "gpt2" | "gpt-2" => vec![split(GPT2)?, byte_level.into()],
-            "llama-bpe" | "llama3" | "smaug-bpe" => vec![split(LLAMA3)?, byte_level.into()],
-            "qwen2" | "deepseek-llm" => vec![split(QWEN2)?, byte_level.into()],
+        let (inner, default_add_bos) = match model {
+            "gpt2" => {
+                let merges = parse_merges(strings("tokenizer.ggml.merges")?)?;
+                let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
+                (byte_level_bpe(&source, &g.path, vocab, merges, pre)?, false)
+            }
+            "llama" => {
+                let merges = match g.get("tokenizer.ggml.merges") {
+                    Some(_) => parse_merges(strings("tokenizer.ggml.merges")?)?,
+                    None => {
+                        let scores: Vec<f32> = match g.get("tokenizer.ggml.scores") {
+                            Some(Value::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+                            _ => return Err(tok_err(&source, "metadata `tokenizer.ggml.scores` is missing (needed without merges)")),
+                        };
+                        merges_from_scores(&tokens, &scores)
+                    }
+                };
+                (sentencepiece_bpe(&source, vocab, merges)?, true)
+            }
             other => {
-                return Err(Error::unsupported(&g.path, format!("pre-tokenizer `{other}` (tokenizer.ggml.pre)")));
+                return Err(Error::unsupported(
+                    &g.path,
+                    format!("tokenizer.ggml.model `{other}` (edgetune reads `gpt2` byte-level BPE and `llama` SentencePiece BPE)"),
+                ));
             }
         };
-        inner.with_pre_tokenizer(Some(Sequence::new(pres)));
-        inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-        // Control (3) and user-defined (4) tokens are matched whole before BPE, as in llama.cpp.
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| **t == 3 || **t == 4)
-            .map(|(s, _)| AddedToken::from(s.clone(), true))
-            .collect();
-        inner.add_special_tokens(&special);
-        let id_tok = |key: &str| g.get(key).and_then(Value::as_u64).and_then(|i| tokens.get(i as usize).cloned());
-        let eos_ids = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32).into_iter().collect();
+        let mut inner = inner;
+        // Control tokens (type 3) are matched whole as special tokens, user-defined ones (4)
+        // whole as plain added tokens, as llama.cpp and transformers do.
+        let added = |ty: u64, special: bool| -> Vec<AddedToken> {
+            tokens.iter().zip(&types).filter(|(_, t)| **t == ty).map(|(s, _)| AddedToken::from(s.clone(), special)).collect()
+        };
+        inner.add_special_tokens(&added(3, true));
+        inner.add_tokens(&added(4, false));
+        let id_of = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
+        let bos_id = id_of("tokenizer.ggml.bos_token_id");
+        let eos_id = id_of("tokenizer.ggml.eos_token_id");
         Ok(Tokenizer {
             inner,
             source,
-            bos_token: id_tok("tokenizer.ggml.bos_token_id"),
-            eos_token: id_tok("tokenizer.ggml.eos_token_id"),
-            eos_ids,
+            bos_token: name_of(bos_id),
+            eos_token: name_of(eos_id),
+            eos_ids: eos_id.into_iter().collect(),
             chat_template: g.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_string),
+            add_bos: match g.get("tokenizer.ggml.add_bos_token") {
+                Some(Value::Bool(b)) => *b,
+                _ => default_add_bos,
+            } && bos_id.is_some(),
+            bos_id,
         })
     }
 
@@ -171,6 +190,17 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| tok_err(&self.source, e))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of a plain prompt: [`Tokenizer::encode`] with BOS first when the vocabulary
+    /// expects it.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if let (true, Some(bos)) = (self.add_bos, self.bos_id) {
+            ids.push(bos);
+        }
+        ids.extend(self.encode(text)?);
+        Ok(ids)
     }
 
     /// Text of `ids` (special tokens kept, so a transcript shows them).
@@ -210,4 +240,83 @@ impl Tokenizer {
         })
         .map_err(|e| Error::Template(format!("rendering: {e}")))
     }
+}
+
+/// A byte-level BPE (GPT-2 style) with the pre-tokenizer llama.cpp names `pre`.
+fn byte_level_bpe(
+    source: &str,
+    path: &Path,
+    vocab: tokenizers::models::bpe::Vocab,
+    merges: Vec<(String, String)>,
+    pre: &str,
+) -> Result<tokenizers::Tokenizer> {
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| tok_err(source, e))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let byte_level = ByteLevel::new(false, true, false);
+    let split = |pattern: &str| -> Result<PreTokenizerWrapper> {
+        Ok(Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| tok_err(source, e))?
+            .into())
+    };
+    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let pres: Vec<PreTokenizerWrapper> = match pre {
+        // SmolLM: digits one by one, then GPT-2's byte-level split.
+        "smollm" => vec![Digits::new(true).into(), split(GPT2)?, byte_level.into()],
+        "default" | "gpt2" | "gpt-2" => vec![split(GPT2)?, byte_level.into()],
+        "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" | "dbrx" => vec![split(LLAMA3)?, byte_level.into()],
+        "qwen2" | "deepseek-r1-qwen" => vec![split(QWEN2)?, byte_level.into()],
+        other => return Err(Error::unsupported(path, format!("pre-tokenizer `{other}` (tokenizer.ggml.pre)"))),
+    };
+    inner.with_pre_tokenizer(Some(Sequence::new(pres)));
+    inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+    Ok(inner)
+}
+
+/// A SentencePiece-style BPE as transformers' LlamaTokenizer builds it: `▁` for spaces with one
+/// prepended at the start, byte fallback for unknown characters.
+fn sentencepiece_bpe(source: &str, vocab: tokenizers::models::bpe::Vocab, merges: Vec<(String, String)>) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecSeq, strip::Strip};
+    use tokenizers::normalizers::replace::Replace;
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| tok_err(source, e))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+    let replace = Replace::new("▁", " ").map_err(|e| tok_err(source, e))?;
+    inner.with_decoder(Some(DecSeq::new(vec![
+        replace.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+        Strip::new(' ', 1, 0).into(),
+    ])));
+    Ok(inner)
+}
+
+/// Merges implied by a SentencePiece vocabulary and its scores (transformers'
+/// `generate_merges`): every split of a token into two tokens, highest score first, then longer
+/// left and right parts first; ties keep vocabulary order.
+pub fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    let index: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let mut merges: Vec<(usize, usize, f32, usize, usize)> = Vec::new();
+    for (ti, tok) in tokens.iter().enumerate() {
+        let score = scores.get(ti).copied().unwrap_or(0.0);
+        let mut local = Vec::new();
+        for (pos, _) in tok.char_indices().skip(1) {
+            let (l, r) = tok.split_at(pos);
+            if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                local.push((li, ri, score, l.chars().count(), r.chars().count()));
+            }
+        }
+        local.sort_by_key(|m| (m.0, m.1));
+        merges.extend(local);
+    }
+    // Python's sorted(..., reverse=True) is stable: equal keys keep their order.
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2).then(b.3.cmp(&a.3)).then(b.4.cmp(&a.4)));
+    merges.into_iter().map(|(l, r, ..)| (tokens[l].clone(), tokens[r].clone())).collect()
 }
