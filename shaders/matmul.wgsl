@@ -1,16 +1,7 @@
 // Dense linear layer: y[m, y_col_offset + n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
 // w is (N, K) row-major as PyTorch stores nn.Linear weights. A workgroup computes 64 columns n
 // for 4 rows m, staging a 4x64 tile of x in workgroup memory so each weight is read once per 4 rows.
-struct MatmulParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    has_bias: u32,
-    y_stride: u32,
-    y_col_offset: u32,
-    block_size: u32,
-    _pad: u32,
-}
+#include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (M, K)
@@ -18,20 +9,13 @@ struct MatmulParams {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-const TM: u32 = 4u;
-var<workgroup> xs: array<f32, 256>;                                // (TM, 64)
-
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = wg.x * 64u + lid;
     let m0 = wg.y * TM;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var k0 = 0u; k0 < p.k; k0 += 64u) {
-        for (var r = 0u; r < TM; r++) {
-            var v = 0.0;
-            if (m0 + r < p.m && k0 + lid < p.k) { v = x[(m0 + r) * p.k + k0 + lid]; }
-            xs[r * 64u + lid] = v;
-        }
+        load_x_tile(m0, k0, lid);
         workgroupBarrier();
         if (n < p.n) {
             let kmax = min(64u, p.k - k0);
@@ -43,10 +27,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
     }
-    if (n >= p.n) { return; }
-    var b = 0.0;
-    if (p.has_bias != 0u) { b = bias[n]; }
-    for (var r = 0u; r < TM; r++) {
-        if (m0 + r < p.m) { y[(m0 + r) * p.y_stride + p.y_col_offset + n] = acc[r] + b; }
-    }
+    store_rows(n, m0, acc);
 }

@@ -3,17 +3,7 @@
 // The weight never leaves 4 bits in GPU memory. Requires K % 64 == 0 and block_size % 8 == 0,
 // so a 64-wide k tile covers whole packed words and never straddles a row.
 #include "common/nf4.wgsl"
-
-struct MatmulParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    has_bias: u32,
-    y_stride: u32,
-    y_col_offset: u32,
-    block_size: u32,
-    _pad: u32,
-}
+#include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (M, K)
@@ -22,20 +12,13 @@ struct MatmulParams {
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-const TM: u32 = 4u;
-var<workgroup> xs: array<f32, 256>;                                // (TM, 64)
-
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let n = wg.x * 64u + lid;
     let m0 = wg.y * TM;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
     for (var k0 = 0u; k0 < p.k; k0 += 64u) {
-        for (var r = 0u; r < TM; r++) {
-            var v = 0.0;
-            if (m0 + r < p.m) { v = x[(m0 + r) * p.k + k0 + lid]; }
-            xs[r * 64u + lid] = v;
-        }
+        load_x_tile(m0, k0, lid);
         workgroupBarrier();
         if (n < p.n) {
             let flat = n * p.k + k0;
@@ -50,10 +33,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
     }
-    if (n >= p.n) { return; }
-    var b = 0.0;
-    if (p.has_bias != 0u) { b = bias[n]; }
-    for (var r = 0u; r < TM; r++) {
-        if (m0 + r < p.m) { y[(m0 + r) * p.y_stride + p.y_col_offset + n] = acc[r] + b; }
-    }
+    store_rows(n, m0, acc);
 }

@@ -35,7 +35,10 @@ shader!(ATTENTION, "attention");
 pub const ALL_SHADERS: &[Shader] =
     &[EMBEDDING, RMS_NORM, ROPE, SILU_MUL, ADD, CROSS_ENTROPY, MATMUL, MATMUL_NF4, ATTENTION];
 
-const SNIPPETS: &[(&str, &str)] = &[("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl"))];
+const SNIPPETS: &[(&str, &str)] = &[
+    ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
+    ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
+];
 
 /// Expands `#include "common/x.wgsl"` lines with the shared snippets.
 pub fn expand(shader: &Shader) -> Result<String> {
