@@ -328,6 +328,31 @@ def tiny_gguf_fixtures():
                   os.path.join(OUT, f"{name}_expected.safetensors"), metadata=meta)
 
 
+def hf_variants_fixture():
+    """The tiny llama saved as sharded bf16 safetensors (with model.safetensors.index.json), and
+    the inverse RoPE frequencies transformers computes for llama3-style rope scaling."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = LlamaForCausalLM.from_pretrained(os.path.join(OUT, "tiny_llama"), dtype=torch.float32)
+    d = os.path.join(OUT, "tiny_llama_bf16_sharded")
+    shutil.rmtree(d, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(d, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(OUT, "tiny_llama", f), os.path.join(d, f))
+    reloaded = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ids = [5, 77, 123, 9, 300, 41, 2, 18]
+    with torch.no_grad():
+        logits = reloaded(torch.tensor([ids])).logits[0].numpy()
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=500000.0, max_position_embeddings=131072,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    cfg_json = json.loads(cfg.to_json_string())
+    save_file({"logits": logits, "ids": np.array(ids, dtype=np.int64), "llama3_inv_freq": inv_freq.float().numpy()},
+              os.path.join(OUT, "hf_variants_expected.safetensors"), metadata={"llama3_config": json.dumps(cfg_json)})
+
+
 def smollm_fixture(gguf_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -377,6 +402,7 @@ def main():
         "tiny": lambda: [tiny_model(k, tiny_tokenizer(os.path.join(OUT, "tiny_tokenizer.json")))
                          for k in ("llama", "qwen2")],
         "gguf_models": tiny_gguf_fixtures,
+        "hf_variants": hf_variants_fixture,
         "smollm": lambda: smollm_fixture(a.smollm),
     }
     for name, fn in steps.items():

@@ -1,0 +1,44 @@
+//! Hugging Face folders beyond the single-file f32 case: sharded bf16 safetensors with an index,
+//! and `rope_parameters` with llama3 scaling as transformers 5 writes them.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Fixture, assert_close, fixtures};
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::model::config::{ModelConfig, RopeScaling};
+use edgetune::model::llama::{LoadOptions, Model, Quant};
+
+#[test]
+fn sharded_bf16_checkpoint_matches_transformers() {
+    let fx = Fixture::open("hf_variants_expected.safetensors");
+    let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+    let ctx = Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")));
+    let model = Model::open(ctx, &fixtures().join("tiny_llama_bf16_sharded"), &LoadOptions { quant: Quant::None, ..Default::default() })
+        .expect("sharded model loads");
+    // bf16 values widen to f32 exactly on both sides; the rest is the f32 forward pass.
+    assert_close("bf16 sharded logits", &model.all_logits(&ids).expect("forward"), &fx.f32("logits"), 1e-4, 1e-4);
+}
+
+#[test]
+fn llama3_rope_scaling_inside_rope_parameters_matches_transformers() {
+    let fx = Fixture::open("hf_variants_expected.safetensors");
+    let mut cfg: serde_json::Value = serde_json::from_str(&fx.metadata("llama3_config")).expect("json");
+    // The generator's config is a bare LlamaConfig; give it the fields a checkpoint has.
+    cfg["vocab_size"] = 32.into();
+    let path = std::path::Path::new("llama3/config.json");
+    let c = ModelConfig::from_hf_json(path, &cfg.to_string()).expect("config");
+    assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { .. })), "{:?}", c.rope_scaling);
+    assert_eq!(c.rope_theta, 500000.0);
+    // transformers computes the frequencies in f32, edgetune in f64 rounded once: 1e-6 relative.
+    assert_close("llama3 inv_freq", &c.rope_inv_freq(), &fx.f32("llama3_inv_freq"), 1e-6, 0.0);
+}
+
+#[test]
+fn unsupported_rope_scaling_is_named() {
+    let text = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,
+        "num_attention_heads":4,"vocab_size":32,"rope_scaling":{"rope_type":"yarn","factor":4.0}}"#;
+    let e = ModelConfig::from_hf_json(std::path::Path::new("m/config.json"), text).expect_err("yarn is not supported");
+    assert!(e.to_string().contains("rope_scaling type `yarn`"), "{e}");
+}
