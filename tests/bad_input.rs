@@ -88,7 +88,8 @@ fn corrupt_safetensors_and_mismatched_shapes_are_named() {
 
     copy_tiny(&d);
     let cfg = d.join("config.json");
-    let text = std::fs::read_to_string(&cfg).expect("read").replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    let text =
+        std::fs::read_to_string(&cfg).expect("read").replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     std::fs::write(&cfg, text).expect("write");
     let (c, src) = open_weights(&d).expect("opens");
     let e = err_of(src.get(&c, "model.layers.0.mlp.gate_proj.weight", &[c.intermediate_size, c.hidden_size]));
@@ -100,7 +101,9 @@ fn unknown_architecture_in_config_json_is_named() {
     let d = tmpdir("arch");
     copy_tiny(&d);
     let cfg = d.join("config.json");
-    let text = std::fs::read_to_string(&cfg).expect("read").replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
     std::fs::write(&cfg, text).expect("write");
     let e = err_of(open_weights(&d));
     assert!(e.contains("config.json") && e.contains("gpt_neox"), "{e}");

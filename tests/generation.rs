@@ -5,14 +5,15 @@ mod common;
 
 use std::sync::Arc;
 
+use edgetune::Session;
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::infer::{GenerateOptions, Rng, StopReason, sample};
 use edgetune::model::llama::{LoadOptions, Quant};
 use edgetune::tokenizer::Message;
-use edgetune::Session;
 
 fn session(max_context: usize) -> Session {
-    let ctx = Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")));
+    let ctx =
+        Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")));
     let opts = LoadOptions { quant: Quant::None, max_context, ..Default::default() };
     Session::open_with(ctx, common::fixtures().join("tiny_llama"), &opts).expect("tiny model")
 }
@@ -43,10 +44,12 @@ fn same_seed_same_text_and_streaming_adds_up() {
     let s = session(64);
     let opts = GenerateOptions { max_new_tokens: 12, temperature: 1.0, top_k: 50, seed: 7, ..Default::default() };
     let mut streamed = String::new();
-    let a = s.generate("Paris is", &opts, |t| {
-        streamed.push_str(t);
-        true
-    }).expect("generate");
+    let a = s
+        .generate("Paris is", &opts, |t| {
+            streamed.push_str(t);
+            true
+        })
+        .expect("generate");
     let b = s.generate("Paris is", &opts, |_| true).expect("generate");
     assert_eq!(a.token_ids, b.token_ids);
     assert_eq!(streamed, a.text);
@@ -57,20 +60,30 @@ fn same_seed_same_text_and_streaming_adds_up() {
 #[test]
 fn limits_stop_strings_and_callback_stop() {
     let s = session(64);
-    let out = s.generate("The quick", &GenerateOptions { max_new_tokens: 3, ..Default::default() }, |_| true).expect("generate");
+    let out = s
+        .generate("The quick", &GenerateOptions { max_new_tokens: 3, ..Default::default() }, |_| true)
+        .expect("generate");
     assert_eq!(out.token_ids.len(), 3);
     assert_eq!(out.stop_reason, StopReason::MaxTokens);
     let mut calls = 0;
-    let out = s.generate("The quick", &GenerateOptions { max_new_tokens: 10, ..Default::default() }, |_| {
-        calls += 1;
-        false
-    }).expect("generate");
+    let out = s
+        .generate("The quick", &GenerateOptions { max_new_tokens: 10, ..Default::default() }, |_| {
+            calls += 1;
+            false
+        })
+        .expect("generate");
     assert_eq!((calls, out.stop_reason), (1, StopReason::Callback));
     // A stop string taken from the greedy continuation itself.
-    let full = s.generate("The quick", &GenerateOptions { max_new_tokens: 10, ..Default::default() }, |_| true).expect("generate");
+    let full = s
+        .generate("The quick", &GenerateOptions { max_new_tokens: 10, ..Default::default() }, |_| true)
+        .expect("generate");
     let stop: String = full.text.chars().skip(2).take(2).collect();
     let cut = s
-        .generate("The quick", &GenerateOptions { max_new_tokens: 10, stop: vec![stop.clone()], ..Default::default() }, |_| true)
+        .generate(
+            "The quick",
+            &GenerateOptions { max_new_tokens: 10, stop: vec![stop.clone()], ..Default::default() },
+            |_| true,
+        )
         .expect("generate");
     assert_eq!(cut.stop_reason, StopReason::StopString, "stop {stop:?} in {:?}", full.text);
     assert!(!cut.text.contains(&stop) && full.text.starts_with(&cut.text), "{:?} vs {:?}", cut.text, full.text);
@@ -79,7 +92,9 @@ fn limits_stop_strings_and_callback_stop() {
 #[test]
 fn the_context_limit_ends_generation() {
     let s = session(16);
-    let out = s.generate("Paris is the capital", &GenerateOptions { max_new_tokens: 100, ..Default::default() }, |_| true).expect("generate");
+    let out = s
+        .generate("Paris is the capital", &GenerateOptions { max_new_tokens: 100, ..Default::default() }, |_| true)
+        .expect("generate");
     assert_eq!(out.stop_reason, StopReason::ContextFull);
     // 16 cached positions give logits for a 17th token, which is emitted but never fed back.
     assert_eq!(out.prompt_tokens + out.token_ids.len(), 17);
@@ -90,7 +105,9 @@ fn chat_uses_the_template() {
     let s = session(128);
     let rendered = s.tokenizer.apply_chat_template(&[Message::new("user", "Hi")], true).expect("template");
     assert_eq!(rendered, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
-    let out = s.chat(&[Message::new("user", "Hi")], &GenerateOptions { max_new_tokens: 4, ..Default::default() }, |_| true).expect("chat");
+    let out = s
+        .chat(&[Message::new("user", "Hi")], &GenerateOptions { max_new_tokens: 4, ..Default::default() }, |_| true)
+        .expect("chat");
     assert_eq!(out.prompt_tokens, s.tokenizer.encode(&rendered).expect("encode").len());
 }
 
@@ -99,7 +116,9 @@ fn bad_arguments_are_errors() {
     let s = session(32);
     let e = s.generate("", &GenerateOptions::default(), |_| true).expect_err("empty prompt");
     assert!(e.to_string().contains("prompt"), "{e}");
-    let e = s.generate("hi", &GenerateOptions { temperature: f32::NAN, top_p: 0.0, ..Default::default() }, |_| true).expect_err("bad options");
+    let e = s
+        .generate("hi", &GenerateOptions { temperature: f32::NAN, top_p: 0.0, ..Default::default() }, |_| true)
+        .expect_err("bad options");
     assert!(e.to_string().contains("temperature") && e.to_string().contains("top_p"), "{e}");
     let e = s.chat(&[], &GenerateOptions::default(), |_| true).expect_err("no messages");
     assert!(e.to_string().contains("messages"), "{e}");

@@ -24,13 +24,22 @@ fn ids(v: &Value) -> Vec<u32> {
 
 fn check_tokenizer(name: &str) {
     let fx = Fixture::open(&format!("{name}_expected.safetensors"));
-    let tok = Tokenizer::from_gguf(&GgufFile::open(fixtures().join(format!("{name}.gguf"))).expect("open")).expect("tokenizer");
+    let tok = Tokenizer::from_gguf(&GgufFile::open(fixtures().join(format!("{name}.gguf"))).expect("open"))
+        .expect("tokenizer");
     let cases: Value = serde_json::from_str(&fx.metadata("tokenizer")).expect("json");
     for case in cases.as_array().expect("cases") {
         let text = case["text"].as_str().expect("text");
         assert_eq!(tok.encode(text).expect("encode"), ids(&case["ids"]), "{name}: ids of {text:?}");
-        assert_eq!(tok.encode_prompt(text).expect("encode"), ids(&case["ids_with_specials"]), "{name}: prompt ids of {text:?}");
-        assert_eq!(tok.decode(&ids(&case["ids"])).expect("decode"), case["decoded"].as_str().expect("decoded"), "{name}: decode of {text:?}");
+        assert_eq!(
+            tok.encode_prompt(text).expect("encode"),
+            ids(&case["ids_with_specials"]),
+            "{name}: prompt ids of {text:?}"
+        );
+        assert_eq!(
+            tok.decode(&ids(&case["ids"])).expect("decode"),
+            case["decoded"].as_str().expect("decoded"),
+            "{name}: decode of {text:?}"
+        );
     }
 }
 

@@ -14,9 +14,14 @@ use edgetune::model::llama::{LoadOptions, Model, Quant};
 fn sharded_bf16_checkpoint_matches_transformers() {
     let fx = Fixture::open("hf_variants_expected.safetensors");
     let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
-    let ctx = Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")));
-    let model = Model::open(ctx, &fixtures().join("tiny_llama_bf16_sharded"), &LoadOptions { quant: Quant::None, ..Default::default() })
-        .expect("sharded model loads");
+    let ctx =
+        Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")));
+    let model = Model::open(
+        ctx,
+        &fixtures().join("tiny_llama_bf16_sharded"),
+        &LoadOptions { quant: Quant::None, ..Default::default() },
+    )
+    .expect("sharded model loads");
     // bf16 values widen to f32 exactly on both sides; the rest is the f32 forward pass.
     assert_close("bf16 sharded logits", &model.all_logits(&ids).expect("forward"), &fx.f32("logits"), 1e-4, 1e-4);
 }

@@ -50,7 +50,18 @@ fn matmul_dense_matches_reference_on_odd_shapes() {
         let (xb, wb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("b", &b));
         let y = ctx.storage_zeroed("y", m * n);
         run(&ctx, |enc| {
-            launch::matmul_forward(&ctx, enc, &xb, launch::Weight::Dense(&wb), Some(&bb), &y, m, n, k, launch::OutCols { stride: n, col_offset: 0 })
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                &xb,
+                launch::Weight::Dense(&wb),
+                Some(&bb),
+                &y,
+                m,
+                n,
+                k,
+                launch::OutCols { stride: n, col_offset: 0 },
+            )
         });
         let got = ctx.read_f32(&y, m * n).expect("readback");
         // f32 sums of k products in a different order: error grows like sqrt(k) ulps of the terms.
@@ -61,7 +72,8 @@ fn matmul_dense_matches_reference_on_odd_shapes() {
 #[test]
 fn matmul_nf4_matches_dequantized_reference() {
     let ctx = ctx();
-    for (i, &(m, n, k, bs)) in [(1, 3, 64, 64), (6, 70, 128, 64), (9, 33, 192, 32), (2, 5, 256, 128)].iter().enumerate() {
+    for (i, &(m, n, k, bs)) in [(1, 3, 64, 64), (6, 70, 128, 64), (9, 33, 192, 32), (2, 5, 256, 128)].iter().enumerate()
+    {
         let x = rand(m * k, 10 + i as u64, 1.0);
         let w = rand(n * k, 20 + i as u64, 0.3);
         let q = nf4::quantize(&w, &[n, k], bs).expect("quantize");
@@ -71,8 +83,18 @@ fn matmul_nf4_matches_dequantized_reference() {
         let ab = ctx.storage_from("absmax", &q.absmax);
         let y = ctx.storage_zeroed("y", m * n);
         run(&ctx, |enc| {
-            launch::matmul_forward(&ctx, enc, &xb, launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs }, None, &y, m, n, k,
-                launch::OutCols { stride: n, col_offset: 0 })
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                &xb,
+                launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs },
+                None,
+                &y,
+                m,
+                n,
+                k,
+                launch::OutCols { stride: n, col_offset: 0 },
+            )
         });
         let got = ctx.read_f32(&y, m * n).expect("readback");
         assert_close(&format!("matmul_nf4 {m}x{n}x{k} block {bs}"), &got, &want, 1e-5, 1e-5 * (k as f32).sqrt());
@@ -87,12 +109,24 @@ fn rms_norm_silu_add_embedding_match_reference() {
         let w = rand(dim, 4, 1.0);
         let (xb, wb, yb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_zeroed("y", rows * dim));
         run(&ctx, |enc| launch::rms_norm_forward(&ctx, enc, &xb, &wb, &yb, rows, dim, 1e-5));
-        assert_close("rms_norm", &ctx.read_f32(&yb, rows * dim).expect("read"), &r::rms_norm_forward(&x, &w, 1e-5), 1e-5, 1e-6);
+        assert_close(
+            "rms_norm",
+            &ctx.read_f32(&yb, rows * dim).expect("read"),
+            &r::rms_norm_forward(&x, &w, 1e-5),
+            1e-5,
+            1e-6,
+        );
 
         let up = rand(rows * dim, 5, 2.0);
         let ub = ctx.storage_from("up", &up);
         run(&ctx, |enc| launch::silu_mul_forward(&ctx, enc, &xb, &ub, &yb, rows * dim));
-        assert_close("silu_mul", &ctx.read_f32(&yb, rows * dim).expect("read"), &r::silu_mul_forward(&x, &up), 1e-5, 1e-6);
+        assert_close(
+            "silu_mul",
+            &ctx.read_f32(&yb, rows * dim).expect("read"),
+            &r::silu_mul_forward(&x, &up),
+            1e-5,
+            1e-6,
+        );
 
         let mut want = up.clone();
         r::add_forward(&x, &mut want);
@@ -112,7 +146,13 @@ fn rms_norm_silu_add_embedding_match_reference() {
         launch::embedding_forward(&ctx, enc, &idb, &t0, &out, ids.len(), dim, 0, split)?;
         launch::embedding_forward(&ctx, enc, &idb, &t1, &out, ids.len(), dim, split, vocab - split)
     });
-    assert_close("embedding", &ctx.read_f32(&out, ids.len() * dim).expect("read"), &r::embedding_forward(&table, dim, &ids), 0.0, 0.0);
+    assert_close(
+        "embedding",
+        &ctx.read_f32(&out, ids.len() * dim).expect("read"),
+        &r::embedding_forward(&table, dim, &ids),
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
@@ -143,7 +183,13 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
         let out = ctx.storage_zeroed("o", q.len());
         let s = launch::AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos };
         run(&ctx, |enc| launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &out, s));
-        assert_close(&format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos}"), &ctx.read_f32(&out, q.len()).expect("read"), &want, 1e-4, 1e-5);
+        assert_close(
+            &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos}"),
+            &ctx.read_f32(&out, q.len()).expect("read"),
+            &want,
+            1e-4,
+            1e-5,
+        );
     }
 }
 
@@ -156,5 +202,11 @@ fn cross_entropy_matches_reference() {
     let (lb, tb) = (ctx.storage_from("logits", &logits), ctx.storage_from("targets", &targets));
     let out = ctx.storage_zeroed("loss", rows);
     run(&ctx, |enc| launch::cross_entropy_forward(&ctx, enc, &lb, &tb, &out, rows, vocab));
-    assert_close("cross_entropy", &ctx.read_f32(&out, rows).expect("read"), &r::cross_entropy_forward(&logits, &targets, vocab), 1e-5, 1e-5);
+    assert_close(
+        "cross_entropy",
+        &ctx.read_f32(&out, rows).expect("read"),
+        &r::cross_entropy_forward(&logits, &targets, vocab),
+        1e-5,
+        1e-5,
+    );
 }

@@ -31,7 +31,10 @@ fn check(kind: &str, quant: Quant) {
     assert_close(&format!("{kind} {quant:?} logits"), &got, &want, 1e-4, 1e-4);
     let want_loss: f32 = fx.metadata(loss_key).parse().expect("loss");
     let loss = model.mean_loss(&ids).expect("loss");
-    assert!((loss - want_loss).abs() <= 1e-4 * want_loss.abs(), "{kind} {quant:?} loss {loss} vs transformers {want_loss}");
+    assert!(
+        (loss - want_loss).abs() <= 1e-4 * want_loss.abs(),
+        "{kind} {quant:?} loss {loss} vs transformers {want_loss}"
+    );
     eprintln!("{kind} {quant:?}: loss {loss} vs transformers {want_loss}");
 }
 
@@ -59,7 +62,9 @@ fn tiny_qwen2_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
 fn incremental_decoding_with_the_kv_cache_matches_a_full_forward() {
     let fx = Fixture::open("tiny_llama_expected.safetensors");
     let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
-    let model = Model::open(ctx(), &fixtures().join("tiny_llama"), &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    let model =
+        Model::open(ctx(), &fixtures().join("tiny_llama"), &LoadOptions { quant: Quant::None, ..Default::default() })
+            .expect("load");
     let v = model.config.vocab_size;
     let full = fx.f32("logits");
     let mut cache = model.new_cache();

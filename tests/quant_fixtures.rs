@@ -22,12 +22,18 @@ fn nf4_codes_and_absmax_are_bit_identical_to_bitsandbytes() {
             panic!("{case}: packed byte {i} is {:#04x}, bitsandbytes wrote {:#04x}", q.packed[i], want_packed[i]);
         }
         assert_eq!(q.packed.len(), want_packed.len(), "{case}: packed length");
-        assert_eq!(q.absmax.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            want_absmax.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{case}: absmax");
+        assert_eq!(
+            q.absmax.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want_absmax.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{case}: absmax"
+        );
         let deq = q.dequantize();
         let want = fx.f32(&format!("{case}.dequant"));
-        assert_eq!(deq.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{case}: dequantized values");
+        assert_eq!(
+            deq.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{case}: dequantized values"
+        );
     }
 }
 
@@ -57,14 +63,18 @@ fn nf4_double_quantization_matches_bitsandbytes() {
             if ours != theirs {
                 let x = (absmax[i] - dq.offset) / dq.absmax2[i / 256];
                 let (d_ours, d_theirs) = ((x - code[ours as usize]).abs(), (x - code[theirs as usize]).abs());
-                assert!(d_ours < d_theirs, "{case}: absmax code {i}: ours {ours} (dist {d_ours}) vs bnb {theirs} (dist {d_theirs})");
+                assert!(
+                    d_ours < d_theirs,
+                    "{case}: absmax code {i}: ours {ours} (dist {d_ours}) vs bnb {theirs} (dist {d_theirs})"
+                );
                 differ += 1;
             }
         }
         assert!(differ * 50 <= want_codes.len().max(50), "{case}: {differ} of {} codes differ", want_codes.len());
         // Dequantization formula, on bitsandbytes' own codes: bit-exact.
         let theirs = nf4::DoubleQuant { codes: want_codes, ..dq };
-        let q = nf4::quantize(&fx.f32(&format!("{case}.input")), &fx.shape(&format!("{case}.input")), 64).expect("valid");
+        let q =
+            nf4::quantize(&fx.f32(&format!("{case}.input")), &fx.shape(&format!("{case}.input")), 64).expect("valid");
         let q2 = nf4::Nf4Tensor { absmax: theirs.dequantize(), ..q };
         let want = fx.f32(&format!("{case}.dq_dequant"));
         common::assert_close(&format!("{case} double-quant dequant"), &q2.dequantize(), &want, 0.0, 0.0);

@@ -7,13 +7,13 @@ mod common;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use edgetune::Session;
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::infer::GenerateOptions;
 use edgetune::model::gguf::GgufFile;
 use edgetune::model::llama::{LoadOptions, Quant};
 use edgetune::quant::gguf_blocks::GgmlType;
 use edgetune::tokenizer::{Message, Tokenizer};
-use edgetune::Session;
 use serde_json::Value;
 
 fn model_path() -> PathBuf {
@@ -32,8 +32,10 @@ fn expected() -> Value {
 
 fn ctx() -> Arc<GpuContext> {
     static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    CTX.get_or_init(|| Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))))
-        .clone()
+    CTX.get_or_init(|| {
+        Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")))
+    })
+    .clone()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -44,7 +46,10 @@ fn ids(v: &Value) -> Vec<u32> {
 fn gguf_loads_with_its_config_and_q4_1_tensors() {
     let g = GgufFile::open(model_path()).expect("opens");
     let cfg = edgetune::model::config::ModelConfig::from_gguf(&g).expect("config");
-    assert_eq!((cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size), (30, 576, 9, 3, 49152));
+    assert_eq!(
+        (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size),
+        (30, 576, 9, 3, 49152)
+    );
     assert!(cfg.tie_word_embeddings);
     assert!(g.tensors.values().any(|t| t.ty == GgmlType::Q4_1), "expected Q4_1 tensors");
 }
@@ -65,7 +70,8 @@ fn embedded_tokenizer_matches_the_hf_tokenizer() {
 fn loss_matches_transformers_on_the_same_dequantized_weights() {
     let exp = expected();
     let want = exp["loss"].as_f64().expect("loss") as f32;
-    let s = Session::open_with(ctx(), model_path(), &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    let s = Session::open_with(ctx(), model_path(), &LoadOptions { quant: Quant::None, ..Default::default() })
+        .expect("load");
     assert_eq!(s.tokenizer.encode(exp["loss_text"].as_str().expect("text")).expect("encode"), ids(&exp["loss_ids"]));
     let loss = s.model.mean_loss(&ids(&exp["loss_ids"])).expect("loss");
     eprintln!("f32 path: loss {loss} vs transformers {want} (rel {:e})", (loss - want).abs() / want);
@@ -84,10 +90,12 @@ fn nf4_requantized_loss_stays_close_and_greedy_generation_says_paris() {
     assert!((loss - want).abs() <= 0.10 * want, "NF4 loss {loss} vs {want}");
     let mut streamed = String::new();
     let opts = GenerateOptions { max_new_tokens: 4, ..Default::default() };
-    let out = s.generate("The capital of France is", &opts, |t| {
-        streamed.push_str(t);
-        true
-    }).expect("generate");
+    let out = s
+        .generate("The capital of France is", &opts, |t| {
+            streamed.push_str(t);
+            true
+        })
+        .expect("generate");
     eprintln!("greedy: {:?}", out.text);
     assert_eq!(streamed, out.text);
     assert!(out.text.trim_start().starts_with("Paris"), "continuation {:?}", out.text);
@@ -96,7 +104,8 @@ fn nf4_requantized_loss_stays_close_and_greedy_generation_says_paris() {
 #[test]
 fn f32_greedy_tokens_equal_transformers() {
     let exp = expected();
-    let s = Session::open_with(ctx(), model_path(), &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    let s = Session::open_with(ctx(), model_path(), &LoadOptions { quant: Quant::None, ..Default::default() })
+        .expect("load");
     let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
     let out = s.generate(exp["greedy_prompt"].as_str().expect("prompt"), &opts, |_| true).expect("generate");
     assert_eq!(out.token_ids, ids(&exp["greedy_ids"]), "greedy text {:?} vs {:?}", out.text, exp["greedy_text"]);

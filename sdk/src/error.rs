@@ -36,12 +36,7 @@ pub enum Error {
 
     /// A tensor has the wrong shape.
     #[error("{path}: tensor `{tensor}` has shape {actual:?}, expected {expected:?}")]
-    Shape {
-        path: PathBuf,
-        tensor: String,
-        actual: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    Shape { path: PathBuf, tensor: String, actual: Vec<usize>, expected: Vec<usize> },
 
     /// A tensor the model needs is missing.
     #[error("{path}: tensor `{tensor}` is missing")]

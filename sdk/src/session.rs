@@ -36,7 +36,12 @@ impl Session {
     }
 
     /// Generates a continuation of a plain prompt.
-    pub fn generate(&self, prompt: &str, opts: &GenerateOptions, on_text: impl FnMut(&str) -> bool) -> Result<Generated> {
+    pub fn generate(
+        &self,
+        prompt: &str,
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generated> {
         if prompt.is_empty() {
             return Err(Error::invalid("prompt", "is empty"));
         }
@@ -45,7 +50,12 @@ impl Session {
     }
 
     /// Generates the assistant's reply to chat messages, rendered with the chat template.
-    pub fn chat(&self, messages: &[Message], opts: &GenerateOptions, on_text: impl FnMut(&str) -> bool) -> Result<Generated> {
+    pub fn chat(
+        &self,
+        messages: &[Message],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generated> {
         if messages.is_empty() {
             return Err(Error::invalid("messages", "are empty"));
         }

@@ -27,7 +27,10 @@ impl Fixture {
     }
     pub fn metadata(&self, key: &str) -> String {
         let (_, m) = SafeTensors::read_metadata(&self.bytes).expect("fixture header");
-        m.metadata().as_ref().and_then(|m| m.get(key).cloned()).unwrap_or_else(|| panic!("{}: no metadata {key}", self.name))
+        m.metadata()
+            .as_ref()
+            .and_then(|m| m.get(key).cloned())
+            .unwrap_or_else(|| panic!("{}: no metadata {key}", self.name))
     }
     pub fn shape(&self, key: &str) -> Vec<usize> {
         self.st().tensor(key).unwrap_or_else(|_| panic!("{}: no tensor {key}", self.name)).shape().to_vec()
@@ -65,7 +68,9 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], rel: f32, abs:
         if e != 0.0 {
             max_rel = max_rel.max(d / e.abs());
         }
-        if !(d <= abs + rel * e.abs()) {
+        // Written so that a NaN difference counts as a mismatch.
+        let within = d <= abs + rel * e.abs();
+        if !within {
             bad.push((i, a, e));
         }
     }

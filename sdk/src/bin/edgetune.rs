@@ -104,7 +104,9 @@ fn run(cli: Cli) -> Result<()> {
             let ctx = edgetune::gpu::GpuContext::new(&gpu)?;
             println!("{}", ctx.report);
         }
-        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat } => bench(&m, &gpu, prompt_tokens, decode_tokens, repeat)?,
+        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat } => {
+            bench(&m, &gpu, prompt_tokens, decode_tokens, repeat)?
+        }
         Cmd::Info { model } => {
             let (cfg, src) = edgetune::model::open_weights(&model)?;
             let tensors = src.list();
@@ -121,16 +123,31 @@ fn run(cli: Cli) -> Result<()> {
             // NF4: 0.5 byte per linear weight + one f32 absmax per 64; embeddings and norms f32.
             let nf4_bytes = linear / 2 + linear / 64 * 4 + (params - linear) * 4;
             println!("model: {}", model.display());
-            println!("architecture: {} ({} layers, hidden {}, heads {}/{} kv, head_dim {}, ffn {}, vocab {})",
-                cfg.arch.name(), cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size);
-            println!("rope: theta {}, scaling {:?}; tied embeddings: {}; qkv bias: {}", cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings, cfg.qkv_bias);
+            println!(
+                "architecture: {} ({} layers, hidden {}, heads {}/{} kv, head_dim {}, ffn {}, vocab {})",
+                cfg.arch.name(),
+                cfg.num_layers,
+                cfg.hidden_size,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                cfg.intermediate_size,
+                cfg.vocab_size
+            );
+            println!(
+                "rope: theta {}, scaling {:?}; tied embeddings: {}; qkv bias: {}",
+                cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings, cfg.qkv_bias
+            );
             println!("parameters: {params} ({:.1} M)", params as f64 / 1e6);
             println!("stored: {} tensors, {:.1} MiB", tensors.len(), stored as f64 / 1048576.0);
             for (ty, (n, b)) in types {
                 println!("  {ty:<6} {n:>4} tensors {:>9.1} MiB", b as f64 / 1048576.0);
             }
-            println!("GPU weights estimate: nf4 {:.1} MiB, none (f32) {:.1} MiB (plus KV cache and activations)",
-                nf4_bytes as f64 / 1048576.0, (params * 4) as f64 / 1048576.0);
+            println!(
+                "GPU weights estimate: nf4 {:.1} MiB, none (f32) {:.1} MiB (plus KV cache and activations)",
+                nf4_bytes as f64 / 1048576.0,
+                (params * 4) as f64 / 1048576.0
+            );
         }
         Cmd::Generate { m, prompt, chat, system, max_tokens, temperature, top_k, top_p, seed, stop } => {
             let s = load(&m, &gpu)?;
@@ -156,8 +173,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Eval { m, text } => {
             let bytes = std::fs::read(&text).map_err(|e| Error::Io { path: text.clone(), source: e })?;
-            let body = String::from_utf8(bytes)
-                .map_err(|e| Error::Format { path: text.clone(), what: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()) })?;
+            let body = String::from_utf8(bytes).map_err(|e| Error::Format {
+                path: text.clone(),
+                what: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+            })?;
             let s = load(&m, &gpu)?;
             let loss = s.mean_loss(&body)?;
             println!("mean token loss: {loss:.6}");
@@ -203,14 +222,29 @@ fn bench(m: &ModelArgs, gpu: &GpuOptions, prompt_tokens: usize, decode_tokens: u
     }
     let decode = t.elapsed().as_secs_f64();
     peak = peak.max(ctx.allocated_bytes());
-    println!("prefill: {prompt_tokens} tokens in {:.3} s = {:.1} tokens/s (best of {repeat})", best, prompt_tokens as f64 / best);
+    println!(
+        "prefill: {prompt_tokens} tokens in {:.3} s = {:.1} tokens/s (best of {repeat})",
+        best,
+        prompt_tokens as f64 / best
+    );
     if decode_tokens > 0 {
-        println!("decode: {decode_tokens} tokens in {:.3} s = {:.2} tokens/s ({:.1} ms/token)", decode, decode_tokens as f64 / decode, decode * 1e3 / decode_tokens as f64);
+        println!(
+            "decode: {decode_tokens} tokens in {:.3} s = {:.2} tokens/s ({:.1} ms/token)",
+            decode,
+            decode_tokens as f64 / decode,
+            decode * 1e3 / decode_tokens as f64
+        );
     }
     let weights = model.weight_bytes;
     let kv = model.kv_cache_bytes();
     let act = model.activation_bytes(prompt_tokens, 1);
-    println!("expected GPU memory: weights {} + one KV cache {} + activations {} = {}", mib(weights), mib(kv), mib(act), mib(weights + 2 * kv + act));
+    println!(
+        "expected GPU memory: weights {} + one KV cache {} + activations {} = {}",
+        mib(weights),
+        mib(kv),
+        mib(act),
+        mib(weights + 2 * kv + act)
+    );
     println!("  (two KV caches are live at the peak: the benchmark's and the warm-up's)");
     match (before, peak) {
         (Some(b), Some(p)) => println!("driver allocator: {} allocated at peak ({} before loading)", mib(p), mib(b)),

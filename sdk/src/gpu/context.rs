@@ -41,7 +41,12 @@ impl std::fmt::Display for AdapterReport {
         writeln!(
             f,
             "features: shader-f16 {}, subgroups {} (size {}..{}), timestamp-query {}, cooperative-matrix {}",
-            self.shader_f16, self.subgroups, self.subgroup_size.0, self.subgroup_size.1, self.timestamp_query, self.cooperative_matrix
+            self.shader_f16,
+            self.subgroups,
+            self.subgroup_size.0,
+            self.subgroup_size.1,
+            self.timestamp_query,
+            self.cooperative_matrix
         )?;
         write!(
             f,
@@ -96,8 +101,10 @@ impl GpuContext {
         let adapter = match &wanted {
             Some(w) => {
                 let lw = w.to_lowercase();
-                adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&lw)).ok_or_else(|| Error::NoAdapter {
-                    detail: format!(" matching EDGETUNE_ADAPTER={w:?} (adapters present: {seen:?})"),
+                adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&lw)).ok_or_else(|| {
+                    Error::NoAdapter {
+                        detail: format!(" matching EDGETUNE_ADAPTER={w:?} (adapters present: {seen:?})"),
+                    }
                 })?
             }
             None => {
@@ -135,7 +142,7 @@ impl GpuContext {
             timestamp_query: features.contains(wgpu::Features::TIMESTAMP_QUERY),
             cooperative_matrix: features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
             subgroup_size: (info.subgroup_min_size, info.subgroup_max_size),
-            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size.into(),
+            max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
             max_buffer_size: limits.max_buffer_size,
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,

@@ -17,7 +17,8 @@ pub struct Shader {
 
 macro_rules! shader {
     ($id:ident, $file:literal) => {
-        pub const $id: Shader = Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file, ".wgsl")) };
+        pub const $id: Shader =
+            Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file, ".wgsl")) };
     };
 }
 
@@ -99,7 +100,7 @@ impl GpuContext {
     pub fn storage_from<T: Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let mut padded;
-        let contents = if bytes.len() % 4 != 0 || bytes.is_empty() {
+        let contents = if !bytes.len().is_multiple_of(4) || bytes.is_empty() {
             padded = bytes.to_vec();
             padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
             &padded[..]
@@ -180,7 +181,8 @@ impl GpuContext {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(shader.name), timestamp_writes: None });
+        let mut pass =
+            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(shader.name), timestamp_writes: None });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
@@ -196,8 +198,15 @@ pub mod launch {
     /// out[t, :] = table[ids[t] - row_start, :] for ids in [row_start, row_start + row_count).
     #[allow(clippy::too_many_arguments)]
     pub fn embedding_forward(
-        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, ids: &wgpu::Buffer, table: &wgpu::Buffer,
-        out: &wgpu::Buffer, n_tokens: usize, dim: usize, row_start: usize, row_count: usize,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        ids: &wgpu::Buffer,
+        table: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        n_tokens: usize,
+        dim: usize,
+        row_start: usize,
+        row_count: usize,
     ) -> Result<()> {
         let p = EmbeddingParams {
             n_tokens: u32_of(n_tokens, "tokens")?,
@@ -211,8 +220,14 @@ pub mod launch {
     /// y = rms_norm(x) * w over rows of `dim`.
     #[allow(clippy::too_many_arguments)]
     pub fn rms_norm_forward(
-        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, w: &wgpu::Buffer, y: &wgpu::Buffer,
-        n_rows: usize, dim: usize, eps: f32,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        n_rows: usize,
+        dim: usize,
+        eps: f32,
     ) -> Result<()> {
         let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
         ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
@@ -221,8 +236,14 @@ pub mod launch {
     /// In-place RoPE on x (T, n_heads * head_dim) at positions pos_offset.. .
     #[allow(clippy::too_many_arguments)]
     pub fn rope_forward(
-        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, cos_sin: &wgpu::Buffer,
-        n_tokens: usize, n_heads: usize, head_dim: usize, pos_offset: usize,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        cos_sin: &wgpu::Buffer,
+        n_tokens: usize,
+        n_heads: usize,
+        head_dim: usize,
+        pos_offset: usize,
     ) -> Result<()> {
         let p = RopeParams {
             n_tokens: u32_of(n_tokens, "tokens")?,
@@ -235,14 +256,25 @@ pub mod launch {
 
     /// out = silu(gate) * up over n values.
     pub fn silu_mul_forward(
-        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, gate: &wgpu::Buffer, up: &wgpu::Buffer, out: &wgpu::Buffer, n: usize,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        gate: &wgpu::Buffer,
+        up: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        n: usize,
     ) -> Result<()> {
         let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
         ctx.dispatch(enc, &SILU_MUL, &p, &[gate, up, out], groups_1d(p.n.div_ceil(256)))
     }
 
     /// y += x over n values.
-    pub fn add_forward(ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, y: &wgpu::Buffer, n: usize) -> Result<()> {
+    pub fn add_forward(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<()> {
         let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
         ctx.dispatch(enc, &ADD, &p, &[x, y], groups_1d(p.n.div_ceil(256)))
     }
@@ -250,10 +282,19 @@ pub mod launch {
     /// loss[t] = logsumexp(logits[t]) - logits[t, target[t]]; target u32::MAX scores 0.
     #[allow(clippy::too_many_arguments)]
     pub fn cross_entropy_forward(
-        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, logits: &wgpu::Buffer, targets: &wgpu::Buffer,
-        loss: &wgpu::Buffer, n_rows: usize, vocab: usize,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        logits: &wgpu::Buffer,
+        targets: &wgpu::Buffer,
+        loss: &wgpu::Buffer,
+        n_rows: usize,
+        vocab: usize,
     ) -> Result<()> {
-        let p = CrossEntropyParams { n_rows: u32_of(n_rows, "rows")?, vocab: u32_of(vocab, "vocab")?, ..Default::default() };
+        let p = CrossEntropyParams {
+            n_rows: u32_of(n_rows, "rows")?,
+            vocab: u32_of(vocab, "vocab")?,
+            ..Default::default()
+        };
         ctx.dispatch(enc, &CROSS_ENTROPY, &p, &[logits, targets, loss], groups_1d(p.n_rows))
     }
 
@@ -276,8 +317,16 @@ pub mod launch {
     /// y[m, col_offset + n] = x[m, :] . w[n, :] (+ bias[n]).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_forward(
-        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, x: &wgpu::Buffer, w: Weight<'_>, bias: Option<&wgpu::Buffer>,
-        y: &wgpu::Buffer, m: usize, n: usize, k: usize, out: OutCols,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        w: Weight<'_>,
+        bias: Option<&wgpu::Buffer>,
+        y: &wgpu::Buffer,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: OutCols,
     ) -> Result<()> {
         let mut p = MatmulParams {
             m: u32_of(m, "rows")?,
@@ -295,8 +344,11 @@ pub mod launch {
         match w {
             Weight::Dense(w) => ctx.dispatch(enc, &MATMUL, &p, &[x, w, b, y], groups),
             Weight::Nf4 { packed, absmax, block_size } => {
-                if k % 64 != 0 || block_size % 8 != 0 {
-                    return Err(Error::invalid("NF4 matmul", format!("needs K % 64 == 0 and block size % 8 == 0 (K {k}, block {block_size})")));
+                if !k.is_multiple_of(64) || block_size % 8 != 0 {
+                    return Err(Error::invalid(
+                        "NF4 matmul",
+                        format!("needs K % 64 == 0 and block size % 8 == 0 (K {k}, block {block_size})"),
+                    ));
                 }
                 p.block_size = u32_of(block_size, "block size")?;
                 ctx.dispatch(enc, &MATMUL_NF4, &p, &[x, packed, absmax, b, y], groups)
@@ -317,11 +369,19 @@ pub mod launch {
     /// Causal GQA attention of q (T, H*hd) over the KV cache (positions 0..pos_offset+T).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_forward(
-        ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, q: &wgpu::Buffer, k_cache: &wgpu::Buffer, v_cache: &wgpu::Buffer,
-        out: &wgpu::Buffer, s: AttentionShape,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        q: &wgpu::Buffer,
+        k_cache: &wgpu::Buffer,
+        v_cache: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        s: AttentionShape,
     ) -> Result<()> {
-        if s.head_dim > 256 || s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
-            return Err(Error::invalid("attention", format!("unsupported heads {}/{} or head_dim {}", s.n_heads, s.n_kv_heads, s.head_dim)));
+        if s.head_dim > 256 || s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
+            return Err(Error::invalid(
+                "attention",
+                format!("unsupported heads {}/{} or head_dim {}", s.n_heads, s.n_kv_heads, s.head_dim),
+            ));
         }
         let p = AttentionParams {
             n_tokens: u32_of(s.n_tokens, "tokens")?,

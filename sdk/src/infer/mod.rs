@@ -84,7 +84,10 @@ impl Rng {
 
 /// Picks the next token from logits.
 pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
-    let argmax = || logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    let argmax = || {
+        logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
+            as u32
+    };
     if opts.temperature == 0.0 {
         return argmax();
     }
@@ -136,7 +139,10 @@ pub fn generate(
     let mut rng = Rng::new(opts.seed);
     let mut cache = model.new_cache();
     if prompt_ids.len() >= cache.capacity {
-        return Err(Error::invalid("prompt", format!("{} tokens do not fit the context of {}", prompt_ids.len(), cache.capacity)));
+        return Err(Error::invalid(
+            "prompt",
+            format!("{} tokens do not fit the context of {}", prompt_ids.len(), cache.capacity),
+        ));
     }
     let mut logits = model.next_logits(prompt_ids, &mut cache)?;
     let mut out: Vec<u32> = Vec::new();

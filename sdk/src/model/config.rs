@@ -95,7 +95,8 @@ impl ModelConfig {
         let hidden_size = usize_of("hidden_size")?;
         let num_heads = usize_of("num_attention_heads")?;
         let num_kv_heads = field(&j, "num_key_value_heads").and_then(Json::as_u64).map_or(num_heads, |v| v as usize);
-        let head_dim = field(&j, "head_dim").and_then(Json::as_u64).map_or(hidden_size / num_heads.max(1), |v| v as usize);
+        let head_dim =
+            field(&j, "head_dim").and_then(Json::as_u64).map_or(hidden_size / num_heads.max(1), |v| v as usize);
         // transformers 5 may nest rope_theta and the scaling inside `rope_parameters`.
         let rope_params = field(&j, "rope_parameters");
         let rope_theta = field(&j, "rope_theta")
@@ -124,7 +125,8 @@ impl ModelConfig {
             rms_norm_eps: field(&j, "rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: field(&j, "max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096) as usize,
+            max_position_embeddings: field(&j, "max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096)
+                as usize,
             tie_word_embeddings: field(&j, "tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || field(&j, "attention_bias").and_then(Json::as_bool).unwrap_or(false),
             bos_token_id: field(&j, "bos_token_id").and_then(Json::as_u64).map(|v| v as u32),
@@ -152,7 +154,8 @@ impl ModelConfig {
         let u = |k: &str| g.get_u64(&key(k)).map(|v| v as usize);
         let hidden_size = u("embedding_length")?;
         let num_heads = u("attention.head_count")?;
-        let num_kv_heads = g.get(&key("attention.head_count_kv")).and_then(Value::as_u64).map_or(num_heads, |v| v as usize);
+        let num_kv_heads =
+            g.get(&key("attention.head_count_kv")).and_then(Value::as_u64).map_or(num_heads, |v| v as usize);
         let head_dim = g
             .get(&key("attention.key_length"))
             .or_else(|| g.get(&key("rope.dimension_count")))
@@ -173,7 +176,12 @@ impl ModelConfig {
             rope_scaling = match t {
                 "none" => None,
                 "linear" => Some(RopeScaling::Linear { factor }),
-                other => return Err(Error::unsupported(path, format!("rope scaling `{other}` ({arch_name}.rope.scaling.type)"))),
+                other => {
+                    return Err(Error::unsupported(
+                        path,
+                        format!("rope scaling `{other}` ({arch_name}.rope.scaling.type)"),
+                    ));
+                }
             };
         }
         if g.tensors.contains_key("rope_freqs.weight") {
@@ -190,7 +198,8 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size,
-            rms_norm_eps: g.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            rms_norm_eps: g.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-6)
+                as f32,
             rope_theta: g.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0) as f32,
             rope_scaling,
             max_position_embeddings: u("context_length").unwrap_or(4096),
@@ -218,13 +227,13 @@ impl ModelConfig {
                 problems.push(format!("{name} is 0"));
             }
         }
-        if self.num_kv_heads != 0 && self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads != 0 && !self.num_heads.is_multiple_of(self.num_kv_heads) {
             problems.push(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             problems.push(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
         }
         if self.head_dim > 256 {
@@ -237,16 +246,19 @@ impl ModelConfig {
     /// transformers computes them.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let half = self.head_dim / 2;
-        let base: Vec<f64> = (0..half)
-            .map(|i| 1.0 / f64::from(self.rope_theta).powf((2 * i) as f64 / self.head_dim as f64))
-            .collect();
+        let base: Vec<f64> =
+            (0..half).map(|i| 1.0 / f64::from(self.rope_theta).powf((2 * i) as f64 / self.head_dim as f64)).collect();
         let scaled: Vec<f64> = match &self.rope_scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / f64::from(*factor)).collect(),
             Some(RopeScaling::Factors(fs)) => base.iter().zip(fs).map(|(f, d)| f / f64::from(*d)).collect(),
             Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position }) => {
-                let (factor, lo, hi, omp) =
-                    (f64::from(*factor), f64::from(*low_freq_factor), f64::from(*high_freq_factor), f64::from(*original_max_position));
+                let (factor, lo, hi, omp) = (
+                    f64::from(*factor),
+                    f64::from(*low_freq_factor),
+                    f64::from(*high_freq_factor),
+                    f64::from(*original_max_position),
+                );
                 let low_wavelen = omp / lo;
                 let high_wavelen = omp / hi;
                 base.iter()

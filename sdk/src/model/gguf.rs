@@ -200,7 +200,10 @@ impl GgufFile {
             let mut dims = Vec::new();
             for _ in 0..nd {
                 let d = c.u64(&format!("tensor `{name}` dims"))?;
-                dims.push(usize::try_from(d).map_err(|_| Error::format(path, format!("tensor `{name}` dim {d} too large")))?);
+                dims.push(
+                    usize::try_from(d)
+                        .map_err(|_| Error::format(path, format!("tensor `{name}` dim {d} too large")))?,
+                );
             }
             let ty_id = c.u32(&format!("tensor `{name}` type"))?;
             let ty = GgmlType::from_id(ty_id)
@@ -215,11 +218,15 @@ impl GgufFile {
         let data_start = c.pos.div_ceil(align) * align;
         let mut tensors = BTreeMap::new();
         for (name, dims, ty, off) in infos {
-            let n: usize = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
-                Error::format(path, format!("tensor `{name}` dims {dims:?} overflow"))
-            })?;
+            let n: usize = dims
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| Error::format(path, format!("tensor `{name}` dims {dims:?} overflow")))?;
             let n_bytes = ty.bytes_for(n).ok_or_else(|| {
-                Error::format(path, format!("tensor `{name}`: {n} elements is not a whole number of {} blocks", ty.name()))
+                Error::format(
+                    path,
+                    format!("tensor `{name}`: {n} elements is not a whole number of {} blocks", ty.name()),
+                )
             })?;
             let offset = usize::try_from(off).ok().and_then(|o| o.checked_add(data_start));
             let end = offset.and_then(|o| o.checked_add(n_bytes));

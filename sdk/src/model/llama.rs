@@ -132,7 +132,11 @@ impl Uploader<'_> {
         let name = format!("{prefix}.weight");
         let w = self.src.get(self.cfg, &name, &[n_out, n_in])?;
         let bs = self.opts.block_size;
-        let weight = if self.opts.quant == Quant::Nf4 && n_in % 64 == 0 && bs % 8 == 0 && n_in % bs == 0 {
+        let weight = if self.opts.quant == Quant::Nf4
+            && n_in.is_multiple_of(64)
+            && bs.is_multiple_of(8)
+            && n_in.is_multiple_of(bs)
+        {
             let q = nf4::quantize(&w, &[n_out, n_in], bs).map_err(|e| Error::invalid("NF4 block size", e))?;
             self.bytes += (q.packed.len() + q.absmax.len() * 4) as u64;
             LinearWeight::Nf4 {
@@ -193,7 +197,18 @@ impl Model {
         let table = reference::rope_table(&c.rope_inv_freq(), max_context);
         let cos_sin = ctx.storage_from("rope cos/sin", &table);
         let weight_bytes = up.bytes;
-        Ok(Model { config, ctx, quant: opts.quant, weight_bytes, max_context, layers, embed, lm_head, final_norm, cos_sin })
+        Ok(Model {
+            config,
+            ctx,
+            quant: opts.quant,
+            weight_bytes,
+            max_context,
+            layers,
+            embed,
+            lm_head,
+            final_norm,
+            cos_sin,
+        })
     }
 
     /// Opens a Hugging Face folder or a `.gguf` file and uploads it.
@@ -230,12 +245,30 @@ impl Model {
         }
     }
 
-    fn linear(&self, enc: &mut wgpu::CommandEncoder, l: &Linear, x: &wgpu::Buffer, y: &wgpu::Buffer, m: usize) -> Result<()> {
+    fn linear(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        l: &Linear,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        m: usize,
+    ) -> Result<()> {
         let w = match &l.weight {
             LinearWeight::Dense(b) => Weight::Dense(b),
             LinearWeight::Nf4 { packed, absmax, block_size } => Weight::Nf4 { packed, absmax, block_size: *block_size },
         };
-        launch::matmul_forward(&self.ctx, enc, x, w, l.bias.as_ref(), y, m, l.n_out, l.n_in, OutCols { stride: l.n_out, col_offset: 0 })
+        launch::matmul_forward(
+            &self.ctx,
+            enc,
+            x,
+            w,
+            l.bias.as_ref(),
+            y,
+            m,
+            l.n_out,
+            l.n_in,
+            OutCols { stride: l.n_out, col_offset: 0 },
+        )
     }
 
     /// Runs `ids` through the transformer at the cache's next positions and returns the final
@@ -285,7 +318,13 @@ impl Model {
             launch::rope_forward(ctx, &mut enc, &k, &self.cos_sin, t, c.num_kv_heads, hd, pos)?;
             enc.copy_buffer_to_buffer(&k, 0, &cache.k[li], kv_off, kv_bytes);
             enc.copy_buffer_to_buffer(&v, 0, &cache.v[li], kv_off, kv_bytes);
-            let shape = AttentionShape { n_tokens: t, n_heads: c.num_heads, n_kv_heads: c.num_kv_heads, head_dim: hd, pos_offset: pos };
+            let shape = AttentionShape {
+                n_tokens: t,
+                n_heads: c.num_heads,
+                n_kv_heads: c.num_kv_heads,
+                head_dim: hd,
+                pos_offset: pos,
+            };
             launch::attention_forward(ctx, &mut enc, &q, &cache.k[li], &cache.v[li], &att, shape)?;
             self.linear(&mut enc, &l.o, &att, &proj, t)?;
             launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
@@ -303,7 +342,13 @@ impl Model {
     }
 
     /// Logits (rows, vocab) for `rows` hidden states starting at row `first` of `hidden`.
-    pub fn logits_gpu(&self, enc: &mut wgpu::CommandEncoder, hidden: &wgpu::Buffer, first: usize, rows: usize) -> Result<wgpu::Buffer> {
+    pub fn logits_gpu(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        hidden: &wgpu::Buffer,
+        first: usize,
+        rows: usize,
+    ) -> Result<wgpu::Buffer> {
         let c = &self.config;
         let h = c.hidden_size;
         let x = self.ctx.storage_zeroed("lm_head x", rows * h);
@@ -311,8 +356,18 @@ impl Model {
         let logits = self.ctx.storage_zeroed("logits", rows * c.vocab_size);
         let table = self.lm_head.as_ref().unwrap_or(&self.embed);
         for (buf, start, n) in &table.chunks {
-            launch::matmul_forward(&self.ctx, enc, &x, Weight::Dense(buf), None, &logits, rows, *n, table.dim,
-                OutCols { stride: c.vocab_size, col_offset: *start })?;
+            launch::matmul_forward(
+                &self.ctx,
+                enc,
+                &x,
+                Weight::Dense(buf),
+                None,
+                &logits,
+                rows,
+                *n,
+                table.dim,
+                OutCols { stride: c.vocab_size, col_offset: *start },
+            )?;
         }
         Ok(logits)
     }

@@ -1,8 +1,8 @@
 //! Models: configuration, file formats, weights and the Llama-family forward pass.
 pub mod config;
 pub mod gguf;
-pub mod weights;
 pub mod llama;
+pub mod weights;
 
 use std::path::Path;
 

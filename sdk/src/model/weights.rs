@@ -27,7 +27,10 @@ pub struct Shard {
 #[derive(Debug)]
 pub enum WeightSource {
     /// A Hugging Face folder: tensor name → shard index.
-    SafeTensors { shards: Vec<Shard>, index: BTreeMap<String, usize> },
+    SafeTensors {
+        shards: Vec<Shard>,
+        index: BTreeMap<String, usize>,
+    },
     Gguf(Box<GgufFile>),
 }
 
@@ -58,8 +61,8 @@ impl WeightSource {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let j: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&index_path, format!("invalid JSON: {e}")))?;
+            let j: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::format(&index_path, format!("invalid JSON: {e}")))?;
             let map = j
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -121,7 +124,12 @@ impl WeightSource {
             WeightSource::Gguf(g) => g
                 .tensors
                 .values()
-                .map(|t| StoredTensor { name: t.name.clone(), shape: t.shape(), dtype: t.ty.name().into(), bytes: t.n_bytes })
+                .map(|t| StoredTensor {
+                    name: t.name.clone(),
+                    shape: t.shape(),
+                    dtype: t.ty.name().into(),
+                    bytes: t.n_bytes,
+                })
                 .collect(),
         }
     }
@@ -144,9 +152,8 @@ impl WeightSource {
                 let shard = &shards[i];
                 let st = SafeTensors::deserialize(&shard.mmap)
                     .map_err(|e| Error::format(&shard.path, format!("not a valid safetensors file: {e}")))?;
-                let t = st
-                    .tensor(hf_name)
-                    .map_err(|e| Error::format(&shard.path, format!("tensor `{hf_name}`: {e}")))?;
+                let t =
+                    st.tensor(hf_name).map_err(|e| Error::format(&shard.path, format!("tensor `{hf_name}`: {e}")))?;
                 let b = t.data();
                 let data: Vec<f32> = match t.dtype() {
                     Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
@@ -178,7 +185,12 @@ impl WeightSource {
         // A 1-D tensor may be stored as (n,) or (1, n); compare element layout, not rank.
         let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
         if squeeze(&shape) != squeeze(expected) {
-            return Err(Error::Shape { path: self.path().to_path_buf(), tensor: hf_name.into(), actual: shape, expected: expected.to_vec() });
+            return Err(Error::Shape {
+                path: self.path().to_path_buf(),
+                tensor: hf_name.into(),
+                actual: shape,
+                expected: expected.to_vec(),
+            });
         }
         Ok(data)
     }
@@ -209,7 +221,9 @@ fn gguf_name(cfg: &ModelConfig, hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some(if cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" }.into()),
+        "lm_head.weight" => {
+            return Some(if cfg.tie_word_embeddings { "token_embd.weight" } else { "output.weight" }.into());
+        }
         _ => {}
     }
     let rest = hf.strip_prefix("model.layers.")?;

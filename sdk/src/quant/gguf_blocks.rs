@@ -89,7 +89,7 @@ impl GgmlType {
     /// Bytes needed for `n` elements, or `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (bv, bb) = self.block();
-        if n % bv != 0 {
+        if !n.is_multiple_of(bv) {
             return None;
         }
         (n / bv).checked_mul(bb)
@@ -102,9 +102,7 @@ fn h(b: &[u8], i: usize) -> f32 {
 
 /// Dequantizes `n` elements of type `ty` from `data`. Errors when the byte length does not match.
 pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
-    let need = ty
-        .bytes_for(n)
-        .ok_or_else(|| format!("{n} elements is not a whole number of {} blocks", ty.name()))?;
+    let need = ty.bytes_for(n).ok_or_else(|| format!("{n} elements is not a whole number of {} blocks", ty.name()))?;
     if data.len() != need {
         return Err(format!("{} data holds {} bytes, expected {need} for {n} elements", ty.name(), data.len()));
     }

@@ -10,6 +10,7 @@
 //! midpoints strictly below the scaled value (`torch.bucketize`, so a tie goes to the lower code).
 
 /// The NF4 code book (bitsandbytes `get_4bit_type("nf4")`).
+#[allow(clippy::excessive_precision)] // the literals exactly as bitsandbytes prints them
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -110,7 +111,7 @@ impl Nf4Tensor {
     #[inline]
     pub fn index(&self, i: usize) -> u8 {
         let b = self.packed[i / 2];
-        if i % 2 == 0 { b >> 4 } else { b & 0xF }
+        if i.is_multiple_of(2) { b >> 4 } else { b & 0xF }
     }
 
     /// Dequantizes to f32 (`NF4_CODE[q] * absmax`, as bitsandbytes does in f32).

@@ -72,7 +72,13 @@ pub fn matmul_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: u
 
 /// Causal GQA attention: q (T, H*hd) at positions pos_offset.., k/v (P, Hkv*hd) for positions 0..P.
 pub fn attention_forward(
-    q: &[f32], k: &[f32], v: &[f32], n_heads: usize, n_kv_heads: usize, head_dim: usize, pos_offset: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    pos_offset: usize,
 ) -> Vec<f32> {
     let t_count = q.len() / (n_heads * head_dim);
     let kv_stride = n_kv_heads * head_dim;
@@ -84,7 +90,10 @@ pub fn attention_forward(
             let qv = &q[(t * n_heads + h) * head_dim..][..head_dim];
             let n_keys = pos_offset + t + 1;
             let scores: Vec<f32> = (0..n_keys)
-                .map(|j| qv.iter().zip(&k[j * kv_stride + kvh * head_dim..][..head_dim]).map(|(a, b)| a * b).sum::<f32>() * scale)
+                .map(|j| {
+                    qv.iter().zip(&k[j * kv_stride + kvh * head_dim..][..head_dim]).map(|(a, b)| a * b).sum::<f32>()
+                        * scale
+                })
                 .collect();
             let mx = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();

@@ -77,7 +77,8 @@ impl Tokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            let j: Json = serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
+            let j: Json =
+                serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
             t.bos_token = token_text(j.get("bos_token"));
             t.add_bos = j.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
             t.eos_token = token_text(j.get("eos_token"));
@@ -107,12 +108,18 @@ impl Tokenizer {
     /// pre-tokenizer, or a SentencePiece-style BPE (`llama`) with byte fallback.
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {
         let source = g.path.display().to_string();
-        let model = g.get_str("tokenizer.ggml.model").map_err(|_| tok_err(&source, "metadata `tokenizer.ggml.model` is missing"))?;
+        let model = g
+            .get_str("tokenizer.ggml.model")
+            .map_err(|_| tok_err(&source, "metadata `tokenizer.ggml.model` is missing"))?;
         let strings = |key: &str| -> Result<Vec<String>> {
             match g.get(key) {
                 Some(Value::Array(a)) => a
                     .iter()
-                    .map(|v| v.as_str().map(str::to_string).ok_or_else(|| tok_err(&source, format!("`{key}` holds a non-string"))))
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| tok_err(&source, format!("`{key}` holds a non-string")))
+                    })
                     .collect(),
                 _ => Err(tok_err(&source, format!("metadata `{key}` is missing or not an array"))),
             }
@@ -122,10 +129,15 @@ impl Tokenizer {
             Some(Value::Array(a)) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let parse_merges = |list: Vec<String>| -> Result<Vec<(String, String)>> {
             list.into_iter()
-                .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| tok_err(&source, format!("merge `{m}` has no space"))))
+                .map(|m| {
+                    m.split_once(' ')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .ok_or_else(|| tok_err(&source, format!("merge `{m}` has no space")))
+                })
                 .collect()
         };
         let (inner, default_add_bos) = match model {
@@ -140,7 +152,12 @@ impl Tokenizer {
                     None => {
                         let scores: Vec<f32> = match g.get("tokenizer.ggml.scores") {
                             Some(Value::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-                            _ => return Err(tok_err(&source, "metadata `tokenizer.ggml.scores` is missing (needed without merges)")),
+                            _ => {
+                                return Err(tok_err(
+                                    &source,
+                                    "metadata `tokenizer.ggml.scores` is missing (needed without merges)",
+                                ));
+                            }
                         };
                         merges_from_scores(&tokens, &scores)
                     }
@@ -150,7 +167,9 @@ impl Tokenizer {
             other => {
                 return Err(Error::unsupported(
                     &g.path,
-                    format!("tokenizer.ggml.model `{other}` (edgetune reads `gpt2` byte-level BPE and `llama` SentencePiece BPE)"),
+                    format!(
+                        "tokenizer.ggml.model `{other}` (edgetune reads `gpt2` byte-level BPE and `llama` SentencePiece BPE)"
+                    ),
                 ));
             }
         };
@@ -158,7 +177,12 @@ impl Tokenizer {
         // Control tokens (type 3) are matched whole as special tokens, user-defined ones (4)
         // whole as plain added tokens, as llama.cpp and transformers do.
         let added = |ty: u64, special: bool| -> Vec<AddedToken> {
-            tokens.iter().zip(&types).filter(|(_, t)| **t == ty).map(|(s, _)| AddedToken::from(s.clone(), special)).collect()
+            tokens
+                .iter()
+                .zip(&types)
+                .filter(|(_, t)| **t == ty)
+                .map(|(s, _)| AddedToken::from(s.clone(), special))
+                .collect()
         };
         inner.add_special_tokens(&added(3, true));
         inner.add_tokens(&added(4, false));
@@ -276,7 +300,11 @@ fn byte_level_bpe(
 
 /// A SentencePiece-style BPE as transformers' LlamaTokenizer builds it: `▁` for spaces with one
 /// prepended at the start, byte fallback for unknown characters.
-fn sentencepiece_bpe(source: &str, vocab: tokenizers::models::bpe::Vocab, merges: Vec<(String, String)>) -> Result<tokenizers::Tokenizer> {
+fn sentencepiece_bpe(
+    source: &str,
+    vocab: tokenizers::models::bpe::Vocab,
+    merges: Vec<(String, String)>,
+) -> Result<tokenizers::Tokenizer> {
     use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecSeq, strip::Strip};
     use tokenizers::normalizers::replace::Replace;
     use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
@@ -302,7 +330,8 @@ fn sentencepiece_bpe(source: &str, vocab: tokenizers::models::bpe::Vocab, merges
 /// `generate_merges`): every split of a token into two tokens, highest score first, then longer
 /// left and right parts first; ties keep vocabulary order.
 pub fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
-    let index: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut merges: Vec<(usize, usize, f32, usize, usize)> = Vec::new();
     for (ti, tok) in tokens.iter().enumerate() {
         let score = scores.get(ti).copied().unwrap_or(0.0);
