@@ -1,6 +1,6 @@
 // Dense linear layer: y[m, y_col_offset + n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
-// w is (N, K) row-major as PyTorch stores nn.Linear weights. A workgroup computes 64 columns n
-// for 4 rows m, staging a 4x64 tile of x in workgroup memory so each weight is read once per 4 rows.
+// w is (N, K) row-major as PyTorch stores nn.Linear weights. See common/matmul.wgsl for the
+// work split.
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -11,21 +11,20 @@
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n = wg.x * 64u + lid;
+    let n0 = wg.x * NB;
     let m0 = wg.y * TM;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var k0 = 0u; k0 < p.k; k0 += 64u) {
-        load_x_tile(m0, k0, lid);
-        workgroupBarrier();
-        if (n < p.n) {
-            let kmax = min(64u, p.k - k0);
-            let wrow = n * p.k + k0;
-            for (var kk = 0u; kk < kmax; kk++) {
-                let wv = w[wrow + kk];
-                for (var r = 0u; r < TM; r++) { acc[r] += xs[r * 64u + kk] * wv; }
+    var acc: array<f32, 32>;
+    for (var k = lid; k < p.k; k += WG) {
+        var xv: array<f32, 4>;
+        for (var r = 0u; r < TM; r++) {
+            if (m0 + r < p.m) { xv[r] = x[(m0 + r) * p.k + k]; }
+        }
+        for (var c = 0u; c < NB; c++) {
+            if (n0 + c < p.n) {
+                let wv = w[(n0 + c) * p.k + k];
+                for (var r = 0u; r < TM; r++) { acc[c * TM + r] += xv[r] * wv; }
             }
         }
-        workgroupBarrier();
     }
-    store_rows(n, m0, acc);
+    reduce_and_store(acc, lid, m0, n0);
 }

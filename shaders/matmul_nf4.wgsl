@@ -1,7 +1,8 @@
 // Linear layer over an NF4 weight, dequantized on the fly:
 // y[m, n] = sum_k x[m, k] * NF4_CODE[q(n, k)] * absmax[(n*K + k) / block_size] (+ bias[n]).
-// The weight never leaves 4 bits in GPU memory. Requires K % 64 == 0 and block_size % 8 == 0,
-// so a 64-wide k tile covers whole packed words and never straddles a row.
+// The weight never leaves 4 bits in GPU memory. Each thread takes one packed word (8 values) of
+// a row at a time. Requires K % 8 == 0 and block_size % 8 == 0, so a word never straddles a row
+// or a block. See common/matmul.wgsl for the work split.
 #include "common/nf4.wgsl"
 #include "common/matmul.wgsl"
 
@@ -14,24 +15,30 @@
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n = wg.x * 64u + lid;
+    let n0 = wg.x * NB;
     let m0 = wg.y * TM;
-    var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var k0 = 0u; k0 < p.k; k0 += 64u) {
-        load_x_tile(m0, k0, lid);
-        workgroupBarrier();
-        if (n < p.n) {
-            let flat = n * p.k + k0;
-            for (var kk = 0u; kk < 64u; kk += 8u) {
-                let word = w[(flat + kk) / 8u];
-                let scale = absmax[(flat + kk) / p.block_size];
+    let words_per_row = p.k / 8u;
+    var acc: array<f32, 32>;
+    for (var j = lid; j < words_per_row; j += WG) {
+        let k = j * 8u;
+        var xv: array<f32, 32>;                                    // (TM, 8)
+        for (var r = 0u; r < TM; r++) {
+            if (m0 + r < p.m) {
+                for (var e = 0u; e < 8u; e++) { xv[r * 8u + e] = x[(m0 + r) * p.k + k + e]; }
+            }
+        }
+        for (var c = 0u; c < NB; c++) {
+            let n = n0 + c;
+            if (n < p.n) {
+                let flat = n * p.k + k;
+                let word = w[flat / 8u];
+                let scale = absmax[flat / p.block_size];
                 for (var e = 0u; e < 8u; e++) {
                     let wv = nf4_value(word, e) * scale;
-                    for (var r = 0u; r < TM; r++) { acc[r] += xs[r * 64u + kk + e] * wv; }
+                    for (var r = 0u; r < TM; r++) { acc[c * TM + r] += xv[r * 8u + e] * wv; }
                 }
             }
         }
-        workgroupBarrier();
     }
-    store_rows(n, m0, acc);
+    reduce_and_store(acc, lid, m0, n0);
 }

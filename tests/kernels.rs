@@ -143,8 +143,8 @@ fn rms_norm_silu_add_embedding_match_reference() {
     let t0 = ctx.storage_from("t0", &table[..split * dim]);
     let t1 = ctx.storage_from("t1", &table[split * dim..]);
     run(&ctx, |enc| {
-        launch::embedding_forward(&ctx, enc, &idb, &t0, &out, ids.len(), dim, 0, split)?;
-        launch::embedding_forward(&ctx, enc, &idb, &t1, &out, ids.len(), dim, split, vocab - split)
+        launch::embedding_forward(&ctx, enc, &idb, launch::Rows::F32(&t0), &out, ids.len(), dim, 0, split)?;
+        launch::embedding_forward(&ctx, enc, &idb, launch::Rows::F32(&t1), &out, ids.len(), dim, split, vocab - split)
     });
     assert_close(
         "embedding",
@@ -208,5 +208,58 @@ fn cross_entropy_matches_reference() {
         &r::cross_entropy_forward(&logits, &targets, vocab),
         1e-5,
         1e-5,
+    );
+}
+
+#[test]
+fn f16_tables_match_reference_on_their_rounded_values() {
+    let ctx = ctx();
+    let to_f16 = |v: &[f32]| -> (Vec<half::f16>, Vec<f32>) {
+        let h: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let back = h.iter().map(|x| x.to_f32()).collect();
+        (h, back)
+    };
+    for &(m, n, k) in &[(1, 9, 2), (5, 70, 66), (4, 33, 130)] {
+        let x = rand(m * k, 51, 1.0);
+        let (wh, w) = to_f16(&rand(n * k, 52, 0.5));
+        let want = r::matmul_forward(&x, &w, None, m, n, k);
+        let (xb, wb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &wh));
+        let y = ctx.storage_zeroed("y", m * n);
+        run(&ctx, |enc| {
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                &xb,
+                launch::Weight::F16(&wb),
+                None,
+                &y,
+                m,
+                n,
+                k,
+                launch::OutCols { stride: n, col_offset: 0 },
+            )
+        });
+        assert_close(
+            &format!("matmul_f16 {m}x{n}x{k}"),
+            &ctx.read_f32(&y, m * n).expect("read"),
+            &want,
+            1e-5,
+            1e-5 * (k as f32).sqrt(),
+        );
+    }
+    // Odd row length: pairs straddle rows of the table, which the gather must handle.
+    let (vocab, dim) = (11, 7);
+    let (th, table) = to_f16(&rand(vocab * dim, 53, 1.0));
+    let ids: Vec<u32> = vec![10, 0, 3, 3, 7];
+    let idb = ctx.storage_from("ids", &ids);
+    let out = ctx.storage_zeroed("out", ids.len() * dim);
+    let tb = ctx.storage_from("table", &th);
+    run(&ctx, |enc| launch::embedding_forward(&ctx, enc, &idb, launch::Rows::F16(&tb), &out, ids.len(), dim, 0, vocab));
+    assert_close(
+        "embedding_f16",
+        &ctx.read_f32(&out, ids.len() * dim).expect("read"),
+        &r::embedding_forward(&table, dim, &ids),
+        0.0,
+        0.0,
     );
 }

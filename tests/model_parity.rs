@@ -16,7 +16,8 @@ fn ctx() -> Arc<GpuContext> {
 fn check(kind: &str, quant: Quant) {
     let fx = Fixture::open(&format!("tiny_{kind}_expected.safetensors"));
     let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
-    let opts = LoadOptions { quant, ..Default::default() };
+    // transformers keeps embeddings and lm_head in f32; so does this comparison.
+    let opts = LoadOptions { quant, f16_tables: false, ..Default::default() };
     let model = Model::open(ctx(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("tiny model loads");
     let (key, loss_key) = match quant {
         Quant::None => ("logits", "loss"),
@@ -75,4 +76,21 @@ fn incremental_decoding_with_the_kv_cache_matches_a_full_forward() {
         let step = model.next_logits(&[id], &mut cache).expect("decode step");
         assert_close(&format!("decode position {i}"), &step, &full[i * v..(i + 1) * v], 1e-4, 1e-4);
     }
+}
+
+#[test]
+fn f16_tables_change_the_nf4_loss_by_f16_rounding_only() {
+    let fx = Fixture::open("tiny_llama_expected.safetensors");
+    let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+    let dir = fixtures().join("tiny_llama");
+    let ctx = ctx();
+    let f32_tables =
+        Model::open(ctx.clone(), &dir, &LoadOptions { f16_tables: false, ..Default::default() }).expect("load");
+    let f16_tables = Model::open(ctx, &dir, &LoadOptions::default()).expect("load");
+    assert!(f16_tables.weight_bytes < f32_tables.weight_bytes);
+    let (a, b) = (f32_tables.mean_loss(&ids).expect("loss"), f16_tables.mean_loss(&ids).expect("loss"));
+    // f16 keeps 11 significant bits: each embedding and lm_head weight moves by at most 2^-11
+    // relative, so logits move by about that much of their size (~1 here) and the loss by less
+    // than 1e-3; a wrong unpacking order would move it by O(1).
+    assert!((a - b).abs() < 1e-3, "f32 tables {a} vs f16 tables {b}");
 }

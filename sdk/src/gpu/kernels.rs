@@ -23,6 +23,7 @@ macro_rules! shader {
 }
 
 shader!(EMBEDDING, "embedding");
+shader!(EMBEDDING_F16, "embedding_f16");
 shader!(RMS_NORM, "rms_norm");
 shader!(ROPE, "rope");
 shader!(SILU_MUL, "silu_mul");
@@ -30,11 +31,23 @@ shader!(ADD, "add");
 shader!(CROSS_ENTROPY, "cross_entropy");
 shader!(MATMUL, "matmul");
 shader!(MATMUL_NF4, "matmul_nf4");
+shader!(MATMUL_F16, "matmul_f16");
 shader!(ATTENTION, "attention");
 
 /// Every shader, so tests can compile each one on the adapter.
-pub const ALL_SHADERS: &[Shader] =
-    &[EMBEDDING, RMS_NORM, ROPE, SILU_MUL, ADD, CROSS_ENTROPY, MATMUL, MATMUL_NF4, ATTENTION];
+pub const ALL_SHADERS: &[Shader] = &[
+    EMBEDDING,
+    EMBEDDING_F16,
+    RMS_NORM,
+    ROPE,
+    SILU_MUL,
+    ADD,
+    CROSS_ENTROPY,
+    MATMUL,
+    MATMUL_NF4,
+    MATMUL_F16,
+    ATTENTION,
+];
 
 const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
@@ -201,7 +214,7 @@ pub mod launch {
         ctx: &GpuContext,
         enc: &mut wgpu::CommandEncoder,
         ids: &wgpu::Buffer,
-        table: &wgpu::Buffer,
+        table: Rows<'_>,
         out: &wgpu::Buffer,
         n_tokens: usize,
         dim: usize,
@@ -214,7 +227,18 @@ pub mod launch {
             row_start: u32_of(row_start, "row")?,
             row_count: u32_of(row_count, "rows")?,
         };
-        ctx.dispatch(enc, &EMBEDDING, &p, &[ids, table, out], [p.dim.div_ceil(64), p.n_tokens, 1])
+        let groups = [p.dim.div_ceil(64), p.n_tokens, 1];
+        match table {
+            Rows::F32(t) => ctx.dispatch(enc, &EMBEDDING, &p, &[ids, t, out], groups),
+            Rows::F16(t) => ctx.dispatch(enc, &EMBEDDING_F16, &p, &[ids, t, out], groups),
+        }
+    }
+
+    /// A table of rows (embeddings, lm_head) in f32 or in packed f16 pairs.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Rows<'a> {
+        F32(&'a wgpu::Buffer),
+        F16(&'a wgpu::Buffer),
     }
 
     /// y = rms_norm(x) * w over rows of `dim`.
@@ -303,6 +327,8 @@ pub mod launch {
     pub enum Weight<'a> {
         /// f32 (N, K).
         Dense(&'a wgpu::Buffer),
+        /// f16 (N, K) as packed pairs, lower half first; K must be even.
+        F16(&'a wgpu::Buffer),
         /// Packed NF4 (N*K/8 words) and its absmax (one per block).
         Nf4 { packed: &'a wgpu::Buffer, absmax: &'a wgpu::Buffer, block_size: usize },
     }
@@ -338,16 +364,22 @@ pub mod launch {
             block_size: 0,
             _pad: 0,
         };
-        let groups = [p.n.div_ceil(64), p.m.div_ceil(4), 1];
+        let groups = [p.n.div_ceil(8), p.m.div_ceil(4), 1];
         // The bias binding must exist even when unused; x serves as a harmless dummy.
         let b = bias.unwrap_or(x);
         match w {
             Weight::Dense(w) => ctx.dispatch(enc, &MATMUL, &p, &[x, w, b, y], groups),
+            Weight::F16(w) => {
+                if !k.is_multiple_of(2) {
+                    return Err(Error::invalid("f16 matmul", format!("needs an even K (K {k})")));
+                }
+                ctx.dispatch(enc, &MATMUL_F16, &p, &[x, w, b, y], groups)
+            }
             Weight::Nf4 { packed, absmax, block_size } => {
-                if !k.is_multiple_of(64) || block_size % 8 != 0 {
+                if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) {
                     return Err(Error::invalid(
                         "NF4 matmul",
-                        format!("needs K % 64 == 0 and block size % 8 == 0 (K {k}, block {block_size})"),
+                        format!("needs K % 8 == 0 and block size % 8 == 0 (K {k}, block {block_size})"),
                     ));
                 }
                 p.block_size = u32_of(block_size, "block size")?;

@@ -43,11 +43,14 @@ pub struct LoadOptions {
     pub block_size: usize,
     /// KV-cache capacity in tokens (capped by the model's max_position_embeddings).
     pub max_context: usize,
+    /// With NF4, hold the embedding and lm_head tables as f16 (half the memory of f32). With
+    /// `Quant::None` everything stays f32.
+    pub f16_tables: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { quant: Quant::Nf4, block_size: nf4::DEFAULT_BLOCK_SIZE, max_context: 2048 }
+        LoadOptions { quant: Quant::Nf4, block_size: nf4::DEFAULT_BLOCK_SIZE, max_context: 2048, f16_tables: true }
     }
 }
 
@@ -79,11 +82,22 @@ struct Layer {
     down: Linear,
 }
 
-/// A (vocab, dim) f32 table stored in row chunks that each fit one storage binding.
+/// A (vocab, dim) table stored in row chunks that each fit one storage binding: f32 for
+/// parity checks, f16 pairs otherwise (half the memory; embeddings are never quantized).
 #[derive(Debug)]
 struct Table {
     chunks: Vec<(wgpu::Buffer, usize, usize)>, // (buffer, first row, rows)
     dim: usize,
+    f16: bool,
+}
+
+impl Table {
+    fn rows<'a>(&self, buf: &'a wgpu::Buffer) -> launch::Rows<'a> {
+        if self.f16 { launch::Rows::F16(buf) } else { launch::Rows::F32(buf) }
+    }
+    fn weight<'a>(&self, buf: &'a wgpu::Buffer) -> Weight<'a> {
+        if self.f16 { Weight::F16(buf) } else { Weight::Dense(buf) }
+    }
 }
 
 /// A model resident on the GPU.
@@ -132,11 +146,9 @@ impl Uploader<'_> {
         let name = format!("{prefix}.weight");
         let w = self.src.get(self.cfg, &name, &[n_out, n_in])?;
         let bs = self.opts.block_size;
-        let weight = if self.opts.quant == Quant::Nf4
-            && n_in.is_multiple_of(64)
-            && bs.is_multiple_of(8)
-            && n_in.is_multiple_of(bs)
-        {
+        // The NF4 kernel reads whole packed words of 8 values, so rows must hold whole words
+        // (every real model's do); other shapes stay dense.
+        let weight = if self.opts.quant == Quant::Nf4 && n_in.is_multiple_of(8) && bs.is_multiple_of(8) {
             let q = nf4::quantize(&w, &[n_out, n_in], bs).map_err(|e| Error::invalid("NF4 block size", e))?;
             self.bytes += (q.packed.len() + q.absmax.len() * 4) as u64;
             LinearWeight::Nf4 {
@@ -154,17 +166,27 @@ impl Uploader<'_> {
 
     fn table(&mut self, name: &str, rows: usize, dim: usize) -> Result<Table> {
         let data = self.src.get(self.cfg, name, &[rows, dim])?;
+        // f16 pairs need an even row length so that no pair straddles two rows.
+        let f16 = self.opts.quant == Quant::Nf4 && self.opts.f16_tables && dim.is_multiple_of(2);
+        let elem = if f16 { 2 } else { 4 };
         let limit = self.ctx.limits.max_storage_buffer_binding_size.min(self.ctx.limits.max_buffer_size) as usize;
-        let rows_per = (limit / (dim * 4)).max(1);
+        let rows_per = (limit / (dim * elem)).max(1);
         let mut chunks = Vec::new();
         let mut start = 0;
         while start < rows {
             let n = rows_per.min(rows - start);
-            chunks.push((self.ctx.storage_from(name, &data[start * dim..(start + n) * dim]), start, n));
+            let part = &data[start * dim..(start + n) * dim];
+            let buf = if f16 {
+                let halves: Vec<half::f16> = part.iter().map(|&v| half::f16::from_f32(v)).collect();
+                self.ctx.storage_from(name, &halves)
+            } else {
+                self.ctx.storage_from(name, part)
+            };
+            chunks.push((buf, start, n));
             start += n;
         }
-        self.bytes += (data.len() * 4) as u64;
-        Ok(Table { chunks, dim })
+        self.bytes += (data.len() * elem) as u64;
+        Ok(Table { chunks, dim, f16 })
     }
 }
 
@@ -304,7 +326,7 @@ impl Model {
         let act = ctx.storage_zeroed("act", t * inter);
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         for (buf, start, rows) in &self.embed.chunks {
-            launch::embedding_forward(ctx, &mut enc, &ids_buf, buf, &x, t, h, *start, *rows)?;
+            launch::embedding_forward(ctx, &mut enc, &ids_buf, self.embed.rows(buf), &x, t, h, *start, *rows)?;
         }
         let pos = cache.len;
         let kv_off = (pos * kvd * 4) as u64;
@@ -360,7 +382,7 @@ impl Model {
                 &self.ctx,
                 enc,
                 &x,
-                Weight::Dense(buf),
+                table.weight(buf),
                 None,
                 &logits,
                 rows,
