@@ -47,3 +47,17 @@ fn unsupported_rope_scaling_is_named() {
     let e = ModelConfig::from_hf_json(std::path::Path::new("m/config.json"), text).expect_err("yarn is not supported");
     assert!(e.to_string().contains("rope_scaling type `yarn`"), "{e}");
 }
+
+#[test]
+fn mistral_sliding_window_and_generation_config_eos_are_read() {
+    let text = r#"{"model_type":"mistral","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,
+        "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":32,"sliding_window":4096,"eos_token_id":2}"#;
+    let p = std::path::Path::new("m/config.json");
+    let mut c = ModelConfig::from_hf_json(p, text).expect("mistral config");
+    assert_eq!(c.sliding_window, Some(4096));
+    c.merge_generation_config(std::path::Path::new("m/generation_config.json"), r#"{"eos_token_id": [2, 7]}"#)
+        .expect("generation config");
+    assert_eq!(c.eos_token_ids, vec![2, 7]);
+    let e = c.merge_generation_config(std::path::Path::new("m/generation_config.json"), "{").expect_err("bad JSON");
+    assert!(e.to_string().contains("generation_config.json"), "{e}");
+}

@@ -58,6 +58,9 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Mistral's sliding attention window; the context is capped to it, where full attention
+    /// and windowed attention agree.
+    pub sliding_window: Option<usize>,
 }
 
 fn field<'a>(j: &'a Json, key: &str) -> Option<&'a Json> {
@@ -131,6 +134,7 @@ impl ModelConfig {
             qkv_bias: arch == Arch::Qwen2 || field(&j, "attention_bias").and_then(Json::as_bool).unwrap_or(false),
             bos_token_id: field(&j, "bos_token_id").and_then(Json::as_u64).map(|v| v as u32),
             eos_token_ids,
+            sliding_window: field(&j, "sliding_window").and_then(Json::as_u64).map(|v| v as usize),
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -207,6 +211,7 @@ impl ModelConfig {
             qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
             bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
             eos_token_ids: eos.into_iter().collect(),
+            sliding_window: None,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -240,6 +245,23 @@ impl ModelConfig {
             problems.push(format!("head_dim {} is larger than 256, the attention kernel's limit", self.head_dim));
         }
         if problems.is_empty() { Ok(()) } else { Err(Error::format(path, problems.join("; "))) }
+    }
+
+    /// Adds the end-of-sequence ids a `generation_config.json` lists (chat models often stop on
+    /// more than one token).
+    pub fn merge_generation_config(&mut self, path: &Path, text: &str) -> Result<()> {
+        let j: Json = serde_json::from_str(text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+        let ids: Vec<u32> = match field(&j, "eos_token_id") {
+            Some(Json::Array(a)) => a.iter().filter_map(Json::as_u64).map(|v| v as u32).collect(),
+            Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            None => vec![],
+        };
+        for id in ids {
+            if !self.eos_token_ids.contains(&id) {
+                self.eos_token_ids.push(id);
+            }
+        }
+        Ok(())
     }
 
     /// Inverse RoPE frequencies (`head_dim / 2` values) with any scaling applied, as

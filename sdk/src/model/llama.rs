@@ -157,6 +157,17 @@ impl Uploader<'_> {
                 block_size: bs,
             }
         } else {
+            let limit = self.ctx.limits.max_storage_buffer_binding_size;
+            if (w.len() * 4) as u64 > limit {
+                return Err(Error::invalid(
+                    "quant",
+                    format!(
+                        "`{name}` in f32 takes {} MiB, more than this adapter binds at once ({} MiB); load it with nf4",
+                        (w.len() * 4) >> 20,
+                        limit >> 20
+                    ),
+                ));
+            }
             self.bytes += (w.len() * 4) as u64;
             LinearWeight::Dense(self.ctx.storage_from(&name, &w))
         };
@@ -215,7 +226,8 @@ impl Model {
         let tied = c.tie_word_embeddings || !src.contains(c, "lm_head.weight");
         let lm_head = if tied { None } else { Some(up.table("lm_head.weight", c.vocab_size, h)?) };
         let final_norm = up.vector("model.norm.weight", h)?;
-        let max_context = opts.max_context.min(c.max_position_embeddings).max(1);
+        let max_context =
+            opts.max_context.min(c.max_position_embeddings).min(c.sliding_window.unwrap_or(usize::MAX)).max(1);
         let table = reference::rope_table(&c.rope_inv_freq(), max_context);
         let cos_sin = ctx.storage_from("rope cos/sin", &table);
         let weight_bytes = up.bytes;
