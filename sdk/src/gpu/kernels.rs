@@ -8,17 +8,26 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
 
-/// A WGSL shader known to edgetune.
+/// A WGSL shader known to edgetune: a source file and, for a variant, the module constants it
+/// overrides. The name says what a variant changes (`matmul_nf4.m1`) and keys the pipeline cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Shader {
     pub name: &'static str,
     pub source: &'static str,
+    /// `const NAME: u32 = VALUE;` lines to replace, as (NAME, VALUE).
+    pub defines: &'static [(&'static str, &'static str)],
 }
 
 macro_rules! shader {
     ($id:ident, $file:literal) => {
-        pub const $id: Shader =
-            Shader { name: $file, source: include_str!(concat!("../../../shaders/", $file, ".wgsl")) };
+        shader!($id, $file, $file, []);
+    };
+    ($id:ident, $file:literal, $name:expr, [$(($k:literal, $v:literal)),*]) => {
+        pub const $id: Shader = Shader {
+            name: $name,
+            source: include_str!(concat!("../../../shaders/", $file, ".wgsl")),
+            defines: &[$(($k, $v)),*],
+        };
     };
 }
 
@@ -32,6 +41,11 @@ shader!(CROSS_ENTROPY, "cross_entropy");
 shader!(MATMUL, "matmul");
 shader!(MATMUL_NF4, "matmul_nf4");
 shader!(MATMUL_F16, "matmul_f16");
+// One-row variants for decoding: the 4-row kernels would spend 3/4 of their multiply-adds on
+// padding when M = 1.
+shader!(MATMUL_M1, "matmul", "matmul.m1", [("TM", "1u")]);
+shader!(MATMUL_NF4_M1, "matmul_nf4", "matmul_nf4.m1", [("TM", "1u")]);
+shader!(MATMUL_F16_M1, "matmul_f16", "matmul_f16.m1", [("TM", "1u")]);
 shader!(ATTENTION, "attention");
 
 /// Every shader, so tests can compile each one on the adapter.
@@ -46,6 +60,9 @@ pub const ALL_SHADERS: &[Shader] = &[
     MATMUL,
     MATMUL_NF4,
     MATMUL_F16,
+    MATMUL_M1,
+    MATMUL_NF4_M1,
+    MATMUL_F16_M1,
     ATTENTION,
 ];
 
@@ -69,6 +86,17 @@ pub fn expand(shader: &Shader) -> Result<String> {
             out.push_str(line);
         }
         out.push('\n');
+    }
+    for (name, value) in shader.defines {
+        let prefix = format!("const {name}: u32 = ");
+        let start = out
+            .find(&prefix)
+            .ok_or_else(|| Error::Gpu(format!("shader {}: no `{prefix}...` to override", shader.name)))?;
+        let end = start
+            + out[start..]
+                .find(';')
+                .ok_or_else(|| Error::Gpu(format!("shader {}: unterminated const", shader.name)))?;
+        out.replace_range(start..end, &format!("{prefix}{value}"));
     }
     Ok(out)
 }
@@ -364,16 +392,19 @@ pub mod launch {
             block_size: 0,
             _pad: 0,
         };
+        let one_row = m == 1;
         let groups = [p.n.div_ceil(8), p.m.div_ceil(4), 1];
         // The bias binding must exist even when unused; x serves as a harmless dummy.
         let b = bias.unwrap_or(x);
         match w {
-            Weight::Dense(w) => ctx.dispatch(enc, &MATMUL, &p, &[x, w, b, y], groups),
+            Weight::Dense(w) => {
+                ctx.dispatch(enc, if one_row { &MATMUL_M1 } else { &MATMUL }, &p, &[x, w, b, y], groups)
+            }
             Weight::F16(w) => {
                 if !k.is_multiple_of(2) {
                     return Err(Error::invalid("f16 matmul", format!("needs an even K (K {k})")));
                 }
-                ctx.dispatch(enc, &MATMUL_F16, &p, &[x, w, b, y], groups)
+                ctx.dispatch(enc, if one_row { &MATMUL_F16_M1 } else { &MATMUL_F16 }, &p, &[x, w, b, y], groups)
             }
             Weight::Nf4 { packed, absmax, block_size } => {
                 if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) {
@@ -383,7 +414,8 @@ pub mod launch {
                     ));
                 }
                 p.block_size = u32_of(block_size, "block size")?;
-                ctx.dispatch(enc, &MATMUL_NF4, &p, &[x, packed, absmax, b, y], groups)
+                let shader = if one_row { &MATMUL_NF4_M1 } else { &MATMUL_NF4 };
+                ctx.dispatch(enc, shader, &p, &[x, packed, absmax, b, y], groups)
             }
         }
     }
