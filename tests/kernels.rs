@@ -39,6 +39,26 @@ fn every_shader_compiles_on_the_adapter() {
     }
 }
 
+/// Runs one matmul on the GPU and compares it with `want`. f32 sums of k products in another
+/// order differ by about sqrt(k) ulps of the terms, hence the absolute tolerance.
+#[allow(clippy::too_many_arguments)]
+fn check_matmul(
+    ctx: &GpuContext,
+    label: &str,
+    x: &wgpu::Buffer,
+    w: launch::Weight<'_>,
+    bias: Option<&wgpu::Buffer>,
+    want: &[f32],
+    (m, n, k): (usize, usize, usize),
+) {
+    let y = ctx.storage_zeroed("y", m * n);
+    run(ctx, |enc| {
+        launch::matmul_forward(ctx, enc, x, w, bias, &y, m, n, k, launch::OutCols { stride: n, col_offset: 0 })
+    });
+    let got = ctx.read_f32(&y, m * n).expect("readback");
+    assert_close(&format!("{label} {m}x{n}x{k}"), &got, want, 1e-5, 1e-5 * (k as f32).sqrt());
+}
+
 #[test]
 fn matmul_dense_matches_reference_on_odd_shapes() {
     let ctx = ctx();
@@ -48,56 +68,24 @@ fn matmul_dense_matches_reference_on_odd_shapes() {
         let b = rand(n, 200 + i as u64, 0.5);
         let want = r::matmul_forward(&x, &w, Some(&b), m, n, k);
         let (xb, wb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("b", &b));
-        let y = ctx.storage_zeroed("y", m * n);
-        run(&ctx, |enc| {
-            launch::matmul_forward(
-                &ctx,
-                enc,
-                &xb,
-                launch::Weight::Dense(&wb),
-                Some(&bb),
-                &y,
-                m,
-                n,
-                k,
-                launch::OutCols { stride: n, col_offset: 0 },
-            )
-        });
-        let got = ctx.read_f32(&y, m * n).expect("readback");
-        // f32 sums of k products in a different order: error grows like sqrt(k) ulps of the terms.
-        assert_close(&format!("matmul {m}x{n}x{k}"), &got, &want, 1e-5, 1e-5 * (k as f32).sqrt());
+        check_matmul(&ctx, "matmul", &xb, launch::Weight::Dense(&wb), Some(&bb), &want, (m, n, k));
     }
 }
 
 #[test]
 fn matmul_nf4_matches_dequantized_reference() {
     let ctx = ctx();
-    for (i, &(m, n, k, bs)) in [(1, 3, 64, 64), (6, 70, 128, 64), (9, 33, 192, 32), (2, 5, 256, 128)].iter().enumerate()
-    {
+    // (3, 5, 40, 32): rows of 40 values, so NF4 blocks straddle rows (packed words never do).
+    let shapes = [(1, 3, 64, 64), (6, 70, 128, 64), (9, 33, 192, 32), (2, 5, 256, 128), (3, 5, 40, 32)];
+    for (i, &(m, n, k, bs)) in shapes.iter().enumerate() {
         let x = rand(m * k, 10 + i as u64, 1.0);
         let w = rand(n * k, 20 + i as u64, 0.3);
         let q = nf4::quantize(&w, &[n, k], bs).expect("quantize");
         let want = r::matmul_forward(&x, &q.dequantize(), None, m, n, k);
         let xb = ctx.storage_from("x", &x);
-        let pb = ctx.storage_from("packed", &q.packed);
-        let ab = ctx.storage_from("absmax", &q.absmax);
-        let y = ctx.storage_zeroed("y", m * n);
-        run(&ctx, |enc| {
-            launch::matmul_forward(
-                &ctx,
-                enc,
-                &xb,
-                launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs },
-                None,
-                &y,
-                m,
-                n,
-                k,
-                launch::OutCols { stride: n, col_offset: 0 },
-            )
-        });
-        let got = ctx.read_f32(&y, m * n).expect("readback");
-        assert_close(&format!("matmul_nf4 {m}x{n}x{k} block {bs}"), &got, &want, 1e-5, 1e-5 * (k as f32).sqrt());
+        let (pb, ab) = (ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax));
+        let w = launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs };
+        check_matmul(&ctx, &format!("matmul_nf4 block {bs}"), &xb, w, None, &want, (m, n, k));
     }
 }
 
@@ -224,28 +212,7 @@ fn f16_tables_match_reference_on_their_rounded_values() {
         let (wh, w) = to_f16(&rand(n * k, 52, 0.5));
         let want = r::matmul_forward(&x, &w, None, m, n, k);
         let (xb, wb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &wh));
-        let y = ctx.storage_zeroed("y", m * n);
-        run(&ctx, |enc| {
-            launch::matmul_forward(
-                &ctx,
-                enc,
-                &xb,
-                launch::Weight::F16(&wb),
-                None,
-                &y,
-                m,
-                n,
-                k,
-                launch::OutCols { stride: n, col_offset: 0 },
-            )
-        });
-        assert_close(
-            &format!("matmul_f16 {m}x{n}x{k}"),
-            &ctx.read_f32(&y, m * n).expect("read"),
-            &want,
-            1e-5,
-            1e-5 * (k as f32).sqrt(),
-        );
+        check_matmul(&ctx, "matmul_f16", &xb, launch::Weight::F16(&wb), None, &want, (m, n, k));
     }
     // Odd row length: pairs straddle rows of the table, which the gather must handle.
     let (vocab, dim) = (11, 7);
