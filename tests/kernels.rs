@@ -230,3 +230,11 @@ fn f16_tables_match_reference_on_their_rounded_values() {
         0.0,
     );
 }
+
+#[test]
+fn an_adapter_that_is_not_there_is_a_clear_error() {
+    let e = GpuContext::new(&GpuOptions { adapter: Some("no-such-gpu-xyz".into()) }).expect_err("no such adapter");
+    let msg = e.to_string();
+    assert!(msg.contains("no GPU adapter found") && msg.contains("no-such-gpu-xyz"), "{msg}");
+    assert!(msg.contains("mesa-vulkan-drivers") && msg.contains("adapters present"), "{msg}");
+}
