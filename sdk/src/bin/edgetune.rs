@@ -119,9 +119,12 @@ fn run(cli: Cli) -> Result<()> {
                 stored += t.bytes;
             }
             let params = cfg.parameter_count();
-            let linear = params - cfg.vocab_size * cfg.hidden_size * if cfg.tie_word_embeddings { 1 } else { 2 };
-            // NF4: 0.5 byte per linear weight + one f32 absmax per 64; embeddings and norms f32.
-            let nf4_bytes = linear / 2 + linear / 64 * 4 + (params - linear) * 4;
+            let emb = cfg.vocab_size * cfg.hidden_size * if cfg.tie_word_embeddings { 1 } else { 2 };
+            let norms = (2 * cfg.num_layers + 1) * cfg.hidden_size;
+            let linear = params - emb - norms;
+            // NF4: half a byte per linear weight plus one f32 absmax per 64; f16 embedding and
+            // lm_head tables; f32 norms (and biases, counted with the linear weights here).
+            let nf4_bytes = linear / 2 + linear / 64 * 4 + emb * 2 + norms * 4;
             println!("model: {}", model.display());
             println!(
                 "architecture: {} ({} layers, hidden {}, heads {}/{} kv, head_dim {}, ffn {}, vocab {})",
