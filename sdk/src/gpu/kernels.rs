@@ -69,6 +69,7 @@ pub const ALL_SHADERS: &[Shader] = &[
 const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
     ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
+    ("common/embedding.wgsl", include_str!("../../../shaders/common/embedding.wgsl")),
 ];
 
 /// Expands `#include "common/x.wgsl"` lines with the shared snippets.
