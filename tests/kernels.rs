@@ -238,3 +238,32 @@ fn an_adapter_that_is_not_there_is_a_clear_error() {
     assert!(msg.contains("no GPU adapter found") && msg.contains("no-such-gpu-xyz"), "{msg}");
     assert!(msg.contains("mesa-vulkan-drivers") && msg.contains("adapters present"), "{msg}");
 }
+
+#[test]
+fn adamw_matches_reference_over_several_steps() {
+    let ctx = ctx();
+    let n = 1000;
+    let mut p = rand(n, 61, 1.0);
+    let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+    let (pb, mb, vb) = (ctx.storage_from("p", &p), ctx.storage_from("m", &m), ctx.storage_from("v", &v));
+    for step in 1..=5u32 {
+        let g = rand(n, 70 + u64::from(step), 0.1);
+        let gb = ctx.storage_from("g", &g);
+        let s = launch::AdamwStep {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step,
+            grad_scale: 0.5,
+        };
+        run(&ctx, |enc| launch::adamw_step(&ctx, enc, &pb, &gb, &mb, &vb, n, s));
+        r::adamw_step(&mut p, &g, &mut m, &mut v, 1e-2, (0.9, 0.999), 1e-8, 0.01, step, 0.5);
+    }
+    // Same f32 operations in the same order; only sqrt and division rounding may differ (1 ulp
+    // each), accumulated over 5 steps of size ~lr.
+    assert_close("adamw params", &ctx.read_f32(&pb, n).expect("read"), &p, 1e-6, 1e-7);
+    assert_close("adamw m", &ctx.read_f32(&mb, n).expect("read"), &m, 1e-6, 1e-9);
+    assert_close("adamw v", &ctx.read_f32(&vb, n).expect("read"), &v, 1e-6, 1e-12);
+}

@@ -47,6 +47,7 @@ shader!(MATMUL_M1, "matmul", "matmul.m1", [("TM", "1u")]);
 shader!(MATMUL_NF4_M1, "matmul_nf4", "matmul_nf4.m1", [("TM", "1u")]);
 shader!(MATMUL_F16_M1, "matmul_f16", "matmul_f16.m1", [("TM", "1u")]);
 shader!(ATTENTION, "attention");
+shader!(ADAMW, "adamw");
 
 /// Every shader, so tests can compile each one on the adapter.
 pub const ALL_SHADERS: &[Shader] = &[
@@ -64,6 +65,7 @@ pub const ALL_SHADERS: &[Shader] = &[
     MATMUL_NF4_M1,
     MATMUL_F16_M1,
     ATTENTION,
+    ADAMW,
 ];
 
 const SNIPPETS: &[(&str, &str)] = &[
@@ -124,6 +126,11 @@ params!(/// `cross_entropy.wgsl`
     CrossEntropyParams { n_rows: u32, vocab: u32, _pad0: u32, _pad1: u32 } = 16);
 params!(/// `matmul.wgsl` and `matmul_nf4.wgsl`
     MatmulParams { m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, _pad: u32 } = 32);
+params!(/// `adamw.wgsl`
+    AdamwParams {
+        n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, bias_c1: f32, bias_c2: f32,
+        grad_scale: f32, _pad0: u32, _pad1: u32, _pad2: u32,
+    } = 48);
 params!(/// `attention.wgsl`
     AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, _pad: u32 } = 32);
 
@@ -459,5 +466,49 @@ pub mod launch {
             _pad: 0,
         };
         ctx.dispatch(enc, &ATTENTION, &p, &[q, k_cache, v_cache, out], [p.n_tokens, p.n_heads, 1])
+    }
+
+    /// AdamW hyper-parameters for one step.
+    #[derive(Debug, Clone, Copy)]
+    pub struct AdamwStep {
+        pub lr: f32,
+        pub beta1: f32,
+        pub beta2: f32,
+        pub eps: f32,
+        pub weight_decay: f32,
+        /// 1-based step number, for the bias corrections.
+        pub step: u32,
+        /// Multiplies every gradient first (global-norm clipping, loss scaling).
+        pub grad_scale: f32,
+    }
+
+    /// One AdamW step over flat `param`, `grad`, `m` and `v` buffers of `n` values.
+    pub fn adamw_step(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        param: &wgpu::Buffer,
+        grad: &wgpu::Buffer,
+        m: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        n: usize,
+        s: AdamwStep,
+    ) -> Result<()> {
+        if s.step == 0 {
+            return Err(Error::invalid("AdamW step", "steps count from 1"));
+        }
+        let (c1, c2) = crate::reference::adamw_bias_corrections(s.beta1, s.beta2, s.step);
+        let p = AdamwParams {
+            n: u32_of(n, "parameters")?,
+            lr: s.lr,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            weight_decay: s.weight_decay,
+            bias_c1: c1,
+            bias_c2: c2,
+            grad_scale: s.grad_scale,
+            ..Default::default()
+        };
+        ctx.dispatch(enc, &ADAMW, &p, &[param, grad, m, v], groups_1d(p.n.div_ceil(256)))
     }
 }

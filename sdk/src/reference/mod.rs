@@ -124,3 +124,35 @@ pub fn cross_entropy_forward(logits: &[f32], targets: &[u32], vocab: usize) -> V
         })
         .collect()
 }
+
+/// AdamW's bias corrections `(1 - beta1^t, 1 - beta2^t)` for 1-based step `t`, computed in f64
+/// and rounded once, as torch does with Python floats.
+pub fn adamw_bias_corrections(beta1: f32, beta2: f32, step: u32) -> (f32, f32) {
+    let t = i32::try_from(step).unwrap_or(i32::MAX);
+    ((1.0 - f64::from(beta1).powi(t)) as f32, (1.0 - f64::from(beta2).powi(t)) as f32)
+}
+
+/// One AdamW step (torch.optim.AdamW semantics, see `shaders/adamw.wgsl`), in place.
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    lr: f32,
+    (beta1, beta2): (f32, f32),
+    eps: f32,
+    weight_decay: f32,
+    step: u32,
+    grad_scale: f32,
+) {
+    let (c1, c2) = adamw_bias_corrections(beta1, beta2, step);
+    for i in 0..param.len() {
+        let g = grad[i] * grad_scale;
+        m[i] = beta1 * m[i] + (1.0 - beta1) * g;
+        v[i] = beta2 * v[i] + (1.0 - beta2) * g * g;
+        let decayed = param[i] * (1.0 - lr * weight_decay);
+        let denom = v[i].sqrt() / c2.sqrt() + eps;
+        param[i] = decayed - (lr / c1) * (m[i] / denom);
+    }
+}

@@ -1,0 +1,41 @@
+// One AdamW step over a flat parameter buffer, as torch.optim.AdamW computes it:
+//   p *= 1 - lr * weight_decay                      (decoupled weight decay)
+//   g  = grad * grad_scale                           (grad_scale carries global-norm clipping)
+//   m  = beta1 * m + (1 - beta1) * g
+//   v  = beta2 * v + (1 - beta2) * g^2
+//   p -= (lr / bias_c1) * m / (sqrt(v) / sqrt(bias_c2) + eps)
+// bias_c1 = 1 - beta1^t and bias_c2 = 1 - beta2^t are computed on the host for step t.
+struct AdamwParams {
+    n: u32,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    bias_c1: f32,
+    bias_c2: f32,
+    grad_scale: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: AdamwParams;
+@group(0) @binding(1) var<storage, read_write> param: array<f32>;  // (N)
+@group(0) @binding(2) var<storage, read> grad: array<f32>;         // (N)
+@group(0) @binding(3) var<storage, read_write> m: array<f32>;      // (N)
+@group(0) @binding(4) var<storage, read_write> v: array<f32>;      // (N)
+
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x + gid.y * 65535u * 256u;
+    if (i >= p.n) { return; }
+    let g = grad[i] * p.grad_scale;
+    let mi = p.beta1 * m[i] + (1.0 - p.beta1) * g;
+    let vi = p.beta2 * v[i] + (1.0 - p.beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    let decayed = param[i] * (1.0 - p.lr * p.weight_decay);
+    let denom = sqrt(vi) / sqrt(p.bias_c2) + p.eps;
+    param[i] = decayed - (p.lr / p.bias_c1) * (mi / denom);
+}
