@@ -483,6 +483,7 @@ pub mod launch {
     }
 
     /// One AdamW step over flat `param`, `grad`, `m` and `v` buffers of `n` values.
+    #[allow(clippy::too_many_arguments)]
     pub fn adamw_step(
         ctx: &GpuContext,
         enc: &mut wgpu::CommandEncoder,
