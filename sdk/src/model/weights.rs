@@ -10,17 +10,30 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::gguf::GgufFile;
 
-/// One memory-mapped safetensors file.
+/// One memory-mapped safetensors file with its header parsed (and validated) once.
 #[derive(Debug)]
 pub struct Shard {
     path: PathBuf,
     mmap: memmap2::Mmap,
+    metadata: Metadata,
+    /// Byte offset of the data section (8-byte length + JSON header).
+    data_start: usize,
+}
+
+impl Shard {
+    fn open(path: PathBuf) -> Result<Self> {
+        let mmap = map_file(&path)?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
+        Ok(Shard { path, mmap, metadata, data_start: 8 + header_len })
+    }
 }
 
 /// Where a model's tensors come from.
@@ -47,12 +60,6 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: read-only map of a model file that edgetune does not modify while it is open.
     unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
-}
-
-fn parse_shard(path: &Path, mmap: &memmap2::Mmap) -> Result<Vec<String>> {
-    let st = SafeTensors::deserialize(mmap)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
-    Ok(st.names().into_iter().map(str::to_string).collect())
 }
 
 impl WeightSource {
@@ -88,11 +95,11 @@ impl WeightSource {
         let mut shards = Vec::new();
         let mut index = BTreeMap::new();
         for (i, path) in files.into_iter().enumerate() {
-            let mmap = map_file(&path)?;
-            for name in parse_shard(&path, &mmap)? {
+            let shard = Shard::open(path)?;
+            for name in shard.metadata.tensors().into_keys() {
                 index.insert(name, i);
             }
-            shards.push(Shard { path, mmap });
+            shards.push(shard);
         }
         Ok(WeightSource::SafeTensors { shards, index })
     }
@@ -111,13 +118,12 @@ impl WeightSource {
             WeightSource::SafeTensors { shards, index } => index
                 .iter()
                 .filter_map(|(name, &i)| {
-                    let st = SafeTensors::deserialize(&shards[i].mmap).ok()?;
-                    let t = st.tensor(name).ok()?;
+                    let t = shards[i].metadata.info(name)?;
                     Some(StoredTensor {
                         name: name.clone(),
-                        shape: t.shape().to_vec(),
-                        dtype: format!("{:?}", t.dtype()),
-                        bytes: t.data().len(),
+                        shape: t.shape.clone(),
+                        dtype: format!("{:?}", t.dtype),
+                        bytes: t.data_offsets.1 - t.data_offsets.0,
                     })
                 })
                 .collect(),
@@ -150,12 +156,13 @@ impl WeightSource {
                     .get(hf_name)
                     .ok_or_else(|| Error::MissingTensor { path: shards[0].path.clone(), tensor: hf_name.into() })?;
                 let shard = &shards[i];
-                let st = SafeTensors::deserialize(&shard.mmap)
-                    .map_err(|e| Error::format(&shard.path, format!("not a valid safetensors file: {e}")))?;
-                let t =
-                    st.tensor(hf_name).map_err(|e| Error::format(&shard.path, format!("tensor `{hf_name}`: {e}")))?;
-                let b = t.data();
-                let data: Vec<f32> = match t.dtype() {
+                let t = shard
+                    .metadata
+                    .info(hf_name)
+                    .ok_or_else(|| Error::MissingTensor { path: shard.path.clone(), tensor: hf_name.into() })?;
+                // read_metadata validated every offset against the file length.
+                let b = &shard.mmap[shard.data_start + t.data_offsets.0..shard.data_start + t.data_offsets.1];
+                let data: Vec<f32> = match t.dtype {
                     Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
                     Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
                     Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
@@ -166,7 +173,7 @@ impl WeightSource {
                         ));
                     }
                 };
-                (data, t.shape().to_vec())
+                (data, t.shape.clone())
             }
             WeightSource::Gguf(g) => {
                 let name = gguf_name(cfg, hf_name)
