@@ -1,26 +1,32 @@
-// Causal attention with grouped-query heads over a KV cache, one workgroup per (query, head).
-// Query t (at position pos_offset + t) attends to cache positions 0..=pos_offset + t. Keys are
-// processed in tiles of 64 with an online softmax: each thread scores one key of the tile, then
-// the threads split the head dimension to accumulate the weighted values.
+// Causal attention with grouped-query heads, one workgroup per (query, head). Query t sits at
+// position pos_offset + t of the key/value buffers and attends to keys key_start[t] ..=
+// pos_offset + t: decoding passes key_start 0 over the KV cache; a packed training batch passes
+// the first position of each token's own sample, so samples never attend to each other.
+// Keys are processed in tiles of 64 with an online softmax: each thread scores one key of the
+// tile, then the threads split the head dimension to accumulate the weighted values. The
+// softmax's log-sum-exp is stored per (query, head) for the backward pass.
 struct AttentionParams {
     n_tokens: u32,
     n_heads: u32,
     n_kv_heads: u32,
     head_dim: u32,
     pos_offset: u32,
-    kv_stride: u32,   // floats per cache position: n_kv_heads * head_dim
+    kv_stride: u32,   // floats per key position: n_kv_heads * head_dim
     scale: f32,
     _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
-@group(0) @binding(2) var<storage, read> k_cache: array<f32>;      // (max_pos, Hkv * hd)
-@group(0) @binding(3) var<storage, read> v_cache: array<f32>;      // (max_pos, Hkv * hd)
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;    // (T, H * hd)
+@group(0) @binding(2) var<storage, read> k_cache: array<f32>;      // (positions, Hkv * hd)
+@group(0) @binding(3) var<storage, read> v_cache: array<f32>;      // (positions, Hkv * hd)
+@group(0) @binding(4) var<storage, read> key_start: array<u32>;    // (T)
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;    // (T, H * hd)
+@group(0) @binding(6) var<storage, read_write> stats: array<vec2<f32>>; // (T * H): (lse, delta)
 
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> scores: array<f32, 64>;
+var<workgroup> first_key: u32;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -31,12 +37,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let q_base = (t * p.n_heads + h) * hd;
     for (var d = lid; d < hd; d += 64u) { qs[d] = q[q_base + d]; }
-    workgroupBarrier();
+    if (lid == 0u) { first_key = key_start[t]; }
+    let j_start = workgroupUniformLoad(&first_key);
     let n_keys = p.pos_offset + t + 1u;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);   // dims lid, lid+64, lid+128, lid+192
     var run_max = -3.402823e38;
     var run_sum = 0.0;
-    for (var j0 = 0u; j0 < n_keys; j0 += 64u) {
+    for (var j0 = j_start; j0 < n_keys; j0 += 64u) {
         let j = j0 + lid;
         var s = -3.402823e38;
         if (j < n_keys) {
@@ -69,4 +76,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let d = lid + 64u * r;
         if (d < hd) { out[q_base + d] = acc[r] / run_sum; }
     }
+    if (lid == 0u) { stats[t * p.n_heads + h] = vec2<f32>(run_max + log(run_sum), 0.0); }
 }

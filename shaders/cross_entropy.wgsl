@@ -3,8 +3,8 @@
 struct CrossEntropyParams {
     n_rows: u32,
     vocab: u32,
-    _pad0: u32,
-    _pad1: u32,
+    grad_scale: f32,   // used by cross_entropy_backward.wgsl only
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: CrossEntropyParams;

@@ -1,11 +1,11 @@
-// Dense linear layer: y[m, y_col_offset + n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
+// Dense linear layer: y[m, y_col_offset + n] = alpha * sum_k x[m, k] * w[w_offset + n*K + k] (+ bias[n]).
 // w is (N, K) row-major as PyTorch stores nn.Linear weights. See common/matmul.wgsl for the
 // work split.
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (M, K)
-@group(0) @binding(2) var<storage, read> w: array<f32>;            // (N, K)
+@group(0) @binding(2) var<storage, read> w: array<f32>;            // (w_offset + N * K)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
@@ -21,10 +21,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         for (var c = 0u; c < NB; c++) {
             if (n0 + c < p.n) {
-                let wv = w[(n0 + c) * p.k + k];
+                let wv = w[p.w_offset + (n0 + c) * p.k + k];
                 for (var r = 0u; r < TM; r++) { acc[c * TM + r] += xv[r] * wv; }
             }
         }
     }
-    reduce_and_store(acc, lid, m0, n0);
+    reduce_and_store(acc, lid, m0, n0, p.m, p.n);
 }

@@ -40,5 +40,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
     }
-    reduce_and_store(acc, lid, m0, n0);
+    reduce_and_store(acc, lid, m0, n0, p.m, p.n);
 }

@@ -1,6 +1,8 @@
 // Rotary position embedding in the Hugging Face layout (rotate_half: pairs (i, i + hd/2)),
-// in place on x (T, n_heads * hd). cos/sin come from a table computed on the host in f64, so
-// every adapter gets the same angles: cos_sin[pos, i] = (cos, sin) of pos * inv_freq[i].
+// in place on x (T, n_heads * hd). Token t sits at position pos_offset + positions[t]: decoding
+// passes 0, 1, 2.. with the cache length as offset; packed training batches restart the
+// positions at every sample. cos/sin come from a table computed on the host in f64, so every
+// adapter gets the same angles: cos_sin[pos, i] = (cos, sin) of pos * inv_freq[i].
 struct RopeParams {
     n_tokens: u32,
     n_heads: u32,
@@ -11,6 +13,7 @@ struct RopeParams {
 @group(0) @binding(0) var<uniform> p: RopeParams;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;      // (T, H * hd)
 @group(0) @binding(2) var<storage, read> cos_sin: array<vec2<f32>>; // (max_pos, hd / 2)
+@group(0) @binding(3) var<storage, read> positions: array<u32>;    // (T)
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -19,7 +22,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let th = gid.y;         // token * n_heads + head
     if (i >= half || th >= p.n_tokens * p.n_heads) { return; }
     let t = th / p.n_heads;
-    let cs = cos_sin[(p.pos_offset + t) * half + i];
+    let cs = cos_sin[(p.pos_offset + positions[t]) * half + i];
     let base = th * p.head_dim;
     let x1 = x[base + i];
     let x2 = x[base + i + half];

@@ -3,32 +3,11 @@
 
 mod common;
 
-use common::assert_close;
+use common::{assert_close, gpu as ctx, rand, run};
 use edgetune::gpu::kernels::{self, launch};
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::quant::nf4;
 use edgetune::reference as r;
-
-fn ctx() -> GpuContext {
-    GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
-}
-
-/// Deterministic pseudo-random values in [-scale, scale).
-fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
-fn run(ctx: &GpuContext, f: impl FnOnce(&mut wgpu::CommandEncoder) -> edgetune::Result<()>) {
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
-    f(&mut enc).expect("dispatch");
-    ctx.queue.submit([enc.finish()]);
-}
 
 #[test]
 fn every_shader_compiles_on_the_adapter() {
@@ -52,9 +31,7 @@ fn check_matmul(
     (m, n, k): (usize, usize, usize),
 ) {
     let y = ctx.storage_zeroed("y", m * n);
-    run(ctx, |enc| {
-        launch::matmul_forward(ctx, enc, x, w, bias, &y, m, n, k, launch::OutCols { stride: n, col_offset: 0 })
-    });
+    run(ctx, |enc| launch::matmul_forward(ctx, enc, x, w, bias, &y, m, n, k, launch::OutCols::whole(n)));
     let got = ctx.read_f32(&y, m * n).expect("readback");
     assert_close(&format!("{label} {m}x{n}x{k}"), &got, want, 1e-5, 1e-5 * (k as f32).sqrt());
 }
@@ -151,10 +128,13 @@ fn rope_matches_reference() {
         let table = r::rope_table(&inv, pos + t);
         let x = rand(t * h * hd, 11, 1.0);
         let mut want = x.clone();
-        r::rope_forward(&mut want, &table, h, hd, pos);
+        let positions: Vec<usize> = (pos..pos + t).collect();
+        r::rope_forward(&mut want, &table, h, hd, &positions);
         let xb = ctx.storage_from("x", &x);
         let tb = ctx.storage_from("cos_sin", &table);
-        run(&ctx, |enc| launch::rope_forward(&ctx, enc, &xb, &tb, t, h, hd, pos));
+        let pb = ctx.storage_from("positions", &(0..t as u32).collect::<Vec<_>>());
+        let shape = launch::RopeShape { n_tokens: t, n_heads: h, head_dim: hd, pos_offset: pos, positions: &pb };
+        run(&ctx, |enc| launch::rope_forward(&ctx, enc, &xb, &tb, shape));
         assert_close("rope", &ctx.read_f32(&xb, x.len()).expect("read"), &want, 1e-6, 1e-6);
     }
 }
@@ -166,11 +146,12 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
         let q = rand(t * h * hd, 31, 1.0);
         let k = rand((pos + t) * kvh * hd, 32, 1.0);
         let v = rand((pos + t) * kvh * hd, 33, 1.0);
-        let want = r::attention_forward(&q, &k, &v, h, kvh, hd, pos);
+        let want = r::attention_forward(&q, &k, &v, &vec![0; t], h, kvh, hd, pos);
         let (qb, kb, vb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k), ctx.storage_from("v", &v));
-        let out = ctx.storage_zeroed("o", q.len());
+        let (out, stats, ks) =
+            (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h), ctx.storage_zeroed("ks", t));
         let s = launch::AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos };
-        run(&ctx, |enc| launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &out, s));
+        run(&ctx, |enc| launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &ks, &out, &stats, s));
         assert_close(
             &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos}"),
             &ctx.read_f32(&out, q.len()).expect("read"),

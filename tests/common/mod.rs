@@ -85,3 +85,27 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], rel: f32, abs:
     }
     eprintln!("{what}: max abs diff {max_abs:e}, max rel diff {max_rel:e} over {} values", actual.len());
 }
+
+/// The GPU context for a test. A missing adapter fails the test: it is never a silent skip.
+pub fn gpu() -> edgetune::gpu::GpuContext {
+    edgetune::gpu::GpuContext::new(&edgetune::gpu::GpuOptions::default())
+        .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+pub fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Records commands with `f` and submits them.
+pub fn run(ctx: &edgetune::gpu::GpuContext, f: impl FnOnce(&mut wgpu::CommandEncoder) -> edgetune::Result<()>) {
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    f(&mut enc).expect("dispatch");
+    ctx.queue.submit([enc.finish()]);
+}

@@ -48,6 +48,16 @@ shader!(MATMUL_NF4_M1, "matmul_nf4", "matmul_nf4.m1", [("TM", "1u")]);
 shader!(MATMUL_F16_M1, "matmul_f16", "matmul_f16.m1", [("TM", "1u")]);
 shader!(ATTENTION, "attention");
 shader!(ADAMW, "adamw");
+shader!(CROSS_ENTROPY_BACKWARD, "cross_entropy_backward");
+shader!(MATMUL_BACKWARD, "matmul_backward");
+shader!(MATMUL_NF4_BACKWARD, "matmul_nf4_backward");
+shader!(MATMUL_F16_BACKWARD, "matmul_f16_backward");
+shader!(MATMUL_BACKWARD_W, "matmul_backward_w");
+shader!(RMS_NORM_BACKWARD, "rms_norm_backward");
+shader!(ROPE_BACKWARD, "rope_backward");
+shader!(SILU_MUL_BACKWARD, "silu_mul_backward");
+shader!(ATTENTION_BACKWARD_Q, "attention_backward_q");
+shader!(ATTENTION_BACKWARD_KV, "attention_backward_kv");
 
 /// Every shader, so tests can compile each one on the adapter.
 pub const ALL_SHADERS: &[Shader] = &[
@@ -66,6 +76,16 @@ pub const ALL_SHADERS: &[Shader] = &[
     MATMUL_F16_M1,
     ATTENTION,
     ADAMW,
+    CROSS_ENTROPY_BACKWARD,
+    MATMUL_BACKWARD,
+    MATMUL_NF4_BACKWARD,
+    MATMUL_F16_BACKWARD,
+    MATMUL_BACKWARD_W,
+    RMS_NORM_BACKWARD,
+    ROPE_BACKWARD,
+    SILU_MUL_BACKWARD,
+    ATTENTION_BACKWARD_Q,
+    ATTENTION_BACKWARD_KV,
 ];
 
 const SNIPPETS: &[(&str, &str)] = &[
@@ -122,10 +142,13 @@ params!(/// `rope.wgsl`
     RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32 } = 16);
 params!(/// `silu_mul.wgsl` and `add.wgsl`
     ElementwiseParams { n: u32, _pad0: u32, _pad1: u32, _pad2: u32 } = 16);
-params!(/// `cross_entropy.wgsl`
-    CrossEntropyParams { n_rows: u32, vocab: u32, _pad0: u32, _pad1: u32 } = 16);
-params!(/// `matmul.wgsl` and `matmul_nf4.wgsl`
-    MatmulParams { m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, _pad: u32 } = 32);
+params!(/// `cross_entropy.wgsl` and `cross_entropy_backward.wgsl`
+    CrossEntropyParams { n_rows: u32, vocab: u32, grad_scale: f32, _pad: u32 } = 16);
+params!(/// every matmul kernel (`common/matmul.wgsl`)
+    MatmulParams {
+        m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,
+        alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32,
+    } = 48);
 params!(/// `adamw.wgsl`
     AdamwParams {
         n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, bias_c1: f32, bias_c2: f32,
@@ -293,25 +316,77 @@ pub mod launch {
         ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
     }
 
-    /// In-place RoPE on x (T, n_heads * head_dim) at positions pos_offset.. .
-    #[allow(clippy::too_many_arguments)]
+    /// Where the tokens of a RoPE call sit: token t at `pos_offset + positions[t]`.
+    #[derive(Debug, Clone, Copy)]
+    pub struct RopeShape<'a> {
+        pub n_tokens: usize,
+        pub n_heads: usize,
+        pub head_dim: usize,
+        pub pos_offset: usize,
+        /// (T) u32 positions.
+        pub positions: &'a wgpu::Buffer,
+    }
+
+    fn rope(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        shader: &Shader,
+        x: &wgpu::Buffer,
+        cos_sin: &wgpu::Buffer,
+        s: RopeShape<'_>,
+    ) -> Result<()> {
+        let p = RopeParams {
+            n_tokens: u32_of(s.n_tokens, "tokens")?,
+            n_heads: u32_of(s.n_heads, "heads")?,
+            head_dim: u32_of(s.head_dim, "head_dim")?,
+            pos_offset: u32_of(s.pos_offset, "position")?,
+        };
+        ctx.dispatch(
+            enc,
+            shader,
+            &p,
+            &[x, cos_sin, s.positions],
+            [(p.head_dim / 2).div_ceil(64), p.n_tokens * p.n_heads, 1],
+        )
+    }
+
+    /// In-place RoPE on x (T, n_heads * head_dim).
     pub fn rope_forward(
         ctx: &GpuContext,
         enc: &mut wgpu::CommandEncoder,
         x: &wgpu::Buffer,
         cos_sin: &wgpu::Buffer,
-        n_tokens: usize,
-        n_heads: usize,
-        head_dim: usize,
-        pos_offset: usize,
+        s: RopeShape<'_>,
     ) -> Result<()> {
-        let p = RopeParams {
-            n_tokens: u32_of(n_tokens, "tokens")?,
-            n_heads: u32_of(n_heads, "heads")?,
-            head_dim: u32_of(head_dim, "head_dim")?,
-            pos_offset: u32_of(pos_offset, "position")?,
-        };
-        ctx.dispatch(enc, &ROPE, &p, &[x, cos_sin], [(p.head_dim / 2).div_ceil(64), p.n_tokens * p.n_heads, 1])
+        rope(ctx, enc, &ROPE, x, cos_sin, s)
+    }
+
+    /// In-place RoPE backward on dx (T, n_heads * head_dim): the inverse rotation.
+    pub fn rope_backward(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        dx: &wgpu::Buffer,
+        cos_sin: &wgpu::Buffer,
+        s: RopeShape<'_>,
+    ) -> Result<()> {
+        rope(ctx, enc, &ROPE_BACKWARD, dx, cos_sin, s)
+    }
+
+    /// dx += d rms_norm(x) / dx applied to dy (the norm weight is frozen).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_backward(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+        n_rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
+        ctx.dispatch(enc, &RMS_NORM_BACKWARD, &p, &[x, w, dy, dx], groups_1d(p.n_rows))
     }
 
     /// out = silu(gate) * up over n values.
@@ -327,7 +402,24 @@ pub mod launch {
         ctx.dispatch(enc, &SILU_MUL, &p, &[gate, up, out], groups_1d(p.n.div_ceil(256)))
     }
 
-    /// y += x over n values.
+    /// dgate, dup of out = silu(gate) * up, given dout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn silu_mul_backward(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        gate: &wgpu::Buffer,
+        up: &wgpu::Buffer,
+        dout: &wgpu::Buffer,
+        dgate: &wgpu::Buffer,
+        dup: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<()> {
+        let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+        ctx.dispatch(enc, &SILU_MUL_BACKWARD, &p, &[gate, up, dout, dgate, dup], groups_1d(p.n.div_ceil(256)))
+    }
+
+    /// y += x over n values. Also the backward of a residual connection where two gradient
+    /// branches meet.
     pub fn add_forward(
         ctx: &GpuContext,
         enc: &mut wgpu::CommandEncoder,
@@ -358,25 +450,116 @@ pub mod launch {
         ctx.dispatch(enc, &CROSS_ENTROPY, &p, &[logits, targets, loss], groups_1d(p.n_rows))
     }
 
+    /// Fused softmax cross-entropy forward and backward: writes loss[t] and replaces the logits
+    /// in place with grad_scale * (softmax - onehot); rows with target u32::MAX get zeros.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cross_entropy_backward(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        logits: &wgpu::Buffer,
+        targets: &wgpu::Buffer,
+        loss: &wgpu::Buffer,
+        n_rows: usize,
+        vocab: usize,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let p =
+            CrossEntropyParams { n_rows: u32_of(n_rows, "rows")?, vocab: u32_of(vocab, "vocab")?, grad_scale, _pad: 0 };
+        ctx.dispatch(enc, &CROSS_ENTROPY_BACKWARD, &p, &[logits, targets, loss], groups_1d(p.n_rows))
+    }
+
     /// The weight operand of a linear layer.
     #[derive(Debug, Clone, Copy)]
     pub enum Weight<'a> {
         /// f32 (N, K).
         Dense(&'a wgpu::Buffer),
+        /// f32 (N, K) starting at element `offset` of a larger buffer (LoRA's flat buffer).
+        DenseAt(&'a wgpu::Buffer, usize),
         /// f16 (N, K) as packed pairs, lower half first; K must be even.
         F16(&'a wgpu::Buffer),
         /// Packed NF4 (N*K/8 words) and its absmax (one per block).
         Nf4 { packed: &'a wgpu::Buffer, absmax: &'a wgpu::Buffer, block_size: usize },
     }
 
-    /// Output placement: y is (M, stride) and this call writes columns [col_offset, col_offset + N).
+    /// Output placement and epilogue: y is (rows, stride); a call writes columns
+    /// [col_offset, col_offset + cols) with `alpha * result`, added to y when `accumulate`.
     #[derive(Debug, Clone, Copy)]
     pub struct OutCols {
         pub stride: usize,
         pub col_offset: usize,
+        pub alpha: f32,
+        pub accumulate: bool,
     }
 
-    /// y[m, col_offset + n] = x[m, :] . w[n, :] (+ bias[n]).
+    impl OutCols {
+        /// Overwrite columns [col_offset, ..) of a (rows, stride) output, alpha 1.
+        pub fn at(stride: usize, col_offset: usize) -> Self {
+            OutCols { stride, col_offset, alpha: 1.0, accumulate: false }
+        }
+        /// A whole contiguous (rows, cols) output.
+        pub fn whole(cols: usize) -> Self {
+            Self::at(cols, 0)
+        }
+        /// Multiplies the result by `alpha`.
+        pub fn scaled(self, alpha: f32) -> Self {
+            OutCols { alpha, ..self }
+        }
+        /// Adds the result to what y holds.
+        pub fn accumulated(self) -> Self {
+            OutCols { accumulate: true, ..self }
+        }
+    }
+
+    /// Rows of dy: (rows, stride), of which a call reads columns [col_offset, col_offset + N).
+    #[derive(Debug, Clone, Copy)]
+    pub struct DyCols<'a> {
+        pub buf: &'a wgpu::Buffer,
+        pub stride: usize,
+        pub col_offset: usize,
+    }
+
+    impl<'a> DyCols<'a> {
+        /// A whole contiguous (rows, cols) gradient.
+        pub fn whole(buf: &'a wgpu::Buffer, cols: usize) -> Self {
+            DyCols { buf, stride: cols, col_offset: 0 }
+        }
+    }
+
+    fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulParams> {
+        Ok(MatmulParams {
+            m: u32_of(m, "rows")?,
+            n: u32_of(n, "out features")?,
+            k: u32_of(k, "in features")?,
+            has_bias: 0,
+            y_stride: u32_of(out.stride, "stride")?,
+            y_col_offset: u32_of(out.col_offset, "column")?,
+            block_size: 0,
+            accumulate: out.accumulate as u32,
+            alpha: out.alpha,
+            w_offset: 0,
+            dy_stride: 0,
+            dy_col_offset: 0,
+        })
+    }
+
+    fn check_nf4(k: usize, block_size: usize) -> Result<()> {
+        if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) {
+            return Err(Error::invalid(
+                "NF4 matmul",
+                format!("needs K % 8 == 0 and block size % 8 == 0 (K {k}, block {block_size})"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_f16(k: usize) -> Result<()> {
+        if !k.is_multiple_of(2) {
+            return Err(Error::invalid("f16 matmul", format!("needs an even K (K {k})")));
+        }
+        Ok(())
+    }
+
+    /// y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n]).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_forward(
         ctx: &GpuContext,
@@ -390,16 +573,8 @@ pub mod launch {
         k: usize,
         out: OutCols,
     ) -> Result<()> {
-        let mut p = MatmulParams {
-            m: u32_of(m, "rows")?,
-            n: u32_of(n, "out features")?,
-            k: u32_of(k, "in features")?,
-            has_bias: bias.is_some() as u32,
-            y_stride: u32_of(out.stride, "stride")?,
-            y_col_offset: u32_of(out.col_offset, "column")?,
-            block_size: 0,
-            _pad: 0,
-        };
+        let mut p = matmul_params(m, n, k, out)?;
+        p.has_bias = bias.is_some() as u32;
         let one_row = m == 1;
         let groups = [p.n.div_ceil(8), p.m.div_ceil(4), 1];
         // The bias binding must exist even when unused; x serves as a harmless dummy.
@@ -408,24 +583,80 @@ pub mod launch {
             Weight::Dense(w) => {
                 ctx.dispatch(enc, if one_row { &MATMUL_M1 } else { &MATMUL }, &p, &[x, w, b, y], groups)
             }
+            Weight::DenseAt(w, offset) => {
+                p.w_offset = u32_of(offset, "weight offset")?;
+                ctx.dispatch(enc, if one_row { &MATMUL_M1 } else { &MATMUL }, &p, &[x, w, b, y], groups)
+            }
             Weight::F16(w) => {
-                if !k.is_multiple_of(2) {
-                    return Err(Error::invalid("f16 matmul", format!("needs an even K (K {k})")));
-                }
+                check_f16(k)?;
                 ctx.dispatch(enc, if one_row { &MATMUL_F16_M1 } else { &MATMUL_F16 }, &p, &[x, w, b, y], groups)
             }
             Weight::Nf4 { packed, absmax, block_size } => {
-                if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) {
-                    return Err(Error::invalid(
-                        "NF4 matmul",
-                        format!("needs K % 8 == 0 and block size % 8 == 0 (K {k}, block {block_size})"),
-                    ));
-                }
+                check_nf4(k, block_size)?;
                 p.block_size = u32_of(block_size, "block size")?;
                 let shader = if one_row { &MATMUL_NF4_M1 } else { &MATMUL_NF4 };
                 ctx.dispatch(enc, shader, &p, &[x, packed, absmax, b, y], groups)
             }
         }
+    }
+
+    /// Input gradient of a linear layer: dx[m, col_offset + k] (+)= alpha * dy[m, :N] . w[:, k],
+    /// w (N, K). The weight itself gets no gradient here (frozen base, or see
+    /// [`matmul_backward_w`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_backward(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        dy: DyCols<'_>,
+        w: Weight<'_>,
+        dx: &wgpu::Buffer,
+        m: usize,
+        n: usize,
+        k: usize,
+        out: OutCols,
+    ) -> Result<()> {
+        let mut p = matmul_params(m, n, k, out)?;
+        p.dy_stride = u32_of(dy.stride, "dy stride")?;
+        p.dy_col_offset = u32_of(dy.col_offset, "dy column")?;
+        let groups = [p.k.div_ceil(8), p.m.div_ceil(4), 1];
+        let g = dy.buf;
+        match w {
+            Weight::Dense(w) => ctx.dispatch(enc, &MATMUL_BACKWARD, &p, &[g, w, g, dx], groups),
+            Weight::DenseAt(w, offset) => {
+                p.w_offset = u32_of(offset, "weight offset")?;
+                ctx.dispatch(enc, &MATMUL_BACKWARD, &p, &[g, w, g, dx], groups)
+            }
+            Weight::F16(w) => {
+                check_f16(k)?;
+                ctx.dispatch(enc, &MATMUL_F16_BACKWARD, &p, &[g, w, g, dx], groups)
+            }
+            Weight::Nf4 { packed, absmax, block_size } => {
+                check_nf4(k, block_size)?;
+                p.block_size = u32_of(block_size, "block size")?;
+                ctx.dispatch(enc, &MATMUL_NF4_BACKWARD, &p, &[g, packed, absmax, g, dx], groups)
+            }
+        }
+    }
+
+    /// Weight gradient of a dense linear layer, into a flat buffer:
+    /// dw[offset + n*K + k] (+)= alpha * sum_m dy[m, n] * x[m, k]; dy (M, N), x (M, K) contiguous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_backward_w(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        dy: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        dw: &wgpu::Buffer,
+        dw_offset: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
+        let p = matmul_params(m, n, k, out)?;
+        ctx.dispatch(enc, &MATMUL_BACKWARD_W, &p, &[dy, x, dy, dw], [p.k.div_ceil(8), p.n.div_ceil(4), 1])
     }
 
     /// Shapes of an attention call.
@@ -438,24 +669,14 @@ pub mod launch {
         pub pos_offset: usize,
     }
 
-    /// Causal GQA attention of q (T, H*hd) over the KV cache (positions 0..pos_offset+T).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attention_forward(
-        ctx: &GpuContext,
-        enc: &mut wgpu::CommandEncoder,
-        q: &wgpu::Buffer,
-        k_cache: &wgpu::Buffer,
-        v_cache: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-        s: AttentionShape,
-    ) -> Result<()> {
+    fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
         if s.head_dim > 256 || s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
             return Err(Error::invalid(
                 "attention",
                 format!("unsupported heads {}/{} or head_dim {}", s.n_heads, s.n_kv_heads, s.head_dim),
             ));
         }
-        let p = AttentionParams {
+        Ok(AttentionParams {
             n_tokens: u32_of(s.n_tokens, "tokens")?,
             n_heads: u32_of(s.n_heads, "heads")?,
             n_kv_heads: u32_of(s.n_kv_heads, "kv heads")?,
@@ -464,8 +685,71 @@ pub mod launch {
             kv_stride: u32_of(s.n_kv_heads * s.head_dim, "kv stride")?,
             scale: 1.0 / (s.head_dim as f32).sqrt(),
             _pad: 0,
-        };
-        ctx.dispatch(enc, &ATTENTION, &p, &[q, k_cache, v_cache, out], [p.n_tokens, p.n_heads, 1])
+        })
+    }
+
+    /// Causal GQA attention of q (T, H*hd) over keys/values (positions, Hkv*hd): query t sits
+    /// at position pos_offset + t and sees keys key_start[t] ..= pos_offset + t (key_start must
+    /// not exceed that). Writes out (T, H*hd) and the softmax statistics `stats` (T*H pairs)
+    /// that the backward pass needs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        key_start: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        stats: &wgpu::Buffer,
+        s: AttentionShape,
+    ) -> Result<()> {
+        let p = attention_params(s)?;
+        ctx.dispatch(enc, &ATTENTION, &p, &[q, k, v, key_start, out, stats], [p.n_tokens, p.n_heads, 1])
+    }
+
+    /// The buffers of an attention backward call: the forward's inputs and outputs, the
+    /// output gradient, and where the input gradients go (all overwritten).
+    #[derive(Debug, Clone, Copy)]
+    pub struct AttentionGrads<'a> {
+        pub q: &'a wgpu::Buffer,
+        pub k: &'a wgpu::Buffer,
+        pub v: &'a wgpu::Buffer,
+        pub key_start: &'a wgpu::Buffer,
+        pub out: &'a wgpu::Buffer,
+        pub stats: &'a wgpu::Buffer,
+        pub dout: &'a wgpu::Buffer,
+        pub dq: &'a wgpu::Buffer,
+        pub dk: &'a wgpu::Buffer,
+        pub dv: &'a wgpu::Buffer,
+    }
+
+    /// Backward of [`attention_forward`] for a training batch (pos_offset 0, keys = the batch):
+    /// two passes, queries then keys/values, so that no gradient needs atomics.
+    pub fn attention_backward(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        b: AttentionGrads<'_>,
+        s: AttentionShape,
+    ) -> Result<()> {
+        if s.pos_offset != 0 {
+            return Err(Error::invalid("attention backward", "runs over a whole batch (position offset 0)"));
+        }
+        let p = attention_params(s)?;
+        ctx.dispatch(
+            enc,
+            &ATTENTION_BACKWARD_Q,
+            &p,
+            &[b.q, b.k, b.v, b.key_start, b.out, b.dout, b.stats, b.dq],
+            [p.n_tokens, p.n_heads, 1],
+        )?;
+        ctx.dispatch(
+            enc,
+            &ATTENTION_BACKWARD_KV,
+            &p,
+            &[b.q, b.k, b.v, b.key_start, b.dout, b.stats, b.dk, b.dv],
+            [p.n_tokens, p.n_kv_heads, 1],
+        )
     }
 
     /// AdamW hyper-parameters for one step.

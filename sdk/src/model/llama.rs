@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::gpu::kernels::launch::{self, AttentionShape, OutCols, Weight};
+use crate::gpu::kernels::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
 use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
 use crate::quant::nf4;
@@ -262,7 +262,9 @@ impl Model {
     pub fn activation_bytes(&self, t: usize, logit_rows: usize) -> u64 {
         let c = &self.config;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let floats = t * (1 + 2 * c.hidden_size + 2 * qd + 2 * kvd + c.hidden_size + 3 * c.intermediate_size)
+        // ids, positions, key starts; x, xn, q, k, v, att, proj, gate, up, act; attention stats.
+        let floats = t * (3 + 2 * c.hidden_size + 2 * qd + 2 * kvd + c.hidden_size + 3 * c.intermediate_size)
+            + t * c.num_heads * 2
             + logit_rows * (c.vocab_size + c.hidden_size);
         (floats * 4) as u64
     }
@@ -291,18 +293,7 @@ impl Model {
             LinearWeight::Dense(b) => Weight::Dense(b),
             LinearWeight::Nf4 { packed, absmax, block_size } => Weight::Nf4 { packed, absmax, block_size: *block_size },
         };
-        launch::matmul_forward(
-            &self.ctx,
-            enc,
-            x,
-            w,
-            l.bias.as_ref(),
-            y,
-            m,
-            l.n_out,
-            l.n_in,
-            OutCols { stride: l.n_out, col_offset: 0 },
-        )
+        launch::matmul_forward(&self.ctx, enc, x, w, l.bias.as_ref(), y, m, l.n_out, l.n_in, OutCols::whole(l.n_out))
     }
 
     /// Runs `ids` through the transformer at the cache's next positions and returns the final
@@ -336,6 +327,10 @@ impl Model {
         let g = ctx.storage_zeroed("gate", t * inter);
         let u = ctx.storage_zeroed("up", t * inter);
         let act = ctx.storage_zeroed("act", t * inter);
+        let positions: Vec<u32> = (0..t as u32).collect();
+        let positions = ctx.storage_from("positions", &positions);
+        let key_start = ctx.storage_zeroed("key start", t);
+        let stats = ctx.storage_zeroed("attention stats", t * c.num_heads * 2);
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         for (buf, start, rows) in &self.embed.chunks {
             launch::embedding_forward(ctx, &mut enc, &ids_buf, self.embed.rows(buf), &x, t, h, *start, *rows)?;
@@ -348,8 +343,10 @@ impl Model {
             self.linear(&mut enc, &l.q, &xn, &q, t)?;
             self.linear(&mut enc, &l.k, &xn, &k, t)?;
             self.linear(&mut enc, &l.v, &xn, &v, t)?;
-            launch::rope_forward(ctx, &mut enc, &q, &self.cos_sin, t, c.num_heads, hd, pos)?;
-            launch::rope_forward(ctx, &mut enc, &k, &self.cos_sin, t, c.num_kv_heads, hd, pos)?;
+            let rope =
+                |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: &positions };
+            launch::rope_forward(ctx, &mut enc, &q, &self.cos_sin, rope(c.num_heads))?;
+            launch::rope_forward(ctx, &mut enc, &k, &self.cos_sin, rope(c.num_kv_heads))?;
             enc.copy_buffer_to_buffer(&k, 0, &cache.k[li], kv_off, kv_bytes);
             enc.copy_buffer_to_buffer(&v, 0, &cache.v[li], kv_off, kv_bytes);
             let shape = AttentionShape {
@@ -359,7 +356,7 @@ impl Model {
                 head_dim: hd,
                 pos_offset: pos,
             };
-            launch::attention_forward(ctx, &mut enc, &q, &cache.k[li], &cache.v[li], &att, shape)?;
+            launch::attention_forward(ctx, &mut enc, &q, &cache.k[li], &cache.v[li], &key_start, &att, &stats, shape)?;
             self.linear(&mut enc, &l.o, &att, &proj, t)?;
             launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
             launch::rms_norm_forward(ctx, &mut enc, &x, &l.ffn_norm, &xn, t, h, c.rms_norm_eps)?;
@@ -400,7 +397,7 @@ impl Model {
                 rows,
                 *n,
                 table.dim,
-                OutCols { stride: c.vocab_size, col_offset: *start },
+                OutCols::at(c.vocab_size, *start),
             )?;
         }
         Ok(logits)

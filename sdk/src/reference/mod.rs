@@ -1,5 +1,10 @@
 //! Naive CPU twins of every GPU kernel: the oracle the kernel tests compare against. Written for
 //! clarity, not speed; each mirrors the arithmetic order of its WGSL kernel where it matters.
+//! The backward twins live in [`backward`] and are re-exported here, so that
+//! `reference::rms_norm_backward` sits next to `reference::rms_norm_forward`.
+
+mod backward;
+pub use backward::*;
 
 /// out[t, :] = table[ids[t], :].
 pub fn embedding_forward(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
@@ -31,11 +36,11 @@ pub fn rope_table(inv_freq: &[f32], max_pos: usize) -> Vec<[f32; 2]> {
     t
 }
 
-/// In-place RoPE (rotate_half layout) on x (T, n_heads * head_dim).
-pub fn rope_forward(x: &mut [f32], table: &[[f32; 2]], n_heads: usize, head_dim: usize, pos_offset: usize) {
+/// In-place RoPE (rotate_half layout) on x (T, n_heads * head_dim); token t at `positions[t]`.
+pub fn rope_forward(x: &mut [f32], table: &[[f32; 2]], n_heads: usize, head_dim: usize, positions: &[usize]) {
     let half = head_dim / 2;
     for (th, head) in x.chunks_mut(head_dim).enumerate() {
-        let pos = pos_offset + th / n_heads;
+        let pos = positions[th / n_heads];
         for i in 0..half {
             let [c, s] = table[pos * half + i];
             let (x1, x2) = (head[i], head[i + half]);
@@ -70,11 +75,14 @@ pub fn matmul_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: u
     y
 }
 
-/// Causal GQA attention: q (T, H*hd) at positions pos_offset.., k/v (P, Hkv*hd) for positions 0..P.
+/// Causal GQA attention: q (T, H*hd) at positions pos_offset.., k/v (P, Hkv*hd) for positions
+/// 0..P; query t sees keys key_start[t] ..= pos_offset + t.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    key_start: &[usize],
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -89,7 +97,8 @@ pub fn attention_forward(
             let kvh = h / (n_heads / n_kv_heads);
             let qv = &q[(t * n_heads + h) * head_dim..][..head_dim];
             let n_keys = pos_offset + t + 1;
-            let scores: Vec<f32> = (0..n_keys)
+            let first = key_start[t];
+            let scores: Vec<f32> = (first..n_keys)
                 .map(|j| {
                     qv.iter().zip(&k[j * kv_stride + kvh * head_dim..][..head_dim]).map(|(a, b)| a * b).sum::<f32>()
                         * scale
@@ -99,7 +108,7 @@ pub fn attention_forward(
             let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
             let sum: f32 = e.iter().sum();
             let o = &mut out[(t * n_heads + h) * head_dim..][..head_dim];
-            for (j, w) in e.iter().enumerate() {
+            for (w, j) in e.iter().zip(first..) {
                 for (d, od) in o.iter_mut().enumerate() {
                     *od += w / sum * v[j * kv_stride + kvh * head_dim + d];
                 }

@@ -1,0 +1,146 @@
+//! CPU twins of the backward kernels. Each takes the forward's inputs and the output gradient
+//! and returns the input gradients; tests check them against central finite differences of
+//! the forward twins, and the GPU kernels against them.
+
+/// Fused softmax cross-entropy: per-row loss and dlogits = grad_scale * (softmax - onehot);
+/// a target of `u32::MAX` gives loss 0 and a zero gradient row.
+pub fn cross_entropy_backward(logits: &[f32], targets: &[u32], vocab: usize, grad_scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let mut loss = Vec::with_capacity(targets.len());
+    let mut grad = vec![0f32; logits.len()];
+    for ((row, &t), g) in logits.chunks(vocab).zip(targets).zip(grad.chunks_mut(vocab)) {
+        if t == u32::MAX || t as usize >= vocab {
+            loss.push(0.0);
+            continue;
+        }
+        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum = row.iter().map(|v| f64::from(v - mx).exp()).sum::<f64>();
+        loss.push(sum.ln() as f32 + mx - row[t as usize]);
+        for (gi, &v) in g.iter_mut().zip(row) {
+            *gi = (f64::from(v - mx).exp() / sum) as f32 * grad_scale;
+        }
+        g[t as usize] -= grad_scale;
+    }
+    (loss, grad)
+}
+
+/// dx = dy w for y = x w^T: dy (M, N), w (N, K) -> dx (M, K).
+pub fn matmul_backward(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; m * k];
+    for i in 0..m {
+        for j in 0..n {
+            let g = dy[i * n + j];
+            for l in 0..k {
+                dx[i * k + l] += g * w[j * k + l];
+            }
+        }
+    }
+    dx
+}
+
+/// dw = dy^T x for y = x w^T: dy (M, N), x (M, K) -> dw (N, K).
+pub fn matmul_backward_w(dy: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut dw = vec![0f32; n * k];
+    for i in 0..m {
+        for j in 0..n {
+            let g = dy[i * n + j];
+            for l in 0..k {
+                dw[j * k + l] += g * x[i * k + l];
+            }
+        }
+    }
+    dw
+}
+
+/// dx of y = rms_norm(x) * w (w frozen), per row.
+pub fn rms_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> Vec<f32> {
+    let dim = w.len();
+    let mut dx = vec![0f32; x.len()];
+    for ((row, g), out) in x.chunks(dim).zip(dy.chunks(dim)).zip(dx.chunks_mut(dim)) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        let dot: f32 = (0..dim).map(|i| w[i] * g[i] * row[i]).sum();
+        let kk = dot * r * r * r / dim as f32;
+        for i in 0..dim {
+            out[i] = r * w[i] * g[i] - row[i] * kk;
+        }
+    }
+    dx
+}
+
+/// In-place RoPE backward on dx (T, n_heads * head_dim): the inverse rotation.
+pub fn rope_backward(dx: &mut [f32], table: &[[f32; 2]], n_heads: usize, head_dim: usize, positions: &[usize]) {
+    let half = head_dim / 2;
+    for (th, head) in dx.chunks_mut(head_dim).enumerate() {
+        let pos = positions[th / n_heads];
+        for i in 0..half {
+            let [c, s] = table[pos * half + i];
+            let (g1, g2) = (head[i], head[i + half]);
+            head[i] = g1 * c + g2 * s;
+            head[i + half] = g2 * c - g1 * s;
+        }
+    }
+}
+
+/// (dgate, dup) of out = silu(gate) * up.
+pub fn silu_mul_backward(gate: &[f32], up: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dgate = Vec::with_capacity(gate.len());
+    let mut dup = Vec::with_capacity(gate.len());
+    for ((&g, &u), &d) in gate.iter().zip(up).zip(dout) {
+        let s = 1.0 / (1.0 + (-g).exp());
+        dup.push(d * g * s);
+        dgate.push(d * u * s * (1.0 + g * (1.0 - s)));
+    }
+    (dgate, dup)
+}
+
+/// (dq, dk, dv) of causal GQA attention over a training batch (q, k, v all (T, ..), query t
+/// sees keys key_start[t] ..= t).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    key_start: &[usize],
+    dout: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let t_count = q.len() / (n_heads * head_dim);
+    let kv_stride = n_kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+    let dotp = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for (t, &first) in key_start.iter().enumerate().take(t_count) {
+        for h in 0..n_heads {
+            let kvh = h / (n_heads / n_kv_heads);
+            let qo = (t * n_heads + h) * head_dim;
+            let qv = &q[qo..qo + head_dim];
+            let g = &dout[qo..qo + head_dim];
+            let keys: Vec<usize> = (first..=t).collect();
+            let kv_at = |j: usize| j * kv_stride + kvh * head_dim;
+            let s: Vec<f32> = keys.iter().map(|&j| dotp(qv, &k[kv_at(j)..kv_at(j) + head_dim]) * scale).collect();
+            let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
+            let sum: f32 = e.iter().sum();
+            let p: Vec<f32> = e.iter().map(|x| x / sum).collect();
+            let mut out = vec![0f32; head_dim];
+            for (&j, pj) in keys.iter().zip(&p) {
+                for d in 0..head_dim {
+                    out[d] += pj * v[kv_at(j) + d];
+                }
+            }
+            let delta = dotp(g, &out);
+            for (&j, pj) in keys.iter().zip(&p) {
+                let dp = dotp(g, &v[kv_at(j)..kv_at(j) + head_dim]);
+                let ds = pj * (dp - delta);
+                for d in 0..head_dim {
+                    dq[qo + d] += scale * ds * k[kv_at(j) + d];
+                    dk[kv_at(j) + d] += scale * ds * qv[d];
+                    dv[kv_at(j) + d] += pj * g[d];
+                }
+            }
+        }
+    }
+    (dq, dk, dv)
+}

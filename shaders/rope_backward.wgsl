@@ -1,0 +1,28 @@
+// Backward of RoPE, in place on dx (T, n_heads * hd): the rotation is orthogonal, so its
+// gradient is the inverse rotation (angle negated). Positions as in rope.wgsl.
+struct RopeParams {
+    n_tokens: u32,
+    n_heads: u32,
+    head_dim: u32,
+    pos_offset: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: RopeParams;
+@group(0) @binding(1) var<storage, read_write> dx: array<f32>;     // (T, H * hd)
+@group(0) @binding(2) var<storage, read> cos_sin: array<vec2<f32>>; // (max_pos, hd / 2)
+@group(0) @binding(3) var<storage, read> positions: array<u32>;    // (T)
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let half = p.head_dim / 2u;
+    let i = gid.x;
+    let th = gid.y;
+    if (i >= half || th >= p.n_tokens * p.n_heads) { return; }
+    let t = th / p.n_heads;
+    let cs = cos_sin[(p.pos_offset + positions[t]) * half + i];
+    let base = th * p.head_dim;
+    let g1 = dx[base + i];
+    let g2 = dx[base + i + half];
+    dx[base + i] = g1 * cs.x + g2 * cs.y;
+    dx[base + i + half] = g2 * cs.x - g1 * cs.y;
+}

@@ -1,0 +1,373 @@
+//! Backward kernels. Two checks per op:
+//! - the CPU twin in `edgetune::reference` against central finite differences of the forward
+//!   twin (so the maths is right);
+//! - the WGSL kernel against the CPU twin on lavapipe (so the kernel is the maths), on odd
+//!   shapes that do not divide the workgroups.
+
+mod common;
+
+use common::{assert_close, gpu, rand, run};
+use edgetune::gpu::kernels::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
+use edgetune::quant::nf4;
+use edgetune::reference as r;
+
+/// Central finite differences of L(x) = sum_j c_j y_j(x), with y = f(x), at every coordinate,
+/// against the analytic gradient `grad` (the backward twin applied to dy = c).
+///
+/// Tolerance: the forward twins run in f32. Each y_j carries a rounding error of a few ulps, so
+/// L carries about eps32 * sum_j |c_j y_j| = `noise`, and a difference quotient divides that by
+/// 2h; the truncation error of central differences is h^2/6 * |L'''|, about 1e-5 for h = 1e-2
+/// and O(1) third derivatives. Each coordinate must agree within 4 * noise / (2h) + 1e-4 + 1e-3 * |g|.
+fn fd_check(what: &str, x: &[f32], grad: &[f32], c: &[f32], f: impl Fn(&[f32]) -> Vec<f32>) {
+    let h = 1e-2f32;
+    let loss = |x: &[f32]| -> (f64, f64) {
+        let y = f(x);
+        assert_eq!(y.len(), c.len(), "{what}: projection length");
+        let l = y.iter().zip(c).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>();
+        let s = y.iter().zip(c).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum::<f64>();
+        (l, s)
+    };
+    let mut worst = 0f64;
+    for i in 0..x.len() {
+        let mut xp = x.to_vec();
+        xp[i] += h;
+        let mut xm = x.to_vec();
+        xm[i] -= h;
+        let ((lp, sp), (lm, sm)) = (loss(&xp), loss(&xm));
+        let fd = (lp - lm) / (2.0 * f64::from(h));
+        let noise = f64::from(f32::EPSILON) * sp.max(sm);
+        let tol = 4.0 * noise / (2.0 * f64::from(h)) + 1e-4 + 1e-3 * f64::from(grad[i]).abs();
+        let err = (fd - f64::from(grad[i])).abs();
+        assert!(err <= tol, "{what}[{i}]: analytic {} vs finite difference {fd} (err {err:e}, tol {tol:e})", grad[i]);
+        worst = worst.max(err / tol);
+    }
+    eprintln!("{what}: {} coordinates, worst error {:.2} of tolerance", x.len(), worst);
+}
+
+#[test]
+fn cross_entropy_backward_twin_matches_finite_differences() {
+    let (rows, vocab) = (3, 11);
+    let logits = rand(rows * vocab, 1, 3.0);
+    let targets = [4u32, u32::MAX, 10];
+    let scale = 0.5;
+    let (_, grad) = r::cross_entropy_backward(&logits, &targets, vocab, scale);
+    // L = scale * sum of the row losses: c = scale on every row.
+    fd_check("cross_entropy dlogits", &logits, &grad, &[scale; 3], |x| r::cross_entropy_forward(x, &targets, vocab));
+}
+
+#[test]
+fn matmul_backward_twins_match_finite_differences() {
+    let (m, n, k) = (3, 5, 7);
+    let x = rand(m * k, 2, 1.0);
+    let w = rand(n * k, 3, 1.0);
+    let c = rand(m * n, 4, 1.0);
+    let dx = r::matmul_backward(&c, &w, m, n, k);
+    fd_check("matmul dx", &x, &dx, &c, |x| r::matmul_forward(x, &w, None, m, n, k));
+    let dw = r::matmul_backward_w(&c, &x, m, n, k);
+    fd_check("matmul dw", &w, &dw, &c, |w| r::matmul_forward(&x, w, None, m, n, k));
+}
+
+#[test]
+fn rms_norm_backward_twin_matches_finite_differences() {
+    let (rows, dim) = (3, 9);
+    let x = rand(rows * dim, 5, 2.0);
+    let w = rand(dim, 6, 1.0);
+    let c = rand(rows * dim, 7, 1.0);
+    let dx = r::rms_norm_backward(&x, &w, &c, 1e-5);
+    fd_check("rms_norm dx", &x, &dx, &c, |x| r::rms_norm_forward(x, &w, 1e-5));
+}
+
+#[test]
+fn rope_backward_twin_matches_finite_differences() {
+    let (t, heads, hd) = (4, 2, 6);
+    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / hd as f32)).collect();
+    let table = r::rope_table(&inv, 8);
+    let positions = [0usize, 1, 0, 5];
+    let x = rand(t * heads * hd, 8, 1.0);
+    let c = rand(x.len(), 9, 1.0);
+    let mut dx = c.clone();
+    r::rope_backward(&mut dx, &table, heads, hd, &positions);
+    fd_check("rope dx", &x, &dx, &c, |x| {
+        let mut y = x.to_vec();
+        r::rope_forward(&mut y, &table, heads, hd, &positions);
+        y
+    });
+}
+
+#[test]
+fn silu_mul_backward_twin_matches_finite_differences() {
+    let gate = rand(13, 10, 4.0);
+    let up = rand(13, 11, 2.0);
+    let c = rand(13, 12, 1.0);
+    let (dgate, dup) = r::silu_mul_backward(&gate, &up, &c);
+    fd_check("silu_mul dgate", &gate, &dgate, &c, |g| r::silu_mul_forward(g, &up));
+    fd_check("silu_mul dup", &up, &dup, &c, |u| r::silu_mul_forward(&gate, u));
+}
+
+#[test]
+fn attention_backward_twin_matches_finite_differences_with_packing_and_gqa() {
+    let (t, h, kvh, hd) = (5, 4, 2, 4);
+    // Two packed samples: tokens 0..3 and 3..5.
+    let key_start = [0usize, 0, 0, 3, 3];
+    let q = rand(t * h * hd, 13, 1.0);
+    let k = rand(t * kvh * hd, 14, 1.0);
+    let v = rand(t * kvh * hd, 15, 1.0);
+    let c = rand(q.len(), 16, 1.0);
+    let (dq, dk, dv) = r::attention_backward(&q, &k, &v, &key_start, &c, h, kvh, hd);
+    let fwd = |q: &[f32], k: &[f32], v: &[f32]| r::attention_forward(q, k, v, &key_start, h, kvh, hd, 0);
+    fd_check("attention dq", &q, &dq, &c, |x| fwd(x, &k, &v));
+    fd_check("attention dk", &k, &dk, &c, |x| fwd(&q, x, &v));
+    fd_check("attention dv", &v, &dv, &c, |x| fwd(&q, &k, x));
+    // Packing: the second sample's outputs do not depend on the first sample's keys.
+    let mut k2 = k.clone();
+    k2[0] += 1.0;
+    let (a, b) = (fwd(&q, &k, &v), fwd(&q, &k2, &v));
+    assert_eq!(a[3 * h * hd..], b[3 * h * hd..], "a packed sample attended to another sample's keys");
+}
+
+// ---- GPU kernels against the twins ----
+
+/// Sums of n products in another order differ by about sqrt(n) ulps of the terms.
+fn sum_tol(n: usize) -> f32 {
+    2e-6 * (n as f32).sqrt()
+}
+
+#[test]
+fn matmul_backward_kernels_match_twins() {
+    let ctx = gpu();
+    for (i, &(m, n, k)) in [(1, 1, 8), (3, 65, 72), (5, 130, 64), (17, 9, 136)].iter().enumerate() {
+        let s = i as u64;
+        let dy = rand(m * n, 100 + s, 1.0);
+        let w = rand(n * k, 200 + s, 0.5);
+        // Dense, reading the dy columns [2, 2 + n) of a wider buffer, accumulating onto dx.
+        let wide: Vec<f32> =
+            dy.chunks(n).flat_map(|row| [0.5f32, -0.5].into_iter().chain(row.iter().copied())).collect();
+        let dx0 = rand(m * k, 300 + s, 1.0);
+        let want: Vec<f32> =
+            r::matmul_backward(&dy, &w, m, n, k).iter().zip(&dx0).map(|(g, d0)| d0 + 0.5 * g).collect();
+        let (gb, wb, dxb) = (ctx.storage_from("dy", &wide), ctx.storage_from("w", &w), ctx.storage_from("dx", &dx0));
+        let dyc = DyCols { buf: &gb, stride: n + 2, col_offset: 2 };
+        let out = OutCols::whole(k).scaled(0.5).accumulated();
+        run(&ctx, |enc| launch::matmul_backward(&ctx, enc, dyc, Weight::Dense(&wb), &dxb, m, n, k, out));
+        let got = ctx.read_f32(&dxb, m * k).expect("read");
+        assert_close(&format!("matmul_backward dense {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n));
+
+        // NF4: against the twin on the dequantized weight.
+        let q = nf4::quantize(&w, &[n, k], 64).expect("quantize");
+        let want = r::matmul_backward(&dy, &q.dequantize(), m, n, k);
+        let (pb, ab) = (ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax));
+        let gb = ctx.storage_from("dy", &dy);
+        let dxb = ctx.storage_zeroed("dx", m * k);
+        let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: 64 };
+        run(&ctx, |enc| {
+            launch::matmul_backward(&ctx, enc, DyCols::whole(&gb, n), w4, &dxb, m, n, k, OutCols::whole(k))
+        });
+        let got = ctx.read_f32(&dxb, m * k).expect("read");
+        assert_close(&format!("matmul_nf4_backward {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n));
+
+        // f16 pairs: against the twin on the rounded weight.
+        let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let wr: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+        let want = r::matmul_backward(&dy, &wr, m, n, k);
+        let whb = ctx.storage_from("w16", &wh);
+        run(&ctx, |enc| {
+            launch::matmul_backward(
+                &ctx,
+                enc,
+                DyCols::whole(&gb, n),
+                Weight::F16(&whb),
+                &dxb,
+                m,
+                n,
+                k,
+                OutCols::whole(k),
+            )
+        });
+        let got = ctx.read_f32(&dxb, m * k).expect("read");
+        assert_close(&format!("matmul_f16_backward {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n));
+
+        // Weight gradient into a flat buffer at an offset, accumulated twice.
+        let x = rand(m * k, 400 + s, 1.0);
+        let off = 5;
+        let xb = ctx.storage_from("x", &x);
+        let flat = ctx.storage_zeroed("flat grads", off + n * k + 3);
+        run(&ctx, |enc| {
+            launch::matmul_backward_w(&ctx, enc, &gb, &xb, &flat, off, m, n, k, 2.0, true)?;
+            launch::matmul_backward_w(&ctx, enc, &gb, &xb, &flat, off, m, n, k, 1.0, true)
+        });
+        let got = ctx.read_f32(&flat, off + n * k + 3).expect("read");
+        let want: Vec<f32> = r::matmul_backward_w(&dy, &x, m, n, k).iter().map(|g| 3.0 * g).collect();
+        assert_eq!(&got[..off], &[0.0; 5], "matmul_backward_w wrote before its offset");
+        assert_eq!(&got[off + n * k..], &[0.0; 3], "matmul_backward_w wrote past its slice");
+        assert_close(&format!("matmul_backward_w {m}x{n}x{k}"), &got[off..off + n * k], &want, 1e-5, 3.0 * sum_tol(m));
+    }
+}
+
+#[test]
+fn lora_forward_through_a_flat_buffer_matches_twin() {
+    // y = base + alpha * (x A^T) B^T with A and B at offsets of one flat buffer.
+    let ctx = gpu();
+    let (m, n, k, rank) = (5, 12, 24, 4);
+    let x = rand(m * k, 21, 1.0);
+    let (a, b) = (rand(rank * k, 22, 0.5), rand(n * rank, 23, 0.5));
+    let base = rand(m * n, 24, 1.0);
+    let mut flat = vec![9.0f32; 3];
+    flat.extend(&a);
+    flat.extend(&b);
+    let (a_off, b_off) = (3, 3 + rank * k);
+    let h = r::matmul_forward(&x, &a, None, m, rank, k);
+    let want: Vec<f32> =
+        r::matmul_forward(&h, &b, None, m, n, rank).iter().zip(&base).map(|(l, y0)| y0 + 0.25 * l).collect();
+    let (xb, fb, yb, hb) = (
+        ctx.storage_from("x", &x),
+        ctx.storage_from("flat", &flat),
+        ctx.storage_from("y", &base),
+        ctx.storage_zeroed("h", m * rank),
+    );
+    run(&ctx, |enc| {
+        launch::matmul_forward(
+            &ctx,
+            enc,
+            &xb,
+            Weight::DenseAt(&fb, a_off),
+            None,
+            &hb,
+            m,
+            rank,
+            k,
+            OutCols::whole(rank),
+        )?;
+        let out = OutCols::whole(n).scaled(0.25).accumulated();
+        launch::matmul_forward(&ctx, enc, &hb, Weight::DenseAt(&fb, b_off), None, &yb, m, n, rank, out)
+    });
+    assert_close("lora forward", &ctx.read_f32(&yb, m * n).expect("read"), &want, 1e-5, sum_tol(k));
+}
+
+#[test]
+fn cross_entropy_backward_kernel_matches_twin() {
+    let ctx = gpu();
+    let (rows, vocab) = (4, 1001);
+    let logits = rand(rows * vocab, 31, 8.0);
+    let targets = vec![3u32, u32::MAX, 1000, 0];
+    let (want_loss, want_grad) = r::cross_entropy_backward(&logits, &targets, vocab, 1.0 / 3.0);
+    let (lb, tb, out) =
+        (ctx.storage_from("logits", &logits), ctx.storage_from("targets", &targets), ctx.storage_zeroed("loss", rows));
+    run(&ctx, |enc| launch::cross_entropy_backward(&ctx, enc, &lb, &tb, &out, rows, vocab, 1.0 / 3.0));
+    assert_close("cross_entropy_backward loss", &ctx.read_f32(&out, rows).expect("read"), &want_loss, 1e-5, 1e-5);
+    // Probabilities are at most 1; exp and the reduction order give a few ulps.
+    assert_close(
+        "cross_entropy_backward dlogits",
+        &ctx.read_f32(&lb, rows * vocab).expect("read"),
+        &want_grad,
+        1e-5,
+        1e-7,
+    );
+}
+
+#[test]
+fn rms_norm_rope_silu_backward_kernels_match_twins() {
+    let ctx = gpu();
+    for &(rows, dim) in &[(1, 1), (3, 65), (7, 200)] {
+        let x = rand(rows * dim, 41, 2.0);
+        let w = rand(dim, 42, 1.0);
+        let dy = rand(rows * dim, 43, 1.0);
+        let dx0 = rand(rows * dim, 44, 1.0);
+        let want: Vec<f32> = r::rms_norm_backward(&x, &w, &dy, 1e-5).iter().zip(&dx0).map(|(g, d)| g + d).collect();
+        let (xb, wb, gb, dxb) = (
+            ctx.storage_from("x", &x),
+            ctx.storage_from("w", &w),
+            ctx.storage_from("dy", &dy),
+            ctx.storage_from("dx", &dx0),
+        );
+        run(&ctx, |enc| launch::rms_norm_backward(&ctx, enc, &xb, &wb, &gb, &dxb, rows, dim, 1e-5));
+        assert_close(
+            &format!("rms_norm_backward {rows}x{dim}"),
+            &ctx.read_f32(&dxb, rows * dim).expect("read"),
+            &want,
+            1e-5,
+            1e-5,
+        );
+
+        let (dg, du) = (ctx.storage_zeroed("dgate", rows * dim), ctx.storage_zeroed("dup", rows * dim));
+        let ub = ctx.storage_from("up", &dx0);
+        run(&ctx, |enc| launch::silu_mul_backward(&ctx, enc, &xb, &ub, &gb, &dg, &du, rows * dim));
+        let (want_g, want_u) = r::silu_mul_backward(&x, &dx0, &dy);
+        assert_close("silu_mul_backward dgate", &ctx.read_f32(&dg, rows * dim).expect("read"), &want_g, 1e-5, 1e-6);
+        assert_close("silu_mul_backward dup", &ctx.read_f32(&du, rows * dim).expect("read"), &want_u, 1e-5, 1e-6);
+    }
+    for &(t, h, hd) in &[(1, 1, 2), (5, 3, 64), (4, 2, 130)] {
+        let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+        let table = r::rope_table(&inv, 50);
+        let positions: Vec<u32> = (0..t as u32).map(|i| (i * 7) % 5).collect();
+        let abs_pos: Vec<usize> = positions.iter().map(|&p| p as usize + 3).collect();
+        let g = rand(t * h * hd, 45, 1.0);
+        let mut want = g.clone();
+        r::rope_backward(&mut want, &table, h, hd, &abs_pos);
+        let (gb, tb, pb) =
+            (ctx.storage_from("dx", &g), ctx.storage_from("cos_sin", &table), ctx.storage_from("pos", &positions));
+        let shape = RopeShape { n_tokens: t, n_heads: h, head_dim: hd, pos_offset: 3, positions: &pb };
+        run(&ctx, |enc| launch::rope_backward(&ctx, enc, &gb, &tb, shape));
+        assert_close("rope_backward", &ctx.read_f32(&gb, g.len()).expect("read"), &want, 1e-6, 1e-6);
+    }
+}
+
+#[test]
+fn attention_backward_kernels_match_twin_on_packed_batches() {
+    let ctx = gpu();
+    // (segment lengths, heads, kv heads, head_dim): more than 64 tokens so tiles and the early
+    // stop of the key pass are exercised.
+    for (segs, h, kvh, hd) in
+        [(vec![1], 1, 1, 8), (vec![3, 2], 4, 2, 16), (vec![70, 5, 20], 2, 1, 64), (vec![9], 3, 3, 130)]
+    {
+        let t: usize = segs.iter().sum();
+        let mut key_start = Vec::new();
+        for &len in &segs {
+            let first = key_start.len();
+            key_start.extend(std::iter::repeat_n(first, len));
+        }
+        let q = rand(t * h * hd, 51, 1.0);
+        let k = rand(t * kvh * hd, 52, 1.0);
+        let v = rand(t * kvh * hd, 53, 1.0);
+        let dout = rand(q.len(), 54, 1.0);
+        let want_out = r::attention_forward(&q, &k, &v, &key_start, h, kvh, hd, 0);
+        let (want_dq, want_dk, want_dv) = r::attention_backward(&q, &k, &v, &key_start, &dout, h, kvh, hd);
+        let ks: Vec<u32> = key_start.iter().map(|&s| s as u32).collect();
+        let (qb, kb, vb, ksb) = (
+            ctx.storage_from("q", &q),
+            ctx.storage_from("k", &k),
+            ctx.storage_from("v", &v),
+            ctx.storage_from("ks", &ks),
+        );
+        let (out, stats, gb) = (
+            ctx.storage_zeroed("out", q.len()),
+            ctx.storage_zeroed("stats", 2 * t * h),
+            ctx.storage_from("dout", &dout),
+        );
+        let (dq, dk, dv) =
+            (ctx.storage_zeroed("dq", q.len()), ctx.storage_zeroed("dk", k.len()), ctx.storage_zeroed("dv", v.len()));
+        let s = AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0 };
+        run(&ctx, |enc| {
+            launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &ksb, &out, &stats, s)?;
+            let b = AttentionGrads {
+                q: &qb,
+                k: &kb,
+                v: &vb,
+                key_start: &ksb,
+                out: &out,
+                stats: &stats,
+                dout: &gb,
+                dq: &dq,
+                dk: &dk,
+                dv: &dv,
+            };
+            launch::attention_backward(&ctx, enc, b, s)
+        });
+        let label = format!("attention t{t} segs {segs:?} h{h}/{kvh} hd{hd}");
+        // Dot products of hd terms and softmax sums over up to T keys, in another order.
+        let tol = sum_tol(hd.max(t)) * 4.0;
+        assert_close(&format!("{label} out"), &ctx.read_f32(&out, q.len()).expect("read"), &want_out, 1e-4, tol);
+        assert_close(&format!("{label} dq"), &ctx.read_f32(&dq, q.len()).expect("read"), &want_dq, 1e-4, tol);
+        assert_close(&format!("{label} dk"), &ctx.read_f32(&dk, k.len()).expect("read"), &want_dk, 1e-4, tol);
+        assert_close(&format!("{label} dv"), &ctx.read_f32(&dv, v.len()).expect("read"), &want_dv, 1e-4, tol);
+    }
+}
