@@ -4,9 +4,11 @@
 //! quantized to NF4 ([`quant`]) and uploaded once to the GPU ([`gpu`]); the forward pass runs as
 //! a sequence of WGSL kernels, each with a CPU twin in [`reference`].
 
+pub mod atomic;
 pub mod error;
 pub mod gpu;
 pub mod infer;
+pub mod lora;
 pub mod model;
 pub mod quant;
 pub mod reference;

@@ -4,7 +4,8 @@
 Every expected value here comes from tools that edgetune does not contain: bitsandbytes (NF4
 codes), gguf-py (ggml block dequantization), tokenizers (a tiny trained BPE tokenizer),
 transformers (tiny random Llama/Qwen2 logits and loss, and SmolLM2-135M-Instruct loaded from its
-GGUF). Run it once after changing what it writes; CI only reads the committed fixtures.
+GGUF), and peft (LoRA adapters, their gradients and a short AdamW loss curve). Run it once after
+changing what it writes; CI only reads the committed fixtures.
 
     python3 -m venv ~/.cache/edgetune/refvenv
     ~/.cache/edgetune/refvenv/bin/pip install torch transformers bitsandbytes gguf safetensors tokenizers peft
@@ -389,6 +390,100 @@ def smollm_fixture(gguf_path):
         json.dump(out, fh, indent=1, ensure_ascii=False)
 
 
+def _peft_batch(tok, texts, prompt_lens):
+    """Right-padded (B, L) ids, attention mask and labels (-100 on padding and on each row's
+    first prompt_lens tokens, as an instruction prompt would be masked)."""
+    rows = [tok.encode(t).ids for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (r, p) in enumerate(zip(rows, prompt_lens)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, p : len(r)] = torch.tensor(r[p:])
+    return ids, mask, labels
+
+
+def peft_fixture(kind):
+    """LoRA over a tiny model with PEFT: the adapter (B set non-zero so that every gradient is
+    non-trivial), the loss and LoRA gradients of one forward/backward on a padded, prompt-masked
+    batch, and a 10-step AdamW loss curve with gradient clipping over two alternating batches."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    base_dir = os.path.join(OUT, f"tiny_{kind}")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    rslora = kind == "qwen2"  # one model per scaling rule
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", use_rslora=rslora,
+                     task_type="CAUSAL_LM")
+    pm = get_peft_model(model, cfg)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ad = os.path.join(OUT, f"peft_{kind}_adapter")
+    shutil.rmtree(ad, ignore_errors=True)
+    pm.save_pretrained(ad)
+    for extra in ("README.md",):
+        if os.path.exists(os.path.join(ad, extra)):
+            os.remove(os.path.join(ad, extra))
+    cpath = os.path.join(ad, "adapter_config.json")
+    with open(cpath) as f:
+        acfg = json.load(f)
+    acfg["base_model_name_or_path"] = f"tiny_{kind}"  # not this machine's path
+    with open(cpath, "w") as f:
+        json.dump(acfg, f, indent=2, sort_keys=True)
+
+    batch_a = _peft_batch(tok, ["Paris is the capital of France.", "The quick brown fox"], [3, 0])
+    batch_b = _peft_batch(tok, ["Hello world, hello tokens!", "A capital idea", "fox"], [2, 1, 0])
+
+    def key(n):
+        return n.replace(".default", "")
+
+    def fresh():
+        m = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        pm = PeftModel.from_pretrained(m, ad, is_trainable=True)
+        pm.train()  # dropout is 0, so train mode changes nothing but the flags
+        return pm
+
+    pm = fresh()
+    ids, mask, labels = batch_a
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    t = {"a.ids": ids.numpy(), "a.mask": mask.numpy(), "a.labels": labels.numpy()}
+    t.update({"b.ids": batch_b[0].numpy(), "b.mask": batch_b[1].numpy(), "b.labels": batch_b[2].numpy()})
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            t["grad." + key(n)] = p.grad.detach().numpy().copy()
+    meta = {"loss": repr(float(out.loss))}
+
+    pm = fresh()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    losses, norms = [], []
+    for step in range(10):
+        ids, mask, labels = batch_a if step % 2 == 0 else batch_b
+        opt.zero_grad()
+        out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)))
+        opt.step()
+        losses.append(float(out.loss))
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            t["trained." + key(n)] = p.detach().numpy().copy()
+    meta["curve"] = json.dumps(losses)
+    meta["grad_norms"] = json.dumps(norms)
+    meta["optimizer"] = json.dumps({"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01,
+                                    "max_grad_norm": 1.0, "schedule": "constant"})
+    save_file(t, os.path.join(OUT, f"peft_{kind}_expected.safetensors"), metadata=meta)
+    print(kind, "loss", meta["loss"], "curve", losses)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm", default=os.path.expanduser(
@@ -404,6 +499,7 @@ def main():
         "gguf_models": tiny_gguf_fixtures,
         "hf_variants": hf_variants_fixture,
         "smollm": lambda: smollm_fixture(a.smollm),
+        "peft": lambda: [peft_fixture(k) for k in ("llama", "qwen2")],
     }
     for name, fn in steps.items():
         if a.only in (None, name):

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::gpu::kernels::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
+use crate::lora::{GpuAdapter, Module};
 use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
 use crate::quant::nf4;
@@ -55,47 +56,71 @@ impl Default for LoadOptions {
 }
 
 #[derive(Debug)]
-enum LinearWeight {
+pub(crate) enum LinearWeight {
     Dense(wgpu::Buffer),
     Nf4 { packed: wgpu::Buffer, absmax: wgpu::Buffer, block_size: usize },
 }
 
 /// One linear layer: y = x W^T (+ b), W (n_out, n_in).
 #[derive(Debug)]
-struct Linear {
-    weight: LinearWeight,
-    bias: Option<wgpu::Buffer>,
-    n_out: usize,
-    n_in: usize,
+pub(crate) struct Linear {
+    pub(crate) weight: LinearWeight,
+    pub(crate) bias: Option<wgpu::Buffer>,
+    pub(crate) n_out: usize,
+    pub(crate) n_in: usize,
+}
+
+impl Linear {
+    pub(crate) fn weight(&self) -> Weight<'_> {
+        match &self.weight {
+            LinearWeight::Dense(b) => Weight::Dense(b),
+            LinearWeight::Nf4 { packed, absmax, block_size } => Weight::Nf4 { packed, absmax, block_size: *block_size },
+        }
+    }
 }
 
 #[derive(Debug)]
-struct Layer {
-    attn_norm: wgpu::Buffer,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    ffn_norm: wgpu::Buffer,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: wgpu::Buffer,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) ffn_norm: wgpu::Buffer,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+}
+
+impl Layer {
+    pub(crate) fn linear(&self, m: crate::lora::Module) -> &Linear {
+        use crate::lora::Module;
+        match m {
+            Module::QProj => &self.q,
+            Module::KProj => &self.k,
+            Module::VProj => &self.v,
+            Module::OProj => &self.o,
+            Module::GateProj => &self.gate,
+            Module::UpProj => &self.up,
+            Module::DownProj => &self.down,
+        }
+    }
 }
 
 /// A (vocab, dim) table stored in row chunks that each fit one storage binding: f32 for
 /// parity checks, f16 pairs otherwise (half the memory; embeddings are never quantized).
 #[derive(Debug)]
-struct Table {
-    chunks: Vec<(wgpu::Buffer, usize, usize)>, // (buffer, first row, rows)
-    dim: usize,
+pub(crate) struct Table {
+    pub(crate) chunks: Vec<(wgpu::Buffer, usize, usize)>, // (buffer, first row, rows)
+    pub(crate) dim: usize,
     f16: bool,
 }
 
 impl Table {
-    fn rows<'a>(&self, buf: &'a wgpu::Buffer) -> launch::Rows<'a> {
+    pub(crate) fn rows<'a>(&self, buf: &'a wgpu::Buffer) -> launch::Rows<'a> {
         if self.f16 { launch::Rows::F16(buf) } else { launch::Rows::F32(buf) }
     }
-    fn weight<'a>(&self, buf: &'a wgpu::Buffer) -> Weight<'a> {
+    pub(crate) fn weight<'a>(&self, buf: &'a wgpu::Buffer) -> Weight<'a> {
         if self.f16 { Weight::F16(buf) } else { Weight::Dense(buf) }
     }
 }
@@ -110,11 +135,11 @@ pub struct Model {
     pub weight_bytes: u64,
     /// KV-cache capacity in tokens.
     pub max_context: usize,
-    layers: Vec<Layer>,
-    embed: Table,
-    lm_head: Option<Table>,
-    final_norm: wgpu::Buffer,
-    cos_sin: wgpu::Buffer,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) embed: Table,
+    pub(crate) lm_head: Option<Table>,
+    pub(crate) final_norm: wgpu::Buffer,
+    pub(crate) cos_sin: wgpu::Buffer,
 }
 
 /// Per-sequence attention cache: keys and values of every past position, per layer.
@@ -281,24 +306,67 @@ impl Model {
         }
     }
 
-    fn linear(
+    /// y = x W^T (+ b), plus the LoRA update scale * (x A^T) B^T when `lora` adapts this module.
+    /// `h` is scratch of at least (m, r) floats.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn linear(
         &self,
         enc: &mut wgpu::CommandEncoder,
-        l: &Linear,
+        layer: usize,
+        module: Module,
+        lora: Option<&GpuAdapter>,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
+        h: &wgpu::Buffer,
         m: usize,
     ) -> Result<()> {
-        let w = match &l.weight {
-            LinearWeight::Dense(b) => Weight::Dense(b),
-            LinearWeight::Nf4 { packed, absmax, block_size } => Weight::Nf4 { packed, absmax, block_size: *block_size },
-        };
-        launch::matmul_forward(&self.ctx, enc, x, w, l.bias.as_ref(), y, m, l.n_out, l.n_in, OutCols::whole(l.n_out))
+        let l = self.layers[layer].linear(module);
+        let ctx = &self.ctx;
+        launch::matmul_forward(
+            ctx,
+            enc,
+            x,
+            l.weight(),
+            l.bias.as_ref(),
+            y,
+            m,
+            l.n_out,
+            l.n_in,
+            OutCols::whole(l.n_out),
+        )?;
+        if let Some((a, s)) = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s))) {
+            let r = a.layout.r;
+            launch::matmul_forward(
+                ctx,
+                enc,
+                x,
+                Weight::DenseAt(&a.params, s.a),
+                None,
+                h,
+                m,
+                r,
+                l.n_in,
+                OutCols::whole(r),
+            )?;
+            let out = OutCols::whole(l.n_out).scaled(a.scale).accumulated();
+            launch::matmul_forward(ctx, enc, h, Weight::DenseAt(&a.params, s.b), None, y, m, l.n_out, r, out)?;
+        }
+        Ok(())
     }
 
     /// Runs `ids` through the transformer at the cache's next positions and returns the final
     /// normed hidden states (T, hidden) on the GPU. The cache grows by `ids.len()`.
     pub fn forward_hidden(&self, ids: &[u32], cache: &mut KvCache) -> Result<wgpu::Buffer> {
+        self.forward_hidden_with(ids, cache, None)
+    }
+
+    /// [`Model::forward_hidden`] with a LoRA adapter applied (not merged).
+    pub fn forward_hidden_with(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&GpuAdapter>,
+    ) -> Result<wgpu::Buffer> {
         let c = &self.config;
         let t = ids.len();
         if t == 0 {
@@ -331,6 +399,7 @@ impl Model {
         let positions = ctx.storage_from("positions", &positions);
         let key_start = ctx.storage_zeroed("key start", t);
         let stats = ctx.storage_zeroed("attention stats", t * c.num_heads * 2);
+        let h_lora = ctx.storage_zeroed("lora h", t * lora.map_or(1, |a| a.layout.r));
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         for (buf, start, rows) in &self.embed.chunks {
             launch::embedding_forward(ctx, &mut enc, &ids_buf, self.embed.rows(buf), &x, t, h, *start, *rows)?;
@@ -340,9 +409,9 @@ impl Model {
         let kv_bytes = (t * kvd * 4) as u64;
         for (li, l) in self.layers.iter().enumerate() {
             launch::rms_norm_forward(ctx, &mut enc, &x, &l.attn_norm, &xn, t, h, c.rms_norm_eps)?;
-            self.linear(&mut enc, &l.q, &xn, &q, t)?;
-            self.linear(&mut enc, &l.k, &xn, &k, t)?;
-            self.linear(&mut enc, &l.v, &xn, &v, t)?;
+            self.linear(&mut enc, li, Module::QProj, lora, &xn, &q, &h_lora, t)?;
+            self.linear(&mut enc, li, Module::KProj, lora, &xn, &k, &h_lora, t)?;
+            self.linear(&mut enc, li, Module::VProj, lora, &xn, &v, &h_lora, t)?;
             let rope =
                 |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: &positions };
             launch::rope_forward(ctx, &mut enc, &q, &self.cos_sin, rope(c.num_heads))?;
@@ -357,13 +426,13 @@ impl Model {
                 pos_offset: pos,
             };
             launch::attention_forward(ctx, &mut enc, &q, &cache.k[li], &cache.v[li], &key_start, &att, &stats, shape)?;
-            self.linear(&mut enc, &l.o, &att, &proj, t)?;
+            self.linear(&mut enc, li, Module::OProj, lora, &att, &proj, &h_lora, t)?;
             launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
             launch::rms_norm_forward(ctx, &mut enc, &x, &l.ffn_norm, &xn, t, h, c.rms_norm_eps)?;
-            self.linear(&mut enc, &l.gate, &xn, &g, t)?;
-            self.linear(&mut enc, &l.up, &xn, &u, t)?;
+            self.linear(&mut enc, li, Module::GateProj, lora, &xn, &g, &h_lora, t)?;
+            self.linear(&mut enc, li, Module::UpProj, lora, &xn, &u, &h_lora, t)?;
             launch::silu_mul_forward(ctx, &mut enc, &g, &u, &act, t * inter)?;
-            self.linear(&mut enc, &l.down, &act, &proj, t)?;
+            self.linear(&mut enc, li, Module::DownProj, lora, &act, &proj, &h_lora, t)?;
             launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
         }
         launch::rms_norm_forward(ctx, &mut enc, &x, &self.final_norm, &xn, t, h, c.rms_norm_eps)?;

@@ -2,6 +2,7 @@
 pub mod config;
 pub mod gguf;
 pub mod llama;
+pub mod training;
 pub mod weights;
 
 use std::path::Path;

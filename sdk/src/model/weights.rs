@@ -162,17 +162,7 @@ impl WeightSource {
                     .ok_or_else(|| Error::MissingTensor { path: shard.path.clone(), tensor: hf_name.into() })?;
                 // read_metadata validated every offset against the file length.
                 let b = &shard.mmap[shard.data_start + t.data_offsets.0..shard.data_start + t.data_offsets.1];
-                let data: Vec<f32> = match t.dtype {
-                    Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                    Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                    Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                    other => {
-                        return Err(Error::unsupported(
-                            &shard.path,
-                            format!("dtype {other:?} of tensor `{hf_name}` (expected F32, F16 or BF16)"),
-                        ));
-                    }
-                };
+                let data = decode_floats(t.dtype, b, &shard.path, hf_name)?;
                 (data, t.shape.clone())
             }
             WeightSource::Gguf(g) => {
@@ -249,4 +239,19 @@ fn gguf_name(cfg: &ModelConfig, hf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.{kind}"))
+}
+
+/// Little-endian F32, F16 or BF16 tensor bytes as f32 values.
+pub(crate) fn decode_floats(dtype: Dtype, b: &[u8], path: &Path, name: &str) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => {
+            return Err(Error::unsupported(
+                path,
+                format!("dtype {other:?} of tensor `{name}` (expected F32, F16 or BF16)"),
+            ));
+        }
+    })
 }

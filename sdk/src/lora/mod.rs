@@ -1,0 +1,304 @@
+//! LoRA adapters: the configuration, where every A and B matrix lives in the one flat f32
+//! buffer that AdamW and the gradient norm run over, PEFT's initialization, and (in [`peft`])
+//! the PEFT adapter files.
+//!
+//! Invariant: the layout orders slots by layer, then by module in [`Module::ALL`] order, and
+//! within a slot A (r, n_in) comes before B (n_out, r), both row-major as PEFT stores them.
+
+pub mod peft;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+
+/// A linear module of a Llama-family block, by its Hugging Face name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Module {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl Module {
+    pub const ALL: [Module; 7] = [
+        Module::QProj,
+        Module::KProj,
+        Module::VProj,
+        Module::OProj,
+        Module::GateProj,
+        Module::UpProj,
+        Module::DownProj,
+    ];
+
+    /// The module's name in Hugging Face checkpoints (`q_proj`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::QProj => "q_proj",
+            Module::KProj => "k_proj",
+            Module::VProj => "v_proj",
+            Module::OProj => "o_proj",
+            Module::GateProj => "gate_proj",
+            Module::UpProj => "up_proj",
+            Module::DownProj => "down_proj",
+        }
+    }
+
+    /// The parent in the checkpoint path (`self_attn` or `mlp`).
+    pub fn parent(self) -> &'static str {
+        match self {
+            Module::QProj | Module::KProj | Module::VProj | Module::OProj => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// (n_out, n_in) of this module's weight.
+    pub fn shape(self, c: &ModelConfig) -> (usize, usize) {
+        let (h, qd, kvd, i) =
+            (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        match self {
+            Module::QProj => (qd, h),
+            Module::KProj | Module::VProj => (kvd, h),
+            Module::OProj => (h, qd),
+            Module::GateProj | Module::UpProj => (i, h),
+            Module::DownProj => (h, i),
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which linear modules get an adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// `"all-linear"`: every linear layer of every block (never lm_head), as PEFT means it.
+    Preset(String),
+    /// Module names (`q_proj`, `v_proj`, ...), matched as PEFT matches a list: by the last
+    /// component of the module path.
+    Names(Vec<String>),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::Preset("all-linear".into())
+    }
+}
+
+/// A LoRA configuration, in PEFT's terms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank.
+    pub r: usize,
+    /// Scaling numerator: the update is (alpha / r) * B A, or (alpha / sqrt(r)) * B A with rsLoRA.
+    pub alpha: f32,
+    /// Dropout on the adapter's input during training.
+    pub dropout: f32,
+    pub target_modules: TargetModules,
+    /// rsLoRA scaling (alpha / sqrt(r)).
+    pub use_rslora: bool,
+    /// Seed of A's initialization.
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.0,
+            target_modules: TargetModules::default(),
+            use_rslora: false,
+            seed: 0,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor that multiplies B A.
+    pub fn scale(&self) -> f32 {
+        if self.use_rslora { self.alpha / (self.r as f32).sqrt() } else { self.alpha / self.r as f32 }
+    }
+
+    /// Every problem with this configuration, as one error.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if self.r == 0 {
+            problems.push("r must be at least 1 (r = 0 would train nothing)".to_string());
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            problems.push(format!("alpha must be a positive number (got {})", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            problems.push(format!("dropout must be in [0, 1) (got {})", self.dropout));
+        }
+        match &self.target_modules {
+            TargetModules::Preset(p) if p != "all-linear" => {
+                problems.push(format!("target_modules `{p}`: expected \"all-linear\" or a list of module names"))
+            }
+            TargetModules::Names(n) if n.is_empty() => problems.push("target_modules is an empty list".to_string()),
+            _ => {}
+        }
+        if problems.is_empty() { Ok(()) } else { Err(Error::invalid("LoRA config", problems.join("; "))) }
+    }
+
+    /// The modules this configuration targets; an error names the targets that match nothing.
+    pub fn modules(&self) -> Result<Vec<Module>> {
+        match &self.target_modules {
+            TargetModules::Preset(_) => Ok(Module::ALL.to_vec()),
+            TargetModules::Names(names) => {
+                let mut out = Vec::new();
+                let mut unknown = Vec::new();
+                for n in names {
+                    // PEFT matches a list entry against the end of the module path.
+                    let last = n.rsplit('.').next().unwrap_or(n);
+                    match Module::ALL.iter().find(|m| m.name() == last) {
+                        Some(m) if !out.contains(m) => out.push(*m),
+                        Some(_) => {}
+                        None => unknown.push(n.clone()),
+                    }
+                }
+                if !unknown.is_empty() {
+                    return Err(Error::invalid(
+                        "target_modules",
+                        format!(
+                            "{unknown:?} match no linear module of this model (it has {})",
+                            Module::ALL.map(Module::name).join(", ")
+                        ),
+                    ));
+                }
+                out.sort();
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// One adapted linear layer and where its matrices sit in the flat buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub layer: usize,
+    pub module: Module,
+    pub n_in: usize,
+    pub n_out: usize,
+    /// Offset of A (r, n_in).
+    pub a: usize,
+    /// Offset of B (n_out, r).
+    pub b: usize,
+}
+
+/// Where every LoRA matrix of a model lives in the flat parameter buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    pub r: usize,
+    pub slots: Vec<Slot>,
+    /// `index[layer][module]` is the slot of that module, if adapted.
+    index: Vec<[Option<usize>; 7]>,
+    /// Floats in the flat buffer.
+    pub len: usize,
+}
+
+impl Layout {
+    /// The layout for `cfg`'s targets on a model.
+    pub fn new(model: &ModelConfig, cfg: &LoraConfig) -> Result<Self> {
+        cfg.validate()?;
+        let modules = cfg.modules()?;
+        let mut slots = Vec::new();
+        let mut index = vec![[None; 7]; model.num_layers];
+        let mut off = 0;
+        for (layer, row) in index.iter_mut().enumerate() {
+            for &module in &modules {
+                let (n_out, n_in) = module.shape(model);
+                row[module.index()] = Some(slots.len());
+                slots.push(Slot { layer, module, n_in, n_out, a: off, b: off + cfg.r * n_in });
+                off += cfg.r * (n_in + n_out);
+            }
+        }
+        Ok(Layout { r: cfg.r, slots, index, len: off })
+    }
+
+    /// The slot of a module, if it is adapted.
+    pub fn slot(&self, layer: usize, module: Module) -> Option<&Slot> {
+        self.index.get(layer).and_then(|row| row[module.index()]).map(|i| &self.slots[i])
+    }
+
+    /// The PEFT key of a slot's A or B matrix.
+    pub fn peft_key(slot: &Slot, b: bool) -> String {
+        format!(
+            "base_model.model.model.layers.{}.{}.{}.lora_{}.weight",
+            slot.layer,
+            slot.module.parent(),
+            slot.module.name(),
+            if b { "B" } else { "A" }
+        )
+    }
+}
+
+/// PEFT's initialization: A ~ U(-1/sqrt(n_in), 1/sqrt(n_in)) (torch's kaiming_uniform_ with
+/// a = sqrt(5)), B = 0, so the adapted model starts equal to the base. Seeded and independent of
+/// the GPU.
+pub fn init_params(layout: &Layout, seed: u64) -> Vec<f32> {
+    let mut rng = crate::infer::Rng::new(seed);
+    let mut p = vec![0f32; layout.len];
+    for s in &layout.slots {
+        let bound = 1.0 / (s.n_in as f32).sqrt();
+        for v in &mut p[s.a..s.a + layout.r * s.n_in] {
+            *v = (rng.next_f32() * 2.0 - 1.0) * bound;
+        }
+    }
+    p
+}
+
+/// An adapter on the host: its configuration, layout and flat parameters.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub config: LoraConfig,
+    pub layout: Layout,
+    pub params: Vec<f32>,
+}
+
+impl Adapter {
+    /// A freshly initialized adapter (PEFT's initialization, seeded by `config.seed`).
+    pub fn new(model: &ModelConfig, config: LoraConfig) -> Result<Self> {
+        let layout = Layout::new(model, &config)?;
+        let params = init_params(&layout, config.seed);
+        Ok(Adapter { config, layout, params })
+    }
+}
+
+/// An adapter resident on the GPU: the flat parameter buffer, its layout and scale.
+#[derive(Debug)]
+pub struct GpuAdapter {
+    pub params: wgpu::Buffer,
+    pub layout: Layout,
+    pub config: LoraConfig,
+    pub scale: f32,
+}
+
+impl GpuAdapter {
+    pub fn upload(ctx: &crate::gpu::GpuContext, adapter: &Adapter) -> Self {
+        GpuAdapter {
+            params: ctx.storage_from("lora params", &adapter.params),
+            layout: adapter.layout.clone(),
+            config: adapter.config.clone(),
+            scale: adapter.config.scale(),
+        }
+    }
+
+    /// Reads the parameters back into a host adapter.
+    pub fn download(&self, ctx: &crate::gpu::GpuContext) -> Result<Adapter> {
+        Ok(Adapter {
+            config: self.config.clone(),
+            layout: self.layout.clone(),
+            params: ctx.read_f32(&self.params, self.layout.len)?,
+        })
+    }
+}

@@ -1,0 +1,453 @@
+//! The training pass of a Llama-family model with a LoRA adapter: forward over a packed batch,
+//! the fused cross-entropy, and the hand-written backward in reverse, recorded into one command
+//! encoder. Every buffer is planned up front in a [`Workspace`] sized for the largest batch.
+//!
+//! Gradients flow to the LoRA matrices only: the base weights are frozen, so their matmuls
+//! compute dX and nothing else. With gradient checkpointing the workspace keeps each layer's
+//! input and one set of layer activations, and each layer's forward runs again just before its
+//! backward.
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
+use crate::lora::{GpuAdapter, Module};
+use crate::model::llama::Model;
+
+/// A packed batch: samples laid end to end, each attending only to itself, with positions
+/// restarting at 0 for every sample.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    pub ids: Vec<u32>,
+    /// The token each position predicts, or `u32::MAX` where there is no loss.
+    pub targets: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// First token of each token's sample.
+    pub key_start: Vec<u32>,
+}
+
+impl Batch {
+    /// Packs samples given as (token ids, train flags): `train[i]` says that token i is a target
+    /// (the loss counts predicting it from tokens 0..i), as transformers' labels != -100.
+    pub fn pack<'a>(samples: impl IntoIterator<Item = (&'a [u32], &'a [bool])>) -> Result<Batch> {
+        let mut b = Batch::default();
+        for (n, (ids, train)) in samples.into_iter().enumerate() {
+            if ids.len() != train.len() {
+                return Err(Error::invalid(
+                    "sample",
+                    format!("sample {n}: {} ids but {} train flags", ids.len(), train.len()),
+                ));
+            }
+            let start = b.ids.len() as u32;
+            for (i, &id) in ids.iter().enumerate() {
+                b.ids.push(id);
+                b.positions.push(i as u32);
+                b.key_start.push(start);
+                let next = i + 1;
+                b.targets.push(if next < ids.len() && train[next] { ids[next] } else { u32::MAX });
+            }
+        }
+        Ok(b)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Positions that carry a loss.
+    pub fn n_scored(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != u32::MAX).count()
+    }
+}
+
+/// Activations of one layer that the backward pass reads.
+#[derive(Debug)]
+struct LayerActs {
+    q: wgpu::Buffer,     // (T, H*hd) after RoPE
+    k: wgpu::Buffer,     // (T, Hkv*hd) after RoPE
+    v: wgpu::Buffer,     // (T, Hkv*hd)
+    att: wgpu::Buffer,   // (T, H*hd) attention output
+    stats: wgpu::Buffer, // (T*H, 2) log-sum-exp and delta
+    x_mid: wgpu::Buffer, // (T, C) residual stream after attention
+    gate: wgpu::Buffer,  // (T, I)
+    up: wgpu::Buffer,    // (T, I)
+}
+
+/// Every buffer of a training step, allocated once for batches of up to `capacity` tokens.
+#[derive(Debug)]
+pub struct Workspace {
+    pub capacity: usize,
+    pub checkpointing: bool,
+    ids: wgpu::Buffer,
+    targets: wgpu::Buffer,
+    positions: wgpu::Buffer,
+    key_start: wgpu::Buffer,
+    /// Layer inputs; x_in[L] is the last layer's output.
+    x_in: Vec<wgpu::Buffer>,
+    acts: Vec<LayerActs>,
+    x_tmp: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    act: wgpu::Buffer,
+    proj: wgpu::Buffer,
+    lora_h: wgpu::Buffer,
+    lora_dh: wgpu::Buffer,
+    d_res: wgpu::Buffer,
+    d_xn: wgpu::Buffer,
+    d_act: wgpu::Buffer,
+    d_gate: wgpu::Buffer,
+    d_up: wgpu::Buffer,
+    d_att: wgpu::Buffer,
+    dq: wgpu::Buffer,
+    dk: wgpu::Buffer,
+    dv: wgpu::Buffer,
+    head_rows: usize,
+    head_x: wgpu::Buffer,
+    head_dx: wgpu::Buffer,
+    head_targets: wgpu::Buffer,
+    head_loss: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    /// Per-token loss of the last batch (T).
+    pub loss: wgpu::Buffer,
+    /// Bytes of all of the above.
+    pub bytes: u64,
+}
+
+impl Model {
+    /// Floats a workspace holds (see [`Workspace`]), for memory estimates before allocating.
+    pub fn workspace_floats(&self, capacity: usize, rank: usize, checkpointing: bool) -> usize {
+        let c = &self.config;
+        let (t, h, i) = (capacity, c.hidden_size, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let per_layer = t * (2 * qd + 2 * kvd + 2 * c.num_heads + h + 2 * i);
+        let n_acts = if checkpointing { 1 } else { c.num_layers };
+        let head_rows = self.head_rows(capacity);
+        4 * t
+            + (c.num_layers + 1) * t * h
+            + n_acts * per_layer
+            + t * (h + h + i + h)                       // x_tmp, xn, act, proj
+            + 2 * t * rank.max(1)                       // lora h, dh
+            + t * (h + h + 3 * i + 2 * qd + 2 * kvd)    // gradients
+            + head_rows * (2 * h + 2 + c.vocab_size)    // head chunk
+            + t
+    }
+
+    fn head_rows(&self, capacity: usize) -> usize {
+        let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
+        capacity.min(128).min((limit / (self.config.vocab_size * 4)).max(1))
+    }
+
+    /// Allocates the buffers of a training step for batches of up to `capacity` tokens and
+    /// adapters of rank up to `rank`.
+    pub fn workspace(&self, capacity: usize, rank: usize, checkpointing: bool) -> Result<Workspace> {
+        if capacity == 0 {
+            return Err(Error::invalid("batch capacity", "must be at least one token"));
+        }
+        if capacity > self.max_context.max(1) * 64 {
+            return Err(Error::invalid(
+                "batch capacity",
+                format!("{capacity} tokens is more than this model can pack"),
+            ));
+        }
+        let c = &self.config;
+        let ctx = &self.ctx;
+        let (t, h, i) = (capacity, c.hidden_size, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let z = |label: &str, n: usize| ctx.storage_zeroed(label, n);
+        let n_acts = if checkpointing { 1 } else { c.num_layers };
+        let acts = (0..n_acts)
+            .map(|_| LayerActs {
+                q: z("q", t * qd),
+                k: z("k", t * kvd),
+                v: z("v", t * kvd),
+                att: z("att", t * qd),
+                stats: z("attention stats", t * c.num_heads * 2),
+                x_mid: z("x mid", t * h),
+                gate: z("gate", t * i),
+                up: z("up", t * i),
+            })
+            .collect();
+        let head_rows = self.head_rows(capacity);
+        let ws = Workspace {
+            capacity,
+            checkpointing,
+            ids: z("ids", t),
+            targets: z("targets", t),
+            positions: z("positions", t),
+            key_start: z("key start", t),
+            x_in: (0..=c.num_layers).map(|_| z("layer input", t * h)).collect(),
+            acts,
+            x_tmp: z("x tmp", t * h),
+            xn: z("xn", t * h),
+            act: z("act", t * i),
+            proj: z("proj", t * h),
+            lora_h: z("lora h", t * rank.max(1)),
+            lora_dh: z("lora dh", t * rank.max(1)),
+            d_res: z("d residual", t * h),
+            d_xn: z("d xn", t * h),
+            d_act: z("d act", t * i),
+            d_gate: z("d gate", t * i),
+            d_up: z("d up", t * i),
+            d_att: z("d att", t * qd),
+            dq: z("dq", t * qd),
+            dk: z("dk", t * kvd),
+            dv: z("dv", t * kvd),
+            head_rows,
+            head_x: z("head x", head_rows * h),
+            head_dx: z("head dx", head_rows * h),
+            head_targets: z("head targets", head_rows),
+            head_loss: z("head loss", head_rows),
+            logits: z("logits", head_rows * c.vocab_size),
+            loss: z("loss", t),
+            bytes: (self.workspace_floats(capacity, rank, checkpointing) * 4) as u64,
+        };
+        Ok(ws)
+    }
+
+    /// Records the forward and backward pass of `batch` into `enc`: per-token losses land in
+    /// `ws.loss`, and the LoRA gradients of the mean loss times `grad_scale * n_scored` (so
+    /// `grad_scale = 1 / n_scored` gives the mean over this batch; over an accumulation of
+    /// batches, 1 / their total) are ADDED to `grads` (the flat buffer matching `lora`).
+    pub fn forward_backward(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        ws: &Workspace,
+        batch: &Batch,
+        lora: &GpuAdapter,
+        grads: &wgpu::Buffer,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let t = batch.len();
+        let c = &self.config;
+        if t == 0 {
+            return Err(Error::invalid("batch", "is empty"));
+        }
+        if t > ws.capacity {
+            return Err(Error::invalid("batch", format!("{t} tokens exceed the workspace's {}", ws.capacity)));
+        }
+        if lora.layout.r > 0 && ws.lora_h.size() < (t * lora.layout.r * 4) as u64 {
+            return Err(Error::invalid("LoRA rank", format!("{} exceeds the workspace's", lora.layout.r)));
+        }
+        if let Some(&bad) = batch.ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+            return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        if let Some(&p) = batch.positions.iter().max()
+            && p as usize >= self.max_context
+        {
+            return Err(Error::invalid(
+                "sample length",
+                format!("a sample reaches position {p}, beyond the context of {}", self.max_context),
+            ));
+        }
+        let q = &self.ctx.queue;
+        q.write_buffer(&ws.ids, 0, bytemuck::cast_slice(&batch.ids));
+        q.write_buffer(&ws.targets, 0, bytemuck::cast_slice(&batch.targets));
+        q.write_buffer(&ws.positions, 0, bytemuck::cast_slice(&batch.positions));
+        q.write_buffer(&ws.key_start, 0, bytemuck::cast_slice(&batch.key_start));
+
+        let ctx = &self.ctx;
+        let h = c.hidden_size;
+        for (buf, start, rows) in &self.embed.chunks {
+            launch::embedding_forward(ctx, enc, &ws.ids, self.embed.rows(buf), &ws.x_in[0], t, h, *start, *rows)?;
+        }
+        for l in 0..c.num_layers {
+            let acts = &ws.acts[if ws.checkpointing { 0 } else { l }];
+            self.layer_forward(enc, ws, l, acts, &ws.x_in[l], &ws.x_in[l + 1], lora, t)?;
+        }
+        self.head_backward(enc, ws, t, grad_scale)?;
+        for l in (0..c.num_layers).rev() {
+            let acts = if ws.checkpointing {
+                self.layer_forward(enc, ws, l, &ws.acts[0], &ws.x_in[l], &ws.x_tmp, lora, t)?;
+                &ws.acts[0]
+            } else {
+                &ws.acts[l]
+            };
+            self.layer_backward(enc, ws, l, acts, lora, grads, t)?;
+        }
+        Ok(())
+    }
+
+    fn rope_shape<'a>(&self, ws: &'a Workspace, t: usize, n_heads: usize) -> RopeShape<'a> {
+        RopeShape { n_tokens: t, n_heads, head_dim: self.config.head_dim, pos_offset: 0, positions: &ws.positions }
+    }
+
+    fn attention_shape(&self, t: usize) -> AttentionShape {
+        let c = &self.config;
+        AttentionShape {
+            n_tokens: t,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            pos_offset: 0,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        ws: &Workspace,
+        l: usize,
+        a: &LayerActs,
+        x_in: &wgpu::Buffer,
+        x_out: &wgpu::Buffer,
+        lora: &GpuAdapter,
+        t: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        let ctx = &self.ctx;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let layer = &self.layers[l];
+        let bytes = (t * h * 4) as u64;
+        let lo = Some(lora);
+        launch::rms_norm_forward(ctx, enc, x_in, &layer.attn_norm, &ws.xn, t, h, c.rms_norm_eps)?;
+        self.linear(enc, l, Module::QProj, lo, &ws.xn, &a.q, &ws.lora_h, t)?;
+        self.linear(enc, l, Module::KProj, lo, &ws.xn, &a.k, &ws.lora_h, t)?;
+        self.linear(enc, l, Module::VProj, lo, &ws.xn, &a.v, &ws.lora_h, t)?;
+        launch::rope_forward(ctx, enc, &a.q, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
+        launch::rope_forward(ctx, enc, &a.k, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
+        let s = self.attention_shape(t);
+        launch::attention_forward(ctx, enc, &a.q, &a.k, &a.v, &ws.key_start, &a.att, &a.stats, s)?;
+        self.linear(enc, l, Module::OProj, lo, &a.att, &ws.proj, &ws.lora_h, t)?;
+        enc.copy_buffer_to_buffer(x_in, 0, &a.x_mid, 0, bytes);
+        launch::add_forward(ctx, enc, &ws.proj, &a.x_mid, t * h)?;
+        launch::rms_norm_forward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.xn, t, h, c.rms_norm_eps)?;
+        self.linear(enc, l, Module::GateProj, lo, &ws.xn, &a.gate, &ws.lora_h, t)?;
+        self.linear(enc, l, Module::UpProj, lo, &ws.xn, &a.up, &ws.lora_h, t)?;
+        launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;
+        self.linear(enc, l, Module::DownProj, lo, &ws.act, &ws.proj, &ws.lora_h, t)?;
+        enc.copy_buffer_to_buffer(&a.x_mid, 0, x_out, 0, bytes);
+        launch::add_forward(ctx, enc, &ws.proj, x_out, t * h)
+    }
+
+    /// Final norm, lm_head and the fused cross-entropy in row chunks (so the logits never
+    /// exceed one chunk), then the gradient back to the last layer's output in `ws.d_res`.
+    fn head_backward(&self, enc: &mut wgpu::CommandEncoder, ws: &Workspace, t: usize, grad_scale: f32) -> Result<()> {
+        let c = &self.config;
+        let ctx = &self.ctx;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        let x_last = &ws.x_in[c.num_layers];
+        launch::rms_norm_forward(ctx, enc, x_last, &self.final_norm, &ws.xn, t, h, c.rms_norm_eps)?;
+        let table = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut start = 0;
+        while start < t {
+            let rows = ws.head_rows.min(t - start);
+            enc.copy_buffer_to_buffer(&ws.xn, (start * h * 4) as u64, &ws.head_x, 0, (rows * h * 4) as u64);
+            enc.copy_buffer_to_buffer(&ws.targets, (start * 4) as u64, &ws.head_targets, 0, (rows * 4) as u64);
+            for (buf, first, n) in &table.chunks {
+                let out = OutCols::at(v, *first);
+                launch::matmul_forward(ctx, enc, &ws.head_x, table.weight(buf), None, &ws.logits, rows, *n, h, out)?;
+            }
+            launch::cross_entropy_backward(ctx, enc, &ws.logits, &ws.head_targets, &ws.head_loss, rows, v, grad_scale)?;
+            enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
+            for (ci, (buf, first, n)) in table.chunks.iter().enumerate() {
+                let dy = DyCols { buf: &ws.logits, stride: v, col_offset: *first };
+                let out = if ci == 0 { OutCols::whole(h) } else { OutCols::whole(h).accumulated() };
+                launch::matmul_backward(ctx, enc, dy, table.weight(buf), &ws.head_dx, rows, *n, h, out)?;
+            }
+            enc.copy_buffer_to_buffer(&ws.head_dx, 0, &ws.d_xn, (start * h * 4) as u64, (rows * h * 4) as u64);
+            start += rows;
+        }
+        enc.clear_buffer(&ws.d_res, 0, None);
+        launch::rms_norm_backward(ctx, enc, x_last, &self.final_norm, &ws.d_xn, &ws.d_res, t, h, c.rms_norm_eps)
+    }
+
+    /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        ws: &Workspace,
+        l: usize,
+        module: Module,
+        lora: &GpuAdapter,
+        grads: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+        accumulate: bool,
+        t: usize,
+    ) -> Result<()> {
+        let ctx = &self.ctx;
+        let lin = self.layers[l].linear(module);
+        let (n_out, n_in) = (lin.n_out, lin.n_in);
+        let out = if accumulate { OutCols::whole(n_in).accumulated() } else { OutCols::whole(n_in) };
+        launch::matmul_backward(ctx, enc, DyCols::whole(dy, n_out), lin.weight(), dx, t, n_out, n_in, out)?;
+        let Some(s) = lora.layout.slot(l, module) else { return Ok(()) };
+        let (r, scale, p) = (lora.layout.r, lora.scale, &lora.params);
+        // h = x A^T again (cheaper to recompute than to keep for every module).
+        launch::matmul_forward(ctx, enc, x, Weight::DenseAt(p, s.a), None, &ws.lora_h, t, r, n_in, OutCols::whole(r))?;
+        // dB += scale * dy^T h
+        launch::matmul_backward_w(ctx, enc, dy, &ws.lora_h, grads, s.b, t, n_out, r, scale, true)?;
+        // dh = scale * dy B
+        let out = OutCols::whole(r).scaled(scale);
+        launch::matmul_backward(
+            ctx,
+            enc,
+            DyCols::whole(dy, n_out),
+            Weight::DenseAt(p, s.b),
+            &ws.lora_dh,
+            t,
+            n_out,
+            r,
+            out,
+        )?;
+        // dA += dh^T x
+        launch::matmul_backward_w(ctx, enc, &ws.lora_dh, x, grads, s.a, t, r, n_in, 1.0, true)?;
+        // dx += dh A
+        let out = OutCols::whole(n_in).accumulated();
+        launch::matmul_backward(ctx, enc, DyCols::whole(&ws.lora_dh, r), Weight::DenseAt(p, s.a), dx, t, r, n_in, out)
+    }
+
+    /// Backward through layer `l`: on entry ws.d_res holds dL/d(layer output); on exit,
+    /// dL/d(layer input).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        ws: &Workspace,
+        l: usize,
+        a: &LayerActs,
+        lora: &GpuAdapter,
+        grads: &wgpu::Buffer,
+        t: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        let ctx = &self.ctx;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let layer = &self.layers[l];
+        let x_in = &ws.x_in[l];
+        let eps = c.rms_norm_eps;
+        // MLP.
+        launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;
+        self.linear_backward(enc, ws, l, Module::DownProj, lora, grads, &ws.act, &ws.d_res, &ws.d_act, false, t)?;
+        launch::silu_mul_backward(ctx, enc, &a.gate, &a.up, &ws.d_act, &ws.d_gate, &ws.d_up, t * i)?;
+        launch::rms_norm_forward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.xn, t, h, eps)?;
+        self.linear_backward(enc, ws, l, Module::GateProj, lora, grads, &ws.xn, &ws.d_gate, &ws.d_xn, false, t)?;
+        self.linear_backward(enc, ws, l, Module::UpProj, lora, grads, &ws.xn, &ws.d_up, &ws.d_xn, true, t)?;
+        launch::rms_norm_backward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.d_xn, &ws.d_res, t, h, eps)?;
+        // Attention.
+        self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, &ws.d_res, &ws.d_att, false, t)?;
+        let b = AttentionGrads {
+            q: &a.q,
+            k: &a.k,
+            v: &a.v,
+            key_start: &ws.key_start,
+            out: &a.att,
+            stats: &a.stats,
+            dout: &ws.d_att,
+            dq: &ws.dq,
+            dk: &ws.dk,
+            dv: &ws.dv,
+        };
+        launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
+        launch::rope_backward(ctx, enc, &ws.dq, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
+        launch::rope_backward(ctx, enc, &ws.dk, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
+        launch::rms_norm_forward(ctx, enc, x_in, &layer.attn_norm, &ws.xn, t, h, eps)?;
+        self.linear_backward(enc, ws, l, Module::QProj, lora, grads, &ws.xn, &ws.dq, &ws.d_xn, false, t)?;
+        self.linear_backward(enc, ws, l, Module::KProj, lora, grads, &ws.xn, &ws.dk, &ws.d_xn, true, t)?;
+        self.linear_backward(enc, ws, l, Module::VProj, lora, grads, &ws.xn, &ws.dv, &ws.d_xn, true, t)?;
+        launch::rms_norm_backward(ctx, enc, x_in, &layer.attn_norm, &ws.d_xn, &ws.d_res, t, h, eps)
+    }
+}
