@@ -1,6 +1,8 @@
-// One AdamW step over a flat parameter buffer, as torch.optim.AdamW computes it:
+// One AdamW step over a flat parameter buffer, as torch.optim.AdamW computes it after
+// torch.nn.utils.clip_grad_norm_:
+//   clip = min(1, max_grad_norm / (norm + 1e-6))     (1 when max_grad_norm = 0)
+//   g  = grad * grad_scale * clip
 //   p *= 1 - lr * weight_decay                      (decoupled weight decay)
-//   g  = grad * grad_scale                           (grad_scale carries global-norm clipping)
 //   m  = beta1 * m + (1 - beta1) * g
 //   v  = beta2 * v + (1 - beta2) * g^2
 //   p -= (lr / bias_c1) * m / (sqrt(v) / sqrt(bias_c2) + eps)
@@ -15,7 +17,7 @@ struct AdamwParams {
     bias_c1: f32,
     bias_c2: f32,
     grad_scale: f32,
-    _pad0: u32,
+    max_grad_norm: f32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -25,12 +27,19 @@ struct AdamwParams {
 @group(0) @binding(2) var<storage, read> grad: array<f32>;         // (N)
 @group(0) @binding(3) var<storage, read_write> m: array<f32>;      // (N)
 @group(0) @binding(4) var<storage, read_write> v: array<f32>;      // (N)
+@group(0) @binding(5) var<storage, read> norm: array<f32>;         // (1) global gradient norm
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x + gid.y * 65535u * 256u;
     if (i >= p.n) { return; }
-    let g = grad[i] * p.grad_scale;
+    // A NaN or infinite gradient norm skips the whole step: parameters and moments stay as
+    // they were, and the host, which reads the norm back, reports the skipped step.
+    let gn = norm[0];
+    if ((bitcast<u32>(gn) & 0x7f800000u) == 0x7f800000u) { return; }
+    var clip = 1.0;
+    if (p.max_grad_norm > 0.0) { clip = min(1.0, p.max_grad_norm / (gn + 1e-6)); }
+    let g = grad[i] * p.grad_scale * clip;
     let mi = p.beta1 * m[i] + (1.0 - p.beta1) * g;
     let vi = p.beta2 * v[i] + (1.0 - p.beta2) * g * g;
     m[i] = mi;

@@ -238,13 +238,69 @@ fn adamw_matches_reference_over_several_steps() {
             weight_decay: 0.01,
             step,
             grad_scale: 0.5,
+            max_grad_norm: 1.0,
         };
-        run(&ctx, |enc| launch::adamw_step(&ctx, enc, &pb, &gb, &mb, &vb, n, s));
-        r::adamw_step(&mut p, &g, &mut m, &mut v, 1e-2, (0.9, 0.999), 1e-8, 0.01, step, 0.5);
+        let (partials, norm) =
+            (ctx.storage_zeroed("partials", launch::grad_norm_groups(n)), ctx.storage_zeroed("norm", 1));
+        run(&ctx, |enc| {
+            launch::grad_norm(&ctx, enc, &gb, &partials, &norm, n)?;
+            launch::adamw_step(&ctx, enc, &pb, &gb, &mb, &vb, &norm, n, s)
+        });
+        // The norm of 1000 values in [-0.1, 0.1) is about 1.8, so clipping to 1 is active.
+        let gn = r::grad_norm(&g);
+        assert!(gn > 1.0, "the test gradient should need clipping");
+        assert_close("grad_norm", &ctx.read_f32(&norm, 1).expect("read"), &[gn], 1e-6, 0.0);
+        let clip = r::clip_coefficient(gn, 1.0);
+        r::adamw_step(&mut p, &g, &mut m, &mut v, 1e-2, (0.9, 0.999), 1e-8, 0.01, step, 0.5 * clip);
     }
     // Same f32 operations in the same order; only sqrt and division rounding may differ (1 ulp
     // each), accumulated over 5 steps of size ~lr.
     assert_close("adamw params", &ctx.read_f32(&pb, n).expect("read"), &p, 1e-6, 1e-7);
     assert_close("adamw m", &ctx.read_f32(&mb, n).expect("read"), &m, 1e-6, 1e-9);
     assert_close("adamw v", &ctx.read_f32(&vb, n).expect("read"), &v, 1e-6, 1e-12);
+}
+
+#[test]
+fn grad_norm_is_exact_over_many_workgroups_and_a_non_finite_norm_skips_adamw() {
+    let ctx = ctx();
+    for n in [1usize, 255, 256, 257, 70_001, 300_000] {
+        let g = rand(n, n as u64, 1.0);
+        let gb = ctx.storage_from("g", &g);
+        let (partials, norm) =
+            (ctx.storage_zeroed("partials", launch::grad_norm_groups(n)), ctx.storage_zeroed("norm", 1));
+        run(&ctx, |enc| launch::grad_norm(&ctx, enc, &gb, &partials, &norm, n));
+        // f32 partial sums of up to n/65536 squares, then 256-way trees: relative error well
+        // under 1e-5 for these sizes.
+        assert_close(
+            &format!("grad_norm n={n}"),
+            &ctx.read_f32(&norm, 1).expect("read"),
+            &[r::grad_norm(&g)],
+            1e-5,
+            0.0,
+        );
+    }
+    let n = 10;
+    let p = rand(n, 5, 1.0);
+    let mut g = rand(n, 6, 1.0);
+    g[3] = f32::NAN;
+    let (pb, gb, mb, vb) =
+        (ctx.storage_from("p", &p), ctx.storage_from("g", &g), ctx.storage_zeroed("m", n), ctx.storage_zeroed("v", n));
+    let (partials, norm) = (ctx.storage_zeroed("partials", 1), ctx.storage_zeroed("norm", 1));
+    let s = launch::AdamwStep {
+        lr: 0.1,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 1,
+        grad_scale: 1.0,
+        max_grad_norm: 1.0,
+    };
+    run(&ctx, |enc| {
+        launch::grad_norm(&ctx, enc, &gb, &partials, &norm, n)?;
+        launch::adamw_step(&ctx, enc, &pb, &gb, &mb, &vb, &norm, n, s)
+    });
+    assert!(ctx.read_f32(&norm, 1).expect("read")[0].is_nan(), "a NaN gradient gives a NaN norm");
+    assert_eq!(ctx.read_f32(&pb, n).expect("read"), p, "a NaN step must leave the parameters alone");
+    assert_eq!(ctx.read_f32(&mb, n).expect("read"), vec![0.0; n], "and the moments");
 }

@@ -14,6 +14,7 @@ pub mod quant;
 pub mod reference;
 pub mod session;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use session::Session;

@@ -48,6 +48,7 @@ shader!(MATMUL_NF4_M1, "matmul_nf4", "matmul_nf4.m1", [("TM", "1u")]);
 shader!(MATMUL_F16_M1, "matmul_f16", "matmul_f16.m1", [("TM", "1u")]);
 shader!(ATTENTION, "attention");
 shader!(ADAMW, "adamw");
+shader!(GRAD_NORM, "grad_norm");
 shader!(CROSS_ENTROPY_BACKWARD, "cross_entropy_backward");
 shader!(MATMUL_BACKWARD, "matmul_backward");
 shader!(MATMUL_NF4_BACKWARD, "matmul_nf4_backward");
@@ -76,6 +77,7 @@ pub const ALL_SHADERS: &[Shader] = &[
     MATMUL_F16_M1,
     ATTENTION,
     ADAMW,
+    GRAD_NORM,
     CROSS_ENTROPY_BACKWARD,
     MATMUL_BACKWARD,
     MATMUL_NF4_BACKWARD,
@@ -152,8 +154,10 @@ params!(/// every matmul kernel (`common/matmul.wgsl`)
 params!(/// `adamw.wgsl`
     AdamwParams {
         n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, bias_c1: f32, bias_c2: f32,
-        grad_scale: f32, _pad0: u32, _pad1: u32, _pad2: u32,
+        grad_scale: f32, max_grad_norm: f32, _pad1: u32, _pad2: u32,
     } = 48);
+params!(/// `grad_norm.wgsl`
+    GradNormParams { n: u32, final_pass: u32, n_groups: u32, _pad: u32 } = 16);
 params!(/// `attention.wgsl`
     AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, _pad: u32 } = 32);
 
@@ -762,11 +766,35 @@ pub mod launch {
         pub weight_decay: f32,
         /// 1-based step number, for the bias corrections.
         pub step: u32,
-        /// Multiplies every gradient first (global-norm clipping, loss scaling).
+        /// Multiplies every gradient first (loss scaling).
         pub grad_scale: f32,
+        /// Clip the global gradient norm to this (0: no clipping).
+        pub max_grad_norm: f32,
     }
 
-    /// One AdamW step over flat `param`, `grad`, `m` and `v` buffers of `n` values.
+    /// Workgroups of the first grad-norm pass for n values (its partials buffer holds this many).
+    pub fn grad_norm_groups(n: usize) -> usize {
+        n.div_ceil(256).clamp(1, 256)
+    }
+
+    /// norm[0] = the L2 norm of x (n values), through `partials` (grad_norm_groups(n) floats).
+    pub fn grad_norm(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        partials: &wgpu::Buffer,
+        norm: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<()> {
+        let g = grad_norm_groups(n);
+        let p1 = GradNormParams { n: u32_of(n, "parameters")?, final_pass: 0, n_groups: g as u32, _pad: 0 };
+        ctx.dispatch(enc, &GRAD_NORM, &p1, &[x, partials], [g as u32, 1, 1])?;
+        let p2 = GradNormParams { n: g as u32, final_pass: 1, n_groups: 1, _pad: 0 };
+        ctx.dispatch(enc, &GRAD_NORM, &p2, &[partials, norm], [1, 1, 1])
+    }
+
+    /// One AdamW step over flat `param`, `grad`, `m` and `v` buffers of `n` values, clipped by
+    /// the global gradient norm in `norm[0]` (see [`grad_norm`]); a non-finite norm skips it.
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_step(
         ctx: &GpuContext,
@@ -775,6 +803,7 @@ pub mod launch {
         grad: &wgpu::Buffer,
         m: &wgpu::Buffer,
         v: &wgpu::Buffer,
+        norm: &wgpu::Buffer,
         n: usize,
         s: AdamwStep,
     ) -> Result<()> {
@@ -792,8 +821,9 @@ pub mod launch {
             bias_c1: c1,
             bias_c2: c2,
             grad_scale: s.grad_scale,
+            max_grad_norm: s.max_grad_norm,
             ..Default::default()
         };
-        ctx.dispatch(enc, &ADAMW, &p, &[param, grad, m, v], groups_1d(p.n.div_ceil(256)))
+        ctx.dispatch(enc, &ADAMW, &p, &[param, grad, m, v, norm], groups_1d(p.n.div_ceil(256)))
     }
 }

@@ -141,6 +141,17 @@ pub fn adamw_bias_corrections(beta1: f32, beta2: f32, step: u32) -> (f32, f32) {
     ((1.0 - f64::from(beta1).powi(t)) as f32, (1.0 - f64::from(beta2).powi(t)) as f32)
 }
 
+/// The global L2 norm of a gradient buffer (accumulated in f64).
+pub fn grad_norm(g: &[f32]) -> f32 {
+    g.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32
+}
+
+/// torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm / (norm + 1e-6)); 1 when
+/// max_norm is 0 (no clipping).
+pub fn clip_coefficient(norm: f32, max_norm: f32) -> f32 {
+    if max_norm > 0.0 { (max_norm / (norm + 1e-6)).min(1.0) } else { 1.0 }
+}
+
 /// One AdamW step (torch.optim.AdamW semantics, see `shaders/adamw.wgsl`), in place.
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step(
