@@ -5,6 +5,7 @@
 //! a sequence of WGSL kernels, each with a CPU twin in [`reference`].
 
 pub mod atomic;
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod infer;

@@ -28,6 +28,9 @@ impl Message {
     }
 }
 
+/// A byte range `[start, end)` of the encoded text.
+pub type Span = (usize, usize);
+
 /// A tokenizer with its special tokens and chat template.
 #[derive(Debug)]
 pub struct Tokenizer {
@@ -214,6 +217,12 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| tok_err(&self.source, e))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with each token's byte span in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>)> {
+        let enc = self.inner.encode(text, false).map_err(|e| tok_err(&self.source, e))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Token ids of a plain prompt: [`Tokenizer::encode`] with BOS first when the vocabulary

@@ -1,0 +1,282 @@
+//! Training records from files: Alpaca, ShareGPT and OpenAI-style chat as JSON arrays or JSON
+//! lines, and plain text files or folders. Every bad record is reported with its file and line.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value as Json;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Message;
+
+/// A dataset file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Decided from the file: `.txt`/`.md` files and folders are text; JSON records by their keys.
+    #[default]
+    Auto,
+    /// `instruction`, `input`, `output`, optional `system`.
+    Alpaca,
+    /// `conversations`: a list of `{from, value}` (from: system, human/user, gpt/assistant).
+    Sharegpt,
+    /// `messages`: a list of `{role, content}`.
+    Openai,
+    /// Plain text for continued pre-training.
+    Text,
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Format::Auto),
+            "alpaca" => Ok(Format::Alpaca),
+            "sharegpt" => Ok(Format::Sharegpt),
+            "openai" | "messages" => Ok(Format::Openai),
+            "text" => Ok(Format::Text),
+            other => Err(Error::invalid(
+                "data format",
+                format!("`{other}` (expected auto, alpaca, sharegpt, openai or text)"),
+            )),
+        }
+    }
+}
+
+/// One training record before tokenization.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Chat(Vec<Message>),
+    Text(String),
+}
+
+/// A record and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sourced {
+    pub record: Record,
+    pub file: PathBuf,
+    /// 1-based line of the record (its first line in a JSON array).
+    pub line: usize,
+}
+
+/// A record that could not be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRecord {
+    pub file: PathBuf,
+    pub line: usize,
+    pub what: String,
+}
+
+impl std::fmt::Display for BadRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.file.display(), self.line, self.what)
+    }
+}
+
+/// Reads every record of a file or folder. Bad records are collected, not fatal; the caller
+/// decides (see `DataConfig::skip_bad_records`).
+pub fn read(path: &Path, format: Format) -> Result<(Vec<Sourced>, Vec<BadRecord>)> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect();
+        files.sort();
+        let mut out = (Vec::new(), Vec::new());
+        for f in files {
+            let fmt = if format == Format::Auto && !is_json(&f) { Format::Text } else { format };
+            if fmt == Format::Text && is_json(&f) {
+                continue;
+            }
+            if fmt != Format::Text && !is_json(&f) {
+                continue;
+            }
+            let (r, b) = read_file(&f, fmt)?;
+            out.0.extend(r);
+            out.1.extend(b);
+        }
+        if out.0.is_empty() && out.1.is_empty() {
+            return Err(Error::format(path, "the folder holds no data files (.json, .jsonl or text)"));
+        }
+        return Ok(out);
+    }
+    read_file(path, format)
+}
+
+fn is_json(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "jsonl"))
+}
+
+fn read_file(path: &Path, format: Format) -> Result<(Vec<Sourced>, Vec<BadRecord>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::format(path, format!("is not UTF-8 text (first bad byte at offset {})", e.utf8_error().valid_up_to()))
+    })?;
+    let format = if format == Format::Auto && !is_json(path) { Format::Text } else { format };
+    if format == Format::Text {
+        if text.trim().is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        return Ok((vec![Sourced { record: Record::Text(text), file: path.into(), line: 1 }], Vec::new()));
+    }
+    let mut values: Vec<(usize, std::result::Result<Json, String>)> = Vec::new();
+    let first = text.trim_start();
+    if first.starts_with('[') {
+        // A JSON array: parse it whole; records get the line where each element starts.
+        let arr: Json = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("line {}: invalid JSON: {e}", e.line())))?;
+        let Json::Array(items) = arr else {
+            return Err(Error::format(path, "expected a JSON array of records"));
+        };
+        let starts = element_lines(&text);
+        for (i, v) in items.into_iter().enumerate() {
+            values.push((starts.get(i).copied().unwrap_or(1), Ok(v)));
+        }
+    } else {
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            values.push((i + 1, serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))));
+        }
+    }
+    let mut records = Vec::new();
+    let mut bad = Vec::new();
+    for (line, v) in values {
+        let parsed = v.and_then(|v| record(&v, format));
+        match parsed {
+            Ok(r) => records.push(Sourced { record: r, file: path.into(), line }),
+            Err(what) => bad.push(BadRecord { file: path.into(), line, what }),
+        }
+    }
+    Ok((records, bad))
+}
+
+/// The 1-based line on which each top-level element of a JSON array starts.
+fn element_lines(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let (mut depth, mut line, mut in_str, mut esc) = (0i32, 1usize, false, false);
+    let mut expect = false;
+    for ch in text.chars() {
+        if ch == '\n' {
+            line += 1;
+        }
+        if in_str {
+            match (esc, ch) {
+                (true, _) => esc = false,
+                (false, '\\') => esc = true,
+                (false, '"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        if expect && !ch.is_whitespace() && ch != ']' {
+            out.push(line);
+            expect = false;
+        }
+        match ch {
+            '"' => in_str = true,
+            '[' | '{' => {
+                depth += 1;
+                if depth == 1 {
+                    expect = true;
+                }
+            }
+            ']' | '}' => depth -= 1,
+            ',' if depth == 1 => expect = true,
+            _ => {}
+        }
+    }
+    out
+}
+
+fn string_field(o: &serde_json::Map<String, Json>, key: &str) -> std::result::Result<Option<String>, String> {
+    match o.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("`{key}` should be a string, found {}", kind(other))),
+    }
+}
+
+fn kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "a list",
+        Json::Object(_) => "an object",
+    }
+}
+
+/// One JSON value as a record of `format` (Auto picks by keys).
+fn record(v: &Json, format: Format) -> std::result::Result<Record, String> {
+    let o = v.as_object().ok_or_else(|| format!("expected a JSON object, found {}", kind(v)))?;
+    let format = match format {
+        Format::Auto if o.contains_key("messages") => Format::Openai,
+        Format::Auto if o.contains_key("conversations") => Format::Sharegpt,
+        Format::Auto if o.contains_key("instruction") => Format::Alpaca,
+        Format::Auto if o.contains_key("text") => Format::Text,
+        Format::Auto => {
+            let keys: Vec<&String> = o.keys().collect();
+            return Err(format!(
+                "unknown format: keys {keys:?}; expected `messages` (OpenAI), `conversations` (ShareGPT), \
+                 `instruction`/`output` (Alpaca) or `text`"
+            ));
+        }
+        f => f,
+    };
+    match format {
+        Format::Alpaca => {
+            let instruction = string_field(o, "instruction")?.ok_or("missing `instruction`")?;
+            let output = string_field(o, "output")?.ok_or("missing `output`")?;
+            let input = string_field(o, "input")?.unwrap_or_default();
+            let mut msgs = Vec::new();
+            if let Some(s) = string_field(o, "system")?.filter(|s| !s.is_empty()) {
+                msgs.push(Message::new("system", s));
+            }
+            let user = if input.trim().is_empty() { instruction } else { format!("{instruction}\n\n{input}") };
+            msgs.push(Message::new("user", user));
+            msgs.push(Message::new("assistant", output));
+            Ok(Record::Chat(msgs))
+        }
+        Format::Sharegpt => {
+            let turns = o.get("conversations").and_then(Json::as_array).ok_or("`conversations` should be a list")?;
+            let mut msgs = Vec::new();
+            for (i, t) in turns.iter().enumerate() {
+                let t = t.as_object().ok_or_else(|| format!("conversations[{i}] should be an object"))?;
+                let from = string_field(t, "from")?.ok_or_else(|| format!("conversations[{i}]: missing `from`"))?;
+                let value = string_field(t, "value")?.ok_or_else(|| format!("conversations[{i}]: missing `value`"))?;
+                let role = match from.as_str() {
+                    "system" => "system",
+                    "human" | "user" => "user",
+                    "gpt" | "assistant" | "bot" => "assistant",
+                    other => {
+                        return Err(format!(
+                            "conversations[{i}]: unknown speaker `{other}` (expected system, human or gpt)"
+                        ));
+                    }
+                };
+                msgs.push(Message::new(role, value));
+            }
+            Ok(Record::Chat(msgs))
+        }
+        Format::Openai => {
+            let turns = o.get("messages").and_then(Json::as_array).ok_or("`messages` should be a list")?;
+            let mut msgs = Vec::new();
+            for (i, t) in turns.iter().enumerate() {
+                let t = t.as_object().ok_or_else(|| format!("messages[{i}] should be an object"))?;
+                let role = string_field(t, "role")?.ok_or_else(|| format!("messages[{i}]: missing `role`"))?;
+                if !matches!(role.as_str(), "system" | "user" | "assistant") {
+                    return Err(format!("messages[{i}]: unknown role `{role}` (expected system, user or assistant)"));
+                }
+                let content = string_field(t, "content")?.ok_or_else(|| format!("messages[{i}]: missing `content`"))?;
+                msgs.push(Message::new(role, content));
+            }
+            Ok(Record::Chat(msgs))
+        }
+        Format::Text => Ok(Record::Text(string_field(o, "text")?.ok_or("missing `text`")?)),
+        Format::Auto => Err("could not tell the record's format".into()),
+    }
+}

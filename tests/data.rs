@@ -1,0 +1,161 @@
+//! The data pipeline on the tiny model's tokenizer and ChatML template: formats, loss masking,
+//! cleaning, the split, packing, and a clear error (file and line) for every kind of bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::fixtures;
+use edgetune::data::{self, DataConfig, Dedup, Format, Truncation};
+use edgetune::tokenizer::Tokenizer;
+
+fn tok() -> Tokenizer {
+    Tokenizer::open(&fixtures().join("tiny_llama")).expect("tokenizer")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    p
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edgetune-data-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn cfg() -> DataConfig {
+    DataConfig { val_fraction: 0.0, ..Default::default() }
+}
+
+fn err(path: &Path, cfg: &DataConfig) -> String {
+    data::load(path, &tok(), cfg).expect_err("should fail").to_string()
+}
+
+#[test]
+fn three_chat_formats_give_the_same_tokens_and_only_the_answer_is_trained() {
+    let d = tmp("formats");
+    let alpaca = write(
+        &d,
+        "a.jsonl",
+        r#"{"instruction": "Name a capital.", "input": "", "output": "Paris is one.", "system": "Be brief."}"#,
+    );
+    let sharegpt = write(
+        &d,
+        "s.json",
+        r#"[{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a capital."}, {"from": "gpt", "value": "Paris is one."}]}]"#,
+    );
+    let openai = write(
+        &d,
+        "o.jsonl",
+        r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a capital."}, {"role": "assistant", "content": "Paris is one."}]}"#,
+    );
+    let t = tok();
+    let sets: Vec<_> =
+        [&alpaca, &sharegpt, &openai].iter().map(|p| data::load(p, &t, &cfg()).expect("loads")).collect();
+    let s = &sets[0].train[0];
+    for other in &sets[1..] {
+        assert_eq!(other.train[0].ids, s.ids);
+        assert_eq!(other.train[0].train, s.train);
+    }
+    let trained: Vec<u32> = s.ids.iter().zip(&s.train).filter(|(_, t)| **t).map(|(&i, _)| i).collect();
+    let text = t.decode(&trained).expect("decode");
+    assert!(text.starts_with("Paris is one.<|im_end|>"), "trained text: {text:?}");
+    let untrained: Vec<u32> = s.ids.iter().zip(&s.train).filter(|(_, t)| !**t).map(|(&i, _)| i).collect();
+    let prompt = t.decode(&untrained).expect("decode");
+    assert!(prompt.contains("Name a capital.") && !prompt.contains("Paris"), "untrained text: {prompt:?}");
+
+    let all = data::load(&alpaca, &t, &DataConfig { train_on: data::TrainOn::All, ..cfg() }).expect("loads");
+    assert_eq!(all.train[0].n_trained(), s.ids.len() - 1, "train_on = all trains every token but the first");
+}
+
+#[test]
+fn a_broken_json_line_names_its_file_and_line_and_can_be_skipped() {
+    let d = tmp("broken");
+    let good = r#"{"instruction": "Hi", "output": "Hello"}"#;
+    let p = write(&d, "d.jsonl", &format!("{good}\n{{\"instruction\": \"x\", \n{}\n", good.replace("Hi", "Hey")));
+    let e = err(&p, &cfg());
+    assert!(e.contains("d.jsonl") && e.contains("line 2") && e.contains("invalid JSON"), "{e}");
+    let ok = data::load(&p, &tok(), &DataConfig { skip_bad_records: true, ..cfg() }).expect("skips");
+    assert_eq!((ok.report.bad_records, ok.train.len()), (1, 2));
+}
+
+#[test]
+fn unknown_format_no_assistant_turn_and_empty_data_are_clear_errors() {
+    let d = tmp("bad");
+    let p = write(&d, "u.jsonl", "{\"question\": \"a\", \"answer\": \"b\"}\n");
+    let e = err(&p, &cfg());
+    assert!(e.contains("line 1") && e.contains("unknown format") && e.contains("question"), "{e}");
+
+    let p = write(&d, "n.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
+    let e = err(&p, &cfg());
+    assert!(e.contains("n.jsonl") && e.contains("line 1") && e.contains("no assistant turn"), "{e}");
+
+    let p = write(&d, "e.jsonl", "\n\n");
+    let e = err(&p, &cfg());
+    assert!(e.contains("e.jsonl") && e.contains("no records"), "{e}");
+
+    let e = data::load(&p, &tok(), &DataConfig { format: "yaml".parse().unwrap_or(Format::Auto), ..cfg() });
+    assert!(e.is_err());
+    assert!("yaml".parse::<Format>().expect_err("unknown").to_string().contains("expected auto, alpaca"));
+}
+
+#[test]
+fn every_sample_too_long_is_a_clear_error_and_truncation_keeps_the_start() {
+    let d = tmp("long");
+    let p = write(
+        &d,
+        "l.jsonl",
+        "{\"instruction\": \"Tell me a long story please\", \"output\": \"Once upon a time there was a fox.\"}\n",
+    );
+    let e = err(&p, &DataConfig { max_len: 8, truncation: Truncation::Drop, ..cfg() });
+    assert!(e.contains("longer than max_len = 8"), "{e}");
+    let full = data::load(&p, &tok(), &cfg()).expect("loads");
+    let n = full.train[0].ids.len();
+    let cut = data::load(&p, &tok(), &DataConfig { max_len: n - 3, ..cfg() }).expect("truncates");
+    assert_eq!(cut.report.truncated, 1);
+    assert_eq!(cut.train[0].ids[..], full.train[0].ids[..n - 3]);
+}
+
+#[test]
+fn dedup_split_text_chunks_and_packing() {
+    let d = tmp("clean");
+    let mut lines = Vec::new();
+    for i in 0..20 {
+        lines.push(format!("{{\"instruction\": \"Question {i}\", \"output\": \"Answer {i}\"}}"));
+    }
+    lines.push("{\"instruction\": \"question   0\", \"output\": \"ANSWER 0\"}".into());
+    lines.push("{\"instruction\": \"Question 1\", \"output\": \"Answer 1\"}".into());
+    let p = write(&d, "c.jsonl", &lines.join("\n"));
+    let t = tok();
+    let exact = data::load(&p, &t, &DataConfig { dedup: Dedup::Exact, ..cfg() }).expect("loads");
+    assert_eq!(exact.report.duplicates, 1);
+    let norm = data::load(&p, &t, &DataConfig { val_fraction: 0.25, seed: 3, ..Default::default() }).expect("loads");
+    assert_eq!(norm.report.duplicates, 2);
+    assert_eq!((norm.train.len(), norm.val.len()), (15, 5));
+    let again = data::load(&p, &t, &DataConfig { val_fraction: 0.25, seed: 3, ..Default::default() }).expect("loads");
+    assert_eq!(again.val, norm.val, "the split is seeded");
+    let other = data::load(&p, &t, &DataConfig { val_fraction: 0.25, seed: 4, ..Default::default() }).expect("loads");
+    assert_ne!(other.val, norm.val, "another seed, another split");
+    for v in &norm.val {
+        assert!(!norm.train.iter().any(|s| s.line == v.line), "a sample is in both splits");
+    }
+
+    let text = write(&tmp("text"), "notes.txt", &"The quick brown fox jumps over the lazy dog. ".repeat(20));
+    let chunks = data::load(&text, &t, &DataConfig { max_len: 16, ..cfg() }).expect("text loads");
+    assert!(chunks.train.len() > 2 && chunks.train.iter().all(|s| s.ids.len() <= 16));
+    let total: usize = chunks.train.iter().map(|s| s.ids.len()).sum();
+    assert_eq!(total, t.encode_prompt(&"The quick brown fox jumps over the lazy dog. ".repeat(20)).expect("enc").len());
+
+    let refs: Vec<_> = norm.train.iter().collect();
+    let cap = 40;
+    let batches = data::pack(&refs, cap);
+    let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+    seen.sort();
+    assert_eq!(seen, (0..refs.len()).collect::<Vec<_>>(), "every sample is packed once");
+    for b in &batches {
+        assert!(b.iter().map(|&i| refs[i].ids.len()).sum::<usize>() <= cap);
+    }
+}
