@@ -1,12 +1,7 @@
 // Residual add in place: y += x.
-struct AddParams {
-    n: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+#include "common/params.wgsl"
 
-@group(0) @binding(0) var<uniform> p: AddParams;
+@group(0) @binding(0) var<uniform> p: ElementwiseParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (N)
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;      // (N)
 

@@ -5,16 +5,7 @@
 // Keys are processed in tiles of 64 with an online softmax: each thread scores one key of the
 // tile, then the threads split the head dimension to accumulate the weighted values. The
 // softmax's log-sum-exp is stored per (query, head) for the backward pass.
-struct AttentionParams {
-    n_tokens: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    pos_offset: u32,
-    kv_stride: u32,   // floats per key position: n_kv_heads * head_dim
-    scale: f32,
-    _pad: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)

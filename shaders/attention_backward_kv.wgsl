@@ -5,16 +5,7 @@
 //   dk[j] = scale * sum_{t, h} dS[t, j] * q[t, h]
 // The queries that see key j are t >= j with key_start[t] <= j; key_start never decreases
 // along a packed batch, so the scan stops at the first tile that starts past j's sample.
-struct AttentionParams {
-    n_tokens: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    pos_offset: u32,
-    kv_stride: u32,
-    scale: f32,
-    _pad: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)

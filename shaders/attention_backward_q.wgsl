@@ -5,16 +5,7 @@
 //   dq[t, h]    = scale * sum_j dS[t, j] * k[j]
 // delta is stored next to the log-sum-exp for the second pass (attention_backward_kv.wgsl).
 // Keys, positions and the key_start rule are those of attention.wgsl, with pos_offset 0.
-struct AttentionParams {
-    n_tokens: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    head_dim: u32,
-    pos_offset: u32,
-    kv_stride: u32,
-    scale: f32,
-    _pad: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)

@@ -1,11 +1,6 @@
 // Softmax cross-entropy per row: loss[t] = logsumexp(logits[t, :]) - logits[t, target[t]].
 // A target of 0xFFFFFFFF marks a row that is not scored (loss 0). One workgroup per row.
-struct CrossEntropyParams {
-    n_rows: u32,
-    vocab: u32,
-    grad_scale: f32,   // used by cross_entropy_backward.wgsl only
-    _pad: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: CrossEntropyParams;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;       // (T, V)

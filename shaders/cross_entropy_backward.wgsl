@@ -4,12 +4,7 @@
 // grad_scale is 1 / (number of scored tokens in the batch), so the gradients are those of the
 // mean loss. A target of 0xFFFFFFFF marks a row that is not scored: loss 0, gradient 0. The
 // logits are never needed again, so overwriting them saves a (T, V) buffer. One workgroup per row.
-struct CrossEntropyParams {
-    n_rows: u32,
-    vocab: u32,
-    grad_scale: f32,
-    _pad: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: CrossEntropyParams;
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>; // (T, V) in, dlogits out

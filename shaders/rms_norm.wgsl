@@ -1,11 +1,6 @@
 // RMSNorm as transformers computes it in f32: y = x * rsqrt(mean(x^2) + eps) * w.
 // One workgroup per row.
-struct RmsNormParams {
-    n_rows: u32,
-    dim: u32,
-    eps: f32,
-    _pad: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: RmsNormParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (N, C)

@@ -3,12 +3,7 @@
 //   dx[i] += r * w[i] * dy[i] - x[i] * r^3 / C * sum_j (w[j] * dy[j] * x[j])
 // The result is ADDED to dx: the norm sits on a residual branch, and dx already holds the
 // gradient that flows straight through the residual connection. One workgroup per row.
-struct RmsNormParams {
-    n_rows: u32,
-    dim: u32,
-    eps: f32,
-    _pad: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: RmsNormParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (N, C)

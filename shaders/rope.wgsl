@@ -3,12 +3,7 @@
 // passes 0, 1, 2.. with the cache length as offset; packed training batches restart the
 // positions at every sample. cos/sin come from a table computed on the host in f64, so every
 // adapter gets the same angles: cos_sin[pos, i] = (cos, sin) of pos * inv_freq[i].
-struct RopeParams {
-    n_tokens: u32,
-    n_heads: u32,
-    head_dim: u32,
-    pos_offset: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: RopeParams;
 @group(0) @binding(1) var<storage, read_write> x: array<f32>;      // (T, H * hd)

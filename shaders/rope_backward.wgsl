@@ -1,11 +1,6 @@
 // Backward of RoPE, in place on dx (T, n_heads * hd): the rotation is orthogonal, so its
 // gradient is the inverse rotation (angle negated). Positions as in rope.wgsl.
-struct RopeParams {
-    n_tokens: u32,
-    n_heads: u32,
-    head_dim: u32,
-    pos_offset: u32,
-}
+#include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: RopeParams;
 @group(0) @binding(1) var<storage, read_write> dx: array<f32>;     // (T, H * hd)

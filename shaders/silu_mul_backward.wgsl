@@ -1,14 +1,9 @@
 // Backward of the SwiGLU gate out = silu(gate) * up, with s = sigmoid(gate):
 //   dup   = dout * silu(gate)
 //   dgate = dout * up * s * (1 + gate * (1 - s))
-struct SiluMulParams {
-    n: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+#include "common/params.wgsl"
 
-@group(0) @binding(0) var<uniform> p: SiluMulParams;
+@group(0) @binding(0) var<uniform> p: ElementwiseParams;
 @group(0) @binding(1) var<storage, read> gate: array<f32>;         // (N)
 @group(0) @binding(2) var<storage, read> up: array<f32>;           // (N)
 @group(0) @binding(3) var<storage, read> dout: array<f32>;         // (N)

@@ -94,6 +94,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
     ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
     ("common/embedding.wgsl", include_str!("../../../shaders/common/embedding.wgsl")),
+    ("common/params.wgsl", include_str!("../../../shaders/common/params.wgsl")),
 ];
 
 /// Expands `#include "common/x.wgsl"` lines with the shared snippets.

@@ -1,0 +1,41 @@
+// The params structs shared by a kernel and its backward (and by the elementwise kernels).
+// Each has a #[repr(C)] twin of the same name in sdk/src/gpu/kernels.rs with a size check.
+
+struct RmsNormParams {
+    n_rows: u32,
+    dim: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+struct RopeParams {
+    n_tokens: u32,
+    n_heads: u32,
+    head_dim: u32,
+    pos_offset: u32,
+}
+
+struct ElementwiseParams {
+    n: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+struct CrossEntropyParams {
+    n_rows: u32,
+    vocab: u32,
+    grad_scale: f32,   // used by cross_entropy_backward.wgsl only
+    _pad: u32,
+}
+
+struct AttentionParams {
+    n_tokens: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    pos_offset: u32,
+    kv_stride: u32,   // floats per key position: n_kv_heads * head_dim
+    scale: f32,
+    _pad: u32,
+}
