@@ -232,6 +232,13 @@ impl Model {
         if let Some(&bad) = batch.ids.iter().find(|&&i| i as usize >= c.vocab_size) {
             return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {}", c.vocab_size)));
         }
+        if lora.config.dropout > 0.0 {
+            // Refused rather than silently ignored until the dropout mask kernel exists.
+            return Err(Error::invalid(
+                "LoRA dropout",
+                format!("{} is not supported in training yet; set dropout = 0", lora.config.dropout),
+            ));
+        }
         if let Some(&p) = batch.positions.iter().max()
             && p as usize >= self.max_context
         {
