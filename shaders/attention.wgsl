@@ -3,8 +3,8 @@
 // pos_offset + t: decoding passes key_start 0 over the KV cache; a packed training batch passes
 // the first position of each token's own sample, so samples never attend to each other.
 // Keys are processed in tiles of 64 with an online softmax: each thread scores one key of the
-// tile, then the threads split the head dimension to accumulate the weighted values. The
-// softmax's log-sum-exp is stored per (query, head) for the backward pass.
+// tile and exponentiates it, then the threads split the head dimension to accumulate the
+// weighted values. The softmax's log-sum-exp is stored per (query, head) for the backward pass.
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
@@ -17,6 +17,7 @@
 
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> scores: array<f32, 64>;
+var<workgroup> probs: array<f32, 64>;
 var<workgroup> first_key: u32;
 
 @compute @workgroup_size(64)
@@ -48,11 +49,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let cnt = min(64u, n_keys - j0);
         var tile_max = run_max;
         for (var i = 0u; i < cnt; i++) { tile_max = max(tile_max, scores[i]); }
+        // Each thread exponentiates its own key's score once; all then read the weights.
+        probs[lid] = select(0.0, exp(s - tile_max), lid < cnt);
+        workgroupBarrier();
         let corr = exp(run_max - tile_max);
         run_sum *= corr;
         for (var r = 0u; r < 4u; r++) { acc[r] *= corr; }
         for (var i = 0u; i < cnt; i++) {
-            let pw = exp(scores[i] - tile_max);
+            let pw = probs[i];
             run_sum += pw;
             let vb = (j0 + i) * p.kv_stride + kvh * hd;
             for (var r = 0u; r < 4u; r++) {

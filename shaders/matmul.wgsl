@@ -1,6 +1,7 @@
-// Dense linear layer: y[m, y_col_offset + n] = alpha * sum_k x[m, k] * w[w_offset + n*K + k] (+ bias[n]).
-// w is (N, K) row-major as PyTorch stores nn.Linear weights. See common/matmul.wgsl for the
-// work split.
+// Dense linear layer over many rows: y[m, y_col_offset + n] = alpha * sum_k x[m, k] *
+// w[w_offset + n*K + k] (+ bias[n]). w is (N, K) row-major as PyTorch stores nn.Linear weights.
+// Tiled: see common/matmul.wgsl. (One row: matvec.wgsl.)
+#include "common/params.wgsl"
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -9,22 +10,17 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
+fn load_a(m: u32, k: u32) -> f32 {
+    if (m >= p.m || k >= p.k) { return 0.0; }
+    return x[m * p.k + k];
+}
+
+fn load_b(n: u32, k: u32) -> f32 {
+    if (n >= p.n || k >= p.k) { return 0.0; }
+    return w[p.w_offset + n * p.k + k];
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n0 = wg.x * NB;
-    let m0 = wg.y * TM;
-    var acc: array<f32, 32>;
-    for (var k = lid; k < p.k; k += WG) {
-        var xv: array<f32, 4>;
-        for (var r = 0u; r < TM; r++) {
-            if (m0 + r < p.m) { xv[r] = x[(m0 + r) * p.k + k]; }
-        }
-        for (var c = 0u; c < NB; c++) {
-            if (n0 + c < p.n) {
-                let wv = w[p.w_offset + (n0 + c) * p.k + k];
-                for (var r = 0u; r < TM; r++) { acc[c * TM + r] += xv[r] * wv; }
-            }
-        }
-    }
-    reduce_and_store(acc, lid, m0, n0, p.m, p.n);
+    tiled_matmul(wg, lid, p.m, p.n, p.k);
 }

@@ -1,8 +1,8 @@
-// Backward of a dense linear layer with respect to its input (the weight gets its own
-// gradient from matmul_backward_w.wgsl when it is trainable):
-//   dx[m, y_col_offset + k] (+)= alpha * sum_n dy[m, dy_col_offset + n] * w[w_offset + n*K + k].
-// A workgroup computes TM rows x NB consecutive columns of dx; its threads stride over n. See
-// common/matmul.wgsl for the reduction.
+// Input gradient of a dense linear layer: dx[m, y_col_offset + k] (+)= alpha * sum_n
+// dy[m, dy_col_offset + n] * w[w_offset + n*K + k]. Used for frozen f32 weights and for LoRA's A
+// and B (which live in the flat parameter buffer at w_offset). Tiled: see common/matmul.wgsl,
+// with the reduction over n.
+#include "common/params.wgsl"
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -11,22 +11,17 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
 
+fn load_a(m: u32, n: u32) -> f32 {
+    if (m >= p.m || n >= p.n) { return 0.0; }
+    return dy[m * p.dy_stride + p.dy_col_offset + n];
+}
+
+fn load_b(k: u32, n: u32) -> f32 {
+    if (k >= p.k || n >= p.n) { return 0.0; }
+    return w[p.w_offset + n * p.k + k];
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k0 = wg.x * NB;
-    let m0 = wg.y * TM;
-    var acc: array<f32, 32>;
-    for (var n = lid; n < p.n; n += WG) {
-        var g: array<f32, 4>;
-        for (var r = 0u; r < TM; r++) {
-            if (m0 + r < p.m) { g[r] = dy[(m0 + r) * p.dy_stride + p.dy_col_offset + n]; }
-        }
-        for (var c = 0u; c < NB; c++) {
-            if (k0 + c < p.k) {
-                let wv = w[p.w_offset + n * p.k + k0 + c];
-                for (var r = 0u; r < TM; r++) { acc[c * TM + r] += g[r] * wv; }
-            }
-        }
-    }
-    reduce_and_store(acc, lid, m0, k0, p.m, p.k);
+    tiled_matmul(wg, lid, p.m, p.k, p.n);
 }

@@ -1,7 +1,8 @@
 // Linear layer over an f16 weight stored as packed pairs (two halves per u32, the lower half
 // first), widened to f32 in the kernel; no shader-f16 support is needed. Used for lm_head and
 // other large tables. y[m, y_col_offset + n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
-// Requires K even, so a pair never straddles a row. See common/matmul.wgsl for the work split.
+// Tiled: see common/matmul.wgsl. (One row: matvec_f16.wgsl.)
+#include "common/params.wgsl"
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -10,24 +11,23 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
+// Element (n, k) of the f16 weight (K even, so a pair never straddles a row).
+fn w_at(n: u32, k: u32) -> f32 {
+    let pair = unpack2x16float(w[(n * p.k + k) / 2u]);
+    return select(pair.y, pair.x, (k & 1u) == 0u);
+}
+
+fn load_a(m: u32, k: u32) -> f32 {
+    if (m >= p.m || k >= p.k) { return 0.0; }
+    return x[m * p.k + k];
+}
+
+fn load_b(n: u32, k: u32) -> f32 {
+    if (n >= p.n || k >= p.k) { return 0.0; }
+    return w_at(n, k);
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n0 = wg.x * NB;
-    let m0 = wg.y * TM;
-    let pairs_per_row = p.k / 2u;
-    var acc: array<f32, 32>;
-    for (var j = lid; j < pairs_per_row; j += WG) {
-        let k = j * 2u;
-        var xv: array<vec2<f32>, 4>;
-        for (var r = 0u; r < TM; r++) {
-            if (m0 + r < p.m) { xv[r] = vec2<f32>(x[(m0 + r) * p.k + k], x[(m0 + r) * p.k + k + 1u]); }
-        }
-        for (var c = 0u; c < NB; c++) {
-            if (n0 + c < p.n) {
-                let wv = unpack2x16float(w[((n0 + c) * p.k + k) / 2u]);
-                for (var r = 0u; r < TM; r++) { acc[c * TM + r] += dot(xv[r], wv); }
-            }
-        }
-    }
-    reduce_and_store(acc, lid, m0, n0, p.m, p.n);
+    tiled_matmul(wg, lid, p.m, p.n, p.k);
 }

@@ -1,7 +1,7 @@
-// Backward of a linear layer over a packed-f16 weight (lm_head, tied embeddings) with respect
-// to its input: dx[m, y_col_offset + k] (+)= alpha * sum_n dy[m, dy_col_offset + n] * w[n, k].
-// Requires K even. A workgroup computes TM rows x NB columns of dx (NB/2 pairs of each weight
-// row); its threads stride over n.
+// Input gradient through a frozen f16 weight (packed pairs): dx[m, k] (+)= alpha * sum_n
+// dy[m, dy_col_offset + n] * w[n, k]. Used for the lm_head. Tiled: see common/matmul.wgsl, with
+// the reduction over n.
+#include "common/params.wgsl"
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -10,25 +10,23 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
 
+// Element (n, k) of the f16 weight (K even, so a pair never straddles a row).
+fn w_at(n: u32, k: u32) -> f32 {
+    let pair = unpack2x16float(w[(n * p.k + k) / 2u]);
+    return select(pair.y, pair.x, (k & 1u) == 0u);
+}
+
+fn load_a(m: u32, n: u32) -> f32 {
+    if (m >= p.m || n >= p.n) { return 0.0; }
+    return dy[m * p.dy_stride + p.dy_col_offset + n];
+}
+
+fn load_b(k: u32, n: u32) -> f32 {
+    if (k >= p.k || n >= p.n) { return 0.0; }
+    return w_at(n, k);
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let k0 = wg.x * NB;
-    let m0 = wg.y * TM;
-    var acc: array<f32, 32>;
-    for (var n = lid; n < p.n; n += WG) {
-        var g: array<f32, 4>;
-        for (var r = 0u; r < TM; r++) {
-            if (m0 + r < p.m) { g[r] = dy[(m0 + r) * p.dy_stride + p.dy_col_offset + n]; }
-        }
-        for (var c = 0u; c < NB; c += 2u) {
-            if (k0 + c < p.k) {
-                let wv = unpack2x16float(w[(n * p.k + k0 + c) / 2u]);
-                for (var r = 0u; r < TM; r++) {
-                    acc[c * TM + r] += g[r] * wv.x;
-                    acc[(c + 1u) * TM + r] += g[r] * wv.y;
-                }
-            }
-        }
-    }
-    reduce_and_store(acc, lid, m0, k0, p.m, p.k);
+    tiled_matmul(wg, lid, p.m, p.k, p.n);
 }

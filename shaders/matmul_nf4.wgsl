@@ -1,9 +1,9 @@
-// Linear layer over an NF4 weight, dequantized on the fly:
+// Linear layer over an NF4 weight and many rows, dequantized on the fly:
 // y[m, n] = sum_k x[m, k] * NF4_CODE[q(n, k)] * absmax[(n*K + k) / block_size] (+ bias[n]).
-// The weight never leaves 4 bits in GPU memory. Each thread takes one packed word (8 values) of
-// a row at a time. Requires K % 8 == 0 and block_size % 8 == 0, so a word never straddles a row
-// or a block. See common/matmul.wgsl for the work split.
+// The weight never leaves 4 bits in GPU memory: each element is dequantized once per workgroup
+// as the tile is staged. Tiled: see common/matmul.wgsl. (One row: matvec_nf4.wgsl.)
 #include "common/nf4.wgsl"
+#include "common/params.wgsl"
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -13,32 +13,23 @@
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
+// Element (n, k) of the NF4 weight, dequantized.
+fn w_at(n: u32, k: u32) -> f32 {
+    let flat = n * p.k + k;
+    return nf4_value(w[flat / 8u], flat % 8u) * absmax[flat / p.block_size];
+}
+
+fn load_a(m: u32, k: u32) -> f32 {
+    if (m >= p.m || k >= p.k) { return 0.0; }
+    return x[m * p.k + k];
+}
+
+fn load_b(n: u32, k: u32) -> f32 {
+    if (n >= p.n || k >= p.k) { return 0.0; }
+    return w_at(n, k);
+}
+
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let n0 = wg.x * NB;
-    let m0 = wg.y * TM;
-    let words_per_row = p.k / 8u;
-    var acc: array<f32, 32>;
-    for (var j = lid; j < words_per_row; j += WG) {
-        let k = j * 8u;
-        var xv: array<f32, 32>;                                    // (TM, 8)
-        for (var r = 0u; r < TM; r++) {
-            if (m0 + r < p.m) {
-                for (var e = 0u; e < 8u; e++) { xv[r * 8u + e] = x[(m0 + r) * p.k + k + e]; }
-            }
-        }
-        for (var c = 0u; c < NB; c++) {
-            let n = n0 + c;
-            if (n < p.n) {
-                let flat = n * p.k + k;
-                let word = w[flat / 8u];
-                let scale = absmax[flat / p.block_size];
-                for (var e = 0u; e < 8u; e++) {
-                    let wv = nf4_value(word, e) * scale;
-                    for (var r = 0u; r < TM; r++) { acc[c * TM + r] += xv[r * 8u + e] * wv; }
-                }
-            }
-        }
-    }
-    reduce_and_store(acc, lid, m0, n0, p.m, p.n);
+    tiled_matmul(wg, lid, p.m, p.n, p.k);
 }

@@ -135,7 +135,7 @@ fn sum_tol(n: usize) -> f32 {
 #[test]
 fn matmul_backward_kernels_match_twins() {
     let ctx = gpu();
-    for (i, &(m, n, k)) in [(1, 1, 8), (3, 65, 72), (5, 130, 64), (17, 9, 136)].iter().enumerate() {
+    for (i, &(m, n, k)) in [(1, 1, 8), (3, 65, 72), (5, 130, 64), (17, 9, 136), (70, 66, 80)].iter().enumerate() {
         let s = i as u64;
         let dy = rand(m * n, 100 + s, 1.0);
         let w = rand(n * k, 200 + s, 0.5);

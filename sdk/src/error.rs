@@ -54,6 +54,10 @@ pub enum Error {
     #[error("invalid {field}: {what}")]
     Invalid { field: String, what: String },
 
+    /// Training kept producing a non-finite loss or gradient.
+    #[error("training diverged at step {step}: {what}")]
+    Diverged { step: u64, what: String },
+
     /// The operation was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuContext, GpuOptions};
 use crate::infer::{self, GenerateOptions, Generated};
+use crate::lora::{Adapter, GpuAdapter, Layout};
 use crate::model::llama::{LoadOptions, Model};
 use crate::tokenizer::{Message, Tokenizer};
 
@@ -15,6 +16,8 @@ pub struct Session {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub path: PathBuf,
+    /// The LoRA adapter applied (unmerged) when generating and scoring, if any.
+    pub adapter: Option<GpuAdapter>,
 }
 
 impl Session {
@@ -32,7 +35,26 @@ impl Session {
         }
         let tokenizer = Tokenizer::open(path)?;
         let model = Model::open(ctx, path, load)?;
-        Ok(Session { model, tokenizer, path: path.to_path_buf() })
+        Ok(Session { model, tokenizer, path: path.to_path_buf(), adapter: None })
+    }
+
+    /// Applies `adapter` (unmerged) to everything this session generates and scores from now
+    /// on; `None` goes back to the base model.
+    pub fn set_adapter(&mut self, adapter: Option<&Adapter>) -> Result<()> {
+        if let Some(a) = adapter {
+            let expected = Layout::new(&self.model.config, &a.config)?;
+            if expected != a.layout || a.params.len() != a.layout.len {
+                return Err(Error::invalid("adapter", "its layout does not fit this model's shapes"));
+            }
+        }
+        self.adapter = adapter.map(|a| GpuAdapter::upload(&self.model.ctx, a));
+        Ok(())
+    }
+
+    /// Loads a PEFT adapter folder and applies it (see [`Session::set_adapter`]).
+    pub fn load_adapter(&mut self, dir: impl AsRef<Path>) -> Result<()> {
+        let a = crate::lora::peft::load(dir.as_ref(), &self.model.config)?;
+        self.set_adapter(Some(&a))
     }
 
     /// Generates a continuation of a plain prompt.
@@ -46,7 +68,7 @@ impl Session {
             return Err(Error::invalid("prompt", "is empty"));
         }
         let ids = self.tokenizer.encode_prompt(prompt)?;
-        infer::generate(&self.model, &self.tokenizer, &ids, opts, on_text)
+        infer::generate(&self.model, self.adapter.as_ref(), &self.tokenizer, &ids, opts, on_text)
     }
 
     /// Generates the assistant's reply to chat messages, rendered with the chat template.
@@ -61,7 +83,7 @@ impl Session {
         }
         let text = self.tokenizer.apply_chat_template(messages, true)?;
         let ids = self.tokenizer.encode(&text)?;
-        infer::generate(&self.model, &self.tokenizer, &ids, opts, on_text)
+        infer::generate(&self.model, self.adapter.as_ref(), &self.tokenizer, &ids, opts, on_text)
     }
 
     /// Mean next-token loss of a text (and so its perplexity, `exp(loss)`).
@@ -71,6 +93,6 @@ impl Session {
         if ids.len() > cap {
             return Err(Error::invalid("text", format!("{} tokens exceed the context of {cap}", ids.len())));
         }
-        self.model.mean_loss(&ids)
+        self.model.mean_loss_with(&ids, self.adapter.as_ref())
     }
 }

@@ -1,53 +1,71 @@
-// Shared by every matmul kernel (forward, dX and dW): the params struct and the reduction
-// epilogue. The including shader declares `p`, `bias` and `y`.
+// The tiled matrix product shared by every many-row matmul kernel (forward, dX and dW):
+//   out[r, c] = sum_j load_a(r, j) * load_b(c, j)   for r < n_rows, c < n_cols, j < n_red,
+// then the epilogue below. The including shader declares `p` (MatmulParams), `bias`, `y` and the
+// two element loaders `load_a(row, j)` and `load_b(col, j)`, which return 0 outside the matrix;
+// that is all that differs between a forward pass, an input gradient and a weight gradient, or
+// between dense, f16 and NF4 weights.
 //
-// Work split: a workgroup computes a (TM rows) x (NB columns) block of its output. Its 64
-// threads stride over the reduction dimension together, so neighbouring threads read
-// neighbouring values (coalesced on GPUs, vector loads on CPU rasterizers), each keeping
-// TM*NB partial sums; a tree reduction in workgroup memory adds the 64 partials.
+// Work split: a workgroup of 64 threads computes a BR x BC = 32 x 32 output block. The
+// reduction runs in steps of BK = 16: the threads stage a (BK, BR) slice of A and a (BK, BC)
+// slice of B in workgroup memory (each element is loaded, and an NF4 weight dequantized, once
+// per workgroup), then each thread accumulates its own 4 x 4 sub-block from there. Two barriers
+// per step and no reduction tree: this is what makes it fast on GPUs and CPU rasterizers alike.
 //
 // The epilogue writes y[row * y_stride + y_col_offset + col] = alpha * sum (+ bias[col]), or
 // adds that to y when `accumulate` is set (LoRA's second matmul, gradient accumulation).
-struct MatmulParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    has_bias: u32,
-    y_stride: u32,
-    y_col_offset: u32,
-    block_size: u32,
-    accumulate: u32,
-    alpha: f32,
-    w_offset: u32,      // first element of w (LoRA matrices live in one flat buffer)
-    dy_stride: u32,     // dX kernels: row stride of dy
-    dy_col_offset: u32, // dX kernels: first column of dy
+
+const BR: u32 = 64u;
+const BC: u32 = 64u;
+const BK: u32 = 16u;
+var<workgroup> a_tile: array<f32, 1024>;                           // (BK, BR)
+var<workgroup> b_tile: array<f32, 1024>;                           // (BK, BC)
+
+fn store4(row: u32, col: u32, v: vec4<f32>, n_rows: u32, n_cols: u32) {
+    if (row >= n_rows) { return; }
+    for (var j = 0u; j < 4u; j++) {
+        let c = col + j;
+        if (c < n_cols) {
+            var out = p.alpha * v[j];
+            if (p.has_bias != 0u) { out += bias[c]; }
+            let i = row * p.y_stride + p.y_col_offset + c;
+            if (p.accumulate != 0u) { out += y[i]; }
+            y[i] = out;
+        }
+    }
 }
 
-const TM: u32 = 4u;
-const NB: u32 = 8u;
-const WG: u32 = 64u;
-var<workgroup> red: array<f32, 2048>;                              // (TM * NB, WG)
-
-// Adds the partial sums of all threads and writes the (TM x NB) block at (r0, c0) of a
-// (n_rows, n_cols) output.
-fn reduce_and_store(acc: array<f32, 32>, lid: u32, r0: u32, c0: u32, n_rows: u32, n_cols: u32) {
-    for (var i = 0u; i < TM * NB; i++) { red[i * WG + lid] = acc[i]; }
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            for (var i = 0u; i < TM * NB; i++) { red[i * WG + lid] += red[i * WG + lid + s]; }
+fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
+    let r0 = wg.y * BR;
+    let c0 = wg.x * BC;
+    let tr = (lid / 8u) * 8u;
+    let tc = (lid % 8u) * 8u;
+    var acc: array<vec4<f32>, 16>;                                 // rows tr..tr+8, cols tc..tc+8
+    for (var j0 = 0u; j0 < n_red; j0 += BK) {
+        for (var i = lid; i < BR * BK; i += 64u) {
+            let r = i / BK;
+            let j = i % BK;
+            a_tile[j * BR + r] = load_a(r0 + r, j0 + j);
+        }
+        for (var i = lid; i < BC * BK; i += 64u) {
+            let c = i / BK;
+            let j = i % BK;
+            b_tile[j * BC + c] = load_b(c0 + c, j0 + j);
+        }
+        workgroupBarrier();
+        for (var j = 0u; j < BK; j++) {
+            let bb = j * BC + tc;
+            let b0 = vec4<f32>(b_tile[bb], b_tile[bb + 1u], b_tile[bb + 2u], b_tile[bb + 3u]);
+            let b1 = vec4<f32>(b_tile[bb + 4u], b_tile[bb + 5u], b_tile[bb + 6u], b_tile[bb + 7u]);
+            for (var r = 0u; r < 8u; r++) {
+                let a = a_tile[j * BR + tr + r];
+                acc[2u * r] += a * b0;
+                acc[2u * r + 1u] += a * b1;
+            }
         }
         workgroupBarrier();
     }
-    if (lid < TM * NB) {
-        let c = c0 + lid / TM;
-        let r = r0 + lid % TM;
-        if (c < n_cols && r < n_rows) {
-            var v = p.alpha * red[lid * WG];
-            if (p.has_bias != 0u) { v += bias[c]; }
-            let i = r * p.y_stride + p.y_col_offset + c;
-            if (p.accumulate != 0u) { v += y[i]; }
-            y[i] = v;
-        }
+    for (var r = 0u; r < 8u; r++) {
+        store4(r0 + tr + r, c0 + tc, acc[2u * r], n_rows, n_cols);
+        store4(r0 + tr + r, c0 + tc + 4u, acc[2u * r + 1u], n_rows, n_cols);
     }
 }

@@ -39,3 +39,19 @@ struct AttentionParams {
     scale: f32,
     _pad: u32,
 }
+
+// Every matmul and matvec kernel (forward, dX and dW).
+struct MatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    has_bias: u32,
+    y_stride: u32,
+    y_col_offset: u32,
+    block_size: u32,
+    accumulate: u32,
+    alpha: f32,
+    w_offset: u32,      // first element of w (LoRA matrices live in one flat buffer)
+    dy_stride: u32,     // dX kernels: row stride of dy
+    dy_col_offset: u32, // dX kernels: first column of dy
+}

@@ -43,9 +43,9 @@ shader!(MATMUL_NF4, "matmul_nf4");
 shader!(MATMUL_F16, "matmul_f16");
 // One-row variants for decoding: the 4-row kernels would spend 3/4 of their multiply-adds on
 // padding when M = 1.
-shader!(MATMUL_M1, "matmul", "matmul.m1", [("TM", "1u")]);
-shader!(MATMUL_NF4_M1, "matmul_nf4", "matmul_nf4.m1", [("TM", "1u")]);
-shader!(MATMUL_F16_M1, "matmul_f16", "matmul_f16.m1", [("TM", "1u")]);
+shader!(MATVEC, "matvec");
+shader!(MATVEC_NF4, "matvec_nf4");
+shader!(MATVEC_F16, "matvec_f16");
 shader!(ATTENTION, "attention");
 shader!(ADAMW, "adamw");
 shader!(GRAD_NORM, "grad_norm");
@@ -72,9 +72,9 @@ pub const ALL_SHADERS: &[Shader] = &[
     MATMUL,
     MATMUL_NF4,
     MATMUL_F16,
-    MATMUL_M1,
-    MATMUL_NF4_M1,
-    MATMUL_F16_M1,
+    MATVEC,
+    MATVEC_NF4,
+    MATVEC_F16,
     ATTENTION,
     ADAMW,
     GRAD_NORM,
@@ -93,6 +93,7 @@ pub const ALL_SHADERS: &[Shader] = &[
 const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
     ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
+    ("common/matvec.wgsl", include_str!("../../../shaders/common/matvec.wgsl")),
     ("common/embedding.wgsl", include_str!("../../../shaders/common/embedding.wgsl")),
     ("common/params.wgsl", include_str!("../../../shaders/common/params.wgsl")),
 ];
@@ -580,26 +581,26 @@ pub mod launch {
     ) -> Result<()> {
         let mut p = matmul_params(m, n, k, out)?;
         p.has_bias = bias.is_some() as u32;
+        // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
+        // tiled kernels, 32 x 32 outputs per workgroup.
         let one_row = m == 1;
-        let groups = [p.n.div_ceil(8), p.m.div_ceil(4), 1];
+        let groups = if one_row { [p.n.div_ceil(8), 1, 1] } else { [p.n.div_ceil(64), p.m.div_ceil(64), 1] };
         // The bias binding must exist even when unused; x serves as a harmless dummy.
         let b = bias.unwrap_or(x);
         match w {
-            Weight::Dense(w) => {
-                ctx.dispatch(enc, if one_row { &MATMUL_M1 } else { &MATMUL }, &p, &[x, w, b, y], groups)
-            }
+            Weight::Dense(w) => ctx.dispatch(enc, if one_row { &MATVEC } else { &MATMUL }, &p, &[x, w, b, y], groups),
             Weight::DenseAt(w, offset) => {
                 p.w_offset = u32_of(offset, "weight offset")?;
-                ctx.dispatch(enc, if one_row { &MATMUL_M1 } else { &MATMUL }, &p, &[x, w, b, y], groups)
+                ctx.dispatch(enc, if one_row { &MATVEC } else { &MATMUL }, &p, &[x, w, b, y], groups)
             }
             Weight::F16(w) => {
                 check_f16(k)?;
-                ctx.dispatch(enc, if one_row { &MATMUL_F16_M1 } else { &MATMUL_F16 }, &p, &[x, w, b, y], groups)
+                ctx.dispatch(enc, if one_row { &MATVEC_F16 } else { &MATMUL_F16 }, &p, &[x, w, b, y], groups)
             }
             Weight::Nf4 { packed, absmax, block_size } => {
                 check_nf4(k, block_size)?;
                 p.block_size = u32_of(block_size, "block size")?;
-                let shader = if one_row { &MATMUL_NF4_M1 } else { &MATMUL_NF4 };
+                let shader = if one_row { &MATVEC_NF4 } else { &MATMUL_NF4 };
                 ctx.dispatch(enc, shader, &p, &[x, packed, absmax, b, y], groups)
             }
         }
@@ -623,7 +624,7 @@ pub mod launch {
         let mut p = matmul_params(m, n, k, out)?;
         p.dy_stride = u32_of(dy.stride, "dy stride")?;
         p.dy_col_offset = u32_of(dy.col_offset, "dy column")?;
-        let groups = [p.k.div_ceil(8), p.m.div_ceil(4), 1];
+        let groups = [p.k.div_ceil(64), p.m.div_ceil(64), 1];
         let g = dy.buf;
         match w {
             Weight::Dense(w) => ctx.dispatch(enc, &MATMUL_BACKWARD, &p, &[g, w, g, dx], groups),
@@ -661,7 +662,7 @@ pub mod launch {
     ) -> Result<()> {
         let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
         let p = matmul_params(m, n, k, out)?;
-        ctx.dispatch(enc, &MATMUL_BACKWARD_W, &p, &[dy, x, dy, dw], [p.k.div_ceil(8), p.n.div_ceil(4), 1])
+        ctx.dispatch(enc, &MATMUL_BACKWARD_W, &p, &[dy, x, dy, dw], [p.k.div_ceil(64), p.n.div_ceil(64), 1])
     }
 
     /// Shapes of an attention call.

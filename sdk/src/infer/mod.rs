@@ -2,6 +2,7 @@
 //! stop strings, token limit) and streaming through a callback.
 
 use crate::error::{Error, Result};
+use crate::lora::GpuAdapter;
 use crate::model::llama::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -65,6 +66,14 @@ pub struct Generated {
 pub struct Rng(u64);
 
 impl Rng {
+    /// The generator's whole state, to save in a checkpoint.
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+    /// A generator continuing from a saved [`Rng::state`].
+    pub fn from_state(state: u64) -> Self {
+        Rng(state)
+    }
     pub fn new(seed: u64) -> Self {
         let mut r = Rng(seed.wrapping_add(0x853c_49e6_748f_ea9b));
         r.next_u32();
@@ -121,10 +130,11 @@ pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
     idx[idx.len() - 1]
 }
 
-/// Generates from prompt token ids, calling `on_text` with each new piece of text; returning
+/// Generates from prompt token ids (with `lora` applied, if given), calling `on_text` with each new piece of text; returning
 /// `false` from it stops generation.
 pub fn generate(
     model: &Model,
+    lora: Option<&GpuAdapter>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
@@ -144,7 +154,7 @@ pub fn generate(
             format!("{} tokens do not fit the context of {}", prompt_ids.len(), cache.capacity),
         ));
     }
-    let mut logits = model.next_logits(prompt_ids, &mut cache)?;
+    let mut logits = model.next_logits_with(prompt_ids, &mut cache, lora)?;
     let mut out: Vec<u32> = Vec::new();
     let mut text = String::new();
     let stop_reason = loop {
@@ -180,7 +190,7 @@ pub fn generate(
         if cache.len >= cache.capacity {
             break StopReason::ContextFull;
         }
-        logits = model.next_logits(&[next], &mut cache)?;
+        logits = model.next_logits_with(&[next], &mut cache, lora)?;
     };
     Ok(Generated { text, token_ids: out, prompt_tokens: prompt_ids.len(), stop_reason })
 }

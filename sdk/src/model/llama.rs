@@ -135,6 +135,9 @@ pub struct Model {
     pub weight_bytes: u64,
     /// KV-cache capacity in tokens.
     pub max_context: usize,
+    /// A hash of the source weights (names, shapes and sampled values), so that a training
+    /// checkpoint can tell the model it was made with from another one.
+    pub fingerprint: u64,
     pub(crate) layers: Vec<Layer>,
     pub(crate) embed: Table,
     pub(crate) lm_head: Option<Table>,
@@ -158,18 +161,35 @@ struct Uploader<'a> {
     cfg: &'a ModelConfig,
     opts: &'a LoadOptions,
     bytes: u64,
+    /// FNV-1a over every tensor's name, length and a strided sample of its values.
+    hash: u64,
 }
 
 impl Uploader<'_> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let v = self.src.get(self.cfg, name, shape)?;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes {
+                self.hash = (self.hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        feed(name.as_bytes());
+        feed(&(v.len() as u64).to_le_bytes());
+        for x in v.iter().step_by(61) {
+            feed(&x.to_bits().to_le_bytes());
+        }
+        Ok(v)
+    }
+
     fn vector(&mut self, name: &str, n: usize) -> Result<wgpu::Buffer> {
-        let v = self.src.get(self.cfg, name, &[n])?;
+        let v = self.get(name, &[n])?;
         self.bytes += (n * 4) as u64;
         Ok(self.ctx.storage_from(name, &v))
     }
 
     fn linear(&mut self, prefix: &str, n_out: usize, n_in: usize, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        let w = self.src.get(self.cfg, &name, &[n_out, n_in])?;
+        let w = self.get(&name, &[n_out, n_in])?;
         let bs = self.opts.block_size;
         // The NF4 kernel reads whole packed words of 8 values, so rows must hold whole words
         // (every real model's do); other shapes stay dense.
@@ -201,7 +221,7 @@ impl Uploader<'_> {
     }
 
     fn table(&mut self, name: &str, rows: usize, dim: usize) -> Result<Table> {
-        let data = self.src.get(self.cfg, name, &[rows, dim])?;
+        let data = self.get(name, &[rows, dim])?;
         // f16 pairs need an even row length so that no pair straddles two rows.
         let f16 = self.opts.quant == Quant::Nf4 && self.opts.f16_tables && dim.is_multiple_of(2);
         let elem = if f16 { 2 } else { 4 };
@@ -231,7 +251,7 @@ impl Model {
     pub fn load(ctx: Arc<GpuContext>, config: ModelConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let mut up = Uploader { ctx: &ctx, src, cfg: c, opts, bytes: 0 };
+        let mut up = Uploader { ctx: &ctx, src, cfg: c, opts, bytes: 0, hash: 0xcbf2_9ce4_8422_2325 };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -257,6 +277,7 @@ impl Model {
         let cos_sin = ctx.storage_from("rope cos/sin", &table);
         let weight_bytes = up.bytes;
         Ok(Model {
+            fingerprint: up.hash,
             config,
             ctx,
             quant: opts.quant,
@@ -474,7 +495,12 @@ impl Model {
 
     /// Runs `ids` and returns the logits of the last position.
     pub fn next_logits(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let hidden = self.forward_hidden(ids, cache)?;
+        self.next_logits_with(ids, cache, None)
+    }
+
+    /// [`Model::next_logits`] with a LoRA adapter applied (not merged).
+    pub fn next_logits_with(&self, ids: &[u32], cache: &mut KvCache, lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
+        let hidden = self.forward_hidden_with(ids, cache, lora)?;
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let logits = self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?;
         self.ctx.queue.submit([enc.finish()]);
@@ -483,8 +509,13 @@ impl Model {
 
     /// Logits for every position of `ids` (T, vocab), from a fresh cache.
     pub fn all_logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.all_logits_with(ids, None)
+    }
+
+    /// [`Model::all_logits`] with a LoRA adapter applied (not merged).
+    pub fn all_logits_with(&self, ids: &[u32], lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
         let mut cache = self.new_cache();
-        let hidden = self.forward_hidden(ids, &mut cache)?;
+        let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let logits = self.logits_gpu(&mut enc, &hidden, 0, ids.len())?;
         self.ctx.queue.submit([enc.finish()]);
@@ -495,11 +526,16 @@ impl Model {
     /// transformers' `labels=ids` computes it. Logits are formed in row chunks so that no
     /// buffer exceeds the binding limit.
     pub fn mean_loss(&self, ids: &[u32]) -> Result<f32> {
+        self.mean_loss_with(ids, None)
+    }
+
+    /// [`Model::mean_loss`] with a LoRA adapter applied (not merged).
+    pub fn mean_loss_with(&self, ids: &[u32], lora: Option<&GpuAdapter>) -> Result<f32> {
         if ids.len() < 2 {
             return Err(Error::invalid("text", "needs at least two tokens to score"));
         }
         let mut cache = self.new_cache();
-        let hidden = self.forward_hidden(ids, &mut cache)?;
+        let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let v = self.config.vocab_size;
         let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
         let chunk = (limit / (v * 4)).clamp(1, 256);

@@ -218,6 +218,51 @@ impl Model {
         grads: &wgpu::Buffer,
         grad_scale: f32,
     ) -> Result<()> {
+        if lora.config.dropout > 0.0 {
+            // Refused rather than silently ignored until the dropout mask kernel exists.
+            return Err(Error::invalid(
+                "LoRA dropout",
+                format!("{} is not supported in training yet; set dropout = 0", lora.config.dropout),
+            ));
+        }
+        let t = self.forward_layers(enc, ws, batch, lora, true)?;
+        self.head_backward(enc, ws, t, grad_scale)?;
+        for l in (0..self.config.num_layers).rev() {
+            let acts = if ws.checkpointing {
+                self.layer_forward(enc, ws, l, &ws.acts[0], &ws.x_in[l], &ws.x_tmp, lora, t)?;
+                &ws.acts[0]
+            } else {
+                &ws.acts[l]
+            };
+            self.layer_backward(enc, ws, l, acts, lora, grads, t)?;
+        }
+        Ok(())
+    }
+
+    /// Records the forward pass of `batch` only (no gradients, no dropout): per-token losses
+    /// land in `ws.loss`, as in [`Model::forward_backward`]. For evaluation.
+    pub fn forward_loss(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        ws: &Workspace,
+        batch: &Batch,
+        lora: &GpuAdapter,
+    ) -> Result<()> {
+        let t = self.forward_layers(enc, ws, batch, lora, false)?;
+        self.head_loss(enc, ws, t)
+    }
+
+    /// Checks the batch, writes its inputs and records the embedding and every layer's
+    /// forward; `keep` keeps each layer's activations for the backward pass (without
+    /// checkpointing). Returns the batch's token count.
+    fn forward_layers(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        ws: &Workspace,
+        batch: &Batch,
+        lora: &GpuAdapter,
+        keep: bool,
+    ) -> Result<usize> {
         let t = batch.len();
         let c = &self.config;
         if t == 0 {
@@ -231,13 +276,6 @@ impl Model {
         }
         if let Some(&bad) = batch.ids.iter().find(|&&i| i as usize >= c.vocab_size) {
             return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {}", c.vocab_size)));
-        }
-        if lora.config.dropout > 0.0 {
-            // Refused rather than silently ignored until the dropout mask kernel exists.
-            return Err(Error::invalid(
-                "LoRA dropout",
-                format!("{} is not supported in training yet; set dropout = 0", lora.config.dropout),
-            ));
         }
         if let Some(&p) = batch.positions.iter().max()
             && p as usize >= self.max_context
@@ -259,20 +297,10 @@ impl Model {
             launch::embedding_forward(ctx, enc, &ws.ids, self.embed.rows(buf), &ws.x_in[0], t, h, *start, *rows)?;
         }
         for l in 0..c.num_layers {
-            let acts = &ws.acts[if ws.checkpointing { 0 } else { l }];
+            let acts = &ws.acts[if ws.checkpointing || !keep { 0 } else { l }];
             self.layer_forward(enc, ws, l, acts, &ws.x_in[l], &ws.x_in[l + 1], lora, t)?;
         }
-        self.head_backward(enc, ws, t, grad_scale)?;
-        for l in (0..c.num_layers).rev() {
-            let acts = if ws.checkpointing {
-                self.layer_forward(enc, ws, l, &ws.acts[0], &ws.x_in[l], &ws.x_tmp, lora, t)?;
-                &ws.acts[0]
-            } else {
-                &ws.acts[l]
-            };
-            self.layer_backward(enc, ws, l, acts, lora, grads, t)?;
-        }
-        Ok(())
+        Ok(t)
     }
 
     fn rope_shape<'a>(&self, ws: &'a Workspace, t: usize, n_heads: usize) -> RopeShape<'a> {
@@ -340,12 +368,7 @@ impl Model {
         let mut start = 0;
         while start < t {
             let rows = ws.head_rows.min(t - start);
-            enc.copy_buffer_to_buffer(&ws.xn, (start * h * 4) as u64, &ws.head_x, 0, (rows * h * 4) as u64);
-            enc.copy_buffer_to_buffer(&ws.targets, (start * 4) as u64, &ws.head_targets, 0, (rows * 4) as u64);
-            for (buf, first, n) in &table.chunks {
-                let out = OutCols::at(v, *first);
-                launch::matmul_forward(ctx, enc, &ws.head_x, table.weight(buf), None, &ws.logits, rows, *n, h, out)?;
-            }
+            self.head_logits(enc, ws, start, rows)?;
             launch::cross_entropy_backward(ctx, enc, &ws.logits, &ws.head_targets, &ws.head_loss, rows, v, grad_scale)?;
             enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
             for (ci, (buf, first, n)) in table.chunks.iter().enumerate() {
@@ -358,6 +381,38 @@ impl Model {
         }
         enc.clear_buffer(&ws.d_res, 0, None);
         launch::rms_norm_backward(ctx, enc, x_last, &self.final_norm, &ws.d_xn, &ws.d_res, t, h, c.rms_norm_eps)
+    }
+
+    /// Final norm, lm_head and the cross-entropy (forward only) in row chunks; per-token losses
+    /// into `ws.loss`.
+    fn head_loss(&self, enc: &mut wgpu::CommandEncoder, ws: &Workspace, t: usize) -> Result<()> {
+        let c = &self.config;
+        let ctx = &self.ctx;
+        let (h, v) = (c.hidden_size, c.vocab_size);
+        launch::rms_norm_forward(ctx, enc, &ws.x_in[c.num_layers], &self.final_norm, &ws.xn, t, h, c.rms_norm_eps)?;
+        let mut start = 0;
+        while start < t {
+            let rows = ws.head_rows.min(t - start);
+            self.head_logits(enc, ws, start, rows)?;
+            launch::cross_entropy_forward(ctx, enc, &ws.logits, &ws.head_targets, &ws.head_loss, rows, v)?;
+            enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
+            start += rows;
+        }
+        Ok(())
+    }
+
+    /// Logits of rows `start..start + rows` of `ws.xn` into `ws.logits`, and their targets into
+    /// `ws.head_targets`.
+    fn head_logits(&self, enc: &mut wgpu::CommandEncoder, ws: &Workspace, start: usize, rows: usize) -> Result<()> {
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        enc.copy_buffer_to_buffer(&ws.xn, (start * h * 4) as u64, &ws.head_x, 0, (rows * h * 4) as u64);
+        enc.copy_buffer_to_buffer(&ws.targets, (start * 4) as u64, &ws.head_targets, 0, (rows * 4) as u64);
+        let table = self.lm_head.as_ref().unwrap_or(&self.embed);
+        for (buf, first, n) in &table.chunks {
+            let out = OutCols::at(v, *first);
+            launch::matmul_forward(&self.ctx, enc, &ws.head_x, table.weight(buf), None, &ws.logits, rows, *n, h, out)?;
+        }
+        Ok(())
     }
 
     /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`).

@@ -1,3 +1,8 @@
-//! Training: the optimizer over the flat LoRA buffers and the learning-rate schedules.
+//! Training: the loop ([`trainer`]), checkpoints, the optimizer over the flat LoRA buffers and
+//! the learning-rate schedules.
+pub mod checkpoint;
 pub mod optimizer;
 pub mod schedule;
+pub mod trainer;
+
+pub use trainer::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer};

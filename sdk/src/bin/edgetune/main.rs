@@ -1,8 +1,11 @@
-//! The `edgetune` command line: inspect a model, generate text, score a text file.
+//! The `edgetune` command line: inspect a model, generate text (with or without an adapter),
+//! score a text file, fine-tune a LoRA adapter and export checkpoints.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+mod train;
 
 use clap::{Parser, Subcommand};
 use edgetune::gpu::GpuOptions;
@@ -10,13 +13,14 @@ use edgetune::infer::GenerateOptions;
 use edgetune::model::llama::{LoadOptions, Quant};
 use edgetune::tokenizer::Message;
 use edgetune::{Error, Result, Session};
+use train::TrainArgs;
 
 #[derive(Parser)]
 #[command(name = "edgetune", version, about = "Fine-tune and run LLMs on any GPU (WGSL on wgpu)")]
 struct Cli {
-    /// Adapter to use (substring of its name); default: EDGETUNE_ADAPTER, else a discrete GPU.
+    /// GPU to use (substring of its adapter name); default: EDGETUNE_ADAPTER, else a discrete GPU.
     #[arg(long, global = true)]
-    adapter: Option<String>,
+    gpu: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -32,6 +36,9 @@ struct ModelArgs {
     /// KV-cache capacity in tokens.
     #[arg(long, default_value_t = 2048)]
     max_context: usize,
+    /// A PEFT LoRA adapter folder to apply (unmerged).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -45,8 +52,12 @@ enum Cmd {
     Generate {
         #[command(flatten)]
         m: ModelArgs,
-        #[arg(long)]
-        prompt: String,
+        /// The prompt (or use --prompts-file).
+        #[arg(long, required_unless_present = "prompts_file")]
+        prompt: Option<String>,
+        /// A file with one prompt per line, each answered in turn by the same loaded model.
+        #[arg(long, conflicts_with = "prompt")]
+        prompts_file: Option<PathBuf>,
         /// Render the prompt as a user message with the model's chat template.
         #[arg(long)]
         chat: bool,
@@ -76,6 +87,22 @@ enum Cmd {
     },
     /// Show the GPU adapter edgetune would use.
     Gpu,
+    /// Fine-tune a LoRA adapter on a dataset (settings from --config, then the flags).
+    Train(Box<TrainArgs>),
+    /// Write a training checkpoint's adapter as a PEFT adapter folder.
+    Export {
+        /// The model the checkpoint was trained on (for the shapes and the base model name).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The PEFT adapter folder to write.
+        #[arg(long)]
+        output: PathBuf,
+        /// Export the last parameters rather than the best ones by validation loss.
+        #[arg(long)]
+        last: bool,
+    },
     /// Forward throughput (prefill and decode tokens/s) and GPU memory.
     Bench {
         #[command(flatten)]
@@ -94,11 +121,15 @@ enum Cmd {
 
 fn load(m: &ModelArgs, gpu: &GpuOptions) -> Result<Session> {
     let load = LoadOptions { quant: m.quant, max_context: m.max_context, ..Default::default() };
-    Session::open(&m.model, gpu, &load)
+    let mut s = Session::open(&m.model, gpu, &load)?;
+    if let Some(dir) = &m.adapter {
+        s.load_adapter(dir)?;
+    }
+    Ok(s)
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let gpu = GpuOptions { adapter: cli.adapter };
+    let gpu = GpuOptions { adapter: cli.gpu };
     match cli.cmd {
         Cmd::Gpu => {
             let ctx = edgetune::gpu::GpuContext::new(&gpu)?;
@@ -152,7 +183,21 @@ fn run(cli: Cli) -> Result<()> {
                 (params * 4) as f64 / 1048576.0
             );
         }
-        Cmd::Generate { m, prompt, chat, system, max_tokens, temperature, top_k, top_p, seed, stop } => {
+        Cmd::Generate { m, prompt, prompts_file, chat, system, max_tokens, temperature, top_k, top_p, seed, stop } => {
+            let prompts = match (prompt, prompts_file) {
+                (Some(p), _) => vec![p],
+                (None, Some(file)) => {
+                    let text =
+                        std::fs::read_to_string(&file).map_err(|e| Error::Io { path: file.clone(), source: e })?;
+                    let list: Vec<String> =
+                        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+                    if list.is_empty() {
+                        return Err(Error::Format { path: file, what: "holds no prompts (one per line)".into() });
+                    }
+                    list
+                }
+                (None, None) => unreachable!("clap requires --prompt or --prompts-file"),
+            };
             let s = load(&m, &gpu)?;
             let opts = GenerateOptions { max_new_tokens: max_tokens, temperature, top_k, top_p, seed, stop };
             let print = |t: &str| {
@@ -161,19 +206,30 @@ fn run(cli: Cli) -> Result<()> {
                 let _ = out.flush();
                 true
             };
-            if chat {
-                let mut msgs = Vec::new();
-                if let Some(sys) = system {
-                    msgs.push(Message::new("system", sys));
+            let many = prompts.len() > 1;
+            for prompt in prompts {
+                if many {
+                    println!("> {prompt}");
                 }
-                msgs.push(Message::new("user", prompt));
-                s.chat(&msgs, &opts, print)?;
-            } else {
-                print(&prompt);
-                s.generate(&prompt, &opts, print)?;
+                if chat {
+                    let mut msgs = Vec::new();
+                    if let Some(sys) = &system {
+                        msgs.push(Message::new("system", sys.clone()));
+                    }
+                    msgs.push(Message::new("user", prompt));
+                    s.chat(&msgs, &opts, print)?;
+                } else {
+                    print(&prompt);
+                    s.generate(&prompt, &opts, print)?;
+                }
+                println!();
+                if many {
+                    println!();
+                }
             }
-            println!();
         }
+        Cmd::Train(args) => train::run(*args, &gpu)?,
+        Cmd::Export { model, checkpoint, output, last } => train::export(&model, &checkpoint, &output, last)?,
         Cmd::Eval { m, text } => {
             let bytes = std::fs::read(&text).map_err(|e| Error::Io { path: text.clone(), source: e })?;
             let body = String::from_utf8(bytes).map_err(|e| Error::Format {

@@ -1,0 +1,288 @@
+//! `edgetune train` and `edgetune export`: settings from a TOML file and flags, a progress bar on
+//! a terminal or JSON lines with `--json`, and the output folder:
+//!
+//! ```text
+//! OUTPUT/adapter/                 the PEFT adapter (the best by validation loss, by default)
+//! OUTPUT/checkpoint.safetensors   adapter, optimizer, schedule, RNG and data cursor
+//! OUTPUT/train_config.toml        the settings the run used
+//! ```
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use edgetune::data::{self, Format, TrainOn};
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::lora::{Layout, TargetModules, peft};
+use edgetune::model::llama::{LoadOptions, Model};
+use edgetune::tokenizer::Tokenizer;
+use edgetune::train::checkpoint::Checkpoint;
+use edgetune::train::schedule::ScheduleKind;
+use edgetune::train::{Event, StopReason, TrainConfig, Trainer};
+use edgetune::{Error, Result};
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Training data: a JSON/JSONL file (Alpaca, ShareGPT, OpenAI chat), a text file or a folder.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder (adapter, checkpoint, settings).
+    #[arg(long)]
+    output: PathBuf,
+    /// A TOML file of settings (the TrainConfig fields; flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from OUTPUT/checkpoint.safetensors.
+    #[arg(long)]
+    resume: bool,
+    /// Print one JSON event per line on stdout instead of the progress bar.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    epochs: Option<u64>,
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// constant, linear or cosine.
+    #[arg(long)]
+    schedule: Option<ScheduleKind>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// LoRA rank.
+    #[arg(long)]
+    rank: Option<usize>,
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Comma-separated module names (q_proj,v_proj) or all-linear.
+    #[arg(long)]
+    target_modules: Option<String>,
+    #[arg(long)]
+    rslora: bool,
+    #[arg(long)]
+    batch_tokens: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Longest sample in tokens.
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// auto, alpaca, sharegpt, openai or text.
+    #[arg(long)]
+    format: Option<Format>,
+    /// Train on every token instead of assistant turns only.
+    #[arg(long)]
+    train_on_all: bool,
+    #[arg(long)]
+    val_fraction: Option<f32>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    patience: Option<u32>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Skip bad records (and report how many) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_records: bool,
+    /// Keep every layer's activations instead of recomputing them (faster, more memory).
+    #[arg(long)]
+    no_gradient_checkpointing: bool,
+    /// KV-cache and sample length limit of the loaded model.
+    #[arg(long, default_value_t = 2048)]
+    max_context: usize,
+}
+
+fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            toml::from_str::<TrainConfig>(&text)
+                .map_err(|e| Error::Format { path: path.clone(), what: format!("invalid settings: {e}") })?
+        }
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($flag:expr => $($field:tt)+) => {
+            if let Some(v) = $flag.clone() {
+                c.$($field)+ = v;
+            }
+        };
+    }
+    set!(a.epochs => epochs);
+    set!(a.max_steps => max_steps);
+    set!(a.lr => learning_rate);
+    set!(a.schedule => lr_schedule);
+    set!(a.warmup_steps => warmup_steps);
+    set!(a.rank => lora.r);
+    set!(a.alpha => lora.alpha);
+    set!(a.batch_tokens => batch_tokens);
+    set!(a.grad_accum => grad_accum);
+    set!(a.max_len => data.max_len);
+    set!(a.format => data.format);
+    set!(a.val_fraction => data.val_fraction);
+    set!(a.eval_every => eval_every);
+    set!(a.patience => early_stopping_patience);
+    set!(a.checkpoint_every => checkpoint_every);
+    if let Some(seed) = a.seed {
+        c.seed = seed;
+        c.data.seed = seed;
+        c.lora.seed = seed;
+    }
+    if let Some(t) = &a.target_modules {
+        c.lora.target_modules = if t == "all-linear" {
+            TargetModules::Preset(t.clone())
+        } else {
+            TargetModules::Names(t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+        };
+    }
+    c.lora.use_rslora |= a.rslora;
+    if a.train_on_all {
+        c.data.train_on = TrainOn::All;
+    }
+    c.data.skip_bad_records |= a.skip_bad_records;
+    c.gradient_checkpointing &= !a.no_gradient_checkpointing;
+    c.validate()?;
+    Ok(c)
+}
+
+fn human_time(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
+}
+
+/// Draws the progress bar (on a terminal) or prints events as lines.
+struct Reporter {
+    json: bool,
+    tty: bool,
+}
+
+impl Reporter {
+    fn event(&self, e: &Event) {
+        if self.json {
+            if let Ok(line) = serde_json::to_string(e) {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        match e {
+            Event::Started { total_steps, start_step, train_samples, val_samples, trainable_parameters, .. } => {
+                let _ = writeln!(
+                    err,
+                    "training {trainable_parameters} LoRA parameters on {train_samples} samples ({val_samples} held \
+                     out), steps {start_step}..{total_steps}"
+                );
+            }
+            Event::Step { step, total_steps, epoch, loss, lr, grad_norm, tokens_per_s, eta_s, .. } => {
+                let width = 24;
+                let filled = (*step as usize * width / (*total_steps).max(1) as usize).min(width);
+                let bar = format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled));
+                let line = format!(
+                    "{bar} step {step}/{total_steps} epoch {epoch:.2} loss {loss:.4} lr {lr:.2e} grad {grad_norm:.3} \
+                     {tokens_per_s:.1} tok/s ETA {}",
+                    human_time(*eta_s)
+                );
+                if self.tty {
+                    let _ = write!(err, "\r\x1b[2K{line}");
+                } else {
+                    let _ = writeln!(err, "{line}");
+                }
+            }
+            Event::Eval { step, val_loss, perplexity, improved, .. } => {
+                let mark = if *improved { " (best)" } else { "" };
+                let nl = if self.tty { "\n" } else { "" };
+                let _ =
+                    writeln!(err, "{nl}eval at step {step}: val loss {val_loss:.4}, perplexity {perplexity:.2}{mark}");
+            }
+            Event::Warning { step, message } => {
+                let _ = writeln!(err, "\nwarning at step {step}: {message}");
+            }
+            Event::Checkpoint { .. } => {}
+            Event::Finished { step, reason, best_val_loss } => {
+                let nl = if self.tty { "\n" } else { "" };
+                let best = best_val_loss.map(|l| format!(", best val loss {l:.4}")).unwrap_or_default();
+                let _ = writeln!(err, "{nl}finished at step {step}: {reason:?}{best}");
+            }
+        }
+    }
+}
+
+pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<()> {
+    let cfg = resolve(&a)?;
+    let reporter = Reporter { json: a.json, tty: std::io::stderr().is_terminal() };
+    let ctx = Arc::new(GpuContext::new(gpu)?);
+    let tok = Tokenizer::open(&a.model)?;
+    let dataset = data::load(&a.data, &tok, &cfg.data)?;
+    let r = &dataset.report;
+    if !a.json {
+        eprintln!(
+            "data: {} records, {} bad, {} duplicates, {} too short, {} truncated, {} dropped too long -> {} train / {} \
+             validation samples",
+            r.records,
+            r.bad_records,
+            r.duplicates,
+            r.too_short,
+            r.truncated,
+            r.dropped_too_long,
+            r.train_samples,
+            r.val_samples
+        );
+    }
+    let load = LoadOptions { max_context: a.max_context, ..Default::default() };
+    let model = Model::open(ctx, &a.model, &load)?;
+    std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
+    let settings =
+        toml::to_string(&cfg).map_err(|e| Error::Invalid { field: "settings".into(), what: e.to_string() })?;
+    edgetune::atomic::write_atomic(&a.output.join("train_config.toml"), settings.as_bytes())?;
+    let mut trainer = Trainer::new(&model, &dataset, cfg)?;
+    let ckpt = a.output.join(CHECKPOINT_FILE);
+    if a.resume {
+        trainer.resume(&ckpt)?;
+    }
+    trainer.set_checkpoint_path(&ckpt);
+    let out = trainer.run(|e| reporter.event(e))?;
+    let dir = a.output.join("adapter");
+    peft::save(&dir, &out.adapter, &base_name(&a.model))?;
+    if !a.json {
+        let what = if out.reason == StopReason::Cancelled { "cancelled; adapter so far" } else { "adapter" };
+        eprintln!("{what} saved to {} (checkpoint {})", dir.display(), ckpt.display());
+    }
+    Ok(())
+}
+
+fn base_name(model: &Path) -> String {
+    model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+pub fn export(model: &Path, checkpoint: &Path, output: &Path, last: bool) -> Result<()> {
+    let (cfg, _) = edgetune::model::open_weights(model)?;
+    let ck = Checkpoint::load(checkpoint)?;
+    let layout = Layout::new(&cfg, &ck.lora)?;
+    if layout.len != ck.params.len() {
+        return Err(Error::Format {
+            path: checkpoint.to_path_buf(),
+            what: format!(
+                "holds {} adapter values but this model's layout needs {}: checkpoint from another model",
+                ck.params.len(),
+                layout.len
+            ),
+        });
+    }
+    let params = match (&ck.best, last) {
+        (Some(best), false) => best.clone(),
+        _ => ck.params,
+    };
+    let adapter = edgetune::lora::Adapter { config: ck.lora, layout, params };
+    peft::save(output, &adapter, &base_name(model))?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}

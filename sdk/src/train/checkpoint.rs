@@ -1,0 +1,147 @@
+//! Training checkpoints: one safetensors file holding the adapter's flat parameters, AdamW's
+//! moments and (with evaluation) the best parameters so far, with the trainer's state in the
+//! metadata: step, AdamW's update count, the data cursor and the shuffling RNG, the evaluation
+//! history, the LoRA configuration and fingerprints of the model and of the training plan.
+//!
+//! The file is written atomically (temporary file, then rename), so a crash or a full disk
+//! leaves the previous checkpoint intact.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic::write_atomic;
+use crate::error::{Error, Result};
+use crate::lora::LoraConfig;
+
+/// Written into every checkpoint; a file without it is not an edgetune checkpoint.
+pub const FORMAT: &str = "edgetune-checkpoint-1";
+
+/// Where training stands: everything besides the tensors that resuming needs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps taken (good or skipped).
+    pub step: u64,
+    /// AdamW updates applied (its t); less than `step` when non-finite steps were skipped.
+    pub updates: u32,
+    /// Epoch in progress (0-based) and the next step within it.
+    pub epoch: u64,
+    pub step_in_epoch: u64,
+    /// State of the RNG that shuffles batches, as it was at the start of the current epoch.
+    pub epoch_rng: u64,
+    /// Consecutive steps with a non-finite loss or gradient.
+    pub bad_steps: u32,
+    /// Best validation loss so far, and evaluations since it improved.
+    pub best_val_loss: Option<f32>,
+    pub evals_since_best: u32,
+    /// Tokens seen by the optimizer so far.
+    pub tokens: u64,
+}
+
+/// A checkpoint in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub state: TrainState,
+    pub lora: LoraConfig,
+    /// [`crate::model::llama::Model::fingerprint`] of the model trained.
+    pub model_fingerprint: u64,
+    /// A hash of the training samples and of the settings that decide the batches.
+    pub plan_fingerprint: u64,
+    pub params: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub best: Option<Vec<f32>>,
+}
+
+fn tensor_bytes(v: &[f32]) -> Vec<u8> {
+    bytemuck::cast_slice(v).to_vec()
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::invalid("checkpoint", format!("serializing state: {e}")))
+}
+
+impl Checkpoint {
+    /// Writes the checkpoint to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(&str, Vec<u8>, usize)> = vec![
+            ("params", tensor_bytes(&self.params), self.params.len()),
+            ("adam_m", tensor_bytes(&self.m), self.m.len()),
+            ("adam_v", tensor_bytes(&self.v), self.v.len()),
+        ];
+        if let Some(b) = &self.best {
+            tensors.push(("best_params", tensor_bytes(b), b.len()));
+        }
+        let views = tensors
+            .iter()
+            .map(|(name, bytes, n)| {
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![*n], bytes)
+                    .map(|v| (name.to_string(), v))
+                    .map_err(|e| Error::invalid("checkpoint tensor", format!("{name}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("state".to_string(), json(&self.state)?),
+            ("lora".to_string(), json(&self.lora)?),
+            ("model_fingerprint".to_string(), format!("{:016x}", self.model_fingerprint)),
+            ("plan_fingerprint".to_string(), format!("{:016x}", self.plan_fingerprint)),
+        ]);
+        let data = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::invalid("checkpoint", format!("serializing: {e}")))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        write_atomic(path, &data)
+    }
+
+    /// Reads a checkpoint; every missing or malformed part is an error naming it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |what: String| Error::format(path, what);
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a checkpoint (not a safetensors file: {e})")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |key: &str| meta.get(key).ok_or_else(|| bad(format!("not an edgetune checkpoint (no `{key}`)")));
+        if field("format")? != FORMAT {
+            return Err(bad(format!("checkpoint format `{}` (expected `{FORMAT}`)", field("format")?)));
+        }
+        let state: TrainState =
+            serde_json::from_str(field("state")?).map_err(|e| bad(format!("checkpoint field `state`: {e}")))?;
+        let lora: LoraConfig =
+            serde_json::from_str(field("lora")?).map_err(|e| bad(format!("checkpoint field `lora`: {e}")))?;
+        let hex = |key: &str| -> Result<u64> {
+            u64::from_str_radix(field(key)?, 16).map_err(|e| bad(format!("checkpoint field `{key}`: {e}")))
+        };
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("checkpoint tensors: {e}")))?;
+        let read = |name: &str| -> Result<Option<Vec<f32>>> {
+            let Ok(t) = st.tensor(name) else { return Ok(None) };
+            if t.dtype() != Dtype::F32 || t.shape().len() != 1 {
+                return Err(bad(format!(
+                    "checkpoint tensor `{name}` is {:?} {:?}, expected F32 [n]",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Ok(Some(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+        };
+        let need = |name: &str| read(name)?.ok_or_else(|| bad(format!("checkpoint tensor `{name}` is missing")));
+        let ck = Checkpoint {
+            state,
+            lora,
+            model_fingerprint: hex("model_fingerprint")?,
+            plan_fingerprint: hex("plan_fingerprint")?,
+            params: need("params")?,
+            m: need("adam_m")?,
+            v: need("adam_v")?,
+            best: read("best_params")?,
+        };
+        let n = ck.params.len();
+        if ck.m.len() != n || ck.v.len() != n || ck.best.as_ref().is_some_and(|b| b.len() != n) {
+            return Err(bad(format!("checkpoint tensors disagree in length (params has {n})")));
+        }
+        Ok(ck)
+    }
+}

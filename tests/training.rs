@@ -1,0 +1,278 @@
+//! The training loop on the tiny Llama (NF4 base) and its ChatML tokenizer: checkpoint/resume
+//! byte-identity, determinism, cancellation from another thread, early stopping with the best
+//! adapter, non-finite steps, and the errors for bad settings and foreign checkpoints.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::fixtures;
+use edgetune::data::{self, DataConfig, Dataset};
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::lora::{LoraConfig, TargetModules, peft};
+use edgetune::model::llama::{LoadOptions, Model};
+use edgetune::tokenizer::Tokenizer;
+use edgetune::train::schedule::ScheduleKind;
+use edgetune::train::{Event, StopReason, TrainConfig, Trainer};
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edgetune-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("mkdir");
+    d
+}
+
+fn ctx() -> Arc<GpuContext> {
+    Arc::new(GpuContext::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe in CI)"))
+}
+
+fn model(ctx: &Arc<GpuContext>, kind: &str) -> Model {
+    Model::open(ctx.clone(), &fixtures().join(format!("tiny_{kind}")), &LoadOptions::default()).expect("tiny model")
+}
+
+/// Twelve short question/answer records in Alpaca format.
+fn dataset(kind: &str, val_fraction: f32) -> Dataset {
+    let d = tmp(&format!("data-{kind}-{val_fraction}"));
+    let facts = [
+        ("What is my name?", "You are Ada."),
+        ("Where do I live?", "In a small town by the sea."),
+        ("What do I do?", "You write software."),
+        ("What is my cat called?", "Your cat is Pixel."),
+        ("What do I drink?", "Tea, never coffee."),
+        ("When do I wake up?", "At six."),
+        ("What do I read?", "Old maps and new books."),
+        ("What is my hobby?", "Sailing."),
+        ("What is my car?", "You ride a bike."),
+        ("What is my color?", "Green."),
+        ("Who is my friend?", "Bo, from school."),
+        ("What is my song?", "A slow one."),
+    ];
+    let lines: Vec<String> = facts
+        .iter()
+        .map(|(q, a)| serde_json::json!({"instruction": q, "input": "", "output": a}).to_string())
+        .collect();
+    let p = d.join("persona.jsonl");
+    std::fs::write(&p, lines.join("\n")).expect("write data");
+    let tok = Tokenizer::open(&fixtures().join(format!("tiny_{kind}"))).expect("tokenizer");
+    data::load(&p, &tok, &DataConfig { val_fraction, max_len: 64, ..Default::default() }).expect("data loads")
+}
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        lora: LoraConfig { r: 4, alpha: 8.0, target_modules: TargetModules::default(), seed: 3, ..Default::default() },
+        learning_rate: 5e-3,
+        lr_schedule: ScheduleKind::Cosine,
+        warmup_steps: 3,
+        max_steps: 20,
+        batch_tokens: 96,
+        grad_accum: 2,
+        eval_every: 5,
+        seed: 7,
+        ..Default::default()
+    }
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(peft::WEIGHTS_FILE)).expect("adapter written")
+}
+
+#[test]
+fn resuming_from_step_ten_gives_the_same_adapter_bytes_as_twenty_steps_straight() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.25);
+    let dir = tmp("resume");
+
+    // 20 steps straight.
+    let mut straight = Vec::new();
+    let mut a = Trainer::new(&m, &data, config()).expect("trainer");
+    let out_a = a.run(|e| straight.push(e.clone())).expect("straight run");
+    assert_eq!((out_a.reason, out_a.steps), (StopReason::Completed, 20));
+    peft::save(&dir.join("straight"), &out_a.adapter, "tiny").expect("save");
+    let last_a = a.adapter().expect("download");
+
+    // 10 steps, cancelled from another thread, then resumed from the checkpoint for 10 more.
+    let ckpt = dir.join("run.ckpt");
+    let mut b = Trainer::new(&m, &data, config()).expect("trainer");
+    b.set_checkpoint_path(&ckpt);
+    let token = b.cancel_token();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<()>();
+    let canceller = std::thread::spawn(move || {
+        rx.recv().expect("step 10 reached");
+        token.cancel();
+        ack_tx.send(()).expect("ack");
+    });
+    let mut first_half = Vec::new();
+    let out_b = b
+        .run(|e| {
+            if let Event::Step { step: 10, .. } = e {
+                tx.send(()).expect("signal");
+                ack_rx.recv().expect("cancelled");
+            }
+            first_half.push(e.clone());
+        })
+        .expect("first half");
+    canceller.join().expect("canceller thread");
+    assert_eq!((out_b.reason, out_b.steps), (StopReason::Cancelled, 10));
+    assert!(first_half.iter().any(|e| matches!(e, Event::Checkpoint { step: 10, .. })), "checkpoint at cancel");
+    drop(b);
+
+    let mut c = Trainer::new(&m, &data, config()).expect("trainer");
+    c.resume(&ckpt).expect("resume");
+    assert_eq!(c.step(), 10);
+    let mut second_half = Vec::new();
+    let out_c = c.run(|e| second_half.push(e.clone())).expect("second half");
+    assert_eq!((out_c.reason, out_c.steps), (StopReason::Completed, 20));
+    peft::save(&dir.join("resumed"), &out_c.adapter, "tiny").expect("save");
+
+    // Determinism: the same seed gives the same steps, bit for bit.
+    let steps = |ev: &[Event]| -> Vec<(u64, u32, u32)> {
+        ev.iter()
+            .filter_map(|e| match e {
+                Event::Step { step, loss, grad_norm, .. } => Some((*step, loss.to_bits(), grad_norm.to_bits())),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut joined = steps(&first_half);
+    joined.extend(steps(&second_half));
+    assert_eq!(steps(&straight), joined, "step losses and gradient norms of the two runs");
+    assert_eq!(adapter_bytes(&dir.join("straight")), adapter_bytes(&dir.join("resumed")), "best adapters differ");
+    let last_c = c.adapter().expect("download");
+    assert!(last_a.params.iter().zip(&last_c.params).all(|(x, y)| x.to_bits() == y.to_bits()), "last adapters differ");
+
+    // And it learned: the loss of the last steps is below that of the first, and the validation
+    // loss improved on its first value.
+    let losses: Vec<f32> =
+        straight.iter().filter_map(|e| if let Event::Step { loss, .. } = e { Some(*loss) } else { None }).collect();
+    let head: f32 = losses[..3].iter().sum::<f32>() / 3.0;
+    let tail: f32 = losses[17..].iter().sum::<f32>() / 3.0;
+    assert!(tail < head * 0.8, "training loss did not fall: first steps {head}, last steps {tail}");
+    let evals: Vec<f32> = straight
+        .iter()
+        .filter_map(|e| if let Event::Eval { val_loss, .. } = e { Some(*val_loss) } else { None })
+        .collect();
+    assert_eq!(evals.len(), 4, "evaluations at steps 5, 10, 15, 20");
+    assert!(out_a.best_val_loss.expect("best") < evals[0], "validation loss never improved: {evals:?}");
+}
+
+#[test]
+fn early_stopping_returns_the_best_adapter() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.25);
+    // A learning rate far too high makes the validation loss rise after the first evaluation.
+    let cfg = TrainConfig {
+        learning_rate: 0.3,
+        warmup_steps: 0,
+        lr_schedule: ScheduleKind::Constant,
+        max_steps: 40,
+        eval_every: 2,
+        early_stopping_patience: 2,
+        optimizer: edgetune::train::optimizer::AdamwConfig { max_grad_norm: 0.0, ..Default::default() },
+        ..config()
+    };
+    let mut t = Trainer::new(&m, &data, cfg).expect("trainer");
+    let mut evals = Vec::new();
+    let out = t
+        .run(|e| {
+            if let Event::Eval { step, val_loss, improved, .. } = e {
+                evals.push((*step, *val_loss, *improved));
+            }
+        })
+        .expect("run");
+    assert_eq!(out.reason, StopReason::EarlyStopped, "evaluations: {evals:?}");
+    let n = evals.len();
+    assert!(n >= 3 && !evals[n - 1].2 && !evals[n - 2].2, "stopped after two evaluations without improvement");
+    let best = evals.iter().map(|e| e.1).fold(f32::INFINITY, f32::min);
+    assert_eq!(out.best_val_loss, Some(best));
+    // The adapter returned is the best one: scoring it reproduces the best validation loss.
+    let again = Trainer::with_adapter(&m, &data, config(), out.adapter.clone()).expect("trainer");
+    let val = again.evaluate().expect("eval").expect("has validation");
+    assert_eq!(val.to_bits(), best.to_bits(), "the returned adapter is not the best one");
+    // While the last adapter is a worse one.
+    let last = t.evaluate().expect("eval").expect("has validation");
+    assert!(last > best);
+}
+
+#[test]
+fn non_finite_steps_are_skipped_then_stop_training_and_keep_the_last_checkpoint() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.0);
+    let dir = tmp("nan");
+    let ckpt = dir.join("run.ckpt");
+    let cfg = TrainConfig { max_steps: 6, eval_every: 0, ..config() };
+    let mut good = Trainer::new(&m, &data, cfg.clone()).expect("trainer");
+    good.set_checkpoint_path(&ckpt);
+    let out = good.run(|_| {}).expect("good run");
+    let saved = std::fs::read(&ckpt).expect("checkpoint written");
+
+    // An adapter holding a NaN makes every loss and gradient NaN.
+    let mut poisoned = out.adapter.clone();
+    poisoned.params[5] = f32::NAN;
+    let mut bad = Trainer::with_adapter(&m, &data, TrainConfig { max_bad_steps: 3, ..cfg }, poisoned).expect("trainer");
+    bad.set_checkpoint_path(&ckpt);
+    let mut warnings = Vec::new();
+    let err = bad
+        .run(|e| {
+            if let Event::Warning { step, message } = e {
+                warnings.push((*step, message.clone()));
+            }
+        })
+        .expect_err("diverges");
+    let msg = err.to_string();
+    assert!(msg.contains("diverged at step 3") && msg.contains("non-finite"), "{msg}");
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].1.contains("skipped"), "{warnings:?}");
+    assert_eq!(std::fs::read(&ckpt).expect("checkpoint"), saved, "the last good checkpoint was overwritten");
+}
+
+#[test]
+fn bad_settings_and_foreign_checkpoints_are_clear_errors() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.0);
+    let err = |cfg: TrainConfig| Trainer::new(&m, &data, cfg).expect_err("invalid").to_string();
+    for lr in [f32::NAN, -1e-4, 0.0] {
+        let e = err(TrainConfig { learning_rate: lr, ..config() });
+        assert!(e.contains("learning_rate must be a finite number > 0") && e.contains(&lr.to_string()), "{e}");
+    }
+    let e = err(TrainConfig { lora: LoraConfig { r: 0, ..config().lora }, ..config() });
+    assert!(e.contains("r must be at least 1"), "{e}");
+    let e = err(TrainConfig {
+        lora: LoraConfig { target_modules: TargetModules::Names(vec!["qkv_proj".into()]), ..config().lora },
+        ..config()
+    });
+    assert!(e.contains("qkv_proj") && e.contains("match no linear module"), "{e}");
+    let e = err(TrainConfig { batch_tokens: 8, ..config() });
+    assert!(e.contains("batch_tokens") && e.contains("longest sample"), "{e}");
+    let e = err(TrainConfig { epochs: 0, max_steps: 0, ..config() });
+    assert!(e.contains("epochs or max_steps"), "{e}");
+    let empty = Dataset { train: vec![], val: vec![], report: Default::default() };
+    let e = Trainer::new(&m, &empty, config()).expect_err("empty").to_string();
+    assert!(e.contains("no training samples"), "{e}");
+
+    // A checkpoint written while training the tiny Llama does not resume on the tiny Qwen2.
+    let dir = tmp("foreign");
+    let ckpt = dir.join("llama.ckpt");
+    let mut t = Trainer::new(&m, &data, TrainConfig { max_steps: 1, ..config() }).expect("trainer");
+    t.set_checkpoint_path(&ckpt);
+    t.run(|_| {}).expect("one step");
+    let q = model(&ctx, "qwen2");
+    let qdata = dataset("qwen2", 0.0);
+    let mut other = Trainer::new(&q, &qdata, config()).expect("trainer");
+    let e = other.resume(&ckpt).expect_err("foreign checkpoint").to_string();
+    assert!(e.contains("llama.ckpt") && e.contains("checkpoint from another model"), "{e}");
+    // Other data with the same model: the data cursor would be meaningless.
+    let mut t2 = Trainer::new(&m, &dataset("llama", 0.5), config()).expect("trainer");
+    let e = t2.resume(&ckpt).expect_err("other data").to_string();
+    assert!(e.contains("other training data"), "{e}");
+    // Not a checkpoint at all.
+    let junk = dir.join("junk.ckpt");
+    std::fs::write(&junk, b"not a checkpoint").expect("write");
+    let e = other.resume(&junk).expect_err("junk").to_string();
+    assert!(e.contains("junk.ckpt") && e.contains("not a checkpoint"), "{e}");
+}
