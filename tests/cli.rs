@@ -71,3 +71,90 @@ fn bad_input_exits_non_zero_with_a_named_reason() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("expected nf4 or none"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn train_with_json_events_then_export_and_use_the_adapter() {
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let persona = common::fixtures().join("../../../sdk/data/persona");
+    let data = persona.join("train.jsonl").display().to_string();
+    let config = persona.join("train.toml").display().to_string();
+    let out_dir = dir.join("run").display().to_string();
+    // The config file asks for 2 epochs; the flags override it with 3 steps.
+    let args = [
+        "train",
+        "--model",
+        &tiny(),
+        "--data",
+        &data,
+        "--config",
+        &config,
+        "--output",
+        &out_dir,
+        "--json",
+        "--max-steps",
+        "3",
+        "--batch-tokens",
+        "128",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--max-len",
+        "64",
+        "--eval-every",
+        "3",
+        "--lr",
+        "0.005",
+    ];
+    let out = edgetune(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(kinds, ["started", "step", "step", "step", "eval", "checkpoint", "finished"], "{events:?}");
+    let step = &events[1];
+    for key in ["loss", "lr", "grad_norm", "tokens_per_s", "eta_s", "gpu_memory_bytes", "epoch"] {
+        assert!(step[key].is_number(), "step event lacks {key}: {step}");
+    }
+    assert_eq!(events[6]["reason"], "completed");
+    let run = dir.join("run");
+    let settings = std::fs::read_to_string(run.join("train_config.toml")).expect("settings written");
+    assert!(settings.contains("max_steps = 3") && settings.contains("epochs = 2"), "{settings}");
+
+    // Export the checkpoint's best adapter: the same bytes the run saved.
+    let exported = dir.join("exported").display().to_string();
+    let ckpt = run.join("checkpoint.safetensors").display().to_string();
+    let out = edgetune(&["export", "--model", &tiny(), "--checkpoint", &ckpt, "--output", &exported]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let read = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).expect("adapter file");
+    assert_eq!(read(&run.join("adapter")), read(&dir.join("exported")));
+
+    // The adapter changes what the model predicts.
+    let file = dir.join("q.txt");
+    std::fs::write(&file, "What is your name? My name is Juniper.").expect("write");
+    let loss = |extra: &[&str]| -> f32 {
+        let (f, model) = (file.display().to_string(), tiny());
+        let mut a = vec!["eval", "--model", &model, "--text", &f];
+        a.extend_from_slice(extra);
+        let out = edgetune(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let s = text(&out.stdout);
+        s.lines().find_map(|l| l.strip_prefix("mean token loss: ")).and_then(|v| v.parse().ok()).expect("loss")
+    };
+    let adapter = run.join("adapter").display().to_string();
+    assert_ne!(loss(&[]), loss(&["--adapter", &adapter]));
+
+    // Bad settings and a missing checkpoint are named.
+    let mut bad = args[..args.len() - 2].to_vec();
+    bad.push("--lr=-1");
+    let out = edgetune(&bad);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("learning_rate must be a finite number > 0 (got -1)"), "{}", text(&out.stderr));
+    let fresh = dir.join("fresh").display().to_string();
+    let out = edgetune(&["train", "--model", &tiny(), "--data", &data, "--output", &fresh, "--resume"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("checkpoint.safetensors"), "{}", text(&out.stderr));
+}
