@@ -174,3 +174,33 @@ fn gradient_checkpointing_gives_bit_identical_gradients() {
     assert_eq!(g0, g1, "gradients differ with checkpointing");
     assert!(bytes_on < bytes_off, "checkpointing should need less memory ({bytes_on} vs {bytes_off})");
 }
+
+/// The other direction: an adapter edgetune trained and saved (`edgetune_qwen2_adapter`, rsLoRA)
+/// loaded by PEFT gives the logits that edgetune gives with it (fixture written by PEFT).
+#[test]
+fn peft_loading_an_adapter_saved_by_edgetune_gives_edgetunes_logits() {
+    let fx = Fixture::open("edgetune_qwen2_adapter_expected.safetensors");
+    let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+    let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
+    let model = Model::open(ctx(), &fixtures().join("tiny_qwen2"), &opts).expect("tiny model loads");
+    let dir = fixtures().join("edgetune_qwen2_adapter");
+    let adapter = peft::load(&dir, &model.config).expect("adapter loads");
+    assert!(adapter.config.use_rslora);
+
+    // The committed folder is what edgetune's save writes: saving it again gives the same bytes.
+    let again = std::env::temp_dir().join(format!("edgetune-resave-{}", std::process::id()));
+    peft::save(&again, &adapter, "tiny_qwen2").expect("save");
+    for f in [peft::WEIGHTS_FILE, peft::CONFIG_FILE] {
+        let read = |d: &std::path::Path| std::fs::read(d.join(f)).expect("adapter file");
+        assert_eq!(read(&dir), read(&again), "{f} differs after a load/save round trip");
+    }
+
+    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+    let got = model.all_logits_with(&ids, Some(&gpu)).expect("logits");
+    // The same f32 maths as the model parity tests, summed in other orders: 1e-4 is far above
+    // the ~1e-6 rounding of sums of a few hundred products, and far below the adapter's effect.
+    assert_close("edgetune vs PEFT logits with the adapter", &got, &fx.f32("peft"), 1e-4, 1e-4);
+    assert_close("PEFT's merged model", &got, &fx.f32("merged"), 1e-4, 1e-4);
+    let moved = got.iter().zip(fx.f32("base")).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(moved > 0.5, "the adapter barely changes the logits ({moved}), so this test would prove nothing");
+}

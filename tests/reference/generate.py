@@ -484,6 +484,38 @@ def peft_fixture(kind):
     print(kind, "loss", meta["loss"], "curve", losses)
 
 
+def edgetune_export_fixture():
+    """PEFT loading an adapter that edgetune trained and saved (tests/reference/fixtures/
+    edgetune_qwen2_adapter, written by
+
+        edgetune train --model tests/reference/fixtures/tiny_qwen2 --data sdk/data/persona/train.jsonl \\
+            --output RUN --max-steps 4 --batch-tokens 128 --rank 4 --alpha 8 --rslora --max-len 64 \\
+            --lr 0.01 --val-fraction 0 --seed 5
+
+    and copied from RUN/adapter): the logits of the base model, of PEFT with the adapter, and of
+    PEFT's merge_and_unload, on a fixed token sequence."""
+    from peft import PeftModel
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    base_dir = os.path.join(OUT, "tiny_qwen2")
+    ids = torch.tensor([tok.encode("What is your name? My name is Juniper, the lighthouse keeper.").ids])
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits[0].numpy().copy()
+    pm = PeftModel.from_pretrained(base, os.path.join(OUT, "edgetune_qwen2_adapter"))
+    pm.eval()
+    with torch.no_grad():
+        peft_logits = pm(input_ids=ids).logits[0].numpy().copy()
+        merged = pm.merge_and_unload()
+        merged_logits = merged(input_ids=ids).logits[0].numpy().copy()
+    t = {"ids": ids[0].numpy(), "base": base_logits, "peft": peft_logits, "merged": merged_logits}
+    save_file(t, os.path.join(OUT, "edgetune_qwen2_adapter_expected.safetensors"))
+    print("adapter moves logits by", float(np.abs(peft_logits - base_logits).max()),
+          "merge differs by", float(np.abs(peft_logits - merged_logits).max()))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smollm", default=os.path.expanduser(
@@ -500,6 +532,7 @@ def main():
         "hf_variants": hf_variants_fixture,
         "smollm": lambda: smollm_fixture(a.smollm),
         "peft": lambda: [peft_fixture(k) for k in ("llama", "qwen2")],
+        "edgetune_export": edgetune_export_fixture,
     }
     for name, fn in steps.items():
         if a.only in (None, name):
