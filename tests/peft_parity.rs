@@ -204,3 +204,61 @@ fn peft_loading_an_adapter_saved_by_edgetune_gives_edgetunes_logits() {
     let moved = got.iter().zip(fx.f32("base")).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(moved > 0.5, "the adapter barely changes the logits ({moved}), so this test would prove nothing");
 }
+
+/// Largest |a - b| over two equally long slices.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+/// `merge` writes W + scale * B A as f16 or bf16: edgetune loading the merged folder gives PEFT's
+/// merged logits up to the rounding of the stored weights, from a Hugging Face folder and from a
+/// GGUF base (whose config.json and tokenizer files are written from its metadata).
+#[test]
+fn merged_adapters_give_the_adapted_logits() {
+    use edgetune::lora::merge::{MergeDtype, merge};
+    let fx = Fixture::open("edgetune_qwen2_adapter_expected.safetensors");
+    let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+    let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
+    let base = fixtures().join("tiny_qwen2");
+    let cfg = edgetune::model::open_weights(&base).expect("config").0;
+    let adapter = peft::load(&fixtures().join("edgetune_qwen2_adapter"), &cfg).expect("adapter");
+    let out = std::env::temp_dir().join(format!("edgetune-merge-{}", std::process::id()));
+    let want = fx.f32("merged");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (dtype, eps) in [(MergeDtype::F16, 2f32.powi(-11)), (MergeDtype::Bf16, 2f32.powi(-8))] {
+        let dir = out.join(format!("{dtype:?}"));
+        assert_eq!(merge(&base, &adapter, &dir, dtype).expect("merge"), 1);
+        let merged = Model::open(ctx(), &dir, &opts).expect("merged folder loads");
+        let got = merged.all_logits(&ids).expect("logits");
+        // Every stored weight moves by at most eps relative; through two layers and the head
+        // that moves each logit by a few eps of the logit scale. 16 eps is a loose ceiling that
+        // a wrong merge (a missing or doubled delta moves logits by ~2.5) cannot meet.
+        let d = max_diff(&got, &want);
+        eprintln!("{dtype:?}: max logit difference {d:e} (scale {scale}, eps {eps:e})");
+        assert!(d <= 16.0 * eps * scale, "{dtype:?} merged logits differ by {d}");
+    }
+
+    // A GGUF base: the tiny Llama as llama.cpp's converter writes it, with a PEFT adapter.
+    let gguf = fixtures().join("tiny_llama_spm.gguf");
+    let cfg = edgetune::model::open_weights(&gguf).expect("config").0;
+    let adapter = peft::load(&fixtures().join("peft_llama_adapter"), &cfg).expect("adapter");
+    let dir = out.join("from_gguf");
+    merge(&gguf, &adapter, &dir, MergeDtype::F16).expect("merge");
+    let tok_gguf = edgetune::tokenizer::Tokenizer::open(&gguf).expect("GGUF tokenizer");
+    let tok_dir = edgetune::tokenizer::Tokenizer::open(&dir).expect("written tokenizer files load");
+    let text = "Paris is the capital of France.";
+    assert_eq!(tok_gguf.encode(text).expect("ids"), tok_dir.encode(text).expect("ids"));
+    assert_eq!(tok_gguf.chat_template, tok_dir.chat_template);
+    let ids = tok_gguf.encode_prompt(text).expect("ids");
+    let unmerged = Model::open(ctx(), &gguf, &opts).expect("GGUF loads");
+    let gpu = GpuAdapter::upload(&unmerged.ctx, &adapter);
+    let want = unmerged.all_logits_with(&ids, Some(&gpu)).expect("logits");
+    let base_logits = unmerged.all_logits(&ids).expect("logits");
+    let merged = Model::open(ctx(), &dir, &opts).expect("merged folder loads");
+    let got = merged.all_logits(&ids).expect("logits");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = max_diff(&got, &want);
+    eprintln!("from GGUF: max logit difference {d:e}; the adapter moves logits by {}", max_diff(&want, &base_logits));
+    assert!(d <= 16.0 * 2f32.powi(-11) * scale, "merged-from-GGUF logits differ by {d}");
+    assert!(max_diff(&want, &base_logits) > 100.0 * d, "the adapter must matter for this test to mean anything");
+}

@@ -5,6 +5,7 @@
 //! Invariant: the layout orders slots by layer, then by module in [`Module::ALL`] order, and
 //! within a slot A (r, n_in) comes before B (n_out, r), both row-major as PEFT stores them.
 
+pub mod merge;
 pub mod peft;
 
 use serde::{Deserialize, Serialize};

@@ -213,6 +213,23 @@ impl Tokenizer {
         if path.is_dir() { Self::from_hf_dir(path) } else { Self::from_gguf(&GgufFile::open(path)?) }
     }
 
+    /// The tokenizer as Hugging Face files: `tokenizer.json` text and the `tokenizer_config.json`
+    /// value (chat template, BOS/EOS tokens), so that a model read from GGUF can be written as a
+    /// folder that transformers loads.
+    pub fn hf_files(&self, model_max_length: usize) -> Result<(String, serde_json::Value)> {
+        let text = self.inner.to_string(true).map_err(|e| tok_err(&self.source, e))?;
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template,
+            "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": false,
+        });
+        Ok((text, config))
+    }
+
     /// Token ids of `text`; special-token text such as `<|im_start|>` maps to its id.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| tok_err(&self.source, e))?;

@@ -89,6 +89,21 @@ enum Cmd {
     Gpu,
     /// Fine-tune a LoRA adapter on a dataset (settings from --config, then the flags).
     Train(Box<TrainArgs>),
+    /// Merge a PEFT adapter into its base model and write a Hugging Face folder (f16 or bf16).
+    Merge {
+        /// The base model: a Hugging Face folder or a .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The PEFT adapter folder.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The folder to write (config.json, tokenizer files, model*.safetensors).
+        #[arg(long)]
+        output: PathBuf,
+        /// f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: edgetune::lora::merge::MergeDtype,
+    },
     /// Write a training checkpoint's adapter as a PEFT adapter folder.
     Export {
         /// The model the checkpoint was trained on (for the shapes and the base model name).
@@ -229,6 +244,12 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(args) => train::run(*args, &gpu)?,
+        Cmd::Merge { model, adapter, output, dtype } => {
+            let (cfg, _) = edgetune::model::open_weights(&model)?;
+            let a = edgetune::lora::peft::load(&adapter, &cfg)?;
+            let shards = edgetune::lora::merge::merge(&model, &a, &output, dtype)?;
+            eprintln!("wrote {} ({shards} weight file(s), {dtype:?})", output.display());
+        }
         Cmd::Export { model, checkpoint, output, last } => train::export(&model, &checkpoint, &output, last)?,
         Cmd::Eval { m, text } => {
             let bytes = std::fs::read(&text).map_err(|e| Error::Io { path: text.clone(), source: e })?;

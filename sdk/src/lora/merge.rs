@@ -1,0 +1,244 @@
+//! Merging an adapter into its base model: every adapted weight becomes W + scale * B A, and the
+//! whole model is written as a Hugging Face folder of f16 or bf16 safetensors that transformers
+//! (and edgetune) load like any other checkpoint.
+//!
+//! The base is read from its source file (a Hugging Face folder or a GGUF file), never from the
+//! GPU, so the merge starts from the original weights rather than their NF4 rounding. A GGUF
+//! base gets a `config.json` and tokenizer files written from its metadata; a folder's own
+//! files are copied. Weights go to shards of at most 2 GiB (`model.safetensors`, or
+//! `model-0000i-of-0000n.safetensors` with an index), each written atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{Adapter, Layout, Module};
+use crate::atomic::write_atomic;
+use crate::error::{Error, Result};
+use crate::model::config::{Arch, ModelConfig, RopeScaling};
+
+/// The precision of the merged weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MergeDtype {
+    #[default]
+    F16,
+    Bf16,
+}
+
+impl std::str::FromStr for MergeDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f16" | "float16" => Ok(MergeDtype::F16),
+            "bf16" | "bfloat16" => Ok(MergeDtype::Bf16),
+            other => Err(Error::invalid("dtype", format!("`{other}` (expected f16 or bf16)"))),
+        }
+    }
+}
+
+const SHARD_BYTES: usize = 2 << 30;
+
+/// The Hugging Face names and shapes of every tensor of a Llama-family model.
+fn tensor_list(c: &ModelConfig, has_lm_head: bool) -> Vec<(String, Vec<usize>, Option<(usize, Module)>)> {
+    let h = c.hidden_size;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], None)];
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h], None));
+        for m in Module::ALL {
+            let (n_out, n_in) = m.shape(c);
+            out.push((format!("{p}.{}.{}.weight", m.parent(), m.name()), vec![n_out, n_in], Some((l, m))));
+            if c.qkv_bias && matches!(m, Module::QProj | Module::KProj | Module::VProj) {
+                out.push((format!("{p}.{}.{}.bias", m.parent(), m.name()), vec![n_out], None));
+            }
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], None));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h], None));
+    if has_lm_head {
+        out.push(("lm_head.weight".to_string(), vec![c.vocab_size, h], None));
+    }
+    out
+}
+
+/// config.json for a model read from GGUF metadata.
+pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value> {
+    let class = match c.arch {
+        Arch::Llama => "LlamaForCausalLM",
+        Arch::Mistral => "MistralForCausalLM",
+        Arch::Qwen2 => "Qwen2ForCausalLM",
+    };
+    let mut j = json!({
+        "architectures": [class],
+        "model_type": c.arch.name(),
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": match dtype { MergeDtype::F16 => "float16", MergeDtype::Bf16 => "bfloat16" },
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": match c.eos_token_ids.as_slice() { [one] => json!(one), many => json!(many) },
+    });
+    if c.arch == Arch::Llama {
+        j["attention_bias"] = json!(c.qkv_bias);
+        j["mlp_bias"] = json!(false);
+    }
+    if let Some(w) = c.sliding_window {
+        j["sliding_window"] = json!(w);
+    }
+    match &c.rope_scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => j["rope_scaling"] = json!({"rope_type": "linear", "factor": factor}),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position }) => {
+            j["rope_scaling"] = json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position,
+            })
+        }
+        Some(RopeScaling::Factors(_)) => {
+            return Err(Error::invalid(
+                "merge",
+                "this GGUF stores per-dimension RoPE factors, which config.json cannot express",
+            ));
+        }
+    }
+    Ok(j)
+}
+
+fn to_bytes(v: &[f32], dtype: MergeDtype) -> Vec<u8> {
+    match dtype {
+        MergeDtype::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        MergeDtype::Bf16 => v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+    }
+}
+
+/// W (n_out, n_in) += scale * B (n_out, r) A (r, n_in).
+fn add_delta(w: &mut [f32], a: &[f32], b: &[f32], r: usize, n_in: usize, scale: f32) {
+    for (o, row) in w.chunks_exact_mut(n_in).enumerate() {
+        for k in 0..r {
+            let coef = scale * b[o * r + k];
+            if coef != 0.0 {
+                for (x, &av) in row.iter_mut().zip(&a[k * n_in..(k + 1) * n_in]) {
+                    *x += coef * av;
+                }
+            }
+        }
+    }
+}
+
+/// Merges `adapter` into the model at `model_path` and writes a Hugging Face folder to `out`.
+/// Returns the number of weight shards written.
+pub fn merge(model_path: &Path, adapter: &Adapter, out: &Path, dtype: MergeDtype) -> Result<usize> {
+    let (cfg, src) = crate::model::open_weights(model_path)?;
+    let expected = Layout::new(&cfg, &adapter.config)?;
+    if expected != adapter.layout || adapter.params.len() != expected.len {
+        return Err(Error::invalid("adapter", "its shapes do not fit this model (an adapter for another model?)"));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let has_lm_head = !cfg.tie_word_embeddings && src.contains(&cfg, "lm_head.weight");
+    let st_dtype = match dtype {
+        MergeDtype::F16 => Dtype::F16,
+        MergeDtype::Bf16 => Dtype::BF16,
+    };
+    let (r, scale) = (adapter.layout.r, adapter.config.scale());
+    // Convert tensor by tensor, cutting shards as they fill.
+    let mut shards: Vec<Vec<(String, Vec<usize>, Vec<u8>)>> = vec![Vec::new()];
+    let mut used = 0usize;
+    for (name, shape, slot) in tensor_list(&cfg, has_lm_head) {
+        let mut w = src.get(&cfg, &name, &shape)?;
+        if let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m)) {
+            let a = &adapter.params[s.a..s.a + r * s.n_in];
+            let b = &adapter.params[s.b..s.b + s.n_out * r];
+            add_delta(&mut w, a, b, r, s.n_in, scale);
+        }
+        let bytes = to_bytes(&w, dtype);
+        if used + bytes.len() > SHARD_BYTES && used > 0 {
+            shards.push(Vec::new());
+            used = 0;
+        }
+        used += bytes.len();
+        if let Some(last) = shards.last_mut() {
+            last.push((name, shape, bytes));
+        }
+    }
+    let n = shards.len();
+    let file_name = |i: usize| {
+        if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) }
+    };
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0usize;
+    for (i, shard) in shards.iter().enumerate() {
+        let views = shard
+            .iter()
+            .map(|(name, shape, bytes)| {
+                weight_map.insert(name.clone(), file_name(i));
+                total += bytes.len();
+                safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| Error::invalid("merged tensor", format!("{name}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let data = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::invalid("merged model", format!("serializing: {e}")))?;
+        write_atomic(&out.join(file_name(i)), &data)?;
+    }
+    if n > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_json(&out.join("model.safetensors.index.json"), &index)?;
+    }
+    write_side_files(model_path, &cfg, out, dtype)?;
+    Ok(n)
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::invalid("JSON", e.to_string()))?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// config.json, the tokenizer files and generation_config.json: copied from a folder, written
+/// from the metadata of a GGUF file.
+fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: MergeDtype) -> Result<()> {
+    if model_path.is_dir() {
+        for f in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+        ] {
+            let from = model_path.join(f);
+            if from.exists() {
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                write_atomic(&out.join(f), &bytes)?;
+            }
+        }
+        return Ok(());
+    }
+    write_json(&out.join("config.json"), &hf_config(cfg, dtype)?)?;
+    let tok = crate::tokenizer::Tokenizer::open(model_path)?;
+    let (tokenizer_json, tokenizer_config) = tok.hf_files(cfg.max_position_embeddings)?;
+    write_atomic(&out.join("tokenizer.json"), tokenizer_json.as_bytes())?;
+    write_json(&out.join("tokenizer_config.json"), &tokenizer_config)?;
+    let generation = json!({
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": match cfg.eos_token_ids.as_slice() { [one] => json!(one), many => json!(many) },
+    });
+    write_json(&out.join("generation_config.json"), &generation)
+}
