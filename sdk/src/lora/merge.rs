@@ -42,8 +42,13 @@ impl std::str::FromStr for MergeDtype {
 
 const SHARD_BYTES: usize = 2 << 30;
 
+/// A tensor to write: its name, shape and, for an adaptable linear weight, (layer, module).
+type TensorSpec = (String, Vec<usize>, Option<(usize, Module)>);
+/// A converted tensor: name, shape and its f16/bf16 bytes.
+type Converted = (String, Vec<usize>, Vec<u8>);
+
 /// The Hugging Face names and shapes of every tensor of a Llama-family model.
-fn tensor_list(c: &ModelConfig, has_lm_head: bool) -> Vec<(String, Vec<usize>, Option<(usize, Module)>)> {
+fn tensor_list(c: &ModelConfig, has_lm_head: bool) -> Vec<TensorSpec> {
     let h = c.hidden_size;
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h], None)];
     for l in 0..c.num_layers {
@@ -157,7 +162,7 @@ pub fn merge(model_path: &Path, adapter: &Adapter, out: &Path, dtype: MergeDtype
     };
     let (r, scale) = (adapter.layout.r, adapter.config.scale());
     // Convert tensor by tensor, cutting shards as they fill.
-    let mut shards: Vec<Vec<(String, Vec<usize>, Vec<u8>)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<Converted>> = vec![Vec::new()];
     let mut used = 0usize;
     for (name, shape, slot) in tensor_list(&cfg, has_lm_head) {
         let mut w = src.get(&cfg, &name, &shape)?;
