@@ -309,3 +309,27 @@ fn grad_norm_is_exact_over_many_workgroups_and_a_non_finite_norm_skips_adamw() {
     assert_eq!(ctx.read_f32(&pb, n).expect("read"), p, "a NaN step must leave the parameters alone");
     assert_eq!(ctx.read_f32(&mb, n).expect("read"), vec![0.0; n], "and the moments");
 }
+
+#[test]
+fn dropout_matches_its_twin_bit_for_bit_and_keeps_one_minus_p() {
+    let ctx = ctx();
+    let n = 100_003;
+    let x = rand(n, 77, 1.0);
+    for (p, seed) in [(0.1f32, 1u32), (0.5, 2), (0.9, 3)] {
+        let xb = ctx.storage_from("x", &x);
+        run(&ctx, |enc| launch::dropout(&ctx, enc, &xb, n, p, seed));
+        let got = ctx.read_f32(&xb, n).expect("read");
+        let mut want = x.clone();
+        r::dropout(&mut want, p, seed);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "p {p}: kernel and twin differ");
+        // The kept share is binomial(n, 1 - p): within 5 standard deviations.
+        let kept = got.iter().filter(|&&v| v != 0.0).count() as f64;
+        let (mean, sd) = (n as f64 * f64::from(1.0 - p), (n as f64 * f64::from(p * (1.0 - p))).sqrt());
+        assert!((kept - mean).abs() < 5.0 * sd, "p {p}: kept {kept}, expected {mean} ± {sd}");
+        let s = 1.0 / (1.0 - p);
+        assert!(got.iter().zip(&x).all(|(g, v)| *g == 0.0 || *g == v * s), "kept values are scaled by 1/(1-p)");
+    }
+    let xb = ctx.storage_from("x", &x);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    assert!(launch::dropout(&ctx, &mut enc, &xb, n, 1.0, 0).is_err(), "p = 1 would drop everything");
+}

@@ -15,6 +15,13 @@ struct RopeParams {
     pos_offset: u32,
 }
 
+struct DropoutParams {
+    n: u32,
+    seed: u32,
+    threshold: u32,   // keep when hash >= threshold = p * 2^32
+    scale: f32,       // 1 / (1 - p)
+}
+
 struct ElementwiseParams {
     n: u32,
     _pad0: u32,

@@ -37,6 +37,7 @@ shader!(RMS_NORM, "rms_norm");
 shader!(ROPE, "rope");
 shader!(SILU_MUL, "silu_mul");
 shader!(ADD, "add");
+shader!(DROPOUT, "dropout");
 shader!(CROSS_ENTROPY, "cross_entropy");
 shader!(MATMUL, "matmul");
 shader!(MATMUL_NF4, "matmul_nf4");
@@ -68,6 +69,7 @@ pub const ALL_SHADERS: &[Shader] = &[
     ROPE,
     SILU_MUL,
     ADD,
+    DROPOUT,
     CROSS_ENTROPY,
     MATMUL,
     MATMUL_NF4,
@@ -144,6 +146,8 @@ params!(/// `rms_norm.wgsl`
     RmsNormParams { n_rows: u32, dim: u32, eps: f32, _pad: u32 } = 16);
 params!(/// `rope.wgsl`
     RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32 } = 16);
+params!(/// `dropout.wgsl`
+    DropoutParams { n: u32, seed: u32, threshold: u32, scale: f32 } = 16);
 params!(/// `silu_mul.wgsl` and `add.wgsl`
     ElementwiseParams { n: u32, _pad0: u32, _pad1: u32, _pad2: u32 } = 16);
 params!(/// `cross_entropy.wgsl` and `cross_entropy_backward.wgsl`
@@ -422,6 +426,24 @@ pub mod launch {
     ) -> Result<()> {
         let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
         ctx.dispatch(enc, &SILU_MUL_BACKWARD, &p, &[gate, up, dout, dgate, dup], groups_1d(p.n.div_ceil(256)))
+    }
+
+    /// Inverted dropout in place over n values with keep probability 1 - p and the mask of
+    /// `seed` (see `dropout.wgsl`); also its own backward.
+    pub fn dropout(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        n: usize,
+        p: f32,
+        seed: u32,
+    ) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::invalid("dropout", format!("p must be in [0, 1) (got {p})")));
+        }
+        let (threshold, scale) = crate::reference::dropout_threshold(p);
+        let params = DropoutParams { n: u32_of(n, "elements")?, seed, threshold, scale };
+        ctx.dispatch(enc, &DROPOUT, &params, &[x], groups_1d(params.n.div_ceil(256)))
     }
 
     /// y += x over n values. Also the backward of a residual connection where two gradient

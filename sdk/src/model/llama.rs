@@ -125,6 +125,37 @@ impl Table {
     }
 }
 
+/// LoRA dropout during training: the adapter's input is copied to `scratch` and masked there
+/// (the base matmul sees the undropped input, as in PEFT). The mask of each (layer, module)
+/// derives from `seed`, so recomputing a layer or its backward reproduces it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dropout<'a> {
+    pub(crate) scratch: &'a wgpu::Buffer,
+    pub(crate) p: f32,
+    pub(crate) seed: u32,
+}
+
+impl<'a> Dropout<'a> {
+    pub(crate) fn module_seed(&self, layer: usize, module: Module) -> u32 {
+        reference::lowbias32(self.seed ^ reference::lowbias32((layer * 8 + module.index()) as u32 + 1))
+    }
+
+    /// Records copying `n` values of `x` into the scratch buffer and masking them there.
+    pub(crate) fn apply(
+        &self,
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        n: usize,
+        layer: usize,
+        module: Module,
+    ) -> Result<&'a wgpu::Buffer> {
+        enc.copy_buffer_to_buffer(x, 0, self.scratch, 0, (n * 4) as u64);
+        launch::dropout(ctx, enc, self.scratch, n, self.p, self.module_seed(layer, module))?;
+        Ok(self.scratch)
+    }
+}
+
 /// A model resident on the GPU.
 #[derive(Debug)]
 pub struct Model {
@@ -340,6 +371,7 @@ impl Model {
         y: &wgpu::Buffer,
         h: &wgpu::Buffer,
         m: usize,
+        drop: Option<Dropout<'_>>,
     ) -> Result<()> {
         let l = self.layers[layer].linear(module);
         let ctx = &self.ctx;
@@ -357,6 +389,10 @@ impl Model {
         )?;
         if let Some((a, s)) = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s))) {
             let r = a.layout.r;
+            let x = match drop {
+                Some(d) => d.apply(ctx, enc, x, m * l.n_in, layer, module)?,
+                None => x,
+            };
             launch::matmul_forward(
                 ctx,
                 enc,
@@ -430,9 +466,9 @@ impl Model {
         let kv_bytes = (t * kvd * 4) as u64;
         for (li, l) in self.layers.iter().enumerate() {
             launch::rms_norm_forward(ctx, &mut enc, &x, &l.attn_norm, &xn, t, h, c.rms_norm_eps)?;
-            self.linear(&mut enc, li, Module::QProj, lora, &xn, &q, &h_lora, t)?;
-            self.linear(&mut enc, li, Module::KProj, lora, &xn, &k, &h_lora, t)?;
-            self.linear(&mut enc, li, Module::VProj, lora, &xn, &v, &h_lora, t)?;
+            self.linear(&mut enc, li, Module::QProj, lora, &xn, &q, &h_lora, t, None)?;
+            self.linear(&mut enc, li, Module::KProj, lora, &xn, &k, &h_lora, t, None)?;
+            self.linear(&mut enc, li, Module::VProj, lora, &xn, &v, &h_lora, t, None)?;
             let rope =
                 |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: &positions };
             launch::rope_forward(ctx, &mut enc, &q, &self.cos_sin, rope(c.num_heads))?;
@@ -447,13 +483,13 @@ impl Model {
                 pos_offset: pos,
             };
             launch::attention_forward(ctx, &mut enc, &q, &cache.k[li], &cache.v[li], &key_start, &att, &stats, shape)?;
-            self.linear(&mut enc, li, Module::OProj, lora, &att, &proj, &h_lora, t)?;
+            self.linear(&mut enc, li, Module::OProj, lora, &att, &proj, &h_lora, t, None)?;
             launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
             launch::rms_norm_forward(ctx, &mut enc, &x, &l.ffn_norm, &xn, t, h, c.rms_norm_eps)?;
-            self.linear(&mut enc, li, Module::GateProj, lora, &xn, &g, &h_lora, t)?;
-            self.linear(&mut enc, li, Module::UpProj, lora, &xn, &u, &h_lora, t)?;
+            self.linear(&mut enc, li, Module::GateProj, lora, &xn, &g, &h_lora, t, None)?;
+            self.linear(&mut enc, li, Module::UpProj, lora, &xn, &u, &h_lora, t, None)?;
             launch::silu_mul_forward(ctx, &mut enc, &g, &u, &act, t * inter)?;
-            self.linear(&mut enc, li, Module::DownProj, lora, &act, &proj, &h_lora, t)?;
+            self.linear(&mut enc, li, Module::DownProj, lora, &act, &proj, &h_lora, t, None)?;
             launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
         }
         launch::rms_norm_forward(ctx, &mut enc, &x, &self.final_norm, &xn, t, h, c.rms_norm_eps)?;

@@ -10,7 +10,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::kernels::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
 use crate::lora::{GpuAdapter, Module};
-use crate::model::llama::Model;
+use crate::model::llama::{Dropout, Model};
 
 /// A packed batch: samples laid end to end, each attending only to itself, with positions
 /// restarting at 0 for every sample.
@@ -22,6 +22,8 @@ pub struct Batch {
     pub positions: Vec<u32>,
     /// First token of each token's sample.
     pub key_start: Vec<u32>,
+    /// Seed of this batch's LoRA dropout masks (unused without dropout).
+    pub seed: u32,
 }
 
 impl Batch {
@@ -93,6 +95,10 @@ pub struct Workspace {
     proj: wgpu::Buffer,
     lora_h: wgpu::Buffer,
     lora_dh: wgpu::Buffer,
+    /// LoRA dropout: the masked adapter input and the masked input gradient (T, widest n_in);
+    /// one float each when the workspace was planned without dropout.
+    lora_x: wgpu::Buffer,
+    lora_dx: wgpu::Buffer,
     d_res: wgpu::Buffer,
     d_xn: wgpu::Buffer,
     d_act: wgpu::Buffer,
@@ -139,8 +145,20 @@ impl Model {
     }
 
     /// Allocates the buffers of a training step for batches of up to `capacity` tokens and
-    /// adapters of rank up to `rank`.
+    /// adapters of rank up to `rank`, without LoRA dropout (see [`Model::workspace_with`]).
     pub fn workspace(&self, capacity: usize, rank: usize, checkpointing: bool) -> Result<Workspace> {
+        self.workspace_with(capacity, rank, checkpointing, false)
+    }
+
+    /// [`Model::workspace`], with the two extra (T, widest input) buffers LoRA dropout needs
+    /// when `dropout` is set.
+    pub fn workspace_with(
+        &self,
+        capacity: usize,
+        rank: usize,
+        checkpointing: bool,
+        dropout: bool,
+    ) -> Result<Workspace> {
         if capacity == 0 {
             return Err(Error::invalid("batch capacity", "must be at least one token"));
         }
@@ -169,6 +187,7 @@ impl Model {
             })
             .collect();
         let head_rows = self.head_rows(capacity);
+        let wide = h.max(i).max(qd);
         let ws = Workspace {
             capacity,
             checkpointing,
@@ -184,6 +203,8 @@ impl Model {
             proj: z("proj", t * h),
             lora_h: z("lora h", t * rank.max(1)),
             lora_dh: z("lora dh", t * rank.max(1)),
+            lora_x: z("lora dropout x", if dropout { t * wide } else { 1 }),
+            lora_dx: z("lora dropout dx", if dropout { t * wide } else { 1 }),
             d_res: z("d residual", t * h),
             d_xn: z("d xn", t * h),
             d_act: z("d act", t * i),
@@ -200,7 +221,8 @@ impl Model {
             head_loss: z("head loss", head_rows),
             logits: z("logits", head_rows * c.vocab_size),
             loss: z("loss", t),
-            bytes: (self.workspace_floats(capacity, rank, checkpointing) * 4) as u64,
+            bytes: ((self.workspace_floats(capacity, rank, checkpointing) + if dropout { 2 * t * wide } else { 0 }) * 4)
+                as u64,
         };
         Ok(ws)
     }
@@ -218,25 +240,36 @@ impl Model {
         grads: &wgpu::Buffer,
         grad_scale: f32,
     ) -> Result<()> {
-        if lora.config.dropout > 0.0 {
-            // Refused rather than silently ignored until the dropout mask kernel exists.
-            return Err(Error::invalid(
-                "LoRA dropout",
-                format!("{} is not supported in training yet; set dropout = 0", lora.config.dropout),
-            ));
-        }
-        let t = self.forward_layers(enc, ws, batch, lora, true)?;
+        let drop = self.dropout(ws, batch, lora)?;
+        let t = self.forward_layers(enc, ws, batch, lora, true, drop)?;
         self.head_backward(enc, ws, t, grad_scale)?;
         for l in (0..self.config.num_layers).rev() {
             let acts = if ws.checkpointing {
-                self.layer_forward(enc, ws, l, &ws.acts[0], &ws.x_in[l], &ws.x_tmp, lora, t)?;
+                self.layer_forward(enc, ws, l, &ws.acts[0], &ws.x_in[l], &ws.x_tmp, lora, t, drop)?;
                 &ws.acts[0]
             } else {
                 &ws.acts[l]
             };
-            self.layer_backward(enc, ws, l, acts, lora, grads, t)?;
+            self.layer_backward(enc, ws, l, acts, lora, grads, t, drop)?;
         }
         Ok(())
+    }
+
+    /// The dropout of a training step, if the adapter has any.
+    fn dropout<'w>(&self, ws: &'w Workspace, batch: &Batch, lora: &GpuAdapter) -> Result<Option<Dropout<'w>>> {
+        let p = lora.config.dropout;
+        if p <= 0.0 {
+            return Ok(None);
+        }
+        let c = &self.config;
+        let wide = c.hidden_size.max(c.intermediate_size).max(c.num_heads * c.head_dim);
+        if ws.lora_x.size() < (batch.len() * wide * 4) as u64 {
+            return Err(Error::invalid(
+                "LoRA dropout",
+                format!("dropout {p} needs a workspace planned with dropout (Model::workspace_with)"),
+            ));
+        }
+        Ok(Some(Dropout { scratch: &ws.lora_x, p, seed: batch.seed }))
     }
 
     /// Records the forward pass of `batch` only (no gradients, no dropout): per-token losses
@@ -248,7 +281,7 @@ impl Model {
         batch: &Batch,
         lora: &GpuAdapter,
     ) -> Result<()> {
-        let t = self.forward_layers(enc, ws, batch, lora, false)?;
+        let t = self.forward_layers(enc, ws, batch, lora, false, None)?;
         self.head_loss(enc, ws, t)
     }
 
@@ -262,6 +295,7 @@ impl Model {
         batch: &Batch,
         lora: &GpuAdapter,
         keep: bool,
+        drop: Option<Dropout<'_>>,
     ) -> Result<usize> {
         let t = batch.len();
         let c = &self.config;
@@ -298,7 +332,7 @@ impl Model {
         }
         for l in 0..c.num_layers {
             let acts = &ws.acts[if ws.checkpointing || !keep { 0 } else { l }];
-            self.layer_forward(enc, ws, l, acts, &ws.x_in[l], &ws.x_in[l + 1], lora, t)?;
+            self.layer_forward(enc, ws, l, acts, &ws.x_in[l], &ws.x_in[l + 1], lora, t, drop)?;
         }
         Ok(t)
     }
@@ -329,6 +363,7 @@ impl Model {
         x_out: &wgpu::Buffer,
         lora: &GpuAdapter,
         t: usize,
+        drop: Option<Dropout<'_>>,
     ) -> Result<()> {
         let c = &self.config;
         let ctx = &self.ctx;
@@ -337,21 +372,21 @@ impl Model {
         let bytes = (t * h * 4) as u64;
         let lo = Some(lora);
         launch::rms_norm_forward(ctx, enc, x_in, &layer.attn_norm, &ws.xn, t, h, c.rms_norm_eps)?;
-        self.linear(enc, l, Module::QProj, lo, &ws.xn, &a.q, &ws.lora_h, t)?;
-        self.linear(enc, l, Module::KProj, lo, &ws.xn, &a.k, &ws.lora_h, t)?;
-        self.linear(enc, l, Module::VProj, lo, &ws.xn, &a.v, &ws.lora_h, t)?;
+        self.linear(enc, l, Module::QProj, lo, &ws.xn, &a.q, &ws.lora_h, t, drop)?;
+        self.linear(enc, l, Module::KProj, lo, &ws.xn, &a.k, &ws.lora_h, t, drop)?;
+        self.linear(enc, l, Module::VProj, lo, &ws.xn, &a.v, &ws.lora_h, t, drop)?;
         launch::rope_forward(ctx, enc, &a.q, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
         launch::rope_forward(ctx, enc, &a.k, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
         let s = self.attention_shape(t);
         launch::attention_forward(ctx, enc, &a.q, &a.k, &a.v, &ws.key_start, &a.att, &a.stats, s)?;
-        self.linear(enc, l, Module::OProj, lo, &a.att, &ws.proj, &ws.lora_h, t)?;
+        self.linear(enc, l, Module::OProj, lo, &a.att, &ws.proj, &ws.lora_h, t, drop)?;
         enc.copy_buffer_to_buffer(x_in, 0, &a.x_mid, 0, bytes);
         launch::add_forward(ctx, enc, &ws.proj, &a.x_mid, t * h)?;
         launch::rms_norm_forward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.xn, t, h, c.rms_norm_eps)?;
-        self.linear(enc, l, Module::GateProj, lo, &ws.xn, &a.gate, &ws.lora_h, t)?;
-        self.linear(enc, l, Module::UpProj, lo, &ws.xn, &a.up, &ws.lora_h, t)?;
+        self.linear(enc, l, Module::GateProj, lo, &ws.xn, &a.gate, &ws.lora_h, t, drop)?;
+        self.linear(enc, l, Module::UpProj, lo, &ws.xn, &a.up, &ws.lora_h, t, drop)?;
         launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;
-        self.linear(enc, l, Module::DownProj, lo, &ws.act, &ws.proj, &ws.lora_h, t)?;
+        self.linear(enc, l, Module::DownProj, lo, &ws.act, &ws.proj, &ws.lora_h, t, drop)?;
         enc.copy_buffer_to_buffer(&a.x_mid, 0, x_out, 0, bytes);
         launch::add_forward(ctx, enc, &ws.proj, x_out, t * h)
     }
@@ -430,6 +465,7 @@ impl Model {
         dx: &wgpu::Buffer,
         accumulate: bool,
         t: usize,
+        drop: Option<Dropout<'_>>,
     ) -> Result<()> {
         let ctx = &self.ctx;
         let lin = self.layers[l].linear(module);
@@ -438,6 +474,11 @@ impl Model {
         launch::matmul_backward(ctx, enc, DyCols::whole(dy, n_out), lin.weight(), dx, t, n_out, n_in, out)?;
         let Some(s) = lora.layout.slot(l, module) else { return Ok(()) };
         let (r, scale, p) = (lora.layout.r, lora.scale, &lora.params);
+        // With dropout the adapter saw the masked input: rebuild it (same mask).
+        let x = match drop {
+            Some(d) => d.apply(ctx, enc, x, t * n_in, l, module)?,
+            None => x,
+        };
         // h = x A^T again (cheaper to recompute than to keep for every module).
         launch::matmul_forward(ctx, enc, x, Weight::DenseAt(p, s.a), None, &ws.lora_h, t, r, n_in, OutCols::whole(r))?;
         // dB += scale * dy^T h
@@ -457,9 +498,20 @@ impl Model {
         )?;
         // dA += dh^T x
         launch::matmul_backward_w(ctx, enc, &ws.lora_dh, x, grads, s.a, t, r, n_in, 1.0, true)?;
-        // dx += dh A
-        let out = OutCols::whole(n_in).accumulated();
-        launch::matmul_backward(ctx, enc, DyCols::whole(&ws.lora_dh, r), Weight::DenseAt(p, s.a), dx, t, r, n_in, out)
+        // dx += dh A, through the dropout mask when there is one.
+        let dh = DyCols::whole(&ws.lora_dh, r);
+        match drop {
+            None => {
+                let out = OutCols::whole(n_in).accumulated();
+                launch::matmul_backward(ctx, enc, dh, Weight::DenseAt(p, s.a), dx, t, r, n_in, out)
+            }
+            Some(d) => {
+                let out = OutCols::whole(n_in);
+                launch::matmul_backward(ctx, enc, dh, Weight::DenseAt(p, s.a), &ws.lora_dx, t, r, n_in, out)?;
+                launch::dropout(ctx, enc, &ws.lora_dx, t * n_in, d.p, d.module_seed(l, module))?;
+                launch::add_forward(ctx, enc, &ws.lora_dx, dx, t * n_in)
+            }
+        }
     }
 
     /// Backward through layer `l`: on entry ws.d_res holds dL/d(layer output); on exit,
@@ -474,6 +526,7 @@ impl Model {
         lora: &GpuAdapter,
         grads: &wgpu::Buffer,
         t: usize,
+        drop: Option<Dropout<'_>>,
     ) -> Result<()> {
         let c = &self.config;
         let ctx = &self.ctx;
@@ -483,14 +536,14 @@ impl Model {
         let eps = c.rms_norm_eps;
         // MLP.
         launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;
-        self.linear_backward(enc, ws, l, Module::DownProj, lora, grads, &ws.act, &ws.d_res, &ws.d_act, false, t)?;
+        self.linear_backward(enc, ws, l, Module::DownProj, lora, grads, &ws.act, &ws.d_res, &ws.d_act, false, t, drop)?;
         launch::silu_mul_backward(ctx, enc, &a.gate, &a.up, &ws.d_act, &ws.d_gate, &ws.d_up, t * i)?;
         launch::rms_norm_forward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.xn, t, h, eps)?;
-        self.linear_backward(enc, ws, l, Module::GateProj, lora, grads, &ws.xn, &ws.d_gate, &ws.d_xn, false, t)?;
-        self.linear_backward(enc, ws, l, Module::UpProj, lora, grads, &ws.xn, &ws.d_up, &ws.d_xn, true, t)?;
+        self.linear_backward(enc, ws, l, Module::GateProj, lora, grads, &ws.xn, &ws.d_gate, &ws.d_xn, false, t, drop)?;
+        self.linear_backward(enc, ws, l, Module::UpProj, lora, grads, &ws.xn, &ws.d_up, &ws.d_xn, true, t, drop)?;
         launch::rms_norm_backward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.d_xn, &ws.d_res, t, h, eps)?;
         // Attention.
-        self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, &ws.d_res, &ws.d_att, false, t)?;
+        self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, &ws.d_res, &ws.d_att, false, t, drop)?;
         let b = AttentionGrads {
             q: &a.q,
             k: &a.k,
@@ -507,9 +560,9 @@ impl Model {
         launch::rope_backward(ctx, enc, &ws.dq, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
         launch::rope_backward(ctx, enc, &ws.dk, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
         launch::rms_norm_forward(ctx, enc, x_in, &layer.attn_norm, &ws.xn, t, h, eps)?;
-        self.linear_backward(enc, ws, l, Module::QProj, lora, grads, &ws.xn, &ws.dq, &ws.d_xn, false, t)?;
-        self.linear_backward(enc, ws, l, Module::KProj, lora, grads, &ws.xn, &ws.dk, &ws.d_xn, true, t)?;
-        self.linear_backward(enc, ws, l, Module::VProj, lora, grads, &ws.xn, &ws.dv, &ws.d_xn, true, t)?;
+        self.linear_backward(enc, ws, l, Module::QProj, lora, grads, &ws.xn, &ws.dq, &ws.d_xn, false, t, drop)?;
+        self.linear_backward(enc, ws, l, Module::KProj, lora, grads, &ws.xn, &ws.dk, &ws.d_xn, true, t, drop)?;
+        self.linear_backward(enc, ws, l, Module::VProj, lora, grads, &ws.xn, &ws.dv, &ws.d_xn, true, t, drop)?;
         launch::rms_norm_backward(ctx, enc, x_in, &layer.attn_norm, &ws.d_xn, &ws.d_res, t, h, eps)
     }
 }

@@ -55,6 +55,34 @@ pub fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect()
 }
 
+/// Chris Wellons' lowbias32 integer hash (as in `dropout.wgsl`).
+pub fn lowbias32(v: u32) -> u32 {
+    let mut h = v;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    h
+}
+
+/// The keep threshold (p * 2^32, so that a uniform u32 hash is kept with probability 1 - p) and
+/// the scale 1 / (1 - p) of inverted dropout.
+pub fn dropout_threshold(p: f32) -> (u32, f32) {
+    let threshold = (f64::from(p) * 4_294_967_296.0).round().min(f64::from(u32::MAX)) as u32;
+    (threshold, 1.0 / (1.0 - p))
+}
+
+/// Inverted dropout in place: element i kept when lowbias32(i ^ lowbias32(seed)) >= p * 2^32,
+/// and scaled by 1 / (1 - p).
+pub fn dropout(x: &mut [f32], p: f32, seed: u32) {
+    let (threshold, scale) = dropout_threshold(p);
+    let s = lowbias32(seed);
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = if lowbias32(i as u32 ^ s) >= threshold { *v * scale } else { 0.0 };
+    }
+}
+
 /// y += x.
 pub fn add_forward(x: &[f32], y: &mut [f32]) {
     y.iter_mut().zip(x).for_each(|(a, b)| *a += b);

@@ -291,7 +291,7 @@ impl<'a> Trainer<'a> {
             fnv(&mut plan, &v.to_le_bytes());
         }
         let capacity = train.iter().chain(&val).map(Batch::len).max().unwrap_or(1);
-        let ws = model.workspace(capacity, cfg.lora.r, cfg.gradient_checkpointing)?;
+        let ws = model.workspace_with(capacity, cfg.lora.r, cfg.gradient_checkpointing, cfg.lora.dropout > 0.0)?;
         let opt = Optimizer::new(&model.ctx, adapter.layout.len, cfg.optimizer)?;
         let gpu = GpuAdapter::upload(&model.ctx, &adapter);
         let state = TrainState { epoch_rng: Rng::new(cfg.seed ^ 0x5eed_0fba_7c4e_5eed).state(), ..Default::default() };
@@ -497,7 +497,19 @@ impl<'a> Trainer<'a> {
             let scored: usize = group.iter().map(|b| b.n_scored()).sum();
             let lr = schedule.lr(self.state.step);
             let mut loss_sum = 0f64;
-            for (k, b) in group.iter().enumerate() {
+            for (k, &b) in group.iter().enumerate() {
+                // Dropout masks follow from (LoRA seed, step, micro-batch), so a resumed run
+                // draws the same ones.
+                let seeded;
+                let b = if self.cfg.lora.dropout > 0.0 {
+                    let mut h = self.cfg.lora.seed;
+                    fnv(&mut h, &self.state.step.to_le_bytes());
+                    fnv(&mut h, &(k as u64).to_le_bytes());
+                    seeded = Batch { seed: (h ^ (h >> 32)) as u32, ..b.clone() };
+                    &seeded
+                } else {
+                    b
+                };
                 let mut enc = ctx.device.create_command_encoder(&Default::default());
                 if k == 0 {
                     self.opt.zero_grad(&mut enc);
