@@ -89,6 +89,20 @@ enum Cmd {
     Gpu,
     /// Fine-tune a LoRA adapter on a dataset (settings from --config, then the flags).
     Train(Box<TrainArgs>),
+    /// Training throughput (tokens/s) and GPU memory of LoRA steps on random tokens, with and
+    /// without gradient checkpointing.
+    BenchTrain {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Tokens per step (one packed sample).
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        /// Timed steps per mode, after one warm-up step.
+        #[arg(long, default_value_t = 2)]
+        steps: usize,
+    },
     /// Merge a PEFT adapter into its base model and write a Hugging Face folder (f16 or bf16).
     Merge {
         /// The base model: a Hugging Face folder or a .gguf file.
@@ -244,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(args) => train::run(*args, &gpu)?,
+        Cmd::BenchTrain { m, seq, rank, steps } => bench_train(&m, &gpu, seq, rank, steps)?,
         Cmd::Merge { model, adapter, output, dtype } => {
             let (cfg, _) = edgetune::model::open_weights(&model)?;
             let a = edgetune::lora::peft::load(&adapter, &cfg)?;
@@ -329,6 +344,74 @@ fn bench(m: &ModelArgs, gpu: &GpuOptions, prompt_tokens: usize, decode_tokens: u
     match (before, peak) {
         (Some(b), Some(p)) => println!("driver allocator: {} allocated at peak ({} before loading)", mib(p), mib(b)),
         _ => println!("driver allocator: not reported by this backend"),
+    }
+    Ok(())
+}
+
+fn bench_train(m: &ModelArgs, gpu: &GpuOptions, seq: usize, rank: usize, steps: usize) -> Result<()> {
+    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
+    use edgetune::model::training::Batch;
+    use edgetune::train::optimizer::{AdamwConfig, Optimizer};
+    use std::time::Instant;
+    let ctx = std::sync::Arc::new(edgetune::gpu::GpuContext::new(gpu)?);
+    let before = ctx.allocated_bytes();
+    let load = LoadOptions { quant: m.quant, max_context: m.max_context.max(seq), ..Default::default() };
+    let model = edgetune::model::llama::Model::open(ctx.clone(), &m.model, &load)?;
+    println!("{}", ctx.report);
+    let cfg = LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() };
+    let adapter = Adapter::new(&model.config, cfg)?;
+    let n = adapter.layout.len;
+    let lora = GpuAdapter::upload(&ctx, &adapter);
+    let mut opt = Optimizer::new(&ctx, n, AdamwConfig::default())?;
+    let v = model.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..seq as u32).map(|i| (i * 7919 + 13) % v).collect();
+    let train = vec![true; seq];
+    let batch = Batch::pack([(&ids[..], &train[..])])?;
+    println!(
+        "model: {} ({:?}), seq {seq}, LoRA r {rank} on all linear layers ({n} parameters)",
+        m.model.display(),
+        m.quant
+    );
+    let adapter_bytes = (n * 4 * 4) as u64; // parameters, gradients, two AdamW moments
+    for checkpointing in [true, false] {
+        let ws = model.workspace(seq, rank, checkpointing)?;
+        let mut step = |_: usize| -> Result<f64> {
+            let t = Instant::now();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            opt.zero_grad(&mut enc);
+            model.forward_backward(&mut enc, &ws, &batch, &lora, &opt.grads, 1.0 / seq as f32)?;
+            opt.record_step(&ctx, &mut enc, &lora.params, 1e-4)?;
+            ctx.queue.submit([enc.finish()]);
+            let norm = ctx.read_f32(&opt.norm, 1)?[0];
+            opt.commit(norm);
+            Ok(t.elapsed().as_secs_f64())
+        };
+        step(0)?; // compiles every pipeline
+        let mut times = Vec::new();
+        for i in 0..steps.max(1) {
+            times.push(step(i)?);
+        }
+        let peak = ctx.allocated_bytes();
+        let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let total = model.weight_bytes + adapter_bytes + ws.bytes;
+        println!(
+            "gradient checkpointing {}: {:.2} s/step (best of {}), {:.1} tokens/s",
+            if checkpointing { "on " } else { "off" },
+            best,
+            times.len(),
+            seq as f64 / best
+        );
+        println!(
+            "  expected GPU memory: weights {} + adapter, gradients and AdamW moments {} + activations {} = {}",
+            mib(model.weight_bytes),
+            mib(adapter_bytes),
+            mib(ws.bytes),
+            mib(total)
+        );
+        match (before, peak) {
+            (Some(b), Some(p)) => println!("  driver allocator: {} allocated ({} before loading)", mib(p), mib(b)),
+            _ => println!("  driver allocator: not reported by this backend"),
+        }
     }
     Ok(())
 }
