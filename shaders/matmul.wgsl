@@ -10,17 +10,9 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-fn load_a(m: u32, k: u32) -> f32 {
-    if (m >= p.m || k >= p.k) { return 0.0; }
-    return x[m * p.k + k];
-}
-
-fn load_b(n: u32, k: u32) -> f32 {
-    if (n >= p.n || k >= p.k) { return 0.0; }
+// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer).
+fn w_at(n: u32, k: u32) -> f32 {
     return w[p.w_offset + n * p.k + k];
 }
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    tiled_matmul(wg, lid, p.m, p.n, p.k);
-}
+#include "common/matmul_forward.wgsl"

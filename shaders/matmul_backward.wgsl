@@ -11,17 +11,9 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
 
-fn load_a(m: u32, n: u32) -> f32 {
-    if (m >= p.m || n >= p.n) { return 0.0; }
-    return dy[m * p.dy_stride + p.dy_col_offset + n];
-}
-
-fn load_b(k: u32, n: u32) -> f32 {
-    if (k >= p.k || n >= p.n) { return 0.0; }
+// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer).
+fn w_at(n: u32, k: u32) -> f32 {
     return w[p.w_offset + n * p.k + k];
 }
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    tiled_matmul(wg, lid, p.m, p.k, p.n);
-}
+#include "common/matmul_dx.wgsl"

@@ -17,17 +17,4 @@ fn w_at(n: u32, k: u32) -> f32 {
     return select(pair.y, pair.x, (k & 1u) == 0u);
 }
 
-fn load_a(m: u32, k: u32) -> f32 {
-    if (m >= p.m || k >= p.k) { return 0.0; }
-    return x[m * p.k + k];
-}
-
-fn load_b(n: u32, k: u32) -> f32 {
-    if (n >= p.n || k >= p.k) { return 0.0; }
-    return w_at(n, k);
-}
-
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    tiled_matmul(wg, lid, p.m, p.n, p.k);
-}
+#include "common/matmul_forward.wgsl"

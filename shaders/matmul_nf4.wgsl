@@ -13,23 +13,4 @@
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-// Element (n, k) of the NF4 weight, dequantized.
-fn w_at(n: u32, k: u32) -> f32 {
-    let flat = n * p.k + k;
-    return nf4_value(w[flat / 8u], flat % 8u) * absmax[flat / p.block_size];
-}
-
-fn load_a(m: u32, k: u32) -> f32 {
-    if (m >= p.m || k >= p.k) { return 0.0; }
-    return x[m * p.k + k];
-}
-
-fn load_b(n: u32, k: u32) -> f32 {
-    if (n >= p.n || k >= p.k) { return 0.0; }
-    return w_at(n, k);
-}
-
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    tiled_matmul(wg, lid, p.m, p.n, p.k);
-}
+#include "common/matmul_forward.wgsl"

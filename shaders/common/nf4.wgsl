@@ -13,3 +13,10 @@ fn nf4_value(word: u32, e: u32) -> f32 {
     let shift = 8u * (e / 2u) + select(0u, 4u, e % 2u == 0u);
     return NF4_CODE[(word >> shift) & 0xFu];
 }
+
+// Element (n, k) of an (N, K) NF4 weight, dequantized, for the shaders that declare `p`
+// (MatmulParams), the packed words `w` and their `absmax` scales.
+fn w_at(n: u32, k: u32) -> f32 {
+    let flat = n * p.k + k;
+    return nf4_value(w[flat / 8u], flat % 8u) * absmax[flat / p.block_size];
+}

@@ -96,6 +96,8 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
     ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../../../shaders/common/matvec.wgsl")),
+    ("common/matmul_forward.wgsl", include_str!("../../../shaders/common/matmul_forward.wgsl")),
+    ("common/matmul_dx.wgsl", include_str!("../../../shaders/common/matmul_dx.wgsl")),
     ("common/embedding.wgsl", include_str!("../../../shaders/common/embedding.wgsl")),
     ("common/params.wgsl", include_str!("../../../shaders/common/params.wgsl")),
 ];

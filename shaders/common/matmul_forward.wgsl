@@ -1,0 +1,18 @@
+// The forward pass of a linear layer over many rows, y = x W^T: the element loaders and the
+// entry point for common/matmul.wgsl. The including shader declares `x` and `w_at(n, k)`, the
+// weight element (n, k) in its storage format.
+
+fn load_a(m: u32, k: u32) -> f32 {
+    if (m >= p.m || k >= p.k) { return 0.0; }
+    return x[m * p.k + k];
+}
+
+fn load_b(n: u32, k: u32) -> f32 {
+    if (n >= p.n || k >= p.k) { return 0.0; }
+    return w_at(n, k);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    tiled_matmul(wg, lid, p.m, p.n, p.k);
+}
