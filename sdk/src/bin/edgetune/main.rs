@@ -99,7 +99,7 @@ enum Cmd {
         seq: usize,
         #[arg(long, default_value_t = 16)]
         rank: usize,
-        /// Timed steps per mode, after one warm-up step.
+        /// Timed steps per mode (after a two-token warm-up step that compiles the kernels).
         #[arg(long, default_value_t = 2)]
         steps: usize,
     },
@@ -375,21 +375,22 @@ fn bench_train(m: &ModelArgs, gpu: &GpuOptions, seq: usize, rank: usize, steps: 
     let adapter_bytes = (n * 4 * 4) as u64; // parameters, gradients, two AdamW moments
     for checkpointing in [true, false] {
         let ws = model.workspace(seq, rank, checkpointing)?;
-        let mut step = |_: usize| -> Result<f64> {
+        let mut step = |batch: &Batch| -> Result<f64> {
             let t = Instant::now();
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             opt.zero_grad(&mut enc);
-            model.forward_backward(&mut enc, &ws, &batch, &lora, &opt.grads, 1.0 / seq as f32)?;
+            model.forward_backward(&mut enc, &ws, batch, &lora, &opt.grads, 1.0 / batch.len() as f32)?;
             opt.record_step(&ctx, &mut enc, &lora.params, 1e-4)?;
             ctx.queue.submit([enc.finish()]);
             let norm = ctx.read_f32(&opt.norm, 1)?[0];
             opt.commit(norm);
             Ok(t.elapsed().as_secs_f64())
         };
-        step(0)?; // compiles every pipeline
+        // Warm-up on two tokens: compiles every pipeline without paying for a full step.
+        step(&Batch::pack([(&ids[..2], &train[..2])])?)?;
         let mut times = Vec::new();
-        for i in 0..steps.max(1) {
-            times.push(step(i)?);
+        for _ in 0..steps.max(1) {
+            times.push(step(&batch)?);
         }
         let peak = ctx.allocated_bytes();
         let best = times.iter().copied().fold(f64::INFINITY, f64::min);
