@@ -13,6 +13,7 @@ use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
 use crate::quant::nf4;
 use crate::reference;
+use crate::train::checkpoint::{FNV_OFFSET, fnv1a};
 
 /// How linear weights are held on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -199,15 +200,10 @@ struct Uploader<'a> {
 impl Uploader<'_> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let v = self.src.get(self.cfg, name, shape)?;
-        let mut feed = |bytes: &[u8]| {
-            for &b in bytes {
-                self.hash = (self.hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-            }
-        };
-        feed(name.as_bytes());
-        feed(&(v.len() as u64).to_le_bytes());
+        fnv1a(&mut self.hash, name.as_bytes());
+        fnv1a(&mut self.hash, &(v.len() as u64).to_le_bytes());
         for x in v.iter().step_by(61) {
-            feed(&x.to_bits().to_le_bytes());
+            fnv1a(&mut self.hash, &x.to_bits().to_le_bytes());
         }
         Ok(v)
     }
@@ -282,7 +278,7 @@ impl Model {
     pub fn load(ctx: Arc<GpuContext>, config: ModelConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let mut up = Uploader { ctx: &ctx, src, cfg: c, opts, bytes: 0, hash: 0xcbf2_9ce4_8422_2325 };
+        let mut up = Uploader { ctx: &ctx, src, cfg: c, opts, bytes: 0, hash: FNV_OFFSET };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");

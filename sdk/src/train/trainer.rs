@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{Checkpoint, TrainState};
+use super::checkpoint::{Checkpoint, FNV_OFFSET, TrainState, fnv1a};
 use super::optimizer::{AdamwConfig, Optimizer};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::{self, DataConfig, Dataset, Sample};
@@ -217,12 +217,6 @@ pub struct Trainer<'a> {
     checkpoint: Option<PathBuf>,
 }
 
-fn fnv(hash: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *hash = (*hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-}
-
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
     for i in (1..v.len()).rev() {
         let j = (rng.next_u32() as usize) % (i + 1);
@@ -252,9 +246,7 @@ impl<'a> Trainer<'a> {
         if dataset.train.is_empty() {
             return Err(Error::invalid("dataset", "has no training samples"));
         }
-        let too_long: Vec<usize> =
-            dataset.train.iter().map(|s| s.ids.len()).filter(|&n| n > cfg.batch_tokens).collect();
-        if let Some(n) = too_long.iter().max() {
+        if let Some(n) = dataset.train.iter().map(|s| s.ids.len()).filter(|&n| n > cfg.batch_tokens).max() {
             return Err(Error::invalid(
                 "batch_tokens",
                 format!(
@@ -282,13 +274,13 @@ impl<'a> Trainer<'a> {
         let train = batches(&order, cfg.batch_tokens)?;
         let val_refs: Vec<&Sample> = dataset.val.iter().collect();
         let val = batches(&val_refs, cfg.batch_tokens)?;
-        let mut plan = 0xcbf2_9ce4_8422_2325u64;
+        let mut plan = FNV_OFFSET;
         for b in &train {
-            fnv(&mut plan, bytemuck::cast_slice(&b.ids));
-            fnv(&mut plan, bytemuck::cast_slice(&b.targets));
+            fnv1a(&mut plan, bytemuck::cast_slice(&b.ids));
+            fnv1a(&mut plan, bytemuck::cast_slice(&b.targets));
         }
         for v in [cfg.seed, cfg.grad_accum as u64, cfg.batch_tokens as u64] {
-            fnv(&mut plan, &v.to_le_bytes());
+            fnv1a(&mut plan, &v.to_le_bytes());
         }
         let capacity = train.iter().chain(&val).map(Batch::len).max().unwrap_or(1);
         let ws = model.workspace_with(capacity, cfg.lora.r, cfg.gradient_checkpointing, cfg.lora.dropout > 0.0)?;
@@ -408,10 +400,15 @@ impl<'a> Trainer<'a> {
             let mut enc = self.model.ctx.device.create_command_encoder(&Default::default());
             self.model.forward_loss(&mut enc, &self.ws, b, &self.adapter)?;
             self.model.ctx.queue.submit([enc.finish()]);
-            total += self.model.ctx.read_f32(&self.ws.loss, b.len())?.iter().map(|&l| f64::from(l)).sum::<f64>();
+            total += self.loss_sum(b)?;
             n += b.n_scored();
         }
         Ok(Some((total / n.max(1) as f64) as f32))
+    }
+
+    /// Sum of the per-token losses the last pass over `b` left in the workspace.
+    fn loss_sum(&self, b: &Batch) -> Result<f64> {
+        Ok(self.model.ctx.read_f32(&self.ws.loss, b.len())?.iter().map(|&l| f64::from(l)).sum())
     }
 
     /// The adapter as it is now.
@@ -503,8 +500,8 @@ impl<'a> Trainer<'a> {
                 let seeded;
                 let b = if self.cfg.lora.dropout > 0.0 {
                     let mut h = self.cfg.lora.seed;
-                    fnv(&mut h, &self.state.step.to_le_bytes());
-                    fnv(&mut h, &(k as u64).to_le_bytes());
+                    fnv1a(&mut h, &self.state.step.to_le_bytes());
+                    fnv1a(&mut h, &(k as u64).to_le_bytes());
                     seeded = Batch { seed: (h ^ (h >> 32)) as u32, ..b.clone() };
                     &seeded
                 } else {
@@ -520,7 +517,7 @@ impl<'a> Trainer<'a> {
                     self.opt.record_step(&ctx, &mut enc, &self.adapter.params, lr)?;
                 }
                 ctx.queue.submit([enc.finish()]);
-                loss_sum += ctx.read_f32(&self.ws.loss, b.len())?.iter().map(|&l| f64::from(l)).sum::<f64>();
+                loss_sum += self.loss_sum(b)?;
             }
             let loss = (loss_sum / scored.max(1) as f64) as f32;
             let norm = ctx.read_f32(&self.opt.norm, 1)?[0];
