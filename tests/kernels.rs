@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, gpu as ctx, rand, run};
+use common::{assert_close, gpu as ctx, gpus, rand, run};
 use edgetune::gpu::kernels::{self, launch};
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::quant::nf4;
@@ -14,6 +14,9 @@ fn every_shader_compiles_on_the_adapter() {
     let ctx = ctx();
     eprintln!("{}", ctx.report);
     for s in kernels::ALL_SHADERS {
+        if s.uses_subgroups() && !ctx.report.subgroups {
+            continue; // only picked on adapters with subgroups (GpuContext::report.simd8_matmuls)
+        }
         ctx.pipeline(s).unwrap_or_else(|e| panic!("{}: {e}", s.name));
     }
 }
@@ -38,36 +41,40 @@ fn check_matmul(
 
 #[test]
 fn matmul_dense_matches_reference_on_odd_shapes() {
-    let ctx = ctx();
-    for (i, &(m, n, k)) in
-        [(1, 1, 1), (3, 65, 70), (5, 130, 64), (17, 7, 129), (4, 64, 64), (70, 67, 100), (129, 3, 17)]
-            .iter()
-            .enumerate()
-    {
-        let x = rand(m * k, 1 + i as u64, 1.0);
-        let w = rand(n * k, 100 + i as u64, 0.5);
-        let b = rand(n, 200 + i as u64, 0.5);
-        let want = r::matmul_forward(&x, &w, Some(&b), m, n, k);
-        let (xb, wb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("b", &b));
-        check_matmul(&ctx, "matmul", &xb, launch::Weight::Dense(&wb), Some(&bb), &want, (m, n, k));
+    for ctx in gpus() {
+        eprintln!("simd8 matmuls: {}", ctx.report.simd8_matmuls);
+        for (i, &(m, n, k)) in
+            [(1, 1, 1), (3, 65, 70), (5, 130, 64), (17, 7, 129), (4, 64, 64), (70, 67, 100), (129, 3, 17), (70, 67, 96)]
+                .iter()
+                .enumerate()
+        {
+            let x = rand(m * k, 1 + i as u64, 1.0);
+            let w = rand(n * k, 100 + i as u64, 0.5);
+            let b = rand(n, 200 + i as u64, 0.5);
+            let want = r::matmul_forward(&x, &w, Some(&b), m, n, k);
+            let (xb, wb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("b", &b));
+            check_matmul(&ctx, "matmul", &xb, launch::Weight::Dense(&wb), Some(&bb), &want, (m, n, k));
+        }
     }
 }
 
 #[test]
 fn matmul_nf4_matches_dequantized_reference() {
-    let ctx = ctx();
-    // (3, 5, 40, 32): rows of 40 values, so NF4 blocks straddle rows (packed words never do).
-    let shapes =
-        [(1, 3, 64, 64), (6, 70, 128, 64), (9, 33, 192, 32), (2, 5, 256, 128), (3, 5, 40, 32), (66, 65, 40, 32)];
-    for (i, &(m, n, k, bs)) in shapes.iter().enumerate() {
-        let x = rand(m * k, 10 + i as u64, 1.0);
-        let w = rand(n * k, 20 + i as u64, 0.3);
-        let q = nf4::quantize(&w, &[n, k], bs).expect("quantize");
-        let want = r::matmul_forward(&x, &q.dequantize(), None, m, n, k);
-        let xb = ctx.storage_from("x", &x);
-        let (pb, ab) = (ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax));
-        let w = launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs };
-        check_matmul(&ctx, &format!("matmul_nf4 block {bs}"), &xb, w, None, &want, (m, n, k));
+    for ctx in gpus() {
+        eprintln!("simd8 matmuls: {}", ctx.report.simd8_matmuls);
+        // (3, 5, 40, 32): rows of 40 values, so NF4 blocks straddle rows (packed words never do).
+        let shapes =
+            [(1, 3, 64, 64), (6, 70, 128, 64), (9, 33, 192, 32), (2, 5, 256, 128), (3, 5, 40, 32), (66, 65, 40, 32)];
+        for (i, &(m, n, k, bs)) in shapes.iter().enumerate() {
+            let x = rand(m * k, 10 + i as u64, 1.0);
+            let w = rand(n * k, 20 + i as u64, 0.3);
+            let q = nf4::quantize(&w, &[n, k], bs).expect("quantize");
+            let want = r::matmul_forward(&x, &q.dequantize(), None, m, n, k);
+            let xb = ctx.storage_from("x", &x);
+            let (pb, ab) = (ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax));
+            let w = launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs };
+            check_matmul(&ctx, &format!("matmul_nf4 block {bs}"), &xb, w, None, &want, (m, n, k));
+        }
     }
 }
 
@@ -193,12 +200,14 @@ fn f16_tables_match_reference_on_their_rounded_values() {
         let back = h.iter().map(|x| x.to_f32()).collect();
         (h, back)
     };
-    for &(m, n, k) in &[(1, 9, 2), (5, 70, 66), (4, 33, 130), (67, 65, 34)] {
-        let x = rand(m * k, 51, 1.0);
-        let (wh, w) = to_f16(&rand(n * k, 52, 0.5));
-        let want = r::matmul_forward(&x, &w, None, m, n, k);
-        let (xb, wb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &wh));
-        check_matmul(&ctx, "matmul_f16", &xb, launch::Weight::F16(&wb), None, &want, (m, n, k));
+    for ctx in gpus() {
+        for &(m, n, k) in &[(1, 9, 2), (5, 70, 66), (4, 33, 130), (67, 65, 34), (40, 65, 72)] {
+            let x = rand(m * k, 51, 1.0);
+            let (wh, w) = to_f16(&rand(n * k, 52, 0.5));
+            let want = r::matmul_forward(&x, &w, None, m, n, k);
+            let (xb, wb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &wh));
+            check_matmul(&ctx, "matmul_f16", &xb, launch::Weight::F16(&wb), None, &want, (m, n, k));
+        }
     }
     // Odd row length: pairs straddle rows of the table, which the gather must handle.
     let (vocab, dim) = (11, 7);
@@ -219,7 +228,8 @@ fn f16_tables_match_reference_on_their_rounded_values() {
 
 #[test]
 fn an_adapter_that_is_not_there_is_a_clear_error() {
-    let e = GpuContext::new(&GpuOptions { adapter: Some("no-such-gpu-xyz".into()) }).expect_err("no such adapter");
+    let e = GpuContext::new(&GpuOptions { adapter: Some("no-such-gpu-xyz".into()), ..Default::default() })
+        .expect_err("no such adapter");
     let msg = e.to_string();
     assert!(msg.contains("no GPU adapter found") && msg.contains("no-such-gpu-xyz"), "{msg}");
     assert!(msg.contains("mesa-vulkan-drivers") && msg.contains("adapters present"), "{msg}");

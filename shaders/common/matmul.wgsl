@@ -1,18 +1,16 @@
 // The tiled matrix product shared by every many-row matmul kernel (forward, dX and dW):
 //   out[r, c] = sum_j load_a(r, j) * load_b(c, j)   for r < n_rows, c < n_cols, j < n_red,
-// then the epilogue below. The including shader declares `p` (MatmulParams), `bias`, `y` and the
+// then the epilogue (common/matmul_store.wgsl). The including shader declares `p` (MatmulParams), `bias`, `y` and the
 // two element loaders `load_a(row, j)` and `load_b(col, j)`, which return 0 outside the matrix;
 // that is all that differs between a forward pass, an input gradient and a weight gradient, or
 // between dense, f16 and NF4 weights.
 //
-// Work split: a workgroup of 64 threads computes a BR x BC = 32 x 32 output block. The
+// Work split: a workgroup of 64 threads computes a BR x BC = 64 x 64 output block. The
 // reduction runs in steps of BK = 16: the threads stage a (BK, BR) slice of A and a (BK, BC)
 // slice of B in workgroup memory (each element is loaded, and an NF4 weight dequantized, once
-// per workgroup), then each thread accumulates its own 4 x 4 sub-block from there. Two barriers
-// per step and no reduction tree: this is what makes it fast on GPUs and CPU rasterizers alike.
-//
-// The epilogue writes y[row * y_stride + y_col_offset + col] = alpha * sum (+ bias[col]), or
-// adds that to y when `accumulate` is set (LoRA's second matmul, gradient accumulation).
+// per workgroup), then each thread accumulates its own 8 x 8 sub-block from there. Two barriers
+// per step and no reduction tree. CPU rasterizers get register-tiled kernels instead (see
+// common/simd8.wgsl).
 
 const BR: u32 = 64u;
 const BC: u32 = 64u;
@@ -20,19 +18,7 @@ const BK: u32 = 16u;
 var<workgroup> a_tile: array<f32, 1024>;                           // (BK, BR)
 var<workgroup> b_tile: array<f32, 1024>;                           // (BK, BC)
 
-fn store4(row: u32, col: u32, v: vec4<f32>, n_rows: u32, n_cols: u32) {
-    if (row >= n_rows) { return; }
-    for (var j = 0u; j < 4u; j++) {
-        let c = col + j;
-        if (c < n_cols) {
-            var out = p.alpha * v[j];
-            if (p.has_bias != 0u) { out += bias[c]; }
-            let i = row * p.y_stride + p.y_col_offset + c;
-            if (p.accumulate != 0u) { out += y[i]; }
-            y[i] = out;
-        }
-    }
-}
+#include "common/matmul_store.wgsl"
 
 fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
     let r0 = wg.y * BR;

@@ -92,6 +92,24 @@ pub fn gpu() -> edgetune::gpu::GpuContext {
         .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
 }
 
+/// Every kernel family the adapter can run: the default context and, where it picks kernels
+/// that other adapters never see (the register-tiled matmuls of CPU rasterizers), a second
+/// context restricted to the portable ones, so tests on lavapipe cover both.
+#[allow(dead_code)]
+pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
+    let default = gpu();
+    let mut all = Vec::new();
+    if default.report.simd8_matmuls {
+        let opts = edgetune::gpu::GpuOptions { portable_kernels: true, ..Default::default() };
+        let portable =
+            edgetune::gpu::GpuContext::new(&opts).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
+        assert!(!portable.report.simd8_matmuls, "portable_kernels was ignored");
+        all.push(portable);
+    }
+    all.insert(0, default);
+    all
+}
+
 /// Deterministic pseudo-random values in [-scale, scale).
 pub fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

@@ -15,6 +15,9 @@ pub struct GpuOptions {
     /// Substring of the adapter name to use; `None` reads `EDGETUNE_ADAPTER`, then prefers a
     /// discrete GPU.
     pub adapter: Option<String>,
+    /// Use only the portable kernels, even where the adapter has faster variants (the
+    /// register-tiled matmuls for CPU rasterizers). Tests use it to cover both.
+    pub portable_kernels: bool,
 }
 
 /// What the chosen adapter is and can do.
@@ -33,6 +36,9 @@ pub struct AdapterReport {
     pub max_buffer_size: u64,
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
+    /// Whether the matmuls use the register-tiled kernels for CPU rasterizers (see
+    /// `shaders/common/simd8.wgsl`): a CPU adapter whose subgroups are exactly 8 lanes wide.
+    pub simd8_matmuls: bool,
 }
 
 impl std::fmt::Display for AdapterReport {
@@ -47,6 +53,11 @@ impl std::fmt::Display for AdapterReport {
             self.subgroup_size.1,
             self.timestamp_query,
             self.cooperative_matrix
+        )?;
+        writeln!(
+            f,
+            "matmul kernels: {}",
+            if self.simd8_matmuls { "register-tiled for 8-lane CPU SIMD" } else { "tiled, workgroup memory" }
         )?;
         write!(
             f,
@@ -69,6 +80,15 @@ pub struct GpuContext {
     pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
     /// The first error wgpu reported outside an error scope; surfaced by [`GpuContext::check`].
     uncaptured: std::sync::Arc<Mutex<Option<String>>>,
+    /// Per-shader wall time while profiling (see [`GpuContext::set_profiling`]).
+    pub(crate) profile: Mutex<Option<HashMap<&'static str, KernelTime>>>,
+}
+
+/// Time spent in one shader while profiling: dispatch count and seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelTime {
+    pub dispatches: u64,
+    pub seconds: f64,
 }
 
 fn rank(t: wgpu::DeviceType) -> u8 {
@@ -146,6 +166,10 @@ impl GpuContext {
             max_buffer_size: limits.max_buffer_size,
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
+            simd8_matmuls: !opts.portable_kernels
+                && info.device_type == wgpu::DeviceType::Cpu
+                && features.contains(wgpu::Features::SUBGROUP)
+                && (info.subgroup_min_size, info.subgroup_max_size) == (8, 8),
         };
         // wgpu's default handler panics on validation errors; record them and return them as
         // errors instead, so no panic escapes into an embedding application.
@@ -156,13 +180,38 @@ impl GpuContext {
                 slot.get_or_insert_with(|| e.to_string());
             }
         }));
-        Ok(GpuContext { device, queue, report, limits, pipelines: Mutex::new(HashMap::new()), uncaptured })
+        Ok(GpuContext {
+            device,
+            queue,
+            report,
+            limits,
+            pipelines: Mutex::new(HashMap::new()),
+            uncaptured,
+            profile: Mutex::new(None),
+        })
     }
 
     /// Bytes of GPU memory allocated through the driver allocator for this device, where the backend reports
     /// it (Vulkan and DX12 do).
     pub fn allocated_bytes(&self) -> Option<u64> {
         self.device.generate_allocator_report().map(|r| r.total_allocated_bytes)
+    }
+
+    /// Turns kernel profiling on or off. While it is on, every dispatch is submitted on its own
+    /// and waited for, so the wall time of each shader can be summed: this serialises the GPU and
+    /// is meant for benchmarks only. Turning it on clears earlier figures.
+    pub fn set_profiling(&self, on: bool) {
+        if let Ok(mut p) = self.profile.lock() {
+            *p = on.then(HashMap::new);
+        }
+    }
+
+    /// The per-shader times gathered since profiling was turned on, slowest first.
+    pub fn profile(&self) -> Vec<(&'static str, KernelTime)> {
+        let mut v: Vec<_> =
+            self.profile.lock().ok().and_then(|p| p.clone()).map(|m| m.into_iter().collect()).unwrap_or_default();
+        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+        v
     }
 
     /// Returns (and clears) the first GPU error reported since the last check.

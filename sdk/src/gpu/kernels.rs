@@ -18,6 +18,13 @@ pub struct Shader {
     pub defines: &'static [(&'static str, &'static str)],
 }
 
+impl Shader {
+    /// Whether the shader needs the adapter's subgroup operations.
+    pub fn uses_subgroups(&self) -> bool {
+        expand(self).map(|s| s.contains("subgroup")).unwrap_or(false)
+    }
+}
+
 macro_rules! shader {
     ($id:ident, $file:literal) => {
         shader!($id, $file, $file, []);
@@ -60,6 +67,14 @@ shader!(ROPE_BACKWARD, "rope_backward");
 shader!(SILU_MUL_BACKWARD, "silu_mul_backward");
 shader!(ATTENTION_BACKWARD_Q, "attention_backward_q");
 shader!(ATTENTION_BACKWARD_KV, "attention_backward_kv");
+// Register-tiled variants for CPU rasterizers (shaders/common/simd8.wgsl).
+shader!(MATMUL_SIMD8, "matmul_simd8");
+shader!(MATMUL_F16_SIMD8, "matmul_f16_simd8");
+shader!(MATMUL_NF4_SIMD8, "matmul_nf4_simd8");
+shader!(MATMUL_BACKWARD_SIMD8, "matmul_backward_simd8");
+shader!(MATMUL_F16_BACKWARD_SIMD8, "matmul_f16_backward_simd8");
+shader!(MATMUL_NF4_BACKWARD_SIMD8, "matmul_nf4_backward_simd8");
+shader!(MATMUL_BACKWARD_W_SIMD8, "matmul_backward_w_simd8");
 
 /// Every shader, so tests can compile each one on the adapter.
 pub const ALL_SHADERS: &[Shader] = &[
@@ -90,6 +105,13 @@ pub const ALL_SHADERS: &[Shader] = &[
     SILU_MUL_BACKWARD,
     ATTENTION_BACKWARD_Q,
     ATTENTION_BACKWARD_KV,
+    MATMUL_SIMD8,
+    MATMUL_F16_SIMD8,
+    MATMUL_NF4_SIMD8,
+    MATMUL_BACKWARD_SIMD8,
+    MATMUL_F16_BACKWARD_SIMD8,
+    MATMUL_NF4_BACKWARD_SIMD8,
+    MATMUL_BACKWARD_W_SIMD8,
 ];
 
 const SNIPPETS: &[(&str, &str)] = &[
@@ -100,24 +122,19 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/matmul_dx.wgsl", include_str!("../../../shaders/common/matmul_dx.wgsl")),
     ("common/embedding.wgsl", include_str!("../../../shaders/common/embedding.wgsl")),
     ("common/params.wgsl", include_str!("../../../shaders/common/params.wgsl")),
+    ("common/matmul_store.wgsl", include_str!("../../../shaders/common/matmul_store.wgsl")),
+    ("common/simd8.wgsl", include_str!("../../../shaders/common/simd8.wgsl")),
+    ("common/simd8_forward.wgsl", include_str!("../../../shaders/common/simd8_forward.wgsl")),
+    ("common/simd8_dx.wgsl", include_str!("../../../shaders/common/simd8_dx.wgsl")),
 ];
 
-/// Expands `#include "common/x.wgsl"` lines with the shared snippets.
+/// Expands a shader's source: `#include "common/x.wgsl"` lines (recursively, each snippet once),
+/// `#for VAR in A..B` ... `#end` blocks (see [`unroll`]), and the `const` overrides of a variant.
 pub fn expand(shader: &Shader) -> Result<String> {
     let mut out = String::with_capacity(shader.source.len());
-    for line in shader.source.lines() {
-        if let Some(rest) = line.trim().strip_prefix("#include") {
-            let name = rest.trim().trim_matches('"');
-            let snippet = SNIPPETS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| Error::Gpu(format!("shader {}: unknown include {name:?}", shader.name)))?;
-            out.push_str(snippet.1);
-        } else {
-            out.push_str(line);
-        }
-        out.push('\n');
-    }
+    let mut included = Vec::new();
+    include_into(shader, shader.source, &mut out, &mut included)?;
+    let mut out = unroll(shader.name, &out)?;
     for (name, value) in shader.defines {
         let prefix = format!("const {name}: u32 = ");
         let start = out
@@ -130,6 +147,103 @@ pub fn expand(shader: &Shader) -> Result<String> {
         out.replace_range(start..end, &format!("{prefix}{value}"));
     }
     Ok(out)
+}
+
+fn include_into(shader: &Shader, source: &str, out: &mut String, included: &mut Vec<&'static str>) -> Result<()> {
+    for line in source.lines() {
+        if let Some(rest) = line.trim().strip_prefix("#include") {
+            let name = rest.trim().trim_matches('"');
+            let snippet = SNIPPETS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| Error::Gpu(format!("shader {}: unknown include {name:?}", shader.name)))?;
+            if !included.contains(&snippet.0) {
+                included.push(snippet.0);
+                include_into(shader, snippet.1, out, included)?;
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Ok(())
+}
+
+/// Unrolls `#for VAR in A..B` ... `#end` blocks: the lines between are written once for each
+/// value of VAR, with `{VAR}` and `{VAR op N}` (op one of `+ - * / %`) replaced by the integer.
+/// WGSL has no way to make a subgroup lane index or a register name from a loop counter, and the
+/// register-tiled kernels need both.
+pub fn unroll(name: &str, source: &str) -> Result<String> {
+    let bad = |what: String| Error::Gpu(format!("shader {name}: {what}"));
+    let mut out = String::with_capacity(source.len());
+    let mut lines = source.lines();
+    while let Some(line) = lines.next() {
+        let Some(head) = line.trim().strip_prefix("#for ") else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let (var, range) = head.split_once(" in ").ok_or_else(|| bad(format!("malformed {line:?}")))?;
+        let (a, b) = range.trim().split_once("..").ok_or_else(|| bad(format!("malformed range in {line:?}")))?;
+        let parse = |t: &str| t.trim().parse::<i64>().map_err(|_| bad(format!("bad bound {t:?} in {line:?}")));
+        let (a, b, var) = (parse(a)?, parse(b)?, var.trim());
+        let mut body = Vec::new();
+        loop {
+            match lines.next() {
+                Some(l) if l.trim() == "#end" => break,
+                Some(l) if l.trim().starts_with("#for ") => return Err(bad("nested #for".into())),
+                Some(l) => body.push(l),
+                None => return Err(bad(format!("{line:?} has no #end"))),
+            }
+        }
+        for v in a..b {
+            for l in &body {
+                out.push_str(&substitute(l, var, v));
+                out.push('\n');
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces `{var}` and `{var op N}` in one line; other braces are left alone.
+fn substitute(line: &str, var: &str, v: i64) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let value = after.find('}').and_then(|j| {
+            let expr = after[..j].trim();
+            let tail = expr.strip_prefix(var)?.trim();
+            let value = if tail.is_empty() {
+                v
+            } else {
+                let n: i64 = tail[1..].trim().parse().ok()?;
+                match tail.as_bytes()[0] {
+                    b'+' => v + n,
+                    b'-' => v - n,
+                    b'*' => v * n,
+                    b'/' if n != 0 => v / n,
+                    b'%' if n != 0 => v % n,
+                    _ => return None,
+                }
+            };
+            Some((value, j))
+        });
+        match value {
+            Some((value, j)) => {
+                out.push_str(&value.to_string());
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 macro_rules! params {
@@ -180,13 +294,14 @@ fn u32_of(v: usize, what: &str) -> Result<u32> {
 }
 
 impl GpuContext {
-    /// A storage buffer holding `data` (padded to 4 bytes).
+    /// A storage buffer holding `data` (padded to 16 bytes).
     pub fn storage_from<T: Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let mut padded;
-        let contents = if !bytes.len().is_multiple_of(4) || bytes.is_empty() {
+        // Padded to whole vec4s, so kernels that read vec4s see every element.
+        let contents = if !bytes.len().is_multiple_of(16) || bytes.is_empty() {
             padded = bytes.to_vec();
-            padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+            padded.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
             &padded[..]
         } else {
             bytes
@@ -202,7 +317,8 @@ impl GpuContext {
     pub fn storage_zeroed(&self, label: &str, n_floats: usize) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: (n_floats.max(1) * 4) as u64,
+            // Whole vec4s, so kernels that read vec4s see every element.
+            size: (n_floats.max(1).next_multiple_of(4) * 4) as u64,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
@@ -265,11 +381,37 @@ impl GpuContext {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pass =
-            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(shader.name), timestamp_writes: None });
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        let profiling = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
+        if profiling {
+            self.flush(enc)?;
+        }
+        let t = std::time::Instant::now();
+        {
+            let mut pass = enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(shader.name), timestamp_writes: None });
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        if profiling {
+            self.flush(enc)?;
+            if let Ok(mut p) = self.profile.lock()
+                && let Some(e) = p.as_mut().map(|m| m.entry(shader.name).or_default())
+            {
+                e.dispatches += 1;
+                e.seconds += t.elapsed().as_secs_f64();
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits what `enc` holds so far, waits for it, and leaves a fresh encoder in its place.
+    fn flush(&self, enc: &mut wgpu::CommandEncoder) -> Result<()> {
+        let done = std::mem::replace(enc, self.device.create_command_encoder(&Default::default()));
+        self.queue.submit([done.finish()]);
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
         Ok(())
     }
 }
@@ -606,27 +748,55 @@ pub mod launch {
         let mut p = matmul_params(m, n, k, out)?;
         p.has_bias = bias.is_some() as u32;
         // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
-        // tiled kernels, 32 x 32 outputs per workgroup.
-        let one_row = m == 1;
-        let groups = if one_row { [p.n.div_ceil(8), 1, 1] } else { [p.n.div_ceil(64), p.m.div_ceil(64), 1] };
+        // tiled kernels, or the register-tiled ones where the adapter and K allow.
+        let kernel = |row: &'static Shader, tiled: &'static Shader, simd: &'static Shader, simd_ok: bool| {
+            if m == 1 {
+                (row, [p.n.div_ceil(8), 1, 1])
+            } else {
+                many_rows(ctx, tiled, simd, simd_ok && k.is_multiple_of(8), p.m, p.n)
+            }
+        };
         // The bias binding must exist even when unused; x serves as a harmless dummy.
         let b = bias.unwrap_or(x);
         match w {
-            Weight::Dense(w) => ctx.dispatch(enc, if one_row { &MATVEC } else { &MATMUL }, &p, &[x, w, b, y], groups),
+            Weight::Dense(w) => {
+                let (s, groups) = kernel(&MATVEC, &MATMUL, &MATMUL_SIMD8, true);
+                ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
+            }
             Weight::DenseAt(w, offset) => {
                 p.w_offset = u32_of(offset, "weight offset")?;
-                ctx.dispatch(enc, if one_row { &MATVEC } else { &MATMUL }, &p, &[x, w, b, y], groups)
+                let (s, groups) = kernel(&MATVEC, &MATMUL, &MATMUL_SIMD8, offset.is_multiple_of(4));
+                ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
             }
             Weight::F16(w) => {
                 check_f16(k)?;
-                ctx.dispatch(enc, if one_row { &MATVEC_F16 } else { &MATMUL_F16 }, &p, &[x, w, b, y], groups)
+                let (s, groups) = kernel(&MATVEC_F16, &MATMUL_F16, &MATMUL_F16_SIMD8, true);
+                ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
             }
             Weight::Nf4 { packed, absmax, block_size } => {
                 check_nf4(k, block_size)?;
                 p.block_size = u32_of(block_size, "block size")?;
-                let shader = if one_row { &MATVEC_NF4 } else { &MATMUL_NF4 };
-                ctx.dispatch(enc, shader, &p, &[x, packed, absmax, b, y], groups)
+                let (s, groups) = kernel(&MATVEC_NF4, &MATMUL_NF4, &MATMUL_NF4_SIMD8, true);
+                ctx.dispatch(enc, s, &p, &[x, packed, absmax, b, y], groups)
             }
+        }
+    }
+
+    /// The kernel for a many-row matmul with (rows, cols) outputs and its workgroup grid: the
+    /// register-tiled variant (32 x 32 outputs per workgroup) on adapters that want it when
+    /// `simd_ok` says the shape suits it, else the tiled one (64 x 64).
+    fn many_rows(
+        ctx: &GpuContext,
+        tiled: &'static Shader,
+        simd: &'static Shader,
+        simd_ok: bool,
+        rows: u32,
+        cols: u32,
+    ) -> (&'static Shader, [u32; 3]) {
+        if ctx.report.simd8_matmuls && simd_ok {
+            (simd, [cols.div_ceil(32), rows.div_ceil(32), 1])
+        } else {
+            (tiled, [cols.div_ceil(64), rows.div_ceil(64), 1])
         }
     }
 
@@ -648,22 +818,29 @@ pub mod launch {
         let mut p = matmul_params(m, n, k, out)?;
         p.dy_stride = u32_of(dy.stride, "dy stride")?;
         p.dy_col_offset = u32_of(dy.col_offset, "dy column")?;
-        let groups = [p.k.div_ceil(64), p.m.div_ceil(64), 1];
+        let aligned = [n, k, dy.stride, dy.col_offset].iter().all(|v| v.is_multiple_of(4));
+        let kernel = |tiled, simd, simd_ok: bool| many_rows(ctx, tiled, simd, aligned && simd_ok, p.m, p.k);
         let g = dy.buf;
         match w {
-            Weight::Dense(w) => ctx.dispatch(enc, &MATMUL_BACKWARD, &p, &[g, w, g, dx], groups),
+            Weight::Dense(w) => {
+                let (s, groups) = kernel(&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, true);
+                ctx.dispatch(enc, s, &p, &[g, w, g, dx], groups)
+            }
             Weight::DenseAt(w, offset) => {
                 p.w_offset = u32_of(offset, "weight offset")?;
-                ctx.dispatch(enc, &MATMUL_BACKWARD, &p, &[g, w, g, dx], groups)
+                let (s, groups) = kernel(&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, offset.is_multiple_of(4));
+                ctx.dispatch(enc, s, &p, &[g, w, g, dx], groups)
             }
             Weight::F16(w) => {
                 check_f16(k)?;
-                ctx.dispatch(enc, &MATMUL_F16_BACKWARD, &p, &[g, w, g, dx], groups)
+                let (s, groups) = kernel(&MATMUL_F16_BACKWARD, &MATMUL_F16_BACKWARD_SIMD8, true);
+                ctx.dispatch(enc, s, &p, &[g, w, g, dx], groups)
             }
             Weight::Nf4 { packed, absmax, block_size } => {
                 check_nf4(k, block_size)?;
                 p.block_size = u32_of(block_size, "block size")?;
-                ctx.dispatch(enc, &MATMUL_NF4_BACKWARD, &p, &[g, packed, absmax, g, dx], groups)
+                let (s, groups) = kernel(&MATMUL_NF4_BACKWARD, &MATMUL_NF4_BACKWARD_SIMD8, true);
+                ctx.dispatch(enc, s, &p, &[g, packed, absmax, g, dx], groups)
             }
         }
     }
@@ -686,7 +863,9 @@ pub mod launch {
     ) -> Result<()> {
         let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
         let p = matmul_params(m, n, k, out)?;
-        ctx.dispatch(enc, &MATMUL_BACKWARD_W, &p, &[dy, x, dy, dw], [p.k.div_ceil(64), p.n.div_ceil(64), 1])
+        let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
+        let (s, groups) = many_rows(ctx, &MATMUL_BACKWARD_W, &MATMUL_BACKWARD_W_SIMD8, aligned, p.n, p.k);
+        ctx.dispatch(enc, s, &p, &[dy, x, dy, dw], groups)
     }
 
     /// Shapes of an attention call.

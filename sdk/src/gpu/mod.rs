@@ -2,4 +2,4 @@
 pub mod context;
 pub mod kernels;
 
-pub use context::{AdapterReport, GpuContext, GpuOptions};
+pub use context::{AdapterReport, GpuContext, GpuOptions, KernelTime};

@@ -102,6 +102,10 @@ enum Cmd {
         /// Timed steps per mode (after a two-token warm-up step that compiles the kernels).
         #[arg(long, default_value_t = 2)]
         steps: usize,
+        /// After the timed steps, run one more step per mode with every dispatch waited for,
+        /// and print the time spent in each shader.
+        #[arg(long)]
+        profile: bool,
     },
     /// Merge a PEFT adapter into its base model and write a Hugging Face folder (f16 or bf16).
     Merge {
@@ -158,7 +162,7 @@ fn load(m: &ModelArgs, gpu: &GpuOptions) -> Result<Session> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let gpu = GpuOptions { adapter: cli.gpu };
+    let gpu = GpuOptions { adapter: cli.gpu, ..Default::default() };
     match cli.cmd {
         Cmd::Gpu => {
             let ctx = edgetune::gpu::GpuContext::new(&gpu)?;
@@ -258,7 +262,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(args) => train::run(*args, &gpu)?,
-        Cmd::BenchTrain { m, seq, rank, steps } => bench_train(&m, &gpu, seq, rank, steps)?,
+        Cmd::BenchTrain { m, seq, rank, steps, profile } => bench_train(&m, &gpu, seq, rank, steps, profile)?,
         Cmd::Merge { model, adapter, output, dtype } => {
             let (cfg, _) = edgetune::model::open_weights(&model)?;
             let a = edgetune::lora::peft::load(&adapter, &cfg)?;
@@ -348,7 +352,7 @@ fn bench(m: &ModelArgs, gpu: &GpuOptions, prompt_tokens: usize, decode_tokens: u
     Ok(())
 }
 
-fn bench_train(m: &ModelArgs, gpu: &GpuOptions, seq: usize, rank: usize, steps: usize) -> Result<()> {
+fn bench_train(m: &ModelArgs, gpu: &GpuOptions, seq: usize, rank: usize, steps: usize, profile: bool) -> Result<()> {
     use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
     use edgetune::model::training::Batch;
     use edgetune::train::optimizer::{AdamwConfig, Optimizer};
@@ -412,6 +416,21 @@ fn bench_train(m: &ModelArgs, gpu: &GpuOptions, seq: usize, rank: usize, steps: 
         match (before, peak) {
             (Some(b), Some(p)) => println!("  driver allocator: {} allocated ({} before loading)", mib(p), mib(b)),
             _ => println!("  driver allocator: not reported by this backend"),
+        }
+        if profile {
+            ctx.set_profiling(true);
+            let total = step(&batch)?;
+            let kernels = ctx.profile();
+            ctx.set_profiling(false);
+            println!("  one step with every dispatch waited for: {total:.2} s");
+            for (name, t) in kernels.iter().take(12) {
+                println!(
+                    "    {name:<28} {:>8.3} s {:>5.1}%  ({} dispatches)",
+                    t.seconds,
+                    100.0 * t.seconds / total,
+                    t.dispatches
+                );
+            }
         }
     }
     Ok(())

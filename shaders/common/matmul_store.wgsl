@@ -1,0 +1,18 @@
+// The epilogue of every many-row matmul kernel: writes four columns of one output row,
+// y[row * y_stride + y_col_offset + col + j] = alpha * v[j] (+ bias[col + j]), or adds that to y
+// when `accumulate` is set (LoRA's second matmul, gradient accumulation). Rows and columns past
+// the matrix are skipped. The including shader declares `p` (MatmulParams), `bias` and `y`.
+
+fn store4(row: u32, col: u32, v: vec4<f32>, n_rows: u32, n_cols: u32) {
+    if (row >= n_rows) { return; }
+    for (var j = 0u; j < 4u; j++) {
+        let c = col + j;
+        if (c < n_cols) {
+            var out = p.alpha * v[j];
+            if (p.has_bias != 0u) { out += bias[c]; }
+            let i = row * p.y_stride + p.y_col_offset + c;
+            if (p.accumulate != 0u) { out += y[i]; }
+            y[i] = out;
+        }
+    }
+}

@@ -1,0 +1,37 @@
+// Weight gradient of a dense linear layer (the LoRA A and B matrices), register-tiled for CPU
+// rasterizers (common/simd8.wgsl): dw[w_offset + n*K + k] (+)= alpha * sum_m dy[m, n] * x[m, k],
+// output rows n and columns k, the reduction over the M tokens. Lane l loads dy[m, n0+4l..n0+4l+3]
+// and x[m, k0+4l..k0+4l+3]; the 32 dy values are broadcast one at a time. N and K are multiples
+// of 4. (Other adapters and shapes: matmul_backward_w.wgsl.)
+#include "common/params.wgsl"
+
+@group(0) @binding(0) var<uniform> p: MatmulParams;
+@group(0) @binding(1) var<storage, read> dy: array<vec4<f32>>;     // (M, N)
+@group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;      // (M, K)
+@group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;      // flat dw
+
+#include "common/simd8.wgsl"
+
+@compute @workgroup_size(8)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
+    let r0 = wg.y * 32u;
+    let c0 = wg.x * 32u + lane * 4u;
+    let n4 = p.n / 4u;
+    let k4 = p.k / 4u;
+    let dcol = min(r0 / 4u + lane, n4 - 1u);
+    let xcol = min(c0, p.k - 4u) / 4u;
+#for r in 0..32
+    var acc{r} = vec4<f32>();
+#end
+    for (var m = 0u; m < p.m; m++) {
+        let d = dy[m * n4 + dcol];
+        let xv = x[m * k4 + xcol];
+#for r in 0..32
+        acc{r} += subgroupBroadcast(d[{r % 4}], {r / 4}u) * xv;
+#end
+    }
+#for r in 0..32
+    store4(r0 + {r}u, c0, acc{r}, p.n, p.k);
+#end
+}

@@ -1,0 +1,17 @@
+// Dense linear layer over many rows, register-tiled for CPU rasterizers (common/simd8.wgsl):
+// y[m, y_col_offset + n] = alpha * sum_k x[m, k] * w[w_offset + n*K + k] (+ bias[n]).
+// K and w_offset are multiples of 8 and 4. (Other adapters and shapes: matmul.wgsl.)
+#include "common/params.wgsl"
+
+@group(0) @binding(0) var<uniform> p: MatmulParams;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;      // (M, K)
+@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;      // (w_offset + N * K)
+@group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
+
+#include "common/simd8_forward.wgsl"
+
+fn load_w8(n: u32, j: u32) -> Eight {
+    let i = (p.w_offset + n * p.k) / 4u + 2u * j;
+    return Eight(w[i], w[i + 1u]);
+}
