@@ -329,61 +329,69 @@ fn rms_norm_rope_silu_backward_kernels_match_twins() {
 
 #[test]
 fn attention_backward_kernels_match_twin_on_packed_batches() {
-    let ctx = gpu();
-    // (segment lengths, heads, kv heads, head_dim): more than 64 tokens so tiles and the early
-    // stop of the key pass are exercised.
-    for (segs, h, kvh, hd) in
-        [(vec![1], 1, 1, 8), (vec![3, 2], 4, 2, 16), (vec![70, 5, 20], 2, 1, 64), (vec![9], 3, 3, 130)]
-    {
-        let t: usize = segs.iter().sum();
-        let mut key_start = Vec::new();
-        for &len in &segs {
-            let first = key_start.len();
-            key_start.extend(std::iter::repeat_n(first, len));
+    for ctx in gpus() {
+        // (segment lengths, heads, kv heads, head_dim): more than 64 tokens so tiles and the early
+        // stop of the key pass are exercised.
+        for (segs, h, kvh, hd) in [
+            (vec![1], 1, 1, 8),
+            (vec![3, 2], 4, 2, 16),
+            (vec![70, 5, 20], 2, 1, 64),
+            (vec![9], 3, 3, 130),
+            (vec![6, 11, 4], 6, 2, 96),
+        ] {
+            let t: usize = segs.iter().sum();
+            let mut key_start = Vec::new();
+            for &len in &segs {
+                let first = key_start.len();
+                key_start.extend(std::iter::repeat_n(first, len));
+            }
+            let q = rand(t * h * hd, 51, 1.0);
+            let k = rand(t * kvh * hd, 52, 1.0);
+            let v = rand(t * kvh * hd, 53, 1.0);
+            let dout = rand(q.len(), 54, 1.0);
+            let want_out = r::attention_forward(&q, &k, &v, &key_start, h, kvh, hd, 0);
+            let (want_dq, want_dk, want_dv) = r::attention_backward(&q, &k, &v, &key_start, &dout, h, kvh, hd);
+            let ks: Vec<u32> = key_start.iter().map(|&s| s as u32).collect();
+            let (qb, kb, vb, ksb) = (
+                ctx.storage_from("q", &q),
+                ctx.storage_from("k", &k),
+                ctx.storage_from("v", &v),
+                ctx.storage_from("ks", &ks),
+            );
+            let (out, stats, gb) = (
+                ctx.storage_zeroed("out", q.len()),
+                ctx.storage_zeroed("stats", 2 * t * h),
+                ctx.storage_from("dout", &dout),
+            );
+            let (dq, dk, dv) = (
+                ctx.storage_zeroed("dq", q.len()),
+                ctx.storage_zeroed("dk", k.len()),
+                ctx.storage_zeroed("dv", v.len()),
+            );
+            let s = AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0 };
+            run(&ctx, |enc| {
+                launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &ksb, &out, &stats, s)?;
+                let b = AttentionGrads {
+                    q: &qb,
+                    k: &kb,
+                    v: &vb,
+                    key_start: &ksb,
+                    out: &out,
+                    stats: &stats,
+                    dout: &gb,
+                    dq: &dq,
+                    dk: &dk,
+                    dv: &dv,
+                };
+                launch::attention_backward(&ctx, enc, b, s)
+            });
+            let label = format!("attention t{t} segs {segs:?} h{h}/{kvh} hd{hd}");
+            // Dot products of hd terms and softmax sums over up to T keys, in another order.
+            let tol = sum_tol(hd.max(t)) * 4.0;
+            assert_close(&format!("{label} out"), &ctx.read_f32(&out, q.len()).expect("read"), &want_out, 1e-4, tol);
+            assert_close(&format!("{label} dq"), &ctx.read_f32(&dq, q.len()).expect("read"), &want_dq, 1e-4, tol);
+            assert_close(&format!("{label} dk"), &ctx.read_f32(&dk, k.len()).expect("read"), &want_dk, 1e-4, tol);
+            assert_close(&format!("{label} dv"), &ctx.read_f32(&dv, v.len()).expect("read"), &want_dv, 1e-4, tol);
         }
-        let q = rand(t * h * hd, 51, 1.0);
-        let k = rand(t * kvh * hd, 52, 1.0);
-        let v = rand(t * kvh * hd, 53, 1.0);
-        let dout = rand(q.len(), 54, 1.0);
-        let want_out = r::attention_forward(&q, &k, &v, &key_start, h, kvh, hd, 0);
-        let (want_dq, want_dk, want_dv) = r::attention_backward(&q, &k, &v, &key_start, &dout, h, kvh, hd);
-        let ks: Vec<u32> = key_start.iter().map(|&s| s as u32).collect();
-        let (qb, kb, vb, ksb) = (
-            ctx.storage_from("q", &q),
-            ctx.storage_from("k", &k),
-            ctx.storage_from("v", &v),
-            ctx.storage_from("ks", &ks),
-        );
-        let (out, stats, gb) = (
-            ctx.storage_zeroed("out", q.len()),
-            ctx.storage_zeroed("stats", 2 * t * h),
-            ctx.storage_from("dout", &dout),
-        );
-        let (dq, dk, dv) =
-            (ctx.storage_zeroed("dq", q.len()), ctx.storage_zeroed("dk", k.len()), ctx.storage_zeroed("dv", v.len()));
-        let s = AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0 };
-        run(&ctx, |enc| {
-            launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &ksb, &out, &stats, s)?;
-            let b = AttentionGrads {
-                q: &qb,
-                k: &kb,
-                v: &vb,
-                key_start: &ksb,
-                out: &out,
-                stats: &stats,
-                dout: &gb,
-                dq: &dq,
-                dk: &dk,
-                dv: &dv,
-            };
-            launch::attention_backward(&ctx, enc, b, s)
-        });
-        let label = format!("attention t{t} segs {segs:?} h{h}/{kvh} hd{hd}");
-        // Dot products of hd terms and softmax sums over up to T keys, in another order.
-        let tol = sum_tol(hd.max(t)) * 4.0;
-        assert_close(&format!("{label} out"), &ctx.read_f32(&out, q.len()).expect("read"), &want_out, 1e-4, tol);
-        assert_close(&format!("{label} dq"), &ctx.read_f32(&dq, q.len()).expect("read"), &want_dq, 1e-4, tol);
-        assert_close(&format!("{label} dk"), &ctx.read_f32(&dk, k.len()).expect("read"), &want_dk, 1e-4, tol);
-        assert_close(&format!("{label} dv"), &ctx.read_f32(&dv, v.len()).expect("read"), &want_dv, 1e-4, tol);
     }
 }

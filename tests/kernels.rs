@@ -153,24 +153,32 @@ fn rope_matches_reference() {
 
 #[test]
 fn attention_matches_reference_with_gqa_and_cache_offset() {
-    let ctx = ctx();
-    for &(t, h, kvh, hd, pos) in &[(1, 1, 1, 8, 0), (5, 4, 2, 16, 0), (3, 6, 2, 64, 70), (2, 2, 1, 130, 3)] {
-        let q = rand(t * h * hd, 31, 1.0);
-        let k = rand((pos + t) * kvh * hd, 32, 1.0);
-        let v = rand((pos + t) * kvh * hd, 33, 1.0);
-        let want = r::attention_forward(&q, &k, &v, &vec![0; t], h, kvh, hd, pos);
-        let (qb, kb, vb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k), ctx.storage_from("v", &v));
-        let (out, stats, ks) =
-            (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h), ctx.storage_zeroed("ks", t));
-        let s = launch::AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos };
-        run(&ctx, |enc| launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &ks, &out, &stats, s));
-        assert_close(
-            &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos}"),
-            &ctx.read_f32(&out, q.len()).expect("read"),
-            &want,
-            1e-4,
-            1e-5,
-        );
+    for ctx in gpus() {
+        for &(t, h, kvh, hd, pos) in &[
+            (1, 1, 1, 8, 0),
+            (5, 4, 2, 16, 0),
+            (3, 6, 2, 64, 70),
+            (2, 2, 1, 130, 3),
+            (11, 4, 2, 96, 5),
+            (20, 3, 1, 64, 0),
+        ] {
+            let q = rand(t * h * hd, 31, 1.0);
+            let k = rand((pos + t) * kvh * hd, 32, 1.0);
+            let v = rand((pos + t) * kvh * hd, 33, 1.0);
+            let want = r::attention_forward(&q, &k, &v, &vec![0; t], h, kvh, hd, pos);
+            let (qb, kb, vb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k), ctx.storage_from("v", &v));
+            let (out, stats, ks) =
+                (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h), ctx.storage_zeroed("ks", t));
+            let s = launch::AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos };
+            run(&ctx, |enc| launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &ks, &out, &stats, s));
+            assert_close(
+                &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos}"),
+                &ctx.read_f32(&out, q.len()).expect("read"),
+                &want,
+                1e-4,
+                1e-5,
+            );
+        }
     }
 }
 

@@ -75,6 +75,22 @@ shader!(MATMUL_BACKWARD_SIMD8, "matmul_backward_simd8");
 shader!(MATMUL_F16_BACKWARD_SIMD8, "matmul_f16_backward_simd8");
 shader!(MATMUL_NF4_BACKWARD_SIMD8, "matmul_nf4_backward_simd8");
 shader!(MATMUL_BACKWARD_W_SIMD8, "matmul_backward_w_simd8");
+shader!(ATTENTION_SIMD8, "attention_simd8");
+shader!(ATTENTION_SIMD8_HD64, "attention_simd8", "attention_simd8.hd64", [("HD4", "16")]);
+shader!(ATTENTION_BACKWARD_Q_SIMD8, "attention_backward_q_simd8");
+shader!(
+    ATTENTION_BACKWARD_Q_SIMD8_HD64,
+    "attention_backward_q_simd8",
+    "attention_backward_q_simd8.hd64",
+    [("HD4", "16")]
+);
+shader!(ATTENTION_BACKWARD_KV_SIMD8, "attention_backward_kv_simd8");
+shader!(
+    ATTENTION_BACKWARD_KV_SIMD8_HD64,
+    "attention_backward_kv_simd8",
+    "attention_backward_kv_simd8.hd64",
+    [("HD4", "16")]
+);
 
 /// Every shader, so tests can compile each one on the adapter.
 pub const ALL_SHADERS: &[Shader] = &[
@@ -112,6 +128,12 @@ pub const ALL_SHADERS: &[Shader] = &[
     MATMUL_F16_BACKWARD_SIMD8,
     MATMUL_NF4_BACKWARD_SIMD8,
     MATMUL_BACKWARD_W_SIMD8,
+    ATTENTION_SIMD8,
+    ATTENTION_SIMD8_HD64,
+    ATTENTION_BACKWARD_Q_SIMD8,
+    ATTENTION_BACKWARD_Q_SIMD8_HD64,
+    ATTENTION_BACKWARD_KV_SIMD8,
+    ATTENTION_BACKWARD_KV_SIMD8_HD64,
 ];
 
 const SNIPPETS: &[(&str, &str)] = &[
@@ -914,7 +936,28 @@ pub mod launch {
         s: AttentionShape,
     ) -> Result<()> {
         let p = attention_params(s)?;
-        ctx.dispatch(enc, &ATTENTION, &p, &[q, k, v, key_start, out, stats], [p.n_tokens, p.n_heads, 1])
+        let buffers = [q, k, v, key_start, out, stats];
+        match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
+            Some(shader) => ctx.dispatch(enc, shader, &p, &buffers, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
+            None => ctx.dispatch(enc, &ATTENTION, &p, &buffers, [p.n_tokens, p.n_heads, 1]),
+        }
+    }
+
+    /// The register-tiled attention variant for CPU rasterizers (8 queries per workgroup) where
+    /// the adapter wants it and the head fits: head_dim a multiple of 4 up to 128, the smaller
+    /// unrolling up to 64.
+    fn attention_simd8(
+        ctx: &GpuContext,
+        s: AttentionShape,
+        full: &'static Shader,
+        hd64: &'static Shader,
+    ) -> Option<&'static Shader> {
+        let fits = s.head_dim.is_multiple_of(4) && s.head_dim <= 128;
+        match ctx.report.simd8_matmuls && fits {
+            true if s.head_dim <= 64 => Some(hd64),
+            true => Some(full),
+            false => None,
+        }
     }
 
     /// The buffers of an attention backward call: the forward's inputs and outputs, the
@@ -945,20 +988,20 @@ pub mod launch {
             return Err(Error::invalid("attention backward", "runs over a whole batch (position offset 0)"));
         }
         let p = attention_params(s)?;
-        ctx.dispatch(
-            enc,
-            &ATTENTION_BACKWARD_Q,
-            &p,
-            &[b.q, b.k, b.v, b.key_start, b.out, b.dout, b.stats, b.dq],
-            [p.n_tokens, p.n_heads, 1],
-        )?;
-        ctx.dispatch(
-            enc,
-            &ATTENTION_BACKWARD_KV,
-            &p,
-            &[b.q, b.k, b.v, b.key_start, b.dout, b.stats, b.dk, b.dv],
-            [p.n_tokens, p.n_kv_heads, 1],
-        )
+        let q_buffers = [b.q, b.k, b.v, b.key_start, b.out, b.dout, b.stats, b.dq];
+        let kv_buffers = [b.q, b.k, b.v, b.key_start, b.dout, b.stats, b.dk, b.dv];
+        let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
+        let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
+        match (q_pass, kv_pass) {
+            (Some(qs), Some(kvs)) => {
+                ctx.dispatch(enc, qs, &p, &q_buffers, [p.n_tokens.div_ceil(8), p.n_heads, 1])?;
+                ctx.dispatch(enc, kvs, &p, &kv_buffers, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1])
+            }
+            _ => {
+                ctx.dispatch(enc, &ATTENTION_BACKWARD_Q, &p, &q_buffers, [p.n_tokens, p.n_heads, 1])?;
+                ctx.dispatch(enc, &ATTENTION_BACKWARD_KV, &p, &kv_buffers, [p.n_tokens, p.n_kv_heads, 1])
+            }
+        }
     }
 
     /// AdamW hyper-parameters for one step.
