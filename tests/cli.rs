@@ -80,7 +80,7 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     let data = persona.join("train.jsonl").display().to_string();
     let config = persona.join("train.toml").display().to_string();
     let out_dir = dir.join("run").display().to_string();
-    // The config file asks for 2 epochs; the flags override it with 3 steps.
+    // The config file asks for 6 epochs; the flags override it with 3 steps.
     let args = [
         "train",
         "--model",

@@ -72,6 +72,27 @@ fn three_chat_formats_give_the_same_tokens_and_only_the_answer_is_trained() {
 }
 
 #[test]
+fn a_configured_system_message_fills_in_only_where_a_record_has_none() {
+    let d = tmp("system");
+    let own = write(
+        &d,
+        "own.jsonl",
+        r#"{"instruction": "Name a capital.", "input": "", "output": "Paris is one.", "system": "Be brief."}"#,
+    );
+    let none = write(&d, "none.jsonl", r#"{"instruction": "Name a capital.", "input": "", "output": "Paris is one."}"#);
+    let t = tok();
+    let with = |system: &str| DataConfig { system: Some(system.into()), ..cfg() };
+    let reference = data::load(&own, &t, &cfg()).expect("loads").train.remove(0);
+    let filled = data::load(&none, &t, &with("Be brief.")).expect("loads").train.remove(0);
+    assert_eq!(filled.ids, reference.ids, "the configured system message renders like a record's own");
+    assert_eq!(filled.train, reference.train);
+    let kept = data::load(&own, &t, &with("Be verbose.")).expect("loads").train.remove(0);
+    assert_eq!(kept.ids, reference.ids, "a record's own system message wins");
+    let plain = data::load(&none, &t, &cfg()).expect("loads").train.remove(0);
+    assert_ne!(plain.ids, reference.ids, "without one, the template's default applies");
+}
+
+#[test]
 fn a_broken_json_line_names_its_file_and_line_and_can_be_skipped() {
     let d = tmp("broken");
     let good = r#"{"instruction": "Hi", "output": "Hello"}"#;

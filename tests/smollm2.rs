@@ -124,9 +124,11 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
     let path = model_path();
     let tok = Tokenizer::open(&path).expect("tokenizer");
     let persona = common::fixtures().join("../../../sdk/data/persona/train.jsonl");
-    let cfg = DataConfig { max_len: 128, val_fraction: 0.1, ..Default::default() };
+    // The main job's data settings (sdk/data/persona/train.toml).
+    let system = Some("Answer as yourself, in one sentence.".to_string());
+    let cfg = DataConfig { max_len: 128, val_fraction: 0.1, system, ..Default::default() };
     let data = data::load(&persona, &tok, &cfg).expect("persona data");
-    assert_eq!((data.train.len(), data.val.len()), (23, 3));
+    assert_eq!((data.train.len(), data.val.len()), (35, 4));
     let model = Model::open(ctx(), &path, &LoadOptions { max_context: 256, ..Default::default() }).expect("model");
     let cfg = TrainConfig {
         lora: LoraConfig { r: 8, alpha: 16.0, ..Default::default() },

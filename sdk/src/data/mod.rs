@@ -77,6 +77,10 @@ pub struct DataConfig {
     pub seed: u64,
     /// Skip unreadable records (and count them) instead of failing on the first.
     pub skip_bad_records: bool,
+    /// A system message for conversations that have none; without it the chat template's own
+    /// default applies (SmolLM2's, for one, is a 20-token introduction). Generate with the same
+    /// system message to ask the model as it was trained.
+    pub system: Option<String>,
 }
 
 impl Default for DataConfig {
@@ -91,6 +95,7 @@ impl Default for DataConfig {
             val_fraction: 0.1,
             seed: 0,
             skip_bad_records: false,
+            system: None,
         }
     }
 }
@@ -165,6 +170,16 @@ fn record_key(r: &Record, how: Dedup) -> String {
     }
 }
 
+/// The conversation with `system` put first when it has no system message of its own.
+fn with_system(msgs: &[Message], system: Option<&str>) -> Vec<Message> {
+    match system {
+        Some(s) if msgs.first().is_none_or(|m| m.role != "system") => {
+            std::iter::once(Message::new("system", s)).chain(msgs.iter().cloned()).collect()
+        }
+        _ => msgs.to_vec(),
+    }
+}
+
 /// Token ids and train flags of a conversation rendered with the chat template.
 pub fn tokenize_chat(
     tok: &Tokenizer,
@@ -230,7 +245,7 @@ pub fn load(path: &Path, tok: &Tokenizer, cfg: &DataConfig) -> Result<Dataset> {
                     samples.push(Sample { ids: chunk.to_vec(), train, file: r.file.clone(), line: r.line });
                 }
             }
-            Record::Chat(msgs) => match tokenize_chat(tok, msgs, cfg.train_on) {
+            Record::Chat(msgs) => match tokenize_chat(tok, &with_system(msgs, cfg.system.as_deref()), cfg.train_on) {
                 Ok((mut ids, mut train)) => {
                     if ids.len() > cfg.max_len {
                         if cfg.truncation == Truncation::Drop {

@@ -91,6 +91,9 @@ pub struct TrainArgs {
     /// Skip bad records (and report how many) instead of stopping at the first.
     #[arg(long)]
     skip_bad_records: bool,
+    /// System message for conversations without one (generate with the same --system).
+    #[arg(long)]
+    system: Option<String>,
     /// Keep every layer's activations instead of recomputing them (faster, more memory).
     #[arg(long)]
     no_gradient_checkpointing: bool,
@@ -130,6 +133,9 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     set!(a.eval_every => eval_every);
     set!(a.patience => early_stopping_patience);
     set!(a.checkpoint_every => checkpoint_every);
+    if let Some(system) = &a.system {
+        c.data.system = Some(system.clone());
+    }
     if let Some(seed) = a.seed {
         c.seed = seed;
         c.data.seed = seed;
