@@ -14,39 +14,32 @@
 @group(0) @binding(7) var<storage, read_write> stats: array<vec2<f32>>; // (T * H): (lse, delta)
 @group(0) @binding(8) var<storage, read_write> dq: array<vec4<f32>>; // (T, H * hd)
 
-const HD4: u32 = 32u;   // vec4s per head the kernel is unrolled for (variants override it)
+#include "common/attention_simd8.wgsl"
 
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-    let h = wg.y;
-    let t = wg.x * 8u + lane;
-    let valid = t < p.n_tokens;
-    let tq = min(t, p.n_tokens - 1u);
-    let hd4 = p.head_dim / 4u;
-    let kv_row = p.kv_stride / 4u;
-    let kv_head = (h / (p.n_heads / p.n_kv_heads)) * hd4;
-    let base = (tq * p.n_heads + h) * hd4;
+    let l = query_lane(wg, lane);
     var delta = 0.0;
 #for i in 0..32
     var q{i} = vec4<f32>();
     var g{i} = vec4<f32>();
     var dq{i} = vec4<f32>();
-    if ({i}u < HD4 && {i}u < hd4) {
-        q{i} = q[base + {i}u] * p.scale;
-        g{i} = dout[base + {i}u];
-        delta += dot(g{i}, out[base + {i}u]);
+    if ({i}u < HD4 && {i}u < l.hd4) {
+        q{i} = q[l.base + {i}u] * p.scale;
+        g{i} = dout[l.base + {i}u];
+        delta += dot(g{i}, out[l.base + {i}u]);
     }
 #end
-    let lse = stats[tq * p.n_heads + h].x;
-    let first_key = key_start[tq];
-    let j_lo = subgroupMin(select(0xffffffffu, first_key, valid));
-    let j_hi = subgroupMax(select(0u, tq + 1u, valid));
+    let lse = stats[l.tq * p.n_heads + l.h].x;
+    let first_key = key_start[l.tq];
+    let j_lo = subgroupMin(select(0xffffffffu, first_key, l.valid));
+    let j_hi = subgroupMax(select(0u, l.tq + 1u, l.valid));
     for (var j = j_lo; j < j_hi; j++) {
-        let row = j * kv_row + kv_head;
+        let row = j * l.kv_row + l.kv_head;
 #for c in 0..4
         var kl{c} = vec4<f32>();
         var vl{c} = vec4<f32>();
-        if ({c * 8}u < HD4 && {c * 8}u + lane < hd4) {
+        if ({c * 8}u < HD4 && {c * 8}u + lane < l.hd4) {
             kl{c} = k[row + {c * 8}u + lane];
             vl{c} = v[row + {c * 8}u + lane];
         }
@@ -55,22 +48,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         var dp = 0.0;
 #for i in 0..32
         var k{i} = vec4<f32>();
-        if ({i}u < HD4 && {i}u < hd4) {
+        if ({i}u < HD4 && {i}u < l.hd4) {
             k{i} = subgroupBroadcast(kl{i / 8}, {i % 8}u);
             s += dot(q{i}, k{i});
             dp += dot(g{i}, subgroupBroadcast(vl{i / 8}, {i % 8}u));
         }
 #end
-        let seen = valid && j >= first_key && j <= tq;
+        let seen = l.valid && j >= first_key && j <= l.tq;
         let ds = select(0.0, exp(s - lse) * (dp - delta), seen);
 #for i in 0..32
-        if ({i}u < HD4 && {i}u < hd4) { dq{i} += ds * k{i}; }
+        if ({i}u < HD4 && {i}u < l.hd4) { dq{i} += ds * k{i}; }
 #end
     }
-    if (valid) {
+    if (l.valid) {
 #for i in 0..32
-        if ({i}u < HD4 && {i}u < hd4) { dq[base + {i}u] = dq{i} * p.scale; }
+        if ({i}u < HD4 && {i}u < l.hd4) { dq[l.base + {i}u] = dq{i} * p.scale; }
 #end
-        stats[t * p.n_heads + h] = vec2<f32>(lse, delta);
+        stats[l.t * p.n_heads + l.h] = vec2<f32>(lse, delta);
     }
 }

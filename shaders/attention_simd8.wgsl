@@ -14,59 +14,52 @@
 @group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>; // (T, H * hd)
 @group(0) @binding(6) var<storage, read_write> stats: array<vec2<f32>>; // (T * H): (lse, delta)
 
-const HD4: u32 = 32u;   // vec4s per head the kernel is unrolled for (variants override it)
+#include "common/attention_simd8.wgsl"
 
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
-    let h = wg.y;
-    let t = wg.x * 8u + lane;
-    let valid = t < p.n_tokens;
-    let tq = min(t, p.n_tokens - 1u);
-    let hd4 = p.head_dim / 4u;
-    let kv_row = p.kv_stride / 4u;
-    let kv_head = (h / (p.n_heads / p.n_kv_heads)) * hd4;
-    let q_base = (tq * p.n_heads + h) * hd4;
+    let l = query_lane(wg, lane);
     // This lane's query, pre-scaled, and its visible keys first_key ..= last_key.
 #for i in 0..32
     var q{i} = vec4<f32>();
     var o{i} = vec4<f32>();
-    if ({i}u < HD4 && {i}u < hd4) { q{i} = q[q_base + {i}u] * p.scale; }
+    if ({i}u < HD4 && {i}u < l.hd4) { q{i} = q[l.base + {i}u] * p.scale; }
 #end
-    let first_key = key_start[tq];
-    let last_key = p.pos_offset + tq;
+    let first_key = key_start[l.tq];
+    let last_key = p.pos_offset + l.tq;
     // The keys any lane sees; lanes past the last query see none.
-    let j_lo = subgroupMin(select(0xffffffffu, first_key, valid));
-    let j_hi = subgroupMax(select(0u, last_key + 1u, valid));
+    let j_lo = subgroupMin(select(0xffffffffu, first_key, l.valid));
+    let j_hi = subgroupMax(select(0u, last_key + 1u, l.valid));
     var run_max = -3.402823e38;
     var run_sum = 0.0;
     for (var j = j_lo; j < j_hi; j++) {
-        let row = j * kv_row + kv_head;
+        let row = j * l.kv_row + l.kv_head;
 #for c in 0..4
         var k{c} = vec4<f32>();
         var v{c} = vec4<f32>();
-        if ({c * 8}u < HD4 && {c * 8}u + lane < hd4) {
+        if ({c * 8}u < HD4 && {c * 8}u + lane < l.hd4) {
             k{c} = k_cache[row + {c * 8}u + lane];
             v{c} = v_cache[row + {c * 8}u + lane];
         }
 #end
         var s = 0.0;
 #for i in 0..32
-        if ({i}u < HD4 && {i}u < hd4) { s += dot(q{i}, subgroupBroadcast(k{i / 8}, {i % 8}u)); }
+        if ({i}u < HD4 && {i}u < l.hd4) { s += dot(q{i}, subgroupBroadcast(k{i / 8}, {i % 8}u)); }
 #end
-        let seen = valid && j >= first_key && j <= last_key;
+        let seen = l.valid && j >= first_key && j <= last_key;
         let new_max = select(run_max, max(run_max, s), seen);
         let corr = exp(run_max - new_max);
         let pj = select(0.0, exp(s - new_max), seen);
         run_sum = run_sum * corr + pj;
         run_max = new_max;
 #for i in 0..32
-        if ({i}u < HD4 && {i}u < hd4) { o{i} = o{i} * corr + pj * subgroupBroadcast(v{i / 8}, {i % 8}u); }
+        if ({i}u < HD4 && {i}u < l.hd4) { o{i} = o{i} * corr + pj * subgroupBroadcast(v{i / 8}, {i % 8}u); }
 #end
     }
-    if (valid) {
+    if (l.valid) {
 #for i in 0..32
-        if ({i}u < HD4 && {i}u < hd4) { out[q_base + {i}u] = o{i} / run_sum; }
+        if ({i}u < HD4 && {i}u < l.hd4) { out[l.base + {i}u] = o{i} / run_sum; }
 #end
-        stats[t * p.n_heads + h] = vec2<f32>(run_max + log(run_sum), 0.0);
+        stats[l.t * p.n_heads + l.h] = vec2<f32>(run_max + log(run_sum), 0.0);
     }
 }

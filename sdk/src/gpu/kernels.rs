@@ -148,6 +148,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/simd8.wgsl", include_str!("../../../shaders/common/simd8.wgsl")),
     ("common/simd8_forward.wgsl", include_str!("../../../shaders/common/simd8_forward.wgsl")),
     ("common/simd8_dx.wgsl", include_str!("../../../shaders/common/simd8_dx.wgsl")),
+    ("common/attention_simd8.wgsl", include_str!("../../../shaders/common/attention_simd8.wgsl")),
 ];
 
 /// Expands a shader's source: `#include "common/x.wgsl"` lines (recursively, each snippet once),
