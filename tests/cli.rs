@@ -101,7 +101,7 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
         "--alpha",
         "8",
         "--max-len",
-        "64",
+        "128",
         "--eval-every",
         "3",
         "--lr",
@@ -122,7 +122,7 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     assert_eq!(events[6]["reason"], "completed");
     let run = dir.join("run");
     let settings = std::fs::read_to_string(run.join("train_config.toml")).expect("settings written");
-    assert!(settings.contains("max_steps = 3") && settings.contains("epochs = 2"), "{settings}");
+    assert!(settings.contains("max_steps = 3") && settings.contains("epochs = 6"), "{settings}");
 
     // Export the checkpoint's best adapter: the same bytes the run saved.
     let exported = dir.join("exported").display().to_string();
