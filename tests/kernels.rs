@@ -43,10 +43,19 @@ fn check_matmul(
 fn matmul_dense_matches_reference_on_odd_shapes() {
     for ctx in gpus() {
         eprintln!("simd8 matmuls: {}", ctx.report.simd8_matmuls);
-        for (i, &(m, n, k)) in
-            [(1, 1, 1), (3, 65, 70), (5, 130, 64), (17, 7, 129), (4, 64, 64), (70, 67, 100), (129, 3, 17), (70, 67, 96)]
-                .iter()
-                .enumerate()
+        for (i, &(m, n, k)) in [
+            (1, 1, 1),
+            (3, 65, 70),
+            (5, 130, 64),
+            (17, 7, 129),
+            (4, 64, 64),
+            (70, 67, 100),
+            (129, 3, 17),
+            (70, 67, 96),
+            (1, 45, 200),
+        ]
+        .iter()
+        .enumerate()
         {
             let x = rand(m * k, 1 + i as u64, 1.0);
             let w = rand(n * k, 100 + i as u64, 0.5);
@@ -63,8 +72,15 @@ fn matmul_nf4_matches_dequantized_reference() {
     for ctx in gpus() {
         eprintln!("simd8 matmuls: {}", ctx.report.simd8_matmuls);
         // (3, 5, 40, 32): rows of 40 values, so NF4 blocks straddle rows (packed words never do).
-        let shapes =
-            [(1, 3, 64, 64), (6, 70, 128, 64), (9, 33, 192, 32), (2, 5, 256, 128), (3, 5, 40, 32), (66, 65, 40, 32)];
+        let shapes = [
+            (1, 3, 64, 64),
+            (6, 70, 128, 64),
+            (9, 33, 192, 32),
+            (2, 5, 256, 128),
+            (3, 5, 40, 32),
+            (66, 65, 40, 32),
+            (1, 37, 576, 64),
+        ];
         for (i, &(m, n, k, bs)) in shapes.iter().enumerate() {
             let x = rand(m * k, 10 + i as u64, 1.0);
             let w = rand(n * k, 20 + i as u64, 0.3);
@@ -209,7 +225,7 @@ fn f16_tables_match_reference_on_their_rounded_values() {
         (h, back)
     };
     for ctx in gpus() {
-        for &(m, n, k) in &[(1, 9, 2), (5, 70, 66), (4, 33, 130), (67, 65, 34), (40, 65, 72)] {
+        for &(m, n, k) in &[(1, 9, 2), (5, 70, 66), (4, 33, 130), (67, 65, 34), (40, 65, 72), (1, 40, 136)] {
             let x = rand(m * k, 51, 1.0);
             let (wh, w) = to_f16(&rand(n * k, 52, 0.5));
             let want = r::matmul_forward(&x, &w, None, m, n, k);

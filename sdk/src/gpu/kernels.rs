@@ -71,6 +71,9 @@ shader!(ATTENTION_BACKWARD_KV, "attention_backward_kv");
 shader!(MATMUL_SIMD8, "matmul_simd8");
 shader!(MATMUL_F16_SIMD8, "matmul_f16_simd8");
 shader!(MATMUL_NF4_SIMD8, "matmul_nf4_simd8");
+shader!(MATVEC_SIMD8, "matmul_simd8", "matmul_simd8.one_row", [("ONE_ROW", "1")]);
+shader!(MATVEC_F16_SIMD8, "matmul_f16_simd8", "matmul_f16_simd8.one_row", [("ONE_ROW", "1")]);
+shader!(MATVEC_NF4_SIMD8, "matmul_nf4_simd8", "matmul_nf4_simd8.one_row", [("ONE_ROW", "1")]);
 shader!(MATMUL_BACKWARD_SIMD8, "matmul_backward_simd8");
 shader!(MATMUL_F16_BACKWARD_SIMD8, "matmul_f16_backward_simd8");
 shader!(MATMUL_NF4_BACKWARD_SIMD8, "matmul_nf4_backward_simd8");
@@ -124,6 +127,9 @@ pub const ALL_SHADERS: &[Shader] = &[
     MATMUL_SIMD8,
     MATMUL_F16_SIMD8,
     MATMUL_NF4_SIMD8,
+    MATVEC_SIMD8,
+    MATVEC_F16_SIMD8,
+    MATVEC_NF4_SIMD8,
     MATMUL_BACKWARD_SIMD8,
     MATMUL_F16_BACKWARD_SIMD8,
     MATMUL_NF4_BACKWARD_SIMD8,
@@ -771,35 +777,34 @@ pub mod launch {
         let mut p = matmul_params(m, n, k, out)?;
         p.has_bias = bias.is_some() as u32;
         // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
-        // tiled kernels, or the register-tiled ones where the adapter and K allow.
-        let kernel = |row: &'static Shader, tiled: &'static Shader, simd: &'static Shader, simd_ok: bool| {
-            if m == 1 {
-                (row, [p.n.div_ceil(8), 1, 1])
-            } else {
-                many_rows(ctx, tiled, simd, simd_ok && k.is_multiple_of(8), p.m, p.n)
-            }
+        // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
+        let simd_k = ctx.report.simd8_matmuls && k.is_multiple_of(8);
+        let kernel = |row: [&'static Shader; 2], tiled: &'static Shader, simd: &'static Shader, simd_ok: bool| match m {
+            1 if simd_k && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
+            1 => (row[0], [p.n.div_ceil(8), 1, 1]),
+            _ => many_rows(ctx, tiled, simd, simd_ok && k.is_multiple_of(8), p.m, p.n),
         };
         // The bias binding must exist even when unused; x serves as a harmless dummy.
         let b = bias.unwrap_or(x);
         match w {
             Weight::Dense(w) => {
-                let (s, groups) = kernel(&MATVEC, &MATMUL, &MATMUL_SIMD8, true);
+                let (s, groups) = kernel([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, true);
                 ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
             }
             Weight::DenseAt(w, offset) => {
                 p.w_offset = u32_of(offset, "weight offset")?;
-                let (s, groups) = kernel(&MATVEC, &MATMUL, &MATMUL_SIMD8, offset.is_multiple_of(4));
+                let (s, groups) = kernel([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, offset.is_multiple_of(4));
                 ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
             }
             Weight::F16(w) => {
                 check_f16(k)?;
-                let (s, groups) = kernel(&MATVEC_F16, &MATMUL_F16, &MATMUL_F16_SIMD8, true);
+                let (s, groups) = kernel([&MATVEC_F16, &MATVEC_F16_SIMD8], &MATMUL_F16, &MATMUL_F16_SIMD8, true);
                 ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
             }
             Weight::Nf4 { packed, absmax, block_size } => {
                 check_nf4(k, block_size)?;
                 p.block_size = u32_of(block_size, "block size")?;
-                let (s, groups) = kernel(&MATVEC_NF4, &MATMUL_NF4, &MATMUL_NF4_SIMD8, true);
+                let (s, groups) = kernel([&MATVEC_NF4, &MATVEC_NF4_SIMD8], &MATMUL_NF4, &MATMUL_NF4_SIMD8, true);
                 ctx.dispatch(enc, s, &p, &[x, packed, absmax, b, y], groups)
             }
         }
