@@ -10,10 +10,10 @@
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let half = p.head_dim / 2u;
-    let i = gid.x;
-    let th = gid.y;
-    if (i >= half || th >= p.n_tokens * p.n_heads) { return; }
-    let t = th / p.n_heads;
+    let i = gid.x;                          // frequency index
+    let t = gid.z;                          // token (z: more than 65535 token-heads fit)
+    let th = t * p.n_heads + gid.y;         // token * n_heads + head
+    if (i >= half || gid.y >= p.n_heads || t >= p.n_tokens) { return; }
     let cs = cos_sin[(p.pos_offset + positions[t]) * half + i];
     let base = th * p.head_dim;
     let g1 = dx[base + i];

@@ -151,7 +151,8 @@ fn rms_norm_silu_add_embedding_match_reference() {
 #[test]
 fn rope_matches_reference() {
     let ctx = ctx();
-    for &(t, h, hd, pos) in &[(1, 1, 2, 0), (5, 3, 64, 7), (4, 2, 130, 100)] {
+    // (2100, 32, 8): more token-heads than one dispatch dimension may hold (65535).
+    for &(t, h, hd, pos) in &[(1, 1, 2, 0), (5, 3, 64, 7), (4, 2, 130, 100), (2100, 32, 8, 0)] {
         let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
         let table = r::rope_table(&inv, pos + t);
         let x = rand(t * h * hd, 11, 1.0);
@@ -164,6 +165,9 @@ fn rope_matches_reference() {
         let shape = launch::RopeShape { n_tokens: t, n_heads: h, head_dim: hd, pos_offset: pos, positions: &pb };
         run(&ctx, |enc| launch::rope_forward(&ctx, enc, &xb, &tb, shape));
         assert_close("rope", &ctx.read_f32(&xb, x.len()).expect("read"), &want, 1e-6, 1e-6);
+        // The backward rotation undoes the forward one (rotations are orthogonal).
+        run(&ctx, |enc| launch::rope_backward(&ctx, enc, &xb, &tb, shape));
+        assert_close("rope backward of rope", &ctx.read_f32(&xb, x.len()).expect("read"), &x, 1e-6, 1e-6);
     }
 }
 

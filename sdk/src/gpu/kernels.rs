@@ -529,7 +529,7 @@ pub mod launch {
             shader,
             &p,
             &[x, cos_sin, s.positions],
-            [(p.head_dim / 2).div_ceil(64), p.n_tokens * p.n_heads, 1],
+            [(p.head_dim / 2).div_ceil(64), p.n_heads, p.n_tokens],
         )
     }
 
