@@ -135,7 +135,7 @@ fn sum_tol(n: usize) -> f32 {
 #[test]
 fn matmul_backward_kernels_match_twins() {
     for ctx in gpus() {
-        eprintln!("simd8 matmuls: {}", ctx.report.simd8_matmuls);
+        eprintln!("simd8 matmuls: {}", ctx.report.simd8_kernels);
         for (i, &(m, n, k)) in
             [(1, 1, 8), (3, 65, 72), (5, 130, 64), (17, 9, 136), (70, 66, 80), (3, 64, 72), (70, 68, 80), (33, 36, 40)]
                 .iter()
@@ -221,7 +221,7 @@ fn matmul_backward_kernels_match_twins() {
 fn lora_forward_through_a_flat_buffer_matches_twin() {
     // y = base + alpha * (x A^T) B^T with A and B at offsets of one flat buffer.
     for ctx in gpus() {
-        eprintln!("simd8 matmuls: {}", ctx.report.simd8_matmuls);
+        eprintln!("simd8 matmuls: {}", ctx.report.simd8_kernels);
         let (m, n, k, rank) = (5, 12, 24, 4);
         let x = rand(m * k, 21, 1.0);
         let (a, b) = (rand(rank * k, 22, 0.5), rand(n * rank, 23, 0.5));

@@ -99,11 +99,11 @@ pub fn gpu() -> edgetune::gpu::GpuContext {
 pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
     let default = gpu();
     let mut all = Vec::new();
-    if default.report.simd8_matmuls {
+    if default.report.simd8_kernels {
         let opts = edgetune::gpu::GpuOptions { portable_kernels: true, ..Default::default() };
         let portable =
             edgetune::gpu::GpuContext::new(&opts).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
-        assert!(!portable.report.simd8_matmuls, "portable_kernels was ignored");
+        assert!(!portable.report.simd8_kernels, "portable_kernels was ignored");
         all.push(portable);
     }
     all.insert(0, default);

@@ -15,6 +15,7 @@
 
 pub mod formats;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
@@ -171,12 +172,12 @@ fn record_key(r: &Record, how: Dedup) -> String {
 }
 
 /// The conversation with `system` put first when it has no system message of its own.
-fn with_system(msgs: &[Message], system: Option<&str>) -> Vec<Message> {
+fn with_system<'a>(msgs: &'a [Message], system: Option<&str>) -> Cow<'a, [Message]> {
     match system {
         Some(s) if msgs.first().is_none_or(|m| m.role != "system") => {
-            std::iter::once(Message::new("system", s)).chain(msgs.iter().cloned()).collect()
+            Cow::Owned(std::iter::once(Message::new("system", s)).chain(msgs.iter().cloned()).collect())
         }
-        _ => msgs.to_vec(),
+        _ => Cow::Borrowed(msgs),
     }
 }
 

@@ -36,9 +36,9 @@ pub struct AdapterReport {
     pub max_buffer_size: u64,
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
-    /// Whether the matmuls use the register-tiled kernels for CPU rasterizers (see
+    /// Whether matmuls and attention use the register-tiled kernels for CPU rasterizers (see
     /// `shaders/common/simd8.wgsl`): a CPU adapter whose subgroups are exactly 8 lanes wide.
-    pub simd8_matmuls: bool,
+    pub simd8_kernels: bool,
 }
 
 impl std::fmt::Display for AdapterReport {
@@ -56,8 +56,8 @@ impl std::fmt::Display for AdapterReport {
         )?;
         writeln!(
             f,
-            "matmul kernels: {}",
-            if self.simd8_matmuls { "register-tiled for 8-lane CPU SIMD" } else { "tiled, workgroup memory" }
+            "matmul and attention kernels: {}",
+            if self.simd8_kernels { "register-tiled for 8-lane CPU SIMD" } else { "tiled, workgroup memory" }
         )?;
         write!(
             f,
@@ -166,7 +166,7 @@ impl GpuContext {
             max_buffer_size: limits.max_buffer_size,
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
-            simd8_matmuls: !opts.portable_kernels
+            simd8_kernels: !opts.portable_kernels
                 && info.device_type == wgpu::DeviceType::Cpu
                 && features.contains(wgpu::Features::SUBGROUP)
                 && (info.subgroup_min_size, info.subgroup_max_size) == (8, 8),

@@ -778,11 +778,13 @@ pub mod launch {
         p.has_bias = bias.is_some() as u32;
         // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
         // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
-        let simd_k = ctx.report.simd8_matmuls && k.is_multiple_of(8);
-        let kernel = |row: [&'static Shader; 2], tiled: &'static Shader, simd: &'static Shader, simd_ok: bool| match m {
-            1 if simd_k && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
-            1 => (row[0], [p.n.div_ceil(8), 1, 1]),
-            _ => many_rows(ctx, tiled, simd, simd_ok && k.is_multiple_of(8), p.m, p.n),
+        let kernel = |row: [&'static Shader; 2], tiled: &'static Shader, simd: &'static Shader, simd_ok: bool| {
+            let simd_ok = simd_ok && k.is_multiple_of(8);
+            match m {
+                1 if ctx.report.simd8_kernels && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
+                1 => (row[0], [p.n.div_ceil(8), 1, 1]),
+                _ => many_rows(ctx, tiled, simd, simd_ok, p.m, p.n),
+            }
         };
         // The bias binding must exist even when unused; x serves as a harmless dummy.
         let b = bias.unwrap_or(x);
@@ -821,7 +823,7 @@ pub mod launch {
         rows: u32,
         cols: u32,
     ) -> (&'static Shader, [u32; 3]) {
-        if ctx.report.simd8_matmuls && simd_ok {
+        if ctx.report.simd8_kernels && simd_ok {
             (simd, [cols.div_ceil(32), rows.div_ceil(32), 1])
         } else {
             (tiled, [cols.div_ceil(64), rows.div_ceil(64), 1])
@@ -959,7 +961,7 @@ pub mod launch {
         hd64: &'static Shader,
     ) -> Option<&'static Shader> {
         let fits = s.head_dim.is_multiple_of(4) && s.head_dim <= 128;
-        match ctx.report.simd8_matmuls && fits {
+        match ctx.report.simd8_kernels && fits {
             true if s.head_dim <= 64 => Some(hd64),
             true => Some(full),
             false => None,
