@@ -104,6 +104,8 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
         "128",
         "--eval-every",
         "3",
+        "--activations",
+        "f16",
         "--lr",
         "0.005",
     ];
@@ -123,6 +125,7 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     let run = dir.join("run");
     let settings = std::fs::read_to_string(run.join("train_config.toml")).expect("settings written");
     assert!(settings.contains("max_steps = 3") && settings.contains("epochs = 6"), "{settings}");
+    assert!(settings.contains("activations = \"f16\""), "{settings}");
 
     // Export the checkpoint's best adapter: the same bytes the run saved.
     let exported = dir.join("exported").display().to_string();
@@ -153,6 +156,11 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     let out = edgetune(&bad);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("learning_rate must be a finite number > 0 (got -1)"), "{}", text(&out.stderr));
+    let mut bad = args[..args.len() - 4].to_vec();
+    bad.extend(["--activations", "f8"]);
+    let out = edgetune(&bad);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("expected f32 or f16, got \"f8\""), "{}", text(&out.stderr));
     let fresh = dir.join("fresh").display().to_string();
     let out = edgetune(&["train", "--model", &tiny(), "--data", &data, "--output", &fresh, "--resume"]);
     assert_eq!(out.status.code(), Some(1));

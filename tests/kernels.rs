@@ -371,3 +371,64 @@ fn dropout_matches_its_twin_bit_for_bit_and_keeps_one_minus_p() {
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     assert!(launch::dropout(&ctx, &mut enc, &xb, n, 1.0, 0).is_err(), "p = 1 would drop everything");
 }
+
+/// The f16 neighbour of `r` on x's side, for a value x that r does not represent exactly.
+fn f16_next_toward(r: half::f16, x: f32) -> half::f16 {
+    let up = x > r.to_f32();
+    let positive = r.to_bits() & 0x8000 == 0;
+    let bits = if up == positive { r.to_bits() + 1 } else { r.to_bits() - 1 };
+    half::f16::from_bits(bits)
+}
+
+#[test]
+fn f16_activation_storage_rounds_like_its_twin_and_reads_back_exactly() {
+    let ctx = ctx();
+    // Every binade an activation can reach, f16's subnormals and its edges, an odd count (the
+    // last word holds one value), and the values a cast to f16 must not hide.
+    let mut x = Vec::new();
+    for (k, e) in (-30..=17).enumerate() {
+        x.extend(rand(2001, 900 + k as u64, 2f32.powi(e)));
+    }
+    x.extend([0.0, -0.0, 1.0, -2.5, 65504.0, 65519.0, -65519.9, 65520.0, 7e4, -7e4, 6e-8, -3e-8]);
+    x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, f32::MIN_POSITIVE]);
+    assert_eq!(x.len() % 2, 1);
+    let n = x.len();
+    let xb = ctx.storage_from("x", &x);
+    let packed = ctx.storage_zeroed("packed", n.div_ceil(2));
+    let back = ctx.storage_zeroed("back", n);
+    run(&ctx, |enc| {
+        launch::f16_pack(&ctx, enc, &xb, &packed, n)?;
+        launch::f16_unpack(&ctx, enc, &packed, &back, n)
+    });
+    let rounded = ctx.read_f32(&xb, n).expect("read");
+    let words: Vec<u32> = ctx.read_f32(&packed, n.div_ceil(2)).expect("read").iter().map(|w| w.to_bits()).collect();
+    let unpacked = ctx.read_f32(&back, n).expect("read");
+    let mut want = x.clone();
+    r::round_to_f16(&mut want);
+    let mut not_nearest = 0;
+    for i in 0..n {
+        let (g, w) = (rounded[i], want[i]);
+        let half = half::f16::from_bits((words[i / 2] >> (16 * (i % 2))) as u16);
+        // The stored half, the value rounded in place and the value read back agree exactly.
+        if w.is_nan() {
+            assert!(g.is_nan() && half.is_nan() && unpacked[i].is_nan(), "x[{i}] = NaN must stay NaN");
+            continue;
+        }
+        assert_eq!(half.to_f32().to_bits(), g.to_bits(), "x[{i}] = {:e}: stored {half} but rounded to {g:e}", x[i]);
+        assert_eq!(unpacked[i].to_bits(), g.to_bits(), "x[{i}] = {:e}: read back {:e}", x[i], unpacked[i]);
+        // WGSL lets a conversion that is not exact round to either neighbour; the twin rounds
+        // to the nearest. Anything else (a wrong half, a lost sign, a flushed value) fails.
+        // Past f16's range the kernel decides (infinity), not the conversion: no choice there.
+        if g.to_bits() != w.to_bits() {
+            assert!(w.is_finite(), "x[{i}] = {:e}: got {g:e}, want {w:e}", x[i]);
+            let other = f16_next_toward(half::f16::from_f32(w), x[i]).to_f32();
+            assert_eq!(g.to_bits(), other.to_bits(), "x[{i}] = {:e}: got {g:e}, want {w:e} (or {other:e})", x[i]);
+            not_nearest += 1;
+        }
+    }
+    eprintln!("{not_nearest} of {n} values rounded to the farther f16 neighbour");
+    assert!(rounded[n - 5..n - 3] == [f32::INFINITY, f32::NEG_INFINITY], "infinities stay infinite");
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let small = ctx.storage_zeroed("small", n.div_ceil(2) - 1);
+    assert!(launch::f16_pack(&ctx, &mut enc, &xb, &small, n).is_err(), "a packed buffer that is too small");
+}

@@ -10,7 +10,7 @@ use common::{Fixture, assert_close, fixtures};
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::lora::{GpuAdapter, Layout, peft};
 use edgetune::model::llama::{LoadOptions, Model, Quant};
-use edgetune::model::training::Batch;
+use edgetune::model::training::{Batch, Precision, WorkspacePlan};
 
 fn ctx() -> Arc<GpuContext> {
     Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")))
@@ -46,7 +46,7 @@ fn one_step(kind: &str) {
     assert_eq!(adapter.config.use_rslora, kind == "qwen2");
     let gpu = GpuAdapter::upload(&model.ctx, &adapter);
     let b = batch(&fx, "a");
-    let ws = model.workspace(b.len(), 4, false).expect("workspace");
+    let ws = model.workspace(WorkspacePlan::new(b.len(), 4)).expect("workspace");
     let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
     let n = b.n_scored();
     let mut enc = model.ctx.device.create_command_encoder(&Default::default());
@@ -100,7 +100,7 @@ fn curve(kind: &str, checkpointing: bool) {
     let gpu = GpuAdapter::upload(&model.ctx, &adapter);
     let batches = [batch(&fx, "a"), batch(&fx, "b")];
     let cap = batches.iter().map(Batch::len).max().unwrap_or(1);
-    let ws = model.workspace(cap, 4, checkpointing).expect("workspace");
+    let ws = model.workspace(WorkspacePlan { checkpointing, ..WorkspacePlan::new(cap, 4) }).expect("workspace");
     let cfg = AdamwConfig { weight_decay: 0.01, max_grad_norm: 1.0, ..Default::default() };
     let mut opt = Optimizer::new(&model.ctx, adapter.layout.len, cfg).expect("optimizer");
     for step in 0..10 {
@@ -156,7 +156,9 @@ fn gradient_checkpointing_gives_bit_identical_gradients() {
     let gpu = GpuAdapter::upload(&model.ctx, &adapter);
     let b = batch(&fx, "b");
     let run = |ckpt: bool| {
-        let ws = model.workspace(b.len(), 4, ckpt).expect("workspace");
+        let ws = model
+            .workspace(WorkspacePlan { checkpointing: ckpt, ..WorkspacePlan::new(b.len(), 4) })
+            .expect("workspace");
         let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
         let mut enc = model.ctx.device.create_command_encoder(&Default::default());
         model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0 / b.n_scored() as f32).expect("fwd/bwd");
@@ -261,4 +263,59 @@ fn merged_adapters_give_the_adapted_logits() {
     eprintln!("from GGUF: max logit difference {d:e}; the adapter moves logits by {}", max_diff(&want, &base_logits));
     assert!(d <= 16.0 * 2f32.powi(-11) * scale, "merged-from-GGUF logits differ by {d}");
     assert!(max_diff(&want, &base_logits) > 100.0 * d, "the adapter must matter for this test to mean anything");
+}
+
+/// Loss and LoRA gradients of one forward/backward over batch "a" with the given workspace.
+fn loss_and_grads(kind: &str, plan: impl Fn(usize) -> WorkspacePlan) -> (f64, Vec<f32>, u64) {
+    let fx = Fixture::open(&format!("peft_{kind}_expected.safetensors"));
+    let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
+    let model = Model::open(ctx(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("tiny model loads");
+    let adapter = peft::load(&fixtures().join(format!("peft_{kind}_adapter")), &model.config).expect("adapter");
+    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+    let b = batch(&fx, "a");
+    let ws = model.workspace(plan(b.len())).expect("workspace");
+    let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
+    let mut enc = model.ctx.device.create_command_encoder(&Default::default());
+    model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0 / b.n_scored() as f32).expect("fwd/bwd");
+    model.ctx.queue.submit([enc.finish()]);
+    let loss = model.ctx.read_f32(&ws.loss, b.len()).expect("loss").iter().map(|&l| f64::from(l)).sum::<f64>()
+        / b.n_scored() as f64;
+    (loss, model.ctx.read_f32(&grads, adapter.layout.len).expect("grads"), ws.bytes)
+}
+
+/// f16 activations against the f32 path on the same batch. Storing a value as f16 changes it by
+/// at most u = 2^-11 of itself (round to nearest, 11 significant bits). To first order a
+/// gradient (or the loss) then moves by at most u times the number of roundings on the path
+/// from the input to it, times the path's amplification, which is about 1 for these unit-scale
+/// tiny models. The longest path crosses every saved tensor of every layer: the layer input,
+/// then q/k/v, the attention output, the residual after attention and gate/up, so 1 + 5 per
+/// layer; with checkpointing only the layer inputs are stored, so 1 per layer. That count times
+/// u bounds the relative (L2) change of the gradients and of the loss. A layer's activations
+/// read back in the wrong place, or a lost attention statistic, is off by far more.
+#[test]
+fn f16_activations_stay_within_f16_rounding_of_the_f32_path() {
+    const U: f64 = 1.0 / 2048.0;
+    for kind in ["llama", "qwen2"] {
+        for checkpointing in [false, true] {
+            let f32_plan = |t| WorkspacePlan { checkpointing, ..WorkspacePlan::new(t, 4) };
+            let f16_plan = |t| WorkspacePlan { activations: Precision::F16, ..f32_plan(t) };
+            let (l32, g32, b32) = loss_and_grads(kind, f32_plan);
+            let (l16, g16, b16) = loss_and_grads(kind, f16_plan);
+            let layers = 2.0;
+            let roundings = if checkpointing { layers } else { 1.0 + 5.0 * layers };
+            let norm = |g: &mut dyn Iterator<Item = f32>| g.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+            let rel = norm(&mut g16.iter().zip(&g32).map(|(a, b)| a - b)) / norm(&mut g32.iter().copied());
+            let loss_rel = (l16 - l32).abs() / l32;
+            eprintln!(
+                "{kind}, checkpointing {checkpointing}: loss {l16} vs {l32} (relative {loss_rel:.1e}), \
+                 gradients relative {rel:.1e}, bound {:.1e}; workspace {b16} vs {b32} bytes",
+                roundings * U
+            );
+            assert!(g32.iter().any(|&g| g != 0.0), "{kind}: no gradient at all");
+            assert!(loss_rel <= roundings * U, "{kind}: f16 loss {l16} vs f32 {l32}");
+            assert!(rel <= roundings * U, "{kind}: f16 gradients differ by {rel:e} of their norm");
+            assert!(rel > 0.0, "{kind}: f16 activations changed nothing, so they were not rounded");
+            assert!(b16 < b32, "{kind}: f16 activations should need less memory ({b16} vs {b32})");
+        }
+    }
 }

@@ -45,6 +45,8 @@ shader!(ROPE, "rope");
 shader!(SILU_MUL, "silu_mul");
 shader!(ADD, "add");
 shader!(DROPOUT, "dropout");
+shader!(F16_PACK, "f16_pack");
+shader!(F16_UNPACK, "f16_unpack");
 shader!(CROSS_ENTROPY, "cross_entropy");
 shader!(MATMUL, "matmul");
 shader!(MATMUL_NF4, "matmul_nf4");
@@ -104,6 +106,8 @@ pub const ALL_SHADERS: &[Shader] = &[
     SILU_MUL,
     ADD,
     DROPOUT,
+    F16_PACK,
+    F16_UNPACK,
     CROSS_ENTROPY,
     MATMUL,
     MATMUL_NF4,
@@ -617,6 +621,49 @@ pub mod launch {
         let (threshold, scale) = crate::reference::dropout_threshold(p);
         let params = DropoutParams { n: u32_of(n, "elements")?, seed, threshold, scale };
         ctx.dispatch(enc, &DROPOUT, &params, &[x], groups_1d(params.n.div_ceil(256)))
+    }
+
+    /// Stores n f32 values of `x` as f16 in `packed` (ceil(n / 2) words, two halves each, low
+    /// half first) and rounds `x` in place to the stored values (see `f16_pack.wgsl`).
+    pub fn f16_pack(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        x: &wgpu::Buffer,
+        packed: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<()> {
+        check_f16_sizes(x, packed, n)?;
+        let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+        ctx.dispatch(enc, &F16_PACK, &p, &[x, packed], groups_1d(p.n.div_ceil(512)))
+    }
+
+    /// Reads n values stored by [`f16_pack`] back into `x` as f32.
+    pub fn f16_unpack(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        packed: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<()> {
+        check_f16_sizes(x, packed, n)?;
+        let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+        ctx.dispatch(enc, &F16_UNPACK, &p, &[packed, x], groups_1d(p.n.div_ceil(512)))
+    }
+
+    fn check_f16_sizes(x: &wgpu::Buffer, packed: &wgpu::Buffer, n: usize) -> Result<()> {
+        if x.size() < (n * 4) as u64 || packed.size() < (n.div_ceil(2) * 4) as u64 {
+            return Err(Error::invalid(
+                "f16 activation buffers",
+                format!(
+                    "{n} values need {} bytes of f32 and {} of f16 (got {} and {})",
+                    n * 4,
+                    n.div_ceil(2) * 4,
+                    x.size(),
+                    packed.size()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// y += x over n values. Also the backward of a residual connection where two gradient

@@ -6,6 +6,17 @@
 //! compute dX and nothing else. With gradient checkpointing the workspace keeps each layer's
 //! input and one set of layer activations, and each layer's forward runs again just before its
 //! backward.
+//!
+//! With f16 activations ([`Precision::F16`]) the activations saved for the backward pass (the
+//! layer inputs and, without checkpointing, every layer's activations) are stored as f16 and
+//! read back into one f32 set before each layer's backward. Arithmetic, the LoRA weights, their
+//! gradients and the optimizer stay f32. Each saved tensor is rounded in place as it is stored,
+//! before anything else reads it, so the forward pass computes with exactly the values the
+//! backward pass reads, and the gradients are those of the rounded forward.
+
+use std::cell::Cell;
+
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
@@ -64,17 +75,79 @@ impl Batch {
     }
 }
 
-/// Activations of one layer that the backward pass reads.
+/// How a training step stores the activations it saves for its backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32, as computed.
+    #[default]
+    F32,
+    /// f16 (mixed precision): half the bytes, rounded to f16's 11 significant bits. Arithmetic,
+    /// LoRA weights, gradients and optimizer state stay f32. Needs no optional GPU feature.
+    F16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            _ => Err(Error::invalid("activation precision", format!("expected f32 or f16, got {s:?}"))),
+        }
+    }
+}
+
+/// What a training [`Workspace`] is sized for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkspacePlan {
+    /// Tokens of the largest packed batch.
+    pub capacity: usize,
+    /// The largest LoRA rank.
+    pub rank: usize,
+    /// Keep only each layer's input and recompute the layer before its backward.
+    pub checkpointing: bool,
+    /// Room for LoRA dropout: the masked adapter input and its gradient, (T, widest input) each.
+    pub dropout: bool,
+    /// Storage of the saved activations.
+    pub activations: Precision,
+}
+
+impl WorkspacePlan {
+    /// Batches of up to `capacity` tokens, rank up to `rank`; no checkpointing, no dropout, f32.
+    pub fn new(capacity: usize, rank: usize) -> Self {
+        WorkspacePlan { capacity, rank, checkpointing: false, dropout: false, activations: Precision::F32 }
+    }
+}
+
+/// Activations of one layer that the backward pass reads. In a saved f16 set every tensor but
+/// `stats` holds packed halves (two per u32).
 #[derive(Debug)]
 struct LayerActs {
     q: wgpu::Buffer,     // (T, H*hd) after RoPE
     k: wgpu::Buffer,     // (T, Hkv*hd) after RoPE
     v: wgpu::Buffer,     // (T, Hkv*hd)
     att: wgpu::Buffer,   // (T, H*hd) attention output
-    stats: wgpu::Buffer, // (T*H, 2) log-sum-exp and delta
+    stats: wgpu::Buffer, // (T*H, 2) log-sum-exp and delta, always f32
     x_mid: wgpu::Buffer, // (T, C) residual stream after attention
     gate: wgpu::Buffer,  // (T, I)
     up: wgpu::Buffer,    // (T, I)
+}
+
+impl LayerActs {
+    /// The tensors other than `stats`, in the order of [`Model::act_sizes`].
+    fn tensors(&self) -> [&wgpu::Buffer; 7] {
+        [&self.q, &self.k, &self.v, &self.att, &self.x_mid, &self.gate, &self.up]
+    }
 }
 
 /// Every buffer of a training step, allocated once for batches of up to `capacity` tokens.
@@ -82,13 +155,22 @@ struct LayerActs {
 pub struct Workspace {
     pub capacity: usize,
     pub checkpointing: bool,
+    pub activations: Precision,
     ids: wgpu::Buffer,
     targets: wgpu::Buffer,
     positions: wgpu::Buffer,
     key_start: wgpu::Buffer,
-    /// Layer inputs; x_in[L] is the last layer's output.
+    /// Layer inputs as saved (f32, or packed f16). With f32 activations x_in[L] is the last
+    /// layer's output; with f16 the head reads that from the f32 stream, so it is not saved.
     x_in: Vec<wgpu::Buffer>,
+    /// f32 activations: every layer's (f32, no checkpointing), or one layer's, the one being
+    /// computed or read back.
     acts: Vec<LayerActs>,
+    /// f16 activations without checkpointing: every layer's, packed.
+    saved: Vec<LayerActs>,
+    /// With f16 activations, the f32 residual stream: layer l reads x_cur (even l) or x_tmp
+    /// (odd l) and writes the other.
+    x_cur: wgpu::Buffer,
     x_tmp: wgpu::Buffer,
     xn: wgpu::Buffer,
     act: wgpu::Buffer,
@@ -116,27 +198,42 @@ pub struct Workspace {
     logits: wgpu::Buffer,
     /// Per-token loss of the last batch (T).
     pub loss: wgpu::Buffer,
-    /// Bytes of all of the above.
+    /// Bytes of all of the above, as allocated.
     pub bytes: u64,
 }
 
+impl Workspace {
+    fn half(&self) -> bool {
+        self.activations == Precision::F16
+    }
+
+    /// The f32 buffer that holds layer l's input during the forward pass (l = L: the last
+    /// layer's output).
+    fn stream(&self, l: usize) -> &wgpu::Buffer {
+        match (self.half(), l % 2) {
+            (false, _) => &self.x_in[l],
+            (true, 0) => &self.x_cur,
+            (true, _) => &self.x_tmp,
+        }
+    }
+
+    /// Where layer l's forward writes its activations, and the f16 set that keeps them.
+    fn forward_acts(&self, l: usize, keep: bool) -> (&LayerActs, Option<&LayerActs>) {
+        match (self.checkpointing || !keep, self.half()) {
+            (true, _) => (&self.acts[0], None),
+            (false, true) => (&self.acts[0], Some(&self.saved[l])),
+            (false, false) => (&self.acts[l], None),
+        }
+    }
+}
+
 impl Model {
-    /// Floats a workspace holds (see [`Workspace`]), for memory estimates before allocating.
-    pub fn workspace_floats(&self, capacity: usize, rank: usize, checkpointing: bool) -> usize {
+    /// Elements of the tensors of [`LayerActs::tensors`] for `t` tokens.
+    fn act_sizes(&self, t: usize) -> [usize; 7] {
         let c = &self.config;
-        let (t, h, i) = (capacity, c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let per_layer = t * (2 * qd + 2 * kvd + 2 * c.num_heads + h + 2 * i);
-        let n_acts = if checkpointing { 1 } else { c.num_layers };
-        let head_rows = self.head_rows(capacity);
-        4 * t
-            + (c.num_layers + 1) * t * h
-            + n_acts * per_layer
-            + t * (h + h + i + h)                       // x_tmp, xn, act, proj
-            + 2 * t * rank.max(1)                       // lora h, dh
-            + t * (h + h + 3 * i + 2 * qd + 2 * kvd)    // gradients
-            + head_rows * (2 * h + 2 + c.vocab_size)    // head chunk
-            + t
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        [t * qd, t * kvd, t * kvd, t * qd, t * h, t * i, t * i]
     }
 
     fn head_rows(&self, capacity: usize) -> usize {
@@ -144,21 +241,10 @@ impl Model {
         capacity.min(128).min((limit / (self.config.vocab_size * 4)).max(1))
     }
 
-    /// Allocates the buffers of a training step for batches of up to `capacity` tokens and
-    /// adapters of rank up to `rank`, without LoRA dropout (see [`Model::workspace_with`]).
-    pub fn workspace(&self, capacity: usize, rank: usize, checkpointing: bool) -> Result<Workspace> {
-        self.workspace_with(capacity, rank, checkpointing, false)
-    }
-
-    /// [`Model::workspace`], with the two extra (T, widest input) buffers LoRA dropout needs
-    /// when `dropout` is set.
-    pub fn workspace_with(
-        &self,
-        capacity: usize,
-        rank: usize,
-        checkpointing: bool,
-        dropout: bool,
-    ) -> Result<Workspace> {
+    /// Allocates the buffers of a training step as `plan` says. Its `bytes` are what was
+    /// allocated, so it is also the memory estimate.
+    pub fn workspace(&self, plan: WorkspacePlan) -> Result<Workspace> {
+        let WorkspacePlan { capacity, rank, checkpointing, dropout, activations } = plan;
         if capacity == 0 {
             return Err(Error::invalid("batch capacity", "must be at least one token"));
         }
@@ -172,31 +258,44 @@ impl Model {
         let ctx = &self.ctx;
         let (t, h, i) = (capacity, c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let z = |label: &str, n: usize| ctx.storage_zeroed(label, n);
-        let n_acts = if checkpointing { 1 } else { c.num_layers };
-        let acts = (0..n_acts)
-            .map(|_| LayerActs {
-                q: z("q", t * qd),
-                k: z("k", t * kvd),
-                v: z("v", t * kvd),
-                att: z("att", t * qd),
+        let half = activations == Precision::F16;
+        let bytes = Cell::new(0u64);
+        let z = |label: &str, n: usize| {
+            let b = ctx.storage_zeroed(label, n);
+            bytes.set(bytes.get() + b.size());
+            b
+        };
+        // A saved tensor of n values: f32, or n / 2 words of two halves.
+        let saved = |label: &str, n: usize| z(label, if half { n.div_ceil(2) } else { n });
+        let layer_acts = |kept: &dyn Fn(&str, usize) -> wgpu::Buffer| {
+            let [q, k, v, att, x_mid, gate, up] = self.act_sizes(t);
+            LayerActs {
+                q: kept("q", q),
+                k: kept("k", k),
+                v: kept("v", v),
+                att: kept("att", att),
                 stats: z("attention stats", t * c.num_heads * 2),
-                x_mid: z("x mid", t * h),
-                gate: z("gate", t * i),
-                up: z("up", t * i),
-            })
-            .collect();
+                x_mid: kept("x mid", x_mid),
+                gate: kept("gate", gate),
+                up: kept("up", up),
+            }
+        };
+        let n_f32 = if checkpointing || half { 1 } else { c.num_layers };
+        let n_saved = if half && !checkpointing { c.num_layers } else { 0 };
         let head_rows = self.head_rows(capacity);
         let wide = h.max(i).max(qd);
-        let ws = Workspace {
+        let mut ws = Workspace {
             capacity,
             checkpointing,
+            activations,
             ids: z("ids", t),
             targets: z("targets", t),
             positions: z("positions", t),
             key_start: z("key start", t),
-            x_in: (0..=c.num_layers).map(|_| z("layer input", t * h)).collect(),
-            acts,
+            x_in: (0..c.num_layers + usize::from(!half)).map(|_| saved("layer input", t * h)).collect(),
+            acts: (0..n_f32).map(|_| layer_acts(&z)).collect(),
+            saved: (0..n_saved).map(|_| layer_acts(&saved)).collect(),
+            x_cur: z("x cur", if half { t * h } else { 1 }),
             x_tmp: z("x tmp", t * h),
             xn: z("xn", t * h),
             act: z("act", t * i),
@@ -221,9 +320,9 @@ impl Model {
             head_loss: z("head loss", head_rows),
             logits: z("logits", head_rows * c.vocab_size),
             loss: z("loss", t),
-            bytes: ((self.workspace_floats(capacity, rank, checkpointing) + if dropout { 2 * t * wide } else { 0 }) * 4)
-                as u64,
+            bytes: 0,
         };
+        ws.bytes = bytes.get();
         Ok(ws)
     }
 
@@ -243,14 +342,26 @@ impl Model {
         let drop = self.dropout(ws, batch, lora)?;
         let t = self.forward_layers(enc, ws, batch, lora, true, drop)?;
         self.head_backward(enc, ws, t, grad_scale)?;
+        let ctx = &self.ctx;
+        let th = t * self.config.hidden_size;
         for l in (0..self.config.num_layers).rev() {
-            let acts = if ws.checkpointing {
-                self.layer_forward(enc, ws, l, &ws.acts[0], &ws.x_in[l], &ws.x_tmp, lora, t, drop)?;
-                &ws.acts[0]
+            let x_in = if ws.half() {
+                launch::f16_unpack(ctx, enc, &ws.x_in[l], &ws.x_cur, th)?;
+                &ws.x_cur
             } else {
-                &ws.acts[l]
+                &ws.x_in[l]
             };
-            self.layer_backward(enc, ws, l, acts, lora, grads, t, drop)?;
+            let acts = &ws.acts[if ws.checkpointing || ws.half() { 0 } else { l }];
+            if ws.checkpointing {
+                self.layer_forward(enc, ws, l, acts, None, x_in, &ws.x_tmp, lora, t, drop)?;
+            } else if ws.half() {
+                let saved = &ws.saved[l];
+                for ((from, to), n) in saved.tensors().into_iter().zip(acts.tensors()).zip(self.act_sizes(t)) {
+                    launch::f16_unpack(ctx, enc, from, to, n)?;
+                }
+                enc.copy_buffer_to_buffer(&saved.stats, 0, &acts.stats, 0, saved.stats.size());
+            }
+            self.layer_backward(enc, ws, l, acts, x_in, lora, grads, t, drop)?;
         }
         Ok(())
     }
@@ -328,11 +439,17 @@ impl Model {
         let ctx = &self.ctx;
         let h = c.hidden_size;
         for (buf, start, rows) in &self.embed.chunks {
-            launch::embedding_forward(ctx, enc, &ws.ids, self.embed.rows(buf), &ws.x_in[0], t, h, *start, *rows)?;
+            launch::embedding_forward(ctx, enc, &ws.ids, self.embed.rows(buf), ws.stream(0), t, h, *start, *rows)?;
+        }
+        if ws.half() {
+            launch::f16_pack(ctx, enc, ws.stream(0), &ws.x_in[0], t * h)?;
         }
         for l in 0..c.num_layers {
-            let acts = &ws.acts[if ws.checkpointing || !keep { 0 } else { l }];
-            self.layer_forward(enc, ws, l, acts, &ws.x_in[l], &ws.x_in[l + 1], lora, t, drop)?;
+            let (acts, save) = ws.forward_acts(l, keep);
+            self.layer_forward(enc, ws, l, acts, save, ws.stream(l), ws.stream(l + 1), lora, t, drop)?;
+            if ws.half() && l + 1 < c.num_layers {
+                launch::f16_pack(ctx, enc, ws.stream(l + 1), &ws.x_in[l + 1], t * h)?;
+            }
         }
         Ok(t)
     }
@@ -359,6 +476,7 @@ impl Model {
         ws: &Workspace,
         l: usize,
         a: &LayerActs,
+        save: Option<&LayerActs>,
         x_in: &wgpu::Buffer,
         x_out: &wgpu::Buffer,
         lora: &GpuAdapter,
@@ -371,20 +489,36 @@ impl Model {
         let layer = &self.layers[l];
         let bytes = (t * h * 4) as u64;
         let lo = Some(lora);
+        let sizes = self.act_sizes(t);
+        // Stores activation `k` (of LayerActs::tensors) as f16 when saving, before it is read.
+        let keep = |enc: &mut wgpu::CommandEncoder, k: usize| match save {
+            Some(s) => launch::f16_pack(ctx, enc, a.tensors()[k], s.tensors()[k], sizes[k]),
+            None => Ok(()),
+        };
         launch::rms_norm_forward(ctx, enc, x_in, &layer.attn_norm, &ws.xn, t, h, c.rms_norm_eps)?;
         self.linear(enc, l, Module::QProj, lo, &ws.xn, &a.q, &ws.lora_h, t, drop)?;
         self.linear(enc, l, Module::KProj, lo, &ws.xn, &a.k, &ws.lora_h, t, drop)?;
         self.linear(enc, l, Module::VProj, lo, &ws.xn, &a.v, &ws.lora_h, t, drop)?;
         launch::rope_forward(ctx, enc, &a.q, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
         launch::rope_forward(ctx, enc, &a.k, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
+        for k in 0..3 {
+            keep(enc, k)?; // q, k, v
+        }
         let s = self.attention_shape(t);
         launch::attention_forward(ctx, enc, &a.q, &a.k, &a.v, &ws.key_start, &a.att, &a.stats, s)?;
+        if let Some(s) = save {
+            enc.copy_buffer_to_buffer(&a.stats, 0, &s.stats, 0, a.stats.size());
+        }
+        keep(enc, 3)?; // att
         self.linear(enc, l, Module::OProj, lo, &a.att, &ws.proj, &ws.lora_h, t, drop)?;
         enc.copy_buffer_to_buffer(x_in, 0, &a.x_mid, 0, bytes);
         launch::add_forward(ctx, enc, &ws.proj, &a.x_mid, t * h)?;
+        keep(enc, 4)?; // x_mid
         launch::rms_norm_forward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.xn, t, h, c.rms_norm_eps)?;
         self.linear(enc, l, Module::GateProj, lo, &ws.xn, &a.gate, &ws.lora_h, t, drop)?;
         self.linear(enc, l, Module::UpProj, lo, &ws.xn, &a.up, &ws.lora_h, t, drop)?;
+        keep(enc, 5)?; // gate
+        keep(enc, 6)?; // up
         launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;
         self.linear(enc, l, Module::DownProj, lo, &ws.act, &ws.proj, &ws.lora_h, t, drop)?;
         enc.copy_buffer_to_buffer(&a.x_mid, 0, x_out, 0, bytes);
@@ -397,7 +531,7 @@ impl Model {
         let c = &self.config;
         let ctx = &self.ctx;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let x_last = &ws.x_in[c.num_layers];
+        let x_last = ws.stream(c.num_layers);
         launch::rms_norm_forward(ctx, enc, x_last, &self.final_norm, &ws.xn, t, h, c.rms_norm_eps)?;
         let table = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut start = 0;
@@ -424,7 +558,7 @@ impl Model {
         let c = &self.config;
         let ctx = &self.ctx;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        launch::rms_norm_forward(ctx, enc, &ws.x_in[c.num_layers], &self.final_norm, &ws.xn, t, h, c.rms_norm_eps)?;
+        launch::rms_norm_forward(ctx, enc, ws.stream(c.num_layers), &self.final_norm, &ws.xn, t, h, c.rms_norm_eps)?;
         let mut start = 0;
         while start < t {
             let rows = ws.head_rows.min(t - start);
@@ -523,6 +657,7 @@ impl Model {
         ws: &Workspace,
         l: usize,
         a: &LayerActs,
+        x_in: &wgpu::Buffer,
         lora: &GpuAdapter,
         grads: &wgpu::Buffer,
         t: usize,
@@ -532,7 +667,6 @@ impl Model {
         let ctx = &self.ctx;
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let layer = &self.layers[l];
-        let x_in = &ws.x_in[l];
         let eps = c.rms_norm_eps;
         // MLP.
         launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;

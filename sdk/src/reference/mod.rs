@@ -55,6 +55,12 @@ pub fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect()
 }
 
+/// The value an activation keeps when it is stored at half precision (`f16_pack.wgsl`): x
+/// rounded to the nearest f16 (ties to even), an infinity past 65504 (from 65520 on), NaN kept.
+pub fn round_to_f16(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+}
+
 /// Chris Wellons' lowbias32 integer hash (as in `dropout.wgsl`).
 pub fn lowbias32(v: u32) -> u32 {
     let mut h = v;

@@ -5,4 +5,5 @@ pub mod optimizer;
 pub mod schedule;
 pub mod trainer;
 
+pub use crate::model::training::Precision;
 pub use trainer::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer};

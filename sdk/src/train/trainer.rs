@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::infer::Rng;
 use crate::lora::{Adapter, GpuAdapter, LoraConfig};
 use crate::model::llama::Model;
-use crate::model::training::{Batch, Workspace};
+use crate::model::training::{Batch, Precision, Workspace, WorkspacePlan};
 
 /// Everything that decides a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +54,10 @@ pub struct TrainConfig {
     pub keep_best: bool,
     /// Keep only each layer's input and recompute the layer in the backward pass.
     pub gradient_checkpointing: bool,
+    /// Storage of the activations saved for the backward pass: "f32", or "f16" (mixed
+    /// precision: half the activation memory; arithmetic, LoRA weights, gradients and AdamW
+    /// moments stay f32).
+    pub activations: Precision,
     /// Seed of the batch order.
     pub seed: u64,
     /// Write a checkpoint every this many steps (0: only when training ends or is cancelled).
@@ -79,6 +83,7 @@ impl Default for TrainConfig {
             early_stopping_patience: 0,
             keep_best: true,
             gradient_checkpointing: true,
+            activations: Precision::F32,
             seed: 0,
             checkpoint_every: 0,
             max_bad_steps: 3,
@@ -283,7 +288,12 @@ impl<'a> Trainer<'a> {
             fnv1a(&mut plan, &v.to_le_bytes());
         }
         let capacity = train.iter().chain(&val).map(Batch::len).max().unwrap_or(1);
-        let ws = model.workspace_with(capacity, cfg.lora.r, cfg.gradient_checkpointing, cfg.lora.dropout > 0.0)?;
+        let ws = model.workspace(WorkspacePlan {
+            checkpointing: cfg.gradient_checkpointing,
+            dropout: cfg.lora.dropout > 0.0,
+            activations: cfg.activations,
+            ..WorkspacePlan::new(capacity, cfg.lora.r)
+        })?;
         let opt = Optimizer::new(&model.ctx, adapter.layout.len, cfg.optimizer)?;
         let gpu = GpuAdapter::upload(&model.ctx, &adapter);
         let state = TrainState { epoch_rng: Rng::new(cfg.seed ^ 0x5eed_0fba_7c4e_5eed).state(), ..Default::default() };

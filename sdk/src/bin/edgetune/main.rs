@@ -12,6 +12,7 @@ use edgetune::gpu::GpuOptions;
 use edgetune::infer::GenerateOptions;
 use edgetune::model::llama::{LoadOptions, Quant};
 use edgetune::tokenizer::Message;
+use edgetune::train::Precision;
 use edgetune::{Error, Result, Session};
 use train::TrainArgs;
 
@@ -106,6 +107,9 @@ enum Cmd {
         /// and print the time spent in each shader.
         #[arg(long)]
         profile: bool,
+        /// Storage of the saved activations: f32 or f16.
+        #[arg(long, default_value_t = Precision::F32)]
+        activations: Precision,
     },
     /// Merge a PEFT adapter into its base model and write a Hugging Face folder (f16 or bf16).
     Merge {
@@ -262,7 +266,9 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(args) => train::run(*args, &gpu)?,
-        Cmd::BenchTrain { m, seq, rank, steps, profile } => bench_train(&m, &gpu, seq, rank, steps, profile)?,
+        Cmd::BenchTrain { m, seq, rank, steps, profile, activations } => {
+            bench_train(&m, &gpu, seq, rank, steps, profile, activations)?
+        }
         Cmd::Merge { model, adapter, output, dtype } => {
             let (cfg, _) = edgetune::model::open_weights(&model)?;
             let a = edgetune::lora::peft::load(&adapter, &cfg)?;
@@ -352,9 +358,17 @@ fn bench(m: &ModelArgs, gpu: &GpuOptions, prompt_tokens: usize, decode_tokens: u
     Ok(())
 }
 
-fn bench_train(m: &ModelArgs, gpu: &GpuOptions, seq: usize, rank: usize, steps: usize, profile: bool) -> Result<()> {
+fn bench_train(
+    m: &ModelArgs,
+    gpu: &GpuOptions,
+    seq: usize,
+    rank: usize,
+    steps: usize,
+    profile: bool,
+    activations: Precision,
+) -> Result<()> {
     use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
-    use edgetune::model::training::Batch;
+    use edgetune::model::training::{Batch, WorkspacePlan};
     use edgetune::train::optimizer::{AdamwConfig, Optimizer};
     use std::time::Instant;
     let ctx = std::sync::Arc::new(edgetune::gpu::GpuContext::new(gpu)?);
@@ -377,8 +391,9 @@ fn bench_train(m: &ModelArgs, gpu: &GpuOptions, seq: usize, rank: usize, steps: 
         m.quant
     );
     let adapter_bytes = (n * 4 * 4) as u64; // parameters, gradients, two AdamW moments
+    println!("saved activations: {activations}");
     for checkpointing in [true, false] {
-        let ws = model.workspace(seq, rank, checkpointing)?;
+        let ws = model.workspace(WorkspacePlan { checkpointing, activations, ..WorkspacePlan::new(seq, rank) })?;
         let mut step = |batch: &Batch| -> Result<f64> {
             let t = Instant::now();
             let mut enc = ctx.device.create_command_encoder(&Default::default());

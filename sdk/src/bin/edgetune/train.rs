@@ -18,7 +18,7 @@ use edgetune::model::llama::{LoadOptions, Model};
 use edgetune::tokenizer::Tokenizer;
 use edgetune::train::checkpoint::Checkpoint;
 use edgetune::train::schedule::ScheduleKind;
-use edgetune::train::{Event, StopReason, TrainConfig, Trainer};
+use edgetune::train::{Event, Precision, StopReason, TrainConfig, Trainer};
 use edgetune::{Error, Result};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -97,6 +97,10 @@ pub struct TrainArgs {
     /// Keep every layer's activations instead of recomputing them (faster, more memory).
     #[arg(long)]
     no_gradient_checkpointing: bool,
+    /// Storage of the activations kept for the backward pass: f32, or f16 (half the
+    /// activation memory; arithmetic, LoRA weights and optimizer state stay f32).
+    #[arg(long)]
+    activations: Option<Precision>,
     /// KV-cache and sample length limit of the loaded model.
     #[arg(long, default_value_t = 2048)]
     max_context: usize,
@@ -133,6 +137,7 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     set!(a.eval_every => eval_every);
     set!(a.patience => early_stopping_patience);
     set!(a.checkpoint_every => checkpoint_every);
+    set!(a.activations => activations);
     if let Some(system) = &a.system {
         c.data.system = Some(system.clone());
     }
