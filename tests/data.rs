@@ -180,3 +180,26 @@ fn dedup_split_text_chunks_and_packing() {
         assert!(b.iter().map(|&i| refs[i].ids.len()).sum::<usize>() <= cap);
     }
 }
+
+/// Records an app hands over from memory join those of files: the same samples as from a file,
+/// and a bad one is named by its position.
+#[test]
+fn records_from_memory_load_like_a_file_and_bad_ones_are_named_by_position() {
+    use edgetune::data::Source;
+    let d = tmp("memory");
+    let line = r#"{"instruction": "Name a capital.", "output": "Paris is one."}"#;
+    let other = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}"#;
+    let file = write(&d, "a.jsonl", line);
+    let t = tok();
+    let from_file = data::load(&file, &t, &cfg()).expect("file");
+    let records =
+        |r: &[&str]| Source::Records { name: "app records".into(), records: r.iter().map(|s| s.to_string()).collect() };
+    let from_memory = data::load_sources(&[records(&[line])], &t, &cfg()).expect("memory");
+    assert_eq!(from_memory.train[0].ids, from_file.train[0].ids);
+    let both = data::load_sources(&[Source::Path(file.clone()), records(&[other])], &t, &cfg()).expect("both");
+    assert_eq!(both.train.len(), 2);
+    let e = data::load_sources(&[records(&[other, "{\"instruction\": 3}"])], &t, &cfg()).expect_err("bad").to_string();
+    assert!(e.contains("app records") && e.contains("line 2") && e.contains("instruction"), "{e}");
+    let e = data::load_sources(&[], &t, &cfg()).expect_err("nothing").to_string();
+    assert!(e.contains("no file and no record"), "{e}");
+}

@@ -129,7 +129,8 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
     let cfg = DataConfig { max_len: 128, val_fraction: 0.1, system, ..Default::default() };
     let data = data::load(&persona, &tok, &cfg).expect("persona data");
     assert_eq!((data.train.len(), data.val.len()), (35, 4));
-    let model = Model::open(ctx(), &path, &LoadOptions { max_context: 256, ..Default::default() }).expect("model");
+    let load = LoadOptions { max_context: 256, ..Default::default() };
+    let model = std::sync::Arc::new(Model::open(ctx(), &path, &load).expect("model"));
     let cfg = TrainConfig {
         lora: LoraConfig { r: 8, alpha: 16.0, ..Default::default() },
         learning_rate: 3e-3,
@@ -140,7 +141,7 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
         gradient_checkpointing: false,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(&model, &data, cfg).expect("trainer");
+    let mut trainer = Trainer::new(model.clone(), &data, cfg).expect("trainer");
     let before = trainer.evaluate().expect("eval").expect("validation samples");
     let mut losses = Vec::new();
     let out = trainer

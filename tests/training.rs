@@ -28,8 +28,9 @@ fn ctx() -> Arc<GpuContext> {
     Arc::new(GpuContext::new(&GpuOptions::default()).expect("a GPU adapter (lavapipe in CI)"))
 }
 
-fn model(ctx: &Arc<GpuContext>, kind: &str) -> Model {
-    Model::open(ctx.clone(), &fixtures().join(format!("tiny_{kind}")), &LoadOptions::default()).expect("tiny model")
+fn model(ctx: &Arc<GpuContext>, kind: &str) -> Arc<Model> {
+    let path = fixtures().join(format!("tiny_{kind}"));
+    Arc::new(Model::open(ctx.clone(), &path, &LoadOptions::default()).expect("tiny model"))
 }
 
 /// Twelve short question/answer records in Alpaca format.
@@ -87,7 +88,7 @@ fn resuming_from_step_ten_gives_the_same_adapter_bytes_as_twenty_steps_straight(
 
     // 20 steps straight.
     let mut straight = Vec::new();
-    let mut a = Trainer::new(&m, &data, config()).expect("trainer");
+    let mut a = Trainer::new(m.clone(), &data, config()).expect("trainer");
     let out_a = a.run(|e| straight.push(e.clone())).expect("straight run");
     assert_eq!((out_a.reason, out_a.steps), (StopReason::Completed, 20));
     peft::save(&dir.join("straight"), &out_a.adapter, "tiny").expect("save");
@@ -95,7 +96,7 @@ fn resuming_from_step_ten_gives_the_same_adapter_bytes_as_twenty_steps_straight(
 
     // 10 steps, cancelled from another thread, then resumed from the checkpoint for 10 more.
     let ckpt = dir.join("run.ckpt");
-    let mut b = Trainer::new(&m, &data, config()).expect("trainer");
+    let mut b = Trainer::new(m.clone(), &data, config()).expect("trainer");
     b.set_checkpoint_path(&ckpt);
     let token = b.cancel_token();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -120,7 +121,7 @@ fn resuming_from_step_ten_gives_the_same_adapter_bytes_as_twenty_steps_straight(
     assert!(first_half.iter().any(|e| matches!(e, Event::Checkpoint { step: 10, .. })), "checkpoint at cancel");
     drop(b);
 
-    let mut c = Trainer::new(&m, &data, config()).expect("trainer");
+    let mut c = Trainer::new(m.clone(), &data, config()).expect("trainer");
     c.resume(&ckpt).expect("resume");
     assert_eq!(c.step(), 10);
     let mut second_half = Vec::new();
@@ -175,7 +176,7 @@ fn early_stopping_returns_the_best_adapter() {
         optimizer: edgetune::train::optimizer::AdamwConfig { max_grad_norm: 0.0, ..Default::default() },
         ..config()
     };
-    let mut t = Trainer::new(&m, &data, cfg).expect("trainer");
+    let mut t = Trainer::new(m.clone(), &data, cfg).expect("trainer");
     let mut evals = Vec::new();
     let out = t
         .run(|e| {
@@ -190,7 +191,7 @@ fn early_stopping_returns_the_best_adapter() {
     let best = evals.iter().map(|e| e.1).fold(f32::INFINITY, f32::min);
     assert_eq!(out.best_val_loss, Some(best));
     // The adapter returned is the best one: scoring it reproduces the best validation loss.
-    let again = Trainer::with_adapter(&m, &data, config(), out.adapter.clone()).expect("trainer");
+    let again = Trainer::with_adapter(m.clone(), &data, config(), out.adapter.clone()).expect("trainer");
     let val = again.evaluate().expect("eval").expect("has validation");
     assert_eq!(val.to_bits(), best.to_bits(), "the returned adapter is not the best one");
     // While the last adapter is a worse one.
@@ -206,7 +207,7 @@ fn non_finite_steps_are_skipped_then_stop_training_and_keep_the_last_checkpoint(
     let dir = tmp("nan");
     let ckpt = dir.join("run.ckpt");
     let cfg = TrainConfig { max_steps: 6, eval_every: 0, ..config() };
-    let mut good = Trainer::new(&m, &data, cfg.clone()).expect("trainer");
+    let mut good = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer");
     good.set_checkpoint_path(&ckpt);
     let out = good.run(|_| {}).expect("good run");
     let saved = std::fs::read(&ckpt).expect("checkpoint written");
@@ -214,7 +215,8 @@ fn non_finite_steps_are_skipped_then_stop_training_and_keep_the_last_checkpoint(
     // An adapter holding a NaN makes every loss and gradient NaN.
     let mut poisoned = out.adapter.clone();
     poisoned.params[5] = f32::NAN;
-    let mut bad = Trainer::with_adapter(&m, &data, TrainConfig { max_bad_steps: 3, ..cfg }, poisoned).expect("trainer");
+    let mut bad =
+        Trainer::with_adapter(m.clone(), &data, TrainConfig { max_bad_steps: 3, ..cfg }, poisoned).expect("trainer");
     bad.set_checkpoint_path(&ckpt);
     let mut warnings = Vec::new();
     let err = bad
@@ -236,7 +238,7 @@ fn bad_settings_and_foreign_checkpoints_are_clear_errors() {
     let ctx = ctx();
     let m = model(&ctx, "llama");
     let data = dataset("llama", 0.0);
-    let err = |cfg: TrainConfig| Trainer::new(&m, &data, cfg).expect_err("invalid").to_string();
+    let err = |cfg: TrainConfig| Trainer::new(m.clone(), &data, cfg).expect_err("invalid").to_string();
     for lr in [f32::NAN, -1e-4, 0.0] {
         let e = err(TrainConfig { learning_rate: lr, ..config() });
         assert!(e.contains("learning_rate must be a finite number > 0") && e.contains(&lr.to_string()), "{e}");
@@ -253,22 +255,22 @@ fn bad_settings_and_foreign_checkpoints_are_clear_errors() {
     let e = err(TrainConfig { epochs: 0, max_steps: 0, ..config() });
     assert!(e.contains("epochs or max_steps"), "{e}");
     let empty = Dataset { train: vec![], val: vec![], report: Default::default() };
-    let e = Trainer::new(&m, &empty, config()).expect_err("empty").to_string();
+    let e = Trainer::new(m.clone(), &empty, config()).expect_err("empty").to_string();
     assert!(e.contains("no training samples"), "{e}");
 
     // A checkpoint written while training the tiny Llama does not resume on the tiny Qwen2.
     let dir = tmp("foreign");
     let ckpt = dir.join("llama.ckpt");
-    let mut t = Trainer::new(&m, &data, TrainConfig { max_steps: 1, ..config() }).expect("trainer");
+    let mut t = Trainer::new(m.clone(), &data, TrainConfig { max_steps: 1, ..config() }).expect("trainer");
     t.set_checkpoint_path(&ckpt);
     t.run(|_| {}).expect("one step");
     let q = model(&ctx, "qwen2");
     let qdata = dataset("qwen2", 0.0);
-    let mut other = Trainer::new(&q, &qdata, config()).expect("trainer");
+    let mut other = Trainer::new(q.clone(), &qdata, config()).expect("trainer");
     let e = other.resume(&ckpt).expect_err("foreign checkpoint").to_string();
     assert!(e.contains("llama.ckpt") && e.contains("checkpoint from another model"), "{e}");
     // Other data with the same model: the data cursor would be meaningless.
-    let mut t2 = Trainer::new(&m, &dataset("llama", 0.5), config()).expect("trainer");
+    let mut t2 = Trainer::new(m.clone(), &dataset("llama", 0.5), config()).expect("trainer");
     let e = t2.resume(&ckpt).expect_err("other data").to_string();
     assert!(e.contains("other training data"), "{e}");
     // Not a checkpoint at all.
@@ -363,7 +365,7 @@ fn f16_activations_train_deterministically_and_close_to_f32() {
     let data = dataset("llama", 0.25);
     let run = |activations: Precision| {
         let cfg = TrainConfig { activations, ..config() };
-        let mut t = Trainer::new(&m, &data, cfg).expect("trainer");
+        let mut t = Trainer::new(m.clone(), &data, cfg).expect("trainer");
         let mut losses = Vec::new();
         let out = t
             .run(|e| {

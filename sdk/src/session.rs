@@ -13,7 +13,8 @@ use crate::tokenizer::{Message, Tokenizer};
 /// A loaded model ready to generate and score text.
 #[derive(Debug)]
 pub struct Session {
-    pub model: Model,
+    /// Shared with the trainers of this model ([`crate::train::Trainer::new`]).
+    pub model: Arc<Model>,
     pub tokenizer: Tokenizer,
     pub path: PathBuf,
     /// The LoRA adapter applied (unmerged) when generating and scoring, if any.
@@ -34,7 +35,7 @@ impl Session {
             return Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
         }
         let tokenizer = Tokenizer::open(path)?;
-        let model = Model::open(ctx, path, load)?;
+        let model = Arc::new(Model::open(ctx, path, load)?);
         Ok(Session { model, tokenizer, path: path.to_path_buf(), adapter: None })
     }
 

@@ -104,6 +104,23 @@ pub fn read(path: &Path, format: Format) -> Result<(Vec<Sourced>, Vec<BadRecord>
     read_file(path, format)
 }
 
+/// Records handed over one by one as JSON texts (from an app's own store rather than a file):
+/// each is one object of any format `read` accepts, and record i is reported as line i + 1 of
+/// `name`.
+pub fn read_records(name: &Path, records: &[String], format: Format) -> (Vec<Sourced>, Vec<BadRecord>) {
+    let mut out = (Vec::new(), Vec::new());
+    for (i, text) in records.iter().enumerate() {
+        let parsed = serde_json::from_str::<Json>(text)
+            .map_err(|e| format!("invalid JSON: {e}"))
+            .and_then(|v| record(&v, format));
+        match parsed {
+            Ok(r) => out.0.push(Sourced { record: r, file: name.into(), line: i + 1 }),
+            Err(what) => out.1.push(BadRecord { file: name.into(), line: i + 1, what }),
+        }
+    }
+    out
+}
+
 fn is_json(p: &Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "jsonl"))
 }

@@ -222,13 +222,51 @@ pub fn tokenize_chat(
     Ok((ids, train))
 }
 
+/// Where training records come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A file or a folder of files.
+    Path(PathBuf),
+    /// Records held by the caller, each one JSON object in any format a file may hold (or
+    /// `{"text": ...}`). Errors name record i as line i (from 1) of `name`.
+    Records { name: String, records: Vec<String> },
+}
+
+impl Source {
+    fn label(&self) -> PathBuf {
+        match self {
+            Source::Path(p) => p.clone(),
+            Source::Records { name, .. } => PathBuf::from(name),
+        }
+    }
+}
+
 /// Reads, cleans, tokenizes and splits a dataset.
 pub fn load(path: &Path, tok: &Tokenizer, cfg: &DataConfig) -> Result<Dataset> {
+    load_sources(&[Source::Path(path.to_path_buf())], tok, cfg)
+}
+
+/// [`load`] over several sources at once: files, folders and records held in memory, cleaned,
+/// deduplicated and split together.
+pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Result<Dataset> {
     let problems = cfg.problems();
     if !problems.is_empty() {
         return Err(Error::invalid("data config", problems.join("; ")));
     }
-    let (records, mut bad) = formats::read(path, cfg.format)?;
+    if sources.is_empty() {
+        return Err(Error::invalid("training data", "no file and no record was given"));
+    }
+    let (mut records, mut bad) = (Vec::new(), Vec::new());
+    for source in sources {
+        let (r, b) = match source {
+            Source::Path(p) => formats::read(p, cfg.format)?,
+            Source::Records { name, records } => formats::read_records(Path::new(name), records, cfg.format),
+        };
+        records.extend(r);
+        bad.extend(b);
+    }
+    let labels: Vec<String> = sources.iter().map(|s| s.label().display().to_string()).collect();
+    let path = PathBuf::from(labels.join(", "));
     let mut report = DataReport { records: records.len() + bad.len(), ..Default::default() };
     let mut seen = HashSet::new();
     let mut samples = Vec::new();
@@ -297,7 +335,7 @@ pub fn load(path: &Path, tok: &Tokenizer, cfg: &DataConfig) -> Result<Dataset> {
                 report.records, report.bad_records, report.duplicates, report.too_short, report.dropped_too_long
             )
         };
-        return Err(Error::format(path, why));
+        return Err(Error::format(&path, why));
     }
     // Seeded split.
     let mut order: Vec<usize> = (0..samples.len()).collect();

@@ -206,8 +206,8 @@ impl CancelToken {
 
 /// Trains a LoRA adapter on a model.
 #[derive(Debug)]
-pub struct Trainer<'a> {
-    model: &'a Model,
+pub struct Trainer {
+    model: Arc<Model>,
     cfg: TrainConfig,
     train: Vec<Batch>,
     val: Vec<Batch>,
@@ -236,16 +236,16 @@ fn batches(samples: &[&Sample], capacity: usize) -> Result<Vec<Batch>> {
         .collect()
 }
 
-impl<'a> Trainer<'a> {
+impl Trainer {
     /// Prepares training of a fresh adapter (PEFT's initialization, seeded by `cfg.lora.seed`).
-    pub fn new(model: &'a Model, dataset: &Dataset, cfg: TrainConfig) -> Result<Self> {
+    pub fn new(model: Arc<Model>, dataset: &Dataset, cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
         let adapter = Adapter::new(&model.config, cfg.lora.clone())?;
         Self::with_adapter(model, dataset, cfg, adapter)
     }
 
     /// Prepares training that starts from `adapter` (its configuration replaces `cfg.lora`).
-    pub fn with_adapter(model: &'a Model, dataset: &Dataset, mut cfg: TrainConfig, adapter: Adapter) -> Result<Self> {
+    pub fn with_adapter(model: Arc<Model>, dataset: &Dataset, mut cfg: TrainConfig, adapter: Adapter) -> Result<Self> {
         cfg.lora = adapter.config.clone();
         cfg.validate()?;
         if dataset.train.is_empty() {
@@ -383,6 +383,14 @@ impl<'a> Trainer<'a> {
 
     fn save_checkpoint(&self, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
         let Some(path) = &self.checkpoint else { return Ok(()) };
+        self.write_checkpoint(path)?;
+        on_event(&Event::Checkpoint { step: self.state.step, path: path.clone() });
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the training state as it is now (atomically), from which
+    /// [`Trainer::resume`] continues.
+    pub fn write_checkpoint(&self, path: &std::path::Path) -> Result<()> {
         let ctx = &self.model.ctx;
         let n = self.adapter.layout.len;
         let ck = Checkpoint {
@@ -395,9 +403,7 @@ impl<'a> Trainer<'a> {
             v: ctx.read_f32(&self.opt.v, n)?,
             best: self.best.clone(),
         };
-        ck.save(path)?;
-        on_event(&Event::Checkpoint { step: self.state.step, path: path.clone() });
-        Ok(())
+        ck.save(path)
     }
 
     /// Mean loss over the validation set with the current adapter (None without one).

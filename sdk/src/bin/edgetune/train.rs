@@ -249,12 +249,12 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<()> {
         );
     }
     let load = LoadOptions { max_context: a.max_context, ..Default::default() };
-    let model = Model::open(ctx, &a.model, &load)?;
+    let model = Arc::new(Model::open(ctx, &a.model, &load)?);
     std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
     let settings =
         toml::to_string(&cfg).map_err(|e| Error::Invalid { field: "settings".into(), what: e.to_string() })?;
     edgetune::atomic::write_atomic(&a.output.join("train_config.toml"), settings.as_bytes())?;
-    let mut trainer = Trainer::new(&model, &dataset, cfg)?;
+    let mut trainer = Trainer::new(model.clone(), &dataset, cfg)?;
     let ckpt = a.output.join(CHECKPOINT_FILE);
     if a.resume {
         trainer.resume(&ckpt)?;
