@@ -320,6 +320,12 @@ impl Trainer {
         self.cancel.clone()
     }
 
+    /// Makes `token` the one that stops this trainer, so a token handed out before the trainer
+    /// existed (by a binding, say) reaches it.
+    pub fn set_cancel_token(&mut self, token: CancelToken) {
+        self.cancel = token;
+    }
+
     /// Where checkpoints are written (every `checkpoint_every` steps and when the run ends).
     pub fn set_checkpoint_path(&mut self, path: impl Into<PathBuf>) {
         self.checkpoint = Some(path.into());

@@ -1,0 +1,932 @@
+//! The C ABI of edgetune (`include/edgetune.h`, generated from this file by cbindgen).
+//!
+//! Conventions, for every function:
+//! - It returns an `edgetune_status`; on anything but `EDGETUNE_OK`,
+//!   `edgetune_last_error_message` gives the reason (per thread).
+//! - A NULL pointer argument is `EDGETUNE_ERROR_NULL_ARGUMENT`, except where a parameter says it
+//!   may be NULL and in the `*_free` functions, which accept NULL and do nothing.
+//! - Strings are NUL-terminated UTF-8. A string the library returns is freed with
+//!   `edgetune_string_free`; strings it passes to a callback are valid during the call only.
+//! - A Rust panic never crosses the ABI: it is caught and reported as `EDGETUNE_ERROR_PANIC`.
+
+#![allow(non_camel_case_types)]
+
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use edgetune::data::{self, Source};
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::infer::GenerateOptions;
+use edgetune::lora::{Adapter, peft};
+use edgetune::model::llama::{LoadOptions, Quant};
+use edgetune::tokenizer::Message;
+use edgetune::train::{CancelToken, Event, StopReason, TrainConfig, Trainer};
+use edgetune::{Error, Session};
+
+/// What a call returned.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum edgetune_status {
+    EDGETUNE_OK = 0,
+    /// A pointer argument that must not be NULL was NULL.
+    EDGETUNE_ERROR_NULL_ARGUMENT = 1,
+    /// An argument or a setting is invalid (bad JSON, an unknown field, a value out of range,
+    /// a string that is not UTF-8, a call out of order).
+    EDGETUNE_ERROR_INVALID_ARGUMENT = 2,
+    /// A file or folder could not be read or written.
+    EDGETUNE_ERROR_IO = 3,
+    /// A file's content is not what was expected (a broken model, dataset or checkpoint).
+    EDGETUNE_ERROR_FORMAT = 4,
+    /// The model uses something edgetune does not support.
+    EDGETUNE_ERROR_UNSUPPORTED = 5,
+    /// No GPU adapter was found.
+    EDGETUNE_ERROR_NO_GPU = 6,
+    /// The GPU reported an error.
+    EDGETUNE_ERROR_GPU = 7,
+    /// Training kept producing a non-finite loss.
+    EDGETUNE_ERROR_DIVERGED = 8,
+    /// A bug in edgetune (a caught panic). Please report it with the message.
+    EDGETUNE_ERROR_PANIC = 9,
+}
+
+use edgetune_status::*;
+
+/// Whether weights are held at 4 bits (NF4, the QLoRA default) or in f32.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum edgetune_quant {
+    EDGETUNE_QUANT_NF4 = 0,
+    EDGETUNE_QUANT_NONE = 1,
+}
+
+/// Which fields of an `edgetune_event` are set.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum edgetune_event_kind {
+    /// Training starts: `total_steps`, `step` (non-zero when resumed), `gpu_memory_bytes` (planned).
+    EDGETUNE_EVENT_STARTED = 0,
+    /// An optimizer step ended: `step`, `total_steps`, `epoch`, `loss`, `lr`, `grad_norm`,
+    /// `tokens_per_s`, `eta_s`, `gpu_memory_bytes`.
+    EDGETUNE_EVENT_STEP = 1,
+    /// An evaluation: `step`, `val_loss`, `perplexity`, `best_val_loss`.
+    EDGETUNE_EVENT_EVAL = 2,
+    /// Something worth telling the user (`message`), such as a skipped non-finite step.
+    EDGETUNE_EVENT_WARNING = 3,
+    /// A checkpoint was written (`message` is its path).
+    EDGETUNE_EVENT_CHECKPOINT = 4,
+    /// Training ended: `step`, `best_val_loss`, `message` ("completed", "early_stopped" or
+    /// "cancelled").
+    EDGETUNE_EVENT_FINISHED = 5,
+}
+
+/// A training event. Fields a kind does not set are 0 (NaN for `val_loss`, `perplexity` and
+/// `best_val_loss`). `message` is NULL or a string valid during the callback only.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct edgetune_event {
+    pub kind: edgetune_event_kind,
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: f64,
+    pub loss: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub val_loss: f32,
+    pub perplexity: f32,
+    pub best_val_loss: f32,
+    pub tokens_per_s: f64,
+    pub eta_s: f64,
+    pub gpu_memory_bytes: u64,
+    pub message: *const c_char,
+}
+
+/// Receives training events on the thread that called `edgetune_trainer_run`.
+pub type edgetune_event_callback = Option<unsafe extern "C" fn(userdata: *mut c_void, event: *const edgetune_event)>;
+
+/// Receives generated text piece by piece; return 0 to stop generating, non-zero to go on.
+pub type edgetune_token_callback = Option<unsafe extern "C" fn(userdata: *mut c_void, piece: *const c_char) -> i32>;
+
+/// A GPU context: the adapter and device that models are loaded onto.
+#[derive(Debug)]
+pub struct edgetune_context {
+    ctx: Arc<GpuContext>,
+}
+
+/// A model on the GPU with its tokenizer and the adapter applied to generation, if any.
+#[derive(Debug)]
+pub struct edgetune_model {
+    session: Arc<Mutex<Session>>,
+}
+
+/// A LoRA adapter in host memory, for one model's shapes.
+#[derive(Debug)]
+pub struct edgetune_adapter {
+    adapter: Adapter,
+}
+
+/// A training run: settings, data, and (after the first run or resume) its state.
+#[derive(Debug)]
+pub struct edgetune_trainer {
+    cancel: CancelToken,
+    inner: Mutex<TrainerState>,
+}
+
+#[derive(Debug)]
+struct TrainerState {
+    session: Arc<Mutex<Session>>,
+    config: TrainConfig,
+    files: Vec<PathBuf>,
+    records: Vec<String>,
+    checkpoint: Option<PathBuf>,
+    trainer: Option<Trainer>,
+    /// The adapter the last run returned (the best one by validation loss with keep_best).
+    result: Option<Adapter>,
+}
+
+// --- errors ---------------------------------------------------------------------------------
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+#[derive(Debug)]
+struct Fail {
+    status: edgetune_status,
+    message: String,
+}
+
+impl Fail {
+    fn null(arg: &str) -> Fail {
+        Fail { status: EDGETUNE_ERROR_NULL_ARGUMENT, message: format!("`{arg}` is NULL") }
+    }
+    fn invalid(message: impl Into<String>) -> Fail {
+        Fail { status: EDGETUNE_ERROR_INVALID_ARGUMENT, message: message.into() }
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Fail {
+        let status = match &e {
+            Error::NoAdapter { .. } => EDGETUNE_ERROR_NO_GPU,
+            Error::Gpu(_) => EDGETUNE_ERROR_GPU,
+            Error::Io { .. } => EDGETUNE_ERROR_IO,
+            Error::Unsupported { .. } => EDGETUNE_ERROR_UNSUPPORTED,
+            Error::Diverged { .. } => EDGETUNE_ERROR_DIVERGED,
+            Error::Invalid { .. } | Error::Cancelled => EDGETUNE_ERROR_INVALID_ARGUMENT,
+            _ => EDGETUNE_ERROR_FORMAT,
+        };
+        Fail { status, message: e.to_string() }
+    }
+}
+
+fn set_last_error(message: &str) {
+    let c = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// Runs `body`, catching panics, and turns its outcome into a status (and the thread's message).
+fn guard(body: impl FnOnce() -> Result<(), Fail>) -> edgetune_status {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => EDGETUNE_OK,
+        Ok(Err(f)) => {
+            set_last_error(&f.message);
+            f.status
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_last_error(&format!("internal error (a bug in edgetune): {what}"));
+            EDGETUNE_ERROR_PANIC
+        }
+    }
+}
+
+/// Reads a required string argument.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string that outlives the call.
+unsafe fn text<'a>(p: *const c_char, arg: &str) -> Result<&'a str, Fail> {
+    if p.is_null() {
+        return Err(Fail::null(arg));
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str().map_err(|e| Fail::invalid(format!("`{arg}` is not UTF-8 (invalid byte at offset {})", e.valid_up_to())))
+}
+
+/// Reads an optional string argument (NULL is None).
+unsafe fn opt_text<'a>(p: *const c_char, arg: &str) -> Result<Option<&'a str>, Fail> {
+    if p.is_null() { Ok(None) } else { unsafe { text(p, arg) }.map(Some) }
+}
+
+/// The handle behind a pointer argument.
+unsafe fn handle<'a, T>(p: *const T, arg: &str) -> Result<&'a T, Fail> {
+    // SAFETY: the caller passes NULL or a live handle from this library.
+    unsafe { p.as_ref() }.ok_or_else(|| Fail::null(arg))
+}
+
+/// Checks an out-pointer and clears what it points to.
+unsafe fn out_ptr<'a, T>(p: *mut *mut T, arg: &str) -> Result<&'a mut *mut T, Fail> {
+    // SAFETY: the caller passes NULL or a writable pointer.
+    let slot = unsafe { p.as_mut() }.ok_or_else(|| Fail::null(arg))?;
+    *slot = std::ptr::null_mut();
+    Ok(slot)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock was reported already; the state is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn free<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: non-NULL pointers given to *_free come from Box::into_raw in this library.
+        drop(unsafe { Box::from_raw(p) });
+    }
+}
+
+// --- errors and strings ---------------------------------------------------------------------
+
+/// Copies the calling thread's last error message into `buf` (at most `len` bytes, always
+/// NUL-terminated when `len > 0`) and returns the message's full length in bytes, without the
+/// NUL, so a caller can size a buffer. `buf` may be NULL when `len` is 0. Thread-safe: each
+/// thread has its own message. The message stays until the next failing call on that thread.
+///
+/// # Safety
+/// `buf` is NULL or points to `len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_last_error_message(buf: *mut c_char, len: usize) -> usize {
+    catch_unwind(|| {
+        LAST_ERROR.with(|e| {
+            let e = e.borrow();
+            let bytes = e.as_bytes();
+            if !buf.is_null() && len > 0 {
+                let n = bytes.len().min(len - 1);
+                // SAFETY: buf has len >= n + 1 writable bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), n);
+                    *buf.add(n) = 0;
+                }
+            }
+            bytes.len()
+        })
+    })
+    .unwrap_or(0)
+}
+
+/// Frees a string returned by this library. NULL is accepted.
+///
+/// # Safety
+/// `s` is NULL or a string from this library, not freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_string_free(s: *mut c_char) {
+    if !s.is_null() {
+        // SAFETY: from CString::into_raw in this library.
+        let _ = catch_unwind(|| drop(unsafe { CString::from_raw(s) }));
+    }
+}
+
+/// The library's version ("0.1.0"), a static string: do not free it.
+#[unsafe(no_mangle)]
+pub extern "C" fn edgetune_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+// --- context and model ----------------------------------------------------------------------
+
+/// Opens a GPU context on the adapter whose name contains `adapter_name`, or, when it is NULL,
+/// on the one the `EDGETUNE_ADAPTER` environment variable names, else the best available (a
+/// discrete GPU first). The caller owns `*out` and frees it with `edgetune_context_free`. A
+/// context may be shared by models on several threads.
+///
+/// # Safety
+/// `adapter_name` is NULL or a string; `out` points to writable storage.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_context_new(
+    adapter_name: *const c_char,
+    out: *mut *mut edgetune_context,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out, "out") }?;
+        let name = unsafe { opt_text(adapter_name, "adapter_name") }?;
+        let ctx = GpuContext::new(&GpuOptions { adapter: name.map(str::to_string), ..Default::default() })?;
+        *out = Box::into_raw(Box::new(edgetune_context { ctx: Arc::new(ctx) }));
+        Ok(())
+    })
+}
+
+/// Describes the context's adapter (name, backend, features) as a JSON object in `*out`, which
+/// the caller frees with `edgetune_string_free`.
+///
+/// # Safety
+/// `ctx` is a live context; `out` points to writable storage.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_context_describe(
+    ctx: *const edgetune_context,
+    out: *mut *mut c_char,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out, "out") }?;
+        let ctx = unsafe { handle(ctx, "ctx") }?;
+        let json = serde_json::to_string(&ctx.ctx.report).map_err(|e| Fail::invalid(e.to_string()))?;
+        *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
+        Ok(())
+    })
+}
+
+/// Frees a context. Models loaded on it keep what they need of it. NULL is accepted.
+///
+/// # Safety
+/// `ctx` is NULL or a context from `edgetune_context_new`, not freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_context_free(ctx: *mut edgetune_context) {
+    let _ = catch_unwind(AssertUnwindSafe(|| free(ctx)));
+}
+
+/// Loads a model (a Hugging Face folder or a .gguf file) onto `ctx`, with its weights as
+/// `quant` (an `edgetune_quant` value) says and a KV cache of `max_context` tokens (0: 2048, capped by the model). The
+/// caller owns `*out` and frees it with `edgetune_model_free`. A model handle may be used from
+/// several threads; calls on one model run one at a time.
+///
+/// # Safety
+/// `ctx` is a live context, `path` a string, `out` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_model_load(
+    ctx: *const edgetune_context,
+    path: *const c_char,
+    quant: i32,
+    max_context: u32,
+    out: *mut *mut edgetune_model,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out, "out") }?;
+        let ctx = unsafe { handle(ctx, "ctx") }?;
+        let path = unsafe { text(path, "path") }?;
+        // An int, not the enum type: a value outside the enum from C must be an error, not
+        // undefined behaviour.
+        let quant = match quant {
+            q if q == edgetune_quant::EDGETUNE_QUANT_NF4 as i32 => Quant::Nf4,
+            q if q == edgetune_quant::EDGETUNE_QUANT_NONE as i32 => Quant::None,
+            q => return Err(Fail::invalid(format!("quant {q} is not an edgetune_quant value"))),
+        };
+        let mut load = LoadOptions { quant, ..Default::default() };
+        if max_context > 0 {
+            load.max_context = max_context as usize;
+        }
+        let session = Session::open_with(ctx.ctx.clone(), path, &load)?;
+        *out = Box::into_raw(Box::new(edgetune_model { session: Arc::new(Mutex::new(session)) }));
+        Ok(())
+    })
+}
+
+/// Frees a model. Trainers created on it keep what they need of it. NULL is accepted.
+///
+/// # Safety
+/// `model` is NULL or a model from `edgetune_model_load`, not freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_model_free(model: *mut edgetune_model) {
+    let _ = catch_unwind(AssertUnwindSafe(|| free(model)));
+}
+
+// --- adapters and generation ----------------------------------------------------------------
+
+/// Loads a PEFT adapter folder (`adapter_model.safetensors` + `adapter_config.json`) for
+/// `model`'s shapes. The caller owns `*out` and frees it with `edgetune_adapter_free`.
+///
+/// # Safety
+/// `model` is a live model, `dir` a string, `out` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_adapter_load(
+    model: *const edgetune_model,
+    dir: *const c_char,
+    out: *mut *mut edgetune_adapter,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out, "out") }?;
+        let model = unsafe { handle(model, "model") }?;
+        let dir = unsafe { text(dir, "dir") }?;
+        let adapter = peft::load(Path::new(dir), &lock(&model.session).model.config)?;
+        *out = Box::into_raw(Box::new(edgetune_adapter { adapter }));
+        Ok(())
+    })
+}
+
+/// Saves an adapter as a PEFT folder (`base_model` is recorded in its config; NULL records
+/// none). Files are written to temporary names, then renamed.
+///
+/// # Safety
+/// `adapter` is a live adapter, `dir` a string, `base_model` NULL or a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_adapter_save(
+    adapter: *const edgetune_adapter,
+    dir: *const c_char,
+    base_model: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let adapter = unsafe { handle(adapter, "adapter") }?;
+        let dir = unsafe { text(dir, "dir") }?;
+        let base = unsafe { opt_text(base_model, "base_model") }?.unwrap_or("");
+        peft::save(Path::new(dir), &adapter.adapter, base)?;
+        Ok(())
+    })
+}
+
+/// Frees an adapter (a model it was applied to keeps its own copy). NULL is accepted.
+///
+/// # Safety
+/// `adapter` is NULL or an adapter from this library, not freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_adapter_free(adapter: *mut edgetune_adapter) {
+    let _ = catch_unwind(AssertUnwindSafe(|| free(adapter)));
+}
+
+/// Applies `adapter` (unmerged) to everything `model` generates from now on; NULL goes back to
+/// the base model. Switching uploads the adapter's weights, a few MB for a small rank.
+///
+/// # Safety
+/// `model` is a live model; `adapter` is NULL or a live adapter.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_model_set_adapter(
+    model: *const edgetune_model,
+    adapter: *const edgetune_adapter,
+) -> edgetune_status {
+    guard(|| {
+        let model = unsafe { handle(model, "model") }?;
+        // SAFETY: NULL or a live adapter.
+        let adapter = unsafe { adapter.as_ref() };
+        lock(&model.session).set_adapter(adapter.map(|a| &a.adapter))?;
+        Ok(())
+    })
+}
+
+/// Generation settings, as JSON.
+#[derive(Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct GenerateSettings {
+    max_new_tokens: usize,
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    seed: u64,
+    stop: Vec<String>,
+    /// Render the prompt as a user message with the model's chat template.
+    chat: bool,
+    /// With `chat`, a system message before it.
+    system: Option<String>,
+}
+
+impl Default for GenerateSettings {
+    fn default() -> Self {
+        let g = GenerateOptions::default();
+        GenerateSettings {
+            max_new_tokens: g.max_new_tokens,
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            seed: g.seed,
+            stop: g.stop,
+            chat: false,
+            system: None,
+        }
+    }
+}
+
+/// Generates a continuation of `prompt` with the model's current adapter.
+///
+/// `options_json` may be NULL (greedy, 128 new tokens) or a JSON object with any of
+/// `max_new_tokens`, `temperature` (0: greedy), `top_k`, `top_p`, `seed`, `stop` (a list of
+/// strings), `chat` (true: `prompt` is a user message rendered with the chat template) and
+/// `system` (with `chat`, a system message). `on_token` may be NULL; it gets each piece of
+/// text as it is decoded, and returning 0 from it stops generation (not an error). `out_text`
+/// may be NULL; otherwise it receives the whole text, which the caller frees with
+/// `edgetune_string_free`.
+///
+/// # Safety
+/// `model` is a live model, `prompt` a string, `options_json` NULL or a string, `out_text` NULL
+/// or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_generate(
+    model: *const edgetune_model,
+    prompt: *const c_char,
+    options_json: *const c_char,
+    on_token: edgetune_token_callback,
+    userdata: *mut c_void,
+    out_text: *mut *mut c_char,
+) -> edgetune_status {
+    guard(|| {
+        if let Some(slot) = unsafe { out_text.as_mut() } {
+            *slot = std::ptr::null_mut();
+        }
+        let model = unsafe { handle(model, "model") }?;
+        let prompt = unsafe { text(prompt, "prompt") }?;
+        let settings: GenerateSettings = match unsafe { opt_text(options_json, "options_json") }? {
+            Some(j) => serde_json::from_str(j).map_err(|e| Fail::invalid(format!("options_json: {e}")))?,
+            None => GenerateSettings::default(),
+        };
+        let opts = GenerateOptions {
+            max_new_tokens: settings.max_new_tokens,
+            temperature: settings.temperature,
+            top_k: settings.top_k,
+            top_p: settings.top_p,
+            seed: settings.seed,
+            stop: settings.stop,
+        };
+        let on_text = |piece: &str| -> bool {
+            let Some(cb) = on_token else { return true };
+            let Ok(c) = CString::new(piece.replace('\0', " ")) else { return true };
+            // SAFETY: a C callback given by the caller, with its own userdata.
+            unsafe { cb(userdata, c.as_ptr()) != 0 }
+        };
+        let session = lock(&model.session);
+        let out = if settings.chat {
+            let mut messages = Vec::new();
+            if let Some(system) = settings.system {
+                messages.push(Message::new("system", system));
+            }
+            messages.push(Message::new("user", prompt));
+            session.chat(&messages, &opts, on_text)?
+        } else {
+            if settings.system.is_some() {
+                return Err(Fail::invalid("options_json: `system` needs \"chat\": true"));
+            }
+            session.generate(prompt, &opts, on_text)?
+        };
+        if let Some(slot) = unsafe { out_text.as_mut() } {
+            *slot = CString::new(out.text.replace('\0', " ")).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
+        }
+        Ok(())
+    })
+}
+
+/// The mean next-token loss of `text` under `model` with its current adapter (its perplexity is
+/// `exp(loss)`), in `*out`.
+///
+/// # Safety
+/// `model` is a live model, `text` a string, `out` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_model_loss(
+    model: *const edgetune_model,
+    text: *const c_char,
+    out: *mut f32,
+) -> edgetune_status {
+    guard(|| {
+        // SAFETY: NULL or writable.
+        let out = unsafe { out.as_mut() }.ok_or_else(|| Fail::null("out"))?;
+        let model = unsafe { handle(model, "model") }?;
+        let body = unsafe { self::text(text, "text") }?;
+        *out = lock(&model.session).mean_loss(body)?;
+        Ok(())
+    })
+}
+
+// --- training -------------------------------------------------------------------------------
+
+/// Creates a trainer for `model` with the settings in `config_json`: a JSON object with any
+/// `TrainConfig` field (the same names as the CLI's TOML file, e.g.
+/// `{"epochs": 3, "learning_rate": 2e-4, "lora": {"r": 16}, "data": {"max_len": 512}}`); NULL
+/// or `{}` takes the defaults. Unknown fields and invalid values are errors. Add data with
+/// `edgetune_trainer_add_file` / `edgetune_trainer_add_record`, then run. The caller owns
+/// `*out` and frees it with `edgetune_trainer_free`. Thread-safety: `edgetune_trainer_cancel`
+/// may be called from any thread at any time; the other trainer calls run one at a time.
+///
+/// # Safety
+/// `model` is a live model, `config_json` NULL or a string, `out` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_new(
+    model: *const edgetune_model,
+    config_json: *const c_char,
+    out: *mut *mut edgetune_trainer,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out, "out") }?;
+        let model = unsafe { handle(model, "model") }?;
+        let config: TrainConfig = match unsafe { opt_text(config_json, "config_json") }? {
+            Some(j) => serde_json::from_str(j).map_err(|e| Fail::invalid(format!("config_json: {e}")))?,
+            None => TrainConfig::default(),
+        };
+        config.validate()?;
+        let state = TrainerState {
+            session: model.session.clone(),
+            config,
+            files: Vec::new(),
+            records: Vec::new(),
+            checkpoint: None,
+            trainer: None,
+            result: None,
+        };
+        *out = Box::into_raw(Box::new(edgetune_trainer { cancel: CancelToken::default(), inner: Mutex::new(state) }));
+        Ok(())
+    })
+}
+
+/// The state of a trainer that takes data, or an error once its data is fixed.
+fn adding_data<'a>(t: &'a edgetune_trainer, what: &str) -> Result<MutexGuard<'a, TrainerState>, Fail> {
+    let state = lock(&t.inner);
+    if state.trainer.is_some() {
+        return Err(Fail::invalid(format!("{what}: the trainer has started, so its data is fixed")));
+    }
+    Ok(state)
+}
+
+/// Adds a training data file or folder (Alpaca, ShareGPT or OpenAI-style chat as JSON or JSONL,
+/// or text files), read when training starts. Must come before the first run or resume.
+///
+/// # Safety
+/// `trainer` is a live trainer, `path` a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_add_file(
+    trainer: *const edgetune_trainer,
+    path: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let path = unsafe { text(path, "path") }?;
+        let p = PathBuf::from(path);
+        if !p.exists() {
+            return Err(Error::Io { path: p, source: std::io::ErrorKind::NotFound.into() }.into());
+        }
+        adding_data(t, "edgetune_trainer_add_file")?.files.push(p);
+        Ok(())
+    })
+}
+
+/// Adds one training record held by the app: a JSON object in any format a data file may hold,
+/// e.g. `{"messages": [{"role": "user", "content": "…"}, {"role": "assistant", "content": "…"}]}`.
+/// It is checked when training starts; errors name it as line N of "records", N counting from
+/// 1 in the order added. Must come before the first run or resume.
+///
+/// # Safety
+/// `trainer` is a live trainer, `record_json` a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_add_record(
+    trainer: *const edgetune_trainer,
+    record_json: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let record = unsafe { text(record_json, "record_json") }?;
+        adding_data(t, "edgetune_trainer_add_record")?.records.push(record.to_string());
+        Ok(())
+    })
+}
+
+/// Where checkpoints are written: every `checkpoint_every` steps of the settings and when a run
+/// ends or is cancelled (atomically: a temporary file, then a rename).
+///
+/// # Safety
+/// `trainer` is a live trainer, `path` a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_set_checkpoint_path(
+    trainer: *const edgetune_trainer,
+    path: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let path = PathBuf::from(unsafe { text(path, "path") }?);
+        let mut state = lock(&t.inner);
+        if let Some(tr) = state.trainer.as_mut() {
+            tr.set_checkpoint_path(path.clone());
+        }
+        state.checkpoint = Some(path);
+        Ok(())
+    })
+}
+
+impl TrainerState {
+    /// The trainer, built from the data on first use.
+    fn trainer(&mut self, cancel: &CancelToken) -> Result<&mut Trainer, Fail> {
+        if self.trainer.is_none() {
+            let mut sources: Vec<Source> = self.files.iter().cloned().map(Source::Path).collect();
+            if !self.records.is_empty() {
+                sources.push(Source::Records { name: "records".into(), records: self.records.clone() });
+            }
+            if sources.is_empty() {
+                return Err(Fail::invalid(
+                    "the trainer has no data: add some with edgetune_trainer_add_file or edgetune_trainer_add_record",
+                ));
+            }
+            let session = lock(&self.session);
+            let dataset = data::load_sources(&sources, &session.tokenizer, &self.config.data)?;
+            let mut trainer = Trainer::new(session.model.clone(), &dataset, self.config.clone())?;
+            trainer.set_cancel_token(cancel.clone());
+            if let Some(p) = &self.checkpoint {
+                trainer.set_checkpoint_path(p.clone());
+            }
+            self.trainer = Some(trainer);
+        }
+        self.trainer.as_mut().ok_or_else(|| Fail::invalid("no trainer"))
+    }
+}
+
+/// Restores a checkpoint written by a run with the same model, data and settings; the next
+/// `edgetune_trainer_run` continues from it, and gives the adapter a run without interruption
+/// would have given, byte for byte.
+///
+/// # Safety
+/// `trainer` is a live trainer, `path` a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_resume(
+    trainer: *const edgetune_trainer,
+    path: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let path = unsafe { text(path, "path") }?;
+        let mut state = lock(&t.inner);
+        state.trainer(&t.cancel)?.resume(Path::new(path))?;
+        Ok(())
+    })
+}
+
+/// Trains until the settings' epochs or `max_steps` are done, early stopping ends it, or
+/// `edgetune_trainer_cancel` is called (then it returns `EDGETUNE_OK` after a
+/// `EDGETUNE_EVENT_FINISHED` event with message "cancelled"). `on_event` may be NULL; it is
+/// called on this thread. The trained adapter is then available from
+/// `edgetune_trainer_adapter` and `edgetune_trainer_save_adapter`.
+///
+/// # Safety
+/// `trainer` is a live trainer; `on_event` NULL or a function that may read the event during
+/// the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_run(
+    trainer: *const edgetune_trainer,
+    on_event: edgetune_event_callback,
+    userdata: *mut c_void,
+) -> edgetune_status {
+    guard(|| {
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let mut state = lock(&t.inner);
+        let outcome = state.trainer(&t.cancel)?.run(|e| {
+            if let Some(cb) = on_event {
+                with_c_event(e, |ev| {
+                    // SAFETY: the caller's callback and userdata; the event lives for the call.
+                    unsafe { cb(userdata, ev) }
+                });
+            }
+        })?;
+        state.result = Some(outcome.adapter);
+        Ok(())
+    })
+}
+
+/// Builds the C view of an event and hands it to `f`.
+fn with_c_event(e: &Event, f: impl FnOnce(&edgetune_event)) {
+    let mut ev = edgetune_event {
+        kind: edgetune_event_kind::EDGETUNE_EVENT_STEP,
+        step: 0,
+        total_steps: 0,
+        epoch: 0.0,
+        loss: 0.0,
+        lr: 0.0,
+        grad_norm: 0.0,
+        val_loss: f32::NAN,
+        perplexity: f32::NAN,
+        best_val_loss: f32::NAN,
+        tokens_per_s: 0.0,
+        eta_s: 0.0,
+        gpu_memory_bytes: 0,
+        message: std::ptr::null(),
+    };
+    let mut message = None;
+    match e {
+        Event::Started { total_steps, start_step, planned_gpu_bytes, .. } => {
+            ev.kind = edgetune_event_kind::EDGETUNE_EVENT_STARTED;
+            (ev.total_steps, ev.step, ev.gpu_memory_bytes) = (*total_steps, *start_step, *planned_gpu_bytes);
+        }
+        Event::Step {
+            step, total_steps, epoch, loss, lr, grad_norm, tokens_per_s, eta_s, gpu_memory_bytes, ..
+        } => {
+            (ev.step, ev.total_steps, ev.epoch, ev.loss, ev.lr) = (*step, *total_steps, *epoch, *loss, *lr);
+            (ev.grad_norm, ev.tokens_per_s, ev.eta_s, ev.gpu_memory_bytes) =
+                (*grad_norm, *tokens_per_s, *eta_s, *gpu_memory_bytes);
+        }
+        Event::Eval { step, val_loss, perplexity, best_val_loss, .. } => {
+            ev.kind = edgetune_event_kind::EDGETUNE_EVENT_EVAL;
+            (ev.step, ev.val_loss, ev.perplexity, ev.best_val_loss) = (*step, *val_loss, *perplexity, *best_val_loss);
+        }
+        Event::Warning { step, message: m } => {
+            ev.kind = edgetune_event_kind::EDGETUNE_EVENT_WARNING;
+            ev.step = *step;
+            message = Some(m.clone());
+        }
+        Event::Checkpoint { step, path } => {
+            ev.kind = edgetune_event_kind::EDGETUNE_EVENT_CHECKPOINT;
+            ev.step = *step;
+            message = Some(path.display().to_string());
+        }
+        Event::Finished { step, reason, best_val_loss } => {
+            ev.kind = edgetune_event_kind::EDGETUNE_EVENT_FINISHED;
+            ev.step = *step;
+            ev.best_val_loss = best_val_loss.unwrap_or(f32::NAN);
+            message = Some(
+                match reason {
+                    StopReason::Completed => "completed",
+                    StopReason::EarlyStopped => "early_stopped",
+                    StopReason::Cancelled => "cancelled",
+                }
+                .to_string(),
+            );
+        }
+    }
+    let c = message.map(|m| CString::new(m.replace('\0', " ")).unwrap_or_default());
+    if let Some(c) = &c {
+        ev.message = c.as_ptr();
+    }
+    f(&ev);
+}
+
+/// Asks a running (or the next) `edgetune_trainer_run` to stop after its current step, write a
+/// checkpoint (if a path is set) and return. Thread-safe: call it from any thread, also while
+/// another thread is inside `edgetune_trainer_run`. A cancelled trainer stays cancelled; to go
+/// on, create a new trainer and resume from the checkpoint.
+///
+/// # Safety
+/// `trainer` is a live trainer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_cancel(trainer: *const edgetune_trainer) -> edgetune_status {
+    guard(|| {
+        unsafe { handle(trainer, "trainer") }?.cancel.cancel();
+        Ok(())
+    })
+}
+
+/// Writes a checkpoint of the training state as it is now to `path` (atomically).
+///
+/// # Safety
+/// `trainer` is a live trainer, `path` a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_save_checkpoint(
+    trainer: *const edgetune_trainer,
+    path: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let path = unsafe { text(path, "path") }?;
+        let mut state = lock(&t.inner);
+        state.trainer(&t.cancel)?.write_checkpoint(Path::new(path))?;
+        Ok(())
+    })
+}
+
+/// The trained adapter: after a run, the one it returned (the best by validation loss unless
+/// the settings say `keep_best: false`); before any run, the adapter as it is (fresh or
+/// resumed). The caller owns `*out` and frees it with `edgetune_adapter_free`.
+///
+/// # Safety
+/// `trainer` is a live trainer, `out` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_adapter(
+    trainer: *const edgetune_trainer,
+    out: *mut *mut edgetune_adapter,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out, "out") }?;
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let mut state = lock(&t.inner);
+        let adapter = match &state.result {
+            Some(a) => a.clone(),
+            None => state.trainer(&t.cancel)?.adapter()?,
+        };
+        *out = Box::into_raw(Box::new(edgetune_adapter { adapter }));
+        Ok(())
+    })
+}
+
+/// Saves the trained adapter (see `edgetune_trainer_adapter`) as a PEFT folder that Hugging
+/// Face PEFT loads, recording the model's path as its base.
+///
+/// # Safety
+/// `trainer` is a live trainer, `dir` a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_save_adapter(
+    trainer: *const edgetune_trainer,
+    dir: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let dir = unsafe { text(dir, "dir") }?;
+        let mut state = lock(&t.inner);
+        let base = lock(&state.session).path.display().to_string();
+        let adapter = match &state.result {
+            Some(a) => a.clone(),
+            None => state.trainer(&t.cancel)?.adapter()?,
+        };
+        peft::save(Path::new(dir), &adapter, &base)?;
+        Ok(())
+    })
+}
+
+/// Frees a trainer. NULL is accepted. Not while another thread is inside a call on it.
+///
+/// # Safety
+/// `trainer` is NULL or a trainer from `edgetune_trainer_new`, not freed before.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_free(trainer: *mut edgetune_trainer) {
+    let _ = catch_unwind(AssertUnwindSafe(|| free(trainer)));
+}

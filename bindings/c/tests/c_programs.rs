@@ -1,0 +1,87 @@
+//! Compiles the C programs in this folder with the system C compiler against the library and
+//! runs them on the tiny test model (on the GPU adapter wgpu finds: lavapipe in CI).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The folder holding libedgetune.so that this test binary was built with.
+fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+    assert!(dir.join("libedgetune.so").exists(), "no libedgetune.so in {}", dir.display());
+    dir
+}
+
+fn work_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("edgetune-c-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("work dir");
+    d
+}
+
+/// Compiles tests/NAME.c into the work folder and returns the executable.
+fn compile(name: &str, work: &Path) -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exe = work.join(name);
+    let lib = lib_dir();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
+        .arg("-I")
+        .arg(here.join("include"))
+        .arg(here.join(format!("tests/{name}.c")))
+        .arg("-o")
+        .arg(&exe)
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args(["-ledgetune", "-lpthread", "-lm"])
+        .output()
+        .unwrap_or_else(|e| panic!("running the C compiler `{cc}`: {e}"));
+    assert!(out.status.success(), "compiling {name}.c:\n{}", String::from_utf8_lossy(&out.stderr));
+    exe
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{what}:\n{stdout}{stderr}");
+    assert!(out.status.success(), "{what} failed ({})", out.status);
+    stdout
+}
+
+fn tiny_model() -> String {
+    repo().join("tests/reference/fixtures/tiny_llama").display().to_string()
+}
+
+fn persona() -> String {
+    repo().join("sdk/data/persona/train.jsonl").display().to_string()
+}
+
+#[test]
+fn train_save_load_generate_cycle() {
+    let work = work_dir("cycle");
+    let exe = compile("cycle", &work);
+    let out = run(Command::new(&exe).args([tiny_model(), persona()]).arg(&work), "cycle");
+    assert!(out.contains("cycle: ok"));
+}
+
+#[test]
+fn cancel_from_a_second_thread() {
+    let work = work_dir("cancel");
+    let exe = compile("cancel", &work);
+    let out = run(Command::new(&exe).args([tiny_model(), persona()]).arg(&work), "cancel");
+    assert!(out.contains("cancel: ok"));
+}
+
+#[test]
+fn every_error_path_is_a_status_and_a_message() {
+    let work = work_dir("errors");
+    let exe = compile("errors", &work);
+    let out = run(Command::new(&exe).args([tiny_model(), persona()]).arg(&work), "errors");
+    assert!(out.contains("errors: ok"));
+}

@@ -1,0 +1,141 @@
+/* The whole cycle on a tiny model: load, generate, train on a data file plus records from
+ * memory with a progress callback, save a checkpoint and a PEFT adapter, load the adapter back,
+ * switch between it and the base model, resume from the checkpoint, and free everything.
+ * Usage: cycle MODEL_DIR DATA_FILE WORK_DIR */
+#include <math.h>
+
+#include "check.h"
+
+typedef struct {
+    int started, steps, evals, checkpoints, finished;
+    float first_loss, last_loss;
+    char reason[32];
+} counts;
+
+static void on_event(void *userdata, const edgetune_event *e) {
+    counts *c = userdata;
+    switch (e->kind) {
+    case EDGETUNE_EVENT_STARTED: c->started++; break;
+    case EDGETUNE_EVENT_STEP:
+        if (c->steps++ == 0) c->first_loss = e->loss;
+        c->last_loss = e->loss;
+        CHECK(isfinite(e->loss) && e->lr > 0 && e->tokens_per_s > 0 && e->total_steps == 8);
+        break;
+    case EDGETUNE_EVENT_EVAL: c->evals++; CHECK(isfinite(e->val_loss)); break;
+    case EDGETUNE_EVENT_CHECKPOINT: c->checkpoints++; CHECK(e->message != NULL); break;
+    case EDGETUNE_EVENT_FINISHED:
+        c->finished++;
+        snprintf(c->reason, sizeof c->reason, "%s", e->message);
+        break;
+    default: break;
+    }
+}
+
+static int pieces;
+static int on_token(void *userdata, const char *piece) {
+    (void)userdata;
+    CHECK(piece != NULL);
+    pieces++;
+    return 1;
+}
+
+static const char *CONFIG =
+    "{\"max_steps\": 8, \"learning_rate\": 0.01, \"lr_schedule\": \"constant\", \"batch_tokens\": 128,"
+    " \"eval_every\": 4, \"seed\": 5, \"lora\": {\"r\": 4, \"alpha\": 8},"
+    " \"data\": {\"max_len\": 128, \"val_fraction\": 0.2}}";
+
+static const char *RECORDS[] = {
+    "{\"messages\": [{\"role\": \"user\", \"content\": \"What is your favourite colour?\"},"
+    " {\"role\": \"assistant\", \"content\": \"Lighthouse red, like my tower.\"}]}",
+    "{\"instruction\": \"Where do you keep your boat?\", \"output\": \"In the cove below the lamp.\"}",
+};
+
+static edgetune_trainer *new_trainer(edgetune_model *model, const char *data) {
+    edgetune_trainer *t = NULL;
+    OK(edgetune_trainer_new(model, CONFIG, &t));
+    OK(edgetune_trainer_add_file(t, data));
+    for (size_t i = 0; i < sizeof RECORDS / sizeof *RECORDS; i++) OK(edgetune_trainer_add_record(t, RECORDS[i]));
+    return t;
+}
+
+int main(int argc, char **argv) {
+    CHECK(argc == 4);
+    char ckpt[4096], adapter_dir[4096];
+    snprintf(ckpt, sizeof ckpt, "%s/run.ckpt", argv[3]);
+    snprintf(adapter_dir, sizeof adapter_dir, "%s/adapter", argv[3]);
+    const char *probe = "In the cove below the lamp.";
+
+    edgetune_context *ctx = NULL;
+    OK(edgetune_context_new(NULL, &ctx));
+    char *about = NULL;
+    OK(edgetune_context_describe(ctx, &about));
+    printf("adapter: %s\n", about);
+    edgetune_string_free(about);
+    edgetune_model *model = NULL;
+    OK(edgetune_model_load(ctx, argv[1], EDGETUNE_QUANT_NF4, 512, &model));
+    edgetune_context_free(ctx); /* the model keeps what it needs */
+
+    char *before = NULL;
+    OK(edgetune_generate(model, "Where do you keep your boat?", "{\"max_new_tokens\": 6, \"chat\": true}", on_token,
+                         NULL, &before));
+    CHECK(pieces > 0);
+    float base_loss = 0;
+    OK(edgetune_model_loss(model, probe, &base_loss));
+
+    /* Train 8 steps with a checkpoint at the end. */
+    edgetune_trainer *t = new_trainer(model, argv[2]);
+    OK(edgetune_trainer_set_checkpoint_path(t, ckpt));
+    counts c = {0};
+    OK(edgetune_trainer_run(t, on_event, &c));
+    printf("steps %d, loss %.4f -> %.4f, evals %d, finished: %s\n", c.steps, c.first_loss, c.last_loss, c.evals,
+           c.reason);
+    CHECK(c.started == 1 && c.steps == 8 && c.evals == 2 && c.checkpoints == 1 && c.finished == 1);
+    CHECK(strcmp(c.reason, "completed") == 0);
+    CHECK(c.last_loss < c.first_loss);
+    OK(edgetune_trainer_save_adapter(t, adapter_dir));
+
+    /* The adapter, loaded back from its PEFT folder, changes the model; NULL switches back. */
+    edgetune_adapter *trained = NULL, *loaded = NULL;
+    OK(edgetune_trainer_adapter(t, &trained));
+    OK(edgetune_adapter_load(model, adapter_dir, &loaded));
+    float with_trained = 0, with_loaded = 0, base_again = 0;
+    OK(edgetune_model_set_adapter(model, trained));
+    OK(edgetune_model_loss(model, probe, &with_trained));
+    OK(edgetune_model_set_adapter(model, loaded));
+    OK(edgetune_model_loss(model, probe, &with_loaded));
+    char *after = NULL;
+    OK(edgetune_generate(model, "Where do you keep your boat?", "{\"max_new_tokens\": 6, \"chat\": true}", NULL, NULL,
+                         &after));
+    OK(edgetune_model_set_adapter(model, NULL));
+    OK(edgetune_model_loss(model, probe, &base_again));
+    printf("loss of a trained answer: base %.4f, trained adapter %.4f, loaded adapter %.4f\n", base_loss,
+           with_trained, with_loaded);
+    printf("before: \"%s\"\nafter:  \"%s\"\n", before, after);
+    CHECK(with_trained < base_loss);
+    CHECK(with_loaded == with_trained);
+    CHECK(base_again == base_loss);
+    edgetune_string_free(before);
+    edgetune_string_free(after);
+    edgetune_adapter_free(trained);
+    edgetune_adapter_free(loaded);
+
+    /* A new trainer resumed from the checkpoint has nothing left to do and gives the same adapter. */
+    edgetune_trainer *resumed = new_trainer(model, argv[2]);
+    OK(edgetune_trainer_resume(resumed, ckpt));
+    counts r = {0};
+    OK(edgetune_trainer_run(resumed, on_event, &r));
+    CHECK(r.steps == 0 && r.finished == 1);
+    edgetune_adapter *again = NULL;
+    OK(edgetune_trainer_adapter(resumed, &again));
+    OK(edgetune_model_set_adapter(model, again));
+    float with_resumed = 0;
+    OK(edgetune_model_loss(model, probe, &with_resumed));
+    CHECK(with_resumed == with_trained);
+    edgetune_adapter_free(again);
+
+    edgetune_trainer_free(resumed);
+    edgetune_trainer_free(t);
+    edgetune_model_free(model);
+    printf("cycle: ok\n");
+    return 0;
+}
