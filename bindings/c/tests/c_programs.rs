@@ -25,6 +25,10 @@ fn work_dir(name: &str) -> PathBuf {
 
 /// Compiles tests/NAME.c into the work folder and returns the executable.
 fn compile(name: &str, work: &Path) -> PathBuf {
+    compile_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/{name}.c")), name, work)
+}
+
+fn compile_file(source: &Path, name: &str, work: &Path) -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let exe = work.join(name);
     let lib = lib_dir();
@@ -33,7 +37,7 @@ fn compile(name: &str, work: &Path) -> PathBuf {
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
         .arg("-I")
         .arg(here.join("include"))
-        .arg(here.join(format!("tests/{name}.c")))
+        .arg(source)
         .arg("-o")
         .arg(&exe)
         .arg(format!("-L{}", lib.display()))
@@ -84,4 +88,15 @@ fn every_error_path_is_a_status_and_a_message() {
     let exe = compile("errors", &work);
     let out = run(Command::new(&exe).args([tiny_model(), persona()]).arg(&work), "errors");
     assert!(out.contains("errors: ok"));
+}
+
+/// The example a C developer copies builds with the documented flags and runs as documented.
+#[test]
+fn the_example_builds_and_runs() {
+    let work = work_dir("example");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/personalize.c");
+    let exe = compile_file(&source, "personalize", &work);
+    let out = run(Command::new(&exe).args([tiny_model(), persona()]).arg(work.join("adapter")), "personalize");
+    assert!(out.contains("training completed") && out.contains("PEFT adapter written to"), "{out}");
+    assert!(work.join("adapter/adapter_model.safetensors").exists());
 }
