@@ -722,6 +722,14 @@ impl TrainerState {
         }
         self.trainer.as_mut().ok_or_else(|| Fail::invalid("no trainer"))
     }
+
+    /// What the last run returned, or before any run the adapter as it is.
+    fn trained_adapter(&mut self, cancel: &CancelToken) -> Result<Adapter, Fail> {
+        match &self.result {
+            Some(a) => Ok(a.clone()),
+            None => Ok(self.trainer(cancel)?.adapter()?),
+        }
+    }
 }
 
 /// Restores a checkpoint written by a run with the same model, data and settings; the next
@@ -888,11 +896,7 @@ pub unsafe extern "C" fn edgetune_trainer_adapter(
     guard(|| {
         let out = unsafe { out_ptr(out, "out") }?;
         let t = unsafe { handle(trainer, "trainer") }?;
-        let mut state = lock(&t.inner);
-        let adapter = match &state.result {
-            Some(a) => a.clone(),
-            None => state.trainer(&t.cancel)?.adapter()?,
-        };
+        let adapter = lock(&t.inner).trained_adapter(&t.cancel)?;
         *out = Box::into_raw(Box::new(edgetune_adapter { adapter }));
         Ok(())
     })
@@ -913,10 +917,7 @@ pub unsafe extern "C" fn edgetune_trainer_save_adapter(
         let dir = unsafe { text(dir, "dir") }?;
         let mut state = lock(&t.inner);
         let base = lock(&state.session).path.display().to_string();
-        let adapter = match &state.result {
-            Some(a) => a.clone(),
-            None => state.trainer(&t.cancel)?.adapter()?,
-        };
+        let adapter = state.trained_adapter(&t.cancel)?;
         peft::save(Path::new(dir), &adapter, &base)?;
         Ok(())
     })

@@ -93,6 +93,9 @@ int main(int argc, char **argv) {
     CHECK(strcmp(c.reason, "completed") == 0);
     CHECK(c.last_loss < c.first_loss);
     OK(edgetune_trainer_save_adapter(t, adapter_dir));
+    char saved[4096];
+    snprintf(saved, sizeof saved, "%s/saved.ckpt", argv[3]);
+    OK(edgetune_trainer_save_checkpoint(t, saved));
 
     /* The adapter, loaded back from its PEFT folder, changes the model; NULL switches back. */
     edgetune_adapter *trained = NULL, *loaded = NULL;
@@ -119,7 +122,11 @@ int main(int argc, char **argv) {
     edgetune_adapter_free(trained);
     edgetune_adapter_free(loaded);
 
-    /* A new trainer resumed from the checkpoint has nothing left to do and gives the same adapter. */
+    /* A new trainer resumed from either checkpoint has nothing left to do and gives the same
+     * adapter. */
+    edgetune_trainer *from_saved = new_trainer(model, argv[2]);
+    OK(edgetune_trainer_resume(from_saved, saved));
+    edgetune_trainer_free(from_saved);
     edgetune_trainer *resumed = new_trainer(model, argv[2]);
     OK(edgetune_trainer_resume(resumed, ckpt));
     counts r = {0};
