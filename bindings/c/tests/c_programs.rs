@@ -8,12 +8,17 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The folder holding libedgetune.so that this test binary was built with.
+/// The folder holding the libedgetune.so built with this test binary: target/<profile>/deps,
+/// next to it (cargo does not always copy it up to target/<profile>).
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
-    assert!(dir.join("libedgetune.so").exists(), "no libedgetune.so in {}", dir.display());
-    dir
+    let deps = exe.parent().expect("target/<profile>/deps").to_path_buf();
+    let candidates = [deps.clone(), deps.parent().unwrap_or(&deps).to_path_buf()];
+    candidates
+        .iter()
+        .find(|d| d.join("libedgetune.so").exists())
+        .unwrap_or_else(|| panic!("no libedgetune.so in {} or its parent", deps.display()))
+        .clone()
 }
 
 fn work_dir(name: &str) -> PathBuf {
