@@ -465,36 +465,22 @@ pub unsafe extern "C" fn edgetune_model_set_adapter(
     })
 }
 
-/// Generation settings, as JSON.
-#[derive(Debug, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct GenerateSettings {
-    max_new_tokens: usize,
-    temperature: f32,
-    top_k: usize,
-    top_p: f32,
-    seed: u64,
-    stop: Vec<String>,
-    /// Render the prompt as a user message with the model's chat template.
-    chat: bool,
-    /// With `chat`, a system message before it.
-    system: Option<String>,
-}
-
-impl Default for GenerateSettings {
-    fn default() -> Self {
-        let g = GenerateOptions::default();
-        GenerateSettings {
-            max_new_tokens: g.max_new_tokens,
-            temperature: g.temperature,
-            top_k: g.top_k,
-            top_p: g.top_p,
-            seed: g.seed,
-            stop: g.stop,
-            chat: false,
-            system: None,
-        }
-    }
+/// Generation options from JSON: [`GenerateOptions`]' fields plus `chat` and `system`.
+fn generate_settings(json: Option<&str>) -> Result<(GenerateOptions, bool, Option<String>), Fail> {
+    let Some(json) = json else { return Ok((GenerateOptions::default(), false, None)) };
+    let bad = |e: serde_json::Error| Fail::invalid(format!("options_json: {e}"));
+    let mut v: serde_json::Value = serde_json::from_str(json).map_err(bad)?;
+    let obj = v.as_object_mut().ok_or_else(|| Fail::invalid("options_json: expected a JSON object"))?;
+    let chat = match obj.remove("chat") {
+        None => false,
+        Some(c) => c.as_bool().ok_or_else(|| Fail::invalid("options_json: `chat` must be true or false"))?,
+    };
+    let system = match obj.remove("system") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => return Err(Fail::invalid("options_json: `system` must be a string")),
+    };
+    Ok((serde_json::from_value(v).map_err(bad)?, chat, system))
 }
 
 /// Generates a continuation of `prompt` with the model's current adapter.
@@ -525,18 +511,7 @@ pub unsafe extern "C" fn edgetune_generate(
         }
         let model = unsafe { handle(model, "model") }?;
         let prompt = unsafe { text(prompt, "prompt") }?;
-        let settings: GenerateSettings = match unsafe { opt_text(options_json, "options_json") }? {
-            Some(j) => serde_json::from_str(j).map_err(|e| Fail::invalid(format!("options_json: {e}")))?,
-            None => GenerateSettings::default(),
-        };
-        let opts = GenerateOptions {
-            max_new_tokens: settings.max_new_tokens,
-            temperature: settings.temperature,
-            top_k: settings.top_k,
-            top_p: settings.top_p,
-            seed: settings.seed,
-            stop: settings.stop,
-        };
+        let (opts, chat, system) = generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
         let on_text = |piece: &str| -> bool {
             let Some(cb) = on_token else { return true };
             let Ok(c) = CString::new(piece.replace('\0', " ")) else { return true };
@@ -544,15 +519,15 @@ pub unsafe extern "C" fn edgetune_generate(
             unsafe { cb(userdata, c.as_ptr()) != 0 }
         };
         let session = lock(&model.session);
-        let out = if settings.chat {
+        let out = if chat {
             let mut messages = Vec::new();
-            if let Some(system) = settings.system {
+            if let Some(system) = system {
                 messages.push(Message::new("system", system));
             }
             messages.push(Message::new("user", prompt));
             session.chat(&messages, &opts, on_text)?
         } else {
-            if settings.system.is_some() {
+            if system.is_some() {
                 return Err(Fail::invalid("options_json: `system` needs \"chat\": true"));
             }
             session.generate(prompt, &opts, on_text)?
@@ -732,6 +707,21 @@ impl TrainerState {
     }
 }
 
+/// Runs `f` on the trainer (built from its data if need be) with a path argument.
+///
+/// # Safety
+/// `trainer` is NULL or a live trainer, `path` NULL or a string.
+unsafe fn with_trainer_at(
+    trainer: *const edgetune_trainer,
+    path: *const c_char,
+    f: impl FnOnce(&mut Trainer, &Path) -> edgetune::Result<()>,
+) -> Result<(), Fail> {
+    let t = unsafe { handle(trainer, "trainer") }?;
+    let path = unsafe { text(path, "path") }?;
+    let mut state = lock(&t.inner);
+    Ok(f(state.trainer(&t.cancel)?, Path::new(path))?)
+}
+
 /// Restores a checkpoint written by a run with the same model, data and settings; the next
 /// `edgetune_trainer_run` continues from it, and gives the adapter a run without interruption
 /// would have given, byte for byte.
@@ -743,13 +733,7 @@ pub unsafe extern "C" fn edgetune_trainer_resume(
     trainer: *const edgetune_trainer,
     path: *const c_char,
 ) -> edgetune_status {
-    guard(|| {
-        let t = unsafe { handle(trainer, "trainer") }?;
-        let path = unsafe { text(path, "path") }?;
-        let mut state = lock(&t.inner);
-        state.trainer(&t.cancel)?.resume(Path::new(path))?;
-        Ok(())
-    })
+    guard(|| unsafe { with_trainer_at(trainer, path, |tr, path| tr.resume(path)) })
 }
 
 /// Trains until the settings' epochs or `max_steps` are done, early stopping ends it, or
@@ -873,13 +857,7 @@ pub unsafe extern "C" fn edgetune_trainer_save_checkpoint(
     trainer: *const edgetune_trainer,
     path: *const c_char,
 ) -> edgetune_status {
-    guard(|| {
-        let t = unsafe { handle(trainer, "trainer") }?;
-        let path = unsafe { text(path, "path") }?;
-        let mut state = lock(&t.inner);
-        state.trainer(&t.cancel)?.write_checkpoint(Path::new(path))?;
-        Ok(())
-    })
+    guard(|| unsafe { with_trainer_at(trainer, path, |tr, path| tr.write_checkpoint(path)) })
 }
 
 /// The trained adapter: after a run, the one it returned (the best by validation loss unless

@@ -17,7 +17,13 @@ fn lib_dir() -> PathBuf {
     candidates
         .iter()
         .find(|d| d.join("libedgetune.so").exists())
-        .unwrap_or_else(|| panic!("no libedgetune.so in {} or its parent", deps.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no libedgetune.so in {} or its parent: build it first with `cargo build -p edgetune-capi` \
+                 (scripts/test.sh does)",
+                deps.display()
+            )
+        })
         .clone()
 }
 

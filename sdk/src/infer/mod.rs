@@ -8,7 +8,7 @@ use crate::tokenizer::Tokenizer;
 
 /// How to pick tokens and when to stop.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
     /// 0 means greedy.
