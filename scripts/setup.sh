@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs what edgetune's commands and tests need on a fresh Debian/Ubuntu machine: a Vulkan
 # loader and Mesa's drivers (lavapipe gives wgpu a CPU adapter where there is no GPU), and the
-# default model (see fetch-model.sh). Safe to run again.
+# default model (see fetch-model.sh), and valgrind for the C tests. Safe to run again.
 set -euo pipefail
 need=()
-for p in libvulkan1 mesa-vulkan-drivers; do
+for p in libvulkan1 mesa-vulkan-drivers valgrind; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -152,6 +152,12 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Makes the next guarded call on this thread panic inside its body (tests only).
+    static INJECT_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 #[derive(Debug)]
 struct Fail {
     status: edgetune_status,
@@ -189,6 +195,13 @@ fn set_last_error(message: &str) {
 
 /// Runs `body`, catching panics, and turns its outcome into a status (and the thread's message).
 fn guard(body: impl FnOnce() -> Result<(), Fail>) -> edgetune_status {
+    let body = move || {
+        #[cfg(test)]
+        if INJECT_PANIC.with(|p| p.replace(false)) {
+            panic!("injected by a test");
+        }
+        body()
+    };
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => EDGETUNE_OK,
         Ok(Err(f)) => {
@@ -908,4 +921,55 @@ pub unsafe extern "C" fn edgetune_trainer_save_adapter(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn edgetune_trainer_free(trainer: *mut edgetune_trainer) {
     let _ = catch_unwind(AssertUnwindSafe(|| free(trainer)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        let mut buf = [0 as c_char; 256];
+        let n = unsafe { edgetune_last_error_message(buf.as_mut_ptr(), buf.len()) };
+        let s = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+        assert_eq!(n, s.len(), "the returned length is the message's");
+        s
+    }
+
+    /// A panic inside an export comes back as EDGETUNE_ERROR_PANIC with a message, leaves the
+    /// out-pointer NULL, and the library keeps working on that thread.
+    #[test]
+    fn a_panic_inside_an_export_is_a_status_not_an_unwind() {
+        let mut model: *mut edgetune_model = std::ptr::null_mut();
+        INJECT_PANIC.with(|p| p.set(true));
+        let status = unsafe { edgetune_model_load(std::ptr::null(), std::ptr::null(), 0, 0, &mut model) };
+        assert_eq!(status, EDGETUNE_ERROR_PANIC);
+        assert!(model.is_null(), "no handle may come out of a panic");
+        let message = last_error();
+        assert!(message.contains("internal error") && message.contains("injected by a test"), "{message}");
+
+        // The next call runs normally and reports its own error.
+        let mut loss = 0f32;
+        let status = unsafe { edgetune_model_loss(std::ptr::null(), c"x".as_ptr(), &mut loss) };
+        assert_eq!(status, EDGETUNE_ERROR_NULL_ARGUMENT);
+        assert!(last_error().contains("`model`"), "{}", last_error());
+    }
+
+    /// Every export runs its body inside the panic boundary: `guard` or `catch_unwind`.
+    #[test]
+    fn every_export_is_behind_the_panic_boundary() {
+        let source = include_str!("lib.rs");
+        let mut exports = 0;
+        for (i, chunk) in source.split("#[unsafe(no_mangle)]").enumerate().skip(1) {
+            let signature = chunk.lines().find(|l| l.contains("extern \"C\" fn")).unwrap_or_default();
+            let name = signature.split("fn ").nth(1).and_then(|s| s.split('(').next()).unwrap_or("?");
+            let body_end = chunk.find("\n}\n").unwrap_or(chunk.len());
+            let body = &chunk[..body_end];
+            let bounded = body.contains("guard(") || body.contains("catch_unwind(");
+            // The version is a static string literal: nothing in it can panic.
+            let trivial = name == "edgetune_version" && body.contains("concat!(env!(\"CARGO_PKG_VERSION\"), \"\\0\")");
+            assert!(bounded || trivial, "export #{i} `{name}` is not wrapped in guard or catch_unwind");
+            exports += 1;
+        }
+        assert!(exports >= 26, "found only {exports} exports: the scan is broken");
+    }
 }
