@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Installs what edgetune's commands and tests need on a fresh Debian/Ubuntu machine: a Vulkan
 # loader and Mesa's drivers (lavapipe gives wgpu a CPU adapter where there is no GPU), and the
-# default model (see fetch-model.sh), and valgrind for the C tests. Safe to run again.
+# default model (see fetch-model.sh), and the tools the tests use. Safe to run again.
 set -euo pipefail
 need=()
-for p in libvulkan1 mesa-vulkan-drivers valgrind; do
+for p in libvulkan1 mesa-vulkan-drivers; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+# Tools: a C compiler and valgrind for the C tests, python3 (with pip) for the model download
+# and the Python package.
+command -v cc >/dev/null || need+=(gcc libc6-dev)
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v python3 >/dev/null || need+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq

@@ -9,8 +9,17 @@ trap 'rm -f "$log"' EXIT
 status=0
 # The C tests link the C library, which `cargo test` does not build (it is no Rust dependency).
 { cargo build --locked -p edgetune-capi && cargo test --workspace --locked --doc && cargo test --workspace --locked --all-targets; } 2>&1 | tee "$log" || status=$?
-passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
-failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s += $1} END {print s + 0}')
+passed=$({ grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" || true; } | awk '{s += $4} END {print s + 0}')
+failed=$({ grep -Eo '[0-9]+ failed;' "$log" || true; } | awk '{s += $1} END {print s + 0}')
+# The Python package's tests, on the C library built above (python3's standard library only).
+pylog="$(mktemp)"
+trap 'rm -f "$log" "$pylog"' EXIT
+EDGETUNE_LIB="$CARGO_TARGET_DIR/debug/libedgetune.so" python3 -m unittest discover -v -s bindings/python/tests 2>&1 | tee "$pylog" || status=1
+py_ran=$({ grep -Eo '^Ran [0-9]+ tests?' "$pylog" || true; } | awk '{print $2}')
+py_failed=$({ grep -Eo '(failures|errors)=[0-9]+' "$pylog" || true; } | cut -d= -f2 | awk '{s += $1} END {print s + 0}')
+if [ -z "$py_ran" ]; then py_ran=0; py_failed=$((py_failed + 1)); status=1; fi
+passed=$((passed + py_ran - py_failed))
+failed=$((failed + py_failed))
 echo
 echo "summary: $passed passed, $failed failed"
 exit "$status"

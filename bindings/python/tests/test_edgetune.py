@@ -1,0 +1,273 @@
+"""Tests of the Python package on the tiny test model (run on the GPU adapter wgpu finds:
+lavapipe in CI). Run: python3 -m unittest discover -s bindings/python/tests"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO / "bindings" / "python"))
+
+import edgetune  # noqa: E402
+
+TINY = REPO / "tests" / "reference" / "fixtures" / "tiny_llama"
+DATA = REPO / "sdk" / "data" / "persona" / "train.jsonl"
+CONFIG = {
+    "max_steps": 6,
+    "learning_rate": 0.01,
+    "lr_schedule": "constant",
+    "batch_tokens": 128,
+    "eval_every": 3,
+    "seed": 5,
+    "lora": {"r": 4, "alpha": 8},
+    "data": {"max_len": 128, "val_fraction": 0.2},
+}
+RECORDS = [
+    {"messages": [{"role": "user", "content": "Where do you keep your boat?"},
+                  {"role": "assistant", "content": "In the cove below the lamp."}]},
+    {"instruction": "What is your favourite colour?", "output": "Lighthouse red."},
+]
+PROBE = "In the cove below the lamp."
+
+
+class ModelTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = edgetune.Model.load(TINY, max_context=256)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.model.close()
+
+    def test_version_is_the_crates(self):
+        cargo = (REPO / "Cargo.toml").read_text()
+        declared = re.search(r'^\[workspace\.package\]\nversion = "([^"]+)"', cargo, re.M).group(1)
+        self.assertEqual(edgetune.version(), declared)
+
+    def test_context_describes_its_adapter(self):
+        with edgetune.Context() as ctx:
+            about = ctx.describe()
+        self.assertIn("backend", about)
+        self.assertTrue(about["name"])
+        self.assertTrue(ctx.closed)
+
+    def test_streamed_pieces_make_the_generated_text(self):
+        pieces = []
+        text = self.model.generate("Hello", max_new_tokens=8, on_token=pieces.append)
+        self.assertGreater(len(pieces), 0)
+        self.assertEqual("".join(pieces), text)
+        self.assertEqual("".join(self.model.stream("Hello", max_new_tokens=8)), text)
+
+    def test_the_token_callback_can_stop_generation(self):
+        pieces = []
+
+        def first_only(piece):
+            pieces.append(piece)
+            return False
+
+        self.model.generate("Hello", max_new_tokens=8, on_token=first_only)
+        self.assertEqual(len(pieces), 1)
+        stream = self.model.stream("Hello", max_new_tokens=8)
+        self.assertIsInstance(next(stream), str)
+        stream.close()  # stops the worker; must not hang
+
+    def test_an_exception_in_the_token_callback_is_raised(self):
+        def boom(_piece):
+            raise KeyError("from the callback")
+
+        with self.assertRaises(KeyError):
+            self.model.generate("Hello", max_new_tokens=8, on_token=boom)
+
+    def test_generation_options_are_checked(self):
+        with self.assertRaises(edgetune.InvalidArgumentError) as cm:
+            self.model.generate("Hello", top_p=2.0)
+        self.assertIn("top_p", str(cm.exception))
+
+    def test_training_cycle(self):
+        base = self.model.loss(PROBE)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt, out = Path(tmp) / "run.ckpt", Path(tmp) / "adapter"
+            with self.model.trainer(CONFIG) as trainer:
+                trainer.add_file(DATA).add_records(RECORDS)
+                trainer.set_checkpoint_path(ckpt)
+                events = list(trainer.events())
+                trainer.save_adapter(out)
+                with trainer.adapter() as trained:
+                    self.model.set_adapter(trained)
+                tuned = self.model.loss(PROBE)
+
+            kinds = [e.kind for e in events]
+            self.assertEqual(kinds[0], "started")
+            self.assertEqual(kinds[-1], "finished")
+            self.assertEqual(events[-1].message, "completed")
+            steps = [e for e in events if e.kind == "step"]
+            self.assertEqual([e.step for e in steps], list(range(1, 7)))
+            self.assertTrue(all(math.isfinite(e.loss) and e.lr > 0 and e.tokens_per_s > 0 for e in steps))
+            self.assertTrue(all(e.total_steps == 6 for e in steps))
+            self.assertLess(steps[-1].loss, steps[0].loss)
+            evals = [e for e in events if e.kind == "eval"]
+            self.assertEqual(len(evals), 2)
+            self.assertTrue(all(e.has_val_loss for e in evals))
+            self.assertIn("checkpoint", kinds)
+            self.assertLess(tuned, base)
+
+            # The PEFT folder loads back to the same adapter; None is the base model again.
+            config = json.loads((out / "adapter_config.json").read_text())
+            self.assertEqual(config["r"], 4)
+            with self.model.load_adapter(out) as loaded:
+                self.model.set_adapter(loaded)
+            self.assertEqual(self.model.loss(PROBE), tuned)
+            self.model.set_adapter(None)
+            self.assertEqual(self.model.loss(PROBE), base)
+
+            # Resumed from its checkpoint, a new trainer has nothing left to do and gives the
+            # same adapter.
+            with self.model.trainer(CONFIG) as resumed:
+                resumed.add_file(DATA).add_records(RECORDS)
+                resumed.resume(ckpt)
+                finished = resumed.run()
+                self.assertEqual(finished.kind, "finished")
+                with resumed.adapter() as again:
+                    self.model.set_adapter(again)
+            self.assertEqual(self.model.loss(PROBE), tuned)
+            self.model.set_adapter(None)
+
+    def test_cancel_from_another_thread(self):
+        stepped = threading.Event()
+        seen = []
+
+        def on_event(e):
+            seen.append(e)
+            if e.kind == "step":
+                stepped.set()
+
+        with self.model.trainer(dict(CONFIG, max_steps=10_000)) as trainer:
+            trainer.add_file(DATA)
+            canceller = threading.Thread(target=lambda: (stepped.wait(60), trainer.cancel()))
+            canceller.start()
+            finished = trainer.run(on_event)
+            canceller.join()
+        self.assertEqual(finished.message, "cancelled")
+        self.assertLess(finished.step, 10_000)
+        self.assertEqual(seen[-1], finished)
+
+    def test_leaving_the_event_loop_cancels_the_run(self):
+        with self.model.trainer(dict(CONFIG, max_steps=10_000)) as trainer:
+            trainer.add_file(DATA)
+            for event in trainer.events():
+                if event.kind == "step":
+                    break
+            # The run is over and cancelled: running again finishes at once as cancelled.
+            self.assertEqual(trainer.run().message, "cancelled")
+
+    def test_an_exception_in_the_event_callback_cancels_and_is_raised(self):
+        def boom(e):
+            if e.kind == "step":
+                raise RuntimeError("stop here")
+
+        with self.model.trainer(dict(CONFIG, max_steps=10_000)) as trainer:
+            trainer.add_file(DATA)
+            with self.assertRaisesRegex(RuntimeError, "stop here"):
+                trainer.run(boom)
+
+
+class ExampleTest(unittest.TestCase):
+    def test_the_example_runs_as_documented(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, PYTHONPATH=str(REPO / "bindings" / "python"))
+            example = REPO / "bindings" / "python" / "examples" / "personalize.py"
+            run = subprocess.run(
+                [sys.executable, str(example), str(TINY), str(DATA), tmp],
+                env=env, capture_output=True, text=True, timeout=600,
+            )
+            self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+            self.assertIn("training completed", run.stdout)
+            self.assertIn("step 30/30", run.stdout)
+            self.assertTrue((Path(tmp) / "adapter_model.safetensors").exists())
+
+
+class ErrorTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = edgetune.Model.load(TINY, max_context=64)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.model.close()
+
+    def test_an_unknown_setting_is_named(self):
+        with self.assertRaises(edgetune.InvalidArgumentError) as cm:
+            self.model.trainer({"learning_rat": 1e-3})
+        self.assertIn("learning_rat", cm.exception.message)
+        self.assertEqual(cm.exception.status, "EDGETUNE_ERROR_INVALID_ARGUMENT")
+
+    def test_bad_json_is_an_error(self):
+        with self.assertRaises(edgetune.InvalidArgumentError):
+            self.model.trainer("{not json")
+
+    def test_a_missing_file_is_named(self):
+        with self.model.trainer(CONFIG) as trainer:
+            with self.assertRaises(edgetune.EdgetuneError) as cm:
+                trainer.add_file("/nonexistent/data.jsonl")
+        self.assertIn("/nonexistent/data.jsonl", str(cm.exception))
+
+    def test_a_bad_record_is_named_when_training_starts(self):
+        with self.model.trainer(CONFIG) as trainer:
+            trainer.add_file(DATA).add_record(RECORDS[0]).add_record({"neither": "shape"})
+            with self.assertRaises(edgetune.FormatError) as cm:
+                trainer.run()
+        self.assertIn("records: line 2", str(cm.exception))
+        self.assertIn("neither", str(cm.exception))
+
+    def test_a_missing_model_is_named(self):
+        with self.assertRaises(edgetune.EdgetuneError) as cm:
+            edgetune.Model.load("/nonexistent/model.gguf")
+        self.assertIn("/nonexistent/model.gguf", str(cm.exception))
+
+    def test_an_unknown_quant_is_refused(self):
+        with self.assertRaises(edgetune.InvalidArgumentError):
+            edgetune.Model.load(TINY, quant="q3")
+
+    def test_a_missing_adapter_folder_is_named(self):
+        with self.assertRaises(edgetune.EdgetuneError) as cm:
+            self.model.load_adapter("/nonexistent/adapter")
+        self.assertIn("/nonexistent/adapter", str(cm.exception))
+
+    def test_the_adapter_before_training_is_an_error(self):
+        with self.model.trainer(CONFIG) as trainer:
+            with self.assertRaises(edgetune.EdgetuneError):
+                trainer.adapter()
+
+    def test_a_missing_library_names_where_it_looked(self):
+        from edgetune import _native
+
+        saved = _native.os.environ.get("EDGETUNE_LIB")
+        _native.os.environ["EDGETUNE_LIB"] = "/nonexistent/libedgetune.so"
+        try:
+            with self.assertRaisesRegex(OSError, "(?s)/nonexistent/libedgetune.so.*cargo build --release -p edgetune-capi"):
+                _native.load_library()
+        finally:
+            if saved is None:
+                del _native.os.environ["EDGETUNE_LIB"]
+            else:
+                _native.os.environ["EDGETUNE_LIB"] = saved
+
+    def test_a_closed_handle_is_refused_without_reaching_the_library(self):
+        trainer = self.model.trainer(CONFIG)
+        trainer.close()
+        trainer.close()  # closing twice is fine
+        with self.assertRaisesRegex(ValueError, "closed"):
+            trainer.add_file(DATA)
+
+
+if __name__ == "__main__":
+    unittest.main()
