@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod batch;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -90,6 +91,9 @@ enum Cmd {
     Gpu,
     /// Fine-tune a LoRA adapter on a dataset (settings from --config, then the flags).
     Train(Box<TrainArgs>),
+    /// Fine-tune one adapter per job (user) from a JSONL file or folder of jobs, loading the
+    /// base model once; re-runs skip finished jobs and resume interrupted ones.
+    Batch(Box<batch::BatchArgs>),
     /// Training throughput (tokens/s) and GPU memory of LoRA steps on random tokens, with and
     /// without gradient checkpointing.
     BenchTrain {
@@ -165,7 +169,7 @@ fn load(m: &ModelArgs, gpu: &GpuOptions) -> Result<Session> {
     Ok(s)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     let gpu = GpuOptions { adapter: cli.gpu, ..Default::default() };
     match cli.cmd {
         Cmd::Gpu => {
@@ -266,6 +270,11 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Train(args) => train::run(*args, &gpu)?,
+        Cmd::Batch(args) => {
+            if !batch::run(*args, &gpu)? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Cmd::BenchTrain { m, seq, rank, steps, profile, activations } => {
             bench_train(&m, &gpu, seq, rank, steps, profile, activations)?
         }
@@ -288,7 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("perplexity: {:.4}", f64::from(loss).exp());
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn mib(b: u64) -> String {
@@ -453,7 +462,7 @@ fn bench_train(
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

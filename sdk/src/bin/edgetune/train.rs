@@ -163,7 +163,7 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
-fn human_time(s: f64) -> String {
+pub fn human_time(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
     if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else { format!("{}m{:02}s", s / 60, s % 60) }
 }
@@ -270,7 +270,7 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<()> {
     Ok(())
 }
 
-fn base_name(model: &Path) -> String {
+pub fn base_name(model: &Path) -> String {
     model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 

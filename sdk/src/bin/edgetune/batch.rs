@@ -1,0 +1,549 @@
+//! `edgetune batch JOBS`: many adapters, one per user, from one loaded base model.
+//!
+//! JOBS is a JSONL file (one job per line; blank lines and lines starting with `#` are skipped)
+//! or a folder of `.json` files (one job each, run in name order). A job is
+//!
+//! ```json
+//! {"user": "alice", "data": "alice.jsonl", "config": {"epochs": 2, "lora": {"r": 8}}}
+//! ```
+//!
+//! `data` is relative to the folder holding the job; `config` overrides the settings of
+//! `--config` (the TOML fields of `edgetune train`). Each job writes
+//!
+//! ```text
+//! OUTPUT/USER/adapter/                 the PEFT adapter
+//! OUTPUT/USER/checkpoint.safetensors   for resuming
+//! OUTPUT/USER/train_config.toml        the settings the job used
+//! OUTPUT/USER/result.json              status, steps, validation loss, time (when it ended)
+//! ```
+//!
+//! and the batch writes `OUTPUT/summary.json`. A re-run skips jobs whose result says done,
+//! resumes the others from their checkpoints and retries failed ones. A failed job is recorded
+//! and the batch goes on; Ctrl-C stops the running job at its next step, writes its checkpoint
+//! and ends the batch.
+
+use std::collections::HashSet;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use edgetune::atomic::write_atomic;
+use edgetune::data;
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::lora::peft;
+use edgetune::model::llama::{LoadOptions, Model, Quant};
+use edgetune::tokenizer::Tokenizer;
+use edgetune::train::{CancelToken, Event, StopReason, TrainConfig, Trainer};
+use edgetune::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::train::{CHECKPOINT_FILE, base_name, human_time};
+
+#[derive(clap::Args)]
+pub struct BatchArgs {
+    /// A JSONL file of jobs, or a folder of .json job files.
+    jobs: PathBuf,
+    /// The base model every job trains on: a Hugging Face folder or a .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output folder: one subfolder per user, and summary.json.
+    #[arg(long)]
+    output: PathBuf,
+    /// A TOML file of settings shared by every job (a job's `config` overrides them).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// JSON lines on stdout even on a terminal (they are the default when stdout is not one).
+    #[arg(long)]
+    json: bool,
+    /// KV-cache and sample length limit of the loaded model.
+    #[arg(long, default_value_t = 2048)]
+    max_context: usize,
+}
+
+/// One line or file of JOBS, as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobSpec {
+    user: String,
+    data: PathBuf,
+    #[serde(default)]
+    config: Option<Value>,
+}
+
+/// A job ready to run: its settings are resolved and checked.
+struct Job {
+    user: String,
+    data: PathBuf,
+    config: TrainConfig,
+}
+
+/// Where a job came from, for messages ("jobs.jsonl: line 3", "jobs/bob.json").
+struct Entry {
+    origin: String,
+    job: std::result::Result<Job, String>,
+}
+
+/// What a job ended with: a row of the summary (and its result.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job: String,
+    /// done, failed, interrupted or skipped (done in an earlier run).
+    pub status: String,
+    pub steps: u64,
+    /// The validation loss of the adapter saved (the best one with `keep_best`, else the last
+    /// evaluated); absent without a validation set.
+    pub val_loss: Option<f32>,
+    pub seconds: f64,
+    pub adapter: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+/// The lines scripts read: one JSON object per line on stdout, `type` saying which.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Line<'a> {
+    BatchStarted {
+        jobs: usize,
+        model: &'a Path,
+        output: &'a Path,
+    },
+    JobStarted {
+        job: &'a str,
+        index: usize,
+        jobs: usize,
+        resume: bool,
+    },
+    Train {
+        job: &'a str,
+        #[serde(flatten)]
+        event: &'a Event,
+    },
+    JobFinished(&'a JobResult),
+    BatchFinished {
+        done: usize,
+        failed: usize,
+        interrupted: usize,
+        skipped: usize,
+        summary: &'a Path,
+    },
+}
+
+fn emit(line: &Line) {
+    if let Ok(text) = serde_json::to_string(line) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}");
+        let _ = out.flush();
+    }
+}
+
+fn read_jobs(path: &Path, base: &TrainConfig) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let meta = std::fs::metadata(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let io = |p: &Path| {
+        let path = p.to_path_buf();
+        move |e| Error::Io { path, source: e }
+    };
+    if meta.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(io(path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+            entries.push(Entry { origin: file.display().to_string(), job: parse_job(&text, path, base) });
+        }
+    } else {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            entries.push(Entry {
+                origin: format!("{}: line {}", path.display(), i + 1),
+                job: parse_job(line, folder, base),
+            });
+        }
+    }
+    if entries.is_empty() {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            what: "holds no jobs (expected JSON lines, or .json files in a folder)".into(),
+        });
+    }
+    // User ids name folders: each must be unique.
+    let mut seen = HashSet::new();
+    for e in &mut entries {
+        if let Ok(job) = &e.job
+            && !seen.insert(job.user.clone())
+        {
+            e.job = Err(format!("user `{}` appears more than once", job.user));
+        }
+    }
+    Ok(entries)
+}
+
+fn parse_job(text: &str, folder: &Path, base: &TrainConfig) -> std::result::Result<Job, String> {
+    let spec: JobSpec = serde_json::from_str(text)
+        .map_err(|e| format!("{e} (expected {{\"user\": ..., \"data\": ..., \"config\": {{...}}}})"))?;
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_.@".contains(c);
+    if spec.user.is_empty() || spec.user.starts_with('.') || !spec.user.chars().all(ok_char) {
+        return Err(format!("user `{}`: expected letters, digits and - _ . @ (it names the job's folder)", spec.user));
+    }
+    let mut settings = serde_json::to_value(base).map_err(|e| e.to_string())?;
+    if let Some(overrides) = spec.config {
+        if !overrides.is_object() {
+            return Err("config: expected a JSON object of settings".into());
+        }
+        merge(&mut settings, overrides);
+    }
+    let config: TrainConfig = serde_json::from_value(settings).map_err(|e| format!("config: {e}"))?;
+    config.validate().map_err(|e| format!("config: {e}"))?;
+    let data = if spec.data.is_absolute() { spec.data } else { folder.join(spec.data) };
+    Ok(Job { user: spec.user, data, config })
+}
+
+/// Overlays `top` on `base`, object by object.
+fn merge(base: &mut Value, top: Value) {
+    match (base, top) {
+        (Value::Object(b), Value::Object(t)) => {
+            for (k, v) in t {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_object() && v.is_object() => merge(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, t) => *b = t,
+    }
+}
+
+/// Progress on a terminal: the current job's bar over the batch's bar, redrawn in place.
+struct Bars {
+    jobs: usize,
+    drawn: bool,
+}
+
+impl Bars {
+    fn bar(done: f64, width: usize) -> String {
+        let filled = ((done.clamp(0.0, 1.0) * width as f64) as usize).min(width);
+        format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            eprint!("\x1b[1A\r\x1b[2K\x1b[1B\r\x1b[2K\x1b[1A\r");
+            self.drawn = false;
+        }
+    }
+
+    fn draw(&mut self, index: usize, user: &str, job_line: &str, job_done: f64) {
+        self.clear();
+        let overall = (index as f64 + job_done) / self.jobs as f64;
+        eprint!(
+            "{} {user}: {job_line}\n{} job {}/{}",
+            Self::bar(job_done, 24),
+            Self::bar(overall, 24),
+            index + 1,
+            self.jobs
+        );
+        self.drawn = true;
+    }
+
+    /// Prints a line above the bars.
+    fn say(&mut self, text: &str) {
+        self.clear();
+        eprintln!("{text}");
+    }
+}
+
+/// Ctrl-C (or SIGTERM) asks the running job to stop after its current step (its checkpoint is
+/// written); a second one exits at once.
+#[cfg(unix)]
+fn cancel_on_interrupt(token: CancelToken) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        // A second Ctrl-C does not wait for the step to end.
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            // SAFETY: _exit is async-signal-safe.
+            unsafe { libc::_exit(130) };
+        }
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    std::thread::spawn(move || {
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        token.cancel();
+    });
+}
+
+#[cfg(not(unix))]
+fn cancel_on_interrupt(_token: CancelToken) {}
+
+pub fn run(a: BatchArgs, gpu: &GpuOptions) -> Result<bool> {
+    let base = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            let c = toml::from_str::<TrainConfig>(&text)
+                .map_err(|e| Error::Format { path: path.clone(), what: format!("invalid settings: {e}") })?;
+            c.validate()?;
+            c
+        }
+        None => TrainConfig::default(),
+    };
+    let entries = read_jobs(&a.jobs, &base)?;
+    let cancel = CancelToken::default();
+    cancel_on_interrupt(cancel.clone());
+    let json = a.json || !std::io::stdout().is_terminal();
+    let mut bars = (!json).then_some(Bars { jobs: entries.len(), drawn: false });
+
+    let ctx = Arc::new(GpuContext::new(gpu)?);
+    let tok = Tokenizer::open(&a.model)?;
+    let load = LoadOptions { quant: Quant::Nf4, max_context: a.max_context, ..Default::default() };
+    let model = Arc::new(Model::open(ctx, &a.model, &load)?);
+    std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
+
+    if json {
+        emit(&Line::BatchStarted { jobs: entries.len(), model: &a.model, output: &a.output });
+    }
+    let mut results = Vec::new();
+    for (index, entry) in entries.iter().enumerate() {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let name = match &entry.job {
+            Ok(job) => job.user.clone(),
+            Err(_) => entry.origin.clone(),
+        };
+        let started = Instant::now();
+        let result = match &entry.job {
+            Err(message) => failed(&name, format!("{}: {message}", entry.origin), started),
+            Ok(job) => {
+                let dir = a.output.join(&job.user);
+                match previous_result(&dir) {
+                    Some(done) if done.status == "done" => JobResult { status: "skipped".into(), seconds: 0.0, ..done },
+                    _ => {
+                        let resume = std::fs::metadata(dir.join(CHECKPOINT_FILE)).is_ok();
+                        let mut progress = |e: &Event| {
+                            if json {
+                                emit(&Line::Train { job: &job.user, event: e });
+                            } else if let Some(b) = bars.as_mut() {
+                                draw_event(b, index, &job.user, e);
+                            }
+                        };
+                        if json {
+                            emit(&Line::JobStarted { job: &job.user, index: index + 1, jobs: entries.len(), resume });
+                        }
+                        let ran = run_job(job, &dir, resume, &model, &tok, &cancel, &a.model, &mut progress);
+                        let result = ran.unwrap_or_else(|e| failed(&job.user, e.to_string(), started));
+                        let result = JobResult { seconds: started.elapsed().as_secs_f64(), ..result };
+                        if result.status != "interrupted" {
+                            write_result(&dir, &result)?;
+                        }
+                        result
+                    }
+                }
+            }
+        };
+        if json {
+            emit(&Line::JobFinished(&result));
+        } else if let Some(b) = bars.as_mut() {
+            let detail = match (&result.error, &result.adapter) {
+                (Some(e), _) => format!(": {e}"),
+                (None, Some(p)) => format!(" ({} steps, adapter {})", result.steps, p.display()),
+                (None, None) => String::new(),
+            };
+            b.say(&format!("job {}/{} {}: {}{detail}", index + 1, entries.len(), result.job, result.status));
+        }
+        results.push(result);
+    }
+    if let Some(b) = bars.as_mut() {
+        b.clear();
+    }
+
+    let count = |s: &str| results.iter().filter(|r| r.status == s).count();
+    let summary_path = a.output.join("summary.json");
+    let text = serde_json::to_string_pretty(&results)
+        .map_err(|e| Error::Invalid { field: "summary".into(), what: e.to_string() })?;
+    write_atomic(&summary_path, text.as_bytes())?;
+    let (done, failures, interrupted, skipped) =
+        (count("done"), count("failed"), count("interrupted"), count("skipped"));
+    if json {
+        emit(&Line::BatchFinished { done, failed: failures, interrupted, skipped, summary: &summary_path });
+    }
+    print_table(&results, entries.len());
+    if interrupted > 0 || results.len() < entries.len() {
+        eprintln!("interrupted: run the same command again to resume");
+    }
+    Ok(failures == 0 && interrupted == 0 && results.len() == entries.len())
+}
+
+fn failed(job: &str, error: String, started: Instant) -> JobResult {
+    JobResult {
+        job: job.to_string(),
+        status: "failed".into(),
+        steps: 0,
+        val_loss: None,
+        seconds: started.elapsed().as_secs_f64(),
+        adapter: None,
+        error: Some(error),
+    }
+}
+
+fn previous_result(dir: &Path) -> Option<JobResult> {
+    let text = std::fs::read_to_string(dir.join("result.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_result(dir: &Path, result: &JobResult) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    let text = serde_json::to_string_pretty(result)
+        .map_err(|e| Error::Invalid { field: "result".into(), what: e.to_string() })?;
+    write_atomic(&dir.join("result.json"), text.as_bytes())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_job(
+    job: &Job,
+    dir: &Path,
+    resume: bool,
+    model: &Arc<Model>,
+    tok: &Tokenizer,
+    cancel: &CancelToken,
+    model_path: &Path,
+    progress: &mut dyn FnMut(&Event),
+) -> Result<JobResult> {
+    let dataset = data::load(&job.data, tok, &job.config.data)?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
+    // A stale result (failed before) is no longer true once the job runs again.
+    let _ = std::fs::remove_file(dir.join("result.json"));
+    let settings =
+        toml::to_string(&job.config).map_err(|e| Error::Invalid { field: "settings".into(), what: e.to_string() })?;
+    write_atomic(&dir.join("train_config.toml"), settings.as_bytes())?;
+    let mut trainer = Trainer::new(model.clone(), &dataset, job.config.clone())?;
+    trainer.set_cancel_token(cancel.clone());
+    let ckpt = dir.join(CHECKPOINT_FILE);
+    if resume {
+        trainer.resume(&ckpt).map_err(|e| Error::Invalid {
+            field: "checkpoint".into(),
+            what: format!(
+                "{e} (the job's settings or data changed since the checkpoint was written: delete {} to start over)",
+                dir.display()
+            ),
+        })?;
+    }
+    trainer.set_checkpoint_path(&ckpt);
+    let mut last_eval = None;
+    let out = trainer.run(|e| {
+        if let Event::Eval { val_loss, .. } = e {
+            last_eval = Some(*val_loss);
+        }
+        progress(e);
+    })?;
+    if out.reason == StopReason::Cancelled {
+        return Ok(JobResult {
+            job: job.user.clone(),
+            status: "interrupted".into(),
+            steps: out.steps,
+            val_loss: None,
+            seconds: 0.0,
+            adapter: None,
+            error: None,
+        });
+    }
+    let adapter_dir = dir.join("adapter");
+    peft::save(&adapter_dir, &out.adapter, &base_name(model_path))?;
+    let val_loss = if job.config.keep_best { out.best_val_loss.or(last_eval) } else { last_eval };
+    Ok(JobResult {
+        job: job.user.clone(),
+        status: "done".into(),
+        steps: out.steps,
+        val_loss,
+        seconds: 0.0,
+        adapter: Some(adapter_dir),
+        error: None,
+    })
+}
+
+fn draw_event(b: &mut Bars, index: usize, user: &str, e: &Event) {
+    match e {
+        Event::Step { step, total_steps, loss, tokens_per_s, eta_s, .. } => {
+            let line =
+                format!("step {step}/{total_steps} loss {loss:.4} {tokens_per_s:.0} tok/s ETA {}", human_time(*eta_s));
+            b.draw(index, user, &line, *step as f64 / (*total_steps).max(1) as f64);
+        }
+        Event::Warning { step, message } => b.say(&format!("{user}: warning at step {step}: {message}")),
+        Event::Started { start_step, total_steps, .. } => {
+            b.draw(index, user, "starting", *start_step as f64 / (*total_steps).max(1) as f64)
+        }
+        _ => {}
+    }
+}
+
+fn print_table(results: &[JobResult], total: usize) {
+    let rows: Vec<[String; 6]> = results
+        .iter()
+        .map(|r| {
+            [
+                r.job.clone(),
+                r.steps.to_string(),
+                r.val_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+                human_time(r.seconds),
+                r.adapter.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
+                match &r.error {
+                    Some(e) => format!("{}: {e}", r.status),
+                    None => r.status.clone(),
+                },
+            ]
+        })
+        .collect();
+    let head = ["job", "steps", "val loss", "time", "adapter", "status"];
+    let mut width = head.map(str::len);
+    for row in &rows {
+        for (w, cell) in width.iter_mut().zip(row).take(5) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut err = std::io::stderr().lock();
+    let line = |cells: [&str; 6]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i == 5 {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        s
+    };
+    let _ = writeln!(err);
+    let _ = writeln!(err, "{}", line(head));
+    for row in &rows {
+        let _ = writeln!(err, "{}", line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]));
+    }
+    let count = |s: &str| results.iter().filter(|r| r.status == s).count();
+    let _ = writeln!(
+        err,
+        "{} jobs: {} done, {} skipped (done before), {} failed, {} interrupted, {} not started",
+        total,
+        count("done"),
+        count("skipped"),
+        count("failed"),
+        count("interrupted"),
+        total - results.len()
+    );
+}
