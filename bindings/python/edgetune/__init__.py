@@ -178,6 +178,50 @@ class _Handle:
             pass
 
 
+def _on_worker(
+    name: str, produce: Callable[[Callable[[Any], bool]], Any], on_early_exit: Callable[[], None]
+) -> Iterator[Any]:
+    """Runs ``produce(put)`` on a worker thread and yields what it puts. ``put`` returns False
+    once the consumer has left. If the consumer leaves early, ``on_early_exit()`` is called and
+    the worker is waited for; an exception from ``produce`` is raised to the consumer."""
+    items: "queue.Queue[Any]" = queue.Queue(maxsize=64)
+    stop = threading.Event()
+    done = object()
+    failure: list[BaseException] = []
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            produce(put)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            failure.append(e)
+        finally:
+            put(done)
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    finished = False
+    try:
+        while (item := items.get()) is not done:
+            yield item
+        finished = True
+    finally:
+        stop.set()
+        if not finished:
+            on_early_exit()
+        worker.join()
+    if failure:
+        raise failure[0]
+
+
 def _new(fn, *args) -> ctypes.c_void_p:
     out = ctypes.c_void_p()
     _check(fn(*args, ctypes.byref(out)))
@@ -300,43 +344,9 @@ class Model(_Handle):
     def stream(self, prompt: str, **options) -> Iterator[str]:
         """Yields the pieces of text as :meth:`generate` decodes them (generation runs on a
         worker thread; closing the iterator early stops it)."""
-        pieces: "queue.Queue[Any]" = queue.Queue(maxsize=64)
-        stop = threading.Event()
-        done = object()
-        failure: list[BaseException] = []
-
-        def on_token(piece: str) -> bool:
-            while not stop.is_set():
-                try:
-                    pieces.put(piece, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            try:
-                self.generate(prompt, on_token=on_token, **options)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                failure.append(e)
-            finally:
-                pieces.put(done)
-
-        worker = threading.Thread(target=work, name="edgetune-generate", daemon=True)
-        worker.start()
-        try:
-            while (item := pieces.get()) is not done:
-                yield item
-        finally:
-            stop.set()
-            while worker.is_alive():
-                try:
-                    pieces.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            worker.join()
-        if failure:
-            raise failure[0]
+        return _on_worker(
+            "edgetune-generate", lambda put: self.generate(prompt, on_token=put, **options), lambda: None
+        )
 
     def loss(self, text: str) -> float:
         """The mean next-token cross-entropy of ``text`` (with the current adapter)."""
@@ -502,31 +512,7 @@ class Trainer(_Handle):
     def events(self) -> Iterator[Event]:
         """Runs training on a worker thread and yields its events. Leaving the loop early
         cancels the run (and waits for it to stop); an error is raised from the iterator."""
-        events: "queue.Queue[Any]" = queue.Queue()
-        done = object()
-        failure: list[BaseException] = []
-
-        def work() -> None:
-            try:
-                self.run(events.put)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                failure.append(e)
-            finally:
-                events.put(done)
-
-        worker = threading.Thread(target=work, name="edgetune-train", daemon=True)
-        worker.start()
-        finished = False
-        try:
-            while (item := events.get()) is not done:
-                yield item
-            finished = True
-        finally:
-            if not finished:
-                self.cancel()
-            worker.join()
-        if failure:
-            raise failure[0]
+        return _on_worker("edgetune-train", self.run, self.cancel)
 
     def adapter(self) -> Adapter:
         """The trained adapter (a run, or a resume, must have happened)."""
