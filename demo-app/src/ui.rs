@@ -1,0 +1,295 @@
+//! The window: setup, data and training on the left; the loss plot and the side-by-side chat
+//! on the right. Everything it shows comes from [`AppState`]; every button calls one of its
+//! methods.
+
+use std::sync::Arc;
+
+use eframe::egui::{self, Color32, RichText, Stroke};
+
+use crate::state::{AppState, Phase, human_bytes};
+
+/// The eframe app.
+#[derive(Debug)]
+pub struct DemoApp {
+    pub state: AppState,
+}
+
+impl DemoApp {
+    /// Creates the app and starts opening the GPU.
+    pub fn new(ctx: &egui::Context) -> Self {
+        let repaint_ctx = ctx.clone();
+        let mut state = AppState::new(Arc::new(move || repaint_ctx.request_repaint()));
+        state.open_gpu();
+        DemoApp { state }
+    }
+}
+
+const LOSS: Color32 = Color32::from_rgb(70, 130, 220);
+const VAL: Color32 = Color32::from_rgb(230, 140, 40);
+const LR: Color32 = Color32::from_rgb(90, 170, 90);
+
+impl eframe::App for DemoApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.state.poll();
+        egui::Panel::left("setup").resizable(true).default_size(380.0).show(ui, |ui| {
+            egui::ScrollArea::vertical().show(ui, |ui| setup_panel(ui, &mut self.state));
+        });
+        egui::CentralPanel::default().show(ui, |ui| {
+            status_line(ui, &self.state);
+            ui.separator();
+            training_panel(ui, &mut self.state);
+            ui.separator();
+            chat_panel(ui, &mut self.state);
+        });
+    }
+}
+
+fn status_line(ui: &mut egui::Ui, s: &AppState) {
+    if let Some(e) = &s.error {
+        ui.colored_label(Color32::from_rgb(200, 60, 60), format!("Error: {e}"));
+    } else if let Some(busy) = &s.busy {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(format!("{busy}..."));
+        });
+    } else if let Some(n) = &s.notice {
+        ui.label(n);
+    } else {
+        ui.label("Pick a model and your data, then train.");
+    }
+}
+
+fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
+    ui.heading("GPU");
+    match &s.gpu {
+        Some(g) => {
+            ui.label(format!("{} ({}, {})", g.name, g.backend, g.device_type));
+            ui.label(format!("largest buffer {}", human_bytes(g.max_buffer_size)));
+        }
+        None => {
+            ui.label("opening...");
+        }
+    }
+
+    ui.separator();
+    ui.heading("Model");
+    path_field(ui, "Model path", &mut s.model_path, "a Hugging Face folder or a .gguf file");
+    if ui.add_enabled(s.can_load_model(), egui::Button::new("Load model")).clicked() {
+        s.load_model();
+    }
+    if let Some(m) = &s.model {
+        ui.label(format!(
+            "{}: {}, {} layers, {:.1} M parameters, {} on the GPU (4-bit)",
+            s.model_name(),
+            m.architecture,
+            m.layers,
+            m.parameters as f64 / 1e6,
+            human_bytes(m.weight_bytes)
+        ));
+    }
+
+    ui.separator();
+    ui.heading("Data");
+    path_field(ui, "Data path", &mut s.data_path, "a JSONL file of chats, or a folder of your notes");
+    if ui.add_enabled(s.can_load_data(), egui::Button::new("Load data")).clicked() {
+        s.load_data();
+    }
+    if let Some(d) = &s.data {
+        let r = &d.report;
+        ui.label(format!(
+            "{} records, {} training / {} validation samples, {} tokens",
+            r.records, r.train_samples, r.val_samples, r.train_tokens
+        ));
+        let dropped = [
+            (r.bad_records, "bad records"),
+            (r.duplicates, "duplicates"),
+            (r.too_short, "too short"),
+            (r.dropped_too_long, "too long"),
+            (r.truncated, "truncated"),
+        ];
+        let dropped: Vec<String> = dropped.iter().filter(|(n, _)| *n > 0).map(|(n, w)| format!("{n} {w}")).collect();
+        if !dropped.is_empty() {
+            ui.label(format!("left out or cut: {}", dropped.join(", ")));
+        }
+        egui::CollapsingHeader::new("Preview (as the chat template renders it)").show(ui, |ui| {
+            for p in &d.previews {
+                ui.label(RichText::new(p).monospace().small());
+                ui.separator();
+            }
+        });
+    }
+
+    ui.separator();
+    ui.heading("Training");
+    let st = &mut s.settings;
+    ui.horizontal(|ui| {
+        ui.label("Epochs");
+        ui.add(egui::DragValue::new(&mut st.epochs).range(1..=100));
+    });
+    egui::CollapsingHeader::new("Advanced").show(ui, |ui| {
+        egui::Grid::new("advanced").num_columns(2).show(ui, |ui| {
+            ui.label("LoRA rank r");
+            ui.add(egui::DragValue::new(&mut st.rank).range(1..=256));
+            ui.end_row();
+            ui.label("alpha");
+            ui.add(egui::DragValue::new(&mut st.alpha).range(1.0..=512.0));
+            ui.end_row();
+            ui.label("learning rate");
+            ui.add(egui::DragValue::new(&mut st.learning_rate).range(1e-6..=1e-1).speed(1e-4));
+            ui.end_row();
+            ui.label("max steps (0: epochs)");
+            ui.add(egui::DragValue::new(&mut st.max_steps).range(0..=100_000));
+            ui.end_row();
+            ui.label("sequence length");
+            ui.add(egui::DragValue::new(&mut st.max_len).range(16..=8192));
+            ui.end_row();
+            ui.label("target modules");
+            ui.horizontal(|ui| {
+                ui.radio_value(&mut st.all_linear, true, "all linear");
+                ui.radio_value(&mut st.all_linear, false, "q, v");
+            });
+            ui.end_row();
+            ui.label("gradient checkpointing");
+            ui.checkbox(&mut st.gradient_checkpointing, "");
+            ui.end_row();
+        });
+    });
+    if let Some(estimate) = s.estimate_bytes() {
+        match estimate {
+            Ok(b) => ui.label(format!("GPU memory for training: about {}", human_bytes(b))),
+            Err(e) => ui.colored_label(Color32::from_rgb(200, 60, 60), format!("These settings will not work: {e}")),
+        };
+    }
+    ui.horizontal(|ui| {
+        if ui.add_enabled(s.can_train(), egui::Button::new("Train")).clicked() {
+            s.start_training();
+        }
+        let running = s.phase == Phase::Running;
+        if s.phase.is_active() && ui.button(if running { "Pause" } else { "Resume" }).clicked() {
+            if running { s.pause() } else { s.resume() }
+        }
+        if ui.add_enabled(s.phase.is_active(), egui::Button::new("Cancel")).clicked() {
+            s.cancel();
+        }
+    });
+
+    ui.separator();
+    ui.heading("Adapter");
+    match &s.adapter {
+        Some((_, label)) => ui.label(format!("personalized adapter: {label}")),
+        None => ui.label("none yet: train one, or load an earlier one"),
+    };
+    path_field(ui, "Adapter folder", &mut s.adapter_path, "a PEFT adapter folder");
+    ui.horizontal(|ui| {
+        if ui.add_enabled(s.adapter.is_some(), egui::Button::new("Save adapter")).clicked() {
+            s.save_adapter();
+        }
+        if ui.add_enabled(s.can_chat(), egui::Button::new("Load adapter")).clicked() {
+            s.load_adapter();
+        }
+    });
+}
+
+/// A labelled one-line path field that fills the panel's width.
+fn path_field(ui: &mut egui::Ui, label: &str, value: &mut String, hint: &str) {
+    ui.horizontal(|ui| {
+        let label = ui.label(label);
+        let edit = egui::TextEdit::singleline(value).hint_text(hint).desired_width(ui.available_width());
+        ui.add(edit).labelled_by(label.id);
+    });
+}
+
+fn training_panel(ui: &mut egui::Ui, s: &mut AppState) {
+    let p = &s.progress;
+    let phase = match &s.phase {
+        Phase::Idle => "not started".to_string(),
+        Phase::Running => "training".into(),
+        Phase::Paused => "paused".into(),
+        Phase::Finished(r) => r.clone(),
+        Phase::Failed(_) => "failed".into(),
+    };
+    let last = p.steps.last();
+    ui.horizontal_wrapped(|ui| {
+        ui.label(RichText::new(format!("step {}/{}", p.last_step(), p.total_steps)).strong());
+        ui.label(format!("({phase})"));
+        if let Some((_, loss, lr)) = last {
+            ui.colored_label(LOSS, format!("loss {loss:.4}"));
+            ui.colored_label(LR, format!("lr {lr:.2e}"));
+        }
+        if let Some((_, v)) = p.evals.last() {
+            ui.colored_label(VAL, format!("validation {v:.4}"));
+        }
+        if last.is_some() {
+            ui.label(format!("{:.0} tokens/s", p.tokens_per_s));
+            ui.label(format!("ETA {:.0} s", p.eta_s));
+            ui.label(format!("GPU {}", human_bytes(p.gpu_memory_bytes)));
+        }
+    });
+    plot(ui, s);
+    for w in s.progress.warnings.iter().rev().take(2) {
+        ui.colored_label(VAL, w);
+    }
+}
+
+/// Training loss (line), validation loss (dots) on one scale; learning rate on its own.
+fn plot(ui: &mut egui::Ui, s: &AppState) {
+    let p = &s.progress;
+    let size = egui::vec2(ui.available_width(), 180.0);
+    let (rect, _) = ui.allocate_exact_size(size, egui::Sense::hover());
+    let painter = ui.painter_at(rect);
+    painter.rect_stroke(rect, 2.0, Stroke::new(1.0, ui.visuals().weak_text_color()), egui::StrokeKind::Inside);
+    if p.steps.is_empty() {
+        painter.text(
+            rect.center(),
+            egui::Align2::CENTER_CENTER,
+            "the loss appears here as training runs",
+            egui::FontId::proportional(13.0),
+            ui.visuals().weak_text_color(),
+        );
+        return;
+    }
+    let max_step = p.total_steps.max(p.last_step()).max(1) as f32;
+    let losses = p.steps.iter().map(|s| s.1).chain(p.evals.iter().map(|e| e.1)).filter(|l| l.is_finite());
+    let (lo, hi) = losses.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), l| (a.min(l), b.max(l)));
+    let (lo, hi) = if hi > lo { (lo, hi) } else { (lo - 0.5, lo + 0.5) };
+    let lr_max = p.steps.iter().map(|s| s.2).fold(0.0f32, f32::max).max(f32::MIN_POSITIVE);
+    let inner = rect.shrink(8.0);
+    let at = |step: u64, y01: f32| {
+        egui::pos2(inner.left() + inner.width() * step as f32 / max_step, inner.bottom() - inner.height() * y01)
+    };
+    let lr_line: Vec<_> = p.steps.iter().map(|s| at(s.0, s.2 / lr_max)).collect();
+    painter.add(egui::Shape::line(lr_line, Stroke::new(1.0, LR)));
+    let loss_line: Vec<_> = p.steps.iter().map(|s| at(s.0, (s.1 - lo) / (hi - lo))).collect();
+    painter.add(egui::Shape::line(loss_line, Stroke::new(2.0, LOSS)));
+    for (step, v) in &p.evals {
+        painter.circle_filled(at(*step, (v - lo) / (hi - lo)), 4.0, VAL);
+    }
+    let small = egui::FontId::proportional(11.0);
+    let weak = ui.visuals().weak_text_color();
+    painter.text(inner.left_top(), egui::Align2::LEFT_TOP, format!("{hi:.3}"), small.clone(), weak);
+    painter.text(inner.left_bottom(), egui::Align2::LEFT_BOTTOM, format!("{lo:.3}"), small.clone(), weak);
+    painter.text(inner.right_bottom(), egui::Align2::RIGHT_BOTTOM, format!("step {max_step:.0}"), small, weak);
+}
+
+fn chat_panel(ui: &mut egui::Ui, s: &mut AppState) {
+    ui.heading("Try it");
+    ui.horizontal(|ui| {
+        let label = ui.label("Ask");
+        let edit = ui.add(egui::TextEdit::singleline(&mut s.chat.prompt).desired_width(ui.available_width() - 80.0));
+        let edit = edit.labelled_by(label.id);
+        let enter = edit.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+        if (ui.add_enabled(s.can_chat(), egui::Button::new("Answer")).clicked() || enter) && s.can_chat() {
+            s.ask();
+        }
+    });
+    ui.columns(2, |cols| {
+        cols[0].label(RichText::new("Base model").strong());
+        cols[0].label(&s.chat.base);
+        let title = if s.adapter.is_some() { "Personalized" } else { "Personalized (train or load an adapter)" };
+        cols[1].label(RichText::new(title).strong());
+        cols[1].label(&s.chat.tuned);
+    });
+    if s.chat.busy {
+        ui.spinner();
+    }
+}
