@@ -3,39 +3,14 @@
 //! pause and resume, answer a question with the base model and the adapter side by side, save
 //! the adapter, and keep a screenshot under the target folder.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+mod common;
 
-use edgetune_demo::DemoApp;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{ask, harness, load_model_and_data, repo, screenshot, type_into, wait};
 use edgetune_demo::state::Phase;
-use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Steps the UI until `done` holds, failing after `limit`.
-fn wait(harness: &mut Harness<'_, DemoApp>, what: &str, limit: Duration, done: impl Fn(&DemoApp) -> bool) {
-    let start = Instant::now();
-    while !done(harness.state()) {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}: {:?}", harness.state().state);
-        if let Some(e) = &harness.state().state.error {
-            panic!("error while waiting for {what}: {e}");
-        }
-        harness.step();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    harness.step();
-}
-
-/// Clicks into the text field labelled `label` and types `text`, as a user would.
-fn type_into(harness: &mut Harness<'_, DemoApp>, label: &str, text: &str) {
-    harness.get_by_label(label).focus();
-    harness.run_steps(1);
-    harness.get_by_label(label).type_text(text);
-    harness.run_steps(2);
-}
 
 fn screenshot_path() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or(repo().join("target"));
@@ -44,32 +19,15 @@ fn screenshot_path() -> PathBuf {
 
 #[test]
 fn train_pause_resume_and_chat_through_the_ui() {
-    // Generated text may hold characters the default fonts lack (the tiny random model writes
-    // U+FFFD): they are drawn as boxes, as in the app. The UI's own text is checked below.
-    let mut harness = Harness::builder()
-        .with_size([1200.0, 800.0])
-        .allow_missing_glyphs()
-        .wgpu()
-        .build_eframe(|cc| DemoApp::new(&cc.egui_ctx));
+    let mut harness = harness();
     let minute = Duration::from_secs(60);
-    wait(&mut harness, "the GPU", minute, |a| a.state.gpu.is_some());
-
-    // The user types the model's path and loads it.
-    harness.state_mut().state.model_path.clear();
     let model = repo().join("tests/reference/fixtures/tiny_llama").display().to_string();
-    type_into(&mut harness, "Model path", &model);
-    assert_eq!(harness.state().state.model_path, model, "typing into the model field reaches the state");
-    harness.get_by_label("Load model").click();
-    wait(&mut harness, "the model", minute, |a| a.state.model.is_some() && a.state.busy.is_none());
-
     let data = repo().join("sdk/data/persona/train.jsonl").display().to_string();
-    type_into(&mut harness, "Data path", &data);
-    harness.get_by_label("Load data").click();
-    wait(&mut harness, "the data", minute, |a| a.state.data.is_some() && a.state.busy.is_none());
-    let report = harness.state().state.data.as_ref().expect("data").report.clone();
-    assert_eq!(report.records, 39);
-    assert!(report.train_samples > 0 && report.val_samples > 0);
-    assert!(!harness.state().state.data.as_ref().expect("data").previews.is_empty());
+    load_model_and_data(&mut harness, &model, &data, minute);
+    let info = harness.state().state.data.clone().expect("data");
+    assert_eq!(info.report.records, 39);
+    assert!(info.report.train_samples > 0 && info.report.val_samples > 0);
+    assert!(!info.previews.is_empty());
 
     // Small, fast settings (as the advanced section would set them).
     {
@@ -101,10 +59,7 @@ fn train_pause_resume_and_chat_through_the_ui() {
     assert!(s.adapter.is_some());
 
     // Base and personalized answers, side by side.
-    harness.get_by_label("Answer").click();
-    harness.run_steps(1);
-    assert!(harness.state().state.chat.busy, "the click starts generation");
-    wait(&mut harness, "the answers", minute, |a| !a.state.chat.busy);
+    ask(&mut harness, "Who are you?", minute);
     let chat = &harness.state().state.chat;
     assert!(!chat.base.is_empty() && !chat.tuned.is_empty(), "{chat:?}");
 
@@ -115,11 +70,7 @@ fn train_pause_resume_and_chat_through_the_ui() {
     harness.run_steps(2);
     assert!(dir.join("adapter_model.safetensors").exists(), "{:?}", harness.state().state.error);
 
-    let image = harness.render().expect("the UI renders");
-    let path = screenshot_path();
-    std::fs::create_dir_all(path.parent().expect("folder")).expect("screenshot folder");
-    image.save(&path).expect("screenshot written");
-    eprintln!("screenshot: {}", path.display());
+    screenshot(&mut harness, &screenshot_path());
 }
 
 /// The UI's own words use only characters egui's default fonts draw (an arrow or an ellipsis
