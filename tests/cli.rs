@@ -166,3 +166,64 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("checkpoint.safetensors"), "{}", text(&out.stderr));
 }
+
+/// Ctrl-C (SIGINT) during `train` stops after the step under way, saves the checkpoint and the
+/// adapter so far, and exits with 130; `--resume` then finishes the run, with the adapter an
+/// uninterrupted run gives.
+#[test]
+fn train_interrupted_by_sigint_resumes_to_the_same_adapter() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-sigint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = common::fixtures().join("../../../sdk/data/persona/train.jsonl").display().to_string();
+    let args = |out: &str| -> Vec<String> {
+        let fixed = ["--max-steps", "24", "--batch-tokens", "128", "--rank", "4", "--max-len", "128", "--lr", "0.005"];
+        let mut v: Vec<String> = ["train", "--model", &tiny(), "--data", &data, "--output", out, "--json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(fixed.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = dir.join("run").display().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+        .args(args(&run))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let pid = child.id().to_string();
+    let mut finished = serde_json::Value::Null;
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let event: serde_json::Value = serde_json::from_str(&line.expect("a line")).expect("JSON");
+        if event["event"] == "step" && event["step"] == 2 {
+            assert!(Command::new("kill").args(["-INT", &pid]).status().expect("kill runs").success());
+        }
+        if event["event"] == "finished" {
+            finished = event;
+        }
+    }
+    let status = child.wait().expect("exits");
+    assert_eq!(status.code(), Some(130), "an interrupted run exits with 130");
+    assert_eq!(finished["reason"], "cancelled", "{finished}");
+    let stopped = finished["step"].as_u64().expect("step");
+    assert!((2..24).contains(&stopped), "stopped at {stopped}");
+    let run_dir = dir.join("run");
+    assert!(run_dir.join("checkpoint.safetensors").exists() && run_dir.join("adapter").exists());
+
+    let mut resume = args(&run);
+    resume.push("--resume".into());
+    let resumed = Command::new(env!("CARGO_BIN_EXE_edgetune")).args(&resume).output().expect("runs");
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    let first = text(&resumed.stdout).lines().next().unwrap_or_default().to_string();
+    let started: serde_json::Value = serde_json::from_str(&first).expect("JSON");
+    assert_eq!(started["start_step"], stopped, "the resumed run starts where the first stopped");
+
+    let whole = dir.join("whole").display().to_string();
+    let straight = Command::new(env!("CARGO_BIN_EXE_edgetune")).args(args(&whole)).output().expect("runs");
+    assert!(straight.status.success(), "{}", text(&straight.stderr));
+    let read = |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).expect("adapter");
+    assert_eq!(read(&run_dir), read(&dir.join("whole")), "resumed and uninterrupted adapters differ");
+}

@@ -39,6 +39,7 @@ use edgetune::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::interrupt::cancel_on_interrupt;
 use crate::train::{CHECKPOINT_FILE, base_name, human_time};
 
 #[derive(clap::Args)]
@@ -264,35 +265,6 @@ impl Bars {
         eprintln!("{text}");
     }
 }
-
-/// Ctrl-C (or SIGTERM) asks the running job to stop after its current step (its checkpoint is
-/// written); a second one exits at once.
-#[cfg(unix)]
-fn cancel_on_interrupt(token: CancelToken) {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-    extern "C" fn on_signal(_: libc::c_int) {
-        // A second Ctrl-C does not wait for the step to end.
-        if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            // SAFETY: _exit is async-signal-safe.
-            unsafe { libc::_exit(130) };
-        }
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    std::thread::spawn(move || {
-        while !INTERRUPTED.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        token.cancel();
-    });
-}
-
-#[cfg(not(unix))]
-fn cancel_on_interrupt(_token: CancelToken) {}
 
 pub fn run(a: BatchArgs, gpu: &GpuOptions) -> Result<bool> {
     let base = match &a.config {

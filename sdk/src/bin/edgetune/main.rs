@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod batch;
+mod interrupt;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -269,7 +270,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::Train(args) => train::run(*args, &gpu)?,
+        Cmd::Train(args) => {
+            if !train::run(*args, &gpu)? {
+                return Ok(ExitCode::from(130));
+            }
+        }
         Cmd::Batch(args) => {
             if !batch::run(*args, &gpu)? {
                 return Ok(ExitCode::FAILURE);

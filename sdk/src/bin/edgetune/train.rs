@@ -227,8 +227,11 @@ impl Reporter {
     }
 }
 
-pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<()> {
+/// Trains; false when Ctrl-C stopped the run (the checkpoint and the adapter so far are saved).
+pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
     let cfg = resolve(&a)?;
+    let cancel = edgetune::train::CancelToken::default();
+    crate::interrupt::cancel_on_interrupt(cancel.clone());
     let reporter = Reporter { json: a.json, tty: std::io::stderr().is_terminal() };
     let ctx = Arc::new(GpuContext::new(gpu)?);
     let tok = Tokenizer::open(&a.model)?;
@@ -255,6 +258,7 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<()> {
         toml::to_string(&cfg).map_err(|e| Error::Invalid { field: "settings".into(), what: e.to_string() })?;
     edgetune::atomic::write_atomic(&a.output.join("train_config.toml"), settings.as_bytes())?;
     let mut trainer = Trainer::new(model.clone(), &dataset, cfg)?;
+    trainer.set_cancel_token(cancel);
     let ckpt = a.output.join(CHECKPOINT_FILE);
     if a.resume {
         trainer.resume(&ckpt)?;
@@ -263,11 +267,15 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<()> {
     let out = trainer.run(|e| reporter.event(e))?;
     let dir = a.output.join("adapter");
     peft::save(&dir, &out.adapter, &base_name(&a.model))?;
+    let cancelled = out.reason == StopReason::Cancelled;
     if !a.json {
-        let what = if out.reason == StopReason::Cancelled { "cancelled; adapter so far" } else { "adapter" };
+        let what = if cancelled { "interrupted; adapter so far" } else { "adapter" };
         eprintln!("{what} saved to {} (checkpoint {})", dir.display(), ckpt.display());
+        if cancelled {
+            eprintln!("continue with the same command and --resume");
+        }
     }
-    Ok(())
+    Ok(!cancelled)
 }
 
 pub fn base_name(model: &Path) -> String {
