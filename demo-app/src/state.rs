@@ -215,6 +215,8 @@ pub struct AppState {
     pub error: Option<String>,
     /// The last thing that went well, for the status line.
     pub notice: Option<String>,
+    /// The settings the GPU memory estimate was made for, and the estimate.
+    estimate: Option<(Settings, Result<u64, String>)>,
     ctx: Option<Arc<GpuContext>>,
     session: Option<Arc<Mutex<Session>>>,
     dataset: Option<Arc<Dataset>>,
@@ -250,6 +252,7 @@ impl AppState {
             busy: None,
             error: None,
             notice: None,
+            estimate: None,
             ctx: None,
             session: None,
             dataset: None,
@@ -331,16 +334,20 @@ impl AppState {
     }
 
     /// GPU bytes training would need with these settings: the weights, the adapter with its
-    /// gradients and AdamW moments, and the workspace of the longest sample.
-    pub fn estimate_bytes(&self) -> Option<Result<u64, String>> {
+    /// gradients and AdamW moments, and the workspace of the longest sample. Planning allocates
+    /// that workspace, so it is done once per settings and dataset, never while training.
+    pub fn estimate_bytes(&mut self) -> Option<Result<u64, String>> {
         let session = self.session.as_ref()?;
         let dataset = self.dataset.as_ref()?;
-        let cfg = match self.settings.train_config() {
-            Ok(c) => c,
-            Err(e) => return Some(Err(e)),
-        };
-        let model = session.lock().unwrap_or_else(|p| p.into_inner()).model.clone();
-        Some(Trainer::new(model, dataset, cfg).map(|t| t.planned_gpu_bytes()).map_err(|e| e.to_string()))
+        let fresh = self.estimate.as_ref().is_some_and(|(s, _)| *s == self.settings);
+        if !fresh && !self.phase.is_active() && !self.chat.busy {
+            let planned = self.settings.train_config().and_then(|cfg| {
+                let model = session.lock().unwrap_or_else(|p| p.into_inner()).model.clone();
+                Trainer::new(model, dataset, cfg).map(|t| t.planned_gpu_bytes()).map_err(|e| e.to_string())
+            });
+            self.estimate = Some((self.settings.clone(), planned));
+        }
+        self.estimate.as_ref().map(|(_, e)| e.clone())
     }
 
     pub fn can_train(&self) -> bool {
@@ -509,7 +516,7 @@ impl AppState {
                         self.session = Some(Arc::new(Mutex::new(session)));
                         self.model = Some(info);
                         // Data, adapters and answers belonged to the model before.
-                        (self.data, self.dataset, self.adapter) = (None, None, None);
+                        (self.data, self.dataset, self.adapter, self.estimate) = (None, None, None, None);
                         self.chat = Chat { prompt: std::mem::take(&mut self.chat.prompt), ..Default::default() };
                         self.progress = Progress::default();
                         self.phase = Phase::Idle;
@@ -527,6 +534,7 @@ impl AppState {
                         ));
                         self.dataset = Some(dataset);
                         self.data = Some(info);
+                        self.estimate = None;
                     }
                     Err(e) => self.fail(e),
                 }

@@ -29,6 +29,12 @@ fn train_pause_resume_and_chat_through_the_ui() {
     assert_eq!(info.report.records, 39);
     assert!(info.report.train_samples > 0 && info.report.val_samples > 0);
     assert!(!info.previews.is_empty());
+    // The memory estimate, and the reason for settings that cannot work.
+    let estimate = harness.state_mut().state.estimate_bytes();
+    assert!(matches!(estimate, Some(Ok(b)) if b > 0), "{estimate:?}");
+    harness.state_mut().state.settings.rank = 0;
+    let refused = harness.state_mut().state.estimate_bytes();
+    assert!(matches!(&refused, Some(Err(e)) if e.contains("r ")), "{refused:?}");
 
     // Small, fast settings (as the advanced section would set them).
     {
