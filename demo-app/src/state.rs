@@ -477,8 +477,11 @@ impl AppState {
         self.estimate.as_ref().map(|(_, e)| e.clone())
     }
 
+    /// Whether Train can start: the data is loaded, nothing else runs, and the settings were
+    /// not refused (see [`AppState::estimate_bytes`]).
     pub fn can_train(&self) -> bool {
-        self.dataset.is_some() && self.busy.is_none() && !self.phase.is_active() && !self.chat.busy
+        let refused = matches!(&self.estimate, Some((s, Err(_))) if *s == self.settings);
+        self.dataset.is_some() && self.busy.is_none() && !self.phase.is_active() && !self.chat.busy && !refused
     }
 
     pub fn start_training(&mut self) {

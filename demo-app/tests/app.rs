@@ -44,6 +44,7 @@ fn train_pause_resume_and_chat_through_the_ui() {
     harness.state_mut().state.settings.rank = 0;
     let refused = harness.state_mut().state.estimate_bytes();
     assert!(matches!(&refused, Some(Err(e)) if e.contains("r ")), "{refused:?}");
+    assert!(!harness.state().state.can_train(), "refused settings disable Train");
 
     // Small, fast settings (as the advanced section would set them).
     {

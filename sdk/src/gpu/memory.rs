@@ -1,8 +1,14 @@
 //! How much memory the GPU has. wgpu has no API for it, so it is read from the backend under
-//! wgpu: on Vulkan, the largest device-local memory heap and, where the driver has
-//! `VK_EXT_memory_budget`, how much of that heap this process may still allocate. Other backends
-//! report nothing yet ([`AdapterReport::memory`](super::AdapterReport::memory) is `None`), and
-//! callers must treat that as "unknown", never as "zero" or "unlimited".
+//! wgpu:
+//! - Vulkan: the largest device-local memory heap and, where the driver has
+//!   `VK_EXT_memory_budget`, how much of that heap this process may still allocate.
+//! - Metal: the device's recommended working set (`recommendedMaxWorkingSetSize`), less what the
+//!   device has allocated.
+//! - DX12: the adapter's dedicated video memory, and the local segment's budget less its usage
+//!   (`IDXGIAdapter3::QueryVideoMemoryInfo`).
+//!
+//! Other backends report nothing ([`AdapterReport::memory`](super::AdapterReport::memory) is
+//! `None`), and callers must treat that as "unknown", never as "zero" or "unlimited".
 //!
 //! On integrated GPUs and CPU implementations such as lavapipe the device-local heap is system
 //! memory, shared with everything else the machine runs; the budget, where there is one, already
@@ -44,12 +50,44 @@ impl GpuMemory {
 
 /// Reads the adapter's memory from the backend under wgpu, where it can.
 pub(crate) fn query(adapter: &wgpu::Adapter) -> Option<GpuMemory> {
-    #[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
-    if adapter.get_info().backend == wgpu::Backend::Vulkan {
-        return vulkan(adapter);
+    match adapter.get_info().backend {
+        #[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        wgpu::Backend::Vulkan => vulkan(adapter),
+        #[cfg(target_vendor = "apple")]
+        wgpu::Backend::Metal => metal(adapter),
+        #[cfg(windows)]
+        wgpu::Backend::Dx12 => dx12(adapter),
+        _ => None,
     }
-    let _ = adapter;
-    None
+}
+
+#[cfg(target_vendor = "apple")]
+fn metal(adapter: &wgpu::Adapter) -> Option<GpuMemory> {
+    use objc2_metal::MTLDevice;
+    // SAFETY: the hal adapter is only read, while `adapter` keeps it alive.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Metal>() }?;
+    let device = hal.raw_device();
+    // The adapter's MTLDevice is the one wgpu's device allocates from, so its allocated size
+    // counts this process's buffers.
+    let total_bytes = device.recommendedMaxWorkingSetSize();
+    let used = device.currentAllocatedSize() as u64;
+    (total_bytes > 0).then(|| GpuMemory { total_bytes, available_bytes: Some(total_bytes.saturating_sub(used)) })
+}
+
+#[cfg(windows)]
+fn dx12(adapter: &wgpu::Adapter) -> Option<GpuMemory> {
+    use windows::Win32::Graphics::Dxgi::DXGI_MEMORY_SEGMENT_GROUP_LOCAL;
+    // SAFETY: the hal adapter is only read, while `adapter` keeps it alive.
+    let hal = unsafe { adapter.as_hal::<wgpu::hal::api::Dx12>() }?;
+    let raw = hal.raw_adapter();
+    // SAFETY: a plain query on a live adapter.
+    let dedicated = unsafe { raw.GetDesc1() }.ok().map_or(0, |d| d.DedicatedVideoMemory as u64);
+    let local = raw.query_video_memory_info(DXGI_MEMORY_SEGMENT_GROUP_LOCAL).ok();
+    // An integrated GPU has little or no dedicated memory: its local segment's budget is the
+    // shared memory it may use.
+    let total_bytes = dedicated.max(local.map_or(0, |i| i.Budget));
+    let available_bytes = local.map(|i| i.Budget.saturating_sub(i.CurrentUsage));
+    (total_bytes > 0).then_some(GpuMemory { total_bytes, available_bytes })
 }
 
 #[cfg(any(windows, target_os = "linux", target_os = "android", target_os = "freebsd"))]
