@@ -120,10 +120,14 @@ pub fn fetch(
     Ok(model)
 }
 
-fn agent() -> ureq::Agent {
+/// An HTTP agent for `url`: the system's trusted certificates, and the proxy that the usual
+/// variables name (`HTTPS_PROXY`, `NO_PROXY`, ...), except for this machine's own addresses.
+fn agent(url: &str) -> ureq::Agent {
     let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build();
+    let proxy = if is_loopback(url) { None } else { ureq::Proxy::try_from_env() };
     ureq::Agent::config_builder()
         .tls_config(tls)
+        .proxy(proxy)
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
         .user_agent(concat!("edgetune-demo/", env!("CARGO_PKG_VERSION")))
@@ -131,11 +135,24 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
+/// Whether `url` points at this machine (a local mirror never goes through a proxy).
+fn is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if host.starts_with('[') {
+        host.split(']').next().unwrap_or("").trim_start_matches('[')
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The wheel's address, from the index's JSON page for the project (PEP 691). The index's hash
 /// must be the pinned one: a different file under the same name is refused before downloading.
 fn locate(src: &ModelSource) -> Result<String, String> {
     let page = format!("{}/{}/", src.index_url.trim_end_matches('/'), src.project);
-    let mut response = agent()
+    let mut response = agent(&page)
         .get(&page)
         .header("Accept", "application/vnd.pypi.simple.v1+json")
         .call()
@@ -235,7 +252,7 @@ fn download(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(FetchProgress),
 ) -> Result<(), String> {
-    let mut response = agent()
+    let mut response = agent(url)
         .get(url)
         .config()
         .timeout_recv_body(Some(Duration::from_secs(3600)))
@@ -340,6 +357,20 @@ mod tests {
         drop(dropped);
         assert!(!left.exists() && std::fs::read(&to).expect("untouched") == b"abc");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_this_machine_skips_the_proxy() {
+        for url in
+            ["http://127.0.0.1:8080/simple/", "http://localhost/x", "http://[::1]:3141/root", "http://u:p@127.0.0.2/"]
+        {
+            assert!(is_loopback(url), "{url}");
+        }
+        for url in
+            ["https://pypi.org/simple/", "http://10.0.0.1/", "http://localhost.example.com/", "http://[2001:db8::1]/"]
+        {
+            assert!(!is_loopback(url), "{url}");
+        }
     }
 
     #[test]
