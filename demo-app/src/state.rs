@@ -376,6 +376,9 @@ impl AppState {
         if self.picking {
             return;
         }
+        if let Some(why) = no_file_dialog() {
+            return self.fail(why);
+        }
         self.picking = true;
         let current = match field {
             PathField::ModelFile | PathField::ModelFolder => &self.model_path,
@@ -737,6 +740,23 @@ impl AppState {
     pub fn model_name(&self) -> String {
         self.model.as_ref().map(|m| name_of(&m.path)).unwrap_or_default()
     }
+}
+
+/// Why no file dialog can open, where that is known beforehand: on Linux and the BSDs the
+/// dialog is the desktop portal (over the session's D-Bus) or else zenity, and with neither a
+/// click would do nothing.
+fn no_file_dialog() -> Option<String> {
+    if !cfg!(any(target_os = "linux", target_os = "freebsd", target_os = "openbsd", target_os = "netbsd")) {
+        return None;
+    }
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    let bus = env("DBUS_SESSION_BUS_ADDRESS").is_some()
+        || env("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).join("bus").exists());
+    let zenity = env("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("zenity").is_file()));
+    (!bus && !zenity).then(|| {
+        "no file dialog here: there is no desktop session bus for the portal, and no zenity; type the path instead"
+            .to_string()
+    })
 }
 
 /// Whether training that plans `planned` GPU bytes fits, when the model's `weights` are already
