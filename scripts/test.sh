@@ -11,6 +11,12 @@ status=0
 { cargo build --locked -p edgetune-capi && cargo test --workspace --locked --doc && cargo test --workspace --locked --all-targets; } 2>&1 | tee "$log" || status=$?
 passed=$({ grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" || true; } | awk '{s += $4} END {print s + 0}')
 failed=$({ grep -Eo '[0-9]+ failed;' "$log" || true; } | awk '{s += $1} END {print s + 0}')
+# A build error or a killed run fails no test of its own: count it, so the summary never reads
+# "0 failed" for a run that did not finish.
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+  echo "cargo exited with status $status outside any test (a build error, or the run was stopped)"
+  failed=1
+fi
 # The Python package's tests, on the C library built above (python3's standard library only).
 pylog="$(mktemp)"
 trap 'rm -f "$log" "$pylog"' EXIT
