@@ -371,6 +371,20 @@ impl AppState {
         self.fetch_cancel.store(true, Ordering::Relaxed);
     }
 
+    /// The text field a dialog for `field` reads its start from and fills.
+    fn path_of(&mut self, field: PathField) -> &mut String {
+        match field {
+            PathField::ModelFile | PathField::ModelFolder => &mut self.model_path,
+            PathField::DataFile | PathField::DataFolder => &mut self.data_path,
+            PathField::AdapterFolder => &mut self.adapter_path,
+        }
+    }
+
+    /// Reads the GPU's memory again (after a load, a training run, or for an estimate).
+    fn refresh_memory(&mut self) {
+        self.memory = self.ctx.as_ref().and_then(|c| c.memory());
+    }
+
     /// Opens a file dialog for `field`; the choice fills the field.
     pub fn pick(&mut self, field: PathField) {
         if self.picking {
@@ -380,12 +394,7 @@ impl AppState {
             return self.fail(why);
         }
         self.picking = true;
-        let current = match field {
-            PathField::ModelFile | PathField::ModelFolder => &self.model_path,
-            PathField::DataFile | PathField::DataFolder => &self.data_path,
-            PathField::AdapterFolder => &self.adapter_path,
-        };
-        let current = PathBuf::from(current.trim());
+        let current = PathBuf::from(self.path_of(field).trim());
         let start = if current.is_dir() { Some(current) } else { current.parent().map(Path::to_path_buf) };
         self.spawn(move |_| {
             let mut dialog = rfd::AsyncFileDialog::new().set_title(field.title());
@@ -473,7 +482,7 @@ impl AppState {
                 let model = session.lock().unwrap_or_else(|p| p.into_inner()).model.clone();
                 Trainer::new(model, dataset, cfg).map(|t| t.planned_gpu_bytes()).map_err(|e| e.to_string())
             });
-            self.memory = self.ctx.as_ref().and_then(|c| c.memory());
+            self.refresh_memory();
             let checked = planned.and_then(|b| check_fit(b, weights, self.memory));
             self.estimate = Some((self.settings.clone(), checked));
         }
@@ -661,11 +670,7 @@ impl AppState {
                 self.picking = false;
                 if let Some(p) = path {
                     let p = p.display().to_string();
-                    match field {
-                        PathField::ModelFile | PathField::ModelFolder => self.model_path = p,
-                        PathField::DataFile | PathField::DataFolder => self.data_path = p,
-                        PathField::AdapterFolder => self.adapter_path = p,
-                    }
+                    *self.path_of(field) = p;
                 }
             }
             Msg::Model(r) => {
@@ -675,7 +680,7 @@ impl AppState {
                         self.done(format!("loaded {}", info.path.display()));
                         self.session = Some(Arc::new(Mutex::new(session)));
                         self.model = Some(info);
-                        self.memory = self.ctx.as_ref().and_then(|c| c.memory());
+                        self.refresh_memory();
                         // Data, adapters and answers belonged to the model before.
                         (self.data, self.dataset, self.adapter, self.estimate) = (None, None, None, None);
                         self.chat = Chat { prompt: std::mem::take(&mut self.chat.prompt), ..Default::default() };
@@ -711,7 +716,7 @@ impl AppState {
                     self.phase = Phase::Finished(reason.into());
                     let label = format!("trained here ({} steps, {reason})", out.steps);
                     self.adapter = Some((out.adapter, label));
-                    self.memory = self.ctx.as_ref().and_then(|c| c.memory());
+                    self.refresh_memory();
                     self.done(format!("training {reason}"));
                 }
                 Err(e) => {

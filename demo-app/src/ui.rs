@@ -82,13 +82,14 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
     ui.separator();
     ui.heading("Model");
     path_field(ui, "Model path", &mut s.model_path, "a Hugging Face folder or a .gguf file");
-    ui.horizontal(|ui| {
-        browse(ui, s, "File...", PathField::ModelFile);
-        browse(ui, s, "Folder...", PathField::ModelFolder);
-        if ui.add_enabled(s.can_load_model(), egui::Button::new("Load model")).clicked() {
-            s.load_model();
-        }
-    });
+    browse_and_load(
+        ui,
+        s,
+        [PathField::ModelFile, PathField::ModelFolder],
+        "Load model",
+        AppState::can_load_model,
+        AppState::load_model,
+    );
     default_model(ui, s);
     if let Some(m) = &s.model {
         ui.label(format!(
@@ -104,13 +105,14 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
     ui.separator();
     ui.heading("Data");
     path_field(ui, "Data path", &mut s.data_path, "a JSONL file of chats, or a folder of your notes");
-    ui.horizontal(|ui| {
-        browse(ui, s, "File...", PathField::DataFile);
-        browse(ui, s, "Folder...", PathField::DataFolder);
-        if ui.add_enabled(s.can_load_data(), egui::Button::new("Load data")).clicked() {
-            s.load_data();
-        }
-    });
+    browse_and_load(
+        ui,
+        s,
+        [PathField::DataFile, PathField::DataFolder],
+        "Load data",
+        AppState::can_load_data,
+        AppState::load_data,
+    );
     if let Some(d) = &s.data {
         let r = &d.report;
         ui.label(format!(
@@ -219,6 +221,24 @@ fn browse(ui: &mut egui::Ui, s: &mut AppState, text: &str, field: PathField) {
     if ui.add_enabled(idle, egui::Button::new(text)).clicked() {
         s.pick(field);
     }
+}
+
+/// File... and Folder... for a path, then the button that loads it.
+fn browse_and_load(
+    ui: &mut egui::Ui,
+    s: &mut AppState,
+    [file, folder]: [PathField; 2],
+    load: &str,
+    can_load: fn(&AppState) -> bool,
+    on_load: fn(&mut AppState),
+) {
+    ui.horizontal(|ui| {
+        browse(ui, s, "File...", file);
+        browse(ui, s, "Folder...", folder);
+        if ui.add_enabled(can_load(s), egui::Button::new(load)).clicked() {
+            on_load(s);
+        }
+    });
 }
 
 /// The default model: a button that fetches it (once) and loads it, and the download's progress.
