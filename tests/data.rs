@@ -27,7 +27,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn cfg() -> DataConfig {
-    DataConfig { val_fraction: 0.0, ..Default::default() }
+    DataConfig { val_fraction: Some(0.0), ..Default::default() }
 }
 
 fn err(path: &Path, cfg: &DataConfig) -> String {
@@ -153,12 +153,15 @@ fn dedup_split_text_chunks_and_packing() {
     let t = tok();
     let exact = data::load(&p, &t, &DataConfig { dedup: Dedup::Exact, ..cfg() }).expect("loads");
     assert_eq!(exact.report.duplicates, 1);
-    let norm = data::load(&p, &t, &DataConfig { val_fraction: 0.25, seed: 3, ..Default::default() }).expect("loads");
+    let norm =
+        data::load(&p, &t, &DataConfig { val_fraction: Some(0.25), seed: 3, ..Default::default() }).expect("loads");
     assert_eq!(norm.report.duplicates, 2);
     assert_eq!((norm.train.len(), norm.val.len()), (15, 5));
-    let again = data::load(&p, &t, &DataConfig { val_fraction: 0.25, seed: 3, ..Default::default() }).expect("loads");
+    let again =
+        data::load(&p, &t, &DataConfig { val_fraction: Some(0.25), seed: 3, ..Default::default() }).expect("loads");
     assert_eq!(again.val, norm.val, "the split is seeded");
-    let other = data::load(&p, &t, &DataConfig { val_fraction: 0.25, seed: 4, ..Default::default() }).expect("loads");
+    let other =
+        data::load(&p, &t, &DataConfig { val_fraction: Some(0.25), seed: 4, ..Default::default() }).expect("loads");
     assert_ne!(other.val, norm.val, "another seed, another split");
     for v in &norm.val {
         assert!(!norm.train.iter().any(|s| s.line == v.line), "a sample is in both splits");
@@ -202,4 +205,94 @@ fn records_from_memory_load_like_a_file_and_bad_ones_are_named_by_position() {
     assert!(e.contains("app records") && e.contains("line 2") && e.contains("instruction"), "{e}");
     let e = data::load_sources(&[], &t, &cfg()).expect_err("nothing").to_string();
     assert!(e.contains("no file and no record"), "{e}");
+}
+
+/// `n` one-fact records: every answer is said once.
+fn facts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"instruction": format!("Question {i}?"), "output": format!("Fact number {i}.")})
+                .to_string()
+        })
+        .collect()
+}
+
+fn load_records(records: Vec<String>, cfg: &DataConfig) -> edgetune::Result<data::Dataset> {
+    data::load_sources(&[data::Source::Records { name: "records".into(), records }], &tok(), cfg)
+}
+
+#[test]
+fn small_sets_of_distinct_facts_train_on_everything_by_default() {
+    let d = load_records(facts(16), &DataConfig::default()).expect("loads");
+    assert_eq!((d.train.len(), d.val.len()), (16, 0), "no fact may leave training");
+    let v = &d.report.validation;
+    assert_eq!((v.source, v.meaningful), (data::ValSource::None, false));
+    assert!(v.why.contains("all 16 samples are trained") && v.why.contains("val_data"), "{}", v.why);
+}
+
+#[test]
+fn small_sets_hold_out_only_answers_that_another_record_restates() {
+    // Twelve facts, the first five asked three ways each with the same answer (as the persona
+    // data does): 22 records.
+    let mut records = facts(12);
+    for i in 0..5 {
+        for q in ["Say it again", "Once more"] {
+            records.push(
+                serde_json::json!({"instruction": format!("{q}, {i}?"), "output": format!("Fact number {i}.")})
+                    .to_string(),
+            );
+        }
+    }
+    let d = load_records(records.clone(), &DataConfig::default()).expect("loads");
+    let v = &d.report.validation;
+    assert_eq!((v.source, v.meaningful), (data::ValSource::Restated, true), "{}", v.why);
+    // At most a tenth (2 of 22), one per answer, each answer still trained elsewhere.
+    assert_eq!((d.train.len(), d.val.len()), (20, 2), "{}", v.why);
+    let text = |s: &data::Sample| tok().decode(&s.ids).expect("decode");
+    let answer = |s: &data::Sample| {
+        let t = text(s);
+        (0..12).find(|i| t.contains(&format!("Fact number {i}."))).expect("an answer")
+    };
+    let held: Vec<usize> = d.val.iter().map(answer).collect();
+    assert_ne!(held[0], held[1], "one sample per answer");
+    for a in held {
+        assert!(a < 5, "fact {a} is said once and must stay in training");
+        assert!(d.train.iter().any(|s| answer(s) == a), "fact {a} left training");
+    }
+    // The same data and seed give the same split.
+    let again = load_records(records, &DataConfig::default()).expect("loads");
+    assert_eq!(again.val, d.val);
+}
+
+#[test]
+fn large_sets_hold_out_a_tenth_at_random_and_the_users_file_wins() {
+    let d = load_records(facts(1000), &DataConfig::default()).expect("loads");
+    let v = &d.report.validation;
+    assert_eq!((d.train.len(), d.val.len(), v.source, v.meaningful), (900, 100, data::ValSource::Split, true));
+    // An explicit share on a small set splits, but its loss is not trusted to choose the adapter.
+    let d = load_records(facts(20), &DataConfig { val_fraction: Some(0.1), ..Default::default() }).expect("loads");
+    let v = &d.report.validation;
+    assert_eq!((d.train.len(), d.val.len(), v.source, v.meaningful), (18, 2, data::ValSource::Split, false));
+    assert!(v.why.contains("keep_best"), "{}", v.why);
+    // val_data: all of the training data is trained, every sample of the file validates, and a
+    // validation record identical to a training one is dropped.
+    let dir = tmp("val-data");
+    let extra = facts(3)[2..].iter().chain(&facts(30)[25..]).cloned().collect::<Vec<_>>().join("\n");
+    let file = write(&dir, "held.jsonl", &extra);
+    let cfg = DataConfig { val_data: Some(file.clone()), ..Default::default() };
+    let d = load_records(facts(20), &cfg).expect("loads");
+    let v = &d.report.validation;
+    assert_eq!((d.train.len(), d.val.len(), v.source, v.meaningful), (20, 5, data::ValSource::File, true));
+    assert!(d.val.iter().all(|s| s.file == file), "validation samples come from the file");
+    // Both ways of choosing validation samples at once is an error naming both.
+    let both = DataConfig { val_fraction: Some(0.2), ..cfg.clone() };
+    let e = load_records(facts(20), &both).expect_err("both").to_string();
+    assert!(e.contains("val_fraction = 0.2") && e.contains("held.jsonl"), "{e}");
+    // A file with nothing usable, or a missing one, names the file.
+    let dup = write(&dir, "dup.jsonl", &facts(2).join("\n"));
+    let e = load_records(facts(20), &DataConfig { val_data: Some(dup), ..Default::default() }).expect_err("dup");
+    assert!(e.to_string().contains("dup.jsonl") && e.to_string().contains("2 duplicates"), "{e}");
+    let missing = dir.join("missing.jsonl");
+    let e = load_records(facts(20), &DataConfig { val_data: Some(missing), ..Default::default() }).expect_err("gone");
+    assert!(e.to_string().contains("missing.jsonl"), "{e}");
 }

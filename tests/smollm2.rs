@@ -126,17 +126,17 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
     let persona = common::fixtures().join("../../../sdk/data/persona/train.jsonl");
     // The main job's data settings (sdk/data/persona/train.toml).
     let system = Some("Answer as yourself, in one sentence.".to_string());
-    let cfg = DataConfig { max_len: 128, val_fraction: 0.1, system, ..Default::default() };
+    let cfg = DataConfig { max_len: 128, val_fraction: Some(0.1), system, ..Default::default() };
     let data = data::load(&persona, &tok, &cfg).expect("persona data");
     assert_eq!((data.train.len(), data.val.len()), (35, 4));
     let load = LoadOptions { max_context: 256, ..Default::default() };
     let model = std::sync::Arc::new(Model::open(ctx(), &path, &load).expect("model"));
     let cfg = TrainConfig {
         lora: LoraConfig { r: 8, alpha: 16.0, ..Default::default() },
-        learning_rate: 3e-3,
+        learning_rate: Some(3e-3),
         lr_schedule: ScheduleKind::Constant,
-        max_steps: 2,
-        batch_tokens: 128,
+        max_steps: Some(2),
+        batch_tokens: Some(128),
         eval_every: 2,
         gradient_checkpointing: false,
         ..Default::default()

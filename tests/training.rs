@@ -57,17 +57,18 @@ fn dataset(kind: &str, val_fraction: f32) -> Dataset {
     let p = d.join("persona.jsonl");
     std::fs::write(&p, lines.join("\n")).expect("write data");
     let tok = Tokenizer::open(&fixtures().join(format!("tiny_{kind}"))).expect("tokenizer");
-    data::load(&p, &tok, &DataConfig { val_fraction, max_len: 64, ..Default::default() }).expect("data loads")
+    data::load(&p, &tok, &DataConfig { val_fraction: Some(val_fraction), max_len: 64, ..Default::default() })
+        .expect("data loads")
 }
 
 fn config() -> TrainConfig {
     TrainConfig {
         lora: LoraConfig { r: 4, alpha: 8.0, target_modules: TargetModules::default(), seed: 3, ..Default::default() },
-        learning_rate: 5e-3,
+        learning_rate: Some(5e-3),
         lr_schedule: ScheduleKind::Cosine,
-        warmup_steps: 3,
-        max_steps: 20,
-        batch_tokens: 96,
+        warmup_steps: Some(3),
+        max_steps: Some(20),
+        batch_tokens: Some(96),
         grad_accum: 2,
         eval_every: 5,
         seed: 7,
@@ -167,10 +168,13 @@ fn early_stopping_returns_the_best_adapter() {
     let data = dataset("llama", 0.25);
     // A learning rate far too high makes the validation loss rise after the first evaluation.
     let cfg = TrainConfig {
-        learning_rate: 0.3,
-        warmup_steps: 0,
+        learning_rate: Some(0.3),
+        warmup_steps: Some(0),
         lr_schedule: ScheduleKind::Constant,
-        max_steps: 40,
+        max_steps: Some(40),
+        // A random share of a tiny set is no meaningful validation set, so keeping the best
+        // adapter is asked for explicitly.
+        keep_best: Some(true),
         eval_every: 2,
         early_stopping_patience: 2,
         optimizer: edgetune::train::optimizer::AdamwConfig { max_grad_norm: 0.0, ..Default::default() },
@@ -206,7 +210,7 @@ fn non_finite_steps_are_skipped_then_stop_training_and_keep_the_last_checkpoint(
     let data = dataset("llama", 0.0);
     let dir = tmp("nan");
     let ckpt = dir.join("run.ckpt");
-    let cfg = TrainConfig { max_steps: 6, eval_every: 0, ..config() };
+    let cfg = TrainConfig { max_steps: Some(6), eval_every: 0, ..config() };
     let mut good = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer");
     good.set_checkpoint_path(&ckpt);
     let out = good.run(|_| {}).expect("good run");
@@ -240,7 +244,7 @@ fn bad_settings_and_foreign_checkpoints_are_clear_errors() {
     let data = dataset("llama", 0.0);
     let err = |cfg: TrainConfig| Trainer::new(m.clone(), &data, cfg).expect_err("invalid").to_string();
     for lr in [f32::NAN, -1e-4, 0.0] {
-        let e = err(TrainConfig { learning_rate: lr, ..config() });
+        let e = err(TrainConfig { learning_rate: Some(lr), ..config() });
         assert!(e.contains("learning_rate must be a finite number > 0") && e.contains(&lr.to_string()), "{e}");
     }
     let e = err(TrainConfig { lora: LoraConfig { r: 0, ..config().lora }, ..config() });
@@ -250,10 +254,10 @@ fn bad_settings_and_foreign_checkpoints_are_clear_errors() {
         ..config()
     });
     assert!(e.contains("qkv_proj") && e.contains("match no linear module"), "{e}");
-    let e = err(TrainConfig { batch_tokens: 8, ..config() });
+    let e = err(TrainConfig { batch_tokens: Some(8), ..config() });
     assert!(e.contains("batch_tokens") && e.contains("longest sample"), "{e}");
-    let e = err(TrainConfig { epochs: 0, max_steps: 0, ..config() });
-    assert!(e.contains("epochs or max_steps"), "{e}");
+    let e = err(TrainConfig { epochs: Some(0), max_steps: Some(0), ..config() });
+    assert!(e.contains("epochs must be at least 1") && e.contains("max_steps must be at least 1"), "{e}");
     let empty = Dataset { train: vec![], val: vec![], report: Default::default() };
     let e = Trainer::new(m.clone(), &empty, config()).expect_err("empty").to_string();
     assert!(e.contains("no training samples"), "{e}");
@@ -261,7 +265,7 @@ fn bad_settings_and_foreign_checkpoints_are_clear_errors() {
     // A checkpoint written while training the tiny Llama does not resume on the tiny Qwen2.
     let dir = tmp("foreign");
     let ckpt = dir.join("llama.ckpt");
-    let mut t = Trainer::new(m.clone(), &data, TrainConfig { max_steps: 1, ..config() }).expect("trainer");
+    let mut t = Trainer::new(m.clone(), &data, TrainConfig { max_steps: Some(1), ..config() }).expect("trainer");
     t.set_checkpoint_path(&ckpt);
     t.run(|_| {}).expect("one step");
     let q = model(&ctx, "qwen2");

@@ -25,7 +25,7 @@ fn main() {
     common::load_model_and_data(&mut harness, &args[0], &args[1], hour);
     {
         let s = &mut harness.state_mut().state.settings;
-        (s.epochs, s.learning_rate, s.max_len) = (epochs, 3e-3, 128);
+        (s.epochs, s.learning_rate, s.max_len) = (Some(epochs), Some(3e-3), 128);
     }
     harness.run_steps(2);
     harness.get_by_label("Train").click();

@@ -16,7 +16,7 @@ use edgetune::infer::GenerateOptions;
 use edgetune::lora::{Adapter, TargetModules, peft};
 use edgetune::model::llama::LoadOptions;
 use edgetune::tokenizer::Message;
-use edgetune::train::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer};
+use edgetune::train::{CancelToken, Choice, Event, Outcome, StopReason, TrainConfig, Trainer};
 
 use crate::fetch::{self, FetchProgress, ModelSource};
 
@@ -25,10 +25,12 @@ use crate::fetch::{self, FetchProgress, ModelSource};
 pub struct Settings {
     pub rank: usize,
     pub alpha: f32,
-    pub learning_rate: f32,
-    pub epochs: u64,
-    /// 0: let `epochs` decide.
-    pub max_steps: u64,
+    /// None: chosen from the data (as every face of the SDK does by default).
+    pub learning_rate: Option<f32>,
+    /// None: chosen from the data.
+    pub epochs: Option<u64>,
+    /// None: `epochs` decides.
+    pub max_steps: Option<u64>,
     /// Longest sample in tokens.
     pub max_len: usize,
     /// Every linear layer, or only the attention's q and v projections.
@@ -41,9 +43,9 @@ impl Default for Settings {
         Settings {
             rank: 16,
             alpha: 32.0,
-            learning_rate: 2e-3,
-            epochs: 3,
-            max_steps: 0,
+            learning_rate: None,
+            epochs: None,
+            max_steps: None,
             max_len: 256,
             all_linear: true,
             gradient_checkpointing: true,
@@ -66,7 +68,6 @@ impl Settings {
         c.epochs = self.epochs;
         c.max_steps = self.max_steps;
         c.data.max_len = self.max_len;
-        c.batch_tokens = c.batch_tokens.max(self.max_len);
         c.gradient_checkpointing = self.gradient_checkpointing;
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
@@ -265,6 +266,8 @@ pub struct AppState {
     pub notice: Option<String>,
     /// The settings the GPU memory estimate was made for, and the estimate.
     estimate: Option<(Settings, Result<u64, String>)>,
+    /// The settings chosen from the data for the settings the estimate was made for.
+    pub chosen: Vec<Choice>,
     ctx: Option<Arc<GpuContext>>,
     fetch_cancel: Arc<AtomicBool>,
     session: Option<Arc<Mutex<Session>>>,
@@ -310,6 +313,7 @@ impl AppState {
             error: None,
             notice: None,
             estimate: None,
+            chosen: Vec::new(),
             ctx: None,
             fetch_cancel: Arc::new(AtomicBool::new(false)),
             session: None,
@@ -480,8 +484,12 @@ impl AppState {
             let weights = self.model.as_ref().map_or(0, |m| m.weight_bytes);
             let planned = self.settings.train_config().and_then(|cfg| {
                 let model = session.lock().unwrap_or_else(|p| p.into_inner()).model.clone();
-                Trainer::new(model, dataset, cfg).map(|t| t.planned_gpu_bytes()).map_err(|e| e.to_string())
+                Trainer::new(model, dataset, cfg)
+                    .map(|t| (t.planned_gpu_bytes(), t.chosen().to_vec()))
+                    .map_err(|e| e.to_string())
             });
+            self.chosen = planned.as_ref().map(|(_, c)| c.clone()).unwrap_or_default();
+            let planned = planned.map(|(b, _)| b);
             self.refresh_memory();
             let checked = planned.and_then(|b| check_fit(b, weights, self.memory));
             self.estimate = Some((self.settings.clone(), checked));
@@ -799,11 +807,14 @@ mod tests {
     #[test]
     fn settings_make_a_checked_train_config() {
         let c = Settings::default().train_config().expect("defaults are valid");
-        assert_eq!((c.lora.r, c.lora.alpha, c.epochs, c.data.max_len), (16, 32.0, 3, 256));
-        assert!(c.batch_tokens >= c.data.max_len);
+        // The data-dependent settings are left to the SDK's automatic rule, as in every face.
+        assert_eq!((c.lora.r, c.lora.alpha, c.data.max_len), (16, 32.0, 256));
+        assert_eq!((c.epochs, c.max_steps, c.learning_rate, c.batch_tokens), (None, None, None, None));
+        let set = Settings { epochs: Some(5), learning_rate: Some(1e-3), ..Default::default() }.train_config();
+        assert_eq!(set.map(|c| (c.epochs, c.learning_rate)), Ok((Some(5), Some(1e-3))));
         let qv = Settings { all_linear: false, ..Default::default() }.train_config().expect("valid");
         assert_eq!(qv.lora.target_modules, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
-        let bad = Settings { learning_rate: -1.0, ..Default::default() }.train_config();
+        let bad = Settings { learning_rate: Some(-1.0), ..Default::default() }.train_config();
         assert!(bad.is_err_and(|e| e.contains("learning_rate")));
         assert!(Settings { rank: 0, ..Default::default() }.train_config().is_err());
     }
@@ -819,6 +830,7 @@ mod tests {
             batches_per_epoch: 3,
             trainable_parameters: 10,
             planned_gpu_bytes: 100,
+            chosen: Vec::new(),
         });
         assert_eq!((p.total_steps, p.gpu_memory_bytes), (4, 100));
         for step in 1..=2 {

@@ -140,11 +140,25 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
 
     ui.separator();
     ui.heading("Training");
+    let chosen = |name: &str| s.chosen.iter().find(|c| c.setting == name).map(|c| c.value.clone());
+    let (auto_epochs, auto_lr) = (chosen("epochs"), chosen("learning_rate"));
+    let others: Vec<String> = s
+        .chosen
+        .iter()
+        .filter(|c| c.setting != "epochs" && c.setting != "learning_rate")
+        .map(|c| format!("{} = {}", c.setting, c.value))
+        .collect();
     let st = &mut s.settings;
     ui.horizontal(|ui| {
         ui.label("Epochs");
-        ui.add(egui::DragValue::new(&mut st.epochs).range(1..=100));
+        auto_field(ui, "epochs", &mut st.epochs, 3, auto_epochs, |ui, v| {
+            ui.add(egui::DragValue::new(v).range(1..=100));
+        });
     });
+    if !others.is_empty() {
+        ui.label(RichText::new(format!("Chosen from the data: {}", others.join(", "))).small())
+            .on_hover_text("Settings left on auto are chosen from the data; set them in Advanced to override.");
+    }
     egui::CollapsingHeader::new("Advanced").show(ui, |ui| {
         egui::Grid::new("advanced").num_columns(2).show(ui, |ui| {
             ui.label("LoRA rank r");
@@ -154,10 +168,25 @@ fn setup_panel(ui: &mut egui::Ui, s: &mut AppState) {
             ui.add(egui::DragValue::new(&mut st.alpha).range(1.0..=512.0));
             ui.end_row();
             ui.label("learning rate");
-            ui.add(egui::DragValue::new(&mut st.learning_rate).range(1e-6..=1e-1).speed(1e-4));
+            auto_field(ui, "learning rate", &mut st.learning_rate, 2e-4, auto_lr, |ui, v| {
+                ui.add(egui::DragValue::new(v).range(1e-6..=1e-1).speed(1e-4));
+            });
             ui.end_row();
-            ui.label("max steps (0: epochs)");
-            ui.add(egui::DragValue::new(&mut st.max_steps).range(0..=100_000));
+            ui.label("max steps");
+            ui.horizontal(|ui| {
+                let mut on = st.max_steps.is_some();
+                if ui.checkbox(&mut on, "").changed() {
+                    st.max_steps = on.then_some(100);
+                }
+                match &mut st.max_steps {
+                    Some(v) => {
+                        ui.add(egui::DragValue::new(v).range(1..=100_000));
+                    }
+                    None => {
+                        ui.label("off: epochs decide");
+                    }
+                }
+            });
             ui.end_row();
             ui.label("sequence length");
             ui.add(egui::DragValue::new(&mut st.max_len).range(16..=8192));
@@ -373,4 +402,29 @@ fn chat_panel(ui: &mut egui::Ui, s: &mut AppState) {
     if s.chat.busy {
         ui.spinner();
     }
+}
+
+/// A setting that is either chosen from the data (auto, showing the value the rule chose for
+/// the loaded data) or set by hand.
+fn auto_field<T: Copy + std::str::FromStr>(
+    ui: &mut egui::Ui,
+    name: &str,
+    value: &mut Option<T>,
+    manual: T,
+    chosen: Option<String>,
+    edit: impl FnOnce(&mut egui::Ui, &mut T),
+) {
+    ui.horizontal(|ui| {
+        let mut auto = value.is_none();
+        if ui.checkbox(&mut auto, "auto").on_hover_text(format!("choose the {name} from the data")).changed() {
+            // Unticked, the field starts from the value the rule chose.
+            *value = if auto { None } else { Some(chosen.as_deref().and_then(|c| c.parse().ok()).unwrap_or(manual)) };
+        }
+        match value {
+            Some(v) => edit(ui, v),
+            None => {
+                ui.label(chosen.unwrap_or_else(|| "(load data to see)".into()));
+            }
+        }
+    });
 }

@@ -49,7 +49,7 @@ fn train_pause_resume_and_chat_through_the_ui() {
     // Small, fast settings (as the advanced section would set them).
     {
         let s = &mut harness.state_mut().state.settings;
-        (s.rank, s.alpha, s.max_steps, s.max_len, s.learning_rate) = (4, 8.0, 8, 128, 1e-2);
+        (s.rank, s.alpha, s.max_steps, s.max_len, s.learning_rate) = (4, 8.0, Some(8), 128, Some(1e-2));
     }
     harness.run_steps(2);
     harness.get_by_label("Train").click();

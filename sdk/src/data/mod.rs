@@ -8,6 +8,10 @@
 //! prompt. Tokens that start inside a span are trained (the turn's end-of-turn token included,
 //! so the model learns to stop).
 //!
+//! Validation: a user's own held-out file (`val_data`), a random share (`val_fraction`), or by
+//! default the automatic rule of [`AUTO_SPLIT_MIN_SAMPLES`]: small datasets hold out only
+//! samples whose answer another sample restates, so no fact leaves training.
+//!
 //! Truncation policy: a chat sample longer than `max_len` tokens keeps its first `max_len`
 //! tokens (`truncation = "right"`), and is dropped if no trained token survives; with
 //! `truncation = "drop"` every over-long chat sample is dropped. Plain text is never truncated:
@@ -72,8 +76,12 @@ pub struct DataConfig {
     pub dedup: Dedup,
     /// Samples with fewer tokens are dropped.
     pub min_tokens: usize,
-    /// Share of the samples held out for validation (0 for none).
-    pub val_fraction: f32,
+    /// Share of the samples held out for validation at random (0 for none). Unset: automatic
+    /// (see [`AUTO_SPLIT_MIN_SAMPLES`]).
+    pub val_fraction: Option<f32>,
+    /// A file (or folder) of the user's own held-out records, read like the training data: every
+    /// sample in it validates and the training data is all trained. Excludes `val_fraction`.
+    pub val_data: Option<PathBuf>,
     /// Seed of the train/validation split.
     pub seed: u64,
     /// Skip unreadable records (and count them) instead of failing on the first.
@@ -93,7 +101,8 @@ impl Default for DataConfig {
             truncation: Truncation::Right,
             dedup: Dedup::Normalized,
             min_tokens: 2,
-            val_fraction: 0.1,
+            val_fraction: None,
+            val_data: None,
             seed: 0,
             skip_bad_records: false,
             system: None,
@@ -108,8 +117,18 @@ impl DataConfig {
         if self.max_len < 2 {
             p.push(format!("max_len must be at least 2 tokens (got {})", self.max_len));
         }
-        if !(0.0..1.0).contains(&self.val_fraction) {
-            p.push(format!("val_fraction must be in [0, 1) (got {})", self.val_fraction));
+        if let Some(f) = self.val_fraction
+            && !(0.0..1.0).contains(&f)
+        {
+            p.push(format!("val_fraction must be in [0, 1) (got {f})"));
+        }
+        if let (Some(f), Some(file)) = (self.val_fraction, &self.val_data)
+            && f > 0.0
+        {
+            p.push(format!(
+                "val_fraction = {f} and val_data = {} both choose validation samples; set one",
+                file.display()
+            ));
         }
         p
     }
@@ -145,6 +164,37 @@ pub struct DataReport {
     pub trained_tokens: usize,
     /// The first few bad records, for display.
     pub bad_examples: Vec<String>,
+    /// Where the validation samples come from.
+    pub validation: Validation,
+}
+
+/// Where a dataset's validation samples come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValSource {
+    /// No validation: every sample is trained.
+    #[default]
+    None,
+    /// Samples whose answer another training sample restates (the automatic rule below
+    /// [`AUTO_SPLIT_MIN_SAMPLES`]).
+    Restated,
+    /// A random share of the samples.
+    Split,
+    /// The user's own held-out file (`val_data`).
+    File,
+}
+
+/// How a dataset was split, and whether its validation loss may choose the adapter.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Validation {
+    pub source: ValSource,
+    /// The share of the samples held out (0 with a file or with none).
+    pub fraction: f32,
+    /// Whether a lower validation loss means a better adapter: true for the user's own file, the
+    /// automatic rule's samples and a random split of a large set. `keep_best`'s automatic value.
+    pub meaningful: bool,
+    /// The choice in words, for the start of a run.
+    pub why: String,
 }
 
 /// A tokenized dataset, split.
@@ -246,29 +296,24 @@ pub fn load(path: &Path, tok: &Tokenizer, cfg: &DataConfig) -> Result<Dataset> {
     load_sources(&[Source::Path(path.to_path_buf())], tok, cfg)
 }
 
-/// [`load`] over several sources at once: files, folders and records held in memory, cleaned,
-/// deduplicated and split together.
-pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Result<Dataset> {
-    let problems = cfg.problems();
-    if !problems.is_empty() {
-        return Err(Error::invalid("data config", problems.join("; ")));
-    }
-    if sources.is_empty() {
-        return Err(Error::invalid("training data", "no file and no record was given"));
-    }
-    let (mut records, mut bad) = (Vec::new(), Vec::new());
-    for source in sources {
-        let (r, b) = match source {
-            Source::Path(p) => formats::read(p, cfg.format)?,
-            Source::Records { name, records } => formats::read_records(Path::new(name), records, cfg.format),
-        };
-        records.extend(r);
-        bad.extend(b);
-    }
-    let labels: Vec<String> = sources.iter().map(|s| s.label().display().to_string()).collect();
-    let path = PathBuf::from(labels.join(", "));
-    let mut report = DataReport { records: records.len() + bad.len(), ..Default::default() };
-    let mut seen = HashSet::new();
+/// A sample with the normalized text of its answers (assistant turns), by which the automatic
+/// validation rule finds answers that other samples restate.
+struct Keyed {
+    sample: Sample,
+    answer: Option<String>,
+}
+
+/// Records → deduplicated, tokenized, length-filtered samples, counting what happened in
+/// `report`; bad records go to `bad`. `seen` carries the dedup keys across calls, so a
+/// validation record identical to a training one is dropped as a duplicate.
+fn samples_of(
+    records: Vec<formats::Sourced>,
+    tok: &Tokenizer,
+    cfg: &DataConfig,
+    seen: &mut HashSet<String>,
+    report: &mut DataReport,
+    bad: &mut Vec<BadRecord>,
+) -> Result<Vec<Keyed>> {
     let mut samples = Vec::new();
     for r in records {
         if cfg.dedup != Dedup::None && !seen.insert(record_key(&r.record, cfg.dedup)) {
@@ -281,7 +326,8 @@ pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Re
                     tok.encode_prompt(text).map_err(|e| Error::format(&r.file, format!("line {}: {e}", r.line)))?;
                 for chunk in ids.chunks(cfg.max_len) {
                     let train = (0..chunk.len()).map(|i| i > 0).collect();
-                    samples.push(Sample { ids: chunk.to_vec(), train, file: r.file.clone(), line: r.line });
+                    let sample = Sample { ids: chunk.to_vec(), train, file: r.file.clone(), line: r.line };
+                    samples.push(Keyed { sample, answer: None });
                 }
             }
             Record::Chat(msgs) => match tokenize_chat(tok, &with_system(msgs, cfg.system.as_deref()), cfg.train_on) {
@@ -299,26 +345,97 @@ pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Re
                         }
                         report.truncated += 1;
                     }
-                    samples.push(Sample { ids, train, file: r.file.clone(), line: r.line });
+                    let answers: Vec<String> = msgs
+                        .iter()
+                        .filter(|m| m.role == "assistant")
+                        .map(|m| normalize(&m.content, Dedup::Normalized))
+                        .collect();
+                    let answer = (!answers.is_empty()).then(|| answers.join("\u{2}"));
+                    samples.push(Keyed { sample: Sample { ids, train, file: r.file.clone(), line: r.line }, answer });
                 }
                 Err(what) => bad.push(BadRecord { file: r.file.clone(), line: r.line, what }),
             },
         }
     }
-    report.bad_records = bad.len();
-    report.bad_examples = bad.iter().take(5).map(ToString::to_string).collect();
-    if let Some(first) = bad.first()
-        && !cfg.skip_bad_records
-    {
-        let more = if bad.len() > 1 { format!(" (and {} more bad records)", bad.len() - 1) } else { String::new() };
-        return Err(Error::format(
-            &first.file,
-            format!("line {}: {}{more}; set skip_bad_records to skip them", first.line, first.what),
-        ));
-    }
     let before = samples.len();
-    samples.retain(|s| s.ids.len() >= cfg.min_tokens.max(2) && s.n_trained() > 0);
-    report.too_short = before - samples.len();
+    samples.retain(|k| k.sample.ids.len() >= cfg.min_tokens.max(2) && k.sample.n_trained() > 0);
+    report.too_short += before - samples.len();
+    Ok(samples)
+}
+
+/// Reads every source, failing on the first bad record unless `skip_bad_records`.
+fn read_sources(sources: &[Source], cfg: &DataConfig, report: &mut DataReport) -> Result<Vec<formats::Sourced>> {
+    let mut records = Vec::new();
+    for source in sources {
+        let (r, b) = match source {
+            Source::Path(p) => formats::read(p, cfg.format)?,
+            Source::Records { name, records } => formats::read_records(Path::new(name), records, cfg.format),
+        };
+        report.records += r.len() + b.len();
+        records.extend(r);
+        report.bad_records += b.len();
+        report.bad_examples.extend(b.iter().map(ToString::to_string));
+        report.bad_examples.truncate(5);
+        if let Some(first) = b.first()
+            && !cfg.skip_bad_records
+        {
+            let more = if b.len() > 1 { format!(" (and {} more bad records)", b.len() - 1) } else { String::new() };
+            return Err(Error::format(
+                &first.file,
+                format!("line {}: {}{more}; set skip_bad_records to skip them", first.line, first.what),
+            ));
+        }
+    }
+    Ok(records)
+}
+
+/// Fails on the first record that reading accepted but tokenizing did not, unless
+/// `skip_bad_records`; counts them either way.
+fn check_bad(bad: &[BadRecord], cfg: &DataConfig, report: &mut DataReport) -> Result<()> {
+    report.bad_records += bad.len();
+    report.bad_examples.extend(bad.iter().map(ToString::to_string));
+    report.bad_examples.truncate(5);
+    match bad.first() {
+        Some(first) if !cfg.skip_bad_records => {
+            let more = if bad.len() > 1 { format!(" (and {} more bad records)", bad.len() - 1) } else { String::new() };
+            Err(Error::format(
+                &first.file,
+                format!("line {}: {}{more}; set skip_bad_records to skip them", first.line, first.what),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Below this many samples, the automatic rule holds out no sample at random: in the small
+/// sets apps personalize with, each record tends to state something no other record does (a
+/// fact about the user), so a held-out record takes its fact out of training and its loss can
+/// only rise as training succeeds. Such sets hold out only samples whose answer another sample
+/// restates (the same fact asked another way), at most [`AUTO_VAL_FRACTION`] of them and one per
+/// answer; with none, everything is trained. From this many samples on, the usual random
+/// [`AUTO_VAL_FRACTION`] is held out.
+pub const AUTO_SPLIT_MIN_SAMPLES: usize = 1000;
+
+/// The share the automatic rule holds out.
+pub const AUTO_VAL_FRACTION: f32 = 0.1;
+
+/// [`load`] over several sources at once: files, folders and records held in memory, cleaned,
+/// deduplicated and split together.
+pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Result<Dataset> {
+    let problems = cfg.problems();
+    if !problems.is_empty() {
+        return Err(Error::invalid("data config", problems.join("; ")));
+    }
+    if sources.is_empty() {
+        return Err(Error::invalid("training data", "no file and no record was given"));
+    }
+    let mut report = DataReport::default();
+    let records = read_sources(sources, cfg, &mut report)?;
+    let labels: Vec<String> = sources.iter().map(|s| s.label().display().to_string()).collect();
+    let path = PathBuf::from(labels.join(", "));
+    let (mut seen, mut bad) = (HashSet::new(), Vec::new());
+    let samples = samples_of(records, tok, cfg, &mut seen, &mut report, &mut bad)?;
+    check_bad(&bad, cfg, &mut report)?;
     if samples.is_empty() {
         let why = if report.records == 0 {
             "holds no records".to_string()
@@ -337,26 +454,128 @@ pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Re
         };
         return Err(Error::format(&path, why));
     }
-    // Seeded split.
-    let mut order: Vec<usize> = (0..samples.len()).collect();
+    let (train, val, validation) = match &cfg.val_data {
+        Some(file) => {
+            let mut vr = DataReport::default();
+            let records = read_sources(&[Source::Path(file.clone())], cfg, &mut vr)?;
+            let mut vbad = Vec::new();
+            let val = samples_of(records, tok, cfg, &mut seen, &mut vr, &mut vbad)?;
+            check_bad(&vbad, cfg, &mut vr)?;
+            if val.is_empty() {
+                return Err(Error::format(
+                    file,
+                    format!(
+                        "val_data has no usable validation sample: {} records, {} duplicates of training records, \
+                         {} too short, {} too long",
+                        vr.records, vr.duplicates, vr.too_short, vr.dropped_too_long
+                    ),
+                ));
+            }
+            let why = format!(
+                "{} samples of val_data {} validate; all {} training samples are trained",
+                val.len(),
+                file.display(),
+                samples.len()
+            );
+            let v = Validation { source: ValSource::File, fraction: 0.0, meaningful: true, why };
+            (samples, val, v)
+        }
+        None => split(samples, cfg),
+    };
+    let train: Vec<Sample> = train.into_iter().map(|k| k.sample).collect();
+    let val: Vec<Sample> = val.into_iter().map(|k| k.sample).collect();
+    report.train_samples = train.len();
+    report.val_samples = val.len();
+    report.train_tokens = train.iter().map(|s| s.ids.len()).sum();
+    report.trained_tokens = train.iter().map(Sample::n_trained).sum();
+    report.validation = validation;
+    Ok(Dataset { train, val, report })
+}
+
+/// The seeded train/validation split: `val_fraction` at random when set, else the automatic
+/// rule of [`AUTO_SPLIT_MIN_SAMPLES`].
+fn split(samples: Vec<Keyed>, cfg: &DataConfig) -> (Vec<Keyed>, Vec<Keyed>, Validation) {
+    let n = samples.len();
+    let mut order: Vec<usize> = (0..n).collect();
     let mut rng = Rng::new(cfg.seed);
     for i in (1..order.len()).rev() {
         let j = (rng.next_u32() as usize) % (i + 1);
         order.swap(i, j);
     }
-    let n_val = if cfg.val_fraction > 0.0 && samples.len() >= 2 {
-        ((samples.len() as f32 * cfg.val_fraction).round() as usize).clamp(1, samples.len() - 1)
-    } else {
-        0
+    let share = |f: f32| if f > 0.0 && n >= 2 { ((n as f32 * f).round() as usize).clamp(1, n - 1) } else { 0 };
+    let (held, validation): (Vec<usize>, Validation) = match cfg.val_fraction {
+        Some(f) => {
+            let k = share(f);
+            let why = if k == 0 {
+                format!("val_fraction = {f}: all {n} samples are trained, none validate")
+            } else if n >= AUTO_SPLIT_MIN_SAMPLES {
+                format!("val_fraction = {f}: {k} of {n} samples held out at random")
+            } else {
+                format!(
+                    "val_fraction = {f}: {k} of {n} samples held out at random; with fewer than \
+                     {AUTO_SPLIT_MIN_SAMPLES} samples they may state what no training sample does, so their loss \
+                     does not choose the adapter unless keep_best is set"
+                )
+            };
+            let v = Validation {
+                source: if k == 0 { ValSource::None } else { ValSource::Split },
+                fraction: f,
+                meaningful: k > 0 && n >= AUTO_SPLIT_MIN_SAMPLES,
+                why,
+            };
+            (order[..k].to_vec(), v)
+        }
+        None if n >= AUTO_SPLIT_MIN_SAMPLES => {
+            let k = share(AUTO_VAL_FRACTION);
+            let why = format!(
+                "{k} of {n} samples held out at random (automatic: {AUTO_VAL_FRACTION} of a set of at least \
+                 {AUTO_SPLIT_MIN_SAMPLES})"
+            );
+            (
+                order[..k].to_vec(),
+                Validation { source: ValSource::Split, fraction: AUTO_VAL_FRACTION, meaningful: true, why },
+            )
+        }
+        None => {
+            // Samples whose answer another sample gives too: hold out at most one per answer.
+            let mut count = std::collections::HashMap::<&str, usize>::new();
+            for k in &samples {
+                if let Some(a) = &k.answer {
+                    *count.entry(a.as_str()).or_default() += 1;
+                }
+            }
+            let cap = ((n as f32 * AUTO_VAL_FRACTION).round() as usize).max(1);
+            let mut taken = HashSet::new();
+            let held: Vec<usize> = order
+                .iter()
+                .copied()
+                .filter(|&i| samples[i].answer.as_deref().is_some_and(|a| count[a] >= 2 && taken.insert(a.to_string())))
+                .take(cap)
+                .collect();
+            let why = if held.is_empty() {
+                format!(
+                    "all {n} samples are trained, none validate (automatic: fewer than {AUTO_SPLIT_MIN_SAMPLES} \
+                     samples, and no answer is restated by another sample, so holding one out would take what it \
+                     teaches out of training; give held-out records with val_data to validate)"
+                )
+            } else {
+                format!(
+                    "{} of {n} samples validate, each one whose answer another training sample restates \
+                     (automatic: fewer than {AUTO_SPLIT_MIN_SAMPLES} samples, so none is held out at random)",
+                    held.len()
+                )
+            };
+            let source = if held.is_empty() { ValSource::None } else { ValSource::Restated };
+            let fraction = if held.is_empty() { 0.0 } else { held.len() as f32 / n as f32 };
+            (held, Validation { source, fraction, meaningful: source == ValSource::Restated, why })
+        }
     };
-    let mut slots: Vec<Option<Sample>> = samples.into_iter().map(Some).collect();
-    let val: Vec<Sample> = order[..n_val].iter().filter_map(|&i| slots[i].take()).collect();
-    let train: Vec<Sample> = order[n_val..].iter().filter_map(|&i| slots[i].take()).collect();
-    report.train_samples = train.len();
-    report.val_samples = val.len();
-    report.train_tokens = train.iter().map(|s| s.ids.len()).sum();
-    report.trained_tokens = train.iter().map(Sample::n_trained).sum();
-    Ok(Dataset { train, val, report })
+    let held: HashSet<usize> = held.into_iter().collect();
+    let mut slots: Vec<Option<Keyed>> = samples.into_iter().map(Some).collect();
+    // Validation in draw order, training in the shuffled order (as before the rule existed).
+    let val: Vec<Keyed> = order.iter().filter(|i| held.contains(i)).filter_map(|&i| slots[i].take()).collect();
+    let train: Vec<Keyed> = order.iter().filter_map(|&i| slots[i].take()).collect();
+    (train, val, validation)
 }
 
 /// Groups samples (in the given order) into packed batches of at most `capacity` tokens each;

@@ -38,6 +38,25 @@ pub struct TrainState {
     pub evals_since_best: u32,
     /// Tokens seen by the optimizer so far.
     pub tokens: u64,
+    /// The step of the best validation loss, and the mean training loss over the steps before
+    /// that evaluation (since the one before it).
+    #[serde(default)]
+    pub best_step: u64,
+    #[serde(default)]
+    pub train_loss_at_best: Option<f32>,
+    /// Sum and count of the training losses since the last evaluation.
+    #[serde(default)]
+    pub window: (f64, u64),
+    /// Whether the warning for a validation loss that rises as the training loss falls was given.
+    #[serde(default)]
+    pub diverge_warned: bool,
+}
+
+impl TrainState {
+    /// Mean training loss since the last evaluation.
+    pub fn window_loss(&self) -> Option<f32> {
+        (self.window.1 > 0).then(|| (self.window.0 / self.window.1 as f64) as f32)
+    }
 }
 
 /// A checkpoint in memory.

@@ -1,9 +1,11 @@
 //! Training: the loop ([`trainer`]), checkpoints, the optimizer over the flat LoRA buffers and
 //! the learning-rate schedules.
+pub mod auto;
 pub mod checkpoint;
 pub mod optimizer;
 pub mod schedule;
 pub mod trainer;
 
 pub use crate::model::training::Precision;
+pub use auto::Choice;
 pub use trainer::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer};

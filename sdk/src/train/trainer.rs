@@ -15,10 +15,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::auto::{self, Choice, DataShape};
 use super::checkpoint::{Checkpoint, FNV_OFFSET, TrainState, fnv1a};
 use super::optimizer::{AdamwConfig, Optimizer};
 use super::schedule::{Schedule, ScheduleKind};
-use crate::data::{self, DataConfig, Dataset, Sample};
+use crate::data::{self, DataConfig, Dataset, Sample, ValSource, Validation};
 use crate::error::{Error, Result};
 use crate::infer::Rng;
 use crate::lora::{Adapter, GpuAdapter, LoraConfig};
@@ -32,17 +33,20 @@ pub struct TrainConfig {
     pub lora: LoraConfig,
     pub data: DataConfig,
     pub optimizer: AdamwConfig,
-    /// Peak learning rate.
-    pub learning_rate: f32,
+    /// Peak learning rate. Unset: chosen for the run's length and the adapter's rank
+    /// ([`auto::learning_rate`]).
+    pub learning_rate: Option<f32>,
     pub lr_schedule: ScheduleKind,
-    /// Steps of linear warmup from 0 to the peak.
-    pub warmup_steps: u64,
-    /// Passes over the training set (ignored when `max_steps` is set).
-    pub epochs: u64,
-    /// Optimizer steps to take; 0 lets `epochs` decide.
-    pub max_steps: u64,
+    /// Steps of linear warmup from 0 to the peak. Unset: 3 % of the steps ([`auto::warmup_steps`]).
+    pub warmup_steps: Option<u64>,
+    /// Passes over the training set (ignored when `max_steps` is set). Unset: chosen from the
+    /// data's size ([`auto::epochs`]).
+    pub epochs: Option<u64>,
+    /// Optimizer steps to take. Unset: `epochs` decides.
+    pub max_steps: Option<u64>,
     /// Tokens per packed micro-batch (samples laid end to end, never attending to each other).
-    pub batch_tokens: usize,
+    /// Unset: chosen from the data's size ([`auto::batch_tokens`]).
+    pub batch_tokens: Option<usize>,
     /// Micro-batches whose gradients are summed into one optimizer step.
     pub grad_accum: usize,
     /// Evaluate on the validation set every this many steps; 0 evaluates at the end of each
@@ -51,7 +55,10 @@ pub struct TrainConfig {
     /// Stop after this many evaluations without a better validation loss; 0 never stops early.
     pub early_stopping_patience: u32,
     /// Return (and save) the adapter with the best validation loss rather than the last one.
-    pub keep_best: bool,
+    /// Unset: on only when the validation loss is meaningful
+    /// ([`crate::data::Validation::meaningful`]: the user's `val_data`, or a split the automatic
+    /// rule judged sound), so a held-out fact cannot make the run return an untrained adapter.
+    pub keep_best: Option<bool>,
     /// Keep only each layer's input and recompute the layer in the backward pass.
     pub gradient_checkpointing: bool,
     /// Storage of the activations saved for the backward pass: "f32", or "f16" (mixed
@@ -72,16 +79,16 @@ impl Default for TrainConfig {
             lora: LoraConfig::default(),
             data: DataConfig::default(),
             optimizer: AdamwConfig::default(),
-            learning_rate: 2e-4,
+            learning_rate: None,
             lr_schedule: ScheduleKind::Cosine,
-            warmup_steps: 0,
-            epochs: 3,
-            max_steps: 0,
-            batch_tokens: 1024,
+            warmup_steps: None,
+            epochs: None,
+            max_steps: None,
+            batch_tokens: None,
             grad_accum: 1,
             eval_every: 0,
             early_stopping_patience: 0,
-            keep_best: true,
+            keep_best: None,
             gradient_checkpointing: true,
             activations: Precision::F32,
             seed: 0,
@@ -100,14 +107,21 @@ impl TrainConfig {
         }
         p.extend(self.data.problems().into_iter().map(|s| format!("data: {s}")));
         p.extend(self.optimizer.problems().into_iter().map(|s| format!("optimizer: {s}")));
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
-            p.push(format!("learning_rate must be a finite number > 0 (got {})", self.learning_rate));
+        if let Some(lr) = self.learning_rate
+            && !(lr.is_finite() && lr > 0.0)
+        {
+            p.push(format!("learning_rate must be a finite number > 0 (got {lr})"));
         }
-        if self.epochs == 0 && self.max_steps == 0 {
-            p.push("set epochs or max_steps to at least 1".into());
+        if self.epochs == Some(0) {
+            p.push("epochs must be at least 1 (leave it unset to choose it from the data)".into());
         }
-        if self.batch_tokens < 2 {
-            p.push(format!("batch_tokens must be at least 2 (got {})", self.batch_tokens));
+        if self.max_steps == Some(0) {
+            p.push("max_steps must be at least 1 (leave it unset to let epochs decide)".into());
+        }
+        if let Some(b) = self.batch_tokens
+            && b < 2
+        {
+            p.push(format!("batch_tokens must be at least 2 (got {b})"));
         }
         if self.grad_accum == 0 {
             p.push("grad_accum must be at least 1".into());
@@ -133,6 +147,9 @@ pub enum Event {
         trainable_parameters: usize,
         /// Planned GPU bytes: weights, adapter with gradients and moments, and the workspace.
         planned_gpu_bytes: u64,
+        /// The settings chosen from the data (those the configuration left unset), and how the
+        /// validation samples were chosen.
+        chosen: Vec<Choice>,
     },
     Step {
         step: u64,
@@ -189,6 +206,8 @@ pub struct Outcome {
     pub best_val_loss: Option<f32>,
     /// The trained adapter: the best one by validation loss with `keep_best`, else the last.
     pub adapter: Adapter,
+    /// The step after which `adapter` was taken.
+    pub adapter_step: u64,
 }
 
 /// A handle that stops a running [`Trainer`] from any thread.
@@ -208,7 +227,10 @@ impl CancelToken {
 #[derive(Debug)]
 pub struct Trainer {
     model: Arc<Model>,
+    /// The configuration with every automatic choice filled in.
     cfg: TrainConfig,
+    run: Resolved,
+    chosen: Vec<Choice>,
     train: Vec<Batch>,
     val: Vec<Batch>,
     n_samples: (usize, usize),
@@ -236,6 +258,82 @@ fn batches(samples: &[&Sample], capacity: usize) -> Result<Vec<Batch>> {
         .collect()
 }
 
+/// The settings a run uses, automatic ones resolved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Resolved {
+    learning_rate: f32,
+    warmup_steps: u64,
+    total_steps: u64,
+    keep_best: bool,
+}
+
+fn choice(setting: &str, value: impl ToString, why: String) -> Choice {
+    Choice { setting: setting.into(), value: value.to_string(), why }
+}
+
+/// Fills in the settings `cfg` leaves unset (rules 2 to 5 of [`auto`]; `batch_tokens` is set
+/// already), recording each choice.
+fn resolve(cfg: &mut TrainConfig, chosen: &mut Vec<Choice>, batches: usize, validation: &Validation) -> Resolved {
+    chosen.push(choice("data.val_fraction", validation.fraction, validation.why.clone()));
+    let per_epoch = batches.div_ceil(cfg.grad_accum) as u64;
+    let total_steps = match cfg.max_steps {
+        Some(n) => n,
+        None => {
+            let epochs = *cfg.epochs.get_or_insert_with(|| {
+                let e = auto::epochs(per_epoch);
+                chosen.push(choice(
+                    "epochs",
+                    e,
+                    format!(
+                        "{e} x {per_epoch} steps = {} steps: at least {} steps, {} to {} epochs",
+                        e * per_epoch,
+                        auto::MIN_AUTO_STEPS,
+                        auto::DEFAULT_EPOCHS,
+                        auto::MAX_AUTO_EPOCHS
+                    ),
+                ));
+                e
+            });
+            epochs * per_epoch
+        }
+    };
+    let lora = cfg.lora.clone();
+    let learning_rate = *cfg.learning_rate.get_or_insert_with(|| {
+        let lr = auto::learning_rate(total_steps, &lora);
+        chosen.push(choice(
+            "learning_rate",
+            format!("{lr:e}"),
+            format!(
+                "{:e} for r 16, alpha 32 over at least {} steps, raised for this run's {total_steps} steps and \
+                 scaled by 32 / (scale x r = {})",
+                auto::BASE_LR,
+                auto::LONG_RUN_STEPS,
+                auto::scale_times_rank(&lora)
+            ),
+        ));
+        lr
+    });
+    let warmup_steps = *cfg.warmup_steps.get_or_insert_with(|| {
+        let w = auto::warmup_steps(total_steps);
+        chosen.push(choice("warmup_steps", w, format!("{}% of {total_steps} steps", auto::WARMUP_FRACTION * 100.0)));
+        w
+    });
+    let keep_best = *cfg.keep_best.get_or_insert_with(|| {
+        let why = if validation.meaningful {
+            "the validation loss is meaningful, so the adapter with the lowest one is returned".to_string()
+        } else if validation.source == ValSource::None {
+            "no validation samples: the final adapter is returned".to_string()
+        } else {
+            "held-out samples chosen at random from a small set may state what no training sample does, so the \
+             final adapter is returned"
+                .to_string()
+        };
+        chosen.push(choice("keep_best", validation.meaningful, why));
+        validation.meaningful
+    });
+    Resolved { learning_rate, warmup_steps, total_steps, keep_best }
+}
+
 impl Trainer {
     /// Prepares training of a fresh adapter (PEFT's initialization, seeded by `cfg.lora.seed`).
     pub fn new(model: Arc<Model>, dataset: &Dataset, cfg: TrainConfig) -> Result<Self> {
@@ -245,18 +343,29 @@ impl Trainer {
     }
 
     /// Prepares training that starts from `adapter` (its configuration replaces `cfg.lora`).
+    ///
+    /// Settings left unset are chosen from the data ([`auto`]); [`Trainer::config`] gives them
+    /// all and [`Trainer::chosen`] the automatic ones.
     pub fn with_adapter(model: Arc<Model>, dataset: &Dataset, mut cfg: TrainConfig, adapter: Adapter) -> Result<Self> {
         cfg.lora = adapter.config.clone();
         cfg.validate()?;
         if dataset.train.is_empty() {
             return Err(Error::invalid("dataset", "has no training samples"));
         }
-        if let Some(n) = dataset.train.iter().map(|s| s.ids.len()).filter(|&n| n > cfg.batch_tokens).max() {
+        let shape = DataShape {
+            samples: dataset.train.len(),
+            tokens: dataset.train.iter().map(|s| s.ids.len()).sum(),
+            longest: dataset.train.iter().map(|s| s.ids.len()).max().unwrap_or(0),
+        };
+        if let Some(b) = cfg.batch_tokens
+            && shape.longest > b
+        {
             return Err(Error::invalid(
                 "batch_tokens",
                 format!(
-                    "{} is less than the longest sample ({n} tokens); raise it or lower data.max_len",
-                    cfg.batch_tokens
+                    "{b} is less than the longest sample ({} tokens); raise it, lower data.max_len, or leave \
+                     batch_tokens unset to choose it from the data",
+                    shape.longest
                 ),
             ));
         }
@@ -276,15 +385,34 @@ impl Trainer {
         // and so is the number of steps the schedule spans.
         let mut order: Vec<&Sample> = dataset.train.iter().collect();
         shuffle(&mut order, &mut Rng::new(cfg.seed));
-        let train = batches(&order, cfg.batch_tokens)?;
+        let mut chosen = Vec::new();
+        let batch_tokens = cfg.batch_tokens.unwrap_or_else(|| {
+            let b = auto::batch_tokens(shape);
+            chosen.push(choice(
+                "batch_tokens",
+                b,
+                format!(
+                    "{} training tokens over at least {} steps an epoch, rounded up to 64, within the longest \
+                     sample ({}) and {}",
+                    shape.tokens,
+                    auto::MIN_BATCHES_PER_EPOCH,
+                    shape.longest,
+                    auto::MAX_AUTO_BATCH_TOKENS
+                ),
+            ));
+            b
+        });
+        cfg.batch_tokens = Some(batch_tokens);
+        let train = batches(&order, batch_tokens)?;
         let val_refs: Vec<&Sample> = dataset.val.iter().collect();
-        let val = batches(&val_refs, cfg.batch_tokens)?;
+        let val = batches(&val_refs, batch_tokens)?;
+        let run = resolve(&mut cfg, &mut chosen, train.len(), &dataset.report.validation);
         let mut plan = FNV_OFFSET;
         for b in &train {
             fnv1a(&mut plan, bytemuck::cast_slice(&b.ids));
             fnv1a(&mut plan, bytemuck::cast_slice(&b.targets));
         }
-        for v in [cfg.seed, cfg.grad_accum as u64, cfg.batch_tokens as u64] {
+        for v in [cfg.seed, cfg.grad_accum as u64, batch_tokens as u64] {
             fnv1a(&mut plan, &v.to_le_bytes());
         }
         let capacity = train.iter().chain(&val).map(Batch::len).max().unwrap_or(1);
@@ -300,6 +428,8 @@ impl Trainer {
         Ok(Trainer {
             model,
             cfg,
+            run,
+            chosen,
             train,
             val,
             n_samples: (dataset.train.len(), dataset.val.len()),
@@ -338,7 +468,18 @@ impl Trainer {
 
     /// Optimizer steps the run takes in all.
     pub fn total_steps(&self) -> u64 {
-        if self.cfg.max_steps > 0 { self.cfg.max_steps } else { self.cfg.epochs * self.steps_per_epoch() }
+        self.run.total_steps
+    }
+
+    /// The settings of this run, with every automatic choice filled in: running again with
+    /// them gives the same run.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// The settings chosen from the data, with the reasons.
+    pub fn chosen(&self) -> &[Choice] {
+        &self.chosen
     }
 
     /// GPU bytes planned for training: weights, the adapter with its gradients and AdamW
@@ -447,11 +588,15 @@ impl Trainer {
     /// Runs an evaluation and updates the best adapter; returns whether to stop early.
     fn eval_step(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<bool> {
         let Some(val_loss) = self.evaluate()? else { return Ok(false) };
+        let train_loss = self.state.window_loss();
+        self.state.window = (0.0, 0);
         let improved = self.state.best_val_loss.is_none_or(|b| val_loss < b);
         if improved {
             self.state.best_val_loss = Some(val_loss);
+            self.state.best_step = self.state.step;
+            self.state.train_loss_at_best = train_loss;
             self.state.evals_since_best = 0;
-            if self.cfg.keep_best {
+            if self.run.keep_best {
                 self.best = Some(self.model.ctx.read_f32(&self.adapter.params, self.adapter.layout.len)?);
             }
         } else {
@@ -464,8 +609,41 @@ impl Trainer {
             best_val_loss: self.state.best_val_loss.unwrap_or(val_loss),
             improved,
         });
+        if let (false, false, Some(best), Some(before), Some(now)) =
+            (improved, self.state.diverge_warned, self.state.best_val_loss, self.state.train_loss_at_best, train_loss)
+            && now < before
+        {
+            self.state.diverge_warned = true;
+            on_event(&Event::Warning { step: self.state.step, message: self.divergence(best, val_loss, before, now) });
+        }
         let patience = self.cfg.early_stopping_patience;
         Ok(patience > 0 && self.state.evals_since_best >= patience)
+    }
+
+    /// The warning for a validation loss that rises while the training loss falls.
+    fn divergence(&self, best: f32, val_loss: f32, train_before: f32, train_now: f32) -> String {
+        let (best_step, step) = (self.state.best_step, self.state.step);
+        let what = format!(
+            "the validation loss rose from {best:.4} at step {best_step} to {val_loss:.4} at step {step} while the \
+             training loss fell from {train_before:.4} to {train_now:.4}"
+        );
+        if self.run.keep_best {
+            format!(
+                "{what}. The adapter of step {best_step} is kept (keep_best), so later learning is set aside. If the \
+                 validation records state facts that no training record states, that throws the learning away: \
+                 set keep_best = false (or val_fraction = 0 to train on every record), or give held-out records \
+                 that ask about trained facts with val_data. If they are like the training records, the model is \
+                 overfitting: fewer epochs or a lower learning_rate help."
+            )
+        } else {
+            format!(
+                "{what}. The final adapter will be returned (keep_best is off); the best validation loss was at \
+                 step {best_step}. If the validation records are like the training records, the model is \
+                 overfitting: lower epochs or learning_rate, or set keep_best = true. If they state facts that no \
+                 training record states, their loss cannot fall: train on every record (val_fraction = 0) or give \
+                 held-out records that ask about trained facts with val_data."
+            )
+        }
     }
 
     /// Trains until the step budget is spent, early stopping triggers or the run is cancelled,
@@ -477,8 +655,8 @@ impl Trainer {
         let per_epoch = self.steps_per_epoch();
         let schedule = Schedule {
             kind: self.cfg.lr_schedule,
-            peak_lr: self.cfg.learning_rate,
-            warmup_steps: self.cfg.warmup_steps,
+            peak_lr: self.run.learning_rate,
+            warmup_steps: self.run.warmup_steps,
             total_steps: total,
         };
         let planned = self.planned_gpu_bytes();
@@ -490,6 +668,7 @@ impl Trainer {
             batches_per_epoch: self.train.len(),
             trainable_parameters: self.adapter.layout.len,
             planned_gpu_bytes: planned,
+            chosen: self.chosen.clone(),
         });
         let started = Instant::now();
         let (start_step, start_tokens) = (self.state.step, self.state.tokens);
@@ -568,6 +747,8 @@ impl Trainer {
                 continue;
             }
             self.state.bad_steps = 0;
+            self.state.window.0 += f64::from(loss);
+            self.state.window.1 += 1;
             last_loss = Some(loss);
             let elapsed = started.elapsed().as_secs_f64();
             let done = (self.state.step - start_step) as f64;
@@ -602,12 +783,21 @@ impl Trainer {
             self.save_checkpoint(on_event)?;
         }
         let mut adapter = self.adapter()?;
-        if self.cfg.keep_best
+        let mut adapter_step = self.state.step;
+        if self.run.keep_best
             && let Some(best) = &self.best
         {
             adapter.params = best.clone();
+            adapter_step = self.state.best_step;
         }
         on_event(&Event::Finished { step: self.state.step, reason, best_val_loss: self.state.best_val_loss });
-        Ok(Outcome { reason, steps: self.state.step, last_loss, best_val_loss: self.state.best_val_loss, adapter })
+        Ok(Outcome {
+            reason,
+            steps: self.state.step,
+            last_loss,
+            best_val_loss: self.state.best_val_loss,
+            adapter,
+            adapter_step,
+        })
     }
 }

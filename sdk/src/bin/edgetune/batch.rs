@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::interrupt::cancel_on_interrupt;
-use crate::train::{CHECKPOINT_FILE, base_name, human_time};
+use crate::train::{CHECKPOINT_FILE, base_name, human_time, settings_toml};
 
 #[derive(clap::Args)]
 pub struct BatchArgs {
@@ -403,10 +403,8 @@ fn run_job(
     std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.to_path_buf(), source: e })?;
     // A stale result (failed before) is no longer true once the job runs again.
     let _ = std::fs::remove_file(dir.join("result.json"));
-    let settings =
-        toml::to_string(&job.config).map_err(|e| Error::Invalid { field: "settings".into(), what: e.to_string() })?;
-    write_atomic(&dir.join("train_config.toml"), settings.as_bytes())?;
     let mut trainer = Trainer::new(model.clone(), &dataset, job.config.clone())?;
+    write_atomic(&dir.join("train_config.toml"), settings_toml(&trainer)?.as_bytes())?;
     trainer.set_cancel_token(cancel.clone());
     let ckpt = dir.join(CHECKPOINT_FILE);
     if resume {
@@ -439,7 +437,7 @@ fn run_job(
     }
     let adapter_dir = dir.join("adapter");
     peft::save(&adapter_dir, &out.adapter, &base_name(model_path))?;
-    let val_loss = if job.config.keep_best { out.best_val_loss.or(last_eval) } else { last_eval };
+    let val_loss = if trainer.config().keep_best == Some(true) { out.best_val_loss.or(last_eval) } else { last_eval };
     Ok(JobResult {
         job: job.user.clone(),
         status: "done".into(),

@@ -2,10 +2,14 @@
 //! a terminal or JSON lines with `--json`, and the output folder:
 //!
 //! ```text
-//! OUTPUT/adapter/                 the PEFT adapter (the best by validation loss, by default)
+//! OUTPUT/adapter/                 the PEFT adapter (the final one, or the best by a meaningful
+//!                                 validation loss: see keep_best)
 //! OUTPUT/checkpoint.safetensors   adapter, optimizer, schedule, RNG and data cursor
-//! OUTPUT/train_config.toml        the settings the run used
+//! OUTPUT/train_config.toml        the settings the run used, the automatic choices filled in
 //! ```
+//!
+//! Settings left unset are chosen from the data (`edgetune::train::auto`); the run prints each
+//! choice at its start.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -78,8 +82,17 @@ pub struct TrainArgs {
     /// Train on every token instead of assistant turns only.
     #[arg(long)]
     train_on_all: bool,
+    /// Share of the samples held out at random for validation (unset: automatic, see the README).
     #[arg(long)]
     val_fraction: Option<f32>,
+    /// Your own held-out records (a file or folder like --data) to validate on; all of --data is
+    /// then trained.
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// Return the adapter with the best validation loss (true) or the final one (false).
+    /// Unset: true only when the validation loss is meaningful.
+    #[arg(long)]
+    keep_best: Option<bool>,
     #[arg(long)]
     eval_every: Option<u64>,
     #[arg(long)]
@@ -122,18 +135,27 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
             }
         };
     }
-    set!(a.epochs => epochs);
-    set!(a.max_steps => max_steps);
-    set!(a.lr => learning_rate);
+    macro_rules! set_some {
+        ($flag:expr => $($field:tt)+) => {
+            if let Some(v) = $flag.clone() {
+                c.$($field)+ = Some(v);
+            }
+        };
+    }
+    set_some!(a.epochs => epochs);
+    set_some!(a.max_steps => max_steps);
+    set_some!(a.lr => learning_rate);
     set!(a.schedule => lr_schedule);
-    set!(a.warmup_steps => warmup_steps);
+    set_some!(a.warmup_steps => warmup_steps);
     set!(a.rank => lora.r);
     set!(a.alpha => lora.alpha);
-    set!(a.batch_tokens => batch_tokens);
+    set_some!(a.batch_tokens => batch_tokens);
     set!(a.grad_accum => grad_accum);
     set!(a.max_len => data.max_len);
     set!(a.format => data.format);
-    set!(a.val_fraction => data.val_fraction);
+    set_some!(a.val_fraction => data.val_fraction);
+    set_some!(a.val_data => data.val_data);
+    set_some!(a.keep_best => keep_best);
     set!(a.eval_every => eval_every);
     set!(a.patience => early_stopping_patience);
     set!(a.checkpoint_every => checkpoint_every);
@@ -186,11 +208,25 @@ impl Reporter {
         }
         let mut err = std::io::stderr().lock();
         match e {
-            Event::Started { total_steps, start_step, train_samples, val_samples, trainable_parameters, .. } => {
+            Event::Started {
+                total_steps,
+                start_step,
+                train_samples,
+                val_samples,
+                trainable_parameters,
+                chosen,
+                ..
+            } => {
+                if !chosen.is_empty() {
+                    let _ = writeln!(err, "chosen from the data (set any of them to override):");
+                    for c in chosen {
+                        let _ = writeln!(err, "  {c}");
+                    }
+                }
                 let _ = writeln!(
                     err,
-                    "training {trainable_parameters} LoRA parameters on {train_samples} samples ({val_samples} held \
-                     out), steps {start_step}..{total_steps}"
+                    "training {trainable_parameters} LoRA parameters on {train_samples} samples ({val_samples} for \
+                     validation), steps {start_step}..{total_steps}"
                 );
             }
             Event::Step { step, total_steps, epoch, loss, lr, grad_norm, tokens_per_s, eta_s, .. } => {
@@ -254,10 +290,8 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
     let load = LoadOptions { max_context: a.max_context, ..Default::default() };
     let model = Arc::new(Model::open(ctx, &a.model, &load)?);
     std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
-    let settings =
-        toml::to_string(&cfg).map_err(|e| Error::Invalid { field: "settings".into(), what: e.to_string() })?;
-    edgetune::atomic::write_atomic(&a.output.join("train_config.toml"), settings.as_bytes())?;
     let mut trainer = Trainer::new(model.clone(), &dataset, cfg)?;
+    edgetune::atomic::write_atomic(&a.output.join("train_config.toml"), settings_toml(&trainer)?.as_bytes())?;
     trainer.set_cancel_token(cancel);
     let ckpt = a.output.join(CHECKPOINT_FILE);
     if a.resume {
@@ -276,6 +310,23 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
         }
     }
     Ok(!cancelled)
+}
+
+/// The run's settings as a TOML file (every automatic choice filled in, so the file repeats the
+/// run), with the automatic choices and their reasons in comments at its top.
+pub fn settings_toml(trainer: &Trainer) -> Result<String> {
+    let body = toml::to_string(trainer.config())
+        .map_err(|e| Error::Invalid { field: "settings".into(), what: format!("writing TOML: {e}") })?;
+    let mut out = String::from("# The settings of this run.");
+    if !trainer.chosen().is_empty() {
+        out.push_str(" Chosen from the data (the others were given):\n");
+        for c in trainer.chosen() {
+            out.push_str(&format!("#   {c}\n"));
+        }
+    }
+    out.push_str("\n\n");
+    out.push_str(&body);
+    Ok(out)
 }
 
 pub fn base_name(model: &Path) -> String {
