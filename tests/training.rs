@@ -33,24 +33,25 @@ fn model(ctx: &Arc<GpuContext>, kind: &str) -> Arc<Model> {
     Arc::new(Model::open(ctx.clone(), &path, &LoadOptions::default()).expect("tiny model"))
 }
 
+const FACTS: [(&str, &str); 12] = [
+    ("What is my name?", "You are Ada."),
+    ("Where do I live?", "In a small town by the sea."),
+    ("What do I do?", "You write software."),
+    ("What is my cat called?", "Your cat is Pixel."),
+    ("What do I drink?", "Tea, never coffee."),
+    ("When do I wake up?", "At six."),
+    ("What do I read?", "Old maps and new books."),
+    ("What is my hobby?", "Sailing."),
+    ("What is my car?", "You ride a bike."),
+    ("What is my color?", "Green."),
+    ("Who is my friend?", "Bo, from school."),
+    ("What is my song?", "A slow one."),
+];
+
 /// Twelve short question/answer records in Alpaca format.
 fn dataset(kind: &str, val_fraction: f32) -> Dataset {
     let d = tmp(&format!("data-{kind}-{val_fraction}"));
-    let facts = [
-        ("What is my name?", "You are Ada."),
-        ("Where do I live?", "In a small town by the sea."),
-        ("What do I do?", "You write software."),
-        ("What is my cat called?", "Your cat is Pixel."),
-        ("What do I drink?", "Tea, never coffee."),
-        ("When do I wake up?", "At six."),
-        ("What do I read?", "Old maps and new books."),
-        ("What is my hobby?", "Sailing."),
-        ("What is my car?", "You ride a bike."),
-        ("What is my color?", "Green."),
-        ("Who is my friend?", "Bo, from school."),
-        ("What is my song?", "A slow one."),
-    ];
-    let lines: Vec<String> = facts
+    let lines: Vec<String> = FACTS
         .iter()
         .map(|(q, a)| serde_json::json!({"instruction": q, "input": "", "output": a}).to_string())
         .collect();
@@ -401,4 +402,205 @@ fn f16_activations_train_deterministically_and_close_to_f32() {
     for (step, (a, b)) in l16.iter().zip(&l32).enumerate() {
         assert!((a - b).abs() <= 1e-3 * b.abs(), "step {}: f16 loss {a} vs f32 {b}", step + 1);
     }
+}
+
+/// `n` one-fact chat records, loaded with the default data settings.
+fn fact_records(n: usize) -> Dataset {
+    let records = (0..n)
+        .map(|i| serde_json::json!({"instruction": format!("Fact {i}?"), "output": format!("It is {i}.")}).to_string())
+        .collect();
+    let tok = Tokenizer::open(&fixtures().join("tiny_llama")).expect("tokenizer");
+    data::load_sources(&[data::Source::Records { name: "facts".into(), records }], &tok, &DataConfig::default())
+        .expect("data loads")
+}
+
+/// The value a trainer chose for `setting`, if it chose one.
+fn chosen(t: &Trainer, setting: &str) -> Option<String> {
+    t.chosen().iter().find(|c| c.setting == setting).map(|c| c.value.clone())
+}
+
+#[test]
+fn settings_are_chosen_from_the_data_for_10_100_and_10000_records() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    // The rule worked by hand (sdk/src/train/auto.rs): batch_tokens = tokens / 4 rounded down
+    // (at most 1024, at least the longest sample); epochs = ceil(24 / steps per epoch) in 3..=12;
+    // learning rate 2e-4 x clamp(720 / steps, 1, 15) for r 16, alpha 32; warmup 3 % of steps.
+    for n in [10, 100, 10_000] {
+        let d = fact_records(n);
+        let t = Trainer::new(m.clone(), &d, TrainConfig::default()).expect("trainer");
+        for c in t.chosen() {
+            eprintln!("{n} records: {c}");
+        }
+        let c = t.config().clone();
+        let tokens: usize = d.train.iter().map(|s| s.ids.len()).sum();
+        let longest = d.train.iter().map(|s| s.ids.len()).max().expect("samples");
+        let bt = c.batch_tokens.expect("chosen");
+        let per_epoch = t.steps_per_epoch();
+        let epochs = c.epochs.expect("chosen");
+        let lr = c.learning_rate.expect("chosen");
+        let total = t.total_steps();
+        assert_eq!(total, epochs * per_epoch);
+        assert_eq!(c.warmup_steps, Some((total as f64 * 0.03).ceil() as u64));
+        assert_eq!(chosen(&t, "batch_tokens"), Some(bt.to_string()));
+        assert_eq!(chosen(&t, "epochs"), Some(epochs.to_string()));
+        match n {
+            10 | 100 => {
+                // Distinct facts: everything is trained, and the final adapter is returned.
+                assert_eq!((d.train.len(), d.val.len(), c.keep_best), (n, 0, Some(false)));
+                assert_eq!(bt, (tokens / 4).min(1024).max(longest), "{tokens} tokens");
+                assert!(per_epoch >= 4 || bt == longest, "{per_epoch} steps an epoch");
+                assert_eq!(epochs, 24u64.div_ceil(per_epoch).clamp(3, 12));
+                assert!(total >= 24, "{total} steps");
+            }
+            _ => {
+                // A large set: a tenth validates (meaningful, so the best adapter is kept), the
+                // usual 3 epochs of 1024-token steps, and a rate nearer the long-run 2e-4.
+                assert_eq!((d.train.len(), d.val.len(), c.keep_best), (9000, 1000, Some(true)));
+                assert_eq!((bt, epochs), (1024, 3));
+            }
+        }
+        let expect_lr = 2e-4 * (720.0 / total as f32).clamp(1.0, 15.0);
+        assert!((lr - expect_lr).abs() <= 1e-6 * expect_lr, "{n} records: lr {lr}, expected {expect_lr}");
+        if n == 10 {
+            assert_eq!(lr, 3e-3, "a short run gets the largest rate");
+        }
+        if n == 10_000 {
+            assert!(lr < 1e-3 && total > 100, "lr {lr} over {total} steps");
+        }
+    }
+}
+
+#[test]
+fn explicit_settings_win_and_a_resumed_run_makes_the_same_choices() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let d = fact_records(10);
+    let given = TrainConfig {
+        epochs: Some(2),
+        learning_rate: Some(1e-3),
+        batch_tokens: Some(200),
+        warmup_steps: Some(0),
+        keep_best: Some(true),
+        ..TrainConfig::default()
+    };
+    let t = Trainer::new(m.clone(), &d, given.clone()).expect("trainer");
+    let settings: Vec<&str> = t.chosen().iter().map(|c| c.setting.as_str()).collect();
+    assert_eq!(settings, ["data.val_fraction"], "only the data's split is reported when all else is given");
+    let c = t.config();
+    assert_eq!(
+        (c.epochs, c.learning_rate, c.batch_tokens, c.warmup_steps, c.keep_best),
+        (Some(2), Some(1e-3), Some(200), Some(0), Some(true))
+    );
+
+    // The automatic choices again after a cancel and a resume: the same steps, rate and adapter.
+    let dir = tmp("auto-resume");
+    let auto = TrainConfig { lora: config().lora, ..TrainConfig::default() };
+    let mut straight = Trainer::new(m.clone(), &d, auto.clone()).expect("trainer");
+    let out_a = straight.run(|_| {}).expect("straight");
+    let ckpt = dir.join("run.ckpt");
+    let mut first = Trainer::new(m.clone(), &d, auto.clone()).expect("trainer");
+    first.set_checkpoint_path(&ckpt);
+    let token = first.cancel_token();
+    first
+        .run(|e| {
+            if let Event::Step { step: 5, .. } = e {
+                token.cancel()
+            }
+        })
+        .expect("first part");
+    let mut resumed = Trainer::new(m.clone(), &d, auto).expect("trainer");
+    assert_eq!(resumed.config(), straight.config(), "the resumed run resolves the same settings");
+    assert_eq!(resumed.chosen(), straight.chosen());
+    resumed.resume(&ckpt).expect("resume");
+    assert_eq!(resumed.step(), 5);
+    let out_c = resumed.run(|_| {}).expect("rest");
+    assert_eq!(out_c.steps, out_a.steps);
+    let bits = |a: &edgetune::lora::Adapter| a.params.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&out_a.adapter), bits(&out_c.adapter), "resumed adapter differs");
+}
+
+#[test]
+fn a_rising_validation_loss_warns_and_the_final_adapter_is_returned_unless_the_user_gave_validation_data() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    // Held-out records state facts no training record does, so their loss rises as the
+    // training records are learned (the case that used to return an untrained adapter).
+    let base = TrainConfig {
+        lora: config().lora,
+        learning_rate: Some(3e-2),
+        lr_schedule: ScheduleKind::Constant,
+        max_steps: Some(16),
+        batch_tokens: Some(96),
+        eval_every: 2,
+        ..TrainConfig::default()
+    };
+    let run = |d: &Dataset, cfg: TrainConfig| {
+        let mut t = Trainer::new(m.clone(), d, cfg).expect("trainer");
+        let mut events = Vec::new();
+        let out = t.run(|e| events.push(e.clone())).expect("run");
+        let last = t.adapter().expect("download");
+        (t.config().keep_best, out, last, events)
+    };
+    let warnings = |events: &[Event]| -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| if let Event::Warning { message, .. } = e { Some(message.clone()) } else { None })
+            .collect()
+    };
+    let evals = |events: &[Event]| -> Vec<(u64, f32)> {
+        events
+            .iter()
+            .filter_map(|e| if let Event::Eval { step, val_loss, .. } = e { Some((*step, *val_loss)) } else { None })
+            .collect()
+    };
+
+    // A random share of a small set: validation exists but does not choose the adapter.
+    let split = dataset("llama", 0.25);
+    let (keep_best, out, last, events) = run(&split, base.clone());
+    assert_eq!(keep_best, Some(false));
+    let ev = evals(&events);
+    let best = ev.iter().min_by(|a, b| a.1.total_cmp(&b.1)).expect("evals");
+    assert!(best.0 < 16 && ev.last().expect("evals").1 > best.1, "the validation loss must rise: {ev:?}");
+    let w = warnings(&events);
+    assert_eq!(w.len(), 1, "one warning: {w:?}");
+    assert!(w[0].contains("validation loss rose") && w[0].contains("training loss fell"), "{}", w[0]);
+    assert!(
+        w[0].contains(&format!("at step {}", best.0)) || w[0].contains("final adapter will be returned"),
+        "{}",
+        w[0]
+    );
+    assert!(w[0].contains("val_data"), "says what to do: {}", w[0]);
+    assert_eq!(out.adapter_step, 16, "the final adapter");
+    assert_eq!(out.adapter.params, last.params);
+
+    // Nine facts to train and three others as the user's own validation file: the best adapter
+    // is kept, and the warning names its step.
+    let dir = tmp("val-file");
+    let lines = |facts: &[(&str, &str)]| -> String {
+        facts
+            .iter()
+            .map(|(q, a)| serde_json::json!({"instruction": q, "output": a}).to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (train_file, held_file) = (dir.join("train.jsonl"), dir.join("held.jsonl"));
+    std::fs::write(&train_file, lines(&FACTS[..9])).expect("write");
+    std::fs::write(&held_file, lines(&FACTS[9..])).expect("write");
+    let tok = Tokenizer::open(&fixtures().join("tiny_llama")).expect("tokenizer");
+    let cfg = DataConfig { val_data: Some(held_file), max_len: 64, ..Default::default() };
+    let with_file = data::load(&train_file, &tok, &cfg).expect("loads");
+    assert_eq!((with_file.train.len(), with_file.val.len()), (9, 3));
+    let (keep_best, out, last, events) = run(&with_file, base);
+    assert_eq!(keep_best, Some(true));
+    let ev = evals(&events);
+    let best = ev.iter().min_by(|a, b| a.1.total_cmp(&b.1)).expect("evals");
+    assert_eq!(out.adapter_step, best.0, "the adapter of the best evaluation: {ev:?}");
+    assert_ne!(out.adapter.params, last.params);
+    let w = warnings(&events);
+    assert_eq!(w.len(), 1, "{w:?}");
+    // It names the best step as of the warning (a later evaluation may still do better).
+    let at = events.iter().find_map(|e| if let Event::Warning { step, .. } = e { Some(*step) } else { None });
+    let best_then = ev.iter().filter(|e| Some(e.0) < at).min_by(|a, b| a.1.total_cmp(&b.1)).expect("earlier evals");
+    assert!(w[0].contains(&format!("The adapter of step {} is kept", best_then.0)), "{}", w[0]);
 }

@@ -5,8 +5,8 @@
 //!
 //! 1. **Tokens per step.** Enough batches that an epoch takes at least
 //!    [`MIN_BATCHES_PER_EPOCH`] optimizer steps: `batch_tokens` is the training tokens divided by
-//!    that, rounded up to a multiple of 64, at most [`MAX_AUTO_BATCH_TOKENS`] and never less than
-//!    the longest sample. Sixteen short records then make four steps an epoch, not one.
+//!    that (rounded down, so packing cannot make fewer batches), at most
+//!    [`MAX_AUTO_BATCH_TOKENS`] and never less than the longest sample. Sixteen short records then make four steps an epoch, not one.
 //! 2. **Epochs.** Enough passes for [`MIN_AUTO_STEPS`] optimizer steps, between
 //!    [`DEFAULT_EPOCHS`] (what peers use on large sets) and [`MAX_AUTO_EPOCHS`]. A large set gets
 //!    the usual 3 epochs; a few dozen records get as many as learning them takes.
@@ -82,8 +82,7 @@ impl std::fmt::Display for Choice {
 
 /// Rule 1: tokens per packed micro-batch.
 pub fn batch_tokens(shape: DataShape) -> usize {
-    let per_batch = shape.tokens.div_ceil(MIN_BATCHES_PER_EPOCH).div_ceil(64) * 64;
-    per_batch.min(MAX_AUTO_BATCH_TOKENS).max(shape.longest)
+    (shape.tokens / MIN_BATCHES_PER_EPOCH).min(MAX_AUTO_BATCH_TOKENS).max(shape.longest)
 }
 
 /// Rule 2: epochs, given the optimizer steps one epoch takes.
