@@ -227,3 +227,81 @@ fn train_interrupted_by_sigint_resumes_to_the_same_adapter() {
     let read = |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).expect("adapter");
     assert_eq!(read(&run_dir), read(&dir.join("whole")), "resumed and uninterrupted adapters differ");
 }
+
+/// With no settings, `train` prints what it chose from the data and records it in
+/// train_config.toml; that file repeats the run byte for byte. `eval --data` scores the
+/// assistant turns as training's validation does.
+#[test]
+fn train_chooses_settings_from_the_data_records_them_and_eval_data_scores_like_validation() {
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-auto-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let facts = common::fixtures().join("../../data/facts/train.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&facts).expect("facts").lines().map(String::from).collect();
+    let (train, held) = (dir.join("train.jsonl"), dir.join("held.jsonl"));
+    std::fs::write(&train, lines[..12].join("\n")).expect("write");
+    std::fs::write(&held, lines[12..].join("\n")).expect("write");
+    let (train, held) = (train.display().to_string(), held.display().to_string());
+    let run1 = dir.join("run1");
+    let r1 = run1.display().to_string();
+    let small = ["--rank", "4", "--alpha", "8", "--max-len", "96"];
+    let model = tiny();
+    let mut args = vec!["train", "--model", &model, "--data", &train, "--val-data", &held, "--output", &r1];
+    args.extend(small);
+    let out = edgetune(&args);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("chosen from the data"), "{err}");
+    let settings = std::fs::read_to_string(run1.join("train_config.toml")).expect("settings written");
+    for key in ["batch_tokens", "epochs", "learning_rate", "warmup_steps", "keep_best"] {
+        let printed = err
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} not printed: {err}"));
+        let value = printed.split(' ').next().expect("value");
+        assert!(settings.contains(&format!("#   {key} = {value} (")), "{key} not listed as chosen: {settings}");
+        let line = settings
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} not recorded: {settings}"));
+        let recorded = line.trim_start_matches(&format!("{key} = "));
+        let same = recorded == value
+            || recorded.parse::<f64>().ok() == value.parse::<f64>().ok() && value.parse::<f64>().is_ok();
+        assert!(same, "{key}: printed {value}, recorded {recorded}");
+    }
+    assert!(settings.contains("keep_best = true"), "the user's own validation file keeps the best adapter: {settings}");
+    assert!(settings.contains("val_data = "), "{settings}");
+
+    // The recorded file alone repeats the run: nothing left to choose but the split, and the
+    // same adapter bytes.
+    let run2 = dir.join("run2");
+    let r2 = run2.display().to_string();
+    let cfg = run1.join("train_config.toml").display().to_string();
+    let out = edgetune(&["train", "--model", &tiny(), "--data", &train, "--config", &cfg, "--output", &r2, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let chosen: Vec<&str> =
+        events[0]["chosen"].as_array().expect("chosen").iter().filter_map(|c| c["setting"].as_str()).collect();
+    assert_eq!(chosen, ["validation"], "{}", events[0]);
+    let read = |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).expect("adapter");
+    assert_eq!(read(&run1), read(&run2), "the recorded settings did not repeat the run");
+    let best = events.iter().rev().find_map(|e| e["best_val_loss"].as_f64()).expect("a best validation loss") as f32;
+
+    // eval --data on the validation file with the kept (best) adapter: the validation loss that
+    // training reported, through the inference path instead of the training workspace. Both sum
+    // the same ~100 f32 token losses in another order and run the same kernels on other buffer
+    // shapes, so they agree to f32 rounding, far inside 1e-3.
+    let adapter = run1.join("adapter").display().to_string();
+    let out = edgetune(&["eval", "--model", &tiny(), "--adapter", &adapter, "--data", &held]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let value = |prefix: &str| -> f32 {
+        let l = stdout.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("{prefix}: {stdout}"));
+        l.trim().trim_start_matches("mean loss ").split(',').next().and_then(|v| v.parse().ok()).expect("a number")
+    };
+    let (base, tuned) = (value("base:"), value("adapter:"));
+    assert!((tuned - best).abs() <= 1e-3 * best, "eval --data {tuned} vs training's validation loss {best}");
+    assert_ne!(base, tuned);
+    assert!(stdout.contains("4 samples"), "{stdout}");
+}

@@ -486,7 +486,7 @@ fn explicit_settings_win_and_a_resumed_run_makes_the_same_choices() {
     };
     let t = Trainer::new(m.clone(), &d, given.clone()).expect("trainer");
     let settings: Vec<&str> = t.chosen().iter().map(|c| c.setting.as_str()).collect();
-    assert_eq!(settings, ["data.val_fraction"], "only the data's split is reported when all else is given");
+    assert_eq!(settings, ["validation"], "only the data's split is reported when all else is given");
     let c = t.config();
     assert_eq!(
         (c.epochs, c.learning_rate, c.batch_tokens, c.warmup_steps, c.keep_best),

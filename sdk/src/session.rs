@@ -96,4 +96,37 @@ impl Session {
         }
         self.model.mean_loss_with(&ids, self.adapter.as_ref())
     }
+
+    /// Mean loss over the trained tokens of `samples` (for chat records, the assistant turns,
+    /// with the template and mask training uses), with the session's adapter (`with_adapter`)
+    /// or with the base model alone; and the number of tokens scored.
+    pub fn samples_loss(&self, samples: &[crate::data::Sample], with_adapter: bool) -> Result<(f32, usize)> {
+        let lora = if with_adapter { self.adapter.as_ref() } else { None };
+        let (mut total, mut n) = (0f64, 0usize);
+        for s in samples {
+            if s.ids.len() > self.model.max_context {
+                return Err(Error::invalid(
+                    "data",
+                    format!(
+                        "{}:{}: a sample of {} tokens exceeds the context of {}",
+                        s.file.display(),
+                        s.line,
+                        s.ids.len(),
+                        self.model.max_context
+                    ),
+                ));
+            }
+            let losses = self.model.token_losses_with(&s.ids, lora)?;
+            for (l, &scored) in losses.iter().zip(&s.train[1..]) {
+                if scored {
+                    total += f64::from(*l);
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 {
+            return Err(Error::invalid("data", "no token to score"));
+        }
+        Ok(((total / n as f64) as f32, n))
+    }
 }

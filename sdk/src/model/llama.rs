@@ -563,6 +563,12 @@ impl Model {
 
     /// [`Model::mean_loss`] with a LoRA adapter applied (not merged).
     pub fn mean_loss_with(&self, ids: &[u32], lora: Option<&GpuAdapter>) -> Result<f32> {
+        let losses = self.token_losses_with(ids, lora)?;
+        Ok((losses.iter().map(|&l| f64::from(l)).sum::<f64>() / losses.len() as f64) as f32)
+    }
+
+    /// The loss of each next token of `ids`: entry i scores `ids[i + 1]` given `ids[..=i]`.
+    pub fn token_losses_with(&self, ids: &[u32], lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
         if ids.len() < 2 {
             return Err(Error::invalid("text", "needs at least two tokens to score"));
         }
@@ -572,7 +578,7 @@ impl Model {
         let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
         let chunk = (limit / (v * 4)).clamp(1, 256);
         let n = ids.len() - 1;
-        let mut total = 0f64;
+        let mut out = Vec::with_capacity(n);
         let mut start = 0;
         while start < n {
             let rows = chunk.min(n - start);
@@ -582,9 +588,9 @@ impl Model {
             let loss = self.ctx.storage_zeroed("loss", rows);
             launch::cross_entropy_forward(&self.ctx, &mut enc, &logits, &targets, &loss, rows, v)?;
             self.ctx.queue.submit([enc.finish()]);
-            total += self.ctx.read_f32(&loss, rows)?.iter().map(|&l| f64::from(l)).sum::<f64>();
+            out.extend(self.ctx.read_f32(&loss, rows)?);
             start += rows;
         }
-        Ok((total / n as f64) as f32)
+        Ok(out)
     }
 }

@@ -66,7 +66,8 @@ pub struct DataShape {
 /// One setting the rule chose, for the start of a run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Choice {
-    /// The `TrainConfig` field, as in the TOML file (`learning_rate`, `data.val_fraction`).
+    /// The `TrainConfig` field, as in the TOML file (`learning_rate`), or `validation` for how
+    /// the validation samples were chosen (`none`, `restated`, `split` or `file`).
     pub setting: String,
     /// The value chosen, as the TOML file would write it.
     pub value: String,

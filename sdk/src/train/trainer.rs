@@ -274,7 +274,8 @@ fn choice(setting: &str, value: impl ToString, why: String) -> Choice {
 /// Fills in the settings `cfg` leaves unset (rules 2 to 5 of [`auto`]; `batch_tokens` is set
 /// already), recording each choice.
 fn resolve(cfg: &mut TrainConfig, chosen: &mut Vec<Choice>, batches: usize, validation: &Validation) -> Resolved {
-    chosen.push(choice("data.val_fraction", validation.fraction, validation.why.clone()));
+    let source = serde_json::to_value(validation.source).ok().and_then(|v| v.as_str().map(String::from));
+    chosen.push(choice("validation", source.unwrap_or_default(), validation.why.clone()));
     let per_epoch = batches.div_ceil(cfg.grad_accum) as u64;
     let total_steps = match cfg.max_steps {
         Some(n) => n,

@@ -81,12 +81,22 @@ enum Cmd {
         #[arg(long)]
         stop: Vec<String>,
     },
-    /// Mean token loss and perplexity of a text file.
+    /// Mean token loss and perplexity: of every token of a text file (--text), or of the
+    /// assistant turns of chat records (--data), as training scores them, for the base model and
+    /// the adapter.
     Eval {
         #[command(flatten)]
         m: ModelArgs,
+        /// A text file: every token is scored.
+        #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+        text: Option<PathBuf>,
+        /// Records in any training format (JSONL, a folder): the tokens training would train on
+        /// are scored, with the same chat template and mask.
         #[arg(long)]
-        text: PathBuf,
+        data: Option<PathBuf>,
+        /// System message for conversations without one (as given to train's --system).
+        #[arg(long, requires = "data")]
+        system: Option<String>,
     },
     /// Show the GPU adapter edgetune would use.
     Gpu,
@@ -290,7 +300,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {} ({shards} weight file(s), {dtype:?})", output.display());
         }
         Cmd::Export { model, checkpoint, output, last } => train::export(&model, &checkpoint, &output, last)?,
-        Cmd::Eval { m, text } => {
+        Cmd::Eval { m, data: Some(data), system, .. } => {
+            let s = load(&m, &gpu)?;
+            let cfg = edgetune::data::DataConfig {
+                val_fraction: Some(0.0),
+                max_len: m.max_context,
+                system,
+                ..Default::default()
+            };
+            let d = edgetune::data::load(&data, &s.tokenizer, &cfg)?;
+            let (base, n) = s.samples_loss(&d.train, false)?;
+            println!("{} samples, {n} scored tokens ({})", d.train.len(), data.display());
+            println!("base:    mean loss {base:.6}, perplexity {:.4}", f64::from(base).exp());
+            if s.adapter.is_some() {
+                let (tuned, _) = s.samples_loss(&d.train, true)?;
+                println!("adapter: mean loss {tuned:.6}, perplexity {:.4}", f64::from(tuned).exp());
+            }
+        }
+        Cmd::Eval { m, text, .. } => {
+            let text = text.ok_or_else(|| Error::Invalid {
+                field: "eval".into(),
+                what: "give --text FILE or --data FILE".into(),
+            })?;
             let bytes = std::fs::read(&text).map_err(|e| Error::Io { path: text.clone(), source: e })?;
             let body = String::from_utf8(bytes).map_err(|e| Error::Format {
                 path: text.clone(),
