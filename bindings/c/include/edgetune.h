@@ -76,7 +76,9 @@ typedef enum edgetune_status {
  */
 typedef enum edgetune_event_kind {
   /**
-   * Training starts: `total_steps`, `step` (non-zero when resumed), `gpu_memory_bytes` (planned).
+   * Training starts: `total_steps`, `step` (non-zero when resumed), `gpu_memory_bytes`
+   * (planned), and in `message` the settings chosen from the data, one per line
+   * (`setting = value (why)`; see `edgetune_trainer_settings`).
    */
   EDGETUNE_EVENT_STARTED = 0,
   /**
@@ -89,7 +91,8 @@ typedef enum edgetune_event_kind {
    */
   EDGETUNE_EVENT_EVAL = 2,
   /**
-   * Something worth telling the user (`message`), such as a skipped non-finite step.
+   * Something worth telling the user (`message`), such as a skipped non-finite step or a
+   * validation loss that rises while the training loss falls (with what to do about it).
    */
   EDGETUNE_EVENT_WARNING = 3,
   /**
@@ -318,7 +321,10 @@ enum edgetune_status edgetune_model_loss(const struct edgetune_model *model,
  * Creates a trainer for `model` with the settings in `config_json`: a JSON object with any
  * `TrainConfig` field (the same names as the CLI's TOML file, e.g.
  * `{"epochs": 3, "learning_rate": 2e-4, "lora": {"r": 16}, "data": {"max_len": 512}}`); NULL
- * or `{}` takes the defaults. Unknown fields and invalid values are errors. Add data with
+ * or `{}` takes the defaults. Unknown fields and invalid values are errors. `batch_tokens`,
+ * `epochs`, `learning_rate`, `warmup_steps`, `keep_best` and `data.val_fraction` left out (or
+ * `null`) are chosen from the data when training starts (see `edgetune_trainer_settings`);
+ * `data.val_data` names a file of the user's own held-out records to validate on. Add data with
  * `edgetune_trainer_add_file` / `edgetune_trainer_add_record`, then run. The caller owns
  * `*out` and frees it with `edgetune_trainer_free`. Thread-safety: `edgetune_trainer_cancel`
  * may be called from any thread at any time; the other trainer calls run one at a time.
@@ -409,8 +415,20 @@ enum edgetune_status edgetune_trainer_save_checkpoint(const struct edgetune_trai
                                                       const char *path);
 
 /**
- * The trained adapter: after a run, the one it returned (the best by validation loss unless
- * the settings say `keep_best: false`); before any run, the adapter as it is (fresh or
+ * The settings of the run as JSON, every automatic choice filled in, and the choices with their
+ * reasons: `{"config": {...TrainConfig...}, "chosen": [{"setting": "epochs", "value": "6",
+ * "why": "..."}, ...]}`. `config` given to `edgetune_trainer_new` repeats the run exactly. Fixes
+ * the trainer's data (as a run does). The caller owns `*out` and frees it with
+ * `edgetune_string_free`.
+ *
+ * # Safety
+ * `trainer` is a live trainer, `out` writable.
+ */
+enum edgetune_status edgetune_trainer_settings(const struct edgetune_trainer *trainer, char **out);
+
+/**
+ * The trained adapter: after a run, the one it returned (the best by a meaningful validation
+ * loss with `keep_best`, else the final one); before any run, the adapter as it is (fresh or
  * resumed). The caller owns `*out` and frees it with `edgetune_adapter_free`.
  *
  * # Safety

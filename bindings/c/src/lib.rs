@@ -66,14 +66,17 @@ pub enum edgetune_quant {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum edgetune_event_kind {
-    /// Training starts: `total_steps`, `step` (non-zero when resumed), `gpu_memory_bytes` (planned).
+    /// Training starts: `total_steps`, `step` (non-zero when resumed), `gpu_memory_bytes`
+    /// (planned), and in `message` the settings chosen from the data, one per line
+    /// (`setting = value (why)`; see `edgetune_trainer_settings`).
     EDGETUNE_EVENT_STARTED = 0,
     /// An optimizer step ended: `step`, `total_steps`, `epoch`, `loss`, `lr`, `grad_norm`,
     /// `tokens_per_s`, `eta_s`, `gpu_memory_bytes`.
     EDGETUNE_EVENT_STEP = 1,
     /// An evaluation: `step`, `val_loss`, `perplexity`, `best_val_loss`.
     EDGETUNE_EVENT_EVAL = 2,
-    /// Something worth telling the user (`message`), such as a skipped non-finite step.
+    /// Something worth telling the user (`message`), such as a skipped non-finite step or a
+    /// validation loss that rises while the training loss falls (with what to do about it).
     EDGETUNE_EVENT_WARNING = 3,
     /// A checkpoint was written (`message` is its path).
     EDGETUNE_EVENT_CHECKPOINT = 4,
@@ -578,7 +581,10 @@ pub unsafe extern "C" fn edgetune_model_loss(
 /// Creates a trainer for `model` with the settings in `config_json`: a JSON object with any
 /// `TrainConfig` field (the same names as the CLI's TOML file, e.g.
 /// `{"epochs": 3, "learning_rate": 2e-4, "lora": {"r": 16}, "data": {"max_len": 512}}`); NULL
-/// or `{}` takes the defaults. Unknown fields and invalid values are errors. Add data with
+/// or `{}` takes the defaults. Unknown fields and invalid values are errors. `batch_tokens`,
+/// `epochs`, `learning_rate`, `warmup_steps`, `keep_best` and `data.val_fraction` left out (or
+/// `null`) are chosen from the data when training starts (see `edgetune_trainer_settings`);
+/// `data.val_data` names a file of the user's own held-out records to validate on. Add data with
 /// `edgetune_trainer_add_file` / `edgetune_trainer_add_record`, then run. The caller owns
 /// `*out` and frees it with `edgetune_trainer_free`. Thread-safety: `edgetune_trainer_cancel`
 /// may be called from any thread at any time; the other trainer calls run one at a time.
@@ -800,9 +806,10 @@ fn with_c_event(e: &Event, f: impl FnOnce(&edgetune_event)) {
     };
     let mut message = None;
     match e {
-        Event::Started { total_steps, start_step, planned_gpu_bytes, .. } => {
+        Event::Started { total_steps, start_step, planned_gpu_bytes, chosen, .. } => {
             ev.kind = edgetune_event_kind::EDGETUNE_EVENT_STARTED;
             (ev.total_steps, ev.step, ev.gpu_memory_bytes) = (*total_steps, *start_step, *planned_gpu_bytes);
+            message = Some(chosen.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
         }
         Event::Step {
             step, total_steps, epoch, loss, lr, grad_norm, tokens_per_s, eta_s, gpu_memory_bytes, ..
@@ -873,8 +880,32 @@ pub unsafe extern "C" fn edgetune_trainer_save_checkpoint(
     guard(|| unsafe { with_trainer_at(trainer, path, |tr, path| tr.write_checkpoint(path)) })
 }
 
-/// The trained adapter: after a run, the one it returned (the best by validation loss unless
-/// the settings say `keep_best: false`); before any run, the adapter as it is (fresh or
+/// The settings of the run as JSON, every automatic choice filled in, and the choices with their
+/// reasons: `{"config": {...TrainConfig...}, "chosen": [{"setting": "epochs", "value": "6",
+/// "why": "..."}, ...]}`. `config` given to `edgetune_trainer_new` repeats the run exactly. Fixes
+/// the trainer's data (as a run does). The caller owns `*out` and frees it with
+/// `edgetune_string_free`.
+///
+/// # Safety
+/// `trainer` is a live trainer, `out` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_settings(
+    trainer: *const edgetune_trainer,
+    out: *mut *mut c_char,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out, "out") }?;
+        let t = unsafe { handle(trainer, "trainer") }?;
+        let mut state = lock(&t.inner);
+        let tr = state.trainer(&t.cancel)?;
+        let json = serde_json::json!({"config": tr.config(), "chosen": tr.chosen()}).to_string();
+        *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
+        Ok(())
+    })
+}
+
+/// The trained adapter: after a run, the one it returned (the best by a meaningful validation
+/// loss with `keep_best`, else the final one); before any run, the adapter as it is (fresh or
 /// resumed). The caller owns `*out` and frees it with `edgetune_adapter_free`.
 ///
 /// # Safety

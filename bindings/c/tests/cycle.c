@@ -15,7 +15,13 @@ typedef struct {
 static void on_event(void *userdata, const edgetune_event *e) {
     counts *c = userdata;
     switch (e->kind) {
-    case EDGETUNE_EVENT_STARTED: c->started++; break;
+    case EDGETUNE_EVENT_STARTED:
+        c->started++;
+        /* The settings the config left out, chosen from the data: a random share of a small
+         * set does not choose the adapter, so the final one is kept. */
+        CHECK(e->message != NULL && strstr(e->message, "warmup_steps = ") != NULL);
+        CHECK(strstr(e->message, "keep_best = false (") != NULL);
+        break;
     case EDGETUNE_EVENT_STEP:
         if (c->steps++ == 0) c->first_loss = e->loss;
         c->last_loss = e->loss;
@@ -85,6 +91,12 @@ int main(int argc, char **argv) {
     /* Train 8 steps with a checkpoint at the end. */
     edgetune_trainer *t = new_trainer(model, argv[2]);
     OK(edgetune_trainer_set_checkpoint_path(t, ckpt));
+    char *settings = NULL;
+    OK(edgetune_trainer_settings(t, &settings));
+    printf("settings: %s\n", settings);
+    CHECK(strstr(settings, "\"max_steps\":8") != NULL && strstr(settings, "\"setting\":\"warmup_steps\"") != NULL);
+    CHECK(strstr(settings, "\"keep_best\":false") != NULL);
+    edgetune_string_free(settings);
     counts c = {0};
     OK(edgetune_trainer_run(t, on_event, &c));
     printf("steps %d, loss %.4f -> %.4f, evals %d, finished: %s\n", c.steps, c.first_loss, c.last_loss, c.evals,

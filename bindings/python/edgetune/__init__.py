@@ -437,7 +437,10 @@ class Trainer(_Handle):
 
     ``config`` holds any training setting (the names of the CLI's TOML file), as a dict or a
     JSON string, e.g. ``{"epochs": 3, "learning_rate": 2e-4, "lora": {"r": 16},
-    "data": {"max_len": 512}}``; unknown names are errors. Add data with :meth:`add_file` or
+    "data": {"max_len": 512}}``; unknown names are errors. Settings left out (``batch_tokens``,
+    ``epochs``, ``learning_rate``, ``warmup_steps``, ``keep_best``, ``data.val_fraction``) are
+    chosen from the data (see :meth:`settings`); ``{"data": {"val_data": "held.jsonl"}}`` names
+    the user's own held-out records. Add data with :meth:`add_file` or
     :meth:`add_records`, then :meth:`run` or iterate :meth:`events`. :meth:`cancel` may be
     called from any thread.
     """
@@ -513,6 +516,12 @@ class Trainer(_Handle):
         """Runs training on a worker thread and yields its events. Leaving the loop early
         cancels the run (and waits for it to stop); an error is raised from the iterator."""
         return _on_worker("edgetune-train", self.run, self.cancel)
+
+    def settings(self) -> dict:
+        """The run's settings with every automatic choice filled in (``"config"``, which given
+        to a new trainer repeats the run), and the choices made from the data with their reasons
+        (``"chosen"``: ``setting``, ``value``, ``why``). Fixes the trainer's data."""
+        return json.loads(_take_string(_new(_lib.edgetune_trainer_settings, self._handle)))
 
     def adapter(self) -> Adapter:
         """The trained adapter (a run, or a resume, must have happened)."""

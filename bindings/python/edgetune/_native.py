@@ -94,6 +94,7 @@ _PROTOTYPES = {
     "edgetune_trainer_cancel": (_STATUS, [_P]),
     "edgetune_trainer_save_checkpoint": (_STATUS, [_P, _S]),
     "edgetune_trainer_adapter": (_STATUS, [_P, _OUT]),
+    "edgetune_trainer_settings": (_STATUS, [_P, _OUT]),
     "edgetune_trainer_save_adapter": (_STATUS, [_P, _S]),
     "edgetune_trainer_free": (None, [_P]),
 }

@@ -107,6 +107,8 @@ class ModelTest(unittest.TestCase):
 
             kinds = [e.kind for e in events]
             self.assertEqual(kinds[0], "started")
+            # The settings CONFIG leaves out are chosen from the data and listed when it starts.
+            self.assertIn("keep_best = false (", events[0].message)
             self.assertEqual(kinds[-1], "finished")
             self.assertEqual(events[-1].message, "completed")
             steps = [e for e in events if e.kind == "step"]
@@ -140,6 +142,25 @@ class ModelTest(unittest.TestCase):
                     self.model.set_adapter(again)
             self.assertEqual(self.model.loss(PROBE), tuned)
             self.model.set_adapter(None)
+
+    def test_settings_left_out_are_chosen_from_the_data_and_repeat_the_run(self):
+        with self.model.trainer({"lora": {"r": 4, "alpha": 8}, "data": {"max_len": 128}}) as trainer:
+            trainer.add_file(DATA).add_records(RECORDS)
+            settings = trainer.settings()
+        chosen = {c["setting"]: c for c in settings["chosen"]}
+        for name in ("batch_tokens", "epochs", "learning_rate", "warmup_steps", "keep_best"):
+            self.assertIn(name, chosen)
+            self.assertEqual(str(settings["config"][name]).lower(), chosen[name]["value"].lower()
+                             if name != "learning_rate" else str(settings["config"][name]).lower())
+        self.assertAlmostEqual(settings["config"]["learning_rate"], float(chosen["learning_rate"]["value"]))
+        # The persona data asks each fact three ways, so answers another record restates validate.
+        self.assertEqual(chosen["validation"]["value"], "restated")
+        self.assertIs(settings["config"]["keep_best"], True)
+        with self.model.trainer(settings["config"]) as again:
+            again.add_file(DATA).add_records(RECORDS)
+            repeated = again.settings()
+        self.assertEqual(repeated["config"], settings["config"])
+        self.assertEqual([c["setting"] for c in repeated["chosen"]], ["validation"])
 
     def test_cancel_from_another_thread(self):
         stepped = threading.Event()

@@ -18,7 +18,9 @@
 //!    `scale · B A` sums r such entries, so the change of the weights grows as `scale · r`
 //!    (alpha for plain LoRA, `alpha · sqrt(r)` with rsLoRA). The rate is divided by that over
 //!    the reference's 32, which keeps the step in weight space the reference's.
-//! 4. **Warmup.** [`WARMUP_FRACTION`] of the steps, rounded up (QLoRA's 3 %).
+//! 4. **Warmup.** [`WARMUP_FRACTION`] of the steps, rounded down (QLoRA's 3 %): a run of
+//!    fewer than 34 steps has none, since transformers' warmup gives its first step a rate of 0
+//!    and a short run cannot spare it.
 //! 5. **keep_best.** On when the validation set's loss is meaningful (see
 //!    [`crate::data::Validation::meaningful`]); otherwise the final adapter is returned, as
 //!    transformers' Trainer and MLX-LM do.
@@ -104,7 +106,7 @@ pub fn learning_rate(total_steps: u64, lora: &LoraConfig) -> f32 {
 
 /// Rule 4: warmup steps of a run of `total_steps`.
 pub fn warmup_steps(total_steps: u64) -> u64 {
-    (total_steps as f64 * WARMUP_FRACTION).ceil() as u64
+    (total_steps as f64 * WARMUP_FRACTION).floor() as u64
 }
 
 #[cfg(test)]

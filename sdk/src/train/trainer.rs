@@ -316,7 +316,11 @@ fn resolve(cfg: &mut TrainConfig, chosen: &mut Vec<Choice>, batches: usize, vali
     });
     let warmup_steps = *cfg.warmup_steps.get_or_insert_with(|| {
         let w = auto::warmup_steps(total_steps);
-        chosen.push(choice("warmup_steps", w, format!("{}% of {total_steps} steps", auto::WARMUP_FRACTION * 100.0)));
+        chosen.push(choice(
+            "warmup_steps",
+            w,
+            format!("{}% of {total_steps} steps, rounded down", auto::WARMUP_FRACTION * 100.0),
+        ));
         w
     });
     let keep_best = *cfg.keep_best.get_or_insert_with(|| {
