@@ -19,6 +19,8 @@ echo
 echo "=== before training: the base model ==="
 "$bin" generate --model "$model" --chat --system "$system" --prompts-file "$data/held_out.txt" --max-tokens 40
 echo "=== training on $data/train.jsonl ==="
+# train.toml sets only the system message; every other setting is chosen from the data and
+# printed when training starts (see the README's "Training defaults").
 "$bin" train --model "$model" --data "$data/train.jsonl" --config "$data/train.toml" --output "$out"
 echo
 echo "=== after training: the same questions with the adapter ($out/adapter) ==="

@@ -80,7 +80,7 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     let data = persona.join("train.jsonl").display().to_string();
     let config = persona.join("train.toml").display().to_string();
     let out_dir = dir.join("run").display().to_string();
-    // The config file asks for 6 epochs; the flags override it with 3 steps.
+    // The config file gives the system message; the flags ask for 3 steps.
     let args = [
         "train",
         "--model",
@@ -124,7 +124,8 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     assert_eq!(events[6]["reason"], "completed");
     let run = dir.join("run");
     let settings = std::fs::read_to_string(run.join("train_config.toml")).expect("settings written");
-    assert!(settings.contains("max_steps = 3") && settings.contains("epochs = 6"), "{settings}");
+    // The flags and the file's system message are recorded; epochs do not matter with max_steps.
+    assert!(settings.contains("max_steps = 3") && settings.contains("Answer as yourself"), "{settings}");
     assert!(settings.contains("activations = \"f16\""), "{settings}");
 
     // Export the checkpoint's best adapter: the same bytes the run saved.

@@ -156,3 +156,41 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     assert!(after < before, "validation loss did not fall: {before} -> {after}");
 }
+
+/// What a new user does: the bundled fact set (16 records, one fact each, written for these
+/// tests) trained with every default, then six questions about those facts phrased as no record
+/// phrases them. Before the automatic settings, the defaults made three optimizer steps, held
+/// two facts out for validation and returned the adapter of step 4, which knew none of them.
+#[test]
+fn the_defaults_teach_a_handful_of_facts_that_paraphrased_questions_recall() {
+    use edgetune::data::{self, DataConfig};
+    use edgetune::train::{TrainConfig, Trainer};
+    let path = model_path();
+    let facts = common::fixtures().join("../../data/facts");
+    let load = LoadOptions { max_context: 256, ..Default::default() };
+    let mut session = Session::open_with(ctx(), &path, &load).expect("model");
+    let data = data::load(&facts.join("train.jsonl"), &session.tokenizer, &DataConfig::default()).expect("facts");
+    assert_eq!((data.train.len(), data.val.len()), (16, 0), "no fact is held out");
+    let started = std::time::Instant::now();
+    let mut trainer = Trainer::new(session.model.clone(), &data, TrainConfig::default()).expect("trainer");
+    for c in trainer.chosen() {
+        eprintln!("chosen: {c}");
+    }
+    let out = trainer.run(|_| {}).expect("training");
+    eprintln!("{} steps in {:.0} s, last loss {:?}", out.steps, started.elapsed().as_secs_f64(), out.last_loss);
+    assert_eq!(out.adapter_step, out.steps, "without validation the final adapter is returned");
+    session.set_adapter(Some(&out.adapter)).expect("adapter");
+    let opts = GenerateOptions { max_new_tokens: 24, ..Default::default() };
+    let questions = std::fs::read_to_string(facts.join("held_out.jsonl")).expect("held-out questions");
+    let mut recalled = 0;
+    for line in questions.lines() {
+        let q: Value = serde_json::from_str(line).expect("JSON");
+        let question = q["question"].as_str().expect("question");
+        let reply = session.chat(&[Message::new("user", question)], &opts, |_| true).expect("chat").text;
+        let keys: Vec<&str> = q["expect_any"].as_array().expect("keys").iter().filter_map(Value::as_str).collect();
+        let hit = keys.iter().any(|k| reply.to_lowercase().contains(&k.to_lowercase()));
+        eprintln!("{} {question} -> {reply}", if hit { "+" } else { "-" });
+        recalled += usize::from(hit);
+    }
+    assert!(recalled >= 4, "only {recalled} of 6 held-out questions got their trained fact");
+}

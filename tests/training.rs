@@ -423,9 +423,9 @@ fn chosen(t: &Trainer, setting: &str) -> Option<String> {
 fn settings_are_chosen_from_the_data_for_10_100_and_10000_records() {
     let ctx = ctx();
     let m = model(&ctx, "llama");
-    // The rule worked by hand (sdk/src/train/auto.rs): batch_tokens = tokens / 4 rounded down
-    // (at most 1024, at least the longest sample); epochs = ceil(24 / steps per epoch) in 3..=12;
-    // learning rate 2e-4 x clamp(720 / steps, 1, 15) for r 16, alpha 32; warmup 3 % of steps,
+    // The rule worked by hand (sdk/src/train/auto.rs): batch_tokens = tokens / 4 rounded up to
+    // 64 (at most 1024, at least the longest sample); epochs = ceil(24 / steps per epoch) in 3..=12;
+    // learning rate 2e-4 x clamp(720 / steps, 1, 20) for r 16, alpha 32; warmup 3 % of steps,
     // rounded down.
     for n in [10, 100, 10_000] {
         let d = fact_records(n);
@@ -449,8 +449,8 @@ fn settings_are_chosen_from_the_data_for_10_100_and_10000_records() {
             10 | 100 => {
                 // Distinct facts: everything is trained, and the final adapter is returned.
                 assert_eq!((d.train.len(), d.val.len(), c.keep_best), (n, 0, Some(false)));
-                assert_eq!(bt, (tokens / 4).min(1024).max(longest), "{tokens} tokens");
-                assert!(per_epoch >= 4 || bt == longest, "{per_epoch} steps an epoch");
+                assert_eq!(bt, (tokens.div_ceil(4).div_ceil(64) * 64).min(1024).max(longest), "{tokens} tokens");
+                assert!((3..=6).contains(&per_epoch), "{per_epoch} steps an epoch");
                 assert_eq!(epochs, 24u64.div_ceil(per_epoch).clamp(3, 12));
                 assert!(total >= 24, "{total} steps");
             }
@@ -461,10 +461,13 @@ fn settings_are_chosen_from_the_data_for_10_100_and_10000_records() {
                 assert_eq!((bt, epochs), (1024, 3));
             }
         }
-        let expect_lr = 2e-4 * (720.0 / total as f32).clamp(1.0, 15.0);
-        assert!((lr - expect_lr).abs() <= 1e-6 * expect_lr, "{n} records: lr {lr}, expected {expect_lr}");
+        // To three significant digits, so within half a unit of the third.
+        let expect_lr = 2e-4 * (720.0 / total as f32).clamp(1.0, 20.0);
+        assert!((lr - expect_lr).abs() <= 5e-3 * expect_lr, "{n} records: lr {lr}, expected {expect_lr}");
+        let digits = lr.to_string().trim_start_matches("0.").trim_start_matches('0').len();
+        assert!(digits <= 3, "{lr} has {digits} significant digits");
         if n == 10 {
-            assert_eq!(lr, 3e-3, "a short run gets the largest rate");
+            assert_eq!(lr, 4e-3, "a short run gets the largest rate");
         }
         if n == 10_000 {
             assert!(lr < 1e-3 && total > 100, "lr {lr} over {total} steps");

@@ -3,10 +3,12 @@
 //!
 //! The rule, in the order the trainer applies it:
 //!
-//! 1. **Tokens per step.** Enough batches that an epoch takes at least
-//!    [`MIN_BATCHES_PER_EPOCH`] optimizer steps: `batch_tokens` is the training tokens divided by
-//!    that (rounded down, so packing cannot make fewer batches), at most
-//!    [`MAX_AUTO_BATCH_TOKENS`] and never less than the longest sample. Sixteen short records then make four steps an epoch, not one.
+//! 1. **Tokens per step.** About [`BATCHES_PER_EPOCH`] optimizer steps an epoch for a small
+//!    set: `batch_tokens` is the training tokens divided by that, rounded up to a multiple of 64,
+//!    at most [`MAX_AUTO_BATCH_TOKENS`] and never less than the longest sample. Sixteen short
+//!    records (773 tokens with SmolLM2's template) then make four steps of 256 tokens an epoch,
+//!    not one of 1024. Packing whole samples can make one or two more batches; rule 2 counts the
+//!    batches there are.
 //! 2. **Epochs.** Enough passes for [`MIN_AUTO_STEPS`] optimizer steps, between
 //!    [`DEFAULT_EPOCHS`] (what peers use on large sets) and [`MAX_AUTO_EPOCHS`]. A large set gets
 //!    the usual 3 epochs; a few dozen records get as many as learning them takes.
@@ -34,8 +36,8 @@ use serde::Serialize;
 
 use crate::lora::LoraConfig;
 
-/// An epoch of a small set takes at least this many optimizer steps.
-pub const MIN_BATCHES_PER_EPOCH: usize = 4;
+/// An epoch of a small set takes about this many optimizer steps.
+pub const BATCHES_PER_EPOCH: usize = 4;
 /// The automatic `batch_tokens` is at most this (unless a sample is longer).
 pub const MAX_AUTO_BATCH_TOKENS: usize = 1024;
 /// Automatic epochs aim at this many optimizer steps in all.
@@ -49,7 +51,7 @@ pub const BASE_LR: f32 = 2e-4;
 /// Runs of at least this many steps get [`BASE_LR`].
 pub const LONG_RUN_STEPS: u64 = 720;
 /// Shorter runs get at most this many times [`BASE_LR`].
-pub const MAX_SHORT_RUN_FACTOR: f32 = 15.0;
+pub const MAX_SHORT_RUN_FACTOR: f32 = 20.0;
 /// `scale · r` of the reference adapter (r 16, alpha 32, plain LoRA).
 pub const REFERENCE_SCALE_TIMES_RANK: f32 = 32.0;
 /// Warmup steps as a share of the run.
@@ -85,7 +87,7 @@ impl std::fmt::Display for Choice {
 
 /// Rule 1: tokens per packed micro-batch.
 pub fn batch_tokens(shape: DataShape) -> usize {
-    (shape.tokens / MIN_BATCHES_PER_EPOCH).min(MAX_AUTO_BATCH_TOKENS).max(shape.longest)
+    (shape.tokens.div_ceil(BATCHES_PER_EPOCH).div_ceil(64) * 64).min(MAX_AUTO_BATCH_TOKENS).max(shape.longest)
 }
 
 /// Rule 2: epochs, given the optimizer steps one epoch takes.
@@ -98,10 +100,14 @@ pub fn scale_times_rank(lora: &LoraConfig) -> f32 {
     lora.scale() * lora.r as f32
 }
 
-/// Rule 3: the peak learning rate of a run of `total_steps` optimizer steps with `lora`.
+/// Rule 3: the peak learning rate of a run of `total_steps` optimizer steps with `lora`, to
+/// three significant digits.
 pub fn learning_rate(total_steps: u64, lora: &LoraConfig) -> f32 {
-    let short = (LONG_RUN_STEPS as f32 / total_steps.max(1) as f32).clamp(1.0, MAX_SHORT_RUN_FACTOR);
-    BASE_LR * short * REFERENCE_SCALE_TIMES_RANK / scale_times_rank(lora)
+    let short = (LONG_RUN_STEPS as f64 / total_steps.max(1) as f64).clamp(1.0, f64::from(MAX_SHORT_RUN_FACTOR));
+    let lr = f64::from(BASE_LR) * short * f64::from(REFERENCE_SCALE_TIMES_RANK) / f64::from(scale_times_rank(lora));
+    // Three significant digits, so the value reads (and records) as 4e-3, not 3.9999997e-3.
+    let digits = 10f64.powi(2 - lr.log10().floor() as i32);
+    ((lr * digits).round() / digits) as f32
 }
 
 /// Rule 4: warmup steps of a run of `total_steps`.

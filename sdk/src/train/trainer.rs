@@ -397,9 +397,10 @@ impl Trainer {
                 "batch_tokens",
                 b,
                 format!(
-                    "{} training tokens over at least {} steps an epoch, within the longest sample ({}) and {}",
+                    "{} training tokens over about {} steps an epoch, rounded up to 64, within the longest sample \
+                     ({}) and {}",
                     shape.tokens,
-                    auto::MIN_BATCHES_PER_EPOCH,
+                    auto::BATCHES_PER_EPOCH,
                     shape.longest,
                     auto::MAX_AUTO_BATCH_TOKENS
                 ),
