@@ -102,20 +102,9 @@ impl Session {
     /// or with the base model alone; and the number of tokens scored.
     pub fn samples_loss(&self, samples: &[crate::data::Sample], with_adapter: bool) -> Result<(f32, usize)> {
         let lora = if with_adapter { self.adapter.as_ref() } else { None };
+        crate::data::check_context(samples, self.model.max_context, "data")?;
         let (mut total, mut n) = (0f64, 0usize);
         for s in samples {
-            if s.ids.len() > self.model.max_context {
-                return Err(Error::invalid(
-                    "data",
-                    format!(
-                        "{}:{}: a sample of {} tokens exceeds the context of {}",
-                        s.file.display(),
-                        s.line,
-                        s.ids.len(),
-                        self.model.max_context
-                    ),
-                ));
-            }
             let losses = self.model.token_losses_with(&s.ids, lora)?;
             for (l, &scored) in losses.iter().zip(&s.train[1..]) {
                 if scored {

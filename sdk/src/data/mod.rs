@@ -149,6 +149,22 @@ impl Sample {
     }
 }
 
+/// An error naming the first of `samples` longer than the model's `context`, as `field`'s fault.
+pub fn check_context<'a>(samples: impl IntoIterator<Item = &'a Sample>, context: usize, field: &str) -> Result<()> {
+    match samples.into_iter().find(|s| s.ids.len() > context) {
+        Some(s) => Err(Error::invalid(
+            field,
+            format!(
+                "{}:{}: a sample of {} tokens exceeds the model's context of {context}",
+                s.file.display(),
+                s.line,
+                s.ids.len()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// What happened to the records of a dataset.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DataReport {

@@ -374,18 +374,7 @@ impl Trainer {
                 ),
             ));
         }
-        if let Some(s) = dataset.train.iter().chain(&dataset.val).find(|s| s.ids.len() > model.max_context) {
-            return Err(Error::invalid(
-                "data.max_len",
-                format!(
-                    "{}:{}: a sample of {} tokens exceeds the model's context of {}",
-                    s.file.display(),
-                    s.line,
-                    s.ids.len(),
-                    model.max_context
-                ),
-            ));
-        }
+        data::check_context(dataset.train.iter().chain(&dataset.val), model.max_context, "data.max_len")?;
         // Shuffle once so that batches mix samples, then pack: the batch count is then fixed,
         // and so is the number of steps the schedule spans.
         let mut order: Vec<&Sample> = dataset.train.iter().collect();
