@@ -161,6 +161,13 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
 /// tests) trained with every default, then six questions about those facts phrased as no record
 /// phrases them. Before the automatic settings, the defaults made three optimizer steps, held
 /// two facts out for validation and returned the adapter of step 4, which knew none of them.
+///
+/// The criterion is the loss of each trained answer after its paraphrased question (`eval
+/// --data`'s measure): base SmolLM2 scores them at 3.42 nats a token. An adapter that has the
+/// facts and finds them from another phrasing scores a small fraction of that; one that learned
+/// nothing, or a step-4 adapter, scores near the base. Greedy answers are printed with whether
+/// they carry the fact: across seeds of the same settings they recall from 0 to 5 of the 6
+/// (README, *Training defaults*), so their count is reported, not asserted.
 #[test]
 fn the_defaults_teach_a_handful_of_facts_that_paraphrased_questions_recall() {
     use edgetune::data::{self, DataConfig};
@@ -171,6 +178,9 @@ fn the_defaults_teach_a_handful_of_facts_that_paraphrased_questions_recall() {
     let mut session = Session::open_with(ctx(), &path, &load).expect("model");
     let data = data::load(&facts.join("train.jsonl"), &session.tokenizer, &DataConfig::default()).expect("facts");
     assert_eq!((data.train.len(), data.val.len()), (16, 0), "no fact is held out");
+    let no_split = DataConfig { val_fraction: Some(0.0), ..Default::default() };
+    let held = data::load(&facts.join("held_out.jsonl"), &session.tokenizer, &no_split).expect("held-out");
+    let (base, scored) = session.samples_loss(&held.train, false).expect("base loss");
     let started = std::time::Instant::now();
     let mut trainer = Trainer::new(session.model.clone(), &data, TrainConfig::default()).expect("trainer");
     for c in trainer.chosen() {
@@ -180,17 +190,18 @@ fn the_defaults_teach_a_handful_of_facts_that_paraphrased_questions_recall() {
     eprintln!("{} steps in {:.0} s, last loss {:?}", out.steps, started.elapsed().as_secs_f64(), out.last_loss);
     assert_eq!(out.adapter_step, out.steps, "without validation the final adapter is returned");
     session.set_adapter(Some(&out.adapter)).expect("adapter");
+    let (tuned, _) = session.samples_loss(&held.train, true).expect("adapter loss");
     let opts = GenerateOptions { max_new_tokens: 24, ..Default::default() };
-    let questions = std::fs::read_to_string(facts.join("held_out.jsonl")).expect("held-out questions");
     let mut recalled = 0;
-    for line in questions.lines() {
+    for line in std::fs::read_to_string(facts.join("held_out.jsonl")).expect("held-out").lines() {
         let q: Value = serde_json::from_str(line).expect("JSON");
-        let question = q["question"].as_str().expect("question");
+        let question = q["messages"][0]["content"].as_str().expect("question");
         let reply = session.chat(&[Message::new("user", question)], &opts, |_| true).expect("chat").text;
         let keys: Vec<&str> = q["expect_any"].as_array().expect("keys").iter().filter_map(Value::as_str).collect();
         let hit = keys.iter().any(|k| reply.to_lowercase().contains(&k.to_lowercase()));
         eprintln!("{} {question} -> {reply}", if hit { "+" } else { "-" });
         recalled += usize::from(hit);
     }
-    assert!(recalled >= 4, "only {recalled} of 6 held-out questions got their trained fact");
+    eprintln!("paraphrased answers: loss {base:.4} -> {tuned:.4} over {scored} tokens; greedy recall {recalled} of 6");
+    assert!(tuned < base / 4.0, "the paraphrased answers' loss fell only from {base} to {tuned}");
 }
