@@ -4,7 +4,7 @@
 # same questions again with the adapter applied.
 #
 # On a machine without a GPU this runs on Mesa's lavapipe (the CPU) and training takes about
-# 15 minutes on two cores; with a GPU it takes seconds.
+# 5 minutes on two cores; with a GPU it takes seconds.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cargo build --release --locked -p edgetune
