@@ -379,8 +379,13 @@ fn samples_of(
     Ok(samples)
 }
 
-/// Reads every source, failing on the first bad record unless `skip_bad_records`.
-fn read_sources(sources: &[Source], cfg: &DataConfig, report: &mut DataReport) -> Result<Vec<formats::Sourced>> {
+/// Reads every source; records that cannot be read go to `bad`.
+fn read_sources(
+    sources: &[Source],
+    cfg: &DataConfig,
+    report: &mut DataReport,
+    bad: &mut Vec<BadRecord>,
+) -> Result<Vec<formats::Sourced>> {
     let mut records = Vec::new();
     for source in sources {
         let (r, b) = match source {
@@ -389,24 +394,13 @@ fn read_sources(sources: &[Source], cfg: &DataConfig, report: &mut DataReport) -
         };
         report.records += r.len() + b.len();
         records.extend(r);
-        report.bad_records += b.len();
-        report.bad_examples.extend(b.iter().map(ToString::to_string));
-        report.bad_examples.truncate(5);
-        if let Some(first) = b.first()
-            && !cfg.skip_bad_records
-        {
-            let more = if b.len() > 1 { format!(" (and {} more bad records)", b.len() - 1) } else { String::new() };
-            return Err(Error::format(
-                &first.file,
-                format!("line {}: {}{more}; set skip_bad_records to skip them", first.line, first.what),
-            ));
-        }
+        bad.extend(b);
     }
     Ok(records)
 }
 
-/// Fails on the first record that reading accepted but tokenizing did not, unless
-/// `skip_bad_records`; counts them either way.
+/// Counts the bad records (unreadable, or not tokenizable) and fails on the first unless
+/// `skip_bad_records`.
 fn check_bad(bad: &[BadRecord], cfg: &DataConfig, report: &mut DataReport) -> Result<()> {
     report.bad_records += bad.len();
     report.bad_examples.extend(bad.iter().map(ToString::to_string));
@@ -446,10 +440,11 @@ pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Re
         return Err(Error::invalid("training data", "no file and no record was given"));
     }
     let mut report = DataReport::default();
-    let records = read_sources(sources, cfg, &mut report)?;
+    let mut bad = Vec::new();
+    let records = read_sources(sources, cfg, &mut report, &mut bad)?;
     let labels: Vec<String> = sources.iter().map(|s| s.label().display().to_string()).collect();
     let path = PathBuf::from(labels.join(", "));
-    let (mut seen, mut bad) = (HashSet::new(), Vec::new());
+    let mut seen = HashSet::new();
     let samples = samples_of(records, tok, cfg, &mut seen, &mut report, &mut bad)?;
     check_bad(&bad, cfg, &mut report)?;
     if samples.is_empty() {
@@ -473,8 +468,8 @@ pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Re
     let (train, val, validation) = match &cfg.val_data {
         Some(file) => {
             let mut vr = DataReport::default();
-            let records = read_sources(&[Source::Path(file.clone())], cfg, &mut vr)?;
             let mut vbad = Vec::new();
+            let records = read_sources(&[Source::Path(file.clone())], cfg, &mut vr, &mut vbad)?;
             let val = samples_of(records, tok, cfg, &mut seen, &mut vr, &mut vbad)?;
             check_bad(&vbad, cfg, &mut vr)?;
             if val.is_empty() {
