@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::memory::{self, GpuMemory};
 use crate::error::{Error, Result};
@@ -95,6 +96,49 @@ pub struct GpuContext {
     uncaptured: std::sync::Arc<Mutex<Option<String>>>,
     /// Per-shader wall time while profiling (see [`GpuContext::set_profiling`]).
     pub(crate) profile: Mutex<Option<HashMap<&'static str, KernelTime>>>,
+    /// What the GPU layer has created and recorded since the device was opened.
+    pub(crate) counters: Counters,
+}
+
+/// Running totals behind [`GpuContext::counts`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) dispatches: AtomicU64,
+    pub(crate) buffers: AtomicU64,
+    pub(crate) bind_groups: AtomicU64,
+    pub(crate) pipelines: AtomicU64,
+    pub(crate) submits: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How many dispatches the GPU layer has recorded and how many buffers, bind groups, compute
+/// pipelines and queue submissions it has made since the device was opened. Differences
+/// between two readings count what one training step or one decoded token costs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GpuCounts {
+    pub dispatches: u64,
+    pub buffers: u64,
+    pub bind_groups: u64,
+    pub pipelines: u64,
+    pub submits: u64,
+}
+
+impl std::ops::Sub for GpuCounts {
+    type Output = GpuCounts;
+    fn sub(self, o: GpuCounts) -> GpuCounts {
+        GpuCounts {
+            dispatches: self.dispatches - o.dispatches,
+            buffers: self.buffers - o.buffers,
+            bind_groups: self.bind_groups - o.bind_groups,
+            pipelines: self.pipelines - o.pipelines,
+            submits: self.submits - o.submits,
+        }
+    }
 }
 
 /// Time spent in one shader while profiling: dispatch count and seconds.
@@ -203,6 +247,7 @@ impl GpuContext {
             pipelines: Mutex::new(HashMap::new()),
             uncaptured,
             profile: Mutex::new(None),
+            counters: Counters::default(),
         })
     }
 
@@ -216,6 +261,25 @@ impl GpuContext {
     /// it (Vulkan and DX12 do).
     pub fn allocated_bytes(&self) -> Option<u64> {
         self.device.generate_allocator_report().map(|r| r.total_allocated_bytes)
+    }
+
+    /// What has been created and recorded so far (see [`GpuCounts`]).
+    pub fn counts(&self) -> GpuCounts {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        GpuCounts {
+            dispatches: get(&c.dispatches),
+            buffers: get(&c.buffers),
+            bind_groups: get(&c.bind_groups),
+            pipelines: get(&c.pipelines),
+            submits: get(&c.submits),
+        }
+    }
+
+    /// Submits command buffers to the queue, counted.
+    pub fn submit(&self, cmds: impl IntoIterator<Item = wgpu::CommandBuffer>) -> wgpu::SubmissionIndex {
+        Counters::add(&self.counters.submits);
+        self.queue.submit(cmds)
     }
 
     /// Turns kernel profiling on or off. While it is on, every dispatch is submitted on its own
@@ -267,6 +331,7 @@ impl GpuContext {
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("shader {} failed to compile: {err}", shader.name)));
         }
+        Counters::add(&self.counters.pipelines);
         cache.insert(shader.name, pipeline.clone());
         Ok(pipeline)
     }

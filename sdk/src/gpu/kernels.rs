@@ -6,7 +6,7 @@ use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::gpu::context::GpuContext;
+use crate::gpu::context::{Counters, GpuContext};
 
 /// A WGSL shader known to edgetune: a source file and, for a variant, the module constants it
 /// overrides. The name says what a variant changes (`matmul_nf4.m1`) and keys the pipeline cache.
@@ -339,6 +339,7 @@ impl GpuContext {
         } else {
             bytes
         };
+        Counters::add(&self.counters.buffers);
         self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents,
@@ -348,6 +349,7 @@ impl GpuContext {
 
     /// A zero-filled storage buffer of `n_floats` f32 (or u32) values.
     pub fn storage_zeroed(&self, label: &str, n_floats: usize) -> wgpu::Buffer {
+        Counters::add(&self.counters.buffers);
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             // Whole vec4s, so kernels that read vec4s see every element.
@@ -360,6 +362,7 @@ impl GpuContext {
     /// Reads `n` f32 values back from a buffer (blocking).
     pub fn read_f32(&self, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
         let size = (n * 4) as u64;
+        Counters::add(&self.counters.buffers);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size: size.max(4),
@@ -369,7 +372,7 @@ impl GpuContext {
         self.check()?;
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size.max(4));
-        self.queue.submit([enc.finish()]);
+        self.submit([enc.finish()]);
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -400,6 +403,9 @@ impl GpuContext {
         groups: [u32; 3],
     ) -> Result<()> {
         let pipeline = self.pipeline(shader)?;
+        Counters::add(&self.counters.dispatches);
+        Counters::add(&self.counters.buffers);
+        Counters::add(&self.counters.bind_groups);
         let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(shader.name),
             contents: bytemuck::bytes_of(params),
@@ -441,7 +447,7 @@ impl GpuContext {
     /// Submits what `enc` holds so far, waits for it, and leaves a fresh encoder in its place.
     fn flush(&self, enc: &mut wgpu::CommandEncoder) -> Result<()> {
         let done = std::mem::replace(enc, self.device.create_command_encoder(&Default::default()));
-        self.queue.submit([done.finish()]);
+        self.submit([done.finish()]);
         self.device
             .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;

@@ -3,5 +3,5 @@ pub mod context;
 pub mod kernels;
 pub mod memory;
 
-pub use context::{AdapterReport, GpuContext, GpuOptions, KernelTime};
+pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions, KernelTime};
 pub use memory::GpuMemory;

@@ -489,7 +489,7 @@ impl Model {
             launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
         }
         launch::rms_norm_forward(ctx, &mut enc, &x, &self.final_norm, &xn, t, h, c.rms_norm_eps)?;
-        ctx.queue.submit([enc.finish()]);
+        ctx.submit([enc.finish()]);
         cache.len += t;
         Ok(xn)
     }
@@ -535,7 +535,7 @@ impl Model {
         let hidden = self.forward_hidden_with(ids, cache, lora)?;
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let logits = self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?;
-        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.submit([enc.finish()]);
         self.ctx.read_f32(&logits, self.config.vocab_size)
     }
 
@@ -550,7 +550,7 @@ impl Model {
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let logits = self.logits_gpu(&mut enc, &hidden, 0, ids.len())?;
-        self.ctx.queue.submit([enc.finish()]);
+        self.ctx.submit([enc.finish()]);
         self.ctx.read_f32(&logits, ids.len() * self.config.vocab_size)
     }
 
@@ -587,7 +587,7 @@ impl Model {
             let targets = self.ctx.storage_from("targets", &ids[start + 1..start + 1 + rows]);
             let loss = self.ctx.storage_zeroed("loss", rows);
             launch::cross_entropy_forward(&self.ctx, &mut enc, &logits, &targets, &loss, rows, v)?;
-            self.ctx.queue.submit([enc.finish()]);
+            self.ctx.submit([enc.finish()]);
             out.extend(self.ctx.read_f32(&loss, rows)?);
             start += rows;
         }

@@ -5,7 +5,7 @@ pub mod llama;
 pub mod training;
 pub mod weights;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use config::ModelConfig;
@@ -29,4 +29,36 @@ pub fn open_weights(path: &Path) -> Result<(ModelConfig, WeightSource)> {
         let cfg = ModelConfig::from_gguf(&g)?;
         Ok((cfg, WeightSource::Gguf(Box::new(g))))
     }
+}
+
+/// The named shapes that benchmarks accept for random weights, with the Hugging Face
+/// `config.json` each was copied from.
+pub const SHAPES: [(&str, &str); 5] = [
+    ("smollm2-135m", include_str!("shapes/smollm2-135m.json")),
+    ("qwen2.5-0.5b", include_str!("shapes/qwen2.5-0.5b.json")),
+    ("llama-3.2-1b", include_str!("shapes/llama-3.2-1b.json")),
+    ("qwen2.5-1.5b", include_str!("shapes/qwen2.5-1.5b.json")),
+    ("llama-3.1-8b", include_str!("shapes/llama-3.1-8b.json")),
+];
+
+/// A model shape with random weights (see [`WeightSource::Random`]): `shape` is one of
+/// [`SHAPES`] or the path of a `config.json`.
+pub fn open_random(shape: &str, seed: u64) -> Result<(ModelConfig, WeightSource)> {
+    let label = PathBuf::from(format!("random weights ({shape})"));
+    let cfg = match SHAPES.iter().find(|(name, _)| *name == shape) {
+        Some((_, json)) => ModelConfig::from_hf_json(&label, json)?,
+        None => {
+            let path = Path::new(shape);
+            if !path.is_file() {
+                let names: Vec<&str> = SHAPES.iter().map(|(n, _)| *n).collect();
+                return Err(Error::invalid(
+                    "random-weights",
+                    format!("`{shape}` is neither a named shape ({}) nor a config.json file", names.join(", ")),
+                ));
+            }
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            ModelConfig::from_hf_json(path, &text)?
+        }
+    };
+    Ok((cfg, WeightSource::Random { label, seed }))
 }

@@ -45,6 +45,10 @@ pub enum WeightSource {
         index: BTreeMap<String, usize>,
     },
     Gguf(Box<GgufFile>),
+    /// Random weights of a model's shape, for benchmarks on machines without the model file:
+    /// linear weights and tables drawn uniformly with standard deviation 0.02 (the usual
+    /// initializer range), norm weights 1, the same values for the same seed and name.
+    Random { label: PathBuf, seed: u64 },
 }
 
 /// Description of one stored tensor, for `edgetune info`.
@@ -109,6 +113,7 @@ impl WeightSource {
         match self {
             WeightSource::SafeTensors { shards, .. } => &shards[0].path,
             WeightSource::Gguf(g) => &g.path,
+            WeightSource::Random { label, .. } => label,
         }
     }
 
@@ -137,6 +142,7 @@ impl WeightSource {
                     bytes: t.n_bytes,
                 })
                 .collect(),
+            WeightSource::Random { .. } => Vec::new(),
         }
     }
 
@@ -145,6 +151,7 @@ impl WeightSource {
         match self {
             WeightSource::SafeTensors { index, .. } => index.contains_key(hf_name),
             WeightSource::Gguf(g) => gguf_name(cfg, hf_name).is_some_and(|n| g.tensors.contains_key(&n)),
+            WeightSource::Random { .. } => hf_name != "lm_head.weight" || !cfg.tie_word_embeddings,
         }
     }
 
@@ -178,6 +185,15 @@ impl WeightSource {
                 }
                 (data, shape)
             }
+            WeightSource::Random { seed, .. } => {
+                let n = expected.iter().product();
+                let data = if hf_name.ends_with("norm.weight") {
+                    vec![1.0; n]
+                } else {
+                    random_values(n, seed ^ name_hash(hf_name), 0.02)
+                };
+                (data, expected.to_vec())
+            }
         };
         // A 1-D tensor may be stored as (n,) or (1, n); compare element layout, not rank.
         let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
@@ -191,6 +207,47 @@ impl WeightSource {
         }
         Ok(data)
     }
+}
+
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// `n` values uniform in [-std·√3, std·√3] (standard deviation `std`), from SplitMix64 streams
+/// of 64 Ki values each, filled on every core.
+fn random_values(n: usize, seed: u64, std: f32) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let mut out = vec![0f32; n];
+    let scale = std * 3f32.sqrt() * 2.0 / (1u64 << 24) as f32;
+    let fill = |chunk: usize, part: &mut [f32]| {
+        let mut state = seed ^ (chunk as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        for v in part {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            *v = ((z >> 40) as f32 - (1u64 << 23) as f32) * scale;
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let chunks: Vec<(usize, &mut [f32])> = out.chunks_mut(CHUNK).enumerate().collect();
+    let per = chunks.len().div_ceil(threads).max(1);
+    let mut groups: Vec<Vec<(usize, &mut [f32])>> = Vec::new();
+    let mut it = chunks.into_iter().peekable();
+    while it.peek().is_some() {
+        groups.push(it.by_ref().take(per).collect());
+    }
+    std::thread::scope(|s| {
+        for g in groups {
+            s.spawn(move || {
+                for (i, part) in g {
+                    fill(i, part);
+                }
+            });
+        }
+    });
+    out
 }
 
 /// Undoes llama.cpp's q/k permutation: GGUF rows, viewed as (n_head, rows/n_head/2, 2), are

@@ -556,7 +556,7 @@ impl Trainer {
         for b in &self.val {
             let mut enc = self.model.ctx.device.create_command_encoder(&Default::default());
             self.model.forward_loss(&mut enc, &self.ws, b, &self.adapter)?;
-            self.model.ctx.queue.submit([enc.finish()]);
+            self.model.ctx.submit([enc.finish()]);
             total += self.loss_sum(b)?;
             n += b.n_scored();
         }
@@ -711,7 +711,7 @@ impl Trainer {
                 if k + 1 == group.len() {
                     self.opt.record_step(&ctx, &mut enc, &self.adapter.params, lr)?;
                 }
-                ctx.queue.submit([enc.finish()]);
+                ctx.submit([enc.finish()]);
                 loss_sum += self.loss_sum(b)?;
             }
             let loss = (loss_sum / scored.max(1) as f64) as f32;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod batch;
+mod bench;
 mod interrupt;
 mod train;
 
@@ -42,6 +43,33 @@ struct ModelArgs {
     /// A PEFT LoRA adapter folder to apply (unmerged).
     #[arg(long)]
     adapter: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct BenchModel {
+    /// A Hugging Face model folder or a .gguf file.
+    #[arg(long, required_unless_present = "random_weights", conflicts_with = "random_weights")]
+    model: Option<PathBuf>,
+    /// No model file: random weights of a named shape (smollm2-135m, qwen2.5-0.5b,
+    /// llama-3.2-1b, qwen2.5-1.5b, llama-3.1-8b) or of a config.json, quantized like real ones.
+    #[arg(long, value_name = "SHAPE")]
+    random_weights: Option<String>,
+    /// How linear weights are held on the GPU: nf4 or none (f32).
+    #[arg(long, default_value = "nf4")]
+    quant: Quant,
+    /// KV-cache capacity in tokens.
+    #[arg(long, default_value_t = 2048)]
+    max_context: usize,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Checkpointing {
+    On,
+    Off,
+    Both,
 }
 
 #[derive(Subcommand)]
@@ -109,15 +137,19 @@ enum Cmd {
     /// without gradient checkpointing.
     BenchTrain {
         #[command(flatten)]
-        m: ModelArgs,
+        m: BenchModel,
         /// Tokens per step (one packed sample).
         #[arg(long, default_value_t = 512)]
         seq: usize,
         #[arg(long, default_value_t = 16)]
         rank: usize,
-        /// Timed steps per mode (after a two-token warm-up step that compiles the kernels).
+        /// Timed steps per mode (after a two-token warm-up step that compiles the kernels and
+        /// a full-length one that allocates what the first step allocates).
         #[arg(long, default_value_t = 2)]
         steps: usize,
+        /// Gradient checkpointing: on, off or both (each measured in turn).
+        #[arg(long, value_enum, default_value_t = Checkpointing::Both)]
+        checkpointing: Checkpointing,
         /// After the timed steps, run one more step per mode with every dispatch waited for,
         /// and print the time spent in each shader.
         #[arg(long)]
@@ -158,7 +190,7 @@ enum Cmd {
     /// Forward throughput (prefill and decode tokens/s) and GPU memory.
     Bench {
         #[command(flatten)]
-        m: ModelArgs,
+        m: BenchModel,
         /// Tokens in the prefill pass.
         #[arg(long, default_value_t = 128)]
         prompt_tokens: usize,
@@ -188,7 +220,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", ctx.report);
         }
         Cmd::Bench { m, prompt_tokens, decode_tokens, repeat } => {
-            bench(&m, &gpu, prompt_tokens, decode_tokens, repeat)?
+            bench::forward(&m, &gpu, &bench::ForwardBench { prompt_tokens, decode_tokens, repeat })?
         }
         Cmd::Info { model } => {
             let (cfg, src) = edgetune::model::open_weights(&model)?;
@@ -290,8 +322,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cmd::BenchTrain { m, seq, rank, steps, profile, activations } => {
-            bench_train(&m, &gpu, seq, rank, steps, profile, activations)?
+        Cmd::BenchTrain { m, seq, rank, steps, checkpointing, profile, activations } => {
+            let modes = match checkpointing {
+                Checkpointing::On => vec![true],
+                Checkpointing::Off => vec![false],
+                Checkpointing::Both => vec![true, false],
+            };
+            bench::train(&m, &gpu, &bench::TrainBench { seq, rank, steps, modes, profile, activations })?
         }
         Cmd::Merge { model, adapter, output, dtype } => {
             let (cfg, _) = edgetune::model::open_weights(&model)?;
@@ -334,166 +371,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn mib(b: u64) -> String {
-    format!("{:.1} MiB", b as f64 / 1048576.0)
-}
-
-fn bench(m: &ModelArgs, gpu: &GpuOptions, prompt_tokens: usize, decode_tokens: usize, repeat: usize) -> Result<()> {
-    use std::time::Instant;
-    let ctx = std::sync::Arc::new(edgetune::gpu::GpuContext::new(gpu)?);
-    let before = ctx.allocated_bytes();
-    let t0 = Instant::now();
-    let load = LoadOptions { quant: m.quant, max_context: m.max_context, ..Default::default() };
-    let s = Session::open_with(ctx.clone(), &m.model, &load)?;
-    let model = &s.model;
-    println!("{}", ctx.report);
-    println!("model: {} ({:?}), loaded in {:.2} s", m.model.display(), m.quant, t0.elapsed().as_secs_f64());
-    let v = model.config.vocab_size as u32;
-    let ids: Vec<u32> = (0..prompt_tokens as u32).map(|i| (i * 7919 + 13) % v).collect();
-    // Warm-up: compiles every pipeline.
-    let mut cache = model.new_cache();
-    model.next_logits(&ids[..prompt_tokens.min(8)], &mut cache)?;
-    let mut peak = ctx.allocated_bytes();
-    let mut best = f64::INFINITY;
-    for _ in 0..repeat.max(1) {
-        let mut cache = model.new_cache();
-        let t = Instant::now();
-        model.next_logits(&ids, &mut cache)?;
-        best = best.min(t.elapsed().as_secs_f64());
-        peak = peak.max(ctx.allocated_bytes());
-    }
-    let mut cache = model.new_cache();
-    model.next_logits(&ids, &mut cache)?;
-    let t = Instant::now();
-    for i in 0..decode_tokens {
-        model.next_logits(&[ids[i % ids.len()]], &mut cache)?;
-    }
-    let decode = t.elapsed().as_secs_f64();
-    peak = peak.max(ctx.allocated_bytes());
-    println!(
-        "prefill: {prompt_tokens} tokens in {:.3} s = {:.1} tokens/s (best of {repeat})",
-        best,
-        prompt_tokens as f64 / best
-    );
-    if decode_tokens > 0 {
-        println!(
-            "decode: {decode_tokens} tokens in {:.3} s = {:.2} tokens/s ({:.1} ms/token)",
-            decode,
-            decode_tokens as f64 / decode,
-            decode * 1e3 / decode_tokens as f64
-        );
-    }
-    let weights = model.weight_bytes;
-    let kv = model.kv_cache_bytes();
-    let act = model.activation_bytes(prompt_tokens, 1);
-    println!(
-        "expected GPU memory: weights {} + one KV cache {} + activations {} = {}",
-        mib(weights),
-        mib(kv),
-        mib(act),
-        mib(weights + 2 * kv + act)
-    );
-    println!("  (two KV caches are live at the peak: the benchmark's and the warm-up's)");
-    match (before, peak) {
-        (Some(b), Some(p)) => println!("driver allocator: {} allocated at peak ({} before loading)", mib(p), mib(b)),
-        _ => println!("driver allocator: not reported by this backend"),
-    }
-    Ok(())
-}
-
-fn bench_train(
-    m: &ModelArgs,
-    gpu: &GpuOptions,
-    seq: usize,
-    rank: usize,
-    steps: usize,
-    profile: bool,
-    activations: Precision,
-) -> Result<()> {
-    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
-    use edgetune::model::training::{Batch, WorkspacePlan};
-    use edgetune::train::optimizer::{AdamwConfig, Optimizer};
-    use std::time::Instant;
-    let ctx = std::sync::Arc::new(edgetune::gpu::GpuContext::new(gpu)?);
-    let before = ctx.allocated_bytes();
-    let load = LoadOptions { quant: m.quant, max_context: m.max_context.max(seq), ..Default::default() };
-    let model = edgetune::model::llama::Model::open(ctx.clone(), &m.model, &load)?;
-    println!("{}", ctx.report);
-    let cfg = LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() };
-    let adapter = Adapter::new(&model.config, cfg)?;
-    let n = adapter.layout.len;
-    let lora = GpuAdapter::upload(&ctx, &adapter);
-    let mut opt = Optimizer::new(&ctx, n, AdamwConfig::default())?;
-    let v = model.config.vocab_size as u32;
-    let ids: Vec<u32> = (0..seq as u32).map(|i| (i * 7919 + 13) % v).collect();
-    let train = vec![true; seq];
-    let batch = Batch::pack([(&ids[..], &train[..])])?;
-    println!(
-        "model: {} ({:?}), seq {seq}, LoRA r {rank} on all linear layers ({n} parameters)",
-        m.model.display(),
-        m.quant
-    );
-    let adapter_bytes = (n * 4 * 4) as u64; // parameters, gradients, two AdamW moments
-    println!("saved activations: {activations}");
-    for checkpointing in [true, false] {
-        let ws = model.workspace(WorkspacePlan { checkpointing, activations, ..WorkspacePlan::new(seq, rank) })?;
-        let mut step = |batch: &Batch| -> Result<f64> {
-            let t = Instant::now();
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
-            opt.zero_grad(&mut enc);
-            model.forward_backward(&mut enc, &ws, batch, &lora, &opt.grads, 1.0 / batch.len() as f32)?;
-            opt.record_step(&ctx, &mut enc, &lora.params, 1e-4)?;
-            ctx.queue.submit([enc.finish()]);
-            let norm = ctx.read_f32(&opt.norm, 1)?[0];
-            opt.commit(norm);
-            Ok(t.elapsed().as_secs_f64())
-        };
-        // Warm-up on two tokens: compiles every pipeline without paying for a full step.
-        step(&Batch::pack([(&ids[..2], &train[..2])])?)?;
-        let mut times = Vec::new();
-        for _ in 0..steps.max(1) {
-            times.push(step(&batch)?);
-        }
-        let peak = ctx.allocated_bytes();
-        let best = times.iter().copied().fold(f64::INFINITY, f64::min);
-        let total = model.weight_bytes + adapter_bytes + ws.bytes;
-        println!(
-            "gradient checkpointing {}: {:.2} s/step (best of {}), {:.1} tokens/s",
-            if checkpointing { "on " } else { "off" },
-            best,
-            times.len(),
-            seq as f64 / best
-        );
-        println!(
-            "  expected GPU memory: weights {} + adapter, gradients and AdamW moments {} + activations {} = {}",
-            mib(model.weight_bytes),
-            mib(adapter_bytes),
-            mib(ws.bytes),
-            mib(total)
-        );
-        match (before, peak) {
-            (Some(b), Some(p)) => println!("  driver allocator: {} allocated ({} before loading)", mib(p), mib(b)),
-            _ => println!("  driver allocator: not reported by this backend"),
-        }
-        if profile {
-            ctx.set_profiling(true);
-            let total = step(&batch)?;
-            let kernels = ctx.profile();
-            ctx.set_profiling(false);
-            println!("  one step with every dispatch waited for: {total:.2} s");
-            for (name, t) in kernels.iter().take(12) {
-                println!(
-                    "    {name:<28} {:>8.3} s {:>5.1}%  ({} dispatches)",
-                    t.seconds,
-                    100.0 * t.seconds / total,
-                    t.dispatches
-                );
-            }
-        }
-    }
-    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Speed on a machine with a GPU and no network: edgetune's LoRA training step (seq 512, r 16,
+# all linear layers, gradient checkpointing on and off) and decoding on random weights of
+# real shapes, against PyTorch + PEFT (+ bitsandbytes NF4 when it imports) on the same shapes,
+# then one table with the ratio edgetune / PyTorch per shape. No model file is needed.
+#
+#   scripts/bench-gpu.sh [EDGETUNE_BINARY]
+#
+# The binary defaults to the release build of this checkout, then `edgetune` on the PATH; it
+# may be built on another machine. SHAPES, SEQ, RANK, STEPS and BENCH_OUT (a folder that
+# keeps the JSON lines; default a temporary one) override the defaults. Needs the Vulkan
+# loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
+# and peft for the PyTorch column (skipped, and said so, when they do not import).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+bin="${1:-}"
+if [ -z "$bin" ]; then
+  for c in "${CARGO_TARGET_DIR:-$here/../target}/release/edgetune" "$here/../target/release/edgetune" "$(command -v edgetune || true)"; do
+    if [ -n "$c" ] && [ -x "$c" ]; then bin="$c"; break; fi
+  done
+fi
+if [ -z "$bin" ] || [ ! -x "$bin" ]; then
+  echo "bench-gpu.sh: no edgetune binary (give its path, or build it: cargo build --release -p edgetune)" >&2
+  exit 2
+fi
+shapes="${SHAPES:-smollm2-135m qwen2.5-0.5b llama-3.2-1b}"
+seq="${SEQ:-512}"
+rank="${RANK:-16}"
+steps="${STEPS:-5}"
+out="${BENCH_OUT:-$(mktemp -d)}"
+mkdir -p "$out"
+: >"$out/edgetune.jsonl"
+: >"$out/torch.jsonl"
+if ! { ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; } && [ -z "${LD_LIBRARY_PATH:-}" ]; then
+  echo "bench-gpu.sh: no Vulkan loader (libvulkan.so.1) found; see the README's Benchmarks section" >&2
+fi
+"$bin" gpu || { echo "bench-gpu.sh: edgetune found no GPU adapter" >&2; exit 1; }
+torch_ok=1
+python3 -c 'import torch, transformers, peft; assert torch.cuda.is_available()' 2>/dev/null || {
+  torch_ok=0
+  echo "bench-gpu.sh: python3 with torch (CUDA), transformers and peft not found: no PyTorch column" >&2
+}
+start=$SECONDS
+for shape in $shapes; do
+  echo "== $shape: edgetune bench-train ($((SECONDS - start)) s)" >&2
+  timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" --steps "$steps" \
+    --max-context "$seq" --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench-train failed on $shape" >&2
+  echo "== $shape: edgetune bench ($((SECONDS - start)) s)" >&2
+  timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 --repeat 3 \
+    --max-context 512 --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench failed on $shape" >&2
+  if [ "$torch_ok" = 1 ]; then
+    echo "== $shape: PyTorch + PEFT ($((SECONDS - start)) s)" >&2
+    timeout 300 python3 "$here/bench_torch.py" --shape "$shape" --seq "$seq" --rank "$rank" --steps "$steps" \
+      --decode-tokens 32 >>"$out/torch.jsonl" || echo "bench-gpu.sh: PyTorch bench failed on $shape" >&2
+  fi
+done
+echo "== done in $((SECONDS - start)) s; JSON lines in $out" >&2
+python3 "$here/bench_table.py" "$out"

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Prints the tables of scripts/bench-gpu.sh from the JSON lines it wrote:
+edgetune.jsonl (`edgetune bench-train --json` and `edgetune bench --json`) and torch.jsonl
+(scripts/bench_torch.py).
+
+    python3 scripts/bench_table.py FOLDER
+"""
+import json
+import os
+import sys
+
+
+def lines(path):
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                print(f"{path}:{n}: not JSON ({e}); skipped", file=sys.stderr)
+    return out
+
+
+def mib(b):
+    return f"{b / 1048576:.0f}" if b else "-"
+
+
+def fmt(x, digits=1):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    folder = sys.argv[1]
+    ours = lines(os.path.join(folder, "edgetune.jsonl"))
+    theirs = lines(os.path.join(folder, "torch.jsonl"))
+    device = next((o["adapter"]["name"] + " (" + o["adapter"]["backend"] + ")" for o in ours if "adapter" in o), "?")
+    torch_dev = next((t["device"] + ", torch " + t["torch"] + ", " + t["weights"] for t in theirs if "device" in t), None)
+    print(f"edgetune on {device}" + (f"; PyTorch + PEFT on {torch_dev}" if torch_dev else "; no PyTorch column"))
+    print()
+    print("| shape | checkpointing | edgetune tokens/s | step ms (median) | CPU record ms | dispatches/step | "
+          "buffers + bind groups created/step | GPU MiB (planned / driver) | PyTorch tokens/s | PyTorch GPU MiB | "
+          "edgetune / PyTorch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for o in ours:
+        if "modes" not in o:
+            continue
+        for m in o["modes"]:
+            t = next((t for t in theirs if t.get("kind") == "train" and t["shape"] == o["shape"]
+                      and t["checkpointing"] == m["checkpointing"]), None)
+            mem = m["gpu_memory_bytes"]
+            ratio = m["tokens_per_s"] / t["tokens_per_s"] if t else None
+            print(f"| {o['shape']} | {'on' if m['checkpointing'] else 'off'} | {fmt(m['tokens_per_s'])} | "
+                  f"{fmt(m['step_ms']['median'])} | {fmt(m['cpu_record_ms'])} | {m['dispatches_per_step']:.0f} | "
+                  f"{m['buffers_created_per_step'] + m['bind_groups_created_per_step']:.0f} | "
+                  f"{mib(mem['planned'])} / {mib(mem.get('driver'))} | {fmt(t['tokens_per_s'] if t else None)} | "
+                  f"{mib(t['gpu_memory_bytes']) if t else '-'} | {fmt(ratio, 3)} |")
+    print()
+    print("| shape | edgetune prefill tokens/s | edgetune decode tokens/s | dispatches/token | "
+          "allocations/token | PyTorch prefill tokens/s | PyTorch decode tokens/s | edgetune / PyTorch (decode) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for o in ours:
+        if "decode_tokens_per_s" not in o:
+            continue
+        t = next((t for t in theirs if t.get("kind") == "decode" and t["shape"] == o["shape"]), None)
+        ratio = o["decode_tokens_per_s"] / t["decode_tokens_per_s"] if t else None
+        print(f"| {o['shape']} | {fmt(o['prefill_tokens_per_s'])} | {fmt(o['decode_tokens_per_s'])} | "
+              f"{o['dispatches_per_token']:.0f} | {o['allocations_per_token']:.0f} | "
+              f"{fmt(t['prefill_tokens_per_s'] if t else None)} | {fmt(t['decode_tokens_per_s'] if t else None)} | "
+              f"{fmt(ratio, 3)} |")
+
+
+if __name__ == "__main__":
+    main()

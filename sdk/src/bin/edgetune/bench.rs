@@ -1,0 +1,311 @@
+//! `edgetune bench` and `edgetune bench-train`: throughput, GPU memory and what the GPU layer
+//! creates and records per step or token, on a model file or on random weights of a named
+//! shape (no model file needed). Text by default, one JSON object with `--json`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use edgetune::Result;
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::model::llama::{LoadOptions, Model};
+use edgetune::train::Precision;
+use serde_json::{Value, json};
+
+use crate::BenchModel;
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+/// Median and minimum of a list of seconds, in milliseconds.
+fn ms_stats(times: &[f64]) -> (f64, f64) {
+    let mut v = times.to_vec();
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 };
+    (median * 1e3, v[0] * 1e3)
+}
+
+/// Opens the GPU and uploads the model (a file, or random weights of a shape).
+fn open(m: &BenchModel, gpu: &GpuOptions, max_context: usize) -> Result<(Arc<GpuContext>, Model, String, f64)> {
+    let ctx = Arc::new(GpuContext::new(gpu)?);
+    let load = LoadOptions { quant: m.quant, max_context, ..Default::default() };
+    let t = Instant::now();
+    let (model, name) = match (&m.random_weights, &m.model) {
+        (Some(shape), _) => {
+            let (cfg, src) = edgetune::model::open_random(shape, 0)?;
+            (Model::load(ctx.clone(), cfg, &src, &load)?, format!("random weights ({shape})"))
+        }
+        (None, Some(path)) => (Model::open(ctx.clone(), path, &load)?, path.display().to_string()),
+        (None, None) => unreachable!("clap requires --model or --random-weights"),
+    };
+    Ok((ctx, model, name, t.elapsed().as_secs_f64()))
+}
+
+fn adapter_json(ctx: &GpuContext) -> Value {
+    let r = &ctx.report;
+    json!({ "name": r.name, "backend": r.backend, "device_type": r.device_type, "driver": r.driver })
+}
+
+pub struct ForwardBench {
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub repeat: usize,
+}
+
+/// Prefill and decode throughput, GPU memory, and what each decoded token creates.
+pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()> {
+    let ForwardBench { prompt_tokens, decode_tokens, repeat } = *b;
+    let (ctx, model, name, load_s) = open(m, gpu, m.max_context)?;
+    let before = ctx.allocated_bytes();
+    let v = model.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..prompt_tokens.max(1) as u32).map(|i| (i * 7919 + 13) % v).collect();
+    // Warm-up: compiles every pipeline.
+    let mut cache = model.new_cache();
+    model.next_logits(&ids[..ids.len().min(8)], &mut cache)?;
+    model.next_logits(&ids[..1], &mut cache)?;
+    let mut peak = ctx.allocated_bytes();
+    let mut prefill = Vec::new();
+    for _ in 0..repeat.max(1) {
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        model.next_logits(&ids, &mut cache)?;
+        prefill.push(t.elapsed().as_secs_f64());
+        peak = peak.max(ctx.allocated_bytes());
+    }
+    let mut cache = model.new_cache();
+    model.next_logits(&ids, &mut cache)?;
+    let c0 = ctx.counts();
+    let t = Instant::now();
+    for i in 0..decode_tokens {
+        model.next_logits(&[ids[i % ids.len()]], &mut cache)?;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    let per = (ctx.counts() - c0, decode_tokens.max(1) as f64);
+    peak = peak.max(ctx.allocated_bytes());
+    let (prefill_ms, prefill_best_ms) = ms_stats(&prefill);
+    let weights = model.weight_bytes;
+    let kv = model.kv_cache_bytes();
+    let act = model.activation_bytes(prompt_tokens, 1);
+    let planned = weights + 2 * kv + act;
+    let per_token = |n: u64| n as f64 / per.1;
+    if m.json {
+        let o = json!({
+            "adapter": adapter_json(&ctx),
+            "model": name,
+            "shape": m.random_weights,
+            "quant": format!("{:?}", m.quant),
+            "load_s": load_s,
+            "prompt_tokens": prompt_tokens,
+            "prefill_ms": { "median": prefill_ms, "min": prefill_best_ms },
+            "prefill_tokens_per_s": prompt_tokens as f64 * 1e3 / prefill_best_ms,
+            "decode_tokens": decode_tokens,
+            "decode_tokens_per_s": if decode_tokens > 0 { decode_tokens as f64 / decode } else { 0.0 },
+            "dispatches_per_token": per_token(per.0.dispatches),
+            "allocations_per_token": per_token(per.0.buffers + per.0.bind_groups),
+            "buffers_created_per_token": per_token(per.0.buffers),
+            "bind_groups_created_per_token": per_token(per.0.bind_groups),
+            "submits_per_token": per_token(per.0.submits),
+            "gpu_memory_bytes": { "planned": planned, "driver": peak, "driver_after_load": before },
+        });
+        println!("{o}");
+        return Ok(());
+    }
+    println!("{}", ctx.report);
+    println!("model: {name} ({:?}), loaded in {load_s:.2} s", m.quant);
+    println!(
+        "prefill: {prompt_tokens} tokens in {:.3} s = {:.1} tokens/s (best of {repeat})",
+        prefill_best_ms / 1e3,
+        prompt_tokens as f64 * 1e3 / prefill_best_ms
+    );
+    if decode_tokens > 0 {
+        println!(
+            "decode: {decode_tokens} tokens in {decode:.3} s = {:.2} tokens/s ({:.1} ms/token)",
+            decode_tokens as f64 / decode,
+            decode * 1e3 / decode_tokens as f64
+        );
+        println!(
+            "  per token: {:.0} dispatches, {:.0} buffers and {:.0} bind groups created, {:.0} submits",
+            per_token(per.0.dispatches),
+            per_token(per.0.buffers),
+            per_token(per.0.bind_groups),
+            per_token(per.0.submits)
+        );
+    }
+    println!(
+        "expected GPU memory: weights {} + one KV cache {} + activations {} = {}",
+        mib(weights),
+        mib(kv),
+        mib(act),
+        mib(planned)
+    );
+    println!("  (two KV caches are live at the peak: the benchmark's and the warm-up's)");
+    match (before, peak) {
+        (Some(b), Some(p)) => println!("driver allocator: {} allocated at peak ({} after loading)", mib(p), mib(b)),
+        _ => println!("driver allocator: not reported by this backend"),
+    }
+    Ok(())
+}
+
+pub struct TrainBench {
+    pub seq: usize,
+    pub rank: usize,
+    pub steps: usize,
+    /// Gradient checkpointing, per measured mode.
+    pub modes: Vec<bool>,
+    pub profile: bool,
+    pub activations: Precision,
+}
+
+/// One training step's times: recording on the CPU, and until the gradient norm is back.
+struct StepTime {
+    record: f64,
+    total: f64,
+}
+
+/// Tokens/s, step time, GPU memory and per-step creations of LoRA training steps.
+pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
+    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
+    use edgetune::model::training::{Batch, WorkspacePlan};
+    use edgetune::train::optimizer::{AdamwConfig, Optimizer};
+    let TrainBench { seq, rank, steps, ref modes, profile, activations } = *b;
+    let (ctx, model, name, load_s) = open(m, gpu, m.max_context.max(seq))?;
+    let cfg = LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() };
+    let adapter = Adapter::new(&model.config, cfg)?;
+    let n = adapter.layout.len;
+    let lora = GpuAdapter::upload(&ctx, &adapter);
+    let mut opt = Optimizer::new(&ctx, n, AdamwConfig::default())?;
+    let v = model.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..seq as u32).map(|i| (i * 7919 + 13) % v).collect();
+    let train = vec![true; seq];
+    let batch = Batch::pack([(&ids[..], &train[..])])?;
+    let adapter_bytes = (n * 4 * 4) as u64; // parameters, gradients, two AdamW moments
+    if !m.json {
+        println!("{}", ctx.report);
+        println!(
+            "model: {name} ({:?}, loaded in {load_s:.2} s), seq {seq}, LoRA r {rank} on all linear layers ({n} parameters)",
+            m.quant
+        );
+        println!("saved activations: {activations}");
+    }
+    let mut results = Vec::new();
+    for &checkpointing in modes {
+        let ws = model.workspace(WorkspacePlan { checkpointing, activations, ..WorkspacePlan::new(seq, rank) })?;
+        let mut step = |batch: &Batch| -> Result<StepTime> {
+            let t = Instant::now();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            opt.zero_grad(&mut enc);
+            model.forward_backward(&mut enc, &ws, batch, &lora, &opt.grads, 1.0 / batch.len() as f32)?;
+            opt.record_step(&ctx, &mut enc, &lora.params, 1e-4)?;
+            let cmds = enc.finish();
+            let record = t.elapsed().as_secs_f64();
+            ctx.submit([cmds]);
+            let norm = ctx.read_f32(&opt.norm, 1)?[0];
+            opt.commit(norm);
+            Ok(StepTime { record, total: t.elapsed().as_secs_f64() })
+        };
+        // Warm-up: two tokens compile every pipeline; one full step makes what a first step
+        // makes, so the timed steps count what every later step costs.
+        step(&Batch::pack([(&ids[..2], &train[..2])])?)?;
+        step(&batch)?;
+        let c0 = ctx.counts();
+        let mut times = Vec::new();
+        for _ in 0..steps.max(1) {
+            times.push(step(&batch)?);
+        }
+        let per = ctx.counts() - c0;
+        let k = times.len() as f64;
+        let peak = ctx.allocated_bytes();
+        let (step_ms, best_ms) = ms_stats(&times.iter().map(|t| t.total).collect::<Vec<_>>());
+        let (record_ms, _) = ms_stats(&times.iter().map(|t| t.record).collect::<Vec<_>>());
+        let planned = model.weight_bytes + adapter_bytes + ws.bytes;
+        let mut kernels = Vec::new();
+        if profile {
+            ctx.set_profiling(true);
+            let total = step(&batch)?.total;
+            kernels = ctx.profile();
+            ctx.set_profiling(false);
+            kernels.retain(|(_, t)| t.dispatches > 0);
+            if !m.json {
+                println!("  one step with every dispatch waited for: {total:.2} s");
+            }
+        }
+        if m.json {
+            results.push(json!({
+                "checkpointing": checkpointing,
+                "tokens_per_s": seq as f64 * 1e3 / best_ms,
+                "step_ms": { "median": step_ms, "min": best_ms },
+                "cpu_record_ms": record_ms,
+                "steps": times.len(),
+                "dispatches_per_step": per.dispatches as f64 / k,
+                "buffers_created_per_step": per.buffers as f64 / k,
+                "bind_groups_created_per_step": per.bind_groups as f64 / k,
+                "pipelines_created_per_step": per.pipelines as f64 / k,
+                "submits_per_step": per.submits as f64 / k,
+                "gpu_memory_bytes": {
+                    "planned": planned,
+                    "weights": model.weight_bytes,
+                    "adapter": adapter_bytes,
+                    "workspace": ws.bytes,
+                    "driver": peak,
+                },
+                "profile": kernels.iter().map(|(name, t)| json!({
+                    "kernel": name, "seconds": t.seconds, "dispatches": t.dispatches,
+                })).collect::<Vec<_>>(),
+            }));
+            continue;
+        }
+        println!(
+            "gradient checkpointing {}: {:.1} ms/step (median of {}, best {:.1}), {:.1} tokens/s",
+            if checkpointing { "on " } else { "off" },
+            step_ms,
+            times.len(),
+            best_ms,
+            seq as f64 * 1e3 / best_ms
+        );
+        println!(
+            "  per step: {:.1} ms recording on the CPU, {} dispatches, {} buffers and {} bind groups created, {} submits",
+            record_ms,
+            per.dispatches as f64 / k,
+            per.buffers as f64 / k,
+            per.bind_groups as f64 / k,
+            per.submits as f64 / k
+        );
+        println!(
+            "  expected GPU memory: weights {} + adapter, gradients and AdamW moments {} + activations {} = {}",
+            mib(model.weight_bytes),
+            mib(adapter_bytes),
+            mib(ws.bytes),
+            mib(planned)
+        );
+        match peak {
+            Some(p) => println!("  driver allocator: {} allocated", mib(p)),
+            None => println!("  driver allocator: not reported by this backend"),
+        }
+        let total: f64 = kernels.iter().map(|(_, t)| t.seconds).sum();
+        for (name, t) in kernels.iter().take(12) {
+            println!(
+                "    {name:<28} {:>8.3} s {:>5.1}%  ({} dispatches)",
+                t.seconds,
+                100.0 * t.seconds / total.max(1e-12),
+                t.dispatches
+            );
+        }
+    }
+    if m.json {
+        let o = json!({
+            "adapter": adapter_json(&ctx),
+            "model": name,
+            "shape": m.random_weights,
+            "quant": format!("{:?}", m.quant),
+            "load_s": load_s,
+            "seq": seq,
+            "rank": rank,
+            "targets": "all linear layers",
+            "activations": activations.to_string(),
+            "lora_parameters": n,
+            "modes": results,
+        });
+        println!("{o}");
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! Benchmarks without a model file: the named shapes, random weights, and the `--json` output
+//! of `edgetune bench` and `edgetune bench-train`.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use edgetune::model::{SHAPES, open_random};
+
+fn edgetune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgetune")).args(args).output().expect("runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The parameter counts the model cards and safetensors headers give: a wrong width, depth,
+/// head count or vocabulary in a copied config changes them.
+#[test]
+fn named_shapes_have_their_published_parameter_counts() {
+    let published = [
+        ("smollm2-135m", 134_515_008),
+        ("qwen2.5-0.5b", 494_032_768),
+        ("llama-3.2-1b", 1_235_814_400),
+        ("qwen2.5-1.5b", 1_543_714_304),
+        ("llama-3.1-8b", 8_030_261_248),
+    ];
+    assert_eq!(SHAPES.len(), published.len());
+    for (name, count) in published {
+        let (cfg, _) = open_random(name, 0).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(cfg.parameter_count(), count, "{name}");
+    }
+    let (llama8, _) = open_random("llama-3.1-8b", 0).expect("shape");
+    assert!(!llama8.tie_word_embeddings && llama8.rope_scaling.is_some());
+    let (qwen, _) = open_random("qwen2.5-0.5b", 0).expect("shape");
+    assert!(qwen.qkv_bias && qwen.tie_word_embeddings);
+}
+
+#[test]
+fn random_weights_are_seeded_and_have_the_initializer_spread() {
+    let (cfg, src) = open_random("smollm2-135m", 7).expect("shape");
+    let name = "model.layers.3.mlp.up_proj.weight";
+    let shape = [cfg.intermediate_size, cfg.hidden_size];
+    let a = src.get(&cfg, name, &shape).expect("tensor");
+    assert_eq!(a, src.get(&cfg, name, &shape).expect("tensor"), "same seed and name, same values");
+    let other = src.get(&cfg, "model.layers.4.mlp.up_proj.weight", &shape).expect("tensor");
+    assert_ne!(a, other, "another tensor gets other values");
+    let (_, reseeded) = open_random("smollm2-135m", 8).expect("shape");
+    assert_ne!(a, reseeded.get(&cfg, name, &shape).expect("tensor"), "another seed, other values");
+    // Uniform with standard deviation 0.02: |x| <= 0.02·√3, mean 0 and variance 0.0004 to
+    // within a few standard errors of the 884,736 samples (mean: 0.02/√n = 2.1e-5; variance:
+    // 0.0004·√(0.8/n) = 3.8e-7 for a uniform's fourth moment).
+    let n = a.len() as f64;
+    let mean = a.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+    let var = a.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+    assert!(a.iter().all(|x| x.abs() <= 0.02 * 3f32.sqrt()), "outside the uniform's range");
+    assert!(mean.abs() < 1e-4, "mean {mean}");
+    assert!((var - 4e-4).abs() < 2e-6, "variance {var}");
+    let norm = src.get(&cfg, "model.layers.0.input_layernorm.weight", &[cfg.hidden_size]).expect("norm");
+    assert!(norm.iter().all(|&x| x == 1.0), "norm weights are 1");
+    assert!(!src.contains(&cfg, "lm_head.weight"), "tied embeddings: no lm_head");
+}
+
+#[test]
+fn unknown_shapes_are_refused_with_the_names_that_exist() {
+    let e = open_random("llama-9", 0).expect_err("unknown shape").to_string();
+    assert!(e.contains("llama-9") && e.contains("smollm2-135m") && e.contains("llama-3.1-8b"), "{e}");
+    let out = edgetune(&["bench", "--random-weights", "llama-9"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("random-weights") && err.contains("qwen2.5-0.5b"), "{err}");
+    let out = edgetune(&["bench"]);
+    assert!(!out.status.success(), "--model or --random-weights is required");
+}
+
+/// `bench-train --json` on random weights of the tiny Llama's config: one JSON object whose
+/// memory plan adds up and whose counts come from the GPU layer.
+#[test]
+fn bench_train_and_bench_print_one_json_object_on_random_weights() {
+    let cfg = common::fixtures().join("tiny_llama/config.json").display().to_string();
+    let out = edgetune(&[
+        "bench-train",
+        "--random-weights",
+        &cfg,
+        "--seq",
+        "16",
+        "--rank",
+        "4",
+        "--steps",
+        "2",
+        "--checkpointing",
+        "on",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    assert!(j["model"].as_str().is_some_and(|m| m.starts_with("random weights")), "{j}");
+    assert_eq!(j["seq"], 16);
+    assert!(j["adapter"]["name"].as_str().is_some_and(|n| !n.is_empty()), "{j}");
+    let modes = j["modes"].as_array().expect("modes");
+    assert_eq!(modes.len(), 1);
+    let m = &modes[0];
+    assert_eq!(m["checkpointing"], true);
+    assert_eq!(m["steps"], 2);
+    let f = |k: &str| m[k].as_f64().unwrap_or_else(|| panic!("{k} in {m}"));
+    assert!(f("tokens_per_s") > 0.0 && f("cpu_record_ms") > 0.0, "{m}");
+    assert!(m["step_ms"]["min"].as_f64() <= m["step_ms"]["median"].as_f64(), "{m}");
+    // Every step runs the same kernels: whole dispatches, as many as a step records.
+    assert!(f("dispatches_per_step") >= 20.0 && f("dispatches_per_step").fract() == 0.0, "{m}");
+    assert_eq!(f("pipelines_created_per_step"), 0.0, "pipelines are compiled once, in the warm-up");
+    let mem = &m["gpu_memory_bytes"];
+    let u = |k: &str| mem[k].as_u64().unwrap_or_else(|| panic!("{k} in {mem}"));
+    assert_eq!(u("planned"), u("weights") + u("adapter") + u("workspace"), "{mem}");
+
+    let out = edgetune(&["bench", "--random-weights", &cfg, "--prompt-tokens", "8", "--decode-tokens", "3", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    for k in ["prefill_tokens_per_s", "decode_tokens_per_s", "dispatches_per_token", "allocations_per_token"] {
+        assert!(j[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {j}");
+    }
+}
