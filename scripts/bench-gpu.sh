@@ -8,7 +8,8 @@
 #
 # The binary defaults to the release build of this checkout, then `edgetune` on the PATH; it
 # may be built on another machine. SHAPES, SEQ, RANK, STEPS and BENCH_OUT (a folder that
-# keeps the JSON lines; default a temporary one) override the defaults. Needs the Vulkan
+# keeps the JSON lines; default a temporary one) override the defaults; TORCH=0 skips the
+# PyTorch runs (the table then reads any torch.jsonl already in BENCH_OUT). Needs the Vulkan
 # loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
 # and peft for the PyTorch column (skipped, and said so, when they do not import).
 set -uo pipefail
@@ -30,16 +31,18 @@ steps="${STEPS:-5}"
 out="${BENCH_OUT:-$(mktemp -d)}"
 mkdir -p "$out"
 : >"$out/edgetune.jsonl"
-: >"$out/torch.jsonl"
 if ! { ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; } && [ -z "${LD_LIBRARY_PATH:-}" ]; then
   echo "bench-gpu.sh: no Vulkan loader (libvulkan.so.1) found; see the README's Benchmarks section" >&2
 fi
 "$bin" gpu || { echo "bench-gpu.sh: edgetune found no GPU adapter" >&2; exit 1; }
 torch_ok=1
-python3 -c 'import torch, transformers, peft; assert torch.cuda.is_available()' 2>/dev/null || {
+if [ "${TORCH:-1}" = 0 ]; then
+  torch_ok=0
+elif ! python3 -c 'import torch, transformers, peft; assert torch.cuda.is_available()' 2>/dev/null; then
   torch_ok=0
   echo "bench-gpu.sh: python3 with torch (CUDA), transformers and peft not found: no PyTorch column" >&2
-}
+fi
+[ "$torch_ok" = 1 ] && : >"$out/torch.jsonl"
 start=$SECONDS
 for shape in $shapes; do
   echo "== $shape: edgetune bench-train ($((SECONDS - start)) s)" >&2

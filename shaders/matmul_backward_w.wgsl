@@ -22,7 +22,7 @@ fn load_b(k: u32, m: u32) -> f32 {
     return x[m * p.k + k];
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(TILE_THREADS)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     tiled_matmul(wg, lid, p.n, p.k, p.m);
 }

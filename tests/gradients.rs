@@ -395,3 +395,135 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
         }
     }
 }
+
+/// The rule that splits long reductions of small output grids (tiled kernels only).
+#[test]
+fn split_reductions_follow_their_rule() {
+    assert_eq!(launch::split_of(2, 600), (4, 160), "2 workgroups, K 600: four slices of 160");
+    assert_eq!(launch::split_of(512, 100_000), (1, 0), "a grid that fills the GPU is not split");
+    assert_eq!(launch::split_of(1, 255), (1, 0), "slices shorter than 128 are not made");
+    for groups in [1, 3, 8, 100, 300, 511] {
+        for red in [256, 300, 1000, 2048, 8192, 128_256] {
+            let (splits, slice) = launch::split_of(groups, red);
+            if splits > 1 {
+                assert!(slice % 16 == 0 && slice >= 128, "{groups} {red}: slice {slice}");
+                assert!(splits * slice >= red && (splits - 1) * slice < red, "{groups} {red}: {splits} x {slice}");
+                assert!(splits <= 64 && groups * splits < 512 + groups, "{groups} {red}: {splits}");
+            }
+        }
+    }
+}
+
+/// Small output grids with long reductions run as slices plus a reduction pass on the tiled
+/// kernels: forward (dense with bias into columns of a wider output, accumulated; NF4; f16),
+/// input gradient (dense from dy columns, NF4) and weight gradient (at an offset, accumulated
+/// twice), each against its twin and each recorded as two dispatches.
+#[test]
+fn long_reductions_split_over_workgroups_and_match_twins() {
+    let tiled: Vec<_> = gpus().into_iter().filter(|c| !c.report.simd8_kernels).collect();
+    assert!(!tiled.is_empty(), "one context runs the tiled kernels");
+    for ctx in tiled {
+        let dispatches = |f: &dyn Fn(&mut wgpu::CommandEncoder) -> edgetune::Result<()>| {
+            let before = ctx.counts().dispatches;
+            run(&ctx, f);
+            ctx.counts().dispatches - before
+        };
+        // Forward, dense: y[:, 3..3 + n] of a (m, n + 5) buffer = y0 + 0.5 x W^T + b.
+        let (m, n, k) = (5, 70, 600);
+        let (x, w, b) = (rand(m * k, 1, 1.0), rand(n * k, 2, 0.5), rand(n, 3, 0.5));
+        let y0 = rand(m * (n + 5), 4, 1.0);
+        let xw = r::matmul_forward(&x, &w, None, m, n, k);
+        let mut want = y0.clone();
+        for i in 0..m {
+            for j in 0..n {
+                want[i * (n + 5) + 3 + j] += 0.5 * xw[i * n + j] + b[j];
+            }
+        }
+        let (xb, wb, bb, yb) = (
+            ctx.storage_from("x", &x),
+            ctx.storage_from("w", &w),
+            ctx.storage_from("b", &b),
+            ctx.storage_from("y", &y0),
+        );
+        let out = OutCols::at(n + 5, 3).scaled(0.5).accumulated();
+        let d =
+            dispatches(&|enc| launch::matmul_forward(&ctx, enc, &xb, Weight::Dense(&wb), Some(&bb), &yb, m, n, k, out));
+        assert_eq!(d, 2, "split forward: slices, then the reduction");
+        let got = ctx.read_f32(&yb, m * (n + 5)).expect("read");
+        assert_close("split matmul dense", &got, &want, 1e-5, sum_tol(k));
+
+        // Forward, NF4 and f16 weights.
+        let (m, n, k) = (6, 40, 640);
+        let x = rand(m * k, 5, 1.0);
+        let q = nf4::quantize(&rand(n * k, 6, 0.3), &[n, k], 64).expect("quantize");
+        let want = r::matmul_forward(&x, &q.dequantize(), None, m, n, k);
+        let (xb, pb, ab) =
+            (ctx.storage_from("x", &x), ctx.storage_from("p", &q.packed), ctx.storage_from("a", &q.absmax));
+        let yb = ctx.storage_zeroed("y", m * n);
+        let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: 64 };
+        let d = dispatches(&|enc| launch::matmul_forward(&ctx, enc, &xb, w4, None, &yb, m, n, k, OutCols::whole(n)));
+        assert_eq!(d, 2);
+        assert_close("split matmul_nf4", &ctx.read_f32(&yb, m * n).expect("read"), &want, 1e-5, sum_tol(k));
+        let wh: Vec<half::f16> = rand(n * k, 7, 0.5).iter().map(|&v| half::f16::from_f32(v)).collect();
+        let wr: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+        let want = r::matmul_forward(&x, &wr, None, m, n, k);
+        let whb = ctx.storage_from("w16", &wh);
+        let d = dispatches(&|enc| {
+            launch::matmul_forward(&ctx, enc, &xb, Weight::F16(&whb), None, &yb, m, n, k, OutCols::whole(n))
+        });
+        assert_eq!(d, 2);
+        assert_close("split matmul_f16", &ctx.read_f32(&yb, m * n).expect("read"), &want, 1e-5, sum_tol(k));
+
+        // Input gradient: the reduction runs over N.
+        let (m, n, k) = (4, 700, 72);
+        let dy = rand(m * n, 8, 1.0);
+        let w = rand(n * k, 9, 0.5);
+        let wide: Vec<f32> = dy.chunks(n).flat_map(|row| [0.5, -0.5].iter().chain(row.iter()).copied()).collect();
+        let dx0 = rand(m * k, 10, 1.0);
+        let want: Vec<f32> =
+            r::matmul_backward(&dy, &w, m, n, k).iter().zip(&dx0).map(|(g, d0)| d0 + 2.0 * g).collect();
+        let (gb, wb, dxb) = (ctx.storage_from("dy", &wide), ctx.storage_from("w", &w), ctx.storage_from("dx", &dx0));
+        let dyc = DyCols { buf: &gb, stride: n + 2, col_offset: 2 };
+        let out = OutCols::whole(k).scaled(2.0).accumulated();
+        let d = dispatches(&|enc| launch::matmul_backward(&ctx, enc, dyc, Weight::Dense(&wb), &dxb, m, n, k, out));
+        assert_eq!(d, 2);
+        assert_close("split matmul_backward", &ctx.read_f32(&dxb, m * k).expect("read"), &want, 1e-5, 2.0 * sum_tol(n));
+        let q = nf4::quantize(&w, &[n, k], 64).expect("quantize");
+        let want = r::matmul_backward(&dy, &q.dequantize(), m, n, k);
+        let (pb, ab, gb) =
+            (ctx.storage_from("p", &q.packed), ctx.storage_from("a", &q.absmax), ctx.storage_from("dy", &dy));
+        let dxb = ctx.storage_zeroed("dx", m * k);
+        let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: 64 };
+        let d = dispatches(&|enc| {
+            launch::matmul_backward(&ctx, enc, DyCols::whole(&gb, n), w4, &dxb, m, n, k, OutCols::whole(k))
+        });
+        assert_eq!(d, 2);
+        assert_close("split matmul_nf4_backward", &ctx.read_f32(&dxb, m * k).expect("read"), &want, 1e-5, sum_tol(n));
+
+        // Weight gradient: the reduction runs over the M tokens.
+        let (m, n, k) = (600, 9, 20);
+        let (dy, x) = (rand(m * n, 11, 1.0), rand(m * k, 12, 1.0));
+        let (gb, xb) = (ctx.storage_from("dy", &dy), ctx.storage_from("x", &x));
+        let off = 5;
+        let flat = ctx.storage_zeroed("flat grads", off + n * k + 3);
+        let d = dispatches(&|enc| {
+            launch::matmul_backward_w(&ctx, enc, &gb, &xb, &flat, off, m, n, k, 2.0, true)?;
+            launch::matmul_backward_w(&ctx, enc, &gb, &xb, &flat, off, m, n, k, 1.0, true)
+        });
+        assert_eq!(d, 4);
+        let got = ctx.read_f32(&flat, off + n * k + 3).expect("read");
+        let want: Vec<f32> = r::matmul_backward_w(&dy, &x, m, n, k).iter().map(|g| 3.0 * g).collect();
+        assert_eq!(&got[..off], &[0.0; 5], "wrote before its offset");
+        assert_eq!(&got[off + n * k..], &[0.0; 3], "wrote past its slice");
+        assert_close("split matmul_backward_w", &got[off..off + n * k], &want, 1e-5, 3.0 * sum_tol(m));
+
+        // A short reduction stays one dispatch.
+        let (m, n, k) = (5, 70, 200);
+        let (xb, wb) = (ctx.storage_from("x", &rand(m * k, 13, 1.0)), ctx.storage_from("w", &rand(n * k, 14, 0.5)));
+        let yb = ctx.storage_zeroed("y", m * n);
+        let d = dispatches(&|enc| {
+            launch::matmul_forward(&ctx, enc, &xb, Weight::Dense(&wb), None, &yb, m, n, k, OutCols::whole(n))
+        });
+        assert_eq!(d, 1);
+    }
+}

@@ -12,7 +12,7 @@ fn load_b(k: u32, n: u32) -> f32 {
     return w_at(n, k);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(TILE_THREADS)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     tiled_matmul(wg, lid, p.m, p.k, p.n);
 }

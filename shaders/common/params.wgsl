@@ -61,4 +61,8 @@ struct MatmulParams {
     w_offset: u32,      // first element of w (LoRA matrices live in one flat buffer)
     dy_stride: u32,     // dX kernels: row stride of dy
     dy_col_offset: u32, // dX kernels: first column of dy
+    split_k: u32,       // tiled kernels: reduction length per workgroup z, or 0 for all of it
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }

@@ -98,6 +98,8 @@ pub struct GpuContext {
     pub(crate) profile: Mutex<Option<HashMap<&'static str, KernelTime>>>,
     /// What the GPU layer has created and recorded since the device was opened.
     pub(crate) counters: Counters,
+    /// Scratch for split matmul reductions (see `GpuContext::split_scratch`), grown on demand.
+    pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
 }
 
 /// Running totals behind [`GpuContext::counts`].
@@ -248,6 +250,7 @@ impl GpuContext {
             uncaptured,
             profile: Mutex::new(None),
             counters: Counters::default(),
+            scratch: Mutex::new(None),
         })
     }
 

@@ -69,6 +69,7 @@ shader!(ROPE_BACKWARD, "rope_backward");
 shader!(SILU_MUL_BACKWARD, "silu_mul_backward");
 shader!(ATTENTION_BACKWARD_Q, "attention_backward_q");
 shader!(ATTENTION_BACKWARD_KV, "attention_backward_kv");
+shader!(MATMUL_SPLIT_REDUCE, "matmul_split_reduce");
 // Register-tiled variants for CPU rasterizers (shaders/common/simd8.wgsl).
 shader!(MATMUL_SIMD8, "matmul_simd8");
 shader!(MATMUL_F16_SIMD8, "matmul_f16_simd8");
@@ -128,6 +129,7 @@ pub const ALL_SHADERS: &[Shader] = &[
     SILU_MUL_BACKWARD,
     ATTENTION_BACKWARD_Q,
     ATTENTION_BACKWARD_KV,
+    MATMUL_SPLIT_REDUCE,
     MATMUL_SIMD8,
     MATMUL_F16_SIMD8,
     MATMUL_NF4_SIMD8,
@@ -304,8 +306,9 @@ params!(/// `cross_entropy.wgsl` and `cross_entropy_backward.wgsl`
 params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
         m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,
-        alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32,
-    } = 48);
+        alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, _pad0: u32, _pad1: u32,
+        _pad2: u32,
+    } = 64);
 params!(/// `adamw.wgsl`
     AdamwParams {
         n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, bias_c1: f32, bias_c2: f32,
@@ -357,6 +360,29 @@ impl GpuContext {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
+    }
+
+    /// The scratch buffer of split matmul reductions, holding at least `n_floats` values: one
+    /// buffer for the whole context, reallocated (to the next power of two, at least 1 MiB) only
+    /// when a larger split comes along, so steady-state steps create none. Dispatches that use
+    /// it run one after another, as every dispatch here does.
+    pub(crate) fn split_scratch(&self, n_floats: usize) -> Result<wgpu::Buffer> {
+        let mut slot = self.scratch.lock().map_err(|_| Error::Gpu("scratch buffer lock poisoned".into()))?;
+        let bytes = (n_floats * 4) as u64;
+        if let Some(b) = slot.as_ref()
+            && b.size() >= bytes
+        {
+            return Ok(b.clone());
+        }
+        let size = bytes.next_power_of_two().max(1 << 20);
+        let buf = self.storage_zeroed("split matmul scratch", (size / 4) as usize);
+        *slot = Some(buf.clone());
+        Ok(buf)
+    }
+
+    /// Bytes held by the split-reduction scratch buffer.
+    pub fn scratch_bytes(&self) -> u64 {
+        self.scratch.lock().ok().and_then(|s| s.as_ref().map(|b| b.size())).unwrap_or(0)
     }
 
     /// Reads `n` f32 values back from a buffer (blocking).
@@ -793,6 +819,10 @@ pub mod launch {
             w_offset: 0,
             dy_stride: 0,
             dy_col_offset: 0,
+            split_k: 0,
+            _pad0: 0,
+            _pad1: 0,
+            _pad2: 0,
         })
     }
 
@@ -829,58 +859,124 @@ pub mod launch {
     ) -> Result<()> {
         let mut p = matmul_params(m, n, k, out)?;
         p.has_bias = bias.is_some() as u32;
-        // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
-        // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
-        let kernel = |row: [&'static Shader; 2], tiled: &'static Shader, simd: &'static Shader, simd_ok: bool| {
-            let simd_ok = simd_ok && k.is_multiple_of(8);
-            match m {
-                1 if ctx.report.simd8_kernels && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
-                1 => (row[0], [p.n.div_ceil(8), 1, 1]),
-                _ => many_rows(ctx, tiled, simd, simd_ok, p.m, p.n),
-            }
-        };
         // The bias binding must exist even when unused; x serves as a harmless dummy.
         let b = bias.unwrap_or(x);
-        match w {
-            Weight::Dense(w) => {
-                let (s, groups) = kernel([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, true);
-                ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
-            }
+        let (row, tiled, simd, simd_ok, buffers): ([&'static Shader; 2], _, _, bool, Vec<&wgpu::Buffer>) = match w {
+            Weight::Dense(w) => ([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, true, vec![x, w, b, y]),
             Weight::DenseAt(w, offset) => {
                 p.w_offset = u32_of(offset, "weight offset")?;
-                let (s, groups) = kernel([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, offset.is_multiple_of(4));
-                ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
+                ([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, offset.is_multiple_of(4), vec![x, w, b, y])
             }
             Weight::F16(w) => {
                 check_f16(k)?;
-                let (s, groups) = kernel([&MATVEC_F16, &MATVEC_F16_SIMD8], &MATMUL_F16, &MATMUL_F16_SIMD8, true);
-                ctx.dispatch(enc, s, &p, &[x, w, b, y], groups)
+                ([&MATVEC_F16, &MATVEC_F16_SIMD8], &MATMUL_F16, &MATMUL_F16_SIMD8, true, vec![x, w, b, y])
             }
             Weight::Nf4 { packed, absmax, block_size } => {
                 check_nf4(k, block_size)?;
                 p.block_size = u32_of(block_size, "block size")?;
-                let (s, groups) = kernel([&MATVEC_NF4, &MATVEC_NF4_SIMD8], &MATMUL_NF4, &MATMUL_NF4_SIMD8, true);
-                ctx.dispatch(enc, s, &p, &[x, packed, absmax, b, y], groups)
+                let bufs = vec![x, packed, absmax, b, y];
+                ([&MATVEC_NF4, &MATVEC_NF4_SIMD8], &MATMUL_NF4, &MATMUL_NF4_SIMD8, true, bufs)
             }
+        };
+        // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
+        // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
+        let simd_ok = simd_ok && k.is_multiple_of(8);
+        match m {
+            1 if ctx.report.simd8_kernels && simd_ok => {
+                ctx.dispatch(enc, row[1], &p, &buffers, [p.n.div_ceil(32), 1, 1])
+            }
+            1 => ctx.dispatch(enc, row[0], &p, &buffers, [p.n.div_ceil(8), 1, 1]),
+            _ => run_many_rows(ctx, enc, many_rows(ctx, tiled, simd, simd_ok, (p.m, p.n, p.k)), p, &buffers),
         }
     }
 
-    /// The kernel for a many-row matmul with (rows, cols) outputs and its workgroup grid: the
-    /// register-tiled variant (32 x 32 outputs per workgroup) on adapters that want it when
-    /// `simd_ok` says the shape suits it, else the tiled one (64 x 64).
+    /// A many-row matmul's kernel and output shape: (rows, cols) outputs over a reduction of
+    /// length `red`. See [`many_rows`] and [`run_many_rows`].
+    struct ManyRows {
+        shader: &'static Shader,
+        groups: [u32; 3],
+        tiled: bool,
+        rows: u32,
+        cols: u32,
+        red: u32,
+    }
+
+    /// The kernel for a many-row matmul: the register-tiled variant (32 x 32 outputs per
+    /// workgroup) on adapters that want it when `simd_ok` says the shape suits it, else the
+    /// tiled one (64 x 64).
     fn many_rows(
         ctx: &GpuContext,
         tiled: &'static Shader,
         simd: &'static Shader,
         simd_ok: bool,
-        rows: u32,
-        cols: u32,
-    ) -> (&'static Shader, [u32; 3]) {
+        (rows, cols, red): (u32, u32, u32),
+    ) -> ManyRows {
         if ctx.report.simd8_kernels && simd_ok {
-            (simd, [cols.div_ceil(32), rows.div_ceil(32), 1])
+            ManyRows { shader: simd, groups: [cols.div_ceil(32), rows.div_ceil(32), 1], tiled: false, rows, cols, red }
         } else {
-            (tiled, [cols.div_ceil(64), rows.div_ceil(64), 1])
+            ManyRows { shader: tiled, groups: [cols.div_ceil(64), rows.div_ceil(64), 1], tiled: true, rows, cols, red }
         }
+    }
+
+    /// Below this many workgroups a tiled matmul splits its reduction (a large GPU runs a few
+    /// hundred such workgroups at once).
+    const SPLIT_TARGET_GROUPS: u32 = 512;
+    /// The shortest reduction slice a split gives one workgroup (8 steps of BK = 16).
+    const MIN_SLICE: u32 = 128;
+    const MAX_SPLITS: u32 = 64;
+
+    /// How many slices a tiled matmul's reduction is split into, and the length of each (a
+    /// multiple of BK = 16): enough workgroups for a large GPU, slices of at least
+    /// [`MIN_SLICE`]. (1, 0) means no split.
+    pub fn split_of(groups: u32, red: u32) -> (u32, u32) {
+        if groups >= SPLIT_TARGET_GROUPS || red < 2 * MIN_SLICE {
+            return (1, 0);
+        }
+        let want = SPLIT_TARGET_GROUPS.div_ceil(groups).min(red / MIN_SLICE).min(MAX_SPLITS);
+        let slice = red.div_ceil(want).next_multiple_of(16);
+        let splits = red.div_ceil(slice);
+        if splits < 2 { (1, 0) } else { (splits, slice) }
+    }
+
+    /// Records a many-row matmul. `buffers` are the kernel's bindings after the params; the
+    /// last is the output and the one before it the bias binding (a dummy when unused). A tiled
+    /// kernel with a small grid and a long reduction runs in two dispatches: slices of the
+    /// reduction into the context's scratch buffer, then matmul_split_reduce.wgsl.
+    fn run_many_rows(
+        ctx: &GpuContext,
+        enc: &mut wgpu::CommandEncoder,
+        k: ManyRows,
+        p: MatmulParams,
+        buffers: &[&wgpu::Buffer],
+    ) -> Result<()> {
+        let (splits, slice) = if k.tiled { split_of(k.groups[0] * k.groups[1], k.red) } else { (1, 0) };
+        if splits < 2 {
+            return ctx.dispatch(enc, k.shader, &p, buffers, k.groups);
+        }
+        let (rows, cols) = (k.rows as usize, k.cols as usize);
+        let scratch = ctx.split_scratch(splits as usize * rows * cols)?;
+        let partial = MatmulParams {
+            split_k: slice,
+            alpha: 1.0,
+            has_bias: 0,
+            accumulate: 0,
+            y_stride: k.cols,
+            y_col_offset: 0,
+            ..p
+        };
+        let n = buffers.len();
+        let mut bound = buffers.to_vec();
+        bound[n - 1] = &scratch;
+        ctx.dispatch(enc, k.shader, &partial, &bound, [k.groups[0], k.groups[1], splits])?;
+        let reduce = MatmulParams { m: k.rows, n: k.cols, k: splits, ..p };
+        let quads = u32_of(rows * cols.div_ceil(4), "outputs")?;
+        ctx.dispatch(
+            enc,
+            &MATMUL_SPLIT_REDUCE,
+            &reduce,
+            &[&scratch, buffers[n - 2], buffers[n - 1]],
+            groups_1d(quads.div_ceil(64)),
+        )
     }
 
     /// Input gradient of a linear layer: dx[m, col_offset + k] (+)= alpha * dy[m, :N] . w[:, k],
@@ -902,30 +998,25 @@ pub mod launch {
         p.dy_stride = u32_of(dy.stride, "dy stride")?;
         p.dy_col_offset = u32_of(dy.col_offset, "dy column")?;
         let aligned = [n, k, dy.stride, dy.col_offset].iter().all(|v| v.is_multiple_of(4));
-        let kernel = |tiled, simd, simd_ok: bool| many_rows(ctx, tiled, simd, aligned && simd_ok, p.m, p.k);
         let g = dy.buf;
-        match w {
-            Weight::Dense(w) => {
-                let (s, groups) = kernel(&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, true);
-                ctx.dispatch(enc, s, &p, &[g, w, g, dx], groups)
-            }
+        let (tiled, simd, simd_ok, buffers): (_, _, bool, Vec<&wgpu::Buffer>) = match w {
+            Weight::Dense(w) => (&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, true, vec![g, w, g, dx]),
             Weight::DenseAt(w, offset) => {
                 p.w_offset = u32_of(offset, "weight offset")?;
-                let (s, groups) = kernel(&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, offset.is_multiple_of(4));
-                ctx.dispatch(enc, s, &p, &[g, w, g, dx], groups)
+                (&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, offset.is_multiple_of(4), vec![g, w, g, dx])
             }
             Weight::F16(w) => {
                 check_f16(k)?;
-                let (s, groups) = kernel(&MATMUL_F16_BACKWARD, &MATMUL_F16_BACKWARD_SIMD8, true);
-                ctx.dispatch(enc, s, &p, &[g, w, g, dx], groups)
+                (&MATMUL_F16_BACKWARD, &MATMUL_F16_BACKWARD_SIMD8, true, vec![g, w, g, dx])
             }
             Weight::Nf4 { packed, absmax, block_size } => {
                 check_nf4(k, block_size)?;
                 p.block_size = u32_of(block_size, "block size")?;
-                let (s, groups) = kernel(&MATMUL_NF4_BACKWARD, &MATMUL_NF4_BACKWARD_SIMD8, true);
-                ctx.dispatch(enc, s, &p, &[g, packed, absmax, g, dx], groups)
+                (&MATMUL_NF4_BACKWARD, &MATMUL_NF4_BACKWARD_SIMD8, true, vec![g, packed, absmax, g, dx])
             }
-        }
+        };
+        let kernel = many_rows(ctx, tiled, simd, aligned && simd_ok, (p.m, p.k, p.n));
+        run_many_rows(ctx, enc, kernel, p, &buffers)
     }
 
     /// Weight gradient of a dense linear layer, into a flat buffer:
@@ -947,8 +1038,8 @@ pub mod launch {
         let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
         let p = matmul_params(m, n, k, out)?;
         let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
-        let (s, groups) = many_rows(ctx, &MATMUL_BACKWARD_W, &MATMUL_BACKWARD_W_SIMD8, aligned, p.n, p.k);
-        ctx.dispatch(enc, s, &p, &[dy, x, dy, dw], groups)
+        let kernel = many_rows(ctx, &MATMUL_BACKWARD_W, &MATMUL_BACKWARD_W_SIMD8, aligned, (p.n, p.k, p.m));
+        run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw])
     }
 
     /// Shapes of an attention call.

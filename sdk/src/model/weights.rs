@@ -48,7 +48,10 @@ pub enum WeightSource {
     /// Random weights of a model's shape, for benchmarks on machines without the model file:
     /// linear weights and tables drawn uniformly with standard deviation 0.02 (the usual
     /// initializer range), norm weights 1, the same values for the same seed and name.
-    Random { label: PathBuf, seed: u64 },
+    Random {
+        label: PathBuf,
+        seed: u64,
+    },
 }
 
 /// Description of one stored tensor, for `edgetune info`.
