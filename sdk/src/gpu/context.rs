@@ -100,6 +100,25 @@ pub struct GpuContext {
     pub(crate) counters: Counters,
     /// Scratch for split matmul reductions (see `GpuContext::split_scratch`), grown on demand.
     pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
+    /// Kernel parameters of recorded dispatches (see `GpuContext::dispatch`).
+    pub(crate) uniforms: Mutex<UniformRing>,
+}
+
+/// One uniform buffer that holds the parameters of many dispatches, one aligned slot each,
+/// used round and round. Slots are filled on the CPU as dispatches are recorded and written to
+/// the GPU in one copy before the next submission (`GpuContext::submit`), which the queue
+/// orders after every earlier submission that read the slot before.
+#[derive(Debug)]
+pub(crate) struct UniformRing {
+    pub(crate) buf: Option<wgpu::Buffer>,
+    /// Next free byte.
+    pub(crate) next: u64,
+    /// Bytes of slots recorded since the last write, starting at `pending_start`.
+    pub(crate) pending: Vec<u8>,
+    pub(crate) pending_start: u64,
+    /// Dispatches, and bytes of their slots, recorded since the last submission.
+    pub(crate) unsubmitted: u64,
+    pub(crate) unsubmitted_bytes: u64,
 }
 
 /// Running totals behind [`GpuContext::counts`].
@@ -251,6 +270,14 @@ impl GpuContext {
             profile: Mutex::new(None),
             counters: Counters::default(),
             scratch: Mutex::new(None),
+            uniforms: Mutex::new(UniformRing {
+                buf: None,
+                next: 0,
+                pending: Vec::new(),
+                pending_start: 0,
+                unsubmitted: 0,
+                unsubmitted_bytes: 0,
+            }),
         })
     }
 
@@ -279,10 +306,28 @@ impl GpuContext {
         }
     }
 
-    /// Submits command buffers to the queue, counted.
+    /// Submits command buffers to the queue, counted, after writing the kernel parameters of
+    /// the dispatches recorded so far. Every submission of recorded dispatches must come
+    /// through here.
     pub fn submit(&self, cmds: impl IntoIterator<Item = wgpu::CommandBuffer>) -> wgpu::SubmissionIndex {
         Counters::add(&self.counters.submits);
+        if let Ok(mut ring) = self.uniforms.lock() {
+            self.write_uniforms(&mut ring);
+            ring.unsubmitted = 0;
+            ring.unsubmitted_bytes = 0;
+        }
         self.queue.submit(cmds)
+    }
+
+    /// Copies the pending parameter slots to the GPU (before the next submission).
+    pub(crate) fn write_uniforms(&self, ring: &mut UniformRing) {
+        if let Some(buf) = &ring.buf
+            && !ring.pending.is_empty()
+        {
+            self.queue.write_buffer(buf, ring.pending_start, &ring.pending);
+        }
+        ring.pending.clear();
+        ring.pending_start = ring.next;
     }
 
     /// Turns kernel profiling on or off. While it is on, every dispatch is submitted on its own

@@ -319,6 +319,15 @@ params!(/// `grad_norm.wgsl`
 params!(/// `attention.wgsl`
     AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, _pad: u32 } = 32);
 
+/// Bytes of the uniform ring that holds kernel parameters: 16,384 slots of 256 bytes.
+const UNIFORM_RING_BYTES: u64 = 4 << 20;
+/// Dispatches recorded before the encoder's contents are submitted without waiting.
+const FLUSH_EVERY: u64 = 256;
+
+fn flush_every() -> u64 {
+    std::env::var("EDGETUNE_FLUSH_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(FLUSH_EVERY)
+}
+
 /// Splits a 1-D workgroup count over x and y (each at most 65535); shaders recombine it as
 /// `gid.x + gid.y * 65535 * workgroup_size`.
 fn groups_1d(n: u32) -> [u32; 3] {
@@ -419,7 +428,9 @@ impl GpuContext {
     }
 
     /// Records one dispatch of `shader` with its params (binding 0) and storage buffers
-    /// (bindings 1..).
+    /// (bindings 1..). The params take a slot of the context's uniform ring rather than a
+    /// buffer of their own, and every [`FLUSH_EVERY`] dispatches the encoder's contents are
+    /// submitted, so the GPU starts on them while the rest is recorded.
     pub fn dispatch<P: Pod>(
         &self,
         enc: &mut wgpu::CommandEncoder,
@@ -428,16 +439,85 @@ impl GpuContext {
         buffers: &[&wgpu::Buffer],
         groups: [u32; 3],
     ) -> Result<()> {
+        self.record(enc, shader, bytemuck::bytes_of(params), buffers, groups, true)
+    }
+
+    /// [`GpuContext::dispatch`] that never submits before recording: for the second of two
+    /// dispatches that share the split-reduction scratch buffer, which must run back to back.
+    pub(crate) fn dispatch_next<P: Pod>(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        shader: &Shader,
+        params: &P,
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        self.record(enc, shader, bytemuck::bytes_of(params), buffers, groups, false)
+    }
+
+    /// A slot of the uniform ring holding `bytes`: (buffer, offset).
+    fn uniform_slot(&self, bytes: &[u8]) -> Result<(wgpu::Buffer, u64)> {
+        let mut ring = self.uniforms.lock().map_err(|_| Error::Gpu("uniform ring lock poisoned".into()))?;
+        let align = u64::from(self.limits.min_uniform_buffer_offset_alignment).max(16);
+        let slot = (bytes.len() as u64).next_multiple_of(align);
+        let wraps = ring.next + slot > UNIFORM_RING_BYTES;
+        // The whole ring recorded since the last submission: a new ring, so no slot that an
+        // unsubmitted dispatch reads is reused (the old buffer lives on in its bind groups).
+        let full = ring.unsubmitted_bytes + slot > UNIFORM_RING_BYTES;
+        if ring.buf.is_none() || full {
+            if ring.buf.is_some() {
+                self.write_uniforms(&mut ring);
+            }
+            Counters::add(&self.counters.buffers);
+            ring.buf = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kernel params"),
+                size: UNIFORM_RING_BYTES,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+            ring.next = 0;
+            ring.pending.clear();
+            ring.pending_start = 0;
+            ring.unsubmitted_bytes = 0;
+        } else if wraps {
+            self.write_uniforms(&mut ring);
+            ring.next = 0;
+            ring.pending_start = 0;
+        }
+        let offset = ring.next;
+        ring.pending.extend_from_slice(bytes);
+        let len = (offset + slot - ring.pending_start) as usize;
+        ring.pending.resize(len, 0);
+        ring.next = offset + slot;
+        ring.unsubmitted += 1;
+        ring.unsubmitted_bytes += slot;
+        let buf = ring.buf.clone().ok_or_else(|| Error::Gpu("uniform ring missing".into()))?;
+        Ok((buf, offset))
+    }
+
+    fn record(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        shader: &Shader,
+        params: &[u8],
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+        may_submit: bool,
+    ) -> Result<()> {
         let pipeline = self.pipeline(shader)?;
+        let profiling = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
+        if profiling {
+            self.flush(enc)?;
+        } else if may_submit && self.uniforms.lock().map(|r| r.unsubmitted >= flush_every()).unwrap_or(false) {
+            let done = std::mem::replace(enc, self.device.create_command_encoder(&Default::default()));
+            self.submit([done.finish()]);
+        }
         Counters::add(&self.counters.dispatches);
-        Counters::add(&self.counters.buffers);
         Counters::add(&self.counters.bind_groups);
-        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(shader.name),
-            contents: bytemuck::bytes_of(params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        let (uniform, offset) = self.uniform_slot(params)?;
+        let binding =
+            wgpu::BufferBinding { buffer: &uniform, offset, size: wgpu::BufferSize::new(params.len() as u64) };
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(binding) }];
         for (i, b) in buffers.iter().enumerate() {
             entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
         }
@@ -446,10 +526,6 @@ impl GpuContext {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let profiling = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
-        if profiling {
-            self.flush(enc)?;
-        }
         let t = std::time::Instant::now();
         {
             let mut pass = enc
@@ -970,7 +1046,7 @@ pub mod launch {
         ctx.dispatch(enc, k.shader, &partial, &bound, [k.groups[0], k.groups[1], splits])?;
         let reduce = MatmulParams { m: k.rows, n: k.cols, k: splits, ..p };
         let quads = u32_of(rows * cols.div_ceil(4), "outputs")?;
-        ctx.dispatch(
+        ctx.dispatch_next(
             enc,
             &MATMUL_SPLIT_REDUCE,
             &reduce,
