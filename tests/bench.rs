@@ -109,9 +109,14 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     // Every step runs the same kernels: whole dispatches, as many as a step records.
     assert!(f("dispatches_per_step") >= 20.0 && f("dispatches_per_step").fract() == 0.0, "{m}");
     assert_eq!(f("pipelines_created_per_step"), 0.0, "pipelines are compiled once, in the warm-up");
+    // Kernel parameters live in the context's ring: the one buffer a step still makes is the
+    // staging buffer that reads the gradient norm back.
+    assert_eq!(f("buffers_created_per_step"), 1.0, "{m}");
+    assert_eq!(f("bind_groups_created_per_step"), f("dispatches_per_step"), "{m}");
     let mem = &m["gpu_memory_bytes"];
     let u = |k: &str| mem[k].as_u64().unwrap_or_else(|| panic!("{k} in {mem}"));
-    assert_eq!(u("planned"), u("weights") + u("adapter") + u("workspace"), "{mem}");
+    assert_eq!(u("planned"), u("weights") + u("adapter") + u("workspace") + u("runtime"), "{mem}");
+    assert!(u("runtime") >= 4 << 20, "the 4 MiB parameter ring is counted: {mem}");
 
     let out = edgetune(&["bench", "--random-weights", &cfg, "--prompt-tokens", "8", "--decode-tokens", "3", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

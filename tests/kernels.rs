@@ -452,3 +452,33 @@ fn f16_activation_storage_rounds_like_its_twin_and_reads_back_exactly() {
     let small = ctx.storage_zeroed("small", n.div_ceil(2) - 1);
     assert!(launch::f16_pack(&ctx, &mut enc, &xb, &small, n).is_err(), "a packed buffer that is too small");
 }
+
+/// 100 launches, submitted, then 40,000 more, each with its own scale, accumulate
+/// y += alpha_i * (x . w) = alpha_i: more than the 16,384 slots of the parameter ring, so it
+/// wraps round while earlier launches wait on the GPU, and (the first 100 moving the
+/// submissions off the ring's 256-slot grid) while some slots are not yet written. A launch
+/// that read another's parameters would change the exact integer sum.
+#[test]
+fn kernel_parameters_survive_the_uniform_ring_wrapping_round() {
+    let ctx = ctx();
+    let (x, w) = (ctx.storage_from("x", &[1.0f32]), ctx.storage_from("w", &[1.0f32]));
+    let y = ctx.storage_zeroed("y", 1);
+    let before = ctx.counts();
+    let launch_all = |range: std::ops::Range<u32>| {
+        run(&ctx, |enc| {
+            for i in range {
+                let out = launch::OutCols::whole(1).scaled((i % 7) as f32).accumulated();
+                launch::matmul_forward(&ctx, enc, &x, launch::Weight::Dense(&w), None, &y, 1, 1, 1, out)?;
+            }
+            Ok(())
+        })
+    };
+    launch_all(0..100);
+    launch_all(100..40_100);
+    let want: u32 = (0..40_100).map(|i| i % 7).sum();
+    assert_eq!(ctx.read_f32(&y, 1).expect("read")[0], want as f32);
+    let used = ctx.counts() - before;
+    assert_eq!(used.dispatches, 40_100);
+    assert_eq!(used.buffers, 2, "the ring, made at the first launch, and the readback's staging buffer");
+    assert!(used.submits > 100, "the encoder was submitted as it filled ({} submits)", used.submits);
+}

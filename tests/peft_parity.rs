@@ -51,7 +51,7 @@ fn one_step(kind: &str) {
     let n = b.n_scored();
     let mut enc = model.ctx.device.create_command_encoder(&Default::default());
     model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0 / n as f32).expect("forward/backward");
-    model.ctx.queue.submit([enc.finish()]);
+    model.ctx.submit([enc.finish()]);
     let losses = model.ctx.read_f32(&ws.loss, b.len()).expect("loss");
     let loss = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
     let want: f64 = fx.metadata("loss").parse().expect("loss");
@@ -109,7 +109,7 @@ fn curve(kind: &str, checkpointing: bool) {
         opt.zero_grad(&mut enc);
         model.forward_backward(&mut enc, &ws, b, &gpu, &opt.grads, 1.0 / b.n_scored() as f32).expect("fwd/bwd");
         opt.record_step(&model.ctx, &mut enc, &gpu.params, 1e-2).expect("adamw");
-        model.ctx.queue.submit([enc.finish()]);
+        model.ctx.submit([enc.finish()]);
         let loss = model.ctx.read_f32(&ws.loss, b.len()).expect("loss").iter().map(|&l| f64::from(l)).sum::<f64>()
             / b.n_scored() as f64;
         let norm = model.ctx.read_f32(&opt.norm, 1).expect("norm")[0];
@@ -162,7 +162,7 @@ fn gradient_checkpointing_gives_bit_identical_gradients() {
         let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
         let mut enc = model.ctx.device.create_command_encoder(&Default::default());
         model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0 / b.n_scored() as f32).expect("fwd/bwd");
-        model.ctx.queue.submit([enc.finish()]);
+        model.ctx.submit([enc.finish()]);
         (
             model.ctx.read_f32(&grads, adapter.layout.len).expect("grads"),
             model.ctx.read_f32(&ws.loss, b.len()).expect("loss"),
@@ -277,7 +277,7 @@ fn loss_and_grads(kind: &str, plan: impl Fn(usize) -> WorkspacePlan) -> (f64, Ve
     let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
     let mut enc = model.ctx.device.create_command_encoder(&Default::default());
     model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0 / b.n_scored() as f32).expect("fwd/bwd");
-    model.ctx.queue.submit([enc.finish()]);
+    model.ctx.submit([enc.finish()]);
     let loss = model.ctx.read_f32(&ws.loss, b.len()).expect("loss").iter().map(|&l| f64::from(l)).sum::<f64>()
         / b.n_scored() as f64;
     (loss, model.ctx.read_f32(&grads, adapter.layout.len).expect("grads"), ws.bytes)

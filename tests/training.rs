@@ -310,7 +310,7 @@ fn lora_dropout_gradients_match_the_dropped_out_loss() {
         let grads = ctx.storage_zeroed("grads", n);
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         m.forward_backward(&mut enc, &ws, batch, &gpu, &grads, 1.0 / batch.n_scored() as f32).expect("fwd/bwd");
-        ctx.queue.submit([enc.finish()]);
+        ctx.submit([enc.finish()]);
         let loss = ctx.read_f32(&ws.loss, batch.len()).expect("loss").iter().map(|&l| f64::from(l)).sum::<f64>()
             / batch.n_scored() as f64;
         (loss, ctx.read_f32(&grads, n).expect("grads"))

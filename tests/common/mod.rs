@@ -125,5 +125,5 @@ pub fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 pub fn run(ctx: &edgetune::gpu::GpuContext, f: impl FnOnce(&mut wgpu::CommandEncoder) -> edgetune::Result<()>) {
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     f(&mut enc).expect("dispatch");
-    ctx.queue.submit([enc.finish()]);
+    ctx.submit([enc.finish()]);
 }

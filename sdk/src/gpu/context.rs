@@ -88,7 +88,9 @@ impl std::fmt::Display for AdapterReport {
 pub struct GpuContext {
     adapter: wgpu::Adapter,
     pub device: wgpu::Device,
-    pub queue: wgpu::Queue,
+    /// Crate-private: submissions go through [`GpuContext::submit`], which writes the kernel
+    /// parameters first.
+    pub(crate) queue: wgpu::Queue,
     pub report: AdapterReport,
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,

@@ -389,9 +389,12 @@ impl GpuContext {
         Ok(buf)
     }
 
-    /// Bytes held by the split-reduction scratch buffer.
-    pub fn scratch_bytes(&self) -> u64 {
-        self.scratch.lock().ok().and_then(|s| s.as_ref().map(|b| b.size())).unwrap_or(0)
+    /// Bytes the context holds for itself: the split-reduction scratch buffer and the kernel
+    /// parameter ring (each made at first use).
+    pub fn runtime_bytes(&self) -> u64 {
+        let scratch = self.scratch.lock().ok().and_then(|s| s.as_ref().map(|b| b.size())).unwrap_or(0);
+        let ring = self.uniforms.lock().ok().and_then(|r| r.buf.as_ref().map(|b| b.size())).unwrap_or(0);
+        scratch + ring
     }
 
     /// Reads `n` f32 values back from a buffer (blocking).
@@ -458,7 +461,9 @@ impl GpuContext {
     /// A slot of the uniform ring holding `bytes`: (buffer, offset).
     fn uniform_slot(&self, bytes: &[u8]) -> Result<(wgpu::Buffer, u64)> {
         let mut ring = self.uniforms.lock().map_err(|_| Error::Gpu("uniform ring lock poisoned".into()))?;
-        let align = u64::from(self.limits.min_uniform_buffer_offset_alignment).max(16);
+        // 256 bytes (WebGPU's default alignment) on every adapter, so the ring holds the same
+        // 16,384 slots everywhere.
+        let align = u64::from(self.limits.min_uniform_buffer_offset_alignment).max(256);
         let slot = (bytes.len() as u64).next_multiple_of(align);
         let wraps = ring.next + slot > UNIFORM_RING_BYTES;
         // The whole ring recorded since the last submission: a new ring, so no slot that an

@@ -86,7 +86,8 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     let weights = model.weight_bytes;
     let kv = model.kv_cache_bytes();
     let act = model.activation_bytes(prompt_tokens, 1);
-    let planned = weights + 2 * kv + act;
+    let runtime = ctx.runtime_bytes();
+    let planned = weights + 2 * kv + act + runtime;
     let per_token = |n: u64| n as f64 / per.1;
     if m.json {
         let o = json!({
@@ -132,10 +133,11 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
         );
     }
     println!(
-        "expected GPU memory: weights {} + one KV cache {} + activations {} = {}",
+        "expected GPU memory: weights {} + one KV cache {} + activations {} + runtime {} = {}",
         mib(weights),
         mib(kv),
         mib(act),
+        mib(runtime),
         mib(planned)
     );
     println!("  (two KV caches are live at the peak: the benchmark's and the warm-up's)");
@@ -217,7 +219,8 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
         let peak = ctx.allocated_bytes();
         let (step_ms, best_ms) = ms_stats(&times.iter().map(|t| t.total).collect::<Vec<_>>());
         let (record_ms, _) = ms_stats(&times.iter().map(|t| t.record).collect::<Vec<_>>());
-        let planned = model.weight_bytes + adapter_bytes + ws.bytes;
+        let runtime = ctx.runtime_bytes();
+        let planned = model.weight_bytes + adapter_bytes + ws.bytes + runtime;
         let mut kernels = Vec::new();
         if profile {
             ctx.set_profiling(true);
@@ -246,6 +249,7 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
                     "weights": model.weight_bytes,
                     "adapter": adapter_bytes,
                     "workspace": ws.bytes,
+                    "runtime": runtime,
                     "driver": peak,
                 },
                 "profile": kernels.iter().map(|(name, t)| json!({
@@ -271,10 +275,11 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
             per.submits as f64 / k
         );
         println!(
-            "  expected GPU memory: weights {} + adapter, gradients and AdamW moments {} + activations {} = {}",
+            "  expected GPU memory: weights {} + adapter, gradients and AdamW moments {} + activations {} + runtime {} = {}",
             mib(model.weight_bytes),
             mib(adapter_bytes),
             mib(ws.bytes),
+            mib(runtime),
             mib(planned)
         );
         match peak {
