@@ -41,9 +41,20 @@ fn open(m: &BenchModel, gpu: &GpuOptions, max_context: usize) -> Result<(Arc<Gpu
     Ok((ctx, model, name, t.elapsed().as_secs_f64()))
 }
 
-fn adapter_json(ctx: &GpuContext) -> Value {
+/// The fields both benchmarks' JSON objects open with, then `rest`'s.
+fn with_header(ctx: &GpuContext, m: &BenchModel, name: &str, load_s: f64, rest: Value) -> Value {
     let r = &ctx.report;
-    json!({ "name": r.name, "backend": r.backend, "device_type": r.device_type, "driver": r.driver })
+    let mut o = json!({
+        "adapter": { "name": r.name, "backend": r.backend, "device_type": r.device_type, "driver": r.driver },
+        "model": name,
+        "shape": m.random_weights,
+        "quant": format!("{:?}", m.quant),
+        "load_s": load_s,
+    });
+    if let (Some(o), Value::Object(rest)) = (o.as_object_mut(), rest) {
+        o.extend(rest);
+    }
+    o
 }
 
 pub struct ForwardBench {
@@ -90,24 +101,25 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     let planned = weights + 2 * kv + act + runtime;
     let per_token = |n: u64| n as f64 / per.1;
     if m.json {
-        let o = json!({
-            "adapter": adapter_json(&ctx),
-            "model": name,
-            "shape": m.random_weights,
-            "quant": format!("{:?}", m.quant),
-            "load_s": load_s,
-            "prompt_tokens": prompt_tokens,
-            "prefill_ms": { "median": prefill_ms, "min": prefill_best_ms },
-            "prefill_tokens_per_s": prompt_tokens as f64 * 1e3 / prefill_best_ms,
-            "decode_tokens": decode_tokens,
-            "decode_tokens_per_s": if decode_tokens > 0 { decode_tokens as f64 / decode } else { 0.0 },
-            "dispatches_per_token": per_token(per.0.dispatches),
-            "allocations_per_token": per_token(per.0.buffers + per.0.bind_groups),
-            "buffers_created_per_token": per_token(per.0.buffers),
-            "bind_groups_created_per_token": per_token(per.0.bind_groups),
-            "submits_per_token": per_token(per.0.submits),
-            "gpu_memory_bytes": { "planned": planned, "driver": peak, "driver_after_load": before },
-        });
+        let o = with_header(
+            &ctx,
+            m,
+            &name,
+            load_s,
+            json!({
+                "prompt_tokens": prompt_tokens,
+                "prefill_ms": { "median": prefill_ms, "min": prefill_best_ms },
+                "prefill_tokens_per_s": prompt_tokens as f64 * 1e3 / prefill_best_ms,
+                "decode_tokens": decode_tokens,
+                "decode_tokens_per_s": if decode_tokens > 0 { decode_tokens as f64 / decode } else { 0.0 },
+                "dispatches_per_token": per_token(per.0.dispatches),
+                "allocations_per_token": per_token(per.0.buffers + per.0.bind_groups),
+                "buffers_created_per_token": per_token(per.0.buffers),
+                "bind_groups_created_per_token": per_token(per.0.bind_groups),
+                "submits_per_token": per_token(per.0.submits),
+                "gpu_memory_bytes": { "planned": planned, "driver": peak, "driver_after_load": before },
+            }),
+        );
         println!("{o}");
         return Ok(());
     }
@@ -297,19 +309,20 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
         }
     }
     if m.json {
-        let o = json!({
-            "adapter": adapter_json(&ctx),
-            "model": name,
-            "shape": m.random_weights,
-            "quant": format!("{:?}", m.quant),
-            "load_s": load_s,
-            "seq": seq,
-            "rank": rank,
-            "targets": "all linear layers",
-            "activations": activations.to_string(),
-            "lora_parameters": n,
-            "modes": results,
-        });
+        let o = with_header(
+            &ctx,
+            m,
+            &name,
+            load_s,
+            json!({
+                "seq": seq,
+                "rank": rank,
+                "targets": "all linear layers",
+                "activations": activations.to_string(),
+                "lora_parameters": n,
+                "modes": results,
+            }),
+        );
         println!("{o}");
     }
     Ok(())
