@@ -104,7 +104,13 @@ pub struct GpuContext {
     pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
     /// Kernel parameters of recorded dispatches (see `GpuContext::dispatch`).
     pub(crate) uniforms: Mutex<UniformRing>,
+    /// Dispatches recorded before an encoder's contents are submitted without waiting:
+    /// `EDGETUNE_FLUSH_EVERY`, else [`FLUSH_EVERY`], read when the device is opened.
+    pub(crate) submit_every: u64,
 }
+
+/// Dispatches recorded before the encoder's contents are submitted without waiting.
+pub const FLUSH_EVERY: u64 = 256;
 
 /// One uniform buffer that holds the parameters of many dispatches, one aligned slot each,
 /// used round and round. Slots are filled on the CPU as dispatches are recorded and written to
@@ -280,6 +286,10 @@ impl GpuContext {
                 unsubmitted: 0,
                 unsubmitted_bytes: 0,
             }),
+            submit_every: std::env::var("EDGETUNE_FLUSH_EVERY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(FLUSH_EVERY),
         })
     }
 

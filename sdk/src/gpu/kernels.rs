@@ -321,13 +321,6 @@ params!(/// `attention.wgsl`
 
 /// Bytes of the uniform ring that holds kernel parameters: 16,384 slots of 256 bytes.
 const UNIFORM_RING_BYTES: u64 = 4 << 20;
-/// Dispatches recorded before the encoder's contents are submitted without waiting.
-const FLUSH_EVERY: u64 = 256;
-
-fn flush_every() -> u64 {
-    std::env::var("EDGETUNE_FLUSH_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(FLUSH_EVERY)
-}
-
 /// Splits a 1-D workgroup count over x and y (each at most 65535); shaders recombine it as
 /// `gid.x + gid.y * 65535 * workgroup_size`.
 fn groups_1d(n: u32) -> [u32; 3] {
@@ -432,7 +425,7 @@ impl GpuContext {
 
     /// Records one dispatch of `shader` with its params (binding 0) and storage buffers
     /// (bindings 1..). The params take a slot of the context's uniform ring rather than a
-    /// buffer of their own, and every [`FLUSH_EVERY`] dispatches the encoder's contents are
+    /// buffer of their own, and every [`FLUSH_EVERY`](crate::gpu::context::FLUSH_EVERY) dispatches the encoder's contents are
     /// submitted, so the GPU starts on them while the rest is recorded.
     pub fn dispatch<P: Pod>(
         &self,
@@ -443,19 +436,6 @@ impl GpuContext {
         groups: [u32; 3],
     ) -> Result<()> {
         self.record(enc, shader, bytemuck::bytes_of(params), buffers, groups, true)
-    }
-
-    /// [`GpuContext::dispatch`] that never submits before recording: for the second of two
-    /// dispatches that share the split-reduction scratch buffer, which must run back to back.
-    pub(crate) fn dispatch_next<P: Pod>(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        shader: &Shader,
-        params: &P,
-        buffers: &[&wgpu::Buffer],
-        groups: [u32; 3],
-    ) -> Result<()> {
-        self.record(enc, shader, bytemuck::bytes_of(params), buffers, groups, false)
     }
 
     /// A slot of the uniform ring holding `bytes`: (buffer, offset).
@@ -500,7 +480,10 @@ impl GpuContext {
         Ok((buf, offset))
     }
 
-    fn record(
+    /// Records one dispatch whose params are `params`' bytes. `may_submit: false` never
+    /// submits first: for the second of two dispatches that share the split-reduction scratch
+    /// buffer, which must run back to back.
+    pub(crate) fn record(
         &self,
         enc: &mut wgpu::CommandEncoder,
         shader: &Shader,
@@ -513,7 +496,7 @@ impl GpuContext {
         let profiling = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
         if profiling {
             self.flush(enc)?;
-        } else if may_submit && self.uniforms.lock().map(|r| r.unsubmitted >= flush_every()).unwrap_or(false) {
+        } else if may_submit && self.uniforms.lock().map(|r| r.unsubmitted >= self.submit_every).unwrap_or(false) {
             let done = std::mem::replace(enc, self.device.create_command_encoder(&Default::default()));
             self.submit([done.finish()]);
         }
@@ -1051,13 +1034,9 @@ pub mod launch {
         ctx.dispatch(enc, k.shader, &partial, &bound, [k.groups[0], k.groups[1], splits])?;
         let reduce = MatmulParams { m: k.rows, n: k.cols, k: splits, ..p };
         let quads = u32_of(rows * cols.div_ceil(4), "outputs")?;
-        ctx.dispatch_next(
-            enc,
-            &MATMUL_SPLIT_REDUCE,
-            &reduce,
-            &[&scratch, buffers[n - 2], buffers[n - 1]],
-            groups_1d(quads.div_ceil(64)),
-        )
+        let reduce_buffers = [&scratch, buffers[n - 2], buffers[n - 1]];
+        let groups = groups_1d(quads.div_ceil(64));
+        ctx.record(enc, &MATMUL_SPLIT_REDUCE, bytemuck::bytes_of(&reduce), &reduce_buffers, groups, false)
     }
 
     /// Input gradient of a linear layer: dx[m, col_offset + k] (+)= alpha * dy[m, :N] . w[:, k],

@@ -16,6 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::gguf::GgufFile;
+use crate::train::checkpoint::{FNV_OFFSET, fnv1a};
 
 /// One memory-mapped safetensors file with its header parsed (and validated) once.
 #[derive(Debug)]
@@ -193,7 +194,9 @@ impl WeightSource {
                 let data = if hf_name.ends_with("norm.weight") {
                     vec![1.0; n]
                 } else {
-                    random_values(n, seed ^ name_hash(hf_name), 0.02)
+                    let mut h = FNV_OFFSET;
+                    fnv1a(&mut h, hf_name.as_bytes());
+                    random_values(n, seed ^ h, 0.02)
                 };
                 (data, expected.to_vec())
             }
@@ -210,10 +213,6 @@ impl WeightSource {
         }
         Ok(data)
     }
-}
-
-fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// `n` values uniform in [-std·√3, std·√3] (standard deviation `std`), from SplitMix64 streams
@@ -234,18 +233,13 @@ fn random_values(n: usize, seed: u64, std: f32) -> Vec<f32> {
         }
     };
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    let chunks: Vec<(usize, &mut [f32])> = out.chunks_mut(CHUNK).enumerate().collect();
-    let per = chunks.len().div_ceil(threads).max(1);
-    let mut groups: Vec<Vec<(usize, &mut [f32])>> = Vec::new();
-    let mut it = chunks.into_iter().peekable();
-    while it.peek().is_some() {
-        groups.push(it.by_ref().take(per).collect());
-    }
+    // Each thread takes a run of whole chunks; chunk i is seeded by i wherever it runs.
+    let per_thread = n.div_ceil(CHUNK).div_ceil(threads).max(1) * CHUNK;
     std::thread::scope(|s| {
-        for g in groups {
+        for (t, run) in out.chunks_mut(per_thread).enumerate() {
             s.spawn(move || {
-                for (i, part) in g {
-                    fill(i, part);
+                for (i, part) in run.chunks_mut(CHUNK).enumerate() {
+                    fill(t * per_thread / CHUNK + i, part);
                 }
             });
         }

@@ -25,8 +25,17 @@ fn ms_stats(times: &[f64]) -> (f64, f64) {
     (median * 1e3, v[0] * 1e3)
 }
 
+/// A benchmark's GPU and model, with what its report names them by.
+struct Loaded {
+    ctx: Arc<GpuContext>,
+    model: Model,
+    /// The model file, or `random weights (SHAPE)`.
+    name: String,
+    load_s: f64,
+}
+
 /// Opens the GPU and uploads the model (a file, or random weights of a shape).
-fn open(m: &BenchModel, gpu: &GpuOptions, max_context: usize) -> Result<(Arc<GpuContext>, Model, String, f64)> {
+fn open(m: &BenchModel, gpu: &GpuOptions, max_context: usize) -> Result<Loaded> {
     let ctx = Arc::new(GpuContext::new(gpu)?);
     let load = LoadOptions { quant: m.quant, max_context, ..Default::default() };
     let t = Instant::now();
@@ -38,18 +47,18 @@ fn open(m: &BenchModel, gpu: &GpuOptions, max_context: usize) -> Result<(Arc<Gpu
         (None, Some(path)) => (Model::open(ctx.clone(), path, &load)?, path.display().to_string()),
         (None, None) => unreachable!("clap requires --model or --random-weights"),
     };
-    Ok((ctx, model, name, t.elapsed().as_secs_f64()))
+    Ok(Loaded { ctx, model, name, load_s: t.elapsed().as_secs_f64() })
 }
 
 /// The fields both benchmarks' JSON objects open with, then `rest`'s.
-fn with_header(ctx: &GpuContext, m: &BenchModel, name: &str, load_s: f64, rest: Value) -> Value {
-    let r = &ctx.report;
+fn with_header(l: &Loaded, m: &BenchModel, rest: Value) -> Value {
+    let r = &l.ctx.report;
     let mut o = json!({
         "adapter": { "name": r.name, "backend": r.backend, "device_type": r.device_type, "driver": r.driver },
-        "model": name,
+        "model": l.name,
         "shape": m.random_weights,
         "quant": format!("{:?}", m.quant),
-        "load_s": load_s,
+        "load_s": l.load_s,
     });
     if let (Some(o), Value::Object(rest)) = (o.as_object_mut(), rest) {
         o.extend(rest);
@@ -66,7 +75,8 @@ pub struct ForwardBench {
 /// Prefill and decode throughput, GPU memory, and what each decoded token creates.
 pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()> {
     let ForwardBench { prompt_tokens, decode_tokens, repeat } = *b;
-    let (ctx, model, name, load_s) = open(m, gpu, m.max_context)?;
+    let loaded = open(m, gpu, m.max_context)?;
+    let Loaded { ref ctx, ref model, ref name, load_s } = loaded;
     let before = ctx.allocated_bytes();
     let v = model.config.vocab_size as u32;
     let ids: Vec<u32> = (0..prompt_tokens.max(1) as u32).map(|i| (i * 7919 + 13) % v).collect();
@@ -102,10 +112,8 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     let per_token = |n: u64| n as f64 / per.1;
     if m.json {
         let o = with_header(
-            &ctx,
+            &loaded,
             m,
-            &name,
-            load_s,
             json!({
                 "prompt_tokens": prompt_tokens,
                 "prefill_ms": { "median": prefill_ms, "min": prefill_best_ms },
@@ -182,12 +190,13 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
     use edgetune::model::training::{Batch, WorkspacePlan};
     use edgetune::train::optimizer::{AdamwConfig, Optimizer};
     let TrainBench { seq, rank, steps, ref modes, profile, activations } = *b;
-    let (ctx, model, name, load_s) = open(m, gpu, m.max_context.max(seq))?;
+    let loaded = open(m, gpu, m.max_context.max(seq))?;
+    let Loaded { ref ctx, ref model, ref name, load_s } = loaded;
     let cfg = LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() };
     let adapter = Adapter::new(&model.config, cfg)?;
     let n = adapter.layout.len;
-    let lora = GpuAdapter::upload(&ctx, &adapter);
-    let mut opt = Optimizer::new(&ctx, n, AdamwConfig::default())?;
+    let lora = GpuAdapter::upload(ctx, &adapter);
+    let mut opt = Optimizer::new(ctx, n, AdamwConfig::default())?;
     let v = model.config.vocab_size as u32;
     let ids: Vec<u32> = (0..seq as u32).map(|i| (i * 7919 + 13) % v).collect();
     let train = vec![true; seq];
@@ -209,7 +218,7 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             opt.zero_grad(&mut enc);
             model.forward_backward(&mut enc, &ws, batch, &lora, &opt.grads, 1.0 / batch.len() as f32)?;
-            opt.record_step(&ctx, &mut enc, &lora.params, 1e-4)?;
+            opt.record_step(ctx, &mut enc, &lora.params, 1e-4)?;
             let cmds = enc.finish();
             let record = t.elapsed().as_secs_f64();
             ctx.submit([cmds]);
@@ -310,10 +319,8 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
     }
     if m.json {
         let o = with_header(
-            &ctx,
+            &loaded,
             m,
-            &name,
-            load_s,
             json!({
                 "seq": seq,
                 "rank": rank,
