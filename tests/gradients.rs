@@ -7,7 +7,7 @@
 mod common;
 
 use common::{assert_close, gpu, gpus, rand, run};
-use edgetune::gpu::kernels::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
+use edgetune::gpu::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
 use edgetune::quant::nf4;
 use edgetune::reference as r;
 
@@ -423,7 +423,7 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
     let tiled: Vec<_> = gpus().into_iter().filter(|c| !c.report.simd8_kernels).collect();
     assert!(!tiled.is_empty(), "one context runs the tiled kernels");
     for ctx in tiled {
-        let dispatches = |f: &dyn Fn(&mut wgpu::CommandEncoder) -> edgetune::Result<()>| {
+        let dispatches = |f: &dyn Fn(&mut edgetune::gpu::Encoder) -> edgetune::Result<()>| {
             let before = ctx.counts().dispatches;
             run(&ctx, f);
             ctx.counts().dispatches - before

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{assert_close, gpu as ctx, gpus, rand, run};
-use edgetune::gpu::kernels::{self, launch};
 use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::gpu::{launch, shaders};
 use edgetune::quant::nf4;
 use edgetune::reference as r;
 
@@ -13,7 +13,7 @@ use edgetune::reference as r;
 fn every_shader_compiles_on_the_adapter() {
     let ctx = ctx();
     eprintln!("{}", ctx.report);
-    for s in kernels::ALL_SHADERS {
+    for s in shaders::ALL_SHADERS {
         if s.uses_subgroups() && !ctx.report.subgroups {
             continue; // only picked on adapters with subgroups (GpuContext::report.simd8_kernels)
         }
@@ -388,7 +388,7 @@ fn dropout_matches_its_twin_bit_for_bit_and_keeps_one_minus_p() {
         assert!(got.iter().zip(&x).all(|(g, v)| *g == 0.0 || *g == v * s), "kept values are scaled by 1/(1-p)");
     }
     let xb = ctx.storage_from("x", &x);
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let mut enc = ctx.encoder();
     assert!(launch::dropout(&ctx, &mut enc, &xb, n, 1.0, 0).is_err(), "p = 1 would drop everything");
 }
 
@@ -448,7 +448,7 @@ fn f16_activation_storage_rounds_like_its_twin_and_reads_back_exactly() {
     }
     eprintln!("{not_nearest} of {n} values rounded to the farther f16 neighbour");
     assert!(rounded[n - 5..n - 3] == [f32::INFINITY, f32::NEG_INFINITY], "infinities stay infinite");
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let mut enc = ctx.encoder();
     let small = ctx.storage_zeroed("small", n.div_ceil(2) - 1);
     assert!(launch::f16_pack(&ctx, &mut enc, &xb, &small, n).is_err(), "a packed buffer that is too small");
 }
@@ -464,14 +464,16 @@ fn kernel_parameters_survive_the_uniform_ring_wrapping_round() {
     let (x, w) = (ctx.storage_from("x", &[1.0f32]), ctx.storage_from("w", &[1.0f32]));
     let y = ctx.storage_zeroed("y", 1);
     let before = ctx.counts();
+    // One bind group for all of them: the parameters differ only by their dynamic offset.
+    let binds = edgetune::gpu::BindGroups::new();
     let launch_all = |range: std::ops::Range<u32>| {
-        run(&ctx, |enc| {
-            for i in range {
-                let out = launch::OutCols::whole(1).scaled((i % 7) as f32).accumulated();
-                launch::matmul_forward(&ctx, enc, &x, launch::Weight::Dense(&w), None, &y, 1, 1, 1, out)?;
-            }
-            Ok(())
-        })
+        let mut enc = ctx.encoder_with(&binds);
+        for i in range {
+            let out = launch::OutCols::whole(1).scaled((i % 7) as f32).accumulated();
+            launch::matmul_forward(&ctx, &mut enc, &x, launch::Weight::Dense(&w), None, &y, 1, 1, 1, out)
+                .expect("launch");
+        }
+        ctx.submit([enc.finish()]);
     };
     launch_all(0..100);
     launch_all(100..40_100);
@@ -480,5 +482,7 @@ fn kernel_parameters_survive_the_uniform_ring_wrapping_round() {
     let used = ctx.counts() - before;
     assert_eq!(used.dispatches, 40_100);
     assert_eq!(used.buffers, 2, "the ring, made at the first launch, and the readback's staging buffer");
+    assert_eq!(used.bind_groups, 1, "one bind group, reused at every offset of the ring");
+    assert_eq!(binds.len(), 1);
     assert!(used.submits > 100, "the encoder was submitted as it filled ({} submits)", used.submits);
 }

@@ -49,7 +49,7 @@ fn one_step(kind: &str) {
     let ws = model.workspace(WorkspacePlan::new(b.len(), 4)).expect("workspace");
     let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
     let n = b.n_scored();
-    let mut enc = model.ctx.device.create_command_encoder(&Default::default());
+    let mut enc = model.ctx.encoder();
     model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0 / n as f32).expect("forward/backward");
     model.ctx.submit([enc.finish()]);
     let losses = model.ctx.read_f32(&ws.loss, b.len()).expect("loss");
@@ -105,7 +105,7 @@ fn curve(kind: &str, checkpointing: bool) {
     let mut opt = Optimizer::new(&model.ctx, adapter.layout.len, cfg).expect("optimizer");
     for step in 0..10 {
         let b = &batches[step % 2];
-        let mut enc = model.ctx.device.create_command_encoder(&Default::default());
+        let mut enc = model.ctx.encoder();
         opt.zero_grad(&mut enc);
         model.forward_backward(&mut enc, &ws, b, &gpu, &opt.grads, 1.0 / b.n_scored() as f32).expect("fwd/bwd");
         opt.record_step(&model.ctx, &mut enc, &gpu.params, 1e-2).expect("adamw");
@@ -160,7 +160,7 @@ fn gradient_checkpointing_gives_bit_identical_gradients() {
             .workspace(WorkspacePlan { checkpointing: ckpt, ..WorkspacePlan::new(b.len(), 4) })
             .expect("workspace");
         let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
-        let mut enc = model.ctx.device.create_command_encoder(&Default::default());
+        let mut enc = model.ctx.encoder();
         model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0 / b.n_scored() as f32).expect("fwd/bwd");
         model.ctx.submit([enc.finish()]);
         (
@@ -275,7 +275,7 @@ fn loss_and_grads(kind: &str, plan: impl Fn(usize) -> WorkspacePlan) -> (f64, Ve
     let b = batch(&fx, "a");
     let ws = model.workspace(plan(b.len())).expect("workspace");
     let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
-    let mut enc = model.ctx.device.create_command_encoder(&Default::default());
+    let mut enc = model.ctx.encoder();
     model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0 / b.n_scored() as f32).expect("fwd/bwd");
     model.ctx.submit([enc.finish()]);
     let loss = model.ctx.read_f32(&ws.loss, b.len()).expect("loss").iter().map(|&l| f64::from(l)).sum::<f64>()

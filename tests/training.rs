@@ -162,6 +162,29 @@ fn resuming_from_step_ten_gives_the_same_adapter_bytes_as_twenty_steps_straight(
     assert!(out_a.best_val_loss.expect("best") < evals[0], "validation loss never improved: {evals:?}");
 }
 
+/// After the first steps (and the first evaluation) have made the workspace's bind groups,
+/// a training step makes no buffer, bind group or pipeline: batches of any length reuse them.
+#[test]
+fn training_steps_after_the_first_create_nothing_on_the_gpu() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.25);
+    let mut counts = Vec::new();
+    let mut t = Trainer::new(m.clone(), &data, config()).expect("trainer");
+    t.run(|e| {
+        if let Event::Step { step, .. } = e {
+            counts.push((*step, ctx.counts()));
+        }
+    })
+    .expect("run");
+    assert_eq!(counts.len(), 20);
+    let (first, last) = (counts[5].1, counts[19].1);
+    let used = last - first;
+    assert!(used.dispatches > 14 * 20, "steps 7 to 20 recorded work ({} dispatches)", used.dispatches);
+    assert_eq!((used.buffers, used.bind_groups, used.pipelines), (0, 0, 0), "steps 7 to 20 created {used:?}");
+    assert!(counts[0].1.bind_groups > 20, "the first step made the bind groups ({:?})", counts[0].1);
+}
+
 #[test]
 fn early_stopping_returns_the_best_adapter() {
     let ctx = ctx();
@@ -308,7 +331,7 @@ fn lora_dropout_gradients_match_the_dropped_out_loss() {
             .workspace(WorkspacePlan { checkpointing: ckpt, dropout: true, ..WorkspacePlan::new(batch.len(), 4) })
             .expect("workspace");
         let grads = ctx.storage_zeroed("grads", n);
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let mut enc = ctx.encoder();
         m.forward_backward(&mut enc, &ws, batch, &gpu, &grads, 1.0 / batch.n_scored() as f32).expect("fwd/bwd");
         ctx.submit([enc.finish()]);
         let loss = ctx.read_f32(&ws.loss, batch.len()).expect("loss").iter().map(|&l| f64::from(l)).sum::<f64>()
@@ -328,7 +351,7 @@ fn lora_dropout_gradients_match_the_dropped_out_loss() {
     // A workspace planned without dropout is refused rather than overrun.
     let gpu = GpuAdapter::upload(&ctx, &adapter);
     let ws = m.workspace(WorkspacePlan::new(batch.len(), 4)).expect("workspace");
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    let mut enc = ctx.encoder();
     let e = m.forward_backward(&mut enc, &ws, &batch, &gpu, &gpu.params, 1.0).expect_err("no dropout buffers");
     assert!(e.to_string().contains("workspace planned with dropout"), "{e}");
 

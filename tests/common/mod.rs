@@ -122,8 +122,8 @@ pub fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 /// Records commands with `f` and submits them.
-pub fn run(ctx: &edgetune::gpu::GpuContext, f: impl FnOnce(&mut wgpu::CommandEncoder) -> edgetune::Result<()>) {
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
+pub fn run(ctx: &edgetune::gpu::GpuContext, f: impl FnOnce(&mut edgetune::gpu::Encoder) -> edgetune::Result<()>) {
+    let mut enc = ctx.encoder();
     f(&mut enc).expect("dispatch");
     ctx.submit([enc.finish()]);
 }

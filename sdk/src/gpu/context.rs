@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::memory::{self, GpuMemory};
+use super::shaders::{Binding, Shader, expand};
 use crate::error::{Error, Result};
 
 /// How to choose the adapter.
@@ -93,7 +94,7 @@ pub struct GpuContext {
     pub(crate) queue: wgpu::Queue,
     pub report: AdapterReport,
     pub limits: wgpu::Limits,
-    pipelines: Mutex<HashMap<&'static str, wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<&'static str, Kernel>>,
     /// The first error wgpu reported outside an error scope; surfaced by [`GpuContext::check`].
     uncaptured: std::sync::Arc<Mutex<Option<String>>>,
     /// Per-shader wall time while profiling (see [`GpuContext::set_profiling`]).
@@ -102,6 +103,8 @@ pub struct GpuContext {
     pub(crate) counters: Counters,
     /// Scratch for split matmul reductions (see `GpuContext::split_scratch`), grown on demand.
     pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
+    /// Staging buffer of small readbacks (see `GpuContext::read_f32`), made at first use.
+    pub(crate) staging: Mutex<Option<wgpu::Buffer>>,
     /// Kernel parameters of recorded dispatches (see `GpuContext::dispatch`).
     pub(crate) uniforms: Mutex<UniformRing>,
     /// Dispatches recorded before an encoder's contents are submitted without waiting:
@@ -278,6 +281,7 @@ impl GpuContext {
             profile: Mutex::new(None),
             counters: Counters::default(),
             scratch: Mutex::new(None),
+            staging: Mutex::new(None),
             uniforms: Mutex::new(UniformRing {
                 buf: None,
                 next: 0,
@@ -369,20 +373,57 @@ impl GpuContext {
 
     /// The compute pipeline for a shader, compiled on first use and cached. Compilation errors
     /// are caught through an error scope and returned, never panicked on.
-    pub fn pipeline(&self, shader: &crate::gpu::kernels::Shader) -> Result<wgpu::ComputePipeline> {
+    pub fn pipeline(&self, shader: &Shader) -> Result<wgpu::ComputePipeline> {
+        Ok(self.kernel(shader)?.pipeline)
+    }
+
+    /// A shader's pipeline and bind-group layout, made on first use and cached. The layout is
+    /// written out from the shader's declarations (see [`Shader::bindings`]) rather than
+    /// derived by wgpu, because the params binding takes a dynamic offset.
+    pub(crate) fn kernel(&self, shader: &Shader) -> Result<Kernel> {
         let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("pipeline cache poisoned".into()))?;
-        if let Some(p) = cache.get(shader.name) {
-            return Ok(p.clone());
+        if let Some(k) = cache.get(shader.name) {
+            return Ok(k.clone());
         }
-        let source = crate::gpu::kernels::expand(shader)?;
+        let source = expand(shader)?;
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = shader
+            .bindings()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: match b {
+                    Binding::Uniform => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: true,
+                        min_binding_size: None,
+                    },
+                    Binding::Storage { read_only } => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(shader.name), entries: &entries });
+        let pipeline_layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(shader.name),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(shader.name),
-            layout: None,
+            layout: Some(&pipeline_layout),
             module: &module,
             entry_point: Some("main"),
             compilation_options: Default::default(),
@@ -392,7 +433,15 @@ impl GpuContext {
             return Err(Error::Gpu(format!("shader {} failed to compile: {err}", shader.name)));
         }
         Counters::add(&self.counters.pipelines);
-        cache.insert(shader.name, pipeline.clone());
-        Ok(pipeline)
+        let kernel = Kernel { pipeline, layout };
+        cache.insert(shader.name, kernel.clone());
+        Ok(kernel)
     }
+}
+
+/// A compiled shader: its pipeline and the layout of its one bind group.
+#[derive(Debug, Clone)]
+pub(crate) struct Kernel {
+    pub(crate) pipeline: wgpu::ComputePipeline,
+    pub(crate) layout: wgpu::BindGroupLayout,
 }

@@ -1,7 +1,10 @@
-//! GPU layer: the wgpu context and the WGSL kernels with their launchers.
+//! GPU layer: the wgpu context, the shader registry, buffers and dispatch, and the launchers.
 pub mod context;
-pub mod kernels;
+pub mod dispatch;
+pub mod launch;
 pub mod memory;
+pub mod shaders;
 
 pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions, KernelTime};
+pub use dispatch::{BindGroups, Encoder};
 pub use memory::GpuMemory;

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::gpu::Encoder;
 use crate::gpu::GpuContext;
-use crate::gpu::kernels::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
+use crate::gpu::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
@@ -145,7 +146,7 @@ impl<'a> Dropout<'a> {
     pub(crate) fn apply(
         &self,
         ctx: &GpuContext,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         x: &wgpu::Buffer,
         n: usize,
         layer: usize,
@@ -359,7 +360,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn linear(
         &self,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         layer: usize,
         module: Module,
         lora: Option<&GpuAdapter>,
@@ -453,7 +454,7 @@ impl Model {
         let key_start = ctx.storage_zeroed("key start", t);
         let stats = ctx.storage_zeroed("attention stats", t * c.num_heads * 2);
         let h_lora = ctx.storage_zeroed("lora h", t * lora.map_or(1, |a| a.layout.r));
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let mut enc = ctx.encoder();
         for (buf, start, rows) in &self.embed.chunks {
             launch::embedding_forward(ctx, &mut enc, &ids_buf, self.embed.rows(buf), &x, t, h, *start, *rows)?;
         }
@@ -497,7 +498,7 @@ impl Model {
     /// Logits (rows, vocab) for `rows` hidden states starting at row `first` of `hidden`.
     pub fn logits_gpu(
         &self,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         hidden: &wgpu::Buffer,
         first: usize,
         rows: usize,
@@ -533,7 +534,7 @@ impl Model {
     /// [`Model::next_logits`] with a LoRA adapter applied (not merged).
     pub fn next_logits_with(&self, ids: &[u32], cache: &mut KvCache, lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
         let hidden = self.forward_hidden_with(ids, cache, lora)?;
-        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        let mut enc = self.ctx.encoder();
         let logits = self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?;
         self.ctx.submit([enc.finish()]);
         self.ctx.read_f32(&logits, self.config.vocab_size)
@@ -548,7 +549,7 @@ impl Model {
     pub fn all_logits_with(&self, ids: &[u32], lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
         let mut cache = self.new_cache();
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
-        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        let mut enc = self.ctx.encoder();
         let logits = self.logits_gpu(&mut enc, &hidden, 0, ids.len())?;
         self.ctx.submit([enc.finish()]);
         self.ctx.read_f32(&logits, ids.len() * self.config.vocab_size)
@@ -582,7 +583,7 @@ impl Model {
         let mut start = 0;
         while start < n {
             let rows = chunk.min(n - start);
-            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            let mut enc = self.ctx.encoder();
             let logits = self.logits_gpu(&mut enc, &hidden, start, rows)?;
             let targets = self.ctx.storage_from("targets", &ids[start + 1..start + 1 + rows]);
             let loss = self.ctx.storage_zeroed("loss", rows);

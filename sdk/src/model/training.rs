@@ -18,8 +18,11 @@ use std::cell::Cell;
 
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
-use crate::gpu::kernels::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
+use crate::gpu::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
+use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::llama::{Dropout, Model};
 
@@ -200,9 +203,17 @@ pub struct Workspace {
     pub loss: wgpu::Buffer,
     /// Bytes of all of the above, as allocated.
     pub bytes: u64,
+    /// The bind groups of the steps recorded over these buffers (see [`Workspace::binds`]).
+    binds: Arc<BindGroups>,
 }
 
 impl Workspace {
+    /// The bind groups of this workspace's dispatches, made during the first step and reused by
+    /// every later one: record steps into `ctx.encoder_with(ws.binds())`.
+    pub fn binds(&self) -> &Arc<BindGroups> {
+        &self.binds
+    }
+
     fn half(&self) -> bool {
         self.activations == Precision::F16
     }
@@ -321,6 +332,7 @@ impl Model {
             logits: z("logits", head_rows * c.vocab_size),
             loss: z("loss", t),
             bytes: 0,
+            binds: BindGroups::new(),
         };
         ws.bytes = bytes.get();
         Ok(ws)
@@ -332,7 +344,7 @@ impl Model {
     /// batches, 1 / their total) are ADDED to `grads` (the flat buffer matching `lora`).
     pub fn forward_backward(
         &self,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         ws: &Workspace,
         batch: &Batch,
         lora: &GpuAdapter,
@@ -385,13 +397,7 @@ impl Model {
 
     /// Records the forward pass of `batch` only (no gradients, no dropout): per-token losses
     /// land in `ws.loss`, as in [`Model::forward_backward`]. For evaluation.
-    pub fn forward_loss(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        ws: &Workspace,
-        batch: &Batch,
-        lora: &GpuAdapter,
-    ) -> Result<()> {
+    pub fn forward_loss(&self, enc: &mut Encoder, ws: &Workspace, batch: &Batch, lora: &GpuAdapter) -> Result<()> {
         let t = self.forward_layers(enc, ws, batch, lora, false, None)?;
         self.head_loss(enc, ws, t)
     }
@@ -401,7 +407,7 @@ impl Model {
     /// checkpointing). Returns the batch's token count.
     fn forward_layers(
         &self,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         ws: &Workspace,
         batch: &Batch,
         lora: &GpuAdapter,
@@ -472,7 +478,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         ws: &Workspace,
         l: usize,
         a: &LayerActs,
@@ -491,7 +497,7 @@ impl Model {
         let lo = Some(lora);
         let sizes = self.act_sizes(t);
         // Stores activation `k` (of LayerActs::tensors) as f16 when saving, before it is read.
-        let keep = |enc: &mut wgpu::CommandEncoder, k: usize| match save {
+        let keep = |enc: &mut Encoder, k: usize| match save {
             Some(s) => launch::f16_pack(ctx, enc, a.tensors()[k], s.tensors()[k], sizes[k]),
             None => Ok(()),
         };
@@ -527,7 +533,7 @@ impl Model {
 
     /// Final norm, lm_head and the fused cross-entropy in row chunks (so the logits never
     /// exceed one chunk), then the gradient back to the last layer's output in `ws.d_res`.
-    fn head_backward(&self, enc: &mut wgpu::CommandEncoder, ws: &Workspace, t: usize, grad_scale: f32) -> Result<()> {
+    fn head_backward(&self, enc: &mut Encoder, ws: &Workspace, t: usize, grad_scale: f32) -> Result<()> {
         let c = &self.config;
         let ctx = &self.ctx;
         let (h, v) = (c.hidden_size, c.vocab_size);
@@ -554,7 +560,7 @@ impl Model {
 
     /// Final norm, lm_head and the cross-entropy (forward only) in row chunks; per-token losses
     /// into `ws.loss`.
-    fn head_loss(&self, enc: &mut wgpu::CommandEncoder, ws: &Workspace, t: usize) -> Result<()> {
+    fn head_loss(&self, enc: &mut Encoder, ws: &Workspace, t: usize) -> Result<()> {
         let c = &self.config;
         let ctx = &self.ctx;
         let (h, v) = (c.hidden_size, c.vocab_size);
@@ -572,7 +578,7 @@ impl Model {
 
     /// Logits of rows `start..start + rows` of `ws.xn` into `ws.logits`, and their targets into
     /// `ws.head_targets`.
-    fn head_logits(&self, enc: &mut wgpu::CommandEncoder, ws: &Workspace, start: usize, rows: usize) -> Result<()> {
+    fn head_logits(&self, enc: &mut Encoder, ws: &Workspace, start: usize, rows: usize) -> Result<()> {
         let (h, v) = (self.config.hidden_size, self.config.vocab_size);
         enc.copy_buffer_to_buffer(&ws.xn, (start * h * 4) as u64, &ws.head_x, 0, (rows * h * 4) as u64);
         enc.copy_buffer_to_buffer(&ws.targets, (start * 4) as u64, &ws.head_targets, 0, (rows * 4) as u64);
@@ -588,7 +594,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         ws: &Workspace,
         l: usize,
         module: Module,
@@ -653,7 +659,7 @@ impl Model {
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
-        enc: &mut wgpu::CommandEncoder,
+        enc: &mut Encoder,
         ws: &Workspace,
         l: usize,
         a: &LayerActs,

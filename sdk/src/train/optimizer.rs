@@ -5,8 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::gpu::Encoder;
 use crate::gpu::GpuContext;
-use crate::gpu::kernels::launch::{self, AdamwStep};
+use crate::gpu::launch::{self, AdamwStep};
 
 /// AdamW hyper-parameters (torch.optim.AdamW's names and defaults, except weight decay).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -82,20 +83,14 @@ impl Optimizer {
     }
 
     /// Records zeroing of the gradients (before accumulating a new step).
-    pub fn zero_grad(&self, enc: &mut wgpu::CommandEncoder) {
+    pub fn zero_grad(&self, enc: &mut Encoder) {
         enc.clear_buffer(&self.grads, 0, None);
     }
 
     /// Records the gradient norm and one AdamW update of `params` at learning rate `lr`, as
     /// update number `steps_applied + 1`. The GPU skips the update when the norm is not finite;
     /// call [`Optimizer::commit`] with the norm read back to advance the step count.
-    pub fn record_step(
-        &self,
-        ctx: &GpuContext,
-        enc: &mut wgpu::CommandEncoder,
-        params: &wgpu::Buffer,
-        lr: f32,
-    ) -> Result<()> {
+    pub fn record_step(&self, ctx: &GpuContext, enc: &mut Encoder, params: &wgpu::Buffer, lr: f32) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(Error::invalid("learning rate", format!("{lr} (expected a finite number >= 0)")));
         }

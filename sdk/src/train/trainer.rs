@@ -554,7 +554,7 @@ impl Trainer {
         }
         let (mut total, mut n) = (0f64, 0usize);
         for b in &self.val {
-            let mut enc = self.model.ctx.device.create_command_encoder(&Default::default());
+            let mut enc = self.model.ctx.encoder_with(self.ws.binds());
             self.model.forward_loss(&mut enc, &self.ws, b, &self.adapter)?;
             self.model.ctx.submit([enc.finish()]);
             total += self.loss_sum(b)?;
@@ -702,7 +702,7 @@ impl Trainer {
                 } else {
                     b
                 };
-                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                let mut enc = ctx.encoder_with(self.ws.binds());
                 if k == 0 {
                     self.opt.zero_grad(&mut enc);
                 }

@@ -215,7 +215,7 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
         let ws = model.workspace(WorkspacePlan { checkpointing, activations, ..WorkspacePlan::new(seq, rank) })?;
         let mut step = |batch: &Batch| -> Result<StepTime> {
             let t = Instant::now();
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let mut enc = ctx.encoder_with(ws.binds());
             opt.zero_grad(&mut enc);
             model.forward_backward(&mut enc, &ws, batch, &lora, &opt.grads, 1.0 / batch.len() as f32)?;
             opt.record_step(ctx, &mut enc, &lora.params, 1e-4)?;

@@ -1,0 +1,369 @@
+//! Buffers and dispatch on [`GpuContext`]: storage buffers, readback, the uniform ring that
+//! holds kernel parameters, and recording one dispatch into an [`Encoder`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytemuck::Pod;
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::{Counters, GpuContext};
+use crate::gpu::shaders::Shader;
+
+/// Readbacks up to this size share one staging buffer of this size, kept by the context.
+pub const KEPT_STAGING_BYTES: u64 = 1 << 20;
+/// Bytes of the uniform ring that holds kernel parameters: 16,384 slots of 256 bytes.
+const UNIFORM_RING_BYTES: u64 = 4 << 20;
+
+impl GpuContext {
+    /// A storage buffer holding `data` (padded to 16 bytes).
+    pub fn storage_from<T: Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut padded;
+        // Padded to whole vec4s, so kernels that read vec4s see every element.
+        let contents = if !bytes.len().is_multiple_of(16) || bytes.is_empty() {
+            padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
+            &padded[..]
+        } else {
+            bytes
+        };
+        Counters::add(&self.counters.buffers);
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// A zero-filled storage buffer of `n_floats` f32 (or u32) values.
+    pub fn storage_zeroed(&self, label: &str, n_floats: usize) -> wgpu::Buffer {
+        Counters::add(&self.counters.buffers);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            // Whole vec4s, so kernels that read vec4s see every element.
+            size: (n_floats.max(1).next_multiple_of(4) * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// The scratch buffer of split matmul reductions, holding at least `n_floats` values: one
+    /// buffer for the whole context, reallocated (to the next power of two, at least 1 MiB) only
+    /// when a larger split comes along, so steady-state steps create none. Dispatches that use
+    /// it run one after another, as every dispatch here does.
+    pub(crate) fn split_scratch(&self, n_floats: usize) -> Result<wgpu::Buffer> {
+        let mut slot = self.scratch.lock().map_err(|_| Error::Gpu("scratch buffer lock poisoned".into()))?;
+        let bytes = (n_floats * 4) as u64;
+        if let Some(b) = slot.as_ref()
+            && b.size() >= bytes
+        {
+            return Ok(b.clone());
+        }
+        let size = bytes.next_power_of_two().max(1 << 20);
+        let buf = self.storage_zeroed("split matmul scratch", (size / 4) as usize);
+        *slot = Some(buf.clone());
+        Ok(buf)
+    }
+
+    /// Bytes the context holds for itself: the split-reduction scratch buffer, the kernel
+    /// parameter ring and the readback staging buffer (each made at first use).
+    pub fn runtime_bytes(&self) -> u64 {
+        let size = |b: Option<&wgpu::Buffer>| b.map_or(0, |b| b.size());
+        let scratch = self.scratch.lock().map_or(0, |s| size(s.as_ref()));
+        let ring = self.uniforms.lock().map_or(0, |r| size(r.buf.as_ref()));
+        let staging = self.staging.lock().map_or(0, |s| size(s.as_ref()));
+        scratch + ring + staging
+    }
+
+    /// Reads `n` f32 values back from a buffer (blocking). Reads of up to
+    /// [`KEPT_STAGING_BYTES`] go through one staging buffer the context keeps, so the losses,
+    /// norms and logits read every step or token make no buffer.
+    pub fn read_f32(&self, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        let size = ((n * 4) as u64).max(4);
+        let mut kept = self.staging.lock().map_err(|_| Error::Gpu("staging buffer lock poisoned".into()))?;
+        let new = |size: u64| {
+            Counters::add(&self.counters.buffers);
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        };
+        let staging = if size <= KEPT_STAGING_BYTES {
+            kept.get_or_insert_with(|| new(KEPT_STAGING_BYTES)).clone()
+        } else {
+            new(size)
+        };
+        let out = self.read_through(buf, &staging, size, n);
+        if out.is_err() {
+            // It may be left mapped; the next read makes a fresh one.
+            *kept = None;
+        }
+        out
+    }
+
+    fn read_through(&self, buf: &wgpu::Buffer, staging: &wgpu::Buffer, size: u64, n: usize) -> Result<Vec<f32>> {
+        self.check()?;
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(buf, 0, staging, 0, size);
+        self.submit([enc.finish()]);
+        let slice = staging.slice(..size);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback callback dropped".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
+        self.check()?;
+        let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("reading back a buffer: {e:?}")))?;
+        let out = bytemuck::cast_slice::<u8, f32>(&view)[..n].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// An encoder that makes a new bind group for every dispatch: for one-off work whose
+    /// buffers will not be seen again.
+    pub fn encoder(&self) -> Encoder {
+        Encoder { enc: self.device.create_command_encoder(&Default::default()), pass: None, binds: None }
+    }
+
+    /// An encoder that takes its bind groups from `binds`, making each only the first time its
+    /// shader meets its buffers: for the buffers of a training workspace or a KV cache, which
+    /// own `binds` and are reused every step or token.
+    pub fn encoder_with(&self, binds: &Arc<BindGroups>) -> Encoder {
+        Encoder { binds: Some(binds.clone()), ..self.encoder() }
+    }
+
+    /// Submits what `enc` holds (see [`GpuContext::submit`]) and leaves it empty, ready for more.
+    pub fn submit_encoder(&self, enc: &mut Encoder) -> wgpu::SubmissionIndex {
+        enc.pass = None;
+        let done = std::mem::replace(&mut enc.enc, self.device.create_command_encoder(&Default::default()));
+        self.submit([done.finish()])
+    }
+
+    /// Records one dispatch of `shader` with its params (binding 0) and storage buffers
+    /// (bindings 1..). The params take a slot of the context's uniform ring (a dynamic offset),
+    /// and every [`FLUSH_EVERY`](crate::gpu::context::FLUSH_EVERY) dispatches the encoder's
+    /// contents are submitted, so the GPU starts on them while the rest is recorded.
+    pub fn dispatch<P: Pod>(
+        &self,
+        enc: &mut Encoder,
+        shader: &Shader,
+        params: &P,
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        self.record(enc, shader, bytemuck::bytes_of(params), buffers, groups, true)
+    }
+
+    /// A slot of the uniform ring holding `bytes`: (buffer, offset).
+    fn uniform_slot(&self, bytes: &[u8]) -> Result<(wgpu::Buffer, u64)> {
+        let mut ring = self.uniforms.lock().map_err(|_| Error::Gpu("uniform ring lock poisoned".into()))?;
+        // 256 bytes (WebGPU's default alignment) on every adapter, so the ring holds the same
+        // 16,384 slots everywhere.
+        let align = u64::from(self.limits.min_uniform_buffer_offset_alignment).max(256);
+        let slot = (bytes.len() as u64).next_multiple_of(align);
+        let wraps = ring.next + slot > UNIFORM_RING_BYTES;
+        // The whole ring recorded since the last submission: a new ring, so no slot that an
+        // unsubmitted dispatch reads is reused (the old buffer lives on in its bind groups).
+        let full = ring.unsubmitted_bytes + slot > UNIFORM_RING_BYTES;
+        if ring.buf.is_none() || full {
+            if ring.buf.is_some() {
+                self.write_uniforms(&mut ring);
+            }
+            Counters::add(&self.counters.buffers);
+            ring.buf = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kernel params"),
+                size: UNIFORM_RING_BYTES,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+            ring.next = 0;
+            ring.pending.clear();
+            ring.pending_start = 0;
+            ring.unsubmitted_bytes = 0;
+        } else if wraps {
+            self.write_uniforms(&mut ring);
+            ring.next = 0;
+            ring.pending_start = 0;
+        }
+        let offset = ring.next;
+        ring.pending.extend_from_slice(bytes);
+        let len = (offset + slot - ring.pending_start) as usize;
+        ring.pending.resize(len, 0);
+        ring.next = offset + slot;
+        ring.unsubmitted += 1;
+        ring.unsubmitted_bytes += slot;
+        let buf = ring.buf.clone().ok_or_else(|| Error::Gpu("uniform ring missing".into()))?;
+        Ok((buf, offset))
+    }
+
+    /// Records one dispatch whose params are `params`' bytes. `may_submit: false` never
+    /// submits first: for the second of two dispatches that share the split-reduction scratch
+    /// buffer, which must run back to back.
+    pub(crate) fn record(
+        &self,
+        enc: &mut Encoder,
+        shader: &Shader,
+        params: &[u8],
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+        may_submit: bool,
+    ) -> Result<()> {
+        let kernel = self.kernel(shader)?;
+        let profiling = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
+        if profiling {
+            self.flush(enc)?;
+        } else if may_submit && self.uniforms.lock().map(|r| r.unsubmitted >= self.submit_every).unwrap_or(false) {
+            self.submit_encoder(enc);
+        }
+        Counters::add(&self.counters.dispatches);
+        let (uniform, offset) = self.uniform_slot(params)?;
+        let make = || {
+            Counters::add(&self.counters.bind_groups);
+            let binding =
+                wgpu::BufferBinding { buffer: &uniform, offset: 0, size: wgpu::BufferSize::new(params.len() as u64) };
+            let mut entries =
+                vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(binding) }];
+            for (i, b) in buffers.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry { binding: i as u32 + 1, resource: b.as_entire_binding() });
+            }
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(shader.name),
+                layout: &kernel.layout,
+                entries: &entries,
+            })
+        };
+        let bind = match &enc.binds {
+            Some(cache) => cache.get_or_make(shader.name, &uniform, buffers, make)?,
+            None => make(),
+        };
+        let offset = u32::try_from(offset).map_err(|_| Error::Gpu("uniform ring offset past 4 GiB".into()))?;
+        let t = std::time::Instant::now();
+        let pass = enc.pass.get_or_insert_with(|| {
+            enc.enc
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("edgetune"), timestamp_writes: None })
+                .forget_lifetime()
+        });
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &bind, &[offset]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        if profiling {
+            self.flush(enc)?;
+            if let Ok(mut p) = self.profile.lock()
+                && let Some(e) = p.as_mut().map(|m| m.entry(shader.name).or_default())
+            {
+                e.dispatches += 1;
+                e.seconds += t.elapsed().as_secs_f64();
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits what `enc` holds so far, waits for it, and leaves a fresh encoder in its place.
+    fn flush(&self, enc: &mut Encoder) -> Result<()> {
+        self.submit_encoder(enc);
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        Ok(())
+    }
+}
+
+/// A command encoder that launchers record into. Dispatches go into one open compute pass,
+/// which is closed when the encoder is used for anything else (a copy, through `DerefMut`) or
+/// finished; bind groups come from the [`BindGroups`] it was made with, if any (see
+/// [`GpuContext::encoder_with`]).
+#[derive(Debug)]
+pub struct Encoder {
+    enc: wgpu::CommandEncoder,
+    pass: Option<wgpu::ComputePass<'static>>,
+    binds: Option<Arc<BindGroups>>,
+}
+
+impl Encoder {
+    /// Closes the open pass and finishes the commands, ready for [`GpuContext::submit`].
+    pub fn finish(mut self) -> wgpu::CommandBuffer {
+        self.pass = None;
+        self.enc.finish()
+    }
+}
+
+impl std::ops::Deref for Encoder {
+    type Target = wgpu::CommandEncoder;
+    fn deref(&self) -> &wgpu::CommandEncoder {
+        &self.enc
+    }
+}
+
+impl std::ops::DerefMut for Encoder {
+    /// Closes the open compute pass first, so what is recorded next comes after its dispatches.
+    fn deref_mut(&mut self) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        &mut self.enc
+    }
+}
+
+/// Bind groups that belong to one set of long-lived buffers (a training workspace, a KV cache)
+/// and are made the first time a shader meets a given list of buffers, then reused: a training
+/// step or decoded token after the first makes none. Dropping it releases the bind groups and
+/// with them the hold they have on their buffers.
+#[derive(Debug, Default)]
+pub struct BindGroups {
+    map: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+}
+
+/// A shader and the buffers of its bindings, the uniform ring first.
+type BindKey = (&'static str, Vec<wgpu::Buffer>);
+
+/// Entries past which a [`BindGroups`] starts again, so that one used with ever-new buffers
+/// cannot hold them all alive; far more than the dispatches of a training step of an 8B model.
+const MAX_BIND_GROUPS: usize = 1 << 16;
+
+impl BindGroups {
+    /// A new, empty set, to be shared by the encoders that record over one set of buffers.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// How many bind groups it holds.
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn get_or_make(
+        &self,
+        shader: &'static str,
+        uniform: &wgpu::Buffer,
+        buffers: &[&wgpu::Buffer],
+        make: impl FnOnce() -> wgpu::BindGroup,
+    ) -> Result<wgpu::BindGroup> {
+        let mut map = self.map.lock().map_err(|_| Error::Gpu("bind group cache poisoned".into()))?;
+        let mut key_buffers = Vec::with_capacity(buffers.len() + 1);
+        key_buffers.push(uniform.clone());
+        key_buffers.extend(buffers.iter().map(|&b| b.clone()));
+        let key = (shader, key_buffers);
+        if let Some(b) = map.get(&key) {
+            return Ok(b.clone());
+        }
+        if map.len() >= MAX_BIND_GROUPS {
+            map.clear();
+        }
+        let bind = make();
+        map.insert(key, bind.clone());
+        Ok(bind)
+    }
+}

@@ -1,0 +1,112 @@
+//! Causal grouped-query attention, forward and backward.
+
+use super::*;
+
+/// Shapes of an attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub n_tokens: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub pos_offset: usize,
+}
+
+fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
+    if s.head_dim > 256 || s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
+        return Err(Error::invalid(
+            "attention",
+            format!("unsupported heads {}/{} or head_dim {}", s.n_heads, s.n_kv_heads, s.head_dim),
+        ));
+    }
+    Ok(AttentionParams {
+        n_tokens: u32_of(s.n_tokens, "tokens")?,
+        n_heads: u32_of(s.n_heads, "heads")?,
+        n_kv_heads: u32_of(s.n_kv_heads, "kv heads")?,
+        head_dim: u32_of(s.head_dim, "head_dim")?,
+        pos_offset: u32_of(s.pos_offset, "position")?,
+        kv_stride: u32_of(s.n_kv_heads * s.head_dim, "kv stride")?,
+        scale: 1.0 / (s.head_dim as f32).sqrt(),
+        _pad: 0,
+    })
+}
+
+/// Causal GQA attention of q (T, H*hd) over keys/values (positions, Hkv*hd): query t sits
+/// at position pos_offset + t and sees keys key_start[t] ..= pos_offset + t (key_start must
+/// not exceed that). Writes out (T, H*hd) and the softmax statistics `stats` (T*H pairs)
+/// that the backward pass needs.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    q: &wgpu::Buffer,
+    k: &wgpu::Buffer,
+    v: &wgpu::Buffer,
+    key_start: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    stats: &wgpu::Buffer,
+    s: AttentionShape,
+) -> Result<()> {
+    let p = attention_params(s)?;
+    let buffers = [q, k, v, key_start, out, stats];
+    match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
+        Some(shader) => ctx.dispatch(enc, shader, &p, &buffers, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
+        None => ctx.dispatch(enc, &ATTENTION, &p, &buffers, [p.n_tokens, p.n_heads, 1]),
+    }
+}
+
+/// The register-tiled attention variant for CPU rasterizers (8 queries per workgroup) where
+/// the adapter wants it and the head fits: head_dim a multiple of 4 up to 128, the smaller
+/// unrolling up to 64.
+fn attention_simd8(
+    ctx: &GpuContext,
+    s: AttentionShape,
+    full: &'static Shader,
+    hd64: &'static Shader,
+) -> Option<&'static Shader> {
+    let fits = s.head_dim.is_multiple_of(4) && s.head_dim <= 128;
+    match ctx.report.simd8_kernels && fits {
+        true if s.head_dim <= 64 => Some(hd64),
+        true => Some(full),
+        false => None,
+    }
+}
+
+/// The buffers of an attention backward call: the forward's inputs and outputs, the
+/// output gradient, and where the input gradients go (all overwritten).
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionGrads<'a> {
+    pub q: &'a wgpu::Buffer,
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub key_start: &'a wgpu::Buffer,
+    pub out: &'a wgpu::Buffer,
+    pub stats: &'a wgpu::Buffer,
+    pub dout: &'a wgpu::Buffer,
+    pub dq: &'a wgpu::Buffer,
+    pub dk: &'a wgpu::Buffer,
+    pub dv: &'a wgpu::Buffer,
+}
+
+/// Backward of [`attention_forward`] for a training batch (pos_offset 0, keys = the batch):
+/// two passes, queries then keys/values, so that no gradient needs atomics.
+pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads<'_>, s: AttentionShape) -> Result<()> {
+    if s.pos_offset != 0 {
+        return Err(Error::invalid("attention backward", "runs over a whole batch (position offset 0)"));
+    }
+    let p = attention_params(s)?;
+    let q_buffers = [b.q, b.k, b.v, b.key_start, b.out, b.dout, b.stats, b.dq];
+    let kv_buffers = [b.q, b.k, b.v, b.key_start, b.dout, b.stats, b.dk, b.dv];
+    let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
+    let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
+    match (q_pass, kv_pass) {
+        (Some(qs), Some(kvs)) => {
+            ctx.dispatch(enc, qs, &p, &q_buffers, [p.n_tokens.div_ceil(8), p.n_heads, 1])?;
+            ctx.dispatch(enc, kvs, &p, &kv_buffers, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1])
+        }
+        _ => {
+            ctx.dispatch(enc, &ATTENTION_BACKWARD_Q, &p, &q_buffers, [p.n_tokens, p.n_heads, 1])?;
+            ctx.dispatch(enc, &ATTENTION_BACKWARD_KV, &p, &kv_buffers, [p.n_tokens, p.n_kv_heads, 1])
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Embedding, RMS norm, RoPE, SwiGLU, residual add, dropout and f16 packing.
+
+use super::*;
+
+/// out[t, :] = table[ids[t] - row_start, :] for ids in [row_start, row_start + row_count).
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    ids: &wgpu::Buffer,
+    table: Rows<'_>,
+    out: &wgpu::Buffer,
+    n_tokens: usize,
+    dim: usize,
+    row_start: usize,
+    row_count: usize,
+) -> Result<()> {
+    let p = EmbeddingParams {
+        n_tokens: u32_of(n_tokens, "tokens")?,
+        dim: u32_of(dim, "dim")?,
+        row_start: u32_of(row_start, "row")?,
+        row_count: u32_of(row_count, "rows")?,
+    };
+    let groups = [p.dim.div_ceil(64), p.n_tokens, 1];
+    match table {
+        Rows::F32(t) => ctx.dispatch(enc, &EMBEDDING, &p, &[ids, t, out], groups),
+        Rows::F16(t) => ctx.dispatch(enc, &EMBEDDING_F16, &p, &[ids, t, out], groups),
+    }
+}
+
+/// A table of rows (embeddings, lm_head) in f32 or in packed f16 pairs.
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a wgpu::Buffer),
+    F16(&'a wgpu::Buffer),
+}
+
+/// y = rms_norm(x) * w over rows of `dim`.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    x: &wgpu::Buffer,
+    w: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    n_rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
+    ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
+}
+
+/// Where the tokens of a RoPE call sit: token t at `pos_offset + positions[t]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeShape<'a> {
+    pub n_tokens: usize,
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub pos_offset: usize,
+    /// (T) u32 positions.
+    pub positions: &'a wgpu::Buffer,
+}
+
+fn rope(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    shader: &Shader,
+    x: &wgpu::Buffer,
+    cos_sin: &wgpu::Buffer,
+    s: RopeShape<'_>,
+) -> Result<()> {
+    let p = RopeParams {
+        n_tokens: u32_of(s.n_tokens, "tokens")?,
+        n_heads: u32_of(s.n_heads, "heads")?,
+        head_dim: u32_of(s.head_dim, "head_dim")?,
+        pos_offset: u32_of(s.pos_offset, "position")?,
+    };
+    ctx.dispatch(enc, shader, &p, &[x, cos_sin, s.positions], [(p.head_dim / 2).div_ceil(64), p.n_heads, p.n_tokens])
+}
+
+/// In-place RoPE on x (T, n_heads * head_dim).
+pub fn rope_forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    x: &wgpu::Buffer,
+    cos_sin: &wgpu::Buffer,
+    s: RopeShape<'_>,
+) -> Result<()> {
+    rope(ctx, enc, &ROPE, x, cos_sin, s)
+}
+
+/// In-place RoPE backward on dx (T, n_heads * head_dim): the inverse rotation.
+pub fn rope_backward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    dx: &wgpu::Buffer,
+    cos_sin: &wgpu::Buffer,
+    s: RopeShape<'_>,
+) -> Result<()> {
+    rope(ctx, enc, &ROPE_BACKWARD, dx, cos_sin, s)
+}
+
+/// dx += d rms_norm(x) / dx applied to dy (the norm weight is frozen).
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm_backward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    x: &wgpu::Buffer,
+    w: &wgpu::Buffer,
+    dy: &wgpu::Buffer,
+    dx: &wgpu::Buffer,
+    n_rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
+    ctx.dispatch(enc, &RMS_NORM_BACKWARD, &p, &[x, w, dy, dx], groups_1d(p.n_rows))
+}
+
+/// out = silu(gate) * up over n values.
+pub fn silu_mul_forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    gate: &wgpu::Buffer,
+    up: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    n: usize,
+) -> Result<()> {
+    let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+    ctx.dispatch(enc, &SILU_MUL, &p, &[gate, up, out], groups_1d(p.n.div_ceil(256)))
+}
+
+/// dgate, dup of out = silu(gate) * up, given dout.
+#[allow(clippy::too_many_arguments)]
+pub fn silu_mul_backward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    gate: &wgpu::Buffer,
+    up: &wgpu::Buffer,
+    dout: &wgpu::Buffer,
+    dgate: &wgpu::Buffer,
+    dup: &wgpu::Buffer,
+    n: usize,
+) -> Result<()> {
+    let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+    ctx.dispatch(enc, &SILU_MUL_BACKWARD, &p, &[gate, up, dout, dgate, dup], groups_1d(p.n.div_ceil(256)))
+}
+
+/// Inverted dropout in place over n values with keep probability 1 - p and the mask of
+/// `seed` (see `dropout.wgsl`); also its own backward.
+pub fn dropout(ctx: &GpuContext, enc: &mut Encoder, x: &wgpu::Buffer, n: usize, p: f32, seed: u32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid("dropout", format!("p must be in [0, 1) (got {p})")));
+    }
+    let (threshold, scale) = crate::reference::dropout_threshold(p);
+    let params = DropoutParams { n: u32_of(n, "elements")?, seed, threshold, scale };
+    ctx.dispatch(enc, &DROPOUT, &params, &[x], groups_1d(params.n.div_ceil(256)))
+}
+
+/// Stores n f32 values of `x` as f16 in `packed` (ceil(n / 2) words, two halves each, low
+/// half first) and rounds `x` in place to the stored values (see `f16_pack.wgsl`).
+pub fn f16_pack(ctx: &GpuContext, enc: &mut Encoder, x: &wgpu::Buffer, packed: &wgpu::Buffer, n: usize) -> Result<()> {
+    check_f16_sizes(x, packed, n)?;
+    let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+    ctx.dispatch(enc, &F16_PACK, &p, &[x, packed], groups_1d(p.n.div_ceil(512)))
+}
+
+/// Reads n values stored by [`f16_pack`] back into `x` as f32.
+pub fn f16_unpack(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    packed: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    n: usize,
+) -> Result<()> {
+    check_f16_sizes(x, packed, n)?;
+    let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+    ctx.dispatch(enc, &F16_UNPACK, &p, &[packed, x], groups_1d(p.n.div_ceil(512)))
+}
+
+fn check_f16_sizes(x: &wgpu::Buffer, packed: &wgpu::Buffer, n: usize) -> Result<()> {
+    if x.size() < (n * 4) as u64 || packed.size() < (n.div_ceil(2) * 4) as u64 {
+        return Err(Error::invalid(
+            "f16 activation buffers",
+            format!(
+                "{n} values need {} bytes of f32 and {} of f16 (got {} and {})",
+                n * 4,
+                n.div_ceil(2) * 4,
+                x.size(),
+                packed.size()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// y += x over n values. Also the backward of a residual connection where two gradient
+/// branches meet.
+pub fn add_forward(ctx: &GpuContext, enc: &mut Encoder, x: &wgpu::Buffer, y: &wgpu::Buffer, n: usize) -> Result<()> {
+    let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+    ctx.dispatch(enc, &ADD, &p, &[x, y], groups_1d(p.n.div_ceil(256)))
+}

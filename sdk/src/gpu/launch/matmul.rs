@@ -1,0 +1,284 @@
+//! Linear layers: forward, input gradient and weight gradient over dense, f16 and NF4 weights, with split-K for small grids.
+
+use super::*;
+
+/// The weight operand of a linear layer.
+#[derive(Debug, Clone, Copy)]
+pub enum Weight<'a> {
+    /// f32 (N, K).
+    Dense(&'a wgpu::Buffer),
+    /// f32 (N, K) starting at element `offset` of a larger buffer (LoRA's flat buffer).
+    DenseAt(&'a wgpu::Buffer, usize),
+    /// f16 (N, K) as packed pairs, lower half first; K must be even.
+    F16(&'a wgpu::Buffer),
+    /// Packed NF4 (N*K/8 words) and its absmax (one per block).
+    Nf4 { packed: &'a wgpu::Buffer, absmax: &'a wgpu::Buffer, block_size: usize },
+}
+
+/// Output placement and epilogue: y is (rows, stride); a call writes columns
+/// [col_offset, col_offset + cols) with `alpha * result`, added to y when `accumulate`.
+#[derive(Debug, Clone, Copy)]
+pub struct OutCols {
+    pub stride: usize,
+    pub col_offset: usize,
+    pub alpha: f32,
+    pub accumulate: bool,
+}
+
+impl OutCols {
+    /// Overwrite columns [col_offset, ..) of a (rows, stride) output, alpha 1.
+    pub fn at(stride: usize, col_offset: usize) -> Self {
+        OutCols { stride, col_offset, alpha: 1.0, accumulate: false }
+    }
+    /// A whole contiguous (rows, cols) output.
+    pub fn whole(cols: usize) -> Self {
+        Self::at(cols, 0)
+    }
+    /// Multiplies the result by `alpha`.
+    pub fn scaled(self, alpha: f32) -> Self {
+        OutCols { alpha, ..self }
+    }
+    /// Adds the result to what y holds.
+    pub fn accumulated(self) -> Self {
+        OutCols { accumulate: true, ..self }
+    }
+}
+
+/// Rows of dy: (rows, stride), of which a call reads columns [col_offset, col_offset + N).
+#[derive(Debug, Clone, Copy)]
+pub struct DyCols<'a> {
+    pub buf: &'a wgpu::Buffer,
+    pub stride: usize,
+    pub col_offset: usize,
+}
+
+impl<'a> DyCols<'a> {
+    /// A whole contiguous (rows, cols) gradient.
+    pub fn whole(buf: &'a wgpu::Buffer, cols: usize) -> Self {
+        DyCols { buf, stride: cols, col_offset: 0 }
+    }
+}
+
+fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulParams> {
+    Ok(MatmulParams {
+        m: u32_of(m, "rows")?,
+        n: u32_of(n, "out features")?,
+        k: u32_of(k, "in features")?,
+        has_bias: 0,
+        y_stride: u32_of(out.stride, "stride")?,
+        y_col_offset: u32_of(out.col_offset, "column")?,
+        block_size: 0,
+        accumulate: out.accumulate as u32,
+        alpha: out.alpha,
+        w_offset: 0,
+        dy_stride: 0,
+        dy_col_offset: 0,
+        split_k: 0,
+        _pad0: 0,
+        _pad1: 0,
+        _pad2: 0,
+    })
+}
+
+fn check_nf4(k: usize, block_size: usize) -> Result<()> {
+    if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) {
+        return Err(Error::invalid(
+            "NF4 matmul",
+            format!("needs K % 8 == 0 and block size % 8 == 0 (K {k}, block {block_size})"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_f16(k: usize) -> Result<()> {
+    if !k.is_multiple_of(2) {
+        return Err(Error::invalid("f16 matmul", format!("needs an even K (K {k})")));
+    }
+    Ok(())
+}
+
+/// y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    x: &wgpu::Buffer,
+    w: Weight<'_>,
+    bias: Option<&wgpu::Buffer>,
+    y: &wgpu::Buffer,
+    m: usize,
+    n: usize,
+    k: usize,
+    out: OutCols,
+) -> Result<()> {
+    let mut p = matmul_params(m, n, k, out)?;
+    p.has_bias = bias.is_some() as u32;
+    // The bias binding must exist even when unused; x serves as a harmless dummy.
+    let b = bias.unwrap_or(x);
+    let (row, tiled, simd, simd_ok, buffers): ([&'static Shader; 2], _, _, bool, Vec<&wgpu::Buffer>) = match w {
+        Weight::Dense(w) => ([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, true, vec![x, w, b, y]),
+        Weight::DenseAt(w, offset) => {
+            p.w_offset = u32_of(offset, "weight offset")?;
+            ([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, offset.is_multiple_of(4), vec![x, w, b, y])
+        }
+        Weight::F16(w) => {
+            check_f16(k)?;
+            ([&MATVEC_F16, &MATVEC_F16_SIMD8], &MATMUL_F16, &MATMUL_F16_SIMD8, true, vec![x, w, b, y])
+        }
+        Weight::Nf4 { packed, absmax, block_size } => {
+            check_nf4(k, block_size)?;
+            p.block_size = u32_of(block_size, "block size")?;
+            let bufs = vec![x, packed, absmax, b, y];
+            ([&MATVEC_NF4, &MATVEC_NF4_SIMD8], &MATMUL_NF4, &MATMUL_NF4_SIMD8, true, bufs)
+        }
+    };
+    // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
+    // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
+    let simd_ok = simd_ok && k.is_multiple_of(8);
+    match m {
+        1 if ctx.report.simd8_kernels && simd_ok => ctx.dispatch(enc, row[1], &p, &buffers, [p.n.div_ceil(32), 1, 1]),
+        1 => ctx.dispatch(enc, row[0], &p, &buffers, [p.n.div_ceil(8), 1, 1]),
+        _ => run_many_rows(ctx, enc, many_rows(ctx, tiled, simd, simd_ok, (p.m, p.n, p.k)), p, &buffers),
+    }
+}
+
+/// A many-row matmul's kernel and output shape: (rows, cols) outputs over a reduction of
+/// length `red`. See [`many_rows`] and [`run_many_rows`].
+struct ManyRows {
+    shader: &'static Shader,
+    groups: [u32; 3],
+    tiled: bool,
+    rows: u32,
+    cols: u32,
+    red: u32,
+}
+
+/// The kernel for a many-row matmul: the register-tiled variant (32 x 32 outputs per
+/// workgroup) on adapters that want it when `simd_ok` says the shape suits it, else the
+/// tiled one (64 x 64).
+fn many_rows(
+    ctx: &GpuContext,
+    tiled: &'static Shader,
+    simd: &'static Shader,
+    simd_ok: bool,
+    (rows, cols, red): (u32, u32, u32),
+) -> ManyRows {
+    if ctx.report.simd8_kernels && simd_ok {
+        ManyRows { shader: simd, groups: [cols.div_ceil(32), rows.div_ceil(32), 1], tiled: false, rows, cols, red }
+    } else {
+        ManyRows { shader: tiled, groups: [cols.div_ceil(64), rows.div_ceil(64), 1], tiled: true, rows, cols, red }
+    }
+}
+
+/// Below this many workgroups a tiled matmul splits its reduction (a large GPU runs a few
+/// hundred such workgroups at once).
+const SPLIT_TARGET_GROUPS: u32 = 512;
+/// The shortest reduction slice a split gives one workgroup (8 steps of BK = 16).
+const MIN_SLICE: u32 = 128;
+const MAX_SPLITS: u32 = 64;
+
+/// How many slices a tiled matmul's reduction is split into, and the length of each (a
+/// multiple of BK = 16): enough workgroups for a large GPU, slices of at least
+/// [`MIN_SLICE`]. (1, 0) means no split.
+pub fn split_of(groups: u32, red: u32) -> (u32, u32) {
+    if groups >= SPLIT_TARGET_GROUPS || red < 2 * MIN_SLICE {
+        return (1, 0);
+    }
+    let want = SPLIT_TARGET_GROUPS.div_ceil(groups).min(red / MIN_SLICE).min(MAX_SPLITS);
+    let slice = red.div_ceil(want).next_multiple_of(16);
+    let splits = red.div_ceil(slice);
+    if splits < 2 { (1, 0) } else { (splits, slice) }
+}
+
+/// Records a many-row matmul. `buffers` are the kernel's bindings after the params; the
+/// last is the output and the one before it the bias binding (a dummy when unused). A tiled
+/// kernel with a small grid and a long reduction runs in two dispatches: slices of the
+/// reduction into the context's scratch buffer, then matmul_split_reduce.wgsl.
+fn run_many_rows(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    k: ManyRows,
+    p: MatmulParams,
+    buffers: &[&wgpu::Buffer],
+) -> Result<()> {
+    let (splits, slice) = if k.tiled { split_of(k.groups[0] * k.groups[1], k.red) } else { (1, 0) };
+    if splits < 2 {
+        return ctx.dispatch(enc, k.shader, &p, buffers, k.groups);
+    }
+    let (rows, cols) = (k.rows as usize, k.cols as usize);
+    let scratch = ctx.split_scratch(splits as usize * rows * cols)?;
+    let partial =
+        MatmulParams { split_k: slice, alpha: 1.0, has_bias: 0, accumulate: 0, y_stride: k.cols, y_col_offset: 0, ..p };
+    let n = buffers.len();
+    let mut bound = buffers.to_vec();
+    bound[n - 1] = &scratch;
+    ctx.dispatch(enc, k.shader, &partial, &bound, [k.groups[0], k.groups[1], splits])?;
+    let reduce = MatmulParams { m: k.rows, n: k.cols, k: splits, ..p };
+    let quads = u32_of(rows * cols.div_ceil(4), "outputs")?;
+    let reduce_buffers = [&scratch, buffers[n - 2], buffers[n - 1]];
+    let groups = groups_1d(quads.div_ceil(64));
+    ctx.record(enc, &MATMUL_SPLIT_REDUCE, bytemuck::bytes_of(&reduce), &reduce_buffers, groups, false)
+}
+
+/// Input gradient of a linear layer: dx[m, col_offset + k] (+)= alpha * dy[m, :N] . w[:, k],
+/// w (N, K). The weight itself gets no gradient here (frozen base, or see
+/// [`matmul_backward_w`]).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    dy: DyCols<'_>,
+    w: Weight<'_>,
+    dx: &wgpu::Buffer,
+    m: usize,
+    n: usize,
+    k: usize,
+    out: OutCols,
+) -> Result<()> {
+    let mut p = matmul_params(m, n, k, out)?;
+    p.dy_stride = u32_of(dy.stride, "dy stride")?;
+    p.dy_col_offset = u32_of(dy.col_offset, "dy column")?;
+    let aligned = [n, k, dy.stride, dy.col_offset].iter().all(|v| v.is_multiple_of(4));
+    let g = dy.buf;
+    let (tiled, simd, simd_ok, buffers): (_, _, bool, Vec<&wgpu::Buffer>) = match w {
+        Weight::Dense(w) => (&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, true, vec![g, w, g, dx]),
+        Weight::DenseAt(w, offset) => {
+            p.w_offset = u32_of(offset, "weight offset")?;
+            (&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, offset.is_multiple_of(4), vec![g, w, g, dx])
+        }
+        Weight::F16(w) => {
+            check_f16(k)?;
+            (&MATMUL_F16_BACKWARD, &MATMUL_F16_BACKWARD_SIMD8, true, vec![g, w, g, dx])
+        }
+        Weight::Nf4 { packed, absmax, block_size } => {
+            check_nf4(k, block_size)?;
+            p.block_size = u32_of(block_size, "block size")?;
+            (&MATMUL_NF4_BACKWARD, &MATMUL_NF4_BACKWARD_SIMD8, true, vec![g, packed, absmax, g, dx])
+        }
+    };
+    let kernel = many_rows(ctx, tiled, simd, aligned && simd_ok, (p.m, p.k, p.n));
+    run_many_rows(ctx, enc, kernel, p, &buffers)
+}
+
+/// Weight gradient of a dense linear layer, into a flat buffer:
+/// dw[offset + n*K + k] (+)= alpha * sum_m dy[m, n] * x[m, k]; dy (M, N), x (M, K) contiguous.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward_w(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    dy: &wgpu::Buffer,
+    x: &wgpu::Buffer,
+    dw: &wgpu::Buffer,
+    dw_offset: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
+    let p = matmul_params(m, n, k, out)?;
+    let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
+    let kernel = many_rows(ctx, &MATMUL_BACKWARD_W, &MATMUL_BACKWARD_W_SIMD8, aligned, (p.n, p.k, p.m));
+    run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw])
+}

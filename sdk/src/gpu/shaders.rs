@@ -1,0 +1,314 @@
+//! The shader registry: every WGSL kernel's source embedded at build time, the preprocessor
+//! (`#include`, `#for` unrolling, a variant's `const` overrides), the bind-group layout read
+//! from each shader's declarations, and one `#[repr(C)]` params struct per shader (with a
+//! compile-time size check against the WGSL struct).
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::error::{Error, Result};
+
+/// A WGSL shader known to edgetune: a source file and, for a variant, the module constants it
+/// overrides. The name says what a variant changes (`matmul_nf4.m1`) and keys the pipeline cache.
+#[derive(Debug, Clone, Copy)]
+pub struct Shader {
+    pub name: &'static str,
+    pub source: &'static str,
+    /// `const NAME: u32 = VALUE;` lines to replace, as (NAME, VALUE).
+    pub defines: &'static [(&'static str, &'static str)],
+}
+
+impl Shader {
+    /// Whether the shader needs the adapter's subgroup operations.
+    pub fn uses_subgroups(&self) -> bool {
+        expand(self).map(|s| s.contains("subgroup")).unwrap_or(false)
+    }
+
+    /// The shader's bindings as its expanded source declares them, in order: binding 0 the
+    /// params (`var<uniform>`), then storage buffers. Every kernel here uses group 0 only and
+    /// numbers its bindings 0, 1, 2, ... without gaps; anything else is an error.
+    pub fn bindings(&self) -> Result<Vec<Binding>> {
+        let source = expand(self)?;
+        let bad = |what: String| Error::Gpu(format!("shader {}: {what}", self.name));
+        let mut out = Vec::new();
+        for line in source.lines().map(str::trim).filter(|l| !l.starts_with("//") && l.contains("@binding(")) {
+            let number = |attr: &str| -> Result<u32> {
+                let rest = line.split(attr).nth(1).ok_or_else(|| bad(format!("no {attr} in {line:?}")))?;
+                rest.split(')')
+                    .next()
+                    .and_then(|n| n.trim().parse().ok())
+                    .ok_or_else(|| bad(format!("bad {attr} in {line:?}")))
+            };
+            if number("@group(")? != 0 {
+                return Err(bad(format!("only group 0 is supported: {line:?}")));
+            }
+            if number("@binding(")? as usize != out.len() {
+                return Err(bad(format!("bindings must be numbered 0, 1, 2, ... in order: {line:?}")));
+            }
+            let space = line.split("var<").nth(1).and_then(|r| r.split('>').next()).unwrap_or("");
+            let words: Vec<&str> = space.split(',').map(str::trim).collect();
+            let binding = match words.as_slice() {
+                ["uniform"] => Binding::Uniform,
+                ["storage"] | ["storage", "read"] => Binding::Storage { read_only: true },
+                ["storage", "read_write"] => Binding::Storage { read_only: false },
+                _ => return Err(bad(format!("unsupported binding {line:?}"))),
+            };
+            if (out.is_empty()) != (binding == Binding::Uniform) {
+                return Err(bad(format!("binding 0, and only binding 0, holds the params: {line:?}")));
+            }
+            out.push(binding);
+        }
+        if out.is_empty() {
+            return Err(bad("declares no bindings".into()));
+        }
+        Ok(out)
+    }
+}
+
+/// What one binding of a kernel holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// The params, bound at a dynamic offset in the uniform ring.
+    Uniform,
+    Storage {
+        read_only: bool,
+    },
+}
+
+/// Declares every shader as a `pub const` and lists them all in [`ALL_SHADERS`], so a shader
+/// cannot be added without the tests that compile every one seeing it.
+macro_rules! shaders {
+    ($($id:ident = $file:literal $(as $name:literal [$(($k:literal, $v:literal)),*])?;)*) => {
+        $(pub const $id: Shader = Shader {
+            name: shaders!(@name $file $(, $name)?),
+            source: include_str!(concat!("../../../shaders/", $file, ".wgsl")),
+            defines: &[$($(($k, $v)),*)?],
+        };)*
+        /// Every shader, so tests can compile each one on the adapter.
+        pub const ALL_SHADERS: &[Shader] = &[$($id),*];
+    };
+    (@name $file:literal) => { $file };
+    (@name $file:literal, $name:literal) => { $name };
+}
+
+shaders! {
+    EMBEDDING = "embedding";
+    EMBEDDING_F16 = "embedding_f16";
+    RMS_NORM = "rms_norm";
+    ROPE = "rope";
+    SILU_MUL = "silu_mul";
+    ADD = "add";
+    DROPOUT = "dropout";
+    F16_PACK = "f16_pack";
+    F16_UNPACK = "f16_unpack";
+    CROSS_ENTROPY = "cross_entropy";
+    MATMUL = "matmul";
+    MATMUL_NF4 = "matmul_nf4";
+    MATMUL_F16 = "matmul_f16";
+    // One-row variants for decoding: the 4-row kernels would spend 3/4 of their multiply-adds on
+    // padding when M = 1.
+    MATVEC = "matvec";
+    MATVEC_NF4 = "matvec_nf4";
+    MATVEC_F16 = "matvec_f16";
+    ATTENTION = "attention";
+    ADAMW = "adamw";
+    GRAD_NORM = "grad_norm";
+    CROSS_ENTROPY_BACKWARD = "cross_entropy_backward";
+    MATMUL_BACKWARD = "matmul_backward";
+    MATMUL_NF4_BACKWARD = "matmul_nf4_backward";
+    MATMUL_F16_BACKWARD = "matmul_f16_backward";
+    MATMUL_BACKWARD_W = "matmul_backward_w";
+    RMS_NORM_BACKWARD = "rms_norm_backward";
+    ROPE_BACKWARD = "rope_backward";
+    SILU_MUL_BACKWARD = "silu_mul_backward";
+    ATTENTION_BACKWARD_Q = "attention_backward_q";
+    ATTENTION_BACKWARD_KV = "attention_backward_kv";
+    MATMUL_SPLIT_REDUCE = "matmul_split_reduce";
+    // Register-tiled variants for CPU rasterizers (shaders/common/simd8.wgsl).
+    MATMUL_SIMD8 = "matmul_simd8";
+    MATMUL_F16_SIMD8 = "matmul_f16_simd8";
+    MATMUL_NF4_SIMD8 = "matmul_nf4_simd8";
+    MATVEC_SIMD8 = "matmul_simd8" as "matmul_simd8.one_row" [("ONE_ROW", "1")];
+    MATVEC_F16_SIMD8 = "matmul_f16_simd8" as "matmul_f16_simd8.one_row" [("ONE_ROW", "1")];
+    MATVEC_NF4_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.one_row" [("ONE_ROW", "1")];
+    MATMUL_BACKWARD_SIMD8 = "matmul_backward_simd8";
+    MATMUL_F16_BACKWARD_SIMD8 = "matmul_f16_backward_simd8";
+    MATMUL_NF4_BACKWARD_SIMD8 = "matmul_nf4_backward_simd8";
+    MATMUL_BACKWARD_W_SIMD8 = "matmul_backward_w_simd8";
+    ATTENTION_SIMD8 = "attention_simd8";
+    ATTENTION_SIMD8_HD64 = "attention_simd8" as "attention_simd8.hd64" [("HD4", "16")];
+    ATTENTION_BACKWARD_Q_SIMD8 = "attention_backward_q_simd8";
+    ATTENTION_BACKWARD_Q_SIMD8_HD64 = "attention_backward_q_simd8" as "attention_backward_q_simd8.hd64" [("HD4", "16")];
+    ATTENTION_BACKWARD_KV_SIMD8 = "attention_backward_kv_simd8";
+    ATTENTION_BACKWARD_KV_SIMD8_HD64 = "attention_backward_kv_simd8" as "attention_backward_kv_simd8.hd64" [("HD4", "16")];
+}
+
+const SNIPPETS: &[(&str, &str)] = &[
+    ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
+    ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
+    ("common/matvec.wgsl", include_str!("../../../shaders/common/matvec.wgsl")),
+    ("common/matmul_forward.wgsl", include_str!("../../../shaders/common/matmul_forward.wgsl")),
+    ("common/matmul_dx.wgsl", include_str!("../../../shaders/common/matmul_dx.wgsl")),
+    ("common/embedding.wgsl", include_str!("../../../shaders/common/embedding.wgsl")),
+    ("common/params.wgsl", include_str!("../../../shaders/common/params.wgsl")),
+    ("common/matmul_store.wgsl", include_str!("../../../shaders/common/matmul_store.wgsl")),
+    ("common/simd8.wgsl", include_str!("../../../shaders/common/simd8.wgsl")),
+    ("common/simd8_forward.wgsl", include_str!("../../../shaders/common/simd8_forward.wgsl")),
+    ("common/simd8_dx.wgsl", include_str!("../../../shaders/common/simd8_dx.wgsl")),
+    ("common/attention_simd8.wgsl", include_str!("../../../shaders/common/attention_simd8.wgsl")),
+];
+
+/// Expands a shader's source: `#include "common/x.wgsl"` lines (recursively, each snippet once),
+/// `#for VAR in A..B` ... `#end` blocks (see [`unroll`]), and the `const` overrides of a variant.
+pub fn expand(shader: &Shader) -> Result<String> {
+    let mut out = String::with_capacity(shader.source.len());
+    let mut included = Vec::new();
+    include_into(shader, shader.source, &mut out, &mut included)?;
+    let mut out = unroll(shader.name, &out)?;
+    for (name, value) in shader.defines {
+        let prefix = format!("const {name}: u32 = ");
+        let start = out
+            .find(&prefix)
+            .ok_or_else(|| Error::Gpu(format!("shader {}: no `{prefix}...` to override", shader.name)))?;
+        let end = start
+            + out[start..]
+                .find(';')
+                .ok_or_else(|| Error::Gpu(format!("shader {}: unterminated const", shader.name)))?;
+        out.replace_range(start..end, &format!("{prefix}{value}"));
+    }
+    Ok(out)
+}
+
+fn include_into(shader: &Shader, source: &str, out: &mut String, included: &mut Vec<&'static str>) -> Result<()> {
+    for line in source.lines() {
+        if let Some(rest) = line.trim().strip_prefix("#include") {
+            let name = rest.trim().trim_matches('"');
+            let snippet = SNIPPETS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| Error::Gpu(format!("shader {}: unknown include {name:?}", shader.name)))?;
+            if !included.contains(&snippet.0) {
+                included.push(snippet.0);
+                include_into(shader, snippet.1, out, included)?;
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Ok(())
+}
+
+/// Unrolls `#for VAR in A..B` ... `#end` blocks: the lines between are written once for each
+/// value of VAR, with `{VAR}` and `{VAR op N}` (op one of `+ - * / %`) replaced by the integer.
+/// WGSL has no way to make a subgroup lane index or a register name from a loop counter, and the
+/// register-tiled kernels need both.
+pub fn unroll(name: &str, source: &str) -> Result<String> {
+    let bad = |what: String| Error::Gpu(format!("shader {name}: {what}"));
+    let mut out = String::with_capacity(source.len());
+    let mut lines = source.lines();
+    while let Some(line) = lines.next() {
+        let Some(head) = line.trim().strip_prefix("#for ") else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let (var, range) = head.split_once(" in ").ok_or_else(|| bad(format!("malformed {line:?}")))?;
+        let (a, b) = range.trim().split_once("..").ok_or_else(|| bad(format!("malformed range in {line:?}")))?;
+        let parse = |t: &str| t.trim().parse::<i64>().map_err(|_| bad(format!("bad bound {t:?} in {line:?}")));
+        let (a, b, var) = (parse(a)?, parse(b)?, var.trim());
+        let mut body = Vec::new();
+        loop {
+            match lines.next() {
+                Some(l) if l.trim() == "#end" => break,
+                Some(l) if l.trim().starts_with("#for ") => return Err(bad("nested #for".into())),
+                Some(l) => body.push(l),
+                None => return Err(bad(format!("{line:?} has no #end"))),
+            }
+        }
+        for v in a..b {
+            for l in &body {
+                out.push_str(&substitute(l, var, v));
+                out.push('\n');
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces `{var}` and `{var op N}` in one line; other braces are left alone.
+fn substitute(line: &str, var: &str, v: i64) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find('{') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let value = after.find('}').and_then(|j| {
+            let expr = after[..j].trim();
+            let tail = expr.strip_prefix(var)?.trim();
+            let value = if tail.is_empty() {
+                v
+            } else {
+                let n: i64 = tail[1..].trim().parse().ok()?;
+                match tail.as_bytes()[0] {
+                    b'+' => v + n,
+                    b'-' => v - n,
+                    b'*' => v * n,
+                    b'/' if n != 0 => v / n,
+                    b'%' if n != 0 => v % n,
+                    _ => return None,
+                }
+            };
+            Some((value, j))
+        });
+        match value {
+            Some((value, j)) => {
+                out.push_str(&value.to_string());
+                rest = &after[j + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+macro_rules! params {
+    ($(#[$m:meta])* $name:ident { $($f:ident : $t:ty),* $(,)? } = $size:literal) => {
+        $(#[$m])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, Pod, Zeroable, Default)]
+        pub struct $name { $(pub $f: $t),* }
+        const _: () = assert!(std::mem::size_of::<$name>() == $size);
+    };
+}
+
+params!(/// `embedding.wgsl`
+    EmbeddingParams { n_tokens: u32, dim: u32, row_start: u32, row_count: u32 } = 16);
+params!(/// `rms_norm.wgsl`
+    RmsNormParams { n_rows: u32, dim: u32, eps: f32, _pad: u32 } = 16);
+params!(/// `rope.wgsl`
+    RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32 } = 16);
+params!(/// `dropout.wgsl`
+    DropoutParams { n: u32, seed: u32, threshold: u32, scale: f32 } = 16);
+params!(/// `silu_mul.wgsl` and `add.wgsl`
+    ElementwiseParams { n: u32, _pad0: u32, _pad1: u32, _pad2: u32 } = 16);
+params!(/// `cross_entropy.wgsl` and `cross_entropy_backward.wgsl`
+    CrossEntropyParams { n_rows: u32, vocab: u32, grad_scale: f32, _pad: u32 } = 16);
+params!(/// every matmul kernel (`common/matmul.wgsl`)
+    MatmulParams {
+        m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,
+        alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, _pad0: u32, _pad1: u32,
+        _pad2: u32,
+    } = 64);
+params!(/// `adamw.wgsl`
+    AdamwParams {
+        n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, bias_c1: f32, bias_c2: f32,
+        grad_scale: f32, max_grad_norm: f32, _pad1: u32, _pad2: u32,
+    } = 48);
+params!(/// `grad_norm.wgsl`
+    GradNormParams { n: u32, final_pass: u32, n_groups: u32, _pad: u32 } = 16);
+params!(/// `attention.wgsl`
+    AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, _pad: u32 } = 32);
