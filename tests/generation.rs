@@ -39,6 +39,53 @@ fn greedy_is_argmax_and_top_k_1_equals_greedy() {
     assert_eq!(seen, [true; 4]);
 }
 
+/// Greedy decoding picks the token on the GPU: token by token it is what the CPU sampler picks
+/// from the same logits, generation gives that sequence, and after a cache's first decoded
+/// token (and again after a LoRA adapter of a higher rank joins) a token creates nothing.
+#[test]
+fn greedy_decoding_on_the_gpu_picks_what_the_cpu_sampler_picks() {
+    let s = session(64);
+    let m = &s.model;
+    let greedy = GenerateOptions::default();
+    let mut rng = Rng::new(0);
+    let prompt = s.tokenizer.encode("Paris is").expect("encode");
+    let (mut on_gpu, mut on_cpu) = (m.new_cache(), m.new_cache());
+    let mut next = m.next_argmax_with(&prompt, &mut on_gpu, None).expect("prefill");
+    assert_eq!(next, sample(&m.next_logits(&prompt, &mut on_cpu).expect("prefill"), &greedy, &mut rng));
+    let mut picked = vec![next];
+    let mut created = Vec::new();
+    for _ in 0..12 {
+        let before = m.ctx.counts();
+        let gpu = m.next_argmax_with(&[next], &mut on_gpu, None).expect("decode");
+        created.push(m.ctx.counts() - before);
+        let cpu = sample(&m.next_logits(&[next], &mut on_cpu).expect("decode"), &greedy, &mut rng);
+        assert_eq!(gpu, cpu, "token {}", picked.len());
+        next = gpu;
+        picked.push(next);
+    }
+    for c in &created[1..] {
+        assert_eq!((c.buffers, c.bind_groups, c.pipelines, c.submits), (0, 0, 0, 1), "{created:?}");
+    }
+    assert!(created[0].bind_groups > 0, "the first decoded token made the cache's bind groups");
+    let opts = GenerateOptions { max_new_tokens: picked.len(), ..Default::default() };
+    let g = s.generate("Paris is", &opts, |_| true).expect("generate");
+    assert_eq!(g.token_ids, picked[..g.token_ids.len()], "generation decodes greedily on the GPU");
+
+    // An adapter with a higher rank than the cache's buffers: they are made again, once.
+    let cfg = edgetune::lora::LoraConfig { r: 8, alpha: 16.0, ..Default::default() };
+    let adapter = edgetune::lora::Adapter::new(&m.config, cfg).expect("adapter");
+    let lora = edgetune::lora::GpuAdapter::upload(&m.ctx, &adapter);
+    let first = m.next_argmax_with(&[next], &mut on_gpu, Some(&lora)).expect("decode with LoRA");
+    let before = m.ctx.counts();
+    let second = m.next_argmax_with(&[first], &mut on_gpu, Some(&lora)).expect("decode with LoRA");
+    let c = m.ctx.counts() - before;
+    assert_eq!((c.buffers, c.bind_groups), (0, 0), "{c:?}");
+    // B starts at zero, so the adapter changes nothing yet.
+    let cpu = sample(&m.next_logits(&[next], &mut on_cpu).expect("decode"), &greedy, &mut rng);
+    assert_eq!(first, cpu);
+    assert_eq!(second, sample(&m.next_logits(&[first], &mut on_cpu).expect("decode"), &greedy, &mut rng));
+}
+
 #[test]
 fn same_seed_same_text_and_streaming_adds_up() {
     let s = session(64);

@@ -486,3 +486,52 @@ fn kernel_parameters_survive_the_uniform_ring_wrapping_round() {
     assert_eq!(binds.len(), 1);
     assert!(used.submits > 100, "the encoder was submitted as it filled ({} submits)", used.submits);
 }
+
+/// Greedy decoding's argmax on the GPU against its twin and the CPU sampler, on vocabulary
+/// sizes from 1 to past the first pass's 256 workgroups of 4,096, with the maximum tied
+/// across workgroups (the lower index wins), NaNs (never chosen), and rows with nothing above
+/// -infinity (index 0).
+#[test]
+fn argmax_matches_the_cpu_sampler() {
+    let ctx = ctx();
+    let greedy = edgetune::infer::GenerateOptions::default();
+    let mut rng = edgetune::infer::Rng::new(0);
+    for (n, case) in
+        [(1, 0), (7, 0), (4096, 1), (4097, 1), (49_152, 1), (151_936, 2), (1_100_000, 1), (5000, 3), (300, 4)]
+    {
+        let mut x = rand(n, n as u64, 4.0);
+        match case {
+            // The same maximum twice, far apart (different first-pass workgroups).
+            1 => {
+                x[n / 3] = 9.0;
+                x[n - 1] = 9.0;
+            }
+            // NaNs everywhere, one of them where the maximum would be.
+            2 => {
+                for i in (0..n).step_by(97) {
+                    x[i] = f32::NAN;
+                }
+                x[n / 2] = 9.0;
+                x[n / 2 + 1] = f32::NAN;
+            }
+            3 => x.fill(f32::NEG_INFINITY),
+            4 => x.fill(f32::NAN),
+            _ => {}
+        }
+        let xb = ctx.storage_from("logits", &x);
+        let partials = ctx.storage_zeroed("partials", 2 * launch::argmax_groups(n));
+        let out = ctx.storage_from("out", &[u32::MAX]);
+        run(&ctx, |enc| launch::argmax(&ctx, enc, &xb, &partials, &out, n));
+        let got = ctx.read_f32(&out, 1).expect("read")[0].to_bits();
+        let want = r::argmax(&x);
+        assert_eq!(got, want, "n {n}, case {case}");
+        assert_eq!(want, edgetune::infer::sample(&x, &greedy, &mut rng), "the twin is the CPU sampler's greedy pick");
+        if case == 1 {
+            assert_eq!(got, (n / 3) as u32, "the first of two equal maxima");
+        }
+    }
+    let small = ctx.storage_zeroed("partials", 1);
+    let x = ctx.storage_zeroed("x", 10_000);
+    let mut enc = ctx.encoder();
+    assert!(launch::argmax(&ctx, &mut enc, &x, &small, &small, 10_000).is_err(), "partials too small");
+}

@@ -81,6 +81,13 @@ impl GpuContext {
     /// [`KEPT_STAGING_BYTES`] go through one staging buffer the context keeps, so the losses,
     /// norms and logits read every step or token make no buffer.
     pub fn read_f32(&self, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+        self.read_f32_after(self.encoder(), buf, n)
+    }
+
+    /// Submits what `enc` recorded together with the copy of `n` f32 values of `buf` to the
+    /// staging buffer, and returns them: one submission for work and readback (see
+    /// [`GpuContext::read_f32`]).
+    pub fn read_f32_after(&self, enc: Encoder, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
         let size = ((n * 4) as u64).max(4);
         let mut kept = self.staging.lock().map_err(|_| Error::Gpu("staging buffer lock poisoned".into()))?;
         let new = |size: u64| {
@@ -97,7 +104,7 @@ impl GpuContext {
         } else {
             new(size)
         };
-        let out = self.read_through(buf, &staging, size, n);
+        let out = self.read_through(enc, buf, &staging, size, n);
         if out.is_err() {
             // It may be left mapped; the next read makes a fresh one.
             *kept = None;
@@ -105,9 +112,15 @@ impl GpuContext {
         out
     }
 
-    fn read_through(&self, buf: &wgpu::Buffer, staging: &wgpu::Buffer, size: u64, n: usize) -> Result<Vec<f32>> {
+    fn read_through(
+        &self,
+        mut enc: Encoder,
+        buf: &wgpu::Buffer,
+        staging: &wgpu::Buffer,
+        size: u64,
+        n: usize,
+    ) -> Result<Vec<f32>> {
         self.check()?;
-        let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buf, 0, staging, 0, size);
         self.submit([enc.finish()]);
         let slice = staging.slice(..size);

@@ -123,6 +123,7 @@ shaders! {
     ATTENTION_BACKWARD_Q = "attention_backward_q";
     ATTENTION_BACKWARD_KV = "attention_backward_kv";
     MATMUL_SPLIT_REDUCE = "matmul_split_reduce";
+    ARGMAX = "argmax";
     // Register-tiled variants for CPU rasterizers (shaders/common/simd8.wgsl).
     MATMUL_SIMD8 = "matmul_simd8";
     MATMUL_F16_SIMD8 = "matmul_f16_simd8";
@@ -310,5 +311,7 @@ params!(/// `adamw.wgsl`
     } = 48);
 params!(/// `grad_norm.wgsl`
     GradNormParams { n: u32, final_pass: u32, n_groups: u32, _pad: u32 } = 16);
+params!(/// `argmax.wgsl`
+    ArgmaxParams { n: u32, final_pass: u32, n_groups: u32, _pad: u32 } = 16);
 params!(/// `attention.wgsl`
     AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, _pad: u32 } = 32);

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::lora::GpuAdapter;
-use crate::model::llama::Model;
+use crate::model::llama::{KvCache, Model};
 use crate::tokenizer::Tokenizer;
 
 /// How to pick tokens and when to stop.
@@ -154,14 +154,22 @@ pub fn generate(
             format!("{} tokens do not fit the context of {}", prompt_ids.len(), cache.capacity),
         ));
     }
-    let mut logits = model.next_logits_with(prompt_ids, &mut cache, lora)?;
+    // Greedy decoding picks the token on the GPU and reads back its id; sampling reads back
+    // the row of logits.
+    let pick = |ids: &[u32], cache: &mut KvCache, rng: &mut Rng| -> Result<u32> {
+        if opts.temperature == 0.0 {
+            model.next_argmax_with(ids, cache, lora)
+        } else {
+            Ok(sample(&model.next_logits_with(ids, cache, lora)?, opts, rng))
+        }
+    };
+    let mut next = pick(prompt_ids, &mut cache, &mut rng)?;
     let mut out: Vec<u32> = Vec::new();
     let mut text = String::new();
     let stop_reason = loop {
         if out.len() >= opts.max_new_tokens {
             break StopReason::MaxTokens;
         }
-        let next = sample(&logits, opts, &mut rng);
         if eos.contains(&next) {
             break StopReason::Eos;
         }
@@ -190,7 +198,7 @@ pub fn generate(
         if cache.len >= cache.capacity {
             break StopReason::ContextFull;
         }
-        logits = model.next_logits_with(&[next], &mut cache, lora)?;
+        next = pick(&[next], &mut cache, &mut rng)?;
     };
     Ok(Generated { text, token_ids: out, prompt_tokens: prompt_ids.len(), stop_reason })
 }

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::Encoder;
 use crate::gpu::GpuContext;
 use crate::gpu::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
+use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
@@ -178,7 +178,8 @@ pub struct Model {
     pub(crate) cos_sin: wgpu::Buffer,
 }
 
-/// Per-sequence attention cache: keys and values of every past position, per layer.
+/// Per-sequence attention cache: keys and values of every past position, per layer, and the
+/// buffers and bind groups of one-token forward passes, so that decoding a token makes none.
 #[derive(Debug)]
 pub struct KvCache {
     k: Vec<wgpu::Buffer>,
@@ -186,6 +187,40 @@ pub struct KvCache {
     /// Positions filled so far.
     pub len: usize,
     pub capacity: usize,
+    /// Made at the first one-token pass, for LoRA ranks up to its `rank`.
+    decode: Option<DecodeBuffers>,
+    binds: Arc<BindGroups>,
+}
+
+/// The activations of a forward pass of `t` tokens.
+#[derive(Debug)]
+struct Acts {
+    t: usize,
+    rank: usize,
+    ids: wgpu::Buffer,
+    x: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    att: wgpu::Buffer,
+    proj: wgpu::Buffer,
+    g: wgpu::Buffer,
+    u: wgpu::Buffer,
+    act: wgpu::Buffer,
+    positions: wgpu::Buffer,
+    key_start: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    h_lora: wgpu::Buffer,
+}
+
+/// What a KV cache keeps for decoding: one token's activations, its logits and the argmax.
+#[derive(Debug)]
+struct DecodeBuffers {
+    acts: Acts,
+    logits: wgpu::Buffer,
+    argmax_partials: wgpu::Buffer,
+    token: wgpu::Buffer,
 }
 
 struct Uploader<'a> {
@@ -352,6 +387,37 @@ impl Model {
             v: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("v cache", n)).collect(),
             len: 0,
             capacity: self.max_context,
+            decode: None,
+            binds: BindGroups::new(),
+        }
+    }
+
+    /// Activation buffers for a pass of `t` tokens with LoRA rank up to `rank`, `ids` uploaded.
+    fn acts(&self, ids: &[u32], rank: usize) -> Acts {
+        let c = &self.config;
+        let ctx = &self.ctx;
+        let t = ids.len();
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let positions: Vec<u32> = (0..t as u32).collect();
+        Acts {
+            t,
+            rank,
+            ids: ctx.storage_from("ids", ids),
+            x: ctx.storage_zeroed("x", t * h),
+            xn: ctx.storage_zeroed("xn", t * h),
+            q: ctx.storage_zeroed("q", t * qd),
+            k: ctx.storage_zeroed("k", t * kvd),
+            v: ctx.storage_zeroed("v", t * kvd),
+            att: ctx.storage_zeroed("att", t * qd),
+            proj: ctx.storage_zeroed("proj", t * h),
+            g: ctx.storage_zeroed("gate", t * inter),
+            u: ctx.storage_zeroed("up", t * inter),
+            act: ctx.storage_zeroed("act", t * inter),
+            positions: ctx.storage_from("positions", &positions),
+            key_start: ctx.storage_zeroed("key start", t),
+            stats: ctx.storage_zeroed("attention stats", t * c.num_heads * 2),
+            h_lora: ctx.storage_zeroed("lora h", t * rank.max(1)),
         }
     }
 
@@ -409,7 +475,8 @@ impl Model {
     }
 
     /// Runs `ids` through the transformer at the cache's next positions and returns the final
-    /// normed hidden states (T, hidden) on the GPU. The cache grows by `ids.len()`.
+    /// normed hidden states (T, hidden) on the GPU. The cache grows by `ids.len()`. For one
+    /// token the buffer is the cache's own, overwritten by its next one-token pass.
     pub fn forward_hidden(&self, ids: &[u32], cache: &mut KvCache) -> Result<wgpu::Buffer> {
         self.forward_hidden_with(ids, cache, None)
     }
@@ -421,6 +488,21 @@ impl Model {
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
     ) -> Result<wgpu::Buffer> {
+        let (enc, hidden) = self.record_hidden(ids, cache, lora)?;
+        self.ctx.submit([enc.finish()]);
+        Ok(hidden)
+    }
+
+    /// Checks `ids`, then records their forward pass into a new encoder and returns it with the
+    /// buffer that will hold the final normed hidden states. A one-token pass (decoding) runs
+    /// in the cache's own buffers with the cache's bind groups, so after the first it creates
+    /// nothing; a longer one (a prompt) gets buffers of its own, freed when it is done.
+    fn record_hidden(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&GpuAdapter>,
+    ) -> Result<(Encoder, wgpu::Buffer)> {
         let c = &self.config;
         let t = ids.len();
         if t == 0 {
@@ -435,43 +517,65 @@ impl Model {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
             return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {}", c.vocab_size)));
         }
+        let rank = lora.map_or(0, |a| a.layout.r);
+        let owned;
+        let (mut enc, a) = if t == 1 {
+            if cache.decode.as_ref().is_none_or(|d| d.acts.rank < rank) {
+                // New buffers: the bind groups of the old ones go with them.
+                cache.binds = BindGroups::new();
+                cache.decode = Some(DecodeBuffers {
+                    acts: self.acts(ids, rank),
+                    logits: self.ctx.storage_zeroed("logits", c.vocab_size),
+                    argmax_partials: self
+                        .ctx
+                        .storage_zeroed("argmax partials", 2 * launch::argmax_groups(c.vocab_size)),
+                    token: self.ctx.storage_zeroed("token", 1),
+                });
+            }
+            let d = cache.decode.as_ref().ok_or_else(|| Error::Gpu("decode buffers missing".into()))?;
+            self.ctx.queue.write_buffer(&d.acts.ids, 0, bytemuck::cast_slice(ids));
+            (self.ctx.encoder_with(&cache.binds), &d.acts)
+        } else {
+            owned = self.acts(ids, rank);
+            (self.ctx.encoder(), &owned)
+        };
+        self.record_forward(&mut enc, a, &cache.k, &cache.v, cache.len, lora)?;
+        cache.len += t;
+        Ok((enc, a.xn.clone()))
+    }
+
+    /// Records the transformer over the activations `a` at positions pos.. of the KV cache
+    /// (`k_cache`, `v_cache`), ending with the final normed hidden states in `a.xn`.
+    fn record_forward(
+        &self,
+        enc: &mut Encoder,
+        a: &Acts,
+        k_cache: &[wgpu::Buffer],
+        v_cache: &[wgpu::Buffer],
+        pos: usize,
+        lora: Option<&GpuAdapter>,
+    ) -> Result<()> {
+        let c = &self.config;
         let ctx = &self.ctx;
+        let t = a.t;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let ids_buf = ctx.storage_from("ids", ids);
-        let x = ctx.storage_zeroed("x", t * h);
-        let xn = ctx.storage_zeroed("xn", t * h);
-        let q = ctx.storage_zeroed("q", t * qd);
-        let k = ctx.storage_zeroed("k", t * kvd);
-        let v = ctx.storage_zeroed("v", t * kvd);
-        let att = ctx.storage_zeroed("att", t * qd);
-        let proj = ctx.storage_zeroed("proj", t * h);
-        let g = ctx.storage_zeroed("gate", t * inter);
-        let u = ctx.storage_zeroed("up", t * inter);
-        let act = ctx.storage_zeroed("act", t * inter);
-        let positions: Vec<u32> = (0..t as u32).collect();
-        let positions = ctx.storage_from("positions", &positions);
-        let key_start = ctx.storage_zeroed("key start", t);
-        let stats = ctx.storage_zeroed("attention stats", t * c.num_heads * 2);
-        let h_lora = ctx.storage_zeroed("lora h", t * lora.map_or(1, |a| a.layout.r));
-        let mut enc = ctx.encoder();
+        let kvd = c.num_kv_heads * hd;
         for (buf, start, rows) in &self.embed.chunks {
-            launch::embedding_forward(ctx, &mut enc, &ids_buf, self.embed.rows(buf), &x, t, h, *start, *rows)?;
+            launch::embedding_forward(ctx, enc, &a.ids, self.embed.rows(buf), &a.x, t, h, *start, *rows)?;
         }
-        let pos = cache.len;
         let kv_off = (pos * kvd * 4) as u64;
         let kv_bytes = (t * kvd * 4) as u64;
         for (li, l) in self.layers.iter().enumerate() {
-            launch::rms_norm_forward(ctx, &mut enc, &x, &l.attn_norm, &xn, t, h, c.rms_norm_eps)?;
-            self.linear(&mut enc, li, Module::QProj, lora, &xn, &q, &h_lora, t, None)?;
-            self.linear(&mut enc, li, Module::KProj, lora, &xn, &k, &h_lora, t, None)?;
-            self.linear(&mut enc, li, Module::VProj, lora, &xn, &v, &h_lora, t, None)?;
+            launch::rms_norm_forward(ctx, enc, &a.x, &l.attn_norm, &a.xn, t, h, c.rms_norm_eps)?;
+            self.linear(enc, li, Module::QProj, lora, &a.xn, &a.q, &a.h_lora, t, None)?;
+            self.linear(enc, li, Module::KProj, lora, &a.xn, &a.k, &a.h_lora, t, None)?;
+            self.linear(enc, li, Module::VProj, lora, &a.xn, &a.v, &a.h_lora, t, None)?;
             let rope =
-                |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: &positions };
-            launch::rope_forward(ctx, &mut enc, &q, &self.cos_sin, rope(c.num_heads))?;
-            launch::rope_forward(ctx, &mut enc, &k, &self.cos_sin, rope(c.num_kv_heads))?;
-            enc.copy_buffer_to_buffer(&k, 0, &cache.k[li], kv_off, kv_bytes);
-            enc.copy_buffer_to_buffer(&v, 0, &cache.v[li], kv_off, kv_bytes);
+                |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: &a.positions };
+            launch::rope_forward(ctx, enc, &a.q, &self.cos_sin, rope(c.num_heads))?;
+            launch::rope_forward(ctx, enc, &a.k, &self.cos_sin, rope(c.num_kv_heads))?;
+            enc.copy_buffer_to_buffer(&a.k, 0, &k_cache[li], kv_off, kv_bytes);
+            enc.copy_buffer_to_buffer(&a.v, 0, &v_cache[li], kv_off, kv_bytes);
             let shape = AttentionShape {
                 n_tokens: t,
                 n_heads: c.num_heads,
@@ -479,20 +583,27 @@ impl Model {
                 head_dim: hd,
                 pos_offset: pos,
             };
-            launch::attention_forward(ctx, &mut enc, &q, &cache.k[li], &cache.v[li], &key_start, &att, &stats, shape)?;
-            self.linear(&mut enc, li, Module::OProj, lora, &att, &proj, &h_lora, t, None)?;
-            launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
-            launch::rms_norm_forward(ctx, &mut enc, &x, &l.ffn_norm, &xn, t, h, c.rms_norm_eps)?;
-            self.linear(&mut enc, li, Module::GateProj, lora, &xn, &g, &h_lora, t, None)?;
-            self.linear(&mut enc, li, Module::UpProj, lora, &xn, &u, &h_lora, t, None)?;
-            launch::silu_mul_forward(ctx, &mut enc, &g, &u, &act, t * inter)?;
-            self.linear(&mut enc, li, Module::DownProj, lora, &act, &proj, &h_lora, t, None)?;
-            launch::add_forward(ctx, &mut enc, &proj, &x, t * h)?;
+            launch::attention_forward(
+                ctx,
+                enc,
+                &a.q,
+                &k_cache[li],
+                &v_cache[li],
+                &a.key_start,
+                &a.att,
+                &a.stats,
+                shape,
+            )?;
+            self.linear(enc, li, Module::OProj, lora, &a.att, &a.proj, &a.h_lora, t, None)?;
+            launch::add_forward(ctx, enc, &a.proj, &a.x, t * h)?;
+            launch::rms_norm_forward(ctx, enc, &a.x, &l.ffn_norm, &a.xn, t, h, c.rms_norm_eps)?;
+            self.linear(enc, li, Module::GateProj, lora, &a.xn, &a.g, &a.h_lora, t, None)?;
+            self.linear(enc, li, Module::UpProj, lora, &a.xn, &a.u, &a.h_lora, t, None)?;
+            launch::silu_mul_forward(ctx, enc, &a.g, &a.u, &a.act, t * inter)?;
+            self.linear(enc, li, Module::DownProj, lora, &a.act, &a.proj, &a.h_lora, t, None)?;
+            launch::add_forward(ctx, enc, &a.proj, &a.x, t * h)?;
         }
-        launch::rms_norm_forward(ctx, &mut enc, &x, &self.final_norm, &xn, t, h, c.rms_norm_eps)?;
-        ctx.submit([enc.finish()]);
-        cache.len += t;
-        Ok(xn)
+        launch::rms_norm_forward(ctx, enc, &a.x, &self.final_norm, &a.xn, t, h, c.rms_norm_eps)
     }
 
     /// Logits (rows, vocab) for `rows` hidden states starting at row `first` of `hidden`.
@@ -508,22 +619,48 @@ impl Model {
         let x = self.ctx.storage_zeroed("lm_head x", rows * h);
         enc.copy_buffer_to_buffer(hidden, (first * h * 4) as u64, &x, 0, (rows * h * 4) as u64);
         let logits = self.ctx.storage_zeroed("logits", rows * c.vocab_size);
+        self.record_logits(enc, &x, &logits, rows)?;
+        Ok(logits)
+    }
+
+    /// Records logits (rows, vocab) of the first `rows` rows of `x` into `logits`.
+    fn record_logits(&self, enc: &mut Encoder, x: &wgpu::Buffer, logits: &wgpu::Buffer, rows: usize) -> Result<()> {
+        let c = &self.config;
         let table = self.lm_head.as_ref().unwrap_or(&self.embed);
         for (buf, start, n) in &table.chunks {
             launch::matmul_forward(
                 &self.ctx,
                 enc,
-                &x,
+                x,
                 table.weight(buf),
                 None,
-                &logits,
+                logits,
                 rows,
                 *n,
                 table.dim,
                 OutCols::at(c.vocab_size, *start),
             )?;
         }
-        Ok(logits)
+        Ok(())
+    }
+
+    /// Records the forward pass of `ids` and the logits of its last position, and returns the
+    /// encoder and the logits buffer (the cache's own for one token).
+    fn record_next_logits(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&GpuAdapter>,
+    ) -> Result<(Encoder, wgpu::Buffer)> {
+        let (mut enc, hidden) = self.record_hidden(ids, cache, lora)?;
+        let logits = match (&cache.decode, ids.len()) {
+            (Some(d), 1) => {
+                self.record_logits(&mut enc, &hidden, &d.logits, 1)?;
+                d.logits.clone()
+            }
+            _ => self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?,
+        };
+        Ok((enc, logits))
     }
 
     /// Runs `ids` and returns the logits of the last position.
@@ -532,12 +669,31 @@ impl Model {
     }
 
     /// [`Model::next_logits`] with a LoRA adapter applied (not merged).
+    /// One submission: the forward pass, the logits and their copy back.
     pub fn next_logits_with(&self, ids: &[u32], cache: &mut KvCache, lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
-        let hidden = self.forward_hidden_with(ids, cache, lora)?;
-        let mut enc = self.ctx.encoder();
-        let logits = self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?;
-        self.ctx.submit([enc.finish()]);
-        self.ctx.read_f32(&logits, self.config.vocab_size)
+        let (enc, logits) = self.record_next_logits(ids, cache, lora)?;
+        self.ctx.read_f32_after(enc, &logits, self.config.vocab_size)
+    }
+
+    /// Runs `ids` and returns the most likely next token, chosen on the GPU (the first of equal
+    /// maxima, as greedy sampling on the CPU chooses): one submission, and one id read back
+    /// instead of a row of logits. A one-token pass creates nothing after the cache's first.
+    pub fn next_argmax_with(&self, ids: &[u32], cache: &mut KvCache, lora: Option<&GpuAdapter>) -> Result<u32> {
+        let (mut enc, logits) = self.record_next_logits(ids, cache, lora)?;
+        let v = self.config.vocab_size;
+        let owned;
+        let (partials, token) = match (&cache.decode, ids.len()) {
+            (Some(d), 1) => (&d.argmax_partials, &d.token),
+            _ => {
+                owned = (
+                    self.ctx.storage_zeroed("argmax partials", 2 * launch::argmax_groups(v)),
+                    self.ctx.storage_zeroed("token", 1),
+                );
+                (&owned.0, &owned.1)
+            }
+        };
+        launch::argmax(&self.ctx, &mut enc, &logits, partials, token, v)?;
+        Ok(self.ctx.read_f32_after(enc, token, 1)?[0].to_bits())
     }
 
     /// Logits for every position of `ids` (T, vocab), from a fresh cache.

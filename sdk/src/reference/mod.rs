@@ -176,6 +176,18 @@ pub fn adamw_bias_corrections(beta1: f32, beta2: f32, step: u32) -> (f32, f32) {
 }
 
 /// The global L2 norm of a gradient buffer (accumulated in f64).
+/// The index of the largest value: the first of equal maxima, NaN never chosen, 0 when no value
+/// exceeds -infinity (greedy decoding; twin of `argmax.wgsl`).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = (0u32, f32::NEG_INFINITY);
+    for (i, &v) in x.iter().enumerate() {
+        if v > best.1 {
+            best = (i as u32, v);
+        }
+    }
+    best.0
+}
+
 pub fn grad_norm(g: &[f32]) -> f32 {
     g.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32
 }

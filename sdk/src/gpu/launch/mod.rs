@@ -6,12 +6,14 @@ mod elementwise;
 mod loss;
 mod matmul;
 mod optimizer;
+mod sampling;
 
 pub use attention::*;
 pub use elementwise::*;
 pub use loss::*;
 pub use matmul::*;
 pub use optimizer::*;
+pub use sampling::*;
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
