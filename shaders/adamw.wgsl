@@ -6,7 +6,10 @@
 //   m  = beta1 * m + (1 - beta1) * g
 //   v  = beta2 * v + (1 - beta2) * g^2
 //   p -= (lr / bias_c1) * m / (sqrt(v) / sqrt(bias_c2) + eps)
-// bias_c1 = 1 - beta1^t and bias_c2 = 1 - beta2^t are computed on the host for step t.
+// The update is number t = applied[0] + 1, counted on the GPU (adamw_commit.wgsl adds one after
+// each update it applies), so the host need not wait to learn whether the last step was
+// skipped. bias_c1 = 1 - beta1^t and bias_c2 = 1 - beta2^t come from a table the host computes
+// in f64, as torch does: bias[2(t-1)], bias[2(t-1)+1].
 struct AdamwParams {
     n: u32,
     lr: f32,
@@ -14,10 +17,10 @@ struct AdamwParams {
     beta2: f32,
     eps: f32,
     weight_decay: f32,
-    bias_c1: f32,
-    bias_c2: f32,
     grad_scale: f32,
     max_grad_norm: f32,
+    table_len: u32,   // pairs in bias
+    _pad0: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -28,6 +31,8 @@ struct AdamwParams {
 @group(0) @binding(3) var<storage, read_write> m: array<f32>;      // (N)
 @group(0) @binding(4) var<storage, read_write> v: array<f32>;      // (N)
 @group(0) @binding(5) var<storage, read> norm: array<f32>;         // (1) global gradient norm
+@group(0) @binding(6) var<storage, read> applied: array<u32>;      // (1) updates applied so far
+@group(0) @binding(7) var<storage, read> bias: array<f32>;         // (table_len, 2)
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -35,8 +40,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= p.n) { return; }
     // A NaN or infinite gradient norm skips the whole step: parameters and moments stay as
     // they were, and the host, which reads the norm back, reports the skipped step.
+    // (adamw_commit.wgsl leaves the update count as it was.)
     let gn = norm[0];
     if ((bitcast<u32>(gn) & 0x7f800000u) == 0x7f800000u) { return; }
+    let t = min(applied[0], p.table_len - 1u);
+    let bias_c1 = bias[2u * t];
+    let bias_c2 = bias[2u * t + 1u];
     var clip = 1.0;
     if (p.max_grad_norm > 0.0) { clip = min(1.0, p.max_grad_norm / (gn + 1e-6)); }
     let g = grad[i] * p.grad_scale * clip;
@@ -45,6 +54,6 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     m[i] = mi;
     v[i] = vi;
     let decayed = param[i] * (1.0 - p.lr * p.weight_decay);
-    let denom = sqrt(vi) / sqrt(p.bias_c2) + p.eps;
-    param[i] = decayed - (p.lr / p.bias_c1) * (mi / denom);
+    let denom = sqrt(vi) / sqrt(bias_c2) + p.eps;
+    param[i] = decayed - (p.lr / bias_c1) * (mi / denom);
 }

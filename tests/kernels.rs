@@ -290,6 +290,10 @@ fn adamw_matches_reference_over_several_steps() {
     let mut p = rand(n, 61, 1.0);
     let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
     let (pb, mb, vb) = (ctx.storage_from("p", &p), ctx.storage_from("m", &m), ctx.storage_from("v", &v));
+    // The update count lives on the GPU: each step reads its own bias corrections from the
+    // table by it, and counts itself.
+    let applied = ctx.storage_from("applied", &[0u32]);
+    let bias = ctx.storage_from("bias", &launch::adamw_bias_table(0.9, 0.999, 8));
     for step in 1..=5u32 {
         let g = rand(n, 70 + u64::from(step), 0.1);
         let gb = ctx.storage_from("g", &g);
@@ -299,7 +303,6 @@ fn adamw_matches_reference_over_several_steps() {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
-            step,
             grad_scale: 0.5,
             max_grad_norm: 1.0,
         };
@@ -307,8 +310,18 @@ fn adamw_matches_reference_over_several_steps() {
             (ctx.storage_zeroed("partials", launch::grad_norm_groups(n)), ctx.storage_zeroed("norm", 1));
         run(&ctx, |enc| {
             launch::grad_norm(&ctx, enc, &gb, &partials, &norm, n)?;
-            launch::adamw_step(&ctx, enc, &pb, &gb, &mb, &vb, &norm, n, s)
+            let b = launch::AdamwBuffers {
+                param: &pb,
+                grad: &gb,
+                m: &mb,
+                v: &vb,
+                norm: &norm,
+                applied: &applied,
+                bias: &bias,
+            };
+            launch::adamw_step(&ctx, enc, b, n, s)
         });
+        assert_eq!(ctx.read_f32(&applied, 1).expect("read")[0].to_bits(), step, "the GPU counts the update");
         // The norm of 1000 values in [-0.1, 0.1) is about 1.8, so clipping to 1 is active.
         let gn = r::grad_norm(&g);
         assert!(gn > 1.0, "the test gradient should need clipping");
@@ -355,15 +368,18 @@ fn grad_norm_is_exact_over_many_workgroups_and_a_non_finite_norm_skips_adamw() {
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.1,
-        step: 1,
         grad_scale: 1.0,
         max_grad_norm: 1.0,
     };
+    let (applied, bias) = (ctx.storage_from("applied", &[3u32]), ctx.storage_from("bias", &[0.5f32, 0.5]));
     run(&ctx, |enc| {
         launch::grad_norm(&ctx, enc, &gb, &partials, &norm, n)?;
-        launch::adamw_step(&ctx, enc, &pb, &gb, &mb, &vb, &norm, n, s)
+        let b =
+            launch::AdamwBuffers { param: &pb, grad: &gb, m: &mb, v: &vb, norm: &norm, applied: &applied, bias: &bias };
+        launch::adamw_step(&ctx, enc, b, n, s)
     });
     assert!(ctx.read_f32(&norm, 1).expect("read")[0].is_nan(), "a NaN gradient gives a NaN norm");
+    assert_eq!(ctx.read_f32(&applied, 1).expect("read")[0].to_bits(), 3, "a skipped update is not counted");
     assert_eq!(ctx.read_f32(&pb, n).expect("read"), p, "a NaN step must leave the parameters alone");
     assert_eq!(ctx.read_f32(&mb, n).expect("read"), vec![0.0; n], "and the moments");
 }

@@ -185,6 +185,53 @@ fn training_steps_after_the_first_create_nothing_on_the_gpu() {
     assert!(counts[0].1.bind_groups > 20, "the first step made the bind groups ({:?})", counts[0].1);
 }
 
+/// Steps land a step late unless their state must be seen: evaluating every step makes every
+/// step wait for the GPU, evaluating every tenth lets the rest overlap. Both report the same
+/// steps, losses and gradient norms bit for bit, put each evaluation after its own step, and
+/// end with the same adapter.
+#[test]
+fn steps_reported_a_step_late_match_steps_waited_for() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.25);
+    let run = |eval_every: u64| {
+        let mut events = Vec::new();
+        let cfg = TrainConfig { eval_every, keep_best: Some(false), ..config() };
+        let mut t = Trainer::new(m.clone(), &data, cfg).expect("trainer");
+        t.run(|e| events.push(e.clone())).expect("run");
+        let bits: Vec<u32> = t.adapter().expect("adapter").params.iter().map(|x| x.to_bits()).collect();
+        (events, bits)
+    };
+    let (waited, waited_bits) = run(1);
+    let (late, late_bits) = run(10);
+    let steps = |ev: &[Event]| -> Vec<(u64, u32, u32, u32, u64)> {
+        ev.iter()
+            .filter_map(|e| match e {
+                Event::Step { step, loss, grad_norm, lr, tokens, .. } => {
+                    Some((*step, loss.to_bits(), grad_norm.to_bits(), lr.to_bits(), *tokens))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(steps(&waited).len(), 20);
+    assert_eq!(steps(&waited), steps(&late));
+    assert_eq!(waited_bits, late_bits, "the same adapter");
+    // Every evaluation follows its own step's event, before the next step's.
+    let mut last_step = 0;
+    for e in &late {
+        match e {
+            Event::Step { step, .. } => last_step = *step,
+            Event::Eval { step, .. } => {
+                assert_eq!(*step, last_step, "evaluation of step {step} after step {last_step}")
+            }
+            _ => {}
+        }
+    }
+    let evals = |ev: &[Event]| ev.iter().filter(|e| matches!(e, Event::Eval { .. })).count();
+    assert_eq!((evals(&waited), evals(&late)), (20, 2));
+}
+
 #[test]
 fn early_stopping_returns_the_best_adapter() {
     let ctx = ctx();
@@ -529,18 +576,21 @@ fn explicit_settings_win_and_a_resumed_run_makes_the_same_choices() {
     let mut first = Trainer::new(m.clone(), &d, auto.clone()).expect("trainer");
     first.set_checkpoint_path(&ckpt);
     let token = first.cancel_token();
-    first
+    let out_b = first
         .run(|e| {
             if let Event::Step { step: 5, .. } = e {
                 token.cancel()
             }
         })
         .expect("first part");
+    // Step 6 was already running when step 5's event came (the trainer does not wait between
+    // steps), so the run stops after it, with its state.
+    assert_eq!((out_b.reason, out_b.steps), (StopReason::Cancelled, 6));
     let mut resumed = Trainer::new(m.clone(), &d, auto).expect("trainer");
     assert_eq!(resumed.config(), straight.config(), "the resumed run resolves the same settings");
     assert_eq!(resumed.chosen(), straight.chosen());
     resumed.resume(&ckpt).expect("resume");
-    assert_eq!(resumed.step(), 5);
+    assert_eq!(resumed.step(), 6);
     let out_c = resumed.run(|_| {}).expect("rest");
     assert_eq!(out_c.steps, out_a.steps);
     let bits = |a: &edgetune::lora::Adapter| a.params.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -142,6 +142,48 @@ impl GpuContext {
         Ok(out)
     }
 
+    /// A buffer of `bytes` that the GPU copies into and the CPU maps to read (see
+    /// [`GpuContext::submit_and_map`]).
+    pub fn staging(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        Counters::add(&self.counters.buffers);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Submits `enc`, which ends with copies into `staging`, and asks for the staging buffer to
+    /// be mapped once the GPU is done, without waiting: [`GpuContext::finish_read`] collects
+    /// it. Until then the staging buffer must not be used again.
+    pub fn submit_and_map(&self, enc: Encoder, staging: &wgpu::Buffer) -> PendingRead {
+        let submission = self.submit([enc.finish()]);
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        PendingRead { staging: staging.clone(), submission, rx }
+    }
+
+    /// Waits for a read started by [`GpuContext::submit_and_map`] (returning at once when the
+    /// GPU has finished it) and returns the staging buffer's words, then unmaps it.
+    pub fn finish_read(&self, p: PendingRead) -> Result<Vec<u32>> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(p.submission), timeout: None })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        p.rx.recv()
+            .map_err(|_| Error::Gpu("readback callback dropped".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping a readback buffer: {e}")))?;
+        self.check()?;
+        let slice = p.staging.slice(..);
+        let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("reading back a buffer: {e:?}")))?;
+        let words = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
+        drop(view);
+        p.staging.unmap();
+        Ok(words)
+    }
+
     /// An encoder that makes a new bind group for every dispatch: for one-off work whose
     /// buffers will not be seen again.
     pub fn encoder(&self) -> Encoder {
@@ -289,6 +331,14 @@ impl GpuContext {
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
         Ok(())
     }
+}
+
+/// A readback on its way: see [`GpuContext::submit_and_map`].
+#[derive(Debug)]
+pub struct PendingRead {
+    staging: wgpu::Buffer,
+    submission: wgpu::SubmissionIndex,
+    rx: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
 }
 
 /// A command encoder that launchers record into. Dispatches go into one open compute pass,

@@ -6,5 +6,5 @@ pub mod memory;
 pub mod shaders;
 
 pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions, KernelTime};
-pub use dispatch::{BindGroups, Encoder};
+pub use dispatch::{BindGroups, Encoder, PendingRead};
 pub use memory::GpuMemory;

@@ -124,6 +124,7 @@ shaders! {
     ATTENTION_BACKWARD_KV = "attention_backward_kv";
     MATMUL_SPLIT_REDUCE = "matmul_split_reduce";
     ARGMAX = "argmax";
+    ADAMW_COMMIT = "adamw_commit";
     // Register-tiled variants for CPU rasterizers (shaders/common/simd8.wgsl).
     MATMUL_SIMD8 = "matmul_simd8";
     MATMUL_F16_SIMD8 = "matmul_f16_simd8";
@@ -306,8 +307,8 @@ params!(/// every matmul kernel (`common/matmul.wgsl`)
     } = 64);
 params!(/// `adamw.wgsl`
     AdamwParams {
-        n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, bias_c1: f32, bias_c2: f32,
-        grad_scale: f32, max_grad_norm: f32, _pad1: u32, _pad2: u32,
+        n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, grad_scale: f32, max_grad_norm: f32,
+        table_len: u32, _pad0: u32, _pad1: u32, _pad2: u32,
     } = 48);
 params!(/// `grad_norm.wgsl`
     GradNormParams { n: u32, final_pass: u32, n_groups: u32, _pad: u32 } = 16);

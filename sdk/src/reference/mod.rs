@@ -175,7 +175,6 @@ pub fn adamw_bias_corrections(beta1: f32, beta2: f32, step: u32) -> (f32, f32) {
     ((1.0 - f64::from(beta1).powi(t)) as f32, (1.0 - f64::from(beta2).powi(t)) as f32)
 }
 
-/// The global L2 norm of a gradient buffer (accumulated in f64).
 /// The index of the largest value: the first of equal maxima, NaN never chosen, 0 when no value
 /// exceeds -infinity (greedy decoding; twin of `argmax.wgsl`).
 pub fn argmax(x: &[f32]) -> u32 {
@@ -188,6 +187,7 @@ pub fn argmax(x: &[f32]) -> u32 {
     best.0
 }
 
+/// The global L2 norm of a gradient buffer (accumulated in f64).
 pub fn grad_norm(g: &[f32]) -> f32 {
     g.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt() as f32
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::gpu::Encoder;
 use crate::gpu::GpuContext;
-use crate::gpu::launch::{self, AdamwStep};
+use crate::gpu::launch::{self, AdamwBuffers, AdamwStep};
 
 /// AdamW hyper-parameters (torch.optim.AdamW's names and defaults, except weight decay).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -49,7 +49,8 @@ impl AdamwConfig {
     }
 }
 
-/// The optimizer's GPU state for `n` parameters.
+/// The optimizer's GPU state for `n` parameters. The count of updates applied lives on the GPU
+/// too (AdamW's t), so that a step can be recorded while the last one is still running.
 #[derive(Debug)]
 pub struct Optimizer {
     pub config: AdamwConfig,
@@ -60,9 +61,18 @@ pub struct Optimizer {
     partials: wgpu::Buffer,
     /// The global gradient norm of the last recorded step (before clipping).
     pub norm: wgpu::Buffer,
-    /// Updates applied so far (AdamW's t, for the bias corrections).
-    pub steps_applied: u32,
+    /// (1) u32: updates applied so far.
+    pub applied: wgpu::Buffer,
+    /// Bias corrections of updates 1..=bias_steps.
+    bias: wgpu::Buffer,
+    bias_steps: usize,
+    /// Steps recorded since the count was last set: the count is at most `base + recorded`.
+    base: u32,
+    recorded: u32,
 }
+
+/// Updates the first bias-correction table covers; it doubles when a run goes past.
+const BIAS_STEPS: usize = 1024;
 
 impl Optimizer {
     pub fn new(ctx: &GpuContext, n: usize, config: AdamwConfig) -> Result<Self> {
@@ -78,7 +88,14 @@ impl Optimizer {
             v: ctx.storage_zeroed("adamw v", n),
             partials: ctx.storage_zeroed("grad norm partials", launch::grad_norm_groups(n)),
             norm: ctx.storage_zeroed("grad norm", 1),
-            steps_applied: 0,
+            applied: ctx.storage_zeroed("adamw updates", 1),
+            bias: ctx.storage_from(
+                "adamw bias corrections",
+                &launch::adamw_bias_table(config.beta1, config.beta2, BIAS_STEPS),
+            ),
+            bias_steps: BIAS_STEPS,
+            base: 0,
+            recorded: 0,
         })
     }
 
@@ -88,13 +105,20 @@ impl Optimizer {
     }
 
     /// Records the gradient norm and one AdamW update of `params` at learning rate `lr`, as
-    /// update number `steps_applied + 1`. The GPU skips the update when the norm is not finite;
-    /// call [`Optimizer::commit`] with the norm read back to advance the step count.
-    pub fn record_step(&self, ctx: &GpuContext, enc: &mut Encoder, params: &wgpu::Buffer, lr: f32) -> Result<()> {
+    /// update number (updates applied so far) + 1, counted on the GPU. The GPU skips the update,
+    /// and leaves the count, when the norm is not finite; read [`Optimizer::norm`] and
+    /// [`Optimizer::applied`] back to learn of it.
+    pub fn record_step(&mut self, ctx: &GpuContext, enc: &mut Encoder, params: &wgpu::Buffer, lr: f32) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(Error::invalid("learning rate", format!("{lr} (expected a finite number >= 0)")));
         }
-        let c = &self.config;
+        let c = self.config;
+        let most = (self.base + self.recorded + 1) as usize;
+        if most > self.bias_steps {
+            self.bias_steps = most.next_power_of_two();
+            self.bias = ctx
+                .storage_from("adamw bias corrections", &launch::adamw_bias_table(c.beta1, c.beta2, self.bias_steps));
+        }
         launch::grad_norm(ctx, enc, &self.grads, &self.partials, &self.norm, self.n)?;
         let s = AdamwStep {
             lr,
@@ -102,20 +126,27 @@ impl Optimizer {
             beta2: c.beta2,
             eps: c.eps,
             weight_decay: c.weight_decay,
-            step: self.steps_applied + 1,
             grad_scale: 1.0,
             max_grad_norm: c.max_grad_norm,
         };
-        launch::adamw_step(ctx, enc, params, &self.grads, &self.m, &self.v, &self.norm, self.n, s)
+        let b = AdamwBuffers {
+            param: params,
+            grad: &self.grads,
+            m: &self.m,
+            v: &self.v,
+            norm: &self.norm,
+            applied: &self.applied,
+            bias: &self.bias,
+        };
+        launch::adamw_step(ctx, enc, b, self.n, s)?;
+        self.recorded += 1;
+        Ok(())
     }
 
-    /// Advances the step count if the recorded update was applied (its norm was finite).
-    /// Returns whether it was.
-    pub fn commit(&mut self, norm: f32) -> bool {
-        let applied = norm.is_finite();
-        if applied {
-            self.steps_applied += 1;
-        }
-        applied
+    /// Sets the count of updates applied (when resuming from a checkpoint).
+    pub fn set_steps_applied(&mut self, ctx: &GpuContext, updates: u32) {
+        ctx.queue.write_buffer(&self.applied, 0, &updates.to_le_bytes());
+        self.base = updates;
+        self.recorded = 0;
     }
 }

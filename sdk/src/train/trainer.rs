@@ -21,6 +21,7 @@ use super::optimizer::{AdamwConfig, Optimizer};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::{self, DataConfig, Dataset, Sample, ValSource, Validation};
 use crate::error::{Error, Result};
+use crate::gpu::PendingRead;
 use crate::infer::Rng;
 use crate::lora::{Adapter, GpuAdapter, LoraConfig};
 use crate::model::llama::Model;
@@ -516,7 +517,7 @@ impl Trainer {
         q.write_buffer(&self.adapter.params, 0, bytemuck::cast_slice(&ck.params));
         q.write_buffer(&self.opt.m, 0, bytemuck::cast_slice(&ck.m));
         q.write_buffer(&self.opt.v, 0, bytemuck::cast_slice(&ck.v));
-        self.opt.steps_applied = ck.state.updates;
+        self.opt.set_steps_applied(&self.model.ctx, ck.state.updates);
         self.state = ck.state;
         self.best = ck.best;
         Ok(())
@@ -642,6 +643,17 @@ impl Trainer {
 
     /// Trains until the step budget is spent, early stopping triggers or the run is cancelled,
     /// reporting progress through `on_event`.
+    ///
+    /// The host does not wait for the GPU between steps: step N+1 is recorded and submitted
+    /// while step N runs, and N's losses, gradient norm and update count come back through a
+    /// pair of staging buffers mapped asynchronously; its events are sent when they land,
+    /// after N+1 was submitted. Steps whose state must be seen (an evaluation, a checkpoint,
+    /// the last step) land before anything else is recorded, as does the step in flight when
+    /// the run is cancelled, so evaluations, checkpoints and the final adapter see the state
+    /// after exactly their step. A non-finite step is skipped on the GPU, which counts the
+    /// updates it applies, so the next step uses the right bias corrections without waiting.
+    /// When a run fails on too many non-finite steps, the step after the last one reported may
+    /// already have run on the GPU; the checkpoint on disk is the last good one.
     pub fn run(&mut self, mut on_event: impl FnMut(&Event)) -> Result<Outcome> {
         let on_event: &mut dyn FnMut(&Event) = &mut on_event;
         let ctx = self.model.ctx.clone();
@@ -664,14 +676,30 @@ impl Trainer {
             planned_gpu_bytes: planned,
             chosen: self.chosen.clone(),
         });
-        let started = Instant::now();
-        let (start_step, start_tokens) = (self.state.step, self.state.tokens);
+        let clock = RunClock {
+            total,
+            start_step: self.state.step,
+            start_tokens: self.state.tokens,
+            started: Instant::now(),
+            planned,
+        };
+        // Two staging buffers, used in turn: the norm and update count, then each
+        // micro-batch's per-token losses.
+        let slot_bytes = (READBACK_HEADER + self.cfg.grad_accum * self.ws.capacity) as u64 * 4;
+        let slots = [ctx.staging("step readback", slot_bytes), ctx.staging("step readback", slot_bytes)];
+        let mut in_flight: Option<InFlight> = None;
         let mut order = self.batch_order();
         let mut last_loss = None;
         let mut reason = StopReason::Completed;
-        while self.state.step < total {
-            if self.cancel.is_cancelled() {
-                reason = StopReason::Cancelled;
+        loop {
+            let done = self.state.step >= total;
+            if done || self.cancel.is_cancelled() {
+                if let Some(f) = in_flight.take() {
+                    last_loss = self.land(f, &clock, on_event)?.or(last_loss);
+                }
+                if !done {
+                    reason = StopReason::Cancelled;
+                }
                 break;
             }
             if self.state.step_in_epoch >= per_epoch {
@@ -684,91 +712,46 @@ impl Trainer {
                 order = self.batch_order();
             }
             let first = self.state.step_in_epoch as usize * self.cfg.grad_accum;
-            let group: Vec<&Batch> =
-                order[first..(first + self.cfg.grad_accum).min(order.len())].iter().map(|&i| &self.train[i]).collect();
-            let scored: usize = group.iter().map(|b| b.n_scored()).sum();
+            let group: Vec<usize> = order[first..(first + self.cfg.grad_accum).min(order.len())].to_vec();
             let lr = schedule.lr(self.state.step);
-            let mut loss_sum = 0f64;
-            for (k, &b) in group.iter().enumerate() {
-                // Dropout masks follow from (LoRA seed, step, micro-batch), so a resumed run
-                // draws the same ones.
-                let seeded;
-                let b = if self.cfg.lora.dropout > 0.0 {
-                    let mut h = self.cfg.lora.seed;
-                    fnv1a(&mut h, &self.state.step.to_le_bytes());
-                    fnv1a(&mut h, &(k as u64).to_le_bytes());
-                    seeded = Batch { seed: (h ^ (h >> 32)) as u32, ..b.clone() };
-                    &seeded
-                } else {
-                    b
-                };
-                let mut enc = ctx.encoder_with(self.ws.binds());
-                if k == 0 {
-                    self.opt.zero_grad(&mut enc);
-                }
-                let scale = 1.0 / scored.max(1) as f32;
-                self.model.forward_backward(&mut enc, &self.ws, b, &self.adapter, &self.opt.grads, scale)?;
-                if k + 1 == group.len() {
-                    self.opt.record_step(&ctx, &mut enc, &self.adapter.params, lr)?;
-                }
-                ctx.submit([enc.finish()]);
-                loss_sum += self.loss_sum(b)?;
-            }
-            let loss = (loss_sum / scored.max(1) as f64) as f32;
-            let norm = ctx.read_f32(&self.opt.norm, 1)?[0];
-            let applied = self.opt.commit(norm) && loss.is_finite();
+            let slot = &slots[(self.state.step % 2) as usize];
+            let read = self.record_step(&group, lr, slot)?;
             self.state.step += 1;
             self.state.step_in_epoch += 1;
-            self.state.updates = self.opt.steps_applied;
-            self.state.tokens += group.iter().map(|b| b.len() as u64).sum::<u64>();
-            if !applied {
-                self.state.bad_steps += 1;
-                let what = format!("loss {loss}, gradient norm {norm}");
-                if self.state.bad_steps >= self.cfg.max_bad_steps {
-                    return Err(Error::Diverged {
-                        step: self.state.step,
-                        what: format!(
-                            "{} consecutive steps had a non-finite loss or gradient (last: {what}); the last \
-                             checkpoint was kept. Lower the learning rate or check the data",
-                            self.state.bad_steps
-                        ),
-                    });
-                }
-                on_event(&Event::Warning {
-                    step: self.state.step,
-                    message: format!("step skipped: non-finite {what}; the adapter was not updated"),
-                });
-                continue;
-            }
-            self.state.bad_steps = 0;
-            self.state.window.0 += f64::from(loss);
-            self.state.window.1 += 1;
-            last_loss = Some(loss);
-            let elapsed = started.elapsed().as_secs_f64();
-            let done = (self.state.step - start_step) as f64;
-            on_event(&Event::Step {
+            self.state.tokens += group.iter().map(|&i| self.train[i].len() as u64).sum::<u64>();
+            let flight = InFlight {
                 step: self.state.step,
-                total_steps: total,
                 epoch: self.state.epoch as f64 + self.state.step_in_epoch as f64 / per_epoch.max(1) as f64,
-                loss,
                 lr,
-                grad_norm: norm,
                 tokens: self.state.tokens,
-                tokens_per_s: (self.state.tokens - start_tokens) as f64 / elapsed.max(1e-9),
-                eta_s: elapsed / done * (total - self.state.step) as f64,
-                gpu_memory_bytes: ctx.allocated_bytes().unwrap_or(planned),
-            });
+                lens: group.iter().map(|&i| self.train[i].len()).collect(),
+                scored: group.iter().map(|&i| self.train[i].n_scored()).sum(),
+                read,
+            };
+            // The previous step lands now that this one is queued behind it.
+            if let Some(f) = in_flight.take() {
+                last_loss = self.land(f, &clock, on_event)?.or(last_loss);
+            }
+            let step = self.state.step;
             let epoch_end = self.state.step_in_epoch == per_epoch;
             let eval_now = match self.cfg.eval_every {
-                0 => epoch_end || self.state.step == total,
-                n => self.state.step.is_multiple_of(n) || self.state.step == total,
+                0 => epoch_end || step == total,
+                n => step.is_multiple_of(n) || step == total,
             };
+            let every = self.cfg.checkpoint_every;
+            let checkpoint_now = every > 0 && step.is_multiple_of(every) && step < total;
+            if !(eval_now || checkpoint_now || step == total) {
+                in_flight = Some(flight);
+                continue;
+            }
+            // A step skipped as non-finite is neither evaluated nor checkpointed.
+            let Some(loss) = self.land(flight, &clock, on_event)? else { continue };
+            last_loss = Some(loss);
             if eval_now && self.eval_step(on_event)? {
                 reason = StopReason::EarlyStopped;
                 break;
             }
-            let every = self.cfg.checkpoint_every;
-            if every > 0 && self.state.step.is_multiple_of(every) && self.state.step < total {
+            if checkpoint_now {
                 self.save_checkpoint(on_event)?;
             }
         }
@@ -794,4 +777,123 @@ impl Trainer {
             adapter_step,
         })
     }
+
+    /// Records and submits one optimizer step over the training batches `group` (gradients
+    /// accumulated over them) at learning rate `lr`, with copies of its losses, gradient norm
+    /// and update count into `slot`, which starts being mapped.
+    fn record_step(&mut self, group: &[usize], lr: f32, slot: &wgpu::Buffer) -> Result<PendingRead> {
+        let ctx = self.model.ctx.clone();
+        let scored: usize = group.iter().map(|&i| self.train[i].n_scored()).sum();
+        let capacity = self.ws.capacity;
+        for (k, &i) in group.iter().enumerate() {
+            let b = &self.train[i];
+            // Dropout masks follow from (LoRA seed, step, micro-batch), so a resumed run
+            // draws the same ones.
+            let seeded;
+            let b = if self.cfg.lora.dropout > 0.0 {
+                let mut h = self.cfg.lora.seed;
+                fnv1a(&mut h, &self.state.step.to_le_bytes());
+                fnv1a(&mut h, &(k as u64).to_le_bytes());
+                seeded = Batch { seed: (h ^ (h >> 32)) as u32, ..b.clone() };
+                &seeded
+            } else {
+                b
+            };
+            let mut enc = ctx.encoder_with(self.ws.binds());
+            if k == 0 {
+                self.opt.zero_grad(&mut enc);
+            }
+            let scale = 1.0 / scored.max(1) as f32;
+            self.model.forward_backward(&mut enc, &self.ws, b, &self.adapter, &self.opt.grads, scale)?;
+            let at = ((READBACK_HEADER + k * capacity) * 4) as u64;
+            enc.copy_buffer_to_buffer(&self.ws.loss, 0, slot, at, (b.len() * 4) as u64);
+            if k + 1 == group.len() {
+                self.opt.record_step(&ctx, &mut enc, &self.adapter.params, lr)?;
+                enc.copy_buffer_to_buffer(&self.opt.norm, 0, slot, 0, 4);
+                enc.copy_buffer_to_buffer(&self.opt.applied, 0, slot, 4, 4);
+                return Ok(ctx.submit_and_map(enc, slot));
+            }
+            ctx.submit([enc.finish()]);
+        }
+        Err(Error::invalid("training step", "has no batches"))
+    }
+
+    /// Collects a step's readback (waiting only if the GPU has not finished it) and reports the
+    /// step: its loss, or a warning when it was non-finite and skipped, or the error when too
+    /// many in a row were. Returns the loss of a step that was applied.
+    fn land(&mut self, f: InFlight, clock: &RunClock, on_event: &mut dyn FnMut(&Event)) -> Result<Option<f32>> {
+        let ctx = self.model.ctx.clone();
+        let words = ctx.finish_read(f.read)?;
+        let capacity = self.ws.capacity;
+        let mut loss_sum = 0f64;
+        for (k, &len) in f.lens.iter().enumerate() {
+            let at = READBACK_HEADER + k * capacity;
+            loss_sum += words[at..at + len].iter().map(|&w| f64::from(f32::from_bits(w))).sum::<f64>();
+        }
+        let loss = (loss_sum / f.scored.max(1) as f64) as f32;
+        let norm = f32::from_bits(words[0]);
+        self.state.updates = words[1];
+        let applied = norm.is_finite() && loss.is_finite();
+        if !applied {
+            self.state.bad_steps += 1;
+            let what = format!("loss {loss}, gradient norm {norm}");
+            if self.state.bad_steps >= self.cfg.max_bad_steps {
+                return Err(Error::Diverged {
+                    step: f.step,
+                    what: format!(
+                        "{} consecutive steps had a non-finite loss or gradient (last: {what}); the last \
+                         checkpoint was kept. Lower the learning rate or check the data",
+                        self.state.bad_steps
+                    ),
+                });
+            }
+            on_event(&Event::Warning {
+                step: f.step,
+                message: format!("step skipped: non-finite {what}; the adapter was not updated"),
+            });
+            return Ok(None);
+        }
+        self.state.bad_steps = 0;
+        self.state.window.0 += f64::from(loss);
+        self.state.window.1 += 1;
+        let elapsed = clock.started.elapsed().as_secs_f64();
+        let done = (f.step - clock.start_step) as f64;
+        on_event(&Event::Step {
+            step: f.step,
+            total_steps: clock.total,
+            epoch: f.epoch,
+            loss,
+            lr: f.lr,
+            grad_norm: norm,
+            tokens: f.tokens,
+            tokens_per_s: (f.tokens - clock.start_tokens) as f64 / elapsed.max(1e-9),
+            eta_s: elapsed / done * (clock.total - f.step) as f64,
+            gpu_memory_bytes: ctx.allocated_bytes().unwrap_or(clock.planned),
+        });
+        Ok(Some(loss))
+    }
+}
+
+/// Words before the losses in a step's readback: the gradient norm, the update count, padding.
+const READBACK_HEADER: usize = 4;
+
+/// What a run's step events are measured against.
+struct RunClock {
+    total: u64,
+    start_step: u64,
+    start_tokens: u64,
+    started: Instant,
+    planned: u64,
+}
+
+/// A step recorded and submitted whose readback has not been collected yet.
+struct InFlight {
+    step: u64,
+    epoch: f64,
+    lr: f32,
+    tokens: u64,
+    /// Tokens of each micro-batch, in the order their losses sit in the readback.
+    lens: Vec<usize>,
+    scored: usize,
+    read: PendingRead,
 }

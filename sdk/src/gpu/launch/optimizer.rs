@@ -10,8 +10,6 @@ pub struct AdamwStep {
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
-    /// 1-based step number, for the bias corrections.
-    pub step: u32,
     /// Multiplies every gradient first (loss scaling).
     pub grad_scale: f32,
     /// Clip the global gradient norm to this (0: no clipping).
@@ -39,24 +37,46 @@ pub fn grad_norm(
     ctx.dispatch(enc, &GRAD_NORM, &p2, &[partials, norm], [1, 1, 1])
 }
 
-/// One AdamW step over flat `param`, `grad`, `m` and `v` buffers of `n` values, clipped by
-/// the global gradient norm in `norm[0]` (see [`grad_norm`]); a non-finite norm skips it.
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_step(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    param: &wgpu::Buffer,
-    grad: &wgpu::Buffer,
-    m: &wgpu::Buffer,
-    v: &wgpu::Buffer,
-    norm: &wgpu::Buffer,
-    n: usize,
-    s: AdamwStep,
-) -> Result<()> {
-    if s.step == 0 {
-        return Err(Error::invalid("AdamW step", "steps count from 1"));
+/// The buffers of an AdamW step, each of `n` values unless said otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamwBuffers<'a> {
+    pub param: &'a wgpu::Buffer,
+    pub grad: &'a wgpu::Buffer,
+    pub m: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    /// (1) the global gradient norm (see [`grad_norm`]).
+    pub norm: &'a wgpu::Buffer,
+    /// (1) u32: updates applied so far. This one is update `applied + 1`, and adds one to it
+    /// when it is applied.
+    pub applied: &'a wgpu::Buffer,
+    /// The bias corrections of updates 1, 2, ... as pairs (see [`adamw_bias_table`]); updates
+    /// past its end use its last pair.
+    pub bias: &'a wgpu::Buffer,
+}
+
+/// The bias corrections `(1 - beta1^t, 1 - beta2^t)` of updates t = 1..=steps, flattened, for
+/// [`AdamwBuffers::bias`].
+pub fn adamw_bias_table(beta1: f32, beta2: f32, steps: usize) -> Vec<f32> {
+    (1..=steps as u32)
+        .flat_map(|t| {
+            let (c1, c2) = crate::reference::adamw_bias_corrections(beta1, beta2, t);
+            [c1, c2]
+        })
+        .collect()
+}
+
+/// One AdamW step over flat buffers of `n` values, clipped by the global gradient norm in
+/// `norm[0]` (see [`grad_norm`]); a non-finite norm skips it. The update's number comes from
+/// the GPU's own count (`applied`), so a step can be recorded before the last one's norm is
+/// known on the host. Two dispatches: the update, then the count.
+pub fn adamw_step(ctx: &GpuContext, enc: &mut Encoder, b: AdamwBuffers<'_>, n: usize, s: AdamwStep) -> Result<()> {
+    let table_len = b.bias.size() / 8;
+    if table_len == 0 || b.applied.size() < 4 || b.norm.size() < 4 {
+        return Err(Error::invalid(
+            "AdamW step",
+            "needs a norm, an update count and at least one pair of bias corrections",
+        ));
     }
-    let (c1, c2) = crate::reference::adamw_bias_corrections(s.beta1, s.beta2, s.step);
     let p = AdamwParams {
         n: u32_of(n, "parameters")?,
         lr: s.lr,
@@ -64,11 +84,12 @@ pub fn adamw_step(
         beta2: s.beta2,
         eps: s.eps,
         weight_decay: s.weight_decay,
-        bias_c1: c1,
-        bias_c2: c2,
         grad_scale: s.grad_scale,
         max_grad_norm: s.max_grad_norm,
+        table_len: u32::try_from(table_len).unwrap_or(u32::MAX),
         ..Default::default()
     };
-    ctx.dispatch(enc, &ADAMW, &p, &[param, grad, m, v, norm], groups_1d(p.n.div_ceil(256)))
+    let buffers = [b.param, b.grad, b.m, b.v, b.norm, b.applied, b.bias];
+    ctx.dispatch(enc, &ADAMW, &p, &buffers, groups_1d(p.n.div_ceil(256)))?;
+    ctx.dispatch(enc, &ADAMW_COMMIT, &ElementwiseParams::default(), &[b.norm, b.applied], [1, 1, 1])
 }
