@@ -113,7 +113,8 @@ fn curve(kind: &str, checkpointing: bool) {
         let loss = model.ctx.read_f32(&ws.loss, b.len()).expect("loss").iter().map(|&l| f64::from(l)).sum::<f64>()
             / b.n_scored() as f64;
         let norm = model.ctx.read_f32(&opt.norm, 1).expect("norm")[0];
-        assert!(opt.commit(norm));
+        let applied = model.ctx.read_f32(&opt.applied, 1).expect("update count")[0].to_bits();
+        assert_eq!(applied, step as u32 + 1, "every step applied and counted on the GPU");
         let (wl, wn) = (want_losses[step], want_norms[step]);
         eprintln!("{kind} step {step}: loss {loss:.7} (PEFT {wl:.7}), grad norm {norm:.6} (PEFT {wn:.6})");
         // The bound: 1e-3 relative per step. Observed differences are ~1e-6: the same
