@@ -551,3 +551,39 @@ fn argmax_matches_the_cpu_sampler() {
     let mut enc = ctx.encoder();
     assert!(launch::argmax(&ctx, &mut enc, &x, &small, &small, 10_000).is_err(), "partials too small");
 }
+
+/// Profiling sums every dispatch under its shader with the operations its launcher declares:
+/// with timestamp queries where the adapter has them (lavapipe has), through more dispatches
+/// than one query set holds, and with wall-clock time on request; results are unchanged.
+#[test]
+fn profiling_counts_every_dispatch_with_its_declared_cost() {
+    use edgetune::gpu::Timer;
+    let ctx = ctx();
+    let (m, n, k) = (64, 48, 32);
+    let (x, w) = (ctx.storage_from("x", &vec![1.0f32; m * k]), ctx.storage_from("w", &vec![1.0f32; n * k]));
+    for (want, launches) in [(Timer::GpuTimestamps, 2500usize), (Timer::WallClock, 40)] {
+        let y = ctx.storage_zeroed("y", m * n);
+        let timer = ctx.start_profiling(want);
+        let expected = if ctx.report.timestamp_query { want } else { Timer::WallClock };
+        assert_eq!(timer, expected);
+        assert_eq!(ctx.profiling(), Some(timer));
+        run(&ctx, |enc| {
+            for _ in 0..launches {
+                let out = launch::OutCols::whole(n).accumulated();
+                launch::matmul_forward(&ctx, enc, &x, launch::Weight::Dense(&w), None, &y, m, n, k, out)?;
+            }
+            Ok(())
+        });
+        let kernels = ctx.stop_profiling().expect("profile");
+        assert_eq!(ctx.profiling(), None);
+        let dispatches: u64 = kernels.iter().map(|(_, t)| t.dispatches).sum();
+        let flops: f64 = kernels.iter().map(|(_, t)| t.flops).sum();
+        let seconds: f64 = kernels.iter().map(|(_, t)| t.seconds).sum();
+        assert_eq!(dispatches, launches as u64, "{timer:?}: {kernels:?}");
+        assert_eq!(flops, (2 * m * n * k * launches) as f64, "2mnk per matmul");
+        assert!(seconds > 0.0 && kernels.iter().all(|(_, t)| t.gflops().is_some()), "{timer:?}: {kernels:?}");
+        let got = ctx.read_f32(&y, m * n).expect("read");
+        assert!(got.iter().all(|&v| v == (k * launches) as f32), "{timer:?}: profiling changed the result");
+    }
+    assert!(ctx.stop_profiling().expect("not profiling").is_empty());
+}

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::memory::{self, GpuMemory};
+use super::profile::Profile;
 use super::shaders::{Binding, Shader, expand};
 use crate::error::{Error, Result};
 
@@ -97,8 +98,8 @@ pub struct GpuContext {
     pipelines: Mutex<HashMap<&'static str, Kernel>>,
     /// The first error wgpu reported outside an error scope; surfaced by [`GpuContext::check`].
     uncaptured: std::sync::Arc<Mutex<Option<String>>>,
-    /// Per-shader wall time while profiling (see [`GpuContext::set_profiling`]).
-    pub(crate) profile: Mutex<Option<HashMap<&'static str, KernelTime>>>,
+    /// The profile being gathered (see [`GpuContext::start_profiling`]).
+    pub(crate) profile: Mutex<Option<Profile>>,
     /// What the GPU layer has created and recorded since the device was opened.
     pub(crate) counters: Counters,
     /// Scratch for split matmul reductions (see `GpuContext::split_scratch`), grown on demand.
@@ -171,13 +172,6 @@ impl std::ops::Sub for GpuCounts {
             submits: self.submits - o.submits,
         }
     }
-}
-
-/// Time spent in one shader while profiling: dispatch count and seconds.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct KernelTime {
-    pub dispatches: u64,
-    pub seconds: f64,
 }
 
 fn rank(t: wgpu::DeviceType) -> u8 {
@@ -344,23 +338,6 @@ impl GpuContext {
         }
         ring.pending.clear();
         ring.pending_start = ring.next;
-    }
-
-    /// Turns kernel profiling on or off. While it is on, every dispatch is submitted on its own
-    /// and waited for, so the wall time of each shader can be summed: this serialises the GPU and
-    /// is meant for benchmarks only. Turning it on clears earlier figures.
-    pub fn set_profiling(&self, on: bool) {
-        if let Ok(mut p) = self.profile.lock() {
-            *p = on.then(HashMap::new);
-        }
-    }
-
-    /// The per-shader times gathered since profiling was turned on, slowest first.
-    pub fn profile(&self) -> Vec<(&'static str, KernelTime)> {
-        let mut v: Vec<_> =
-            self.profile.lock().ok().and_then(|p| p.clone()).map(|m| m.into_iter().collect()).unwrap_or_default();
-        v.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
-        v
     }
 
     /// Returns (and clears) the first GPU error reported since the last check.

@@ -9,6 +9,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::{Counters, GpuContext};
+use crate::gpu::profile::{Cost, Timer};
 use crate::gpu::shaders::Shader;
 
 /// Readbacks up to this size share one staging buffer of this size, kept by the context.
@@ -216,7 +217,7 @@ impl GpuContext {
         buffers: &[&wgpu::Buffer],
         groups: [u32; 3],
     ) -> Result<()> {
-        self.record(enc, shader, bytemuck::bytes_of(params), buffers, groups, true)
+        self.record(enc, Dispatch { shader, buffers, groups }, bytemuck::bytes_of(params), Cost::default(), true)
     }
 
     /// A slot of the uniform ring holding `bytes`: (buffer, offset).
@@ -261,21 +262,27 @@ impl GpuContext {
         Ok((buf, offset))
     }
 
+    /// [`GpuContext::dispatch`] for a launcher that declares what the dispatch computes and
+    /// moves, for the rates of `edgetune bench-train --profile`.
+    pub fn dispatch_costed<P: Pod>(&self, enc: &mut Encoder, d: Dispatch<'_>, params: &P, cost: Cost) -> Result<()> {
+        self.record(enc, d, bytemuck::bytes_of(params), cost, true)
+    }
+
     /// Records one dispatch whose params are `params`' bytes. `may_submit: false` never
     /// submits first: for the second of two dispatches that share the split-reduction scratch
     /// buffer, which must run back to back.
     pub(crate) fn record(
         &self,
         enc: &mut Encoder,
-        shader: &Shader,
+        d: Dispatch<'_>,
         params: &[u8],
-        buffers: &[&wgpu::Buffer],
-        groups: [u32; 3],
+        cost: Cost,
         may_submit: bool,
     ) -> Result<()> {
+        let Dispatch { shader, buffers, groups } = d;
         let kernel = self.kernel(shader)?;
-        let profiling = self.profile.lock().map(|p| p.is_some()).unwrap_or(false);
-        if profiling {
+        let profiling = self.profiling();
+        if profiling == Some(Timer::WallClock) {
             self.flush(enc)?;
         } else if may_submit && self.uniforms.lock().map(|r| r.unsubmitted >= self.submit_every).unwrap_or(false) {
             self.submit_encoder(enc);
@@ -302,22 +309,29 @@ impl GpuContext {
             None => make(),
         };
         let offset = u32::try_from(offset).map_err(|_| Error::Gpu("uniform ring offset past 4 GiB".into()))?;
-        let t = std::time::Instant::now();
-        let pass = enc.pass.get_or_insert_with(|| {
-            enc.enc
-                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("edgetune"), timestamp_writes: None })
-                .forget_lifetime()
-        });
-        pass.set_pipeline(&kernel.pipeline);
-        pass.set_bind_group(0, &bind, &[offset]);
-        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-        if profiling {
-            self.flush(enc)?;
-            if let Ok(mut p) = self.profile.lock()
-                && let Some(e) = p.as_mut().map(|m| m.entry(shader.name).or_default())
-            {
-                e.dispatches += 1;
-                e.seconds += t.elapsed().as_secs_f64();
+        let run = |pass: &mut wgpu::ComputePass<'_>| {
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, &bind, &[offset]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        };
+        match profiling {
+            Some(Timer::GpuTimestamps) => self.timed_pass(enc, shader.name, cost, run)?,
+            Some(Timer::WallClock) => {
+                let t = std::time::Instant::now();
+                run(&mut enc.enc.begin_compute_pass(&Default::default()));
+                self.flush(enc)?;
+                self.add_wall_time(shader.name, t.elapsed().as_secs_f64(), cost);
+            }
+            None => {
+                let pass = enc.pass.get_or_insert_with(|| {
+                    enc.enc
+                        .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: Some("edgetune"),
+                            timestamp_writes: None,
+                        })
+                        .forget_lifetime()
+                });
+                run(pass);
             }
         }
         Ok(())
@@ -331,6 +345,15 @@ impl GpuContext {
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
         Ok(())
     }
+}
+
+/// One dispatch: a shader, the storage buffers of its bindings after the params, and the
+/// workgroup grid.
+#[derive(Debug, Clone, Copy)]
+pub struct Dispatch<'a> {
+    pub shader: &'a Shader,
+    pub buffers: &'a [&'a wgpu::Buffer],
+    pub groups: [u32; 3],
 }
 
 /// A readback on its way: see [`GpuContext::submit_and_map`].

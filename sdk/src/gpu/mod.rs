@@ -3,8 +3,10 @@ pub mod context;
 pub mod dispatch;
 pub mod launch;
 pub mod memory;
+pub mod profile;
 pub mod shaders;
 
-pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions, KernelTime};
+pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions};
 pub use dispatch::{BindGroups, Encoder, PendingRead};
 pub use memory::GpuMemory;
+pub use profile::{Cost, KernelTime, Timer};

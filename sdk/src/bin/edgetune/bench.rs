@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use edgetune::Result;
-use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::gpu::{GpuContext, GpuOptions, Timer};
 use edgetune::model::llama::{LoadOptions, Model};
 use edgetune::train::Precision;
 use serde_json::{Value, json};
@@ -248,14 +248,19 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
         let runtime = ctx.runtime_bytes();
         let planned = model.weight_bytes + adapter_bytes + ws.bytes + runtime;
         let mut kernels = Vec::new();
+        let mut timer = None;
         if profile {
-            ctx.set_profiling(true);
+            let t = ctx.start_profiling(Timer::GpuTimestamps);
             let total = step(&batch)?.total;
-            kernels = ctx.profile();
-            ctx.set_profiling(false);
-            kernels.retain(|(_, t)| t.dispatches > 0);
+            kernels = ctx.stop_profiling()?;
+            timer = Some(t);
             if !m.json {
-                println!("  one step with every dispatch waited for: {total:.2} s");
+                match t {
+                    Timer::GpuTimestamps => println!("  one profiled step (GPU timestamps): {total:.2} s"),
+                    Timer::WallClock => println!(
+                        "  one profiled step (no timestamp queries on this adapter: wall-clock time, every dispatch waited for): {total:.2} s"
+                    ),
+                }
             }
         }
         if m.json {
@@ -278,8 +283,10 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
                     "runtime": runtime,
                     "driver": peak,
                 },
+                "profile_timer": timer,
                 "profile": kernels.iter().map(|(name, t)| json!({
                     "kernel": name, "seconds": t.seconds, "dispatches": t.dispatches,
+                    "gflop_per_s": t.gflops(), "gbyte_per_s": t.gbytes_per_s(),
                 })).collect::<Vec<_>>(),
             }));
             continue;
@@ -313,12 +320,15 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
             None => println!("  driver allocator: not reported by this backend"),
         }
         let total: f64 = kernels.iter().map(|(_, t)| t.seconds).sum();
+        let rate = |r: Option<f64>, unit: &str| r.map_or(String::new(), |r| format!(", {r:.1} {unit}"));
         for (name, t) in kernels.iter().take(12) {
             println!(
-                "    {name:<28} {:>8.3} s {:>5.1}%  ({} dispatches)",
+                "    {name:<28} {:>8.3} s {:>5.1}%  ({} dispatches{}{})",
                 t.seconds,
                 100.0 * t.seconds / total.max(1e-12),
-                t.dispatches
+                t.dispatches,
+                rate(t.gflops(), "GFLOP/s"),
+                rate(t.gbytes_per_s(), "GB/s")
             );
         }
     }

@@ -150,8 +150,9 @@ enum Cmd {
         /// Gradient checkpointing: on, off or both (each measured in turn).
         #[arg(long, value_enum, default_value_t = Checkpointing::Both)]
         checkpointing: Checkpointing,
-        /// After the timed steps, run one more step per mode with every dispatch waited for,
-        /// and print the time spent in each shader.
+        /// After the timed steps, run one more step per mode timing every dispatch (with GPU
+        /// timestamp queries where the adapter has them, else wall-clock time with every
+        /// dispatch waited for) and print the time, GFLOP/s and GB/s of each shader.
         #[arg(long)]
         profile: bool,
         /// Storage of the saved activations: f32 or f16.

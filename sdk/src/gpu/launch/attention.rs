@@ -49,10 +49,22 @@ pub fn attention_forward(
 ) -> Result<()> {
     let p = attention_params(s)?;
     let buffers = [q, k, v, key_start, out, stats];
-    match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
-        Some(shader) => ctx.dispatch(enc, shader, &p, &buffers, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
-        None => ctx.dispatch(enc, &ATTENTION, &p, &buffers, [p.n_tokens, p.n_heads, 1]),
-    }
+    let (shader, groups) = match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
+        Some(shader) => (shader, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
+        None => (&ATTENTION, [p.n_tokens, p.n_heads, 1]),
+    };
+    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, attention_cost(s, 4.0, 2.0))
+}
+
+/// What an attention pass computes and moves, counting every causal (query, key) pair (packed
+/// batches see fewer): `per_pair` multiply-adds of a head's width per pair and head, and
+/// `tensors` query-sized tensors read or written besides the keys and values.
+fn attention_cost(s: AttentionShape, per_pair: f64, tensors: f64) -> Cost {
+    let (t, pos) = (s.n_tokens as f64, s.pos_offset as f64);
+    let pairs = t * pos + t * (t + 1.0) / 2.0;
+    let hd = s.head_dim as f64;
+    let keys = (s.pos_offset + s.n_tokens) as f64 * (s.n_kv_heads as f64 * hd) * 4.0 * 2.0;
+    Cost { flops: per_pair * hd * pairs * s.n_heads as f64, bytes: keys + tensors * t * s.n_heads as f64 * hd * 4.0 }
 }
 
 /// The register-tiled attention variant for CPU rasterizers (8 queries per workgroup) where
@@ -99,14 +111,19 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     let kv_buffers = [b.q, b.k, b.v, b.key_start, b.dout, b.stats, b.dk, b.dv];
     let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
     let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
-    match (q_pass, kv_pass) {
+    let ((qs, q_groups), (kvs, kv_groups)) = match (q_pass, kv_pass) {
         (Some(qs), Some(kvs)) => {
-            ctx.dispatch(enc, qs, &p, &q_buffers, [p.n_tokens.div_ceil(8), p.n_heads, 1])?;
-            ctx.dispatch(enc, kvs, &p, &kv_buffers, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1])
+            ((qs, [p.n_tokens.div_ceil(8), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1]))
         }
-        _ => {
-            ctx.dispatch(enc, &ATTENTION_BACKWARD_Q, &p, &q_buffers, [p.n_tokens, p.n_heads, 1])?;
-            ctx.dispatch(enc, &ATTENTION_BACKWARD_KV, &p, &kv_buffers, [p.n_tokens, p.n_kv_heads, 1])
-        }
-    }
+        _ => (
+            (&ATTENTION_BACKWARD_Q, [p.n_tokens, p.n_heads, 1]),
+            (&ATTENTION_BACKWARD_KV, [p.n_tokens, p.n_kv_heads, 1]),
+        ),
+    };
+    // Queries: scores again, dP = dO V and dQ = dS K (6 per pair); keys and values: scores,
+    // dP, dV = P^T dO and dK = dS^T Q (8 per pair), with dK and dV written besides.
+    let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: q_groups };
+    ctx.dispatch_costed(enc, q_pass, &p, attention_cost(s, 6.0, 4.0))?;
+    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups: kv_groups };
+    ctx.dispatch_costed(enc, kv_pass, &p, attention_cost(s, 8.0, 2.0))
 }

@@ -15,6 +15,32 @@ pub enum Weight<'a> {
     Nf4 { packed: &'a wgpu::Buffer, absmax: &'a wgpu::Buffer, block_size: usize },
 }
 
+impl Weight<'_> {
+    /// Bytes a matmul reads of an (n, k) weight.
+    fn bytes(&self, n: usize, k: usize) -> f64 {
+        let nk = (n * k) as f64;
+        match self {
+            Weight::Dense(_) | Weight::DenseAt(..) => 4.0 * nk,
+            Weight::F16(_) => 2.0 * nk,
+            Weight::Nf4 { block_size, .. } => nk / 2.0 + 4.0 * nk / (*block_size).max(1) as f64,
+        }
+    }
+}
+
+/// What a matmul of (m, n, k) computes and moves: 2mnk operations; the operands `x_elems` and
+/// `out_elems` f32 values (the output read too when accumulating) and the weight's bytes.
+fn matmul_cost(
+    m: usize,
+    n: usize,
+    k: usize,
+    weight_bytes: f64,
+    (x_elems, out_elems): (usize, usize),
+    accumulate: bool,
+) -> Cost {
+    let out = 4.0 * out_elems as f64 * if accumulate { 2.0 } else { 1.0 };
+    Cost { flops: 2.0 * (m * n * k) as f64, bytes: 4.0 * x_elems as f64 + weight_bytes + out }
+}
+
 /// Output placement and epilogue: y is (rows, stride); a call writes columns
 /// [col_offset, col_offset + cols) with `alpha * result`, added to y when `accumulate`.
 #[derive(Debug, Clone, Copy)]
@@ -135,11 +161,13 @@ pub fn matmul_forward(
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
     let simd_ok = simd_ok && k.is_multiple_of(8);
-    match m {
-        1 if ctx.report.simd8_kernels && simd_ok => ctx.dispatch(enc, row[1], &p, &buffers, [p.n.div_ceil(32), 1, 1]),
-        1 => ctx.dispatch(enc, row[0], &p, &buffers, [p.n.div_ceil(8), 1, 1]),
-        _ => run_many_rows(ctx, enc, many_rows(ctx, tiled, simd, simd_ok, (p.m, p.n, p.k)), p, &buffers),
-    }
+    let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * k, m * n), out.accumulate);
+    let (shader, groups) = match m {
+        1 if ctx.report.simd8_kernels && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
+        1 => (row[0], [p.n.div_ceil(8), 1, 1]),
+        _ => return run_many_rows(ctx, enc, many_rows(ctx, tiled, simd, simd_ok, (p.m, p.n, p.k)), p, &buffers, cost),
+    };
+    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, cost)
 }
 
 /// A many-row matmul's kernel and output shape: (rows, cols) outputs over a reduction of
@@ -200,10 +228,11 @@ fn run_many_rows(
     k: ManyRows,
     p: MatmulParams,
     buffers: &[&wgpu::Buffer],
+    cost: Cost,
 ) -> Result<()> {
     let (splits, slice) = if k.tiled { split_of(k.groups[0] * k.groups[1], k.red) } else { (1, 0) };
     if splits < 2 {
-        return ctx.dispatch(enc, k.shader, &p, buffers, k.groups);
+        return ctx.dispatch_costed(enc, Dispatch { shader: k.shader, buffers, groups: k.groups }, &p, cost);
     }
     let (rows, cols) = (k.rows as usize, k.cols as usize);
     let scratch = ctx.split_scratch(splits as usize * rows * cols)?;
@@ -212,12 +241,18 @@ fn run_many_rows(
     let n = buffers.len();
     let mut bound = buffers.to_vec();
     bound[n - 1] = &scratch;
-    ctx.dispatch(enc, k.shader, &partial, &bound, [k.groups[0], k.groups[1], splits])?;
+    // The slices write splits partial outputs instead of one; the reduction reads them back.
+    let partials = 4.0 * (splits as usize * rows * cols) as f64;
+    let out_bytes = 4.0 * (rows * cols) as f64 * if p.accumulate != 0 { 2.0 } else { 1.0 };
+    let sliced = Cost { flops: cost.flops, bytes: cost.bytes - out_bytes + partials };
+    let groups = [k.groups[0], k.groups[1], splits];
+    ctx.dispatch_costed(enc, Dispatch { shader: k.shader, buffers: &bound, groups }, &partial, sliced)?;
     let reduce = MatmulParams { m: k.rows, n: k.cols, k: splits, ..p };
     let quads = u32_of(rows * cols.div_ceil(4), "outputs")?;
     let reduce_buffers = [&scratch, buffers[n - 2], buffers[n - 1]];
-    let groups = groups_1d(quads.div_ceil(64));
-    ctx.record(enc, &MATMUL_SPLIT_REDUCE, bytemuck::bytes_of(&reduce), &reduce_buffers, groups, false)
+    let d = Dispatch { shader: &MATMUL_SPLIT_REDUCE, buffers: &reduce_buffers, groups: groups_1d(quads.div_ceil(64)) };
+    let reduced = Cost { flops: (splits as usize * rows * cols) as f64, bytes: partials + out_bytes };
+    ctx.record(enc, d, bytemuck::bytes_of(&reduce), reduced, false)
 }
 
 /// Input gradient of a linear layer: dx[m, col_offset + k] (+)= alpha * dy[m, :N] . w[:, k],
@@ -257,7 +292,8 @@ pub fn matmul_backward(
         }
     };
     let kernel = many_rows(ctx, tiled, simd, aligned && simd_ok, (p.m, p.k, p.n));
-    run_many_rows(ctx, enc, kernel, p, &buffers)
+    let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
+    run_many_rows(ctx, enc, kernel, p, &buffers, cost)
 }
 
 /// Weight gradient of a dense linear layer, into a flat buffer:
@@ -280,5 +316,6 @@ pub fn matmul_backward_w(
     let p = matmul_params(m, n, k, out)?;
     let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
     let kernel = many_rows(ctx, &MATMUL_BACKWARD_W, &MATMUL_BACKWARD_W_SIMD8, aligned, (p.n, p.k, p.m));
-    run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw])
+    let cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
+    run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw], cost)
 }

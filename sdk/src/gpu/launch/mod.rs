@@ -17,7 +17,8 @@ pub use sampling::*;
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::gpu::dispatch::Encoder;
+use crate::gpu::dispatch::{Dispatch, Encoder};
+use crate::gpu::profile::Cost;
 use crate::gpu::shaders::*;
 
 /// Splits a 1-D workgroup count over x and y (each at most 65535); shaders recombine it as
