@@ -9,7 +9,9 @@
 # The binary defaults to the release build of this checkout, then `edgetune` on the PATH; it
 # may be built on another machine. SHAPES, SEQ, RANK, STEPS and BENCH_OUT (a folder that
 # keeps the JSON lines; default a temporary one) override the defaults; TORCH=0 skips the
-# PyTorch runs (the table then reads any torch.jsonl already in BENCH_OUT). Needs the Vulkan
+# PyTorch runs (the table then reads any torch.jsonl already in BENCH_OUT). PROFILE (a shape,
+# default llama-3.2-1b; empty for none) adds one profiled training step of that shape
+# (checkpointing off) whose per-kernel times and GFLOP/s go to profile.json. Needs the Vulkan
 # loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
 # and peft for the PyTorch column (skipped, and said so, when they do not import).
 set -uo pipefail
@@ -57,5 +59,12 @@ for shape in $shapes; do
       --decode-tokens 32 >>"$out/torch.jsonl" || echo "bench-gpu.sh: PyTorch bench failed on $shape" >&2
   fi
 done
+profile="${PROFILE-llama-3.2-1b}"
+if [ -n "$profile" ]; then
+  echo "== $profile: edgetune bench-train --profile ($((SECONDS - start)) s)" >&2
+  timeout 300 "$bin" bench-train --random-weights "$profile" --seq "$seq" --rank "$rank" --steps 1 \
+    --checkpointing off --max-context "$seq" --profile --json >"$out/profile.json" ||
+    echo "bench-gpu.sh: edgetune bench-train --profile failed on $profile" >&2
+fi
 echo "== done in $((SECONDS - start)) s; JSON lines in $out" >&2
 python3 "$here/bench_table.py" "$out"

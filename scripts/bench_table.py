@@ -74,6 +74,32 @@ def main():
               f"{o['dispatches_per_token']:.0f} | {o['allocations_per_token']:.0f} | "
               f"{fmt(t['prefill_tokens_per_s'] if t else None)} | {fmt(t['decode_tokens_per_s'] if t else None)} | "
               f"{fmt(ratio, 3)} |")
+    profile_table(folder)
+
+
+def profile_table(folder):
+    """The slowest kernels of the profiled step (profile.json), if one was taken."""
+    path = os.path.join(folder, "profile.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            p = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"\nprofile.json unreadable: {e}")
+        return
+    for m in p.get("modes", []):
+        kernels = m.get("profile", [])
+        total = sum(k["seconds"] for k in kernels) or 1e-12
+        print()
+        print(f"Profiled step of {p.get('model')} (seq {p.get('seq')}, checkpointing "
+              f"{'on' if m['checkpointing'] else 'off'}, timer {m.get('profile_timer')}):")
+        print()
+        print("| kernel | seconds | share | dispatches | GFLOP/s | GB/s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for k in kernels[:15]:
+            print(f"| {k['kernel']} | {k['seconds']:.4f} | {100 * k['seconds'] / total:.1f} % | {k['dispatches']} | "
+                  f"{fmt(k.get('gflop_per_s'))} | {fmt(k.get('gbyte_per_s'))} |")
 
 
 if __name__ == "__main__":
