@@ -86,6 +86,39 @@ fn greedy_decoding_on_the_gpu_picks_what_the_cpu_sampler_picks() {
     assert_eq!(second, sample(&m.next_logits(&[first], &mut on_cpu).expect("decode"), &greedy, &mut rng));
 }
 
+/// Seeded sampling with a top-k cut takes its candidates from the GPU: the same tokens as
+/// sampling the whole row of logits on the CPU with the same seed, and the same text twice.
+#[test]
+fn top_k_sampling_on_the_gpu_draws_what_the_cpu_sampler_draws() {
+    let s = session(64);
+    let m = &s.model;
+    for (top_k, top_p, temperature) in [(50usize, 1.0f32, 1.0f32), (5, 0.8, 0.7), (256, 0.95, 1.3)] {
+        let opts = GenerateOptions { max_new_tokens: 16, temperature, top_k, top_p, seed: 11, ..Default::default() };
+        let g = s.generate("Paris is", &opts, |_| true).expect("generate");
+        assert_eq!(g.token_ids, s.generate("Paris is", &opts, |_| true).expect("again").token_ids);
+        let mut rng = Rng::new(opts.seed);
+        let mut cache = m.new_cache();
+        let mut ids = s.tokenizer.encode("Paris is").expect("encode");
+        let mut picked = Vec::new();
+        for _ in 0..g.token_ids.len() {
+            let next = sample(&m.next_logits(&ids, &mut cache).expect("logits"), &opts, &mut rng);
+            picked.push(next);
+            ids = vec![next];
+        }
+        assert_eq!(g.token_ids, picked, "top_k {top_k}, top_p {top_p}, temperature {temperature}");
+        let mut cache = m.new_cache();
+        let prompt = s.tokenizer.encode("Paris is").expect("encode");
+        let cands = m.next_top_k_with(&prompt, &mut cache, None, top_k).expect("top-k");
+        let before = m.ctx.counts();
+        m.next_top_k_with(&[cands[0].0], &mut cache, None, top_k).expect("top-k");
+        let after_first = m.ctx.counts();
+        m.next_top_k_with(&[cands[0].0], &mut cache, None, top_k).expect("top-k");
+        let c = m.ctx.counts() - after_first;
+        assert!((after_first - before).bind_groups > 0);
+        assert_eq!((c.buffers, c.bind_groups, c.submits), (0, 0, 1), "{c:?}");
+    }
+}
+
 #[test]
 fn same_seed_same_text_and_streaming_adds_up() {
     let s = session(64);

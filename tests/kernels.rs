@@ -587,3 +587,47 @@ fn profiling_counts_every_dispatch_with_its_declared_cost() {
     }
     assert!(ctx.stop_profiling().expect("not profiling").is_empty());
 }
+
+/// Sampling's top-k on the GPU against the CPU sampler's order (highest first by
+/// `f32::total_cmp`, the lower index first among equal values): ties within and across
+/// workgroups, -0.0 below +0.0, NaNs (a positive NaN above +infinity), fewer values than k.
+#[test]
+fn top_k_matches_the_cpu_samplers_order() {
+    let ctx = ctx();
+    for (n, k, seed) in [(1, 1, 1), (3, 5, 2), (300, 64, 3), (49_152, 50, 4), (151_936, 256, 5), (10_000, 1, 6)] {
+        let mut x = rand(n, seed, 8.0);
+        if n > 200 {
+            // Ties: the same value in many places, and the maximum twice.
+            for i in (0..n).step_by(37) {
+                x[i] = 7.5;
+            }
+            x[n / 2] = 9.0;
+            x[n - 1] = 9.0;
+            x[5] = -0.0;
+            x[6] = 0.0;
+            x[7] = f32::NAN;
+            x[8] = -f32::NAN;
+            x[9] = f32::INFINITY;
+        }
+        let xb = ctx.storage_from("logits", &x);
+        let partials = ctx.storage_zeroed("partials", launch::top_k_partials(n, k));
+        let out = ctx.storage_zeroed("out", 2 * k);
+        run(&ctx, |enc| launch::top_k(&ctx, enc, &xb, &partials, &out, n, k));
+        let words: Vec<u32> = ctx.read_f32(&out, 2 * k).expect("read").iter().map(|v| v.to_bits()).collect();
+        let mut want: Vec<u32> = (0..n as u32).collect();
+        want.sort_by(|&a, &b| x[b as usize].total_cmp(&x[a as usize]).then(a.cmp(&b)));
+        want.truncate(k);
+        let got_ids: Vec<u32> = words.chunks(2).map(|p| p[1]).filter(|&i| i != u32::MAX).collect();
+        assert_eq!(got_ids, want, "n {n}, k {k}");
+        for p in words.chunks(2).filter(|p| p[1] != u32::MAX) {
+            assert_eq!(p[0], x[p[1] as usize].to_bits(), "n {n}, k {k}: the value comes back bit for bit");
+        }
+        assert_eq!(words.chunks(2).filter(|p| p[1] == u32::MAX).count(), k.saturating_sub(n), "missing ones marked");
+    }
+    let x = ctx.storage_zeroed("x", 100);
+    let mut enc = ctx.encoder();
+    assert!(launch::top_k(&ctx, &mut enc, &x, &x, &x, 100, 0).is_err(), "k = 0");
+    assert!(launch::top_k(&ctx, &mut enc, &x, &x, &x, 100, launch::MAX_TOP_K + 1).is_err(), "k too large");
+    let small = ctx.storage_zeroed("small", 1);
+    assert!(launch::top_k(&ctx, &mut enc, &x, &small, &x, 100, 10).is_err(), "partials too small");
+}

@@ -124,6 +124,7 @@ shaders! {
     ATTENTION_BACKWARD_KV = "attention_backward_kv";
     MATMUL_SPLIT_REDUCE = "matmul_split_reduce";
     ARGMAX = "argmax";
+    TOP_K = "top_k";
     ADAMW_COMMIT = "adamw_commit";
     // Register-tiled variants for CPU rasterizers (shaders/common/simd8.wgsl).
     MATMUL_SIMD8 = "matmul_simd8";
@@ -314,5 +315,7 @@ params!(/// `grad_norm.wgsl`
     GradNormParams { n: u32, final_pass: u32, n_groups: u32, _pad: u32 } = 16);
 params!(/// `argmax.wgsl`
     ArgmaxParams { n: u32, final_pass: u32, n_groups: u32, _pad: u32 } = 16);
+params!(/// `top_k.wgsl`
+    TopKParams { n: u32, k: u32, final_pass: u32, chunk: u32 } = 16);
 params!(/// `attention.wgsl`
     AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, _pad: u32 } = 32);

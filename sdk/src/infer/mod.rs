@@ -2,6 +2,7 @@
 //! stop strings, token limit) and streaming through a callback.
 
 use crate::error::{Error, Result};
+use crate::gpu::launch::MAX_TOP_K;
 use crate::lora::GpuAdapter;
 use crate::model::llama::{KvCache, Model};
 use crate::tokenizer::Tokenizer;
@@ -93,20 +94,29 @@ impl Rng {
 
 /// Picks the next token from logits.
 pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
-            as u32
-    };
     if opts.temperature == 0.0 {
-        return argmax();
+        return crate::reference::argmax(logits);
     }
+    // Highest first in the total order of f32, the lower id first among equal logits, so that
+    // the top-k that the GPU picks (`Model::next_top_k_with`) is the same list.
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
     if opts.top_k > 0 {
         idx.truncate(opts.top_k);
     }
-    let mx = logits[idx[0] as usize];
-    let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i as usize] - mx) / opts.temperature).exp()).collect();
+    let candidates: Vec<(u32, f32)> = idx.iter().map(|&i| (i, logits[i as usize])).collect();
+    sample_candidates(&candidates, opts, rng)
+}
+
+/// Picks from candidate (id, logit) pairs sorted as [`sample`] sorts them, after its top-k cut:
+/// softmax at the temperature, the top-p cut, one draw.
+pub fn sample_candidates(candidates: &[(u32, f32)], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
+    let Some(&(first, mx)) = candidates.first() else { return 0 };
+    if opts.temperature == 0.0 {
+        return first;
+    }
+    let mut idx: Vec<u32> = candidates.iter().map(|c| c.0).collect();
+    let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| ((l - mx) / opts.temperature).exp()).collect();
     let total: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if opts.top_p < 1.0 {
@@ -154,11 +164,13 @@ pub fn generate(
             format!("{} tokens do not fit the context of {}", prompt_ids.len(), cache.capacity),
         ));
     }
-    // Greedy decoding picks the token on the GPU and reads back its id; sampling reads back
-    // the row of logits.
+    // Greedy decoding picks the token on the GPU and reads back its id; sampling with a top-k
+    // cut reads back its candidates; only sampling from the whole vocabulary reads the row.
     let pick = |ids: &[u32], cache: &mut KvCache, rng: &mut Rng| -> Result<u32> {
         if opts.temperature == 0.0 {
             model.next_argmax_with(ids, cache, lora)
+        } else if (1..=MAX_TOP_K).contains(&opts.top_k) {
+            Ok(sample_candidates(&model.next_top_k_with(ids, cache, lora, opts.top_k)?, opts, rng))
         } else {
             Ok(sample(&model.next_logits_with(ids, cache, lora)?, opts, rng))
         }

@@ -214,13 +214,14 @@ struct Acts {
     h_lora: wgpu::Buffer,
 }
 
-/// What a KV cache keeps for decoding: one token's activations, its logits and the argmax.
+/// What a KV cache keeps for decoding: one token's activations, its logits, and the partials
+/// and result of choosing from them (argmax or top-k).
 #[derive(Debug)]
 struct DecodeBuffers {
     acts: Acts,
     logits: wgpu::Buffer,
-    argmax_partials: wgpu::Buffer,
-    token: wgpu::Buffer,
+    pick_partials: wgpu::Buffer,
+    picked: wgpu::Buffer,
 }
 
 struct Uploader<'a> {
@@ -526,10 +527,8 @@ impl Model {
                 cache.decode = Some(DecodeBuffers {
                     acts: self.acts(ids, rank),
                     logits: self.ctx.storage_zeroed("logits", c.vocab_size),
-                    argmax_partials: self
-                        .ctx
-                        .storage_zeroed("argmax partials", 2 * launch::argmax_groups(c.vocab_size)),
-                    token: self.ctx.storage_zeroed("token", 1),
+                    pick_partials: self.ctx.storage_zeroed("pick partials", self.pick_partials(c.vocab_size)),
+                    picked: self.ctx.storage_zeroed("picked", 2 * launch::MAX_TOP_K),
                 });
             }
             let d = cache.decode.as_ref().ok_or_else(|| Error::Gpu("decode buffers missing".into()))?;
@@ -675,25 +674,66 @@ impl Model {
         self.ctx.read_f32_after(enc, &logits, self.config.vocab_size)
     }
 
-    /// Runs `ids` and returns the most likely next token, chosen on the GPU (the first of equal
-    /// maxima, as greedy sampling on the CPU chooses): one submission, and one id read back
-    /// instead of a row of logits. A one-token pass creates nothing after the cache's first.
-    pub fn next_argmax_with(&self, ids: &[u32], cache: &mut KvCache, lora: Option<&GpuAdapter>) -> Result<u32> {
+    /// Words of the partials of choosing from `v` logits by argmax or by top-k.
+    fn pick_partials(&self, v: usize) -> usize {
+        (2 * launch::argmax_groups(v)).max(launch::top_k_partials(v, launch::MAX_TOP_K))
+    }
+
+    /// Runs `ids`, chooses from the logits of the last position on the GPU with `pick`, and
+    /// reads back `words` words of the result: one submission. A one-token pass uses the
+    /// cache's buffers and creates nothing after the cache's first.
+    fn next_picked(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&GpuAdapter>,
+        words: usize,
+        pick: impl FnOnce(&mut Encoder, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer) -> Result<()>,
+    ) -> Result<Vec<u32>> {
         let (mut enc, logits) = self.record_next_logits(ids, cache, lora)?;
-        let v = self.config.vocab_size;
         let owned;
-        let (partials, token) = match (&cache.decode, ids.len()) {
-            (Some(d), 1) => (&d.argmax_partials, &d.token),
+        let (partials, picked) = match (&cache.decode, ids.len()) {
+            (Some(d), 1) => (&d.pick_partials, &d.picked),
             _ => {
                 owned = (
-                    self.ctx.storage_zeroed("argmax partials", 2 * launch::argmax_groups(v)),
-                    self.ctx.storage_zeroed("token", 1),
+                    self.ctx.storage_zeroed("pick partials", self.pick_partials(self.config.vocab_size)),
+                    self.ctx.storage_zeroed("picked", 2 * launch::MAX_TOP_K),
                 );
                 (&owned.0, &owned.1)
             }
         };
-        launch::argmax(&self.ctx, &mut enc, &logits, partials, token, v)?;
-        Ok(self.ctx.read_f32_after(enc, token, 1)?[0].to_bits())
+        pick(&mut enc, &logits, partials, picked)?;
+        Ok(self.ctx.read_f32_after(enc, picked, words)?.into_iter().map(f32::to_bits).collect())
+    }
+
+    /// Runs `ids` and returns the most likely next token, chosen on the GPU (the first of equal
+    /// maxima, as greedy sampling on the CPU chooses): one id read back instead of a row of
+    /// logits.
+    pub fn next_argmax_with(&self, ids: &[u32], cache: &mut KvCache, lora: Option<&GpuAdapter>) -> Result<u32> {
+        let v = self.config.vocab_size;
+        let ctx = &self.ctx;
+        let out = self.next_picked(ids, cache, lora, 1, |enc, logits, partials, picked| {
+            launch::argmax(ctx, enc, logits, partials, picked, v)
+        })?;
+        Ok(out[0])
+    }
+
+    /// Runs `ids` and returns the `k` (at most [`launch::MAX_TOP_K`]) most likely next tokens
+    /// with their logits, chosen on the GPU: highest first, the lower id first among equal
+    /// logits, as the CPU sampler orders them; fewer when the vocabulary is smaller.
+    pub fn next_top_k_with(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        lora: Option<&GpuAdapter>,
+        k: usize,
+    ) -> Result<Vec<(u32, f32)>> {
+        let v = self.config.vocab_size;
+        let ctx = &self.ctx;
+        let out = self.next_picked(ids, cache, lora, 2 * k, |enc, logits, partials, picked| {
+            launch::top_k(ctx, enc, logits, partials, picked, v, k)
+        })?;
+        Ok(out.chunks(2).filter(|p| p[1] != u32::MAX).map(|p| (p[1], f32::from_bits(p[0]))).collect())
     }
 
     /// Logits for every position of `ids` (T, vocab), from a fresh cache.

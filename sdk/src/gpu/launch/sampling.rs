@@ -30,3 +30,52 @@ pub fn argmax(
     let p2 = ArgmaxParams { n: g as u32, final_pass: 1, n_groups: 1, _pad: 0 };
     ctx.dispatch(enc, &ARGMAX, &p2, &[partials, out], [1, 1, 1])
 }
+
+/// The most candidates [`top_k`] returns.
+pub const MAX_TOP_K: usize = 256;
+
+/// Workgroups of the first top-k pass over n values, and the values each takes.
+fn top_k_split(n: usize) -> (usize, usize) {
+    let groups = n.div_ceil(2048).clamp(1, 64);
+    (groups, n.div_ceil(groups).max(1))
+}
+
+/// Words of the partials buffer of a top-k over n values: two per candidate of each group.
+pub fn top_k_partials(n: usize, k: usize) -> usize {
+    2 * top_k_split(n).0 * k
+}
+
+/// out[0 .. 2k] = the k largest of the n values of x as (value bits, index) pairs, largest
+/// first, in the order of `f32::total_cmp`, the lower index first among equal values (an index
+/// of u32::MAX where fewer than k exist), through `partials` ([`top_k_partials`] words).
+pub fn top_k(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    x: &wgpu::Buffer,
+    partials: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    if k == 0 || k > MAX_TOP_K {
+        return Err(Error::invalid("top-k", format!("k must be in 1..={MAX_TOP_K} (got {k})")));
+    }
+    let (groups, chunk) = top_k_split(n);
+    let need = |words: usize| (words * 4) as u64;
+    if partials.size() < need(top_k_partials(n, k)) || out.size() < need(2 * k) || x.size() < need(n) {
+        return Err(Error::invalid(
+            "top-k",
+            format!(
+                "{k} of {n} values need {} bytes of partials and {} of output (got {} and {})",
+                need(top_k_partials(n, k)),
+                need(2 * k),
+                partials.size(),
+                out.size()
+            ),
+        ));
+    }
+    let p1 = TopKParams { n: u32_of(n, "values")?, k: k as u32, final_pass: 0, chunk: u32_of(chunk, "values")? };
+    ctx.dispatch(enc, &TOP_K, &p1, &[x, partials], [groups as u32, 1, 1])?;
+    let p2 = TopKParams { n: (groups * k) as u32, k: k as u32, final_pass: 1, chunk: 0 };
+    ctx.dispatch(enc, &TOP_K, &p2, &[partials, out], [1, 1, 1])
+}
