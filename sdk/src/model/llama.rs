@@ -214,6 +214,45 @@ struct Acts {
     h_lora: wgpu::Buffer,
 }
 
+/// The buffers of one transformer block (see [`Model::block_forward`]): the residual stream in,
+/// after attention and out; the activations; and the tokens' positions and first visible keys.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockBuffers<'a> {
+    pub(crate) x_in: &'a wgpu::Buffer,
+    pub(crate) x_mid: &'a wgpu::Buffer,
+    pub(crate) x_out: &'a wgpu::Buffer,
+    pub(crate) xn: &'a wgpu::Buffer,
+    pub(crate) q: &'a wgpu::Buffer,
+    pub(crate) k: &'a wgpu::Buffer,
+    pub(crate) v: &'a wgpu::Buffer,
+    pub(crate) att: &'a wgpu::Buffer,
+    pub(crate) stats: &'a wgpu::Buffer,
+    pub(crate) proj: &'a wgpu::Buffer,
+    pub(crate) gate: &'a wgpu::Buffer,
+    pub(crate) up: &'a wgpu::Buffer,
+    pub(crate) act: &'a wgpu::Buffer,
+    pub(crate) lora_h: &'a wgpu::Buffer,
+    pub(crate) positions: &'a wgpu::Buffer,
+    pub(crate) key_start: &'a wgpu::Buffer,
+    /// Where keys and values go and attention reads them: a KV cache's layer buffers and the
+    /// position of the first token (inference); `None` reads `k` and `v` themselves at
+    /// position 0 (a training batch).
+    pub(crate) kv_cache: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer, usize)>,
+}
+
+/// A point in [`Model::block_forward`] after which activations are complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// q and k after RoPE, and v.
+    Qkv,
+    /// The attention output and its softmax statistics.
+    Attention,
+    /// The residual stream after attention.
+    Mid,
+    /// The gate and up projections.
+    GateUp,
+}
+
 /// What a KV cache keeps for decoding: one token's activations, its logits, and the partials
 /// and result of choosing from them (argmax or top-k).
 #[derive(Debug)]
@@ -556,53 +595,101 @@ impl Model {
     ) -> Result<()> {
         let c = &self.config;
         let ctx = &self.ctx;
-        let t = a.t;
-        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
-        let kvd = c.num_kv_heads * hd;
+        let (t, h) = (a.t, c.hidden_size);
         for (buf, start, rows) in &self.embed.chunks {
             launch::embedding_forward(ctx, enc, &a.ids, self.embed.rows(buf), &a.x, t, h, *start, *rows)?;
         }
-        let kv_off = (pos * kvd * 4) as u64;
-        let kv_bytes = (t * kvd * 4) as u64;
-        for (li, l) in self.layers.iter().enumerate() {
-            launch::rms_norm_forward(ctx, enc, &a.x, &l.attn_norm, &a.xn, t, h, c.rms_norm_eps)?;
-            self.linear(enc, li, Module::QProj, lora, &a.xn, &a.q, &a.h_lora, t, None)?;
-            self.linear(enc, li, Module::KProj, lora, &a.xn, &a.k, &a.h_lora, t, None)?;
-            self.linear(enc, li, Module::VProj, lora, &a.xn, &a.v, &a.h_lora, t, None)?;
-            let rope =
-                |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: &a.positions };
-            launch::rope_forward(ctx, enc, &a.q, &self.cos_sin, rope(c.num_heads))?;
-            launch::rope_forward(ctx, enc, &a.k, &self.cos_sin, rope(c.num_kv_heads))?;
-            enc.copy_buffer_to_buffer(&a.k, 0, &k_cache[li], kv_off, kv_bytes);
-            enc.copy_buffer_to_buffer(&a.v, 0, &v_cache[li], kv_off, kv_bytes);
-            let shape = AttentionShape {
-                n_tokens: t,
-                n_heads: c.num_heads,
-                n_kv_heads: c.num_kv_heads,
-                head_dim: hd,
-                pos_offset: pos,
+        for l in 0..self.layers.len() {
+            // In place: the residual stream stays in x.
+            let b = BlockBuffers {
+                x_in: &a.x,
+                x_mid: &a.x,
+                x_out: &a.x,
+                xn: &a.xn,
+                q: &a.q,
+                k: &a.k,
+                v: &a.v,
+                att: &a.att,
+                stats: &a.stats,
+                proj: &a.proj,
+                gate: &a.g,
+                up: &a.u,
+                act: &a.act,
+                lora_h: &a.h_lora,
+                positions: &a.positions,
+                key_start: &a.key_start,
+                kv_cache: Some((&k_cache[l], &v_cache[l], pos)),
             };
-            launch::attention_forward(
-                ctx,
-                enc,
-                &a.q,
-                &k_cache[li],
-                &v_cache[li],
-                &a.key_start,
-                &a.att,
-                &a.stats,
-                shape,
-            )?;
-            self.linear(enc, li, Module::OProj, lora, &a.att, &a.proj, &a.h_lora, t, None)?;
-            launch::add_forward(ctx, enc, &a.proj, &a.x, t * h)?;
-            launch::rms_norm_forward(ctx, enc, &a.x, &l.ffn_norm, &a.xn, t, h, c.rms_norm_eps)?;
-            self.linear(enc, li, Module::GateProj, lora, &a.xn, &a.g, &a.h_lora, t, None)?;
-            self.linear(enc, li, Module::UpProj, lora, &a.xn, &a.u, &a.h_lora, t, None)?;
-            launch::silu_mul_forward(ctx, enc, &a.g, &a.u, &a.act, t * inter)?;
-            self.linear(enc, li, Module::DownProj, lora, &a.act, &a.proj, &a.h_lora, t, None)?;
-            launch::add_forward(ctx, enc, &a.proj, &a.x, t * h)?;
+            self.block_forward(enc, l, &b, lora, t, None, &mut |_, _| Ok(()))?;
         }
         launch::rms_norm_forward(ctx, enc, &a.x, &self.final_norm, &a.xn, t, h, c.rms_norm_eps)
+    }
+
+    /// Records transformer block `l` over `t` tokens: attention then the SwiGLU MLP, each
+    /// behind an RMS norm and added to the residual stream (x_mid = x_in + attention,
+    /// x_out = x_mid + MLP; the three may be one buffer, updated in place). The one forward
+    /// code for decoding, prompts and training. `after` is called as each stage's activations
+    /// are written (training keeps copies of them).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block_forward(
+        &self,
+        enc: &mut Encoder,
+        l: usize,
+        b: &BlockBuffers<'_>,
+        lora: Option<&GpuAdapter>,
+        t: usize,
+        drop: Option<Dropout<'_>>,
+        after: &mut dyn FnMut(&mut Encoder, Stage) -> Result<()>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let ctx = &self.ctx;
+        let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let layer = &self.layers[l];
+        let pos = b.kv_cache.map_or(0, |kv| kv.2);
+        launch::rms_norm_forward(ctx, enc, b.x_in, &layer.attn_norm, b.xn, t, h, c.rms_norm_eps)?;
+        self.linear(enc, l, Module::QProj, lora, b.xn, b.q, b.lora_h, t, drop)?;
+        self.linear(enc, l, Module::KProj, lora, b.xn, b.k, b.lora_h, t, drop)?;
+        self.linear(enc, l, Module::VProj, lora, b.xn, b.v, b.lora_h, t, drop)?;
+        let rope = |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: b.positions };
+        launch::rope_forward(ctx, enc, b.q, &self.cos_sin, rope(c.num_heads))?;
+        launch::rope_forward(ctx, enc, b.k, &self.cos_sin, rope(c.num_kv_heads))?;
+        after(enc, Stage::Qkv)?;
+        let (keys, values) = match b.kv_cache {
+            Some((k_cache, v_cache, pos)) => {
+                let kvd = c.num_kv_heads * hd;
+                let (at, bytes) = ((pos * kvd * 4) as u64, (t * kvd * 4) as u64);
+                enc.copy_buffer_to_buffer(b.k, 0, k_cache, at, bytes);
+                enc.copy_buffer_to_buffer(b.v, 0, v_cache, at, bytes);
+                (k_cache, v_cache)
+            }
+            None => (b.k, b.v),
+        };
+        let shape = AttentionShape {
+            n_tokens: t,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: hd,
+            pos_offset: pos,
+        };
+        launch::attention_forward(ctx, enc, b.q, keys, values, b.key_start, b.att, b.stats, shape)?;
+        after(enc, Stage::Attention)?;
+        self.linear(enc, l, Module::OProj, lora, b.att, b.proj, b.lora_h, t, drop)?;
+        let bytes = (t * h * 4) as u64;
+        if b.x_mid != b.x_in {
+            enc.copy_buffer_to_buffer(b.x_in, 0, b.x_mid, 0, bytes);
+        }
+        launch::add_forward(ctx, enc, b.proj, b.x_mid, t * h)?;
+        after(enc, Stage::Mid)?;
+        launch::rms_norm_forward(ctx, enc, b.x_mid, &layer.ffn_norm, b.xn, t, h, c.rms_norm_eps)?;
+        self.linear(enc, l, Module::GateProj, lora, b.xn, b.gate, b.lora_h, t, drop)?;
+        self.linear(enc, l, Module::UpProj, lora, b.xn, b.up, b.lora_h, t, drop)?;
+        after(enc, Stage::GateUp)?;
+        launch::silu_mul_forward(ctx, enc, b.gate, b.up, b.act, t * inter)?;
+        self.linear(enc, l, Module::DownProj, lora, b.act, b.proj, b.lora_h, t, drop)?;
+        if b.x_out != b.x_mid {
+            enc.copy_buffer_to_buffer(b.x_mid, 0, b.x_out, 0, bytes);
+        }
+        launch::add_forward(ctx, enc, b.proj, b.x_out, t * h)
     }
 
     /// Logits (rows, vocab) for `rows` hidden states starting at row `first` of `hidden`.

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::gpu::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
-use crate::model::llama::{Dropout, Model};
+use crate::model::llama::{BlockBuffers, Dropout, Model, Stage};
 
 /// A packed batch: samples laid end to end, each attending only to itself, with positions
 /// restarting at 0 for every sample.
@@ -475,6 +475,8 @@ impl Model {
         }
     }
 
+    /// Layer l's forward through [`Model::block_forward`], its activations in `a`; with `save`,
+    /// each is also stored as f16 as soon as it is written.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
@@ -489,46 +491,45 @@ impl Model {
         t: usize,
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
-        let c = &self.config;
         let ctx = &self.ctx;
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let layer = &self.layers[l];
-        let bytes = (t * h * 4) as u64;
-        let lo = Some(lora);
         let sizes = self.act_sizes(t);
-        // Stores activation `k` (of LayerActs::tensors) as f16 when saving, before it is read.
-        let keep = |enc: &mut Encoder, k: usize| match save {
-            Some(s) => launch::f16_pack(ctx, enc, a.tensors()[k], s.tensors()[k], sizes[k]),
-            None => Ok(()),
+        let b = BlockBuffers {
+            x_in,
+            x_mid: &a.x_mid,
+            x_out,
+            xn: &ws.xn,
+            q: &a.q,
+            k: &a.k,
+            v: &a.v,
+            att: &a.att,
+            stats: &a.stats,
+            proj: &ws.proj,
+            gate: &a.gate,
+            up: &a.up,
+            act: &ws.act,
+            lora_h: &ws.lora_h,
+            positions: &ws.positions,
+            key_start: &ws.key_start,
+            kv_cache: None,
         };
-        launch::rms_norm_forward(ctx, enc, x_in, &layer.attn_norm, &ws.xn, t, h, c.rms_norm_eps)?;
-        self.linear(enc, l, Module::QProj, lo, &ws.xn, &a.q, &ws.lora_h, t, drop)?;
-        self.linear(enc, l, Module::KProj, lo, &ws.xn, &a.k, &ws.lora_h, t, drop)?;
-        self.linear(enc, l, Module::VProj, lo, &ws.xn, &a.v, &ws.lora_h, t, drop)?;
-        launch::rope_forward(ctx, enc, &a.q, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
-        launch::rope_forward(ctx, enc, &a.k, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
-        for k in 0..3 {
-            keep(enc, k)?; // q, k, v
-        }
-        let s = self.attention_shape(t);
-        launch::attention_forward(ctx, enc, &a.q, &a.k, &a.v, &ws.key_start, &a.att, &a.stats, s)?;
-        if let Some(s) = save {
-            enc.copy_buffer_to_buffer(&a.stats, 0, &s.stats, 0, a.stats.size());
-        }
-        keep(enc, 3)?; // att
-        self.linear(enc, l, Module::OProj, lo, &a.att, &ws.proj, &ws.lora_h, t, drop)?;
-        enc.copy_buffer_to_buffer(x_in, 0, &a.x_mid, 0, bytes);
-        launch::add_forward(ctx, enc, &ws.proj, &a.x_mid, t * h)?;
-        keep(enc, 4)?; // x_mid
-        launch::rms_norm_forward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.xn, t, h, c.rms_norm_eps)?;
-        self.linear(enc, l, Module::GateProj, lo, &ws.xn, &a.gate, &ws.lora_h, t, drop)?;
-        self.linear(enc, l, Module::UpProj, lo, &ws.xn, &a.up, &ws.lora_h, t, drop)?;
-        keep(enc, 5)?; // gate
-        keep(enc, 6)?; // up
-        launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;
-        self.linear(enc, l, Module::DownProj, lo, &ws.act, &ws.proj, &ws.lora_h, t, drop)?;
-        enc.copy_buffer_to_buffer(&a.x_mid, 0, x_out, 0, bytes);
-        launch::add_forward(ctx, enc, &ws.proj, x_out, t * h)
+        // Activation k of LayerActs::tensors, stored as f16 before anything overwrites it.
+        let mut keep = |enc: &mut Encoder, stage: Stage| -> Result<()> {
+            let Some(s) = save else { return Ok(()) };
+            let tensors: &[usize] = match stage {
+                Stage::Qkv => &[0, 1, 2],
+                Stage::Attention => {
+                    enc.copy_buffer_to_buffer(&a.stats, 0, &s.stats, 0, a.stats.size());
+                    &[3]
+                }
+                Stage::Mid => &[4],
+                Stage::GateUp => &[5, 6],
+            };
+            for &k in tensors {
+                launch::f16_pack(ctx, enc, a.tensors()[k], s.tensors()[k], sizes[k])?;
+            }
+            Ok(())
+        };
+        self.block_forward(enc, l, &b, Some(lora), t, drop, &mut keep)
     }
 
     /// Final norm, lm_head and the fused cross-entropy in row chunks (so the logits never
