@@ -188,7 +188,7 @@ impl GpuContext {
     /// An encoder that makes a new bind group for every dispatch: for one-off work whose
     /// buffers will not be seen again.
     pub fn encoder(&self) -> Encoder {
-        Encoder { enc: self.device.create_command_encoder(&Default::default()), pass: None, binds: None }
+        Encoder { enc: self.device.create_command_encoder(&Default::default()), pass: None, binds: None, whole: false }
     }
 
     /// An encoder that takes its bind groups from `binds`, making each only the first time its
@@ -284,7 +284,7 @@ impl GpuContext {
         let profiling = self.profiling();
         if profiling == Some(Timer::WallClock) {
             self.flush(enc)?;
-        } else if may_submit && self.uniforms.lock().map(|r| r.unsubmitted >= self.submit_every).unwrap_or(false) {
+        } else if may_submit && !enc.whole && self.uniforms.lock().map(|r| r.unsubmitted >= self.submit_every).unwrap_or(false) {
             self.submit_encoder(enc);
         }
         Counters::add(&self.counters.dispatches);
@@ -373,9 +373,17 @@ pub struct Encoder {
     enc: wgpu::CommandEncoder,
     pass: Option<wgpu::ComputePass<'static>>,
     binds: Option<Arc<BindGroups>>,
+    /// Never submitted part-way (see [`Encoder::whole`]).
+    whole: bool,
 }
 
 impl Encoder {
+    /// Records everything for one submission at the end, however many dispatches: for short
+    /// work such as a decoded token, where a submission part-way costs more than it overlaps.
+    pub fn whole(self) -> Self {
+        Encoder { whole: true, ..self }
+    }
+
     /// Closes the open pass and finishes the commands, ready for [`GpuContext::submit`].
     pub fn finish(mut self) -> wgpu::CommandBuffer {
         self.pass = None;

@@ -572,7 +572,8 @@ impl Model {
             }
             let d = cache.decode.as_ref().ok_or_else(|| Error::Gpu("decode buffers missing".into()))?;
             self.ctx.queue.write_buffer(&d.acts.ids, 0, bytemuck::cast_slice(ids));
-            (self.ctx.encoder_with(&cache.binds), &d.acts)
+            // One submission per decoded token.
+            (self.ctx.encoder_with(&cache.binds).whole(), &d.acts)
         } else {
             owned = self.acts(ids, rank);
             (self.ctx.encoder(), &owned)
