@@ -155,7 +155,13 @@ fn matmul_backward_kernels_match_twins() {
                 (ctx.storage_from("dy", &wide), ctx.storage_from("w", &w), ctx.storage_from("dx", &dx0));
             let dyc = DyCols { buf: &gb, stride: n + lead.len(), col_offset: lead.len() };
             let out = OutCols::whole(k).scaled(0.5).accumulated();
-            run(&ctx, |enc| launch::matmul_backward(&ctx, enc, dyc, Weight::Dense(&wb), &dxb, m, n, k, out));
+            run(&ctx, |enc| {
+                launch::matmul_backward(
+                    &ctx,
+                    enc,
+                    launch::MatmulGrad { dy: dyc, w: Weight::Dense(&wb), dx: &dxb, m, n, k, out },
+                )
+            });
             let got = ctx.read_f32(&dxb, m * k).expect("read");
             assert_close(&format!("matmul_backward dense {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n));
 
@@ -167,7 +173,11 @@ fn matmul_backward_kernels_match_twins() {
             let dxb = ctx.storage_zeroed("dx", m * k);
             let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: 64 };
             run(&ctx, |enc| {
-                launch::matmul_backward(&ctx, enc, DyCols::whole(&gb, n), w4, &dxb, m, n, k, OutCols::whole(k))
+                launch::matmul_backward(
+                    &ctx,
+                    enc,
+                    launch::MatmulGrad { dy: DyCols::whole(&gb, n), w: w4, dx: &dxb, m, n, k, out: OutCols::whole(k) },
+                )
             });
             let got = ctx.read_f32(&dxb, m * k).expect("read");
             assert_close(&format!("matmul_nf4_backward {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n));
@@ -181,13 +191,15 @@ fn matmul_backward_kernels_match_twins() {
                 launch::matmul_backward(
                     &ctx,
                     enc,
-                    DyCols::whole(&gb, n),
-                    Weight::F16(&whb),
-                    &dxb,
-                    m,
-                    n,
-                    k,
-                    OutCols::whole(k),
+                    launch::MatmulGrad {
+                        dy: DyCols::whole(&gb, n),
+                        w: Weight::F16(&whb),
+                        dx: &dxb,
+                        m,
+                        n,
+                        k,
+                        out: OutCols::whole(k),
+                    },
                 )
             });
             let got = ctx.read_f32(&dxb, m * k).expect("read");
@@ -199,8 +211,36 @@ fn matmul_backward_kernels_match_twins() {
             let xb = ctx.storage_from("x", &x);
             let flat = ctx.storage_zeroed("flat grads", off + n * k + 3);
             run(&ctx, |enc| {
-                launch::matmul_backward_w(&ctx, enc, &gb, &xb, &flat, off, m, n, k, 2.0, true)?;
-                launch::matmul_backward_w(&ctx, enc, &gb, &xb, &flat, off, m, n, k, 1.0, true)
+                launch::matmul_backward_w(
+                    &ctx,
+                    enc,
+                    launch::WeightGrad {
+                        dy: &gb,
+                        x: &xb,
+                        dw: &flat,
+                        dw_offset: off,
+                        m,
+                        n,
+                        k,
+                        alpha: 2.0,
+                        accumulate: true,
+                    },
+                )?;
+                launch::matmul_backward_w(
+                    &ctx,
+                    enc,
+                    launch::WeightGrad {
+                        dy: &gb,
+                        x: &xb,
+                        dw: &flat,
+                        dw_offset: off,
+                        m,
+                        n,
+                        k,
+                        alpha: 1.0,
+                        accumulate: true,
+                    },
+                )
             });
             let got = ctx.read_f32(&flat, off + n * k + 3).expect("read");
             let want: Vec<f32> = r::matmul_backward_w(&dy, &x, m, n, k).iter().map(|g| 3.0 * g).collect();
@@ -243,17 +283,23 @@ fn lora_forward_through_a_flat_buffer_matches_twin() {
             launch::matmul_forward(
                 &ctx,
                 enc,
-                &xb,
-                Weight::DenseAt(&fb, a_off),
-                None,
-                &hb,
-                m,
-                rank,
-                k,
-                OutCols::whole(rank),
+                launch::Matmul {
+                    x: &xb,
+                    w: Weight::DenseAt(&fb, a_off),
+                    bias: None,
+                    y: &hb,
+                    m,
+                    n: rank,
+                    k,
+                    out: OutCols::whole(rank),
+                },
             )?;
             let out = OutCols::whole(n).scaled(0.25).accumulated();
-            launch::matmul_forward(&ctx, enc, &hb, Weight::DenseAt(&fb, b_off), None, &yb, m, n, rank, out)
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                launch::Matmul { x: &hb, w: Weight::DenseAt(&fb, b_off), bias: None, y: &yb, m, n, k: rank, out },
+            )
         });
         assert_close("lora forward", &ctx.read_f32(&yb, m * n).expect("read"), &want, 1e-5, sum_tol(k));
     }
@@ -268,7 +314,14 @@ fn cross_entropy_backward_kernel_matches_twin() {
     let (want_loss, want_grad) = r::cross_entropy_backward(&logits, &targets, vocab, 1.0 / 3.0);
     let (lb, tb, out) =
         (ctx.storage_from("logits", &logits), ctx.storage_from("targets", &targets), ctx.storage_zeroed("loss", rows));
-    run(&ctx, |enc| launch::cross_entropy_backward(&ctx, enc, &lb, &tb, &out, rows, vocab, 1.0 / 3.0));
+    run(&ctx, |enc| {
+        launch::cross_entropy_backward(
+            &ctx,
+            enc,
+            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab },
+            1.0 / 3.0,
+        )
+    });
     assert_close("cross_entropy_backward loss", &ctx.read_f32(&out, rows).expect("read"), &want_loss, 1e-5, 1e-5);
     // Probabilities are at most 1; exp and the reduction order give a few ulps.
     assert_close(
@@ -295,7 +348,13 @@ fn rms_norm_rope_silu_backward_kernels_match_twins() {
             ctx.storage_from("dy", &dy),
             ctx.storage_from("dx", &dx0),
         );
-        run(&ctx, |enc| launch::rms_norm_backward(&ctx, enc, &xb, &wb, &gb, &dxb, rows, dim, 1e-5));
+        run(&ctx, |enc| {
+            launch::rms_norm_backward(
+                &ctx,
+                enc,
+                launch::RmsNormGrad { x: &xb, w: &wb, dy: &gb, dx: &dxb, n_rows: rows, dim, eps: 1e-5 },
+            )
+        });
         assert_close(
             &format!("rms_norm_backward {rows}x{dim}"),
             &ctx.read_f32(&dxb, rows * dim).expect("read"),
@@ -306,7 +365,13 @@ fn rms_norm_rope_silu_backward_kernels_match_twins() {
 
         let (dg, du) = (ctx.storage_zeroed("dgate", rows * dim), ctx.storage_zeroed("dup", rows * dim));
         let ub = ctx.storage_from("up", &dx0);
-        run(&ctx, |enc| launch::silu_mul_backward(&ctx, enc, &xb, &ub, &gb, &dg, &du, rows * dim));
+        run(&ctx, |enc| {
+            launch::silu_mul_backward(
+                &ctx,
+                enc,
+                launch::SiluMulGrad { gate: &xb, up: &ub, dout: &gb, dgate: &dg, dup: &du, n: rows * dim },
+            )
+        });
         let (want_g, want_u) = r::silu_mul_backward(&x, &dx0, &dy);
         assert_close("silu_mul_backward dgate", &ctx.read_f32(&dg, rows * dim).expect("read"), &want_g, 1e-5, 1e-6);
         assert_close("silu_mul_backward dup", &ctx.read_f32(&du, rows * dim).expect("read"), &want_u, 1e-5, 1e-6);
@@ -370,7 +435,12 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
             );
             let s = AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0 };
             run(&ctx, |enc| {
-                launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &ksb, &out, &stats, s)?;
+                launch::attention_forward(
+                    &ctx,
+                    enc,
+                    launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ksb, out: &out, stats: &stats },
+                    s,
+                )?;
                 let b = AttentionGrads {
                     q: &qb,
                     k: &kb,
@@ -446,8 +516,13 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
             ctx.storage_from("y", &y0),
         );
         let out = OutCols::at(n + 5, 3).scaled(0.5).accumulated();
-        let d =
-            dispatches(&|enc| launch::matmul_forward(&ctx, enc, &xb, Weight::Dense(&wb), Some(&bb), &yb, m, n, k, out));
+        let d = dispatches(&|enc| {
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                launch::Matmul { x: &xb, w: Weight::Dense(&wb), bias: Some(&bb), y: &yb, m, n, k, out },
+            )
+        });
         assert_eq!(d, 2, "split forward: slices, then the reduction");
         let got = ctx.read_f32(&yb, m * (n + 5)).expect("read");
         assert_close("split matmul dense", &got, &want, 1e-5, sum_tol(k));
@@ -461,7 +536,13 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
             (ctx.storage_from("x", &x), ctx.storage_from("p", &q.packed), ctx.storage_from("a", &q.absmax));
         let yb = ctx.storage_zeroed("y", m * n);
         let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: 64 };
-        let d = dispatches(&|enc| launch::matmul_forward(&ctx, enc, &xb, w4, None, &yb, m, n, k, OutCols::whole(n)));
+        let d = dispatches(&|enc| {
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                launch::Matmul { x: &xb, w: w4, bias: None, y: &yb, m, n, k, out: OutCols::whole(n) },
+            )
+        });
         assert_eq!(d, 2);
         assert_close("split matmul_nf4", &ctx.read_f32(&yb, m * n).expect("read"), &want, 1e-5, sum_tol(k));
         let wh: Vec<half::f16> = rand(n * k, 7, 0.5).iter().map(|&v| half::f16::from_f32(v)).collect();
@@ -469,7 +550,11 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
         let want = r::matmul_forward(&x, &wr, None, m, n, k);
         let whb = ctx.storage_from("w16", &wh);
         let d = dispatches(&|enc| {
-            launch::matmul_forward(&ctx, enc, &xb, Weight::F16(&whb), None, &yb, m, n, k, OutCols::whole(n))
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                launch::Matmul { x: &xb, w: Weight::F16(&whb), bias: None, y: &yb, m, n, k, out: OutCols::whole(n) },
+            )
         });
         assert_eq!(d, 2);
         assert_close("split matmul_f16", &ctx.read_f32(&yb, m * n).expect("read"), &want, 1e-5, sum_tol(k));
@@ -485,7 +570,13 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
         let (gb, wb, dxb) = (ctx.storage_from("dy", &wide), ctx.storage_from("w", &w), ctx.storage_from("dx", &dx0));
         let dyc = DyCols { buf: &gb, stride: n + 2, col_offset: 2 };
         let out = OutCols::whole(k).scaled(2.0).accumulated();
-        let d = dispatches(&|enc| launch::matmul_backward(&ctx, enc, dyc, Weight::Dense(&wb), &dxb, m, n, k, out));
+        let d = dispatches(&|enc| {
+            launch::matmul_backward(
+                &ctx,
+                enc,
+                launch::MatmulGrad { dy: dyc, w: Weight::Dense(&wb), dx: &dxb, m, n, k, out },
+            )
+        });
         assert_eq!(d, 2);
         assert_close("split matmul_backward", &ctx.read_f32(&dxb, m * k).expect("read"), &want, 1e-5, 2.0 * sum_tol(n));
         let q = nf4::quantize(&w, &[n, k], 64).expect("quantize");
@@ -495,7 +586,11 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
         let dxb = ctx.storage_zeroed("dx", m * k);
         let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: 64 };
         let d = dispatches(&|enc| {
-            launch::matmul_backward(&ctx, enc, DyCols::whole(&gb, n), w4, &dxb, m, n, k, OutCols::whole(k))
+            launch::matmul_backward(
+                &ctx,
+                enc,
+                launch::MatmulGrad { dy: DyCols::whole(&gb, n), w: w4, dx: &dxb, m, n, k, out: OutCols::whole(k) },
+            )
         });
         assert_eq!(d, 2);
         assert_close("split matmul_nf4_backward", &ctx.read_f32(&dxb, m * k).expect("read"), &want, 1e-5, sum_tol(n));
@@ -507,8 +602,36 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
         let off = 5;
         let flat = ctx.storage_zeroed("flat grads", off + n * k + 3);
         let d = dispatches(&|enc| {
-            launch::matmul_backward_w(&ctx, enc, &gb, &xb, &flat, off, m, n, k, 2.0, true)?;
-            launch::matmul_backward_w(&ctx, enc, &gb, &xb, &flat, off, m, n, k, 1.0, true)
+            launch::matmul_backward_w(
+                &ctx,
+                enc,
+                launch::WeightGrad {
+                    dy: &gb,
+                    x: &xb,
+                    dw: &flat,
+                    dw_offset: off,
+                    m,
+                    n,
+                    k,
+                    alpha: 2.0,
+                    accumulate: true,
+                },
+            )?;
+            launch::matmul_backward_w(
+                &ctx,
+                enc,
+                launch::WeightGrad {
+                    dy: &gb,
+                    x: &xb,
+                    dw: &flat,
+                    dw_offset: off,
+                    m,
+                    n,
+                    k,
+                    alpha: 1.0,
+                    accumulate: true,
+                },
+            )
         });
         assert_eq!(d, 4);
         let got = ctx.read_f32(&flat, off + n * k + 3).expect("read");
@@ -522,7 +645,11 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
         let (xb, wb) = (ctx.storage_from("x", &rand(m * k, 13, 1.0)), ctx.storage_from("w", &rand(n * k, 14, 0.5)));
         let yb = ctx.storage_zeroed("y", m * n);
         let d = dispatches(&|enc| {
-            launch::matmul_forward(&ctx, enc, &xb, Weight::Dense(&wb), None, &yb, m, n, k, OutCols::whole(n))
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                launch::Matmul { x: &xb, w: Weight::Dense(&wb), bias: None, y: &yb, m, n, k, out: OutCols::whole(n) },
+            )
         });
         assert_eq!(d, 1);
     }

@@ -54,7 +54,9 @@ fn check_matmul(
     (m, n, k): (usize, usize, usize),
 ) {
     let y = ctx.storage_zeroed("y", m * n);
-    run(ctx, |enc| launch::matmul_forward(ctx, enc, x, w, bias, &y, m, n, k, launch::OutCols::whole(n)));
+    run(ctx, |enc| {
+        launch::matmul_forward(ctx, enc, launch::Matmul { x, w, bias, y: &y, m, n, k, out: launch::OutCols::whole(n) })
+    });
     let got = ctx.read_f32(&y, m * n).expect("readback");
     assert_close(&format!("{label} {m}x{n}x{k}"), &got, want, 1e-5, 1e-5 * (k as f32).sqrt());
 }
@@ -121,7 +123,13 @@ fn rms_norm_silu_add_embedding_match_reference() {
         let x = rand(rows * dim, 3, 2.0);
         let w = rand(dim, 4, 1.0);
         let (xb, wb, yb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_zeroed("y", rows * dim));
-        run(&ctx, |enc| launch::rms_norm_forward(&ctx, enc, &xb, &wb, &yb, rows, dim, 1e-5));
+        run(&ctx, |enc| {
+            launch::rms_norm_forward(
+                &ctx,
+                enc,
+                launch::RmsNorm { x: &xb, w: &wb, y: &yb, n_rows: rows, dim, eps: 1e-5 },
+            )
+        });
         assert_close(
             "rms_norm",
             &ctx.read_f32(&yb, rows * dim).expect("read"),
@@ -156,8 +164,32 @@ fn rms_norm_silu_add_embedding_match_reference() {
     let t0 = ctx.storage_from("t0", &table[..split * dim]);
     let t1 = ctx.storage_from("t1", &table[split * dim..]);
     run(&ctx, |enc| {
-        launch::embedding_forward(&ctx, enc, &idb, launch::Rows::F32(&t0), &out, ids.len(), dim, 0, split)?;
-        launch::embedding_forward(&ctx, enc, &idb, launch::Rows::F32(&t1), &out, ids.len(), dim, split, vocab - split)
+        launch::embedding_forward(
+            &ctx,
+            enc,
+            launch::Embedding {
+                ids: &idb,
+                table: launch::Rows::F32(&t0),
+                out: &out,
+                n_tokens: ids.len(),
+                dim,
+                row_start: 0,
+                row_count: split,
+            },
+        )?;
+        launch::embedding_forward(
+            &ctx,
+            enc,
+            launch::Embedding {
+                ids: &idb,
+                table: launch::Rows::F32(&t1),
+                out: &out,
+                n_tokens: ids.len(),
+                dim,
+                row_start: split,
+                row_count: vocab - split,
+            },
+        )
     });
     assert_close(
         "embedding",
@@ -210,7 +242,14 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
             let (out, stats, ks) =
                 (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h), ctx.storage_zeroed("ks", t));
             let s = launch::AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos };
-            run(&ctx, |enc| launch::attention_forward(&ctx, enc, &qb, &kb, &vb, &ks, &out, &stats, s));
+            run(&ctx, |enc| {
+                launch::attention_forward(
+                    &ctx,
+                    enc,
+                    launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ks, out: &out, stats: &stats },
+                    s,
+                )
+            });
             assert_close(
                 &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos}"),
                 &ctx.read_f32(&out, q.len()).expect("read"),
@@ -230,7 +269,13 @@ fn cross_entropy_matches_reference() {
     let targets = vec![3u32, 999, u32::MAX, 0, 512];
     let (lb, tb) = (ctx.storage_from("logits", &logits), ctx.storage_from("targets", &targets));
     let out = ctx.storage_zeroed("loss", rows);
-    run(&ctx, |enc| launch::cross_entropy_forward(&ctx, enc, &lb, &tb, &out, rows, vocab));
+    run(&ctx, |enc| {
+        launch::cross_entropy_forward(
+            &ctx,
+            enc,
+            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab },
+        )
+    });
     assert_close(
         "cross_entropy",
         &ctx.read_f32(&out, rows).expect("read"),
@@ -264,7 +309,21 @@ fn f16_tables_match_reference_on_their_rounded_values() {
     let idb = ctx.storage_from("ids", &ids);
     let out = ctx.storage_zeroed("out", ids.len() * dim);
     let tb = ctx.storage_from("table", &th);
-    run(&ctx, |enc| launch::embedding_forward(&ctx, enc, &idb, launch::Rows::F16(&tb), &out, ids.len(), dim, 0, vocab));
+    run(&ctx, |enc| {
+        launch::embedding_forward(
+            &ctx,
+            enc,
+            launch::Embedding {
+                ids: &idb,
+                table: launch::Rows::F16(&tb),
+                out: &out,
+                n_tokens: ids.len(),
+                dim,
+                row_start: 0,
+                row_count: vocab,
+            },
+        )
+    });
     assert_close(
         "embedding_f16",
         &ctx.read_f32(&out, ids.len() * dim).expect("read"),
@@ -486,8 +545,12 @@ fn kernel_parameters_survive_the_uniform_ring_wrapping_round() {
         let mut enc = ctx.encoder_with(&binds);
         for i in range {
             let out = launch::OutCols::whole(1).scaled((i % 7) as f32).accumulated();
-            launch::matmul_forward(&ctx, &mut enc, &x, launch::Weight::Dense(&w), None, &y, 1, 1, 1, out)
-                .expect("launch");
+            launch::matmul_forward(
+                &ctx,
+                &mut enc,
+                launch::Matmul { x: &x, w: launch::Weight::Dense(&w), bias: None, y: &y, m: 1, n: 1, k: 1, out },
+            )
+            .expect("launch");
         }
         ctx.submit([enc.finish()]);
     };
@@ -570,7 +633,11 @@ fn profiling_counts_every_dispatch_with_its_declared_cost() {
         run(&ctx, |enc| {
             for _ in 0..launches {
                 let out = launch::OutCols::whole(n).accumulated();
-                launch::matmul_forward(&ctx, enc, &x, launch::Weight::Dense(&w), None, &y, m, n, k, out)?;
+                launch::matmul_forward(
+                    &ctx,
+                    enc,
+                    launch::Matmul { x: &x, w: launch::Weight::Dense(&w), bias: None, y: &y, m, n, k, out },
+                )?;
             }
             Ok(())
         });

@@ -284,7 +284,10 @@ impl GpuContext {
         let profiling = self.profiling();
         if profiling == Some(Timer::WallClock) {
             self.flush(enc)?;
-        } else if may_submit && !enc.whole && self.uniforms.lock().map(|r| r.unsubmitted >= self.submit_every).unwrap_or(false) {
+        } else if may_submit
+            && !enc.whole
+            && self.uniforms.lock().map(|r| r.unsubmitted >= self.submit_every).unwrap_or(false)
+        {
             self.submit_encoder(enc);
         }
         Counters::add(&self.counters.dispatches);

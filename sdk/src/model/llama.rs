@@ -481,14 +481,16 @@ impl Model {
         launch::matmul_forward(
             ctx,
             enc,
-            x,
-            l.weight(),
-            l.bias.as_ref(),
-            y,
-            m,
-            l.n_out,
-            l.n_in,
-            OutCols::whole(l.n_out),
+            launch::Matmul {
+                x,
+                w: l.weight(),
+                bias: l.bias.as_ref(),
+                y,
+                m,
+                n: l.n_out,
+                k: l.n_in,
+                out: OutCols::whole(l.n_out),
+            },
         )?;
         if let Some((a, s)) = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s))) {
             let r = a.layout.r;
@@ -499,17 +501,23 @@ impl Model {
             launch::matmul_forward(
                 ctx,
                 enc,
-                x,
-                Weight::DenseAt(&a.params, s.a),
-                None,
-                h,
-                m,
-                r,
-                l.n_in,
-                OutCols::whole(r),
+                launch::Matmul {
+                    x,
+                    w: Weight::DenseAt(&a.params, s.a),
+                    bias: None,
+                    y: h,
+                    m,
+                    n: r,
+                    k: l.n_in,
+                    out: OutCols::whole(r),
+                },
             )?;
             let out = OutCols::whole(l.n_out).scaled(a.scale).accumulated();
-            launch::matmul_forward(ctx, enc, h, Weight::DenseAt(&a.params, s.b), None, y, m, l.n_out, r, out)?;
+            launch::matmul_forward(
+                ctx,
+                enc,
+                launch::Matmul { x: h, w: Weight::DenseAt(&a.params, s.b), bias: None, y, m, n: l.n_out, k: r, out },
+            )?;
         }
         Ok(())
     }
@@ -598,7 +606,19 @@ impl Model {
         let ctx = &self.ctx;
         let (t, h) = (a.t, c.hidden_size);
         for (buf, start, rows) in &self.embed.chunks {
-            launch::embedding_forward(ctx, enc, &a.ids, self.embed.rows(buf), &a.x, t, h, *start, *rows)?;
+            launch::embedding_forward(
+                ctx,
+                enc,
+                launch::Embedding {
+                    ids: &a.ids,
+                    table: self.embed.rows(buf),
+                    out: &a.x,
+                    n_tokens: t,
+                    dim: h,
+                    row_start: *start,
+                    row_count: *rows,
+                },
+            )?;
         }
         for l in 0..self.layers.len() {
             // In place: the residual stream stays in x.
@@ -623,7 +643,11 @@ impl Model {
             };
             self.block_forward(enc, l, &b, lora, t, None, &mut |_, _| Ok(()))?;
         }
-        launch::rms_norm_forward(ctx, enc, &a.x, &self.final_norm, &a.xn, t, h, c.rms_norm_eps)
+        launch::rms_norm_forward(
+            ctx,
+            enc,
+            launch::RmsNorm { x: &a.x, w: &self.final_norm, y: &a.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
+        )
     }
 
     /// Records transformer block `l` over `t` tokens: attention then the SwiGLU MLP, each
@@ -647,7 +671,11 @@ impl Model {
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let layer = &self.layers[l];
         let pos = b.kv_cache.map_or(0, |kv| kv.2);
-        launch::rms_norm_forward(ctx, enc, b.x_in, &layer.attn_norm, b.xn, t, h, c.rms_norm_eps)?;
+        launch::rms_norm_forward(
+            ctx,
+            enc,
+            launch::RmsNorm { x: b.x_in, w: &layer.attn_norm, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
+        )?;
         self.linear(enc, l, Module::QProj, lora, b.xn, b.q, b.lora_h, t, drop)?;
         self.linear(enc, l, Module::KProj, lora, b.xn, b.k, b.lora_h, t, drop)?;
         self.linear(enc, l, Module::VProj, lora, b.xn, b.v, b.lora_h, t, drop)?;
@@ -672,7 +700,12 @@ impl Model {
             head_dim: hd,
             pos_offset: pos,
         };
-        launch::attention_forward(ctx, enc, b.q, keys, values, b.key_start, b.att, b.stats, shape)?;
+        launch::attention_forward(
+            ctx,
+            enc,
+            launch::AttentionIo { q: b.q, k: keys, v: values, key_start: b.key_start, out: b.att, stats: b.stats },
+            shape,
+        )?;
         after(enc, Stage::Attention)?;
         self.linear(enc, l, Module::OProj, lora, b.att, b.proj, b.lora_h, t, drop)?;
         let bytes = (t * h * 4) as u64;
@@ -681,7 +714,11 @@ impl Model {
         }
         launch::add_forward(ctx, enc, b.proj, b.x_mid, t * h)?;
         after(enc, Stage::Mid)?;
-        launch::rms_norm_forward(ctx, enc, b.x_mid, &layer.ffn_norm, b.xn, t, h, c.rms_norm_eps)?;
+        launch::rms_norm_forward(
+            ctx,
+            enc,
+            launch::RmsNorm { x: b.x_mid, w: &layer.ffn_norm, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
+        )?;
         self.linear(enc, l, Module::GateProj, lora, b.xn, b.gate, b.lora_h, t, drop)?;
         self.linear(enc, l, Module::UpProj, lora, b.xn, b.up, b.lora_h, t, drop)?;
         after(enc, Stage::GateUp)?;
@@ -718,14 +755,16 @@ impl Model {
             launch::matmul_forward(
                 &self.ctx,
                 enc,
-                x,
-                table.weight(buf),
-                None,
-                logits,
-                rows,
-                *n,
-                table.dim,
-                OutCols::at(c.vocab_size, *start),
+                launch::Matmul {
+                    x,
+                    w: table.weight(buf),
+                    bias: None,
+                    y: logits,
+                    m: rows,
+                    n: *n,
+                    k: table.dim,
+                    out: OutCols::at(c.vocab_size, *start),
+                },
             )?;
         }
         Ok(())
@@ -871,7 +910,11 @@ impl Model {
             let logits = self.logits_gpu(&mut enc, &hidden, start, rows)?;
             let targets = self.ctx.storage_from("targets", &ids[start + 1..start + 1 + rows]);
             let loss = self.ctx.storage_zeroed("loss", rows);
-            launch::cross_entropy_forward(&self.ctx, &mut enc, &logits, &targets, &loss, rows, v)?;
+            launch::cross_entropy_forward(
+                &self.ctx,
+                &mut enc,
+                launch::CrossEntropy { logits: &logits, targets: &targets, loss: &loss, n_rows: rows, vocab: v },
+            )?;
             self.ctx.submit([enc.finish()]);
             out.extend(self.ctx.read_f32(&loss, rows)?);
             start += rows;

@@ -445,7 +445,19 @@ impl Model {
         let ctx = &self.ctx;
         let h = c.hidden_size;
         for (buf, start, rows) in &self.embed.chunks {
-            launch::embedding_forward(ctx, enc, &ws.ids, self.embed.rows(buf), ws.stream(0), t, h, *start, *rows)?;
+            launch::embedding_forward(
+                ctx,
+                enc,
+                launch::Embedding {
+                    ids: &ws.ids,
+                    table: self.embed.rows(buf),
+                    out: ws.stream(0),
+                    n_tokens: t,
+                    dim: h,
+                    row_start: *start,
+                    row_count: *rows,
+                },
+            )?;
         }
         if ws.half() {
             launch::f16_pack(ctx, enc, ws.stream(0), &ws.x_in[0], t * h)?;
@@ -539,24 +551,55 @@ impl Model {
         let ctx = &self.ctx;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let x_last = ws.stream(c.num_layers);
-        launch::rms_norm_forward(ctx, enc, x_last, &self.final_norm, &ws.xn, t, h, c.rms_norm_eps)?;
+        launch::rms_norm_forward(
+            ctx,
+            enc,
+            launch::RmsNorm { x: x_last, w: &self.final_norm, y: &ws.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
+        )?;
         let table = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut start = 0;
         while start < t {
             let rows = ws.head_rows.min(t - start);
             self.head_logits(enc, ws, start, rows)?;
-            launch::cross_entropy_backward(ctx, enc, &ws.logits, &ws.head_targets, &ws.head_loss, rows, v, grad_scale)?;
+            launch::cross_entropy_backward(
+                ctx,
+                enc,
+                launch::CrossEntropy {
+                    logits: &ws.logits,
+                    targets: &ws.head_targets,
+                    loss: &ws.head_loss,
+                    n_rows: rows,
+                    vocab: v,
+                },
+                grad_scale,
+            )?;
             enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
             for (ci, (buf, first, n)) in table.chunks.iter().enumerate() {
                 let dy = DyCols { buf: &ws.logits, stride: v, col_offset: *first };
                 let out = if ci == 0 { OutCols::whole(h) } else { OutCols::whole(h).accumulated() };
-                launch::matmul_backward(ctx, enc, dy, table.weight(buf), &ws.head_dx, rows, *n, h, out)?;
+                launch::matmul_backward(
+                    ctx,
+                    enc,
+                    launch::MatmulGrad { dy, w: table.weight(buf), dx: &ws.head_dx, m: rows, n: *n, k: h, out },
+                )?;
             }
             enc.copy_buffer_to_buffer(&ws.head_dx, 0, &ws.d_xn, (start * h * 4) as u64, (rows * h * 4) as u64);
             start += rows;
         }
         enc.clear_buffer(&ws.d_res, 0, None);
-        launch::rms_norm_backward(ctx, enc, x_last, &self.final_norm, &ws.d_xn, &ws.d_res, t, h, c.rms_norm_eps)
+        launch::rms_norm_backward(
+            ctx,
+            enc,
+            launch::RmsNormGrad {
+                x: x_last,
+                w: &self.final_norm,
+                dy: &ws.d_xn,
+                dx: &ws.d_res,
+                n_rows: t,
+                dim: h,
+                eps: c.rms_norm_eps,
+            },
+        )
     }
 
     /// Final norm, lm_head and the cross-entropy (forward only) in row chunks; per-token losses
@@ -565,12 +608,33 @@ impl Model {
         let c = &self.config;
         let ctx = &self.ctx;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        launch::rms_norm_forward(ctx, enc, ws.stream(c.num_layers), &self.final_norm, &ws.xn, t, h, c.rms_norm_eps)?;
+        launch::rms_norm_forward(
+            ctx,
+            enc,
+            launch::RmsNorm {
+                x: ws.stream(c.num_layers),
+                w: &self.final_norm,
+                y: &ws.xn,
+                n_rows: t,
+                dim: h,
+                eps: c.rms_norm_eps,
+            },
+        )?;
         let mut start = 0;
         while start < t {
             let rows = ws.head_rows.min(t - start);
             self.head_logits(enc, ws, start, rows)?;
-            launch::cross_entropy_forward(ctx, enc, &ws.logits, &ws.head_targets, &ws.head_loss, rows, v)?;
+            launch::cross_entropy_forward(
+                ctx,
+                enc,
+                launch::CrossEntropy {
+                    logits: &ws.logits,
+                    targets: &ws.head_targets,
+                    loss: &ws.head_loss,
+                    n_rows: rows,
+                    vocab: v,
+                },
+            )?;
             enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
             start += rows;
         }
@@ -586,7 +650,20 @@ impl Model {
         let table = self.lm_head.as_ref().unwrap_or(&self.embed);
         for (buf, first, n) in &table.chunks {
             let out = OutCols::at(v, *first);
-            launch::matmul_forward(&self.ctx, enc, &ws.head_x, table.weight(buf), None, &ws.logits, rows, *n, h, out)?;
+            launch::matmul_forward(
+                &self.ctx,
+                enc,
+                launch::Matmul {
+                    x: &ws.head_x,
+                    w: table.weight(buf),
+                    bias: None,
+                    y: &ws.logits,
+                    m: rows,
+                    n: *n,
+                    k: h,
+                    out,
+                },
+            )?;
         }
         Ok(())
     }
@@ -612,7 +689,11 @@ impl Model {
         let lin = self.layers[l].linear(module);
         let (n_out, n_in) = (lin.n_out, lin.n_in);
         let out = if accumulate { OutCols::whole(n_in).accumulated() } else { OutCols::whole(n_in) };
-        launch::matmul_backward(ctx, enc, DyCols::whole(dy, n_out), lin.weight(), dx, t, n_out, n_in, out)?;
+        launch::matmul_backward(
+            ctx,
+            enc,
+            launch::MatmulGrad { dy: DyCols::whole(dy, n_out), w: lin.weight(), dx, m: t, n: n_out, k: n_in, out },
+        )?;
         let Some(s) = lora.layout.slot(l, module) else { return Ok(()) };
         let (r, scale, p) = (lora.layout.r, lora.scale, &lora.params);
         // With dropout the adapter saw the masked input: rebuild it (same mask).
@@ -621,34 +702,93 @@ impl Model {
             None => x,
         };
         // h = x A^T again (cheaper to recompute than to keep for every module).
-        launch::matmul_forward(ctx, enc, x, Weight::DenseAt(p, s.a), None, &ws.lora_h, t, r, n_in, OutCols::whole(r))?;
+        launch::matmul_forward(
+            ctx,
+            enc,
+            launch::Matmul {
+                x,
+                w: Weight::DenseAt(p, s.a),
+                bias: None,
+                y: &ws.lora_h,
+                m: t,
+                n: r,
+                k: n_in,
+                out: OutCols::whole(r),
+            },
+        )?;
         // dB += scale * dy^T h
-        launch::matmul_backward_w(ctx, enc, dy, &ws.lora_h, grads, s.b, t, n_out, r, scale, true)?;
+        launch::matmul_backward_w(
+            ctx,
+            enc,
+            launch::WeightGrad {
+                dy,
+                x: &ws.lora_h,
+                dw: grads,
+                dw_offset: s.b,
+                m: t,
+                n: n_out,
+                k: r,
+                alpha: scale,
+                accumulate: true,
+            },
+        )?;
         // dh = scale * dy B
         let out = OutCols::whole(r).scaled(scale);
         launch::matmul_backward(
             ctx,
             enc,
-            DyCols::whole(dy, n_out),
-            Weight::DenseAt(p, s.b),
-            &ws.lora_dh,
-            t,
-            n_out,
-            r,
-            out,
+            launch::MatmulGrad {
+                dy: DyCols::whole(dy, n_out),
+                w: Weight::DenseAt(p, s.b),
+                dx: &ws.lora_dh,
+                m: t,
+                n: n_out,
+                k: r,
+                out,
+            },
         )?;
         // dA += dh^T x
-        launch::matmul_backward_w(ctx, enc, &ws.lora_dh, x, grads, s.a, t, r, n_in, 1.0, true)?;
+        launch::matmul_backward_w(
+            ctx,
+            enc,
+            launch::WeightGrad {
+                dy: &ws.lora_dh,
+                x,
+                dw: grads,
+                dw_offset: s.a,
+                m: t,
+                n: r,
+                k: n_in,
+                alpha: 1.0,
+                accumulate: true,
+            },
+        )?;
         // dx += dh A, through the dropout mask when there is one.
         let dh = DyCols::whole(&ws.lora_dh, r);
         match drop {
             None => {
                 let out = OutCols::whole(n_in).accumulated();
-                launch::matmul_backward(ctx, enc, dh, Weight::DenseAt(p, s.a), dx, t, r, n_in, out)
+                launch::matmul_backward(
+                    ctx,
+                    enc,
+                    launch::MatmulGrad { dy: dh, w: Weight::DenseAt(p, s.a), dx, m: t, n: r, k: n_in, out },
+                )
             }
             Some(d) => {
                 let out = OutCols::whole(n_in);
-                launch::matmul_backward(ctx, enc, dh, Weight::DenseAt(p, s.a), &ws.lora_dx, t, r, n_in, out)?;
+                launch::matmul_backward(
+                    ctx,
+                    enc,
+                    launch::MatmulGrad {
+                        dy: dh,
+                        w: Weight::DenseAt(p, s.a),
+                        dx: &ws.lora_dx,
+                        m: t,
+                        n: r,
+                        k: n_in,
+                        out,
+                    },
+                )?;
                 launch::dropout(ctx, enc, &ws.lora_dx, t * n_in, d.p, d.module_seed(l, module))?;
                 launch::add_forward(ctx, enc, &ws.lora_dx, dx, t * n_in)
             }
@@ -678,11 +818,38 @@ impl Model {
         // MLP.
         launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;
         self.linear_backward(enc, ws, l, Module::DownProj, lora, grads, &ws.act, &ws.d_res, &ws.d_act, false, t, drop)?;
-        launch::silu_mul_backward(ctx, enc, &a.gate, &a.up, &ws.d_act, &ws.d_gate, &ws.d_up, t * i)?;
-        launch::rms_norm_forward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.xn, t, h, eps)?;
+        launch::silu_mul_backward(
+            ctx,
+            enc,
+            launch::SiluMulGrad {
+                gate: &a.gate,
+                up: &a.up,
+                dout: &ws.d_act,
+                dgate: &ws.d_gate,
+                dup: &ws.d_up,
+                n: t * i,
+            },
+        )?;
+        launch::rms_norm_forward(
+            ctx,
+            enc,
+            launch::RmsNorm { x: &a.x_mid, w: &layer.ffn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
+        )?;
         self.linear_backward(enc, ws, l, Module::GateProj, lora, grads, &ws.xn, &ws.d_gate, &ws.d_xn, false, t, drop)?;
         self.linear_backward(enc, ws, l, Module::UpProj, lora, grads, &ws.xn, &ws.d_up, &ws.d_xn, true, t, drop)?;
-        launch::rms_norm_backward(ctx, enc, &a.x_mid, &layer.ffn_norm, &ws.d_xn, &ws.d_res, t, h, eps)?;
+        launch::rms_norm_backward(
+            ctx,
+            enc,
+            launch::RmsNormGrad {
+                x: &a.x_mid,
+                w: &layer.ffn_norm,
+                dy: &ws.d_xn,
+                dx: &ws.d_res,
+                n_rows: t,
+                dim: h,
+                eps,
+            },
+        )?;
         // Attention.
         self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, &ws.d_res, &ws.d_att, false, t, drop)?;
         let b = AttentionGrads {
@@ -700,10 +867,18 @@ impl Model {
         launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
         launch::rope_backward(ctx, enc, &ws.dq, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
         launch::rope_backward(ctx, enc, &ws.dk, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
-        launch::rms_norm_forward(ctx, enc, x_in, &layer.attn_norm, &ws.xn, t, h, eps)?;
+        launch::rms_norm_forward(
+            ctx,
+            enc,
+            launch::RmsNorm { x: x_in, w: &layer.attn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
+        )?;
         self.linear_backward(enc, ws, l, Module::QProj, lora, grads, &ws.xn, &ws.dq, &ws.d_xn, false, t, drop)?;
         self.linear_backward(enc, ws, l, Module::KProj, lora, grads, &ws.xn, &ws.dk, &ws.d_xn, true, t, drop)?;
         self.linear_backward(enc, ws, l, Module::VProj, lora, grads, &ws.xn, &ws.dv, &ws.d_xn, true, t, drop)?;
-        launch::rms_norm_backward(ctx, enc, x_in, &layer.attn_norm, &ws.d_xn, &ws.d_res, t, h, eps)
+        launch::rms_norm_backward(
+            ctx,
+            enc,
+            launch::RmsNormGrad { x: x_in, w: &layer.attn_norm, dy: &ws.d_xn, dx: &ws.d_res, n_rows: t, dim: h, eps },
+        )
     }
 }

@@ -35,18 +35,8 @@ fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
 /// at position pos_offset + t and sees keys key_start[t] ..= pos_offset + t (key_start must
 /// not exceed that). Writes out (T, H*hd) and the softmax statistics `stats` (T*H pairs)
 /// that the backward pass needs.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    q: &wgpu::Buffer,
-    k: &wgpu::Buffer,
-    v: &wgpu::Buffer,
-    key_start: &wgpu::Buffer,
-    out: &wgpu::Buffer,
-    stats: &wgpu::Buffer,
-    s: AttentionShape,
-) -> Result<()> {
+pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>, s: AttentionShape) -> Result<()> {
+    let AttentionIo { q, k, v, key_start, out, stats } = b;
     let p = attention_params(s)?;
     let buffers = [q, k, v, key_start, out, stats];
     let (shader, groups) = match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
@@ -82,6 +72,18 @@ fn attention_simd8(
         true => Some(full),
         false => None,
     }
+}
+
+/// The buffers of an attention call: queries, keys and values, each query's first visible key,
+/// and the output with its softmax statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionIo<'a> {
+    pub q: &'a wgpu::Buffer,
+    pub k: &'a wgpu::Buffer,
+    pub v: &'a wgpu::Buffer,
+    pub key_start: &'a wgpu::Buffer,
+    pub out: &'a wgpu::Buffer,
+    pub stats: &'a wgpu::Buffer,
 }
 
 /// The buffers of an attention backward call: the forward's inputs and outputs, the

@@ -2,19 +2,23 @@
 
 use super::*;
 
+/// An embedding lookup over one chunk of a table: rows `row_start .. row_start + row_count`.
+#[derive(Debug, Clone, Copy)]
+pub struct Embedding<'a> {
+    /// (n_tokens) u32 token ids.
+    pub ids: &'a wgpu::Buffer,
+    pub table: Rows<'a>,
+    /// (n_tokens, dim).
+    pub out: &'a wgpu::Buffer,
+    pub n_tokens: usize,
+    pub dim: usize,
+    pub row_start: usize,
+    pub row_count: usize,
+}
+
 /// out[t, :] = table[ids[t] - row_start, :] for ids in [row_start, row_start + row_count).
-#[allow(clippy::too_many_arguments)]
-pub fn embedding_forward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    ids: &wgpu::Buffer,
-    table: Rows<'_>,
-    out: &wgpu::Buffer,
-    n_tokens: usize,
-    dim: usize,
-    row_start: usize,
-    row_count: usize,
-) -> Result<()> {
+pub fn embedding_forward(ctx: &GpuContext, enc: &mut Encoder, e: Embedding<'_>) -> Result<()> {
+    let Embedding { ids, table, out, n_tokens, dim, row_start, row_count } = e;
     let p = EmbeddingParams {
         n_tokens: u32_of(n_tokens, "tokens")?,
         dim: u32_of(dim, "dim")?,
@@ -35,18 +39,20 @@ pub enum Rows<'a> {
     F16(&'a wgpu::Buffer),
 }
 
+/// An RMS norm over `n_rows` rows of `dim`: y = rms_norm(x) * w.
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNorm<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub w: &'a wgpu::Buffer,
+    pub y: &'a wgpu::Buffer,
+    pub n_rows: usize,
+    pub dim: usize,
+    pub eps: f32,
+}
+
 /// y = rms_norm(x) * w over rows of `dim`.
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm_forward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    x: &wgpu::Buffer,
-    w: &wgpu::Buffer,
-    y: &wgpu::Buffer,
-    n_rows: usize,
-    dim: usize,
-    eps: f32,
-) -> Result<()> {
+pub fn rms_norm_forward(ctx: &GpuContext, enc: &mut Encoder, r: RmsNorm<'_>) -> Result<()> {
+    let RmsNorm { x, w, y, n_rows, dim, eps } = r;
     let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
     ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
 }
@@ -101,19 +107,22 @@ pub fn rope_backward(
     rope(ctx, enc, &ROPE_BACKWARD, dx, cos_sin, s)
 }
 
+/// The backward of an [`RmsNorm`]: its input and weight, the output gradient and where the
+/// input gradient is added.
+#[derive(Debug, Clone, Copy)]
+pub struct RmsNormGrad<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub w: &'a wgpu::Buffer,
+    pub dy: &'a wgpu::Buffer,
+    pub dx: &'a wgpu::Buffer,
+    pub n_rows: usize,
+    pub dim: usize,
+    pub eps: f32,
+}
+
 /// dx += d rms_norm(x) / dx applied to dy (the norm weight is frozen).
-#[allow(clippy::too_many_arguments)]
-pub fn rms_norm_backward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    x: &wgpu::Buffer,
-    w: &wgpu::Buffer,
-    dy: &wgpu::Buffer,
-    dx: &wgpu::Buffer,
-    n_rows: usize,
-    dim: usize,
-    eps: f32,
-) -> Result<()> {
+pub fn rms_norm_backward(ctx: &GpuContext, enc: &mut Encoder, g: RmsNormGrad<'_>) -> Result<()> {
+    let RmsNormGrad { x, w, dy, dx, n_rows, dim, eps } = g;
     let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
     ctx.dispatch(enc, &RMS_NORM_BACKWARD, &p, &[x, w, dy, dx], groups_1d(p.n_rows))
 }
@@ -131,18 +140,20 @@ pub fn silu_mul_forward(
     ctx.dispatch(enc, &SILU_MUL, &p, &[gate, up, out], groups_1d(p.n.div_ceil(256)))
 }
 
+/// The backward of out = silu(gate) * up over n values.
+#[derive(Debug, Clone, Copy)]
+pub struct SiluMulGrad<'a> {
+    pub gate: &'a wgpu::Buffer,
+    pub up: &'a wgpu::Buffer,
+    pub dout: &'a wgpu::Buffer,
+    pub dgate: &'a wgpu::Buffer,
+    pub dup: &'a wgpu::Buffer,
+    pub n: usize,
+}
+
 /// dgate, dup of out = silu(gate) * up, given dout.
-#[allow(clippy::too_many_arguments)]
-pub fn silu_mul_backward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    gate: &wgpu::Buffer,
-    up: &wgpu::Buffer,
-    dout: &wgpu::Buffer,
-    dgate: &wgpu::Buffer,
-    dup: &wgpu::Buffer,
-    n: usize,
-) -> Result<()> {
+pub fn silu_mul_backward(ctx: &GpuContext, enc: &mut Encoder, g: SiluMulGrad<'_>) -> Result<()> {
+    let SiluMulGrad { gate, up, dout, dgate, dup, n } = g;
     let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
     ctx.dispatch(enc, &SILU_MUL_BACKWARD, &p, &[gate, up, dout, dgate, dup], groups_1d(p.n.div_ceil(256)))
 }

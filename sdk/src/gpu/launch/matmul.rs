@@ -123,20 +123,23 @@ fn check_f16(k: usize) -> Result<()> {
     Ok(())
 }
 
+/// A linear layer's forward: x (m, k) times w (n, k) transposed, plus the bias, into the
+/// columns of y that `out` says.
+#[derive(Debug, Clone, Copy)]
+pub struct Matmul<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub w: Weight<'a>,
+    pub bias: Option<&'a wgpu::Buffer>,
+    pub y: &'a wgpu::Buffer,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub out: OutCols,
+}
+
 /// y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n]).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_forward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    x: &wgpu::Buffer,
-    w: Weight<'_>,
-    bias: Option<&wgpu::Buffer>,
-    y: &wgpu::Buffer,
-    m: usize,
-    n: usize,
-    k: usize,
-    out: OutCols,
-) -> Result<()> {
+pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
+    let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
     p.has_bias = bias.is_some() as u32;
     // The bias binding must exist even when unused; x serves as a harmless dummy.
@@ -255,21 +258,24 @@ fn run_many_rows(
     ctx.record(enc, d, bytemuck::bytes_of(&reduce), reduced, false)
 }
 
+/// A linear layer's input gradient: dy (m, n) times w (n, k) into the columns of dx that
+/// `out` says.
+#[derive(Debug, Clone, Copy)]
+pub struct MatmulGrad<'a> {
+    pub dy: DyCols<'a>,
+    pub w: Weight<'a>,
+    pub dx: &'a wgpu::Buffer,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub out: OutCols,
+}
+
 /// Input gradient of a linear layer: dx[m, col_offset + k] (+)= alpha * dy[m, :N] . w[:, k],
 /// w (N, K). The weight itself gets no gradient here (frozen base, or see
 /// [`matmul_backward_w`]).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_backward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    dy: DyCols<'_>,
-    w: Weight<'_>,
-    dx: &wgpu::Buffer,
-    m: usize,
-    n: usize,
-    k: usize,
-    out: OutCols,
-) -> Result<()> {
+pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -> Result<()> {
+    let MatmulGrad { dy, w, dx, m, n, k, out } = g;
     let mut p = matmul_params(m, n, k, out)?;
     p.dy_stride = u32_of(dy.stride, "dy stride")?;
     p.dy_col_offset = u32_of(dy.col_offset, "dy column")?;
@@ -296,22 +302,25 @@ pub fn matmul_backward(
     run_many_rows(ctx, enc, kernel, p, &buffers, cost)
 }
 
+/// A dense linear layer's weight gradient: dy (m, n) transposed times x (m, k), scaled by
+/// `alpha`, into dw at element `dw_offset` (added to it when `accumulate`).
+#[derive(Debug, Clone, Copy)]
+pub struct WeightGrad<'a> {
+    pub dy: &'a wgpu::Buffer,
+    pub x: &'a wgpu::Buffer,
+    pub dw: &'a wgpu::Buffer,
+    pub dw_offset: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub accumulate: bool,
+}
+
 /// Weight gradient of a dense linear layer, into a flat buffer:
 /// dw[offset + n*K + k] (+)= alpha * sum_m dy[m, n] * x[m, k]; dy (M, N), x (M, K) contiguous.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_backward_w(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    dy: &wgpu::Buffer,
-    x: &wgpu::Buffer,
-    dw: &wgpu::Buffer,
-    dw_offset: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    accumulate: bool,
-) -> Result<()> {
+pub fn matmul_backward_w(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>) -> Result<()> {
+    let WeightGrad { dy, x, dw, dw_offset, m, n, k, alpha, accumulate } = g;
     let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
     let p = matmul_params(m, n, k, out)?;
     let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
