@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod data;
 pub mod error;
 pub mod gpu;
+mod hash;
 pub mod infer;
 pub mod lora;
 pub mod model;

@@ -9,12 +9,12 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::gpu::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
+use crate::hash::{FNV_OFFSET, fnv1a};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
 use crate::quant::nf4;
 use crate::reference;
-use crate::train::checkpoint::{FNV_OFFSET, fnv1a};
 
 /// How linear weights are held on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -74,16 +74,6 @@ pub struct Checkpoint {
     pub best: Option<Vec<f32>>,
 }
 
-/// FNV-1a's 64-bit offset basis: the starting value of [`fnv1a`].
-pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// Feeds `bytes` into a 64-bit FNV-1a hash (the model and plan fingerprints).
-pub(crate) fn fnv1a(hash: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *hash = (*hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-}
-
 fn tensor_bytes(v: &[f32]) -> Vec<u8> {
     bytemuck::cast_slice(v).to_vec()
 }

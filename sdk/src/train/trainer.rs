@@ -16,12 +16,13 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::auto::{self, Choice, DataShape};
-use super::checkpoint::{Checkpoint, FNV_OFFSET, TrainState, fnv1a};
+use super::checkpoint::{Checkpoint, TrainState};
 use super::optimizer::{AdamwConfig, Optimizer};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::{self, DataConfig, Dataset, Sample, ValSource, Validation};
 use crate::error::{Error, Result};
 use crate::gpu::PendingRead;
+use crate::hash::{FNV_OFFSET, fnv1a};
 use crate::infer::Rng;
 use crate::lora::{Adapter, GpuAdapter, LoraConfig};
 use crate::model::llama::Model;
