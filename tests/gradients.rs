@@ -211,36 +211,19 @@ fn matmul_backward_kernels_match_twins() {
             let xb = ctx.storage_from("x", &x);
             let flat = ctx.storage_zeroed("flat grads", off + n * k + 3);
             run(&ctx, |enc| {
-                launch::matmul_backward_w(
-                    &ctx,
-                    enc,
-                    launch::WeightGrad {
-                        dy: &gb,
-                        x: &xb,
-                        dw: &flat,
-                        dw_offset: off,
-                        m,
-                        n,
-                        k,
-                        alpha: 2.0,
-                        accumulate: true,
-                    },
-                )?;
-                launch::matmul_backward_w(
-                    &ctx,
-                    enc,
-                    launch::WeightGrad {
-                        dy: &gb,
-                        x: &xb,
-                        dw: &flat,
-                        dw_offset: off,
-                        m,
-                        n,
-                        k,
-                        alpha: 1.0,
-                        accumulate: true,
-                    },
-                )
+                let g = launch::WeightGrad {
+                    dy: &gb,
+                    x: &xb,
+                    dw: &flat,
+                    dw_offset: off,
+                    m,
+                    n,
+                    k,
+                    alpha: 2.0,
+                    accumulate: true,
+                };
+                launch::matmul_backward_w(&ctx, enc, g)?;
+                launch::matmul_backward_w(&ctx, enc, launch::WeightGrad { alpha: 1.0, ..g })
             });
             let got = ctx.read_f32(&flat, off + n * k + 3).expect("read");
             let want: Vec<f32> = r::matmul_backward_w(&dy, &x, m, n, k).iter().map(|g| 3.0 * g).collect();
@@ -602,36 +585,19 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
         let off = 5;
         let flat = ctx.storage_zeroed("flat grads", off + n * k + 3);
         let d = dispatches(&|enc| {
-            launch::matmul_backward_w(
-                &ctx,
-                enc,
-                launch::WeightGrad {
-                    dy: &gb,
-                    x: &xb,
-                    dw: &flat,
-                    dw_offset: off,
-                    m,
-                    n,
-                    k,
-                    alpha: 2.0,
-                    accumulate: true,
-                },
-            )?;
-            launch::matmul_backward_w(
-                &ctx,
-                enc,
-                launch::WeightGrad {
-                    dy: &gb,
-                    x: &xb,
-                    dw: &flat,
-                    dw_offset: off,
-                    m,
-                    n,
-                    k,
-                    alpha: 1.0,
-                    accumulate: true,
-                },
-            )
+            let g = launch::WeightGrad {
+                dy: &gb,
+                x: &xb,
+                dw: &flat,
+                dw_offset: off,
+                m,
+                n,
+                k,
+                alpha: 2.0,
+                accumulate: true,
+            };
+            launch::matmul_backward_w(&ctx, enc, g)?;
+            launch::matmul_backward_w(&ctx, enc, launch::WeightGrad { alpha: 1.0, ..g })
         });
         assert_eq!(d, 4);
         let got = ctx.read_f32(&flat, off + n * k + 3).expect("read");
