@@ -33,16 +33,17 @@ struct AdamwParams {
 @group(0) @binding(5) var<storage, read> norm: array<f32>;         // (1) global gradient norm
 @group(0) @binding(6) var<storage, read> applied: array<u32>;      // (1) updates applied so far
 @group(0) @binding(7) var<storage, read> bias: array<f32>;         // (table_len, 2)
+@group(0) @binding(8) var<storage, read> skip: array<u32>;         // (1) non-zero: a loss was not finite
 
 @compute @workgroup_size(256)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x + gid.y * 65535u * 256u;
     if (i >= p.n) { return; }
-    // A NaN or infinite gradient norm skips the whole step: parameters and moments stay as
+    // A NaN or infinite gradient norm, or a loss that was (finite_check.wgsl), skips the whole step: parameters and moments stay as
     // they were, and the host, which reads the norm back, reports the skipped step.
     // (adamw_commit.wgsl leaves the update count as it was.)
     let gn = norm[0];
-    if ((bitcast<u32>(gn) & 0x7f800000u) == 0x7f800000u) { return; }
+    if ((bitcast<u32>(gn) & 0x7f800000u) == 0x7f800000u || skip[0] != 0u) { return; }
     let t = min(applied[0], p.table_len - 1u);
     let bias_c1 = bias[2u * t];
     let bias_c2 = bias[2u * t + 1u];

@@ -353,6 +353,7 @@ fn adamw_matches_reference_over_several_steps() {
     // table by it, and counts itself.
     let applied = ctx.storage_from("applied", &[0u32]);
     let bias = ctx.storage_from("bias", &launch::adamw_bias_table(0.9, 0.999, 8));
+    let skip = ctx.storage_zeroed("skip", 1);
     for step in 1..=5u32 {
         let g = rand(n, 70 + u64::from(step), 0.1);
         let gb = ctx.storage_from("g", &g);
@@ -377,6 +378,7 @@ fn adamw_matches_reference_over_several_steps() {
                 norm: &norm,
                 applied: &applied,
                 bias: &bias,
+                skip: &skip,
             };
             launch::adamw_step(&ctx, enc, b, n, s)
         });
@@ -431,16 +433,52 @@ fn grad_norm_is_exact_over_many_workgroups_and_a_non_finite_norm_skips_adamw() {
         max_grad_norm: 1.0,
     };
     let (applied, bias) = (ctx.storage_from("applied", &[3u32]), ctx.storage_from("bias", &[0.5f32, 0.5]));
+    let skip = ctx.storage_zeroed("skip", 1);
+    let b = launch::AdamwBuffers {
+        param: &pb,
+        grad: &gb,
+        m: &mb,
+        v: &vb,
+        norm: &norm,
+        applied: &applied,
+        bias: &bias,
+        skip: &skip,
+    };
     run(&ctx, |enc| {
         launch::grad_norm(&ctx, enc, &gb, &partials, &norm, n)?;
-        let b =
-            launch::AdamwBuffers { param: &pb, grad: &gb, m: &mb, v: &vb, norm: &norm, applied: &applied, bias: &bias };
         launch::adamw_step(&ctx, enc, b, n, s)
     });
     assert!(ctx.read_f32(&norm, 1).expect("read")[0].is_nan(), "a NaN gradient gives a NaN norm");
     assert_eq!(ctx.read_f32(&applied, 1).expect("read")[0].to_bits(), 3, "a skipped update is not counted");
     assert_eq!(ctx.read_f32(&pb, n).expect("read"), p, "a NaN step must leave the parameters alone");
     assert_eq!(ctx.read_f32(&mb, n).expect("read"), vec![0.0; n], "and the moments");
+
+    // A finite gradient whose step had a non-finite loss: the flag skips the update too.
+    let g = rand(n, 7, 1.0);
+    let gb = ctx.storage_from("g", &g);
+    let check = |losses: &[f32]| {
+        let lb = ctx.storage_from("losses", losses);
+        run(&ctx, |enc| launch::flag_non_finite(&ctx, enc, &lb, &skip, losses.len()));
+        ctx.read_f32(&skip, 1).expect("read")[0].to_bits()
+    };
+    assert_eq!(check(&rand(1000, 8, 5.0)), 0, "finite losses leave the flag clear");
+    let mut losses = rand(1000, 9, 5.0);
+    losses[777] = f32::INFINITY;
+    assert_eq!(check(&losses), 1, "an infinite loss sets it");
+    assert_eq!(check(&rand(3, 10, 1.0)), 1, "and finite ones later in the step leave it set");
+    let b = launch::AdamwBuffers { grad: &gb, ..b };
+    run(&ctx, |enc| {
+        launch::grad_norm(&ctx, enc, &gb, &partials, &norm, n)?;
+        launch::adamw_step(&ctx, enc, b, n, s)
+    });
+    assert!(ctx.read_f32(&norm, 1).expect("read")[0].is_finite());
+    assert_eq!(ctx.read_f32(&applied, 1).expect("read")[0].to_bits(), 3, "the flagged update is not counted");
+    assert_eq!(ctx.read_f32(&pb, n).expect("read"), p, "nor applied");
+    let nan_at_end = [1.0, 2.0, f32::NAN];
+    let fresh = ctx.storage_zeroed("flag", 1);
+    let lb = ctx.storage_from("losses", &nan_at_end);
+    run(&ctx, |enc| launch::flag_non_finite(&ctx, enc, &lb, &fresh, 3));
+    assert_eq!(ctx.read_f32(&fresh, 1).expect("read")[0].to_bits(), 1, "a NaN sets it");
 }
 
 #[test]

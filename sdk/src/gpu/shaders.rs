@@ -126,6 +126,7 @@ shaders! {
     ARGMAX = "argmax";
     TOP_K = "top_k";
     ADAMW_COMMIT = "adamw_commit";
+    FINITE_CHECK = "finite_check";
     // Register-tiled variants for CPU rasterizers (shaders/common/simd8.wgsl).
     MATMUL_SIMD8 = "matmul_simd8";
     MATMUL_F16_SIMD8 = "matmul_f16_simd8";

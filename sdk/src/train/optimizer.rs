@@ -63,6 +63,9 @@ pub struct Optimizer {
     pub norm: wgpu::Buffer,
     /// (1) u32: updates applied so far.
     pub applied: wgpu::Buffer,
+    /// (1) u32: set when a loss of the step being recorded was not finite (see
+    /// [`Optimizer::check_losses`]); the update is then skipped.
+    pub skip: wgpu::Buffer,
     /// Bias corrections of updates 1..=bias_steps.
     bias: wgpu::Buffer,
     bias_steps: usize,
@@ -89,6 +92,7 @@ impl Optimizer {
             partials: ctx.storage_zeroed("grad norm partials", launch::grad_norm_groups(n)),
             norm: ctx.storage_zeroed("grad norm", 1),
             applied: ctx.storage_zeroed("adamw updates", 1),
+            skip: ctx.storage_zeroed("adamw skip", 1),
             bias: ctx.storage_from(
                 "adamw bias corrections",
                 &launch::adamw_bias_table(config.beta1, config.beta2, BIAS_STEPS),
@@ -99,15 +103,22 @@ impl Optimizer {
         })
     }
 
-    /// Records zeroing of the gradients (before accumulating a new step).
+    /// Records zeroing of the gradients and of the skip flag (before accumulating a new step).
     pub fn zero_grad(&self, enc: &mut Encoder) {
         enc.clear_buffer(&self.grads, 0, None);
+        enc.clear_buffer(&self.skip, 0, None);
+    }
+
+    /// Records a check of `n` per-token losses of the step: any that is not finite makes the
+    /// step's update be skipped, as a non-finite gradient norm does.
+    pub fn check_losses(&self, ctx: &GpuContext, enc: &mut Encoder, losses: &wgpu::Buffer, n: usize) -> Result<()> {
+        launch::flag_non_finite(ctx, enc, losses, &self.skip, n)
     }
 
     /// Records the gradient norm and one AdamW update of `params` at learning rate `lr`, as
     /// update number (updates applied so far) + 1, counted on the GPU. The GPU skips the update,
-    /// and leaves the count, when the norm is not finite; read [`Optimizer::norm`] and
-    /// [`Optimizer::applied`] back to learn of it.
+    /// and leaves the count, when the norm is not finite or [`Optimizer::skip`] is set; read
+    /// [`Optimizer::norm`], [`Optimizer::skip`] and [`Optimizer::applied`] back to learn of it.
     pub fn record_step(&mut self, ctx: &GpuContext, enc: &mut Encoder, params: &wgpu::Buffer, lr: f32) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(Error::invalid("learning rate", format!("{lr} (expected a finite number >= 0)")));
@@ -137,6 +148,7 @@ impl Optimizer {
             norm: &self.norm,
             applied: &self.applied,
             bias: &self.bias,
+            skip: &self.skip,
         };
         launch::adamw_step(ctx, enc, b, self.n, s)?;
         self.recorded += 1;

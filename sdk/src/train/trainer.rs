@@ -586,7 +586,8 @@ impl Trainer {
         let Some(val_loss) = self.evaluate()? else { return Ok(false) };
         let train_loss = self.state.window_loss();
         self.state.window = (0.0, 0);
-        let improved = self.state.best_val_loss.is_none_or(|b| val_loss < b);
+        // A NaN (or infinite) validation loss is never the best.
+        let improved = val_loss.is_finite() && self.state.best_val_loss.is_none_or(|b| val_loss < b);
         if improved {
             self.state.best_val_loss = Some(val_loss);
             self.state.best_step = self.state.step;
@@ -806,12 +807,14 @@ impl Trainer {
             }
             let scale = 1.0 / scored.max(1) as f32;
             self.model.forward_backward(&mut enc, &self.ws, b, &self.adapter, &self.opt.grads, scale)?;
+            self.opt.check_losses(&ctx, &mut enc, &self.ws.loss, b.len())?;
             let at = ((READBACK_HEADER + k * capacity) * 4) as u64;
             enc.copy_buffer_to_buffer(&self.ws.loss, 0, slot, at, (b.len() * 4) as u64);
             if k + 1 == group.len() {
                 self.opt.record_step(&ctx, &mut enc, &self.adapter.params, lr)?;
                 enc.copy_buffer_to_buffer(&self.opt.norm, 0, slot, 0, 4);
                 enc.copy_buffer_to_buffer(&self.opt.applied, 0, slot, 4, 4);
+                enc.copy_buffer_to_buffer(&self.opt.skip, 0, slot, 8, 4);
                 return Ok(ctx.submit_and_map(enc, slot));
             }
             ctx.submit([enc.finish()]);
@@ -834,7 +837,8 @@ impl Trainer {
         let loss = (loss_sum / f.scored.max(1) as f64) as f32;
         let norm = f32::from_bits(words[0]);
         self.state.updates = words[1];
-        let applied = norm.is_finite() && loss.is_finite();
+        // What the GPU decided: a finite norm and no loss flagged (the same as a finite mean loss).
+        let applied = norm.is_finite() && words[2] == 0;
         if !applied {
             self.state.bad_steps += 1;
             let what = format!("loss {loss}, gradient norm {norm}");
@@ -875,7 +879,8 @@ impl Trainer {
     }
 }
 
-/// Words before the losses in a step's readback: the gradient norm, the update count, padding.
+/// Words before the losses in a step's readback: the gradient norm, the update count, the
+/// non-finite-loss flag, padding.
 const READBACK_HEADER: usize = 4;
 
 /// What a run's step events are measured against.

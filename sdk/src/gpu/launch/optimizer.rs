@@ -52,6 +52,20 @@ pub struct AdamwBuffers<'a> {
     /// The bias corrections of updates 1, 2, ... as pairs (see [`adamw_bias_table`]); updates
     /// past its end use its last pair.
     pub bias: &'a wgpu::Buffer,
+    /// (1) u32: non-zero skips the update, as a non-finite norm does (see [`flag_non_finite`]).
+    pub skip: &'a wgpu::Buffer,
+}
+
+/// Sets flag[0] to 1 if any of the n values of x is not finite; leaves it otherwise.
+pub fn flag_non_finite(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    x: &wgpu::Buffer,
+    flag: &wgpu::Buffer,
+    n: usize,
+) -> Result<()> {
+    let p = ElementwiseParams { n: u32_of(n, "values")?, ..Default::default() };
+    ctx.dispatch(enc, &FINITE_CHECK, &p, &[x, flag], [1, 1, 1])
 }
 
 /// The bias corrections `(1 - beta1^t, 1 - beta2^t)` of updates t = 1..=steps, flattened, for
@@ -66,7 +80,7 @@ pub fn adamw_bias_table(beta1: f32, beta2: f32, steps: usize) -> Vec<f32> {
 }
 
 /// One AdamW step over flat buffers of `n` values, clipped by the global gradient norm in
-/// `norm[0]` (see [`grad_norm`]); a non-finite norm skips it. The update's number comes from
+/// `norm[0]` (see [`grad_norm`]); a non-finite norm, or a set `skip` flag, skips it. The update's number comes from
 /// the GPU's own count (`applied`), so a step can be recorded before the last one's norm is
 /// known on the host. Two dispatches: the update, then the count.
 pub fn adamw_step(ctx: &GpuContext, enc: &mut Encoder, b: AdamwBuffers<'_>, n: usize, s: AdamwStep) -> Result<()> {
@@ -89,7 +103,7 @@ pub fn adamw_step(ctx: &GpuContext, enc: &mut Encoder, b: AdamwBuffers<'_>, n: u
         table_len: u32::try_from(table_len).unwrap_or(u32::MAX),
         ..Default::default()
     };
-    let buffers = [b.param, b.grad, b.m, b.v, b.norm, b.applied, b.bias];
+    let buffers = [b.param, b.grad, b.m, b.v, b.norm, b.applied, b.bias, b.skip];
     ctx.dispatch(enc, &ADAMW, &p, &buffers, groups_1d(p.n.div_ceil(256)))?;
-    ctx.dispatch(enc, &ADAMW_COMMIT, &ElementwiseParams::default(), &[b.norm, b.applied], [1, 1, 1])
+    ctx.dispatch(enc, &ADAMW_COMMIT, &ElementwiseParams::default(), &[b.norm, b.applied, b.skip], [1, 1, 1])
 }
