@@ -736,3 +736,32 @@ fn top_k_matches_the_cpu_samplers_order() {
     let small = ctx.storage_zeroed("small", 1);
     assert!(launch::top_k(&ctx, &mut enc, &x, &small, &x, 100, 10).is_err(), "partials too small");
 }
+
+/// A GPU that does not finish in time is an error naming the setting, never a hang: with a
+/// one-microsecond limit, the readback after a 4-GFLOP matmul cannot see it finish on a GPU.
+/// Lavapipe runs the work inside the submission itself, so there the limit is never reached
+/// and the readback must succeed; that run checks only that the limit breaks nothing.
+#[test]
+fn a_gpu_that_does_not_finish_in_time_is_an_error() {
+    let opts = GpuOptions { gpu_timeout: Some(std::time::Duration::from_micros(1)), ..Default::default() };
+    let ctx = GpuContext::new(&opts).expect("adapter");
+    let finishes_in_submit = ctx.report.device_type == "Cpu";
+    let (m, n, k) = (512, 2048, 2048);
+    let (x, w, y) = (ctx.storage_zeroed("x", m * k), ctx.storage_zeroed("w", n * k), ctx.storage_zeroed("y", m * n));
+    run(&ctx, |enc| {
+        let out = launch::OutCols::whole(n);
+        launch::matmul_forward(
+            &ctx,
+            enc,
+            launch::Matmul { x: &x, w: launch::Weight::Dense(&w), bias: None, y: &y, m, n, k, out },
+        )
+    });
+    match ctx.read_f32(&y, 4) {
+        Ok(v) => assert!(finishes_in_submit && v == [0.0; 4], "a 1 us wait saw a 4-GFLOP matmul finish: {v:?}"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(!finishes_in_submit, "{msg}");
+            assert!(msg.contains("did not finish") && msg.contains("EDGETUNE_GPU_TIMEOUT_S"), "{msg}");
+        }
+    }
+}

@@ -22,7 +22,14 @@ pub struct GpuOptions {
     /// Use only the portable kernels, even where the adapter has faster variants (the
     /// register-tiled matmuls for CPU rasterizers). Tests use it to cover both.
     pub portable_kernels: bool,
+    /// The longest the host waits for the GPU to finish submitted work before it gives up with
+    /// an error; `None` reads `EDGETUNE_GPU_TIMEOUT_S`, else [`GPU_TIMEOUT`].
+    pub gpu_timeout: Option<std::time::Duration>,
 }
+
+/// How long the host waits for the GPU by default: far longer than any one training step or
+/// readback of a model that fits, short enough that a hung GPU is reported.
+pub const GPU_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What the chosen adapter is and can do.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -98,6 +105,10 @@ pub struct GpuContext {
     pipelines: Mutex<HashMap<&'static str, Kernel>>,
     /// The first error wgpu reported outside an error scope; surfaced by [`GpuContext::check`].
     uncaptured: std::sync::Arc<Mutex<Option<String>>>,
+    /// Why the device was lost, if it was; surfaced by [`GpuContext::check`].
+    lost: std::sync::Arc<Mutex<Option<String>>>,
+    /// See [`GpuOptions::gpu_timeout`].
+    pub(crate) gpu_timeout: std::time::Duration,
     /// The profile being gathered (see [`GpuContext::start_profiling`]).
     pub(crate) profile: Mutex<Option<Profile>>,
     /// What the GPU layer has created and recorded since the device was opened.
@@ -264,6 +275,23 @@ impl GpuContext {
                 slot.get_or_insert_with(|| e.to_string());
             }
         }));
+        let lost = std::sync::Arc::new(Mutex::new(None));
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            // Destroyed is this context being dropped, not a fault.
+            if reason != wgpu::DeviceLostReason::Destroyed
+                && let Ok(mut slot) = lost_sink.lock()
+            {
+                slot.get_or_insert_with(|| format!("{message} ({reason:?})"));
+            }
+        });
+        let gpu_timeout = opts.gpu_timeout.unwrap_or_else(|| {
+            std::env::var("EDGETUNE_GPU_TIMEOUT_S")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map_or(GPU_TIMEOUT, std::time::Duration::from_secs_f64)
+        });
         Ok(GpuContext {
             adapter,
             device,
@@ -272,6 +300,8 @@ impl GpuContext {
             limits,
             pipelines: Mutex::new(HashMap::new()),
             uncaptured,
+            lost,
+            gpu_timeout,
             profile: Mutex::new(None),
             counters: Counters::default(),
             scratch: Mutex::new(None),
@@ -340,11 +370,36 @@ impl GpuContext {
         ring.pending_start = ring.next;
     }
 
-    /// Returns (and clears) the first GPU error reported since the last check.
+    /// Returns (and clears) the first GPU error reported since the last check, or that the
+    /// device was lost (which stays).
     pub fn check(&self) -> Result<()> {
+        if let Some(why) = self.lost.lock().ok().and_then(|s| s.clone()) {
+            return Err(Error::Gpu(format!("the GPU device was lost: {why}")));
+        }
         match self.uncaptured.lock().ok().and_then(|mut s| s.take()) {
             Some(e) => Err(Error::Gpu(e)),
             None => Ok(()),
+        }
+    }
+
+    /// Waits for `submission` (or everything submitted), at most [`GpuOptions::gpu_timeout`]:
+    /// a GPU that stops answering, or a lost device, is an error rather than a hang.
+    pub fn wait(&self, submission: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        let timeout = Some(self.gpu_timeout);
+        match self.device.poll(wgpu::PollType::Wait { submission_index: submission, timeout }) {
+            Ok(_) => self.check(),
+            Err(wgpu::PollError::Timeout) => {
+                self.check()?;
+                Err(Error::Gpu(format!(
+                    "the GPU did not finish its work within {:.3} s (GpuOptions::gpu_timeout, or \
+                     EDGETUNE_GPU_TIMEOUT_S): it has stopped answering, or this work is far too large for it",
+                    self.gpu_timeout.as_secs_f64()
+                )))
+            }
+            Err(e) => {
+                self.check()?;
+                Err(Error::Gpu(format!("waiting for the GPU: {e}")))
+            }
         }
     }
 

@@ -129,9 +129,7 @@ impl GpuContext {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.wait(None)?;
         rx.recv()
             .map_err(|_| Error::Gpu("readback callback dropped".into()))?
             .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
@@ -170,9 +168,7 @@ impl GpuContext {
     /// Waits for a read started by [`GpuContext::submit_and_map`] (returning at once when the
     /// GPU has finished it) and returns the staging buffer's words, then unmaps it.
     pub fn finish_read(&self, p: PendingRead) -> Result<Vec<u32>> {
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: Some(p.submission), timeout: None })
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.wait(Some(p.submission))?;
         p.rx.recv()
             .map_err(|_| Error::Gpu("readback callback dropped".into()))?
             .map_err(|e| Error::Gpu(format!("mapping a readback buffer: {e}")))?;
@@ -343,9 +339,7 @@ impl GpuContext {
     /// Submits what `enc` holds so far, waits for it, and leaves a fresh encoder in its place.
     fn flush(&self, enc: &mut Encoder) -> Result<()> {
         self.submit_encoder(enc);
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.wait(None)?;
         Ok(())
     }
 }

@@ -190,9 +190,7 @@ impl GpuContext {
         q.read.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
-            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        self.wait(None)?;
         rx.recv()
             .map_err(|_| Error::Gpu("timestamp callback dropped".into()))?
             .map_err(|e| Error::Gpu(format!("mapping timestamps: {e}")))?;
