@@ -232,6 +232,52 @@ fn steps_reported_a_step_late_match_steps_waited_for() {
     assert_eq!((evals(&waited), evals(&late)), (20, 2));
 }
 
+/// Checkpoints by time: with `checkpoint_every_s` 1 and steps slowed to 0.3 s (in the event
+/// callback), checkpoints come during the run, at steps that landed; with 0 only at the end.
+#[test]
+fn checkpoints_are_written_by_time_as_well_as_by_steps() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.0);
+    let dir = tmp("timed-checkpoints");
+    let run = |every_s: u64| {
+        let cfg = TrainConfig {
+            max_steps: Some(8),
+            eval_every: 0,
+            checkpoint_every: 0,
+            checkpoint_every_s: every_s,
+            ..config()
+        };
+        let mut t = Trainer::new(m.clone(), &data, cfg).expect("trainer");
+        t.set_checkpoint_path(dir.join(format!("every-{every_s}.ckpt")));
+        let mut events = Vec::new();
+        t.run(|e| {
+            if matches!(e, Event::Step { .. }) {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            events.push(e.clone());
+        })
+        .expect("run");
+        let mut last_step = 0;
+        let mut at = Vec::new();
+        for e in &events {
+            match e {
+                Event::Step { step, .. } => last_step = *step,
+                Event::Checkpoint { step, .. } => {
+                    assert_eq!(*step, last_step, "a checkpoint follows its own step's event");
+                    at.push(*step);
+                }
+                _ => {}
+            }
+        }
+        at
+    };
+    let timed = run(1);
+    assert!(timed.len() >= 2 && timed[0] < 8, "checkpoints during the run: {timed:?}");
+    assert_eq!(timed.last(), Some(&8), "and at the end: {timed:?}");
+    assert_eq!(run(0), [8], "with neither rule, only at the end");
+}
+
 #[test]
 fn early_stopping_returns_the_best_adapter() {
     let ctx = ctx();

@@ -359,8 +359,9 @@ enum edgetune_status edgetune_trainer_add_record(const struct edgetune_trainer *
                                                  const char *record_json);
 
 /**
- * Where checkpoints are written: every `checkpoint_every` steps of the settings and when a run
- * ends or is cancelled (atomically: a temporary file, then a rename).
+ * Where checkpoints are written: every `checkpoint_every` steps or `checkpoint_every_s` seconds
+ * of the settings (600 s by default) and when a run ends or is cancelled (atomically: a
+ * temporary file, then a rename).
  *
  * # Safety
  * `trainer` is a live trainer, `path` a string.

@@ -670,8 +670,9 @@ pub unsafe extern "C" fn edgetune_trainer_add_record(
     })
 }
 
-/// Where checkpoints are written: every `checkpoint_every` steps of the settings and when a run
-/// ends or is cancelled (atomically: a temporary file, then a rename).
+/// Where checkpoints are written: every `checkpoint_every` steps or `checkpoint_every_s` seconds
+/// of the settings (600 s by default) and when a run ends or is cancelled (atomically: a
+/// temporary file, then a rename).
 ///
 /// # Safety
 /// `trainer` is a live trainer, `path` a string.

@@ -471,7 +471,7 @@ class Trainer(_Handle):
 
     def set_checkpoint_path(self, path: PathLike) -> None:
         """Writes a checkpoint there when the run ends, is cancelled, or reaches the settings'
-        ``checkpoint_every``."""
+        ``checkpoint_every`` steps or ``checkpoint_every_s`` seconds (600 by default)."""
         _check(_lib.edgetune_trainer_set_checkpoint_path(self._handle, _c(path)))
 
     def resume(self, path: PathLike) -> None:

@@ -69,8 +69,12 @@ pub struct TrainConfig {
     pub activations: Precision,
     /// Seed of the batch order.
     pub seed: u64,
-    /// Write a checkpoint every this many steps (0: only when training ends or is cancelled).
+    /// Write a checkpoint every this many steps (0: not by step count).
     pub checkpoint_every: u64,
+    /// Write a checkpoint once this many seconds have passed since the last one (0: not by
+    /// time), so that a killed run loses at most this much training. Either rule, whichever
+    /// comes first; with both 0, only when training ends or is cancelled.
+    pub checkpoint_every_s: u64,
     /// Consecutive non-finite steps (skipped) after which training stops with an error.
     pub max_bad_steps: u32,
 }
@@ -95,6 +99,7 @@ impl Default for TrainConfig {
             activations: Precision::F32,
             seed: 0,
             checkpoint_every: 0,
+            checkpoint_every_s: 600,
             max_bad_steps: 3,
         }
     }
@@ -690,6 +695,7 @@ impl Trainer {
         let slot_bytes = (READBACK_HEADER + self.cfg.grad_accum * self.ws.capacity) as u64 * 4;
         let slots = [ctx.staging("step readback", slot_bytes), ctx.staging("step readback", slot_bytes)];
         let mut in_flight: Option<InFlight> = None;
+        let mut last_checkpoint = Instant::now();
         let mut order = self.batch_order();
         let mut last_loss = None;
         let mut reason = StopReason::Completed;
@@ -741,7 +747,10 @@ impl Trainer {
                 n => step.is_multiple_of(n) || step == total,
             };
             let every = self.cfg.checkpoint_every;
-            let checkpoint_now = every > 0 && step.is_multiple_of(every) && step < total;
+            let every_s = self.cfg.checkpoint_every_s;
+            let due = (every > 0 && step.is_multiple_of(every))
+                || (every_s > 0 && last_checkpoint.elapsed().as_secs_f64() >= every_s as f64);
+            let checkpoint_now = due && step < total && self.checkpoint.is_some();
             if !(eval_now || checkpoint_now || step == total) {
                 in_flight = Some(flight);
                 continue;
@@ -755,6 +764,7 @@ impl Trainer {
             }
             if checkpoint_now {
                 self.save_checkpoint(on_event)?;
+                last_checkpoint = Instant::now();
             }
         }
         // A run that ends on skipped steps keeps the last good checkpoint.

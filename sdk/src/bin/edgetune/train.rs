@@ -99,6 +99,10 @@ pub struct TrainArgs {
     patience: Option<u32>,
     #[arg(long)]
     checkpoint_every: Option<u64>,
+    /// Also checkpoint once this many seconds have passed since the last checkpoint (default
+    /// 600; 0: not by time).
+    #[arg(long)]
+    checkpoint_every_s: Option<u64>,
     #[arg(long)]
     seed: Option<u64>,
     /// Skip bad records (and report how many) instead of stopping at the first.
@@ -159,6 +163,7 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     set!(a.eval_every => eval_every);
     set!(a.patience => early_stopping_patience);
     set!(a.checkpoint_every => checkpoint_every);
+    set!(a.checkpoint_every_s => checkpoint_every_s);
     set!(a.activations => activations);
     if let Some(system) = &a.system {
         c.data.system = Some(system.clone());
