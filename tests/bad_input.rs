@@ -111,6 +111,30 @@ fn unknown_architecture_in_config_json_is_named() {
     assert!(err_of(open_weights(&d)).contains("invalid JSON"));
 }
 
+/// Sizes in a config.json beyond any real model are refused before anything is sized from them,
+/// naming the file and the field; so is a LoRA rank beyond any real use.
+#[test]
+fn oversized_config_values_are_refused_naming_the_field() {
+    let d = tmpdir("oversized");
+    for (from, to, field) in [
+        ("\"hidden_size\": 64", "\"hidden_size\": 1000000", "hidden_size 1000000"),
+        ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 100000", "num_hidden_layers 100000"),
+        ("\"vocab_size\": 320", "\"vocab_size\": 4000000000", "vocab_size 4000000000"),
+    ] {
+        copy_tiny(&d);
+        let cfg = d.join("config.json");
+        let text = std::fs::read_to_string(&cfg).expect("read");
+        assert!(text.contains(from), "fixture has {from}");
+        std::fs::write(&cfg, text.replace(from, to)).expect("write");
+        let e = err_of(open_weights(&d));
+        assert!(e.contains("config.json") && e.contains(field) && e.contains("the most edgetune accepts"), "{e}");
+    }
+    let big = edgetune::lora::LoraConfig { r: edgetune::lora::MAX_RANK + 1, ..Default::default() };
+    let e = big.validate().expect_err("rank too large").to_string();
+    assert!(e.contains("r 4097") && e.contains("4096"), "{e}");
+    assert!(edgetune::lora::LoraConfig { r: 256, ..Default::default() }.validate().is_ok());
+}
+
 #[test]
 fn missing_tokenizer_is_named() {
     let d = tmpdir("tok");

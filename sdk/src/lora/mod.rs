@@ -123,6 +123,10 @@ impl Default for LoraConfig {
     }
 }
 
+/// The largest LoRA rank accepted: far above the ranks used in practice (4 to 256), and a
+/// bound on the adapter's size that no configuration value can push past.
+pub const MAX_RANK: usize = 4096;
+
 impl LoraConfig {
     /// The factor that multiplies B A.
     pub fn scale(&self) -> f32 {
@@ -134,6 +138,8 @@ impl LoraConfig {
         let mut problems = Vec::new();
         if self.r == 0 {
             problems.push("r must be at least 1 (r = 0 would train nothing)".to_string());
+        } else if self.r > MAX_RANK {
+            problems.push(format!("r {} is more than {MAX_RANK}, the most edgetune accepts", self.r));
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
             problems.push(format!("alpha must be a positive number (got {})", self.alpha));

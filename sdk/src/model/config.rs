@@ -219,17 +219,24 @@ impl ModelConfig {
 
     fn validate(&self, path: &Path) -> Result<()> {
         let mut problems = Vec::new();
-        for (name, v) in [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_layers),
-            ("num_attention_heads", self.num_heads),
-            ("num_key_value_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
-            ("vocab_size", self.vocab_size),
+        // Upper bounds far above any real model (the largest open models have hidden sizes near
+        // 16,384, intermediate sizes near 53,248, 126 layers, 128 heads and vocabularies of
+        // 256,000), so that a broken or crafted file is refused before any size is computed from
+        // it, and every product of these sizes fits 64 bits.
+        for (name, v, most) in [
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 19),
+            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_attention_heads", self.num_heads, 1 << 12),
+            ("num_key_value_heads", self.num_kv_heads, 1 << 12),
+            ("head_dim", self.head_dim, 256),
+            ("vocab_size", self.vocab_size, 1 << 23),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 24),
         ] {
             if v == 0 {
                 problems.push(format!("{name} is 0"));
+            } else if v > most {
+                problems.push(format!("{name} {v} is more than {most}, the most edgetune accepts"));
             }
         }
         if self.num_kv_heads != 0 && !self.num_heads.is_multiple_of(self.num_kv_heads) {
@@ -240,9 +247,6 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             problems.push(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
-        }
-        if self.head_dim > 256 {
-            problems.push(format!("head_dim {} is larger than 256, the attention kernel's limit", self.head_dim));
         }
         if problems.is_empty() { Ok(()) } else { Err(Error::format(path, problems.join("; "))) }
     }
