@@ -739,13 +739,13 @@ fn top_k_matches_the_cpu_samplers_order() {
 
 /// A GPU that does not finish in time is an error naming the setting, never a hang: with a
 /// one-microsecond limit, the readback after a 4-GFLOP matmul cannot see it finish on a GPU.
-/// Lavapipe runs the work inside the submission itself, so there the limit is never reached
-/// and the readback must succeed; that run checks only that the limit breaks nothing.
+/// Lavapipe may run the work before the wait begins (it did in release builds here, not in
+/// debug ones), so on a CPU adapter a correct readback is accepted too.
 #[test]
 fn a_gpu_that_does_not_finish_in_time_is_an_error() {
     let opts = GpuOptions { gpu_timeout: Some(std::time::Duration::from_micros(1)), ..Default::default() };
     let ctx = GpuContext::new(&opts).expect("adapter");
-    let finishes_in_submit = ctx.report.device_type == "Cpu";
+    let may_finish_in_submit = ctx.report.device_type == "Cpu";
     let (m, n, k) = (512, 2048, 2048);
     let (x, w, y) = (ctx.storage_zeroed("x", m * k), ctx.storage_zeroed("w", n * k), ctx.storage_zeroed("y", m * n));
     run(&ctx, |enc| {
@@ -757,10 +757,9 @@ fn a_gpu_that_does_not_finish_in_time_is_an_error() {
         )
     });
     match ctx.read_f32(&y, 4) {
-        Ok(v) => assert!(finishes_in_submit && v == [0.0; 4], "a 1 us wait saw a 4-GFLOP matmul finish: {v:?}"),
+        Ok(v) => assert!(may_finish_in_submit && v == [0.0; 4], "a 1 us wait saw a 4-GFLOP matmul finish: {v:?}"),
         Err(e) => {
             let msg = e.to_string();
-            assert!(!finishes_in_submit, "{msg}");
             assert!(msg.contains("did not finish") && msg.contains("EDGETUNE_GPU_TIMEOUT_S"), "{msg}");
         }
     }
