@@ -418,24 +418,9 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
             );
             let s = AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0 };
             run(&ctx, |enc| {
-                launch::attention_forward(
-                    &ctx,
-                    enc,
-                    launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ksb, out: &out, stats: &stats },
-                    s,
-                )?;
-                let b = AttentionGrads {
-                    q: &qb,
-                    k: &kb,
-                    v: &vb,
-                    key_start: &ksb,
-                    out: &out,
-                    stats: &stats,
-                    dout: &gb,
-                    dq: &dq,
-                    dk: &dk,
-                    dv: &dv,
-                };
+                let fwd = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ksb, out: &out, stats: &stats };
+                launch::attention_forward(&ctx, enc, fwd, s)?;
+                let b = AttentionGrads { fwd, dout: &gb, dq: &dq, dk: &dk, dv: &dv };
                 launch::attention_backward(&ctx, enc, b, s)
             });
             let label = format!("attention t{t} segs {segs:?} h{h}/{kvh} hd{hd}");

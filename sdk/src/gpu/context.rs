@@ -419,7 +419,7 @@ impl GpuContext {
         }
         let source = expand(shader)?;
         let entries: Vec<wgpu::BindGroupLayoutEntry> = shader
-            .bindings()?
+            .bindings_in(&source)?
             .into_iter()
             .enumerate()
             .map(|(i, b)| wgpu::BindGroupLayoutEntry {

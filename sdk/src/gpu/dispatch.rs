@@ -123,22 +123,8 @@ impl GpuContext {
     ) -> Result<Vec<f32>> {
         self.check()?;
         enc.copy_buffer_to_buffer(buf, 0, staging, 0, size);
-        self.submit([enc.finish()]);
-        let slice = staging.slice(..size);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait(None)?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("readback callback dropped".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
-        self.check()?;
-        let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("reading back a buffer: {e:?}")))?;
-        let out = bytemuck::cast_slice::<u8, f32>(&view)[..n].to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        let words = self.finish_read(self.submit_and_map(enc, staging, size))?;
+        Ok(words[..n].iter().map(|&w| f32::from_bits(w)).collect())
     }
 
     /// A buffer of `bytes` that the GPU copies into and the CPU maps to read (see
@@ -153,27 +139,28 @@ impl GpuContext {
         })
     }
 
-    /// Submits `enc`, which ends with copies into `staging`, and asks for the staging buffer to
-    /// be mapped once the GPU is done, without waiting: [`GpuContext::finish_read`] collects
-    /// it. Until then the staging buffer must not be used again.
-    pub fn submit_and_map(&self, enc: Encoder, staging: &wgpu::Buffer) -> PendingRead {
+    /// Submits `enc`, which ends with copies into the first `bytes` of `staging`, and asks for
+    /// them to be mapped once the GPU is done, without waiting: [`GpuContext::finish_read`]
+    /// collects them. Until then the staging buffer must not be used again. Every readback
+    /// goes through this pair.
+    pub fn submit_and_map(&self, enc: Encoder, staging: &wgpu::Buffer, bytes: u64) -> PendingRead {
         let submission = self.submit([enc.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        staging.slice(..bytes).map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        PendingRead { staging: staging.clone(), submission, rx }
+        PendingRead { staging: staging.clone(), bytes, submission, rx }
     }
 
     /// Waits for a read started by [`GpuContext::submit_and_map`] (returning at once when the
-    /// GPU has finished it) and returns the staging buffer's words, then unmaps it.
+    /// GPU has finished it) and returns its words, then unmaps the staging buffer.
     pub fn finish_read(&self, p: PendingRead) -> Result<Vec<u32>> {
         self.wait(Some(p.submission))?;
         p.rx.recv()
             .map_err(|_| Error::Gpu("readback callback dropped".into()))?
             .map_err(|e| Error::Gpu(format!("mapping a readback buffer: {e}")))?;
         self.check()?;
-        let slice = p.staging.slice(..);
+        let slice = p.staging.slice(..p.bytes);
         let view = slice.get_mapped_range().map_err(|e| Error::Gpu(format!("reading back a buffer: {e:?}")))?;
         let words = bytemuck::cast_slice::<u8, u32>(&view).to_vec();
         drop(view);
@@ -357,6 +344,7 @@ pub struct Dispatch<'a> {
 #[derive(Debug)]
 pub struct PendingRead {
     staging: wgpu::Buffer,
+    bytes: u64,
     submission: wgpu::SubmissionIndex,
     rx: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
 }

@@ -182,24 +182,12 @@ impl GpuContext {
             return Ok(());
         }
         let n = q.pending.len() as u32;
-        let mut enc = self.device.create_command_encoder(&Default::default());
+        let bytes = u64::from(n) * 16;
+        let mut enc = self.encoder();
         enc.resolve_query_set(&q.set, 0..2 * n, &q.resolve, 0);
-        enc.copy_buffer_to_buffer(&q.resolve, 0, &q.read, 0, u64::from(n) * 16);
-        self.submit([enc.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        q.read.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait(None)?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("timestamp callback dropped".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping timestamps: {e}")))?;
-        let ticks: Vec<u64> = {
-            let view =
-                q.read.slice(..).get_mapped_range().map_err(|e| Error::Gpu(format!("reading timestamps: {e:?}")))?;
-            bytemuck::cast_slice::<u8, u64>(&view).to_vec()
-        };
-        q.read.unmap();
+        enc.copy_buffer_to_buffer(&q.resolve, 0, &q.read, 0, bytes);
+        let words = self.finish_read(self.submit_and_map(enc, &q.read, bytes))?;
+        let ticks: Vec<u64> = words.chunks(2).map(|w| u64::from(w[0]) | (u64::from(w[1]) << 32)).collect();
         let period = q.period;
         let pending = std::mem::take(&mut q.pending);
         for (i, (name, cost)) in pending.into_iter().enumerate() {

@@ -27,7 +27,11 @@ impl Shader {
     /// params (`var<uniform>`), then storage buffers. Every kernel here uses group 0 only and
     /// numbers its bindings 0, 1, 2, ... without gaps; anything else is an error.
     pub fn bindings(&self) -> Result<Vec<Binding>> {
-        let source = expand(self)?;
+        self.bindings_in(&expand(self)?)
+    }
+
+    /// [`Shader::bindings`] read from this shader's already expanded source.
+    pub(crate) fn bindings_in(&self, source: &str) -> Result<Vec<Binding>> {
         let bad = |what: String| Error::Gpu(format!("shader {}: {what}", self.name));
         let mut out = Vec::new();
         for line in source.lines().map(str::trim).filter(|l| !l.starts_with("//") && l.contains("@binding(")) {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
+use crate::gpu::launch::{self, AttentionGrads, AttentionIo, AttentionShape, DyCols, OutCols, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::llama::{BlockBuffers, Dropout, Model, Stage};
@@ -212,6 +212,17 @@ impl Workspace {
     /// every later one: record steps into `ctx.encoder_with(ws.binds())`.
     pub fn binds(&self) -> &Arc<BindGroups> {
         &self.binds
+    }
+
+    /// The cross-entropy over the head's first `rows` rows of logits.
+    fn head_cross_entropy(&self, rows: usize, vocab: usize) -> launch::CrossEntropy<'_> {
+        launch::CrossEntropy {
+            logits: &self.logits,
+            targets: &self.head_targets,
+            loss: &self.head_loss,
+            n_rows: rows,
+            vocab,
+        }
     }
 
     fn half(&self) -> bool {
@@ -561,18 +572,7 @@ impl Model {
         while start < t {
             let rows = ws.head_rows.min(t - start);
             self.head_logits(enc, ws, start, rows)?;
-            launch::cross_entropy_backward(
-                ctx,
-                enc,
-                launch::CrossEntropy {
-                    logits: &ws.logits,
-                    targets: &ws.head_targets,
-                    loss: &ws.head_loss,
-                    n_rows: rows,
-                    vocab: v,
-                },
-                grad_scale,
-            )?;
+            launch::cross_entropy_backward(ctx, enc, ws.head_cross_entropy(rows, v), grad_scale)?;
             enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
             for (ci, (buf, first, n)) in table.chunks.iter().enumerate() {
                 let dy = DyCols { buf: &ws.logits, stride: v, col_offset: *first };
@@ -624,17 +624,7 @@ impl Model {
         while start < t {
             let rows = ws.head_rows.min(t - start);
             self.head_logits(enc, ws, start, rows)?;
-            launch::cross_entropy_forward(
-                ctx,
-                enc,
-                launch::CrossEntropy {
-                    logits: &ws.logits,
-                    targets: &ws.head_targets,
-                    loss: &ws.head_loss,
-                    n_rows: rows,
-                    vocab: v,
-                },
-            )?;
+            launch::cross_entropy_forward(ctx, enc, ws.head_cross_entropy(rows, v))?;
             enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
             start += rows;
         }
@@ -852,18 +842,8 @@ impl Model {
         )?;
         // Attention.
         self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, &ws.d_res, &ws.d_att, false, t, drop)?;
-        let b = AttentionGrads {
-            q: &a.q,
-            k: &a.k,
-            v: &a.v,
-            key_start: &ws.key_start,
-            out: &a.att,
-            stats: &a.stats,
-            dout: &ws.d_att,
-            dq: &ws.dq,
-            dk: &ws.dk,
-            dv: &ws.dv,
-        };
+        let fwd = AttentionIo { q: &a.q, k: &a.k, v: &a.v, key_start: &ws.key_start, out: &a.att, stats: &a.stats };
+        let b = AttentionGrads { fwd, dout: &ws.d_att, dq: &ws.dq, dk: &ws.dk, dv: &ws.dv };
         launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
         launch::rope_backward(ctx, enc, &ws.dq, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
         launch::rope_backward(ctx, enc, &ws.dk, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;

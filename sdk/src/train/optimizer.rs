@@ -69,9 +69,8 @@ pub struct Optimizer {
     /// Bias corrections of updates 1..=bias_steps.
     bias: wgpu::Buffer,
     bias_steps: usize,
-    /// Steps recorded since the count was last set: the count is at most `base + recorded`.
-    base: u32,
-    recorded: u32,
+    /// The most the count can be: where it was last set, plus the steps recorded since.
+    most_applied: u32,
 }
 
 /// Updates the first bias-correction table covers; it doubles when a run goes past.
@@ -98,8 +97,7 @@ impl Optimizer {
                 &launch::adamw_bias_table(config.beta1, config.beta2, BIAS_STEPS),
             ),
             bias_steps: BIAS_STEPS,
-            base: 0,
-            recorded: 0,
+            most_applied: 0,
         })
     }
 
@@ -124,7 +122,7 @@ impl Optimizer {
             return Err(Error::invalid("learning rate", format!("{lr} (expected a finite number >= 0)")));
         }
         let c = self.config;
-        let most = (self.base + self.recorded + 1) as usize;
+        let most = (self.most_applied + 1) as usize;
         if most > self.bias_steps {
             self.bias_steps = most.next_power_of_two();
             self.bias = ctx
@@ -151,14 +149,13 @@ impl Optimizer {
             skip: &self.skip,
         };
         launch::adamw_step(ctx, enc, b, self.n, s)?;
-        self.recorded += 1;
+        self.most_applied += 1;
         Ok(())
     }
 
     /// Sets the count of updates applied (when resuming from a checkpoint).
     pub fn set_steps_applied(&mut self, ctx: &GpuContext, updates: u32) {
         ctx.queue.write_buffer(&self.applied, 0, &updates.to_le_bytes());
-        self.base = updates;
-        self.recorded = 0;
+        self.most_applied = updates;
     }
 }

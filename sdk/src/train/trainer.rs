@@ -722,18 +722,20 @@ impl Trainer {
             let first = self.state.step_in_epoch as usize * self.cfg.grad_accum;
             let group: Vec<usize> = order[first..(first + self.cfg.grad_accum).min(order.len())].to_vec();
             let lr = schedule.lr(self.state.step);
+            let lens: Vec<usize> = group.iter().map(|&i| self.train[i].len()).collect();
+            let scored: usize = group.iter().map(|&i| self.train[i].n_scored()).sum();
             let slot = &slots[(self.state.step % 2) as usize];
-            let read = self.record_step(&group, lr, slot)?;
+            let read = self.record_step(&group, scored, lr, slot)?;
             self.state.step += 1;
             self.state.step_in_epoch += 1;
-            self.state.tokens += group.iter().map(|&i| self.train[i].len() as u64).sum::<u64>();
+            self.state.tokens += lens.iter().sum::<usize>() as u64;
             let flight = InFlight {
                 step: self.state.step,
                 epoch: self.state.epoch as f64 + self.state.step_in_epoch as f64 / per_epoch.max(1) as f64,
                 lr,
                 tokens: self.state.tokens,
-                lens: group.iter().map(|&i| self.train[i].len()).collect(),
-                scored: group.iter().map(|&i| self.train[i].n_scored()).sum(),
+                lens,
+                scored,
                 read,
             };
             // The previous step lands now that this one is queued behind it.
@@ -791,11 +793,11 @@ impl Trainer {
     }
 
     /// Records and submits one optimizer step over the training batches `group` (gradients
-    /// accumulated over them) at learning rate `lr`, with copies of its losses, gradient norm
-    /// and update count into `slot`, which starts being mapped.
-    fn record_step(&mut self, group: &[usize], lr: f32, slot: &wgpu::Buffer) -> Result<PendingRead> {
+    /// accumulated over them, `scored` tokens in all) at learning rate `lr`, with copies of its
+    /// losses, gradient norm, update count and non-finite flag into `slot`, which starts being
+    /// mapped.
+    fn record_step(&mut self, group: &[usize], scored: usize, lr: f32, slot: &wgpu::Buffer) -> Result<PendingRead> {
         let ctx = self.model.ctx.clone();
-        let scored: usize = group.iter().map(|&i| self.train[i].n_scored()).sum();
         let capacity = self.ws.capacity;
         for (k, &i) in group.iter().enumerate() {
             let b = &self.train[i];
@@ -825,7 +827,7 @@ impl Trainer {
                 enc.copy_buffer_to_buffer(&self.opt.norm, 0, slot, 0, 4);
                 enc.copy_buffer_to_buffer(&self.opt.applied, 0, slot, 4, 4);
                 enc.copy_buffer_to_buffer(&self.opt.skip, 0, slot, 8, 4);
-                return Ok(ctx.submit_and_map(enc, slot));
+                return Ok(ctx.submit_and_map(enc, slot, slot.size()));
             }
             ctx.submit([enc.finish()]);
         }

@@ -90,12 +90,8 @@ pub struct AttentionIo<'a> {
 /// output gradient, and where the input gradients go (all overwritten).
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionGrads<'a> {
-    pub q: &'a wgpu::Buffer,
-    pub k: &'a wgpu::Buffer,
-    pub v: &'a wgpu::Buffer,
-    pub key_start: &'a wgpu::Buffer,
-    pub out: &'a wgpu::Buffer,
-    pub stats: &'a wgpu::Buffer,
+    /// The forward call's buffers, as it left them.
+    pub fwd: AttentionIo<'a>,
     pub dout: &'a wgpu::Buffer,
     pub dq: &'a wgpu::Buffer,
     pub dk: &'a wgpu::Buffer,
@@ -109,8 +105,9 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
         return Err(Error::invalid("attention backward", "runs over a whole batch (position offset 0)"));
     }
     let p = attention_params(s)?;
-    let q_buffers = [b.q, b.k, b.v, b.key_start, b.out, b.dout, b.stats, b.dq];
-    let kv_buffers = [b.q, b.k, b.v, b.key_start, b.dout, b.stats, b.dk, b.dv];
+    let AttentionIo { q, k, v, key_start, out, stats } = b.fwd;
+    let q_buffers = [q, k, v, key_start, out, b.dout, stats, b.dq];
+    let kv_buffers = [q, k, v, key_start, b.dout, stats, b.dk, b.dv];
     let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
     let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
     let ((qs, q_groups), (kvs, kv_groups)) = match (q_pass, kv_pass) {
