@@ -11,7 +11,9 @@
 # keeps the JSON lines; default a temporary one) override the defaults; TORCH=0 skips the
 # PyTorch runs (the table then reads any torch.jsonl already in BENCH_OUT). PROFILE (a shape,
 # default llama-3.2-1b; empty for none) adds one profiled training step of that shape
-# (checkpointing off) whose per-kernel times and GFLOP/s go to profile.json. Needs the Vulkan
+# (checkpointing off) whose per-kernel times and GFLOP/s go to profile.json. FAMILIES (default
+# "portable"; empty for none) lists kernel families whose training step is measured besides the
+# one the adapter gets (EDGETUNE_KERNELS), so the table compares them. Needs the Vulkan
 # loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
 # and peft for the PyTorch column (skipped, and said so, when they do not import).
 set -uo pipefail
@@ -50,6 +52,12 @@ for shape in $shapes; do
   echo "== $shape: edgetune bench-train ($((SECONDS - start)) s)" >&2
   timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" --steps "$steps" \
     --max-context "$seq" --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench-train failed on $shape" >&2
+  for family in ${FAMILIES-portable}; do
+    echo "== $shape: edgetune bench-train, $family kernels ($((SECONDS - start)) s)" >&2
+    EDGETUNE_KERNELS="$family" timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" \
+      --steps "$steps" --max-context "$seq" --json >>"$out/edgetune.jsonl" ||
+      echo "bench-gpu.sh: edgetune bench-train ($family kernels) failed on $shape" >&2
+  done
   echo "== $shape: edgetune bench ($((SECONDS - start)) s)" >&2
   timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 --repeat 3 \
     --max-context 512 --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench failed on $shape" >&2

@@ -44,10 +44,10 @@ def main():
     torch_dev = next((t["device"] + ", torch " + t["torch"] + ", " + t["weights"] for t in theirs if "device" in t), None)
     print(f"edgetune on {device}" + (f"; PyTorch + PEFT on {torch_dev}" if torch_dev else "; no PyTorch column"))
     print()
-    print("| shape | checkpointing | edgetune tokens/s | step ms (median) | CPU record ms | dispatches/step | "
+    print("| shape | kernels | checkpointing | edgetune tokens/s | step ms (median) | CPU record ms | dispatches/step | "
           "buffers + bind groups created/step | GPU MiB (planned / driver) | PyTorch tokens/s | PyTorch GPU MiB | "
           "edgetune / PyTorch |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for o in ours:
         if "modes" not in o:
             continue
@@ -56,7 +56,8 @@ def main():
                       and t["checkpointing"] == m["checkpointing"]), None)
             mem = m["gpu_memory_bytes"]
             ratio = m["tokens_per_s"] / t["tokens_per_s"] if t else None
-            print(f"| {o['shape']} | {'on' if m['checkpointing'] else 'off'} | {fmt(m['tokens_per_s'])} | "
+            kernels = o.get("kernels", {}).get("matmul", "?")
+            print(f"| {o['shape']} | {kernels} | {'on' if m['checkpointing'] else 'off'} | {fmt(m['tokens_per_s'])} | "
                   f"{fmt(m['step_ms']['median'])} | {fmt(m['cpu_record_ms'])} | {m['dispatches_per_step']:.0f} | "
                   f"{m['buffers_created_per_step'] + m['bind_groups_created_per_step']:.0f} | "
                   f"{mib(mem['planned'])} / {mib(mem.get('driver'))} | {fmt(t['tokens_per_s'] if t else None)} | "

@@ -12,17 +12,4 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // flat dw
 
-fn load_a(n: u32, m: u32) -> f32 {
-    if (n >= p.n || m >= p.m) { return 0.0; }
-    return dy[m * p.n + n];
-}
-
-fn load_b(k: u32, m: u32) -> f32 {
-    if (k >= p.k || m >= p.m) { return 0.0; }
-    return x[m * p.k + k];
-}
-
-@compute @workgroup_size(TILE_THREADS)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    tiled_matmul(wg, lid, p.n, p.k, p.m);
-}
+#include "common/matmul_dw.wgsl"

@@ -7,6 +7,7 @@
 mod common;
 
 use common::{assert_close, gpu, gpus, rand, run};
+use edgetune::gpu::KernelFamily;
 use edgetune::gpu::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
 use edgetune::quant::nf4;
 use edgetune::reference as r;
@@ -135,7 +136,7 @@ fn sum_tol(n: usize) -> f32 {
 #[test]
 fn matmul_backward_kernels_match_twins() {
     for ctx in gpus() {
-        eprintln!("simd8 matmuls: {}", ctx.report.simd8_kernels);
+        eprintln!("kernels: {}", ctx.report.kernels);
         for (i, &(m, n, k)) in
             [(1, 1, 8), (3, 65, 72), (5, 130, 64), (17, 9, 136), (70, 66, 80), (3, 64, 72), (70, 68, 80), (33, 36, 40)]
                 .iter()
@@ -244,7 +245,7 @@ fn matmul_backward_kernels_match_twins() {
 fn lora_forward_through_a_flat_buffer_matches_twin() {
     // y = base + alpha * (x A^T) B^T with A and B at offsets of one flat buffer.
     for ctx in gpus() {
-        eprintln!("simd8 matmuls: {}", ctx.report.simd8_kernels);
+        eprintln!("kernels: {}", ctx.report.kernels);
         let (m, n, k, rank) = (5, 12, 24, 4);
         let x = rand(m * k, 21, 1.0);
         let (a, b) = (rand(rank * k, 22, 0.5), rand(n * rank, 23, 0.5));
@@ -285,6 +286,110 @@ fn lora_forward_through_a_flat_buffer_matches_twin() {
             )
         });
         assert_close("lora forward", &ctx.read_f32(&yb, m * n).expect("read"), &want, 1e-5, sum_tol(k));
+    }
+}
+
+/// The narrow products a LoRA step is made of, in every family, for ranks 1, 8, 16 and 64 and
+/// 1 or 2,049 tokens: h = x A^T, y += s h B^T, dh = dy B, dx += dh A, dB = dy^T h and
+/// dA = dh^T x, with A and B at offsets of one flat buffer and their gradients at offsets of
+/// another. K = 200 is not a multiple of any tile's reduction step, N = 136 not of any tile's
+/// width, and 2,049 rows leave a partial tile (and split reductions for the weight gradients).
+#[test]
+fn lora_shaped_products_match_twins_in_every_family() {
+    let (n, k) = (136, 200);
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        for (i, &(t, rank)) in
+            [(1, 1), (2049, 1), (1, 8), (2049, 8), (2049, 16), (1, 16), (2049, 64), (1, 64)].iter().enumerate()
+        {
+            let s = 50 * i as u64;
+            let (x, dy, a, b) = (
+                rand(t * k, s + 1, 1.0),
+                rand(t * n, s + 2, 1.0),
+                rand(rank * k, s + 3, 0.5),
+                rand(n * rank, s + 4, 0.5),
+            );
+            let (h, y0, dx0) = (rand(t * rank, s + 5, 1.0), rand(t * n, s + 6, 1.0), rand(t * k, s + 7, 1.0));
+            let dh = rand(t * rank, s + 8, 1.0);
+            let (a_off, b_off) = (7, 7 + rank * k);
+            let flat: Vec<f32> = [vec![3.0; 7], a.clone(), b.clone()].concat();
+            let fb = ctx.storage_from("flat", &flat);
+            let (xb, dyb, hb, dhb) = (
+                ctx.storage_from("x", &x),
+                ctx.storage_from("dy", &dy),
+                ctx.storage_from("h", &h),
+                ctx.storage_from("dh", &dh),
+            );
+            let (h_out, y, dh_out, dx) = (
+                ctx.storage_zeroed("h out", t * rank),
+                ctx.storage_from("y", &y0),
+                ctx.storage_zeroed("dh out", t * rank),
+                ctx.storage_from("dx", &dx0),
+            );
+            let grads = ctx.storage_zeroed("grads", 7 + rank * k + n * rank);
+            run(&ctx, |enc| {
+                let (a_w, b_w) = (Weight::DenseAt(&fb, a_off), Weight::DenseAt(&fb, b_off));
+                let mm = |x, w, y, (m, n, k), out| launch::Matmul { x, w, bias: None, y, m, n, k, out };
+                launch::matmul_forward(&ctx, enc, mm(&xb, a_w, &h_out, (t, rank, k), OutCols::whole(rank)))?;
+                let add = OutCols::whole(n).scaled(2.0).accumulated();
+                launch::matmul_forward(&ctx, enc, mm(&hb, b_w, &y, (t, n, rank), add))?;
+                let dh_cols = DyCols::whole(&dyb, n);
+                let g = launch::MatmulGrad {
+                    dy: dh_cols,
+                    w: b_w,
+                    dx: &dh_out,
+                    m: t,
+                    n,
+                    k: rank,
+                    out: OutCols::whole(rank),
+                };
+                launch::matmul_backward(&ctx, enc, g)?;
+                let out = OutCols::whole(k).accumulated();
+                let g = launch::MatmulGrad { dy: DyCols::whole(&dhb, rank), w: a_w, dx: &dx, m: t, n: rank, k, out };
+                launch::matmul_backward(&ctx, enc, g)?;
+                let wg = |dy, x, dw_offset, (n, k)| launch::WeightGrad {
+                    dy,
+                    x,
+                    dw: &grads,
+                    dw_offset,
+                    m: t,
+                    n,
+                    k,
+                    alpha: 0.5,
+                    accumulate: false,
+                };
+                launch::matmul_backward_w(&ctx, enc, wg(&dyb, &hb, b_off, (n, rank)))?;
+                launch::matmul_backward_w(&ctx, enc, wg(&dhb, &xb, a_off, (rank, k)))
+            });
+            let what = |op: &str| format!("{op} T {t} r {rank} ({})", ctx.report.kernels.matmul);
+            let read = |b: &wgpu::Buffer, len| ctx.read_f32(b, len).expect("read");
+            assert_close(
+                &what("x A^T"),
+                &read(&h_out, t * rank),
+                &r::matmul_forward(&x, &a, None, t, rank, k),
+                1e-5,
+                sum_tol(k),
+            );
+            let want: Vec<f32> =
+                r::matmul_forward(&h, &b, None, t, n, rank).iter().zip(&y0).map(|(l, y0)| y0 + 2.0 * l).collect();
+            assert_close(&what("y += s h B^T"), &read(&y, t * n), &want, 1e-5, sum_tol(rank));
+            assert_close(
+                &what("dy B"),
+                &read(&dh_out, t * rank),
+                &r::matmul_backward(&dy, &b, t, n, rank),
+                1e-5,
+                sum_tol(n),
+            );
+            let want: Vec<f32> = r::matmul_backward(&dh, &a, t, rank, k).iter().zip(&dx0).map(|(g, d)| d + g).collect();
+            assert_close(&what("dx += dh A"), &read(&dx, t * k), &want, 1e-5, sum_tol(rank));
+            let got = read(&grads, 7 + rank * k + n * rank);
+            assert_eq!(&got[..7], &[0.0; 7], "{}: a gradient landed before its offset", what("dW"));
+            let half = |g: Vec<f32>| -> Vec<f32> { g.iter().map(|v| 0.5 * v).collect() };
+            let want = half(r::matmul_backward_w(&dy, &h, t, n, rank));
+            assert_close(&what("dB"), &got[b_off..], &want, 1e-5, sum_tol(t));
+            let want = half(r::matmul_backward_w(&dh, &x, t, rank, k));
+            assert_close(&what("dA"), &got[a_off..b_off], &want, 1e-5, sum_tol(t));
+        }
     }
 }
 
@@ -458,7 +563,7 @@ fn split_reductions_follow_their_rule() {
 /// twice), each against its twin and each recorded as two dispatches.
 #[test]
 fn long_reductions_split_over_workgroups_and_match_twins() {
-    let tiled: Vec<_> = gpus().into_iter().filter(|c| !c.report.simd8_kernels).collect();
+    let tiled: Vec<_> = gpus().into_iter().filter(|c| c.report.kernels.matmul != KernelFamily::Simd8).collect();
     assert!(!tiled.is_empty(), "one context runs the tiled kernels");
     for ctx in tiled {
         let dispatches = |f: &dyn Fn(&mut edgetune::gpu::Encoder) -> edgetune::Result<()>| {

@@ -15,7 +15,7 @@ fn every_shader_compiles_on_the_adapter() {
     eprintln!("{}", ctx.report);
     for s in shaders::ALL_SHADERS {
         if s.uses_subgroups() && !ctx.report.subgroups {
-            continue; // only picked on adapters with subgroups (GpuContext::report.simd8_kernels)
+            continue; // only picked on adapters with subgroups (the simd8 family)
         }
         ctx.pipeline(s).unwrap_or_else(|e| panic!("{}: {e}", s.name));
     }
@@ -64,7 +64,7 @@ fn check_matmul(
 #[test]
 fn matmul_dense_matches_reference_on_odd_shapes() {
     for ctx in gpus() {
-        eprintln!("simd8 matmuls: {}", ctx.report.simd8_kernels);
+        eprintln!("kernels: {}", ctx.report.kernels);
         for (i, &(m, n, k)) in [
             (1, 1, 1),
             (3, 65, 70),
@@ -92,7 +92,7 @@ fn matmul_dense_matches_reference_on_odd_shapes() {
 #[test]
 fn matmul_nf4_matches_dequantized_reference() {
     for ctx in gpus() {
-        eprintln!("simd8 matmuls: {}", ctx.report.simd8_kernels);
+        eprintln!("kernels: {}", ctx.report.kernels);
         // (3, 5, 40, 32): rows of 40 values, so NF4 blocks straddle rows (packed words never do).
         let shapes = [
             (1, 3, 64, 64),

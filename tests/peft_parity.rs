@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Fixture, assert_close, fixtures};
+use common::{Fixture, assert_close, fixtures, gpus};
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::lora::{GpuAdapter, Layout, peft};
 use edgetune::model::llama::{LoadOptions, Model, Quant};
@@ -35,10 +35,22 @@ fn batch(fx: &Fixture, name: &str) -> Batch {
     Batch::pack(samples.iter().map(|(i, t)| (&i[..], &t[..]))).expect("pack")
 }
 
+/// Runs `f` on a context of every kernel family the adapter can run.
+fn in_every_family(f: impl Fn(Arc<GpuContext>)) {
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        f(Arc::new(ctx));
+    }
+}
+
 fn one_step(kind: &str) {
+    in_every_family(|ctx| one_step_on(ctx, kind));
+}
+
+fn one_step_on(ctx: Arc<GpuContext>, kind: &str) {
     let fx = Fixture::open(&format!("peft_{kind}_expected.safetensors"));
     let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
-    let model = Model::open(ctx(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("tiny model loads");
+    let model = Model::open(ctx, &fixtures().join(format!("tiny_{kind}")), &opts).expect("tiny model loads");
     let adapter =
         peft::load(&fixtures().join(format!("peft_{kind}_adapter")), &model.config).expect("PEFT adapter loads");
     assert_eq!(adapter.layout.r, 4);
@@ -90,12 +102,16 @@ fn qwen2_rslora_loss_and_gradients_match_peft() {
 /// 10 AdamW steps (lr 1e-2 constant, weight decay 0.01, clipping at norm 1) over two
 /// alternating batches, against PEFT + torch.optim.AdamW on the same adapter.
 fn curve(kind: &str, checkpointing: bool) {
+    in_every_family(|ctx| curve_on(ctx, kind, checkpointing));
+}
+
+fn curve_on(ctx: Arc<GpuContext>, kind: &str, checkpointing: bool) {
     use edgetune::train::optimizer::{AdamwConfig, Optimizer};
     let fx = Fixture::open(&format!("peft_{kind}_expected.safetensors"));
     let want_losses: Vec<f64> = serde_json::from_str(&fx.metadata("curve")).expect("curve");
     let want_norms: Vec<f64> = serde_json::from_str(&fx.metadata("grad_norms")).expect("norms");
     let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
-    let model = Model::open(ctx(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("tiny model loads");
+    let model = Model::open(ctx, &fixtures().join(format!("tiny_{kind}")), &opts).expect("tiny model loads");
     let adapter = peft::load(&fixtures().join(format!("peft_{kind}_adapter")), &model.config).expect("adapter");
     let gpu = GpuAdapter::upload(&model.ctx, &adapter);
     let batches = [batch(&fx, "a"), batch(&fx, "b")];

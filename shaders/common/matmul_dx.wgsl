@@ -1,6 +1,11 @@
 // The input gradient of a linear layer over many rows, dx = dy W: the element loaders and the
-// entry point for common/matmul.wgsl, reducing over n. The including shader declares `dy` and
-// `w_at(n, k)`, the weight element (n, k) in its storage format.
+// entry point for the tiled cores (common/matmul.wgsl, common/tile128.wgsl), reducing over n.
+// The including shader declares `dy` and `w_at(n, k)`, the weight element (n, k) in its
+// storage format.
+
+// For common/tile128.wgsl: dy is contiguous along n, the reduction; W along k, the output columns.
+const A_ALONG_ROWS: bool = false;
+const B_ALONG_ROWS: bool = true;
 
 fn load_a(m: u32, n: u32) -> f32 {
     if (m >= p.m || n >= p.n) { return 0.0; }

@@ -1,6 +1,10 @@
 // The forward pass of a linear layer over many rows, y = x W^T: the element loaders and the
-// entry point for common/matmul.wgsl. The including shader declares `x` and `w_at(n, k)`, the
-// weight element (n, k) in its storage format.
+// entry point for the tiled cores (common/matmul.wgsl, common/tile128.wgsl). The including
+// shader declares `x` and `w_at(n, k)`, the weight element (n, k) in its storage format.
+
+// For common/tile128.wgsl: x and W are both contiguous along k, the reduction.
+const A_ALONG_ROWS: bool = false;
+const B_ALONG_ROWS: bool = false;
 
 fn load_a(m: u32, k: u32) -> f32 {
     if (m >= p.m || k >= p.k) { return 0.0; }

@@ -92,19 +92,27 @@ pub fn gpu() -> edgetune::gpu::GpuContext {
         .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
 }
 
-/// Every kernel family the adapter can run: the default context and, where it picks kernels
-/// that other adapters never see (the register-tiled matmuls of CPU rasterizers), a second
-/// context restricted to the portable ones, so tests on lavapipe cover both.
+/// A context for every kernel family the adapter can run (see `edgetune::gpu::family`): the
+/// default one first, then each other family forced, so tests on lavapipe cover `simd8`,
+/// `portable` and `tile128`.
 #[allow(dead_code)]
 pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
+    use edgetune::gpu::{GpuContext, GpuOptions, KernelFamily};
     let default = gpu();
-    let mut all = Vec::new();
-    if default.report.simd8_kernels {
-        let opts = edgetune::gpu::GpuOptions { portable_kernels: true, ..Default::default() };
-        let portable =
-            edgetune::gpu::GpuContext::new(&opts).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
-        assert!(!portable.report.simd8_kernels, "portable_kernels was ignored");
-        all.push(portable);
+    let mut all = vec![];
+    for family in KernelFamily::ALL {
+        if family == default.report.kernels.matmul {
+            continue;
+        }
+        let opts = GpuOptions { kernels: Some(family), ..Default::default() };
+        match GpuContext::new(&opts) {
+            Ok(ctx) => {
+                assert_eq!(ctx.report.kernels.matmul, family, "a forced family was ignored");
+                all.push(ctx);
+            }
+            // Only a family the adapter cannot run may be missing, and it says so.
+            Err(e) => assert!(e.to_string().contains("needs"), "{family}: {e}"),
+        }
     }
     all.insert(0, default);
     all

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::family::{self, AdapterFacts, KernelFamily, Kernels};
 use super::memory::{self, GpuMemory};
 use super::profile::Profile;
 use super::shaders::{Binding, Shader, expand};
@@ -19,9 +20,10 @@ pub struct GpuOptions {
     /// Substring of the adapter name to use; `None` reads `EDGETUNE_ADAPTER`, then prefers a
     /// discrete GPU.
     pub adapter: Option<String>,
-    /// Use only the portable kernels, even where the adapter has faster variants (the
-    /// register-tiled matmuls for CPU rasterizers). Tests use it to cover both.
-    pub portable_kernels: bool,
+    /// Force a kernel family for every op that has one (see [`super::family`]); `None` reads
+    /// `EDGETUNE_KERNELS`, else the table picks from the adapter. Tests use it to cover each
+    /// family the adapter can run.
+    pub kernels: Option<KernelFamily>,
     /// The longest the host waits for the GPU to finish submitted work before it gives up with
     /// an error; `None` reads `EDGETUNE_GPU_TIMEOUT_S`, else [`GPU_TIMEOUT`].
     pub gpu_timeout: Option<std::time::Duration>,
@@ -47,9 +49,8 @@ pub struct AdapterReport {
     pub max_buffer_size: u64,
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
-    /// Whether matmuls and attention use the register-tiled kernels for CPU rasterizers (see
-    /// `shaders/common/simd8.wgsl`): a CPU adapter whose subgroups are exactly 8 lanes wide.
-    pub simd8_kernels: bool,
+    /// The kernel family each op uses (see [`super::family`]).
+    pub kernels: Kernels,
     /// The GPU's memory, where the backend reports it (Vulkan does); `None` means unknown.
     pub memory: Option<GpuMemory>,
 }
@@ -67,11 +68,7 @@ impl std::fmt::Display for AdapterReport {
             self.timestamp_query,
             self.cooperative_matrix
         )?;
-        writeln!(
-            f,
-            "matmul and attention kernels: {}",
-            if self.simd8_kernels { "register-tiled for 8-lane CPU SIMD" } else { "tiled, workgroup memory" }
-        )?;
+        writeln!(f, "kernels: {}", self.kernels)?;
         match self.memory {
             Some(GpuMemory { total_bytes, available_bytes: Some(free) }) => {
                 writeln!(f, "memory: {} MiB, {} MiB free", total_bytes >> 20, free >> 20)?
@@ -246,6 +243,18 @@ impl GpuContext {
             })
             .await
             .map_err(|e| Error::Gpu(format!("could not open device on adapter {}: {e}", info.name)))?;
+        let facts = AdapterFacts {
+            device_type: info.device_type,
+            subgroups: features.contains(wgpu::Features::SUBGROUP),
+            subgroup_size: (info.subgroup_min_size, info.subgroup_max_size),
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+        };
+        let forced = match opts.kernels {
+            Some(f) => Some(f),
+            None => family::from_env()?,
+        };
+        let kernels = family::choose(&facts, forced)?;
         let report = AdapterReport {
             name: info.name.clone(),
             backend: format!("{:?}", info.backend),
@@ -260,10 +269,7 @@ impl GpuContext {
             max_buffer_size: limits.max_buffer_size,
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
-            simd8_kernels: !opts.portable_kernels
-                && info.device_type == wgpu::DeviceType::Cpu
-                && features.contains(wgpu::Features::SUBGROUP)
-                && (info.subgroup_min_size, info.subgroup_max_size) == (8, 8),
+            kernels,
             memory: memory::query(&adapter),
         };
         // wgpu's default handler panics on validation errors; record them and return them as

@@ -1,6 +1,7 @@
 //! GPU layer: the wgpu context, the shader registry, buffers and dispatch, and the launchers.
 pub mod context;
 pub mod dispatch;
+pub mod family;
 pub mod launch;
 pub mod memory;
 pub mod profile;
@@ -8,5 +9,6 @@ pub mod shaders;
 
 pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions};
 pub use dispatch::{BindGroups, Encoder, PendingRead};
+pub use family::{KernelFamily, Kernels};
 pub use memory::GpuMemory;
 pub use profile::{Cost, KernelTime, Timer};

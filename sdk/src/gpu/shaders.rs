@@ -148,10 +148,21 @@ shaders! {
     ATTENTION_BACKWARD_Q_SIMD8_HD64 = "attention_backward_q_simd8" as "attention_backward_q_simd8.hd64" [("HD4", "16")];
     ATTENTION_BACKWARD_KV_SIMD8 = "attention_backward_kv_simd8";
     ATTENTION_BACKWARD_KV_SIMD8_HD64 = "attention_backward_kv_simd8" as "attention_backward_kv_simd8.hd64" [("HD4", "16")];
+    // The tile128 family for GPUs (shaders/common/tile128.wgsl).
+    MATMUL_T128 = "matmul_t128";
+    MATMUL_F16_T128 = "matmul_f16_t128";
+    MATMUL_NF4_T128 = "matmul_nf4_t128";
+    MATMUL_BACKWARD_T128 = "matmul_backward_t128";
+    MATMUL_F16_BACKWARD_T128 = "matmul_f16_backward_t128";
+    MATMUL_NF4_BACKWARD_T128 = "matmul_nf4_backward_t128";
+    MATMUL_BACKWARD_W_T128 = "matmul_backward_w_t128";
 }
 
 const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
+    ("common/nf4_code.wgsl", include_str!("../../../shaders/common/nf4_code.wgsl")),
+    ("common/tile128.wgsl", include_str!("../../../shaders/common/tile128.wgsl")),
+    ("common/matmul_dw.wgsl", include_str!("../../../shaders/common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../../../shaders/common/matvec.wgsl")),
     ("common/matmul_forward.wgsl", include_str!("../../../shaders/common/matmul_forward.wgsl")),

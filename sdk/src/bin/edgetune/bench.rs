@@ -55,6 +55,7 @@ fn with_header(l: &Loaded, m: &BenchModel, rest: Value) -> Value {
     let r = &l.ctx.report;
     let mut o = json!({
         "adapter": { "name": r.name, "backend": r.backend, "device_type": r.device_type, "driver": r.driver },
+        "kernels": r.kernels,
         "model": l.name,
         "shape": m.random_weights,
         "quant": format!("{:?}", m.quant),

@@ -1,6 +1,7 @@
 //! Causal grouped-query attention, forward and backward.
 
 use super::*;
+use crate::gpu::KernelFamily;
 
 /// Shapes of an attention call.
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +68,7 @@ fn attention_simd8(
     hd64: &'static Shader,
 ) -> Option<&'static Shader> {
     let fits = s.head_dim.is_multiple_of(4) && s.head_dim <= 128;
-    match ctx.report.simd8_kernels && fits {
+    match ctx.report.kernels.attention == KernelFamily::Simd8 && fits {
         true if s.head_dim <= 64 => Some(hd64),
         true => Some(full),
         false => None,

@@ -1,6 +1,7 @@
 //! Linear layers: forward, input gradient and weight gradient over dense, f16 and NF4 weights, with split-K for small grids.
 
 use super::*;
+use crate::gpu::KernelFamily;
 
 /// The weight operand of a linear layer.
 #[derive(Debug, Clone, Copy)]
@@ -144,21 +145,20 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
     p.has_bias = bias.is_some() as u32;
     // The bias binding must exist even when unused; x serves as a harmless dummy.
     let b = bias.unwrap_or(x);
-    let (row, tiled, simd, simd_ok, buffers): ([&'static Shader; 2], _, _, bool, Vec<&wgpu::Buffer>) = match w {
-        Weight::Dense(w) => ([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, true, vec![x, w, b, y]),
+    let (row, family, simd_ok, buffers): ([&'static Shader; 2], Family, bool, Vec<&wgpu::Buffer>) = match w {
+        Weight::Dense(w) => ([&MATVEC, &MATVEC_SIMD8], DENSE, true, vec![x, w, b, y]),
         Weight::DenseAt(w, offset) => {
             p.w_offset = u32_of(offset, "weight offset")?;
-            ([&MATVEC, &MATVEC_SIMD8], &MATMUL, &MATMUL_SIMD8, offset.is_multiple_of(4), vec![x, w, b, y])
+            ([&MATVEC, &MATVEC_SIMD8], DENSE, offset.is_multiple_of(4), vec![x, w, b, y])
         }
         Weight::F16(w) => {
             check_f16(k)?;
-            ([&MATVEC_F16, &MATVEC_F16_SIMD8], &MATMUL_F16, &MATMUL_F16_SIMD8, true, vec![x, w, b, y])
+            ([&MATVEC_F16, &MATVEC_F16_SIMD8], F16, true, vec![x, w, b, y])
         }
         Weight::Nf4 { packed, absmax, block_size } => {
             check_nf4(k, block_size)?;
             p.block_size = u32_of(block_size, "block size")?;
-            let bufs = vec![x, packed, absmax, b, y];
-            ([&MATVEC_NF4, &MATVEC_NF4_SIMD8], &MATMUL_NF4, &MATMUL_NF4_SIMD8, true, bufs)
+            ([&MATVEC_NF4, &MATVEC_NF4_SIMD8], NF4, true, vec![x, packed, absmax, b, y])
         }
     };
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
@@ -166,9 +166,9 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
     let simd_ok = simd_ok && k.is_multiple_of(8);
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * k, m * n), out.accumulate);
     let (shader, groups) = match m {
-        1 if ctx.report.simd8_kernels && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
+        1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
-        _ => return run_many_rows(ctx, enc, many_rows(ctx, tiled, simd, simd_ok, (p.m, p.n, p.k)), p, &buffers, cost),
+        _ => return run_many_rows(ctx, enc, many_rows(ctx, family, simd_ok, (p.m, p.n, p.k)), p, &buffers, cost),
     };
     ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, cost)
 }
@@ -184,21 +184,36 @@ struct ManyRows {
     red: u32,
 }
 
-/// The kernel for a many-row matmul: the register-tiled variant (32 x 32 outputs per
-/// workgroup) on adapters that want it when `simd_ok` says the shape suits it, else the
-/// tiled one (64 x 64).
-fn many_rows(
-    ctx: &GpuContext,
-    tiled: &'static Shader,
-    simd: &'static Shader,
-    simd_ok: bool,
-    (rows, cols, red): (u32, u32, u32),
-) -> ManyRows {
-    if ctx.report.simd8_kernels && simd_ok {
-        ManyRows { shader: simd, groups: [cols.div_ceil(32), rows.div_ceil(32), 1], tiled: false, rows, cols, red }
-    } else {
-        ManyRows { shader: tiled, groups: [cols.div_ceil(64), rows.div_ceil(64), 1], tiled: true, rows, cols, red }
-    }
+/// One many-row matmul in each kernel family (see [`crate::gpu::family`]).
+#[derive(Clone, Copy)]
+struct Family {
+    portable: &'static Shader,
+    simd8: &'static Shader,
+    tile128: &'static Shader,
+}
+
+const DENSE: Family = Family { portable: &MATMUL, simd8: &MATMUL_SIMD8, tile128: &MATMUL_T128 };
+const F16: Family = Family { portable: &MATMUL_F16, simd8: &MATMUL_F16_SIMD8, tile128: &MATMUL_F16_T128 };
+const NF4: Family = Family { portable: &MATMUL_NF4, simd8: &MATMUL_NF4_SIMD8, tile128: &MATMUL_NF4_T128 };
+const DENSE_DX: Family =
+    Family { portable: &MATMUL_BACKWARD, simd8: &MATMUL_BACKWARD_SIMD8, tile128: &MATMUL_BACKWARD_T128 };
+const F16_DX: Family =
+    Family { portable: &MATMUL_F16_BACKWARD, simd8: &MATMUL_F16_BACKWARD_SIMD8, tile128: &MATMUL_F16_BACKWARD_T128 };
+const NF4_DX: Family =
+    Family { portable: &MATMUL_NF4_BACKWARD, simd8: &MATMUL_NF4_BACKWARD_SIMD8, tile128: &MATMUL_NF4_BACKWARD_T128 };
+const DENSE_DW: Family =
+    Family { portable: &MATMUL_BACKWARD_W, simd8: &MATMUL_BACKWARD_W_SIMD8, tile128: &MATMUL_BACKWARD_W_T128 };
+
+/// The kernel for a many-row matmul in the adapter's family: simd8 (32 x 32 outputs per
+/// workgroup) when `simd_ok` says the shape suits it, tile128 (128 x 128), else portable
+/// (64 x 64).
+fn many_rows(ctx: &GpuContext, family: Family, simd_ok: bool, (rows, cols, red): (u32, u32, u32)) -> ManyRows {
+    let (shader, side, tiled) = match ctx.report.kernels.matmul {
+        KernelFamily::Simd8 if simd_ok => (family.simd8, 32, false),
+        KernelFamily::Tile128 => (family.tile128, 128, true),
+        _ => (family.portable, 64, true),
+    };
+    ManyRows { shader, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
 }
 
 /// Below this many workgroups a tiled matmul splits its reduction (a large GPU runs a few
@@ -281,23 +296,23 @@ pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -
     p.dy_col_offset = u32_of(dy.col_offset, "dy column")?;
     let aligned = [n, k, dy.stride, dy.col_offset].iter().all(|v| v.is_multiple_of(4));
     let g = dy.buf;
-    let (tiled, simd, simd_ok, buffers): (_, _, bool, Vec<&wgpu::Buffer>) = match w {
-        Weight::Dense(w) => (&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, true, vec![g, w, g, dx]),
+    let (family, simd_ok, buffers): (Family, bool, Vec<&wgpu::Buffer>) = match w {
+        Weight::Dense(w) => (DENSE_DX, true, vec![g, w, g, dx]),
         Weight::DenseAt(w, offset) => {
             p.w_offset = u32_of(offset, "weight offset")?;
-            (&MATMUL_BACKWARD, &MATMUL_BACKWARD_SIMD8, offset.is_multiple_of(4), vec![g, w, g, dx])
+            (DENSE_DX, offset.is_multiple_of(4), vec![g, w, g, dx])
         }
         Weight::F16(w) => {
             check_f16(k)?;
-            (&MATMUL_F16_BACKWARD, &MATMUL_F16_BACKWARD_SIMD8, true, vec![g, w, g, dx])
+            (F16_DX, true, vec![g, w, g, dx])
         }
         Weight::Nf4 { packed, absmax, block_size } => {
             check_nf4(k, block_size)?;
             p.block_size = u32_of(block_size, "block size")?;
-            (&MATMUL_NF4_BACKWARD, &MATMUL_NF4_BACKWARD_SIMD8, true, vec![g, packed, absmax, g, dx])
+            (NF4_DX, true, vec![g, packed, absmax, g, dx])
         }
     };
-    let kernel = many_rows(ctx, tiled, simd, aligned && simd_ok, (p.m, p.k, p.n));
+    let kernel = many_rows(ctx, family, aligned && simd_ok, (p.m, p.k, p.n));
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
     run_many_rows(ctx, enc, kernel, p, &buffers, cost)
 }
@@ -324,7 +339,7 @@ pub fn matmul_backward_w(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>)
     let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
     let p = matmul_params(m, n, k, out)?;
     let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
-    let kernel = many_rows(ctx, &MATMUL_BACKWARD_W, &MATMUL_BACKWARD_W_SIMD8, aligned, (p.n, p.k, p.m));
+    let kernel = many_rows(ctx, DENSE_DW, aligned, (p.n, p.k, p.m));
     let cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
     run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw], cost)
 }

@@ -1,0 +1,182 @@
+//! Kernel families and the table that picks one for each op from what the adapter is.
+//!
+//! A family is a set of kernels that compute the same products as every other family, blocked
+//! for one kind of hardware:
+//!
+//! | family | matmul | attention | picked for |
+//! | --- | --- | --- | --- |
+//! | `portable` | 64 x 64 tiles, 4 x 4 a thread | a workgroup per (query, head) | anything else |
+//! | `simd8` | 32 x 32 blocks in 8-lane registers | 8 queries a workgroup | a CPU adapter with 8-lane subgroups (lavapipe) |
+//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | as `portable` | a GPU with 17 KiB of workgroup memory |
+//!
+//! A family that has no kernel of its own for an op uses the portable one. `GpuOptions::kernels`
+//! or `EDGETUNE_KERNELS` forces a family (tests run each one the adapter can run); forcing one
+//! the adapter cannot run is an error, never a silent fallback.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// A family of kernels (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelFamily {
+    Portable,
+    Simd8,
+    Tile128,
+}
+
+impl KernelFamily {
+    pub const ALL: [KernelFamily; 3] = [KernelFamily::Portable, KernelFamily::Simd8, KernelFamily::Tile128];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelFamily::Portable => "portable",
+            KernelFamily::Simd8 => "simd8",
+            KernelFamily::Tile128 => "tile128",
+        }
+    }
+}
+
+impl std::fmt::Display for KernelFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KernelFamily {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        KernelFamily::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(s.trim())).ok_or_else(|| {
+            let names: Vec<&str> = KernelFamily::ALL.iter().map(|f| f.name()).collect();
+            Error::invalid("kernel family", format!("{s:?} is not one of {}", names.join(", ")))
+        })
+    }
+}
+
+/// The family each op uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Kernels {
+    /// Many-row matmuls: forward, input gradient and weight gradient (one-row products, when
+    /// decoding, use the matvec kernels of `portable` or `simd8`).
+    pub matmul: KernelFamily,
+    /// Attention forward and backward.
+    pub attention: KernelFamily,
+}
+
+impl std::fmt::Display for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "matmul {}, attention {}", self.matmul, self.attention)
+    }
+}
+
+/// What the table reads of an adapter.
+#[derive(Debug, Clone, Copy)]
+pub struct AdapterFacts {
+    pub device_type: wgpu::DeviceType,
+    pub subgroups: bool,
+    /// Smallest and largest subgroup size.
+    pub subgroup_size: (u32, u32),
+    pub max_workgroup_storage: u32,
+    pub max_invocations: u32,
+}
+
+/// Workgroup memory the tile128 kernels declare: two (16, 132) f32 tiles and the NF4 code book.
+pub const TILE128_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 4 + 16 * 4;
+
+/// Why `family` cannot run on the adapter, or `None` when it can.
+pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
+    match family {
+        KernelFamily::Portable => None,
+        KernelFamily::Simd8 => (a.device_type != wgpu::DeviceType::Cpu || !a.subgroups || a.subgroup_size != (8, 8))
+            .then(|| {
+                format!(
+                    "needs a CPU adapter with 8-lane subgroups (this one: {:?}, subgroups {}, size {}..{})",
+                    a.device_type, a.subgroups, a.subgroup_size.0, a.subgroup_size.1
+                )
+            }),
+        KernelFamily::Tile128 => {
+            (a.max_workgroup_storage < TILE128_WORKGROUP_BYTES || a.max_invocations < 256).then(|| {
+                format!(
+                    "needs {TILE128_WORKGROUP_BYTES} bytes of workgroup memory and 256 invocations a workgroup \
+                     (this adapter: {} bytes, {} invocations)",
+                    a.max_workgroup_storage, a.max_invocations
+                )
+            })
+        }
+    }
+}
+
+/// The table: the family each op uses on an adapter, or the forced one where it has a kernel
+/// for the op. Forcing a family the adapter cannot run is an error.
+pub fn choose(a: &AdapterFacts, forced: Option<KernelFamily>) -> Result<Kernels> {
+    let family = match forced {
+        Some(f) => {
+            if let Some(why) = unsupported(f, a) {
+                return Err(Error::invalid("kernel family", format!("{f} {why}")));
+            }
+            f
+        }
+        None if unsupported(KernelFamily::Simd8, a).is_none() => KernelFamily::Simd8,
+        None if a.device_type == wgpu::DeviceType::Cpu => KernelFamily::Portable,
+        None if unsupported(KernelFamily::Tile128, a).is_none() => KernelFamily::Tile128,
+        None => KernelFamily::Portable,
+    };
+    let attention = match family {
+        KernelFamily::Simd8 => KernelFamily::Simd8,
+        _ => KernelFamily::Portable,
+    };
+    Ok(Kernels { matmul: family, attention })
+}
+
+/// The family forced by `EDGETUNE_KERNELS`, if it is set (an unknown name is an error).
+pub fn from_env() -> Result<Option<KernelFamily>> {
+    match std::env::var("EDGETUNE_KERNELS") {
+        Ok(v) if !v.trim().is_empty() => {
+            v.parse().map(Some).map_err(|e| Error::invalid("EDGETUNE_KERNELS", format!("{e}")))
+        }
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(device_type: wgpu::DeviceType, sg: (u32, u32), storage: u32) -> AdapterFacts {
+        AdapterFacts {
+            device_type,
+            subgroups: sg.0 > 0,
+            subgroup_size: sg,
+            max_workgroup_storage: storage,
+            max_invocations: 1024,
+        }
+    }
+
+    #[test]
+    fn the_table_picks_a_family_for_each_kind_of_adapter() {
+        use KernelFamily::*;
+        use wgpu::DeviceType::*;
+        let pick = |f: AdapterFacts| choose(&f, None).expect("a family");
+        assert_eq!(pick(facts(Cpu, (8, 8), 32768)), Kernels { matmul: Simd8, attention: Simd8 });
+        assert_eq!(pick(facts(Cpu, (4, 4), 32768)), Kernels { matmul: Portable, attention: Portable });
+        assert_eq!(pick(facts(DiscreteGpu, (32, 32), 49152)), Kernels { matmul: Tile128, attention: Portable });
+        assert_eq!(pick(facts(IntegratedGpu, (8, 32), 32768)), Kernels { matmul: Tile128, attention: Portable });
+        // The WebGPU default of 16 KiB is too little for tile128.
+        assert_eq!(pick(facts(IntegratedGpu, (0, 0), 16384)), Kernels { matmul: Portable, attention: Portable });
+    }
+
+    #[test]
+    fn a_forced_family_is_used_or_refused_with_the_reason() {
+        let gpu = facts(wgpu::DeviceType::DiscreteGpu, (32, 32), 49152);
+        assert_eq!(choose(&gpu, Some(KernelFamily::Portable)).expect("portable runs anywhere").matmul, KernelFamily::Portable);
+        let err = choose(&gpu, Some(KernelFamily::Simd8)).expect_err("simd8 on a GPU").to_string();
+        assert!(err.contains("simd8") && err.contains("8-lane"), "{err}");
+        let small = facts(wgpu::DeviceType::IntegratedGpu, (32, 32), 16384);
+        let err = choose(&small, Some(KernelFamily::Tile128)).expect_err("tile128 in 16 KiB").to_string();
+        assert!(err.contains("tile128") && err.contains("16384"), "{err}");
+        assert_eq!("TILE128".parse::<KernelFamily>().expect("case-insensitive"), KernelFamily::Tile128);
+        let err = "fast".parse::<KernelFamily>().expect_err("unknown").to_string();
+        assert!(err.contains("portable, simd8, tile128"), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+// The weight gradient of a dense linear layer, dw = dy^T x: the element loaders and the entry
+// point for the tiled cores (common/matmul.wgsl, common/tile128.wgsl), with output rows n,
+// columns k and the reduction over m. The including shader declares `dy` and `x`.
+
+// Both operands are contiguous along their rows (n, k), not along the reduction (m).
+const A_ALONG_ROWS: bool = true;
+const B_ALONG_ROWS: bool = true;
+
+fn load_a(n: u32, m: u32) -> f32 {
+    if (n >= p.n || m >= p.m) { return 0.0; }
+    return dy[m * p.n + n];
+}
+
+fn load_b(k: u32, m: u32) -> f32 {
+    if (k >= p.k || m >= p.m) { return 0.0; }
+    return x[m * p.k + k];
+}
+
+@compute @workgroup_size(TILE_THREADS)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    tiled_matmul(wg, lid, p.n, p.k, p.m);
+}

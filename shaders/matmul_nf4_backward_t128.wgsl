@@ -1,0 +1,25 @@
+// Input gradient through a frozen NF4 weight,
+// in the tile128 family for GPUs (common/tile128.wgsl); the same product as matmul_nf4_backward.wgsl.
+#include "common/nf4.wgsl"
+#include "common/params.wgsl"
+#include "common/tile128.wgsl"
+
+@group(0) @binding(0) var<uniform> p: MatmulParams;
+@group(0) @binding(1) var<storage, read> dy: array<f32>;           // (M, dy_stride)
+@group(0) @binding(2) var<storage, read> w: array<u32>;            // (N * K / 8) packed NF4
+@group(0) @binding(3) var<storage, read> absmax: array<f32>;       // (N * K / block_size)
+@group(0) @binding(4) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
+
+// One packed word per thread: row n = j of W, columns k..k+7 (k a multiple of 8, as are K and
+// the block size, so the word lies in one row and one block).
+fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk {
+    let at = along_rows(lid);
+    let k = c0 + at.x;
+    let n = j0 + at.y;
+    if (n >= p.n || k >= p.k) { return Chunk(vec4<f32>(0.0), vec4<f32>(0.0)); }
+    let flat = n * p.k + k;
+    return nf4_word(w[flat / 8u], absmax[flat / p.block_size]);
+}
+
+#include "common/matmul_dx.wgsl"
