@@ -12,8 +12,8 @@
 # PyTorch runs (the table then reads any torch.jsonl already in BENCH_OUT). PROFILE (a shape,
 # default llama-3.2-1b; empty for none) adds one profiled training step of that shape
 # (checkpointing off) whose per-kernel times and GFLOP/s go to profile.json. FAMILIES (default
-# "portable"; empty for none) lists kernel families whose training step is measured besides the
-# one the adapter gets (EDGETUNE_KERNELS), so the table compares them. Needs the Vulkan
+# "tile128 portable"; empty for none) lists kernel families whose training step is measured
+# besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them. Needs the Vulkan
 # loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
 # and peft for the PyTorch column (skipped, and said so, when they do not import).
 set -uo pipefail
@@ -39,6 +39,7 @@ if ! { ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; } && [ -z "${LD_LIB
   echo "bench-gpu.sh: no Vulkan loader (libvulkan.so.1) found; see the README's Benchmarks section" >&2
 fi
 "$bin" gpu || { echo "bench-gpu.sh: edgetune found no GPU adapter" >&2; exit 1; }
+picked="$("$bin" gpu | sed -n 's/^kernels: \([a-z0-9]*\).*/\1/p')"
 torch_ok=1
 if [ "${TORCH:-1}" = 0 ]; then
   torch_ok=0
@@ -52,7 +53,8 @@ for shape in $shapes; do
   echo "== $shape: edgetune bench-train ($((SECONDS - start)) s)" >&2
   timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" --steps "$steps" \
     --max-context "$seq" --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench-train failed on $shape" >&2
-  for family in ${FAMILIES-portable}; do
+  for family in ${FAMILIES-tile128 portable}; do
+    [ "$family" = "$picked" ] && continue
     echo "== $shape: edgetune bench-train, $family kernels ($((SECONDS - start)) s)" >&2
     EDGETUNE_KERNELS="$family" timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" \
       --steps "$steps" --max-context "$seq" --json >>"$out/edgetune.jsonl" ||

@@ -3,6 +3,7 @@
 #include "common/nf4.wgsl"
 #include "common/params.wgsl"
 #include "common/tile128.wgsl"
+#include "common/tile_nf4.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (M, K)
@@ -11,15 +12,6 @@
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-// One packed word per thread: row n of W, elements j..j+7 (j a multiple of 8, as are K and the
-// block size, so the word lies in one row and one block).
-fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk {
-    let at = along_j(lid);
-    let n = c0 + at.x;
-    let j = j0 + at.y;
-    if (n >= p.n || j >= p.k) { return Chunk(vec4<f32>(0.0), vec4<f32>(0.0)); }
-    let flat = n * p.k + j;
-    return nf4_word(w[flat / 8u], absmax[flat / p.block_size]);
-}
+fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk { return fetch_nf4_along_j(c0, j0, lid); }
 
 #include "common/matmul_forward.wgsl"

@@ -361,7 +361,7 @@ fn lora_shaped_products_match_twins_in_every_family() {
                 launch::matmul_backward_w(&ctx, enc, wg(&dyb, &hb, b_off, (n, rank)))?;
                 launch::matmul_backward_w(&ctx, enc, wg(&dhb, &xb, a_off, (rank, k)))
             });
-            let what = |op: &str| format!("{op} T {t} r {rank} ({})", ctx.report.kernels.matmul);
+            let what = |op: &str| format!("{op} T {t} r {rank} ({})", ctx.report.kernels.family);
             let read = |b: &wgpu::Buffer, len| ctx.read_f32(b, len).expect("read");
             assert_close(
                 &what("x A^T"),
@@ -563,7 +563,7 @@ fn split_reductions_follow_their_rule() {
 /// twice), each against its twin and each recorded as two dispatches.
 #[test]
 fn long_reductions_split_over_workgroups_and_match_twins() {
-    let tiled: Vec<_> = gpus().into_iter().filter(|c| c.report.kernels.matmul != KernelFamily::Simd8).collect();
+    let tiled: Vec<_> = gpus().into_iter().filter(|c| c.report.kernels.family != KernelFamily::Simd8).collect();
     assert!(!tiled.is_empty(), "one context runs the tiled kernels");
     for ctx in tiled {
         let dispatches = |f: &dyn Fn(&mut edgetune::gpu::Encoder) -> edgetune::Result<()>| {

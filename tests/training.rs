@@ -93,7 +93,7 @@ fn resuming_from_step_ten_gives_the_same_adapter_bytes_as_twenty_steps_straight(
 fn resume_matches_straight_run(ctx: Arc<GpuContext>) {
     let m = model(&ctx, "llama");
     let data = dataset("llama", 0.25);
-    let dir = tmp(&format!("resume-{}", ctx.report.kernels.matmul));
+    let dir = tmp(&format!("resume-{}", ctx.report.kernels.family));
 
     // 20 steps straight.
     let mut straight = Vec::new();

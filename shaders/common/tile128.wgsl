@@ -31,59 +31,9 @@ const TILE_THREADS: u32 = 256u;
 const STRIDE4: u32 = 33u;                                          // vec4s per staged row: (128 + 4) / 4
 var<workgroup> a_tile: array<vec4<f32>, 528>;                      // (BK, 132) floats
 var<workgroup> b_tile: array<vec4<f32>, 528>;
-var<workgroup> code_table: array<f32, 16>;                         // NF4 code book
 
-#include "common/nf4_code.wgsl"
+#include "common/tile_fetch.wgsl"
 #include "common/matmul_store.wgsl"
-
-// The 8 values one thread stages of one operand a step.
-struct Chunk {
-    lo: vec4<f32>,
-    hi: vec4<f32>,
-}
-
-// Where a thread's chunk lies: (first row or column, first j) of the block's step.
-fn along_j(lid: u32) -> vec2<u32> {
-    return vec2<u32>(lid / 2u, (lid % 2u) * 8u);
-}
-
-fn along_rows(lid: u32) -> vec2<u32> {
-    return vec2<u32>((lid % 16u) * 8u, lid / 16u);
-}
-
-fn fetch_generic_a(r0: u32, j0: u32, lid: u32) -> Chunk {
-    var v: array<f32, 8>;
-    if (A_ALONG_ROWS) {
-        let at = along_rows(lid);
-        for (var e = 0u; e < 8u; e++) { v[e] = load_a(r0 + at.x + e, j0 + at.y); }
-    } else {
-        let at = along_j(lid);
-        for (var e = 0u; e < 8u; e++) { v[e] = load_a(r0 + at.x, j0 + at.y + e); }
-    }
-    return Chunk(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
-}
-
-fn fetch_generic_b(c0: u32, j0: u32, lid: u32) -> Chunk {
-    var v: array<f32, 8>;
-    if (B_ALONG_ROWS) {
-        let at = along_rows(lid);
-        for (var e = 0u; e < 8u; e++) { v[e] = load_b(c0 + at.x + e, j0 + at.y); }
-    } else {
-        let at = along_j(lid);
-        for (var e = 0u; e < 8u; e++) { v[e] = load_b(c0 + at.x, j0 + at.y + e); }
-    }
-    return Chunk(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
-}
-
-// The 8 code values of a packed NF4 word, in element order, times `scale`.
-fn nf4_word(word: u32, scale: f32) -> Chunk {
-    var v: array<f32, 8>;
-    for (var e = 0u; e < 8u; e++) {
-        let shift = 8u * (e / 2u) + select(0u, 4u, e % 2u == 0u);
-        v[e] = code_table[(word >> shift) & 0xFu] * scale;
-    }
-    return Chunk(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
-}
 
 // Stores a chunk into a staged tile (a_tile when `is_a`): along j it is one column of 8 rows of
 // the transposed tile, along rows 8 consecutive floats of one row.

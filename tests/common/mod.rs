@@ -101,13 +101,13 @@ pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
     let default = gpu();
     let mut all = vec![];
     for family in KernelFamily::ALL {
-        if family == default.report.kernels.matmul {
+        if family == default.report.kernels.family {
             continue;
         }
         let opts = GpuOptions { kernels: Some(family), ..Default::default() };
         match GpuContext::new(&opts) {
             Ok(ctx) => {
-                assert_eq!(ctx.report.kernels.matmul, family, "a forced family was ignored");
+                assert_eq!(ctx.report.kernels.family, family, "a forced family was ignored");
                 all.push(ctx);
             }
             // Only a family the adapter cannot run may be missing, and it says so.

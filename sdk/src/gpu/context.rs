@@ -51,6 +51,13 @@ pub struct AdapterReport {
     pub max_compute_invocations_per_workgroup: u32,
     /// The kernel family each op uses (see [`super::family`]).
     pub kernels: Kernels,
+    /// What the coop16 family's start-up self-test found, where it ran (see gpu/probe.rs).
+    pub coop16_self_test: Option<String>,
+    /// What the family table read of the adapter.
+    #[serde(skip)]
+    pub facts: AdapterFacts,
+    /// The family `GpuOptions::kernels` or `EDGETUNE_KERNELS` forced, if any.
+    pub forced: Option<KernelFamily>,
     /// The GPU's memory, where the backend reports it (Vulkan does); `None` means unknown.
     pub memory: Option<GpuMemory>,
 }
@@ -69,6 +76,9 @@ impl std::fmt::Display for AdapterReport {
             self.cooperative_matrix
         )?;
         writeln!(f, "kernels: {}", self.kernels)?;
+        if let Some(t) = &self.coop16_self_test {
+            writeln!(f, "coop16 self-test: {t}")?;
+        }
         match self.memory {
             Some(GpuMemory { total_bytes, available_bytes: Some(free) }) => {
                 writeln!(f, "memory: {} MiB, {} MiB free", total_bytes >> 20, free >> 20)?
@@ -193,12 +203,13 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 }
 
 impl GpuContext {
-    /// Opens the adapter chosen by `opts` (see the module docs).
-    pub fn new(opts: &GpuOptions) -> Result<Self> {
-        pollster::block_on(Self::new_async(opts))
+    /// Opens the adapter chosen by `opts` (see the module docs) with the kernel families the
+    /// table picks, before any self-test (`GpuContext::new`, in gpu/probe.rs, runs those).
+    pub(crate) fn open_unprobed(opts: &GpuOptions) -> Result<Self> {
+        pollster::block_on(Self::open_async(opts))
     }
 
-    async fn new_async(opts: &GpuOptions) -> Result<Self> {
+    async fn open_async(opts: &GpuOptions) -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         if std::env::var_os("WGPU_BACKEND").is_none() {
             desc.backends = wgpu::Backends::PRIMARY;
@@ -232,29 +243,47 @@ impl GpuContext {
                 required |= f;
             }
         }
-        let (device, queue) = adapter
-            .request_device(&wgpu::DeviceDescriptor {
-                label: Some("edgetune"),
-                required_features: required,
-                required_limits: limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
-                memory_hints: wgpu::MemoryHints::Performance,
-                trace: wgpu::Trace::Off,
-            })
-            .await
-            .map_err(|e| Error::Gpu(format!("could not open device on adapter {}: {e}", info.name)))?;
+        let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         let facts = AdapterFacts {
             device_type: info.device_type,
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             subgroup_size: (info.subgroup_min_size, info.subgroup_max_size),
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
+            coop_16x16_f16: features.contains(coop | wgpu::Features::SHADER_F16)
+                && adapter.cooperative_matrix_properties().iter().any(|c| {
+                    (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                        && c.ab_type == wgpu::CooperativeScalarType::F16
+                        && c.cr_type == wgpu::CooperativeScalarType::F32
+                }),
         };
         let forced = match opts.kernels {
             Some(f) => Some(f),
             None => family::from_env()?,
         };
         let kernels = family::choose(&facts, forced)?;
+        // Cooperative matrices are an experimental wgpu feature: asked for only when the coop16
+        // family is to be tried (and then only used after its self-test).
+        let experimental = if kernels.family == KernelFamily::Coop16 {
+            required |= coop;
+            // SAFETY: wgpu asks its callers to acknowledge that experimental features may have
+            // bugs. Only the coop16 kernels use this one, and only after the start-up self-test
+            // (gpu/probe.rs) has checked their results against the CPU twin.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("edgetune"),
+                required_features: required,
+                required_limits: limits.clone(),
+                experimental_features: experimental,
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::Gpu(format!("could not open device on adapter {}: {e}", info.name)))?;
         let report = AdapterReport {
             name: info.name.clone(),
             backend: format!("{:?}", info.backend),
@@ -270,6 +299,9 @@ impl GpuContext {
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             kernels,
+            coop16_self_test: None,
+            facts,
+            forced,
             memory: memory::query(&adapter),
         };
         // wgpu's default handler panics on validation errors; record them and return them as

@@ -8,10 +8,14 @@
 //! | `portable` | 64 x 64 tiles, 4 x 4 a thread | a workgroup per (query, head) | anything else |
 //! | `simd8` | 32 x 32 blocks in 8-lane registers | 8 queries a workgroup | a CPU adapter with 8-lane subgroups (lavapipe) |
 //! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | as `portable` | a GPU with 17 KiB of workgroup memory |
+//! | `coop16` | forward: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums; gradients: `tile128` | as `portable` | a GPU that lists that configuration, once its self-test passes |
 //!
-//! A family that has no kernel of its own for an op uses the portable one. `GpuOptions::kernels`
-//! or `EDGETUNE_KERNELS` forces a family (tests run each one the adapter can run); forcing one
-//! the adapter cannot run is an error, never a silent fallback.
+//! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for
+//! the gradients, which can fall below f16's range). `GpuOptions::kernels` or
+//! `EDGETUNE_KERNELS` forces a family (tests run each one the adapter can run); forcing one the
+//! adapter cannot run is an error, never a silent fallback. coop16 is used only after a
+//! start-up self-test on the GPU (`gpu/probe.rs`): an NF4 matmul against the CPU twin within
+//! the f16 rounding bound. When it fails, the adapter gets tile128 and the report says why.
 
 use serde::Serialize;
 
@@ -24,16 +28,19 @@ pub enum KernelFamily {
     Portable,
     Simd8,
     Tile128,
+    Coop16,
 }
 
 impl KernelFamily {
-    pub const ALL: [KernelFamily; 3] = [KernelFamily::Portable, KernelFamily::Simd8, KernelFamily::Tile128];
+    pub const ALL: [KernelFamily; 4] =
+        [KernelFamily::Portable, KernelFamily::Simd8, KernelFamily::Tile128, KernelFamily::Coop16];
 
     pub fn name(self) -> &'static str {
         match self {
             KernelFamily::Portable => "portable",
             KernelFamily::Simd8 => "simd8",
             KernelFamily::Tile128 => "tile128",
+            KernelFamily::Coop16 => "coop16",
         }
     }
 }
@@ -57,16 +64,24 @@ impl std::str::FromStr for KernelFamily {
 /// The family each op uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Kernels {
-    /// Many-row matmuls: forward, input gradient and weight gradient (one-row products, when
-    /// decoding, use the matvec kernels of `portable` or `simd8`).
+    /// The family asked for or picked, which names the set.
+    pub family: KernelFamily,
+    /// Many-row forward matmuls (one-row products, when decoding, use the matvec kernels of
+    /// `portable` or `simd8`).
     pub matmul: KernelFamily,
+    /// Many-row input and weight gradients.
+    pub matmul_grad: KernelFamily,
     /// Attention forward and backward.
     pub attention: KernelFamily,
 }
 
 impl std::fmt::Display for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "matmul {}, attention {}", self.matmul, self.attention)
+        write!(
+            f,
+            "{} (matmul {}, matmul gradients {}, attention {})",
+            self.family, self.matmul, self.matmul_grad, self.attention
+        )
     }
 }
 
@@ -79,10 +94,17 @@ pub struct AdapterFacts {
     pub subgroup_size: (u32, u32),
     pub max_workgroup_storage: u32,
     pub max_invocations: u32,
+    /// The adapter offers cooperative matrices with a 16 x 16 x 16 configuration of f16
+    /// operands and f32 sums, and f16 in shaders.
+    pub coop_16x16_f16: bool,
 }
 
 /// Workgroup memory the tile128 kernels declare: two (16, 132) f32 tiles and the NF4 code book.
 pub const TILE128_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 4 + 16 * 4;
+
+/// Workgroup memory the coop16 kernels declare: two (16, 136) f16 tiles, eight 16 x 16 f32
+/// fragments and the NF4 code book.
+pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 16 * 4;
 
 /// Why `family` cannot run on the adapter, or `None` when it can.
 pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
@@ -104,6 +126,21 @@ pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
                 )
             })
         }
+        KernelFamily::Coop16 => {
+            let lanes_32 = a.subgroups && a.subgroup_size.0 <= 32 && 32 <= a.subgroup_size.1;
+            let fits = a.max_workgroup_storage >= COOP16_WORKGROUP_BYTES && a.max_invocations >= 256;
+            (!(a.coop_16x16_f16 && lanes_32 && fits)).then(|| {
+                format!(
+                    "needs cooperative matrices of 16 x 16 x 16 f16 with f32 sums, 32-lane subgroups and {} bytes of \
+                     workgroup memory (this adapter: cooperative 16x16 f16 {}, subgroups {}..{}, {} bytes)",
+                    COOP16_WORKGROUP_BYTES,
+                    a.coop_16x16_f16,
+                    a.subgroup_size.0,
+                    a.subgroup_size.1,
+                    a.max_workgroup_storage
+                )
+            })
+        }
     }
 }
 
@@ -119,14 +156,21 @@ pub fn choose(a: &AdapterFacts, forced: Option<KernelFamily>) -> Result<Kernels>
         }
         None if unsupported(KernelFamily::Simd8, a).is_none() => KernelFamily::Simd8,
         None if a.device_type == wgpu::DeviceType::Cpu => KernelFamily::Portable,
+        None if unsupported(KernelFamily::Coop16, a).is_none() => KernelFamily::Coop16,
         None if unsupported(KernelFamily::Tile128, a).is_none() => KernelFamily::Tile128,
         None => KernelFamily::Portable,
     };
-    let attention = match family {
-        KernelFamily::Simd8 => KernelFamily::Simd8,
-        _ => KernelFamily::Portable,
+    Ok(kernels_of(family))
+}
+
+/// What each op uses in `family`.
+pub fn kernels_of(family: KernelFamily) -> Kernels {
+    let (matmul, matmul_grad, attention) = match family {
+        KernelFamily::Simd8 => (family, family, family),
+        KernelFamily::Coop16 => (family, KernelFamily::Tile128, KernelFamily::Portable),
+        _ => (family, family, KernelFamily::Portable),
     };
-    Ok(Kernels { matmul: family, attention })
+    Kernels { family, matmul, matmul_grad, attention }
 }
 
 /// The family forced by `EDGETUNE_KERNELS`, if it is set (an unknown name is an error).
@@ -150,6 +194,7 @@ mod tests {
             subgroup_size: sg,
             max_workgroup_storage: storage,
             max_invocations: 1024,
+            coop_16x16_f16: false,
         }
     }
 
@@ -158,25 +203,36 @@ mod tests {
         use KernelFamily::*;
         use wgpu::DeviceType::*;
         let pick = |f: AdapterFacts| choose(&f, None).expect("a family");
-        assert_eq!(pick(facts(Cpu, (8, 8), 32768)), Kernels { matmul: Simd8, attention: Simd8 });
-        assert_eq!(pick(facts(Cpu, (4, 4), 32768)), Kernels { matmul: Portable, attention: Portable });
-        assert_eq!(pick(facts(DiscreteGpu, (32, 32), 49152)), Kernels { matmul: Tile128, attention: Portable });
-        assert_eq!(pick(facts(IntegratedGpu, (8, 32), 32768)), Kernels { matmul: Tile128, attention: Portable });
+        let k = |family, matmul, matmul_grad, attention| Kernels { family, matmul, matmul_grad, attention };
+        assert_eq!(pick(facts(Cpu, (8, 8), 32768)), k(Simd8, Simd8, Simd8, Simd8));
+        assert_eq!(pick(facts(Cpu, (4, 4), 32768)), k(Portable, Portable, Portable, Portable));
+        assert_eq!(pick(facts(DiscreteGpu, (32, 32), 49152)), k(Tile128, Tile128, Tile128, Portable));
+        assert_eq!(pick(facts(IntegratedGpu, (8, 32), 32768)), k(Tile128, Tile128, Tile128, Portable));
         // The WebGPU default of 16 KiB is too little for tile128.
-        assert_eq!(pick(facts(IntegratedGpu, (0, 0), 16384)), Kernels { matmul: Portable, attention: Portable });
+        assert_eq!(pick(facts(IntegratedGpu, (0, 0), 16384)), k(Portable, Portable, Portable, Portable));
+        // Matrix units: the forward products on them, the gradients in f32.
+        let coop = AdapterFacts { coop_16x16_f16: true, ..facts(DiscreteGpu, (32, 32), 49152) };
+        assert_eq!(pick(coop), k(Coop16, Coop16, Tile128, Portable));
+        // Not with 64-lane subgroups only.
+        assert_eq!(pick(AdapterFacts { subgroup_size: (64, 64), ..coop }).family, Tile128);
     }
 
     #[test]
     fn a_forced_family_is_used_or_refused_with_the_reason() {
         let gpu = facts(wgpu::DeviceType::DiscreteGpu, (32, 32), 49152);
-        assert_eq!(choose(&gpu, Some(KernelFamily::Portable)).expect("portable runs anywhere").matmul, KernelFamily::Portable);
+        assert_eq!(
+            choose(&gpu, Some(KernelFamily::Portable)).expect("portable runs anywhere").matmul,
+            KernelFamily::Portable
+        );
         let err = choose(&gpu, Some(KernelFamily::Simd8)).expect_err("simd8 on a GPU").to_string();
         assert!(err.contains("simd8") && err.contains("8-lane"), "{err}");
         let small = facts(wgpu::DeviceType::IntegratedGpu, (32, 32), 16384);
         let err = choose(&small, Some(KernelFamily::Tile128)).expect_err("tile128 in 16 KiB").to_string();
         assert!(err.contains("tile128") && err.contains("16384"), "{err}");
+        let err = choose(&gpu, Some(KernelFamily::Coop16)).expect_err("no matrix units").to_string();
+        assert!(err.contains("coop16") && err.contains("cooperative 16x16 f16 false"), "{err}");
         assert_eq!("TILE128".parse::<KernelFamily>().expect("case-insensitive"), KernelFamily::Tile128);
         let err = "fast".parse::<KernelFamily>().expect_err("unknown").to_string();
-        assert!(err.contains("portable, simd8, tile128"), "{err}");
+        assert!(err.contains("portable, simd8, tile128, coop16"), "{err}");
     }
 }

@@ -4,6 +4,7 @@ pub mod dispatch;
 pub mod family;
 pub mod launch;
 pub mod memory;
+pub mod probe;
 pub mod profile;
 pub mod shaders;
 

@@ -20,7 +20,18 @@ pub struct Shader {
 impl Shader {
     /// Whether the shader needs the adapter's subgroup operations.
     pub fn uses_subgroups(&self) -> bool {
-        expand(self).map(|s| s.contains("subgroup")).unwrap_or(false)
+        self.code_contains("subgroup")
+    }
+
+    /// Whether the shader needs cooperative matrices (wgpu's experimental feature), which only
+    /// the coop16 family uses.
+    pub fn uses_cooperative_matrix(&self) -> bool {
+        self.code_contains("wgpu_cooperative_matrix")
+    }
+
+    /// Whether `word` occurs in the expanded source outside comments.
+    fn code_contains(&self, word: &str) -> bool {
+        expand(self).map(|s| s.lines().any(|l| l.split("//").next().is_some_and(|c| c.contains(word)))).unwrap_or(false)
     }
 
     /// The shader's bindings as its expanded source declares them, in order: binding 0 the
@@ -156,12 +167,19 @@ shaders! {
     MATMUL_F16_BACKWARD_T128 = "matmul_f16_backward_t128";
     MATMUL_NF4_BACKWARD_T128 = "matmul_nf4_backward_t128";
     MATMUL_BACKWARD_W_T128 = "matmul_backward_w_t128";
+    // The coop16 family: forward products on matrix units (shaders/common/coop16.wgsl).
+    MATMUL_COOP16 = "matmul_coop16";
+    MATMUL_F16_COOP16 = "matmul_f16_coop16";
+    MATMUL_NF4_COOP16 = "matmul_nf4_coop16";
 }
 
 const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
     ("common/nf4_code.wgsl", include_str!("../../../shaders/common/nf4_code.wgsl")),
     ("common/tile128.wgsl", include_str!("../../../shaders/common/tile128.wgsl")),
+    ("common/tile_fetch.wgsl", include_str!("../../../shaders/common/tile_fetch.wgsl")),
+    ("common/tile_nf4.wgsl", include_str!("../../../shaders/common/tile_nf4.wgsl")),
+    ("common/coop16.wgsl", include_str!("../../../shaders/common/coop16.wgsl")),
     ("common/matmul_dw.wgsl", include_str!("../../../shaders/common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../../../shaders/common/matvec.wgsl")),

@@ -168,7 +168,10 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
     let (shader, groups) = match m {
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
-        _ => return run_many_rows(ctx, enc, many_rows(ctx, family, simd_ok, (p.m, p.n, p.k)), p, &buffers, cost),
+        _ => {
+            let kernel = many_rows(ctx.report.kernels.matmul, family, simd_ok, (p.m, p.n, p.k));
+            return run_many_rows(ctx, enc, kernel, p, &buffers, cost);
+        }
     };
     ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, cost)
 }
@@ -184,33 +187,59 @@ struct ManyRows {
     red: u32,
 }
 
-/// One many-row matmul in each kernel family (see [`crate::gpu::family`]).
+/// One many-row matmul in each kernel family (see [`crate::gpu::family`]); coop16 has forward
+/// kernels only.
 #[derive(Clone, Copy)]
 struct Family {
     portable: &'static Shader,
     simd8: &'static Shader,
     tile128: &'static Shader,
+    coop16: Option<&'static Shader>,
 }
 
-const DENSE: Family = Family { portable: &MATMUL, simd8: &MATMUL_SIMD8, tile128: &MATMUL_T128 };
-const F16: Family = Family { portable: &MATMUL_F16, simd8: &MATMUL_F16_SIMD8, tile128: &MATMUL_F16_T128 };
-const NF4: Family = Family { portable: &MATMUL_NF4, simd8: &MATMUL_NF4_SIMD8, tile128: &MATMUL_NF4_T128 };
+const DENSE: Family =
+    Family { portable: &MATMUL, simd8: &MATMUL_SIMD8, tile128: &MATMUL_T128, coop16: Some(&MATMUL_COOP16) };
+const F16: Family = Family {
+    portable: &MATMUL_F16,
+    simd8: &MATMUL_F16_SIMD8,
+    tile128: &MATMUL_F16_T128,
+    coop16: Some(&MATMUL_F16_COOP16),
+};
+const NF4: Family = Family {
+    portable: &MATMUL_NF4,
+    simd8: &MATMUL_NF4_SIMD8,
+    tile128: &MATMUL_NF4_T128,
+    coop16: Some(&MATMUL_NF4_COOP16),
+};
 const DENSE_DX: Family =
-    Family { portable: &MATMUL_BACKWARD, simd8: &MATMUL_BACKWARD_SIMD8, tile128: &MATMUL_BACKWARD_T128 };
-const F16_DX: Family =
-    Family { portable: &MATMUL_F16_BACKWARD, simd8: &MATMUL_F16_BACKWARD_SIMD8, tile128: &MATMUL_F16_BACKWARD_T128 };
-const NF4_DX: Family =
-    Family { portable: &MATMUL_NF4_BACKWARD, simd8: &MATMUL_NF4_BACKWARD_SIMD8, tile128: &MATMUL_NF4_BACKWARD_T128 };
-const DENSE_DW: Family =
-    Family { portable: &MATMUL_BACKWARD_W, simd8: &MATMUL_BACKWARD_W_SIMD8, tile128: &MATMUL_BACKWARD_W_T128 };
+    Family { portable: &MATMUL_BACKWARD, simd8: &MATMUL_BACKWARD_SIMD8, tile128: &MATMUL_BACKWARD_T128, coop16: None };
+const F16_DX: Family = Family {
+    portable: &MATMUL_F16_BACKWARD,
+    simd8: &MATMUL_F16_BACKWARD_SIMD8,
+    tile128: &MATMUL_F16_BACKWARD_T128,
+    coop16: None,
+};
+const NF4_DX: Family = Family {
+    portable: &MATMUL_NF4_BACKWARD,
+    simd8: &MATMUL_NF4_BACKWARD_SIMD8,
+    tile128: &MATMUL_NF4_BACKWARD_T128,
+    coop16: None,
+};
+const DENSE_DW: Family = Family {
+    portable: &MATMUL_BACKWARD_W,
+    simd8: &MATMUL_BACKWARD_W_SIMD8,
+    tile128: &MATMUL_BACKWARD_W_T128,
+    coop16: None,
+};
 
-/// The kernel for a many-row matmul in the adapter's family: simd8 (32 x 32 outputs per
-/// workgroup) when `simd_ok` says the shape suits it, tile128 (128 x 128), else portable
-/// (64 x 64).
-fn many_rows(ctx: &GpuContext, family: Family, simd_ok: bool, (rows, cols, red): (u32, u32, u32)) -> ManyRows {
-    let (shader, side, tiled) = match ctx.report.kernels.matmul {
-        KernelFamily::Simd8 if simd_ok => (family.simd8, 32, false),
-        KernelFamily::Tile128 => (family.tile128, 128, true),
+/// The kernel of `family` for a many-row matmul in the adapter's family `kind` (the forward's
+/// or the gradients'): simd8 (32 x 32 outputs per workgroup) when `simd_ok` says the shape
+/// suits it, coop16 or tile128 (128 x 128), else portable (64 x 64).
+fn many_rows(kind: KernelFamily, family: Family, simd_ok: bool, (rows, cols, red): (u32, u32, u32)) -> ManyRows {
+    let (shader, side, tiled) = match (kind, family.coop16) {
+        (KernelFamily::Simd8, _) if simd_ok => (family.simd8, 32, false),
+        (KernelFamily::Coop16, Some(coop)) => (coop, 128, true),
+        (KernelFamily::Tile128 | KernelFamily::Coop16, _) => (family.tile128, 128, true),
         _ => (family.portable, 64, true),
     };
     ManyRows { shader, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
@@ -312,7 +341,7 @@ pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -
             (NF4_DX, true, vec![g, packed, absmax, g, dx])
         }
     };
-    let kernel = many_rows(ctx, family, aligned && simd_ok, (p.m, p.k, p.n));
+    let kernel = many_rows(ctx.report.kernels.matmul_grad, family, aligned && simd_ok, (p.m, p.k, p.n));
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
     run_many_rows(ctx, enc, kernel, p, &buffers, cost)
 }
@@ -339,7 +368,7 @@ pub fn matmul_backward_w(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>)
     let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
     let p = matmul_params(m, n, k, out)?;
     let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
-    let kernel = many_rows(ctx, DENSE_DW, aligned, (p.n, p.k, p.m));
+    let kernel = many_rows(ctx.report.kernels.matmul_grad, DENSE_DW, aligned, (p.n, p.k, p.m));
     let cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
     run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw], cost)
 }

@@ -1,0 +1,126 @@
+// The `coop16` matmul core: the forward product of common/matmul.wgsl,
+//   out[r, c] = sum_j A(r, j) * B(c, j),
+// on the GPU's matrix units through cooperative matrices (wgpu's
+// EXPERIMENTAL_COOPERATIVE_MATRIX): 16 x 16 x 16 fragments with f16 operands and f32
+// accumulators. The including shader must begin with `enable f16;` and
+// `enable wgpu_cooperative_matrix;`.
+//
+//   - A workgroup of 256 threads, 8 subgroups of 32, computes a 128 x 128 output block; subgroup
+//     s owns rows 32 (s / 2) .. + 32 and columns 64 (s % 2) .. + 64: 2 x 4 accumulator fragments.
+//   - Operands are fetched as in common/tile128.wgsl (common/tile_fetch.wgsl: 8 values a thread
+//     a step of 16, prefetched into registers while the step before is multiplied), rounded to
+//     f16 and staged transposed, (16, 136) halves: A column-major (element (r, j) at j * 136 + r)
+//     and B row-major as a (K, N) matrix (element (j, c) at j * 136 + c), so that a fragment is
+//     one coopLoad / coopLoadT with stride 136.
+//   - The epilogue stores each fragment to a 16 x 16 f32 scratch of its subgroup and writes it
+//     out through common/matmul_store.wgsl (split reduction, alpha, bias, accumulation).
+//
+// Rounding the operands to f16 (unit roundoff u = 2^-11) moves each product by at most 2u of
+// its size, so an output moves by at most about 2u sum_j |A(r, j) B(c, j)|: the bound the
+// start-up self-test (gpu/family.rs) checks against the CPU twin before the family is used.
+// Only forward products run here: gradients can fall below f16's normal range (6.1e-5), so the
+// input and weight gradients stay in f32 (tile128).
+//
+// Subgroups are assumed to be 32 lanes; the self-test is what makes sure, and a failure leaves
+// the family unused.
+
+const BR: u32 = 128u;
+const BC: u32 = 128u;
+const BK: u32 = 16u;
+const TILE_THREADS: u32 = 256u;
+const HS: u32 = 136u;                                              // halves per staged row
+var<workgroup> a_half: array<f16, 2176>;                           // (BK, HS)
+var<workgroup> b_half: array<f16, 2176>;
+var<workgroup> frag_out: array<f32, 2048>;                         // a 16 x 16 fragment per subgroup
+
+#include "common/tile_fetch.wgsl"
+#include "common/matmul_store.wgsl"
+
+// Stores a chunk, rounded to f16, into a staged tile (a_half when `is_a`).
+fn put_half(is_a: bool, along: bool, lid: u32, c: Chunk) {
+    var v = array<f32, 8>(c.lo.x, c.lo.y, c.lo.z, c.lo.w, c.hi.x, c.hi.y, c.hi.z, c.hi.w);
+    var at: vec2<u32>;
+    if (along) { at = along_rows(lid); } else { at = along_j(lid); }
+    for (var e = 0u; e < 8u; e++) {
+        var i: u32;
+        if (along) { i = at.y * HS + at.x + e; } else { i = (at.y + e) * HS + at.x; }
+        if (is_a) { a_half[i] = f16(v[e]); } else { b_half[i] = f16(v[e]); }
+    }
+}
+
+// Writes one accumulator fragment, rows row0.. and columns col0.. of the block, through the
+// subgroup's scratch: lane l writes row l / 2, columns 8 (l % 2) .. + 8.
+fn write_fragment(f: coop_mat16x16<f32, C>, s: u32, lane: u32, row0: u32, col0: u32, n_rows: u32, n_cols: u32) {
+    coopStoreT(f, &frag_out[s * 256u], 16u);
+    workgroupBarrier();
+    let i = s * 256u + (lane / 2u) * 16u + (lane % 2u) * 8u;
+    let row = row0 + lane / 2u;
+    let col = col0 + (lane % 2u) * 8u;
+    store4(row, col, vec4<f32>(frag_out[i], frag_out[i + 1u], frag_out[i + 2u], frag_out[i + 3u]), n_rows, n_cols);
+    store4(row, col + 4u, vec4<f32>(frag_out[i + 4u], frag_out[i + 5u], frag_out[i + 6u], frag_out[i + 7u]), n_rows, n_cols);
+    workgroupBarrier();
+}
+
+fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
+    if (lid < 16u) { code_table[lid] = NF4_CODE[lid]; }
+    workgroupBarrier();
+    let r0 = wg.y * BR;
+    let c0 = wg.x * BC;
+    let s = lid / 32u;
+    let lane = lid % 32u;
+    let sr = (s / 2u) * 32u;
+    let sc = (s % 2u) * 64u;
+    var j_begin = 0u;
+    var j_end = n_red;
+    if (p.split_k != 0u) {
+        j_begin = wg.z * p.split_k;
+        j_end = min(n_red, j_begin + p.split_k);
+    }
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c02 = coop_mat16x16<f32, C>();
+    var c03 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+    var c12 = coop_mat16x16<f32, C>();
+    var c13 = coop_mat16x16<f32, C>();
+    var next_a = fetch_generic_a(r0, j_begin, lid);
+    var next_b = fetch_b(c0, j_begin, lid);
+    for (var j0 = j_begin; j0 < j_end; j0 += BK) {
+        put_half(true, A_ALONG_ROWS, lid, next_a);
+        put_half(false, B_ALONG_ROWS, lid, next_b);
+        workgroupBarrier();
+        if (j0 + BK < j_end) {
+            next_a = fetch_generic_a(r0, j0 + BK, lid);
+            next_b = fetch_b(c0, j0 + BK, lid);
+        }
+        let a0 = coopLoad<coop_mat16x16<f16, A>>(&a_half[sr], HS);
+        let a1 = coopLoad<coop_mat16x16<f16, A>>(&a_half[sr + 16u], HS);
+        let b0 = coopLoadT<coop_mat16x16<f16, B>>(&b_half[sc], HS);
+        let b1 = coopLoadT<coop_mat16x16<f16, B>>(&b_half[sc + 16u], HS);
+        let b2 = coopLoadT<coop_mat16x16<f16, B>>(&b_half[sc + 32u], HS);
+        let b3 = coopLoadT<coop_mat16x16<f16, B>>(&b_half[sc + 48u], HS);
+        c00 = coopMultiplyAdd(a0, b0, c00);
+        c01 = coopMultiplyAdd(a0, b1, c01);
+        c02 = coopMultiplyAdd(a0, b2, c02);
+        c03 = coopMultiplyAdd(a0, b3, c03);
+        c10 = coopMultiplyAdd(a1, b0, c10);
+        c11 = coopMultiplyAdd(a1, b1, c11);
+        c12 = coopMultiplyAdd(a1, b2, c12);
+        c13 = coopMultiplyAdd(a1, b3, c13);
+        workgroupBarrier();
+    }
+    // Slice z of a split reduction lands z * n_rows rows further down the scratch output.
+    let zr = wg.z * n_rows;
+    let rows = zr + r0 + sr;
+    let cols = c0 + sc;
+    let end = zr + n_rows;
+    write_fragment(c00, s, lane, rows, cols, end, n_cols);
+    write_fragment(c01, s, lane, rows, cols + 16u, end, n_cols);
+    write_fragment(c02, s, lane, rows, cols + 32u, end, n_cols);
+    write_fragment(c03, s, lane, rows, cols + 48u, end, n_cols);
+    write_fragment(c10, s, lane, rows + 16u, cols, end, n_cols);
+    write_fragment(c11, s, lane, rows + 16u, cols + 16u, end, n_cols);
+    write_fragment(c12, s, lane, rows + 16u, cols + 32u, end, n_cols);
+    write_fragment(c13, s, lane, rows + 16u, cols + 48u, end, n_cols);
+}

@@ -1,0 +1,22 @@
+enable f16;
+enable wgpu_cooperative_matrix;
+
+// Dense linear layer over many rows,
+// in the coop16 family (common/coop16.wgsl); the same product as matmul.wgsl.
+#include "common/params.wgsl"
+#include "common/coop16.wgsl"
+
+@group(0) @binding(0) var<uniform> p: MatmulParams;
+@group(0) @binding(1) var<storage, read> x: array<f32>;            // (M, K)
+@group(0) @binding(2) var<storage, read> w: array<f32>;            // (w_offset + N * K)
+@group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
+
+// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer).
+fn w_at(n: u32, k: u32) -> f32 {
+    return w[p.w_offset + n * p.k + k];
+}
+
+fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk { return fetch_generic_b(c0, j0, lid); }
+
+#include "common/matmul_forward.wgsl"

@@ -1,0 +1,23 @@
+enable f16;
+enable wgpu_cooperative_matrix;
+
+// Linear layer over an f16 weight and many rows,
+// in the coop16 family (common/coop16.wgsl); the same product as matmul_f16.wgsl.
+#include "common/params.wgsl"
+#include "common/coop16.wgsl"
+
+@group(0) @binding(0) var<uniform> p: MatmulParams;
+@group(0) @binding(1) var<storage, read> x: array<f32>;            // (M, K)
+@group(0) @binding(2) var<storage, read> w: array<u32>;            // (N * K / 2) packed f16 pairs
+@group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
+
+// Element (n, k) of the f16 weight (K even, so a pair never straddles a row).
+fn w_at(n: u32, k: u32) -> f32 {
+    let pair = unpack2x16float(w[(n * p.k + k) / 2u]);
+    return select(pair.y, pair.x, (k & 1u) == 0u);
+}
+
+fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk { return fetch_generic_b(c0, j0, lid); }
+
+#include "common/matmul_forward.wgsl"
