@@ -7,8 +7,8 @@
 //! | --- | --- | --- | --- |
 //! | `portable` | 64 x 64 tiles, 4 x 4 a thread | a workgroup per (query, head) | anything else |
 //! | `simd8` | 32 x 32 blocks in 8-lane registers | 8 queries a workgroup | a CPU adapter with 8-lane subgroups (lavapipe) |
-//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | as `portable` | a GPU with 17 KiB of workgroup memory |
-//! | `coop16` | forward: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums; gradients: `tile128` | as `portable` | a GPU that lists that configuration, once its self-test passes |
+//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | forward: 16 queries a workgroup over shared key/value tiles (27 KiB; else portable); backward: portable | a GPU with 17 KiB of workgroup memory |
+//! | `coop16` | forward: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums; gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
 //!
 //! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for
 //! the gradients, which can fall below f16's range). `GpuOptions::kernels` or
@@ -102,6 +102,10 @@ pub struct AdapterFacts {
 /// Workgroup memory the tile128 kernels declare: two (16, 132) f32 tiles and the NF4 code book.
 pub const TILE128_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 4 + 16 * 4;
 
+/// Workgroup memory the tile128 attention kernel declares: 16 queries and 32 keys of up to 128
+/// dimensions in padded rows, their scores, and the block's key range.
+pub const ATTENTION_T128_WORKGROUP_BYTES: u32 = (16 * 129 + 32 * 129 + 16 * 32) * 4 + 8;
+
 /// Workgroup memory the coop16 kernels declare: two (16, 136) f16 tiles, eight 16 x 16 f32
 /// fragments and the NF4 code book.
 pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 16 * 4;
@@ -160,15 +164,21 @@ pub fn choose(a: &AdapterFacts, forced: Option<KernelFamily>) -> Result<Kernels>
         None if unsupported(KernelFamily::Tile128, a).is_none() => KernelFamily::Tile128,
         None => KernelFamily::Portable,
     };
-    Ok(kernels_of(family))
+    Ok(kernels_of(family, a))
 }
 
-/// What each op uses in `family`.
-pub fn kernels_of(family: KernelFamily) -> Kernels {
+/// What each op uses in `family` on the adapter `a`.
+pub fn kernels_of(family: KernelFamily, a: &AdapterFacts) -> Kernels {
+    let blocked = if a.max_workgroup_storage >= ATTENTION_T128_WORKGROUP_BYTES {
+        KernelFamily::Tile128
+    } else {
+        KernelFamily::Portable
+    };
     let (matmul, matmul_grad, attention) = match family {
         KernelFamily::Simd8 => (family, family, family),
-        KernelFamily::Coop16 => (family, KernelFamily::Tile128, KernelFamily::Portable),
-        _ => (family, family, KernelFamily::Portable),
+        KernelFamily::Coop16 => (family, KernelFamily::Tile128, blocked),
+        KernelFamily::Tile128 => (family, family, blocked),
+        KernelFamily::Portable => (family, family, family),
     };
     Kernels { family, matmul, matmul_grad, attention }
 }
@@ -206,13 +216,15 @@ mod tests {
         let k = |family, matmul, matmul_grad, attention| Kernels { family, matmul, matmul_grad, attention };
         assert_eq!(pick(facts(Cpu, (8, 8), 32768)), k(Simd8, Simd8, Simd8, Simd8));
         assert_eq!(pick(facts(Cpu, (4, 4), 32768)), k(Portable, Portable, Portable, Portable));
-        assert_eq!(pick(facts(DiscreteGpu, (32, 32), 49152)), k(Tile128, Tile128, Tile128, Portable));
-        assert_eq!(pick(facts(IntegratedGpu, (8, 32), 32768)), k(Tile128, Tile128, Tile128, Portable));
+        assert_eq!(pick(facts(DiscreteGpu, (32, 32), 49152)), k(Tile128, Tile128, Tile128, Tile128));
+        assert_eq!(pick(facts(IntegratedGpu, (8, 32), 32768)), k(Tile128, Tile128, Tile128, Tile128));
+        // Enough for the matmul tiles, not for the attention blocks.
+        assert_eq!(pick(facts(IntegratedGpu, (8, 32), 20480)), k(Tile128, Tile128, Tile128, Portable));
         // The WebGPU default of 16 KiB is too little for tile128.
         assert_eq!(pick(facts(IntegratedGpu, (0, 0), 16384)), k(Portable, Portable, Portable, Portable));
         // Matrix units: the forward products on them, the gradients in f32.
         let coop = AdapterFacts { coop_16x16_f16: true, ..facts(DiscreteGpu, (32, 32), 49152) };
-        assert_eq!(pick(coop), k(Coop16, Coop16, Tile128, Portable));
+        assert_eq!(pick(coop), k(Coop16, Coop16, Tile128, Tile128));
         // Not with 64-lane subgroups only.
         assert_eq!(pick(AdapterFacts { subgroup_size: (64, 64), ..coop }).family, Tile128);
     }

@@ -142,7 +142,7 @@ mod tests {
             max_invocations: 1024,
             coop_16x16_f16: true,
         };
-        report.kernels = family::kernels_of(KernelFamily::Coop16);
+        report.kernels = family::kernels_of(KernelFamily::Coop16, &report.facts);
         report.forced = None;
         let failed = settle_coop16(&report, Err(Error::Gpu("output (0, 0) is 3 where the CPU twin gives 1".into())));
         match failed.expect("falls back") {

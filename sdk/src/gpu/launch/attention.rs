@@ -40,8 +40,12 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
     let AttentionIo { q, k, v, key_start, out, stats } = b;
     let p = attention_params(s)?;
     let buffers = [q, k, v, key_start, out, stats];
+    // Blocks of 16 queries where the family has them and the head fits; a decoding step's one
+    // query would leave 15 of 16 idle.
+    let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.head_dim <= 128 && s.n_tokens > 1;
     let (shader, groups) = match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
         Some(shader) => (shader, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
+        None if blocked => (&ATTENTION_T128, [p.n_tokens.div_ceil(16), p.n_heads, 1]),
         None => (&ATTENTION, [p.n_tokens, p.n_heads, 1]),
     };
     ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, attention_cost(s, 4.0, 2.0))
