@@ -11,9 +11,18 @@
  *   frees it with the matching *_free function, once. Strings passed to callbacks, and the
  *   event, are valid during the callback only.
  * - Strings are NUL-terminated UTF-8.
+ * - Handles are opaque ids, not addresses, and never reused. A call holds what its handles
+ *   name until it returns, so freeing a handle while another thread is inside a call with it
+ *   is safe: that call finishes; later calls with the freed handle (or a handle of another
+ *   kind, or one not from this library) fail with EDGETUNE_ERROR_INVALID_ARGUMENT. Freeing a
+ *   handle twice does nothing. What remains for the caller: free each handle once done with
+ *   it, or what it names stays in memory.
  * - Threads: contexts, models and trainers may be used from any thread. Calls on one model or
  *   one trainer run one at a time (they wait for each other), except edgetune_trainer_cancel,
- *   which returns at once. Free a handle only when no other thread is inside a call on it.
+ *   which returns at once. A call made from inside a callback on the model or trainer that the
+ *   calling call is using (edgetune_generate on the same model from its token callback, a
+ *   trainer call from its own event callback) returns EDGETUNE_ERROR_BUSY instead of waiting
+ *   for itself; edgetune_trainer_cancel works there too.
  * - No panic crosses this interface: an internal error is EDGETUNE_ERROR_PANIC.
  */
 
@@ -69,6 +78,11 @@ typedef enum edgetune_status {
    * A bug in edgetune (a caught panic). Please report it with the message.
    */
   EDGETUNE_ERROR_PANIC = 9,
+  /**
+   * The call was made from inside a callback on the model or trainer that the call which
+   * invoked the callback is using; make it after that call returns.
+   */
+  EDGETUNE_ERROR_BUSY = 10,
 } edgetune_status;
 
 /**
@@ -115,22 +129,24 @@ typedef enum edgetune_quant {
 } edgetune_quant;
 
 /**
- * A LoRA adapter in host memory, for one model's shapes.
+ * A LoRA adapter in host memory, for one model's shapes (an opaque handle).
  */
 typedef struct edgetune_adapter edgetune_adapter;
 
 /**
- * A GPU context: the adapter and device that models are loaded onto.
+ * A GPU context: the adapter and device that models are loaded onto (an opaque handle).
  */
 typedef struct edgetune_context edgetune_context;
 
 /**
- * A model on the GPU with its tokenizer and the adapter applied to generation, if any.
+ * A model on the GPU with its tokenizer and the adapter applied to generation, if any (an
+ * opaque handle).
  */
 typedef struct edgetune_model edgetune_model;
 
 /**
- * A training run: settings, data, and (after the first run or resume) its state.
+ * A training run: settings, data, and (after the first run or resume) its state (an opaque
+ * handle).
  */
 typedef struct edgetune_trainer edgetune_trainer;
 
@@ -214,10 +230,11 @@ enum edgetune_status edgetune_context_new(const char *adapter_name, struct edget
 enum edgetune_status edgetune_context_describe(const struct edgetune_context *ctx, char **out);
 
 /**
- * Frees a context. Models loaded on it keep what they need of it. NULL is accepted.
+ * Frees a context. Models loaded on it keep what they need of it. NULL, or a handle freed
+ * before, is accepted and does nothing.
  *
  * # Safety
- * `ctx` is NULL or a context from `edgetune_context_new`, not freed before.
+ * None: any value is accepted.
  */
 void edgetune_context_free(struct edgetune_context *ctx);
 
@@ -237,10 +254,11 @@ enum edgetune_status edgetune_model_load(const struct edgetune_context *ctx,
                                          struct edgetune_model **out);
 
 /**
- * Frees a model. Trainers created on it keep what they need of it. NULL is accepted.
+ * Frees a model. Trainers created on it, and calls on it still running on other threads, keep
+ * what they need of it. NULL, or a handle freed before, is accepted and does nothing.
  *
  * # Safety
- * `model` is NULL or a model from `edgetune_model_load`, not freed before.
+ * None: any value is accepted.
  */
 void edgetune_model_free(struct edgetune_model *model);
 
@@ -267,10 +285,11 @@ enum edgetune_status edgetune_adapter_save(const struct edgetune_adapter *adapte
                                            const char *base_model);
 
 /**
- * Frees an adapter (a model it was applied to keeps its own copy). NULL is accepted.
+ * Frees an adapter (a model it was applied to keeps its own copy). NULL, or a handle freed
+ * before, is accepted and does nothing.
  *
  * # Safety
- * `adapter` is NULL or an adapter from this library, not freed before.
+ * None: any value is accepted.
  */
 void edgetune_adapter_free(struct edgetune_adapter *adapter);
 
@@ -449,10 +468,12 @@ enum edgetune_status edgetune_trainer_save_adapter(const struct edgetune_trainer
                                                    const char *dir);
 
 /**
- * Frees a trainer. NULL is accepted. Not while another thread is inside a call on it.
+ * Frees a trainer. A call on it still running on another thread (a run, a cancel) keeps what
+ * it needs until it returns; to stop a run, cancel it first. NULL, or a handle freed before, is
+ * accepted and does nothing.
  *
  * # Safety
- * `trainer` is NULL or a trainer from `edgetune_trainer_new`, not freed before.
+ * None: any value is accepted.
  */
 void edgetune_trainer_free(struct edgetune_trainer *trainer);
 

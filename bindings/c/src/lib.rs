@@ -8,13 +8,27 @@
 //! - Strings are NUL-terminated UTF-8. A string the library returns is freed with
 //!   `edgetune_string_free`; strings it passes to a callback are valid during the call only.
 //! - A Rust panic never crosses the ABI: it is caught and reported as `EDGETUNE_ERROR_PANIC`.
+//! - Handles (`edgetune_context *`, `edgetune_model *`, `edgetune_adapter *`,
+//!   `edgetune_trainer *`) are opaque ids, never addresses, and never reused. Each call looks
+//!   its handles up and holds what they name until it returns, so a handle freed on one thread
+//!   while another thread is inside a call with it stays valid for that call; any later call
+//!   with it fails with `EDGETUNE_ERROR_INVALID_ARGUMENT`, as does a handle of the wrong kind or
+//!   one not from this library. The rule that remains: free each handle once you are done with
+//!   it, or its model, adapter or trainer stays in memory.
+//! - Calls on one model, and calls on one trainer, run one at a time (other threads wait). A call
+//!   made from inside a callback on the model or trainer whose call invoked the callback (say,
+//!   `edgetune_generate` on the same model from its token callback) returns
+//!   `EDGETUNE_ERROR_BUSY` at once instead of waiting for itself; `edgetune_trainer_cancel`
+//!   always works, also from a callback.
 
 #![allow(non_camel_case_types)]
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use edgetune::data::{self, Source};
@@ -50,6 +64,9 @@ pub enum edgetune_status {
     EDGETUNE_ERROR_DIVERGED = 8,
     /// A bug in edgetune (a caught panic). Please report it with the message.
     EDGETUNE_ERROR_PANIC = 9,
+    /// The call was made from inside a callback on the model or trainer that the call which
+    /// invoked the callback is using; make it after that call returns.
+    EDGETUNE_ERROR_BUSY = 10,
 }
 
 use edgetune_status::*;
@@ -112,34 +129,182 @@ pub type edgetune_event_callback = Option<unsafe extern "C" fn(userdata: *mut c_
 /// Receives generated text piece by piece; return 0 to stop generating, non-zero to go on.
 pub type edgetune_token_callback = Option<unsafe extern "C" fn(userdata: *mut c_void, piece: *const c_char) -> i32>;
 
-/// A GPU context: the adapter and device that models are loaded onto.
+/// A GPU context: the adapter and device that models are loaded onto (an opaque handle).
 #[derive(Debug)]
 pub struct edgetune_context {
+    _opaque: [u8; 0],
+}
+
+/// A model on the GPU with its tokenizer and the adapter applied to generation, if any (an
+/// opaque handle).
+#[derive(Debug)]
+pub struct edgetune_model {
+    _opaque: [u8; 0],
+}
+
+/// A LoRA adapter in host memory, for one model's shapes (an opaque handle).
+#[derive(Debug)]
+pub struct edgetune_adapter {
+    _opaque: [u8; 0],
+}
+
+/// A training run: settings, data, and (after the first run or resume) its state (an opaque
+/// handle).
+#[derive(Debug)]
+pub struct edgetune_trainer {
+    _opaque: [u8; 0],
+}
+
+/// What an `edgetune_context` names.
+struct ContextObj {
     ctx: Arc<GpuContext>,
 }
 
-/// A model on the GPU with its tokenizer and the adapter applied to generation, if any.
-#[derive(Debug)]
-pub struct edgetune_model {
-    session: Arc<Mutex<Session>>,
+/// What an `edgetune_model` names.
+struct ModelObj {
+    session: Arc<Exclusive<Session>>,
 }
 
-/// A LoRA adapter in host memory, for one model's shapes.
-#[derive(Debug)]
-pub struct edgetune_adapter {
+/// What an `edgetune_adapter` names.
+struct AdapterObj {
     adapter: Adapter,
 }
 
-/// A training run: settings, data, and (after the first run or resume) its state.
-#[derive(Debug)]
-pub struct edgetune_trainer {
+/// What an `edgetune_trainer` names.
+struct TrainerObj {
     cancel: CancelToken,
-    inner: Mutex<TrainerState>,
+    inner: Exclusive<TrainerState>,
 }
 
-#[derive(Debug)]
+static CONTEXTS: Handles<ContextObj> = Handles::new("context");
+static MODELS: Handles<ModelObj> = Handles::new("model");
+static ADAPTERS: Handles<AdapterObj> = Handles::new("adapter");
+static TRAINERS: Handles<TrainerObj> = Handles::new("trainer");
+
+/// Ids of handles: the next one (times 16, so a handle looks like an aligned pointer).
+static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(1);
+
+/// The live handles of one kind (see the module docs): a handle is an id that a call looks up
+/// here and holds (an `Arc`) until it returns; freeing removes it, and whatever it named is
+/// dropped when the last call holding it returns.
+struct Handles<T> {
+    kind: &'static str,
+    live: Mutex<Option<LiveMap<T>>>,
+}
+
+/// A kind's live handles by id (made at the first one).
+type LiveMap<T> = HashMap<usize, Arc<T>>;
+
+impl<T> Handles<T> {
+    const fn new(kind: &'static str) -> Self {
+        Handles { kind, live: Mutex::new(None) }
+    }
+
+    fn map(&self) -> Result<MutexGuard<'_, Option<LiveMap<T>>>, Fail> {
+        self.live.lock().map_err(|_| Fail::panicked(&format!("the {} handles", self.kind)))
+    }
+
+    /// Registers `value` and returns its new handle.
+    fn add<H>(&self, value: T) -> Result<*mut H, Fail> {
+        let id = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed).wrapping_mul(16);
+        self.map()?.get_or_insert_with(HashMap::new).insert(id, Arc::new(value));
+        Ok(id as *mut H)
+    }
+
+    /// What a handle argument names, held for the call.
+    fn get<H>(&self, p: *const H, arg: &str) -> Result<Arc<T>, Fail> {
+        if p.is_null() {
+            return Err(Fail::null(arg));
+        }
+        let found = self.map()?.as_ref().and_then(|m| m.get(&(p as usize)).cloned());
+        found.ok_or_else(|| {
+            Fail::invalid(format!(
+                "`{arg}` is not a live edgetune_{} handle (it was freed, or is another kind of handle, or not from \
+                 this library)",
+                self.kind
+            ))
+        })
+    }
+
+    /// Frees a handle (NULL, or one already freed, does nothing). What it named is dropped here
+    /// unless a call on another thread still holds it, outside the lock either way.
+    fn free<H>(&self, p: *mut H) {
+        let removed = match self.map() {
+            Ok(mut m) => m.as_mut().and_then(|m| m.remove(&(p as usize))),
+            Err(_) => None,
+        };
+        drop(removed);
+    }
+}
+
+thread_local! {
+    /// A number for this thread, never 0 (see `Exclusive`).
+    static THREAD_TOKEN: u64 = {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    };
+}
+
+/// A value that calls use one at a time: other threads wait, and the thread that holds it (a
+/// callback inside a call that uses it) gets `EDGETUNE_ERROR_BUSY` instead of waiting for
+/// itself forever.
+struct Exclusive<T> {
+    value: Mutex<T>,
+    /// The token of the thread holding `value`, or 0.
+    holder: AtomicU64,
+}
+
+impl<T> Exclusive<T> {
+    fn new(value: T) -> Self {
+        Exclusive { value: Mutex::new(value), holder: AtomicU64::new(0) }
+    }
+
+    /// Holds the value for this call. `what` names it in errors ("model", "trainer").
+    fn hold(&self, what: &str) -> Result<Held<'_, T>, Fail> {
+        let me = THREAD_TOKEN.with(|t| *t);
+        if self.holder.load(Ordering::Acquire) == me {
+            return Err(Fail {
+                status: EDGETUNE_ERROR_BUSY,
+                message: format!(
+                    "the {what} is in use by the call that invoked this callback, on this thread; make this call \
+                     after that call returns"
+                ),
+            });
+        }
+        let guard = self.value.lock().map_err(|_| Fail::panicked(&format!("the {what}")))?;
+        self.holder.store(me, Ordering::Release);
+        Ok(Held { guard, holder: &self.holder })
+    }
+}
+
+/// An `Exclusive` value held by this thread's call.
+struct Held<'a, T> {
+    guard: MutexGuard<'a, T>,
+    holder: &'a AtomicU64,
+}
+
+impl<T> Drop for Held<'_, T> {
+    fn drop(&mut self) {
+        // Before the guard (a field) unlocks the value.
+        self.holder.store(0, Ordering::Release);
+    }
+}
+
+impl<T> std::ops::Deref for Held<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.guard
+    }
+}
+
+impl<T> std::ops::DerefMut for Held<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.guard
+    }
+}
+
 struct TrainerState {
-    session: Arc<Mutex<Session>>,
+    session: Arc<Exclusive<Session>>,
     config: TrainConfig,
     files: Vec<PathBuf>,
     records: Vec<String>,
@@ -173,6 +338,16 @@ impl Fail {
     }
     fn invalid(message: impl Into<String>) -> Fail {
         Fail { status: EDGETUNE_ERROR_INVALID_ARGUMENT, message: message.into() }
+    }
+    /// A lock that a panicking call left poisoned: what it guarded may be half-updated.
+    fn panicked(what: &str) -> Fail {
+        Fail {
+            status: EDGETUNE_ERROR_PANIC,
+            message: format!(
+                "{what} cannot be used: an earlier call panicked while using it (a bug in edgetune; please report \
+                 it); free it and create it again"
+            ),
+        }
     }
 }
 
@@ -241,30 +416,12 @@ unsafe fn opt_text<'a>(p: *const c_char, arg: &str) -> Result<Option<&'a str>, F
     if p.is_null() { Ok(None) } else { unsafe { text(p, arg) }.map(Some) }
 }
 
-/// The handle behind a pointer argument.
-unsafe fn handle<'a, T>(p: *const T, arg: &str) -> Result<&'a T, Fail> {
-    // SAFETY: the caller passes NULL or a live handle from this library.
-    unsafe { p.as_ref() }.ok_or_else(|| Fail::null(arg))
-}
-
 /// Checks an out-pointer and clears what it points to.
 unsafe fn out_ptr<'a, T>(p: *mut *mut T, arg: &str) -> Result<&'a mut *mut T, Fail> {
     // SAFETY: the caller passes NULL or a writable pointer.
     let slot = unsafe { p.as_mut() }.ok_or_else(|| Fail::null(arg))?;
     *slot = std::ptr::null_mut();
     Ok(slot)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock was reported already; the state is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn free<T>(p: *mut T) {
-    if !p.is_null() {
-        // SAFETY: non-NULL pointers given to *_free come from Box::into_raw in this library.
-        drop(unsafe { Box::from_raw(p) });
-    }
 }
 
 // --- errors and strings ---------------------------------------------------------------------
@@ -332,7 +489,7 @@ pub unsafe extern "C" fn edgetune_context_new(
         let out = unsafe { out_ptr(out, "out") }?;
         let name = unsafe { opt_text(adapter_name, "adapter_name") }?;
         let ctx = GpuContext::new(&GpuOptions { adapter: name.map(str::to_string), ..Default::default() })?;
-        *out = Box::into_raw(Box::new(edgetune_context { ctx: Arc::new(ctx) }));
+        *out = CONTEXTS.add(ContextObj { ctx: Arc::new(ctx) })?;
         Ok(())
     })
 }
@@ -349,20 +506,21 @@ pub unsafe extern "C" fn edgetune_context_describe(
 ) -> edgetune_status {
     guard(|| {
         let out = unsafe { out_ptr(out, "out") }?;
-        let ctx = unsafe { handle(ctx, "ctx") }?;
+        let ctx = CONTEXTS.get(ctx, "ctx")?;
         let json = serde_json::to_string(&ctx.ctx.report).map_err(|e| Fail::invalid(e.to_string()))?;
         *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
         Ok(())
     })
 }
 
-/// Frees a context. Models loaded on it keep what they need of it. NULL is accepted.
+/// Frees a context. Models loaded on it keep what they need of it. NULL, or a handle freed
+/// before, is accepted and does nothing.
 ///
 /// # Safety
-/// `ctx` is NULL or a context from `edgetune_context_new`, not freed before.
+/// None: any value is accepted.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn edgetune_context_free(ctx: *mut edgetune_context) {
-    let _ = catch_unwind(AssertUnwindSafe(|| free(ctx)));
+    let _ = catch_unwind(AssertUnwindSafe(|| CONTEXTS.free(ctx)));
 }
 
 /// Loads a model (a Hugging Face folder or a .gguf file) onto `ctx`, with its weights as
@@ -382,7 +540,7 @@ pub unsafe extern "C" fn edgetune_model_load(
 ) -> edgetune_status {
     guard(|| {
         let out = unsafe { out_ptr(out, "out") }?;
-        let ctx = unsafe { handle(ctx, "ctx") }?;
+        let ctx = CONTEXTS.get(ctx, "ctx")?;
         let path = unsafe { text(path, "path") }?;
         // An int, not the enum type: a value outside the enum from C must be an error, not
         // undefined behaviour.
@@ -396,18 +554,19 @@ pub unsafe extern "C" fn edgetune_model_load(
             load.max_context = max_context as usize;
         }
         let session = Session::open_with(ctx.ctx.clone(), path, &load)?;
-        *out = Box::into_raw(Box::new(edgetune_model { session: Arc::new(Mutex::new(session)) }));
+        *out = MODELS.add(ModelObj { session: Arc::new(Exclusive::new(session)) })?;
         Ok(())
     })
 }
 
-/// Frees a model. Trainers created on it keep what they need of it. NULL is accepted.
+/// Frees a model. Trainers created on it, and calls on it still running on other threads, keep
+/// what they need of it. NULL, or a handle freed before, is accepted and does nothing.
 ///
 /// # Safety
-/// `model` is NULL or a model from `edgetune_model_load`, not freed before.
+/// None: any value is accepted.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn edgetune_model_free(model: *mut edgetune_model) {
-    let _ = catch_unwind(AssertUnwindSafe(|| free(model)));
+    let _ = catch_unwind(AssertUnwindSafe(|| MODELS.free(model)));
 }
 
 // --- adapters and generation ----------------------------------------------------------------
@@ -425,10 +584,10 @@ pub unsafe extern "C" fn edgetune_adapter_load(
 ) -> edgetune_status {
     guard(|| {
         let out = unsafe { out_ptr(out, "out") }?;
-        let model = unsafe { handle(model, "model") }?;
+        let model = MODELS.get(model, "model")?;
         let dir = unsafe { text(dir, "dir") }?;
-        let adapter = peft::load(Path::new(dir), &lock(&model.session).model.config)?;
-        *out = Box::into_raw(Box::new(edgetune_adapter { adapter }));
+        let adapter = peft::load(Path::new(dir), &model.session.hold("model")?.model.config)?;
+        *out = ADAPTERS.add(AdapterObj { adapter })?;
         Ok(())
     })
 }
@@ -445,7 +604,7 @@ pub unsafe extern "C" fn edgetune_adapter_save(
     base_model: *const c_char,
 ) -> edgetune_status {
     guard(|| {
-        let adapter = unsafe { handle(adapter, "adapter") }?;
+        let adapter = ADAPTERS.get(adapter, "adapter")?;
         let dir = unsafe { text(dir, "dir") }?;
         let base = unsafe { opt_text(base_model, "base_model") }?.unwrap_or("");
         peft::save(Path::new(dir), &adapter.adapter, base)?;
@@ -453,13 +612,14 @@ pub unsafe extern "C" fn edgetune_adapter_save(
     })
 }
 
-/// Frees an adapter (a model it was applied to keeps its own copy). NULL is accepted.
+/// Frees an adapter (a model it was applied to keeps its own copy). NULL, or a handle freed
+/// before, is accepted and does nothing.
 ///
 /// # Safety
-/// `adapter` is NULL or an adapter from this library, not freed before.
+/// None: any value is accepted.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn edgetune_adapter_free(adapter: *mut edgetune_adapter) {
-    let _ = catch_unwind(AssertUnwindSafe(|| free(adapter)));
+    let _ = catch_unwind(AssertUnwindSafe(|| ADAPTERS.free(adapter)));
 }
 
 /// Applies `adapter` (unmerged) to everything `model` generates from now on; NULL goes back to
@@ -473,10 +633,9 @@ pub unsafe extern "C" fn edgetune_model_set_adapter(
     adapter: *const edgetune_adapter,
 ) -> edgetune_status {
     guard(|| {
-        let model = unsafe { handle(model, "model") }?;
-        // SAFETY: NULL or a live adapter.
-        let adapter = unsafe { adapter.as_ref() };
-        lock(&model.session).set_adapter(adapter.map(|a| &a.adapter))?;
+        let model = MODELS.get(model, "model")?;
+        let adapter = if adapter.is_null() { None } else { Some(ADAPTERS.get(adapter, "adapter")?) };
+        model.session.hold("model")?.set_adapter(adapter.as_ref().map(|a| &a.adapter))?;
         Ok(())
     })
 }
@@ -525,7 +684,7 @@ pub unsafe extern "C" fn edgetune_generate(
         if let Some(slot) = unsafe { out_text.as_mut() } {
             *slot = std::ptr::null_mut();
         }
-        let model = unsafe { handle(model, "model") }?;
+        let model = MODELS.get(model, "model")?;
         let prompt = unsafe { text(prompt, "prompt") }?;
         let (opts, chat, system) = generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
         let on_text = |piece: &str| -> bool {
@@ -534,7 +693,7 @@ pub unsafe extern "C" fn edgetune_generate(
             // SAFETY: a C callback given by the caller, with its own userdata.
             unsafe { cb(userdata, c.as_ptr()) != 0 }
         };
-        let session = lock(&model.session);
+        let session = model.session.hold("model")?;
         let out = if chat {
             let mut messages = Vec::new();
             if let Some(system) = system {
@@ -569,9 +728,9 @@ pub unsafe extern "C" fn edgetune_model_loss(
     guard(|| {
         // SAFETY: NULL or writable.
         let out = unsafe { out.as_mut() }.ok_or_else(|| Fail::null("out"))?;
-        let model = unsafe { handle(model, "model") }?;
+        let model = MODELS.get(model, "model")?;
         let body = unsafe { self::text(text, "text") }?;
-        *out = lock(&model.session).mean_loss(body)?;
+        *out = model.session.hold("model")?.mean_loss(body)?;
         Ok(())
     })
 }
@@ -599,7 +758,7 @@ pub unsafe extern "C" fn edgetune_trainer_new(
 ) -> edgetune_status {
     guard(|| {
         let out = unsafe { out_ptr(out, "out") }?;
-        let model = unsafe { handle(model, "model") }?;
+        let model = MODELS.get(model, "model")?;
         let config: TrainConfig = match unsafe { opt_text(config_json, "config_json") }? {
             Some(j) => serde_json::from_str(j).map_err(|e| Fail::invalid(format!("config_json: {e}")))?,
             None => TrainConfig::default(),
@@ -614,14 +773,14 @@ pub unsafe extern "C" fn edgetune_trainer_new(
             trainer: None,
             result: None,
         };
-        *out = Box::into_raw(Box::new(edgetune_trainer { cancel: CancelToken::default(), inner: Mutex::new(state) }));
+        *out = TRAINERS.add(TrainerObj { cancel: CancelToken::default(), inner: Exclusive::new(state) })?;
         Ok(())
     })
 }
 
 /// The state of a trainer that takes data, or an error once its data is fixed.
-fn adding_data<'a>(t: &'a edgetune_trainer, what: &str) -> Result<MutexGuard<'a, TrainerState>, Fail> {
-    let state = lock(&t.inner);
+fn adding_data<'a>(t: &'a TrainerObj, what: &str) -> Result<Held<'a, TrainerState>, Fail> {
+    let state = t.inner.hold("trainer")?;
     if state.trainer.is_some() {
         return Err(Fail::invalid(format!("{what}: the trainer has started, so its data is fixed")));
     }
@@ -639,13 +798,13 @@ pub unsafe extern "C" fn edgetune_trainer_add_file(
     path: *const c_char,
 ) -> edgetune_status {
     guard(|| {
-        let t = unsafe { handle(trainer, "trainer") }?;
+        let t = TRAINERS.get(trainer, "trainer")?;
         let path = unsafe { text(path, "path") }?;
         let p = PathBuf::from(path);
         if !p.exists() {
             return Err(Error::Io { path: p, source: std::io::ErrorKind::NotFound.into() }.into());
         }
-        adding_data(t, "edgetune_trainer_add_file")?.files.push(p);
+        adding_data(&t, "edgetune_trainer_add_file")?.files.push(p);
         Ok(())
     })
 }
@@ -663,9 +822,9 @@ pub unsafe extern "C" fn edgetune_trainer_add_record(
     record_json: *const c_char,
 ) -> edgetune_status {
     guard(|| {
-        let t = unsafe { handle(trainer, "trainer") }?;
+        let t = TRAINERS.get(trainer, "trainer")?;
         let record = unsafe { text(record_json, "record_json") }?;
-        adding_data(t, "edgetune_trainer_add_record")?.records.push(record.to_string());
+        adding_data(&t, "edgetune_trainer_add_record")?.records.push(record.to_string());
         Ok(())
     })
 }
@@ -682,9 +841,9 @@ pub unsafe extern "C" fn edgetune_trainer_set_checkpoint_path(
     path: *const c_char,
 ) -> edgetune_status {
     guard(|| {
-        let t = unsafe { handle(trainer, "trainer") }?;
+        let t = TRAINERS.get(trainer, "trainer")?;
         let path = PathBuf::from(unsafe { text(path, "path") }?);
-        let mut state = lock(&t.inner);
+        let mut state = t.inner.hold("trainer")?;
         if let Some(tr) = state.trainer.as_mut() {
             tr.set_checkpoint_path(path.clone());
         }
@@ -706,7 +865,7 @@ impl TrainerState {
                     "the trainer has no data: add some with edgetune_trainer_add_file or edgetune_trainer_add_record",
                 ));
             }
-            let session = lock(&self.session);
+            let session = self.session.hold("model")?;
             let dataset = data::load_sources(&sources, &session.tokenizer, &self.config.data)?;
             let mut trainer = Trainer::new(session.model.clone(), &dataset, self.config.clone())?;
             trainer.set_cancel_token(cancel.clone());
@@ -736,9 +895,9 @@ unsafe fn with_trainer_at(
     path: *const c_char,
     f: impl FnOnce(&mut Trainer, &Path) -> edgetune::Result<()>,
 ) -> Result<(), Fail> {
-    let t = unsafe { handle(trainer, "trainer") }?;
+    let t = TRAINERS.get(trainer, "trainer")?;
     let path = unsafe { text(path, "path") }?;
-    let mut state = lock(&t.inner);
+    let mut state = t.inner.hold("trainer")?;
     Ok(f(state.trainer(&t.cancel)?, Path::new(path))?)
 }
 
@@ -772,8 +931,8 @@ pub unsafe extern "C" fn edgetune_trainer_run(
     userdata: *mut c_void,
 ) -> edgetune_status {
     guard(|| {
-        let t = unsafe { handle(trainer, "trainer") }?;
-        let mut state = lock(&t.inner);
+        let t = TRAINERS.get(trainer, "trainer")?;
+        let mut state = t.inner.hold("trainer")?;
         let outcome = state.trainer(&t.cancel)?.run(|e| {
             if let Some(cb) = on_event {
                 with_c_event(e, |ev| {
@@ -864,7 +1023,7 @@ fn with_c_event(e: &Event, f: impl FnOnce(&edgetune_event)) {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn edgetune_trainer_cancel(trainer: *const edgetune_trainer) -> edgetune_status {
     guard(|| {
-        unsafe { handle(trainer, "trainer") }?.cancel.cancel();
+        TRAINERS.get(trainer, "trainer")?.cancel.cancel();
         Ok(())
     })
 }
@@ -896,8 +1055,8 @@ pub unsafe extern "C" fn edgetune_trainer_settings(
 ) -> edgetune_status {
     guard(|| {
         let out = unsafe { out_ptr(out, "out") }?;
-        let t = unsafe { handle(trainer, "trainer") }?;
-        let mut state = lock(&t.inner);
+        let t = TRAINERS.get(trainer, "trainer")?;
+        let mut state = t.inner.hold("trainer")?;
         let tr = state.trainer(&t.cancel)?;
         let json = serde_json::json!({"config": tr.config(), "chosen": tr.chosen()}).to_string();
         *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
@@ -918,9 +1077,9 @@ pub unsafe extern "C" fn edgetune_trainer_adapter(
 ) -> edgetune_status {
     guard(|| {
         let out = unsafe { out_ptr(out, "out") }?;
-        let t = unsafe { handle(trainer, "trainer") }?;
-        let adapter = lock(&t.inner).trained_adapter(&t.cancel)?;
-        *out = Box::into_raw(Box::new(edgetune_adapter { adapter }));
+        let t = TRAINERS.get(trainer, "trainer")?;
+        let adapter = t.inner.hold("trainer")?.trained_adapter(&t.cancel)?;
+        *out = ADAPTERS.add(AdapterObj { adapter })?;
         Ok(())
     })
 }
@@ -936,23 +1095,25 @@ pub unsafe extern "C" fn edgetune_trainer_save_adapter(
     dir: *const c_char,
 ) -> edgetune_status {
     guard(|| {
-        let t = unsafe { handle(trainer, "trainer") }?;
+        let t = TRAINERS.get(trainer, "trainer")?;
         let dir = unsafe { text(dir, "dir") }?;
-        let mut state = lock(&t.inner);
-        let base = lock(&state.session).path.display().to_string();
+        let mut state = t.inner.hold("trainer")?;
+        let base = state.session.hold("model")?.path.display().to_string();
         let adapter = state.trained_adapter(&t.cancel)?;
         peft::save(Path::new(dir), &adapter, &base)?;
         Ok(())
     })
 }
 
-/// Frees a trainer. NULL is accepted. Not while another thread is inside a call on it.
+/// Frees a trainer. A call on it still running on another thread (a run, a cancel) keeps what
+/// it needs until it returns; to stop a run, cancel it first. NULL, or a handle freed before, is
+/// accepted and does nothing.
 ///
 /// # Safety
-/// `trainer` is NULL or a trainer from `edgetune_trainer_new`, not freed before.
+/// None: any value is accepted.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn edgetune_trainer_free(trainer: *mut edgetune_trainer) {
-    let _ = catch_unwind(AssertUnwindSafe(|| free(trainer)));
+    let _ = catch_unwind(AssertUnwindSafe(|| TRAINERS.free(trainer)));
 }
 
 #[cfg(test)]
@@ -984,6 +1145,246 @@ mod tests {
         let status = unsafe { edgetune_model_loss(std::ptr::null(), c"x".as_ptr(), &mut loss) };
         assert_eq!(status, EDGETUNE_ERROR_NULL_ARGUMENT);
         assert!(last_error().contains("`model`"), "{}", last_error());
+    }
+
+    fn repo() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// Runs `body` on a thread and fails if it has not finished within a minute and a half: a
+    /// deadlock fails the test instead of hanging it.
+    fn within_time(what: &str, body: impl FnOnce() + Send + 'static) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            body();
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(90)) {
+            Ok(()) => worker.join().expect("the test body"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                if let Err(p) = worker.join() {
+                    std::panic::resume_unwind(p)
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what}: still running after 90 s (a deadlock)"),
+        }
+    }
+
+    /// A context and the tiny Llama fixture loaded on it.
+    fn tiny_model() -> (*mut edgetune_context, *mut edgetune_model) {
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(unsafe { edgetune_context_new(std::ptr::null(), &mut ctx) }, EDGETUNE_OK, "{}", last_error());
+        let path =
+            CString::new(repo().join("tests/reference/fixtures/tiny_llama").display().to_string()).expect("path");
+        let mut model = std::ptr::null_mut();
+        let status = unsafe { edgetune_model_load(ctx, path.as_ptr(), 0, 256, &mut model) };
+        assert_eq!(status, EDGETUNE_OK, "{}", last_error());
+        (ctx, model)
+    }
+
+    /// A trainer on `model` with a few records and `settings`.
+    fn tiny_trainer(model: *const edgetune_model, settings: &std::ffi::CStr) -> *mut edgetune_trainer {
+        let mut t = std::ptr::null_mut();
+        assert_eq!(unsafe { edgetune_trainer_new(model, settings.as_ptr(), &mut t) }, EDGETUNE_OK, "{}", last_error());
+        for i in 0..6 {
+            let record = CString::new(format!(
+                r#"{{"messages": [{{"role": "user", "content": "question {i}"}}, {{"role": "assistant", "content": "answer {i} is {}"}}]}}"#,
+                i * 7
+            ))
+            .expect("record");
+            assert_eq!(unsafe { edgetune_trainer_add_record(t, record.as_ptr()) }, EDGETUNE_OK, "{}", last_error());
+        }
+        t
+    }
+
+    const SETTINGS: &std::ffi::CStr =
+        c"{\"max_steps\": 3, \"batch_tokens\": 64, \"lora\": {\"r\": 2, \"alpha\": 4}, \"data\": {\"val_fraction\": 0}}";
+
+    /// A freed handle, a handle of another kind and a made-up one are errors that name the
+    /// argument, never a read of freed memory; freeing twice, or freeing garbage, does nothing.
+    #[test]
+    fn freed_foreign_and_made_up_handles_are_errors() {
+        within_time("handles", || {
+            let (ctx, model) = tiny_model();
+            let t = tiny_trainer(model, SETTINGS);
+            let mut loss = 0f32;
+            let as_model = t as *const edgetune_model;
+            assert_eq!(
+                unsafe { edgetune_model_loss(as_model, c"x".as_ptr(), &mut loss) },
+                EDGETUNE_ERROR_INVALID_ARGUMENT
+            );
+            assert!(last_error().contains("`model` is not a live edgetune_model handle"), "{}", last_error());
+            let made_up = 0x1234usize as *const edgetune_model;
+            assert_eq!(
+                unsafe { edgetune_model_loss(made_up, c"x".as_ptr(), &mut loss) },
+                EDGETUNE_ERROR_INVALID_ARGUMENT
+            );
+            assert_eq!(
+                unsafe { edgetune_model_loss(model, c"a b c".as_ptr(), &mut loss) },
+                EDGETUNE_OK,
+                "{}",
+                last_error()
+            );
+            unsafe { edgetune_model_free(model) };
+            assert_eq!(
+                unsafe { edgetune_model_loss(model, c"a b c".as_ptr(), &mut loss) },
+                EDGETUNE_ERROR_INVALID_ARGUMENT
+            );
+            assert!(last_error().contains("was freed"), "{}", last_error());
+            // The trainer keeps the model it was made on.
+            let mut json = std::ptr::null_mut();
+            assert_eq!(unsafe { edgetune_trainer_settings(t, &mut json) }, EDGETUNE_OK, "{}", last_error());
+            unsafe { edgetune_string_free(json) };
+            unsafe { edgetune_trainer_free(t) };
+            assert_eq!(unsafe { edgetune_trainer_cancel(t) }, EDGETUNE_ERROR_INVALID_ARGUMENT);
+            unsafe { edgetune_trainer_free(t) };
+            unsafe { edgetune_model_free(model) };
+            unsafe { edgetune_adapter_free(0x5678usize as *mut edgetune_adapter) };
+            unsafe { edgetune_context_free(ctx) };
+        });
+    }
+
+    /// A trainer freed on one thread while another runs it and a third cancels it: the run
+    /// finishes with its trainer, the cancels before the free work and those after it are
+    /// errors.
+    #[test]
+    fn freeing_a_trainer_while_other_threads_run_and_cancel_it_is_safe() {
+        within_time("free while running", || {
+            let (ctx, model) = tiny_model();
+            let t = tiny_trainer(
+                model,
+                c"{\"max_steps\": 200, \"batch_tokens\": 64, \"lora\": {\"r\": 2}, \"data\": {\"val_fraction\": 0}}",
+            );
+            let id = t as usize;
+            let (stepped_tx, stepped_rx) = std::sync::mpsc::channel::<()>();
+            let runner = std::thread::spawn(move || {
+                let tx = Box::new(stepped_tx);
+                unsafe extern "C" fn on_event(userdata: *mut c_void, event: *const edgetune_event) {
+                    let tx = unsafe { &*(userdata as *const std::sync::mpsc::Sender<()>) };
+                    if unsafe { (*event).kind } == edgetune_event_kind::EDGETUNE_EVENT_STEP {
+                        let _ = tx.send(());
+                    }
+                }
+                let status =
+                    unsafe { edgetune_trainer_run(id as *const _, Some(on_event), &*tx as *const _ as *mut c_void) };
+                (status, last_error())
+            });
+            let canceller = std::thread::spawn(move || {
+                let mut statuses = Vec::new();
+                loop {
+                    let s = unsafe { edgetune_trainer_cancel(id as *const _) };
+                    statuses.push(s);
+                    if s != EDGETUNE_OK {
+                        return statuses;
+                    }
+                    std::thread::yield_now();
+                }
+            });
+            stepped_rx.recv().expect("a first step");
+            unsafe { edgetune_trainer_free(id as *mut edgetune_trainer) };
+            let statuses = canceller.join().expect("canceller");
+            assert_eq!(statuses.last(), Some(&EDGETUNE_ERROR_INVALID_ARGUMENT), "cancels after the free fail");
+            assert!(statuses[..statuses.len() - 1].iter().all(|s| *s == EDGETUNE_OK), "{statuses:?}");
+            let (status, message) = runner.join().expect("runner");
+            assert_eq!(status, EDGETUNE_OK, "the run finishes with its trainer: {message}");
+            unsafe { edgetune_model_free(model) };
+            unsafe { edgetune_context_free(ctx) };
+        });
+    }
+
+    /// What the callbacks below saw when they called back into the library.
+    #[derive(Default)]
+    struct Reentry {
+        model: usize,
+        trainer: usize,
+        statuses: Vec<(&'static str, edgetune_status)>,
+    }
+
+    /// A token callback that calls the model it is generating with, and an event callback that
+    /// calls its own trainer and its model: the calls on the busy model or trainer return
+    /// EDGETUNE_ERROR_BUSY at once, cancel and calls on the idle model work, and nothing waits
+    /// for itself.
+    #[test]
+    fn callbacks_that_call_back_in_get_busy_never_a_deadlock() {
+        within_time("re-entry", || {
+            let (ctx, model) = tiny_model();
+            unsafe extern "C" fn on_token(userdata: *mut c_void, _piece: *const c_char) -> i32 {
+                let r = unsafe { &mut *(userdata as *mut Reentry) };
+                let m = r.model as *const edgetune_model;
+                let mut loss = 0f32;
+                r.statuses.push(("loss", unsafe { edgetune_model_loss(m, c"x y".as_ptr(), &mut loss) }));
+                let again = unsafe {
+                    edgetune_generate(
+                        m,
+                        c"hi".as_ptr(),
+                        std::ptr::null(),
+                        None,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    )
+                };
+                r.statuses.push(("generate", again));
+                r.statuses.push(("set_adapter", unsafe { edgetune_model_set_adapter(m, std::ptr::null()) }));
+                0
+            }
+            let mut r = Reentry { model: model as usize, ..Default::default() };
+            let status = unsafe {
+                edgetune_generate(
+                    model,
+                    c"hello".as_ptr(),
+                    std::ptr::null(),
+                    Some(on_token),
+                    &mut r as *mut Reentry as *mut c_void,
+                    std::ptr::null_mut(),
+                )
+            };
+            assert_eq!(status, EDGETUNE_OK, "{}", last_error());
+            assert_eq!(
+                r.statuses,
+                vec![
+                    ("loss", EDGETUNE_ERROR_BUSY),
+                    ("generate", EDGETUNE_ERROR_BUSY),
+                    ("set_adapter", EDGETUNE_ERROR_BUSY)
+                ]
+            );
+
+            unsafe extern "C" fn on_event(userdata: *mut c_void, event: *const edgetune_event) {
+                let r = unsafe { &mut *(userdata as *mut Reentry) };
+                if unsafe { (*event).kind } != edgetune_event_kind::EDGETUNE_EVENT_STEP || !r.statuses.is_empty() {
+                    return;
+                }
+                let t = r.trainer as *const edgetune_trainer;
+                let mut json = std::ptr::null_mut();
+                r.statuses.push(("settings", unsafe { edgetune_trainer_settings(t, &mut json) }));
+                r.statuses.push(("save_checkpoint", unsafe {
+                    edgetune_trainer_save_checkpoint(t, c"/nonexistent/x".as_ptr())
+                }));
+                let mut loss = 0f32;
+                let m = r.model as *const edgetune_model;
+                r.statuses.push(("model loss", unsafe { edgetune_model_loss(m, c"x y".as_ptr(), &mut loss) }));
+                r.statuses.push(("cancel", unsafe { edgetune_trainer_cancel(t) }));
+            }
+            let t = tiny_trainer(model, SETTINGS);
+            let mut r = Reentry { model: model as usize, trainer: t as usize, ..Default::default() };
+            let status = unsafe { edgetune_trainer_run(t, Some(on_event), &mut r as *mut Reentry as *mut c_void) };
+            assert_eq!(status, EDGETUNE_OK, "{}", last_error());
+            assert_eq!(
+                r.statuses,
+                vec![
+                    ("settings", EDGETUNE_ERROR_BUSY),
+                    ("save_checkpoint", EDGETUNE_ERROR_BUSY),
+                    ("model loss", EDGETUNE_OK),
+                    ("cancel", EDGETUNE_OK)
+                ]
+            );
+            // The trainer works again once the run has returned.
+            let mut json = std::ptr::null_mut();
+            assert_eq!(unsafe { edgetune_trainer_settings(t, &mut json) }, EDGETUNE_OK, "{}", last_error());
+            unsafe { edgetune_string_free(json) };
+            unsafe { edgetune_trainer_free(t) };
+            unsafe { edgetune_model_free(model) };
+            unsafe { edgetune_context_free(ctx) };
+        });
     }
 
     /// Every export runs its body inside the panic boundary: `guard` or `catch_unwind`.

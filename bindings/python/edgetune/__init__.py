@@ -95,6 +95,13 @@ class InternalError(EdgetuneError):
     status = "EDGETUNE_ERROR_PANIC"
 
 
+class BusyError(EdgetuneError):
+    """A call made from inside a callback (``on_token``, ``on_event``) on the model or trainer
+    whose call invoked that callback: make it after that call returns."""
+
+    status = "EDGETUNE_ERROR_BUSY"
+
+
 _ERRORS = {
     1: NullArgumentError,
     2: InvalidArgumentError,
@@ -105,6 +112,7 @@ _ERRORS = {
     7: GpuError,
     8: DivergedError,
     9: InternalError,
+    10: BusyError,
 }
 __all__ += [cls.__name__ for cls in _ERRORS.values()]
 
@@ -142,7 +150,10 @@ def version() -> str:
 
 
 class _Handle:
-    """Owns one C handle; ``close()`` (or leaving a ``with`` block) frees it once."""
+    """Owns one C handle; ``close()`` (or leaving a ``with`` block) frees it once. Closing is
+    safe from any thread, also while another thread is inside a call on the object: that call
+    finishes (the library keeps what it uses until it returns), and later calls raise
+    ``ValueError``."""
 
     _free: Callable[[ctypes.c_void_p], None]
 

@@ -87,6 +87,39 @@ class ModelTest(unittest.TestCase):
         with self.assertRaises(KeyError):
             self.model.generate("Hello", max_new_tokens=8, on_token=boom)
 
+    def test_calling_the_model_from_its_own_token_callback_is_busy_not_a_deadlock(self):
+        with self.assertRaises(edgetune.BusyError) as cm:
+            self.model.generate("Hello", max_new_tokens=4, on_token=lambda _piece: self.model.loss("x"))
+        self.assertIn("callback", str(cm.exception))
+        self.assertGreater(self.model.loss("hello there"), 0.0)  # and the model works after
+
+    def test_closing_a_model_while_another_thread_generates_is_safe(self):
+        model = edgetune.Model.load(TINY, max_context=256)
+        started, closed = threading.Event(), threading.Event()
+        result = {}
+
+        def piece(_text):
+            started.set()
+            closed.wait(30)
+
+        def work():
+            try:
+                result["text"] = model.generate("Hello", max_new_tokens=6, on_token=piece)
+            except BaseException as e:  # noqa: BLE001 - checked below
+                result["error"] = e
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        self.assertTrue(started.wait(60))
+        model.close()
+        closed.set()
+        worker.join(60)
+        self.assertFalse(worker.is_alive())
+        self.assertNotIn("error", result)
+        self.assertIsInstance(result["text"], str)
+        with self.assertRaisesRegex(ValueError, "closed"):
+            model.loss("x")
+
     def test_generation_options_are_checked(self):
         with self.assertRaises(edgetune.InvalidArgumentError) as cm:
             self.model.generate("Hello", top_p=2.0)
