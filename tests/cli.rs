@@ -306,3 +306,103 @@ fn train_chooses_settings_from_the_data_records_them_and_eval_data_scores_like_v
     assert_ne!(base, tuned);
     assert!(stdout.contains("4 samples"), "{stdout}");
 }
+
+/// The kill test: `train` (a checkpoint every step) is killed with SIGKILL at 21 points chosen
+/// by a seeded generator, each a random delay of up to 80 ms after a random step or checkpoint
+/// event of that life, so kills land inside steps and inside checkpoint writes; each time the
+/// next life resumes from what is on disk. After every kill, what is on disk must read back
+/// whole (a checkpoint, or the one before it), and no temporary file may be mistaken for one.
+/// The last life runs to the end, and its adapter must be the uninterrupted run's, byte for
+/// byte.
+#[cfg(unix)]
+#[test]
+fn train_killed_at_random_points_resumes_to_the_same_adapter() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    use edgetune::train::checkpoint::Checkpoint;
+
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = common::fixtures().join("../../../sdk/data/persona/train.jsonl").display().to_string();
+    let args = |out: &std::path::Path, resume: bool| -> Vec<String> {
+        let mut v: Vec<String> = ["train", "--model", &tiny(), "--data", &data, "--json", "--checkpoint-every", "1"]
+            .iter()
+            .chain(&["--max-steps", "48", "--batch-tokens", "128", "--rank", "4", "--max-len", "128", "--lr", "0.005"])
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--output".to_string(), out.display().to_string()]);
+        if resume {
+            v.push("--resume".into());
+        }
+        v
+    };
+    let whole = dir.join("whole");
+    let straight = Command::new(env!("CARGO_BIN_EXE_edgetune")).args(args(&whole, false)).output().expect("runs");
+    assert!(straight.status.success(), "{}", text(&straight.stderr));
+
+    let run = dir.join("killed");
+    let ckpt = run.join("checkpoint.safetensors");
+    let seed = 20261130u64;
+    let mut rng = seed;
+    let mut next = |n: u64| {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) % n
+    };
+    let (mut kills, mut lives) = (Vec::new(), 0);
+    loop {
+        lives += 1;
+        assert!(lives <= 80, "no progress after {lives} lives (kills at {kills:?})");
+        let resume = ckpt.exists() || edgetune::atomic::previous(&ckpt).exists();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+            .args(args(&run, resume))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("runs");
+        // This life's kill point: after the k-th step or checkpoint event it reports, plus a delay.
+        let target = if kills.len() < 21 { Some((1 + next(4), next(80))) } else { None };
+        let mut seen = 0;
+        let mut last_event = String::new();
+        let mut killed = false;
+        for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+            let Ok(line) = line else { break };
+            let event: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+            last_event = format!("{} {}", event["event"], event["step"]);
+            if event["event"] == "step" || event["event"] == "checkpoint" {
+                seen += 1;
+            }
+            if let Some((after, delay_ms)) = target
+                && seen == after
+                && !killed
+            {
+                std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+                child.kill().expect("SIGKILL");
+                killed = true;
+                kills.push(format!("{last_event} +{delay_ms} ms"));
+            }
+        }
+        let status = child.wait().expect("exits");
+        if !killed || status.success() {
+            assert!(status.success(), "the last life failed ({status}) after {last_event}");
+            if !killed {
+                break;
+            }
+        }
+        // Whatever the kill interrupted, a whole checkpoint can be read.
+        if ckpt.exists() || edgetune::atomic::previous(&ckpt).exists() {
+            Checkpoint::load_or_previous(&ckpt).unwrap_or_else(|e| panic!("after the kill at {last_event}: {e}"));
+        }
+    }
+    eprintln!("seed {seed}: {} kills over {lives} lives: {kills:?}", kills.len());
+    assert!(kills.len() >= 20, "only {} kills landed", kills.len());
+    let read = |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).expect("adapter");
+    assert_eq!(read(&run), read(&whole), "the killed and resumed run's adapter differs from the uninterrupted one");
+    let leftovers: Vec<String> = std::fs::read_dir(&run)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(leftovers.len() <= 1, "temporary files of dead writers pile up: {leftovers:?}");
+}

@@ -285,6 +285,58 @@ fn checkpoints_are_written_by_time_as_well_as_by_steps() {
     assert_eq!(run(0), [8], "with neither rule, only at the end");
 }
 
+/// A checkpoint damaged on disk (cut short, as by a full disk or a copy that stopped) gives way
+/// to the one before it, which every checkpoint write keeps: the resumed run says so in a
+/// warning, does the lost step again, and ends with the uninterrupted run's adapter, bit for
+/// bit. With both damaged, resuming is an error that names both.
+#[test]
+fn a_damaged_checkpoint_falls_back_to_the_one_before_it() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.25);
+    let dir = tmp("damaged");
+    let cfg = TrainConfig { checkpoint_every: 1, ..config() };
+    let straight = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer").run(|_| {}).expect("run").adapter;
+
+    let ckpt = dir.join("run.ckpt");
+    let mut first = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer");
+    first.set_checkpoint_path(&ckpt);
+    let token = first.cancel_token();
+    let out = first
+        .run(|e| {
+            if let Event::Step { step: 10, .. } = e {
+                token.cancel();
+            }
+        })
+        .expect("first part");
+    assert_eq!(out.steps, 10);
+    let prev = edgetune::atomic::previous(&ckpt);
+    let whole = std::fs::read(&ckpt).expect("checkpoint");
+    std::fs::write(&ckpt, &whole[..whole.len() / 2]).expect("truncate");
+
+    let mut resumed = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer");
+    resumed.resume(&ckpt).expect("falls back to the previous checkpoint");
+    assert_eq!(resumed.step(), 9, "the checkpoint before step 10's");
+    let mut warnings = Vec::new();
+    let out = resumed
+        .run(|e| {
+            if let Event::Warning { message, .. } = e {
+                warnings.push(message.clone());
+            }
+        })
+        .expect("rest of the run");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("run.ckpt.prev") && warnings[0].contains("step 9"), "{}", warnings[0]);
+    let bits = |a: &edgetune::lora::Adapter| a.params.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&out.adapter), bits(&straight), "the resumed adapter differs from the uninterrupted one");
+
+    std::fs::write(&ckpt, &whole[..100]).expect("truncate");
+    std::fs::write(&prev, b"not a checkpoint").expect("damage");
+    let mut none = Trainer::new(m, &data, cfg).expect("trainer");
+    let err = none.resume(&ckpt).expect_err("both damaged").to_string();
+    assert!(err.contains("run.ckpt") && err.contains("the checkpoint before it"), "{err}");
+}
+
 #[test]
 fn early_stopping_returns_the_best_adapter() {
     let ctx = ctx();

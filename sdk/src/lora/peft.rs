@@ -10,15 +10,15 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value as Json, json};
 
 use super::{Adapter, Layout, LoraConfig, Module, TargetModules};
-use crate::atomic::write_atomic;
+use crate::atomic::{sync_dir, write_temporary};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
-/// Writes `adapter` as a PEFT adapter folder (created if needed). Each file is written
-/// atomically.
+/// Writes `adapter` as a PEFT adapter folder (created if needed), atomically as far as a pair
+/// of files can be: see the comment at the end.
 pub fn save(dir: &Path, adapter: &Adapter, base_model: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let r = adapter.layout.r;
@@ -62,8 +62,22 @@ pub fn save(dir: &Path, adapter: &Adapter, base_model: &str) -> Result<()> {
         "peft_version": "0.21.2",
     });
     let text = serde_json::to_string_pretty(&config).map_err(|e| Error::invalid("adapter config", e.to_string()))?;
-    write_atomic(&dir.join(WEIGHTS_FILE), &data)?;
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+    // Both files are written and flushed under temporary names before either is renamed into
+    // place, so a failure while writing leaves the folder as it was, and the two renames are
+    // the only moment when a kill can pair new weights with the old config.
+    let (weights, config) = (dir.join(WEIGHTS_FILE), dir.join(CONFIG_FILE));
+    let tmp_weights = write_temporary(&weights, &data)?;
+    let tmp_config = write_temporary(&config, text.as_bytes()).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp_weights);
+    })?;
+    for (tmp, path) in [(&tmp_weights, &weights), (&tmp_config, &config)] {
+        std::fs::rename(tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp_weights);
+            let _ = std::fs::remove_file(&tmp_config);
+            Error::io(path, e)
+        })?;
+    }
+    sync_dir(&weights)
 }
 
 /// Loads a PEFT LoRA adapter folder for a model with config `model`.

@@ -12,7 +12,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::write_atomic;
+use crate::atomic::{previous, write_atomic_keeping_previous};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
 
@@ -83,7 +83,8 @@ fn json<T: Serialize>(v: &T) -> Result<String> {
 }
 
 impl Checkpoint {
-    /// Writes the checkpoint to `path` atomically.
+    /// Writes the checkpoint to `path` atomically, keeping the one it replaces as
+    /// [`previous`]`(path)` (see [`Checkpoint::load_or_previous`]).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors: Vec<(&str, Vec<u8>, usize)> = vec![
             ("params", tensor_bytes(&self.params), self.params.len()),
@@ -113,7 +114,32 @@ impl Checkpoint {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        write_atomic(path, &data)
+        write_atomic_keeping_previous(path, &data)
+    }
+
+    /// Reads the checkpoint at `path`, or, when that one is missing, truncated or corrupt, the
+    /// one it replaced ([`previous`]`(path)`), with a warning that says so. Both bad is an error
+    /// that names both.
+    pub fn load_or_previous(path: &Path) -> Result<(Self, Option<String>)> {
+        let latest = match Self::load(path) {
+            Ok(ck) => return Ok((ck, None)),
+            Err(e) => e,
+        };
+        let prev = previous(path);
+        if !prev.exists() {
+            return Err(latest);
+        }
+        match Self::load(&prev) {
+            Ok(ck) => {
+                let warning = format!(
+                    "{latest}; resuming from the checkpoint before it, {} (step {}): the steps after it are done again",
+                    prev.display(),
+                    ck.state.step
+                );
+                Ok((ck, Some(warning)))
+            }
+            Err(e) => Err(Error::format(path, format!("{latest}; and the checkpoint before it: {e}"))),
+        }
     }
 
     /// Reads a checkpoint; every missing or malformed part is an error naming it.

@@ -249,6 +249,9 @@ pub struct Trainer {
     plan_fingerprint: u64,
     cancel: CancelToken,
     checkpoint: Option<PathBuf>,
+    /// Why [`Trainer::resume`] fell back to the checkpoint before the one asked for, reported
+    /// by the next run.
+    resume_warning: Option<String>,
 }
 
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
@@ -442,6 +445,7 @@ impl Trainer {
             plan_fingerprint: plan,
             cancel: CancelToken::default(),
             checkpoint: None,
+            resume_warning: None,
         })
     }
 
@@ -494,9 +498,12 @@ impl Trainer {
         self.state.step
     }
 
-    /// Restores a checkpoint written by a run with the same model, data and settings.
+    /// Restores a checkpoint written by a run with the same model, data and settings. A
+    /// damaged one (a disk fault, a copy cut short) gives way to the one before it, which the
+    /// next run's events report as a warning.
     pub fn resume(&mut self, path: &std::path::Path) -> Result<()> {
-        let ck = Checkpoint::load(path)?;
+        let (ck, warning) = Checkpoint::load_or_previous(path)?;
+        self.resume_warning = warning;
         if ck.model_fingerprint != self.model.fingerprint {
             return Err(Error::format(
                 path,
@@ -683,6 +690,9 @@ impl Trainer {
             planned_gpu_bytes: planned,
             chosen: self.chosen.clone(),
         });
+        if let Some(message) = self.resume_warning.take() {
+            on_event(&Event::Warning { step: self.state.step, message });
+        }
         let clock = RunClock {
             total,
             start_step: self.state.step,
@@ -696,6 +706,7 @@ impl Trainer {
         let slots = [ctx.staging("step readback", slot_bytes), ctx.staging("step readback", slot_bytes)];
         let mut in_flight: Option<InFlight> = None;
         let mut last_checkpoint = Instant::now();
+        let mut saved_step = None;
         let mut order = self.batch_order();
         let mut last_loss = None;
         let mut reason = StopReason::Completed;
@@ -767,10 +778,13 @@ impl Trainer {
             if checkpoint_now {
                 self.save_checkpoint(on_event)?;
                 last_checkpoint = Instant::now();
+                saved_step = Some(self.state.step);
             }
         }
-        // A run that ends on skipped steps keeps the last good checkpoint.
-        if self.state.bad_steps == 0 {
+        // A run that ends on skipped steps keeps the last good checkpoint; one that has just
+        // written this step's does not write it again (which would also push the step before
+        // out of the previous-checkpoint slot).
+        if self.state.bad_steps == 0 && saved_step != Some(self.state.step) {
             self.save_checkpoint(on_event)?;
         }
         let mut adapter = self.adapter()?;

@@ -309,7 +309,10 @@ pub fn run(a: BatchArgs, gpu: &GpuOptions) -> Result<bool> {
                 match previous_result(&dir) {
                     Some(done) if done.status == "done" => JobResult { status: "skipped".into(), seconds: 0.0, ..done },
                     _ => {
-                        let resume = std::fs::metadata(dir.join(CHECKPOINT_FILE)).is_ok();
+                        let ckpt = dir.join(CHECKPOINT_FILE);
+                        // A kill between the two renames of a checkpoint write leaves only the
+                        // one before it.
+                        let resume = ckpt.exists() || edgetune::atomic::previous(&ckpt).exists();
                         let mut progress = |e: &Event| {
                             if json {
                                 emit(&Line::Train { job: &job.user, event: e });
@@ -407,6 +410,25 @@ fn run_job(
     write_atomic(&dir.join("train_config.toml"), settings_toml(&trainer)?.as_bytes())?;
     trainer.set_cancel_token(cancel.clone());
     let ckpt = dir.join(CHECKPOINT_FILE);
+    // Checkpoints that cannot be read at all (both the last and the one before it) would fail
+    // the job on every run of the batch: they are moved aside and the job starts over.
+    let mut unreadable = None;
+    let resume = resume
+        && match edgetune::train::checkpoint::Checkpoint::load_or_previous(&ckpt) {
+            Ok(_) => true,
+            Err(e) => {
+                for bad in [ckpt.clone(), edgetune::atomic::previous(&ckpt)].into_iter().filter(|p| p.exists()) {
+                    let mut aside = bad.clone().into_os_string();
+                    aside.push(".unreadable");
+                    std::fs::rename(&bad, &aside).map_err(|io| Error::Io { path: bad.clone(), source: io })?;
+                }
+                unreadable = Some(format!("{e}; set aside as *.unreadable, and the job started over"));
+                false
+            }
+        };
+    if let Some(message) = unreadable {
+        progress(&Event::Warning { step: 0, message });
+    }
     if resume {
         trainer.resume(&ckpt).map_err(|e| Error::Invalid {
             field: "checkpoint".into(),
