@@ -170,8 +170,9 @@ fn bad_jobs_are_recorded_with_their_line_and_the_rest_run() {
         format!("{{\"user\": \"../eve\", \"data\": {data:?}}}"),
         "{\"user\": \"frank\"}".to_string(),
         format!("{{\"user\": \"gina\", \"data\": {data:?}, \"config\": {{\"max_steps\": 1}}}}"),
-        format!("{{\"user\": \"gina\", \"data\": {data:?}}}"),
+        format!("{{\"user\": \"Gina\", \"data\": {data:?}}}"),
         "not json".to_string(),
+        format!("{{\"user\": \"aux\", \"data\": {data:?}}}"),
     ];
     std::fs::write(&jobs, lines_in.join("\n")).expect("write");
     let out: Output = batch(&jobs, &dir.join("out"), &dir).output().expect("runs");
@@ -188,6 +189,7 @@ fn bad_jobs_are_recorded_with_their_line_and_the_rest_run() {
         ("line 3", "missing field `data`"),
         ("line 5", "appears more than once"),
         ("line 6", "expected"),
+        ("line 7", "device name"),
     ];
     assert_eq!(errors.len(), expect.len(), "{errors:?}");
     for ((job, error), (line, what)) in errors.iter().zip(expect) {

@@ -178,25 +178,62 @@ fn read_jobs(path: &Path, base: &TrainConfig) -> Result<Vec<Entry>> {
             what: "holds no jobs (expected JSON lines, or .json files in a folder)".into(),
         });
     }
-    // User ids name folders: each must be unique.
+    // User ids name folders: each must be unique, also where file names ignore case.
     let mut seen = HashSet::new();
     for e in &mut entries {
         if let Ok(job) = &e.job
-            && !seen.insert(job.user.clone())
+            && !seen.insert(job.user.to_ascii_lowercase())
         {
-            e.job = Err(format!("user `{}` appears more than once", job.user));
+            e.job = Err(format!(
+                "user `{}` appears more than once (user ids that differ only in case are the same folder on \
+                 Windows and macOS)",
+                job.user
+            ));
         }
     }
     Ok(entries)
 }
 
+/// The longest user id (it names a folder, and paths have limits).
+const MAX_USER_LEN: usize = 128;
+
+/// Names Windows reserves for devices, with or without an extension.
+const RESERVED: [&str; 22] = [
+    "con", "prn", "aux", "nul", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8", "com9", "lpt1", "lpt2",
+    "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9",
+];
+
+/// A user id names the job's folder in OUTPUT on every platform: letters, digits and - _ . @,
+/// not starting or ending with a dot, not a Windows device name, not the batch's own
+/// summary.json, and at most [`MAX_USER_LEN`] characters.
+fn check_user(user: &str) -> std::result::Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_.@".contains(c);
+    if user.is_empty() || user.starts_with('.') || !user.chars().all(ok_char) {
+        return Err(format!("user `{user}`: expected letters, digits and - _ . @ (it names the job's folder)"));
+    }
+    let lower = user.to_ascii_lowercase();
+    let stem = lower.split('.').next().unwrap_or("");
+    let why = if user.len() > MAX_USER_LEN {
+        Some(format!("longer than {MAX_USER_LEN} characters"))
+    } else if user.ends_with('.') {
+        Some("ends with a dot, which Windows drops from folder names".to_string())
+    } else if RESERVED.contains(&stem) {
+        Some(format!("`{stem}` is a device name on Windows"))
+    } else if lower == "summary.json" {
+        Some("the batch writes OUTPUT/summary.json".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(format!("user `{user}`: not usable as a folder name: {why}")),
+        None => Ok(()),
+    }
+}
+
 fn parse_job(text: &str, folder: &Path, base: &TrainConfig) -> std::result::Result<Job, String> {
     let spec: JobSpec = serde_json::from_str(text)
         .map_err(|e| format!("{e} (expected {{\"user\": ..., \"data\": ..., \"config\": {{...}}}})"))?;
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_.@".contains(c);
-    if spec.user.is_empty() || spec.user.starts_with('.') || !spec.user.chars().all(ok_char) {
-        return Err(format!("user `{}`: expected letters, digits and - _ . @ (it names the job's folder)", spec.user));
-    }
+    check_user(&spec.user)?;
     let mut settings = serde_json::to_value(base).map_err(|e| e.to_string())?;
     if let Some(overrides) = spec.config {
         if !overrides.is_object() {
@@ -538,4 +575,30 @@ fn print_table(results: &[JobResult], total: usize) {
         count("interrupted"),
         total - results.len()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_must_make_portable_folder_names() {
+        for ok in ["alice", "bob.smith", "x@y.z", "com10", "console", "a-b_c"] {
+            assert_eq!(check_user(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "expected letters"),
+            ("../eve", "expected letters"),
+            (".hidden", "expected letters"),
+            ("name.", "ends with a dot"),
+            ("CON", "device name"),
+            ("nul.txt", "device name"),
+            ("Lpt3", "device name"),
+            ("Summary.JSON", "summary.json"),
+            (&"a".repeat(129), "longer than 128"),
+        ] {
+            let err = check_user(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
 }
