@@ -143,3 +143,95 @@ fn missing_tokenizer_is_named() {
     let e = err_of(Tokenizer::from_hf_dir(&d));
     assert!(e.contains("tokenizer.json is missing"), "{e}");
 }
+
+/// A sharded model's index names its files: each must be a file inside the model folder, so an
+/// index cannot make edgetune open `/etc/passwd`, climb out with `..`, or map a folder.
+#[test]
+fn shard_paths_stay_inside_the_model_folder() {
+    let dir = tmpdir("shards");
+    copy_tiny(&dir);
+    std::fs::rename(dir.join("model.safetensors"), dir.join("model-00001-of-00001.safetensors")).expect("rename");
+    std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+    let index = |file: &str| {
+        let j = serde_json::json!({"weight_map": {"model.embed_tokens.weight": file}});
+        std::fs::write(dir.join("model.safetensors.index.json"), j.to_string()).expect("write");
+    };
+    for (name, why) in [
+        ("../model-00001-of-00001.safetensors", "not a file inside the model folder"),
+        ("/etc/passwd", "not a file inside the model folder"),
+        ("sub/../../x.safetensors", "not a file inside the model folder"),
+        ("", "not a file inside the model folder"),
+        ("sub", "which is not a file"),
+        ("missing.safetensors", "missing.safetensors"),
+    ] {
+        index(name);
+        let err = err_of(open_weights(&dir));
+        assert!(err.contains("model.safetensors.index.json") || err.contains(name), "{name}: {err}");
+        assert!(err.contains(why), "{name}: {err}");
+    }
+    index("model-00001-of-00001.safetensors");
+    open_weights(&dir).expect("a file inside the folder opens");
+}
+
+/// A chat template comes with the model file, so its work is bounded: one that loops without
+/// end stops with an error that says so, promptly, while real templates render.
+#[test]
+fn a_chat_template_that_never_ends_is_stopped() {
+    use edgetune::tokenizer::Message;
+    let mut tok = Tokenizer::open(&common::fixtures().join("tiny_llama")).expect("tokenizer");
+    let messages = [Message::new("user", "Hi")];
+    tok.chat_template = Some("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}".into());
+    assert_eq!(tok.apply_chat_template(&messages, false).expect("renders"), "<user>Hi");
+    tok.chat_template =
+        Some("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}".into());
+    let started = std::time::Instant::now();
+    let err = err_of(tok.apply_chat_template(&messages, true));
+    assert!(err.contains("steps of work") && err.contains("loops without end"), "{err}");
+    assert!(started.elapsed().as_secs() < 30, "stopped only after {:?}", started.elapsed());
+}
+
+/// Deriving SentencePiece merges from scores splits every token at every character, so its
+/// work grows with the square of a token's length: a GGUF file with one 100,000-byte token is
+/// refused with the metadata key, promptly, instead of stalling the load.
+#[test]
+fn tokens_too_long_to_derive_merges_from_are_refused() {
+    let mut b = Vec::new();
+    let s = |b: &mut Vec<u8>, v: &str| {
+        b.extend((v.len() as u64).to_le_bytes());
+        b.extend(v.as_bytes());
+    };
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // tensors
+    b.extend(4u64.to_le_bytes()); // metadata
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "llama");
+    s(&mut b, "tokenizer.ggml.model");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "llama");
+    let long = "a".repeat(100_000);
+    s(&mut b, "tokenizer.ggml.tokens");
+    b.extend(9u32.to_le_bytes());
+    b.extend(8u32.to_le_bytes());
+    b.extend(2u64.to_le_bytes());
+    s(&mut b, "a");
+    s(&mut b, &long);
+    s(&mut b, "tokenizer.ggml.scores");
+    b.extend(9u32.to_le_bytes());
+    b.extend(6u32.to_le_bytes());
+    b.extend(2u64.to_le_bytes());
+    b.extend(0f32.to_le_bytes());
+    b.extend((-1f32).to_le_bytes());
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    let dir = tmpdir("long-token");
+    let path = dir.join("long.gguf");
+    std::fs::write(&path, &b).expect("write");
+    let g = GgufFile::open(&path).expect("the file itself is well formed");
+    let started = std::time::Instant::now();
+    let err = err_of(Tokenizer::from_gguf(&g));
+    assert!(err.contains("long.gguf") && err.contains("tokenizer.ggml.tokens") && err.contains("too long"), "{err}");
+    assert!(started.elapsed().as_secs() < 10, "took {:?}", started.elapsed());
+}

@@ -70,6 +70,29 @@ fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
 }
 
+/// The most weight files an index may name (the largest published models use a few hundred).
+const MAX_SHARDS: usize = 10_000;
+
+/// The path of a shard that `index` names: a relative path inside `dir` (no `..`, no root, no
+/// drive) to a file (a link to a file is fine: the Hugging Face cache links its snapshots).
+fn shard_path(dir: &Path, index: &Path, name: &str) -> Result<PathBuf> {
+    use std::path::Component;
+    let rel = Path::new(name);
+    let inside = !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    if !inside {
+        return Err(Error::format(
+            index,
+            format!("`weight_map` names {name:?}, which is not a file inside the model folder"),
+        ));
+    }
+    let path = dir.join(rel);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(path),
+        Ok(_) => Err(Error::format(index, format!("`weight_map` names {name:?}, which is not a file"))),
+        Err(e) => Err(Error::io(&path, e)),
+    }
+}
+
 impl WeightSource {
     /// Opens the safetensors files of a Hugging Face model folder.
     pub fn open_safetensors_dir(dir: &Path) -> Result<Self> {
@@ -85,7 +108,13 @@ impl WeightSource {
             let mut names: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
             names.sort();
             names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
+            if names.len() > MAX_SHARDS {
+                return Err(Error::format(
+                    &index_path,
+                    format!("`weight_map` names {} files (at most {MAX_SHARDS})", names.len()),
+                ));
+            }
+            names.iter().map(|n| shard_path(dir, &index_path, n)).collect::<Result<_>>()?
         } else if dir.join("model.safetensors").exists() {
             vec![dir.join("model.safetensors")]
         } else {

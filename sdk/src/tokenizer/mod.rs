@@ -162,6 +162,18 @@ impl Tokenizer {
                                 ));
                             }
                         };
+                        // Deriving merges splits every token at every character: bound that
+                        // work by what real vocabularies need, so a crafted file cannot stall it.
+                        let work: u64 = tokens.iter().map(|t| (t.len() as u64).pow(2)).sum();
+                        if work > MAX_MERGE_WORK {
+                            return Err(tok_err(
+                                &source,
+                                format!(
+                                    "`tokenizer.ggml.tokens` are too long to derive merges from (the squares of \
+                                     their lengths add up to {work}; at most {MAX_MERGE_WORK})"
+                                ),
+                            ));
+                        }
                         merges_from_scores(&tokens, &scores)
                     }
                 };
@@ -280,6 +292,11 @@ impl Tokenizer {
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
+        // A template comes with the model file: its work is bounded, so one that loops without
+        // end is an error, not a hang. Real templates take a few hundred steps a message.
+        let bytes: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
+        let fuel = TEMPLATE_FUEL_BASE + TEMPLATE_FUEL_PER_BYTE * bytes as u64;
+        env.set_fuel(Some(fuel));
         env.add_template("chat", template).map_err(|e| Error::Template(format!("parsing the template: {e}")))?;
         let tmpl = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
@@ -288,9 +305,23 @@ impl Tokenizer {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         })
-        .map_err(|e| Error::Template(format!("rendering: {e}")))
+        .map_err(|e| match e.kind() {
+            minijinja::ErrorKind::OutOfFuel => Error::Template(format!(
+                "{}'s chat template did more than {fuel} steps of work for {} messages and was stopped (a template \
+                 that loops without end?)",
+                self.source,
+                messages.len()
+            )),
+            _ => Error::Template(format!("rendering: {e}")),
+        })
     }
 }
+
+/// Steps of template work any conversation may take, plus [`TEMPLATE_FUEL_PER_BYTE`] per byte of
+/// its messages: far above what real chat templates need (a few hundred steps a message), far
+/// below a runaway loop's.
+pub const TEMPLATE_FUEL_BASE: u64 = 1_000_000;
+pub const TEMPLATE_FUEL_PER_BYTE: u64 = 100;
 
 /// A byte-level BPE (GPT-2 style) with the pre-tokenizer llama.cpp names `pre`.
 fn byte_level_bpe(
@@ -351,6 +382,10 @@ fn sentencepiece_bpe(
     ])));
     Ok(inner)
 }
+
+/// The most work [`merges_from_scores`] may do, as the sum of the squares of the tokens' lengths
+/// in bytes: a 256,000-token SentencePiece vocabulary needs about 30 million.
+pub const MAX_MERGE_WORK: u64 = 2_000_000_000;
 
 /// Merges implied by a SentencePiece vocabulary and its scores (transformers'
 /// `generate_merges`): every split of a token into two tokens, highest score first, then longer
