@@ -235,3 +235,26 @@ fn tokens_too_long_to_derive_merges_from_are_refused() {
     assert!(err.contains("long.gguf") && err.contains("tokenizer.ggml.tokens") && err.contains("too long"), "{err}");
     assert!(started.elapsed().as_secs() < 10, "took {:?}", started.elapsed());
 }
+
+/// A metadata array's count is bounded by the file's size, and also by what real files hold, so
+/// a file of a few MB cannot make the reader build tens of millions of values.
+#[test]
+fn a_metadata_array_longer_than_any_real_one_is_refused() {
+    let n = edgetune::model::gguf::MAX_ARRAY_LEN + 1;
+    let mut b = Vec::with_capacity(n + 100);
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    b.extend(5u64.to_le_bytes());
+    b.extend(b"bytes");
+    b.extend(9u32.to_le_bytes());
+    b.extend(0u32.to_le_bytes()); // u8 elements
+    b.extend((n as u64).to_le_bytes());
+    b.resize(b.len() + n, 7);
+    let dir = tmpdir("long-array");
+    let path = dir.join("array.gguf");
+    std::fs::write(&path, &b).expect("write");
+    let err = err_of(GgufFile::open(&path));
+    assert!(err.contains("array.gguf") && err.contains("metadata `bytes`") && err.contains("at most"), "{err}");
+}

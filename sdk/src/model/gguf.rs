@@ -150,6 +150,14 @@ impl<'a> Cursor<'a> {
             9 if depth == 0 => {
                 let ety = self.u32(&w)?;
                 let n = self.len(&w)?;
+                // Each element becomes a `Value` many times its size in the file: bound the count
+                // by what real files hold (vocabularies and their merges, a few hundred thousand).
+                if n > MAX_ARRAY_LEN {
+                    return Err(Error::format(
+                        self.path,
+                        format!("{w} is an array of {n} values (at most {MAX_ARRAY_LEN})"),
+                    ));
+                }
                 let mut v = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
                     v.push(self.value(ety, key, depth + 1)?);
@@ -163,6 +171,9 @@ impl<'a> Cursor<'a> {
         })
     }
 }
+
+/// The most values a metadata array may hold: twice the largest vocabulary a config may have.
+pub const MAX_ARRAY_LEN: usize = 1 << 24;
 
 impl GgufFile {
     /// Opens and parses a GGUF file; tensor data stays memory-mapped.
@@ -190,7 +201,8 @@ impl GgufFile {
             let v = c.value(ty, &key, 0)?;
             metadata.insert(key, v);
         }
-        let mut infos = Vec::with_capacity(n_tensors);
+        // The count is bounded by the file's size; the list grows as tensors are read.
+        let mut infos = Vec::with_capacity(n_tensors.min(1 << 16));
         for i in 0..n_tensors {
             let name = c.string(&format!("name of tensor #{i}"))?;
             let nd = c.u32(&format!("tensor `{name}` n_dims"))?;
