@@ -788,3 +788,51 @@ fn a_rising_validation_loss_warns_and_the_final_adapter_is_returned_unless_the_u
     let best_then = ev.iter().filter(|e| Some(e.0) < at).min_by(|a, b| a.1.total_cmp(&b.1)).expect("earlier evals");
     assert!(w[0].contains(&format!("The adapter of step {} is kept", best_then.0)), "{}", w[0]);
 }
+
+/// The memory plan is made before anything is allocated: the dry run sizes the workspace exactly
+/// as allocating it does, for every kind of plan.
+#[test]
+fn the_workspace_is_sized_before_it_is_allocated() {
+    use edgetune::train::Precision;
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    for checkpointing in [true, false] {
+        for activations in [Precision::F32, Precision::F16] {
+            for dropout in [false, true] {
+                let plan = WorkspacePlan { checkpointing, activations, dropout, ..WorkspacePlan::new(77, 4) };
+                let before = ctx.counts().buffers;
+                let planned = m.workspace_bytes(plan).expect("plan");
+                assert!(ctx.counts().buffers - before <= 1, "the dry run allocates one placeholder at most");
+                assert_eq!(planned, m.workspace(plan).expect("workspace").bytes, "{plan:?}");
+            }
+        }
+    }
+}
+
+/// Settings that cannot fit are refused before allocating, where the backend reports the GPU's
+/// memory, with the plan and what to change; unknown memory lets the driver decide.
+#[test]
+fn training_that_cannot_fit_is_refused_with_its_plan() {
+    use edgetune::gpu::GpuMemory;
+    use edgetune::train::TrainingBytes;
+    const MIB: u64 = 1 << 20;
+    let needs = TrainingBytes { weights: 700 * MIB, adapter: 40 * MIB, workspace: 900 * MIB, tokens: 2048 };
+    let free = |b| Some(GpuMemory { total_bytes: 8192 * MIB, available_bytes: Some(b) });
+    needs.check(free(2048 * MIB)).expect("fits in 2 GiB free");
+    needs.check(None).expect("unknown memory is not refused");
+    let err = needs.check(free(512 * MIB)).expect_err("does not fit").to_string();
+    for part in [
+        "training settings",
+        "0.92 GiB more",
+        "0.50 GiB",
+        "700 MiB of weights",
+        "900 MiB of activations",
+        "2048 tokens",
+        "batch_tokens",
+    ] {
+        assert!(err.contains(part), "{part}: {err}");
+    }
+    let heap_only = Some(GpuMemory { total_bytes: 1024 * MIB, available_bytes: None });
+    let err = needs.check(heap_only).expect_err("weights and the rest exceed the heap").to_string();
+    assert!(err.contains("in all") && err.contains("1.00 GiB"), "{err}");
+}

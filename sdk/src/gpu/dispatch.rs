@@ -17,6 +17,12 @@ pub const KEPT_STAGING_BYTES: u64 = 1 << 20;
 /// Bytes of the uniform ring that holds kernel parameters: 16,384 slots of 256 bytes.
 const UNIFORM_RING_BYTES: u64 = 4 << 20;
 
+/// The size of [`GpuContext::storage_zeroed`]'s buffer of `n_floats` values: whole vec4s, so
+/// kernels that read vec4s see every element.
+pub fn storage_bytes(n_floats: usize) -> u64 {
+    (n_floats.max(1).next_multiple_of(4) * 4) as u64
+}
+
 impl GpuContext {
     /// A storage buffer holding `data` (padded to 16 bytes).
     pub fn storage_from<T: Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
@@ -38,13 +44,12 @@ impl GpuContext {
         })
     }
 
-    /// A zero-filled storage buffer of `n_floats` f32 (or u32) values.
+    /// A zero-filled storage buffer of `n_floats` f32 (or u32) values ([`storage_bytes`] bytes).
     pub fn storage_zeroed(&self, label: &str, n_floats: usize) -> wgpu::Buffer {
         Counters::add(&self.counters.buffers);
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            // Whole vec4s, so kernels that read vec4s see every element.
-            size: (n_floats.max(1).next_multiple_of(4) * 4) as u64,
+            size: storage_bytes(n_floats),
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })

@@ -266,6 +266,17 @@ impl Model {
     /// Allocates the buffers of a training step as `plan` says. Its `bytes` are what was
     /// allocated, so it is also the memory estimate.
     pub fn workspace(&self, plan: WorkspacePlan) -> Result<Workspace> {
+        self.build_workspace(plan, false)
+    }
+
+    /// The GPU bytes [`Model::workspace`] would allocate for `plan`, without allocating them.
+    pub fn workspace_bytes(&self, plan: WorkspacePlan) -> Result<u64> {
+        Ok(self.build_workspace(plan, true)?.bytes)
+    }
+
+    /// Sizes the workspace's buffers and, unless `dry`, allocates them (a dry run hands out one
+    /// placeholder buffer for all of them).
+    fn build_workspace(&self, plan: WorkspacePlan, dry: bool) -> Result<Workspace> {
         let WorkspacePlan { capacity, rank, checkpointing, dropout, activations } = plan;
         if capacity == 0 {
             return Err(Error::invalid("batch capacity", "must be at least one token"));
@@ -282,10 +293,13 @@ impl Model {
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let half = activations == Precision::F16;
         let bytes = Cell::new(0u64);
+        let placeholder = dry.then(|| ctx.storage_zeroed("workspace plan", 1));
         let z = |label: &str, n: usize| {
-            let b = ctx.storage_zeroed(label, n);
-            bytes.set(bytes.get() + b.size());
-            b
+            bytes.set(bytes.get() + crate::gpu::dispatch::storage_bytes(n));
+            match &placeholder {
+                Some(p) => p.clone(),
+                None => ctx.storage_zeroed(label, n),
+            }
         };
         // A saved tensor of n values: f32, or n / 2 words of two halves.
         let saved = |label: &str, n: usize| z(label, if half { n.div_ceil(2) } else { n });

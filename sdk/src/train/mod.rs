@@ -8,4 +8,4 @@ pub mod trainer;
 
 pub use crate::model::training::Precision;
 pub use auto::Choice;
-pub use trainer::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer};
+pub use trainer::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer, TrainingBytes};

@@ -254,6 +254,41 @@ pub struct Trainer {
     resume_warning: Option<String>,
 }
 
+/// What training will hold on the GPU, planned before it allocates.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainingBytes {
+    /// The model's weights, already there.
+    pub weights: u64,
+    /// The adapter, its gradients and AdamW's two moments.
+    pub adapter: u64,
+    /// Activations and scratch for batches of `tokens` tokens.
+    pub workspace: u64,
+    pub tokens: usize,
+}
+
+impl TrainingBytes {
+    /// An error, before anything is allocated, when the adapter and workspace cannot fit next to
+    /// the weights in `memory` (unknown memory passes: the driver's own error then stands).
+    pub fn check(&self, memory: Option<crate::gpu::GpuMemory>) -> Result<()> {
+        let Some(m) = memory else { return Ok(()) };
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        m.check_fits(self.adapter + self.workspace, self.weights).map_err(|why| {
+            Error::invalid(
+                "training settings",
+                format!(
+                    "{why}: planned {:.0} MiB of weights, {:.0} MiB of adapter, gradients and AdamW moments, and {:.0} \
+                     MiB of activations for batches of {} tokens; lower batch_tokens or data.max_len, keep \
+                     gradient_checkpointing on, or store activations as f16",
+                    mib(self.weights),
+                    mib(self.adapter),
+                    mib(self.workspace),
+                    self.tokens
+                ),
+            )
+        })
+    }
+}
+
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
     for i in (1..v.len()).rev() {
         let j = (rng.next_u32() as usize) % (i + 1);
@@ -420,12 +455,21 @@ impl Trainer {
             fnv1a(&mut plan, &v.to_le_bytes());
         }
         let capacity = train.iter().chain(&val).map(Batch::len).max().unwrap_or(1);
-        let ws = model.workspace(WorkspacePlan {
+        let ws_plan = WorkspacePlan {
             checkpointing: cfg.gradient_checkpointing,
             dropout: cfg.lora.dropout > 0.0,
             activations: cfg.activations,
             ..WorkspacePlan::new(capacity, cfg.lora.r)
-        })?;
+        };
+        // Refused before anything is allocated where the backend reports the GPU's memory.
+        let needs = TrainingBytes {
+            weights: model.weight_bytes,
+            adapter: (4 * adapter.layout.len * 4) as u64,
+            workspace: model.workspace_bytes(ws_plan)?,
+            tokens: capacity,
+        };
+        needs.check(model.ctx.memory())?;
+        let ws = model.workspace(ws_plan)?;
         let opt = Optimizer::new(&model.ctx, adapter.layout.len, cfg.optimizer)?;
         let gpu = GpuAdapter::upload(&model.ctx, &adapter);
         let state = TrainState { epoch_rng: Rng::new(cfg.seed ^ 0x5eed_0fba_7c4e_5eed).state(), ..Default::default() };
