@@ -7,7 +7,7 @@
 //! | --- | --- | --- | --- |
 //! | `portable` | 64 x 64 tiles, 4 x 4 a thread | a workgroup per (query, head) | anything else |
 //! | `simd8` | 32 x 32 blocks in 8-lane registers | 8 queries a workgroup | a CPU adapter with 8-lane subgroups (lavapipe) |
-//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | forward: 16 queries a workgroup over shared key/value tiles (27 KiB; else portable); backward: portable | a GPU with 17 KiB of workgroup memory |
+//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 16 queries (forward, dQ) or 16 keys (dK, dV) a workgroup over staged tiles (27 KiB; else portable) | a GPU with 17 KiB of workgroup memory |
 //! | `coop16` | forward: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums; gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
 //!
 //! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for

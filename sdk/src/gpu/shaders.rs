@@ -168,6 +168,8 @@ shaders! {
     MATMUL_NF4_BACKWARD_T128 = "matmul_nf4_backward_t128";
     MATMUL_BACKWARD_W_T128 = "matmul_backward_w_t128";
     ATTENTION_T128 = "attention_t128";
+    ATTENTION_BACKWARD_Q_T128 = "attention_backward_q_t128";
+    ATTENTION_BACKWARD_KV_T128 = "attention_backward_kv_t128";
     // The coop16 family: forward products on matrix units (shaders/common/coop16.wgsl).
     MATMUL_COOP16 = "matmul_coop16";
     MATMUL_F16_COOP16 = "matmul_f16_coop16";

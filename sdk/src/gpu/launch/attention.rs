@@ -115,10 +115,15 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     let kv_buffers = [q, k, v, key_start, b.dout, stats, b.dk, b.dv];
     let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
     let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
+    let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.head_dim <= 128;
     let ((qs, q_groups), (kvs, kv_groups)) = match (q_pass, kv_pass) {
         (Some(qs), Some(kvs)) => {
             ((qs, [p.n_tokens.div_ceil(8), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1]))
         }
+        _ if blocked => (
+            (&ATTENTION_BACKWARD_Q_T128, [p.n_tokens.div_ceil(16), p.n_heads, 1]),
+            (&ATTENTION_BACKWARD_KV_T128, [p.n_tokens.div_ceil(16), p.n_kv_heads, 1]),
+        ),
         _ => (
             (&ATTENTION_BACKWARD_Q, [p.n_tokens, p.n_heads, 1]),
             (&ATTENTION_BACKWARD_KV, [p.n_tokens, p.n_kv_heads, 1]),
