@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: the CPU format tests, every WGSL kernel against its CPU twin on the GPU
 # adapter wgpu finds (lavapipe on a machine without a GPU), parity with transformers and the
-# SmolLM2 checks. Ends with one summary line over all test binaries.
+# SmolLM2 checks, the Python package's tests, and a brief run of every fuzz target
+# (scripts/fuzz.sh). Ends with one summary line over all of them.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 log="$(mktemp)"
@@ -26,6 +27,16 @@ py_failed=$({ grep -Eo '(failures|errors)=[0-9]+' "$pylog" || true; } | cut -d= 
 if [ -z "$py_ran" ]; then py_ran=0; py_failed=$((py_failed + 1)); status=1; fi
 passed=$((passed + py_ran - py_failed))
 failed=$((failed + py_failed))
+# Every parser that reads outside input, fuzzed briefly (scripts/fuzz.sh; long runs are that
+# script with more seconds): each target that runs its time without a crash counts as a test.
+fuzzlog="$(mktemp)"
+trap 'rm -f "$log" "$pylog" "$fuzzlog"' EXIT
+bash "$(dirname "$0")/fuzz.sh" "${FUZZ_SECONDS:-30}" 2>&1 | tee "$fuzzlog" || status=1
+fuzz_ok=$({ grep -Ec '^[a-z_]+: [0-9]+ executions, no crash$' "$fuzzlog" || true; })
+fuzz_bad=$({ grep -Ec '^[a-z_]+: FAILED' "$fuzzlog" || true; })
+if [ "$fuzz_ok" -eq 0 ] && [ "$fuzz_bad" -eq 0 ]; then fuzz_bad=1; status=1; fi
+passed=$((passed + fuzz_ok))
+failed=$((failed + fuzz_bad))
 echo
 echo "summary: $passed passed, $failed failed"
 exit "$status"
