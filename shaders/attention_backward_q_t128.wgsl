@@ -12,6 +12,7 @@
 // Keys, positions and the key_start rule are those of attention.wgsl, with pos_offset 0.
 // Needs head_dim <= 128 (the launcher checks it).
 #include "common/params.wgsl"
+#include "common/attention_block.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
@@ -33,25 +34,23 @@ var<workgroup> key_range: vec2<u32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let h = wg.y;
-    let t0 = wg.x * BQ;
+    let blk = query_block(wg, lid);
+    let h = blk.h;
+    let t0 = blk.t0;
+    let t = blk.t;
+    let live = blk.live;
+    let first = blk.first;
+    let last = blk.last;
     let hd = p.head_dim;
     let stride = hd + 1u;
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let qi = lid / 4u;
     let pp = lid % 4u;
-    let t = t0 + qi;
-    let live = t < p.n_tokens;
-    let t_last = min(t0 + BQ, p.n_tokens) - 1u;
-    var first = 1u;
-    var last = 0u;
     var qr: array<f32, 32>;
     var gr: array<f32, 32>;
     var acc: array<f32, 32>;
     var dsum = 0.0;
     if (live) {
-        first = key_start[t];
-        last = t;
         let base = (t * p.n_heads + h) * hd;
         for (var r = 0u; r < 32u; r++) {
             let d = pp + 4u * r;
@@ -64,11 +63,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     // delta = dout . out: the four parts of each query add theirs.
     part[lid] = dsum;
-    if (lid == 0u) {
-        var lo = key_start[t0];
-        for (var r = t0 + 1u; r <= t_last; r++) { lo = min(lo, key_start[r]); }
-        key_range = vec2<u32>(lo, t_last);
-    }
+    if (lid == 0u) { key_range = block_keys(t0); }
     let range = workgroupUniformLoad(&key_range);
     let delta = part[qi * 4u] + part[qi * 4u + 1u] + part[qi * 4u + 2u] + part[qi * 4u + 3u];
     var lse = 0.0;

@@ -14,6 +14,7 @@
 // ..= pos_offset + t, as in attention.wgsl. Needs head_dim <= 128 and 26.6 KiB of workgroup
 // memory; the launcher uses attention.wgsl otherwise, and for one-token decoding steps.
 #include "common/params.wgsl"
+#include "common/attention_block.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
@@ -34,23 +35,18 @@ var<workgroup> key_range: vec2<u32>;                               // the block'
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let h = wg.y;
-    let t0 = wg.x * BQ;
+    let blk = query_block(wg, lid);
+    let h = blk.h;
+    let t0 = blk.t0;
+    let t = blk.t;
+    let live = blk.live;
+    let first = blk.first;
+    let last = blk.last;
     let hd = p.head_dim;
     let stride = hd + 1u;
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let qi = lid / 4u;
     let pp = lid % 4u;
-    let t = t0 + qi;
-    let live = t < p.n_tokens;
-    let t_last = min(t0 + BQ, p.n_tokens) - 1u;
-    // This thread's query: keys first ..= last (none when past the batch).
-    var first = 1u;
-    var last = 0u;
-    if (live) {
-        first = key_start[t];
-        last = p.pos_offset + t;
-    }
     for (var i = lid; i < BQ * hd; i += 64u) {
         let row = i / hd;
         let d = i % hd;
@@ -58,12 +54,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if (t0 + row < p.n_tokens) { v = q[((t0 + row) * p.n_heads + h) * hd + d]; }
         q_tile[row * stride + d] = v;
     }
-    if (lid == 0u) {
-        // key_start is not assumed monotonic: the block starts at its smallest.
-        var lo = key_start[t0];
-        for (var r = t0 + 1u; r <= t_last; r++) { lo = min(lo, key_start[r]); }
-        key_range = vec2<u32>(lo, p.pos_offset + t_last);
-    }
+    if (lid == 0u) { key_range = block_keys(t0); }
     let range = workgroupUniformLoad(&key_range);
     var acc: array<f32, 32>;                                       // dims pp, pp + 4, .. of the head
     var run_max = NEG;

@@ -25,21 +25,37 @@ fn err_of<T: std::fmt::Debug>(r: edgetune::Result<T>) -> String {
     r.expect_err("must fail").to_string()
 }
 
+/// A GGUF string: its length, then its bytes.
+fn gguf_str(v: &str) -> Vec<u8> {
+    [(v.len() as u64).to_le_bytes().to_vec(), v.as_bytes().to_vec()].concat()
+}
+
+/// A GGUF v3 header for `n_tensors` tensors, then metadata as (key, value type, encoded value).
+fn gguf_header(n_tensors: u64, kvs: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(n_tensors.to_le_bytes());
+    b.extend((kvs.len() as u64).to_le_bytes());
+    for (key, ty, value) in kvs {
+        b.extend(gguf_str(key));
+        b.extend(ty.to_le_bytes());
+        b.extend(value);
+    }
+    b
+}
+
+/// A GGUF array value: element type, count, then the encoded elements.
+fn gguf_array(element_type: u32, elements: &[Vec<u8>]) -> Vec<u8> {
+    let mut b = element_type.to_le_bytes().to_vec();
+    b.extend((elements.len() as u64).to_le_bytes());
+    b.extend(elements.concat());
+    b
+}
+
 /// A minimal GGUF v3 file: header, the given metadata, one F32 tensor `t` of 4 values.
 fn gguf_bytes(arch: &str, tensor_type: u32) -> Vec<u8> {
-    let mut b = Vec::new();
-    let s = |b: &mut Vec<u8>, v: &str| {
-        b.extend((v.len() as u64).to_le_bytes());
-        b.extend(v.as_bytes());
-    };
-    b.extend(b"GGUF");
-    b.extend(3u32.to_le_bytes());
-    b.extend(1u64.to_le_bytes()); // tensors
-    b.extend(1u64.to_le_bytes()); // metadata
-    s(&mut b, "general.architecture");
-    b.extend(8u32.to_le_bytes());
-    s(&mut b, arch);
-    s(&mut b, "t");
+    let mut b = gguf_header(1, &[("general.architecture", 8, gguf_str(arch))]);
+    b.extend(gguf_str("t"));
     b.extend(1u32.to_le_bytes());
     b.extend(4u64.to_le_bytes());
     b.extend(tensor_type.to_le_bytes());
@@ -195,34 +211,16 @@ fn a_chat_template_that_never_ends_is_stopped() {
 /// refused with the metadata key, promptly, instead of stalling the load.
 #[test]
 fn tokens_too_long_to_derive_merges_from_are_refused() {
-    let mut b = Vec::new();
-    let s = |b: &mut Vec<u8>, v: &str| {
-        b.extend((v.len() as u64).to_le_bytes());
-        b.extend(v.as_bytes());
-    };
-    b.extend(b"GGUF");
-    b.extend(3u32.to_le_bytes());
-    b.extend(0u64.to_le_bytes()); // tensors
-    b.extend(4u64.to_le_bytes()); // metadata
-    s(&mut b, "general.architecture");
-    b.extend(8u32.to_le_bytes());
-    s(&mut b, "llama");
-    s(&mut b, "tokenizer.ggml.model");
-    b.extend(8u32.to_le_bytes());
-    s(&mut b, "llama");
     let long = "a".repeat(100_000);
-    s(&mut b, "tokenizer.ggml.tokens");
-    b.extend(9u32.to_le_bytes());
-    b.extend(8u32.to_le_bytes());
-    b.extend(2u64.to_le_bytes());
-    s(&mut b, "a");
-    s(&mut b, &long);
-    s(&mut b, "tokenizer.ggml.scores");
-    b.extend(9u32.to_le_bytes());
-    b.extend(6u32.to_le_bytes());
-    b.extend(2u64.to_le_bytes());
-    b.extend(0f32.to_le_bytes());
-    b.extend((-1f32).to_le_bytes());
+    let mut b = gguf_header(
+        0,
+        &[
+            ("general.architecture", 8, gguf_str("llama")),
+            ("tokenizer.ggml.model", 8, gguf_str("llama")),
+            ("tokenizer.ggml.tokens", 9, gguf_array(8, &[gguf_str("a"), gguf_str(&long)])),
+            ("tokenizer.ggml.scores", 9, gguf_array(6, &[0f32.to_le_bytes().to_vec(), (-1f32).to_le_bytes().to_vec()])),
+        ],
+    );
     while b.len() % 32 != 0 {
         b.push(0);
     }
@@ -241,16 +239,9 @@ fn tokens_too_long_to_derive_merges_from_are_refused() {
 #[test]
 fn a_metadata_array_longer_than_any_real_one_is_refused() {
     let n = edgetune::model::gguf::MAX_ARRAY_LEN + 1;
-    let mut b = Vec::with_capacity(n + 100);
-    b.extend(b"GGUF");
-    b.extend(3u32.to_le_bytes());
-    b.extend(0u64.to_le_bytes());
-    b.extend(1u64.to_le_bytes());
-    b.extend(5u64.to_le_bytes());
-    b.extend(b"bytes");
-    b.extend(9u32.to_le_bytes());
-    b.extend(0u32.to_le_bytes()); // u8 elements
-    b.extend((n as u64).to_le_bytes());
+    let mut count = 0u32.to_le_bytes().to_vec(); // u8 elements
+    count.extend((n as u64).to_le_bytes());
+    let mut b = gguf_header(0, &[("bytes", 9, count)]);
     b.resize(b.len() + n, 7);
     let dir = tmpdir("long-array");
     let path = dir.join("array.gguf");

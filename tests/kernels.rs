@@ -36,6 +36,17 @@ fn cooperative_matrix_kernels_validate_and_translate_to_spirv() {
     assert_eq!(coop.len(), 3, "dense, f16 and NF4 forward kernels");
     for s in coop {
         let source = shaders::expand(s).expect("expand");
+        // The variant swaps the core: the matrix-unit one in, the tile128 one out.
+        assert!(
+            source.contains("coopMultiplyAdd") && !source.contains("acc0[0]"),
+            "{}: the core was not swapped",
+            s.name
+        );
+        assert!(
+            source.starts_with("enable f16;\nenable wgpu_cooperative_matrix;\n"),
+            "{}: enables not hoisted",
+            s.name
+        );
         let module = naga::front::wgsl::parse_str(&source)
             .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
         let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
@@ -44,8 +55,8 @@ fn cooperative_matrix_kernels_validate_and_translate_to_spirv() {
         let words = naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
             .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", s.name));
         assert!(words.len() > 100, "{}: {} SPIR-V words", s.name, words.len());
-        let twin =
-            shaders::ALL_SHADERS.iter().find(|t| t.name == s.name.replace("coop16", "t128")).expect("tile128 twin");
+        let base = s.name.split('.').next().expect("a name");
+        let twin = shaders::ALL_SHADERS.iter().find(|t| t.name == base).expect("tile128 twin");
         assert_eq!(s.bindings().expect("bindings"), twin.bindings().expect("bindings"), "{}", s.name);
     }
 }

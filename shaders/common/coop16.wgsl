@@ -2,8 +2,10 @@
 //   out[r, c] = sum_j A(r, j) * B(c, j),
 // on the GPU's matrix units through cooperative matrices (wgpu's
 // EXPERIMENTAL_COOPERATIVE_MATRIX): 16 x 16 x 16 fragments with f16 operands and f32
-// accumulators. The including shader must begin with `enable f16;` and
-// `enable wgpu_cooperative_matrix;`.
+// accumulators. It stands in for common/tile128.wgsl in the tile128 forward kernels (variants
+// in gpu/shaders.rs); its `enable` lines move to the top of the module when it is expanded.
+enable f16;
+enable wgpu_cooperative_matrix;
 //
 //   - A workgroup of 256 threads, 8 subgroups of 32, computes a 128 x 128 output block; subgroup
 //     s owns rows 32 (s / 2) .. + 32 and columns 64 (s % 2) .. + 64: 2 x 4 accumulator fragments.

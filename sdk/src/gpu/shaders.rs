@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 pub struct Shader {
     pub name: &'static str,
     pub source: &'static str,
-    /// `const NAME: u32 = VALUE;` lines to replace, as (NAME, VALUE).
+    /// `const NAME: u32 = VALUE;` lines to replace, as (NAME, VALUE), and snippets to include in
+    /// place of others, as ("common/x.wgsl", "common/y.wgsl").
     pub defines: &'static [(&'static str, &'static str)],
 }
 
@@ -170,10 +171,11 @@ shaders! {
     ATTENTION_T128 = "attention_t128";
     ATTENTION_BACKWARD_Q_T128 = "attention_backward_q_t128";
     ATTENTION_BACKWARD_KV_T128 = "attention_backward_kv_t128";
-    // The coop16 family: forward products on matrix units (shaders/common/coop16.wgsl).
-    MATMUL_COOP16 = "matmul_coop16";
-    MATMUL_F16_COOP16 = "matmul_f16_coop16";
-    MATMUL_NF4_COOP16 = "matmul_nf4_coop16";
+    // The coop16 family: the tile128 forward kernels on the cooperative-matrix core
+    // (shaders/common/coop16.wgsl).
+    MATMUL_COOP16 = "matmul_t128" as "matmul_t128.coop16" [("common/tile128.wgsl", "common/coop16.wgsl")];
+    MATMUL_F16_COOP16 = "matmul_f16_t128" as "matmul_f16_t128.coop16" [("common/tile128.wgsl", "common/coop16.wgsl")];
+    MATMUL_NF4_COOP16 = "matmul_nf4_t128" as "matmul_nf4_t128.coop16" [("common/tile128.wgsl", "common/coop16.wgsl")];
 }
 
 const SNIPPETS: &[(&str, &str)] = &[
@@ -183,6 +185,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/tile_fetch.wgsl", include_str!("../../../shaders/common/tile_fetch.wgsl")),
     ("common/tile_nf4.wgsl", include_str!("../../../shaders/common/tile_nf4.wgsl")),
     ("common/coop16.wgsl", include_str!("../../../shaders/common/coop16.wgsl")),
+    ("common/attention_block.wgsl", include_str!("../../../shaders/common/attention_block.wgsl")),
     ("common/matmul_dw.wgsl", include_str!("../../../shaders/common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../../../shaders/common/matvec.wgsl")),
@@ -204,7 +207,23 @@ pub fn expand(shader: &Shader) -> Result<String> {
     let mut included = Vec::new();
     include_into(shader, shader.source, &mut out, &mut included)?;
     let mut out = unroll(shader.name, &out)?;
-    for (name, value) in shader.defines {
+    // `enable` directives must open a WGSL module; a snippet that needs one (an extension such
+    // as cooperative matrices) declares it where it is, and it moves to the top.
+    let (enables, rest): (Vec<&str>, Vec<&str>) = out.lines().partition(|l| l.trim_start().starts_with("enable "));
+    if !enables.is_empty() {
+        let mut hoisted: Vec<&str> = Vec::new();
+        for e in enables {
+            if !hoisted.contains(&e.trim()) {
+                hoisted.push(e.trim());
+            }
+        }
+        out = hoisted.iter().chain(&rest).fold(String::with_capacity(out.len()), |mut o, l| {
+            o.push_str(l);
+            o.push('\n');
+            o
+        });
+    }
+    for (name, value) in shader.defines.iter().filter(|(name, _)| !name.ends_with(".wgsl")) {
         let prefix = format!("const {name}: u32 = ");
         let start = out
             .find(&prefix)
@@ -222,6 +241,8 @@ fn include_into(shader: &Shader, source: &str, out: &mut String, included: &mut 
     for line in source.lines() {
         if let Some(rest) = line.trim().strip_prefix("#include") {
             let name = rest.trim().trim_matches('"');
+            // A variant may swap one snippet for another (a matmul core for another family's).
+            let name = shader.defines.iter().find(|(from, _)| *from == name).map_or(name, |(_, to)| *to);
             let snippet = SNIPPETS
                 .iter()
                 .find(|(n, _)| *n == name)
