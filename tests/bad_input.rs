@@ -60,7 +60,7 @@ fn gguf_bytes(arch: &str, tensor_type: u32) -> Vec<u8> {
     b.extend(4u64.to_le_bytes());
     b.extend(tensor_type.to_le_bytes());
     b.extend(0u64.to_le_bytes());
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend([0u8; 16]);
@@ -221,7 +221,7 @@ fn tokens_too_long_to_derive_merges_from_are_refused() {
             ("tokenizer.ggml.scores", 9, gguf_array(6, &[0f32.to_le_bytes().to_vec(), (-1f32).to_le_bytes().to_vec()])),
         ],
     );
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     let dir = tmpdir("long-token");
