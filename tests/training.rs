@@ -17,8 +17,12 @@ use edgetune::tokenizer::Tokenizer;
 use edgetune::train::schedule::ScheduleKind;
 use edgetune::train::{Event, StopReason, TrainConfig, Trainer};
 
+/// A fresh folder of this test process. Tests run on parallel threads of one process, so each
+/// call gets its own (a shared name would let one test delete another's files).
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgetune-train-{}-{name}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("edgetune-train-{}-{n}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("mkdir");
     d
