@@ -1269,6 +1269,9 @@ mod tests {
                     unsafe { edgetune_trainer_run(id as *const _, Some(on_event), &*tx as *const _ as *mut c_void) };
                 (status, last_error())
             });
+            // Once the run is under way (a cancel before its first step would end it before
+            // any step is reported), one thread cancels in a loop while this one frees.
+            stepped_rx.recv().expect("a first step");
             let canceller = std::thread::spawn(move || {
                 let mut statuses = Vec::new();
                 loop {
@@ -1280,7 +1283,7 @@ mod tests {
                     std::thread::yield_now();
                 }
             });
-            stepped_rx.recv().expect("a first step");
+            std::thread::sleep(std::time::Duration::from_millis(5));
             unsafe { edgetune_trainer_free(id as *mut edgetune_trainer) };
             let statuses = canceller.join().expect("canceller");
             assert_eq!(statuses.last(), Some(&EDGETUNE_ERROR_INVALID_ARGUMENT), "cancels after the free fail");
