@@ -20,6 +20,7 @@ shift || true
 all="gguf safetensors model_config tokenizer_config data settings peft checkpoint"
 targets="${*:-$all}"
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/edgetune/fuzz-target}"
+bash "$here/bound-cache.sh" "$CARGO_TARGET_DIR" 6
 export RUSTC_BOOTSTRAP=1
 export CARGO_TERM_COLOR=never
 if ! command -v cargo-fuzz >/dev/null; then
@@ -31,6 +32,7 @@ cargo fuzz build -s none -O || { echo "fuzz.sh: the fuzz targets do not build" >
 # Seed corpora from the fixtures, in a folder outside the repository that keeps what the
 # fuzzer finds between runs.
 corpus="${FUZZ_CORPUS:-$HOME/.cache/edgetune/fuzz-corpus}"
+bash "$here/bound-cache.sh" "$corpus" 1
 fx="$root/tests/reference/fixtures"
 seed() { mkdir -p "$corpus/$1"; cp "$2" "$corpus/$1/seed-$(basename "$2")" 2>/dev/null; }
 pair() { # split2 format: a 2-byte little-endian length, the first file, then the second.
