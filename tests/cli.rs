@@ -149,7 +149,48 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
         s.lines().find_map(|l| l.strip_prefix("mean token loss: ")).and_then(|v| v.parse().ok()).expect("loss")
     };
     let adapter = run.join("adapter").display().to_string();
-    assert_ne!(loss(&[]), loss(&["--adapter", &adapter]));
+    let with_peft = loss(&["--adapter", &adapter]);
+    assert_ne!(loss(&[]), with_peft);
+
+    // The same adapter as a GGUF LoRA file, from the checkpoint and from the folder: f32 tensors
+    // hold the same values, so the loss is the same to the bit.
+    let gguf = dir.join("adapter.gguf").display().to_string();
+    let out = edgetune(&[
+        "export",
+        "--model",
+        &tiny(),
+        "--adapter",
+        &adapter,
+        "--format",
+        "gguf",
+        "--type",
+        "f32",
+        "--output",
+        &gguf,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(loss(&["--adapter", &gguf]), with_peft);
+    let gguf2 = dir.join("from-checkpoint.gguf").display().to_string();
+    let out = edgetune(&[
+        "export",
+        "--model",
+        &tiny(),
+        "--checkpoint",
+        &ckpt,
+        "--format",
+        "gguf",
+        "--type",
+        "f32",
+        "--output",
+        &gguf2,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&gguf).expect("gguf"), std::fs::read(&gguf2).expect("gguf"));
+    let out = edgetune(&["export", "--model", &tiny(), "--output", &gguf2]);
+    assert_ne!(out.status.code(), Some(0), "export needs a checkpoint or an adapter");
+    // The model file itself is not an adapter.
+    let out = edgetune(&["eval", "--model", &tiny(), "--text", &file.display().to_string(), "--adapter", &tiny()]);
+    assert_eq!(out.status.code(), Some(1));
 
     // Bad settings and a missing checkpoint are named.
     let mut bad = args[..args.len() - 2].to_vec();
@@ -166,6 +207,31 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     let out = edgetune(&["train", "--model", &tiny(), "--data", &data, "--output", &fresh, "--resume"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("checkpoint.safetensors"), "{}", text(&out.stderr));
+}
+
+/// A reader that closes the pipe early ends `edgetune` quietly (as `head` ends other tools),
+/// never with a panic.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_the_command_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+        .args(["info", &tiny()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    // Close the reading end before the command writes (it opens the model first).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("waits");
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success() || out.status.signal() == Some(libc_sigpipe()), "{:?}: {err}", out.status);
+}
+
+#[cfg(unix)]
+fn libc_sigpipe() -> i32 {
+    13 // SIGPIPE on Linux, macOS and the BSDs
 }
 
 /// Ctrl-C (SIGINT) during `train` stops after the step under way, saves the checkpoint and the

@@ -618,7 +618,7 @@ impl AppState {
         let Some(session) = &self.session else { return };
         let dir = PathBuf::from(self.adapter_path.trim());
         let config = session.lock().unwrap_or_else(|p| p.into_inner()).model.config.clone();
-        match peft::load(&dir, &config) {
+        match edgetune::lora::load(&dir, &config) {
             Ok(a) => {
                 self.adapter = Some((a, format!("loaded from {}", dir.display())));
                 self.done(format!("adapter loaded from {}", dir.display()));

@@ -54,7 +54,7 @@ impl Session {
 
     /// Loads a PEFT adapter folder and applies it (see [`Session::set_adapter`]).
     pub fn load_adapter(&mut self, dir: impl AsRef<Path>) -> Result<()> {
-        let a = crate::lora::peft::load(dir.as_ref(), &self.model.config)?;
+        let a = crate::lora::load(dir.as_ref(), &self.model.config)?;
         self.set_adapter(Some(&a))
     }
 

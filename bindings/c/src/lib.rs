@@ -586,7 +586,7 @@ pub unsafe extern "C" fn edgetune_adapter_load(
         let out = unsafe { out_ptr(out, "out") }?;
         let model = MODELS.get(model, "model")?;
         let dir = unsafe { text(dir, "dir") }?;
-        let adapter = peft::load(Path::new(dir), &model.session.hold("model")?.model.config)?;
+        let adapter = edgetune::lora::load(Path::new(dir), &model.session.hold("model")?.model.config)?;
         *out = ADAPTERS.add(AdapterObj { adapter })?;
         Ok(())
     })

@@ -5,13 +5,22 @@
 //! Invariant: the layout orders slots by layer, then by module in [`Module::ALL`] order, and
 //! within a slot A (r, n_in) comes before B (n_out, r), both row-major as PEFT stores them.
 
+pub mod gguf;
 pub mod merge;
 pub mod peft;
+
+use std::collections::BTreeSet;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
+
+/// Loads an adapter: a PEFT adapter folder, or a GGUF LoRA adapter file ([`gguf`]).
+pub fn load(path: &Path, model: &ModelConfig) -> Result<Adapter> {
+    if path.is_file() { gguf::load(path, model) } else { peft::load(path, model) }
+}
 
 /// A linear module of a Llama-family block, by its Hugging Face name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -279,6 +288,70 @@ impl Adapter {
         let params = init_params(&layout, config.seed);
         Ok(Adapter { config, layout, params })
     }
+
+    /// An adapter read from a file (`path`, for errors) that adapts the (layer, module) pairs in
+    /// `present`: every layer must carry the same modules. `read(slot, is_b)` gives A (r, n_in)
+    /// or B (n_out, r) of a slot, row-major, with its shape checked by the caller.
+    pub(crate) fn from_file(
+        path: &Path,
+        model: &ModelConfig,
+        present: &BTreeSet<(usize, Module)>,
+        hyper: LoraHyper,
+        mut read: impl FnMut(&Slot, bool) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        if let Some(&(l, m)) = present.iter().find(|&&(l, _)| l >= model.num_layers) {
+            return Err(Error::format(
+                path,
+                format!("a `{}` adapter on layer {l}, but the model has {} layers", m.name(), model.num_layers),
+            ));
+        }
+        let modules: BTreeSet<Module> = present.iter().map(|&(_, m)| m).collect();
+        if modules.is_empty() {
+            return Err(Error::format(path, "holds no LoRA tensors"));
+        }
+        for l in 0..model.num_layers {
+            for &m in &modules {
+                if !present.contains(&(l, m)) {
+                    return Err(Error::unsupported(
+                        path,
+                        format!("adapters on only some layers: layer {l} has no `{}` adapter", m.name()),
+                    ));
+                }
+            }
+        }
+        let config = LoraConfig {
+            r: hyper.r,
+            alpha: hyper.alpha,
+            dropout: hyper.dropout,
+            target_modules: TargetModules::Names(modules.iter().map(|m| m.name().to_string()).collect()),
+            use_rslora: hyper.use_rslora,
+            seed: 0,
+        };
+        let layout = Layout::new(model, &config).map_err(|e| Error::format(path, e.to_string()))?;
+        let mut params = vec![0f32; layout.len];
+        for s in &layout.slots {
+            for (b, off, n) in [(false, s.a, hyper.r * s.n_in), (true, s.b, s.n_out * hyper.r)] {
+                let v = read(s, b)?;
+                if v.len() != n {
+                    return Err(Error::format(
+                        path,
+                        format!("layer {} `{}`: {} values, expected {n}", s.layer, s.module.name(), v.len()),
+                    ));
+                }
+                params[off..off + n].copy_from_slice(&v);
+            }
+        }
+        Ok(Adapter { config, layout, params })
+    }
+}
+
+/// The scalar settings an adapter file states.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoraHyper {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub use_rslora: bool,
 }
 
 /// An adapter resident on the GPU: the flat parameter buffer, its layout and scale.

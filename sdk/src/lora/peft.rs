@@ -9,7 +9,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value as Json, json};
 
-use super::{Adapter, Layout, LoraConfig, Module, TargetModules};
+use super::{Adapter, Layout, LoraConfig, LoraHyper, Module};
 use crate::atomic::{sync_dir, write_temporary};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
@@ -116,6 +116,9 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<Adapter> {
     let alpha = j.get("lora_alpha").and_then(Json::as_f64).unwrap_or(8.0) as f32;
     let dropout = j.get("lora_dropout").and_then(Json::as_f64).unwrap_or(0.0) as f32;
     let use_rslora = j.get("use_rslora").and_then(Json::as_bool).unwrap_or(false);
+    LoraConfig { r, alpha, dropout, use_rslora, ..LoraConfig::default() }
+        .validate()
+        .map_err(|e| Error::format(&cpath, e.to_string()))?;
 
     let wpath = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&wpath).map_err(|e| Error::io(&wpath, e))?;
@@ -126,60 +129,28 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<Adapter> {
         let parsed = parse_key(name).ok_or_else(|| {
             Error::unsupported(&wpath, format!("tensor `{name}` (expected ...layers.N.<module>.lora_A/lora_B.weight)"))
         })?;
-        if parsed.0 >= model.num_layers {
-            return Err(Error::format(
-                &wpath,
-                format!("`{name}`: layer {} but the model has {}", parsed.0, model.num_layers),
-            ));
-        }
         present.insert((parsed.0, parsed.1));
     }
-    let modules: BTreeSet<Module> = present.iter().map(|&(_, m)| m).collect();
-    if modules.is_empty() {
-        return Err(Error::format(&wpath, "holds no LoRA tensors"));
-    }
-    for l in 0..model.num_layers {
-        for &m in &modules {
-            if !present.contains(&(l, m)) {
-                return Err(Error::unsupported(
-                    &wpath,
-                    format!("adapters on only some layers: layer {l} has no `{}` adapter", m.name()),
-                ));
-            }
+    let hyper = LoraHyper { r, alpha, dropout, use_rslora };
+    Adapter::from_file(&wpath, model, &present, hyper, |s, b| {
+        let shape = if b { [s.n_out, r] } else { [r, s.n_in] };
+        let key = Layout::peft_key(s, b);
+        let name = st
+            .names()
+            .into_iter()
+            .find(|n| parse_key(n).is_some_and(|p| p == (s.layer, s.module, b)))
+            .ok_or_else(|| Error::MissingTensor { path: wpath.clone(), tensor: key.clone() })?;
+        let t = st.tensor(name).map_err(|e| Error::format(&wpath, format!("`{name}`: {e}")))?;
+        if t.shape() != shape {
+            return Err(Error::Shape {
+                path: wpath.clone(),
+                tensor: name.to_string(),
+                actual: t.shape().to_vec(),
+                expected: shape.to_vec(),
+            });
         }
-    }
-    let config = LoraConfig {
-        r,
-        alpha,
-        dropout,
-        target_modules: TargetModules::Names(modules.iter().map(|m| m.name().to_string()).collect()),
-        use_rslora,
-        seed: 0,
-    };
-    let layout = Layout::new(model, &config).map_err(|e| Error::format(&cpath, e.to_string()))?;
-    let mut params = vec![0f32; layout.len];
-    for s in &layout.slots {
-        for (b, off, shape) in [(false, s.a, [r, s.n_in]), (true, s.b, [s.n_out, r])] {
-            let key = Layout::peft_key(s, b);
-            let name = st
-                .names()
-                .into_iter()
-                .find(|n| parse_key(n).is_some_and(|p| p == (s.layer, s.module, b)))
-                .ok_or_else(|| Error::MissingTensor { path: wpath.clone(), tensor: key.clone() })?;
-            let t = st.tensor(name).map_err(|e| Error::format(&wpath, format!("`{name}`: {e}")))?;
-            if t.shape() != shape {
-                return Err(Error::Shape {
-                    path: wpath.clone(),
-                    tensor: name.to_string(),
-                    actual: t.shape().to_vec(),
-                    expected: shape.to_vec(),
-                });
-            }
-            let v = crate::model::weights::decode_floats(t.dtype(), t.data(), &wpath, name)?;
-            params[off..off + v.len()].copy_from_slice(&v);
-        }
-    }
-    Ok(Adapter { config, layout, params })
+        crate::model::weights::decode_floats(t.dtype(), t.data(), &wpath, name)
+    })
 }
 
 /// (layer, module, is_b) of a PEFT key such as

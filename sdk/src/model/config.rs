@@ -25,6 +25,21 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
         }
     }
+
+    /// `general.architecture` of this family's GGUF files: llama.cpp converts Mistral
+    /// checkpoints as `llama`.
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Llama | Arch::Mistral => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Whether llama.cpp's converter permutes the rows of q and k (and of adapters on them)
+    /// for this family's GGUF files (see `weights::unpermute_rows`).
+    pub fn gguf_permutes_qk(self) -> bool {
+        matches!(self, Arch::Llama | Arch::Mistral)
+    }
 }
 
 /// RoPE frequency scaling.

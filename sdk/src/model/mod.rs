@@ -1,6 +1,7 @@
 //! Models: configuration, file formats, weights and the Llama-family forward pass.
 pub mod config;
 pub mod gguf;
+pub mod gguf_write;
 pub mod llama;
 pub mod training;
 pub mod weights;

@@ -15,7 +15,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::hash::{FNV_OFFSET, fnv1a};
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::ModelConfig;
 use crate::model::gguf::GgufFile;
 
 /// One memory-mapped safetensors file with its header parsed (and validated) once.
@@ -209,7 +209,7 @@ impl WeightSource {
                 let name = gguf_name(cfg, hf_name)
                     .ok_or_else(|| Error::MissingTensor { path: g.path.clone(), tensor: hf_name.into() })?;
                 let (mut data, shape) = g.tensor_f32(&name)?;
-                if cfg.arch == Arch::Llama || cfg.arch == Arch::Mistral {
+                if cfg.arch.gguf_permutes_qk() {
                     if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
                         data = unpermute_rows(&data, &shape, cfg.num_heads);
                     } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
@@ -279,6 +279,15 @@ fn random_values(n: usize, seed: u64, std: f32) -> Vec<f32> {
 /// Undoes llama.cpp's q/k permutation: GGUF rows, viewed as (n_head, rows/n_head/2, 2), are
 /// the Hugging Face rows viewed as (n_head, 2, rows/n_head/2) with the last two axes swapped.
 pub fn unpermute_rows(data: &[f32], shape: &[usize], n_head: usize) -> Vec<f32> {
+    move_qk_rows(data, shape, n_head, false)
+}
+
+/// llama.cpp's q/k permutation (the converter's `permute`), the inverse of [`unpermute_rows`].
+pub fn permute_rows(data: &[f32], shape: &[usize], n_head: usize) -> Vec<f32> {
+    move_qk_rows(data, shape, n_head, true)
+}
+
+fn move_qk_rows(data: &[f32], shape: &[usize], n_head: usize, to_gguf: bool) -> Vec<f32> {
     let rows = shape[0];
     let cols: usize = shape[1..].iter().product::<usize>().max(1);
     let half = rows / n_head / 2;
@@ -286,9 +295,9 @@ pub fn unpermute_rows(data: &[f32], shape: &[usize], n_head: usize) -> Vec<f32> 
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
-                // HF row (h, j, i) comes from GGUF row (h, i, j).
-                let dst = (h * 2 + j) * half + i;
-                let src = (h * half + i) * 2 + j;
+                // Hugging Face row (h, j, i) is GGUF row (h, i, j).
+                let (hf, gguf) = ((h * 2 + j) * half + i, (h * half + i) * 2 + j);
+                let (dst, src) = if to_gguf { (gguf, hf) } else { (hf, gguf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }

@@ -1,4 +1,5 @@
-//! CPU dequantization of GGUF/ggml tensor types, bit-exact with ggml's `dequantize_row_*`.
+//! CPU dequantization of GGUF/ggml tensor types, bit-exact with ggml's `dequantize_row_*`, and
+//! quantization to the types edgetune writes, bit-exact with ggml's `quantize_row_*_ref`.
 //!
 //! Block layouts follow ggml's `ggml-common.h`. Every function takes the raw little-endian bytes
 //! of a whole tensor and the number of elements, and checks the byte length before reading.
@@ -93,6 +94,48 @@ impl GgmlType {
             return None;
         }
         (n / bv).checked_mul(bb)
+    }
+}
+
+/// Quantizes `values` to `ty`, as ggml's reference quantizers do (`quantize_row_q8_0_ref`:
+/// d = max|x| / 127 stored as f16, q = round(x / d) with halves away from zero, the division
+/// by the f32 d). Types without a writer here are an error naming them.
+pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, String> {
+    let n = values.len();
+    let need = ty.bytes_for(n).ok_or_else(|| format!("{n} elements is not a whole number of {} blocks", ty.name()))?;
+    let mut out = Vec::with_capacity(need);
+    match ty {
+        GgmlType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+        GgmlType::F16 => out.extend(values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes())),
+        GgmlType::Bf16 => out.extend(values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes())),
+        GgmlType::Q8_0 => {
+            for block in values.chunks_exact(32) {
+                let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+            }
+        }
+        other => {
+            return Err(format!("writing {} tensors is not supported (F32, F16, BF16 and Q8_0 are)", other.name()));
+        }
+    }
+    debug_assert_eq!(out.len(), need);
+    Ok(out)
+}
+
+/// ggml's numeric id of a type (the inverse of [`GgmlType::from_id`]).
+pub fn type_id(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 8,
+        GgmlType::Q4K => 12,
+        GgmlType::Q6K => 14,
+        GgmlType::Bf16 => 30,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Ctrl-C for the long-running commands (`train`, `batch`).
+//! Ctrl-C for the long-running commands (`train`, `batch`), and a closed output pipe.
 
 use edgetune::train::CancelToken;
 
@@ -30,3 +30,18 @@ pub fn cancel_on_interrupt(token: CancelToken) {
 
 #[cfg(not(unix))]
 pub fn cancel_on_interrupt(_token: CancelToken) {}
+
+/// A reader that closes the output early (`edgetune gpu | head -1`) ends the process quietly,
+/// as it ends other Unix tools, instead of a panic in `println!` (Rust ignores SIGPIPE, so a
+/// write to a closed pipe is an error that `println!` panics on).
+#[cfg(unix)]
+pub fn exit_quietly_on_closed_pipe() {
+    // SAFETY: restoring the default disposition of a signal is async-signal-safe and touches
+    // no Rust state.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+pub fn exit_quietly_on_closed_pipe() {}

@@ -40,7 +40,7 @@ struct ModelArgs {
     /// KV-cache capacity in tokens.
     #[arg(long, default_value_t = 2048)]
     max_context: usize,
-    /// A PEFT LoRA adapter folder to apply (unmerged).
+    /// A LoRA adapter to apply (unmerged): a PEFT folder or a GGUF LoRA file.
     #[arg(long)]
     adapter: Option<PathBuf>,
 }
@@ -164,7 +164,7 @@ enum Cmd {
         /// The base model: a Hugging Face folder or a .gguf file.
         #[arg(long)]
         model: PathBuf,
-        /// The PEFT adapter folder.
+        /// The adapter: a PEFT folder or a GGUF LoRA file.
         #[arg(long)]
         adapter: PathBuf,
         /// The folder to write (config.json, tokenizer files, model*.safetensors).
@@ -174,19 +174,30 @@ enum Cmd {
         #[arg(long, default_value = "f16")]
         dtype: edgetune::lora::merge::MergeDtype,
     },
-    /// Write a training checkpoint's adapter as a PEFT adapter folder.
+    /// Write an adapter, from a training checkpoint or an adapter, as a PEFT adapter folder or
+    /// a GGUF LoRA adapter (llama.cpp's `--lora`, Ollama's `ADAPTER`).
     Export {
-        /// The model the checkpoint was trained on (for the shapes and the base model name).
+        /// The base model the adapter was trained on (for the shapes and the architecture).
         #[arg(long)]
         model: PathBuf,
+        /// A training checkpoint (checkpoint.json beside its data).
+        #[arg(long, conflicts_with = "adapter", required_unless_present = "adapter")]
+        checkpoint: Option<PathBuf>,
+        /// An adapter: a PEFT folder or a GGUF LoRA file.
         #[arg(long)]
-        checkpoint: PathBuf,
-        /// The PEFT adapter folder to write.
+        adapter: Option<PathBuf>,
+        /// The PEFT adapter folder or the .gguf file to write.
         #[arg(long)]
         output: PathBuf,
-        /// Export the last parameters rather than the best ones by validation loss.
+        /// Export the checkpoint's last parameters rather than the best ones by validation loss.
         #[arg(long)]
         last: bool,
+        /// peft (a folder) or gguf (one file).
+        #[arg(long, value_enum, default_value = "peft")]
+        format: train::ExportFormat,
+        /// The tensor type of a GGUF adapter: f32, f16, bf16 or q8_0.
+        #[arg(long = "type", value_enum, default_value = "f16")]
+        ty: train::GgufType,
     },
     /// Forward throughput (prefill and decode tokens/s) and GPU memory.
     Bench {
@@ -333,11 +344,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Merge { model, adapter, output, dtype } => {
             let (cfg, _) = edgetune::model::open_weights(&model)?;
-            let a = edgetune::lora::peft::load(&adapter, &cfg)?;
+            let a = edgetune::lora::load(&adapter, &cfg)?;
             let shards = edgetune::lora::merge::merge(&model, &a, &output, dtype)?;
             eprintln!("wrote {} ({shards} weight file(s), {dtype:?})", output.display());
         }
-        Cmd::Export { model, checkpoint, output, last } => train::export(&model, &checkpoint, &output, last)?,
+        Cmd::Export { model, checkpoint, adapter, output, last, format, ty } => train::export(&train::ExportArgs {
+            model: &model,
+            checkpoint: checkpoint.as_deref(),
+            adapter: adapter.as_deref(),
+            output: &output,
+            last,
+            format,
+            ty,
+        })?,
         Cmd::Eval { m, data: Some(data), system, .. } => {
             let s = load(&m, &gpu)?;
             let cfg = edgetune::data::DataConfig {
@@ -375,6 +394,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    interrupt::exit_quietly_on_closed_pipe();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

@@ -338,10 +338,83 @@ pub fn base_name(model: &Path) -> String {
     model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-pub fn export(model: &Path, checkpoint: &Path, output: &Path, last: bool) -> Result<()> {
-    let (cfg, _) = edgetune::model::open_weights(model)?;
+/// What `edgetune export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// A PEFT adapter folder (adapter_model.safetensors + adapter_config.json).
+    Peft,
+    /// A GGUF LoRA adapter file for llama.cpp, Ollama and LM Studio.
+    Gguf,
+}
+
+/// Tensor type of a GGUF adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GgufType {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+/// Arguments of `edgetune export`.
+#[derive(Debug)]
+pub struct ExportArgs<'a> {
+    pub model: &'a Path,
+    /// A training checkpoint, or else an adapter (PEFT folder or GGUF file).
+    pub checkpoint: Option<&'a Path>,
+    pub adapter: Option<&'a Path>,
+    pub output: &'a Path,
+    pub last: bool,
+    pub format: ExportFormat,
+    pub ty: GgufType,
+}
+
+pub fn export(a: &ExportArgs<'_>) -> Result<()> {
+    let (cfg, _) = edgetune::model::open_weights(a.model)?;
+    let adapter = match (a.checkpoint, a.adapter) {
+        (Some(ck), None) => checkpoint_adapter(&cfg, ck, a.last)?,
+        (None, Some(dir)) => edgetune::lora::load(dir, &cfg)?,
+        _ => {
+            return Err(Error::Invalid {
+                field: "export".into(),
+                what: "give exactly one of --checkpoint and --adapter".into(),
+            });
+        }
+    };
+    match a.format {
+        ExportFormat::Peft => peft::save(a.output, &adapter, &base_name(a.model))?,
+        ExportFormat::Gguf => {
+            use edgetune::quant::gguf_blocks::GgmlType;
+            let ty = match a.ty {
+                GgufType::F32 => GgmlType::F32,
+                GgufType::F16 => GgmlType::F16,
+                GgufType::Bf16 => GgmlType::Bf16,
+                GgufType::Q8_0 => GgmlType::Q8_0,
+            };
+            let saved = edgetune::lora::gguf::save(a.output, &adapter, &cfg, ty)?;
+            if saved.fell_back_to_f16 > 0 {
+                eprintln!(
+                    "{} of {} tensors written as F16: their rows (r = {} values) are no whole number of {} blocks",
+                    saved.fell_back_to_f16,
+                    saved.tensors,
+                    adapter.layout.r,
+                    ty.name()
+                );
+            }
+        }
+    }
+    eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+fn checkpoint_adapter(
+    cfg: &edgetune::model::config::ModelConfig,
+    checkpoint: &Path,
+    last: bool,
+) -> Result<edgetune::lora::Adapter> {
     let ck = Checkpoint::load(checkpoint)?;
-    let layout = Layout::new(&cfg, &ck.lora)?;
+    let layout = Layout::new(cfg, &ck.lora)?;
     if layout.len != ck.params.len() {
         return Err(Error::Format {
             path: checkpoint.to_path_buf(),
@@ -356,8 +429,5 @@ pub fn export(model: &Path, checkpoint: &Path, output: &Path, last: bool) -> Res
         (Some(best), false) => best.clone(),
         _ => ck.params,
     };
-    let adapter = edgetune::lora::Adapter { config: ck.lora, layout, params };
-    peft::save(output, &adapter, &base_name(model))?;
-    eprintln!("wrote {}", output.display());
-    Ok(())
+    Ok(edgetune::lora::Adapter { config: ck.lora, layout, params })
 }

@@ -1,0 +1,326 @@
+//! GGUF LoRA adapters judged by llama.cpp itself (llama-cpp-python, built by
+//! scripts/llama-cpp.sh): the base GGUF plus edgetune's adapter in llama.cpp gives the logits and
+//! the greedy continuation that edgetune gives for the same adapter; an adapter written without
+//! llama.cpp's q/k row permutation does not; adapters written by gguf-py the way llama.cpp's
+//! converter writes them load here with the values PEFT saved.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+
+use common::{fixtures, rand};
+use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::infer::{self, GenerateOptions};
+use edgetune::lora::{self, Adapter, GpuAdapter, LoraConfig, Module};
+use edgetune::model::gguf::GgufFile;
+use edgetune::model::gguf_write::GgufWriter;
+use edgetune::model::llama::{LoadOptions, Model, Quant};
+use edgetune::model::weights::unpermute_rows;
+use edgetune::quant::gguf_blocks::GgmlType;
+use edgetune::tokenizer::Tokenizer;
+use serde_json::{Value, json};
+
+/// The Python with llama-cpp-python: EDGETUNE_LLAMA_CPP_PYTHON (set by scripts/test.sh), else
+/// scripts/llama-cpp.sh builds it. Without it these tests fail; they never skip.
+fn python() -> &'static Path {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        if let Ok(p) = std::env::var("EDGETUNE_LLAMA_CPP_PYTHON") {
+            return PathBuf::from(p);
+        }
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/llama-cpp.sh");
+        let out = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output().expect("run llama-cpp.sh");
+        assert!(out.status.success(), "scripts/llama-cpp.sh failed: llama.cpp is the judge of these tests");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().expect("python path").trim())
+    })
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("edgetune-llama-cpp-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// What llama.cpp computed: logits of every position, its greedy continuation and the margin
+/// between its two best logits at each greedy step.
+struct Judged {
+    logits: Vec<f32>,
+    greedy: Vec<u32>,
+    margins: Vec<f32>,
+}
+
+fn llama_cpp(model: &Path, lora: Option<&Path>, ids: &[u32], greedy: usize, dir: &Path) -> Judged {
+    let out = dir.join("logits.f32");
+    let req = json!({"model": model, "lora": lora, "ids": ids, "greedy": greedy, "out": out});
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/llama_cpp_logits.py");
+    let mut child = Command::new(python())
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start llama.cpp");
+    child.stdin.take().expect("stdin").write_all(req.to_string().as_bytes()).expect("request");
+    let done = child.wait_with_output().expect("llama.cpp ran");
+    assert!(
+        done.status.success(),
+        "llama.cpp failed on {} + {lora:?} ({}): {}",
+        model.display(),
+        done.status,
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let v: Value = serde_json::from_slice(&done.stdout).expect("llama.cpp's answer is JSON");
+    let bytes = std::fs::read(&out).expect("logits file");
+    let logits: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    assert_eq!(logits.len(), ids.len() * v["n_vocab"].as_u64().expect("n_vocab") as usize);
+    let list = |k: &str| v[k].as_array().expect(k).iter().map(|x| x.as_f64().expect("number")).collect::<Vec<_>>();
+    Judged {
+        logits,
+        greedy: list("greedy").into_iter().map(|t| t as u32).collect(),
+        margins: list("margins").into_iter().map(|m| m as f32).collect(),
+    }
+}
+
+fn ctx() -> Arc<GpuContext> {
+    Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")))
+}
+
+/// The fixture GGUF with every tensor stored as F32 (same names, same row order, same
+/// metadata), so that llama.cpp computes in f32 as edgetune does.
+fn f32_copy(src: &Path, dst: &Path) {
+    let g = GgufFile::open(src).expect("fixture");
+    let mut w = GgufWriter::with_metadata_of(&g);
+    for name in g.tensors.keys() {
+        let (v, shape) = g.tensor_f32(name).expect("tensor");
+        w.add_tensor(name, &shape, GgmlType::F32, &v).expect("f32 tensor");
+    }
+    w.write(dst).expect("write f32 copy");
+}
+
+/// An adapter on every linear module whose B is far from PEFT's zero, so it moves the logits.
+fn trained_looking_adapter(model: &Model, seed: u64) -> Adapter {
+    let cfg = LoraConfig { r: 8, alpha: 16.0, seed, ..Default::default() };
+    let mut a = Adapter::new(&model.config, cfg).expect("adapter");
+    let r = a.layout.r;
+    for (i, s) in a.layout.slots.clone().iter().enumerate() {
+        let b = rand(s.n_out * r, seed * 1000 + i as u64, 0.05);
+        a.params[s.b..s.b + b.len()].copy_from_slice(&b);
+    }
+    a
+}
+
+/// The largest |a - e| relative to the allowed `abs + rel * |e|` (a ratio over 1 fails).
+fn worst(actual: &[f32], expected: &[f32], rel: f32, abs: f32) -> f32 {
+    assert_eq!(actual.len(), expected.len());
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (a - e).abs() / (abs + rel * e.abs()))
+        .fold(0f32, |m, x| if x.is_nan() { f32::INFINITY } else { m.max(x) })
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+/// Both sides compute an f32 base in f32: the same products summed in other orders, as in the
+/// transformers parity tests (tests/gguf_models.rs), so the same bound.
+const F32_REL: f32 = 1e-4;
+const F32_ABS: f32 = 1e-4;
+
+/// Edgetune's greedy continuation must be llama.cpp's, up to the first step where llama.cpp's
+/// two best logits are within twice the logit tolerance (there either is a right answer).
+fn assert_same_greedy(what: &str, ours: &[u32], judged: &Judged, tol: f32) {
+    let n = ours.len().min(judged.greedy.len());
+    assert!(n > 0, "{what}: no greedy tokens");
+    for i in 0..n {
+        if ours[i] != judged.greedy[i] {
+            assert!(
+                judged.margins[i] <= 2.0 * tol,
+                "{what}: greedy token {i} is {} here but {} in llama.cpp (margin {} over a tolerance of {tol}); ours {ours:?}, llama.cpp {:?}",
+                ours[i],
+                judged.greedy[i],
+                judged.margins[i],
+                judged.greedy
+            );
+            eprintln!("{what}: greedy tokens agree up to a near tie at step {i}");
+            return;
+        }
+    }
+    eprintln!("{what}: {n} greedy tokens agree");
+}
+
+fn greedy(model: &Model, lora: Option<&GpuAdapter>, tok: &Tokenizer, ids: &[u32], n: usize) -> Vec<u32> {
+    let opts = GenerateOptions { max_new_tokens: n, temperature: 0.0, ..Default::default() };
+    infer::generate(model, lora, tok, ids, &opts, |_| true).expect("generate").token_ids
+}
+
+/// B of q and k with llama.cpp's permutation taken out beforehand, so that the file written
+/// holds them in Hugging Face order: the mistake that loads silently.
+fn without_qk_permutation(model: &Model, a: &Adapter) -> Adapter {
+    let mut bad = a.clone();
+    let r = a.layout.r;
+    for s in &a.layout.slots {
+        let heads = match s.module {
+            Module::QProj => model.config.num_heads,
+            Module::KProj => model.config.num_kv_heads,
+            _ => continue,
+        };
+        let b = &a.params[s.b..s.b + s.n_out * r];
+        bad.params[s.b..s.b + b.len()].copy_from_slice(&unpermute_rows(b, &[s.n_out, r], heads));
+    }
+    bad
+}
+
+struct Case {
+    base: PathBuf,
+    model: Model,
+    tok: Tokenizer,
+    ids: Vec<u32>,
+    dir: PathBuf,
+}
+
+fn case(fixture: &str, text: &str) -> Case {
+    let dir = temp(fixture);
+    let base = dir.join("base-f32.gguf");
+    f32_copy(&fixtures().join(format!("{fixture}.gguf")), &base);
+    let model = Model::open(ctx(), &base, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&base).expect("open")).expect("tokenizer");
+    let ids = tok.encode_prompt(text).expect("encode");
+    Case { base, model, tok, ids, dir }
+}
+
+/// The adapter in llama.cpp against edgetune: logits within the f32 bound and the same greedy
+/// continuation; returns how far llama.cpp's logits are, as a multiple of the bound.
+fn judge(c: &Case, adapter: &Adapter, file: &Path, what: &str) -> f32 {
+    let gpu = GpuAdapter::upload(&c.model.ctx, adapter);
+    let ours = c.model.all_logits_with(&c.ids, Some(&gpu)).expect("forward");
+    let judged = llama_cpp(&c.base, Some(file), &c.ids, 8, &c.dir);
+    let ratio = worst(&ours, &judged.logits, F32_REL, F32_ABS);
+    eprintln!(
+        "{what}: llama.cpp's logits at {ratio:.3} of the bound (max abs diff {:e})",
+        max_abs_diff(&ours, &judged.logits)
+    );
+    if ratio <= 1.0 {
+        let g = greedy(&c.model, Some(&gpu), &c.tok, &c.ids, 8);
+        assert_same_greedy(
+            what,
+            &g,
+            &judged,
+            F32_ABS + F32_REL * judged.logits.iter().fold(0f32, |m, v| m.max(v.abs())),
+        );
+    }
+    ratio
+}
+
+fn adapter_matches_llama_cpp(fixture: &str) {
+    let c = case(fixture, "Paris is the capital of France. Berlin is");
+    // The base alone first: the two engines agree on the file before any adapter.
+    let base = c.model.all_logits(&c.ids).expect("base forward");
+    let judged = llama_cpp(&c.base, None, &c.ids, 0, &c.dir);
+    let ratio = worst(&base, &judged.logits, F32_REL, F32_ABS);
+    assert!(ratio <= 1.0, "{fixture}: base logits at {ratio} of the bound: the engines disagree without an adapter");
+
+    let adapter = trained_looking_adapter(&c.model, 5);
+    let gpu = GpuAdapter::upload(&c.model.ctx, &adapter);
+    let moved = max_abs_diff(&c.model.all_logits_with(&c.ids, Some(&gpu)).expect("forward"), &base);
+    assert!(moved > 0.05, "{fixture}: the adapter moves the logits by only {moved}: it would test nothing");
+    let file = c.dir.join("adapter-f32.gguf");
+    lora::gguf::save(&file, &adapter, &c.model.config, GgmlType::F32).expect("export");
+    let ratio = judge(&c, &adapter, &file, &format!("{fixture} F32 adapter"));
+    assert!(ratio <= 1.0, "{fixture}: with the adapter, llama.cpp's logits are at {ratio} of the bound");
+
+    // Read back, the file is the adapter that was written.
+    let back = lora::load(&file, &c.model.config).expect("import");
+    assert_eq!(back.params, adapter.params, "{fixture}: import undoes the export exactly");
+    assert_eq!(back.config.scale(), adapter.config.scale());
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+#[test]
+fn llama_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
+    adapter_matches_llama_cpp("tiny_llama_spm");
+}
+
+#[test]
+fn qwen2_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
+    adapter_matches_llama_cpp("tiny_qwen2_bpe");
+}
+
+#[test]
+fn an_adapter_without_the_qk_permutation_fails_the_comparison() {
+    let c = case("tiny_llama_spm", "Paris is the capital of France. Berlin is");
+    let adapter = trained_looking_adapter(&c.model, 6);
+    let file = c.dir.join("adapter-unpermuted.gguf");
+    let bad = without_qk_permutation(&c.model, &adapter);
+    lora::gguf::save(&file, &bad, &c.model.config, GgmlType::F32).expect("export");
+    let ratio = judge(&c, &adapter, &file, "unpermuted adapter");
+    assert!(ratio > 10.0, "llama.cpp's logits with an unpermuted adapter are at only {ratio} of the bound");
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// gguf-py converting a PEFT folder the way llama.cpp's converter does
+/// (tests/reference/gguf_py_adapter.py).
+fn gguf_py_adapter(peft: &Path, model: &Model, ty: &str, out: &Path) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/gguf_py_adapter.py");
+    let c = &model.config;
+    let done = Command::new(python())
+        .arg(&script)
+        .arg(peft)
+        .arg(c.arch.gguf_name())
+        .args([c.num_heads, c.num_kv_heads, c.num_layers].map(|n| n.to_string()))
+        .arg(ty)
+        .arg(out)
+        .output()
+        .expect("run gguf-py");
+    assert!(done.status.success(), "gguf-py conversion failed: {}", String::from_utf8_lossy(&done.stderr));
+}
+
+#[test]
+fn a_peft_adapter_converted_by_gguf_py_imports_as_peft_saved_it_and_runs_as_in_llama_cpp() {
+    let c = case("tiny_llama_spm", "Hello, world! 12345 tokens and more");
+    let peft_dir = fixtures().join("peft_llama_adapter");
+    let file = c.dir.join("converted.gguf");
+    gguf_py_adapter(&peft_dir, &c.model, "f32", &file);
+    let peft = lora::peft::load(&peft_dir, &c.model.config).expect("PEFT adapter");
+    let imported = lora::load(&file, &c.model.config).expect("GGUF adapter imports");
+    assert_eq!(imported.layout, peft.layout);
+    assert_eq!(imported.params, peft.params, "the permutation undone, the values are PEFT's");
+    assert_eq!(imported.config.scale(), peft.config.scale());
+
+    let base = c.model.all_logits(&c.ids).expect("base forward");
+    let gpu = GpuAdapter::upload(&c.model.ctx, &imported);
+    let moved = max_abs_diff(&c.model.all_logits_with(&c.ids, Some(&gpu)).expect("forward"), &base);
+    assert!(moved > 0.01, "the fixture adapter moves the logits by only {moved}: it would test nothing");
+    let ratio = judge(&c, &imported, &file, "gguf-py adapter");
+    assert!(ratio <= 1.0, "the imported adapter's logits are at {ratio} of the bound from llama.cpp's");
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+#[test]
+fn q8_0_and_f16_adapters_are_written_byte_for_byte_as_gguf_py_writes_them() {
+    let c = case("tiny_llama_spm", "x");
+    let peft_dir = fixtures().join("peft_llama_adapter");
+    let peft = lora::peft::load(&peft_dir, &c.model.config).expect("PEFT adapter");
+    for (ty, name) in [(GgmlType::Q8_0, "q8_0"), (GgmlType::F16, "f16"), (GgmlType::F32, "f32")] {
+        let (ours, theirs) = (c.dir.join(format!("ours-{name}.gguf")), c.dir.join(format!("gguf-py-{name}.gguf")));
+        let saved = lora::gguf::save(&ours, &peft, &c.model.config, ty).expect("export");
+        gguf_py_adapter(&peft_dir, &c.model, name, &theirs);
+        let (a, b) = (std::fs::read(&ours).expect("ours"), std::fs::read(&theirs).expect("gguf-py's"));
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        assert!(
+            a.len() == b.len() && first.is_none(),
+            "{name}: {} bytes here, {} from gguf-py, first difference at byte {first:?}",
+            a.len(),
+            b.len()
+        );
+        if ty == GgmlType::Q8_0 {
+            // B's rows hold r = 8 values, no whole Q8_0 block: they fell back to F16 on both sides.
+            assert_eq!(saved.fell_back_to_f16, saved.tensors / 2, "{saved:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
