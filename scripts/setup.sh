@@ -10,6 +10,9 @@ done
 # Tools: a C compiler and valgrind for the C tests, python3 (with pip) for the model download
 # and the Python package.
 command -v cc >/dev/null || need+=(gcc libc6-dev)
+# llama.cpp, the judge of the GGUF tests, builds from source (scripts/llama-cpp.sh).
+command -v c++ >/dev/null || need+=(g++)
+python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 command -v valgrind >/dev/null || need+=(valgrind)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)

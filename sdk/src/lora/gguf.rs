@@ -189,3 +189,16 @@ fn parse_name(name: &str) -> Option<(usize, Module, bool)> {
     };
     Some((layer.parse().ok()?, m, b))
 }
+
+/// An Ollama `Modelfile` for `ollama create NAME -f Modelfile`: `FROM` the base (or a merged
+/// GGUF) and, for an adapter, `ADAPTER` the GGUF LoRA file. Paths are written absolute, so the
+/// file works from any folder.
+pub fn modelfile(from: &Path, adapter: Option<&Path>) -> String {
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string();
+    let mut s = String::from("# Written by edgetune: `ollama create NAME -f THIS_FILE`, then `ollama run NAME`.\n");
+    s.push_str(&format!("FROM {}\n", abs(from)));
+    if let Some(a) = adapter {
+        s.push_str(&format!("ADAPTER {}\n", abs(a)));
+    }
+    s
+}

@@ -1,6 +1,7 @@
 //! Merging an adapter into its base model: every adapted weight becomes W + scale * B A, and the
 //! whole model is written as a Hugging Face folder of f16 or bf16 safetensors that transformers
-//! (and edgetune) load like any other checkpoint.
+//! (and edgetune) load like any other checkpoint, or ([`merge_gguf`]) as one GGUF file for
+//! llama.cpp, Ollama and LM Studio.
 //!
 //! The base is read from its source file (a Hugging Face folder or a GGUF file), never from the
 //! GPU, so the merge starts from the original weights rather than their NF4 rounding. A GGUF
@@ -19,6 +20,10 @@ use super::{Adapter, Layout, Module};
 use crate::atomic::write_atomic;
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig, RopeScaling};
+use crate::model::gguf::{GgufFile, Value};
+use crate::model::gguf_write::GgufWriter;
+use crate::model::weights::permute_rows;
+use crate::quant::gguf_blocks::GgmlType;
 
 /// The precision of the merged weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -246,4 +251,108 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
         "eos_token_id": match cfg.eos_token_ids.as_slice() { [one] => json!(one), many => json!(many) },
     });
     write_json(&out.join("generation_config.json"), &generation)
+}
+
+/// What [`merge_gguf`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedGguf {
+    pub tensors: usize,
+    /// Weights whose rows are no whole number of the type's blocks, written as F16 instead.
+    pub fell_back_to_f16: usize,
+}
+
+/// The ggml types a merged GGUF can be written in.
+pub const GGUF_TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Bf16, GgmlType::Q8_0, GgmlType::Q4_0];
+
+/// llama.cpp's `general.file_type` (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, ...) of a merged file.
+fn file_type(ty: GgmlType) -> u32 {
+    match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q4K => 15,
+        GgmlType::Q6K => 18,
+        GgmlType::Bf16 => 32,
+    }
+}
+
+/// Merges `adapter` into the GGUF model at `model_path` and writes one GGUF file that llama.cpp,
+/// Ollama and LM Studio open as a model: the base's metadata (tokenizer, chat template,
+/// hyper-parameters) and tensor names, every matrix in `ty` (norms and other vectors stay F32,
+/// as llama.cpp's converter keeps them), with W + scale * B A in the file's own row order (the
+/// q/k permutation applied to the update).
+pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType) -> Result<MergedGguf> {
+    if !GGUF_TYPES.contains(&ty) {
+        return Err(Error::invalid(
+            "merge type",
+            format!("{} (expected one of {})", ty.name(), GGUF_TYPES.map(GgmlType::name).join(", ")),
+        ));
+    }
+    if model_path.is_dir() {
+        return Err(Error::invalid(
+            "merge",
+            format!(
+                "{}: a merged GGUF is written from a GGUF base (its tokenizer and metadata are copied); \
+                 convert the folder with llama.cpp's convert_hf_to_gguf.py, or merge to a folder",
+                model_path.display()
+            ),
+        ));
+    }
+    let g = GgufFile::open(model_path)?;
+    let cfg = ModelConfig::from_gguf(&g)?;
+    let expected = Layout::new(&cfg, &adapter.config)?;
+    if expected != adapter.layout || adapter.params.len() != expected.len {
+        return Err(Error::invalid("adapter", "its shapes do not fit this model (an adapter for another model?)"));
+    }
+    let (r, scale) = (adapter.layout.r, adapter.config.scale());
+    let mut w = GgufWriter::with_metadata_of(&g);
+    w.set("general.file_type", Value::U32(file_type(ty)));
+    let mut merged = MergedGguf { tensors: 0, fell_back_to_f16: 0 };
+    for name in g.tensors.keys() {
+        let (mut values, shape) = g.tensor_f32(name)?;
+        if let Some(s) = adapted(name).and_then(|(l, m)| adapter.layout.slot(l, m)) {
+            let a = &adapter.params[s.a..s.a + r * s.n_in];
+            let mut b = adapter.params[s.b..s.b + s.n_out * r].to_vec();
+            if shape != [s.n_out, s.n_in] {
+                return Err(Error::Shape {
+                    path: model_path.to_path_buf(),
+                    tensor: name.clone(),
+                    actual: shape,
+                    expected: vec![s.n_out, s.n_in],
+                });
+            }
+            let heads = match s.module {
+                Module::QProj => Some(cfg.num_heads),
+                Module::KProj => Some(cfg.num_kv_heads),
+                _ => None,
+            };
+            if let Some(h) = heads.filter(|_| cfg.arch.gguf_permutes_qk()) {
+                b = permute_rows(&b, &[s.n_out, r], h);
+            }
+            add_delta(&mut values, a, &b, r, s.n_in, scale);
+        }
+        let t = if shape.len() < 2 {
+            GgmlType::F32
+        } else if shape[shape.len() - 1].is_multiple_of(ty.block().0) {
+            ty
+        } else {
+            merged.fell_back_to_f16 += 1;
+            GgmlType::F16
+        };
+        w.add_tensor(name, &shape, t, &values)?;
+        merged.tensors += 1;
+    }
+    w.write(out)?;
+    Ok(merged)
+}
+
+/// (layer, module) of an adaptable GGUF weight (`blk.3.attn_q.weight`).
+fn adapted(name: &str) -> Option<(usize, Module)> {
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let module = rest.strip_suffix(".weight")?;
+    let m = Module::ALL.into_iter().find(|&m| super::gguf::module_name(m) == module)?;
+    Some((layer.parse().ok()?, m))
 }

@@ -97,9 +97,12 @@ impl GgmlType {
     }
 }
 
-/// Quantizes `values` to `ty`, as ggml's reference quantizers do (`quantize_row_q8_0_ref`:
-/// d = max|x| / 127 stored as f16, q = round(x / d) with halves away from zero, the division
-/// by the f32 d). Types without a writer here are an error naming them.
+/// Quantizes `values` to `ty` bit for bit as gguf-py's quantizers (what llama.cpp's converters
+/// write with) do. Q8_0: d = max|x| / 127 stored as f16, q = round(x / d) with halves away from
+/// zero (gguf-py divides by the f32 d; ggml's C reference multiplies by 1/d, which can differ
+/// in the last place). Q4_0: d = m / -8 where m is the value of largest magnitude, with its
+/// sign, q = min(15, trunc(x / d + 8.5)) (the C reference and gguf-py both multiply by 1/d).
+/// Types without a writer here are an error naming them.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, String> {
     let n = values.len();
     let need = ty.bytes_for(n).ok_or_else(|| format!("{n} elements is not a whole number of {} blocks", ty.name()))?;
@@ -112,13 +115,23 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, String> {
             for block in values.chunks_exact(32) {
                 let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 127.0;
+                out.extend(f16::from_f32(d).to_le_bytes());
+                out.extend(block.iter().map(|&v| if d == 0.0 { 0 } else { (v / d).round() as i8 as u8 }));
+            }
+        }
+        GgmlType::Q4_0 => {
+            for block in values.chunks_exact(32) {
+                // The first value of largest magnitude, as argmax finds it.
+                let m = block.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = m / -8.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(f16::from_f32(d).to_le_bytes());
-                out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
+                let q = |v: f32| ((v * id + 8.5).trunc() as u8).min(15);
+                out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
             }
         }
         other => {
-            return Err(format!("writing {} tensors is not supported (F32, F16, BF16 and Q8_0 are)", other.name()));
+            return Err(format!("writing {} tensors is not supported (F32, F16, BF16, Q8_0 and Q4_0 are)", other.name()));
         }
     }
     debug_assert_eq!(out.len(), need);

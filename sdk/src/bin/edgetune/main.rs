@@ -72,6 +72,15 @@ enum Checkpointing {
     Both,
 }
 
+/// What `edgetune merge` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MergeFormat {
+    /// A Hugging Face folder.
+    Hf,
+    /// One GGUF file.
+    Gguf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Architecture, parameter count, tensor types and a GPU memory estimate.
@@ -159,7 +168,8 @@ enum Cmd {
         #[arg(long, default_value_t = Precision::F32)]
         activations: Precision,
     },
-    /// Merge a PEFT adapter into its base model and write a Hugging Face folder (f16 or bf16).
+    /// Merge an adapter into its base model: a Hugging Face folder (f16 or bf16), or with
+    /// `--format gguf` one GGUF file for llama.cpp, Ollama and LM Studio (from a GGUF base).
     Merge {
         /// The base model: a Hugging Face folder or a .gguf file.
         #[arg(long)]
@@ -167,12 +177,19 @@ enum Cmd {
         /// The adapter: a PEFT folder or a GGUF LoRA file.
         #[arg(long)]
         adapter: PathBuf,
-        /// The folder to write (config.json, tokenizer files, model*.safetensors).
+        /// The folder to write (config.json, tokenizer files, model*.safetensors), or the .gguf
+        /// file with `--format gguf`.
         #[arg(long)]
         output: PathBuf,
-        /// f16 or bf16.
+        /// hf (a Hugging Face folder) or gguf (one file, with a Modelfile beside it).
+        #[arg(long, value_enum, default_value = "hf")]
+        format: MergeFormat,
+        /// Folder weights: f16 or bf16.
         #[arg(long, default_value = "f16")]
         dtype: edgetune::lora::merge::MergeDtype,
+        /// GGUF tensor type: f32, f16, bf16, q8_0 or q4_0.
+        #[arg(long = "type", value_enum, default_value = "q8_0")]
+        ty: train::GgufType,
     },
     /// Write an adapter, from a training checkpoint or an adapter, as a PEFT adapter folder or
     /// a GGUF LoRA adapter (llama.cpp's `--lora`, Ollama's `ADAPTER`).
@@ -342,11 +359,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             bench::train(&m, &gpu, &bench::TrainBench { seq, rank, steps, modes, profile, activations })?
         }
-        Cmd::Merge { model, adapter, output, dtype } => {
+        Cmd::Merge { model, adapter, output, format, dtype, ty } => {
             let (cfg, _) = edgetune::model::open_weights(&model)?;
             let a = edgetune::lora::load(&adapter, &cfg)?;
-            let shards = edgetune::lora::merge::merge(&model, &a, &output, dtype)?;
-            eprintln!("wrote {} ({shards} weight file(s), {dtype:?})", output.display());
+            match format {
+                MergeFormat::Hf => {
+                    let shards = edgetune::lora::merge::merge(&model, &a, &output, dtype)?;
+                    eprintln!("wrote {} ({shards} weight file(s), {dtype:?})", output.display());
+                }
+                MergeFormat::Gguf => {
+                    let m = edgetune::lora::merge::merge_gguf(&model, &a, &output, ty.ggml())?;
+                    eprintln!("wrote {} ({} tensors, {})", output.display(), m.tensors, ty.ggml().name());
+                    if m.fell_back_to_f16 > 0 {
+                        eprintln!("{} matrices written as F16: rows no whole number of {} blocks", m.fell_back_to_f16, ty.ggml().name());
+                    }
+                    train::write_modelfile(&output, &edgetune::lora::gguf::modelfile(&output, None))?;
+                }
+            }
         }
         Cmd::Export { model, checkpoint, adapter, output, last, format, ty } => train::export(&train::ExportArgs {
             model: &model,

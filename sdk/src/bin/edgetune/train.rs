@@ -347,7 +347,7 @@ pub enum ExportFormat {
     Gguf,
 }
 
-/// Tensor type of a GGUF adapter.
+/// Tensor type of a GGUF file (adapters take f32, f16, bf16 and q8_0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum GgufType {
     F32,
@@ -355,6 +355,21 @@ pub enum GgufType {
     Bf16,
     #[value(name = "q8_0")]
     Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl GgufType {
+    pub fn ggml(self) -> edgetune::quant::gguf_blocks::GgmlType {
+        use edgetune::quant::gguf_blocks::GgmlType;
+        match self {
+            GgufType::F32 => GgmlType::F32,
+            GgufType::F16 => GgmlType::F16,
+            GgufType::Bf16 => GgmlType::Bf16,
+            GgufType::Q8_0 => GgmlType::Q8_0,
+            GgufType::Q4_0 => GgmlType::Q4_0,
+        }
+    }
 }
 
 /// Arguments of `edgetune export`.
@@ -385,14 +400,9 @@ pub fn export(a: &ExportArgs<'_>) -> Result<()> {
     match a.format {
         ExportFormat::Peft => peft::save(a.output, &adapter, &base_name(a.model))?,
         ExportFormat::Gguf => {
-            use edgetune::quant::gguf_blocks::GgmlType;
-            let ty = match a.ty {
-                GgufType::F32 => GgmlType::F32,
-                GgufType::F16 => GgmlType::F16,
-                GgufType::Bf16 => GgmlType::Bf16,
-                GgufType::Q8_0 => GgmlType::Q8_0,
-            };
+            let ty = a.ty.ggml();
             let saved = edgetune::lora::gguf::save(a.output, &adapter, &cfg, ty)?;
+            write_modelfile(a.output, &edgetune::lora::gguf::modelfile(a.model, Some(a.output)))?;
             if saved.fell_back_to_f16 > 0 {
                 eprintln!(
                     "{} of {} tensors written as F16: their rows (r = {} values) are no whole number of {} blocks",
@@ -405,6 +415,21 @@ pub fn export(a: &ExportArgs<'_>) -> Result<()> {
         }
     }
     eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+/// Writes an Ollama Modelfile beside `output` (`Modelfile`, or `NAME.Modelfile` when a
+/// Modelfile that edgetune did not write is already there).
+pub fn write_modelfile(output: &Path, text: &str) -> Result<()> {
+    let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut path = dir.join("Modelfile");
+    let ours = |p: &Path| std::fs::read_to_string(p).map(|t| t.starts_with("# Written by edgetune")).unwrap_or(true);
+    if path.exists() && !ours(&path) {
+        let stem = output.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        path = dir.join(format!("{stem}.Modelfile"));
+    }
+    edgetune::atomic::write_atomic(&path, text.as_bytes())?;
+    eprintln!("wrote {} (for `ollama create NAME -f {}`)", path.display(), path.display());
     Ok(())
 }
 
