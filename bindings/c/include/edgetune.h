@@ -263,8 +263,8 @@ enum edgetune_status edgetune_model_load(const struct edgetune_context *ctx,
 void edgetune_model_free(struct edgetune_model *model);
 
 /**
- * Loads a PEFT adapter folder (`adapter_model.safetensors` + `adapter_config.json`) for
- * `model`'s shapes. The caller owns `*out` and frees it with `edgetune_adapter_free`.
+ * Loads an adapter for `model`'s shapes: a PEFT adapter folder (`adapter_model.safetensors` +
+ * `adapter_config.json`) or a GGUF LoRA file (llama.cpp's format). The caller owns `*out` and frees it with `edgetune_adapter_free`.
  *
  * # Safety
  * `model` is a live model, `dir` a string, `out` writable.
@@ -283,6 +283,20 @@ enum edgetune_status edgetune_adapter_load(const struct edgetune_model *model,
 enum edgetune_status edgetune_adapter_save(const struct edgetune_adapter *adapter,
                                            const char *dir,
                                            const char *base_model);
+
+/**
+ * Saves an adapter trained for `model` as a GGUF LoRA file that llama.cpp (`--lora`) and
+ * Ollama (`ADAPTER`) apply to that model's GGUF: `type` is "f32", "f16", "bf16" or "q8_0"
+ * (NULL: "f16"). The file is written to a temporary name, then renamed.
+ *
+ * # Safety
+ * `model` is a live model, `adapter` a live adapter, `path` a string, `type_name` NULL or a
+ * string.
+ */
+enum edgetune_status edgetune_adapter_save_gguf(const struct edgetune_model *model,
+                                                const struct edgetune_adapter *adapter,
+                                                const char *path,
+                                                const char *type_name);
 
 /**
  * Frees an adapter (a model it was applied to keeps its own copy). NULL, or a handle freed

@@ -35,6 +35,7 @@ use edgetune::data::{self, Source};
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::infer::GenerateOptions;
 use edgetune::lora::{Adapter, peft};
+use edgetune::quant::gguf_blocks::GgmlType;
 use edgetune::model::llama::{LoadOptions, Quant};
 use edgetune::tokenizer::Message;
 use edgetune::train::{CancelToken, Event, StopReason, TrainConfig, Trainer};
@@ -571,8 +572,8 @@ pub unsafe extern "C" fn edgetune_model_free(model: *mut edgetune_model) {
 
 // --- adapters and generation ----------------------------------------------------------------
 
-/// Loads a PEFT adapter folder (`adapter_model.safetensors` + `adapter_config.json`) for
-/// `model`'s shapes. The caller owns `*out` and frees it with `edgetune_adapter_free`.
+/// Loads an adapter for `model`'s shapes: a PEFT adapter folder (`adapter_model.safetensors` +
+/// `adapter_config.json`) or a GGUF LoRA file (llama.cpp's format). The caller owns `*out` and frees it with `edgetune_adapter_free`.
 ///
 /// # Safety
 /// `model` is a live model, `dir` a string, `out` writable.
@@ -608,6 +609,39 @@ pub unsafe extern "C" fn edgetune_adapter_save(
         let dir = unsafe { text(dir, "dir") }?;
         let base = unsafe { opt_text(base_model, "base_model") }?.unwrap_or("");
         peft::save(Path::new(dir), &adapter.adapter, base)?;
+        Ok(())
+    })
+}
+
+/// Saves an adapter trained for `model` as a GGUF LoRA file that llama.cpp (`--lora`) and
+/// Ollama (`ADAPTER`) apply to that model's GGUF: `type` is "f32", "f16", "bf16" or "q8_0"
+/// (NULL: "f16"). The file is written to a temporary name, then renamed.
+///
+/// # Safety
+/// `model` is a live model, `adapter` a live adapter, `path` a string, `type_name` NULL or a
+/// string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_adapter_save_gguf(
+    model: *const edgetune_model,
+    adapter: *const edgetune_adapter,
+    path: *const c_char,
+    type_name: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let model = MODELS.get(model, "model")?;
+        let adapter = ADAPTERS.get(adapter, "adapter")?;
+        let path = unsafe { text(path, "path") }?;
+        let ty = match unsafe { opt_text(type_name, "type") }?.unwrap_or("f16") {
+            "f32" => GgmlType::F32,
+            "f16" => GgmlType::F16,
+            "bf16" => GgmlType::Bf16,
+            "q8_0" => GgmlType::Q8_0,
+            other => {
+                return Err(Fail::invalid(format!("type `{other}`: expected f32, f16, bf16 or q8_0")));
+            }
+        };
+        let config = model.session.hold("model")?.model.config.clone();
+        edgetune::lora::gguf::save(Path::new(path), &adapter.adapter, &config, ty)?;
         Ok(())
     })
 }

@@ -129,6 +129,20 @@ int main(int argc, char **argv) {
     CHECK(with_trained < base_loss);
     CHECK(with_loaded == with_trained);
     CHECK(base_again == base_loss);
+
+    /* As a GGUF LoRA file (f32: the same values) it loads back to the same loss. */
+    char gguf[4096];
+    snprintf(gguf, sizeof gguf, "%s/adapter.gguf", argv[3]);
+    OK(edgetune_adapter_save_gguf(model, loaded, gguf, "f32"));
+    CHECK(edgetune_adapter_save_gguf(model, loaded, gguf, "q2_k") == EDGETUNE_ERROR_INVALID_ARGUMENT);
+    edgetune_adapter *from_gguf = NULL;
+    float with_gguf = 0;
+    OK(edgetune_adapter_load(model, gguf, &from_gguf));
+    OK(edgetune_model_set_adapter(model, from_gguf));
+    OK(edgetune_model_loss(model, probe, &with_gguf));
+    OK(edgetune_model_set_adapter(model, NULL));
+    CHECK(with_gguf == with_trained);
+    edgetune_adapter_free(from_gguf);
     edgetune_string_free(before);
     edgetune_string_free(after);
     edgetune_adapter_free(trained);

@@ -371,7 +371,7 @@ class Model(_Handle):
         _check(_lib.edgetune_model_set_adapter(self._handle, adapter._handle if adapter else None))
 
     def load_adapter(self, path: PathLike) -> "Adapter":
-        """Loads a PEFT adapter folder made for this model."""
+        """Loads an adapter made for this model: a PEFT folder or a GGUF LoRA file."""
         return Adapter(_new(_lib.edgetune_adapter_load, self._handle, _c(path)))
 
     def trainer(self, config: Union[None, Mapping[str, Any], str] = None) -> "Trainer":
@@ -389,6 +389,11 @@ class Adapter(_Handle):
         """Writes a PEFT adapter folder (``adapter_model.safetensors`` and
         ``adapter_config.json``), atomically."""
         _check(_lib.edgetune_adapter_save(self._handle, _c(path), _c(base_model)))
+
+    def save_gguf(self, path: PathLike, model: "Model", type: str = "f16") -> None:
+        """Writes a GGUF LoRA file that llama.cpp (``--lora``) and Ollama (``ADAPTER``) apply to
+        ``model``'s GGUF; ``type`` is ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"``."""
+        _check(_lib.edgetune_adapter_save_gguf(model._handle, self._handle, _c(path), _c(type)))
 
 
 # --- training -------------------------------------------------------------------------------

@@ -160,6 +160,15 @@ class ModelTest(unittest.TestCase):
             self.assertEqual(config["r"], 4)
             with self.model.load_adapter(out) as loaded:
                 self.model.set_adapter(loaded)
+                # As a GGUF LoRA file (f32: the same values), it loads back to the same loss.
+                gguf = Path(tmp) / "adapter.gguf"
+                loaded.save_gguf(gguf, self.model, type="f32")
+                with self.assertRaisesRegex(edgetune.EdgetuneError, "expected f32, f16, bf16 or q8_0"):
+                    loaded.save_gguf(Path(tmp) / "bad.gguf", self.model, type="q2_k")
+            self.assertEqual(self.model.loss(PROBE), tuned)
+            self.assertEqual(gguf.read_bytes()[:4], b"GGUF")
+            with self.model.load_adapter(gguf) as from_gguf:
+                self.model.set_adapter(from_gguf)
             self.assertEqual(self.model.loss(PROBE), tuned)
             self.model.set_adapter(None)
             self.assertEqual(self.model.loss(PROBE), base)
