@@ -154,38 +154,25 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
 
     // The same adapter as a GGUF LoRA file, from the checkpoint and from the folder: f32 tensors
     // hold the same values, so the loss is the same to the bit.
+    let export_gguf = |source: &str, path: &str, out: &str| {
+        let model = tiny();
+        let out = edgetune(&[
+            "export", "--model", &model, source, path, "--format", "gguf", "--type", "f32", "--output", out,
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
     let gguf = dir.join("adapter.gguf").display().to_string();
-    let out = edgetune(&[
-        "export",
-        "--model",
-        &tiny(),
-        "--adapter",
-        &adapter,
-        "--format",
-        "gguf",
-        "--type",
-        "f32",
-        "--output",
-        &gguf,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    export_gguf("--adapter", &adapter, &gguf);
     assert_eq!(loss(&["--adapter", &gguf]), with_peft);
     let gguf2 = dir.join("from-checkpoint.gguf").display().to_string();
-    let out = edgetune(&[
-        "export",
-        "--model",
-        &tiny(),
-        "--checkpoint",
-        &ckpt,
-        "--format",
-        "gguf",
-        "--type",
-        "f32",
-        "--output",
-        &gguf2,
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    export_gguf("--checkpoint", &ckpt, &gguf2);
     assert_eq!(std::fs::read(&gguf).expect("gguf"), std::fs::read(&gguf2).expect("gguf"));
+    // An Ollama Modelfile beside it names the base and the adapter.
+    let modelfile = std::fs::read_to_string(dir.join("Modelfile")).expect("Modelfile");
+    assert!(
+        modelfile.contains("\nFROM /") && modelfile.contains("ADAPTER /") && modelfile.contains("from-checkpoint.gguf"),
+        "{modelfile}"
+    );
     let out = edgetune(&["export", "--model", &tiny(), "--output", &gguf2]);
     assert_ne!(out.status.code(), Some(0), "export needs a checkpoint or an adapter");
     // The model file itself is not an adapter.

@@ -338,12 +338,21 @@ fn a_merged_gguf_runs_in_llama_cpp_as_the_base_with_its_adapter() {
     assert_eq!(m.fell_back_to_f16, 0);
     let judged = llama_cpp(&merged, None, &c.ids, 8, &c.dir);
     let ratio = worst(&ours, &judged.logits, F32_REL, F32_ABS);
-    eprintln!("merged F32: llama.cpp's logits at {ratio:.3} of the bound (max abs diff {:e})", max_abs_diff(&ours, &judged.logits));
+    eprintln!(
+        "merged F32: llama.cpp's logits at {ratio:.3} of the bound (max abs diff {:e})",
+        max_abs_diff(&ours, &judged.logits)
+    );
     assert!(ratio <= 1.0, "the merged GGUF's logits in llama.cpp are at {ratio} of the bound");
     let g = greedy(&c.model, Some(&gpu), &c.tok, &c.ids, 8);
-    assert_same_greedy("merged F32", &g, &judged, F32_ABS + F32_REL * judged.logits.iter().fold(0f32, |m, v| m.max(v.abs())));
+    assert_same_greedy(
+        "merged F32",
+        &g,
+        &judged,
+        F32_ABS + F32_REL * judged.logits.iter().fold(0f32, |m, v| m.max(v.abs())),
+    );
     // edgetune opens the merged file as a model too, with the same logits.
-    let reopened = Model::open(ctx(), &merged, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("open merged");
+    let reopened =
+        Model::open(ctx(), &merged, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("open merged");
     let again = reopened.all_logits(&c.ids).expect("forward");
     assert!(worst(&again, &ours, F32_REL, F32_ABS) <= 1.0, "the merged file in edgetune");
     let _ = std::fs::remove_dir_all(&c.dir);
@@ -363,10 +372,14 @@ fn quantized_merged_ggufs_run_in_llama_cpp_within_the_quantization_tolerance() {
         z
     };
     for (ty, name) in [(GgmlType::Q8_0, "Q8_0"), (GgmlType::Q4_0, "Q4_0")] {
-        let open = |p: &Path| Model::open(ctx(), p, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("open");
+        let open =
+            |p: &Path| Model::open(ctx(), p, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("open");
         let base_q = c.dir.join(format!("base-{name}.gguf"));
         lora::merge::merge_gguf(&c.base, &zero, &base_q, ty).expect("requantize the base");
-        let e0 = max_abs_diff(&open(&base_q).all_logits(&c.ids).expect("forward"), &llama_cpp(&base_q, None, &c.ids, 0, &c.dir).logits);
+        let e0 = max_abs_diff(
+            &open(&base_q).all_logits(&c.ids).expect("forward"),
+            &llama_cpp(&base_q, None, &c.ids, 0, &c.dir).logits,
+        );
         let merged = c.dir.join(format!("merged-{name}.gguf"));
         lora::merge::merge_gguf(&c.base, &adapter, &merged, ty).expect("merge");
         let ours = open(&merged).all_logits(&c.ids).expect("forward");
@@ -415,7 +428,9 @@ fn smollm2_q4_1_with_an_adapter_runs_in_llama_cpp_as_in_edgetune() {
     lora::gguf::save(&file, &adapter, &model.config, GgmlType::F32).expect("export");
     let judged = llama_cpp(&base, Some(&file), &ids, 8, &dir);
     let e1 = max_abs_diff(&ours, &judged.logits);
-    eprintln!("SmolLM2 Q4_1: base {e0:e} apart, with the adapter {e1:e} (bound {bound:e}; the adapter moves {moved:e})");
+    eprintln!(
+        "SmolLM2 Q4_1: base {e0:e} apart, with the adapter {e1:e} (bound {bound:e}; the adapter moves {moved:e})"
+    );
     assert!(e1 <= bound, "with the adapter, llama.cpp is {e1} away, over {bound}");
     assert_same_greedy("SmolLM2 + adapter", &greedy(&model, Some(&gpu), &tok, &ids, 8), &judged, bound);
 

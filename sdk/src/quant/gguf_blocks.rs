@@ -131,7 +131,10 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, String> {
             }
         }
         other => {
-            return Err(format!("writing {} tensors is not supported (F32, F16, BF16, Q8_0 and Q4_0 are)", other.name()));
+            return Err(format!(
+                "writing {} tensors is not supported (F32, F16, BF16, Q8_0 and Q4_0 are)",
+                other.name()
+            ));
         }
     }
     debug_assert_eq!(out.len(), need);

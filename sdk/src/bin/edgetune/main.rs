@@ -371,7 +371,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let m = edgetune::lora::merge::merge_gguf(&model, &a, &output, ty.ggml())?;
                     eprintln!("wrote {} ({} tensors, {})", output.display(), m.tensors, ty.ggml().name());
                     if m.fell_back_to_f16 > 0 {
-                        eprintln!("{} matrices written as F16: rows no whole number of {} blocks", m.fell_back_to_f16, ty.ggml().name());
+                        eprintln!(
+                            "{} matrices written as F16: rows no whole number of {} blocks",
+                            m.fell_back_to_f16,
+                            ty.ggml().name()
+                        );
                     }
                     train::write_modelfile(&output, &edgetune::lora::gguf::modelfile(&output, None))?;
                 }
