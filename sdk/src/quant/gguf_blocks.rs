@@ -97,11 +97,10 @@ impl GgmlType {
     }
 }
 
-/// Quantizes `values` to `ty` bit for bit as gguf-py's quantizers (what llama.cpp's converters
-/// write with) do. Q8_0: d = max|x| / 127 stored as f16, q = round(x / d) with halves away from
-/// zero (gguf-py divides by the f32 d; ggml's C reference multiplies by 1/d, which can differ
-/// in the last place). Q4_0: d = m / -8 where m is the value of largest magnitude, with its
-/// sign, q = min(15, trunc(x / d + 8.5)) (the C reference and gguf-py both multiply by 1/d).
+/// Quantizes `values` to `ty` bit for bit as ggml's reference quantizers and gguf-py's (what
+/// llama.cpp's converters write with) do. Q8_0: d = max|x| / 127 stored as f16,
+/// q = round(x · (1/d)) with halves away from zero. Q4_0: d = m / -8 where m is the first value
+/// of largest magnitude, with its sign, q = min(15, trunc(x · (1/d) + 8.5)).
 /// Types without a writer here are an error naming them.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, String> {
     let n = values.len();
@@ -115,8 +114,9 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, String> {
             for block in values.chunks_exact(32) {
                 let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend(f16::from_f32(d).to_le_bytes());
-                out.extend(block.iter().map(|&v| if d == 0.0 { 0 } else { (v / d).round() as i8 as u8 }));
+                out.extend(block.iter().map(|&v| (v * id).round() as i8 as u8));
             }
         }
         GgmlType::Q4_0 => {
