@@ -173,6 +173,42 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
         modelfile.contains("\nFROM /") && modelfile.contains("ADAPTER /") && modelfile.contains("from-checkpoint.gguf"),
         "{modelfile}"
     );
+    // Training continues from the GGUF adapter: its first step starts from the trained loss,
+    // below a fresh adapter's (which starts as the base model).
+    let first_loss = |extra: &[&str], out_dir: &str| -> f64 {
+        let mut a: Vec<&str> = args[..args.len() - 2].to_vec();
+        a.retain(|x| !["--rank", "4", "--alpha", "8"].contains(x));
+        let i = a.iter().position(|x| *x == "--output").expect("output") + 1;
+        a[i] = out_dir;
+        let j = a.iter().position(|x| *x == "--max-steps").expect("steps") + 1;
+        a[j] = "1";
+        a.extend_from_slice(extra);
+        let out = edgetune(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let step = text(&out.stdout).lines().find(|l| l.contains("\"step\"")).map(str::to_owned).expect("a step event");
+        serde_json::from_str::<serde_json::Value>(&step).expect("JSON")["loss"].as_f64().expect("loss")
+    };
+    let (cont, fresh) = (dir.join("cont").display().to_string(), dir.join("fresh1").display().to_string());
+    let continued = first_loss(&["--init-adapter", &gguf], &cont);
+    let from_scratch = first_loss(&["--rank", "4"], &fresh);
+    assert!(continued < from_scratch, "continued {continued} vs fresh {from_scratch}");
+    let settings = std::fs::read_to_string(dir.join("cont/train_config.toml")).expect("settings");
+    assert!(settings.contains("r = 4"), "{settings}");
+    let out = edgetune(&[
+        "train",
+        "--model",
+        &tiny(),
+        "--data",
+        &data,
+        "--output",
+        &cont,
+        "--init-adapter",
+        &gguf,
+        "--rank",
+        "8",
+    ]);
+    assert_ne!(out.status.code(), Some(0), "--rank with --init-adapter is refused");
+
     let out = edgetune(&["export", "--model", &tiny(), "--output", &gguf2]);
     assert_ne!(out.status.code(), Some(0), "export needs a checkpoint or an adapter");
     // The model file itself is not an adapter.

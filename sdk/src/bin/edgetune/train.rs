@@ -44,6 +44,10 @@ pub struct TrainArgs {
     /// Continue from OUTPUT/checkpoint.safetensors.
     #[arg(long)]
     resume: bool,
+    /// Start from this adapter (a PEFT folder or a GGUF LoRA file, such as one from llama.cpp)
+    /// instead of a fresh one: its rank, alpha and modules are the run's.
+    #[arg(long, conflicts_with_all = ["rank", "alpha", "target_modules"])]
+    init_adapter: Option<PathBuf>,
     /// Print one JSON event per line on stdout instead of the progress bar.
     #[arg(long)]
     json: bool,
@@ -295,7 +299,16 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
     let load = LoadOptions { max_context: a.max_context, ..Default::default() };
     let model = Arc::new(Model::open(ctx, &a.model, &load)?);
     std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
-    let mut trainer = Trainer::new(model.clone(), &dataset, cfg)?;
+    let mut trainer = match &a.init_adapter {
+        Some(path) => {
+            let start = edgetune::lora::load(path, &model.config)?;
+            if !a.json {
+                eprintln!("starting from {} (r = {}, alpha = {})", path.display(), start.config.r, start.config.alpha);
+            }
+            Trainer::with_adapter(model.clone(), &dataset, cfg, start)?
+        }
+        None => Trainer::new(model.clone(), &dataset, cfg)?,
+    };
     edgetune::atomic::write_atomic(&a.output.join("train_config.toml"), settings_toml(&trainer)?.as_bytes())?;
     trainer.set_cancel_token(cancel);
     let ckpt = a.output.join(CHECKPOINT_FILE);
