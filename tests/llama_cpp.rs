@@ -340,7 +340,7 @@ fn a_merged_gguf_runs_in_llama_cpp_as_the_base_with_its_adapter() {
     let ours = c.model.all_logits_with(&c.ids, Some(&gpu)).expect("forward");
     let merged = c.dir.join("merged-f32.gguf");
     let m = lora::merge::merge_gguf(&c.base, &adapter, &merged, GgmlType::F32).expect("merge");
-    assert_eq!(m.fell_back_to_f16, 0);
+    assert_eq!(m.fell_back, 0);
     let judged = llama_cpp(&merged, None, &c.ids, 8, &c.dir);
     let ratio = worst(&ours, &judged.logits, F32_REL, F32_ABS);
     eprintln!(
@@ -470,4 +470,96 @@ fn rms_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let s: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
     (s / a.len() as f64).sqrt() as f32
+}
+
+/// A llama GGUF with random F32 weights whose rows are whole Q4_K super-blocks (hidden 256,
+/// feed-forward 512), with the tiny fixture's vocabulary and metadata.
+fn wide_base(dst: &Path) {
+    let g = GgufFile::open(fixtures().join("tiny_llama_spm.gguf")).expect("fixture");
+    let mut w = GgufWriter::with_metadata_of(&g);
+    use edgetune::model::gguf::Value as V;
+    w.set("llama.embedding_length", V::U32(256));
+    w.set("llama.feed_forward_length", V::U32(512));
+    let (h, f, kv, vocab) = (256, 512, 128, 400);
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("token_embd.weight".into(), vec![vocab, h]),
+        ("output_norm.weight".into(), vec![h]),
+        ("output.weight".into(), vec![vocab, h]),
+    ];
+    for l in 0..2 {
+        for (n, s) in [
+            ("attn_norm", vec![h]),
+            ("ffn_norm", vec![h]),
+            ("attn_q", vec![h, h]),
+            ("attn_k", vec![kv, h]),
+            ("attn_v", vec![kv, h]),
+            ("attn_output", vec![h, h]),
+            ("ffn_gate", vec![f, h]),
+            ("ffn_up", vec![f, h]),
+            ("ffn_down", vec![h, f]),
+        ] {
+            shapes.push((format!("blk.{l}.{n}.weight"), s));
+        }
+    }
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let v = if shape.len() == 1 { vec![1.0; n] } else { rand(n, 100 + i as u64, 0.1) };
+        w.add_tensor(name, shape, GgmlType::F32, &v).expect("tensor");
+    }
+    w.write(dst).expect("write");
+}
+
+/// A Q4_K merge: every block is the one llama.cpp's own quantizer writes for the merged f32
+/// values (the tensors that llama.cpp's Q4_K_S mix makes Q4_K), and the file runs in llama.cpp
+/// within the quantization tolerance measured on the base (as for Q8_0 and Q4_0 above).
+#[test]
+fn a_q4_k_merge_has_llama_cpps_own_blocks_and_runs_in_llama_cpp() {
+    let dir = temp("q4k");
+    let base = dir.join("wide-f32.gguf");
+    wide_base(&base);
+    let model = Model::open(ctx(), &base, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+    let ids: Vec<u32> = vec![1, 45, 80, 120, 7, 300, 22, 9, 150, 61];
+    let adapter = adapter_on(&model, 10, TargetModules::default(), 0.1);
+    let (merged_f32, merged_q4k) = (dir.join("merged-f32.gguf"), dir.join("merged-q4k.gguf"));
+    lora::merge::merge_gguf(&base, &adapter, &merged_f32, GgmlType::F32).expect("merge f32");
+    let m = lora::merge::merge_gguf(&base, &adapter, &merged_q4k, GgmlType::Q4K).expect("merge q4_k");
+    assert_eq!(m.fell_back, 0, "every matrix row is whole super-blocks");
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/llama_cpp_quantize.py");
+    let theirs = dir.join("llama-cpp-q4ks.gguf");
+    // LLAMA_FTYPE_MOSTLY_Q4_K_S
+    let done = Command::new(python())
+        .arg(&script)
+        .arg(&merged_f32)
+        .arg(&theirs)
+        .arg("14")
+        .arg(&merged_q4k)
+        .output()
+        .expect("run");
+    assert!(done.status.success(), "llama.cpp quantize: {}", String::from_utf8_lossy(&done.stderr));
+    let v: Value = serde_json::from_slice(&done.stdout).expect("JSON");
+    eprintln!("Q4_K blocks against llama.cpp's quantizer: {v}");
+    assert!(v["compared"].as_u64().expect("count") >= 10, "{v}");
+    assert_eq!(v["mismatched"], json!([]), "Q4_K blocks differ from llama.cpp's");
+
+    let zero = {
+        let mut z = adapter.clone();
+        z.params.iter_mut().for_each(|x| *x = 0.0);
+        z
+    };
+    let base_q = dir.join("base-q4k.gguf");
+    lora::merge::merge_gguf(&base, &zero, &base_q, GgmlType::Q4K).expect("requantize");
+    let open =
+        |p: &Path| Model::open(ctx(), p, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("open");
+    let base_logits = open(&base_q).all_logits(&ids).expect("forward");
+    let e0 = rms_diff(&base_logits, &llama_cpp(&base_q, None, &ids, 0, &dir).logits);
+    let ours = open(&merged_q4k).all_logits(&ids).expect("forward");
+    let e1 = rms_diff(&ours, &llama_cpp(&merged_q4k, None, &ids, 0, &dir).logits);
+    let (bound, moved) = (2.0 * e0, rms_diff(&ours, &base_logits));
+    eprintln!(
+        "Q4_K (RMS over logits): base {e0:.2e} apart, merged {e1:.2e} (bound {bound:.2e}); the merge moves them {moved:.2e}"
+    );
+    assert!(e1 <= bound, "the Q4_K merge is {e1} apart in llama.cpp, over {bound}");
+    assert!(moved > 10.0 * bound, "the merge moved the logits too little to test anything");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -257,12 +257,20 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergedGguf {
     pub tensors: usize,
-    /// Weights whose rows are no whole number of the type's blocks, written as F16 instead.
-    pub fell_back_to_f16: usize,
+    /// Weights whose rows are no whole number of the type's blocks, written in
+    /// [`fallback`]`(ty)` instead.
+    pub fell_back: usize,
 }
 
 /// The ggml types a merged GGUF can be written in.
-pub const GGUF_TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Bf16, GgmlType::Q8_0, GgmlType::Q4_0];
+pub const GGUF_TYPES: [GgmlType; 6] =
+    [GgmlType::F32, GgmlType::F16, GgmlType::Bf16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4K];
+
+/// The type a matrix gets when its rows are no whole number of `ty`'s blocks: Q8_0 for Q4_K
+/// (rows of 32k values, such as SmolLM2's 576), else F16, as llama.cpp's converter does.
+pub fn fallback(ty: GgmlType, row: usize) -> GgmlType {
+    if ty == GgmlType::Q4K && row.is_multiple_of(32) { GgmlType::Q8_0 } else { GgmlType::F16 }
+}
 
 /// llama.cpp's `general.file_type` (LLAMA_FTYPE_ALL_F32, MOSTLY_F16, ...) of a merged file.
 fn file_type(ty: GgmlType) -> u32 {
@@ -309,7 +317,7 @@ pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType
     let (r, scale) = (adapter.layout.r, adapter.config.scale());
     let mut w = GgufWriter::with_metadata_of(&g);
     w.set("general.file_type", Value::U32(file_type(ty)));
-    let mut merged = MergedGguf { tensors: 0, fell_back_to_f16: 0 };
+    let mut merged = MergedGguf { tensors: 0, fell_back: 0 };
     for name in g.tensors.keys() {
         let (mut values, shape) = g.tensor_f32(name)?;
         if let Some(s) = adapted(name).and_then(|(l, m)| adapter.layout.slot(l, m)) {
@@ -338,8 +346,8 @@ pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType
         } else if shape[shape.len() - 1].is_multiple_of(ty.block().0) {
             ty
         } else {
-            merged.fell_back_to_f16 += 1;
-            GgmlType::F16
+            merged.fell_back += 1;
+            fallback(ty, shape[shape.len() - 1])
         };
         w.add_tensor(name, &shape, t, &values)?;
         merged.tensors += 1;

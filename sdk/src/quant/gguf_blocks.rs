@@ -130,15 +130,161 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>, String> {
                 out.extend((0..16).map(|j| q(block[j]) | (q(block[j + 16]) << 4)));
             }
         }
+        GgmlType::Q4K => {
+            for block in values.chunks_exact(QK_K) {
+                out.extend(q4_k_block(block));
+            }
+        }
         other => {
             return Err(format!(
-                "writing {} tensors is not supported (F32, F16, BF16, Q8_0 and Q4_0 are)",
+                "writing {} tensors is not supported (F32, F16, BF16, Q8_0, Q4_0 and Q4_K are)",
                 other.name()
             ));
         }
     }
     debug_assert_eq!(out.len(), need);
     Ok(out)
+}
+
+/// ggml's `nearest_int`: round half to even through the float adder (|f| <= 4194303).
+fn nearest_int(f: f32) -> i32 {
+    let v = f + 12_582_912.0;
+    (v.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// ggml's `make_qkx2_quants`: a scale and a min (returned negated) for `x` on levels 0..=nmax,
+/// searched over `nstep` + 1 candidate scales by weighted squared error; `l` gets the levels.
+fn make_qkx2_quants(x: &[f32], w: &[f32], nmax: i32, l: &mut [u8], rmin: f32, rdelta: f32, nstep: i32) -> (f32, f32) {
+    let n = x.len();
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = w[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.iter_mut().for_each(|v| *v = 0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..n {
+        l[i] = nearest_int(iscale * (x[i] - min)).clamp(0, nmax) as u8;
+        let diff = scale * f32::from(l[i]) + min - x[i];
+        best_error += w[i] * (diff * diff);
+    }
+    let mut aux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..n {
+            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            aux[i] = q as u8;
+            let lf = q as f32;
+            sum_l += w[i] * lf;
+            sum_l2 += w[i] * lf * lf;
+            sum_xl += w[i] * lf * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..n {
+                let diff = this_scale * f32::from(aux[i]) + this_min - x[i];
+                cur_error += w[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..n].copy_from_slice(&aux[..n]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// One Q4_K super-block, as ggml's `quantize_row_q4_K_ref` writes it (no importance matrix):
+/// per 32 values a scale and a min from [`make_qkx2_quants`], both quantized to 6 bits against
+/// the block's largest, then the 4-bit levels recomputed from the stored scales.
+fn q4_k_block(x: &[f32]) -> [u8; 144] {
+    let mut l = [0u8; QK_K];
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    let (mut max_scale, mut max_min) = (0f32, 0f32);
+    for j in 0..8 {
+        let sub = &x[32 * j..32 * j + 32];
+        let mut sum_x2 = 0f32;
+        for &v in sub {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let mut w = [0f32; 32];
+        for (wi, &v) in w.iter_mut().zip(sub) {
+            *wi = av_x + v.abs();
+        }
+        let (scale, min) = make_qkx2_quants(sub, &w, 15, &mut l[32 * j..32 * j + 32], -1.0, 0.1, 20);
+        scales[j] = scale;
+        mins[j] = min;
+        if scale > max_scale {
+            max_scale = scale;
+        }
+        if min > max_min {
+            max_min = min;
+        }
+    }
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut out = [0u8; 144];
+    let sc = &mut out[4..16];
+    for j in 0..8 {
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+            sc[j - 4] |= (ls >> 4) << 6;
+            sc[j] |= (lm >> 4) << 6;
+        }
+    }
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    out[0..2].copy_from_slice(&d.to_le_bytes());
+    out[2..4].copy_from_slice(&dmin.to_le_bytes());
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(j, &out[4..16]);
+        let dj = d.to_f32() * f32::from(s);
+        if dj == 0.0 {
+            continue;
+        }
+        let dm = dmin.to_f32() * f32::from(m);
+        for ii in 0..32 {
+            l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / dj).clamp(0, 15) as u8;
+        }
+    }
+    for (c, chunk) in l.chunks_exact(64).enumerate() {
+        for i in 0..32 {
+            out[16 + 32 * c + i] = chunk[i] | (chunk[i + 32] << 4);
+        }
+    }
+    out
 }
 
 /// ggml's numeric id of a type (the inverse of [`GgmlType::from_id`]).

@@ -187,7 +187,7 @@ enum Cmd {
         /// Folder weights: f16 or bf16.
         #[arg(long, default_value = "f16")]
         dtype: edgetune::lora::merge::MergeDtype,
-        /// GGUF tensor type: f32, f16, bf16, q8_0 or q4_0.
+        /// GGUF tensor type: f32, f16, bf16, q8_0, q4_0 or q4_k.
         #[arg(long = "type", value_enum, default_value = "q8_0")]
         ty: train::GgufType,
     },
@@ -370,10 +370,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 MergeFormat::Gguf => {
                     let m = edgetune::lora::merge::merge_gguf(&model, &a, &output, ty.ggml())?;
                     eprintln!("wrote {} ({} tensors, {})", output.display(), m.tensors, ty.ggml().name());
-                    if m.fell_back_to_f16 > 0 {
+                    if m.fell_back > 0 {
                         eprintln!(
-                            "{} matrices written as F16: rows no whole number of {} blocks",
-                            m.fell_back_to_f16,
+                            "{} matrices written as {}: their rows are no whole number of {} blocks",
+                            m.fell_back,
+                            edgetune::lora::merge::fallback(ty.ggml(), 32).name(),
                             ty.ggml().name()
                         );
                     }

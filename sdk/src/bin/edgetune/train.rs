@@ -370,6 +370,8 @@ pub enum GgufType {
     Q8_0,
     #[value(name = "q4_0")]
     Q4_0,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 impl GgufType {
@@ -381,6 +383,7 @@ impl GgufType {
             GgufType::Bf16 => GgmlType::Bf16,
             GgufType::Q8_0 => GgmlType::Q8_0,
             GgufType::Q4_0 => GgmlType::Q4_0,
+            GgufType::Q4K => GgmlType::Q4K,
         }
     }
 }
