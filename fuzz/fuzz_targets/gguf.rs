@@ -1,5 +1,6 @@
 //! A GGUF file: header, metadata, tensor infos, then the model config, the tokenizer and the
-//! weight index built from it, as loading a .gguf model does.
+//! weight index built from it, as loading a .gguf model does, and the same bytes as a GGUF LoRA
+//! adapter for the tiny model.
 #![no_main]
 mod common;
 
@@ -11,4 +12,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let _ = edgetune::tokenizer::Tokenizer::from_gguf(&g);
     }
     let _ = edgetune::model::open_weights(&path);
+    let _ = edgetune::lora::gguf::load(&path, common::config());
 });
