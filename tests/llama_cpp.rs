@@ -38,8 +38,11 @@ fn python() -> &'static Path {
     })
 }
 
+/// A folder of its own for each call (the tests run in parallel threads of one process).
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("edgetune-llama-cpp-{}-{name}", std::process::id()));
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("edgetune-llama-cpp-{}-{n}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
