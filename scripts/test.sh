@@ -17,7 +17,7 @@ else
   echo "test.sh: scripts/llama-cpp.sh failed; the llama.cpp tests will fail" >&2
 fi
 # The C tests link the C library, which `cargo test` does not build (it is no Rust dependency).
-{ cargo build --locked -p edgetune-capi && cargo test --workspace --locked --doc && cargo test --workspace --locked --all-targets; } 2>&1 | tee "$log" || status=$?
+{ cargo build --locked -p edgetune-capi && cargo test --workspace --locked --doc && cargo test --workspace --locked --all-targets --no-fail-fast; } 2>&1 | tee "$log" || status=$?
 passed=$({ grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" || true; } | awk '{s += $4} END {print s + 0}')
 failed=$({ grep -Eo '[0-9]+ failed;' "$log" || true; } | awk '{s += $1} END {print s + 0}')
 # A build error or a killed run fails no test of its own: count it, so the summary never reads
