@@ -418,7 +418,6 @@ pub fn export(a: &ExportArgs<'_>) -> Result<()> {
         ExportFormat::Gguf => {
             let ty = a.ty.ggml();
             let saved = edgetune::lora::gguf::save(a.output, &adapter, &cfg, ty)?;
-            write_modelfile(a.output, &edgetune::lora::gguf::modelfile(a.model, Some(a.output)))?;
             if saved.fell_back_to_f16 > 0 {
                 eprintln!(
                     "{} of {} tensors written as F16: their rows (r = {} values) are no whole number of {} blocks",
@@ -431,6 +430,9 @@ pub fn export(a: &ExportArgs<'_>) -> Result<()> {
         }
     }
     eprintln!("wrote {}", a.output.display());
+    if a.format == ExportFormat::Gguf {
+        write_modelfile(a.output, &edgetune::lora::gguf::modelfile(a.model, Some(a.output)))?;
+    }
     Ok(())
 }
 
