@@ -209,6 +209,35 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
     ]);
     assert_ne!(out.status.code(), Some(0), "--rank with --init-adapter is refused");
 
+    // Several adapters resident at once: each prompt answered by each, as each alone answers.
+    let fixture = common::fixtures().join("peft_llama_adapter").display().to_string();
+    let generate = |adapters: &[&str]| {
+        let model = tiny();
+        let mut a = vec!["generate", "--model", &model, "--prompt", "Paris is", "--max-tokens", "5"];
+        for x in adapters {
+            a.extend(["--adapter", x]);
+        }
+        let out = edgetune(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let (one, two) = (generate(&[&adapter]), generate(&[&fixture]));
+    assert_ne!(one, two, "the two adapters must answer differently");
+    let both = generate(&[&adapter, &fixture]);
+    assert_eq!(both, format!("> Paris is\n[{adapter}]\n{one}[{fixture}]\n{two}\n"));
+    let out = edgetune(&[
+        "eval",
+        "--model",
+        &tiny(),
+        "--text",
+        &file.display().to_string(),
+        "--adapter",
+        &adapter,
+        "--adapter",
+        &fixture,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "only generate takes several adapters");
+
     let out = edgetune(&["export", "--model", &tiny(), "--output", &gguf2]);
     assert_ne!(out.status.code(), Some(0), "export needs a checkpoint or an adapter");
     // The model file itself is not an adapter.

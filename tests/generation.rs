@@ -208,3 +208,55 @@ fn bad_arguments_are_errors() {
     let e = s.model.next_logits(&[100_000], &mut s.model.new_cache()).expect_err("bad id");
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
 }
+
+/// Two adapters resident on one session answer in alternation exactly as each does alone, with
+/// no buffer created when switching between them, and an unknown name is an error naming the
+/// resident ones.
+#[test]
+fn resident_adapters_answer_in_alternation_as_each_alone_without_uploads() {
+    use edgetune::lora::{Adapter, LoraConfig};
+    let mut s = session(128);
+    let make = |seed: u64| {
+        let mut a = Adapter::new(&s.model.config, LoraConfig { r: 4, seed, ..Default::default() }).expect("adapter");
+        let r = a.layout.r;
+        for (i, slot) in a.layout.slots.clone().iter().enumerate() {
+            let b = common::rand(slot.n_out * r, seed * 100 + i as u64, 0.2);
+            a.params[slot.b..slot.b + b.len()].copy_from_slice(&b);
+        }
+        a
+    };
+    let (a, b) = (make(1), make(2));
+    let opts = GenerateOptions { max_new_tokens: 6, ..Default::default() };
+    let prompt = "Paris is the capital of";
+    // Each alone, applied the ordinary way.
+    s.set_adapter(Some(&a)).expect("a");
+    let alone_a = s.generate(prompt, &opts, |_| true).expect("a").token_ids;
+    s.set_adapter(Some(&b)).expect("b");
+    let alone_b = s.generate(prompt, &opts, |_| true).expect("b").token_ids;
+    s.set_adapter(None).expect("base");
+    let base = s.generate(prompt, &opts, |_| true).expect("base").token_ids;
+    assert_ne!(alone_a, alone_b, "the two adapters must answer differently, or this tests nothing");
+
+    s.keep_adapter("a", &a).expect("keep a");
+    s.keep_adapter("b", &b).expect("keep b");
+    assert_eq!(s.resident_adapters(), vec![("a", a.layout.len as u64 * 4), ("b", b.layout.len as u64 * 4)]);
+    let warm = s.generate_with(Some("a"), prompt, &opts, |_| true).expect("warm-up");
+    assert_eq!(warm.token_ids, alone_a);
+    let before = s.model.ctx.counts().buffers;
+    for _ in 0..2 {
+        assert_eq!(s.generate_with(Some("b"), prompt, &opts, |_| true).expect("b").token_ids, alone_b);
+        assert_eq!(s.generate_with(Some("a"), prompt, &opts, |_| true).expect("a").token_ids, alone_a);
+        assert_eq!(s.generate_with(None, prompt, &opts, |_| true).expect("base").token_ids, base);
+    }
+    let per_call = {
+        let c0 = s.model.ctx.counts().buffers;
+        s.generate_with(None, prompt, &opts, |_| true).expect("base");
+        s.model.ctx.counts().buffers - c0
+    };
+    // Six calls, each making only what any generation makes (its KV cache and workspace).
+    assert_eq!(s.model.ctx.counts().buffers - before, 7 * per_call, "switching adapters uploaded something");
+    let e = s.generate_with(Some("c"), prompt, &opts, |_| true).expect_err("unknown name");
+    assert!(e.to_string().contains("`c`") && e.to_string().contains("\"a\", \"b\""), "{e}");
+    assert!(s.drop_adapter("a") && !s.drop_adapter("a"));
+    assert!(s.generate_with(Some("a"), prompt, &opts, |_| true).is_err());
+}

@@ -1,5 +1,6 @@
 //! `Session`: a model on the GPU with its tokenizer — the entry point most apps use.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,6 +20,8 @@ pub struct Session {
     pub path: PathBuf,
     /// The LoRA adapter applied (unmerged) when generating and scoring, if any.
     pub adapter: Option<GpuAdapter>,
+    /// Adapters kept on the GPU by name ([`Session::keep_adapter`]), for calls that name one.
+    resident: BTreeMap<String, GpuAdapter>,
 }
 
 impl Session {
@@ -36,20 +39,58 @@ impl Session {
         }
         let tokenizer = Tokenizer::open(path)?;
         let model = Arc::new(Model::open(ctx, path, load)?);
-        Ok(Session { model, tokenizer, path: path.to_path_buf(), adapter: None })
+        Ok(Session { model, tokenizer, path: path.to_path_buf(), adapter: None, resident: BTreeMap::new() })
     }
 
     /// Applies `adapter` (unmerged) to everything this session generates and scores from now
     /// on; `None` goes back to the base model.
     pub fn set_adapter(&mut self, adapter: Option<&Adapter>) -> Result<()> {
         if let Some(a) = adapter {
-            let expected = Layout::new(&self.model.config, &a.config)?;
-            if expected != a.layout || a.params.len() != a.layout.len {
-                return Err(Error::invalid("adapter", "its layout does not fit this model's shapes"));
-            }
+            self.check_fits(a)?;
         }
         self.adapter = adapter.map(|a| GpuAdapter::upload(&self.model.ctx, a));
         Ok(())
+    }
+
+    fn check_fits(&self, a: &Adapter) -> Result<()> {
+        let expected = Layout::new(&self.model.config, &a.config)?;
+        if expected != a.layout || a.params.len() != a.layout.len {
+            return Err(Error::invalid("adapter", "its layout does not fit this model's shapes"));
+        }
+        Ok(())
+    }
+
+    /// Keeps `adapter` on the GPU under `name` (replacing one of that name), beside any others:
+    /// the calls that name it ([`Session::generate_with`], [`Session::chat_with`]) apply it
+    /// with no upload, so one session serves several users or personas without switching.
+    pub fn keep_adapter(&mut self, name: &str, adapter: &Adapter) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::invalid("adapter name", "is empty"));
+        }
+        self.check_fits(adapter)?;
+        self.resident.insert(name.to_string(), GpuAdapter::upload(&self.model.ctx, adapter));
+        Ok(())
+    }
+
+    /// Frees a resident adapter's GPU memory; false if none had that name.
+    pub fn drop_adapter(&mut self, name: &str) -> bool {
+        self.resident.remove(name).is_some()
+    }
+
+    /// The names of the resident adapters and the GPU bytes each holds (its A and B matrices
+    /// in f32).
+    pub fn resident_adapters(&self) -> Vec<(&str, u64)> {
+        self.resident.iter().map(|(n, a)| (n.as_str(), a.layout.len as u64 * 4)).collect()
+    }
+
+    fn resident(&self, name: Option<&str>) -> Result<Option<&GpuAdapter>> {
+        match name {
+            None => Ok(None),
+            Some(n) => self.resident.get(n).map(Some).ok_or_else(|| {
+                let known: Vec<&str> = self.resident.keys().map(String::as_str).collect();
+                Error::invalid("adapter", format!("no resident adapter named `{n}` (resident: {known:?})"))
+            }),
+        }
     }
 
     /// Loads a PEFT adapter folder and applies it (see [`Session::set_adapter`]).
@@ -65,11 +106,33 @@ impl Session {
         opts: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generated> {
+        self.generate_on(self.adapter.as_ref(), prompt, opts, on_text)
+    }
+
+    /// [`Session::generate`] with the resident adapter `adapter` ([`Session::keep_adapter`]),
+    /// or the base model for `None`, whatever adapter the session applies otherwise.
+    pub fn generate_with(
+        &self,
+        adapter: Option<&str>,
+        prompt: &str,
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generated> {
+        self.generate_on(self.resident(adapter)?, prompt, opts, on_text)
+    }
+
+    fn generate_on(
+        &self,
+        lora: Option<&GpuAdapter>,
+        prompt: &str,
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generated> {
         if prompt.is_empty() {
             return Err(Error::invalid("prompt", "is empty"));
         }
         let ids = self.tokenizer.encode_prompt(prompt)?;
-        infer::generate(&self.model, self.adapter.as_ref(), &self.tokenizer, &ids, opts, on_text)
+        infer::generate(&self.model, lora, &self.tokenizer, &ids, opts, on_text)
     }
 
     /// Generates the assistant's reply to chat messages, rendered with the chat template.
@@ -79,12 +142,33 @@ impl Session {
         opts: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generated> {
+        self.chat_on(self.adapter.as_ref(), messages, opts, on_text)
+    }
+
+    /// [`Session::chat`] with a resident adapter by name (see [`Session::generate_with`]).
+    pub fn chat_with(
+        &self,
+        adapter: Option<&str>,
+        messages: &[Message],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generated> {
+        self.chat_on(self.resident(adapter)?, messages, opts, on_text)
+    }
+
+    fn chat_on(
+        &self,
+        lora: Option<&GpuAdapter>,
+        messages: &[Message],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generated> {
         if messages.is_empty() {
             return Err(Error::invalid("messages", "are empty"));
         }
         let text = self.tokenizer.apply_chat_template(messages, true)?;
         let ids = self.tokenizer.encode(&text)?;
-        infer::generate(&self.model, self.adapter.as_ref(), &self.tokenizer, &ids, opts, on_text)
+        infer::generate(&self.model, lora, &self.tokenizer, &ids, opts, on_text)
     }
 
     /// Mean next-token loss of a text (and so its perplexity, `exp(loss)`).

@@ -40,9 +40,10 @@ struct ModelArgs {
     /// KV-cache capacity in tokens.
     #[arg(long, default_value_t = 2048)]
     max_context: usize,
-    /// A LoRA adapter to apply (unmerged): a PEFT folder or a GGUF LoRA file.
+    /// A LoRA adapter to apply (unmerged): a PEFT folder or a GGUF LoRA file. `generate` takes
+    /// several, kept on the GPU together, and answers each prompt with each.
     #[arg(long)]
-    adapter: Option<PathBuf>,
+    adapter: Vec<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -235,10 +236,35 @@ enum Cmd {
 fn load(m: &ModelArgs, gpu: &GpuOptions) -> Result<Session> {
     let load = LoadOptions { quant: m.quant, max_context: m.max_context, ..Default::default() };
     let mut s = Session::open(&m.model, gpu, &load)?;
-    if let Some(dir) = &m.adapter {
-        s.load_adapter(dir)?;
+    match m.adapter.as_slice() {
+        [] => {}
+        [one] => s.load_adapter(one)?,
+        _ => {
+            return Err(Error::Invalid {
+                field: "--adapter".into(),
+                what: "only `generate` takes more than one".into(),
+            });
+        }
     }
     Ok(s)
+}
+
+/// A session for `generate`: one adapter is applied as usual; several are kept resident, by
+/// their path as given, and their names returned in order.
+fn load_resident(m: &ModelArgs, gpu: &GpuOptions) -> Result<(Session, Vec<String>)> {
+    if m.adapter.len() < 2 {
+        return Ok((load(m, gpu)?, Vec::new()));
+    }
+    let load = LoadOptions { quant: m.quant, max_context: m.max_context, ..Default::default() };
+    let mut s = Session::open(&m.model, gpu, &load)?;
+    let mut names = Vec::new();
+    for path in &m.adapter {
+        let name = path.display().to_string();
+        let a = edgetune::lora::load(path, &s.model.config)?;
+        s.keep_adapter(&name, &a)?;
+        names.push(name);
+    }
+    Ok((s, names))
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -311,7 +337,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 (None, None) => unreachable!("clap requires --prompt or --prompts-file"),
             };
-            let s = load(&m, &gpu)?;
+            let (s, resident) = load_resident(&m, &gpu)?;
             let opts = GenerateOptions { max_new_tokens: max_tokens, temperature, top_k, top_p, seed, stop };
             let print = |t: &str| {
                 let mut out = std::io::stdout().lock();
@@ -319,23 +345,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let _ = out.flush();
                 true
             };
-            let many = prompts.len() > 1;
+            let many = prompts.len() > 1 || resident.len() > 1;
+            // With several adapters, each prompt is answered by each, named before its answer.
+            let adapters: Vec<Option<&str>> =
+                if resident.is_empty() { vec![None] } else { resident.iter().map(|n| Some(n.as_str())).collect() };
             for prompt in prompts {
                 if many {
                     println!("> {prompt}");
                 }
-                if chat {
-                    let mut msgs = Vec::new();
-                    if let Some(sys) = &system {
-                        msgs.push(Message::new("system", sys.clone()));
+                for &adapter in &adapters {
+                    if let Some(name) = adapter {
+                        println!("[{name}]");
                     }
-                    msgs.push(Message::new("user", prompt));
-                    s.chat(&msgs, &opts, print)?;
-                } else {
-                    print(&prompt);
-                    s.generate(&prompt, &opts, print)?;
+                    if chat {
+                        let mut msgs = Vec::new();
+                        if let Some(sys) = &system {
+                            msgs.push(Message::new("system", sys.clone()));
+                        }
+                        msgs.push(Message::new("user", prompt.clone()));
+                        match adapter {
+                            Some(_) => s.chat_with(adapter, &msgs, &opts, print)?,
+                            None => s.chat(&msgs, &opts, print)?,
+                        };
+                    } else {
+                        print(&prompt);
+                        match adapter {
+                            Some(_) => s.generate_with(adapter, &prompt, &opts, print)?,
+                            None => s.generate(&prompt, &opts, print)?,
+                        };
+                    }
+                    println!();
                 }
-                println!();
                 if many {
                     println!();
                 }
