@@ -318,12 +318,36 @@ enum edgetune_status edgetune_model_set_adapter(const struct edgetune_model *mod
                                                 const struct edgetune_adapter *adapter);
 
 /**
+ * Keeps `adapter` on the GPU beside `model` under `name` (replacing one of that name), so
+ * that `edgetune_generate` with `"adapter": name` in its options applies it with no upload and
+ * without changing the adapter other calls use: one model serves several users or personas.
+ * The model keeps its own copy, so the adapter may be freed afterwards.
+ *
+ * # Safety
+ * `model` is a live model, `name` a string, `adapter` a live adapter.
+ */
+enum edgetune_status edgetune_model_keep_adapter(const struct edgetune_model *model,
+                                                 const char *name,
+                                                 const struct edgetune_adapter *adapter);
+
+/**
+ * Frees the GPU memory of the resident adapter `name`; naming none is an
+ * `EDGETUNE_ERROR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `model` is a live model, `name` a string.
+ */
+enum edgetune_status edgetune_model_drop_adapter(const struct edgetune_model *model,
+                                                 const char *name);
+
+/**
  * Generates a continuation of `prompt` with the model's current adapter.
  *
  * `options_json` may be NULL (greedy, 128 new tokens) or a JSON object with any of
  * `max_new_tokens`, `temperature` (0: greedy), `top_k`, `top_p`, `seed`, `stop` (a list of
  * strings), `chat` (true: `prompt` is a user message rendered with the chat template) and
- * `system` (with `chat`, a system message). `on_token` may be NULL; it gets each piece of
+ * `system` (with `chat`, a system message) and `adapter` (the name of a resident adapter, see
+ * `edgetune_model_keep_adapter`, used for this call only). `on_token` may be NULL; it gets each piece of
  * text as it is decoded, and returning 0 from it stops generation (not an error). `out_text`
  * may be NULL; otherwise it receives the whole text, which the caller frees with
  * `edgetune_string_free`.

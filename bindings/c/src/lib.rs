@@ -674,9 +674,20 @@ pub unsafe extern "C" fn edgetune_model_set_adapter(
     })
 }
 
-/// Generation options from JSON: [`GenerateOptions`]' fields plus `chat` and `system`.
-fn generate_settings(json: Option<&str>) -> Result<(GenerateOptions, bool, Option<String>), Fail> {
-    let Some(json) = json else { return Ok((GenerateOptions::default(), false, None)) };
+/// Generation options from JSON: [`GenerateOptions`]' fields plus `chat`, `system` and
+/// `adapter`.
+struct GenerateSettings {
+    opts: GenerateOptions,
+    chat: bool,
+    system: Option<String>,
+    /// A resident adapter by name (`edgetune_model_keep_adapter`).
+    adapter: Option<String>,
+}
+
+fn generate_settings(json: Option<&str>) -> Result<GenerateSettings, Fail> {
+    let Some(json) = json else {
+        return Ok(GenerateSettings { opts: GenerateOptions::default(), chat: false, system: None, adapter: None });
+    };
     let bad = |e: serde_json::Error| Fail::invalid(format!("options_json: {e}"));
     let mut v: serde_json::Value = serde_json::from_str(json).map_err(bad)?;
     let obj = v.as_object_mut().ok_or_else(|| Fail::invalid("options_json: expected a JSON object"))?;
@@ -684,12 +695,55 @@ fn generate_settings(json: Option<&str>) -> Result<(GenerateOptions, bool, Optio
         None => false,
         Some(c) => c.as_bool().ok_or_else(|| Fail::invalid("options_json: `chat` must be true or false"))?,
     };
-    let system = match obj.remove("system") {
-        None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::String(s)) => Some(s),
-        Some(_) => return Err(Fail::invalid("options_json: `system` must be a string")),
+    let mut string = |key: &str| match obj.remove(key) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(Fail::invalid(format!("options_json: `{key}` must be a string"))),
     };
-    Ok((serde_json::from_value(v).map_err(bad)?, chat, system))
+    let (system, adapter) = (string("system")?, string("adapter")?);
+    Ok(GenerateSettings { opts: serde_json::from_value(v).map_err(bad)?, chat, system, adapter })
+}
+
+/// Keeps `adapter` on the GPU beside `model` under `name` (replacing one of that name), so
+/// that `edgetune_generate` with `"adapter": name` in its options applies it with no upload and
+/// without changing the adapter other calls use: one model serves several users or personas.
+/// The model keeps its own copy, so the adapter may be freed afterwards.
+///
+/// # Safety
+/// `model` is a live model, `name` a string, `adapter` a live adapter.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_model_keep_adapter(
+    model: *const edgetune_model,
+    name: *const c_char,
+    adapter: *const edgetune_adapter,
+) -> edgetune_status {
+    guard(|| {
+        let model = MODELS.get(model, "model")?;
+        let name = unsafe { text(name, "name") }?;
+        let adapter = ADAPTERS.get(adapter, "adapter")?;
+        model.session.hold("model")?.keep_adapter(name, &adapter.adapter)?;
+        Ok(())
+    })
+}
+
+/// Frees the GPU memory of the resident adapter `name`; naming none is an
+/// `EDGETUNE_ERROR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `model` is a live model, `name` a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_model_drop_adapter(
+    model: *const edgetune_model,
+    name: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let model = MODELS.get(model, "model")?;
+        let name = unsafe { text(name, "name") }?;
+        if !model.session.hold("model")?.drop_adapter(name) {
+            return Err(Fail::invalid(format!("no resident adapter named `{name}`")));
+        }
+        Ok(())
+    })
 }
 
 /// Generates a continuation of `prompt` with the model's current adapter.
@@ -697,7 +751,8 @@ fn generate_settings(json: Option<&str>) -> Result<(GenerateOptions, bool, Optio
 /// `options_json` may be NULL (greedy, 128 new tokens) or a JSON object with any of
 /// `max_new_tokens`, `temperature` (0: greedy), `top_k`, `top_p`, `seed`, `stop` (a list of
 /// strings), `chat` (true: `prompt` is a user message rendered with the chat template) and
-/// `system` (with `chat`, a system message). `on_token` may be NULL; it gets each piece of
+/// `system` (with `chat`, a system message) and `adapter` (the name of a resident adapter, see
+/// `edgetune_model_keep_adapter`, used for this call only). `on_token` may be NULL; it gets each piece of
 /// text as it is decoded, and returning 0 from it stops generation (not an error). `out_text`
 /// may be NULL; otherwise it receives the whole text, which the caller frees with
 /// `edgetune_string_free`.
@@ -720,7 +775,8 @@ pub unsafe extern "C" fn edgetune_generate(
         }
         let model = MODELS.get(model, "model")?;
         let prompt = unsafe { text(prompt, "prompt") }?;
-        let (opts, chat, system) = generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
+        let GenerateSettings { opts, chat, system, adapter } =
+            generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
         let on_text = |piece: &str| -> bool {
             let Some(cb) = on_token else { return true };
             let Ok(c) = CString::new(piece.replace('\0', " ")) else { return true };
@@ -734,12 +790,18 @@ pub unsafe extern "C" fn edgetune_generate(
                 messages.push(Message::new("system", system));
             }
             messages.push(Message::new("user", prompt));
-            session.chat(&messages, &opts, on_text)?
+            match &adapter {
+                Some(name) => session.chat_with(Some(name), &messages, &opts, on_text)?,
+                None => session.chat(&messages, &opts, on_text)?,
+            }
         } else {
             if system.is_some() {
                 return Err(Fail::invalid("options_json: `system` needs \"chat\": true"));
             }
-            session.generate(prompt, &opts, on_text)?
+            match &adapter {
+                Some(name) => session.generate_with(Some(name), prompt, &opts, on_text)?,
+                None => session.generate(prompt, &opts, on_text)?,
+            }
         };
         if let Some(slot) = unsafe { out_text.as_mut() } {
             *slot = CString::new(out.text.replace('\0', " ")).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();

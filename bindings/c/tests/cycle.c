@@ -142,6 +142,23 @@ int main(int argc, char **argv) {
     OK(edgetune_model_loss(model, probe, &with_gguf));
     OK(edgetune_model_set_adapter(model, NULL));
     CHECK(with_gguf == with_trained);
+
+    /* Kept resident by name, it answers for the calls that name it as when it is applied. */
+    const char *boat = "Where do you keep your boat?";
+    char *applied = NULL, *by_name = NULL;
+    OK(edgetune_model_set_adapter(model, from_gguf));
+    OK(edgetune_generate(model, boat, "{\"max_new_tokens\": 6, \"chat\": true}", NULL, NULL, &applied));
+    OK(edgetune_model_set_adapter(model, NULL));
+    OK(edgetune_model_keep_adapter(model, "tuned", from_gguf));
+    OK(edgetune_generate(model, boat, "{\"max_new_tokens\": 6, \"chat\": true, \"adapter\": \"tuned\"}", NULL,
+                         NULL, &by_name));
+    CHECK(strcmp(applied, by_name) == 0);
+    CHECK(edgetune_generate(model, boat, "{\"adapter\": \"nobody\"}", NULL, NULL, NULL) ==
+          EDGETUNE_ERROR_INVALID_ARGUMENT);
+    OK(edgetune_model_drop_adapter(model, "tuned"));
+    CHECK(edgetune_model_drop_adapter(model, "tuned") == EDGETUNE_ERROR_INVALID_ARGUMENT);
+    edgetune_string_free(applied);
+    edgetune_string_free(by_name);
     edgetune_adapter_free(from_gguf);
     edgetune_string_free(before);
     edgetune_string_free(after);

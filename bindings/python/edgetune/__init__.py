@@ -311,11 +311,13 @@ class Model(_Handle):
         seed: Optional[int] = None,
         stop: Optional[Iterable[str]] = None,
         on_token: Optional[Callable[[str], Optional[bool]]] = None,
+        adapter: Optional[str] = None,
     ) -> str:
         """Generates from ``prompt`` and returns the text (greedy unless ``temperature`` > 0).
 
         With ``chat=True`` the prompt is a user message rendered with the model's chat template
-        (and ``system`` a system message). ``on_token`` gets each piece of text as it is decoded;
+        (and ``system`` a system message). ``adapter`` names a resident adapter
+        (:meth:`keep_adapter`) to apply to this call only. ``on_token`` gets each piece of text as it is decoded;
         returning ``False`` from it stops generation. An exception it raises stops generation
         and is raised from here.
         """
@@ -327,6 +329,7 @@ class Model(_Handle):
             ("top_k", top_k),
             ("top_p", top_p),
             ("seed", seed),
+            ("adapter", adapter),
         ):
             if value is not None:
                 options[key] = value
@@ -369,6 +372,15 @@ class Model(_Handle):
         """Applies ``adapter`` to everything generated from now on; ``None`` goes back to the
         base model. The model keeps its own copy, so the adapter may be closed afterwards."""
         _check(_lib.edgetune_model_set_adapter(self._handle, adapter._handle if adapter else None))
+
+    def keep_adapter(self, name: str, adapter: "Adapter") -> None:
+        """Keeps ``adapter`` on the GPU under ``name`` beside any others; ``generate(...,
+        adapter=name)`` applies it with no upload and without changing :meth:`set_adapter`'s."""
+        _check(_lib.edgetune_model_keep_adapter(self._handle, _c(name), adapter._handle))
+
+    def drop_adapter(self, name: str) -> None:
+        """Frees the GPU memory of the resident adapter ``name``."""
+        _check(_lib.edgetune_model_drop_adapter(self._handle, _c(name)))
 
     def load_adapter(self, path: PathLike) -> "Adapter":
         """Loads an adapter made for this model: a PEFT folder or a GGUF LoRA file."""

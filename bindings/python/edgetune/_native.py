@@ -82,6 +82,8 @@ _PROTOTYPES = {
     "edgetune_adapter_load": (_STATUS, [_P, _S, _OUT]),
     "edgetune_adapter_save": (_STATUS, [_P, _S, _S]),
     "edgetune_adapter_save_gguf": (_STATUS, [_P, _P, _S, _S]),
+    "edgetune_model_keep_adapter": (_STATUS, [_P, _S, _P]),
+    "edgetune_model_drop_adapter": (_STATUS, [_P, _S]),
     "edgetune_adapter_free": (None, [_P]),
     "edgetune_model_set_adapter": (_STATUS, [_P, _P]),
     "edgetune_generate": (_STATUS, [_P, _S, _S, TOKEN_CALLBACK, _P, _OUT]),

@@ -167,6 +167,20 @@ class ModelTest(unittest.TestCase):
                     loaded.save_gguf(Path(tmp) / "bad.gguf", self.model, type="q2_k")
             self.assertEqual(self.model.loss(PROBE), tuned)
             self.assertEqual(gguf.read_bytes()[:4], b"GGUF")
+            # Resident by name, the adapter answers as when applied, and the base stays the base.
+            question = "Where do you keep your boat?"
+            with_tuned = self.model.generate(question, chat=True, max_new_tokens=6)
+            self.model.set_adapter(None)
+            plain = self.model.generate(question, chat=True, max_new_tokens=6)
+            with self.model.load_adapter(gguf) as from_gguf:
+                self.model.keep_adapter("tuned", from_gguf)
+            self.assertEqual(self.model.generate(question, chat=True, max_new_tokens=6, adapter="tuned"), with_tuned)
+            self.assertEqual(self.model.generate(question, chat=True, max_new_tokens=6), plain)
+            with self.assertRaisesRegex(edgetune.EdgetuneError, "no resident adapter named `other`"):
+                self.model.generate(question, adapter="other")
+            self.model.drop_adapter("tuned")
+            with self.assertRaises(edgetune.EdgetuneError):
+                self.model.drop_adapter("tuned")
             with self.model.load_adapter(gguf) as from_gguf:
                 self.model.set_adapter(from_gguf)
             self.assertEqual(self.model.loss(PROBE), tuned)
