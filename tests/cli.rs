@@ -23,6 +23,9 @@ fn info_generate_and_eval_work() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("architecture: llama (2 layers, hidden 64, heads 4/2 kv"), "{stdout}");
     assert!(stdout.contains("F32"), "{stdout}");
+    // r 16 on all 7 modules of 2 layers: 16 (64+64)·2 + 16 (64+32)·2 + 16 (64+128)·3 = 16,384
+    // values a layer, 32,768 in all: 131,072 bytes, 0.125 MiB.
+    assert!(stdout.contains("each resident LoRA adapter (r 16, all linear layers, f32): 0.1 MiB"), "{stdout}");
 
     let out =
         edgetune(&["generate", "--model", &tiny(), "--prompt", "Paris is", "--max-tokens", "4", "--quant", "none"]);

@@ -321,6 +321,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 nf4_bytes as f64 / 1048576.0,
                 (params * 4) as f64 / 1048576.0
             );
+            // What each adapter kept on the GPU adds (Session::keep_adapter, generate --adapter).
+            let lora = edgetune::lora::Layout::new(&cfg, &edgetune::lora::LoraConfig::default())?;
+            println!(
+                "each resident LoRA adapter (r 16, all linear layers, f32): {:.1} MiB",
+                (lora.len * 4) as f64 / 1048576.0
+            );
         }
         Cmd::Generate { m, prompt, prompts_file, chat, system, max_tokens, temperature, top_k, top_p, seed, stop } => {
             let prompts = match (prompt, prompts_file) {
