@@ -40,7 +40,7 @@ fn tensor_name(layer: usize, m: Module, b: bool) -> String {
 }
 
 /// The heads whose rows llama.cpp permutes in this module's output, if it permutes them.
-fn permuted_heads(model: &ModelConfig, m: Module) -> Option<usize> {
+pub(crate) fn permuted_heads(model: &ModelConfig, m: Module) -> Option<usize> {
     match m {
         Module::QProj if model.arch.gguf_permutes_qk() => Some(model.num_heads),
         Module::KProj if model.arch.gguf_permutes_qk() => Some(model.num_kv_heads),
@@ -95,13 +95,6 @@ pub fn save(path: &Path, adapter: &Adapter, model: &ModelConfig, ty: GgmlType) -
     }
     w.write(path)?;
     Ok(saved)
-}
-
-/// Whether a file is a GGUF LoRA adapter (by its magic bytes and `general.type`), without
-/// reading its tensors; an unreadable file is not one.
-pub fn is_gguf_adapter(path: &Path) -> bool {
-    path.is_file()
-        && GgufFile::open(path).is_ok_and(|g| g.get("general.type").and_then(Value::as_str) == Some("adapter"))
 }
 
 /// Loads a GGUF LoRA adapter for a model with config `model`, with llama.cpp's q/k row

@@ -331,12 +331,7 @@ pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType
                     expected: vec![s.n_out, s.n_in],
                 });
             }
-            let heads = match s.module {
-                Module::QProj => Some(cfg.num_heads),
-                Module::KProj => Some(cfg.num_kv_heads),
-                _ => None,
-            };
-            if let Some(h) = heads.filter(|_| cfg.arch.gguf_permutes_qk()) {
+            if let Some(h) = super::gguf::permuted_heads(&cfg, s.module) {
                 b = permute_rows(&b, &[s.n_out, r], h);
             }
             add_delta(&mut values, a, &b, r, s.n_in, scale);
