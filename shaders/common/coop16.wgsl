@@ -17,11 +17,18 @@ enable wgpu_cooperative_matrix;
 //   - The epilogue stores each fragment to a 16 x 16 f32 scratch of its subgroup and writes it
 //     out through common/matmul_store.wgsl (split reduction, alpha, bias, accumulation).
 //
+//   - Before its reduction a workgroup scans its 128 rows of A over its slice of the reduction
+//     and scales each row by a power of two that brings the row's largest magnitude into
+//     [2^14, 2^15); the epilogue divides it out again. Both are exact, so an A of any range
+//     (activations past f16's largest value, 65504, or input gradients far below its smallest
+//     normal one, 6.1e-5) keeps f16's 11 significant bits. B (weights) is rounded unscaled.
+//
 // Rounding the operands to f16 (unit roundoff u = 2^-11) moves each product by at most 2u of
-// its size, so an output moves by at most about 2u sum_j |A(r, j) B(c, j)|: the bound the
-// start-up self-test (gpu/family.rs) checks against the CPU twin before the family is used.
-// Only forward products run here: gradients can fall below f16's normal range (6.1e-5), so the
-// input and weight gradients stay in f32 (tile128).
+// its size, so an output moves by at most about 2u sum_j |A(r, j) B(c, j)|, plus what f16's
+// subnormals lose on the smallest operands (at most 2^-25 each, of B, or of A scaled): the bound
+// the start-up self-test (gpu/probe.rs) checks against the CPU twin, forward and for the input
+// gradient through NF4, before the family is used. Weight gradients (dA, dB: reductions over
+// tokens of two gradients-sized operands) stay in f32 (tile128).
 //
 // Subgroups are assumed to be 32 lanes; the self-test is what makes sure, and a failure leaves
 // the family unused.
@@ -34,32 +41,71 @@ const HS: u32 = 136u;                                              // halves per
 var<workgroup> a_half: array<f16, 2176>;                           // (BK, HS)
 var<workgroup> b_half: array<f16, 2176>;
 var<workgroup> frag_out: array<f32, 2048>;                         // a 16 x 16 fragment per subgroup
+var<workgroup> row_exp: array<i32, 128>;                           // each row of A is scaled by 2^row_exp
 
 #include "common/tile_fetch.wgsl"
 #include "common/matmul_store.wgsl"
 
-// Stores a chunk, rounded to f16, into a staged tile (a_half when `is_a`).
+// Stores a chunk, rounded to f16, into a staged tile (a_half when `is_a`, each value times its
+// row's scale).
 fn put_half(is_a: bool, along: bool, lid: u32, c: Chunk) {
     var v = array<f32, 8>(c.lo.x, c.lo.y, c.lo.z, c.lo.w, c.hi.x, c.hi.y, c.hi.z, c.hi.w);
     var at: vec2<u32>;
     if (along) { at = along_rows(lid); } else { at = along_j(lid); }
     for (var e = 0u; e < 8u; e++) {
         var i: u32;
-        if (along) { i = at.y * HS + at.x + e; } else { i = (at.y + e) * HS + at.x; }
-        if (is_a) { a_half[i] = f16(v[e]); } else { b_half[i] = f16(v[e]); }
+        var row: u32;
+        if (along) { i = at.y * HS + at.x + e; row = at.x + e; } else { i = (at.y + e) * HS + at.x; row = at.x; }
+        if (is_a) { a_half[i] = f16(ldexp(v[e], row_exp[row])); } else { b_half[i] = f16(v[e]); }
     }
 }
 
-// Writes one accumulator fragment, rows row0.. and columns col0.. of the block, through the
-// subgroup's scratch: lane l writes row l / 2, columns 8 (l % 2) .. + 8.
-fn write_fragment(f: coop_mat16x16<f32, C>, s: u32, lane: u32, row0: u32, col0: u32, n_rows: u32, n_cols: u32) {
+// The exponent of the power of two that brings a row whose largest magnitude is `top` into
+// [2^14, 2^15): 0 for a row of zeros, or one with an infinity or NaN (whose outputs are then
+// infinite or NaN whatever the scale). Kept within +-126 so that both 2^e and 2^-e are normal.
+fn scale_exp(top: f32) -> i32 {
+    if (!(top > 0.0) || !(top <= 3.4028235e38)) { return 0; }
+    return clamp(15 - frexp(top).exp, -126, 126);
+}
+
+// Fills row_exp for rows r0.. of A over reductions j_begin..j_end: 16 threads a row read 16
+// consecutive j at a time, 16 rows a sweep, 8 sweeps; frag_out (used only by the epilogue)
+// holds the threads' maxima until one thread a row reduces them.
+fn scale_rows(r0: u32, j_begin: u32, j_end: u32, lid: u32) {
+    let sub = lid % 16u;
+    for (var sweep = 0u; sweep < 8u; sweep++) {
+        let row = r0 + sweep * 16u + lid / 16u;
+        var top = 0.0;
+        for (var j = j_begin + sub; j < j_end; j += 16u) {
+            top = max(top, abs(load_a(row, j)));
+        }
+        frag_out[sweep * 256u + lid] = top;
+    }
+    workgroupBarrier();
+    if (lid < 128u) {
+        var top = 0.0;
+        for (var t = 0u; t < 16u; t++) {
+            top = max(top, frag_out[(lid / 16u) * 256u + (lid % 16u) * 16u + t]);
+        }
+        row_exp[lid] = scale_exp(top);
+    }
+    workgroupBarrier();
+}
+
+// Writes one accumulator fragment, rows row0.. (row block_row.. of the block) and columns
+// col0.. of the output, through the subgroup's scratch, with the rows' scales divided out: lane
+// l writes row l / 2, columns 8 (l % 2) .. + 8.
+fn write_fragment(f: coop_mat16x16<f32, C>, s: u32, lane: u32, block_row: u32, row0: u32, col0: u32, n_rows: u32, n_cols: u32) {
     coopStoreT(f, &frag_out[s * 256u], 16u);
     workgroupBarrier();
     let i = s * 256u + (lane / 2u) * 16u + (lane % 2u) * 8u;
     let row = row0 + lane / 2u;
     let col = col0 + (lane % 2u) * 8u;
-    store4(row, col, vec4<f32>(frag_out[i], frag_out[i + 1u], frag_out[i + 2u], frag_out[i + 3u]), n_rows, n_cols);
-    store4(row, col + 4u, vec4<f32>(frag_out[i + 4u], frag_out[i + 5u], frag_out[i + 6u], frag_out[i + 7u]), n_rows, n_cols);
+    let unscale = vec4<i32>(-row_exp[block_row + lane / 2u]);
+    let lo = vec4<f32>(frag_out[i], frag_out[i + 1u], frag_out[i + 2u], frag_out[i + 3u]);
+    let hi = vec4<f32>(frag_out[i + 4u], frag_out[i + 5u], frag_out[i + 6u], frag_out[i + 7u]);
+    store4(row, col, ldexp(lo, unscale), n_rows, n_cols);
+    store4(row, col + 4u, ldexp(hi, unscale), n_rows, n_cols);
     workgroupBarrier();
 }
 
@@ -78,6 +124,7 @@ fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
         j_begin = wg.z * p.split_k;
         j_end = min(n_red, j_begin + p.split_k);
     }
+    scale_rows(r0, j_begin, j_end, lid);
     var c00 = coop_mat16x16<f32, C>();
     var c01 = coop_mat16x16<f32, C>();
     var c02 = coop_mat16x16<f32, C>();
@@ -117,12 +164,12 @@ fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
     let rows = zr + r0 + sr;
     let cols = c0 + sc;
     let end = zr + n_rows;
-    write_fragment(c00, s, lane, rows, cols, end, n_cols);
-    write_fragment(c01, s, lane, rows, cols + 16u, end, n_cols);
-    write_fragment(c02, s, lane, rows, cols + 32u, end, n_cols);
-    write_fragment(c03, s, lane, rows, cols + 48u, end, n_cols);
-    write_fragment(c10, s, lane, rows + 16u, cols, end, n_cols);
-    write_fragment(c11, s, lane, rows + 16u, cols + 16u, end, n_cols);
-    write_fragment(c12, s, lane, rows + 16u, cols + 32u, end, n_cols);
-    write_fragment(c13, s, lane, rows + 16u, cols + 48u, end, n_cols);
+    write_fragment(c00, s, lane, sr, rows, cols, end, n_cols);
+    write_fragment(c01, s, lane, sr, rows, cols + 16u, end, n_cols);
+    write_fragment(c02, s, lane, sr, rows, cols + 32u, end, n_cols);
+    write_fragment(c03, s, lane, sr, rows, cols + 48u, end, n_cols);
+    write_fragment(c10, s, lane, sr + 16u, rows + 16u, cols, end, n_cols);
+    write_fragment(c11, s, lane, sr + 16u, rows + 16u, cols + 16u, end, n_cols);
+    write_fragment(c12, s, lane, sr + 16u, rows + 16u, cols + 32u, end, n_cols);
+    write_fragment(c13, s, lane, sr + 16u, rows + 16u, cols + 48u, end, n_cols);
 }

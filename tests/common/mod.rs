@@ -58,7 +58,53 @@ impl Fixture {
 /// Asserts |a - e| <= abs + rel * |e| elementwise; on failure prints the max abs/rel diff and the
 /// first mismatching indices.
 pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], rel: f32, abs: f32) {
+    assert_close_slack(what, actual, expected, rel, abs, &[]);
+}
+
+/// Whether `ctx` runs many-row products through frozen weights (forward, and input gradients
+/// through f16 and NF4 weights) on f16 operands: the coop16 family.
+#[allow(dead_code)]
+pub fn f16_products(ctx: &edgetune::gpu::GpuContext) -> bool {
+    ctx.report.kernels.family == edgetune::gpu::KernelFamily::Coop16
+}
+
+/// For a product out[r, c] = scale * sum_j a(r, j) b(c, j) (rows x cols, row-major, j < red)
+/// that ran on f16 operands (`on`), how far each output may lie from the exact sum, on top of
+/// the f32 tolerance: each operand rounded to f16 (u = 2^-11, so 2u + u^2 of sum_j |a b|), f32
+/// sums in two orders (2 red 2^-24 of it), and f16's subnormals, which lose up to 2^-25 of b
+/// and of a once its row is scaled to a largest magnitude of 2^14 or more (so 2^-25 sum_j |a| +
+/// 2^-39 max_j |a| sum_j |b|). Empty when `on` is false.
+#[allow(dead_code)]
+pub fn f16_slack(
+    on: bool,
+    (rows, cols, red): (usize, usize, usize),
+    scale: f32,
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize, usize) -> f32,
+) -> Vec<f32> {
+    if !on {
+        return vec![];
+    }
+    let u = 2f64.powi(-11);
+    let per_mass = 2.0 * u + u * u + 2.0 * red as f64 * 2f64.powi(-24);
+    let b_sums: Vec<f64> = (0..cols).map(|c| (0..red).map(|j| f64::from(b(c, j).abs())).sum()).collect();
+    let mut out = Vec::with_capacity(rows * cols);
+    for r in 0..rows {
+        let row: Vec<f64> = (0..red).map(|j| f64::from(a(r, j).abs())).collect();
+        let (sum_a, top_a) = (row.iter().sum::<f64>(), row.iter().fold(0f64, |t, &v| t.max(v)));
+        for (c, &sum_b) in b_sums.iter().enumerate() {
+            let mass: f64 = row.iter().enumerate().map(|(j, &v)| v * f64::from(b(c, j).abs())).sum();
+            let bound = per_mass * mass + 2f64.powi(-25) * sum_a + 2f64.powi(-39) * top_a * sum_b;
+            out.push((f64::from(scale.abs()) * bound) as f32);
+        }
+    }
+    out
+}
+
+/// [`assert_close`] with `slack[i]` more allowed on element i (none where `slack` is empty).
+pub fn assert_close_slack(what: &str, actual: &[f32], expected: &[f32], rel: f32, abs: f32, slack: &[f32]) {
     assert_eq!(actual.len(), expected.len(), "{what}: length differs");
+    assert!(slack.is_empty() || slack.len() == actual.len(), "{what}: slack length differs");
     let mut max_abs = 0f32;
     let mut max_rel = 0f32;
     let mut bad = Vec::new();
@@ -69,7 +115,7 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], rel: f32, abs:
             max_rel = max_rel.max(d / e.abs());
         }
         // Written so that a NaN difference counts as a mismatch.
-        let within = d <= abs + rel * e.abs();
+        let within = d <= abs + rel * e.abs() + slack.get(i).copied().unwrap_or(0.0);
         if !within {
             bad.push((i, a, e));
         }

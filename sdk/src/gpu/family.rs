@@ -8,10 +8,11 @@
 //! | `portable` | 64 x 64 tiles, 4 x 4 a thread | a workgroup per (query, head) | anything else |
 //! | `simd8` | 32 x 32 blocks in 8-lane registers | 8 queries a workgroup | a CPU adapter with 8-lane subgroups (lavapipe) |
 //! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 16 queries (forward, dQ) or 16 keys (dK, dV) a workgroup over staged tiles (27 KiB; else portable) | a GPU with 17 KiB of workgroup memory |
-//! | `coop16` | forward: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums; gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
+//! | `coop16` | forward and input gradients through frozen weights: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums, each row of the activations or gradients scaled by a power of two into f16's range; other gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
 //!
 //! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for
-//! the gradients, which can fall below f16's range). `GpuOptions::kernels` or
+//! the LoRA input gradients and the weight gradients, reductions over tokens of two
+//! gradient-sized operands). `GpuOptions::kernels` or
 //! `EDGETUNE_KERNELS` forces a family (tests run each one the adapter can run); forcing one the
 //! adapter cannot run is an error, never a silent fallback. coop16 is used only after a
 //! start-up self-test on the GPU (`gpu/probe.rs`): an NF4 matmul against the CPU twin within
@@ -69,7 +70,8 @@ pub struct Kernels {
     /// Many-row forward matmuls (one-row products, when decoding, use the matvec kernels of
     /// `portable` or `simd8`).
     pub matmul: KernelFamily,
-    /// Many-row input and weight gradients.
+    /// Many-row input and weight gradients (coop16: the input gradients through frozen f16 and
+    /// NF4 weights; the LoRA and weight gradients use tile128).
     pub matmul_grad: KernelFamily,
     /// Attention forward and backward.
     pub attention: KernelFamily,
@@ -176,7 +178,7 @@ pub fn kernels_of(family: KernelFamily, a: &AdapterFacts) -> Kernels {
     };
     let (matmul, matmul_grad, attention) = match family {
         KernelFamily::Simd8 => (family, family, family),
-        KernelFamily::Coop16 => (family, KernelFamily::Tile128, blocked),
+        KernelFamily::Coop16 => (family, family, blocked),
         KernelFamily::Tile128 => (family, family, blocked),
         KernelFamily::Portable => (family, family, family),
     };
@@ -224,7 +226,7 @@ mod tests {
         assert_eq!(pick(facts(IntegratedGpu, (0, 0), 16384)), k(Portable, Portable, Portable, Portable));
         // Matrix units: the forward products on them, the gradients in f32.
         let coop = AdapterFacts { coop_16x16_f16: true, ..facts(DiscreteGpu, (32, 32), 49152) };
-        assert_eq!(pick(coop), k(Coop16, Coop16, Tile128, Tile128));
+        assert_eq!(pick(coop), k(Coop16, Coop16, Coop16, Tile128));
         // Not with 64-lane subgroups only.
         assert_eq!(pick(AdapterFacts { subgroup_size: (64, 64), ..coop }).family, Tile128);
     }

@@ -1,10 +1,10 @@
 //! Opening a GPU context: the adapter and the kernel families the table picks
 //! (`gpu/family.rs`), then the self-test of any family that must prove itself on this GPU
 //! before it is used. Today that is coop16, whose cooperative-matrix kernels no CPU adapter can
-//! run: an NF4 matmul (and one with a split reduction) against the CPU twin, within the bound
-//! of rounding both operands to f16. A failure reopens the device with the family the table
-//! would pick without matrix units and records why in [`AdapterReport::coop16_self_test`];
-//! when coop16 was forced, it is an error instead.
+//! run: NF4 matmuls forward and for the input gradient (and each with a split reduction)
+//! against the CPU twin, within the bound of rounding both operands to f16. A failure reopens
+//! the device with the family the table would pick without matrix units and records why in
+//! [`AdapterReport::coop16_self_test`]; when coop16 was forced, it is an error instead.
 
 use super::context::{AdapterReport, GpuContext, GpuOptions};
 use super::family::{self, KernelFamily};
@@ -66,15 +66,73 @@ fn settle_coop16(report: &AdapterReport, outcome: Result<String>) -> Result<Sett
 /// Unit roundoff of f16.
 const F16_U: f64 = 1.0 / 2048.0;
 
-/// Runs the coop16 forward kernel on NF4 weights and compares every output with the CPU twin:
-/// `|gpu - cpu| <= (2u + 1e-5) * sum_j |x_j w_j| + 1e-6`, two f16 roundings of each product
-/// (u = 2^-11) plus f32 summation in another order. Returns the worst error as a share of its
-/// bound.
+/// How far a coop16 output `out[r, c] = sum_j a[j] b[j]` (`a` a row of the activations or
+/// gradients, `b` a weight row, both `red` long) may lie from the exact sum:
+/// - each operand rounded to f16 (relative u = 2^-11 each, for normal values): (2u + u^2) of
+///   the mass sum_j |a_j b_j|;
+/// - the sums in f32 on both sides, in different orders: 2 red 2^-24 of the mass;
+/// - an operand in f16's subnormal range is off by up to 2^-25 absolutely: b as it is
+///   (2^-25 sum_j |a_j|), a after its row was scaled to a largest magnitude of at least 2^14
+///   (2^-39 max_j |a_j| sum_j |b_j|).
+pub(crate) fn f16_bound(a: &[f32], b: &[f32]) -> f64 {
+    let (mut mass, mut sum_a, mut sum_b, mut top_a) = (0f64, 0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x).abs(), f64::from(y).abs());
+        mass += x * y;
+        sum_a += x;
+        sum_b += y;
+        top_a = top_a.max(x);
+    }
+    let f32_sums = 2.0 * a.len() as f64 * f64::powi(2.0, -24);
+    (2.0 * F16_U + F16_U * F16_U + f32_sums) * mass + f64::powi(2.0, -25) * sum_a + f64::powi(2.0, -39) * top_a * sum_b
+}
+
+/// One self-test case: `x` (rows, red) against `w` (cols, red) as the kernel reads them.
+struct Case<'a> {
+    label: &'a str,
+    rows: usize,
+    cols: usize,
+    red: usize,
+    x: &'a [f32],
+    w_rows: &'a [f32],
+}
+
+/// Compares every output with its CPU twin within [`f16_bound`]; returns the worst error as a
+/// share of its bound.
+fn check_case(c: &Case<'_>, got: &[f32], want: &[f32]) -> Result<f64> {
+    let mut worst = 0f64;
+    for r in 0..c.rows {
+        for col in 0..c.cols {
+            let bound = f16_bound(&c.x[r * c.red..][..c.red], &c.w_rows[col * c.red..][..c.red]);
+            let (g, w) = (got[r * c.cols + col], want[r * c.cols + col]);
+            let err = (f64::from(g) - f64::from(w)).abs();
+            if err.is_nan() || err > bound {
+                return Err(Error::Gpu(format!(
+                    "{} {}x{}x{}: output ({r}, {col}) is {g} where the CPU twin gives {w} (bound {bound:.3e})",
+                    c.label, c.rows, c.cols, c.red
+                )));
+            }
+            worst = worst.max(err / bound.max(f64::MIN_POSITIVE));
+        }
+    }
+    Ok(worst)
+}
+
+/// Runs the coop16 kernels on NF4 weights and compares every output with the CPU twin within
+/// [`f16_bound`]: the forward product on activations of moderate size and of sizes past f16's
+/// largest value, and the input gradient on gradients far below f16's smallest normal value
+/// (each row's power-of-two scale is what keeps them exact to f16's precision). Returns the
+/// worst error as a share of its bound.
 fn coop16_self_test(ctx: &GpuContext) -> Result<String> {
     let mut worst = 0f64;
-    // A 2 x 2 grid of blocks with partial tiles; then a small grid whose long reduction is split.
-    for (i, &(m, n, k, block)) in [(130usize, 136usize, 264usize, 64usize), (20, 40, 1024, 64)].iter().enumerate() {
-        let x = values(m * k, 1 + i as u64, 1.0);
+    // A 2 x 2 grid of blocks with partial tiles; a small grid whose long reduction is split;
+    // activations up to 1e6 (f16's largest value is 65504).
+    for (i, &(m, n, k, block, scale)) in
+        [(130usize, 136usize, 264usize, 64usize, 1.0f32), (20, 40, 1024, 64, 1.0), (130, 136, 264, 64, 1e6)]
+            .iter()
+            .enumerate()
+    {
+        let x = values(m * k, 1 + i as u64, scale);
         let w = values(n * k, 11 + i as u64, 0.1);
         let q = crate::quant::nf4::quantize(&w, &[n, k], block).map_err(|e| Error::Gpu(format!("NF4: {e}")))?;
         let wd = q.dequantize();
@@ -95,21 +153,37 @@ fn coop16_self_test(ctx: &GpuContext) -> Result<String> {
         ctx.submit_encoder(&mut enc);
         let got = ctx.read_f32(&y, m * n)?;
         ctx.check()?;
-        for r in 0..m {
-            for c in 0..n {
-                let mass: f64 = (0..k).map(|j| f64::from((x[r * k + j] * wd[c * k + j]).abs())).sum();
-                let bound = (2.0 * F16_U + 1e-5) * mass + 1e-6;
-                let err = (f64::from(got[r * n + c]) - f64::from(want[r * n + c])).abs();
-                if err.is_nan() || err > bound {
-                    return Err(Error::Gpu(format!(
-                        "{m}x{n}x{k}: output ({r}, {c}) is {} where the CPU twin gives {} (bound {bound:.3e})",
-                        got[r * n + c],
-                        want[r * n + c]
-                    )));
-                }
-                worst = worst.max(err / bound);
-            }
-        }
+        let case = Case { label: "forward", rows: m, cols: n, red: k, x: &x, w_rows: &wd };
+        worst = worst.max(check_case(&case, &got, &want)?);
+    }
+    // The input gradient dx (m, k) = dy (m, n) W (n, k), with dy around 1e-6 (below f16's
+    // normal range), over a 2 x 2 grid and over a split reduction.
+    for (i, &(m, n, k, block)) in [(130usize, 264usize, 136usize, 64usize), (20, 1024, 128, 64)].iter().enumerate() {
+        let dy = values(m * n, 21 + i as u64, 1e-6);
+        let w = values(n * k, 31 + i as u64, 0.1);
+        let q = crate::quant::nf4::quantize(&w, &[n, k], block).map_err(|e| Error::Gpu(format!("NF4: {e}")))?;
+        let wd = q.dequantize();
+        let want = crate::reference::matmul_backward(&dy, &wd, m, n, k);
+        let (gb, pb, ab) = (
+            ctx.storage_from("self-test dy", &dy),
+            ctx.storage_from("packed", &q.packed),
+            ctx.storage_from("absmax", &q.absmax),
+        );
+        let dx = ctx.storage_zeroed("self-test dx", m * k);
+        let mut enc = ctx.encoder();
+        let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: block };
+        let dy_cols = launch::DyCols::whole(&gb, n);
+        launch::matmul_backward(
+            ctx,
+            &mut enc,
+            launch::MatmulGrad { dy: dy_cols, w: w4, dx: &dx, m, n, k, out: OutCols::whole(k) },
+        )?;
+        ctx.submit_encoder(&mut enc);
+        let got = ctx.read_f32(&dx, m * k)?;
+        ctx.check()?;
+        let wt: Vec<f32> = (0..k * n).map(|i| wd[(i % n) * k + i / n]).collect();
+        let case = Case { label: "input gradient", rows: m, cols: k, red: n, x: &dy, w_rows: &wt };
+        worst = worst.max(check_case(&case, &got, &want)?);
     }
     Ok(format!("worst error {:.1} % of the f16 bound", 100.0 * worst))
 }
@@ -128,6 +202,46 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What coop16 does to one output, on the CPU: the row of `a` scaled by the power of two
+    /// the kernel picks (when `scaled`), both operands rounded to f16, the products summed in
+    /// f64 and the scale divided out.
+    fn coop16_like(a: &[f32], b: &[f32], scaled: bool) -> f64 {
+        let top = a.iter().fold(0f32, |t, v| t.max(v.abs()));
+        let e = if scaled && top > 0.0 { (15 - (top.log2().floor() as i32 + 1)).clamp(-126, 126) } else { 0 };
+        let h = |v: f32| f64::from(half::f16::from_f32(v).to_f32());
+        let sum: f64 = a.iter().zip(b).map(|(&x, &y)| h(x * 2f32.powi(e)) * h(y)).sum();
+        sum / 2f64.powi(e)
+    }
+
+    /// The bound holds for the kernel's arithmetic, on moderate operands, on gradients far
+    /// below f16's normal range and on activations past its largest value, and is tight enough
+    /// to catch the same gradients without the row scale (flushed to zero or to f16's coarse
+    /// subnormals) and activations that overflow.
+    #[test]
+    fn the_f16_bound_holds_for_the_scaled_rounding_and_catches_the_unscaled_one() {
+        for (scale, unscaled_fails) in [(1.0f32, false), (1e-6, true), (3e-9, true), (1e6, true)] {
+            let mut worst = [0f64; 2];
+            for row in 0..64u64 {
+                let a = values(512, 100 + row, scale);
+                let b = values(512, 900 + row, 0.1);
+                let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+                let bound = f16_bound(&a, &b);
+                for (i, scaled) in [true, false].into_iter().enumerate() {
+                    let err = (coop16_like(&a, &b, scaled) - exact).abs();
+                    worst[i] = worst[i].max(if err.is_nan() { f64::INFINITY } else { err / bound });
+                }
+            }
+            assert!(worst[0] <= 1.0, "scale {scale}: the scaled rounding is {:.2} of the bound", worst[0]);
+            assert!(worst[0] > 0.01, "scale {scale}: a bound 100 times too loose ({:.4})", worst[0]);
+            assert_eq!(
+                worst[1] > 1.0,
+                unscaled_fails,
+                "scale {scale}: unscaled rounding at {:.2} of the bound",
+                worst[1]
+            );
+        }
+    }
 
     /// The fallback path, which no CPU adapter reaches through a real self-test.
     #[test]

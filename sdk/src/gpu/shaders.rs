@@ -171,11 +171,15 @@ shaders! {
     ATTENTION_T128 = "attention_t128";
     ATTENTION_BACKWARD_Q_T128 = "attention_backward_q_t128";
     ATTENTION_BACKWARD_KV_T128 = "attention_backward_kv_t128";
-    // The coop16 family: the tile128 forward kernels on the cooperative-matrix core
-    // (shaders/common/coop16.wgsl).
+    // The coop16 family: the tile128 forward kernels, and the input gradients through frozen
+    // f16 and NF4 weights, on the cooperative-matrix core (shaders/common/coop16.wgsl).
     MATMUL_COOP16 = "matmul_t128" as "matmul_t128.coop16" [("common/tile128.wgsl", "common/coop16.wgsl")];
     MATMUL_F16_COOP16 = "matmul_f16_t128" as "matmul_f16_t128.coop16" [("common/tile128.wgsl", "common/coop16.wgsl")];
     MATMUL_NF4_COOP16 = "matmul_nf4_t128" as "matmul_nf4_t128.coop16" [("common/tile128.wgsl", "common/coop16.wgsl")];
+    MATMUL_F16_BACKWARD_COOP16 = "matmul_f16_backward_t128" as "matmul_f16_backward_t128.coop16"
+        [("common/tile128.wgsl", "common/coop16.wgsl")];
+    MATMUL_NF4_BACKWARD_COOP16 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop16"
+        [("common/tile128.wgsl", "common/coop16.wgsl")];
 }
 
 const SNIPPETS: &[(&str, &str)] = &[

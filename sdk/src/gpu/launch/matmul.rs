@@ -187,8 +187,8 @@ struct ManyRows {
     red: u32,
 }
 
-/// One many-row matmul in each kernel family (see [`crate::gpu::family`]); coop16 has forward
-/// kernels only.
+/// One many-row matmul in each kernel family (see [`crate::gpu::family`]); coop16 has the
+/// forward kernels and the input gradients through frozen (f16, NF4) weights.
 #[derive(Clone, Copy)]
 struct Family {
     portable: &'static Shader,
@@ -217,13 +217,13 @@ const F16_DX: Family = Family {
     portable: &MATMUL_F16_BACKWARD,
     simd8: &MATMUL_F16_BACKWARD_SIMD8,
     tile128: &MATMUL_F16_BACKWARD_T128,
-    coop16: None,
+    coop16: Some(&MATMUL_F16_BACKWARD_COOP16),
 };
 const NF4_DX: Family = Family {
     portable: &MATMUL_NF4_BACKWARD,
     simd8: &MATMUL_NF4_BACKWARD_SIMD8,
     tile128: &MATMUL_NF4_BACKWARD_T128,
-    coop16: None,
+    coop16: Some(&MATMUL_NF4_BACKWARD_COOP16),
 };
 const DENSE_DW: Family = Family {
     portable: &MATMUL_BACKWARD_W,
