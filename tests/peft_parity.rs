@@ -35,6 +35,21 @@ fn batch(fx: &Fixture, name: &str) -> Batch {
     Batch::pack(samples.iter().map(|(i, t)| (&i[..], &t[..]))).expect("pack")
 }
 
+/// What a family's arithmetic adds to the f32 tolerances, as a share of the compared value's
+/// scale: nothing where every product is f32. The coop16 family rounds the operands of the
+/// products through frozen weights (and the LoRA forward products) to f16, so each product is
+/// off by up to 2u of its mass (u = 2^-11; gpu/probe.rs); a value passes through at most
+/// `depth` such products in series, each error carried on through the ones after it, so up to
+/// 2u depth. Counted on the fixtures' two layers: per layer q/k/v, LoRA B, o, LoRA B, gate/up,
+/// LoRA B, down, LoRA B forward (8) and o, q/k/v, down, gate/up backward (4), lm_head both ways.
+fn f16_share(ctx: &GpuContext, depth: usize) -> f32 {
+    if common::f16_products(ctx) { 2.0 * depth as f32 / 2048.0 } else { 0.0 }
+}
+
+/// Serial f16 products of the two-layer fixtures: forward to the loss, and to a gradient.
+const FORWARD_DEPTH: usize = 2 * 8 + 1;
+const GRADIENT_DEPTH: usize = FORWARD_DEPTH + 1 + 2 * 4;
+
 /// Runs `f` on a context of every kernel family the adapter can run.
 fn in_every_family(f: impl Fn(Arc<GpuContext>)) {
     for ctx in gpus() {
@@ -68,7 +83,9 @@ fn one_step_on(ctx: Arc<GpuContext>, kind: &str) {
     let loss = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
     let want: f64 = fx.metadata("loss").parse().expect("loss");
     eprintln!("{kind}: loss {loss} vs PEFT {want}");
-    assert!((loss - want).abs() <= 1e-4 * want.abs(), "{kind}: loss {loss} vs PEFT {want}");
+    let loss_tol = 1e-4 + f64::from(f16_share(&model.ctx, FORWARD_DEPTH));
+    assert!((loss - want).abs() <= loss_tol * want.abs(), "{kind}: loss {loss} vs PEFT {want}");
+    let grad_share = f16_share(&model.ctx, GRADIENT_DEPTH);
     let g = model.ctx.read_f32(&grads, adapter.layout.len).expect("grads");
     let mut worst = 0f32;
     for s in &adapter.layout.slots {
@@ -82,8 +99,8 @@ fn one_step_on(ctx: Arc<GpuContext>, kind: &str) {
             // Same maths in f32 on both sides; what differs is summation order over the batch
             // (M <= 40 tokens) and the hidden sizes (<= 128), a few ulps of the largest terms:
             // 1e-4 relative, with a floor of 1e-4 of the tensor's largest gradient for the
-            // entries near zero.
-            assert_close(&key, got, &want, 1e-4, 1e-4 * scale);
+            // entries near zero. The f16 products add their share of the largest gradient.
+            assert_close(&key, got, &want, 1e-4, (1e-4 + grad_share) * scale);
         }
     }
     eprintln!("{kind}: worst gradient error {worst:e} of the tensor's largest gradient");
@@ -135,8 +152,13 @@ fn curve_on(ctx: Arc<GpuContext>, kind: &str, checkpointing: bool) {
         eprintln!("{kind} step {step}: loss {loss:.7} (PEFT {wl:.7}), grad norm {norm:.6} (PEFT {wn:.6})");
         // The bound: 1e-3 relative per step. Observed differences are ~1e-6: the same
         // f32 maths, summed in other orders.
-        assert!((loss - wl).abs() <= 1e-3 * wl.abs(), "{kind} step {step}: loss {loss} vs PEFT {wl}");
-        assert!((f64::from(norm) - wn).abs() <= 1e-3 * wn, "{kind} step {step}: grad norm {norm} vs PEFT {wn}");
+        // The f16 products add their share (see f16_share).
+        let (loss_tol, norm_tol) = (
+            1e-3 + f64::from(f16_share(&model.ctx, FORWARD_DEPTH)),
+            1e-3 + f64::from(f16_share(&model.ctx, GRADIENT_DEPTH)),
+        );
+        assert!((loss - wl).abs() <= loss_tol * wl.abs(), "{kind} step {step}: loss {loss} vs PEFT {wl}");
+        assert!((f64::from(norm) - wn).abs() <= norm_tol * wn, "{kind} step {step}: grad norm {norm} vs PEFT {wn}");
     }
     let trained = gpu.download(&model.ctx).expect("download");
     let mut worst = 0f32;
@@ -144,14 +166,19 @@ fn curve_on(ctx: Arc<GpuContext>, kind: &str, checkpointing: bool) {
         for (is_b, off, len) in [(false, s.a, 4 * s.n_in), (true, s.b, s.n_out * 4)] {
             let want = fx.f32(&format!("trained.{}", Layout::peft_key(s, is_b)));
             for (a, b) in trained.params[off..off + len].iter().zip(&want) {
-                worst = worst.max((a - b).abs());
+                let d = (a - b).abs();
+                worst = if d.is_nan() { f32::INFINITY } else { worst.max(d) };
             }
         }
     }
     eprintln!("{kind}: max parameter difference after 10 steps {worst:e}");
     // Each AdamW update moves a parameter by at most about lr = 1e-2; the updates follow the
     // sign of m / sqrt(v), so they agree wherever the gradients do. 1e-4 is 1% of one step.
-    assert!(worst <= 1e-4, "{kind}: parameters after 10 steps differ from PEFT's by {worst}");
+    // With f16 products, a gradient within their error of zero can take the other sign, and
+    // that parameter then moves the other way: up to 2 lr a step apart (the loss curve above
+    // is what shows the training agrees).
+    let bound = if f16_share(&model.ctx, 1) > 0.0 { 2.0 * 1e-2 * 10.0 } else { 1e-4 };
+    assert!(worst <= bound, "{kind}: parameters after 10 steps differ from PEFT's by {worst}");
 }
 
 #[test]

@@ -2,10 +2,10 @@
 //   out[r, c] = sum_j A(r, j) * B(c, j),
 // on the GPU's matrix units through cooperative matrices (wgpu's
 // EXPERIMENTAL_COOPERATIVE_MATRIX): 16 x 16 x 16 fragments with f16 operands and f32
-// accumulators. It stands in for common/tile128.wgsl in the tile128 forward kernels (variants
-// in gpu/shaders.rs); its `enable` lines move to the top of the module when it is expanded.
-enable f16;
-enable wgpu_cooperative_matrix;
+// accumulators. It stands in for common/tile128.wgsl in the tile128 forward and input-gradient
+// kernels (variants in gpu/shaders.rs). The matrix operations are in common/coop_mma.wgsl (its
+// `enable` lines move to the top of the module when it is expanded); the variants that swap in
+// common/coop_mma_emulated.wgsl run everything else here on adapters without matrix units.
 //
 //   - A workgroup of 256 threads, 8 subgroups of 32, computes a 128 x 128 output block; subgroup
 //     s owns rows 32 (s / 2) .. + 32 and columns 64 (s % 2) .. + 64: 2 x 4 accumulator fragments.
@@ -45,6 +45,7 @@ var<workgroup> row_exp: array<i32, 128>;                           // each row o
 
 #include "common/tile_fetch.wgsl"
 #include "common/matmul_store.wgsl"
+#include "common/coop_mma.wgsl"
 
 // Stores a chunk, rounded to f16, into a staged tile (a_half when `is_a`, each value times its
 // row's scale).
@@ -95,8 +96,8 @@ fn scale_rows(r0: u32, j_begin: u32, j_end: u32, lid: u32) {
 // Writes one accumulator fragment, rows row0.. (row block_row.. of the block) and columns
 // col0.. of the output, through the subgroup's scratch, with the rows' scales divided out: lane
 // l writes row l / 2, columns 8 (l % 2) .. + 8.
-fn write_fragment(f: coop_mat16x16<f32, C>, s: u32, lane: u32, block_row: u32, row0: u32, col0: u32, n_rows: u32, n_cols: u32) {
-    coopStoreT(f, &frag_out[s * 256u], 16u);
+fn write_fragment(f: AccFrag, s: u32, lane: u32, block_row: u32, row0: u32, col0: u32, n_rows: u32, n_cols: u32) {
+    store_frag(f, s * 256u);
     workgroupBarrier();
     let i = s * 256u + (lane / 2u) * 16u + (lane % 2u) * 8u;
     let row = row0 + lane / 2u;
@@ -125,14 +126,15 @@ fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
         j_end = min(n_red, j_begin + p.split_k);
     }
     scale_rows(r0, j_begin, j_end, lid);
-    var c00 = coop_mat16x16<f32, C>();
-    var c01 = coop_mat16x16<f32, C>();
-    var c02 = coop_mat16x16<f32, C>();
-    var c03 = coop_mat16x16<f32, C>();
-    var c10 = coop_mat16x16<f32, C>();
-    var c11 = coop_mat16x16<f32, C>();
-    var c12 = coop_mat16x16<f32, C>();
-    var c13 = coop_mat16x16<f32, C>();
+    mma_lane(lane);
+    var c00 = AccFrag();
+    var c01 = AccFrag();
+    var c02 = AccFrag();
+    var c03 = AccFrag();
+    var c10 = AccFrag();
+    var c11 = AccFrag();
+    var c12 = AccFrag();
+    var c13 = AccFrag();
     var next_a = fetch_generic_a(r0, j_begin, lid);
     var next_b = fetch_b(c0, j_begin, lid);
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
@@ -143,20 +145,20 @@ fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
             next_a = fetch_generic_a(r0, j0 + BK, lid);
             next_b = fetch_b(c0, j0 + BK, lid);
         }
-        let a0 = coopLoad<coop_mat16x16<f16, A>>(&a_half[sr], HS);
-        let a1 = coopLoad<coop_mat16x16<f16, A>>(&a_half[sr + 16u], HS);
-        let b0 = coopLoadT<coop_mat16x16<f16, B>>(&b_half[sc], HS);
-        let b1 = coopLoadT<coop_mat16x16<f16, B>>(&b_half[sc + 16u], HS);
-        let b2 = coopLoadT<coop_mat16x16<f16, B>>(&b_half[sc + 32u], HS);
-        let b3 = coopLoadT<coop_mat16x16<f16, B>>(&b_half[sc + 48u], HS);
-        c00 = coopMultiplyAdd(a0, b0, c00);
-        c01 = coopMultiplyAdd(a0, b1, c01);
-        c02 = coopMultiplyAdd(a0, b2, c02);
-        c03 = coopMultiplyAdd(a0, b3, c03);
-        c10 = coopMultiplyAdd(a1, b0, c10);
-        c11 = coopMultiplyAdd(a1, b1, c11);
-        c12 = coopMultiplyAdd(a1, b2, c12);
-        c13 = coopMultiplyAdd(a1, b3, c13);
+        let a0 = load_a_frag(sr);
+        let a1 = load_a_frag(sr + 16u);
+        let b0 = load_b_frag(sc);
+        let b1 = load_b_frag(sc + 16u);
+        let b2 = load_b_frag(sc + 32u);
+        let b3 = load_b_frag(sc + 48u);
+        c00 = mma(a0, b0, c00);
+        c01 = mma(a0, b1, c01);
+        c02 = mma(a0, b2, c02);
+        c03 = mma(a0, b3, c03);
+        c10 = mma(a1, b0, c10);
+        c11 = mma(a1, b1, c11);
+        c12 = mma(a1, b2, c12);
+        c13 = mma(a1, b3, c13);
         workgroupBarrier();
     }
     // Slice z of a split reduction lands z * n_rows rows further down the scratch output.

@@ -160,6 +160,16 @@ pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
             Err(e) => assert!(e.to_string().contains("needs"), "{family}: {e}"),
         }
     }
+    // Without matrix units, the coop16 kernels still run with their matrix operations
+    // emulated: everything else of them is tested here too.
+    if !default.report.cooperative_matrix && default.report.shader_f16 {
+        let opts = GpuOptions { kernels: Some(KernelFamily::Coop16), emulate_coop16: true, ..Default::default() };
+        let ctx = GpuContext::new(&opts).expect("coop16, emulated");
+        assert!(ctx.report.coop16_emulated, "not emulated");
+        let said = ctx.report.coop16_self_test.clone().unwrap_or_default();
+        assert!(said.starts_with("passed"), "the self-test of the emulated coop16 kernels: {said}");
+        all.push(ctx);
+    }
     all.insert(0, default);
     all
 }

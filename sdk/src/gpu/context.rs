@@ -27,6 +27,13 @@ pub struct GpuOptions {
     /// The longest the host waits for the GPU to finish submitted work before it gives up with
     /// an error; `None` reads `EDGETUNE_GPU_TIMEOUT_S`, else [`GPU_TIMEOUT`].
     pub gpu_timeout: Option<std::time::Duration>,
+    /// Lets the coop16 family run on an adapter with f16 arithmetic but no cooperative
+    /// matrices, its matrix operations written out in plain WGSL
+    /// (shaders/common/coop_mma_emulated.wgsl): everything else of those kernels (staging, row
+    /// scales, split reductions, epilogue) and the start-up self-test run as on a GPU with matrix
+    /// units. For tests on CPU adapters; no faster than tile128. An adapter that has the matrix
+    /// units runs the real kernels.
+    pub emulate_coop16: bool,
 }
 
 /// How long the host waits for the GPU by default: far longer than any one training step or
@@ -53,6 +60,8 @@ pub struct AdapterReport {
     pub kernels: Kernels,
     /// What the coop16 family's start-up self-test found, where it ran (see gpu/probe.rs).
     pub coop16_self_test: Option<String>,
+    /// Whether the coop16 kernels run emulated (see [`GpuOptions::emulate_coop16`]).
+    pub coop16_emulated: bool,
     /// What the family table read of the adapter.
     #[serde(skip)]
     pub facts: AdapterFacts,
@@ -75,7 +84,8 @@ impl std::fmt::Display for AdapterReport {
             self.timestamp_query,
             self.cooperative_matrix
         )?;
-        writeln!(f, "kernels: {}", self.kernels)?;
+        let emulated = if self.coop16_emulated { " (coop16's matrix operations emulated in plain WGSL)" } else { "" };
+        writeln!(f, "kernels: {}{emulated}", self.kernels)?;
         if let Some(t) = &self.coop16_self_test {
             writeln!(f, "coop16 self-test: {t}")?;
         }
@@ -244,7 +254,7 @@ impl GpuContext {
             }
         }
         let coop = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        let facts = AdapterFacts {
+        let mut facts = AdapterFacts {
             device_type: info.device_type,
             subgroups: features.contains(wgpu::Features::SUBGROUP),
             subgroup_size: (info.subgroup_min_size, info.subgroup_max_size),
@@ -257,6 +267,15 @@ impl GpuContext {
                         && c.cr_type == wgpu::CooperativeScalarType::F32
                 }),
         };
+        let coop16_emulated =
+            opts.emulate_coop16 && !facts.coop_16x16_f16 && features.contains(wgpu::Features::SHADER_F16);
+        if coop16_emulated {
+            // What the emulation provides: 16 x 16 x 16 f16 products, on groups of 32 threads
+            // that need no subgroup operations.
+            facts.coop_16x16_f16 = true;
+            facts.subgroups = true;
+            facts.subgroup_size = (32, 32);
+        }
         let forced = match opts.kernels {
             Some(f) => Some(f),
             None => family::from_env()?,
@@ -264,7 +283,7 @@ impl GpuContext {
         let kernels = family::choose(&facts, forced)?;
         // Cooperative matrices are an experimental wgpu feature: asked for only when the coop16
         // family is to be tried (and then only used after its self-test).
-        let experimental = if kernels.family == KernelFamily::Coop16 {
+        let experimental = if kernels.family == KernelFamily::Coop16 && !coop16_emulated {
             required |= coop;
             // SAFETY: wgpu asks its callers to acknowledge that experimental features may have
             // bugs. Only the coop16 kernels use this one, and only after the start-up self-test
@@ -300,6 +319,7 @@ impl GpuContext {
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             kernels,
             coop16_self_test: None,
+            coop16_emulated,
             facts,
             forced,
             memory: memory::query(&adapter),
@@ -452,9 +472,15 @@ impl GpuContext {
     /// derived by wgpu, because the params binding takes a dynamic offset.
     pub(crate) fn kernel(&self, shader: &Shader) -> Result<Kernel> {
         let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("pipeline cache poisoned".into()))?;
-        if let Some(k) = cache.get(shader.name) {
+        let asked = shader.name;
+        if let Some(k) = cache.get(asked) {
             return Ok(k.clone());
         }
+        let shader = if self.report.coop16_emulated && shader.uses_cooperative_matrix() {
+            super::shaders::emulated_twin(shader)?
+        } else {
+            shader
+        };
         let source = expand(shader)?;
         let entries: Vec<wgpu::BindGroupLayoutEntry> = shader
             .bindings_in(&source)?
@@ -504,7 +530,7 @@ impl GpuContext {
         }
         Counters::add(&self.counters.pipelines);
         let kernel = Kernel { pipeline, layout };
-        cache.insert(shader.name, kernel.clone());
+        cache.insert(asked, kernel.clone());
         Ok(kernel)
     }
 }

@@ -109,8 +109,8 @@ pub const TILE128_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 4 + 16 * 4;
 pub const ATTENTION_T128_WORKGROUP_BYTES: u32 = (16 * 129 + 32 * 129 + 16 * 32) * 4 + 8;
 
 /// Workgroup memory the coop16 kernels declare: two (16, 136) f16 tiles, eight 16 x 16 f32
-/// fragments and the NF4 code book.
-pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 16 * 4;
+/// fragments, the 128 rows' scale exponents and the NF4 code book.
+pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 128 * 4 + 16 * 4;
 
 /// Why `family` cannot run on the adapter, or `None` when it can.
 pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {

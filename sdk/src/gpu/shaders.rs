@@ -180,6 +180,19 @@ shaders! {
         [("common/tile128.wgsl", "common/coop16.wgsl")];
     MATMUL_NF4_BACKWARD_COOP16 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop16"
         [("common/tile128.wgsl", "common/coop16.wgsl")];
+    // The same five with the matrix operations written out in plain WGSL
+    // (shaders/common/coop_mma_emulated.wgsl): how the coop16 kernels run on adapters without
+    // matrix units when `GpuOptions::emulate_coop16` asks (tests on lavapipe).
+    MATMUL_COOP16_EMULATED = "matmul_t128" as "matmul_t128.coop16.emulated"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl")];
+    MATMUL_F16_COOP16_EMULATED = "matmul_f16_t128" as "matmul_f16_t128.coop16.emulated"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl")];
+    MATMUL_NF4_COOP16_EMULATED = "matmul_nf4_t128" as "matmul_nf4_t128.coop16.emulated"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl")];
+    MATMUL_F16_BACKWARD_COOP16_EMULATED = "matmul_f16_backward_t128" as "matmul_f16_backward_t128.coop16.emulated"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl")];
+    MATMUL_NF4_BACKWARD_COOP16_EMULATED = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop16.emulated"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl")];
 }
 
 const SNIPPETS: &[(&str, &str)] = &[
@@ -189,6 +202,8 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/tile_fetch.wgsl", include_str!("../../../shaders/common/tile_fetch.wgsl")),
     ("common/tile_nf4.wgsl", include_str!("../../../shaders/common/tile_nf4.wgsl")),
     ("common/coop16.wgsl", include_str!("../../../shaders/common/coop16.wgsl")),
+    ("common/coop_mma.wgsl", include_str!("../../../shaders/common/coop_mma.wgsl")),
+    ("common/coop_mma_emulated.wgsl", include_str!("../../../shaders/common/coop_mma_emulated.wgsl")),
     ("common/attention_block.wgsl", include_str!("../../../shaders/common/attention_block.wgsl")),
     ("common/matmul_dw.wgsl", include_str!("../../../shaders/common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
@@ -203,6 +218,16 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/simd8_dx.wgsl", include_str!("../../../shaders/common/simd8_dx.wgsl")),
     ("common/attention_simd8.wgsl", include_str!("../../../shaders/common/attention_simd8.wgsl")),
 ];
+
+/// The plain-WGSL twin of a cooperative-matrix kernel (`NAME.emulated`, see
+/// shaders/common/coop_mma_emulated.wgsl).
+pub fn emulated_twin(shader: &Shader) -> Result<&'static Shader> {
+    let name = format!("{}.emulated", shader.name);
+    ALL_SHADERS
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| Error::Gpu(format!("shader {} has no emulated twin", shader.name)))
+}
 
 /// Expands a shader's source: `#include "common/x.wgsl"` lines (recursively, each snippet once),
 /// `#for VAR in A..B` ... `#end` blocks (see [`unroll`]), and the `const` overrides of a variant.
