@@ -11,7 +11,8 @@
 # keeps the JSON lines; default a temporary one) override the defaults; TORCH=0 skips the
 # PyTorch runs (the table then reads any torch.jsonl already in BENCH_OUT). PROFILE (a shape,
 # default llama-3.2-1b; empty for none) adds one profiled training step of that shape
-# (checkpointing off) whose per-kernel times and GFLOP/s go to profile.json. FAMILIES (default
+# (checkpointing off) whose per-kernel times and GFLOP/s go to profile.json, and the same in
+# each family of FAMILIES to profile-FAMILY.json. FAMILIES (default
 # "tile128 portable"; empty for none) lists kernel families whose training step is measured
 # besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them. Needs the Vulkan
 # loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
@@ -75,6 +76,14 @@ if [ -n "$profile" ]; then
   timeout 300 "$bin" bench-train --random-weights "$profile" --seq "$seq" --rank "$rank" --steps 1 \
     --checkpointing off --max-context "$seq" --profile --json >"$out/profile.json" ||
     echo "bench-gpu.sh: edgetune bench-train --profile failed on $profile" >&2
+  # The same step in each other family, so the tables compare them kernel by kernel.
+  for family in ${FAMILIES-tile128 portable}; do
+    [ "$family" = "$picked" ] && continue
+    echo "== $profile: edgetune bench-train --profile, $family kernels ($((SECONDS - start)) s)" >&2
+    EDGETUNE_KERNELS="$family" timeout 300 "$bin" bench-train --random-weights "$profile" --seq "$seq" \
+      --rank "$rank" --steps 1 --checkpointing off --max-context "$seq" --profile --json >"$out/profile-$family.json" ||
+      echo "bench-gpu.sh: edgetune bench-train --profile ($family kernels) failed on $profile" >&2
+  done
 fi
 echo "== done in $((SECONDS - start)) s; JSON lines in $out" >&2
 python3 "$here/bench_table.py" "$out"

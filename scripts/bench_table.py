@@ -79,22 +79,28 @@ def main():
 
 
 def profile_table(folder):
-    """The slowest kernels of the profiled step (profile.json), if one was taken."""
-    path = os.path.join(folder, "profile.json")
-    if not os.path.exists(path):
-        return
+    """The slowest kernels of each profiled step (profile.json for the adapter's family,
+    profile-FAMILY.json for the others), if any was taken."""
+    names = sorted(n for n in os.listdir(folder) if n.startswith("profile") and n.endswith(".json"))
+    for name in names:
+        one_profile(os.path.join(folder, name))
+
+
+def one_profile(path):
     try:
         with open(path) as f:
             p = json.load(f)
     except (OSError, ValueError) as e:
-        print(f"\nprofile.json unreadable: {e}")
+        print(f"\n{os.path.basename(path)} unreadable: {e}")
         return
+    family = (p.get("kernels") or {}).get("family")
     for m in p.get("modes", []):
         kernels = m.get("profile", [])
         total = sum(k["seconds"] for k in kernels) or 1e-12
         print()
-        print(f"Profiled step of {p.get('model')} (seq {p.get('seq')}, checkpointing "
-              f"{'on' if m['checkpointing'] else 'off'}, timer {m.get('profile_timer')}):")
+        print(f"Profiled step of {p.get('model')} (seq {p.get('seq')}, {family} kernels, checkpointing "
+              f"{'on' if m['checkpointing'] else 'off'}, timer {m.get('profile_timer')}, "
+              f"step {m.get('step_ms', {}).get('median', 0):.1f} ms):")
         print()
         print("| kernel | seconds | share | dispatches | GFLOP/s | GB/s |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")

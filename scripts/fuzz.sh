@@ -17,7 +17,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/.."
 seconds="${1:-30}"
 shift || true
-all="gguf safetensors model_config tokenizer_config data settings peft checkpoint"
+all="gguf safetensors model_config tokenizer_config data settings peft checkpoint batch"
 targets="${*:-$all}"
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/edgetune/fuzz-target}"
 bash "$here/bound-cache.sh" "$CARGO_TARGET_DIR" 6
@@ -58,7 +58,7 @@ out += b'\0' * (-len(out) % 32) + struct.pack('<4f', 1, 2, 3, 4)
 open(sys.argv[1], 'wb').write(out)
 PY
 }
-mkdir -p "$corpus"/{gguf,safetensors,model_config,tokenizer_config,data,settings,peft,checkpoint}
+mkdir -p "$corpus"/{gguf,safetensors,model_config,tokenizer_config,data,settings,peft,checkpoint,batch}
 gguf_seed "$corpus/gguf/seed-minimal.gguf"
 seed safetensors "$fx/peft_llama_adapter/adapter_model.safetensors"
 seed model_config "$fx/tiny_llama/config.json"
@@ -67,6 +67,12 @@ seed tokenizer_config "$fx/tiny_llama/tokenizer_config.json"
 seed data "$root/sdk/data/persona/train.jsonl"
 seed data "$root/tests/data/facts/train.jsonl"
 seed settings "$root/sdk/data/persona/train.toml"
+cat >"$corpus/batch/seed-jobs.jsonl" <<'JOBS'
+# two users, one with its own settings
+{"user": "alice", "data": "alice.jsonl", "config": {"epochs": 2, "lora": {"r": 8}}}
+{"user": "Bob.Smith", "data": "/data/bob.jsonl"}
+{"user": "ALICE", "data": "a.jsonl", "config": {"learning_rate": 1e-4, "data": {"val_fraction": 0.0}}}
+JOBS
 pair "$fx/peft_llama_adapter/adapter_config.json" "$fx/peft_llama_adapter/adapter_model.safetensors" "$corpus/peft/seed-pair"
 pair "$fx/peft_llama_adapter/adapter_model.safetensors" "$fx/peft_llama_adapter/adapter_model.safetensors" "$corpus/checkpoint/seed-pair"
 

@@ -2,6 +2,7 @@
 //! the learning-rate schedules.
 pub mod auto;
 pub mod checkpoint;
+pub mod jobs;
 pub mod optimizer;
 pub mod schedule;
 pub mod trainer;
