@@ -249,3 +249,32 @@ fn a_metadata_array_longer_than_any_real_one_is_refused() {
     let err = err_of(GgufFile::open(&path));
     assert!(err.contains("array.gguf") && err.contains("metadata `bytes`") && err.contains("at most"), "{err}");
 }
+
+/// An adapter whose config claims a rank its tensors do not hold is refused before memory is
+/// sized by the claim. Here r 4096 over a model of the widest accepted shape (hidden 2^17,
+/// intermediate 2^19, two layers) is a 99 GB layout: allocated up front, as it once was, it
+/// aborts the process instead of returning an error.
+#[test]
+fn an_adapter_rank_its_tensors_do_not_bear_out_is_refused_before_allocating() {
+    let d = tmpdir("rank-claim");
+    let fx = common::fixtures().join("peft_llama_adapter");
+    std::fs::copy(fx.join("adapter_model.safetensors"), d.join("adapter_model.safetensors")).expect("copy");
+    let cfg = std::fs::read_to_string(fx.join("adapter_config.json")).expect("read");
+    assert!(cfg.contains("\"r\": 4,"), "fixture has r 4");
+    std::fs::write(d.join("adapter_config.json"), cfg.replace("\"r\": 4,", "\"r\": 4096,")).expect("write");
+    let model_json = std::fs::read_to_string(common::fixtures().join("tiny_llama/config.json")).expect("read");
+    let mut wide = model_json.clone();
+    for (from, to) in [
+        ("\"hidden_size\": 64", "\"hidden_size\": 131072"),
+        ("\"intermediate_size\": 128", "\"intermediate_size\": 524288"),
+        ("\"head_dim\": 16", "\"head_dim\": 256"),
+        ("\"num_attention_heads\": 4", "\"num_attention_heads\": 512"),
+        ("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 512"),
+    ] {
+        assert!(wide.contains(from), "fixture has {from}");
+        wide = wide.replace(from, to);
+    }
+    let model = edgetune::model::config::ModelConfig::from_hf_json(&d.join("config.json"), &wide).expect("accepted");
+    let e = err_of(edgetune::lora::peft::load(&d, &model));
+    assert!(e.contains("adapter_model.safetensors") && e.contains("[4096, 131072]"), "{e}");
+}

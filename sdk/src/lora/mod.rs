@@ -328,7 +328,9 @@ impl Adapter {
             seed: 0,
         };
         let layout = Layout::new(model, &config).map_err(|e| Error::format(path, e.to_string()))?;
-        let mut params = vec![0f32; layout.len];
+        // Memory grows with what the file holds, never with what its config claims: a rank that
+        // the tensors do not bear out is an error before the whole layout is allocated.
+        let mut pieces = Vec::new();
         for s in &layout.slots {
             for (b, off, n) in [(false, s.a, hyper.r * s.n_in), (true, s.b, s.n_out * hyper.r)] {
                 let v = read(s, b)?;
@@ -338,8 +340,19 @@ impl Adapter {
                         format!("layer {} `{}`: {} values, expected {n}", s.layer, s.module.name(), v.len()),
                     ));
                 }
-                params[off..off + n].copy_from_slice(&v);
+                pieces.push((off, v));
             }
+        }
+        pieces.sort_by_key(|p| p.0);
+        let mut params = Vec::with_capacity(pieces.iter().map(|p| p.1.len()).sum());
+        for (off, v) in pieces {
+            if off != params.len() {
+                return Err(Error::format(path, format!("the adapter's layout has a gap at {off}")));
+            }
+            params.extend_from_slice(&v);
+        }
+        if params.len() != layout.len {
+            return Err(Error::format(path, format!("{} values, the layout needs {}", params.len(), layout.len)));
         }
         Ok(Adapter { config, layout, params })
     }
