@@ -26,7 +26,7 @@
 // Rounding the operands to f16 (unit roundoff u = 2^-11) moves each product by at most 2u of
 // its size, so an output moves by at most about 2u sum_j |A(r, j) B(c, j)|, plus what f16's
 // subnormals lose on the smallest operands (at most 2^-25 each, of B, or of A scaled): the bound
-// the start-up self-test (gpu/probe.rs) checks against the CPU twin, forward and for the input
+// the start-up self-test (gpu/probe.rs) checks against exact sums, forward and for the input
 // gradient through NF4, before the family is used. Weight gradients (dA, dB: reductions over
 // tokens of two gradients-sized operands) stay in f32 (tile128).
 //

@@ -15,7 +15,7 @@
 //! gradient-sized operands). `GpuOptions::kernels` or
 //! `EDGETUNE_KERNELS` forces a family (tests run each one the adapter can run); forcing one the
 //! adapter cannot run is an error, never a silent fallback. coop16 is used only after a
-//! start-up self-test on the GPU (`gpu/probe.rs`): an NF4 matmul against the CPU twin within
+//! start-up self-test on the GPU (`gpu/probe.rs`): NF4 matmuls against exact sums within
 //! the f16 rounding bound. When it fails, the adapter gets tile128 and the report says why.
 
 use serde::Serialize;
