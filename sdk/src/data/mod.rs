@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::infer::Rng;
+use crate::prim::Rng;
 use crate::tokenizer::{Message, Tokenizer};
 pub use formats::{BadRecord, Format, Record};
 

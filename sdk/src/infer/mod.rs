@@ -62,40 +62,12 @@ pub struct Generated {
     pub stop_reason: StopReason,
 }
 
-/// A small deterministic RNG (PCG-XSH-RR), so a seed gives the same text on every platform.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// The generator's whole state, to save in a checkpoint.
-    pub fn state(&self) -> u64 {
-        self.0
-    }
-    /// A generator continuing from a saved [`Rng::state`].
-    pub fn from_state(state: u64) -> Self {
-        Rng(state)
-    }
-    pub fn new(seed: u64) -> Self {
-        let mut r = Rng(seed.wrapping_add(0x853c_49e6_748f_ea9b));
-        r.next_u32();
-        r
-    }
-    pub fn next_u32(&mut self) -> u32 {
-        let old = self.0;
-        self.0 = old.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        let xorshifted = (((old >> 18) ^ old) >> 27) as u32;
-        xorshifted.rotate_right((old >> 59) as u32)
-    }
-    /// Uniform in [0, 1).
-    pub fn next_f32(&mut self) -> f32 {
-        (self.next_u32() >> 8) as f32 / (1u32 << 24) as f32
-    }
-}
+pub use crate::prim::Rng;
 
 /// Picks the next token from logits.
 pub fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut Rng) -> u32 {
     if opts.temperature == 0.0 {
-        return crate::reference::argmax(logits);
+        return crate::prim::argmax(logits);
     }
     // Highest first in the total order of f32, the lower id first among equal logits, so that
     // the top-k that the GPU picks (`Model::next_top_k_with`) is the same list.

@@ -262,7 +262,7 @@ impl Layout {
 /// a = sqrt(5)), B = 0, so the adapted model starts equal to the base. Seeded and independent of
 /// the GPU.
 pub fn init_params(layout: &Layout, seed: u64) -> Vec<f32> {
-    let mut rng = crate::infer::Rng::new(seed);
+    let mut rng = crate::prim::Rng::new(seed);
     let mut p = vec![0f32; layout.len];
     for s in &layout.slots {
         let bound = 1.0 / (s.n_in as f32).sqrt();

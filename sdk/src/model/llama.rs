@@ -9,12 +9,11 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::gpu::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
-use crate::hash::{FNV_OFFSET, fnv1a};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
+use crate::prim::{FNV_OFFSET, fnv1a};
 use crate::quant::nf4;
-use crate::reference;
 
 /// How linear weights are held on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -139,7 +138,7 @@ pub(crate) struct Dropout<'a> {
 
 impl<'a> Dropout<'a> {
     pub(crate) fn module_seed(&self, layer: usize, module: Module) -> u32 {
-        reference::lowbias32(self.seed ^ reference::lowbias32((layer * 8 + module.index()) as u32 + 1))
+        crate::prim::lowbias32(self.seed ^ crate::prim::lowbias32((layer * 8 + module.index()) as u32 + 1))
     }
 
     /// Records copying `n` values of `x` into the scratch buffer and masking them there.
@@ -376,7 +375,7 @@ impl Model {
         let final_norm = up.vector("model.norm.weight", h)?;
         let max_context =
             opts.max_context.min(c.max_position_embeddings).min(c.sliding_window.unwrap_or(usize::MAX)).max(1);
-        let table = reference::rope_table(&c.rope_inv_freq(), max_context);
+        let table = crate::prim::rope_table(&c.rope_inv_freq(), max_context);
         let cos_sin = ctx.storage_from("rope cos/sin", &table);
         let weight_bytes = up.bytes;
         Ok(Model {

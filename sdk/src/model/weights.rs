@@ -14,9 +14,9 @@ use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::hash::{FNV_OFFSET, fnv1a};
 use crate::model::config::ModelConfig;
 use crate::model::gguf::GgufFile;
+use crate::prim::{FNV_OFFSET, fnv1a};
 
 /// One memory-mapped safetensors file with its header parsed (and validated) once.
 #[derive(Debug)]

@@ -22,11 +22,11 @@ use super::schedule::{Schedule, ScheduleKind};
 use crate::data::{self, DataConfig, Dataset, Sample, ValSource, Validation};
 use crate::error::{Error, Result};
 use crate::gpu::PendingRead;
-use crate::hash::{FNV_OFFSET, fnv1a};
-use crate::infer::Rng;
 use crate::lora::{Adapter, GpuAdapter, LoraConfig};
 use crate::model::llama::Model;
 use crate::model::training::{Batch, Precision, Workspace, WorkspacePlan};
+use crate::prim::Rng;
+use crate::prim::{FNV_OFFSET, fnv1a};
 
 /// Everything that decides a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

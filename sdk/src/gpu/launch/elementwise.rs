@@ -164,7 +164,7 @@ pub fn dropout(ctx: &GpuContext, enc: &mut Encoder, x: &wgpu::Buffer, n: usize, 
     if !(0.0..1.0).contains(&p) {
         return Err(Error::invalid("dropout", format!("p must be in [0, 1) (got {p})")));
     }
-    let (threshold, scale) = crate::reference::dropout_threshold(p);
+    let (threshold, scale) = crate::prim::dropout_threshold(p);
     let params = DropoutParams { n: u32_of(n, "elements")?, seed, threshold, scale };
     ctx.dispatch(enc, &DROPOUT, &params, &[x], groups_1d(params.n.div_ceil(256)))
 }

@@ -73,7 +73,7 @@ pub fn flag_non_finite(
 pub fn adamw_bias_table(beta1: f32, beta2: f32, steps: usize) -> Vec<f32> {
     (1..=steps as u32)
         .flat_map(|t| {
-            let (c1, c2) = crate::reference::adamw_bias_corrections(beta1, beta2, t);
+            let (c1, c2) = crate::prim::adamw_bias_corrections(beta1, beta2, t);
             [c1, c2]
         })
         .collect()
