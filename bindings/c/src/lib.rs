@@ -361,7 +361,12 @@ impl From<Error> for Fail {
             Error::Unsupported { .. } => EDGETUNE_ERROR_UNSUPPORTED,
             Error::Diverged { .. } => EDGETUNE_ERROR_DIVERGED,
             Error::Invalid { .. } | Error::Cancelled => EDGETUNE_ERROR_INVALID_ARGUMENT,
-            _ => EDGETUNE_ERROR_FORMAT,
+            // Every variant is named, with no catch-all, so that a new one is mapped on purpose.
+            Error::Format { .. }
+            | Error::Shape { .. }
+            | Error::MissingTensor { .. }
+            | Error::Tokenizer { .. }
+            | Error::Template(_) => EDGETUNE_ERROR_FORMAT,
         };
         Fail { status, message: e.to_string() }
     }
