@@ -2,7 +2,8 @@
 # Runs every test: the CPU format tests, every WGSL kernel against its CPU twin on the GPU
 # adapter wgpu finds (lavapipe on a machine without a GPU), parity with transformers and the
 # SmolLM2 checks, GGUF adapters and merges judged by llama.cpp, the Python package's tests, and
-# a brief run of every fuzz target (scripts/fuzz.sh). Ends with one summary line over all.
+# a brief run of every fuzz target (scripts/fuzz.sh), and `cargo package` of each crate that
+# publishes. Ends with one summary line over all.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 log="$(mktemp)"
@@ -26,6 +27,20 @@ if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
   echo "cargo exited with status $status outside any test (a build error, or the run was stopped)"
   failed=1
 fi
+# Each crate that publishes packages and builds from its .crate file alone (so far the shaders
+# crate; the library still includes its integration tests from outside its folder).
+for crate in edgetune-shaders; do
+  if cargo package --locked --offline --allow-dirty -p "$crate" >"$log.pkg" 2>&1; then
+    echo "package $crate: ok"
+    passed=$((passed + 1))
+  else
+    cat "$log.pkg"
+    echo "package $crate: FAILED"
+    failed=$((failed + 1))
+    status=1
+  fi
+  rm -f "$log.pkg"
+done
 # The Python package's tests, on the C library built above (python3's standard library only).
 pylog="$(mktemp)"
 trap 'rm -f "$log" "$pylog"' EXIT

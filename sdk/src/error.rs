@@ -80,3 +80,10 @@ impl Error {
         Error::Invalid { field: field.into(), what: what.into() }
     }
 }
+
+/// A shader that cannot be expanded or read (the registry's error) is a GPU error.
+impl From<edgetune_shaders::ShaderError> for Error {
+    fn from(e: edgetune_shaders::ShaderError) -> Self {
+        Error::Gpu(e.0)
+    }
+}

@@ -3,7 +3,7 @@
 // on the GPU's matrix units through cooperative matrices (wgpu's
 // EXPERIMENTAL_COOPERATIVE_MATRIX): 16 x 16 x 16 fragments with f16 operands and f32
 // accumulators. It stands in for common/tile128.wgsl in the tile128 forward and input-gradient
-// kernels (variants in gpu/shaders.rs). The matrix operations are in common/coop_mma.wgsl (its
+// kernels (variants in shaders/src/lib.rs). The matrix operations are in common/coop_mma.wgsl (its
 // `enable` lines move to the top of the module when it is expanded); the variants that swap in
 // common/coop_mma_emulated.wgsl run everything else here on adapters without matrix units.
 //

@@ -1,5 +1,5 @@
 // The params structs shared by a kernel and its backward (and by the elementwise kernels).
-// Each has a #[repr(C)] twin of the same name in sdk/src/gpu/shaders.rs with a size check.
+// Each has a #[repr(C)] twin of the same name in shaders/src/lib.rs with a size check.
 
 struct RmsNormParams {
     n_rows: u32,

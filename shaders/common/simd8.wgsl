@@ -9,7 +9,7 @@
 //   - the A values of the block's 32 rows are loaded one row per lane (rows l, 8+l, 16+l,
 //     24+l) and handed to the other lanes with subgroupBroadcast, a register shuffle;
 //   - each lane keeps 32 vec4 accumulators, acc0..acc31. A broadcast's lane index must be a
-//     constant, so these loops are unrolled with `#for` (see `unroll` in sdk/src/gpu/shaders.rs).
+//     constant, so these loops are unrolled with `#for` (see `unroll` in shaders/src/lib.rs).
 // Rows and columns past the matrix are clamped on load and skipped on store. The launchers pick
 // these kernels when the adapter is a CPU with subgroups of exactly 8 lanes, and fall back to the
 // tiled kernels for shapes they do not take (a reduction or stride that is not a multiple of 4).

@@ -6,7 +6,7 @@ pub mod launch;
 pub mod memory;
 pub mod probe;
 pub mod profile;
-pub mod shaders;
+pub use edgetune_shaders as shaders;
 
 pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions};
 pub use dispatch::{BindGroups, Encoder, PendingRead};

@@ -1,11 +1,24 @@
-//! The shader registry: every WGSL kernel's source embedded at build time, the preprocessor
+//! edgetune's WGSL compute shaders (the `.wgsl` files of this package) and their registry:
+//! every kernel's source embedded at build time, the preprocessor
 //! (`#include`, `#for` unrolling, a variant's `const` overrides), the bind-group layout read
 //! from each shader's declarations, and one `#[repr(C)]` params struct per shader (with a
 //! compile-time size check against the WGSL struct).
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::error::{Error, Result};
+/// What went wrong in expanding a shader or reading its declarations; it names the shader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShaderError(pub String);
+
+impl std::fmt::Display for ShaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ShaderError {}
+
+pub type Result<T> = std::result::Result<T, ShaderError>;
 
 /// A WGSL shader known to edgetune: a source file and, for a variant, the module constants it
 /// overrides. The name says what a variant changes (`matmul_nf4.m1`) and keys the pipeline cache.
@@ -43,8 +56,8 @@ impl Shader {
     }
 
     /// [`Shader::bindings`] read from this shader's already expanded source.
-    pub(crate) fn bindings_in(&self, source: &str) -> Result<Vec<Binding>> {
-        let bad = |what: String| Error::Gpu(format!("shader {}: {what}", self.name));
+    pub fn bindings_in(&self, source: &str) -> Result<Vec<Binding>> {
+        let bad = |what: String| ShaderError(format!("shader {}: {what}", self.name));
         let mut out = Vec::new();
         for line in source.lines().map(str::trim).filter(|l| !l.starts_with("//") && l.contains("@binding(")) {
             let number = |attr: &str| -> Result<u32> {
@@ -96,7 +109,7 @@ macro_rules! shaders {
     ($($id:ident = $file:literal $(as $name:literal [$(($k:literal, $v:literal)),*])?;)*) => {
         $(pub const $id: Shader = Shader {
             name: shaders!(@name $file $(, $name)?),
-            source: include_str!(concat!("../../../shaders/", $file, ".wgsl")),
+            source: include_str!(concat!("../", $file, ".wgsl")),
             defines: &[$($(($k, $v)),*)?],
         };)*
         /// Every shader, so tests can compile each one on the adapter.
@@ -196,27 +209,27 @@ shaders! {
 }
 
 const SNIPPETS: &[(&str, &str)] = &[
-    ("common/nf4.wgsl", include_str!("../../../shaders/common/nf4.wgsl")),
-    ("common/nf4_code.wgsl", include_str!("../../../shaders/common/nf4_code.wgsl")),
-    ("common/tile128.wgsl", include_str!("../../../shaders/common/tile128.wgsl")),
-    ("common/tile_fetch.wgsl", include_str!("../../../shaders/common/tile_fetch.wgsl")),
-    ("common/tile_nf4.wgsl", include_str!("../../../shaders/common/tile_nf4.wgsl")),
-    ("common/coop16.wgsl", include_str!("../../../shaders/common/coop16.wgsl")),
-    ("common/coop_mma.wgsl", include_str!("../../../shaders/common/coop_mma.wgsl")),
-    ("common/coop_mma_emulated.wgsl", include_str!("../../../shaders/common/coop_mma_emulated.wgsl")),
-    ("common/attention_block.wgsl", include_str!("../../../shaders/common/attention_block.wgsl")),
-    ("common/matmul_dw.wgsl", include_str!("../../../shaders/common/matmul_dw.wgsl")),
-    ("common/matmul.wgsl", include_str!("../../../shaders/common/matmul.wgsl")),
-    ("common/matvec.wgsl", include_str!("../../../shaders/common/matvec.wgsl")),
-    ("common/matmul_forward.wgsl", include_str!("../../../shaders/common/matmul_forward.wgsl")),
-    ("common/matmul_dx.wgsl", include_str!("../../../shaders/common/matmul_dx.wgsl")),
-    ("common/embedding.wgsl", include_str!("../../../shaders/common/embedding.wgsl")),
-    ("common/params.wgsl", include_str!("../../../shaders/common/params.wgsl")),
-    ("common/matmul_store.wgsl", include_str!("../../../shaders/common/matmul_store.wgsl")),
-    ("common/simd8.wgsl", include_str!("../../../shaders/common/simd8.wgsl")),
-    ("common/simd8_forward.wgsl", include_str!("../../../shaders/common/simd8_forward.wgsl")),
-    ("common/simd8_dx.wgsl", include_str!("../../../shaders/common/simd8_dx.wgsl")),
-    ("common/attention_simd8.wgsl", include_str!("../../../shaders/common/attention_simd8.wgsl")),
+    ("common/nf4.wgsl", include_str!("../common/nf4.wgsl")),
+    ("common/nf4_code.wgsl", include_str!("../common/nf4_code.wgsl")),
+    ("common/tile128.wgsl", include_str!("../common/tile128.wgsl")),
+    ("common/tile_fetch.wgsl", include_str!("../common/tile_fetch.wgsl")),
+    ("common/tile_nf4.wgsl", include_str!("../common/tile_nf4.wgsl")),
+    ("common/coop16.wgsl", include_str!("../common/coop16.wgsl")),
+    ("common/coop_mma.wgsl", include_str!("../common/coop_mma.wgsl")),
+    ("common/coop_mma_emulated.wgsl", include_str!("../common/coop_mma_emulated.wgsl")),
+    ("common/attention_block.wgsl", include_str!("../common/attention_block.wgsl")),
+    ("common/matmul_dw.wgsl", include_str!("../common/matmul_dw.wgsl")),
+    ("common/matmul.wgsl", include_str!("../common/matmul.wgsl")),
+    ("common/matvec.wgsl", include_str!("../common/matvec.wgsl")),
+    ("common/matmul_forward.wgsl", include_str!("../common/matmul_forward.wgsl")),
+    ("common/matmul_dx.wgsl", include_str!("../common/matmul_dx.wgsl")),
+    ("common/embedding.wgsl", include_str!("../common/embedding.wgsl")),
+    ("common/params.wgsl", include_str!("../common/params.wgsl")),
+    ("common/matmul_store.wgsl", include_str!("../common/matmul_store.wgsl")),
+    ("common/simd8.wgsl", include_str!("../common/simd8.wgsl")),
+    ("common/simd8_forward.wgsl", include_str!("../common/simd8_forward.wgsl")),
+    ("common/simd8_dx.wgsl", include_str!("../common/simd8_dx.wgsl")),
+    ("common/attention_simd8.wgsl", include_str!("../common/attention_simd8.wgsl")),
 ];
 
 /// The plain-WGSL twin of a cooperative-matrix kernel (`NAME.emulated`, see
@@ -226,7 +239,7 @@ pub fn emulated_twin(shader: &Shader) -> Result<&'static Shader> {
     ALL_SHADERS
         .iter()
         .find(|s| s.name == name)
-        .ok_or_else(|| Error::Gpu(format!("shader {} has no emulated twin", shader.name)))
+        .ok_or_else(|| ShaderError(format!("shader {} has no emulated twin", shader.name)))
 }
 
 /// Expands a shader's source: `#include "common/x.wgsl"` lines (recursively, each snippet once),
@@ -256,11 +269,11 @@ pub fn expand(shader: &Shader) -> Result<String> {
         let prefix = format!("const {name}: u32 = ");
         let start = out
             .find(&prefix)
-            .ok_or_else(|| Error::Gpu(format!("shader {}: no `{prefix}...` to override", shader.name)))?;
+            .ok_or_else(|| ShaderError(format!("shader {}: no `{prefix}...` to override", shader.name)))?;
         let end = start
             + out[start..]
                 .find(';')
-                .ok_or_else(|| Error::Gpu(format!("shader {}: unterminated const", shader.name)))?;
+                .ok_or_else(|| ShaderError(format!("shader {}: unterminated const", shader.name)))?;
         out.replace_range(start..end, &format!("{prefix}{value}"));
     }
     Ok(out)
@@ -275,7 +288,7 @@ fn include_into(shader: &Shader, source: &str, out: &mut String, included: &mut 
             let snippet = SNIPPETS
                 .iter()
                 .find(|(n, _)| *n == name)
-                .ok_or_else(|| Error::Gpu(format!("shader {}: unknown include {name:?}", shader.name)))?;
+                .ok_or_else(|| ShaderError(format!("shader {}: unknown include {name:?}", shader.name)))?;
             if !included.contains(&snippet.0) {
                 included.push(snippet.0);
                 include_into(shader, snippet.1, out, included)?;
@@ -293,7 +306,7 @@ fn include_into(shader: &Shader, source: &str, out: &mut String, included: &mut 
 /// WGSL has no way to make a subgroup lane index or a register name from a loop counter, and the
 /// register-tiled kernels need both.
 pub fn unroll(name: &str, source: &str) -> Result<String> {
-    let bad = |what: String| Error::Gpu(format!("shader {name}: {what}"));
+    let bad = |what: String| ShaderError(format!("shader {name}: {what}"));
     let mut out = String::with_capacity(source.len());
     let mut lines = source.lines();
     while let Some(line) = lines.next() {
