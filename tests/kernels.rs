@@ -84,6 +84,22 @@ fn the_gpu_memory_comes_from_the_backend() {
 /// Runs one matmul on the GPU and compares it with `want`. f32 sums of k products in another
 /// order differ by about sqrt(k) ulps of the terms, hence the absolute tolerance.
 #[allow(clippy::too_many_arguments)]
+/// Records `times` dense forward products y (=/+=) x W^T of shape (m, n, k).
+fn dense_matmuls(
+    ctx: &GpuContext,
+    enc: &mut edgetune::gpu::Encoder,
+    (x, w, y): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+    (m, n, k): (usize, usize, usize),
+    out: launch::OutCols,
+    times: usize,
+) -> edgetune::Result<()> {
+    for _ in 0..times {
+        let w = launch::Weight::Dense(w);
+        launch::matmul_forward(ctx, enc, launch::Matmul { x, w, bias: None, y, m, n, k, out })?;
+    }
+    Ok(())
+}
+
 /// A forward product on the GPU against `want`, its twin on the host operands `hosts` (x and
 /// the weight as the kernel reads it), within the f16 bound where coop16 runs it.
 fn check_matmul(
@@ -716,15 +732,7 @@ fn profiling_counts_every_dispatch_with_its_declared_cost() {
         assert_eq!(timer, expected);
         assert_eq!(ctx.profiling(), Some(timer));
         run(&ctx, |enc| {
-            for _ in 0..launches {
-                let out = launch::OutCols::whole(n).accumulated();
-                launch::matmul_forward(
-                    &ctx,
-                    enc,
-                    launch::Matmul { x: &x, w: launch::Weight::Dense(&w), bias: None, y: &y, m, n, k, out },
-                )?;
-            }
-            Ok(())
+            dense_matmuls(&ctx, enc, (&x, &w, &y), (m, n, k), launch::OutCols::whole(n).accumulated(), launches)
         });
         let kernels = ctx.stop_profiling().expect("profile");
         assert_eq!(ctx.profiling(), None);
@@ -797,17 +805,7 @@ fn a_gpu_that_does_not_finish_in_time_is_an_error() {
     let (m, n, k) = (512, 2048, 2048);
     let (x, w, y) = (ctx.storage_zeroed("x", m * k), ctx.storage_zeroed("w", n * k), ctx.storage_zeroed("y", m * n));
     let repeats = if may_finish_in_submit { 1 } else { 64 };
-    run(&ctx, |enc| {
-        for _ in 0..repeats {
-            let out = launch::OutCols::whole(n);
-            launch::matmul_forward(
-                &ctx,
-                enc,
-                launch::Matmul { x: &x, w: launch::Weight::Dense(&w), bias: None, y: &y, m, n, k, out },
-            )?;
-        }
-        Ok(())
-    });
+    run(&ctx, |enc| dense_matmuls(&ctx, enc, (&x, &w, &y), (m, n, k), launch::OutCols::whole(n), repeats));
     match ctx.read_f32(&y, 4) {
         Ok(v) => assert!(may_finish_in_submit && v == [0.0; 4], "a 1 us wait saw a 4-GFLOP matmul finish: {v:?}"),
         Err(e) => {

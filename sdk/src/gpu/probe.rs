@@ -127,62 +127,50 @@ fn check_case(c: &Case<'_>, got: &[f32]) -> Result<f64> {
 /// worst error as a share of its bound.
 fn coop16_self_test(ctx: &GpuContext) -> Result<String> {
     let mut worst = 0f64;
-    // A 2 x 2 grid of blocks with partial tiles; a small grid whose long reduction is split;
-    // activations up to 1e6 (f16's largest value is 65504).
-    for (i, &(m, n, k, block, scale)) in
-        [(130usize, 136usize, 264usize, 64usize, 1.0f32), (20, 40, 1024, 64, 1.0), (130, 136, 264, 64, 1e6)]
-            .iter()
-            .enumerate()
-    {
-        let x = values(m * k, 1 + i as u64, scale);
+    // Forward: a 2 x 2 grid of blocks with partial tiles; a small grid whose long reduction is
+    // split; activations up to 1e6 (f16's largest value is 65504). The input gradient
+    // dx (m, k) = dy (m, n) W (n, k), with dy around 1e-6 (below f16's normal range), over a
+    // 2 x 2 grid and over a split reduction.
+    let cases = [
+        (false, 130usize, 136usize, 264usize, 1.0f32),
+        (false, 20, 40, 1024, 1.0),
+        (false, 130, 136, 264, 1e6),
+        (true, 130, 264, 136, 1e-6),
+        (true, 20, 1024, 128, 1e-6),
+    ];
+    for (i, &(dx, m, n, k, scale)) in cases.iter().enumerate() {
+        let a = values(m * if dx { n } else { k }, 1 + i as u64, scale);
         let w = values(n * k, 11 + i as u64, 0.1);
+        let block = 64;
         let q = crate::quant::nf4::quantize(&w, &[n, k], block).map_err(|e| Error::Gpu(format!("NF4: {e}")))?;
         let wd = q.dequantize();
-        let (xb, pb, ab) = (
-            ctx.storage_from("self-test x", &x),
+        let (ab, pb, sb) = (
+            ctx.storage_from("self-test operand", &a),
             ctx.storage_from("packed", &q.packed),
             ctx.storage_from("absmax", &q.absmax),
         );
-        let y = ctx.storage_zeroed("self-test y", m * n);
+        let w4 = Weight::Nf4 { packed: &pb, absmax: &sb, block_size: block };
+        let cols = if dx { k } else { n };
+        let y = ctx.storage_zeroed("self-test output", m * cols);
         let mut enc = ctx.encoder();
-        let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: block };
-        launch::matmul_forward(
-            ctx,
-            &mut enc,
-            Matmul { x: &xb, w: w4, bias: None, y: &y, m, n, k, out: OutCols::whole(n) },
-        )?;
+        if dx {
+            let dy = launch::DyCols::whole(&ab, n);
+            let g = launch::MatmulGrad { dy, w: w4, dx: &y, m, n, k, out: OutCols::whole(k) };
+            launch::matmul_backward(ctx, &mut enc, g)?;
+        } else {
+            let f = Matmul { x: &ab, w: w4, bias: None, y: &y, m, n, k, out: OutCols::whole(n) };
+            launch::matmul_forward(ctx, &mut enc, f)?;
+        }
         ctx.submit_encoder(&mut enc);
-        let got = ctx.read_f32(&y, m * n)?;
+        let got = ctx.read_f32(&y, m * cols)?;
         ctx.check()?;
-        let case = Case { label: "forward", rows: m, cols: n, red: k, x: &x, w_rows: &wd };
-        worst = worst.max(check_case(&case, &got)?);
-    }
-    // The input gradient dx (m, k) = dy (m, n) W (n, k), with dy around 1e-6 (below f16's
-    // normal range), over a 2 x 2 grid and over a split reduction.
-    for (i, &(m, n, k, block)) in [(130usize, 264usize, 136usize, 64usize), (20, 1024, 128, 64)].iter().enumerate() {
-        let dy = values(m * n, 21 + i as u64, 1e-6);
-        let w = values(n * k, 31 + i as u64, 0.1);
-        let q = crate::quant::nf4::quantize(&w, &[n, k], block).map_err(|e| Error::Gpu(format!("NF4: {e}")))?;
-        let wd = q.dequantize();
-        let (gb, pb, ab) = (
-            ctx.storage_from("self-test dy", &dy),
-            ctx.storage_from("packed", &q.packed),
-            ctx.storage_from("absmax", &q.absmax),
-        );
-        let dx = ctx.storage_zeroed("self-test dx", m * k);
-        let mut enc = ctx.encoder();
-        let w4 = Weight::Nf4 { packed: &pb, absmax: &ab, block_size: block };
-        let dy_cols = launch::DyCols::whole(&gb, n);
-        launch::matmul_backward(
-            ctx,
-            &mut enc,
-            launch::MatmulGrad { dy: dy_cols, w: w4, dx: &dx, m, n, k, out: OutCols::whole(k) },
-        )?;
-        ctx.submit_encoder(&mut enc);
-        let got = ctx.read_f32(&dx, m * k)?;
-        ctx.check()?;
-        let wt: Vec<f32> = (0..k * n).map(|i| wd[(i % n) * k + i / n]).collect();
-        let case = Case { label: "input gradient", rows: m, cols: k, red: n, x: &dy, w_rows: &wt };
+        // The weight as the product reads it: rows of W forward, its columns for dx.
+        let (label, red, w_rows) = if dx {
+            ("input gradient", n, (0..k * n).map(|i| wd[(i % n) * k + i / n]).collect())
+        } else {
+            ("forward", k, wd)
+        };
+        let case = Case { label, rows: m, cols, red, x: &a, w_rows: &w_rows };
         worst = worst.max(check_case(&case, &got)?);
     }
     Ok(format!("worst error {:.1} % of the f16 bound", 100.0 * worst))
