@@ -27,20 +27,19 @@ if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
   echo "cargo exited with status $status outside any test (a build error, or the run was stopped)"
   failed=1
 fi
-# Each crate that publishes packages and builds from its .crate file alone (so far the shaders
-# crate; the library still includes its integration tests from outside its folder).
-for crate in edgetune-shaders; do
-  if cargo package --locked --offline --allow-dirty -p "$crate" >"$log.pkg" 2>&1; then
-    echo "package $crate: ok"
-    passed=$((passed + 1))
-  else
-    cat "$log.pkg"
-    echo "package $crate: FAILED"
-    failed=$((failed + 1))
-    status=1
-  fi
-  rm -f "$log.pkg"
-done
+# The crates that publish package and build from their .crate files alone (the library's
+# integration tests live outside its folder and are left out of its package, with a warning).
+crates="edgetune-shaders edgetune"
+if cargo package --locked --offline --allow-dirty $(printf -- '-p %s ' $crates) >"$log.pkg" 2>&1; then
+  echo "cargo package $crates: ok"
+  passed=$((passed + 1))
+else
+  cat "$log.pkg"
+  echo "cargo package $crates: FAILED"
+  failed=$((failed + 1))
+  status=1
+fi
+rm -f "$log.pkg"
 # The Python package's tests, on the C library built above (python3's standard library only).
 pylog="$(mktemp)"
 trap 'rm -f "$log" "$pylog"' EXIT
