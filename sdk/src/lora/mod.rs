@@ -329,8 +329,9 @@ impl Adapter {
         };
         let layout = Layout::new(model, &config).map_err(|e| Error::format(path, e.to_string()))?;
         // Memory grows with what the file holds, never with what its config claims: a rank that
-        // the tensors do not bear out is an error before the whole layout is allocated.
-        let mut pieces = Vec::new();
+        // the tensors do not bear out is an error before the whole layout is allocated. The
+        // layout places each slot's A then B one after another, so the tensors append in order.
+        let mut params = Vec::new();
         for s in &layout.slots {
             for (b, off, n) in [(false, s.a, hyper.r * s.n_in), (true, s.b, s.n_out * hyper.r)] {
                 let v = read(s, b)?;
@@ -340,16 +341,9 @@ impl Adapter {
                         format!("layer {} `{}`: {} values, expected {n}", s.layer, s.module.name(), v.len()),
                     ));
                 }
-                pieces.push((off, v));
+                debug_assert_eq!(off, params.len(), "the layout is contiguous");
+                params.extend_from_slice(&v);
             }
-        }
-        pieces.sort_by_key(|p| p.0);
-        let mut params = Vec::with_capacity(pieces.iter().map(|p| p.1.len()).sum());
-        for (off, v) in pieces {
-            if off != params.len() {
-                return Err(Error::format(path, format!("the adapter's layout has a gap at {off}")));
-            }
-            params.extend_from_slice(&v);
         }
         if params.len() != layout.len {
             return Err(Error::format(path, format!("{} values, the layout needs {}", params.len(), layout.len)));
