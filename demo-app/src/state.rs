@@ -946,6 +946,7 @@ mod tests {
         let mut s = state();
         s.model_source.cache = std::env::temp_dir().join("edgetune-demo-no-such-cache");
         s.model_source.index_url = "http://127.0.0.1:9/simple".into();
+        s.model_source.allow_http = true;
         s.fetch_default_model();
         assert!(s.fetch.is_some() && s.busy.is_some() && !s.can_fetch());
         while s.fetch.is_some() {

