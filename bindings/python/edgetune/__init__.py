@@ -102,6 +102,13 @@ class BusyError(EdgetuneError):
     status = "EDGETUNE_ERROR_BUSY"
 
 
+class OutOfGpuMemoryError(GpuError, MemoryError):
+    """The GPU ran out of memory while allocating; the message names what, the planned bytes
+    and which setting to lower."""
+
+    status = "EDGETUNE_ERROR_OUT_OF_MEMORY"
+
+
 _ERRORS = {
     1: NullArgumentError,
     2: InvalidArgumentError,
@@ -113,6 +120,7 @@ _ERRORS = {
     8: DivergedError,
     9: InternalError,
     10: BusyError,
+    11: OutOfGpuMemoryError,
 }
 __all__ += [cls.__name__ for cls in _ERRORS.values()]
 

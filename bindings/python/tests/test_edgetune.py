@@ -281,6 +281,15 @@ class ErrorTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.model.close()
 
+    def test_every_status_in_the_header_has_its_exception(self):
+        header = (REPO / "bindings" / "c" / "include" / "edgetune.h").read_text()
+        statuses = {int(n): name for name, n in re.findall(r"\b(EDGETUNE_ERROR_[A-Z_]+) = (\d+)", header)}
+        self.assertIn("EDGETUNE_ERROR_OUT_OF_MEMORY", statuses.values())
+        self.assertEqual(sorted(statuses), sorted(edgetune._ERRORS))
+        for n, name in statuses.items():
+            self.assertEqual(edgetune._ERRORS[n].status, name)
+        self.assertTrue(issubclass(edgetune.OutOfGpuMemoryError, MemoryError))
+
     def test_an_unknown_setting_is_named(self):
         with self.assertRaises(edgetune.InvalidArgumentError) as cm:
             self.model.trainer({"learning_rat": 1e-3})

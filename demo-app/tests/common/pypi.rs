@@ -129,7 +129,8 @@ fn answer(mut stream: TcpStream, base: &str, wheel: &[u8], sha256: &str, b: &Beh
         stream.write_all(body.as_bytes())?;
     } else if path == format!("/files/{WHEEL}") {
         if b.no_length {
-            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")?;
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")?;
         } else {
             stream.write_all(head("200 OK", "application/octet-stream", wheel.len()).as_bytes())?;
         }

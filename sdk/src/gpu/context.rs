@@ -428,6 +428,35 @@ impl GpuContext {
         ring.pending_start = ring.next;
     }
 
+    /// Runs `make`, which creates GPU buffers, and turns the driver running out of memory
+    /// meanwhile into [`Error::OutOfMemory`] naming `what`, the `planned_bytes` and what to
+    /// change. (wgpu reports a failed allocation as an error, not through the `create_*` call;
+    /// unscoped, it would surface at the next [`GpuContext::check`] without the plan.)
+    pub fn allocating<T>(
+        &self,
+        what: &str,
+        planned_bytes: u64,
+        advice: &str,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let made = make();
+        match pollster::block_on(scope.pop()) {
+            Some(e) => {
+                let memory = match self.report.memory {
+                    Some(m) => format!("the GPU reports {} MiB", m.total_bytes >> 20),
+                    None => "the GPU reports no size".to_string(),
+                };
+                Err(Error::OutOfMemory {
+                    what: what.to_string(),
+                    planned_bytes,
+                    detail: format!("the driver says \"{e}\" ({memory}); {advice}"),
+                })
+            }
+            None => made,
+        }
+    }
+
     /// Returns (and clears) the first GPU error reported since the last check, or that the
     /// device was lost (which stays).
     pub fn check(&self) -> Result<()> {

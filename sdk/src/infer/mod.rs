@@ -129,7 +129,7 @@ pub fn generate(
     let mut eos: Vec<u32> = tokenizer.eos_ids.clone();
     eos.extend(&model.config.eos_token_ids);
     let mut rng = Rng::new(opts.seed);
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache()?;
     if prompt_ids.len() >= cache.capacity {
         return Err(Error::invalid(
             "prompt",

@@ -283,10 +283,18 @@ impl Uploader<'_> {
         Ok(v)
     }
 
+    /// A buffer holding `data`, counted in the weights' bytes; the driver running out of memory
+    /// is an error naming the tensor and the bytes uploaded up to it.
+    fn buffer<T: bytemuck::Pod>(&mut self, name: &str, data: &[T]) -> Result<wgpu::Buffer> {
+        self.bytes += std::mem::size_of_val(data) as u64;
+        let what = format!("the model's weights up to `{name}`");
+        let advice = "load a smaller model, or close what else uses the GPU";
+        self.ctx.allocating(&what, self.bytes, advice, || Ok(self.ctx.storage_from(name, data)))
+    }
+
     fn vector(&mut self, name: &str, n: usize) -> Result<wgpu::Buffer> {
         let v = self.get(name, &[n])?;
-        self.bytes += (n * 4) as u64;
-        Ok(self.ctx.storage_from(name, &v))
+        self.buffer(name, &v)
     }
 
     fn linear(&mut self, prefix: &str, n_out: usize, n_in: usize, bias: bool) -> Result<Linear> {
@@ -297,10 +305,9 @@ impl Uploader<'_> {
         // (every real model's do); other shapes stay dense.
         let weight = if self.opts.quant == Quant::Nf4 && n_in.is_multiple_of(8) && bs.is_multiple_of(8) {
             let q = nf4::quantize(&w, &[n_out, n_in], bs).map_err(|e| Error::invalid("NF4 block size", e))?;
-            self.bytes += (q.packed.len() + q.absmax.len() * 4) as u64;
             LinearWeight::Nf4 {
-                packed: self.ctx.storage_from(&name, &q.packed),
-                absmax: self.ctx.storage_from(&name, &q.absmax),
+                packed: self.buffer(&name, &q.packed)?,
+                absmax: self.buffer(&name, &q.absmax)?,
                 block_size: bs,
             }
         } else {
@@ -315,8 +322,7 @@ impl Uploader<'_> {
                     ),
                 ));
             }
-            self.bytes += (w.len() * 4) as u64;
-            LinearWeight::Dense(self.ctx.storage_from(&name, &w))
+            LinearWeight::Dense(self.buffer(&name, &w)?)
         };
         let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), n_out)?) } else { None };
         Ok(Linear { weight, bias, n_out, n_in })
@@ -336,14 +342,13 @@ impl Uploader<'_> {
             let part = &data[start * dim..(start + n) * dim];
             let buf = if f16 {
                 let halves: Vec<half::f16> = part.iter().map(|&v| half::f16::from_f32(v)).collect();
-                self.ctx.storage_from(name, &halves)
+                self.buffer(name, &halves)?
             } else {
-                self.ctx.storage_from(name, part)
+                self.buffer(name, part)?
             };
             chunks.push((buf, start, n));
             start += n;
         }
-        self.bytes += (data.len() * elem) as u64;
         Ok(Table { chunks, dim, f16 })
     }
 }
@@ -417,18 +422,23 @@ impl Model {
         (floats * 4) as u64
     }
 
-    /// An empty KV cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
+    /// An empty KV cache for one sequence ([`Model::kv_cache_bytes`]); the driver running out of
+    /// memory is [`Error::OutOfMemory`].
+    pub fn new_cache(&self) -> Result<KvCache> {
         let c = &self.config;
         let n = self.max_context * c.num_kv_heads * c.head_dim;
-        KvCache {
-            k: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("k cache", n)).collect(),
-            v: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("v cache", n)).collect(),
-            len: 0,
-            capacity: self.max_context,
-            decode: None,
-            binds: BindGroups::new(),
-        }
+        let what = format!("a KV cache of {} tokens", self.max_context);
+        let advice = "open the model with a smaller max_context";
+        self.ctx.allocating(&what, self.kv_cache_bytes(), advice, || {
+            Ok(KvCache {
+                k: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("k cache", n)).collect(),
+                v: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("v cache", n)).collect(),
+                len: 0,
+                capacity: self.max_context,
+                decode: None,
+                binds: BindGroups::new(),
+            })
+        })
     }
 
     /// Activation buffers for a pass of `t` tokens with LoRA rank up to `rank`, `ids` uploaded.
@@ -869,7 +879,7 @@ impl Model {
 
     /// [`Model::all_logits`] with a LoRA adapter applied (not merged).
     pub fn all_logits_with(&self, ids: &[u32], lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache();
+        let mut cache = self.new_cache()?;
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let mut enc = self.ctx.encoder();
         let logits = self.logits_gpu(&mut enc, &hidden, 0, ids.len())?;
@@ -895,7 +905,7 @@ impl Model {
         if ids.len() < 2 {
             return Err(Error::invalid("text", "needs at least two tokens to score"));
         }
-        let mut cache = self.new_cache();
+        let mut cache = self.new_cache()?;
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let v = self.config.vocab_size;
         let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;

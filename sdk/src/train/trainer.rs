@@ -267,6 +267,15 @@ pub struct TrainingBytes {
 }
 
 impl TrainingBytes {
+    /// What to change when training's buffers do not fit.
+    pub const ADVICE: &str =
+        "lower batch_tokens or data.max_len, keep gradient_checkpointing on, or store activations as f16";
+
+    /// Every planned byte: weights, adapter and workspace.
+    pub fn total(&self) -> u64 {
+        self.weights + self.adapter + self.workspace
+    }
+
     /// An error, before anything is allocated, when the adapter and workspace cannot fit next to
     /// the weights in `memory` (unknown memory passes: the driver's own error then stands).
     pub fn check(&self, memory: Option<crate::gpu::GpuMemory>) -> Result<()> {
@@ -277,12 +286,12 @@ impl TrainingBytes {
                 "training settings",
                 format!(
                     "{why}: planned {:.0} MiB of weights, {:.0} MiB of adapter, gradients and AdamW moments, and {:.0} \
-                     MiB of activations for batches of {} tokens; lower batch_tokens or data.max_len, keep \
-                     gradient_checkpointing on, or store activations as f16",
+                     MiB of activations for batches of {} tokens; {}",
                     mib(self.weights),
                     mib(self.adapter),
                     mib(self.workspace),
-                    self.tokens
+                    self.tokens,
+                    Self::ADVICE
                 ),
             )
         })
@@ -469,9 +478,12 @@ impl Trainer {
             tokens: capacity,
         };
         needs.check(model.ctx.memory())?;
-        let ws = model.workspace(ws_plan)?;
-        let opt = Optimizer::new(&model.ctx, adapter.layout.len, cfg.optimizer)?;
-        let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+        let (ws, opt, gpu) =
+            model.ctx.allocating("training's buffers", needs.total(), TrainingBytes::ADVICE, || {
+                let ws = model.workspace(ws_plan)?;
+                let opt = Optimizer::new(&model.ctx, adapter.layout.len, cfg.optimizer)?;
+                Ok((ws, opt, GpuAdapter::upload(&model.ctx, &adapter)))
+            })?;
         let state = TrainState { epoch_rng: Rng::new(cfg.seed ^ 0x5eed_0fba_7c4e_5eed).state(), ..Default::default() };
         Ok(Trainer {
             model,

@@ -84,19 +84,19 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     // Warm-up: compiles every pipeline.
     // Prefill and decoding as greedy generation runs them: the forward pass, the logits and
     // the argmax on the GPU, and the token's id read back.
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache()?;
     model.next_argmax_with(&ids[..ids.len().min(8)], &mut cache, None)?;
     model.next_argmax_with(&ids[..1], &mut cache, None)?;
     let mut peak = ctx.allocated_bytes();
     let mut prefill = Vec::new();
     for _ in 0..repeat.max(1) {
-        let mut cache = model.new_cache();
+        let mut cache = model.new_cache()?;
         let t = Instant::now();
         model.next_argmax_with(&ids, &mut cache, None)?;
         prefill.push(t.elapsed().as_secs_f64());
         peak = peak.max(ctx.allocated_bytes());
     }
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache()?;
     model.next_argmax_with(&ids, &mut cache, None)?;
     // The cache's first one-token pass makes its decoding buffers and bind groups; the
     // measured tokens count what each later token costs.
