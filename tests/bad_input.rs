@@ -278,3 +278,35 @@ fn an_adapter_rank_its_tensors_do_not_bear_out_is_refused_before_allocating() {
     let e = err_of(edgetune::lora::peft::load(&d, &model));
     assert!(e.contains("adapter_model.safetensors") && e.contains("[4096, 131072]"), "{e}");
 }
+
+/// A file that edgetune reads whole and that is larger than its kind allows is refused from its
+/// size, naming the file and the limit, before anything is allocated for it. The files are
+/// sparse (their length set, no data written), so each takes no disk and no time; read whole,
+/// the data file alone would be a 1 GiB allocation (and a file larger than memory an abort).
+#[test]
+fn files_larger_than_their_kind_allows_are_refused_before_reading() {
+    use edgetune::data::{self, DataConfig};
+    use edgetune::files;
+    let sparse = |path: &Path, len: u64| {
+        std::fs::File::create(path).and_then(|f| f.set_len(len)).expect("sparse file");
+    };
+    let d = tmpdir("huge");
+    copy_tiny(&d);
+    sparse(&d.join("config.json"), files::CONFIG_BYTES + 1);
+    let e = err_of(open_weights(&d));
+    assert!(e.contains("config.json") && e.contains("a configuration file may be at most 67108864 bytes"), "{e}");
+
+    copy_tiny(&d);
+    sparse(&d.join("tokenizer.json"), files::TOKENIZER_BYTES + 1);
+    let e = err_of(Tokenizer::from_hf_dir(&d));
+    assert!(e.contains("tokenizer.json: is 536870913 bytes; tokenizer.json may be at most 536870912"), "{e}");
+
+    copy_tiny(&d);
+    let tok = Tokenizer::from_hf_dir(&d).expect("tokenizer");
+    let data = d.join("notes.jsonl");
+    sparse(&data, files::DATA_FILE_BYTES + 1);
+    let e = err_of(data::load(&data, &tok, &DataConfig::default()));
+    assert!(e.contains("notes.jsonl") && e.contains("one training data file may be at most 1073741824 bytes"), "{e}");
+    assert!(e.contains("split a large file into several in a folder"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}

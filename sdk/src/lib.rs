@@ -7,6 +7,7 @@
 pub mod atomic;
 pub mod data;
 pub mod error;
+pub mod files;
 pub mod gpu;
 pub mod infer;
 pub mod lora;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value as Json;
 
 use crate::error::{Error, Result};
+use crate::files;
 use crate::tokenizer::Message;
 
 /// A dataset file format.
@@ -73,8 +74,10 @@ impl std::fmt::Display for BadRecord {
 }
 
 /// Reads every record of a file or folder. Bad records are collected, not fatal; the caller
-/// decides (see `DataConfig::skip_bad_records`).
-pub fn read(path: &Path, format: Format) -> Result<(Vec<Sourced>, Vec<BadRecord>)> {
+/// decides (see `DataConfig::skip_bad_records`). Each file may hold at most
+/// [`files::DATA_FILE_BYTES`]; `read_bytes` counts the bytes of every file read so far, which
+/// together may be at most [`files::DATA_TOTAL_BYTES`].
+pub fn read(path: &Path, format: Format, read_bytes: &mut u64) -> Result<(Vec<Sourced>, Vec<BadRecord>)> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -92,7 +95,7 @@ pub fn read(path: &Path, format: Format) -> Result<(Vec<Sourced>, Vec<BadRecord>
             if fmt != Format::Text && !is_json(&f) {
                 continue;
             }
-            let (r, b) = read_file(&f, fmt)?;
+            let (r, b) = read_file(&f, fmt, read_bytes)?;
             out.0.extend(r);
             out.1.extend(b);
         }
@@ -101,7 +104,7 @@ pub fn read(path: &Path, format: Format) -> Result<(Vec<Sourced>, Vec<BadRecord>
         }
         return Ok(out);
     }
-    read_file(path, format)
+    read_file(path, format, read_bytes)
 }
 
 /// Records handed over one by one as JSON texts (from an app's own store rather than a file):
@@ -125,11 +128,11 @@ fn is_json(p: &Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()), Some("json" | "jsonl"))
 }
 
-fn read_file(path: &Path, format: Format) -> Result<(Vec<Sourced>, Vec<BadRecord>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        Error::format(path, format!("is not UTF-8 text (first bad byte at offset {})", e.utf8_error().valid_up_to()))
-    })?;
+fn read_file(path: &Path, format: Format, read_bytes: &mut u64) -> Result<(Vec<Sourced>, Vec<BadRecord>)> {
+    let (limit, what) = data_limit(*read_bytes);
+    let hint = "; split a large file into several in a folder, or train on a part of the data";
+    let text = files::read_text(path, limit, what, hint)?;
+    *read_bytes += text.len() as u64;
     let format = if format == Format::Auto && !is_json(path) { Format::Text } else { format };
     if format == Format::Text {
         if text.trim().is_empty() {
@@ -168,6 +171,17 @@ fn read_file(path: &Path, format: Format) -> Result<(Vec<Sourced>, Vec<BadRecord
         }
     }
     Ok((records, bad))
+}
+
+/// The most bytes the next data file may hold after `read_bytes` were read, and what the limit
+/// is called in its error.
+fn data_limit(read_bytes: u64) -> (u64, &'static str) {
+    let left = files::DATA_TOTAL_BYTES.saturating_sub(read_bytes);
+    if left < files::DATA_FILE_BYTES {
+        (left, "what is left of the training data's 4 GiB in all")
+    } else {
+        (files::DATA_FILE_BYTES, "one training data file")
+    }
 }
 
 /// The 1-based line on which each top-level element of a JSON array starts.
@@ -295,5 +309,21 @@ fn record(v: &Json, format: Format) -> std::result::Result<Record, String> {
         }
         Format::Text => Ok(Record::Text(string_field(o, "text")?.ok_or("missing `text`")?)),
         Format::Auto => Err("could not tell the record's format".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_files_share_one_total_limit() {
+        assert_eq!(data_limit(0), (files::DATA_FILE_BYTES, "one training data file"));
+        let last_whole = files::DATA_TOTAL_BYTES - files::DATA_FILE_BYTES;
+        assert_eq!(data_limit(last_whole).0, files::DATA_FILE_BYTES);
+        assert_eq!(data_limit(last_whole + 5).0, files::DATA_FILE_BYTES - 5);
+        assert!(data_limit(last_whole + 5).1.contains("4 GiB in all"));
+        assert_eq!(data_limit(files::DATA_TOTAL_BYTES + 1).0, 0);
+        assert_eq!(files::DATA_TOTAL_BYTES, 4 << 30, "the error's words name 4 GiB");
     }
 }

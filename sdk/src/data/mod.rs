@@ -387,9 +387,10 @@ fn read_sources(
     bad: &mut Vec<BadRecord>,
 ) -> Result<Vec<formats::Sourced>> {
     let mut records = Vec::new();
+    let mut read_bytes = 0;
     for source in sources {
         let (r, b) = match source {
-            Source::Path(p) => formats::read(p, cfg.format)?,
+            Source::Path(p) => formats::read(p, cfg.format, &mut read_bytes)?,
             Source::Records { name, records } => formats::read_records(Path::new(name), records, cfg.format),
         };
         report.records += r.len() + b.len();

@@ -235,7 +235,8 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
         ] {
             let from = model_path.join(f);
             if from.exists() {
-                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                // tokenizer.json is the largest of them.
+                let bytes = crate::files::read(&from, crate::files::TOKENIZER_BYTES, f, "")?;
                 write_atomic(&out.join(f), &bytes)?;
             }
         }

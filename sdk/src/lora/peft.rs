@@ -83,7 +83,7 @@ pub fn save(dir: &Path, adapter: &Adapter, base_model: &str) -> Result<()> {
 /// Loads a PEFT LoRA adapter folder for a model with config `model`.
 pub fn load(dir: &Path, model: &ModelConfig) -> Result<Adapter> {
     let cpath = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cpath).map_err(|e| Error::io(&cpath, e))?;
+    let text = crate::files::read_config(&cpath)?;
     let j: Json = serde_json::from_str(&text).map_err(|e| Error::format(&cpath, format!("invalid JSON: {e}")))?;
     let bad = |what: String| Error::format(&cpath, what);
     if let Some(t) = j.get("peft_type").and_then(Json::as_str)
@@ -121,7 +121,7 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<Adapter> {
         .map_err(|e| Error::format(&cpath, e.to_string()))?;
 
     let wpath = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&wpath).map_err(|e| Error::io(&wpath, e))?;
+    let bytes = crate::files::map(&wpath)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&wpath, format!("not safetensors: {e}")))?;
     // Which modules the file adapts, from its keys (target_modules may be a regex).
     let mut present: BTreeSet<(usize, Module)> = BTreeSet::new();

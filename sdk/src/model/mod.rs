@@ -17,11 +17,11 @@ use weights::WeightSource;
 pub fn open_weights(path: &Path) -> Result<(ModelConfig, WeightSource)> {
     if path.is_dir() {
         let cfg_path = path.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let text = crate::files::read_config(&cfg_path)?;
         let mut cfg = ModelConfig::from_hf_json(&cfg_path, &text)?;
         let gen_path = path.join("generation_config.json");
         if gen_path.exists() {
-            let text = std::fs::read_to_string(&gen_path).map_err(|e| Error::io(&gen_path, e))?;
+            let text = crate::files::read_config(&gen_path)?;
             cfg.merge_generation_config(&gen_path, &text)?;
         }
         Ok((cfg, WeightSource::open_safetensors_dir(path)?))
@@ -57,7 +57,7 @@ pub fn open_random(shape: &str, seed: u64) -> Result<(ModelConfig, WeightSource)
                     format!("`{shape}` is neither a named shape ({}) nor a config.json file", names.join(", ")),
                 ));
             }
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let text = crate::files::read_config(path)?;
             ModelConfig::from_hf_json(path, &text)?
         }
     };

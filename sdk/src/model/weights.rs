@@ -6,7 +6,6 @@
 //! sees one layout.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -30,7 +29,7 @@ pub struct Shard {
 
 impl Shard {
     fn open(path: PathBuf) -> Result<Self> {
-        let mmap = map_file(&path)?;
+        let mmap = crate::files::map(&path)?;
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::format(&path, format!("not a valid safetensors file: {e}")))?;
         Ok(Shard { path, mmap, metadata, data_start: 8 + header_len })
@@ -64,12 +63,6 @@ pub struct StoredTensor {
     pub bytes: usize,
 }
 
-fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: read-only map of a model file that edgetune does not modify while it is open.
-    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
-}
-
 /// The most weight files an index may name (the largest published models use a few hundred).
 const MAX_SHARDS: usize = 10_000;
 
@@ -98,7 +91,7 @@ impl WeightSource {
     pub fn open_safetensors_dir(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text = crate::files::read_config(&index_path)?;
             let j: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::format(&index_path, format!("invalid JSON: {e}")))?;
             let map = j

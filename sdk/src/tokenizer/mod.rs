@@ -66,7 +66,8 @@ impl Tokenizer {
         if !path.exists() {
             return Err(tok_err(&source, "tokenizer.json is missing from the model folder"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| tok_err(&source, e))?;
+        let bytes = crate::files::read(&path, crate::files::TOKENIZER_BYTES, "tokenizer.json", "")?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(&source, e))?;
         let mut t = Tokenizer {
             inner,
             source,
@@ -79,7 +80,7 @@ impl Tokenizer {
         };
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            let text = crate::files::read_config(&cfg_path)?;
             let j: Json =
                 serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
             t.bos_token = token_text(j.get("bos_token"));
@@ -98,7 +99,7 @@ impl Tokenizer {
         }
         let jinja = dir.join("chat_template.jinja");
         if t.chat_template.is_none() && jinja.exists() {
-            t.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+            t.chat_template = Some(crate::files::read_config(&jinja)?);
         }
         if let Some(id) = t.eos_token.as_deref().and_then(|s| t.inner.token_to_id(s)) {
             t.eos_ids.push(id);

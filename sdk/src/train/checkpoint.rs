@@ -144,7 +144,7 @@ impl Checkpoint {
 
     /// Reads a checkpoint; every missing or malformed part is an error naming it.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::files::map(path)?;
         let bad = |what: String| Error::format(path, what);
         let (_, header) = SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("not a checkpoint (not a safetensors file: {e})")))?;

@@ -64,11 +64,11 @@ pub fn read(path: &Path, base: &TrainConfig) -> Result<Vec<Entry>> {
             .collect();
         files.sort();
         for file in files {
-            let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+            let text = crate::files::read_config(&file)?;
             entries.push(Entry { origin: file.display().to_string(), job: parse_job(&text, path, base) });
         }
     } else {
-        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let text = crate::files::read_config(path)?;
         entries = parse_lines(&text, path, base);
     }
     if entries.is_empty() {

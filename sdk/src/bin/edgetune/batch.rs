@@ -158,7 +158,7 @@ impl Bars {
 pub fn run(a: BatchArgs, gpu: &GpuOptions) -> Result<bool> {
     let base = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            let text = edgetune::files::read_config(path)?;
             let c = toml::from_str::<TrainConfig>(&text)
                 .map_err(|e| Error::Format { path: path.clone(), what: format!("invalid settings: {e}") })?;
             c.validate()?;

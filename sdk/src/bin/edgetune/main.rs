@@ -332,8 +332,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let prompts = match (prompt, prompts_file) {
                 (Some(p), _) => vec![p],
                 (None, Some(file)) => {
-                    let text =
-                        std::fs::read_to_string(&file).map_err(|e| Error::Io { path: file.clone(), source: e })?;
+                    let text = edgetune::files::read_config(&file)?;
                     let list: Vec<String> =
                         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
                     if list.is_empty() {
@@ -459,11 +458,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 field: "eval".into(),
                 what: "give --text FILE or --data FILE".into(),
             })?;
-            let bytes = std::fs::read(&text).map_err(|e| Error::Io { path: text.clone(), source: e })?;
-            let body = String::from_utf8(bytes).map_err(|e| Error::Format {
-                path: text.clone(),
-                what: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
-            })?;
+            let limit = edgetune::files::DATA_FILE_BYTES;
+            let body = edgetune::files::read_text(&text, limit, "a text to score", "; score a part of it")?;
             let s = load(&m, &gpu)?;
             let loss = s.mean_loss(&body)?;
             println!("mean token loss: {loss:.6}");

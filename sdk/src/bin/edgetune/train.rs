@@ -130,7 +130,7 @@ pub struct TrainArgs {
 fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     let mut c = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.clone(), source: e })?;
+            let text = edgetune::files::read_config(path)?;
             toml::from_str::<TrainConfig>(&text)
                 .map_err(|e| Error::Format { path: path.clone(), what: format!("invalid settings: {e}") })?
         }
