@@ -68,7 +68,10 @@ impl GpuContext {
             return Ok(b.clone());
         }
         let size = bytes.next_power_of_two().max(1 << 20);
-        let buf = self.storage_zeroed("split matmul scratch", (size / 4) as usize);
+        let advice = "lower batch_tokens (the scratch grows with the tokens of a pass)";
+        let buf = self.allocating("the split matmul scratch", size, advice, || {
+            Ok(self.storage_zeroed("split matmul scratch", (size / 4) as usize))
+        })?;
         *slot = Some(buf.clone());
         Ok(buf)
     }

@@ -262,6 +262,9 @@ struct DecodeBuffers {
     picked: wgpu::Buffer,
 }
 
+/// What to change when a forward pass's buffers do not fit.
+const ACTIVATION_ADVICE: &str = "give a shorter prompt, or open the model with a smaller max_context";
+
 struct Uploader<'a> {
     ctx: &'a GpuContext,
     src: &'a WeightSource,
@@ -580,19 +583,24 @@ impl Model {
             if cache.decode.as_ref().is_none_or(|d| d.acts.rank < rank) {
                 // New buffers: the bind groups of the old ones go with them.
                 cache.binds = BindGroups::new();
-                cache.decode = Some(DecodeBuffers {
-                    acts: self.acts(ids, rank),
-                    logits: self.ctx.storage_zeroed("logits", c.vocab_size),
-                    pick_partials: self.ctx.storage_zeroed("pick partials", self.pick_partials(c.vocab_size)),
-                    picked: self.ctx.storage_zeroed("picked", 2 * launch::MAX_TOP_K),
-                });
+                let planned = self.activation_bytes(1, 1);
+                cache.decode = Some(self.ctx.allocating("decoding's buffers", planned, ACTIVATION_ADVICE, || {
+                    Ok(DecodeBuffers {
+                        acts: self.acts(ids, rank),
+                        logits: self.ctx.storage_zeroed("logits", c.vocab_size),
+                        pick_partials: self.ctx.storage_zeroed("pick partials", self.pick_partials(c.vocab_size)),
+                        picked: self.ctx.storage_zeroed("picked", 2 * launch::MAX_TOP_K),
+                    })
+                })?);
             }
             let d = cache.decode.as_ref().ok_or_else(|| Error::Gpu("decode buffers missing".into()))?;
             self.ctx.queue.write_buffer(&d.acts.ids, 0, bytemuck::cast_slice(ids));
             // One submission per decoded token.
             (self.ctx.encoder_with(&cache.binds).whole(), &d.acts)
         } else {
-            owned = self.acts(ids, rank);
+            let what = format!("activations for {t} tokens");
+            let planned = self.activation_bytes(t, 0);
+            owned = self.ctx.allocating(&what, planned, ACTIVATION_ADVICE, || Ok(self.acts(ids, rank)))?;
             (self.ctx.encoder(), &owned)
         };
         self.record_forward(&mut enc, a, &cache.k, &cache.v, cache.len, lora)?;
