@@ -14,6 +14,10 @@ command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v c++ >/dev/null || need+=(g++)
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 command -v valgrind >/dev/null || need+=(valgrind)
+# The C library's install step and the projects that use it (bindings/c/tests/install.rs).
+command -v cmake >/dev/null || need+=(cmake)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v readelf >/dev/null || need+=(binutils)
 command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then

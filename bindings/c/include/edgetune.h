@@ -37,6 +37,24 @@
 #include <stdint.h>
 
 /**
+ * The version of this header: the library's major version. A program built against this
+ * header runs with a library of the same major and minor version and at least its patch (while
+ * the major version is 0, each minor version may change the ABI, as the installed library's
+ * soname, `libedgetune.so.MAJOR.MINOR`, says). Compare with [`edgetune_version`] at run time.
+ */
+#define EDGETUNE_VERSION_MAJOR 0
+
+/**
+ * The version of this header: the library's minor version.
+ */
+#define EDGETUNE_VERSION_MINOR 1
+
+/**
+ * The version of this header: the library's patch version.
+ */
+#define EDGETUNE_VERSION_PATCH 0
+
+/**
  * What a call returned.
  */
 typedef enum edgetune_status {

@@ -475,6 +475,16 @@ pub unsafe extern "C" fn edgetune_string_free(s: *mut c_char) {
     }
 }
 
+/// The version of this header: the library's major version. A program built against this
+/// header runs with a library of the same major and minor version and at least its patch (while
+/// the major version is 0, each minor version may change the ABI, as the installed library's
+/// soname, `libedgetune.so.MAJOR.MINOR`, says). Compare with [`edgetune_version`] at run time.
+pub const EDGETUNE_VERSION_MAJOR: u32 = 0;
+/// The version of this header: the library's minor version.
+pub const EDGETUNE_VERSION_MINOR: u32 = 1;
+/// The version of this header: the library's patch version.
+pub const EDGETUNE_VERSION_PATCH: u32 = 0;
+
 /// The library's version ("0.1.0"), a static string: do not free it.
 #[unsafe(no_mangle)]
 pub extern "C" fn edgetune_version() -> *const c_char {
@@ -1231,6 +1241,20 @@ mod tests {
         let s = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
         assert_eq!(n, s.len(), "the returned length is the message's");
         s
+    }
+
+    /// The header's version constants and `edgetune_version()` are the crate's version (the
+    /// CMake project and the soname take theirs from the same place; see CMakeLists.txt).
+    #[test]
+    fn the_header_version_is_the_crate_version() {
+        let v = |s: &str| s.parse::<u32>().expect("a number");
+        assert_eq!(EDGETUNE_VERSION_MAJOR, v(env!("CARGO_PKG_VERSION_MAJOR")));
+        assert_eq!(EDGETUNE_VERSION_MINOR, v(env!("CARGO_PKG_VERSION_MINOR")));
+        assert_eq!(EDGETUNE_VERSION_PATCH, v(env!("CARGO_PKG_VERSION_PATCH")));
+        let text = unsafe { CStr::from_ptr(edgetune_version()) }.to_str().expect("UTF-8");
+        assert_eq!(text, env!("CARGO_PKG_VERSION"));
+        let cmake = include_str!("../CMakeLists.txt");
+        assert!(cmake.contains(&format!("VERSION {}", env!("CARGO_PKG_VERSION"))), "CMakeLists.txt's project version");
     }
 
     /// A panic inside an export comes back as EDGETUNE_ERROR_PANIC with a message, leaves the
