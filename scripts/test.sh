@@ -40,10 +40,22 @@ else
   status=1
 fi
 rm -f "$log.pkg"
-# The Python package's tests, on the C library built above (python3's standard library only).
+# The Python package's tests, against the wheel as a user installs it: `pip wheel` builds it
+# (setuptools-rust compiles the C library into it), a venv kept outside the clone installs it,
+# and the tests run from a scratch folder with no EDGETUNE_LIB, so `import edgetune` and its
+# library come from the installed wheel alone.
 pylog="$(mktemp)"
-trap 'rm -f "$log" "$pylog"' EXIT
-EDGETUNE_LIB="$CARGO_TARGET_DIR/debug/libedgetune.so" python3 -m unittest discover -v -s bindings/python/tests 2>&1 | tee "$pylog" || status=1
+wheels="$(mktemp -d)"
+trap 'rm -f "$log" "$pylog"; rm -rf "$wheels"' EXIT
+repo="$PWD"
+venv="$HOME/.cache/edgetune/py-test-venv-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+{
+  python3 -m pip wheel --quiet --no-deps -w "$wheels" ./bindings/python &&
+    "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheels"/edgetune-*.whl &&
+    (cd "$wheels" && env -u EDGETUNE_LIB EDGETUNE_TEST_INSTALLED=1 "$venv/bin/python" -m unittest discover -v \
+      -s "$repo/bindings/python/tests" -t "$repo/bindings/python/tests")
+} 2>&1 | tee "$pylog" || status=1
 py_ran=$({ grep -Eo '^Ran [0-9]+ tests?' "$pylog" || true; } | awk '{print $2}')
 py_failed=$({ grep -Eo '(failures|errors)=[0-9]+' "$pylog" || true; } | cut -d= -f2 | awk '{s += $1} END {print s + 0}')
 if [ -z "$py_ran" ]; then py_ran=0; py_failed=$((py_failed + 1)); status=1; fi

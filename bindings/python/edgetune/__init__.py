@@ -41,6 +41,9 @@ __all__ = [
     "version",
 ]
 
+#: The package's version, the C library's it was built with (``version()`` asks the library).
+__version__ = "0.1.0"
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 _lib = _native.load_library()

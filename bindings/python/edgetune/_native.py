@@ -12,12 +12,15 @@ LIBRARY_NAME = _NAMES.get(sys.platform, "libedgetune.so")
 
 
 def _candidates() -> list[Path]:
-    """Where the library may be, in the order they are tried."""
+    """Where the library may be, in the order they are tried: ``EDGETUNE_LIB`` alone when set;
+    else the copy a wheel bundles inside the package (named like an extension module,
+    ``libedgetune.<suffix>``, by the build), then a build in the repository's target folders."""
     found = []
     if os.environ.get("EDGETUNE_LIB"):
         return [Path(os.environ["EDGETUNE_LIB"])]
     here = Path(__file__).resolve().parent
-    found.append(here / LIBRARY_NAME)  # bundled next to the package
+    found.extend(sorted(here.glob("libedgetune.*.so")) + sorted(here.glob("libedgetune.*.pyd")))
+    found.append(here / LIBRARY_NAME)
     targets = []
     if os.environ.get("CARGO_TARGET_DIR"):
         targets.append(Path(os.environ["CARGO_TARGET_DIR"]))

@@ -3,6 +3,7 @@ lavapipe in CI). Run: python3 -m unittest discover -s bindings/python/tests"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -15,9 +16,14 @@ import unittest
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(REPO / "bindings" / "python"))
+# EDGETUNE_TEST_INSTALLED=1 (scripts/test.sh sets it): test the package pip installed from the
+# wheel, with its bundled library; otherwise the source tree with a library from the target folder.
+INSTALLED = os.environ.get("EDGETUNE_TEST_INSTALLED") == "1"
+if not INSTALLED:
+    sys.path.insert(0, str(REPO / "bindings" / "python"))
 
 import edgetune  # noqa: E402
+from edgetune import _native  # noqa: E402
 
 TINY = REPO / "tests" / "reference" / "fixtures" / "tiny_llama"
 DATA = REPO / "sdk" / "data" / "persona" / "train.jsonl"
@@ -260,7 +266,8 @@ class ModelTest(unittest.TestCase):
 class ExampleTest(unittest.TestCase):
     def test_the_example_runs_as_documented(self):
         with tempfile.TemporaryDirectory() as tmp:
-            env = dict(os.environ, PYTHONPATH=str(REPO / "bindings" / "python"))
+            # The installed package when testing the wheel; else the source tree.
+            env = dict(os.environ) if INSTALLED else dict(os.environ, PYTHONPATH=str(REPO / "bindings" / "python"))
             example = REPO / "bindings" / "python" / "examples" / "personalize.py"
             run = subprocess.run(
                 [sys.executable, str(example), str(TINY), str(DATA), tmp],
@@ -270,6 +277,82 @@ class ExampleTest(unittest.TestCase):
             self.assertIn("training completed", run.stdout)
             self.assertIn("step 30/30", run.stdout)
             self.assertTrue((Path(tmp) / "adapter_model.safetensors").exists())
+
+
+class PackageTest(unittest.TestCase):
+    """The package as installed, and its ctypes declarations against the C header."""
+
+    HEADER = (REPO / "bindings" / "c" / "include" / "edgetune.h").read_text()
+
+    def test_the_installed_package_carries_its_library(self):
+        if not INSTALLED:
+            self.skipTest("testing the source tree (EDGETUNE_TEST_INSTALLED is not 1)")
+        package = Path(edgetune.__file__).resolve().parent
+        self.assertNotIn(REPO.resolve(), package.parents, "imported from the clone, not the wheel")
+        self.assertNotIn("EDGETUNE_LIB", os.environ)
+        self.assertEqual(Path(edgetune._lib._name).resolve().parent, package)
+        self.assertTrue((package / "py.typed").is_file())
+
+    def test_versions_agree(self):
+        pyproject = (REPO / "bindings" / "python" / "pyproject.toml").read_text()
+        self.assertIn(f'version = "{edgetune.__version__}"', pyproject)
+        self.assertEqual(edgetune.version(), edgetune.__version__)
+        major, minor, patch = (int(re.search(rf"EDGETUNE_VERSION_{k} (\d+)", self.HEADER).group(1))
+                               for k in ("MAJOR", "MINOR", "PATCH"))
+        self.assertEqual(f"{major}.{minor}.{patch}", edgetune.__version__)
+
+    # The ctypes type each C type must be declared as.
+    C_TYPES = {
+        "const char *": {ctypes.c_char_p},
+        "char *": {ctypes.c_char_p, ctypes.c_void_p},
+        "void *": {ctypes.c_void_p},
+        "size_t": {ctypes.c_size_t},
+        "uint32_t": {ctypes.c_uint32},
+        "uint64_t": {ctypes.c_uint64},
+        "int32_t": {ctypes.c_int32},
+        "float": {ctypes.c_float},
+        "double": {ctypes.c_double},
+        "float *": {ctypes.POINTER(ctypes.c_float)},
+        "char **": {ctypes.POINTER(ctypes.c_void_p)},
+        "void": {None},
+        "edgetune_token_callback": {_native.TOKEN_CALLBACK},
+        "edgetune_event_callback": {_native.EVENT_CALLBACK},
+    }
+
+    def expected(self, c_type: str) -> set:
+        """The ctypes types a parameter, field or result of `c_type` may be declared as."""
+        t = " ".join(c_type.replace("*", " * ").split()).replace("* *", "**")
+        if t.startswith("enum "):
+            return {ctypes.c_int, ctypes.c_int32}
+        handle = re.fullmatch(r"(const )?struct edgetune_\w+ (\*\*?)", t)
+        if handle:  # a handle, or an out-pointer to one
+            return {ctypes.POINTER(ctypes.c_void_p)} if handle.group(2) == "**" else {ctypes.c_void_p}
+        self.assertIn(t, self.C_TYPES, f"no ctypes mapping for the C type {c_type!r}")
+        return self.C_TYPES[t]
+
+    def test_every_function_is_declared_as_the_header_declares_it(self):
+        pattern = r"^([a-z][\w ]*?\**)\s*\b(edgetune_\w+)\(([^)]*)\);"
+        functions = {m.group(2): (m.group(1), m.group(3)) for m in re.finditer(pattern, self.HEADER, re.M)}
+        self.assertEqual(sorted(functions), sorted(_native._PROTOTYPES))
+        for name, (ret, args) in functions.items():
+            restype, argtypes = _native._PROTOTYPES[name]
+            with self.subTest(function=name):
+                self.assertIn(restype, self.expected(ret), f"{name} returns {ret}")
+                params = [] if args.strip() == "void" else [a.strip() for a in args.split(",")]
+                self.assertEqual(len(params), len(argtypes), f"{name}({args})")
+                for param, declared in zip(params, argtypes):
+                    c_type = re.sub(r"\b\w+$", "", param)  # the type without the parameter's name
+                    self.assertIn(declared, self.expected(c_type), f"{name}: {param}")
+
+    def test_the_event_struct_matches_the_header(self):
+        body = re.search(r"typedef struct edgetune_event \{(.*?)\} edgetune_event;", self.HEADER, re.S).group(1)
+        body = re.sub(r"/\*\*.*?\*/", "", body, flags=re.S)
+        fields = [re.match(r"\s*(.*?)(\w+);", f + ";").groups() for f in body.split(";") if f.strip()]
+        declared = _native.Event._fields_
+        self.assertEqual([n for _, n in fields], [n for n, _ in declared])
+        for (c_type, name), (_, py_type) in zip(fields, declared):
+            with self.subTest(field=name):
+                self.assertIn(py_type, self.expected(c_type), f"{c_type}{name}")
 
 
 class ErrorTest(unittest.TestCase):
