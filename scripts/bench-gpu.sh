@@ -26,7 +26,7 @@ if [ -z "$bin" ]; then
   done
 fi
 if [ -z "$bin" ] || [ ! -x "$bin" ]; then
-  echo "bench-gpu.sh: no edgetune binary (give its path, or build it: cargo build --release -p edgetune)" >&2
+  echo "bench-gpu.sh: no edgetune binary (give its path, or build it: cargo build --release -p edgetune-cli)" >&2
   exit 2
 fi
 shapes="${SHAPES:-smollm2-135m qwen2.5-0.5b llama-3.2-1b}"

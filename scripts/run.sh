@@ -7,7 +7,7 @@
 # 5 minutes on two cores; with a GPU it takes seconds.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-cargo build --release --locked -p edgetune
+cargo build --release --locked -p edgetune-cli
 bin="$CARGO_TARGET_DIR/release/edgetune"
 model="$(bash scripts/fetch-model.sh)"
 data=sdk/data/persona

@@ -27,9 +27,9 @@ if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
   echo "cargo exited with status $status outside any test (a build error, or the run was stopped)"
   failed=1
 fi
-# The crates that publish package and build from their .crate files alone (the library's
-# integration tests live outside its folder and are left out of its package, with a warning).
-crates="edgetune-shaders edgetune"
+# The crates that publish package and build from their .crate files alone (each in its own
+# folder, with nothing from outside it: the integration tests are their own member, tests/).
+crates="edgetune-shaders edgetune edgetune-cli edgetune-capi"
 if cargo package --locked --offline --allow-dirty $(printf -- '-p %s ' $crates) >"$log.pkg" 2>&1; then
   echo "cargo package $crates: ok"
   passed=$((passed + 1))

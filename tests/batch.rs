@@ -30,7 +30,7 @@ const BASE: &str = "learning_rate = 0.01\nbatch_tokens = 128\neval_every = 2\nse
 const CAROL_STEPS: u64 = 40;
 
 fn batch(jobs: &Path, out: &Path, dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgetune"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"));
     cmd.arg("batch")
         .arg(jobs)
         .args(["--model", &tiny(), "--max-context", "256", "--json", "--config"])

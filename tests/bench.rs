@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use edgetune::model::{SHAPES, open_random};
 
 fn edgetune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgetune")).args(args).output().expect("runs")
+    Command::new(env!("CARGO_BIN_EXE_edgetune-under-test")).args(args).output().expect("runs")
 }
 
 fn text(b: &[u8]) -> String {
@@ -120,7 +120,7 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
 
     // Encoders are submitted every 8 dispatches here, except a decoded token's, which is one
     // submission however many it records.
-    let out = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+    let out = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
         .args(["bench", "--random-weights", &cfg, "--prompt-tokens", "8", "--decode-tokens", "3", "--json"])
         .env("EDGETUNE_FLUSH_EVERY", "8")
         .output()

@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Output};
 
 fn edgetune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgetune")).args(args).output().expect("runs")
+    Command::new(env!("CARGO_BIN_EXE_edgetune-under-test")).args(args).output().expect("runs")
 }
 
 fn tiny() -> String {
@@ -270,7 +270,7 @@ fn train_with_json_events_then_export_and_use_the_adapter() {
 #[test]
 fn a_closed_output_pipe_ends_the_command_without_a_panic() {
     use std::os::unix::process::ExitStatusExt;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
         .args(["info", &tiny()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -310,7 +310,7 @@ fn train_interrupted_by_sigint_resumes_to_the_same_adapter() {
         v
     };
     let run = dir.join("run").display().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
         .args(args(&run))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -337,14 +337,14 @@ fn train_interrupted_by_sigint_resumes_to_the_same_adapter() {
 
     let mut resume = args(&run);
     resume.push("--resume".into());
-    let resumed = Command::new(env!("CARGO_BIN_EXE_edgetune")).args(&resume).output().expect("runs");
+    let resumed = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test")).args(&resume).output().expect("runs");
     assert!(resumed.status.success(), "{}", text(&resumed.stderr));
     let first = text(&resumed.stdout).lines().next().unwrap_or_default().to_string();
     let started: serde_json::Value = serde_json::from_str(&first).expect("JSON");
     assert_eq!(started["start_step"], stopped, "the resumed run starts where the first stopped");
 
     let whole = dir.join("whole").display().to_string();
-    let straight = Command::new(env!("CARGO_BIN_EXE_edgetune")).args(args(&whole)).output().expect("runs");
+    let straight = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test")).args(args(&whole)).output().expect("runs");
     assert!(straight.status.success(), "{}", text(&straight.stderr));
     let read = |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).expect("adapter");
     assert_eq!(read(&run_dir), read(&dir.join("whole")), "resumed and uninterrupted adapters differ");
@@ -459,7 +459,7 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         v
     };
     let whole = dir.join("whole");
-    let straight = Command::new(env!("CARGO_BIN_EXE_edgetune")).args(args(&whole, false)).output().expect("runs");
+    let straight = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test")).args(args(&whole, false)).output().expect("runs");
     assert!(straight.status.success(), "{}", text(&straight.stderr));
 
     let run = dir.join("killed");
@@ -475,7 +475,7 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         lives += 1;
         assert!(lives <= 80, "no progress after {lives} lives (kills at {kills:?})");
         let resume = ckpt.exists() || edgetune::atomic::previous(&ckpt).exists();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
             .args(args(&run, resume))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -1,5 +1,6 @@
 //! The `edgetune` command line: inspect a model, generate text (with or without an adapter),
-//! score a text file, fine-tune a LoRA adapter and export checkpoints.
+//! score a text file, fine-tune a LoRA adapter and export checkpoints. The binary (`src/main.rs`)
+//! is [`main`]; the library form lets the workspace's integration tests build the same program.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -469,7 +470,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn main() -> ExitCode {
+/// Runs the command line given to this process, printing an error to stderr on failure.
+pub fn main() -> ExitCode {
     interrupt::exit_quietly_on_closed_pipe();
     match run(Cli::parse()) {
         Ok(code) => code,
