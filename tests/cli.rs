@@ -459,7 +459,8 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         v
     };
     let whole = dir.join("whole");
-    let straight = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test")).args(args(&whole, false)).output().expect("runs");
+    let straight =
+        Command::new(env!("CARGO_BIN_EXE_edgetune-under-test")).args(args(&whole, false)).output().expect("runs");
     assert!(straight.status.success(), "{}", text(&straight.stderr));
 
     let run = dir.join("killed");
