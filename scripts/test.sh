@@ -40,6 +40,20 @@ else
   status=1
 fi
 rm -f "$log.pkg"
+# The same crates build with the toolchain of their minimum supported Rust version
+# (rust-version in Cargo.toml; setup.sh installs it), all targets, in a target folder of its own.
+msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)"
+if CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" cargo "+$msrv" check --locked --all-targets \
+  $(printf -- '-p %s ' $crates) >"$log.msrv" 2>&1; then
+  echo "cargo +$msrv check $crates: ok"
+  passed=$((passed + 1))
+else
+  cat "$log.msrv"
+  echo "cargo +$msrv check $crates: FAILED"
+  failed=$((failed + 1))
+  status=1
+fi
+rm -f "$log.msrv"
 # The Python package's tests, against the wheel as a user installs it: `pip wheel` builds it
 # (setuptools-rust compiles the C library into it), a venv kept outside the clone installs it,
 # and the tests run from a scratch folder with no EDGETUNE_LIB, so `import edgetune` and its
