@@ -136,7 +136,7 @@ fn resume_matches_straight_run(ctx: Arc<GpuContext>) {
 
     let mut c = Trainer::new(m.clone(), &data, config()).expect("trainer");
     c.resume(&ckpt).expect("resume");
-    assert_eq!(c.step(), 10);
+    assert_eq!(c.steps_done(), 10);
     let mut second_half = Vec::new();
     let out_c = c.run(|e| second_half.push(e.clone())).expect("second half");
     assert_eq!((out_c.reason, out_c.steps), (StopReason::Completed, 20));
@@ -243,6 +243,59 @@ fn steps_reported_a_step_late_match_steps_waited_for() {
     assert_eq!((evals(&waited), evals(&late)), (20, 2));
 }
 
+/// An app that drives training from its own loop with `step()` and ends it with `finish()` gets
+/// the run `run()` gives: the same events in the same order and the same adapter, bit for bit;
+/// and a cancel between steps ends the run at the next call.
+#[test]
+fn stepping_from_the_app_s_loop_is_the_same_run() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = dataset("llama", 0.25);
+    let bits = |o: &edgetune::train::Outcome| o.adapter.params.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let mut whole = Vec::new();
+    let mut t = Trainer::new(m.clone(), &data, config()).expect("trainer");
+    let ran = t.run(|e| whole.push(format!("{e:?}"))).expect("run");
+
+    let mut stepped = Vec::new();
+    let mut t = Trainer::new(m.clone(), &data, config()).expect("trainer");
+    let mut on_event = |e: &Event| stepped.push(format!("{e:?}"));
+    let mut calls = 0;
+    let reason = loop {
+        calls += 1;
+        if let Some(reason) = t.step(&mut on_event).expect("step") {
+            break reason;
+        }
+    };
+    let out = t.finish(reason, &mut on_event).expect("finish");
+    assert_eq!((reason, calls), (StopReason::Completed, 21), "20 steps, then the call that says so");
+    // Events carry wall-clock rates and times; compare them without those.
+    let timeless = |v: &[String]| -> Vec<String> {
+        v.iter().map(|e| e.split("tokens_per_s").next().unwrap_or(e).to_string()).collect()
+    };
+    assert_eq!(timeless(&whole), timeless(&stepped));
+    // run() is step() in a loop, so the comparison above cannot see a fault they share: the
+    // events themselves must be one start, every step once and in order, and one finish last.
+    let starts = stepped.iter().filter(|e| e.starts_with("Started")).count();
+    let steps: Vec<&str> =
+        stepped.iter().filter(|e| e.starts_with("Step {")).map(|e| &e[..e.find(',').unwrap_or(0)]).collect();
+    let want: Vec<String> = (1..=20).map(|i| format!("Step {{ step: {i}")).collect();
+    assert_eq!((starts, steps), (1, want.iter().map(String::as_str).collect()));
+    assert!(
+        stepped.first().is_some_and(|e| e.starts_with("Started"))
+            && stepped.last().is_some_and(|e| e.starts_with("Finished"))
+    );
+    assert_eq!((bits(&ran), ran.steps, ran.adapter_step), (bits(&out), out.steps, out.adapter_step));
+
+    let mut t = Trainer::new(m, &data, config()).expect("trainer");
+    for _ in 0..3 {
+        assert_eq!(t.step(&mut |_| {}).expect("step"), None);
+    }
+    t.cancel_token().cancel();
+    assert_eq!(t.step(&mut |_| {}).expect("step"), Some(StopReason::Cancelled));
+    let out = t.finish(StopReason::Cancelled, &mut |_| {}).expect("finish");
+    assert_eq!((out.reason, out.steps), (StopReason::Cancelled, 3));
+}
+
 /// Checkpoints by time: with `checkpoint_every_s` 1 and steps slowed to 0.3 s (in the event
 /// callback), checkpoints come during the run, at steps that landed; with 0 only at the end.
 #[test]
@@ -320,7 +373,7 @@ fn a_damaged_checkpoint_falls_back_to_the_one_before_it() {
 
     let mut resumed = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer");
     resumed.resume(&ckpt).expect("falls back to the previous checkpoint");
-    assert_eq!(resumed.step(), 9, "the checkpoint before step 10's");
+    assert_eq!(resumed.steps_done(), 9, "the checkpoint before step 10's");
     let mut warnings = Vec::new();
     let out = resumed
         .run(|e| {
@@ -699,7 +752,7 @@ fn explicit_settings_win_and_a_resumed_run_makes_the_same_choices() {
     assert_eq!(resumed.config(), straight.config(), "the resumed run resolves the same settings");
     assert_eq!(resumed.chosen(), straight.chosen());
     resumed.resume(&ckpt).expect("resume");
-    assert_eq!(resumed.step(), 6);
+    assert_eq!(resumed.steps_done(), 6);
     let out_c = resumed.run(|_| {}).expect("rest");
     assert_eq!(out_c.steps, out_a.steps);
     let bits = |a: &edgetune::lora::Adapter| a.params.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -252,6 +252,8 @@ pub struct Trainer {
     /// Why [`Trainer::resume`] fell back to the checkpoint before the one asked for, reported
     /// by the next run.
     resume_warning: Option<String>,
+    /// The run [`Trainer::step`] is driving, until [`Trainer::finish`].
+    running: Option<Running>,
 }
 
 /// What training will hold on the GPU, planned before it allocates.
@@ -502,6 +504,7 @@ impl Trainer {
             cancel: CancelToken::default(),
             checkpoint: None,
             resume_warning: None,
+            running: None,
         })
     }
 
@@ -549,8 +552,8 @@ impl Trainer {
         self.model.weight_bytes + (4 * self.adapter.layout.len * 4) as u64 + self.ws.bytes
     }
 
-    /// The step reached so far.
-    pub fn step(&self) -> u64 {
+    /// The optimizer steps taken so far (with those of a resumed checkpoint).
+    pub fn steps_done(&self) -> u64 {
         self.state.step
     }
 
@@ -560,6 +563,8 @@ impl Trainer {
     pub fn resume(&mut self, path: &std::path::Path) -> Result<()> {
         let (ck, warning) = Checkpoint::load_or_previous(path)?;
         self.resume_warning = warning;
+        // A run that step() was driving ends here; the next step starts one from the checkpoint.
+        self.running = None;
         if ck.model_fingerprint != self.model.fingerprint {
             return Err(Error::format(
                 path,
@@ -712,7 +717,8 @@ impl Trainer {
     }
 
     /// Trains until the step budget is spent, early stopping triggers or the run is cancelled,
-    /// reporting progress through `on_event`.
+    /// reporting progress through `on_event`: [`Trainer::step`] until it says the run is over,
+    /// then [`Trainer::finish`].
     ///
     /// The host does not wait for the GPU between steps: step N+1 is recorded and submitted
     /// while step N runs, and N's losses, gradient norm and update count come back through a
@@ -726,9 +732,70 @@ impl Trainer {
     /// already have run on the GPU; the checkpoint on disk is the last good one.
     pub fn run(&mut self, mut on_event: impl FnMut(&Event)) -> Result<Outcome> {
         let on_event: &mut dyn FnMut(&Event) = &mut on_event;
-        let ctx = self.model.ctx.clone();
+        let reason = loop {
+            if let Some(reason) = self.step(on_event)? {
+                break reason;
+            }
+        };
+        self.finish(reason, on_event)
+    }
+
+    /// Records and submits one optimizer step, for an app that drives training from its own
+    /// loop (a UI's frame loop, say); [`Trainer::run`] is this in a loop. The first call starts
+    /// the run (the `Started` event). Events of a step may arrive with the next call (see
+    /// [`Trainer::run`]). Returns why the run is over once it is (the step budget spent, the run
+    /// cancelled, or early stopping), after which [`Trainer::finish`] gives the outcome; until
+    /// then `None`.
+    pub fn step(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<Option<StopReason>> {
+        let mut run = match self.running.take() {
+            Some(run) => run,
+            None => self.start(on_event),
+        };
+        let out = self.step_in(&mut run, on_event);
+        self.running = Some(run);
+        out
+    }
+
+    /// Ends the run that [`Trainer::step`] drove (starting one if none was): lands the step in
+    /// flight, writes the final checkpoint where one is configured, and returns the outcome
+    /// with the adapter (the best one by validation loss where `keep_best` is on).
+    pub fn finish(&mut self, reason: StopReason, on_event: &mut dyn FnMut(&Event)) -> Result<Outcome> {
+        let mut run = match self.running.take() {
+            Some(run) => run,
+            None => self.start(on_event),
+        };
+        if let Some(f) = run.in_flight.take() {
+            run.last_loss = self.land(f, &run.clock, on_event)?.or(run.last_loss);
+        }
+        // A run that ends on skipped steps keeps the last good checkpoint; one that has just
+        // written this step's does not write it again (which would also push the step before
+        // out of the previous-checkpoint slot).
+        if self.state.bad_steps == 0 && run.saved_step != Some(self.state.step) {
+            self.save_checkpoint(on_event)?;
+        }
+        let mut adapter = self.adapter()?;
+        let mut adapter_step = self.state.step;
+        if self.run.keep_best
+            && let Some(best) = &self.best
+        {
+            adapter.params = best.clone();
+            adapter_step = self.state.best_step;
+        }
+        on_event(&Event::Finished { step: self.state.step, reason, best_val_loss: self.state.best_val_loss });
+        Ok(Outcome {
+            reason,
+            steps: self.state.step,
+            last_loss: run.last_loss,
+            best_val_loss: self.state.best_val_loss,
+            adapter,
+            adapter_step,
+        })
+    }
+
+    /// Starts a run: the `Started` event (and a resume's warning), the clock and the readback
+    /// buffers.
+    fn start(&mut self, on_event: &mut dyn FnMut(&Event)) -> Running {
         let total = self.total_steps();
-        let per_epoch = self.steps_per_epoch();
         let schedule = Schedule {
             kind: self.cfg.lr_schedule,
             peak_lr: self.run.learning_rate,
@@ -758,108 +825,89 @@ impl Trainer {
         };
         // Two staging buffers, used in turn: the norm and update count, then each
         // micro-batch's per-token losses.
+        let ctx = &self.model.ctx;
         let slot_bytes = (READBACK_HEADER + self.cfg.grad_accum * self.ws.capacity) as u64 * 4;
-        let slots = [ctx.staging("step readback", slot_bytes), ctx.staging("step readback", slot_bytes)];
-        let mut in_flight: Option<InFlight> = None;
-        let mut last_checkpoint = Instant::now();
-        let mut saved_step = None;
-        let mut order = self.batch_order();
-        let mut last_loss = None;
-        let mut reason = StopReason::Completed;
-        loop {
-            let done = self.state.step >= total;
-            if done || self.cancel.is_cancelled() {
-                if let Some(f) = in_flight.take() {
-                    last_loss = self.land(f, &clock, on_event)?.or(last_loss);
-                }
-                if !done {
-                    reason = StopReason::Cancelled;
-                }
-                break;
-            }
-            if self.state.step_in_epoch >= per_epoch {
-                // Next epoch: advance the shuffling RNG past this epoch's draw.
-                let mut rng = Rng::from_state(self.state.epoch_rng);
-                shuffle(&mut (0..self.train.len()).collect::<Vec<_>>(), &mut rng);
-                self.state.epoch_rng = rng.state();
-                self.state.epoch += 1;
-                self.state.step_in_epoch = 0;
-                order = self.batch_order();
-            }
-            let first = self.state.step_in_epoch as usize * self.cfg.grad_accum;
-            let group: Vec<usize> = order[first..(first + self.cfg.grad_accum).min(order.len())].to_vec();
-            let lr = schedule.lr(self.state.step);
-            let lens: Vec<usize> = group.iter().map(|&i| self.train[i].len()).collect();
-            let scored: usize = group.iter().map(|&i| self.train[i].n_scored()).sum();
-            let slot = &slots[(self.state.step % 2) as usize];
-            let read = self.record_step(&group, scored, lr, slot)?;
-            self.state.step += 1;
-            self.state.step_in_epoch += 1;
-            self.state.tokens += lens.iter().sum::<usize>() as u64;
-            let flight = InFlight {
-                step: self.state.step,
-                epoch: self.state.epoch as f64 + self.state.step_in_epoch as f64 / per_epoch.max(1) as f64,
-                lr,
-                tokens: self.state.tokens,
-                lens,
-                scored,
-                read,
-            };
-            // The previous step lands now that this one is queued behind it.
-            if let Some(f) = in_flight.take() {
-                last_loss = self.land(f, &clock, on_event)?.or(last_loss);
-            }
-            let step = self.state.step;
-            let epoch_end = self.state.step_in_epoch == per_epoch;
-            let eval_now = match self.cfg.eval_every {
-                0 => epoch_end || step == total,
-                n => step.is_multiple_of(n) || step == total,
-            };
-            let every = self.cfg.checkpoint_every;
-            let every_s = self.cfg.checkpoint_every_s;
-            let due = (every > 0 && step.is_multiple_of(every))
-                || (every_s > 0 && last_checkpoint.elapsed().as_secs_f64() >= every_s as f64);
-            let checkpoint_now = due && step < total && self.checkpoint.is_some();
-            if !(eval_now || checkpoint_now || step == total) {
-                in_flight = Some(flight);
-                continue;
-            }
-            // A step skipped as non-finite is neither evaluated nor checkpointed.
-            let Some(loss) = self.land(flight, &clock, on_event)? else { continue };
-            last_loss = Some(loss);
-            if eval_now && self.eval_step(on_event)? {
-                reason = StopReason::EarlyStopped;
-                break;
-            }
-            if checkpoint_now {
-                self.save_checkpoint(on_event)?;
-                last_checkpoint = Instant::now();
-                saved_step = Some(self.state.step);
-            }
+        Running {
+            schedule,
+            clock,
+            slots: [ctx.staging("step readback", slot_bytes), ctx.staging("step readback", slot_bytes)],
+            in_flight: None,
+            last_checkpoint: Instant::now(),
+            saved_step: None,
+            order: self.batch_order(),
+            last_loss: None,
         }
-        // A run that ends on skipped steps keeps the last good checkpoint; one that has just
-        // written this step's does not write it again (which would also push the step before
-        // out of the previous-checkpoint slot).
-        if self.state.bad_steps == 0 && saved_step != Some(self.state.step) {
+    }
+
+    /// One step of the run `r` (see [`Trainer::step`]).
+    fn step_in(&mut self, r: &mut Running, on_event: &mut dyn FnMut(&Event)) -> Result<Option<StopReason>> {
+        let (total, per_epoch) = (r.clock.total, self.steps_per_epoch());
+        let done = self.state.step >= total;
+        if done || self.cancel.is_cancelled() {
+            if let Some(f) = r.in_flight.take() {
+                r.last_loss = self.land(f, &r.clock, on_event)?.or(r.last_loss);
+            }
+            return Ok(Some(if done { StopReason::Completed } else { StopReason::Cancelled }));
+        }
+        if self.state.step_in_epoch >= per_epoch {
+            // Next epoch: advance the shuffling RNG past this epoch's draw.
+            let mut rng = Rng::from_state(self.state.epoch_rng);
+            shuffle(&mut (0..self.train.len()).collect::<Vec<_>>(), &mut rng);
+            self.state.epoch_rng = rng.state();
+            self.state.epoch += 1;
+            self.state.step_in_epoch = 0;
+            r.order = self.batch_order();
+        }
+        let first = self.state.step_in_epoch as usize * self.cfg.grad_accum;
+        let group: Vec<usize> = r.order[first..(first + self.cfg.grad_accum).min(r.order.len())].to_vec();
+        let lr = r.schedule.lr(self.state.step);
+        let lens: Vec<usize> = group.iter().map(|&i| self.train[i].len()).collect();
+        let scored: usize = group.iter().map(|&i| self.train[i].n_scored()).sum();
+        let slot = r.slots[(self.state.step % 2) as usize].clone();
+        let read = self.record_step(&group, scored, lr, &slot)?;
+        self.state.step += 1;
+        self.state.step_in_epoch += 1;
+        self.state.tokens += lens.iter().sum::<usize>() as u64;
+        let flight = InFlight {
+            step: self.state.step,
+            epoch: self.state.epoch as f64 + self.state.step_in_epoch as f64 / per_epoch.max(1) as f64,
+            lr,
+            tokens: self.state.tokens,
+            lens,
+            scored,
+            read,
+        };
+        // The previous step lands now that this one is queued behind it.
+        if let Some(f) = r.in_flight.take() {
+            r.last_loss = self.land(f, &r.clock, on_event)?.or(r.last_loss);
+        }
+        let step = self.state.step;
+        let epoch_end = self.state.step_in_epoch == per_epoch;
+        let eval_now = match self.cfg.eval_every {
+            0 => epoch_end || step == total,
+            n => step.is_multiple_of(n) || step == total,
+        };
+        let every = self.cfg.checkpoint_every;
+        let every_s = self.cfg.checkpoint_every_s;
+        let due = (every > 0 && step.is_multiple_of(every))
+            || (every_s > 0 && r.last_checkpoint.elapsed().as_secs_f64() >= every_s as f64);
+        let checkpoint_now = due && step < total && self.checkpoint.is_some();
+        if !(eval_now || checkpoint_now || step == total) {
+            r.in_flight = Some(flight);
+            return Ok(None);
+        }
+        // A step skipped as non-finite is neither evaluated nor checkpointed.
+        let Some(loss) = self.land(flight, &r.clock, on_event)? else { return Ok(None) };
+        r.last_loss = Some(loss);
+        if eval_now && self.eval_step(on_event)? {
+            return Ok(Some(StopReason::EarlyStopped));
+        }
+        if checkpoint_now {
             self.save_checkpoint(on_event)?;
+            r.last_checkpoint = Instant::now();
+            r.saved_step = Some(self.state.step);
         }
-        let mut adapter = self.adapter()?;
-        let mut adapter_step = self.state.step;
-        if self.run.keep_best
-            && let Some(best) = &self.best
-        {
-            adapter.params = best.clone();
-            adapter_step = self.state.best_step;
-        }
-        on_event(&Event::Finished { step: self.state.step, reason, best_val_loss: self.state.best_val_loss });
-        Ok(Outcome {
-            reason,
-            steps: self.state.step,
-            last_loss,
-            best_val_loss: self.state.best_val_loss,
-            adapter,
-            adapter_step,
-        })
+        Ok(None)
     }
 
     /// Records and submits one optimizer step over the training batches `group` (gradients
@@ -966,6 +1014,7 @@ impl Trainer {
 const READBACK_HEADER: usize = 4;
 
 /// What a run's step events are measured against.
+#[derive(Debug)]
 struct RunClock {
     total: u64,
     start_step: u64,
@@ -974,7 +1023,24 @@ struct RunClock {
     planned: u64,
 }
 
+/// What a run keeps between its steps (see [`Trainer::step`]).
+#[derive(Debug)]
+struct Running {
+    schedule: Schedule,
+    clock: RunClock,
+    /// The two readback buffers, used in turn.
+    slots: [wgpu::Buffer; 2],
+    in_flight: Option<InFlight>,
+    last_checkpoint: Instant,
+    /// The step of the last checkpoint this run wrote.
+    saved_step: Option<u64>,
+    /// This epoch's order of the training batches.
+    order: Vec<usize>,
+    last_loss: Option<f32>,
+}
+
 /// A step recorded and submitted whose readback has not been collected yet.
+#[derive(Debug)]
 struct InFlight {
     step: u64,
     epoch: f64,
