@@ -40,6 +40,28 @@ else
   status=1
 fi
 rm -f "$log.pkg"
+# Their unit tests pass from the .crate files alone, unpacked in a scratch folder (each crate's
+# sibling dependencies patched to the unpacked siblings). The C crate's unit tests load the
+# repository's tiny model, so they run in the workspace only.
+pkgdir="$(mktemp -d)"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
+pkg_ok=1
+for c in $crates; do tar -xzf "$CARGO_TARGET_DIR/package/$c-$version.crate" -C "$pkgdir" || pkg_ok=0; done
+for c in edgetune-shaders edgetune edgetune-cli; do
+  [ "$pkg_ok" -eq 1 ] || break
+  (cd "$pkgdir/$c-$version" && cargo test --offline --lib --bins \
+    --config "patch.crates-io.edgetune-shaders.path=\"$pkgdir/edgetune-shaders-$version\"" \
+    --config "patch.crates-io.edgetune.path=\"$pkgdir/edgetune-$version\"") >"$log.pkg" 2>&1 || { cat "$log.pkg"; pkg_ok=0; }
+done
+rm -rf "$pkgdir" "$log.pkg"
+if [ "$pkg_ok" -eq 1 ]; then
+  echo "unit tests from the .crate files of edgetune-shaders edgetune edgetune-cli: ok"
+  passed=$((passed + 1))
+else
+  echo "unit tests from the .crate files: FAILED"
+  failed=$((failed + 1))
+  status=1
+fi
 # The same crates build with the toolchain of their minimum supported Rust version
 # (rust-version in Cargo.toml; setup.sh installs it), all targets, in a target folder of its own.
 msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)"
