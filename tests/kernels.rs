@@ -667,6 +667,45 @@ fn kernel_parameters_survive_the_uniform_ring_wrapping_round() {
     assert!(used.submits > 100, "the encoder was submitted as it filled ({} submits)", used.submits);
 }
 
+/// Two encoders of one context recording at once (two models on one context, or two threads):
+/// encoder A takes 1,000 parameter slots and waits unsubmitted while encoder B records 40,000
+/// launches, submitted as it fills, which takes the ring round more than twice. B must not
+/// write over A's slots: each sum is exact only if every launch read its own scale. Then, with
+/// every encoder submitted or dropped (one dropped holding 300 slots), the ring goes round
+/// again without a new buffer.
+#[test]
+fn an_unsubmitted_encoder_keeps_its_parameter_slots_while_another_goes_round_the_ring() {
+    let ctx = ctx();
+    let (x, w) = (ctx.storage_from("x", &[1.0f32]), ctx.storage_from("w", &[1.0f32]));
+    let (ya, yb) = (ctx.storage_zeroed("ya", 1), ctx.storage_zeroed("yb", 1));
+    let record = |enc: &mut edgetune::gpu::Encoder, y: &wgpu::Buffer, range: std::ops::Range<u32>, scale: u32| {
+        for i in range {
+            let out = launch::OutCols::whole(1).scaled((i % scale + 1) as f32).accumulated();
+            let m = launch::Matmul { x: &x, w: launch::Weight::Dense(&w), bias: None, y, m: 1, n: 1, k: 1, out };
+            launch::matmul_forward(&ctx, enc, m).expect("launch");
+        }
+    };
+    let mut a = ctx.encoder().whole();
+    record(&mut a, &ya, 0..1000, 5);
+    let mut b = ctx.encoder();
+    record(&mut b, &yb, 0..40_000, 7);
+    ctx.submit([b.finish()]);
+    ctx.submit([a.finish()]);
+    let sum = |n: u32, scale: u32| (0..n).map(|i| i % scale + 1).sum::<u32>() as f32;
+    assert_eq!(ctx.read_f32(&ya, 1).expect("read")[0], sum(1000, 5), "A read another launch's scale");
+    assert_eq!(ctx.read_f32(&yb, 1).expect("read")[0], sum(40_000, 7));
+    // An encoder dropped unsubmitted gives its slots back (its launches never run).
+    let mut dropped = ctx.encoder().whole();
+    record(&mut dropped, &yb, 0..300, 2);
+    drop(dropped);
+    let before = ctx.counts();
+    let mut c = ctx.encoder();
+    record(&mut c, &yb, 0..40_000, 3);
+    ctx.submit([c.finish()]);
+    assert_eq!(ctx.read_f32(&yb, 1).expect("read")[0], sum(40_000, 7) + sum(40_000, 3));
+    assert_eq!((ctx.counts() - before).buffers, 0, "nothing held: the ring goes round, no new buffer");
+}
+
 /// Greedy decoding's argmax on the GPU against its twin and the CPU sampler, on vocabulary
 /// sizes from 1 to past the first pass's 256 workgroups of 4,096, with the maximum tied
 /// across workgroups (the lower index wins), NaNs (never chosen), and rows with nothing above

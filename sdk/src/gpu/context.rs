@@ -5,14 +5,15 @@
 //! an integrated one, then a virtual one, then a CPU implementation such as Mesa's lavapipe.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::family::{self, AdapterFacts, KernelFamily, Kernels};
 use super::memory::{self, GpuMemory};
 use super::profile::Profile;
 use super::shaders::{Binding, Shader, expand};
 use crate::error::{Error, Result};
+use crate::gpu::dispatch::Commands;
 
 /// How to choose the adapter.
 #[derive(Debug, Clone, Default)]
@@ -134,8 +135,9 @@ pub struct GpuContext {
     pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
     /// Staging buffer of small readbacks (see `GpuContext::read_f32`), made at first use.
     pub(crate) staging: Mutex<Option<wgpu::Buffer>>,
-    /// Kernel parameters of recorded dispatches (see `GpuContext::dispatch`).
-    pub(crate) uniforms: Mutex<UniformRing>,
+    /// Kernel parameters of recorded dispatches (see `GpuContext::dispatch`); each encoder
+    /// holds it too, to give back the slots it took if it is dropped unsubmitted.
+    pub(crate) uniforms: Arc<Mutex<UniformRing>>,
     /// Dispatches recorded before an encoder's contents are submitted without waiting:
     /// `EDGETUNE_FLUSH_EVERY`, else [`FLUSH_EVERY`], read when the device is opened.
     pub(crate) submit_every: u64,
@@ -148,17 +150,36 @@ pub const FLUSH_EVERY: u64 = 256;
 /// used round and round. Slots are filled on the CPU as dispatches are recorded and written to
 /// the GPU in one copy before the next submission (`GpuContext::submit`), which the queue
 /// orders after every earlier submission that read the slot before.
+///
+/// Several threads may record into encoders of one context at once (two models on one
+/// context, say). A slot that an unsubmitted encoder took must not be written again before
+/// that encoder is submitted, so each encoder counts the bytes it holds in the current buffer
+/// (`generation`), and `outstanding` sums them over all encoders. The ring goes round to 0 only
+/// when no other encoder holds slots in it; otherwise, or when one encoder alone has filled
+/// it, a new buffer starts a new generation (the old one lives on in the bind groups of the
+/// dispatches that read it).
 #[derive(Debug)]
 pub(crate) struct UniformRing {
     pub(crate) buf: Option<wgpu::Buffer>,
+    /// Which buffer this is: a new one for each `buf` made.
+    pub(crate) generation: u64,
     /// Next free byte.
     pub(crate) next: u64,
     /// Bytes of slots recorded since the last write, starting at `pending_start`.
     pub(crate) pending: Vec<u8>,
     pub(crate) pending_start: u64,
-    /// Dispatches, and bytes of their slots, recorded since the last submission.
-    pub(crate) unsubmitted: u64,
-    pub(crate) unsubmitted_bytes: u64,
+    /// Bytes of this buffer's slots held by encoders not yet submitted.
+    pub(crate) outstanding: u64,
+}
+
+impl UniformRing {
+    /// Gives back `bytes` of slots of buffer `generation` that an encoder held (it was
+    /// submitted, or dropped without being submitted).
+    pub(crate) fn release(&mut self, generation: u64, bytes: u64) {
+        if generation == self.generation {
+            self.outstanding = self.outstanding.saturating_sub(bytes);
+        }
+    }
 }
 
 /// Running totals behind [`GpuContext::counts`].
@@ -364,14 +385,14 @@ impl GpuContext {
             counters: Counters::default(),
             scratch: Mutex::new(None),
             staging: Mutex::new(None),
-            uniforms: Mutex::new(UniformRing {
+            uniforms: Arc::new(Mutex::new(UniformRing {
                 buf: None,
+                generation: 0,
                 next: 0,
                 pending: Vec::new(),
                 pending_start: 0,
-                unsubmitted: 0,
-                unsubmitted_bytes: 0,
-            }),
+                outstanding: 0,
+            })),
             submit_every: std::env::var("EDGETUNE_FLUSH_EVERY")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -404,17 +425,21 @@ impl GpuContext {
         }
     }
 
-    /// Submits command buffers to the queue, counted, after writing the kernel parameters of
+    /// Submits finished encoders to the queue, counted, after writing the kernel parameters of
     /// the dispatches recorded so far. Every submission of recorded dispatches must come
-    /// through here.
-    pub fn submit(&self, cmds: impl IntoIterator<Item = wgpu::CommandBuffer>) -> wgpu::SubmissionIndex {
+    /// through here. The parameter slots the encoders held are given back only once the queue
+    /// has them, under the ring's lock, so no other thread can write over a slot in between.
+    pub fn submit(&self, cmds: impl IntoIterator<Item = Commands>) -> wgpu::SubmissionIndex {
         Counters::add(&self.counters.submits);
-        if let Ok(mut ring) = self.uniforms.lock() {
-            self.write_uniforms(&mut ring);
-            ring.unsubmitted = 0;
-            ring.unsubmitted_bytes = 0;
+        let mut cmds: Vec<Commands> = cmds.into_iter().collect();
+        let buffers: Vec<wgpu::CommandBuffer> = cmds.iter_mut().filter_map(|c| c.buffer.take()).collect();
+        let mut ring = self.uniforms.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.write_uniforms(&mut ring);
+        let index = self.queue.submit(buffers);
+        for c in &mut cmds {
+            ring.release(c.hold.generation, std::mem::take(&mut c.hold.bytes));
         }
-        self.queue.submit(cmds)
+        index
     }
 
     /// Copies the pending parameter slots to the GPU (before the next submission).

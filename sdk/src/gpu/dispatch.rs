@@ -8,7 +8,7 @@ use bytemuck::Pod;
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::gpu::context::{Counters, GpuContext};
+use crate::gpu::context::{Counters, GpuContext, UniformRing};
 use crate::gpu::profile::{Cost, Timer};
 use crate::gpu::shaders::Shader;
 
@@ -179,7 +179,14 @@ impl GpuContext {
     /// An encoder that makes a new bind group for every dispatch: for one-off work whose
     /// buffers will not be seen again.
     pub fn encoder(&self) -> Encoder {
-        Encoder { enc: self.device.create_command_encoder(&Default::default()), pass: None, binds: None, whole: false }
+        Encoder {
+            enc: self.device.create_command_encoder(&Default::default()),
+            pass: None,
+            binds: None,
+            whole: false,
+            hold: SlotHold { ring: self.uniforms.clone(), generation: 0, bytes: 0 },
+            dispatches: 0,
+        }
     }
 
     /// An encoder that takes its bind groups from `binds`, making each only the first time its
@@ -192,8 +199,11 @@ impl GpuContext {
     /// Submits what `enc` holds (see [`GpuContext::submit`]) and leaves it empty, ready for more.
     pub fn submit_encoder(&self, enc: &mut Encoder) -> wgpu::SubmissionIndex {
         enc.pass = None;
+        enc.dispatches = 0;
         let done = std::mem::replace(&mut enc.enc, self.device.create_command_encoder(&Default::default()));
-        self.submit([done.finish()])
+        let hold = SlotHold { ring: self.uniforms.clone(), generation: enc.hold.generation, bytes: 0 };
+        let hold = std::mem::replace(&mut enc.hold, hold);
+        self.submit([Commands { buffer: Some(done.finish()), hold }])
     }
 
     /// Records one dispatch of `shader` with its params (binding 0) and storage buffers
@@ -211,18 +221,22 @@ impl GpuContext {
         self.record(enc, Dispatch { shader, buffers, groups }, bytemuck::bytes_of(params), Cost::default(), true)
     }
 
-    /// A slot of the uniform ring holding `bytes`: (buffer, offset).
-    fn uniform_slot(&self, bytes: &[u8]) -> Result<(wgpu::Buffer, u64)> {
+    /// A slot of the uniform ring holding `bytes` for a dispatch recorded into `enc`: (buffer,
+    /// offset). See [`UniformRing`] for when the ring goes round and when it starts anew.
+    fn uniform_slot(&self, enc: &mut Encoder, bytes: &[u8]) -> Result<(wgpu::Buffer, u64)> {
         let mut ring = self.uniforms.lock().map_err(|_| Error::Gpu("uniform ring lock poisoned".into()))?;
         // 256 bytes (WebGPU's default alignment) on every adapter, so the ring holds the same
         // 16,384 slots everywhere.
         let align = u64::from(self.limits.min_uniform_buffer_offset_alignment).max(256);
         let slot = (bytes.len() as u64).next_multiple_of(align);
+        let own = if enc.hold.generation == ring.generation { enc.hold.bytes } else { 0 };
+        let others = ring.outstanding.saturating_sub(own);
         let wraps = ring.next + slot > UNIFORM_RING_BYTES;
-        // The whole ring recorded since the last submission: a new ring, so no slot that an
-        // unsubmitted dispatch reads is reused (the old buffer lives on in its bind groups).
-        let full = ring.unsubmitted_bytes + slot > UNIFORM_RING_BYTES;
-        if ring.buf.is_none() || full {
+        // This encoder alone holds the whole ring, or going round would write over slots that
+        // another unsubmitted encoder reads: a new buffer, so no held slot is reused (the old
+        // buffer lives on in the bind groups of the dispatches that read it).
+        let full = own + slot > UNIFORM_RING_BYTES;
+        if ring.buf.is_none() || full || (wraps && others > 0) {
             if ring.buf.is_some() {
                 self.write_uniforms(&mut ring);
             }
@@ -233,10 +247,11 @@ impl GpuContext {
                 usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }));
+            ring.generation += 1;
             ring.next = 0;
             ring.pending.clear();
             ring.pending_start = 0;
-            ring.unsubmitted_bytes = 0;
+            ring.outstanding = 0;
         } else if wraps {
             self.write_uniforms(&mut ring);
             ring.next = 0;
@@ -247,8 +262,15 @@ impl GpuContext {
         let len = (offset + slot - ring.pending_start) as usize;
         ring.pending.resize(len, 0);
         ring.next = offset + slot;
-        ring.unsubmitted += 1;
-        ring.unsubmitted_bytes += slot;
+        if enc.hold.generation != ring.generation {
+            // What it held in an older buffer can never be written over; from now on it holds
+            // slots of this one.
+            enc.hold.generation = ring.generation;
+            enc.hold.bytes = 0;
+        }
+        enc.hold.bytes += slot;
+        enc.dispatches += 1;
+        ring.outstanding += slot;
         let buf = ring.buf.clone().ok_or_else(|| Error::Gpu("uniform ring missing".into()))?;
         Ok((buf, offset))
     }
@@ -275,14 +297,11 @@ impl GpuContext {
         let profiling = self.profiling();
         if profiling == Some(Timer::WallClock) {
             self.flush(enc)?;
-        } else if may_submit
-            && !enc.whole
-            && self.uniforms.lock().map(|r| r.unsubmitted >= self.submit_every).unwrap_or(false)
-        {
+        } else if may_submit && !enc.whole && enc.dispatches >= self.submit_every {
             self.submit_encoder(enc);
         }
         Counters::add(&self.counters.dispatches);
-        let (uniform, offset) = self.uniform_slot(params)?;
+        let (uniform, offset) = self.uniform_slot(enc, params)?;
         let make = || {
             Counters::add(&self.counters.bind_groups);
             let binding =
@@ -368,19 +387,51 @@ pub struct Encoder {
     binds: Option<Arc<BindGroups>>,
     /// Never submitted part-way (see [`Encoder::whole`]).
     whole: bool,
+    /// The parameter slots its dispatches took since it was last submitted.
+    hold: SlotHold,
+    /// Dispatches recorded since it was last submitted.
+    dispatches: u64,
 }
 
 impl Encoder {
     /// Records everything for one submission at the end, however many dispatches: for short
     /// work such as a decoded token, where a submission part-way costs more than it overlaps.
-    pub fn whole(self) -> Self {
-        Encoder { whole: true, ..self }
+    pub fn whole(mut self) -> Self {
+        self.whole = true;
+        self
     }
 
     /// Closes the open pass and finishes the commands, ready for [`GpuContext::submit`].
-    pub fn finish(mut self) -> wgpu::CommandBuffer {
-        self.pass = None;
-        self.enc.finish()
+    pub fn finish(self) -> Commands {
+        let Encoder { enc, pass, hold, .. } = self;
+        drop(pass);
+        Commands { buffer: Some(enc.finish()), hold }
+    }
+}
+
+/// Finished commands for [`GpuContext::submit`], with the kernel-parameter slots they read,
+/// which stay taken until they are submitted (or given back if they are dropped).
+#[derive(Debug)]
+pub struct Commands {
+    pub(crate) buffer: Option<wgpu::CommandBuffer>,
+    pub(crate) hold: SlotHold,
+}
+
+/// Bytes of one buffer (`generation`) of the uniform ring held by an encoder or its finished
+/// commands; dropped unsubmitted, they are given back.
+#[derive(Debug)]
+pub(crate) struct SlotHold {
+    ring: Arc<Mutex<UniformRing>>,
+    pub(crate) generation: u64,
+    pub(crate) bytes: u64,
+}
+
+impl Drop for SlotHold {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            let mut ring = self.ring.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            ring.release(self.generation, self.bytes);
+        }
     }
 }
 

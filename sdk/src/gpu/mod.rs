@@ -9,7 +9,7 @@ pub mod profile;
 pub use edgetune_shaders as shaders;
 
 pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions};
-pub use dispatch::{BindGroups, Encoder, PendingRead};
+pub use dispatch::{BindGroups, Commands, Encoder, PendingRead};
 pub use family::{KernelFamily, Kernels};
 pub use memory::GpuMemory;
 pub use profile::{Cost, KernelTime, Timer};
