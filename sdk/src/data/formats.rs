@@ -1,6 +1,8 @@
 //! Training records from files: Alpaca, ShareGPT and OpenAI-style chat as JSON arrays or JSON
 //! lines, and plain text files or folders. Every bad record is reported with its file and line.
 
+#![deny(missing_docs)]
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
@@ -46,14 +48,18 @@ impl std::str::FromStr for Format {
 /// One training record before tokenization.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
+    /// A conversation: system, user and assistant messages in order.
     Chat(Vec<Message>),
+    /// Plain text, trained on every token.
     Text(String),
 }
 
 /// A record and where it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sourced {
+    /// The record.
     pub record: Record,
+    /// The file it was read from (or the label of records handed over in memory).
     pub file: PathBuf,
     /// 1-based line of the record (its first line in a JSON array).
     pub line: usize,
@@ -62,8 +68,11 @@ pub struct Sourced {
 /// A record that could not be read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BadRecord {
+    /// The file it was read from (or the label of records handed over in memory).
     pub file: PathBuf,
+    /// 1-based line of the record.
     pub line: usize,
+    /// What is wrong with it and what was expected.
     pub what: String,
 }
 

@@ -17,6 +17,8 @@
 //! `truncation = "drop"` every over-long chat sample is dropped. Plain text is never truncated:
 //! it is cut into consecutive chunks of `max_len` tokens.
 
+#![deny(missing_docs)]
+
 pub mod formats;
 
 use std::borrow::Cow;
@@ -56,6 +58,7 @@ pub enum Truncation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dedup {
+    /// Keep every record.
     None,
     /// Identical records.
     Exact,
@@ -68,11 +71,15 @@ pub enum Dedup {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
+    /// The files' format; `auto` tells each record's format from its fields.
     pub format: Format,
     /// Longest sample in tokens (also the text chunk length).
     pub max_len: usize,
+    /// Which tokens of a chat sample are trained (by default the assistant's).
     pub train_on: TrainOn,
+    /// What happens to a chat sample longer than `max_len`.
     pub truncation: Truncation,
+    /// Which duplicate records are removed.
     pub dedup: Dedup,
     /// Samples with fewer tokens are dropped.
     pub min_tokens: usize,
@@ -137,13 +144,18 @@ impl DataConfig {
 /// One tokenized sample: `train[i]` says whether token i is a target.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
+    /// Token ids, with the chat template applied.
     pub ids: Vec<u32>,
+    /// Whether each token is a target (predicted from those before it and scored).
     pub train: Vec<bool>,
+    /// The file of the record it came from.
     pub file: PathBuf,
+    /// The record's 1-based line.
     pub line: usize,
 }
 
 impl Sample {
+    /// The tokens that are targets (the first token never is: nothing precedes it).
     pub fn n_trained(&self) -> usize {
         self.train.iter().skip(1).filter(|&&t| t).count()
     }
@@ -168,15 +180,25 @@ pub fn check_context<'a>(samples: impl IntoIterator<Item = &'a Sample>, context:
 /// What happened to the records of a dataset.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DataReport {
+    /// Records read, bad ones included.
     pub records: usize,
+    /// Records that could not be read or tokenized.
     pub bad_records: usize,
+    /// Records dropped as duplicates of earlier ones (see [`Dedup`]).
     pub duplicates: usize,
+    /// Samples dropped for having fewer than `min_tokens` tokens.
     pub too_short: usize,
+    /// Samples cut to `max_len` tokens.
     pub truncated: usize,
+    /// Samples dropped for being longer than `max_len` tokens.
     pub dropped_too_long: usize,
+    /// Samples trained.
     pub train_samples: usize,
+    /// Samples held out for validation.
     pub val_samples: usize,
+    /// Tokens of the training samples.
     pub train_tokens: usize,
+    /// Of those, the targets (see [`Sample::n_trained`]).
     pub trained_tokens: usize,
     /// The first few bad records, for display.
     pub bad_examples: Vec<String>,
@@ -203,6 +225,7 @@ pub enum ValSource {
 /// How a dataset was split, and whether its validation loss may choose the adapter.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Validation {
+    /// Where the validation samples come from.
     pub source: ValSource,
     /// The share of the samples held out (0 with a file or with none).
     pub fraction: f32,
@@ -216,8 +239,11 @@ pub struct Validation {
 /// A tokenized dataset, split.
 #[derive(Debug, Clone)]
 pub struct Dataset {
+    /// The samples trained.
     pub train: Vec<Sample>,
+    /// The samples that validate (none unless a split or a `val_data` file gives some).
     pub val: Vec<Sample>,
+    /// What happened to the records on the way.
     pub report: DataReport,
 }
 
@@ -295,7 +321,12 @@ pub enum Source {
     Path(PathBuf),
     /// Records held by the caller, each one JSON object in any format a file may hold (or
     /// `{"text": ...}`). Errors name record i as line i (from 1) of `name`.
-    Records { name: String, records: Vec<String> },
+    Records {
+        /// The label that errors name.
+        name: String,
+        /// The records, one JSON object each.
+        records: Vec<String>,
+    },
 }
 
 impl Source {
