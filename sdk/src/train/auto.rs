@@ -60,6 +60,7 @@ pub const WARMUP_FRACTION: f64 = 0.03;
 /// What the automatic rule needs to know of the training data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataShape {
+    /// Training samples.
     pub samples: usize,
     /// Tokens of all training samples.
     pub tokens: usize,

@@ -28,6 +28,7 @@ pub struct TrainState {
     pub updates: u32,
     /// Epoch in progress (0-based) and the next step within it.
     pub epoch: u64,
+    /// Optimizer steps taken in the current epoch.
     pub step_in_epoch: u64,
     /// State of the RNG that shuffles batches, as it was at the start of the current epoch.
     pub epoch_rng: u64,
@@ -35,6 +36,7 @@ pub struct TrainState {
     pub bad_steps: u32,
     /// Best validation loss so far, and evaluations since it improved.
     pub best_val_loss: Option<f32>,
+    /// Evaluations since the best validation loss (early stopping's count).
     pub evals_since_best: u32,
     /// Tokens seen by the optimizer so far.
     pub tokens: u64,
@@ -42,6 +44,7 @@ pub struct TrainState {
     /// that evaluation (since the one before it).
     #[serde(default)]
     pub best_step: u64,
+    /// The mean training loss over the steps before the best evaluation (since the one before).
     #[serde(default)]
     pub train_loss_at_best: Option<f32>,
     /// Sum and count of the training losses since the last evaluation.
@@ -62,15 +65,21 @@ impl TrainState {
 /// A checkpoint in memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checkpoint {
+    /// Where the run was: steps, epoch, shuffling, validation.
     pub state: TrainState,
+    /// The adapter's configuration.
     pub lora: LoraConfig,
     /// [`crate::model::llama::Model::fingerprint`] of the model trained.
     pub model_fingerprint: u64,
     /// A hash of the training samples and of the settings that decide the batches.
     pub plan_fingerprint: u64,
+    /// The adapter's parameters (A and B of every adapted module, in layout order).
     pub params: Vec<f32>,
+    /// AdamW's first moments, one per parameter.
     pub m: Vec<f32>,
+    /// AdamW's second moments, one per parameter.
     pub v: Vec<f32>,
+    /// The parameters at the best validation loss, when `keep_best` keeps them.
     pub best: Option<Vec<f32>>,
 }
 

@@ -33,8 +33,11 @@ struct JobSpec {
 /// A job ready to run: its settings are resolved and checked.
 #[derive(Debug)]
 pub struct Job {
+    /// The user's id: their folder's name under the output folder.
     pub user: String,
+    /// Their training data.
     pub data: PathBuf,
+    /// The batch's settings with the job's own laid over them.
     pub config: TrainConfig,
 }
 
@@ -42,7 +45,9 @@ pub struct Job {
 /// ("jobs.jsonl: line 3", "jobs/bob.json").
 #[derive(Debug)]
 pub struct Entry {
+    /// Where the job was read ("jobs.jsonl: line 3", "jobs/bob.json").
     pub origin: String,
+    /// The job, or why it cannot run.
     pub job: std::result::Result<Job, String>,
 }
 

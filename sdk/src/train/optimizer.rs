@@ -13,9 +13,13 @@ use crate::gpu::launch::{self, AdamwBuffers, AdamwStep};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdamwConfig {
+    /// Decay of the first moment (torch's betas[0]).
     pub beta1: f32,
+    /// Decay of the second moment (torch's betas[1]).
     pub beta2: f32,
+    /// Added to the second moment's square root.
     pub eps: f32,
+    /// Decoupled weight decay, applied as `p -= lr * weight_decay * p`.
     pub weight_decay: f32,
     /// Clip the global gradient norm to this before each update (0 disables clipping).
     pub max_grad_norm: f32,
@@ -53,10 +57,15 @@ impl AdamwConfig {
 /// too (AdamW's t), so that a step can be recorded while the last one is still running.
 #[derive(Debug)]
 pub struct Optimizer {
+    /// Its hyper-parameters.
     pub config: AdamwConfig,
+    /// Parameters it updates.
     pub n: usize,
+    /// (n) f32: the gradients that backward passes accumulate into.
     pub grads: wgpu::Buffer,
+    /// (n) f32: first moments.
     pub m: wgpu::Buffer,
+    /// (n) f32: second moments.
     pub v: wgpu::Buffer,
     partials: wgpu::Buffer,
     /// The global gradient norm of the last recorded step (before clipping).
@@ -77,6 +86,7 @@ pub struct Optimizer {
 const BIAS_STEPS: usize = 1024;
 
 impl Optimizer {
+    /// Zeroed state for `n` parameters; bad hyper-parameters are an error naming them.
     pub fn new(ctx: &GpuContext, n: usize, config: AdamwConfig) -> Result<Self> {
         let problems = config.problems();
         if !problems.is_empty() {

@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
+    /// The peak rate after the warmup, to the end.
     Constant,
+    /// Down in a straight line to 0 at the last step.
     Linear,
+    /// Down along half a cosine to 0 at the last step.
     #[default]
     Cosine,
 }
@@ -31,9 +34,13 @@ impl std::str::FromStr for ScheduleKind {
 /// A schedule over `total_steps` optimizer steps.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {
+    /// The shape after the warmup.
     pub kind: ScheduleKind,
+    /// The rate at the end of the warmup.
     pub peak_lr: f32,
+    /// Steps of linear warmup from 0.
     pub warmup_steps: u64,
+    /// The run's length.
     pub total_steps: u64,
 }
 

@@ -32,12 +32,16 @@ use crate::prim::{FNV_OFFSET, fnv1a};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// The adapter: rank, alpha, dropout, target modules.
     pub lora: LoraConfig,
+    /// How the data is read, cut into samples and split.
     pub data: DataConfig,
+    /// AdamW's betas, epsilon, weight decay and gradient clipping.
     pub optimizer: AdamwConfig,
     /// Peak learning rate. Unset: chosen for the run's length and the adapter's rank
     /// ([`auto::learning_rate`]).
     pub learning_rate: Option<f32>,
+    /// How the learning rate goes from the peak to the end of the run, after the warmup.
     pub lr_schedule: ScheduleKind,
     /// Steps of linear warmup from 0 to the peak. Unset: 3 % of the steps ([`auto::warmup_steps`]).
     pub warmup_steps: Option<u64>,
@@ -144,13 +148,19 @@ impl TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
+    /// The run starts: what it will do.
     Started {
+        /// Optimizer steps the run will have taken when it completes.
         total_steps: u64,
         /// The step training starts from (non-zero when resumed).
         start_step: u64,
+        /// Samples trained.
         train_samples: usize,
+        /// Samples that validate.
         val_samples: usize,
+        /// Packed batches in one pass over the training samples.
         batches_per_epoch: usize,
+        /// Entries of the adapter's A and B matrices.
         trainable_parameters: usize,
         /// Planned GPU bytes: weights, adapter with gradients and moments, and the workspace.
         planned_gpu_bytes: u64,
@@ -158,38 +168,64 @@ pub enum Event {
         /// validation samples were chosen.
         chosen: Vec<Choice>,
     },
+    /// An optimizer step landed (a step late while the next one runs; see [`Trainer::run`]).
     Step {
+        /// The step's number, from 1.
         step: u64,
+        /// As in `Started`.
         total_steps: u64,
         /// Fractional epochs done.
         epoch: f64,
+        /// Mean loss over the step's trained tokens.
         loss: f32,
+        /// The learning rate the step used.
         lr: f32,
+        /// The gradient's norm before clipping.
         grad_norm: f32,
+        /// Tokens trained on so far (padding excluded), in this run and any it resumed.
         tokens: u64,
+        /// Tokens a second since the run started.
         tokens_per_s: f64,
+        /// Seconds to the end of the run at that rate.
         eta_s: f64,
         /// Bytes the driver reports allocated, or the planned bytes where it reports none.
         gpu_memory_bytes: u64,
     },
+    /// The validation samples were scored after a step.
     Eval {
+        /// The step after which they were scored.
         step: u64,
+        /// Mean loss over their trained tokens.
         val_loss: f32,
+        /// `exp(val_loss)`.
         perplexity: f32,
+        /// The lowest validation loss so far, this one included.
         best_val_loss: f32,
+        /// Whether this one is the lowest so far.
         improved: bool,
     },
+    /// Something the user should know and may act on (a skipped step, a rising validation
+    /// loss, a checkpoint that could not be read).
     Warning {
+        /// The step it concerns.
         step: u64,
+        /// What happened, and what to do.
         message: String,
     },
+    /// A checkpoint was written.
     Checkpoint {
+        /// The step it holds.
         step: u64,
+        /// Where it was written.
         path: PathBuf,
     },
+    /// The run ended.
     Finished {
+        /// The last step taken.
         step: u64,
+        /// Why it ended.
         reason: StopReason,
+        /// The lowest validation loss, if the run validated.
         best_val_loss: Option<f32>,
     },
 }
@@ -198,18 +234,24 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
+    /// Every planned step was taken.
     Completed,
+    /// The validation loss stopped improving for `early_stopping_patience` evaluations.
     EarlyStopped,
+    /// A [`CancelToken`] stopped it.
     Cancelled,
 }
 
 /// The result of [`Trainer::run`].
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// Why the run ended.
     pub reason: StopReason,
+    /// The optimizer steps taken, with those of a resumed checkpoint.
     pub steps: u64,
     /// Mean loss of the last step.
     pub last_loss: Option<f32>,
+    /// The lowest validation loss, if the run validated.
     pub best_val_loss: Option<f32>,
     /// The trained adapter: the best one by validation loss with `keep_best`, else the last.
     pub adapter: Adapter,
@@ -222,9 +264,12 @@ pub struct Outcome {
 pub struct CancelToken(Arc<AtomicBool>);
 
 impl CancelToken {
+    /// Asks the trainer to stop after the step it is running (it then writes a checkpoint, if
+    /// one is configured).
     pub fn cancel(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
+    /// Whether [`CancelToken::cancel`] was called.
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
@@ -265,6 +310,7 @@ pub struct TrainingBytes {
     pub adapter: u64,
     /// Activations and scratch for batches of `tokens` tokens.
     pub workspace: u64,
+    /// The tokens of the largest batch the workspace holds.
     pub tokens: usize,
 }
 
