@@ -5,6 +5,8 @@
 //! lowbias32 hash and dropout threshold, the RoPE table, AdamW's bias corrections and greedy
 //! argmax. This module imports nothing from the crate.
 
+#![deny(missing_docs)]
+
 /// FNV-1a's 64-bit offset basis: the starting value of [`fnv1a`]. FNV-1a is the hash behind
 /// the model, plan and dropout-mask fingerprints: small, stable across platforms and versions.
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -30,11 +32,13 @@ impl Rng {
     pub fn from_state(state: u64) -> Self {
         Rng(state)
     }
+    /// A generator seeded with `seed` (the same seed, the same numbers, on every platform).
     pub fn new(seed: u64) -> Self {
         let mut r = Rng(seed.wrapping_add(0x853c_49e6_748f_ea9b));
         r.next_u32();
         r
     }
+    /// The next 32 random bits (PCG32's XSH RR output).
     pub fn next_u32(&mut self) -> u32 {
         let old = self.0;
         self.0 = old.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);

@@ -1,5 +1,7 @@
 //! `Session`: a model on the GPU with its tokenizer — the entry point most apps use.
 
+#![deny(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +18,9 @@ use crate::tokenizer::{Message, Tokenizer};
 pub struct Session {
     /// Shared with the trainers of this model ([`crate::train::Trainer::new`]).
     pub model: Arc<Model>,
+    /// The model's tokenizer and chat template.
     pub tokenizer: Tokenizer,
+    /// The model file or folder it was opened from.
     pub path: PathBuf,
     /// The LoRA adapter applied (unmerged) when generating and scoring, if any.
     pub adapter: Option<GpuAdapter>,

@@ -1,6 +1,8 @@
 //! Text generation: sampling (greedy, temperature, top-k, top-p, seeded), stop conditions (EOS,
 //! stop strings, token limit) and streaming through a callback.
 
+#![deny(missing_docs)]
+
 use crate::error::{Error, Result};
 use crate::gpu::launch::MAX_TOP_K;
 use crate::lora::GpuAdapter;
@@ -11,6 +13,7 @@ use crate::tokenizer::Tokenizer;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GenerateOptions {
+    /// The most tokens to generate.
     pub max_new_tokens: usize,
     /// 0 means greedy.
     pub temperature: f32,
@@ -18,6 +21,7 @@ pub struct GenerateOptions {
     pub top_k: usize,
     /// 1.0 means no nucleus filter.
     pub top_p: f32,
+    /// Seed of the sampling draws (unused when greedy).
     pub seed: u64,
     /// Generation stops when the text ends with one of these (the stop string is removed).
     pub stop: Vec<String>,
@@ -46,19 +50,28 @@ impl GenerateOptions {
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum StopReason {
+    /// The model generated an end-of-sequence token.
     Eos,
+    /// The text ended with one of the stop strings.
     StopString,
+    /// `max_new_tokens` were generated.
     MaxTokens,
+    /// The model's context (`max_context`) is full.
     ContextFull,
+    /// The token callback asked to stop.
     Callback,
 }
 
 /// The result of one generation.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Generated {
+    /// The generated text (without a stop string that ended it).
     pub text: String,
+    /// The generated tokens.
     pub token_ids: Vec<u32>,
+    /// Tokens of the prompt, with the chat template applied.
     pub prompt_tokens: usize,
+    /// Why generation ended.
     pub stop_reason: StopReason,
 }
 

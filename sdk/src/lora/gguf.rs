@@ -53,7 +53,9 @@ pub(crate) fn permuted_heads(model: &ModelConfig, m: Module) -> Option<usize> {
 /// llama.cpp's converter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Saved {
+    /// Tensors written (an A and a B for each adapted module).
     pub tensors: usize,
+    /// Of those, tensors written as F16 because the asked-for type's blocks do not fit them.
     pub fell_back_to_f16: usize,
 }
 

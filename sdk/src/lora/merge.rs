@@ -29,8 +29,10 @@ use crate::quant::gguf_blocks::GgmlType;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MergeDtype {
+    /// IEEE half precision.
     #[default]
     F16,
+    /// bfloat16, as models trained in it ship.
     Bf16,
 }
 
@@ -257,6 +259,7 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
 /// What [`merge_gguf`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergedGguf {
+    /// Tensors written.
     pub tensors: usize,
     /// Weights whose rows are no whole number of the type's blocks, written in
     /// [`fallback`]`(ty)` instead.

@@ -5,6 +5,8 @@
 //! Invariant: the layout orders slots by layer, then by module in [`Module::ALL`] order, and
 //! within a slot A (r, n_in) comes before B (n_out, r), both row-major as PEFT stores them.
 
+#![deny(missing_docs)]
+
 pub mod gguf;
 pub mod merge;
 pub mod peft;
@@ -26,16 +28,24 @@ pub fn load(path: &Path, model: &ModelConfig) -> Result<Adapter> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Module {
+    /// Attention's query projection (`self_attn.q_proj`).
     QProj,
+    /// Attention's key projection (`self_attn.k_proj`).
     KProj,
+    /// Attention's value projection (`self_attn.v_proj`).
     VProj,
+    /// Attention's output projection (`self_attn.o_proj`).
     OProj,
+    /// The MLP's gate projection (`mlp.gate_proj`).
     GateProj,
+    /// The MLP's up projection (`mlp.up_proj`).
     UpProj,
+    /// The MLP's down projection (`mlp.down_proj`).
     DownProj,
 }
 
 impl Module {
+    /// Every linear module of a layer, in the order of the flat parameter buffer.
     pub const ALL: [Module; 7] = [
         Module::QProj,
         Module::KProj,
@@ -80,6 +90,7 @@ impl Module {
         }
     }
 
+    /// Its place in [`Module::ALL`].
     pub fn index(self) -> usize {
         self as usize
     }
@@ -112,6 +123,7 @@ pub struct LoraConfig {
     pub alpha: f32,
     /// Dropout on the adapter's input during training.
     pub dropout: f32,
+    /// The modules adapted: `"all-linear"` or a list of names, as PEFT takes them.
     pub target_modules: TargetModules,
     /// rsLoRA scaling (alpha / sqrt(r)).
     pub use_rslora: bool,
@@ -201,9 +213,13 @@ impl LoraConfig {
 /// One adapted linear layer and where its matrices sit in the flat buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
+    /// The decoder layer, from 0.
     pub layer: usize,
+    /// The linear module within it.
     pub module: Module,
+    /// The module's input features (A's columns).
     pub n_in: usize,
+    /// The module's output features (B's rows).
     pub n_out: usize,
     /// Offset of A (r, n_in).
     pub a: usize,
@@ -214,7 +230,9 @@ pub struct Slot {
 /// Where every LoRA matrix of a model lives in the flat parameter buffer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
+    /// The rank: A is (r, n_in) and B (n_out, r) in every slot.
     pub r: usize,
+    /// Every adapted module, in buffer order.
     pub slots: Vec<Slot>,
     /// `index[layer][module]` is the slot of that module, if adapted.
     index: Vec<[Option<usize>; 7]>,
@@ -276,8 +294,11 @@ pub fn init_params(layout: &Layout, seed: u64) -> Vec<f32> {
 /// An adapter on the host: its configuration, layout and flat parameters.
 #[derive(Debug, Clone)]
 pub struct Adapter {
+    /// Its configuration, in PEFT's terms.
     pub config: LoraConfig,
+    /// Where each module's A and B sit in `params`.
     pub layout: Layout,
+    /// Every A and B, flat, in layout order.
     pub params: Vec<f32>,
 }
 
@@ -364,13 +385,18 @@ pub(crate) struct LoraHyper {
 /// An adapter resident on the GPU: the flat parameter buffer, its layout and scale.
 #[derive(Debug)]
 pub struct GpuAdapter {
+    /// (layout's length) f32: every A and B, in layout order.
     pub params: wgpu::Buffer,
+    /// Where each module's A and B sit in `params`.
     pub layout: Layout,
+    /// Its configuration.
     pub config: LoraConfig,
+    /// The factor of B A in the forward pass: alpha / r, or alpha / sqrt(r) with rsLoRA.
     pub scale: f32,
 }
 
 impl GpuAdapter {
+    /// Uploads `adapter`'s parameters.
     pub fn upload(ctx: &crate::gpu::GpuContext, adapter: &Adapter) -> Self {
         GpuAdapter {
             params: ctx.storage_from("lora params", &adapter.params),

@@ -14,7 +14,9 @@ use crate::atomic::{sync_dir, write_temporary};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 
+/// The weights' file name in a PEFT adapter folder.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// The configuration's file name in a PEFT adapter folder.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 
 /// Writes `adapter` as a PEFT adapter folder (created if needed), atomically as far as a pair

@@ -2,6 +2,8 @@
 //! or built from GGUF metadata (byte-level BPE with the model's pre-tokenizer). Chat templates
 //! are rendered with a real Jinja engine (minijinja, with Python string methods).
 
+#![deny(missing_docs)]
+
 use std::path::Path;
 
 use serde_json::Value as Json;
@@ -18,11 +20,14 @@ use crate::model::gguf::{GgufFile, Value};
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
+    /// `system`, `user` or `assistant` (or any role the chat template knows).
     pub role: String,
+    /// The message's text.
     pub content: String,
 }
 
 impl Message {
+    /// A message of `role` saying `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Message { role: role.into(), content: content.into() }
     }
@@ -36,12 +41,17 @@ pub type Span = (usize, usize);
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     source: String,
+    /// The beginning-of-sequence token's text, if the model has one.
     pub bos_token: Option<String>,
+    /// The end-of-sequence token's text, if the model names one.
     pub eos_token: Option<String>,
+    /// Token ids that end generation (the end-of-sequence token and the generation config's).
     pub eos_ids: Vec<u32>,
+    /// The Jinja chat template, if the model has one.
     pub chat_template: Option<String>,
     /// Prepend BOS to plain prompts (SentencePiece-style vocabularies, or when the file says so).
     pub add_bos: bool,
+    /// The beginning-of-sequence token's id, if the model has one.
     pub bos_id: Option<u32>,
 }
 
@@ -267,14 +277,17 @@ impl Tokenizer {
     }
 
     /// Text of `ids` (special tokens kept, so a transcript shows them).
+    /// The text of `ids` (special tokens included).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| tok_err(&self.source, e))
     }
 
+    /// Tokens in the vocabulary, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
 
+    /// The id of the token whose text is `token`, if there is one.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -322,6 +335,8 @@ impl Tokenizer {
 /// its messages: far above what real chat templates need (a few hundred steps a message), far
 /// below a runaway loop's.
 pub const TEMPLATE_FUEL_BASE: u64 = 1_000_000;
+/// Fuel the chat template gets for each byte of the messages, on top of
+/// [`TEMPLATE_FUEL_BASE`].
 pub const TEMPLATE_FUEL_PER_BYTE: u64 = 100;
 
 /// A byte-level BPE (GPT-2 style) with the pre-tokenizer llama.cpp names `pre`.
