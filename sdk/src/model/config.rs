@@ -12,12 +12,16 @@ use crate::model::gguf::{GgufFile, Value};
 /// context) is a Llama too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Arch {
+    /// Llama 2 and 3, SmolLM and their kind.
     Llama,
+    /// Mistral (a Llama with a sliding window).
     Mistral,
+    /// Qwen2 and Qwen2.5 (a Llama with q/k/v biases).
     Qwen2,
 }
 
 impl Arch {
+    /// The architecture's name as GGUF's `general.architecture` gives it.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
@@ -46,9 +50,21 @@ impl Arch {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub enum RopeScaling {
     /// Llama 3.x style: low frequencies scaled by `factor`, high ones kept, smooth in between.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position: f32 },
+    Llama3 {
+        /// How much the low frequencies are divided by.
+        factor: f32,
+        /// Wavelengths longer than `original_max_position / low_freq_factor` are scaled fully.
+        low_freq_factor: f32,
+        /// Wavelengths shorter than `original_max_position / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// The context the model was pre-trained with.
+        original_max_position: f32,
+    },
     /// Plain position interpolation: every frequency divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        /// The divisor of every frequency.
+        factor: f32,
+    },
     /// Per-frequency divisors given as a tensor (GGUF `rope_freqs.weight`).
     Factors(Vec<f32>),
 }
@@ -56,22 +72,37 @@ pub enum RopeScaling {
 /// The model's hyper-parameters.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelConfig {
+    /// The architecture.
     pub arch: Arch,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's gate and up projections.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_layers: usize,
+    /// Query heads.
     pub num_heads: usize,
+    /// Key and value heads (fewer than `num_heads` with grouped-query attention).
     pub num_kv_heads: usize,
+    /// Width of each head.
     pub head_dim: usize,
+    /// Tokens in the embedding table.
     pub vocab_size: usize,
+    /// Epsilon of every RMSNorm.
     pub rms_norm_eps: f32,
+    /// RoPE's base.
     pub rope_theta: f32,
+    /// RoPE's frequency scaling, if any.
     pub rope_scaling: Option<RopeScaling>,
+    /// The longest context the model was trained for.
     pub max_position_embeddings: usize,
+    /// The output head is the embedding table (no `lm_head.weight` of its own).
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (Qwen2).
     pub qkv_bias: bool,
+    /// The beginning-of-sequence token, if the configuration names one.
     pub bos_token_id: Option<u32>,
+    /// Tokens that end generation (`config.json`'s and `generation_config.json`'s).
     pub eos_token_ids: Vec<u32>,
     /// Mistral's sliding attention window; the context is capped to it, where full attention
     /// and windowed attention agree.

@@ -12,6 +12,7 @@ use crate::quant::gguf_blocks::{self, GgmlType};
 
 /// A GGUF metadata value.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // each is the GGUF value type of its name
 pub enum Value {
     U8(u8),
     I8(i8),
@@ -22,6 +23,7 @@ pub enum Value {
     F32(f32),
     Bool(bool),
     String(String),
+    /// Values of one type.
     Array(Vec<Value>),
     U64(u64),
     I64(i64),
@@ -63,12 +65,15 @@ impl Value {
 /// One tensor's entry in the GGUF tensor table.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// The tensor's name (llama.cpp's naming, such as `blk.0.attn_q.weight`).
     pub name: String,
     /// Dimensions as stored: fastest-varying first (ggml order).
     pub dims: Vec<usize>,
+    /// How its values are stored.
     pub ty: GgmlType,
     /// Byte offset from the start of the file.
     pub offset: usize,
+    /// Bytes of its data.
     pub n_bytes: usize,
 }
 
@@ -77,6 +82,7 @@ impl TensorInfo {
     pub fn shape(&self) -> Vec<usize> {
         self.dims.iter().rev().copied().collect()
     }
+    /// Values in the tensor.
     pub fn n_elements(&self) -> usize {
         self.dims.iter().product()
     }
@@ -85,9 +91,13 @@ impl TensorInfo {
 /// An open GGUF file.
 #[derive(Debug)]
 pub struct GgufFile {
+    /// The file.
     pub path: PathBuf,
+    /// GGUF version (2 or 3).
     pub version: u32,
+    /// Every metadata entry by key.
     pub metadata: BTreeMap<String, Value>,
+    /// Every tensor by name.
     pub tensors: BTreeMap<String, TensorInfo>,
     mmap: memmap2::Mmap,
 }

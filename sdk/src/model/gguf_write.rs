@@ -28,6 +28,7 @@ struct Tensor {
 }
 
 impl GgufWriter {
+    /// An empty file: no metadata, no tensors.
     pub fn new() -> Self {
         Self::default()
     }

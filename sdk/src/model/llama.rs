@@ -40,6 +40,7 @@ impl std::str::FromStr for Quant {
 /// Options for loading a model onto the GPU.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// How linear weights are held on the GPU: NF4 (4 bits) or f32.
     pub quant: Quant,
     /// NF4 block size (bitsandbytes default 64).
     pub block_size: usize,
@@ -160,8 +161,11 @@ impl<'a> Dropout<'a> {
 /// A model resident on the GPU.
 #[derive(Debug)]
 pub struct Model {
+    /// Its hyper-parameters.
     pub config: ModelConfig,
+    /// The GPU it lives on.
     pub ctx: Arc<GpuContext>,
+    /// How its linear weights are held.
     pub quant: Quant,
     /// Bytes of weights held on the GPU.
     pub weight_bytes: u64,
@@ -185,6 +189,7 @@ pub struct KvCache {
     v: Vec<wgpu::Buffer>,
     /// Positions filled so far.
     pub len: usize,
+    /// Positions it holds (the model's `max_context`).
     pub capacity: usize,
     /// Made at the first one-token pass, for LoRA ranks up to its `rank`.
     decode: Option<DecodeBuffers>,

@@ -30,9 +30,11 @@ use crate::model::llama::{BlockBuffers, Dropout, Model, Stage};
 /// restarting at 0 for every sample.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
+    /// Token ids of every sample, end to end.
     pub ids: Vec<u32>,
     /// The token each position predicts, or `u32::MAX` where there is no loss.
     pub targets: Vec<u32>,
+    /// Each token's position within its sample.
     pub positions: Vec<u32>,
     /// First token of each token's sample.
     pub key_start: Vec<u32>,
@@ -64,10 +66,12 @@ impl Batch {
         Ok(b)
     }
 
+    /// Tokens in the batch.
     pub fn len(&self) -> usize {
         self.ids.len()
     }
 
+    /// Whether it holds no token.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
@@ -156,8 +160,11 @@ impl LayerActs {
 /// Every buffer of a training step, allocated once for batches of up to `capacity` tokens.
 #[derive(Debug)]
 pub struct Workspace {
+    /// The most tokens a batch may have.
     pub capacity: usize,
+    /// Whether layer inputs alone are kept and the rest recomputed in the backward pass.
     pub checkpointing: bool,
+    /// How saved activations are stored.
     pub activations: Precision,
     ids: wgpu::Buffer,
     targets: wgpu::Buffer,

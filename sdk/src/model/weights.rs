@@ -41,15 +41,20 @@ impl Shard {
 pub enum WeightSource {
     /// A Hugging Face folder: tensor name → shard index.
     SafeTensors {
+        /// The weight files, each mapped.
         shards: Vec<Shard>,
+        /// Which shard holds each tensor.
         index: BTreeMap<String, usize>,
     },
+    /// A GGUF file (its tensors renamed to Hugging Face's names on the way).
     Gguf(Box<GgufFile>),
     /// Random weights of a model's shape, for benchmarks on machines without the model file:
     /// linear weights and tables drawn uniformly with standard deviation 0.02 (the usual
     /// initializer range), norm weights 1, the same values for the same seed and name.
     Random {
+        /// What errors call it (`random weights (SHAPE)`).
         label: PathBuf,
+        /// The seed every tensor's values derive from, with its name.
         seed: u64,
     },
 }
@@ -57,9 +62,13 @@ pub enum WeightSource {
 /// Description of one stored tensor, for `edgetune info`.
 #[derive(Debug, Clone)]
 pub struct StoredTensor {
+    /// Its name in the file.
     pub name: String,
+    /// Its shape, row-major.
     pub shape: Vec<usize>,
+    /// Its storage type as the file names it (`BF16`, `Q4_1`).
     pub dtype: String,
+    /// Bytes it takes in the file.
     pub bytes: usize,
 }
 

@@ -9,13 +9,21 @@ use half::{bf16, f16};
 /// The ggml tensor types edgetune reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit floats.
     F32,
+    /// IEEE half floats.
     F16,
+    /// bfloat16.
     Bf16,
+    /// Blocks of 32 4-bit values with an f16 scale.
     Q4_0,
+    /// Blocks of 32 4-bit values with an f16 scale and minimum.
     Q4_1,
+    /// Blocks of 32 8-bit values with an f16 scale.
     Q8_0,
+    /// Super-blocks of 256 4-bit values in 8 sub-blocks with 6-bit scales and minimums.
     Q4K,
+    /// Super-blocks of 256 6-bit values in 16 sub-blocks with 8-bit scales.
     Q6K,
 }
 

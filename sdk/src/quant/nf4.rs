@@ -38,6 +38,7 @@ pub const DEFAULT_BLOCK_SIZE: usize = 64;
 pub struct Nf4Tensor {
     /// Row-major shape of the original tensor.
     pub shape: Vec<usize>,
+    /// Values per absmax (64 by default, as bitsandbytes).
     pub block_size: usize,
     /// Two 4-bit indices per byte, first element in the high nibble; `ceil(n/2)` bytes.
     pub packed: Vec<u8>,
@@ -103,6 +104,7 @@ impl Nf4Tensor {
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
+    /// Whether it holds no value.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -171,6 +173,7 @@ pub struct DoubleQuant {
     pub codes: Vec<u8>,
     /// One f32 scale per block of `block_size` absmax values.
     pub absmax2: Vec<f32>,
+    /// Absmax values per f32 scale (bitsandbytes uses 256).
     pub block_size: usize,
 }
 
