@@ -62,6 +62,18 @@ else
   failed=$((failed + 1))
   status=1
 fi
+# Their documentation builds without a warning (every public item of the library has a doc
+# comment: it denies missing docs).
+if RUSTDOCFLAGS="-D warnings" cargo doc --locked --offline --no-deps $(printf -- '-p %s ' $crates) >"$log.doc" 2>&1; then
+  echo "cargo doc $crates: ok"
+  passed=$((passed + 1))
+else
+  cat "$log.doc"
+  echo "cargo doc $crates: FAILED"
+  failed=$((failed + 1))
+  status=1
+fi
+rm -f "$log.doc"
 # The same crates build with the toolchain of their minimum supported Rust version
 # (rust-version in Cargo.toml; setup.sh installs it), all targets, in a target folder of its own.
 msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)"

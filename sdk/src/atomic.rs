@@ -4,8 +4,6 @@
 //! the previous version stays intact. Temporary files that a killed process left behind are
 //! removed by the next write of the same file.
 
-#![deny(missing_docs)]
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

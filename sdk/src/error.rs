@@ -1,8 +1,6 @@
 //! The one error type of edgetune. Every variant names what went wrong and where (file, field,
 //! tensor), so a caller can show it to a person or act on it.
 
-#![deny(missing_docs)]
-
 use std::path::PathBuf;
 
 /// Everything that can go wrong in edgetune.

@@ -9,8 +9,6 @@
 //! `tokenizer.json` files are about 35 MB, and a gigabyte of training text is some 250 million
 //! tokens, days of training on the GPUs this SDK is for.
 
-#![deny(missing_docs)]
-
 use std::io::Read;
 use std::path::Path;
 

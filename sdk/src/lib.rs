@@ -2,7 +2,7 @@
 //!
 //! The data flow: a model folder or GGUF file is opened ([`model`]), its linear weights are
 //! quantized to NF4 ([`quant`]) and uploaded once to the GPU ([`gpu`]); the forward pass runs as
-//! a sequence of WGSL kernels, each with a CPU twin in [`reference`].
+//! a sequence of WGSL kernels, each with a CPU twin in [`reference`](mod@reference).
 //!
 //! # The main path
 //!
@@ -55,6 +55,9 @@
 //! # Ok(())
 //! # }
 //! ```
+
+// Every public item says what it is (cargo doc is the reference for apps).
+#![deny(missing_docs)]
 
 pub mod atomic;
 pub mod data;

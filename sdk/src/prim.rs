@@ -5,8 +5,6 @@
 //! lowbias32 hash and dropout threshold, the RoPE table, AdamW's bias corrections and greedy
 //! argmax. This module imports nothing from the crate.
 
-#![deny(missing_docs)]
-
 /// FNV-1a's 64-bit offset basis: the starting value of [`fnv1a`]. FNV-1a is the hash behind
 /// the model, plan and dropout-mask fingerprints: small, stable across platforms and versions.
 pub(crate) const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

@@ -1,7 +1,5 @@
 //! `Session`: a model on the GPU with its tokenizer — the entry point most apps use.
 
-#![deny(missing_docs)]
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

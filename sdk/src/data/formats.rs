@@ -1,8 +1,6 @@
 //! Training records from files: Alpaca, ShareGPT and OpenAI-style chat as JSON arrays or JSON
 //! lines, and plain text files or folders. Every bad record is reported with its file and line.
 
-#![deny(missing_docs)]
-
 use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;

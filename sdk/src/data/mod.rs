@@ -17,8 +17,6 @@
 //! `truncation = "drop"` every over-long chat sample is dropped. Plain text is never truncated:
 //! it is cut into consecutive chunks of `max_len` tokens.
 
-#![deny(missing_docs)]
-
 pub mod formats;
 
 use std::borrow::Cow;

@@ -44,18 +44,31 @@ pub const GPU_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600)
 /// What the chosen adapter is and can do.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdapterReport {
+    /// The adapter's name, as the driver gives it.
     pub name: String,
+    /// Vulkan, Metal, Dx12 or Gl.
     pub backend: String,
+    /// DiscreteGpu, IntegratedGpu, VirtualGpu, Cpu or Other.
     pub device_type: String,
+    /// The driver's name and version.
     pub driver: String,
+    /// f16 arithmetic in shaders (`SHADER_F16`).
     pub shader_f16: bool,
+    /// Subgroup operations (`SUBGROUP`).
     pub subgroups: bool,
+    /// GPU timestamps (`TIMESTAMP_QUERY`), which `bench-train --profile` uses.
     pub timestamp_query: bool,
+    /// Cooperative matrices (`EXPERIMENTAL_COOPERATIVE_MATRIX`).
     pub cooperative_matrix: bool,
+    /// Smallest and largest subgroup size.
     pub subgroup_size: (u32, u32),
+    /// The largest storage buffer one binding may see.
     pub max_storage_buffer_binding_size: u64,
+    /// The largest buffer.
     pub max_buffer_size: u64,
+    /// Workgroup memory a compute shader may use.
     pub max_compute_workgroup_storage_size: u32,
+    /// Invocations in one workgroup.
     pub max_compute_invocations_per_workgroup: u32,
     /// The kernel family each op uses (see [`super::family`]).
     pub kernels: Kernels,
@@ -114,11 +127,14 @@ impl std::fmt::Display for AdapterReport {
 #[derive(Debug)]
 pub struct GpuContext {
     adapter: wgpu::Adapter,
+    /// The device, for creating buffers and pipelines.
     pub device: wgpu::Device,
     /// Crate-private: submissions go through [`GpuContext::submit`], which writes the kernel
     /// parameters first.
     pub(crate) queue: wgpu::Queue,
+    /// What the adapter is and can do, and the kernel families chosen for it.
     pub report: AdapterReport,
+    /// The device's limits (the adapter's own, not WebGPU's defaults).
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<&'static str, Kernel>>,
     /// The first error wgpu reported outside an error scope; surfaced by [`GpuContext::check`].
@@ -203,10 +219,15 @@ impl Counters {
 /// between two readings count what one training step or one decoded token costs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GpuCounts {
+    /// Compute dispatches recorded.
     pub dispatches: u64,
+    /// Buffers created.
     pub buffers: u64,
+    /// Bind groups created.
     pub bind_groups: u64,
+    /// Compute pipelines compiled.
     pub pipelines: u64,
+    /// Queue submissions.
     pub submits: u64,
 }
 

@@ -362,8 +362,11 @@ impl GpuContext {
 /// workgroup grid.
 #[derive(Debug, Clone, Copy)]
 pub struct Dispatch<'a> {
+    /// The kernel.
     pub shader: &'a Shader,
+    /// Its storage buffers, bindings 1 and on.
     pub buffers: &'a [&'a wgpu::Buffer],
+    /// Workgroups in x, y and z.
     pub groups: [u32; 3],
 }
 

@@ -26,16 +26,22 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KernelFamily {
+    /// Plain WGSL that every adapter runs: 64 x 64 tiles, 4 x 4 a thread.
     Portable,
+    /// 32 x 32 blocks in 8-lane registers, for CPU adapters with 8-lane subgroups (lavapipe).
     Simd8,
+    /// 128 x 128 tiles, 8 x 8 a thread, for GPUs with 17 KiB of workgroup memory.
     Tile128,
+    /// Cooperative-matrix (tensor core) products on f16 operands with f32 sums.
     Coop16,
 }
 
 impl KernelFamily {
+    /// Every family.
     pub const ALL: [KernelFamily; 4] =
         [KernelFamily::Portable, KernelFamily::Simd8, KernelFamily::Tile128, KernelFamily::Coop16];
 
+    /// Its name, as `EDGETUNE_KERNELS` and the reports spell it.
     pub fn name(self) -> &'static str {
         match self {
             KernelFamily::Portable => "portable",
@@ -90,11 +96,15 @@ impl std::fmt::Display for Kernels {
 /// What the table reads of an adapter.
 #[derive(Debug, Clone, Copy)]
 pub struct AdapterFacts {
+    /// Discrete, integrated, virtual or CPU.
     pub device_type: wgpu::DeviceType,
+    /// Subgroup operations are available.
     pub subgroups: bool,
     /// Smallest and largest subgroup size.
     pub subgroup_size: (u32, u32),
+    /// Workgroup memory a shader may use, in bytes.
     pub max_workgroup_storage: u32,
+    /// Invocations in one workgroup.
     pub max_invocations: u32,
     /// The adapter offers cooperative matrices with a 16 x 16 x 16 configuration of f16
     /// operands and f32 sums, and f16 in shaders.

@@ -24,16 +24,22 @@ pub enum Timer {
 /// declared.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Cost {
+    /// Floating-point operations (a multiply-add counts two).
     pub flops: f64,
+    /// Bytes read and written in global memory, at least once each.
     pub bytes: f64,
 }
 
 /// One shader's total while profiling.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KernelTime {
+    /// Its dispatches.
     pub dispatches: u64,
+    /// Their time on the GPU (or the wall clock where the adapter has no timestamps).
     pub seconds: f64,
+    /// Their declared floating-point operations.
     pub flops: f64,
+    /// Their declared bytes moved.
     pub bytes: f64,
 }
 

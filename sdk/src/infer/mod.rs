@@ -1,8 +1,6 @@
 //! Text generation: sampling (greedy, temperature, top-k, top-p, seeded), stop conditions (EOS,
 //! stop strings, token limit) and streaming through a callback.
 
-#![deny(missing_docs)]
-
 use crate::error::{Error, Result};
 use crate::gpu::launch::MAX_TOP_K;
 use crate::lora::GpuAdapter;

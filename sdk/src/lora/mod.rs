@@ -5,8 +5,6 @@
 //! Invariant: the layout orders slots by layer, then by module in [`Module::ALL`] order, and
 //! within a slot A (r, n_in) comes before B (n_out, r), both row-major as PEFT stores them.
 
-#![deny(missing_docs)]
-
 pub mod gguf;
 pub mod merge;
 pub mod peft;

@@ -94,7 +94,7 @@ pub fn silu_mul_backward(gate: &[f32], up: &[f32], dout: &[f32]) -> (Vec<f32>, V
 }
 
 /// (dq, dk, dv) of causal GQA attention over a training batch (q, k, v all (T, ..), query t
-/// sees keys key_start[t] ..= t).
+/// sees keys `key_start[t] ..= t`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     q: &[f32],

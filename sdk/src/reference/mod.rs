@@ -1,12 +1,12 @@
 //! Naive CPU twins of every GPU kernel: the oracle the kernel tests compare against. Written for
 //! clarity, not speed; each mirrors the arithmetic order of its WGSL kernel where it matters.
-//! The backward twins live in [`backward`] and are re-exported here, so that
+//! The backward twins live in `backward` and are re-exported here, so that
 //! `reference::rms_norm_backward` sits next to `reference::rms_norm_forward`.
 
 mod backward;
 pub use backward::*;
 
-/// out[t, :] = table[ids[t], :].
+/// `out[t, :] = table[ids[t], :]`.
 pub fn embedding_forward(table: &[f32], dim: usize, ids: &[u32]) -> Vec<f32> {
     ids.iter().flat_map(|&id| table[id as usize * dim..(id as usize + 1) * dim].iter().copied()).collect()
 }
@@ -110,7 +110,7 @@ pub fn matmul_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: u
 }
 
 /// Causal GQA attention: q (T, H*hd) at positions pos_offset.., k/v (P, Hkv*hd) for positions
-/// 0..P; query t sees keys key_start[t] ..= pos_offset + t.
+/// 0..P; query t sees keys `key_start[t] ..= pos_offset + t`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     q: &[f32],

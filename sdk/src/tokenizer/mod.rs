@@ -2,8 +2,6 @@
 //! or built from GGUF metadata (byte-level BPE with the model's pre-tokenizer). Chat templates
 //! are rendered with a real Jinja engine (minijinja, with Python string methods).
 
-#![deny(missing_docs)]
-
 use std::path::Path;
 
 use serde_json::Value as Json;

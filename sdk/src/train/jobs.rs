@@ -130,7 +130,7 @@ const RESERVED: [&str; 22] = [
 
 /// A user id names the job's folder in OUTPUT on every platform: letters, digits and - _ . @,
 /// not starting or ending with a dot, not a Windows device name, not the batch's own
-/// summary.json, and at most [`MAX_USER_LEN`] characters.
+/// summary.json, and at most `MAX_USER_LEN` (128) characters.
 pub fn check_user(user: &str) -> std::result::Result<(), String> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "-_.@".contains(c);
     if user.is_empty() || user.starts_with('.') || !user.chars().all(ok_char) {

@@ -13,9 +13,9 @@ use crate::gpu::launch::{self, AdamwBuffers, AdamwStep};
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdamwConfig {
-    /// Decay of the first moment (torch's betas[0]).
+    /// Decay of the first moment (torch's `betas[0]`).
     pub beta1: f32,
-    /// Decay of the second moment (torch's betas[1]).
+    /// Decay of the second moment (torch's `betas[1]`).
     pub beta2: f32,
     /// Added to the second moment's square root.
     pub eps: f32,

@@ -6,10 +6,15 @@ use crate::gpu::KernelFamily;
 /// Shapes of an attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
+    /// Queries (tokens of this call).
     pub n_tokens: usize,
+    /// Query heads.
     pub n_heads: usize,
+    /// Key and value heads; `n_heads` is a multiple of it.
     pub n_kv_heads: usize,
+    /// Width of a head (at most 256).
     pub head_dim: usize,
+    /// Position of the first query: keys before it come from the cache (0 for a training batch).
     pub pos_offset: usize,
 }
 
@@ -33,7 +38,7 @@ fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
 }
 
 /// Causal GQA attention of q (T, H*hd) over keys/values (positions, Hkv*hd): query t sits
-/// at position pos_offset + t and sees keys key_start[t] ..= pos_offset + t (key_start must
+/// at position pos_offset + t and sees keys `key_start[t] ..= pos_offset + t` (key_start must
 /// not exceed that). Writes out (T, H*hd) and the softmax statistics `stats` (T*H pairs)
 /// that the backward pass needs.
 pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>, s: AttentionShape) -> Result<()> {
@@ -83,11 +88,19 @@ fn attention_simd8(
 /// and the output with its softmax statistics.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionIo<'a> {
+    /// (n_tokens, n_heads, head_dim) queries, RoPE applied.
     pub q: &'a wgpu::Buffer,
+    /// Keys of every visible position, `n_kv_heads` a position, RoPE applied.
     pub k: &'a wgpu::Buffer,
+    /// Values of every visible position, `n_kv_heads` a position.
     pub v: &'a wgpu::Buffer,
+    /// (n_tokens) u32: the first key each query may see (its sample's first token in a packed
+    /// batch).
     pub key_start: &'a wgpu::Buffer,
+    /// (n_tokens, n_heads, head_dim) output.
     pub out: &'a wgpu::Buffer,
+    /// (n_tokens, n_heads) pairs: the softmax's log-sum-exp per query and head (then a 0),
+    /// which the backward pass reuses.
     pub stats: &'a wgpu::Buffer,
 }
 
@@ -97,9 +110,13 @@ pub struct AttentionIo<'a> {
 pub struct AttentionGrads<'a> {
     /// The forward call's buffers, as it left them.
     pub fwd: AttentionIo<'a>,
+    /// The gradient of the output, shaped like it.
     pub dout: &'a wgpu::Buffer,
+    /// The queries' gradient, shaped like them.
     pub dq: &'a wgpu::Buffer,
+    /// The keys' gradient, shaped like them.
     pub dk: &'a wgpu::Buffer,
+    /// The values' gradient, shaped like them.
     pub dv: &'a wgpu::Buffer,
 }
 

@@ -7,16 +7,21 @@ use super::*;
 pub struct Embedding<'a> {
     /// (n_tokens) u32 token ids.
     pub ids: &'a wgpu::Buffer,
+    /// This chunk's rows of the table.
     pub table: Rows<'a>,
     /// (n_tokens, dim).
     pub out: &'a wgpu::Buffer,
+    /// Tokens looked up.
     pub n_tokens: usize,
+    /// Width of a row.
     pub dim: usize,
+    /// The table row this chunk starts at.
     pub row_start: usize,
+    /// Rows in this chunk.
     pub row_count: usize,
 }
 
-/// out[t, :] = table[ids[t] - row_start, :] for ids in [row_start, row_start + row_count).
+/// `out[t, :] = table[ids[t] - row_start, :]` for ids in `[row_start, row_start + row_count)`.
 pub fn embedding_forward(ctx: &GpuContext, enc: &mut Encoder, e: Embedding<'_>) -> Result<()> {
     let Embedding { ids, table, out, n_tokens, dim, row_start, row_count } = e;
     let p = EmbeddingParams {
@@ -35,18 +40,26 @@ pub fn embedding_forward(ctx: &GpuContext, enc: &mut Encoder, e: Embedding<'_>) 
 /// A table of rows (embeddings, lm_head) in f32 or in packed f16 pairs.
 #[derive(Debug, Clone, Copy)]
 pub enum Rows<'a> {
+    /// One f32 a value.
     F32(&'a wgpu::Buffer),
+    /// Two f16 values a u32 (a row's even value in the low half).
     F16(&'a wgpu::Buffer),
 }
 
 /// An RMS norm over `n_rows` rows of `dim`: y = rms_norm(x) * w.
 #[derive(Debug, Clone, Copy)]
 pub struct RmsNorm<'a> {
+    /// (n_rows, dim) input.
     pub x: &'a wgpu::Buffer,
+    /// (dim) weight.
     pub w: &'a wgpu::Buffer,
+    /// (n_rows, dim) output.
     pub y: &'a wgpu::Buffer,
+    /// Rows (tokens).
     pub n_rows: usize,
+    /// Width of a row.
     pub dim: usize,
+    /// Added to the mean square before its root.
     pub eps: f32,
 }
 
@@ -60,9 +73,13 @@ pub fn rms_norm_forward(ctx: &GpuContext, enc: &mut Encoder, r: RmsNorm<'_>) -> 
 /// Where the tokens of a RoPE call sit: token t at `pos_offset + positions[t]`.
 #[derive(Debug, Clone, Copy)]
 pub struct RopeShape<'a> {
+    /// Tokens rotated.
     pub n_tokens: usize,
+    /// Heads a token.
     pub n_heads: usize,
+    /// Width of a head (even).
     pub head_dim: usize,
+    /// Added to every position (a KV cache's length when decoding).
     pub pos_offset: usize,
     /// (T) u32 positions.
     pub positions: &'a wgpu::Buffer,
@@ -111,12 +128,19 @@ pub fn rope_backward(
 /// input gradient is added.
 #[derive(Debug, Clone, Copy)]
 pub struct RmsNormGrad<'a> {
+    /// (n_rows, dim) the forward's input.
     pub x: &'a wgpu::Buffer,
+    /// (dim) the forward's weight.
     pub w: &'a wgpu::Buffer,
+    /// (n_rows, dim) the output's gradient.
     pub dy: &'a wgpu::Buffer,
+    /// (n_rows, dim) the input's gradient, added to.
     pub dx: &'a wgpu::Buffer,
+    /// Rows (tokens).
     pub n_rows: usize,
+    /// Width of a row.
     pub dim: usize,
+    /// As in the forward.
     pub eps: f32,
 }
 
@@ -143,11 +167,17 @@ pub fn silu_mul_forward(
 /// The backward of out = silu(gate) * up over n values.
 #[derive(Debug, Clone, Copy)]
 pub struct SiluMulGrad<'a> {
+    /// The forward's gate input.
     pub gate: &'a wgpu::Buffer,
+    /// The forward's up input.
     pub up: &'a wgpu::Buffer,
+    /// The output's gradient.
     pub dout: &'a wgpu::Buffer,
+    /// The gate's gradient (overwritten).
     pub dgate: &'a wgpu::Buffer,
+    /// The up input's gradient (overwritten).
     pub dup: &'a wgpu::Buffer,
+    /// Values in each.
     pub n: usize,
 }
 

@@ -13,7 +13,14 @@ pub enum Weight<'a> {
     /// f16 (N, K) as packed pairs, lower half first; K must be even.
     F16(&'a wgpu::Buffer),
     /// Packed NF4 (N*K/8 words) and its absmax (one per block).
-    Nf4 { packed: &'a wgpu::Buffer, absmax: &'a wgpu::Buffer, block_size: usize },
+    Nf4 {
+        /// (N*K/8) u32: eight 4-bit codes a word.
+        packed: &'a wgpu::Buffer,
+        /// (N*K/block_size) f32: each block's absolute maximum.
+        absmax: &'a wgpu::Buffer,
+        /// Values per absmax.
+        block_size: usize,
+    },
 }
 
 impl Weight<'_> {
@@ -46,9 +53,13 @@ fn matmul_cost(
 /// [col_offset, col_offset + cols) with `alpha * result`, added to y when `accumulate`.
 #[derive(Debug, Clone, Copy)]
 pub struct OutCols {
+    /// Values in a row of y.
     pub stride: usize,
+    /// The first column written.
     pub col_offset: usize,
+    /// The factor of the result.
     pub alpha: f32,
+    /// Add to y rather than overwrite it.
     pub accumulate: bool,
 }
 
@@ -74,8 +85,11 @@ impl OutCols {
 /// Rows of dy: (rows, stride), of which a call reads columns [col_offset, col_offset + N).
 #[derive(Debug, Clone, Copy)]
 pub struct DyCols<'a> {
+    /// The gradient.
     pub buf: &'a wgpu::Buffer,
+    /// Values in a row of it.
     pub stride: usize,
+    /// The first column read.
     pub col_offset: usize,
 }
 
@@ -128,17 +142,25 @@ fn check_f16(k: usize) -> Result<()> {
 /// columns of y that `out` says.
 #[derive(Debug, Clone, Copy)]
 pub struct Matmul<'a> {
+    /// (m, k) input.
     pub x: &'a wgpu::Buffer,
+    /// (n, k) weight.
     pub w: Weight<'a>,
+    /// (n) bias, if any.
     pub bias: Option<&'a wgpu::Buffer>,
+    /// The output (see `out`).
     pub y: &'a wgpu::Buffer,
+    /// Rows (tokens).
     pub m: usize,
+    /// Output features.
     pub n: usize,
+    /// Input features.
     pub k: usize,
+    /// Where in y the result goes, and how.
     pub out: OutCols,
 }
 
-/// y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n]).
+/// `y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n])`.
 pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
     let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
@@ -254,7 +276,7 @@ const MAX_SPLITS: u32 = 64;
 
 /// How many slices a tiled matmul's reduction is split into, and the length of each (a
 /// multiple of BK = 16): enough workgroups for a large GPU, slices of at least
-/// [`MIN_SLICE`]. (1, 0) means no split.
+/// `MIN_SLICE`. (1, 0) means no split.
 pub fn split_of(groups: u32, red: u32) -> (u32, u32) {
     if groups >= SPLIT_TARGET_GROUPS || red < 2 * MIN_SLICE {
         return (1, 0);
@@ -306,12 +328,19 @@ fn run_many_rows(
 /// `out` says.
 #[derive(Debug, Clone, Copy)]
 pub struct MatmulGrad<'a> {
+    /// The output's gradient: m rows, n columns read.
     pub dy: DyCols<'a>,
+    /// (n, k) weight.
     pub w: Weight<'a>,
+    /// The input's gradient (see `out`).
     pub dx: &'a wgpu::Buffer,
+    /// Rows (tokens).
     pub m: usize,
+    /// Output features.
     pub n: usize,
+    /// Input features.
     pub k: usize,
+    /// Where in dx the result goes, and how.
     pub out: OutCols,
 }
 
@@ -350,14 +379,23 @@ pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -
 /// `alpha`, into dw at element `dw_offset` (added to it when `accumulate`).
 #[derive(Debug, Clone, Copy)]
 pub struct WeightGrad<'a> {
+    /// (m, n) the output's gradient.
     pub dy: &'a wgpu::Buffer,
+    /// (m, k) the forward's input.
     pub x: &'a wgpu::Buffer,
+    /// The flat buffer the (n, k) gradient goes into.
     pub dw: &'a wgpu::Buffer,
+    /// Its first element there.
     pub dw_offset: usize,
+    /// Rows (tokens) summed over.
     pub m: usize,
+    /// Output features.
     pub n: usize,
+    /// Input features.
     pub k: usize,
+    /// The factor of the result.
     pub alpha: f32,
+    /// Add to dw rather than overwrite it.
     pub accumulate: bool,
 }
 

@@ -5,10 +5,15 @@ use super::*;
 /// AdamW hyper-parameters for one step.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamwStep {
+    /// The step's learning rate.
     pub lr: f32,
+    /// Decay of the first moment.
     pub beta1: f32,
+    /// Decay of the second moment.
     pub beta2: f32,
+    /// Added to the second moment's square root.
     pub eps: f32,
+    /// Decoupled weight decay.
     pub weight_decay: f32,
     /// Multiplies every gradient first (loss scaling).
     pub grad_scale: f32,
@@ -21,7 +26,7 @@ pub fn grad_norm_groups(n: usize) -> usize {
     n.div_ceil(256).clamp(1, 256)
 }
 
-/// norm[0] = the L2 norm of x (n values), through `partials` (grad_norm_groups(n) floats).
+/// `norm[0]` = the L2 norm of x (n values), through `partials` (grad_norm_groups(n) floats).
 pub fn grad_norm(
     ctx: &GpuContext,
     enc: &mut Encoder,
@@ -40,9 +45,13 @@ pub fn grad_norm(
 /// The buffers of an AdamW step, each of `n` values unless said otherwise.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamwBuffers<'a> {
+    /// The parameters, updated in place.
     pub param: &'a wgpu::Buffer,
+    /// Their gradients.
     pub grad: &'a wgpu::Buffer,
+    /// First moments, updated in place.
     pub m: &'a wgpu::Buffer,
+    /// Second moments, updated in place.
     pub v: &'a wgpu::Buffer,
     /// (1) the global gradient norm (see [`grad_norm`]).
     pub norm: &'a wgpu::Buffer,
@@ -56,7 +65,7 @@ pub struct AdamwBuffers<'a> {
     pub skip: &'a wgpu::Buffer,
 }
 
-/// Sets flag[0] to 1 if any of the n values of x is not finite; leaves it otherwise.
+/// Sets `flag[0]` to 1 if any of the n values of x is not finite; leaves it otherwise.
 pub fn flag_non_finite(
     ctx: &GpuContext,
     enc: &mut Encoder,

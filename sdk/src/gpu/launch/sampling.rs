@@ -8,7 +8,7 @@ pub fn argmax_groups(n: usize) -> usize {
     n.div_ceil(4096).clamp(1, 256)
 }
 
-/// out[0] = the index of the largest of the n values of x (the lowest among equal maxima; NaN
+/// `out[0]` = the index of the largest of the n values of x (the lowest among equal maxima; NaN
 /// never chosen; 0 when none exceeds -infinity), through `partials` (2 * argmax_groups(n) words).
 pub fn argmax(
     ctx: &GpuContext,
