@@ -27,67 +27,57 @@ if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
   echo "cargo exited with status $status outside any test (a build error, or the run was stopped)"
   failed=1
 fi
+# One check outside cargo test: runs the command, shows its output only when it fails, and
+# counts it as a test.
+check() {
+  local name="$1" out
+  shift
+  out="$(mktemp)"
+  if "$@" >"$out" 2>&1; then
+    echo "$name: ok"
+    passed=$((passed + 1))
+  else
+    cat "$out"
+    echo "$name: FAILED"
+    failed=$((failed + 1))
+    status=1
+  fi
+  rm -f "$out"
+}
 # The crates that publish package and build from their .crate files alone (each in its own
 # folder, with nothing from outside it: the integration tests are their own member, tests/).
 crates="edgetune-shaders edgetune edgetune-cli edgetune-capi"
-if cargo package --locked --offline --allow-dirty $(printf -- '-p %s ' $crates) >"$log.pkg" 2>&1; then
-  echo "cargo package $crates: ok"
-  passed=$((passed + 1))
-else
-  cat "$log.pkg"
-  echo "cargo package $crates: FAILED"
-  failed=$((failed + 1))
-  status=1
-fi
-rm -f "$log.pkg"
+packages=$(printf -- '-p %s ' $crates)
+check "cargo package $crates" cargo package --locked --offline --allow-dirty $packages
 # Their unit tests pass from the .crate files alone, unpacked in a scratch folder (each crate's
 # sibling dependencies patched to the unpacked siblings). The C crate's unit tests load the
 # repository's tiny model, so they run in the workspace only.
-pkgdir="$(mktemp -d)"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
-pkg_ok=1
-for c in $crates; do tar -xzf "$CARGO_TARGET_DIR/package/$c-$version.crate" -C "$pkgdir" || pkg_ok=0; done
-for c in edgetune-shaders edgetune edgetune-cli; do
-  [ "$pkg_ok" -eq 1 ] || break
-  (cd "$pkgdir/$c-$version" && cargo test --offline --lib --bins \
-    --config "patch.crates-io.edgetune-shaders.path=\"$pkgdir/edgetune-shaders-$version\"" \
-    --config "patch.crates-io.edgetune.path=\"$pkgdir/edgetune-$version\"") >"$log.pkg" 2>&1 || { cat "$log.pkg"; pkg_ok=0; }
-done
-rm -rf "$pkgdir" "$log.pkg"
-if [ "$pkg_ok" -eq 1 ]; then
-  echo "unit tests from the .crate files of edgetune-shaders edgetune edgetune-cli: ok"
-  passed=$((passed + 1))
-else
-  echo "unit tests from the .crate files: FAILED"
-  failed=$((failed + 1))
-  status=1
-fi
+unit_tests_in() {
+  local dir="$1" version c
+  version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
+  for c in $crates; do tar -xzf "$CARGO_TARGET_DIR/package/$c-$version.crate" -C "$dir" || return 1; done
+  for c in edgetune-shaders edgetune edgetune-cli; do
+    (cd "$dir/$c-$version" && cargo test --offline --lib --bins \
+      --config "patch.crates-io.edgetune-shaders.path=\"$dir/edgetune-shaders-$version\"" \
+      --config "patch.crates-io.edgetune.path=\"$dir/edgetune-$version\"") || return 1
+  done
+}
+unit_tests_from_crate_files() {
+  local dir ok=0
+  dir="$(mktemp -d)"
+  unit_tests_in "$dir" || ok=1
+  rm -rf "$dir"
+  return "$ok"
+}
+check "unit tests from the .crate files of edgetune-shaders edgetune edgetune-cli" unit_tests_from_crate_files
 # Their documentation builds without a warning (every public item of the library has a doc
 # comment: it denies missing docs).
-if RUSTDOCFLAGS="-D warnings" cargo doc --locked --offline --no-deps $(printf -- '-p %s ' $crates) >"$log.doc" 2>&1; then
-  echo "cargo doc $crates: ok"
-  passed=$((passed + 1))
-else
-  cat "$log.doc"
-  echo "cargo doc $crates: FAILED"
-  failed=$((failed + 1))
-  status=1
-fi
-rm -f "$log.doc"
+check "cargo doc $crates" env RUSTDOCFLAGS="-D warnings" cargo doc --locked --offline --no-deps $packages
 # The same crates build with the toolchain of their minimum supported Rust version
 # (rust-version in Cargo.toml; setup.sh installs it), all targets, in a target folder of its own.
 msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)"
-if CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" cargo "+$msrv" check --locked --all-targets \
-  $(printf -- '-p %s ' $crates) >"$log.msrv" 2>&1; then
-  echo "cargo +$msrv check $crates: ok"
-  passed=$((passed + 1))
-else
-  cat "$log.msrv"
-  echo "cargo +$msrv check $crates: FAILED"
-  failed=$((failed + 1))
-  status=1
-fi
-rm -f "$log.msrv"
+check "cargo +$msrv check $crates" env CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" \
+  cargo "+$msrv" check --locked --all-targets $packages
 # The Python package's tests, against the wheel as a user installs it: `pip wheel` builds it
 # (setuptools-rust compiles the C library into it), a venv kept outside the clone installs it,
 # and the tests run from a scratch folder with no EDGETUNE_LIB, so `import edgetune` and its
