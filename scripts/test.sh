@@ -44,11 +44,12 @@ check() {
   fi
   rm -f "$out"
 }
-# The crates that publish package and build from their .crate files alone (each in its own
-# folder, with nothing from outside it: the integration tests are their own member, tests/).
+# The crates that publish pass `cargo publish --dry-run` in dependency order: each packages and
+# builds from its .crate file alone (each in its own folder, with nothing from outside it: the
+# integration tests are their own member, tests/), against crates.io's index for the rest.
 crates="edgetune-shaders edgetune edgetune-cli edgetune-capi"
 packages=$(printf -- '-p %s ' $crates)
-check "cargo package $crates" cargo package --locked --offline --allow-dirty $packages
+check "cargo publish --dry-run $crates" cargo publish --dry-run --locked --allow-dirty $packages
 # Their unit tests pass from the .crate files alone, unpacked in a scratch folder (each crate's
 # sibling dependencies patched to the unpacked siblings). The C crate's unit tests load the
 # repository's tiny model, so they run in the workspace only.
