@@ -64,6 +64,8 @@ pub fn map(path: &Path) -> Result<memmap2::Mmap> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     // SAFETY: a read-only map of a file that edgetune does not modify while it is open (its own
     // writes go to a new file that is renamed over the old one, leaving the mapped one intact).
+    // A file changed on disk by another process while mapped is outside what it can guard
+    // against.
     unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
 }
 

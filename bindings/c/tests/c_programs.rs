@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::run;
+
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -58,15 +61,6 @@ fn compile_file(source: &Path, name: &str, work: &Path) -> PathBuf {
         .unwrap_or_else(|e| panic!("running the C compiler `{cc}`: {e}"));
     assert!(out.status.success(), "compiling {name}.c:\n{}", String::from_utf8_lossy(&out.stderr));
     exe
-}
-
-fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{what}:\n{stdout}{stderr}");
-    assert!(out.status.success(), "{what} failed ({})", out.status);
-    stdout
 }
 
 fn tiny_model() -> String {

@@ -7,18 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::run;
+
 fn here() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs `cmd`, failing with its output when it fails; returns stdout.
-fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e} (scripts/setup.sh installs the tools)"));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{what}:\n{stdout}{stderr}");
-    assert!(out.status.success(), "{what} failed ({})", out.status);
-    stdout
 }
 
 /// A copy of the model and data outside the clone, as an app would have them.

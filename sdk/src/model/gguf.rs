@@ -4,7 +4,6 @@
 //! [`Error::Format`] naming the file and the field that failed, never a panic.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -189,10 +188,7 @@ impl GgufFile {
     /// Opens and parses a GGUF file; tensor data stays memory-mapped.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; edgetune never writes model files it has open. A file
-        // changed on disk by another process while mapped is outside what we can guard against.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let mmap = crate::files::map(path)?;
         let mut c = Cursor { buf: &mmap, pos: 0, path };
         let magic = c.arr::<4>("magic")?;
         if &magic != b"GGUF" {
