@@ -127,6 +127,24 @@ fn unknown_architecture_in_config_json_is_named() {
     assert!(err_of(open_weights(&d)).contains("invalid JSON"));
 }
 
+/// Qwen3's mixture-of-experts variant is refused by name, from config.json and from GGUF.
+#[test]
+fn qwen3_mixture_of_experts_is_refused_by_name() {
+    let d = tmpdir("moe");
+    copy_tiny(&d);
+    let cfg = d.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"qwen3_moe\"");
+    std::fs::write(&cfg, text).expect("write");
+    let e = err_of(open_weights(&d));
+    assert!(e.contains("config.json") && e.contains("qwen3_moe") && e.contains("dense Qwen3"), "{e}");
+    let p = d.join("m.gguf");
+    std::fs::write(&p, gguf_bytes("qwen3moe", 0)).expect("write");
+    let e = err_of(open_weights(&p));
+    assert!(e.contains("m.gguf") && e.contains("qwen3moe") && e.contains("dense Qwen3"), "{e}");
+}
+
 /// Sizes in a config.json beyond any real model are refused before anything is sized from them,
 /// naming the file and the field; so is a LoRA rank beyond any real use.
 #[test]

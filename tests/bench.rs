@@ -22,6 +22,7 @@ fn named_shapes_have_their_published_parameter_counts() {
     let published = [
         ("smollm2-135m", 134_515_008),
         ("qwen2.5-0.5b", 494_032_768),
+        ("qwen3-0.6b", 596_049_920),
         ("llama-3.2-1b", 1_235_814_400),
         ("qwen2.5-1.5b", 1_543_714_304),
         ("llama-3.1-8b", 8_030_261_248),
@@ -35,6 +36,8 @@ fn named_shapes_have_their_published_parameter_counts() {
     assert!(!llama8.tie_word_embeddings && llama8.rope_scaling.is_some());
     let (qwen, _) = open_random("qwen2.5-0.5b", 0).expect("shape");
     assert!(qwen.qkv_bias && qwen.tie_word_embeddings);
+    let (qwen3, _) = open_random("qwen3-0.6b", 0).expect("shape");
+    assert!(qwen3.qk_norm && !qwen3.qkv_bias && qwen3.num_heads * qwen3.head_dim == 2 * qwen3.hidden_size);
 }
 
 #[test]

@@ -71,3 +71,42 @@ fn llama_gguf_with_permuted_qk_matches_transformers() {
 fn qwen2_gguf_with_biases_matches_transformers() {
     check_logits("tiny_qwen2_bpe");
 }
+
+/// Qwen3's q/k norms (`attn_q_norm`, `attn_k_norm`) and heads wider than hidden / heads
+/// (`qwen3.attention.key_length`), against transformers on the file's dequantized tensors.
+#[test]
+fn qwen3_gguf_with_qk_norms_matches_transformers() {
+    check_logits("tiny_qwen3_bpe");
+}
+
+/// A chat template in Qwen3's style (a reversed scan with a namespace, `<think>` blocks split
+/// out with split/strip/lstrip, an empty think block on the answer after the last question),
+/// from the Hugging Face folder's tokenizer_config.json and from the GGUF file's
+/// `tokenizer.chat_template`: each renders every conversation as transformers does.
+#[test]
+fn qwen3_style_chat_template_renders_as_transformers_renders_it() {
+    use edgetune::tokenizer::Message;
+    let cases: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("qwen3_chat_template_expected.json")).expect("fixture"),
+    )
+    .expect("JSON");
+    let from_dir = Tokenizer::from_hf_dir(&fixtures().join("tiny_qwen3")).expect("tokenizer");
+    let from_gguf = Tokenizer::from_gguf(&GgufFile::open(fixtures().join("tiny_qwen3_bpe.gguf")).expect("open"))
+        .expect("tokenizer");
+    let cases = cases.as_array().expect("cases");
+    assert_eq!(cases.len(), 6);
+    for case in cases {
+        let messages: Vec<Message> = case["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| Message::new(m["role"].as_str().expect("role"), m["content"].as_str().expect("content")))
+            .collect();
+        let generation = case["add_generation_prompt"].as_bool().expect("flag");
+        let want = case["text"].as_str().expect("text");
+        for (source, tok) in [("folder", &from_dir), ("GGUF", &from_gguf)] {
+            let got = tok.apply_chat_template(&messages, generation).expect("renders");
+            assert_eq!(got, want, "{source}: {} messages, generation prompt {generation}", messages.len());
+        }
+    }
+}

@@ -259,6 +259,11 @@ fn qwen2_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
 }
 
 #[test]
+fn qwen3_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
+    adapter_matches_llama_cpp("tiny_qwen3_bpe");
+}
+
+#[test]
 fn an_adapter_without_the_qk_permutation_fails_the_comparison() {
     let c = case("tiny_llama_spm", "Paris is the capital of France. Berlin is");
     let adapter = trained_looking_adapter(&c.model, 6);

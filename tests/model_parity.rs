@@ -1,4 +1,4 @@
-//! Forward-pass parity with transformers on tiny random Llama and Qwen2 models (fixtures written
+//! Forward-pass parity with transformers on tiny random Llama, Qwen2 and Qwen3 models (fixtures written
 //! by tests/reference/generate.py), on the f32 path and on the NF4 path.
 
 mod common;
@@ -57,6 +57,16 @@ fn tiny_qwen2_f32_logits_match_transformers() {
 #[test]
 fn tiny_qwen2_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
     check("qwen2", Quant::Nf4);
+}
+
+#[test]
+fn tiny_qwen3_f32_logits_match_transformers() {
+    check("qwen3", Quant::None);
+}
+
+#[test]
+fn tiny_qwen3_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("qwen3", Quant::Nf4);
 }
 
 #[test]

@@ -116,6 +116,12 @@ fn qwen2_rslora_loss_and_gradients_match_peft() {
     one_step("qwen2");
 }
 
+/// Qwen3: the gradients pass back through the per-head q/k norms to q_proj and k_proj.
+#[test]
+fn qwen3_lora_loss_and_gradients_match_peft() {
+    one_step("qwen3");
+}
+
 /// 10 AdamW steps (lr 1e-2 constant, weight decay 0.01, clipping at norm 1) over two
 /// alternating batches, against PEFT + torch.optim.AdamW on the same adapter.
 fn curve(kind: &str, checkpointing: bool) {
@@ -189,6 +195,11 @@ fn llama_ten_step_adamw_curve_matches_peft() {
 #[test]
 fn qwen2_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("qwen2", true);
+}
+
+#[test]
+fn qwen3_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
+    curve("qwen3", true);
 }
 
 #[test]
@@ -333,20 +344,22 @@ fn loss_and_grads(kind: &str, plan: impl Fn(usize) -> WorkspacePlan) -> (f64, Ve
 /// from the input to it, times the path's amplification, which is about 1 for these unit-scale
 /// tiny models. The longest path crosses every saved tensor of every layer: the layer input,
 /// then q/k/v, the attention output, the residual after attention and gate/up, so 1 + 5 per
-/// layer; with checkpointing only the layer inputs are stored, so 1 per layer. That count times
+/// layer (Qwen3 also saves q and k before their norms: 1 + 6); with checkpointing only the
+/// layer inputs are stored, so 1 per layer. That count times
 /// u bounds the relative (L2) change of the gradients and of the loss. A layer's activations
 /// read back in the wrong place, or a lost attention statistic, is off by far more.
 #[test]
 fn f16_activations_stay_within_f16_rounding_of_the_f32_path() {
     const U: f64 = 1.0 / 2048.0;
-    for kind in ["llama", "qwen2"] {
+    for kind in ["llama", "qwen2", "qwen3"] {
+        let saved_per_layer = if kind == "qwen3" { 6.0 } else { 5.0 };
         for checkpointing in [false, true] {
             let f32_plan = |t| WorkspacePlan { checkpointing, ..WorkspacePlan::new(t, 4) };
             let f16_plan = |t| WorkspacePlan { activations: Precision::F16, ..f32_plan(t) };
             let (l32, g32, b32) = loss_and_grads(kind, f32_plan);
             let (l16, g16, b16) = loss_and_grads(kind, f16_plan);
             let layers = 2.0;
-            let roundings = if checkpointing { layers } else { 1.0 + 5.0 * layers };
+            let roundings = if checkpointing { layers } else { 1.0 + saved_per_layer * layers };
             let norm = |g: &mut dyn Iterator<Item = f32>| g.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
             let rel = norm(&mut g16.iter().zip(&g32).map(|(a, b)| a - b)) / norm(&mut g32.iter().copied());
             let loss_rel = (l16 - l32).abs() / l32;
@@ -362,4 +375,46 @@ fn f16_activations_stay_within_f16_rounding_of_the_f32_path() {
             assert!(b16 < b32, "{kind}: f16 activations should need less memory ({b16} vs {b32})");
         }
     }
+}
+
+/// Qwen3 with PEFT's adapter: edgetune's logits with the adapter applied are PEFT's, and the
+/// folder `merge` writes (with the q/k norms and `head_dim` in its config.json) gives PEFT's
+/// merge_and_unload logits; merged from the GGUF base too.
+#[test]
+fn qwen3_adapter_and_its_merge_give_pefts_logits() {
+    use edgetune::lora::merge::{MergeDtype, merge};
+    let fx = Fixture::open("peft_qwen3_merged_expected.safetensors");
+    let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+    let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
+    let base = fixtures().join("tiny_qwen3");
+    let model = Model::open(ctx(), &base, &opts).expect("tiny model loads");
+    let adapter = peft::load(&fixtures().join("peft_qwen3_adapter"), &model.config).expect("adapter");
+    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+    let applied = model.all_logits_with(&ids, Some(&gpu)).expect("logits");
+    // f32 on both sides, as in the forward parity tests.
+    assert_close("qwen3 logits with PEFT's adapter", &applied, &fx.f32("peft"), 1e-4, 1e-4);
+    let want = fx.f32("merged");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let moved = max_diff(&applied, &model.all_logits(&ids).expect("base logits"));
+    let out = std::env::temp_dir().join(format!("edgetune-merge-qwen3-{}", std::process::id()));
+    for (name, from) in [("folder", base.clone()), ("GGUF", fixtures().join("tiny_qwen3_bpe.gguf"))] {
+        let dir = out.join(name);
+        merge(&from, &adapter, &dir, MergeDtype::F16).expect("merge");
+        let merged = Model::open(ctx(), &dir, &opts).expect("merged folder loads");
+        assert!(merged.config.qk_norm && merged.config.head_dim == 32, "{name}: {:?}", merged.config);
+        let got = merged.all_logits(&ids).expect("logits");
+        let want = if name == "folder" {
+            want.clone()
+        } else {
+            // The GGUF base holds quantized blocks: compare with that base and the adapter unmerged.
+            let unmerged = Model::open(ctx(), &from, &opts).expect("GGUF loads");
+            unmerged.all_logits_with(&ids, Some(&GpuAdapter::upload(&unmerged.ctx, &adapter))).expect("logits")
+        };
+        // f16 weights: as in merged_adapters_give_the_adapted_logits, 16 eps of the logit scale.
+        let d = max_diff(&got, &want);
+        eprintln!("{name}: merged logits differ by {d:e}; the adapter moves them by {moved}");
+        assert!(d <= 16.0 * 2f32.powi(-11) * scale, "{name}: merged logits differ by {d}");
+        assert!(moved > 100.0 * d, "the adapter must matter for this test to mean anything");
+    }
+    let _ = std::fs::remove_dir_all(&out);
 }

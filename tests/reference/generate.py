@@ -8,8 +8,12 @@ GGUF), and peft (LoRA adapters, their gradients and a short AdamW loss curve). R
 changing what it writes; CI only reads the committed fixtures.
 
     python3 -m venv ~/.cache/edgetune/refvenv
-    ~/.cache/edgetune/refvenv/bin/pip install torch transformers bitsandbytes gguf safetensors tokenizers peft
-    ~/.cache/edgetune/refvenv/bin/python tests/reference/generate.py [--smollm PATH.gguf]
+    ~/.cache/edgetune/refvenv/bin/pip install torch transformers bitsandbytes gguf safetensors tokenizers peft \
+        sentencepiece jinja2
+    ~/.cache/edgetune/refvenv/bin/python tests/reference/generate.py [--smollm PATH.gguf] [--only STEP]
+
+The Qwen3 fixtures (`--only qwen3`) were written with torch 2.15 (CPU), transformers 5.24,
+peft 0.21.2 and bitsandbytes 0.50; they read the committed tiny_tokenizer.json.
 
 Outputs go to tests/reference/fixtures/ (a few hundred KB in all).
 """
@@ -109,10 +113,40 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_model(kind, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+# A template in the style of Qwen3's (written for these fixtures): the system turn, a reversed
+# scan with a namespace for the last user turn, reasoning split out of `<think>` blocks with
+# split/strip/lstrip, an empty think block on answers after the last question, and
+# `enable_thinking` on the generation prompt.
+QWEN3_STYLE_TEMPLATE = (
+    "{%- set ns = namespace(found=false, last_user=-1) %}"
+    "{%- for m in messages[::-1] %}"
+    "{%- if not ns.found and m.role == 'user' %}{%- set ns.found = true %}"
+    "{%- set ns.last_user = (messages|length - 1) - loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' %}{{- '<|im_start|>system\n' + m.content|trim + '<|im_end|>\n' }}"
+    "{%- elif m.role == 'user' %}{{- '<|im_start|>user\n' + m.content + '<|im_end|>\n' }}"
+    "{%- elif m.role == 'assistant' %}"
+    "{%- set content = m.content %}{%- set thought = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set thought = content.split('</think>')[0].split('<think>')[-1].strip('\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_user %}"
+    "{{- '<|im_start|>assistant\n<think>\n' + thought + '\n</think>\n\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
 
-    torch.manual_seed(0 if kind == "llama" else 1)
+
+def tiny_model(kind, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2}[kind])
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -121,9 +155,15 @@ def tiny_model(kind, tok):
     if kind == "llama":
         cfg = LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
         model = LlamaForCausalLM(cfg)
-    else:
+    elif kind == "qwen2":
         cfg = Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
         model = Qwen2ForCausalLM(cfg)
+    else:
+        # Qwen3: per-head RMSNorm of q and k, no q/k/v biases, and heads wider than hidden / heads
+        # (as Qwen3-0.6B's 16 heads of 128 over a hidden size of 1024).
+        cfg = Qwen3Config(**common, head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True,
+                          attention_bias=False)
+        model = Qwen3ForCausalLM(cfg)
     # Random init has tiny std; widen it so that attention and norms see real dynamic range.
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -139,7 +179,8 @@ def tiny_model(kind, tok):
     model.save_pretrained(d, safe_serialization=True)
     shutil.copy(os.path.join(OUT, "tiny_tokenizer.json"), os.path.join(d, "tokenizer.json"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": None}, f, indent=1)
+        template = QWEN3_STYLE_TEMPLATE if kind == "qwen3" else CHAT_TEMPLATE
+        json.dump({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": None}, f, indent=1)
     ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
     x = torch.tensor([ids])
     with torch.no_grad():
@@ -183,6 +224,10 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     tok_meta(w)
     names = {
         "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -192,6 +237,7 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
         "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+        "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     }
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
 
@@ -329,6 +375,101 @@ def tiny_gguf_fixtures():
                   os.path.join(OUT, f"{name}_expected.safetensors"), metadata=meta)
 
 
+def qwen3_fixtures():
+    """Qwen3: the tiny model (q/k norms, head_dim 32 over hidden 64) with transformers' logits
+    on f32 and bitsandbytes-NF4 weights; the same model as a GGUF file the way llama.cpp's
+    converter writes it, with transformers' logits on that file; PEFT's adapter and gradients,
+    and its logits with the adapter applied and merged (merge_and_unload); and the Qwen3-style
+    chat template rendered by transformers."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+    import gguf
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    tiny_model("qwen3", tok)
+    d = os.path.join(OUT, "tiny_qwen3")
+    qwen = Qwen3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
+    vocab = tj["model"]["vocab"]
+    for t in tj["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    btokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        btokens[i] = t
+    specials = {t["content"] for t in tj["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+
+    def bpe_meta(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(btokens)
+        w.add_token_types([3 if t in specials else 1 for t in btokens])
+        w.add_token_merges(merges)
+        w.add_eos_token_id(vocab["<|im_end|>"])
+        w.add_chat_template(QWEN3_STYLE_TEMPLATE)
+
+    T = gguf.GGMLQuantizationType
+    types = {"token_embd": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.Q4_1, "attn_output": T.F16,
+             "ffn_gate": T.Q8_0, "ffn_up": T.Q4_0, "ffn_down": T.Q4_1}
+    path = os.path.join(OUT, "tiny_qwen3_bpe.gguf")
+    _write_gguf(path, "qwen3", qwen, bpe_meta, types, permute=False)
+    # transformers' GGUF loader takes Qwen3's head width from its config default (128), not from
+    # `qwen3.attention.key_length`, so the file's tensors are dequantized with gguf-py and loaded
+    # into the model by their transformers names instead.
+    from gguf.quants import dequantize
+    back = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    sub = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+           "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+           "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+    state = {}
+    for t in gguf.GGUFReader(path).tensors:
+        x = dequantize(t.data, t.tensor_type).reshape([int(v) for v in reversed(t.shape)])
+        if t.name in back:
+            name = back[t.name]
+        else:
+            _, layer, module, kind = t.name.split(".")
+            name = f"model.layers.{layer}.{sub[module]}.{kind}"
+        state[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    gmodel = Qwen3ForCausalLM(qwen.config)
+    gmodel.load_state_dict(state, strict=True)
+    gmodel.eval()
+    ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
+    with torch.no_grad():
+        glogits = gmodel(torch.tensor([ids])).logits[0].numpy()
+    save_file({"logits": glogits, "ids": np.array(ids, dtype=np.int64)},
+              os.path.join(OUT, "tiny_qwen3_bpe_expected.safetensors"))
+
+    peft_fixture("qwen3")
+    from peft import PeftModel
+    ids = torch.tensor([tok.encode("What is your name? My name is Juniper, the lighthouse keeper.").ids])
+    base = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    pm = PeftModel.from_pretrained(base, os.path.join(OUT, "peft_qwen3_adapter")).eval()
+    with torch.no_grad():
+        peft_logits = pm(input_ids=ids).logits[0].numpy().copy()
+        merged_logits = pm.merge_and_unload()(input_ids=ids).logits[0].numpy().copy()
+    save_file({"ids": ids[0].numpy(), "peft": peft_logits, "merged": merged_logits},
+              os.path.join(OUT, "peft_qwen3_merged_expected.safetensors"))
+
+    ht = AutoTokenizer.from_pretrained(d)
+    convs = [
+        [{"role": "user", "content": "Where is the lighthouse?"}],
+        [{"role": "system", "content": "  You are Juniper.  "}, {"role": "user", "content": "Name?"},
+         {"role": "assistant", "content": "Juniper."}, {"role": "user", "content": "And your job?"},
+         {"role": "assistant", "content": "<think>\nThe keeper.\n</think>\n\nI keep the light."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>hmm</think>Hello!"},
+         {"role": "user", "content": "Bye"}],
+    ]
+    cases = []
+    for c in convs:
+        for gen in (False, True):
+            cases.append({"messages": c, "add_generation_prompt": gen,
+                          "text": ht.apply_chat_template(c, tokenize=False, add_generation_prompt=gen)})
+    with open(os.path.join(OUT, "qwen3_chat_template_expected.json"), "w") as fh:
+        json.dump(cases, fh, indent=1, ensure_ascii=False)
+
+
 def hf_variants_fixture():
     """The tiny llama saved as sharded bf16 safetensors (with model.safetensors.index.json), and
     the inverse RoPE frequencies transformers computes for llama3-style rope scaling."""
@@ -416,7 +557,7 @@ def peft_fixture(kind):
     tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
     base_dir = os.path.join(OUT, f"tiny_{kind}")
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    rslora = kind == "qwen2"  # one model per scaling rule
+    rslora = kind == "qwen2"  # one model per scaling rule (qwen3: the plain one)
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", use_rslora=rslora,
                      task_type="CAUSAL_LM")
     pm = get_peft_model(model, cfg)
@@ -435,6 +576,7 @@ def peft_fixture(kind):
     with open(cpath) as f:
         acfg = json.load(f)
     acfg["base_model_name_or_path"] = f"tiny_{kind}"  # not this machine's path
+    acfg["target_modules"] = sorted(acfg["target_modules"])  # a set in PEFT: a stable order
     with open(cpath, "w") as f:
         json.dump(acfg, f, indent=2, sort_keys=True)
 
@@ -533,6 +675,7 @@ def main():
         "smollm": lambda: smollm_fixture(a.smollm),
         "peft": lambda: [peft_fixture(k) for k in ("llama", "qwen2")],
         "edgetune_export": edgetune_export_fixture,
+        "qwen3": qwen3_fixtures,
     }
     for name, fn in steps.items():
         if a.only in (None, name):

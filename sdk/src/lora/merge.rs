@@ -68,6 +68,10 @@ fn tensor_list(c: &ModelConfig, has_lm_head: bool) -> Vec<TensorSpec> {
                 out.push((format!("{p}.{}.{}.bias", m.parent(), m.name()), vec![n_out], None));
             }
         }
+        if c.qk_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim], None));
+            out.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim], None));
+        }
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], None));
     }
     out.push(("model.norm.weight".to_string(), vec![h], None));
@@ -83,6 +87,7 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
         Arch::Llama => "LlamaForCausalLM",
         Arch::Mistral => "MistralForCausalLM",
         Arch::Qwen2 => "Qwen2ForCausalLM",
+        Arch::Qwen3 => "Qwen3ForCausalLM",
     };
     let mut j = json!({
         "architectures": [class],
@@ -106,6 +111,9 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
     if c.arch == Arch::Llama {
         j["attention_bias"] = json!(c.qkv_bias);
         j["mlp_bias"] = json!(false);
+    }
+    if c.arch == Arch::Qwen3 {
+        j["attention_bias"] = json!(c.qkv_bias);
     }
     if let Some(w) = c.sliding_window {
         j["sliding_window"] = json!(w);

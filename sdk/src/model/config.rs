@@ -18,6 +18,9 @@ pub enum Arch {
     Mistral,
     /// Qwen2 and Qwen2.5 (a Llama with q/k/v biases).
     Qwen2,
+    /// Qwen3, dense (a Llama with an RMSNorm over each head of q and k before RoPE, and heads
+    /// that need not add up to the hidden size).
+    Qwen3,
 }
 
 impl Arch {
@@ -27,6 +30,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 
@@ -36,6 +40,7 @@ impl Arch {
         match self {
             Arch::Llama | Arch::Mistral => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 
@@ -100,6 +105,9 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (Qwen2).
     pub qkv_bias: bool,
+    /// Each head of q and k goes through an RMSNorm of its own weights (`head_dim` of them)
+    /// before RoPE (Qwen3).
+    pub qk_norm: bool,
     /// The beginning-of-sequence token, if the configuration names one.
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation (`config.json`'s and `generation_config.json`'s).
@@ -132,12 +140,19 @@ impl ModelConfig {
             "llama" | "smollm" | "smollm2" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "qwen3_moe" => {
+                return Err(Error::unsupported(
+                    path,
+                    "Qwen3's mixture-of-experts models (model_type `qwen3_moe`); edgetune trains dense Qwen3",
+                ));
+            }
             "" if archs.iter().any(|a| a.starts_with("Llama")) => Arch::Llama,
             other => {
                 let name = if other.is_empty() { archs.join(",") } else { other.to_string() };
                 return Err(Error::unsupported(
                     path,
-                    format!("architecture `{name}` (model_type); edgetune supports llama, mistral, qwen2"),
+                    format!("architecture `{name}` (model_type); edgetune supports llama, mistral, qwen2, qwen3"),
                 ));
             }
         };
@@ -180,7 +195,12 @@ impl ModelConfig {
             qkv_bias: arch == Arch::Qwen2 || field(&j, "attention_bias").and_then(Json::as_bool).unwrap_or(false),
             bos_token_id: field(&j, "bos_token_id").and_then(Json::as_u64).map(|v| v as u32),
             eos_token_ids,
-            sliding_window: field(&j, "sliding_window").and_then(Json::as_u64).map(|v| v as usize),
+            qk_norm: arch == Arch::Qwen3,
+            // Qwen2 and Qwen3 configs name a window that `use_sliding_window: false` turns off.
+            sliding_window: match field(&j, "use_sliding_window").and_then(Json::as_bool) {
+                Some(false) => None,
+                _ => field(&j, "sliding_window").and_then(Json::as_u64).map(|v| v as usize),
+            },
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -193,10 +213,19 @@ impl ModelConfig {
         let arch = match arch_name {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "qwen3moe" => {
+                return Err(Error::unsupported(
+                    path,
+                    "Qwen3's mixture-of-experts models (general.architecture `qwen3moe`); edgetune trains dense Qwen3",
+                ));
+            }
             other => {
                 return Err(Error::unsupported(
                     path,
-                    format!("architecture `{other}` (general.architecture); edgetune reads llama and qwen2 GGUF files"),
+                    format!(
+                        "architecture `{other}` (general.architecture); edgetune reads llama, qwen2 and qwen3 GGUF files"
+                    ),
                 ));
             }
         };
@@ -255,6 +284,7 @@ impl ModelConfig {
             max_position_embeddings: u("context_length").unwrap_or(4096),
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            qk_norm: arch == Arch::Qwen3,
             bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
             eos_token_ids: eos.into_iter().collect(),
             sliding_window: None,
@@ -358,7 +388,8 @@ impl ModelConfig {
         let kv = 2 * h * self.num_kv_heads * hd;
         let o = self.num_heads * hd * h;
         let bias = if self.qkv_bias { (self.num_heads + 2 * self.num_kv_heads) * hd } else { 0 };
-        let layer = q + kv + o + bias + 3 * h * i + 2 * h;
+        let qk_norm = if self.qk_norm { 2 * hd } else { 0 };
+        let layer = q + kv + o + bias + qk_norm + 3 * h * i + 2 * h;
         let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         self.num_layers * layer + emb + h
     }

@@ -87,6 +87,8 @@ pub(crate) struct Layer {
     pub(crate) q: Linear,
     pub(crate) k: Linear,
     pub(crate) v: Linear,
+    /// Qwen3's per-head norms of q and k (`head_dim` weights each).
+    pub(crate) qk_norm: Option<(wgpu::Buffer, wgpu::Buffer)>,
     pub(crate) o: Linear,
     pub(crate) ffn_norm: wgpu::Buffer,
     pub(crate) gate: Linear,
@@ -206,6 +208,8 @@ struct Acts {
     xn: wgpu::Buffer,
     q: wgpu::Buffer,
     k: wgpu::Buffer,
+    q_raw: wgpu::Buffer,
+    k_raw: wgpu::Buffer,
     v: wgpu::Buffer,
     att: wgpu::Buffer,
     proj: wgpu::Buffer,
@@ -228,6 +232,10 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) xn: &'a wgpu::Buffer,
     pub(crate) q: &'a wgpu::Buffer,
     pub(crate) k: &'a wgpu::Buffer,
+    /// Where the q and k projections land before their per-head norms, for a model that has
+    /// them (Qwen3); unused otherwise.
+    pub(crate) q_raw: &'a wgpu::Buffer,
+    pub(crate) k_raw: &'a wgpu::Buffer,
     pub(crate) v: &'a wgpu::Buffer,
     pub(crate) att: &'a wgpu::Buffer,
     pub(crate) stats: &'a wgpu::Buffer,
@@ -247,6 +255,8 @@ pub(crate) struct BlockBuffers<'a> {
 /// A point in [`Model::block_forward`] after which activations are complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stage {
+    /// The q and k projections before their per-head norms (only for a model with them).
+    QkRaw,
     /// q and k after RoPE, and v.
     Qkv,
     /// The attention output and its softmax statistics.
@@ -375,6 +385,13 @@ impl Model {
                 q: up.linear(&format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
                 k: up.linear(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
                 v: up.linear(&format!("{p}.self_attn.v_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                qk_norm: match c.qk_norm {
+                    true => Some((
+                        up.vector(&format!("{p}.self_attn.q_norm.weight"), hd)?,
+                        up.vector(&format!("{p}.self_attn.k_norm.weight"), hd)?,
+                    )),
+                    false => None,
+                },
                 o: up.linear(&format!("{p}.self_attn.o_proj"), h, c.num_heads * hd, false)?,
                 ffn_norm: up.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 gate: up.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, false)?,
@@ -423,8 +440,10 @@ impl Model {
     pub fn activation_bytes(&self, t: usize, logit_rows: usize) -> u64 {
         let c = &self.config;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        // ids, positions, key starts; x, xn, q, k, v, att, proj, gate, up, act; attention stats.
-        let floats = t * (3 + 2 * c.hidden_size + 2 * qd + 2 * kvd + c.hidden_size + 3 * c.intermediate_size)
+        // ids, positions, key starts; x, xn, q, k, v, att, proj, gate, up, act; q and k before
+        // their norms (Qwen3); attention stats.
+        let raw = if c.qk_norm { qd + kvd } else { 0 };
+        let floats = t * (3 + 2 * c.hidden_size + 2 * qd + 2 * kvd + raw + c.hidden_size + 3 * c.intermediate_size)
             + t * c.num_heads * 2
             + logit_rows * (c.vocab_size + c.hidden_size);
         (floats * 4) as u64
@@ -465,6 +484,8 @@ impl Model {
             xn: ctx.storage_zeroed("xn", t * h),
             q: ctx.storage_zeroed("q", t * qd),
             k: ctx.storage_zeroed("k", t * kvd),
+            q_raw: ctx.storage_zeroed("q before its norm", if c.qk_norm { t * qd } else { 1 }),
+            k_raw: ctx.storage_zeroed("k before its norm", if c.qk_norm { t * kvd } else { 1 }),
             v: ctx.storage_zeroed("v", t * kvd),
             att: ctx.storage_zeroed("att", t * qd),
             proj: ctx.storage_zeroed("proj", t * h),
@@ -651,6 +672,8 @@ impl Model {
                 xn: &a.xn,
                 q: &a.q,
                 k: &a.k,
+                q_raw: &a.q_raw,
+                k_raw: &a.k_raw,
                 v: &a.v,
                 att: &a.att,
                 stats: &a.stats,
@@ -698,9 +721,17 @@ impl Model {
             enc,
             launch::RmsNorm { x: b.x_in, w: &layer.attn_norm, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
         )?;
-        self.linear(enc, l, Module::QProj, lora, b.xn, b.q, b.lora_h, t, drop)?;
-        self.linear(enc, l, Module::KProj, lora, b.xn, b.k, b.lora_h, t, drop)?;
+        let (q_proj, k_proj) = if layer.qk_norm.is_some() { (b.q_raw, b.k_raw) } else { (b.q, b.k) };
+        self.linear(enc, l, Module::QProj, lora, b.xn, q_proj, b.lora_h, t, drop)?;
+        self.linear(enc, l, Module::KProj, lora, b.xn, k_proj, b.lora_h, t, drop)?;
         self.linear(enc, l, Module::VProj, lora, b.xn, b.v, b.lora_h, t, drop)?;
+        if let Some((q_norm, k_norm)) = &layer.qk_norm {
+            after(enc, Stage::QkRaw)?;
+            for (x, w, y, heads) in [(b.q_raw, q_norm, b.q, c.num_heads), (b.k_raw, k_norm, b.k, c.num_kv_heads)] {
+                let n_rows = t * heads;
+                launch::rms_norm_forward(ctx, enc, launch::RmsNorm { x, w, y, n_rows, dim: hd, eps: c.rms_norm_eps })?;
+            }
+        }
         let rope = |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: b.positions };
         launch::rope_forward(ctx, enc, b.q, &self.cos_sin, rope(c.num_heads))?;
         launch::rope_forward(ctx, enc, b.k, &self.cos_sin, rope(c.num_kv_heads))?;

@@ -148,12 +148,21 @@ struct LayerActs {
     x_mid: wgpu::Buffer, // (T, C) residual stream after attention
     gate: wgpu::Buffer,  // (T, I)
     up: wgpu::Buffer,    // (T, I)
+    /// q and k before their per-head norms, (T, H*hd) and (T, Hkv*hd), for a model with them
+    /// (Qwen3); one float each otherwise.
+    q_raw: wgpu::Buffer,
+    k_raw: wgpu::Buffer,
 }
 
 impl LayerActs {
-    /// The tensors other than `stats`, in the order of [`Model::act_sizes`].
-    fn tensors(&self) -> [&wgpu::Buffer; 7] {
-        [&self.q, &self.k, &self.v, &self.att, &self.x_mid, &self.gate, &self.up]
+    /// The tensors other than `stats`, in the order of [`Model::act_sizes`]: q_raw and k_raw
+    /// only for a model with q/k norms.
+    fn tensors(&self, qk_norm: bool) -> Vec<&wgpu::Buffer> {
+        let mut all = vec![&self.q, &self.k, &self.v, &self.att, &self.x_mid, &self.gate, &self.up];
+        if qk_norm {
+            all.extend([&self.q_raw, &self.k_raw]);
+        }
+        all
     }
 }
 
@@ -200,6 +209,9 @@ pub struct Workspace {
     dq: wgpu::Buffer,
     dk: wgpu::Buffer,
     dv: wgpu::Buffer,
+    /// The gradients of q and k before their per-head norms (Qwen3); one float each otherwise.
+    dq_raw: wgpu::Buffer,
+    dk_raw: wgpu::Buffer,
     head_rows: usize,
     head_x: wgpu::Buffer,
     head_dx: wgpu::Buffer,
@@ -258,11 +270,15 @@ impl Workspace {
 
 impl Model {
     /// Elements of the tensors of [`LayerActs::tensors`] for `t` tokens.
-    fn act_sizes(&self, t: usize) -> [usize; 7] {
+    fn act_sizes(&self, t: usize) -> Vec<usize> {
         let c = &self.config;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        [t * qd, t * kvd, t * kvd, t * qd, t * h, t * i, t * i]
+        let mut sizes = vec![t * qd, t * kvd, t * kvd, t * qd, t * h, t * i, t * i];
+        if c.qk_norm {
+            sizes.extend([t * qd, t * kvd]);
+        }
+        sizes
     }
 
     fn head_rows(&self, capacity: usize) -> usize {
@@ -311,7 +327,10 @@ impl Model {
         // A saved tensor of n values: f32, or n / 2 words of two halves.
         let saved = |label: &str, n: usize| z(label, if half { n.div_ceil(2) } else { n });
         let layer_acts = |kept: &dyn Fn(&str, usize) -> wgpu::Buffer| {
-            let [q, k, v, att, x_mid, gate, up] = self.act_sizes(t);
+            let sizes = self.act_sizes(t);
+            let (q, k, v, att, x_mid, gate, up) =
+                (sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6]);
+            let raw = |label: &str, n: usize| if c.qk_norm { kept(label, n) } else { z(label, 1) };
             LayerActs {
                 q: kept("q", q),
                 k: kept("k", k),
@@ -321,6 +340,8 @@ impl Model {
                 x_mid: kept("x mid", x_mid),
                 gate: kept("gate", gate),
                 up: kept("up", up),
+                q_raw: raw("q before its norm", t * qd),
+                k_raw: raw("k before its norm", t * kvd),
             }
         };
         let n_f32 = if checkpointing || half { 1 } else { c.num_layers };
@@ -356,6 +377,8 @@ impl Model {
             dq: z("dq", t * qd),
             dk: z("dk", t * kvd),
             dv: z("dv", t * kvd),
+            dq_raw: z("dq before the norm", if c.qk_norm { t * qd } else { 1 }),
+            dk_raw: z("dk before the norm", if c.qk_norm { t * kvd } else { 1 }),
             head_rows,
             head_x: z("head x", head_rows * h),
             head_dx: z("head dx", head_rows * h),
@@ -400,7 +423,10 @@ impl Model {
                 self.layer_forward(enc, ws, l, acts, None, x_in, &ws.x_tmp, lora, t, drop)?;
             } else if ws.half() {
                 let saved = &ws.saved[l];
-                for ((from, to), n) in saved.tensors().into_iter().zip(acts.tensors()).zip(self.act_sizes(t)) {
+                let qk_norm = self.config.qk_norm;
+                for ((from, to), n) in
+                    saved.tensors(qk_norm).into_iter().zip(acts.tensors(qk_norm)).zip(self.act_sizes(t))
+                {
                     launch::f16_unpack(ctx, enc, from, to, n)?;
                 }
                 enc.copy_buffer_to_buffer(&saved.stats, 0, &acts.stats, 0, saved.stats.size());
@@ -544,6 +570,8 @@ impl Model {
             xn: &ws.xn,
             q: &a.q,
             k: &a.k,
+            q_raw: &a.q_raw,
+            k_raw: &a.k_raw,
             v: &a.v,
             att: &a.att,
             stats: &a.stats,
@@ -560,6 +588,7 @@ impl Model {
         let mut keep = |enc: &mut Encoder, stage: Stage| -> Result<()> {
             let Some(s) = save else { return Ok(()) };
             let tensors: &[usize] = match stage {
+                Stage::QkRaw => &[7, 8],
                 Stage::Qkv => &[0, 1, 2],
                 Stage::Attention => {
                     enc.copy_buffer_to_buffer(&a.stats, 0, &s.stats, 0, a.stats.size());
@@ -569,7 +598,8 @@ impl Model {
                 Stage::GateUp => &[5, 6],
             };
             for &k in tensors {
-                launch::f16_pack(ctx, enc, a.tensors()[k], s.tensors()[k], sizes[k])?;
+                let qk_norm = self.config.qk_norm;
+                launch::f16_pack(ctx, enc, a.tensors(qk_norm)[k], s.tensors(qk_norm)[k], sizes[k])?;
             }
             Ok(())
         };
@@ -868,13 +898,30 @@ impl Model {
         launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
         launch::rope_backward(ctx, enc, &ws.dq, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
         launch::rope_backward(ctx, enc, &ws.dk, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
+        // Through Qwen3's per-head norms (their weights frozen): the backward adds into its
+        // output, so each starts from zero.
+        let (dq, dk) = match &layer.qk_norm {
+            Some((q_norm, k_norm)) => {
+                let hd = c.head_dim;
+                for (x, w, dy, dx, heads) in [
+                    (&a.q_raw, q_norm, &ws.dq, &ws.dq_raw, c.num_heads),
+                    (&a.k_raw, k_norm, &ws.dk, &ws.dk_raw, c.num_kv_heads),
+                ] {
+                    enc.clear_buffer(dx, 0, Some((t * heads * hd * 4) as u64));
+                    let n_rows = t * heads;
+                    launch::rms_norm_backward(ctx, enc, launch::RmsNormGrad { x, w, dy, dx, n_rows, dim: hd, eps })?;
+                }
+                (&ws.dq_raw, &ws.dk_raw)
+            }
+            None => (&ws.dq, &ws.dk),
+        };
         launch::rms_norm_forward(
             ctx,
             enc,
             launch::RmsNorm { x: x_in, w: &layer.attn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
         )?;
-        self.linear_backward(enc, ws, l, Module::QProj, lora, grads, &ws.xn, &ws.dq, &ws.d_xn, false, t, drop)?;
-        self.linear_backward(enc, ws, l, Module::KProj, lora, grads, &ws.xn, &ws.dk, &ws.d_xn, true, t, drop)?;
+        self.linear_backward(enc, ws, l, Module::QProj, lora, grads, &ws.xn, dq, &ws.d_xn, false, t, drop)?;
+        self.linear_backward(enc, ws, l, Module::KProj, lora, grads, &ws.xn, dk, &ws.d_xn, true, t, drop)?;
         self.linear_backward(enc, ws, l, Module::VProj, lora, grads, &ws.xn, &ws.dv, &ws.d_xn, true, t, drop)?;
         launch::rms_norm_backward(
             ctx,
