@@ -61,3 +61,32 @@ fn mistral_sliding_window_and_generation_config_eos_are_read() {
     let e = c.merge_generation_config(std::path::Path::new("m/generation_config.json"), "{").expect_err("bad JSON");
     assert!(e.to_string().contains("generation_config.json"), "{e}");
 }
+
+/// Which layers slide: every layer for Mistral; `layer_types` where a config lists them;
+/// Qwen2's rule (from `max_window_layers` on) only with `use_sliding_window`; a list of the
+/// wrong length or an unknown layer type is an error naming the file.
+#[test]
+fn sliding_window_layers_are_read_from_each_kind_of_config() {
+    let p = std::path::Path::new("m/config.json");
+    let base = r#""hidden_size":64,"intermediate_size":128,"num_hidden_layers":3,"num_attention_heads":4,
+        "num_key_value_heads":2,"vocab_size":32"#;
+    let cfg = |extra: &str| ModelConfig::from_hf_json(p, &format!("{{{base},{extra}}}"));
+    let windows = |c: &ModelConfig| (0..3).map(|l| c.layer_window(l)).collect::<Vec<_>>();
+    let c = cfg(r#""model_type":"mistral","sliding_window":8"#).expect("mistral");
+    assert_eq!(windows(&c), [Some(8); 3]);
+    let c = cfg(r#""model_type":"mistral","sliding_window":null"#).expect("mistral v0.2");
+    assert_eq!(windows(&c), [None; 3]);
+    let c = cfg(r#""model_type":"qwen2","sliding_window":8,"use_sliding_window":false"#).expect("qwen2");
+    assert_eq!(windows(&c), [None; 3]);
+    let c = cfg(r#""model_type":"qwen2","sliding_window":8,"use_sliding_window":true,"max_window_layers":1"#)
+        .expect("qwen2 with a window");
+    assert_eq!(windows(&c), [None, Some(8), Some(8)]);
+    let types = r#""layer_types":["sliding_attention","full_attention","sliding_attention"]"#;
+    let c = cfg(&format!(r#""model_type":"mistral","sliding_window":8,{types}"#)).expect("layer types");
+    assert_eq!(windows(&c), [Some(8), None, Some(8)]);
+    let e = cfg(r#""model_type":"mistral","sliding_window":8,"layer_types":["full_attention"]"#).expect_err("short");
+    assert!(e.to_string().contains("config.json") && e.to_string().contains("lists 1 layers"), "{e}");
+    let bad = r#""layer_types":["chunked_attention","full_attention","full_attention"]"#;
+    let e = cfg(&format!(r#""model_type":"mistral","sliding_window":8,{bad}"#)).expect_err("unknown type");
+    assert!(e.to_string().contains("chunked_attention"), "{e}");
+}

@@ -69,13 +69,34 @@ fn tiny_qwen3_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
     check("qwen3", Quant::Nf4);
 }
 
+/// Mistral with a sliding window of 4 keys on sequences of 12 tokens: transformers masks every
+/// key more than 3 positions back, on every layer.
+#[test]
+fn tiny_mistral_sliding_window_logits_match_transformers() {
+    check("mistral", Quant::None);
+}
+
+#[test]
+fn tiny_mistral_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("mistral", Quant::Nf4);
+}
+
 #[test]
 fn incremental_decoding_with_the_kv_cache_matches_a_full_forward() {
-    let fx = Fixture::open("tiny_llama_expected.safetensors");
+    decode_matches_full("llama");
+}
+
+/// Decoding past the window: each new token sees only the last 4 cached keys.
+#[test]
+fn incremental_decoding_within_a_sliding_window_matches_transformers() {
+    decode_matches_full("mistral");
+}
+
+fn decode_matches_full(kind: &str) {
+    let fx = Fixture::open(&format!("tiny_{kind}_expected.safetensors"));
     let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
-    let model =
-        Model::open(ctx(), &fixtures().join("tiny_llama"), &LoadOptions { quant: Quant::None, ..Default::default() })
-            .expect("load");
+    let opts = LoadOptions { quant: Quant::None, ..Default::default() };
+    let model = Model::open(ctx(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("load");
     let v = model.config.vocab_size;
     let full = fx.f32("logits");
     let mut cache = model.new_cache().expect("cache");

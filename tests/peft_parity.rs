@@ -116,6 +116,12 @@ fn qwen2_rslora_loss_and_gradients_match_peft() {
     one_step("qwen2");
 }
 
+/// Mistral's sliding window (4 keys) in the backward pass too, in every kernel family.
+#[test]
+fn mistral_sliding_window_lora_loss_and_gradients_match_peft() {
+    one_step("mistral");
+}
+
 /// Qwen3: the gradients pass back through the per-head q/k norms to q_proj and k_proj.
 #[test]
 fn qwen3_lora_loss_and_gradients_match_peft() {
@@ -195,6 +201,11 @@ fn llama_ten_step_adamw_curve_matches_peft() {
 #[test]
 fn qwen2_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("qwen2", true);
+}
+
+#[test]
+fn mistral_ten_step_adamw_curve_matches_peft() {
+    curve("mistral", false);
 }
 
 #[test]

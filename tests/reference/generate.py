@@ -144,9 +144,10 @@ QWEN3_STYLE_TEMPLATE = (
 
 
 def tiny_model(kind, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2}[kind])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3}[kind])
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -158,6 +159,11 @@ def tiny_model(kind, tok):
     elif kind == "qwen2":
         cfg = Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
         model = Qwen2ForCausalLM(cfg)
+    elif kind == "mistral":
+        # A window of 4 keys (the query's own and the 3 before it), far shorter than the
+        # fixtures' sequences, so that every layer's attention differs from full attention.
+        cfg = MistralConfig(**common, sliding_window=4, rope_theta=10000.0, tie_word_embeddings=False)
+        model = MistralForCausalLM(cfg)
     else:
         # Qwen3: per-head RMSNorm of q and k, no q/k/v biases, and heads wider than hidden / heads
         # (as Qwen3-0.6B's 16 heads of 128 over a hidden size of 1024).
@@ -199,6 +205,13 @@ def tiny_model(kind, tok):
                 mod.weight.copy_(F.dequantize_4bit(packed, st, quant_type="nf4").float())
         qout = qmodel(x, labels=x)
     res["nf4_loss"] = float(qout.loss)
+    if kind == "mistral":
+        full = type(model)(type(model.config)(**{**model.config.to_dict(), "sliding_window": None}))
+        full.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            moved = float((full.eval()(x).logits[0] - out.logits[0]).abs().max())
+        assert moved > 0.1, f"the window changes the logits by only {moved}"
+        print("mistral: the window moves the logits by", moved)
     res["nf4_logits"] = qout.logits[0].numpy()
     save_file(
         {"logits": res["logits"], "nf4_logits": res["nf4_logits"], "ids": np.array(ids, dtype=np.int64)},
@@ -470,6 +483,16 @@ def qwen3_fixtures():
         json.dump(cases, fh, indent=1, ensure_ascii=False)
 
 
+def mistral_fixtures():
+    """Mistral with a sliding window of 4 keys: transformers' logits (f32 and NF4) and PEFT's
+    adapter and gradients on sequences longer than the window."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    tiny_model("mistral", tok)
+    peft_fixture("mistral")
+
+
 def hf_variants_fixture():
     """The tiny llama saved as sharded bf16 safetensors (with model.safetensors.index.json), and
     the inverse RoPE frequencies transformers computes for llama3-style rope scaling."""
@@ -676,6 +699,7 @@ def main():
         "peft": lambda: [peft_fixture(k) for k in ("llama", "qwen2")],
         "edgetune_export": edgetune_export_fixture,
         "qwen3": qwen3_fixtures,
+        "mistral": mistral_fixtures,
     }
     for name, fn in steps.items():
         if a.only in (None, name):

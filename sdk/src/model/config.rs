@@ -8,8 +8,7 @@ use serde_json::Value as Json;
 use crate::error::{Error, Result};
 use crate::model::gguf::{GgufFile, Value};
 
-/// Supported architectures. SmolLM is a Llama; Mistral (without sliding windows longer than the
-/// context) is a Llama too.
+/// Supported architectures. SmolLM is a Llama; Mistral is a Llama with a sliding window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Arch {
     /// Llama 2 and 3, SmolLM and their kind.
@@ -112,9 +111,12 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation (`config.json`'s and `generation_config.json`'s).
     pub eos_token_ids: Vec<u32>,
-    /// Mistral's sliding attention window; the context is capped to it, where full attention
-    /// and windowed attention agree.
+    /// The sliding attention window (Mistral): a query at position p sees the keys at
+    /// positions p - window + 1 ..= p, on the layers `window_layers` marks.
     pub sliding_window: Option<usize>,
+    /// Which layers attend within `sliding_window` (one flag a layer; every layer when the
+    /// configuration names a window and no `layer_types`).
+    pub window_layers: Vec<bool>,
 }
 
 fn field<'a>(j: &'a Json, key: &str) -> Option<&'a Json> {
@@ -177,11 +179,18 @@ impl ModelConfig {
             Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             None => vec![],
         };
+        let num_layers = usize_of("num_hidden_layers")?;
+        // Qwen2 and Qwen3 configs name a window that `use_sliding_window: false` turns off.
+        let sliding_window = match field(&j, "use_sliding_window").and_then(Json::as_bool) {
+            Some(false) => None,
+            _ => field(&j, "sliding_window").and_then(Json::as_u64).map(|v| v as usize),
+        };
+        let window_layers = hf_window_layers(path, &j, arch, num_layers, sliding_window.is_some())?;
         let cfg = ModelConfig {
             arch,
             hidden_size,
             intermediate_size: usize_of("intermediate_size")?,
-            num_layers: usize_of("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -196,11 +205,8 @@ impl ModelConfig {
             bos_token_id: field(&j, "bos_token_id").and_then(Json::as_u64).map(|v| v as u32),
             eos_token_ids,
             qk_norm: arch == Arch::Qwen3,
-            // Qwen2 and Qwen3 configs name a window that `use_sliding_window: false` turns off.
-            sliding_window: match field(&j, "use_sliding_window").and_then(Json::as_bool) {
-                Some(false) => None,
-                _ => field(&j, "sliding_window").and_then(Json::as_u64).map(|v| v as usize),
-            },
+            sliding_window,
+            window_layers,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -288,13 +294,22 @@ impl ModelConfig {
             bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
             eos_token_ids: eos.into_iter().collect(),
             sliding_window: None,
+            window_layers: Vec::new(),
         };
         cfg.validate(path)?;
         Ok(cfg)
     }
 
+    /// The attention window of layer `l`, if it has one.
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| self.window_layers.get(l).copied().unwrap_or(false))
+    }
+
     fn validate(&self, path: &Path) -> Result<()> {
         let mut problems = Vec::new();
+        if self.sliding_window == Some(0) {
+            problems.push("sliding_window is 0".to_string());
+        }
         // Upper bounds far above any real model (the largest open models have hidden sizes near
         // 16,384, intermediate sizes near 53,248, 126 layers, 128 heads and vocabularies of
         // 256,000), so that a broken or crafted file is refused before any size is computed from
@@ -393,6 +408,38 @@ impl ModelConfig {
         let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         self.num_layers * layer + emb + h
     }
+}
+
+/// Which layers use the sliding window: `layer_types` where the config lists them; else
+/// Qwen2's and Qwen3's rule (layers from `max_window_layers` on); else every layer.
+fn hf_window_layers(path: &Path, j: &Json, arch: Arch, n: usize, windowed: bool) -> Result<Vec<bool>> {
+    if !windowed {
+        return Ok(vec![false; n]);
+    }
+    if let Some(types) = field(j, "layer_types").and_then(Json::as_array) {
+        if types.len() != n {
+            return Err(Error::format(
+                path,
+                format!("`layer_types` lists {} layers but num_hidden_layers is {n}", types.len()),
+            ));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(Error::unsupported(
+                    path,
+                    format!("layer type {t} in `layer_types` (expected full_attention or sliding_attention)"),
+                )),
+            })
+            .collect();
+    }
+    if matches!(arch, Arch::Qwen2 | Arch::Qwen3) {
+        let from = field(j, "max_window_layers").and_then(Json::as_u64).map_or(n, |v| v as usize);
+        return Ok((0..n).map(|l| l >= from).collect());
+    }
+    Ok(vec![true; n])
 }
 
 fn parse_hf_rope_scaling(path: &Path, s: &Json) -> Result<Option<RopeScaling>> {

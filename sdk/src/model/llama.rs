@@ -1,4 +1,4 @@
-//! The Llama-family model on the GPU (Llama, Mistral, Qwen2, SmolLM): weights uploaded once,
+//! The Llama-family model on the GPU (Llama, Mistral, Qwen2, Qwen3, SmolLM): weights uploaded once,
 //! linear weights held as NF4 (or f32 for parity checks), and the forward pass as a sequence of
 //! kernel launches recorded into one command encoder per call.
 
@@ -218,8 +218,16 @@ struct Acts {
     act: wgpu::Buffer,
     positions: wgpu::Buffer,
     key_start: wgpu::Buffer,
+    /// The first key each token sees on a layer with a sliding window (one float without).
+    window_start: wgpu::Buffer,
     stats: wgpu::Buffer,
     h_lora: wgpu::Buffer,
+}
+
+/// The first key each query sees within a sliding window of `window` keys: query i sits at key
+/// index first + i and its own sample starts at key_start[i].
+pub(crate) fn window_starts(key_start: &[u32], first: usize, window: usize) -> Vec<u32> {
+    key_start.iter().enumerate().map(|(i, &s)| s.max((first + i + 1).saturating_sub(window) as u32)).collect()
 }
 
 /// The buffers of one transformer block (see [`Model::block_forward`]): the residual stream in,
@@ -403,8 +411,7 @@ impl Model {
         let tied = c.tie_word_embeddings || !src.contains(c, "lm_head.weight");
         let lm_head = if tied { None } else { Some(up.table("lm_head.weight", c.vocab_size, h)?) };
         let final_norm = up.vector("model.norm.weight", h)?;
-        let max_context =
-            opts.max_context.min(c.max_position_embeddings).min(c.sliding_window.unwrap_or(usize::MAX)).max(1);
+        let max_context = opts.max_context.min(c.max_position_embeddings).max(1);
         let table = crate::prim::rope_table(&c.rope_inv_freq(), max_context);
         let cos_sin = ctx.storage_from("rope cos/sin", &table);
         let weight_bytes = up.bytes;
@@ -494,6 +501,7 @@ impl Model {
             act: ctx.storage_zeroed("act", t * inter),
             positions: ctx.storage_from("positions", &positions),
             key_start: ctx.storage_zeroed("key start", t),
+            window_start: ctx.storage_zeroed("window start", if c.sliding_window.is_some() { t } else { 1 }),
             stats: ctx.storage_zeroed("attention stats", t * c.num_heads * 2),
             h_lora: ctx.storage_zeroed("lora h", t * rank.max(1)),
         }
@@ -629,6 +637,10 @@ impl Model {
             owned = self.ctx.allocating(&what, planned, ACTIVATION_ADVICE, || Ok(self.acts(ids, rank)))?;
             (self.ctx.encoder(), &owned)
         };
+        if let Some(w) = c.sliding_window {
+            let starts = window_starts(&vec![0; t], cache.len, w);
+            self.ctx.queue.write_buffer(&a.window_start, 0, bytemuck::cast_slice(&starts));
+        }
         self.record_forward(&mut enc, a, &cache.k, &cache.v, cache.len, lora)?;
         cache.len += t;
         Ok((enc, a.xn.clone()))
@@ -683,7 +695,7 @@ impl Model {
                 act: &a.act,
                 lora_h: &a.h_lora,
                 positions: &a.positions,
-                key_start: &a.key_start,
+                key_start: if c.layer_window(l).is_some() { &a.window_start } else { &a.key_start },
                 kv_cache: Some((&k_cache[l], &v_cache[l], pos)),
             };
             self.block_forward(enc, l, &b, lora, t, None, &mut |_, _| Ok(()))?;

@@ -179,6 +179,8 @@ pub struct Workspace {
     targets: wgpu::Buffer,
     positions: wgpu::Buffer,
     key_start: wgpu::Buffer,
+    /// The first key each token sees on a layer with a sliding window (one float without).
+    window_start: wgpu::Buffer,
     /// Layer inputs as saved (f32, or packed f16). With f32 activations x_in[L] is the last
     /// layer's output; with f16 the head reads that from the f32 stream, so it is not saved.
     x_in: Vec<wgpu::Buffer>,
@@ -242,6 +244,12 @@ impl Workspace {
             n_rows: rows,
             vocab,
         }
+    }
+
+    /// The first visible key of each token on layer l: within its sample, and within the
+    /// window on a layer with one.
+    fn key_start_of(&self, c: &crate::model::config::ModelConfig, l: usize) -> &wgpu::Buffer {
+        if c.layer_window(l).is_some() { &self.window_start } else { &self.key_start }
     }
 
     fn half(&self) -> bool {
@@ -356,6 +364,7 @@ impl Model {
             targets: z("targets", t),
             positions: z("positions", t),
             key_start: z("key start", t),
+            window_start: z("window start", if c.sliding_window.is_some() { t } else { 1 }),
             x_in: (0..c.num_layers + usize::from(!half)).map(|_| saved("layer input", t * h)).collect(),
             acts: (0..n_f32).map(|_| layer_acts(&z)).collect(),
             saved: (0..n_saved).map(|_| layer_acts(&saved)).collect(),
@@ -499,6 +508,10 @@ impl Model {
         q.write_buffer(&ws.targets, 0, bytemuck::cast_slice(&batch.targets));
         q.write_buffer(&ws.positions, 0, bytemuck::cast_slice(&batch.positions));
         q.write_buffer(&ws.key_start, 0, bytemuck::cast_slice(&batch.key_start));
+        if let Some(w) = c.sliding_window {
+            let starts = crate::model::llama::window_starts(&batch.key_start, 0, w);
+            q.write_buffer(&ws.window_start, 0, bytemuck::cast_slice(&starts));
+        }
 
         let ctx = &self.ctx;
         let h = c.hidden_size;
@@ -581,7 +594,7 @@ impl Model {
             act: &ws.act,
             lora_h: &ws.lora_h,
             positions: &ws.positions,
-            key_start: &ws.key_start,
+            key_start: ws.key_start_of(&self.config, l),
             kv_cache: None,
         };
         // Activation k of LayerActs::tensors, stored as f16 before anything overwrites it.
@@ -893,7 +906,8 @@ impl Model {
         )?;
         // Attention.
         self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, &ws.d_res, &ws.d_att, false, t, drop)?;
-        let fwd = AttentionIo { q: &a.q, k: &a.k, v: &a.v, key_start: &ws.key_start, out: &a.att, stats: &a.stats };
+        let key_start = ws.key_start_of(c, l);
+        let fwd = AttentionIo { q: &a.q, k: &a.k, v: &a.v, key_start, out: &a.att, stats: &a.stats };
         let b = AttentionGrads { fwd, dout: &ws.d_att, dq: &ws.dq, dk: &ws.dk, dv: &ws.dv };
         launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
         launch::rope_backward(ctx, enc, &ws.dq, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
