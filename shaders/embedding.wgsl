@@ -1,4 +1,5 @@
-// Embedding gather: out[t, :] = table[ids[t] - row_start, :] for ids inside this chunk of rows.
+// Embedding gather: out[t, :] = table[ids[t] - row_start, :] * scale for ids inside this chunk
+// of rows.
 #include "common/embedding.wgsl"
 
 @group(0) @binding(0) var<uniform> p: EmbeddingParams;
@@ -10,5 +11,5 @@
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = table_index(gid.x, gid.y);
     if (i == NO_ROW) { return; }
-    out[gid.y * p.dim + gid.x] = table[i];
+    out[gid.y * p.dim + gid.x] = table[i] * p.scale;
 }

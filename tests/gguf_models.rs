@@ -79,22 +79,42 @@ fn qwen3_gguf_with_qk_norms_matches_transformers() {
     check_logits("tiny_qwen3_bpe");
 }
 
+/// Gemma 3 as llama.cpp's converter writes it: norms stored as 1 + w, post-attention and
+/// post-MLP norms, `gemma3.attention.sliding_window`, linear RoPE scaling for the global layer,
+/// and llama.cpp's fixed rules (every sixth layer global, base 10000 on the others, the query
+/// scale from key_length).
+#[test]
+fn gemma3_gguf_matches_transformers() {
+    check_logits("tiny_gemma3_bpe");
+}
+
 /// A chat template in Qwen3's style (a reversed scan with a namespace, `<think>` blocks split
 /// out with split/strip/lstrip, an empty think block on the answer after the last question),
 /// from the Hugging Face folder's tokenizer_config.json and from the GGUF file's
 /// `tokenizer.chat_template`: each renders every conversation as transformers does.
 #[test]
 fn qwen3_style_chat_template_renders_as_transformers_renders_it() {
+    chat_template_renders_as_transformers("qwen3", 6);
+}
+
+/// Gemma's turn markers (`model` for the assistant, the system message inside the first user
+/// turn, `| trim`).
+#[test]
+fn gemma_style_chat_template_renders_as_transformers_renders_it() {
+    chat_template_renders_as_transformers("gemma3", 4);
+}
+
+fn chat_template_renders_as_transformers(kind: &str, n_cases: usize) {
     use edgetune::tokenizer::Message;
     let cases: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("qwen3_chat_template_expected.json")).expect("fixture"),
+        &std::fs::read_to_string(fixtures().join(format!("{kind}_chat_template_expected.json"))).expect("fixture"),
     )
     .expect("JSON");
-    let from_dir = Tokenizer::from_hf_dir(&fixtures().join("tiny_qwen3")).expect("tokenizer");
-    let from_gguf = Tokenizer::from_gguf(&GgufFile::open(fixtures().join("tiny_qwen3_bpe.gguf")).expect("open"))
-        .expect("tokenizer");
+    let from_dir = Tokenizer::from_hf_dir(&fixtures().join(format!("tiny_{kind}"))).expect("tokenizer");
+    let gguf = GgufFile::open(fixtures().join(format!("tiny_{kind}_bpe.gguf"))).expect("open");
+    let from_gguf = Tokenizer::from_gguf(&gguf).expect("tokenizer");
     let cases = cases.as_array().expect("cases");
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), n_cases);
     for case in cases {
         let messages: Vec<Message> = case["messages"]
             .as_array()

@@ -106,6 +106,16 @@ fn silu_mul_backward_twin_matches_finite_differences() {
 }
 
 #[test]
+fn gelu_mul_backward_twin_matches_finite_differences() {
+    let gate = rand(13, 13, 4.0);
+    let up = rand(13, 14, 2.0);
+    let c = rand(13, 15, 1.0);
+    let (dgate, dup) = r::gelu_mul_backward(&gate, &up, &c);
+    fd_check("gelu_mul dgate", &gate, &dgate, &c, |g| r::gelu_mul_forward(g, &up));
+    fd_check("gelu_mul dup", &up, &dup, &c, |u| r::gelu_mul_forward(&gate, u));
+}
+
+#[test]
 fn attention_backward_twin_matches_finite_differences_with_packing_and_gqa() {
     let (t, h, kvh, hd) = (5, 4, 2, 4);
     // Two packed samples: tokens 0..3 and 3..5.
@@ -432,7 +442,7 @@ fn cross_entropy_backward_kernel_matches_twin() {
 }
 
 #[test]
-fn rms_norm_rope_silu_backward_kernels_match_twins() {
+fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
     let ctx = gpu();
     for &(rows, dim) in &[(1, 1), (3, 65), (7, 200)] {
         let x = rand(rows * dim, 41, 2.0);
@@ -473,6 +483,17 @@ fn rms_norm_rope_silu_backward_kernels_match_twins() {
         let (want_g, want_u) = r::silu_mul_backward(&x, &dx0, &dy);
         assert_close("silu_mul_backward dgate", &ctx.read_f32(&dg, rows * dim).expect("read"), &want_g, 1e-5, 1e-6);
         assert_close("silu_mul_backward dup", &ctx.read_f32(&du, rows * dim).expect("read"), &want_u, 1e-5, 1e-6);
+
+        run(&ctx, |enc| {
+            launch::gelu_mul_backward(
+                &ctx,
+                enc,
+                launch::SiluMulGrad { gate: &xb, up: &ub, dout: &gb, dgate: &dg, dup: &du, n: rows * dim },
+            )
+        });
+        let (want_g, want_u) = r::gelu_mul_backward(&x, &dx0, &dy);
+        assert_close("gelu_mul_backward dgate", &ctx.read_f32(&dg, rows * dim).expect("read"), &want_g, 1e-5, 1e-6);
+        assert_close("gelu_mul_backward dup", &ctx.read_f32(&du, rows * dim).expect("read"), &want_u, 1e-5, 1e-6);
     }
     for &(t, h, hd) in &[(1, 1, 2), (5, 3, 64), (4, 2, 130)] {
         let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
@@ -531,7 +552,8 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
                 ctx.storage_zeroed("dk", k.len()),
                 ctx.storage_zeroed("dv", v.len()),
             );
-            let s = AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0 };
+            let scale = 1.0 / (hd as f32).sqrt();
+            let s = AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0, scale };
             run(&ctx, |enc| {
                 let fwd = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ksb, out: &out, stats: &stats };
                 launch::attention_forward(&ctx, enc, fwd, s)?;

@@ -90,3 +90,46 @@ fn sliding_window_layers_are_read_from_each_kind_of_config() {
     let e = cfg(&format!(r#""model_type":"mistral","sliding_window":8,{bad}"#)).expect_err("unknown type");
     assert!(e.to_string().contains("chunked_attention"), "{e}");
 }
+
+/// Gemma 3's configurations: transformers 5's (`rope_parameters` per layer type, `layer_types`)
+/// and transformers 4's (`rope_theta` with `rope_scaling` for the global layers,
+/// `rope_local_base_freq`, `sliding_window_pattern`) read alike; what edgetune cannot run is
+/// refused by name.
+#[test]
+fn gemma3_configs_of_both_transformers_generations_are_read_and_the_rest_refused() {
+    use edgetune::model::config::{Activation, RopeScaling};
+    let p = std::path::Path::new("g/config.json");
+    let base = r#""hidden_size":64,"intermediate_size":128,"num_hidden_layers":7,"num_attention_heads":4,
+        "num_key_value_heads":2,"head_dim":32,"vocab_size":32,"sliding_window":512"#;
+    let cfg = |extra: &str| ModelConfig::from_hf_json(p, &format!("{{{base},{extra}}}"));
+    let old = cfg(r#""model_type":"gemma3_text","query_pre_attn_scalar":168,"rope_theta":1000000.0,
+        "rope_local_base_freq":10000.0,"rope_scaling":{"rope_type":"linear","factor":8.0},"sliding_window_pattern":6"#)
+    .expect("transformers 4 config");
+    let windows: Vec<bool> = (0..7).map(|l| old.layer_window(l).is_some()).collect();
+    assert_eq!(windows, [true, true, true, true, true, false, true]);
+    assert_eq!(old.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+    assert_eq!(old.sliding_rope, Some((10000.0, None)));
+    assert_eq!(old.query_scale, 1.0 / 168f32.sqrt());
+    assert_eq!(old.embedding_scale, 8.0);
+    assert_eq!(
+        (old.hidden_act, old.norm_offset, old.sandwich_norms, old.qk_norm),
+        (Activation::GeluTanh, 1.0, true, true)
+    );
+    assert!(old.tie_word_embeddings, "Gemma ties its head unless it says otherwise");
+    let new = cfg(r#""model_type":"gemma3_text","query_pre_attn_scalar":168,"layer_types":["sliding_attention",
+        "sliding_attention","sliding_attention","sliding_attention","sliding_attention","full_attention",
+        "sliding_attention"],"rope_parameters":{"full_attention":{"rope_type":"linear","factor":8.0,
+        "rope_theta":1000000.0},"sliding_attention":{"rope_type":"default","rope_theta":10000.0}}"#)
+    .expect("transformers 5 config");
+    assert_eq!(new, old, "both generations of config describe the same model");
+    for (extra, named) in [
+        (r#""model_type":"gemma3""#, "vision tower"),
+        (r#""model_type":"gemma2""#, "gemma2"),
+        (r#""model_type":"gemma3_text","final_logit_softcapping":30.0"#, "final_logit_softcapping"),
+        (r#""model_type":"gemma3_text","use_bidirectional_attention":true"#, "embedding model"),
+        (r#""model_type":"gemma3_text","hidden_activation":"relu""#, "relu"),
+    ] {
+        let e = cfg(extra).expect_err(extra).to_string();
+        assert!(e.contains("config.json") && e.contains(named), "{extra}: {e}");
+    }
+}

@@ -178,7 +178,7 @@ fn matmul_nf4_matches_dequantized_reference() {
 }
 
 #[test]
-fn rms_norm_silu_add_embedding_match_reference() {
+fn rms_norm_silu_gelu_add_embedding_match_reference() {
     let ctx = ctx();
     for &(rows, dim) in &[(1, 1), (3, 65), (7, 200)] {
         let x = rand(rows * dim, 3, 2.0);
@@ -210,6 +210,16 @@ fn rms_norm_silu_add_embedding_match_reference() {
             1e-6,
         );
 
+        // GELU's tanh approximation: the twin computes in f64; tanh and the cube round in f32.
+        run(&ctx, |enc| launch::gelu_mul_forward(&ctx, enc, &xb, &ub, &yb, rows * dim));
+        assert_close(
+            "gelu_mul",
+            &ctx.read_f32(&yb, rows * dim).expect("read"),
+            &r::gelu_mul_forward(&x, &up),
+            1e-5,
+            1e-6,
+        );
+
         let mut want = up.clone();
         r::add_forward(&x, &mut want);
         run(&ctx, |enc| launch::add_forward(&ctx, enc, &xb, &ub, rows * dim));
@@ -224,6 +234,8 @@ fn rms_norm_silu_add_embedding_match_reference() {
     let split = 19;
     let t0 = ctx.storage_from("t0", &table[..split * dim]);
     let t1 = ctx.storage_from("t1", &table[split * dim..]);
+    // Gemma's sqrt(hidden size) for a hidden size of 1152: one f32 product a value.
+    let scale = 1152f32.sqrt();
     run(&ctx, |enc| {
         launch::embedding_forward(
             &ctx,
@@ -236,6 +248,7 @@ fn rms_norm_silu_add_embedding_match_reference() {
                 dim,
                 row_start: 0,
                 row_count: split,
+                scale,
             },
         )?;
         launch::embedding_forward(
@@ -249,16 +262,12 @@ fn rms_norm_silu_add_embedding_match_reference() {
                 dim,
                 row_start: split,
                 row_count: vocab - split,
+                scale,
             },
         )
     });
-    assert_close(
-        "embedding",
-        &ctx.read_f32(&out, ids.len() * dim).expect("read"),
-        &r::embedding_forward(&table, dim, &ids),
-        0.0,
-        0.0,
-    );
+    let want: Vec<f32> = r::embedding_forward(&table, dim, &ids).iter().map(|v| v * scale).collect();
+    assert_close("embedding", &ctx.read_f32(&out, ids.len() * dim).expect("read"), &want, 0.0, 0.0);
 }
 
 #[test]
@@ -302,7 +311,15 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
             let (qb, kb, vb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k), ctx.storage_from("v", &v));
             let (out, stats, ks) =
                 (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h), ctx.storage_zeroed("ks", t));
-            let s = launch::AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos };
+            let scale = 1.0 / (hd as f32).sqrt();
+            let s = launch::AttentionShape {
+                n_tokens: t,
+                n_heads: h,
+                n_kv_heads: kvh,
+                head_dim: hd,
+                pos_offset: pos,
+                scale,
+            };
             run(&ctx, |enc| {
                 launch::attention_forward(
                     &ctx,
@@ -382,6 +399,7 @@ fn f16_tables_match_reference_on_their_rounded_values() {
                 dim,
                 row_start: 0,
                 row_count: vocab,
+                scale: 1.0,
             },
         )
     });

@@ -69,6 +69,24 @@ fn tiny_qwen3_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
     check("qwen3", Quant::Nf4);
 }
 
+/// Gemma 3: embeddings scaled by sqrt(hidden), (1 + w) norms before and after attention and the
+/// MLP, q/k norms, GeGLU, a query scale of 1 / sqrt(24), five sliding layers with their own RoPE
+/// base and a global one with linear RoPE scaling.
+#[test]
+fn tiny_gemma3_f32_logits_match_transformers() {
+    check("gemma3", Quant::None);
+}
+
+#[test]
+fn tiny_gemma3_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("gemma3", Quant::Nf4);
+}
+
+#[test]
+fn incremental_decoding_of_gemma3_matches_transformers() {
+    decode_matches_full("gemma3");
+}
+
 /// Mistral with a sliding window of 4 keys on sequences of 12 tokens: transformers masks every
 /// key more than 3 positions back, on every layer.
 #[test]

@@ -40,15 +40,21 @@ fn batch(fx: &Fixture, name: &str) -> Batch {
 /// products through frozen weights (and the LoRA forward products) to f16, so each product is
 /// off by up to 2u of its mass (u = 2^-11; gpu/probe.rs); a value passes through at most
 /// `depth` such products in series, each error carried on through the ones after it, so up to
-/// 2u depth. Counted on the fixtures' two layers: per layer q/k/v, LoRA B, o, LoRA B, gate/up,
-/// LoRA B, down, LoRA B forward (8) and o, q/k/v, down, gate/up backward (4), lm_head both ways.
+/// 2u depth. Counted per layer: q/k/v, LoRA B, o, LoRA B, gate/up, LoRA B, down, LoRA B forward
+/// (8) and o, q/k/v, down, gate/up backward (4), and lm_head both ways.
 fn f16_share(ctx: &GpuContext, depth: usize) -> f32 {
     if common::f16_products(ctx) { 2.0 * depth as f32 / 2048.0 } else { 0.0 }
 }
 
-/// Serial f16 products of the two-layer fixtures: forward to the loss, and to a gradient.
-const FORWARD_DEPTH: usize = 2 * 8 + 1;
-const GRADIENT_DEPTH: usize = FORWARD_DEPTH + 1 + 2 * 4;
+/// Serial f16 products of a fixture of `layers` layers: forward to the loss.
+fn forward_depth(layers: usize) -> usize {
+    layers * 8 + 1
+}
+
+/// Serial f16 products to a gradient: the forward, lm_head's dX and each layer's backward.
+fn gradient_depth(layers: usize) -> usize {
+    forward_depth(layers) + 1 + layers * 4
+}
 
 /// Runs `f` on a context of every kernel family the adapter can run.
 fn in_every_family(f: impl Fn(Arc<GpuContext>)) {
@@ -69,7 +75,8 @@ fn one_step_on(ctx: Arc<GpuContext>, kind: &str) {
     let adapter =
         peft::load(&fixtures().join(format!("peft_{kind}_adapter")), &model.config).expect("PEFT adapter loads");
     assert_eq!(adapter.layout.r, 4);
-    assert_eq!(adapter.layout.slots.len(), 14, "all-linear on 2 layers");
+    let layers = model.config.num_layers;
+    assert_eq!(adapter.layout.slots.len(), 7 * layers, "all-linear on {layers} layers");
     assert_eq!(adapter.config.use_rslora, kind == "qwen2");
     let gpu = GpuAdapter::upload(&model.ctx, &adapter);
     let b = batch(&fx, "a");
@@ -83,9 +90,9 @@ fn one_step_on(ctx: Arc<GpuContext>, kind: &str) {
     let loss = losses.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64;
     let want: f64 = fx.metadata("loss").parse().expect("loss");
     eprintln!("{kind}: loss {loss} vs PEFT {want}");
-    let loss_tol = 1e-4 + f64::from(f16_share(&model.ctx, FORWARD_DEPTH));
+    let loss_tol = 1e-4 + f64::from(f16_share(&model.ctx, forward_depth(layers)));
     assert!((loss - want).abs() <= loss_tol * want.abs(), "{kind}: loss {loss} vs PEFT {want}");
-    let grad_share = f16_share(&model.ctx, GRADIENT_DEPTH);
+    let grad_share = f16_share(&model.ctx, gradient_depth(layers));
     let g = model.ctx.read_f32(&grads, adapter.layout.len).expect("grads");
     let mut worst = 0f32;
     for s in &adapter.layout.slots {
@@ -120,6 +127,13 @@ fn qwen2_rslora_loss_and_gradients_match_peft() {
 #[test]
 fn mistral_sliding_window_lora_loss_and_gradients_match_peft() {
     one_step("mistral");
+}
+
+/// Gemma 3: gradients back through its norms after the MLP and attention, GeGLU, the q/k norms
+/// and the two RoPE tables, in every kernel family.
+#[test]
+fn gemma3_lora_loss_and_gradients_match_peft() {
+    one_step("gemma3");
 }
 
 /// Qwen3: the gradients pass back through the per-head q/k norms to q_proj and k_proj.
@@ -166,8 +180,8 @@ fn curve_on(ctx: Arc<GpuContext>, kind: &str, checkpointing: bool) {
         // f32 maths, summed in other orders.
         // The f16 products add their share (see f16_share).
         let (loss_tol, norm_tol) = (
-            1e-3 + f64::from(f16_share(&model.ctx, FORWARD_DEPTH)),
-            1e-3 + f64::from(f16_share(&model.ctx, GRADIENT_DEPTH)),
+            1e-3 + f64::from(f16_share(&model.ctx, forward_depth(model.config.num_layers))),
+            1e-3 + f64::from(f16_share(&model.ctx, gradient_depth(model.config.num_layers))),
         );
         assert!((loss - wl).abs() <= loss_tol * wl.abs(), "{kind} step {step}: loss {loss} vs PEFT {wl}");
         assert!((f64::from(norm) - wn).abs() <= norm_tol * wn, "{kind} step {step}: grad norm {norm} vs PEFT {wn}");
@@ -201,6 +215,11 @@ fn llama_ten_step_adamw_curve_matches_peft() {
 #[test]
 fn qwen2_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("qwen2", true);
+}
+
+#[test]
+fn gemma3_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
+    curve("gemma3", true);
 }
 
 #[test]
@@ -355,21 +374,25 @@ fn loss_and_grads(kind: &str, plan: impl Fn(usize) -> WorkspacePlan) -> (f64, Ve
 /// from the input to it, times the path's amplification, which is about 1 for these unit-scale
 /// tiny models. The longest path crosses every saved tensor of every layer: the layer input,
 /// then q/k/v, the attention output, the residual after attention and gate/up, so 1 + 5 per
-/// layer (Qwen3 also saves q and k before their norms: 1 + 6); with checkpointing only the
-/// layer inputs are stored, so 1 per layer. That count times
+/// layer (Qwen3 also saves q and k before their norms: 1 + 6; Gemma 3 those and the attention
+/// and MLP outputs before their norms: 1 + 8); with checkpointing only the layer inputs are
+/// stored, so 1 per layer. That count times
 /// u bounds the relative (L2) change of the gradients and of the loss. A layer's activations
 /// read back in the wrong place, or a lost attention statistic, is off by far more.
 #[test]
 fn f16_activations_stay_within_f16_rounding_of_the_f32_path() {
     const U: f64 = 1.0 / 2048.0;
-    for kind in ["llama", "qwen2", "qwen3"] {
-        let saved_per_layer = if kind == "qwen3" { 6.0 } else { 5.0 };
+    for kind in ["llama", "qwen2", "qwen3", "gemma3"] {
+        let (saved_per_layer, layers) = match kind {
+            "qwen3" => (6.0, 2.0),
+            "gemma3" => (8.0, 6.0),
+            _ => (5.0, 2.0),
+        };
         for checkpointing in [false, true] {
             let f32_plan = |t| WorkspacePlan { checkpointing, ..WorkspacePlan::new(t, 4) };
             let f16_plan = |t| WorkspacePlan { activations: Precision::F16, ..f32_plan(t) };
             let (l32, g32, b32) = loss_and_grads(kind, f32_plan);
             let (l16, g16, b16) = loss_and_grads(kind, f16_plan);
-            let layers = 2.0;
             let roundings = if checkpointing { layers } else { 1.0 + saved_per_layer * layers };
             let norm = |g: &mut dyn Iterator<Item = f32>| g.map(|v| f64::from(v).powi(2)).sum::<f64>().sqrt();
             let rel = norm(&mut g16.iter().zip(&g32).map(|(a, b)| a - b)) / norm(&mut g32.iter().copied());
@@ -393,38 +416,60 @@ fn f16_activations_stay_within_f16_rounding_of_the_f32_path() {
 /// merge_and_unload logits; merged from the GGUF base too.
 #[test]
 fn qwen3_adapter_and_its_merge_give_pefts_logits() {
+    merged_logits("qwen3");
+}
+
+/// Gemma 3's merge: the norms written back as w (not 1 + w), the post-attention and post-MLP
+/// norms, and a config.json that says GeGLU, the query scale, the layer types and both RoPE
+/// bases; from the folder and from the GGUF base (whose query scale is llama.cpp's).
+#[test]
+fn gemma3_merge_gives_the_adapted_logits() {
+    merged_logits("gemma3");
+}
+
+fn merged_logits(kind: &str) {
     use edgetune::lora::merge::{MergeDtype, merge};
-    let fx = Fixture::open("peft_qwen3_merged_expected.safetensors");
-    let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
     let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
-    let base = fixtures().join("tiny_qwen3");
+    let base = fixtures().join(format!("tiny_{kind}"));
     let model = Model::open(ctx(), &base, &opts).expect("tiny model loads");
-    let adapter = peft::load(&fixtures().join("peft_qwen3_adapter"), &model.config).expect("adapter");
+    let adapter = peft::load(&fixtures().join(format!("peft_{kind}_adapter")), &model.config).expect("adapter");
     let gpu = GpuAdapter::upload(&model.ctx, &adapter);
-    let applied = model.all_logits_with(&ids, Some(&gpu)).expect("logits");
-    // f32 on both sides, as in the forward parity tests.
-    assert_close("qwen3 logits with PEFT's adapter", &applied, &fx.f32("peft"), 1e-4, 1e-4);
-    let want = fx.f32("merged");
+    let merged_fx = fixtures().join(format!("peft_{kind}_merged_expected.safetensors"));
+    let (ids, want): (Vec<u32>, Vec<f32>) = if merged_fx.exists() {
+        let fx = Fixture::open(&format!("peft_{kind}_merged_expected.safetensors"));
+        let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+        let applied = model.all_logits_with(&ids, Some(&gpu)).expect("logits");
+        // f32 on both sides, as in the forward parity tests.
+        assert_close(&format!("{kind} logits with PEFT's adapter"), &applied, &fx.f32("peft"), 1e-4, 1e-4);
+        (ids, fx.f32("merged"))
+    } else {
+        // The adapter applied unmerged, which the gradient tests hold to PEFT's.
+        let ids: Vec<u32> =
+            Fixture::open(&format!("tiny_{kind}_expected.safetensors")).i64("ids").iter().map(|&i| i as u32).collect();
+        let applied = model.all_logits_with(&ids, Some(&gpu)).expect("logits");
+        (ids, applied)
+    };
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let moved = max_diff(&applied, &model.all_logits(&ids).expect("base logits"));
-    let out = std::env::temp_dir().join(format!("edgetune-merge-qwen3-{}", std::process::id()));
-    for (name, from) in [("folder", base.clone()), ("GGUF", fixtures().join("tiny_qwen3_bpe.gguf"))] {
+    let moved =
+        max_diff(&model.all_logits_with(&ids, Some(&gpu)).expect("logits"), &model.all_logits(&ids).expect("base"));
+    let out = std::env::temp_dir().join(format!("edgetune-merge-{kind}-{}", std::process::id()));
+    for (name, from) in [("folder", base.clone()), ("GGUF", fixtures().join(format!("tiny_{kind}_bpe.gguf")))] {
         let dir = out.join(name);
         merge(&from, &adapter, &dir, MergeDtype::F16).expect("merge");
         let merged = Model::open(ctx(), &dir, &opts).expect("merged folder loads");
-        assert!(merged.config.qk_norm && merged.config.head_dim == 32, "{name}: {:?}", merged.config);
+        let source = Model::open(ctx(), &from, &opts).expect("base loads");
+        assert_eq!(merged.config, source.config, "{name}: the merged config.json reads back as the base's config");
         let got = merged.all_logits(&ids).expect("logits");
         let want = if name == "folder" {
             want.clone()
         } else {
             // The GGUF base holds quantized blocks: compare with that base and the adapter unmerged.
-            let unmerged = Model::open(ctx(), &from, &opts).expect("GGUF loads");
-            unmerged.all_logits_with(&ids, Some(&GpuAdapter::upload(&unmerged.ctx, &adapter))).expect("logits")
+            source.all_logits_with(&ids, Some(&GpuAdapter::upload(&source.ctx, &adapter))).expect("logits")
         };
         // f16 weights: as in merged_adapters_give_the_adapted_logits, 16 eps of the logit scale.
         let d = max_diff(&got, &want);
-        eprintln!("{name}: merged logits differ by {d:e}; the adapter moves them by {moved}");
-        assert!(d <= 16.0 * 2f32.powi(-11) * scale, "{name}: merged logits differ by {d}");
+        eprintln!("{kind} {name}: merged logits differ by {d:e}; the adapter moves them by {moved}");
+        assert!(d <= 16.0 * 2f32.powi(-11) * scale, "{kind} {name}: merged logits differ by {d}");
         assert!(moved > 100.0 * d, "the adapter must matter for this test to mean anything");
     }
     let _ = std::fs::remove_dir_all(&out);

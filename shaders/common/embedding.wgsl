@@ -6,6 +6,10 @@ struct EmbeddingParams {
     dim: u32,
     row_start: u32,
     row_count: u32,
+    scale: f32,       // every row is multiplied by it (Gemma: sqrt(hidden size); else 1)
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 const NO_ROW: u32 = 0xFFFFFFFFu;

@@ -125,6 +125,7 @@ shaders! {
     RMS_NORM = "rms_norm";
     ROPE = "rope";
     SILU_MUL = "silu_mul";
+    GELU_MUL = "gelu_mul";
     ADD = "add";
     DROPOUT = "dropout";
     F16_PACK = "f16_pack";
@@ -149,6 +150,7 @@ shaders! {
     RMS_NORM_BACKWARD = "rms_norm_backward";
     ROPE_BACKWARD = "rope_backward";
     SILU_MUL_BACKWARD = "silu_mul_backward";
+    GELU_MUL_BACKWARD = "gelu_mul_backward";
     ATTENTION_BACKWARD_Q = "attention_backward_q";
     ATTENTION_BACKWARD_KV = "attention_backward_kv";
     MATMUL_SPLIT_REDUCE = "matmul_split_reduce";
@@ -389,14 +391,15 @@ macro_rules! params {
 }
 
 params!(/// `embedding.wgsl`
-    EmbeddingParams { n_tokens: u32, dim: u32, row_start: u32, row_count: u32 } = 16);
+    EmbeddingParams { n_tokens: u32, dim: u32, row_start: u32, row_count: u32, scale: f32, _pad0: u32, _pad1: u32,
+        _pad2: u32 } = 32);
 params!(/// `rms_norm.wgsl`
     RmsNormParams { n_rows: u32, dim: u32, eps: f32, _pad: u32 } = 16);
 params!(/// `rope.wgsl`
     RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32 } = 16);
 params!(/// `dropout.wgsl`
     DropoutParams { n: u32, seed: u32, threshold: u32, scale: f32 } = 16);
-params!(/// `silu_mul.wgsl` and `add.wgsl`
+params!(/// `silu_mul.wgsl`, `gelu_mul.wgsl` and `add.wgsl`
     ElementwiseParams { n: u32, _pad0: u32, _pad1: u32, _pad2: u32 } = 16);
 params!(/// `cross_entropy.wgsl` and `cross_entropy_backward.wgsl`
     CrossEntropyParams { n_rows: u32, vocab: u32, grad_scale: f32, _pad: u32 } = 16);

@@ -143,11 +143,22 @@ QWEN3_STYLE_TEMPLATE = (
 )
 
 
-def tiny_model(kind, tok):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+# Gemma's turn markers (written for these fixtures): `model` for the assistant's role, the system
+# message folded into the first user turn.
+GEMMA_STYLE_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set first = messages[0]['content'] + '\n\n' %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set first = '' %}{%- set loop_messages = messages %}"
+    "{%- endif %}{%- for m in loop_messages %}{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + m['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{%- endif %}"
+)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3}[kind])
+
+def tiny_model(kind, tok):
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4}[kind])
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -164,6 +175,17 @@ def tiny_model(kind, tok):
         # fixtures' sequences, so that every layer's attention differs from full attention.
         cfg = MistralConfig(**common, sliding_window=4, rope_theta=10000.0, tie_word_embeddings=False)
         model = MistralForCausalLM(cfg)
+    elif kind == "gemma3":
+        # Gemma 3: six layers so that llama.cpp's fixed pattern (every sixth layer global)
+        # holds; a window of 4; a query scale of 1 / sqrt(24), not 1 / sqrt(head_dim); linear
+        # RoPE scaling on the global layer only, base 10000 on the sliding ones.
+        cfg = Gemma3TextConfig(**{**common, "num_hidden_layers": 6}, head_dim=32, query_pre_attn_scalar=24,
+                               sliding_window=4, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 1000000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                               tie_word_embeddings=True)
+        model = Gemma3ForCausalLM(cfg)
     else:
         # Qwen3: per-head RMSNorm of q and k, no q/k/v biases, and heads wider than hidden / heads
         # (as Qwen3-0.6B's 16 heads of 128 over a hidden size of 1024).
@@ -177,6 +199,8 @@ def tiny_model(kind, tok):
                 p.normal_(0, 0.08)
             elif "bias" in n:
                 p.normal_(0, 0.1)
+            elif kind == "gemma3":
+                p.copy_(0.1 * torch.randn_like(p))  # Gemma's norms scale by 1 + w
             else:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     model.eval()
@@ -185,7 +209,7 @@ def tiny_model(kind, tok):
     model.save_pretrained(d, safe_serialization=True)
     shutil.copy(os.path.join(OUT, "tiny_tokenizer.json"), os.path.join(d, "tokenizer.json"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        template = QWEN3_STYLE_TEMPLATE if kind == "qwen3" else CHAT_TEMPLATE
+        template = {"qwen3": QWEN3_STYLE_TEMPLATE, "gemma3": GEMMA_STYLE_TEMPLATE}.get(kind, CHAT_TEMPLATE)
         json.dump({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": None}, f, indent=1)
     ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
     x = torch.tensor([ids])
@@ -222,7 +246,9 @@ def tiny_model(kind, tok):
 
 def _write_gguf(path, arch, model, tok_meta, types, permute):
     """Writes a transformers model as a GGUF file the way llama.cpp's converter does: HF tensor
-    names mapped to GGUF names, q/k rows permuted for llama, weights quantized per `types`."""
+    names mapped to GGUF names, q/k rows permuted for llama, weights quantized per `types`;
+    for gemma3, norm weights stored as the 1 + w they scale by, the sliding window and the
+    global layers' RoPE scaling."""
     import gguf
     from gguf.quants import quantize
 
@@ -235,12 +261,22 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
+    if arch != "gemma3":
+        w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
+                             else cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head_dim != cfg.hidden_size // cfg.num_attention_heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    gemma = arch == "gemma3"
+    if gemma:
+        w.add_sliding_window(cfg.sliding_window)
+        full = cfg.rope_parameters["full_attention"]
+        w.add_rope_freq_base(float(full["rope_theta"]))
+        if full.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(full["factor"]))
     tok_meta(w)
     names = {
         "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -252,6 +288,9 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     }
+    if arch == "gemma3":
+        sub.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                    "post_feedforward_layernorm": "post_ffw_norm"})
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
 
     def perm(x, n):
@@ -267,6 +306,8 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
             module, kind = rest.rsplit(".", 1)
             g = f"blk.{layer}.{sub[module]}.{kind}"
         x = t.float().numpy()
+        if gemma and g.endswith("norm.weight"):
+            x = x + 1.0
         if permute and (".attn_q." in g or ".attn_k." in g):
             x = perm(x, nh if ".attn_q." in g else nkv)
         kind = g.split(".")[-2] if g.startswith("blk.") else g.split(".")[0]
@@ -493,6 +534,90 @@ def mistral_fixtures():
     peft_fixture("mistral")
 
 
+def gemma3_fixtures():
+    """Gemma 3 (text): the tiny model's logits from transformers (f32 and NF4), PEFT's adapter
+    and gradients, the Gemma-style chat template rendered by transformers, and the model as a
+    GGUF file written as llama.cpp's converter writes it. llama.cpp reads gemma3 files with a
+    query scale of 1 / sqrt(key_length) (there is no key for query_pre_attn_scalar), so the
+    GGUF's expected logits are transformers' with query_pre_attn_scalar = head_dim, on the
+    file's tensors dequantized by gguf-py (norms back to w)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+    from gguf.quants import dequantize
+    import gguf
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    tiny_model("gemma3", tok)
+    peft_fixture("gemma3")
+    d = os.path.join(OUT, "tiny_gemma3")
+    model = Gemma3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
+    vocab = tj["model"]["vocab"]
+    for t in tj["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    btokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        btokens[i] = t
+    specials = {t["content"] for t in tj["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+
+    def bpe_meta(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(btokens)
+        w.add_token_types([3 if t in specials else 1 for t in btokens])
+        w.add_token_merges(merges)
+        w.add_eos_token_id(vocab["<|im_end|>"])
+        w.add_chat_template(GEMMA_STYLE_TEMPLATE)
+
+    T = gguf.GGMLQuantizationType
+    types = {"token_embd": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.Q4_1, "attn_output": T.F16,
+             "ffn_gate": T.Q8_0, "ffn_up": T.Q4_0, "ffn_down": T.Q4_1}
+    path = os.path.join(OUT, "tiny_gemma3_bpe.gguf")
+    _write_gguf(path, "gemma3", model, bpe_meta, types, permute=False)
+    back = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    sub = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+           "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+           "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+    state = {}
+    for t in gguf.GGUFReader(path).tensors:
+        x = dequantize(t.data, t.tensor_type).reshape([int(v) for v in reversed(t.shape)])
+        if t.name.endswith("norm.weight"):
+            x = x - 1.0
+        if t.name in back:
+            name = back[t.name]
+        else:
+            _, layer, module, kind = t.name.split(".")
+            name = f"model.layers.{layer}.{sub[module]}.{kind}"
+        state[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    as_llama_cpp = type(model.config)(**{**model.config.to_dict(), "query_pre_attn_scalar": model.config.head_dim})
+    gmodel = Gemma3ForCausalLM(as_llama_cpp)
+    gmodel.load_state_dict(state, strict=True)
+    gmodel.eval()
+    ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
+    with torch.no_grad():
+        glogits = gmodel(torch.tensor([ids])).logits[0].numpy()
+    save_file({"logits": glogits, "ids": np.array(ids, dtype=np.int64)},
+              os.path.join(OUT, "tiny_gemma3_bpe_expected.safetensors"))
+
+    ht = AutoTokenizer.from_pretrained(d)
+    convs = [
+        [{"role": "user", "content": "Where is the lighthouse?"}],
+        [{"role": "system", "content": "You are Juniper."}, {"role": "user", "content": " Name? "},
+         {"role": "assistant", "content": "Juniper."}, {"role": "user", "content": "And your job?"}],
+    ]
+    cases = []
+    for c in convs:
+        for gen in (False, True):
+            cases.append({"messages": c, "add_generation_prompt": gen,
+                          "text": ht.apply_chat_template(c, tokenize=False, add_generation_prompt=gen)})
+    with open(os.path.join(OUT, "gemma3_chat_template_expected.json"), "w") as fh:
+        json.dump(cases, fh, indent=1, ensure_ascii=False)
+
+
 def hf_variants_fixture():
     """The tiny llama saved as sharded bf16 safetensors (with model.safetensors.index.json), and
     the inverse RoPE frequencies transformers computes for llama3-style rope scaling."""
@@ -700,6 +825,7 @@ def main():
         "edgetune_export": edgetune_export_fixture,
         "qwen3": qwen3_fixtures,
         "mistral": mistral_fixtures,
+        "gemma3": gemma3_fixtures,
     }
     for name, fn in steps.items():
         if a.only in (None, name):

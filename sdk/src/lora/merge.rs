@@ -72,7 +72,11 @@ fn tensor_list(c: &ModelConfig, has_lm_head: bool) -> Vec<TensorSpec> {
             out.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim], None));
             out.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim], None));
         }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], None));
+        out.push((format!("{p}.{}.weight", c.mlp_norm_name()), vec![h], None));
+        if c.sandwich_norms {
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], None));
+            out.push((format!("{p}.post_feedforward_layernorm.weight"), vec![h], None));
+        }
     }
     out.push(("model.norm.weight".to_string(), vec![h], None));
     if has_lm_head {
@@ -88,6 +92,7 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
         Arch::Mistral => "MistralForCausalLM",
         Arch::Qwen2 => "Qwen2ForCausalLM",
         Arch::Qwen3 => "Qwen3ForCausalLM",
+        Arch::Gemma3 => "Gemma3ForCausalLM",
     };
     let mut j = json!({
         "architectures": [class],
@@ -115,8 +120,26 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
     if c.arch == Arch::Qwen3 {
         j["attention_bias"] = json!(c.qkv_bias);
     }
+    if c.arch == Arch::Gemma3 {
+        j["hidden_activation"] = json!("gelu_pytorch_tanh");
+        j["query_pre_attn_scalar"] = json!((1.0 / f64::from(c.query_scale).powi(2)).round());
+        j["attention_bias"] = json!(false);
+    }
+    match &c.sliding_rope {
+        None => {}
+        // transformers reads Gemma 3's local RoPE base from this key (its configs before
+        // `rope_parameters`); edgetune reads either.
+        Some((theta, None)) => j["rope_local_base_freq"] = json!(theta),
+        Some((_, Some(_))) => {
+            return Err(Error::invalid("merge", "a scaled RoPE on the sliding-window layers cannot be written"));
+        }
+    }
     if let Some(w) = c.sliding_window {
         j["sliding_window"] = json!(w);
+        let types: Vec<&str> = (0..c.num_layers)
+            .map(|l| if c.layer_window(l).is_some() { "sliding_attention" } else { "full_attention" })
+            .collect();
+        j["layer_types"] = json!(types);
     }
     match &c.rope_scaling {
         None => {}

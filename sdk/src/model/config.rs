@@ -20,6 +20,19 @@ pub enum Arch {
     /// Qwen3, dense (a Llama with an RMSNorm over each head of q and k before RoPE, and heads
     /// that need not add up to the hidden size).
     Qwen3,
+    /// Gemma 3, text (`gemma3_text`): embeddings scaled by sqrt(hidden), (1 + w) norms, norms
+    /// before and after attention and the MLP, q/k norms, GeGLU, its own query scale, and
+    /// sliding-window layers with a RoPE base of their own.
+    Gemma3,
+}
+
+/// The gate's activation in the MLP: act(gate) * up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Activation {
+    /// SiLU (SwiGLU): Llama, Mistral, Qwen.
+    Silu,
+    /// GELU, tanh approximation (GeGLU, `gelu_pytorch_tanh`): Gemma.
+    GeluTanh,
 }
 
 impl Arch {
@@ -30,6 +43,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
 
@@ -40,6 +54,7 @@ impl Arch {
             Arch::Llama | Arch::Mistral => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -117,6 +132,21 @@ pub struct ModelConfig {
     /// Which layers attend within `sliding_window` (one flag a layer; every layer when the
     /// configuration names a window and no `layer_types`).
     pub window_layers: Vec<bool>,
+    /// RoPE of the sliding-window layers where it differs from the others' (Gemma 3: base
+    /// 10000, unscaled): its base and scaling.
+    pub sliding_rope: Option<(f32, Option<RopeScaling>)>,
+    /// The gate's activation.
+    pub hidden_act: Activation,
+    /// What q . k is multiplied by: 1 / sqrt(head_dim), or Gemma's 1 / sqrt(query_pre_attn_scalar).
+    pub query_scale: f32,
+    /// What the embedding rows are multiplied by on the way in (Gemma: sqrt(hidden_size); else 1).
+    pub embedding_scale: f32,
+    /// Added to every RMSNorm weight (Gemma's norms scale by 1 + w: 1; else 0).
+    pub norm_offset: f32,
+    /// Norms after attention and after the MLP too, before each is added to the residual stream
+    /// (Gemma's `post_attention_layernorm` and `post_feedforward_layernorm`; its pre-MLP norm is
+    /// `pre_feedforward_layernorm`).
+    pub sandwich_norms: bool,
 }
 
 fn field<'a>(j: &'a Json, key: &str) -> Option<&'a Json> {
@@ -143,6 +173,23 @@ impl ModelConfig {
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma3_text" => Arch::Gemma3,
+            "gemma3" => {
+                return Err(Error::unsupported(
+                    path,
+                    "Gemma 3's multimodal checkpoints (model_type `gemma3`, a vision tower with a text model); \
+                     edgetune trains the text-only models (model_type `gemma3_text`, such as gemma-3-1b)",
+                ));
+            }
+            "gemma" | "gemma2" => {
+                return Err(Error::unsupported(
+                    path,
+                    format!(
+                        "architecture `{model_type}` (model_type): Gemma 1 and 2 (logit soft-capping) are not \
+                         supported; Gemma 3 text models are"
+                    ),
+                ));
+            }
             "qwen3_moe" => {
                 return Err(Error::unsupported(
                     path,
@@ -154,7 +201,9 @@ impl ModelConfig {
                 let name = if other.is_empty() { archs.join(",") } else { other.to_string() };
                 return Err(Error::unsupported(
                     path,
-                    format!("architecture `{name}` (model_type); edgetune supports llama, mistral, qwen2, qwen3"),
+                    format!(
+                        "architecture `{name}` (model_type); edgetune supports llama, mistral, qwen2, qwen3, gemma3_text"
+                    ),
                 ));
             }
         };
@@ -163,16 +212,58 @@ impl ModelConfig {
         let num_kv_heads = field(&j, "num_key_value_heads").and_then(Json::as_u64).map_or(num_heads, |v| v as usize);
         let head_dim =
             field(&j, "head_dim").and_then(Json::as_u64).map_or(hidden_size / num_heads.max(1), |v| v as usize);
-        // transformers 5 may nest rope_theta and the scaling inside `rope_parameters`.
+        // transformers 5 may nest rope_theta and the scaling inside `rope_parameters`, and for
+        // models whose layer types differ (Gemma 3), one set per type.
         let rope_params = field(&j, "rope_parameters");
+        let (full_rope, sliding_rope_json) = match rope_params.and_then(|r| field(r, "full_attention")) {
+            Some(full) => (Some(full), rope_params.and_then(|r| field(r, "sliding_attention"))),
+            None => (rope_params, None),
+        };
         let rope_theta = field(&j, "rope_theta")
-            .or_else(|| rope_params.and_then(|r| field(r, "rope_theta")))
+            .or_else(|| full_rope.and_then(|r| field(r, "rope_theta")))
             .and_then(Json::as_f64)
             .unwrap_or(10000.0) as f32;
-        let scaling_json = field(&j, "rope_scaling").or(rope_params);
+        let scaling_json = field(&j, "rope_scaling").or(full_rope);
         let rope_scaling = match scaling_json {
             Some(s) => parse_hf_rope_scaling(path, s)?,
             None => None,
+        };
+        let sliding_rope = match sliding_rope_json {
+            Some(s) => Some((
+                field(s, "rope_theta").and_then(Json::as_f64).unwrap_or(10000.0) as f32,
+                parse_hf_rope_scaling(path, s)?,
+            )),
+            // transformers 4's Gemma 3 configs: `rope_local_base_freq`, unscaled.
+            None => field(&j, "rope_local_base_freq").and_then(Json::as_f64).map(|b| (b as f32, None)),
+        };
+        let gemma = arch == Arch::Gemma3;
+        for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if field(&j, key).is_some() {
+                return Err(Error::unsupported(path, format!("`{key}` (logit soft-capping)")));
+            }
+        }
+        if field(&j, "use_bidirectional_attention").and_then(Json::as_bool) == Some(true) {
+            return Err(Error::unsupported(
+                path,
+                "`use_bidirectional_attention: true` (an embedding model, not a causal language model)",
+            ));
+        }
+        let hidden_act = match field(&j, "hidden_activation").or_else(|| field(&j, "hidden_act")).and_then(Json::as_str)
+        {
+            None if gemma => Activation::GeluTanh,
+            None | Some("silu" | "swish") => Activation::Silu,
+            Some("gelu_pytorch_tanh" | "gelu_tanh") => Activation::GeluTanh,
+            Some(other) => {
+                return Err(Error::unsupported(
+                    path,
+                    format!("activation `{other}`; edgetune supports silu and gelu_pytorch_tanh"),
+                ));
+            }
+        };
+        let query_scale = match field(&j, "query_pre_attn_scalar").and_then(Json::as_f64) {
+            Some(s) if gemma => (1.0 / s.sqrt()) as f32,
+            None if gemma => 1.0 / 16.0, // transformers' default query_pre_attn_scalar, 256
+            _ => 1.0 / (head_dim as f32).sqrt(),
         };
         let eos_token_ids = match field(&j, "eos_token_id") {
             Some(Json::Array(a)) => a.iter().filter_map(Json::as_u64).map(|v| v as u32).collect(),
@@ -200,13 +291,20 @@ impl ModelConfig {
             rope_scaling,
             max_position_embeddings: field(&j, "max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096)
                 as usize,
-            tie_word_embeddings: field(&j, "tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
+            // Gemma ties its head to the embeddings unless it says otherwise.
+            tie_word_embeddings: field(&j, "tie_word_embeddings").and_then(Json::as_bool).unwrap_or(gemma),
             qkv_bias: arch == Arch::Qwen2 || field(&j, "attention_bias").and_then(Json::as_bool).unwrap_or(false),
             bos_token_id: field(&j, "bos_token_id").and_then(Json::as_u64).map(|v| v as u32),
             eos_token_ids,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             sliding_window,
             window_layers,
+            sliding_rope,
+            hidden_act,
+            query_scale,
+            embedding_scale: if gemma { (hidden_size as f64).sqrt() as f32 } else { 1.0 },
+            norm_offset: if gemma { 1.0 } else { 0.0 },
+            sandwich_norms: gemma,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -220,6 +318,7 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
             "qwen3moe" => {
                 return Err(Error::unsupported(
                     path,
@@ -230,7 +329,8 @@ impl ModelConfig {
                 return Err(Error::unsupported(
                     path,
                     format!(
-                        "architecture `{other}` (general.architecture); edgetune reads llama, qwen2 and qwen3 GGUF files"
+                        "architecture `{other}` (general.architecture); edgetune reads llama, qwen2, qwen3 and gemma3 \
+                         GGUF files"
                     ),
                 ));
             }
@@ -274,11 +374,29 @@ impl ModelConfig {
             rope_scaling = Some(RopeScaling::Factors(f));
         }
         let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
+        let num_layers = u("block_count")?;
+        let gemma = arch == Arch::Gemma3;
+        // As llama.cpp reads gemma3 files: every sixth layer attends to everything, the others
+        // within `attention.sliding_window` with an unscaled RoPE base of 10000; the query
+        // scale is 1 / sqrt(key_length), except for the 27B (62 layers), where it is
+        // 1 / sqrt(hidden / heads).
+        let sliding_window = match gemma {
+            true => g.get(&key("attention.sliding_window")).and_then(Value::as_u64).map(|v| v as usize),
+            false => None,
+        };
+        let window_layers = match sliding_window {
+            Some(_) => (0..num_layers).map(|l| (l + 1) % 6 != 0).collect(),
+            None => vec![false; num_layers],
+        };
+        let query_scale = match (gemma, num_layers) {
+            (true, 62) => 1.0 / ((hidden_size / num_heads.max(1)) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
         let cfg = ModelConfig {
             arch,
             hidden_size,
             intermediate_size: u("feed_forward_length")?,
-            num_layers: u("block_count")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -290,14 +408,26 @@ impl ModelConfig {
             max_position_embeddings: u("context_length").unwrap_or(4096),
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             bos_token_id: g.get("tokenizer.ggml.bos_token_id").and_then(Value::as_u64).map(|v| v as u32),
             eos_token_ids: eos.into_iter().collect(),
-            sliding_window: None,
-            window_layers: Vec::new(),
+            sliding_window,
+            window_layers,
+            sliding_rope: gemma.then_some((10000.0, None)),
+            hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            query_scale,
+            embedding_scale: if gemma { (hidden_size as f64).sqrt() as f32 } else { 1.0 },
+            norm_offset: if gemma { 1.0 } else { 0.0 },
+            sandwich_norms: gemma,
         };
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// The Hugging Face name of the norm before the MLP: Llama's `post_attention_layernorm`,
+    /// Gemma's `pre_feedforward_layernorm` (its `post_attention_layernorm` follows attention).
+    pub fn mlp_norm_name(&self) -> &'static str {
+        if self.sandwich_norms { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }
     }
 
     /// The attention window of layer `l`, if it has one.
@@ -362,10 +492,19 @@ impl ModelConfig {
     /// Inverse RoPE frequencies (`head_dim / 2` values) with any scaling applied, as
     /// transformers computes them.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
+        self.inv_freq(self.rope_theta, self.rope_scaling.as_ref())
+    }
+
+    /// [`ModelConfig::rope_inv_freq`] of the sliding-window layers, where their RoPE differs.
+    pub fn sliding_rope_inv_freq(&self) -> Option<Vec<f32>> {
+        self.sliding_rope.as_ref().map(|(theta, scaling)| self.inv_freq(*theta, scaling.as_ref()))
+    }
+
+    fn inv_freq(&self, theta: f32, scaling: Option<&RopeScaling>) -> Vec<f32> {
         let half = self.head_dim / 2;
         let base: Vec<f64> =
-            (0..half).map(|i| 1.0 / f64::from(self.rope_theta).powf((2 * i) as f64 / self.head_dim as f64)).collect();
-        let scaled: Vec<f64> = match &self.rope_scaling {
+            (0..half).map(|i| 1.0 / f64::from(theta).powf((2 * i) as f64 / self.head_dim as f64)).collect();
+        let scaled: Vec<f64> = match scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / f64::from(*factor)).collect(),
             Some(RopeScaling::Factors(fs)) => base.iter().zip(fs).map(|(f, d)| f / f64::from(*d)).collect(),
@@ -404,7 +543,8 @@ impl ModelConfig {
         let o = self.num_heads * hd * h;
         let bias = if self.qkv_bias { (self.num_heads + 2 * self.num_kv_heads) * hd } else { 0 };
         let qk_norm = if self.qk_norm { 2 * hd } else { 0 };
-        let layer = q + kv + o + bias + qk_norm + 3 * h * i + 2 * h;
+        let norms = if self.sandwich_norms { 4 * h } else { 2 * h };
+        let layer = q + kv + o + bias + qk_norm + 3 * h * i + norms;
         let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         self.num_layers * layer + emb + h
     }
@@ -434,6 +574,14 @@ fn hf_window_layers(path: &Path, j: &Json, arch: Arch, n: usize, windowed: bool)
                 )),
             })
             .collect();
+    }
+    if arch == Arch::Gemma3 {
+        // transformers 4's Gemma 3 configs: every `sliding_window_pattern`-th layer is global.
+        let pattern = field(j, "sliding_window_pattern")
+            .or_else(|| field(j, "_sliding_window_pattern"))
+            .and_then(Json::as_u64)
+            .map_or(6, |v| v.max(1) as usize);
+        return Ok((0..n).map(|l| (l + 1) % pattern != 0).collect());
     }
     if matches!(arch, Arch::Qwen2 | Arch::Qwen3) {
         let from = field(j, "max_window_layers").and_then(Json::as_u64).map_or(n, |v| v as usize);

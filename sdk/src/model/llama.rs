@@ -10,7 +10,7 @@ use crate::gpu::GpuContext;
 use crate::gpu::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
-use crate::model::config::ModelConfig;
+use crate::model::config::{Activation, ModelConfig};
 use crate::model::weights::WeightSource;
 use crate::prim::{FNV_OFFSET, fnv1a};
 use crate::quant::nf4;
@@ -91,6 +91,10 @@ pub(crate) struct Layer {
     pub(crate) qk_norm: Option<(wgpu::Buffer, wgpu::Buffer)>,
     pub(crate) o: Linear,
     pub(crate) ffn_norm: wgpu::Buffer,
+    /// Gemma's norms of the attention output and of the MLP output, before each joins the
+    /// residual stream.
+    pub(crate) post_attn_norm: Option<wgpu::Buffer>,
+    pub(crate) post_ffn_norm: Option<wgpu::Buffer>,
     pub(crate) gate: Linear,
     pub(crate) up: Linear,
     pub(crate) down: Linear,
@@ -181,6 +185,8 @@ pub struct Model {
     pub(crate) lm_head: Option<Table>,
     pub(crate) final_norm: wgpu::Buffer,
     pub(crate) cos_sin: wgpu::Buffer,
+    /// The RoPE table of the sliding-window layers, where their RoPE differs (Gemma 3).
+    pub(crate) cos_sin_sliding: Option<wgpu::Buffer>,
 }
 
 /// Per-sequence attention cache: keys and values of every past position, per layer, and the
@@ -246,6 +252,10 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) k_raw: &'a wgpu::Buffer,
     pub(crate) v: &'a wgpu::Buffer,
     pub(crate) att: &'a wgpu::Buffer,
+    /// Where the o and down projections land before Gemma's norms after attention and the
+    /// MLP; unused otherwise.
+    pub(crate) attn_out: &'a wgpu::Buffer,
+    pub(crate) mlp_out: &'a wgpu::Buffer,
     pub(crate) stats: &'a wgpu::Buffer,
     pub(crate) proj: &'a wgpu::Buffer,
     pub(crate) gate: &'a wgpu::Buffer,
@@ -269,6 +279,10 @@ pub(crate) enum Stage {
     Qkv,
     /// The attention output and its softmax statistics.
     Attention,
+    /// The o projection's output, before the norm after attention (only with those norms).
+    AttnOut,
+    /// The down projection's output, before the norm after the MLP (only with those norms).
+    MlpOut,
     /// The residual stream after attention.
     Mid,
     /// The gate and up projections.
@@ -320,6 +334,13 @@ impl Uploader<'_> {
 
     fn vector(&mut self, name: &str, n: usize) -> Result<wgpu::Buffer> {
         let v = self.get(name, &[n])?;
+        self.buffer(name, &v)
+    }
+
+    /// An RMSNorm's weights as the kernel multiplies by them: w, or Gemma's 1 + w.
+    fn norm(&mut self, name: &str, n: usize) -> Result<wgpu::Buffer> {
+        let mut v = self.get(name, &[n])?;
+        v.iter_mut().for_each(|w| *w += self.cfg.norm_offset);
         self.buffer(name, &v)
     }
 
@@ -389,19 +410,27 @@ impl Model {
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                attn_norm: up.vector(&format!("{p}.input_layernorm.weight"), h)?,
+                attn_norm: up.norm(&format!("{p}.input_layernorm.weight"), h)?,
                 q: up.linear(&format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
                 k: up.linear(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
                 v: up.linear(&format!("{p}.self_attn.v_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
                 qk_norm: match c.qk_norm {
                     true => Some((
-                        up.vector(&format!("{p}.self_attn.q_norm.weight"), hd)?,
-                        up.vector(&format!("{p}.self_attn.k_norm.weight"), hd)?,
+                        up.norm(&format!("{p}.self_attn.q_norm.weight"), hd)?,
+                        up.norm(&format!("{p}.self_attn.k_norm.weight"), hd)?,
                     )),
                     false => None,
                 },
                 o: up.linear(&format!("{p}.self_attn.o_proj"), h, c.num_heads * hd, false)?,
-                ffn_norm: up.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                ffn_norm: up.norm(&format!("{p}.{}.weight", c.mlp_norm_name()), h)?,
+                post_attn_norm: match c.sandwich_norms {
+                    true => Some(up.norm(&format!("{p}.post_attention_layernorm.weight"), h)?),
+                    false => None,
+                },
+                post_ffn_norm: match c.sandwich_norms {
+                    true => Some(up.norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?),
+                    false => None,
+                },
                 gate: up.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, false)?,
                 up: up.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
                 down: up.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, false)?,
@@ -410,10 +439,13 @@ impl Model {
         let embed = up.table("model.embed_tokens.weight", c.vocab_size, h)?;
         let tied = c.tie_word_embeddings || !src.contains(c, "lm_head.weight");
         let lm_head = if tied { None } else { Some(up.table("lm_head.weight", c.vocab_size, h)?) };
-        let final_norm = up.vector("model.norm.weight", h)?;
+        let final_norm = up.norm("model.norm.weight", h)?;
         let max_context = opts.max_context.min(c.max_position_embeddings).max(1);
         let table = crate::prim::rope_table(&c.rope_inv_freq(), max_context);
         let cos_sin = ctx.storage_from("rope cos/sin", &table);
+        let cos_sin_sliding = c
+            .sliding_rope_inv_freq()
+            .map(|inv| ctx.storage_from("sliding rope cos/sin", &crate::prim::rope_table(&inv, max_context)));
         let weight_bytes = up.bytes;
         Ok(Model {
             fingerprint: up.hash,
@@ -427,6 +459,7 @@ impl Model {
             lm_head,
             final_norm,
             cos_sin,
+            cos_sin_sliding,
         })
     }
 
@@ -672,6 +705,7 @@ impl Model {
                     dim: h,
                     row_start: *start,
                     row_count: *rows,
+                    scale: c.embedding_scale,
                 },
             )?;
         }
@@ -688,6 +722,8 @@ impl Model {
                 k_raw: &a.k_raw,
                 v: &a.v,
                 att: &a.att,
+                attn_out: &a.proj,
+                mlp_out: &a.proj,
                 stats: &a.stats,
                 proj: &a.proj,
                 gate: &a.g,
@@ -745,8 +781,8 @@ impl Model {
             }
         }
         let rope = |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: b.positions };
-        launch::rope_forward(ctx, enc, b.q, &self.cos_sin, rope(c.num_heads))?;
-        launch::rope_forward(ctx, enc, b.k, &self.cos_sin, rope(c.num_kv_heads))?;
+        launch::rope_forward(ctx, enc, b.q, self.rope_table(l), rope(c.num_heads))?;
+        launch::rope_forward(ctx, enc, b.k, self.rope_table(l), rope(c.num_kv_heads))?;
         after(enc, Stage::Qkv)?;
         let (keys, values) = match b.kv_cache {
             Some((k_cache, v_cache, pos)) => {
@@ -764,6 +800,7 @@ impl Model {
             n_kv_heads: c.num_kv_heads,
             head_dim: hd,
             pos_offset: pos,
+            scale: c.query_scale,
         };
         launch::attention_forward(
             ctx,
@@ -772,12 +809,25 @@ impl Model {
             shape,
         )?;
         after(enc, Stage::Attention)?;
-        self.linear(enc, l, Module::OProj, lora, b.att, b.proj, b.lora_h, t, drop)?;
         let bytes = (t * h * 4) as u64;
+        let eps = c.rms_norm_eps;
+        let attn_out = match &layer.post_attn_norm {
+            Some(w) => {
+                self.linear(enc, l, Module::OProj, lora, b.att, b.attn_out, b.lora_h, t, drop)?;
+                after(enc, Stage::AttnOut)?;
+                let norm = launch::RmsNorm { x: b.attn_out, w, y: b.xn, n_rows: t, dim: h, eps };
+                launch::rms_norm_forward(ctx, enc, norm)?;
+                b.xn
+            }
+            None => {
+                self.linear(enc, l, Module::OProj, lora, b.att, b.proj, b.lora_h, t, drop)?;
+                b.proj
+            }
+        };
         if b.x_mid != b.x_in {
             enc.copy_buffer_to_buffer(b.x_in, 0, b.x_mid, 0, bytes);
         }
-        launch::add_forward(ctx, enc, b.proj, b.x_mid, t * h)?;
+        launch::add_forward(ctx, enc, attn_out, b.x_mid, t * h)?;
         after(enc, Stage::Mid)?;
         launch::rms_norm_forward(
             ctx,
@@ -787,12 +837,55 @@ impl Model {
         self.linear(enc, l, Module::GateProj, lora, b.xn, b.gate, b.lora_h, t, drop)?;
         self.linear(enc, l, Module::UpProj, lora, b.xn, b.up, b.lora_h, t, drop)?;
         after(enc, Stage::GateUp)?;
-        launch::silu_mul_forward(ctx, enc, b.gate, b.up, b.act, t * inter)?;
-        self.linear(enc, l, Module::DownProj, lora, b.act, b.proj, b.lora_h, t, drop)?;
+        self.gate_forward(enc, b.gate, b.up, b.act, t * inter)?;
+        let mlp_out = match &layer.post_ffn_norm {
+            Some(w) => {
+                self.linear(enc, l, Module::DownProj, lora, b.act, b.mlp_out, b.lora_h, t, drop)?;
+                after(enc, Stage::MlpOut)?;
+                let norm = launch::RmsNorm { x: b.mlp_out, w, y: b.xn, n_rows: t, dim: h, eps };
+                launch::rms_norm_forward(ctx, enc, norm)?;
+                b.xn
+            }
+            None => {
+                self.linear(enc, l, Module::DownProj, lora, b.act, b.proj, b.lora_h, t, drop)?;
+                b.proj
+            }
+        };
         if b.x_out != b.x_mid {
             enc.copy_buffer_to_buffer(b.x_mid, 0, b.x_out, 0, bytes);
         }
-        launch::add_forward(ctx, enc, b.proj, b.x_out, t * h)
+        launch::add_forward(ctx, enc, mlp_out, b.x_out, t * h)
+    }
+
+    /// The RoPE table of layer l: the sliding-window layers' own where they have one.
+    pub(crate) fn rope_table(&self, l: usize) -> &wgpu::Buffer {
+        match &self.cos_sin_sliding {
+            Some(sliding) if self.config.layer_window(l).is_some() => sliding,
+            _ => &self.cos_sin,
+        }
+    }
+
+    /// The MLP's gate: act(gate) * up with the model's activation.
+    pub(crate) fn gate_forward(
+        &self,
+        enc: &mut Encoder,
+        gate: &wgpu::Buffer,
+        up: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<()> {
+        match self.config.hidden_act {
+            Activation::Silu => launch::silu_mul_forward(&self.ctx, enc, gate, up, out, n),
+            Activation::GeluTanh => launch::gelu_mul_forward(&self.ctx, enc, gate, up, out, n),
+        }
+    }
+
+    /// The backward of [`Model::gate_forward`].
+    pub(crate) fn gate_backward(&self, enc: &mut Encoder, g: launch::SiluMulGrad<'_>) -> Result<()> {
+        match self.config.hidden_act {
+            Activation::Silu => launch::silu_mul_backward(&self.ctx, enc, g),
+            Activation::GeluTanh => launch::gelu_mul_backward(&self.ctx, enc, g),
+        }
     }
 
     /// Logits (rows, vocab) for `rows` hidden states starting at row `first` of `hidden`.

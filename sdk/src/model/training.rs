@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::gpu::launch::{self, AttentionGrads, AttentionIo, AttentionShape, DyCols, OutCols, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
+use crate::model::config::ModelConfig;
 use crate::model::llama::{BlockBuffers, Dropout, Model, Stage};
 
 /// A packed batch: samples laid end to end, each attending only to itself, with positions
@@ -152,15 +153,31 @@ struct LayerActs {
     /// (Qwen3); one float each otherwise.
     q_raw: wgpu::Buffer,
     k_raw: wgpu::Buffer,
+    /// The o and down projections' outputs (T, C) before Gemma's norms after attention and
+    /// the MLP; one float each otherwise.
+    attn_out: wgpu::Buffer,
+    mlp_out: wgpu::Buffer,
 }
 
 impl LayerActs {
-    /// The tensors other than `stats`, in the order of [`Model::act_sizes`]: q_raw and k_raw
-    /// only for a model with q/k norms.
-    fn tensors(&self, qk_norm: bool) -> Vec<&wgpu::Buffer> {
-        let mut all = vec![&self.q, &self.k, &self.v, &self.att, &self.x_mid, &self.gate, &self.up];
-        if qk_norm {
-            all.extend([&self.q_raw, &self.k_raw]);
+    /// The tensors other than `stats`, each with the stage after which it is complete, in the
+    /// order of [`Model::act_sizes`]: q_raw and k_raw only for a model with q/k norms,
+    /// attn_out and mlp_out only for one with norms after attention and the MLP.
+    fn tensors(&self, c: &ModelConfig) -> Vec<(Stage, &wgpu::Buffer)> {
+        let mut all = vec![
+            (Stage::Qkv, &self.q),
+            (Stage::Qkv, &self.k),
+            (Stage::Qkv, &self.v),
+            (Stage::Attention, &self.att),
+            (Stage::Mid, &self.x_mid),
+            (Stage::GateUp, &self.gate),
+            (Stage::GateUp, &self.up),
+        ];
+        if c.qk_norm {
+            all.extend([(Stage::QkRaw, &self.q_raw), (Stage::QkRaw, &self.k_raw)]);
+        }
+        if c.sandwich_norms {
+            all.extend([(Stage::AttnOut, &self.attn_out), (Stage::MlpOut, &self.mlp_out)]);
         }
         all
     }
@@ -248,7 +265,7 @@ impl Workspace {
 
     /// The first visible key of each token on layer l: within its sample, and within the
     /// window on a layer with one.
-    fn key_start_of(&self, c: &crate::model::config::ModelConfig, l: usize) -> &wgpu::Buffer {
+    fn key_start_of(&self, c: &ModelConfig, l: usize) -> &wgpu::Buffer {
         if c.layer_window(l).is_some() { &self.window_start } else { &self.key_start }
     }
 
@@ -285,6 +302,9 @@ impl Model {
         let mut sizes = vec![t * qd, t * kvd, t * kvd, t * qd, t * h, t * i, t * i];
         if c.qk_norm {
             sizes.extend([t * qd, t * kvd]);
+        }
+        if c.sandwich_norms {
+            sizes.extend([t * h, t * h]);
         }
         sizes
     }
@@ -339,6 +359,7 @@ impl Model {
             let (q, k, v, att, x_mid, gate, up) =
                 (sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6]);
             let raw = |label: &str, n: usize| if c.qk_norm { kept(label, n) } else { z(label, 1) };
+            let out = |label: &str| if c.sandwich_norms { kept(label, t * h) } else { z(label, 1) };
             LayerActs {
                 q: kept("q", q),
                 k: kept("k", k),
@@ -350,6 +371,8 @@ impl Model {
                 up: kept("up", up),
                 q_raw: raw("q before its norm", t * qd),
                 k_raw: raw("k before its norm", t * kvd),
+                attn_out: out("attention output before its norm"),
+                mlp_out: out("MLP output before its norm"),
             }
         };
         let n_f32 = if checkpointing || half { 1 } else { c.num_layers };
@@ -432,9 +455,9 @@ impl Model {
                 self.layer_forward(enc, ws, l, acts, None, x_in, &ws.x_tmp, lora, t, drop)?;
             } else if ws.half() {
                 let saved = &ws.saved[l];
-                let qk_norm = self.config.qk_norm;
-                for ((from, to), n) in
-                    saved.tensors(qk_norm).into_iter().zip(acts.tensors(qk_norm)).zip(self.act_sizes(t))
+                let c = &self.config;
+                for (((_, from), (_, to)), n) in
+                    saved.tensors(c).into_iter().zip(acts.tensors(c)).zip(self.act_sizes(t))
                 {
                     launch::f16_unpack(ctx, enc, from, to, n)?;
                 }
@@ -527,6 +550,7 @@ impl Model {
                     dim: h,
                     row_start: *start,
                     row_count: *rows,
+                    scale: c.embedding_scale,
                 },
             )?;
         }
@@ -555,6 +579,7 @@ impl Model {
             n_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             pos_offset: 0,
+            scale: c.query_scale,
         }
     }
 
@@ -587,6 +612,8 @@ impl Model {
             k_raw: &a.k_raw,
             v: &a.v,
             att: &a.att,
+            attn_out: &a.attn_out,
+            mlp_out: &a.mlp_out,
             stats: &a.stats,
             proj: &ws.proj,
             gate: &a.gate,
@@ -597,22 +624,18 @@ impl Model {
             key_start: ws.key_start_of(&self.config, l),
             kv_cache: None,
         };
-        // Activation k of LayerActs::tensors, stored as f16 before anything overwrites it.
+        // The activations complete at `stage`, stored as f16 before anything reads or
+        // overwrites them.
+        let c = &self.config;
         let mut keep = |enc: &mut Encoder, stage: Stage| -> Result<()> {
             let Some(s) = save else { return Ok(()) };
-            let tensors: &[usize] = match stage {
-                Stage::QkRaw => &[7, 8],
-                Stage::Qkv => &[0, 1, 2],
-                Stage::Attention => {
-                    enc.copy_buffer_to_buffer(&a.stats, 0, &s.stats, 0, a.stats.size());
-                    &[3]
+            if stage == Stage::Attention {
+                enc.copy_buffer_to_buffer(&a.stats, 0, &s.stats, 0, a.stats.size());
+            }
+            for (((done, from), (_, to)), &n) in a.tensors(c).into_iter().zip(s.tensors(c)).zip(&sizes) {
+                if done == stage {
+                    launch::f16_pack(ctx, enc, from, to, n)?;
                 }
-                Stage::Mid => &[4],
-                Stage::GateUp => &[5, 6],
-            };
-            for &k in tensors {
-                let qk_norm = self.config.qk_norm;
-                launch::f16_pack(ctx, enc, a.tensors(qk_norm)[k], s.tensors(qk_norm)[k], sizes[k])?;
             }
             Ok(())
         };
@@ -869,11 +892,23 @@ impl Model {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let layer = &self.layers[l];
         let eps = c.rms_norm_eps;
+        // Through Gemma's norm after attention or the MLP (its weights frozen): the gradient of
+        // the projection's output, in d_xn (free until the projections before it write it).
+        let through_post_norm = |enc: &mut Encoder, norm: &Option<wgpu::Buffer>, out: &wgpu::Buffer| -> Result<()> {
+            if let Some(w) = norm {
+                enc.clear_buffer(&ws.d_xn, 0, Some((t * h * 4) as u64));
+                let g = launch::RmsNormGrad { x: out, w, dy: &ws.d_res, dx: &ws.d_xn, n_rows: t, dim: h, eps };
+                launch::rms_norm_backward(ctx, enc, g)?;
+            }
+            Ok(())
+        };
+        let post_grad = |norm: &Option<wgpu::Buffer>| if norm.is_some() { &ws.d_xn } else { &ws.d_res };
         // MLP.
-        launch::silu_mul_forward(ctx, enc, &a.gate, &a.up, &ws.act, t * i)?;
-        self.linear_backward(enc, ws, l, Module::DownProj, lora, grads, &ws.act, &ws.d_res, &ws.d_act, false, t, drop)?;
-        launch::silu_mul_backward(
-            ctx,
+        self.gate_forward(enc, &a.gate, &a.up, &ws.act, t * i)?;
+        through_post_norm(enc, &layer.post_ffn_norm, &a.mlp_out)?;
+        let d_down = post_grad(&layer.post_ffn_norm);
+        self.linear_backward(enc, ws, l, Module::DownProj, lora, grads, &ws.act, d_down, &ws.d_act, false, t, drop)?;
+        self.gate_backward(
             enc,
             launch::SiluMulGrad {
                 gate: &a.gate,
@@ -905,13 +940,15 @@ impl Model {
             },
         )?;
         // Attention.
-        self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, &ws.d_res, &ws.d_att, false, t, drop)?;
+        through_post_norm(enc, &layer.post_attn_norm, &a.attn_out)?;
+        let d_o = post_grad(&layer.post_attn_norm);
+        self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, d_o, &ws.d_att, false, t, drop)?;
         let key_start = ws.key_start_of(c, l);
         let fwd = AttentionIo { q: &a.q, k: &a.k, v: &a.v, key_start, out: &a.att, stats: &a.stats };
         let b = AttentionGrads { fwd, dout: &ws.d_att, dq: &ws.dq, dk: &ws.dk, dv: &ws.dv };
         launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
-        launch::rope_backward(ctx, enc, &ws.dq, &self.cos_sin, self.rope_shape(ws, t, c.num_heads))?;
-        launch::rope_backward(ctx, enc, &ws.dk, &self.cos_sin, self.rope_shape(ws, t, c.num_kv_heads))?;
+        launch::rope_backward(ctx, enc, &ws.dq, self.rope_table(l), self.rope_shape(ws, t, c.num_heads))?;
+        launch::rope_backward(ctx, enc, &ws.dk, self.rope_table(l), self.rope_shape(ws, t, c.num_kv_heads))?;
         // Through Qwen3's per-head norms (their weights frozen): the backward adds into its
         // output, so each starts from zero.
         let (dq, dk) = match &layer.qk_norm {

@@ -218,12 +218,17 @@ impl WeightSource {
                         data = unpermute_rows(&data, &shape, cfg.num_kv_heads);
                     }
                 }
+                // llama.cpp's converter stores Gemma's norm weights as the 1 + w they scale by;
+                // the Hugging Face value is w.
+                if cfg.norm_offset != 0.0 && name.ends_with("norm.weight") {
+                    data.iter_mut().for_each(|v| *v -= cfg.norm_offset);
+                }
                 (data, shape)
             }
             WeightSource::Random { seed, .. } => {
                 let n = expected.iter().product();
                 let data = if hf_name.ends_with("norm.weight") {
-                    vec![1.0; n]
+                    vec![1.0 - cfg.norm_offset; n]
                 } else {
                     let mut h = FNV_OFFSET;
                     fnv1a(&mut h, hf_name.as_bytes());
@@ -322,7 +327,10 @@ fn gguf_name(cfg: &ModelConfig, hf: &str) -> Option<String> {
     let (module, kind) = rest.rsplit_once('.')?;
     let g = match module {
         "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" if cfg.sandwich_norms => "post_attention_norm",
         "post_attention_layernorm" => "ffn_norm",
+        "pre_feedforward_layernorm" => "ffn_norm",
+        "post_feedforward_layernorm" => "post_ffw_norm",
         "self_attn.q_proj" => "attn_q",
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",

@@ -93,6 +93,20 @@ pub fn silu_mul_backward(gate: &[f32], up: &[f32], dout: &[f32]) -> (Vec<f32>, V
     (dgate, dup)
 }
 
+/// (dgate, dup) of out = gelu(gate) * up (tanh approximation), in f64.
+pub fn gelu_mul_backward(gate: &[f32], up: &[f32], dout: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let mut dgate = Vec::with_capacity(gate.len());
+    let mut dup = Vec::with_capacity(gate.len());
+    for ((&g, &u), &d) in gate.iter().zip(up).zip(dout) {
+        let (g, u, d) = (f64::from(g), f64::from(u), f64::from(d));
+        let t = (c * (g + 0.044715 * g * g * g)).tanh();
+        dup.push((d * super::gelu_tanh(g)) as f32);
+        dgate.push((d * u * (0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * g * g))) as f32);
+    }
+    (dgate, dup)
+}
+
 /// (dq, dk, dv) of causal GQA attention over a training batch (q, k, v all (T, ..), query t
 /// sees keys `key_start[t] ..= t`).
 #[allow(clippy::too_many_arguments)]

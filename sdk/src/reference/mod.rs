@@ -55,6 +55,16 @@ pub fn silu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect()
 }
 
+/// gelu(gate) * up with GELU's tanh approximation: gelu(g) = g / 2 * (1 + tanh(sqrt(2 / pi) *
+/// (g + 0.044715 g^3))), computed in f64.
+pub fn gelu_mul_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter().zip(up).map(|(&g, &u)| (gelu_tanh(f64::from(g)) * f64::from(u)) as f32).collect()
+}
+
+pub(crate) fn gelu_tanh(g: f64) -> f64 {
+    0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh())
+}
+
 /// The value an activation keeps when it is stored at half precision (`f16_pack.wgsl`): x
 /// rounded to the nearest f16 (ties to even), an infinity past 65504 (from 65520 on), NaN kept.
 pub fn round_to_f16(x: &mut [f32]) {

@@ -16,6 +16,9 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Position of the first query: keys before it come from the cache (0 for a training batch).
     pub pos_offset: usize,
+    /// What q . k is multiplied by before the softmax: 1 / sqrt(head_dim), or the model's own
+    /// (Gemma's 1 / sqrt(query_pre_attn_scalar)).
+    pub scale: f32,
 }
 
 fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
@@ -32,7 +35,7 @@ fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
         head_dim: u32_of(s.head_dim, "head_dim")?,
         pos_offset: u32_of(s.pos_offset, "position")?,
         kv_stride: u32_of(s.n_kv_heads * s.head_dim, "kv stride")?,
-        scale: 1.0 / (s.head_dim as f32).sqrt(),
+        scale: s.scale,
         _pad: 0,
     })
 }

@@ -1,4 +1,4 @@
-//! Embedding, RMS norm, RoPE, SwiGLU, residual add, dropout and f16 packing.
+//! Embedding, RMS norm, RoPE, SwiGLU and GeGLU, residual add, dropout and f16 packing.
 
 use super::*;
 
@@ -19,16 +19,21 @@ pub struct Embedding<'a> {
     pub row_start: usize,
     /// Rows in this chunk.
     pub row_count: usize,
+    /// What every row is multiplied by (1, or Gemma's sqrt(hidden size)).
+    pub scale: f32,
 }
 
-/// `out[t, :] = table[ids[t] - row_start, :]` for ids in `[row_start, row_start + row_count)`.
+/// `out[t, :] = table[ids[t] - row_start, :] * scale` for ids in `[row_start, row_start +
+/// row_count)`.
 pub fn embedding_forward(ctx: &GpuContext, enc: &mut Encoder, e: Embedding<'_>) -> Result<()> {
-    let Embedding { ids, table, out, n_tokens, dim, row_start, row_count } = e;
+    let Embedding { ids, table, out, n_tokens, dim, row_start, row_count, scale } = e;
     let p = EmbeddingParams {
         n_tokens: u32_of(n_tokens, "tokens")?,
         dim: u32_of(dim, "dim")?,
         row_start: u32_of(row_start, "row")?,
         row_count: u32_of(row_count, "rows")?,
+        scale,
+        ..Default::default()
     };
     let groups = [p.dim.div_ceil(64), p.n_tokens, 1];
     match table {
@@ -164,7 +169,20 @@ pub fn silu_mul_forward(
     ctx.dispatch(enc, &SILU_MUL, &p, &[gate, up, out], groups_1d(p.n.div_ceil(256)))
 }
 
-/// The backward of out = silu(gate) * up over n values.
+/// out = gelu(gate) * up over n values, GELU's tanh approximation (Gemma's GeGLU).
+pub fn gelu_mul_forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    gate: &wgpu::Buffer,
+    up: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    n: usize,
+) -> Result<()> {
+    let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+    ctx.dispatch(enc, &GELU_MUL, &p, &[gate, up, out], groups_1d(p.n.div_ceil(256)))
+}
+
+/// The backward of out = act(gate) * up over n values (SwiGLU's or GeGLU's).
 #[derive(Debug, Clone, Copy)]
 pub struct SiluMulGrad<'a> {
     /// The forward's gate input.
@@ -186,6 +204,13 @@ pub fn silu_mul_backward(ctx: &GpuContext, enc: &mut Encoder, g: SiluMulGrad<'_>
     let SiluMulGrad { gate, up, dout, dgate, dup, n } = g;
     let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
     ctx.dispatch(enc, &SILU_MUL_BACKWARD, &p, &[gate, up, dout, dgate, dup], groups_1d(p.n.div_ceil(256)))
+}
+
+/// dgate, dup of out = gelu(gate) * up (tanh approximation), given dout.
+pub fn gelu_mul_backward(ctx: &GpuContext, enc: &mut Encoder, g: SiluMulGrad<'_>) -> Result<()> {
+    let SiluMulGrad { gate, up, dout, dgate, dup, n } = g;
+    let p = ElementwiseParams { n: u32_of(n, "elements")?, ..Default::default() };
+    ctx.dispatch(enc, &GELU_MUL_BACKWARD, &p, &[gate, up, dout, dgate, dup], groups_1d(p.n.div_ceil(256)))
 }
 
 /// Inverted dropout in place over n values with keep probability 1 - p and the mask of
