@@ -88,6 +88,13 @@ fn gemma3_gguf_matches_transformers() {
     check_logits("tiny_gemma3_bpe");
 }
 
+/// Phi-3 as llama.cpp's converter writes it: `attn_qkv`, and the fused gate and up projection
+/// under `ffn_up`.
+#[test]
+fn phi3_gguf_with_fused_projections_matches_transformers() {
+    check_logits("tiny_phi3_bpe");
+}
+
 /// A chat template in Qwen3's style (a reversed scan with a namespace, `<think>` blocks split
 /// out with split/strip/lstrip, an empty think block on the answer after the last question),
 /// from the Hugging Face folder's tokenizer_config.json and from the GGUF file's

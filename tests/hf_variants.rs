@@ -133,3 +133,22 @@ fn gemma3_configs_of_both_transformers_generations_are_read_and_the_rest_refused
         assert!(e.contains("config.json") && e.contains(named), "{extra}: {e}");
     }
 }
+
+/// Phi-4-mini's RoPE on part of each head and Phi-3.5's longrope are refused by name (the
+/// Phi-3 architecture itself is read).
+#[test]
+fn phi3_rope_variants_edgetune_cannot_run_are_named() {
+    let p = std::path::Path::new("phi/config.json");
+    let base = r#""model_type":"phi3","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
+        "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":32"#;
+    let cfg = |extra: &str| ModelConfig::from_hf_json(p, &format!("{{{base}{extra}}}"));
+    let c = cfg("").expect("phi3");
+    assert!(c.fused_projections);
+    for (extra, named) in [
+        (r#","partial_rotary_factor":0.75"#, "partial_rotary_factor"),
+        (r#","rope_scaling":{"type":"longrope","short_factor":[1.0],"long_factor":[1.0]}"#, "longrope"),
+    ] {
+        let e = cfg(extra).expect_err(extra).to_string();
+        assert!(e.contains("config.json") && e.contains(named), "{extra}: {e}");
+    }
+}

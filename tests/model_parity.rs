@@ -99,6 +99,18 @@ fn tiny_mistral_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
     check("mistral", Quant::Nf4);
 }
 
+/// Phi-3: its fused qkv_proj and gate_up_proj split by rows on load (NF4 blocks of 64 values
+/// never straddle two parts, so the codes are bitsandbytes' of the fused matrix).
+#[test]
+fn tiny_phi3_f32_logits_match_transformers() {
+    check("phi3", Quant::None);
+}
+
+#[test]
+fn tiny_phi3_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("phi3", Quant::Nf4);
+}
+
 #[test]
 fn incremental_decoding_with_the_kv_cache_matches_a_full_forward() {
     decode_matches_full("llama");

@@ -76,7 +76,8 @@ fn one_step_on(ctx: Arc<GpuContext>, kind: &str) {
         peft::load(&fixtures().join(format!("peft_{kind}_adapter")), &model.config).expect("PEFT adapter loads");
     assert_eq!(adapter.layout.r, 4);
     let layers = model.config.num_layers;
-    assert_eq!(adapter.layout.slots.len(), 7 * layers, "all-linear on {layers} layers");
+    let per_layer = edgetune::lora::Module::adaptable(&model.config).len();
+    assert_eq!(adapter.layout.slots.len(), per_layer * layers, "all-linear on {layers} layers");
     assert_eq!(adapter.config.use_rslora, kind == "qwen2");
     let gpu = GpuAdapter::upload(&model.ctx, &adapter);
     let b = batch(&fx, "a");
@@ -134,6 +135,13 @@ fn mistral_sliding_window_lora_loss_and_gradients_match_peft() {
 #[test]
 fn gemma3_lora_loss_and_gradients_match_peft() {
     one_step("gemma3");
+}
+
+/// Phi-3: one adapter on the fused qkv_proj (its A shared by q, k and v, its B their rows) and
+/// one on gate_up_proj, as PEFT puts them.
+#[test]
+fn phi3_fused_projection_lora_loss_and_gradients_match_peft() {
+    one_step("phi3");
 }
 
 /// Qwen3: the gradients pass back through the per-head q/k norms to q_proj and k_proj.
@@ -220,6 +228,17 @@ fn qwen2_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
 #[test]
 fn gemma3_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("gemma3", true);
+}
+
+#[test]
+fn phi3_ten_step_adamw_curve_matches_peft() {
+    curve("phi3", false);
+}
+
+/// Phi-3's merge writes W + scale B A into the fused qkv_proj and gate_up_proj.
+#[test]
+fn phi3_merge_gives_the_adapted_logits() {
+    merged_logits("phi3");
 }
 
 #[test]
@@ -473,4 +492,31 @@ fn merged_logits(kind: &str) {
         assert!(moved > 100.0 * d, "the adapter must matter for this test to mean anything");
     }
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// On Phi-3 the adaptable modules are the fused ones: a list of names in any order lays the
+/// adapter out as "all-linear" does (the flat buffer's order is the model's, so checkpoints and
+/// imported files line up), and an unfused name is an error that lists what the model has.
+#[test]
+fn phi3_targets_are_its_fused_modules_in_one_order() {
+    use edgetune::lora::{LoraConfig, TargetModules};
+    let cfg = edgetune::model::open_weights(&fixtures().join("tiny_phi3")).expect("config").0;
+    let all = Layout::new(&cfg, &LoraConfig::default()).expect("all-linear");
+    let names = |n: &[&str]| TargetModules::Names(n.iter().map(|s| s.to_string()).collect());
+    let listed = LoraConfig {
+        target_modules: names(&["down_proj", "gate_up_proj", "qkv_proj", "self_attn.o_proj"]),
+        ..Default::default()
+    };
+    assert_eq!(Layout::new(&cfg, &listed).expect("listed"), all);
+    let names_of = |l: &Layout| l.slots.iter().take(4).map(|s| s.module.name()).collect::<Vec<_>>();
+    assert_eq!(names_of(&all), ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]);
+    let q = all.slot(0, edgetune::lora::Module::KProj).expect("k's share of qkv_proj");
+    let qkv = all.slots[0];
+    assert_eq!(
+        (q.a, q.b, q.n_out),
+        (qkv.a, qkv.b + all.r * cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+    );
+    let unfused = LoraConfig { target_modules: names(&["q_proj"]), ..Default::default() };
+    let e = Layout::new(&cfg, &unfused).expect_err("q_proj").to_string();
+    assert!(e.contains("q_proj") && e.contains("qkv_proj, o_proj, gate_up_proj, down_proj"), "{e}");
 }

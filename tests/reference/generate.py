@@ -156,9 +156,10 @@ GEMMA_STYLE_TEMPLATE = (
 
 def tiny_model(kind, tok):
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                              MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4}[kind])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4, "phi3": 5}[kind])
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -175,6 +176,10 @@ def tiny_model(kind, tok):
         # fixtures' sequences, so that every layer's attention differs from full attention.
         cfg = MistralConfig(**common, sliding_window=4, rope_theta=10000.0, tie_word_embeddings=False)
         model = MistralForCausalLM(cfg)
+    elif kind == "phi3":
+        # Phi-3: q, k and v fused into qkv_proj, gate and up into gate_up_proj.
+        cfg = Phi3Config(**common, rope_theta=10000.0, tie_word_embeddings=False)
+        model = Phi3ForCausalLM(cfg)
     elif kind == "gemma3":
         # Gemma 3: six layers so that llama.cpp's fixed pattern (every sixth layer global)
         # holds; a window of 4; a query scale of 1 / sqrt(24), not 1 / sqrt(head_dim); linear
@@ -277,6 +282,8 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
         if full.get("rope_type") == "linear":
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(full["factor"]))
+    if arch == "phi3":
+        w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     tok_meta(w)
     names = {
         "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -287,6 +294,7 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
         "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+        "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
     }
     if arch == "gemma3":
         sub.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
@@ -320,6 +328,37 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+GGUF_TO_HF = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+              "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+
+
+def _dequantized_state(path, sub=None, norm_offset=0.0):
+    """A GGUF file's tensors dequantized by gguf-py, under transformers' names (`sub` overrides
+    GGUF_TO_HF), norm weights less `norm_offset`, and a tied lm_head where there is no output
+    tensor: for transformers to run a file its own GGUF loader reads wrongly."""
+    import gguf
+    from gguf.quants import dequantize
+
+    names = {**GGUF_TO_HF, **(sub or {})}
+    back = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+    state = {}
+    for t in gguf.GGUFReader(path).tensors:
+        x = dequantize(t.data, t.tensor_type).reshape([int(v) for v in reversed(t.shape)])
+        if t.name.endswith("norm.weight"):
+            x = x - norm_offset
+        if t.name in back:
+            name = back[t.name]
+        else:
+            _, layer, module, kind = t.name.split(".")
+            name = f"model.layers.{layer}.{names[module]}.{kind}"
+        state[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    return state
 
 
 def tiny_gguf_fixtures():
@@ -470,24 +509,8 @@ def qwen3_fixtures():
     # transformers' GGUF loader takes Qwen3's head width from its config default (128), not from
     # `qwen3.attention.key_length`, so the file's tensors are dequantized with gguf-py and loaded
     # into the model by their transformers names instead.
-    from gguf.quants import dequantize
-    back = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
-    sub = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-           "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-           "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-    state = {}
-    for t in gguf.GGUFReader(path).tensors:
-        x = dequantize(t.data, t.tensor_type).reshape([int(v) for v in reversed(t.shape)])
-        if t.name in back:
-            name = back[t.name]
-        else:
-            _, layer, module, kind = t.name.split(".")
-            name = f"model.layers.{layer}.{sub[module]}.{kind}"
-        state[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    state["lm_head.weight"] = state["model.embed_tokens.weight"]
     gmodel = Qwen3ForCausalLM(qwen.config)
-    gmodel.load_state_dict(state, strict=True)
+    gmodel.load_state_dict(_dequantized_state(path), strict=True)
     gmodel.eval()
     ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
     with torch.no_grad():
@@ -575,24 +598,9 @@ def gemma3_fixtures():
              "ffn_gate": T.Q8_0, "ffn_up": T.Q4_0, "ffn_down": T.Q4_1}
     path = os.path.join(OUT, "tiny_gemma3_bpe.gguf")
     _write_gguf(path, "gemma3", model, bpe_meta, types, permute=False)
-    back = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
-    sub = {"attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-           "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-           "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-           "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
-    state = {}
-    for t in gguf.GGUFReader(path).tensors:
-        x = dequantize(t.data, t.tensor_type).reshape([int(v) for v in reversed(t.shape)])
-        if t.name.endswith("norm.weight"):
-            x = x - 1.0
-        if t.name in back:
-            name = back[t.name]
-        else:
-            _, layer, module, kind = t.name.split(".")
-            name = f"model.layers.{layer}.{sub[module]}.{kind}"
-        state[name] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    sub = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+           "post_ffw_norm": "post_feedforward_layernorm"}
+    state = _dequantized_state(path, sub, norm_offset=1.0)
     as_llama_cpp = type(model.config)(**{**model.config.to_dict(), "query_pre_attn_scalar": model.config.head_dim})
     gmodel = Gemma3ForCausalLM(as_llama_cpp)
     gmodel.load_state_dict(state, strict=True)
@@ -616,6 +624,57 @@ def gemma3_fixtures():
                           "text": ht.apply_chat_template(c, tokenize=False, add_generation_prompt=gen)})
     with open(os.path.join(OUT, "gemma3_chat_template_expected.json"), "w") as fh:
         json.dump(cases, fh, indent=1, ensure_ascii=False)
+
+
+def phi3_fixtures():
+    """Phi-3: the tiny model's logits from transformers (f32 and NF4), PEFT's adapter on the
+    fused qkv_proj and gate_up_proj and its gradients, and the model as a GGUF file written as
+    llama.cpp's converter writes phi3 (attn_qkv, and the fused gate and up under ffn_up), with
+    transformers' logits on it."""
+    from tokenizers import Tokenizer
+    from transformers import Phi3ForCausalLM
+    import gguf
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    tiny_model("phi3", tok)
+    peft_fixture("phi3")
+    d = os.path.join(OUT, "tiny_phi3")
+    model = Phi3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
+    vocab = tj["model"]["vocab"]
+    for t in tj["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    btokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        btokens[i] = t
+    specials = {t["content"] for t in tj["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+
+    def bpe_meta(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(btokens)
+        w.add_token_types([3 if t in specials else 1 for t in btokens])
+        w.add_token_merges(merges)
+        w.add_eos_token_id(vocab["<|im_end|>"])
+        w.add_chat_template(CHAT_TEMPLATE)
+
+    T = gguf.GGMLQuantizationType
+    types = {"token_embd": T.Q8_0, "output": T.Q8_0, "attn_qkv": T.Q4_0, "attn_output": T.F16, "ffn_up": T.Q8_0,
+             "ffn_down": T.Q4_1}
+    path = os.path.join(OUT, "tiny_phi3_bpe.gguf")
+    _write_gguf(path, "phi3", model, bpe_meta, types, permute=False)
+    # transformers' GGUF loader gives phi3 a padding id past this vocabulary: the file's tensors
+    # are dequantized with gguf-py and loaded by their transformers names instead.
+    gmodel = Phi3ForCausalLM(model.config)
+    sub = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+    gmodel.load_state_dict(_dequantized_state(path, sub), strict=True)
+    gmodel.eval()
+    ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
+    with torch.no_grad():
+        glogits = gmodel(torch.tensor([ids])).logits[0].numpy()
+    save_file({"logits": glogits, "ids": np.array(ids, dtype=np.int64)},
+              os.path.join(OUT, "tiny_phi3_bpe_expected.safetensors"))
 
 
 def hf_variants_fixture():
@@ -826,6 +885,7 @@ def main():
         "qwen3": qwen3_fixtures,
         "mistral": mistral_fixtures,
         "gemma3": gemma3_fixtures,
+        "phi3": phi3_fixtures,
     }
     for name, fn in steps.items():
         if a.only in (None, name):

@@ -32,6 +32,9 @@ pub fn module_name(m: Module) -> &'static str {
         Module::GateProj => "ffn_gate",
         Module::UpProj => "ffn_up",
         Module::DownProj => "ffn_down",
+        Module::QkvProj => "attn_qkv",
+        // llama.cpp's phi3 keeps the fused gate and up projection under the up projection's name.
+        Module::GateUpProj => "ffn_up",
     }
 }
 
@@ -124,7 +127,7 @@ pub fn load(path: &Path, model: &ModelConfig) -> Result<Adapter> {
     let mut present = BTreeSet::new();
     let mut rank = None;
     for (name, info) in &g.tensors {
-        let (layer, m, b) = parse_name(name).ok_or_else(|| {
+        let (layer, m, b) = parse_name(name, model).ok_or_else(|| {
             Error::unsupported(path, format!("tensor `{name}` (expected blk.N.<module>.weight.lora_a or .lora_b)"))
         })?;
         // A (r, n_in) and B (n_out, r): r is A's first dimension and B's second.
@@ -172,11 +175,11 @@ pub fn load(path: &Path, model: &ModelConfig) -> Result<Adapter> {
 }
 
 /// (layer, module, is_b) of `blk.N.<module>.weight.lora_a|lora_b`.
-fn parse_name(name: &str) -> Option<(usize, Module, bool)> {
+fn parse_name(name: &str, model: &ModelConfig) -> Option<(usize, Module, bool)> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, ab) = rest.split_once(".weight.lora_")?;
-    let m = Module::ALL.into_iter().find(|&m| module_name(m) == module)?;
+    let m = Module::adaptable(model).into_iter().find(|&m| module_name(m) == module)?;
     let b = match ab {
         "a" => false,
         "b" => true,

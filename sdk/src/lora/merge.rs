@@ -61,7 +61,7 @@ fn tensor_list(c: &ModelConfig, has_lm_head: bool) -> Vec<TensorSpec> {
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}");
         out.push((format!("{p}.input_layernorm.weight"), vec![h], None));
-        for m in Module::ALL {
+        for m in Module::adaptable(c) {
             let (n_out, n_in) = m.shape(c);
             out.push((format!("{p}.{}.{}.weight", m.parent(), m.name()), vec![n_out, n_in], Some((l, m))));
             if c.qkv_bias && matches!(m, Module::QProj | Module::KProj | Module::VProj) {
@@ -93,6 +93,7 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
         Arch::Qwen2 => "Qwen2ForCausalLM",
         Arch::Qwen3 => "Qwen3ForCausalLM",
         Arch::Gemma3 => "Gemma3ForCausalLM",
+        Arch::Phi3 => "Phi3ForCausalLM",
     };
     let mut j = json!({
         "architectures": [class],
@@ -355,7 +356,7 @@ pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType
     let mut merged = MergedGguf { tensors: 0, fell_back: 0 };
     for name in g.tensors.keys() {
         let (mut values, shape) = g.tensor_f32(name)?;
-        if let Some(s) = adapted(name).and_then(|(l, m)| adapter.layout.slot(l, m)) {
+        if let Some(s) = adapted(name, &cfg).and_then(|(l, m)| adapter.layout.slot(l, m)) {
             let a = &adapter.params[s.a..s.a + r * s.n_in];
             let mut b = adapter.params[s.b..s.b + s.n_out * r].to_vec();
             if shape != [s.n_out, s.n_in] {
@@ -387,10 +388,10 @@ pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType
 }
 
 /// (layer, module) of an adaptable GGUF weight (`blk.3.attn_q.weight`).
-fn adapted(name: &str) -> Option<(usize, Module)> {
+fn adapted(name: &str, cfg: &ModelConfig) -> Option<(usize, Module)> {
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let module = rest.strip_suffix(".weight")?;
-    let m = Module::ALL.into_iter().find(|&m| super::gguf::module_name(m) == module)?;
+    let m = Module::adaptable(cfg).into_iter().find(|&m| super::gguf::module_name(m) == module)?;
     Some((layer.parse().ok()?, m))
 }

@@ -40,6 +40,11 @@ pub enum Module {
     UpProj,
     /// The MLP's down projection (`mlp.down_proj`).
     DownProj,
+    /// Phi-3's fused query, key and value projection (`self_attn.qkv_proj`): one adapter whose
+    /// B holds q's rows, then k's, then v's.
+    QkvProj,
+    /// Phi-3's fused gate and up projection (`mlp.gate_up_proj`): gate's rows, then up's.
+    GateUpProj,
 }
 
 impl Module {
@@ -64,13 +69,15 @@ impl Module {
             Module::GateProj => "gate_proj",
             Module::UpProj => "up_proj",
             Module::DownProj => "down_proj",
+            Module::QkvProj => "qkv_proj",
+            Module::GateUpProj => "gate_up_proj",
         }
     }
 
     /// The parent in the checkpoint path (`self_attn` or `mlp`).
     pub fn parent(self) -> &'static str {
         match self {
-            Module::QProj | Module::KProj | Module::VProj | Module::OProj => "self_attn",
+            Module::QProj | Module::KProj | Module::VProj | Module::OProj | Module::QkvProj => "self_attn",
             _ => "mlp",
         }
     }
@@ -85,13 +92,54 @@ impl Module {
             Module::OProj => (h, qd),
             Module::GateProj | Module::UpProj => (i, h),
             Module::DownProj => (h, i),
+            Module::QkvProj => (qd + 2 * kvd, h),
+            Module::GateUpProj => (2 * i, h),
         }
     }
 
-    /// Its place in [`Module::ALL`].
+    /// Its place in [`Module::ALL`] (the fused modules come after).
     pub fn index(self) -> usize {
         self as usize
     }
+
+    /// The linear modules that carry adapters in a model: Phi-3 fuses q, k and v, and gate
+    /// and up, into one module each (as its checkpoints and PEFT do).
+    pub fn adaptable(model: &ModelConfig) -> Vec<Module> {
+        if model.fused_projections {
+            vec![Module::QkvProj, Module::OProj, Module::GateUpProj, Module::DownProj]
+        } else {
+            Module::ALL.to_vec()
+        }
+    }
+
+    /// The modules whose outputs a module's rows make, in order: itself, or the parts of a
+    /// fused one.
+    pub fn parts(self) -> &'static [Module] {
+        match self {
+            Module::QkvProj => &[Module::QProj, Module::KProj, Module::VProj],
+            Module::GateUpProj => &[Module::GateProj, Module::UpProj],
+            Module::QProj => &[Module::QProj],
+            Module::KProj => &[Module::KProj],
+            Module::VProj => &[Module::VProj],
+            Module::OProj => &[Module::OProj],
+            Module::GateProj => &[Module::GateProj],
+            Module::UpProj => &[Module::UpProj],
+            Module::DownProj => &[Module::DownProj],
+        }
+    }
+
+    /// Every module, the fused ones included.
+    pub const EVERY: [Module; 9] = [
+        Module::QProj,
+        Module::KProj,
+        Module::VProj,
+        Module::OProj,
+        Module::GateProj,
+        Module::UpProj,
+        Module::DownProj,
+        Module::QkvProj,
+        Module::GateUpProj,
+    ];
 }
 
 /// Which linear modules get an adapter.
@@ -176,17 +224,19 @@ impl LoraConfig {
         if problems.is_empty() { Ok(()) } else { Err(Error::invalid("LoRA config", problems.join("; "))) }
     }
 
-    /// The modules this configuration targets; an error names the targets that match nothing.
-    pub fn modules(&self) -> Result<Vec<Module>> {
+    /// The modules this configuration targets on `model` (see [`Module::adaptable`]); an error
+    /// names the targets that match nothing.
+    pub fn modules(&self, model: &ModelConfig) -> Result<Vec<Module>> {
+        let adaptable = Module::adaptable(model);
         match &self.target_modules {
-            TargetModules::Preset(_) => Ok(Module::ALL.to_vec()),
+            TargetModules::Preset(_) => Ok(adaptable),
             TargetModules::Names(names) => {
                 let mut out = Vec::new();
                 let mut unknown = Vec::new();
                 for n in names {
                     // PEFT matches a list entry against the end of the module path.
                     let last = n.rsplit('.').next().unwrap_or(n);
-                    match Module::ALL.iter().find(|m| m.name() == last) {
+                    match adaptable.iter().find(|m| m.name() == last) {
                         Some(m) if !out.contains(m) => out.push(*m),
                         Some(_) => {}
                         None => unknown.push(n.clone()),
@@ -197,11 +247,12 @@ impl LoraConfig {
                         "target_modules",
                         format!(
                             "{unknown:?} match no linear module of this model (it has {})",
-                            Module::ALL.map(Module::name).join(", ")
+                            adaptable.iter().map(|m| m.name()).collect::<Vec<_>>().join(", ")
                         ),
                     ));
                 }
-                out.sort();
+                // One order whatever the list's: the model's (the flat buffer's layout).
+                out.sort_by_key(|m| adaptable.iter().position(|a| a == m));
                 Ok(out)
             }
         }
@@ -213,8 +264,12 @@ impl LoraConfig {
 pub struct Slot {
     /// The decoder layer, from 0.
     pub layer: usize,
-    /// The linear module within it.
+    /// The linear module within it (one part of a fused module, for a slot from
+    /// [`Layout::slot`] of a part).
     pub module: Module,
+    /// The module that carries the adapter: `module` itself, or the fused module it is part of
+    /// (its A is shared by the parts, and its dropout mask).
+    pub group: Module,
     /// The module's input features (A's columns).
     pub n_in: usize,
     /// The module's output features (B's rows).
@@ -232,8 +287,9 @@ pub struct Layout {
     pub r: usize,
     /// Every adapted module, in buffer order.
     pub slots: Vec<Slot>,
-    /// `index[layer][module]` is the slot of that module, if adapted.
-    index: Vec<[Option<usize>; 7]>,
+    /// `index[layer][module]` is the slot of that module (or of the fused module it is part of),
+    /// the first of its rows in that slot's B and how many, if adapted.
+    index: Vec<[Option<(usize, usize, usize)>; 9]>,
     /// Floats in the flat buffer.
     pub len: usize,
 }
@@ -242,24 +298,33 @@ impl Layout {
     /// The layout for `cfg`'s targets on a model.
     pub fn new(model: &ModelConfig, cfg: &LoraConfig) -> Result<Self> {
         cfg.validate()?;
-        let modules = cfg.modules()?;
+        let modules = cfg.modules(model)?;
         let mut slots = Vec::new();
-        let mut index = vec![[None; 7]; model.num_layers];
+        let mut index = vec![[None; 9]; model.num_layers];
         let mut off = 0;
         for (layer, row) in index.iter_mut().enumerate() {
             for &module in &modules {
                 let (n_out, n_in) = module.shape(model);
-                row[module.index()] = Some(slots.len());
-                slots.push(Slot { layer, module, n_in, n_out, a: off, b: off + cfg.r * n_in });
+                row[module.index()] = Some((slots.len(), 0, n_out));
+                let mut first = 0;
+                for &part in module.parts() {
+                    let rows = part.shape(model).0;
+                    row[part.index()] = Some((slots.len(), first, rows));
+                    first += rows;
+                }
+                slots.push(Slot { layer, module, group: module, n_in, n_out, a: off, b: off + cfg.r * n_in });
                 off += cfg.r * (n_in + n_out);
             }
         }
         Ok(Layout { r: cfg.r, slots, index, len: off })
     }
 
-    /// The slot of a module, if it is adapted.
-    pub fn slot(&self, layer: usize, module: Module) -> Option<&Slot> {
-        self.index.get(layer).and_then(|row| row[module.index()]).map(|i| &self.slots[i])
+    /// The slot of a module, if it is adapted. For a part of a fused module (q of Phi-3's
+    /// qkv_proj), its share: the fused module's A, and the part's rows of its B.
+    pub fn slot(&self, layer: usize, module: Module) -> Option<Slot> {
+        let (i, first, n_out) = self.index.get(layer).and_then(|row| row[module.index()])?;
+        let s = self.slots[i];
+        Some(Slot { module, n_out, b: s.b + first * self.r, ..s })
     }
 
     /// The PEFT key of a slot's A or B matrix.

@@ -164,7 +164,7 @@ fn parse_key(name: &str) -> Option<(usize, Module, bool)> {
     let layer = parts.get(li + 1)?.parse().ok()?;
     let lora = parts.iter().position(|&p| p == "lora_A" || p == "lora_B")?;
     let module_name = *parts.get(lora.checked_sub(1)?)?;
-    let module = Module::ALL.into_iter().find(|m| m.name() == module_name)?;
+    let module = Module::EVERY.into_iter().find(|m| m.name() == module_name)?;
     if parts.last() != Some(&"weight") {
         return None;
     }

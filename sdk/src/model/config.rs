@@ -24,6 +24,9 @@ pub enum Arch {
     /// before and after attention and the MLP, q/k norms, GeGLU, its own query scale, and
     /// sliding-window layers with a RoPE base of their own.
     Gemma3,
+    /// Phi-3 (a Llama whose checkpoints fuse q, k and v into `qkv_proj`, and gate and up into
+    /// `gate_up_proj`; adapters sit on the fused modules, as PEFT puts them).
+    Phi3,
 }
 
 /// The gate's activation in the MLP: act(gate) * up.
@@ -44,6 +47,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3_text",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -55,6 +59,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -147,6 +152,9 @@ pub struct ModelConfig {
     /// (Gemma's `post_attention_layernorm` and `post_feedforward_layernorm`; its pre-MLP norm is
     /// `pre_feedforward_layernorm`).
     pub sandwich_norms: bool,
+    /// The checkpoint fuses q, k and v into `qkv_proj` and gate and up into `gate_up_proj`
+    /// (Phi-3); the model splits them by rows, and adapters sit on the fused modules.
+    pub fused_projections: bool,
 }
 
 fn field<'a>(j: &'a Json, key: &str) -> Option<&'a Json> {
@@ -174,6 +182,7 @@ impl ModelConfig {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "gemma3_text" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
             "gemma3" => {
                 return Err(Error::unsupported(
                     path,
@@ -202,7 +211,8 @@ impl ModelConfig {
                 return Err(Error::unsupported(
                     path,
                     format!(
-                        "architecture `{name}` (model_type); edgetune supports llama, mistral, qwen2, qwen3, gemma3_text"
+                        "architecture `{name}` (model_type); edgetune supports llama, mistral, qwen2, qwen3, \
+                         gemma3_text, phi3"
                     ),
                 ));
             }
@@ -237,6 +247,16 @@ impl ModelConfig {
             None => field(&j, "rope_local_base_freq").and_then(Json::as_f64).map(|b| (b as f32, None)),
         };
         let gemma = arch == Arch::Gemma3;
+        let partial_rotary = field(&j, "partial_rotary_factor")
+            .or_else(|| full_rope.and_then(|r| field(r, "partial_rotary_factor")))
+            .and_then(Json::as_f64)
+            .unwrap_or(1.0);
+        if partial_rotary != 1.0 {
+            return Err(Error::unsupported(
+                path,
+                format!("`partial_rotary_factor` {partial_rotary} (RoPE on part of each head, as Phi-4-mini's)"),
+            ));
+        }
         for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
             if field(&j, key).is_some() {
                 return Err(Error::unsupported(path, format!("`{key}` (logit soft-capping)")));
@@ -305,6 +325,7 @@ impl ModelConfig {
             embedding_scale: if gemma { (hidden_size as f64).sqrt() as f32 } else { 1.0 },
             norm_offset: if gemma { 1.0 } else { 0.0 },
             sandwich_norms: gemma,
+            fused_projections: arch == Arch::Phi3,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -319,6 +340,7 @@ impl ModelConfig {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "gemma3" => Arch::Gemma3,
+            "phi3" => Arch::Phi3,
             "qwen3moe" => {
                 return Err(Error::unsupported(
                     path,
@@ -329,8 +351,8 @@ impl ModelConfig {
                 return Err(Error::unsupported(
                     path,
                     format!(
-                        "architecture `{other}` (general.architecture); edgetune reads llama, qwen2, qwen3 and gemma3 \
-                         GGUF files"
+                        "architecture `{other}` (general.architecture); edgetune reads llama, qwen2, qwen3, gemma3 \
+                         and phi3 GGUF files"
                     ),
                 ));
             }
@@ -380,12 +402,16 @@ impl ModelConfig {
         // within `attention.sliding_window` with an unscaled RoPE base of 10000; the query
         // scale is 1 / sqrt(key_length), except for the 27B (62 layers), where it is
         // 1 / sqrt(hidden / heads).
-        let sliding_window = match gemma {
-            true => g.get(&key("attention.sliding_window")).and_then(Value::as_u64).map(|v| v as usize),
-            false => None,
+        // phi3: `attention.sliding_window` on every layer, as llama.cpp reads it.
+        let sliding_window = match arch {
+            Arch::Gemma3 | Arch::Phi3 => {
+                g.get(&key("attention.sliding_window")).and_then(Value::as_u64).map(|v| v as usize)
+            }
+            _ => None,
         };
         let window_layers = match sliding_window {
-            Some(_) => (0..num_layers).map(|l| (l + 1) % 6 != 0).collect(),
+            Some(_) if gemma => (0..num_layers).map(|l| (l + 1) % 6 != 0).collect(),
+            Some(_) => vec![true; num_layers],
             None => vec![false; num_layers],
         };
         let query_scale = match (gemma, num_layers) {
@@ -419,6 +445,7 @@ impl ModelConfig {
             embedding_scale: if gemma { (hidden_size as f64).sqrt() as f32 } else { 1.0 },
             norm_offset: if gemma { 1.0 } else { 0.0 },
             sandwich_norms: gemma,
+            fused_projections: arch == Arch::Phi3,
         };
         cfg.validate(path)?;
         Ok(cfg)

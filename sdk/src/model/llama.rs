@@ -111,6 +111,9 @@ impl Layer {
             Module::GateProj => &self.gate,
             Module::UpProj => &self.up,
             Module::DownProj => &self.down,
+            // The model holds the parts of a fused module, and is only asked for those.
+            Module::QkvProj => &self.q,
+            Module::GateUpProj => &self.gate,
         }
     }
 }
@@ -145,7 +148,9 @@ pub(crate) struct Dropout<'a> {
 
 impl<'a> Dropout<'a> {
     pub(crate) fn module_seed(&self, layer: usize, module: Module) -> u32 {
-        crate::prim::lowbias32(self.seed ^ crate::prim::lowbias32((layer * 8 + module.index()) as u32 + 1))
+        // A fused module (never adapted beside its parts) takes its first part's stream.
+        let index = module.parts()[0].index();
+        crate::prim::lowbias32(self.seed ^ crate::prim::lowbias32((layer * 8 + index) as u32 + 1))
     }
 
     /// Records copying `n` values of `x` into the scratch buffer and masking them there.
@@ -347,6 +352,30 @@ impl Uploader<'_> {
     fn linear(&mut self, prefix: &str, n_out: usize, n_in: usize, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let w = self.get(&name, &[n_out, n_in])?;
+        let mut lin = self.linear_of(&name, w, n_out, n_in)?;
+        lin.bias = if bias { Some(self.vector(&format!("{prefix}.bias"), n_out)?) } else { None };
+        Ok(lin)
+    }
+
+    /// The parts of a fused linear layer (Phi-3's `qkv_proj`, `gate_up_proj`), split by rows:
+    /// `rows` of each part, in order.
+    fn fused(&mut self, prefix: &str, rows: &[usize], n_in: usize) -> Result<Vec<Linear>> {
+        let name = format!("{prefix}.weight");
+        let total: usize = rows.iter().sum();
+        let w = self.get(&name, &[total, n_in])?;
+        let mut first = 0;
+        let mut parts = Vec::with_capacity(rows.len());
+        for &n_out in rows {
+            let part = w[first * n_in..(first + n_out) * n_in].to_vec();
+            parts.push(self.linear_of(&name, part, n_out, n_in)?);
+            first += n_out;
+        }
+        Ok(parts)
+    }
+
+    /// A linear layer without bias over the weights `w` (n_out, n_in) of tensor `name`.
+    fn linear_of(&mut self, name: &str, w: Vec<f32>, n_out: usize, n_in: usize) -> Result<Linear> {
+        let name = name.to_string();
         let bs = self.opts.block_size;
         // The NF4 kernel reads whole packed words of 8 values, so rows must hold whole words
         // (every real model's do); other shapes stay dense.
@@ -371,8 +400,7 @@ impl Uploader<'_> {
             }
             LinearWeight::Dense(self.buffer(&name, &w)?)
         };
-        let bias = if bias { Some(self.vector(&format!("{prefix}.bias"), n_out)?) } else { None };
-        Ok(Linear { weight, bias, n_out, n_in })
+        Ok(Linear { weight, bias: None, n_out, n_in })
     }
 
     fn table(&mut self, name: &str, rows: usize, dim: usize) -> Result<Table> {
@@ -409,11 +437,35 @@ impl Model {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
+            let attn_norm = up.norm(&format!("{p}.input_layernorm.weight"), h)?;
+            let (q, k, v) = if c.fused_projections {
+                let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+                let mut parts = up.fused(&format!("{p}.self_attn.qkv_proj"), &[qd, kvd, kvd], h)?.into_iter();
+                let mut next = || parts.next().ok_or_else(|| Error::Gpu("qkv_proj split".into()));
+                (next()?, next()?, next()?)
+            } else {
+                (
+                    up.linear(&format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
+                    up.linear(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                    up.linear(&format!("{p}.self_attn.v_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                )
+            };
+            let i = c.intermediate_size;
+            let (gate, up_proj) = if c.fused_projections {
+                let mut parts = up.fused(&format!("{p}.mlp.gate_up_proj"), &[i, i], h)?.into_iter();
+                let mut next = || parts.next().ok_or_else(|| Error::Gpu("gate_up_proj split".into()));
+                (next()?, next()?)
+            } else {
+                (
+                    up.linear(&format!("{p}.mlp.gate_proj"), i, h, false)?,
+                    up.linear(&format!("{p}.mlp.up_proj"), i, h, false)?,
+                )
+            };
             layers.push(Layer {
-                attn_norm: up.norm(&format!("{p}.input_layernorm.weight"), h)?,
-                q: up.linear(&format!("{p}.self_attn.q_proj"), c.num_heads * hd, h, c.qkv_bias)?,
-                k: up.linear(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
-                v: up.linear(&format!("{p}.self_attn.v_proj"), c.num_kv_heads * hd, h, c.qkv_bias)?,
+                attn_norm,
+                q,
+                k,
+                v,
                 qk_norm: match c.qk_norm {
                     true => Some((
                         up.norm(&format!("{p}.self_attn.q_norm.weight"), hd)?,
@@ -431,8 +483,8 @@ impl Model {
                     true => Some(up.norm(&format!("{p}.post_feedforward_layernorm.weight"), h)?),
                     false => None,
                 },
-                gate: up.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, false)?,
-                up: up.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
+                gate,
+                up: up_proj,
                 down: up.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, false)?,
             });
         }
@@ -574,7 +626,7 @@ impl Model {
         if let Some((a, s)) = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s))) {
             let r = a.layout.r;
             let x = match drop {
-                Some(d) => d.apply(ctx, enc, x, m * l.n_in, layer, module)?,
+                Some(d) => d.apply(ctx, enc, x, m * l.n_in, layer, s.group)?,
                 None => x,
             };
             launch::matmul_forward(

@@ -775,7 +775,7 @@ impl Model {
         let (r, scale, p) = (lora.layout.r, lora.scale, &lora.params);
         // With dropout the adapter saw the masked input: rebuild it (same mask).
         let x = match drop {
-            Some(d) => d.apply(ctx, enc, x, t * n_in, l, module)?,
+            Some(d) => d.apply(ctx, enc, x, t * n_in, l, s.group)?,
             None => x,
         };
         // h = x A^T again (cheaper to recompute than to keep for every module).
@@ -866,7 +866,7 @@ impl Model {
                         out,
                     },
                 )?;
-                launch::dropout(ctx, enc, &ws.lora_dx, t * n_in, d.p, d.module_seed(l, module))?;
+                launch::dropout(ctx, enc, &ws.lora_dx, t * n_in, d.p, d.module_seed(l, s.group))?;
                 launch::add_forward(ctx, enc, &ws.lora_dx, dx, t * n_in)
             }
         }
