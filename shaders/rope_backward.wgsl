@@ -1,15 +1,16 @@
 // Backward of RoPE, in place on dx (T, n_heads * hd): the rotation is orthogonal, so its
-// gradient is the inverse rotation (angle negated). Positions as in rope.wgsl.
+// gradient is the inverse rotation (angle negated); values past rot_dim pass. Positions as in
+// rope.wgsl.
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: RopeParams;
 @group(0) @binding(1) var<storage, read_write> dx: array<f32>;     // (T, H * hd)
-@group(0) @binding(2) var<storage, read> cos_sin: array<vec2<f32>>; // (max_pos, hd / 2)
+@group(0) @binding(2) var<storage, read> cos_sin: array<vec2<f32>>; // (max_pos, rd / 2)
 @group(0) @binding(3) var<storage, read> positions: array<u32>;    // (T)
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let half = p.head_dim / 2u;
+    let half = p.rot_dim / 2u;
     let i = gid.x;                          // frequency index
     let t = gid.z;                          // token (z: more than 65535 token-heads fit)
     let th = t * p.n_heads + gid.y;         // token * n_heads + head

@@ -95,6 +95,13 @@ fn phi3_gguf_with_fused_projections_matches_transformers() {
     check_logits("tiny_phi3_bpe");
 }
 
+/// phi3 with Phi-4-mini's RoPE: `rope.dimension_count` below the head width, and the LongRoPE
+/// factors as `rope_factors_short` / `rope_factors_long` tensors with `rope.scaling.attn_factor`.
+#[test]
+fn phi3_gguf_with_partial_longrope_matches_transformers() {
+    check_logits("tiny_phi4_bpe");
+}
+
 /// A chat template in Qwen3's style (a reversed scan with a namespace, `<think>` blocks split
 /// out with split/strip/lstrip, an empty think block on the answer after the last question),
 /// from the Hugging Face folder's tokenizer_config.json and from the GGUF file's

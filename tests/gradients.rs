@@ -80,19 +80,21 @@ fn rms_norm_backward_twin_matches_finite_differences() {
 
 #[test]
 fn rope_backward_twin_matches_finite_differences() {
-    let (t, heads, hd) = (4, 2, 6);
-    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / hd as f32)).collect();
-    let table = r::rope_table(&inv, 8);
-    let positions = [0usize, 1, 0, 5];
-    let x = rand(t * heads * hd, 8, 1.0);
-    let c = rand(x.len(), 9, 1.0);
-    let mut dx = c.clone();
-    r::rope_backward(&mut dx, &table, heads, hd, &positions);
-    fd_check("rope dx", &x, &dx, &c, |x| {
-        let mut y = x.to_vec();
-        r::rope_forward(&mut y, &table, heads, hd, &positions);
-        y
-    });
+    // Full and partial RoPE (4 of 6 values a head rotate).
+    for (t, heads, hd, rd) in [(4, 2, 6, 6), (4, 2, 6, 4)] {
+        let inv: Vec<f32> = (0..rd / 2).map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / rd as f32)).collect();
+        let table = r::rope_table(&inv, 8);
+        let positions = [0usize, 1, 0, 5];
+        let x = rand(t * heads * hd, 8, 1.0);
+        let c = rand(x.len(), 9, 1.0);
+        let mut dx = c.clone();
+        r::rope_backward(&mut dx, &table, heads, (hd, rd), &positions);
+        fd_check("rope dx", &x, &dx, &c, |x| {
+            let mut y = x.to_vec();
+            r::rope_forward(&mut y, &table, heads, (hd, rd), &positions);
+            y
+        });
+    }
 }
 
 #[test]
@@ -495,17 +497,17 @@ fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
         assert_close("gelu_mul_backward dgate", &ctx.read_f32(&dg, rows * dim).expect("read"), &want_g, 1e-5, 1e-6);
         assert_close("gelu_mul_backward dup", &ctx.read_f32(&du, rows * dim).expect("read"), &want_u, 1e-5, 1e-6);
     }
-    for &(t, h, hd) in &[(1, 1, 2), (5, 3, 64), (4, 2, 130)] {
-        let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+    for &(t, h, hd, rd) in &[(1, 1, 2, 2), (5, 3, 64, 64), (4, 2, 130, 130), (3, 2, 128, 96)] {
+        let inv: Vec<f32> = (0..rd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rd as f32)).collect();
         let table = r::rope_table(&inv, 50);
         let positions: Vec<u32> = (0..t as u32).map(|i| (i * 7) % 5).collect();
         let abs_pos: Vec<usize> = positions.iter().map(|&p| p as usize + 3).collect();
         let g = rand(t * h * hd, 45, 1.0);
         let mut want = g.clone();
-        r::rope_backward(&mut want, &table, h, hd, &abs_pos);
+        r::rope_backward(&mut want, &table, h, (hd, rd), &abs_pos);
         let (gb, tb, pb) =
             (ctx.storage_from("dx", &g), ctx.storage_from("cos_sin", &table), ctx.storage_from("pos", &positions));
-        let shape = RopeShape { n_tokens: t, n_heads: h, head_dim: hd, pos_offset: 3, positions: &pb };
+        let shape = RopeShape { n_tokens: t, n_heads: h, head_dim: hd, rot_dim: rd, pos_offset: 3, positions: &pb };
         run(&ctx, |enc| launch::rope_backward(&ctx, enc, &gb, &tb, shape));
         assert_close("rope_backward", &ctx.read_f32(&gb, g.len()).expect("read"), &want, 1e-6, 1e-6);
     }

@@ -134,19 +134,42 @@ fn gemma3_configs_of_both_transformers_generations_are_read_and_the_rest_refused
     }
 }
 
-/// Phi-4-mini's RoPE on part of each head and Phi-3.5's longrope are refused by name (the
-/// Phi-3 architecture itself is read).
+/// Phi-3.5's and Phi-4-mini's RoPE as their transformers 4 configs give it (`rope_scaling`
+/// with `type: longrope`, `original_max_position_embeddings` at the top level): the short
+/// factors, the attention factor from the ratio of the contexts, and partial rotation; a
+/// factor list of the wrong length, or no original context, is an error naming the file.
 #[test]
-fn phi3_rope_variants_edgetune_cannot_run_are_named() {
+fn phi3_longrope_and_partial_rotary_configs_are_read_and_checked() {
+    use edgetune::model::config::RopeScaling;
     let p = std::path::Path::new("phi/config.json");
     let base = r#""model_type":"phi3","hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,
-        "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":32"#;
+        "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":32,"max_position_embeddings":131072"#;
     let cfg = |extra: &str| ModelConfig::from_hf_json(p, &format!("{{{base}{extra}}}"));
     let c = cfg("").expect("phi3");
-    assert!(c.fused_projections);
+    assert!(c.fused_projections && c.rotary_dim == 16 && c.rope_scaling.is_none());
+    let c = cfg(r#","partial_rotary_factor":0.75,"original_max_position_embeddings":4096,
+        "rope_scaling":{"type":"longrope","short_factor":[1,1,1,1,1,2],"long_factor":[1,2,3,4,5,6]}"#)
+    .expect("Phi-4-mini's RoPE");
+    assert_eq!(c.rotary_dim, 12);
+    let Some(RopeScaling::LongRope { short_factor, original_max_position, attention_factor, .. }) = &c.rope_scaling
+    else {
+        panic!("{:?}", c.rope_scaling)
+    };
+    assert_eq!((short_factor.len(), *original_max_position), (6, 4096));
+    // sqrt(1 + ln(131072 / 4096) / ln(4096)) = sqrt(1 + 5 / 12), as transformers computes it.
+    assert!((attention_factor - (1.0f32 + 5.0 / 12.0).sqrt()).abs() < 1e-6, "{attention_factor}");
+    assert_eq!(c.rope_context(), 4096, "the short factors run up to the original context");
     for (extra, named) in [
-        (r#","partial_rotary_factor":0.75"#, "partial_rotary_factor"),
-        (r#","rope_scaling":{"type":"longrope","short_factor":[1.0],"long_factor":[1.0]}"#, "longrope"),
+        (
+            r#","original_max_position_embeddings":4096,"rope_scaling":{"type":"longrope","short_factor":[1.0],
+            "long_factor":[1.0]}"#,
+            "8 expected",
+        ),
+        (
+            r#","rope_scaling":{"type":"longrope","short_factor":[1,1,1,1,1,1,1,1],"long_factor":[1,1,1,1,1,1,1,1]}"#,
+            "original_max_position_embeddings",
+        ),
+        (r#","partial_rotary_factor":0.01"#, "partial_rotary_factor"),
     ] {
         let e = cfg(extra).expect_err(extra).to_string();
         assert!(e.contains("config.json") && e.contains(named), "{extra}: {e}");

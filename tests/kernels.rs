@@ -274,17 +274,21 @@ fn rms_norm_silu_gelu_add_embedding_match_reference() {
 fn rope_matches_reference() {
     let ctx = ctx();
     // (2100, 32, 8): more token-heads than one dispatch dimension may hold (65535).
-    for &(t, h, hd, pos) in &[(1, 1, 2, 0), (5, 3, 64, 7), (4, 2, 130, 100), (2100, 32, 8, 0)] {
-        let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
+    // (3, 2, 128, 96): partial RoPE, as Phi-4-mini's (96 of 128 values a head rotate).
+    for &(t, h, hd, rd, pos) in
+        &[(1, 1, 2, 2, 0), (5, 3, 64, 64, 7), (4, 2, 130, 130, 100), (2100, 32, 8, 8, 0), (3, 2, 128, 96, 5)]
+    {
+        let inv: Vec<f32> = (0..rd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rd as f32)).collect();
         let table = r::rope_table(&inv, pos + t);
         let x = rand(t * h * hd, 11, 1.0);
         let mut want = x.clone();
         let positions: Vec<usize> = (pos..pos + t).collect();
-        r::rope_forward(&mut want, &table, h, hd, &positions);
+        r::rope_forward(&mut want, &table, h, (hd, rd), &positions);
         let xb = ctx.storage_from("x", &x);
         let tb = ctx.storage_from("cos_sin", &table);
         let pb = ctx.storage_from("positions", &(0..t as u32).collect::<Vec<_>>());
-        let shape = launch::RopeShape { n_tokens: t, n_heads: h, head_dim: hd, pos_offset: pos, positions: &pb };
+        let shape =
+            launch::RopeShape { n_tokens: t, n_heads: h, head_dim: hd, rot_dim: rd, pos_offset: pos, positions: &pb };
         run(&ctx, |enc| launch::rope_forward(&ctx, enc, &xb, &tb, shape));
         assert_close("rope", &ctx.read_f32(&xb, x.len()).expect("read"), &want, 1e-6, 1e-6);
         // The backward rotation undoes the forward one (rotations are orthogonal).

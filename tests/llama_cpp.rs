@@ -269,6 +269,12 @@ fn phi3_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
     adapter_matches_llama_cpp("tiny_phi3_bpe");
 }
 
+/// Phi-4-mini's partial LongRoPE in llama.cpp.
+#[test]
+fn phi3_partial_longrope_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
+    adapter_matches_llama_cpp("tiny_phi4_bpe");
+}
+
 /// Gemma 3 (sandwich norms, q/k norms, GeGLU, two RoPE tables, the sliding window) in
 /// llama.cpp. llama.cpp's CPU GELU reads a table of f16 values at the input rounded to f16, so
 /// the engines differ by that rounding even on an F32 base (measured: 3.5e-4 RMS, 1e-3 at most;

@@ -111,6 +111,18 @@ fn tiny_phi3_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
     check("phi3", Quant::Nf4);
 }
 
+/// Phi-4-mini's RoPE on a tiny Phi-3: half of each head rotated, LongRoPE's short factors and
+/// its attention factor on cos and sin.
+#[test]
+fn tiny_phi3_with_partial_longrope_logits_match_transformers() {
+    check("phi4", Quant::None);
+}
+
+#[test]
+fn tiny_phi3_with_partial_longrope_nf4_logits_match_transformers() {
+    check("phi4", Quant::Nf4);
+}
+
 #[test]
 fn incremental_decoding_with_the_kv_cache_matches_a_full_forward() {
     decode_matches_full("llama");

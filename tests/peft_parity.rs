@@ -144,6 +144,12 @@ fn phi3_fused_projection_lora_loss_and_gradients_match_peft() {
     one_step("phi3");
 }
 
+/// The gradients back through partial LongRoPE (Phi-4-mini's RoPE on a tiny Phi-3).
+#[test]
+fn phi3_partial_longrope_lora_loss_and_gradients_match_peft() {
+    one_step("phi4");
+}
+
 /// Qwen3: the gradients pass back through the per-head q/k norms to q_proj and k_proj.
 #[test]
 fn qwen3_lora_loss_and_gradients_match_peft() {

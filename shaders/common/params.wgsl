@@ -13,6 +13,10 @@ struct RopeParams {
     n_heads: u32,
     head_dim: u32,
     pos_offset: u32,
+    rot_dim: u32,     // the first rot_dim values of each head rotate (partial RoPE); the rest pass
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 struct DropoutParams {

@@ -19,6 +19,7 @@ Outputs go to tests/reference/fixtures/ (a few hundred KB in all).
 """
 import argparse
 import json
+import math
 import os
 import shutil
 
@@ -159,7 +160,7 @@ def tiny_model(kind, tok):
                               MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                               Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4, "phi3": 5}[kind])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4, "phi3": 5, "phi4": 6}[kind])
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -179,6 +180,17 @@ def tiny_model(kind, tok):
     elif kind == "phi3":
         # Phi-3: q, k and v fused into qkv_proj, gate and up into gate_up_proj.
         cfg = Phi3Config(**common, rope_theta=10000.0, tie_word_embeddings=False)
+        model = Phi3ForCausalLM(cfg)
+    elif kind == "phi4":
+        # Phi-4-mini's RoPE: half of each head rotated (its 0.75 of 128 is 96), LongRoPE with
+        # short and long factors and an original context of 4096 of 32768 positions. (llama.cpp
+        # picks the factors by its context, which it rounds up to at least 256, not by the
+        # sequence: an original context below that would run its long factors.)
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.5, 2.25, 3.5], "long_factor": [1.0, 2.0, 6.0, 16.0],
+                "original_max_position_embeddings": 4096}
+        cfg = Phi3Config(**{**common, "max_position_embeddings": 32768}, rope_parameters=rope,
+                         original_max_position_embeddings=4096, partial_rotary_factor=0.5, tie_word_embeddings=True)
         model = Phi3ForCausalLM(cfg)
     elif kind == "gemma3":
         # Gemma 3: six layers so that llama.cpp's fixed pattern (every sixth layer global)
@@ -283,7 +295,17 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(full["factor"]))
     if arch == "phi3":
-        w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        rope = cfg.rope_parameters
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        if rope.get("rope_type") == "longrope":
+            # As llama.cpp's converter: the factors as tensors, the attention factor computed.
+            orig = rope["original_max_position_embeddings"]
+            scale = cfg.max_position_embeddings / orig
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)))
+            w.add_rope_scaling_orig_ctx_len(orig)
+            w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+            w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
     tok_meta(w)
     names = {
         "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -348,6 +370,8 @@ def _dequantized_state(path, sub=None, norm_offset=0.0):
             "output.weight": "lm_head.weight"}
     state = {}
     for t in gguf.GGUFReader(path).tensors:
+        if t.name.startswith("rope_factors"):
+            continue  # RoPE's factors: in the config for transformers
         x = dequantize(t.data, t.tensor_type).reshape([int(v) for v in reversed(t.shape)])
         if t.name.endswith("norm.weight"):
             x = x - norm_offset
@@ -627,18 +651,25 @@ def gemma3_fixtures():
 
 
 def phi3_fixtures():
-    """Phi-3: the tiny model's logits from transformers (f32 and NF4), PEFT's adapter on the
-    fused qkv_proj and gate_up_proj and its gradients, and the model as a GGUF file written as
-    llama.cpp's converter writes phi3 (attn_qkv, and the fused gate and up under ffn_up), with
+    """Phi-3, and Phi-3 with Phi-4-mini's partial RoPE and LongRoPE: the tiny models' logits
+    from transformers (f32 and NF4), PEFT's adapter on the fused qkv_proj and gate_up_proj and
+    its gradients, and each model as a GGUF file written as llama.cpp's converter writes phi3
+    (attn_qkv, the fused gate and up under ffn_up, the rope factors as tensors), with
     transformers' logits on it."""
     from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    for kind in ("phi3", "phi4"):
+        tiny_model(kind, tok)
+        peft_fixture(kind)
+        phi3_gguf(kind, tok)
+
+
+def phi3_gguf(kind, tok):
     from transformers import Phi3ForCausalLM
     import gguf
 
-    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
-    tiny_model("phi3", tok)
-    peft_fixture("phi3")
-    d = os.path.join(OUT, "tiny_phi3")
+    d = os.path.join(OUT, f"tiny_{kind}")
     model = Phi3ForCausalLM.from_pretrained(d, dtype=torch.float32)
     tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
     vocab = tj["model"]["vocab"]
@@ -662,7 +693,7 @@ def phi3_fixtures():
     T = gguf.GGMLQuantizationType
     types = {"token_embd": T.Q8_0, "output": T.Q8_0, "attn_qkv": T.Q4_0, "attn_output": T.F16, "ffn_up": T.Q8_0,
              "ffn_down": T.Q4_1}
-    path = os.path.join(OUT, "tiny_phi3_bpe.gguf")
+    path = os.path.join(OUT, f"tiny_{kind}_bpe.gguf")
     _write_gguf(path, "phi3", model, bpe_meta, types, permute=False)
     # transformers' GGUF loader gives phi3 a padding id past this vocabulary: the file's tensors
     # are dequantized with gguf-py and loaded by their transformers names instead.
@@ -674,7 +705,7 @@ def phi3_fixtures():
     with torch.no_grad():
         glogits = gmodel(torch.tensor([ids])).logits[0].numpy()
     save_file({"logits": glogits, "ids": np.array(ids, dtype=np.int64)},
-              os.path.join(OUT, "tiny_phi3_bpe_expected.safetensors"))
+              os.path.join(OUT, f"tiny_{kind}_bpe_expected.safetensors"))
 
 
 def hf_variants_fixture():

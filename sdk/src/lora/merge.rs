@@ -121,6 +121,9 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
     if c.arch == Arch::Qwen3 {
         j["attention_bias"] = json!(c.qkv_bias);
     }
+    if c.rotary_dim != c.head_dim {
+        j["partial_rotary_factor"] = json!(c.rotary_dim as f64 / c.head_dim as f64);
+    }
     if c.arch == Arch::Gemma3 {
         j["hidden_activation"] = json!("gelu_pytorch_tanh");
         j["query_pre_attn_scalar"] = json!((1.0 / f64::from(c.query_scale).powi(2)).round());
@@ -153,6 +156,16 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
                 "high_freq_factor": high_freq_factor,
                 "original_max_position_embeddings": original_max_position,
             })
+        }
+        Some(RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor }) => {
+            j["rope_scaling"] = json!({
+                "rope_type": "longrope",
+                "short_factor": short_factor,
+                "long_factor": long_factor,
+                "attention_factor": attention_factor,
+                "original_max_position_embeddings": original_max_position,
+            });
+            j["original_max_position_embeddings"] = json!(original_max_position);
         }
         Some(RopeScaling::Factors(_)) => {
             return Err(Error::invalid(

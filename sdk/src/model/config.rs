@@ -91,6 +91,20 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors given as a tensor (GGUF `rope_freqs.weight`).
     Factors(Vec<f32>),
+    /// Phi-3.5's and Phi-4-mini's LongRoPE: per-frequency divisors for contexts up to
+    /// `original_max_position` (`short_factor`) and past it (`long_factor`), and cos and sin
+    /// scaled by `attention_factor`. edgetune runs the short factors and caps the context at
+    /// `original_max_position`, where transformers runs them too.
+    LongRope {
+        /// Divisors up to the original context.
+        short_factor: Vec<f32>,
+        /// Divisors past it (kept for the merged config; not run).
+        long_factor: Vec<f32>,
+        /// The context the model was pre-trained with.
+        original_max_position: usize,
+        /// What cos and sin are multiplied by.
+        attention_factor: f32,
+    },
 }
 
 /// The model's hyper-parameters.
@@ -118,6 +132,9 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     /// RoPE's frequency scaling, if any.
     pub rope_scaling: Option<RopeScaling>,
+    /// The values of each head that RoPE rotates: head_dim, or fewer with a
+    /// `partial_rotary_factor` (Phi-4-mini rotates 96 of 128).
+    pub rotary_dim: usize,
     /// The longest context the model was trained for.
     pub max_position_embeddings: usize,
     /// The output head is the embedding table (no `lm_head.weight` of its own).
@@ -234,7 +251,10 @@ impl ModelConfig {
             .and_then(Json::as_f64)
             .unwrap_or(10000.0) as f32;
         let scaling_json = field(&j, "rope_scaling").or(full_rope);
+        let max_position_embeddings =
+            field(&j, "max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096) as usize;
         let rope_scaling = match scaling_json {
+            Some(s) if rope_type(s) == "longrope" => Some(parse_longrope(path, &j, s, max_position_embeddings)?),
             Some(s) => parse_hf_rope_scaling(path, s)?,
             None => None,
         };
@@ -251,12 +271,8 @@ impl ModelConfig {
             .or_else(|| full_rope.and_then(|r| field(r, "partial_rotary_factor")))
             .and_then(Json::as_f64)
             .unwrap_or(1.0);
-        if partial_rotary != 1.0 {
-            return Err(Error::unsupported(
-                path,
-                format!("`partial_rotary_factor` {partial_rotary} (RoPE on part of each head, as Phi-4-mini's)"),
-            ));
-        }
+        // As transformers: int(head_dim * partial_rotary_factor).
+        let rotary_dim = (head_dim as f64 * partial_rotary) as usize;
         for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
             if field(&j, key).is_some() {
                 return Err(Error::unsupported(path, format!("`{key}` (logit soft-capping)")));
@@ -309,8 +325,8 @@ impl ModelConfig {
             rms_norm_eps: field(&j, "rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6) as f32,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: field(&j, "max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096)
-                as usize,
+            rotary_dim,
+            max_position_embeddings,
             // Gemma ties its head to the embeddings unless it says otherwise.
             tie_word_embeddings: field(&j, "tie_word_embeddings").and_then(Json::as_bool).unwrap_or(gemma),
             qkv_bias: arch == Arch::Qwen2 || field(&j, "attention_bias").and_then(Json::as_bool).unwrap_or(false),
@@ -365,9 +381,10 @@ impl ModelConfig {
             g.get(&key("attention.head_count_kv")).and_then(Value::as_u64).map_or(num_heads, |v| v as usize);
         let head_dim = g
             .get(&key("attention.key_length"))
-            .or_else(|| g.get(&key("rope.dimension_count")))
             .and_then(Value::as_u64)
             .map_or(hidden_size / num_heads.max(1), |v| v as usize);
+        // Fewer than head_dim with partial RoPE (phi3 files of Phi-4-mini).
+        let rotary_dim = g.get(&key("rope.dimension_count")).and_then(Value::as_u64).map_or(head_dim, |v| v as usize);
         let vocab_size = match g.get(&key("vocab_size")).and_then(Value::as_u64) {
             Some(v) => v as usize,
             None => match g.get("tokenizer.ggml.tokens") {
@@ -394,6 +411,22 @@ impl ModelConfig {
         if g.tensors.contains_key("rope_freqs.weight") {
             let (f, _) = g.tensor_f32("rope_freqs.weight")?;
             rope_scaling = Some(RopeScaling::Factors(f));
+        }
+        // llama.cpp's phi3 LongRoPE: the factors as tensors, the attention factor as a key.
+        if g.tensors.contains_key("rope_factors_short.weight") {
+            let (short_factor, _) = g.tensor_f32("rope_factors_short.weight")?;
+            let (long_factor, _) = g.tensor_f32("rope_factors_long.weight")?;
+            let original_max_position =
+                g.get(&key("rope.scaling.original_context_length")).and_then(Value::as_u64).ok_or_else(|| {
+                    Error::format(path, format!("rope factors but no {arch_name}.rope.scaling.original_context_length"))
+                })? as usize;
+            let context = u("context_length").unwrap_or(original_max_position);
+            let attention_factor = match g.get(&key("rope.scaling.attn_factor")).and_then(Value::as_f64) {
+                Some(a) => a as f32,
+                None => longrope_attention_factor(context, original_max_position),
+            };
+            rope_scaling =
+                Some(RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor });
         }
         let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
         let num_layers = u("block_count")?;
@@ -431,6 +464,7 @@ impl ModelConfig {
                 as f32,
             rope_theta: g.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0) as f32,
             rope_scaling,
+            rotary_dim,
             max_position_embeddings: u("context_length").unwrap_or(4096),
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
@@ -496,6 +530,29 @@ impl ModelConfig {
         if !self.head_dim.is_multiple_of(2) {
             problems.push(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
         }
+        if self.rotary_dim == 0 || self.rotary_dim > self.head_dim || !self.rotary_dim.is_multiple_of(2) {
+            problems.push(format!(
+                "RoPE would rotate {} of each head's {} values (partial_rotary_factor); expected an even number \
+                 from 2 to head_dim",
+                self.rotary_dim, self.head_dim
+            ));
+        }
+        let want = self.rotary_dim / 2;
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope { short_factor, long_factor, .. })
+                if short_factor.len() != want || long_factor.len() != want =>
+            {
+                problems.push(format!(
+                    "longrope has {} short and {} long factors; {want} expected (one a rotated pair)",
+                    short_factor.len(),
+                    long_factor.len()
+                ))
+            }
+            Some(RopeScaling::Factors(f)) if f.len() != want => {
+                problems.push(format!("{} RoPE factors; {want} expected (one a rotated pair)", f.len()))
+            }
+            _ => {}
+        }
         if problems.is_empty() { Ok(()) } else { Err(Error::format(path, problems.join("; "))) }
     }
 
@@ -522,19 +579,37 @@ impl ModelConfig {
         self.inv_freq(self.rope_theta, self.rope_scaling.as_ref())
     }
 
+    /// What RoPE's cos and sin are multiplied by (LongRoPE's attention factor; else 1).
+    pub fn rope_attention_factor(&self) -> f32 {
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope { attention_factor, .. }) => *attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// The longest context the RoPE runs as transformers does: LongRoPE's original context
+    /// (beyond it transformers switches to the long factors), else the model's.
+    pub fn rope_context(&self) -> usize {
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope { original_max_position, .. }) => *original_max_position,
+            _ => self.max_position_embeddings,
+        }
+    }
+
     /// [`ModelConfig::rope_inv_freq`] of the sliding-window layers, where their RoPE differs.
     pub fn sliding_rope_inv_freq(&self) -> Option<Vec<f32>> {
         self.sliding_rope.as_ref().map(|(theta, scaling)| self.inv_freq(*theta, scaling.as_ref()))
     }
 
     fn inv_freq(&self, theta: f32, scaling: Option<&RopeScaling>) -> Vec<f32> {
-        let half = self.head_dim / 2;
-        let base: Vec<f64> =
-            (0..half).map(|i| 1.0 / f64::from(theta).powf((2 * i) as f64 / self.head_dim as f64)).collect();
+        let (half, dim) = (self.rotary_dim / 2, self.rotary_dim as f64);
+        let base: Vec<f64> = (0..half).map(|i| 1.0 / f64::from(theta).powf((2 * i) as f64 / dim)).collect();
         let scaled: Vec<f64> = match scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / f64::from(*factor)).collect(),
-            Some(RopeScaling::Factors(fs)) => base.iter().zip(fs).map(|(f, d)| f / f64::from(*d)).collect(),
+            Some(RopeScaling::Factors(fs) | RopeScaling::LongRope { short_factor: fs, .. }) => {
+                base.iter().zip(fs).map(|(f, d)| f / f64::from(*d)).collect()
+            }
             Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position }) => {
                 let (factor, lo, hi, omp) = (
                     f64::from(*factor),
@@ -615,6 +690,47 @@ fn hf_window_layers(path: &Path, j: &Json, arch: Arch, n: usize, windowed: bool)
         return Ok((0..n).map(|l| l >= from).collect());
     }
     Ok(vec![true; n])
+}
+
+fn rope_type(s: &Json) -> &str {
+    field(s, "rope_type").or_else(|| field(s, "type")).and_then(Json::as_str).unwrap_or("default")
+}
+
+/// LongRoPE's attention factor where the config gives none, as transformers computes it:
+/// sqrt(1 + ln(s) / ln(original)) for s = context / original > 1, else 1.
+fn longrope_attention_factor(context: usize, original: usize) -> f32 {
+    let s = context as f64 / original.max(1) as f64;
+    if s <= 1.0 { 1.0 } else { (1.0 + s.ln() / (original as f64).ln()).sqrt() as f32 }
+}
+
+/// Phi-3's `longrope` scaling: its factor lists, the original context (in the scaling or the
+/// config) and the attention factor (given, or from the ratio of the contexts).
+fn parse_longrope(path: &Path, j: &Json, s: &Json, max_position: usize) -> Result<RopeScaling> {
+    let list = |k: &str| -> Result<Vec<f32>> {
+        field(s, k)
+            .and_then(Json::as_array)
+            .and_then(|a| a.iter().map(|v| v.as_f64().map(|f| f as f32)).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| Error::format(path, format!("longrope needs `{k}`, a list of numbers")))
+    };
+    let original = field(s, "original_max_position_embeddings")
+        .or_else(|| field(j, "original_max_position_embeddings"))
+        .and_then(Json::as_u64)
+        .ok_or_else(|| Error::format(path, "longrope needs `original_max_position_embeddings`"))?
+        as usize;
+    let attention_factor = match field(s, "attention_factor").and_then(Json::as_f64) {
+        Some(a) => a as f32,
+        None => match field(s, "factor").and_then(Json::as_f64) {
+            Some(f) if f > 1.0 => (1.0 + f.ln() / (original as f64).ln()).sqrt() as f32,
+            Some(_) => 1.0,
+            None => longrope_attention_factor(max_position, original),
+        },
+    };
+    Ok(RopeScaling::LongRope {
+        short_factor: list("short_factor")?,
+        long_factor: list("long_factor")?,
+        original_max_position: original,
+        attention_factor,
+    })
 }
 
 fn parse_hf_rope_scaling(path: &Path, s: &Json) -> Result<Option<RopeScaling>> {

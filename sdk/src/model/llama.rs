@@ -492,8 +492,12 @@ impl Model {
         let tied = c.tie_word_embeddings || !src.contains(c, "lm_head.weight");
         let lm_head = if tied { None } else { Some(up.table("lm_head.weight", c.vocab_size, h)?) };
         let final_norm = up.norm("model.norm.weight", h)?;
-        let max_context = opts.max_context.min(c.max_position_embeddings).max(1);
-        let table = crate::prim::rope_table(&c.rope_inv_freq(), max_context);
+        let max_context = opts.max_context.min(c.max_position_embeddings).min(c.rope_context()).max(1);
+        let mut table = crate::prim::rope_table(&c.rope_inv_freq(), max_context);
+        let factor = c.rope_attention_factor();
+        if factor != 1.0 {
+            table.iter_mut().for_each(|cs| *cs = cs.map(|v| v * factor));
+        }
         let cos_sin = ctx.storage_from("rope cos/sin", &table);
         let cos_sin_sliding = c
             .sliding_rope_inv_freq()
@@ -832,7 +836,15 @@ impl Model {
                 launch::rms_norm_forward(ctx, enc, launch::RmsNorm { x, w, y, n_rows, dim: hd, eps: c.rms_norm_eps })?;
             }
         }
-        let rope = |n_heads| RopeShape { n_tokens: t, n_heads, head_dim: hd, pos_offset: pos, positions: b.positions };
+        let rot_dim = c.rotary_dim;
+        let rope = |n_heads| RopeShape {
+            n_tokens: t,
+            n_heads,
+            head_dim: hd,
+            rot_dim,
+            pos_offset: pos,
+            positions: b.positions,
+        };
         launch::rope_forward(ctx, enc, b.q, self.rope_table(l), rope(c.num_heads))?;
         launch::rope_forward(ctx, enc, b.k, self.rope_table(l), rope(c.num_kv_heads))?;
         after(enc, Stage::Qkv)?;

@@ -568,7 +568,15 @@ impl Model {
     }
 
     fn rope_shape<'a>(&self, ws: &'a Workspace, t: usize, n_heads: usize) -> RopeShape<'a> {
-        RopeShape { n_tokens: t, n_heads, head_dim: self.config.head_dim, pos_offset: 0, positions: &ws.positions }
+        let c = &self.config;
+        RopeShape {
+            n_tokens: t,
+            n_heads,
+            head_dim: c.head_dim,
+            rot_dim: c.rotary_dim,
+            pos_offset: 0,
+            positions: &ws.positions,
+        }
     }
 
     fn attention_shape(&self, t: usize) -> AttentionShape {

@@ -67,9 +67,16 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> Vec<f32>
     dx
 }
 
-/// In-place RoPE backward on dx (T, n_heads * head_dim): the inverse rotation.
-pub fn rope_backward(dx: &mut [f32], table: &[[f32; 2]], n_heads: usize, head_dim: usize, positions: &[usize]) {
-    let half = head_dim / 2;
+/// In-place RoPE backward on dx (T, n_heads * head_dim): the inverse rotation of the first
+/// `rot_dim` values of each head.
+pub fn rope_backward(
+    dx: &mut [f32],
+    table: &[[f32; 2]],
+    n_heads: usize,
+    (head_dim, rot_dim): (usize, usize),
+    positions: &[usize],
+) {
+    let half = rot_dim / 2;
     for (th, head) in dx.chunks_mut(head_dim).enumerate() {
         let pos = positions[th / n_heads];
         for i in 0..half {

@@ -36,9 +36,16 @@ pub fn rope_table(inv_freq: &[f32], max_pos: usize) -> Vec<[f32; 2]> {
     t
 }
 
-/// In-place RoPE (rotate_half layout) on x (T, n_heads * head_dim); token t at `positions[t]`.
-pub fn rope_forward(x: &mut [f32], table: &[[f32; 2]], n_heads: usize, head_dim: usize, positions: &[usize]) {
-    let half = head_dim / 2;
+/// In-place RoPE (rotate_half layout over the first `rot_dim` values of each head, the rest
+/// passed) on x (T, n_heads * head_dim); token t at `positions[t]`.
+pub fn rope_forward(
+    x: &mut [f32],
+    table: &[[f32; 2]],
+    n_heads: usize,
+    (head_dim, rot_dim): (usize, usize),
+    positions: &[usize],
+) {
+    let half = rot_dim / 2;
     for (th, head) in x.chunks_mut(head_dim).enumerate() {
         let pos = positions[th / n_heads];
         for i in 0..half {

@@ -82,8 +82,11 @@ pub struct RopeShape<'a> {
     pub n_tokens: usize,
     /// Heads a token.
     pub n_heads: usize,
-    /// Width of a head (even).
+    /// Width of a head.
     pub head_dim: usize,
+    /// The first `rot_dim` values of each head rotate (even, at most head_dim; less than it for
+    /// partial RoPE, as Phi-4-mini's); the rest pass unchanged.
+    pub rot_dim: usize,
     /// Added to every position (a KV cache's length when decoding).
     pub pos_offset: usize,
     /// (T) u32 positions.
@@ -98,13 +101,18 @@ fn rope(
     cos_sin: &wgpu::Buffer,
     s: RopeShape<'_>,
 ) -> Result<()> {
+    if s.rot_dim > s.head_dim || !s.rot_dim.is_multiple_of(2) {
+        return Err(Error::invalid("RoPE", format!("rot_dim {} for heads of {}", s.rot_dim, s.head_dim)));
+    }
     let p = RopeParams {
         n_tokens: u32_of(s.n_tokens, "tokens")?,
         n_heads: u32_of(s.n_heads, "heads")?,
         head_dim: u32_of(s.head_dim, "head_dim")?,
         pos_offset: u32_of(s.pos_offset, "position")?,
+        rot_dim: u32_of(s.rot_dim, "rot_dim")?,
+        ..Default::default()
     };
-    ctx.dispatch(enc, shader, &p, &[x, cos_sin, s.positions], [(p.head_dim / 2).div_ceil(64), p.n_heads, p.n_tokens])
+    ctx.dispatch(enc, shader, &p, &[x, cos_sin, s.positions], [(p.rot_dim / 2).div_ceil(64), p.n_heads, p.n_tokens])
 }
 
 /// In-place RoPE on x (T, n_heads * head_dim).
