@@ -26,6 +26,26 @@ fn info_generate_and_eval_work() {
     // r 16 on all 7 modules of 2 layers: 16 (64+64)·2 + 16 (64+32)·2 + 16 (64+128)·3 = 16,384
     // values a layer, 32,768 in all: 131,072 bytes, 0.125 MiB.
     assert!(stdout.contains("each resident LoRA adapter (r 16, all linear layers, f32): 0.1 MiB"), "{stdout}");
+    // The GPU figures are what loading uploads (Model::planned_weight_bytes, held to the uploaded
+    // bytes in model_parity), per weight too: f32 is 32 bits a weight exactly.
+    let (cfg, _) = edgetune::model::open_weights(std::path::Path::new(&tiny())).expect("config");
+    let nf4 = edgetune::model::llama::Model::planned_weight_bytes(&cfg, &Default::default());
+    let bits = nf4 as f64 * 8.0 / cfg.parameter_count() as f64;
+    assert!(
+        stdout.contains(&format!("GPU weights: nf4 {:.1} MiB, {bits:.2} bits a weight;", nf4 as f64 / 1048576.0)),
+        "{stdout}"
+    );
+    assert!(stdout.contains(", 32.00 bits a weight"), "{stdout}");
+    let gemma = common::fixtures().join("tiny_gemma3");
+    let out = edgetune(&["info", gemma.to_str().expect("path")]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "q/k norms; norms after attention and the MLP; GeGLU (tanh GELU); sliding window 4 on 5 of 6 layers"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rope: theta 1000000, linear scaling x2; sliding layers theta 10000"), "{stdout}");
 
     let out =
         edgetune(&["generate", "--model", &tiny(), "--prompt", "Paris is", "--max-tokens", "4", "--quant", "none"]);

@@ -167,3 +167,18 @@ fn f16_tables_change_the_nf4_loss_by_f16_rounding_only() {
     // than 1e-3; a wrong unpacking order would move it by O(1).
     assert!((a - b).abs() < 1e-3, "f32 tables {a} vs f16 tables {b}");
 }
+
+/// The planned weight bytes (`edgetune info`, the memory estimate) are what loading uploads, to
+/// the byte, for every architecture and both ways of holding the weights.
+#[test]
+fn planned_weight_bytes_are_the_uploaded_bytes_for_every_architecture() {
+    let ctx = ctx();
+    for kind in ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "phi4"] {
+        for quant in [Quant::None, Quant::Nf4] {
+            let opts = LoadOptions { quant, ..Default::default() };
+            let model = Model::open(ctx.clone(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("load");
+            let planned = Model::planned_weight_bytes(&model.config, &opts);
+            assert_eq!(planned, model.weight_bytes, "{kind} {quant:?}");
+        }
+    }
+}

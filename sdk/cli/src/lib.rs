@@ -268,6 +268,31 @@ fn load_resident(m: &ModelArgs, gpu: &GpuOptions) -> Result<(Session, Vec<String
     Ok((s, names))
 }
 
+/// RoPE in one line: the base, the scaling in words, partial rotation and a sliding layers' base.
+fn rope_summary(c: &edgetune::model::config::ModelConfig) -> String {
+    use edgetune::model::config::RopeScaling;
+    let scaling = match &c.rope_scaling {
+        None => "no scaling".to_string(),
+        Some(RopeScaling::Linear { factor }) => format!("linear scaling x{factor}"),
+        Some(RopeScaling::Llama3 { factor, original_max_position, .. }) => {
+            format!("llama3 scaling x{factor} from {original_max_position}")
+        }
+        Some(RopeScaling::Factors(f)) => format!("{} per-frequency factors", f.len()),
+        Some(RopeScaling::LongRope { short_factor, original_max_position, attention_factor, .. }) => format!(
+            "longrope ({} factor pairs, short ones up to {original_max_position} positions, attention factor {attention_factor:.4})",
+            short_factor.len()
+        ),
+    };
+    let mut s = format!("theta {}, {scaling}", c.rope_theta);
+    if c.rotary_dim != c.head_dim {
+        s.push_str(&format!(", {} of {} values a head rotated", c.rotary_dim, c.head_dim));
+    }
+    if let Some((theta, _)) = &c.sliding_rope {
+        s.push_str(&format!("; sliding layers theta {theta}"));
+    }
+    s
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let gpu = GpuOptions { adapter: cli.gpu, ..Default::default() };
     match cli.cmd {
@@ -290,12 +315,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 stored += t.bytes;
             }
             let params = cfg.parameter_count();
-            let emb = cfg.vocab_size * cfg.hidden_size * if cfg.tie_word_embeddings { 1 } else { 2 };
-            let norms = (2 * cfg.num_layers + 1) * cfg.hidden_size;
-            let linear = params - emb - norms;
-            // NF4: half a byte per linear weight plus one f32 absmax per 64; f16 embedding and
-            // lm_head tables; f32 norms (and biases, counted with the linear weights here).
-            let nf4_bytes = linear / 2 + linear / 64 * 4 + emb * 2 + norms * 4;
             println!("model: {}", model.display());
             println!(
                 "architecture: {} ({} layers, hidden {}, heads {}/{} kv, head_dim {}, ffn {}, vocab {})",
@@ -308,20 +327,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.intermediate_size,
                 cfg.vocab_size
             );
-            println!(
-                "rope: theta {}, scaling {:?}; tied embeddings: {}; qkv bias: {}",
-                cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings, cfg.qkv_bias
-            );
+            println!("rope: {}", rope_summary(&cfg));
+            let mut features = vec![format!("tied embeddings: {}", cfg.tie_word_embeddings)];
+            let flags = [
+                (cfg.qkv_bias, "q/k/v biases"),
+                (cfg.qk_norm, "q/k norms"),
+                (cfg.sandwich_norms, "norms after attention and the MLP"),
+                (cfg.fused_projections, "fused qkv_proj and gate_up_proj"),
+                (cfg.hidden_act == edgetune::model::config::Activation::GeluTanh, "GeGLU (tanh GELU)"),
+            ];
+            features.extend(flags.iter().filter(|(on, _)| *on).map(|(_, what)| what.to_string()));
+            if let Some(w) = cfg.sliding_window {
+                let n = (0..cfg.num_layers).filter(|&l| cfg.layer_window(l).is_some()).count();
+                features.push(format!("sliding window {w} on {n} of {} layers", cfg.num_layers));
+            }
+            println!("{}", features.join("; "));
             println!("parameters: {params} ({:.1} M)", params as f64 / 1e6);
             println!("stored: {} tensors, {:.1} MiB", tensors.len(), stored as f64 / 1048576.0);
             for (ty, (n, b)) in types {
                 println!("  {ty:<6} {n:>4} tensors {:>9.1} MiB", b as f64 / 1048576.0);
             }
-            println!(
-                "GPU weights estimate: nf4 {:.1} MiB, none (f32) {:.1} MiB (plus KV cache and activations)",
-                nf4_bytes as f64 / 1048576.0,
-                (params * 4) as f64 / 1048576.0
-            );
+            // What loading uploads, exactly (Model::planned_weight_bytes), and per weight.
+            let on_gpu = |quant| {
+                let bytes = edgetune::model::llama::Model::planned_weight_bytes(
+                    &cfg,
+                    &edgetune::model::llama::LoadOptions { quant, ..Default::default() },
+                );
+                format!("{:.1} MiB, {:.2} bits a weight", bytes as f64 / 1048576.0, bytes as f64 * 8.0 / params as f64)
+            };
+            println!("GPU weights: nf4 {}; none (f32) {}", on_gpu(Quant::Nf4), on_gpu(Quant::None));
+            println!("  (plus the KV cache and activations)");
             // What each adapter kept on the GPU adds (Session::keep_adapter, generate --adapter).
             let lora = edgetune::lora::Layout::new(&cfg, &edgetune::lora::LoraConfig::default())?;
             println!(

@@ -519,6 +519,37 @@ impl Model {
         })
     }
 
+    /// The bytes [`Model::load`] uploads for `c`'s weights with `opts`, without loading them:
+    /// NF4 codes and absmax scales (or f32) for the linear layers, f16 (or f32) embedding and
+    /// lm_head tables, f32 norms and biases. Divided by the parameter count, the bits a weight
+    /// takes on the GPU.
+    pub fn planned_weight_bytes(c: &ModelConfig, opts: &LoadOptions) -> u64 {
+        let (h, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let bs = opts.block_size;
+        let linear = |n_out: usize, n_in: usize| {
+            let n = n_out * n_in;
+            if opts.quant == Quant::Nf4 && n_in.is_multiple_of(8) && bs.is_multiple_of(8) && bs > 0 {
+                n.div_ceil(8) * 4 + n.div_ceil(bs) * 4
+            } else {
+                n * 4
+            }
+        };
+        let f16 = opts.quant == Quant::Nf4 && opts.f16_tables && h.is_multiple_of(2);
+        let table = c.vocab_size * h * if f16 { 2 } else { 4 };
+        let norms = 2 + if c.sandwich_norms { 2 } else { 0 };
+        let layer = linear(qd, h)
+            + 2 * linear(kvd, h)
+            + linear(h, qd)
+            + 2 * linear(i, h)
+            + linear(h, i)
+            + if c.qkv_bias { (qd + 2 * kvd) * 4 } else { 0 }
+            + if c.qk_norm { 2 * hd * 4 } else { 0 }
+            + norms * h * 4;
+        let tables = if c.tie_word_embeddings { table } else { 2 * table };
+        (c.num_layers * layer + tables + h * 4) as u64
+    }
+
     /// Opens a Hugging Face folder or a `.gguf` file and uploads it.
     pub fn open(ctx: Arc<GpuContext>, path: &Path, opts: &LoadOptions) -> Result<Self> {
         let (cfg, src) = crate::model::open_weights(path)?;
