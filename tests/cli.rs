@@ -28,8 +28,8 @@ fn info_generate_and_eval_work() {
     assert!(stdout.contains("each resident LoRA adapter (r 16, all linear layers, f32): 0.1 MiB"), "{stdout}");
     // The GPU figures are what loading uploads (Model::planned_weight_bytes, held to the uploaded
     // bytes in model_parity), per weight too: f32 is 32 bits a weight exactly.
-    let (cfg, _) = edgetune::model::open_weights(std::path::Path::new(&tiny())).expect("config");
-    let nf4 = edgetune::model::llama::Model::planned_weight_bytes(&cfg, &Default::default());
+    let (cfg, src) = edgetune::model::open_weights(std::path::Path::new(&tiny())).expect("config");
+    let nf4 = edgetune::model::llama::Model::planned_weight_bytes(&cfg, &src, &Default::default());
     let bits = nf4 as f64 * 8.0 / cfg.parameter_count() as f64;
     assert!(
         stdout.contains(&format!("GPU weights: nf4 {:.1} MiB, {bits:.2} bits a weight;", nf4 as f64 / 1048576.0)),

@@ -144,3 +144,63 @@ fn chat_template_renders_as_transformers(kind: &str, n_cases: usize) {
         }
     }
 }
+
+/// `Quant::Gguf` keeps a GGUF's Q4_0 tensors in their own blocks: on a file whose matrices are
+/// all Q4_0 (each fixture re-encoded by `merge_gguf` with a zero adapter), the logits and the
+/// LoRA gradients equal those of the same file dequantized to f32 (the values are ggml's own, so
+/// only summation order differs: 1e-4, as in the f32 parity tests), where NF4's
+/// re-quantization moves them further. On llama (q/k rows permuted in the file), gemma3 and
+/// phi3 (the fused qkv_proj in Q4_0) files.
+#[test]
+fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
+    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
+    use edgetune::model::training::{Batch, WorkspacePlan};
+    use edgetune::quant::gguf_blocks::GgmlType;
+    let ctx = ctx();
+    let dir = std::env::temp_dir().join(format!("edgetune-q4_0-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for name in ["tiny_llama_spm", "tiny_gemma3_bpe", "tiny_phi3_bpe"] {
+        let source = fixtures().join(format!("{name}.gguf"));
+        let (cfg, _) = edgetune::model::open_weights(&source).expect("config");
+        let mut zero = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");
+        zero.params.iter_mut().for_each(|v| *v = 0.0);
+        let path = dir.join(format!("{name}-q4_0.gguf"));
+        edgetune::lora::merge::merge_gguf(&source, &zero, &path, GgmlType::Q4_0).expect("re-encode");
+        let g = GgufFile::open(&path).expect("open");
+        let q4_0 = g.tensors.values().filter(|t| t.ty == GgmlType::Q4_0 && t.name.starts_with("blk.")).count();
+        assert!(q4_0 >= 4 * cfg.num_layers, "{name}: {q4_0} Q4_0 matrices");
+        let open = |quant| {
+            let opts = LoadOptions { quant, f16_tables: false, ..Default::default() };
+            Model::open(ctx.clone(), &path, &opts).expect("load")
+        };
+        let (exact, kept, nf4) = (open(Quant::None), open(Quant::Gguf), open(Quant::Nf4));
+        let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % exact.config.vocab_size as u32).collect();
+        let want = exact.all_logits(&ids).expect("f32");
+        let got = kept.all_logits(&ids).expect("gguf");
+        assert_close(&format!("{name} logits with Q4_0 kept"), &got, &want, 1e-4, 1e-4);
+        let requantized = nf4.all_logits(&ids).expect("nf4");
+        let d = |a: &[f32]| a.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        eprintln!("{name}: Q4_0 kept {:.2e} from the exact logits, NF4 {:.2e}", d(&got), d(&requantized));
+        assert!(d(&requantized) > 10.0 * d(&got), "{name}: re-quantizing should cost more than summation order");
+
+        // One LoRA step's gradients through the Q4_0 layers.
+        let mut adapter = Adapter::new(&exact.config, LoraConfig { r: 4, ..Default::default() }).expect("adapter");
+        adapter.params.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0));
+        let samples: Vec<(Vec<u32>, Vec<bool>)> = vec![(ids.clone(), vec![true; ids.len()])];
+        let batch = Batch::pack(samples.iter().map(|(i, t)| (&i[..], &t[..]))).expect("pack");
+        let grads_of = |m: &Model| {
+            let gpu = GpuAdapter::upload(&m.ctx, &adapter);
+            let ws = m.workspace(WorkspacePlan::new(batch.len(), 4)).expect("workspace");
+            let grads = m.ctx.storage_zeroed("grads", adapter.layout.len);
+            let mut enc = m.ctx.encoder();
+            m.forward_backward(&mut enc, &ws, &batch, &gpu, &grads, 1.0 / batch.n_scored() as f32).expect("step");
+            m.ctx.submit([enc.finish()]);
+            m.ctx.read_f32(&grads, adapter.layout.len).expect("grads")
+        };
+        let (g_exact, g_kept) = (grads_of(&exact), grads_of(&kept));
+        let scale = g_exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        assert_close(&format!("{name} gradients with Q4_0 kept"), &g_kept, &g_exact, 1e-4, 1e-4 * scale);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -149,6 +149,29 @@ fn matmul_dense_matches_reference_on_odd_shapes() {
     }
 }
 
+/// GGUF Q4_0 as it is stored (blocks of 32, its linear code book) through the NF4 kernels of
+/// every family, against the reference on the values ggml's dequantization gives (held to
+/// gguf-py's in gguf_blocks.rs).
+#[test]
+fn matmul_q4_0_matches_dequantized_reference() {
+    use edgetune::quant::gguf_blocks::{self, GgmlType};
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        for (i, &(m, n, k)) in [(1, 3, 64), (6, 70, 128), (9, 33, 192), (66, 65, 32), (1, 37, 576)].iter().enumerate() {
+            let x = rand(m * k, 30 + i as u64, 1.0);
+            let w = rand(n * k, 40 + i as u64, 0.3);
+            let blocks = gguf_blocks::quantize(GgmlType::Q4_0, &w).expect("quantize");
+            let wd = gguf_blocks::dequantize(GgmlType::Q4_0, &blocks, n * k).expect("dequantize");
+            let (packed, scales) = gguf_blocks::q4_0_repacked(&blocks, n * k).expect("repack");
+            let want = r::matmul_forward(&x, &wd, None, m, n, k);
+            let xb = ctx.storage_from("x", &x);
+            let (pb, sb) = (ctx.storage_from("packed", &packed), ctx.storage_from("scales", &scales));
+            let w = launch::Weight::Q4_0 { packed: &pb, scales: &sb };
+            check_matmul(&ctx, "matmul_q4_0", (&xb, w), (&x, &wd), None, &want, (m, n, k));
+        }
+    }
+}
+
 #[test]
 fn matmul_nf4_matches_dequantized_reference() {
     for ctx in gpus() {

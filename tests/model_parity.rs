@@ -21,7 +21,8 @@ fn check(kind: &str, quant: Quant) {
     let model = Model::open(ctx(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("tiny model loads");
     let (key, loss_key) = match quant {
         Quant::None => ("logits", "loss"),
-        Quant::Nf4 => ("nf4_logits", "nf4_loss"),
+        // A folder has no GGUF blocks: Gguf holds it as NF4.
+        Quant::Nf4 | Quant::Gguf => ("nf4_logits", "nf4_loss"),
     };
     let want = fx.f32(key);
     let got = model.all_logits(&ids).expect("forward");
@@ -173,12 +174,15 @@ fn f16_tables_change_the_nf4_loss_by_f16_rounding_only() {
 #[test]
 fn planned_weight_bytes_are_the_uploaded_bytes_for_every_architecture() {
     let ctx = ctx();
-    for kind in ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "phi4"] {
-        for quant in [Quant::None, Quant::Nf4] {
+    let models = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "phi4"].map(|k| format!("tiny_{k}"));
+    let gguf = ["tiny_llama_spm.gguf", "tiny_qwen2_bpe.gguf", "tiny_gemma3_bpe.gguf", "tiny_phi3_bpe.gguf"];
+    for name in models.iter().map(String::as_str).chain(gguf) {
+        for quant in [Quant::None, Quant::Nf4, Quant::Gguf] {
             let opts = LoadOptions { quant, ..Default::default() };
-            let model = Model::open(ctx.clone(), &fixtures().join(format!("tiny_{kind}")), &opts).expect("load");
-            let planned = Model::planned_weight_bytes(&model.config, &opts);
-            assert_eq!(planned, model.weight_bytes, "{kind} {quant:?}");
+            let (cfg, src) = edgetune::model::open_weights(&fixtures().join(name)).expect("open");
+            let planned = Model::planned_weight_bytes(&cfg, &src, &opts);
+            let model = Model::load(ctx.clone(), cfg, &src, &opts).expect("load");
+            assert_eq!(planned, model.weight_bytes, "{name} {quant:?}");
         }
     }
 }

@@ -144,11 +144,13 @@ typedef enum edgetune_event_kind {
 } edgetune_event_kind;
 
 /**
- * Whether weights are held at 4 bits (NF4, the QLoRA default) or in f32.
+ * Whether weights are held at 4 bits (NF4, the QLoRA default), in f32, or (GGUF) in the file's
+ * own Q4_0 blocks where it has them and NF4 elsewhere.
  */
 typedef enum edgetune_quant {
   EDGETUNE_QUANT_NF4 = 0,
   EDGETUNE_QUANT_NONE = 1,
+  EDGETUNE_QUANT_GGUF = 2,
 } edgetune_quant;
 
 /**

@@ -75,12 +75,14 @@ pub enum edgetune_status {
 
 use edgetune_status::*;
 
-/// Whether weights are held at 4 bits (NF4, the QLoRA default) or in f32.
+/// Whether weights are held at 4 bits (NF4, the QLoRA default), in f32, or (GGUF) in the file's
+/// own Q4_0 blocks where it has them and NF4 elsewhere.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum edgetune_quant {
     EDGETUNE_QUANT_NF4 = 0,
     EDGETUNE_QUANT_NONE = 1,
+    EDGETUNE_QUANT_GGUF = 2,
 }
 
 /// Which fields of an `edgetune_event` are set.
@@ -567,6 +569,7 @@ pub unsafe extern "C" fn edgetune_model_load(
         let quant = match quant {
             q if q == edgetune_quant::EDGETUNE_QUANT_NF4 as i32 => Quant::Nf4,
             q if q == edgetune_quant::EDGETUNE_QUANT_NONE as i32 => Quant::None,
+            q if q == edgetune_quant::EDGETUNE_QUANT_GGUF as i32 => Quant::Gguf,
             q => return Err(Fail::invalid(format!("quant {q} is not an edgetune_quant value"))),
         };
         let mut load = LoadOptions { quant, ..Default::default() };
@@ -1309,6 +1312,31 @@ mod tests {
         let status = unsafe { edgetune_model_load(ctx, path.as_ptr(), 0, 256, &mut model) };
         assert_eq!(status, EDGETUNE_OK, "{}", last_error());
         (ctx, model)
+    }
+
+    /// Every `edgetune_quant` value loads a GGUF file (GGUF keeps its Q4_0 blocks); any other
+    /// number is an error that says what it is.
+    #[test]
+    fn every_quant_value_loads_and_others_are_refused() {
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(unsafe { edgetune_context_new(std::ptr::null(), &mut ctx) }, EDGETUNE_OK, "{}", last_error());
+        let path = CString::new(repo().join("tests/reference/fixtures/tiny_llama_spm.gguf").display().to_string())
+            .expect("path");
+        for q in [
+            edgetune_quant::EDGETUNE_QUANT_NF4,
+            edgetune_quant::EDGETUNE_QUANT_NONE,
+            edgetune_quant::EDGETUNE_QUANT_GGUF,
+        ] {
+            let mut model = std::ptr::null_mut();
+            let status = unsafe { edgetune_model_load(ctx, path.as_ptr(), q as i32, 64, &mut model) };
+            assert_eq!(status, EDGETUNE_OK, "{q:?}: {}", last_error());
+            unsafe { edgetune_model_free(model) };
+        }
+        let mut model = std::ptr::null_mut();
+        let status = unsafe { edgetune_model_load(ctx, path.as_ptr(), 3, 64, &mut model) };
+        assert_eq!(status, EDGETUNE_ERROR_INVALID_ARGUMENT);
+        assert!(last_error().contains("quant 3 is not an edgetune_quant value"), "{}", last_error());
+        unsafe { edgetune_context_free(ctx) };
     }
 
     /// A trainer on `model` with a few records and `settings`.

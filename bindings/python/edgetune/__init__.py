@@ -271,7 +271,7 @@ class Context(_Handle):
         return json.loads(_take_string(out))
 
 
-_QUANTS = {"nf4": 0, "none": 1}
+_QUANTS = {"nf4": 0, "none": 1, "gguf": 2}
 
 
 class Model(_Handle):
@@ -290,7 +290,8 @@ class Model(_Handle):
     ) -> "Model":
         """Loads a Hugging Face folder or a ``.gguf`` file.
 
-        ``quant`` is ``"nf4"`` (base weights held at 4 bits, the default) or ``"none"``.
+        ``quant`` is ``"nf4"`` (base weights held at 4 bits, the default), ``"gguf"`` (a GGUF
+        file's own Q4_0 blocks kept, NF4 for its other weights) or ``"none"``.
         ``max_context`` sizes the KV cache in tokens (0: 2048, capped by the model). Without a
         ``context`` the default GPU is opened for this model alone.
         """

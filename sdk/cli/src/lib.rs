@@ -35,7 +35,8 @@ struct ModelArgs {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// How linear weights are held on the GPU: nf4 or none (f32).
+    /// How linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0 blocks kept, NF4
+    /// for its other weights) or none (f32).
     #[arg(long, default_value = "nf4")]
     quant: Quant,
     /// KV-cache capacity in tokens.
@@ -56,7 +57,8 @@ struct BenchModel {
     /// llama-3.2-1b, qwen2.5-1.5b, llama-3.1-8b) or of a config.json, quantized like real ones.
     #[arg(long, value_name = "SHAPE")]
     random_weights: Option<String>,
-    /// How linear weights are held on the GPU: nf4 or none (f32).
+    /// How linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0 blocks kept, NF4
+    /// for its other weights) or none (f32).
     #[arg(long, default_value = "nf4")]
     quant: Quant,
     /// KV-cache capacity in tokens.
@@ -351,11 +353,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let on_gpu = |quant| {
                 let bytes = edgetune::model::llama::Model::planned_weight_bytes(
                     &cfg,
+                    &src,
                     &edgetune::model::llama::LoadOptions { quant, ..Default::default() },
                 );
                 format!("{:.1} MiB, {:.2} bits a weight", bytes as f64 / 1048576.0, bytes as f64 * 8.0 / params as f64)
             };
-            println!("GPU weights: nf4 {}; none (f32) {}", on_gpu(Quant::Nf4), on_gpu(Quant::None));
+            let gguf = match src {
+                edgetune::model::weights::WeightSource::Gguf(_) => {
+                    format!("; gguf (Q4_0 kept) {}", on_gpu(Quant::Gguf))
+                }
+                _ => String::new(),
+            };
+            println!("GPU weights: nf4 {}{gguf}; none (f32) {}", on_gpu(Quant::Nf4), on_gpu(Quant::None));
             println!("  (plus the KV cache and activations)");
             // What each adapter kept on the GPU adds (Session::keep_adapter, generate --adapter).
             let lora = edgetune::lora::Layout::new(&cfg, &edgetune::lora::LoraConfig::default())?;

@@ -24,6 +24,17 @@ pub enum Quant {
     Nf4,
     /// Unquantized f32, for parity checks.
     None,
+    /// A GGUF base's Q4_0 tensors stay in their own blocks on the GPU (4.5 bits a weight, no
+    /// re-quantization: the kernels compute with exactly the values llama.cpp does); its other
+    /// linear weights are held as NF4. For a Hugging Face folder, the same as `Nf4`.
+    Gguf,
+}
+
+impl Quant {
+    /// Whether linear weights are held at 4 bits (NF4, or a GGUF's own Q4_0 blocks).
+    pub fn four_bit(self) -> bool {
+        matches!(self, Quant::Nf4 | Quant::Gguf)
+    }
 }
 
 impl std::str::FromStr for Quant {
@@ -32,7 +43,8 @@ impl std::str::FromStr for Quant {
         match s {
             "nf4" => Ok(Quant::Nf4),
             "none" | "f32" => Ok(Quant::None),
-            other => Err(Error::invalid("quant", format!("`{other}` (expected nf4 or none)"))),
+            "gguf" => Ok(Quant::Gguf),
+            other => Err(Error::invalid("quant", format!("`{other}` (expected nf4, gguf or none)"))),
         }
     }
 }
@@ -61,6 +73,7 @@ impl Default for LoadOptions {
 pub(crate) enum LinearWeight {
     Dense(wgpu::Buffer),
     Nf4 { packed: wgpu::Buffer, absmax: wgpu::Buffer, block_size: usize },
+    Q4_0 { packed: wgpu::Buffer, scales: wgpu::Buffer },
 }
 
 /// One linear layer: y = x W^T (+ b), W (n_out, n_in).
@@ -77,6 +90,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Dense(b) => Weight::Dense(b),
             LinearWeight::Nf4 { packed, absmax, block_size } => Weight::Nf4 { packed, absmax, block_size: *block_size },
+            LinearWeight::Q4_0 { packed, scales } => Weight::Q4_0 { packed, scales },
         }
     }
 }
@@ -352,7 +366,10 @@ impl Uploader<'_> {
     fn linear(&mut self, prefix: &str, n_out: usize, n_in: usize, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let w = self.get(&name, &[n_out, n_in])?;
-        let mut lin = self.linear_of(&name, w, n_out, n_in)?;
+        let mut lin = match self.stored_q4_0(&name, n_out, n_in)? {
+            Some(blocks) => self.q4_0_linear(&name, &blocks, n_out, n_in)?,
+            None => self.linear_of(&name, w, n_out, n_in)?,
+        };
         lin.bias = if bias { Some(self.vector(&format!("{prefix}.bias"), n_out)?) } else { None };
         Ok(lin)
     }
@@ -363,14 +380,36 @@ impl Uploader<'_> {
         let name = format!("{prefix}.weight");
         let total: usize = rows.iter().sum();
         let w = self.get(&name, &[total, n_in])?;
+        let blocks = self.stored_q4_0(&name, total, n_in)?;
         let mut first = 0;
         let mut parts = Vec::with_capacity(rows.len());
         for &n_out in rows {
-            let part = w[first * n_in..(first + n_out) * n_in].to_vec();
-            parts.push(self.linear_of(&name, part, n_out, n_in)?);
+            parts.push(match &blocks {
+                Some(b) => {
+                    let row = n_in / 32 * 18;
+                    self.q4_0_linear(&name, &b[first * row..(first + n_out) * row], n_out, n_in)?
+                }
+                None => self.linear_of(&name, w[first * n_in..(first + n_out) * n_in].to_vec(), n_out, n_in)?,
+            });
             first += n_out;
         }
         Ok(parts)
+    }
+
+    /// With `Quant::Gguf`, a linear weight's Q4_0 blocks as the file stores them.
+    fn stored_q4_0(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<Vec<u8>>> {
+        match self.opts.quant {
+            Quant::Gguf => self.src.q4_0_blocks(self.cfg, name, [n_out, n_in]),
+            _ => Ok(None),
+        }
+    }
+
+    /// A linear layer held in Q4_0 blocks (see [`Weight::Q4_0`]).
+    fn q4_0_linear(&mut self, name: &str, blocks: &[u8], n_out: usize, n_in: usize) -> Result<Linear> {
+        let (packed, scales) = crate::quant::gguf_blocks::q4_0_repacked(blocks, n_out * n_in)
+            .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
+        let weight = LinearWeight::Q4_0 { packed: self.buffer(name, &packed)?, scales: self.buffer(name, &scales)? };
+        Ok(Linear { weight, bias: None, n_out, n_in })
     }
 
     /// A linear layer without bias over the weights `w` (n_out, n_in) of tensor `name`.
@@ -379,7 +418,7 @@ impl Uploader<'_> {
         let bs = self.opts.block_size;
         // The NF4 kernel reads whole packed words of 8 values, so rows must hold whole words
         // (every real model's do); other shapes stay dense.
-        let weight = if self.opts.quant == Quant::Nf4 && n_in.is_multiple_of(8) && bs.is_multiple_of(8) {
+        let weight = if self.opts.quant.four_bit() && n_in.is_multiple_of(8) && bs.is_multiple_of(8) {
             let q = nf4::quantize(&w, &[n_out, n_in], bs).map_err(|e| Error::invalid("NF4 block size", e))?;
             LinearWeight::Nf4 {
                 packed: self.buffer(&name, &q.packed)?,
@@ -406,7 +445,7 @@ impl Uploader<'_> {
     fn table(&mut self, name: &str, rows: usize, dim: usize) -> Result<Table> {
         let data = self.get(name, &[rows, dim])?;
         // f16 pairs need an even row length so that no pair straddles two rows.
-        let f16 = self.opts.quant == Quant::Nf4 && self.opts.f16_tables && dim.is_multiple_of(2);
+        let f16 = self.opts.quant.four_bit() && self.opts.f16_tables && dim.is_multiple_of(2);
         let elem = if f16 { 2 } else { 4 };
         let limit = self.ctx.limits.max_storage_buffer_binding_size.min(self.ctx.limits.max_buffer_size) as usize;
         let rows_per = (limit / (dim * elem)).max(1);
@@ -519,35 +558,43 @@ impl Model {
         })
     }
 
-    /// The bytes [`Model::load`] uploads for `c`'s weights with `opts`, without loading them:
-    /// NF4 codes and absmax scales (or f32) for the linear layers, f16 (or f32) embedding and
-    /// lm_head tables, f32 norms and biases. Divided by the parameter count, the bits a weight
-    /// takes on the GPU.
-    pub fn planned_weight_bytes(c: &ModelConfig, opts: &LoadOptions) -> u64 {
-        let (h, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+    /// The bytes [`Model::load`] uploads for `c`'s weights from `src` with `opts`, without
+    /// loading them: NF4 codes and absmax scales (or f32, or a GGUF's own Q4_0 blocks with
+    /// `Quant::Gguf`) for the linear layers, f16 (or f32) embedding and lm_head tables, f32
+    /// norms and biases. Divided by the parameter count, the bits a weight takes on the GPU.
+    pub fn planned_weight_bytes(c: &ModelConfig, src: &WeightSource, opts: &LoadOptions) -> u64 {
+        let (h, hd) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
         let bs = opts.block_size;
-        let linear = |n_out: usize, n_in: usize| {
+        let linear = |l: usize, m: Module| {
+            let (n_out, n_in) = m.shape(c);
             let n = n_out * n_in;
-            if opts.quant == Quant::Nf4 && n_in.is_multiple_of(8) && bs.is_multiple_of(8) && bs > 0 {
+            // The tensor that holds m: itself, or the fused one it is part of (Phi-3).
+            let stored = match Module::adaptable(c).into_iter().find(|f| f.parts().contains(&m)) {
+                Some(f) => f,
+                None => m,
+            };
+            let name = format!("model.layers.{l}.{}.{}.weight", stored.parent(), stored.name());
+            let q4_0 = opts.quant == Quant::Gguf
+                && src.stored_type(c, &name) == Some(crate::quant::gguf_blocks::GgmlType::Q4_0)
+                && n_in.is_multiple_of(32);
+            if q4_0 {
+                n / 2 + n / 32 * 4
+            } else if opts.quant.four_bit() && n_in.is_multiple_of(8) && bs.is_multiple_of(8) && bs > 0 {
                 n.div_ceil(8) * 4 + n.div_ceil(bs) * 4
             } else {
                 n * 4
             }
         };
-        let f16 = opts.quant == Quant::Nf4 && opts.f16_tables && h.is_multiple_of(2);
+        let f16 = opts.quant.four_bit() && opts.f16_tables && h.is_multiple_of(2);
         let table = c.vocab_size * h * if f16 { 2 } else { 4 };
         let norms = 2 + if c.sandwich_norms { 2 } else { 0 };
-        let layer = linear(qd, h)
-            + 2 * linear(kvd, h)
-            + linear(h, qd)
-            + 2 * linear(i, h)
-            + linear(h, i)
-            + if c.qkv_bias { (qd + 2 * kvd) * 4 } else { 0 }
-            + if c.qk_norm { 2 * hd * 4 } else { 0 }
-            + norms * h * 4;
+        let vectors =
+            if c.qkv_bias { (qd + 2 * kvd) * 4 } else { 0 } + if c.qk_norm { 2 * hd * 4 } else { 0 } + norms * h * 4;
+        let layers: usize =
+            (0..c.num_layers).map(|l| Module::ALL.iter().map(|&m| linear(l, m)).sum::<usize>() + vectors).sum();
         let tables = if c.tie_word_embeddings { table } else { 2 * table };
-        (c.num_layers * layer + tables + h * 4) as u64
+        (layers + tables + h * 4) as u64
     }
 
     /// Opens a Hugging Face folder or a `.gguf` file and uploads it.

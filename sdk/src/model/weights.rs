@@ -190,6 +190,51 @@ impl WeightSource {
         }
     }
 
+    /// How a GGUF file stores the tensor of Hugging Face name `hf_name` (`None` for other
+    /// sources, or a tensor it lacks).
+    pub fn stored_type(&self, cfg: &ModelConfig, hf_name: &str) -> Option<crate::quant::gguf_blocks::GgmlType> {
+        let WeightSource::Gguf(g) = self else { return None };
+        gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)).map(|t| t.ty)
+    }
+
+    /// A linear weight's Q4_0 blocks as the GGUF file stores them, rows in Hugging Face order
+    /// (llama.cpp's q/k permutation undone by moving whole rows of blocks), when the source is
+    /// a GGUF file that holds `hf_name` (n_out, n_in) as Q4_0; `None` for any other source or
+    /// type.
+    pub fn q4_0_blocks(&self, cfg: &ModelConfig, hf_name: &str, expected: [usize; 2]) -> Result<Option<Vec<u8>>> {
+        let WeightSource::Gguf(g) = self else { return Ok(None) };
+        let Some(info) = gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)) else { return Ok(None) };
+        let [n_out, n_in] = expected;
+        if info.ty != crate::quant::gguf_blocks::GgmlType::Q4_0 || !n_in.is_multiple_of(32) {
+            return Ok(None);
+        }
+        if info.shape() != expected {
+            return Err(Error::Shape {
+                path: g.path.clone(),
+                tensor: hf_name.into(),
+                actual: info.shape(),
+                expected: expected.to_vec(),
+            });
+        }
+        let bytes = g.tensor_bytes(info);
+        let row = n_in / 32 * 18;
+        if bytes.len() != n_out * row {
+            return Err(Error::format(
+                &g.path,
+                format!("tensor `{}`: {} bytes for Q4_0 {expected:?}", info.name, bytes.len()),
+            ));
+        }
+        let heads = match (cfg.arch.gguf_permutes_qk(), info.name.as_str()) {
+            (true, n) if n.ends_with("attn_q.weight") => Some(cfg.num_heads),
+            (true, n) if n.ends_with("attn_k.weight") => Some(cfg.num_kv_heads),
+            _ => None,
+        };
+        Ok(Some(match heads {
+            Some(h) => move_qk_rows(bytes, &[n_out, row], h, false),
+            None => bytes.to_vec(),
+        }))
+    }
+
     /// A tensor by Hugging Face name, as f32 in row-major order, checked against `expected`.
     pub fn get(&self, cfg: &ModelConfig, hf_name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let (data, shape) = match self {
@@ -294,11 +339,11 @@ pub fn permute_rows(data: &[f32], shape: &[usize], n_head: usize) -> Vec<f32> {
     move_qk_rows(data, shape, n_head, true)
 }
 
-fn move_qk_rows(data: &[f32], shape: &[usize], n_head: usize, to_gguf: bool) -> Vec<f32> {
+fn move_qk_rows<T: Copy + Default>(data: &[T], shape: &[usize], n_head: usize, to_gguf: bool) -> Vec<T> {
     let rows = shape[0];
     let cols: usize = shape[1..].iter().product::<usize>().max(1);
     let half = rows / n_head / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {

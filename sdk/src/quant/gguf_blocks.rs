@@ -105,6 +105,26 @@ impl GgmlType {
     }
 }
 
+/// Q4_0 blocks (`n` values) as the GPU holds them: the 4-bit codes in NF4's packing (byte i
+/// holds element 2i in its high nibble and 2i+1 in its low one; ggml keeps element j of a
+/// block in the low nibble of byte j and element j + 16 in its high nibble) and each block's
+/// f16 scale d as an f32, exactly. value = (q - 8) * d, as [`dequantize`] computes it.
+pub fn q4_0_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
+    let need = GgmlType::Q4_0.bytes_for(n).ok_or_else(|| format!("{n} values is not a whole number of Q4_0 blocks"))?;
+    if data.len() != need {
+        return Err(format!("{} bytes for {n} Q4_0 values; {need} expected", data.len()));
+    }
+    let mut packed = Vec::with_capacity(n / 2);
+    let mut scales = Vec::with_capacity(n / 32);
+    for b in data.chunks_exact(18) {
+        scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+        let qs = &b[2..18];
+        let code = |e: usize| if e < 16 { qs[e] & 0xF } else { qs[e - 16] >> 4 };
+        packed.extend((0..16).map(|i| (code(2 * i) << 4) | code(2 * i + 1)));
+    }
+    Ok((packed, scales))
+}
+
 /// Quantizes `values` to `ty` bit for bit as ggml's reference quantizers and gguf-py's (what
 /// llama.cpp's converters write with) do. Q8_0: d = max|x| / 127 stored as f16,
 /// q = round(x · (1/d)) with halves away from zero. Q4_0: d = m / -8 where m is the first value

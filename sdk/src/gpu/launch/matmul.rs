@@ -1,4 +1,5 @@
-//! Linear layers: forward, input gradient and weight gradient over dense, f16 and NF4 weights, with split-K for small grids.
+//! Linear layers: forward, input gradient and weight gradient over dense, f16, NF4 and GGUF Q4_0
+//! weights, with split-K for small grids.
 
 use super::*;
 use crate::gpu::KernelFamily;
@@ -21,7 +22,18 @@ pub enum Weight<'a> {
         /// Values per absmax.
         block_size: usize,
     },
+    /// GGUF's Q4_0 as it is stored (repacked into NF4's nibble order): (N*K/8) u32 of eight
+    /// 4-bit codes, and one f32 scale (ggml's f16 d) per block of 32; value = (q - 8) * d.
+    Q4_0 {
+        /// (N*K/8) u32: eight 4-bit codes a word.
+        packed: &'a wgpu::Buffer,
+        /// (N*K/32) f32: each block's scale.
+        scales: &'a wgpu::Buffer,
+    },
 }
+
+/// Values per scale of [`Weight::Q4_0`].
+pub const Q4_0_BLOCK: usize = 32;
 
 impl Weight<'_> {
     /// Bytes a matmul reads of an (n, k) weight.
@@ -31,6 +43,7 @@ impl Weight<'_> {
             Weight::Dense(_) | Weight::DenseAt(..) => 4.0 * nk,
             Weight::F16(_) => 2.0 * nk,
             Weight::Nf4 { block_size, .. } => nk / 2.0 + 4.0 * nk / (*block_size).max(1) as f64,
+            Weight::Q4_0 { .. } => nk / 2.0 + 4.0 * nk / Q4_0_BLOCK as f64,
         }
     }
 }
@@ -182,6 +195,11 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
             p.block_size = u32_of(block_size, "block size")?;
             ([&MATVEC_NF4, &MATVEC_NF4_SIMD8], NF4, true, vec![x, packed, absmax, b, y])
         }
+        Weight::Q4_0 { packed, scales } => {
+            check_nf4(k, Q4_0_BLOCK)?;
+            p.block_size = Q4_0_BLOCK as u32;
+            ([&MATVEC_Q4_0, &MATVEC_Q4_0_SIMD8], Q4_0, true, vec![x, packed, scales, b, y])
+        }
     };
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
@@ -233,6 +251,12 @@ const NF4: Family = Family {
     tile128: &MATMUL_NF4_T128,
     coop16: Some(&MATMUL_NF4_COOP16),
 };
+const Q4_0: Family = Family {
+    portable: &MATMUL_Q4_0,
+    simd8: &MATMUL_Q4_0_SIMD8,
+    tile128: &MATMUL_Q4_0_T128,
+    coop16: Some(&MATMUL_Q4_0_COOP16),
+};
 const DENSE_DX: Family =
     Family { portable: &MATMUL_BACKWARD, simd8: &MATMUL_BACKWARD_SIMD8, tile128: &MATMUL_BACKWARD_T128, coop16: None };
 const F16_DX: Family = Family {
@@ -246,6 +270,12 @@ const NF4_DX: Family = Family {
     simd8: &MATMUL_NF4_BACKWARD_SIMD8,
     tile128: &MATMUL_NF4_BACKWARD_T128,
     coop16: Some(&MATMUL_NF4_BACKWARD_COOP16),
+};
+const Q4_0_DX: Family = Family {
+    portable: &MATMUL_Q4_0_BACKWARD,
+    simd8: &MATMUL_Q4_0_BACKWARD_SIMD8,
+    tile128: &MATMUL_Q4_0_BACKWARD_T128,
+    coop16: Some(&MATMUL_Q4_0_BACKWARD_COOP16),
 };
 const DENSE_DW: Family = Family {
     portable: &MATMUL_BACKWARD_W,
@@ -368,6 +398,11 @@ pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -
             check_nf4(k, block_size)?;
             p.block_size = u32_of(block_size, "block size")?;
             (NF4_DX, true, vec![g, packed, absmax, g, dx])
+        }
+        Weight::Q4_0 { packed, scales } => {
+            check_nf4(k, Q4_0_BLOCK)?;
+            p.block_size = Q4_0_BLOCK as u32;
+            (Q4_0_DX, true, vec![g, packed, scales, g, dx])
         }
     };
     let kernel = many_rows(ctx.report.kernels.matmul_grad, family, aligned && simd_ok, (p.m, p.k, p.n));
