@@ -49,14 +49,23 @@ check() {
 # integration tests are their own member, tests/), against crates.io's index for the rest.
 crates="edgetune-shaders edgetune edgetune-cli edgetune-capi"
 packages=$(printf -- '-p %s ' $crates)
-check "cargo publish --dry-run $crates" cargo publish --dry-run --locked --allow-dirty $packages
+# cargo verifies each crate against its siblings through a local overlay registry: it unpacks
+# them under $CARGO_HOME/registry/src/-<hash>/ and builds them as registry crates, which it never
+# unpacks or rebuilds again for the same version. A copy or a build left by an earlier run (of
+# the shaders before a change) would stand in for this one, so both go first; the verification
+# builds in a target folder of its own, so that the workspace's builds stay.
+publish_target="$HOME/.cache/edgetune/publish-target"
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/edgetune*-[0-9]* "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/-*/edgetune* \
+  "$publish_target"/debug/.fingerprint/edgetune* "$publish_target"/debug/deps/*edgetune* "$publish_target"/debug/build/edgetune*
+check "cargo publish --dry-run $crates" env CARGO_TARGET_DIR="$publish_target" \
+  cargo publish --dry-run --locked --allow-dirty $packages
 # Their unit tests pass from the .crate files alone, unpacked in a scratch folder (each crate's
 # sibling dependencies patched to the unpacked siblings). The C crate's unit tests load the
 # repository's tiny model, so they run in the workspace only.
 unit_tests_in() {
   local dir="$1" version c
   version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
-  for c in $crates; do tar -xzf "$CARGO_TARGET_DIR/package/$c-$version.crate" -C "$dir" || return 1; done
+  for c in $crates; do tar -xzf "$publish_target/package/$c-$version.crate" -C "$dir" || return 1; done
   for c in edgetune-shaders edgetune edgetune-cli; do
     (cd "$dir/$c-$version" && cargo test --offline --lib --bins \
       --config "patch.crates-io.edgetune-shaders.path=\"$dir/edgetune-shaders-$version\"" \

@@ -385,6 +385,31 @@ def _dequantized_state(path, sub=None, norm_offset=0.0):
     return state
 
 
+def _bpe_meta(template):
+    """GGUF tokenizer metadata for the tiny byte-level BPE vocabulary (tiny_tokenizer.json), as
+    llama.cpp's converter writes a Qwen2-style one, with `template` as the chat template."""
+    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
+    vocab = tj["model"]["vocab"]
+    for t in tj["added_tokens"]:
+        vocab[t["content"]] = t["id"]
+    btokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        btokens[i] = t
+    specials = {t["content"] for t in tj["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+
+    def meta(w):
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(btokens)
+        w.add_token_types([3 if t in specials else 1 for t in btokens])
+        w.add_token_merges(merges)
+        w.add_eos_token_id(vocab["<|im_end|>"])
+        w.add_chat_template(template)
+
+    return meta
+
+
 def tiny_gguf_fixtures():
     """A tiny llama GGUF with a SentencePiece vocabulary and a tiny qwen2 GGUF with a byte-level
     BPE vocabulary; expected logits and ids come from transformers loading those files."""
@@ -449,24 +474,7 @@ def tiny_gguf_fixtures():
 
     # qwen2: the tiny qwen2 model (biases, tied embeddings) with the tiny byte-level BPE vocabulary.
     qwen = Qwen2ForCausalLM.from_pretrained(os.path.join(OUT, "tiny_qwen2"), dtype=torch.float32)
-    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
-    vocab = tj["model"]["vocab"]
-    for t in tj["added_tokens"]:
-        vocab[t["content"]] = t["id"]
-    btokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        btokens[i] = t
-    specials = {t["content"] for t in tj["added_tokens"]}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
-
-    def bpe_meta(w):
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2")
-        w.add_token_list(btokens)
-        w.add_token_types([3 if t in specials else 1 for t in btokens])
-        w.add_token_merges(merges)
-        w.add_eos_token_id(vocab["<|im_end|>"])
-        w.add_chat_template(CHAT_TEMPLATE)
+    bpe_meta = _bpe_meta(CHAT_TEMPLATE)
 
     qwen_types = {"token_embd": T.Q8_0, "attn_q": T.Q4_1, "attn_k": T.Q4_0, "attn_v": T.F16, "attn_output": T.Q8_0,
                   "ffn_gate": T.Q4_0, "ffn_up": T.Q8_0, "ffn_down": T.Q4_1}
@@ -506,24 +514,7 @@ def qwen3_fixtures():
     tiny_model("qwen3", tok)
     d = os.path.join(OUT, "tiny_qwen3")
     qwen = Qwen3ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
-    vocab = tj["model"]["vocab"]
-    for t in tj["added_tokens"]:
-        vocab[t["content"]] = t["id"]
-    btokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        btokens[i] = t
-    specials = {t["content"] for t in tj["added_tokens"]}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
-
-    def bpe_meta(w):
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2")
-        w.add_token_list(btokens)
-        w.add_token_types([3 if t in specials else 1 for t in btokens])
-        w.add_token_merges(merges)
-        w.add_eos_token_id(vocab["<|im_end|>"])
-        w.add_chat_template(QWEN3_STYLE_TEMPLATE)
+    bpe_meta = _bpe_meta(QWEN3_STYLE_TEMPLATE)
 
     T = gguf.GGMLQuantizationType
     types = {"token_embd": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.Q4_1, "attn_output": T.F16,
@@ -590,7 +581,6 @@ def gemma3_fixtures():
     file's tensors dequantized by gguf-py (norms back to w)."""
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer, Gemma3ForCausalLM
-    from gguf.quants import dequantize
     import gguf
 
     tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
@@ -598,24 +588,7 @@ def gemma3_fixtures():
     peft_fixture("gemma3")
     d = os.path.join(OUT, "tiny_gemma3")
     model = Gemma3ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
-    vocab = tj["model"]["vocab"]
-    for t in tj["added_tokens"]:
-        vocab[t["content"]] = t["id"]
-    btokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        btokens[i] = t
-    specials = {t["content"] for t in tj["added_tokens"]}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
-
-    def bpe_meta(w):
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2")
-        w.add_token_list(btokens)
-        w.add_token_types([3 if t in specials else 1 for t in btokens])
-        w.add_token_merges(merges)
-        w.add_eos_token_id(vocab["<|im_end|>"])
-        w.add_chat_template(GEMMA_STYLE_TEMPLATE)
+    bpe_meta = _bpe_meta(GEMMA_STYLE_TEMPLATE)
 
     T = gguf.GGMLQuantizationType
     types = {"token_embd": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.Q4_1, "attn_output": T.F16,
@@ -671,24 +644,7 @@ def phi3_gguf(kind, tok):
 
     d = os.path.join(OUT, f"tiny_{kind}")
     model = Phi3ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    tj = json.load(open(os.path.join(OUT, "tiny_tokenizer.json")))
-    vocab = tj["model"]["vocab"]
-    for t in tj["added_tokens"]:
-        vocab[t["content"]] = t["id"]
-    btokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        btokens[i] = t
-    specials = {t["content"] for t in tj["added_tokens"]}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
-
-    def bpe_meta(w):
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("qwen2")
-        w.add_token_list(btokens)
-        w.add_token_types([3 if t in specials else 1 for t in btokens])
-        w.add_token_merges(merges)
-        w.add_eos_token_id(vocab["<|im_end|>"])
-        w.add_chat_template(CHAT_TEMPLATE)
+    bpe_meta = _bpe_meta(CHAT_TEMPLATE)
 
     T = gguf.GGMLQuantizationType
     types = {"token_embd": T.Q8_0, "output": T.Q8_0, "attn_qkv": T.Q4_0, "attn_output": T.F16, "ffn_up": T.Q8_0,

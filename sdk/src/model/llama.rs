@@ -289,6 +289,14 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) kv_cache: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer, usize)>,
 }
 
+/// An attention or MLP branch's last projection (see [`Model::branch`]).
+struct Branch<'b> {
+    module: Module,
+    x: &'b wgpu::Buffer,
+    post_norm: Option<&'b wgpu::Buffer>,
+    kept: &'b wgpu::Buffer,
+}
+
 /// A point in [`Model::block_forward`] after which activations are complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stage {
@@ -952,20 +960,9 @@ impl Model {
         )?;
         after(enc, Stage::Attention)?;
         let bytes = (t * h * 4) as u64;
-        let eps = c.rms_norm_eps;
-        let attn_out = match &layer.post_attn_norm {
-            Some(w) => {
-                self.linear(enc, l, Module::OProj, lora, b.att, b.attn_out, b.lora_h, t, drop)?;
-                after(enc, Stage::AttnOut)?;
-                let norm = launch::RmsNorm { x: b.attn_out, w, y: b.xn, n_rows: t, dim: h, eps };
-                launch::rms_norm_forward(ctx, enc, norm)?;
-                b.xn
-            }
-            None => {
-                self.linear(enc, l, Module::OProj, lora, b.att, b.proj, b.lora_h, t, drop)?;
-                b.proj
-            }
-        };
+        let out =
+            Branch { module: Module::OProj, x: b.att, post_norm: layer.post_attn_norm.as_ref(), kept: b.attn_out };
+        let attn_out = self.branch(enc, l, out, b, (lora, t, drop), Stage::AttnOut, after)?;
         if b.x_mid != b.x_in {
             enc.copy_buffer_to_buffer(b.x_in, 0, b.x_mid, 0, bytes);
         }
@@ -980,23 +977,38 @@ impl Model {
         self.linear(enc, l, Module::UpProj, lora, b.xn, b.up, b.lora_h, t, drop)?;
         after(enc, Stage::GateUp)?;
         self.gate_forward(enc, b.gate, b.up, b.act, t * inter)?;
-        let mlp_out = match &layer.post_ffn_norm {
-            Some(w) => {
-                self.linear(enc, l, Module::DownProj, lora, b.act, b.mlp_out, b.lora_h, t, drop)?;
-                after(enc, Stage::MlpOut)?;
-                let norm = launch::RmsNorm { x: b.mlp_out, w, y: b.xn, n_rows: t, dim: h, eps };
-                launch::rms_norm_forward(ctx, enc, norm)?;
-                b.xn
-            }
-            None => {
-                self.linear(enc, l, Module::DownProj, lora, b.act, b.proj, b.lora_h, t, drop)?;
-                b.proj
-            }
-        };
+        let out =
+            Branch { module: Module::DownProj, x: b.act, post_norm: layer.post_ffn_norm.as_ref(), kept: b.mlp_out };
+        let mlp_out = self.branch(enc, l, out, b, (lora, t, drop), Stage::MlpOut, after)?;
         if b.x_out != b.x_mid {
             enc.copy_buffer_to_buffer(b.x_mid, 0, b.x_out, 0, bytes);
         }
         launch::add_forward(ctx, enc, mlp_out, b.x_out, t * h)
+    }
+
+    /// The output of an attention or MLP branch as the residual stream takes it: module `m`'s
+    /// projection of `x`, through Gemma's norm after it where the layer has one (the projection
+    /// kept in `kept` and reported at `stage`, the normed result in `b.xn`), else as it is (in
+    /// `b.proj`).
+    fn branch<'b>(
+        &self,
+        enc: &mut Encoder,
+        l: usize,
+        br: Branch<'b>,
+        b: &BlockBuffers<'b>,
+        (lora, t, drop): (Option<&GpuAdapter>, usize, Option<Dropout<'_>>),
+        stage: Stage,
+        after: &mut dyn FnMut(&mut Encoder, Stage) -> Result<()>,
+    ) -> Result<&'b wgpu::Buffer> {
+        let Some(w) = br.post_norm else {
+            self.linear(enc, l, br.module, lora, br.x, b.proj, b.lora_h, t, drop)?;
+            return Ok(b.proj);
+        };
+        self.linear(enc, l, br.module, lora, br.x, br.kept, b.lora_h, t, drop)?;
+        after(enc, stage)?;
+        let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
+        launch::rms_norm_forward(&self.ctx, enc, launch::RmsNorm { x: br.kept, w, y: b.xn, n_rows: t, dim: h, eps })?;
+        Ok(b.xn)
     }
 
     /// The RoPE table of layer l: the sliding-window layers' own where they have one.
