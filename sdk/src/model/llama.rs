@@ -295,6 +295,7 @@ struct Branch<'b> {
     x: &'b wgpu::Buffer,
     post_norm: Option<&'b wgpu::Buffer>,
     kept: &'b wgpu::Buffer,
+    stage: Stage,
 }
 
 /// A point in [`Model::block_forward`] after which activations are complete.
@@ -960,9 +961,14 @@ impl Model {
         )?;
         after(enc, Stage::Attention)?;
         let bytes = (t * h * 4) as u64;
-        let out =
-            Branch { module: Module::OProj, x: b.att, post_norm: layer.post_attn_norm.as_ref(), kept: b.attn_out };
-        let attn_out = self.branch(enc, l, out, b, (lora, t, drop), Stage::AttnOut, after)?;
+        let out = Branch {
+            module: Module::OProj,
+            x: b.att,
+            post_norm: layer.post_attn_norm.as_ref(),
+            kept: b.attn_out,
+            stage: Stage::AttnOut,
+        };
+        let attn_out = self.branch(enc, l, out, b, (lora, t, drop), after)?;
         if b.x_mid != b.x_in {
             enc.copy_buffer_to_buffer(b.x_in, 0, b.x_mid, 0, bytes);
         }
@@ -977,9 +983,14 @@ impl Model {
         self.linear(enc, l, Module::UpProj, lora, b.xn, b.up, b.lora_h, t, drop)?;
         after(enc, Stage::GateUp)?;
         self.gate_forward(enc, b.gate, b.up, b.act, t * inter)?;
-        let out =
-            Branch { module: Module::DownProj, x: b.act, post_norm: layer.post_ffn_norm.as_ref(), kept: b.mlp_out };
-        let mlp_out = self.branch(enc, l, out, b, (lora, t, drop), Stage::MlpOut, after)?;
+        let out = Branch {
+            module: Module::DownProj,
+            x: b.act,
+            post_norm: layer.post_ffn_norm.as_ref(),
+            kept: b.mlp_out,
+            stage: Stage::MlpOut,
+        };
+        let mlp_out = self.branch(enc, l, out, b, (lora, t, drop), after)?;
         if b.x_out != b.x_mid {
             enc.copy_buffer_to_buffer(b.x_mid, 0, b.x_out, 0, bytes);
         }
@@ -988,7 +999,7 @@ impl Model {
 
     /// The output of an attention or MLP branch as the residual stream takes it: module `m`'s
     /// projection of `x`, through Gemma's norm after it where the layer has one (the projection
-    /// kept in `kept` and reported at `stage`, the normed result in `b.xn`), else as it is (in
+    /// kept in `kept` and reported at its `stage`, the normed result in `b.xn`), else as it is (in
     /// `b.proj`).
     fn branch<'b>(
         &self,
@@ -997,7 +1008,6 @@ impl Model {
         br: Branch<'b>,
         b: &BlockBuffers<'b>,
         (lora, t, drop): (Option<&GpuAdapter>, usize, Option<Dropout<'_>>),
-        stage: Stage,
         after: &mut dyn FnMut(&mut Encoder, Stage) -> Result<()>,
     ) -> Result<&'b wgpu::Buffer> {
         let Some(w) = br.post_norm else {
@@ -1005,7 +1015,7 @@ impl Model {
             return Ok(b.proj);
         };
         self.linear(enc, l, br.module, lora, br.x, br.kept, b.lora_h, t, drop)?;
-        after(enc, stage)?;
+        after(enc, br.stage)?;
         let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
         launch::rms_norm_forward(&self.ctx, enc, launch::RmsNorm { x: br.kept, w, y: b.xn, n_rows: t, dim: h, eps })?;
         Ok(b.xn)
