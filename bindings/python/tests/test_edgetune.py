@@ -406,6 +406,15 @@ class ErrorTest(unittest.TestCase):
         with self.assertRaises(edgetune.InvalidArgumentError):
             edgetune.Model.load(TINY, quant="q3")
 
+    def test_every_quant_in_the_header_has_its_name_and_loads_a_gguf_file(self):
+        header = (REPO / "bindings" / "c" / "include" / "edgetune.h").read_text()
+        quants = {name.lower(): int(n) for name, n in re.findall(r"\bEDGETUNE_QUANT_([A-Z0-9]+) = (\d+)", header)}
+        self.assertEqual(quants, edgetune._QUANTS)
+        gguf = REPO / "tests" / "reference" / "fixtures" / "tiny_llama_spm.gguf"
+        for quant in quants:
+            with self.subTest(quant=quant), edgetune.Model.load(gguf, quant=quant, max_context=64) as model:
+                self.assertTrue(model.generate("Paris", max_new_tokens=2))
+
     def test_a_missing_adapter_folder_is_named(self):
         with self.assertRaises(edgetune.EdgetuneError) as cm:
             self.model.load_adapter("/nonexistent/adapter")
