@@ -16,6 +16,6 @@
 // Words never straddle an NF4 block (block_size % 8 == 0), so one scale serves all eight.
 fn load_w8(n: u32, j: u32) -> Eight {
     let word = n * (p.k / 8u) + j;
-    let s = absmax[word * 8u / p.block_size];
-    return Eight(nf4_vec4(w[word], 0u) * s, nf4_vec4(w[word], 4u) * s);
+    let c = block_coeffs(word * 8u / p.block_size);
+    return Eight(nf4_vec4(w[word], 0u) * c.x + c.y, nf4_vec4(w[word], 4u) * c.x + c.y);
 }

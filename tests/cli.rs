@@ -92,7 +92,7 @@ fn bad_input_exits_non_zero_with_a_named_reason() {
 
     let out = edgetune(&["generate", "--model", &tiny(), "--prompt", "x", "--quant", "int3"]);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("expected nf4 or none"), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("expected nf4, gguf or none"), "{}", text(&out.stderr));
 }
 
 #[test]

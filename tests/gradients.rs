@@ -225,6 +225,32 @@ fn matmul_backward_kernels_match_twins() {
                 });
                 let got = ctx.read_f32(&dxb, m * k).expect("read");
                 assert_close_slack(&format!("matmul_q4_0_backward {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n), &slack);
+
+                // Q4_1 (a scale and a minimum a block).
+                let blocks = common::q4_1_blocks(n * k, 400 + s);
+                let wd = gguf_blocks::dequantize(GgmlType::Q4_1, &blocks, n * k).expect("dequantize");
+                let (packed, coeffs) = gguf_blocks::q4_1_repacked(&blocks, n * k).expect("repack");
+                let want = r::matmul_backward(&dy, &wd, m, n, k);
+                let slack = f16_slack(f16_products(&ctx), (m, k, n), 1.0, |r, j| dy[r * n + j], |c, j| wd[j * k + c]);
+                let (pb, cb) = (ctx.storage_from("packed", &packed), ctx.storage_from("coeffs", &coeffs));
+                let w4 = Weight::Q4_1 { packed: &pb, coeffs: &cb };
+                run(&ctx, |enc| {
+                    launch::matmul_backward(
+                        &ctx,
+                        enc,
+                        launch::MatmulGrad {
+                            dy: DyCols::whole(&gb, n),
+                            w: w4,
+                            dx: &dxb,
+                            m,
+                            n,
+                            k,
+                            out: OutCols::whole(k),
+                        },
+                    )
+                });
+                let got = ctx.read_f32(&dxb, m * k).expect("read");
+                assert_close_slack(&format!("matmul_q4_1_backward {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n), &slack);
             }
 
             // f16 pairs: against the twin on the rounded weight.

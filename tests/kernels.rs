@@ -33,7 +33,8 @@ fn every_shader_compiles_on_the_adapter() {
 fn cooperative_matrix_kernels_validate_and_translate_to_spirv() {
     use wgpu::naga;
     let coop: Vec<_> = shaders::ALL_SHADERS.iter().filter(|s| s.uses_cooperative_matrix()).collect();
-    assert_eq!(coop.len(), 5, "dense, f16 and NF4 forward kernels; f16 and NF4 input gradients");
+    // Dense, f16, NF4, Q4_0 and Q4_1 forward kernels; f16, NF4, Q4_0 and Q4_1 input gradients.
+    assert_eq!(coop.len(), 9, "the coop16 kernels: {:?}", coop.iter().map(|s| s.name).collect::<Vec<_>>());
     for s in coop {
         let source = shaders::expand(s).expect("expand");
         // The variant swaps the core: the matrix-unit one in, the tile128 one out.
@@ -168,6 +169,27 @@ fn matmul_q4_0_matches_dequantized_reference() {
             let (pb, sb) = (ctx.storage_from("packed", &packed), ctx.storage_from("scales", &scales));
             let w = launch::Weight::Q4_0 { packed: &pb, scales: &sb };
             check_matmul(&ctx, "matmul_q4_0", (&xb, w), (&x, &wd), None, &want, (m, n, k));
+        }
+    }
+}
+
+/// GGUF Q4_1 as it is stored (codes with each block's scale and minimum) through the NF4
+/// kernels of every family, against the reference on ggml's dequantized values.
+#[test]
+fn matmul_q4_1_matches_dequantized_reference() {
+    use edgetune::quant::gguf_blocks::{self, GgmlType};
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        for (i, &(m, n, k)) in [(1, 3, 64), (6, 70, 128), (9, 33, 192), (66, 65, 32), (1, 37, 576)].iter().enumerate() {
+            let x = rand(m * k, 50 + i as u64, 1.0);
+            let blocks = common::q4_1_blocks(n * k, 60 + i as u64);
+            let wd = gguf_blocks::dequantize(GgmlType::Q4_1, &blocks, n * k).expect("dequantize");
+            let (packed, coeffs) = gguf_blocks::q4_1_repacked(&blocks, n * k).expect("repack");
+            let want = r::matmul_forward(&x, &wd, None, m, n, k);
+            let xb = ctx.storage_from("x", &x);
+            let (pb, cb) = (ctx.storage_from("packed", &packed), ctx.storage_from("coeffs", &coeffs));
+            let w = launch::Weight::Q4_1 { packed: &pb, coeffs: &cb };
+            check_matmul(&ctx, "matmul_q4_1", (&xb, w), (&x, &wd), None, &want, (m, n, k));
         }
     }
 }

@@ -50,12 +50,13 @@ fn fetch_generic_b(c0: u32, j0: u32, lid: u32) -> Chunk {
     return Chunk(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
 }
 
-// The 8 code values of a packed NF4 word, in element order, times `scale`.
-fn nf4_word(word: u32, scale: f32) -> Chunk {
+// The 8 code values of a packed NF4 word, in element order, times the block's scale plus its
+// minimum (`c`, from the code snippet's block_coeffs; the minimum is 0 but for affine codes).
+fn nf4_word(word: u32, c: vec2<f32>) -> Chunk {
     var v: array<f32, 8>;
     for (var e = 0u; e < 8u; e++) {
         let shift = 8u * (e / 2u) + select(0u, 4u, e % 2u == 0u);
-        v[e] = code_table[(word >> shift) & 0xFu] * scale;
+        v[e] = code_table[(word >> shift) & 0xFu] * c.x + c.y;
     }
     return Chunk(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
 }

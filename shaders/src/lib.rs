@@ -232,12 +232,39 @@ shaders! {
     MATMUL_Q4_0_BACKWARD_COOP16_EMULATED = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop16.q4_0.emulated"
         [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl"),
          ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    // GGUF's Q4_1 held as it is: every NF4 kernel with Q4_1's codes and each block's scale and
+    // minimum (shaders/common/q4_1_code.wgsl), blocks of 32.
+    MATMUL_Q4_1 = "matmul_nf4" as "matmul_nf4.q4_1" [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATVEC_Q4_1 = "matvec_nf4" as "matvec_nf4.q4_1" [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_BACKWARD = "matmul_nf4_backward" as "matmul_nf4_backward.q4_1"
+        [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.q4_1" [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATVEC_Q4_1_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.one_row.q4_1"
+        [("ONE_ROW", "1"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_BACKWARD_SIMD8 = "matmul_nf4_backward_simd8" as "matmul_nf4_backward_simd8.q4_1"
+        [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_T128 = "matmul_nf4_t128" as "matmul_nf4_t128.q4_1" [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_BACKWARD_T128 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.q4_1"
+        [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_COOP16 = "matmul_nf4_t128" as "matmul_nf4_t128.coop16.q4_1"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_BACKWARD_COOP16 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop16.q4_1"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_COOP16_EMULATED = "matmul_nf4_t128" as "matmul_nf4_t128.coop16.q4_1.emulated"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl"),
+         ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_BACKWARD_COOP16_EMULATED = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop16.q4_1.emulated"
+        [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl"),
+         ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
 }
 
 const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4.wgsl", include_str!("../common/nf4.wgsl")),
     ("common/nf4_code.wgsl", include_str!("../common/nf4_code.wgsl")),
     ("common/q4_0_code.wgsl", include_str!("../common/q4_0_code.wgsl")),
+    ("common/q4_1_code.wgsl", include_str!("../common/q4_1_code.wgsl")),
+    ("common/nf4_block.wgsl", include_str!("../common/nf4_block.wgsl")),
+    ("common/q4_1_block.wgsl", include_str!("../common/q4_1_block.wgsl")),
     ("common/tile128.wgsl", include_str!("../common/tile128.wgsl")),
     ("common/tile_fetch.wgsl", include_str!("../common/tile_fetch.wgsl")),
     ("common/tile_nf4.wgsl", include_str!("../common/tile_nf4.wgsl")),

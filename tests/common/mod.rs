@@ -191,3 +191,17 @@ pub fn run(ctx: &edgetune::gpu::GpuContext, f: impl FnOnce(&mut edgetune::gpu::E
     f(&mut enc).expect("dispatch");
     ctx.submit([enc.finish()]);
 }
+
+/// Random Q4_1 blocks (each block's f16 scale and minimum, 16 bytes of codes) for `n` values.
+pub fn q4_1_blocks(n: usize, seed: u64) -> Vec<u8> {
+    let noise = rand(n / 32 * 18, seed, 1.0);
+    let mut out = Vec::with_capacity(n / 32 * 20);
+    for (b, r) in noise.chunks(18).enumerate() {
+        let d = half::f16::from_f32(0.01 + 0.02 * r[0].abs());
+        let m = half::f16::from_f32(-0.15 * (1.0 + r[1]) + 0.001 * b as f32);
+        out.extend(d.to_le_bytes());
+        out.extend(m.to_le_bytes());
+        out.extend(r[2..18].iter().map(|v| ((v + 1.0) * 127.99) as u8));
+    }
+    out
+}

@@ -13,6 +13,7 @@ use crate::lora::{GpuAdapter, Module};
 use crate::model::config::{Activation, ModelConfig};
 use crate::model::weights::WeightSource;
 use crate::prim::{FNV_OFFSET, fnv1a};
+use crate::quant::gguf_blocks::GgmlType;
 use crate::quant::nf4;
 
 /// How linear weights are held on the GPU.
@@ -24,14 +25,14 @@ pub enum Quant {
     Nf4,
     /// Unquantized f32, for parity checks.
     None,
-    /// A GGUF base's Q4_0 tensors stay in their own blocks on the GPU (4.5 bits a weight, no
+    /// A GGUF base's Q4_0 and Q4_1 tensors stay in their own blocks on the GPU (no
     /// re-quantization: the kernels compute with exactly the values llama.cpp does); its other
     /// linear weights are held as NF4. For a Hugging Face folder, the same as `Nf4`.
     Gguf,
 }
 
 impl Quant {
-    /// Whether linear weights are held at 4 bits (NF4, or a GGUF's own Q4_0 blocks).
+    /// Whether linear weights are held at 4 bits (NF4, or a GGUF's own Q4_0 and Q4_1 blocks).
     pub fn four_bit(self) -> bool {
         matches!(self, Quant::Nf4 | Quant::Gguf)
     }
@@ -74,6 +75,7 @@ pub(crate) enum LinearWeight {
     Dense(wgpu::Buffer),
     Nf4 { packed: wgpu::Buffer, absmax: wgpu::Buffer, block_size: usize },
     Q4_0 { packed: wgpu::Buffer, scales: wgpu::Buffer },
+    Q4_1 { packed: wgpu::Buffer, coeffs: wgpu::Buffer },
 }
 
 /// One linear layer: y = x W^T (+ b), W (n_out, n_in).
@@ -91,6 +93,7 @@ impl Linear {
             LinearWeight::Dense(b) => Weight::Dense(b),
             LinearWeight::Nf4 { packed, absmax, block_size } => Weight::Nf4 { packed, absmax, block_size: *block_size },
             LinearWeight::Q4_0 { packed, scales } => Weight::Q4_0 { packed, scales },
+            LinearWeight::Q4_1 { packed, coeffs } => Weight::Q4_1 { packed, coeffs },
         }
     }
 }
@@ -375,8 +378,8 @@ impl Uploader<'_> {
     fn linear(&mut self, prefix: &str, n_out: usize, n_in: usize, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
         let w = self.get(&name, &[n_out, n_in])?;
-        let mut lin = match self.stored_q4_0(&name, n_out, n_in)? {
-            Some(blocks) => self.q4_0_linear(&name, &blocks, n_out, n_in)?,
+        let mut lin = match self.stored_blocks(&name, n_out, n_in)? {
+            Some((ty, blocks)) => self.blocks_linear(&name, ty, &blocks, n_out, n_in)?,
             None => self.linear_of(&name, w, n_out, n_in)?,
         };
         lin.bias = if bias { Some(self.vector(&format!("{prefix}.bias"), n_out)?) } else { None };
@@ -389,14 +392,14 @@ impl Uploader<'_> {
         let name = format!("{prefix}.weight");
         let total: usize = rows.iter().sum();
         let w = self.get(&name, &[total, n_in])?;
-        let blocks = self.stored_q4_0(&name, total, n_in)?;
+        let blocks = self.stored_blocks(&name, total, n_in)?;
         let mut first = 0;
         let mut parts = Vec::with_capacity(rows.len());
         for &n_out in rows {
             parts.push(match &blocks {
-                Some(b) => {
-                    let row = n_in / 32 * 18;
-                    self.q4_0_linear(&name, &b[first * row..(first + n_out) * row], n_out, n_in)?
+                Some((ty, b)) => {
+                    let row = n_in / 32 * ty.block().1;
+                    self.blocks_linear(&name, *ty, &b[first * row..(first + n_out) * row], n_out, n_in)?
                 }
                 None => self.linear_of(&name, w[first * n_in..(first + n_out) * n_in].to_vec(), n_out, n_in)?,
             });
@@ -405,19 +408,28 @@ impl Uploader<'_> {
         Ok(parts)
     }
 
-    /// With `Quant::Gguf`, a linear weight's Q4_0 blocks as the file stores them.
-    fn stored_q4_0(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<Vec<u8>>> {
+    /// With `Quant::Gguf`, a linear weight's 4-bit blocks (Q4_0, Q4_1) as the file stores them.
+    fn stored_blocks(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<(GgmlType, Vec<u8>)>> {
         match self.opts.quant {
-            Quant::Gguf => self.src.q4_0_blocks(self.cfg, name, [n_out, n_in]),
+            Quant::Gguf => self.src.gguf_4bit_blocks(self.cfg, name, [n_out, n_in]),
             _ => Ok(None),
         }
     }
 
-    /// A linear layer held in Q4_0 blocks (see [`Weight::Q4_0`]).
-    fn q4_0_linear(&mut self, name: &str, blocks: &[u8], n_out: usize, n_in: usize) -> Result<Linear> {
-        let (packed, scales) = crate::quant::gguf_blocks::q4_0_repacked(blocks, n_out * n_in)
-            .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
-        let weight = LinearWeight::Q4_0 { packed: self.buffer(name, &packed)?, scales: self.buffer(name, &scales)? };
+    /// A linear layer held in its GGUF blocks (see [`Weight::Q4_0`], [`Weight::Q4_1`]).
+    fn blocks_linear(&mut self, name: &str, ty: GgmlType, blocks: &[u8], n_out: usize, n_in: usize) -> Result<Linear> {
+        let n = n_out * n_in;
+        let fail = |e: String| Error::format(self.src.path(), format!("tensor `{name}`: {e}"));
+        let weight = match ty {
+            GgmlType::Q4_1 => {
+                let (packed, coeffs) = crate::quant::gguf_blocks::q4_1_repacked(blocks, n).map_err(fail)?;
+                LinearWeight::Q4_1 { packed: self.buffer(name, &packed)?, coeffs: self.buffer(name, &coeffs)? }
+            }
+            _ => {
+                let (packed, scales) = crate::quant::gguf_blocks::q4_0_repacked(blocks, n).map_err(fail)?;
+                LinearWeight::Q4_0 { packed: self.buffer(name, &packed)?, scales: self.buffer(name, &scales)? }
+            }
+        };
         Ok(Linear { weight, bias: None, n_out, n_in })
     }
 
@@ -568,7 +580,7 @@ impl Model {
     }
 
     /// The bytes [`Model::load`] uploads for `c`'s weights from `src` with `opts`, without
-    /// loading them: NF4 codes and absmax scales (or f32, or a GGUF's own Q4_0 blocks with
+    /// loading them: NF4 codes and absmax scales (or f32, or a GGUF's own Q4_0 and Q4_1 blocks with
     /// `Quant::Gguf`) for the linear layers, f16 (or f32) embedding and lm_head tables, f32
     /// norms and biases. Divided by the parameter count, the bits a weight takes on the GPU.
     pub fn planned_weight_bytes(c: &ModelConfig, src: &WeightSource, opts: &LoadOptions) -> u64 {
@@ -584,11 +596,13 @@ impl Model {
                 None => m,
             };
             let name = format!("model.layers.{l}.{}.{}.weight", stored.parent(), stored.name());
-            let q4_0 = opts.quant == Quant::Gguf
-                && src.stored_type(c, &name) == Some(crate::quant::gguf_blocks::GgmlType::Q4_0)
-                && n_in.is_multiple_of(32);
-            if q4_0 {
-                n / 2 + n / 32 * 4
+            let kept = match src.stored_type(c, &name) {
+                Some(GgmlType::Q4_0) => Some(4),
+                Some(GgmlType::Q4_1) => Some(8),
+                _ => None,
+            };
+            if let Some(coeff_bytes) = kept.filter(|_| opts.quant == Quant::Gguf && n_in.is_multiple_of(32)) {
+                n / 2 + n / 32 * coeff_bytes
             } else if opts.quant.four_bit() && n_in.is_multiple_of(8) && bs.is_multiple_of(8) && bs > 0 {
                 n.div_ceil(8) * 4 + n.div_ceil(bs) * 4
             } else {

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
 use crate::model::gguf::GgufFile;
 use crate::prim::{FNV_OFFSET, fnv1a};
+use crate::quant::gguf_blocks::GgmlType;
 
 /// One memory-mapped safetensors file with its header parsed (and validated) once.
 #[derive(Debug)]
@@ -192,20 +193,25 @@ impl WeightSource {
 
     /// How a GGUF file stores the tensor of Hugging Face name `hf_name` (`None` for other
     /// sources, or a tensor it lacks).
-    pub fn stored_type(&self, cfg: &ModelConfig, hf_name: &str) -> Option<crate::quant::gguf_blocks::GgmlType> {
+    pub fn stored_type(&self, cfg: &ModelConfig, hf_name: &str) -> Option<GgmlType> {
         let WeightSource::Gguf(g) = self else { return None };
         gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)).map(|t| t.ty)
     }
 
-    /// A linear weight's Q4_0 blocks as the GGUF file stores them, rows in Hugging Face order
-    /// (llama.cpp's q/k permutation undone by moving whole rows of blocks), when the source is
-    /// a GGUF file that holds `hf_name` (n_out, n_in) as Q4_0; `None` for any other source or
-    /// type.
-    pub fn q4_0_blocks(&self, cfg: &ModelConfig, hf_name: &str, expected: [usize; 2]) -> Result<Option<Vec<u8>>> {
+    /// A linear weight's 4-bit blocks (Q4_0 or Q4_1) as the GGUF file stores them, rows in
+    /// Hugging Face order (llama.cpp's q/k permutation undone by moving whole rows of blocks),
+    /// when the source is a GGUF file that holds `hf_name` (n_out, n_in) so; `None` for any
+    /// other source or type.
+    pub fn gguf_4bit_blocks(
+        &self,
+        cfg: &ModelConfig,
+        hf_name: &str,
+        expected: [usize; 2],
+    ) -> Result<Option<(GgmlType, Vec<u8>)>> {
         let WeightSource::Gguf(g) = self else { return Ok(None) };
         let Some(info) = gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)) else { return Ok(None) };
         let [n_out, n_in] = expected;
-        if info.ty != crate::quant::gguf_blocks::GgmlType::Q4_0 || !n_in.is_multiple_of(32) {
+        if !matches!(info.ty, GgmlType::Q4_0 | GgmlType::Q4_1) || !n_in.is_multiple_of(32) {
             return Ok(None);
         }
         if info.shape() != expected {
@@ -217,11 +223,11 @@ impl WeightSource {
             });
         }
         let bytes = g.tensor_bytes(info);
-        let row = n_in / 32 * 18;
+        let row = n_in / 32 * info.ty.block().1;
         if bytes.len() != n_out * row {
             return Err(Error::format(
                 &g.path,
-                format!("tensor `{}`: {} bytes for Q4_0 {expected:?}", info.name, bytes.len()),
+                format!("tensor `{}`: {} bytes for {} {expected:?}", info.name, bytes.len(), info.ty.name()),
             ));
         }
         let heads = match (cfg.arch.gguf_permutes_qk(), info.name.as_str()) {
@@ -229,10 +235,13 @@ impl WeightSource {
             (true, n) if n.ends_with("attn_k.weight") => Some(cfg.num_kv_heads),
             _ => None,
         };
-        Ok(Some(match heads {
-            Some(h) => move_qk_rows(bytes, &[n_out, row], h, false),
-            None => bytes.to_vec(),
-        }))
+        Ok(Some((
+            info.ty,
+            match heads {
+                Some(h) => move_qk_rows(bytes, &[n_out, row], h, false),
+                None => bytes.to_vec(),
+            },
+        )))
     }
 
     /// A tensor by Hugging Face name, as f32 in row-major order, checked against `expected`.

@@ -118,11 +118,34 @@ pub fn q4_0_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), Strin
     let mut scales = Vec::with_capacity(n / 32);
     for b in data.chunks_exact(18) {
         scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-        let qs = &b[2..18];
-        let code = |e: usize| if e < 16 { qs[e] & 0xF } else { qs[e - 16] >> 4 };
-        packed.extend((0..16).map(|i| (code(2 * i) << 4) | code(2 * i + 1)));
+        pack_nibbles(&b[2..18], &mut packed);
     }
     Ok((packed, scales))
+}
+
+/// Q4_1 blocks (`n` values) as the GPU holds them: the codes in NF4's packing (as
+/// [`q4_0_repacked`]) and each block's f16 scale d and minimum m as two f32, exactly.
+/// value = q * d + m, as [`dequantize`] computes it.
+pub fn q4_1_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
+    let need = GgmlType::Q4_1.bytes_for(n).ok_or_else(|| format!("{n} values is not a whole number of Q4_1 blocks"))?;
+    if data.len() != need {
+        return Err(format!("{} bytes for {n} Q4_1 values; {need} expected", data.len()));
+    }
+    let mut packed = Vec::with_capacity(n / 2);
+    let mut coeffs = Vec::with_capacity(n / 16);
+    for b in data.chunks_exact(20) {
+        coeffs.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+        coeffs.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
+        pack_nibbles(&b[4..20], &mut packed);
+    }
+    Ok((packed, coeffs))
+}
+
+/// A ggml block's 16 bytes of 4-bit codes (element j in the low nibble of byte j, element
+/// j + 16 in its high nibble) in NF4's packing (element 2i high, 2i + 1 low, in byte i).
+fn pack_nibbles(qs: &[u8], packed: &mut Vec<u8>) {
+    let code = |e: usize| if e < 16 { qs[e] & 0xF } else { qs[e - 16] >> 4 };
+    packed.extend((0..16).map(|i| (code(2 * i) << 4) | code(2 * i + 1)));
 }
 
 /// Quantizes `values` to `ty` bit for bit as ggml's reference quantizers and gguf-py's (what

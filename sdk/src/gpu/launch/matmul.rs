@@ -30,9 +30,17 @@ pub enum Weight<'a> {
         /// (N*K/32) f32: each block's scale.
         scales: &'a wgpu::Buffer,
     },
+    /// GGUF's Q4_1 as it is stored (repacked into NF4's nibble order): (N*K/8) u32 of eight
+    /// 4-bit codes, and each block of 32's f16 scale d and minimum m as two f32; value = q * d + m.
+    Q4_1 {
+        /// (N*K/8) u32: eight 4-bit codes a word.
+        packed: &'a wgpu::Buffer,
+        /// (N*K/32, 2) f32: each block's scale and minimum.
+        coeffs: &'a wgpu::Buffer,
+    },
 }
 
-/// Values per scale of [`Weight::Q4_0`].
+/// Values per scale of [`Weight::Q4_0`] (and per scale and minimum of [`Weight::Q4_1`]).
 pub const Q4_0_BLOCK: usize = 32;
 
 impl Weight<'_> {
@@ -44,6 +52,7 @@ impl Weight<'_> {
             Weight::F16(_) => 2.0 * nk,
             Weight::Nf4 { block_size, .. } => nk / 2.0 + 4.0 * nk / (*block_size).max(1) as f64,
             Weight::Q4_0 { .. } => nk / 2.0 + 4.0 * nk / Q4_0_BLOCK as f64,
+            Weight::Q4_1 { .. } => nk / 2.0 + 8.0 * nk / Q4_0_BLOCK as f64,
         }
     }
 }
@@ -200,6 +209,11 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
             p.block_size = Q4_0_BLOCK as u32;
             ([&MATVEC_Q4_0, &MATVEC_Q4_0_SIMD8], Q4_0, true, vec![x, packed, scales, b, y])
         }
+        Weight::Q4_1 { packed, coeffs } => {
+            check_nf4(k, Q4_0_BLOCK)?;
+            p.block_size = Q4_0_BLOCK as u32;
+            ([&MATVEC_Q4_1, &MATVEC_Q4_1_SIMD8], Q4_1, true, vec![x, packed, coeffs, b, y])
+        }
     };
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
@@ -257,6 +271,12 @@ const Q4_0: Family = Family {
     tile128: &MATMUL_Q4_0_T128,
     coop16: Some(&MATMUL_Q4_0_COOP16),
 };
+const Q4_1: Family = Family {
+    portable: &MATMUL_Q4_1,
+    simd8: &MATMUL_Q4_1_SIMD8,
+    tile128: &MATMUL_Q4_1_T128,
+    coop16: Some(&MATMUL_Q4_1_COOP16),
+};
 const DENSE_DX: Family =
     Family { portable: &MATMUL_BACKWARD, simd8: &MATMUL_BACKWARD_SIMD8, tile128: &MATMUL_BACKWARD_T128, coop16: None };
 const F16_DX: Family = Family {
@@ -276,6 +296,12 @@ const Q4_0_DX: Family = Family {
     simd8: &MATMUL_Q4_0_BACKWARD_SIMD8,
     tile128: &MATMUL_Q4_0_BACKWARD_T128,
     coop16: Some(&MATMUL_Q4_0_BACKWARD_COOP16),
+};
+const Q4_1_DX: Family = Family {
+    portable: &MATMUL_Q4_1_BACKWARD,
+    simd8: &MATMUL_Q4_1_BACKWARD_SIMD8,
+    tile128: &MATMUL_Q4_1_BACKWARD_T128,
+    coop16: Some(&MATMUL_Q4_1_BACKWARD_COOP16),
 };
 const DENSE_DW: Family = Family {
     portable: &MATMUL_BACKWARD_W,
@@ -403,6 +429,11 @@ pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -
             check_nf4(k, Q4_0_BLOCK)?;
             p.block_size = Q4_0_BLOCK as u32;
             (Q4_0_DX, true, vec![g, packed, scales, g, dx])
+        }
+        Weight::Q4_1 { packed, coeffs } => {
+            check_nf4(k, Q4_0_BLOCK)?;
+            p.block_size = Q4_0_BLOCK as u32;
+            (Q4_1_DX, true, vec![g, packed, coeffs, g, dx])
         }
     };
     let kernel = many_rows(ctx.report.kernels.matmul_grad, family, aligned && simd_ok, (p.m, p.k, p.n));
