@@ -312,6 +312,33 @@ fn libc_sigpipe() -> i32 {
 /// Ctrl-C (SIGINT) during `train` stops after the step under way, saves the checkpoint and the
 /// adapter so far, and exits with 130; `--resume` then finishes the run, with the adapter an
 /// uninterrupted run gives.
+/// `train --quant gguf` keeps a GGUF's Q4_0 and Q4_1 blocks for training: the first step's loss
+/// differs from NF4's (which re-quantizes them) and the run trains.
+#[test]
+fn train_takes_the_quant_of_the_base() {
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-quant-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = common::fixtures().join("../../../sdk/data/persona/train.jsonl").display().to_string();
+    let gguf = common::fixtures().join("tiny_qwen2_bpe.gguf").display().to_string();
+    let first_loss = |quant: &str| {
+        let out_dir = dir.join(quant).display().to_string();
+        let args = ["train", "--model", &gguf, "--data", &data, "--output", &out_dir, "--json", "--max-steps", "2"];
+        let out = edgetune(&[&args[..], &["--batch-tokens", "128", "--max-len", "64", "--quant", quant]].concat());
+        assert!(out.status.success(), "{quant}: {}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|e| e["loss"].as_f64().filter(|_| e["event"] == "step"))
+            .unwrap_or_else(|| panic!("{quant}: no step event"))
+    };
+    let (kept, nf4) = (first_loss("gguf"), first_loss("nf4"));
+    eprintln!("first step's loss: gguf {kept}, nf4 {nf4}");
+    assert!(kept.is_finite() && (kept - nf4).abs() > 1e-6, "gguf {kept} vs nf4 {nf4}");
+    let out = edgetune(&["train", "--model", &gguf, "--data", &data, "--output", "x", "--quant", "int3"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("expected nf4, gguf or none"), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn train_interrupted_by_sigint_resumes_to_the_same_adapter() {
     use std::io::{BufRead, BufReader};

@@ -125,6 +125,10 @@ pub struct TrainArgs {
     /// KV-cache and sample length limit of the loaded model.
     #[arg(long, default_value_t = 2048)]
     max_context: usize,
+    /// How the base's linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0 and
+    /// Q4_1 blocks kept, NF4 for its other weights) or none (f32).
+    #[arg(long, default_value = "nf4")]
+    quant: edgetune::model::llama::Quant,
 }
 
 fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
@@ -296,7 +300,7 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
             r.val_samples
         );
     }
-    let load = LoadOptions { max_context: a.max_context, ..Default::default() };
+    let load = LoadOptions { max_context: a.max_context, quant: a.quant, ..Default::default() };
     let model = Arc::new(Model::open(ctx, &a.model, &load)?);
     std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
     let mut trainer = match &a.init_adapter {
