@@ -153,8 +153,7 @@ fn chat_template_renders_as_transformers(kind: &str, n_cases: usize) {
 /// phi3 (the fused qkv_proj in Q4_0) files.
 #[test]
 fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
-    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
-    use edgetune::model::training::{Batch, WorkspacePlan};
+    use edgetune::lora::{Adapter, LoraConfig};
     use edgetune::quant::gguf_blocks::GgmlType;
     let ctx = ctx();
     let dir = std::env::temp_dir().join(format!("edgetune-q4_0-{}", std::process::id()));
@@ -184,20 +183,8 @@ fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
         assert!(d(&requantized) > 10.0 * d(&got), "{name}: re-quantizing should cost more than summation order");
 
         // One LoRA step's gradients through the Q4_0 layers.
-        let mut adapter = Adapter::new(&exact.config, LoraConfig { r: 4, ..Default::default() }).expect("adapter");
-        adapter.params.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0));
-        let samples: Vec<(Vec<u32>, Vec<bool>)> = vec![(ids.clone(), vec![true; ids.len()])];
-        let batch = Batch::pack(samples.iter().map(|(i, t)| (&i[..], &t[..]))).expect("pack");
-        let grads_of = |m: &Model| {
-            let gpu = GpuAdapter::upload(&m.ctx, &adapter);
-            let ws = m.workspace(WorkspacePlan::new(batch.len(), 4)).expect("workspace");
-            let grads = m.ctx.storage_zeroed("grads", adapter.layout.len);
-            let mut enc = m.ctx.encoder();
-            m.forward_backward(&mut enc, &ws, &batch, &gpu, &grads, 1.0 / batch.n_scored() as f32).expect("step");
-            m.ctx.submit([enc.finish()]);
-            m.ctx.read_f32(&grads, adapter.layout.len).expect("grads")
-        };
-        let (g_exact, g_kept) = (grads_of(&exact), grads_of(&kept));
+        let adapter = common::moved_adapter(&exact.config);
+        let (g_exact, g_kept) = (common::lora_grads(&exact, &adapter, &ids), common::lora_grads(&kept, &adapter, &ids));
         let scale = g_exact.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(scale > 0.0);
         assert_close(&format!("{name} gradients with Q4_0 kept"), &g_kept, &g_exact, 1e-4, 1e-4 * scale);

@@ -198,59 +198,40 @@ fn matmul_backward_kernels_match_twins() {
             let got = ctx.read_f32(&dxb, m * k).expect("read");
             assert_close_slack(&format!("matmul_nf4_backward {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n), &slack);
 
-            // GGUF Q4_0 as stored: against the twin on ggml's dequantized values.
+            // GGUF Q4_0 and Q4_1 as stored: against the twin on ggml's dequantized values.
             if (n * k).is_multiple_of(32) {
                 use edgetune::quant::gguf_blocks::{self, GgmlType};
-                let blocks = gguf_blocks::quantize(GgmlType::Q4_0, &w).expect("quantize");
-                let wd = gguf_blocks::dequantize(GgmlType::Q4_0, &blocks, n * k).expect("dequantize");
-                let (packed, scales) = gguf_blocks::q4_0_repacked(&blocks, n * k).expect("repack");
-                let want = r::matmul_backward(&dy, &wd, m, n, k);
-                let slack = f16_slack(f16_products(&ctx), (m, k, n), 1.0, |r, j| dy[r * n + j], |c, j| wd[j * k + c]);
-                let (pb, sb) = (ctx.storage_from("packed", &packed), ctx.storage_from("scales", &scales));
-                let w4 = Weight::Q4_0 { packed: &pb, scales: &sb };
-                run(&ctx, |enc| {
-                    launch::matmul_backward(
-                        &ctx,
-                        enc,
-                        launch::MatmulGrad {
-                            dy: DyCols::whole(&gb, n),
-                            w: w4,
-                            dx: &dxb,
-                            m,
-                            n,
-                            k,
-                            out: OutCols::whole(k),
-                        },
-                    )
-                });
-                let got = ctx.read_f32(&dxb, m * k).expect("read");
-                assert_close_slack(&format!("matmul_q4_0_backward {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n), &slack);
-
-                // Q4_1 (a scale and a minimum a block).
-                let blocks = common::q4_1_blocks(n * k, 400 + s);
-                let wd = gguf_blocks::dequantize(GgmlType::Q4_1, &blocks, n * k).expect("dequantize");
-                let (packed, coeffs) = gguf_blocks::q4_1_repacked(&blocks, n * k).expect("repack");
-                let want = r::matmul_backward(&dy, &wd, m, n, k);
-                let slack = f16_slack(f16_products(&ctx), (m, k, n), 1.0, |r, j| dy[r * n + j], |c, j| wd[j * k + c]);
-                let (pb, cb) = (ctx.storage_from("packed", &packed), ctx.storage_from("coeffs", &coeffs));
-                let w4 = Weight::Q4_1 { packed: &pb, coeffs: &cb };
-                run(&ctx, |enc| {
-                    launch::matmul_backward(
-                        &ctx,
-                        enc,
-                        launch::MatmulGrad {
-                            dy: DyCols::whole(&gb, n),
-                            w: w4,
-                            dx: &dxb,
-                            m,
-                            n,
-                            k,
-                            out: OutCols::whole(k),
-                        },
-                    )
-                });
-                let got = ctx.read_f32(&dxb, m * k).expect("read");
-                assert_close_slack(&format!("matmul_q4_1_backward {m}x{n}x{k}"), &got, &want, 1e-5, sum_tol(n), &slack);
+                let q4_0 = gguf_blocks::quantize(GgmlType::Q4_0, &w).expect("quantize");
+                let q4_1 = common::q4_1_blocks(n * k, 400 + s);
+                for (ty, blocks) in [(GgmlType::Q4_0, q4_0), (GgmlType::Q4_1, q4_1)] {
+                    let wd = gguf_blocks::dequantize(ty, &blocks, n * k).expect("dequantize");
+                    let (packed, coeffs) = match ty {
+                        GgmlType::Q4_0 => gguf_blocks::q4_0_repacked(&blocks, n * k),
+                        _ => gguf_blocks::q4_1_repacked(&blocks, n * k),
+                    }
+                    .expect("repack");
+                    let want = r::matmul_backward(&dy, &wd, m, n, k);
+                    let slack =
+                        f16_slack(f16_products(&ctx), (m, k, n), 1.0, |r, j| dy[r * n + j], |c, j| wd[j * k + c]);
+                    let (pb, cb) = (ctx.storage_from("packed", &packed), ctx.storage_from("coeffs", &coeffs));
+                    let w4 = match ty {
+                        GgmlType::Q4_0 => Weight::Q4_0 { packed: &pb, scales: &cb },
+                        _ => Weight::Q4_1 { packed: &pb, coeffs: &cb },
+                    };
+                    let grad = launch::MatmulGrad {
+                        dy: DyCols::whole(&gb, n),
+                        w: w4,
+                        dx: &dxb,
+                        m,
+                        n,
+                        k,
+                        out: OutCols::whole(k),
+                    };
+                    run(&ctx, |enc| launch::matmul_backward(&ctx, enc, grad));
+                    let got = ctx.read_f32(&dxb, m * k).expect("read");
+                    let what = format!("matmul_{}_backward {m}x{n}x{k}", ty.name());
+                    assert_close_slack(&what, &got, &want, 1e-5, sum_tol(n), &slack);
+                }
             }
 
             // f16 pairs: against the twin on the rounded weight.

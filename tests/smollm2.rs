@@ -84,8 +84,6 @@ fn loss_matches_transformers_on_the_same_dequantized_weights() {
 /// (summation order only: 1e-4 of each gradient's scale).
 #[test]
 fn q4_1_kept_in_its_blocks_gives_transformers_loss_and_the_f32_gradients() {
-    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
-    use edgetune::model::training::{Batch, WorkspacePlan};
     let exp = expected();
     let want = exp["loss"].as_f64().expect("loss") as f32;
     let ids = ids(&exp["loss_ids"]);
@@ -99,22 +97,10 @@ fn q4_1_kept_in_its_blocks_gives_transformers_loss_and_the_f32_gradients() {
     assert!((loss - want).abs() <= 1e-5 * want, "Q4_1 kept: loss {loss} vs transformers {want}");
 
     let exact = open(Quant::None);
-    let mut adapter = Adapter::new(&exact.model.config, LoraConfig { r: 4, ..Default::default() }).expect("adapter");
-    adapter.params.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0));
-    let n = ids.len().min(24);
-    let samples = [(ids[..n].to_vec(), vec![true; n])];
-    let batch = Batch::pack(samples.iter().map(|(i, t)| (&i[..], &t[..]))).expect("pack");
-    let grads_of = |s: &Session| {
-        let m = &s.model;
-        let gpu = GpuAdapter::upload(&m.ctx, &adapter);
-        let ws = m.workspace(WorkspacePlan::new(batch.len(), 4)).expect("workspace");
-        let grads = m.ctx.storage_zeroed("grads", adapter.layout.len);
-        let mut enc = m.ctx.encoder();
-        m.forward_backward(&mut enc, &ws, &batch, &gpu, &grads, 1.0 / batch.n_scored() as f32).expect("step");
-        m.ctx.submit([enc.finish()]);
-        m.ctx.read_f32(&grads, adapter.layout.len).expect("grads")
-    };
-    let (g_exact, g_kept) = (grads_of(&exact), grads_of(&kept));
+    let adapter = common::moved_adapter(&exact.model.config);
+    let ids = &ids[..ids.len().min(24)];
+    let (g_exact, g_kept) =
+        (common::lora_grads(&exact.model, &adapter, ids), common::lora_grads(&kept.model, &adapter, ids));
     let scale = g_exact.iter().fold(0f32, |m, v| m.max(v.abs()));
     let worst = g_kept.iter().zip(&g_exact).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     eprintln!("Q4_1 kept: gradients within {:.2e} of their scale {scale:e}", worst / scale);

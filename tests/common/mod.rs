@@ -205,3 +205,27 @@ pub fn q4_1_blocks(n: usize, seed: u64) -> Vec<u8> {
     }
     out
 }
+
+/// An adapter of rank 4 on every linear module, its B moved off zero so that every gradient is
+/// non-trivial (the same values for the same model shape).
+pub fn moved_adapter(cfg: &edgetune::model::config::ModelConfig) -> edgetune::lora::Adapter {
+    let lora = edgetune::lora::LoraConfig { r: 4, ..Default::default() };
+    let mut adapter = edgetune::lora::Adapter::new(cfg, lora).expect("adapter");
+    adapter.params.iter_mut().enumerate().for_each(|(i, v)| *v += 0.01 * ((i % 7) as f32 - 3.0));
+    adapter
+}
+
+/// The LoRA gradients of one forward and backward pass of `model` with `adapter` over `ids`,
+/// every token trained.
+pub fn lora_grads(model: &edgetune::model::llama::Model, adapter: &edgetune::lora::Adapter, ids: &[u32]) -> Vec<f32> {
+    use edgetune::model::training::{Batch, WorkspacePlan};
+    let train = vec![true; ids.len()];
+    let batch = Batch::pack([(ids, &train[..])]).expect("pack");
+    let gpu = edgetune::lora::GpuAdapter::upload(&model.ctx, adapter);
+    let ws = model.workspace(WorkspacePlan::new(batch.len(), adapter.layout.r)).expect("workspace");
+    let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
+    let mut enc = model.ctx.encoder();
+    model.forward_backward(&mut enc, &ws, &batch, &gpu, &grads, 1.0 / batch.n_scored() as f32).expect("step");
+    model.ctx.submit([enc.finish()]);
+    model.ctx.read_f32(&grads, adapter.layout.len).expect("grads")
+}
