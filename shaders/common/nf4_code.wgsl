@@ -34,14 +34,3 @@ fn nf4_code_select(q: u32) -> f32 {
     let t1 = select(u2, u3, (q & 4u) != 0u);
     return select(t0, t1, (q & 8u) != 0u);
 }
-
-// Elements e0..e0+3 of a packed word (e0 = 0 or 4), as code values.
-fn nf4_vec4(word: u32, e0: u32) -> vec4<f32> {
-    let b = word >> (4u * e0);   // bytes e0/2 and e0/2 + 1 hold elements e0, e0+1 and e0+2, e0+3
-    return vec4<f32>(
-        nf4_code_select((b >> 4u) & 0xFu),
-        nf4_code_select(b & 0xFu),
-        nf4_code_select((b >> 12u) & 0xFu),
-        nf4_code_select((b >> 8u) & 0xFu),
-    );
-}

@@ -17,14 +17,3 @@ fn nf4_value(word: u32, e: u32) -> f32 {
 fn nf4_code_select(q: u32) -> f32 {
     return f32(q) - 8.0;
 }
-
-// Elements e0..e0+3 of a packed word (e0 = 0 or 4), as code values.
-fn nf4_vec4(word: u32, e0: u32) -> vec4<f32> {
-    let b = word >> (4u * e0);
-    return vec4<f32>(
-        nf4_code_select((b >> 4u) & 0xFu),
-        nf4_code_select(b & 0xFu),
-        nf4_code_select((b >> 12u) & 0xFu),
-        nf4_code_select((b >> 8u) & 0xFu),
-    );
-}
