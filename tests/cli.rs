@@ -438,6 +438,11 @@ fn train_chooses_settings_from_the_data_records_them_and_eval_data_scores_like_v
             || recorded.parse::<f64>().ok() == value.parse::<f64>().ok() && value.parse::<f64>().is_ok();
         assert!(same, "{key}: printed {value}, recorded {recorded}");
     }
+    // The conversations rule is printed, listed and recorded under [data] like the others.
+    let printed = err.lines().find_map(|l| l.trim().strip_prefix("data.chain = ")).expect("data.chain printed");
+    let chain = printed.split(' ').next().expect("value");
+    assert!(settings.contains(&format!("#   data.chain = {chain} (")), "{settings}");
+    assert!(settings.contains(&format!("\nchain = {chain}\n")), "{settings}");
     assert!(settings.contains("keep_best = true"), "the user's own validation file keeps the best adapter: {settings}");
     assert!(settings.contains("val_data = "), "{settings}");
 

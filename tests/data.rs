@@ -296,3 +296,73 @@ fn large_sets_hold_out_a_tenth_at_random_and_the_users_file_wins() {
     let e = load_records(facts(20), &DataConfig { val_data: Some(missing), ..Default::default() }).expect_err("gone");
     assert!(e.to_string().contains("missing.jsonl"), "{e}");
 }
+
+#[test]
+fn small_sets_of_one_question_records_train_as_conversations_drawn_afresh_each_epoch() {
+    let t = tok();
+    let system = DataConfig { system: Some("Answer briefly.".into()), ..Default::default() };
+    let d = load_records(facts(10), &system).expect("loads");
+    let c = &d.report.chaining;
+    assert_eq!((c.records, c.automatic), (data::AUTO_CHAIN_RECORDS, true), "{}", c.why);
+    assert_eq!(d.train.len(), 10, "the records themselves stay the samples the report counts");
+    assert_eq!(d.rounds.len(), data::CHAIN_ROUNDS);
+    let text = |s: &data::Sample| t.decode(&s.ids).expect("decode");
+    let answers = |s: &data::Sample| -> Vec<usize> {
+        let txt = text(s);
+        let mut found: Vec<(usize, usize)> =
+            (0..10).filter_map(|i| txt.find(&format!("Fact number {i}.")).map(|at| (at, i))).collect();
+        found.sort();
+        found.into_iter().map(|(_, i)| i).collect()
+    };
+    let single_trained: usize = d.train.iter().map(data::Sample::n_trained).sum();
+    for (r, round) in d.rounds.iter().enumerate() {
+        // 10 records, 4 to a conversation: 4 + 4 + 2, each record once, the system message once
+        // per conversation, and every answer's tokens (and only those) trained as when alone.
+        assert_eq!(round.len(), 3, "draw {r}");
+        let mut all: Vec<usize> = round.iter().flat_map(answers).collect();
+        assert_eq!(round.iter().map(|s| answers(s).len()).collect::<Vec<_>>(), [4, 4, 2], "draw {r}");
+        all.sort();
+        assert_eq!(all, (0..10).collect::<Vec<_>>(), "draw {r}: each record once");
+        for s in round {
+            assert_eq!(text(s).matches("Answer briefly.").count(), 1, "{}", text(s));
+        }
+        assert_eq!(round.iter().map(data::Sample::n_trained).sum::<usize>(), single_trained, "draw {r}");
+    }
+    // Each epoch's conversations are a fresh draw, the same for the same seed.
+    let firsts: std::collections::HashSet<Vec<usize>> = d.rounds.iter().map(|r| answers(&r[0])).collect();
+    assert!(firsts.len() > 6, "draws repeat: {firsts:?}");
+    let again = load_records(facts(10), &system).expect("loads");
+    assert_eq!(again.rounds, d.rounds);
+    assert_eq!(d.epoch_samples(1), &d.rounds[1][..]);
+    assert_eq!(d.epoch_samples(data::CHAIN_ROUNDS + 1), &d.rounds[1][..]);
+
+    // chain = 1, a large set, a record of several turns, or conversations over max_len: each
+    // record alone, and the reason is said; an explicit chain that cannot be made is an error
+    // naming the record.
+    let alone = load_records(facts(10), &DataConfig { chain: Some(1), ..Default::default() }).expect("loads");
+    assert!(alone.rounds.is_empty() && alone.epoch_samples(3) == &alone.train[..]);
+    let large = load_records(facts(1000), &DataConfig::default()).expect("loads");
+    assert!(large.rounds.is_empty(), "{}", large.report.chaining.why);
+    assert!(large.report.chaining.why.contains("a set of 1000 samples"), "{}", large.report.chaining.why);
+    let mut mixed = facts(9);
+    mixed.push(
+        serde_json::json!({"messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]})
+        .to_string(),
+    );
+    let d = load_records(mixed.clone(), &DataConfig::default()).expect("loads");
+    assert!(d.rounds.is_empty());
+    assert!(
+        d.report.chaining.why.contains("records:10 is not one question and one answer"),
+        "{}",
+        d.report.chaining.why
+    );
+    let e = load_records(mixed, &DataConfig { chain: Some(4), ..Default::default() }).expect_err("explicit");
+    assert!(e.to_string().contains("data.chain") && e.to_string().contains("records:10"), "{e}");
+    let short = DataConfig { max_len: 40, ..Default::default() };
+    let d = load_records(facts(10), &short).expect("loads");
+    assert!(d.rounds.is_empty() && d.report.chaining.why.contains("over max_len = 40"), "{}", d.report.chaining.why);
+    let e = load_records(facts(10), &DataConfig { chain: Some(0), ..Default::default() }).expect_err("zero");
+    assert!(e.to_string().contains("chain must be at least 1"), "{e}");
+}

@@ -491,7 +491,7 @@ fn bad_settings_and_foreign_checkpoints_are_clear_errors() {
     assert!(e.contains("batch_tokens") && e.contains("longest sample"), "{e}");
     let e = err(TrainConfig { epochs: Some(0), max_steps: Some(0), ..config() });
     assert!(e.contains("epochs must be at least 1") && e.contains("max_steps must be at least 1"), "{e}");
-    let empty = Dataset { train: vec![], val: vec![], report: Default::default() };
+    let empty = Dataset { train: vec![], val: vec![], report: Default::default(), rounds: vec![] };
     let e = Trainer::new(m.clone(), &empty, config()).expect_err("empty").to_string();
     assert!(e.contains("no training samples"), "{e}");
 
@@ -666,8 +666,21 @@ fn settings_are_chosen_from_the_data_for_10_100_and_10000_records() {
             eprintln!("{n} records: {c}");
         }
         let c = t.config().clone();
-        let tokens: usize = d.train.iter().map(|s| s.ids.len()).sum();
-        let longest = d.train.iter().map(|s| s.ids.len()).max().expect("samples");
+        // A small set trains as conversations of 4 records (a fresh draw each epoch): the rule
+        // measures the first draw, and the longest sample of any.
+        // (the tiny model's context is 128 tokens, so 10 records chain but 100, whose
+        // conversations of longer questions reach past it, each train alone, as 10,000 do).
+        let chain = if n == 10 { data::AUTO_CHAIN_RECORDS } else { 1 };
+        let draws: Vec<&[data::Sample]> =
+            if chain > 1 { d.rounds.iter().map(Vec::as_slice).collect() } else { vec![&d.train] };
+        let tokens: usize = draws[0].iter().map(|s| s.ids.len()).sum();
+        let longest = draws.iter().flat_map(|s| s.iter()).map(|s| s.ids.len()).max().expect("samples");
+        let why = &t.chosen().iter().find(|c| c.setting == "data.chain").expect("chain chosen").why;
+        assert_eq!(chosen(&t, "data.chain"), Some(chain.to_string()), "{why}");
+        assert_eq!(c.data.chain, Some(chain), "recorded");
+        if n == 100 {
+            assert!(why.contains("over the model's context of 128"), "{why}");
+        }
         let bt = c.batch_tokens.expect("chosen");
         let per_epoch = t.steps_per_epoch();
         let epochs = c.epochs.expect("chosen");
@@ -722,7 +735,7 @@ fn explicit_settings_win_and_a_resumed_run_makes_the_same_choices() {
     };
     let t = Trainer::new(m.clone(), &d, given.clone()).expect("trainer");
     let settings: Vec<&str> = t.chosen().iter().map(|c| c.setting.as_str()).collect();
-    assert_eq!(settings, ["validation"], "only the data's split is reported when all else is given");
+    assert_eq!(settings, ["data.chain", "validation"], "only the data's choices are reported when all else is given");
     let c = t.config();
     assert_eq!(
         (c.epochs, c.learning_rate, c.batch_tokens, c.warmup_steps, c.keep_best),
@@ -892,4 +905,24 @@ fn training_that_cannot_fit_is_refused_with_its_plan() {
     let heap_only = Some(GpuMemory { total_bytes: 1024 * MIB, available_bytes: None });
     let err = needs.check(heap_only).expect_err("weights and the rest exceed the heap").to_string();
     assert!(err.contains("in all") && err.contains("1.00 GiB"), "{err}");
+}
+
+#[test]
+fn each_epoch_trains_its_own_draw_of_chained_conversations() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let d = fact_records(10);
+    assert_eq!(d.rounds.len(), data::CHAIN_ROUNDS, "{}", d.report.chaining.why);
+    // The same data with the first draw in every epoch: the same first epoch, then not.
+    let fixed = Dataset { rounds: vec![d.rounds[0].clone(); data::CHAIN_ROUNDS], ..d.clone() };
+    let run = |d: &Dataset, steps: u64| {
+        let cfg = TrainConfig { lora: config().lora, max_steps: Some(steps), ..TrainConfig::default() };
+        let mut t = Trainer::new(m.clone(), d, cfg).expect("trainer");
+        let per_epoch = t.steps_per_epoch();
+        (t.run(|_| {}).expect("run").adapter.params, per_epoch)
+    };
+    let (_, per_epoch) = run(&d, 1);
+    assert_eq!(per_epoch, 3, "4 + 4 + 2 records, a conversation a batch");
+    assert!(run(&d, per_epoch).0 == run(&fixed, per_epoch).0, "the first epoch trains the first draw");
+    assert!(run(&d, 2 * per_epoch).0 != run(&fixed, 2 * per_epoch).0, "the second epoch trained the first draw again");
 }

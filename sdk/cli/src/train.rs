@@ -93,6 +93,10 @@ pub struct TrainArgs {
     /// then trained.
     #[arg(long)]
     val_data: Option<PathBuf>,
+    /// Records chained into one training conversation, a fresh draw each epoch (1: each record
+    /// alone; unset: automatic, see the README).
+    #[arg(long)]
+    chain: Option<usize>,
     /// Return the adapter with the best validation loss (true) or the final one (false).
     /// Unset: true only when the validation loss is meaningful.
     #[arg(long)]
@@ -167,6 +171,7 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     set!(a.format => data.format);
     set_some!(a.val_fraction => data.val_fraction);
     set_some!(a.val_data => data.val_data);
+    set_some!(a.chain => data.chain);
     set_some!(a.keep_best => keep_best);
     set!(a.eval_every => eval_every);
     set!(a.patience => early_stopping_patience);

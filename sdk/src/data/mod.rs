@@ -12,6 +12,10 @@
 //! default the automatic rule of [`AUTO_SPLIT_MIN_SAMPLES`]: small datasets hold out only
 //! samples whose answer another sample restates, so no fact leaves training.
 //!
+//! Chaining (`chain`): a small set of one-question records is also trained as conversations of
+//! several records, drawn afresh for each epoch ([`CHAIN_ROUNDS`] draws), so each answer is
+//! learned after other questions as well as alone (see [`AUTO_CHAIN_RECORDS`]).
+//!
 //! Truncation policy: a chat sample longer than `max_len` tokens keeps its first `max_len`
 //! tokens (`truncation = "right"`), and is dropped if no trained token survives; with
 //! `truncation = "drop"` every over-long chat sample is dropped. Plain text is never truncated:
@@ -95,6 +99,11 @@ pub struct DataConfig {
     /// default applies (SmolLM2's, for one, is a 20-token introduction). Generate with the same
     /// system message to ask the model as it was trained.
     pub system: Option<String>,
+    /// Training records per conversation: each epoch trains records of one question and one
+    /// answer chained this many at a time into multi-turn conversations (a fresh draw each
+    /// epoch; validation samples stay single). 1 trains each record alone. Unset: automatic,
+    /// [`AUTO_CHAIN_RECORDS`] for a small set of such records (see [`Chaining`]).
+    pub chain: Option<usize>,
 }
 
 impl Default for DataConfig {
@@ -111,6 +120,7 @@ impl Default for DataConfig {
             seed: 0,
             skip_bad_records: false,
             system: None,
+            chain: None,
         }
     }
 }
@@ -121,6 +131,9 @@ impl DataConfig {
         let mut p = Vec::new();
         if self.max_len < 2 {
             p.push(format!("max_len must be at least 2 tokens (got {})", self.max_len));
+        }
+        if self.chain == Some(0) {
+            p.push("chain must be at least 1 (1 trains each record alone; leave it unset to choose)".into());
         }
         if let Some(f) = self.val_fraction
             && !(0.0..1.0).contains(&f)
@@ -202,6 +215,19 @@ pub struct DataReport {
     pub bad_examples: Vec<String>,
     /// Where the validation samples come from.
     pub validation: Validation,
+    /// Whether training records are chained into conversations.
+    pub chaining: Chaining,
+}
+
+/// How the training records are grouped into conversations ([`DataConfig::chain`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Chaining {
+    /// Records per conversation (1: each alone).
+    pub records: usize,
+    /// Whether the rule chose it (`chain` unset).
+    pub automatic: bool,
+    /// The choice in words, for the start of a run.
+    pub why: String,
 }
 
 /// Where a dataset's validation samples come from.
@@ -243,6 +269,17 @@ pub struct Dataset {
     pub val: Vec<Sample>,
     /// What happened to the records on the way.
     pub report: DataReport,
+    /// With chaining ([`DataConfig::chain`] above 1): the training samples of each epoch, a
+    /// fresh draw of conversations each (epoch e trains `rounds[e % rounds.len()]`); every draw
+    /// has as many conversations. Empty: every epoch trains `train`.
+    pub rounds: Vec<Vec<Sample>>,
+}
+
+impl Dataset {
+    /// The samples epoch `epoch` (from 0) trains.
+    pub fn epoch_samples(&self, epoch: usize) -> &[Sample] {
+        if self.rounds.is_empty() { &self.train } else { &self.rounds[epoch % self.rounds.len()] }
+    }
 }
 
 fn normalize(s: &str, how: Dedup) -> String {
@@ -346,6 +383,8 @@ pub fn load(path: &Path, tok: &Tokenizer, cfg: &DataConfig) -> Result<Dataset> {
 struct Keyed {
     sample: Sample,
     answer: Option<String>,
+    /// One question and its answer (after the system message, if any): what chaining joins.
+    exchange: Option<Vec<Message>>,
 }
 
 /// Records → deduplicated, tokenized, length-filtered samples, counting what happened in
@@ -372,7 +411,7 @@ fn samples_of(
                 for chunk in ids.chunks(cfg.max_len) {
                     let train = (0..chunk.len()).map(|i| i > 0).collect();
                     let sample = Sample { ids: chunk.to_vec(), train, file: r.file.clone(), line: r.line };
-                    samples.push(Keyed { sample, answer: None });
+                    samples.push(Keyed { sample, answer: None, exchange: None });
                 }
             }
             Record::Chat(msgs) => match tokenize_chat(tok, &with_system(msgs, cfg.system.as_deref()), cfg.train_on) {
@@ -396,7 +435,12 @@ fn samples_of(
                         .map(|m| normalize(&m.content, Dedup::Normalized))
                         .collect();
                     let answer = (!answers.is_empty()).then(|| answers.join("\u{2}"));
-                    samples.push(Keyed { sample: Sample { ids, train, file: r.file.clone(), line: r.line }, answer });
+                    let full = with_system(msgs, cfg.system.as_deref());
+                    let roles: Vec<&str> = full.iter().map(|m| m.role.as_str()).collect();
+                    let exchange = matches!(roles.as_slice(), ["user", "assistant"] | ["system", "user", "assistant"])
+                        .then(|| full.into_owned());
+                    let sample = Sample { ids, train, file: r.file.clone(), line: r.line };
+                    samples.push(Keyed { sample, answer, exchange });
                 }
                 Err(what) => bad.push(BadRecord { file: r.file.clone(), line: r.line, what }),
             },
@@ -495,6 +539,7 @@ pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Re
         };
         return Err(Error::format(&path, why));
     }
+    let set_size = samples.len();
     let (train, val, validation) = match &cfg.val_data {
         Some(file) => {
             let mut vr = DataReport::default();
@@ -523,6 +568,7 @@ pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Re
         }
         None => split(samples, cfg),
     };
+    let (rounds, chaining) = chain(&train, set_size, tok, cfg)?;
     let train: Vec<Sample> = train.into_iter().map(|k| k.sample).collect();
     let val: Vec<Sample> = val.into_iter().map(|k| k.sample).collect();
     report.train_samples = train.len();
@@ -530,7 +576,112 @@ pub fn load_sources(sources: &[Source], tok: &Tokenizer, cfg: &DataConfig) -> Re
     report.train_tokens = train.iter().map(|s| s.ids.len()).sum();
     report.trained_tokens = train.iter().map(Sample::n_trained).sum();
     report.validation = validation;
-    Ok(Dataset { train, val, report })
+    report.chaining = chaining;
+    Ok(Dataset { train, val, report, rounds })
+}
+
+/// Records per conversation that the automatic rule chains a small set into.
+///
+/// From runs of SmolLM2-135M-Instruct on the fact set (`tests/data/facts`: sixteen records, one
+/// fact each, asked back in other words) over ten seeds: trained one record per sample, greedy
+/// answers carried the fact for 4.0 of 6 questions on average (2 at worst); chained four at a
+/// time with a fresh draw each epoch, 4.7 (3 at worst), at the same number of optimizer steps
+/// and fewer tokens (the system message once per conversation). A fixed draw did not help (2, 5
+/// and 2 of 6 on three seeds): the gain is from each answer following different questions from
+/// one epoch to the next, which teaches the model to tell the questions apart.
+pub const AUTO_CHAIN_RECORDS: usize = 4;
+
+/// Draws of conversations made for a chained set: epoch e trains draw e mod this (the most
+/// epochs the automatic rule chooses).
+pub const CHAIN_ROUNDS: usize = 12;
+
+/// The training samples of each epoch when records are chained (see [`DataConfig::chain`]),
+/// and what was decided. With `chain` unset, a set of fewer than [`AUTO_SPLIT_MIN_SAMPLES`]
+/// samples (`set_size`, before validation samples are held out), its training samples all one question and one answer under the same system message
+/// (or none) and at least two conversations' worth, is chained [`AUTO_CHAIN_RECORDS`] at a
+/// time. A conversation longer than `max_len` makes the set train unchained (automatic) or is
+/// an error naming its records (explicit).
+fn chain(train: &[Keyed], set_size: usize, tok: &Tokenizer, cfg: &DataConfig) -> Result<(Vec<Vec<Sample>>, Chaining)> {
+    let automatic = cfg.chain.is_none();
+    let alone = |why: String| Ok((Vec::new(), Chaining { records: 1, automatic, why }));
+    let k = match cfg.chain {
+        Some(k) if k <= 1 => return alone("chain = 1: each record is trained alone".into()),
+        Some(k) => k,
+        None if set_size >= AUTO_SPLIT_MIN_SAMPLES => {
+            return alone(format!(
+                "each record is trained alone (automatic: a set of {set_size} samples, at least \
+                 {AUTO_SPLIT_MIN_SAMPLES})"
+            ));
+        }
+        None => AUTO_CHAIN_RECORDS,
+    };
+    let refuse = |why: String| -> Result<(Vec<Vec<Sample>>, Chaining)> {
+        if automatic {
+            alone(format!("each record is trained alone (automatic: {why})"))
+        } else {
+            Err(Error::invalid("data.chain", format!("chain = {k}: {why}; set chain = 1")))
+        }
+    };
+    let system = |k: &Keyed| k.exchange.as_ref().and_then(|m| (m[0].role == "system").then(|| m[0].content.clone()));
+    if let Some(bad) = train.iter().find(|k| k.exchange.is_none()) {
+        return refuse(format!(
+            "{}:{} is not one question and one answer, so records are not chained",
+            bad.sample.file.display(),
+            bad.sample.line
+        ));
+    }
+    if let Some(bad) = train.iter().find(|x| system(x) != system(&train[0])) {
+        return refuse(format!(
+            "{}:{} has another system message than {}:{}, so records are not chained",
+            bad.sample.file.display(),
+            bad.sample.line,
+            train[0].sample.file.display(),
+            train[0].sample.line
+        ));
+    }
+    if train.len() < 2 * k {
+        return refuse(format!("{} records make fewer than two conversations of {k}", train.len()));
+    }
+    let mut rounds = Vec::with_capacity(CHAIN_ROUNDS);
+    for round in 0..CHAIN_ROUNDS {
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        let mut rng = Rng::new(cfg.seed ^ (0xc4a1_0000 + round as u64));
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next_u32() as usize) % (i + 1));
+        }
+        let mut samples = Vec::new();
+        for group in order.chunks(k) {
+            let mut msgs: Vec<Message> = Vec::new();
+            for &i in group {
+                let m = train[i].exchange.as_deref().unwrap_or_default();
+                let skip = usize::from(!msgs.is_empty() && m.first().is_some_and(|m| m.role == "system"));
+                msgs.extend(m[skip..].iter().cloned());
+            }
+            let first = &train[group[0]].sample;
+            let lines = || group.iter().map(|&i| train[i].sample.line.to_string()).collect::<Vec<_>>().join(", ");
+            let (ids, flags) = tokenize_chat(tok, &msgs, cfg.train_on)
+                .map_err(|e| Error::format(&first.file, format!("records at lines {} chained: {e}", lines())))?;
+            if ids.len() > cfg.max_len {
+                return refuse(format!(
+                    "the records at lines {} of {} chained make {} tokens, over max_len = {}",
+                    lines(),
+                    first.file.display(),
+                    ids.len(),
+                    cfg.max_len
+                ));
+            }
+            samples.push(Sample { ids, train: flags, file: first.file.clone(), line: first.line });
+        }
+        rounds.push(samples);
+    }
+    let why = format!(
+        "{} records trained {k} to a conversation, {} conversations an epoch, drawn afresh for each of {CHAIN_ROUNDS} \
+         epochs before the draws repeat{}",
+        train.len(),
+        train.len().div_ceil(k),
+        if automatic { " (automatic: a small set of one-question records)" } else { "" }
+    );
+    Ok((rounds, Chaining { records: k, automatic, why }))
 }
 
 /// The seeded train/validation split: `val_fraction` at random when set, else the automatic

@@ -3,11 +3,15 @@
 //!
 //! The rule, in the order the trainer applies it:
 //!
+//! 0. **Conversations.** Decided with the data ([`crate::data::DataConfig::chain`]): a small set
+//!    of one-question records trains as conversations of [`crate::data::AUTO_CHAIN_RECORDS`]
+//!    records, a fresh draw each epoch, unless they do not fit the model's context. The rules
+//!    below then measure the first draw.
 //! 1. **Tokens per step.** About [`BATCHES_PER_EPOCH`] optimizer steps an epoch for a small
 //!    set: `batch_tokens` is the training tokens divided by that, rounded up to a multiple of 64,
 //!    at most [`MAX_AUTO_BATCH_TOKENS`] and never less than the longest sample. Sixteen short
-//!    records (773 tokens with SmolLM2's template) then make four steps of 256 tokens an epoch,
-//!    not one of 1024. Packing whole samples can make one or two more batches; rule 2 counts the
+//!    records (773 tokens alone with SmolLM2's template, 521 as four conversations) then make
+//!    four steps of 192 tokens an epoch (256 alone), not one of 1024. Packing whole samples can make one or two more batches; rule 2 counts the
 //!    batches there are.
 //! 2. **Epochs.** Enough passes for [`MIN_AUTO_STEPS`] optimizer steps, between
 //!    [`DEFAULT_EPOCHS`] (what peers use on large sets) and [`MAX_AUTO_EPOCHS`]. A large set gets

@@ -283,7 +283,10 @@ pub struct Trainer {
     cfg: TrainConfig,
     run: Resolved,
     chosen: Vec<Choice>,
-    train: Vec<Batch>,
+    /// The training batches of each draw of the data (one unless records are chained: see
+    /// [`Dataset::rounds`]); epoch e trains draw e mod their number, and every draw has as many
+    /// batches.
+    rounds: Vec<Vec<Batch>>,
     val: Vec<Batch>,
     n_samples: (usize, usize),
     adapter: GpuAdapter,
@@ -354,10 +357,42 @@ fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
 }
 
 fn batches(samples: &[&Sample], capacity: usize) -> Result<Vec<Batch>> {
-    data::pack(samples, capacity)
+    batches_of(samples, &data::pack(samples, capacity))
+}
+
+fn batches_of(samples: &[&Sample], groups: &[Vec<usize>]) -> Result<Vec<Batch>> {
+    groups
         .iter()
         .map(|group| Batch::pack(group.iter().map(|&i| (samples[i].ids.as_slice(), samples[i].train.as_slice()))))
         .collect()
+}
+
+/// Each draw's samples shuffled with `seed` and packed into batches: the first draw by
+/// `capacity` tokens, the others into as many batches of the same sample counts, so that every
+/// epoch takes as many steps.
+fn draw_batches(draws: &[&[Sample]], capacity: usize, seed: u64) -> Result<Vec<Vec<Batch>>> {
+    let mut sizes: Option<Vec<usize>> = None;
+    let mut out = Vec::with_capacity(draws.len());
+    for draw in draws {
+        let mut order: Vec<&Sample> = draw.iter().collect();
+        shuffle(&mut order, &mut Rng::new(seed));
+        let groups = match &sizes {
+            None => data::pack(&order, capacity),
+            Some(sizes) => {
+                let mut next = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        next += n;
+                        (next - n..next.min(order.len())).collect()
+                    })
+                    .collect()
+            }
+        };
+        sizes.get_or_insert_with(|| groups.iter().map(Vec::len).collect());
+        out.push(batches_of(&order, &groups)?);
+    }
+    Ok(out)
 }
 
 /// The settings a run uses, automatic ones resolved.
@@ -459,10 +494,29 @@ impl Trainer {
         if dataset.train.is_empty() {
             return Err(Error::invalid("dataset", "has no training samples"));
         }
+        // Chained conversations (see `DataConfig::chain`), unless the rule chose them and they
+        // do not fit the model's context: then each record alone.
+        let chaining = &dataset.report.chaining;
+        let longest_chain = dataset.rounds.iter().flatten().map(|s| s.ids.len()).max().unwrap_or(0);
+        let too_long = chaining.automatic && longest_chain > model.max_context;
+        let (draws, chain, chain_why): (Vec<&[Sample]>, usize, String) = if dataset.rounds.is_empty() || too_long {
+            let why = if too_long {
+                format!(
+                    "each record is trained alone (automatic: conversations of {} records reach {longest_chain} \
+                     tokens, over the model's context of {})",
+                    chaining.records, model.max_context
+                )
+            } else {
+                chaining.why.clone()
+            };
+            (vec![&dataset.train], 1, why)
+        } else {
+            (dataset.rounds.iter().map(Vec::as_slice).collect(), chaining.records, chaining.why.clone())
+        };
         let shape = DataShape {
-            samples: dataset.train.len(),
-            tokens: dataset.train.iter().map(|s| s.ids.len()).sum(),
-            longest: dataset.train.iter().map(|s| s.ids.len()).max().unwrap_or(0),
+            samples: draws[0].len(),
+            tokens: draws[0].iter().map(|s| s.ids.len()).sum(),
+            longest: draws.iter().flat_map(|d| d.iter()).map(|s| s.ids.len()).max().unwrap_or(0),
         };
         if let Some(b) = cfg.batch_tokens
             && shape.longest > b
@@ -476,12 +530,13 @@ impl Trainer {
                 ),
             ));
         }
-        data::check_context(dataset.train.iter().chain(&dataset.val), model.max_context, "data.max_len")?;
-        // Shuffle once so that batches mix samples, then pack: the batch count is then fixed,
-        // and so is the number of steps the schedule spans.
-        let mut order: Vec<&Sample> = dataset.train.iter().collect();
-        shuffle(&mut order, &mut Rng::new(cfg.seed));
+        let all = draws.iter().flat_map(|d| d.iter());
+        data::check_context(all.chain(&dataset.val), model.max_context, "data.max_len")?;
         let mut chosen = Vec::new();
+        if chaining.automatic {
+            chosen.push(choice("data.chain", chain, chain_why));
+        }
+        cfg.data.chain = Some(chain);
         let batch_tokens = cfg.batch_tokens.unwrap_or_else(|| {
             let b = auto::batch_tokens(shape);
             chosen.push(choice(
@@ -499,19 +554,22 @@ impl Trainer {
             b
         });
         cfg.batch_tokens = Some(batch_tokens);
-        let train = batches(&order, batch_tokens)?;
+        // Shuffle once so that batches mix samples, then pack: the batch count is then fixed,
+        // and so is the number of steps the schedule spans.
+        let rounds = draw_batches(&draws, batch_tokens, cfg.seed)?;
+        let train = &rounds[0];
         let val_refs: Vec<&Sample> = dataset.val.iter().collect();
         let val = batches(&val_refs, batch_tokens)?;
         let run = resolve(&mut cfg, &mut chosen, train.len(), &dataset.report.validation);
         let mut plan = FNV_OFFSET;
-        for b in &train {
+        for b in rounds.iter().flatten() {
             fnv1a(&mut plan, bytemuck::cast_slice(&b.ids));
             fnv1a(&mut plan, bytemuck::cast_slice(&b.targets));
         }
         for v in [cfg.seed, cfg.grad_accum as u64, batch_tokens as u64] {
             fnv1a(&mut plan, &v.to_le_bytes());
         }
-        let capacity = train.iter().chain(&val).map(Batch::len).max().unwrap_or(1);
+        let capacity = rounds.iter().flatten().chain(&val).map(Batch::len).max().unwrap_or(1);
         let ws_plan = WorkspacePlan {
             checkpointing: cfg.gradient_checkpointing,
             dropout: cfg.lora.dropout > 0.0,
@@ -538,7 +596,7 @@ impl Trainer {
             cfg,
             run,
             chosen,
-            train,
+            rounds,
             val,
             n_samples: (dataset.train.len(), dataset.val.len()),
             adapter: gpu,
@@ -573,7 +631,7 @@ impl Trainer {
 
     /// Optimizer steps per epoch.
     pub fn steps_per_epoch(&self) -> u64 {
-        self.train.len().div_ceil(self.cfg.grad_accum) as u64
+        self.rounds[0].len().div_ceil(self.cfg.grad_accum) as u64
     }
 
     /// Optimizer steps the run takes in all.
@@ -695,7 +753,7 @@ impl Trainer {
     }
 
     fn batch_order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.train.len()).collect();
+        let mut order: Vec<usize> = (0..self.rounds[0].len()).collect();
         shuffle(&mut order, &mut Rng::from_state(self.state.epoch_rng));
         order
     }
@@ -854,7 +912,7 @@ impl Trainer {
             start_step: self.state.step,
             train_samples: self.n_samples.0,
             val_samples: self.n_samples.1,
-            batches_per_epoch: self.train.len(),
+            batches_per_epoch: self.rounds[0].len(),
             trainable_parameters: self.adapter.layout.len,
             planned_gpu_bytes: planned,
             chosen: self.chosen.clone(),
@@ -898,7 +956,7 @@ impl Trainer {
         if self.state.step_in_epoch >= per_epoch {
             // Next epoch: advance the shuffling RNG past this epoch's draw.
             let mut rng = Rng::from_state(self.state.epoch_rng);
-            shuffle(&mut (0..self.train.len()).collect::<Vec<_>>(), &mut rng);
+            shuffle(&mut (0..self.rounds[0].len()).collect::<Vec<_>>(), &mut rng);
             self.state.epoch_rng = rng.state();
             self.state.epoch += 1;
             self.state.step_in_epoch = 0;
@@ -907,8 +965,9 @@ impl Trainer {
         let first = self.state.step_in_epoch as usize * self.cfg.grad_accum;
         let group: Vec<usize> = r.order[first..(first + self.cfg.grad_accum).min(r.order.len())].to_vec();
         let lr = r.schedule.lr(self.state.step);
-        let lens: Vec<usize> = group.iter().map(|&i| self.train[i].len()).collect();
-        let scored: usize = group.iter().map(|&i| self.train[i].n_scored()).sum();
+        let draw = &self.rounds[self.state.epoch as usize % self.rounds.len()];
+        let lens: Vec<usize> = group.iter().map(|&i| draw[i].len()).collect();
+        let scored: usize = group.iter().map(|&i| draw[i].n_scored()).sum();
         let slot = r.slots[(self.state.step % 2) as usize].clone();
         let read = self.record_step(&group, scored, lr, &slot)?;
         self.state.step += 1;
@@ -964,7 +1023,7 @@ impl Trainer {
         let ctx = self.model.ctx.clone();
         let capacity = self.ws.capacity;
         for (k, &i) in group.iter().enumerate() {
-            let b = &self.train[i];
+            let b = &self.rounds[self.state.epoch as usize % self.rounds.len()][i];
             // Dropout masks follow from (LoRA seed, step, micro-batch), so a resumed run
             // draws the same ones.
             let seeded;
