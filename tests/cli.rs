@@ -501,7 +501,7 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
     let args = |out: &std::path::Path, resume: bool| -> Vec<String> {
         let mut v: Vec<String> = ["train", "--model", &tiny(), "--data", &data, "--json", "--checkpoint-every", "1"]
             .iter()
-            .chain(&["--max-steps", "48", "--batch-tokens", "128", "--rank", "4", "--max-len", "128", "--lr", "0.005"])
+            .chain(&["--max-steps", "96", "--batch-tokens", "128", "--rank", "4", "--max-len", "128", "--lr", "0.005"])
             .map(|s| s.to_string())
             .collect();
         v.extend(["--output".to_string(), out.display().to_string()]);
