@@ -43,6 +43,13 @@ impl Rng {
         let xorshifted = (((old >> 18) ^ old) >> 27) as u32;
         xorshifted.rotate_right((old >> 59) as u32)
     }
+    /// Shuffles `v` in place (Fisher-Yates from the end, one draw per element).
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next_u32() as usize) % (i + 1);
+            v.swap(i, j);
+        }
+    }
     /// Uniform in [0, 1).
     pub fn next_f32(&mut self) -> f32 {
         (self.next_u32() >> 8) as f32 / (1u32 << 24) as f32

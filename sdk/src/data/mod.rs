@@ -646,10 +646,7 @@ fn chain(train: &[Keyed], set_size: usize, tok: &Tokenizer, cfg: &DataConfig) ->
     let mut rounds = Vec::with_capacity(CHAIN_ROUNDS);
     for round in 0..CHAIN_ROUNDS {
         let mut order: Vec<usize> = (0..train.len()).collect();
-        let mut rng = Rng::new(cfg.seed ^ (0xc4a1_0000 + round as u64));
-        for i in (1..order.len()).rev() {
-            order.swap(i, (rng.next_u32() as usize) % (i + 1));
-        }
+        Rng::new(cfg.seed ^ (0xc4a1_0000 + round as u64)).shuffle(&mut order);
         let mut samples = Vec::new();
         for group in order.chunks(k) {
             let mut msgs: Vec<Message> = Vec::new();
@@ -690,11 +687,7 @@ fn chain(train: &[Keyed], set_size: usize, tok: &Tokenizer, cfg: &DataConfig) ->
 fn split(samples: Vec<Keyed>, cfg: &DataConfig) -> (Vec<Keyed>, Vec<Keyed>, Validation) {
     let n = samples.len();
     let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = Rng::new(cfg.seed);
-    for i in (1..order.len()).rev() {
-        let j = (rng.next_u32() as usize) % (i + 1);
-        order.swap(i, j);
-    }
+    Rng::new(cfg.seed).shuffle(&mut order);
     let share = |f: f32| if f > 0.0 && n >= 2 { ((n as f32 * f).round() as usize).clamp(1, n - 1) } else { 0 };
     let (held, validation): (Vec<usize>, Validation) = match cfg.val_fraction {
         Some(f) => {

@@ -349,13 +349,6 @@ impl TrainingBytes {
     }
 }
 
-fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
-    for i in (1..v.len()).rev() {
-        let j = (rng.next_u32() as usize) % (i + 1);
-        v.swap(i, j);
-    }
-}
-
 fn batches(samples: &[&Sample], capacity: usize) -> Result<Vec<Batch>> {
     batches_of(samples, &data::pack(samples, capacity))
 }
@@ -375,7 +368,7 @@ fn draw_batches(draws: &[&[Sample]], capacity: usize, seed: u64) -> Result<Vec<V
     let mut out = Vec::with_capacity(draws.len());
     for draw in draws {
         let mut order: Vec<&Sample> = draw.iter().collect();
-        shuffle(&mut order, &mut Rng::new(seed));
+        Rng::new(seed).shuffle(&mut order);
         let groups = match &sizes {
             None => data::pack(&order, capacity),
             Some(sizes) => {
@@ -754,7 +747,7 @@ impl Trainer {
 
     fn batch_order(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.rounds[0].len()).collect();
-        shuffle(&mut order, &mut Rng::from_state(self.state.epoch_rng));
+        Rng::from_state(self.state.epoch_rng).shuffle(&mut order);
         order
     }
 
@@ -956,7 +949,7 @@ impl Trainer {
         if self.state.step_in_epoch >= per_epoch {
             // Next epoch: advance the shuffling RNG past this epoch's draw.
             let mut rng = Rng::from_state(self.state.epoch_rng);
-            shuffle(&mut (0..self.rounds[0].len()).collect::<Vec<_>>(), &mut rng);
+            rng.shuffle(&mut (0..self.rounds[0].len()).collect::<Vec<_>>());
             self.state.epoch_rng = rng.state();
             self.state.epoch += 1;
             self.state.step_in_epoch = 0;
