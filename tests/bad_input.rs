@@ -153,6 +153,9 @@ fn oversized_config_values_are_refused_naming_the_field() {
     for (from, to, field) in [
         ("\"hidden_size\": 64", "\"hidden_size\": 1000000", "hidden_size 1000000"),
         ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 100000", "num_hidden_layers 100000"),
+        // Found by the fuzzer: a layer count sized a per-layer table (which layers slide) before
+        // the bounds were checked, an allocation of terabytes.
+        ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3333333333333", "num_hidden_layers 3333333333333"),
         ("\"vocab_size\": 320", "\"vocab_size\": 4000000000", "vocab_size 4000000000"),
     ] {
         copy_tiny(&d);
@@ -163,6 +166,25 @@ fn oversized_config_values_are_refused_naming_the_field() {
         let e = err_of(open_weights(&d));
         assert!(e.contains("config.json") && e.contains(field) && e.contains("the most edgetune accepts"), "{e}");
     }
+    // The same count in a GGUF file's metadata.
+    let p = d.join("m.gguf");
+    let u64_kv = |k: &'static str, v: u64| (k, 10u32, v.to_le_bytes().to_vec());
+    let mut b = gguf_header(
+        0,
+        &[
+            ("general.architecture", 8, gguf_str("llama")),
+            u64_kv("llama.embedding_length", 64),
+            u64_kv("llama.attention.head_count", 4),
+            u64_kv("llama.vocab_size", 320),
+            u64_kv("llama.block_count", 3_333_333_333_333),
+        ],
+    );
+    while !b.len().is_multiple_of(32) {
+        b.push(0);
+    }
+    std::fs::write(&p, b).expect("write");
+    let e = err_of(open_weights(&p));
+    assert!(e.contains("m.gguf") && e.contains("llama.block_count 3333333333333 is more than 4096"), "{e}");
     let big = edgetune::lora::LoraConfig { r: edgetune::lora::MAX_RANK + 1, ..Default::default() };
     let e = big.validate().expect_err("rank too large").to_string();
     assert!(e.contains("r 4097") && e.contains("4096"), "{e}");

@@ -306,7 +306,7 @@ impl ModelConfig {
             Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
             None => vec![],
         };
-        let num_layers = usize_of("num_hidden_layers")?;
+        let num_layers = layer_count(path, "num_hidden_layers", usize_of("num_hidden_layers")?)?;
         // Qwen2 and Qwen3 configs name a window that `use_sliding_window: false` turns off.
         let sliding_window = match field(&j, "use_sliding_window").and_then(Json::as_bool) {
             Some(false) => None,
@@ -429,7 +429,7 @@ impl ModelConfig {
                 Some(RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor });
         }
         let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
-        let num_layers = u("block_count")?;
+        let num_layers = layer_count(path, &key("block_count"), u("block_count")?)?;
         let gemma = arch == Arch::Gemma3;
         // As llama.cpp reads gemma3 files: every sixth layer attends to everything, the others
         // within `attention.sliding_window` with an unscaled RoPE base of 10000; the query
@@ -508,7 +508,7 @@ impl ModelConfig {
         for (name, v, most) in [
             ("hidden_size", self.hidden_size, 1 << 17),
             ("intermediate_size", self.intermediate_size, 1 << 19),
-            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_hidden_layers", self.num_layers, MOST_LAYERS),
             ("num_attention_heads", self.num_heads, 1 << 12),
             ("num_key_value_heads", self.num_kv_heads, 1 << 12),
             ("head_dim", self.head_dim, 256),
@@ -650,6 +650,18 @@ impl ModelConfig {
         let emb = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         self.num_layers * layer + emb + h
     }
+}
+
+/// The most layers edgetune accepts (the deepest open models have 126).
+const MOST_LAYERS: usize = 1 << 12;
+
+/// A layer count checked as soon as it is read, because per-layer tables (which layers slide)
+/// are sized from it before the rest of the config is validated.
+fn layer_count(path: &Path, name: &str, n: usize) -> Result<usize> {
+    if n > MOST_LAYERS {
+        return Err(Error::format(path, format!("{name} {n} is more than {MOST_LAYERS}, the most edgetune accepts")));
+    }
+    Ok(n)
 }
 
 /// Which layers use the sliding window: `layer_types` where the config lists them; else
