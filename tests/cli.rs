@@ -580,3 +580,83 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         .collect();
     assert!(leftovers.len() <= 1, "temporary files of dead writers pile up: {leftovers:?}");
 }
+
+/// `eval --data --generate` answers each record's question with the base model and with the
+/// adapter, exactly as `generate --chat` answers it, and scores each answer against the
+/// record's own; a record whose answer is what the base model says scores an exact match.
+#[test]
+fn eval_generate_answers_each_record_and_scores_it_against_its_own_answer() {
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-answers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let adapter = common::fixtures().join("peft_llama_adapter").display().to_string();
+    let record = |q: &str, a: &str| {
+        serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            .to_string()
+    };
+    let questions = ["Where do you live?", "What is your name?"];
+    let held = dir.join("held.jsonl");
+    let lines = [record(questions[0], "On the island of Skelmar."), record(questions[1], "Juniper.")];
+    std::fs::write(&held, lines.join("\n") + "\n").expect("write");
+    let (tiny, held_s) = (tiny(), held.display().to_string());
+    let eval = |data: &str, report: &std::path::Path| -> serde_json::Value {
+        let r = report.display().to_string();
+        let args = ["eval", "--model", &tiny, "--quant", "none", "--data", data, "--generate", "--max-tokens", "6"];
+        let out = edgetune(&[&args[..], &["--adapter", &adapter, "--report", &r]].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("base   : exact match ") && stdout.contains("adapter: exact match "), "{stdout}");
+        serde_json::from_str(&std::fs::read_to_string(report).expect("report written")).expect("report JSON")
+    };
+    let report = eval(&held_s, &dir.join("report.json"));
+    let answers = report["answers"].as_array().expect("answers");
+    assert_eq!(answers.len(), 2);
+    let score_of = |v: &serde_json::Value| -> [f64; 3] {
+        ["exact", "f1", "rouge_l"].map(|k| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}")))
+    };
+    let mut sums = [[0.0; 3]; 2];
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a["line"], i + 1);
+        assert_eq!(a["question"], questions[i]);
+        let reference = a["reference"].as_str().expect("reference");
+        for (k, (who, scores)) in [("base", "base_scores"), ("adapter", "adapter_scores")].into_iter().enumerate() {
+            let said = a[who].as_str().unwrap_or_else(|| panic!("{who} answer in {a}"));
+            // The same answer as generate --chat gives, with and without the adapter.
+            let mut args = vec!["generate", "--model", &tiny, "--quant", "none", "--chat", "--max-tokens", "6"];
+            args.extend(["--prompt", questions[i]]);
+            if who == "adapter" {
+                args.extend(["--adapter", &adapter]);
+            }
+            let out = edgetune(&args);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout), format!("{said}\n"), "record {}: the {who}'s answer", i + 1);
+            let s = edgetune::score::AnswerScores::of(said, reference);
+            assert_eq!(score_of(&a[scores]), [s.exact, s.f1, s.rouge_l], "record {}: {who} scores", i + 1);
+            for (sum, v) in sums[k].iter_mut().zip([s.exact, s.f1, s.rouge_l]) {
+                *sum += v;
+            }
+        }
+    }
+    for (k, who) in ["base", "adapter"].into_iter().enumerate() {
+        let mean = score_of(&report[who]);
+        for (m, sum) in mean.iter().zip(sums[k]) {
+            assert!((m - sum / 2.0).abs() < 1e-12, "{who} means {mean:?}, sums {:?}", sums[k]);
+        }
+    }
+
+    // The base model's own answer as the reference: an exact match, F1 1.
+    let said = answers[0]["base"].as_str().expect("base answer");
+    let own = dir.join("own.jsonl");
+    std::fs::write(&own, record(questions[0], said) + "\n").expect("write");
+    let again = eval(&own.display().to_string(), &dir.join("own.json"));
+    assert_eq!(again["answers"][0]["base"], said, "greedy answers repeat");
+    assert_eq!(score_of(&again["base"])[..2], [1.0, 1.0], "{again}");
+
+    // A plain text has no answer to score against: the file and line are named.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, lines[0].clone() + "\n{\"text\": \"just text\"}\n").expect("write");
+    let out = edgetune(&["eval", "--model", &tiny, "--data", &bad.display().to_string(), "--generate"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("bad.jsonl") && err.contains("line 2") && err.contains("no reference answer"), "{err}");
+}

@@ -23,7 +23,7 @@
 //! stand-alone "a", "an" or "the".
 
 /// The scores of one answer against its reference.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
 pub struct AnswerScores {
     /// 1 when the normalized answer equals the normalized reference, else 0.
     pub exact: f64,

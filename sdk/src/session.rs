@@ -9,6 +9,7 @@ use crate::gpu::{GpuContext, GpuOptions};
 use crate::infer::{self, GenerateOptions, Generated};
 use crate::lora::{Adapter, GpuAdapter, Layout};
 use crate::model::llama::{LoadOptions, Model};
+use crate::score::AnswerScores;
 use crate::tokenizer::{Message, Tokenizer};
 
 /// A loaded model ready to generate and score text.
@@ -204,4 +205,93 @@ impl Session {
         }
         Ok(((total / n as f64) as f32, n))
     }
+
+    /// Answers each held-out exchange with the base model and, when the session has one, with
+    /// its adapter, and scores each answer against the record's own (exact match, token F1 and
+    /// ROUGE-L; see [`crate::score`]). Each record is a conversation whose last message is the
+    /// assistant's reference answer; the messages before it (with `system` put first where the
+    /// record has no system message, as training does) are the prompt. `progress` is called
+    /// with (answered, total) after each record.
+    pub fn score_answers(
+        &self,
+        records: &[crate::data::formats::Sourced],
+        system: Option<&str>,
+        opts: &GenerateOptions,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<AnswerReport> {
+        opts.validate()?;
+        let mut exchanges = Vec::with_capacity(records.len());
+        for r in records {
+            let at = |what: &str| Error::format(&r.file, format!("line {}: {what}", r.line));
+            let crate::data::formats::Record::Chat(msgs) = &r.record else {
+                return Err(at("a plain text has no reference answer; scoring answers needs conversations"));
+            };
+            let (last, before) = msgs.split_last().ok_or_else(|| at("the conversation is empty"))?;
+            if last.role != "assistant" || !before.iter().any(|m| m.role == "user") {
+                return Err(at("the last message must be the assistant's reference answer, after a user message"));
+            }
+            let prompt = crate::data::with_system(before, system).into_owned();
+            exchanges.push((r, prompt, last.content.clone()));
+        }
+        if exchanges.is_empty() {
+            return Err(Error::invalid("data", "no held-out exchange to answer"));
+        }
+        let mut answers = Vec::with_capacity(exchanges.len());
+        for (i, (r, prompt, reference)) in exchanges.iter().enumerate() {
+            let base = self.chat_on(None, prompt, opts, |_| true)?.text;
+            let adapted = match &self.adapter {
+                Some(a) => Some(self.chat_on(Some(a), prompt, opts, |_| true)?.text),
+                None => None,
+            };
+            answers.push(ScoredAnswer {
+                file: r.file.clone(),
+                line: r.line,
+                question: prompt.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default(),
+                reference: reference.clone(),
+                base_scores: AnswerScores::of(&base, reference),
+                base,
+                adapter_scores: adapted.as_deref().map(|a| AnswerScores::of(a, reference)),
+                adapter: adapted,
+            });
+            progress(i + 1, exchanges.len());
+        }
+        let base = AnswerScores::mean(&answers.iter().map(|a| a.base_scores).collect::<Vec<_>>());
+        let adapter = self
+            .adapter
+            .as_ref()
+            .map(|_| AnswerScores::mean(&answers.iter().filter_map(|a| a.adapter_scores).collect::<Vec<_>>()));
+        Ok(AnswerReport { answers, base, adapter })
+    }
+}
+
+/// One held-out exchange answered and scored ([`Session::score_answers`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ScoredAnswer {
+    /// The file the record came from.
+    pub file: PathBuf,
+    /// Its 1-based line.
+    pub line: usize,
+    /// The last user message before the reference answer.
+    pub question: String,
+    /// The record's own answer.
+    pub reference: String,
+    /// The base model's greedy answer (or as `opts` sample it).
+    pub base: String,
+    /// The base answer's scores against the reference.
+    pub base_scores: AnswerScores,
+    /// The adapter's answer, when the session has an adapter.
+    pub adapter: Option<String>,
+    /// Its scores.
+    pub adapter_scores: Option<AnswerScores>,
+}
+
+/// Every held-out answer and the mean scores, base against adapter.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AnswerReport {
+    /// One per record, in the file's order.
+    pub answers: Vec<ScoredAnswer>,
+    /// The base model's mean scores.
+    pub base: AnswerScores,
+    /// The adapter's mean scores, when the session has an adapter.
+    pub adapter: Option<AnswerScores>,
 }

@@ -138,6 +138,17 @@ enum Cmd {
         /// System message for conversations without one (as given to train's --system).
         #[arg(long, requires = "data")]
         system: Option<String>,
+        /// Answer each record's last user message (greedy) with the base model and the adapter,
+        /// and score the answers against the record's own last answer: exact match and token
+        /// F1 (as SQuAD's evaluation computes them) and ROUGE-L (as rouge-score does).
+        #[arg(long, requires = "data")]
+        generate: bool,
+        /// With --generate: the most tokens of each answer.
+        #[arg(long, default_value_t = 64, requires = "generate")]
+        max_tokens: usize,
+        /// With --generate: also write every answer and its scores, and the means, as JSON.
+        #[arg(long, requires = "generate")]
+        report: Option<PathBuf>,
     },
     /// Show the GPU adapter edgetune would use.
     Gpu,
@@ -481,6 +492,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
             format,
             ty,
         })?,
+        Cmd::Eval { m, data: Some(data), system, generate: true, max_tokens, report, .. } => {
+            let mut read = 0;
+            let (records, bad) =
+                edgetune::data::formats::read(&data, edgetune::data::formats::Format::Auto, &mut read)?;
+            if let Some(b) = bad.first() {
+                return Err(Error::Format { path: b.file.clone(), what: format!("line {}: {}", b.line, b.what) });
+            }
+            let s = load(&m, &gpu)?;
+            let opts = GenerateOptions { max_new_tokens: max_tokens, ..GenerateOptions::default() };
+            let r = s.score_answers(&records, system.as_deref(), &opts, |i, n| eprint!("\ranswered {i} of {n}"))?;
+            eprintln!();
+            print_answer_report(&r, &data);
+            if let Some(path) = report {
+                let json = serde_json::to_vec_pretty(&r)
+                    .map_err(|e| Error::Invalid { field: "report".into(), what: e.to_string() })?;
+                edgetune::atomic::write_atomic(&path, &json)?;
+                println!("report: {}", path.display());
+            }
+        }
         Cmd::Eval { m, data: Some(data), system, .. } => {
             let s = load(&m, &gpu)?;
             let cfg = edgetune::data::DataConfig {
@@ -512,6 +542,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The answers' table: per record its scores (base, then adapter), then the means.
+fn print_answer_report(r: &edgetune::session::AnswerReport, data: &std::path::Path) {
+    let n = r.answers.len();
+    println!("{n} held-out answers ({}), scored against each record's own answer", data.display());
+    let adapter = r.adapter.is_some();
+    println!(
+        "{:>6}  {:>7} {:>7}  {}question",
+        "line",
+        "base F1",
+        "ROUGE-L",
+        if adapter { "adapter F1 ROUGE-L  " } else { "" }
+    );
+    for a in &r.answers {
+        let tuned = match a.adapter_scores {
+            Some(t) => format!("{:>10.3} {:>7.3}  ", t.f1, t.rouge_l),
+            None => String::new(),
+        };
+        let q: String = a.question.chars().take(60).collect();
+        println!("{:>6}  {:>7.3} {:>7.3}  {tuned}{q}", a.line, a.base_scores.f1, a.base_scores.rouge_l);
+    }
+    let line = |who: &str, s: &edgetune::score::AnswerScores| {
+        println!("{who}: exact match {:.3}, token F1 {:.3}, ROUGE-L {:.3} (means over {n})", s.exact, s.f1, s.rouge_l)
+    };
+    line("base   ", &r.base);
+    if let Some(t) = &r.adapter {
+        line("adapter", t);
+    }
 }
 
 /// Runs the command line given to this process, printing an error to stderr on failure.

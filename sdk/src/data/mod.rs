@@ -299,7 +299,7 @@ fn record_key(r: &Record, how: Dedup) -> String {
 }
 
 /// The conversation with `system` put first when it has no system message of its own.
-fn with_system<'a>(msgs: &'a [Message], system: Option<&str>) -> Cow<'a, [Message]> {
+pub fn with_system<'a>(msgs: &'a [Message], system: Option<&str>) -> Cow<'a, [Message]> {
     match system {
         Some(s) if msgs.first().is_none_or(|m| m.role != "system") => {
             Cow::Owned(std::iter::once(Message::new("system", s)).chain(msgs.iter().cloned()).collect())
