@@ -563,6 +563,16 @@ fn print_answer_report(r: &edgetune::session::AnswerReport, data: &std::path::Pa
         };
         let q: String = a.question.chars().take(60).collect();
         println!("{:>6}  {:>7.3} {:>7.3}  {tuned}{q}", a.line, a.base_scores.f1, a.base_scores.rouge_l);
+        // The answers on one line each, cut at 100 characters.
+        let one_line = |t: &str| -> String {
+            let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+            if t.chars().count() > 100 { format!("{}…", t.chars().take(100).collect::<String>()) } else { t }
+        };
+        println!("{:>8}expected: {}", "", one_line(&a.reference));
+        println!("{:>8}base:     {}", "", one_line(&a.base));
+        if let Some(t) = &a.adapter {
+            println!("{:>8}adapter:  {}", "", one_line(t));
+        }
     }
     let line = |who: &str, s: &edgetune::score::AnswerScores| {
         println!("{who}: exact match {:.3}, token F1 {:.3}, ROUGE-L {:.3} (means over {n})", s.exact, s.f1, s.rouge_l)
