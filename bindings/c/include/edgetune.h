@@ -400,6 +400,28 @@ enum edgetune_status edgetune_model_loss(const struct edgetune_model *model,
                                          float *out);
 
 /**
+ * Answers held-out records with the base model and with the model's current adapter, and
+ * scores each answer against the record's own: exact match and token F1 (as SQuAD's evaluation
+ * computes them) and ROUGE-L (as Python's `rouge-score` does). `records_json` is a JSON array of
+ * records in any format a data file may hold; each must be a conversation whose last message is
+ * the assistant's reference answer (record N is reported as line N of "records").
+ * `options_json` may be NULL (greedy, 128 new tokens) or take `edgetune_generate`'s options
+ * (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`, and `system` for records
+ * without a system message; not `adapter`). `*out_report_json` receives a JSON object,
+ * `{"answers": [{"line", "question", "reference", "base", "base_scores", "adapter",
+ * "adapter_scores"}, ...], "base": {"exact", "f1", "rouge_l"}, "adapter": {...} or null}`, which
+ * the caller frees with `edgetune_string_free`.
+ *
+ * # Safety
+ * `model` is a live model, `records_json` a string, `options_json` NULL or a string,
+ * `out_report_json` writable.
+ */
+enum edgetune_status edgetune_score_answers(const struct edgetune_model *model,
+                                            const char *records_json,
+                                            const char *options_json,
+                                            char **out_report_json);
+
+/**
  * Creates a trainer for `model` with the settings in `config_json`: a JSON object with any
  * `TrainConfig` field (the same names as the CLI's TOML file, e.g.
  * `{"epochs": 3, "learning_rate": 2e-4, "lora": {"r": 16}, "data": {"max_len": 512}}`); NULL

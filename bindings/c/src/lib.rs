@@ -853,6 +853,51 @@ pub unsafe extern "C" fn edgetune_model_loss(
     })
 }
 
+/// Answers held-out records with the base model and with the model's current adapter, and
+/// scores each answer against the record's own: exact match and token F1 (as SQuAD's evaluation
+/// computes them) and ROUGE-L (as Python's `rouge-score` does). `records_json` is a JSON array of
+/// records in any format a data file may hold; each must be a conversation whose last message is
+/// the assistant's reference answer (record N is reported as line N of "records").
+/// `options_json` may be NULL (greedy, 128 new tokens) or take `edgetune_generate`'s options
+/// (`max_new_tokens`, `temperature`, `top_k`, `top_p`, `seed`, `stop`, and `system` for records
+/// without a system message; not `adapter`). `*out_report_json` receives a JSON object,
+/// `{"answers": [{"line", "question", "reference", "base", "base_scores", "adapter",
+/// "adapter_scores"}, ...], "base": {"exact", "f1", "rouge_l"}, "adapter": {...} or null}`, which
+/// the caller frees with `edgetune_string_free`.
+///
+/// # Safety
+/// `model` is a live model, `records_json` a string, `options_json` NULL or a string,
+/// `out_report_json` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_score_answers(
+    model: *const edgetune_model,
+    records_json: *const c_char,
+    options_json: *const c_char,
+    out_report_json: *mut *mut c_char,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out_report_json, "out_report_json") }?;
+        let model = MODELS.get(model, "model")?;
+        let records = unsafe { text(records_json, "records_json") }?;
+        let GenerateSettings { opts, system, adapter, .. } =
+            generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
+        if adapter.is_some() {
+            return Err(Fail::invalid("options_json: `adapter` is not taken here; set the model's adapter"));
+        }
+        let list: Vec<serde_json::Value> = serde_json::from_str(records)
+            .map_err(|e| Fail::invalid(format!("records_json: expected a JSON array of records: {e}")))?;
+        let texts: Vec<String> = list.iter().map(serde_json::Value::to_string).collect();
+        let (read, bad) = data::formats::read_records(Path::new("records"), &texts, data::formats::Format::Auto);
+        if let Some(b) = bad.first() {
+            return Err(Error::Format { path: b.file.clone(), what: format!("line {}: {}", b.line, b.what) }.into());
+        }
+        let report = model.session.hold("model")?.score_answers(&read, system.as_deref(), &opts, |_, _| {})?;
+        let json = serde_json::to_string(&report).map_err(|e| Fail::invalid(e.to_string()))?;
+        *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
+        Ok(())
+    })
+}
+
 // --- training -------------------------------------------------------------------------------
 
 /// Creates a trainer for `model` with the settings in `config_json`: a JSON object with any

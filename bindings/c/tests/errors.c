@@ -51,6 +51,16 @@ int main(int argc, char **argv) {
     const char bad_utf8[] = {'H', (char)0xff, 'i', 0};
     FAILS(edgetune_model_loss(model, bad_utf8, &loss), EDGETUNE_ERROR_INVALID_ARGUMENT, "not UTF-8");
 
+    /* Scored answers: the records must be an array of conversations ending in the answer. */
+    char *report = NULL;
+    FAILS(edgetune_score_answers(model, "[]", NULL, NULL), EDGETUNE_ERROR_NULL_ARGUMENT, "`out_report_json` is NULL");
+    FAILS(edgetune_score_answers(model, "{}", NULL, &report), EDGETUNE_ERROR_INVALID_ARGUMENT, "a JSON array");
+    FAILS(edgetune_score_answers(model, "[{\"text\": \"x\"}]", NULL, &report), EDGETUNE_ERROR_FORMAT,
+          "line 1: a plain text has no reference answer");
+    FAILS(edgetune_score_answers(model, "[]", "{\"adapter\": \"a\"}", &report), EDGETUNE_ERROR_INVALID_ARGUMENT,
+          "`adapter` is not taken here");
+    CHECK(report == NULL);
+
     /* Adapters. */
     edgetune_adapter *adapter = NULL;
     FAILS(edgetune_adapter_load(model, "/no/such/adapter", &adapter), EDGETUNE_ERROR_IO, "/no/such/adapter");

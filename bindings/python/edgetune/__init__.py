@@ -380,6 +380,34 @@ class Model(_Handle):
         _check(_lib.edgetune_model_loss(self._handle, _c(text), ctypes.byref(out)))
         return out.value
 
+    def score_answers(
+        self,
+        records: Iterable[dict],
+        *,
+        system: Optional[str] = None,
+        max_new_tokens: Optional[int] = None,
+    ) -> dict:
+        """Answers held-out records (greedy) with the base model and with the current adapter
+        and scores each answer against the record's own last (assistant) message: exact match
+        and token F1 as SQuAD's evaluation computes them, ROUGE-L as ``rouge-score`` does.
+
+        ``records`` are conversations in any training format. Returns ``{"answers": [...],
+        "base": {"exact", "f1", "rouge_l"}, "adapter": {...} or None}``; each answer has its
+        ``line`` (1-based), ``question``, ``reference``, ``base`` and ``adapter`` texts and their
+        scores.
+        """
+        options: dict[str, Any] = {}
+        if system is not None:
+            options["system"] = system
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        out = ctypes.c_void_p()
+        status = _lib.edgetune_score_answers(
+            self._handle, _c(json.dumps(list(records))), _c(json.dumps(options)), ctypes.byref(out)
+        )
+        _check(status)
+        return json.loads(_take_string(out))
+
     def set_adapter(self, adapter: Optional["Adapter"]) -> None:
         """Applies ``adapter`` to everything generated from now on; ``None`` goes back to the
         base model. The model keeps its own copy, so the adapter may be closed afterwards."""

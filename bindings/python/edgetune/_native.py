@@ -91,6 +91,7 @@ _PROTOTYPES = {
     "edgetune_model_set_adapter": (_STATUS, [_P, _P]),
     "edgetune_generate": (_STATUS, [_P, _S, _S, TOKEN_CALLBACK, _P, _OUT]),
     "edgetune_model_loss": (_STATUS, [_P, _S, ctypes.POINTER(ctypes.c_float)]),
+    "edgetune_score_answers": (_STATUS, [_P, _S, _S, _OUT]),
     "edgetune_trainer_new": (_STATUS, [_P, _S, _OUT]),
     "edgetune_trainer_add_file": (_STATUS, [_P, _S]),
     "edgetune_trainer_add_record": (_STATUS, [_P, _S]),

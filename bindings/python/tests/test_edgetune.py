@@ -190,6 +190,18 @@ class ModelTest(unittest.TestCase):
             with self.model.load_adapter(gguf) as from_gguf:
                 self.model.set_adapter(from_gguf)
             self.assertEqual(self.model.loss(PROBE), tuned)
+            # Held-out answers scored, base against adapter: each answer is generate's, and the
+            # adapter's own answer as the reference is an exact match.
+            held = [{"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": with_tuned}]}]
+            report = self.model.score_answers(held, max_new_tokens=6)
+            answer = report["answers"][0]
+            self.assertEqual(
+                (answer["line"], answer["question"], answer["base"], answer["adapter"]), (1, question, plain, with_tuned)
+            )
+            self.assertEqual((report["adapter"]["exact"], report["adapter"]["f1"]), (1.0, 1.0))
+            self.assertEqual(report["base"], answer["base_scores"])
+            with self.assertRaisesRegex(edgetune.EdgetuneError, "records.*line 1.*no reference answer"):
+                self.model.score_answers([{"text": "just text"}])
             self.model.set_adapter(None)
             self.assertEqual(self.model.loss(PROBE), base)
 
