@@ -563,9 +563,14 @@ fn print_answer_report(r: &edgetune::session::AnswerReport, data: &std::path::Pa
         };
         let q: String = a.question.chars().take(60).collect();
         println!("{:>6}  {:>7.3} {:>7.3}  {tuned}{q}", a.line, a.base_scores.f1, a.base_scores.rouge_l);
-        // The answers on one line each, cut at 100 characters.
+        // The answers on one line each, cut at 100 characters, control characters escaped (a
+        // model's output must not drive the terminal).
         let one_line = |t: &str| -> String {
             let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+            let t: String = t
+                .chars()
+                .map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() })
+                .collect();
             if t.chars().count() > 100 { format!("{}…", t.chars().take(100).collect::<String>()) } else { t }
         };
         println!("{:>8}expected: {}", "", one_line(&a.reference));
