@@ -888,9 +888,7 @@ pub unsafe extern "C" fn edgetune_score_answers(
             .map_err(|e| Fail::invalid(format!("records_json: expected a JSON array of records: {e}")))?;
         let texts: Vec<String> = list.iter().map(serde_json::Value::to_string).collect();
         let (read, bad) = data::formats::read_records(Path::new("records"), &texts, data::formats::Format::Auto);
-        if let Some(b) = bad.first() {
-            return Err(Error::Format { path: b.file.clone(), what: format!("line {}: {}", b.line, b.what) }.into());
-        }
+        data::formats::refuse_bad(&bad)?;
         let report = model.session.hold("model")?.score_answers(&read, system.as_deref(), &opts, |_, _| {})?;
         let json = serde_json::to_string(&report).map_err(|e| Fail::invalid(e.to_string()))?;
         *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();

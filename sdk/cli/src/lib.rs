@@ -496,9 +496,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut read = 0;
             let (records, bad) =
                 edgetune::data::formats::read(&data, edgetune::data::formats::Format::Auto, &mut read)?;
-            if let Some(b) = bad.first() {
-                return Err(Error::Format { path: b.file.clone(), what: format!("line {}: {}", b.line, b.what) });
-            }
+            edgetune::data::formats::refuse_bad(&bad)?;
             let s = load(&m, &gpu)?;
             let opts = GenerateOptions { max_new_tokens: max_tokens, ..GenerateOptions::default() };
             let r = s.score_answers(&records, system.as_deref(), &opts, |i, n| eprint!("\ranswered {i} of {n}"))?;
@@ -556,6 +554,14 @@ fn print_answer_report(r: &edgetune::session::AnswerReport, data: &std::path::Pa
         "ROUGE-L",
         if adapter { "adapter F1 ROUGE-L  " } else { "" }
     );
+    // The answers on one line each, cut at 100 characters, control characters escaped (a
+    // model's output must not drive the terminal).
+    let one_line = |t: &str| -> String {
+        let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
+        let t: String =
+            t.chars().map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() }).collect();
+        if t.chars().count() > 100 { format!("{}…", t.chars().take(100).collect::<String>()) } else { t }
+    };
     for a in &r.answers {
         let tuned = match a.adapter_scores {
             Some(t) => format!("{:>10.3} {:>7.3}  ", t.f1, t.rouge_l),
@@ -563,16 +569,6 @@ fn print_answer_report(r: &edgetune::session::AnswerReport, data: &std::path::Pa
         };
         let q: String = a.question.chars().take(60).collect();
         println!("{:>6}  {:>7.3} {:>7.3}  {tuned}{q}", a.line, a.base_scores.f1, a.base_scores.rouge_l);
-        // The answers on one line each, cut at 100 characters, control characters escaped (a
-        // model's output must not drive the terminal).
-        let one_line = |t: &str| -> String {
-            let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
-            let t: String = t
-                .chars()
-                .map(|c| if c.is_control() { c.escape_unicode().to_string() } else { c.to_string() })
-                .collect();
-            if t.chars().count() > 100 { format!("{}…", t.chars().take(100).collect::<String>()) } else { t }
-        };
         println!("{:>8}expected: {}", "", one_line(&a.reference));
         println!("{:>8}base:     {}", "", one_line(&a.base));
         if let Some(t) = &a.adapter {

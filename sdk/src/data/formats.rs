@@ -80,6 +80,15 @@ impl std::fmt::Display for BadRecord {
     }
 }
 
+/// An error for the first of `bad` (naming its file and line), for callers that take no bad
+/// record at all; `Ok` when there is none.
+pub fn refuse_bad(bad: &[BadRecord]) -> Result<()> {
+    match bad.first() {
+        Some(b) => Err(Error::format(&b.file, format!("line {}: {}", b.line, b.what))),
+        None => Ok(()),
+    }
+}
+
 /// Reads every record of a file or folder. Bad records are collected, not fatal; the caller
 /// decides (see `DataConfig::skip_bad_records`). Each file may hold at most
 /// [`files::DATA_FILE_BYTES`]; `read_bytes` counts the bytes of every file read so far, which
