@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Writes the DPO fixtures that `tests/dpo_parity.rs` and `tests/data.rs` compare against, from
+Hugging Face TRL's own DPOTrainer over the tiny random Llama fixture with a PEFT LoRA adapter:
+
+- `dpo_tokens_expected.json`: TRL's `prompt_ids`/`chosen_ids`/`rejected_ids` for preference
+  records in each of TRL's formats (explicit prompt or implicit, plain text or conversations).
+- `dpo_llama_expected.safetensors`: for each loss (sigmoid, ipo, robust with label smoothing),
+  one step's loss, the reward metrics and every LoRA gradient, with the policy at the committed
+  PEFT adapter (`peft_llama_adapter`) and the reference at the base (the adapter disabled); and a
+  10-step AdamW curve that starts at that adapter, where TRL's reference is a frozen copy of the
+  starting adapter, with the reference computed in each step and precomputed.
+
+    python3 -m venv ~/.cache/edgetune/refvenv
+    ~/.cache/edgetune/refvenv/bin/pip install torch transformers peft trl safetensors
+    ~/.cache/edgetune/refvenv/bin/python tests/reference/dpo.py
+
+Written with torch 2.x (CPU), transformers 5.24, peft 0.21.2 and trl 1.16.0.
+"""
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "fixtures")
+BASE = os.path.join(OUT, "tiny_llama")
+ADAPTER = os.path.join(OUT, "peft_llama_adapter")
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+# The pairs trained: conversations with an explicit prompt.
+PAIRS = [
+    {"prompt": [user("What is the capital of France?")], "chosen": [assistant("Paris.")],
+     "rejected": [assistant("I do not know, maybe London.")]},
+    {"prompt": [user("Name a quick animal.")], "chosen": [assistant("The quick brown fox")],
+     "rejected": [assistant("A dog")]},
+    {"prompt": [{"role": "system", "content": "Answer briefly."}, user("Hello world")],
+     "chosen": [assistant("Hello tokens!")], "rejected": [assistant("hello, hello, hello world, hello")]},
+]
+
+# One small dataset per format, for the tokenization fixture.
+FORMATS = {
+    "conversational": PAIRS,
+    "conversational_implicit": [
+        {"chosen": [user("What is the capital of France?"), assistant("Paris.")],
+         "rejected": [user("What is the capital of France?"), assistant("London.")]},
+        {"chosen": [user("Hi"), assistant("Hello"), user("A fox?"), assistant("The quick brown fox")],
+         "rejected": [user("Hi"), assistant("Hello"), user("A fox?"), assistant("No")]},
+    ],
+    "standard": [
+        {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " London."},
+        {"prompt": "The quick brown", "chosen": " fox", "rejected": " dog jumps"},
+    ],
+    "standard_implicit": [
+        {"chosen": "The capital of France is Paris.", "rejected": "The capital of France is London."},
+        {"chosen": "Hello world", "rejected": "Hello tokens"},
+    ],
+}
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(BASE)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def args(out, **kw):
+    from trl import DPOConfig
+
+    base = dict(output_dir=out, per_device_train_batch_size=len(PAIRS), max_length=None, bf16=False, fp16=False,
+                use_cpu=True, report_to="none", gradient_checkpointing=False, logging_steps=1, save_strategy="no",
+                learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                max_grad_norm=1.0, seed=0, dataloader_drop_last=False)
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+def policy(from_adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+    if from_adapter:
+        return PeftModel.from_pretrained(m, ADAPTER, is_trainable=True)
+    return m
+
+
+def tokens_fixture(tmp):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOTrainer
+
+    out = {}
+    for name, records in FORMATS.items():
+        tr = DPOTrainer(model=policy(False), args=args(tmp), train_dataset=Dataset.from_list(records),
+                        processing_class=tokenizer(),
+                        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        ds = tr.train_dataset
+        out[name] = {
+            "records": records,
+            "prompt_ids": [list(r) for r in ds["prompt_ids"]],
+            "chosen_ids": [list(r) for r in ds["chosen_ids"]],
+            "rejected_ids": [list(r) for r in ds["rejected_ids"]],
+        }
+    with open(os.path.join(OUT, "dpo_tokens_expected.json"), "w") as f:
+        json.dump(out, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def key(n):
+    return n.replace(".default", "").replace("base_model.model.", "base_model.model.")
+
+
+def one_step(tmp, loss_type, label_smoothing):
+    """The policy at the committed adapter, the reference at the base: TRL builds this when the
+    adapter comes from `peft_config` (no "ref" copy; the adapter disabled is the reference), and
+    the adapter's values are then set to the committed ones."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+    from trl import DPOTrainer
+
+    tr = DPOTrainer(model=policy(False), args=args(tmp, loss_type=[loss_type], label_smoothing=label_smoothing,
+                                                   beta=0.1),
+                    train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer(),
+                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = tr.model
+    saved = load_file(os.path.join(ADAPTER, "adapter_model.safetensors"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(saved[key(n).replace(".weight", ".weight")])
+    assert "ref" not in model.peft_config
+    model.train()
+    inputs = tr.data_collator([tr.train_dataset[i] for i in range(len(PAIRS))])
+    tr._metrics["train"].clear()
+    loss = tr.compute_loss(model, inputs)
+    loss.backward()
+    t = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t[f"{loss_type}.grad.{key(n)}"] = p.grad.detach().numpy().copy()
+    m = {k: v[-1] for k, v in tr._metrics["train"].items() if k.startswith(("rewards/", "logps/"))}
+    m["loss"] = float(loss)
+    return t, m, inputs
+
+
+def curve(tmp, precompute):
+    """10 AdamW steps from the committed adapter; TRL's reference is a frozen copy of it."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    torch.manual_seed(0)
+    tr = DPOTrainer(model=policy(True), args=args(tmp, max_steps=10, beta=0.1, precompute_ref_log_probs=precompute),
+                    train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer())
+    assert "ref" in tr.model.peft_config
+    tr.train()
+    logs = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(logs) == 10, logs
+    return {k: [float(h[k]) for h in logs] for k in ("loss", "rewards/chosen", "rewards/rejected",
+                                                     "rewards/margins", "rewards/accuracies", "grad_norm")}
+
+
+def main():
+    import peft
+    import transformers
+    import trl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens_fixture(tmp)
+        tensors, meta = {}, {}
+        for loss_type, ls in (("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)):
+            t, m, inputs = one_step(tmp, loss_type, ls)
+            tensors.update(t)
+            meta[loss_type] = json.dumps({"label_smoothing": ls, "beta": 0.1, **m})
+            print(loss_type, m)
+        tensors["input_ids"] = inputs["input_ids"].numpy()
+        tensors["attention_mask"] = inputs["attention_mask"].numpy()
+        tensors["completion_mask"] = inputs["completion_mask"].numpy()
+        in_step = curve(tmp, False)
+        pre = curve(tmp, True)
+        print("curve", in_step["loss"])
+        print("precomputed", pre["loss"])
+        meta["curve"] = json.dumps(in_step)
+        meta["curve_precomputed"] = json.dumps(pre)
+        meta["optimizer"] = json.dumps({"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                                        "max_grad_norm": 1.0, "schedule": "constant", "beta": 0.1,
+                                        "loss": "sigmoid"})
+        meta["versions"] = json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                                       "peft": peft.__version__, "trl": trl.__version__})
+        save_file(tensors, os.path.join(OUT, "dpo_llama_expected.safetensors"), metadata=meta)
+
+
+if __name__ == "__main__":
+    main()
