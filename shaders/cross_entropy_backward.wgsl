@@ -2,7 +2,8 @@
 //   loss[t]       = logsumexp(logits[t, :]) - logits[t, target[t]]
 //   logits[t, v] <- grad_scale * (softmax(logits[t, :])[v] - (v == target[t]))
 // grad_scale is 1 / (number of scored tokens in the batch), so the gradients are those of the
-// mean loss. A target of 0xFFFFFFFF marks a row that is not scored: loss 0, gradient 0. The
+// mean loss; the `.weighted` variant also multiplies row t's gradient by weights[row_offset + t]
+// (common/ce_weighted.wgsl), the loss's derivative by that row's cross-entropy. A target of 0xFFFFFFFF marks a row that is not scored: loss 0, gradient 0. The
 // logits are never needed again, so overwriting them saves a (T, V) buffer. One workgroup per row.
 #include "common/params.wgsl"
 
@@ -10,6 +11,7 @@
 @group(0) @binding(1) var<storage, read_write> logits: array<f32>; // (T, V) in, dlogits out
 @group(0) @binding(2) var<storage, read> targets: array<u32>;      // (T)
 @group(0) @binding(3) var<storage, read_write> loss: array<f32>;   // (T)
+#include "common/ce_unweighted.wgsl"
 
 var<workgroup> red: array<f32, 64>;
 
@@ -55,7 +57,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if (scored) {
             g = exp(logits[base + v] - row_max) * inv;
             if (v == t) { g -= 1.0; }
-            g *= p.grad_scale;
+            g *= p.grad_scale * row_weight(row);
         }
         logits[base + v] = g;
     }

@@ -805,3 +805,156 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
         assert_eq!(d, 1);
     }
 }
+
+/// Three pairs packed in 150 rows (more than a workgroup's 64 threads for one completion), the
+/// prompt rows scoring nothing, and the DPO losses TRL offers.
+fn dpo_case() -> (Vec<f32>, Vec<[u32; 6]>, Vec<f32>, Vec<(&'static str, r::DpoTwin)>) {
+    // Completion rows [a, b) of chosen and rejected per pair; a row's cross-entropy is positive.
+    let spans: Vec<[u32; 6]> = vec![[0, 20, 20, 31, 12, 4], [31, 110, 110, 118, 70, 6], [118, 121, 121, 150, 1, 20]];
+    let mut ce: Vec<f32> = rand(150, 91, 1.0).iter().map(|v| v.abs() * 4.0).collect();
+    // Rows before each completion's scored tokens score nothing (the prompt): cross-entropy 0.
+    for s in &spans {
+        for (a, b, n) in [(s[0], s[1], s[4]), (s[2], s[3], s[5])] {
+            ce[a as usize..(b - n) as usize].fill(0.0);
+        }
+    }
+    let reference: Vec<f32> = rand(6, 92, 1.0)
+        .iter()
+        .zip(&spans.iter().flat_map(|s| [s[4], s[5]]).collect::<Vec<_>>())
+        .map(|(v, &n)| -(n as f32) * (2.0 + v))
+        .collect();
+    let e = 0.1;
+    let losses = vec![
+        ("sigmoid", r::DpoTwin { beta: 0.1, a: 1.0, b: 0.0, ipo: false, length_normalized: false }),
+        (
+            "robust",
+            r::DpoTwin {
+                beta: 0.1,
+                a: (1.0 - e) / (1.0 - 2.0 * e),
+                b: -e / (1.0 - 2.0 * e),
+                ipo: false,
+                length_normalized: false,
+            },
+        ),
+        ("ipo", r::DpoTwin { beta: 0.1, a: 0.0, b: 0.0, ipo: true, length_normalized: true }),
+        ("sigmoid beta 2", r::DpoTwin { beta: 2.0, a: 1.0, b: 0.0, ipo: false, length_normalized: false }),
+    ];
+    (ce, spans, reference, losses)
+}
+
+#[test]
+fn dpo_twin_weights_match_finite_differences_of_its_loss() {
+    let (ce, spans, reference, losses) = dpo_case();
+    let grad_scale = 1.0 / 3.0;
+    for (name, how) in losses {
+        let (weights, _) = r::dpo_loss(&ce, &spans, &reference, how, grad_scale);
+        let loss = |x: &[f32]| -> f64 {
+            r::dpo_loss(x, &spans, &reference, how, grad_scale).1.iter().map(|s| s[0]).sum::<f64>() * grad_scale
+        };
+        // The twin runs in f64 on f32 inputs; the quotient divides by the step as the f32
+        // inputs took it. Central differences are off by h^2 / 6 times the third derivative:
+        // for the sigmoid family beta^3 (|a| + |b|) times at most 0.0962 (the largest |sigmoid''|),
+        // times grad_scale; 0 for IPO's square. Plus f64 rounding of losses near 1 (1e-16 / h).
+        let h = 1e-3f32;
+        let third = if how.ipo { 0.0 } else { how.beta.powi(3) * (how.a.abs() + how.b.abs()) * 0.0962 };
+        let tol = f64::from(h * h) / 6.0 * third * grad_scale + 1e-9;
+        for i in 0..ce.len() {
+            let (mut up, mut down) = (ce.clone(), ce.clone());
+            up[i] += h;
+            down[i] -= h;
+            let fd = (loss(&up) - loss(&down)) / f64::from(up[i] - down[i]);
+            assert!(
+                (fd - weights[i]).abs() <= tol,
+                "{name} row {i}: weight {} vs finite difference {fd} (tolerance {tol:e})",
+                weights[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn dpo_kernels_match_their_twin() {
+    let ctx = gpu();
+    let (ce, spans, reference, losses) = dpo_case();
+    let flat: Vec<u32> = spans.iter().flatten().copied().collect();
+    let (lb, sb, rb) =
+        (ctx.storage_from("ce", &ce), ctx.storage_from("spans", &flat), ctx.storage_from("reference", &reference));
+    let pairs = launch::DpoPairs { loss: &lb, spans: &sb, n_pairs: spans.len() };
+    // The log-probabilities: sums of up to 79 values below 4 in f32, in another order than the
+    // twin's f64 sum: within 79 ulps of the sum of magnitudes (< 320): 4e-3 relative is far
+    // more than that; 1e-5 relative is what passes every reduction order.
+    let logps = ctx.storage_zeroed("logps", 2 * spans.len());
+    run(&ctx, |enc| launch::dpo_logps(&ctx, enc, pairs, &logps));
+    let (_, want) = r::dpo_loss(&ce, &spans, &reference, losses[0].1, 1.0);
+    let want_logps: Vec<f32> = want.iter().flat_map(|s| [s[3] as f32, s[4] as f32]).collect();
+    assert_close("dpo_logps", &ctx.read_f32(&logps, 2 * spans.len()).expect("read"), &want_logps, 1e-5, 1e-5);
+    for (name, how) in losses {
+        let weights = ctx.storage_zeroed("weights", ce.len());
+        let stats = ctx.storage_zeroed("stats", launch::DPO_STATS * spans.len());
+        let k = launch::DpoLoss {
+            beta: how.beta as f32,
+            a: how.a as f32,
+            b: how.b as f32,
+            ipo: how.ipo,
+            length_normalized: how.length_normalized,
+        };
+        run(&ctx, |enc| {
+            launch::dpo_loss(
+                &ctx,
+                enc,
+                pairs,
+                k,
+                launch::DpoOut { reference: &rb, weights: &weights, stats: &stats },
+                0.5,
+            )
+        });
+        let (want_w, want_s) = r::dpo_loss(&ce, &spans, &reference, how, 0.5);
+        // The log-ratios are differences of sums of about 100 in f32 (a few ulps: 1e-5 of
+        // 100); the loss and its derivative move by beta (or 1/n for IPO) times that.
+        let want_s: Vec<f32> = want_s.iter().flatten().map(|&v| v as f32).collect();
+        assert_close(
+            &format!("dpo {name} stats"),
+            &ctx.read_f32(&stats, want_s.len()).expect("read"),
+            &want_s,
+            1e-5,
+            1e-5,
+        );
+        let want_w: Vec<f32> = want_w.iter().map(|&v| v as f32).collect();
+        assert_close(
+            &format!("dpo {name} weights"),
+            &ctx.read_f32(&weights, ce.len()).expect("read"),
+            &want_w,
+            1e-4,
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn weighted_cross_entropy_backward_kernel_matches_twin() {
+    let ctx = gpu();
+    let (rows, vocab) = (4, 1001);
+    let logits = rand(rows * vocab, 33, 8.0);
+    let targets = vec![3u32, u32::MAX, 1000, 0];
+    // The kernel reads weights from row_offset on, as the model's head does chunk by chunk.
+    let weights = [9.0f32, 9.0, -0.75, 2.0, 0.0, 0.5];
+    let (want_loss, want_grad) = r::cross_entropy_backward_weighted(&logits, &targets, vocab, 0.5, &weights[2..]);
+    let (lb, tb, out, wb) = (
+        ctx.storage_from("logits", &logits),
+        ctx.storage_from("targets", &targets),
+        ctx.storage_zeroed("loss", rows),
+        ctx.storage_from("weights", &weights),
+    );
+    run(&ctx, |enc| {
+        launch::cross_entropy_backward_weighted(
+            &ctx,
+            enc,
+            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab },
+            0.5,
+            &wb,
+            2,
+        )
+    });
+    assert_close("weighted loss", &ctx.read_f32(&out, rows).expect("read"), &want_loss, 1e-5, 1e-5);
+    assert_close("weighted dlogits", &ctx.read_f32(&lb, rows * vocab).expect("read"), &want_grad, 1e-5, 1e-7);
+}

@@ -37,7 +37,7 @@ struct CrossEntropyParams {
     n_rows: u32,
     vocab: u32,
     grad_scale: f32,   // used by cross_entropy_backward.wgsl only
-    _pad: u32,
+    row_offset: u32,   // its `.weighted` variant's first row in `weights`
 }
 
 struct AttentionParams {
@@ -69,4 +69,16 @@ struct MatmulParams {
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+}
+
+// dpo.wgsl and dpo_logps.wgsl: the pairs of a packed batch.
+struct DpoParams {
+    n_pairs: u32,
+    length_normalized: u32, // 1: the log-ratios are divided by the completion's scored tokens (IPO)
+    ipo: u32,               // 1: (h - 1 / (2 beta))^2; 0: a * -log sigmoid(z) + b * -log sigmoid(-z)
+    _pad: u32,
+    beta: f32,
+    a: f32,
+    b: f32,
+    grad_scale: f32,        // 1 / the pairs of the optimizer step
 }

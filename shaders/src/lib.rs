@@ -143,6 +143,10 @@ shaders! {
     ADAMW = "adamw";
     GRAD_NORM = "grad_norm";
     CROSS_ENTROPY_BACKWARD = "cross_entropy_backward";
+    CROSS_ENTROPY_BACKWARD_WEIGHTED = "cross_entropy_backward" as "cross_entropy_backward.weighted"
+        [("common/ce_unweighted.wgsl", "common/ce_weighted.wgsl")];
+    DPO = "dpo";
+    DPO_LOGPS = "dpo_logps";
     MATMUL_BACKWARD = "matmul_backward";
     MATMUL_NF4_BACKWARD = "matmul_nf4_backward";
     MATMUL_F16_BACKWARD = "matmul_f16_backward";
@@ -284,6 +288,9 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/simd8_forward.wgsl", include_str!("../common/simd8_forward.wgsl")),
     ("common/simd8_dx.wgsl", include_str!("../common/simd8_dx.wgsl")),
     ("common/attention_simd8.wgsl", include_str!("../common/attention_simd8.wgsl")),
+    ("common/ce_unweighted.wgsl", include_str!("../common/ce_unweighted.wgsl")),
+    ("common/ce_weighted.wgsl", include_str!("../common/ce_weighted.wgsl")),
+    ("common/dpo_sums.wgsl", include_str!("../common/dpo_sums.wgsl")),
 ];
 
 /// The plain-WGSL twin of a cooperative-matrix kernel (`NAME.emulated`, see
@@ -455,7 +462,10 @@ params!(/// `dropout.wgsl`
 params!(/// `silu_mul.wgsl`, `gelu_mul.wgsl` and `add.wgsl`
     ElementwiseParams { n: u32, _pad0: u32, _pad1: u32, _pad2: u32 } = 16);
 params!(/// `cross_entropy.wgsl` and `cross_entropy_backward.wgsl`
-    CrossEntropyParams { n_rows: u32, vocab: u32, grad_scale: f32, _pad: u32 } = 16);
+    CrossEntropyParams { n_rows: u32, vocab: u32, grad_scale: f32, row_offset: u32 } = 16);
+params!(/// `dpo.wgsl` and `dpo_logps.wgsl`
+    DpoParams { n_pairs: u32, length_normalized: u32, ipo: u32, _pad: u32, beta: f32, a: f32, b: f32, grad_scale: f32 }
+        = 32);
 params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
         m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,

@@ -5,9 +5,20 @@
 /// Fused softmax cross-entropy: per-row loss and dlogits = grad_scale * (softmax - onehot);
 /// a target of `u32::MAX` gives loss 0 and a zero gradient row.
 pub fn cross_entropy_backward(logits: &[f32], targets: &[u32], vocab: usize, grad_scale: f32) -> (Vec<f32>, Vec<f32>) {
+    cross_entropy_backward_weighted(logits, targets, vocab, grad_scale, &vec![1.0; targets.len()])
+}
+
+/// [`cross_entropy_backward`] with row t's gradient also multiplied by `weights[t]`.
+pub fn cross_entropy_backward_weighted(
+    logits: &[f32],
+    targets: &[u32],
+    vocab: usize,
+    grad_scale: f32,
+    weights: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
     let mut loss = Vec::with_capacity(targets.len());
     let mut grad = vec![0f32; logits.len()];
-    for ((row, &t), g) in logits.chunks(vocab).zip(targets).zip(grad.chunks_mut(vocab)) {
+    for (((row, &t), g), &w) in logits.chunks(vocab).zip(targets).zip(grad.chunks_mut(vocab)).zip(weights) {
         if t == u32::MAX || t as usize >= vocab {
             loss.push(0.0);
             continue;
@@ -15,12 +26,74 @@ pub fn cross_entropy_backward(logits: &[f32], targets: &[u32], vocab: usize, gra
         let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum = row.iter().map(|v| f64::from(v - mx).exp()).sum::<f64>();
         loss.push(sum.ln() as f32 + mx - row[t as usize]);
+        let scale = grad_scale * w;
         for (gi, &v) in g.iter_mut().zip(row) {
-            *gi = (f64::from(v - mx).exp() / sum) as f32 * grad_scale;
+            *gi = (f64::from(v - mx).exp() / sum) as f32 * scale;
         }
-        g[t as usize] -= grad_scale;
+        g[t as usize] -= scale;
     }
     (loss, grad)
+}
+
+/// How [`dpo_loss`] scores a pair (the twin's own copy of the kernel's settings).
+#[derive(Debug, Clone, Copy)]
+pub struct DpoTwin {
+    /// The reference's strength.
+    pub beta: f64,
+    /// Coefficient of -log sigmoid(beta h).
+    pub a: f64,
+    /// Coefficient of -log sigmoid(-beta h).
+    pub b: f64,
+    /// (h - 1 / (2 beta))^2 instead.
+    pub ipo: bool,
+    /// Log-ratios divided by the completion's scored tokens.
+    pub length_normalized: bool,
+}
+
+impl DpoTwin {
+    /// A pair's loss and its derivative by h, the difference of the (normalized) log-ratios.
+    pub fn loss(&self, h: f64) -> (f64, f64) {
+        let log_sigmoid = |x: f64| x.min(0.0) - (-x.abs()).exp().ln_1p();
+        let sigmoid = |x: f64| 1.0 / (1.0 + (-x).exp());
+        if self.ipo {
+            let d = h - 1.0 / (2.0 * self.beta);
+            (d * d, 2.0 * d)
+        } else {
+            let z = self.beta * h;
+            (
+                -self.a * log_sigmoid(z) - self.b * log_sigmoid(-z),
+                self.beta * (-self.a * sigmoid(-z) + self.b * sigmoid(z)),
+            )
+        }
+    }
+}
+
+/// DPO over the pairs of a packed batch, as `dpo.wgsl`: `spans[i]` = the chosen rows [0, 1),
+/// the rejected rows [2, 3) and the scored tokens of each [4], [5]; `ce` the per-row
+/// cross-entropies; `reference` the (chosen, rejected) log-probabilities of each pair. Returns
+/// the per-row weights (grad_scale x d loss / d ce) and per pair (loss, chosen reward, rejected
+/// reward, chosen log-prob, rejected log-prob), in f64.
+pub fn dpo_loss(
+    ce: &[f32],
+    spans: &[[u32; 6]],
+    reference: &[f32],
+    how: DpoTwin,
+    grad_scale: f64,
+) -> (Vec<f64>, Vec<[f64; 5]>) {
+    let mut weights = vec![0f64; ce.len()];
+    let mut stats = Vec::new();
+    for (i, s) in spans.iter().enumerate() {
+        let sum = |a: u32, b: u32| -ce[a as usize..b as usize].iter().map(|&l| f64::from(l)).sum::<f64>();
+        let (pc, pr) = (sum(s[0], s[1]), sum(s[2], s[3]));
+        let (rc, rr) = (pc - f64::from(reference[2 * i]), pr - f64::from(reference[2 * i + 1]));
+        let (nc, nr) =
+            if how.length_normalized { (f64::from(s[4]).max(1.0), f64::from(s[5]).max(1.0)) } else { (1.0, 1.0) };
+        let (loss, dh) = how.loss(rc / nc - rr / nr);
+        stats.push([loss, how.beta * rc, how.beta * rr, pc, pr]);
+        weights[s[0] as usize..s[1] as usize].fill(-dh / nc * grad_scale);
+        weights[s[2] as usize..s[3] as usize].fill(dh / nr * grad_scale);
+    }
+    (weights, stats)
 }
 
 /// dx = dy w for y = x w^T: dy (M, N), w (N, K) -> dx (M, K).
