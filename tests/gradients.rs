@@ -808,7 +808,14 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
 
 /// Three pairs packed in 150 rows (more than a workgroup's 64 threads for one completion), the
 /// prompt rows scoring nothing, and the DPO losses TRL offers.
-fn dpo_case() -> (Vec<f32>, Vec<[u32; 6]>, Vec<f32>, Vec<(&'static str, r::DpoTwin)>) {
+struct DpoCase {
+    ce: Vec<f32>,
+    spans: Vec<[u32; 6]>,
+    reference: Vec<f32>,
+    losses: Vec<(&'static str, r::DpoTwin)>,
+}
+
+fn dpo_case() -> DpoCase {
     // Completion rows [a, b) of chosen and rejected per pair; a row's cross-entropy is positive.
     let spans: Vec<[u32; 6]> = vec![[0, 20, 20, 31, 12, 4], [31, 110, 110, 118, 70, 6], [118, 121, 121, 150, 1, 20]];
     let mut ce: Vec<f32> = rand(150, 91, 1.0).iter().map(|v| v.abs() * 4.0).collect();
@@ -839,12 +846,12 @@ fn dpo_case() -> (Vec<f32>, Vec<[u32; 6]>, Vec<f32>, Vec<(&'static str, r::DpoTw
         ("ipo", r::DpoTwin { beta: 0.1, a: 0.0, b: 0.0, ipo: true, length_normalized: true }),
         ("sigmoid beta 2", r::DpoTwin { beta: 2.0, a: 1.0, b: 0.0, ipo: false, length_normalized: false }),
     ];
-    (ce, spans, reference, losses)
+    DpoCase { ce, spans, reference, losses }
 }
 
 #[test]
 fn dpo_twin_weights_match_finite_differences_of_its_loss() {
-    let (ce, spans, reference, losses) = dpo_case();
+    let DpoCase { ce, spans, reference, losses } = dpo_case();
     let grad_scale = 1.0 / 3.0;
     for (name, how) in losses {
         let (weights, _) = r::dpo_loss(&ce, &spans, &reference, how, grad_scale);
@@ -875,7 +882,7 @@ fn dpo_twin_weights_match_finite_differences_of_its_loss() {
 #[test]
 fn dpo_kernels_match_their_twin() {
     let ctx = gpu();
-    let (ce, spans, reference, losses) = dpo_case();
+    let DpoCase { ce, spans, reference, losses } = dpo_case();
     let flat: Vec<u32> = spans.iter().flatten().copied().collect();
     let (lb, sb, rb) =
         (ctx.storage_from("ce", &ce), ctx.storage_from("spans", &flat), ctx.storage_from("reference", &reference));

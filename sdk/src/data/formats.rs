@@ -1,5 +1,6 @@
 //! Training records from files: Alpaca, ShareGPT and OpenAI-style chat as JSON arrays or JSON
-//! lines, and plain text files or folders. Every bad record is reported with its file and line.
+//! lines, preference pairs in TRL's formats, and plain text files or folders. Every bad record is
+//! reported with its file and line.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,9 @@ pub enum Format {
     Openai,
     /// Plain text for continued pre-training.
     Text,
+    /// Preference pairs for DPO, as TRL takes them: `prompt` (optional), `chosen` and
+    /// `rejected`, each a string or a list of `{role, content}` messages.
+    Preference,
 }
 
 impl std::str::FromStr for Format {
@@ -35,9 +39,10 @@ impl std::str::FromStr for Format {
             "sharegpt" => Ok(Format::Sharegpt),
             "openai" | "messages" => Ok(Format::Openai),
             "text" => Ok(Format::Text),
+            "preference" => Ok(Format::Preference),
             other => Err(Error::invalid(
                 "data format",
-                format!("`{other}` (expected auto, alpaca, sharegpt, openai or text)"),
+                format!("`{other}` (expected auto, alpaca, sharegpt, openai, text or preference)"),
             )),
         }
     }
@@ -50,6 +55,31 @@ pub enum Record {
     Chat(Vec<Message>),
     /// Plain text, trained on every token.
     Text(String),
+    /// A preference pair (DPO): a prompt and two completions, the chosen one preferred.
+    Preference(Preference),
+}
+
+/// A preference pair in one of TRL's formats, with the prompt made explicit.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Preference {
+    /// Conversations: the prompt's messages, then each completion's (assistant) messages.
+    Chat {
+        /// The conversation before the completions.
+        prompt: Vec<Message>,
+        /// The preferred completion.
+        chosen: Vec<Message>,
+        /// The other completion.
+        rejected: Vec<Message>,
+    },
+    /// Plain text: the completion follows the prompt's text directly.
+    Text {
+        /// The text before the completions.
+        prompt: String,
+        /// The preferred completion.
+        chosen: String,
+        /// The other completion.
+        rejected: String,
+    },
 }
 
 /// A record and where it came from.
@@ -265,11 +295,12 @@ fn record(v: &Json, format: Format) -> std::result::Result<Record, String> {
         Format::Auto if o.contains_key("conversations") => Format::Sharegpt,
         Format::Auto if o.contains_key("instruction") => Format::Alpaca,
         Format::Auto if o.contains_key("text") => Format::Text,
+        Format::Auto if o.contains_key("chosen") || o.contains_key("rejected") => Format::Preference,
         Format::Auto => {
             let keys: Vec<&String> = o.keys().collect();
             return Err(format!(
                 "unknown format: keys {keys:?}; expected `messages` (OpenAI), `conversations` (ShareGPT), \
-                 `instruction`/`output` (Alpaca) or `text`"
+                 `instruction`/`output` (Alpaca), `text`, or `chosen`/`rejected` (preference)"
             ));
         }
         f => f,
@@ -311,21 +342,94 @@ fn record(v: &Json, format: Format) -> std::result::Result<Record, String> {
         }
         Format::Openai => {
             let turns = o.get("messages").and_then(Json::as_array).ok_or("`messages` should be a list")?;
-            let mut msgs = Vec::new();
-            for (i, t) in turns.iter().enumerate() {
-                let t = t.as_object().ok_or_else(|| format!("messages[{i}] should be an object"))?;
-                let role = string_field(t, "role")?.ok_or_else(|| format!("messages[{i}]: missing `role`"))?;
-                if !matches!(role.as_str(), "system" | "user" | "assistant") {
-                    return Err(format!("messages[{i}]: unknown role `{role}` (expected system, user or assistant)"));
-                }
-                let content = string_field(t, "content")?.ok_or_else(|| format!("messages[{i}]: missing `content`"))?;
-                msgs.push(Message::new(role, content));
-            }
-            Ok(Record::Chat(msgs))
+            Ok(Record::Chat(messages(turns, "messages")?))
         }
         Format::Text => Ok(Record::Text(string_field(o, "text")?.ok_or("missing `text`")?)),
+        Format::Preference => preference(o).map(Record::Preference),
         Format::Auto => Err("could not tell the record's format".into()),
     }
+}
+
+/// `{role, content}` messages of the list `field`.
+fn messages(turns: &[Json], field: &str) -> std::result::Result<Vec<Message>, String> {
+    let mut msgs = Vec::new();
+    for (i, t) in turns.iter().enumerate() {
+        let t = t.as_object().ok_or_else(|| format!("{field}[{i}] should be an object"))?;
+        let role = string_field(t, "role")?.ok_or_else(|| format!("{field}[{i}]: missing `role`"))?;
+        if !matches!(role.as_str(), "system" | "user" | "assistant") {
+            return Err(format!("{field}[{i}]: unknown role `{role}` (expected system, user or assistant)"));
+        }
+        let content = string_field(t, "content")?.ok_or_else(|| format!("{field}[{i}]: missing `content`"))?;
+        msgs.push(Message::new(role, content));
+    }
+    Ok(msgs)
+}
+
+/// A preference field: text or messages.
+enum Side {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+fn side(o: &serde_json::Map<String, Json>, key: &str) -> std::result::Result<Option<Side>, String> {
+    match o.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(Side::Text(s.clone()))),
+        Some(Json::Array(turns)) => Ok(Some(Side::Chat(messages(turns, key)?))),
+        Some(other) => Err(format!("`{key}` should be a string or a list of messages, found {}", kind(other))),
+    }
+}
+
+/// A TRL preference record. Without `prompt` (TRL's implicit prompt), the prompt is what
+/// `chosen` and `rejected` share, as TRL's `extract_prompt` takes it: the messages before the
+/// first that differs, or the characters before the first that differs (a space just before it
+/// goes with the completions).
+fn preference(o: &serde_json::Map<String, Json>) -> std::result::Result<Preference, String> {
+    let chosen = side(o, "chosen")?.ok_or("missing `chosen`")?;
+    let rejected = side(o, "rejected")?.ok_or("missing `rejected`")?;
+    let prompt = side(o, "prompt")?;
+    let p = match (prompt, chosen, rejected) {
+        (Some(Side::Chat(prompt)), Side::Chat(chosen), Side::Chat(rejected)) => {
+            Preference::Chat { prompt, chosen, rejected }
+        }
+        (Some(Side::Text(prompt)), Side::Text(chosen), Side::Text(rejected)) => {
+            Preference::Text { prompt, chosen, rejected }
+        }
+        (None, Side::Chat(c), Side::Chat(r)) => {
+            let n = c.len().min(r.len());
+            if n == 0 {
+                return Err("`chosen` and `rejected` must each hold at least one message".into());
+            }
+            // TRL's loop: the first index that differs, or the last one compared.
+            let at = (0..n).find(|&i| c[i] != r[i]).unwrap_or(n - 1);
+            Preference::Chat { prompt: c[..at].to_vec(), chosen: c[at..].to_vec(), rejected: r[at..].to_vec() }
+        }
+        (None, Side::Text(c), Side::Text(r)) => {
+            let (cc, rc): (Vec<char>, Vec<char>) = (c.chars().collect(), r.chars().collect());
+            let n = cc.len().min(rc.len());
+            let mut at = (0..n).find(|&i| cc[i] != rc[i]).unwrap_or(n.saturating_sub(1));
+            if at == 0 {
+                return Err("`chosen` and `rejected` share no prompt; give the prompt as `prompt`".into());
+            }
+            if cc[at - 1] == ' ' {
+                at -= 1;
+            }
+            let split = |v: &[char]| (v[..at].iter().collect::<String>(), v[at..].iter().collect::<String>());
+            let ((prompt, chosen), (_, rejected)) = (split(&cc), split(&rc));
+            Preference::Text { prompt, chosen, rejected }
+        }
+        _ => {
+            return Err("`prompt`, `chosen` and `rejected` must all be text or all be lists of messages".into());
+        }
+    };
+    let same = match &p {
+        Preference::Chat { chosen, rejected, .. } => chosen == rejected,
+        Preference::Text { chosen, rejected, .. } => chosen == rejected,
+    };
+    if same {
+        return Err("`chosen` and `rejected` are the same, so there is no preference to learn".into());
+    }
+    Ok(p)
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::prim::Rng;
 use crate::tokenizer::{Message, Tokenizer};
-pub use formats::{BadRecord, Format, Record};
+pub use formats::{BadRecord, Format, Preference, Record};
 
 /// Which tokens carry the loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -163,25 +163,47 @@ pub struct Sample {
     pub file: PathBuf,
     /// The record's 1-based line.
     pub line: usize,
+    /// A preference pair (DPO): the chosen sequence is `ids[..k]` and the rejected one
+    /// `ids[k..]`, each the prompt followed by its completion, the completion's tokens the
+    /// targets. The two are packed into the same batch and never attend to each other.
+    pub rejected_at: Option<usize>,
 }
 
 impl Sample {
+    /// A sample of one sequence.
+    pub fn new(ids: Vec<u32>, train: Vec<bool>, file: PathBuf, line: usize) -> Sample {
+        Sample { ids, train, file, line, rejected_at: None }
+    }
+
+    /// The sequences of the sample as (ids, train) slices: one, or a pair's two.
+    pub fn sequences(&self) -> Vec<(&[u32], &[bool])> {
+        match self.rejected_at {
+            Some(k) => vec![(&self.ids[..k], &self.train[..k]), (&self.ids[k..], &self.train[k..])],
+            None => vec![(&self.ids[..], &self.train[..])],
+        }
+    }
+
+    /// The longest of its sequences, in tokens (what the model's context must hold).
+    pub fn longest_sequence(&self) -> usize {
+        self.sequences().iter().map(|(ids, _)| ids.len()).max().unwrap_or(0)
+    }
+
     /// The tokens that are targets (the first token never is: nothing precedes it).
     pub fn n_trained(&self) -> usize {
-        self.train.iter().skip(1).filter(|&&t| t).count()
+        self.sequences().iter().map(|(_, t)| t.iter().skip(1).filter(|&&t| t).count()).sum()
     }
 }
 
 /// An error naming the first of `samples` longer than the model's `context`, as `field`'s fault.
 pub fn check_context<'a>(samples: impl IntoIterator<Item = &'a Sample>, context: usize, field: &str) -> Result<()> {
-    match samples.into_iter().find(|s| s.ids.len() > context) {
+    match samples.into_iter().find(|s| s.longest_sequence() > context) {
         Some(s) => Err(Error::invalid(
             field,
             format!(
                 "{}:{}: a sample of {} tokens exceeds the model's context of {context}",
                 s.file.display(),
                 s.line,
-                s.ids.len()
+                s.longest_sequence()
             ),
         )),
         None => Ok(()),
@@ -290,12 +312,87 @@ fn normalize(s: &str, how: Dedup) -> String {
 }
 
 fn record_key(r: &Record, how: Dedup) -> String {
+    let chat = |m: &[Message]| {
+        m.iter().map(|m| format!("{}\u{1}{}", m.role, normalize(&m.content, how))).collect::<Vec<_>>().join("\u{2}")
+    };
     match r {
         Record::Text(t) => normalize(t, how),
-        Record::Chat(m) => {
-            m.iter().map(|m| format!("{}\u{1}{}", m.role, normalize(&m.content, how))).collect::<Vec<_>>().join("\u{2}")
+        Record::Chat(m) => chat(m),
+        Record::Preference(Preference::Chat { prompt, chosen, rejected }) => {
+            format!("\u{3}{}\u{3}{}\u{3}{}", chat(prompt), chat(chosen), chat(rejected))
+        }
+        Record::Preference(Preference::Text { prompt, chosen, rejected }) => {
+            format!("\u{4}{}\u{4}{}\u{4}{}", normalize(prompt, how), normalize(chosen, how), normalize(rejected, how))
         }
     }
+}
+
+/// Leading tokens two sequences share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// A preference pair tokenized as TRL's DPOTrainer does: the prompt alone (conversations with the
+/// generation prompt; text with the tokenizer's BOS where it adds one) and the prompt followed by
+/// each completion (text completions end with the EOS token's text, added if missing); each
+/// completion starts where its tokens part from the prompt's. Returns the pair as one sample's
+/// ids and targets (the completions' tokens) and where the rejected sequence starts.
+pub fn tokenize_preference(
+    tok: &Tokenizer,
+    pref: &Preference,
+    system: Option<&str>,
+) -> std::result::Result<(Vec<u32>, Vec<bool>, usize), String> {
+    let err = |e: Error| e.to_string();
+    let (prompt, chosen, rejected) = match pref {
+        Preference::Chat { prompt, chosen, rejected } => {
+            let prompt = with_system(prompt, system);
+            let full = |c: &[Message]| -> std::result::Result<Vec<u32>, String> {
+                let msgs: Vec<Message> = prompt.iter().chain(c).cloned().collect();
+                tok.encode(&tok.apply_chat_template(&msgs, false).map_err(err)?).map_err(err)
+            };
+            let p = tok.encode(&tok.apply_chat_template(&prompt, true).map_err(err)?).map_err(err)?;
+            (p, full(chosen)?, full(rejected)?)
+        }
+        Preference::Text { prompt, chosen, rejected } => {
+            let eos = tok.eos_token.as_deref().ok_or(
+                "the tokenizer names no end-of-sequence token to end a text completion with; give the pair as \
+                 conversations",
+            )?;
+            let full = |c: &str| {
+                let end = if c.ends_with(eos) { "" } else { eos };
+                tok.encode_prompt(&format!("{prompt}{c}{end}")).map_err(err)
+            };
+            (tok.encode_prompt(prompt).map_err(err)?, full(chosen)?, full(rejected)?)
+        }
+    };
+    let at = common_prefix(&prompt, &chosen).min(common_prefix(&prompt, &rejected));
+    for (seq, which) in [(&chosen, "chosen"), (&rejected, "rejected")] {
+        if seq.len() == at {
+            return Err(format!("the {which} completion is empty once tokenized"));
+        }
+    }
+    let train = |n: usize| (0..n).map(move |j| j >= at);
+    let ids = chosen.iter().chain(&rejected).copied().collect();
+    Ok((ids, train(chosen.len()).chain(train(rejected.len())).collect(), chosen.len()))
+}
+
+/// A pair whose sequences are longer than `max_len`, each cut to its first `max_len` tokens
+/// (TRL's `keep_start`); `None` when a completion then has no token left.
+fn truncate_pair(ids: &[u32], train: &[bool], k: usize, max_len: usize) -> Option<(Vec<u32>, Vec<bool>, usize)> {
+    let (mut out_ids, mut out_train) = (Vec::new(), Vec::new());
+    let mut rejected_at = 0;
+    for (i, (from, to)) in [(0, k), (k, ids.len())].into_iter().enumerate() {
+        let end = to.min(from + max_len);
+        if !train[from..end].iter().any(|&t| t) {
+            return None;
+        }
+        if i == 1 {
+            rejected_at = out_ids.len();
+        }
+        out_ids.extend_from_slice(&ids[from..end]);
+        out_train.extend_from_slice(&train[from..end]);
+    }
+    Some((out_ids, out_train, rejected_at))
 }
 
 /// The conversation with `system` put first when it has no system message of its own.
@@ -410,7 +507,7 @@ fn samples_of(
                     tok.encode_prompt(text).map_err(|e| Error::format(&r.file, format!("line {}: {e}", r.line)))?;
                 for chunk in ids.chunks(cfg.max_len) {
                     let train = (0..chunk.len()).map(|i| i > 0).collect();
-                    let sample = Sample { ids: chunk.to_vec(), train, file: r.file.clone(), line: r.line };
+                    let sample = Sample::new(chunk.to_vec(), train, r.file.clone(), r.line);
                     samples.push(Keyed { sample, answer: None, exchange: None });
                 }
             }
@@ -439,15 +536,34 @@ fn samples_of(
                     let roles: Vec<&str> = full.iter().map(|m| m.role.as_str()).collect();
                     let exchange = matches!(roles.as_slice(), ["user", "assistant"] | ["system", "user", "assistant"])
                         .then(|| full.into_owned());
-                    let sample = Sample { ids, train, file: r.file.clone(), line: r.line };
+                    let sample = Sample::new(ids, train, r.file.clone(), r.line);
                     samples.push(Keyed { sample, answer, exchange });
+                }
+                Err(what) => bad.push(BadRecord { file: r.file.clone(), line: r.line, what }),
+            },
+            Record::Preference(p) => match tokenize_preference(tok, p, cfg.system.as_deref()) {
+                Ok((mut ids, mut train, mut k)) => {
+                    if k.max(ids.len() - k) > cfg.max_len {
+                        let cut = match cfg.truncation {
+                            Truncation::Drop => None,
+                            Truncation::Right => truncate_pair(&ids, &train, k, cfg.max_len),
+                        };
+                        let Some(cut) = cut else {
+                            report.dropped_too_long += 1;
+                            continue;
+                        };
+                        (ids, train, k) = cut;
+                        report.truncated += 1;
+                    }
+                    let sample = Sample { rejected_at: Some(k), ..Sample::new(ids, train, r.file.clone(), r.line) };
+                    samples.push(Keyed { sample, answer: None, exchange: None });
                 }
                 Err(what) => bad.push(BadRecord { file: r.file.clone(), line: r.line, what }),
             },
         }
     }
     let before = samples.len();
-    samples.retain(|k| k.sample.ids.len() >= cfg.min_tokens.max(2) && k.sample.n_trained() > 0);
+    samples.retain(|k| k.sample.longest_sequence() >= cfg.min_tokens.max(2) && k.sample.n_trained() > 0);
     report.too_short += before - samples.len();
     Ok(samples)
 }
@@ -668,7 +784,7 @@ fn chain(train: &[Keyed], set_size: usize, tok: &Tokenizer, cfg: &DataConfig) ->
                     cfg.max_len
                 ));
             }
-            samples.push(Sample { ids, train: flags, file: first.file.clone(), line: first.line });
+            samples.push(Sample::new(ids, flags, first.file.clone(), first.line));
         }
         rounds.push(samples);
     }

@@ -41,30 +41,68 @@ pub struct Batch {
     pub key_start: Vec<u32>,
     /// Seed of this batch's LoRA dropout masks (unused without dropout).
     pub seed: u32,
+    /// Preference pairs (DPO), [`launch::DPO_SPAN`] words each: the chosen sequence's rows
+    /// `[w0, w1)`, the rejected one's `[w2, w3)`, and the scored tokens of each (w4, w5). Empty
+    /// for supervised batches.
+    pub pairs: Vec<[u32; 6]>,
 }
 
 impl Batch {
     /// Packs samples given as (token ids, train flags): `train[i]` says that token i is a target
     /// (the loss counts predicting it from tokens 0..i), as transformers' labels != -100.
     pub fn pack<'a>(samples: impl IntoIterator<Item = (&'a [u32], &'a [bool])>) -> Result<Batch> {
+        Batch::pack_units(samples.into_iter().map(|(ids, train)| (ids, train, None)))
+    }
+
+    /// Packs samples of one sequence or of a preference pair: (ids, train flags, `Some(k)`
+    /// where a pair's rejected sequence starts in them). The two sequences of a pair are packed
+    /// as two samples, and the pair is recorded in [`Batch::pairs`]. A batch holds pairs only or
+    /// no pair.
+    pub fn pack_units<'a>(units: impl IntoIterator<Item = (&'a [u32], &'a [bool], Option<usize>)>) -> Result<Batch> {
         let mut b = Batch::default();
-        for (n, (ids, train)) in samples.into_iter().enumerate() {
+        let mut singles = 0;
+        for (n, (ids, train, rejected_at)) in units.into_iter().enumerate() {
             if ids.len() != train.len() {
                 return Err(Error::invalid(
                     "sample",
                     format!("sample {n}: {} ids but {} train flags", ids.len(), train.len()),
                 ));
             }
-            let start = b.ids.len() as u32;
-            for (i, &id) in ids.iter().enumerate() {
-                b.ids.push(id);
-                b.positions.push(i as u32);
-                b.key_start.push(start);
-                let next = i + 1;
-                b.targets.push(if next < ids.len() && train[next] { ids[next] } else { u32::MAX });
+            let Some(k) = rejected_at else {
+                singles += 1;
+                b.push(ids, train);
+                continue;
+            };
+            if k == 0 || k >= ids.len() {
+                return Err(Error::invalid(
+                    "sample",
+                    format!("sample {n}: a pair's rejected sequence starts at {k} of {} tokens", ids.len()),
+                ));
             }
+            let (c0, nc) = b.push(&ids[..k], &train[..k]);
+            let (r0, nr) = b.push(&ids[k..], &train[k..]);
+            b.pairs.push([c0, r0, r0, b.ids.len() as u32, nc, nr]);
+        }
+        if singles > 0 && !b.pairs.is_empty() {
+            return Err(Error::invalid("batch", "mixes preference pairs with single samples"));
         }
         Ok(b)
+    }
+
+    /// Appends one sequence; returns its first row and its scored tokens.
+    fn push(&mut self, ids: &[u32], train: &[bool]) -> (u32, u32) {
+        let start = self.ids.len() as u32;
+        let mut scored = 0;
+        for (i, &id) in ids.iter().enumerate() {
+            self.ids.push(id);
+            self.positions.push(i as u32);
+            self.key_start.push(start);
+            let next = i + 1;
+            let target = if next < ids.len() && train[next] { ids[next] } else { u32::MAX };
+            scored += u32::from(target != u32::MAX);
+            self.targets.push(target);
+        }
+        (start, scored)
     }
 
     /// Tokens in the batch.
@@ -81,6 +119,24 @@ impl Batch {
     pub fn n_scored(&self) -> usize {
         self.targets.iter().filter(|&&t| t != u32::MAX).count()
     }
+}
+
+/// Where a DPO pass takes the reference's log-probabilities from.
+#[derive(Debug, Clone, Copy)]
+pub enum Reference<'a> {
+    /// Computed ahead (with [`Model::pair_logps`]): (chosen, rejected) per pair of the batch.
+    Given(&'a [f32]),
+    /// Computed in the pass, by a forward pass with this adapter (the frozen starting one).
+    Adapter(&'a GpuAdapter),
+}
+
+/// A DPO pass: the loss and the reference.
+#[derive(Debug, Clone, Copy)]
+pub struct DpoPass<'a> {
+    /// The loss as the kernel computes it.
+    pub loss: launch::DpoLoss,
+    /// Where the reference's log-probabilities come from.
+    pub reference: Reference<'a>,
 }
 
 /// How a training step stores the activations it saves for its backward pass.
@@ -239,6 +295,14 @@ pub struct Workspace {
     logits: wgpu::Buffer,
     /// Per-token loss of the last batch (T).
     pub loss: wgpu::Buffer,
+    /// DPO: the pairs of the batch ([`launch::DPO_SPAN`] u32 words each, for up to T / 2 pairs).
+    dpo_spans: wgpu::Buffer,
+    /// DPO: each pair's reference log-probabilities (chosen, rejected).
+    pub dpo_reference: wgpu::Buffer,
+    /// DPO: each pair's loss, rewards and log-probabilities ([`launch::DPO_STATS`] floats a pair).
+    pub dpo_stats: wgpu::Buffer,
+    /// DPO: the loss's derivative by each row's cross-entropy (T).
+    dpo_weights: wgpu::Buffer,
     /// Bytes of all of the above, as allocated.
     pub bytes: u64,
     /// The bind groups of the steps recorded over these buffers (see [`Workspace::binds`]).
@@ -418,6 +482,10 @@ impl Model {
             head_loss: z("head loss", head_rows),
             logits: z("logits", head_rows * c.vocab_size),
             loss: z("loss", t),
+            dpo_spans: z("dpo pairs", t.div_ceil(2) * launch::DPO_SPAN),
+            dpo_reference: z("dpo reference log-probabilities", t.div_ceil(2) * 2),
+            dpo_stats: z("dpo statistics", t.div_ceil(2) * launch::DPO_STATS),
+            dpo_weights: z("dpo row weights", t),
             bytes: 0,
             binds: BindGroups::new(),
         };
@@ -440,7 +508,117 @@ impl Model {
     ) -> Result<()> {
         let drop = self.dropout(ws, batch, lora)?;
         let t = self.forward_layers(enc, ws, batch, lora, true, drop)?;
-        self.head_backward(enc, ws, t, grad_scale)?;
+        self.head_backward(enc, ws, t, grad_scale, false)?;
+        self.layers_backward(enc, ws, t, lora, grads, drop)
+    }
+
+    /// Records a DPO step over `batch` (preference pairs only, see [`Batch::pack_units`]): the
+    /// reference's log-probabilities as `dpo.reference` says, the policy's forward pass with
+    /// `lora`, each pair's loss and statistics into `ws.dpo_stats`, and the LoRA gradients of
+    /// `grad_scale` times the summed pair losses ADDED to `grads` (`grad_scale = 1 / pairs` of
+    /// the step gives TRL's mean). The policy's per-row cross-entropies land in `ws.loss`.
+    ///
+    /// Its cost over a supervised step: the head's logits are computed twice (once for the
+    /// losses every pair's weights need, once for the backward), and a reference computed in
+    /// the step is one more forward pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_dpo(
+        &self,
+        enc: &mut Encoder,
+        ws: &Workspace,
+        batch: &Batch,
+        lora: &GpuAdapter,
+        grads: &wgpu::Buffer,
+        dpo: DpoPass<'_>,
+        grad_scale: f32,
+    ) -> Result<()> {
+        self.write_pairs(ws, batch)?;
+        self.reference_logps(enc, ws, batch, dpo.reference)?;
+        let drop = self.dropout(ws, batch, lora)?;
+        let t = self.forward_layers(enc, ws, batch, lora, true, drop)?;
+        self.head_loss(enc, ws, t)?;
+        self.dpo_loss(enc, ws, batch, dpo.loss, grad_scale)?;
+        self.head_backward(enc, ws, t, 1.0, true)?;
+        self.layers_backward(enc, ws, t, lora, grads, drop)
+    }
+
+    /// Records DPO's forward pass only (no gradient, no dropout): each pair's loss and
+    /// statistics into `ws.dpo_stats`. For evaluation.
+    pub fn forward_dpo(
+        &self,
+        enc: &mut Encoder,
+        ws: &Workspace,
+        batch: &Batch,
+        lora: &GpuAdapter,
+        dpo: DpoPass<'_>,
+    ) -> Result<()> {
+        self.write_pairs(ws, batch)?;
+        self.reference_logps(enc, ws, batch, dpo.reference)?;
+        let t = self.forward_layers(enc, ws, batch, lora, false, None)?;
+        self.head_loss(enc, ws, t)?;
+        self.dpo_loss(enc, ws, batch, dpo.loss, 1.0)
+    }
+
+    /// Records the forward pass of `batch`'s pairs with `lora` and their completions'
+    /// log-probabilities, (chosen, rejected) per pair, into `ws.dpo_reference`: how a reference
+    /// is computed, in a step or ahead of training.
+    pub fn pair_logps(&self, enc: &mut Encoder, ws: &Workspace, batch: &Batch, lora: &GpuAdapter) -> Result<()> {
+        self.write_pairs(ws, batch)?;
+        self.reference_logps(enc, ws, batch, Reference::Adapter(lora))
+    }
+
+    fn write_pairs(&self, ws: &Workspace, batch: &Batch) -> Result<()> {
+        if batch.pairs.is_empty() {
+            return Err(Error::invalid("DPO batch", "holds no preference pair"));
+        }
+        self.ctx.queue.write_buffer(&ws.dpo_spans, 0, bytemuck::cast_slice(&batch.pairs));
+        Ok(())
+    }
+
+    fn reference_logps(&self, enc: &mut Encoder, ws: &Workspace, batch: &Batch, r: Reference<'_>) -> Result<()> {
+        match r {
+            Reference::Given(logps) => {
+                if logps.len() != 2 * batch.pairs.len() {
+                    return Err(Error::invalid(
+                        "DPO reference",
+                        format!("{} log-probabilities for {} pairs", logps.len(), batch.pairs.len()),
+                    ));
+                }
+                self.ctx.queue.write_buffer(&ws.dpo_reference, 0, bytemuck::cast_slice(logps));
+                Ok(())
+            }
+            Reference::Adapter(reference) => {
+                let t = self.forward_layers(enc, ws, batch, reference, false, None)?;
+                self.head_loss(enc, ws, t)?;
+                let pairs = launch::DpoPairs { loss: &ws.loss, spans: &ws.dpo_spans, n_pairs: batch.pairs.len() };
+                launch::dpo_logps(&self.ctx, enc, pairs, &ws.dpo_reference)
+            }
+        }
+    }
+
+    fn dpo_loss(
+        &self,
+        enc: &mut Encoder,
+        ws: &Workspace,
+        batch: &Batch,
+        loss: launch::DpoLoss,
+        scale: f32,
+    ) -> Result<()> {
+        let pairs = launch::DpoPairs { loss: &ws.loss, spans: &ws.dpo_spans, n_pairs: batch.pairs.len() };
+        let out = launch::DpoOut { reference: &ws.dpo_reference, weights: &ws.dpo_weights, stats: &ws.dpo_stats };
+        launch::dpo_loss(&self.ctx, enc, pairs, loss, out, scale)
+    }
+
+    /// Every layer's backward, last to first, from the gradient the head left in `ws.d_res`.
+    fn layers_backward(
+        &self,
+        enc: &mut Encoder,
+        ws: &Workspace,
+        t: usize,
+        lora: &GpuAdapter,
+        grads: &wgpu::Buffer,
+        drop: Option<Dropout<'_>>,
+    ) -> Result<()> {
         let ctx = &self.ctx;
         let th = t * self.config.hidden_size;
         for l in (0..self.config.num_layers).rev() {
@@ -652,7 +830,17 @@ impl Model {
 
     /// Final norm, lm_head and the fused cross-entropy in row chunks (so the logits never
     /// exceed one chunk), then the gradient back to the last layer's output in `ws.d_res`.
-    fn head_backward(&self, enc: &mut Encoder, ws: &Workspace, t: usize, grad_scale: f32) -> Result<()> {
+    /// Final norm, lm_head and the fused cross-entropy backward in row chunks, then the final
+    /// norm's backward into `ws.d_res`; `weighted`: each row's gradient also times its DPO
+    /// weight (`ws.dpo_weights`).
+    fn head_backward(
+        &self,
+        enc: &mut Encoder,
+        ws: &Workspace,
+        t: usize,
+        grad_scale: f32,
+        weighted: bool,
+    ) -> Result<()> {
         let c = &self.config;
         let ctx = &self.ctx;
         let (h, v) = (c.hidden_size, c.vocab_size);
@@ -667,7 +855,12 @@ impl Model {
         while start < t {
             let rows = ws.head_rows.min(t - start);
             self.head_logits(enc, ws, start, rows)?;
-            launch::cross_entropy_backward(ctx, enc, ws.head_cross_entropy(rows, v), grad_scale)?;
+            let ce = ws.head_cross_entropy(rows, v);
+            if weighted {
+                launch::cross_entropy_backward_weighted(ctx, enc, ce, grad_scale, &ws.dpo_weights, start)?;
+            } else {
+                launch::cross_entropy_backward(ctx, enc, ce, grad_scale)?;
+            }
             enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
             for (ci, (buf, first, n)) in table.chunks.iter().enumerate() {
                 let dy = DyCols { buf: &ws.logits, stride: v, col_offset: *first };
