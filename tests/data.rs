@@ -366,3 +366,91 @@ fn small_sets_of_one_question_records_train_as_conversations_drawn_afresh_each_e
     let e = load_records(facts(10), &DataConfig { chain: Some(0), ..Default::default() }).expect_err("zero");
     assert!(e.to_string().contains("chain must be at least 1"), "{e}");
 }
+
+/// TRL's DPOTrainer tokenization of preference records in each of its formats
+/// (`dpo_tokens_expected.json`, written by tests/reference/dpo.py): the same prompt and
+/// completion tokens, each pair as one sample of two sequences whose completions are the targets.
+#[test]
+fn preference_records_tokenize_as_trl_does_in_every_format() {
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("dpo_tokens_expected.json")).expect("fixture"))
+            .expect("json");
+    let d = tmp("preference");
+    let t = tok();
+    for (name, f) in want.as_object().expect("formats") {
+        let lines: Vec<String> = f["records"].as_array().expect("records").iter().map(|r| r.to_string()).collect();
+        let p = write(&d, &format!("{name}.jsonl"), &lines.join("\n"));
+        let set = data::load(&p, &t, &cfg()).expect("loads");
+        assert_eq!(set.train.len(), lines.len(), "{name}: one sample a pair");
+        let ids = |k: &str, i: usize| -> Vec<u32> {
+            f[k][i].as_array().expect("ids").iter().map(|v| v.as_u64().expect("id") as u32).collect()
+        };
+        for s in &set.train {
+            let i = s.line - 1;
+            let (prompt, chosen, rejected) = (ids("prompt_ids", i), ids("chosen_ids", i), ids("rejected_ids", i));
+            let k = s.rejected_at.unwrap_or_else(|| panic!("{name} line {}: not a pair", s.line));
+            let seqs = s.sequences();
+            for ((ids, train), completion) in seqs.iter().zip([&chosen, &rejected]) {
+                let whole: Vec<u32> = prompt.iter().chain(completion.iter()).copied().collect();
+                assert_eq!(ids.to_vec(), whole, "{name} line {}: tokens", s.line);
+                let targets: Vec<bool> = (0..whole.len()).map(|j| j >= prompt.len()).collect();
+                assert_eq!(train.to_vec(), targets, "{name} line {}: only the completion is trained", s.line);
+            }
+            assert_eq!(k, prompt.len() + chosen.len(), "{name} line {}: the rejected sequence's start", s.line);
+        }
+    }
+}
+
+#[test]
+fn bad_preference_records_are_refused_naming_the_line_and_field() {
+    let d = tmp("bad-preference");
+    let t = tok();
+    for (record, says) in [
+        (r#"{"prompt": "Hi", "chosen": "A"}"#, "missing `rejected`"),
+        (r#"{"prompt": "Hi", "chosen": "A", "rejected": "A"}"#, "are the same"),
+        (r#"{"prompt": "Hi", "chosen": 3, "rejected": "A"}"#, "`chosen` should be a string or a list of messages"),
+        (
+            r#"{"prompt": "Hi", "chosen": [{"role": "assistant", "content": "A"}], "rejected": "B"}"#,
+            "must all be text or all be lists of messages",
+        ),
+        (r#"{"chosen": "Yes", "rejected": "No"}"#, "share no prompt"),
+        (
+            r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "robot", "content": "A"}], "rejected": [{"role": "assistant", "content": "B"}]}"#,
+            "chosen[0]: unknown role `robot`",
+        ),
+    ] {
+        let p = write(&d, "p.jsonl", &format!("{{\"prompt\": \"x\", \"chosen\": \"y\", \"rejected\": \"z\"}}\n{record}\n"));
+        let e = err(&p, &cfg());
+        assert!(e.contains("p.jsonl") && e.contains("line 2") && e.contains(says), "{record}: {e}");
+    }
+}
+
+#[test]
+fn long_preference_pairs_keep_their_start_or_are_dropped() {
+    let d = tmp("long-preference");
+    let t = tok();
+    let long = "word ".repeat(40);
+    let p = write(
+        &d,
+        "p.jsonl",
+        &format!(
+            "{{\"prompt\": [{{\"role\": \"user\", \"content\": \"Hi\"}}], \"chosen\": [{{\"role\": \"assistant\", \"content\": \"{long}\"}}], \"rejected\": [{{\"role\": \"assistant\", \"content\": \"No\"}}]}}\n"
+        ),
+    );
+    let full = data::load(&p, &t, &cfg()).expect("loads");
+    let s = &full.train[0];
+    let k = s.rejected_at.expect("pair");
+    assert!(k > 40, "the chosen sequence is long: {k}");
+    // Cut to 30 tokens: the chosen sequence keeps its first 30, the rejected one is whole.
+    let cut = data::load(&p, &t, &DataConfig { max_len: 30, ..cfg() }).expect("loads");
+    let c = &cut.train[0];
+    assert_eq!(c.rejected_at, Some(30));
+    assert_eq!(c.ids[..30], s.ids[..30]);
+    assert_eq!(c.ids[30..], s.ids[k..]);
+    assert_eq!(cut.report.truncated, 1);
+    let dropped = data::load(&p, &t, &DataConfig { max_len: 30, truncation: Truncation::Drop, ..cfg() });
+    assert!(dropped.expect_err("nothing left").to_string().contains("longer than max_len"));
+    // A cut that leaves the chosen completion no token drops the pair.
+    let prompt_only = data::load(&p, &t, &DataConfig { max_len: 5, ..cfg() });
+    assert!(prompt_only.is_err());
+}
