@@ -404,7 +404,6 @@ fn preference_records_tokenize_as_trl_does_in_every_format() {
 #[test]
 fn bad_preference_records_are_refused_naming_the_line_and_field() {
     let d = tmp("bad-preference");
-    let t = tok();
     for (record, says) in [
         (r#"{"prompt": "Hi", "chosen": "A"}"#, "missing `rejected`"),
         (r#"{"prompt": "Hi", "chosen": "A", "rejected": "A"}"#, "are the same"),
@@ -419,7 +418,8 @@ fn bad_preference_records_are_refused_naming_the_line_and_field() {
             "chosen[0]: unknown role `robot`",
         ),
     ] {
-        let p = write(&d, "p.jsonl", &format!("{{\"prompt\": \"x\", \"chosen\": \"y\", \"rejected\": \"z\"}}\n{record}\n"));
+        let p =
+            write(&d, "p.jsonl", &format!("{{\"prompt\": \"x\", \"chosen\": \"y\", \"rejected\": \"z\"}}\n{record}\n"));
         let e = err(&p, &cfg());
         assert!(e.contains("p.jsonl") && e.contains("line 2") && e.contains(says), "{record}: {e}");
     }

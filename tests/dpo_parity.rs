@@ -9,10 +9,15 @@ mod common;
 use std::sync::Arc;
 
 use common::{Fixture, assert_close, fixtures, gpu};
+use edgetune::data::{self, DataConfig};
 use edgetune::gpu::launch::{DPO_STATS, DpoLoss};
 use edgetune::lora::{Adapter, GpuAdapter, Layout, peft};
 use edgetune::model::llama::{LoadOptions, Model, Quant};
 use edgetune::model::training::{Batch, DpoPass, Reference, WorkspacePlan};
+use edgetune::tokenizer::Tokenizer;
+use edgetune::train::optimizer::AdamwConfig;
+use edgetune::train::schedule::ScheduleKind;
+use edgetune::train::{DpoConfig, DpoReference, Event, Method, Rewards, TrainConfig, Trainer};
 use serde_json::Value;
 
 /// TRL's collated batch (rows 0..P the chosen sequences, P..2P the rejected ones, right-padded)
@@ -163,5 +168,89 @@ fn one_step_loss_rewards_and_gradients_match_trl() {
                 assert_close(&format!("{name} {key}"), got, &want, 2e-3, 1e-3 * scale);
             }
         }
+    }
+}
+
+/// The fixture's preference records (TRL's conversational format) as a JSONL file.
+fn pair_records() -> std::path::PathBuf {
+    let tokens: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("dpo_tokens_expected.json")).expect("token fixture"),
+    )
+    .expect("json");
+    let lines: Vec<String> =
+        tokens["conversational"]["records"].as_array().expect("records").iter().map(Value::to_string).collect();
+    let dir = std::env::temp_dir().join(format!("edgetune-dpo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let p = dir.join("pairs.jsonl");
+    std::fs::write(&p, lines.join("\n")).expect("write");
+    p
+}
+
+/// Ten AdamW steps of the trainer, every pair in each step, from the committed adapter.
+fn trainer_curve(reference: DpoReference) -> Vec<(f32, f32, Rewards)> {
+    let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
+    let model = Arc::new(Model::open(Arc::new(gpu()), &fixtures().join("tiny_llama"), &opts).expect("tiny model"));
+    let adapter = peft::load(&fixtures().join("peft_llama_adapter"), &model.config).expect("PEFT adapter loads");
+    let data_cfg = DataConfig { val_fraction: Some(0.0), ..Default::default() };
+    let tok = Tokenizer::open(&fixtures().join("tiny_llama")).expect("tokenizer");
+    let dataset = data::load(&pair_records(), &tok, &data_cfg).expect("pairs load");
+    let cfg = TrainConfig {
+        method: Method::Dpo,
+        dpo: DpoConfig { beta: 0.1, reference: Some(reference), ..Default::default() },
+        data: data_cfg,
+        learning_rate: Some(1e-2),
+        lr_schedule: ScheduleKind::Constant,
+        warmup_steps: Some(0),
+        max_steps: Some(10),
+        batch_tokens: Some(1024),
+        optimizer: AdamwConfig { weight_decay: 0.0, max_grad_norm: 1.0, ..Default::default() },
+        ..Default::default()
+    };
+    let mut trainer = Trainer::with_adapter(model, &dataset, cfg, adapter).expect("trainer");
+    assert_eq!(trainer.steps_per_epoch(), 1, "the three pairs in one step");
+    let mut steps = Vec::new();
+    trainer
+        .run(|e| {
+            if let Event::Step { loss, grad_norm, rewards, .. } = e {
+                steps.push((*loss, *grad_norm, rewards.expect("a DPO step reports rewards")));
+            }
+        })
+        .expect("runs");
+    steps
+}
+
+#[test]
+fn ten_trainer_steps_match_trls_curve_with_the_reference_precomputed_or_in_each_step() {
+    let fx = Fixture::open("dpo_llama_expected.safetensors");
+    let want: Value = serde_json::from_str(&fx.metadata("curve")).expect("curve");
+    let ahead: Value = serde_json::from_str(&fx.metadata("curve_precomputed")).expect("curve");
+    assert_eq!(want, ahead, "TRL: the same curve both ways");
+    let series = |k: &str| -> Vec<f64> { want[k].as_array().expect(k).iter().map(|v| v.as_f64().expect(k)).collect() };
+    let pre = trainer_curve(DpoReference::Precomputed);
+    let in_step = trainer_curve(DpoReference::InStep);
+    assert_eq!(pre, in_step, "the reference precomputed or in each step: the same kernels on the same values");
+    let (loss, norm) = (series("loss"), series("grad_norm"));
+    let (chosen, rejected, acc) = (series("rewards/chosen"), series("rewards/rejected"), series("rewards/accuracies"));
+    for (i, (l, n, r)) in pre.iter().enumerate() {
+        eprintln!(
+            "step {}: loss {l:.6} (TRL {:.6}), grad norm {n:.5} ({:.5}), rewards {:.4} / {:.4} ({:.4} / {:.4})",
+            i + 1,
+            loss[i],
+            norm[i],
+            r.chosen,
+            r.rejected,
+            chosen[i],
+            rejected[i]
+        );
+        // peft_parity's bound for a 10-step AdamW curve, 1e-3 relative, for the loss and the
+        // gradient norm; the rewards (beta times log-ratios of sums near -40 to -150, see the
+        // one-step test) within beta * 2e-4 * 150.
+        let rel = |got: f64, want: f64| (got - want).abs() <= 1e-3 * want.abs() + 1e-6;
+        assert!(rel(f64::from(*l), loss[i]), "step {}: loss {l} vs TRL {}", i + 1, loss[i]);
+        assert!(rel(f64::from(*n), norm[i]), "step {}: grad norm {n} vs TRL {}", i + 1, norm[i]);
+        let tol = 0.1 * 2e-4 * 150.0;
+        assert!((f64::from(r.chosen) - chosen[i]).abs() <= tol, "step {}: rewards/chosen", i + 1);
+        assert!((f64::from(r.rejected) - rejected[i]).abs() <= tol, "step {}: rewards/rejected", i + 1);
+        assert_eq!(f64::from(r.accuracies), acc[i], "step {}: rewards/accuracies", i + 1);
     }
 }

@@ -845,9 +845,17 @@ mod tests {
                 tokens_per_s: 50.0,
                 eta_s: 2.0,
                 gpu_memory_bytes: 120,
+                rewards: None,
             });
         }
-        p.apply(&Event::Eval { step: 2, val_loss: 1.5, perplexity: 4.5, best_val_loss: 1.5, improved: true });
+        p.apply(&Event::Eval {
+            step: 2,
+            val_loss: 1.5,
+            perplexity: 4.5,
+            best_val_loss: 1.5,
+            improved: true,
+            rewards: None,
+        });
         p.apply(&Event::Warning { step: 2, message: "skipped".into() });
         assert_eq!(p.steps, vec![(1, 2.0, 1e-3), (2, 1.0, 1e-3)]);
         assert_eq!(p.evals, vec![(2, 1.5)]);

@@ -3,6 +3,7 @@
 
 pub mod auto;
 pub mod checkpoint;
+pub mod dpo;
 pub mod jobs;
 pub mod optimizer;
 pub mod schedule;
@@ -10,4 +11,5 @@ pub mod trainer;
 
 pub use crate::model::training::Precision;
 pub use auto::Choice;
+pub use dpo::{DpoConfig, DpoLossKind, DpoReference, Method, Rewards};
 pub use trainer::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer, TrainingBytes};

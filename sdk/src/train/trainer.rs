@@ -17,14 +17,16 @@ use serde::{Deserialize, Serialize};
 
 use super::auto::{self, Choice, DataShape};
 use super::checkpoint::{Checkpoint, TrainState};
+use super::dpo::{DpoConfig, DpoReference, Method, Rewards};
 use super::optimizer::{AdamwConfig, Optimizer};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::{self, DataConfig, Dataset, Sample, ValSource, Validation};
 use crate::error::{Error, Result};
 use crate::gpu::PendingRead;
+use crate::gpu::launch::{DPO_STATS, DpoLoss};
 use crate::lora::{Adapter, GpuAdapter, LoraConfig};
 use crate::model::llama::Model;
-use crate::model::training::{Batch, Precision, Workspace, WorkspacePlan};
+use crate::model::training::{Batch, DpoPass, Precision, Reference, Workspace, WorkspacePlan};
 use crate::prim::Rng;
 use crate::prim::{FNV_OFFSET, fnv1a};
 
@@ -32,6 +34,11 @@ use crate::prim::{FNV_OFFSET, fnv1a};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
+    /// What is trained: supervised fine-tuning on chat or text records, or DPO on preference
+    /// pairs.
+    pub method: Method,
+    /// DPO's beta, loss and reference (with `method = "dpo"`).
+    pub dpo: DpoConfig,
     /// The adapter: rank, alpha, dropout, target modules.
     pub lora: LoraConfig,
     /// How the data is read, cut into samples and split.
@@ -86,6 +93,8 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
+            method: Method::Sft,
+            dpo: DpoConfig::default(),
             lora: LoraConfig::default(),
             data: DataConfig::default(),
             optimizer: AdamwConfig::default(),
@@ -118,6 +127,7 @@ impl TrainConfig {
         }
         p.extend(self.data.problems().into_iter().map(|s| format!("data: {s}")));
         p.extend(self.optimizer.problems().into_iter().map(|s| format!("optimizer: {s}")));
+        p.extend(self.dpo.problems().into_iter().map(|s| format!("dpo: {s}")));
         if let Some(lr) = self.learning_rate
             && !(lr.is_finite() && lr > 0.0)
         {
@@ -190,6 +200,9 @@ pub enum Event {
         eta_s: f64,
         /// Bytes the driver reports allocated, or the planned bytes where it reports none.
         gpu_memory_bytes: u64,
+        /// DPO: the step's reward metrics (its `loss` is then the mean DPO loss of its pairs).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rewards: Option<Rewards>,
     },
     /// The validation samples were scored after a step.
     Eval {
@@ -203,6 +216,9 @@ pub enum Event {
         best_val_loss: f32,
         /// Whether this one is the lowest so far.
         improved: bool,
+        /// DPO: the validation pairs' reward metrics (`val_loss` is their mean DPO loss).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rewards: Option<Rewards>,
     },
     /// Something the user should know and may act on (a skipped step, a rising validation
     /// loss, a checkpoint that could not be read).
@@ -297,6 +313,8 @@ pub struct Trainer {
     plan_fingerprint: u64,
     cancel: CancelToken,
     checkpoint: Option<PathBuf>,
+    /// DPO's loss and reference (None for supervised training).
+    dpo: Option<Dpo>,
     /// Why [`Trainer::resume`] fell back to the checkpoint before the one asked for, reported
     /// by the next run.
     resume_warning: Option<String>,
@@ -356,7 +374,12 @@ fn batches(samples: &[&Sample], capacity: usize) -> Result<Vec<Batch>> {
 fn batches_of(samples: &[&Sample], groups: &[Vec<usize>]) -> Result<Vec<Batch>> {
     groups
         .iter()
-        .map(|group| Batch::pack(group.iter().map(|&i| (samples[i].ids.as_slice(), samples[i].train.as_slice()))))
+        .map(|group| {
+            Batch::pack_units(group.iter().map(|&i| {
+                let s = samples[i];
+                (s.ids.as_slice(), s.train.as_slice(), s.rejected_at)
+            }))
+        })
         .collect()
 }
 
@@ -487,6 +510,29 @@ impl Trainer {
         if dataset.train.is_empty() {
             return Err(Error::invalid("dataset", "has no training samples"));
         }
+        let pairs = dataset.train.iter().chain(&dataset.val).filter(|s| s.rejected_at.is_some()).count();
+        let all = dataset.train.len() + dataset.val.len();
+        match cfg.method {
+            Method::Sft if pairs > 0 => {
+                return Err(Error::invalid(
+                    "method",
+                    "the data holds preference pairs (prompt, chosen, rejected): train them with method = \"dpo\"",
+                ));
+            }
+            Method::Dpo if pairs < all => {
+                let s = dataset.train.iter().chain(&dataset.val).find(|s| s.rejected_at.is_none());
+                let at = s.map(|s| format!(" ({}:{})", s.file.display(), s.line)).unwrap_or_default();
+                return Err(Error::invalid(
+                    "method",
+                    format!(
+                        "DPO trains on preference pairs (prompt, chosen, rejected), and {} of {all} samples are \
+                         not{at}",
+                        all - pairs
+                    ),
+                ));
+            }
+            _ => {}
+        }
         // Chained conversations (see `DataConfig::chain`), unless the rule chose them and they
         // do not fit the model's context: then each record alone.
         let chaining = &dataset.report.chaining;
@@ -562,6 +608,10 @@ impl Trainer {
         for v in [cfg.seed, cfg.grad_accum as u64, batch_tokens as u64] {
             fnv1a(&mut plan, &v.to_le_bytes());
         }
+        if cfg.method == Method::Dpo {
+            let (reference, _) = cfg.dpo.reference_choice();
+            fnv1a(&mut plan, format!("{:?} {reference:?}", cfg.dpo.kernel_loss()).as_bytes());
+        }
         let capacity = rounds.iter().flatten().chain(&val).map(Batch::len).max().unwrap_or(1);
         let ws_plan = WorkspacePlan {
             checkpointing: cfg.gradient_checkpointing,
@@ -570,9 +620,12 @@ impl Trainer {
             ..WorkspacePlan::new(capacity, cfg.lora.r)
         };
         // Refused before anything is allocated where the backend reports the GPU's memory.
+        let in_step = cfg.method == Method::Dpo && cfg.dpo.reference_choice().0 == DpoReference::InStep;
         let needs = TrainingBytes {
             weights: model.weight_bytes,
-            adapter: (4 * adapter.layout.len * 4) as u64,
+            // Parameters, gradients and AdamW's two moments; a frozen copy for a DPO reference
+            // computed in the steps.
+            adapter: ((4 + usize::from(in_step)) * adapter.layout.len * 4) as u64,
             workspace: model.workspace_bytes(ws_plan)?,
             tokens: capacity,
         };
@@ -583,6 +636,27 @@ impl Trainer {
                 let opt = Optimizer::new(&model.ctx, adapter.layout.len, cfg.optimizer)?;
                 Ok((ws, opt, GpuAdapter::upload(&model.ctx, &adapter)))
             })?;
+        let dpo = match cfg.method {
+            Method::Sft => None,
+            Method::Dpo => {
+                let (source, why) = cfg.dpo.reference_choice();
+                if cfg.dpo.reference.is_none() {
+                    chosen.push(choice("dpo.reference", "precomputed", why));
+                }
+                let reference = match source {
+                    DpoReference::InStep => DpoRef::InStep(GpuAdapter::upload(&model.ctx, &adapter)),
+                    DpoReference::Precomputed => {
+                        let logps = |batches: &[Batch]| -> Result<Vec<Vec<f32>>> {
+                            batches.iter().map(|b| reference_logps(&model, &ws, b, &gpu)).collect()
+                        };
+                        let rounds = rounds.iter().map(|r| logps(r)).collect::<Result<_>>()?;
+                        DpoRef::Precomputed { rounds, val: logps(&val)? }
+                    }
+                };
+                cfg.dpo.reference = Some(source);
+                Some(Dpo { loss: cfg.dpo.kernel_loss(), reference })
+            }
+        };
         let state = TrainState { epoch_rng: Rng::new(cfg.seed ^ 0x5eed_0fba_7c4e_5eed).state(), ..Default::default() };
         Ok(Trainer {
             model,
@@ -600,6 +674,7 @@ impl Trainer {
             plan_fingerprint: plan,
             cancel: CancelToken::default(),
             checkpoint: None,
+            dpo,
             resume_warning: None,
             running: None,
         })
@@ -719,10 +794,28 @@ impl Trainer {
         ck.save(path)
     }
 
-    /// Mean loss over the validation set with the current adapter (None without one).
+    /// Mean loss over the validation set with the current adapter (None without one): over
+    /// its trained tokens, or with DPO over its pairs.
     pub fn evaluate(&self) -> Result<Option<f32>> {
+        Ok(self.evaluate_with_rewards()?.map(|(loss, _)| loss))
+    }
+
+    /// [`Trainer::evaluate`], with DPO's reward metrics over the validation pairs.
+    pub fn evaluate_with_rewards(&self) -> Result<Option<(f32, Option<Rewards>)>> {
         if self.val.is_empty() {
             return Ok(None);
+        }
+        if let Some(dpo) = &self.dpo {
+            let mut stats = Vec::new();
+            for (i, b) in self.val.iter().enumerate() {
+                let mut enc = self.model.ctx.encoder_with(self.ws.binds());
+                let pass = DpoPass { loss: dpo.loss, reference: dpo.reference.of(None, i) };
+                self.model.forward_dpo(&mut enc, &self.ws, b, &self.adapter, pass)?;
+                self.model.ctx.submit([enc.finish()]);
+                stats.extend(self.model.ctx.read_f32(&self.ws.dpo_stats, DPO_STATS * b.pairs.len())?);
+            }
+            let (loss, rewards) = Rewards::of(&stats);
+            return Ok(Some((loss, Some(rewards))));
         }
         let (mut total, mut n) = (0f64, 0usize);
         for b in &self.val {
@@ -732,7 +825,7 @@ impl Trainer {
             total += self.loss_sum(b)?;
             n += b.n_scored();
         }
-        Ok(Some((total / n.max(1) as f64) as f32))
+        Ok(Some(((total / n.max(1) as f64) as f32, None)))
     }
 
     /// Sum of the per-token losses the last pass over `b` left in the workspace.
@@ -745,6 +838,13 @@ impl Trainer {
         self.adapter.download(&self.model.ctx)
     }
 
+    /// Words of a micro-batch's losses in a step's readback: one a token, or DPO's statistics
+    /// of up to one pair for every two tokens.
+    fn readback_stride(&self) -> usize {
+        let c = self.ws.capacity;
+        if self.dpo.is_some() { c.max(DPO_STATS * c.div_ceil(2)) } else { c }
+    }
+
     fn batch_order(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.rounds[0].len()).collect();
         Rng::from_state(self.state.epoch_rng).shuffle(&mut order);
@@ -753,7 +853,7 @@ impl Trainer {
 
     /// Runs an evaluation and updates the best adapter; returns whether to stop early.
     fn eval_step(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<bool> {
-        let Some(val_loss) = self.evaluate()? else { return Ok(false) };
+        let Some((val_loss, rewards)) = self.evaluate_with_rewards()? else { return Ok(false) };
         let train_loss = self.state.window_loss();
         self.state.window = (0.0, 0);
         // A NaN (or infinite) validation loss is never the best.
@@ -775,6 +875,7 @@ impl Trainer {
             perplexity: val_loss.exp(),
             best_val_loss: self.state.best_val_loss.unwrap_or(val_loss),
             improved,
+            rewards,
         });
         if let (false, false, Some(best), Some(before), Some(now)) =
             (improved, self.state.diverge_warned, self.state.best_val_loss, self.state.train_loss_at_best, train_loss)
@@ -923,7 +1024,7 @@ impl Trainer {
         // Two staging buffers, used in turn: the norm and update count, then each
         // micro-batch's per-token losses.
         let ctx = &self.model.ctx;
-        let slot_bytes = (READBACK_HEADER + self.cfg.grad_accum * self.ws.capacity) as u64 * 4;
+        let slot_bytes = (READBACK_HEADER + self.cfg.grad_accum * self.readback_stride()) as u64 * 4;
         Running {
             schedule,
             clock,
@@ -960,7 +1061,10 @@ impl Trainer {
         let lr = r.schedule.lr(self.state.step);
         let draw = &self.rounds[self.state.epoch as usize % self.rounds.len()];
         let lens: Vec<usize> = group.iter().map(|&i| draw[i].len()).collect();
-        let scored: usize = group.iter().map(|&i| draw[i].n_scored()).sum();
+        let pairs: Vec<usize> = group.iter().map(|&i| draw[i].pairs.len()).collect();
+        // What the step's loss is the mean over: trained tokens, or DPO's pairs.
+        let scored: usize =
+            group.iter().map(|&i| if self.dpo.is_some() { draw[i].pairs.len() } else { draw[i].n_scored() }).sum();
         let slot = r.slots[(self.state.step % 2) as usize].clone();
         let read = self.record_step(&group, scored, lr, &slot)?;
         self.state.step += 1;
@@ -972,6 +1076,7 @@ impl Trainer {
             lr,
             tokens: self.state.tokens,
             lens,
+            pairs,
             scored,
             read,
         };
@@ -1014,7 +1119,8 @@ impl Trainer {
     /// mapped.
     fn record_step(&mut self, group: &[usize], scored: usize, lr: f32, slot: &wgpu::Buffer) -> Result<PendingRead> {
         let ctx = self.model.ctx.clone();
-        let capacity = self.ws.capacity;
+        let stride = self.readback_stride();
+        let round = self.state.epoch as usize % self.rounds.len();
         for (k, &i) in group.iter().enumerate() {
             let b = &self.rounds[self.state.epoch as usize % self.rounds.len()][i];
             // Dropout masks follow from (LoRA seed, step, micro-batch), so a resumed run
@@ -1034,10 +1140,18 @@ impl Trainer {
                 self.opt.zero_grad(&mut enc);
             }
             let scale = 1.0 / scored.max(1) as f32;
-            self.model.forward_backward(&mut enc, &self.ws, b, &self.adapter, &self.opt.grads, scale)?;
-            self.opt.check_losses(&ctx, &mut enc, &self.ws.loss, b.len())?;
-            let at = ((READBACK_HEADER + k * capacity) * 4) as u64;
-            enc.copy_buffer_to_buffer(&self.ws.loss, 0, slot, at, (b.len() * 4) as u64);
+            let at = ((READBACK_HEADER + k * stride) * 4) as u64;
+            if let Some(dpo) = &self.dpo {
+                let pass = DpoPass { loss: dpo.loss, reference: dpo.reference.of(Some(round), group[k]) };
+                self.model.forward_backward_dpo(&mut enc, &self.ws, b, &self.adapter, &self.opt.grads, pass, scale)?;
+                let n = DPO_STATS * b.pairs.len();
+                self.opt.check_losses(&ctx, &mut enc, &self.ws.dpo_stats, n)?;
+                enc.copy_buffer_to_buffer(&self.ws.dpo_stats, 0, slot, at, (n * 4) as u64);
+            } else {
+                self.model.forward_backward(&mut enc, &self.ws, b, &self.adapter, &self.opt.grads, scale)?;
+                self.opt.check_losses(&ctx, &mut enc, &self.ws.loss, b.len())?;
+                enc.copy_buffer_to_buffer(&self.ws.loss, 0, slot, at, (b.len() * 4) as u64);
+            }
             if k + 1 == group.len() {
                 self.opt.record_step(&ctx, &mut enc, &self.adapter.params, lr)?;
                 enc.copy_buffer_to_buffer(&self.opt.norm, 0, slot, 0, 4);
@@ -1056,13 +1170,23 @@ impl Trainer {
     fn land(&mut self, f: InFlight, clock: &RunClock, on_event: &mut dyn FnMut(&Event)) -> Result<Option<f32>> {
         let ctx = self.model.ctx.clone();
         let words = ctx.finish_read(f.read)?;
-        let capacity = self.ws.capacity;
-        let mut loss_sum = 0f64;
-        for (k, &len) in f.lens.iter().enumerate() {
-            let at = READBACK_HEADER + k * capacity;
-            loss_sum += words[at..at + len].iter().map(|&w| f64::from(f32::from_bits(w))).sum::<f64>();
-        }
-        let loss = (loss_sum / f.scored.max(1) as f64) as f32;
+        let stride = self.readback_stride();
+        let (loss, rewards) = if self.dpo.is_some() {
+            let mut stats = Vec::new();
+            for (k, &pairs) in f.pairs.iter().enumerate() {
+                let at = READBACK_HEADER + k * stride;
+                stats.extend(words[at..at + DPO_STATS * pairs].iter().map(|&w| f32::from_bits(w)));
+            }
+            let (loss, rewards) = Rewards::of(&stats);
+            (loss, Some(rewards))
+        } else {
+            let mut loss_sum = 0f64;
+            for (k, &len) in f.lens.iter().enumerate() {
+                let at = READBACK_HEADER + k * stride;
+                loss_sum += words[at..at + len].iter().map(|&w| f64::from(f32::from_bits(w))).sum::<f64>();
+            }
+            ((loss_sum / f.scored.max(1) as f64) as f32, None)
+        };
         let norm = f32::from_bits(words[0]);
         self.state.updates = words[1];
         // What the GPU decided: a finite norm and no loss flagged (the same as a finite mean loss).
@@ -1102,6 +1226,7 @@ impl Trainer {
             tokens_per_s: (f.tokens - clock.start_tokens) as f64 / elapsed.max(1e-9),
             eta_s: elapsed / done * (clock.total - f.step) as f64,
             gpu_memory_bytes: ctx.allocated_bytes().unwrap_or(clock.planned),
+            rewards,
         });
         Ok(Some(loss))
     }
@@ -1146,6 +1271,44 @@ struct InFlight {
     tokens: u64,
     /// Tokens of each micro-batch, in the order their losses sit in the readback.
     lens: Vec<usize>,
+    /// DPO: the pairs of each micro-batch, whose statistics sit in the readback instead.
+    pairs: Vec<usize>,
     scored: usize,
     read: PendingRead,
+}
+
+/// DPO's state in a trainer: the loss, and the reference's log-probabilities or the adapter
+/// that computes them.
+#[derive(Debug)]
+struct Dpo {
+    loss: DpoLoss,
+    reference: DpoRef,
+}
+
+#[derive(Debug)]
+enum DpoRef {
+    /// Each batch's (chosen, rejected) log-probabilities per pair: every draw's training
+    /// batches, and the validation batches.
+    Precomputed { rounds: Vec<Vec<Vec<f32>>>, val: Vec<Vec<f32>> },
+    /// The starting adapter, frozen, for a forward pass in every step.
+    InStep(GpuAdapter),
+}
+
+impl DpoRef {
+    /// The reference of training batch `i` of draw `round`, or of validation batch `i`.
+    fn of(&self, round: Option<usize>, i: usize) -> Reference<'_> {
+        match (self, round) {
+            (DpoRef::InStep(a), _) => Reference::Adapter(a),
+            (DpoRef::Precomputed { rounds, .. }, Some(r)) => Reference::Given(&rounds[r][i]),
+            (DpoRef::Precomputed { val, .. }, None) => Reference::Given(&val[i]),
+        }
+    }
+}
+
+/// The (chosen, rejected) log-probabilities of each pair of `b` under `adapter`.
+fn reference_logps(model: &Model, ws: &Workspace, b: &Batch, adapter: &GpuAdapter) -> Result<Vec<f32>> {
+    let mut enc = model.ctx.encoder_with(ws.binds());
+    model.pair_logps(&mut enc, ws, b, adapter)?;
+    model.ctx.submit([enc.finish()]);
+    model.ctx.read_f32(&ws.dpo_reference, 2 * b.pairs.len())
 }
