@@ -15,7 +15,7 @@ use edgetune::model::llama::{LoadOptions, Model};
 use edgetune::model::training::WorkspacePlan;
 use edgetune::tokenizer::Tokenizer;
 use edgetune::train::schedule::ScheduleKind;
-use edgetune::train::{Event, StopReason, TrainConfig, Trainer};
+use edgetune::train::{DpoConfig, Event, Method, Rewards, StopReason, TrainConfig, Trainer};
 
 /// A fresh folder of this test process. Tests run on parallel threads of one process, so each
 /// call gets its own (a shared name would let one test delete another's files).
@@ -925,4 +925,107 @@ fn each_epoch_trains_its_own_draw_of_chained_conversations() {
     assert_eq!(per_epoch, 3, "4 + 4 + 2 records, a conversation a batch");
     assert!(run(&d, per_epoch).0 == run(&fixed, per_epoch).0, "the first epoch trains the first draw");
     assert!(run(&d, 2 * per_epoch).0 != run(&fixed, 2 * per_epoch).0, "the second epoch trained the first draw again");
+}
+
+/// Twelve preference pairs (TRL's conversational format): each question's own answer chosen,
+/// the next question's answer rejected.
+fn preference_dataset(val_fraction: f32) -> Dataset {
+    let d = tmp("pairs");
+    let lines: Vec<String> = FACTS
+        .iter()
+        .enumerate()
+        .map(|(i, (q, a))| {
+            let wrong = FACTS[(i + 1) % FACTS.len()].1;
+            serde_json::json!({
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            })
+            .to_string()
+        })
+        .collect();
+    let p = d.join("pairs.jsonl");
+    std::fs::write(&p, lines.join("\n")).expect("write data");
+    let tok = Tokenizer::open(&fixtures().join("tiny_llama")).expect("tokenizer");
+    data::load(&p, &tok, &DataConfig { val_fraction: Some(val_fraction), max_len: 64, ..Default::default() })
+        .expect("pairs load")
+}
+
+#[test]
+fn dpo_resumes_to_the_same_bytes_and_reports_rewards_at_every_step_and_evaluation() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = preference_dataset(0.25);
+    assert_eq!((data.train.len(), data.val.len()), (9, 3));
+    let cfg = TrainConfig { method: Method::Dpo, batch_tokens: Some(160), ..config() };
+    let dir = tmp("dpo-resume");
+    let mut straight = Vec::new();
+    let out_a = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer").run(|e| straight.push(e.clone()));
+    let out_a = out_a.expect("straight run");
+    let ckpt = dir.join("run.ckpt");
+    let mut b = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer");
+    b.set_checkpoint_path(&ckpt);
+    let token = b.cancel_token();
+    let out_b = b
+        .run(|e| {
+            if let Event::Step { step: 10, .. } = e {
+                token.cancel();
+            }
+        })
+        .expect("first half");
+    assert_eq!((out_b.reason, out_b.steps), (StopReason::Cancelled, 10));
+    let mut c = Trainer::new(m.clone(), &data, cfg.clone()).expect("trainer");
+    c.resume(&ckpt).expect("resume");
+    let mut second = Vec::new();
+    let out_c = c.run(|e| second.push(e.clone())).expect("second half");
+    assert_eq!(out_c.steps, 20);
+    let bits = |a: &edgetune::lora::Adapter| a.params.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&out_a.adapter) == bits(&out_c.adapter), "the resumed DPO run's adapter differs");
+    let steps = |ev: &[Event]| -> Vec<(u64, u32)> {
+        ev.iter()
+            .filter_map(|e| match e {
+                Event::Step { step, loss, rewards, .. } if *step > 10 => {
+                    assert!(rewards.is_some(), "a DPO step reports its rewards");
+                    Some((*step, loss.to_bits()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(steps(&straight), steps(&second), "steps 11..20 straight and resumed");
+    // It learned the training pairs: the first step's loss is log 2 (the policy is the
+    // reference), the last steps' far below, and the chosen answers' reward above the rejected.
+    let step_rewards: Vec<(f32, Rewards)> = straight
+        .iter()
+        .filter_map(|e| if let Event::Step { loss, rewards: Some(r), .. } = e { Some((*loss, *r)) } else { None })
+        .collect();
+    assert!((step_rewards[0].0 - std::f32::consts::LN_2).abs() < 1e-5, "first DPO loss {}", step_rewards[0].0);
+    // Below log 2 means the chosen answers' log-ratio has moved above the rejected ones'.
+    let last = step_rewards[19];
+    assert!(last.0 < 0.9 * std::f32::consts::LN_2 && last.1.margins > 0.0, "last step: {last:?}");
+    let evals: Vec<Option<Rewards>> = straight
+        .iter()
+        .filter_map(|e| if let Event::Eval { rewards, .. } = e { Some(*rewards) } else { None })
+        .collect();
+    assert_eq!(evals.len(), 4);
+    assert!(evals.iter().all(Option::is_some), "evaluations of pairs report rewards");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_method_must_fit_the_data() {
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let e = Trainer::new(m.clone(), &preference_dataset(0.0), config()).expect_err("pairs under SFT").to_string();
+    assert!(e.contains("method = \"dpo\""), "{e}");
+    let dpo = TrainConfig { method: Method::Dpo, ..config() };
+    let e = Trainer::new(m.clone(), &dataset("llama", 0.0), dpo).expect_err("chat records under DPO").to_string();
+    assert!(e.contains("preference pairs") && e.contains("persona.jsonl:1"), "{e}");
+    let bad = TrainConfig {
+        method: Method::Dpo,
+        dpo: DpoConfig { beta: 0.0, label_smoothing: 0.2, ..Default::default() },
+        ..config()
+    };
+    let e = Trainer::new(m, &preference_dataset(0.0), bad).expect_err("bad DPO settings").to_string();
+    assert!(e.contains("dpo: beta must be") && e.contains("applies to loss = \"robust\""), "{e}");
 }

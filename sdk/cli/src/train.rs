@@ -32,9 +32,26 @@ pub struct TrainArgs {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// Training data: a JSON/JSONL file (Alpaca, ShareGPT, OpenAI chat), a text file or a folder.
+    /// Training data: a JSON/JSONL file (Alpaca, ShareGPT, OpenAI chat; preference pairs for
+    /// --method dpo), a text file or a folder.
     #[arg(long)]
     data: PathBuf,
+    /// sft (supervised, the default) or dpo (preference pairs: prompt, chosen, rejected).
+    #[arg(long)]
+    method: Option<edgetune::train::Method>,
+    /// DPO: how far the policy may move from the reference (default 0.1; higher stays closer).
+    #[arg(long)]
+    beta: Option<f32>,
+    /// DPO: sigmoid (default), robust or ipo.
+    #[arg(long)]
+    dpo_loss: Option<edgetune::train::DpoLossKind>,
+    /// DPO with --dpo-loss robust: the probability that a preference is flipped, in [0, 0.5).
+    #[arg(long)]
+    label_smoothing: Option<f32>,
+    /// DPO: precomputed (the reference's log-probabilities once, before training; the default)
+    /// or in_step (a frozen copy of the starting adapter, run in every step).
+    #[arg(long)]
+    dpo_reference: Option<edgetune::train::DpoReference>,
     /// Output folder (adapter, checkpoint, settings).
     #[arg(long)]
     output: PathBuf,
@@ -158,6 +175,11 @@ fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
             }
         };
     }
+    set!(a.method => method);
+    set!(a.beta => dpo.beta);
+    set!(a.dpo_loss => dpo.loss);
+    set!(a.label_smoothing => dpo.label_smoothing);
+    set_some!(a.dpo_reference => dpo.reference);
     set_some!(a.epochs => epochs);
     set_some!(a.max_steps => max_steps);
     set_some!(a.lr => learning_rate);
@@ -247,13 +269,15 @@ impl Reporter {
                      validation), steps {start_step}..{total_steps}"
                 );
             }
-            Event::Step { step, total_steps, epoch, loss, lr, grad_norm, tokens_per_s, eta_s, .. } => {
+            Event::Step { step, total_steps, epoch, loss, lr, grad_norm, tokens_per_s, eta_s, rewards, .. } => {
                 let width = 24;
                 let filled = (*step as usize * width / (*total_steps).max(1) as usize).min(width);
                 let bar = format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled));
+                let margin = rewards.map(|r| format!(" margin {:.3} acc {:.2}", r.margins, r.accuracies));
                 let line = format!(
-                    "{bar} step {step}/{total_steps} epoch {epoch:.2} loss {loss:.4} lr {lr:.2e} grad {grad_norm:.3} \
-                     {tokens_per_s:.1} tok/s ETA {}",
+                    "{bar} step {step}/{total_steps} epoch {epoch:.2} loss {loss:.4}{} lr {lr:.2e} grad \
+                     {grad_norm:.3} {tokens_per_s:.1} tok/s ETA {}",
+                    margin.unwrap_or_default(),
                     human_time(*eta_s)
                 );
                 if self.tty {
@@ -262,11 +286,17 @@ impl Reporter {
                     let _ = writeln!(err, "{line}");
                 }
             }
-            Event::Eval { step, val_loss, perplexity, improved, .. } => {
+            Event::Eval { step, val_loss, perplexity, improved, rewards, .. } => {
                 let mark = if *improved { " (best)" } else { "" };
                 let nl = if self.tty { "\n" } else { "" };
-                let _ =
-                    writeln!(err, "{nl}eval at step {step}: val loss {val_loss:.4}, perplexity {perplexity:.2}{mark}");
+                let what = match rewards {
+                    Some(r) => format!(
+                        "val DPO loss {val_loss:.4}, rewards chosen {:.3} rejected {:.3} margin {:.3}, accuracy {:.2}",
+                        r.chosen, r.rejected, r.margins, r.accuracies
+                    ),
+                    None => format!("val loss {val_loss:.4}, perplexity {perplexity:.2}"),
+                };
+                let _ = writeln!(err, "{nl}eval at step {step}: {what}{mark}");
             }
             Event::Warning { step, message } => {
                 let _ = writeln!(err, "\nwarning at step {step}: {message}");

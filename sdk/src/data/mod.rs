@@ -721,6 +721,9 @@ pub const CHAIN_ROUNDS: usize = 12;
 fn chain(train: &[Keyed], set_size: usize, tok: &Tokenizer, cfg: &DataConfig) -> Result<(Vec<Vec<Sample>>, Chaining)> {
     let automatic = cfg.chain.is_none();
     let alone = |why: String| Ok((Vec::new(), Chaining { records: 1, automatic, why }));
+    if automatic && train.iter().any(|k| k.sample.rejected_at.is_some()) {
+        return alone("each preference pair is trained alone (automatic: pairs are not chained)".into());
+    }
     let k = match cfg.chain {
         Some(k) if k <= 1 => return alone("chain = 1: each record is trained alone".into()),
         Some(k) => k,

@@ -46,6 +46,18 @@ pub enum DpoLossKind {
     Ipo,
 }
 
+impl std::str::FromStr for DpoLossKind {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "sigmoid" => Ok(DpoLossKind::Sigmoid),
+            "robust" => Ok(DpoLossKind::Robust),
+            "ipo" => Ok(DpoLossKind::Ipo),
+            other => Err(crate::Error::invalid("DPO loss", format!("`{other}` (expected sigmoid, robust or ipo)"))),
+        }
+    }
+}
+
 /// Where the reference's log-probabilities come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,6 +67,19 @@ pub enum DpoReference {
     Precomputed,
     /// In every step: a forward pass with a frozen copy of the starting adapter on the GPU.
     InStep,
+}
+
+impl std::str::FromStr for DpoReference {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "precomputed" => Ok(DpoReference::Precomputed),
+            "in_step" => Ok(DpoReference::InStep),
+            other => {
+                Err(crate::Error::invalid("DPO reference", format!("`{other}` (expected precomputed or in_step)")))
+            }
+        }
+    }
 }
 
 /// DPO's settings (`TrainConfig::dpo`; used with `method = "dpo"`).
