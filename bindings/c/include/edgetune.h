@@ -181,8 +181,10 @@ typedef struct edgetune_trainer edgetune_trainer;
 typedef int32_t (*edgetune_token_callback)(void *userdata, const char *piece);
 
 /**
- * A training event. Fields a kind does not set are 0 (NaN for `val_loss`, `perplexity` and
- * `best_val_loss`). `message` is NULL or a string valid during the callback only.
+ * A training event. Fields a kind does not set are 0 (NaN for `val_loss`, `perplexity`,
+ * `best_val_loss` and the rewards). `message` is NULL or a string valid during the callback
+ * only. The rewards are DPO's (TRL's `rewards/chosen` and so on), on step events and on
+ * evaluations of preference pairs: means over the step's (or the validation set's) pairs.
  */
 typedef struct edgetune_event {
   enum edgetune_event_kind kind;
@@ -199,6 +201,10 @@ typedef struct edgetune_event {
   double eta_s;
   uint64_t gpu_memory_bytes;
   const char *message;
+  float reward_chosen;
+  float reward_rejected;
+  float reward_margin;
+  float reward_accuracy;
 } edgetune_event;
 
 /**

@@ -108,8 +108,10 @@ pub enum edgetune_event_kind {
     EDGETUNE_EVENT_FINISHED = 5,
 }
 
-/// A training event. Fields a kind does not set are 0 (NaN for `val_loss`, `perplexity` and
-/// `best_val_loss`). `message` is NULL or a string valid during the callback only.
+/// A training event. Fields a kind does not set are 0 (NaN for `val_loss`, `perplexity`,
+/// `best_val_loss` and the rewards). `message` is NULL or a string valid during the callback
+/// only. The rewards are DPO's (TRL's `rewards/chosen` and so on), on step events and on
+/// evaluations of preference pairs: means over the step's (or the validation set's) pairs.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct edgetune_event {
@@ -127,6 +129,10 @@ pub struct edgetune_event {
     pub eta_s: f64,
     pub gpu_memory_bytes: u64,
     pub message: *const c_char,
+    pub reward_chosen: f32,
+    pub reward_rejected: f32,
+    pub reward_margin: f32,
+    pub reward_accuracy: f32,
 }
 
 /// Receives training events on the thread that called `edgetune_trainer_run`.
@@ -1124,6 +1130,16 @@ fn with_c_event(e: &Event, f: impl FnOnce(&edgetune_event)) {
         eta_s: 0.0,
         gpu_memory_bytes: 0,
         message: std::ptr::null(),
+        reward_chosen: f32::NAN,
+        reward_rejected: f32::NAN,
+        reward_margin: f32::NAN,
+        reward_accuracy: f32::NAN,
+    };
+    let mut rewards = |r: &Option<edgetune::train::Rewards>| {
+        if let Some(r) = r {
+            (ev.reward_chosen, ev.reward_rejected, ev.reward_margin, ev.reward_accuracy) =
+                (r.chosen, r.rejected, r.margins, r.accuracies);
+        }
     };
     let mut message = None;
     match e {
@@ -1133,13 +1149,25 @@ fn with_c_event(e: &Event, f: impl FnOnce(&edgetune_event)) {
             message = Some(chosen.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
         }
         Event::Step {
-            step, total_steps, epoch, loss, lr, grad_norm, tokens_per_s, eta_s, gpu_memory_bytes, ..
+            step,
+            total_steps,
+            epoch,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            eta_s,
+            gpu_memory_bytes,
+            rewards: r,
+            ..
         } => {
+            rewards(r);
             (ev.step, ev.total_steps, ev.epoch, ev.loss, ev.lr) = (*step, *total_steps, *epoch, *loss, *lr);
             (ev.grad_norm, ev.tokens_per_s, ev.eta_s, ev.gpu_memory_bytes) =
                 (*grad_norm, *tokens_per_s, *eta_s, *gpu_memory_bytes);
         }
-        Event::Eval { step, val_loss, perplexity, best_val_loss, .. } => {
+        Event::Eval { step, val_loss, perplexity, best_val_loss, rewards: r, .. } => {
+            rewards(r);
             ev.kind = edgetune_event_kind::EDGETUNE_EVENT_EVAL;
             (ev.step, ev.val_loss, ev.perplexity, ev.best_val_loss) = (*step, *val_loss, *perplexity, *best_val_loss);
         }

@@ -1,6 +1,7 @@
 /* The whole cycle on a tiny model: load, generate, train on a data file plus records from
  * memory with a progress callback, save a checkpoint and a PEFT adapter, load the adapter back,
- * switch between it and the base model, resume from the checkpoint, and free everything.
+ * switch between it and the base model, resume from the checkpoint, train with DPO on preference
+ * pairs from memory (rewards in the step events), and free everything.
  * Usage: cycle MODEL_DIR DATA_FILE WORK_DIR */
 #include <math.h>
 
@@ -36,6 +37,33 @@ static void on_event(void *userdata, const edgetune_event *e) {
     default: break;
     }
 }
+
+/* DPO steps: the policy starts as the reference (loss log 2, rewards 0), then prefers the chosen
+ * answers; supervised steps report no rewards (NaN). */
+typedef struct {
+    int steps;
+    float last_margin, last_accuracy;
+} dpo_counts;
+
+static void on_dpo_event(void *userdata, const edgetune_event *e) {
+    dpo_counts *c = userdata;
+    if (e->kind != EDGETUNE_EVENT_STEP) return;
+    if (c->steps++ == 0) CHECK(fabsf(e->loss - logf(2.0f)) < 1e-5f && e->reward_chosen == 0.0f);
+    CHECK(isfinite(e->reward_margin) && isfinite(e->reward_rejected));
+    c->last_margin = e->reward_margin;
+    c->last_accuracy = e->reward_accuracy;
+}
+
+static const char *DPO_CONFIG =
+    "{\"method\": \"dpo\", \"dpo\": {\"beta\": 0.1}, \"max_steps\": 4, \"learning_rate\": 0.01,"
+    " \"lr_schedule\": \"constant\", \"batch_tokens\": 128, \"lora\": {\"r\": 4, \"alpha\": 8}}";
+
+static const char *PAIRS[] = {
+    "{\"prompt\": [{\"role\": \"user\", \"content\": \"Where do you keep your boat?\"}],"
+    " \"chosen\": [{\"role\": \"assistant\", \"content\": \"In the cove below the lamp.\"}],"
+    " \"rejected\": [{\"role\": \"assistant\", \"content\": \"I have no boat.\"}]}",
+    "{\"prompt\": \"My favourite colour is\", \"chosen\": \" lighthouse red.\", \"rejected\": \" blue.\"}",
+};
 
 static int pieces;
 static int on_token(void *userdata, const char *piece) {
@@ -185,6 +213,15 @@ int main(int argc, char **argv) {
 
     edgetune_trainer_free(resumed);
     edgetune_trainer_free(t);
+
+    edgetune_trainer *dpo = NULL;
+    OK(edgetune_trainer_new(model, DPO_CONFIG, &dpo));
+    for (size_t i = 0; i < sizeof PAIRS / sizeof *PAIRS; i++) OK(edgetune_trainer_add_record(dpo, PAIRS[i]));
+    dpo_counts d = {0};
+    OK(edgetune_trainer_run(dpo, on_dpo_event, &d));
+    CHECK(d.steps == 4 && d.last_margin > 0.0f && d.last_accuracy == 1.0f);
+    edgetune_trainer_free(dpo);
+
     edgetune_model_free(model);
     printf("cycle: ok\n");
     return 0;

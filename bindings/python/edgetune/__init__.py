@@ -457,7 +457,9 @@ _KINDS = ("started", "step", "eval", "warning", "checkpoint", "finished")
 class Event:
     """One training event. ``kind`` is one of ``"started"``, ``"step"``, ``"eval"``,
     ``"warning"``, ``"checkpoint"`` or ``"finished"``; fields a kind does not set are 0 (or
-    NaN for the validation figures, ``None`` for ``message``)."""
+    NaN for the validation figures and the rewards, ``None`` for ``message``). The rewards are
+    DPO's (TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and
+    ``rewards/accuracies``), on the steps and evaluations of ``"method": "dpo"``."""
 
     kind: str
     step: int
@@ -473,6 +475,10 @@ class Event:
     eta_s: float
     gpu_memory_bytes: int
     message: Optional[str]
+    reward_chosen: float = math.nan
+    reward_rejected: float = math.nan
+    reward_margin: float = math.nan
+    reward_accuracy: float = math.nan
 
     @classmethod
     def _from_c(cls, e: _native.Event) -> "Event":
@@ -493,6 +499,10 @@ class Event:
             e.eta_s,
             e.gpu_memory_bytes,
             message,
+            e.reward_chosen,
+            e.reward_rejected,
+            e.reward_margin,
+            e.reward_accuracy,
         )
 
     @property

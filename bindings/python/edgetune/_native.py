@@ -62,6 +62,10 @@ class Event(ctypes.Structure):
         ("eta_s", ctypes.c_double),
         ("gpu_memory_bytes", ctypes.c_uint64),
         ("message", ctypes.c_char_p),
+        ("reward_chosen", ctypes.c_float),
+        ("reward_rejected", ctypes.c_float),
+        ("reward_margin", ctypes.c_float),
+        ("reward_accuracy", ctypes.c_float),
     ]
 
 

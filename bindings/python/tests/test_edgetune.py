@@ -217,6 +217,35 @@ class ModelTest(unittest.TestCase):
             self.assertEqual(self.model.loss(PROBE), tuned)
             self.model.set_adapter(None)
 
+    def test_dpo_on_preference_records_reports_rewards(self):
+        # Preference pairs in memory, TRL's formats: an explicit prompt and an implicit one.
+        pairs = [
+            {"prompt": [{"role": "user", "content": "Where do you keep your boat?"}],
+             "chosen": [{"role": "assistant", "content": "In the cove below the lamp."}],
+             "rejected": [{"role": "assistant", "content": "I have no boat."}]},
+            {"chosen": [{"role": "user", "content": "Your colour?"}, {"role": "assistant", "content": "Red."}],
+             "rejected": [{"role": "user", "content": "Your colour?"}, {"role": "assistant", "content": "Blue."}]},
+        ]
+        config = {"method": "dpo", "dpo": {"beta": 0.1}, "max_steps": 4, "learning_rate": 0.01,
+                  "lr_schedule": "constant", "batch_tokens": 128, "lora": {"r": 4, "alpha": 8}}
+        with self.model.trainer(config) as trainer:
+            trainer.add_records(pairs)
+            events = list(trainer.events())
+        self.assertIn("dpo.reference = precomputed (", events[0].message)
+        steps = [e for e in events if e.kind == "step"]
+        self.assertEqual(len(steps), 4)
+        # The policy starts as the reference: log 2, zero rewards; then the chosen answers win.
+        self.assertAlmostEqual(steps[0].loss, math.log(2), places=5)
+        self.assertEqual((steps[0].reward_chosen, steps[0].reward_rejected), (0.0, 0.0))
+        self.assertTrue(all(math.isfinite(e.reward_margin) for e in steps))
+        self.assertGreater(steps[-1].reward_margin, 0.0)
+        self.assertEqual(steps[-1].reward_accuracy, 1.0)
+        # Supervised events carry no rewards; preference records under SFT are refused.
+        with self.model.trainer(CONFIG) as trainer:
+            trainer.add_records(pairs)
+            with self.assertRaisesRegex(edgetune.EdgetuneError, 'method = "dpo"'):
+                list(trainer.events())
+
     def test_settings_left_out_are_chosen_from_the_data_and_repeat_the_run(self):
         with self.model.trainer({"lora": {"r": 4, "alpha": 8}, "data": {"max_len": 128}}) as trainer:
             trainer.add_file(DATA).add_records(RECORDS)
