@@ -11,6 +11,7 @@ use crate::lora::{Adapter, GpuAdapter, Layout};
 use crate::model::llama::{LoadOptions, Model};
 use crate::score::AnswerScores;
 use crate::tokenizer::{Message, Tokenizer};
+use crate::train::Rewards;
 
 /// A loaded model ready to generate and score text.
 #[derive(Debug)]
@@ -191,9 +192,9 @@ impl Session {
         let lora = if with_adapter { self.adapter.as_ref() } else { None };
         crate::data::check_context(samples, self.model.max_context, "data")?;
         let (mut total, mut n) = (0f64, 0usize);
-        for s in samples {
-            let losses = self.model.token_losses_with(&s.ids, lora)?;
-            for (l, &scored) in losses.iter().zip(&s.train[1..]) {
+        for (ids, train) in samples.iter().flat_map(crate::data::Sample::sequences) {
+            let losses = self.model.token_losses_with(ids, lora)?;
+            for (l, &scored) in losses.iter().zip(&train[1..]) {
                 if scored {
                     total += f64::from(*l);
                     n += 1;
@@ -206,11 +207,47 @@ impl Session {
         Ok(((total / n as f64) as f32, n))
     }
 
+    /// How the session's adapter ranks held-out preference pairs against the base model as the
+    /// reference (a fresh adapter's, see [`crate::train::dpo`]): the sigmoid DPO loss with
+    /// `beta` and TRL's reward metrics, means over the pairs. Every sample must be a pair
+    /// ([`crate::data::Sample::rejected_at`]).
+    pub fn preference_rewards(&self, samples: &[crate::data::Sample], beta: f32) -> Result<(f32, Rewards)> {
+        let adapter = self.adapter.as_ref().ok_or_else(|| {
+            Error::invalid("adapter", "ranking preference pairs compares an adapter with the base; give one")
+        })?;
+        crate::data::check_context(samples, self.model.max_context, "data")?;
+        let logp = |ids: &[u32], train: &[bool], lora: Option<&GpuAdapter>| -> Result<f64> {
+            let losses = self.model.token_losses_with(ids, lora)?;
+            Ok(-losses.iter().zip(&train[1..]).filter(|(_, t)| **t).map(|(l, _)| f64::from(*l)).sum::<f64>())
+        };
+        let mut stats = Vec::new();
+        for s in samples {
+            if s.rejected_at.is_none() {
+                return Err(Error::format(&s.file, format!("line {}: not a preference pair", s.line)));
+            }
+            let mut ratio = [0f64; 2];
+            let mut policy = [0f64; 2];
+            for (i, (ids, train)) in s.sequences().into_iter().enumerate() {
+                policy[i] = logp(ids, train, Some(adapter))?;
+                ratio[i] = policy[i] - logp(ids, train, None)?;
+            }
+            let z = f64::from(beta) * (ratio[0] - ratio[1]);
+            let loss = -(z.min(0.0) - (-z.abs()).exp().ln_1p());
+            let b = f64::from(beta);
+            stats.extend([loss, b * ratio[0], b * ratio[1], policy[0], policy[1]].map(|v| v as f32));
+        }
+        if stats.is_empty() {
+            return Err(Error::invalid("data", "no preference pair to rank"));
+        }
+        Ok(Rewards::of(&stats))
+    }
+
     /// Answers each held-out exchange with the base model and, when the session has one, with
     /// its adapter, and scores each answer against the record's own (exact match, token F1 and
     /// ROUGE-L; see [`crate::score`]). Each record is a conversation whose last message is the
-    /// assistant's reference answer; the messages before it (with `system` put first where the
-    /// record has no system message, as training does) are the prompt. `progress` is called
+    /// assistant's reference answer, or a preference pair of conversations whose chosen answer
+    /// is the reference; the messages before it (with `system` put first where the record has
+    /// no system message, as training does) are the prompt. `progress` is called
     /// with (answered, total) after each record.
     pub fn score_answers(
         &self,
@@ -222,9 +259,19 @@ impl Session {
         opts.validate()?;
         let mut exchanges = Vec::with_capacity(records.len());
         for r in records {
+            use crate::data::formats::{Preference, Record};
             let at = |what: &str| Error::format(&r.file, format!("line {}: {what}", r.line));
-            let crate::data::formats::Record::Chat(msgs) = &r.record else {
-                return Err(at("a plain text has no reference answer; scoring answers needs conversations"));
+            // A preference pair's reference is its chosen answer.
+            let joined;
+            let msgs = match &r.record {
+                Record::Chat(msgs) => msgs,
+                Record::Preference(Preference::Chat { prompt, chosen, .. }) => {
+                    joined = prompt.iter().chain(chosen).cloned().collect::<Vec<_>>();
+                    &joined
+                }
+                Record::Text(_) | Record::Preference(Preference::Text { .. }) => {
+                    return Err(at("a plain text has no reference answer; scoring answers needs conversations"));
+                }
             };
             let (last, before) = msgs.split_last().ok_or_else(|| at("the conversation is empty"))?;
             if last.role != "assistant" || !before.iter().any(|m| m.role == "user") {

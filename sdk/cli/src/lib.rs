@@ -149,6 +149,10 @@ enum Cmd {
         /// With --generate: also write every answer and its scores, and the means, as JSON.
         #[arg(long, requires = "generate")]
         report: Option<PathBuf>,
+        /// Preference pairs with an adapter: the beta of the DPO loss and rewards reported (the
+        /// adapter against the base model as the reference).
+        #[arg(long, default_value_t = 0.1, requires = "data")]
+        beta: f32,
     },
     /// Show the GPU adapter edgetune would use.
     Gpu,
@@ -509,7 +513,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("report: {}", path.display());
             }
         }
-        Cmd::Eval { m, data: Some(data), system, .. } => {
+        Cmd::Eval { m, data: Some(data), system, beta, .. } => {
             let s = load(&m, &gpu)?;
             let cfg = edgetune::data::DataConfig {
                 val_fraction: Some(0.0),
@@ -518,6 +522,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ..Default::default()
             };
             let d = edgetune::data::load(&data, &s.tokenizer, &cfg)?;
+            if d.train.iter().any(|x| x.rejected_at.is_some()) && s.adapter.is_some() {
+                let (loss, r) = s.preference_rewards(&d.train, beta)?;
+                println!(
+                    "{} preference pairs ({}), the adapter against the base as the reference:",
+                    d.train.len(),
+                    data.display()
+                );
+                println!(
+                    "DPO loss {loss:.6} (beta {beta}), rewards chosen {:.4} rejected {:.4} margin {:.4}, accuracy {:.3}",
+                    r.chosen, r.rejected, r.margins, r.accuracies
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let (base, n) = s.samples_loss(&d.train, false)?;
             println!("{} samples, {n} scored tokens ({})", d.train.len(), data.display());
             println!("base:    mean loss {base:.6}, perplexity {:.4}", f64::from(base).exp());
