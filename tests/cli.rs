@@ -660,3 +660,87 @@ fn eval_generate_answers_each_record_and_scores_it_against_its_own_answer() {
     let err = text(&out.stderr);
     assert!(err.contains("bad.jsonl") && err.contains("line 2") && err.contains("no reference answer"), "{err}");
 }
+
+/// `train --method dpo` on preference pairs with the user's held-out pairs: every step and
+/// evaluation carries TRL's rewards, and `eval --data` on the held-out pairs with the kept adapter
+/// gives the rewards the best evaluation reported (the reference is the base for a new adapter).
+#[test]
+fn train_method_dpo_reports_rewards_and_eval_data_ranks_held_out_pairs_as_training_did() {
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-dpo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let qa = [
+        ("Where do you live?", "By the sea.", "In a very large city far away from any water at all."),
+        ("What is your cat called?", "Pixel.", "I do not have a cat, and I never had one either."),
+        ("What do you drink?", "Tea.", "Mostly coffee, sometimes juice, and on weekends milk."),
+        ("When do you wake up?", "At six.", "Whenever I feel like it, usually around noon or later."),
+        ("What do you read?", "Old maps.", "I do not read much, but sometimes a magazine."),
+        ("What is your hobby?", "Sailing.", "Watching television for many hours every evening."),
+        ("What is your colour?", "Green.", "It changes every day, so I cannot really say."),
+        ("Who is your friend?", "Bo.", "I am not sure I have any friends at the moment."),
+    ];
+    let pair = |(q, good, bad): &(&str, &str, &str)| {
+        serde_json::json!({"prompt": q, "chosen": format!(" {good}"), "rejected": format!(" {bad}")}).to_string()
+    };
+    let lines: Vec<String> = qa.iter().map(pair).collect();
+    let (train, held) = (dir.join("pairs.jsonl"), dir.join("held.jsonl"));
+    std::fs::write(&train, lines[..6].join("\n")).expect("write");
+    std::fs::write(&held, lines[6..].join("\n")).expect("write");
+    let (train, held) = (train.display().to_string(), held.display().to_string());
+    let run = dir.join("run").display().to_string();
+    let model = tiny();
+    let args = [
+        "train",
+        "--model",
+        &model,
+        "--data",
+        &train,
+        "--val-data",
+        &held,
+        "--output",
+        &run,
+        "--method",
+        "dpo",
+        "--max-steps",
+        "6",
+        "--lr",
+        "0.01",
+        "--eval-every",
+        "2",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--json",
+    ];
+    let out = edgetune(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let of = |kind: &'static str| events.iter().filter(move |e| e["event"] == kind);
+    assert_eq!(of("step").count(), 6);
+    assert!(of("step").all(|e| e["rewards"]["margins"].is_number()), "steps carry rewards");
+    let best = of("eval").filter(|e| e["improved"] == true).last().expect("an evaluation improved").clone();
+    let settings = std::fs::read_to_string(dir.join("run/train_config.toml")).expect("settings");
+    assert!(settings.contains("method = \"dpo\"") && settings.contains("reference = \"precomputed\""), "{settings}");
+
+    let adapter = dir.join("run/adapter").display().to_string();
+    let out = edgetune(&["eval", "--model", &model, "--adapter", &adapter, "--data", &held]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("2 preference pairs"), "{stdout}");
+    let value = |key: &str| -> f64 {
+        let rest = stdout.split(key).nth(1).unwrap_or_else(|| panic!("{key}: {stdout}"));
+        rest.split_whitespace().next().and_then(|v| v.trim_end_matches(',').parse().ok()).expect("a number")
+    };
+    // The same log-probabilities through the inference path instead of the training workspace:
+    // sums of a few dozen f32 token losses in another order, within 1e-4 of the log-probability
+    // (near 100 here, so 1e-2 absolute) times beta = 0.1 for a reward.
+    let want = |k: &str| best["rewards"][k].as_f64().expect(k);
+    for (key, field) in [("rewards chosen", "chosen"), ("rejected", "rejected"), ("margin", "margins")] {
+        let (got, w) = (value(key), want(field));
+        assert!((got - w).abs() <= 2e-3, "{key}: eval --data {got} vs training's evaluation {w}");
+    }
+    assert_eq!(value("accuracy"), want("accuracies"));
+    std::fs::remove_dir_all(&dir).ok();
+}
