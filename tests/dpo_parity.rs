@@ -1,8 +1,9 @@
 //! DPO parity with Hugging Face TRL's DPOTrainer (fixtures written by tests/reference/dpo.py):
-//! on the tiny Llama with the committed PEFT adapter as the policy and the base (the adapter
-//! disabled) as the reference, one step's loss, TRL's reward metrics and every LoRA gradient, for
-//! the sigmoid, IPO and robust (label smoothing) losses, with the reference computed in the step
-//! and given ahead.
+//! on the tiny Llama and Qwen2 with the committed PEFT adapters (plain LoRA and rsLoRA) as the
+//! policy and the base (the adapter disabled) as the reference, one step's loss, TRL's reward
+//! metrics and every LoRA gradient, for the sigmoid, IPO and robust (label smoothing) losses,
+//! with the reference computed in the step and given ahead; and ten trainer steps against TRL's
+//! curve, from the preference records through each model's chat template.
 
 mod common;
 
@@ -94,12 +95,14 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-#[test]
-fn one_step_loss_rewards_and_gradients_match_trl() {
-    let fx = Fixture::open("dpo_llama_expected.safetensors");
+/// One step of each loss on `family`'s tiny model against TRL's.
+fn one_step_matches_trl(family: &str) {
+    let fx = Fixture::open(&format!("dpo_{family}_expected.safetensors"));
     let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
-    let model = Model::open(Arc::new(gpu()), &fixtures().join("tiny_llama"), &opts).expect("tiny model loads");
-    let adapter = peft::load(&fixtures().join("peft_llama_adapter"), &model.config).expect("PEFT adapter loads");
+    let model =
+        Model::open(Arc::new(gpu()), &fixtures().join(format!("tiny_{family}")), &opts).expect("tiny model loads");
+    let adapter =
+        peft::load(&fixtures().join(format!("peft_{family}_adapter")), &model.config).expect("PEFT adapter loads");
     // The base: the adapter with B = 0 adds exact zeros.
     let off = Adapter { params: vec![0.0; adapter.layout.len], ..adapter.clone() };
     let reference = GpuAdapter::upload(&model.ctx, &off);
@@ -122,7 +125,7 @@ fn one_step_loss_rewards_and_gradients_match_trl() {
         let accuracies = mean(s.iter().map(|p| f64::from(u8::from(p[1] > p[2]))));
         let logps = (mean(col(3)), mean(col(4)));
         eprintln!(
-            "{name}: loss {got_loss} vs TRL {}, rewards {chosen} / {rejected} vs {} / {}, logps {logps:?}",
+            "{family} {name}: loss {got_loss} vs TRL {}, rewards {chosen} / {rejected} vs {} / {}, logps {logps:?}",
             w("loss"),
             w("rewards/chosen"),
             w("rewards/rejected")
@@ -136,7 +139,7 @@ fn one_step_loss_rewards_and_gradients_match_trl() {
         let ratio_tol = 1e-4 * 2.0 * lp;
         let beta = w("beta");
         let close = |what: &str, got: f64, want: f64, tol: f64| {
-            assert!((got - want).abs() <= tol, "{name}: {what} {got} vs TRL {want} (tolerance {tol:e})");
+            assert!((got - want).abs() <= tol, "{family} {name}: {what} {got} vs TRL {want} (tolerance {tol:e})");
         };
         close("logps/chosen", logps.0, w("logps/chosen"), 1e-4 * lp);
         close("logps/rejected", logps.1, w("logps/rejected"), 1e-4 * lp);
@@ -165,10 +168,20 @@ fn one_step_loss_rewards_and_gradients_match_trl() {
                 let want = fx.f32(&format!("{name}.grad.{key}"));
                 let got = &in_step.grads[off..off + len];
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-                assert_close(&format!("{name} {key}"), got, &want, 2e-3, 1e-3 * scale);
+                assert_close(&format!("{family} {name} {key}"), got, &want, 2e-3, 1e-3 * scale);
             }
         }
     }
+}
+
+#[test]
+fn one_step_loss_rewards_and_gradients_match_trl_on_llama() {
+    one_step_matches_trl("llama");
+}
+
+#[test]
+fn one_step_loss_rewards_and_gradients_match_trl_on_qwen2_with_rslora() {
+    one_step_matches_trl("qwen2");
 }
 
 /// The fixture's preference records (TRL's conversational format) as a JSONL file.
@@ -186,13 +199,16 @@ fn pair_records() -> std::path::PathBuf {
     p
 }
 
-/// Ten AdamW steps of the trainer, every pair in each step, from the committed adapter.
-fn trainer_curve(reference: DpoReference) -> Vec<(f32, f32, Rewards)> {
+/// Ten AdamW steps of the trainer on `family`'s tiny model, every pair in each step, from the
+/// committed adapter.
+fn trainer_curve(family: &str, reference: DpoReference) -> Vec<(f32, f32, Rewards)> {
     let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
-    let model = Arc::new(Model::open(Arc::new(gpu()), &fixtures().join("tiny_llama"), &opts).expect("tiny model"));
-    let adapter = peft::load(&fixtures().join("peft_llama_adapter"), &model.config).expect("PEFT adapter loads");
+    let dir = fixtures().join(format!("tiny_{family}"));
+    let model = Arc::new(Model::open(Arc::new(gpu()), &dir, &opts).expect("tiny model"));
+    let adapter =
+        peft::load(&fixtures().join(format!("peft_{family}_adapter")), &model.config).expect("PEFT adapter loads");
     let data_cfg = DataConfig { val_fraction: Some(0.0), ..Default::default() };
-    let tok = Tokenizer::open(&fixtures().join("tiny_llama")).expect("tokenizer");
+    let tok = Tokenizer::open(&dir).expect("tokenizer");
     let dataset = data::load(&pair_records(), &tok, &data_cfg).expect("pairs load");
     let cfg = TrainConfig {
         method: Method::Dpo,
@@ -219,21 +235,21 @@ fn trainer_curve(reference: DpoReference) -> Vec<(f32, f32, Rewards)> {
     steps
 }
 
-#[test]
-fn ten_trainer_steps_match_trls_curve_with_the_reference_precomputed_or_in_each_step() {
-    let fx = Fixture::open("dpo_llama_expected.safetensors");
+/// The trainer's ten steps on `family`, the reference both ways, against TRL's curve.
+fn curve_matches_trl(family: &str) {
+    let fx = Fixture::open(&format!("dpo_{family}_expected.safetensors"));
     let want: Value = serde_json::from_str(&fx.metadata("curve")).expect("curve");
     let ahead: Value = serde_json::from_str(&fx.metadata("curve_precomputed")).expect("curve");
     assert_eq!(want, ahead, "TRL: the same curve both ways");
     let series = |k: &str| -> Vec<f64> { want[k].as_array().expect(k).iter().map(|v| v.as_f64().expect(k)).collect() };
-    let pre = trainer_curve(DpoReference::Precomputed);
-    let in_step = trainer_curve(DpoReference::InStep);
+    let pre = trainer_curve(family, DpoReference::Precomputed);
+    let in_step = trainer_curve(family, DpoReference::InStep);
     assert_eq!(pre, in_step, "the reference precomputed or in each step: the same kernels on the same values");
     let (loss, norm) = (series("loss"), series("grad_norm"));
     let (chosen, rejected, acc) = (series("rewards/chosen"), series("rewards/rejected"), series("rewards/accuracies"));
     for (i, (l, n, r)) in pre.iter().enumerate() {
         eprintln!(
-            "step {}: loss {l:.6} (TRL {:.6}), grad norm {n:.5} ({:.5}), rewards {:.4} / {:.4} ({:.4} / {:.4})",
+            "{family} step {}: loss {l:.6} (TRL {:.6}), grad norm {n:.5} ({:.5}), rewards {:.4} / {:.4} ({:.4} / {:.4})",
             i + 1,
             loss[i],
             norm[i],
@@ -246,11 +262,21 @@ fn ten_trainer_steps_match_trls_curve_with_the_reference_precomputed_or_in_each_
         // gradient norm; the rewards (beta times log-ratios of sums near -40 to -150, see the
         // one-step test) within beta * 2e-4 * 150.
         let rel = |got: f64, want: f64| (got - want).abs() <= 1e-3 * want.abs() + 1e-6;
-        assert!(rel(f64::from(*l), loss[i]), "step {}: loss {l} vs TRL {}", i + 1, loss[i]);
-        assert!(rel(f64::from(*n), norm[i]), "step {}: grad norm {n} vs TRL {}", i + 1, norm[i]);
+        assert!(rel(f64::from(*l), loss[i]), "{family} step {}: loss {l} vs TRL {}", i + 1, loss[i]);
+        assert!(rel(f64::from(*n), norm[i]), "{family} step {}: grad norm {n} vs TRL {}", i + 1, norm[i]);
         let tol = 0.1 * 2e-4 * 150.0;
-        assert!((f64::from(r.chosen) - chosen[i]).abs() <= tol, "step {}: rewards/chosen", i + 1);
-        assert!((f64::from(r.rejected) - rejected[i]).abs() <= tol, "step {}: rewards/rejected", i + 1);
-        assert_eq!(f64::from(r.accuracies), acc[i], "step {}: rewards/accuracies", i + 1);
+        assert!((f64::from(r.chosen) - chosen[i]).abs() <= tol, "{family} step {}: rewards/chosen", i + 1);
+        assert!((f64::from(r.rejected) - rejected[i]).abs() <= tol, "{family} step {}: rewards/rejected", i + 1);
+        assert_eq!(f64::from(r.accuracies), acc[i], "{family} step {}: rewards/accuracies", i + 1);
     }
+}
+
+#[test]
+fn ten_trainer_steps_match_trls_curve_with_the_reference_precomputed_or_in_each_step_on_llama() {
+    curve_matches_trl("llama");
+}
+
+#[test]
+fn ten_trainer_steps_match_trls_curve_with_the_reference_precomputed_or_in_each_step_on_qwen2() {
+    curve_matches_trl("qwen2");
 }

@@ -10,13 +10,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use edgetune::Session;
-use edgetune::data::{self, DataReport, Dataset};
+use edgetune::data::{self, DataReport, Dataset, Source};
 use edgetune::gpu::{AdapterReport, GpuContext, GpuMemory, GpuOptions};
 use edgetune::infer::GenerateOptions;
 use edgetune::lora::{Adapter, TargetModules, peft};
 use edgetune::model::llama::LoadOptions;
 use edgetune::tokenizer::Message;
-use edgetune::train::{CancelToken, Choice, Event, Outcome, StopReason, TrainConfig, Trainer};
+use edgetune::train::{CancelToken, Choice, Event, Method, Outcome, StopReason, TrainConfig, Trainer};
 
 use crate::fetch::{self, FetchProgress, ModelSource};
 
@@ -119,6 +119,9 @@ pub struct Progress {
     pub steps: Vec<(u64, f32, f32)>,
     /// (step, validation loss)
     pub evals: Vec<(u64, f32)>,
+    /// (step, reward margin, reward accuracy) of a run on preference pairs (DPO): how much more
+    /// the adapter prefers the chosen answers than the base does.
+    pub margins: Vec<(u64, f32, f32)>,
     pub total_steps: u64,
     pub tokens_per_s: f64,
     pub eta_s: f64,
@@ -133,8 +136,11 @@ impl Progress {
                 self.total_steps = *total_steps;
                 self.gpu_memory_bytes = *planned_gpu_bytes;
             }
-            Event::Step { step, total_steps, loss, lr, tokens_per_s, eta_s, gpu_memory_bytes, .. } => {
+            Event::Step { step, total_steps, loss, lr, tokens_per_s, eta_s, gpu_memory_bytes, rewards, .. } => {
                 self.steps.push((*step, *loss, *lr));
+                if let Some(r) = rewards {
+                    self.margins.push((*step, r.margins, r.accuracies));
+                }
                 self.total_steps = *total_steps;
                 (self.tokens_per_s, self.eta_s, self.gpu_memory_bytes) = (*tokens_per_s, *eta_s, *gpu_memory_bytes);
             }
@@ -153,9 +159,34 @@ impl Progress {
 #[derive(Debug, Clone, Default)]
 pub struct Chat {
     pub prompt: String,
+    /// The prompt the answers below answer (the field may have changed since).
+    pub asked: String,
     pub base: String,
     pub tuned: String,
     pub busy: bool,
+    /// The answer the user wanted instead, as typed.
+    pub wanted: String,
+}
+
+/// One judgement from the chat panel: a preference pair for DPO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feedback {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+impl Feedback {
+    /// The pair as a preference record in TRL's conversational format.
+    pub fn record(&self) -> String {
+        let turn = |role: &str, text: &str| serde_json::json!([{ "role": role, "content": text }]);
+        serde_json::json!({
+            "prompt": turn("user", &self.prompt),
+            "chosen": turn("assistant", &self.chosen),
+            "rejected": turn("assistant", &self.rejected),
+        })
+        .to_string()
+    }
 }
 
 /// The path fields a file dialog can fill.
@@ -258,6 +289,10 @@ pub struct AppState {
     /// The personalized adapter: trained here or loaded from a folder.
     pub adapter: Option<(Adapter, String)>,
     pub chat: Chat,
+    /// The preference pairs collected in the chat panel, for "Train on my feedback".
+    pub feedback: Vec<Feedback>,
+    /// Whether the run under way (or the last one) trains on the feedback.
+    pub training_feedback: bool,
     /// What a worker is doing now ("loading the model"), if anything besides training.
     pub busy: Option<String>,
     /// The last error, for the banner (cleared by the next action).
@@ -309,6 +344,8 @@ impl AppState {
             progress: Progress::default(),
             adapter: None,
             chat: Chat { prompt: "Who are you?".into(), ..Default::default() },
+            feedback: Vec::new(),
+            training_feedback: false,
             busy: None,
             error: None,
             notice: None,
@@ -516,6 +553,17 @@ impl AppState {
         if let Some(Err(e)) = self.estimate_bytes() {
             return self.fail(format!("these settings will not work: {e}"));
         }
+        self.training_feedback = false;
+        self.run_training(session, move |_| Ok((dataset, cfg, None)));
+    }
+
+    /// Starts a run on a worker thread: `prepare` gives the data, the settings and the adapter
+    /// to start from (a fresh one when `None`).
+    fn run_training(
+        &mut self,
+        session: Arc<Mutex<Session>>,
+        prepare: impl FnOnce(&Session) -> edgetune::Result<(Arc<Dataset>, TrainConfig, Option<Adapter>)> + Send + 'static,
+    ) {
         self.error = None;
         self.notice = None;
         self.progress = Progress::default();
@@ -524,8 +572,15 @@ impl AppState {
         let control = self.control.clone();
         let repaint = self.repaint.clone();
         self.spawn(move |tx| {
-            let model = session.lock().unwrap_or_else(|p| p.into_inner()).model.clone();
-            let run = Trainer::new(model, &dataset, cfg).and_then(|mut t| {
+            let (model, prepared) = {
+                let s = session.lock().unwrap_or_else(|p| p.into_inner());
+                (s.model.clone(), prepare(&s))
+            };
+            let run = prepared.and_then(|(dataset, cfg, start)| {
+                let mut t = match start {
+                    Some(a) => Trainer::with_adapter(model, &dataset, cfg, a)?,
+                    None => Trainer::new(model, &dataset, cfg)?,
+                };
                 t.set_cancel_token(control.cancel.clone());
                 t.run(|e| {
                     let _ = tx.send(Msg::Train(e.clone()));
@@ -536,6 +591,93 @@ impl AppState {
                 })
             });
             Msg::TrainEnded(run.map_err(|e| e.to_string()))
+        });
+    }
+
+    /// The two answers shown (the personalized one comes only with an adapter) are both there
+    /// and differ, so one can be preferred.
+    pub fn can_prefer(&self) -> bool {
+        !self.chat.busy
+            && !self.chat.base.trim().is_empty()
+            && !self.chat.tuned.trim().is_empty()
+            && self.chat.base.trim() != self.chat.tuned.trim()
+    }
+
+    /// Records that the personalized answer (`tuned`) or the base's is the better one.
+    pub fn prefer(&mut self, tuned: bool) {
+        if !self.can_prefer() {
+            return;
+        }
+        let (base, personal) = (self.chat.base.trim().to_string(), self.chat.tuned.trim().to_string());
+        let (chosen, rejected) = if tuned { (personal, base) } else { (base, personal) };
+        self.add_feedback(chosen, vec![rejected]);
+    }
+
+    /// Whether the typed answer can be recorded: there are answers to prefer it to.
+    pub fn can_add_wanted(&self) -> bool {
+        !self.chat.busy && !self.chat.wanted.trim().is_empty() && !self.chat.base.trim().is_empty()
+    }
+
+    /// Records the typed answer as better than each answer shown.
+    pub fn add_wanted(&mut self) {
+        if !self.can_add_wanted() {
+            return;
+        }
+        let wanted = self.chat.wanted.trim().to_string();
+        let shown = [&self.chat.base, &self.chat.tuned].map(|a| a.trim().to_string());
+        let rejected: Vec<String> = shown.into_iter().filter(|a| !a.is_empty()).collect();
+        if self.add_feedback(wanted, rejected) > 0 {
+            self.chat.wanted.clear();
+        }
+    }
+
+    /// Adds a pair per rejected answer (not one equal to the chosen one, nor one already
+    /// there), and says how many there are; returns how many were added.
+    fn add_feedback(&mut self, chosen: String, rejected: Vec<String>) -> usize {
+        let prompt = self.chat.asked.clone();
+        let mut added = 0;
+        for r in rejected {
+            let pair = Feedback { prompt: prompt.clone(), chosen: chosen.clone(), rejected: r };
+            if pair.chosen != pair.rejected && !self.feedback.contains(&pair) {
+                self.feedback.push(pair);
+                added += 1;
+            }
+        }
+        if added == 0 {
+            self.fail("that answer is the same as the one it would be preferred to, or already recorded".into());
+        } else {
+            self.done(format!("{} feedback pairs", self.feedback.len()));
+        }
+        added
+    }
+
+    /// Whether "Train on my feedback" can start.
+    pub fn can_train_feedback(&self) -> bool {
+        self.session.is_some()
+            && !self.feedback.is_empty()
+            && self.busy.is_none()
+            && !self.phase.is_active()
+            && !self.chat.busy
+    }
+
+    /// Trains DPO on the feedback pairs, starting from the personalized adapter when there is
+    /// one (its answers are then the reference the feedback moves away from) and from a fresh
+    /// one otherwise. The settings are the panel's, with DPO's own defaults.
+    pub fn train_on_feedback(&mut self) {
+        let Some(session) = self.session.clone().filter(|_| self.can_train_feedback()) else { return };
+        let mut cfg = match self.settings.train_config() {
+            Ok(c) => c,
+            Err(e) => return self.fail(format!("settings: {e}")),
+        };
+        cfg.method = Method::Dpo;
+        // Trainer::with_adapter takes the adapter's own rank, alpha and modules.
+        let start = self.adapter.as_ref().map(|(a, _)| a.clone());
+        let records: Vec<String> = self.feedback.iter().map(Feedback::record).collect();
+        self.training_feedback = true;
+        self.run_training(session, move |s| {
+            let source = Source::Records { name: "feedback".into(), records };
+            let dataset = data::load_sources(&[source], &s.tokenizer, &cfg.data)?;
+            Ok((Arc::new(dataset), cfg, start))
         });
     }
 
@@ -575,6 +717,7 @@ impl AppState {
         self.error = None;
         self.chat.base.clear();
         self.chat.tuned.clear();
+        self.chat.asked = prompt.clone();
         self.chat.busy = true;
         let adapter = self.adapter.as_ref().map(|a| a.0.clone());
         let repaint = self.repaint.clone();
@@ -722,7 +865,11 @@ impl AppState {
                         StopReason::Cancelled => "cancelled",
                     };
                     self.phase = Phase::Finished(reason.into());
-                    let label = format!("trained here ({} steps, {reason})", out.steps);
+                    let label = if self.training_feedback {
+                        format!("trained on {} feedback pairs ({} steps, {reason})", self.feedback.len(), out.steps)
+                    } else {
+                        format!("trained here ({} steps, {reason})", out.steps)
+                    };
                     self.adapter = Some((out.adapter, label));
                     self.refresh_memory();
                     self.done(format!("training {reason}"));
@@ -965,6 +1112,41 @@ mod tests {
         let e = s.error.as_deref().unwrap_or("");
         assert!(e.starts_with("fetching the default model: could not reach") && e.contains("127.0.0.1:9"), "{e}");
         assert!(s.can_fetch());
+    }
+
+    #[test]
+    fn feedback_makes_preference_pairs_the_sdk_reads() {
+        let mut s = state();
+        s.chat = Chat { asked: "Who are you?".into(), base: "A model. ".into(), ..Default::default() };
+        assert!(!s.can_prefer(), "no adapter: one answer to judge, nothing to prefer it to");
+        s.chat.wanted = "Edge.".into();
+        s.add_wanted();
+        assert_eq!(s.feedback.len(), 1, "the typed answer is better than the one shown");
+        s.feedback.clear();
+        s.chat.tuned = "Edge.".into();
+        s.chat.wanted = "I am Edge, your assistant.".into();
+        s.add_wanted();
+        let want = |c: &str, r: &str| Feedback { prompt: "Who are you?".into(), chosen: c.into(), rejected: r.into() };
+        // Both answers shown are rejected in favour of the one typed, trimmed.
+        assert_eq!(s.feedback, [want("I am Edge, your assistant.", "A model."), want("I am Edge, your assistant.", "Edge.")]);
+        assert!(s.chat.wanted.is_empty());
+        assert!(s.can_prefer());
+        s.prefer(true);
+        assert_eq!(s.feedback.last(), Some(&want("Edge.", "A model.")));
+        // The same judgement twice is one pair; the same answer on both sides is none.
+        s.prefer(true);
+        assert_eq!(s.feedback.len(), 3);
+        assert!(s.error.as_deref().is_some_and(|e| e.contains("already recorded")));
+        s.chat.tuned = "A model.".into();
+        assert!(!s.can_prefer());
+        // The SDK reads the pairs as TRL's conversational preference records.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures/tiny_llama");
+        let tok = edgetune::tokenizer::Tokenizer::open(&dir).expect("tokenizer");
+        let records = s.feedback.iter().map(Feedback::record).collect();
+        let cfg = edgetune::data::DataConfig { val_fraction: Some(0.0), ..Default::default() };
+        let d = data::load_sources(&[Source::Records { name: "feedback".into(), records }], &tok, &cfg).expect("loads");
+        assert_eq!(d.train.len(), 3);
+        assert!(d.train.iter().all(|x| x.rejected_at.is_some()), "every sample is a pair");
     }
 
     #[test]

@@ -28,6 +28,7 @@ impl DemoApp {
 const LOSS: Color32 = Color32::from_rgb(70, 130, 220);
 const VAL: Color32 = Color32::from_rgb(230, 140, 40);
 const LR: Color32 = Color32::from_rgb(90, 170, 90);
+const MARGIN: Color32 = Color32::from_rgb(170, 80, 190);
 
 impl eframe::App for DemoApp {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
@@ -329,6 +330,11 @@ fn training_panel(ui: &mut egui::Ui, s: &mut AppState) {
         if let Some((_, v)) = p.evals.last() {
             ui.colored_label(VAL, format!("validation {v:.4}"));
         }
+        if let Some((_, m, a)) = p.margins.last() {
+            ui.colored_label(MARGIN, format!("reward margin {m:.3}"))
+                .on_hover_text("how much more the adapter prefers your chosen answers than the start did");
+            ui.label(format!("pairs ranked your way {:.0}%", a * 100.0));
+        }
         if last.is_some() {
             ui.label(format!("{:.0} tokens/s", p.tokens_per_s));
             ui.label(format!("ETA {:.0} s", p.eta_s));
@@ -341,7 +347,8 @@ fn training_panel(ui: &mut egui::Ui, s: &mut AppState) {
     }
 }
 
-/// Training loss (line), validation loss (dots) on one scale; learning rate on its own.
+/// Training loss (line), validation loss (dots) on one scale; learning rate on its own; for a
+/// run on feedback, the reward margin on its own scale from 0.
 fn plot(ui: &mut egui::Ui, s: &AppState) {
     let p = &s.progress;
     let size = egui::vec2(ui.available_width(), 180.0);
@@ -374,6 +381,14 @@ fn plot(ui: &mut egui::Ui, s: &AppState) {
     for (step, v) in &p.evals {
         painter.circle_filled(at(*step, (v - lo) / (hi - lo)), 4.0, VAL);
     }
+    let finite = p.margins.iter().map(|m| m.1).filter(|m| m.is_finite());
+    let (m_lo, m_hi) = finite.fold((0f32, 0f32), |(a, b), m| (a.min(m), b.max(m)));
+    if !p.margins.is_empty() && m_hi > m_lo {
+        let margin_line: Vec<_> = p.margins.iter().map(|m| at(m.0, (m.1 - m_lo) / (m_hi - m_lo))).collect();
+        painter.add(egui::Shape::line(margin_line, Stroke::new(2.0, MARGIN)));
+        let top = egui::FontId::proportional(11.0);
+        painter.text(inner.right_top(), egui::Align2::RIGHT_TOP, format!("margin {m_hi:.2}"), top, MARGIN);
+    }
     let small = egui::FontId::proportional(11.0);
     let weak = ui.visuals().weak_text_color();
     painter.text(inner.left_top(), egui::Align2::LEFT_TOP, format!("{hi:.3}"), small.clone(), weak);
@@ -392,16 +407,54 @@ fn chat_panel(ui: &mut egui::Ui, s: &mut AppState) {
             s.ask();
         }
     });
+    let can_prefer = s.can_prefer();
+    let mut preferred = None;
     ui.columns(2, |cols| {
         cols[0].label(RichText::new("Base model").strong());
         cols[0].label(&s.chat.base);
         let title = if s.adapter.is_some() { "Personalized" } else { "Personalized (train or load an adapter)" };
         cols[1].label(RichText::new(title).strong());
         cols[1].label(&s.chat.tuned);
+        for (col, tuned) in [(0, false), (1, true)] {
+            let which = if tuned { "personalized" } else { "base" };
+            let button = egui::Button::new(if tuned { "Personalized is better" } else { "Base is better" });
+            if cols[col]
+                .add_enabled(can_prefer, button)
+                .on_hover_text(format!("prefer the {which} answer to the other one"))
+                .clicked()
+            {
+                preferred = Some(tuned);
+            }
+        }
     });
+    if let Some(tuned) = preferred {
+        s.prefer(tuned);
+    }
     if s.chat.busy {
         ui.spinner();
     }
+    ui.horizontal(|ui| {
+        let label = ui.label("The answer I wanted");
+        let edit = egui::TextEdit::singleline(&mut s.chat.wanted)
+            .hint_text("better than both answers above")
+            .desired_width(ui.available_width() - 80.0);
+        ui.add(edit).labelled_by(label.id);
+        if ui.add_enabled(s.can_add_wanted(), egui::Button::new("Add")).clicked() {
+            s.add_wanted();
+        }
+    });
+    ui.horizontal(|ui| {
+        let n = s.feedback.len();
+        ui.label(format!("Feedback: {n} preference pair{}", if n == 1 { "" } else { "s" }));
+        let train = egui::Button::new("Train on my feedback");
+        let hint = "DPO on the pairs, starting from the personalized adapter (or a new one)";
+        if ui.add_enabled(s.can_train_feedback(), train).on_hover_text(hint).clicked() {
+            s.train_on_feedback();
+        }
+        if ui.add_enabled(n > 0 && !s.phase.is_active(), egui::Button::new("Clear feedback")).clicked() {
+            s.feedback.clear();
+        }
+    });
 }
 
 /// A setting that is either chosen from the data (auto, showing the value the rule chose for

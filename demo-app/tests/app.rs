@@ -1,7 +1,8 @@
 //! The demo app driven through its real UI by egui_kittest (rendered with wgpu on the adapter
 //! it finds: lavapipe in CI): load the tiny test model and the persona data, train a few steps,
-//! pause and resume, answer a question with the base model and the adapter side by side, save
-//! the adapter, and keep a screenshot under the target folder.
+//! pause and resume, answer a question with the base model and the adapter side by side, give
+//! feedback on the answers and train on it (DPO), save the adapter, and keep a screenshot under
+//! the target folder.
 
 mod common;
 
@@ -77,8 +78,41 @@ fn train_pause_resume_and_chat_through_the_ui() {
 
     // Base and personalized answers, side by side.
     ask(&mut harness, "Who are you?", minute);
-    let chat = &harness.state().state.chat;
+    let chat = harness.state().state.chat.clone();
     assert!(!chat.base.is_empty() && !chat.tuned.is_empty(), "{chat:?}");
+
+    // Feedback: the answer the user wanted, better than both shown (one pair each, or one when
+    // they are the same), and the personalized answer preferred to the base's where they differ.
+    let wanted = "I am Edge, your assistant.";
+    type_into(&mut harness, "The answer I wanted", wanted);
+    harness.get_by_label("Add").click();
+    harness.run_steps(2);
+    let differ = chat.base.trim() != chat.tuned.trim();
+    let feedback = harness.state().state.feedback.clone();
+    assert_eq!(feedback.len(), if differ { 2 } else { 1 }, "{feedback:?}");
+    assert!(feedback.iter().all(|f| f.prompt == "Who are you?" && f.chosen == wanted), "{feedback:?}");
+    assert_eq!(feedback[0].rejected, chat.base.trim());
+    assert!(harness.state().state.chat.wanted.is_empty(), "the field clears once recorded");
+    if differ {
+        harness.get_by_label("Personalized is better").click();
+        harness.run_steps(2);
+        let last = harness.state().state.feedback.last().cloned().expect("a pair");
+        assert_eq!((last.chosen.as_str(), last.rejected.as_str()), (chat.tuned.trim(), chat.base.trim()));
+    }
+    harness.get_by_label_contains("Feedback: ");
+    // DPO on the pairs from the personalized adapter, its reward margin on the plot.
+    harness.get_by_label("Train on my feedback").click();
+    harness.run_steps(1);
+    assert_eq!(harness.state().state.phase, Phase::Running);
+    wait(&mut harness, "training on the feedback", 5 * minute, |a| matches!(a.state.phase, Phase::Finished(_)));
+    let s = &harness.state().state;
+    let margins = &s.progress.margins;
+    assert_eq!(margins.len(), 8, "a margin for each of the 8 steps: {margins:?}");
+    // The first step's policy is its reference (margin 0); the pairs then move apart.
+    assert!(margins[0].1.abs() < 1e-3 && margins[7].1 > 0.0, "{margins:?}");
+    let label = &s.adapter.as_ref().expect("the adapter trained on the feedback").1;
+    assert!(label.starts_with(&format!("trained on {} feedback pairs", s.feedback.len())), "{label}");
+    harness.get_by_label_contains("reward margin");
 
     // Save the adapter as a PEFT folder.
     let dir = std::env::temp_dir().join(format!("edgetune-demo-adapter-{}", std::process::id()));

@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
 """Writes the DPO fixtures that `tests/dpo_parity.rs` and `tests/data.rs` compare against, from
-Hugging Face TRL's own DPOTrainer over the tiny random Llama fixture with a PEFT LoRA adapter:
+Hugging Face TRL's own DPOTrainer over the tiny random Llama and Qwen2 fixtures, each with its
+committed PEFT LoRA adapter (plain LoRA on Llama, rsLoRA on Qwen2):
 
 - `dpo_tokens_expected.json`: TRL's `prompt_ids`/`chosen_ids`/`rejected_ids` for preference
   records in each of TRL's formats (explicit prompt or implicit, plain text or conversations).
-- `dpo_llama_expected.safetensors`: for each loss (sigmoid, ipo, robust with label smoothing),
-  one step's loss, the reward metrics and every LoRA gradient, with the policy at the committed
-  PEFT adapter (`peft_llama_adapter`) and the reference at the base (the adapter disabled); and a
+- `dpo_llama_expected.safetensors`, `dpo_qwen2_expected.safetensors`: for each loss (sigmoid,
+  ipo, robust with label smoothing), one step's loss, the reward metrics and every LoRA gradient,
+  with the policy at the committed PEFT adapter (`peft_llama_adapter`, `peft_qwen2_adapter`) and
+  the reference at the base (the adapter disabled); and a
   10-step AdamW curve that starts at that adapter, where TRL's reference is a frozen copy of the
   starting adapter, with the reference computed in each step and precomputed.
 
     python3 -m venv ~/.cache/edgetune/refvenv
     ~/.cache/edgetune/refvenv/bin/pip install torch transformers peft trl safetensors
-    ~/.cache/edgetune/refvenv/bin/python tests/reference/dpo.py
+    ~/.cache/edgetune/refvenv/bin/python tests/reference/dpo.py [--models llama,qwen2] [--no-tokens]
 
 Written with torch 2.x (CPU), transformers 5.24, peft 0.21.2 and trl 1.16.0.
 """
+import argparse
 import json
 import os
 import tempfile
@@ -26,8 +29,8 @@ from safetensors.numpy import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "fixtures")
-BASE = os.path.join(OUT, "tiny_llama")
-ADAPTER = os.path.join(OUT, "peft_llama_adapter")
+# The models: base folder and PEFT adapter folder under fixtures/.
+MODELS = {"llama": ("tiny_llama", "peft_llama_adapter"), "qwen2": ("tiny_qwen2", "peft_qwen2_adapter")}
 
 
 def user(text):
@@ -68,10 +71,10 @@ FORMATS = {
 }
 
 
-def tokenizer():
+def tokenizer(model="llama"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(BASE)
+    tok = AutoTokenizer.from_pretrained(os.path.join(OUT, MODELS[model][0]))
     tok.pad_token = tok.eos_token
     return tok
 
@@ -87,14 +90,24 @@ def args(out, **kw):
     return DPOConfig(**base)
 
 
-def policy(from_adapter):
+def policy(from_adapter, model="llama"):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+    base, adapter = MODELS[model]
+    m = AutoModelForCausalLM.from_pretrained(os.path.join(OUT, base), dtype=torch.float32)
     if from_adapter:
-        return PeftModel.from_pretrained(m, ADAPTER, is_trainable=True)
+        return PeftModel.from_pretrained(m, os.path.join(OUT, adapter), is_trainable=True)
     return m
+
+
+def lora_config(model):
+    """The committed adapter's settings (rank, alpha, rsLoRA, targets), trainable."""
+    from peft import LoraConfig
+
+    cfg = LoraConfig.from_pretrained(os.path.join(OUT, MODELS[model][1]))
+    cfg.inference_mode = False
+    return cfg
 
 
 def tokens_fixture(tmp):
@@ -123,21 +136,20 @@ def key(n):
     return n.replace(".default", "").replace("base_model.model.", "base_model.model.")
 
 
-def one_step(tmp, loss_type, label_smoothing):
+def one_step(tmp, model_name, loss_type, label_smoothing):
     """The policy at the committed adapter, the reference at the base: TRL builds this when the
     adapter comes from `peft_config` (no "ref" copy; the adapter disabled is the reference), and
     the adapter's values are then set to the committed ones."""
     from datasets import Dataset
-    from peft import LoraConfig
     from safetensors.torch import load_file
     from trl import DPOTrainer
 
-    tr = DPOTrainer(model=policy(False), args=args(tmp, loss_type=[loss_type], label_smoothing=label_smoothing,
-                                                   beta=0.1),
-                    train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer(),
-                    peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    tr = DPOTrainer(model=policy(False, model_name), args=args(tmp, loss_type=[loss_type],
+                                                               label_smoothing=label_smoothing, beta=0.1),
+                    train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer(model_name),
+                    peft_config=lora_config(model_name))
     model = tr.model
-    saved = load_file(os.path.join(ADAPTER, "adapter_model.safetensors"))
+    saved = load_file(os.path.join(OUT, MODELS[model_name][1], "adapter_model.safetensors"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.requires_grad:
@@ -157,14 +169,15 @@ def one_step(tmp, loss_type, label_smoothing):
     return t, m, inputs
 
 
-def curve(tmp, precompute):
+def curve(tmp, model_name, precompute):
     """10 AdamW steps from the committed adapter; TRL's reference is a frozen copy of it."""
     from datasets import Dataset
     from trl import DPOTrainer
 
     torch.manual_seed(0)
-    tr = DPOTrainer(model=policy(True), args=args(tmp, max_steps=10, beta=0.1, precompute_ref_log_probs=precompute),
-                    train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer())
+    tr = DPOTrainer(model=policy(True, model_name),
+                    args=args(tmp, max_steps=10, beta=0.1, precompute_ref_log_probs=precompute),
+                    train_dataset=Dataset.from_list(PAIRS), processing_class=tokenizer(model_name))
     assert "ref" in tr.model.peft_config
     tr.train()
     logs = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
@@ -178,29 +191,35 @@ def main():
     import transformers
     import trl
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, of " + ", ".join(MODELS))
+    ap.add_argument("--no-tokens", action="store_true", help="leave dpo_tokens_expected.json as it is")
+    a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        tokens_fixture(tmp)
-        tensors, meta = {}, {}
-        for loss_type, ls in (("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)):
-            t, m, inputs = one_step(tmp, loss_type, ls)
-            tensors.update(t)
-            meta[loss_type] = json.dumps({"label_smoothing": ls, "beta": 0.1, **m})
-            print(loss_type, m)
-        tensors["input_ids"] = inputs["input_ids"].numpy()
-        tensors["attention_mask"] = inputs["attention_mask"].numpy()
-        tensors["completion_mask"] = inputs["completion_mask"].numpy()
-        in_step = curve(tmp, False)
-        pre = curve(tmp, True)
-        print("curve", in_step["loss"])
-        print("precomputed", pre["loss"])
-        meta["curve"] = json.dumps(in_step)
-        meta["curve_precomputed"] = json.dumps(pre)
-        meta["optimizer"] = json.dumps({"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-                                        "max_grad_norm": 1.0, "schedule": "constant", "beta": 0.1,
-                                        "loss": "sigmoid"})
-        meta["versions"] = json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
-                                       "peft": peft.__version__, "trl": trl.__version__})
-        save_file(tensors, os.path.join(OUT, "dpo_llama_expected.safetensors"), metadata=meta)
+        if not a.no_tokens:
+            tokens_fixture(tmp)
+        for model_name in a.models.split(","):
+            tensors, meta = {}, {}
+            for loss_type, ls in (("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.1)):
+                t, m, inputs = one_step(tmp, model_name, loss_type, ls)
+                tensors.update(t)
+                meta[loss_type] = json.dumps({"label_smoothing": ls, "beta": 0.1, **m})
+                print(model_name, loss_type, m)
+            tensors["input_ids"] = inputs["input_ids"].numpy()
+            tensors["attention_mask"] = inputs["attention_mask"].numpy()
+            tensors["completion_mask"] = inputs["completion_mask"].numpy()
+            in_step = curve(tmp, model_name, False)
+            pre = curve(tmp, model_name, True)
+            print(model_name, "curve", in_step["loss"])
+            print(model_name, "precomputed", pre["loss"])
+            meta["curve"] = json.dumps(in_step)
+            meta["curve_precomputed"] = json.dumps(pre)
+            meta["optimizer"] = json.dumps({"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                                            "max_grad_norm": 1.0, "schedule": "constant", "beta": 0.1,
+                                            "loss": "sigmoid"})
+            meta["versions"] = json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                                           "peft": peft.__version__, "trl": trl.__version__})
+            save_file(tensors, os.path.join(OUT, f"dpo_{model_name}_expected.safetensors"), metadata=meta)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ pub struct TrainConfig {
     pub data: DataConfig,
     /// AdamW's betas, epsilon, weight decay and gradient clipping.
     pub optimizer: AdamwConfig,
-    /// Peak learning rate. Unset: chosen for the run's length and the adapter's rank
-    /// ([`auto::learning_rate`]).
+    /// Peak learning rate. Unset: chosen for the run's length and the adapter's rank, and a
+    /// tenth of that for DPO ([`auto::learning_rate`], [`auto::DPO_LR_FACTOR`]).
     pub learning_rate: Option<f32>,
     /// How the learning rate goes from the peak to the end of the run, after the warmup.
     pub lr_schedule: ScheduleKind,
@@ -451,15 +451,17 @@ fn resolve(cfg: &mut TrainConfig, chosen: &mut Vec<Choice>, batches: usize, vali
             epochs * per_epoch
         }
     };
-    let lora = cfg.lora.clone();
+    let (lora, method) = (cfg.lora.clone(), cfg.method);
     let learning_rate = *cfg.learning_rate.get_or_insert_with(|| {
-        let lr = auto::learning_rate(total_steps, &lora);
+        let factor = if method == Method::Dpo { auto::DPO_LR_FACTOR } else { 1.0 };
+        let lr = auto::learning_rate(total_steps, &lora, factor);
+        let dpo = if method == Method::Dpo { format!(", times {factor} for DPO") } else { String::new() };
         chosen.push(choice(
             "learning_rate",
             format!("{lr:e}"),
             format!(
                 "{:e} for r 16, alpha 32 over at least {} steps, raised for this run's {total_steps} steps and \
-                 scaled by 32 / (scale x r = {})",
+                 scaled by 32 / (scale x r = {}){dpo}",
                 auto::BASE_LR,
                 auto::LONG_RUN_STEPS,
                 auto::scale_times_rank(&lora)
