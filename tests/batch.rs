@@ -205,3 +205,47 @@ fn bad_jobs_are_recorded_with_their_line_and_the_rest_run() {
     let empty = batch(&dir.join("empty.jsonl"), &dir.join("out3"), &dir).output().expect("runs");
     assert!(text(&empty.stderr).contains("holds no jobs"), "{}", text(&empty.stderr));
 }
+
+/// DPO jobs (`"method": "dpo"`) train preference pairs beside supervised jobs in one batch, with
+/// the rewards in their step events; a job whose method does not fit its data fails, naming why.
+#[test]
+fn dpo_jobs_train_preference_pairs_beside_supervised_ones() {
+    let dir = work_dir("dpo");
+    std::fs::write(dir.join("base.toml"), BASE).expect("write");
+    let (persona, pairs) = (persona().display().to_string(), feedback().display().to_string());
+    let jobs = dir.join("jobs.jsonl");
+    let lines_in = [
+        format!("{{\"user\": \"alice\", \"data\": {persona:?}, \"config\": {{\"max_steps\": 2}}}}"),
+        format!("{{\"user\": \"dora\", \"data\": {pairs:?}, \"config\": {{\"method\": \"dpo\", \"max_steps\": 4, \"batch_tokens\": 512}}}}"),
+        format!("{{\"user\": \"ed\", \"data\": {persona:?}, \"config\": {{\"method\": \"dpo\", \"max_steps\": 1}}}}"),
+        format!("{{\"user\": \"fay\", \"data\": {pairs:?}, \"config\": {{\"max_steps\": 1}}}}"),
+    ];
+    // A pair packs both its sequences into one unit (up to 2 x max_len tokens), so dora's steps
+    // are larger than the supervised jobs'.
+    std::fs::write(&jobs, lines_in.join("\n")).expect("write");
+    let out = dir.join("out");
+    let run: Output = batch(&jobs, &out, &dir).output().expect("runs");
+    let events = lines(&text(&run.stdout));
+    assert_eq!(finished(&events, "alice")["status"], "done");
+    let dora = finished(&events, "dora");
+    assert_eq!((dora["status"].as_str(), dora["steps"].as_u64()), (Some("done"), Some(4)), "{dora}");
+    assert!(out.join("dora/adapter/adapter_model.safetensors").exists());
+    let steps: Vec<&Value> = events.iter().filter(|e| e["job"] == "dora" && e["event"] == "step").collect();
+    assert_eq!(steps.len(), 4);
+    for s in &steps {
+        let r = &s["rewards"];
+        let (c, j, m) = (r["chosen"].as_f64(), r["rejected"].as_f64(), r["margins"].as_f64());
+        assert!(c.is_some() && j.is_some() && m.is_some(), "a DPO step reports its rewards: {s}");
+    }
+    // The supervised job's steps carry none.
+    assert!(events.iter().filter(|e| e["job"] == "alice" && e["event"] == "step").all(|e| e["rewards"].is_null()));
+    let ed = finished(&events, "ed")["error"].as_str().unwrap_or("").to_string();
+    assert!(ed.contains("DPO trains on preference pairs") && ed.contains("train.jsonl"), "{ed}");
+    let fay = finished(&events, "fay")["error"].as_str().unwrap_or("").to_string();
+    assert!(fay.contains("preference pairs") && fay.contains("method = \"dpo\""), "{fay}");
+    assert!(!run.status.success(), "two jobs failed");
+}
+
+fn feedback() -> PathBuf {
+    common::fixtures().join("../../../sdk/data/feedback/train.jsonl")
+}

@@ -237,3 +237,61 @@ fn the_defaults_teach_a_handful_of_facts_that_paraphrased_questions_recall() {
     eprintln!("paraphrased answers: loss {base:.4} -> {tuned:.4} over {scored} tokens; greedy recall {recalled} of 6");
     assert!(tuned < base / 4.0, "the paraphrased answers' loss fell only from {base} to {tuned}");
 }
+
+/// DPO with the defaults on the feedback set in `sdk/data/feedback` (24 pairs preferring a
+/// one-word answer to a padded one; 8 more held out): the held-out pairs, level at the start
+/// (the policy is its own reference), end ranked the user's way, and the greedy answers to
+/// their prompts get shorter and closer to the chosen answers (ROUGE-L against them).
+#[test]
+fn dpo_with_the_defaults_ranks_held_out_pairs_and_shortens_the_answers() {
+    use edgetune::data::{self, DataConfig};
+    use edgetune::train::{Event, Method, TrainConfig, Trainer};
+    const STEPS: u64 = 8;
+    let feedback = common::fixtures().join("../../../sdk/data/feedback");
+    let held_out = feedback.join("held_out.jsonl");
+    let load = LoadOptions { max_context: 256, ..Default::default() };
+    let mut session = Session::open_with(ctx(), &model_path(), &load).expect("model");
+    let data_cfg = DataConfig { val_data: Some(held_out.clone()), ..Default::default() };
+    let data = data::load(&feedback.join("train.jsonl"), &session.tokenizer, &data_cfg).expect("pairs");
+    assert_eq!((data.train.len(), data.val.len()), (24, 8));
+    let cfg = TrainConfig { method: Method::Dpo, max_steps: Some(STEPS), data: data_cfg, ..Default::default() };
+    let started = std::time::Instant::now();
+    let mut trainer = Trainer::new(session.model.clone(), &data, cfg).expect("trainer");
+    for c in trainer.chosen() {
+        eprintln!("chosen: {c}");
+    }
+    let mut evals = Vec::new();
+    let out = trainer
+        .run(|e| {
+            if let Event::Eval { step, val_loss, rewards: Some(r), .. } = e {
+                eprintln!("eval at {step}: DPO loss {val_loss:.4}, margin {:.3}, accuracy {:.3}", r.margins, r.accuracies);
+                evals.push(*r);
+            }
+        })
+        .expect("training");
+    eprintln!("{} steps in {:.0} s", out.steps, started.elapsed().as_secs_f64());
+    let last = evals.last().expect("an evaluation at the end");
+    // Accuracy counts pairs whose chosen reward is strictly the higher: 0 at the start.
+    assert!(last.accuracies >= 0.75 && last.margins > 0.0, "held-out pairs: {last:?}");
+
+    session.set_adapter(Some(&out.adapter)).expect("adapter");
+    let mut read = 0;
+    let (records, bad) = data::formats::read(&held_out, data::formats::Format::Auto, &mut read).expect("read");
+    assert!(bad.is_empty());
+    let opts = GenerateOptions { max_new_tokens: 48, ..Default::default() };
+    let report = session.score_answers(&records, None, &opts, |_, _| {}).expect("scores");
+    let words = |f: &dyn Fn(&edgetune::session::ScoredAnswer) -> &str| {
+        report.answers.iter().map(|a| f(a).split_whitespace().count()).sum::<usize>() as f64 / report.answers.len() as f64
+    };
+    let (base_words, tuned_words) = (words(&|a| &a.base), words(&|a| a.adapter.as_deref().unwrap_or("")));
+    let tuned = report.adapter.expect("adapter scores");
+    for a in &report.answers {
+        eprintln!("{} -> {:?} (base {:?})", a.question, a.adapter, a.base);
+    }
+    eprintln!(
+        "mean words {base_words:.1} -> {tuned_words:.1}; ROUGE-L {:.3} -> {:.3}, F1 {:.3} -> {:.3}",
+        report.base.rouge_l, tuned.rouge_l, report.base.f1, tuned.f1
+    );
+    assert!(tuned_words > 0.0 && tuned_words < base_words / 2.0, "answers {base_words} -> {tuned_words} words");
+    assert!(tuned.rouge_l > report.base.rouge_l, "ROUGE-L {} -> {}", report.base.rouge_l, tuned.rouge_l);
+}

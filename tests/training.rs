@@ -1029,3 +1029,71 @@ fn the_method_must_fit_the_data() {
     let e = Trainer::new(m, &preference_dataset(0.0), bad).expect_err("bad DPO settings").to_string();
     assert!(e.contains("dpo: beta must be") && e.contains("applies to loss = \"robust\""), "{e}");
 }
+
+/// Answers scored at the evaluation points are those of the adapter as it is then: with the
+/// final adapter's own answers as the references, the last evaluation scores 1 on every count,
+/// the first (an earlier adapter) and the base model less, as `Session::score_answers` has them;
+/// scoring does not disturb training. A run without validation samples has no evaluation points
+/// to score at.
+#[test]
+fn answers_scored_at_evaluations_are_those_of_the_adapter_then() {
+    use edgetune::Session;
+    use edgetune::data::formats::{Record, Sourced};
+    use edgetune::infer::GenerateOptions;
+    use edgetune::tokenizer::Message;
+    use edgetune::train::AnswerEval;
+
+    let ctx = ctx();
+    let path = fixtures().join("tiny_llama");
+    let mut session = Session::open_with(ctx, &path, &LoadOptions::default()).expect("session");
+    let cfg = TrainConfig { max_steps: Some(10), eval_every: 5, keep_best: Some(false), ..config() };
+    let data = dataset("llama", 0.25);
+    let plain = Trainer::new(session.model.clone(), &data, cfg.clone()).expect("trainer").run(|_| {}).expect("runs");
+    // The references: the final adapter's own greedy answers.
+    let opts = GenerateOptions { max_new_tokens: 8, ..Default::default() };
+    session.set_adapter(Some(&plain.adapter)).expect("adapter");
+    let records: Vec<Sourced> = FACTS[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, (q, _))| {
+            let prompt = vec![Message::new("user", *q)];
+            let answer = session.chat(&prompt, &opts, |_| true).expect("answer").text;
+            let record = Record::Chat(vec![Message::new("user", *q), Message::new("assistant", answer)]);
+            Sourced { record, file: PathBuf::from("held-out"), line: i + 1 }
+        })
+        .collect();
+    let eval = AnswerEval {
+        tokenizer: Arc::new(Tokenizer::open(&path).expect("tokenizer")),
+        exchanges: data::exchanges(&records, None).expect("exchanges"),
+        opts: opts.clone(),
+    };
+    let mut trainer = Trainer::new(session.model.clone(), &data, cfg.clone()).expect("trainer");
+    trainer.score_answers_at_evals(eval.clone()).expect("scored answers");
+    let mut seen = Vec::new();
+    let out = trainer
+        .run(|e| {
+            if let Event::Eval { step, answers, .. } = e {
+                seen.push((*step, answers.expect("every evaluation scores the answers")));
+            }
+        })
+        .expect("runs");
+    assert_eq!(out.adapter.params, plain.adapter.params, "scoring answers does not disturb training");
+    let report = session.score_answers(&records, None, &opts, |_, _| {}).expect("scores");
+    for a in &report.answers {
+        eprintln!("{}: base {:?}, adapter {:?}", a.question, a.base, a.adapter);
+    }
+    eprintln!("{seen:?}");
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [5, 10]);
+    // Exact match and F1 of an answer against itself are 1 (ROUGE-L, as rouge-score, is 0 for
+    // an empty answer, which the tiny model may give).
+    let last = seen[1].1.adapter;
+    assert_eq!(Some(last), report.adapter, "the last evaluation scores the final adapter");
+    assert_eq!((last.exact, last.f1), (1.0, 1.0), "{seen:?}");
+    assert!(seen.iter().all(|(_, a)| a.base == report.base), "the base's scores: {seen:?} vs {:?}", report.base);
+    assert!(report.base.exact < 1.0 && seen[0].1.adapter.exact < 1.0, "earlier answers differ: {seen:?}");
+
+    // No validation samples, no evaluation points: an error that says what to give.
+    let mut none = Trainer::new(session.model.clone(), &dataset("llama", 0.0), cfg).expect("trainer");
+    let e = none.score_answers_at_evals(eval).expect_err("no validation").to_string();
+    assert!(e.contains("no validation samples") && e.contains("val_data"), "{e}");
+}

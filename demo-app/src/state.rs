@@ -1002,6 +1002,7 @@ mod tests {
             best_val_loss: 1.5,
             improved: true,
             rewards: None,
+            answers: None,
         });
         p.apply(&Event::Warning { step: 2, message: "skipped".into() });
         assert_eq!(p.steps, vec![(1, 2.0, 1e-3), (2, 1.0, 1e-3)]);

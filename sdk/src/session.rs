@@ -167,12 +167,7 @@ impl Session {
         opts: &GenerateOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Generated> {
-        if messages.is_empty() {
-            return Err(Error::invalid("messages", "are empty"));
-        }
-        let text = self.tokenizer.apply_chat_template(messages, true)?;
-        let ids = self.tokenizer.encode(&text)?;
-        infer::generate(&self.model, lora, &self.tokenizer, &ids, opts, on_text)
+        infer::chat(&self.model, lora, &self.tokenizer, messages, opts, on_text)
     }
 
     /// Mean next-token loss of a text (and so its perplexity, `exp(loss)`).
@@ -257,43 +252,19 @@ impl Session {
         mut progress: impl FnMut(usize, usize),
     ) -> Result<AnswerReport> {
         opts.validate()?;
-        let mut exchanges = Vec::with_capacity(records.len());
-        for r in records {
-            use crate::data::formats::{Preference, Record};
-            let at = |what: &str| Error::format(&r.file, format!("line {}: {what}", r.line));
-            // A preference pair's reference is its chosen answer.
-            let joined;
-            let msgs = match &r.record {
-                Record::Chat(msgs) => msgs,
-                Record::Preference(Preference::Chat { prompt, chosen, .. }) => {
-                    joined = prompt.iter().chain(chosen).cloned().collect::<Vec<_>>();
-                    &joined
-                }
-                Record::Text(_) | Record::Preference(Preference::Text { .. }) => {
-                    return Err(at("a plain text has no reference answer; scoring answers needs conversations"));
-                }
-            };
-            let (last, before) = msgs.split_last().ok_or_else(|| at("the conversation is empty"))?;
-            if last.role != "assistant" || !before.iter().any(|m| m.role == "user") {
-                return Err(at("the last message must be the assistant's reference answer, after a user message"));
-            }
-            let prompt = crate::data::with_system(before, system).into_owned();
-            exchanges.push((r, prompt, last.content.clone()));
-        }
-        if exchanges.is_empty() {
-            return Err(Error::invalid("data", "no held-out exchange to answer"));
-        }
+        let exchanges = crate::data::exchanges(records, system)?;
         let mut answers = Vec::with_capacity(exchanges.len());
-        for (i, (r, prompt, reference)) in exchanges.iter().enumerate() {
-            let base = self.chat_on(None, prompt, opts, |_| true)?.text;
+        for (i, x) in exchanges.iter().enumerate() {
+            let base = self.chat_on(None, &x.prompt, opts, |_| true)?.text;
             let adapted = match &self.adapter {
-                Some(a) => Some(self.chat_on(Some(a), prompt, opts, |_| true)?.text),
+                Some(a) => Some(self.chat_on(Some(a), &x.prompt, opts, |_| true)?.text),
                 None => None,
             };
+            let reference = &x.reference;
             answers.push(ScoredAnswer {
-                file: r.file.clone(),
-                line: r.line,
-                question: prompt.iter().rev().find(|m| m.role == "user").map(|m| m.content.clone()).unwrap_or_default(),
+                file: x.file.clone(),
+                line: x.line,
+                question: x.question().to_string(),
                 reference: reference.clone(),
                 base_scores: AnswerScores::of(&base, reference),
                 base,

@@ -22,7 +22,8 @@ use edgetune::model::llama::{LoadOptions, Model};
 use edgetune::tokenizer::Tokenizer;
 use edgetune::train::checkpoint::Checkpoint;
 use edgetune::train::schedule::ScheduleKind;
-use edgetune::train::{Event, Precision, StopReason, TrainConfig, Trainer};
+use edgetune::infer::GenerateOptions;
+use edgetune::train::{AnswerEval, Event, Precision, StopReason, TrainConfig, Trainer};
 use edgetune::{Error, Result};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -110,6 +111,14 @@ pub struct TrainArgs {
     /// then trained.
     #[arg(long)]
     val_data: Option<PathBuf>,
+    /// Held-out conversations (or preference pairs, the chosen answer as the reference) to answer
+    /// at each evaluation, scored as `eval --generate` scores them (exact match, token F1,
+    /// ROUGE-L), base against adapter. Needs validation samples (--val-data).
+    #[arg(long)]
+    score_answers: Option<PathBuf>,
+    /// With --score-answers: the most tokens of each answer.
+    #[arg(long, default_value_t = 64, requires = "score_answers")]
+    score_max_tokens: usize,
     /// Records chained into one training conversation, a fresh draw each epoch (1: each record
     /// alone; unset: automatic, see the README).
     #[arg(long)]
@@ -286,7 +295,7 @@ impl Reporter {
                     let _ = writeln!(err, "{line}");
                 }
             }
-            Event::Eval { step, val_loss, perplexity, improved, rewards, .. } => {
+            Event::Eval { step, val_loss, perplexity, improved, rewards, answers, .. } => {
                 let mark = if *improved { " (best)" } else { "" };
                 let nl = if self.tty { "\n" } else { "" };
                 let what = match rewards {
@@ -297,6 +306,13 @@ impl Reporter {
                     None => format!("val loss {val_loss:.4}, perplexity {perplexity:.2}"),
                 };
                 let _ = writeln!(err, "{nl}eval at step {step}: {what}{mark}");
+                if let Some(a) = answers {
+                    let _ = writeln!(
+                        err,
+                        "  answers (base -> adapter): exact {:.3} -> {:.3}, F1 {:.3} -> {:.3}, ROUGE-L {:.3} -> {:.3}",
+                        a.base.exact, a.adapter.exact, a.base.f1, a.adapter.f1, a.base.rouge_l, a.adapter.rouge_l
+                    );
+                }
             }
             Event::Warning { step, message } => {
                 let _ = writeln!(err, "\nwarning at step {step}: {message}");
@@ -318,8 +334,20 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
     crate::interrupt::cancel_on_interrupt(cancel.clone());
     let reporter = Reporter { json: a.json, tty: std::io::stderr().is_terminal() };
     let ctx = Arc::new(GpuContext::new(gpu)?);
-    let tok = Tokenizer::open(&a.model)?;
+    let tok = Arc::new(Tokenizer::open(&a.model)?);
     let dataset = data::load(&a.data, &tok, &cfg.data)?;
+    // The held-out answers to score at each evaluation, read before the model loads.
+    let answer_eval = match &a.score_answers {
+        Some(path) => {
+            let mut read = 0;
+            let (records, bad) = data::formats::read(path, Format::Auto, &mut read)?;
+            data::formats::refuse_bad(&bad)?;
+            let exchanges = data::exchanges(&records, cfg.data.system.as_deref())?;
+            let opts = GenerateOptions { max_new_tokens: a.score_max_tokens, ..GenerateOptions::default() };
+            Some(AnswerEval { tokenizer: tok.clone(), exchanges, opts })
+        }
+        None => None,
+    };
     let r = &dataset.report;
     if !a.json {
         eprintln!(
@@ -349,6 +377,9 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
         None => Trainer::new(model.clone(), &dataset, cfg)?,
     };
     edgetune::atomic::write_atomic(&a.output.join("train_config.toml"), settings_toml(&trainer)?.as_bytes())?;
+    if let Some(eval) = answer_eval {
+        trainer.score_answers_at_evals(eval)?;
+    }
     trainer.set_cancel_token(cancel);
     let ckpt = a.output.join(CHECKPOINT_FILE);
     if a.resume {

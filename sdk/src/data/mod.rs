@@ -395,6 +395,63 @@ fn truncate_pair(ids: &[u32], train: &[bool], k: usize, max_len: usize) -> Optio
     Some((out_ids, out_train, rejected_at))
 }
 
+/// A held-out exchange to answer and score: the prompt and the record's own answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchange {
+    /// The file the record came from.
+    pub file: PathBuf,
+    /// Its 1-based line.
+    pub line: usize,
+    /// The messages before the reference answer (with the system message put first where the
+    /// record has none, as training does).
+    pub prompt: Vec<Message>,
+    /// The record's own answer: the last assistant message, or a pair's chosen answer.
+    pub reference: String,
+}
+
+impl Exchange {
+    /// The last user message of the prompt.
+    pub fn question(&self) -> &str {
+        self.prompt.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str())
+    }
+}
+
+/// The exchanges of held-out `records`: each a conversation whose last message is the
+/// assistant's reference answer, or a preference pair of conversations whose chosen answer is
+/// the reference. A plain text, or a conversation that does not end in an answer to a user
+/// message, is an error naming its file and line; so is an empty list.
+pub fn exchanges(records: &[formats::Sourced], system: Option<&str>) -> Result<Vec<Exchange>> {
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        let at = |what: &str| Error::format(&r.file, format!("line {}: {what}", r.line));
+        let joined;
+        let msgs = match &r.record {
+            Record::Chat(msgs) => msgs,
+            Record::Preference(Preference::Chat { prompt, chosen, .. }) => {
+                joined = prompt.iter().chain(chosen).cloned().collect::<Vec<_>>();
+                &joined
+            }
+            Record::Text(_) | Record::Preference(Preference::Text { .. }) => {
+                return Err(at("a plain text has no reference answer; scoring answers needs conversations"));
+            }
+        };
+        let (last, before) = msgs.split_last().ok_or_else(|| at("the conversation is empty"))?;
+        if last.role != "assistant" || !before.iter().any(|m| m.role == "user") {
+            return Err(at("the last message must be the assistant's reference answer, after a user message"));
+        }
+        out.push(Exchange {
+            file: r.file.clone(),
+            line: r.line,
+            prompt: with_system(before, system).into_owned(),
+            reference: last.content.clone(),
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("data", "no held-out exchange to answer"));
+    }
+    Ok(out)
+}
+
 /// The conversation with `system` put first when it has no system message of its own.
 pub fn with_system<'a>(msgs: &'a [Message], system: Option<&str>) -> Cow<'a, [Message]> {
     match system {

@@ -123,6 +123,24 @@ pub fn sample_candidates(candidates: &[(u32, f32)], opts: &GenerateOptions, rng:
     idx[idx.len() - 1]
 }
 
+/// Answers a conversation: `messages` rendered by the chat template with the generation prompt,
+/// then [`generate`].
+pub fn chat(
+    model: &Model,
+    lora: Option<&GpuAdapter>,
+    tokenizer: &Tokenizer,
+    messages: &[crate::tokenizer::Message],
+    opts: &GenerateOptions,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<Generated> {
+    if messages.is_empty() {
+        return Err(Error::invalid("messages", "are empty"));
+    }
+    let text = tokenizer.apply_chat_template(messages, true)?;
+    let ids = tokenizer.encode(&text)?;
+    generate(model, lora, tokenizer, &ids, opts, on_text)
+}
+
 /// Generates from prompt token ids (with `lora` applied, if given), calling `on_text` with each new piece of text; returning
 /// `false` from it stops generation.
 pub fn generate(

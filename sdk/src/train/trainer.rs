@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::answers::{AnswerEval, EvalAnswers};
 use super::auto::{self, Choice, DataShape};
 use super::checkpoint::{Checkpoint, TrainState};
 use super::dpo::{DpoConfig, DpoReference, Method, Rewards};
@@ -29,6 +30,7 @@ use crate::model::llama::Model;
 use crate::model::training::{Batch, DpoPass, Precision, Reference, Workspace, WorkspacePlan};
 use crate::prim::Rng;
 use crate::prim::{FNV_OFFSET, fnv1a};
+use crate::score::AnswerScores;
 
 /// Everything that decides a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,6 +221,10 @@ pub enum Event {
         /// DPO: the validation pairs' reward metrics (`val_loss` is their mean DPO loss).
         #[serde(skip_serializing_if = "Option::is_none")]
         rewards: Option<Rewards>,
+        /// The held-out answers' mean scores, base and adapter, when the run scores answers
+        /// ([`Trainer::score_answers_at_evals`]).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        answers: Option<EvalAnswers>,
     },
     /// Something the user should know and may act on (a skipped step, a rising validation
     /// loss, a checkpoint that could not be read).
@@ -320,6 +326,9 @@ pub struct Trainer {
     resume_warning: Option<String>,
     /// The run [`Trainer::step`] is driving, until [`Trainer::finish`].
     running: Option<Running>,
+    /// The held-out exchanges answered at each evaluation, and the base model's mean scores
+    /// once known.
+    answers: Option<(AnswerEval, Option<AnswerScores>)>,
 }
 
 /// What training will hold on the GPU, planned before it allocates.
@@ -679,6 +688,7 @@ impl Trainer {
             dpo,
             resume_warning: None,
             running: None,
+            answers: None,
         })
     }
 
@@ -853,6 +863,34 @@ impl Trainer {
         order
     }
 
+    /// Answers the held-out exchanges at every evaluation point with the adapter as it is then,
+    /// and reports their mean scores (exact match, token F1, ROUGE-L) in [`Event::Eval`] beside
+    /// the base model's, as `edgetune eval --generate` does for a finished adapter. Evaluation
+    /// points need validation samples (`eval_every` sets when); a run without them is an error
+    /// here. Generation keeps its own small KV cache beside training's memory while it runs.
+    pub fn score_answers_at_evals(&mut self, eval: AnswerEval) -> Result<()> {
+        eval.check()?;
+        if self.val.is_empty() {
+            return Err(Error::invalid(
+                "answer evaluation",
+                "runs at evaluation points, and this run has no validation samples: give validation data (val_data)",
+            ));
+        }
+        self.answers = Some((eval, None));
+        Ok(())
+    }
+
+    /// The held-out answers' mean scores now, if the run scores answers.
+    fn answer_scores(&mut self) -> Result<Option<EvalAnswers>> {
+        let Some((eval, base)) = &mut self.answers else { return Ok(None) };
+        let base = match base {
+            Some(b) => *b,
+            None => *base.insert(eval.mean_scores(&self.model, None)?),
+        };
+        let adapter = eval.mean_scores(&self.model, Some(&self.adapter))?;
+        Ok(Some(EvalAnswers { base, adapter }))
+    }
+
     /// Runs an evaluation and updates the best adapter; returns whether to stop early.
     fn eval_step(&mut self, on_event: &mut dyn FnMut(&Event)) -> Result<bool> {
         let Some((val_loss, rewards)) = self.evaluate_with_rewards()? else { return Ok(false) };
@@ -871,6 +909,7 @@ impl Trainer {
         } else {
             self.state.evals_since_best += 1;
         }
+        let answers = self.answer_scores()?;
         on_event(&Event::Eval {
             step: self.state.step,
             val_loss,
@@ -878,6 +917,7 @@ impl Trainer {
             best_val_loss: self.state.best_val_loss.unwrap_or(val_loss),
             improved,
             rewards,
+            answers,
         });
         if let (false, false, Some(best), Some(before), Some(now)) =
             (improved, self.state.diverge_warned, self.state.best_val_loss, self.state.train_loss_at_best, train_loss)

@@ -1,0 +1,59 @@
+//! Scored answers at the trainer's evaluation points: the held-out exchanges answered with the
+//! adapter as it is then, and scored against their own answers (exact match, token F1, ROUGE-L),
+//! as `edgetune eval --generate` scores a finished adapter.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::data::Exchange;
+use crate::error::{Error, Result};
+use crate::infer::{self, GenerateOptions};
+use crate::lora::GpuAdapter;
+use crate::model::llama::Model;
+use crate::score::AnswerScores;
+use crate::tokenizer::Tokenizer;
+
+/// Held-out exchanges the trainer answers and scores at each evaluation point
+/// ([`crate::train::Trainer::score_answers_at_evals`]).
+#[derive(Debug, Clone)]
+pub struct AnswerEval {
+    /// The model's tokenizer and chat template.
+    pub tokenizer: Arc<Tokenizer>,
+    /// The exchanges ([`crate::data::exchanges`]).
+    pub exchanges: Vec<Exchange>,
+    /// How each answer is generated (greedy by default; `max_new_tokens` bounds the time an
+    /// evaluation takes).
+    pub opts: GenerateOptions,
+}
+
+/// The mean scores at an evaluation point: the base model's (the same at every point of a run)
+/// and the adapter's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EvalAnswers {
+    /// The base model's mean scores.
+    pub base: AnswerScores,
+    /// The adapter's mean scores at this point.
+    pub adapter: AnswerScores,
+}
+
+impl AnswerEval {
+    /// Every problem with these settings.
+    pub fn check(&self) -> Result<()> {
+        self.opts.validate()?;
+        if self.exchanges.is_empty() {
+            return Err(Error::invalid("answer evaluation", "has no exchanges to answer"));
+        }
+        Ok(())
+    }
+
+    /// The mean scores of the answers `model` gives with `lora` (the base with `None`).
+    pub fn mean_scores(&self, model: &Model, lora: Option<&GpuAdapter>) -> Result<AnswerScores> {
+        let mut all = Vec::with_capacity(self.exchanges.len());
+        for x in &self.exchanges {
+            let answer = infer::chat(model, lora, &self.tokenizer, &x.prompt, &self.opts, |_| true)?.text;
+            all.push(AnswerScores::of(&answer, &x.reference));
+        }
+        Ok(AnswerScores::mean(&all))
+    }
+}
