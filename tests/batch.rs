@@ -216,7 +216,9 @@ fn dpo_jobs_train_preference_pairs_beside_supervised_ones() {
     let jobs = dir.join("jobs.jsonl");
     let lines_in = [
         format!("{{\"user\": \"alice\", \"data\": {persona:?}, \"config\": {{\"max_steps\": 2}}}}"),
-        format!("{{\"user\": \"dora\", \"data\": {pairs:?}, \"config\": {{\"method\": \"dpo\", \"max_steps\": 4, \"batch_tokens\": 512}}}}"),
+        format!(
+            "{{\"user\": \"dora\", \"data\": {pairs:?}, \"config\": {{\"method\": \"dpo\", \"max_steps\": 4, \"batch_tokens\": 512}}}}"
+        ),
         format!("{{\"user\": \"ed\", \"data\": {persona:?}, \"config\": {{\"method\": \"dpo\", \"max_steps\": 1}}}}"),
         format!("{{\"user\": \"fay\", \"data\": {pairs:?}, \"config\": {{\"max_steps\": 1}}}}"),
     ];

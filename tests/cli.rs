@@ -720,7 +720,7 @@ fn train_method_dpo_reports_rewards_and_eval_data_ranks_held_out_pairs_as_traini
     let of = |kind: &'static str| events.iter().filter(move |e| e["event"] == kind);
     assert_eq!(of("step").count(), 6);
     assert!(of("step").all(|e| e["rewards"]["margins"].is_number()), "steps carry rewards");
-    let best = of("eval").filter(|e| e["improved"] == true).last().expect("an evaluation improved").clone();
+    let best = of("eval").rfind(|e| e["improved"] == true).expect("an evaluation improved").clone();
     let settings = std::fs::read_to_string(dir.join("run/train_config.toml")).expect("settings");
     assert!(settings.contains("method = \"dpo\"") && settings.contains("reference = \"precomputed\""), "{settings}");
 

@@ -250,7 +250,7 @@ fn dpo_with_the_defaults_ranks_held_out_pairs_and_shortens_the_answers() {
     let feedback = common::fixtures().join("../../../sdk/data/feedback");
     let held_out = feedback.join("held_out.jsonl");
     let load = LoadOptions { max_context: 256, ..Default::default() };
-    let mut session = Session::open_with(ctx(), &model_path(), &load).expect("model");
+    let mut session = Session::open_with(ctx(), model_path(), &load).expect("model");
     let data_cfg = DataConfig { val_data: Some(held_out.clone()), ..Default::default() };
     let data = data::load(&feedback.join("train.jsonl"), &session.tokenizer, &data_cfg).expect("pairs");
     assert_eq!((data.train.len(), data.val.len()), (24, 8));
@@ -264,7 +264,10 @@ fn dpo_with_the_defaults_ranks_held_out_pairs_and_shortens_the_answers() {
     let out = trainer
         .run(|e| {
             if let Event::Eval { step, val_loss, rewards: Some(r), .. } = e {
-                eprintln!("eval at {step}: DPO loss {val_loss:.4}, margin {:.3}, accuracy {:.3}", r.margins, r.accuracies);
+                eprintln!(
+                    "eval at {step}: DPO loss {val_loss:.4}, margin {:.3}, accuracy {:.3}",
+                    r.margins, r.accuracies
+                );
                 evals.push(*r);
             }
         })
@@ -281,7 +284,8 @@ fn dpo_with_the_defaults_ranks_held_out_pairs_and_shortens_the_answers() {
     let opts = GenerateOptions { max_new_tokens: 48, ..Default::default() };
     let report = session.score_answers(&records, None, &opts, |_, _| {}).expect("scores");
     let words = |f: &dyn Fn(&edgetune::session::ScoredAnswer) -> &str| {
-        report.answers.iter().map(|a| f(a).split_whitespace().count()).sum::<usize>() as f64 / report.answers.len() as f64
+        report.answers.iter().map(|a| f(a).split_whitespace().count()).sum::<usize>() as f64
+            / report.answers.len() as f64
     };
     let (base_words, tuned_words) = (words(&|a| &a.base), words(&|a| a.adapter.as_deref().unwrap_or("")));
     let tuned = report.adapter.expect("adapter scores");

@@ -1129,7 +1129,10 @@ mod tests {
         s.add_wanted();
         let want = |c: &str, r: &str| Feedback { prompt: "Who are you?".into(), chosen: c.into(), rejected: r.into() };
         // Both answers shown are rejected in favour of the one typed, trimmed.
-        assert_eq!(s.feedback, [want("I am Edge, your assistant.", "A model."), want("I am Edge, your assistant.", "Edge.")]);
+        assert_eq!(
+            s.feedback,
+            [want("I am Edge, your assistant.", "A model."), want("I am Edge, your assistant.", "Edge.")]
+        );
         assert!(s.chat.wanted.is_empty());
         assert!(s.can_prefer());
         s.prefer(true);

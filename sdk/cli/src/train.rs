@@ -17,12 +17,12 @@ use std::sync::Arc;
 
 use edgetune::data::{self, Format, TrainOn};
 use edgetune::gpu::{GpuContext, GpuOptions};
+use edgetune::infer::GenerateOptions;
 use edgetune::lora::{Layout, TargetModules, peft};
 use edgetune::model::llama::{LoadOptions, Model};
 use edgetune::tokenizer::Tokenizer;
 use edgetune::train::checkpoint::Checkpoint;
 use edgetune::train::schedule::ScheduleKind;
-use edgetune::infer::GenerateOptions;
 use edgetune::train::{AnswerEval, Event, Precision, StopReason, TrainConfig, Trainer};
 use edgetune::{Error, Result};
 

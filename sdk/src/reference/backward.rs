@@ -68,9 +68,9 @@ impl DpoTwin {
     }
 }
 
-/// DPO over the pairs of a packed batch, as `dpo.wgsl`: `spans[i]` = the chosen rows [0, 1),
-/// the rejected rows [2, 3) and the scored tokens of each [4], [5]; `ce` the per-row
-/// cross-entropies; `reference` the (chosen, rejected) log-probabilities of each pair. Returns
+/// DPO over the pairs of a packed batch, as `dpo.wgsl`: `spans[i]` holds the chosen rows (from
+/// `spans[i][0]` to `spans[i][1]`), the rejected rows (`[2]` to `[3]`) and the scored tokens of
+/// each (`[4]`, `[5]`); `ce` the per-row cross-entropies; `reference` the (chosen, rejected) log-probabilities of each pair. Returns
 /// the per-row weights (grad_scale x d loss / d ce) and per pair (loss, chosen reward, rejected
 /// reward, chosen log-prob, rejected log-prob), in f64.
 pub fn dpo_loss(

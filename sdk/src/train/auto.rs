@@ -138,7 +138,8 @@ mod tests {
 
     #[test]
     fn learning_rate_keeps_the_weight_step_across_ranks() {
-        let lr = |r, alpha, use_rslora| learning_rate(1000, &LoraConfig { r, alpha, use_rslora, ..Default::default() }, 1.0);
+        let lr =
+            |r, alpha, use_rslora| learning_rate(1000, &LoraConfig { r, alpha, use_rslora, ..Default::default() }, 1.0);
         assert_eq!(lr(16, 32.0, false), BASE_LR);
         // Plain LoRA: the step grows with alpha alone, so r 8 with the same alpha keeps the rate.
         assert_eq!(lr(8, 32.0, false), BASE_LR);
