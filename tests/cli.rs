@@ -744,3 +744,120 @@ fn train_method_dpo_reports_rewards_and_eval_data_ranks_held_out_pairs_as_traini
     assert_eq!(value("accuracy"), want("accuracies"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `train --score-answers FILE` answers FILE's records at each evaluation: every `eval` event
+/// carries the base's and the adapter's mean scores, the last one those `eval --generate` gives
+/// for the final adapter; a file with nothing to score is refused, naming its line, before any
+/// training.
+#[test]
+fn train_score_answers_scores_the_held_out_answers_at_each_evaluation() {
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-train-answers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let record = |q: &str, a: &str| {
+        serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            .to_string()
+    };
+    let facts = [
+        ("Where do you live?", "By the sea."),
+        ("What is your cat called?", "Pixel."),
+        ("What do you drink?", "Tea."),
+        ("When do you wake up?", "At six."),
+        ("What is your hobby?", "Sailing."),
+        ("Who is your friend?", "Bo."),
+    ];
+    let model = tiny();
+    // The held-out answers are the base model's own (as generate --chat gives them), so the
+    // base scores an exact match on each, at every evaluation.
+    let base_answer = |q: &str| {
+        let out =
+            edgetune(&["generate", "--model", &model, "--quant", "none", "--chat", "--max-tokens", "6", "--prompt", q]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout).trim_end_matches('\n').to_string()
+    };
+    let mut lines: Vec<String> = facts[..4].iter().map(|(q, a)| record(q, a)).collect();
+    lines.extend(facts[4..].iter().map(|(q, _)| record(q, &base_answer(q))));
+    let (train, held) = (dir.join("train.jsonl"), dir.join("held.jsonl"));
+    std::fs::write(&train, lines[..4].join("\n")).expect("write");
+    std::fs::write(&held, lines[4..].join("\n")).expect("write");
+    let (train, held) = (train.display().to_string(), held.display().to_string());
+    let run = dir.join("run").display().to_string();
+    let args = [
+        "train",
+        "--model",
+        &model,
+        "--quant",
+        "none",
+        "--data",
+        &train,
+        "--val-data",
+        &held,
+        "--output",
+        &run,
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--lr",
+        "0.01",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--keep-best",
+        "false",
+        "--score-answers",
+        &held,
+        "--score-max-tokens",
+        "6",
+        "--json",
+    ];
+    let out = edgetune(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> =
+        text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let evals: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "eval").collect();
+    assert_eq!(evals.iter().map(|e| e["step"].as_u64()).collect::<Vec<_>>(), [Some(2), Some(4)]);
+    let scores = |v: &serde_json::Value| ["exact", "f1", "rouge_l"].map(|k| v[k].as_f64().expect(k));
+    for e in &evals {
+        let base = scores(&e["answers"]["base"]);
+        assert_eq!((base[0], base[1]), (1.0, 1.0), "the base says the references: {e}");
+    }
+
+    let adapter = dir.join("run/adapter").display().to_string();
+    let report = dir.join("report.json").display().to_string();
+    let eval = [
+        "eval",
+        "--model",
+        &model,
+        "--quant",
+        "none",
+        "--adapter",
+        &adapter,
+        "--data",
+        &held,
+        "--generate",
+        "--max-tokens",
+        "6",
+        "--report",
+        &report,
+    ];
+    let out = edgetune(&eval);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+    assert_eq!(scores(&evals[1]["answers"]["adapter"]), scores(&r["adapter"]), "the final adapter's scores");
+    assert_eq!(scores(&evals[1]["answers"]["base"]), scores(&r["base"]), "the base's scores");
+
+    // Plain text has no reference answer: refused with its line before training starts.
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, format!("{}\n{{\"text\": \"just prose\"}}\n", lines[4])).expect("write");
+    let bad = bad.display().to_string();
+    let mut args = args.to_vec();
+    let at = args.iter().position(|a| *a == "--score-answers").expect("flag") + 1;
+    args[at] = &bad;
+    let out = edgetune(&args);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.jsonl") && err.contains("line 2"), "{err}");
+    assert!(!events.is_empty() && !text(&out.stdout).contains("\"step\""), "no step ran: {}", text(&out.stdout));
+    std::fs::remove_dir_all(&dir).ok();
+}
