@@ -1012,6 +1012,41 @@ fn dpo_resumes_to_the_same_bytes_and_reports_rewards_at_every_step_and_evaluatio
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// DPO with f16 activations: the reference's log-probabilities come through the same f16 path
+/// as the policy's, so the first step is level (loss log 2, both ways of getting the
+/// reference); two runs agree to the bit, and the pairs are learned.
+#[test]
+fn dpo_with_f16_activations_starts_level_learns_and_repeats_to_the_bit() {
+    use edgetune::train::{DpoReference, Precision};
+    let ctx = ctx();
+    let m = model(&ctx, "llama");
+    let data = preference_dataset(0.25);
+    let run = |activations: Precision, reference: DpoReference| -> Vec<(f32, Rewards)> {
+        let dpo = DpoConfig { reference: Some(reference), ..Default::default() };
+        let cfg = TrainConfig { method: Method::Dpo, dpo, activations, batch_tokens: Some(160), ..config() };
+        let mut steps = Vec::new();
+        let out = Trainer::new(m.clone(), &data, cfg)
+            .expect("trainer")
+            .run(|e| {
+                if let Event::Step { loss, rewards: Some(r), .. } = e {
+                    steps.push((*loss, *r));
+                }
+            })
+            .expect("runs");
+        assert_eq!((out.reason, steps.len()), (StopReason::Completed, 20));
+        steps
+    };
+    let f16 = run(Precision::F16, DpoReference::Precomputed);
+    let again = run(Precision::F16, DpoReference::Precomputed);
+    let in_step = run(Precision::F16, DpoReference::InStep);
+    let f32 = run(Precision::F32, DpoReference::Precomputed);
+    assert!(f16 == again && f16 == in_step, "f16 DPO runs differ (again, or with the reference in each step)");
+    assert!((f16[0].0 - std::f32::consts::LN_2).abs() < 1e-6 && f16[0].1.margins == 0.0, "first step {:?}", f16[0]);
+    let last = f16[19];
+    assert!(last.0 < 0.9 * std::f32::consts::LN_2 && last.1.margins > 0.0, "last step: {last:?}");
+    assert_ne!(f16, f32, "f16 activations changed nothing");
+}
+
 #[test]
 fn the_method_must_fit_the_data() {
     let ctx = ctx();
