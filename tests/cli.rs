@@ -12,6 +12,13 @@ fn tiny() -> String {
     common::fixtures().join("tiny_llama").display().to_string()
 }
 
+/// Runs `edgetune args` (with `--json`), which must succeed, and parses its event lines.
+fn json_events(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = edgetune(args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect()
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -451,10 +458,8 @@ fn train_chooses_settings_from_the_data_records_them_and_eval_data_scores_like_v
     let run2 = dir.join("run2");
     let r2 = run2.display().to_string();
     let cfg = run1.join("train_config.toml").display().to_string();
-    let out = edgetune(&["train", "--model", &tiny(), "--data", &train, "--config", &cfg, "--output", &r2, "--json"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let events: Vec<serde_json::Value> =
-        text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let events =
+        json_events(&["train", "--model", &tiny(), "--data", &train, "--config", &cfg, "--output", &r2, "--json"]);
     let chosen: Vec<&str> =
         events[0]["chosen"].as_array().expect("chosen").iter().filter_map(|c| c["setting"].as_str()).collect();
     assert_eq!(chosen, ["validation"], "{}", events[0]);
@@ -713,10 +718,7 @@ fn train_method_dpo_reports_rewards_and_eval_data_ranks_held_out_pairs_as_traini
         "8",
         "--json",
     ];
-    let out = edgetune(&args);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let events: Vec<serde_json::Value> =
-        text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let events = json_events(&args);
     let of = |kind: &'static str| events.iter().filter(move |e| e["event"] == kind);
     assert_eq!(of("step").count(), 6);
     assert!(of("step").all(|e| e["rewards"]["margins"].is_number()), "steps carry rewards");
@@ -812,10 +814,7 @@ fn train_score_answers_scores_the_held_out_answers_at_each_evaluation() {
         "6",
         "--json",
     ];
-    let out = edgetune(&args);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let events: Vec<serde_json::Value> =
-        text(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    let events = json_events(&args);
     let evals: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "eval").collect();
     assert_eq!(evals.iter().map(|e| e["step"].as_u64()).collect::<Vec<_>>(), [Some(2), Some(4)]);
     let scores = |v: &serde_json::Value| ["exact", "f1", "rouge_l"].map(|k| v[k].as_f64().expect(k));
