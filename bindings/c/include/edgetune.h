@@ -205,6 +205,17 @@ typedef struct edgetune_event {
   float reward_rejected;
   float reward_margin;
   float reward_accuracy;
+  /**
+   * On evaluations of a trainer that scores answers (`edgetune_trainer_score_answers`): the
+   * base model's mean exact match, token F1 and ROUGE-L over the held-out answers, and the
+   * adapter's at this step; NaN otherwise.
+   */
+  double answers_base_exact;
+  double answers_base_f1;
+  double answers_base_rouge_l;
+  double answers_exact;
+  double answers_f1;
+  double answers_rouge_l;
 } edgetune_event;
 
 /**
@@ -467,6 +478,22 @@ enum edgetune_status edgetune_trainer_add_file(const struct edgetune_trainer *tr
  */
 enum edgetune_status edgetune_trainer_add_record(const struct edgetune_trainer *trainer,
                                                  const char *record_json);
+
+/**
+ * Answers held-out records at each evaluation of the run, with the adapter as it is then, and
+ * scores them as `edgetune_score_answers` does: evaluation events then carry the base model's
+ * and the adapter's mean exact match, token F1 and ROUGE-L (`answers_*`). `records_json` and
+ * `options_json` are as for `edgetune_score_answers` (conversations ending in the reference
+ * answer, or preference pairs whose chosen answer is the reference). Evaluations need
+ * validation samples (`data.val_data`, or a split), which the run checks when it starts. Must
+ * come before the first run or resume.
+ *
+ * # Safety
+ * `trainer` is a live trainer, `records_json` a string, `options_json` NULL or a string.
+ */
+enum edgetune_status edgetune_trainer_score_answers(const struct edgetune_trainer *trainer,
+                                                    const char *records_json,
+                                                    const char *options_json);
 
 /**
  * Where checkpoints are written: every `checkpoint_every` steps or `checkpoint_every_s` seconds

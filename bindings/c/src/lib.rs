@@ -38,7 +38,7 @@ use edgetune::lora::{Adapter, peft};
 use edgetune::model::llama::{LoadOptions, Quant};
 use edgetune::quant::gguf_blocks::GgmlType;
 use edgetune::tokenizer::Message;
-use edgetune::train::{CancelToken, Event, StopReason, TrainConfig, Trainer};
+use edgetune::train::{AnswerEval, CancelToken, Event, StopReason, TrainConfig, Trainer};
 use edgetune::{Error, Session};
 
 /// What a call returned.
@@ -133,6 +133,15 @@ pub struct edgetune_event {
     pub reward_rejected: f32,
     pub reward_margin: f32,
     pub reward_accuracy: f32,
+    /// On evaluations of a trainer that scores answers (`edgetune_trainer_score_answers`): the
+    /// base model's mean exact match, token F1 and ROUGE-L over the held-out answers, and the
+    /// adapter's at this step; NaN otherwise.
+    pub answers_base_exact: f64,
+    pub answers_base_f1: f64,
+    pub answers_base_rouge_l: f64,
+    pub answers_exact: f64,
+    pub answers_f1: f64,
+    pub answers_rouge_l: f64,
 }
 
 /// Receives training events on the thread that called `edgetune_trainer_run`.
@@ -324,6 +333,9 @@ struct TrainerState {
     trainer: Option<Trainer>,
     /// The adapter the last run returned (the best one by validation loss with keep_best).
     result: Option<Adapter>,
+    /// The held-out exchanges to answer at each evaluation, and how
+    /// (`edgetune_trainer_score_answers`).
+    answers: Option<(Vec<data::Exchange>, GenerateOptions)>,
 }
 
 // --- errors ---------------------------------------------------------------------------------
@@ -939,6 +951,7 @@ pub unsafe extern "C" fn edgetune_trainer_new(
             checkpoint: None,
             trainer: None,
             result: None,
+            answers: None,
         };
         *out = TRAINERS.add(TrainerObj { cancel: CancelToken::default(), inner: Exclusive::new(state) })?;
         Ok(())
@@ -996,6 +1009,42 @@ pub unsafe extern "C" fn edgetune_trainer_add_record(
     })
 }
 
+/// Answers held-out records at each evaluation of the run, with the adapter as it is then, and
+/// scores them as `edgetune_score_answers` does: evaluation events then carry the base model's
+/// and the adapter's mean exact match, token F1 and ROUGE-L (`answers_*`). `records_json` and
+/// `options_json` are as for `edgetune_score_answers` (conversations ending in the reference
+/// answer, or preference pairs whose chosen answer is the reference). Evaluations need
+/// validation samples (`data.val_data`, or a split), which the run checks when it starts. Must
+/// come before the first run or resume.
+///
+/// # Safety
+/// `trainer` is a live trainer, `records_json` a string, `options_json` NULL or a string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_trainer_score_answers(
+    trainer: *const edgetune_trainer,
+    records_json: *const c_char,
+    options_json: *const c_char,
+) -> edgetune_status {
+    guard(|| {
+        let t = TRAINERS.get(trainer, "trainer")?;
+        let records = unsafe { text(records_json, "records_json") }?;
+        let GenerateSettings { opts, system, adapter, .. } =
+            generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
+        if adapter.is_some() {
+            return Err(Fail::invalid("options_json: `adapter` is not taken here; the trainer's adapter answers"));
+        }
+        opts.validate()?;
+        let list: Vec<serde_json::Value> = serde_json::from_str(records)
+            .map_err(|e| Fail::invalid(format!("records_json: expected a JSON array of records: {e}")))?;
+        let texts: Vec<String> = list.iter().map(serde_json::Value::to_string).collect();
+        let (read, bad) = data::formats::read_records(Path::new("records"), &texts, data::formats::Format::Auto);
+        data::formats::refuse_bad(&bad)?;
+        let exchanges = data::exchanges(&read, system.as_deref())?;
+        adding_data(&t, "edgetune_trainer_score_answers")?.answers = Some((exchanges, opts));
+        Ok(())
+    })
+}
+
 /// Where checkpoints are written: every `checkpoint_every` steps or `checkpoint_every_s` seconds
 /// of the settings (600 s by default) and when a run ends or is cancelled (atomically: a
 /// temporary file, then a rename).
@@ -1035,6 +1084,14 @@ impl TrainerState {
             let session = self.session.hold("model")?;
             let dataset = data::load_sources(&sources, &session.tokenizer, &self.config.data)?;
             let mut trainer = Trainer::new(session.model.clone(), &dataset, self.config.clone())?;
+            if let Some((exchanges, opts)) = &self.answers {
+                let tokenizer = Arc::new(session.tokenizer.clone());
+                trainer.score_answers_at_evals(AnswerEval {
+                    tokenizer,
+                    exchanges: exchanges.clone(),
+                    opts: opts.clone(),
+                })?;
+            }
             trainer.set_cancel_token(cancel.clone());
             if let Some(p) = &self.checkpoint {
                 trainer.set_checkpoint_path(p.clone());
@@ -1134,6 +1191,12 @@ fn with_c_event(e: &Event, f: impl FnOnce(&edgetune_event)) {
         reward_rejected: f32::NAN,
         reward_margin: f32::NAN,
         reward_accuracy: f32::NAN,
+        answers_base_exact: f64::NAN,
+        answers_base_f1: f64::NAN,
+        answers_base_rouge_l: f64::NAN,
+        answers_exact: f64::NAN,
+        answers_f1: f64::NAN,
+        answers_rouge_l: f64::NAN,
     };
     let mut rewards = |r: &Option<edgetune::train::Rewards>| {
         if let Some(r) = r {
@@ -1166,8 +1229,14 @@ fn with_c_event(e: &Event, f: impl FnOnce(&edgetune_event)) {
             (ev.grad_norm, ev.tokens_per_s, ev.eta_s, ev.gpu_memory_bytes) =
                 (*grad_norm, *tokens_per_s, *eta_s, *gpu_memory_bytes);
         }
-        Event::Eval { step, val_loss, perplexity, best_val_loss, rewards: r, .. } => {
+        Event::Eval { step, val_loss, perplexity, best_val_loss, rewards: r, answers, .. } => {
             rewards(r);
+            if let Some(a) = answers {
+                (ev.answers_base_exact, ev.answers_base_f1, ev.answers_base_rouge_l) =
+                    (a.base.exact, a.base.f1, a.base.rouge_l);
+                (ev.answers_exact, ev.answers_f1, ev.answers_rouge_l) =
+                    (a.adapter.exact, a.adapter.f1, a.adapter.rouge_l);
+            }
             ev.kind = edgetune_event_kind::EDGETUNE_EVENT_EVAL;
             (ev.step, ev.val_loss, ev.perplexity, ev.best_val_loss) = (*step, *val_loss, *perplexity, *best_val_loss);
         }

@@ -1,7 +1,8 @@
 /* The whole cycle on a tiny model: load, generate, train on a data file plus records from
  * memory with a progress callback, save a checkpoint and a PEFT adapter, load the adapter back,
  * switch between it and the base model, resume from the checkpoint, train with DPO on preference
- * pairs from memory (rewards in the step events), and free everything.
+ * pairs from memory (rewards in the step events), train scoring held-out answers at each
+ * evaluation, and free everything.
  * Usage: cycle MODEL_DIR DATA_FILE WORK_DIR */
 #include <math.h>
 
@@ -28,7 +29,10 @@ static void on_event(void *userdata, const edgetune_event *e) {
         c->last_loss = e->loss;
         CHECK(isfinite(e->loss) && e->lr > 0 && e->tokens_per_s > 0 && e->total_steps == 8);
         break;
-    case EDGETUNE_EVENT_EVAL: c->evals++; CHECK(isfinite(e->val_loss)); break;
+    case EDGETUNE_EVENT_EVAL:
+        c->evals++;
+        CHECK(isfinite(e->val_loss) && isnan(e->answers_f1)); /* no answers scored here */
+        break;
     case EDGETUNE_EVENT_CHECKPOINT: c->checkpoints++; CHECK(e->message != NULL); break;
     case EDGETUNE_EVENT_FINISHED:
         c->finished++;
@@ -52,6 +56,27 @@ static void on_dpo_event(void *userdata, const edgetune_event *e) {
     CHECK(isfinite(e->reward_margin) && isfinite(e->reward_rejected));
     c->last_margin = e->reward_margin;
     c->last_accuracy = e->reward_accuracy;
+}
+
+/* Evaluations of a trainer that scores answers carry the base's and the adapter's mean scores
+ * (the base's the same at every one); other events carry NaN. */
+typedef struct {
+    int evals;
+    double base_f1, f1;
+} answer_counts;
+
+static void on_answers_event(void *userdata, const edgetune_event *e) {
+    answer_counts *c = userdata;
+    if (e->kind != EDGETUNE_EVENT_EVAL) {
+        CHECK(isnan(e->answers_base_exact) && isnan(e->answers_rouge_l));
+        return;
+    }
+    double all[] = {e->answers_base_exact, e->answers_base_f1, e->answers_base_rouge_l,
+                    e->answers_exact,      e->answers_f1,      e->answers_rouge_l};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++) CHECK(all[i] >= 0.0 && all[i] <= 1.0);
+    if (c->evals++ > 0) CHECK(e->answers_base_f1 == c->base_f1);
+    c->base_f1 = e->answers_base_f1;
+    c->f1 = e->answers_f1;
 }
 
 static const char *DPO_CONFIG =
@@ -221,6 +246,18 @@ int main(int argc, char **argv) {
     OK(edgetune_trainer_run(dpo, on_dpo_event, &d));
     CHECK(d.steps == 4 && d.last_margin > 0.0f && d.last_accuracy == 1.0f);
     edgetune_trainer_free(dpo);
+
+    edgetune_trainer *scored = new_trainer(model, argv[2]);
+    FAILS(edgetune_trainer_score_answers(scored, "[{\"text\": \"no answer here\"}]", NULL),
+          EDGETUNE_ERROR_FORMAT, "line 1");
+    const char *held_out =
+        "[{\"messages\": [{\"role\": \"user\", \"content\": \"Where do you keep your boat?\"},"
+        " {\"role\": \"assistant\", \"content\": \"In the cove below the lamp.\"}]}]";
+    OK(edgetune_trainer_score_answers(scored, held_out, "{\"max_new_tokens\": 6}"));
+    answer_counts a = {0};
+    OK(edgetune_trainer_run(scored, on_answers_event, &a));
+    CHECK(a.evals == 2);
+    edgetune_trainer_free(scored);
 
     edgetune_model_free(model);
     printf("cycle: ok\n");

@@ -453,13 +453,22 @@ class Adapter(_Handle):
 _KINDS = ("started", "step", "eval", "warning", "checkpoint", "finished")
 
 
+def _scores(exact: float, f1: float, rouge_l: float) -> Optional[dict]:
+    if math.isnan(exact):
+        return None
+    return {"exact": exact, "f1": f1, "rouge_l": rouge_l}
+
+
 @dataclass(frozen=True)
 class Event:
     """One training event. ``kind`` is one of ``"started"``, ``"step"``, ``"eval"``,
     ``"warning"``, ``"checkpoint"`` or ``"finished"``; fields a kind does not set are 0 (or
     NaN for the validation figures and the rewards, ``None`` for ``message``). The rewards are
     DPO's (TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` and
-    ``rewards/accuracies``), on the steps and evaluations of ``"method": "dpo"``."""
+    ``rewards/accuracies``), on the steps and evaluations of ``"method": "dpo"``. On the
+    evaluations of a trainer that scores answers (:meth:`Trainer.score_answers_at_evals`),
+    ``answers_base`` and ``answers`` hold the base model's and the adapter's mean scores
+    (``{"exact", "f1", "rouge_l"}``); otherwise they are ``None``."""
 
     kind: str
     step: int
@@ -479,6 +488,8 @@ class Event:
     reward_rejected: float = math.nan
     reward_margin: float = math.nan
     reward_accuracy: float = math.nan
+    answers_base: Optional[dict] = None
+    answers: Optional[dict] = None
 
     @classmethod
     def _from_c(cls, e: _native.Event) -> "Event":
@@ -503,6 +514,8 @@ class Event:
             e.reward_rejected,
             e.reward_margin,
             e.reward_accuracy,
+            _scores(e.answers_base_exact, e.answers_base_f1, e.answers_base_rouge_l),
+            _scores(e.answers_exact, e.answers_f1, e.answers_rouge_l),
         )
 
     @property
@@ -545,6 +558,28 @@ class Trainer(_Handle):
     def add_records(self, records: Iterable[Union[Mapping[str, Any], str]]) -> "Trainer":
         for record in records:
             self.add_record(record)
+        return self
+
+    def score_answers_at_evals(
+        self,
+        records: Iterable[dict],
+        *,
+        system: Optional[str] = None,
+        max_new_tokens: Optional[int] = None,
+    ) -> "Trainer":
+        """Answers held-out ``records`` at each evaluation with the adapter as it is then, and
+        scores them as :meth:`Model.score_answers` does: the ``"eval"`` events then carry
+        ``answers_base`` and ``answers``. Evaluations need validation samples (``data.val_data``
+        or a split). Call it before the first run."""
+        options: dict[str, Any] = {}
+        if system is not None:
+            options["system"] = system
+        if max_new_tokens is not None:
+            options["max_new_tokens"] = max_new_tokens
+        status = _lib.edgetune_trainer_score_answers(
+            self._handle, _c(json.dumps(list(records))), _c(json.dumps(options))
+        )
+        _check(status)
         return self
 
     def set_checkpoint_path(self, path: PathLike) -> None:

@@ -66,6 +66,12 @@ class Event(ctypes.Structure):
         ("reward_rejected", ctypes.c_float),
         ("reward_margin", ctypes.c_float),
         ("reward_accuracy", ctypes.c_float),
+        ("answers_base_exact", ctypes.c_double),
+        ("answers_base_f1", ctypes.c_double),
+        ("answers_base_rouge_l", ctypes.c_double),
+        ("answers_exact", ctypes.c_double),
+        ("answers_f1", ctypes.c_double),
+        ("answers_rouge_l", ctypes.c_double),
     ]
 
 
@@ -99,6 +105,7 @@ _PROTOTYPES = {
     "edgetune_trainer_new": (_STATUS, [_P, _S, _OUT]),
     "edgetune_trainer_add_file": (_STATUS, [_P, _S]),
     "edgetune_trainer_add_record": (_STATUS, [_P, _S]),
+    "edgetune_trainer_score_answers": (_STATUS, [_P, _S, _S]),
     "edgetune_trainer_set_checkpoint_path": (_STATUS, [_P, _S]),
     "edgetune_trainer_resume": (_STATUS, [_P, _S]),
     "edgetune_trainer_run": (_STATUS, [_P, EVENT_CALLBACK, _P]),

@@ -246,6 +246,30 @@ class ModelTest(unittest.TestCase):
             with self.assertRaisesRegex(edgetune.EdgetuneError, 'method = "dpo"'):
                 list(trainer.events())
 
+    def test_answers_are_scored_at_each_evaluation(self):
+        held_out = [{"messages": [{"role": "user", "content": "Where do you keep your boat?"},
+                                  {"role": "assistant", "content": "In the cove below the lamp."}]}]
+        with self.model.trainer(CONFIG) as trainer:
+            trainer.add_file(DATA).add_records(RECORDS)
+            with self.assertRaisesRegex(edgetune.EdgetuneError, "line 1"):
+                trainer.score_answers_at_evals([{"text": "no answer here"}])
+            trainer.score_answers_at_evals(held_out, max_new_tokens=6)
+            events = list(trainer.events())
+            final = trainer.adapter()
+        evals = [e for e in events if e.kind == "eval"]
+        self.assertGreater(len(evals), 0)
+        self.assertTrue(all(e.answers is None for e in events if e.kind != "eval"))
+        # The base's scores are the same at every evaluation; the last evaluation's adapter
+        # scores are the final adapter's, as Model.score_answers gives them.
+        self.assertTrue(all(e.answers_base == evals[0].answers_base for e in evals))
+        self.model.set_adapter(final)
+        try:
+            report = self.model.score_answers(held_out, max_new_tokens=6)
+        finally:
+            self.model.set_adapter(None)
+        self.assertEqual(evals[-1].answers_base, report["base"])
+        self.assertEqual(evals[-1].answers, report["adapter"])
+
     def test_settings_left_out_are_chosen_from_the_data_and_repeat_the_run(self):
         with self.model.trainer({"lora": {"r": 4, "alpha": 8}, "data": {"max_len": 128}}) as trainer:
             trainer.add_file(DATA).add_records(RECORDS)

@@ -35,7 +35,7 @@ impl Message {
 pub type Span = (usize, usize);
 
 /// A tokenizer with its special tokens and chat template.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     source: String,
