@@ -10,11 +10,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use edgetune::Session;
+use edgetune::data::formats::{Format, Preference, Record, Sourced};
 use edgetune::data::{self, DataReport, Dataset, Source};
 use edgetune::gpu::{AdapterReport, GpuContext, GpuMemory, GpuOptions};
 use edgetune::infer::GenerateOptions;
 use edgetune::lora::{Adapter, TargetModules, peft};
 use edgetune::model::llama::LoadOptions;
+use edgetune::session::AnswerReport;
 use edgetune::tokenizer::Message;
 use edgetune::train::{CancelToken, Choice, Event, Method, Outcome, StopReason, TrainConfig, Trainer};
 
@@ -241,7 +243,12 @@ pub enum Msg {
     Data(Result<(Arc<Dataset>, DataInfo), String>),
     Train(Event),
     TrainEnded(Result<Outcome, String>),
-    Piece { tuned: bool, text: String },
+    /// The held-out answers scored after a run (`None`: the held-out records have no answers).
+    Scored(Result<Option<AnswerReport>, String>),
+    Piece {
+        tuned: bool,
+        text: String,
+    },
     ChatEnded(Result<(), String>),
 }
 
@@ -293,6 +300,9 @@ pub struct AppState {
     pub feedback: Vec<Feedback>,
     /// Whether the run under way (or the last one) trains on the feedback.
     pub training_feedback: bool,
+    /// The validation records answered by the base model and by the adapter the last run
+    /// returned, and scored against their own answers.
+    pub scores: Option<AnswerReport>,
     /// What a worker is doing now ("loading the model"), if anything besides training.
     pub busy: Option<String>,
     /// The last error, for the banner (cleared by the next action).
@@ -346,6 +356,7 @@ impl AppState {
             chat: Chat { prompt: "Who are you?".into(), ..Default::default() },
             feedback: Vec::new(),
             training_feedback: false,
+            scores: None,
             busy: None,
             error: None,
             notice: None,
@@ -567,6 +578,7 @@ impl AppState {
         self.error = None;
         self.notice = None;
         self.progress = Progress::default();
+        self.scores = None;
         self.phase = Phase::Running;
         self.control = Arc::new(Control::default());
         let control = self.control.clone();
@@ -591,6 +603,46 @@ impl AppState {
                 })
             });
             Msg::TrainEnded(run.map_err(|e| e.to_string()))
+        });
+    }
+
+    /// Answers the validation records (the part of the data held out of training) with the base
+    /// model and with the adapter just trained, and scores each answer against the record's own
+    /// (exact match, token F1, ROUGE-L), so the user sees what training changed in the answers.
+    /// Records without an answer to compare (notes as plain text) are left out.
+    fn score_held_out(&mut self) {
+        let (Some(session), Some(dataset), Some((adapter, _)), Some(info)) =
+            (self.session.clone(), &self.dataset, &self.adapter, &self.data)
+        else {
+            return;
+        };
+        let held: std::collections::HashSet<(PathBuf, usize)> =
+            dataset.val.iter().map(|x| (x.file.clone(), x.line)).collect();
+        if held.is_empty() {
+            return;
+        }
+        let (adapter, path) = (adapter.clone(), info.path.clone());
+        let system = self.settings.train_config().ok().and_then(|c| c.data.system);
+        self.start("scoring the held-out answers");
+        self.spawn(move |_| {
+            let mut s = session.lock().unwrap_or_else(|p| p.into_inner());
+            let mut score = || -> edgetune::Result<Option<AnswerReport>> {
+                let (records, _) = data::formats::read(&path, Format::Auto, &mut 0)?;
+                let answered = |r: &Sourced| {
+                    matches!(r.record, Record::Chat(_) | Record::Preference(Preference::Chat { .. }))
+                        && held.contains(&(r.file.clone(), r.line))
+                };
+                let records: Vec<Sourced> = records.into_iter().filter(answered).collect();
+                if records.is_empty() {
+                    return Ok(None);
+                }
+                s.set_adapter(Some(&adapter))?;
+                let opts = GenerateOptions { max_new_tokens: 48, ..Default::default() };
+                let report = s.score_answers(&records, system.as_deref(), &opts, |_, _| {});
+                s.set_adapter(None)?;
+                report.map(Some)
+            };
+            Msg::Scored(score().map_err(|e| e.to_string()))
         });
     }
 
@@ -873,12 +925,22 @@ impl AppState {
                     self.adapter = Some((out.adapter, label));
                     self.refresh_memory();
                     self.done(format!("training {reason}"));
+                    if !self.training_feedback {
+                        self.score_held_out();
+                    }
                 }
                 Err(e) => {
                     self.phase = Phase::Failed(e.clone());
                     self.fail(e);
                 }
             },
+            Msg::Scored(r) => {
+                self.busy = None;
+                match r {
+                    Ok(report) => self.scores = report,
+                    Err(e) => self.fail(format!("scoring the held-out answers: {e}")),
+                }
+            }
             Msg::Piece { tuned, text } => {
                 if tuned { &mut self.chat.tuned } else { &mut self.chat.base }.push_str(&text);
             }

@@ -345,6 +345,29 @@ fn training_panel(ui: &mut egui::Ui, s: &mut AppState) {
     for w in s.progress.warnings.iter().rev().take(2) {
         ui.colored_label(VAL, w);
     }
+    if let Some(r) = &s.scores {
+        held_out_scores(ui, r);
+    }
+}
+
+/// The held-out answers after a run: the means, base against adapter, and each answer.
+fn held_out_scores(ui: &mut egui::Ui, r: &edgetune::session::AnswerReport) {
+    let Some(tuned) = r.adapter else { return };
+    let n = r.answers.len();
+    ui.label(format!(
+        "Held-out answers ({n}, not trained on), base -> personalized: exact match {:.2} -> {:.2}, token F1 {:.2} -> \
+         {:.2}, ROUGE-L {:.2} -> {:.2}",
+        r.base.exact, tuned.exact, r.base.f1, tuned.f1, r.base.rouge_l, tuned.rouge_l
+    ));
+    egui::CollapsingHeader::new("Each held-out answer").show(ui, |ui| {
+        for a in &r.answers {
+            ui.label(RichText::new(&a.question).strong());
+            ui.label(format!("expected: {}", a.reference));
+            ui.label(format!("base: {}", a.base));
+            ui.label(format!("personalized: {}", a.adapter.as_deref().unwrap_or("")));
+            ui.separator();
+        }
+    });
 }
 
 /// Training loss (line), validation loss (dots) on one scale; learning rate on its own; for a

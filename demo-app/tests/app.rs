@@ -75,6 +75,13 @@ fn train_pause_resume_and_chat_through_the_ui() {
     assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "every step reported once, in order");
     assert!(s.progress.steps[7].1 < s.progress.steps[0].1, "the loss falls");
     assert!(s.adapter.is_some());
+    // The validation records' answers, base and adapter, scored against their own.
+    let val = info.report.val_samples;
+    wait(&mut harness, "the held-out scores", minute, |a| a.state.scores.is_some() && a.state.busy.is_none());
+    let scores = harness.state().state.scores.clone().expect("scores");
+    assert_eq!(scores.answers.len(), val, "one answer per validation record");
+    assert!(scores.adapter.is_some() && scores.answers.iter().all(|a| a.adapter.is_some()));
+    harness.get_by_label_contains("Held-out answers (");
 
     // Base and personalized answers, side by side.
     ask(&mut harness, "Who are you?", minute);
