@@ -4,7 +4,8 @@
 //   pi_c, pi_r = the completions' log-probabilities (sums over their scored tokens)
 //   h = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r   (n = 1 unless length_normalized)
 //   sigmoid family: z = beta h, L = a * -log sigmoid(z) + b * -log sigmoid(-z)
-//     (sigmoid: a = 1, b = 0; robust with label smoothing e: a = (1-e)/(1-2e), b = -e/(1-2e))
+//     (sigmoid: a = 1, b = 0; conservative DPO, sigmoid with label smoothing e: a = 1-e, b = e;
+//     robust with label smoothing e: a = (1-e)/(1-2e), b = -e/(1-2e))
 //   ipo: L = (h - 1 / (2 beta))^2
 // weights[row] = grad_scale * dL/dCE[row]: -dL/dh / n_c on the chosen rows, +dL/dh / n_r on the
 // rejected ones (pi = -sum CE), for cross_entropy_backward.wgsl's weighted variant.

@@ -1,7 +1,8 @@
 //! DPO parity with Hugging Face TRL's DPOTrainer (fixtures written by tests/reference/dpo.py):
 //! on the tiny Llama and Qwen2 with the committed PEFT adapters (plain LoRA and rsLoRA) as the
 //! policy and the base (the adapter disabled) as the reference, one step's loss, TRL's reward
-//! metrics and every LoRA gradient, for the sigmoid, IPO and robust (label smoothing) losses,
+//! metrics and every LoRA gradient, for the sigmoid, IPO, robust (label smoothing) and
+//! conservative (sigmoid with label smoothing, TRL's `aot` on one pair at a time) losses,
 //! with the reference computed in the step and given ahead; and ten trainer steps against TRL's
 //! curve, from the preference records through each model's chat template.
 
@@ -18,7 +19,7 @@ use edgetune::model::training::{Batch, DpoPass, Reference, WorkspacePlan};
 use edgetune::tokenizer::Tokenizer;
 use edgetune::train::optimizer::AdamwConfig;
 use edgetune::train::schedule::ScheduleKind;
-use edgetune::train::{DpoConfig, DpoReference, Event, Method, Rewards, TrainConfig, Trainer};
+use edgetune::train::{DpoConfig, DpoLossKind, DpoReference, Event, Method, Rewards, TrainConfig, Trainer};
 use serde_json::Value;
 
 /// TRL's collated batch (rows 0..P the chosen sequences, P..2P the rejected ones, right-padded)
@@ -44,10 +45,13 @@ fn pairs(fx: &Fixture) -> Batch {
     Batch::pack_units(units.iter().map(|(i, t, k)| (&i[..], &t[..], Some(*k)))).expect("pack")
 }
 
-/// The kernel's form of TRL's loss `name` with `label_smoothing` e (see dpo.wgsl).
+/// The kernel's form of TRL's loss `name` with `label_smoothing` e (see dpo.wgsl), written out
+/// from TRL's formulas; the trainer's own mapping (`DpoConfig::kernel_loss`) must agree.
 fn kernel_loss(name: &str, beta: f32, e: f32) -> DpoLoss {
-    match name {
+    let loss = match name {
         "sigmoid" => DpoLoss { beta, a: 1.0, b: 0.0, ipo: false, length_normalized: false },
+        // -(1-e) log sigmoid(z) - e log sigmoid(-z)
+        "cdpo" => DpoLoss { beta, a: 1.0 - e, b: e, ipo: false, length_normalized: false },
         "robust" => DpoLoss {
             beta,
             a: (1.0 - e) / (1.0 - 2.0 * e),
@@ -57,7 +61,15 @@ fn kernel_loss(name: &str, beta: f32, e: f32) -> DpoLoss {
         },
         "ipo" => DpoLoss { beta, a: 0.0, b: 0.0, ipo: true, length_normalized: true },
         other => panic!("no loss {other}"),
-    }
+    };
+    let kind = match name {
+        "sigmoid" | "cdpo" => DpoLossKind::Sigmoid,
+        "robust" => DpoLossKind::Robust,
+        _ => DpoLossKind::Ipo,
+    };
+    let trainer = DpoConfig { beta, loss: kind, label_smoothing: e, reference: None }.kernel_loss();
+    assert_eq!(format!("{trainer:?}"), format!("{loss:?}"), "{name}: the trainer's loss");
+    loss
 }
 
 struct Step {
@@ -108,7 +120,7 @@ fn one_step_matches_trl(family: &str) {
     let reference = GpuAdapter::upload(&model.ctx, &off);
     let b = pairs(&fx);
     assert_eq!(b.pairs.len(), 3);
-    for name in ["sigmoid", "ipo", "robust"] {
+    for name in ["sigmoid", "ipo", "robust", "cdpo"] {
         let want: Value = serde_json::from_str(&fx.metadata(name)).expect("metadata");
         let w = |k: &str| want[k].as_f64().unwrap_or_else(|| panic!("{name}: {k}"));
         let loss = kernel_loss(name, w("beta") as f32, w("label_smoothing") as f32);

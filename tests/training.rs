@@ -1058,11 +1058,15 @@ fn the_method_must_fit_the_data() {
     assert!(e.contains("preference pairs") && e.contains("persona.jsonl:1"), "{e}");
     let bad = TrainConfig {
         method: Method::Dpo,
-        dpo: DpoConfig { beta: 0.0, label_smoothing: 0.2, ..Default::default() },
+        dpo: DpoConfig { beta: 0.0, label_smoothing: 0.5, ..Default::default() },
         ..config()
     };
-    let e = Trainer::new(m, &preference_dataset(0.0), bad).expect_err("bad DPO settings").to_string();
-    assert!(e.contains("dpo: beta must be") && e.contains("applies to loss = \"robust\""), "{e}");
+    let e = Trainer::new(m.clone(), &preference_dataset(0.0), bad).expect_err("bad DPO settings").to_string();
+    assert!(e.contains("dpo: beta must be") && e.contains("label_smoothing must be in [0, 0.5) (got 0.5)"), "{e}");
+    let ipo = DpoConfig { loss: edgetune::train::DpoLossKind::Ipo, label_smoothing: 0.1, ..Default::default() };
+    let bad = TrainConfig { method: Method::Dpo, dpo: ipo, ..config() };
+    let e = Trainer::new(m, &preference_dataset(0.0), bad).expect_err("IPO with label smoothing").to_string();
+    assert!(e.contains("does not apply to loss = \"ipo\""), "{e}");
 }
 
 /// Answers scored at the evaluation points are those of the adapter as it is then: with the

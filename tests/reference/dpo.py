@@ -6,7 +6,9 @@ committed PEFT LoRA adapter (plain LoRA on Llama, rsLoRA on Qwen2):
 - `dpo_tokens_expected.json`: TRL's `prompt_ids`/`chosen_ids`/`rejected_ids` for preference
   records in each of TRL's formats (explicit prompt or implicit, plain text or conversations).
 - `dpo_llama_expected.safetensors`, `dpo_qwen2_expected.safetensors`: for each loss (sigmoid,
-  ipo, robust with label smoothing), one step's loss, the reward metrics and every LoRA gradient,
+  ipo, robust with label smoothing, and conservative DPO: sigmoid with label smoothing, which
+  TRL 1.16 computes as its `aot` loss on one pair at a time), one step's loss, the reward
+  metrics and every LoRA gradient,
   with the policy at the committed PEFT adapter (`peft_llama_adapter`, `peft_qwen2_adapter`) and
   the reference at the base (the adapter disabled); and a
   10-step AdamW curve that starts at that adapter, where TRL's reference is a frozen copy of the
@@ -169,6 +171,46 @@ def one_step(tmp, model_name, loss_type, label_smoothing):
     return t, m, inputs
 
 
+def one_step_cdpo(tmp, model_name, label_smoothing):
+    """Conservative DPO (the sigmoid loss with label smoothing e: -(1-e) log sigmoid(beta h) -
+    e log sigmoid(-beta h), TRL 0.x's `sigmoid` with `label_smoothing`). TRL 1.16 computes exactly
+    this as `aot` on a batch of one pair (sorting one log-ratio changes nothing), so each pair is
+    a step of its own and the batch's loss, metrics and gradients are their means (TRL's loss is
+    the mean over pairs)."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+    from trl import DPOTrainer
+
+    grads, metrics, loss = {}, {}, 0.0
+    saved = load_file(os.path.join(OUT, MODELS[model_name][1], "adapter_model.safetensors"))
+    for pair in PAIRS:
+        tr = DPOTrainer(model=policy(False, model_name),
+                        args=args(tmp, loss_type=["aot"], label_smoothing=label_smoothing, beta=0.1,
+                                  per_device_train_batch_size=1),
+                        train_dataset=Dataset.from_list([pair]), processing_class=tokenizer(model_name),
+                        peft_config=lora_config(model_name))
+        model = tr.model
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(saved[key(n)])
+        model.train()
+        inputs = tr.data_collator([tr.train_dataset[0]])
+        tr._metrics["train"].clear()
+        one = tr.compute_loss(model, inputs)
+        one.backward()
+        loss += float(one) / len(PAIRS)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                k = f"cdpo.grad.{key(n)}"
+                grads[k] = grads.get(k, 0) + p.grad.detach().numpy().copy() / len(PAIRS)
+        for k, v in tr._metrics["train"].items():
+            if k.startswith(("rewards/", "logps/")):
+                metrics[k] = metrics.get(k, 0.0) + v[-1] / len(PAIRS)
+    metrics["loss"] = loss
+    return grads, metrics
+
+
 def curve(tmp, model_name, precompute):
     """10 AdamW steps from the committed adapter; TRL's reference is a frozen copy of it."""
     from datasets import Dataset
@@ -205,6 +247,10 @@ def main():
                 tensors.update(t)
                 meta[loss_type] = json.dumps({"label_smoothing": ls, "beta": 0.1, **m})
                 print(model_name, loss_type, m)
+            t, m = one_step_cdpo(tmp, model_name, 0.1)
+            tensors.update(t)
+            meta["cdpo"] = json.dumps({"label_smoothing": 0.1, "beta": 0.1, **m})
+            print(model_name, "cdpo", m)
             tensors["input_ids"] = inputs["input_ids"].numpy()
             tensors["attention_mask"] = inputs["attention_mask"].numpy()
             tensors["completion_mask"] = inputs["completion_mask"].numpy()

@@ -46,7 +46,8 @@ pub struct TrainArgs {
     /// DPO: sigmoid (default), robust or ipo.
     #[arg(long)]
     dpo_loss: Option<edgetune::train::DpoLossKind>,
-    /// DPO with --dpo-loss robust: the probability that a preference is flipped, in [0, 0.5).
+    /// DPO: the probability that a preference is flipped, in [0, 0.5): conservative DPO with the
+    /// sigmoid loss, robust DPO with --dpo-loss robust.
     #[arg(long)]
     label_smoothing: Option<f32>,
     /// DPO: precomputed (the reference's log-probabilities once, before training; the default)

@@ -36,7 +36,10 @@ impl std::str::FromStr for Method {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DpoLossKind {
-    /// `-log sigmoid(beta h)`, h the chosen log-ratio minus the rejected one (the DPO paper).
+    /// `-log sigmoid(beta h)`, h the chosen log-ratio minus the rejected one (the DPO paper);
+    /// with `label_smoothing` e, conservative DPO (cDPO):
+    /// `-(1-e) log sigmoid(beta h) - e log sigmoid(-beta h)`, as TRL before 1.0 computed the
+    /// sigmoid loss with label smoothing.
     #[default]
     Sigmoid,
     /// Robust DPO: labels flipped with probability `label_smoothing`,
@@ -90,7 +93,8 @@ pub struct DpoConfig {
     pub beta: f32,
     /// The loss.
     pub loss: DpoLossKind,
-    /// The probability that a pair's preference is flipped (`loss = "robust"`), in [0, 0.5).
+    /// The probability that a pair's preference is flipped, in [0, 0.5): conservative DPO with
+    /// `loss = "sigmoid"`, robust DPO with `loss = "robust"`; IPO takes none.
     pub label_smoothing: f32,
     /// Where the reference comes from. Unset: precomputed (see [`DpoConfig::reference_choice`]).
     pub reference: Option<DpoReference>,
@@ -111,12 +115,12 @@ impl DpoConfig {
         }
         let e = self.label_smoothing;
         match self.loss {
-            DpoLossKind::Robust if !(0.0..0.5).contains(&e) => {
-                p.push(format!("label_smoothing must be in [0, 0.5) for loss = \"robust\" (got {e})"));
+            DpoLossKind::Sigmoid | DpoLossKind::Robust if !(0.0..0.5).contains(&e) => {
+                p.push(format!("label_smoothing must be in [0, 0.5) (got {e})"));
             }
-            DpoLossKind::Sigmoid | DpoLossKind::Ipo if e != 0.0 => p.push(format!(
-                "label_smoothing = {e} applies to loss = \"robust\" only (as in TRL); set loss = \"robust\" or \
-                 label_smoothing = 0"
+            DpoLossKind::Ipo if e != 0.0 => p.push(format!(
+                "label_smoothing = {e} does not apply to loss = \"ipo\"; use loss = \"sigmoid\" (conservative DPO) \
+                 or \"robust\", or label_smoothing = 0"
             )),
             _ => {}
         }
@@ -127,7 +131,7 @@ impl DpoConfig {
     pub fn kernel_loss(&self) -> DpoLoss {
         let (beta, e) = (self.beta, self.label_smoothing);
         match self.loss {
-            DpoLossKind::Sigmoid => DpoLoss { beta, a: 1.0, b: 0.0, ipo: false, length_normalized: false },
+            DpoLossKind::Sigmoid => DpoLoss { beta, a: 1.0 - e, b: e, ipo: false, length_normalized: false },
             DpoLossKind::Robust => DpoLoss {
                 beta,
                 a: (1.0 - e) / (1.0 - 2.0 * e),
