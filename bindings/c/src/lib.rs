@@ -871,6 +871,17 @@ pub unsafe extern "C" fn edgetune_model_loss(
     })
 }
 
+/// The records of `records_json` (a JSON array of records in any format a data file may
+/// hold, record N named as line N of "records"), every one readable.
+fn held_out_records(records: &str) -> Result<Vec<data::formats::Sourced>, Fail> {
+    let list: Vec<serde_json::Value> = serde_json::from_str(records)
+        .map_err(|e| Fail::invalid(format!("records_json: expected a JSON array of records: {e}")))?;
+    let texts: Vec<String> = list.iter().map(serde_json::Value::to_string).collect();
+    let (read, bad) = data::formats::read_records(Path::new("records"), &texts, data::formats::Format::Auto);
+    data::formats::refuse_bad(&bad)?;
+    Ok(read)
+}
+
 /// Answers held-out records with the base model and with the model's current adapter, and
 /// scores each answer against the record's own: exact match and token F1 (as SQuAD's evaluation
 /// computes them) and ROUGE-L (as Python's `rouge-score` does). `records_json` is a JSON array of
@@ -902,11 +913,7 @@ pub unsafe extern "C" fn edgetune_score_answers(
         if adapter.is_some() {
             return Err(Fail::invalid("options_json: `adapter` is not taken here; set the model's adapter"));
         }
-        let list: Vec<serde_json::Value> = serde_json::from_str(records)
-            .map_err(|e| Fail::invalid(format!("records_json: expected a JSON array of records: {e}")))?;
-        let texts: Vec<String> = list.iter().map(serde_json::Value::to_string).collect();
-        let (read, bad) = data::formats::read_records(Path::new("records"), &texts, data::formats::Format::Auto);
-        data::formats::refuse_bad(&bad)?;
+        let read = held_out_records(records)?;
         let report = model.session.hold("model")?.score_answers(&read, system.as_deref(), &opts, |_, _| {})?;
         let json = serde_json::to_string(&report).map_err(|e| Fail::invalid(e.to_string()))?;
         *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
@@ -1034,11 +1041,7 @@ pub unsafe extern "C" fn edgetune_trainer_score_answers(
             return Err(Fail::invalid("options_json: `adapter` is not taken here; the trainer's adapter answers"));
         }
         opts.validate()?;
-        let list: Vec<serde_json::Value> = serde_json::from_str(records)
-            .map_err(|e| Fail::invalid(format!("records_json: expected a JSON array of records: {e}")))?;
-        let texts: Vec<String> = list.iter().map(serde_json::Value::to_string).collect();
-        let (read, bad) = data::formats::read_records(Path::new("records"), &texts, data::formats::Format::Auto);
-        data::formats::refuse_bad(&bad)?;
+        let read = held_out_records(records)?;
         let exchanges = data::exchanges(&read, system.as_deref())?;
         adding_data(&t, "edgetune_trainer_score_answers")?.answers = Some((exchanges, opts));
         Ok(())
