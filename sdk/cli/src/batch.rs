@@ -296,7 +296,7 @@ fn run_job(
     // A stale result (failed before) is no longer true once the job runs again.
     let _ = std::fs::remove_file(dir.join("result.json"));
     let mut trainer = Trainer::new(model.clone(), &dataset, job.config.clone())?;
-    write_atomic(&dir.join("train_config.toml"), settings_toml(&trainer)?.as_bytes())?;
+    write_atomic(&dir.join("train_config.toml"), settings_toml(trainer.config(), trainer.chosen())?.as_bytes())?;
     trainer.set_cancel_token(cancel.clone());
     let ckpt = dir.join(CHECKPOINT_FILE);
     // Checkpoints that cannot be read at all (both the last and the one before it) would fail

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod batch;
 mod bench;
+mod export_job;
 mod interrupt;
 mod train;
 
@@ -158,6 +159,20 @@ enum Cmd {
     Gpu,
     /// Fine-tune a LoRA adapter on a dataset (settings from --config, then the flags).
     Train(Box<TrainArgs>),
+    /// Write the job `train` would run (same arguments) for TRL's SFTTrainer on NVIDIA GPUs
+    /// (accelerate, DeepSpeed): the data as it would be trained, the settings, the starting
+    /// adapter and a script.
+    ExportJob(Box<export_job::ExportJobArgs>),
+    /// Check an adapter trained elsewhere (a PEFT folder, a GGUF LoRA file) against the base
+    /// model and say what it holds.
+    Import {
+        /// The base model the adapter was trained on.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter folder or a GGUF LoRA file.
+        #[arg(long)]
+        adapter: PathBuf,
+    },
     /// Fine-tune one adapter per job (user) from a JSONL file or folder of jobs, loading the
     /// base model once; re-runs skip finished jobs and resume interrupted ones.
     Batch(Box<batch::BatchArgs>),
@@ -203,7 +218,7 @@ enum Cmd {
         /// hf (a Hugging Face folder) or gguf (one file, with a Modelfile beside it).
         #[arg(long, value_enum, default_value = "hf")]
         format: MergeFormat,
-        /// Folder weights: f16 or bf16.
+        /// Folder weights: f16, bf16 or f32.
         #[arg(long, default_value = "f16")]
         dtype: edgetune::lora::merge::MergeDtype,
         /// GGUF tensor type: f32, f16, bf16, q8_0, q4_0 or q4_k.
@@ -451,6 +466,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(130));
             }
         }
+        Cmd::ExportJob(args) => {
+            export_job::run(*args)?;
+        }
+        Cmd::Import { model, adapter } => import(&model, &adapter)?,
         Cmd::Batch(args) => {
             if !batch::run(*args, &gpu)? {
                 return Ok(ExitCode::FAILURE);
@@ -602,6 +621,41 @@ fn print_answer_report(r: &edgetune::session::AnswerReport, data: &std::path::Pa
 }
 
 /// Runs the command line given to this process, printing an error to stderr on failure.
+/// `edgetune import`: loads the adapter against the base (which checks every tensor's name and
+/// shape) and prints what it holds.
+fn import(model: &std::path::Path, adapter: &std::path::Path) -> Result<()> {
+    let (cfg, _) = edgetune::model::open_weights(model)?;
+    let a = edgetune::lora::load(adapter, &cfg)?;
+    let c = &a.config;
+    let modules: Vec<String> = {
+        let mut m: Vec<String> = a.layout.slots.iter().map(|s| s.module.name().to_string()).collect();
+        m.sort();
+        m.dedup();
+        m
+    };
+    let layers = a.layout.slots.iter().map(|s| s.layer).collect::<std::collections::BTreeSet<_>>().len();
+    // A PEFT folder names the model it was trained on (a path on the machine that trained it).
+    let base = std::fs::read_to_string(adapter.join("adapter_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["base_model_name_or_path"].as_str().map(String::from))
+        .unwrap_or_default();
+    println!("adapter: {}", adapter.display());
+    println!("fits: {} ({}, {} layers)", model.display(), cfg.arch.name(), cfg.num_layers);
+    println!("r: {}, alpha: {}, scale: {}{}", c.r, c.alpha, c.scale(), if c.use_rslora { " (rsLoRA)" } else { "" });
+    println!(
+        "modules: {} in {layers} of {} layers ({} matrices, {} parameters)",
+        modules.join(", "),
+        cfg.num_layers,
+        a.layout.slots.len(),
+        a.layout.len
+    );
+    if !base.is_empty() {
+        println!("trained on: {base}");
+    }
+    Ok(())
+}
+
 pub fn main() -> ExitCode {
     interrupt::exit_quietly_on_closed_pipe();
     match run(Cli::parse()) {

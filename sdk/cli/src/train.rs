@@ -32,137 +32,137 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub struct TrainArgs {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Training data: a JSON/JSONL file (Alpaca, ShareGPT, OpenAI chat; preference pairs for
     /// --method dpo), a text file or a folder.
     #[arg(long)]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     /// sft (supervised, the default) or dpo (preference pairs: prompt, chosen, rejected).
     #[arg(long)]
-    method: Option<edgetune::train::Method>,
+    pub(crate) method: Option<edgetune::train::Method>,
     /// DPO: how far the policy may move from the reference (default 0.1; higher stays closer).
     #[arg(long)]
-    beta: Option<f32>,
+    pub(crate) beta: Option<f32>,
     /// DPO: sigmoid (default), robust or ipo.
     #[arg(long)]
-    dpo_loss: Option<edgetune::train::DpoLossKind>,
+    pub(crate) dpo_loss: Option<edgetune::train::DpoLossKind>,
     /// DPO: the probability that a preference is flipped, in [0, 0.5): conservative DPO with the
     /// sigmoid loss, robust DPO with --dpo-loss robust.
     #[arg(long)]
-    label_smoothing: Option<f32>,
+    pub(crate) label_smoothing: Option<f32>,
     /// DPO: precomputed (the reference's log-probabilities once, before training; the default)
     /// or in_step (a frozen copy of the starting adapter, run in every step).
     #[arg(long)]
-    dpo_reference: Option<edgetune::train::DpoReference>,
+    pub(crate) dpo_reference: Option<edgetune::train::DpoReference>,
     /// Output folder (adapter, checkpoint, settings).
     #[arg(long)]
-    output: PathBuf,
+    pub(crate) output: PathBuf,
     /// A TOML file of settings (the TrainConfig fields; flags override it).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Continue from OUTPUT/checkpoint.safetensors.
     #[arg(long)]
-    resume: bool,
+    pub(crate) resume: bool,
     /// Start from this adapter (a PEFT folder or a GGUF LoRA file, such as one from llama.cpp)
     /// instead of a fresh one: its rank, alpha and modules are the run's.
     #[arg(long, conflicts_with_all = ["rank", "alpha", "target_modules"])]
-    init_adapter: Option<PathBuf>,
+    pub(crate) init_adapter: Option<PathBuf>,
     /// Print one JSON event per line on stdout instead of the progress bar.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     #[arg(long)]
-    epochs: Option<u64>,
+    pub(crate) epochs: Option<u64>,
     #[arg(long)]
-    max_steps: Option<u64>,
+    pub(crate) max_steps: Option<u64>,
     /// Peak learning rate.
     #[arg(long)]
-    lr: Option<f32>,
+    pub(crate) lr: Option<f32>,
     /// constant, linear or cosine.
     #[arg(long)]
-    schedule: Option<ScheduleKind>,
+    pub(crate) schedule: Option<ScheduleKind>,
     #[arg(long)]
-    warmup_steps: Option<u64>,
+    pub(crate) warmup_steps: Option<u64>,
     /// LoRA rank.
     #[arg(long)]
-    rank: Option<usize>,
+    pub(crate) rank: Option<usize>,
     #[arg(long)]
-    alpha: Option<f32>,
+    pub(crate) alpha: Option<f32>,
     /// Comma-separated module names (q_proj,v_proj) or all-linear.
     #[arg(long)]
-    target_modules: Option<String>,
+    pub(crate) target_modules: Option<String>,
     #[arg(long)]
-    rslora: bool,
+    pub(crate) rslora: bool,
     #[arg(long)]
-    batch_tokens: Option<usize>,
+    pub(crate) batch_tokens: Option<usize>,
     #[arg(long)]
-    grad_accum: Option<usize>,
+    pub(crate) grad_accum: Option<usize>,
     /// Longest sample in tokens.
     #[arg(long)]
-    max_len: Option<usize>,
+    pub(crate) max_len: Option<usize>,
     /// auto, alpaca, sharegpt, openai or text.
     #[arg(long)]
-    format: Option<Format>,
+    pub(crate) format: Option<Format>,
     /// Train on every token instead of assistant turns only.
     #[arg(long)]
-    train_on_all: bool,
+    pub(crate) train_on_all: bool,
     /// Share of the samples held out at random for validation (unset: automatic, see the README).
     #[arg(long)]
-    val_fraction: Option<f32>,
+    pub(crate) val_fraction: Option<f32>,
     /// Your own held-out records (a file or folder like --data) to validate on; all of --data is
     /// then trained.
     #[arg(long)]
-    val_data: Option<PathBuf>,
+    pub(crate) val_data: Option<PathBuf>,
     /// Held-out conversations (or preference pairs, the chosen answer as the reference) to answer
     /// at each evaluation, scored as `eval --generate` scores them (exact match, token F1,
     /// ROUGE-L), base against adapter. Needs validation samples (--val-data).
     #[arg(long)]
-    score_answers: Option<PathBuf>,
+    pub(crate) score_answers: Option<PathBuf>,
     /// With --score-answers: the most tokens of each answer.
     #[arg(long, default_value_t = 64, requires = "score_answers")]
-    score_max_tokens: usize,
+    pub(crate) score_max_tokens: usize,
     /// Records chained into one training conversation, a fresh draw each epoch (1: each record
     /// alone; unset: automatic, see the README).
     #[arg(long)]
-    chain: Option<usize>,
+    pub(crate) chain: Option<usize>,
     /// Return the adapter with the best validation loss (true) or the final one (false).
     /// Unset: true only when the validation loss is meaningful.
     #[arg(long)]
-    keep_best: Option<bool>,
+    pub(crate) keep_best: Option<bool>,
     #[arg(long)]
-    eval_every: Option<u64>,
+    pub(crate) eval_every: Option<u64>,
     #[arg(long)]
-    patience: Option<u32>,
+    pub(crate) patience: Option<u32>,
     #[arg(long)]
-    checkpoint_every: Option<u64>,
+    pub(crate) checkpoint_every: Option<u64>,
     /// Also checkpoint once this many seconds have passed since the last checkpoint (default
     /// 600; 0: not by time).
     #[arg(long)]
-    checkpoint_every_s: Option<u64>,
+    pub(crate) checkpoint_every_s: Option<u64>,
     #[arg(long)]
-    seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Skip bad records (and report how many) instead of stopping at the first.
     #[arg(long)]
-    skip_bad_records: bool,
+    pub(crate) skip_bad_records: bool,
     /// System message for conversations without one (generate with the same --system).
     #[arg(long)]
-    system: Option<String>,
+    pub(crate) system: Option<String>,
     /// Keep every layer's activations instead of recomputing them (faster, more memory).
     #[arg(long)]
-    no_gradient_checkpointing: bool,
+    pub(crate) no_gradient_checkpointing: bool,
     /// Storage of the activations kept for the backward pass: f32, or f16 (half the
     /// activation memory; arithmetic, LoRA weights and optimizer state stay f32).
     #[arg(long)]
-    activations: Option<Precision>,
+    pub(crate) activations: Option<Precision>,
     /// KV-cache and sample length limit of the loaded model.
     #[arg(long, default_value_t = 2048)]
-    max_context: usize,
+    pub(crate) max_context: usize,
     /// How the base's linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0 and
     /// Q4_1 blocks kept, NF4 for its other weights) or none (f32).
     #[arg(long, default_value = "nf4")]
-    quant: edgetune::model::llama::Quant,
+    pub(crate) quant: edgetune::model::llama::Quant,
 }
 
-fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
+pub(crate) fn resolve(a: &TrainArgs) -> Result<TrainConfig> {
     let mut c = match &a.config {
         Some(path) => {
             let text = edgetune::files::read_config(path)?;
@@ -377,7 +377,10 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
         }
         None => Trainer::new(model.clone(), &dataset, cfg)?,
     };
-    edgetune::atomic::write_atomic(&a.output.join("train_config.toml"), settings_toml(&trainer)?.as_bytes())?;
+    edgetune::atomic::write_atomic(
+        &a.output.join("train_config.toml"),
+        settings_toml(trainer.config(), trainer.chosen())?.as_bytes(),
+    )?;
     if let Some(eval) = answer_eval {
         trainer.score_answers_at_evals(eval)?;
     }
@@ -403,13 +406,13 @@ pub fn run(a: TrainArgs, gpu: &GpuOptions) -> Result<bool> {
 
 /// The run's settings as a TOML file (every automatic choice filled in, so the file repeats the
 /// run), with the automatic choices and their reasons in comments at its top.
-pub fn settings_toml(trainer: &Trainer) -> Result<String> {
-    let body = toml::to_string(trainer.config())
+pub fn settings_toml(config: &TrainConfig, chosen: &[edgetune::train::Choice]) -> Result<String> {
+    let body = toml::to_string(config)
         .map_err(|e| Error::Invalid { field: "settings".into(), what: format!("writing TOML: {e}") })?;
     let mut out = String::from("# The settings of this run.");
-    if !trainer.chosen().is_empty() {
+    if !chosen.is_empty() {
         out.push_str(" Chosen from the data (the others were given):\n");
-        for c in trainer.chosen() {
+        for c in chosen {
             out.push_str(&format!("#   {c}\n"));
         }
     }

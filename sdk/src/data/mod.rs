@@ -167,12 +167,15 @@ pub struct Sample {
     /// `ids[k..]`, each the prompt followed by its completion, the completion's tokens the
     /// targets. The two are packed into the same batch and never attend to each other.
     pub rejected_at: Option<usize>,
+    /// A conversation of chained records ([`DataConfig::chain`]): the lines of the records after
+    /// the first (`line`), in order; empty otherwise.
+    pub chained_lines: Vec<usize>,
 }
 
 impl Sample {
     /// A sample of one sequence.
     pub fn new(ids: Vec<u32>, train: Vec<bool>, file: PathBuf, line: usize) -> Sample {
-        Sample { ids, train, file, line, rejected_at: None }
+        Sample { ids, train, file, line, rejected_at: None, chained_lines: Vec::new() }
     }
 
     /// The sequences of the sample as (ids, train) slices: one, or a pair's two.
@@ -844,7 +847,8 @@ fn chain(train: &[Keyed], set_size: usize, tok: &Tokenizer, cfg: &DataConfig) ->
                     cfg.max_len
                 ));
             }
-            samples.push(Sample::new(ids, flags, first.file.clone(), first.line));
+            let chained_lines = group[1..].iter().map(|&i| train[i].sample.line).collect();
+            samples.push(Sample { chained_lines, ..Sample::new(ids, flags, first.file.clone(), first.line) });
         }
         rounds.push(samples);
     }

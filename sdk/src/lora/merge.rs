@@ -34,6 +34,9 @@ pub enum MergeDtype {
     F16,
     /// bfloat16, as models trained in it ship.
     Bf16,
+    /// IEEE single precision: every value a GGUF file's blocks decode to, exactly (four bytes a
+    /// weight).
+    F32,
 }
 
 impl std::str::FromStr for MergeDtype {
@@ -42,7 +45,8 @@ impl std::str::FromStr for MergeDtype {
         match s {
             "f16" | "float16" => Ok(MergeDtype::F16),
             "bf16" | "bfloat16" => Ok(MergeDtype::Bf16),
-            other => Err(Error::invalid("dtype", format!("`{other}` (expected f16 or bf16)"))),
+            "f32" | "float32" => Ok(MergeDtype::F32),
+            other => Err(Error::invalid("dtype", format!("`{other}` (expected f16, bf16 or f32)"))),
         }
     }
 }
@@ -110,7 +114,11 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
         "max_position_embeddings": c.max_position_embeddings,
         "tie_word_embeddings": c.tie_word_embeddings,
         "hidden_act": "silu",
-        "torch_dtype": match dtype { MergeDtype::F16 => "float16", MergeDtype::Bf16 => "bfloat16" },
+        "torch_dtype": match dtype {
+            MergeDtype::F16 => "float16",
+            MergeDtype::Bf16 => "bfloat16",
+            MergeDtype::F32 => "float32",
+        },
         "bos_token_id": c.bos_token_id,
         "eos_token_id": match c.eos_token_ids.as_slice() { [one] => json!(one), many => json!(many) },
     });
@@ -181,6 +189,7 @@ fn to_bytes(v: &[f32], dtype: MergeDtype) -> Vec<u8> {
     match dtype {
         MergeDtype::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
         MergeDtype::Bf16 => v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+        MergeDtype::F32 => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
     }
 }
 
@@ -201,24 +210,39 @@ fn add_delta(w: &mut [f32], a: &[f32], b: &[f32], r: usize, n_in: usize, scale: 
 /// Merges `adapter` into the model at `model_path` and writes a Hugging Face folder to `out`.
 /// Returns the number of weight shards written.
 pub fn merge(model_path: &Path, adapter: &Adapter, out: &Path, dtype: MergeDtype) -> Result<usize> {
+    write_folder(model_path, Some(adapter), out, dtype)
+}
+
+/// Writes the model at `model_path` (a GGUF file, say) as a Hugging Face folder to `out`, its
+/// weights as they decode, with no adapter. Returns the number of weight shards written.
+pub fn convert(model_path: &Path, out: &Path, dtype: MergeDtype) -> Result<usize> {
+    write_folder(model_path, None, out, dtype)
+}
+
+fn write_folder(model_path: &Path, adapter: Option<&Adapter>, out: &Path, dtype: MergeDtype) -> Result<usize> {
     let (cfg, src) = crate::model::open_weights(model_path)?;
-    let expected = Layout::new(&cfg, &adapter.config)?;
-    if expected != adapter.layout || adapter.params.len() != expected.len {
-        return Err(Error::invalid("adapter", "its shapes do not fit this model (an adapter for another model?)"));
+    if let Some(adapter) = adapter {
+        let expected = Layout::new(&cfg, &adapter.config)?;
+        if expected != adapter.layout || adapter.params.len() != expected.len {
+            return Err(Error::invalid("adapter", "its shapes do not fit this model (an adapter for another model?)"));
+        }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let has_lm_head = !cfg.tie_word_embeddings && src.contains(&cfg, "lm_head.weight");
     let st_dtype = match dtype {
         MergeDtype::F16 => Dtype::F16,
         MergeDtype::Bf16 => Dtype::BF16,
+        MergeDtype::F32 => Dtype::F32,
     };
-    let (r, scale) = (adapter.layout.r, adapter.config.scale());
     // Convert tensor by tensor, cutting shards as they fill.
     let mut shards: Vec<Vec<Converted>> = vec![Vec::new()];
     let mut used = 0usize;
     for (name, shape, slot) in tensor_list(&cfg, has_lm_head) {
         let mut w = src.get(&cfg, &name, &shape)?;
-        if let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m)) {
+        if let Some(adapter) = adapter
+            && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
+        {
+            let (r, scale) = (adapter.layout.r, adapter.config.scale());
             let a = &adapter.params[s.a..s.a + r * s.n_in];
             let b = &adapter.params[s.b..s.b + s.n_out * r];
             add_delta(&mut w, a, b, r, s.n_in, scale);

@@ -587,6 +587,12 @@ impl ModelConfig {
         }
     }
 
+    /// The context a model opened with `requested` positions holds: within the model's
+    /// positions and the RoPE's ([`ModelConfig::rope_context`]), at least 1.
+    pub fn usable_context(&self, requested: usize) -> usize {
+        requested.min(self.max_position_embeddings).min(self.rope_context()).max(1)
+    }
+
     /// The longest context the RoPE runs as transformers does: LongRoPE's original context
     /// (beyond it transformers switches to the long factors), else the model's.
     pub fn rope_context(&self) -> usize {

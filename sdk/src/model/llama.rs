@@ -552,7 +552,7 @@ impl Model {
         let tied = c.tie_word_embeddings || !src.contains(c, "lm_head.weight");
         let lm_head = if tied { None } else { Some(up.table("lm_head.weight", c.vocab_size, h)?) };
         let final_norm = up.norm("model.norm.weight", h)?;
-        let max_context = opts.max_context.min(c.max_position_embeddings).min(c.rope_context()).max(1);
+        let max_context = c.usable_context(opts.max_context);
         let mut table = crate::prim::rope_table(&c.rope_inv_freq(), max_context);
         let factor = c.rope_attention_factor();
         if factor != 1.0 {

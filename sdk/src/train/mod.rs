@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod dpo;
 pub mod jobs;
 pub mod optimizer;
+pub mod plan;
 pub mod schedule;
 pub mod trainer;
 
@@ -14,4 +15,5 @@ pub use crate::model::training::Precision;
 pub use answers::{AnswerEval, EvalAnswers};
 pub use auto::Choice;
 pub use dpo::{DpoConfig, DpoLossKind, DpoReference, Method, Rewards};
+pub use plan::{PlannedStep, Round, RunPlan};
 pub use trainer::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer, TrainingBytes};

@@ -16,19 +16,19 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::answers::{AnswerEval, EvalAnswers};
-use super::auto::{self, Choice, DataShape};
+use super::auto::Choice;
 use super::checkpoint::{Checkpoint, TrainState};
 use super::dpo::{DpoConfig, DpoReference, Method, Rewards};
 use super::optimizer::{AdamwConfig, Optimizer};
+use super::plan::{self, Resolved, Round, RunPlan, choice};
 use super::schedule::{Schedule, ScheduleKind};
-use crate::data::{self, DataConfig, Dataset, Sample, ValSource, Validation};
+use crate::data::{DataConfig, Dataset};
 use crate::error::{Error, Result};
 use crate::gpu::PendingRead;
 use crate::gpu::launch::{DPO_STATS, DpoLoss};
 use crate::lora::{Adapter, GpuAdapter, LoraConfig};
 use crate::model::llama::Model;
 use crate::model::training::{Batch, DpoPass, Precision, Reference, Workspace, WorkspacePlan};
-use crate::prim::Rng;
 use crate::prim::{FNV_OFFSET, fnv1a};
 use crate::score::AnswerScores;
 
@@ -48,19 +48,19 @@ pub struct TrainConfig {
     /// AdamW's betas, epsilon, weight decay and gradient clipping.
     pub optimizer: AdamwConfig,
     /// Peak learning rate. Unset: chosen for the run's length and the adapter's rank, and a
-    /// tenth of that for DPO ([`auto::learning_rate`], [`auto::DPO_LR_FACTOR`]).
+    /// tenth of that for DPO ([`super::auto::learning_rate`], [`super::auto::DPO_LR_FACTOR`]).
     pub learning_rate: Option<f32>,
     /// How the learning rate goes from the peak to the end of the run, after the warmup.
     pub lr_schedule: ScheduleKind,
-    /// Steps of linear warmup from 0 to the peak. Unset: 3 % of the steps ([`auto::warmup_steps`]).
+    /// Steps of linear warmup from 0 to the peak. Unset: 3 % of the steps ([`super::auto::warmup_steps`]).
     pub warmup_steps: Option<u64>,
     /// Passes over the training set (ignored when `max_steps` is set). Unset: chosen from the
-    /// data's size ([`auto::epochs`]).
+    /// data's size ([`super::auto::epochs`]).
     pub epochs: Option<u64>,
     /// Optimizer steps to take. Unset: `epochs` decides.
     pub max_steps: Option<u64>,
     /// Tokens per packed micro-batch (samples laid end to end, never attending to each other).
-    /// Unset: chosen from the data's size ([`auto::batch_tokens`]).
+    /// Unset: chosen from the data's size ([`super::auto::batch_tokens`]).
     pub batch_tokens: Option<usize>,
     /// Micro-batches whose gradients are summed into one optimizer step.
     pub grad_accum: usize,
@@ -376,131 +376,10 @@ impl TrainingBytes {
     }
 }
 
-fn batches(samples: &[&Sample], capacity: usize) -> Result<Vec<Batch>> {
-    batches_of(samples, &data::pack(samples, capacity))
-}
-
-fn batches_of(samples: &[&Sample], groups: &[Vec<usize>]) -> Result<Vec<Batch>> {
-    groups
-        .iter()
-        .map(|group| {
-            Batch::pack_units(group.iter().map(|&i| {
-                let s = samples[i];
-                (s.ids.as_slice(), s.train.as_slice(), s.rejected_at)
-            }))
-        })
+fn batches(round: &Round) -> Result<Vec<Batch>> {
+    (0..round.batches.len())
+        .map(|b| Batch::pack_units(round.batch(b).map(|s| (s.ids.as_slice(), s.train.as_slice(), s.rejected_at))))
         .collect()
-}
-
-/// Each draw's samples shuffled with `seed` and packed into batches: the first draw by
-/// `capacity` tokens, the others into as many batches of the same sample counts, so that every
-/// epoch takes as many steps.
-fn draw_batches(draws: &[&[Sample]], capacity: usize, seed: u64) -> Result<Vec<Vec<Batch>>> {
-    let mut sizes: Option<Vec<usize>> = None;
-    let mut out = Vec::with_capacity(draws.len());
-    for draw in draws {
-        let mut order: Vec<&Sample> = draw.iter().collect();
-        Rng::new(seed).shuffle(&mut order);
-        let groups = match &sizes {
-            None => data::pack(&order, capacity),
-            Some(sizes) => {
-                let mut next = 0;
-                sizes
-                    .iter()
-                    .map(|&n| {
-                        next += n;
-                        (next - n..next.min(order.len())).collect()
-                    })
-                    .collect()
-            }
-        };
-        sizes.get_or_insert_with(|| groups.iter().map(Vec::len).collect());
-        out.push(batches_of(&order, &groups)?);
-    }
-    Ok(out)
-}
-
-/// The settings a run uses, automatic ones resolved.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Resolved {
-    learning_rate: f32,
-    warmup_steps: u64,
-    total_steps: u64,
-    keep_best: bool,
-}
-
-fn choice(setting: &str, value: impl ToString, why: String) -> Choice {
-    Choice { setting: setting.into(), value: value.to_string(), why }
-}
-
-/// Fills in the settings `cfg` leaves unset (rules 2 to 5 of [`auto`]; `batch_tokens` is set
-/// already), recording each choice.
-fn resolve(cfg: &mut TrainConfig, chosen: &mut Vec<Choice>, batches: usize, validation: &Validation) -> Resolved {
-    let source = serde_json::to_value(validation.source).ok().and_then(|v| v.as_str().map(String::from));
-    chosen.push(choice("validation", source.unwrap_or_default(), validation.why.clone()));
-    let per_epoch = batches.div_ceil(cfg.grad_accum) as u64;
-    let total_steps = match cfg.max_steps {
-        Some(n) => n,
-        None => {
-            let epochs = *cfg.epochs.get_or_insert_with(|| {
-                let e = auto::epochs(per_epoch);
-                chosen.push(choice(
-                    "epochs",
-                    e,
-                    format!(
-                        "{e} x {per_epoch} steps = {} steps: at least {} steps, {} to {} epochs",
-                        e * per_epoch,
-                        auto::MIN_AUTO_STEPS,
-                        auto::DEFAULT_EPOCHS,
-                        auto::MAX_AUTO_EPOCHS
-                    ),
-                ));
-                e
-            });
-            epochs * per_epoch
-        }
-    };
-    let (lora, method) = (cfg.lora.clone(), cfg.method);
-    let learning_rate = *cfg.learning_rate.get_or_insert_with(|| {
-        let factor = if method == Method::Dpo { auto::DPO_LR_FACTOR } else { 1.0 };
-        let lr = auto::learning_rate(total_steps, &lora, factor);
-        let dpo = if method == Method::Dpo { format!(", times {factor} for DPO") } else { String::new() };
-        chosen.push(choice(
-            "learning_rate",
-            format!("{lr:e}"),
-            format!(
-                "{:e} for r 16, alpha 32 over at least {} steps, raised for this run's {total_steps} steps and \
-                 scaled by 32 / (scale x r = {}){dpo}",
-                auto::BASE_LR,
-                auto::LONG_RUN_STEPS,
-                auto::scale_times_rank(&lora)
-            ),
-        ));
-        lr
-    });
-    let warmup_steps = *cfg.warmup_steps.get_or_insert_with(|| {
-        let w = auto::warmup_steps(total_steps);
-        chosen.push(choice(
-            "warmup_steps",
-            w,
-            format!("{}% of {total_steps} steps, rounded down", auto::WARMUP_FRACTION * 100.0),
-        ));
-        w
-    });
-    let keep_best = *cfg.keep_best.get_or_insert_with(|| {
-        let why = if validation.meaningful {
-            "the validation loss is meaningful, so the adapter with the lowest one is returned".to_string()
-        } else if validation.source == ValSource::None {
-            "no validation samples: the final adapter is returned".to_string()
-        } else {
-            "held-out samples chosen at random from a small set may state what no training sample does, so the \
-             final adapter is returned"
-                .to_string()
-        };
-        chosen.push(choice("keep_best", validation.meaningful, why));
-        validation.meaningful
-    });
-    Resolved { learning_rate, warmup_steps, total_steps, keep_best }
 }
 
 impl Trainer {
@@ -513,115 +392,26 @@ impl Trainer {
 
     /// Prepares training that starts from `adapter` (its configuration replaces `cfg.lora`).
     ///
-    /// Settings left unset are chosen from the data ([`auto`]); [`Trainer::config`] gives them
+    /// Settings left unset are chosen from the data ([`super::auto`]); [`Trainer::config`] gives them
     /// all and [`Trainer::chosen`] the automatic ones.
     pub fn with_adapter(model: Arc<Model>, dataset: &Dataset, mut cfg: TrainConfig, adapter: Adapter) -> Result<Self> {
         cfg.lora = adapter.config.clone();
-        cfg.validate()?;
-        if dataset.train.is_empty() {
-            return Err(Error::invalid("dataset", "has no training samples"));
-        }
-        let pairs = dataset.train.iter().chain(&dataset.val).filter(|s| s.rejected_at.is_some()).count();
-        let all = dataset.train.len() + dataset.val.len();
-        match cfg.method {
-            Method::Sft if pairs > 0 => {
-                return Err(Error::invalid(
-                    "method",
-                    "the data holds preference pairs (prompt, chosen, rejected): train them with method = \"dpo\"",
-                ));
-            }
-            Method::Dpo if pairs < all => {
-                let s = dataset.train.iter().chain(&dataset.val).find(|s| s.rejected_at.is_none());
-                let at = s.map(|s| format!(" ({}:{})", s.file.display(), s.line)).unwrap_or_default();
-                return Err(Error::invalid(
-                    "method",
-                    format!(
-                        "DPO trains on preference pairs (prompt, chosen, rejected), and {} of {all} samples are \
-                         not{at}",
-                        all - pairs
-                    ),
-                ));
-            }
-            _ => {}
-        }
-        // Chained conversations (see `DataConfig::chain`), unless the rule chose them and they
-        // do not fit the model's context: then each record alone.
-        let chaining = &dataset.report.chaining;
-        let longest_chain = dataset.rounds.iter().flatten().map(|s| s.ids.len()).max().unwrap_or(0);
-        let too_long = chaining.automatic && longest_chain > model.max_context;
-        let (draws, chain, chain_why): (Vec<&[Sample]>, usize, String) = if dataset.rounds.is_empty() || too_long {
-            let why = if too_long {
-                format!(
-                    "each record is trained alone (automatic: conversations of {} records reach {longest_chain} \
-                     tokens, over the model's context of {})",
-                    chaining.records, model.max_context
-                )
-            } else {
-                chaining.why.clone()
-            };
-            (vec![&dataset.train], 1, why)
-        } else {
-            (dataset.rounds.iter().map(Vec::as_slice).collect(), chaining.records, chaining.why.clone())
-        };
-        let shape = DataShape {
-            samples: draws[0].len(),
-            tokens: draws[0].iter().map(|s| s.ids.len()).sum(),
-            longest: draws.iter().flat_map(|d| d.iter()).map(|s| s.ids.len()).max().unwrap_or(0),
-        };
-        if let Some(b) = cfg.batch_tokens
-            && shape.longest > b
-        {
-            return Err(Error::invalid(
-                "batch_tokens",
-                format!(
-                    "{b} is less than the longest sample ({} tokens); raise it, lower data.max_len, or leave \
-                     batch_tokens unset to choose it from the data",
-                    shape.longest
-                ),
-            ));
-        }
-        let all = draws.iter().flat_map(|d| d.iter());
-        data::check_context(all.chain(&dataset.val), model.max_context, "data.max_len")?;
-        let mut chosen = Vec::new();
-        if chaining.automatic {
-            chosen.push(choice("data.chain", chain, chain_why));
-        }
-        cfg.data.chain = Some(chain);
-        let batch_tokens = cfg.batch_tokens.unwrap_or_else(|| {
-            let b = auto::batch_tokens(shape);
-            chosen.push(choice(
-                "batch_tokens",
-                b,
-                format!(
-                    "{} training tokens over about {} steps an epoch, rounded up to 64, within the longest sample \
-                     ({}) and {}",
-                    shape.tokens,
-                    auto::BATCHES_PER_EPOCH,
-                    shape.longest,
-                    auto::MAX_AUTO_BATCH_TOKENS
-                ),
-            ));
-            b
-        });
-        cfg.batch_tokens = Some(batch_tokens);
-        // Shuffle once so that batches mix samples, then pack: the batch count is then fixed,
-        // and so is the number of steps the schedule spans.
-        let rounds = draw_batches(&draws, batch_tokens, cfg.seed)?;
-        let train = &rounds[0];
-        let val_refs: Vec<&Sample> = dataset.val.iter().collect();
-        let val = batches(&val_refs, batch_tokens)?;
-        let run = resolve(&mut cfg, &mut chosen, train.len(), &dataset.report.validation);
-        let mut plan = FNV_OFFSET;
+        let RunPlan { config: mut cfg, mut chosen, rounds, val, resolved: run } =
+            RunPlan::new(dataset, cfg, model.max_context)?;
+        let batch_tokens = cfg.batch_tokens.unwrap_or_default();
+        let rounds: Vec<Vec<Batch>> = rounds.iter().map(batches).collect::<Result<_>>()?;
+        let val = batches(&val)?;
+        let mut fingerprint = FNV_OFFSET;
         for b in rounds.iter().flatten() {
-            fnv1a(&mut plan, bytemuck::cast_slice(&b.ids));
-            fnv1a(&mut plan, bytemuck::cast_slice(&b.targets));
+            fnv1a(&mut fingerprint, bytemuck::cast_slice(&b.ids));
+            fnv1a(&mut fingerprint, bytemuck::cast_slice(&b.targets));
         }
         for v in [cfg.seed, cfg.grad_accum as u64, batch_tokens as u64] {
-            fnv1a(&mut plan, &v.to_le_bytes());
+            fnv1a(&mut fingerprint, &v.to_le_bytes());
         }
         if cfg.method == Method::Dpo {
             let (reference, _) = cfg.dpo.reference_choice();
-            fnv1a(&mut plan, format!("{:?} {reference:?}", cfg.dpo.kernel_loss()).as_bytes());
+            fnv1a(&mut fingerprint, format!("{:?} {reference:?}", cfg.dpo.kernel_loss()).as_bytes());
         }
         let capacity = rounds.iter().flatten().chain(&val).map(Batch::len).max().unwrap_or(1);
         let ws_plan = WorkspacePlan {
@@ -668,7 +458,7 @@ impl Trainer {
                 Some(Dpo { loss: cfg.dpo.kernel_loss(), reference })
             }
         };
-        let state = TrainState { epoch_rng: Rng::new(cfg.seed ^ 0x5eed_0fba_7c4e_5eed).state(), ..Default::default() };
+        let state = TrainState { epoch_rng: plan::initial_epoch_rng(cfg.seed), ..Default::default() };
         Ok(Trainer {
             model,
             cfg,
@@ -682,7 +472,7 @@ impl Trainer {
             ws,
             state,
             best: None,
-            plan_fingerprint: plan,
+            plan_fingerprint: fingerprint,
             cancel: CancelToken::default(),
             checkpoint: None,
             dpo,
@@ -858,9 +648,7 @@ impl Trainer {
     }
 
     fn batch_order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.rounds[0].len()).collect();
-        Rng::from_state(self.state.epoch_rng).shuffle(&mut order);
-        order
+        plan::epoch_order(self.state.epoch_rng, self.rounds[0].len())
     }
 
     /// Answers the held-out exchanges at every evaluation point with the adapter as it is then,
@@ -1091,9 +879,7 @@ impl Trainer {
         }
         if self.state.step_in_epoch >= per_epoch {
             // Next epoch: advance the shuffling RNG past this epoch's draw.
-            let mut rng = Rng::from_state(self.state.epoch_rng);
-            rng.shuffle(&mut (0..self.rounds[0].len()).collect::<Vec<_>>());
-            self.state.epoch_rng = rng.state();
+            self.state.epoch_rng = plan::next_epoch_rng(self.state.epoch_rng, self.rounds[0].len());
             self.state.epoch += 1;
             self.state.step_in_epoch = 0;
             r.order = self.batch_order();
