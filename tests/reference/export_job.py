@@ -123,9 +123,9 @@ def main():
         adapter_dir = os.path.join(FIX, f"export_trl_{name}_adapter")
         shutil.rmtree(adapter_dir, ignore_errors=True)
         trainer.save_model(adapter_dir)
-        for extra_file in ("README.md", "training_args.bin"):
-            if os.path.exists(os.path.join(adapter_dir, extra_file)):
-                os.remove(os.path.join(adapter_dir, extra_file))
+        for f in os.listdir(adapter_dir):  # the adapter alone (save_model adds the tokenizer and a README)
+            if f not in ("adapter_config.json", "adapter_model.safetensors"):
+                os.remove(os.path.join(adapter_dir, f))
         model = trainer.model.eval()
         probe = torch.tensor([rows[0]["input_ids"][: rows[0]["seq_lengths"][0]]])
         with torch.no_grad():
