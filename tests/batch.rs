@@ -251,3 +251,127 @@ fn dpo_jobs_train_preference_pairs_beside_supervised_ones() {
 fn feedback() -> PathBuf {
     common::fixtures().join("../../../sdk/data/feedback/train.jsonl")
 }
+
+/// Three workers share nine jobs through lock files; one is killed (SIGKILL) in the middle of a
+/// job. Every job ends done exactly once, and the killed job is taken over once its lock goes
+/// stale and resumed from its checkpoint, to the adapter an uninterrupted run gives.
+#[test]
+fn three_workers_share_nine_jobs_and_one_killed_workers_job_is_taken_over() {
+    let dir = work_dir("workers");
+    std::fs::write(dir.join("base.toml"), BASE).expect("write");
+    std::fs::copy(persona(), dir.join("data.jsonl")).expect("copy");
+    let users: Vec<String> = (0..9).map(|i| format!("u{i}")).collect();
+    let job = |u: &str| {
+        format!(
+            "{{\"user\": \"{u}\", \"data\": \"data.jsonl\", \"config\": {{\"max_steps\": 8, \"checkpoint_every\": 1}}}}\n"
+        )
+    };
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(&jobs, users.iter().map(|u| job(u)).collect::<String>()).expect("write");
+    let out = dir.join("out");
+    let worker = || {
+        let mut cmd = batch(&jobs, &out, &dir);
+        cmd.args(["--heartbeat-s", "0.2", "--stale-after-s", "3"]).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().expect("a worker runs")
+    };
+    let mut victim = worker();
+    let others: Vec<_> = (0..2).map(|_| worker()).collect();
+    // The first worker is killed once a job of its own has checkpointed its third step.
+    let mut killed_job = None;
+    let mut victim_lines = Vec::new();
+    for line in BufReader::new(victim.stdout.take().expect("stdout")).lines() {
+        let line = line.expect("a line");
+        let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        if event["event"] == "checkpoint" && event["step"] == 3 {
+            killed_job = event["job"].as_str().map(String::from);
+            victim.kill().expect("SIGKILL");
+            break;
+        }
+        victim_lines.push(event);
+    }
+    let _ = victim.wait();
+    let killed = killed_job.expect("the first worker reached a third step");
+    let mut events = Vec::new();
+    for child in others {
+        let run = child.wait_with_output().expect("a worker ends");
+        assert!(run.status.success(), "a surviving worker: {}", text(&run.stderr));
+        events.extend(lines(&text(&run.stdout)));
+    }
+    // Every job done exactly once, by one of the workers.
+    let done_by_victim: Vec<&str> = victim_lines
+        .iter()
+        .filter(|e| e["type"] == "job_finished" && e["status"] == "done")
+        .filter_map(|e| e["job"].as_str())
+        .collect();
+    for u in &users {
+        let by_others =
+            events.iter().filter(|e| e["type"] == "job_finished" && e["job"] == *u && e["status"] == "done").count();
+        let by_victim = done_by_victim.iter().filter(|j| **j == u.as_str()).count();
+        assert_eq!(
+            by_others + by_victim,
+            1,
+            "{u}: done {by_others} times by the survivors and {by_victim} by the killed worker"
+        );
+        let result: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(u).join("result.json")).expect("result"))
+                .expect("JSON");
+        assert_eq!(result["status"], "done", "{u}: {result}");
+        assert!(!out.join(u).join(".lock").exists(), "{u}: the lock is released");
+    }
+    // The killed job was taken over and resumed from its checkpoint.
+    let started =
+        events.iter().find(|e| e["type"] == "job_started" && e["job"] == killed.as_str()).expect("taken over");
+    assert_eq!(started["resume"], true, "{started}");
+    let train_start = events
+        .iter()
+        .find(|e| e["type"] == "train" && e["job"] == killed.as_str() && e["event"] == "started")
+        .expect("started");
+    assert!(train_start["start_step"].as_u64() >= Some(3), "resumed from the checkpoint: {train_start}");
+    // The summary of the last worker to end holds every job.
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("JSON");
+    let rows = summary.as_array().expect("rows");
+    assert_eq!(rows.len(), 9);
+    assert!(rows.iter().all(|r| r["status"] == "done" || r["status"] == "skipped"), "{summary}");
+    // Resumed on another worker, the adapter is the one an uninterrupted run gives.
+    let alone = dir.join("alone");
+    std::fs::write(dir.join("one.jsonl"), job(&killed)).expect("write");
+    let reference = batch(&dir.join("one.jsonl"), &alone, &dir).output().expect("runs");
+    assert!(reference.status.success(), "{}", text(&reference.stderr));
+    assert!(
+        adapter_bytes(&out.join(&killed)) == adapter_bytes(&alone.join(&killed)),
+        "{killed}: the resumed adapter differs"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--shard K/N` takes every N-th job from job K; a bad shard is refused.
+#[test]
+fn a_shard_takes_every_nth_job() {
+    let dir = work_dir("shard");
+    std::fs::write(dir.join("base.toml"), BASE).expect("write");
+    std::fs::copy(persona(), dir.join("data.jsonl")).expect("copy");
+    let jobs = dir.join("jobs.jsonl");
+    let text_jobs: String = (0..5)
+        .map(|i| format!("{{\"user\": \"s{i}\", \"data\": \"data.jsonl\", \"config\": {{\"max_steps\": 1}}}}\n"))
+        .collect();
+    std::fs::write(&jobs, text_jobs).expect("write");
+    let out = dir.join("out");
+    let run = batch(&jobs, &out, &dir).args(["--shard", "1/2"]).output().expect("runs");
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let done: Vec<String> = lines(&text(&run.stdout))
+        .iter()
+        .filter(|e| e["type"] == "job_finished")
+        .map(|e| format!("{}={}", e["job"].as_str().unwrap_or(""), e["status"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(done, ["s1=done", "s3=done"]);
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("JSON");
+    let statuses: Vec<&str> = summary.as_array().expect("rows").iter().filter_map(|r| r["status"].as_str()).collect();
+    assert_eq!(statuses, ["pending", "done", "pending", "done", "pending"], "the other shards' jobs are listed too");
+    for bad in ["2/2", "1", "a/3"] {
+        let run = batch(&jobs, &out, &dir).args(["--shard", bad]).output().expect("runs");
+        assert!(!run.status.success() && text(&run.stderr).contains("K/N"), "{bad}: {}", text(&run.stderr));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

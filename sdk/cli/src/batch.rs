@@ -25,7 +25,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use edgetune::atomic::write_atomic;
 use edgetune::data;
@@ -38,6 +38,7 @@ use edgetune::train::{CancelToken, Event, StopReason, TrainConfig, Trainer};
 use edgetune::{Error, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::claim;
 use crate::interrupt::cancel_on_interrupt;
 use crate::train::{CHECKPOINT_FILE, base_name, human_time, settings_toml};
 
@@ -60,6 +61,35 @@ pub struct BatchArgs {
     /// KV-cache and sample length limit of the loaded model.
     #[arg(long, default_value_t = 2048)]
     max_context: usize,
+    /// Take only every N-th job, starting at job K (0-based): K/N. For job arrays (Slurm's
+    /// SLURM_ARRAY_TASK_ID, Kubernetes' JOB_COMPLETION_INDEX); workers without it share all jobs.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<Shard>,
+    /// Workers sharing an output folder claim each job with a lock file that the holder refreshes
+    /// this often (seconds).
+    #[arg(long, default_value_t = 10.0)]
+    heartbeat_s: f64,
+    /// A lock not refreshed for this long (seconds) belongs to a worker that died: another
+    /// worker takes the job over and resumes it from its checkpoint.
+    #[arg(long, default_value_t = 120.0)]
+    stale_after_s: f64,
+}
+
+/// Every N-th job from job K: `--shard K/N`.
+#[derive(Debug, Clone, Copy)]
+pub struct Shard {
+    k: usize,
+    n: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("`{s}`: expected K/N with 0 <= K < N, such as 0/4");
+        let (k, n) = s.split_once('/').ok_or_else(bad)?;
+        let (k, n): (usize, usize) = (k.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if k < n { Ok(Shard { k, n }) } else { Err(bad()) }
+    }
 }
 
 /// What a job ended with: a row of the summary (and its result.json).
@@ -76,6 +106,13 @@ pub struct JobResult {
     pub adapter: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// The worker that ran it (host:process:start), when it ran.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub worker: Option<String>,
+    /// When it ended (Unix seconds): a failure from before a worker started is retried, one
+    /// from the same run is not.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ended_unix_s: Option<u64>,
 }
 
 /// The lines scripts read: one JSON object per line on stdout, `type` saying which.
@@ -181,67 +218,134 @@ pub fn run(a: BatchArgs, gpu: &GpuOptions) -> Result<bool> {
     if json {
         emit(&Line::BatchStarted { jobs: entries.len(), model: &a.model, output: &a.output });
     }
-    let mut results = Vec::new();
-    for (index, entry) in entries.iter().enumerate() {
-        if cancel.is_cancelled() {
+    let me = claim::worker_id();
+    let started_unix = unix_now();
+    let timing = claim::Timing {
+        heartbeat: Duration::from_secs_f64(a.heartbeat_s.max(0.05)),
+        stale: Duration::from_secs_f64(a.stale_after_s.max(a.heartbeat_s * 2.0)),
+    };
+    let shard = a.shard.unwrap_or(Shard { k: 0, n: 1 });
+    let mine: Vec<usize> = (0..entries.len()).filter(|i| i % shard.n == shard.k).collect();
+    // This worker's results, by job index; jobs held by other workers are tried again after a
+    // heartbeat, until they end or their holder's lock goes stale.
+    let mut handled: std::collections::BTreeMap<usize, JobResult> = Default::default();
+    // Jobs of this worker's share that other workers ended in this run.
+    let mut elsewhere: std::collections::BTreeMap<usize, JobResult> = Default::default();
+    loop {
+        let mut waiting = false;
+        for &index in &mine {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if handled.contains_key(&index) || elsewhere.contains_key(&index) {
+                continue;
+            }
+            let entry = &entries[index];
+            let started = Instant::now();
+            let job = match &entry.job {
+                Ok(job) => job,
+                Err(message) => {
+                    let r = failed(&entry.origin, format!("{}: {message}", entry.origin), started);
+                    report(&mut bars, json, index, entries.len(), &r);
+                    handled.insert(index, r);
+                    continue;
+                }
+            };
+            let dir = a.output.join(&job.user);
+            if let Some(r) = settled(&dir, started_unix) {
+                settle(r, index, &mut handled, &mut elsewhere, &mut bars, json, entries.len());
+                continue;
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir.clone(), source: e })?;
+            let lock = match claim::try_claim(&dir.join(LOCK_FILE), &me, timing)? {
+                claim::Claim::Mine(lock) => lock,
+                claim::Claim::Held => {
+                    waiting = true;
+                    continue;
+                }
+            };
+            // Another worker may have ended it between the look above and the claim.
+            if let Some(r) = settled(&dir, started_unix) {
+                settle(r, index, &mut handled, &mut elsewhere, &mut bars, json, entries.len());
+                continue;
+            }
+            let ckpt = dir.join(CHECKPOINT_FILE);
+            // A kill between the two renames of a checkpoint write leaves only the one before it.
+            let resume = ckpt.exists() || edgetune::atomic::previous(&ckpt).exists();
+            let mut progress = |e: &Event| {
+                if json {
+                    emit(&Line::Train { job: &job.user, event: e });
+                } else if let Some(b) = bars.as_mut() {
+                    draw_event(b, index, &job.user, e);
+                }
+            };
+            if json {
+                emit(&Line::JobStarted { job: &job.user, index: index + 1, jobs: entries.len(), resume });
+            }
+            // The job stops at its next step on Ctrl-C, or when another worker took its lock.
+            let job_cancel = CancelToken::default();
+            let ran = {
+                let (stop, lost, watched) = (cancel.clone(), lock.lost_flag(), job_cancel.clone());
+                let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let finished = done.clone();
+                let watcher = std::thread::spawn(move || {
+                    while !finished.load(std::sync::atomic::Ordering::SeqCst) {
+                        if stop.is_cancelled() || lost.load(std::sync::atomic::Ordering::SeqCst) {
+                            watched.cancel();
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                });
+                let ran = run_job(job, &dir, resume, &model, &tok, &job_cancel, &a.model, &mut progress);
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                let _ = watcher.join();
+                ran
+            };
+            let result = ran.unwrap_or_else(|e| failed(&job.user, e.to_string(), started));
+            let result = JobResult {
+                seconds: started.elapsed().as_secs_f64(),
+                worker: Some(me.clone()),
+                ended_unix_s: Some(unix_now()),
+                ..result
+            };
+            if lock.lost() {
+                // Another worker took the job over (this one was stopped for longer than the
+                // stale limit): it is that worker's to finish and record.
+                let r = JobResult { status: "lost".into(), ..result };
+                report(&mut bars, json, index, entries.len(), &r);
+                handled.insert(index, r);
+                continue;
+            }
+            if result.status != "interrupted" {
+                write_result(&dir, &result)?;
+            }
+            drop(lock);
+            report(&mut bars, json, index, entries.len(), &result);
+            handled.insert(index, result);
+        }
+        if !waiting || cancel.is_cancelled() {
             break;
         }
-        let name = match &entry.job {
-            Ok(job) => job.user.clone(),
-            Err(_) => entry.origin.clone(),
-        };
-        let started = Instant::now();
-        let result = match &entry.job {
-            Err(message) => failed(&name, format!("{}: {message}", entry.origin), started),
-            Ok(job) => {
-                let dir = a.output.join(&job.user);
-                match previous_result(&dir) {
-                    Some(done) if done.status == "done" => JobResult { status: "skipped".into(), seconds: 0.0, ..done },
-                    _ => {
-                        let ckpt = dir.join(CHECKPOINT_FILE);
-                        // A kill between the two renames of a checkpoint write leaves only the
-                        // one before it.
-                        let resume = ckpt.exists() || edgetune::atomic::previous(&ckpt).exists();
-                        let mut progress = |e: &Event| {
-                            if json {
-                                emit(&Line::Train { job: &job.user, event: e });
-                            } else if let Some(b) = bars.as_mut() {
-                                draw_event(b, index, &job.user, e);
-                            }
-                        };
-                        if json {
-                            emit(&Line::JobStarted { job: &job.user, index: index + 1, jobs: entries.len(), resume });
-                        }
-                        let ran = run_job(job, &dir, resume, &model, &tok, &cancel, &a.model, &mut progress);
-                        let result = ran.unwrap_or_else(|e| failed(&job.user, e.to_string(), started));
-                        let result = JobResult { seconds: started.elapsed().as_secs_f64(), ..result };
-                        if result.status != "interrupted" {
-                            write_result(&dir, &result)?;
-                        }
-                        result
-                    }
-                }
-            }
-        };
-        if json {
-            emit(&Line::JobFinished(&result));
-        } else if let Some(b) = bars.as_mut() {
-            let detail = match (&result.error, &result.adapter) {
-                (Some(e), _) => format!(": {e}"),
-                (None, Some(p)) => format!(" ({} steps, adapter {})", result.steps, p.display()),
-                (None, None) => String::new(),
-            };
-            b.say(&format!("job {}/{} {}: {}{detail}", index + 1, entries.len(), result.job, result.status));
-        }
-        results.push(result);
+        std::thread::sleep(timing.heartbeat);
     }
+    // This worker's results, then every other job as the output folder has it.
+    let results: Vec<JobResult> = handled.values().cloned().collect();
+    let summary_rows: Vec<JobResult> = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| match handled.get(&i).or_else(|| elsewhere.get(&i)) {
+            Some(r) => r.clone(),
+            None => on_disk(&a.output, e),
+        })
+        .collect();
     if let Some(b) = bars.as_mut() {
         b.clear();
     }
 
     let count = |s: &str| results.iter().filter(|r| r.status == s).count();
     let summary_path = a.output.join("summary.json");
-    let text = serde_json::to_string_pretty(&results)
+    let text = serde_json::to_string_pretty(&summary_rows)
         .map_err(|e| Error::Invalid { field: "summary".into(), what: e.to_string() })?;
     write_atomic(&summary_path, text.as_bytes())?;
     let (done, failures, interrupted, skipped) =
@@ -249,11 +353,91 @@ pub fn run(a: BatchArgs, gpu: &GpuOptions) -> Result<bool> {
     if json {
         emit(&Line::BatchFinished { done, failed: failures, interrupted, skipped, summary: &summary_path });
     }
-    print_table(&results, entries.len());
-    if interrupted > 0 || results.len() < entries.len() {
+    print_table(&results, mine.len() - elsewhere.len());
+    if !elsewhere.is_empty() {
+        eprintln!("{} more jobs of this worker's share were ended by other workers (summary.json)", elsewhere.len());
+    }
+    if interrupted > 0 || results.len() + elsewhere.len() < mine.len() {
         eprintln!("interrupted: run the same command again to resume");
     }
-    Ok(failures == 0 && interrupted == 0 && results.len() == entries.len())
+    let failed_elsewhere = elsewhere.values().filter(|r| r.status == "failed").count();
+    let lost = count("lost");
+    Ok(failures + failed_elsewhere == 0
+        && interrupted == 0
+        && lost == 0
+        && results.len() + elsewhere.len() == mine.len())
+}
+
+/// The lock file a worker holds while it runs a job (see [`claim`]).
+pub const LOCK_FILE: &str = ".lock";
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+/// Records a job that needs no run: one done in an earlier run is this worker's (reported as
+/// skipped); one another worker ended in this run is that worker's (listed, not reported).
+fn settle(
+    r: JobResult,
+    index: usize,
+    handled: &mut std::collections::BTreeMap<usize, JobResult>,
+    elsewhere: &mut std::collections::BTreeMap<usize, JobResult>,
+    bars: &mut Option<Bars>,
+    json: bool,
+    jobs: usize,
+) {
+    if r.status == "skipped" {
+        report(bars, json, index, jobs, &r);
+        handled.insert(index, r);
+    } else {
+        elsewhere.insert(index, r);
+    }
+}
+
+/// A job that needs no run: done (in an earlier run: skipped; in this one, by another worker:
+/// done), or failed in this run by another worker. A failure from before this worker started is
+/// tried again.
+fn settled(dir: &Path, started_unix: u64) -> Option<JobResult> {
+    let r = previous_result(dir)?;
+    let this_run = r.ended_unix_s.is_some_and(|t| t >= started_unix);
+    match r.status.as_str() {
+        "done" if this_run => Some(r),
+        "done" => Some(JobResult { status: "skipped".into(), seconds: 0.0, ..r }),
+        "failed" if this_run => Some(r),
+        _ => None,
+    }
+}
+
+/// A job this worker did not take, as the output folder has it: its result, else running (a
+/// lock is there) or pending.
+fn on_disk(output: &Path, entry: &jobs::Entry) -> JobResult {
+    let name = entry.job.as_ref().map(|j| j.user.clone()).unwrap_or_else(|_| entry.origin.clone());
+    let dir = output.join(&name);
+    previous_result(&dir).unwrap_or_else(|| JobResult {
+        job: name,
+        status: if dir.join(LOCK_FILE).exists() { "running".into() } else { "pending".into() },
+        steps: 0,
+        val_loss: None,
+        seconds: 0.0,
+        adapter: None,
+        error: None,
+        worker: None,
+        ended_unix_s: None,
+    })
+}
+
+/// A job's end: a JSON line, or a line above the bars.
+fn report(bars: &mut Option<Bars>, json: bool, index: usize, jobs: usize, result: &JobResult) {
+    if json {
+        emit(&Line::JobFinished(result));
+    } else if let Some(b) = bars.as_mut() {
+        let detail = match (&result.error, &result.adapter) {
+            (Some(e), _) => format!(": {e}"),
+            (None, Some(p)) => format!(" ({} steps, adapter {})", result.steps, p.display()),
+            (None, None) => String::new(),
+        };
+        b.say(&format!("job {}/{jobs} {}: {}{detail}", index + 1, result.job, result.status));
+    }
 }
 
 fn failed(job: &str, error: String, started: Instant) -> JobResult {
@@ -265,6 +449,8 @@ fn failed(job: &str, error: String, started: Instant) -> JobResult {
         seconds: started.elapsed().as_secs_f64(),
         adapter: None,
         error: Some(error),
+        worker: None,
+        ended_unix_s: None,
     }
 }
 
@@ -344,6 +530,8 @@ fn run_job(
             seconds: 0.0,
             adapter: None,
             error: None,
+            worker: None,
+            ended_unix_s: None,
         });
     }
     let adapter_dir = dir.join("adapter");
@@ -357,6 +545,8 @@ fn run_job(
         seconds: 0.0,
         adapter: Some(adapter_dir),
         error: None,
+        worker: None,
+        ended_unix_s: None,
     })
 }
 

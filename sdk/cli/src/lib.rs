@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod batch;
 mod bench;
+mod claim;
 mod export_job;
 mod interrupt;
 mod train;
@@ -24,7 +25,8 @@ use train::TrainArgs;
 #[derive(Parser)]
 #[command(name = "edgetune", version, about = "Fine-tune and run LLMs on any GPU (WGSL on wgpu)")]
 struct Cli {
-    /// GPU to use (substring of its adapter name); default: EDGETUNE_ADAPTER, else a discrete GPU.
+    /// GPU to use: a substring of its adapter name, or #N for the N-th adapter (from 0, in the
+    /// order `edgetune gpu` errors list them); default: EDGETUNE_ADAPTER, else a discrete GPU.
     #[arg(long, global = true)]
     gpu: Option<String>,
     #[command(subcommand)]

@@ -18,8 +18,8 @@ use crate::gpu::dispatch::Commands;
 /// How to choose the adapter.
 #[derive(Debug, Clone, Default)]
 pub struct GpuOptions {
-    /// Substring of the adapter name to use; `None` reads `EDGETUNE_ADAPTER`, then prefers a
-    /// discrete GPU.
+    /// Substring of the adapter name to use, or `#N` for the N-th adapter listed (from 0: for
+    /// several GPUs of one name); `None` reads `EDGETUNE_ADAPTER`, then prefers a discrete GPU.
     pub adapter: Option<String>,
     /// Force a kernel family for every op that has one (see [`super::family`]); `None` reads
     /// `EDGETUNE_KERNELS`, else the table picks from the adapter. Tests use it to cover each
@@ -273,6 +273,16 @@ impl GpuContext {
         let seen: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
         let wanted = opts.adapter.clone().or_else(|| std::env::var("EDGETUNE_ADAPTER").ok()).filter(|s| !s.is_empty());
         let adapter = match &wanted {
+            // `#N`: the N-th adapter (from 0) in the order they are listed, for machines with
+            // several GPUs of one name.
+            Some(w) if w.starts_with('#') => {
+                let n: usize = w[1..].trim().parse().map_err(|_| Error::NoAdapter {
+                    detail: format!(" for {w:?}: expected #N, the adapter's index from 0 (adapters present: {seen:?})"),
+                })?;
+                adapters.into_iter().nth(n).ok_or_else(|| Error::NoAdapter {
+                    detail: format!(" with index {n} ({} present: {seen:?})", seen.len()),
+                })?
+            }
             Some(w) => {
                 let lw = w.to_lowercase();
                 adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&lw)).ok_or_else(|| {
