@@ -179,6 +179,22 @@ fn trls_adapter_comes_back_with_pefts_logits() {
             "{said}"
         );
 
+        assert!(!text(&out.stderr).contains("warning"), "{name}: {}", text(&out.stderr));
+        // Against another base: a name that differs is a warning, shapes that differ an error
+        // naming the tensor.
+        let other = if name == "llama" { "tiny_qwen2_bpe.gguf" } else { "tiny_llama" };
+        let (o, d) = (fixtures().join(other).display().to_string(), dir.display().to_string());
+        let warned = edgetune(&["import", "--model", &o, "--adapter", &d].map(String::from));
+        assert!(
+            warned.status.success() && text(&warned.stderr).contains(&format!("not {other}")),
+            "{}",
+            text(&warned.stderr)
+        );
+        let q3 = fixtures().join("tiny_qwen3").display().to_string();
+        let wrong = edgetune(&["import", "--model", &q3, "--adapter", &d].map(String::from));
+        let said = text(&wrong.stderr);
+        assert!(!wrong.status.success() && said.contains("has shape") && said.contains("expected"), "{said}");
+
         let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
         let m = Model::open(ctx.clone(), &model_path, &opts).expect("tiny model loads");
         let adapter = edgetune::lora::load(&dir, &m.config).expect("TRL's adapter loads");

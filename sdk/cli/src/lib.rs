@@ -654,6 +654,16 @@ fn import(model: &std::path::Path, adapter: &std::path::Path) -> Result<()> {
     );
     if !base.is_empty() {
         println!("trained on: {base}");
+        // The name is a path or hub id of the machine that trained it: only its last part can
+        // be compared with this model's.
+        let last = |p: &str| p.trim_end_matches(['/', '\\']).rsplit(['/', '\\']).next().unwrap_or("").to_string();
+        let here = last(&model.to_string_lossy());
+        if last(&base) != here {
+            eprintln!(
+                "warning: the adapter names {base} as its base, not {here}; its shapes fit this model, but weights \
+                 trained on another model give other answers"
+            );
+        }
     }
     Ok(())
 }
