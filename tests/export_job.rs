@@ -99,6 +99,11 @@ fn the_exported_rows_are_what_trls_collator_hands_the_model() {
             let positions: Vec<i64> = ints(&row["seq_lengths"]).iter().flat_map(|&n| 0..n).collect();
             assert_eq!(positions, fx.i64(&format!("row{i}.position_ids")), "{name} row {i}: positions");
         }
+        let script = std::fs::read_to_string(dir.join("train.py")).expect("train.py");
+        assert!(
+            script == fx.metadata("train_py"),
+            "{name}: train.py changed since TRL ran it: run the generator again"
+        );
         let init = std::fs::read(dir.join("init_adapter").join(peft::WEIGHTS_FILE)).expect("init adapter");
         let a = safetensors::SafeTensors::deserialize(&init).expect("safetensors");
         assert!(a.names().iter().any(|n| n.contains("lora_A")), "{name}: the starting adapter holds A matrices");
@@ -232,4 +237,63 @@ fn export_job_refuses_what_it_cannot_export() {
     assert!(!full.status.success() && text(&full.stderr).contains("not empty"), "{}", text(&full.stderr));
     assert_eq!(std::fs::read_to_string(dir.join("mine.txt")).expect("kept"), "keep me");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The LLaMA-Factory export (`tests/reference/export_llamafactory.py` ran it with LLaMA-Factory
+/// 0.9.5): its parser read the job, its loader and collator gave each row's ids and labels with a
+/// block-diagonal causal mask over the row's samples, and its ten steps are edgetune's.
+#[test]
+fn the_llamafactory_job_is_what_llamafactory_ran_and_trains_as_edgetune_does() {
+    let fx = Fixture::open("export_llamafactory_llama_expected.safetensors");
+    let all: Vec<String> = serde_json::from_str(&fx.metadata("args")).expect("args");
+    let dir = scratch("lf").join("job");
+    let model = fixtures().join("tiny_llama").display().to_string();
+    let mut a: Vec<String> = vec!["export-job".into(), "--model".into(), model.clone()];
+    a.extend(["--data".into(), persona().display().to_string(), "--output".into(), dir.display().to_string()]);
+    a.extend(all.iter().cloned());
+    let out = edgetune(&a);
+    assert!(out.status.success(), "export-job failed: {}", text(&out.stderr));
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let yaml = read("job.yaml");
+    let same = |t: &str| -> Vec<String> {
+        t.lines().filter(|l| !l.starts_with("model_name_or_path:")).map(String::from).collect()
+    };
+    assert_eq!(same(&yaml), same(&fx.metadata("job_yaml")), "job.yaml differs from the one LLaMA-Factory ran");
+    assert!(yaml.contains(&format!("model_name_or_path: {}", std::fs::canonicalize(&model).expect("path").display())));
+    assert!(read("prepare_data.py") == fx.metadata("prepare_data_py"), "prepare_data.py changed: run the generator");
+    let info: Value = serde_json::from_str(&read("dataset_info.json")).expect("dataset_info.json");
+    assert!(info["edgetune_rows"]["file_name"] == "data/train.jsonl" && info["edgetune_validation"].is_object());
+    for (i, row) in read_json_lines(&dir.join("data/train.jsonl")).iter().enumerate() {
+        assert_eq!(ints(&row["input_ids"]), fx.i64(&format!("row{i}.input_ids")), "row {i}: ids");
+        assert_eq!(ints(&row["labels"]), fx.i64(&format!("row{i}.labels")), "row {i}: labels");
+        let samples: Vec<i64> =
+            ints(&row["seq_lengths"]).iter().enumerate().flat_map(|(k, &n)| (0..n).map(move |_| k as i64)).collect();
+        assert_eq!(samples, fx.i64(&format!("row{i}.sample_of_token")), "row {i}: samples");
+    }
+    // edgetune's steps with the same arguments.
+    let train: Vec<String> = all.iter().skip(2).cloned().collect();
+    assert_eq!(all[..2], ["--to", "llamafactory"]);
+    let run_dir = scratch("lf-train");
+    let mut t: Vec<String> = vec!["train".into(), "--model".into(), model];
+    t.extend(["--data".into(), persona().display().to_string(), "--output".into(), run_dir.display().to_string()]);
+    t.extend(train.into_iter().chain(["--json".to_string()]));
+    let run = edgetune(&t);
+    assert!(run.status.success(), "train failed: {}", text(&run.stderr));
+    let steps: Vec<Value> = text(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("event"))
+        .filter(|e| e["event"] == "step")
+        .collect();
+    let (loss, norm, lr) = (fx.f32("losses"), fx.f32("grad_norms"), fx.f32("learning_rates"));
+    assert_eq!(steps.len(), loss.len());
+    for (i, s) in steps.iter().enumerate() {
+        let got = |k: &str| s[k].as_f64().expect(k);
+        // As the TRL test: a ten-step AdamW curve in f32, 1e-3 relative.
+        let rel = |g: f64, w: f32| (g - f64::from(w)).abs() <= 1e-3 * f64::from(w).abs() + 1e-6;
+        assert!(rel(got("loss"), loss[i]), "step {}: loss {} vs LLaMA-Factory {}", i + 1, got("loss"), loss[i]);
+        assert!(rel(got("grad_norm"), norm[i]), "step {}: grad norm {} vs {}", i + 1, got("grad_norm"), norm[i]);
+        assert!(rel(got("lr"), lr[i]), "step {}: lr {} vs {}", i + 1, got("lr"), lr[i]);
+    }
+    let _ = std::fs::remove_dir_all(dir.parent().expect("scratch"));
+    let _ = std::fs::remove_dir_all(&run_dir);
 }

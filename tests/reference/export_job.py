@@ -146,6 +146,7 @@ def main():
             "train_jsonl_sha256": sha256(os.path.join(job_dir, "data", "train.jsonl")),
             "init_adapter_sha256": sha256(os.path.join(job_dir, "init_adapter", "adapter_model.safetensors")),
             "job": json.dumps(job, sort_keys=True),
+            "train_py": open(os.path.join(job_dir, "train.py")).read(),
             "versions": json.dumps({m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "trl")}),
         }
         out = os.path.join(FIX, f"export_trl_{name}_expected.safetensors")

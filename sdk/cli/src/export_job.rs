@@ -38,6 +38,16 @@ use serde_json::json;
 use crate::train::{TrainArgs, base_name, resolve, settings_toml};
 
 const TRL_SCRIPT: &str = include_str!("../assets/trl/train.py");
+const LF_PREPARE: &str = include_str!("../assets/llamafactory/prepare_data.py");
+
+/// The LLaMA-Factory version the exported job is tested against.
+const LF_REQUIREMENTS: &str = "\
+# The version `edgetune export-job` was checked against.
+llamafactory==0.9.5
+bitsandbytes
+# For deepspeed in job.yaml:
+# deepspeed
+";
 
 /// The versions the exported job is tested against.
 const REQUIREMENTS: &str = "\
@@ -57,13 +67,15 @@ bitsandbytes
 pub enum Target {
     /// Hugging Face TRL's SFTTrainer (with PEFT, bitsandbytes, accelerate or DeepSpeed).
     Trl,
+    /// LLaMA-Factory (`llamafactory-cli train`, torchrun or DeepSpeed for several GPUs).
+    Llamafactory,
 }
 
 #[derive(clap::Args)]
 pub struct ExportJobArgs {
     #[command(flatten)]
     pub train: TrainArgs,
-    /// The trainer to write the job for: trl.
+    /// The trainer to write the job for: trl or llamafactory.
     #[arg(long, value_enum)]
     pub to: Target,
     /// GPUs the job will run on: each optimizer step's samples are spread over them (and over
@@ -285,7 +297,7 @@ fn write_job(a: &ExportJobArgs, plan: &RunPlan, adapter: &Adapter, dir: &Path) -
     let eval_steps = if cfg.eval_every > 0 { cfg.eval_every } else { plan.steps_per_epoch() };
     let job = json!({
         "written_by": format!("edgetune {}", env!("CARGO_PKG_VERSION")),
-        "target": "trl",
+        "target": match a.to { Target::Trl => "trl", Target::Llamafactory => "llamafactory" },
         "base": {
             "path": base_path,
             "source": t.model.to_string_lossy(),
@@ -330,14 +342,199 @@ fn write_job(a: &ExportJobArgs, plan: &RunPlan, adapter: &Adapter, dir: &Path) -
     let text = serde_json::to_string_pretty(&job).map_err(|e| invalid("export", e.to_string()))?;
     write(&dir.join("job.json"), text.as_bytes())?;
     write(&dir.join("train_config.toml"), settings_toml(cfg, &plan.chosen)?.as_bytes())?;
-    write(&dir.join("train.py"), TRL_SCRIPT.as_bytes())?;
-    write(&dir.join("requirements.txt"), REQUIREMENTS.as_bytes())?;
-    write(&dir.join("run.sh"), run_sh().as_bytes())?;
-    write(&dir.join("accelerate/single_gpu.yaml"), accelerate_yaml("'NO'", 1, false).as_bytes())?;
-    write(&dir.join("accelerate/multi_gpu.yaml"), accelerate_yaml("MULTI_GPU", a.gpus, false).as_bytes())?;
-    write(&dir.join("accelerate/deepspeed_zero2.yaml"), accelerate_yaml("DEEPSPEED", a.gpus, true).as_bytes())?;
-    write(&dir.join("README.md"), readme(a, plan, rows.len(), per_step, from_gguf).as_bytes())?;
+    match a.to {
+        Target::Trl => {
+            write(&dir.join("train.py"), TRL_SCRIPT.as_bytes())?;
+            write(&dir.join("requirements.txt"), REQUIREMENTS.as_bytes())?;
+            write(&dir.join("run.sh"), run_sh().as_bytes())?;
+            write(&dir.join("accelerate/single_gpu.yaml"), accelerate_yaml("'NO'", 1, false).as_bytes())?;
+            write(&dir.join("accelerate/multi_gpu.yaml"), accelerate_yaml("MULTI_GPU", a.gpus, false).as_bytes())?;
+            write(&dir.join("accelerate/deepspeed_zero2.yaml"), accelerate_yaml("DEEPSPEED", a.gpus, true).as_bytes())?;
+            write(&dir.join("README.md"), readme(a, plan, rows.len(), per_step, from_gguf).as_bytes())?;
+        }
+        Target::Llamafactory => {
+            write(&dir.join("prepare_data.py"), LF_PREPARE.as_bytes())?;
+            write(&dir.join("requirements.txt"), LF_REQUIREMENTS.as_bytes())?;
+            write(&dir.join("job.yaml"), lf_yaml(a, plan, &job, per_step).as_bytes())?;
+            write(&dir.join("deepspeed_zero2.json"), DEEPSPEED_ZERO2.as_bytes())?;
+            // The parser wants a dataset name for training; with `tokenized_path` LLaMA-Factory
+            // loads tokenized/ and reads nothing else.
+            let mut info =
+                json!({"edgetune_rows": {"file_name": "data/train.jsonl", "columns": {"prompt": "input_ids"}}});
+            if !val.is_empty() {
+                info["edgetune_validation"] =
+                    json!({"file_name": "data/validation.jsonl", "columns": {"prompt": "input_ids"}});
+            }
+            let text = serde_json::to_string_pretty(&info).map_err(|e| invalid("export", e.to_string()))?;
+            write(&dir.join("dataset_info.json"), text.as_bytes())?;
+            write(&dir.join("run.sh"), lf_run_sh(a.gpus).as_bytes())?;
+            write(&dir.join("README.md"), lf_readme(a, plan, rows.len(), per_step, from_gguf).as_bytes())?;
+        }
+    }
     Ok(())
+}
+
+/// DeepSpeed ZeRO-2 for LLaMA-Factory (`deepspeed: deepspeed_zero2.json` in job.yaml).
+const DEEPSPEED_ZERO2: &str = r#"{
+  "train_batch_size": "auto",
+  "train_micro_batch_size_per_gpu": "auto",
+  "gradient_accumulation_steps": "auto",
+  "gradient_clipping": "auto",
+  "zero_allow_untested_optimizer": true,
+  "bf16": {"enabled": "auto"},
+  "zero_optimization": {"stage": 2, "overlap_comm": false, "contiguous_gradients": true}
+}
+"#;
+
+/// LLaMA-Factory's settings for the job (`llamafactory-cli train job.yaml`).
+fn lf_yaml(a: &ExportJobArgs, plan: &RunPlan, job: &serde_json::Value, per_step: usize) -> String {
+    let cfg = &plan.config;
+    let t = &job["training"];
+    let nf4 = a.train.quant != Quant::None;
+    let quant = if nf4 { "quantization_bit: 4\nquantization_method: bnb\ndouble_quantization: false\n" } else { "" };
+    let eval = if plan.val.batches.is_empty() {
+        "eval_strategy: \"no\"\n".to_string()
+    } else {
+        let steps = &t["eval_steps"];
+        let best = if plan.keep_best() {
+            format!(
+                "save_strategy: steps\nsave_steps: {steps}\nload_best_model_at_end: true\nmetric_for_best_model: eval_loss\n"
+            )
+        } else {
+            "save_strategy: \"no\"\n".to_string()
+        };
+        format!(
+            "eval_strategy: steps\neval_steps: {steps}\neval_dataset: edgetune_validation\nper_device_eval_batch_size: \
+             1\n{best}"
+        )
+    };
+    let sched = scheduler(cfg.lr_schedule);
+    format!(
+        "# llamafactory-cli train job.yaml (written by edgetune export-job; see README.md)\n\
+         ### model\n\
+         model_name_or_path: {base}\n\
+         adapter_name_or_path: init_adapter\n\
+         {quant}\
+         ### method\n\
+         stage: sft\n\
+         do_train: true\n\
+         finetuning_type: lora\n\
+         lora_rank: {r}\n\
+         lora_alpha: {alpha}\n\
+         lora_dropout: {dropout}\n\
+         lora_target: all\n\
+         use_rslora: {rslora}\n\
+         ### dataset: the rows edgetune would train, tokenized by prepare_data.py\n\
+         dataset: edgetune_rows\n\
+         dataset_dir: .\n\
+         tokenized_path: tokenized\n\
+         neat_packing: true\n\
+         disable_shuffling: true\n\
+         ### output\n\
+         output_dir: output\n\
+         logging_steps: 1\n\
+         report_to: none\n\
+         overwrite_output_dir: true\n\
+         ### train: one row a device per micro-step, {per_step} rows a step\n\
+         per_device_train_batch_size: 1\n\
+         gradient_accumulation_steps: {accum}\n\
+         max_steps: {steps}\n\
+         learning_rate: {lr}\n\
+         lr_scheduler_type: {sched}\n\
+         warmup_steps: {warmup}\n\
+         weight_decay: {wd}\n\
+         adam_beta1: {b1}\n\
+         adam_beta2: {b2}\n\
+         adam_epsilon: {eps}\n\
+         max_grad_norm: {clip}\n\
+         seed: {seed}\n\
+         disable_gradient_checkpointing: {no_gc}\n\
+         bf16: {bf16}\n\
+         {eval}\
+         # deepspeed: deepspeed_zero2.json\n",
+        base = job["base"]["path"].as_str().unwrap_or_default(),
+        r = cfg.lora.r,
+        alpha = t_num(&job["lora"]["alpha"]),
+        dropout = t_num(&job["lora"]["dropout"]),
+        rslora = cfg.lora.use_rslora,
+        accum = per_step / a.gpus,
+        steps = t["max_steps"],
+        lr = t_num(&t["learning_rate"]),
+        warmup = t["warmup_steps"],
+        wd = t_num(&t["weight_decay"]),
+        b1 = t_num(&t["adam_beta1"]),
+        b2 = t_num(&t["adam_beta2"]),
+        eps = t_num(&t["adam_epsilon"]),
+        clip = t_num(&t["max_grad_norm"]),
+        seed = t["seed"],
+        no_gc = !cfg.gradient_checkpointing,
+        bf16 = nf4,
+    )
+}
+
+/// A number as YAML 1.1 (PyYAML) reads it as a float: `1.0e-8`, not `1e-8` (a string there).
+fn t_num(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    match s.split_once('e') {
+        Some((m, e)) if !m.contains('.') => format!("{m}.0e{e}"),
+        _ => s,
+    }
+}
+
+fn lf_run_sh(gpus: usize) -> String {
+    format!(
+        "#!/usr/bin/env bash\n\
+         # Trains this job with LLaMA-Factory (written by edgetune export-job). bash run.sh [extra llamafactory-cli args]\n\
+         set -euo pipefail\n\
+         cd \"$(dirname \"$0\")\"\n\
+         [ -d tokenized ] || python3 prepare_data.py\n\
+         if [ {gpus} -gt 1 ]; then export FORCE_TORCHRUN=1 NPROC_PER_NODE={gpus}; fi\n\
+         exec llamafactory-cli train job.yaml \"$@\"\n"
+    )
+}
+
+fn lf_readme(a: &ExportJobArgs, plan: &RunPlan, rows: usize, per_step: usize, from_gguf: bool) -> String {
+    let t = &a.train;
+    let base = if from_gguf {
+        format!(
+            "`base/`, `{}` converted to a Hugging Face folder (f32, the values edgetune quantizes)",
+            t.model.display()
+        )
+    } else {
+        format!("`{}` (referenced, not copied)", t.model.display())
+    };
+    format!(
+        "# A training job exported by edgetune for LLaMA-Factory\n\n\
+         `edgetune export-job --to llamafactory` wrote this folder from `{model}` and `{data}`. It trains what \
+         `edgetune train` would have trained with the same arguments: the same samples in the same {steps} steps, from \
+         the same starting adapter, with the same settings.\n\n\
+         ```bash\n\
+         pip install -r requirements.txt\n\
+         bash run.sh        # prepare_data.py, then llamafactory-cli train job.yaml ({gpus} GPU(s): torchrun when more than one)\n\
+         ```\n\n\
+         The adapter is written to `output/` (PEFT). Bring it back with `edgetune import --model {model} --adapter \
+         output`. The base model: {base}. For DeepSpeed ZeRO-2, uncomment `deepspeed:` in `job.yaml`.\n\n\
+         ## Why the data is pre-tokenized\n\n\
+         LLaMA-Factory formats conversations with its own templates (or one it parses from the tokenizer's chat \
+         template) and packs and shuffles samples its own way; edgetune's ids come from the model's chat template, its \
+         packing and chained conversations, and its order. So `data/train.jsonl` holds the {rows} rows edgetune would \
+         train ({per_step} a step: one packed micro-batch a row), and `prepare_data.py` writes them as the tokenized \
+         dataset LLaMA-Factory loads from `tokenized_path`: `attention_mask` numbers each row's samples 1, 2, 3, ... so \
+         that neat packing gives a block-diagonal causal mask (no sample attends to another; positions run on across a \
+         row, which RoPE's relative positions make equivalent to edgetune's restart at each sample), `labels` are -100 \
+         where nothing is trained, and `disable_shuffling` keeps the order. `dataset_info.json` only names the rows, \
+         because the parser wants a dataset for training; with `tokenized_path` nothing else is read. \
+         `gradient_accumulation_steps` is {per_step} / {gpus} GPU(s): on another number of GPUs, export again with \
+         `--gpus`.\n\n\
+         ## What does not carry over exactly\n\n\
+         - Arithmetic: bf16 on a 4-bit base (edgetune computes in f32); LoRA dropout's random masks; the validation loss \
+           is the mean of each validation row's mean.\n\
+         - `train_config.toml` holds edgetune's resolved settings, `job.json` the same as plain values.\n",
+        model = t.model.display(),
+        data = t.data.display(),
+        steps = plan.total_steps(),
+        gpus = a.gpus,
+    )
 }
 
 fn accelerate_yaml(kind: &str, processes: usize, deepspeed: bool) -> String {
