@@ -860,3 +860,19 @@ fn train_score_answers_scores_the_held_out_answers_at_each_evaluation() {
     assert!(!events.is_empty() && !text(&out.stdout).contains("\"step\""), "no step ran: {}", text(&out.stdout));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--gpu '#N'` picks an adapter by its index (for several GPUs of one name); an index past the
+/// adapters, or one that is no number, is an error that lists the adapters present.
+#[test]
+fn gpu_by_index() {
+    let first = edgetune(&["--gpu", "#0", "gpu"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let by_name = edgetune(&["gpu"]);
+    let line = |o: &Output| text(&o.stdout).lines().next().unwrap_or_default().to_string();
+    assert_eq!(line(&first), line(&by_name), "#0 is the only adapter here");
+    for (bad, says) in [("#99", "with index 99"), ("#x", "expected #N")] {
+        let out = edgetune(&["--gpu", bad, "gpu"]);
+        let err = text(&out.stderr);
+        assert!(!out.status.success() && err.contains(says) && err.contains("present"), "{bad}: {err}");
+    }
+}
