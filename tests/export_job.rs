@@ -118,46 +118,46 @@ fn edgetune_trains_the_exported_job_as_trl_does() {
     for (name, model, _) in CASES {
         let fx = Fixture::open(&format!("export_trl_{name}_expected.safetensors"));
         let (train, _) = args(&fx);
-        let dir = scratch(&format!("{name}-train"));
-        let mut a: Vec<String> = vec!["train".into(), "--model".into(), fixtures().join(model).display().to_string()];
-        a.extend(["--data".into(), persona().display().to_string(), "--output".into(), dir.display().to_string()]);
-        a.extend(train.iter().cloned().chain(["--json".to_string()]));
-        let out = edgetune(&a);
-        assert!(out.status.success(), "{name}: train failed: {}", text(&out.stderr));
-        let steps: Vec<Value> = text(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).expect("event"))
-            .filter(|e| e["event"] == "step")
-            .collect();
-        let (loss, norm, lr) = (fx.f32("losses"), fx.f32("grad_norms"), fx.f32("learning_rates"));
-        assert_eq!(steps.len(), loss.len(), "{name}: steps");
-        for (i, s) in steps.iter().enumerate() {
-            let got = |k: &str| s[k].as_f64().expect(k);
-            eprintln!(
-                "{name} step {}: loss {:.6} (TRL {:.6}), grad norm {:.5} ({:.5}), lr {:.3e} ({:.3e})",
-                i + 1,
-                got("loss"),
-                loss[i],
-                got("grad_norm"),
-                norm[i],
-                got("lr"),
-                lr[i]
-            );
-            // peft_parity's bound for a ten-step AdamW curve in f32: 1e-3 relative (the two
-            // sum in other orders; observed differences are near 1e-6).
-            let rel = |g: f64, w: f32| (g - f64::from(w)).abs() <= 1e-3 * f64::from(w).abs() + 1e-6;
-            assert!(rel(got("loss"), loss[i]), "{name} step {}: loss {} vs TRL {}", i + 1, got("loss"), loss[i]);
-            assert!(
-                rel(got("grad_norm"), norm[i]),
-                "{name} step {}: grad norm {} vs TRL {}",
-                i + 1,
-                got("grad_norm"),
-                norm[i]
-            );
-            assert!(rel(got("lr"), lr[i]), "{name} step {}: lr {} vs TRL {}", i + 1, got("lr"), lr[i]);
-        }
-        let _ = std::fs::remove_dir_all(&dir);
+        takes_the_steps_of(&format!("TRL {name}"), &fx, model, &train);
     }
+}
+
+/// Runs `edgetune train` on `model` with the persona data and `args`, and holds its ten steps to
+/// the curve in `fx` (`what` ran it): loss, gradient norm and learning rate at each step.
+fn takes_the_steps_of(what: &str, fx: &Fixture, model: &str, args: &[String]) {
+    let dir = scratch(&format!("{}-train", what.replace(' ', "-")));
+    let mut a: Vec<String> = vec!["train".into(), "--model".into(), fixtures().join(model).display().to_string()];
+    a.extend(["--data".into(), persona().display().to_string(), "--output".into(), dir.display().to_string()]);
+    a.extend(args.iter().cloned().chain(["--json".to_string()]));
+    let out = edgetune(&a);
+    assert!(out.status.success(), "{what}: train failed: {}", text(&out.stderr));
+    let steps: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("event"))
+        .filter(|e| e["event"] == "step")
+        .collect();
+    let (loss, norm, lr) = (fx.f32("losses"), fx.f32("grad_norms"), fx.f32("learning_rates"));
+    assert_eq!(steps.len(), loss.len(), "{what}: steps");
+    for (i, s) in steps.iter().enumerate() {
+        let got = |k: &str| s[k].as_f64().expect(k);
+        eprintln!(
+            "{what} step {}: loss {:.6} ({:.6}), grad norm {:.5} ({:.5}), lr {:.3e} ({:.3e})",
+            i + 1,
+            got("loss"),
+            loss[i],
+            got("grad_norm"),
+            norm[i],
+            got("lr"),
+            lr[i]
+        );
+        // peft_parity's bound for a ten-step AdamW curve in f32: 1e-3 relative (the two sum in
+        // other orders; observed differences are near 1e-6).
+        let rel = |g: f64, w: f32| (g - f64::from(w)).abs() <= 1e-3 * f64::from(w).abs() + 1e-6;
+        for (k, want) in [("loss", loss[i]), ("grad_norm", norm[i]), ("lr", lr[i])] {
+            assert!(rel(got(k), want), "{what} step {}: {k} {} vs {want}", i + 1, got(k));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The adapter TRL wrote comes back: `edgetune import` reads what it holds, and edgetune's logits
@@ -271,29 +271,7 @@ fn the_llamafactory_job_is_what_llamafactory_ran_and_trains_as_edgetune_does() {
         assert_eq!(samples, fx.i64(&format!("row{i}.sample_of_token")), "row {i}: samples");
     }
     // edgetune's steps with the same arguments.
-    let train: Vec<String> = all.iter().skip(2).cloned().collect();
     assert_eq!(all[..2], ["--to", "llamafactory"]);
-    let run_dir = scratch("lf-train");
-    let mut t: Vec<String> = vec!["train".into(), "--model".into(), model];
-    t.extend(["--data".into(), persona().display().to_string(), "--output".into(), run_dir.display().to_string()]);
-    t.extend(train.into_iter().chain(["--json".to_string()]));
-    let run = edgetune(&t);
-    assert!(run.status.success(), "train failed: {}", text(&run.stderr));
-    let steps: Vec<Value> = text(&run.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("event"))
-        .filter(|e| e["event"] == "step")
-        .collect();
-    let (loss, norm, lr) = (fx.f32("losses"), fx.f32("grad_norms"), fx.f32("learning_rates"));
-    assert_eq!(steps.len(), loss.len());
-    for (i, s) in steps.iter().enumerate() {
-        let got = |k: &str| s[k].as_f64().expect(k);
-        // As the TRL test: a ten-step AdamW curve in f32, 1e-3 relative.
-        let rel = |g: f64, w: f32| (g - f64::from(w)).abs() <= 1e-3 * f64::from(w).abs() + 1e-6;
-        assert!(rel(got("loss"), loss[i]), "step {}: loss {} vs LLaMA-Factory {}", i + 1, got("loss"), loss[i]);
-        assert!(rel(got("grad_norm"), norm[i]), "step {}: grad norm {} vs {}", i + 1, got("grad_norm"), norm[i]);
-        assert!(rel(got("lr"), lr[i]), "step {}: lr {} vs {}", i + 1, got("lr"), lr[i]);
-    }
+    takes_the_steps_of("LLaMA-Factory llama", &fx, "tiny_llama", &all[2..]);
     let _ = std::fs::remove_dir_all(dir.parent().expect("scratch"));
-    let _ = std::fs::remove_dir_all(&run_dir);
 }

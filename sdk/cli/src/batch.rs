@@ -115,6 +115,23 @@ pub struct JobResult {
     pub ended_unix_s: Option<u64>,
 }
 
+impl JobResult {
+    /// A job that has not run to an end: `status`, and nothing else yet.
+    fn bare(job: String, status: &str) -> JobResult {
+        JobResult {
+            job,
+            status: status.into(),
+            steps: 0,
+            val_loss: None,
+            seconds: 0.0,
+            adapter: None,
+            error: None,
+            worker: None,
+            ended_unix_s: None,
+        }
+    }
+}
+
 /// The lines scripts read: one JSON object per line on stdout, `type` saying which.
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -413,17 +430,8 @@ fn settled(dir: &Path, started_unix: u64) -> Option<JobResult> {
 fn on_disk(output: &Path, entry: &jobs::Entry) -> JobResult {
     let name = entry.job.as_ref().map(|j| j.user.clone()).unwrap_or_else(|_| entry.origin.clone());
     let dir = output.join(&name);
-    previous_result(&dir).unwrap_or_else(|| JobResult {
-        job: name,
-        status: if dir.join(LOCK_FILE).exists() { "running".into() } else { "pending".into() },
-        steps: 0,
-        val_loss: None,
-        seconds: 0.0,
-        adapter: None,
-        error: None,
-        worker: None,
-        ended_unix_s: None,
-    })
+    let status = if dir.join(LOCK_FILE).exists() { "running" } else { "pending" };
+    previous_result(&dir).unwrap_or_else(|| JobResult::bare(name, status))
 }
 
 /// A job's end: a JSON line, or a line above the bars.
@@ -442,15 +450,9 @@ fn report(bars: &mut Option<Bars>, json: bool, index: usize, jobs: usize, result
 
 fn failed(job: &str, error: String, started: Instant) -> JobResult {
     JobResult {
-        job: job.to_string(),
-        status: "failed".into(),
-        steps: 0,
-        val_loss: None,
         seconds: started.elapsed().as_secs_f64(),
-        adapter: None,
         error: Some(error),
-        worker: None,
-        ended_unix_s: None,
+        ..JobResult::bare(job.to_string(), "failed")
     }
 }
 
@@ -522,17 +524,7 @@ fn run_job(
         progress(e);
     })?;
     if out.reason == StopReason::Cancelled {
-        return Ok(JobResult {
-            job: job.user.clone(),
-            status: "interrupted".into(),
-            steps: out.steps,
-            val_loss: None,
-            seconds: 0.0,
-            adapter: None,
-            error: None,
-            worker: None,
-            ended_unix_s: None,
-        });
+        return Ok(JobResult { steps: out.steps, ..JobResult::bare(job.user.clone(), "interrupted") });
     }
     let adapter_dir = dir.join("adapter");
     peft::save(&adapter_dir, &out.adapter, &base_name(model_path))?;
