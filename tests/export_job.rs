@@ -122,6 +122,34 @@ fn edgetune_trains_the_exported_job_as_trl_does() {
     }
 }
 
+/// The default job, a 4-bit NF4 base: TRL with bitsandbytes (0.50, on the CPU, so its products
+/// run in f32 on the dequantized NF4 weights) took the steps edgetune takes on the same NF4
+/// weights. What differs beyond summation order is edgetune's f16 embedding and lm_head tables:
+/// each value rounded by at most 2^-11 of itself, which moves a logit by at most 2^-11 times
+/// sum |h_i w_i| (about 5e-4 here: hidden 64, |h| about 1, |w| about 0.02) and the loss by twice
+/// that, 1e-3 absolute on losses near 6: inside the curve's bound of 1e-3 relative (measured:
+/// 7e-6).
+#[test]
+fn edgetune_trains_the_4_bit_job_as_trl_and_bitsandbytes_do() {
+    let fx = Fixture::open("export_trl_llama_nf4_expected.safetensors");
+    let dir = scratch("nf4").join("job");
+    let all: Vec<String> = serde_json::from_str(&fx.metadata("args")).expect("args");
+    let model = fixtures().join("tiny_llama").display().to_string();
+    let mut a: Vec<String> = vec!["export-job".into(), "--model".into(), model];
+    a.extend(["--data".into(), persona().display().to_string(), "--output".into(), dir.display().to_string()]);
+    a.extend(all.iter().cloned());
+    let out = edgetune(&a);
+    assert!(out.status.success(), "export-job failed: {}", text(&out.stderr));
+    let job: Value = serde_json::from_slice(&std::fs::read(dir.join("job.json")).expect("job.json")).expect("job");
+    assert_eq!((job["base"]["nf4"].as_bool(), job["base"]["double_quant"].as_bool()), (Some(true), Some(false)));
+    let script = std::fs::read_to_string(dir.join("train.py")).expect("train.py");
+    assert!(script == fx.metadata("train_py"), "train.py changed since TRL ran it: run the generator again");
+    let _ = std::fs::remove_dir_all(dir.parent().expect("scratch"));
+    let train: Vec<String> = all.iter().skip(2).cloned().collect();
+    assert_eq!(all[..2], ["--to", "trl"]);
+    takes_the_steps_of("TRL + bitsandbytes llama nf4", &fx, "tiny_llama", &train);
+}
+
 /// Runs `edgetune train` on `model` with the persona data and `args`, and holds its ten steps to
 /// the curve in `fx` (`what` ran it): loss, gradient norm and learning rate at each step.
 fn takes_the_steps_of(what: &str, fx: &Fixture, model: &str, args: &[String]) {

@@ -9,6 +9,8 @@ with the persona data, it exports a 10-step job with the edgetune CLI, then, wit
     `apply_chat_template` of its record, and its trained tokens against the assistant turns;
   - trains the 10 steps and records each step's loss and gradient norm;
   - keeps the adapter TRL wrote and PEFT's logits with it on a probe sequence.
+Then it runs the default job (a 4-bit NF4 base through bitsandbytes) for three steps, to check
+that its 4-bit path loads and trains: NF4 in blocks of 64, the LoRA weights in f32.
 `tests/export_job.rs` exports the same jobs in CI and holds edgetune to all of it.
 
     ~/.cache/edgetune/refvenv/bin/pip install torch transformers==5.24.0 peft==0.21.2 trl==1.16.0 datasets accelerate safetensors
@@ -18,6 +20,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -154,6 +157,35 @@ def main():
         print(f"{name}: losses {[round(h['loss'], 4) for h in steps]}")
         print(f"wrote {out} and {adapter_dir}")
         shutil.rmtree(work)
+    # The default job: a 4-bit NF4 base through bitsandbytes (on the CPU its products run in f32).
+    work = tempfile.mkdtemp(prefix="export-nf4-")
+    job_dir = os.path.join(work, "job")
+    args = [a for a in COMMON if a not in ("--quant", "none")]
+    args[args.index("--max-steps") + 1] = "3"
+    subprocess.run([a.edgetune, "export-job", "--model", CASES[0][1], "--data", PERSONA, "--output", job_dir,
+                    *args, *CASES[0][2]], check=True)
+    spec = importlib.util.spec_from_file_location("exported_train_nf4", os.path.join(job_dir, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    job = train.load_job(job_dir)
+    assert job["base"]["nf4"] and not job["base"]["double_quant"]
+    trainer = train.build_trainer(job, folder=job_dir, output=os.path.join(work, "out"))
+    q = [m for m in trainer.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert q and all(m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.blocksize == 64 for m in q)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad), "LoRA kept in f32"
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in steps]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses), losses
+    print(f"nf4 job: {len(q)} Linear4bit (nf4, blocks of 64), LoRA in f32, 3 steps: losses {losses}")
+    save_file(
+        {k: torch.tensor([h[f] for h in steps], dtype=torch.float32)
+         for k, f in (("losses", "loss"), ("grad_norms", "grad_norm"), ("learning_rates", "learning_rate"))},
+        os.path.join(FIX, "export_trl_llama_nf4_expected.safetensors"),
+        metadata={"args": json.dumps([*args, *CASES[0][2]]), "train_py": open(os.path.join(job_dir, "train.py")).read(),
+                  "bitsandbytes": __import__("bitsandbytes").__version__},
+    )
+    shutil.rmtree(work)
     return 0
 
 

@@ -107,7 +107,7 @@ def build_trainer(job, folder=HERE, output=None, f32=False, max_steps=None):
     callbacks = []
     if evaluate and t["early_stopping_patience"]:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"]))
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
@@ -115,6 +115,12 @@ def build_trainer(job, folder=HERE, output=None, f32=False, max_steps=None):
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    # TRL casts the LoRA weights of a 4-bit model to bf16; edgetune keeps them (and AdamW's
+    # moments) in f32, and so does this job: the products still run in bf16 under autocast.
+    for p in trainer.model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return trainer
 
 
 def main():
