@@ -120,6 +120,13 @@ fn edgetune_trains_the_exported_job_as_trl_does() {
         let (train, _) = args(&fx);
         takes_the_steps_of(&format!("TRL {name}"), &fx, model, &train);
     }
+    // The job exported for 2 GPUs, run by TRL on 2 processes (accelerate; each process takes its
+    // rows of every step): the same steps.
+    let fx = Fixture::open("export_trl_qwen2_ddp_expected.safetensors");
+    assert_eq!(fx.metadata("processes"), "2");
+    let (train, export) = args(&fx);
+    assert_eq!(export, ["--to", "trl", "--gpus", "2"]);
+    takes_the_steps_of("TRL qwen2 on 2 processes", &fx, "tiny_qwen2_bpe.gguf", &train);
 }
 
 /// The default job, a 4-bit NF4 base: TRL with bitsandbytes (0.50, on the CPU, so its products

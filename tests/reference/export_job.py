@@ -9,7 +9,8 @@ with the persona data, it exports a 10-step job with the edgetune CLI, then, wit
     `apply_chat_template` of its record, and its trained tokens against the assistant turns;
   - trains the 10 steps and records each step's loss and gradient norm;
   - keeps the adapter TRL wrote and PEFT's logits with it on a probe sequence.
-Then it runs the default job (a 4-bit NF4 base through bitsandbytes) for three steps, to check
+The Qwen2 job, exported for 2 GPUs, also runs on 2 processes (accelerate, gloo on the CPU) and
+takes the same steps. Then it runs the default job (a 4-bit NF4 base through bitsandbytes) for three steps, to check
 that its 4-bit path loads and trains: NF4 in blocks of 64, the LoRA weights in f32.
 `tests/export_job.rs` exports the same jobs in CI and holds edgetune to all of it.
 
@@ -155,6 +156,24 @@ def main():
         out = os.path.join(FIX, f"export_trl_{name}_expected.safetensors")
         save_file(tensors, out, metadata=meta)
         print(f"{name}: losses {[round(h['loss'], 4) for h in steps]}")
+        if job["gpus"] > 1:
+            # The job as exported for several GPUs, on as many processes (accelerate, gloo on the
+            # CPU): each takes its rows of every step, and the steps are the one-process steps.
+            launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes",
+                      str(job["gpus"]), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            ddp_out = os.path.join(work, "ddp")
+            subprocess.run([*launch, "train.py", "--f32", "--output", ddp_out], cwd=job_dir, check=True)
+            with open(os.path.join(ddp_out, "losses.json")) as f:
+                ddp = json.load(f)["steps"]
+            for h, d in zip(steps, ddp, strict=True):
+                assert abs(h["loss"] - d["loss"]) <= 1e-5 * abs(h["loss"]), (h, d)
+            save_file(
+                {k: torch.tensor([d[f] for d in ddp], dtype=torch.float32)
+                 for k, f in (("losses", "loss"), ("grad_norms", "grad_norm"), ("learning_rates", "learning_rate"))},
+                os.path.join(FIX, f"export_trl_{name}_ddp_expected.safetensors"),
+                metadata={"args": json.dumps(COMMON + extra), "processes": str(job["gpus"])},
+            )
+            print(f"{name}: {job['gpus']} processes: losses {[round(d['loss'], 4) for d in ddp]}")
         print(f"wrote {out} and {adapter_dir}")
         shutil.rmtree(work)
     # The default job: a 4-bit NF4 base through bitsandbytes (on the CPU its products run in f32).
