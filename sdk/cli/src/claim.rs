@@ -178,9 +178,13 @@ fn hold(path: &Path, worker: &str, timing: Timing) -> Lock {
                 l.store(true, Ordering::SeqCst);
                 return;
             }
-            // Refresh: rewrite in place (same content), which moves the modification time.
-            if let Ok(mut f) = std::fs::OpenOptions::new().write(true).truncate(true).open(&p) {
-                let _ = f.write_all(content(&w).as_bytes());
+            // Refresh: a new file renamed over the lock, so that a reader (this worker's own
+            // `lost()` among them) never sees it half-written; the new file's time is now.
+            let mut beat = p.as_os_str().to_owned();
+            beat.push(format!(".{}.beat", std::process::id()));
+            let beat = PathBuf::from(beat);
+            if std::fs::write(&beat, content(&w)).is_ok() && std::fs::rename(&beat, &p).is_err() {
+                let _ = std::fs::remove_file(&beat);
             }
         }
     });
