@@ -180,12 +180,7 @@ fn hold(path: &Path, worker: &str, timing: Timing) -> Lock {
             }
             // Refresh: a new file renamed over the lock, so that a reader (this worker's own
             // `lost()` among them) never sees it half-written; the new file's time is now.
-            let mut beat = p.as_os_str().to_owned();
-            beat.push(format!(".{}.beat", std::process::id()));
-            let beat = PathBuf::from(beat);
-            if std::fs::write(&beat, content(&w)).is_ok() && std::fs::rename(&beat, &p).is_err() {
-                let _ = std::fs::remove_file(&beat);
-            }
+            let _ = edgetune::atomic::write_atomic(&p, content(&w).as_bytes());
         }
     });
     Lock { path: path.to_path_buf(), worker: worker.to_string(), lost, stop, beat: Some(beat) }

@@ -23,7 +23,6 @@
 //! samples never attend to each other), plus `sources` (each sample's file and record lines: several
 //! for a conversation of chained records).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use edgetune::data::{self, Sample};
@@ -156,8 +155,7 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     }
-    let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
-    f.write_all(bytes).map_err(|e| io(path, e))
+    std::fs::write(path, bytes).map_err(|e| io(path, e))
 }
 
 /// An f32 setting as the decimal it was written as (0.9, not 0.8999999761581421).
