@@ -617,3 +617,57 @@ fn a_q4_k_merge_has_llama_cpps_own_blocks_and_runs_in_llama_cpp() {
     assert!(moved > 10.0 * bound, "the merge moved the logits too little to test anything");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `Quant::Gguf` keeps Q4_K tensors as their sub-blocks of 32 (an f32 scale d · sc and minimum
+/// -dmin · m each, exact products) in the Q4_1 kernels. On a file whose matrices are all Q4_K
+/// (written by `merge_gguf`, whose blocks the test above holds to llama.cpp's quantizer), the
+/// logits and LoRA gradients equal those of the same file dequantized to f32 (only summation
+/// order differs: 1e-4, as in the f32 parity tests), NF4's re-quantization moves them further,
+/// and the planned bytes are the uploaded ones: 4 bits a weight plus 64 bits a sub-block.
+#[test]
+fn q4_k_tensors_kept_as_blocks_compute_with_the_files_own_values() {
+    let dir = temp("q4k-kept");
+    let base = dir.join("wide-f32.gguf");
+    wide_base(&base);
+    let (cfg, _) = edgetune::model::open_weights(&base).expect("config");
+    let mut zero = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");
+    zero.params.iter_mut().for_each(|v| *v = 0.0);
+    let path = dir.join("wide-q4k.gguf");
+    let m = lora::merge::merge_gguf(&base, &zero, &path, GgmlType::Q4K).expect("re-encode");
+    assert_eq!(m.fell_back, 0, "every matrix row is whole super-blocks");
+    let g = GgufFile::open(&path).expect("open");
+    let q4k = g.tensors.values().filter(|t| t.ty == GgmlType::Q4K && t.name.starts_with("blk.")).count();
+    assert_eq!(q4k, 7 * cfg.num_layers, "Q4_K matrices");
+
+    let (_, src) = edgetune::model::open_weights(&path).expect("weights");
+    let open = |quant| {
+        let opts = LoadOptions { quant, f16_tables: false, ..Default::default() };
+        let model = Model::open(ctx(), &path, &opts).expect("load");
+        assert_eq!(Model::planned_weight_bytes(&model.config, &src, &opts), model.weight_bytes, "{quant:?}");
+        model
+    };
+    let (exact, kept, nf4) = (open(Quant::None), open(Quant::Gguf), open(Quant::Nf4));
+    let matrices: usize =
+        (0..cfg.num_layers).map(|_| Module::ALL.iter().map(|m| m.shape(&cfg).0 * m.shape(&cfg).1).sum::<usize>()).sum();
+    assert_eq!(
+        exact.weight_bytes - kept.weight_bytes,
+        (matrices * 4 - (matrices / 2 + matrices / 32 * 8)) as u64,
+        "Q4_K held at 4 bits a weight and two f32 a sub-block of 32"
+    );
+
+    let ids: Vec<u32> = vec![1, 45, 80, 120, 7, 300, 22, 9, 150, 61];
+    let want = exact.all_logits(&ids).expect("f32");
+    let got = kept.all_logits(&ids).expect("gguf");
+    common::assert_close("logits with Q4_K kept", &got, &want, 1e-4, 1e-4);
+    let requantized = nf4.all_logits(&ids).expect("nf4");
+    let d = |a: &[f32]| a.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    eprintln!("Q4_K kept {:.2e} from the exact logits, NF4 {:.2e}", d(&got), d(&requantized));
+    assert!(d(&requantized) > 10.0 * d(&got), "re-quantizing should cost more than summation order");
+
+    let adapter = common::moved_adapter(&exact.config);
+    let (g_exact, g_kept) = (common::lora_grads(&exact, &adapter, &ids), common::lora_grads(&kept, &adapter, &ids));
+    let scale = g_exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0);
+    common::assert_close("gradients with Q4_K kept", &g_kept, &g_exact, 1e-4, 1e-4 * scale);
+    let _ = std::fs::remove_dir_all(&dir);
+}

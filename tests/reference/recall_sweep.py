@@ -22,11 +22,32 @@ import os
 import random
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FACTS = os.path.join(HERE, "..", "data", "facts")
+
+
+NF4 = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+
+
+def nf4_round(model, block=64):
+    """Every linear weight of the decoder layers rounded to NF4: absmax blocks of 64, nearest code."""
+    mid = (NF4[1:] + NF4[:-1]) / 2
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for mod in layer.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    w = mod.weight.reshape(-1, block)
+                    absmax = w.abs().amax(dim=1, keepdim=True)
+                    x = w / absmax.clamp_min(1e-30)
+                    q = torch.bucketize(x, mid)
+                    mod.weight.copy_((NF4[q] * absmax).reshape(mod.weight.shape))
 
 
 def main():
@@ -39,6 +60,8 @@ def main():
     ap.add_argument("--chain", type=int, default=0, help="records per conversation (0: each alone)")
     ap.add_argument("--fixed-chain", action="store_true", help="one draw of conversations for the whole run")
     ap.add_argument("--neftune", type=float, default=0.0, help="NEFTune noise alpha on the embeddings (0: none)")
+    ap.add_argument("--nf4", action="store_true", help="round the layers' linear weights to NF4 (blocks of 64), as edgetune holds them")
+    ap.add_argument("--adapter", help="score this PEFT adapter instead of training one")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     folder, file = os.path.split(a.model)
@@ -69,7 +92,12 @@ def main():
         torch.manual_seed(seed)
         rng = random.Random(seed)
         base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-        m = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        if a.nf4:
+            nf4_round(base)
+        if a.adapter:
+            m = PeftModel.from_pretrained(base, a.adapter)
+        else:
+            m = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
         if a.neftune > 0:
             def noise(mod, _inp, out):
                 if not mod.training:
@@ -84,7 +112,7 @@ def main():
             rng.shuffle(order)
             fixed = [conversation([train[j] for j in order[k: k + a.chain]]) for k in range(0, len(order), a.chain)]
         queue = []
-        for step in range(a.steps):
+        for step in range(0 if a.adapter else a.steps):
             if fixed is not None:
                 if not queue:
                     queue = list(range(len(fixed)))

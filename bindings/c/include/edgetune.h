@@ -145,7 +145,7 @@ typedef enum edgetune_event_kind {
 
 /**
  * Whether weights are held at 4 bits (NF4, the QLoRA default), in f32, or (GGUF) in the file's
- * own Q4_0 and Q4_1 blocks where it has them and NF4 elsewhere.
+ * own Q4_0, Q4_1 and Q4_K blocks where it has them and NF4 elsewhere.
  */
 typedef enum edgetune_quant {
   EDGETUNE_QUANT_NF4 = 0,

@@ -76,7 +76,7 @@ pub enum edgetune_status {
 use edgetune_status::*;
 
 /// Whether weights are held at 4 bits (NF4, the QLoRA default), in f32, or (GGUF) in the file's
-/// own Q4_0 and Q4_1 blocks where it has them and NF4 elsewhere.
+/// own Q4_0, Q4_1 and Q4_K blocks where it has them and NF4 elsewhere.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum edgetune_quant {
@@ -1457,7 +1457,7 @@ mod tests {
         (ctx, model)
     }
 
-    /// Every `edgetune_quant` value loads a GGUF file (GGUF keeps its Q4_0 and Q4_1 blocks); any other
+    /// Every `edgetune_quant` value loads a GGUF file (GGUF keeps its Q4_0, Q4_1 and Q4_K blocks); any other
     /// number is an error that says what it is.
     #[test]
     fn every_quant_value_loads_and_others_are_refused() {

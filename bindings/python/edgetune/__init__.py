@@ -291,7 +291,7 @@ class Model(_Handle):
         """Loads a Hugging Face folder or a ``.gguf`` file.
 
         ``quant`` is ``"nf4"`` (base weights held at 4 bits, the default), ``"gguf"`` (a GGUF
-        file's own Q4_0 and Q4_1 blocks kept, NF4 for its other weights) or ``"none"``.
+        file's own Q4_0, Q4_1 and Q4_K blocks kept, NF4 for its other weights) or ``"none"``.
         ``max_context`` sizes the KV cache in tokens (0: 2048, capped by the model). Without a
         ``context`` the default GPU is opened for this model alone.
         """

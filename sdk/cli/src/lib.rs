@@ -38,7 +38,7 @@ struct ModelArgs {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// How linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0 and Q4_1 blocks kept, NF4
+    /// How linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0, Q4_1 and Q4_K blocks kept, NF4
     /// for its other weights) or none (f32).
     #[arg(long, default_value = "nf4")]
     quant: Quant,
@@ -60,7 +60,7 @@ struct BenchModel {
     /// llama-3.2-1b, qwen2.5-1.5b, llama-3.1-8b) or of a config.json, quantized like real ones.
     #[arg(long, value_name = "SHAPE")]
     random_weights: Option<String>,
-    /// How linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0 and Q4_1 blocks kept, NF4
+    /// How linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0, Q4_1 and Q4_K blocks kept, NF4
     /// for its other weights) or none (f32).
     #[arg(long, default_value = "nf4")]
     quant: Quant,
@@ -392,7 +392,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let gguf = match src {
                 edgetune::model::weights::WeightSource::Gguf(_) => {
-                    format!("; gguf (Q4_0, Q4_1 kept) {}", on_gpu(Quant::Gguf))
+                    format!("; gguf (Q4_0, Q4_1, Q4_K kept) {}", on_gpu(Quant::Gguf))
                 }
                 _ => String::new(),
             };

@@ -32,7 +32,7 @@ pub enum Quant {
 }
 
 impl Quant {
-    /// Whether linear weights are held at 4 bits (NF4, or a GGUF's own Q4_0 and Q4_1 blocks).
+    /// Whether linear weights are held at 4 bits (NF4, or a GGUF's own Q4_0, Q4_1 and Q4_K blocks).
     pub fn four_bit(self) -> bool {
         matches!(self, Quant::Nf4 | Quant::Gguf)
     }
@@ -398,7 +398,7 @@ impl Uploader<'_> {
         for &n_out in rows {
             parts.push(match &blocks {
                 Some((ty, b)) => {
-                    let row = n_in / 32 * ty.block().1;
+                    let row = ty.row_bytes(n_in).expect("stored_blocks checked the row");
                     self.blocks_linear(&name, *ty, &b[first * row..(first + n_out) * row], n_out, n_in)?
                 }
                 None => self.linear_of(&name, w[first * n_in..(first + n_out) * n_in].to_vec(), n_out, n_in)?,
@@ -408,7 +408,7 @@ impl Uploader<'_> {
         Ok(parts)
     }
 
-    /// With `Quant::Gguf`, a linear weight's 4-bit blocks (Q4_0, Q4_1) as the file stores them.
+    /// With `Quant::Gguf`, a linear weight's 4-bit blocks (Q4_0, Q4_1, Q4_K) as the file stores them.
     fn stored_blocks(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<(GgmlType, Vec<u8>)>> {
         match self.opts.quant {
             Quant::Gguf => self.src.gguf_4bit_blocks(self.cfg, name, [n_out, n_in]),
@@ -421,8 +421,13 @@ impl Uploader<'_> {
         let n = n_out * n_in;
         let fail = |e: String| Error::format(self.src.path(), format!("tensor `{name}`: {e}"));
         let weight = match ty {
-            GgmlType::Q4_1 => {
-                let (packed, coeffs) = crate::quant::gguf_blocks::q4_1_repacked(blocks, n).map_err(fail)?;
+            GgmlType::Q4_1 | GgmlType::Q4K => {
+                let (packed, coeffs) = if ty == GgmlType::Q4K {
+                    crate::quant::gguf_blocks::q4_k_repacked(blocks, n)
+                } else {
+                    crate::quant::gguf_blocks::q4_1_repacked(blocks, n)
+                }
+                .map_err(fail)?;
                 LinearWeight::Q4_1 { packed: self.buffer(name, &packed)?, coeffs: self.buffer(name, &coeffs)? }
             }
             _ => {
@@ -580,7 +585,7 @@ impl Model {
     }
 
     /// The bytes [`Model::load`] uploads for `c`'s weights from `src` with `opts`, without
-    /// loading them: NF4 codes and absmax scales (or f32, or a GGUF's own Q4_0 and Q4_1 blocks with
+    /// loading them: NF4 codes and absmax scales (or f32, or a GGUF's own Q4_0, Q4_1 and Q4_K blocks with
     /// `Quant::Gguf`) for the linear layers, f16 (or f32) embedding and lm_head tables, f32
     /// norms and biases. Divided by the parameter count, the bits a weight takes on the GPU.
     pub fn planned_weight_bytes(c: &ModelConfig, src: &WeightSource, opts: &LoadOptions) -> u64 {
@@ -596,12 +601,14 @@ impl Model {
                 None => m,
             };
             let name = format!("model.layers.{l}.{}.{}.weight", stored.parent(), stored.name());
+            // Q4_0 keeps one f32 scale a block of 32; Q4_1 and Q4_K (as Q4_1) a scale and a minimum.
             let kept = match src.stored_type(c, &name) {
-                Some(GgmlType::Q4_0) => Some(4),
-                Some(GgmlType::Q4_1) => Some(8),
+                Some(t) if t.kept_on_gpu() && t.row_bytes(n_in).is_some() => {
+                    Some(if t == GgmlType::Q4_0 { 4 } else { 8 })
+                }
                 _ => None,
             };
-            if let Some(coeff_bytes) = kept.filter(|_| opts.quant == Quant::Gguf && n_in.is_multiple_of(32)) {
+            if let Some(coeff_bytes) = kept.filter(|_| opts.quant == Quant::Gguf) {
                 n / 2 + n / 32 * coeff_bytes
             } else if opts.quant.four_bit() && n_in.is_multiple_of(8) && bs.is_multiple_of(8) && bs > 0 {
                 n.div_ceil(8) * 4 + n.div_ceil(bs) * 4

@@ -198,7 +198,7 @@ impl WeightSource {
         gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)).map(|t| t.ty)
     }
 
-    /// A linear weight's 4-bit blocks (Q4_0 or Q4_1) as the GGUF file stores them, rows in
+    /// A linear weight's 4-bit blocks (Q4_0, Q4_1 or Q4_K) as the GGUF file stores them, rows in
     /// Hugging Face order (llama.cpp's q/k permutation undone by moving whole rows of blocks),
     /// when the source is a GGUF file that holds `hf_name` (n_out, n_in) so; `None` for any
     /// other source or type.
@@ -211,9 +211,7 @@ impl WeightSource {
         let WeightSource::Gguf(g) = self else { return Ok(None) };
         let Some(info) = gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)) else { return Ok(None) };
         let [n_out, n_in] = expected;
-        if !matches!(info.ty, GgmlType::Q4_0 | GgmlType::Q4_1) || !n_in.is_multiple_of(32) {
-            return Ok(None);
-        }
+        let Some(row) = info.ty.row_bytes(n_in).filter(|_| info.ty.kept_on_gpu()) else { return Ok(None) };
         if info.shape() != expected {
             return Err(Error::Shape {
                 path: g.path.clone(),
@@ -223,7 +221,6 @@ impl WeightSource {
             });
         }
         let bytes = g.tensor_bytes(info);
-        let row = n_in / 32 * info.ty.block().1;
         if bytes.len() != n_out * row {
             return Err(Error::format(
                 &g.path,

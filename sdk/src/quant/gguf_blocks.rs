@@ -95,6 +95,17 @@ impl GgmlType {
         }
     }
 
+    /// Whether the GPU can hold this type's blocks as they are (the 4-bit types: Q4_0, and Q4_1
+    /// and Q4_K through the Q4_1 kernels), so `Quant::Gguf` keeps them.
+    pub fn kept_on_gpu(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q4K)
+    }
+
+    /// Bytes of a row of `n_in` values, or `None` when `n_in` is not a whole number of blocks.
+    pub fn row_bytes(self, n_in: usize) -> Option<usize> {
+        self.bytes_for(n_in)
+    }
+
     /// Bytes needed for `n` elements, or `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (bv, bb) = self.block();
@@ -137,6 +148,33 @@ pub fn q4_1_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), Strin
         coeffs.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
         coeffs.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
         pack_nibbles(&b[4..20], &mut packed);
+    }
+    Ok((packed, coeffs))
+}
+
+/// Q4_K super-blocks (`n` values) as the GPU holds Q4_1: each sub-block of 32 becomes a block
+/// with the codes in NF4's packing and two f32 coefficients, d1 = d · scale and -m1 = -(dmin ·
+/// min). Both products are exact in f32 (an f16 times a 6-bit integer), so q · d1 + (-m1) is
+/// ggml's `d1 * q - m1` bit for bit, as [`dequantize`] computes it.
+pub fn q4_k_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
+    let need = GgmlType::Q4K.bytes_for(n).ok_or_else(|| format!("{n} values is not a whole number of Q4_K blocks"))?;
+    if data.len() != need {
+        return Err(format!("{} bytes for {n} Q4_K values; {need} expected", data.len()));
+    }
+    let mut packed = Vec::with_capacity(n / 2);
+    let mut coeffs = Vec::with_capacity(n / 16);
+    for b in data.chunks_exact(144) {
+        let (d, dmin) = (h(b, 0), h(b, 2));
+        let (scales, qs) = (&b[4..16], &b[16..144]);
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, scales);
+            coeffs.push(d * f32::from(sc));
+            coeffs.push(-(dmin * f32::from(m)));
+            // Sub-block 2k is the low nibbles of qs[32k..32k + 32], 2k + 1 their high nibbles.
+            let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+            let code = |e: usize| if j % 2 == 0 { q[e] & 0xF } else { q[e] >> 4 };
+            packed.extend((0..16).map(|i| (code(2 * i) << 4) | code(2 * i + 1)));
+        }
     }
     Ok((packed, coeffs))
 }
@@ -460,6 +498,40 @@ mod tests {
         assert_eq!(v[0], 0.5 * 10.0 - 1.0);
         assert_eq!(v[16], 0.5 * 3.0 - 1.0);
         assert_eq!(v[1], -1.0);
+    }
+
+    /// The values the GPU computes from a repacked Q4_K block, q · d1 + (-m1) in NF4's
+    /// packing, are ggml's dequantization bit for bit, for every scale and minimum code.
+    #[test]
+    fn q4_k_repacked_is_dequantize_bit_for_bit() {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut data = Vec::new();
+        for _ in 0..8 {
+            let mut b = [0u8; 144];
+            b.iter_mut().for_each(|x| *x = next() as u8);
+            // Finite f16 d and dmin (exponent below 31), of either sign.
+            for at in [1, 3] {
+                b[at] &= 0xBB;
+            }
+            data.extend_from_slice(&b);
+        }
+        let n = 8 * QK_K;
+        let want = dequantize(GgmlType::Q4K, &data, n).expect("valid blocks");
+        let (packed, coeffs) = q4_k_repacked(&data, n).expect("valid blocks");
+        assert_eq!((packed.len(), coeffs.len()), (n / 2, n / 16));
+        for (e, w) in want.iter().enumerate() {
+            let q = if e % 2 == 0 { packed[e / 2] >> 4 } else { packed[e / 2] & 0xF };
+            let (d, m) = (coeffs[2 * (e / 32)], coeffs[2 * (e / 32) + 1]);
+            let got = f32::from(q) * d + m;
+            assert_eq!(got.to_bits(), w.to_bits(), "element {e}: {got} vs {w}");
+        }
+        assert!(q4_k_repacked(&data[..143], QK_K).is_err());
     }
 
     #[test]
