@@ -320,7 +320,8 @@ fn libc_sigpipe() -> i32 {
 /// adapter so far, and exits with 130; `--resume` then finishes the run, with the adapter an
 /// uninterrupted run gives.
 /// `train --quant gguf` keeps a GGUF's Q4_0 and Q4_1 blocks for training: the first step's loss
-/// differs from NF4's (which re-quantizes them) and the run trains.
+/// differs from NF4's (which re-quantizes them) and the run trains. It is the default: without
+/// `--quant` the first loss is the kept blocks' to the bit.
 #[test]
 fn train_takes_the_quant_of_the_base() {
     let dir = std::env::temp_dir().join(format!("edgetune-cli-quant-{}", std::process::id()));
@@ -330,7 +331,8 @@ fn train_takes_the_quant_of_the_base() {
     let first_loss = |quant: &str| {
         let out_dir = dir.join(quant).display().to_string();
         let args = ["train", "--model", &gguf, "--data", &data, "--output", &out_dir, "--json", "--max-steps", "2"];
-        let out = edgetune(&[&args[..], &["--batch-tokens", "128", "--max-len", "64", "--quant", quant]].concat());
+        let chosen: &[&str] = if quant == "default" { &[] } else { &["--quant", quant] };
+        let out = edgetune(&[&args[..], &["--batch-tokens", "128", "--max-len", "64"], chosen].concat());
         assert!(out.status.success(), "{quant}: {}", text(&out.stderr));
         text(&out.stdout)
             .lines()
@@ -341,6 +343,7 @@ fn train_takes_the_quant_of_the_base() {
     let (kept, nf4) = (first_loss("gguf"), first_loss("nf4"));
     eprintln!("first step's loss: gguf {kept}, nf4 {nf4}");
     assert!(kept.is_finite() && (kept - nf4).abs() > 1e-6, "gguf {kept} vs nf4 {nf4}");
+    assert_eq!(first_loss("default").to_bits(), kept.to_bits(), "the default holds the file's blocks");
     let out = edgetune(&["train", "--model", &gguf, "--data", &data, "--output", "x", "--quant", "int3"]);
     assert!(!out.status.success() && text(&out.stderr).contains("expected nf4, gguf or none"), "{}", text(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);

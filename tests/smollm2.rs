@@ -111,7 +111,8 @@ fn q4_1_kept_in_its_blocks_gives_transformers_loss_and_the_f32_gradients() {
 fn nf4_requantized_loss_stays_close_and_greedy_generation_says_paris() {
     let exp = expected();
     let want = exp["loss"].as_f64().expect("loss") as f32;
-    let s = Session::open_with(ctx(), model_path(), &LoadOptions::default()).expect("load");
+    let s = Session::open_with(ctx(), model_path(), &LoadOptions { quant: Quant::Nf4, ..Default::default() })
+        .expect("load");
     let loss = s.model.mean_loss(&ids(&exp["loss_ids"])).expect("loss");
     // Re-quantizing Q4_1 to NF4 adds a second 4-bit rounding (see README): measured +3 % here;
     // 10 % bounds it without letting a broken kernel (loss > 5) pass.
@@ -192,11 +193,13 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
 /// two facts out for validation and returned the adapter of step 4, which knew none of them.
 ///
 /// The criterion is the loss of each trained answer after its paraphrased question (`eval
-/// --data`'s measure): base SmolLM2 scores them at 3.42 nats a token. An adapter that has the
+/// --data`'s measure): base SmolLM2 scores them at 3.17 nats a token (its Q4_1 blocks kept, the
+/// default; 3.42 re-quantized to NF4). An adapter that has the
 /// facts and finds them from another phrasing scores a small fraction of that; one that learned
 /// nothing, or a step-4 adapter, scores near the base. Greedy answers are printed with whether
 /// they carry the fact: across seeds of the same settings they recall from 2 to 5 of the 6
-/// (README, *Training defaults*), so their count is reported, not asserted. The records train
+/// (README, *Training defaults*; this run, seed 0: loss 0.201, 4 of 6), so their count is
+/// reported, not asserted. The records train
 /// as conversations of four, drawn afresh each epoch (the automatic `data.chain`).
 #[test]
 fn the_defaults_teach_a_handful_of_facts_that_paraphrased_questions_recall() {

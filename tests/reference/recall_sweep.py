@@ -10,7 +10,11 @@ takes 25 to 50 s a run, so a choice can be measured over ten seeds before edgetu
 Its seeds are not edgetune's, so single runs differ; the averages are what it is for.
 
     ~/.cache/edgetune/refvenv/bin/python tests/reference/recall_sweep.py --seeds 0,1,2,3 [--chain 4] \
-        [--fixed-chain] [--per-step 4] [--steps 24] [--lr 4e-3] [--neftune 5]
+        [--fixed-chain] [--per-step 4] [--steps 24] [--lr 4e-3] [--neftune 5] [--nf4] [--adapter DIR]
+
+`--nf4` rounds the layers' linear weights to NF4 (blocks of 64, one absmax each) before
+training, as `edgetune --quant nf4` holds them; `--adapter` scores a saved PEFT adapter (an
+edgetune run's, say) on the same base instead of training one.
 
 Each run prints the answer loss of the six held-out answers (the mean over their tokens, as
 `edgetune eval --data` scores them) and which greedy answers carry the fact.

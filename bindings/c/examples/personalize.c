@@ -53,7 +53,7 @@ int main(int argc, char **argv) {
 
     /* Every call returns a status; handles come back through out-pointers and are freed by us. */
     if (edgetune_context_new(NULL, &ctx) != EDGETUNE_OK) return fail("opening the GPU");
-    if (edgetune_model_load(ctx, argv[1], EDGETUNE_QUANT_NF4, 1024, &model) != EDGETUNE_OK) {
+    if (edgetune_model_load(ctx, argv[1], EDGETUNE_QUANT_GGUF, 1024, &model) != EDGETUNE_OK) {
         rc = fail("loading the model");
         goto done;
     }

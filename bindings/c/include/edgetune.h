@@ -144,8 +144,11 @@ typedef enum edgetune_event_kind {
 } edgetune_event_kind;
 
 /**
- * Whether weights are held at 4 bits (NF4, the QLoRA default), in f32, or (GGUF) in the file's
- * own Q4_0, Q4_1 and Q4_K blocks where it has them and NF4 elsewhere.
+ * How the base's linear weights are held: `EDGETUNE_QUANT_GGUF` (what the Rust API, the CLI and
+ * Python default to) keeps a GGUF file's own Q4_0, Q4_1 and Q4_K blocks where it has them and
+ * holds the rest, and every weight of a Hugging Face folder, as NF4; `EDGETUNE_QUANT_NF4`
+ * holds every linear weight as NF4 (a GGUF file's blocks rounded again); `EDGETUNE_QUANT_NONE`
+ * holds f32. The numbers are fixed: 0 stays NF4.
  */
 typedef enum edgetune_quant {
   EDGETUNE_QUANT_NF4 = 0,

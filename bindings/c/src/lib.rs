@@ -75,8 +75,11 @@ pub enum edgetune_status {
 
 use edgetune_status::*;
 
-/// Whether weights are held at 4 bits (NF4, the QLoRA default), in f32, or (GGUF) in the file's
-/// own Q4_0, Q4_1 and Q4_K blocks where it has them and NF4 elsewhere.
+/// How the base's linear weights are held: `EDGETUNE_QUANT_GGUF` (what the Rust API, the CLI and
+/// Python default to) keeps a GGUF file's own Q4_0, Q4_1 and Q4_K blocks where it has them and
+/// holds the rest, and every weight of a Hugging Face folder, as NF4; `EDGETUNE_QUANT_NF4`
+/// holds every linear weight as NF4 (a GGUF file's blocks rounded again); `EDGETUNE_QUANT_NONE`
+/// holds f32. The numbers are fixed: 0 stays NF4.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum edgetune_quant {

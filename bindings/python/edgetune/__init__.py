@@ -284,14 +284,15 @@ class Model(_Handle):
         cls,
         path: PathLike,
         *,
-        quant: str = "nf4",
+        quant: str = "gguf",
         max_context: int = 0,
         context: Optional[Context] = None,
     ) -> "Model":
         """Loads a Hugging Face folder or a ``.gguf`` file.
 
-        ``quant`` is ``"nf4"`` (base weights held at 4 bits, the default), ``"gguf"`` (a GGUF
-        file's own Q4_0, Q4_1 and Q4_K blocks kept, NF4 for its other weights) or ``"none"``.
+        ``quant`` is ``"gguf"`` (the default: a GGUF file's own Q4_0, Q4_1 and Q4_K blocks
+        kept, NF4 for its other weights and for a Hugging Face folder), ``"nf4"`` (NF4
+        throughout) or ``"none"`` (f32).
         ``max_context`` sizes the KV cache in tokens (0: 2048, capped by the model). Without a
         ``context`` the default GPU is opened for this model alone.
         """

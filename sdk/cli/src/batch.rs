@@ -61,6 +61,9 @@ pub struct BatchArgs {
     /// KV-cache and sample length limit of the loaded model.
     #[arg(long, default_value_t = 2048)]
     max_context: usize,
+    /// How the base's linear weights are held on the GPU, as `train --quant` takes it.
+    #[arg(long, default_value = "gguf")]
+    quant: Quant,
     /// Take only every N-th job, starting at job K (0-based): K/N. For job arrays (Slurm's
     /// SLURM_ARRAY_TASK_ID, Kubernetes' JOB_COMPLETION_INDEX); workers without it share all jobs.
     #[arg(long, value_name = "K/N")]
@@ -228,7 +231,7 @@ pub fn run(a: BatchArgs, gpu: &GpuOptions) -> Result<bool> {
 
     let ctx = Arc::new(GpuContext::new(gpu)?);
     let tok = Tokenizer::open(&a.model)?;
-    let load = LoadOptions { quant: Quant::Nf4, max_context: a.max_context, ..Default::default() };
+    let load = LoadOptions { quant: a.quant, max_context: a.max_context, ..Default::default() };
     let model = Arc::new(Model::open(ctx, &a.model, &load)?);
     std::fs::create_dir_all(&a.output).map_err(|e| Error::Io { path: a.output.clone(), source: e })?;
 

@@ -591,13 +591,16 @@ fn readme(a: &ExportJobArgs, plan: &RunPlan, rows: usize, per_step: usize, from_
         format!("`{}` (referenced, not copied)", t.model.display())
     };
     let quant = match t.quant {
-        Quant::Nf4 => "4-bit NF4 with bitsandbytes, blocks of 64, one f32 absmax a block (no double \
-                       quantization): the same 4-bit weights edgetune trains on, bit for bit"
-            .to_string(),
-        Quant::Gguf => "4-bit NF4 with bitsandbytes (edgetune was asked to keep the GGUF file's own Q4 blocks; \
-                        bitsandbytes has no such format, so NF4 is the closest)"
-            .to_string(),
         Quant::None => "none: f32 weights, as edgetune's `--quant none`".to_string(),
+        Quant::Gguf if from_gguf => "4-bit NF4 with bitsandbytes (edgetune keeps the GGUF file's own Q4_0, Q4_1 \
+                                     and Q4_K blocks with `--quant gguf`, its default; bitsandbytes has no such \
+                                     format, so NF4 of the same decoded values is the closest; with \
+                                     `--quant nf4` edgetune holds exactly these)"
+            .to_string(),
+        // NF4 throughout, as a Hugging Face folder is held with either 4-bit setting.
+        Quant::Nf4 | Quant::Gguf => "4-bit NF4 with bitsandbytes, blocks of 64, one f32 absmax a block (no double \
+                                     quantization): the same 4-bit weights edgetune trains on, bit for bit"
+            .to_string(),
     };
     let rows_text = if a.gpus == 1 {
         format!(

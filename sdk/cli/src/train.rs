@@ -156,9 +156,10 @@ pub struct TrainArgs {
     /// KV-cache and sample length limit of the loaded model.
     #[arg(long, default_value_t = 2048)]
     pub(crate) max_context: usize,
-    /// How the base's linear weights are held on the GPU: nf4, gguf (a GGUF file's own Q4_0 and
-    /// Q4_1 blocks kept, NF4 for its other weights) or none (f32).
-    #[arg(long, default_value = "nf4")]
+    /// How the base's linear weights are held on the GPU: gguf (a GGUF file's own Q4_0, Q4_1 and
+    /// Q4_K blocks kept, NF4 for its other weights and for a Hugging Face folder), nf4 (NF4
+    /// throughout) or none (f32).
+    #[arg(long, default_value = "gguf")]
     pub(crate) quant: edgetune::model::llama::Quant,
 }
 

@@ -20,14 +20,16 @@ use crate::quant::nf4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Quant {
-    /// 4-bit NF4 (bitsandbytes layout), the QLoRA default.
-    #[default]
+    /// 4-bit NF4 (bitsandbytes layout) for every linear weight: a GGUF base's blocks are
+    /// dequantized and rounded again to NF4 (4.5 bits a weight with its scales).
     Nf4,
     /// Unquantized f32, for parity checks.
     None,
-    /// A GGUF base's Q4_0 and Q4_1 tensors stay in their own blocks on the GPU (no
-    /// re-quantization: the kernels compute with exactly the values llama.cpp does); its other
-    /// linear weights are held as NF4. For a Hugging Face folder, the same as `Nf4`.
+    /// The default. A GGUF base's Q4_0, Q4_1 and Q4_K tensors stay in their own blocks on the
+    /// GPU (no re-quantization: the kernels compute with exactly the values llama.cpp does; 5
+    /// or 6 bits a weight with their f32 scales); its other linear weights, and every linear
+    /// weight of a Hugging Face folder, are held as NF4.
+    #[default]
     Gguf,
 }
 
@@ -53,7 +55,8 @@ impl std::str::FromStr for Quant {
 /// Options for loading a model onto the GPU.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// How linear weights are held on the GPU: NF4 (4 bits) or f32.
+    /// How linear weights are held on the GPU: a GGUF file's own 4-bit blocks and NF4 for the
+    /// rest (the default), NF4 throughout, or f32.
     pub quant: Quant,
     /// NF4 block size (bitsandbytes default 64).
     pub block_size: usize,
@@ -66,7 +69,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { quant: Quant::Nf4, block_size: nf4::DEFAULT_BLOCK_SIZE, max_context: 2048, f16_tables: true }
+        LoadOptions { quant: Quant::Gguf, block_size: nf4::DEFAULT_BLOCK_SIZE, max_context: 2048, f16_tables: true }
     }
 }
 
@@ -359,7 +362,12 @@ impl Uploader<'_> {
     fn buffer<T: bytemuck::Pod>(&mut self, name: &str, data: &[T]) -> Result<wgpu::Buffer> {
         self.bytes += std::mem::size_of_val(data) as u64;
         let what = format!("the model's weights up to `{name}`");
-        let advice = "load a smaller model, or close what else uses the GPU";
+        let advice = if self.opts.quant == Quant::Gguf && matches!(self.src, WeightSource::Gguf(_)) {
+            "load a smaller model, hold its weights as NF4 (quant = nf4: 4.5 bits a weight where the \
+             file's Q4_0, Q4_1 and Q4_K blocks take 5 or 6), or close what else uses the GPU"
+        } else {
+            "load a smaller model, or close what else uses the GPU"
+        };
         self.ctx.allocating(&what, self.bytes, advice, || Ok(self.ctx.storage_from(name, data)))
     }
 
