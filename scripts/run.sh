@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: fetch SmolLM2-135M-Instruct, ask it the held-out persona questions, fine-tune a
-# LoRA adapter on the bundled persona dataset (NF4 base on the GPU, progress bar), then ask the
-# same questions again with the adapter applied. Each answer is scored against the persona's own
-# (exact match, token F1, ROUGE-L), base against adapter.
+# LoRA adapter on the bundled persona dataset (the base's own 4-bit Q4_1 blocks on the GPU,
+# progress bar), then ask the same questions again with the adapter applied. Each answer is
+# scored against the persona's own (exact match, token F1, ROUGE-L), base against adapter.
 #
 # On a machine without a GPU this runs on Mesa's lavapipe (the CPU) and training takes about
 # 5 minutes on two cores; with a GPU it takes seconds.

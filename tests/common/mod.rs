@@ -229,3 +229,26 @@ pub fn lora_grads(model: &edgetune::model::llama::Model, adapter: &edgetune::lor
     model.ctx.submit([enc.finish()]);
     model.ctx.read_f32(&grads, adapter.layout.len).expect("grads")
 }
+
+/// A GGUF base held three ways (f32, its own blocks kept, NF4): the kept blocks give the f32
+/// path's logits and one LoRA step's gradients (the values are ggml's own, so only summation
+/// order differs: 1e-4, as in the f32 parity tests), where NF4's re-quantization moves the
+/// logits over ten times further.
+pub fn assert_kept_blocks_compute_as_f32(
+    what: &str,
+    [exact, kept, nf4]: [&edgetune::model::llama::Model; 3],
+    ids: &[u32],
+) {
+    let want = exact.all_logits(ids).expect("f32");
+    let got = kept.all_logits(ids).expect("gguf");
+    assert_close(&format!("{what}: logits"), &got, &want, 1e-4, 1e-4);
+    let requantized = nf4.all_logits(ids).expect("nf4");
+    let d = |a: &[f32]| a.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    eprintln!("{what}: {:.2e} from the exact logits, NF4 {:.2e}", d(&got), d(&requantized));
+    assert!(d(&requantized) > 10.0 * d(&got), "{what}: re-quantizing should cost more than summation order");
+    let adapter = moved_adapter(&exact.config);
+    let (g_exact, g_kept) = (lora_grads(exact, &adapter, ids), lora_grads(kept, &adapter, ids));
+    let scale = g_exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0);
+    assert_close(&format!("{what}: gradients"), &g_kept, &g_exact, 1e-4, 1e-4 * scale);
+}

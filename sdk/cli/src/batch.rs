@@ -115,7 +115,7 @@ pub struct JobResult {
     /// When it ended (Unix seconds): a failure from before a worker started is retried, one
     /// from the same run is not.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub ended_unix_s: Option<u64>,
+    pub ended_unix_s: Option<f64>,
 }
 
 impl JobResult {
@@ -391,8 +391,11 @@ pub fn run(a: BatchArgs, gpu: &GpuOptions) -> Result<bool> {
 /// The lock file a worker holds while it runs a job (see [`claim`]).
 pub const LOCK_FILE: &str = ".lock";
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs()
+/// Seconds since the Unix epoch, to the microsecond: a job that ended in the second this run
+/// started is still told apart from one of this run.
+fn unix_now() -> f64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default();
+    (t.as_micros() as f64) / 1e6
 }
 
 /// Records a job that needs no run: one done in an earlier run is this worker's (reported as
@@ -417,7 +420,7 @@ fn settle(
 /// A job that needs no run: done (in an earlier run: skipped; in this one, by another worker:
 /// done), or failed in this run by another worker. A failure from before this worker started is
 /// tried again.
-fn settled(dir: &Path, started_unix: u64) -> Option<JobResult> {
+fn settled(dir: &Path, started_unix: f64) -> Option<JobResult> {
     let r = previous_result(dir)?;
     let this_run = r.ended_unix_s.is_some_and(|t| t >= started_unix);
     match r.status.as_str() {
@@ -612,4 +615,38 @@ fn print_table(results: &[JobResult], total: usize) {
         count("interrupted"),
         total - results.len()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended_at(dir: &Path, status: &str, t: f64) {
+        let r = JobResult { ended_unix_s: Some(t), ..JobResult::bare("alice".into(), status) };
+        write_result(dir, &r).expect("result");
+    }
+
+    /// A job that ended before this run started, in the same second, is an earlier run's: done is
+    /// skipped, failed is tried again. One that ended after the start is this run's.
+    #[test]
+    fn this_run_is_told_apart_within_a_second() {
+        let dir = std::env::temp_dir().join(format!("edgetune-settled-{}", std::process::id()));
+        let start = 1_796_140_660.4;
+        ended_at(&dir, "done", start - 0.3);
+        assert_eq!(settled(&dir, start).map(|r| r.status), Some("skipped".to_string()));
+        ended_at(&dir, "failed", start - 0.3);
+        assert!(settled(&dir, start).is_none(), "an earlier failure is tried again");
+        ended_at(&dir, "done", start + 0.2);
+        assert_eq!(settled(&dir, start).map(|r| r.status), Some("done".to_string()));
+        ended_at(&dir, "failed", start + 0.2);
+        assert_eq!(settled(&dir, start).map(|r| r.status), Some("failed".to_string()));
+        // A result written before the timestamps had fractions still reads.
+        std::fs::write(
+            dir.join("result.json"),
+            r#"{"job":"alice","status":"done","steps":3,"seconds":1.0,"adapter":null,"ended_unix_s":1796140660}"#,
+        )
+        .expect("write");
+        assert_eq!(settled(&dir, start).map(|r| r.status), Some("skipped".to_string()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

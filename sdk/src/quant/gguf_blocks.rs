@@ -116,15 +116,22 @@ impl GgmlType {
     }
 }
 
+/// That `data` is exactly `n` values of `ty`, for the repacking functions.
+fn check_blocks(ty: GgmlType, data: &[u8], n: usize) -> Result<(), String> {
+    let name = ty.name();
+    let need = ty.bytes_for(n).ok_or_else(|| format!("{n} values is not a whole number of {name} blocks"))?;
+    if data.len() != need {
+        return Err(format!("{} bytes for {n} {name} values; {need} expected", data.len()));
+    }
+    Ok(())
+}
+
 /// Q4_0 blocks (`n` values) as the GPU holds them: the 4-bit codes in NF4's packing (byte i
 /// holds element 2i in its high nibble and 2i+1 in its low one; ggml keeps element j of a
 /// block in the low nibble of byte j and element j + 16 in its high nibble) and each block's
 /// f16 scale d as an f32, exactly. value = (q - 8) * d, as [`dequantize`] computes it.
 pub fn q4_0_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
-    let need = GgmlType::Q4_0.bytes_for(n).ok_or_else(|| format!("{n} values is not a whole number of Q4_0 blocks"))?;
-    if data.len() != need {
-        return Err(format!("{} bytes for {n} Q4_0 values; {need} expected", data.len()));
-    }
+    check_blocks(GgmlType::Q4_0, data, n)?;
     let mut packed = Vec::with_capacity(n / 2);
     let mut scales = Vec::with_capacity(n / 32);
     for b in data.chunks_exact(18) {
@@ -138,10 +145,7 @@ pub fn q4_0_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), Strin
 /// [`q4_0_repacked`]) and each block's f16 scale d and minimum m as two f32, exactly.
 /// value = q * d + m, as [`dequantize`] computes it.
 pub fn q4_1_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
-    let need = GgmlType::Q4_1.bytes_for(n).ok_or_else(|| format!("{n} values is not a whole number of Q4_1 blocks"))?;
-    if data.len() != need {
-        return Err(format!("{} bytes for {n} Q4_1 values; {need} expected", data.len()));
-    }
+    check_blocks(GgmlType::Q4_1, data, n)?;
     let mut packed = Vec::with_capacity(n / 2);
     let mut coeffs = Vec::with_capacity(n / 16);
     for b in data.chunks_exact(20) {
@@ -157,10 +161,7 @@ pub fn q4_1_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), Strin
 /// min). Both products are exact in f32 (an f16 times a 6-bit integer), so q · d1 + (-m1) is
 /// ggml's `d1 * q - m1` bit for bit, as [`dequantize`] computes it.
 pub fn q4_k_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
-    let need = GgmlType::Q4K.bytes_for(n).ok_or_else(|| format!("{n} values is not a whole number of Q4_K blocks"))?;
-    if data.len() != need {
-        return Err(format!("{} bytes for {n} Q4_K values; {need} expected", data.len()));
-    }
+    check_blocks(GgmlType::Q4K, data, n)?;
     let mut packed = Vec::with_capacity(n / 2);
     let mut coeffs = Vec::with_capacity(n / 16);
     for b in data.chunks_exact(144) {
