@@ -406,7 +406,7 @@ impl Uploader<'_> {
         for &n_out in rows {
             parts.push(match &blocks {
                 Some((ty, b)) => {
-                    let row = ty.row_bytes(n_in).expect("stored_blocks checked the row");
+                    let row = ty.bytes_for(n_in).expect("stored_blocks checked the row");
                     self.blocks_linear(&name, *ty, &b[first * row..(first + n_out) * row], n_out, n_in)?
                 }
                 None => self.linear_of(&name, w[first * n_in..(first + n_out) * n_in].to_vec(), n_out, n_in)?,
@@ -611,7 +611,7 @@ impl Model {
             let name = format!("model.layers.{l}.{}.{}.weight", stored.parent(), stored.name());
             // Q4_0 keeps one f32 scale a block of 32; Q4_1 and Q4_K (as Q4_1) a scale and a minimum.
             let kept = match src.stored_type(c, &name) {
-                Some(t) if t.kept_on_gpu() && t.row_bytes(n_in).is_some() => {
+                Some(t) if t.kept_on_gpu() && t.bytes_for(n_in).is_some() => {
                     Some(if t == GgmlType::Q4_0 { 4 } else { 8 })
                 }
                 _ => None,

@@ -211,7 +211,7 @@ impl WeightSource {
         let WeightSource::Gguf(g) = self else { return Ok(None) };
         let Some(info) = gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)) else { return Ok(None) };
         let [n_out, n_in] = expected;
-        let Some(row) = info.ty.row_bytes(n_in).filter(|_| info.ty.kept_on_gpu()) else { return Ok(None) };
+        let Some(row) = info.ty.bytes_for(n_in).filter(|_| info.ty.kept_on_gpu()) else { return Ok(None) };
         if info.shape() != expected {
             return Err(Error::Shape {
                 path: g.path.clone(),

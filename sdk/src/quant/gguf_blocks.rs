@@ -101,11 +101,6 @@ impl GgmlType {
         matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q4K)
     }
 
-    /// Bytes of a row of `n_in` values, or `None` when `n_in` is not a whole number of blocks.
-    pub fn row_bytes(self, n_in: usize) -> Option<usize> {
-        self.bytes_for(n_in)
-    }
-
     /// Bytes needed for `n` elements, or `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         let (bv, bb) = self.block();
