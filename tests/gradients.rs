@@ -216,7 +216,7 @@ fn matmul_backward_kernels_match_twins() {
                     let (pb, cb) = (ctx.storage_from("packed", &packed), ctx.storage_from("coeffs", &coeffs));
                     let w4 = match ty {
                         GgmlType::Q4_0 => Weight::Q4_0 { packed: &pb, scales: &cb },
-                        _ => Weight::Q4_1 { packed: &pb, coeffs: &cb },
+                        _ => Weight::Q4_1 { packed: &pb, coeffs: &cb, block_size: launch::Q4_0_BLOCK },
                     };
                     let grad = launch::MatmulGrad {
                         dy: DyCols::whole(&gb, n),
@@ -289,6 +289,44 @@ fn matmul_backward_kernels_match_twins() {
                 1e-5,
                 3.0 * sum_tol(m),
             );
+        }
+    }
+}
+
+/// The input gradient through GGUF's 5-, 6- and 8-bit types held as two 4-bit planes: two
+/// backward matmuls, the second added to the first's output, each scaled; the first replaces
+/// what dx held, or adds to it when the caller asks (every other case). Against the twin on ggml's dequantized values; where
+/// products run in f16 (coop16) each plane is rounded on its own (|hi| + |lo| a weight).
+#[test]
+fn matmul_backward_over_two_planes_matches_twin() {
+    use edgetune::quant::gguf_blocks::{self, GgmlType};
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        let types = [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q5K, GgmlType::Q6K];
+        let shapes = [(1, 2, 256), (70, 66, 512), (33, 36, 256)];
+        for (i, (ty, &(m, n, k))) in types.iter().flat_map(|t| shapes.iter().map(move |s| (*t, s))).enumerate() {
+            let s = i as u64;
+            let dy = rand(m * n, 500 + s, 1.0);
+            let dx0 = rand(m * k, 600 + s, 1.0);
+            let blocks = common::planes_blocks(ty, n * k, 700 + s, 0.3);
+            let wd = gguf_blocks::dequantize(ty, &blocks, n * k).expect("dequantize");
+            let planes = common::PlanesOnGpu::new(&ctx, ty, &blocks, n * k);
+            let add = i % 2 == 0;
+            let want: Vec<f32> = r::matmul_backward(&dy, &wd, m, n, k)
+                .iter()
+                .zip(&dx0)
+                .map(|(g, d0)| if add { d0 + 0.5 * g } else { 0.5 * g })
+                .collect();
+            let mass = &planes.mass;
+            let slack = f16_slack(f16_products(&ctx), (m, k, n), 0.5, |r, j| dy[r * n + j], |c, j| mass[j * k + c]);
+            let (gb, dxb) = (ctx.storage_from("dy", &dy), ctx.storage_from("dx", &dx0));
+            let out = OutCols::whole(k).scaled(0.5);
+            let out = if add { out.accumulated() } else { out };
+            let grad = launch::MatmulGrad { dy: DyCols::whole(&gb, n), w: planes.weight(), dx: &dxb, m, n, k, out };
+            run(&ctx, |enc| launch::matmul_backward(&ctx, enc, grad));
+            let got = ctx.read_f32(&dxb, m * k).expect("read");
+            let what = format!("matmul_{}_backward {m}x{n}x{k}", ty.name());
+            assert_close_slack(&what, &got, &want, 1e-5, sum_tol(n), &slack);
         }
     }
 }

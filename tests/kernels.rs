@@ -188,8 +188,41 @@ fn matmul_q4_1_matches_dequantized_reference() {
             let want = r::matmul_forward(&x, &wd, None, m, n, k);
             let xb = ctx.storage_from("x", &x);
             let (pb, cb) = (ctx.storage_from("packed", &packed), ctx.storage_from("coeffs", &coeffs));
-            let w = launch::Weight::Q4_1 { packed: &pb, coeffs: &cb };
+            let w = launch::Weight::Q4_1 { packed: &pb, coeffs: &cb, block_size: launch::Q4_0_BLOCK };
             check_matmul(&ctx, "matmul_q4_1", (&xb, w), (&x, &wd), None, &want, (m, n, k));
+        }
+    }
+}
+
+/// GGUF's 5-, 6- and 8-bit types as two 4-bit planes (two Q4_1 matmuls, the second added to
+/// the first's output; the bias once) through every family, against the reference on ggml's
+/// dequantized values (held to gguf-py's in gguf_blocks.rs). Where products run in f16
+/// (coop16) each plane is rounded on its own, so the f16 bound takes |hi| + |lo| a weight.
+#[test]
+fn matmul_over_two_planes_matches_dequantized_reference() {
+    use edgetune::quant::gguf_blocks::{self, GgmlType};
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        let types = [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q5K, GgmlType::Q6K];
+        let shapes = [(1, 3, 256), (6, 70, 256), (66, 65, 512), (1, 37, 768)];
+        for (i, (ty, &(m, n, k))) in types.iter().flat_map(|t| shapes.iter().map(move |s| (*t, s))).enumerate() {
+            let x = rand(m * k, 70 + i as u64, 1.0);
+            let b = rand(n, 90 + i as u64, 0.5);
+            let blocks = common::planes_blocks(ty, n * k, 80 + i as u64, 0.3);
+            let wd = gguf_blocks::dequantize(ty, &blocks, n * k).expect("dequantize");
+            let planes = common::PlanesOnGpu::new(&ctx, ty, &blocks, n * k);
+            let want = r::matmul_forward(&x, &wd, Some(&b), m, n, k);
+            let (xb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("b", &b));
+            let operands = (&xb, planes.weight());
+            check_matmul(
+                &ctx,
+                &format!("matmul_{}", ty.name()),
+                operands,
+                (&x, &planes.mass),
+                Some(&bb),
+                &want,
+                (m, n, k),
+            );
         }
     }
 }

@@ -659,3 +659,65 @@ fn q4_k_tensors_kept_as_blocks_compute_with_the_files_own_values() {
     common::assert_kept_blocks_compute_as_f32("Q4_K kept", [&exact, &kept, &nf4], &ids);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `Quant::Gguf` keeps Q8_0, Q5_0, Q5_1, Q5_K and Q6_K tensors as two 4-bit planes whose sum is
+/// the file's value (`gguf_blocks::planes_repacked`). On files llama.cpp's own quantizer writes
+/// from a wide llama (Q8_0, Q5_0, Q5_1, and Q5_K_M: Q5_K with Q6_K), the logits and LoRA
+/// gradients equal those of the same file dequantized to f32 (summation order aside: 1e-4, as
+/// in the f32 parity tests), NF4's re-quantization moves them further, and the planned bytes
+/// are the uploaded ones: 12 bits a weight (two planes of 4 bits, four f32 a block of 32), 16
+/// for Q6_K (blocks of 16).
+#[test]
+fn wider_codes_kept_as_two_planes_compute_with_the_files_own_values() {
+    let dir = temp("planes-kept");
+    let base = dir.join("wide-f32.gguf");
+    wide_base(&base);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/llama_cpp_quantize.py");
+    // llama.cpp's LLAMA_FTYPE_MOSTLY_*, and the types its mix gives the layers' matrices.
+    for (ftype, name, types) in [
+        (7, "Q8_0", &[GgmlType::Q8_0][..]),
+        (8, "Q5_0", &[GgmlType::Q5_0]),
+        (9, "Q5_1", &[GgmlType::Q5_1]),
+        (17, "Q5_K_M", &[GgmlType::Q5K, GgmlType::Q6K]),
+    ] {
+        let path = dir.join(format!("wide-{name}.gguf"));
+        let done =
+            Command::new(python()).arg(&script).arg(&base).arg(&path).arg(ftype.to_string()).output().expect("run");
+        assert!(done.status.success(), "llama.cpp quantize {name}: {}", String::from_utf8_lossy(&done.stderr));
+        let g = GgufFile::open(&path).expect("open");
+        let matrices: Vec<_> =
+            g.tensors.values().filter(|t| t.name.starts_with("blk.") && t.shape().len() == 2).collect();
+        for ty in types {
+            assert!(matrices.iter().any(|t| t.ty == *ty), "{name}: llama.cpp wrote no {} matrix", ty.name());
+        }
+        // Bits a weight the GPU holds each matrix in, by type: the two-plane types 12 (16 for
+        // Q6_K's blocks of 16); Q4_K and Q4_1 6, Q4_0 5; anything else re-quantized to NF4.
+        let held: usize = matrices
+            .iter()
+            .map(|t| {
+                let n = t.shape().iter().product::<usize>();
+                match t.ty {
+                    GgmlType::Q6K => 2 * n,
+                    GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5K => n * 3 / 2,
+                    GgmlType::Q4K | GgmlType::Q4_1 => n * 3 / 4,
+                    GgmlType::Q4_0 => n * 5 / 8,
+                    _ => n / 2 + n / 64 * 4,
+                }
+            })
+            .sum();
+        let f32_bytes: usize = matrices.iter().map(|t| 4 * t.shape().iter().product::<usize>()).sum();
+
+        let (_, src) = edgetune::model::open_weights(&path).expect("weights");
+        let open = |quant| {
+            let opts = LoadOptions { quant, f16_tables: false, ..Default::default() };
+            let model = Model::open(ctx(), &path, &opts).expect("load");
+            assert_eq!(Model::planned_weight_bytes(&model.config, &src, &opts), model.weight_bytes, "{name} {quant:?}");
+            model
+        };
+        let (exact, kept, nf4) = (open(Quant::None), open(Quant::Gguf), open(Quant::Nf4));
+        assert_eq!(exact.weight_bytes - kept.weight_bytes, (f32_bytes - held) as u64, "{name}: bytes held");
+        let ids: Vec<u32> = vec![1, 45, 80, 120, 7, 300, 22, 9, 150, 61];
+        common::assert_kept_blocks_compute_as_f32(&format!("{name} kept"), [&exact, &kept, &nf4], &ids);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -89,6 +89,9 @@ fn ggml_blocks_dequantize_like_gguf_py() {
         ("Q4_0", GgmlType::Q4_0),
         ("Q4_1", GgmlType::Q4_1),
         ("Q4_K", GgmlType::Q4K),
+        ("Q5_0", GgmlType::Q5_0),
+        ("Q5_1", GgmlType::Q5_1),
+        ("Q5_K", GgmlType::Q5K),
         ("Q6_K", GgmlType::Q6K),
     ] {
         let bytes = fx.u8(&format!("{name}.bytes"));

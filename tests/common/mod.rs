@@ -206,6 +206,82 @@ pub fn q4_1_blocks(n: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// `n` values of a ggml type held as two 4-bit planes (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K), of
+/// magnitude up to about `scale`: Q8_0 as ggml quantizes random values; the others as random
+/// codes (every bit pattern, 5- and 6-bit scales included) under f16 scales sized so.
+pub fn planes_blocks(ty: edgetune::quant::gguf_blocks::GgmlType, n: usize, seed: u64, scale: f32) -> Vec<u8> {
+    use edgetune::quant::gguf_blocks::{self, GgmlType};
+    if ty == GgmlType::Q8_0 {
+        return gguf_blocks::quantize(ty, &rand(n, seed, scale)).expect("quantize");
+    }
+    let (per, size) = ty.block();
+    // Where each block's f16 scales go, and the largest |code · scale| the code bits make.
+    let (f16_at, reach): (&[usize], f32) = match ty {
+        GgmlType::Q5_0 => (&[0], 16.0),
+        GgmlType::Q5_1 => (&[0, 2], 31.0),
+        GgmlType::Q5K => (&[0, 2], 63.0 * 31.0),
+        GgmlType::Q6K => (&[208], 128.0 * 32.0),
+        other => panic!("{} is not held as planes", other.name()),
+    };
+    let noise = rand(n / per * size, seed, 1.0);
+    let mut out: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 127.99) as u8).collect();
+    for (b, block) in out.chunks_exact_mut(size).enumerate() {
+        for (i, &at) in f16_at.iter().enumerate() {
+            let r = noise[b * size + at];
+            // The scale positive; a Q5_1 minimum negative, as quantizers write them; a K-quant's
+            // dmin positive (its minimums are subtracted), at a 63rd of the reach.
+            let v = match (ty, i) {
+                (GgmlType::Q5_1, 1) => -scale * (0.5 + 0.5 * r.abs()),
+                (GgmlType::Q5K, 1) => scale / 63.0 * (0.5 + 0.5 * r.abs()),
+                _ => scale / reach * (0.5 + 0.5 * r.abs()),
+            };
+            block[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        }
+    }
+    out
+}
+
+/// [`planes_blocks`] repacked as the GPU holds them, with the f16 product bound's weight for
+/// each value: |hi| + |lo|, since coop16 rounds each plane's values on its own.
+pub struct PlanesOnGpu {
+    pub block: usize,
+    bufs: [wgpu::Buffer; 4],
+    pub mass: Vec<f32>,
+}
+
+impl PlanesOnGpu {
+    pub fn new(
+        ctx: &edgetune::gpu::GpuContext,
+        ty: edgetune::quant::gguf_blocks::GgmlType,
+        blocks: &[u8],
+        n: usize,
+    ) -> Self {
+        let p = edgetune::quant::gguf_blocks::planes_repacked(ty, blocks, n).expect("repack");
+        let value = |(packed, coeffs): &(Vec<u8>, Vec<f32>), e: usize| {
+            let q = if e.is_multiple_of(2) { packed[e / 2] >> 4 } else { packed[e / 2] & 0xF };
+            f32::from(q) * coeffs[2 * (e / p.block)] + coeffs[2 * (e / p.block) + 1]
+        };
+        let mass = (0..n).map(|e| value(&p.hi, e).abs() + value(&p.lo, e).abs()).collect();
+        let bufs = [
+            ctx.storage_from("hi", &p.hi.0),
+            ctx.storage_from("hi", &p.hi.1),
+            ctx.storage_from("lo", &p.lo.0),
+            ctx.storage_from("lo", &p.lo.1),
+        ];
+        PlanesOnGpu { block: p.block, bufs, mass }
+    }
+
+    pub fn weight(&self) -> edgetune::gpu::launch::Weight<'_> {
+        use edgetune::gpu::launch::{Q4Plane, Weight};
+        let [hp, hc, lp, lc] = &self.bufs;
+        Weight::Planes {
+            hi: Q4Plane { packed: hp, coeffs: hc },
+            lo: Q4Plane { packed: lp, coeffs: lc },
+            block_size: self.block,
+        }
+    }
+}
+
 /// An adapter of rank 4 on every linear module, its B moved off zero so that every gradient is
 /// non-trivial (the same values for the same model shape).
 pub fn moved_adapter(cfg: &edgetune::model::config::ModelConfig) -> edgetune::lora::Adapter {

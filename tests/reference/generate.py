@@ -82,6 +82,16 @@ def gguf_blocks_fixture():
             raw[:, off:off + 2] = np.frombuffer(np.float16(rng.uniform(0.001, 0.01, 2)).tobytes(), np.uint8).reshape(2, 2)
         tensors[f"{name}.bytes"] = raw.reshape(-1)
         tensors[f"{name}.dequant"] = dequantize(raw, t).reshape(-1).astype(np.float32)
+    # The 5-bit types (drawn after the others, so those keep their values): Q5_0 and Q5_1 as
+    # gguf-py quantizes x, and Q5_K as random blocks, like the K-quants above.
+    for name, t in [("Q5_0", T.Q5_0), ("Q5_1", T.Q5_1)]:
+        q = quantize(x.reshape(2, 256), t)
+        tensors[f"{name}.bytes"] = q.reshape(-1).view(np.uint8)
+        tensors[f"{name}.dequant"] = dequantize(q, t).reshape(-1).astype(np.float32)
+    raw = rng.integers(0, 256, size=(2, 176), dtype=np.uint8)
+    raw[:, 0:4] = np.frombuffer(np.float16(rng.uniform(0.001, 0.01, 4)).tobytes(), np.uint8).reshape(2, 4)
+    tensors["Q5_K.bytes"] = raw.reshape(-1)
+    tensors["Q5_K.dequant"] = dequantize(raw, T.Q5_K).reshape(-1).astype(np.float32)
     save_file(tensors, os.path.join(OUT, "gguf_blocks.safetensors"))
 
 

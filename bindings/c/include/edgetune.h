@@ -145,8 +145,9 @@ typedef enum edgetune_event_kind {
 
 /**
  * How the base's linear weights are held: `EDGETUNE_QUANT_GGUF` (what the Rust API, the CLI and
- * Python default to) keeps a GGUF file's own Q4_0, Q4_1 and Q4_K blocks where it has them and
- * holds the rest, and every weight of a Hugging Face folder, as NF4; `EDGETUNE_QUANT_NF4`
+ * Python default to) keeps the values of a GGUF file's quantized tensors (Q4_0, Q4_1, Q4_K,
+ * Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) and holds the rest, and every weight of a Hugging Face folder,
+ * as NF4; `EDGETUNE_QUANT_NF4`
  * holds every linear weight as NF4 (a GGUF file's blocks rounded again); `EDGETUNE_QUANT_NONE`
  * holds f32. The numbers are fixed: 0 stays NF4.
  */

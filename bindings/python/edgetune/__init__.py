@@ -290,8 +290,8 @@ class Model(_Handle):
     ) -> "Model":
         """Loads a Hugging Face folder or a ``.gguf`` file.
 
-        ``quant`` is ``"gguf"`` (the default: a GGUF file's own Q4_0, Q4_1 and Q4_K blocks
-        kept, NF4 for its other weights and for a Hugging Face folder), ``"nf4"`` (NF4
+        ``quant`` is ``"gguf"`` (the default: a GGUF file's quantized tensors keep their own
+        values, NF4 for its other weights and for a Hugging Face folder), ``"nf4"`` (NF4
         throughout) or ``"none"`` (f32).
         ``max_context`` sizes the KV cache in tokens (0: 2048, capped by the model). Without a
         ``context`` the default GPU is opened for this model alone.

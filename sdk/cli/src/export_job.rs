@@ -592,8 +592,8 @@ fn readme(a: &ExportJobArgs, plan: &RunPlan, rows: usize, per_step: usize, from_
     };
     let quant = match t.quant {
         Quant::None => "none: f32 weights, as edgetune's `--quant none`".to_string(),
-        Quant::Gguf if from_gguf => "4-bit NF4 with bitsandbytes (edgetune keeps the GGUF file's own Q4_0, Q4_1 \
-                                     and Q4_K blocks with `--quant gguf`, its default; bitsandbytes has no such \
+        Quant::Gguf if from_gguf => "4-bit NF4 with bitsandbytes (edgetune keeps the values of the GGUF file's \
+                                     quantized tensors with `--quant gguf`, its default; bitsandbytes has no such \
                                      format, so NF4 of the same decoded values is the closest; with \
                                      `--quant nf4` edgetune holds exactly these)"
             .to_string(),

@@ -38,9 +38,9 @@ struct ModelArgs {
     /// A Hugging Face model folder or a .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// How linear weights are held on the GPU: gguf (a GGUF file's own Q4_0, Q4_1 and Q4_K blocks
-    /// kept, NF4 for its other weights and for a Hugging Face folder), nf4 (NF4 throughout) or
-    /// none (f32).
+    /// How linear weights are held on the GPU: gguf (a GGUF file's quantized tensors keep their
+    /// own values, NF4 for its other weights and for a Hugging Face folder), nf4 (NF4
+    /// throughout) or none (f32).
     #[arg(long, default_value = "gguf")]
     quant: Quant,
     /// KV-cache capacity in tokens.
@@ -61,9 +61,9 @@ struct BenchModel {
     /// llama-3.2-1b, qwen2.5-1.5b, llama-3.1-8b) or of a config.json, quantized like real ones.
     #[arg(long, value_name = "SHAPE")]
     random_weights: Option<String>,
-    /// How linear weights are held on the GPU: gguf (a GGUF file's own Q4_0, Q4_1 and Q4_K blocks
-    /// kept, NF4 for its other weights and for a Hugging Face folder), nf4 (NF4 throughout) or
-    /// none (f32).
+    /// How linear weights are held on the GPU: gguf (a GGUF file's quantized tensors keep their
+    /// own values, NF4 for its other weights and for a Hugging Face folder), nf4 (NF4
+    /// throughout) or none (f32).
     #[arg(long, default_value = "gguf")]
     quant: Quant,
     /// KV-cache capacity in tokens.
@@ -394,7 +394,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let gguf = match src {
                 edgetune::model::weights::WeightSource::Gguf(_) => {
-                    format!("; gguf, the default (Q4_0, Q4_1, Q4_K kept) {}", on_gpu(Quant::Gguf))
+                    format!("; gguf, the default (the file's own values) {}", on_gpu(Quant::Gguf))
                 }
                 _ => String::new(),
             };

@@ -156,8 +156,8 @@ pub struct TrainArgs {
     /// KV-cache and sample length limit of the loaded model.
     #[arg(long, default_value_t = 2048)]
     pub(crate) max_context: usize,
-    /// How the base's linear weights are held on the GPU: gguf (a GGUF file's own Q4_0, Q4_1 and
-    /// Q4_K blocks kept, NF4 for its other weights and for a Hugging Face folder), nf4 (NF4
+    /// How the base's linear weights are held on the GPU: gguf (a GGUF file's quantized tensors
+    /// keep their own values, NF4 for its other weights and for a Hugging Face folder), nf4 (NF4
     /// throughout) or none (f32).
     #[arg(long, default_value = "gguf")]
     pub(crate) quant: edgetune::model::llama::Quant,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
-use crate::gpu::launch::{self, AttentionShape, OutCols, RopeShape, Weight};
+use crate::gpu::launch::{self, AttentionShape, OutCols, Q4_0_BLOCK, Q4Plane, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::config::{Activation, ModelConfig};
@@ -25,16 +25,17 @@ pub enum Quant {
     Nf4,
     /// Unquantized f32, for parity checks.
     None,
-    /// The default. A GGUF base's Q4_0, Q4_1 and Q4_K tensors stay in their own blocks on the
-    /// GPU (no re-quantization: the kernels compute with exactly the values llama.cpp does; 5
-    /// or 6 bits a weight with their f32 scales); its other linear weights, and every linear
-    /// weight of a Hugging Face folder, are held as NF4.
+    /// The default. A GGUF base's quantized tensors keep the file's own values on the GPU (no
+    /// re-quantization: the kernels compute with exactly the values llama.cpp does): Q4_0, Q4_1
+    /// and Q4_K as 4-bit codes with f32 scales (5 or 6 bits a weight), Q8_0, Q5_0, Q5_1, Q5_K
+    /// (12 bits) and Q6_K (16) as two 4-bit planes whose sum is the value. Its F16, BF16 and F32
+    /// linear weights, and every linear weight of a Hugging Face folder, are held as NF4.
     #[default]
     Gguf,
 }
 
 impl Quant {
-    /// Whether linear weights are held at 4 bits (NF4, or a GGUF's own Q4_0, Q4_1 and Q4_K blocks).
+    /// Whether linear weights are held in 4-bit codes (NF4, or a GGUF's own blocks).
     pub fn four_bit(self) -> bool {
         matches!(self, Quant::Nf4 | Quant::Gguf)
     }
@@ -76,9 +77,25 @@ impl Default for LoadOptions {
 #[derive(Debug)]
 pub(crate) enum LinearWeight {
     Dense(wgpu::Buffer),
-    Nf4 { packed: wgpu::Buffer, absmax: wgpu::Buffer, block_size: usize },
-    Q4_0 { packed: wgpu::Buffer, scales: wgpu::Buffer },
-    Q4_1 { packed: wgpu::Buffer, coeffs: wgpu::Buffer },
+    Nf4 {
+        packed: wgpu::Buffer,
+        absmax: wgpu::Buffer,
+        block_size: usize,
+    },
+    Q4_0 {
+        packed: wgpu::Buffer,
+        scales: wgpu::Buffer,
+    },
+    Q4_1 {
+        packed: wgpu::Buffer,
+        coeffs: wgpu::Buffer,
+    },
+    /// Q8_0, Q5_0, Q5_1, Q5_K and Q6_K as two Q4_1 planes (hi, lo) of `block_size`.
+    Planes {
+        hi: [wgpu::Buffer; 2],
+        lo: [wgpu::Buffer; 2],
+        block_size: usize,
+    },
 }
 
 /// One linear layer: y = x W^T (+ b), W (n_out, n_in).
@@ -96,7 +113,12 @@ impl Linear {
             LinearWeight::Dense(b) => Weight::Dense(b),
             LinearWeight::Nf4 { packed, absmax, block_size } => Weight::Nf4 { packed, absmax, block_size: *block_size },
             LinearWeight::Q4_0 { packed, scales } => Weight::Q4_0 { packed, scales },
-            LinearWeight::Q4_1 { packed, coeffs } => Weight::Q4_1 { packed, coeffs },
+            LinearWeight::Q4_1 { packed, coeffs } => Weight::Q4_1 { packed, coeffs, block_size: Q4_0_BLOCK },
+            LinearWeight::Planes { hi, lo, block_size } => Weight::Planes {
+                hi: Q4Plane { packed: &hi[0], coeffs: &hi[1] },
+                lo: Q4Plane { packed: &lo[0], coeffs: &lo[1] },
+                block_size: *block_size,
+            },
         }
     }
 }
@@ -364,7 +386,7 @@ impl Uploader<'_> {
         let what = format!("the model's weights up to `{name}`");
         let advice = if self.opts.quant == Quant::Gguf && matches!(self.src, WeightSource::Gguf(_)) {
             "load a smaller model, hold its weights as NF4 (quant = nf4: 4.5 bits a weight where the \
-             file's Q4_0, Q4_1 and Q4_K blocks take 5 or 6), or close what else uses the GPU"
+             file's own values take 5 to 16), or close what else uses the GPU"
         } else {
             "load a smaller model, or close what else uses the GPU"
         };
@@ -416,19 +438,27 @@ impl Uploader<'_> {
         Ok(parts)
     }
 
-    /// With `Quant::Gguf`, a linear weight's 4-bit blocks (Q4_0, Q4_1, Q4_K) as the file stores them.
+    /// With `Quant::Gguf`, a linear weight's quantized blocks as the file stores them.
     fn stored_blocks(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<(GgmlType, Vec<u8>)>> {
         match self.opts.quant {
-            Quant::Gguf => self.src.gguf_4bit_blocks(self.cfg, name, [n_out, n_in]),
+            Quant::Gguf => self.src.gguf_kept_blocks(self.cfg, name, [n_out, n_in]),
             _ => Ok(None),
         }
     }
 
-    /// A linear layer held in its GGUF blocks (see [`Weight::Q4_0`], [`Weight::Q4_1`]).
+    /// A linear layer held in its GGUF blocks (see [`Weight::Q4_0`], [`Weight::Q4_1`],
+    /// [`Weight::Planes`]).
     fn blocks_linear(&mut self, name: &str, ty: GgmlType, blocks: &[u8], n_out: usize, n_in: usize) -> Result<Linear> {
         let n = n_out * n_in;
         let fail = |e: String| Error::format(self.src.path(), format!("tensor `{name}`: {e}"));
         let weight = match ty {
+            _ if crate::quant::gguf_blocks::planes_block(ty).is_some() => {
+                let p = crate::quant::gguf_blocks::planes_repacked(ty, blocks, n).map_err(fail)?;
+                let mut plane = |(packed, coeffs): &(Vec<u8>, Vec<f32>)| -> Result<[wgpu::Buffer; 2]> {
+                    Ok([self.buffer(name, packed)?, self.buffer(name, coeffs)?])
+                };
+                LinearWeight::Planes { hi: plane(&p.hi)?, lo: plane(&p.lo)?, block_size: p.block }
+            }
             GgmlType::Q4_1 | GgmlType::Q4K => {
                 let (packed, coeffs) = if ty == GgmlType::Q4K {
                     crate::quant::gguf_blocks::q4_k_repacked(blocks, n)
@@ -593,8 +623,8 @@ impl Model {
     }
 
     /// The bytes [`Model::load`] uploads for `c`'s weights from `src` with `opts`, without
-    /// loading them: NF4 codes and absmax scales (or f32, or a GGUF's own Q4_0, Q4_1 and Q4_K blocks with
-    /// `Quant::Gguf`) for the linear layers, f16 (or f32) embedding and lm_head tables, f32
+    /// loading them: NF4 codes and absmax scales (or f32, or a GGUF's own blocks as
+    /// [`GgmlType::gpu_bytes`] counts them with `Quant::Gguf`) for the linear layers, f16 (or f32) embedding and lm_head tables, f32
     /// norms and biases. Divided by the parameter count, the bits a weight takes on the GPU.
     pub fn planned_weight_bytes(c: &ModelConfig, src: &WeightSource, opts: &LoadOptions) -> u64 {
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -609,15 +639,12 @@ impl Model {
                 None => m,
             };
             let name = format!("model.layers.{l}.{}.{}.weight", stored.parent(), stored.name());
-            // Q4_0 keeps one f32 scale a block of 32; Q4_1 and Q4_K (as Q4_1) a scale and a minimum.
             let kept = match src.stored_type(c, &name) {
-                Some(t) if t.kept_on_gpu() && t.bytes_for(n_in).is_some() => {
-                    Some(if t == GgmlType::Q4_0 { 4 } else { 8 })
-                }
+                Some(t) if t.bytes_for(n_in).is_some() => t.gpu_bytes(n),
                 _ => None,
             };
-            if let Some(coeff_bytes) = kept.filter(|_| opts.quant == Quant::Gguf) {
-                n / 2 + n / 32 * coeff_bytes
+            if let Some(bytes) = kept.filter(|_| opts.quant == Quant::Gguf) {
+                bytes
             } else if opts.quant.four_bit() && n_in.is_multiple_of(8) && bs.is_multiple_of(8) && bs > 0 {
                 n.div_ceil(8) * 4 + n.div_ceil(bs) * 4
             } else {

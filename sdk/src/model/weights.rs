@@ -198,11 +198,12 @@ impl WeightSource {
         gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)).map(|t| t.ty)
     }
 
-    /// A linear weight's 4-bit blocks (Q4_0, Q4_1 or Q4_K) as the GGUF file stores them, rows in
+    /// A linear weight's quantized blocks of a type the GPU keeps ([`GgmlType::kept_on_gpu`]) as
+    /// the GGUF file stores them, rows in
     /// Hugging Face order (llama.cpp's q/k permutation undone by moving whole rows of blocks),
     /// when the source is a GGUF file that holds `hf_name` (n_out, n_in) so; `None` for any
     /// other source or type.
-    pub fn gguf_4bit_blocks(
+    pub fn gguf_kept_blocks(
         &self,
         cfg: &ModelConfig,
         hf_name: &str,

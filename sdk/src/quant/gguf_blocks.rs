@@ -19,10 +19,16 @@ pub enum GgmlType {
     Q4_0,
     /// Blocks of 32 4-bit values with an f16 scale and minimum.
     Q4_1,
+    /// Blocks of 32 5-bit values with an f16 scale (value = d · (q - 16)).
+    Q5_0,
+    /// Blocks of 32 5-bit values with an f16 scale and minimum.
+    Q5_1,
     /// Blocks of 32 8-bit values with an f16 scale.
     Q8_0,
     /// Super-blocks of 256 4-bit values in 8 sub-blocks with 6-bit scales and minimums.
     Q4K,
+    /// Super-blocks of 256 5-bit values in 8 sub-blocks with 6-bit scales and minimums.
+    Q5K,
     /// Super-blocks of 256 6-bit values in 16 sub-blocks with 8-bit scales.
     Q6K,
 }
@@ -38,18 +44,18 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
             12 => Self::Q4K,
+            13 => Self::Q5K,
             14 => Self::Q6K,
             30 => Self::Bf16,
             other => {
                 let name = match other {
-                    6 => "Q5_0",
-                    7 => "Q5_1",
                     9 => "Q8_1",
                     10 => "Q2_K",
                     11 => "Q3_K",
-                    13 => "Q5_K",
                     15 => "Q8_K",
                     16..=23 => "IQ (importance) quant",
                     24 => "I8",
@@ -76,8 +82,11 @@ impl GgmlType {
             Self::Bf16 => "BF16",
             Self::Q4_0 => "Q4_0",
             Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
             Self::Q8_0 => "Q8_0",
             Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
             Self::Q6K => "Q6_K",
         }
     }
@@ -89,16 +98,32 @@ impl GgmlType {
             Self::F16 | Self::Bf16 => (1, 2),
             Self::Q4_0 => (32, 18),
             Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
             Self::Q8_0 => (32, 34),
             Self::Q4K => (QK_K, 144),
+            Self::Q5K => (QK_K, 176),
             Self::Q6K => (QK_K, 210),
         }
     }
 
-    /// Whether the GPU can hold this type's blocks as they are (the 4-bit types: Q4_0, and Q4_1
-    /// and Q4_K through the Q4_1 kernels), so `Quant::Gguf` keeps them.
+    /// Whether the GPU can hold this type's values as the file stores them, so `Quant::Gguf`
+    /// keeps them: Q4_0 in its own kernels; Q4_1 and Q4_K through the Q4_1 kernels; Q8_0, Q5_0,
+    /// Q5_1, Q5_K and Q6_K as two 4-bit [`Planes`].
     pub fn kept_on_gpu(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q4K)
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q4K) || planes_block(self).is_some()
+    }
+
+    /// Bytes the GPU holds for `n` values of a type it keeps (see [`Self::kept_on_gpu`]): the
+    /// 4-bit codes and an f32 scale a block of 32 for Q4_0, and a minimum too for Q4_1 and Q4_K
+    /// (which the kernels read as Q4_1); two such planes for the others. `None` for types
+    /// re-quantized on load.
+    pub fn gpu_bytes(self, n: usize) -> Option<usize> {
+        match self {
+            Self::Q4_0 => Some(n / 2 + n / 32 * 4),
+            Self::Q4_1 | Self::Q4K => Some(n / 2 + n / 32 * 8),
+            other => planes_block(other).map(|b| Planes::gpu_bytes(b, n)),
+        }
     }
 
     /// Bytes needed for `n` elements, or `None` when `n` is not a whole number of blocks.
@@ -173,6 +198,122 @@ pub fn q4_k_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), Strin
         }
     }
     Ok((packed, coeffs))
+}
+
+/// A tensor of 5-, 6- or 8-bit codes (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) as the GPU holds it: two
+/// planes in Q4_1's form (codes in NF4's packing, a scale and a minimum as two f32 a block of
+/// `block` values). With each value written as u · s + m (u the code, 0..=255, s and m its
+/// block's), the high plane holds u >> 4 with scale 16 · s and minimum m, the low plane u & 15
+/// with scale s and minimum 0, so hi + lo = u · s + m: a linear layer is the sum of the two
+/// planes' matmuls, each through the Q4_1 kernels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planes {
+    /// Values a scale and minimum (32, or 16 for Q6_K).
+    pub block: usize,
+    /// The high four bits of each code: packed codes, then (scale, minimum) a block.
+    pub hi: (Vec<u8>, Vec<f32>),
+    /// The low four bits of each code, likewise (every minimum 0).
+    pub lo: (Vec<u8>, Vec<f32>),
+}
+
+impl Planes {
+    /// Bytes the GPU holds for `n` values so: two 4-bit planes and four f32 a block.
+    pub fn gpu_bytes(block: usize, n: usize) -> usize {
+        n + n / block * 16
+    }
+}
+
+/// The block size of [`Planes`] for `ty`, or `None` for types held otherwise.
+pub fn planes_block(ty: GgmlType) -> Option<usize> {
+    match ty {
+        GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5K => Some(32),
+        GgmlType::Q6K => Some(16),
+        _ => None,
+    }
+}
+
+/// `n` values of `ty` as [`Planes`]. Every scale and minimum is exact in f32 (an f16 times an
+/// integer of at most 8 bits, or an f16), and so is each plane's value for Q8_0, Q5_0 and
+/// Q6_K, whose minimum is a multiple of the scale: hi + lo is ggml's value bit for bit. For
+/// the affine Q5_1 and Q5_K, 16 · s + m is rounded once, so the sum is within one rounding of
+/// ggml's `d * q + m`.
+pub fn planes_repacked(ty: GgmlType, data: &[u8], n: usize) -> Result<Planes, String> {
+    let block = planes_block(ty).ok_or_else(|| format!("{} tensors are not held as two 4-bit planes", ty.name()))?;
+    check_blocks(ty, data, n)?;
+    let mut codes = Vec::with_capacity(n);
+    let mut affine = Vec::with_capacity(2 * n / block);
+    // (scale, minimum) of the next block, and its codes u.
+    let mut push = |s: f32, m: f32, u: &mut dyn Iterator<Item = u8>| {
+        affine.push((s, m));
+        codes.extend(u.take(block));
+    };
+    match ty {
+        GgmlType::Q8_0 => {
+            for b in data.chunks_exact(34) {
+                let d = h(b, 0);
+                push(d, -128.0 * d, &mut b[2..34].iter().map(|&q| (q as i8 as i16 + 128) as u8));
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            let (size, at) = if ty == GgmlType::Q5_0 { (22, 2) } else { (24, 4) };
+            for b in data.chunks_exact(size) {
+                let d = h(b, 0);
+                let m = if ty == GgmlType::Q5_0 { -16.0 * d } else { h(b, 2) };
+                push(d, m, &mut q5_codes(&b[at..at + 4], &b[at + 4..at + 20]).into_iter());
+            }
+        }
+        GgmlType::Q5K => {
+            for b in data.chunks_exact(176) {
+                let (d, dmin) = (h(b, 0), h(b, 2));
+                let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+                for j in 0..8 {
+                    let (sc, m) = scale_min_k4(j, scales);
+                    // Sub-block 2k is the low nibbles of qs[32k..32k + 32], 2k + 1 their high
+                    // nibbles; bit j of qh[l] is the fifth bit of element l of sub-block j.
+                    let ql = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+                    let mut u = (0..32).map(|l| {
+                        let low = if j % 2 == 0 { ql[l] & 0xF } else { ql[l] >> 4 };
+                        low | (((qh[l] >> j) & 1) << 4)
+                    });
+                    push(d * f32::from(sc), -(dmin * f32::from(m)), &mut u);
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            for b in data.chunks_exact(210) {
+                let (ql, qh, sc, d) = (&b[..128], &b[128..192], &b[192..208], h(b, 208));
+                let mut u = [0u8; QK_K];
+                for (e, v) in u.iter_mut().enumerate() {
+                    // As ggml's dequantize_row_q6_K: element 128 half + 32 k + l.
+                    let (half, k, l) = (e / 128, (e / 32) % 4, e % 32);
+                    let low = ql[64 * half + l + 32 * (k % 2)] >> (4 * (k / 2)) & 0xF;
+                    *v = low | (((qh[32 * half + l] >> (2 * k)) & 3) << 4);
+                }
+                for (i, chunk) in u.chunks_exact(16).enumerate() {
+                    let s = d * f32::from(sc[i] as i8);
+                    push(s, -32.0 * s, &mut chunk.iter().copied());
+                }
+            }
+        }
+        _ => unreachable!("planes_block admitted {}", ty.name()),
+    }
+    let pack = |f: fn(u8) -> u8| -> Vec<u8> { codes.chunks_exact(2).map(|p| (f(p[0]) << 4) | f(p[1])).collect() };
+    let (hi, lo) = (pack(|u| u >> 4), pack(|u| u & 0xF));
+    Ok(Planes {
+        block,
+        hi: (hi, affine.iter().flat_map(|&(s, m)| [16.0 * s, m]).collect()),
+        lo: (lo, affine.iter().flat_map(|&(s, _)| [s, 0.0]).collect()),
+    })
+}
+
+/// A Q5_0 or Q5_1 block's 32 codes: element j's low four bits in the low nibble of qs[j]
+/// (j < 16) or the high nibble of qs[j - 16], its fifth bit bit j of the little-endian qh.
+fn q5_codes(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    std::array::from_fn(|j| {
+        let low = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+        low | (((qh >> j) & 1) as u8) << 4
+    })
 }
 
 /// A ggml block's 16 bytes of 4-bit codes (element j in the low nibble of byte j, element
@@ -379,8 +520,11 @@ pub fn type_id(ty: GgmlType) -> u32 {
         GgmlType::F16 => 1,
         GgmlType::Q4_0 => 2,
         GgmlType::Q4_1 => 3,
+        GgmlType::Q5_0 => 6,
+        GgmlType::Q5_1 => 7,
         GgmlType::Q8_0 => 8,
         GgmlType::Q4K => 12,
+        GgmlType::Q5K => 13,
         GgmlType::Q6K => 14,
         GgmlType::Bf16 => 30,
     }
@@ -421,6 +565,37 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
                 let qs = &b[4..20];
                 out.extend(qs.iter().map(|&q| d * f32::from(q & 0xF) + m));
                 out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
+            }
+        }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // ggml's dequantize_row_q5_0 / q5_1: d * (q - 16), or d * q + m.
+            let (size, at) = if ty == GgmlType::Q5_0 { (22, 2) } else { (24, 4) };
+            for b in data.chunks_exact(size) {
+                let d = h(b, 0);
+                let q = q5_codes(&b[at..at + 4], &b[at + 4..at + 20]);
+                if ty == GgmlType::Q5_0 {
+                    out.extend(q.iter().map(|&q| (i32::from(q) - 16) as f32 * d));
+                } else {
+                    let m = h(b, 2);
+                    out.extend(q.iter().map(|&q| f32::from(q) * d + m));
+                }
+            }
+        }
+        GgmlType::Q5K => {
+            for b in data.chunks_exact(176) {
+                let (d, dmin) = (h(b, 0), h(b, 2));
+                let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+                for j in 0..4 {
+                    let (sc1, m1) = scale_min_k4(2 * j, scales);
+                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
+                    let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
+                    let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+                    let ql = &qs[32 * j..32 * j + 32];
+                    let high = |l: usize, u: u8| if qh[l] & u != 0 { 16.0 } else { 0.0 };
+                    out.extend((0..32).map(|l| d1 * (f32::from(ql[l] & 0xF) + high(l, u1)) - m1));
+                    out.extend((0..32).map(|l| d2 * (f32::from(ql[l] >> 4) + high(l, u2)) - m2));
+                }
             }
         }
         GgmlType::Q4K => {
@@ -522,12 +697,90 @@ mod tests {
         let (packed, coeffs) = q4_k_repacked(&data, n).expect("valid blocks");
         assert_eq!((packed.len(), coeffs.len()), (n / 2, n / 16));
         for (e, w) in want.iter().enumerate() {
-            let q = if e % 2 == 0 { packed[e / 2] >> 4 } else { packed[e / 2] & 0xF };
+            let q = if e.is_multiple_of(2) { packed[e / 2] >> 4 } else { packed[e / 2] & 0xF };
             let (d, m) = (coeffs[2 * (e / 32)], coeffs[2 * (e / 32) + 1]);
             let got = f32::from(q) * d + m;
             assert_eq!(got.to_bits(), w.to_bits(), "element {e}: {got} vs {w}");
         }
         assert!(q4_k_repacked(&data[..143], QK_K).is_err());
+    }
+
+    /// Random blocks of `ty` (`count` of them) whose f16 scales are finite, positive or negative:
+    /// bytes `f16_at` of each block are f16 values drawn from [-2^-7, 2^-7) · 2^k.
+    fn random_blocks(ty: GgmlType, count: usize, seed: u64) -> Vec<u8> {
+        let mut rng = seed | 1;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let (_, size) = ty.block();
+        let f16_at: &[usize] = match ty {
+            GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
+            GgmlType::Q5_1 | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            other => panic!("no random blocks of {}", other.name()),
+        };
+        let mut data = vec![0u8; count * size];
+        for b in data.chunks_exact_mut(size) {
+            b.iter_mut().for_each(|x| *x = next() as u8);
+            for &at in f16_at {
+                // Exponent 1..=16 of 31: finite, normal, of either sign.
+                let v = f16::from_bits(((next() as u16) & 0x83FF) | ((1 + (next() % 16) as u16) << 10));
+                b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        data
+    }
+
+    /// hi + lo of [`planes_repacked`] against ggml's dequantization: exactly for the types
+    /// whose minimum is a multiple of the scale (Q8_0, Q5_0, Q6_K), and within the one rounding
+    /// of 16 · s + m for the affine ones: half an ulp of |16 s + m| <= 2^-24 (16 |s| + |m|),
+    /// plus the sum's own half ulp of |value| (the two roundings of the sum in f32).
+    #[test]
+    fn planes_add_up_to_the_dequantized_values() {
+        for (ty, exact) in [
+            (GgmlType::Q8_0, true),
+            (GgmlType::Q5_0, true),
+            (GgmlType::Q6K, true),
+            (GgmlType::Q5_1, false),
+            (GgmlType::Q5K, false),
+        ] {
+            let (per_block, _) = ty.block();
+            let n = 6 * per_block.max(64);
+            let data = random_blocks(ty, n / per_block, 0x5EED + n as u64);
+            let want = dequantize(ty, &data, n).expect("valid blocks");
+            let p = planes_repacked(ty, &data, n).expect("valid blocks");
+            let block = planes_block(ty).expect("a planes type");
+            assert_eq!(p.block, block);
+            assert_eq!(
+                (p.hi.0.len(), p.hi.1.len(), p.lo.0.len(), p.lo.1.len()),
+                (n / 2, n / block * 2, n / 2, n / block * 2)
+            );
+            assert_eq!(Planes::gpu_bytes(block, n), p.hi.0.len() * 2 + p.hi.1.len() * 8, "{}", ty.name());
+            let value = |(packed, coeffs): &(Vec<u8>, Vec<f32>), e: usize| {
+                let q = if e.is_multiple_of(2) { packed[e / 2] >> 4 } else { packed[e / 2] & 0xF };
+                let (s, m) = (coeffs[2 * (e / block)], coeffs[2 * (e / block) + 1]);
+                (f32::from(q) * s + m, 16.0 * s.abs() + m.abs())
+            };
+            let mut rounded = 0;
+            for (e, &w) in want.iter().enumerate() {
+                let ((hi, bound), (lo, _)) = (value(&p.hi, e), value(&p.lo, e));
+                let got = hi + lo;
+                if exact {
+                    // Equal as numbers: ggml's d · 0 may be -0 where the planes add to +0.
+                    assert!(got == w, "{} element {e}: {hi} + {lo} vs {w}", ty.name());
+                } else {
+                    let tol = 2f32.powi(-24) * (bound + w.abs());
+                    assert!((got - w).abs() <= tol, "{} element {e}: {got} vs {w} (tolerance {tol})", ty.name());
+                    rounded += usize::from(got != w);
+                }
+            }
+            eprintln!("{}: {n} values, {rounded} a rounding away from ggml's", ty.name());
+            assert!(planes_repacked(ty, &data[1..], n).is_err(), "{}: short data", ty.name());
+        }
+        assert!(planes_repacked(GgmlType::Q4_0, &[0u8; 18], 32).is_err(), "Q4_0 has its own kernels");
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Linear layers: forward, input gradient and weight gradient over dense, f16, NF4 and GGUF Q4_0
-//! weights, with split-K for small grids.
+//! Linear layers: forward, input gradient and weight gradient over dense, f16, NF4 and GGUF
+//! (Q4_0, Q4_1, and two 4-bit planes for wider codes) weights, with split-K for small grids.
 
 use super::*;
 use crate::gpu::KernelFamily;
@@ -31,16 +31,39 @@ pub enum Weight<'a> {
         scales: &'a wgpu::Buffer,
     },
     /// GGUF's Q4_1 as it is stored (repacked into NF4's nibble order): (N*K/8) u32 of eight
-    /// 4-bit codes, and each block of 32's f16 scale d and minimum m as two f32; value = q * d + m.
+    /// 4-bit codes, and each block's scale d and minimum m as two f32; value = q * d + m.
+    /// Blocks of 32 for Q4_1 and Q4_K's sub-blocks; 16 or 32 for a plane of [`Weight::Planes`].
     Q4_1 {
         /// (N*K/8) u32: eight 4-bit codes a word.
         packed: &'a wgpu::Buffer,
-        /// (N*K/32, 2) f32: each block's scale and minimum.
+        /// (N*K/block_size, 2) f32: each block's scale and minimum.
         coeffs: &'a wgpu::Buffer,
+        /// Values a scale and minimum (a multiple of 8).
+        block_size: usize,
+    },
+    /// A GGUF tensor of 5-, 6- or 8-bit codes as two Q4_1 planes (see
+    /// `quant::gguf_blocks::Planes`): the weight is their sum, so a matmul is two, the second
+    /// added to the first's output.
+    Planes {
+        /// The high four bits of each code.
+        hi: Q4Plane<'a>,
+        /// The low four bits.
+        lo: Q4Plane<'a>,
+        /// Values a scale and minimum in each plane.
+        block_size: usize,
     },
 }
 
-/// Values per scale of [`Weight::Q4_0`] (and per scale and minimum of [`Weight::Q4_1`]).
+/// One plane of [`Weight::Planes`]: codes and coefficients as [`Weight::Q4_1`] holds them.
+#[derive(Debug, Clone, Copy)]
+pub struct Q4Plane<'a> {
+    /// (N*K/8) u32: eight 4-bit codes a word.
+    pub packed: &'a wgpu::Buffer,
+    /// (N*K/block_size, 2) f32: each block's scale and minimum.
+    pub coeffs: &'a wgpu::Buffer,
+}
+
+/// Values per scale of [`Weight::Q4_0`] (and per scale and minimum of GGUF's Q4_1 and Q4_K).
 pub const Q4_0_BLOCK: usize = 32;
 
 impl Weight<'_> {
@@ -52,7 +75,18 @@ impl Weight<'_> {
             Weight::F16(_) => 2.0 * nk,
             Weight::Nf4 { block_size, .. } => nk / 2.0 + 4.0 * nk / (*block_size).max(1) as f64,
             Weight::Q4_0 { .. } => nk / 2.0 + 4.0 * nk / Q4_0_BLOCK as f64,
-            Weight::Q4_1 { .. } => nk / 2.0 + 8.0 * nk / Q4_0_BLOCK as f64,
+            Weight::Q4_1 { block_size, .. } => nk / 2.0 + 8.0 * nk / (*block_size).max(1) as f64,
+            Weight::Planes { block_size, .. } => nk + 16.0 * nk / (*block_size).max(1) as f64,
+        }
+    }
+
+    /// The two Q4_1 weights of [`Weight::Planes`], or `None` for any other weight.
+    fn planes(&self) -> Option<[Weight<'_>; 2]> {
+        match *self {
+            Weight::Planes { hi, lo, block_size } => {
+                Some([hi, lo].map(|p| Weight::Q4_1 { packed: p.packed, coeffs: p.coeffs, block_size }))
+            }
+            _ => None,
         }
     }
 }
@@ -184,6 +218,10 @@ pub struct Matmul<'a> {
 
 /// `y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n])`.
 pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
+    if let Some([hi, lo]) = mm.w.planes() {
+        matmul_forward(ctx, enc, Matmul { w: hi, ..mm })?;
+        return matmul_forward(ctx, enc, Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm });
+    }
     let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
     p.has_bias = bias.is_some() as u32;
@@ -209,11 +247,12 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
             p.block_size = Q4_0_BLOCK as u32;
             ([&MATVEC_Q4_0, &MATVEC_Q4_0_SIMD8], Q4_0, true, vec![x, packed, scales, b, y])
         }
-        Weight::Q4_1 { packed, coeffs } => {
-            check_nf4(k, Q4_0_BLOCK)?;
-            p.block_size = Q4_0_BLOCK as u32;
+        Weight::Q4_1 { packed, coeffs, block_size } => {
+            check_nf4(k, block_size)?;
+            p.block_size = u32_of(block_size, "block size")?;
             ([&MATVEC_Q4_1, &MATVEC_Q4_1_SIMD8], Q4_1, true, vec![x, packed, coeffs, b, y])
         }
+        Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
     };
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
@@ -404,6 +443,10 @@ pub struct MatmulGrad<'a> {
 /// w (N, K). The weight itself gets no gradient here (frozen base, or see
 /// [`matmul_backward_w`]).
 pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -> Result<()> {
+    if let Some([hi, lo]) = g.w.planes() {
+        matmul_backward(ctx, enc, MatmulGrad { w: hi, ..g })?;
+        return matmul_backward(ctx, enc, MatmulGrad { w: lo, out: g.out.accumulated(), ..g });
+    }
     let MatmulGrad { dy, w, dx, m, n, k, out } = g;
     let mut p = matmul_params(m, n, k, out)?;
     p.dy_stride = u32_of(dy.stride, "dy stride")?;
@@ -430,11 +473,12 @@ pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -
             p.block_size = Q4_0_BLOCK as u32;
             (Q4_0_DX, true, vec![g, packed, scales, g, dx])
         }
-        Weight::Q4_1 { packed, coeffs } => {
-            check_nf4(k, Q4_0_BLOCK)?;
-            p.block_size = Q4_0_BLOCK as u32;
+        Weight::Q4_1 { packed, coeffs, block_size } => {
+            check_nf4(k, block_size)?;
+            p.block_size = u32_of(block_size, "block size")?;
             (Q4_1_DX, true, vec![g, packed, coeffs, g, dx])
         }
+        Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
     };
     let kernel = many_rows(ctx.report.kernels.matmul_grad, family, aligned && simd_ok, (p.m, p.k, p.n));
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
