@@ -91,10 +91,11 @@ check "cargo doc $crates" env RUSTDOCFLAGS="-D warnings" cargo doc --locked --of
 msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)"
 check "cargo +$msrv check $crates" env CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" \
   cargo "+$msrv" check --locked --all-targets $packages
-# The Python package's tests, against the wheel as a user installs it: `pip wheel` builds it
-# (setuptools-rust compiles the C library into it), a venv kept outside the clone installs it,
-# and the tests run from a scratch folder with no EDGETUNE_LIB, so `import edgetune` and its
-# library come from the installed wheel alone.
+# The Python package's tests, against the wheel as a user installs it: scripts/wheel.sh builds
+# it as it is published (`pip wheel`, setuptools-rust compiling the C library into it, then
+# `auditwheel repair`, which must find it within a manylinux policy and tag it so), a venv kept
+# outside the clone installs it, and the tests run from a scratch folder with no EDGETUNE_LIB,
+# so `import edgetune` and its library come from the installed wheel alone.
 pylog="$(mktemp)"
 wheels="$(mktemp -d)"
 trap 'rm -f "$log" "$pylog"; rm -rf "$wheels"' EXIT
@@ -102,7 +103,7 @@ repo="$PWD"
 venv="$HOME/.cache/edgetune/py-test-venv-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 {
-  python3 -m pip wheel --quiet --no-deps -w "$wheels" ./bindings/python &&
+  bash "$(dirname "$0")/wheel.sh" "$wheels" &&
     "$venv/bin/python" -m pip install --quiet --force-reinstall --no-deps "$wheels"/edgetune-*.whl &&
     (cd "$wheels" && env -u EDGETUNE_LIB EDGETUNE_TEST_INSTALLED=1 "$venv/bin/python" -m unittest discover -v \
       -s "$repo/bindings/python/tests" -t "$repo/bindings/python/tests")

@@ -357,6 +357,15 @@ class PackageTest(unittest.TestCase):
         self.assertNotIn("EDGETUNE_LIB", os.environ)
         self.assertEqual(Path(edgetune._lib._name).resolve().parent, package)
         self.assertTrue((package / "py.typed").is_file())
+        # Published as a manylinux wheel (scripts/wheel.sh: auditwheel repair): any Python 3,
+        # any Linux with the policy's glibc.
+        from importlib.metadata import distribution
+        wheel = distribution("edgetune").read_text("WHEEL") or ""
+        tags = [line.split(":", 1)[1].strip() for line in wheel.splitlines() if line.startswith("Tag:")]
+        if sys.platform.startswith("linux"):
+            self.assertTrue(tags and all(t.startswith("py3-none-manylinux") for t in tags), tags)
+        else:
+            self.assertTrue(tags and all(t.startswith("py3-none-") for t in tags), tags)
 
     def test_versions_agree(self):
         pyproject = (REPO / "bindings" / "python" / "pyproject.toml").read_text()
