@@ -8,6 +8,7 @@
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k_cache: array<f32>;      // (positions, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v_cache: array<f32>;      // (positions, Hkv * hd)
@@ -42,7 +43,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let kb = j * p.kv_stride + kvh * hd;
             var dot = 0.0;
             for (var d = 0u; d < hd; d++) { dot += qs[d] * k_cache[kb + d]; }
-            s = dot * p.scale;
+            s = softcap(dot * p.scale);
         }
         scores[lid] = s;
         workgroupBarrier();

@@ -8,6 +8,7 @@
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (T, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v: array<f32>;            // (T, Hkv * hd)
@@ -56,8 +57,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     dp += dout[qb + d] * vs[d];
                 }
                 let st = stats[t * p.n_heads + h];
-                pv = exp(s * p.scale - st.x);
-                g = pv * (dp - st.y);
+                pv = exp(softcap(s * p.scale) - st.x);
+                g = pv * (dp - st.y) * softcap_grad(s * p.scale);
             }
             pw[lid] = pv;
             ds[lid] = g;

@@ -6,6 +6,7 @@
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;      // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;      // (T, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;      // (T, Hkv * hd)
@@ -68,8 +69,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
             }
 #end
             let st = stats[t * p.n_heads + h];
-            let pv = select(0.0, exp(s - st.x), seen);
-            let ds = pv * (dp - st.y);
+            let pv = select(0.0, exp(softcap(s) - st.x), seen);
+            let ds = pv * (dp - st.y) * softcap_grad(s);
 #for i in 0..32
             if ({i}u < HD4 && {i}u < hd4) {
                 dv{i} += pv * gt{i};

@@ -14,6 +14,7 @@
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (T, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v: array<f32>;            // (T, Hkv * hd)
@@ -98,13 +99,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 part[(ki * 4u + pp) * BQ + qq] = s;
             }
             workgroupBarrier();
+            var capg: array<f32, 4>;                               // softcap's derivative, queries pp + 4m
             for (var m = 0u; m < 4u; m++) {
                 let qq = pp + 4u * m;
                 let t = t0 + qq;
                 let s = part[(ki * 4u) * BQ + qq] + part[(ki * 4u + 1u) * BQ + qq]
                     + part[(ki * 4u + 2u) * BQ + qq] + part[(ki * 4u + 3u) * BQ + qq];
                 let seen = live && t < p.n_tokens && t >= j && q_first[qq] <= j;
-                probs[ki * BQ + qq] = select(0.0, exp(s * p.scale - q_stats[qq].x), seen);
+                probs[ki * BQ + qq] = select(0.0, exp(softcap(s * p.scale) - q_stats[qq].x), seen);
+                capg[m] = softcap_grad(s * p.scale);
             }
             workgroupBarrier();
             for (var qq = 0u; qq < BQ; qq++) {
@@ -120,7 +123,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 let qq = pp + 4u * m;
                 let dp = part[(ki * 4u) * BQ + qq] + part[(ki * 4u + 1u) * BQ + qq]
                     + part[(ki * 4u + 2u) * BQ + qq] + part[(ki * 4u + 3u) * BQ + qq];
-                ds[ki * BQ + qq] = probs[ki * BQ + qq] * (dp - q_stats[qq].y);
+                ds[ki * BQ + qq] = probs[ki * BQ + qq] * capg[m] * (dp - q_stats[qq].y);
             }
             workgroupBarrier();
             for (var r = 0u; r < 32u; r++) {

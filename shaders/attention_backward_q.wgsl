@@ -8,6 +8,7 @@
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (T, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v: array<f32>;            // (T, Hkv * hd)
@@ -60,7 +61,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 s += qs[d] * k[kb + d];
                 dp += gs[d] * v[kb + d];
             }
-            g = exp(s * p.scale - lse) * (dp - delta);
+            let sc = s * p.scale;
+            g = exp(softcap(sc) - lse) * (dp - delta) * softcap_grad(sc);
         }
         ds[lid] = g;
         workgroupBarrier();

@@ -5,6 +5,7 @@
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;      // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;      // (T, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;      // (T, Hkv * hd)
@@ -55,7 +56,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         }
 #end
         let seen = l.valid && j >= first_key && j <= l.tq;
-        let ds = select(0.0, exp(s - lse) * (dp - delta), seen);
+        let ds = select(0.0, exp(softcap(s) - lse) * (dp - delta) * softcap_grad(s), seen);
 #for i in 0..32
         if ({i}u < HD4 && {i}u < l.hd4) { dq{i} += ds * k{i}; }
 #end

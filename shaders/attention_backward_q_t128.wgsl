@@ -15,6 +15,7 @@
 #include "common/attention_block.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k: array<f32>;            // (T, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v: array<f32>;            // (T, Hkv * hd)
@@ -93,12 +94,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
         var probs: array<f32, 4>;                                  // keys pp, pp + 4, pp + 8, pp + 12
+        var capg: array<f32, 4>;                                   // softcap's derivative at them
         for (var m = 0u; m < 4u; m++) {
             let jj = pp + 4u * m;
             let j = j0 + jj;
             let s = part[(qi * 4u) * BKV + jj] + part[(qi * 4u + 1u) * BKV + jj]
                 + part[(qi * 4u + 2u) * BKV + jj] + part[(qi * 4u + 3u) * BKV + jj];
-            probs[m] = select(0.0, exp(s * p.scale - lse), j >= first && j <= last);
+            probs[m] = select(0.0, exp(softcap(s * p.scale) - lse), j >= first && j <= last);
+            capg[m] = softcap_grad(s * p.scale);
         }
         workgroupBarrier();
         for (var jj = 0u; jj < BKV; jj++) {
@@ -114,7 +117,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let jj = pp + 4u * m;
             let dp = part[(qi * 4u) * BKV + jj] + part[(qi * 4u + 1u) * BKV + jj]
                 + part[(qi * 4u + 2u) * BKV + jj] + part[(qi * 4u + 3u) * BKV + jj];
-            ds[qi * BKV + jj] = probs[m] * (dp - delta);
+            ds[qi * BKV + jj] = probs[m] * capg[m] * (dp - delta);
         }
         workgroupBarrier();
         for (var r = 0u; r < 32u; r++) {

@@ -7,6 +7,7 @@
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;      // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k_cache: array<vec4<f32>>; // (positions, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v_cache: array<vec4<f32>>; // (positions, Hkv * hd)
@@ -46,6 +47,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
 #for i in 0..32
         if ({i}u < HD4 && {i}u < l.hd4) { s += dot(q{i}, subgroupBroadcast(k{i / 8}, {i % 8}u)); }
 #end
+        s = softcap(s);
         let seen = l.valid && j >= first_key && j <= last_key;
         let new_max = select(run_max, max(run_max, s), seen);
         let corr = exp(run_max - new_max);

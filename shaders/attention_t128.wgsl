@@ -17,6 +17,7 @@
 #include "common/attention_block.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
+#include "common/softcap.wgsl"
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k_cache: array<f32>;      // (positions, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v_cache: array<f32>;      // (positions, Hkv * hd)
@@ -74,7 +75,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             if (j >= first && j <= last) {
                 var dot = 0.0;
                 for (var d = 0u; d < hd; d++) { dot += q_tile[qi * stride + d] * kv_tile[jj * stride + d]; }
-                s = dot * p.scale;
+                s = softcap(dot * p.scale);
             }
             scores[qi * BKV + jj] = s;
         }

@@ -127,6 +127,28 @@ fn unknown_architecture_in_config_json_is_named() {
     assert!(err_of(open_weights(&d)).contains("invalid JSON"));
 }
 
+/// An attention soft cap (`attn_logit_softcapping`, Gemma 2's) is read when it is a positive
+/// number, left off when null, and anything else is refused naming the field. The final
+/// logits' cap is not computed yet: refused by name.
+#[test]
+fn attention_soft_cap_is_read_or_refused_naming_the_field() {
+    let d = tmpdir("softcap");
+    copy_tiny(&d);
+    let cfg = d.join("config.json");
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    let with = |v: &str| text.replacen('{', &format!("{{\"attn_logit_softcapping\": {v},"), 1);
+    let read = |v: &str| edgetune::model::config::ModelConfig::from_hf_json(&cfg, &with(v));
+    assert_eq!(read("50.0").expect("a cap").attn_softcap, Some(50.0));
+    assert_eq!(read("null").expect("no cap").attn_softcap, None);
+    for bad in ["0", "-1.5", "\"high\""] {
+        let e = err_of(read(bad));
+        assert!(e.contains("config.json") && e.contains("attn_logit_softcapping"), "{bad}: {e}");
+    }
+    let final_cap = text.replacen('{', "{\"final_logit_softcapping\": 30.0,", 1);
+    let e = err_of(edgetune::model::config::ModelConfig::from_hf_json(&cfg, &final_cap));
+    assert!(e.contains("final_logit_softcapping"), "{e}");
+}
+
 /// Qwen3's mixture-of-experts variant is refused by name, from config.json and from GGUF.
 #[test]
 fn qwen3_mixture_of_experts_is_refused_by_name() {

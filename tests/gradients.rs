@@ -126,16 +126,27 @@ fn attention_backward_twin_matches_finite_differences_with_packing_and_gqa() {
     let k = rand(t * kvh * hd, 14, 1.0);
     let v = rand(t * kvh * hd, 15, 1.0);
     let c = rand(q.len(), 16, 1.0);
-    let (dq, dk, dv) = r::attention_backward(&q, &k, &v, &key_start, &c, h, kvh, hd);
-    let fwd = |q: &[f32], k: &[f32], v: &[f32]| r::attention_forward(q, k, v, &key_start, h, kvh, hd, 0);
-    fd_check("attention dq", &q, &dq, &c, |x| fwd(x, &k, &v));
-    fd_check("attention dk", &k, &dk, &c, |x| fwd(&q, x, &v));
-    fd_check("attention dv", &v, &dv, &c, |x| fwd(&q, &k, x));
-    // Packing: the second sample's outputs do not depend on the first sample's keys.
-    let mut k2 = k.clone();
-    k2[0] += 1.0;
-    let (a, b) = (fwd(&q, &k, &v), fwd(&q, &k2, &v));
-    assert_eq!(a[3 * h * hd..], b[3 * h * hd..], "a packed sample attended to another sample's keys");
+    // Without a cap, and with Gemma 2's soft cap small enough to bend these scores (up to about 2).
+    for softcap in [None, Some(0.7)] {
+        let case = r::AttentionCase { n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0, softcap };
+        let (dq, dk, dv) = r::attention_backward(&q, &k, &v, &key_start, &c, case);
+        let fwd = |q: &[f32], k: &[f32], v: &[f32]| r::attention_forward(q, k, v, &key_start, case);
+        fd_check(&format!("attention dq {softcap:?}"), &q, &dq, &c, |x| fwd(x, &k, &v));
+        fd_check(&format!("attention dk {softcap:?}"), &k, &dk, &c, |x| fwd(&q, x, &v));
+        fd_check(&format!("attention dv {softcap:?}"), &v, &dv, &c, |x| fwd(&q, &k, x));
+        // Packing: the second sample's outputs do not depend on the first sample's keys.
+        let mut k2 = k.clone();
+        k2[0] += 1.0;
+        let (a, b) = (fwd(&q, &k, &v), fwd(&q, &k2, &v));
+        assert_eq!(a[3 * h * hd..], b[3 * h * hd..], "a packed sample attended to another sample's keys");
+    }
+    // The cap is applied: it changes the output.
+    let case = |softcap| r::AttentionCase { n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0, softcap };
+    let (a, b) = (
+        r::attention_forward(&q, &k, &v, &key_start, case(None)),
+        r::attention_forward(&q, &k, &v, &key_start, case(Some(0.7))),
+    );
+    assert!(a.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-2), "the soft cap changed nothing");
 }
 
 // ---- GPU kernels against the twins ----
@@ -592,13 +603,20 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
     for ctx in gpus() {
         // (segment lengths, heads, kv heads, head_dim): more than 64 tokens so tiles and the early
         // stop of the key pass are exercised.
-        for (segs, h, kvh, hd) in [
+        // Cases 0, 2 and 4 with Gemma 2's soft cap, at 0.3: these scores (standard deviation
+        // 1/3) reach about 1.5, so the cap bends them.
+        for (i, (segs, h, kvh, hd)) in [
             (vec![1], 1, 1, 8),
             (vec![3, 2], 4, 2, 16),
             (vec![70, 5, 20], 2, 1, 64),
             (vec![9], 3, 3, 130),
             (vec![6, 11, 4], 6, 2, 96),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let softcap = (i % 2 == 0).then_some(0.3);
+            let case = r::AttentionCase { n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0, softcap };
             let t: usize = segs.iter().sum();
             let mut key_start = Vec::new();
             for &len in &segs {
@@ -609,8 +627,8 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
             let k = rand(t * kvh * hd, 52, 1.0);
             let v = rand(t * kvh * hd, 53, 1.0);
             let dout = rand(q.len(), 54, 1.0);
-            let want_out = r::attention_forward(&q, &k, &v, &key_start, h, kvh, hd, 0);
-            let (want_dq, want_dk, want_dv) = r::attention_backward(&q, &k, &v, &key_start, &dout, h, kvh, hd);
+            let want_out = r::attention_forward(&q, &k, &v, &key_start, case);
+            let (want_dq, want_dk, want_dv) = r::attention_backward(&q, &k, &v, &key_start, &dout, case);
             let ks: Vec<u32> = key_start.iter().map(|&s| s as u32).collect();
             let (qb, kb, vb, ksb) = (
                 ctx.storage_from("q", &q),
@@ -629,14 +647,22 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
                 ctx.storage_zeroed("dv", v.len()),
             );
             let scale = 1.0 / (hd as f32).sqrt();
-            let s = AttentionShape { n_tokens: t, n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0, scale };
+            let s = AttentionShape {
+                n_tokens: t,
+                n_heads: h,
+                n_kv_heads: kvh,
+                head_dim: hd,
+                pos_offset: 0,
+                scale,
+                softcap,
+            };
             run(&ctx, |enc| {
                 let fwd = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ksb, out: &out, stats: &stats };
                 launch::attention_forward(&ctx, enc, fwd, s)?;
                 let b = AttentionGrads { fwd, dout: &gb, dq: &dq, dk: &dk, dv: &dv };
                 launch::attention_backward(&ctx, enc, b, s)
             });
-            let label = format!("attention t{t} segs {segs:?} h{h}/{kvh} hd{hd}");
+            let label = format!("attention t{t} segs {segs:?} h{h}/{kvh} hd{hd} cap {softcap:?}");
             // Dot products of hd terms and softmax sums over up to T keys, in another order.
             let tol = sum_tol(hd.max(t)) * 4.0;
             assert_close(&format!("{label} out"), &ctx.read_f32(&out, q.len()).expect("read"), &want_out, 1e-4, tol);

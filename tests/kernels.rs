@@ -378,18 +378,24 @@ fn rope_matches_reference() {
 #[test]
 fn attention_matches_reference_with_gqa_and_cache_offset() {
     for ctx in gpus() {
-        for &(t, h, kvh, hd, pos) in &[
+        // Cases 1, 3 and 5 with Gemma 2's soft cap, at 0.3 (these scores reach about 1.5).
+        for (i, &(t, h, kvh, hd, pos)) in [
             (1, 1, 1, 8, 0),
             (5, 4, 2, 16, 0),
             (3, 6, 2, 64, 70),
             (2, 2, 1, 130, 3),
             (11, 4, 2, 96, 5),
             (20, 3, 1, 64, 0),
-        ] {
+        ]
+        .iter()
+        .enumerate()
+        {
+            let softcap = (i % 2 == 1).then_some(0.3);
+            let case = r::AttentionCase { n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos, softcap };
             let q = rand(t * h * hd, 31, 1.0);
             let k = rand((pos + t) * kvh * hd, 32, 1.0);
             let v = rand((pos + t) * kvh * hd, 33, 1.0);
-            let want = r::attention_forward(&q, &k, &v, &vec![0; t], h, kvh, hd, pos);
+            let want = r::attention_forward(&q, &k, &v, &vec![0; t], case);
             let (qb, kb, vb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k), ctx.storage_from("v", &v));
             let (out, stats, ks) =
                 (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h), ctx.storage_zeroed("ks", t));
@@ -401,6 +407,7 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
                 head_dim: hd,
                 pos_offset: pos,
                 scale,
+                softcap,
             };
             run(&ctx, |enc| {
                 launch::attention_forward(
@@ -411,7 +418,7 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
                 )
             });
             assert_close(
-                &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos}"),
+                &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos} cap {softcap:?}"),
                 &ctx.read_f32(&out, q.len()).expect("read"),
                 &want,
                 1e-4,

@@ -48,7 +48,7 @@ struct AttentionParams {
     pos_offset: u32,
     kv_stride: u32,   // floats per key position: n_kv_heads * head_dim
     scale: f32,
-    _pad: u32,
+    softcap: f32,     // Gemma 2's attention logit cap (common/softcap.wgsl); 0: none
 }
 
 // Every matmul and matvec kernel (forward, dX and dW).

@@ -288,6 +288,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/simd8_forward.wgsl", include_str!("../common/simd8_forward.wgsl")),
     ("common/simd8_dx.wgsl", include_str!("../common/simd8_dx.wgsl")),
     ("common/attention_simd8.wgsl", include_str!("../common/attention_simd8.wgsl")),
+    ("common/softcap.wgsl", include_str!("../common/softcap.wgsl")),
     ("common/ce_unweighted.wgsl", include_str!("../common/ce_unweighted.wgsl")),
     ("common/ce_weighted.wgsl", include_str!("../common/ce_weighted.wgsl")),
     ("common/dpo_sums.wgsl", include_str!("../common/dpo_sums.wgsl")),
@@ -484,4 +485,4 @@ params!(/// `argmax.wgsl`
 params!(/// `top_k.wgsl`
     TopKParams { n: u32, k: u32, final_pass: u32, chunk: u32 } = 16);
 params!(/// `attention.wgsl`
-    AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, _pad: u32 } = 32);
+    AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, softcap: f32 } = 32);

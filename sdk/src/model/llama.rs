@@ -1008,6 +1008,7 @@ impl Model {
             head_dim: hd,
             pos_offset: pos,
             scale: c.query_scale,
+            softcap: c.attn_softcap,
         };
         launch::attention_forward(
             ctx,

@@ -766,6 +766,7 @@ impl Model {
             head_dim: c.head_dim,
             pos_offset: 0,
             scale: c.query_scale,
+            softcap: c.attn_softcap,
         }
     }
 

@@ -188,18 +188,17 @@ pub fn gelu_mul_backward(gate: &[f32], up: &[f32], dout: &[f32]) -> (Vec<f32>, V
 }
 
 /// (dq, dk, dv) of causal GQA attention over a training batch (q, k, v all (T, ..), query t
-/// sees keys `key_start[t] ..= t`).
-#[allow(clippy::too_many_arguments)]
+/// sees keys `key_start[t] ..= t`; `c.pos_offset` is not read). With a soft cap, the gradient of
+/// a capped score c · tanh(s / c) is that of the score times 1 - tanh²(s / c).
 pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     key_start: &[usize],
     dout: &[f32],
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    c: super::AttentionCase,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let super::AttentionCase { n_heads, n_kv_heads, head_dim, .. } = c;
     let t_count = q.len() / (n_heads * head_dim);
     let kv_stride = n_kv_heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -213,7 +212,11 @@ pub fn attention_backward(
             let g = &dout[qo..qo + head_dim];
             let keys: Vec<usize> = (first..=t).collect();
             let kv_at = |j: usize| j * kv_stride + kvh * head_dim;
-            let s: Vec<f32> = keys.iter().map(|&j| dotp(qv, &k[kv_at(j)..kv_at(j) + head_dim]) * scale).collect();
+            let raw: Vec<f32> = keys.iter().map(|&j| dotp(qv, &k[kv_at(j)..kv_at(j) + head_dim]) * scale).collect();
+            let s: Vec<f32> = raw.iter().map(|&x| c.capped(x)).collect();
+            // d capped / d raw for each key.
+            let cap_grad: Vec<f32> =
+                raw.iter().map(|&x| c.softcap.map_or(1.0, |cap| 1.0 - (x / cap).tanh().powi(2))).collect();
             let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let e: Vec<f32> = s.iter().map(|x| (x - mx).exp()).collect();
             let sum: f32 = e.iter().sum();
@@ -225,9 +228,9 @@ pub fn attention_backward(
                 }
             }
             let delta = dotp(g, &out);
-            for (&j, pj) in keys.iter().zip(&p) {
+            for ((&j, pj), cg) in keys.iter().zip(&p).zip(&cap_grad) {
                 let dp = dotp(g, &v[kv_at(j)..kv_at(j) + head_dim]);
-                let ds = pj * (dp - delta);
+                let ds = pj * (dp - delta) * cg;
                 for d in 0..head_dim {
                     dq[qo + d] += scale * ds * k[kv_at(j) + d];
                     dk[kv_at(j) + d] += scale * ds * qv[d];

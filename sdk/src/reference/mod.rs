@@ -126,19 +126,32 @@ pub fn matmul_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: u
     y
 }
 
+/// The heads and options of the attention twins.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionCase {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key and value heads.
+    pub n_kv_heads: usize,
+    /// Width of a head; scores are scaled by 1 / sqrt(head_dim).
+    pub head_dim: usize,
+    /// Position of the first query (0 for a training batch).
+    pub pos_offset: usize,
+    /// Gemma 2's soft cap: a scaled score s becomes cap · tanh(s / cap).
+    pub softcap: Option<f32>,
+}
+
+impl AttentionCase {
+    /// A scaled score, soft-capped when the case caps.
+    pub fn capped(&self, s: f32) -> f32 {
+        self.softcap.map_or(s, |c| c * (s / c).tanh())
+    }
+}
+
 /// Causal GQA attention: q (T, H*hd) at positions pos_offset.., k/v (P, Hkv*hd) for positions
 /// 0..P; query t sees keys `key_start[t] ..= pos_offset + t`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    key_start: &[usize],
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    pos_offset: usize,
-) -> Vec<f32> {
+pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_start: &[usize], c: AttentionCase) -> Vec<f32> {
+    let AttentionCase { n_heads, n_kv_heads, head_dim, pos_offset, .. } = c;
     let t_count = q.len() / (n_heads * head_dim);
     let kv_stride = n_kv_heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -151,8 +164,13 @@ pub fn attention_forward(
             let first = key_start[t];
             let scores: Vec<f32> = (first..n_keys)
                 .map(|j| {
-                    qv.iter().zip(&k[j * kv_stride + kvh * head_dim..][..head_dim]).map(|(a, b)| a * b).sum::<f32>()
-                        * scale
+                    c.capped(
+                        qv.iter()
+                            .zip(&k[j * kv_stride + kvh * head_dim..][..head_dim])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            * scale,
+                    )
                 })
                 .collect();
             let mx = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);

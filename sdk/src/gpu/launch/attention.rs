@@ -19,9 +19,15 @@ pub struct AttentionShape {
     /// What q . k is multiplied by before the softmax: 1 / sqrt(head_dim), or the model's own
     /// (Gemma's 1 / sqrt(query_pre_attn_scalar)).
     pub scale: f32,
+    /// Gemma 2's soft cap of the scaled scores: each becomes cap · tanh(score / cap) before the
+    /// softmax (`attn_logit_softcapping`); `None` leaves them as they are.
+    pub softcap: Option<f32>,
 }
 
 fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
+    if s.softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+        return Err(Error::invalid("attention", format!("soft cap {:?} (expected a positive number)", s.softcap)));
+    }
     if s.head_dim > 256 || s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
         return Err(Error::invalid(
             "attention",
@@ -36,7 +42,7 @@ fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
         pos_offset: u32_of(s.pos_offset, "position")?,
         kv_stride: u32_of(s.n_kv_heads * s.head_dim, "kv stride")?,
         scale: s.scale,
-        _pad: 0,
+        softcap: s.softcap.unwrap_or(0.0),
     })
 }
 
