@@ -5,6 +5,7 @@
 // mean loss; the `.weighted` variant also multiplies row t's gradient by weights[row_offset + t]
 // (common/ce_weighted.wgsl), the loss's derivative by that row's cross-entropy. A target of 0xFFFFFFFF marks a row that is not scored: loss 0, gradient 0. The
 // logits are never needed again, so overwriting them saves a (T, V) buffer. One workgroup per row.
+// Logits that logit_softcap.wgsl capped (p.softcap > 0) get its derivative in the gradient.
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: CrossEntropyParams;
@@ -58,6 +59,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             g = exp(logits[base + v] - row_max) * inv;
             if (v == t) { g -= 1.0; }
             g *= p.grad_scale * row_weight(row);
+            // Logits soft-capped by logit_softcap.wgsl: the chain rule through
+            // cap · tanh(x / cap), whose derivative is 1 - (capped / cap)^2.
+            if (p.softcap > 0.0) {
+                let r = logits[base + v] / p.softcap;
+                g *= 1.0 - r * r;
+            }
         }
         logits[base + v] = g;
     }

@@ -127,26 +127,30 @@ fn unknown_architecture_in_config_json_is_named() {
     assert!(err_of(open_weights(&d)).contains("invalid JSON"));
 }
 
-/// An attention soft cap (`attn_logit_softcapping`, Gemma 2's) is read when it is a positive
-/// number, left off when null, and anything else is refused naming the field. The final
-/// logits' cap is not computed yet: refused by name.
+/// Gemma 2's soft caps (`attn_logit_softcapping`, `final_logit_softcapping`) are read when
+/// they are positive numbers, left off when null, and anything else is refused naming the field.
 #[test]
-fn attention_soft_cap_is_read_or_refused_naming_the_field() {
+fn soft_caps_are_read_or_refused_naming_the_field() {
     let d = tmpdir("softcap");
     copy_tiny(&d);
     let cfg = d.join("config.json");
     let text = std::fs::read_to_string(&cfg).expect("read");
-    let with = |v: &str| text.replacen('{', &format!("{{\"attn_logit_softcapping\": {v},"), 1);
-    let read = |v: &str| edgetune::model::config::ModelConfig::from_hf_json(&cfg, &with(v));
-    assert_eq!(read("50.0").expect("a cap").attn_softcap, Some(50.0));
-    assert_eq!(read("null").expect("no cap").attn_softcap, None);
-    for bad in ["0", "-1.5", "\"high\""] {
-        let e = err_of(read(bad));
-        assert!(e.contains("config.json") && e.contains("attn_logit_softcapping"), "{bad}: {e}");
+    for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        let read = |v: &str| {
+            let with = text.replacen('{', &format!("{{\"{key}\": {v},"), 1);
+            edgetune::model::config::ModelConfig::from_hf_json(&cfg, &with)
+        };
+        let caps = |c: &edgetune::model::config::ModelConfig| match key {
+            "attn_logit_softcapping" => (c.attn_softcap, c.final_softcap),
+            _ => (c.final_softcap, c.attn_softcap),
+        };
+        assert_eq!(caps(&read("50.0").expect("a cap")), (Some(50.0), None), "{key}");
+        assert_eq!(caps(&read("null").expect("no cap")), (None, None), "{key}");
+        for bad in ["0", "-1.5", "\"high\""] {
+            let e = err_of(read(bad));
+            assert!(e.contains("config.json") && e.contains(key), "{key} {bad}: {e}");
+        }
     }
-    let final_cap = text.replacen('{', "{\"final_logit_softcapping\": 30.0,", 1);
-    let e = err_of(edgetune::model::config::ModelConfig::from_hf_json(&cfg, &final_cap));
-    assert!(e.contains("final_logit_softcapping"), "{e}");
 }
 
 /// Qwen3's mixture-of-experts variant is refused by name, from config.json and from GGUF.

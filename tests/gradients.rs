@@ -54,6 +54,14 @@ fn cross_entropy_backward_twin_matches_finite_differences() {
     let (_, grad) = r::cross_entropy_backward(&logits, &targets, vocab, scale);
     // L = scale * sum of the row losses: c = scale on every row.
     fd_check("cross_entropy dlogits", &logits, &grad, &[scale; 3], |x| r::cross_entropy_forward(x, &targets, vocab));
+    // Through Gemma 2's final soft cap (at 2: these logits reach 3, so it bends them).
+    let cap = 2.0;
+    let z = r::logit_softcap(&logits, cap);
+    let (_, dz) = r::cross_entropy_backward(&z, &targets, vocab, scale);
+    let grad = r::logit_softcap_backward(&dz, &z, cap);
+    fd_check("soft-capped cross_entropy dlogits", &logits, &grad, &[scale; 3], |x| {
+        r::cross_entropy_forward(&r::logit_softcap(x, cap), &targets, vocab)
+    });
 }
 
 #[test]
@@ -513,7 +521,7 @@ fn cross_entropy_backward_kernel_matches_twin() {
         launch::cross_entropy_backward(
             &ctx,
             enc,
-            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab },
+            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab, softcap: None },
             1.0 / 3.0,
         )
     });
@@ -526,6 +534,24 @@ fn cross_entropy_backward_kernel_matches_twin() {
         1e-5,
         1e-7,
     );
+
+    // Gemma 2's final soft cap (30, as Gemma 2's; these logits reach 8): logit_softcap.wgsl
+    // caps in place, and the backward multiplies by the cap's derivative.
+    let cap = 30.0;
+    let z = r::logit_softcap(&logits, cap);
+    let (want_loss, dz) = r::cross_entropy_backward(&z, &targets, vocab, 1.0 / 3.0);
+    let want_grad = r::logit_softcap_backward(&dz, &z, cap);
+    let lb = ctx.storage_from("logits", &logits);
+    run(&ctx, |enc| {
+        launch::logit_softcap(&ctx, enc, &lb, rows * vocab, cap)?;
+        let ce =
+            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab, softcap: Some(cap) };
+        launch::cross_entropy_backward(&ctx, enc, ce, 1.0 / 3.0)
+    });
+    assert_close("capped cross_entropy loss", &ctx.read_f32(&out, rows).expect("read"), &want_loss, 1e-5, 1e-5);
+    let got = ctx.read_f32(&lb, rows * vocab).expect("read");
+    assert_close("capped cross_entropy dlogits", &got, &want_grad, 1e-5, 1e-7);
+    assert!(got.iter().zip(&dz).any(|(a, b)| (a - b).abs() > 1e-4), "the cap's derivative changed nothing");
 }
 
 #[test]
@@ -1020,7 +1046,7 @@ fn weighted_cross_entropy_backward_kernel_matches_twin() {
         launch::cross_entropy_backward_weighted(
             &ctx,
             enc,
-            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab },
+            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab, softcap: None },
             0.5,
             &wb,
             2,

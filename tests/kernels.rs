@@ -440,7 +440,7 @@ fn cross_entropy_matches_reference() {
         launch::cross_entropy_forward(
             &ctx,
             enc,
-            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab },
+            launch::CrossEntropy { logits: &lb, targets: &tb, loss: &out, n_rows: rows, vocab, softcap: None },
         )
     });
     assert_close(
@@ -450,6 +450,24 @@ fn cross_entropy_matches_reference() {
         1e-5,
         1e-5,
     );
+    // Gemma 2's final soft cap, in place, over more values than one dispatch row (65,535
+    // workgroups of 256), at a cap the logits pass (4: they reach 8), and 30, Gemma 2's.
+    // Backends compute tanh through exp, which near 0 keeps a few ulps of 1 in absolute
+    // error, not relative (lavapipe: 1.6e-7), so the capped value is held to 4 ulps of 1 times
+    // the cap.
+    let big = rand(65_535 * 256 + 1000, 42, 8.0);
+    for cap in [4.0, 30.0] {
+        let b = ctx.storage_from("big", &big);
+        run(&ctx, |enc| launch::logit_softcap(&ctx, enc, &b, big.len(), cap));
+        let want = r::logit_softcap(&big, cap);
+        let got = ctx.read_f32(&b, big.len()).expect("read");
+        assert_close(&format!("logit_softcap {cap}"), &got, &want, 1e-6, 4.0 * f32::EPSILON * cap);
+    }
+    let b = ctx.storage_from("big", &big[..4]);
+    for bad in [0.0, -1.0, f32::NAN] {
+        let mut enc = ctx.encoder();
+        assert!(launch::logit_softcap(&ctx, &mut enc, &b, 4, bad).is_err(), "cap {bad}");
+    }
 }
 
 #[test]

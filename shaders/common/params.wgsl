@@ -19,6 +19,13 @@ struct RopeParams {
     _pad2: u32,
 }
 
+struct SoftcapParams {
+    n: u32,
+    cap: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
 struct DropoutParams {
     n: u32,
     seed: u32,
@@ -38,6 +45,10 @@ struct CrossEntropyParams {
     vocab: u32,
     grad_scale: f32,   // used by cross_entropy_backward.wgsl only
     row_offset: u32,   // its `.weighted` variant's first row in `weights`
+    softcap: f32,      // the logits' soft cap (logit_softcap.wgsl), 0 for none: backward only
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 struct AttentionParams {

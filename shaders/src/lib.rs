@@ -128,6 +128,7 @@ shaders! {
     GELU_MUL = "gelu_mul";
     ADD = "add";
     DROPOUT = "dropout";
+    LOGIT_SOFTCAP = "logit_softcap";
     F16_PACK = "f16_pack";
     F16_UNPACK = "f16_unpack";
     CROSS_ENTROPY = "cross_entropy";
@@ -463,7 +464,10 @@ params!(/// `dropout.wgsl`
 params!(/// `silu_mul.wgsl`, `gelu_mul.wgsl` and `add.wgsl`
     ElementwiseParams { n: u32, _pad0: u32, _pad1: u32, _pad2: u32 } = 16);
 params!(/// `cross_entropy.wgsl` and `cross_entropy_backward.wgsl`
-    CrossEntropyParams { n_rows: u32, vocab: u32, grad_scale: f32, row_offset: u32 } = 16);
+    CrossEntropyParams { n_rows: u32, vocab: u32, grad_scale: f32, row_offset: u32, softcap: f32, _pad0: u32,
+        _pad1: u32, _pad2: u32 } = 32);
+params!(/// `logit_softcap.wgsl`
+    SoftcapParams { n: u32, cap: f32, _pad0: u32, _pad1: u32 } = 16);
 params!(/// `dpo.wgsl` and `dpo_logps.wgsl`
     DpoParams { n_pairs: u32, length_normalized: u32, ipo: u32, _pad: u32, beta: f32, a: f32, b: f32, grad_scale: f32 }
         = 32);

@@ -164,6 +164,9 @@ pub struct ModelConfig {
     /// Gemma 2's soft cap of the attention scores (`attn_logit_softcapping`): each scaled score
     /// s becomes cap · tanh(s / cap) before the softmax. `None` for every other family.
     pub attn_softcap: Option<f32>,
+    /// Gemma 2's soft cap of the final logits (`final_logit_softcapping`): each logit x becomes
+    /// cap · tanh(x / cap). `None` for every other family.
+    pub final_softcap: Option<f32>,
     /// What the embedding rows are multiplied by on the way in (Gemma: sqrt(hidden_size); else 1).
     pub embedding_scale: f32,
     /// Added to every RMSNorm weight (Gemma's norms scale by 1 + w: 1; else 0).
@@ -181,9 +184,19 @@ fn field<'a>(j: &'a Json, key: &str) -> Option<&'a Json> {
     j.get(key).filter(|v| !v.is_null())
 }
 
-/// An attention soft cap read from `key` (absent or null: none); anything but a positive
-/// number is an error naming the key.
-fn softcap_of(path: &Path, key: &str, v: Option<f64>) -> Result<Option<f32>> {
+/// A soft cap (Gemma 2's `attn_logit_softcapping`, `final_logit_softcapping`) read from
+/// `key` of a config.json (absent or null: none); anything but a positive number is an error
+/// naming the key.
+fn softcap_of(path: &Path, key: &str, j: &Json) -> Result<Option<f32>> {
+    checked_softcap(path, key, field(j, key).map(|v| v.as_f64().unwrap_or(f64::NAN)))
+}
+
+/// [`softcap_of`] for a GGUF metadata value.
+fn gguf_softcap(path: &Path, key: &str, v: Option<&Value>) -> Result<Option<f32>> {
+    checked_softcap(path, key, v.map(|v| v.as_f64().unwrap_or(f64::NAN)))
+}
+
+fn checked_softcap(path: &Path, key: &str, v: Option<f64>) -> Result<Option<f32>> {
     match v {
         None => Ok(None),
         Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c as f32)),
@@ -286,10 +299,6 @@ impl ModelConfig {
             .unwrap_or(1.0);
         // As transformers: int(head_dim * partial_rotary_factor).
         let rotary_dim = (head_dim as f64 * partial_rotary) as usize;
-        // The attention scores' soft cap is read below; the final logits' is not computed yet.
-        if field(&j, "final_logit_softcapping").is_some() {
-            return Err(Error::unsupported(path, "`final_logit_softcapping` (logit soft-capping)"));
-        }
         if field(&j, "use_bidirectional_attention").and_then(Json::as_bool) == Some(true) {
             return Err(Error::unsupported(
                 path,
@@ -350,11 +359,8 @@ impl ModelConfig {
             sliding_rope,
             hidden_act,
             query_scale,
-            attn_softcap: softcap_of(
-                path,
-                "attn_logit_softcapping",
-                field(&j, "attn_logit_softcapping").map(|v| v.as_f64().unwrap_or(f64::NAN)),
-            )?,
+            attn_softcap: softcap_of(path, "attn_logit_softcapping", &j)?,
+            final_softcap: softcap_of(path, "final_logit_softcapping", &j)?,
             embedding_scale: if gemma { (hidden_size as f64).sqrt() as f32 } else { 1.0 },
             norm_offset: if gemma { 1.0 } else { 0.0 },
             sandwich_norms: gemma,
@@ -493,10 +499,8 @@ impl ModelConfig {
             sliding_rope: gemma.then_some((10000.0, None)),
             hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
             query_scale,
-            attn_softcap: {
-                let k = key("attn_logit_softcapping");
-                softcap_of(path, &k, g.get(&k).map(|v| v.as_f64().unwrap_or(f64::NAN)))?
-            },
+            attn_softcap: gguf_softcap(path, &key("attn_logit_softcapping"), g.get(&key("attn_logit_softcapping")))?,
+            final_softcap: gguf_softcap(path, &key("final_logit_softcapping"), g.get(&key("final_logit_softcapping")))?,
             embedding_scale: if gemma { (hidden_size as f64).sqrt() as f32 } else { 1.0 },
             norm_offset: if gemma { 1.0 } else { 0.0 },
             sandwich_norms: gemma,

@@ -1146,7 +1146,10 @@ impl Model {
                 },
             )?;
         }
-        Ok(())
+        match c.final_softcap {
+            Some(cap) => launch::logit_softcap(&self.ctx, enc, logits, rows * c.vocab_size, cap),
+            None => Ok(()),
+        }
     }
 
     /// Records the forward pass of `ids` and the logits of its last position, and returns the
@@ -1292,7 +1295,14 @@ impl Model {
             launch::cross_entropy_forward(
                 &self.ctx,
                 &mut enc,
-                launch::CrossEntropy { logits: &logits, targets: &targets, loss: &loss, n_rows: rows, vocab: v },
+                launch::CrossEntropy {
+                    logits: &logits,
+                    targets: &targets,
+                    loss: &loss,
+                    n_rows: rows,
+                    vocab: v,
+                    softcap: self.config.final_softcap,
+                },
             )?;
             self.ctx.submit([enc.finish()]);
             out.extend(self.ctx.read_f32(&loss, rows)?);

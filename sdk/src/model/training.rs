@@ -317,13 +317,14 @@ impl Workspace {
     }
 
     /// The cross-entropy over the head's first `rows` rows of logits.
-    fn head_cross_entropy(&self, rows: usize, vocab: usize) -> launch::CrossEntropy<'_> {
+    fn head_cross_entropy(&self, rows: usize, vocab: usize, softcap: Option<f32>) -> launch::CrossEntropy<'_> {
         launch::CrossEntropy {
             logits: &self.logits,
             targets: &self.head_targets,
             loss: &self.head_loss,
             n_rows: rows,
             vocab,
+            softcap,
         }
     }
 
@@ -856,7 +857,7 @@ impl Model {
         while start < t {
             let rows = ws.head_rows.min(t - start);
             self.head_logits(enc, ws, start, rows)?;
-            let ce = ws.head_cross_entropy(rows, v);
+            let ce = ws.head_cross_entropy(rows, v, self.config.final_softcap);
             if weighted {
                 launch::cross_entropy_backward_weighted(ctx, enc, ce, grad_scale, &ws.dpo_weights, start)?;
             } else {
@@ -913,7 +914,7 @@ impl Model {
         while start < t {
             let rows = ws.head_rows.min(t - start);
             self.head_logits(enc, ws, start, rows)?;
-            launch::cross_entropy_forward(ctx, enc, ws.head_cross_entropy(rows, v))?;
+            launch::cross_entropy_forward(ctx, enc, ws.head_cross_entropy(rows, v, self.config.final_softcap))?;
             enc.copy_buffer_to_buffer(&ws.head_loss, 0, &ws.loss, (start * 4) as u64, (rows * 4) as u64);
             start += rows;
         }
@@ -944,7 +945,10 @@ impl Model {
                 },
             )?;
         }
-        Ok(())
+        match self.config.final_softcap {
+            Some(cap) => launch::logit_softcap(&self.ctx, enc, &ws.logits, rows * v, cap),
+            None => Ok(()),
+        }
     }
 
     /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`).

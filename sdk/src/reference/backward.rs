@@ -2,6 +2,12 @@
 //! and returns the input gradients; tests check them against central finite differences of
 //! the forward twins, and the GPU kernels against them.
 
+/// The gradient through [`super::logit_softcap`]: dx = dz · (1 - (z / cap)^2), from the capped
+/// values z = cap · tanh(x / cap) (what the cross-entropy's backward reads).
+pub fn logit_softcap_backward(dz: &[f32], z: &[f32], cap: f32) -> Vec<f32> {
+    dz.iter().zip(z).map(|(&g, &v)| g * (1.0 - (v / cap) * (v / cap))).collect()
+}
+
 /// Fused softmax cross-entropy: per-row loss and dlogits = grad_scale * (softmax - onehot);
 /// a target of `u32::MAX` gives loss 0 and a zero gradient row.
 pub fn cross_entropy_backward(logits: &[f32], targets: &[u32], vocab: usize, grad_scale: f32) -> (Vec<f32>, Vec<f32>) {

@@ -187,6 +187,11 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_start: &[usize], c
     out
 }
 
+/// Gemma 2's final logit soft cap: each x becomes cap · tanh(x / cap).
+pub fn logit_softcap(x: &[f32], cap: f32) -> Vec<f32> {
+    x.iter().map(|&v| cap * (v / cap).tanh()).collect()
+}
+
 /// Per-row softmax cross-entropy; a target of `u32::MAX` scores 0.
 pub fn cross_entropy_forward(logits: &[f32], targets: &[u32], vocab: usize) -> Vec<f32> {
     logits

@@ -221,6 +221,16 @@ pub fn gelu_mul_backward(ctx: &GpuContext, enc: &mut Encoder, g: SiluMulGrad<'_>
     ctx.dispatch(enc, &GELU_MUL_BACKWARD, &p, &[gate, up, dout, dgate, dup], groups_1d(p.n.div_ceil(256)))
 }
 
+/// Gemma 2's final logit soft cap, in place over n values: x <- cap · tanh(x / cap) (see
+/// `logit_softcap.wgsl`; the cross-entropy's backward applies its derivative).
+pub fn logit_softcap(ctx: &GpuContext, enc: &mut Encoder, x: &wgpu::Buffer, n: usize, cap: f32) -> Result<()> {
+    if !(cap.is_finite() && cap > 0.0) {
+        return Err(Error::invalid("logit soft cap", format!("{cap} (expected a positive number)")));
+    }
+    let p = SoftcapParams { n: u32_of(n, "elements")?, cap, ..Default::default() };
+    ctx.dispatch(enc, &LOGIT_SOFTCAP, &p, &[x], groups_1d(p.n.div_ceil(256)))
+}
+
 /// Inverted dropout in place over n values with keep probability 1 - p and the mask of
 /// `seed` (see `dropout.wgsl`); also its own backward.
 pub fn dropout(ctx: &GpuContext, enc: &mut Encoder, x: &wgpu::Buffer, n: usize, p: f32, seed: u32) -> Result<()> {

@@ -15,11 +15,25 @@ pub struct CrossEntropy<'a> {
     pub n_rows: usize,
     /// Logits a row.
     pub vocab: usize,
+    /// The soft cap [`super::logit_softcap`] applied to these logits (Gemma 2), if any: the
+    /// backward multiplies each gradient by its derivative. The forward reads them as they are.
+    pub softcap: Option<f32>,
+}
+
+fn backward_params(c: CrossEntropy<'_>, grad_scale: f32, row_offset: usize) -> Result<CrossEntropyParams> {
+    Ok(CrossEntropyParams {
+        n_rows: u32_of(c.n_rows, "rows")?,
+        vocab: u32_of(c.vocab, "vocab")?,
+        grad_scale,
+        row_offset: u32_of(row_offset, "row offset")?,
+        softcap: c.softcap.unwrap_or(0.0),
+        ..Default::default()
+    })
 }
 
 /// `loss[t] = logsumexp(logits[t]) - logits[t, target[t]]`; target `u32::MAX` scores 0.
 pub fn cross_entropy_forward(ctx: &GpuContext, enc: &mut Encoder, c: CrossEntropy<'_>) -> Result<()> {
-    let CrossEntropy { logits, targets, loss, n_rows, vocab } = c;
+    let CrossEntropy { logits, targets, loss, n_rows, vocab, .. } = c;
     let p =
         CrossEntropyParams { n_rows: u32_of(n_rows, "rows")?, vocab: u32_of(vocab, "vocab")?, ..Default::default() };
     ctx.dispatch(enc, &CROSS_ENTROPY, &p, &[logits, targets, loss], groups_1d(p.n_rows))
@@ -28,13 +42,8 @@ pub fn cross_entropy_forward(ctx: &GpuContext, enc: &mut Encoder, c: CrossEntrop
 /// Fused softmax cross-entropy forward and backward: writes `loss[t]` and replaces the logits
 /// in place with grad_scale * (softmax - onehot); rows with target u32::MAX get zeros.
 pub fn cross_entropy_backward(ctx: &GpuContext, enc: &mut Encoder, c: CrossEntropy<'_>, grad_scale: f32) -> Result<()> {
-    let CrossEntropy { logits, targets, loss, n_rows, vocab } = c;
-    let p = CrossEntropyParams {
-        n_rows: u32_of(n_rows, "rows")?,
-        vocab: u32_of(vocab, "vocab")?,
-        grad_scale,
-        row_offset: 0,
-    };
+    let CrossEntropy { logits, targets, loss, .. } = c;
+    let p = backward_params(c, grad_scale, 0)?;
     ctx.dispatch(enc, &CROSS_ENTROPY_BACKWARD, &p, &[logits, targets, loss], groups_1d(p.n_rows))
 }
 
@@ -49,13 +58,8 @@ pub fn cross_entropy_backward_weighted(
     weights: &wgpu::Buffer,
     row_offset: usize,
 ) -> Result<()> {
-    let CrossEntropy { logits, targets, loss, n_rows, vocab } = c;
-    let p = CrossEntropyParams {
-        n_rows: u32_of(n_rows, "rows")?,
-        vocab: u32_of(vocab, "vocab")?,
-        grad_scale,
-        row_offset: u32_of(row_offset, "row offset")?,
-    };
+    let CrossEntropy { logits, targets, loss, .. } = c;
+    let p = backward_params(c, grad_scale, row_offset)?;
     ctx.dispatch(enc, &CROSS_ENTROPY_BACKWARD_WEIGHTED, &p, &[logits, targets, loss, weights], groups_1d(p.n_rows))
 }
 
