@@ -53,6 +53,16 @@ fn info_generate_and_eval_work() {
         "{stdout}"
     );
     assert!(stdout.contains("rope: theta 1000000, linear scaling x2; sliding layers theta 10000"), "{stdout}");
+    let gemma2 = common::fixtures().join("tiny_gemma2_bpe.gguf");
+    let out = edgetune(&["info", gemma2.to_str().expect("path")]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "norms after attention and the MLP; GeGLU (tanh GELU); sliding window 4 on 1 of 2 layers; \
+             attention scores soft-capped at 1; logits soft-capped at 1.5"
+        ),
+        "{stdout}"
+    );
 
     let out =
         edgetune(&["generate", "--model", &tiny(), "--prompt", "Paris is", "--max-tokens", "4", "--quant", "none"]);

@@ -88,6 +88,15 @@ fn gemma3_gguf_matches_transformers() {
     check_logits("tiny_gemma3_bpe");
 }
 
+/// Gemma 2 as llama.cpp's converter writes it: norms stored as 1 + w, post-attention and
+/// post-MLP norms, `gemma2.attention.sliding_window` on the even layers (llama.cpp's rule),
+/// `gemma2.attn_logit_softcapping` and `gemma2.final_logit_softcapping`, and the query scale
+/// from key_length.
+#[test]
+fn gemma2_gguf_with_soft_caps_matches_transformers() {
+    check_logits("tiny_gemma2_bpe");
+}
+
 /// Phi-3 as llama.cpp's converter writes it: `attn_qkv`, and the fused gate and up projection
 /// under `ffn_up`.
 #[test]
@@ -149,8 +158,8 @@ fn chat_template_renders_as_transformers(kind: &str, n_cases: usize) {
 /// all Q4_0 (each fixture re-encoded by `merge_gguf` with a zero adapter), the logits and the
 /// LoRA gradients equal those of the same file dequantized to f32 (the values are ggml's own, so
 /// only summation order differs: 1e-4, as in the f32 parity tests), where NF4's
-/// re-quantization moves them further. On llama (q/k rows permuted in the file), gemma3 and
-/// phi3 (the fused qkv_proj in Q4_0) files.
+/// re-quantization moves them further. On llama (q/k rows permuted in the file), gemma2, gemma3
+/// and phi3 (the fused qkv_proj in Q4_0) files.
 #[test]
 fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
     use edgetune::lora::{Adapter, LoraConfig};
@@ -158,7 +167,7 @@ fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
     let ctx = ctx();
     let dir = std::env::temp_dir().join(format!("edgetune-q4_0-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    for name in ["tiny_llama_spm", "tiny_gemma3_bpe", "tiny_phi3_bpe"] {
+    for name in ["tiny_llama_spm", "tiny_gemma2_bpe", "tiny_gemma3_bpe", "tiny_phi3_bpe"] {
         let source = fixtures().join(format!("{name}.gguf"));
         let (cfg, _) = edgetune::model::open_weights(&source).expect("config");
         let mut zero = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");

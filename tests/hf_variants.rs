@@ -124,14 +124,39 @@ fn gemma3_configs_of_both_transformers_generations_are_read_and_the_rest_refused
     assert_eq!(new, old, "both generations of config describe the same model");
     for (extra, named) in [
         (r#""model_type":"gemma3""#, "vision tower"),
-        (r#""model_type":"gemma2""#, "gemma2"),
-        (r#""model_type":"gemma3_text","final_logit_softcapping":30.0"#, "final_logit_softcapping"),
+        (r#""model_type":"gemma""#, "Gemma 1"),
+        (r#""model_type":"gemma3_text","final_logit_softcapping":0.0"#, "final_logit_softcapping"),
         (r#""model_type":"gemma3_text","use_bidirectional_attention":true"#, "embedding model"),
         (r#""model_type":"gemma3_text","hidden_activation":"relu""#, "relu"),
     ] {
         let e = cfg(extra).expect_err(extra).to_string();
         assert!(e.contains("config.json") && e.contains(named), "{extra}: {e}");
     }
+}
+
+/// Gemma 2's configs: Gemma 3's norms, embedding scale, GeGLU and query scale, no q/k norms,
+/// one RoPE base, both soft caps, and without `layer_types` (transformers 4) the even layers
+/// within the window, as with them.
+#[test]
+fn gemma2_configs_are_read_with_their_soft_caps_and_alternating_windows() {
+    use edgetune::model::config::Activation;
+    let p = std::path::Path::new("g/config.json");
+    let base = r#""model_type":"gemma2","hidden_size":64,"intermediate_size":128,"num_hidden_layers":4,
+        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":32,"vocab_size":32,"sliding_window":4096,
+        "query_pre_attn_scalar":256,"attn_logit_softcapping":50.0,"final_logit_softcapping":30.0"#;
+    let old = ModelConfig::from_hf_json(p, &format!("{{{base}}}")).expect("transformers 4 config");
+    let windows: Vec<bool> = (0..4).map(|l| old.layer_window(l).is_some()).collect();
+    assert_eq!(windows, [true, false, true, false]);
+    assert_eq!((old.attn_softcap, old.final_softcap), (Some(50.0), Some(30.0)));
+    assert_eq!((old.query_scale, old.embedding_scale), (1.0 / 16.0, 8.0));
+    assert_eq!(
+        (old.hidden_act, old.norm_offset, old.sandwich_norms, old.qk_norm, old.sliding_rope.clone()),
+        (Activation::GeluTanh, 1.0, true, false, None)
+    );
+    assert!(old.tie_word_embeddings);
+    let types = r#""layer_types":["sliding_attention","full_attention","sliding_attention","full_attention"]"#;
+    let new = ModelConfig::from_hf_json(p, &format!("{{{base},{types}}}")).expect("transformers 5 config");
+    assert_eq!(new, old, "both generations of config describe the same model");
 }
 
 /// Phi-3.5's and Phi-4-mini's RoPE as their transformers 4 configs give it (`rope_scaling`

@@ -283,13 +283,26 @@ fn phi3_partial_longrope_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_t
 /// then stay within twice that distance while it moves the logits far more.
 #[test]
 fn gemma3_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
-    let c = case("tiny_gemma3_bpe", "Paris is the capital of France. Berlin is");
+    gemma_adapter_in_llama_cpp("tiny_gemma3_bpe");
+}
+
+/// Gemma 2 likewise (the same f16 GELU), with both soft caps and the alternating window.
+#[test]
+fn gemma2_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
+    gemma_adapter_in_llama_cpp("tiny_gemma2_bpe");
+}
+
+fn gemma_adapter_in_llama_cpp(fixture: &str) {
+    let c = case(fixture, "Paris is the capital of France. Berlin is");
     let base_ours = c.model.all_logits(&c.ids).expect("base forward");
     let base_theirs = llama_cpp(&c.base, None, &c.ids, 0, &c.dir).logits;
     let e0 = rms_diff(&base_ours, &base_theirs);
     let scale = base_ours.iter().fold(0f32, |m, v| m.max(v.abs()));
     // The f16 GELU's own size: a few 2^-11 of the logits' scale, never a structural difference.
-    assert!(e0 <= 4.0 * scale / 2048.0, "the engines disagree on the gemma3 base by {e0} (RMS; logits up to {scale})");
+    assert!(
+        e0 <= 4.0 * scale / 2048.0,
+        "the engines disagree on the {fixture} base by {e0} (RMS; logits up to {scale})"
+    );
     let bound = 2.0 * e0;
     let adapter = trained_looking_adapter(&c.model, 5);
     let gpu = GpuAdapter::upload(&c.model.ctx, &adapter);
@@ -301,11 +314,11 @@ fn gemma3_adapter_in_llama_cpp_gives_edgetune_logits_and_greedy_text() {
     let judged = llama_cpp(&c.base, Some(&file), &c.ids, 8, &c.dir);
     let e1 = rms_diff(&ours, &judged.logits);
     eprintln!(
-        "gemma3 (RMS over logits): base {e0:.2e} apart, with the adapter {e1:.2e} (bound {bound:.2e}; moved {moved:.3})"
+        "{fixture} (RMS over logits): base {e0:.2e} apart, with the adapter {e1:.2e} (bound {bound:.2e}; moved {moved:.3})"
     );
     assert!(e1 <= bound, "with the adapter, llama.cpp is {e1} away (RMS), over {bound}");
     let gap = 2.0 * max_abs_diff(&base_ours, &base_theirs);
-    assert_same_greedy("gemma3 + adapter", &greedy(&c.model, Some(&gpu), &c.tok, &c.ids, 8), &judged, gap);
+    assert_same_greedy(&format!("{fixture} + adapter"), &greedy(&c.model, Some(&gpu), &c.tok, &c.ids, 8), &judged, gap);
     let _ = std::fs::remove_dir_all(&c.dir);
 }
 

@@ -88,6 +88,25 @@ fn incremental_decoding_of_gemma3_matches_transformers() {
     decode_matches_full("gemma3");
 }
 
+/// Gemma 2: Gemma 3's embedding scale, (1 + w) sandwich norms, GeGLU and query scale (1 /
+/// sqrt(24)), no q/k norms, the first layer within a window of 4 and the second global, and
+/// both soft caps, on the attention scores (1.0) and the logits (1.5), each of which moves
+/// these logits by 0.37 and 1.5 (tests/reference/generate.py checks it).
+#[test]
+fn tiny_gemma2_f32_logits_match_transformers() {
+    check("gemma2", Quant::None);
+}
+
+#[test]
+fn tiny_gemma2_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("gemma2", Quant::Nf4);
+}
+
+#[test]
+fn incremental_decoding_of_gemma2_matches_transformers() {
+    decode_matches_full("gemma2");
+}
+
 /// Mistral with a sliding window of 4 keys on sequences of 12 tokens: transformers masks every
 /// key more than 3 positions back, on every layer.
 #[test]
@@ -174,8 +193,15 @@ fn f16_tables_change_the_nf4_loss_by_f16_rounding_only() {
 #[test]
 fn planned_weight_bytes_are_the_uploaded_bytes_for_every_architecture() {
     let ctx = ctx();
-    let models = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3", "phi4"].map(|k| format!("tiny_{k}"));
-    let gguf = ["tiny_llama_spm.gguf", "tiny_qwen2_bpe.gguf", "tiny_gemma3_bpe.gguf", "tiny_phi3_bpe.gguf"];
+    let models =
+        ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi4"].map(|k| format!("tiny_{k}"));
+    let gguf = [
+        "tiny_llama_spm.gguf",
+        "tiny_qwen2_bpe.gguf",
+        "tiny_gemma2_bpe.gguf",
+        "tiny_gemma3_bpe.gguf",
+        "tiny_phi3_bpe.gguf",
+    ];
     for name in models.iter().map(String::as_str).chain(gguf) {
         for quant in [Quant::None, Quant::Nf4, Quant::Gguf] {
             let opts = LoadOptions { quant, ..Default::default() };

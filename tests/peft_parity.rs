@@ -137,6 +137,14 @@ fn gemma3_lora_loss_and_gradients_match_peft() {
     one_step("gemma3");
 }
 
+/// Gemma 2: gradients back through both soft caps (the final logits' in the cross-entropy's
+/// backward, the attention scores' in every attention kernel), the sandwich norms, GeGLU and
+/// the alternating window, in every kernel family.
+#[test]
+fn gemma2_lora_loss_and_gradients_match_peft() {
+    one_step("gemma2");
+}
+
 /// Phi-3: one adapter on the fused qkv_proj (its A shared by q, k and v, its B their rows) and
 /// one on gate_up_proj, as PEFT puts them.
 #[test]
@@ -234,6 +242,11 @@ fn qwen2_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
 #[test]
 fn gemma3_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("gemma3", true);
+}
+
+#[test]
+fn gemma2_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
+    curve("gemma2", true);
 }
 
 #[test]
@@ -450,6 +463,13 @@ fn qwen3_adapter_and_its_merge_give_pefts_logits() {
 #[test]
 fn gemma3_merge_gives_the_adapted_logits() {
     merged_logits("gemma3");
+}
+
+/// Gemma 2's merge: its config.json carries both soft caps and the alternating layer types, so
+/// the merged model reads back with the base's config; from the folder and from the GGUF base.
+#[test]
+fn gemma2_merge_gives_the_adapted_logits() {
+    merged_logits("gemma2");
 }
 
 fn merged_logits(kind: &str) {

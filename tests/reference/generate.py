@@ -166,11 +166,12 @@ GEMMA_STYLE_TEMPLATE = (
 
 
 def tiny_model(kind, tok):
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                               Qwen3Config, Qwen3ForCausalLM)
 
-    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4, "phi3": 5, "phi4": 6}[kind])
+    torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4, "phi3": 5, "phi4": 6,
+                       "gemma2": 7}[kind])
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -213,6 +214,15 @@ def tiny_model(kind, tok):
                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
                                tie_word_embeddings=True)
         model = Gemma3ForCausalLM(cfg)
+    elif kind == "gemma2":
+        # Gemma 2: the first layer within a window of 4, the second global (Gemma 2 alternates),
+        # a query scale of 1 / sqrt(24), and soft caps small enough to bend this tiny model's
+        # attention scores and logits (Gemma 2's own are 50 and 30, for scores and logits tens
+        # of times larger).
+        cfg = Gemma2Config(**common, head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+                           attn_logit_softcapping=1.0, final_logit_softcapping=1.5,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=True)
+        model = Gemma2ForCausalLM(cfg)
     else:
         # Qwen3: per-head RMSNorm of q and k, no q/k/v biases, and heads wider than hidden / heads
         # (as Qwen3-0.6B's 16 heads of 128 over a hidden size of 1024).
@@ -226,7 +236,7 @@ def tiny_model(kind, tok):
                 p.normal_(0, 0.08)
             elif "bias" in n:
                 p.normal_(0, 0.1)
-            elif kind == "gemma3":
+            elif kind in ("gemma2", "gemma3"):
                 p.copy_(0.1 * torch.randn_like(p))  # Gemma's norms scale by 1 + w
             else:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
@@ -236,7 +246,8 @@ def tiny_model(kind, tok):
     model.save_pretrained(d, safe_serialization=True)
     shutil.copy(os.path.join(OUT, "tiny_tokenizer.json"), os.path.join(d, "tokenizer.json"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-        template = {"qwen3": QWEN3_STYLE_TEMPLATE, "gemma3": GEMMA_STYLE_TEMPLATE}.get(kind, CHAT_TEMPLATE)
+        template = {"qwen3": QWEN3_STYLE_TEMPLATE, "gemma2": GEMMA_STYLE_TEMPLATE,
+                    "gemma3": GEMMA_STYLE_TEMPLATE}.get(kind, CHAT_TEMPLATE)
         json.dump({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": None}, f, indent=1)
     ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
     x = torch.tensor([ids])
@@ -263,6 +274,16 @@ def tiny_model(kind, tok):
             moved = float((full.eval()(x).logits[0] - out.logits[0]).abs().max())
         assert moved > 0.1, f"the window changes the logits by only {moved}"
         print("mistral: the window moves the logits by", moved)
+    if kind == "gemma2":
+        # Each soft cap, and the window, must change the logits, or the fixture tests nothing.
+        for key, off in [("attn_logit_softcapping", None), ("final_logit_softcapping", None),
+                         ("sliding_window", 1000)]:
+            other = type(model)(type(model.config)(**{**model.config.to_dict(), key: off}))
+            other.load_state_dict(model.state_dict())
+            with torch.no_grad():
+                moved = float((other.eval()(x).logits[0] - out.logits[0]).abs().max())
+            print(f"gemma2: {key} moves the logits by {moved:.3f} (largest {float(out.logits.abs().max()):.3f})")
+            assert moved > 0.05, f"{key} changes the logits by only {moved}"
     res["nf4_logits"] = qout.logits[0].numpy()
     save_file(
         {"logits": res["logits"], "nf4_logits": res["nf4_logits"], "ids": np.array(ids, dtype=np.int64)},
@@ -274,8 +295,8 @@ def tiny_model(kind, tok):
 def _write_gguf(path, arch, model, tok_meta, types, permute):
     """Writes a transformers model as a GGUF file the way llama.cpp's converter does: HF tensor
     names mapped to GGUF names, q/k rows permuted for llama, weights quantized per `types`;
-    for gemma3, norm weights stored as the 1 + w they scale by, the sliding window and the
-    global layers' RoPE scaling."""
+    for gemma2 and gemma3, norm weights stored as the 1 + w they scale by and the sliding
+    window; gemma3's global layers' RoPE scaling; gemma2's soft caps."""
     import gguf
     from gguf.quants import quantize
 
@@ -296,9 +317,13 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
     if head_dim != cfg.hidden_size // cfg.num_attention_heads:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    gemma = arch == "gemma3"
+    gemma = arch in ("gemma2", "gemma3")
     if gemma:
         w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch == "gemma3":
         full = cfg.rope_parameters["full_attention"]
         w.add_rope_freq_base(float(full["rope_theta"]))
         if full.get("rope_type") == "linear":
@@ -328,7 +353,7 @@ def _write_gguf(path, arch, model, tok_meta, types, permute):
         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
         "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
     }
-    if arch == "gemma3":
+    if gemma:
         sub.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
                     "post_feedforward_layernorm": "post_ffw_norm"})
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -633,6 +658,41 @@ def gemma3_fixtures():
         json.dump(cases, fh, indent=1, ensure_ascii=False)
 
 
+def gemma2_fixtures():
+    """Gemma 2: the tiny model's logits from transformers (f32 and NF4; eager attention, the
+    only kind transformers soft-caps), PEFT's adapter and gradients, and the model as a GGUF
+    file written as llama.cpp's converter writes it (norms as 1 + w, the window and both caps).
+    llama.cpp reads gemma2 files with a query scale of 1 / sqrt(key_length), so the GGUF's
+    expected logits are transformers' with query_pre_attn_scalar = head_dim, on the file's
+    tensors dequantized by gguf-py (norms back to w)."""
+    from tokenizers import Tokenizer
+    from transformers import Gemma2ForCausalLM
+    import gguf
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    tiny_model("gemma2", tok)
+    peft_fixture("gemma2")
+    d = os.path.join(OUT, "tiny_gemma2")
+    model = Gemma2ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    T = gguf.GGMLQuantizationType
+    types = {"token_embd": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.Q4_1, "attn_output": T.F16,
+             "ffn_gate": T.Q8_0, "ffn_up": T.Q4_0, "ffn_down": T.Q4_1}
+    path = os.path.join(OUT, "tiny_gemma2_bpe.gguf")
+    _write_gguf(path, "gemma2", model, _bpe_meta(GEMMA_STYLE_TEMPLATE), types, permute=False)
+    sub = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+           "post_ffw_norm": "post_feedforward_layernorm"}
+    state = _dequantized_state(path, sub, norm_offset=1.0)
+    as_llama_cpp = type(model.config)(**{**model.config.to_dict(), "query_pre_attn_scalar": model.config.head_dim})
+    gmodel = Gemma2ForCausalLM(as_llama_cpp)
+    gmodel.load_state_dict(state, strict=True)
+    gmodel.eval()
+    ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
+    with torch.no_grad():
+        glogits = gmodel(torch.tensor([ids])).logits[0].numpy()
+    save_file({"logits": glogits, "ids": np.array(ids, dtype=np.int64)},
+              os.path.join(OUT, "tiny_gemma2_bpe_expected.safetensors"))
+
+
 def phi3_fixtures():
     """Phi-3, and Phi-3 with Phi-4-mini's partial RoPE and LongRoPE: the tiny models' logits
     from transformers (f32 and NF4), PEFT's adapter on the fused qkv_proj and gate_up_proj and
@@ -882,6 +942,7 @@ def main():
         "qwen3": qwen3_fixtures,
         "mistral": mistral_fixtures,
         "gemma3": gemma3_fixtures,
+        "gemma2": gemma2_fixtures,
         "phi3": phi3_fixtures,
     }
     for name, fn in steps.items():

@@ -377,6 +377,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let n = (0..cfg.num_layers).filter(|&l| cfg.layer_window(l).is_some()).count();
                 features.push(format!("sliding window {w} on {n} of {} layers", cfg.num_layers));
             }
+            if let Some(c) = cfg.attn_softcap {
+                features.push(format!("attention scores soft-capped at {c}"));
+            }
+            if let Some(c) = cfg.final_softcap {
+                features.push(format!("logits soft-capped at {c}"));
+            }
             println!("{}", features.join("; "));
             println!("parameters: {params} ({:.1} M)", params as f64 / 1e6);
             println!("stored: {} tensors, {:.1} MiB", tensors.len(), stored as f64 / 1048576.0);

@@ -96,6 +96,7 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
         Arch::Mistral => "MistralForCausalLM",
         Arch::Qwen2 => "Qwen2ForCausalLM",
         Arch::Qwen3 => "Qwen3ForCausalLM",
+        Arch::Gemma2 => "Gemma2ForCausalLM",
         Arch::Gemma3 => "Gemma3ForCausalLM",
         Arch::Phi3 => "Phi3ForCausalLM",
     };
@@ -132,10 +133,15 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
     if c.rotary_dim != c.head_dim {
         j["partial_rotary_factor"] = json!(c.rotary_dim as f64 / c.head_dim as f64);
     }
-    if c.arch == Arch::Gemma3 {
+    if matches!(c.arch, Arch::Gemma2 | Arch::Gemma3) {
         j["hidden_activation"] = json!("gelu_pytorch_tanh");
         j["query_pre_attn_scalar"] = json!((1.0 / f64::from(c.query_scale).powi(2)).round());
         j["attention_bias"] = json!(false);
+    }
+    // Gemma 2's caps, under the names transformers reads (null where the model has none).
+    if c.arch == Arch::Gemma2 {
+        j["attn_logit_softcapping"] = json!(c.attn_softcap);
+        j["final_logit_softcapping"] = json!(c.final_softcap);
     }
     match &c.sliding_rope {
         None => {}

@@ -20,6 +20,10 @@ pub enum Arch {
     /// Qwen3, dense (a Llama with an RMSNorm over each head of q and k before RoPE, and heads
     /// that need not add up to the hidden size).
     Qwen3,
+    /// Gemma 2: Gemma 3's layout without q/k norms, with soft caps on the attention scores and
+    /// the final logits, every other layer (the first, third, ...) within a sliding window, one
+    /// RoPE base.
+    Gemma2,
     /// Gemma 3, text (`gemma3_text`): embeddings scaled by sqrt(hidden), (1 + w) norms, norms
     /// before and after attention and the MLP, q/k norms, GeGLU, its own query scale, and
     /// sliding-window layers with a RoPE base of their own.
@@ -46,6 +50,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3_text",
             Arch::Phi3 => "phi3",
         }
@@ -58,6 +63,7 @@ impl Arch {
             Arch::Llama | Arch::Mistral => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3",
             Arch::Phi3 => "phi3",
         }
@@ -225,6 +231,7 @@ impl ModelConfig {
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
             "gemma3_text" => Arch::Gemma3,
+            "gemma2" => Arch::Gemma2,
             "phi3" => Arch::Phi3,
             "gemma3" => {
                 return Err(Error::unsupported(
@@ -233,13 +240,10 @@ impl ModelConfig {
                      edgetune trains the text-only models (model_type `gemma3_text`, such as gemma-3-1b)",
                 ));
             }
-            "gemma" | "gemma2" => {
+            "gemma" => {
                 return Err(Error::unsupported(
                     path,
-                    format!(
-                        "architecture `{model_type}` (model_type): Gemma 1 and 2 (logit soft-capping) are not \
-                         supported; Gemma 3 text models are"
-                    ),
+                    "architecture `gemma` (model_type): Gemma 1 is not supported; Gemma 2 and Gemma 3 text models are",
                 ));
             }
             "qwen3_moe" => {
@@ -255,7 +259,7 @@ impl ModelConfig {
                     path,
                     format!(
                         "architecture `{name}` (model_type); edgetune supports llama, mistral, qwen2, qwen3, \
-                         gemma3_text, phi3"
+                         gemma2, gemma3_text, phi3"
                     ),
                 ));
             }
@@ -292,7 +296,7 @@ impl ModelConfig {
             // transformers 4's Gemma 3 configs: `rope_local_base_freq`, unscaled.
             None => field(&j, "rope_local_base_freq").and_then(Json::as_f64).map(|b| (b as f32, None)),
         };
-        let gemma = arch == Arch::Gemma3;
+        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         let partial_rotary = field(&j, "partial_rotary_factor")
             .or_else(|| full_rope.and_then(|r| field(r, "partial_rotary_factor")))
             .and_then(Json::as_f64)
@@ -378,6 +382,7 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma2" => Arch::Gemma2,
             "gemma3" => Arch::Gemma3,
             "phi3" => Arch::Phi3,
             "qwen3moe" => {
@@ -390,8 +395,8 @@ impl ModelConfig {
                 return Err(Error::unsupported(
                     path,
                     format!(
-                        "architecture `{other}` (general.architecture); edgetune reads llama, qwen2, qwen3, gemma3 \
-                         and phi3 GGUF files"
+                        "architecture `{other}` (general.architecture); edgetune reads llama, qwen2, qwen3, gemma2, \
+                         gemma3 and phi3 GGUF files"
                     ),
                 ));
             }
@@ -453,25 +458,27 @@ impl ModelConfig {
         }
         let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
         let num_layers = layer_count(path, &key("block_count"), u("block_count")?)?;
-        let gemma = arch == Arch::Gemma3;
+        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         // As llama.cpp reads gemma3 files: every sixth layer attends to everything, the others
         // within `attention.sliding_window` with an unscaled RoPE base of 10000; the query
         // scale is 1 / sqrt(key_length), except for the 27B (62 layers), where it is
-        // 1 / sqrt(hidden / heads).
+        // 1 / sqrt(hidden / heads). gemma2: the even layers (the first, the third, ...) within
+        // the window, one RoPE base; the query scale likewise, its 27B having 46 layers.
         // phi3: `attention.sliding_window` on every layer, as llama.cpp reads it.
         let sliding_window = match arch {
-            Arch::Gemma3 | Arch::Phi3 => {
+            Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3 => {
                 g.get(&key("attention.sliding_window")).and_then(Value::as_u64).map(|v| v as usize)
             }
             _ => None,
         };
-        let window_layers = match sliding_window {
-            Some(_) if gemma => (0..num_layers).map(|l| (l + 1) % 6 != 0).collect(),
-            Some(_) => vec![true; num_layers],
-            None => vec![false; num_layers],
+        let window_layers = match (sliding_window, arch) {
+            (Some(_), Arch::Gemma2) => (0..num_layers).map(|l| l % 2 == 0).collect(),
+            (Some(_), Arch::Gemma3) => (0..num_layers).map(|l| (l + 1) % 6 != 0).collect(),
+            (Some(_), _) => vec![true; num_layers],
+            (None, _) => vec![false; num_layers],
         };
-        let query_scale = match (gemma, num_layers) {
-            (true, 62) => 1.0 / ((hidden_size / num_heads.max(1)) as f32).sqrt(),
+        let query_scale = match (arch, num_layers) {
+            (Arch::Gemma3, 62) | (Arch::Gemma2, 46) => 1.0 / ((hidden_size / num_heads.max(1)) as f32).sqrt(),
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
         let cfg = ModelConfig {
@@ -496,7 +503,7 @@ impl ModelConfig {
             eos_token_ids: eos.into_iter().collect(),
             sliding_window,
             window_layers,
-            sliding_rope: gemma.then_some((10000.0, None)),
+            sliding_rope: (arch == Arch::Gemma3).then_some((10000.0, None)),
             hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
             query_scale,
             attn_softcap: gguf_softcap(path, &key("attn_logit_softcapping"), g.get(&key("attn_logit_softcapping")))?,
@@ -719,6 +726,10 @@ fn hf_window_layers(path: &Path, j: &Json, arch: Arch, n: usize, windowed: bool)
                 )),
             })
             .collect();
+    }
+    if arch == Arch::Gemma2 {
+        // Gemma 2 configs without `layer_types`: the even layers slide, as transformers reads them.
+        return Ok((0..n).map(|l| l % 2 == 0).collect());
     }
     if arch == Arch::Gemma3 {
         // transformers 4's Gemma 3 configs: every `sliding_window_pattern`-th layer is global.
