@@ -607,41 +607,46 @@ def mistral_fixtures():
     peft_fixture("mistral")
 
 
-def gemma3_fixtures():
-    """Gemma 3 (text): the tiny model's logits from transformers (f32 and NF4), PEFT's adapter
-    and gradients, the Gemma-style chat template rendered by transformers, and the model as a
-    GGUF file written as llama.cpp's converter writes it. llama.cpp reads gemma3 files with a
-    query scale of 1 / sqrt(key_length) (there is no key for query_pre_attn_scalar), so the
-    GGUF's expected logits are transformers' with query_pre_attn_scalar = head_dim, on the
-    file's tensors dequantized by gguf-py (norms back to w)."""
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, Gemma3ForCausalLM
+def _gemma_gguf(kind, model, tok):
+    """A tiny Gemma (2 or 3) as a GGUF file written as llama.cpp's converter writes it, mixed
+    Q8_0/Q4_0/Q4_1/F16 tensors, and its expected logits: transformers' with
+    query_pre_attn_scalar = head_dim (llama.cpp's query scale, 1 / sqrt(key_length)) on the
+    file's tensors dequantized by gguf-py, norms back to w."""
     import gguf
-
-    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
-    tiny_model("gemma3", tok)
-    peft_fixture("gemma3")
-    d = os.path.join(OUT, "tiny_gemma3")
-    model = Gemma3ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    bpe_meta = _bpe_meta(GEMMA_STYLE_TEMPLATE)
 
     T = gguf.GGMLQuantizationType
     types = {"token_embd": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.Q4_1, "attn_output": T.F16,
              "ffn_gate": T.Q8_0, "ffn_up": T.Q4_0, "ffn_down": T.Q4_1}
-    path = os.path.join(OUT, "tiny_gemma3_bpe.gguf")
-    _write_gguf(path, "gemma3", model, bpe_meta, types, permute=False)
+    path = os.path.join(OUT, f"tiny_{kind}_bpe.gguf")
+    _write_gguf(path, kind, model, _bpe_meta(GEMMA_STYLE_TEMPLATE), types, permute=False)
     sub = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
            "post_ffw_norm": "post_feedforward_layernorm"}
     state = _dequantized_state(path, sub, norm_offset=1.0)
     as_llama_cpp = type(model.config)(**{**model.config.to_dict(), "query_pre_attn_scalar": model.config.head_dim})
-    gmodel = Gemma3ForCausalLM(as_llama_cpp)
+    gmodel = type(model)(as_llama_cpp)
     gmodel.load_state_dict(state, strict=True)
     gmodel.eval()
     ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
     with torch.no_grad():
         glogits = gmodel(torch.tensor([ids])).logits[0].numpy()
     save_file({"logits": glogits, "ids": np.array(ids, dtype=np.int64)},
-              os.path.join(OUT, "tiny_gemma3_bpe_expected.safetensors"))
+              os.path.join(OUT, f"tiny_{kind}_bpe_expected.safetensors"))
+
+
+def gemma3_fixtures():
+    """Gemma 3 (text): the tiny model's logits from transformers (f32 and NF4), PEFT's adapter
+    and gradients, the Gemma-style chat template rendered by transformers, and the model as a
+    GGUF file written as llama.cpp's converter writes it (`_gemma_gguf`; llama.cpp has no key
+    for query_pre_attn_scalar)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    tiny_model("gemma3", tok)
+    peft_fixture("gemma3")
+    d = os.path.join(OUT, "tiny_gemma3")
+    model = Gemma3ForCausalLM.from_pretrained(d, dtype=torch.float32)
+    _gemma_gguf("gemma3", model, tok)
 
     ht = AutoTokenizer.from_pretrained(d)
     convs = [
@@ -661,36 +666,17 @@ def gemma3_fixtures():
 def gemma2_fixtures():
     """Gemma 2: the tiny model's logits from transformers (f32 and NF4; eager attention, the
     only kind transformers soft-caps), PEFT's adapter and gradients, and the model as a GGUF
-    file written as llama.cpp's converter writes it (norms as 1 + w, the window and both caps).
-    llama.cpp reads gemma2 files with a query scale of 1 / sqrt(key_length), so the GGUF's
-    expected logits are transformers' with query_pre_attn_scalar = head_dim, on the file's
-    tensors dequantized by gguf-py (norms back to w)."""
+    file written as llama.cpp's converter writes it (norms as 1 + w, the window and both caps;
+    `_gemma_gguf`)."""
     from tokenizers import Tokenizer
     from transformers import Gemma2ForCausalLM
-    import gguf
 
     tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
     tiny_model("gemma2", tok)
     peft_fixture("gemma2")
     d = os.path.join(OUT, "tiny_gemma2")
     model = Gemma2ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    T = gguf.GGMLQuantizationType
-    types = {"token_embd": T.Q8_0, "attn_q": T.Q4_0, "attn_k": T.Q8_0, "attn_v": T.Q4_1, "attn_output": T.F16,
-             "ffn_gate": T.Q8_0, "ffn_up": T.Q4_0, "ffn_down": T.Q4_1}
-    path = os.path.join(OUT, "tiny_gemma2_bpe.gguf")
-    _write_gguf(path, "gemma2", model, _bpe_meta(GEMMA_STYLE_TEMPLATE), types, permute=False)
-    sub = {"post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-           "post_ffw_norm": "post_feedforward_layernorm"}
-    state = _dequantized_state(path, sub, norm_offset=1.0)
-    as_llama_cpp = type(model.config)(**{**model.config.to_dict(), "query_pre_attn_scalar": model.config.head_dim})
-    gmodel = Gemma2ForCausalLM(as_llama_cpp)
-    gmodel.load_state_dict(state, strict=True)
-    gmodel.eval()
-    ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
-    with torch.no_grad():
-        glogits = gmodel(torch.tensor([ids])).logits[0].numpy()
-    save_file({"logits": glogits, "ids": np.array(ids, dtype=np.int64)},
-              os.path.join(OUT, "tiny_gemma2_bpe_expected.safetensors"))
+    _gemma_gguf("gemma2", model, tok)
 
 
 def phi3_fixtures():
