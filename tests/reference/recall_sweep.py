@@ -10,7 +10,8 @@ takes 25 to 50 s a run, so a choice can be measured over ten seeds before edgetu
 Its seeds are not edgetune's, so single runs differ; the averages are what it is for.
 
     ~/.cache/edgetune/refvenv/bin/python tests/reference/recall_sweep.py --seeds 0,1,2,3 [--chain 4] \
-        [--fixed-chain] [--per-step 4] [--steps 24] [--lr 4e-3] [--neftune 5] [--nf4] [--adapter DIR]
+        [--fixed-chain] [--per-step 4] [--steps 24] [--lr 4e-3] [--neftune 5] [--nf4] [--adapter DIR] \
+        [--prompt-weight 1.0]
 
 `--nf4` rounds the layers' linear weights to NF4 (blocks of 64, one absmax each) before
 training, as `edgetune --quant nf4` holds them; `--adapter` scores a saved PEFT adapter (an
@@ -66,6 +67,8 @@ def main():
     ap.add_argument("--neftune", type=float, default=0.0, help="NEFTune noise alpha on the embeddings (0: none)")
     ap.add_argument("--nf4", action="store_true", help="round the layers' linear weights to NF4 (blocks of 64), as edgetune holds them")
     ap.add_argument("--adapter", help="score this PEFT adapter instead of training one")
+    ap.add_argument("--prompt-weight", type=float, default=0.0,
+                    help="also train the tokens before each answer (the question and the template), weighted so")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     folder, file = os.path.split(a.model)
@@ -75,7 +78,7 @@ def main():
 
     def encode(msgs):
         """Token ids and labels of a conversation, every assistant turn trained."""
-        ids, labels = [], []
+        ids, labels, prompt = [], [], []
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
@@ -84,8 +87,9 @@ def main():
             upto = tok(tok.apply_chat_template(msgs[: i + 1], tokenize=False), add_special_tokens=False)["input_ids"]
             assert upto[: len(ids)] == ids and upto[: len(before)] == before
             labels += [-100] * (len(before) - len(ids)) + upto[len(before):]
+            prompt += before[len(ids):] + [-100] * (len(upto) - len(before))
             ids = upto
-        return ids, labels
+        return ids, labels, prompt
 
     def conversation(records):
         return encode([m for r in records for m in r["messages"]])
@@ -136,12 +140,17 @@ def main():
                 g["lr"] = a.lr * 0.5 * (1 + math.cos(math.pi * step / a.steps))
             m.train()
             opt.zero_grad()
-            scored = sum(sum(1 for x in lab if x != -100) for _, lab in batch)
-            for ids, lab in batch:
+            scored = sum(sum(1 for x in lab if x != -100) for _, lab, _ in batch)
+            for ids, lab, pr in batch:
                 logits = m(input_ids=torch.tensor([ids])).logits[0, :-1]
                 target = torch.tensor(lab[1:])
                 keep = target != -100
                 loss = torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum") / scored
+                if a.prompt_weight > 0:
+                    pt = torch.tensor(pr[1:])
+                    pk = pt != -100
+                    loss = loss + a.prompt_weight * torch.nn.functional.cross_entropy(
+                        logits[pk], pt[pk], reduction="sum") / scored
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -149,7 +158,7 @@ def main():
         total = count = 0
         hits = []
         with torch.no_grad():
-            for (ids, lab), r in zip(held_enc, held):
+            for (ids, lab, _), r in zip(held_enc, held):
                 logits = m(input_ids=torch.tensor([ids])).logits[0, :-1]
                 target = torch.tensor(lab[1:])
                 keep = target != -100
