@@ -1126,8 +1126,15 @@ impl Model {
         Ok(logits)
     }
 
-    /// Records logits (rows, vocab) of the first `rows` rows of `x` into `logits`.
-    fn record_logits(&self, enc: &mut Encoder, x: &wgpu::Buffer, logits: &wgpu::Buffer, rows: usize) -> Result<()> {
+    /// Records logits (rows, vocab) of the first `rows` rows of `x` into `logits`, soft-capped
+    /// where the model caps them: every path to logits (decoding, scoring, training's head).
+    pub(crate) fn record_logits(
+        &self,
+        enc: &mut Encoder,
+        x: &wgpu::Buffer,
+        logits: &wgpu::Buffer,
+        rows: usize,
+    ) -> Result<()> {
         let c = &self.config;
         let table = self.lm_head.as_ref().unwrap_or(&self.embed);
         for (buf, start, n) in &table.chunks {

@@ -924,31 +924,10 @@ impl Model {
     /// Logits of rows `start..start + rows` of `ws.xn` into `ws.logits`, and their targets into
     /// `ws.head_targets`.
     fn head_logits(&self, enc: &mut Encoder, ws: &Workspace, start: usize, rows: usize) -> Result<()> {
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        let h = self.config.hidden_size;
         enc.copy_buffer_to_buffer(&ws.xn, (start * h * 4) as u64, &ws.head_x, 0, (rows * h * 4) as u64);
         enc.copy_buffer_to_buffer(&ws.targets, (start * 4) as u64, &ws.head_targets, 0, (rows * 4) as u64);
-        let table = self.lm_head.as_ref().unwrap_or(&self.embed);
-        for (buf, first, n) in &table.chunks {
-            let out = OutCols::at(v, *first);
-            launch::matmul_forward(
-                &self.ctx,
-                enc,
-                launch::Matmul {
-                    x: &ws.head_x,
-                    w: table.weight(buf),
-                    bias: None,
-                    y: &ws.logits,
-                    m: rows,
-                    n: *n,
-                    k: h,
-                    out,
-                },
-            )?;
-        }
-        match self.config.final_softcap {
-            Some(cap) => launch::logit_softcap(&self.ctx, enc, &ws.logits, rows * v, cap),
-            None => Ok(()),
-        }
+        self.record_logits(enc, &ws.head_x, &ws.logits, rows)
     }
 
     /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`).

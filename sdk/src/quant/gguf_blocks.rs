@@ -238,7 +238,8 @@ pub fn planes_block(ty: GgmlType) -> Option<usize> {
 /// the affine Q5_1 and Q5_K, 16 · s + m is rounded once, so the sum is within one rounding of
 /// ggml's `d * q + m`.
 pub fn planes_repacked(ty: GgmlType, data: &[u8], n: usize) -> Result<Planes, String> {
-    let block = planes_block(ty).ok_or_else(|| format!("{} tensors are not held as two 4-bit planes", ty.name()))?;
+    let not_planes = || format!("{} tensors are not held as two 4-bit planes", ty.name());
+    let block = planes_block(ty).ok_or_else(not_planes)?;
     check_blocks(ty, data, n)?;
     let mut codes = Vec::with_capacity(n);
     let mut affine = Vec::with_capacity(2 * n / block);
@@ -264,38 +265,20 @@ pub fn planes_repacked(ty: GgmlType, data: &[u8], n: usize) -> Result<Planes, St
         }
         GgmlType::Q5K => {
             for b in data.chunks_exact(176) {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-                for j in 0..8 {
-                    let (sc, m) = scale_min_k4(j, scales);
-                    // Sub-block 2k is the low nibbles of qs[32k..32k + 32], 2k + 1 their high
-                    // nibbles; bit j of qh[l] is the fifth bit of element l of sub-block j.
-                    let ql = &qs[32 * (j / 2)..32 * (j / 2) + 32];
-                    let mut u = (0..32).map(|l| {
-                        let low = if j % 2 == 0 { ql[l] & 0xF } else { ql[l] >> 4 };
-                        low | (((qh[l] >> j) & 1) << 4)
-                    });
-                    push(d * f32::from(sc), -(dmin * f32::from(m)), &mut u);
+                for (d1, m1, u) in q5_k_sub_blocks(b) {
+                    push(d1, -m1, &mut u.into_iter());
                 }
             }
         }
         GgmlType::Q6K => {
             for b in data.chunks_exact(210) {
-                let (ql, qh, sc, d) = (&b[..128], &b[128..192], &b[192..208], h(b, 208));
-                let mut u = [0u8; QK_K];
-                for (e, v) in u.iter_mut().enumerate() {
-                    // As ggml's dequantize_row_q6_K: element 128 half + 32 k + l.
-                    let (half, k, l) = (e / 128, (e / 32) % 4, e % 32);
-                    let low = ql[64 * half + l + 32 * (k % 2)] >> (4 * (k / 2)) & 0xF;
-                    *v = low | (((qh[32 * half + l] >> (2 * k)) & 3) << 4);
-                }
-                for (i, chunk) in u.chunks_exact(16).enumerate() {
-                    let s = d * f32::from(sc[i] as i8);
+                let (u, scales) = q6_k_codes(b);
+                for (chunk, s) in u.chunks_exact(16).zip(scales) {
                     push(s, -32.0 * s, &mut chunk.iter().copied());
                 }
             }
         }
-        _ => unreachable!("planes_block admitted {}", ty.name()),
+        _ => return Err(not_planes()),
     }
     let pack = |f: fn(u8) -> u8| -> Vec<u8> { codes.chunks_exact(2).map(|p| (f(p[0]) << 4) | f(p[1])).collect() };
     let (hi, lo) = (pack(|u| u >> 4), pack(|u| u & 0xF));
@@ -304,6 +287,38 @@ pub fn planes_repacked(ty: GgmlType, data: &[u8], n: usize) -> Result<Planes, St
         hi: (hi, affine.iter().flat_map(|&(s, m)| [16.0 * s, m]).collect()),
         lo: (lo, affine.iter().flat_map(|&(s, _)| [s, 0.0]).collect()),
     })
+}
+
+/// A Q5_K super-block's eight sub-blocks of 32: each one's scale d · sc and minimum dmin · m
+/// (ggml's d1 and m1, exact products) and its 5-bit codes. Sub-block 2k is the low nibbles of
+/// qs[32k..32k + 32], 2k + 1 their high nibbles; bit j of qh[l] is the fifth bit of element l of
+/// sub-block j.
+fn q5_k_sub_blocks(b: &[u8]) -> [(f32, f32, [u8; 32]); 8] {
+    let (d, dmin) = (h(b, 0), h(b, 2));
+    let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
+    std::array::from_fn(|j| {
+        let (sc, m) = scale_min_k4(j, scales);
+        let ql = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+        let u = std::array::from_fn(|l| {
+            let low = if j % 2 == 0 { ql[l] & 0xF } else { ql[l] >> 4 };
+            low | (((qh[l] >> j) & 1) << 4)
+        });
+        (d * f32::from(sc), dmin * f32::from(m), u)
+    })
+}
+
+/// A Q6_K super-block's 6-bit codes (0..64, the value is scale · (code - 32)) in element order,
+/// and the scale d · sc of each sub-block of 16. As ggml's dequantize_row_q6_K, element
+/// 128 half + 32 k + l takes its low bits from ql[64 half + l + 32 (k % 2)] (the low nibble for
+/// k < 2) and its high two from bits 2k of qh[32 half + l].
+fn q6_k_codes(b: &[u8]) -> ([u8; QK_K], [f32; 16]) {
+    let (ql, qh, sc, d) = (&b[..128], &b[128..192], &b[192..208], h(b, 208));
+    let u = std::array::from_fn(|e| {
+        let (half, k, l) = (e / 128, (e / 32) % 4, e % 32);
+        let low = ql[64 * half + l + 32 * (k % 2)] >> (4 * (k / 2)) & 0xF;
+        low | (((qh[32 * half + l] >> (2 * k)) & 3) << 4)
+    });
+    (u, std::array::from_fn(|i| d * f32::from(sc[i] as i8)))
 }
 
 /// A Q5_0 or Q5_1 block's 32 codes: element j's low four bits in the low nibble of qs[j]
@@ -582,19 +597,10 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
             }
         }
         GgmlType::Q5K => {
+            // ggml's dequantize_row_q5_K: d1 * q - m1 per sub-block.
             for b in data.chunks_exact(176) {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
-                for j in 0..4 {
-                    let (sc1, m1) = scale_min_k4(2 * j, scales);
-                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-                    let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
-                    let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
-                    let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
-                    let ql = &qs[32 * j..32 * j + 32];
-                    let high = |l: usize, u: u8| if qh[l] & u != 0 { 16.0 } else { 0.0 };
-                    out.extend((0..32).map(|l| d1 * (f32::from(ql[l] & 0xF) + high(l, u1)) - m1));
-                    out.extend((0..32).map(|l| d2 * (f32::from(ql[l] >> 4) + high(l, u2)) - m2));
+                for (d1, m1, u) in q5_k_sub_blocks(b) {
+                    out.extend(u.iter().map(|&q| d1 * f32::from(q) - m1));
                 }
             }
         }
@@ -615,31 +621,12 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
             }
         }
         GgmlType::Q6K => {
+            // ggml's dequantize_row_q6_K: d * sc * (q - 32) per sub-block of 16.
             for b in data.chunks_exact(210) {
-                let (ql_all, rest) = b.split_at(128);
-                let (qh_all, rest) = rest.split_at(64);
-                let (sc_all, dbytes) = rest.split_at(16);
-                let d = h(dbytes, 0);
-                let mut y = [0f32; QK_K];
-                for half in 0..2 {
-                    let ql = &ql_all[64 * half..];
-                    let qh = &qh_all[32 * half..];
-                    let sc = &sc_all[8 * half..];
-                    let yo = &mut y[128 * half..];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        let s = |k: usize| d * f32::from(sc[is + k] as i8);
-                        yo[l] = s(0) * q1 as f32;
-                        yo[l + 32] = s(2) * q2 as f32;
-                        yo[l + 64] = s(4) * q3 as f32;
-                        yo[l + 96] = s(6) * q4 as f32;
-                    }
+                let (u, scales) = q6_k_codes(b);
+                for (chunk, s) in u.chunks_exact(16).zip(scales) {
+                    out.extend(chunk.iter().map(|&q| s * (i32::from(q) - 32) as f32));
                 }
-                out.extend_from_slice(&y);
             }
         }
     }
