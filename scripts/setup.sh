@@ -26,11 +26,14 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from rustup.rs" >&2; exit 1; }
-# The toolchain of the minimum supported Rust version (rust-version in Cargo.toml), which the
-# test command checks the publishable crates with.
-msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$(dirname "$0")/../Cargo.toml")"
-if command -v rustup >/dev/null && ! rustup run "$msrv" rustc --version >/dev/null 2>&1; then
-  rustup toolchain install "$msrv" --profile minimal >/dev/null 2>&1 ||
-    echo "setup.sh: could not install Rust $msrv; the test command's MSRV check will fail" >&2
-fi
+# The toolchains of the minimum supported Rust versions (rust-version in Cargo.toml, and the
+# demo's own in demo-app/Cargo.toml), which the test command checks the publishable crates with.
+here="$(dirname "$0")/.."
+for msrv in "$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$here/Cargo.toml")" \
+  "$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$here/demo-app/Cargo.toml")"; do
+  if command -v rustup >/dev/null && ! rustup run "$msrv" rustc --version >/dev/null 2>&1; then
+    rustup toolchain install "$msrv" --profile minimal >/dev/null 2>&1 ||
+      echo "setup.sh: could not install Rust $msrv; the test command's MSRV check will fail" >&2
+  fi
+done
 bash "$(dirname "$0")/fetch-model.sh" >/dev/null

@@ -47,7 +47,8 @@ check() {
 # The crates that publish pass `cargo publish --dry-run` in dependency order: each packages and
 # builds from its .crate file alone (each in its own folder, with nothing from outside it: the
 # integration tests are their own member, tests/), against crates.io's index for the rest.
-crates="edgetune-shaders edgetune edgetune-cli edgetune-capi"
+msrv_crates="edgetune-shaders edgetune edgetune-cli edgetune-capi"
+crates="$msrv_crates edgetune-demo"
 packages=$(printf -- '-p %s ' $crates)
 # cargo verifies each crate against its siblings through a local overlay registry: it unpacks
 # them under $CARGO_HOME/registry/src/-<hash>/ and builds them as registry crates, which it never
@@ -86,11 +87,15 @@ check "unit tests from the .crate files of edgetune-shaders edgetune edgetune-cl
 # Their documentation builds without a warning (every public item of the library has a doc
 # comment: it denies missing docs).
 check "cargo doc $crates" env RUSTDOCFLAGS="-D warnings" cargo doc --locked --offline --no-deps $packages
-# The same crates build with the toolchain of their minimum supported Rust version
-# (rust-version in Cargo.toml; setup.sh installs it), all targets, in a target folder of its own.
+# The same crates build with the toolchain of their minimum supported Rust version, all
+# targets, in a target folder of its own (setup.sh installs both): rust-version in Cargo.toml
+# for all but the demo, whose egui needs the newer one in demo-app/Cargo.toml.
 msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)"
-check "cargo +$msrv check $crates" env CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" \
-  cargo "+$msrv" check --locked --all-targets $packages
+check "cargo +$msrv check $msrv_crates" env CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" \
+  cargo "+$msrv" check --locked --all-targets $(printf -- '-p %s ' $msrv_crates)
+demo_msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' demo-app/Cargo.toml)"
+check "cargo +$demo_msrv check edgetune-demo" env CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" \
+  cargo "+$demo_msrv" check --locked --all-targets -p edgetune-demo
 # The Python package's tests, against the wheel as a user installs it: scripts/wheel.sh builds
 # it as it is published (`pip wheel`, setuptools-rust compiling the C library into it, then
 # `auditwheel repair`, which must find it within a manylinux policy and tag it so), a venv kept
