@@ -11,7 +11,7 @@ Its seeds are not edgetune's, so single runs differ; the averages are what it is
 
     ~/.cache/edgetune/refvenv/bin/python tests/reference/recall_sweep.py --seeds 0,1,2,3 [--chain 4] \
         [--fixed-chain] [--per-step 4] [--steps 24] [--lr 4e-3] [--neftune 5] [--nf4] [--adapter DIR] \
-        [--prompt-weight 1.0]
+        [--prompt-weight 1.0] [--targets gate_proj,up_proj,down_proj]
 
 `--nf4` rounds the layers' linear weights to NF4 (blocks of 64, one absmax each) before
 training, as `edgetune --quant nf4` holds them; `--adapter` scores a saved PEFT adapter (an
@@ -67,6 +67,8 @@ def main():
     ap.add_argument("--neftune", type=float, default=0.0, help="NEFTune noise alpha on the embeddings (0: none)")
     ap.add_argument("--nf4", action="store_true", help="round the layers' linear weights to NF4 (blocks of 64), as edgetune holds them")
     ap.add_argument("--adapter", help="score this PEFT adapter instead of training one")
+    ap.add_argument("--targets", default="all-linear",
+                    help="the adapted modules: all-linear, or names separated by commas (gate_proj,up_proj,down_proj)")
     ap.add_argument("--prompt-weight", type=float, default=0.0,
                     help="also train the tokens before each answer (the question and the template), weighted so")
     a = ap.parse_args()
@@ -105,7 +107,9 @@ def main():
         if a.adapter:
             m = PeftModel.from_pretrained(base, a.adapter)
         else:
-            m = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+            m = get_peft_model(base, LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.0,
+                target_modules=a.targets if a.targets == "all-linear" else a.targets.split(",")))
         if a.neftune > 0:
             def noise(mod, _inp, out):
                 if not mod.training:
