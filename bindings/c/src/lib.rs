@@ -1426,8 +1426,13 @@ mod tests {
         assert!(last_error().contains("`model`"), "{}", last_error());
     }
 
-    fn repo() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    /// The repository's test fixtures: `EDGETUNE_FIXTURES` when set (the crate's tests run from
+    /// its unpacked `.crate` file, which has no fixtures of its own), else `tests/reference/fixtures`
+    /// of the checkout the crate is built in.
+    fn fixtures() -> PathBuf {
+        std::env::var_os("EDGETUNE_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/reference/fixtures"))
     }
 
     /// Runs `body` on a thread and fails if it has not finished within a minute and a half: a
@@ -1453,8 +1458,7 @@ mod tests {
     fn tiny_model() -> (*mut edgetune_context, *mut edgetune_model) {
         let mut ctx = std::ptr::null_mut();
         assert_eq!(unsafe { edgetune_context_new(std::ptr::null(), &mut ctx) }, EDGETUNE_OK, "{}", last_error());
-        let path =
-            CString::new(repo().join("tests/reference/fixtures/tiny_llama").display().to_string()).expect("path");
+        let path = CString::new(fixtures().join("tiny_llama").display().to_string()).expect("path");
         let mut model = std::ptr::null_mut();
         let status = unsafe { edgetune_model_load(ctx, path.as_ptr(), 0, 256, &mut model) };
         assert_eq!(status, EDGETUNE_OK, "{}", last_error());
@@ -1467,8 +1471,7 @@ mod tests {
     fn every_quant_value_loads_and_others_are_refused() {
         let mut ctx = std::ptr::null_mut();
         assert_eq!(unsafe { edgetune_context_new(std::ptr::null(), &mut ctx) }, EDGETUNE_OK, "{}", last_error());
-        let path = CString::new(repo().join("tests/reference/fixtures/tiny_llama_spm.gguf").display().to_string())
-            .expect("path");
+        let path = CString::new(fixtures().join("tiny_llama_spm.gguf").display().to_string()).expect("path");
         for q in [
             edgetune_quant::EDGETUNE_QUANT_NF4,
             edgetune_quant::EDGETUNE_QUANT_NONE,
