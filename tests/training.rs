@@ -704,6 +704,8 @@ fn settings_are_chosen_from_the_data_for_10_100_and_10000_records() {
                 // usual 3 epochs of 1024-token steps, and a rate nearer the long-run 2e-4.
                 assert_eq!((d.train.len(), d.val.len(), c.keep_best), (9000, 1000, Some(true)));
                 assert_eq!((bt, epochs), (1024, 3));
+                let why = &t.chosen().iter().find(|c| c.setting == "batch_tokens").expect("chosen").why;
+                assert!(why.starts_with("at most 1024:") && why.contains(&tokens.to_string()), "{why}");
             }
         }
         // To three significant digits, so within half a unit of the third.

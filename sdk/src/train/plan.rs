@@ -119,18 +119,17 @@ impl RunPlan {
         cfg.data.chain = Some(chain);
         let batch_tokens = cfg.batch_tokens.unwrap_or_else(|| {
             let b = auto::batch_tokens(shape);
-            chosen.push(choice(
-                "batch_tokens",
-                b,
-                format!(
-                    "{} training tokens over about {} steps an epoch, rounded up to 64, within the longest sample \
-                     ({}) and {}",
-                    shape.tokens,
-                    auto::BATCHES_PER_EPOCH,
-                    shape.longest,
-                    auto::MAX_AUTO_BATCH_TOKENS
-                ),
-            ));
+            let (per_epoch, most) = (auto::BATCHES_PER_EPOCH, auto::MAX_AUTO_BATCH_TOKENS);
+            let share = shape.tokens.div_ceil(per_epoch).div_ceil(64) * 64;
+            let split = format!("{} training tokens over about {per_epoch} steps an epoch", shape.tokens);
+            let why = if b == share {
+                format!("{split}, rounded up to 64, within the longest sample ({}) and {most}", shape.longest)
+            } else if b == shape.longest {
+                format!("the longest sample: {split} would be {share} tokens a step, rounded up to 64")
+            } else {
+                format!("at most {most}: {split} would be {share} tokens a step, rounded up to 64")
+            };
+            chosen.push(choice("batch_tokens", b, why));
             b
         });
         cfg.batch_tokens = Some(batch_tokens);
