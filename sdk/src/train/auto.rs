@@ -101,9 +101,15 @@ impl std::fmt::Display for Choice {
     }
 }
 
-/// Rule 1: tokens per packed micro-batch.
+/// Rule 1: tokens per packed micro-batch: [`epoch_share`] within the longest sample and
+/// [`MAX_AUTO_BATCH_TOKENS`].
 pub fn batch_tokens(shape: DataShape) -> usize {
-    (shape.tokens.div_ceil(BATCHES_PER_EPOCH).div_ceil(64) * 64).min(MAX_AUTO_BATCH_TOKENS).max(shape.longest)
+    epoch_share(shape.tokens).min(MAX_AUTO_BATCH_TOKENS).max(shape.longest)
+}
+
+/// An epoch's training tokens over [`BATCHES_PER_EPOCH`] steps, rounded up to a multiple of 64.
+pub fn epoch_share(tokens: usize) -> usize {
+    tokens.div_ceil(BATCHES_PER_EPOCH).div_ceil(64) * 64
 }
 
 /// Rule 2: epochs, given the optimizer steps one epoch takes.

@@ -120,7 +120,7 @@ impl RunPlan {
         let batch_tokens = cfg.batch_tokens.unwrap_or_else(|| {
             let b = auto::batch_tokens(shape);
             let (per_epoch, most) = (auto::BATCHES_PER_EPOCH, auto::MAX_AUTO_BATCH_TOKENS);
-            let share = shape.tokens.div_ceil(per_epoch).div_ceil(64) * 64;
+            let share = auto::epoch_share(shape.tokens);
             let split = format!("{} training tokens over about {per_epoch} steps an epoch", shape.tokens);
             let why = if b == share {
                 format!("{split}, rounded up to 64, within the longest sample ({}) and {most}", shape.longest)
