@@ -62,13 +62,12 @@ check "cargo publish --dry-run $crates" env CARGO_TARGET_DIR="$publish_target" \
   cargo publish --dry-run --locked --allow-dirty $packages
 # Their unit tests pass from the .crate files alone, unpacked in a scratch folder (each crate's
 # sibling dependencies patched to the unpacked siblings). The C crate's load the repository's
-# tiny models, named by EDGETUNE_FIXTURES; the demo's read the repository's scripts, so they
-# run in the workspace only.
+# tiny models, named by EDGETUNE_FIXTURES.
 unit_tests_in() {
   local dir="$1" fixtures="$PWD/tests/reference/fixtures" version c
   version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
   for c in $crates; do tar -xzf "$publish_target/package/$c-$version.crate" -C "$dir" || return 1; done
-  for c in edgetune-shaders edgetune edgetune-cli edgetune-capi; do
+  for c in $crates; do
     (cd "$dir/$c-$version" && EDGETUNE_FIXTURES="$fixtures" cargo test --offline --lib --bins \
       --config "patch.crates-io.edgetune-shaders.path=\"$dir/edgetune-shaders-$version\"" \
       --config "patch.crates-io.edgetune.path=\"$dir/edgetune-$version\"") || return 1
@@ -84,7 +83,7 @@ unit_tests_from_crate_files() {
   rm -rf "$dir"
   return "$ok"
 }
-check "unit tests from the .crate files of edgetune-shaders edgetune edgetune-cli edgetune-capi" unit_tests_from_crate_files
+check "unit tests from the .crate files of $crates" unit_tests_from_crate_files
 # Their documentation builds without a warning (every public item of the library has a doc
 # comment: it denies missing docs).
 check "cargo doc $crates" env RUSTDOCFLAGS="-D warnings" cargo doc --locked --offline --no-deps $packages

