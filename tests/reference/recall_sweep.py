@@ -11,7 +11,7 @@ Its seeds are not edgetune's, so single runs differ; the averages are what it is
 
     ~/.cache/edgetune/refvenv/bin/python tests/reference/recall_sweep.py --seeds 0,1,2,3 [--chain 4] \
         [--fixed-chain] [--per-step 4] [--steps 24] [--lr 4e-3] [--neftune 5] [--nf4] [--adapter DIR] \
-        [--prompt-weight 1.0] [--targets gate_proj,up_proj,down_proj]
+        [--prompt-weight 1.0] [--targets gate_proj,up_proj,down_proj] [--drop-words 0.2]
 
 `--nf4` rounds the layers' linear weights to NF4 (blocks of 64, one absmax each) before
 training, as `edgetune --quant nf4` holds them; `--adapter` scores a saved PEFT adapter (an
@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--adapter", help="score this PEFT adapter instead of training one")
     ap.add_argument("--targets", default="all-linear",
                     help="the adapted modules: all-linear, or names separated by commas (gate_proj,up_proj,down_proj)")
+    ap.add_argument("--drop-words", type=float, default=0.0,
+                    help="drop each word of a training question with this probability, drawn afresh for every use")
     ap.add_argument("--prompt-weight", type=float, default=0.0,
                     help="also train the tokens before each answer (the question and the template), weighted so")
     a = ap.parse_args()
@@ -93,8 +95,23 @@ def main():
             ids = upto
         return ids, labels, prompt
 
+    word_rng = random.Random(1234)
+
+    def noisy(msgs):
+        """The messages with words of the user's turns dropped (--drop-words), never all of them."""
+        if a.drop_words <= 0:
+            return msgs
+        out = []
+        for m in msgs:
+            if m["role"] == "user":
+                words = m["content"].split()
+                kept = [w for w in words if word_rng.random() >= a.drop_words] or words
+                m = {"role": "user", "content": " ".join(kept)}
+            out.append(m)
+        return out
+
     def conversation(records):
-        return encode([m for r in records for m in r["messages"]])
+        return encode(noisy([m for r in records for m in r["messages"]]))
 
     held_enc = [encode(r["messages"]) for r in held]
     results = []
@@ -139,7 +156,7 @@ def main():
                 if a.chain:
                     batch = [conversation([train[j] for j in take[k: k + a.chain]]) for k in range(0, len(take), a.chain)]
                 else:
-                    batch = [encode(train[j]["messages"]) for j in take]
+                    batch = [encode(noisy(train[j]["messages"])) for j in take]
             for g in opt.param_groups:
                 g["lr"] = a.lr * 0.5 * (1 + math.cos(math.pi * step / a.steps))
             m.train()
