@@ -64,6 +64,13 @@ for shape in $shapes; do
   echo "== $shape: edgetune bench ($((SECONDS - start)) s)" >&2
   timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 --repeat 3 \
     --max-context 512 --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench failed on $shape" >&2
+  # Decoding over a long cache, with split-key attention and without (EDGETUNE_SPLIT_KEYS_BELOW=0).
+  for below in "" 0; do
+    echo "== $shape: edgetune bench, 2048-token cache, split keys below ${below:-default} ($((SECONDS - start)) s)" >&2
+    EDGETUNE_SPLIT_KEYS_BELOW="$below" timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 2048 \
+      --decode-tokens 32 --repeat 1 --max-context 2112 --json >>"$out/edgetune.jsonl" ||
+      echo "bench-gpu.sh: edgetune bench (2048-token cache) failed on $shape" >&2
+  done
   if [ "$torch_ok" = 1 ]; then
     echo "== $shape: PyTorch + PEFT ($((SECONDS - start)) s)" >&2
     timeout 300 python3 "$here/bench_torch.py" --shape "$shape" --seq "$seq" --rank "$rank" --steps "$steps" \

@@ -142,6 +142,7 @@ def decode_bench(args, cfg_dict, nf4):
     out = {
         "kind": "decode",
         "shape": args.shape,
+        "prompt_tokens": args.prompt_tokens,
         "weights": "nf4 (bitsandbytes)" if nf4 else "bf16 (bitsandbytes not importable)",
         "prefill_tokens_per_s": args.prompt_tokens / prefill,
         "decode_tokens_per_s": args.decode_tokens / decode,

@@ -5,6 +5,12 @@
 // Keys are processed in tiles of 64 with an online softmax: each thread scores one key of the
 // tile and exponentiates it, then the threads split the head dimension to accumulate the
 // weighted values. The softmax's log-sum-exp is stored per (query, head) for the backward pass.
+//
+// Split-key decoding (p.split_keys > 0): workgroup z takes only keys z * split_keys up to the
+// next slice, so that a few queries over a long cache still fill a GPU, and writes its
+// unnormalized partial into `out` (the context's scratch): per (query, head, slice) hd weighted
+// sums of values, then the slice's running max and sum of exponentials. attention_combine.wgsl
+// adds the slices; `stats` is not written.
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
@@ -25,14 +31,19 @@ var<workgroup> first_key: u32;
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let t = wg.x;
     let h = wg.y;
+    let slice = wg.z;
     if (t >= p.n_tokens || h >= p.n_heads) { return; }
     let hd = p.head_dim;
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let q_base = (t * p.n_heads + h) * hd;
     for (var d = lid; d < hd; d += 64u) { qs[d] = q[q_base + d]; }
     if (lid == 0u) { first_key = key_start[t]; }
-    let j_start = workgroupUniformLoad(&first_key);
-    let n_keys = p.pos_offset + t + 1u;
+    var j_start = workgroupUniformLoad(&first_key);
+    var n_keys = p.pos_offset + t + 1u;
+    if (p.split_keys > 0u) {
+        j_start = max(j_start, slice * p.split_keys);
+        n_keys = min(n_keys, (slice + 1u) * p.split_keys);
+    }
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);   // dims lid, lid+64, lid+128, lid+192
     var run_max = -3.402823e38;
     var run_sum = 0.0;
@@ -67,6 +78,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         run_max = tile_max;
         workgroupBarrier();
+    }
+    if (p.split_keys > 0u) {
+        // A slice with no visible key (before a sliding window's start) leaves max -3.4e38, sum 0.
+        let part = ((t * p.n_heads + h) * p.n_splits + slice) * (hd + 2u);
+        for (var r = 0u; r < 4u; r++) {
+            let d = lid + 64u * r;
+            if (d < hd) { out[part + d] = acc[r]; }
+        }
+        if (lid == 0u) {
+            out[part + hd] = run_max;
+            out[part + hd + 1u] = run_sum;
+        }
+        return;
     }
     for (var r = 0u; r < 4u; r++) {
         let d = lid + 64u * r;

@@ -138,3 +138,37 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     assert!(j["dispatches_per_token"].as_f64().is_some_and(|d| d > 8.0), "{j}");
     assert_eq!(j["submits_per_token"].as_f64(), Some(1.0), "{j}");
 }
+
+/// Split-key decoding over a cache longer than one slice of keys (the portable family, whose
+/// plain attention kernel splits): each layer's attention adds one dispatch (the pass that
+/// adds the slices) and allocates nothing per token, and `EDGETUNE_SPLIT_KEYS_BELOW=0` turns it
+/// off, as the JSON reports.
+#[test]
+fn split_key_decoding_adds_one_dispatch_a_layer_and_no_allocation() {
+    // The tiny Llama's shape (2 layers) with room for 320 positions.
+    let tiny = std::fs::read_to_string(common::fixtures().join("tiny_llama/config.json")).expect("config");
+    let mut config: serde_json::Value = serde_json::from_str(&tiny).expect("JSON");
+    config["max_position_embeddings"] = 320.into();
+    let layers = config["num_hidden_layers"].as_f64().expect("layers");
+    let path = std::env::temp_dir().join(format!("edgetune-split-keys-{}.json", std::process::id()));
+    std::fs::write(&path, config.to_string()).expect("config");
+    let cfg = path.display().to_string();
+    let run = |below: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
+            .args(["bench", "--random-weights", &cfg, "--prompt-tokens", "300", "--decode-tokens", "3"])
+            .args(["--repeat", "1", "--max-context", "320", "--json"])
+            .env("EDGETUNE_KERNELS", "portable")
+            .env("EDGETUNE_SPLIT_KEYS_BELOW", below)
+            .output()
+            .expect("runs");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("stdout is one JSON object")
+    };
+    let (split, whole) = (run(""), run("0"));
+    assert_eq!(split["split_keys_below"].as_u64(), Some(256), "{split}");
+    assert_eq!(whole["split_keys_below"].as_u64(), Some(0), "{whole}");
+    let per = |j: &serde_json::Value, k: &str| j[k].as_f64().unwrap_or_else(|| panic!("{k} in {j}"));
+    assert_eq!(per(&split, "dispatches_per_token"), per(&whole, "dispatches_per_token") + layers, "{split}\n{whole}");
+    assert_eq!(per(&split, "allocations_per_token"), 0.0, "{split}");
+    let _ = std::fs::remove_file(&path);
+}

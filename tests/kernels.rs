@@ -396,34 +396,126 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
             let k = rand((pos + t) * kvh * hd, 32, 1.0);
             let v = rand((pos + t) * kvh * hd, 33, 1.0);
             let want = r::attention_forward(&q, &k, &v, &vec![0; t], case);
-            let (qb, kb, vb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k), ctx.storage_from("v", &v));
-            let (out, stats, ks) =
-                (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h), ctx.storage_zeroed("ks", t));
-            let scale = 1.0 / (hd as f32).sqrt();
-            let s = launch::AttentionShape {
-                n_tokens: t,
-                n_heads: h,
-                n_kv_heads: kvh,
-                head_dim: hd,
-                pos_offset: pos,
-                scale,
-                softcap,
-            };
-            run(&ctx, |enc| {
-                launch::attention_forward(
-                    &ctx,
-                    enc,
-                    launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ks, out: &out, stats: &stats },
-                    s,
-                )
-            });
+            let got = gpu_attention(&ctx, [&q, &k, &v], &vec![0; t], case);
             assert_close(
                 &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos} cap {softcap:?}"),
-                &ctx.read_f32(&out, q.len()).expect("read"),
+                &got.out,
                 &want,
                 1e-4,
                 1e-5,
             );
+        }
+    }
+}
+
+/// The attention shape of `t` queries in a CPU twin's case, scaled by 1 / sqrt(head_dim).
+fn attention_shape(t: usize, c: r::AttentionCase) -> launch::AttentionShape {
+    launch::AttentionShape {
+        n_tokens: t,
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+        pos_offset: c.pos_offset,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+        softcap: c.softcap,
+    }
+}
+
+/// What the GPU's attention forward gives for a CPU twin's case.
+struct GpuAttention {
+    out: Vec<f32>,
+    /// Each (query, head)'s log-sum-exp, from the stats pairs.
+    lse: Vec<f32>,
+    /// Dispatches the launcher recorded.
+    dispatches: u64,
+}
+
+/// Runs `launch::attention_forward` on queries, keys and values with each query's first
+/// visible key (`starts`, one per query).
+fn gpu_attention(ctx: &GpuContext, [q, k, v]: [&[f32]; 3], starts: &[usize], c: r::AttentionCase) -> GpuAttention {
+    let (t, h) = (starts.len(), c.n_heads);
+    let (qb, kb, vb) = (ctx.storage_from("q", q), ctx.storage_from("k", k), ctx.storage_from("v", v));
+    let starts: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
+    let ks = ctx.storage_from("key start", &starts);
+    let (out, stats) = (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h));
+    let before = ctx.counts();
+    run(ctx, |enc| {
+        let io = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ks, out: &out, stats: &stats };
+        launch::attention_forward(ctx, enc, io, attention_shape(t, c))
+    });
+    let dispatches = (ctx.counts() - before).dispatches;
+    let lse = ctx.read_f32(&stats, 2 * t * h).expect("read").iter().step_by(2).copied().collect();
+    GpuAttention { out: ctx.read_f32(&out, q.len()).expect("read"), lse, dispatches }
+}
+
+/// Split-key decoding: a few queries over a long cache run as slices of
+/// `launch::SPLIT_KEYS` keys, one workgroup each, whose partial softmaxes a second pass adds.
+/// Against the CPU twin: the output and the log-sum-exp, on caches that end one key into a
+/// slice (2,049 keys), fill exactly two, or fit one (no split); GQA, a head wider than 128, the
+/// soft cap, and a query whose first visible key (a sliding window's) leaves whole slices empty.
+/// Wherever the plain kernel runs (portable; the others for shapes their blocks do not take),
+/// the split path must be taken: two dispatches, not one.
+#[test]
+fn split_key_decoding_matches_reference() {
+    use edgetune::gpu::KernelFamily;
+    let mut all = vec![ctx()];
+    all.extend(gpus());
+    for ctx in all {
+        for &(t, h, kvh, hd, pos, ref starts, softcap) in &[
+            (1, 9, 3, 64, 2048, vec![0], None),
+            (2, 4, 2, 130, 700, vec![300, 650], Some(0.3)),
+            (1, 1, 1, 8, 511, vec![0], None),
+            (1, 2, 1, 16, 255, vec![0], Some(0.3)),
+            (3, 2, 2, 32, 1000, vec![0, 600, 999], None),
+            // Past 64 slices of 256 keys the slices grow: 63 of 320 keys here.
+            (1, 2, 1, 8, 20_000, vec![0], None),
+        ] {
+            let case = r::AttentionCase { n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: pos, softcap };
+            let q = rand(t * h * hd, 41, 1.0);
+            // Every other slice's keys three times as large, so that the slices' maxima differ
+            // and the combining pass must rescale them to the common one.
+            let mut k = rand((pos + t) * kvh * hd, 42, 1.0);
+            for (j, row) in k.chunks_mut(kvh * hd).enumerate() {
+                if (j / launch::SPLIT_KEYS) % 2 == 1 {
+                    row.iter_mut().for_each(|x| *x *= 3.0);
+                }
+            }
+            let v = rand((pos + t) * kvh * hd, 43, 1.0);
+            let want = r::attention_forward(&q, &k, &v, starts, case);
+            let scale = 1.0 / (hd as f32).sqrt();
+            // The log-sum-exp of each query's scaled (and capped) scores, in f64.
+            let mut want_lse = vec![];
+            for (i, &first) in starts.iter().enumerate() {
+                for head in 0..h {
+                    let (qv, kh) = (&q[(i * h + head) * hd..][..hd], head / (h / kvh));
+                    let scores: Vec<f64> = (first..=pos + i)
+                        .map(|j| {
+                            let kv = &k[(j * kvh + kh) * hd..][..hd];
+                            f64::from(case.capped(qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale))
+                        })
+                        .collect();
+                    let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    want_lse.push((mx + scores.iter().map(|s| (s - mx).exp()).sum::<f64>().ln()) as f32);
+                }
+            }
+            let got = gpu_attention(&ctx, [&q, &k, &v], starts, case);
+            let family = ctx.report.kernels.attention;
+            // Which families fall back to the plain kernel: simd8 for a head it cannot unroll,
+            // tile128 and coop16 for one query or a head wider than their blocks.
+            let plain = match family {
+                KernelFamily::Simd8 => !(hd % 4 == 0 && hd <= 128),
+                KernelFamily::Tile128 | KernelFamily::Coop16 => t == 1 || hd > 128,
+                _ => true,
+            };
+            let s = attention_shape(t, case);
+            let split = plain && launch::key_splits(&ctx, s) > 1;
+            let what =
+                format!("{family} attention t{t} h{h}/{kvh} hd{hd} keys {} from {starts:?} cap {softcap:?}", pos + t);
+            assert_eq!(got.dispatches, if split { 2 } else { 1 }, "{what}: dispatches");
+            assert_eq!(launch::key_splits(&ctx, s) > 1, pos + t > launch::SPLIT_KEYS, "{what}: slices");
+            assert!(launch::key_splits(&ctx, s) <= launch::MAX_KEY_SPLITS, "{what}: slices");
+            assert_close(&what, &got.out, &want, 1e-4, 1e-5);
+            assert_close(&format!("{what}: log-sum-exp"), &got.lse, &want_lse, 1e-5, 1e-5);
         }
     }
 }

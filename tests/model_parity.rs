@@ -212,3 +212,47 @@ fn planned_weight_bytes_are_the_uploaded_bytes_for_every_architecture() {
         }
     }
 }
+
+/// Decoding over a cache longer than a slice of split-key attention (`launch::SPLIT_KEYS`
+/// keys), in every kernel family: each decoded token's logits equal those of a prefill of the
+/// same prefix, which runs attention unsplit (its grid of query workgroups is large). The tiny
+/// Llama and Mistral models (the latter's window of 4 keys leaves all slices but the last
+/// empty) are read with a context of 1,024. coop16 is left out: its prefill multiplies with f16
+/// operands, so its logits and cache differ from f32 by f16 rounding (bounded by its own tests),
+/// and it decodes with tile128's attention, which runs here.
+#[test]
+fn decoding_over_a_long_cache_matches_a_prefill_in_every_family() {
+    use edgetune::gpu::KernelFamily;
+    use edgetune::gpu::launch::SPLIT_KEYS;
+    for kind in ["llama", "mistral"] {
+        let dir = std::env::temp_dir().join(format!("edgetune-long-cache-{kind}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp folder");
+        for e in std::fs::read_dir(fixtures().join(format!("tiny_{kind}"))).expect("fixture").flatten() {
+            std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
+        }
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("JSON");
+        config["max_position_embeddings"] = 1024.into();
+        std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+        let mut contexts = vec![ctx()];
+        contexts.extend(common::gpus().into_iter().map(Arc::new));
+        contexts.retain(|c| c.report.kernels.family != KernelFamily::Coop16);
+        assert!(contexts.len() >= 2, "portable and tile128 at least");
+        let opts = LoadOptions { quant: Quant::None, ..Default::default() };
+        for ctx in contexts {
+            let family = ctx.report.kernels.family;
+            let model = Model::open(ctx, &dir, &opts).expect("load");
+            let vocab = model.config.vocab_size;
+            let ids: Vec<u32> = (0..SPLIT_KEYS + 44).map(|i| ((i * 37 + 11) % vocab) as u32).collect();
+            let start = SPLIT_KEYS + 36;
+            let mut cache = model.new_cache().expect("cache");
+            model.next_logits(&ids[..start], &mut cache).expect("prefill");
+            for n in start + 1..=ids.len() {
+                let step = model.next_logits(&ids[n - 1..n], &mut cache).expect("decode step");
+                let full = model.next_logits(&ids[..n], &mut model.new_cache().expect("cache")).expect("prefill");
+                assert_close(&format!("{kind} {family}: decoded token {n}"), &step, &full, 1e-4, 1e-4);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -60,6 +60,10 @@ struct AttentionParams {
     kv_stride: u32,   // floats per key position: n_kv_heads * head_dim
     scale: f32,
     softcap: f32,     // Gemma 2's attention logit cap (common/softcap.wgsl); 0: none
+    split_keys: u32,  // attention.wgsl: keys per workgroup along z (split-key decoding); 0: all
+    n_splits: u32,    // workgroups along z that split the keys (attention_combine.wgsl reads them)
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // Every matmul and matvec kernel (forward, dX and dW).

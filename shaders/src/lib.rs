@@ -141,6 +141,9 @@ shaders! {
     MATVEC_NF4 = "matvec_nf4";
     MATVEC_F16 = "matvec_f16";
     ATTENTION = "attention";
+    // Split-key decoding: each workgroup of attention.wgsl takes one slice of the keys, and this
+    // adds the slices' partial softmaxes.
+    ATTENTION_COMBINE = "attention_combine";
     ADAMW = "adamw";
     GRAD_NORM = "grad_norm";
     CROSS_ENTROPY_BACKWARD = "cross_entropy_backward";
@@ -489,4 +492,7 @@ params!(/// `argmax.wgsl`
 params!(/// `top_k.wgsl`
     TopKParams { n: u32, k: u32, final_pass: u32, chunk: u32 } = 16);
 params!(/// `attention.wgsl`
-    AttentionParams { n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32, softcap: f32 } = 32);
+    AttentionParams {
+        n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32,
+        softcap: f32, split_keys: u32, n_splits: u32, _pad0: u32, _pad1: u32,
+    } = 48);

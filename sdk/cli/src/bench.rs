@@ -122,6 +122,7 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
             m,
             json!({
                 "prompt_tokens": prompt_tokens,
+                "split_keys_below": ctx.split_keys_below(),
                 "prefill_ms": { "median": prefill_ms, "min": prefill_best_ms },
                 "prefill_tokens_per_s": prompt_tokens as f64 * 1e3 / prefill_best_ms,
                 "decode_tokens": decode_tokens,

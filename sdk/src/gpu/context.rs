@@ -157,10 +157,18 @@ pub struct GpuContext {
     /// Dispatches recorded before an encoder's contents are submitted without waiting:
     /// `EDGETUNE_FLUSH_EVERY`, else [`FLUSH_EVERY`], read when the device is opened.
     pub(crate) submit_every: u64,
+    /// Attention splits its keys into slices (split-key decoding) where the plain kernel would
+    /// run fewer workgroups than this: `EDGETUNE_SPLIT_KEYS_BELOW` (0 never splits), else
+    /// [`SPLIT_KEYS_BELOW`], read when the device is opened.
+    pub(crate) split_keys_below: usize,
 }
 
 /// Dispatches recorded before the encoder's contents are submitted without waiting.
 pub const FLUSH_EVERY: u64 = 256;
+
+/// Attention over more than one slice of keys is split where the plain kernel's grid of
+/// (query, head) workgroups is smaller than this (see `launch::key_splits`).
+pub const SPLIT_KEYS_BELOW: usize = 256;
 
 /// One uniform buffer that holds the parameters of many dispatches, one aligned slot each,
 /// used round and round. Slots are filled on the CPU as dispatches are recorded and written to
@@ -428,6 +436,10 @@ impl GpuContext {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(FLUSH_EVERY),
+            split_keys_below: std::env::var("EDGETUNE_SPLIT_KEYS_BELOW")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(SPLIT_KEYS_BELOW),
         })
     }
 
@@ -441,6 +453,12 @@ impl GpuContext {
     /// it (Vulkan and DX12 do).
     pub fn allocated_bytes(&self) -> Option<u64> {
         self.device.generate_allocator_report().map(|r| r.total_allocated_bytes)
+    }
+
+    /// Attention splits its keys where the plain kernel's grid is smaller than this many
+    /// workgroups (0: never; see [`SPLIT_KEYS_BELOW`]).
+    pub fn split_keys_below(&self) -> usize {
+        self.split_keys_below
     }
 
     /// What has been created and recorded so far (see [`GpuCounts`]).

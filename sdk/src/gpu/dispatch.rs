@@ -55,7 +55,8 @@ impl GpuContext {
         })
     }
 
-    /// The scratch buffer of split matmul reductions, holding at least `n_floats` values: one
+    /// The scratch buffer of split reductions (matmuls split along K, attention split along
+    /// its keys), holding at least `n_floats` values: one
     /// buffer for the whole context, reallocated (to the next power of two, at least 1 MiB) only
     /// when a larger split comes along, so steady-state steps create none. Dispatches that use
     /// it run one after another, as every dispatch here does.
@@ -69,8 +70,8 @@ impl GpuContext {
         }
         let size = bytes.next_power_of_two().max(1 << 20);
         let advice = "lower batch_tokens (the scratch grows with the tokens of a pass)";
-        let buf = self.allocating("the split matmul scratch", size, advice, || {
-            Ok(self.storage_zeroed("split matmul scratch", (size / 4) as usize))
+        let buf = self.allocating("the split-reduction scratch", size, advice, || {
+            Ok(self.storage_zeroed("split-reduction scratch", (size / 4) as usize))
         })?;
         *slot = Some(buf.clone());
         Ok(buf)

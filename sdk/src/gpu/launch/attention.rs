@@ -43,7 +43,34 @@ fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
         kv_stride: u32_of(s.n_kv_heads * s.head_dim, "kv stride")?,
         scale: s.scale,
         softcap: s.softcap.unwrap_or(0.0),
+        ..Default::default()
     })
+}
+
+/// Keys per workgroup in split-key decoding (a multiple of the kernel's 64-key tiles), until
+/// there would be more than [`MAX_KEY_SPLITS`] slices.
+pub const SPLIT_KEYS: usize = 256;
+/// The most slices per (query, head): past 16,384 keys the slices grow instead, which bounds
+/// the scratch at 64 partials of a head for each of fewer than 256 (query, head) pairs.
+pub const MAX_KEY_SPLITS: usize = 64;
+
+/// How many slices a pass of the plain kernel splits its keys into: one (no split) unless its
+/// grid of (query, head) workgroups is smaller than the context's threshold
+/// ([`crate::gpu::context::SPLIT_KEYS_BELOW`] by default) and the keys span more than
+/// [`SPLIT_KEYS`], as when decoding over a long cache.
+pub fn key_splits(ctx: &GpuContext, s: AttentionShape) -> usize {
+    key_slices(ctx, s).0
+}
+
+/// The slices of split-key attention and the keys of each (a multiple of 64): [`SPLIT_KEYS`]
+/// keys a slice, more past [`MAX_KEY_SPLITS`] slices.
+fn key_slices(ctx: &GpuContext, s: AttentionShape) -> (usize, usize) {
+    let keys = s.pos_offset + s.n_tokens;
+    if s.n_tokens * s.n_heads >= ctx.split_keys_below || keys <= SPLIT_KEYS {
+        return (1, keys);
+    }
+    let per_slice = keys.div_ceil(MAX_KEY_SPLITS).next_multiple_of(64).max(SPLIT_KEYS);
+    (keys.div_ceil(per_slice), per_slice)
 }
 
 /// Causal GQA attention of q (T, H*hd) over keys/values (positions, Hkv*hd): query t sits
@@ -57,12 +84,48 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
     // Blocks of 16 queries where the family has them and the head fits; a decoding step's one
     // query would leave 15 of 16 idle.
     let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.head_dim <= 128 && s.n_tokens > 1;
+    let slices = key_slices(ctx, s);
     let (shader, groups) = match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
         Some(shader) => (shader, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
         None if blocked => (&ATTENTION_T128, [p.n_tokens.div_ceil(16), p.n_heads, 1]),
+        None if slices.0 > 1 => return split_key_attention(ctx, enc, b, s, p, slices),
         None => (&ATTENTION, [p.n_tokens, p.n_heads, 1]),
     };
     ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, attention_cost(s, 4.0, 2.0))
+}
+
+/// Split-key decoding (flash decoding): a few queries over many keys, as when decoding over a
+/// long cache, would give the plain kernel one workgroup per (query, head), each walking every
+/// key. Instead each of `splits` workgroups per (query, head) takes `per_slice` keys
+/// ([`key_slices`]) and writes its partial softmax into the context's scratch buffer, and
+/// `attention_combine.wgsl` adds the partials into `out` and `stats`.
+fn split_key_attention(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    b: AttentionIo<'_>,
+    s: AttentionShape,
+    p: AttentionParams,
+    (splits, per_slice): (usize, usize),
+) -> Result<()> {
+    let AttentionIo { q, k, v, key_start, out, stats } = b;
+    let parts = s.n_tokens * s.n_heads * splits * (s.head_dim + 2);
+    let scratch = ctx.split_scratch(parts)?;
+    let p = AttentionParams {
+        split_keys: u32_of(per_slice, "keys a slice")?,
+        n_splits: u32_of(splits, "key slices")?,
+        ..p
+    };
+    let buffers = [q, k, v, key_start, &scratch, stats];
+    let groups = [p.n_tokens, p.n_heads, p.n_splits];
+    let cost = attention_cost(s, 4.0, 1.0);
+    let sliced = Cost { flops: cost.flops, bytes: cost.bytes + 4.0 * parts as f64 };
+    ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups }, &p, sliced)?;
+    let combine_buffers = [&scratch, out, stats];
+    let d = Dispatch { shader: &ATTENTION_COMBINE, buffers: &combine_buffers, groups: [p.n_tokens, p.n_heads, 1] };
+    let query_bytes = 4.0 * (s.n_tokens * s.n_heads * s.head_dim) as f64;
+    let combined = Cost { flops: 2.0 * parts as f64, bytes: 4.0 * parts as f64 + query_bytes };
+    // The two passes share the scratch buffer, so they run back to back.
+    ctx.record(enc, d, bytemuck::bytes_of(&p), combined, false)
 }
 
 /// What an attention pass computes and moves, counting every causal (query, key) pair (packed
