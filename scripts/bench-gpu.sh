@@ -13,8 +13,11 @@
 # default llama-3.2-1b; empty for none) adds one profiled training step of that shape
 # (checkpointing off) whose per-kernel times and GFLOP/s go to profile.json, and the same in
 # each family of FAMILIES to profile-FAMILY.json. FAMILIES (default
-# "tile128 portable"; empty for none) lists kernel families whose training step is measured
-# besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them. Needs the Vulkan
+# "tile128 tile128:0 portable"; empty for none) lists kernel families whose training step is
+# measured besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them; a
+# family written FAMILY:N runs with EDGETUNE_TILE128_MIN_GROUPS=N (0: tile128's 128 x 128 tiles
+# for every product, not only those with large grids), and the adapter's own family is
+# measured with 0 too when it uses those tiles. Needs the Vulkan
 # loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
 # and peft for the PyTorch column (skipped, and said so, when they do not import).
 set -uo pipefail
@@ -41,6 +44,15 @@ if ! { ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; } && [ -z "${LD_LIB
 fi
 "$bin" gpu || { echo "bench-gpu.sh: edgetune found no GPU adapter" >&2; exit 1; }
 picked="$("$bin" gpu | sed -n 's/^kernels: \([a-z0-9]*\).*/\1/p')"
+variants="${FAMILIES-tile128 tile128:0 portable}"
+case "$picked" in tile128 | coop16) [ -n "$variants" ] && variants="$variants $picked:0" ;; esac
+# Runs "$@" with the kernels of variant $1 (FAMILY or FAMILY:N, see FAMILIES above).
+with_kernels() {
+  local v="$1" groups=""
+  shift
+  case "$v" in *:*) groups="${v#*:}" ;; esac
+  EDGETUNE_KERNELS="${v%%:*}" EDGETUNE_TILE128_MIN_GROUPS="$groups" "$@"
+}
 torch_ok=1
 if [ "${TORCH:-1}" = 0 ]; then
   torch_ok=0
@@ -54,10 +66,10 @@ for shape in $shapes; do
   echo "== $shape: edgetune bench-train ($((SECONDS - start)) s)" >&2
   timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" --steps "$steps" \
     --max-context "$seq" --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench-train failed on $shape" >&2
-  for family in ${FAMILIES-tile128 portable}; do
+  for family in $variants; do
     [ "$family" = "$picked" ] && continue
     echo "== $shape: edgetune bench-train, $family kernels ($((SECONDS - start)) s)" >&2
-    EDGETUNE_KERNELS="$family" timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" \
+    with_kernels "$family" timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" \
       --steps "$steps" --max-context "$seq" --json >>"$out/edgetune.jsonl" ||
       echo "bench-gpu.sh: edgetune bench-train ($family kernels) failed on $shape" >&2
   done
@@ -84,11 +96,11 @@ if [ -n "$profile" ]; then
     --checkpointing off --max-context "$seq" --profile --json >"$out/profile.json" ||
     echo "bench-gpu.sh: edgetune bench-train --profile failed on $profile" >&2
   # The same step in each other family, so the tables compare them kernel by kernel.
-  for family in ${FAMILIES-tile128 portable}; do
+  for family in $variants; do
     [ "$family" = "$picked" ] && continue
     echo "== $profile: edgetune bench-train --profile, $family kernels ($((SECONDS - start)) s)" >&2
-    EDGETUNE_KERNELS="$family" timeout 300 "$bin" bench-train --random-weights "$profile" --seq "$seq" \
-      --rank "$rank" --steps 1 --checkpointing off --max-context "$seq" --profile --json >"$out/profile-$family.json" ||
+    with_kernels "$family" timeout 300 "$bin" bench-train --random-weights "$profile" --seq "$seq" \
+      --rank "$rank" --steps 1 --checkpointing off --max-context "$seq" --profile --json >"$out/profile-${family/:/-}.json" ||
       echo "bench-gpu.sh: edgetune bench-train --profile ($family kernels) failed on $profile" >&2
   done
 fi

@@ -34,6 +34,16 @@ def fmt(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def kernels_of(o):
+    """The family of a run's products, and the grid below which tile128's are on 64 x 64 tiles."""
+    k = o.get("kernels") or {}
+    matmul = k.get("matmul", "?")
+    groups = k.get("tile128_min_groups")
+    if matmul in ("tile128", "coop16") and groups is not None:
+        return f"{matmul}, 64 x 64 below {groups} tiles" if groups else f"{matmul}, 128 x 128 always"
+    return matmul
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
@@ -56,7 +66,7 @@ def main():
                       and t["checkpointing"] == m["checkpointing"]), None)
             mem = m["gpu_memory_bytes"]
             ratio = m["tokens_per_s"] / t["tokens_per_s"] if t else None
-            kernels = o.get("kernels", {}).get("matmul", "?")
+            kernels = kernels_of(o)
             print(f"| {o['shape']} | {kernels} | {'on' if m['checkpointing'] else 'off'} | {fmt(m['tokens_per_s'])} | "
                   f"{fmt(m['step_ms']['median'])} | {fmt(m['cpu_record_ms'])} | {m['dispatches_per_step']:.0f} | "
                   f"{m['buffers_created_per_step'] + m['bind_groups_created_per_step']:.0f} | "
@@ -96,7 +106,7 @@ def one_profile(path):
     except (OSError, ValueError) as e:
         print(f"\n{os.path.basename(path)} unreadable: {e}")
         return
-    family = (p.get("kernels") or {}).get("family")
+    family = kernels_of(p)
     for m in p.get("modes", []):
         kernels = m.get("profile", [])
         total = sum(k["seconds"] for k in kernels) or 1e-12

@@ -889,3 +889,30 @@ fn gpu_by_index() {
         assert!(!out.status.success() && err.contains(says) && err.contains("present"), "{bad}: {err}");
     }
 }
+
+/// `EDGETUNE_TILE128_MIN_GROUPS` sets the grid below which tile128 products run on portable's
+/// tiles, which `edgetune gpu` reports with the family; a value that is no number is refused
+/// naming the variable.
+#[test]
+fn gpu_reports_the_tile128_grid_threshold_from_the_environment() {
+    let gpu = |groups: &str| {
+        Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
+            .arg("gpu")
+            .env("EDGETUNE_KERNELS", "tile128")
+            .env("EDGETUNE_TILE128_MIN_GROUPS", groups)
+            .output()
+            .expect("runs")
+    };
+    let out = gpu("64");
+    let said = text(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("kernels: tile128") && said.contains("fewer than 64 128 x 128"),
+        "{said}"
+    );
+    let out = gpu("0");
+    let said = text(&out.stdout);
+    assert!(out.status.success() && !said.contains("fewer than"), "0 keeps tile128 everywhere: {said}");
+    let out = gpu("many");
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("EDGETUNE_TILE128_MIN_GROUPS") && err.contains("\"many\""), "{err}");
+}

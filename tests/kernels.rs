@@ -82,9 +82,6 @@ fn the_gpu_memory_comes_from_the_backend() {
     }
 }
 
-/// Runs one matmul on the GPU and compares it with `want`. f32 sums of k products in another
-/// order differ by about sqrt(k) ulps of the terms, hence the absolute tolerance.
-#[allow(clippy::too_many_arguments)]
 /// Records `times` dense forward products y (=/+=) x W^T of shape (m, n, k).
 fn dense_matmuls(
     ctx: &GpuContext,
@@ -146,6 +143,80 @@ fn matmul_dense_matches_reference_on_odd_shapes() {
             let (xb, wb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("b", &b));
             let operands = (&xb, launch::Weight::Dense(&wb));
             check_matmul(&ctx, "matmul", operands, (&x, &w), Some(&bb), &want, (m, n, k));
+        }
+    }
+}
+
+/// tile128 runs a product whose grid of 128 x 128 tiles has fewer workgroups than
+/// `tile128_min_groups` on portable's 64 x 64 kernel, and a larger one on its own: the forward,
+/// the input gradient (grid over (tokens, in features)) and the weight gradient (over (out,
+/// in features)), each against the reference. 0 keeps tile128 for all; the default is
+/// `TILE128_MIN_GROUPS` and is reported.
+#[test]
+fn tile128_gives_products_with_small_grids_to_the_portable_tiles() {
+    use edgetune::gpu::family::TILE128_MIN_GROUPS;
+    use edgetune::gpu::{KernelFamily, Timer};
+    let open = |min| {
+        let opts = GpuOptions { kernels: Some(KernelFamily::Tile128), tile128_min_groups: min, ..Default::default() };
+        GpuContext::new(&opts).expect("tile128 (lavapipe runs it)")
+    };
+    let default = open(None);
+    assert_eq!(default.report.kernels.tile128_min_groups, TILE128_MIN_GROUPS);
+    let said = default.report.kernels.to_string();
+    assert!(said.contains(&format!("fewer than {TILE128_MIN_GROUPS} 128 x 128 tiles")), "{said}");
+    // (tokens m, out features n, in features k): the forward's grid is n/128 x m/128, the
+    // input gradient's k/128 x m/128, the weight gradient's k/128 x n/128.
+    let (m, n, k) = (200, 300, 140);
+    let x = rand(m * k, 1, 1.0);
+    let w = rand(n * k, 2, 0.5);
+    let dy = rand(m * n, 3, 1.0);
+    let wants = [
+        r::matmul_forward(&x, &w, None, m, n, k),
+        r::matmul_backward(&dy, &w, m, n, k),
+        r::matmul_backward_w(&dy, &x, m, n, k),
+    ];
+    // Threshold, and whether each of the three (grids 3 x 2 = 6, 2 x 2 = 4, 2 x 3 = 6) runs tile128.
+    for (min, tiled) in
+        [(Some(0), [true; 3]), (Some(6), [true, false, true]), (Some(7), [false; 3]), (None, [false; 3])]
+    {
+        let ctx = open(min);
+        let (xb, wb, dyb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("dy", &dy));
+        let (y, dx, dw) =
+            (ctx.storage_zeroed("y", m * n), ctx.storage_zeroed("dx", m * k), ctx.storage_zeroed("dw", n * k));
+        ctx.start_profiling(Timer::WallClock);
+        run(&ctx, |enc| {
+            let wt = launch::Weight::Dense(&wb);
+            launch::matmul_forward(
+                &ctx,
+                enc,
+                launch::Matmul { x: &xb, w: wt, bias: None, y: &y, m, n, k, out: launch::OutCols::whole(n) },
+            )?;
+            let dyc = launch::DyCols::whole(&dyb, n);
+            launch::matmul_backward(
+                &ctx,
+                enc,
+                launch::MatmulGrad { dy: dyc, w: wt, dx: &dx, m, n, k, out: launch::OutCols::whole(k) },
+            )?;
+            let g =
+                launch::WeightGrad { dy: &dyb, x: &xb, dw: &dw, dw_offset: 0, m, n, k, alpha: 1.0, accumulate: false };
+            launch::matmul_backward_w(&ctx, enc, g)
+        });
+        let names: Vec<&str> = ctx.stop_profiling().expect("profile").iter().map(|(name, _)| *name).collect();
+        for (i, (kernel, t128)) in [
+            ("matmul", "matmul_t128"),
+            ("matmul_backward", "matmul_backward_t128"),
+            ("matmul_backward_w", "matmul_backward_w_t128"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (ran, not) = if tiled[i] { (t128, kernel) } else { (kernel, t128) };
+            assert!(names.contains(ran) && !names.contains(not), "threshold {min:?}, product {i}: {names:?}");
+        }
+        for (i, (buf, len)) in [(&y, m * n), (&dx, m * k), (&dw, n * k)].into_iter().enumerate() {
+            let red = [k, n, m][i];
+            let got = ctx.read_f32(buf, len).expect("read");
+            assert_close(&format!("threshold {min:?}, product {i}"), &got, &wants[i], 1e-5, 1e-5 * (red as f32).sqrt());
         }
     }
 }

@@ -150,7 +150,9 @@ pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
         if family == default.report.kernels.family {
             continue;
         }
-        let opts = GpuOptions { kernels: Some(family), ..Default::default() };
+        // tile128's kernels on every product, however small its grid, so that the tests'
+        // shapes reach them (by default small grids run on portable's tiles).
+        let opts = GpuOptions { kernels: Some(family), tile128_min_groups: Some(0), ..Default::default() };
         match GpuContext::new(&opts) {
             Ok(ctx) => {
                 assert_eq!(ctx.report.kernels.family, family, "a forced family was ignored");
@@ -163,7 +165,12 @@ pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
     // Without matrix units, the coop16 kernels still run with their matrix operations
     // emulated: everything else of them is tested here too.
     if !default.report.cooperative_matrix && default.report.shader_f16 {
-        let opts = GpuOptions { kernels: Some(KernelFamily::Coop16), emulate_coop16: true, ..Default::default() };
+        let opts = GpuOptions {
+            kernels: Some(KernelFamily::Coop16),
+            emulate_coop16: true,
+            tile128_min_groups: Some(0),
+            ..Default::default()
+        };
         let ctx = GpuContext::new(&opts).expect("coop16, emulated");
         assert!(ctx.report.coop16_emulated, "not emulated");
         let said = ctx.report.coop16_self_test.clone().unwrap_or_default();

@@ -35,6 +35,10 @@ pub struct GpuOptions {
     /// units. For tests on CPU adapters; no faster than tile128. An adapter that has the matrix
     /// units runs the real kernels.
     pub emulate_coop16: bool,
+    /// Products whose grid of 128 x 128 tiles has fewer workgroups than this use 64 x 64 tiles
+    /// (see [`super::family::TILE128_MIN_GROUPS`]; 0: tile128 for every product); `None` reads
+    /// `EDGETUNE_TILE128_MIN_GROUPS`, else that constant.
+    pub tile128_min_groups: Option<u32>,
 }
 
 /// How long the host waits for the GPU by default: far longer than any one training step or
@@ -340,7 +344,12 @@ impl GpuContext {
             Some(f) => Some(f),
             None => family::from_env()?,
         };
-        let kernels = family::choose(&facts, forced)?;
+        let mut kernels = family::choose(&facts, forced)?;
+        if let Some(groups) =
+            opts.tile128_min_groups.map(Ok).or_else(|| family::tile128_min_groups_from_env().transpose())
+        {
+            kernels.tile128_min_groups = groups?;
+        }
         // Cooperative matrices are an experimental wgpu feature: asked for only when the coop16
         // family is to be tried (and then only used after its self-test).
         let experimental = if kernels.family == KernelFamily::Coop16 && !coop16_emulated {

@@ -10,6 +10,8 @@
 //! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 16 queries (forward, dQ) or 16 keys (dK, dV) a workgroup over staged tiles (27 KiB; else portable) | a GPU with 17 KiB of workgroup memory |
 //! | `coop16` | forward and input gradients through frozen weights: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums, each row of the activations or gradients scaled by a power of two into f16's range; other gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
 //!
+//! A product whose grid of 128 x 128 tiles is small (fewer than [`TILE128_MIN_GROUPS`]
+//! workgroups) runs on portable's 64 x 64 tiles in tile128, and for coop16's gradients.
 //! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for
 //! the LoRA input gradients and the weight gradients, reductions over tokens of two
 //! gradient-sized operands). `GpuOptions::kernels` or
@@ -81,6 +83,11 @@ pub struct Kernels {
     pub matmul_grad: KernelFamily,
     /// Attention forward and backward.
     pub attention: KernelFamily,
+    /// Products whose grid of 128 x 128 tiles would have fewer workgroups than this run on
+    /// portable's 64 x 64 tiles (four times the workgroups) instead of tile128's: in the tile128
+    /// family, and for coop16's gradients. 0 keeps tile128 for every product. See
+    /// [`TILE128_MIN_GROUPS`].
+    pub tile128_min_groups: u32,
 }
 
 impl std::fmt::Display for Kernels {
@@ -89,7 +96,13 @@ impl std::fmt::Display for Kernels {
             f,
             "{} (matmul {}, matmul gradients {}, attention {})",
             self.family, self.matmul, self.matmul_grad, self.attention
-        )
+        )?;
+        let tiles128 =
+            [self.matmul, self.matmul_grad].iter().any(|k| matches!(k, KernelFamily::Tile128 | KernelFamily::Coop16));
+        if tiles128 && self.tile128_min_groups > 0 {
+            write!(f, "; products of fewer than {} 128 x 128 tiles on portable's 64 x 64", self.tile128_min_groups)?;
+        }
+        Ok(())
     }
 }
 
@@ -110,6 +123,16 @@ pub struct AdapterFacts {
     /// operands and f32 sums, and f16 in shaders.
     pub coop_16x16_f16: bool,
 }
+
+/// Below this many workgroups of 128 x 128 tiles, a product runs on portable's 64 x 64 tiles
+/// instead (see [`Kernels::tile128_min_groups`]; `EDGETUNE_TILE128_MIN_GROUPS` or
+/// `GpuOptions::tile128_min_groups` sets another). On an H200 (132 multiprocessors), portable's
+/// whole training step was faster than tile128's for all three models measured at 512 tokens
+/// (1.2 to 2.4 times), where every product but the LM head's has 4 rows of at most 64 such
+/// tiles: a grid that leaves most of a large GPU idle. 512 is the grid the split-K rule fills
+/// to as well (a large GPU runs a few hundred workgroups at once); the bench script measures
+/// 0 beside it, so that a GPU run can set it.
+pub const TILE128_MIN_GROUPS: u32 = 512;
 
 /// Workgroup memory the tile128 kernels declare: two (16, 132) f32 tiles and the NF4 code book.
 pub const TILE128_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 4 + 16 * 4;
@@ -192,7 +215,17 @@ pub fn kernels_of(family: KernelFamily, a: &AdapterFacts) -> Kernels {
         KernelFamily::Tile128 => (family, family, blocked),
         KernelFamily::Portable => (family, family, family),
     };
-    Kernels { family, matmul, matmul_grad, attention }
+    Kernels { family, matmul, matmul_grad, attention, tile128_min_groups: TILE128_MIN_GROUPS }
+}
+
+/// `EDGETUNE_TILE128_MIN_GROUPS`, if it is set (anything but a whole number is an error).
+pub fn tile128_min_groups_from_env() -> Result<Option<u32>> {
+    match std::env::var("EDGETUNE_TILE128_MIN_GROUPS") {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).map_err(|_| {
+            Error::invalid("EDGETUNE_TILE128_MIN_GROUPS", format!("{v:?} is not a whole number of workgroups"))
+        }),
+        _ => Ok(None),
+    }
 }
 
 /// The family forced by `EDGETUNE_KERNELS`, if it is set (an unknown name is an error).
@@ -225,7 +258,13 @@ mod tests {
         use KernelFamily::*;
         use wgpu::DeviceType::*;
         let pick = |f: AdapterFacts| choose(&f, None).expect("a family");
-        let k = |family, matmul, matmul_grad, attention| Kernels { family, matmul, matmul_grad, attention };
+        let k = |family, matmul, matmul_grad, attention| Kernels {
+            family,
+            matmul,
+            matmul_grad,
+            attention,
+            tile128_min_groups: TILE128_MIN_GROUPS,
+        };
         assert_eq!(pick(facts(Cpu, (8, 8), 32768)), k(Simd8, Simd8, Simd8, Simd8));
         assert_eq!(pick(facts(Cpu, (4, 4), 32768)), k(Portable, Portable, Portable, Portable));
         assert_eq!(pick(facts(DiscreteGpu, (32, 32), 49152)), k(Tile128, Tile128, Tile128, Tile128));

@@ -262,7 +262,7 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
         _ => {
-            let kernel = many_rows(ctx.report.kernels.matmul, family, simd_ok, (p.m, p.n, p.k));
+            let kernel = many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, p.k));
             return run_many_rows(ctx, enc, kernel, p, &buffers, cost);
         }
     };
@@ -349,14 +349,28 @@ const DENSE_DW: Family = Family {
     coop16: None,
 };
 
+/// The adapter's family for many-row products (`grads`: for gradients) and its
+/// [`crate::gpu::Kernels::tile128_min_groups`].
+fn kind_of(ctx: &GpuContext, grads: bool) -> (KernelFamily, u32) {
+    let k = &ctx.report.kernels;
+    (if grads { k.matmul_grad } else { k.matmul }, k.tile128_min_groups)
+}
+
 /// The kernel of `family` for a many-row matmul in the adapter's family `kind` (the forward's
 /// or the gradients'): simd8 (32 x 32 outputs per workgroup) when `simd_ok` says the shape
-/// suits it, coop16 or tile128 (128 x 128), else portable (64 x 64).
-fn many_rows(kind: KernelFamily, family: Family, simd_ok: bool, (rows, cols, red): (u32, u32, u32)) -> ManyRows {
+/// suits it, coop16 or tile128 (128 x 128), else portable (64 x 64). tile128 gives a product
+/// whose grid would have fewer than `min_groups` workgroups to portable.
+fn many_rows(
+    (kind, min_groups): (KernelFamily, u32),
+    family: Family,
+    simd_ok: bool,
+    (rows, cols, red): (u32, u32, u32),
+) -> ManyRows {
+    let big = cols.div_ceil(128) * rows.div_ceil(128) >= min_groups;
     let (shader, side, tiled) = match (kind, family.coop16) {
         (KernelFamily::Simd8, _) if simd_ok => (family.simd8, 32, false),
         (KernelFamily::Coop16, Some(coop)) => (coop, 128, true),
-        (KernelFamily::Tile128 | KernelFamily::Coop16, _) => (family.tile128, 128, true),
+        (KernelFamily::Tile128 | KernelFamily::Coop16, _) if big => (family.tile128, 128, true),
         _ => (family.portable, 64, true),
     };
     ManyRows { shader, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
@@ -480,7 +494,7 @@ pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -
         }
         Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
     };
-    let kernel = many_rows(ctx.report.kernels.matmul_grad, family, aligned && simd_ok, (p.m, p.k, p.n));
+    let kernel = many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, p.n));
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
     run_many_rows(ctx, enc, kernel, p, &buffers, cost)
 }
@@ -516,7 +530,7 @@ pub fn matmul_backward_w(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>)
     let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
     let p = matmul_params(m, n, k, out)?;
     let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
-    let kernel = many_rows(ctx.report.kernels.matmul_grad, DENSE_DW, aligned, (p.n, p.k, p.m));
+    let kernel = many_rows(kind_of(ctx, true), DENSE_DW, aligned, (p.n, p.k, p.m));
     let cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
     run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw], cost)
 }
