@@ -256,3 +256,26 @@ fn decoding_over_a_long_cache_matches_a_prefill_in_every_family() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// The residual adds ride in the epilogue of each branch's last product (o_proj, down_proj
+/// accumulate into the residual stream): a Llama forward records no `add` kernel, while
+/// Gemma 2, whose branches pass through a norm after the product, records two a layer. The
+/// logits tests above check that the sums are still transformers'.
+#[test]
+fn residual_adds_ride_in_the_last_product_of_each_branch() {
+    use edgetune::gpu::Timer;
+    for (kind, adds_per_layer) in [("llama", 0), ("gemma2", 2)] {
+        let dir = fixtures().join(format!("tiny_{kind}"));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("JSON");
+        let layers = config["num_hidden_layers"].as_u64().expect("layers");
+        let ctx = ctx();
+        let model = Model::open(ctx.clone(), &dir, &LoadOptions::default()).expect("tiny model loads");
+        ctx.start_profiling(Timer::WallClock);
+        model.all_logits(&[1, 2, 3, 4, 5]).expect("forward");
+        let kernels = ctx.stop_profiling().expect("profile");
+        let adds = kernels.iter().find(|(name, _)| *name == "add").map_or(0, |(_, t)| t.dispatches);
+        assert_eq!(adds, adds_per_layer * layers, "{kind}: {kernels:?}");
+        assert!(kernels.iter().any(|(name, _)| name.starts_with("matmul")), "{kind}: the forward was profiled");
+    }
+}

@@ -304,7 +304,6 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) attn_out: &'a wgpu::Buffer,
     pub(crate) mlp_out: &'a wgpu::Buffer,
     pub(crate) stats: &'a wgpu::Buffer,
-    pub(crate) proj: &'a wgpu::Buffer,
     pub(crate) gate: &'a wgpu::Buffer,
     pub(crate) up: &'a wgpu::Buffer,
     pub(crate) act: &'a wgpu::Buffer,
@@ -317,6 +316,21 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) kv_cache: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer, usize)>,
 }
 
+/// The operands of [`Model::linear`].
+#[derive(Clone, Copy)]
+pub(crate) struct LinearIo<'a> {
+    /// (m, n_in) input.
+    pub(crate) x: &'a wgpu::Buffer,
+    /// (m, n_out) output.
+    pub(crate) y: &'a wgpu::Buffer,
+    /// Add the product to what y holds instead of overwriting it.
+    pub(crate) add_to_y: bool,
+    /// Scratch of at least (m, r) floats for the LoRA product x A^T.
+    pub(crate) h: &'a wgpu::Buffer,
+    /// Rows (tokens).
+    pub(crate) m: usize,
+}
+
 /// An attention or MLP branch's last projection (see [`Model::branch`]).
 struct Branch<'b> {
     module: Module,
@@ -324,6 +338,8 @@ struct Branch<'b> {
     post_norm: Option<&'b wgpu::Buffer>,
     kept: &'b wgpu::Buffer,
     stage: Stage,
+    /// The residual stream before and after the branch is added (one buffer: in place).
+    residual: (&'b wgpu::Buffer, &'b wgpu::Buffer),
 }
 
 /// A point in [`Model::block_forward`] after which activations are complete.
@@ -739,36 +755,24 @@ impl Model {
         }
     }
 
-    /// y = x W^T (+ b), plus the LoRA update scale * (x A^T) B^T when `lora` adapts this module.
-    /// `h` is scratch of at least (m, r) floats.
-    #[allow(clippy::too_many_arguments)]
+    /// y = x W^T (+ b), or y += that when `io.add_to_y` (a residual add in the product's
+    /// epilogue), plus the LoRA update scale * (x A^T) B^T when `lora` adapts this module.
     pub(crate) fn linear(
         &self,
         enc: &mut Encoder,
-        layer: usize,
-        module: Module,
+        (layer, module): (usize, Module),
         lora: Option<&GpuAdapter>,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        h: &wgpu::Buffer,
-        m: usize,
+        io: LinearIo<'_>,
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
+        let LinearIo { x, y, add_to_y, h, m } = io;
         let l = self.layers[layer].linear(module);
         let ctx = &self.ctx;
+        let base = if add_to_y { OutCols::whole(l.n_out).accumulated() } else { OutCols::whole(l.n_out) };
         launch::matmul_forward(
             ctx,
             enc,
-            launch::Matmul {
-                x,
-                w: l.weight(),
-                bias: l.bias.as_ref(),
-                y,
-                m,
-                n: l.n_out,
-                k: l.n_in,
-                out: OutCols::whole(l.n_out),
-            },
+            launch::Matmul { x, w: l.weight(), bias: l.bias.as_ref(), y, m, n: l.n_out, k: l.n_in, out: base },
         )?;
         if let Some((a, s)) = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s))) {
             let r = a.layout.r;
@@ -924,7 +928,6 @@ impl Model {
                 attn_out: &a.proj,
                 mlp_out: &a.proj,
                 stats: &a.stats,
-                proj: &a.proj,
                 gate: &a.g,
                 up: &a.u,
                 act: &a.act,
@@ -963,15 +966,16 @@ impl Model {
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let layer = &self.layers[l];
         let pos = b.kv_cache.map_or(0, |kv| kv.2);
+        let io = |x, y| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t };
         launch::rms_norm_forward(
             ctx,
             enc,
             launch::RmsNorm { x: b.x_in, w: &layer.attn_norm, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
         )?;
         let (q_proj, k_proj) = if layer.qk_norm.is_some() { (b.q_raw, b.k_raw) } else { (b.q, b.k) };
-        self.linear(enc, l, Module::QProj, lora, b.xn, q_proj, b.lora_h, t, drop)?;
-        self.linear(enc, l, Module::KProj, lora, b.xn, k_proj, b.lora_h, t, drop)?;
-        self.linear(enc, l, Module::VProj, lora, b.xn, b.v, b.lora_h, t, drop)?;
+        self.linear(enc, (l, Module::QProj), lora, io(b.xn, q_proj), drop)?;
+        self.linear(enc, (l, Module::KProj), lora, io(b.xn, k_proj), drop)?;
+        self.linear(enc, (l, Module::VProj), lora, io(b.xn, b.v), drop)?;
         if let Some((q_norm, k_norm)) = &layer.qk_norm {
             after(enc, Stage::QkRaw)?;
             for (x, w, y, heads) in [(b.q_raw, q_norm, b.q, c.num_heads), (b.k_raw, k_norm, b.k, c.num_kv_heads)] {
@@ -1017,27 +1021,23 @@ impl Model {
             shape,
         )?;
         after(enc, Stage::Attention)?;
-        let bytes = (t * h * 4) as u64;
         let out = Branch {
             module: Module::OProj,
             x: b.att,
             post_norm: layer.post_attn_norm.as_ref(),
             kept: b.attn_out,
             stage: Stage::AttnOut,
+            residual: (b.x_in, b.x_mid),
         };
-        let attn_out = self.branch(enc, l, out, b, (lora, t, drop), after)?;
-        if b.x_mid != b.x_in {
-            enc.copy_buffer_to_buffer(b.x_in, 0, b.x_mid, 0, bytes);
-        }
-        launch::add_forward(ctx, enc, attn_out, b.x_mid, t * h)?;
+        self.branch(enc, l, out, b, (lora, t, drop), after)?;
         after(enc, Stage::Mid)?;
         launch::rms_norm_forward(
             ctx,
             enc,
             launch::RmsNorm { x: b.x_mid, w: &layer.ffn_norm, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
         )?;
-        self.linear(enc, l, Module::GateProj, lora, b.xn, b.gate, b.lora_h, t, drop)?;
-        self.linear(enc, l, Module::UpProj, lora, b.xn, b.up, b.lora_h, t, drop)?;
+        self.linear(enc, (l, Module::GateProj), lora, io(b.xn, b.gate), drop)?;
+        self.linear(enc, (l, Module::UpProj), lora, io(b.xn, b.up), drop)?;
         after(enc, Stage::GateUp)?;
         self.gate_forward(enc, b.gate, b.up, b.act, t * inter)?;
         let out = Branch {
@@ -1046,18 +1046,15 @@ impl Model {
             post_norm: layer.post_ffn_norm.as_ref(),
             kept: b.mlp_out,
             stage: Stage::MlpOut,
+            residual: (b.x_mid, b.x_out),
         };
-        let mlp_out = self.branch(enc, l, out, b, (lora, t, drop), after)?;
-        if b.x_out != b.x_mid {
-            enc.copy_buffer_to_buffer(b.x_mid, 0, b.x_out, 0, bytes);
-        }
-        launch::add_forward(ctx, enc, mlp_out, b.x_out, t * h)
+        self.branch(enc, l, out, b, (lora, t, drop), after)
     }
 
-    /// The output of an attention or MLP branch as the residual stream takes it: module `m`'s
-    /// projection of `x`, through Gemma's norm after it where the layer has one (the projection
-    /// kept in `kept` and reported at its `stage`, the normed result in `b.xn`), else as it is (in
-    /// `b.proj`).
+    /// An attention or MLP branch added to the residual stream (`br.residual`: from, into):
+    /// module `m`'s projection of `x`, added in the product's epilogue, or, where the layer has
+    /// Gemma's norm after it, kept in `kept` (reported at its `stage`), normed into `b.xn` and
+    /// added from there.
     fn branch<'b>(
         &self,
         enc: &mut Encoder,
@@ -1066,16 +1063,25 @@ impl Model {
         b: &BlockBuffers<'b>,
         (lora, t, drop): (Option<&GpuAdapter>, usize, Option<Dropout<'_>>),
         after: &mut dyn FnMut(&mut Encoder, Stage) -> Result<()>,
-    ) -> Result<&'b wgpu::Buffer> {
-        let Some(w) = br.post_norm else {
-            self.linear(enc, l, br.module, lora, br.x, b.proj, b.lora_h, t, drop)?;
-            return Ok(b.proj);
+    ) -> Result<()> {
+        let h = self.config.hidden_size;
+        let (from, into) = br.residual;
+        let start_residual = |enc: &mut Encoder| {
+            if from != into {
+                enc.copy_buffer_to_buffer(from, 0, into, 0, (t * h * 4) as u64);
+            }
         };
-        self.linear(enc, l, br.module, lora, br.x, br.kept, b.lora_h, t, drop)?;
+        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: b.lora_h, m: t };
+        let Some(w) = br.post_norm else {
+            start_residual(enc);
+            return self.linear(enc, (l, br.module), lora, io(into, true), drop);
+        };
+        self.linear(enc, (l, br.module), lora, io(br.kept, false), drop)?;
         after(enc, br.stage)?;
-        let (h, eps) = (self.config.hidden_size, self.config.rms_norm_eps);
+        let eps = self.config.rms_norm_eps;
         launch::rms_norm_forward(&self.ctx, enc, launch::RmsNorm { x: br.kept, w, y: b.xn, n_rows: t, dim: h, eps })?;
-        Ok(b.xn)
+        start_residual(enc);
+        launch::add_forward(&self.ctx, enc, b.xn, into, t * h)
     }
 
     /// The RoPE table of layer l: the sliding-window layers' own where they have one.

@@ -268,7 +268,6 @@ pub struct Workspace {
     x_tmp: wgpu::Buffer,
     xn: wgpu::Buffer,
     act: wgpu::Buffer,
-    proj: wgpu::Buffer,
     lora_h: wgpu::Buffer,
     lora_dh: wgpu::Buffer,
     /// LoRA dropout: the masked adapter input and the masked input gradient (T, widest n_in);
@@ -460,7 +459,6 @@ impl Model {
             x_tmp: z("x tmp", t * h),
             xn: z("xn", t * h),
             act: z("act", t * i),
-            proj: z("proj", t * h),
             lora_h: z("lora h", t * rank.max(1)),
             lora_dh: z("lora dh", t * rank.max(1)),
             lora_x: z("lora dropout x", if dropout { t * wide } else { 1 }),
@@ -803,7 +801,6 @@ impl Model {
             attn_out: &a.attn_out,
             mlp_out: &a.mlp_out,
             stats: &a.stats,
-            proj: &ws.proj,
             gate: &a.gate,
             up: &a.up,
             act: &ws.act,
