@@ -608,19 +608,30 @@ fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
         assert_close("gelu_mul_backward dgate", &ctx.read_f32(&dg, rows * dim).expect("read"), &want_g, 1e-5, 1e-6);
         assert_close("gelu_mul_backward dup", &ctx.read_f32(&du, rows * dim).expect("read"), &want_u, 1e-5, 1e-6);
     }
-    for &(t, h, hd, rd) in &[(1, 1, 2, 2), (5, 3, 64, 64), (4, 2, 130, 130), (3, 2, 128, 96)] {
+    for &(t, (h, kv), hd, rd) in &[(1, (1, 1), 2, 2), (5, (3, 1), 64, 64), (4, (2, 2), 130, 130), (3, (2, 1), 128, 96)]
+    {
         let inv: Vec<f32> = (0..rd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rd as f32)).collect();
         let table = r::rope_table(&inv, 50);
         let positions: Vec<u32> = (0..t as u32).map(|i| (i * 7) % 5).collect();
         let abs_pos: Vec<usize> = positions.iter().map(|&p| p as usize + 3).collect();
-        let g = rand(t * h * hd, 45, 1.0);
-        let mut want = g.clone();
-        r::rope_backward(&mut want, &table, h, (hd, rd), &abs_pos);
-        let (gb, tb, pb) =
-            (ctx.storage_from("dx", &g), ctx.storage_from("cos_sin", &table), ctx.storage_from("pos", &positions));
-        let shape = RopeShape { n_tokens: t, n_heads: h, head_dim: hd, rot_dim: rd, pos_offset: 3, positions: &pb };
-        run(&ctx, |enc| launch::rope_backward(&ctx, enc, &gb, &tb, shape));
-        assert_close("rope_backward", &ctx.read_f32(&gb, g.len()).expect("read"), &want, 1e-6, 1e-6);
+        let (dq, dk) = (rand(t * h * hd, 45, 1.0), rand(t * kv * hd, 46, 1.0));
+        let (mut want_q, mut want_k) = (dq.clone(), dk.clone());
+        r::rope_backward(&mut want_q, &table, h, (hd, rd), &abs_pos);
+        r::rope_backward(&mut want_k, &table, kv, (hd, rd), &abs_pos);
+        let (qb, kb) = (ctx.storage_from("dq", &dq), ctx.storage_from("dk", &dk));
+        let (tb, pb) = (ctx.storage_from("cos_sin", &table), ctx.storage_from("pos", &positions));
+        let shape = RopeShape {
+            n_tokens: t,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+            rot_dim: rd,
+            pos_offset: 3,
+            positions: &pb,
+        };
+        run(&ctx, |enc| launch::rope_backward(&ctx, enc, [&qb, &kb], &tb, shape));
+        assert_close("rope_backward dq", &ctx.read_f32(&qb, dq.len()).expect("read"), &want_q, 1e-6, 1e-6);
+        assert_close("rope_backward dk", &ctx.read_f32(&kb, dk.len()).expect("read"), &want_k, 1e-6, 1e-6);
     }
 }
 

@@ -419,30 +419,46 @@ fn rms_norm_silu_gelu_add_embedding_match_reference() {
     assert_close("embedding", &ctx.read_f32(&out, ids.len() * dim).expect("read"), &want, 0.0, 0.0);
 }
 
+/// RoPE rotates the query heads and the key heads (fewer of them, as with GQA) in one
+/// dispatch, each as its twin does alone.
 #[test]
 fn rope_matches_reference() {
     let ctx = ctx();
     // (2100, 32, 8): more token-heads than one dispatch dimension may hold (65535).
     // (3, 2, 128, 96): partial RoPE, as Phi-4-mini's (96 of 128 values a head rotate).
-    for &(t, h, hd, rd, pos) in
-        &[(1, 1, 2, 2, 0), (5, 3, 64, 64, 7), (4, 2, 130, 130, 100), (2100, 32, 8, 8, 0), (3, 2, 128, 96, 5)]
-    {
+    for &(t, (h, kv), hd, rd, pos) in &[
+        (1, (1, 1), 2, 2, 0),
+        (5, (3, 1), 64, 64, 7),
+        (4, (2, 2), 130, 130, 100),
+        (2100, (32, 8), 8, 8, 0),
+        (3, (2, 1), 128, 96, 5),
+    ] {
         let inv: Vec<f32> = (0..rd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rd as f32)).collect();
         let table = r::rope_table(&inv, pos + t);
-        let x = rand(t * h * hd, 11, 1.0);
-        let mut want = x.clone();
+        let (q, k) = (rand(t * h * hd, 11, 1.0), rand(t * kv * hd, 12, 1.0));
+        let (mut want_q, mut want_k) = (q.clone(), k.clone());
         let positions: Vec<usize> = (pos..pos + t).collect();
-        r::rope_forward(&mut want, &table, h, (hd, rd), &positions);
-        let xb = ctx.storage_from("x", &x);
+        r::rope_forward(&mut want_q, &table, h, (hd, rd), &positions);
+        r::rope_forward(&mut want_k, &table, kv, (hd, rd), &positions);
+        let (qb, kb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k));
         let tb = ctx.storage_from("cos_sin", &table);
         let pb = ctx.storage_from("positions", &(0..t as u32).collect::<Vec<_>>());
-        let shape =
-            launch::RopeShape { n_tokens: t, n_heads: h, head_dim: hd, rot_dim: rd, pos_offset: pos, positions: &pb };
-        run(&ctx, |enc| launch::rope_forward(&ctx, enc, &xb, &tb, shape));
-        assert_close("rope", &ctx.read_f32(&xb, x.len()).expect("read"), &want, 1e-6, 1e-6);
+        let shape = launch::RopeShape {
+            n_tokens: t,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: hd,
+            rot_dim: rd,
+            pos_offset: pos,
+            positions: &pb,
+        };
+        run(&ctx, |enc| launch::rope_forward(&ctx, enc, [&qb, &kb], &tb, shape));
+        assert_close("rope q", &ctx.read_f32(&qb, q.len()).expect("read"), &want_q, 1e-6, 1e-6);
+        assert_close("rope k", &ctx.read_f32(&kb, k.len()).expect("read"), &want_k, 1e-6, 1e-6);
         // The backward rotation undoes the forward one (rotations are orthogonal).
-        run(&ctx, |enc| launch::rope_backward(&ctx, enc, &xb, &tb, shape));
-        assert_close("rope backward of rope", &ctx.read_f32(&xb, x.len()).expect("read"), &x, 1e-6, 1e-6);
+        run(&ctx, |enc| launch::rope_backward(&ctx, enc, [&qb, &kb], &tb, shape));
+        assert_close("rope backward of rope, q", &ctx.read_f32(&qb, q.len()).expect("read"), &q, 1e-6, 1e-6);
+        assert_close("rope backward of rope, k", &ctx.read_f32(&kb, k.len()).expect("read"), &k, 1e-6, 1e-6);
     }
 }
 

@@ -14,7 +14,7 @@ struct RopeParams {
     head_dim: u32,
     pos_offset: u32,
     rot_dim: u32,     // the first rot_dim values of each head rotate (partial RoPE); the rest pass
-    _pad0: u32,
+    n_kv_heads: u32,  // key heads, rotated in the same dispatch after the n_heads query heads
     _pad1: u32,
     _pad2: u32,
 }

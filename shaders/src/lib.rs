@@ -459,9 +459,9 @@ params!(/// `embedding.wgsl`
         _pad2: u32 } = 32);
 params!(/// `rms_norm.wgsl`
     RmsNormParams { n_rows: u32, dim: u32, eps: f32, _pad: u32 } = 16);
-params!(/// `rope.wgsl`
-    RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32, rot_dim: u32, _pad0: u32, _pad1: u32,
-        _pad2: u32 } = 32);
+params!(/// `rope.wgsl` and `rope_backward.wgsl`
+    RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32, rot_dim: u32, n_kv_heads: u32,
+        _pad1: u32, _pad2: u32 } = 32);
 params!(/// `dropout.wgsl`
     DropoutParams { n: u32, seed: u32, threshold: u32, scale: f32 } = 16);
 params!(/// `silu_mul.wgsl`, `gelu_mul.wgsl` and `add.wgsl`

@@ -983,17 +983,16 @@ impl Model {
                 launch::rms_norm_forward(ctx, enc, launch::RmsNorm { x, w, y, n_rows, dim: hd, eps: c.rms_norm_eps })?;
             }
         }
-        let rot_dim = c.rotary_dim;
-        let rope = |n_heads| RopeShape {
+        let rope = RopeShape {
             n_tokens: t,
-            n_heads,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
             head_dim: hd,
-            rot_dim,
+            rot_dim: c.rotary_dim,
             pos_offset: pos,
             positions: b.positions,
         };
-        launch::rope_forward(ctx, enc, b.q, self.rope_table(l), rope(c.num_heads))?;
-        launch::rope_forward(ctx, enc, b.k, self.rope_table(l), rope(c.num_kv_heads))?;
+        launch::rope_forward(ctx, enc, [b.q, b.k], self.rope_table(l), rope)?;
         after(enc, Stage::Qkv)?;
         let (keys, values) = match b.kv_cache {
             Some((k_cache, v_cache, pos)) => {

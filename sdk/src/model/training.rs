@@ -744,11 +744,12 @@ impl Model {
         Ok(t)
     }
 
-    fn rope_shape<'a>(&self, ws: &'a Workspace, t: usize, n_heads: usize) -> RopeShape<'a> {
+    fn rope_shape<'a>(&self, ws: &'a Workspace, t: usize) -> RopeShape<'a> {
         let c = &self.config;
         RopeShape {
             n_tokens: t,
-            n_heads,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             rot_dim: c.rotary_dim,
             pos_offset: 0,
@@ -1129,8 +1130,7 @@ impl Model {
         let fwd = AttentionIo { q: &a.q, k: &a.k, v: &a.v, key_start, out: &a.att, stats: &a.stats };
         let b = AttentionGrads { fwd, dout: &ws.d_att, dq: &ws.dq, dk: &ws.dk, dv: &ws.dv };
         launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
-        launch::rope_backward(ctx, enc, &ws.dq, self.rope_table(l), self.rope_shape(ws, t, c.num_heads))?;
-        launch::rope_backward(ctx, enc, &ws.dk, self.rope_table(l), self.rope_shape(ws, t, c.num_kv_heads))?;
+        launch::rope_backward(ctx, enc, [&ws.dq, &ws.dk], self.rope_table(l), self.rope_shape(ws, t))?;
         // Through Qwen3's per-head norms (their weights frozen): the backward adds into its
         // output, so each starts from zero.
         let (dq, dk) = match &layer.qk_norm {

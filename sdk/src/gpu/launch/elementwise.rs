@@ -75,13 +75,16 @@ pub fn rms_norm_forward(ctx: &GpuContext, enc: &mut Encoder, r: RmsNorm<'_>) -> 
     ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
 }
 
-/// Where the tokens of a RoPE call sit: token t at `pos_offset + positions[t]`.
+/// Where the tokens of a RoPE call sit (token t at `pos_offset + positions[t]`), and the
+/// heads it rotates: the queries' and the keys', in one dispatch.
 #[derive(Debug, Clone, Copy)]
 pub struct RopeShape<'a> {
     /// Tokens rotated.
     pub n_tokens: usize,
-    /// Heads a token.
+    /// Query heads a token.
     pub n_heads: usize,
+    /// Key heads a token.
+    pub n_kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
     /// The first `rot_dim` values of each head rotate (even, at most head_dim; less than it for
@@ -97,7 +100,7 @@ fn rope(
     ctx: &GpuContext,
     enc: &mut Encoder,
     shader: &Shader,
-    x: &wgpu::Buffer,
+    [q, k]: [&wgpu::Buffer; 2],
     cos_sin: &wgpu::Buffer,
     s: RopeShape<'_>,
 ) -> Result<()> {
@@ -107,34 +110,38 @@ fn rope(
     let p = RopeParams {
         n_tokens: u32_of(s.n_tokens, "tokens")?,
         n_heads: u32_of(s.n_heads, "heads")?,
+        n_kv_heads: u32_of(s.n_kv_heads, "key heads")?,
         head_dim: u32_of(s.head_dim, "head_dim")?,
         pos_offset: u32_of(s.pos_offset, "position")?,
         rot_dim: u32_of(s.rot_dim, "rot_dim")?,
         ..Default::default()
     };
-    ctx.dispatch(enc, shader, &p, &[x, cos_sin, s.positions], [(p.rot_dim / 2).div_ceil(64), p.n_heads, p.n_tokens])
+    let heads = u32_of(s.n_heads + s.n_kv_heads, "heads")?;
+    ctx.dispatch(enc, shader, &p, &[q, k, cos_sin, s.positions], [(p.rot_dim / 2).div_ceil(64), heads, p.n_tokens])
 }
 
-/// In-place RoPE on x (T, n_heads * head_dim).
+/// In-place RoPE on the queries q (T, n_heads * head_dim) and the keys k (T, n_kv_heads *
+/// head_dim), one dispatch for both.
 pub fn rope_forward(
     ctx: &GpuContext,
     enc: &mut Encoder,
-    x: &wgpu::Buffer,
+    qk: [&wgpu::Buffer; 2],
     cos_sin: &wgpu::Buffer,
     s: RopeShape<'_>,
 ) -> Result<()> {
-    rope(ctx, enc, &ROPE, x, cos_sin, s)
+    rope(ctx, enc, &ROPE, qk, cos_sin, s)
 }
 
-/// In-place RoPE backward on dx (T, n_heads * head_dim): the inverse rotation.
+/// In-place RoPE backward on the query and key gradients, laid out as [`rope_forward`]'s
+/// operands: the inverse rotation.
 pub fn rope_backward(
     ctx: &GpuContext,
     enc: &mut Encoder,
-    dx: &wgpu::Buffer,
+    dqk: [&wgpu::Buffer; 2],
     cos_sin: &wgpu::Buffer,
     s: RopeShape<'_>,
 ) -> Result<()> {
-    rope(ctx, enc, &ROPE_BACKWARD, dx, cos_sin, s)
+    rope(ctx, enc, &ROPE_BACKWARD, dqk, cos_sin, s)
 }
 
 /// The backward of an [`RmsNorm`]: its input and weight, the output gradient and where the
