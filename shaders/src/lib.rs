@@ -156,7 +156,7 @@ shaders! {
     MATMUL_F16_BACKWARD = "matmul_f16_backward";
     MATMUL_BACKWARD_W = "matmul_backward_w";
     RMS_NORM_BACKWARD = "rms_norm_backward";
-    ROPE_BACKWARD = "rope_backward";
+    ROPE_BACKWARD = "rope" as "rope_backward" [("INVERSE", "1")];
     SILU_MUL_BACKWARD = "silu_mul_backward";
     GELU_MUL_BACKWARD = "gelu_mul_backward";
     ATTENTION_BACKWARD_Q = "attention_backward_q";
@@ -459,7 +459,7 @@ params!(/// `embedding.wgsl`
         _pad2: u32 } = 32);
 params!(/// `rms_norm.wgsl`
     RmsNormParams { n_rows: u32, dim: u32, eps: f32, _pad: u32 } = 16);
-params!(/// `rope.wgsl` and `rope_backward.wgsl`
+params!(/// `rope.wgsl` (and its `rope_backward` variant)
     RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32, rot_dim: u32, n_kv_heads: u32,
         _pad1: u32, _pad2: u32 } = 32);
 params!(/// `dropout.wgsl`
