@@ -695,10 +695,11 @@ impl Model {
     pub fn activation_bytes(&self, t: usize, logit_rows: usize) -> u64 {
         let c = &self.config;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        // ids, positions, key starts; x, xn, q, k, v, att, proj, gate, up, act; q and k before
-        // their norms (Qwen3); attention stats.
+        // ids, positions, key starts; x, xn, q, k, v, att, gate, up, act; q and k before their
+        // norms (Qwen3); the branch outputs before the norms after them (Gemma); attention stats.
         let raw = if c.qk_norm { qd + kvd } else { 0 };
-        let floats = t * (3 + 2 * c.hidden_size + 2 * qd + 2 * kvd + raw + c.hidden_size + 3 * c.intermediate_size)
+        let proj = if c.sandwich_norms { c.hidden_size } else { 0 };
+        let floats = t * (3 + 2 * c.hidden_size + 2 * qd + 2 * kvd + raw + proj + 3 * c.intermediate_size)
             + t * c.num_heads * 2
             + logit_rows * (c.vocab_size + c.hidden_size);
         (floats * 4) as u64
@@ -743,7 +744,7 @@ impl Model {
             k_raw: ctx.storage_zeroed("k before its norm", if c.qk_norm { t * kvd } else { 1 }),
             v: ctx.storage_zeroed("v", t * kvd),
             att: ctx.storage_zeroed("att", t * qd),
-            proj: ctx.storage_zeroed("proj", t * h),
+            proj: ctx.storage_zeroed("branch output before its norm", if c.sandwich_norms { t * h } else { 1 }),
             g: ctx.storage_zeroed("gate", t * inter),
             u: ctx.storage_zeroed("up", t * inter),
             act: ctx.storage_zeroed("act", t * inter),
