@@ -347,6 +347,31 @@ fn rms_norm_silu_gelu_add_embedding_match_reference() {
             1e-5,
             1e-6,
         );
+        // The pair variant: this tensor and another of more rows and its own weight, in one
+        // dispatch, each as its twin norms it alone.
+        let (x2, w2) = (rand((rows + 2) * dim, 13, 3.0), rand(dim, 14, 1.0));
+        let (x2b, w2b) = (ctx.storage_from("x2", &x2), ctx.storage_from("w2", &w2));
+        let (ya, yb2) = (ctx.storage_zeroed("y", rows * dim), ctx.storage_zeroed("y2", (rows + 2) * dim));
+        let before = ctx.counts().dispatches;
+        run(&ctx, |enc| {
+            let a = launch::RmsNorm { x: &xb, w: &wb, y: &ya, n_rows: rows, dim, eps: 1e-5 };
+            launch::rms_norm_pair_forward(
+                &ctx,
+                enc,
+                [a, launch::RmsNorm { x: &x2b, w: &w2b, y: &yb2, n_rows: rows + 2, ..a }],
+            )
+        });
+        assert_eq!(ctx.counts().dispatches - before, 1, "one dispatch for both");
+        let (got_a, got_b) =
+            (ctx.read_f32(&ya, rows * dim).expect("read"), ctx.read_f32(&yb2, (rows + 2) * dim).expect("read"));
+        assert_close("rms_norm pair, first", &got_a, &r::rms_norm_forward(&x, &w, 1e-5), 1e-5, 1e-6);
+        assert_close("rms_norm pair, second", &got_b, &r::rms_norm_forward(&x2, &w2, 1e-5), 1e-5, 1e-6);
+        let mut enc = ctx.encoder();
+        let a = launch::RmsNorm { x: &xb, w: &wb, y: &ya, n_rows: rows, dim, eps: 1e-5 };
+        let err = launch::rms_norm_pair_forward(&ctx, &mut enc, [a, launch::RmsNorm { dim: dim + 1, ..a }])
+            .expect_err("widths differ")
+            .to_string();
+        assert!(err.contains("width"), "{err}");
 
         let up = rand(rows * dim, 5, 2.0);
         let ub = ctx.storage_from("up", &up);

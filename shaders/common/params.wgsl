@@ -5,7 +5,7 @@ struct RmsNormParams {
     n_rows: u32,
     dim: u32,
     eps: f32,
-    _pad: u32,
+    n_rows2: u32,     // rows of the pair variant's second tensor (rms_norm.pair)
 }
 
 struct RopeParams {

@@ -123,6 +123,7 @@ shaders! {
     EMBEDDING = "embedding";
     EMBEDDING_F16 = "embedding_f16";
     RMS_NORM = "rms_norm";
+    RMS_NORM_PAIR = "rms_norm" as "rms_norm.pair" [("common/rms_norm_one.wgsl", "common/rms_norm_pair.wgsl")];
     ROPE = "rope";
     SILU_MUL = "silu_mul";
     GELU_MUL = "gelu_mul";
@@ -287,6 +288,8 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/matmul_dx.wgsl", include_str!("../common/matmul_dx.wgsl")),
     ("common/embedding.wgsl", include_str!("../common/embedding.wgsl")),
     ("common/params.wgsl", include_str!("../common/params.wgsl")),
+    ("common/rms_norm_one.wgsl", include_str!("../common/rms_norm_one.wgsl")),
+    ("common/rms_norm_pair.wgsl", include_str!("../common/rms_norm_pair.wgsl")),
     ("common/matmul_store.wgsl", include_str!("../common/matmul_store.wgsl")),
     ("common/simd8.wgsl", include_str!("../common/simd8.wgsl")),
     ("common/simd8_forward.wgsl", include_str!("../common/simd8_forward.wgsl")),
@@ -457,8 +460,8 @@ macro_rules! params {
 params!(/// `embedding.wgsl`
     EmbeddingParams { n_tokens: u32, dim: u32, row_start: u32, row_count: u32, scale: f32, _pad0: u32, _pad1: u32,
         _pad2: u32 } = 32);
-params!(/// `rms_norm.wgsl`
-    RmsNormParams { n_rows: u32, dim: u32, eps: f32, _pad: u32 } = 16);
+params!(/// `rms_norm.wgsl` (n_rows2: the pair variant's second tensor)
+    RmsNormParams { n_rows: u32, dim: u32, eps: f32, n_rows2: u32 } = 16);
 params!(/// `rope.wgsl` (and its `rope_backward` variant)
     RopeParams { n_tokens: u32, n_heads: u32, head_dim: u32, pos_offset: u32, rot_dim: u32, n_kv_heads: u32,
         _pad1: u32, _pad2: u32 } = 32);

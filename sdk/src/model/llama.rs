@@ -979,10 +979,9 @@ impl Model {
         self.linear(enc, (l, Module::VProj), lora, io(b.xn, b.v), drop)?;
         if let Some((q_norm, k_norm)) = &layer.qk_norm {
             after(enc, Stage::QkRaw)?;
-            for (x, w, y, heads) in [(b.q_raw, q_norm, b.q, c.num_heads), (b.k_raw, k_norm, b.k, c.num_kv_heads)] {
-                let n_rows = t * heads;
-                launch::rms_norm_forward(ctx, enc, launch::RmsNorm { x, w, y, n_rows, dim: hd, eps: c.rms_norm_eps })?;
-            }
+            let norm = |x, w, y, heads| launch::RmsNorm { x, w, y, n_rows: t * heads, dim: hd, eps: c.rms_norm_eps };
+            let (q, k) = (norm(b.q_raw, q_norm, b.q, c.num_heads), norm(b.k_raw, k_norm, b.k, c.num_kv_heads));
+            launch::rms_norm_pair_forward(ctx, enc, [q, k])?;
         }
         let rope = RopeShape {
             n_tokens: t,

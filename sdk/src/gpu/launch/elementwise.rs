@@ -71,8 +71,27 @@ pub struct RmsNorm<'a> {
 /// y = rms_norm(x) * w over rows of `dim`.
 pub fn rms_norm_forward(ctx: &GpuContext, enc: &mut Encoder, r: RmsNorm<'_>) -> Result<()> {
     let RmsNorm { x, w, y, n_rows, dim, eps } = r;
-    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
+    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, n_rows2: 0 };
     ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
+}
+
+/// Two RMSNorms of rows of the same width and epsilon in one dispatch (each tensor with its
+/// own weight and output), as Qwen3's and Gemma 3's per-head norms of q and k are.
+pub fn rms_norm_pair_forward(ctx: &GpuContext, enc: &mut Encoder, [a, b]: [RmsNorm<'_>; 2]) -> Result<()> {
+    if (a.dim, a.eps.to_bits()) != (b.dim, b.eps.to_bits()) {
+        return Err(Error::invalid(
+            "RMSNorm pair",
+            format!("the two tensors differ in width or epsilon ({} and {}, {} and {})", a.dim, b.dim, a.eps, b.eps),
+        ));
+    }
+    let p = RmsNormParams {
+        n_rows: u32_of(a.n_rows, "rows")?,
+        dim: u32_of(a.dim, "dim")?,
+        eps: a.eps,
+        n_rows2: u32_of(b.n_rows, "rows")?,
+    };
+    let rows = u32_of(a.n_rows + b.n_rows, "rows")?;
+    ctx.dispatch(enc, &RMS_NORM_PAIR, &p, &[a.x, a.w, a.y, b.x, b.w, b.y], groups_1d(rows))
 }
 
 /// Where the tokens of a RoPE call sit (token t at `pos_offset + positions[t]`), and the
@@ -167,7 +186,7 @@ pub struct RmsNormGrad<'a> {
 /// dx += d rms_norm(x) / dx applied to dy (the norm weight is frozen).
 pub fn rms_norm_backward(ctx: &GpuContext, enc: &mut Encoder, g: RmsNormGrad<'_>) -> Result<()> {
     let RmsNormGrad { x, w, dy, dx, n_rows, dim, eps } = g;
-    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, _pad: 0 };
+    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, n_rows2: 0 };
     ctx.dispatch(enc, &RMS_NORM_BACKWARD, &p, &[x, w, dy, dx], groups_1d(p.n_rows))
 }
 
