@@ -345,11 +345,10 @@ impl GpuContext {
             None => family::from_env()?,
         };
         let mut kernels = family::choose(&facts, forced)?;
-        if let Some(groups) =
-            opts.tile128_min_groups.map(Ok).or_else(|| family::tile128_min_groups_from_env().transpose())
-        {
-            kernels.tile128_min_groups = groups?;
-        }
+        kernels.tile128_min_groups = match opts.tile128_min_groups {
+            Some(groups) => groups,
+            None => family::tile128_min_groups_from_env()?.unwrap_or(kernels.tile128_min_groups),
+        };
         // Cooperative matrices are an experimental wgpu feature: asked for only when the coop16
         // family is to be tried (and then only used after its self-test).
         let experimental = if kernels.family == KernelFamily::Coop16 && !coop16_emulated {
