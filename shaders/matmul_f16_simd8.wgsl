@@ -9,6 +9,9 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
+// The one-row variants (common/simd8_one_row.wgsl) bind the weight of a fused RMSNorm after y.
+const NORM_BINDING: u32 = 5u;
+
 #include "common/simd8_forward.wgsl"
 
 fn load_w8(n: u32, j: u32) -> Eight {

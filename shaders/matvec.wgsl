@@ -9,6 +9,7 @@
 @group(0) @binding(2) var<storage, read> w: array<f32>;            // (w_offset + N * K)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
+@group(0) @binding(5) var<storage, read> norm_w: array<f32>;       // (K) a fused RMSNorm's weight, or a dummy
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -18,7 +19,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var k = lid; k < p.k; k += WG) {
         var xv: array<f32, 4>;
         for (var r = 0u; r < TM; r++) {
-            if (m0 + r < p.m) { xv[r] = x[(m0 + r) * p.k + k]; }
+            if (m0 + r < p.m) { xv[r] = x_in(m0 + r, k); }
         }
         for (var c = 0u; c < NB; c++) {
             if (n0 + c < p.n) {

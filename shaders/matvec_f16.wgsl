@@ -10,6 +10,7 @@
 @group(0) @binding(2) var<storage, read> w: array<u32>;            // (N * K / 2) packed f16 pairs
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
+@group(0) @binding(5) var<storage, read> norm_w: array<f32>;       // (K) a fused RMSNorm's weight, or a dummy
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -21,7 +22,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let k = j * 2u;
         var xv: array<vec2<f32>, 4>;
         for (var r = 0u; r < TM; r++) {
-            if (m0 + r < p.m) { xv[r] = vec2<f32>(x[(m0 + r) * p.k + k], x[(m0 + r) * p.k + k + 1u]); }
+            if (m0 + r < p.m) { xv[r] = vec2<f32>(x_in(m0 + r, k), x_in(m0 + r, k + 1u)); }
         }
         for (var c = 0u; c < NB; c++) {
             if (n0 + c < p.n) {

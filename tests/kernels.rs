@@ -326,6 +326,114 @@ fn matmul_nf4_matches_dequantized_reference() {
     }
 }
 
+/// Decoding's products fuse the RMSNorm before them (`matvec_normed_forward`): in every
+/// family and weight format, on lengths that divide no kernel's chunk (K of 8, 70, 96, 200,
+/// 576 and 256 for two planes; N of 37 and 70), with a bias, alpha and accumulation, against the
+/// twins run one after the other: `rms_norm_forward`, then `matmul_forward` on the dequantized
+/// weight. The bound, from the maths: each side sums K squares (relative error up to K u
+/// each, u = 2^-24, so rstd differs by up to K u plus the square roots' few ulps) and K
+/// products (K u of sum_k |w xn| each), so |got - want| <= (3K + 16) u alpha sum_k |w_jk xn_k|,
+/// plus 4u of the bias, the accumulated value and the result for the epilogue's roundings.
+/// Where the weight is two planes each is summed on its own, so |hi| + |lo| is the weight's
+/// mass. A product of more than one row is refused.
+#[test]
+fn a_one_row_product_with_its_rms_norm_fused_matches_the_norm_then_the_product() {
+    use edgetune::quant::gguf_blocks::{self, GgmlType};
+    let u = 2f64.powi(-24);
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        for (i, &(n, k)) in [(37, 8), (70, 70), (37, 96), (70, 200), (37, 576), (70, 256)].iter().enumerate() {
+            let seed = 300 + 10 * i as u64;
+            // Far from unit scale, so a missing rstd cannot pass.
+            let x: Vec<f32> = rand(k, seed, 30.0);
+            let g: Vec<f32> = rand(k, seed + 1, 0.5).iter().map(|v| v + 1.0).collect();
+            let eps = 1e-6;
+            let xn = r::rms_norm_forward(&x, &g, eps);
+            let bias = rand(n, seed + 2, 0.5);
+            let y0 = rand(n, seed + 3, 2.0);
+            let w = rand(n * k, seed + 4, 0.3);
+            let (xb, gb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("g", &g), ctx.storage_from("b", &bias));
+            // Each format the shape allows: (label, weight, its dequantized values, their mass).
+            let mut formats: Vec<(String, launch::Weight<'_>, Vec<f32>, Vec<f32>)> = vec![];
+            let dense = ctx.storage_from("w", &w);
+            let mut shifted = rand(3, seed + 5, 1.0);
+            shifted.extend(&w);
+            let at = ctx.storage_from("w at 3", &shifted);
+            let halves: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let wh: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+            let f16b = ctx.storage_from("w f16", &halves);
+            let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+            formats.push(("dense".into(), launch::Weight::Dense(&dense), w.clone(), abs(&w)));
+            formats.push(("dense at 3".into(), launch::Weight::DenseAt(&at, 3), w.clone(), abs(&w)));
+            formats.push(("f16".into(), launch::Weight::F16(&f16b), wh.clone(), abs(&wh)));
+            let nf4 = k.is_multiple_of(8).then(|| {
+                let q = nf4::quantize(&w, &[n, k], 64).expect("quantize");
+                (q.dequantize(), ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax))
+            });
+            if let Some((wd, pb, ab)) = &nf4 {
+                let w4 = launch::Weight::Nf4 { packed: pb, absmax: ab, block_size: 64 };
+                formats.push(("nf4".into(), w4, wd.clone(), abs(wd)));
+            }
+            let q4 = k.is_multiple_of(32).then(|| {
+                let q4_0 = gguf_blocks::quantize(GgmlType::Q4_0, &w).expect("quantize");
+                let (packed, scales) = gguf_blocks::q4_0_repacked(&q4_0, n * k).expect("repack");
+                let wd0 = gguf_blocks::dequantize(GgmlType::Q4_0, &q4_0, n * k).expect("dequantize");
+                let q4_1 = common::q4_1_blocks(n * k, seed + 6);
+                let (packed1, coeffs) = gguf_blocks::q4_1_repacked(&q4_1, n * k).expect("repack");
+                let wd1 = gguf_blocks::dequantize(GgmlType::Q4_1, &q4_1, n * k).expect("dequantize");
+                let bufs = [&packed, &packed1].map(|p| ctx.storage_from("codes", p));
+                let coeffs = [&scales, &coeffs].map(|c| ctx.storage_from("coefficients", c));
+                ([wd0, wd1], bufs, coeffs)
+            });
+            if let Some(([wd0, wd1], [p0, p1], [s0, c1])) = &q4 {
+                formats.push(("q4_0".into(), launch::Weight::Q4_0 { packed: p0, scales: s0 }, wd0.clone(), abs(wd0)));
+                let w1 = launch::Weight::Q4_1 { packed: p1, coeffs: c1, block_size: launch::Q4_0_BLOCK };
+                formats.push(("q4_1".into(), w1, wd1.clone(), abs(wd1)));
+            }
+            let planes = k.is_multiple_of(256).then(|| {
+                let blocks = common::planes_blocks(GgmlType::Q6K, n * k, seed + 7, 0.3);
+                let wd = gguf_blocks::dequantize(GgmlType::Q6K, &blocks, n * k).expect("dequantize");
+                (wd, common::PlanesOnGpu::new(&ctx, GgmlType::Q6K, &blocks, n * k))
+            });
+            if let Some((wd, planes)) = &planes {
+                formats.push(("q6_k planes".into(), planes.weight(), wd.clone(), planes.mass.clone()));
+            }
+            for (label, weight, wd, mass) in formats {
+                let alpha = 0.75f32;
+                let y = ctx.storage_from("y", &y0);
+                let out = launch::OutCols::whole(n).scaled(alpha).accumulated();
+                let mm = launch::Matmul { x: &xb, w: weight, bias: Some(&bb), y: &y, m: 1, n, k, out };
+                run(&ctx, |enc| launch::matvec_normed_forward(&ctx, enc, mm, launch::RowNorm { w: &gb, eps }));
+                let got = ctx.read_f32(&y, n).expect("readback");
+                let product = r::matmul_forward(&xn, &wd, None, 1, n, k);
+                let want: Vec<f32> = (0..n).map(|j| alpha * product[j] + bias[j] + y0[j]).collect();
+                let slack: Vec<f32> = (0..n)
+                    .map(|j| {
+                        let m: f64 = (0..k).map(|c| f64::from(mass[j * k + c]) * f64::from(xn[c].abs())).sum();
+                        let ends = f64::from(bias[j].abs() + y0[j].abs() + want[j].abs());
+                        ((3 * k + 16) as f64 * u * f64::from(alpha) * m + 4.0 * u * ends) as f32
+                    })
+                    .collect();
+                assert_close_slack(&format!("normed matvec {label} 1x{n}x{k}"), &got, &want, 0.0, 0.0, &slack);
+            }
+            let two = launch::Matmul {
+                x: &xb,
+                w: launch::Weight::Dense(&dense),
+                bias: None,
+                y: &bb,
+                m: 2,
+                n,
+                k: k / 2,
+                out: launch::OutCols::whole(n),
+            };
+            let mut enc = ctx.encoder();
+            let err = launch::matvec_normed_forward(&ctx, &mut enc, two, launch::RowNorm { w: &gb, eps })
+                .expect_err("two rows are refused");
+            assert!(err.to_string().contains("one row, not 2"), "{err}");
+        }
+    }
+}
+
 #[test]
 fn rms_norm_silu_gelu_add_embedding_match_reference() {
     let ctx = ctx();

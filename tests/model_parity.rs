@@ -279,3 +279,64 @@ fn residual_adds_ride_in_the_last_product_of_each_branch() {
         assert!(kernels.iter().any(|(name, _)| name.starts_with("matmul")), "{kind}: the forward was profiled");
     }
 }
+
+/// Decoding fuses the RMSNorm before the attention and MLP products into the one-row products
+/// that read it: a decoded token records the final norm's `rms_norm` (and Gemma 2's two norms
+/// after the branches, a layer) where a prompt records two a layer more. The decoding tests
+/// above check that its logits are still a prefill's.
+#[test]
+fn decoding_fuses_the_norms_before_the_products() {
+    use edgetune::gpu::Timer;
+    for (kind, after_branches) in [("llama", 0), ("gemma2", 2)] {
+        let dir = fixtures().join(format!("tiny_{kind}"));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("JSON");
+        let layers = config["num_hidden_layers"].as_u64().expect("layers");
+        let ctx = ctx();
+        let model = Model::open(ctx.clone(), &dir, &LoadOptions::default()).expect("tiny model loads");
+        let mut cache = model.new_cache().expect("cache");
+        let norms = |ids: &[u32], cache: &mut edgetune::model::llama::KvCache| {
+            ctx.start_profiling(Timer::WallClock);
+            model.next_logits(ids, cache).expect("forward");
+            let kernels = ctx.stop_profiling().expect("profile");
+            kernels.iter().find(|(name, _)| *name == "rms_norm").map_or(0, |(_, t)| t.dispatches)
+        };
+        assert_eq!(norms(&[1, 2, 3], &mut cache), (2 + after_branches) * layers + 1, "{kind}: a prompt");
+        assert_eq!(norms(&[4], &mut cache), after_branches * layers + 1, "{kind}: a decoded token");
+    }
+}
+
+/// Decoding with an adapter applied (not merged) runs each LoRA A product with the norm fused
+/// in as well: in every family, each decoded token's logits equal those of a prefill of the
+/// same prefix with the adapter (both A and B random: a fresh adapter's B is zero), and the
+/// adapter moves them. coop16 is left out for the reason given above.
+#[test]
+fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
+    use edgetune::gpu::KernelFamily;
+    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
+    let mut contexts = vec![ctx()];
+    contexts.extend(common::gpus().into_iter().map(Arc::new));
+    contexts.retain(|c| c.report.kernels.family != KernelFamily::Coop16);
+    for ctx in contexts {
+        let family = ctx.report.kernels.family;
+        let model = Model::open(ctx.clone(), &fixtures().join("tiny_llama"), &LoadOptions::default()).expect("load");
+        let vocab = model.config.vocab_size;
+        let mut adapter = Adapter::new(&model.config, LoraConfig { r: 8, ..Default::default() }).expect("adapter");
+        adapter.params = common::rand(adapter.params.len(), 17, 0.05);
+        let lora = GpuAdapter::upload(&ctx, &adapter);
+        let ids: Vec<u32> = (0..12).map(|i| ((i * 37 + 11) % vocab) as u32).collect();
+        let mut cache = model.new_cache().expect("cache");
+        let mut base = model.new_cache().expect("cache");
+        model.next_logits_with(&ids[..4], &mut cache, Some(&lora)).expect("prefill");
+        model.next_logits(&ids[..4], &mut base).expect("prefill");
+        for n in 5..=ids.len() {
+            let step = model.next_logits_with(&ids[n - 1..n], &mut cache, Some(&lora)).expect("decode step");
+            let fresh = &mut model.new_cache().expect("cache");
+            let full = model.next_logits_with(&ids[..n], fresh, Some(&lora)).expect("prefill");
+            assert_close(&format!("{family}: decoded token {n} with the adapter"), &step, &full, 1e-4, 1e-4);
+            let plain = model.next_logits(&ids[n - 1..n], &mut base).expect("decode step");
+            let moved = step.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(moved > 1e-2, "{family}: the adapter moved token {n}'s logits by only {moved}");
+        }
+    }
+}

@@ -81,8 +81,8 @@ struct MatmulParams {
     dy_stride: u32,     // dX kernels: row stride of dy
     dy_col_offset: u32, // dX kernels: first column of dy
     split_k: u32,       // tiled kernels: reduction length per workgroup z, or 0 for all of it
-    _pad0: u32,
-    _pad1: u32,
+    row_norm: u32,      // one-row kernels: 1 when x is the raw row of an RMSNorm fused in (norm_w)
+    norm_eps: f32,      // that RMSNorm's epsilon
     _pad2: u32,
 }
 

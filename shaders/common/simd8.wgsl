@@ -19,3 +19,9 @@
 fn dot4(a: vec4<f32>, b0: vec4<f32>, b1: vec4<f32>, b2: vec4<f32>, b3: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));
 }
+
+// Eight consecutive elements of a weight row (what a forward kernel's `load_w8` returns).
+struct Eight {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}

@@ -60,12 +60,15 @@ impl Shader {
         let bad = |what: String| ShaderError(format!("shader {}: {what}", self.name));
         let mut out = Vec::new();
         for line in source.lines().map(str::trim).filter(|l| !l.starts_with("//") && l.contains("@binding(")) {
+            // A number, or the name of a module `const` (a snippet shared by kernels whose
+            // bindings before it differ in number).
             let number = |attr: &str| -> Result<u32> {
                 let rest = line.split(attr).nth(1).ok_or_else(|| bad(format!("no {attr} in {line:?}")))?;
-                rest.split(')')
-                    .next()
-                    .and_then(|n| n.trim().parse().ok())
-                    .ok_or_else(|| bad(format!("bad {attr} in {line:?}")))
+                let n = rest.split(')').next().unwrap_or("").trim();
+                n.parse()
+                    .ok()
+                    .or_else(|| const_u32(source, n))
+                    .ok_or_else(|| bad(format!("bad {attr} in {line:?}: a number or a `const {n}: u32` is expected")))
             };
             if number("@group(")? != 0 {
                 return Err(bad(format!("only group 0 is supported: {line:?}")));
@@ -91,6 +94,14 @@ impl Shader {
         }
         Ok(out)
     }
+}
+
+/// The value of `const NAME: u32 = Vu;` in `source`, if it declares one.
+fn const_u32(source: &str, name: &str) -> Option<u32> {
+    let prefix = format!("const {name}: u32 = ");
+    source
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix)?.split(';').next()?.trim().trim_end_matches('u').parse().ok())
 }
 
 /// What one binding of a kernel holds.
@@ -171,9 +182,12 @@ shaders! {
     MATMUL_SIMD8 = "matmul_simd8";
     MATMUL_F16_SIMD8 = "matmul_f16_simd8";
     MATMUL_NF4_SIMD8 = "matmul_nf4_simd8";
-    MATVEC_SIMD8 = "matmul_simd8" as "matmul_simd8.one_row" [("ONE_ROW", "1")];
-    MATVEC_F16_SIMD8 = "matmul_f16_simd8" as "matmul_f16_simd8.one_row" [("ONE_ROW", "1")];
-    MATVEC_NF4_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.one_row" [("ONE_ROW", "1")];
+    MATVEC_SIMD8 = "matmul_simd8" as "matmul_simd8.one_row"
+        [("common/simd8_forward.wgsl", "common/simd8_one_row.wgsl")];
+    MATVEC_F16_SIMD8 = "matmul_f16_simd8" as "matmul_f16_simd8.one_row"
+        [("common/simd8_forward.wgsl", "common/simd8_one_row.wgsl")];
+    MATVEC_NF4_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.one_row"
+        [("common/simd8_forward.wgsl", "common/simd8_one_row.wgsl")];
     MATMUL_BACKWARD_SIMD8 = "matmul_backward_simd8";
     MATMUL_F16_BACKWARD_SIMD8 = "matmul_f16_backward_simd8";
     MATMUL_NF4_BACKWARD_SIMD8 = "matmul_nf4_backward_simd8";
@@ -225,7 +239,7 @@ shaders! {
         [("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
     MATMUL_Q4_0_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.q4_0" [("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
     MATVEC_Q4_0_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.one_row.q4_0"
-        [("ONE_ROW", "1"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+        [("common/simd8_forward.wgsl", "common/simd8_one_row.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
     MATMUL_Q4_0_BACKWARD_SIMD8 = "matmul_nf4_backward_simd8" as "matmul_nf4_backward_simd8.q4_0"
         [("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
     MATMUL_Q4_0_T128 = "matmul_nf4_t128" as "matmul_nf4_t128.q4_0" [("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
@@ -249,7 +263,7 @@ shaders! {
         [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
     MATMUL_Q4_1_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.q4_1" [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
     MATVEC_Q4_1_SIMD8 = "matmul_nf4_simd8" as "matmul_nf4_simd8.one_row.q4_1"
-        [("ONE_ROW", "1"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+        [("common/simd8_forward.wgsl", "common/simd8_one_row.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
     MATMUL_Q4_1_BACKWARD_SIMD8 = "matmul_nf4_backward_simd8" as "matmul_nf4_backward_simd8.q4_1"
         [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
     MATMUL_Q4_1_T128 = "matmul_nf4_t128" as "matmul_nf4_t128.q4_1" [("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
@@ -293,6 +307,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/matmul_store.wgsl", include_str!("../common/matmul_store.wgsl")),
     ("common/simd8.wgsl", include_str!("../common/simd8.wgsl")),
     ("common/simd8_forward.wgsl", include_str!("../common/simd8_forward.wgsl")),
+    ("common/simd8_one_row.wgsl", include_str!("../common/simd8_one_row.wgsl")),
     ("common/simd8_dx.wgsl", include_str!("../common/simd8_dx.wgsl")),
     ("common/attention_simd8.wgsl", include_str!("../common/attention_simd8.wgsl")),
     ("common/softcap.wgsl", include_str!("../common/softcap.wgsl")),
@@ -480,7 +495,7 @@ params!(/// `dpo.wgsl` and `dpo_logps.wgsl`
 params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
         m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,
-        alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, _pad0: u32, _pad1: u32,
+        alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, row_norm: u32, norm_eps: f32,
         _pad2: u32,
     } = 64);
 params!(/// `adamw.wgsl`

@@ -329,6 +329,9 @@ pub(crate) struct LinearIo<'a> {
     pub(crate) h: &'a wgpu::Buffer,
     /// Rows (tokens).
     pub(crate) m: usize,
+    /// The RMSNorm of x that the products fuse in (one row: decoding), or `None` where x is
+    /// their input as it is.
+    pub(crate) norm: Option<launch::RowNorm<'a>>,
 }
 
 /// An attention or MLP branch's last projection (see [`Model::branch`]).
@@ -766,23 +769,26 @@ impl Model {
         io: LinearIo<'_>,
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
-        let LinearIo { x, y, add_to_y, h, m } = io;
+        let LinearIo { x, y, add_to_y, h, m, norm } = io;
         let l = self.layers[layer].linear(module);
         let ctx = &self.ctx;
+        let product = |enc: &mut Encoder, mm| match norm {
+            Some(norm) => launch::matvec_normed_forward(ctx, enc, mm, norm),
+            None => launch::matmul_forward(ctx, enc, mm),
+        };
         let base = if add_to_y { OutCols::whole(l.n_out).accumulated() } else { OutCols::whole(l.n_out) };
-        launch::matmul_forward(
-            ctx,
+        product(
             enc,
             launch::Matmul { x, w: l.weight(), bias: l.bias.as_ref(), y, m, n: l.n_out, k: l.n_in, out: base },
         )?;
         if let Some((a, s)) = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s))) {
             let r = a.layout.r;
-            let x = match drop {
-                Some(d) => d.apply(ctx, enc, x, m * l.n_in, layer, s.group)?,
-                None => x,
+            let x = match (drop, norm) {
+                (Some(_), Some(_)) => return Err(Error::invalid("linear", "dropout on an input whose norm is fused")),
+                (Some(d), None) => d.apply(ctx, enc, x, m * l.n_in, layer, s.group)?,
+                (None, _) => x,
             };
-            launch::matmul_forward(
-                ctx,
+            product(
                 enc,
                 launch::Matmul {
                     x,
@@ -967,16 +973,23 @@ impl Model {
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let layer = &self.layers[l];
         let pos = b.kv_cache.map_or(0, |kv| kv.2);
-        let io = |x, y| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t };
-        launch::rms_norm_forward(
-            ctx,
-            enc,
-            launch::RmsNorm { x: b.x_in, w: &layer.attn_norm, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
-        )?;
+        // Decoding (one row through the cache) fuses each norm into the one-row products that
+        // read it; otherwise the normed rows go to b.xn (training keeps them for the backward).
+        let fuse = t == 1 && b.kv_cache.is_some();
+        let normed = |enc: &mut Encoder, x, w| -> Result<(&wgpu::Buffer, Option<launch::RowNorm<'_>>)> {
+            if fuse {
+                return Ok((x, Some(launch::RowNorm { w, eps: c.rms_norm_eps })));
+            }
+            let norm = launch::RmsNorm { x, w, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps };
+            launch::rms_norm_forward(ctx, enc, norm)?;
+            Ok((b.xn, None))
+        };
+        let io = |(x, norm), y| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t, norm };
+        let input = normed(enc, b.x_in, &layer.attn_norm)?;
         let (q_proj, k_proj) = if layer.qk_norm.is_some() { (b.q_raw, b.k_raw) } else { (b.q, b.k) };
-        self.linear(enc, (l, Module::QProj), lora, io(b.xn, q_proj), drop)?;
-        self.linear(enc, (l, Module::KProj), lora, io(b.xn, k_proj), drop)?;
-        self.linear(enc, (l, Module::VProj), lora, io(b.xn, b.v), drop)?;
+        self.linear(enc, (l, Module::QProj), lora, io(input, q_proj), drop)?;
+        self.linear(enc, (l, Module::KProj), lora, io(input, k_proj), drop)?;
+        self.linear(enc, (l, Module::VProj), lora, io(input, b.v), drop)?;
         if let Some((q_norm, k_norm)) = &layer.qk_norm {
             after(enc, Stage::QkRaw)?;
             let norm = |x, w, y, heads| launch::RmsNorm { x, w, y, n_rows: t * heads, dim: hd, eps: c.rms_norm_eps };
@@ -1030,13 +1043,9 @@ impl Model {
         };
         self.branch(enc, l, out, b, (lora, t, drop), after)?;
         after(enc, Stage::Mid)?;
-        launch::rms_norm_forward(
-            ctx,
-            enc,
-            launch::RmsNorm { x: b.x_mid, w: &layer.ffn_norm, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps },
-        )?;
-        self.linear(enc, (l, Module::GateProj), lora, io(b.xn, b.gate), drop)?;
-        self.linear(enc, (l, Module::UpProj), lora, io(b.xn, b.up), drop)?;
+        let input = normed(enc, b.x_mid, &layer.ffn_norm)?;
+        self.linear(enc, (l, Module::GateProj), lora, io(input, b.gate), drop)?;
+        self.linear(enc, (l, Module::UpProj), lora, io(input, b.up), drop)?;
         after(enc, Stage::GateUp)?;
         self.gate_forward(enc, b.gate, b.up, b.act, t * inter)?;
         let out = Branch {
@@ -1070,7 +1079,7 @@ impl Model {
                 enc.copy_buffer_to_buffer(from, 0, into, 0, (t * h * 4) as u64);
             }
         };
-        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: b.lora_h, m: t };
+        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: b.lora_h, m: t, norm: None };
         let Some(w) = br.post_norm else {
             start_residual(enc);
             return self.linear(enc, (l, br.module), lora, io(into, true), drop);

@@ -171,8 +171,8 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         dy_stride: 0,
         dy_col_offset: 0,
         split_k: 0,
-        _pad0: 0,
-        _pad1: 0,
+        row_norm: 0,
+        norm_eps: 0.0,
         _pad2: 0,
     })
 }
@@ -218,13 +218,44 @@ pub struct Matmul<'a> {
 
 /// `y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n])`.
 pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
+    forward(ctx, enc, mm, None)
+}
+
+/// The RMSNorm before a one-row product, fused into it (see [`matvec_normed_forward`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RowNorm<'a> {
+    /// (k) the norm's weight.
+    pub w: &'a wgpu::Buffer,
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+/// [`matmul_forward`] of the RMS-normed row: `y[0, col_offset + n] (+)= alpha * rstd *
+/// (x[0, :] * norm.w) . w[n, :] (+ bias[n])` with `rstd = 1 / sqrt(mean(x^2) + eps)`, which is
+/// `x` normed as `rms_norm_forward` norms it, then multiplied. One dispatch instead of two, and
+/// the normed row is never written: decoding's products that follow a norm.
+pub fn matvec_normed_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, norm: RowNorm<'_>) -> Result<()> {
+    if mm.m != 1 {
+        return Err(Error::invalid("normed matvec", format!("fuses the norm of one row, not {}", mm.m)));
+    }
+    if norm.w.size() < 4 * mm.k as u64 {
+        return Err(Error::invalid("normed matvec", format!("the norm's weight holds fewer than {} values", mm.k)));
+    }
+    forward(ctx, enc, mm, Some(norm))
+}
+
+fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, norm: Option<RowNorm<'_>>) -> Result<()> {
     if let Some([hi, lo]) = mm.w.planes() {
-        matmul_forward(ctx, enc, Matmul { w: hi, ..mm })?;
-        return matmul_forward(ctx, enc, Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm });
+        forward(ctx, enc, Matmul { w: hi, ..mm }, norm)?;
+        return forward(ctx, enc, Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm }, norm);
     }
     let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
     p.has_bias = bias.is_some() as u32;
+    if let Some(norm) = norm {
+        p.row_norm = 1;
+        p.norm_eps = norm.eps;
+    }
     // The bias binding must exist even when unused; x serves as a harmless dummy.
     let b = bias.unwrap_or(x);
     let (row, family, simd_ok, buffers): ([&'static Shader; 2], Family, bool, Vec<&wgpu::Buffer>) = match w {
@@ -266,6 +297,10 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
             return run_many_rows(ctx, enc, kernel, p, &buffers, cost);
         }
     };
+    // The one-row kernels bind the norm's weight last: x serves as the dummy.
+    let mut buffers = buffers;
+    buffers.push(norm.map_or(x, |n| n.w));
+    let cost = Cost { bytes: cost.bytes + if norm.is_some() { 4.0 * k as f64 } else { 0.0 }, ..cost };
     ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, cost)
 }
 
