@@ -257,6 +257,13 @@ fn decoding_over_a_long_cache_matches_a_prefill_in_every_family() {
     }
 }
 
+/// The tiny `kind` model of the fixtures, read as `LoadOptions::default()` reads it.
+fn tiny(kind: &str) -> (Arc<GpuContext>, Model) {
+    let ctx = ctx();
+    let model = Model::open(ctx.clone(), &fixtures().join(format!("tiny_{kind}")), &LoadOptions::default());
+    (ctx, model.expect("tiny model loads"))
+}
+
 /// The residual adds ride in the epilogue of each branch's last product (o_proj, down_proj
 /// accumulate into the residual stream): a Llama forward records no `add` kernel, while
 /// Gemma 2, whose branches pass through a norm after the product, records two a layer. The
@@ -265,12 +272,8 @@ fn decoding_over_a_long_cache_matches_a_prefill_in_every_family() {
 fn residual_adds_ride_in_the_last_product_of_each_branch() {
     use edgetune::gpu::Timer;
     for (kind, adds_per_layer) in [("llama", 0), ("gemma2", 2)] {
-        let dir = fixtures().join(format!("tiny_{kind}"));
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("JSON");
-        let layers = config["num_hidden_layers"].as_u64().expect("layers");
-        let ctx = ctx();
-        let model = Model::open(ctx.clone(), &dir, &LoadOptions::default()).expect("tiny model loads");
+        let (ctx, model) = tiny(kind);
+        let layers = model.config.num_layers as u64;
         ctx.start_profiling(Timer::WallClock);
         model.all_logits(&[1, 2, 3, 4, 5]).expect("forward");
         let kernels = ctx.stop_profiling().expect("profile");
@@ -288,12 +291,8 @@ fn residual_adds_ride_in_the_last_product_of_each_branch() {
 fn decoding_fuses_the_norms_before_the_products() {
     use edgetune::gpu::Timer;
     for (kind, after_branches) in [("llama", 0), ("gemma2", 2)] {
-        let dir = fixtures().join(format!("tiny_{kind}"));
-        let config: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("JSON");
-        let layers = config["num_hidden_layers"].as_u64().expect("layers");
-        let ctx = ctx();
-        let model = Model::open(ctx.clone(), &dir, &LoadOptions::default()).expect("tiny model loads");
+        let (ctx, model) = tiny(kind);
+        let layers = model.config.num_layers as u64;
         let mut cache = model.new_cache().expect("cache");
         let norms = |ids: &[u32], cache: &mut edgetune::model::llama::KvCache| {
             ctx.start_profiling(Timer::WallClock);
