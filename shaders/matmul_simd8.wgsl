@@ -9,8 +9,8 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-// The one-row variants (common/simd8_one_row.wgsl) bind the weight of a fused RMSNorm after y.
-const NORM_BINDING: u32 = 5u;
+// The one-row variants (common/simd8_one_row.wgsl) bind what they fuse into x after y.
+const AUX_BINDING: u32 = 5u;
 
 #include "common/simd8_forward.wgsl"
 

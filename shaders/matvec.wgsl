@@ -9,7 +9,7 @@
 @group(0) @binding(2) var<storage, read> w: array<f32>;            // (w_offset + N * K)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
-@group(0) @binding(5) var<storage, read> norm_w: array<f32>;       // (K) a fused RMSNorm's weight, or a dummy
+@group(0) @binding(5) var<storage, read> aux: array<f32>;          // (K) see x_in, or a dummy
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -13,7 +13,7 @@
 @group(0) @binding(3) var<storage, read> absmax: array<f32>;       // (N * K / block_size)
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // (M, y_stride)
-@group(0) @binding(6) var<storage, read> norm_w: array<f32>;       // (K) a fused RMSNorm's weight, or a dummy
+@group(0) @binding(6) var<storage, read> aux: array<f32>;          // (K) see x_in, or a dummy
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -1,4 +1,5 @@
-// SwiGLU gate: out = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
+// SwiGLU gate: out = silu(gate) * up (common/gates.wgsl).
+#include "common/gates.wgsl"
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: ElementwiseParams;
@@ -10,6 +11,5 @@
 fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x + gid.y * 65535u * 256u;
     if (i >= p.n) { return; }
-    let g = gate[i];
-    out[i] = g / (1.0 + exp(-g)) * up[i];
+    out[i] = silu(gate[i]) * up[i];
 }

@@ -326,18 +326,23 @@ fn matmul_nf4_matches_dequantized_reference() {
     }
 }
 
-/// Decoding's products fuse the RMSNorm before them (`matvec_normed_forward`): in every
-/// family and weight format, on lengths that divide no kernel's chunk (K of 8, 70, 96, 200,
-/// 576 and 256 for two planes; N of 37 and 70), with a bias, alpha and accumulation, against the
-/// twins run one after the other: `rms_norm_forward`, then `matmul_forward` on the dequantized
-/// weight. The bound, from the maths: each side sums K squares (relative error up to K u
-/// each, u = 2^-24, so rstd differs by up to K u plus the square roots' few ulps) and K
-/// products (K u of sum_k |w xn| each), so |got - want| <= (3K + 16) u alpha sum_k |w_jk xn_k|,
-/// plus 4u of the bias, the accumulated value and the result for the epilogue's roundings.
+/// Decoding's products fuse the op before them into reading their input
+/// (`matvec_fused_forward`): the RMSNorm, and SwiGLU's and GeGLU's gates. In every family and
+/// weight format, on lengths that divide no kernel's chunk (K of 8, 70, 96, 200, 576 and 256
+/// for two planes; N of 37 and 70), with a bias, alpha and accumulation, against the twins run
+/// one after the other: `rms_norm_forward` (or `silu_mul_forward`, `gelu_mul_forward`), then
+/// `matmul_forward` on the dequantized weight. The bound, from the maths (u = 2^-24): each side
+/// sums K products (K u of sum_k |w x'| each, x' the normed or gated row); the norm's sides
+/// also sum K squares (relative error up to K u each, so rstd differs by up to K u plus the
+/// square roots' few ulps), so |got - want| <= (3K + 16) u alpha sum_k |w_jk x'_k|; a gate's
+/// activation may differ from the twin's by the GPU's exp and tanh (Vulkan allows 3 + 2|g|
+/// ulps for exp, 11 for the gates of at most 4 here, and the division 2.5) and its roundings:
+/// 32 u |g up| a value, so (2K + 16) u alpha sum_k |w_jk x'_k| + 32 u alpha sum_k |w_jk g_k up_k|.
+/// Plus 4u of the bias, the accumulated value and the result for the epilogue's roundings.
 /// Where the weight is two planes each is summed on its own, so |hi| + |lo| is the weight's
 /// mass. A product of more than one row is refused.
 #[test]
-fn a_one_row_product_with_its_rms_norm_fused_matches_the_norm_then_the_product() {
+fn a_one_row_product_with_its_norm_or_gate_fused_matches_the_op_then_the_product() {
     use edgetune::quant::gguf_blocks::{self, GgmlType};
     let u = 2f64.powi(-24);
     for ctx in gpus() {
@@ -353,6 +358,29 @@ fn a_one_row_product_with_its_rms_norm_fused_matches_the_norm_then_the_product()
             let y0 = rand(n, seed + 3, 2.0);
             let w = rand(n * k, seed + 4, 0.3);
             let (xb, gb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("g", &g), ctx.storage_from("b", &bias));
+            let (gate, up) = (rand(k, seed + 8, 4.0), rand(k, seed + 9, 2.0));
+            let (gateb, upb) = (ctx.storage_from("gate", &gate), ctx.storage_from("up", &up));
+            let gate_up: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| (g * u).abs()).collect();
+            // (label, the op, its input, the twin's row, K's factor in the bound, the gate's mass)
+            let ops = [
+                ("rms norm", launch::RowInput::RmsNorm { w: &gb, eps }, &xb, xn.clone(), 3, vec![0.0; k]),
+                (
+                    "silu gate",
+                    launch::RowInput::SiluMul { up: &upb },
+                    &gateb,
+                    r::silu_mul_forward(&gate, &up),
+                    2,
+                    gate_up.clone(),
+                ),
+                (
+                    "gelu gate",
+                    launch::RowInput::GeluMul { up: &upb },
+                    &gateb,
+                    r::gelu_mul_forward(&gate, &up),
+                    2,
+                    gate_up,
+                ),
+            ];
             // Each format the shape allows: (label, weight, its dequantized values, their mass).
             let mut formats: Vec<(String, launch::Weight<'_>, Vec<f32>, Vec<f32>)> = vec![];
             let dense = ctx.storage_from("w", &w);
@@ -398,23 +426,28 @@ fn a_one_row_product_with_its_rms_norm_fused_matches_the_norm_then_the_product()
             if let Some((wd, planes)) = &planes {
                 formats.push(("q6_k planes".into(), planes.weight(), wd.clone(), planes.mass.clone()));
             }
-            for (label, weight, wd, mass) in formats {
+            for ((label, weight, wd, mass), (op, input, x, row, factor, gated)) in
+                formats.iter().flat_map(|f| ops.iter().map(move |o| (f, o)))
+            {
                 let alpha = 0.75f32;
                 let y = ctx.storage_from("y", &y0);
                 let out = launch::OutCols::whole(n).scaled(alpha).accumulated();
-                let mm = launch::Matmul { x: &xb, w: weight, bias: Some(&bb), y: &y, m: 1, n, k, out };
-                run(&ctx, |enc| launch::matvec_normed_forward(&ctx, enc, mm, launch::RowNorm { w: &gb, eps }));
+                let mm = launch::Matmul { x, w: *weight, bias: Some(&bb), y: &y, m: 1, n, k, out };
+                run(&ctx, |enc| launch::matvec_fused_forward(&ctx, enc, mm, *input));
                 let got = ctx.read_f32(&y, n).expect("readback");
-                let product = r::matmul_forward(&xn, &wd, None, 1, n, k);
+                let product = r::matmul_forward(row, wd, None, 1, n, k);
                 let want: Vec<f32> = (0..n).map(|j| alpha * product[j] + bias[j] + y0[j]).collect();
                 let slack: Vec<f32> = (0..n)
                     .map(|j| {
-                        let m: f64 = (0..k).map(|c| f64::from(mass[j * k + c]) * f64::from(xn[c].abs())).sum();
+                        let sum = |v: &[f32]| -> f64 {
+                            (0..k).map(|c| f64::from(mass[j * k + c]) * f64::from(v[c].abs())).sum()
+                        };
                         let ends = f64::from(bias[j].abs() + y0[j].abs() + want[j].abs());
-                        ((3 * k + 16) as f64 * u * f64::from(alpha) * m + 4.0 * u * ends) as f32
+                        let products = (factor * k + 16) as f64 * u * sum(row);
+                        ((products + 32.0 * u * sum(gated)) * f64::from(alpha) + 4.0 * u * ends) as f32
                     })
                     .collect();
-                assert_close_slack(&format!("normed matvec {label} 1x{n}x{k}"), &got, &want, 0.0, 0.0, &slack);
+                assert_close_slack(&format!("{op} matvec {label} 1x{n}x{k}"), &got, &want, 0.0, 0.0, &slack);
             }
             let two = launch::Matmul {
                 x: &xb,
@@ -427,7 +460,7 @@ fn a_one_row_product_with_its_rms_norm_fused_matches_the_norm_then_the_product()
                 out: launch::OutCols::whole(n),
             };
             let mut enc = ctx.encoder();
-            let err = launch::matvec_normed_forward(&ctx, &mut enc, two, launch::RowNorm { w: &gb, eps })
+            let err = launch::matvec_fused_forward(&ctx, &mut enc, two, launch::RowInput::RmsNorm { w: &gb, eps })
                 .expect_err("two rows are refused");
             assert!(err.to_string().contains("one row, not 2"), "{err}");
         }

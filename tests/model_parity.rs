@@ -283,25 +283,27 @@ fn residual_adds_ride_in_the_last_product_of_each_branch() {
     }
 }
 
-/// Decoding fuses the RMSNorm before the attention and MLP products into the one-row products
-/// that read it: a decoded token records the final norm's `rms_norm` (and Gemma 2's two norms
-/// after the branches, a layer) where a prompt records two a layer more. The decoding tests
-/// above check that its logits are still a prefill's.
+/// Decoding fuses the RMSNorm before the attention and MLP products, and the MLP's gate, into
+/// the one-row products that read them: a decoded token records the final norm's `rms_norm`
+/// (and Gemma 2's two norms after the branches, a layer) and no gate kernel, where a prompt
+/// records two norms a layer more and a gate a layer. The decoding tests above check that its
+/// logits are still a prefill's.
 #[test]
-fn decoding_fuses_the_norms_before_the_products() {
+fn decoding_fuses_the_norms_and_the_gate_into_the_products() {
     use edgetune::gpu::Timer;
-    for (kind, after_branches) in [("llama", 0), ("gemma2", 2)] {
+    for (kind, after_branches, gate) in [("llama", 0, "silu_mul"), ("gemma2", 2, "gelu_mul")] {
         let (ctx, model) = tiny(kind);
         let layers = model.config.num_layers as u64;
         let mut cache = model.new_cache().expect("cache");
-        let norms = |ids: &[u32], cache: &mut edgetune::model::llama::KvCache| {
+        let counts = |ids: &[u32], cache: &mut edgetune::model::llama::KvCache| {
             ctx.start_profiling(Timer::WallClock);
             model.next_logits(ids, cache).expect("forward");
             let kernels = ctx.stop_profiling().expect("profile");
-            kernels.iter().find(|(name, _)| *name == "rms_norm").map_or(0, |(_, t)| t.dispatches)
+            let of = |kernel| kernels.iter().find(|(name, _)| *name == kernel).map_or(0, |(_, t)| t.dispatches);
+            (of("rms_norm"), of(gate))
         };
-        assert_eq!(norms(&[1, 2, 3], &mut cache), (2 + after_branches) * layers + 1, "{kind}: a prompt");
-        assert_eq!(norms(&[4], &mut cache), after_branches * layers + 1, "{kind}: a decoded token");
+        assert_eq!(counts(&[1, 2, 3], &mut cache), ((2 + after_branches) * layers + 1, layers), "{kind}: a prompt");
+        assert_eq!(counts(&[4], &mut cache), (after_branches * layers + 1, 0), "{kind}: a decoded token");
     }
 }
 

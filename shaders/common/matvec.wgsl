@@ -9,13 +9,16 @@
 // The epilogue writes y[row * y_stride + y_col_offset + col] = alpha * sum (+ bias[col]), or
 // adds that to y when `accumulate` is set (LoRA's second matmul, gradient accumulation).
 //
-// With p.row_norm the RMSNorm before the product is fused into it (decoding's q/k/v and
-// gate/up products): x is the raw row, which the kernel reads through `x_in`. That multiplies
-// each value by the norm's weight (`norm_w`, which the including shader declares after y, or a
-// dummy) and sums the squares of the values the thread read; together the workgroup's threads
-// read the row once, so their sum gives rstd = rsqrt(mean(x^2) + eps), which scales the sums in
-// the epilogue: y = rstd * sum_k w[n, k] * (x[k] * norm_w[k]), the product of the normed row
-// (x * rstd * norm_w) and w with rstd factored out. Needs TM = 1.
+// Decoding fuses the op before a product into it (p.x_op): the kernel reads x through `x_in`,
+// with `aux`, which the including shader declares after y (a dummy for X_AS_IS).
+//   - X_RMS_NORM (q/k/v and gate/up after their norm): x is the raw row; x_in multiplies each
+//     value by the norm's weight (aux) and sums the squares of the values the thread read.
+//     Together the workgroup's threads read the row once, so their sum gives rstd =
+//     rsqrt(mean(x^2) + eps), which scales the sums in the epilogue: y = rstd * sum_k w[n, k] *
+//     (x[k] * aux[k]), the product of the normed row with rstd factored out. Needs TM = 1.
+//   - X_SILU_MUL, X_GELU_MUL (down_proj): x is the gate's output and aux the up projection's;
+//     x_in gives act(x[k]) * aux[k] (common/gates.wgsl), the gated row, never written.
+#include "common/gates.wgsl"
 
 const TM: u32 = 1u;
 const NB: u32 = 8u;
@@ -23,12 +26,19 @@ const WG: u32 = 64u;
 var<workgroup> red: array<f32, 2048>;                              // (TM * NB + 1, WG)
 var<private> sum_sq: f32;                                          // the squares x_in read
 
-// x[row, k], times norm_w[k] when the product norms its input.
+// x[row, k] as the product takes it (see p.x_op above).
 fn x_in(row: u32, k: u32) -> f32 {
-    let v = x[row * p.k + k];
-    if (p.row_norm == 0u) { return v; }
-    sum_sq += v * v;
-    return v * norm_w[k];
+    let i = row * p.k + k;
+    let v = x[i];
+    switch p.x_op {
+        case X_RMS_NORM: {
+            sum_sq += v * v;
+            return v * aux[k];
+        }
+        case X_SILU_MUL: { return silu(v) * aux[i]; }
+        case X_GELU_MUL: { return gelu_tanh(v) * aux[i]; }
+        default: { return v; }
+    }
 }
 
 // Adds the partial sums of all threads and writes the (TM x NB) block at (r0, c0) of a
@@ -44,7 +54,7 @@ fn reduce_and_store(acc: array<f32, 32>, lid: u32, r0: u32, c0: u32, n_rows: u32
         workgroupBarrier();
     }
     var scale = p.alpha;
-    if (p.row_norm != 0u) { scale *= inverseSqrt(red[TM * NB * WG] / f32(p.k) + p.norm_eps); }
+    if (p.x_op == X_RMS_NORM) { scale *= inverseSqrt(red[TM * NB * WG] / f32(p.k) + p.norm_eps); }
     if (lid < TM * NB) {
         let c = c0 + lid / TM;
         let r = r0 + lid % TM;

@@ -67,6 +67,12 @@ struct AttentionParams {
 }
 
 // Every matmul and matvec kernel (forward, dX and dW).
+// MatmulParams.x_op: what a one-row product fuses into reading its input row x (with `aux`).
+const X_AS_IS: u32 = 0u;
+const X_RMS_NORM: u32 = 1u;     // x RMS-normed, aux the norm's weight
+const X_SILU_MUL: u32 = 2u;     // silu(x) * aux: x the gate, aux the up projection
+const X_GELU_MUL: u32 = 3u;     // gelu_tanh(x) * aux
+
 struct MatmulParams {
     m: u32,
     n: u32,
@@ -81,8 +87,8 @@ struct MatmulParams {
     dy_stride: u32,     // dX kernels: row stride of dy
     dy_col_offset: u32, // dX kernels: first column of dy
     split_k: u32,       // tiled kernels: reduction length per workgroup z, or 0 for all of it
-    row_norm: u32,      // one-row kernels: 1 when x is the raw row of an RMSNorm fused in (norm_w)
-    norm_eps: f32,      // that RMSNorm's epsilon
+    x_op: u32,          // one-row kernels: what they fuse into reading x (X_AS_IS, X_RMS_NORM, ...)
+    norm_eps: f32,      // X_RMS_NORM's epsilon
     _pad2: u32,
 }
 

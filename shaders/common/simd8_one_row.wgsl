@@ -1,15 +1,23 @@
 // The forward pass y = x W^T of a linear layer for one row of x (decoding), register-tiled for
 // CPU rasterizers (see common/simd8.wgsl); the `.one_row` variants include it in place of
-// common/simd8_forward.wgsl, whose declarations it takes, plus `const NORM_BINDING` (the
+// common/simd8_forward.wgsl, whose declarations it takes, plus `const AUX_BINDING` (the
 // binding after y). Each lane owns 4 of the workgroup's 32 columns, the lanes load successive
 // 8-element chunks of x and broadcast them, and every weight element is loaded once.
 //
-// With p.row_norm the RMSNorm before the product is fused into it (see common/matvec.wgsl):
-// x is the raw row, each chunk is multiplied by the norm's weight as it is loaded, the lanes
-// sum the squares of the chunks they loaded, and rsqrt(mean(x^2) + eps) scales the sums.
+// p.x_op fuses the op before the product into loading x, as in common/matvec.wgsl: with
+// X_RMS_NORM each chunk is multiplied by the norm's weight (aux) as it is loaded, the lanes sum
+// the squares of the chunks they loaded, and rsqrt(mean(x^2) + eps) scales the sums; with
+// X_SILU_MUL or X_GELU_MUL each chunk of the gate (x) is activated and multiplied by up's (aux).
 #include "common/simd8.wgsl"
+#include "common/gates.wgsl"
 
-@group(0) @binding(NORM_BINDING) var<storage, read> norm_w: array<vec4<f32>>;  // (K) or a dummy
+@group(0) @binding(AUX_BINDING) var<storage, read> aux: array<vec4<f32>>;      // (K) or a dummy
+
+// The gated chunk act(g) * u of X_SILU_MUL or X_GELU_MUL.
+fn gated(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
+    if (p.x_op == X_SILU_MUL) { return vec4<f32>(silu(g.x), silu(g.y), silu(g.z), silu(g.w)) * u; }
+    return vec4<f32>(gelu_tanh(g.x), gelu_tanh(g.y), gelu_tanh(g.z), gelu_tanh(g.w)) * u;
+}
 
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
@@ -18,18 +26,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
     let n{c} = min(c0 + {c}u, p.n - 1u);
 #end
     let k8 = p.k / 8u;
-    let normed = p.row_norm != 0u;
     var acc = vec4<f32>();
     var sum_sq = 0.0;
     for (var j0 = 0u; j0 < k8; j0 += 8u) {
         let own = min(j0 + lane, k8 - 1u);
         var xl = x[2u * own];
         var xh = x[2u * own + 1u];
-        if (normed) {
+        if (p.x_op == X_RMS_NORM) {
             // Past the row's end a lane reloads its last chunk: counted once.
             if (j0 + lane < k8) { sum_sq += dot(xl, xl) + dot(xh, xh); }
-            xl *= norm_w[2u * own];
-            xh *= norm_w[2u * own + 1u];
+            xl *= aux[2u * own];
+            xh *= aux[2u * own + 1u];
+        } else if (p.x_op != X_AS_IS) {
+            xl = gated(xl, aux[2u * own]);
+            xh = gated(xh, aux[2u * own + 1u]);
         }
 #for s in 0..8
         if (j0 + {s}u < k8) {
@@ -43,7 +53,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         }
 #end
     }
-    if (normed) {
+    if (p.x_op == X_RMS_NORM) {
         acc *= inverseSqrt(subgroupAdd(sum_sq) / f32(p.k) + p.norm_eps);
     }
     store4(0u, c0, acc, 1u, p.n);

@@ -308,6 +308,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/simd8.wgsl", include_str!("../common/simd8.wgsl")),
     ("common/simd8_forward.wgsl", include_str!("../common/simd8_forward.wgsl")),
     ("common/simd8_one_row.wgsl", include_str!("../common/simd8_one_row.wgsl")),
+    ("common/gates.wgsl", include_str!("../common/gates.wgsl")),
     ("common/simd8_dx.wgsl", include_str!("../common/simd8_dx.wgsl")),
     ("common/attention_simd8.wgsl", include_str!("../common/attention_simd8.wgsl")),
     ("common/softcap.wgsl", include_str!("../common/softcap.wgsl")),
@@ -495,7 +496,7 @@ params!(/// `dpo.wgsl` and `dpo_logps.wgsl`
 params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
         m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,
-        alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, row_norm: u32, norm_eps: f32,
+        alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, x_op: u32, norm_eps: f32,
         _pad2: u32,
     } = 64);
 params!(/// `adamw.wgsl`

@@ -329,15 +329,17 @@ pub(crate) struct LinearIo<'a> {
     pub(crate) h: &'a wgpu::Buffer,
     /// Rows (tokens).
     pub(crate) m: usize,
-    /// The RMSNorm of x that the products fuse in (one row: decoding), or `None` where x is
-    /// their input as it is.
-    pub(crate) norm: Option<launch::RowNorm<'a>>,
+    /// The op before the products that they fuse into reading x (one row: decoding), or
+    /// `None` where x is their input as it is.
+    pub(crate) input: Option<launch::RowInput<'a>>,
 }
 
 /// An attention or MLP branch's last projection (see [`Model::branch`]).
 struct Branch<'b> {
     module: Module,
     x: &'b wgpu::Buffer,
+    /// The op that the products fuse into reading x (see [`LinearIo::input`]).
+    input: Option<launch::RowInput<'b>>,
     post_norm: Option<&'b wgpu::Buffer>,
     kept: &'b wgpu::Buffer,
     stage: Stage,
@@ -769,11 +771,11 @@ impl Model {
         io: LinearIo<'_>,
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
-        let LinearIo { x, y, add_to_y, h, m, norm } = io;
+        let LinearIo { x, y, add_to_y, h, m, input } = io;
         let l = self.layers[layer].linear(module);
         let ctx = &self.ctx;
-        let product = |enc: &mut Encoder, mm| match norm {
-            Some(norm) => launch::matvec_normed_forward(ctx, enc, mm, norm),
+        let product = |enc: &mut Encoder, mm| match input {
+            Some(input) => launch::matvec_fused_forward(ctx, enc, mm, input),
             None => launch::matmul_forward(ctx, enc, mm),
         };
         let base = if add_to_y { OutCols::whole(l.n_out).accumulated() } else { OutCols::whole(l.n_out) };
@@ -783,8 +785,8 @@ impl Model {
         )?;
         if let Some((a, s)) = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s))) {
             let r = a.layout.r;
-            let x = match (drop, norm) {
-                (Some(_), Some(_)) => return Err(Error::invalid("linear", "dropout on an input whose norm is fused")),
+            let x = match (drop, input) {
+                (Some(_), Some(_)) => return Err(Error::invalid("linear", "dropout on an input whose op is fused")),
                 (Some(d), None) => d.apply(ctx, enc, x, m * l.n_in, layer, s.group)?,
                 (None, _) => x,
             };
@@ -973,18 +975,19 @@ impl Model {
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let layer = &self.layers[l];
         let pos = b.kv_cache.map_or(0, |kv| kv.2);
-        // Decoding (one row through the cache) fuses each norm into the one-row products that
-        // read it; otherwise the normed rows go to b.xn (training keeps them for the backward).
+        // Decoding (one row through the cache) fuses each norm, and the MLP's gate, into the
+        // one-row products that read them; otherwise the normed and gated rows are written
+        // (training keeps them for the backward).
         let fuse = t == 1 && b.kv_cache.is_some();
-        let normed = |enc: &mut Encoder, x, w| -> Result<(&wgpu::Buffer, Option<launch::RowNorm<'_>>)> {
+        let normed = |enc: &mut Encoder, x, w| -> Result<(&wgpu::Buffer, Option<launch::RowInput<'_>>)> {
             if fuse {
-                return Ok((x, Some(launch::RowNorm { w, eps: c.rms_norm_eps })));
+                return Ok((x, Some(launch::RowInput::RmsNorm { w, eps: c.rms_norm_eps })));
             }
             let norm = launch::RmsNorm { x, w, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps };
             launch::rms_norm_forward(ctx, enc, norm)?;
             Ok((b.xn, None))
         };
-        let io = |(x, norm), y| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t, norm };
+        let io = |(x, input), y| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t, input };
         let input = normed(enc, b.x_in, &layer.attn_norm)?;
         let (q_proj, k_proj) = if layer.qk_norm.is_some() { (b.q_raw, b.k_raw) } else { (b.q, b.k) };
         self.linear(enc, (l, Module::QProj), lora, io(input, q_proj), drop)?;
@@ -1036,6 +1039,7 @@ impl Model {
         let out = Branch {
             module: Module::OProj,
             x: b.att,
+            input: None,
             post_norm: layer.post_attn_norm.as_ref(),
             kept: b.attn_out,
             stage: Stage::AttnOut,
@@ -1047,10 +1051,16 @@ impl Model {
         self.linear(enc, (l, Module::GateProj), lora, io(input, b.gate), drop)?;
         self.linear(enc, (l, Module::UpProj), lora, io(input, b.up), drop)?;
         after(enc, Stage::GateUp)?;
-        self.gate_forward(enc, b.gate, b.up, b.act, t * inter)?;
+        let (x, input) = if fuse {
+            (b.gate, Some(self.gated(b.up)))
+        } else {
+            self.gate_forward(enc, b.gate, b.up, b.act, t * inter)?;
+            (b.act, None)
+        };
         let out = Branch {
             module: Module::DownProj,
-            x: b.act,
+            x,
+            input,
             post_norm: layer.post_ffn_norm.as_ref(),
             kept: b.mlp_out,
             stage: Stage::MlpOut,
@@ -1079,7 +1089,7 @@ impl Model {
                 enc.copy_buffer_to_buffer(from, 0, into, 0, (t * h * 4) as u64);
             }
         };
-        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: b.lora_h, m: t, norm: None };
+        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: b.lora_h, m: t, input: br.input };
         let Some(w) = br.post_norm else {
             start_residual(enc);
             return self.linear(enc, (l, br.module), lora, io(into, true), drop);
@@ -1112,6 +1122,14 @@ impl Model {
         match self.config.hidden_act {
             Activation::Silu => launch::silu_mul_forward(&self.ctx, enc, gate, up, out, n),
             Activation::GeluTanh => launch::gelu_mul_forward(&self.ctx, enc, gate, up, out, n),
+        }
+    }
+
+    /// [`Model::gate_forward`] as the op that a one-row product fuses into reading the gate.
+    fn gated<'a>(&self, up: &'a wgpu::Buffer) -> launch::RowInput<'a> {
+        match self.config.hidden_act {
+            Activation::Silu => launch::RowInput::SiluMul { up },
+            Activation::GeluTanh => launch::RowInput::GeluMul { up },
         }
     }
 

@@ -171,7 +171,7 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         dy_stride: 0,
         dy_col_offset: 0,
         split_k: 0,
-        row_norm: 0,
+        x_op: 0,
         norm_eps: 0.0,
         _pad2: 0,
     })
@@ -221,40 +221,66 @@ pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Re
     forward(ctx, enc, mm, None)
 }
 
-/// The RMSNorm before a one-row product, fused into it (see [`matvec_normed_forward`]).
+/// The op before a one-row product that [`matvec_fused_forward`] fuses into reading its input.
 #[derive(Debug, Clone, Copy)]
-pub struct RowNorm<'a> {
-    /// (k) the norm's weight.
-    pub w: &'a wgpu::Buffer,
-    /// Added to the mean square.
-    pub eps: f32,
+pub enum RowInput<'a> {
+    /// x RMS-normed as `rms_norm_forward` norms it: `x * w / sqrt(mean(x^2) + eps)`.
+    RmsNorm {
+        /// (k) the norm's weight.
+        w: &'a wgpu::Buffer,
+        /// Added to the mean square.
+        eps: f32,
+    },
+    /// `silu(x) * up` as `silu_mul_forward` computes it: x is the gate's output.
+    SiluMul {
+        /// (k) the up projection's output.
+        up: &'a wgpu::Buffer,
+    },
+    /// `gelu_tanh(x) * up` as `gelu_mul_forward` computes it.
+    GeluMul {
+        /// (k) the up projection's output.
+        up: &'a wgpu::Buffer,
+    },
 }
 
-/// [`matmul_forward`] of the RMS-normed row: `y[0, col_offset + n] (+)= alpha * rstd *
-/// (x[0, :] * norm.w) . w[n, :] (+ bias[n])` with `rstd = 1 / sqrt(mean(x^2) + eps)`, which is
-/// `x` normed as `rms_norm_forward` norms it, then multiplied. One dispatch instead of two, and
-/// the normed row is never written: decoding's products that follow a norm.
-pub fn matvec_normed_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, norm: RowNorm<'_>) -> Result<()> {
+impl<'a> RowInput<'a> {
+    /// The kernel's `x_op` (common/params.wgsl) and its operand.
+    fn op(self) -> (u32, &'a wgpu::Buffer) {
+        match self {
+            RowInput::RmsNorm { w, .. } => (1, w),
+            RowInput::SiluMul { up } => (2, up),
+            RowInput::GeluMul { up } => (3, up),
+        }
+    }
+}
+
+/// [`matmul_forward`] of one row with the op before it fused in (`input`): the product of the
+/// RMS-normed row, `y[0, col_offset + n] (+)= alpha * rstd * (x[0, :] * norm_w) . w[n, :] (+
+/// bias[n])` with `rstd = 1 / sqrt(mean(x^2) + eps)`, or of the gated row `act(x) * up`. One
+/// dispatch instead of two, and the normed or gated row is never written: decoding's products.
+pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, input: RowInput<'_>) -> Result<()> {
     if mm.m != 1 {
-        return Err(Error::invalid("normed matvec", format!("fuses the norm of one row, not {}", mm.m)));
+        return Err(Error::invalid("fused matvec", format!("fuses its input's op for one row, not {}", mm.m)));
     }
-    if norm.w.size() < 4 * mm.k as u64 {
-        return Err(Error::invalid("normed matvec", format!("the norm's weight holds fewer than {} values", mm.k)));
+    if input.op().1.size() < 4 * mm.k as u64 {
+        return Err(Error::invalid("fused matvec", format!("the op's operand holds fewer than {} values", mm.k)));
     }
-    forward(ctx, enc, mm, Some(norm))
+    forward(ctx, enc, mm, Some(input))
 }
 
-fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, norm: Option<RowNorm<'_>>) -> Result<()> {
+fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, input: Option<RowInput<'_>>) -> Result<()> {
     if let Some([hi, lo]) = mm.w.planes() {
-        forward(ctx, enc, Matmul { w: hi, ..mm }, norm)?;
-        return forward(ctx, enc, Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm }, norm);
+        forward(ctx, enc, Matmul { w: hi, ..mm }, input)?;
+        return forward(ctx, enc, Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm }, input);
     }
     let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
     p.has_bias = bias.is_some() as u32;
-    if let Some(norm) = norm {
-        p.row_norm = 1;
-        p.norm_eps = norm.eps;
+    if let Some(input) = input {
+        p.x_op = input.op().0;
+        if let RowInput::RmsNorm { eps, .. } = input {
+            p.norm_eps = eps;
+        }
     }
     // The bias binding must exist even when unused; x serves as a harmless dummy.
     let b = bias.unwrap_or(x);
@@ -297,10 +323,10 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, norm: Option<Row
             return run_many_rows(ctx, enc, kernel, p, &buffers, cost);
         }
     };
-    // The one-row kernels bind the norm's weight last: x serves as the dummy.
+    // The one-row kernels bind the fused op's operand last: x serves as the dummy.
     let mut buffers = buffers;
-    buffers.push(norm.map_or(x, |n| n.w));
-    let cost = Cost { bytes: cost.bytes + if norm.is_some() { 4.0 * k as f64 } else { 0.0 }, ..cost };
+    buffers.push(input.map_or(x, |i| i.op().1));
+    let cost = Cost { bytes: cost.bytes + if input.is_some() { 4.0 * k as f64 } else { 0.0 }, ..cost };
     ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, cost)
 }
 
