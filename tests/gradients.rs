@@ -583,6 +583,31 @@ fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
             1e-5,
             1e-5,
         );
+        // The pair variant: this tensor and another of more rows with its own weight, in one
+        // dispatch, each added to its dx as its twin gives it alone.
+        let (x2, w2, dy2, dx2) = (
+            rand((rows + 2) * dim, 45, 3.0),
+            rand(dim, 46, 1.0),
+            rand((rows + 2) * dim, 47, 1.0),
+            rand((rows + 2) * dim, 48, 1.0),
+        );
+        let want2: Vec<f32> = r::rms_norm_backward(&x2, &w2, &dy2, 1e-5).iter().zip(&dx2).map(|(g, d)| g + d).collect();
+        let [x2b, w2b, g2b, dx2b] =
+            [(&x2, "x2"), (&w2, "w2"), (&dy2, "dy2"), (&dx2, "dx2")].map(|(v, n)| ctx.storage_from(n, v));
+        let dxa = ctx.storage_from("dx", &dx0);
+        let a = launch::RmsNormGrad { x: &xb, w: &wb, dy: &gb, dx: &dxa, n_rows: rows, dim, eps: 1e-5 };
+        let b = launch::RmsNormGrad { x: &x2b, w: &w2b, dy: &g2b, dx: &dx2b, n_rows: rows + 2, ..a };
+        let before = ctx.counts().dispatches;
+        run(&ctx, |enc| launch::rms_norm_pair_backward(&ctx, enc, [a, b]));
+        assert_eq!(ctx.counts().dispatches - before, 1, "one dispatch for both");
+        let got = (ctx.read_f32(&dxa, rows * dim).expect("read"), ctx.read_f32(&dx2b, (rows + 2) * dim).expect("read"));
+        assert_close(&format!("rms_norm_backward pair, first {rows}x{dim}"), &got.0, &want, 1e-5, 1e-5);
+        assert_close(&format!("rms_norm_backward pair, second {rows}x{dim}"), &got.1, &want2, 1e-5, 1e-5);
+        let mut enc = ctx.encoder();
+        let err = launch::rms_norm_pair_backward(&ctx, &mut enc, [a, launch::RmsNormGrad { dim: dim + 1, ..a }])
+            .expect_err("widths differ")
+            .to_string();
+        assert!(err.contains("width"), "{err}");
 
         let (dg, du) = (ctx.storage_zeroed("dgate", rows * dim), ctx.storage_zeroed("dup", rows * dim));
         let ub = ctx.storage_from("up", &dx0);

@@ -168,6 +168,8 @@ shaders! {
     MATMUL_F16_BACKWARD = "matmul_f16_backward";
     MATMUL_BACKWARD_W = "matmul_backward_w";
     RMS_NORM_BACKWARD = "rms_norm_backward";
+    RMS_NORM_BACKWARD_PAIR = "rms_norm_backward" as "rms_norm_backward.pair"
+        [("common/rms_norm_grad_one.wgsl", "common/rms_norm_grad_pair.wgsl")];
     ROPE_BACKWARD = "rope" as "rope_backward" [("INVERSE", "1")];
     SILU_MUL_BACKWARD = "silu_mul_backward";
     GELU_MUL_BACKWARD = "gelu_mul_backward";
@@ -304,6 +306,8 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/params.wgsl", include_str!("../common/params.wgsl")),
     ("common/rms_norm_one.wgsl", include_str!("../common/rms_norm_one.wgsl")),
     ("common/rms_norm_pair.wgsl", include_str!("../common/rms_norm_pair.wgsl")),
+    ("common/rms_norm_grad_one.wgsl", include_str!("../common/rms_norm_grad_one.wgsl")),
+    ("common/rms_norm_grad_pair.wgsl", include_str!("../common/rms_norm_grad_pair.wgsl")),
     ("common/matmul_store.wgsl", include_str!("../common/matmul_store.wgsl")),
     ("common/simd8.wgsl", include_str!("../common/simd8.wgsl")),
     ("common/simd8_forward.wgsl", include_str!("../common/simd8_forward.wgsl")),

@@ -1131,19 +1131,19 @@ impl Model {
         let b = AttentionGrads { fwd, dout: &ws.d_att, dq: &ws.dq, dk: &ws.dk, dv: &ws.dv };
         launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
         launch::rope_backward(ctx, enc, [&ws.dq, &ws.dk], self.rope_table(l), self.rope_shape(ws, t))?;
-        // Through Qwen3's per-head norms (their weights frozen): the backward adds into its
-        // output, so each starts from zero.
+        // Through Qwen3's per-head norms (their weights frozen), both in one dispatch: the
+        // backward adds into its output, so each starts from zero.
         let (dq, dk) = match &layer.qk_norm {
             Some((q_norm, k_norm)) => {
                 let hd = c.head_dim;
-                for (x, w, dy, dx, heads) in [
-                    (&a.q_raw, q_norm, &ws.dq, &ws.dq_raw, c.num_heads),
-                    (&a.k_raw, k_norm, &ws.dk, &ws.dk_raw, c.num_kv_heads),
-                ] {
-                    enc.clear_buffer(dx, 0, Some((t * heads * hd * 4) as u64));
-                    let n_rows = t * heads;
-                    launch::rms_norm_backward(ctx, enc, launch::RmsNormGrad { x, w, dy, dx, n_rows, dim: hd, eps })?;
+                let grad =
+                    |x, w, dy, dx, heads: usize| launch::RmsNormGrad { x, w, dy, dx, n_rows: t * heads, dim: hd, eps };
+                let q = grad(&a.q_raw, q_norm, &ws.dq, &ws.dq_raw, c.num_heads);
+                let k = grad(&a.k_raw, k_norm, &ws.dk, &ws.dk_raw, c.num_kv_heads);
+                for g in [&q, &k] {
+                    enc.clear_buffer(g.dx, 0, Some((g.n_rows * hd * 4) as u64));
                 }
+                launch::rms_norm_pair_backward(ctx, enc, [q, k])?;
                 (&ws.dq_raw, &ws.dk_raw)
             }
             None => (&ws.dq, &ws.dk),

@@ -78,20 +78,26 @@ pub fn rms_norm_forward(ctx: &GpuContext, enc: &mut Encoder, r: RmsNorm<'_>) -> 
 /// Two RMSNorms of rows of the same width and epsilon in one dispatch (each tensor with its
 /// own weight and output), as Qwen3's and Gemma 3's per-head norms of q and k are.
 pub fn rms_norm_pair_forward(ctx: &GpuContext, enc: &mut Encoder, [a, b]: [RmsNorm<'_>; 2]) -> Result<()> {
-    if (a.dim, a.eps.to_bits()) != (b.dim, b.eps.to_bits()) {
-        return Err(Error::invalid(
-            "RMSNorm pair",
-            format!("the two tensors differ in width or epsilon ({} and {}, {} and {})", a.dim, b.dim, a.eps, b.eps),
-        ));
-    }
-    let p = RmsNormParams {
-        n_rows: u32_of(a.n_rows, "rows")?,
-        dim: u32_of(a.dim, "dim")?,
-        eps: a.eps,
-        n_rows2: u32_of(b.n_rows, "rows")?,
-    };
+    let p = pair_params((a.n_rows, a.dim, a.eps), (b.n_rows, b.dim, b.eps))?;
     let rows = u32_of(a.n_rows + b.n_rows, "rows")?;
     ctx.dispatch(enc, &RMS_NORM_PAIR, &p, &[a.x, a.w, a.y, b.x, b.w, b.y], groups_1d(rows))
+}
+
+/// The params of a pair of RMSNorms, each (rows, width, epsilon): the widths and epsilons
+/// must agree.
+fn pair_params(a: (usize, usize, f32), b: (usize, usize, f32)) -> Result<RmsNormParams> {
+    if (a.1, a.2.to_bits()) != (b.1, b.2.to_bits()) {
+        return Err(Error::invalid(
+            "RMSNorm pair",
+            format!("the two tensors differ in width or epsilon ({} and {}, {} and {})", a.1, b.1, a.2, b.2),
+        ));
+    }
+    Ok(RmsNormParams {
+        n_rows: u32_of(a.0, "rows")?,
+        dim: u32_of(a.1, "dim")?,
+        eps: a.2,
+        n_rows2: u32_of(b.0, "rows")?,
+    })
 }
 
 /// Where the tokens of a RoPE call sit (token t at `pos_offset + positions[t]`), and the
@@ -188,6 +194,15 @@ pub fn rms_norm_backward(ctx: &GpuContext, enc: &mut Encoder, g: RmsNormGrad<'_>
     let RmsNormGrad { x, w, dy, dx, n_rows, dim, eps } = g;
     let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, n_rows2: 0 };
     ctx.dispatch(enc, &RMS_NORM_BACKWARD, &p, &[x, w, dy, dx], groups_1d(p.n_rows))
+}
+
+/// The backward of [`rms_norm_pair_forward`]: two [`rms_norm_backward`]s of rows of the same
+/// width and epsilon in one dispatch.
+pub fn rms_norm_pair_backward(ctx: &GpuContext, enc: &mut Encoder, [a, b]: [RmsNormGrad<'_>; 2]) -> Result<()> {
+    let p = pair_params((a.n_rows, a.dim, a.eps), (b.n_rows, b.dim, b.eps))?;
+    let rows = u32_of(a.n_rows + b.n_rows, "rows")?;
+    let buffers = [a.x, a.w, a.dy, a.dx, b.x, b.w, b.dy, b.dx];
+    ctx.dispatch(enc, &RMS_NORM_BACKWARD_PAIR, &p, &buffers, groups_1d(rows))
 }
 
 /// out = silu(gate) * up over n values.
