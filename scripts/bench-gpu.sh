@@ -76,6 +76,11 @@ for shape in $shapes; do
   echo "== $shape: edgetune bench ($((SECONDS - start)) s)" >&2
   timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 --repeat 3 \
     --max-context 512 --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench failed on $shape" >&2
+  # The same with a fresh adapter applied (not merged), as generation with a named adapter runs.
+  echo "== $shape: edgetune bench, LoRA r $rank applied ($((SECONDS - start)) s)" >&2
+  timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 --repeat 1 \
+    --max-context 512 --lora-rank "$rank" --json >>"$out/edgetune.jsonl" ||
+    echo "bench-gpu.sh: edgetune bench (LoRA applied) failed on $shape" >&2
   # Decoding over a long cache, with split-key attention and without (EDGETUNE_SPLIT_KEYS_BELOW=0).
   for below in "" 0; do
     echo "== $shape: edgetune bench, 2048-token cache, split keys below ${below:-default} ($((SECONDS - start)) s)" >&2

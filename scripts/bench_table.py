@@ -73,18 +73,19 @@ def main():
                   f"{mib(mem['planned'])} / {mib(mem.get('driver'))} | {fmt(t['tokens_per_s'] if t else None)} | "
                   f"{mib(t['gpu_memory_bytes']) if t else '-'} | {fmt(ratio, 3)} |")
     print()
-    print("| shape | prompt tokens | split keys below | edgetune prefill tokens/s | edgetune decode tokens/s | "
-          "dispatches/token | allocations/token | PyTorch prefill tokens/s | PyTorch decode tokens/s | "
-          "edgetune / PyTorch (decode) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| shape | prompt tokens | split keys below | LoRA rank | edgetune prefill tokens/s | "
+          "edgetune decode tokens/s | dispatches/token | allocations/token | PyTorch prefill tokens/s | "
+          "PyTorch decode tokens/s | edgetune / PyTorch (decode) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for o in ours:
         if "decode_tokens_per_s" not in o:
             continue
+        # PyTorch decodes the base model: rows with an adapter applied have no counterpart.
         t = next((t for t in theirs if t.get("kind") == "decode" and t["shape"] == o["shape"]
-                  and t.get("prompt_tokens", 128) == o.get("prompt_tokens")), None)
+                  and t.get("prompt_tokens", 128) == o.get("prompt_tokens") and not o.get("lora_rank")), None)
         ratio = o["decode_tokens_per_s"] / t["decode_tokens_per_s"] if t else None
         print(f"| {o['shape']} | {o.get('prompt_tokens', '?')} | {o.get('split_keys_below', '-')} | "
-              f"{fmt(o['prefill_tokens_per_s'])} | {fmt(o['decode_tokens_per_s'])} | "
+              f"{o.get('lora_rank') or '-'} | {fmt(o['prefill_tokens_per_s'])} | {fmt(o['decode_tokens_per_s'])} | "
               f"{o['dispatches_per_token']:.0f} | {o['allocations_per_token']:.0f} | "
               f"{fmt(t['prefill_tokens_per_s'] if t else None)} | {fmt(t['decode_tokens_per_s'] if t else None)} | "
               f"{fmt(ratio, 3)} |")

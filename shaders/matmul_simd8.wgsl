@@ -9,8 +9,10 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-// The one-row variants (common/simd8_one_row.wgsl) bind what they fuse into x after y.
+// The one-row variants (common/simd8_one_row.wgsl) bind what they fuse in after y.
 const AUX_BINDING: u32 = 5u;
+const LORA_H_BINDING: u32 = 6u;
+const LORA_B_BINDING: u32 = 7u;
 
 #include "common/simd8_forward.wgsl"
 

@@ -10,6 +10,8 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 @group(0) @binding(5) var<storage, read> aux: array<f32>;          // (K) see x_in, or a dummy
+@group(0) @binding(6) var<storage, read> lora_h: array<f32>;       // (r) x A^T, or a dummy
+@group(0) @binding(7) var<storage, read> lora_b: array<f32>;       // the adapter's B at lora_b, or a dummy
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -137,6 +137,21 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     assert_eq!(j["allocations_per_token"].as_f64(), Some(0.0), "{j}");
     assert!(j["dispatches_per_token"].as_f64().is_some_and(|d| d > 8.0), "{j}");
     assert_eq!(j["submits_per_token"].as_f64(), Some(1.0), "{j}");
+
+    // With an adapter applied, a decoded token runs one more dispatch per adapted module (its
+    // x A^T; the B product rides in the base product's epilogue) and still allocates nothing.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
+        .args(["bench", "--random-weights", &cfg, "--prompt-tokens", "8", "--decode-tokens", "3", "--json"])
+        .args(["--lora-rank", "4"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let modules = a["lora_modules"].as_f64().expect("lora_modules");
+    assert_eq!((a["lora_rank"].as_u64(), j["lora_modules"].as_f64()), (Some(4), Some(0.0)), "{a}\n{j}");
+    assert!(modules > 0.0, "{a}");
+    assert_eq!(a["dispatches_per_token"].as_f64(), j["dispatches_per_token"].as_f64().map(|d| d + modules), "{a}\n{j}");
+    assert_eq!(a["allocations_per_token"].as_f64(), Some(0.0), "{a}");
 }
 
 /// Split-key decoding over a cache longer than one slice of keys (the portable family, whose

@@ -340,15 +340,29 @@ fn matmul_nf4_matches_dequantized_reference() {
 /// 32 u |g up| a value, so (2K + 16) u alpha sum_k |w_jk x'_k| + 32 u alpha sum_k |w_jk g_k up_k|.
 /// Plus 4u of the bias, the accumulated value and the result for the epilogue's roundings.
 /// Where the weight is two planes each is summed on its own, so |hi| + |lo| is the weight's
-/// mass. A product of more than one row is refused.
+/// mass. Each adds a LoRA B product of rank r (1 to 64, B at an offset) in its epilogue, which
+/// sums r products: (r + 2) u scale sum_i |h_i B_ji| more. A product of more than one row is
+/// refused, and so is a B that does not fit its buffer.
 #[test]
-fn a_one_row_product_with_its_norm_or_gate_fused_matches_the_op_then_the_product() {
+fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_the_product() {
     use edgetune::quant::gguf_blocks::{self, GgmlType};
     let u = 2f64.powi(-24);
     for ctx in gpus() {
         eprintln!("kernels: {}", ctx.report.kernels);
-        for (i, &(n, k)) in [(37, 8), (70, 70), (37, 96), (70, 200), (37, 576), (70, 256)].iter().enumerate() {
+        let shapes = [(37, 8, 1), (70, 70, 8), (37, 96, 16), (70, 200, 5), (37, 576, 64), (70, 256, 3)];
+        for (i, &(n, k, rank)) in shapes.iter().enumerate() {
             let seed = 300 + 10 * i as u64;
+            // The adapter: h = x A^T (given), B (n, rank) from element 7 of its buffer.
+            let (h, b_flat, lora_scale) = (rand(rank, seed + 10, 1.0), rand(7 + n * rank, seed + 11, 0.5), 1.5f32);
+            let (hb, pb) = (ctx.storage_from("h", &h), ctx.storage_from("lora", &b_flat));
+            let lora = launch::RowLora { h: &hb, params: &pb, b_offset: 7, rank, scale: lora_scale };
+            let b_row = |j: usize| &b_flat[7 + j * rank..7 + (j + 1) * rank];
+            let delta: Vec<f64> = (0..n)
+                .map(|j| {
+                    b_row(j).iter().zip(&h).map(|(b, h)| f64::from(*b) * f64::from(*h)).sum::<f64>()
+                        * f64::from(lora_scale)
+                })
+                .collect();
             // Far from unit scale, so a missing rstd cannot pass.
             let x: Vec<f32> = rand(k, seed, 30.0);
             let g: Vec<f32> = rand(k, seed + 1, 0.5).iter().map(|v| v + 1.0).collect();
@@ -433,10 +447,12 @@ fn a_one_row_product_with_its_norm_or_gate_fused_matches_the_op_then_the_product
                 let y = ctx.storage_from("y", &y0);
                 let out = launch::OutCols::whole(n).scaled(alpha).accumulated();
                 let mm = launch::Matmul { x, w: *weight, bias: Some(&bb), y: &y, m: 1, n, k, out };
-                run(&ctx, |enc| launch::matvec_fused_forward(&ctx, enc, mm, *input));
+                let fused = launch::Fused { input: Some(*input), lora: Some(lora) };
+                run(&ctx, |enc| launch::matvec_fused_forward(&ctx, enc, mm, fused));
                 let got = ctx.read_f32(&y, n).expect("readback");
                 let product = r::matmul_forward(row, wd, None, 1, n, k);
-                let want: Vec<f32> = (0..n).map(|j| alpha * product[j] + bias[j] + y0[j]).collect();
+                let want: Vec<f32> =
+                    (0..n).map(|j| (f64::from(alpha * product[j] + bias[j] + y0[j]) + delta[j]) as f32).collect();
                 let slack: Vec<f32> = (0..n)
                     .map(|j| {
                         let sum = |v: &[f32]| -> f64 {
@@ -444,7 +460,9 @@ fn a_one_row_product_with_its_norm_or_gate_fused_matches_the_op_then_the_product
                         };
                         let ends = f64::from(bias[j].abs() + y0[j].abs() + want[j].abs());
                         let products = (factor * k + 16) as f64 * u * sum(row);
-                        ((products + 32.0 * u * sum(gated)) * f64::from(alpha) + 4.0 * u * ends) as f32
+                        let hb: f64 = b_row(j).iter().zip(&h).map(|(b, h)| f64::from((b * h).abs())).sum();
+                        let lora = (rank + 2) as f64 * u * f64::from(lora_scale) * hb;
+                        ((products + 32.0 * u * sum(gated)) * f64::from(alpha) + lora + 4.0 * u * ends) as f32
                     })
                     .collect();
                 assert_close_slack(&format!("{op} matvec {label} 1x{n}x{k}"), &got, &want, 0.0, 0.0, &slack);
@@ -460,9 +478,16 @@ fn a_one_row_product_with_its_norm_or_gate_fused_matches_the_op_then_the_product
                 out: launch::OutCols::whole(n),
             };
             let mut enc = ctx.encoder();
-            let err = launch::matvec_fused_forward(&ctx, &mut enc, two, launch::RowInput::RmsNorm { w: &gb, eps })
-                .expect_err("two rows are refused");
+            let fused = launch::Fused { input: Some(launch::RowInput::RmsNorm { w: &gb, eps }), lora: None };
+            let err = launch::matvec_fused_forward(&ctx, &mut enc, two, fused).expect_err("two rows are refused");
             assert!(err.to_string().contains("one row, not 2"), "{err}");
+            let one = launch::Matmul { m: 1, k, ..two };
+            // Four values past its end: past the padding to whole vec4s too.
+            let past = launch::RowLora { b_offset: 11, ..lora };
+            let err =
+                launch::matvec_fused_forward(&ctx, &mut enc, one, launch::Fused { input: None, lora: Some(past) })
+                    .expect_err("a B past its buffer is refused");
+            assert!(err.to_string().contains("does not fit"), "{err}");
         }
     }
 }

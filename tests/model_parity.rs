@@ -308,9 +308,11 @@ fn decoding_fuses_the_norms_and_the_gate_into_the_products() {
 }
 
 /// Decoding with an adapter applied (not merged) runs each LoRA A product with the norm fused
-/// in as well: in every family, each decoded token's logits equal those of a prefill of the
-/// same prefix with the adapter (both A and B random: a fresh adapter's B is zero), and the
-/// adapter moves them. coop16 is left out for the reason given above.
+/// in as well, and adds each B product in the epilogue of the base product after it: in every
+/// family, each decoded token's logits equal those of a prefill of the same prefix with the
+/// adapter (both A and B random: a fresh adapter's B is zero), the adapter moves them, and a
+/// token records one dispatch more than without it for each adapted module. coop16 is left out
+/// for the reason given above.
 #[test]
 fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
     use edgetune::gpu::KernelFamily;
@@ -330,12 +332,20 @@ fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
         let mut base = model.new_cache().expect("cache");
         model.next_logits_with(&ids[..4], &mut cache, Some(&lora)).expect("prefill");
         model.next_logits(&ids[..4], &mut base).expect("prefill");
+        let dispatches = |f: &mut dyn FnMut() -> Vec<f32>| {
+            let before = ctx.counts().dispatches;
+            (f(), ctx.counts().dispatches - before)
+        };
         for n in 5..=ids.len() {
-            let step = model.next_logits_with(&ids[n - 1..n], &mut cache, Some(&lora)).expect("decode step");
+            let (step, with) = dispatches(&mut || {
+                model.next_logits_with(&ids[n - 1..n], &mut cache, Some(&lora)).expect("decode step")
+            });
             let fresh = &mut model.new_cache().expect("cache");
             let full = model.next_logits_with(&ids[..n], fresh, Some(&lora)).expect("prefill");
             assert_close(&format!("{family}: decoded token {n} with the adapter"), &step, &full, 1e-4, 1e-4);
-            let plain = model.next_logits(&ids[n - 1..n], &mut base).expect("decode step");
+            let (plain, without) =
+                dispatches(&mut || model.next_logits(&ids[n - 1..n], &mut base).expect("decode step"));
+            assert_eq!(with - without, adapter.layout.slots.len() as u64, "{family}: token {n}'s dispatches");
             let moved = step.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(moved > 1e-2, "{family}: the adapter moved token {n}'s logits by only {moved}");
         }

@@ -18,6 +18,9 @@
 //     (x[k] * aux[k]), the product of the normed row with rstd factored out. Needs TM = 1.
 //   - X_SILU_MUL, X_GELU_MUL (down_proj): x is the gate's output and aux the up projection's;
 //     x_in gives act(x[k]) * aux[k] (common/gates.wgsl), the gated row, never written.
+// And it adds a LoRA adapter's B product in the epilogue (p.lora_rank > 0): y[col] +=
+// lora_scale * sum_i lora_h[i] * B[col, i], h = x A^T from the dispatch before; the including
+// shader declares `lora_h` and `lora_b` (the adapter's flat parameters) after aux.
 #include "common/gates.wgsl"
 
 const TM: u32 = 1u;
@@ -25,6 +28,15 @@ const NB: u32 = 8u;
 const WG: u32 = 64u;
 var<workgroup> red: array<f32, 2048>;                              // (TM * NB + 1, WG)
 var<private> sum_sq: f32;                                          // the squares x_in read
+
+// The LoRA B product's share of output (row, col): lora_scale * h[row, :] . B[col, :], or 0.
+fn lora_delta(row: u32, col: u32) -> f32 {
+    var d = 0.0;
+    for (var i = 0u; i < p.lora_rank; i++) {
+        d += lora_h[row * p.lora_rank + i] * lora_b[p.lora_b + col * p.lora_rank + i];
+    }
+    return p.lora_scale * d;
+}
 
 // x[row, k] as the product takes it (see p.x_op above).
 fn x_in(row: u32, k: u32) -> f32 {
@@ -61,6 +73,7 @@ fn reduce_and_store(acc: array<f32, 32>, lid: u32, r0: u32, c0: u32, n_rows: u32
         if (c < n_cols && r < n_rows) {
             var v = scale * red[lid * WG];
             if (p.has_bias != 0u) { v += bias[c]; }
+            v += lora_delta(r, c);
             let i = r * p.y_stride + p.y_col_offset + c;
             if (p.accumulate != 0u) { v += y[i]; }
             y[i] = v;

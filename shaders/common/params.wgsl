@@ -89,7 +89,11 @@ struct MatmulParams {
     split_k: u32,       // tiled kernels: reduction length per workgroup z, or 0 for all of it
     x_op: u32,          // one-row kernels: what they fuse into reading x (X_AS_IS, X_RMS_NORM, ...)
     norm_eps: f32,      // X_RMS_NORM's epsilon
-    _pad2: u32,
+    lora_rank: u32,     // one-row kernels: a LoRA B product added in the epilogue, its rank (0: none)
+    lora_b: u32,        // B's first element in lora_b
+    lora_scale: f32,    // its factor: y += lora_scale * lora_h . B[col, :]
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // dpo.wgsl and dpo_logps.wgsl: the pairs of a packed batch.

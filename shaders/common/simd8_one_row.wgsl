@@ -1,17 +1,21 @@
 // The forward pass y = x W^T of a linear layer for one row of x (decoding), register-tiled for
 // CPU rasterizers (see common/simd8.wgsl); the `.one_row` variants include it in place of
-// common/simd8_forward.wgsl, whose declarations it takes, plus `const AUX_BINDING` (the
-// binding after y). Each lane owns 4 of the workgroup's 32 columns, the lanes load successive
+// common/simd8_forward.wgsl, whose declarations it takes, plus `const AUX_BINDING`,
+// `LORA_H_BINDING` and `LORA_B_BINDING` (the bindings after y). Each lane owns 4 of the workgroup's 32 columns, the lanes load successive
 // 8-element chunks of x and broadcast them, and every weight element is loaded once.
 //
 // p.x_op fuses the op before the product into loading x, as in common/matvec.wgsl: with
 // X_RMS_NORM each chunk is multiplied by the norm's weight (aux) as it is loaded, the lanes sum
 // the squares of the chunks they loaded, and rsqrt(mean(x^2) + eps) scales the sums; with
 // X_SILU_MUL or X_GELU_MUL each chunk of the gate (x) is activated and multiplied by up's (aux).
+// With p.lora_rank > 0 each lane adds a LoRA adapter's B product to its columns after the
+// store, as common/matvec.wgsl does: y[col] += lora_scale * lora_h . B[col, :].
 #include "common/simd8.wgsl"
 #include "common/gates.wgsl"
 
 @group(0) @binding(AUX_BINDING) var<storage, read> aux: array<vec4<f32>>;      // (K) or a dummy
+@group(0) @binding(LORA_H_BINDING) var<storage, read> lora_h: array<f32>;      // (r) x A^T, or a dummy
+@group(0) @binding(LORA_B_BINDING) var<storage, read> lora_b: array<f32>;      // B at lora_b, or a dummy
 
 // The gated chunk act(g) * u of X_SILU_MUL or X_GELU_MUL.
 fn gated(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
@@ -57,4 +61,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         acc *= inverseSqrt(subgroupAdd(sum_sq) / f32(p.k) + p.norm_eps);
     }
     store4(0u, c0, acc, 1u, p.n);
+    for (var c = c0; c < min(c0 + 4u, p.n) && p.lora_rank != 0u; c++) {
+        var d = 0.0;
+        for (var i = 0u; i < p.lora_rank; i++) { d += lora_h[i] * lora_b[p.lora_b + c * p.lora_rank + i]; }
+        y[p.y_col_offset + c] += p.lora_scale * d;
+    }
 }

@@ -501,8 +501,8 @@ params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
         m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,
         alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, x_op: u32, norm_eps: f32,
-        _pad2: u32,
-    } = 64);
+        lora_rank: u32, lora_b: u32, lora_scale: f32, _pad0: u32, _pad1: u32,
+    } = 80);
 params!(/// `adamw.wgsl`
     AdamwParams {
         n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, grad_scale: f32, max_grad_norm: f32,

@@ -71,13 +71,22 @@ pub struct ForwardBench {
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
     pub repeat: usize,
+    /// A fresh adapter of this rank applied to every pass (0: none).
+    pub lora_rank: usize,
 }
 
 /// Prefill and decode throughput, GPU memory, and what each decoded token creates.
 pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()> {
-    let ForwardBench { prompt_tokens, decode_tokens, repeat } = *b;
+    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
+    let ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank } = *b;
     let loaded = open(m, gpu, m.max_context)?;
     let Loaded { ref ctx, ref model, ref name, load_s } = loaded;
+    let adapter = match lora_rank {
+        0 => None,
+        r => Some(Adapter::new(&model.config, LoraConfig { r, alpha: 2.0 * r as f32, ..Default::default() })?),
+    };
+    let lora = adapter.as_ref().map(|a| GpuAdapter::upload(ctx, a));
+    let lora = lora.as_ref();
     let before = ctx.allocated_bytes();
     let v = model.config.vocab_size as u32;
     let ids: Vec<u32> = (0..prompt_tokens.max(1) as u32).map(|i| (i * 7919 + 13) % v).collect();
@@ -85,26 +94,26 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     // Prefill and decoding as greedy generation runs them: the forward pass, the logits and
     // the argmax on the GPU, and the token's id read back.
     let mut cache = model.new_cache()?;
-    model.next_argmax_with(&ids[..ids.len().min(8)], &mut cache, None)?;
-    model.next_argmax_with(&ids[..1], &mut cache, None)?;
+    model.next_argmax_with(&ids[..ids.len().min(8)], &mut cache, lora)?;
+    model.next_argmax_with(&ids[..1], &mut cache, lora)?;
     let mut peak = ctx.allocated_bytes();
     let mut prefill = Vec::new();
     for _ in 0..repeat.max(1) {
         let mut cache = model.new_cache()?;
         let t = Instant::now();
-        model.next_argmax_with(&ids, &mut cache, None)?;
+        model.next_argmax_with(&ids, &mut cache, lora)?;
         prefill.push(t.elapsed().as_secs_f64());
         peak = peak.max(ctx.allocated_bytes());
     }
     let mut cache = model.new_cache()?;
-    model.next_argmax_with(&ids, &mut cache, None)?;
+    model.next_argmax_with(&ids, &mut cache, lora)?;
     // The cache's first one-token pass makes its decoding buffers and bind groups; the
     // measured tokens count what each later token costs.
-    model.next_argmax_with(&ids[..1], &mut cache, None)?;
+    model.next_argmax_with(&ids[..1], &mut cache, lora)?;
     let c0 = ctx.counts();
     let t = Instant::now();
     for i in 0..decode_tokens {
-        model.next_argmax_with(&[ids[i % ids.len()]], &mut cache, None)?;
+        model.next_argmax_with(&[ids[i % ids.len()]], &mut cache, lora)?;
     }
     let decode = t.elapsed().as_secs_f64();
     let per = (ctx.counts() - c0, decode_tokens.max(1) as f64);
@@ -122,6 +131,8 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
             m,
             json!({
                 "prompt_tokens": prompt_tokens,
+                "lora_rank": lora_rank,
+                "lora_modules": adapter.as_ref().map_or(0, |a| a.layout.slots.len()),
                 "split_keys_below": ctx.split_keys_below(),
                 "prefill_ms": { "median": prefill_ms, "min": prefill_best_ms },
                 "prefill_tokens_per_s": prompt_tokens as f64 * 1e3 / prefill_best_ms,
@@ -140,6 +151,9 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     }
     println!("{}", ctx.report);
     println!("model: {name} ({:?}), loaded in {load_s:.2} s", m.quant);
+    if let Some(a) = &adapter {
+        println!("adapter: rank {lora_rank} on {} modules, applied (not merged)", a.layout.slots.len());
+    }
     println!(
         "prefill: {prompt_tokens} tokens in {:.3} s = {:.1} tokens/s (best of {repeat})",
         prefill_best_ms / 1e3,

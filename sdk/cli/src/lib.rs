@@ -267,6 +267,10 @@ enum Cmd {
         /// Timed repetitions of the prefill.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// Run with a fresh LoRA adapter of this rank on the default modules applied (not
+        /// merged), as generation with a named adapter runs; 0 for none.
+        #[arg(long, default_value_t = 0)]
+        lora_rank: usize,
     },
 }
 
@@ -336,8 +340,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ctx = edgetune::gpu::GpuContext::new(&gpu)?;
             println!("{}", ctx.report);
         }
-        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat } => {
-            bench::forward(&m, &gpu, &bench::ForwardBench { prompt_tokens, decode_tokens, repeat })?
+        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat, lora_rank } => {
+            bench::forward(&m, &gpu, &bench::ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank })?
         }
         Cmd::Info { model } => {
             let (cfg, src) = edgetune::model::open_weights(&model)?;

@@ -316,6 +316,17 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) kv_cache: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer, usize)>,
 }
 
+/// A LoRA slot's x A^T into h: (m, r) from (m, k).
+fn lora_a_product<'a>(
+    x: &'a wgpu::Buffer,
+    (a, s): (&'a GpuAdapter, &crate::lora::Slot),
+    h: &'a wgpu::Buffer,
+    (m, k): (usize, usize),
+) -> launch::Matmul<'a> {
+    let r = a.layout.r;
+    launch::Matmul { x, w: Weight::DenseAt(&a.params, s.a), bias: None, y: h, m, n: r, k, out: OutCols::whole(r) }
+}
+
 /// The operands of [`Model::linear`].
 #[derive(Clone, Copy)]
 pub(crate) struct LinearIo<'a> {
@@ -762,7 +773,9 @@ impl Model {
     }
 
     /// y = x W^T (+ b), or y += that when `io.add_to_y` (a residual add in the product's
-    /// epilogue), plus the LoRA update scale * (x A^T) B^T when `lora` adapts this module.
+    /// epilogue), plus the LoRA update scale * (x A^T) B^T when `lora` adapts this module. One
+    /// row (decoding) runs x A^T first and adds the B product in the base product's epilogue,
+    /// with the op before the products (`io.input`) fused into both.
     pub(crate) fn linear(
         &self,
         enc: &mut Encoder,
@@ -774,36 +787,35 @@ impl Model {
         let LinearIo { x, y, add_to_y, h, m, input } = io;
         let l = self.layers[layer].linear(module);
         let ctx = &self.ctx;
-        let product = |enc: &mut Encoder, mm| match input {
-            Some(input) => launch::matvec_fused_forward(ctx, enc, mm, input),
-            None => launch::matmul_forward(ctx, enc, mm),
-        };
         let base = if add_to_y { OutCols::whole(l.n_out).accumulated() } else { OutCols::whole(l.n_out) };
-        product(
-            enc,
-            launch::Matmul { x, w: l.weight(), bias: l.bias.as_ref(), y, m, n: l.n_out, k: l.n_in, out: base },
-        )?;
-        if let Some((a, s)) = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s))) {
-            let r = a.layout.r;
-            let x = match (drop, input) {
-                (Some(_), Some(_)) => return Err(Error::invalid("linear", "dropout on an input whose op is fused")),
-                (Some(d), None) => d.apply(ctx, enc, x, m * l.n_in, layer, s.group)?,
-                (None, _) => x,
+        let mm = launch::Matmul { x, w: l.weight(), bias: l.bias.as_ref(), y, m, n: l.n_out, k: l.n_in, out: base };
+        let slot = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s)));
+        if input.is_some() && (m != 1 || drop.is_some()) {
+            return Err(Error::invalid("linear", "an op is fused into the products of one row without dropout only"));
+        }
+        // The adapter's input: with dropout, x masked.
+        let adapted = |enc: &mut Encoder, group| match drop {
+            Some(d) => d.apply(ctx, enc, x, m * l.n_in, layer, group),
+            None => Ok(x),
+        };
+        if m == 1 {
+            let lora = match slot {
+                Some((a, s)) => {
+                    let x = adapted(enc, s.group)?;
+                    let a_mm = lora_a_product(x, (a, &s), h, (m, l.n_in));
+                    launch::matvec_fused_forward(ctx, enc, a_mm, launch::Fused { input, lora: None })?;
+                    Some(launch::RowLora { h, params: &a.params, b_offset: s.b, rank: a.layout.r, scale: a.scale })
+                }
+                None => None,
             };
-            product(
-                enc,
-                launch::Matmul {
-                    x,
-                    w: Weight::DenseAt(&a.params, s.a),
-                    bias: None,
-                    y: h,
-                    m,
-                    n: r,
-                    k: l.n_in,
-                    out: OutCols::whole(r),
-                },
-            )?;
+            return launch::matvec_fused_forward(ctx, enc, mm, launch::Fused { input, lora });
+        }
+        launch::matmul_forward(ctx, enc, mm)?;
+        if let Some((a, s)) = slot {
+            let x = adapted(enc, s.group)?;
+            launch::matmul_forward(ctx, enc, lora_a_product(x, (a, &s), h, (m, l.n_in)))?;
             let out = OutCols::whole(l.n_out).scaled(a.scale).accumulated();
+            let r = a.layout.r;
             launch::matmul_forward(
                 ctx,
                 enc,

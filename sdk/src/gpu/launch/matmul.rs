@@ -173,7 +173,11 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         split_k: 0,
         x_op: 0,
         norm_eps: 0.0,
-        _pad2: 0,
+        lora_rank: 0,
+        lora_b: 0,
+        lora_scale: 0.0,
+        _pad0: 0,
+        _pad1: 0,
     })
 }
 
@@ -218,7 +222,7 @@ pub struct Matmul<'a> {
 
 /// `y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n])`.
 pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
-    forward(ctx, enc, mm, None)
+    forward(ctx, enc, mm, Fused::default())
 }
 
 /// The op before a one-row product that [`matvec_fused_forward`] fuses into reading its input.
@@ -254,33 +258,77 @@ impl<'a> RowInput<'a> {
     }
 }
 
-/// [`matmul_forward`] of one row with the op before it fused in (`input`): the product of the
-/// RMS-normed row, `y[0, col_offset + n] (+)= alpha * rstd * (x[0, :] * norm_w) . w[n, :] (+
-/// bias[n])` with `rstd = 1 / sqrt(mean(x^2) + eps)`, or of the gated row `act(x) * up`. One
-/// dispatch instead of two, and the normed or gated row is never written: decoding's products.
-pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, input: RowInput<'_>) -> Result<()> {
-    if mm.m != 1 {
-        return Err(Error::invalid("fused matvec", format!("fuses its input's op for one row, not {}", mm.m)));
-    }
-    if input.op().1.size() < 4 * mm.k as u64 {
-        return Err(Error::invalid("fused matvec", format!("the op's operand holds fewer than {} values", mm.k)));
-    }
-    forward(ctx, enc, mm, Some(input))
+/// A LoRA adapter's B product that a one-row product adds in its epilogue (see
+/// [`matvec_fused_forward`]): `y[0, col_offset + n] += scale * h . B[n, :]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RowLora<'a> {
+    /// (rank) h = x A^T, from a dispatch before.
+    pub h: &'a wgpu::Buffer,
+    /// The adapter's flat parameters, holding B (n, rank) from element `b_offset`.
+    pub params: &'a wgpu::Buffer,
+    /// B's first element in `params`.
+    pub b_offset: usize,
+    /// The adapter's rank.
+    pub rank: usize,
+    /// B A's factor.
+    pub scale: f32,
 }
 
-fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, input: Option<RowInput<'_>>) -> Result<()> {
+/// What a one-row product fuses in: the op before it that it applies as it reads x, and a
+/// LoRA B product that it adds in its epilogue.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fused<'a> {
+    /// The op before the product.
+    pub input: Option<RowInput<'a>>,
+    /// The LoRA B product after it.
+    pub lora: Option<RowLora<'a>>,
+}
+
+/// [`matmul_forward`] of one row with what `fused` says fused in: the product of the
+/// RMS-normed row, `y[0, col_offset + n] (+)= alpha * rstd * (x[0, :] * norm_w) . w[n, :] (+
+/// bias[n])` with `rstd = 1 / sqrt(mean(x^2) + eps)`, or of the gated row `act(x) * up`, and
+/// then `+= scale * h . B[n, :]`. One dispatch instead of up to three, and the normed or gated
+/// row is never written: decoding's products.
+pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>) -> Result<()> {
+    let bad = |what: String| Err(Error::invalid("fused matvec", what));
+    if mm.m != 1 {
+        return bad(format!("fuses its ops into the product of one row, not {}", mm.m));
+    }
+    if fused.input.is_some_and(|i| i.op().1.size() < 4 * mm.k as u64) {
+        return bad(format!("the op's operand holds fewer than {} values", mm.k));
+    }
+    let fits = |l: &RowLora<'_>| {
+        l.rank > 0 && l.h.size() >= 4 * l.rank as u64 && l.params.size() >= 4 * (l.b_offset + mm.n * l.rank) as u64
+    };
+    if let Some(l) = fused.lora.filter(|l| !fits(l)) {
+        return bad(format!(
+            "a LoRA B of rank {} for {} outputs from element {} does not fit",
+            l.rank, mm.n, l.b_offset
+        ));
+    }
+    forward(ctx, enc, mm, fused)
+}
+
+fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>) -> Result<()> {
     if let Some([hi, lo]) = mm.w.planes() {
-        forward(ctx, enc, Matmul { w: hi, ..mm }, input)?;
-        return forward(ctx, enc, Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm }, input);
+        forward(ctx, enc, Matmul { w: hi, ..mm }, fused)?;
+        let lo_plane = Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm };
+        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused });
     }
     let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
     p.has_bias = bias.is_some() as u32;
+    let Fused { input, lora } = fused;
     if let Some(input) = input {
         p.x_op = input.op().0;
         if let RowInput::RmsNorm { eps, .. } = input {
             p.norm_eps = eps;
         }
+    }
+    if let Some(l) = lora {
+        p.lora_rank = u32_of(l.rank, "LoRA rank")?;
+        p.lora_b = u32_of(l.b_offset, "LoRA B offset")?;
+        p.lora_scale = l.scale;
     }
     // The bias binding must exist even when unused; x serves as a harmless dummy.
     let b = bias.unwrap_or(x);
@@ -323,10 +371,17 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, input: Option<Ro
             return run_many_rows(ctx, enc, kernel, p, &buffers, cost);
         }
     };
-    // The one-row kernels bind the fused op's operand last: x serves as the dummy.
+    // The one-row kernels bind what they fuse in last: x serves as the dummy.
     let mut buffers = buffers;
-    buffers.push(input.map_or(x, |i| i.op().1));
-    let cost = Cost { bytes: cost.bytes + if input.is_some() { 4.0 * k as f64 } else { 0.0 }, ..cost };
+    buffers.extend([input.map_or(x, |i| i.op().1), lora.map_or(x, |l| l.h), lora.map_or(x, |l| l.params)]);
+    let mut cost = cost;
+    if input.is_some() {
+        cost.bytes += 4.0 * k as f64;
+    }
+    if let Some(l) = lora {
+        cost.flops += 2.0 * (n * l.rank) as f64;
+        cost.bytes += 4.0 * ((n + 1) * l.rank) as f64;
+    }
     ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, cost)
 }
 
