@@ -283,10 +283,10 @@ fn residual_adds_ride_in_the_last_product_of_each_branch() {
     }
 }
 
-/// Decoding fuses the RMSNorm before the attention and MLP products, and the MLP's gate, into
-/// the one-row products that read them: a decoded token records the final norm's `rms_norm`
-/// (and Gemma 2's two norms after the branches, a layer) and no gate kernel, where a prompt
-/// records two norms a layer more and a gate a layer. The decoding tests above check that its
+/// Decoding fuses the RMSNorm before the attention and MLP products and the LM head, and the
+/// MLP's gate, into the one-row products that read them: a decoded token records no
+/// `rms_norm` (but Gemma 2's two norms after the branches, a layer) and no gate kernel, where
+/// a prompt records two norms a layer more, the final one and a gate a layer. The decoding tests above check that its
 /// logits are still a prefill's.
 #[test]
 fn decoding_fuses_the_norms_and_the_gate_into_the_products() {
@@ -303,7 +303,7 @@ fn decoding_fuses_the_norms_and_the_gate_into_the_products() {
             (of("rms_norm"), of(gate))
         };
         assert_eq!(counts(&[1, 2, 3], &mut cache), ((2 + after_branches) * layers + 1, layers), "{kind}: a prompt");
-        assert_eq!(counts(&[4], &mut cache), (after_branches * layers + 1, 0), "{kind}: a decoded token");
+        assert_eq!(counts(&[4], &mut cache), (after_branches * layers, 0), "{kind}: a decoded token");
     }
 }
 

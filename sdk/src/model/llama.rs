@@ -327,6 +327,14 @@ fn lora_a_product<'a>(
     launch::Matmul { x, w: Weight::DenseAt(&a.params, s.a), bias: None, y: h, m, n: r, k, out: OutCols::whole(r) }
 }
 
+/// Whether a forward pass writes the final normed hidden states, or leaves the final norm to
+/// the one-row products that read the residual stream (decoding's LM head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FinalNorm {
+    Written,
+    Fused,
+}
+
 /// The operands of [`Model::linear`].
 #[derive(Clone, Copy)]
 pub(crate) struct LinearIo<'a> {
@@ -839,7 +847,7 @@ impl Model {
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
     ) -> Result<wgpu::Buffer> {
-        let (enc, hidden) = self.record_hidden(ids, cache, lora)?;
+        let (enc, hidden) = self.record_hidden(ids, cache, lora, FinalNorm::Written)?;
         self.ctx.submit([enc.finish()]);
         Ok(hidden)
     }
@@ -853,6 +861,7 @@ impl Model {
         ids: &[u32],
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
+        final_norm: FinalNorm,
     ) -> Result<(Encoder, wgpu::Buffer)> {
         let c = &self.config;
         let t = ids.len();
@@ -898,21 +907,21 @@ impl Model {
             let starts = window_starts(&vec![0; t], cache.len, w);
             self.ctx.queue.write_buffer(&a.window_start, 0, bytemuck::cast_slice(&starts));
         }
-        self.record_forward(&mut enc, a, &cache.k, &cache.v, cache.len, lora)?;
+        self.record_forward(&mut enc, a, (&cache.k, &cache.v, cache.len), lora, final_norm)?;
         cache.len += t;
-        Ok((enc, a.xn.clone()))
+        Ok((enc, if final_norm == FinalNorm::Written { a.xn.clone() } else { a.x.clone() }))
     }
 
     /// Records the transformer over the activations `a` at positions pos.. of the KV cache
-    /// (`k_cache`, `v_cache`), ending with the final normed hidden states in `a.xn`.
+    /// (`k_cache`, `v_cache`), ending with the final normed hidden states in `a.xn`, or with
+    /// the residual stream in `a.x` where the final norm is left to the product that reads it.
     fn record_forward(
         &self,
         enc: &mut Encoder,
         a: &Acts,
-        k_cache: &[wgpu::Buffer],
-        v_cache: &[wgpu::Buffer],
-        pos: usize,
+        (k_cache, v_cache, pos): (&[wgpu::Buffer], &[wgpu::Buffer], usize),
         lora: Option<&GpuAdapter>,
+        final_norm: FinalNorm,
     ) -> Result<()> {
         let c = &self.config;
         let ctx = &self.ctx;
@@ -958,6 +967,9 @@ impl Model {
                 kv_cache: Some((&k_cache[l], &v_cache[l], pos)),
             };
             self.block_forward(enc, l, &b, lora, t, None, &mut |_, _| Ok(()))?;
+        }
+        if final_norm == FinalNorm::Fused {
+            return Ok(());
         }
         launch::rms_norm_forward(
             ctx,
@@ -1166,36 +1178,40 @@ impl Model {
         let x = self.ctx.storage_zeroed("lm_head x", rows * h);
         enc.copy_buffer_to_buffer(hidden, (first * h * 4) as u64, &x, 0, (rows * h * 4) as u64);
         let logits = self.ctx.storage_zeroed("logits", rows * c.vocab_size);
-        self.record_logits(enc, &x, &logits, rows)?;
+        self.record_logits(enc, &x, &logits, rows, None)?;
         Ok(logits)
     }
 
     /// Records logits (rows, vocab) of the first `rows` rows of `x` into `logits`, soft-capped
     /// where the model caps them: every path to logits (decoding, scoring, training's head).
+    /// `input` is an op that the products fuse into reading x (one row: decoding's final norm).
     pub(crate) fn record_logits(
         &self,
         enc: &mut Encoder,
         x: &wgpu::Buffer,
         logits: &wgpu::Buffer,
         rows: usize,
+        input: Option<launch::RowInput<'_>>,
     ) -> Result<()> {
         let c = &self.config;
         let table = self.lm_head.as_ref().unwrap_or(&self.embed);
         for (buf, start, n) in &table.chunks {
-            launch::matmul_forward(
-                &self.ctx,
-                enc,
-                launch::Matmul {
-                    x,
-                    w: table.weight(buf),
-                    bias: None,
-                    y: logits,
-                    m: rows,
-                    n: *n,
-                    k: table.dim,
-                    out: OutCols::at(c.vocab_size, *start),
-                },
-            )?;
+            let mm = launch::Matmul {
+                x,
+                w: table.weight(buf),
+                bias: None,
+                y: logits,
+                m: rows,
+                n: *n,
+                k: table.dim,
+                out: OutCols::at(c.vocab_size, *start),
+            };
+            match input {
+                Some(input) => {
+                    launch::matvec_fused_forward(&self.ctx, enc, mm, launch::Fused { input: Some(input), lora: None })?
+                }
+                None => launch::matmul_forward(&self.ctx, enc, mm)?,
+            }
         }
         match c.final_softcap {
             Some(cap) => launch::logit_softcap(&self.ctx, enc, logits, rows * c.vocab_size, cap),
@@ -1211,13 +1227,18 @@ impl Model {
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
     ) -> Result<(Encoder, wgpu::Buffer)> {
-        let (mut enc, hidden) = self.record_hidden(ids, cache, lora)?;
-        let logits = match (&cache.decode, ids.len()) {
-            (Some(d), 1) => {
-                self.record_logits(&mut enc, &hidden, &d.logits, 1)?;
-                d.logits.clone()
-            }
-            _ => self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?,
+        // One token (decoding): the final norm rides in the LM head's products.
+        let one = ids.len() == 1;
+        let (mut enc, hidden) =
+            self.record_hidden(ids, cache, lora, if one { FinalNorm::Fused } else { FinalNorm::Written })?;
+        let logits = if one {
+            // A one-token pass ran in the cache's decoding buffers.
+            let d = cache.decode.as_ref().ok_or_else(|| Error::Gpu("decode buffers missing".into()))?;
+            let norm = launch::RowInput::RmsNorm { w: &self.final_norm, eps: self.config.rms_norm_eps };
+            self.record_logits(&mut enc, &hidden, &d.logits, 1, Some(norm))?;
+            d.logits.clone()
+        } else {
+            self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?
         };
         Ok((enc, logits))
     }

@@ -925,7 +925,7 @@ impl Model {
         let h = self.config.hidden_size;
         enc.copy_buffer_to_buffer(&ws.xn, (start * h * 4) as u64, &ws.head_x, 0, (rows * h * 4) as u64);
         enc.copy_buffer_to_buffer(&ws.targets, (start * 4) as u64, &ws.head_targets, 0, (rows * 4) as u64);
-        self.record_logits(enc, &ws.head_x, &ws.logits, rows)
+        self.record_logits(enc, &ws.head_x, &ws.logits, rows, None)
     }
 
     /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`).
