@@ -799,7 +799,7 @@ impl Model {
         let mm = launch::Matmul { x, w: l.weight(), bias: l.bias.as_ref(), y, m, n: l.n_out, k: l.n_in, out: base };
         let slot = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s)));
         if input.is_some() && (m != 1 || drop.is_some()) {
-            return Err(Error::invalid("linear", "an op is fused into the products of one row without dropout only"));
+            return Err(Error::invalid("linear", "an op fused into the products needs one row and no dropout"));
         }
         // The adapter's input: with dropout, x masked.
         let adapted = |enc: &mut Encoder, group| match drop {
