@@ -24,6 +24,21 @@ fn every_shader_compiles_on_the_adapter() {
     }
 }
 
+/// Every kernel binds no more storage buffers than WebGPU's default limit (8 a shader stage),
+/// so each runs on any adapter that meets the defaults, however many operands fusions add
+/// (the one-row NF4 products with a fused op and a LoRA B product bind 8).
+#[test]
+fn every_shader_binds_at_most_the_default_number_of_storage_buffers() {
+    let limit = wgpu::Limits::default().max_storage_buffers_per_shader_stage as usize;
+    let mut most = (0, "");
+    for s in shaders::ALL_SHADERS {
+        let storage = s.bindings().expect("bindings").iter().filter(|b| **b != shaders::Binding::Uniform).count();
+        assert!(storage <= limit, "{} binds {storage} storage buffers, more than {limit}", s.name);
+        most = most.max((storage, s.name));
+    }
+    eprintln!("the most storage buffers a kernel binds: {} ({})", most.0, most.1);
+}
+
 /// The coop16 kernels need cooperative matrices, which lavapipe does not have, so no test here
 /// can run them (the start-up self-test runs them on a GPU that has them, before they are
 /// used). What can be checked without one is checked: each parses, validates with the
