@@ -1,7 +1,9 @@
 // Dense linear layer over many rows, register-tiled for CPU rasterizers (common/simd8.wgsl):
-// y[m, y_col_offset + n] = alpha * sum_k x[m, k] * w[w_offset + n*K + k] (+ bias[n]).
-// K and w_offset are multiples of 8 and 4. (Other adapters and shapes: matmul.wgsl.)
+// y[m, y_col_offset + n] = alpha * sum_k x[m, k] * w[w_row(n) + k] (+ bias[n]), w's rows from
+// element w_offset (or, one row, gathered: common/dense_rows.wgsl). K and the rows' offsets are
+// multiples of 8 and 4. (Other adapters and shapes: matmul.wgsl.)
 #include "common/params.wgsl"
+#include "common/dense_rows.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;      // (M, K)
@@ -17,6 +19,6 @@ const LORA_B_BINDING: u32 = 7u;
 #include "common/simd8_forward.wgsl"
 
 fn load_w8(n: u32, j: u32) -> Eight {
-    let i = (p.w_offset + n * p.k) / 4u + 2u * j;
+    let i = w_row(n) / 4u + 2u * j;
     return Eight(w[i], w[i + 1u]);
 }

@@ -1,8 +1,10 @@
 // Dense linear layer for one row of x (decoding): y[0, y_col_offset + n] = alpha * sum_k x[k] *
-// w[w_offset + n*K + k] (+ bias[n]). w is (N, K) row-major as PyTorch stores nn.Linear weights. See common/matvec.wgsl for the
-// work split.
+// w[w_row(n) + k] (+ bias[n]): w is (N, K) row-major as PyTorch stores nn.Linear weights, from
+// element w_offset or gathered from blocks of rows (common/dense_rows.wgsl). See
+// common/matvec.wgsl for the work split.
 #include "common/params.wgsl"
 #include "common/matvec.wgsl"
+#include "common/dense_rows.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (M, K)
@@ -25,7 +27,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         for (var c = 0u; c < NB; c++) {
             if (n0 + c < p.n) {
-                let wv = w[p.w_offset + (n0 + c) * p.k + k];
+                let wv = w[w_row(n0 + c) + k];
                 for (var r = 0u; r < TM; r++) { acc[c * TM + r] += xv[r] * wv; }
             }
         }

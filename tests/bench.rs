@@ -138,8 +138,10 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     assert!(j["dispatches_per_token"].as_f64().is_some_and(|d| d > 8.0), "{j}");
     assert_eq!(j["submits_per_token"].as_f64(), Some(1.0), "{j}");
 
-    // With an adapter applied, a decoded token runs one more dispatch per adapted module (its
-    // x A^T; the B product rides in the base product's epilogue) and still allocates nothing.
+    // With an adapter applied, a decoded token runs one more dispatch for each of a layer's
+    // inputs that adapted modules read (x A^T of q, k and v at once, of o, of gate and up at
+    // once, of down; the B products ride in the base products' epilogues): 4 a layer with every
+    // module adapted, and it still allocates nothing.
     let out = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
         .args(["bench", "--random-weights", &cfg, "--prompt-tokens", "8", "--decode-tokens", "3", "--json"])
         .args(["--lora-rank", "4"])
@@ -147,10 +149,13 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
         .expect("runs");
     assert!(out.status.success(), "{}", text(&out.stderr));
     let a: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
-    let modules = a["lora_modules"].as_f64().expect("lora_modules");
+    let layers: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).expect("config")).expect("JSON");
+    let layers = layers["num_hidden_layers"].as_f64().expect("layers");
     assert_eq!((a["lora_rank"].as_u64(), j["lora_modules"].as_f64()), (Some(4), Some(0.0)), "{a}\n{j}");
-    assert!(modules > 0.0, "{a}");
-    assert_eq!(a["dispatches_per_token"].as_f64(), j["dispatches_per_token"].as_f64().map(|d| d + modules), "{a}\n{j}");
+    assert_eq!(a["lora_modules"].as_f64(), Some(7.0 * layers), "every module adapted: {a}");
+    let more = 4.0 * layers;
+    assert_eq!(a["dispatches_per_token"].as_f64(), j["dispatches_per_token"].as_f64().map(|d| d + more), "{a}\n{j}");
     assert_eq!(a["allocations_per_token"].as_f64(), Some(0.0), "{a}");
 }
 

@@ -369,8 +369,10 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
             let seed = 300 + 10 * i as u64;
             // The adapter: h = x A^T (given), B (n, rank) from element 7 of its buffer.
             let (h, b_flat, lora_scale) = (rand(rank, seed + 10, 1.0), rand(7 + n * rank, seed + 11, 0.5), 1.5f32);
-            let (hb, pb) = (ctx.storage_from("h", &h), ctx.storage_from("lora", &b_flat));
-            let lora = launch::RowLora { h: &hb, params: &pb, b_offset: 7, rank, scale: lora_scale };
+            // h from element 2 of its buffer.
+            let hb = ctx.storage_from("h", &[vec![9.0, -9.0], h.clone()].concat());
+            let pb = ctx.storage_from("lora", &b_flat);
+            let lora = launch::RowLora { h: &hb, h_offset: 2, params: &pb, b_offset: 7, rank, scale: lora_scale };
             let b_row = |j: usize| &b_flat[7 + j * rank..7 + (j + 1) * rank];
             let delta: Vec<f64> = (0..n)
                 .map(|j| {
@@ -412,6 +414,16 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
             ];
             // Each format the shape allows: (label, weight, its dequantized values, their mass).
             let mut formats: Vec<(String, launch::Weight<'_>, Vec<f32>, Vec<f32>)> = vec![];
+            // The dense rows gathered from three blocks of a buffer, apart and out of order.
+            let per = n.div_ceil(3);
+            let starts = [2 * per * k + 8, 4, per * k + 6];
+            let mut blocks = rand(3 * per * k + 8, seed + 12, 1.0);
+            for j in 0..n {
+                let at = starts[j / per] + (j % per) * k;
+                blocks[at..at + k].copy_from_slice(&w[j * k..(j + 1) * k]);
+            }
+            let blocks_b = ctx.storage_from("blocks", &blocks);
+            let gather = launch::Gather { rows: per, offsets: [starts[1], starts[2]] };
             let dense = ctx.storage_from("w", &w);
             let mut shifted = rand(3, seed + 5, 1.0);
             shifted.extend(&w);
@@ -422,6 +434,7 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
             let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
             formats.push(("dense".into(), launch::Weight::Dense(&dense), w.clone(), abs(&w)));
             formats.push(("dense at 3".into(), launch::Weight::DenseAt(&at, 3), w.clone(), abs(&w)));
+            formats.push(("dense gathered".into(), launch::Weight::DenseAt(&blocks_b, starts[0]), w.clone(), abs(&w)));
             formats.push(("f16".into(), launch::Weight::F16(&f16b), wh.clone(), abs(&wh)));
             let nf4 = k.is_multiple_of(8).then(|| {
                 let q = nf4::quantize(&w, &[n, k], 64).expect("quantize");
@@ -462,7 +475,8 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
                 let y = ctx.storage_from("y", &y0);
                 let out = launch::OutCols::whole(n).scaled(alpha).accumulated();
                 let mm = launch::Matmul { x, w: *weight, bias: Some(&bb), y: &y, m: 1, n, k, out };
-                let fused = launch::Fused { input: Some(*input), lora: Some(lora) };
+                let gather = (label == "dense gathered").then_some(gather);
+                let fused = launch::Fused { input: Some(*input), lora: Some(lora), gather };
                 run(&ctx, |enc| launch::matvec_fused_forward(&ctx, enc, mm, fused));
                 let got = ctx.read_f32(&y, n).expect("readback");
                 let product = r::matmul_forward(row, wd, None, 1, n, k);
@@ -493,16 +507,27 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
                 out: launch::OutCols::whole(n),
             };
             let mut enc = ctx.encoder();
-            let fused = launch::Fused { input: Some(launch::RowInput::RmsNorm { w: &gb, eps }), lora: None };
+            let fused = launch::Fused { input: Some(launch::RowInput::RmsNorm { w: &gb, eps }), ..Default::default() };
             let err = launch::matvec_fused_forward(&ctx, &mut enc, two, fused).expect_err("two rows are refused");
             assert!(err.to_string().contains("one row, not 2"), "{err}");
             let one = launch::Matmul { m: 1, k, ..two };
             // Four values past its end: past the padding to whole vec4s too.
             let past = launch::RowLora { b_offset: 11, ..lora };
-            let err =
-                launch::matvec_fused_forward(&ctx, &mut enc, one, launch::Fused { input: None, lora: Some(past) })
-                    .expect_err("a B past its buffer is refused");
+            let err = launch::matvec_fused_forward(
+                &ctx,
+                &mut enc,
+                one,
+                launch::Fused { lora: Some(past), ..Default::default() },
+            )
+            .expect_err("a B past its buffer is refused");
             assert!(err.to_string().contains("does not fit"), "{err}");
+            // Blocks of rows past the buffer, or too few for the outputs, are refused.
+            let gathered = launch::Matmul { w: launch::Weight::DenseAt(&blocks_b, starts[0]), ..one };
+            for (rows, offsets) in [(per, [starts[1], 3 * per * k]), (per - 1, [starts[1], starts[2]])] {
+                let bad = launch::Fused { gather: Some(launch::Gather { rows, offsets }), ..Default::default() };
+                let err = launch::matvec_fused_forward(&ctx, &mut enc, gathered, bad).expect_err("refused");
+                assert!(err.to_string().contains("do not fit"), "{err}");
+            }
         }
     }
 }

@@ -307,26 +307,41 @@ fn decoding_fuses_the_norms_and_the_gate_into_the_products() {
     }
 }
 
-/// Decoding with an adapter applied (not merged) runs each LoRA A product with the norm fused
-/// in as well, and adds each B product in the epilogue of the base product after it: in every
-/// family, each decoded token's logits equal those of a prefill of the same prefix with the
-/// adapter (both A and B random: a fresh adapter's B is zero), the adapter moves them, and a
-/// token records one dispatch more than without it for each adapted module. coop16 is left out
-/// for the reason given above.
+/// Decoding with an adapter applied (not merged) runs the LoRA A products of the modules that
+/// read one input (q, k and v; gate and up) as one product, with the norm fused in as well,
+/// and adds each B product in the epilogue of the base product after it: in every family, each
+/// decoded token's logits equal those of a prefill of the same prefix with the adapter (both A
+/// and B random: a fresh adapter's B is zero), the adapter moves them, and a token records one
+/// dispatch more than without it for each adapted input of a layer (4 with every module
+/// adapted). coop16 is left out for the reason given above.
 #[test]
 fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
     use edgetune::gpu::KernelFamily;
-    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
+    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig, Module};
     let mut contexts = vec![ctx()];
     contexts.extend(common::gpus().into_iter().map(Arc::new));
     contexts.retain(|c| c.report.kernels.family != KernelFamily::Coop16);
-    for ctx in contexts {
+    // Phi-3's q, k and v are parts of one fused module with one A, and so are gate and up.
+    for (ctx, kind) in contexts.iter().flat_map(|c| ["llama", "phi3"].map(|k| (c.clone(), k))) {
         let family = ctx.report.kernels.family;
-        let model = Model::open(ctx.clone(), &fixtures().join("tiny_llama"), &LoadOptions::default()).expect("load");
+        let dir = fixtures().join(format!("tiny_{kind}"));
+        let model = Model::open(ctx.clone(), &dir, &LoadOptions::default()).expect("load");
         let vocab = model.config.vocab_size;
         let mut adapter = Adapter::new(&model.config, LoraConfig { r: 8, ..Default::default() }).expect("adapter");
         adapter.params = common::rand(adapter.params.len(), 17, 0.05);
         let lora = GpuAdapter::upload(&ctx, &adapter);
+        let groups: [&[Module]; 4] = [
+            &[Module::QProj, Module::KProj, Module::VProj],
+            &[Module::OProj],
+            &[Module::GateProj, Module::UpProj],
+            &[Module::DownProj],
+        ];
+        let layers = model.config.num_layers;
+        let inputs = (0..layers)
+            .flat_map(|l| groups.iter().map(move |g| (l, g)))
+            .filter(|(l, g)| g.iter().any(|&m| adapter.layout.slot(*l, m).is_some()))
+            .count() as u64;
+        assert_eq!(inputs, 4 * layers as u64, "the default targets adapt every module");
         let ids: Vec<u32> = (0..12).map(|i| ((i * 37 + 11) % vocab) as u32).collect();
         let mut cache = model.new_cache().expect("cache");
         let mut base = model.new_cache().expect("cache");
@@ -342,12 +357,12 @@ fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
             });
             let fresh = &mut model.new_cache().expect("cache");
             let full = model.next_logits_with(&ids[..n], fresh, Some(&lora)).expect("prefill");
-            assert_close(&format!("{family}: decoded token {n} with the adapter"), &step, &full, 1e-4, 1e-4);
+            assert_close(&format!("{kind} {family}: decoded token {n} with the adapter"), &step, &full, 1e-4, 1e-4);
             let (plain, without) =
                 dispatches(&mut || model.next_logits(&ids[n - 1..n], &mut base).expect("decode step"));
-            assert_eq!(with - without, adapter.layout.slots.len() as u64, "{family}: token {n}'s dispatches");
+            assert_eq!(with - without, inputs, "{kind} {family}: token {n}'s dispatches");
             let moved = step.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(moved > 1e-2, "{family}: the adapter moved token {n}'s logits by only {moved}");
+            assert!(moved > 1e-2, "{kind} {family}: the adapter moved token {n}'s logits by only {moved}");
         }
     }
 }

@@ -33,7 +33,7 @@ var<private> sum_sq: f32;                                          // the square
 fn lora_delta(row: u32, col: u32) -> f32 {
     var d = 0.0;
     for (var i = 0u; i < p.lora_rank; i++) {
-        d += lora_h[row * p.lora_rank + i] * lora_b[p.lora_b + col * p.lora_rank + i];
+        d += lora_h[p.lora_h + row * p.lora_rank + i] * lora_b[p.lora_b + col * p.lora_rank + i];
     }
     return p.lora_scale * d;
 }

@@ -91,7 +91,11 @@ struct MatmulParams {
     norm_eps: f32,      // X_RMS_NORM's epsilon
     lora_rank: u32,     // one-row kernels: a LoRA B product added in the epilogue, its rank (0: none)
     lora_b: u32,        // B's first element in lora_b
-    lora_scale: f32,    // its factor: y += lora_scale * lora_h . B[col, :]
+    lora_scale: f32,    // its factor: y += lora_scale * lora_h[lora_h..] . B[col, :]
+    seg_rows: u32,      // dense one-row kernels: rows a block of w, gathered (common/dense_rows.wgsl)
+    w_offset1: u32,     // the second block's first element
+    w_offset2: u32,     // the third's
+    lora_h: u32,        // h's first element in lora_h
     _pad0: u32,
     _pad1: u32,
 }

@@ -63,7 +63,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
     store4(0u, c0, acc, 1u, p.n);
     for (var c = c0; c < min(c0 + 4u, p.n) && p.lora_rank != 0u; c++) {
         var d = 0.0;
-        for (var i = 0u; i < p.lora_rank; i++) { d += lora_h[i] * lora_b[p.lora_b + c * p.lora_rank + i]; }
+        for (var i = 0u; i < p.lora_rank; i++) { d += lora_h[p.lora_h + i] * lora_b[p.lora_b + c * p.lora_rank + i]; }
         y[p.y_col_offset + c] += p.lora_scale * d;
     }
 }

@@ -351,6 +351,9 @@ pub(crate) struct LinearIo<'a> {
     /// The op before the products that they fuse into reading x (one row: decoding), or
     /// `None` where x is their input as it is.
     pub(crate) input: Option<launch::RowInput<'a>>,
+    /// Where in h this module's x A^T already is (one row: decoding, which runs it for the
+    /// modules that share an input at once; see [`Model::lora_a_shared`]).
+    pub(crate) lora_h_at: Option<usize>,
 }
 
 /// An attention or MLP branch's last projection (see [`Model::branch`]).
@@ -776,7 +779,8 @@ impl Model {
             key_start: ctx.storage_zeroed("key start", t),
             window_start: ctx.storage_zeroed("window start", if c.sliding_window.is_some() { t } else { 1 }),
             stats: ctx.storage_zeroed("attention stats", t * c.num_heads * 2),
-            h_lora: ctx.storage_zeroed("lora h", t * rank.max(1)),
+            // Room for the x A^T of q, k and v at once (decoding gathers them: lora_a_shared).
+            h_lora: ctx.storage_zeroed("lora h", 3 * t * rank.max(1)),
         }
     }
 
@@ -792,7 +796,7 @@ impl Model {
         io: LinearIo<'_>,
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
-        let LinearIo { x, y, add_to_y, h, m, input } = io;
+        let LinearIo { x, y, add_to_y, h, m, input, lora_h_at } = io;
         let l = self.layers[layer].linear(module);
         let ctx = &self.ctx;
         let base = if add_to_y { OutCols::whole(l.n_out).accumulated() } else { OutCols::whole(l.n_out) };
@@ -809,14 +813,26 @@ impl Model {
         if m == 1 {
             let lora = match slot {
                 Some((a, s)) => {
-                    let x = adapted(enc, s.group)?;
-                    let a_mm = lora_a_product(x, (a, &s), h, (m, l.n_in));
-                    launch::matvec_fused_forward(ctx, enc, a_mm, launch::Fused { input, lora: None })?;
-                    Some(launch::RowLora { h, params: &a.params, b_offset: s.b, rank: a.layout.r, scale: a.scale })
+                    let h_offset = match lora_h_at {
+                        Some(at) => at,
+                        None => {
+                            let x = adapted(enc, s.group)?;
+                            let a_mm = lora_a_product(x, (a, &s), h, (m, l.n_in));
+                            launch::matvec_fused_forward(
+                                ctx,
+                                enc,
+                                a_mm,
+                                launch::Fused { input, ..Default::default() },
+                            )?;
+                            0
+                        }
+                    };
+                    let (params, b_offset, rank, scale) = (&a.params, s.b, a.layout.r, a.scale);
+                    Some(launch::RowLora { h, h_offset, params, b_offset, rank, scale })
                 }
                 None => None,
             };
-            return launch::matvec_fused_forward(ctx, enc, mm, launch::Fused { input, lora });
+            return launch::matvec_fused_forward(ctx, enc, mm, launch::Fused { input, lora, gather: None });
         }
         launch::matmul_forward(ctx, enc, mm)?;
         if let Some((a, s)) = slot {
@@ -831,6 +847,51 @@ impl Model {
             )?;
         }
         Ok(())
+    }
+
+    /// Decoding with an adapter: x A^T of the adapted ones among `modules`, which read the same
+    /// row x (with the op `input` fused in), in one product into h, each distinct A once
+    /// (Phi-3's q, k and v share theirs), their rows gathered from the adapter's buffer. Returns
+    /// where each module's x A^T starts in h (`None` where the module is not adapted).
+    fn lora_a_shared(
+        &self,
+        enc: &mut Encoder,
+        (l, modules): (usize, &[Module]),
+        lora: Option<&GpuAdapter>,
+        (x, input): (&wgpu::Buffer, Option<launch::RowInput<'_>>),
+        h: &wgpu::Buffer,
+    ) -> Result<Vec<Option<usize>>> {
+        let Some(a) = lora else { return Ok(vec![None; modules.len()]) };
+        let r = a.layout.r;
+        let mut firsts: Vec<usize> = Vec::new();
+        let mut n_in = 0;
+        let mut at = Vec::with_capacity(modules.len());
+        for &m in modules {
+            at.push(a.layout.slot(l, m).map(|s| {
+                n_in = self.layers[l].linear(m).n_in;
+                let i = firsts.iter().position(|&f| f == s.a).unwrap_or_else(|| {
+                    firsts.push(s.a);
+                    firsts.len() - 1
+                });
+                i * r
+            }));
+        }
+        let (Some(&first), true) = (firsts.first(), firsts.len() <= 3) else { return Ok(vec![None; modules.len()]) };
+        let offsets = [firsts.get(1).copied().unwrap_or(first), firsts.get(2).copied().unwrap_or(first)];
+        let n = firsts.len() * r;
+        let mm = launch::Matmul {
+            x,
+            w: Weight::DenseAt(&a.params, first),
+            bias: None,
+            y: h,
+            m: 1,
+            n,
+            k: n_in,
+            out: OutCols::whole(n),
+        };
+        let gather = Some(launch::Gather { rows: r, offsets });
+        launch::matvec_fused_forward(&self.ctx, enc, mm, launch::Fused { input, lora: None, gather })?;
+        Ok(at)
     }
 
     /// Runs `ids` through the transformer at the cache's next positions and returns the final
@@ -1011,12 +1072,20 @@ impl Model {
             launch::rms_norm_forward(ctx, enc, norm)?;
             Ok((b.xn, None))
         };
-        let io = |(x, input), y| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t, input };
+        let io = |(x, input), y, lora_h_at| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t, input, lora_h_at };
+        // Decoding runs the x A^T of the modules that read one input in one product.
+        let shared = |enc: &mut Encoder, modules: &[Module], input| -> Result<Vec<Option<usize>>> {
+            if !fuse {
+                return Ok(vec![None; modules.len()]);
+            }
+            self.lora_a_shared(enc, (l, modules), lora, input, b.lora_h)
+        };
         let input = normed(enc, b.x_in, &layer.attn_norm)?;
         let (q_proj, k_proj) = if layer.qk_norm.is_some() { (b.q_raw, b.k_raw) } else { (b.q, b.k) };
-        self.linear(enc, (l, Module::QProj), lora, io(input, q_proj), drop)?;
-        self.linear(enc, (l, Module::KProj), lora, io(input, k_proj), drop)?;
-        self.linear(enc, (l, Module::VProj), lora, io(input, b.v), drop)?;
+        let at = shared(enc, &[Module::QProj, Module::KProj, Module::VProj], input)?;
+        self.linear(enc, (l, Module::QProj), lora, io(input, q_proj, at[0]), drop)?;
+        self.linear(enc, (l, Module::KProj), lora, io(input, k_proj, at[1]), drop)?;
+        self.linear(enc, (l, Module::VProj), lora, io(input, b.v, at[2]), drop)?;
         if let Some((q_norm, k_norm)) = &layer.qk_norm {
             after(enc, Stage::QkRaw)?;
             let norm = |x, w, y, heads| launch::RmsNorm { x, w, y, n_rows: t * heads, dim: hd, eps: c.rms_norm_eps };
@@ -1072,8 +1141,9 @@ impl Model {
         self.branch(enc, l, out, b, (lora, t, drop), after)?;
         after(enc, Stage::Mid)?;
         let input = normed(enc, b.x_mid, &layer.ffn_norm)?;
-        self.linear(enc, (l, Module::GateProj), lora, io(input, b.gate), drop)?;
-        self.linear(enc, (l, Module::UpProj), lora, io(input, b.up), drop)?;
+        let at = shared(enc, &[Module::GateProj, Module::UpProj], input)?;
+        self.linear(enc, (l, Module::GateProj), lora, io(input, b.gate, at[0]), drop)?;
+        self.linear(enc, (l, Module::UpProj), lora, io(input, b.up, at[1]), drop)?;
         after(enc, Stage::GateUp)?;
         let (x, input) = if fuse {
             (b.gate, Some(self.gated(b.up)))
@@ -1113,7 +1183,7 @@ impl Model {
                 enc.copy_buffer_to_buffer(from, 0, into, 0, (t * h * 4) as u64);
             }
         };
-        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: b.lora_h, m: t, input: br.input };
+        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: b.lora_h, m: t, input: br.input, lora_h_at: None };
         let Some(w) = br.post_norm else {
             start_residual(enc);
             return self.linear(enc, (l, br.module), lora, io(into, true), drop);
@@ -1207,9 +1277,12 @@ impl Model {
                 out: OutCols::at(c.vocab_size, *start),
             };
             match input {
-                Some(input) => {
-                    launch::matvec_fused_forward(&self.ctx, enc, mm, launch::Fused { input: Some(input), lora: None })?
-                }
+                Some(input) => launch::matvec_fused_forward(
+                    &self.ctx,
+                    enc,
+                    mm,
+                    launch::Fused { input: Some(input), ..Default::default() },
+                )?,
                 None => launch::matmul_forward(&self.ctx, enc, mm)?,
             }
         }

@@ -176,6 +176,10 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         lora_rank: 0,
         lora_b: 0,
         lora_scale: 0.0,
+        seg_rows: 0,
+        w_offset1: 0,
+        w_offset2: 0,
+        lora_h: 0,
         _pad0: 0,
         _pad1: 0,
     })
@@ -262,8 +266,10 @@ impl<'a> RowInput<'a> {
 /// [`matvec_fused_forward`]): `y[0, col_offset + n] += scale * h . B[n, :]`.
 #[derive(Debug, Clone, Copy)]
 pub struct RowLora<'a> {
-    /// (rank) h = x A^T, from a dispatch before.
+    /// h = x A^T (rank values from element `h_offset`), from a dispatch before.
     pub h: &'a wgpu::Buffer,
+    /// h's first element.
+    pub h_offset: usize,
     /// The adapter's flat parameters, holding B (n, rank) from element `b_offset`.
     pub params: &'a wgpu::Buffer,
     /// B's first element in `params`.
@@ -274,14 +280,28 @@ pub struct RowLora<'a> {
     pub scale: f32,
 }
 
-/// What a one-row product fuses in: the op before it that it applies as it reads x, and a
-/// LoRA B product that it adds in its epilogue.
+/// The rows of a one-row product's [`Weight::DenseAt`] gathered from up to three blocks of the
+/// same buffer: rows [i * rows, (i + 1) * rows) start at the weight's offset for block 0 and at
+/// `offsets[i - 1]` for blocks 1 and 2. Decoding's x A^T of the adapted modules that read the
+/// same input (q, k and v; gate and up), whose A matrices lie apart in the adapter's buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Gather {
+    /// Rows a block.
+    pub rows: usize,
+    /// The first elements of blocks 1 and 2.
+    pub offsets: [usize; 2],
+}
+
+/// What a one-row product fuses in: the op before it that it applies as it reads x, a LoRA B
+/// product that it adds in its epilogue, and rows of its dense weight gathered from blocks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Fused<'a> {
     /// The op before the product.
     pub input: Option<RowInput<'a>>,
     /// The LoRA B product after it.
     pub lora: Option<RowLora<'a>>,
+    /// Where the rows of a [`Weight::DenseAt`] come from.
+    pub gather: Option<Gather>,
 }
 
 /// [`matmul_forward`] of one row with what `fused` says fused in: the product of the
@@ -298,13 +318,24 @@ pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>,
         return bad(format!("the op's operand holds fewer than {} values", mm.k));
     }
     let fits = |l: &RowLora<'_>| {
-        l.rank > 0 && l.h.size() >= 4 * l.rank as u64 && l.params.size() >= 4 * (l.b_offset + mm.n * l.rank) as u64
+        l.rank > 0
+            && l.h.size() >= 4 * (l.h_offset + l.rank) as u64
+            && l.params.size() >= 4 * (l.b_offset + mm.n * l.rank) as u64
     };
     if let Some(l) = fused.lora.filter(|l| !fits(l)) {
         return bad(format!(
             "a LoRA B of rank {} for {} outputs from element {} does not fit",
             l.rank, mm.n, l.b_offset
         ));
+    }
+    if let Some(g) = fused.gather {
+        let Weight::DenseAt(w, first) = mm.w else {
+            return bad("gathers the rows of a dense weight at an offset only".into());
+        };
+        let ends = [first, g.offsets[0], g.offsets[1]].map(|o| 4 * (o + g.rows * mm.k) as u64);
+        if g.rows == 0 || mm.n > 3 * g.rows || ends.iter().any(|&e| e > w.size()) {
+            return bad(format!("{} rows gathered in blocks of {} do not fit", mm.n, g.rows));
+        }
     }
     forward(ctx, enc, mm, fused)
 }
@@ -318,7 +349,7 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
     let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
     p.has_bias = bias.is_some() as u32;
-    let Fused { input, lora } = fused;
+    let Fused { input, lora, gather } = fused;
     if let Some(input) = input {
         p.x_op = input.op().0;
         if let RowInput::RmsNorm { eps, .. } = input {
@@ -328,7 +359,15 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
     if let Some(l) = lora {
         p.lora_rank = u32_of(l.rank, "LoRA rank")?;
         p.lora_b = u32_of(l.b_offset, "LoRA B offset")?;
+        p.lora_h = u32_of(l.h_offset, "LoRA h offset")?;
         p.lora_scale = l.scale;
+    }
+    let mut gathered_ok = true;
+    if let Some(g) = gather {
+        p.seg_rows = u32_of(g.rows, "rows a block")?;
+        p.w_offset1 = u32_of(g.offsets[0], "weight offset")?;
+        p.w_offset2 = u32_of(g.offsets[1], "weight offset")?;
+        gathered_ok = g.offsets.iter().all(|o| o.is_multiple_of(4));
     }
     // The bias binding must exist even when unused; x serves as a harmless dummy.
     let b = bias.unwrap_or(x);
@@ -361,7 +400,7 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
     };
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
-    let simd_ok = simd_ok && k.is_multiple_of(8);
+    let simd_ok = simd_ok && gathered_ok && k.is_multiple_of(8);
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * k, m * n), out.accumulate);
     let (shader, groups) = match m {
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
