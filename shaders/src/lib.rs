@@ -498,6 +498,13 @@ params!(/// `logit_softcap.wgsl`
 params!(/// `dpo.wgsl` and `dpo_logps.wgsl`
     DpoParams { n_pairs: u32, length_normalized: u32, ipo: u32, _pad: u32, beta: f32, a: f32, b: f32, grad_scale: f32 }
         = 32);
+/// [`MatmulParams::x_op`]: what a one-row product fuses into reading its input row, as
+/// `common/params.wgsl` names the values (the x as it is, RMS-normed, or gated by SiLU or GELU).
+pub const X_AS_IS: u32 = 0;
+pub const X_RMS_NORM: u32 = 1;
+pub const X_SILU_MUL: u32 = 2;
+pub const X_GELU_MUL: u32 = 3;
+
 params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
         m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,
@@ -521,3 +528,20 @@ params!(/// `attention.wgsl`
         n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32,
         softcap: f32, split_keys: u32, n_splits: u32, _pad0: u32, _pad1: u32,
     } = 48);
+
+#[cfg(test)]
+mod tests {
+    /// The x_op values here are the ones the kernels compare with.
+    #[test]
+    fn x_ops_match_the_wgsl_constants() {
+        let wgsl = include_str!("../common/params.wgsl");
+        for (name, v) in [
+            ("X_AS_IS", super::X_AS_IS),
+            ("X_RMS_NORM", super::X_RMS_NORM),
+            ("X_SILU_MUL", super::X_SILU_MUL),
+            ("X_GELU_MUL", super::X_GELU_MUL),
+        ] {
+            assert!(wgsl.contains(&format!("const {name}: u32 = {v}u;")), "{name} = {v} is not in common/params.wgsl");
+        }
+    }
+}

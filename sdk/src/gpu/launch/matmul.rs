@@ -255,9 +255,9 @@ impl<'a> RowInput<'a> {
     /// The kernel's `x_op` (common/params.wgsl) and its operand.
     fn op(self) -> (u32, &'a wgpu::Buffer) {
         match self {
-            RowInput::RmsNorm { w, .. } => (1, w),
-            RowInput::SiluMul { up } => (2, up),
-            RowInput::GeluMul { up } => (3, up),
+            RowInput::RmsNorm { w, .. } => (X_RMS_NORM, w),
+            RowInput::SiluMul { up } => (X_SILU_MUL, up),
+            RowInput::GeluMul { up } => (X_GELU_MUL, up),
         }
     }
 }
