@@ -39,30 +39,36 @@ fn every_shader_binds_at_most_the_default_number_of_storage_buffers() {
     eprintln!("the most storage buffers a kernel binds: {} ({})", most.0, most.1);
 }
 
-/// The coop16 kernels need cooperative matrices, which lavapipe does not have, so no test here
-/// can run them (the start-up self-test runs them on a GPU that has them, before they are
+/// The cooperative-matrix kernels need matrix units, which lavapipe does not have, so no test
+/// here can run them (the start-up self-test runs them on a GPU that has them, before they are
 /// used). What can be checked without one is checked: each parses, validates with the
-/// capability and translates to SPIR-V with naga, the compiler wgpu uses, and it declares the
-/// same bindings as the kernel it stands in for.
+/// capability and translates with naga, the compiler wgpu uses, to SPIR-V (Vulkan), and coop8's
+/// also to the Metal shading language (Apple GPUs, the ones that list its 8 x 8 f32
+/// configuration); and each declares the same bindings as the tile128 kernel it stands in for.
 #[test]
-fn cooperative_matrix_kernels_validate_and_translate_to_spirv() {
-    use wgpu::naga;
+fn cooperative_matrix_kernels_validate_and_translate_to_spirv_and_msl() {
     let coop: Vec<_> = shaders::ALL_SHADERS.iter().filter(|s| s.uses_cooperative_matrix()).collect();
-    // Dense, f16, NF4, Q4_0 and Q4_1 forward kernels; f16, NF4, Q4_0 and Q4_1 input gradients.
-    assert_eq!(coop.len(), 9, "the coop16 kernels: {:?}", coop.iter().map(|s| s.name).collect::<Vec<_>>());
+    let names = |family: &str| coop.iter().filter(|s| s.name.contains(family)).count();
+    // coop16: dense, f16, NF4, Q4_0 and Q4_1 forward kernels; f16, NF4, Q4_0 and Q4_1 input
+    // gradients. coop8: those, the dense input gradient and the weight gradient.
+    assert_eq!(
+        (names(".coop16"), names(".coop8"), coop.len()),
+        (9, 11, 20),
+        "the cooperative-matrix kernels: {:?}",
+        coop.iter().map(|s| s.name).collect::<Vec<_>>()
+    );
     for s in coop {
         let source = shaders::expand(s).expect("expand");
+        let coop8 = s.name.contains(".coop8");
         // The variant swaps the core: the matrix-unit one in, the tile128 one out.
         assert!(
             source.contains("coopMultiplyAdd") && !source.contains("acc0[0]"),
             "{}: the core was not swapped",
             s.name
         );
-        assert!(
-            source.starts_with("enable f16;\nenable wgpu_cooperative_matrix;\n"),
-            "{}: enables not hoisted",
-            s.name
-        );
+        let enables =
+            if coop8 { "enable wgpu_cooperative_matrix;\n" } else { "enable f16;\nenable wgpu_cooperative_matrix;\n" };
+        assert!(source.starts_with(enables), "{}: enables not hoisted", s.name);
         let module = naga::front::wgsl::parse_str(&source)
             .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
         let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
@@ -71,6 +77,16 @@ fn cooperative_matrix_kernels_validate_and_translate_to_spirv() {
         let words = naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
             .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", s.name));
         assert!(words.len() > 100, "{}: {} SPIR-V words", s.name, words.len());
+        if coop8 {
+            // Metal 2.3 is the first with simdgroup matrices (wgpu lists them only from there).
+            let options = naga::back::msl::Options { lang_version: (2, 3), ..Default::default() };
+            let pipeline = naga::back::msl::PipelineOptions::default();
+            let (msl, _) = naga::back::msl::write_string(&module, &info, &options, &pipeline)
+                .unwrap_or_else(|e| panic!("{}: MSL: {e}", s.name));
+            for want in ["simdgroup_float8x8", "simdgroup_multiply_accumulate", "simdgroup_load", "simdgroup_store"] {
+                assert!(msl.contains(want), "{}: no {want} in its MSL", s.name);
+            }
+        }
         let base = s.name.split('.').next().expect("a name");
         let twin = shaders::ALL_SHADERS.iter().find(|t| t.name == base).expect("tile128 twin");
         assert_eq!(s.bindings().expect("bindings"), twin.bindings().expect("bindings"), "{}", s.name);
@@ -1194,8 +1210,8 @@ fn kernel_parameters_survive_the_uniform_ring_wrapping_round() {
     assert_eq!(ctx.read_f32(&y, 1).expect("read")[0], want as f32);
     let used = ctx.counts() - before;
     assert_eq!(used.dispatches, 40_100);
-    // A context whose coop16 self-test ran at start-up made both already.
-    let made = if ctx.report.coop16_self_test.is_some() { 0 } else { 2 };
+    // A context whose cooperative-matrix self-test ran at start-up made both already.
+    let made = if ctx.report.coop_self_test.is_some() { 0 } else { 2 };
     assert_eq!(used.buffers, made, "the ring, made at the first launch, and the readback's staging buffer");
     assert_eq!(used.bind_groups, 1, "one bind group, reused at every offset of the ring");
     assert_eq!(binds.len(), 1);

@@ -38,7 +38,7 @@ impl Shader {
     }
 
     /// Whether the shader needs cooperative matrices (wgpu's experimental feature), which only
-    /// the coop16 family uses.
+    /// the cooperative-matrix families (coop16, coop8) use.
     pub fn uses_cooperative_matrix(&self) -> bool {
         self.code_contains("wgpu_cooperative_matrix")
     }
@@ -233,6 +233,55 @@ shaders! {
         [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl")];
     MATMUL_NF4_BACKWARD_COOP16_EMULATED = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop16.emulated"
         [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl")];
+    // The coop8 family: every tile128 matmul kernel (forward, input and weight gradients) on the
+    // cooperative-matrix core of 8 x 8 x 8 f32 fragments (shaders/common/coop8.wgsl), then the same
+    // eleven with its matrix operations written out in plain WGSL
+    // (shaders/common/coop8_mma_emulated.wgsl), for adapters without matrix units when
+    // `GpuOptions::emulate_coop` asks (tests on lavapipe).
+    MATMUL_COOP8 = "matmul_t128" as "matmul_t128.coop8"
+        [("common/tile128.wgsl", "common/coop8.wgsl")];
+    MATMUL_F16_COOP8 = "matmul_f16_t128" as "matmul_f16_t128.coop8"
+        [("common/tile128.wgsl", "common/coop8.wgsl")];
+    MATMUL_NF4_COOP8 = "matmul_nf4_t128" as "matmul_nf4_t128.coop8"
+        [("common/tile128.wgsl", "common/coop8.wgsl")];
+    MATMUL_BACKWARD_COOP8 = "matmul_backward_t128" as "matmul_backward_t128.coop8"
+        [("common/tile128.wgsl", "common/coop8.wgsl")];
+    MATMUL_F16_BACKWARD_COOP8 = "matmul_f16_backward_t128" as "matmul_f16_backward_t128.coop8"
+        [("common/tile128.wgsl", "common/coop8.wgsl")];
+    MATMUL_NF4_BACKWARD_COOP8 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop8"
+        [("common/tile128.wgsl", "common/coop8.wgsl")];
+    MATMUL_BACKWARD_W_COOP8 = "matmul_backward_w_t128" as "matmul_backward_w_t128.coop8"
+        [("common/tile128.wgsl", "common/coop8.wgsl")];
+    MATMUL_Q4_0_COOP8 = "matmul_nf4_t128" as "matmul_nf4_t128.coop8.q4_0"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATMUL_Q4_0_BACKWARD_COOP8 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop8.q4_0"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATMUL_Q4_1_COOP8 = "matmul_nf4_t128" as "matmul_nf4_t128.coop8.q4_1"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_BACKWARD_COOP8 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop8.q4_1"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_COOP8_EMULATED = "matmul_t128" as "matmul_t128.coop8.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl")];
+    MATMUL_F16_COOP8_EMULATED = "matmul_f16_t128" as "matmul_f16_t128.coop8.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl")];
+    MATMUL_NF4_COOP8_EMULATED = "matmul_nf4_t128" as "matmul_nf4_t128.coop8.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl")];
+    MATMUL_BACKWARD_COOP8_EMULATED = "matmul_backward_t128" as "matmul_backward_t128.coop8.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl")];
+    MATMUL_F16_BACKWARD_COOP8_EMULATED = "matmul_f16_backward_t128" as "matmul_f16_backward_t128.coop8.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl")];
+    MATMUL_NF4_BACKWARD_COOP8_EMULATED = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop8.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl")];
+    MATMUL_BACKWARD_W_COOP8_EMULATED = "matmul_backward_w_t128" as "matmul_backward_w_t128.coop8.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl")];
+    MATMUL_Q4_0_COOP8_EMULATED = "matmul_nf4_t128" as "matmul_nf4_t128.coop8.q4_0.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATMUL_Q4_0_BACKWARD_COOP8_EMULATED = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop8.q4_0.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATMUL_Q4_1_COOP8_EMULATED = "matmul_nf4_t128" as "matmul_nf4_t128.coop8.q4_1.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_BACKWARD_COOP8_EMULATED = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop8.q4_1.emulated"
+        [("common/tile128.wgsl", "common/coop8.wgsl"), ("common/coop8_mma.wgsl", "common/coop8_mma_emulated.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
     // GGUF's Q4_0 held as it is: every NF4 kernel with Q4_0's linear code book
     // (shaders/common/q4_0_code.wgsl) and blocks of 32.
     MATMUL_Q4_0 = "matmul_nf4" as "matmul_nf4.q4_0" [("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
@@ -296,6 +345,9 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/coop16.wgsl", include_str!("../common/coop16.wgsl")),
     ("common/coop_mma.wgsl", include_str!("../common/coop_mma.wgsl")),
     ("common/coop_mma_emulated.wgsl", include_str!("../common/coop_mma_emulated.wgsl")),
+    ("common/coop8.wgsl", include_str!("../common/coop8.wgsl")),
+    ("common/coop8_mma.wgsl", include_str!("../common/coop8_mma.wgsl")),
+    ("common/coop8_mma_emulated.wgsl", include_str!("../common/coop8_mma_emulated.wgsl")),
     ("common/attention_block.wgsl", include_str!("../common/attention_block.wgsl")),
     ("common/matmul_dw.wgsl", include_str!("../common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../common/matmul.wgsl")),

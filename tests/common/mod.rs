@@ -140,7 +140,7 @@ pub fn gpu() -> edgetune::gpu::GpuContext {
 
 /// A context for every kernel family the adapter can run (see `edgetune::gpu::family`): the
 /// default one first, then each other family forced, so tests on lavapipe cover `simd8`,
-/// `portable` and `tile128`.
+/// `portable` and `tile128`, and `coop16` and `coop8` with their matrix operations emulated.
 #[allow(dead_code)]
 pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
     use edgetune::gpu::{GpuContext, GpuOptions, KernelFamily};
@@ -162,20 +162,32 @@ pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
             Err(e) => assert!(e.to_string().contains("needs"), "{family}: {e}"),
         }
     }
-    // Without matrix units, the coop16 kernels still run with their matrix operations
-    // emulated: everything else of them is tested here too.
-    if !default.report.cooperative_matrix && default.report.shader_f16 {
-        let opts = GpuOptions {
-            kernels: Some(KernelFamily::Coop16),
-            emulate_coop16: true,
-            tile128_min_groups: Some(0),
-            ..Default::default()
+    // Without matrix units, the cooperative-matrix kernels still run with their matrix
+    // operations emulated: everything else of them is tested here too (coop16's emulation needs
+    // f16 arithmetic, coop8's nothing).
+    if !default.report.cooperative_matrix {
+        let families = if default.report.shader_f16 {
+            &[KernelFamily::Coop16, KernelFamily::Coop8][..]
+        } else {
+            &[KernelFamily::Coop8]
         };
-        let ctx = GpuContext::new(&opts).expect("coop16, emulated");
-        assert!(ctx.report.coop16_emulated, "not emulated");
-        let said = ctx.report.coop16_self_test.clone().unwrap_or_default();
-        assert!(said.starts_with("passed"), "the self-test of the emulated coop16 kernels: {said}");
-        all.push(ctx);
+        for &family in families {
+            let opts = GpuOptions {
+                kernels: Some(family),
+                emulate_coop: true,
+                tile128_min_groups: Some(0),
+                ..Default::default()
+            };
+            let ctx = GpuContext::new(&opts).unwrap_or_else(|e| panic!("{family}, emulated: {e}"));
+            assert!(ctx.report.coop_emulated, "{family} not emulated");
+            let said = ctx.report.coop_self_test.clone().unwrap_or_default();
+            assert!(
+                said.starts_with(&format!("{family} passed")),
+                "the self-test of the emulated {family} kernels: {said}"
+            );
+            eprintln!("{family}, emulated: self-test {said}");
+            all.push(ctx);
+        }
     }
     all.insert(0, default);
     all

@@ -28,13 +28,14 @@ pub struct GpuOptions {
     /// The longest the host waits for the GPU to finish submitted work before it gives up with
     /// an error; `None` reads `EDGETUNE_GPU_TIMEOUT_S`, else [`GPU_TIMEOUT`].
     pub gpu_timeout: Option<std::time::Duration>,
-    /// Lets the coop16 family run on an adapter with f16 arithmetic but no cooperative
-    /// matrices, its matrix operations written out in plain WGSL
-    /// (shaders/common/coop_mma_emulated.wgsl): everything else of those kernels (staging, row
-    /// scales, split reductions, epilogue) and the start-up self-test run as on a GPU with matrix
-    /// units. For tests on CPU adapters; no faster than tile128. An adapter that has the matrix
-    /// units runs the real kernels.
-    pub emulate_coop16: bool,
+    /// Lets the cooperative-matrix families run on an adapter without cooperative matrices,
+    /// their matrix operations written out in plain WGSL (shaders/common/coop_mma_emulated.wgsl
+    /// for coop16, which also needs f16 arithmetic; shaders/common/coop8_mma_emulated.wgsl for
+    /// coop8): everything else of those kernels (staging, row scales, split reductions,
+    /// epilogue) and the start-up self-test run as on a GPU with matrix units. The table then
+    /// picks coop16 where it can; force coop8 with [`GpuOptions::kernels`]. For tests on CPU
+    /// adapters; no faster than tile128. A configuration the adapter has runs the real kernels.
+    pub emulate_coop: bool,
     /// Products whose grid of 128 x 128 tiles has fewer workgroups than this use 64 x 64 tiles
     /// (see [`super::family::TILE128_MIN_GROUPS`]; 0: tile128 for every product); `None` reads
     /// `EDGETUNE_TILE128_MIN_GROUPS`, else that constant.
@@ -76,10 +77,11 @@ pub struct AdapterReport {
     pub max_compute_invocations_per_workgroup: u32,
     /// The kernel family each op uses (see [`super::family`]).
     pub kernels: Kernels,
-    /// What the coop16 family's start-up self-test found, where it ran (see gpu/probe.rs).
-    pub coop16_self_test: Option<String>,
-    /// Whether the coop16 kernels run emulated (see [`GpuOptions::emulate_coop16`]).
-    pub coop16_emulated: bool,
+    /// What the start-up self-test of a cooperative-matrix family (coop16 or coop8) found,
+    /// where one ran (see gpu/probe.rs).
+    pub coop_self_test: Option<String>,
+    /// Whether the cooperative-matrix kernels run emulated (see [`GpuOptions::emulate_coop`]).
+    pub coop_emulated: bool,
     /// What the family table read of the adapter.
     #[serde(skip)]
     pub facts: AdapterFacts,
@@ -102,10 +104,10 @@ impl std::fmt::Display for AdapterReport {
             self.timestamp_query,
             self.cooperative_matrix
         )?;
-        let emulated = if self.coop16_emulated { " (coop16's matrix operations emulated in plain WGSL)" } else { "" };
+        let emulated = if self.coop_emulated { " (matrix operations emulated in plain WGSL)" } else { "" };
         writeln!(f, "kernels: {}{emulated}", self.kernels)?;
-        if let Some(t) = &self.coop16_self_test {
-            writeln!(f, "coop16 self-test: {t}")?;
+        if let Some(t) = &self.coop_self_test {
+            writeln!(f, "cooperative-matrix self-test: {t}")?;
         }
         match self.memory {
             Some(GpuMemory { total_bytes, available_bytes: Some(free) }) => {
@@ -330,13 +332,20 @@ impl GpuContext {
                         && c.ab_type == wgpu::CooperativeScalarType::F16
                         && c.cr_type == wgpu::CooperativeScalarType::F32
                 }),
+            coop_8x8_f32: features.contains(coop)
+                && adapter.cooperative_matrix_properties().iter().any(|c| {
+                    (c.m_size, c.n_size, c.k_size) == (8, 8, 8)
+                        && c.ab_type == wgpu::CooperativeScalarType::F32
+                        && c.cr_type == wgpu::CooperativeScalarType::F32
+                }),
         };
-        let coop16_emulated =
-            opts.emulate_coop16 && !facts.coop_16x16_f16 && features.contains(wgpu::Features::SHADER_F16);
-        if coop16_emulated {
-            // What the emulation provides: 16 x 16 x 16 f16 products, on groups of 32 threads
-            // that need no subgroup operations.
-            facts.coop_16x16_f16 = true;
+        // What the emulation provides where the adapter lacks it: 16 x 16 x 16 f16 products (on
+        // f16 arithmetic) and 8 x 8 x 8 f32 ones, on groups of 32 threads that need no subgroup
+        // operations. An adapter with either configuration keeps its facts and real kernels.
+        let coop_emulated = opts.emulate_coop && !facts.coop_16x16_f16 && !facts.coop_8x8_f32;
+        if coop_emulated {
+            facts.coop_16x16_f16 = features.contains(wgpu::Features::SHADER_F16);
+            facts.coop_8x8_f32 = true;
             facts.subgroups = true;
             facts.subgroup_size = (32, 32);
         }
@@ -349,12 +358,12 @@ impl GpuContext {
             Some(groups) => groups,
             None => family::tile128_min_groups_from_env()?.unwrap_or(kernels.tile128_min_groups),
         };
-        // Cooperative matrices are an experimental wgpu feature: asked for only when the coop16
-        // family is to be tried (and then only used after its self-test).
-        let experimental = if kernels.family == KernelFamily::Coop16 && !coop16_emulated {
+        // Cooperative matrices are an experimental wgpu feature: asked for only when a family
+        // that uses them is to be tried (and then only used after its self-test).
+        let experimental = if kernels.family.uses_matrix_units() && !coop_emulated {
             required |= coop;
             // SAFETY: wgpu asks its callers to acknowledge that experimental features may have
-            // bugs. Only the coop16 kernels use this one, and only after the start-up self-test
+            // bugs. Only the coop16 and coop8 kernels use this one, and only after the start-up self-test
             // (gpu/probe.rs) has checked their results against the CPU twin.
             unsafe { wgpu::ExperimentalFeatures::enabled() }
         } else {
@@ -386,8 +395,8 @@ impl GpuContext {
             max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             kernels,
-            coop16_self_test: None,
-            coop16_emulated,
+            coop_self_test: None,
+            coop_emulated,
             facts,
             forced,
             memory: memory::query(&adapter),
@@ -587,7 +596,7 @@ impl GpuContext {
         if let Some(k) = cache.get(asked) {
             return Ok(k.clone());
         }
-        let shader = if self.report.coop16_emulated && shader.uses_cooperative_matrix() {
+        let shader = if self.report.coop_emulated && shader.uses_cooperative_matrix() {
             super::shaders::emulated_twin(shader)?
         } else {
             shader

@@ -9,16 +9,19 @@
 //! | `simd8` | 32 x 32 blocks in 8-lane registers | 8 queries a workgroup | a CPU adapter with 8-lane subgroups (lavapipe) |
 //! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 16 queries (forward, dQ) or 16 keys (dK, dV) a workgroup over staged tiles (27 KiB; else portable) | a GPU with 17 KiB of workgroup memory |
 //! | `coop16` | forward and input gradients through frozen weights: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums, each row of the activations or gradients scaled by a power of two into f16's range; other gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
+//! | `coop8` | every many-row product: 128 x 128 tiles of 8 x 8 x 8 f32 cooperative-matrix fragments (Metal's simdgroup matrices) | as `tile128` | a GPU that lists that configuration and not coop16's, once its self-test passes |
 //!
 //! A product whose grid of 128 x 128 tiles is small (fewer than [`TILE128_MIN_GROUPS`]
-//! workgroups) runs on portable's 64 x 64 tiles in tile128, and for coop16's gradients.
+//! workgroups) runs on portable's 64 x 64 tiles in tile128, and for coop16's gradients; the
+//! products on matrix units stay there (their split reductions fill the GPU).
 //! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for
 //! the LoRA input gradients and the weight gradients, reductions over tokens of two
 //! gradient-sized operands). `GpuOptions::kernels` or
 //! `EDGETUNE_KERNELS` forces a family (tests run each one the adapter can run); forcing one the
-//! adapter cannot run is an error, never a silent fallback. coop16 is used only after a
-//! start-up self-test on the GPU (`gpu/probe.rs`): NF4 matmuls against exact sums within
-//! the f16 rounding bound. When it fails, the adapter gets tile128 and the report says why.
+//! adapter cannot run is an error, never a silent fallback. coop16 and coop8 are used only
+//! after a start-up self-test on the GPU (`gpu/probe.rs`): NF4 matmuls against exact sums
+//! within the bound of their rounding (f16 operands for coop16, f32 for coop8). When it fails,
+//! the adapter gets the family the table picks without matrix units, and the report says why.
 
 use serde::Serialize;
 
@@ -36,12 +39,14 @@ pub enum KernelFamily {
     Tile128,
     /// Cooperative-matrix (tensor core) products on f16 operands with f32 sums.
     Coop16,
+    /// Cooperative-matrix products of 8 x 8 x 8 f32 fragments (Apple GPUs' simdgroup matrices).
+    Coop8,
 }
 
 impl KernelFamily {
     /// Every family.
-    pub const ALL: [KernelFamily; 4] =
-        [KernelFamily::Portable, KernelFamily::Simd8, KernelFamily::Tile128, KernelFamily::Coop16];
+    pub const ALL: [KernelFamily; 5] =
+        [KernelFamily::Portable, KernelFamily::Simd8, KernelFamily::Tile128, KernelFamily::Coop16, KernelFamily::Coop8];
 
     /// Its name, as `EDGETUNE_KERNELS` and the reports spell it.
     pub fn name(self) -> &'static str {
@@ -50,7 +55,14 @@ impl KernelFamily {
             KernelFamily::Simd8 => "simd8",
             KernelFamily::Tile128 => "tile128",
             KernelFamily::Coop16 => "coop16",
+            KernelFamily::Coop8 => "coop8",
         }
+    }
+
+    /// Whether the family multiplies on the adapter's matrix units (wgpu's experimental
+    /// cooperative matrices), and so runs only after a self-test (`gpu/probe.rs`).
+    pub fn uses_matrix_units(self) -> bool {
+        matches!(self, KernelFamily::Coop16 | KernelFamily::Coop8)
     }
 }
 
@@ -79,7 +91,7 @@ pub struct Kernels {
     /// `portable` or `simd8`).
     pub matmul: KernelFamily,
     /// Many-row input and weight gradients (coop16: the input gradients through frozen f16 and
-    /// NF4 weights; the LoRA and weight gradients use tile128).
+    /// NF4 weights; the LoRA and weight gradients use tile128; coop8: all of them).
     pub matmul_grad: KernelFamily,
     /// Attention forward and backward.
     pub attention: KernelFamily,
@@ -122,6 +134,9 @@ pub struct AdapterFacts {
     /// The adapter offers cooperative matrices with a 16 x 16 x 16 configuration of f16
     /// operands and f32 sums, and f16 in shaders.
     pub coop_16x16_f16: bool,
+    /// The adapter offers cooperative matrices with an 8 x 8 x 8 configuration of f32 operands
+    /// and f32 sums.
+    pub coop_8x8_f32: bool,
 }
 
 /// Below this many workgroups of 128 x 128 tiles, a product runs on portable's 64 x 64 tiles
@@ -144,6 +159,10 @@ pub const ATTENTION_T128_WORKGROUP_BYTES: u32 = (16 * 129 + 32 * 129 + 16 * 32) 
 /// Workgroup memory the coop16 kernels declare: two (16, 136) f16 tiles, eight 16 x 16 f32
 /// fragments, the 128 rows' scale exponents and the NF4 code book.
 pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 128 * 4 + 16 * 4;
+
+/// Workgroup memory the coop8 kernels declare: two (16, 136) f32 tiles (the epilogue's scratch
+/// too) and the NF4 code book.
+pub const COOP8_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 4 + 16 * 4;
 
 /// Why `family` cannot run on the adapter, or `None` when it can.
 pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
@@ -180,6 +199,21 @@ pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
                 )
             })
         }
+        KernelFamily::Coop8 => {
+            let lanes_32 = a.subgroups && a.subgroup_size.0 <= 32 && 32 <= a.subgroup_size.1;
+            let fits = a.max_workgroup_storage >= COOP8_WORKGROUP_BYTES && a.max_invocations >= 256;
+            (!(a.coop_8x8_f32 && lanes_32 && fits)).then(|| {
+                format!(
+                    "needs cooperative matrices of 8 x 8 x 8 f32 with f32 sums, 32-lane subgroups and {} bytes of \
+                     workgroup memory (this adapter: cooperative 8x8 f32 {}, subgroups {}..{}, {} bytes)",
+                    COOP8_WORKGROUP_BYTES,
+                    a.coop_8x8_f32,
+                    a.subgroup_size.0,
+                    a.subgroup_size.1,
+                    a.max_workgroup_storage
+                )
+            })
+        }
     }
 }
 
@@ -196,6 +230,7 @@ pub fn choose(a: &AdapterFacts, forced: Option<KernelFamily>) -> Result<Kernels>
         None if unsupported(KernelFamily::Simd8, a).is_none() => KernelFamily::Simd8,
         None if a.device_type == wgpu::DeviceType::Cpu => KernelFamily::Portable,
         None if unsupported(KernelFamily::Coop16, a).is_none() => KernelFamily::Coop16,
+        None if unsupported(KernelFamily::Coop8, a).is_none() => KernelFamily::Coop8,
         None if unsupported(KernelFamily::Tile128, a).is_none() => KernelFamily::Tile128,
         None => KernelFamily::Portable,
     };
@@ -211,8 +246,7 @@ pub fn kernels_of(family: KernelFamily, a: &AdapterFacts) -> Kernels {
     };
     let (matmul, matmul_grad, attention) = match family {
         KernelFamily::Simd8 => (family, family, family),
-        KernelFamily::Coop16 => (family, family, blocked),
-        KernelFamily::Tile128 => (family, family, blocked),
+        KernelFamily::Coop16 | KernelFamily::Coop8 | KernelFamily::Tile128 => (family, family, blocked),
         KernelFamily::Portable => (family, family, family),
     };
     Kernels { family, matmul, matmul_grad, attention, tile128_min_groups: TILE128_MIN_GROUPS }
@@ -250,6 +284,7 @@ mod tests {
             max_workgroup_storage: storage,
             max_invocations: 1024,
             coop_16x16_f16: false,
+            coop_8x8_f32: false,
         }
     }
 
@@ -278,6 +313,13 @@ mod tests {
         assert_eq!(pick(coop), k(Coop16, Coop16, Coop16, Tile128));
         // Not with 64-lane subgroups only.
         assert_eq!(pick(AdapterFacts { subgroup_size: (64, 64), ..coop }).family, Tile128);
+        // Apple's 8 x 8 f32 simdgroup matrices (Metal lists subgroups of 4..64): every many-row
+        // product on them; coop16 where both are listed.
+        let apple = AdapterFacts { coop_8x8_f32: true, ..facts(IntegratedGpu, (4, 64), 32768) };
+        assert_eq!(pick(apple), k(Coop8, Coop8, Coop8, Tile128));
+        assert_eq!(pick(AdapterFacts { coop_16x16_f16: true, ..apple }).family, Coop16);
+        assert_eq!(pick(AdapterFacts { subgroup_size: (64, 64), ..apple }).family, Tile128);
+        assert_eq!(pick(AdapterFacts { max_workgroup_storage: 16384, ..apple }).family, Portable);
     }
 
     #[test]
@@ -294,8 +336,10 @@ mod tests {
         assert!(err.contains("tile128") && err.contains("16384"), "{err}");
         let err = choose(&gpu, Some(KernelFamily::Coop16)).expect_err("no matrix units").to_string();
         assert!(err.contains("coop16") && err.contains("cooperative 16x16 f16 false"), "{err}");
+        let err = choose(&gpu, Some(KernelFamily::Coop8)).expect_err("no matrix units").to_string();
+        assert!(err.contains("coop8") && err.contains("cooperative 8x8 f32 false"), "{err}");
         assert_eq!("TILE128".parse::<KernelFamily>().expect("case-insensitive"), KernelFamily::Tile128);
         let err = "fast".parse::<KernelFamily>().expect_err("unknown").to_string();
-        assert!(err.contains("portable, simd8, tile128, coop16"), "{err}");
+        assert!(err.contains("portable, simd8, tile128, coop16, coop8"), "{err}");
     }
 }

@@ -1,10 +1,11 @@
 //! Opening a GPU context: the adapter and the kernel families the table picks
 //! (`gpu/family.rs`), then the self-test of any family that must prove itself on this GPU
-//! before it is used. Today that is coop16, whose cooperative-matrix kernels no CPU adapter can
-//! run: NF4 matmuls forward and for the input gradient (and each with a split reduction)
-//! against the exact sums, within the bound of rounding both operands to f16. A failure reopens
-//! the device with the family the table would pick without matrix units and records why in
-//! [`AdapterReport::coop16_self_test`]; when coop16 was forced, it is an error instead.
+//! before it is used. Today those are coop16 and coop8, whose cooperative-matrix kernels no CPU
+//! adapter can run: NF4 matmuls forward and for the input gradient (and each with a split
+//! reduction) against the exact sums, within the bound of their rounding (both operands to f16
+//! for coop16; f32 products and sums for coop8). A failure reopens the device with the family
+//! the table would pick without matrix units and records why in
+//! [`AdapterReport::coop_self_test`]; when the family was forced, it is an error instead.
 
 use super::context::{AdapterReport, GpuContext, GpuOptions};
 use super::family::{self, KernelFamily};
@@ -15,13 +16,14 @@ impl GpuContext {
     /// Opens the adapter chosen by `opts` (see gpu/context.rs) and settles its kernel families.
     pub fn new(opts: &GpuOptions) -> Result<Self> {
         let mut ctx = Self::open_unprobed(opts)?;
-        if ctx.report.kernels.family != KernelFamily::Coop16 {
+        let family = ctx.report.kernels.family;
+        if !family.uses_matrix_units() {
             return Ok(ctx);
         }
-        let outcome = coop16_self_test(&ctx);
-        match settle_coop16(&ctx.report, outcome)? {
+        let outcome = coop_self_test(&ctx, family);
+        match settle_coop(&ctx.report, outcome)? {
             Settled::Keep(said) => {
-                ctx.report.coop16_self_test = Some(said);
+                ctx.report.coop_self_test = Some(said);
                 Ok(ctx)
             }
             // A fresh device without the experimental feature: a failed kernel may have left
@@ -30,41 +32,55 @@ impl GpuContext {
                 drop(ctx);
                 let mut ctx = Self::open_unprobed(&GpuOptions { kernels: Some(family), ..opts.clone() })?;
                 ctx.report.forced = None;
-                ctx.report.coop16_self_test = Some(said);
+                ctx.report.coop_self_test = Some(said);
                 Ok(ctx)
             }
         }
     }
 }
 
-/// What the coop16 self-test decides.
+/// What a cooperative-matrix family's self-test decides.
 #[derive(Debug, PartialEq)]
 enum Settled {
-    /// Use coop16; what the test found.
+    /// Use the family; what the test found.
     Keep(String),
     /// Use this family instead; why.
     FallBack(KernelFamily, String),
 }
 
-/// Keeps coop16 when its self-test passed; otherwise falls back to the table's choice without
-/// it, or fails when coop16 was forced.
-fn settle_coop16(report: &AdapterReport, outcome: Result<String>) -> Result<Settled> {
+/// Keeps the adapter's cooperative-matrix family when its self-test passed; otherwise falls
+/// back to the table's choice without matrix units (neither coop16 nor coop8: the other
+/// configuration would go untested), or fails when the family was forced.
+fn settle_coop(report: &AdapterReport, outcome: Result<String>) -> Result<Settled> {
+    let tested = report.kernels.family;
     match outcome {
-        Ok(summary) => Ok(Settled::Keep(format!("passed: {summary}"))),
-        Err(e) if report.forced == Some(KernelFamily::Coop16) => Err(Error::Gpu(format!(
-            "the coop16 kernels were forced but failed their self-test on {}: {e}",
+        Ok(summary) => Ok(Settled::Keep(format!("{tested} passed: {summary}"))),
+        Err(e) if report.forced == Some(tested) => Err(Error::Gpu(format!(
+            "the {tested} kernels were forced but failed their self-test on {}: {e}",
             report.name
         ))),
         Err(e) => {
-            let without = family::AdapterFacts { coop_16x16_f16: false, ..report.facts };
+            let without = family::AdapterFacts { coop_16x16_f16: false, coop_8x8_f32: false, ..report.facts };
             let family = family::choose(&without, None)?.family;
-            Ok(Settled::FallBack(family, format!("failed, using {family}: {e}")))
+            Ok(Settled::FallBack(family, format!("{tested} failed, using {family}: {e}")))
         }
     }
 }
 
 /// Unit roundoff of f16.
 const F16_U: f64 = 1.0 / 2048.0;
+
+/// How far a coop8 output `out[r, c] = sum_j a[j] b[j]` (f32 operands, `red` long) may lie from
+/// the exact sum: each of the `red` products and each addition rounded to f32 (u = 2^-24), in
+/// whatever order the matrix units and a split reduction add them, which is at most
+/// gamma(red + 1) = (red + 1) u / (1 - (red + 1) u) of the mass sum_j |a_j b_j| (Higham, the
+/// bound for any order of summing rounded products). The NF4 weights dequantize to the same
+/// f32 values on both sides (one rounded product, code times absmax).
+pub(crate) fn f32_bound(a: &[f32], b: &[f32]) -> f64 {
+    let mass: f64 = a.iter().zip(b).map(|(&x, &y)| (f64::from(x) * f64::from(y)).abs()).sum();
+    let nu = (a.len() + 1) as f64 * f64::powi(2.0, -24);
+    nu / (1.0 - nu) * mass
+}
 
 /// How far a coop16 output `out[r, c] = sum_j a[j] b[j]` (`a` a row of the activations or
 /// gradients, `b` a weight row, both `red` long) may lie from the exact sum:
@@ -97,14 +113,14 @@ struct Case<'a> {
     w_rows: &'a [f32],
 }
 
-/// Compares every output with the exact sum (in f64, on the CPU) within [`f16_bound`]; returns
-/// the worst error as a share of its bound.
-fn check_case(c: &Case<'_>, got: &[f32]) -> Result<f64> {
+/// Compares every output with the exact sum (in f64, on the CPU) within `bound` ([`f16_bound`]
+/// or [`f32_bound`]); returns the worst error as a share of its bound.
+fn check_case(c: &Case<'_>, got: &[f32], bound: fn(&[f32], &[f32]) -> f64) -> Result<f64> {
     let mut worst = 0f64;
     for r in 0..c.rows {
         for col in 0..c.cols {
             let (a, b) = (&c.x[r * c.red..][..c.red], &c.w_rows[col * c.red..][..c.red]);
-            let bound = f16_bound(a, b);
+            let bound = bound(a, b);
             let exact: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
             let g = got[r * c.cols + col];
             let err = (f64::from(g) - exact).abs();
@@ -120,19 +136,25 @@ fn check_case(c: &Case<'_>, got: &[f32]) -> Result<f64> {
     Ok(worst)
 }
 
-/// Runs the coop16 kernels on NF4 weights and compares every output with the exact sum within
-/// [`f16_bound`] (computed here: production code does not lean on the tests' oracle): the forward product on activations of moderate size and of sizes past f16's
-/// largest value, and the input gradient on gradients far below f16's smallest normal value
-/// (each row's power-of-two scale is what keeps them exact to f16's precision). Returns the
-/// worst error as a share of its bound.
-fn coop16_self_test(ctx: &GpuContext) -> Result<String> {
+/// Runs the kernels of `family` (coop16 or coop8) on NF4 weights and compares every output with
+/// the exact sum within the bound of its rounding ([`f16_bound`] or [`f32_bound`], computed
+/// here: production code does not lean on the tests' oracle): the forward product on
+/// activations of moderate size and of sizes past f16's largest value, and the input gradient
+/// on gradients far below f16's smallest normal value (for coop16, each row's power-of-two
+/// scale is what keeps them exact to f16's precision). Returns the worst error as a share of
+/// its bound.
+fn coop_self_test(ctx: &GpuContext, family: KernelFamily) -> Result<String> {
+    let (bound, name): (fn(&[f32], &[f32]) -> f64, &str) =
+        if family == KernelFamily::Coop8 { (f32_bound, "f32") } else { (f16_bound, "f16") };
     let mut worst = 0f64;
-    // Forward: a 2 x 2 grid of blocks with partial tiles; a small grid whose long reduction is
+    // Forward: a 2 x 2 grid of blocks with partial tiles (and a reduction of 64, where coop8's
+    // f32 bound is tight enough to catch operands rounded to f16); a small grid whose long reduction is
     // split; activations up to 1e6 (f16's largest value is 65504). The input gradient
     // dx (m, k) = dy (m, n) W (n, k), with dy around 1e-6 (below f16's normal range), over a
     // 2 x 2 grid and over a split reduction.
     let cases = [
         (false, 130usize, 136usize, 264usize, 1.0f32),
+        (false, 130, 136, 64, 1.0),
         (false, 20, 40, 1024, 1.0),
         (false, 130, 136, 264, 1e6),
         (true, 130, 264, 136, 1e-6),
@@ -171,9 +193,9 @@ fn coop16_self_test(ctx: &GpuContext) -> Result<String> {
             ("forward", k, wd)
         };
         let case = Case { label, rows: m, cols, red, x: &a, w_rows: &w_rows };
-        worst = worst.max(check_case(&case, &got)?);
+        worst = worst.max(check_case(&case, &got, bound)?);
     }
-    Ok(format!("worst error {:.1} % of the f16 bound", 100.0 * worst))
+    Ok(format!("worst error {:.1} % of the {name} bound", 100.0 * worst))
 }
 
 /// Deterministic values in [-scale, scale).
@@ -231,11 +253,52 @@ mod tests {
         }
     }
 
-    /// The fallback path, which no CPU adapter reaches through a real self-test.
+    /// What coop8 does to one output, on the CPU: f32 products summed in f32, in the order of
+    /// 8-long fragments whose partial sums are added last (one order the matrix units may use).
+    fn coop8_like(a: &[f32], b: &[f32]) -> f64 {
+        let parts: Vec<f32> =
+            a.chunks(8).zip(b.chunks(8)).map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum()).collect();
+        f64::from(parts.iter().rev().sum::<f32>())
+    }
+
+    /// The f32 bound holds for f32 arithmetic in two summation orders and catches a lost
+    /// fragment. Being a worst case (it grows as red^2 times the terms' size, rounding errors
+    /// as sqrt(red)), it catches operands quietly rounded to f16 only on short reductions: at 64
+    /// (which the self-test has a case of), not at 1,024.
     #[test]
-    fn a_failed_self_test_falls_back_unless_coop16_was_forced() {
+    fn the_f32_bound_holds_for_f32_sums_and_catches_a_lost_term_and_short_f16_sums() {
+        let h = |v: f32| half::f16::from_f32(v).to_f32();
+        for (red, f16_caught) in [(64usize, true), (1024, false)] {
+            let mut worst = [0f64; 3];
+            for row in 0..64u64 {
+                let a = values(red, 300 + row, 1.0);
+                let b = values(red, 700 + row, 0.1);
+                let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+                let bound = f32_bound(&a, &b);
+                let ordered = f64::from(a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>());
+                let halves = f64::from(a.iter().zip(&b).map(|(&x, &y)| h(x) * h(y)).sum::<f32>());
+                let lost = coop8_like(&a[8..], &b[8..]);
+                for got in [ordered, coop8_like(&a, &b)] {
+                    worst[0] = worst[0].max((got - exact).abs() / bound);
+                }
+                worst[1] = worst[1].max((halves - exact).abs() / bound);
+                worst[2] = worst[2].max((lost - exact).abs() / bound);
+            }
+            assert!(worst[0] <= 1.0, "red {red}: f32 sums at {:.3} of the bound", worst[0]);
+            assert!(worst[0] > 1e-4, "red {red}: a bound 10^4 times too loose ({:.2e})", worst[0]);
+            assert_eq!(worst[1] > 1.0, f16_caught, "red {red}: f16 operands at {:.2} of the f32 bound", worst[1]);
+            assert!(worst[2] > 1.0, "red {red}: a lost fragment passes the f32 bound ({:.2})", worst[2]);
+        }
+    }
+
+    /// The fallback path, which no CPU adapter reaches through a real self-test, for both
+    /// cooperative-matrix families.
+    #[test]
+    fn a_failed_self_test_falls_back_unless_the_family_was_forced() {
         let ctx = GpuContext::open_unprobed(&GpuOptions::default()).expect("an adapter (lavapipe in CI)");
         let mut report = ctx.report.clone();
+        // An adapter that lists both configurations: a failed coop16 must not leave it on coop8,
+        // whose kernels have not been tested either.
         report.facts = family::AdapterFacts {
             device_type: wgpu::DeviceType::DiscreteGpu,
             subgroups: true,
@@ -243,20 +306,24 @@ mod tests {
             max_workgroup_storage: 49152,
             max_invocations: 1024,
             coop_16x16_f16: true,
+            coop_8x8_f32: true,
         };
-        report.kernels = family::kernels_of(KernelFamily::Coop16, &report.facts);
-        report.forced = None;
-        let failed = settle_coop16(&report, Err(Error::Gpu("output (0, 0) is 3 where the CPU twin gives 1".into())));
-        match failed.expect("falls back") {
-            Settled::FallBack(KernelFamily::Tile128, said) => {
-                assert!(said.starts_with("failed, using tile128") && said.contains("CPU twin gives 1"), "{said}")
+        for tested in [KernelFamily::Coop16, KernelFamily::Coop8] {
+            report.kernels = family::kernels_of(tested, &report.facts);
+            report.forced = None;
+            let failed = settle_coop(&report, Err(Error::Gpu("output (0, 0) is 3 where the CPU twin gives 1".into())));
+            match failed.expect("falls back") {
+                Settled::FallBack(KernelFamily::Tile128, said) => assert!(
+                    said.starts_with(&format!("{tested} failed, using tile128")) && said.contains("CPU twin gives 1"),
+                    "{said}"
+                ),
+                other => panic!("{tested}: {other:?}"),
             }
-            other => panic!("{other:?}"),
+            let passed = settle_coop(&report, Ok("worst error 3.0 % of the bound".into())).expect("kept");
+            assert_eq!(passed, Settled::Keep(format!("{tested} passed: worst error 3.0 % of the bound")));
+            report.forced = Some(tested);
+            let err = settle_coop(&report, Err(Error::Gpu("NaN".into()))).expect_err("forced").to_string();
+            assert!(err.contains(&format!("the {tested} kernels were forced")) && err.contains("self-test"), "{err}");
         }
-        let passed = settle_coop16(&report, Ok("worst error 3.0 % of the f16 bound".into())).expect("kept");
-        assert_eq!(passed, Settled::Keep("passed: worst error 3.0 % of the f16 bound".into()));
-        report.forced = Some(KernelFamily::Coop16);
-        let err = settle_coop16(&report, Err(Error::Gpu("NaN".into()))).expect_err("forced").to_string();
-        assert!(err.contains("forced") && err.contains("self-test"), "{err}");
     }
 }

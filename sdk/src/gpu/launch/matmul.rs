@@ -436,72 +436,92 @@ struct ManyRows {
 }
 
 /// One many-row matmul in each kernel family (see [`crate::gpu::family`]); coop16 has the
-/// forward kernels and the input gradients through frozen (f16, NF4) weights.
+/// forward kernels and the input gradients through frozen (f16, NF4) weights, coop8 every one.
 #[derive(Clone, Copy)]
 struct Family {
     portable: &'static Shader,
     simd8: &'static Shader,
     tile128: &'static Shader,
     coop16: Option<&'static Shader>,
+    coop8: &'static Shader,
 }
 
-const DENSE: Family =
-    Family { portable: &MATMUL, simd8: &MATMUL_SIMD8, tile128: &MATMUL_T128, coop16: Some(&MATMUL_COOP16) };
+const DENSE: Family = Family {
+    portable: &MATMUL,
+    simd8: &MATMUL_SIMD8,
+    tile128: &MATMUL_T128,
+    coop16: Some(&MATMUL_COOP16),
+    coop8: &MATMUL_COOP8,
+};
 const F16: Family = Family {
     portable: &MATMUL_F16,
     simd8: &MATMUL_F16_SIMD8,
     tile128: &MATMUL_F16_T128,
     coop16: Some(&MATMUL_F16_COOP16),
+    coop8: &MATMUL_F16_COOP8,
 };
 const NF4: Family = Family {
     portable: &MATMUL_NF4,
     simd8: &MATMUL_NF4_SIMD8,
     tile128: &MATMUL_NF4_T128,
     coop16: Some(&MATMUL_NF4_COOP16),
+    coop8: &MATMUL_NF4_COOP8,
 };
 const Q4_0: Family = Family {
     portable: &MATMUL_Q4_0,
     simd8: &MATMUL_Q4_0_SIMD8,
     tile128: &MATMUL_Q4_0_T128,
     coop16: Some(&MATMUL_Q4_0_COOP16),
+    coop8: &MATMUL_Q4_0_COOP8,
 };
 const Q4_1: Family = Family {
     portable: &MATMUL_Q4_1,
     simd8: &MATMUL_Q4_1_SIMD8,
     tile128: &MATMUL_Q4_1_T128,
     coop16: Some(&MATMUL_Q4_1_COOP16),
+    coop8: &MATMUL_Q4_1_COOP8,
 };
-const DENSE_DX: Family =
-    Family { portable: &MATMUL_BACKWARD, simd8: &MATMUL_BACKWARD_SIMD8, tile128: &MATMUL_BACKWARD_T128, coop16: None };
+const DENSE_DX: Family = Family {
+    portable: &MATMUL_BACKWARD,
+    simd8: &MATMUL_BACKWARD_SIMD8,
+    tile128: &MATMUL_BACKWARD_T128,
+    coop16: None,
+    coop8: &MATMUL_BACKWARD_COOP8,
+};
 const F16_DX: Family = Family {
     portable: &MATMUL_F16_BACKWARD,
     simd8: &MATMUL_F16_BACKWARD_SIMD8,
     tile128: &MATMUL_F16_BACKWARD_T128,
     coop16: Some(&MATMUL_F16_BACKWARD_COOP16),
+    coop8: &MATMUL_F16_BACKWARD_COOP8,
 };
 const NF4_DX: Family = Family {
     portable: &MATMUL_NF4_BACKWARD,
     simd8: &MATMUL_NF4_BACKWARD_SIMD8,
     tile128: &MATMUL_NF4_BACKWARD_T128,
     coop16: Some(&MATMUL_NF4_BACKWARD_COOP16),
+    coop8: &MATMUL_NF4_BACKWARD_COOP8,
 };
 const Q4_0_DX: Family = Family {
     portable: &MATMUL_Q4_0_BACKWARD,
     simd8: &MATMUL_Q4_0_BACKWARD_SIMD8,
     tile128: &MATMUL_Q4_0_BACKWARD_T128,
     coop16: Some(&MATMUL_Q4_0_BACKWARD_COOP16),
+    coop8: &MATMUL_Q4_0_BACKWARD_COOP8,
 };
 const Q4_1_DX: Family = Family {
     portable: &MATMUL_Q4_1_BACKWARD,
     simd8: &MATMUL_Q4_1_BACKWARD_SIMD8,
     tile128: &MATMUL_Q4_1_BACKWARD_T128,
     coop16: Some(&MATMUL_Q4_1_BACKWARD_COOP16),
+    coop8: &MATMUL_Q4_1_BACKWARD_COOP8,
 };
 const DENSE_DW: Family = Family {
     portable: &MATMUL_BACKWARD_W,
     simd8: &MATMUL_BACKWARD_W_SIMD8,
     tile128: &MATMUL_BACKWARD_W_T128,
     coop16: None,
+    coop8: &MATMUL_BACKWARD_W_COOP8,
 };
 
 /// The adapter's family for many-row products (`grads`: for gradients) and its
@@ -513,8 +533,9 @@ fn kind_of(ctx: &GpuContext, grads: bool) -> (KernelFamily, u32) {
 
 /// The kernel of `family` for a many-row matmul in the adapter's family `kind` (the forward's
 /// or the gradients'): simd8 (32 x 32 outputs per workgroup) when `simd_ok` says the shape
-/// suits it, coop16 or tile128 (128 x 128), else portable (64 x 64). tile128 gives a product
-/// whose grid would have fewer than `min_groups` workgroups to portable.
+/// suits it, coop16, coop8 or tile128 (128 x 128), else portable (64 x 64). tile128 gives a
+/// product whose grid would have fewer than `min_groups` workgroups to portable; the matrix
+/// units keep every product they run (a small grid's long reduction is split instead).
 fn many_rows(
     (kind, min_groups): (KernelFamily, u32),
     family: Family,
@@ -525,6 +546,7 @@ fn many_rows(
     let (shader, side, tiled) = match (kind, family.coop16) {
         (KernelFamily::Simd8, _) if simd_ok => (family.simd8, 32, false),
         (KernelFamily::Coop16, Some(coop)) => (coop, 128, true),
+        (KernelFamily::Coop8, _) => (family.coop8, 128, true),
         (KernelFamily::Tile128 | KernelFamily::Coop16, _) if big => (family.tile128, 128, true),
         _ => (family.portable, 64, true),
     };
