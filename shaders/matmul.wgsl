@@ -1,7 +1,9 @@
 // Dense linear layer over many rows: y[m, y_col_offset + n] = alpha * sum_k x[m, k] *
-// w[w_offset + n*K + k] (+ bias[n]). w is (N, K) row-major as PyTorch stores nn.Linear weights.
+// w[w_row(n) + k] (+ bias[n]), w_row(n) = w_offset + n*K unless the rows are gathered. w is
+// (N, K) row-major as PyTorch stores nn.Linear weights.
 // Tiled: see common/matmul.wgsl. (One row: matvec.wgsl.)
 #include "common/params.wgsl"
+#include "common/dense_rows.wgsl"
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -10,9 +12,10 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy when has_bias = 0
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer).
+// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer),
+// or whose rows are gathered from up to three blocks (common/dense_rows.wgsl).
 fn w_at(n: u32, k: u32) -> f32 {
-    return w[p.w_offset + n * p.k + k];
+    return w[w_row(n) + k];
 }
 
 #include "common/matmul_forward.wgsl"

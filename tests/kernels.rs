@@ -178,6 +178,83 @@ fn matmul_dense_matches_reference_on_odd_shapes() {
     }
 }
 
+/// A many-row product reading a block of columns of a wider x and gathering its dense
+/// weight's rows from blocks out of order (`launch::matmul_shared_forward`: the x A^T of q, k
+/// and v as one product, and each B product reading its module's columns of h), scaled and
+/// added to what y holds, in every family against the twin on the contiguous operands. Strides
+/// and first columns that are multiples of 4 (which simd8 reads as vec4s) and ones that are
+/// not; blocks that do not fit are refused.
+#[test]
+fn many_row_products_read_a_block_of_x_and_gather_weight_rows() {
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        // (rows m, weight rows a block, outputs n, reduction k, x's row stride, first column)
+        let cases = [
+            (2, 1, 3, 8, 8, 0),
+            (3, 5, 14, 70, 75, 3),
+            (70, 16, 48, 200, 208, 8),
+            (129, 8, 17, 64, 68, 4),
+            (33, 16, 32, 48, 144, 96),
+        ];
+        for (i, &(m, per, n, k, stride, col)) in cases.iter().enumerate() {
+            let seed = 500 + 10 * i as u64;
+            let x = rand(m * k, seed, 1.0);
+            let w = rand(n * k, seed + 1, 0.5);
+            // x's rows inside a wider matrix, the rest of which must not be read.
+            let mut wide = rand(m * stride, seed + 2, 100.0);
+            for r in 0..m {
+                wide[r * stride + col..][..k].copy_from_slice(&x[r * k..][..k]);
+            }
+            // The weight's blocks of `per` rows in the order 2, 0, 1 after 5 other values.
+            let starts = [5 + per * k, 5 + 2 * per * k, 5];
+            let mut blocks = rand(5 + 3 * per * k, seed + 3, 100.0);
+            for j in 0..n {
+                let at = starts[j / per] + (j % per) * k;
+                blocks[at..at + k].copy_from_slice(&w[j * k..(j + 1) * k]);
+            }
+            let y0 = rand(m * n, seed + 4, 1.0);
+            let (alpha, product) = (1.5f32, r::matmul_forward(&x, &w, None, m, n, k));
+            let want: Vec<f32> = y0.iter().zip(&product).map(|(y, p)| y + alpha * p).collect();
+            let (xb, wb, yb) =
+                (ctx.storage_from("x", &wide), ctx.storage_from("blocks", &blocks), ctx.storage_from("y", &y0));
+            let mm = launch::Matmul {
+                x: &xb,
+                w: launch::Weight::DenseAt(&wb, starts[0]),
+                bias: None,
+                y: &yb,
+                m,
+                n,
+                k,
+                out: launch::OutCols::whole(n).scaled(alpha).accumulated(),
+            };
+            let shared = launch::Shared {
+                x_cols: Some((stride, col)),
+                gather: Some(launch::Gather { rows: per, offsets: [starts[1], starts[2]] }),
+            };
+            run(&ctx, |enc| launch::matmul_shared_forward(&ctx, enc, mm, shared));
+            let got = ctx.read_f32(&yb, m * n).expect("readback");
+            let slack = f16_slack(f16_products(&ctx), (m, n, k), alpha, |r, j| x[r * k + j], |c, j| w[c * k + j]);
+            let what = format!("{} shared product {m}x{n}x{k}, x {stride} wide from {col}", ctx.report.kernels.matmul);
+            assert_close_slack(&what, &got, &want, 1e-5, 1e-5 * (k as f32).sqrt(), &slack);
+            // What does not fit is refused before anything is recorded.
+            let mut enc = ctx.encoder();
+            let past = launch::Shared { x_cols: Some((stride, stride - k + 1)), gather: None };
+            let plain = launch::Matmul { w: launch::Weight::DenseAt(&wb, 0), ..mm };
+            let err = launch::matmul_shared_forward(&ctx, &mut enc, plain, past).expect_err("past its row");
+            assert!(err.to_string().contains("do not fit x"), "{err}");
+            let few = launch::Shared {
+                x_cols: None,
+                gather: Some(launch::Gather { rows: n.div_ceil(3) - 1, offsets: [0, 0] }),
+            };
+            let err = launch::matmul_shared_forward(&ctx, &mut enc, mm, few).expect_err("too few rows a block");
+            assert!(err.to_string().contains("do not fit"), "{err}");
+            let one = launch::Matmul { m: 1, ..mm };
+            let err = launch::matmul_shared_forward(&ctx, &mut enc, one, shared).expect_err("one row");
+            assert!(err.to_string().contains("one row"), "{err}");
+        }
+    }
+}
+
 /// tile128 runs a product whose grid of 128 x 128 tiles has fewer workgroups than
 /// `tile128_min_groups` on portable's 64 x 64 kernel, and a larger one on its own: the forward,
 /// the input gradient (grid over (tokens, in features)) and the weight gradient (over (out,

@@ -96,8 +96,8 @@ struct MatmulParams {
     w_offset1: u32,     // the second block's first element
     w_offset2: u32,     // the third's
     lora_h: u32,        // h's first element in lora_h
-    _pad0: u32,
-    _pad1: u32,
+    x_stride: u32,      // many-row forward kernels: row stride of x (K when x is contiguous)
+    x_col_offset: u32,  // and its first column read
 }
 
 // dpo.wgsl and dpo_logps.wgsl: the pairs of a packed batch.

@@ -1,7 +1,8 @@
 // The forward pass y = x W^T of a linear layer over many rows, register-tiled for CPU
 // rasterizers (see common/simd8.wgsl). The including shader declares `p` (MatmulParams),
 // `x: array<vec4<f32>>` (M, K), `bias`, `y` and `load_w8(n, j)`, which returns weight elements
-// (n, 8j..8j+7) in its storage format. K must be a multiple of 8.
+// (n, 8j..8j+7) in its storage format. K must be a multiple of 8, and x's row stride and first
+// column (p.x_stride, p.x_col_offset) multiples of 4.
 //
 // The `.one_row` variants (decoding, M = 1) include common/simd8_one_row.wgsl in its place.
 #include "common/simd8.wgsl"
@@ -10,9 +11,8 @@
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let r0 = wg.y * 32u;
     let c0 = wg.x * 32u + lane * 4u;
-    let k4 = p.k / 4u;
 #for q in 0..4
-    let xrow{q} = min(r0 + {q * 8}u + lane, p.m - 1u) * k4;
+    let xrow{q} = (min(r0 + {q * 8}u + lane, p.m - 1u) * p.x_stride + p.x_col_offset) / 4u;
 #end
 #for c in 0..4
     let n{c} = min(c0 + {c}u, p.n - 1u);

@@ -351,9 +351,10 @@ pub(crate) struct LinearIo<'a> {
     /// The op before the products that they fuse into reading x (one row: decoding), or
     /// `None` where x is their input as it is.
     pub(crate) input: Option<launch::RowInput<'a>>,
-    /// Where in h this module's x A^T already is (one row: decoding, which runs it for the
-    /// modules that share an input at once; see [`Model::lora_a_shared`]).
-    pub(crate) lora_h_at: Option<usize>,
+    /// Where in h this module's x A^T already is, as (first column, row stride): decoding,
+    /// prompts and training run it for the modules that share an input at once (see
+    /// [`Model::lora_a_shared`]).
+    pub(crate) lora_h_at: Option<(usize, usize)>,
 }
 
 /// An attention or MLP branch's last projection (see [`Model::branch`]).
@@ -787,7 +788,8 @@ impl Model {
     /// y = x W^T (+ b), or y += that when `io.add_to_y` (a residual add in the product's
     /// epilogue), plus the LoRA update scale * (x A^T) B^T when `lora` adapts this module. One
     /// row (decoding) runs x A^T first and adds the B product in the base product's epilogue,
-    /// with the op before the products (`io.input`) fused into both.
+    /// with the op before the products (`io.input`) fused into both. Where `io.lora_h_at` says
+    /// x A^T is already in h, the B product reads it there.
     pub(crate) fn linear(
         &self,
         enc: &mut Encoder,
@@ -814,7 +816,7 @@ impl Model {
             let lora = match slot {
                 Some((a, s)) => {
                     let h_offset = match lora_h_at {
-                        Some(at) => at,
+                        Some((at, _)) => at,
                         None => {
                             let x = adapted(enc, s.group)?;
                             let a_mm = lora_a_product(x, (a, &s), h, (m, l.n_in));
@@ -836,31 +838,38 @@ impl Model {
         }
         launch::matmul_forward(ctx, enc, mm)?;
         if let Some((a, s)) = slot {
-            let x = adapted(enc, s.group)?;
-            launch::matmul_forward(ctx, enc, lora_a_product(x, (a, &s), h, (m, l.n_in)))?;
-            let out = OutCols::whole(l.n_out).scaled(a.scale).accumulated();
             let r = a.layout.r;
-            launch::matmul_forward(
-                ctx,
-                enc,
-                launch::Matmul { x: h, w: Weight::DenseAt(&a.params, s.b), bias: None, y, m, n: l.n_out, k: r, out },
-            )?;
+            // This module's x A^T in h: (first column, row stride).
+            let (col, stride) = match lora_h_at {
+                Some(at) => at,
+                None => {
+                    let x = adapted(enc, s.group)?;
+                    launch::matmul_forward(ctx, enc, lora_a_product(x, (a, &s), h, (m, l.n_in)))?;
+                    (0, r)
+                }
+            };
+            let out = OutCols::whole(l.n_out).scaled(a.scale).accumulated();
+            let b_mm =
+                launch::Matmul { x: h, w: Weight::DenseAt(&a.params, s.b), bias: None, y, m, n: l.n_out, k: r, out };
+            let shared = launch::Shared { x_cols: Some((stride, col)), gather: None };
+            launch::matmul_shared_forward(ctx, enc, b_mm, shared)?;
         }
         Ok(())
     }
 
-    /// Decoding with an adapter: x A^T of the adapted ones among `modules`, which read the same
-    /// row x (with the op `input` fused in), in one product into h, each distinct A once
-    /// (Phi-3's q, k and v share theirs), their rows gathered from the adapter's buffer. Returns
-    /// where each module's x A^T starts in h (`None` where the module is not adapted).
+    /// With an adapter: x A^T of the adapted ones among `modules`, which read the same `m` rows
+    /// x (one row: with the op `input` fused in), in one product into h, (m, n) for n = r times
+    /// the distinct A matrices (Phi-3's q, k and v share theirs), their rows gathered from the
+    /// adapter's buffer. Returns where each module's x A^T is in h, as (first column, row
+    /// stride n) (`None` where the module is not adapted).
     fn lora_a_shared(
         &self,
         enc: &mut Encoder,
-        (l, modules): (usize, &[Module]),
+        (l, modules, m): (usize, &[Module], usize),
         lora: Option<&GpuAdapter>,
         (x, input): (&wgpu::Buffer, Option<launch::RowInput<'_>>),
         h: &wgpu::Buffer,
-    ) -> Result<Vec<Option<usize>>> {
+    ) -> Result<Vec<Option<(usize, usize)>>> {
         let Some(a) = lora else { return Ok(vec![None; modules.len()]) };
         let r = a.layout.r;
         let mut firsts: Vec<usize> = Vec::new();
@@ -884,14 +893,18 @@ impl Model {
             w: Weight::DenseAt(&a.params, first),
             bias: None,
             y: h,
-            m: 1,
+            m,
             n,
             k: n_in,
             out: OutCols::whole(n),
         };
         let gather = Some(launch::Gather { rows: r, offsets });
-        launch::matvec_fused_forward(&self.ctx, enc, mm, launch::Fused { input, lora: None, gather })?;
-        Ok(at)
+        if m == 1 {
+            launch::matvec_fused_forward(&self.ctx, enc, mm, launch::Fused { input, lora: None, gather })?;
+        } else {
+            launch::matmul_shared_forward(&self.ctx, enc, mm, launch::Shared { x_cols: None, gather })?;
+        }
+        Ok(at.into_iter().map(|c| c.map(|c| (c, n))).collect())
     }
 
     /// Runs `ids` through the transformer at the cache's next positions and returns the final
@@ -1073,12 +1086,13 @@ impl Model {
             Ok((b.xn, None))
         };
         let io = |(x, input), y, lora_h_at| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t, input, lora_h_at };
-        // Decoding runs the x A^T of the modules that read one input in one product.
-        let shared = |enc: &mut Encoder, modules: &[Module], input| -> Result<Vec<Option<usize>>> {
-            if !fuse {
+        // The x A^T of the modules that read one input run as one product, but where dropout
+        // gives each module's adapter a differently masked input.
+        let shared = |enc: &mut Encoder, modules: &[Module], input| -> Result<Vec<Option<(usize, usize)>>> {
+            if drop.is_some() {
                 return Ok(vec![None; modules.len()]);
             }
-            self.lora_a_shared(enc, (l, modules), lora, input, b.lora_h)
+            self.lora_a_shared(enc, (l, modules, t), lora, input, b.lora_h)
         };
         let input = normed(enc, b.x_in, &layer.attn_norm)?;
         let (q_proj, k_proj) = if layer.qk_norm.is_some() { (b.q_raw, b.k_raw) } else { (b.q, b.k) };

@@ -459,7 +459,8 @@ impl Model {
             x_tmp: z("x tmp", t * h),
             xn: z("xn", t * h),
             act: z("act", t * i),
-            lora_h: z("lora h", t * rank.max(1)),
+            // Room for the x A^T of q, k and v at once (one product: Model::lora_a_shared).
+            lora_h: z("lora h", 3 * t * rank.max(1)),
             lora_dh: z("lora dh", t * rank.max(1)),
             lora_x: z("lora dropout x", if dropout { t * wide } else { 1 }),
             lora_dx: z("lora dropout dx", if dropout { t * wide } else { 1 }),
@@ -689,7 +690,7 @@ impl Model {
         if t > ws.capacity {
             return Err(Error::invalid("batch", format!("{t} tokens exceed the workspace's {}", ws.capacity)));
         }
-        if lora.layout.r > 0 && ws.lora_h.size() < (t * lora.layout.r * 4) as u64 {
+        if lora.layout.r > 0 && ws.lora_h.size() < (3 * t * lora.layout.r * 4) as u64 {
             return Err(Error::invalid("LoRA rank", format!("{} exceeds the workspace's", lora.layout.r)));
         }
         if let Some(&bad) = batch.ids.iter().find(|&&i| i as usize >= c.vocab_size) {

@@ -180,8 +180,8 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         w_offset1: 0,
         w_offset2: 0,
         lora_h: 0,
-        _pad0: 0,
-        _pad1: 0,
+        x_stride: u32_of(k, "in features")?,
+        x_col_offset: 0,
     })
 }
 
@@ -226,7 +226,55 @@ pub struct Matmul<'a> {
 
 /// `y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n])`.
 pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
-    forward(ctx, enc, mm, Fused::default())
+    forward(ctx, enc, mm, Fused::default(), None)
+}
+
+/// Where a many-row product ([`matmul_shared_forward`]) reads its operands.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shared {
+    /// x's row stride and the first column read, where x is a block of columns of a wider
+    /// matrix (a LoRA B product reading its module's x A^T out of an h that several modules
+    /// share); `None`: a contiguous (m, k) x.
+    pub x_cols: Option<(usize, usize)>,
+    /// Where the rows of a [`Weight::DenseAt`] come from (the A matrices of several modules).
+    pub gather: Option<Gather>,
+}
+
+/// [`matmul_forward`] of two rows or more, reading a block of x's columns and gathering the
+/// dense weight's rows as `shared` says: `y[m, col_offset + n] (+)= alpha * x[m, c0 + j] .
+/// w[row(n) + j]`. Training and prompts run the x A^T of the modules that read one input (q, k
+/// and v; gate and up) as one product, and each module's B product reads its columns of the
+/// result.
+pub fn matmul_shared_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, shared: Shared) -> Result<()> {
+    let bad = |what: String| Err(Error::invalid("shared matmul", what));
+    if mm.m < 2 {
+        return bad("reads one row: see matvec_fused_forward".into());
+    }
+    if let Some((stride, col)) = shared.x_cols {
+        let end = (mm.m - 1) * stride + col + mm.k;
+        if col + mm.k > stride || 4 * end as u64 > mm.x.size() {
+            return bad(format!(
+                "{} rows of {} columns from column {col} with a row stride of {stride} do not fit x",
+                mm.m, mm.k
+            ));
+        }
+    }
+    if let Some(g) = shared.gather {
+        check_gather(mm, g).or_else(|e| bad(e))?;
+    }
+    forward(ctx, enc, mm, Fused { gather: shared.gather, ..Fused::default() }, shared.x_cols)
+}
+
+/// Why rows gathered by `g` from `mm`'s dense weight do not fit, if they do not.
+fn check_gather(mm: Matmul<'_>, g: Gather) -> std::result::Result<(), String> {
+    let Weight::DenseAt(w, first) = mm.w else {
+        return Err("gathers the rows of a dense weight at an offset only".into());
+    };
+    let ends = [first, g.offsets[0], g.offsets[1]].map(|o| 4 * (o + g.rows * mm.k) as u64);
+    if g.rows == 0 || mm.n > 3 * g.rows || ends.iter().any(|&e| e > w.size()) {
+        return Err(format!("{} rows gathered in blocks of {} do not fit", mm.n, g.rows));
+    }
+    Ok(())
 }
 
 /// The op before a one-row product that [`matvec_fused_forward`] fuses into reading its input.
@@ -329,25 +377,33 @@ pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>,
         ));
     }
     if let Some(g) = fused.gather {
-        let Weight::DenseAt(w, first) = mm.w else {
-            return bad("gathers the rows of a dense weight at an offset only".into());
-        };
-        let ends = [first, g.offsets[0], g.offsets[1]].map(|o| 4 * (o + g.rows * mm.k) as u64);
-        if g.rows == 0 || mm.n > 3 * g.rows || ends.iter().any(|&e| e > w.size()) {
-            return bad(format!("{} rows gathered in blocks of {} do not fit", mm.n, g.rows));
-        }
+        check_gather(mm, g).or_else(|e| bad(e))?;
     }
-    forward(ctx, enc, mm, fused)
+    forward(ctx, enc, mm, fused, None)
 }
 
-fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>) -> Result<()> {
+/// Records a forward product; `x_cols`: x's row stride and first column (many rows only).
+fn forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    mm: Matmul<'_>,
+    fused: Fused<'_>,
+    x_cols: Option<(usize, usize)>,
+) -> Result<()> {
     if let Some([hi, lo]) = mm.w.planes() {
-        forward(ctx, enc, Matmul { w: hi, ..mm }, fused)?;
+        forward(ctx, enc, Matmul { w: hi, ..mm }, fused, x_cols)?;
         let lo_plane = Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm };
-        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused });
+        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused }, x_cols);
     }
     let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
+    let mut x_ok = true;
+    if let Some((stride, col)) = x_cols {
+        p.x_stride = u32_of(stride, "x row stride")?;
+        p.x_col_offset = u32_of(col, "x column")?;
+        // simd8 reads x as vec4s.
+        x_ok = stride.is_multiple_of(4) && col.is_multiple_of(4);
+    }
     p.has_bias = bias.is_some() as u32;
     let Fused { input, lora, gather } = fused;
     if let Some(input) = input {
@@ -400,7 +456,7 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
     };
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
-    let simd_ok = simd_ok && gathered_ok && k.is_multiple_of(8);
+    let simd_ok = simd_ok && gathered_ok && x_ok && k.is_multiple_of(8);
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * k, m * n), out.accumulate);
     let (shader, groups) = match m {
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
