@@ -1,8 +1,10 @@
 // Input gradient of a dense linear layer: dx[m, y_col_offset + k] (+)= alpha * sum_n
-// dy[m, dy_col_offset + n] * w[w_offset + n*K + k]. Used for frozen f32 weights and for LoRA's A
+// dy[m, dy_col_offset + n] * w[w_row(n) + k] (w_offset + n*K unless the rows are gathered:
+// common/dense_rows.wgsl). Used for frozen f32 weights and for LoRA's A
 // and B (which live in the flat parameter buffer at w_offset). Tiled: see common/matmul.wgsl,
 // with the reduction over n.
 #include "common/params.wgsl"
+#include "common/dense_rows.wgsl"
 #include "common/matmul.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -11,9 +13,10 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
 
-// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer).
+// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer),
+// or whose rows are gathered from up to three blocks (common/dense_rows.wgsl).
 fn w_at(n: u32, k: u32) -> f32 {
-    return w[p.w_offset + n * p.k + k];
+    return w[w_row(n) + k];
 }
 
 #include "common/matmul_dx.wgsl"

@@ -1,7 +1,9 @@
 // Input gradient of a dense linear layer, register-tiled for CPU rasterizers
 // (common/simd8_dx.wgsl): dx[m, y_col_offset + k] (+)= alpha * sum_n dy[m, dy_col_offset + n] *
-// w[w_offset + n*K + k]. (Other adapters and shapes: matmul_backward.wgsl.)
+// w[w_row(n) + k] (gathered rows: common/dense_rows.wgsl). (Other adapters and shapes:
+// matmul_backward.wgsl.)
 #include "common/params.wgsl"
+#include "common/dense_rows.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
 @group(0) @binding(1) var<storage, read> dy: array<vec4<f32>>;     // (M, dy_stride)
@@ -12,5 +14,5 @@
 #include "common/simd8_dx.wgsl"
 
 fn load_w4(n: u32, k: u32) -> vec4<f32> {
-    return w[(p.w_offset + n * p.k + k) / 4u];
+    return w[(w_row(n) + k) / 4u];
 }

@@ -1,6 +1,7 @@
 // Input gradient of a dense linear layer,
 // in the tile128 family for GPUs (common/tile128.wgsl); the same product as matmul_backward.wgsl.
 #include "common/params.wgsl"
+#include "common/dense_rows.wgsl"
 #include "common/tile128.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -9,9 +10,10 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
 
-// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer).
+// Element (n, k) of the dense weight, which starts at w_offset (LoRA matrices share one buffer),
+// or whose rows are gathered from up to three blocks (common/dense_rows.wgsl).
 fn w_at(n: u32, k: u32) -> f32 {
-    return w[p.w_offset + n * p.k + k];
+    return w[w_row(n) + k];
 }
 
 fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk { return fetch_generic_b(c0, j0, lid); }

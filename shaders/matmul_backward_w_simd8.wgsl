@@ -2,7 +2,8 @@
 // rasterizers (common/simd8.wgsl): dw[w_offset + n*K + k] (+)= alpha * sum_m dy[m, n] * x[m, k],
 // output rows n and columns k, the reduction over the M tokens. Lane l loads dy[m, n0+4l..n0+4l+3]
 // and x[m, k0+4l..k0+4l+3]; the 32 dy values are broadcast one at a time. N and K are multiples
-// of 4. (Other adapters and shapes: matmul_backward_w.wgsl.)
+// of 4, and so are the rows' strides and first columns (p.dy_stride, p.dy_col_offset, p.x_stride,
+// p.x_col_offset: N, 0, K, 0 when contiguous). (Other adapters and shapes: matmul_backward_w.wgsl.)
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -17,16 +18,16 @@
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let r0 = wg.y * 32u;
     let c0 = wg.x * 32u + lane * 4u;
-    let n4 = p.n / 4u;
-    let k4 = p.k / 4u;
-    let dcol = min(r0 / 4u + lane, n4 - 1u);
-    let xcol = min(c0, p.k - 4u) / 4u;
+    let dy4 = p.dy_stride / 4u;
+    let x4 = p.x_stride / 4u;
+    let dcol = p.dy_col_offset / 4u + min(r0 / 4u + lane, p.n / 4u - 1u);
+    let xcol = p.x_col_offset / 4u + min(c0, p.k - 4u) / 4u;
 #for r in 0..32
     var acc{r} = vec4<f32>();
 #end
     for (var m = 0u; m < p.m; m++) {
-        let d = dy[m * n4 + dcol];
-        let xv = x[m * k4 + xcol];
+        let d = dy[m * dy4 + dcol];
+        let xv = x[m * x4 + xcol];
 #for r in 0..32
         acc{r} += subgroupBroadcast(d[{r % 4}], {r / 4}u) * xv;
 #end

@@ -255,6 +255,92 @@ fn many_row_products_read_a_block_of_x_and_gather_weight_rows() {
     }
 }
 
+/// The backward's products over shared LoRA intermediates, in every family against the twins:
+/// a weight gradient reading dy and x as blocks of columns of wider matrices
+/// (`launch::matmul_backward_w_cols`: a module's dB from its columns of h, its dA from its
+/// columns of dh), scaled and added at an offset of the gradient buffer; and an input gradient
+/// through dense rows gathered from blocks out of order (`launch::matmul_backward_gathered`: dx +=
+/// dh A over the A matrices of q, k and v). Aligned and unaligned strides; what does not fit is
+/// refused.
+#[test]
+fn lora_gradient_products_read_blocks_of_columns_and_gather_rows() {
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        // (tokens m, n, k, dy's stride and first column, x's stride and first column, rows a block)
+        let cases = [
+            (3, 5, 7, (9, 2), (7, 0), 2),
+            (70, 16, 48, (48, 16), (52, 4), 8),
+            (129, 8, 200, (24, 16), (203, 3), 3),
+            (40, 24, 64, (24, 0), (128, 64), 8),
+        ];
+        for (i, &(m, n, k, (sd, cd), (sx, cx), per)) in cases.iter().enumerate() {
+            let seed = 700 + 10 * i as u64;
+            let dy = rand(m * n, seed, 1.0);
+            let x = rand(m * k, seed + 1, 1.0);
+            let embed = |v: &[f32], width: usize, (stride, col): (usize, usize), seed| {
+                let mut wide = rand(m * stride, seed, 100.0);
+                for r in 0..m {
+                    wide[r * stride + col..][..width].copy_from_slice(&v[r * width..][..width]);
+                }
+                wide
+            };
+            let (dyb, xb) = (
+                ctx.storage_from("dy", &embed(&dy, n, (sd, cd), seed + 2)),
+                ctx.storage_from("x", &embed(&x, k, (sx, cx), seed + 3)),
+            );
+            // dw (n, k) at element 6 of a buffer, scaled by 0.5 and added to what is there.
+            let dw0 = rand(6 + n * k, seed + 4, 1.0);
+            let dwb = ctx.storage_from("dw", &dw0);
+            let g =
+                launch::WeightGrad { dy: &dyb, x: &xb, dw: &dwb, dw_offset: 6, m, n, k, alpha: 0.5, accumulate: true };
+            let cols = launch::WeightGradCols { dy: Some((sd, cd)), x: Some((sx, cx)) };
+            run(&ctx, |enc| launch::matmul_backward_w_cols(&ctx, enc, g, cols));
+            let want: Vec<f32> =
+                dw0[6..].iter().zip(r::matmul_backward_w(&dy, &x, m, n, k)).map(|(a, b)| a + 0.5 * b).collect();
+            let got = ctx.read_f32(&dwb, 6 + n * k).expect("readback");
+            let what = format!("{} dW from column blocks {m}x{n}x{k}", ctx.report.kernels.matmul_grad);
+            assert_close(&what, &got[6..], &want, 1e-5, 1e-5 * (m as f32).sqrt());
+            assert_eq!(got[..6], dw0[..6], "{what}: wrote before its offset");
+            // dx (m, k) += dy (m, n) W (n, k), W's rows in blocks of `per`, in the order 1, 2, 0.
+            let w = rand(n * k, seed + 5, 0.5);
+            let starts = [3 + 2 * per * k, 3, 3 + per * k];
+            let mut blocks = rand(3 + 3 * per * k, seed + 6, 100.0);
+            for j in 0..n.min(3 * per) {
+                let at = starts[j / per] + (j % per) * k;
+                blocks[at..at + k].copy_from_slice(&w[j * k..(j + 1) * k]);
+            }
+            let n = n.min(3 * per);
+            let dy_n: Vec<f32> = (0..m).flat_map(|r| dy[r * cases[i].1..][..n].to_vec()).collect();
+            let (dyn_b, wb) = (ctx.storage_from("dh", &dy_n), ctx.storage_from("blocks", &blocks));
+            let dx0 = rand(m * k, seed + 7, 1.0);
+            let dxb = ctx.storage_from("dx", &dx0);
+            let gather = launch::Gather { rows: per, offsets: [starts[1], starts[2]] };
+            let dg = launch::MatmulGrad {
+                dy: launch::DyCols::whole(&dyn_b, n),
+                w: launch::Weight::DenseAt(&wb, starts[0]),
+                dx: &dxb,
+                m,
+                n,
+                k,
+                out: launch::OutCols::whole(k).accumulated(),
+            };
+            run(&ctx, |enc| launch::matmul_backward_gathered(&ctx, enc, dg, gather));
+            let want: Vec<f32> =
+                dx0.iter().zip(r::matmul_backward(&dy_n, &w[..n * k], m, n, k)).map(|(a, b)| a + b).collect();
+            let what = format!("{} dX through gathered rows {m}x{n}x{k}", ctx.report.kernels.matmul_grad);
+            assert_close(&what, &ctx.read_f32(&dxb, m * k).expect("readback"), &want, 1e-5, 1e-5 * (n as f32).sqrt());
+            // What does not fit is refused.
+            let mut enc = ctx.encoder();
+            let wide = launch::WeightGradCols { dy: Some((sd, sd - n + 1)), x: None };
+            let err = launch::matmul_backward_w_cols(&ctx, &mut enc, g, wide).expect_err("past dy's row");
+            assert!(err.to_string().contains("dy columns") && err.to_string().contains("do not fit"), "{err}");
+            let few = launch::Gather { rows: per, offsets: [starts[1], 3 * per * k + 1] };
+            let err = launch::matmul_backward_gathered(&ctx, &mut enc, dg, few).expect_err("a block past the buffer");
+            assert!(err.to_string().contains("do not fit"), "{err}");
+        }
+    }
+}
+
 /// tile128 runs a product whose grid of 128 x 128 tiles has fewer workgroups than
 /// `tile128_min_groups` on portable's 64 x 64 kernel, and a larger one on its own: the forward,
 /// the input gradient (grid over (tokens, in features)) and the weight gradient (over (out,

@@ -119,12 +119,9 @@ fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
     let lane = lid % 32u;
     let sr = (s / 2u) * 32u;
     let sc = (s % 2u) * 64u;
-    var j_begin = 0u;
-    var j_end = n_red;
-    if (p.split_k != 0u) {
-        j_begin = wg.z * p.split_k;
-        j_end = min(n_red, j_begin + p.split_k);
-    }
+    let slice = reduction_slice(wg.z, n_red);
+    let j_begin = slice.x;
+    let j_end = slice.y;
     scale_rows(r0, j_begin, j_end, lid);
     mma_lane(lane);
     var c00 = AccFrag();

@@ -33,12 +33,9 @@ fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
     let c0 = wg.x * BC;
     let tr = (lid / 16u) * 4u;
     let tc = (lid % 16u) * 4u;
-    var j_begin = 0u;
-    var j_end = n_red;
-    if (p.split_k != 0u) {
-        j_begin = wg.z * p.split_k;
-        j_end = min(n_red, j_begin + p.split_k);
-    }
+    let slice = reduction_slice(wg.z, n_red);
+    let j_begin = slice.x;
+    let j_end = slice.y;
     var acc: array<vec4<f32>, 4>;                                  // rows tr..tr+4, cols tc..tc+4
     for (var j0 = j_begin; j0 < j_end; j0 += BK) {
         for (var i = lid; i < BR * BK; i += TILE_THREADS) {

@@ -1,6 +1,8 @@
 // The weight gradient of a dense linear layer, dw = dy^T x: the element loaders and the entry
 // point for the tiled cores (common/matmul.wgsl, common/tile128.wgsl), with output rows n,
-// columns k and the reduction over m. The including shader declares `dy` and `x`.
+// columns k and the reduction over m. The including shader declares `dy` and `x`. Row m of dy
+// starts at m * dy_stride + dy_col_offset, of x at m * x_stride + x_col_offset (N, K and 0 when
+// contiguous; a LoRA module's columns of an h or dh that several modules share).
 
 // Both operands are contiguous along their rows (n, k), not along the reduction (m).
 const A_ALONG_ROWS: bool = true;
@@ -8,12 +10,12 @@ const B_ALONG_ROWS: bool = true;
 
 fn load_a(n: u32, m: u32) -> f32 {
     if (n >= p.n || m >= p.m) { return 0.0; }
-    return dy[m * p.n + n];
+    return dy[m * p.dy_stride + p.dy_col_offset + n];
 }
 
 fn load_b(k: u32, m: u32) -> f32 {
     if (k >= p.k || m >= p.m) { return 0.0; }
-    return x[m * p.k + k];
+    return x[m * p.x_stride + p.x_col_offset + k];
 }
 
 @compute @workgroup_size(TILE_THREADS)

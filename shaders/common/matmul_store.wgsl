@@ -3,6 +3,15 @@
 // when `accumulate` is set (LoRA's second matmul, gradient accumulation). Rows and columns past
 // the matrix are skipped. The including shader declares `p` (MatmulParams), `bias` and `y`.
 
+// The slice [x, y) of the reduction 0..n_red that workgroup z reduces: all of it, or its z-th
+// p.split_k when the reduction is split (the slices' sums then go to the scratch output, which
+// matmul_split_reduce.wgsl adds up before this epilogue).
+fn reduction_slice(z: u32, n_red: u32) -> vec2<u32> {
+    if (p.split_k == 0u) { return vec2<u32>(0u, n_red); }
+    let begin = z * p.split_k;
+    return vec2<u32>(begin, min(n_red, begin + p.split_k));
+}
+
 fn store4(row: u32, col: u32, v: vec4<f32>, n_rows: u32, n_cols: u32) {
     if (row >= n_rows) { return; }
     for (var j = 0u; j < 4u; j++) {

@@ -59,12 +59,9 @@ fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
     let c0 = wg.x * BC;
     let tx = lid % 16u;
     let ty = lid / 16u;
-    var j_begin = 0u;
-    var j_end = n_red;
-    if (p.split_k != 0u) {
-        j_begin = wg.z * p.split_k;
-        j_end = min(n_red, j_begin + p.split_k);
-    }
+    let slice = reduction_slice(wg.z, n_red);
+    let j_begin = slice.x;
+    let j_end = slice.y;
     var acc0: array<vec4<f32>, 8>;                                 // rows (see above), columns 4tx..
     var acc1: array<vec4<f32>, 8>;                                 // the same rows, columns 64+4tx..
     var next_a = fetch_generic_a(r0, j_begin, lid);

@@ -185,36 +185,24 @@ pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
             })
         }
         KernelFamily::Coop16 => {
-            let lanes_32 = a.subgroups && a.subgroup_size.0 <= 32 && 32 <= a.subgroup_size.1;
-            let fits = a.max_workgroup_storage >= COOP16_WORKGROUP_BYTES && a.max_invocations >= 256;
-            (!(a.coop_16x16_f16 && lanes_32 && fits)).then(|| {
-                format!(
-                    "needs cooperative matrices of 16 x 16 x 16 f16 with f32 sums, 32-lane subgroups and {} bytes of \
-                     workgroup memory (this adapter: cooperative 16x16 f16 {}, subgroups {}..{}, {} bytes)",
-                    COOP16_WORKGROUP_BYTES,
-                    a.coop_16x16_f16,
-                    a.subgroup_size.0,
-                    a.subgroup_size.1,
-                    a.max_workgroup_storage
-                )
-            })
+            coop_unsupported("16 x 16 x 16 f16", "16x16 f16", a.coop_16x16_f16, COOP16_WORKGROUP_BYTES, a)
         }
-        KernelFamily::Coop8 => {
-            let lanes_32 = a.subgroups && a.subgroup_size.0 <= 32 && 32 <= a.subgroup_size.1;
-            let fits = a.max_workgroup_storage >= COOP8_WORKGROUP_BYTES && a.max_invocations >= 256;
-            (!(a.coop_8x8_f32 && lanes_32 && fits)).then(|| {
-                format!(
-                    "needs cooperative matrices of 8 x 8 x 8 f32 with f32 sums, 32-lane subgroups and {} bytes of \
-                     workgroup memory (this adapter: cooperative 8x8 f32 {}, subgroups {}..{}, {} bytes)",
-                    COOP8_WORKGROUP_BYTES,
-                    a.coop_8x8_f32,
-                    a.subgroup_size.0,
-                    a.subgroup_size.1,
-                    a.max_workgroup_storage
-                )
-            })
-        }
+        KernelFamily::Coop8 => coop_unsupported("8 x 8 x 8 f32", "8x8 f32", a.coop_8x8_f32, COOP8_WORKGROUP_BYTES, a),
     }
+}
+
+/// Why a cooperative-matrix family cannot run: it needs its configuration (`listed`), 32-lane
+/// subgroups and `bytes` of workgroup memory.
+fn coop_unsupported(config: &str, short: &str, listed: bool, bytes: u32, a: &AdapterFacts) -> Option<String> {
+    let lanes_32 = a.subgroups && a.subgroup_size.0 <= 32 && 32 <= a.subgroup_size.1;
+    let fits = a.max_workgroup_storage >= bytes && a.max_invocations >= 256;
+    (!(listed && lanes_32 && fits)).then(|| {
+        format!(
+            "needs cooperative matrices of {config} with f32 sums, 32-lane subgroups and {bytes} bytes of workgroup \
+             memory (this adapter: cooperative {short} {listed}, subgroups {}..{}, {} bytes)",
+            a.subgroup_size.0, a.subgroup_size.1, a.max_workgroup_storage
+        )
+    })
 }
 
 /// The table: the family each op uses on an adapter, or the forced one where it has a kernel

@@ -113,9 +113,12 @@ struct Case<'a> {
     w_rows: &'a [f32],
 }
 
+/// How far an output may lie from the exact sum, given the two rows it multiplies.
+type Bound = fn(&[f32], &[f32]) -> f64;
+
 /// Compares every output with the exact sum (in f64, on the CPU) within `bound` ([`f16_bound`]
 /// or [`f32_bound`]); returns the worst error as a share of its bound.
-fn check_case(c: &Case<'_>, got: &[f32], bound: fn(&[f32], &[f32]) -> f64) -> Result<f64> {
+fn check_case(c: &Case<'_>, got: &[f32], bound: Bound) -> Result<f64> {
     let mut worst = 0f64;
     for r in 0..c.rows {
         for col in 0..c.cols {
@@ -144,7 +147,7 @@ fn check_case(c: &Case<'_>, got: &[f32], bound: fn(&[f32], &[f32]) -> f64) -> Re
 /// scale is what keeps them exact to f16's precision). Returns the worst error as a share of
 /// its bound.
 fn coop_self_test(ctx: &GpuContext, family: KernelFamily) -> Result<String> {
-    let (bound, name): (fn(&[f32], &[f32]) -> f64, &str) =
+    let (bound, name): (Bound, &str) =
         if family == KernelFamily::Coop8 { (f32_bound, "f32") } else { (f16_bound, "f16") };
     let mut worst = 0f64;
     // Forward: a 2 x 2 grid of blocks with partial tiles (and a reduction of 64, where coop8's

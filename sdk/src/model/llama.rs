@@ -862,7 +862,7 @@ impl Model {
     /// the distinct A matrices (Phi-3's q, k and v share theirs), their rows gathered from the
     /// adapter's buffer. Returns where each module's x A^T is in h, as (first column, row
     /// stride n) (`None` where the module is not adapted).
-    fn lora_a_shared(
+    pub(super) fn lora_a_shared(
         &self,
         enc: &mut Encoder,
         (l, modules, m): (usize, &[Module], usize),

@@ -461,7 +461,7 @@ impl Model {
             act: z("act", t * i),
             // Room for the x A^T of q, k and v at once (one product: Model::lora_a_shared).
             lora_h: z("lora h", 3 * t * rank.max(1)),
-            lora_dh: z("lora dh", t * rank.max(1)),
+            lora_dh: z("lora dh", 3 * t * rank.max(1)),
             lora_x: z("lora dropout x", if dropout { t * wide } else { 1 }),
             lora_dx: z("lora dropout dx", if dropout { t * wide } else { 1 }),
             d_res: z("d residual", t * h),
@@ -929,6 +929,123 @@ impl Model {
         self.record_logits(enc, &ws.head_x, &ws.logits, rows, None)
     }
 
+    /// dx (+)= the sum of dy W over `group`'s (module, dy), modules that all read x (q, k and v;
+    /// gate and up), and their LoRA gradients (added to `grads`). Without dropout the adapter's
+    /// x A^T is recomputed for all of them as one product (their A rows gathered, as the
+    /// forward pass does: `Model::lora_a_shared`), each module's dB and dh read and write its
+    /// columns of the shared h and dh, and dx += dh A is one product over the gathered rows of
+    /// the distinct A matrices (Phi-3's fused modules share one, whose dh sums theirs). With
+    /// dropout (a mask per module), module by module.
+    #[allow(clippy::too_many_arguments)]
+    fn group_backward(
+        &self,
+        enc: &mut Encoder,
+        ws: &Workspace,
+        l: usize,
+        group: &[(Module, &wgpu::Buffer)],
+        lora: &GpuAdapter,
+        grads: &wgpu::Buffer,
+        (x, dx): (&wgpu::Buffer, &wgpu::Buffer),
+        t: usize,
+        drop: Option<Dropout<'_>>,
+    ) -> Result<()> {
+        let modules: Vec<Module> = group.iter().map(|g| g.0).collect();
+        let at = match drop {
+            Some(_) => vec![None; group.len()],
+            None => {
+                // The shared x A^T again, into ws.lora_h (cheaper than keeping it per layer).
+                let at = self.lora_a_shared(enc, (l, &modules, t), Some(lora), (x, None), &ws.lora_h)?;
+                if at.iter().any(Option::is_some) { at } else { vec![None; group.len()] }
+            }
+        };
+        if at.iter().all(Option::is_none) {
+            for (i, &(m, dy)) in group.iter().enumerate() {
+                self.linear_backward(enc, ws, l, m, lora, grads, x, dy, dx, i > 0, t, drop)?;
+            }
+            return Ok(());
+        }
+        let ctx = &self.ctx;
+        let (r, scale, p) = (lora.layout.r, lora.scale, &lora.params);
+        let n_in = self.layers[l].linear(group[0].0).n_in;
+        // The distinct A matrices, by their first column in h: (column, A's offset).
+        let mut firsts: Vec<(usize, usize)> = Vec::new();
+        let mut stride = r;
+        for (i, &(m, dy)) in group.iter().enumerate() {
+            let lin = self.layers[l].linear(m);
+            let out = if i > 0 { OutCols::whole(n_in).accumulated() } else { OutCols::whole(n_in) };
+            let base = launch::MatmulGrad {
+                dy: DyCols::whole(dy, lin.n_out),
+                w: lin.weight(),
+                dx,
+                m: t,
+                n: lin.n_out,
+                k: n_in,
+                out,
+            };
+            launch::matmul_backward(ctx, enc, base)?;
+            let (Some(s), Some((col, n))) = (lora.layout.slot(l, m), at[i]) else { continue };
+            stride = n;
+            // dB += scale * dy^T h (this module's columns of h).
+            let db = launch::WeightGrad {
+                dy,
+                x: &ws.lora_h,
+                dw: grads,
+                dw_offset: s.b,
+                m: t,
+                n: lin.n_out,
+                k: r,
+                alpha: scale,
+                accumulate: true,
+            };
+            launch::matmul_backward_w_cols(ctx, enc, db, launch::WeightGradCols { dy: None, x: Some((n, col)) })?;
+            // dh (+)= scale * dy B into its columns of dh: summed where modules share an A.
+            let shared = firsts.iter().any(|&(c, _)| c == col);
+            let out = OutCols::at(n, col).scaled(scale);
+            let out = if shared { out.accumulated() } else { out };
+            let dh = launch::MatmulGrad {
+                dy: DyCols::whole(dy, lin.n_out),
+                w: Weight::DenseAt(p, s.b),
+                dx: &ws.lora_dh,
+                m: t,
+                n: lin.n_out,
+                k: r,
+                out,
+            };
+            launch::matmul_backward(ctx, enc, dh)?;
+            if !shared {
+                firsts.push((col, s.a));
+            }
+        }
+        // dA += dh^T x for each distinct A.
+        for &(col, a_at) in &firsts {
+            let da = launch::WeightGrad {
+                dy: &ws.lora_dh,
+                x,
+                dw: grads,
+                dw_offset: a_at,
+                m: t,
+                n: r,
+                k: n_in,
+                alpha: 1.0,
+                accumulate: true,
+            };
+            launch::matmul_backward_w_cols(ctx, enc, da, launch::WeightGradCols { dy: Some((stride, col)), x: None })?;
+        }
+        // dx += dh A over the distinct A matrices' rows, gathered in the order of their columns.
+        firsts.sort_unstable();
+        let a_of = |j: usize| firsts.get(j).map_or(firsts[0].1, |f| f.1);
+        let dxa = launch::MatmulGrad {
+            dy: DyCols::whole(&ws.lora_dh, stride),
+            w: Weight::DenseAt(p, a_of(0)),
+            dx,
+            m: t,
+            n: stride,
+            k: n_in,
+            out: OutCols::whole(n_in).accumulated(),
+        };
+        launch::matmul_backward_gathered(ctx, enc, dxa, launch::Gather { rows: r, offsets: [a_of(1), a_of(2)] })
+    }
+
     /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
@@ -1108,8 +1225,8 @@ impl Model {
             enc,
             launch::RmsNorm { x: &a.x_mid, w: &layer.ffn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
         )?;
-        self.linear_backward(enc, ws, l, Module::GateProj, lora, grads, &ws.xn, &ws.d_gate, &ws.d_xn, false, t, drop)?;
-        self.linear_backward(enc, ws, l, Module::UpProj, lora, grads, &ws.xn, &ws.d_up, &ws.d_xn, true, t, drop)?;
+        let group = [(Module::GateProj, &ws.d_gate), (Module::UpProj, &ws.d_up)];
+        self.group_backward(enc, ws, l, &group, lora, grads, (&ws.xn, &ws.d_xn), t, drop)?;
         launch::rms_norm_backward(
             ctx,
             enc,
@@ -1154,9 +1271,8 @@ impl Model {
             enc,
             launch::RmsNorm { x: x_in, w: &layer.attn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
         )?;
-        self.linear_backward(enc, ws, l, Module::QProj, lora, grads, &ws.xn, dq, &ws.d_xn, false, t, drop)?;
-        self.linear_backward(enc, ws, l, Module::KProj, lora, grads, &ws.xn, dk, &ws.d_xn, true, t, drop)?;
-        self.linear_backward(enc, ws, l, Module::VProj, lora, grads, &ws.xn, &ws.dv, &ws.d_xn, true, t, drop)?;
+        let group = [(Module::QProj, dq), (Module::KProj, dk), (Module::VProj, &ws.dv)];
+        self.group_backward(enc, ws, l, &group, lora, grads, (&ws.xn, &ws.d_xn), t, drop)?;
         launch::rms_norm_backward(
             ctx,
             enc,

@@ -260,7 +260,7 @@ pub fn matmul_shared_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>
         }
     }
     if let Some(g) = shared.gather {
-        check_gather(mm, g).or_else(|e| bad(e))?;
+        check_gather(mm, g).or_else(bad)?;
     }
     forward(ctx, enc, mm, Fused { gather: shared.gather, ..Fused::default() }, shared.x_cols)
 }
@@ -377,7 +377,7 @@ pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>,
         ));
     }
     if let Some(g) = fused.gather {
-        check_gather(mm, g).or_else(|e| bad(e))?;
+        check_gather(mm, g).or_else(bad)?;
     }
     forward(ctx, enc, mm, fused, None)
 }
@@ -690,15 +690,35 @@ pub struct MatmulGrad<'a> {
 /// w (N, K). The weight itself gets no gradient here (frozen base, or see
 /// [`matmul_backward_w`]).
 pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -> Result<()> {
+    backward(ctx, enc, g, None)
+}
+
+/// [`matmul_backward`] through a [`Weight::DenseAt`] whose rows (the reduction's) are gathered
+/// as `gather` says: dx (+)= dh W with W's rows from up to three blocks. Training's dx through
+/// the A matrices of the modules that read one input, as one product.
+pub fn matmul_backward_gathered(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>, gather: Gather) -> Result<()> {
+    // The weight's rows are the reduction here: n of them, k long.
+    let as_forward = Matmul { x: g.dy.buf, w: g.w, bias: None, y: g.dx, m: g.m, n: g.n, k: g.k, out: g.out };
+    check_gather(as_forward, gather).map_err(|e| Error::invalid("gathered matmul gradient", e))?;
+    backward(ctx, enc, g, Some(gather))
+}
+
+fn backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>, gather: Option<Gather>) -> Result<()> {
     if let Some([hi, lo]) = g.w.planes() {
-        matmul_backward(ctx, enc, MatmulGrad { w: hi, ..g })?;
-        return matmul_backward(ctx, enc, MatmulGrad { w: lo, out: g.out.accumulated(), ..g });
+        backward(ctx, enc, MatmulGrad { w: hi, ..g }, gather)?;
+        return backward(ctx, enc, MatmulGrad { w: lo, out: g.out.accumulated(), ..g }, gather);
     }
     let MatmulGrad { dy, w, dx, m, n, k, out } = g;
     let mut p = matmul_params(m, n, k, out)?;
     p.dy_stride = u32_of(dy.stride, "dy stride")?;
     p.dy_col_offset = u32_of(dy.col_offset, "dy column")?;
-    let aligned = [n, k, dy.stride, dy.col_offset].iter().all(|v| v.is_multiple_of(4));
+    let mut aligned = [n, k, dy.stride, dy.col_offset].iter().all(|v| v.is_multiple_of(4));
+    if let Some(g) = gather {
+        p.seg_rows = u32_of(g.rows, "rows a block")?;
+        p.w_offset1 = u32_of(g.offsets[0], "weight offset")?;
+        p.w_offset2 = u32_of(g.offsets[1], "weight offset")?;
+        aligned = aligned && g.offsets.iter().all(|o| o.is_multiple_of(4));
+    }
     let g = dy.buf;
     let (family, simd_ok, buffers): (Family, bool, Vec<&wgpu::Buffer>) = match w {
         Weight::Dense(w) => (DENSE_DX, true, vec![g, w, g, dx]),
@@ -759,10 +779,53 @@ pub struct WeightGrad<'a> {
 /// Weight gradient of a dense linear layer, into a flat buffer:
 /// dw[offset + n*K + k] (+)= alpha * sum_m dy[m, n] * x[m, k]; dy (M, N), x (M, K) contiguous.
 pub fn matmul_backward_w(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>) -> Result<()> {
+    weight_grad(ctx, enc, g, WeightGradCols::default())
+}
+
+/// Where [`matmul_backward_w_cols`] reads dy's and x's rows: each `(row stride, first column)`
+/// where it is a block of columns of a wider matrix, `None` where it is contiguous.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WeightGradCols {
+    /// dy's rows (N values each read).
+    pub dy: Option<(usize, usize)>,
+    /// x's rows (K values each read).
+    pub x: Option<(usize, usize)>,
+}
+
+/// [`matmul_backward_w`] reading dy and x as blocks of columns of wider matrices: training's
+/// LoRA gradients of one module out of the h and dh that the modules reading one input share.
+pub fn matmul_backward_w_cols(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    g: WeightGrad<'_>,
+    cols: WeightGradCols,
+) -> Result<()> {
+    for (what, buf, width, at) in [("dy", g.dy, g.n, cols.dy), ("x", g.x, g.k, cols.x)] {
+        if let Some((stride, col)) = at
+            && (col + width > stride || 4 * ((g.m.max(1) - 1) * stride + col + width) as u64 > buf.size())
+        {
+            return Err(Error::invalid(
+                "weight gradient",
+                format!(
+                    "{} rows of {width} {what} columns from column {col} with a row stride of {stride} do not fit",
+                    g.m
+                ),
+            ));
+        }
+    }
+    weight_grad(ctx, enc, g, cols)
+}
+
+fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: WeightGradCols) -> Result<()> {
     let WeightGrad { dy, x, dw, dw_offset, m, n, k, alpha, accumulate } = g;
     let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
-    let p = matmul_params(m, n, k, out)?;
-    let aligned = n.is_multiple_of(4) && k.is_multiple_of(4);
+    let mut p = matmul_params(m, n, k, out)?;
+    let (dy_cols, x_cols) = (cols.dy.unwrap_or((n, 0)), cols.x.unwrap_or((k, 0)));
+    p.dy_stride = u32_of(dy_cols.0, "dy stride")?;
+    p.dy_col_offset = u32_of(dy_cols.1, "dy column")?;
+    p.x_stride = u32_of(x_cols.0, "x stride")?;
+    p.x_col_offset = u32_of(x_cols.1, "x column")?;
+    let aligned = [n, k, dy_cols.0, dy_cols.1, x_cols.0, x_cols.1].iter().all(|v| v.is_multiple_of(4));
     let kernel = many_rows(kind_of(ctx, true), DENSE_DW, aligned, (p.n, p.k, p.m));
     let cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
     run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw], cost)
