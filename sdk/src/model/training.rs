@@ -1031,8 +1031,8 @@ impl Model {
             };
             launch::matmul_backward_w_cols(ctx, enc, da, launch::WeightGradCols { dy: Some((stride, col)), x: None })?;
         }
-        // dx += dh A over the distinct A matrices' rows, gathered in the order of their columns.
-        firsts.sort_unstable();
+        // dx += dh A over the distinct A matrices' rows, gathered in the order of their columns
+        // (firsts is: lora_a_shared numbers them in the order of the modules, as above).
         let a_of = |j: usize| firsts.get(j).map_or(firsts[0].1, |f| f.1);
         let dxa = launch::MatmulGrad {
             dy: DyCols::whole(&ws.lora_dh, stride),
