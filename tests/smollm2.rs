@@ -266,7 +266,7 @@ fn dpo_with_the_defaults_ranks_held_out_pairs_and_shortens_the_answers() {
     let data_cfg = DataConfig { val_data: Some(held_out.clone()), ..Default::default() };
     let data = data::load(&feedback.join("train.jsonl"), &session.tokenizer, &data_cfg).expect("pairs");
     assert_eq!((data.train.len(), data.val.len()), (24, 8));
-    // Gradient checkpointing off, as in the test above: the same numbers, a quarter less time.
+    // Gradient checkpointing off, as in the test above: the same numbers, a fifth less time.
     let cfg = TrainConfig {
         method: Method::Dpo,
         max_steps: Some(STEPS),
