@@ -1,13 +1,11 @@
-// Attention backward, second pass, in blocks of keys (the tile128 family; the same results as
+// Attention backward, second pass, in blocks of keys (the tiled families; the same results as
 // attention_backward_kv.wgsl, which runs one workgroup per key and reads every query once per
-// key). A workgroup takes BK = 16 consecutive keys of one kv head; thread (key ki = lid / 4,
-// part pp = lid % 4) holds dimensions pp, pp + 4, .. of its key and value and of the dk and dv it
-// accumulates, in registers. For each query head of the group and each tile of BQ = 16 queries
-// (with their output gradients and the lse and delta of the first pass), staged once for the
-// block:
-//   - P and dS as in the first pass, each a dot product whose four parts add up through
-//     workgroup memory;
-//   - dv += P dout and dk += dS q for the thread's dimensions.
+// key). A workgroup of 256 threads takes 64 consecutive keys of one kv head and walks, for each
+// query head of the group, the queries that see them in tiles of 64, the products register-tiled
+// as in attention_t128.wgsl (common/attention_tiles.wgsl: rows are keys, columns queries):
+//   - for each tile, S^T = K Q^T and dP^T = V dO^T, a 4 x 4 block of each a thread; then P^T
+//     with the first pass's lse and dS^T = P^T (dP^T - delta) with its delta;
+//   - dV += P^T dO and dK += dS^T Q, 4 keys x 8 dims of each a thread.
 // Query t sees key j when key_start[t] <= j <= t; key_start never decreases along a packed
 // batch, so the scan stops at the first query tile that starts past the block's samples.
 // Needs head_dim <= 128 (the launcher checks it).
@@ -24,130 +22,92 @@
 @group(0) @binding(7) var<storage, read_write> dk: array<f32>;     // (T, Hkv * hd)
 @group(0) @binding(8) var<storage, read_write> dv: array<f32>;     // (T, Hkv * hd)
 
-const BK: u32 = 16u;
-const BQ: u32 = 16u;
-var<workgroup> q_tile: array<f32, 2064>;                           // (BQ, 129)
-var<workgroup> g_tile: array<f32, 2064>;                           // dout, (BQ, 129)
-var<workgroup> part: array<f32, 1024>;                             // (BK, 4 parts, BQ)
-var<workgroup> probs: array<f32, 256>;                             // (BK, BQ)
-var<workgroup> ds: array<f32, 256>;                                // (BK, BQ)
-var<workgroup> q_stats: array<vec2<f32>, 16>;
-var<workgroup> q_first: array<u32, 16>;                            // key_start of each query
-var<workgroup> tile_start: u32;
+var<workgroup> tile_start: u32;                                    // key_start of the tile's first query
+var<private> tile: vec4<u32>;                                      // first key, first query, h, kv head
 
-@compute @workgroup_size(64)
+#include "common/attention_tiles.wgsl"
+
+// Operands 0 and 2: the block's keys and values; 1 and 3: the tile's queries and output
+// gradients (head tile.z).
+fn operand(which: u32, i: u32, d: u32) -> f32 {
+    let hd = p.head_dim;
+    if (which == 0u || which == 2u) {
+        let j = tile.x + i;
+        if (j >= p.n_tokens) { return 0.0; }
+        let at = j * p.kv_stride + tile.w * hd + d;
+        if (which == 0u) { return k[at]; }
+        return v[at];
+    }
+    let t = tile.y + i;
+    if (t >= p.n_tokens) { return 0.0; }
+    let at = (t * p.n_heads + tile.z) * hd + d;
+    if (which == 1u) { return q[at]; }
+    return dout[at];
+}
+
+@compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let kvh = wg.y;
-    let j0 = wg.x * BK;
+    let j0 = wg.x * 64u;
     let hd = p.head_dim;
-    let stride = hd + 1u;
     let rep = p.n_heads / p.n_kv_heads;
-    let ki = lid / 4u;
-    let pp = lid % 4u;
-    let j = j0 + ki;
-    let live = j < p.n_tokens;
-    let j_last = min(j0 + BK, p.n_tokens) - 1u;
-    var kr: array<f32, 32>;
-    var vr: array<f32, 32>;
-    var acc_k: array<f32, 32>;
-    var acc_v: array<f32, 32>;
-    if (live) {
-        let kb = j * p.kv_stride + kvh * hd;
-        for (var r = 0u; r < 32u; r++) {
-            let d = pp + 4u * r;
-            if (d < hd) {
-                kr[r] = k[kb + d];
-                vr[r] = v[kb + d];
-            }
-        }
-    }
+    let tr = lid / 16u;
+    let tc = lid % 16u;
+    let j_last = min(j0 + 64u, p.n_tokens) - 1u;
+    var acc_k: array<vec4<f32>, 8>;                                // (key i, half) at 2 i + half
+    var acc_v: array<vec4<f32>, 8>;
     for (var hr = 0u; hr < rep; hr++) {
         let h = kvh * rep + hr;
         // The first query that can see a key of this block is the block's first key.
-        for (var t0 = j0; t0 < p.n_tokens; t0 += BQ) {
-            workgroupBarrier();                                    // the tiles are free
+        for (var t0 = j0; t0 < p.n_tokens; t0 += 64u) {
             if (lid == 0u) { tile_start = key_start[t0]; }
             if (workgroupUniformLoad(&tile_start) > j_last) { break; }
-            for (var i = lid; i < BQ * hd; i += 64u) {
-                let qq = i / hd;
-                let d = i % hd;
-                var qg = vec2<f32>(0.0);
-                if (t0 + qq < p.n_tokens) {
-                    let at = ((t0 + qq) * p.n_heads + h) * hd + d;
-                    qg = vec2<f32>(q[at], dout[at]);
-                }
-                q_tile[qq * stride + d] = qg.x;
-                g_tile[qq * stride + d] = qg.y;
-            }
-            if (lid < BQ) {
-                var st = vec2<f32>(0.0);
-                var fk = 0xffffffffu;
-                if (t0 + lid < p.n_tokens) {
-                    st = stats[(t0 + lid) * p.n_heads + h];
-                    fk = key_start[t0 + lid];
-                }
-                q_stats[lid] = st;
-                q_first[lid] = fk;
-            }
-            workgroupBarrier();
-            for (var qq = 0u; qq < BQ; qq++) {
-                var s = 0.0;
-                for (var r = 0u; r < 32u; r++) {
-                    let d = pp + 4u * r;
-                    if (d < hd) { s += kr[r] * q_tile[qq * stride + d]; }
-                }
-                part[(ki * 4u + pp) * BQ + qq] = s;
-            }
-            workgroupBarrier();
-            var capg: array<f32, 4>;                               // softcap's derivative, queries pp + 4m
-            for (var m = 0u; m < 4u; m++) {
-                let qq = pp + 4u * m;
-                let t = t0 + qq;
-                let s = part[(ki * 4u) * BQ + qq] + part[(ki * 4u + 1u) * BQ + qq]
-                    + part[(ki * 4u + 2u) * BQ + qq] + part[(ki * 4u + 3u) * BQ + qq];
-                let seen = live && t < p.n_tokens && t >= j && q_first[qq] <= j;
-                probs[ki * BQ + qq] = select(0.0, exp(softcap(s * p.scale) - q_stats[qq].x), seen);
-                capg[m] = softcap_grad(s * p.scale);
-            }
-            workgroupBarrier();
-            for (var qq = 0u; qq < BQ; qq++) {
-                var g = 0.0;
-                for (var r = 0u; r < 32u; r++) {
-                    let d = pp + 4u * r;
-                    if (d < hd) { g += vr[r] * g_tile[qq * stride + d]; }
-                }
-                part[(ki * 4u + pp) * BQ + qq] = g;
-            }
-            workgroupBarrier();
-            for (var m = 0u; m < 4u; m++) {
-                let qq = pp + 4u * m;
-                let dp = part[(ki * 4u) * BQ + qq] + part[(ki * 4u + 1u) * BQ + qq]
-                    + part[(ki * 4u + 2u) * BQ + qq] + part[(ki * 4u + 3u) * BQ + qq];
-                ds[ki * BQ + qq] = probs[ki * BQ + qq] * capg[m] * (dp - q_stats[qq].y);
-            }
-            workgroupBarrier();
-            for (var r = 0u; r < 32u; r++) {
-                let d = pp + 4u * r;
-                if (d < hd) {
-                    var av = acc_v[r];
-                    var ak = acc_k[r];
-                    for (var qq = 0u; qq < BQ; qq++) {
-                        av += probs[ki * BQ + qq] * g_tile[qq * stride + d];
-                        ak += ds[ki * BQ + qq] * q_tile[qq * stride + d];
-                    }
-                    acc_v[r] = av;
-                    acc_k[r] = ak;
+            tile = vec4<u32>(j0, t0, h, kvh);
+            let st = block_product(0u, 1u, lid);
+            let dpt = block_product(2u, 3u, lid);
+            // This thread's 4 queries: lse, delta and the first key each sees.
+            var qs: array<vec2<f32>, 4>;
+            var first = vec4<u32>(0xffffffffu);
+            for (var c = 0u; c < 4u; c++) {
+                let t = t0 + 4u * tc + c;
+                if (t < p.n_tokens) {
+                    qs[c] = stats[t * p.n_heads + h];
+                    first[c] = key_start[t];
                 }
             }
+            var pm: array<vec4<f32>, 4>;
+            var ds: array<vec4<f32>, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                let j = j0 + 4u * tr + i;
+                for (var c = 0u; c < 4u; c++) {
+                    let t = t0 + 4u * tc + c;
+                    let seen = j < p.n_tokens && t < p.n_tokens && t >= j && first[c] <= j;
+                    let x = st[i][c] * p.scale;
+                    let pr = select(0.0, exp(softcap(x) - qs[c].x), seen);
+                    pm[i][c] = pr;
+                    ds[i][c] = pr * softcap_grad(x) * (dpt[i][c] - qs[c].y);
+                }
+            }
+            store_block_t(pm, lid);
+            accumulate(&acc_v, 3u, lid);
+            store_block_t(ds, lid);
+            accumulate(&acc_k, 1u, lid);
         }
     }
-    if (!live) { return; }
-    let kb = j * p.kv_stride + kvh * hd;
-    for (var r = 0u; r < 32u; r++) {
-        let d = pp + 4u * r;
-        if (d < hd) {
-            dk[kb + d] = acc_k[r] * p.scale;
-            dv[kb + d] = acc_v[r];
+    for (var i = 0u; i < 4u; i++) {
+        let j = j0 + 4u * tr + i;
+        if (j >= p.n_tokens) { continue; }
+        let base = j * p.kv_stride + kvh * hd;
+        for (var e = 0u; e < 4u; e++) {
+            let d = 4u * tc + e;
+            if (d < hd) {
+                dk[base + d] = acc_k[2u * i][e] * p.scale;
+                dv[base + d] = acc_v[2u * i][e];
+            }
+            if (d + 64u < hd) {
+                dk[base + d + 64u] = acc_k[2u * i + 1u][e] * p.scale;
+                dv[base + d + 64u] = acc_v[2u * i + 1u][e];
+            }
         }
     }
 }

@@ -1,20 +1,18 @@
 // Causal grouped-query attention in blocks of queries (FlashAttention-2's forward pass), for the
-// tile128 and coop16 families: the same outputs and statistics as attention.wgsl, which runs one
-// workgroup per (query, head) and so reads every key and value once per query. Here a workgroup
-// takes BQ = 16 consecutive queries of one head and walks their keys in tiles of BKV = 32, each
-// tile staged once in workgroup memory for all 16 queries:
-//   - the 16 queries are staged too; thread (query qi = lid / 4, part pp = lid % 4) scores keys
-//     pp, pp + 4, .. of the tile for its query (full dot products over the head);
-//   - every thread of a query then reads the query's 32 scores and keeps the same running max
-//     and sum (an online softmax), and writes the probabilities of its own 8 keys back;
-//   - the value tile replaces the key tile, and each thread accumulates its quarter of the
-//     head's dimensions (dims pp, pp + 4, ..) of the weighted values.
-// Rows of the staged tiles are padded to head_dim + 1 floats, so the threads of a key or a query
-// read distinct banks. Query t sits at position pos_offset + t and attends to keys key_start[t]
-// ..= pos_offset + t, as in attention.wgsl. Needs head_dim <= 128 and 26.6 KiB of workgroup
-// memory; the launcher uses attention.wgsl otherwise, and for one-token decoding steps.
+// tiled families: the same outputs and statistics as attention.wgsl, which runs one workgroup
+// per (query, head) and so reads every key and value once per query. Here a workgroup of 256
+// threads takes 64 consecutive queries of one head and walks their keys in tiles of 64, with
+// both products register-tiled (common/attention_tiles.wgsl: rows are queries, columns keys):
+//   - S = Q K^T for the tile, a 4 x 4 block a thread;
+//   - the online softmax: each query's maximum over the tile is reduced over its 16 threads
+//     (subgroup shuffles where the adapter has them), the running outputs are rescaled, and the
+//     probabilities written to workgroup memory; each thread keeps its own part of a query's sum
+//     of probabilities, reduced the same way once at the end;
+//   - O += P V, 4 queries x 8 dims a thread.
+// Query t sits at position pos_offset + t and attends to keys key_start[t] ..= pos_offset + t,
+// as in attention.wgsl. Needs head_dim <= 128 and 25 KiB of workgroup memory; the launcher uses
+// attention.wgsl otherwise, and for one-token decoding steps.
 #include "common/params.wgsl"
-#include "common/attention_block.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
 #include "common/softcap.wgsl"
@@ -25,95 +23,97 @@
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;    // (T, H * hd)
 @group(0) @binding(6) var<storage, read_write> stats: array<vec2<f32>>; // (T * H): (lse, delta)
 
-const BQ: u32 = 16u;
-const BKV: u32 = 32u;
-const MAX_HD: u32 = 128u;
 const NEG: f32 = -3.402823e38;
-var<workgroup> q_tile: array<f32, 2064>;                           // (BQ, MAX_HD + 1)
-var<workgroup> kv_tile: array<f32, 4128>;                          // (BKV, MAX_HD + 1)
-var<workgroup> scores: array<f32, 512>;                            // (BQ, BKV)
 var<workgroup> key_range: vec2<u32>;                               // the block's first and last key
+var<private> tile: vec4<u32>;                                      // first query, first key, h, kv head
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let blk = query_block(wg, lid);
-    let h = blk.h;
-    let t0 = blk.t0;
-    let t = blk.t;
-    let live = blk.live;
-    let first = blk.first;
-    let last = blk.last;
+#include "common/attention_tiles.wgsl"
+
+// Operand 0: the block's queries; 1 and 2: the tile's keys and values.
+fn operand(which: u32, i: u32, d: u32) -> f32 {
     let hd = p.head_dim;
-    let stride = hd + 1u;
-    let kvh = h / (p.n_heads / p.n_kv_heads);
-    let qi = lid / 4u;
-    let pp = lid % 4u;
-    for (var i = lid; i < BQ * hd; i += 64u) {
-        let row = i / hd;
-        let d = i % hd;
-        var v = 0.0;
-        if (t0 + row < p.n_tokens) { v = q[((t0 + row) * p.n_heads + h) * hd + d]; }
-        q_tile[row * stride + d] = v;
+    if (which == 0u) {
+        let t = tile.x + i;
+        if (t >= p.n_tokens) { return 0.0; }
+        return q[(t * p.n_heads + tile.z) * hd + d];
     }
-    if (lid == 0u) { key_range = block_keys(t0); }
+    let j = tile.y + i;
+    if (j > key_range.y) { return 0.0; }
+    let at = j * p.kv_stride + tile.w * hd + d;
+    if (which == 1u) { return k_cache[at]; }
+    return v_cache[at];
+}
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let lanes = row_lanes();
+    let h = wg.y;
+    let t0 = wg.x * 64u;
+    let hd = p.head_dim;
+    let tr = lid / 16u;
+    let tc = lid % 16u;
+    // This thread's 4 queries: each one's first and last visible key (none when past the batch).
+    var first = vec4<u32>(1u);
+    var last = vec4<u32>(0u);
+    for (var i = 0u; i < 4u; i++) {
+        let t = t0 + 4u * tr + i;
+        if (t < p.n_tokens) {
+            first[i] = key_start[t];
+            last[i] = p.pos_offset + t;
+        }
+    }
+    if (lid == 0u) {
+        let t_last = min(t0 + 64u, p.n_tokens) - 1u;
+        var lo = key_start[t0];
+        for (var r = t0 + 1u; r <= t_last; r++) { lo = min(lo, key_start[r]); }
+        key_range = vec2<u32>(lo, p.pos_offset + t_last);
+    }
     let range = workgroupUniformLoad(&key_range);
-    var acc: array<f32, 32>;                                       // dims pp, pp + 4, .. of the head
-    var run_max = NEG;
-    var run_sum = 0.0;
-    for (var j0 = range.x; j0 <= range.y; j0 += BKV) {
-        for (var i = lid; i < BKV * hd; i += 64u) {
-            let jj = i / hd;
-            let d = i % hd;
-            var v = 0.0;
-            if (j0 + jj <= range.y) { v = k_cache[(j0 + jj) * p.kv_stride + kvh * hd + d]; }
-            kv_tile[jj * stride + d] = v;
-        }
-        workgroupBarrier();
-        for (var jj = pp; jj < BKV; jj += 4u) {
-            let j = j0 + jj;
-            var s = NEG;
-            if (j >= first && j <= last) {
-                var dot = 0.0;
-                for (var d = 0u; d < hd; d++) { dot += q_tile[qi * stride + d] * kv_tile[jj * stride + d]; }
-                s = softcap(dot * p.scale);
-            }
-            scores[qi * BKV + jj] = s;
-        }
-        workgroupBarrier();
-        var tile_max = run_max;
-        for (var jj = 0u; jj < BKV; jj++) { tile_max = max(tile_max, scores[qi * BKV + jj]); }
-        workgroupBarrier();
-        for (var jj = pp; jj < BKV; jj += 4u) {
-            let j = j0 + jj;
-            scores[qi * BKV + jj] = select(0.0, exp(scores[qi * BKV + jj] - tile_max), j >= first && j <= last);
-        }
-        for (var i = lid; i < BKV * hd; i += 64u) {
-            let jj = i / hd;
-            let d = i % hd;
-            var v = 0.0;
-            if (j0 + jj <= range.y) { v = v_cache[(j0 + jj) * p.kv_stride + kvh * hd + d]; }
-            kv_tile[jj * stride + d] = v;
-        }
-        workgroupBarrier();
-        let corr = exp(run_max - tile_max);
-        run_sum *= corr;
-        for (var jj = 0u; jj < BKV; jj++) { run_sum += scores[qi * BKV + jj]; }
-        for (var r = 0u; r < 32u; r++) {
-            let d = pp + 4u * r;
-            if (d < hd) {
-                var a = acc[r] * corr;
-                for (var jj = 0u; jj < BKV; jj++) { a += scores[qi * BKV + jj] * kv_tile[jj * stride + d]; }
-                acc[r] = a;
+    var o: array<vec4<f32>, 8>;                                    // (query i, half) at 2 i + half
+    var run_max = vec4<f32>(NEG);
+    var run_sum = vec4<f32>(0.0);                                  // this thread's part
+    for (var j0 = range.x; j0 <= range.y; j0 += 64u) {
+        tile = vec4<u32>(t0, j0, h, h / (p.n_heads / p.n_kv_heads));
+        var s = block_product(0u, 1u, lid);
+        // Scaled, capped and masked scores, and each query's maximum over the tile.
+        var tile_max = vec4<f32>(NEG);
+        for (var i = 0u; i < 4u; i++) {
+            for (var c = 0u; c < 4u; c++) {
+                let j = j0 + 4u * tc + c;
+                var sc = NEG;
+                if (j >= first[i] && j <= last[i]) { sc = softcap(s[i][c] * p.scale); }
+                s[i][c] = sc;
+                tile_max[i] = max(tile_max[i], sc);
             }
         }
-        run_max = tile_max;
-        workgroupBarrier();
+        let new_max = max(run_max, rows_max(tile_max, lid, lanes));
+        let corr = exp(run_max - new_max);
+        for (var i = 0u; i < 4u; i++) {
+            var part = 0.0;
+            for (var c = 0u; c < 4u; c++) {
+                let j = j0 + 4u * tc + c;
+                let pr = select(0.0, exp(s[i][c] - new_max[i]), j >= first[i] && j <= last[i]);
+                s[i][c] = pr;
+                part += pr;
+            }
+            run_sum[i] = run_sum[i] * corr[i] + part;
+            o[2u * i] *= corr[i];
+            o[2u * i + 1u] *= corr[i];
+        }
+        run_max = new_max;
+        store_block_t(s, lid);
+        accumulate(&o, 2u, lid);
     }
-    if (!live) { return; }
-    let base = (t * p.n_heads + h) * hd;
-    for (var r = 0u; r < 32u; r++) {
-        let d = pp + 4u * r;
-        if (d < hd) { out[base + d] = acc[r] / run_sum; }
+    let total = rows_sum(run_sum, lid, lanes);
+    for (var i = 0u; i < 4u; i++) {
+        let t = t0 + 4u * tr + i;
+        if (t >= p.n_tokens) { continue; }
+        let base = (t * p.n_heads + h) * hd;
+        for (var e = 0u; e < 4u; e++) {
+            let d = 4u * tc + e;
+            if (d < hd) { out[base + d] = o[2u * i][e] / total[i]; }
+            if (d + 64u < hd) { out[base + d + 64u] = o[2u * i + 1u][e] / total[i]; }
+        }
+        if (tc == 0u) { stats[t * p.n_heads + h] = vec2<f32>(run_max[i] + log(total[i]), 0.0); }
     }
-    if (pp == 0u) { stats[t * p.n_heads + h] = vec2<f32>(run_max + log(run_sum), 0.0); }
 }

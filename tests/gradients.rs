@@ -7,8 +7,8 @@
 mod common;
 
 use common::{assert_close, assert_close_slack, f16_products, f16_slack, gpu, gpus, rand, run};
-use edgetune::gpu::KernelFamily;
 use edgetune::gpu::launch::{self, AttentionGrads, AttentionShape, DyCols, OutCols, RopeShape, Weight};
+use edgetune::gpu::{GpuContext, GpuOptions, KernelFamily};
 use edgetune::quant::nf4;
 use edgetune::reference as r;
 
@@ -662,9 +662,15 @@ fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
 
 #[test]
 fn attention_backward_kernels_match_twin_on_packed_batches() {
-    for ctx in gpus() {
+    // And tile128 on a device opened without subgroup operations (the blocked kernels' .shared
+    // twins, which reduce rows in workgroup memory alone).
+    let opts = GpuOptions { kernels: Some(KernelFamily::Tile128), no_subgroups: true, ..Default::default() };
+    let plain = GpuContext::new(&opts).expect("tile128 without subgroups");
+    assert!(!plain.report.subgroups, "the device was opened with subgroups");
+    for ctx in gpus().into_iter().chain([plain]) {
         // (segment lengths, heads, kv heads, head_dim): more than 64 tokens so tiles and the early
-        // stop of the key pass are exercised.
+        // stop of the key pass are exercised; 140 tokens over three blocks of 64 with a head of
+        // 128 dims, whose second half the blocked kernels keep apart.
         // Cases 0, 2 and 4 with Gemma 2's soft cap, at 0.3: these scores (standard deviation
         // 1/3) reach about 1.5, so the cap bends them.
         for (i, (segs, h, kvh, hd)) in [
@@ -673,6 +679,7 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
             (vec![70, 5, 20], 2, 1, 64),
             (vec![9], 3, 3, 130),
             (vec![6, 11, 4], 6, 2, 96),
+            (vec![100, 40], 2, 1, 128),
         ]
         .into_iter()
         .enumerate()

@@ -874,7 +874,13 @@ fn rope_matches_reference() {
 
 #[test]
 fn attention_matches_reference_with_gqa_and_cache_offset() {
-    for ctx in gpus() {
+    // And tile128 on a device opened without subgroup operations, whose blocked forward kernel
+    // then reduces its rows in workgroup memory alone (attention_t128.shared).
+    let opts =
+        GpuOptions { kernels: Some(edgetune::gpu::KernelFamily::Tile128), no_subgroups: true, ..Default::default() };
+    let plain = GpuContext::new(&opts).expect("tile128 without subgroups");
+    assert!(!plain.report.subgroups, "the device was opened with subgroups");
+    for ctx in gpus().into_iter().chain([plain]) {
         // Cases 1, 3 and 5 with Gemma 2's soft cap, at 0.3 (these scores reach about 1.5).
         for (i, &(t, h, kvh, hd, pos)) in [
             (1, 1, 1, 8, 0),
@@ -883,6 +889,10 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
             (2, 2, 1, 130, 3),
             (11, 4, 2, 96, 5),
             (20, 3, 1, 64, 0),
+            // Past one block of 64 queries: a head of two halves (72 = 64 + 8 dims, not a
+            // multiple of the 16-dim chunks), and a full 128 behind a cache.
+            (70, 4, 2, 72, 0),
+            (130, 2, 1, 128, 9),
         ]
         .iter()
         .enumerate()

@@ -208,9 +208,17 @@ shaders! {
     MATMUL_F16_BACKWARD_T128 = "matmul_f16_backward_t128";
     MATMUL_NF4_BACKWARD_T128 = "matmul_nf4_backward_t128";
     MATMUL_BACKWARD_W_T128 = "matmul_backward_w_t128";
+    // The tiled families' attention, with its rows reduced by subgroup shuffles and (.shared)
+    // in workgroup memory alone, for devices without subgroup operations.
     ATTENTION_T128 = "attention_t128";
+    ATTENTION_T128_SHARED = "attention_t128" as "attention_t128.shared"
+        [("common/attention_rows.wgsl", "common/attention_rows_shared.wgsl")];
     ATTENTION_BACKWARD_Q_T128 = "attention_backward_q_t128";
+    ATTENTION_BACKWARD_Q_T128_SHARED = "attention_backward_q_t128" as "attention_backward_q_t128.shared"
+        [("common/attention_rows.wgsl", "common/attention_rows_shared.wgsl")];
     ATTENTION_BACKWARD_KV_T128 = "attention_backward_kv_t128";
+    ATTENTION_BACKWARD_KV_T128_SHARED = "attention_backward_kv_t128" as "attention_backward_kv_t128.shared"
+        [("common/attention_rows.wgsl", "common/attention_rows_shared.wgsl")];
     // The coop16 family: the tile128 forward kernels, and the input gradients through frozen
     // f16 and NF4 weights, on the cooperative-matrix core (shaders/common/coop16.wgsl).
     MATMUL_COOP16 = "matmul_t128" as "matmul_t128.coop16" [("common/tile128.wgsl", "common/coop16.wgsl")];
@@ -348,7 +356,9 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/coop8.wgsl", include_str!("../common/coop8.wgsl")),
     ("common/coop8_mma.wgsl", include_str!("../common/coop8_mma.wgsl")),
     ("common/coop8_mma_emulated.wgsl", include_str!("../common/coop8_mma_emulated.wgsl")),
-    ("common/attention_block.wgsl", include_str!("../common/attention_block.wgsl")),
+    ("common/attention_tiles.wgsl", include_str!("../common/attention_tiles.wgsl")),
+    ("common/attention_rows.wgsl", include_str!("../common/attention_rows.wgsl")),
+    ("common/attention_rows_shared.wgsl", include_str!("../common/attention_rows_shared.wgsl")),
     ("common/matmul_dw.wgsl", include_str!("../common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../common/matvec.wgsl")),

@@ -40,6 +40,11 @@ pub struct GpuOptions {
     /// (see [`super::family::TILE128_MIN_GROUPS`]; 0: tile128 for every product); `None` reads
     /// `EDGETUNE_TILE128_MIN_GROUPS`, else that constant.
     pub tile128_min_groups: Option<u32>,
+    /// Opens the device without subgroup operations even where the adapter has them, so that
+    /// the kernels that do without them run (for a driver whose subgroup operations are broken,
+    /// and for tests of those kernels); `EDGETUNE_NO_SUBGROUPS=1` does the same. The simd8
+    /// family, which needs them, is then not picked.
+    pub no_subgroups: bool,
 }
 
 /// How long the host waits for the GPU by default: far longer than any one training step or
@@ -314,6 +319,8 @@ impl GpuContext {
         let features = adapter.features();
         let limits = adapter.limits();
         let mut required = wgpu::Features::empty();
+        let no_subgroups = opts.no_subgroups || std::env::var("EDGETUNE_NO_SUBGROUPS").is_ok_and(|v| v.trim() == "1");
+        let features = if no_subgroups { features - wgpu::Features::SUBGROUP } else { features };
         for f in [wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::SUBGROUP] {
             if features.contains(f) {
                 required |= f;

@@ -81,13 +81,17 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
     let AttentionIo { q, k, v, key_start, out, stats } = b;
     let p = attention_params(s)?;
     let buffers = [q, k, v, key_start, out, stats];
-    // Blocks of 16 queries where the family has them and the head fits; a decoding step's one
-    // query would leave 15 of 16 idle.
+    // Blocks of 64 queries where the family has them and the head fits; a decoding step's one
+    // query would leave 63 of 64 idle. Rows are reduced with subgroup shuffles where the adapter
+    // has them.
     let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.head_dim <= 128 && s.n_tokens > 1;
     let slices = key_slices(ctx, s);
     let (shader, groups) = match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
         Some(shader) => (shader, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
-        None if blocked => (&ATTENTION_T128, [p.n_tokens.div_ceil(16), p.n_heads, 1]),
+        None if blocked => {
+            let shader = if ctx.report.subgroups { &ATTENTION_T128 } else { &ATTENTION_T128_SHARED };
+            (shader, [p.n_tokens.div_ceil(64), p.n_heads, 1])
+        }
         None if slices.0 > 1 => return split_key_attention(ctx, enc, b, s, p, slices),
         None => (&ATTENTION, [p.n_tokens, p.n_heads, 1]),
     };
@@ -209,10 +213,13 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
         (Some(qs), Some(kvs)) => {
             ((qs, [p.n_tokens.div_ceil(8), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1]))
         }
-        _ if blocked => (
-            (&ATTENTION_BACKWARD_Q_T128, [p.n_tokens.div_ceil(16), p.n_heads, 1]),
-            (&ATTENTION_BACKWARD_KV_T128, [p.n_tokens.div_ceil(16), p.n_kv_heads, 1]),
-        ),
+        _ if blocked => {
+            let (qs, kvs) = match ctx.report.subgroups {
+                true => (&ATTENTION_BACKWARD_Q_T128, &ATTENTION_BACKWARD_KV_T128),
+                false => (&ATTENTION_BACKWARD_Q_T128_SHARED, &ATTENTION_BACKWARD_KV_T128_SHARED),
+            };
+            ((qs, [p.n_tokens.div_ceil(64), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(64), p.n_kv_heads, 1]))
+        }
         _ => (
             (&ATTENTION_BACKWARD_Q, [p.n_tokens, p.n_heads, 1]),
             (&ATTENTION_BACKWARD_KV, [p.n_tokens, p.n_kv_heads, 1]),
