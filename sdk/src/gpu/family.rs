@@ -7,7 +7,7 @@
 //! | --- | --- | --- | --- |
 //! | `portable` | 64 x 64 tiles, 4 x 4 a thread | a workgroup per (query, head) | anything else |
 //! | `simd8` | 32 x 32 blocks in 8-lane registers | 8 queries a workgroup | a CPU adapter with 8-lane subgroups (lavapipe) |
-//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 64 queries (forward), 16 queries (dQ) or 16 keys (dK, dV) a workgroup over staged tiles (25 KiB; else portable) | a GPU with 17 KiB of workgroup memory |
+//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 64 queries (forward, dQ) or 64 keys (dK, dV) a workgroup, register-tiled, rows reduced with subgroup shuffles (25 KiB; else portable) | a GPU with 17 KiB of workgroup memory |
 //! | `coop16` | forward and input gradients through frozen weights: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums, each row of the activations or gradients scaled by a power of two into f16's range; other gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
 //! | `coop8` | every many-row product: 128 x 128 tiles of 8 x 8 x 8 f32 cooperative-matrix fragments (Metal's simdgroup matrices) | as `tile128` | a GPU that lists that configuration and not coop16's, once its self-test passes |
 //!
@@ -152,9 +152,9 @@ pub const TILE128_MIN_GROUPS: u32 = 512;
 /// Workgroup memory the tile128 kernels declare: two (16, 132) f32 tiles and the NF4 code book.
 pub const TILE128_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 4 + 16 * 4;
 
-/// Workgroup memory the largest tile128 attention kernel (the forward) declares: its staged
-/// chunks of Q, K and V (8 KiB), the probabilities of 64 queries and 64 keys in padded rows, and
-/// the block's key range. The backward kernels (16 queries or keys a workgroup) need less.
+/// Workgroup memory the tile128 attention kernels declare (the forward's and dQ's; dK/dV's 4
+/// bytes less): staged chunks of the operands (8 KiB), a 64 x 64 block of probabilities or
+/// their gradients in padded rows, and the block's key range.
 pub const ATTENTION_T128_WORKGROUP_BYTES: u32 = (512 + 64 * 17) * 16 + 8;
 
 /// Workgroup memory the coop16 kernels declare: two (16, 136) f16 tiles, eight 16 x 16 f32
