@@ -73,12 +73,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
     let delta = rows_sum(part, lid, lanes);
-    if (lid == 0u) {
-        let t_last = min(t0 + 64u, p.n_tokens) - 1u;
-        var lo = key_start[t0];
-        for (var r = t0 + 1u; r <= t_last; r++) { lo = min(lo, key_start[r]); }
-        key_range = vec2<u32>(lo, t_last);
-    }
+    if (lid == 0u) { key_range = block_keys(t0); }
     let range = workgroupUniformLoad(&key_range);
     var acc: array<vec4<f32>, 8>;                                  // (query i, half) at 2 i + half
     for (var j0 = range.x; j0 <= range.y; j0 += 64u) {

@@ -62,12 +62,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             last[i] = p.pos_offset + t;
         }
     }
-    if (lid == 0u) {
-        let t_last = min(t0 + 64u, p.n_tokens) - 1u;
-        var lo = key_start[t0];
-        for (var r = t0 + 1u; r <= t_last; r++) { lo = min(lo, key_start[r]); }
-        key_range = vec2<u32>(lo, p.pos_offset + t_last);
-    }
+    if (lid == 0u) { key_range = block_keys(t0); }
     let range = workgroupUniformLoad(&key_range);
     var o: array<vec4<f32>, 8>;                                    // (query i, half) at 2 i + half
     var run_max = vec4<f32>(NEG);

@@ -12,8 +12,8 @@
 //     3 vec4 reads for 32 multiply-adds.
 //   - rows_max and rows_sum reduce 4 values a row over the 16 threads of a row group
 //     (common/attention_rows*.wgsl: subgroup shuffles where the adapter has them).
-// The including kernel declares `p` (AttentionParams) and fn operand(which, i, d) -> f32: element
-// d of row i (0 .. 63) of the current tile of operand `which`, 0 past the operand's end.
+// The including kernel declares `p` (AttentionParams), `key_start` and fn operand(which, i, d) ->
+// f32: element d of row i (0 .. 63) of the current tile of operand `which`, 0 past its end.
 
 const PS: u32 = 17u;
 // A chunk of A^T at [0, 256) and of B^T at [256, 512), element (dim dd, row i) at dd * 16 + i / 4,
@@ -23,6 +23,15 @@ var<workgroup> stage: array<vec4<f32>, 512>;
 var<workgroup> pt: array<vec4<f32>, 1088>;                         // M^T: column * PS + row / 4
 
 #include "common/attention_rows.wgsl"
+
+// The keys that any of the 64 queries from t0 sees: the smallest of their key_start (not
+// assumed monotonic) ..= the last one's position.
+fn block_keys(t0: u32) -> vec2<u32> {
+    let t_last = min(t0 + 64u, p.n_tokens) - 1u;
+    var lo = key_start[t0];
+    for (var r = t0 + 1u; r <= t_last; r++) { lo = min(lo, key_start[r]); }
+    return vec2<u32>(lo, p.pos_offset + t_last);
+}
 
 // This thread's 4 x 4 block of A B^T over the head: element [i][c] is row 4 tr + i, column
 // 4 tc + c. Called by every thread (it holds barriers).
