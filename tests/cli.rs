@@ -890,6 +890,30 @@ fn gpu_by_index() {
     }
 }
 
+/// `EDGETUNE_NO_SUBGROUPS=1` opens the device without subgroup operations: `edgetune gpu` says
+/// so, the family that needs them (simd8) cannot be forced, and a value other than 0 or 1 is
+/// refused naming the variable.
+#[test]
+fn gpu_opens_without_subgroups_when_the_environment_asks() {
+    let gpu = |value: &str, kernels: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"));
+        cmd.arg("gpu").env("EDGETUNE_NO_SUBGROUPS", value).env_remove("EDGETUNE_KERNELS");
+        if let Some(k) = kernels {
+            cmd.env("EDGETUNE_KERNELS", k);
+        }
+        cmd.output().expect("runs")
+    };
+    let out = gpu("1", None);
+    let said = text(&out.stdout);
+    assert!(out.status.success() && said.contains("subgroups false") && !said.contains("kernels: simd8"), "{said}");
+    let out = gpu("1", Some("simd8"));
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs a CPU adapter with 8-lane subgroups"), "{err}");
+    let out = gpu("yes", None);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("EDGETUNE_NO_SUBGROUPS") && err.contains("\"yes\""), "{err}");
+}
+
 /// `EDGETUNE_TILE128_MIN_GROUPS` sets the grid below which tile128 products run on portable's
 /// tiles, which `edgetune gpu` reports with the family; a value that is no number is refused
 /// naming the variable.

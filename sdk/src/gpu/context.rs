@@ -319,7 +319,7 @@ impl GpuContext {
         let features = adapter.features();
         let limits = adapter.limits();
         let mut required = wgpu::Features::empty();
-        let no_subgroups = opts.no_subgroups || std::env::var("EDGETUNE_NO_SUBGROUPS").is_ok_and(|v| v.trim() == "1");
+        let no_subgroups = opts.no_subgroups || family::no_subgroups_from_env()?;
         let features = if no_subgroups { features - wgpu::Features::SUBGROUP } else { features };
         for f in [wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::SUBGROUP] {
             if features.contains(f) {

@@ -251,6 +251,19 @@ pub fn tile128_min_groups_from_env() -> Result<Option<u32>> {
     }
 }
 
+/// Whether `EDGETUNE_NO_SUBGROUPS=1` asks for a device without subgroup operations (`0` or
+/// unset: no; anything else is an error that names the variable).
+pub fn no_subgroups_from_env() -> Result<bool> {
+    match std::env::var("EDGETUNE_NO_SUBGROUPS") {
+        Ok(v) => match v.trim() {
+            "" | "0" => Ok(false),
+            "1" => Ok(true),
+            other => Err(Error::invalid("EDGETUNE_NO_SUBGROUPS", format!("{other:?} is not 0 or 1"))),
+        },
+        Err(_) => Ok(false),
+    }
+}
+
 /// The family forced by `EDGETUNE_KERNELS`, if it is set (an unknown name is an error).
 pub fn from_env() -> Result<Option<KernelFamily>> {
     match std::env::var("EDGETUNE_KERNELS") {
