@@ -662,12 +662,19 @@ fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
 
 #[test]
 fn attention_backward_kernels_match_twin_on_packed_batches() {
-    // And tile128 on a device opened without subgroup operations (the blocked kernels' .shared
-    // twins, which reduce rows in workgroup memory alone).
-    let opts = GpuOptions { kernels: Some(KernelFamily::Tile128), no_subgroups: true, ..Default::default() };
-    let plain = GpuContext::new(&opts).expect("tile128 without subgroups");
-    assert!(!plain.report.subgroups, "the device was opened with subgroups");
-    for ctx in gpus().into_iter().chain([plain]) {
+    // And tile128 with its default small-grid threshold, under which GQA's dK/dV pass runs a
+    // workgroup per query head into partials and a second pass adds them (the other contexts
+    // force 0: a workgroup per kv head walking its query heads), with and without subgroup
+    // operations (the blocked kernels' .shared twins reduce rows in workgroup memory alone).
+    let split = |no_subgroups| {
+        let opts = GpuOptions { kernels: Some(KernelFamily::Tile128), no_subgroups, ..Default::default() };
+        let ctx = GpuContext::new(&opts).expect("tile128");
+        assert_eq!(ctx.report.subgroups, !no_subgroups && gpu().report.subgroups);
+        (ctx, true)
+    };
+    let contexts = gpus().into_iter().map(|c| (c, false)).chain([split(false), split(true)]);
+    for (ctx, must_split) in contexts {
+        let mut splits = 0;
         // (segment lengths, heads, kv heads, head_dim): more than 64 tokens so tiles and the early
         // stop of the key pass are exercised; 140 tokens over three blocks of 64 with a head of
         // 128 dims, whose second half the blocked kernels keep apart.
@@ -725,6 +732,7 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
                 scale,
                 softcap,
             };
+            let before = ctx.counts();
             run(&ctx, |enc| {
                 let fwd = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ksb, out: &out, stats: &stats };
                 launch::attention_forward(&ctx, enc, fwd, s)?;
@@ -732,6 +740,11 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
                 launch::attention_backward(&ctx, enc, b, s)
             });
             let label = format!("attention t{t} segs {segs:?} h{h}/{kvh} hd{hd} cap {softcap:?}");
+            // Forward, dQ and dK/dV, and the pass that adds the query heads' shares when split.
+            let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && hd <= 128;
+            let split = blocked && launch::head_split(&ctx, s);
+            splits += usize::from(split);
+            assert_eq!((ctx.counts() - before).dispatches, 3 + u64::from(split), "{label}: dispatches");
             // Dot products of hd terms and softmax sums over up to T keys, in another order.
             let tol = sum_tol(hd.max(t)) * 4.0;
             assert_close(&format!("{label} out"), &ctx.read_f32(&out, q.len()).expect("read"), &want_out, 1e-4, tol);
@@ -739,6 +752,7 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
             assert_close(&format!("{label} dk"), &ctx.read_f32(&dk, k.len()).expect("read"), &want_dk, 1e-4, tol);
             assert_close(&format!("{label} dv"), &ctx.read_f32(&dv, v.len()).expect("read"), &want_dv, 1e-4, tol);
         }
+        assert_eq!(splits > 0, must_split, "{}: {splits} cases split by query head", ctx.report.kernels);
     }
 }
 

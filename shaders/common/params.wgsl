@@ -62,7 +62,7 @@ struct AttentionParams {
     softcap: f32,     // Gemma 2's attention logit cap (common/softcap.wgsl); 0: none
     split_keys: u32,  // attention.wgsl: keys per workgroup along z (split-key decoding); 0: all
     n_splits: u32,    // workgroups along z that split the keys (attention_combine.wgsl reads them)
-    _pad0: u32,
+    head_split: u32,  // attention_backward_kv_t128.wgsl: 1 = a workgroup per query head, into partials
     _pad1: u32,
 }
 

@@ -156,6 +156,7 @@ shaders! {
     // Split-key decoding: each workgroup of attention.wgsl takes one slice of the keys, and this
     // adds the slices' partial softmaxes.
     ATTENTION_COMBINE = "attention_combine";
+    ATTENTION_BACKWARD_KV_REDUCE = "attention_backward_kv_reduce";
     ADAMW = "adamw";
     GRAD_NORM = "grad_norm";
     CROSS_ENTROPY_BACKWARD = "cross_entropy_backward";
@@ -588,7 +589,7 @@ params!(/// `top_k.wgsl`
 params!(/// `attention.wgsl`
     AttentionParams {
         n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32,
-        softcap: f32, split_keys: u32, n_splits: u32, _pad0: u32, _pad1: u32,
+        softcap: f32, split_keys: u32, n_splits: u32, head_split: u32, _pad1: u32,
     } = 48);
 
 #[cfg(test)]

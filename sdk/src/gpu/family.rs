@@ -98,7 +98,8 @@ pub struct Kernels {
     /// Products whose grid of 128 x 128 tiles would have fewer workgroups than this run on
     /// portable's 64 x 64 tiles (four times the workgroups) instead of tile128's: in the tile128
     /// family, and for coop16's gradients. 0 keeps tile128 for every product. See
-    /// [`TILE128_MIN_GROUPS`].
+    /// [`TILE128_MIN_GROUPS`]. The same small-grid threshold splits the blocked attention's
+    /// dK/dV pass by query head under GQA ([`crate::gpu::launch::head_split`]).
     pub tile128_min_groups: u32,
 }
 

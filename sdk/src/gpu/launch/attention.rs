@@ -196,6 +196,62 @@ pub struct AttentionGrads<'a> {
     pub dv: &'a wgpu::Buffer,
 }
 
+/// The most floats of partial dK and dV that the blocked backward pass splits its query heads
+/// into (16 MiB): past it, as on long batches, whose grids are large anyway, each workgroup walks
+/// the query heads of its group itself.
+pub const HEAD_SPLIT_MAX_FLOATS: usize = 1 << 22;
+
+/// Whether the blocked dK/dV pass runs a workgroup per query head, into partials that a second
+/// pass adds, instead of per kv head: for GQA whose grid of 64-key blocks by kv heads is smaller
+/// than the family's small-grid threshold ([`crate::gpu::Kernels::tile128_min_groups`]), with
+/// partials that fit [`HEAD_SPLIT_MAX_FLOATS`].
+pub fn head_split(ctx: &GpuContext, s: AttentionShape) -> bool {
+    let groups = s.n_tokens.div_ceil(64) * s.n_kv_heads;
+    let partials = 2 * s.n_tokens * s.n_heads * s.head_dim;
+    s.n_heads > s.n_kv_heads
+        && groups < ctx.report.kernels.tile128_min_groups as usize
+        && partials <= HEAD_SPLIT_MAX_FLOATS
+}
+
+/// The blocked backward pass with its dK/dV pass split by query head ([`head_split`]): the
+/// dQ pass, the dK/dV pass into the context's scratch, one workgroup per (64 keys, query head),
+/// and `attention_backward_kv_reduce.wgsl` adding each group's shares into dk and dv.
+fn blocked_backward_split(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    b: AttentionGrads<'_>,
+    s: AttentionShape,
+    p: AttentionParams,
+) -> Result<()> {
+    let AttentionIo { q, k, v, key_start, out, stats } = b.fwd;
+    let (qs, kvs) = match ctx.report.subgroups {
+        true => (&ATTENTION_BACKWARD_Q_T128, &ATTENTION_BACKWARD_KV_T128),
+        false => (&ATTENTION_BACKWARD_Q_T128_SHARED, &ATTENTION_BACKWARD_KV_T128_SHARED),
+    };
+    let q_buffers = [q, k, v, key_start, out, b.dout, stats, b.dq];
+    let blocks = p.n_tokens.div_ceil(64);
+    let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: [blocks, p.n_heads, 1] };
+    ctx.dispatch_costed(enc, q_pass, &p, attention_cost(s, 6.0, 4.0))?;
+    let partials = 2 * s.n_tokens * s.n_heads * s.head_dim;
+    let scratch = ctx.split_scratch(partials)?;
+    let kv_buffers = [q, k, v, key_start, b.dout, stats, &scratch, b.dv];
+    let split = AttentionParams { head_split: 1, ..p };
+    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups: [blocks, p.n_heads, 1] };
+    let cost = attention_cost(s, 8.0, 2.0);
+    let written = Cost { flops: cost.flops, bytes: cost.bytes + 4.0 * partials as f64 };
+    ctx.dispatch_costed(enc, kv_pass, &split, written)?;
+    let reduce_buffers = [&scratch, b.dk, b.dv];
+    let kv_floats = 2 * s.n_tokens * s.n_kv_heads * s.head_dim;
+    let d = Dispatch {
+        shader: &ATTENTION_BACKWARD_KV_REDUCE,
+        buffers: &reduce_buffers,
+        groups: groups_1d(u32_of(kv_floats / 2, "keys")?.div_ceil(64)),
+    };
+    let added = Cost { flops: partials as f64, bytes: 4.0 * (partials + kv_floats) as f64 };
+    // The two passes share the scratch buffer, so they run back to back.
+    ctx.record(enc, d, bytemuck::bytes_of(&split), added, false)
+}
+
 /// Backward of [`attention_forward`] for a training batch (pos_offset 0, keys = the batch):
 /// two passes, queries then keys/values, so that no gradient needs atomics.
 pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads<'_>, s: AttentionShape) -> Result<()> {
@@ -209,6 +265,9 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
     let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
     let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.head_dim <= 128;
+    if blocked && q_pass.is_none() && head_split(ctx, s) {
+        return blocked_backward_split(ctx, enc, b, s, p);
+    }
     let ((qs, q_groups), (kvs, kv_groups)) = match (q_pass, kv_pass) {
         (Some(qs), Some(kvs)) => {
             ((qs, [p.n_tokens.div_ceil(8), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1]))
