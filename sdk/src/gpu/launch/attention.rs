@@ -213,6 +213,15 @@ pub fn head_split(ctx: &GpuContext, s: AttentionShape) -> bool {
         && partials <= HEAD_SPLIT_MAX_FLOATS
 }
 
+/// The blocked backward kernels (dQ, dK/dV): with rows reduced by subgroup shuffles where the
+/// device has subgroup operations, else their `.shared` twins.
+fn blocked_backward_shaders(ctx: &GpuContext) -> (&'static Shader, &'static Shader) {
+    match ctx.report.subgroups {
+        true => (&ATTENTION_BACKWARD_Q_T128, &ATTENTION_BACKWARD_KV_T128),
+        false => (&ATTENTION_BACKWARD_Q_T128_SHARED, &ATTENTION_BACKWARD_KV_T128_SHARED),
+    }
+}
+
 /// The blocked backward pass with its dK/dV pass split by query head ([`head_split`]): the
 /// dQ pass, the dK/dV pass into the context's scratch, one workgroup per (64 keys, query head),
 /// and `attention_backward_kv_reduce.wgsl` adding each group's shares into dk and dv.
@@ -224,10 +233,7 @@ fn blocked_backward_split(
     p: AttentionParams,
 ) -> Result<()> {
     let AttentionIo { q, k, v, key_start, out, stats } = b.fwd;
-    let (qs, kvs) = match ctx.report.subgroups {
-        true => (&ATTENTION_BACKWARD_Q_T128, &ATTENTION_BACKWARD_KV_T128),
-        false => (&ATTENTION_BACKWARD_Q_T128_SHARED, &ATTENTION_BACKWARD_KV_T128_SHARED),
-    };
+    let (qs, kvs) = blocked_backward_shaders(ctx);
     let q_buffers = [q, k, v, key_start, out, b.dout, stats, b.dq];
     let blocks = p.n_tokens.div_ceil(64);
     let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: [blocks, p.n_heads, 1] };
@@ -273,10 +279,7 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
             ((qs, [p.n_tokens.div_ceil(8), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1]))
         }
         _ if blocked => {
-            let (qs, kvs) = match ctx.report.subgroups {
-                true => (&ATTENTION_BACKWARD_Q_T128, &ATTENTION_BACKWARD_KV_T128),
-                false => (&ATTENTION_BACKWARD_Q_T128_SHARED, &ATTENTION_BACKWARD_KV_T128_SHARED),
-            };
+            let (qs, kvs) = blocked_backward_shaders(ctx);
             ((qs, [p.n_tokens.div_ceil(64), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(64), p.n_kv_heads, 1]))
         }
         _ => (
