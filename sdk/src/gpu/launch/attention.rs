@@ -207,10 +207,14 @@ pub const HEAD_SPLIT_MAX_FLOATS: usize = 1 << 22;
 /// partials that fit [`HEAD_SPLIT_MAX_FLOATS`].
 pub fn head_split(ctx: &GpuContext, s: AttentionShape) -> bool {
     let groups = s.n_tokens.div_ceil(64) * s.n_kv_heads;
-    let partials = 2 * s.n_tokens * s.n_heads * s.head_dim;
     s.n_heads > s.n_kv_heads
         && groups < ctx.report.kernels.tile128_min_groups as usize
-        && partials <= HEAD_SPLIT_MAX_FLOATS
+        && head_partials(s) <= HEAD_SPLIT_MAX_FLOATS
+}
+
+/// Floats of the split dK/dV pass's partials: a share of dK and of dV for every query head.
+fn head_partials(s: AttentionShape) -> usize {
+    2 * s.n_tokens * s.n_heads * s.head_dim
 }
 
 /// The blocked backward kernels (dQ, dK/dV): with rows reduced by subgroup shuffles where the
@@ -222,27 +226,24 @@ fn blocked_backward_shaders(ctx: &GpuContext) -> (&'static Shader, &'static Shad
     }
 }
 
-/// The blocked backward pass with its dK/dV pass split by query head ([`head_split`]): the
-/// dQ pass, the dK/dV pass into the context's scratch, one workgroup per (64 keys, query head),
-/// and `attention_backward_kv_reduce.wgsl` adding each group's shares into dk and dv.
-fn blocked_backward_split(
+/// The blocked dK/dV pass split by query head ([`head_split`]): `kvs` into the context's
+/// scratch, one workgroup per (64 keys, query head), then `attention_backward_kv_reduce.wgsl`
+/// adding each group's shares into dk and dv.
+fn blocked_kv_split(
     ctx: &GpuContext,
     enc: &mut Encoder,
     b: AttentionGrads<'_>,
     s: AttentionShape,
     p: AttentionParams,
+    kvs: &'static Shader,
 ) -> Result<()> {
-    let AttentionIo { q, k, v, key_start, out, stats } = b.fwd;
-    let (qs, kvs) = blocked_backward_shaders(ctx);
-    let q_buffers = [q, k, v, key_start, out, b.dout, stats, b.dq];
-    let blocks = p.n_tokens.div_ceil(64);
-    let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: [blocks, p.n_heads, 1] };
-    ctx.dispatch_costed(enc, q_pass, &p, attention_cost(s, 6.0, 4.0))?;
-    let partials = 2 * s.n_tokens * s.n_heads * s.head_dim;
+    let AttentionIo { q, k, v, key_start, stats, .. } = b.fwd;
+    let partials = head_partials(s);
     let scratch = ctx.split_scratch(partials)?;
     let kv_buffers = [q, k, v, key_start, b.dout, stats, &scratch, b.dv];
     let split = AttentionParams { head_split: 1, ..p };
-    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups: [blocks, p.n_heads, 1] };
+    let groups = [p.n_tokens.div_ceil(64), p.n_heads, 1];
+    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups };
     let cost = attention_cost(s, 8.0, 2.0);
     let written = Cost { flops: cost.flops, bytes: cost.bytes + 4.0 * partials as f64 };
     ctx.dispatch_costed(enc, kv_pass, &split, written)?;
@@ -271,9 +272,6 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
     let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
     let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.head_dim <= 128;
-    if blocked && q_pass.is_none() && head_split(ctx, s) {
-        return blocked_backward_split(ctx, enc, b, s, p);
-    }
     let ((qs, q_groups), (kvs, kv_groups)) = match (q_pass, kv_pass) {
         (Some(qs), Some(kvs)) => {
             ((qs, [p.n_tokens.div_ceil(8), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1]))
@@ -291,6 +289,9 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     // dP, dV = P^T dO and dK = dS^T Q (8 per pair), with dK and dV written besides.
     let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: q_groups };
     ctx.dispatch_costed(enc, q_pass, &p, attention_cost(s, 6.0, 4.0))?;
+    if blocked && head_split(ctx, s) {
+        return blocked_kv_split(ctx, enc, b, s, p, kvs);
+    }
     let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups: kv_groups };
     ctx.dispatch_costed(enc, kv_pass, &p, attention_cost(s, 8.0, 2.0))
 }
