@@ -12,4 +12,6 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // flat dw
 
+const AUX_BINDING: u32 = 5u;
+
 #include "common/matmul_dw.wgsl"

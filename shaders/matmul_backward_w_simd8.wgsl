@@ -3,7 +3,9 @@
 // output rows n and columns k, the reduction over the M tokens. Lane l loads dy[m, n0+4l..n0+4l+3]
 // and x[m, k0+4l..k0+4l+3]; the 32 dy values are broadcast one at a time. N and K are multiples
 // of 4, and so are the rows' strides and first columns (p.dy_stride, p.dy_col_offset, p.x_stride,
-// p.x_col_offset: N, 0, K, 0 when contiguous). (Other adapters and shapes: matmul_backward_w.wgsl.)
+// p.x_col_offset: N, 0, K, 0 when contiguous). In the `.gated` variant (p.x_op X_SILU_MUL or
+// X_GELU_MUL) x is the MLP's gate and aux its up projection, read as act(gate) * up (common/gates.wgsl). (Other adapters and
+// shapes: matmul_backward_w.wgsl.)
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;
@@ -11,8 +13,14 @@
 @group(0) @binding(2) var<storage, read> x: array<vec4<f32>>;      // (M, K)
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // flat dw
+@group(0) @binding(5) var<storage, read> aux: array<vec4<f32>>;    // as x with p.x_op (the up projection), or a dummy
 
 #include "common/simd8.wgsl"
+#include "common/gates.wgsl"
+
+// 1 in the `.gated` variant, the one that reads x through the op: a branch on p.x_op in the
+// loop would cost the other weight gradients on a CPU rasterizer.
+const X_GATED: u32 = 0u;
 
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
@@ -27,7 +35,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
 #end
     for (var m = 0u; m < p.m; m++) {
         let d = dy[m * dy4 + dcol];
-        let xv = x[m * x4 + xcol];
+        var xv = x[m * x4 + xcol];
+        if (X_GATED != 0u) { xv = gated4(p.x_op == X_GELU_MUL, xv, aux[m * x4 + xcol]); }
 #for r in 0..32
         acc{r} += subgroupBroadcast(d[{r % 4}], {r / 4}u) * xv;
 #end

@@ -255,6 +255,96 @@ fn many_row_products_read_a_block_of_x_and_gather_weight_rows() {
     }
 }
 
+/// down_proj's LoRA A gradient reads its input act(gate) * up through the op as it loads the
+/// gate (`WeightGradCols::x_input`), so that the backward pass writes no gated rows: in every
+/// family, SwiGLU's and GeGLU's gates, on shapes that divide no tile (reductions over 2 to 129
+/// tokens, K of 8 to 576, aligned for simd8's vec4s or not), scaled and added at an offset,
+/// against the twins run one after the other (`silu_mul_forward` or `gelu_mul_forward`, then
+/// `matmul_backward_w`). The bound (u = 2^-24), as the one-row test's: (2M + 16) u alpha
+/// sum_m |dy_mj a_mk| for the sums and the activation's roundings, 32 u alpha sum_m |dy_mj g_mk
+/// up_mk| for the GPU's exp and tanh, 4u of the ends. A norm, or an up projection shorter than
+/// the gate's rows, is refused.
+#[test]
+fn a_weight_gradient_reads_the_gated_activation_through_the_op() {
+    let u = 2f64.powi(-24);
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        for (i, &(m, n, k)) in [(2, 5, 8), (3, 37, 70), (70, 48, 200), (129, 16, 96), (40, 16, 576)].iter().enumerate()
+        {
+            let seed = 900 + 10 * i as u64;
+            let (gate, up) = (rand(m * k, seed, 4.0), rand(m * k, seed + 1, 2.0));
+            let (gateb, upb) = (ctx.storage_from("gate", &gate), ctx.storage_from("up", &up));
+            let gate_up: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| f64::from((g * u).abs())).collect();
+            let ops = [
+                ("silu", launch::RowInput::SiluMul { up: &upb }, r::silu_mul_forward(&gate, &up)),
+                ("gelu", launch::RowInput::GeluMul { up: &upb }, r::gelu_mul_forward(&gate, &up)),
+            ];
+            // dw (n, k) at element 5, += 0.5 dy^T act.
+            let dy = rand(m * n, seed + 5, 1.0);
+            let dyb = ctx.storage_from("dy", &dy);
+            for (op, input, act) in &ops {
+                let dw0 = rand(5 + n * k, seed + 6, 1.0);
+                let dwb = ctx.storage_from("dw", &dw0);
+                let g = launch::WeightGrad {
+                    dy: &dyb,
+                    x: &gateb,
+                    dw: &dwb,
+                    dw_offset: 5,
+                    m,
+                    n,
+                    k,
+                    alpha: 0.5,
+                    accumulate: true,
+                };
+                let cols = launch::WeightGradCols { x_input: Some(*input), ..Default::default() };
+                run(&ctx, |enc| launch::matmul_backward_w_cols(&ctx, enc, g, cols));
+                let want: Vec<f32> =
+                    dw0[5..].iter().zip(r::matmul_backward_w(&dy, act, m, n, k)).map(|(a, b)| a + 0.5 * b).collect();
+                let slack: Vec<f32> = (0..n * k)
+                    .map(|o| {
+                        let (j, c) = (o / k, o % k);
+                        let sum = |v: &dyn Fn(usize) -> f64| -> f64 {
+                            (0..m).map(|r| f64::from(dy[r * n + j].abs()) * v(r * k + c)).sum()
+                        };
+                        let products = (2 * m + 16) as f64 * u * sum(&|e| f64::from(act[e].abs()));
+                        let gates = 32.0 * u * sum(&|e| gate_up[e]);
+                        let ends = 4.0 * u * f64::from(dw0[5 + o].abs() + want[o].abs());
+                        ((products + gates) * 0.5 + ends) as f32
+                    })
+                    .collect();
+                let got = ctx.read_f32(&dwb, 5 + n * k).expect("readback");
+                let what = format!("{} dW through the {op} gate {m}x{n}x{k}", ctx.report.kernels.matmul_grad);
+                assert_close_slack(&what, &got[5..], &want, 0.0, 0.0, &slack);
+                assert_eq!(got[..5], dw0[..5], "{what}: wrote before its offset");
+            }
+            // A norm is not read through, and up must cover the gate's rows: a row short
+            // (storage is padded to a few values, never a row of 8 or more).
+            let mut enc = ctx.encoder();
+            let dwb = ctx.storage_zeroed("dw", n * k);
+            let g = launch::WeightGrad {
+                dy: &dyb,
+                x: &gateb,
+                dw: &dwb,
+                dw_offset: 0,
+                m,
+                n,
+                k,
+                alpha: 1.0,
+                accumulate: false,
+            };
+            let short = ctx.storage_from("short up", &up[..(m - 1) * k]);
+            for (input, says) in [
+                (launch::RowInput::RmsNorm { w: &upb, eps: 1e-6 }, "not a norm"),
+                (launch::RowInput::GeluMul { up: &short }, "fewer than"),
+            ] {
+                let cols = launch::WeightGradCols { x_input: Some(input), ..Default::default() };
+                let err = launch::matmul_backward_w_cols(&ctx, &mut enc, g, cols).expect_err("refused");
+                assert!(err.to_string().contains(says), "{err}");
+            }
+        }
+    }
+}
+
 /// The backward's products over shared LoRA intermediates, in every family against the twins:
 /// a weight gradient reading dy and x as blocks of columns of wider matrices
 /// (`launch::matmul_backward_w_cols`: a module's dB from its columns of h, its dA from its
@@ -293,7 +383,7 @@ fn lora_gradient_products_read_blocks_of_columns_and_gather_rows() {
             let dwb = ctx.storage_from("dw", &dw0);
             let g =
                 launch::WeightGrad { dy: &dyb, x: &xb, dw: &dwb, dw_offset: 6, m, n, k, alpha: 0.5, accumulate: true };
-            let cols = launch::WeightGradCols { dy: Some((sd, cd)), x: Some((sx, cx)) };
+            let cols = launch::WeightGradCols { dy: Some((sd, cd)), x: Some((sx, cx)), x_input: None };
             run(&ctx, |enc| launch::matmul_backward_w_cols(&ctx, enc, g, cols));
             let want: Vec<f32> =
                 dw0[6..].iter().zip(r::matmul_backward_w(&dy, &x, m, n, k)).map(|(a, b)| a + 0.5 * b).collect();
@@ -331,7 +421,7 @@ fn lora_gradient_products_read_blocks_of_columns_and_gather_rows() {
             assert_close(&what, &ctx.read_f32(&dxb, m * k).expect("readback"), &want, 1e-5, 1e-5 * (n as f32).sqrt());
             // What does not fit is refused.
             let mut enc = ctx.encoder();
-            let wide = launch::WeightGradCols { dy: Some((sd, sd - n + 1)), x: None };
+            let wide = launch::WeightGradCols { dy: Some((sd, sd - n + 1)), ..Default::default() };
             let err = launch::matmul_backward_w_cols(&ctx, &mut enc, g, wide).expect_err("past dy's row");
             assert!(err.to_string().contains("dy columns") && err.to_string().contains("do not fit"), "{err}");
             let few = launch::Gather { rows: per, offsets: [starts[1], 3 * per * k + 1] };

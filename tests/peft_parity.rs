@@ -270,6 +270,48 @@ fn qwen3_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("qwen3", true);
 }
 
+/// The backward pass reads what the forward pass kept instead of computing it again: each
+/// adapted module's x A^T (no forward product in the backward pass at all: a step records as
+/// many as the forward pass alone, 11 a layer), and down_proj's dA reads act(gate) * up
+/// through the op, so that only the forward pass runs the gate kernel (once a layer). With
+/// checkpointing the forward pass runs twice, so twice of both.
+#[test]
+fn a_training_step_reads_the_lora_products_its_forward_pass_kept_and_the_gate_through_the_op() {
+    use edgetune::gpu::Timer;
+    let fx = Fixture::open("peft_llama_expected.safetensors");
+    let opts = LoadOptions { quant: Quant::Nf4, ..Default::default() };
+    let model = Model::open(ctx(), &fixtures().join("tiny_llama"), &opts).expect("tiny model loads");
+    let adapter = peft::load(&fixtures().join("peft_llama_adapter"), &model.config).expect("adapter");
+    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+    let b = batch(&fx, "b");
+    let layers = model.config.num_layers;
+    // Dispatches of the dense forward products (the LoRA ones: the base is NF4, the head f16)
+    // and of the gate kernel, in one recorded pass.
+    let count = |ckpt: bool, step: bool| {
+        let plan = WorkspacePlan { checkpointing: ckpt, ..WorkspacePlan::new(b.len(), 4) };
+        let ws = model.workspace(plan).expect("workspace");
+        let grads = model.ctx.storage_zeroed("grads", adapter.layout.len);
+        model.ctx.start_profiling(Timer::WallClock);
+        let mut enc = model.ctx.encoder();
+        if step {
+            model.forward_backward(&mut enc, &ws, &b, &gpu, &grads, 1.0).expect("fwd/bwd");
+        } else {
+            model.forward_loss(&mut enc, &ws, &b, &gpu).expect("forward");
+        }
+        model.ctx.submit([enc.finish()]);
+        let kernels = model.ctx.stop_profiling().expect("profile");
+        let of =
+            |f: &dyn Fn(&str) -> bool| kernels.iter().filter(|(n, _)| f(n)).map(|(_, t)| t.dispatches).sum::<u64>();
+        let dense = of(&|n| ["matmul", "matmul_simd8", "matmul_t128"].contains(&n.split('.').next().unwrap_or(n)));
+        (dense, of(&|n| n == "silu_mul"))
+    };
+    let per_layer = 11 * layers as u64;
+    let layers = layers as u64;
+    assert_eq!(count(false, false), (per_layer, layers), "the forward pass");
+    assert_eq!(count(false, true), (per_layer, layers), "a step");
+    assert_eq!(count(true, true), (2 * per_layer, 2 * layers), "a step with checkpointing");
+}
+
 #[test]
 fn gradient_checkpointing_gives_bit_identical_gradients() {
     let fx = Fixture::open("peft_llama_expected.safetensors");

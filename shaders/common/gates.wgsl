@@ -1,6 +1,7 @@
-// The gated MLPs' activations, shared by silu_mul.wgsl, gelu_mul.wgsl and the one-row products
-// that fuse them into their input (common/matvec.wgsl, common/simd8_one_row.wgsl), so that
-// both paths compute the same values.
+// The gated MLPs' activations, shared by silu_mul.wgsl, gelu_mul.wgsl and the products that
+// fuse them into loading their input (the one-row ones, common/matvec.wgsl and
+// common/simd8_one_row.wgsl, and down_proj's LoRA A gradient, common/matmul_dw.wgsl and
+// matmul_backward_w_simd8.wgsl), so that every path computes the same values.
 
 // SwiGLU's: silu(g) = g / (1 + exp(-g)).
 fn silu(g: f32) -> f32 {
@@ -14,4 +15,16 @@ fn silu(g: f32) -> f32 {
 fn gelu_tanh(g: f32) -> f32 {
     let th = tanh(clamp(0.7978845608028654 * (g + 0.044715 * g * g * g), -15.0, 15.0));
     return 0.5 * g * (1.0 + th);
+}
+
+// The gated value act(g) * u: GeGLU's where `gelu`, else SwiGLU's.
+fn gated(gelu: bool, g: f32, u: f32) -> f32 {
+    if (gelu) { return gelu_tanh(g) * u; }
+    return silu(g) * u;
+}
+
+// `gated` of four values.
+fn gated4(gelu: bool, g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
+    if (gelu) { return vec4<f32>(gelu_tanh(g.x), gelu_tanh(g.y), gelu_tanh(g.z), gelu_tanh(g.w)) * u; }
+    return vec4<f32>(silu(g.x), silu(g.y), silu(g.z), silu(g.w)) * u;
 }

@@ -67,7 +67,8 @@ struct AttentionParams {
 }
 
 // Every matmul and matvec kernel (forward, dX and dW).
-// MatmulParams.x_op: what a one-row product fuses into reading its input row x (with `aux`).
+// MatmulParams.x_op: what a product fuses into reading its input x (with `aux`): a one-row
+// product any of these, a weight gradient's x the gated activations.
 const X_AS_IS: u32 = 0u;
 const X_RMS_NORM: u32 = 1u;     // x RMS-normed, aux the norm's weight
 const X_SILU_MUL: u32 = 2u;     // silu(x) * aux: x the gate, aux the up projection
@@ -87,7 +88,7 @@ struct MatmulParams {
     dy_stride: u32,     // dX kernels: row stride of dy
     dy_col_offset: u32, // dX kernels: first column of dy
     split_k: u32,       // tiled kernels: reduction length per workgroup z, or 0 for all of it
-    x_op: u32,          // one-row kernels: what they fuse into reading x (X_AS_IS, X_RMS_NORM, ...)
+    x_op: u32,          // what the kernel fuses into reading x (X_AS_IS, X_RMS_NORM, ...)
     norm_eps: f32,      // X_RMS_NORM's epsilon
     lora_rank: u32,     // one-row kernels: a LoRA B product added in the epilogue, its rank (0: none)
     lora_b: u32,        // B's first element in lora_b

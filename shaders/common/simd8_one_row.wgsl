@@ -17,12 +17,6 @@
 @group(0) @binding(LORA_H_BINDING) var<storage, read> lora_h: array<f32>;      // (r) x A^T, or a dummy
 @group(0) @binding(LORA_B_BINDING) var<storage, read> lora_b: array<f32>;      // B at lora_b, or a dummy
 
-// The gated chunk act(g) * u of X_SILU_MUL or X_GELU_MUL.
-fn gated(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
-    if (p.x_op == X_SILU_MUL) { return vec4<f32>(silu(g.x), silu(g.y), silu(g.z), silu(g.w)) * u; }
-    return vec4<f32>(gelu_tanh(g.x), gelu_tanh(g.y), gelu_tanh(g.z), gelu_tanh(g.w)) * u;
-}
-
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let c0 = wg.x * 32u + lane * 4u;
@@ -42,8 +36,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
             xl *= aux[2u * own];
             xh *= aux[2u * own + 1u];
         } else if (p.x_op != X_AS_IS) {
-            xl = gated(xl, aux[2u * own]);
-            xh = gated(xh, aux[2u * own + 1u]);
+            xl = gated4(p.x_op == X_GELU_MUL, xl, aux[2u * own]);
+            xh = gated4(p.x_op == X_GELU_MUL, xh, aux[2u * own + 1u]);
         }
 #for s in 0..8
         if (j0 + {s}u < k8) {

@@ -195,6 +195,7 @@ shaders! {
     MATMUL_F16_BACKWARD_SIMD8 = "matmul_f16_backward_simd8";
     MATMUL_NF4_BACKWARD_SIMD8 = "matmul_nf4_backward_simd8";
     MATMUL_BACKWARD_W_SIMD8 = "matmul_backward_w_simd8";
+    MATMUL_BACKWARD_W_SIMD8_GATED = "matmul_backward_w_simd8" as "matmul_backward_w_simd8.gated" [("X_GATED", "1")];
     ATTENTION_SIMD8 = "attention_simd8";
     ATTENTION_SIMD8_HD64 = "attention_simd8" as "attention_simd8.hd64" [("HD4", "16")];
     ATTENTION_BACKWARD_Q_SIMD8 = "attention_backward_q_simd8";

@@ -307,13 +307,35 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) gate: &'a wgpu::Buffer,
     pub(crate) up: &'a wgpu::Buffer,
     pub(crate) act: &'a wgpu::Buffer,
-    pub(crate) lora_h: &'a wgpu::Buffer,
+    pub(crate) lora_h: LoraH<'a>,
     pub(crate) positions: &'a wgpu::Buffer,
     pub(crate) key_start: &'a wgpu::Buffer,
     /// Where keys and values go and attention reads them: a KV cache's layer buffers and the
     /// position of the first token (inference); `None` reads `k` and `v` themselves at
     /// position 0 (a training batch).
     pub(crate) kv_cache: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer, usize)>,
+}
+
+/// Where a block's forward pass puts the LoRA products x A^T of each group of modules that read
+/// one input: one buffer for all (inference, where each group's overwrites the one before) or
+/// one a group (training, whose backward pass reads them again).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoraH<'a> {
+    /// q, k and v: (T, 3r) at most.
+    pub(crate) qkv: &'a wgpu::Buffer,
+    /// o: (T, r).
+    pub(crate) o: &'a wgpu::Buffer,
+    /// gate and up: (T, 2r) at most.
+    pub(crate) gate_up: &'a wgpu::Buffer,
+    /// down: (T, r).
+    pub(crate) down: &'a wgpu::Buffer,
+}
+
+impl<'a> LoraH<'a> {
+    /// One buffer for every group.
+    pub(crate) fn one(h: &'a wgpu::Buffer) -> Self {
+        LoraH { qkv: h, o: h, gate_up: h, down: h }
+    }
 }
 
 /// A LoRA slot's x A^T into h: (m, r) from (m, k).
@@ -366,8 +388,20 @@ struct Branch<'b> {
     post_norm: Option<&'b wgpu::Buffer>,
     kept: &'b wgpu::Buffer,
     stage: Stage,
+    /// Where the module's x A^T goes.
+    lora_h: &'b wgpu::Buffer,
     /// The residual stream before and after the branch is added (one buffer: in place).
     residual: (&'b wgpu::Buffer, &'b wgpu::Buffer),
+}
+
+/// Where [`Model::lora_a_shared`] puts each module's x A^T.
+pub(super) struct SharedA {
+    /// Each module's (first column, row stride) in h; `None` where it is not adapted.
+    pub(super) at: Vec<Option<(usize, usize)>>,
+    /// The distinct A matrices' offsets in the adapter's buffer, in the order of their columns.
+    firsts: Vec<usize>,
+    /// The modules' input width.
+    n_in: usize,
 }
 
 /// A point in [`Model::block_forward`] after which activations are complete.
@@ -387,6 +421,8 @@ pub(crate) enum Stage {
     Mid,
     /// The gate and up projections.
     GateUp,
+    /// The block's output (the down projection's LoRA product is complete).
+    Out,
 }
 
 /// What a KV cache keeps for decoding: one token's activations, its logits, and the partials
@@ -857,20 +893,9 @@ impl Model {
         Ok(())
     }
 
-    /// With an adapter: x A^T of the adapted ones among `modules`, which read the same `m` rows
-    /// x (one row: with the op `input` fused in), in one product into h, (m, n) for n = r times
-    /// the distinct A matrices (Phi-3's q, k and v share theirs), their rows gathered from the
-    /// adapter's buffer. Returns where each module's x A^T is in h, as (first column, row
-    /// stride n) (`None` where the module is not adapted).
-    pub(super) fn lora_a_shared(
-        &self,
-        enc: &mut Encoder,
-        (l, modules, m): (usize, &[Module], usize),
-        lora: Option<&GpuAdapter>,
-        (x, input): (&wgpu::Buffer, Option<launch::RowInput<'_>>),
-        h: &wgpu::Buffer,
-    ) -> Result<Vec<Option<(usize, usize)>>> {
-        let Some(a) = lora else { return Ok(vec![None; modules.len()]) };
+    /// How [`Model::lora_a_shared`] lays out the x A^T of the adapted ones among `modules`
+    /// (layer l) in h: `None` where none is adapted (or more than 3 distinct A matrices).
+    pub(super) fn lora_a_layout(&self, l: usize, modules: &[Module], a: &GpuAdapter) -> Option<SharedA> {
         let r = a.layout.r;
         let mut firsts: Vec<usize> = Vec::new();
         let mut n_in = 0;
@@ -885,9 +910,33 @@ impl Model {
                 i * r
             }));
         }
-        let (Some(&first), true) = (firsts.first(), firsts.len() <= 3) else { return Ok(vec![None; modules.len()]) };
-        let offsets = [firsts.get(1).copied().unwrap_or(first), firsts.get(2).copied().unwrap_or(first)];
+        if firsts.is_empty() || firsts.len() > 3 {
+            return None;
+        }
         let n = firsts.len() * r;
+        Some(SharedA { at: at.into_iter().map(|c| c.map(|c| (c, n))).collect(), firsts, n_in })
+    }
+
+    /// With an adapter: x A^T of the adapted ones among `modules`, which read the same `m` rows
+    /// x (one row: with the op `input` fused in), in one product into h, (m, n) for n = r times
+    /// the distinct A matrices (Phi-3's q, k and v share theirs), their rows gathered from the
+    /// adapter's buffer. Returns where each module's x A^T is in h, as (first column, row
+    /// stride n) (`None` where the module is not adapted): [`Model::lora_a_layout`].
+    pub(super) fn lora_a_shared(
+        &self,
+        enc: &mut Encoder,
+        (l, modules, m): (usize, &[Module], usize),
+        lora: Option<&GpuAdapter>,
+        (x, input): (&wgpu::Buffer, Option<launch::RowInput<'_>>),
+        h: &wgpu::Buffer,
+    ) -> Result<Vec<Option<(usize, usize)>>> {
+        let Some(a) = lora else { return Ok(vec![None; modules.len()]) };
+        let Some(SharedA { at, firsts, n_in }) = self.lora_a_layout(l, modules, a) else {
+            return Ok(vec![None; modules.len()]);
+        };
+        let first = firsts[0];
+        let offsets = [firsts.get(1).copied().unwrap_or(first), firsts.get(2).copied().unwrap_or(first)];
+        let n = firsts.len() * a.layout.r;
         let mm = launch::Matmul {
             x,
             w: Weight::DenseAt(&a.params, first),
@@ -898,13 +947,13 @@ impl Model {
             k: n_in,
             out: OutCols::whole(n),
         };
-        let gather = Some(launch::Gather { rows: r, offsets });
+        let gather = Some(launch::Gather { rows: a.layout.r, offsets });
         if m == 1 {
             launch::matvec_fused_forward(&self.ctx, enc, mm, launch::Fused { input, lora: None, gather })?;
         } else {
             launch::matmul_shared_forward(&self.ctx, enc, mm, launch::Shared { x_cols: None, gather })?;
         }
-        Ok(at.into_iter().map(|c| c.map(|c| (c, n))).collect())
+        Ok(at)
     }
 
     /// Runs `ids` through the transformer at the cache's next positions and returns the final
@@ -1035,7 +1084,7 @@ impl Model {
                 gate: &a.g,
                 up: &a.u,
                 act: &a.act,
-                lora_h: &a.h_lora,
+                lora_h: LoraH::one(&a.h_lora),
                 positions: &a.positions,
                 key_start: if c.layer_window(l).is_some() { &a.window_start } else { &a.key_start },
                 kv_cache: Some((&k_cache[l], &v_cache[l], pos)),
@@ -1085,18 +1134,19 @@ impl Model {
             launch::rms_norm_forward(ctx, enc, norm)?;
             Ok((b.xn, None))
         };
-        let io = |(x, input), y, lora_h_at| LinearIo { x, y, add_to_y: false, h: b.lora_h, m: t, input, lora_h_at };
-        // The x A^T of the modules that read one input run as one product, but where dropout
-        // gives each module's adapter a differently masked input.
-        let shared = |enc: &mut Encoder, modules: &[Module], input| -> Result<Vec<Option<(usize, usize)>>> {
-            if drop.is_some() {
-                return Ok(vec![None; modules.len()]);
-            }
-            self.lora_a_shared(enc, (l, modules, t), lora, input, b.lora_h)
+        let io = |(x, input), y, (h, lora_h_at)| LinearIo { x, y, add_to_y: false, h, m: t, input, lora_h_at };
+        // The x A^T of the modules that read one input run as one product, into h, but where
+        // dropout gives each module's adapter a differently masked input.
+        let shared = |enc: &mut Encoder, modules: &[Module], input, h| -> Result<Vec<(&wgpu::Buffer, _)>> {
+            let at = match drop {
+                Some(_) => vec![None; modules.len()],
+                None => self.lora_a_shared(enc, (l, modules, t), lora, input, h)?,
+            };
+            Ok(at.into_iter().map(|at| (h, at)).collect())
         };
         let input = normed(enc, b.x_in, &layer.attn_norm)?;
         let (q_proj, k_proj) = if layer.qk_norm.is_some() { (b.q_raw, b.k_raw) } else { (b.q, b.k) };
-        let at = shared(enc, &[Module::QProj, Module::KProj, Module::VProj], input)?;
+        let at = shared(enc, &[Module::QProj, Module::KProj, Module::VProj], input, b.lora_h.qkv)?;
         self.linear(enc, (l, Module::QProj), lora, io(input, q_proj, at[0]), drop)?;
         self.linear(enc, (l, Module::KProj), lora, io(input, k_proj, at[1]), drop)?;
         self.linear(enc, (l, Module::VProj), lora, io(input, b.v, at[2]), drop)?;
@@ -1150,12 +1200,13 @@ impl Model {
             post_norm: layer.post_attn_norm.as_ref(),
             kept: b.attn_out,
             stage: Stage::AttnOut,
+            lora_h: b.lora_h.o,
             residual: (b.x_in, b.x_mid),
         };
         self.branch(enc, l, out, b, (lora, t, drop), after)?;
         after(enc, Stage::Mid)?;
         let input = normed(enc, b.x_mid, &layer.ffn_norm)?;
-        let at = shared(enc, &[Module::GateProj, Module::UpProj], input)?;
+        let at = shared(enc, &[Module::GateProj, Module::UpProj], input, b.lora_h.gate_up)?;
         self.linear(enc, (l, Module::GateProj), lora, io(input, b.gate, at[0]), drop)?;
         self.linear(enc, (l, Module::UpProj), lora, io(input, b.up, at[1]), drop)?;
         after(enc, Stage::GateUp)?;
@@ -1172,9 +1223,11 @@ impl Model {
             post_norm: layer.post_ffn_norm.as_ref(),
             kept: b.mlp_out,
             stage: Stage::MlpOut,
+            lora_h: b.lora_h.down,
             residual: (b.x_mid, b.x_out),
         };
-        self.branch(enc, l, out, b, (lora, t, drop), after)
+        self.branch(enc, l, out, b, (lora, t, drop), after)?;
+        after(enc, Stage::Out)
     }
 
     /// An attention or MLP branch added to the residual stream (`br.residual`: from, into):
@@ -1197,7 +1250,7 @@ impl Model {
                 enc.copy_buffer_to_buffer(from, 0, into, 0, (t * h * 4) as u64);
             }
         };
-        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: b.lora_h, m: t, input: br.input, lora_h_at: None };
+        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: br.lora_h, m: t, input: br.input, lora_h_at: None };
         let Some(w) = br.post_norm else {
             start_residual(enc);
             return self.linear(enc, (l, br.module), lora, io(into, true), drop);
@@ -1234,7 +1287,7 @@ impl Model {
     }
 
     /// [`Model::gate_forward`] as the op that a one-row product fuses into reading the gate.
-    fn gated<'a>(&self, up: &'a wgpu::Buffer) -> launch::RowInput<'a> {
+    pub(crate) fn gated<'a>(&self, up: &'a wgpu::Buffer) -> launch::RowInput<'a> {
         match self.config.hidden_act {
             Activation::Silu => launch::RowInput::SiluMul { up },
             Activation::GeluTanh => launch::RowInput::GeluMul { up },

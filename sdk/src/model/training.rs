@@ -25,7 +25,7 @@ use crate::gpu::launch::{self, AttentionGrads, AttentionIo, AttentionShape, DyCo
 use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::config::ModelConfig;
-use crate::model::llama::{BlockBuffers, Dropout, Model, Stage};
+use crate::model::llama::{BlockBuffers, Dropout, LoraH, Model, Stage};
 
 /// A packed batch: samples laid end to end, each attending only to itself, with positions
 /// restarting at 0 for every sample.
@@ -193,6 +193,17 @@ impl WorkspacePlan {
     }
 }
 
+/// What a module read in the forward pass, for its backward ([`Model::linear_backward`]).
+#[derive(Clone, Copy)]
+struct ModuleInput<'a> {
+    /// Its input x.
+    x: &'a wgpu::Buffer,
+    /// The op through which it read x (down_proj reads the gated activation of the gate in x).
+    gated: Option<launch::RowInput<'a>>,
+    /// Where the forward pass left its x A^T; `None`: recomputed (with dropout, always).
+    h: Option<&'a wgpu::Buffer>,
+}
+
 /// Activations of one layer that the backward pass reads. In a saved f16 set every tensor but
 /// `stats` holds packed halves (two per u32).
 #[derive(Debug)]
@@ -213,6 +224,12 @@ struct LayerActs {
     /// the MLP; one float each otherwise.
     attn_out: wgpu::Buffer,
     mlp_out: wgpu::Buffer,
+    /// The LoRA products x A^T of q, k and v (T, 3r), o (T, r), gate and up (T, 2r) and down
+    /// (T, r), as the forward pass computed them (without dropout), for the dB products.
+    h_qkv: wgpu::Buffer,
+    h_o: wgpu::Buffer,
+    h_gate_up: wgpu::Buffer,
+    h_down: wgpu::Buffer,
 }
 
 impl LayerActs {
@@ -228,6 +245,10 @@ impl LayerActs {
             (Stage::Mid, &self.x_mid),
             (Stage::GateUp, &self.gate),
             (Stage::GateUp, &self.up),
+            (Stage::Qkv, &self.h_qkv),
+            (Stage::Mid, &self.h_o),
+            (Stage::GateUp, &self.h_gate_up),
+            (Stage::Out, &self.h_down),
         ];
         if c.qk_norm {
             all.extend([(Stage::QkRaw, &self.q_raw), (Stage::QkRaw, &self.k_raw)]);
@@ -358,12 +379,13 @@ impl Workspace {
 }
 
 impl Model {
-    /// Elements of the tensors of [`LayerActs::tensors`] for `t` tokens.
-    fn act_sizes(&self, t: usize) -> Vec<usize> {
+    /// Elements of the tensors of [`LayerActs::tensors`] for `t` tokens and LoRA rank `r`.
+    fn act_sizes(&self, t: usize, r: usize) -> Vec<usize> {
         let c = &self.config;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let mut sizes = vec![t * qd, t * kvd, t * kvd, t * qd, t * h, t * i, t * i];
+        let tr = t * r.max(1);
+        let mut sizes = vec![t * qd, t * kvd, t * kvd, t * qd, t * h, t * i, t * i, 3 * tr, tr, 2 * tr, tr];
         if c.qk_norm {
             sizes.extend([t * qd, t * kvd]);
         }
@@ -419,9 +441,10 @@ impl Model {
         // A saved tensor of n values: f32, or n / 2 words of two halves.
         let saved = |label: &str, n: usize| z(label, if half { n.div_ceil(2) } else { n });
         let layer_acts = |kept: &dyn Fn(&str, usize) -> wgpu::Buffer| {
-            let sizes = self.act_sizes(t);
+            let sizes = self.act_sizes(t, rank);
             let (q, k, v, att, x_mid, gate, up) =
                 (sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6]);
+            let (h_qkv, h_o, h_gate_up, h_down) = (sizes[7], sizes[8], sizes[9], sizes[10]);
             let raw = |label: &str, n: usize| if c.qk_norm { kept(label, n) } else { z(label, 1) };
             let out = |label: &str| if c.sandwich_norms { kept(label, t * h) } else { z(label, 1) };
             LayerActs {
@@ -437,6 +460,10 @@ impl Model {
                 k_raw: raw("k before its norm", t * kvd),
                 attn_out: out("attention output before its norm"),
                 mlp_out: out("MLP output before its norm"),
+                h_qkv: kept("lora h of q, k and v", h_qkv),
+                h_o: kept("lora h of o", h_o),
+                h_gate_up: kept("lora h of gate and up", h_gate_up),
+                h_down: kept("lora h of down", h_down),
             }
         };
         let n_f32 = if checkpointing || half { 1 } else { c.num_layers };
@@ -635,7 +662,7 @@ impl Model {
                 let saved = &ws.saved[l];
                 let c = &self.config;
                 for (((_, from), (_, to)), n) in
-                    saved.tensors(c).into_iter().zip(acts.tensors(c)).zip(self.act_sizes(t))
+                    saved.tensors(c).into_iter().zip(acts.tensors(c)).zip(self.act_sizes(t, lora.layout.r))
                 {
                     launch::f16_unpack(ctx, enc, from, to, n)?;
                 }
@@ -788,7 +815,7 @@ impl Model {
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
         let ctx = &self.ctx;
-        let sizes = self.act_sizes(t);
+        let sizes = self.act_sizes(t, lora.layout.r);
         let b = BlockBuffers {
             x_in,
             x_mid: &a.x_mid,
@@ -806,7 +833,7 @@ impl Model {
             gate: &a.gate,
             up: &a.up,
             act: &ws.act,
-            lora_h: &ws.lora_h,
+            lora_h: LoraH { qkv: &a.h_qkv, o: &a.h_o, gate_up: &a.h_gate_up, down: &a.h_down },
             positions: &ws.positions,
             key_start: ws.key_start_of(&self.config, l),
             kv_cache: None,
@@ -931,11 +958,11 @@ impl Model {
 
     /// dx (+)= the sum of dy W over `group`'s (module, dy), modules that all read x (q, k and v;
     /// gate and up), and their LoRA gradients (added to `grads`). Without dropout the adapter's
-    /// x A^T is recomputed for all of them as one product (their A rows gathered, as the
-    /// forward pass does: `Model::lora_a_shared`), each module's dB and dh read and write its
-    /// columns of the shared h and dh, and dx += dh A is one product over the gathered rows of
-    /// the distinct A matrices (Phi-3's fused modules share one, whose dh sums theirs). With
-    /// dropout (a mask per module), module by module.
+    /// x A^T of all of them is in `h`, where the forward pass put it as one product
+    /// (`Model::lora_a_shared`); each module's dB and dh read and write its columns of that h
+    /// and of the shared dh, and dx += dh A is one product over the gathered rows of the
+    /// distinct A matrices (Phi-3's fused modules share one, whose dh sums theirs). With
+    /// dropout (a mask per module), module by module, each x A^T recomputed.
     #[allow(clippy::too_many_arguments)]
     fn group_backward(
         &self,
@@ -945,25 +972,21 @@ impl Model {
         group: &[(Module, &wgpu::Buffer)],
         lora: &GpuAdapter,
         grads: &wgpu::Buffer,
-        (x, dx): (&wgpu::Buffer, &wgpu::Buffer),
+        (x, dx, h): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
         t: usize,
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
         let modules: Vec<Module> = group.iter().map(|g| g.0).collect();
-        let at = match drop {
-            Some(_) => vec![None; group.len()],
-            None => {
-                // The shared x A^T again, into ws.lora_h (cheaper than keeping it per layer).
-                let at = self.lora_a_shared(enc, (l, &modules, t), Some(lora), (x, None), &ws.lora_h)?;
-                if at.iter().any(Option::is_some) { at } else { vec![None; group.len()] }
+        let at = match (drop, self.lora_a_layout(l, &modules, lora)) {
+            (None, Some(shared)) => shared.at,
+            _ => {
+                for (i, &(m, dy)) in group.iter().enumerate() {
+                    let input = ModuleInput { x, gated: None, h: None };
+                    self.linear_backward(enc, ws, l, m, lora, grads, input, dy, dx, i > 0, t, drop)?;
+                }
+                return Ok(());
             }
         };
-        if at.iter().all(Option::is_none) {
-            for (i, &(m, dy)) in group.iter().enumerate() {
-                self.linear_backward(enc, ws, l, m, lora, grads, x, dy, dx, i > 0, t, drop)?;
-            }
-            return Ok(());
-        }
         let ctx = &self.ctx;
         let (r, scale, p) = (lora.layout.r, lora.scale, &lora.params);
         let n_in = self.layers[l].linear(group[0].0).n_in;
@@ -988,7 +1011,7 @@ impl Model {
             // dB += scale * dy^T h (this module's columns of h).
             let db = launch::WeightGrad {
                 dy,
-                x: &ws.lora_h,
+                x: h,
                 dw: grads,
                 dw_offset: s.b,
                 m: t,
@@ -997,7 +1020,12 @@ impl Model {
                 alpha: scale,
                 accumulate: true,
             };
-            launch::matmul_backward_w_cols(ctx, enc, db, launch::WeightGradCols { dy: None, x: Some((n, col)) })?;
+            launch::matmul_backward_w_cols(
+                ctx,
+                enc,
+                db,
+                launch::WeightGradCols { x: Some((n, col)), ..Default::default() },
+            )?;
             // dh (+)= scale * dy B into its columns of dh: summed where modules share an A.
             let shared = firsts.iter().any(|&(c, _)| c == col);
             let out = OutCols::at(n, col).scaled(scale);
@@ -1029,7 +1057,12 @@ impl Model {
                 alpha: 1.0,
                 accumulate: true,
             };
-            launch::matmul_backward_w_cols(ctx, enc, da, launch::WeightGradCols { dy: Some((stride, col)), x: None })?;
+            launch::matmul_backward_w_cols(
+                ctx,
+                enc,
+                da,
+                launch::WeightGradCols { dy: Some((stride, col)), ..Default::default() },
+            )?;
         }
         // dx += dh A over the distinct A matrices' rows, gathered in the order of their columns
         // (firsts is: lora_a_shared numbers them in the order of the modules, as above).
@@ -1046,7 +1079,8 @@ impl Model {
         launch::matmul_backward_gathered(ctx, enc, dxa, launch::Gather { rows: r, offsets: [a_of(1), a_of(2)] })
     }
 
-    /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`).
+    /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`), for the input
+    /// the forward pass gave the module (`input`).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -1056,7 +1090,7 @@ impl Model {
         module: Module,
         lora: &GpuAdapter,
         grads: &wgpu::Buffer,
-        x: &wgpu::Buffer,
+        input: ModuleInput<'_>,
         dy: &wgpu::Buffer,
         dx: &wgpu::Buffer,
         accumulate: bool,
@@ -1074,33 +1108,42 @@ impl Model {
         )?;
         let Some(s) = lora.layout.slot(l, module) else { return Ok(()) };
         let (r, scale, p) = (lora.layout.r, lora.scale, &lora.params);
+        let ModuleInput { x, gated, h } = input;
         // With dropout the adapter saw the masked input: rebuild it (same mask).
         let x = match drop {
+            Some(_) if gated.is_some() => {
+                return Err(Error::invalid("LoRA dropout", "masks a written input, not one read through an op"));
+            }
             Some(d) => d.apply(ctx, enc, x, t * n_in, l, s.group)?,
             None => x,
         };
-        // h = x A^T again (cheaper to recompute than to keep for every module).
-        launch::matmul_forward(
-            ctx,
-            enc,
-            launch::Matmul {
-                x,
-                w: Weight::DenseAt(p, s.a),
-                bias: None,
-                y: &ws.lora_h,
-                m: t,
-                n: r,
-                k: n_in,
-                out: OutCols::whole(r),
-            },
-        )?;
+        let h = match (h, drop) {
+            (Some(h), None) => h,
+            _ => {
+                let mm = launch::Matmul {
+                    x,
+                    w: Weight::DenseAt(p, s.a),
+                    bias: None,
+                    y: &ws.lora_h,
+                    m: t,
+                    n: r,
+                    k: n_in,
+                    out: OutCols::whole(r),
+                };
+                if gated.is_some() {
+                    return Err(Error::invalid("linear backward", "an input read through an op needs its x A^T kept"));
+                }
+                launch::matmul_forward(ctx, enc, mm)?;
+                &ws.lora_h
+            }
+        };
         // dB += scale * dy^T h
         launch::matmul_backward_w(
             ctx,
             enc,
             launch::WeightGrad {
                 dy,
-                x: &ws.lora_h,
+                x: h,
                 dw: grads,
                 dw_offset: s.b,
                 m: t,
@@ -1126,7 +1169,7 @@ impl Model {
             },
         )?;
         // dA += dh^T x
-        launch::matmul_backward_w(
+        launch::matmul_backward_w_cols(
             ctx,
             enc,
             launch::WeightGrad {
@@ -1140,6 +1183,7 @@ impl Model {
                 alpha: 1.0,
                 accumulate: true,
             },
+            launch::WeightGradCols { x_input: gated, ..Default::default() },
         )?;
         // dx += dh A, through the dropout mask when there is one.
         let dh = DyCols::whole(&ws.lora_dh, r);
@@ -1204,11 +1248,18 @@ impl Model {
             Ok(())
         };
         let post_grad = |norm: &Option<wgpu::Buffer>| if norm.is_some() { &ws.d_xn } else { &ws.d_res };
-        // MLP.
-        self.gate_forward(enc, &a.gate, &a.up, &ws.act, t * i)?;
+        // MLP. down_proj's input act(gate) * up: its dA reads it through the op (and its dB the
+        // kept x A^T), but where dropout masks it, it is written again.
+        let down_in = match drop {
+            None => ModuleInput { x: &a.gate, gated: Some(self.gated(&a.up)), h: Some(&a.h_down) },
+            Some(_) => {
+                self.gate_forward(enc, &a.gate, &a.up, &ws.act, t * i)?;
+                ModuleInput { x: &ws.act, gated: None, h: None }
+            }
+        };
         through_post_norm(enc, &layer.post_ffn_norm, &a.mlp_out)?;
         let d_down = post_grad(&layer.post_ffn_norm);
-        self.linear_backward(enc, ws, l, Module::DownProj, lora, grads, &ws.act, d_down, &ws.d_act, false, t, drop)?;
+        self.linear_backward(enc, ws, l, Module::DownProj, lora, grads, down_in, d_down, &ws.d_act, false, t, drop)?;
         self.gate_backward(
             enc,
             launch::SiluMulGrad {
@@ -1226,7 +1277,7 @@ impl Model {
             launch::RmsNorm { x: &a.x_mid, w: &layer.ffn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
         )?;
         let group = [(Module::GateProj, &ws.d_gate), (Module::UpProj, &ws.d_up)];
-        self.group_backward(enc, ws, l, &group, lora, grads, (&ws.xn, &ws.d_xn), t, drop)?;
+        self.group_backward(enc, ws, l, &group, lora, grads, (&ws.xn, &ws.d_xn, &a.h_gate_up), t, drop)?;
         launch::rms_norm_backward(
             ctx,
             enc,
@@ -1243,7 +1294,8 @@ impl Model {
         // Attention.
         through_post_norm(enc, &layer.post_attn_norm, &a.attn_out)?;
         let d_o = post_grad(&layer.post_attn_norm);
-        self.linear_backward(enc, ws, l, Module::OProj, lora, grads, &a.att, d_o, &ws.d_att, false, t, drop)?;
+        let o_in = ModuleInput { x: &a.att, gated: None, h: if drop.is_none() { Some(&a.h_o) } else { None } };
+        self.linear_backward(enc, ws, l, Module::OProj, lora, grads, o_in, d_o, &ws.d_att, false, t, drop)?;
         let key_start = ws.key_start_of(c, l);
         let fwd = AttentionIo { q: &a.q, k: &a.k, v: &a.v, key_start, out: &a.att, stats: &a.stats };
         let b = AttentionGrads { fwd, dout: &ws.d_att, dq: &ws.dq, dk: &ws.dk, dv: &ws.dv };
@@ -1272,7 +1324,7 @@ impl Model {
             launch::RmsNorm { x: x_in, w: &layer.attn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
         )?;
         let group = [(Module::QProj, dq), (Module::KProj, dk), (Module::VProj, &ws.dv)];
-        self.group_backward(enc, ws, l, &group, lora, grads, (&ws.xn, &ws.d_xn), t, drop)?;
+        self.group_backward(enc, ws, l, &group, lora, grads, (&ws.xn, &ws.d_xn, &a.h_qkv), t, drop)?;
         launch::rms_norm_backward(
             ctx,
             enc,

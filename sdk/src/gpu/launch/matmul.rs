@@ -277,7 +277,9 @@ fn check_gather(mm: Matmul<'_>, g: Gather) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The op before a one-row product that [`matvec_fused_forward`] fuses into reading its input.
+/// The op before a product that it fuses into reading its input: any of these for one row
+/// ([`matvec_fused_forward`]), the gated activations for the x of a weight gradient
+/// ([`WeightGradCols::x_input`]).
 #[derive(Debug, Clone, Copy)]
 pub enum RowInput<'a> {
     /// x RMS-normed as `rms_norm_forward` norms it: `x * w / sqrt(mean(x^2) + eps)`.
@@ -289,12 +291,12 @@ pub enum RowInput<'a> {
     },
     /// `silu(x) * up` as `silu_mul_forward` computes it: x is the gate's output.
     SiluMul {
-        /// (k) the up projection's output.
+        /// The up projection's output, laid out as x.
         up: &'a wgpu::Buffer,
     },
     /// `gelu_tanh(x) * up` as `gelu_mul_forward` computes it.
     GeluMul {
-        /// (k) the up projection's output.
+        /// The up projection's output, laid out as x.
         up: &'a wgpu::Buffer,
     },
 }
@@ -463,7 +465,7 @@ fn forward(
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
         _ => {
             let kernel = many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, p.k));
-            return run_many_rows(ctx, enc, kernel, p, &buffers, cost);
+            return run_many_rows(ctx, enc, kernel, p, (&buffers, &[]), cost);
         }
     };
     // The one-row kernels bind what they fuse in last: x serves as the dummy.
@@ -629,28 +631,30 @@ pub fn split_of(groups: u32, red: u32) -> (u32, u32) {
     if splits < 2 { (1, 0) } else { (splits, slice) }
 }
 
-/// Records a many-row matmul. `buffers` are the kernel's bindings after the params; the
-/// last is the output and the one before it the bias binding (a dummy when unused). A tiled
-/// kernel with a small grid and a long reduction runs in two dispatches: slices of the
-/// reduction into the context's scratch buffer, then matmul_split_reduce.wgsl.
+/// Records a many-row matmul. `buffers` are the kernel's bindings after the params up to the
+/// output: the last is the output and the one before it the bias binding (a dummy when
+/// unused); `after_y` the bindings after the output. A tiled kernel with a small grid and a
+/// long reduction runs in two dispatches: slices of the reduction into the context's scratch
+/// buffer, then matmul_split_reduce.wgsl.
 fn run_many_rows(
     ctx: &GpuContext,
     enc: &mut Encoder,
     k: ManyRows,
     p: MatmulParams,
-    buffers: &[&wgpu::Buffer],
+    (buffers, after_y): (&[&wgpu::Buffer], &[&wgpu::Buffer]),
     cost: Cost,
 ) -> Result<()> {
     let (splits, slice) = if k.tiled { split_of(k.groups[0] * k.groups[1], k.red) } else { (1, 0) };
     if splits < 2 {
-        return ctx.dispatch_costed(enc, Dispatch { shader: k.shader, buffers, groups: k.groups }, &p, cost);
+        let all = [buffers, after_y].concat();
+        return ctx.dispatch_costed(enc, Dispatch { shader: k.shader, buffers: &all, groups: k.groups }, &p, cost);
     }
     let (rows, cols) = (k.rows as usize, k.cols as usize);
     let scratch = ctx.split_scratch(splits as usize * rows * cols)?;
     let partial =
         MatmulParams { split_k: slice, alpha: 1.0, has_bias: 0, accumulate: 0, y_stride: k.cols, y_col_offset: 0, ..p };
     let n = buffers.len();
-    let mut bound = buffers.to_vec();
+    let mut bound = [buffers, after_y].concat();
     bound[n - 1] = &scratch;
     // The slices write splits partial outputs instead of one; the reduction reads them back.
     let partials = 4.0 * (splits as usize * rows * cols) as f64;
@@ -749,7 +753,7 @@ fn backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>, gather: Opti
     };
     let kernel = many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, p.n));
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
-    run_many_rows(ctx, enc, kernel, p, &buffers, cost)
+    run_many_rows(ctx, enc, kernel, p, (&buffers, &[]), cost)
 }
 
 /// A dense linear layer's weight gradient: dy (m, n) transposed times x (m, k), scaled by
@@ -783,22 +787,28 @@ pub fn matmul_backward_w(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>)
 }
 
 /// Where [`matmul_backward_w_cols`] reads dy's and x's rows: each `(row stride, first column)`
-/// where it is a block of columns of a wider matrix, `None` where it is contiguous.
+/// where it is a block of columns of a wider matrix, `None` where it is contiguous; and the op
+/// applied to x as it is loaded.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct WeightGradCols {
+pub struct WeightGradCols<'a> {
     /// dy's rows (N values each read).
     pub dy: Option<(usize, usize)>,
     /// x's rows (K values each read).
     pub x: Option<(usize, usize)>,
+    /// The gated activation read as x ([`RowInput::SiluMul`], [`RowInput::GeluMul`]: x the
+    /// gate, up laid out as x): down_proj's LoRA A gradient, for which the backward pass then
+    /// writes no gated rows.
+    pub x_input: Option<RowInput<'a>>,
 }
 
-/// [`matmul_backward_w`] reading dy and x as blocks of columns of wider matrices: training's
-/// LoRA gradients of one module out of the h and dh that the modules reading one input share.
+/// [`matmul_backward_w`] reading dy and x as blocks of columns of wider matrices (training's
+/// LoRA gradients of one module out of the h and dh that the modules reading one input share),
+/// and x through the op `cols.x_input`.
 pub fn matmul_backward_w_cols(
     ctx: &GpuContext,
     enc: &mut Encoder,
     g: WeightGrad<'_>,
-    cols: WeightGradCols,
+    cols: WeightGradCols<'_>,
 ) -> Result<()> {
     for (what, buf, width, at) in [("dy", g.dy, g.n, cols.dy), ("x", g.x, g.k, cols.x)] {
         if let Some((stride, col)) = at
@@ -813,10 +823,22 @@ pub fn matmul_backward_w_cols(
             ));
         }
     }
+    if let Some(input) = cols.x_input {
+        let (stride, col) = cols.x.unwrap_or((g.k, 0));
+        let end = (g.m.max(1) - 1) * stride + col + g.k;
+        let why = match input {
+            RowInput::RmsNorm { .. } => Some("reads x through the gated activations only, not a norm".to_string()),
+            RowInput::SiluMul { up } | RowInput::GeluMul { up } => (up.size() < 4 * end as u64)
+                .then(|| format!("the up projection holds fewer than the {end} values the gate's rows reach")),
+        };
+        if let Some(why) = why {
+            return Err(Error::invalid("weight gradient", why));
+        }
+    }
     weight_grad(ctx, enc, g, cols)
 }
 
-fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: WeightGradCols) -> Result<()> {
+fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: WeightGradCols<'_>) -> Result<()> {
     let WeightGrad { dy, x, dw, dw_offset, m, n, k, alpha, accumulate } = g;
     let out = OutCols { stride: k, col_offset: dw_offset, alpha, accumulate };
     let mut p = matmul_params(m, n, k, out)?;
@@ -826,7 +848,17 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
     p.x_stride = u32_of(x_cols.0, "x stride")?;
     p.x_col_offset = u32_of(x_cols.1, "x column")?;
     let aligned = [n, k, dy_cols.0, dy_cols.1, x_cols.0, x_cols.1].iter().all(|v| v.is_multiple_of(4));
-    let kernel = many_rows(kind_of(ctx, true), DENSE_DW, aligned, (p.n, p.k, p.m));
-    let cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
-    run_many_rows(ctx, enc, kernel, p, &[dy, x, dy, dw], cost)
+    let mut cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
+    // simd8 reads x through the op in a variant of its own; the other families' loaders
+    // branch on p.x_op.
+    let (family, aux) = match cols.x_input {
+        Some(input) => {
+            p.x_op = input.op().0;
+            cost.bytes += 4.0 * (m * k) as f64;
+            (Family { simd8: &MATMUL_BACKWARD_W_SIMD8_GATED, ..DENSE_DW }, input.op().1)
+        }
+        None => (DENSE_DW, x),
+    };
+    let kernel = many_rows(kind_of(ctx, true), family, aligned, (p.n, p.k, p.m));
+    run_many_rows(ctx, enc, kernel, p, (&[dy, x, dy, dw], &[aux]), cost)
 }
