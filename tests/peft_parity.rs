@@ -270,6 +270,17 @@ fn qwen3_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("qwen3", true);
 }
 
+/// The tiny Llama with its weights as NF4, PEFT's adapter for it (on the CPU and uploaded) and
+/// the fixture's batch "b".
+fn nf4_llama_with_peft_adapter() -> (Model, edgetune::lora::Adapter, GpuAdapter, Batch) {
+    let fx = Fixture::open("peft_llama_expected.safetensors");
+    let opts = LoadOptions { quant: Quant::Nf4, ..Default::default() };
+    let model = Model::open(ctx(), &fixtures().join("tiny_llama"), &opts).expect("tiny model loads");
+    let adapter = peft::load(&fixtures().join("peft_llama_adapter"), &model.config).expect("adapter");
+    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+    (model, adapter, gpu, batch(&fx, "b"))
+}
+
 /// The backward pass reads what the forward pass kept instead of computing it again: each
 /// adapted module's x A^T (no forward product in the backward pass at all: a step records as
 /// many as the forward pass alone, 11 a layer), and down_proj's dA reads act(gate) * up
@@ -278,12 +289,7 @@ fn qwen3_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
 #[test]
 fn a_training_step_reads_the_lora_products_its_forward_pass_kept_and_the_gate_through_the_op() {
     use edgetune::gpu::Timer;
-    let fx = Fixture::open("peft_llama_expected.safetensors");
-    let opts = LoadOptions { quant: Quant::Nf4, ..Default::default() };
-    let model = Model::open(ctx(), &fixtures().join("tiny_llama"), &opts).expect("tiny model loads");
-    let adapter = peft::load(&fixtures().join("peft_llama_adapter"), &model.config).expect("adapter");
-    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
-    let b = batch(&fx, "b");
+    let (model, adapter, gpu, b) = nf4_llama_with_peft_adapter();
     let layers = model.config.num_layers;
     // Dispatches of the dense forward products (the LoRA ones: the base is NF4, the head f16)
     // and of the gate kernel, in one recorded pass.
@@ -314,12 +320,7 @@ fn a_training_step_reads_the_lora_products_its_forward_pass_kept_and_the_gate_th
 
 #[test]
 fn gradient_checkpointing_gives_bit_identical_gradients() {
-    let fx = Fixture::open("peft_llama_expected.safetensors");
-    let opts = LoadOptions { quant: Quant::Nf4, ..Default::default() };
-    let model = Model::open(ctx(), &fixtures().join("tiny_llama"), &opts).expect("tiny model loads");
-    let adapter = peft::load(&fixtures().join("peft_llama_adapter"), &model.config).expect("adapter");
-    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
-    let b = batch(&fx, "b");
+    let (model, adapter, gpu, b) = nf4_llama_with_peft_adapter();
     let run = |ckpt: bool| {
         let ws = model
             .workspace(WorkspacePlan { checkpointing: ckpt, ..WorkspacePlan::new(b.len(), 4) })
