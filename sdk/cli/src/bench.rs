@@ -247,10 +247,20 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
             ctx.read_f32(&opt.norm, 1)?;
             Ok(StepTime { record, total: t.elapsed().as_secs_f64() })
         };
-        // Warm-up: two tokens compile every pipeline; one full step makes what a first step
-        // makes, so the timed steps count what every later step costs.
+        // Warm-up: two tokens compile every pipeline; full steps make what the first steps
+        // make, so the timed steps count what every later step costs. One full step is not
+        // always enough: where the split-reduction scratch grows in its backward pass, the
+        // next step's forward dispatches meet the new scratch and make their bind groups
+        // again. So full steps run until one creates nothing (at most four).
         step(&Batch::pack([(&ids[..2], &train[..2])])?)?;
-        step(&batch)?;
+        for _ in 0..4 {
+            let before = ctx.counts();
+            step(&batch)?;
+            let made = ctx.counts() - before;
+            if made.buffers + made.bind_groups + made.pipelines == 0 {
+                break;
+            }
+        }
         let c0 = ctx.counts();
         let mut times = Vec::new();
         for _ in 0..steps.max(1) {
