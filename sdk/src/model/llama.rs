@@ -754,17 +754,21 @@ impl Model {
         (2 * c.num_layers * self.max_context * c.num_kv_heads * c.head_dim * 4) as u64
     }
 
-    /// Bytes of the activation buffers one forward pass of `t` tokens allocates (plus the logits
-    /// of `logit_rows` rows).
-    pub fn activation_bytes(&self, t: usize, logit_rows: usize) -> u64 {
+    /// Bytes of the activation buffers one forward pass of `t` tokens allocates with an adapter
+    /// of rank `rank` (0 without one), plus the logits of `logit_rows` rows.
+    pub fn activation_bytes(&self, t: usize, logit_rows: usize, rank: usize) -> u64 {
         let c = &self.config;
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         // ids, positions, key starts; x, xn, q, k, v, att, gate, up, act; q and k before their
-        // norms (Qwen3); the branch outputs before the norms after them (Gemma); attention stats.
+        // norms (Qwen3); the branch outputs before the norms after them (Gemma); the window
+        // starts (sliding-window layers); attention stats; the LoRA products x A^T (q, k and v
+        // at once).
         let raw = if c.qk_norm { qd + kvd } else { 0 };
         let proj = if c.sandwich_norms { c.hidden_size } else { 0 };
-        let floats = t * (3 + 2 * c.hidden_size + 2 * qd + 2 * kvd + raw + proj + 3 * c.intermediate_size)
+        let window = usize::from(c.sliding_window.is_some());
+        let floats = t * (3 + 2 * c.hidden_size + 2 * qd + 2 * kvd + raw + proj + window + 3 * c.intermediate_size)
             + t * c.num_heads * 2
+            + 3 * t * rank.max(1)
             + logit_rows * (c.vocab_size + c.hidden_size);
         (floats * 4) as u64
     }
@@ -1006,7 +1010,7 @@ impl Model {
             if cache.decode.as_ref().is_none_or(|d| d.acts.rank < rank) {
                 // New buffers: the bind groups of the old ones go with them.
                 cache.binds = BindGroups::new();
-                let planned = self.activation_bytes(1, 1);
+                let planned = self.activation_bytes(1, 1, rank);
                 cache.decode = Some(self.ctx.allocating("decoding's buffers", planned, ACTIVATION_ADVICE, || {
                     Ok(DecodeBuffers {
                         acts: self.acts(ids, rank),
@@ -1022,7 +1026,7 @@ impl Model {
             (self.ctx.encoder_with(&cache.binds).whole(), &d.acts)
         } else {
             let what = format!("activations for {t} tokens");
-            let planned = self.activation_bytes(t, 0);
+            let planned = self.activation_bytes(t, 0, rank);
             owned = self.ctx.allocating(&what, planned, ACTIVATION_ADVICE, || Ok(self.acts(ids, rank)))?;
             (self.ctx.encoder(), &owned)
         };
