@@ -4,8 +4,8 @@
 // and x[m, k0+4l..k0+4l+3]; the 32 dy values are broadcast one at a time. N and K are multiples
 // of 4, and so are the rows' strides and first columns (p.dy_stride, p.dy_col_offset, p.x_stride,
 // p.x_col_offset: N, 0, K, 0 when contiguous). In the `.gated` variant (p.x_op X_SILU_MUL or
-// X_GELU_MUL) x is the MLP's gate and aux its up projection, read as act(gate) * up (common/gates.wgsl). (Other adapters and
-// shapes: matmul_backward_w.wgsl.)
+// X_GELU_MUL) x is the MLP's gate and aux its up projection, read as act(gate) * up
+// (common/gates.wgsl). (Other adapters and shapes: matmul_backward_w.wgsl.)
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: MatmulParams;

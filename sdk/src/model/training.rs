@@ -200,7 +200,7 @@ struct ModuleInput<'a> {
     x: &'a wgpu::Buffer,
     /// The op through which it read x (down_proj reads the gated activation of the gate in x).
     gated: Option<launch::RowInput<'a>>,
-    /// Where the forward pass left its x A^T; `None`: recomputed (with dropout, always).
+    /// Where the forward pass left its x A^T; recomputed where `None` or dropout is on.
     h: Option<&'a wgpu::Buffer>,
 }
 
@@ -1120,6 +1120,9 @@ impl Model {
         let h = match (h, drop) {
             (Some(h), None) => h,
             _ => {
+                if gated.is_some() {
+                    return Err(Error::invalid("linear backward", "an input read through an op needs its x A^T kept"));
+                }
                 let mm = launch::Matmul {
                     x,
                     w: Weight::DenseAt(p, s.a),
@@ -1130,9 +1133,6 @@ impl Model {
                     k: n_in,
                     out: OutCols::whole(r),
                 };
-                if gated.is_some() {
-                    return Err(Error::invalid("linear backward", "an input read through an op needs its x A^T kept"));
-                }
                 launch::matmul_forward(ctx, enc, mm)?;
                 &ws.lora_h
             }
@@ -1294,7 +1294,7 @@ impl Model {
         // Attention.
         through_post_norm(enc, &layer.post_attn_norm, &a.attn_out)?;
         let d_o = post_grad(&layer.post_attn_norm);
-        let o_in = ModuleInput { x: &a.att, gated: None, h: if drop.is_none() { Some(&a.h_o) } else { None } };
+        let o_in = ModuleInput { x: &a.att, gated: None, h: Some(&a.h_o) };
         self.linear_backward(enc, ws, l, Module::OProj, lora, grads, o_in, d_o, &ws.d_att, false, t, drop)?;
         let key_start = ws.key_start_of(c, l);
         let fwd = AttentionIo { q: &a.q, k: &a.k, v: &a.v, key_start, out: &a.att, stats: &a.stats };

@@ -853,9 +853,10 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
     // branch on p.x_op.
     let (family, aux) = match cols.x_input {
         Some(input) => {
-            p.x_op = input.op().0;
+            let (op, up) = input.op();
+            p.x_op = op;
             cost.bytes += 4.0 * (m * k) as f64;
-            (Family { simd8: &MATMUL_BACKWARD_W_SIMD8_GATED, ..DENSE_DW }, input.op().1)
+            (Family { simd8: &MATMUL_BACKWARD_W_SIMD8_GATED, ..DENSE_DW }, up)
         }
         None => (DENSE_DW, x),
     };
