@@ -13,5 +13,6 @@
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // flat dw
 
 const AUX_BINDING: u32 = 5u;
+const ROWS_BINDING: u32 = 6u;
 
 #include "common/matmul_dw.wgsl"

@@ -12,5 +12,6 @@
 fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk { return fetch_generic_b(c0, j0, lid); }
 
 const AUX_BINDING: u32 = 5u;
+const ROWS_BINDING: u32 = 6u;
 
 #include "common/matmul_dw.wgsl"

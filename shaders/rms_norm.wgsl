@@ -1,11 +1,13 @@
 // RMSNorm as transformers computes it in f32: y = x * rsqrt(mean(x^2) + eps) * w.
 // One workgroup per row. Its operands come from common/rms_norm_one.wgsl; the rms_norm.pair
 // variant swaps in common/rms_norm_pair.wgsl, which norms two tensors of the same width with
-// their own weights in one dispatch (Qwen3's and Gemma 3's per-head norms of q and k).
+// their own weights in one dispatch (Qwen3's and Gemma 3's per-head norms of q and k). The
+// rms_norm.keep variant also keeps each row's 1 / rms (common/rms_norm_inv_kept.wgsl).
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: RmsNormParams;
 #include "common/rms_norm_one.wgsl"
+#include "common/rms_norm_inv.wgsl"
 
 var<workgroup> partial: array<f32, 64>;
 
@@ -25,6 +27,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     let inv = inverseSqrt(partial[0] / f32(p.dim) + p.eps);
+    if (lid == 0u) { keep_inv(row, inv); }
     for (var c = lid; c < p.dim; c += 64u) {
         store_scaled(row, c, x_at(row, c) * inv);
     }

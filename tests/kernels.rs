@@ -334,13 +334,116 @@ fn a_weight_gradient_reads_the_gated_activation_through_the_op() {
             };
             let short = ctx.storage_from("short up", &up[..(m - 1) * k]);
             for (input, says) in [
-                (launch::RowInput::RmsNorm { w: &upb, eps: 1e-6 }, "not a norm"),
+                (launch::RowInput::RmsNorm { w: &upb, eps: 1e-6 }, "kept 1 / rms"),
                 (launch::RowInput::GeluMul { up: &short }, "fewer than"),
             ] {
                 let cols = launch::WeightGradCols { x_input: Some(input), ..Default::default() };
                 let err = launch::matmul_backward_w_cols(&ctx, &mut enc, g, cols).expect_err("refused");
                 assert!(err.to_string().contains(says), "{err}");
             }
+        }
+    }
+}
+
+/// A weight gradient reading the normed rows through the norm (`RowInput::RmsNormKept`): x the
+/// norm's input, the norm's weight w and each row's 1 / rms as `rms_norm_forward_keeping` keeps
+/// it, read as w[k] * (x[m, k] * inv_rms[m]), which is how the norm writes its rows (and the
+/// twin `r::rms_norm_forward` computes them), so the only error is the dot product's: the
+/// bound (2M + 16) u sum |dy xn| as for the plain weight gradient, and the ends' rounding. Every
+/// family, unaligned and aligned shapes, dy read as a block of columns of a wider dh as
+/// training reads it; the kept 1 / rms, and refusals of what does not fit.
+#[test]
+fn a_weight_gradient_reads_the_normed_rows_through_the_norm_with_its_kept_inverse_rms() {
+    let u = 2f64.powi(-24);
+    let eps = 1e-5f32;
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        for (i, &(m, n, k, (stride, col))) in [
+            (2, 5, 8, (5, 0)),
+            (3, 37, 70, (40, 3)),
+            (70, 16, 200, (48, 16)),
+            (129, 16, 96, (16, 0)),
+            (40, 8, 576, (24, 8)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 1300 + 10 * i as u64;
+            let (x, w) = (rand(m * k, seed, 3.0), rand(k, seed + 1, 1.5));
+            let inv: Vec<f32> =
+                x.chunks(k).map(|row| 1.0 / (row.iter().map(|v| v * v).sum::<f32>() / k as f32 + eps).sqrt()).collect();
+            let (xb, wb, invb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("inv", &inv));
+            // The norm keeps what the loader reads: its rows as before, and each row's 1 / rms
+            // within the rounding of the sum of squares and of inverseSqrt.
+            let (yb, kept) = (ctx.storage_zeroed("y", m * k), ctx.storage_zeroed("kept", m));
+            let norm = launch::RmsNorm { x: &xb, w: &wb, y: &yb, n_rows: m, dim: k, eps };
+            run(&ctx, |enc| launch::rms_norm_forward_keeping(&ctx, enc, norm, &kept));
+            let xn = r::rms_norm_forward(&x, &w, eps);
+            let what = format!("rms_norm.keep {m}x{k}");
+            assert_close(&what, &ctx.read_f32(&yb, m * k).expect("read"), &xn, 1e-5, 1e-6);
+            let slack: Vec<f32> = inv.iter().map(|v| ((k as f64 / 2.0 + 6.0) * u * f64::from(*v)) as f32).collect();
+            assert_close_slack(&what, &ctx.read_f32(&kept, m).expect("read"), &inv, 0.0, 0.0, &slack);
+
+            // dw (n, k) at element 3, += 0.5 dy^T xn, dy the columns [col, col + n) of rows of
+            // `stride`.
+            let dy = rand(m * n, seed + 2, 1.0);
+            let mut wide = rand(m * stride, seed + 3, 50.0);
+            for r in 0..m {
+                wide[r * stride + col..][..n].copy_from_slice(&dy[r * n..][..n]);
+            }
+            let dyb = ctx.storage_from("dy", &wide);
+            let dw0 = rand(3 + n * k, seed + 4, 1.0);
+            let dwb = ctx.storage_from("dw", &dw0);
+            let g =
+                launch::WeightGrad { dy: &dyb, x: &xb, dw: &dwb, dw_offset: 3, m, n, k, alpha: 0.5, accumulate: true };
+            let through = launch::RowInput::RmsNormKept { w: &wb, inv_rms: &invb };
+            let cols = launch::WeightGradCols { dy: Some((stride, col)), x: None, x_input: Some(through) };
+            run(&ctx, |enc| launch::matmul_backward_w_cols(&ctx, enc, g, cols));
+            let want: Vec<f32> =
+                dw0[3..].iter().zip(r::matmul_backward_w(&dy, &xn, m, n, k)).map(|(a, b)| a + 0.5 * b).collect();
+            let slack: Vec<f32> = (0..n * k)
+                .map(|o| {
+                    let (j, c) = (o / k, o % k);
+                    let sum: f64 = (0..m).map(|r| f64::from((dy[r * n + j] * xn[r * k + c]).abs())).sum();
+                    let ends = 4.0 * u * f64::from(dw0[3 + o].abs() + want[o].abs());
+                    ((2 * m + 16) as f64 * u * sum * 0.5 + ends) as f32
+                })
+                .collect();
+            let got = ctx.read_f32(&dwb, 3 + n * k).expect("readback");
+            let what = format!("{} dW through the kept norm {m}x{n}x{k}", ctx.report.kernels.matmul_grad);
+            assert_close_slack(&what, &got[3..], &want, 0.0, 0.0, &slack);
+            assert_eq!(got[..3], dw0[..3], "{what}: wrote before its offset");
+
+            // A weight short of a row, or four rows more than the 1 / rms holds (storage is
+            // padded to whole vec4s), are refused, and so is a one-row product through a kept
+            // norm (it norms its row itself).
+            let mut enc = ctx.encoder();
+            let short_w = ctx.storage_from("short w", &w[..k - 4]);
+            for (input, rows, says) in [
+                (launch::RowInput::RmsNormKept { w: &short_w, inv_rms: &invb }, m, "weight holds fewer"),
+                (through, m + 4, "1 / rms holds fewer"),
+            ] {
+                let cols = launch::WeightGradCols { x_input: Some(input), ..Default::default() };
+                let g = launch::WeightGrad { m: rows, ..g };
+                let err = launch::matmul_backward_w_cols(&ctx, &mut enc, g, cols).expect_err("refused");
+                assert!(err.to_string().contains(says), "{err}");
+            }
+            let more = launch::RmsNorm { n_rows: m + 4, ..norm };
+            let err = launch::rms_norm_forward_keeping(&ctx, &mut enc, more, &invb).expect_err("refused");
+            assert!(err.to_string().contains("fewer than"), "{err}");
+            let one = launch::Matmul {
+                x: &xb,
+                w: launch::Weight::Dense(&dwb),
+                bias: None,
+                y: &yb,
+                m: 1,
+                n: 1,
+                k,
+                out: launch::OutCols::whole(1),
+            };
+            let fused = launch::Fused { input: Some(through), ..Default::default() };
+            let err = launch::matvec_fused_forward(&ctx, &mut enc, one, fused).expect_err("refused");
+            assert!(err.to_string().contains("norms its row itself"), "{err}");
         }
     }
 }

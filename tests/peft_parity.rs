@@ -284,15 +284,17 @@ fn nf4_llama_with_peft_adapter() -> (Model, edgetune::lora::Adapter, GpuAdapter,
 /// The backward pass reads what the forward pass kept instead of computing it again: each
 /// adapted module's x A^T (no forward product in the backward pass at all: a step records as
 /// many as the forward pass alone, 11 a layer), and down_proj's dA reads act(gate) * up
-/// through the op, so that only the forward pass runs the gate kernel (once a layer). With
-/// checkpointing the forward pass runs twice, so twice of both.
+/// through the op, so that only the forward pass runs the gate kernel (once a layer); the dA
+/// of the modules after the two norms read the normed rows through the norm with the 1 / rms
+/// the forward pass kept, so that only it norms (twice a layer, and the final norm once). With
+/// checkpointing the forward pass runs twice, so twice of each of these.
 #[test]
-fn a_training_step_reads_the_lora_products_its_forward_pass_kept_and_the_gate_through_the_op() {
+fn a_training_step_reads_the_lora_products_its_forward_pass_kept_and_the_gate_and_norms_through_the_op() {
     use edgetune::gpu::Timer;
     let (model, adapter, gpu, b) = nf4_llama_with_peft_adapter();
     let layers = model.config.num_layers;
-    // Dispatches of the dense forward products (the LoRA ones: the base is NF4, the head f16)
-    // and of the gate kernel, in one recorded pass.
+    // Dispatches of the dense forward products (the LoRA ones: the base is NF4, the head f16),
+    // of the gate kernel and of the norms, in one recorded pass.
     let count = |ckpt: bool, step: bool| {
         let plan = WorkspacePlan { checkpointing: ckpt, ..WorkspacePlan::new(b.len(), 4) };
         let ws = model.workspace(plan).expect("workspace");
@@ -309,13 +311,13 @@ fn a_training_step_reads_the_lora_products_its_forward_pass_kept_and_the_gate_th
         let of =
             |f: &dyn Fn(&str) -> bool| kernels.iter().filter(|(n, _)| f(n)).map(|(_, t)| t.dispatches).sum::<u64>();
         let dense = of(&|n| ["matmul", "matmul_simd8", "matmul_t128"].contains(&n.split('.').next().unwrap_or(n)));
-        (dense, of(&|n| n == "silu_mul"))
+        (dense, of(&|n| n == "silu_mul"), of(&|n| n.split('.').next() == Some("rms_norm")))
     };
     let per_layer = 11 * layers as u64;
     let layers = layers as u64;
-    assert_eq!(count(false, false), (per_layer, layers), "the forward pass");
-    assert_eq!(count(false, true), (per_layer, layers), "a step");
-    assert_eq!(count(true, true), (2 * per_layer, 2 * layers), "a step with checkpointing");
+    assert_eq!(count(false, false), (per_layer, layers, 2 * layers + 1), "the forward pass");
+    assert_eq!(count(false, true), (per_layer, layers, 2 * layers + 1), "a step");
+    assert_eq!(count(true, true), (2 * per_layer, 2 * layers, 4 * layers + 1), "a step with checkpointing");
 }
 
 #[test]

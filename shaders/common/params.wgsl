@@ -68,11 +68,12 @@ struct AttentionParams {
 
 // Every matmul and matvec kernel (forward, dX and dW).
 // MatmulParams.x_op: what a product fuses into reading its input x (with `aux`): a one-row
-// product any of these, a weight gradient's x the gated activations.
+// product any of the first four, a weight gradient's x the gated activations or X_RMS_KEPT.
 const X_AS_IS: u32 = 0u;
 const X_RMS_NORM: u32 = 1u;     // x RMS-normed, aux the norm's weight
 const X_SILU_MUL: u32 = 2u;     // silu(x) * aux: x the gate, aux the up projection
 const X_GELU_MUL: u32 = 3u;     // gelu_tanh(x) * aux
+const X_RMS_KEPT: u32 = 4u;     // x[m, k] * aux[k] * row_scale[m]: RMS-normed with each row's kept 1/rms
 
 struct MatmulParams {
     m: u32,

@@ -135,6 +135,7 @@ shaders! {
     EMBEDDING_F16 = "embedding_f16";
     RMS_NORM = "rms_norm";
     RMS_NORM_PAIR = "rms_norm" as "rms_norm.pair" [("common/rms_norm_one.wgsl", "common/rms_norm_pair.wgsl")];
+    RMS_NORM_KEEP = "rms_norm" as "rms_norm.keep" [("common/rms_norm_inv.wgsl", "common/rms_norm_inv_kept.wgsl")];
     ROPE = "rope";
     SILU_MUL = "silu_mul";
     GELU_MUL = "gelu_mul";
@@ -196,6 +197,7 @@ shaders! {
     MATMUL_NF4_BACKWARD_SIMD8 = "matmul_nf4_backward_simd8";
     MATMUL_BACKWARD_W_SIMD8 = "matmul_backward_w_simd8";
     MATMUL_BACKWARD_W_SIMD8_GATED = "matmul_backward_w_simd8" as "matmul_backward_w_simd8.gated" [("X_GATED", "1")];
+    MATMUL_BACKWARD_W_SIMD8_NORMED = "matmul_backward_w_simd8" as "matmul_backward_w_simd8.normed" [("X_NORMED", "1")];
     ATTENTION_SIMD8 = "attention_simd8";
     ATTENTION_SIMD8_HD64 = "attention_simd8" as "attention_simd8.hd64" [("HD4", "16")];
     ATTENTION_BACKWARD_Q_SIMD8 = "attention_backward_q_simd8";
@@ -370,6 +372,8 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/params.wgsl", include_str!("../common/params.wgsl")),
     ("common/rms_norm_one.wgsl", include_str!("../common/rms_norm_one.wgsl")),
     ("common/rms_norm_pair.wgsl", include_str!("../common/rms_norm_pair.wgsl")),
+    ("common/rms_norm_inv.wgsl", include_str!("../common/rms_norm_inv.wgsl")),
+    ("common/rms_norm_inv_kept.wgsl", include_str!("../common/rms_norm_inv_kept.wgsl")),
     ("common/rms_norm_grad_one.wgsl", include_str!("../common/rms_norm_grad_one.wgsl")),
     ("common/rms_norm_grad_pair.wgsl", include_str!("../common/rms_norm_grad_pair.wgsl")),
     ("common/matmul_store.wgsl", include_str!("../common/matmul_store.wgsl")),
@@ -563,11 +567,14 @@ params!(/// `dpo.wgsl` and `dpo_logps.wgsl`
     DpoParams { n_pairs: u32, length_normalized: u32, ipo: u32, _pad: u32, beta: f32, a: f32, b: f32, grad_scale: f32 }
         = 32);
 /// [`MatmulParams::x_op`]: what a one-row product fuses into reading its input row, as
-/// `common/params.wgsl` names the values (the x as it is, RMS-normed, or gated by SiLU or GELU).
+/// `common/params.wgsl` names the values (the x as it is, RMS-normed, or gated by SiLU or GELU),
+/// and what a weight gradient's loader applies to x (the gates, or a norm whose rows' 1/rms
+/// the forward norm kept: [`X_RMS_KEPT`]).
 pub const X_AS_IS: u32 = 0;
 pub const X_RMS_NORM: u32 = 1;
 pub const X_SILU_MUL: u32 = 2;
 pub const X_GELU_MUL: u32 = 3;
+pub const X_RMS_KEPT: u32 = 4;
 
 params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
@@ -604,6 +611,7 @@ mod tests {
             ("X_RMS_NORM", super::X_RMS_NORM),
             ("X_SILU_MUL", super::X_SILU_MUL),
             ("X_GELU_MUL", super::X_GELU_MUL),
+            ("X_RMS_KEPT", super::X_RMS_KEPT),
         ] {
             assert!(wgsl.contains(&format!("const {name}: u32 = {v}u;")), "{name} = {v} is not in common/params.wgsl");
         }

@@ -308,6 +308,10 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) up: &'a wgpu::Buffer,
     pub(crate) act: &'a wgpu::Buffer,
     pub(crate) lora_h: LoraH<'a>,
+    /// Where the attention norm and the MLP norm keep each row's 1 / rms (training, whose
+    /// backward pass reads the normed rows through the norms: `RowInput::RmsNormKept`); `None`
+    /// keeps nothing.
+    pub(crate) inv_rms: Option<[&'a wgpu::Buffer; 2]>,
     pub(crate) positions: &'a wgpu::Buffer,
     pub(crate) key_start: &'a wgpu::Buffer,
     /// Where keys and values go and attention reads them: a KV cache's layer buffers and the
@@ -1089,6 +1093,7 @@ impl Model {
                 up: &a.u,
                 act: &a.act,
                 lora_h: LoraH::one(&a.h_lora),
+                inv_rms: None,
                 positions: &a.positions,
                 key_start: if c.layer_window(l).is_some() { &a.window_start } else { &a.key_start },
                 kv_cache: Some((&k_cache[l], &v_cache[l], pos)),
@@ -1130,12 +1135,15 @@ impl Model {
         // one-row products that read them; otherwise the normed and gated rows are written
         // (training keeps them for the backward).
         let fuse = t == 1 && b.kv_cache.is_some();
-        let normed = |enc: &mut Encoder, x, w| -> Result<(&wgpu::Buffer, Option<launch::RowInput<'_>>)> {
+        let normed = |enc: &mut Encoder, x, w, which: usize| -> Result<(&wgpu::Buffer, Option<launch::RowInput<'_>>)> {
             if fuse {
                 return Ok((x, Some(launch::RowInput::RmsNorm { w, eps: c.rms_norm_eps })));
             }
             let norm = launch::RmsNorm { x, w, y: b.xn, n_rows: t, dim: h, eps: c.rms_norm_eps };
-            launch::rms_norm_forward(ctx, enc, norm)?;
+            match b.inv_rms {
+                Some(kept) => launch::rms_norm_forward_keeping(ctx, enc, norm, kept[which])?,
+                None => launch::rms_norm_forward(ctx, enc, norm)?,
+            }
             Ok((b.xn, None))
         };
         let io = |(x, input), y, (h, lora_h_at)| LinearIo { x, y, add_to_y: false, h, m: t, input, lora_h_at };
@@ -1148,7 +1156,7 @@ impl Model {
             };
             Ok(at.into_iter().map(|at| (h, at)).collect())
         };
-        let input = normed(enc, b.x_in, &layer.attn_norm)?;
+        let input = normed(enc, b.x_in, &layer.attn_norm, 0)?;
         let (q_proj, k_proj) = if layer.qk_norm.is_some() { (b.q_raw, b.k_raw) } else { (b.q, b.k) };
         let at = shared(enc, &[Module::QProj, Module::KProj, Module::VProj], input, b.lora_h.qkv)?;
         self.linear(enc, (l, Module::QProj), lora, io(input, q_proj, at[0]), drop)?;
@@ -1209,7 +1217,7 @@ impl Model {
         };
         self.branch(enc, l, out, b, (lora, t, drop), after)?;
         after(enc, Stage::Mid)?;
-        let input = normed(enc, b.x_mid, &layer.ffn_norm)?;
+        let input = normed(enc, b.x_mid, &layer.ffn_norm, 1)?;
         let at = shared(enc, &[Module::GateProj, Module::UpProj], input, b.lora_h.gate_up)?;
         self.linear(enc, (l, Module::GateProj), lora, io(input, b.gate, at[0]), drop)?;
         self.linear(enc, (l, Module::UpProj), lora, io(input, b.up, at[1]), drop)?;

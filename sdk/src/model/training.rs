@@ -204,8 +204,18 @@ struct ModuleInput<'a> {
     h: Option<&'a wgpu::Buffer>,
 }
 
+/// The rows a group of modules read after a norm (q, k and v; gate and up), as the backward
+/// pass reads them: the norm's input x, its weight and each row's 1 / rms that the forward pass
+/// kept, so that the rows are `w * (x * inv_rms)` without being written again.
+#[derive(Clone, Copy)]
+struct NormedRows<'a> {
+    x: &'a wgpu::Buffer,
+    w: &'a wgpu::Buffer,
+    inv_rms: &'a wgpu::Buffer,
+}
+
 /// Activations of one layer that the backward pass reads. In a saved f16 set every tensor but
-/// `stats` holds packed halves (two per u32).
+/// `stats` and `inv_rms` holds packed halves (two per u32).
 #[derive(Debug)]
 struct LayerActs {
     q: wgpu::Buffer,     // (T, H*hd) after RoPE
@@ -230,10 +240,14 @@ struct LayerActs {
     h_o: wgpu::Buffer,
     h_gate_up: wgpu::Buffer,
     h_down: wgpu::Buffer,
+    /// Each row's 1 / rms in the attention norm and the MLP norm (T each, always f32), kept by
+    /// the forward pass so that the A gradients after them read the normed rows through the
+    /// norm (`RowInput::RmsNormKept`) rather than have them written again.
+    inv_rms: [wgpu::Buffer; 2],
 }
 
 impl LayerActs {
-    /// The tensors other than `stats`, each with the stage after which it is complete, in the
+    /// The tensors other than `stats` and `inv_rms`, each with the stage after which it is complete, in the
     /// order of [`Model::act_sizes`]: q_raw and k_raw only for a model with q/k norms,
     /// attn_out and mlp_out only for one with norms after attention and the MLP.
     fn tensors(&self, c: &ModelConfig) -> Vec<(Stage, &wgpu::Buffer)> {
@@ -464,6 +478,7 @@ impl Model {
                 h_o: kept("lora h of o", h_o),
                 h_gate_up: kept("lora h of gate and up", h_gate_up),
                 h_down: kept("lora h of down", h_down),
+                inv_rms: [z("attention norm 1/rms", t), z("MLP norm 1/rms", t)],
             }
         };
         let n_f32 = if checkpointing || half { 1 } else { c.num_layers };
@@ -667,6 +682,9 @@ impl Model {
                     launch::f16_unpack(ctx, enc, from, to, n)?;
                 }
                 enc.copy_buffer_to_buffer(&saved.stats, 0, &acts.stats, 0, saved.stats.size());
+                for (from, to) in saved.inv_rms.iter().zip(&acts.inv_rms) {
+                    enc.copy_buffer_to_buffer(from, 0, to, 0, from.size());
+                }
             }
             self.layer_backward(enc, ws, l, acts, x_in, lora, grads, t, drop)?;
         }
@@ -834,6 +852,7 @@ impl Model {
             up: &a.up,
             act: &ws.act,
             lora_h: LoraH { qkv: &a.h_qkv, o: &a.h_o, gate_up: &a.h_gate_up, down: &a.h_down },
+            inv_rms: Some(a.inv_rms.each_ref()),
             positions: &ws.positions,
             key_start: ws.key_start_of(&self.config, l),
             kv_cache: None,
@@ -845,6 +864,11 @@ impl Model {
             let Some(s) = save else { return Ok(()) };
             if stage == Stage::Attention {
                 enc.copy_buffer_to_buffer(&a.stats, 0, &s.stats, 0, a.stats.size());
+            }
+            if stage == Stage::GateUp {
+                for (from, to) in a.inv_rms.iter().zip(&s.inv_rms) {
+                    enc.copy_buffer_to_buffer(from, 0, to, 0, from.size());
+                }
             }
             for (((done, from), (_, to)), &n) in a.tensors(c).into_iter().zip(s.tensors(c)).zip(&sizes) {
                 if done == stage {
@@ -956,13 +980,14 @@ impl Model {
         self.record_logits(enc, &ws.head_x, &ws.logits, rows, None)
     }
 
-    /// dx (+)= the sum of dy W over `group`'s (module, dy), modules that all read x (q, k and v;
-    /// gate and up), and their LoRA gradients (added to `grads`). Without dropout the adapter's
-    /// x A^T of all of them is in `h`, where the forward pass put it as one product
-    /// (`Model::lora_a_shared`); each module's dB and dh read and write its columns of that h
-    /// and of the shared dh, and dx += dh A is one product over the gathered rows of the
-    /// distinct A matrices (Phi-3's fused modules share one, whose dh sums theirs). With
-    /// dropout (a mask per module), module by module, each x A^T recomputed.
+    /// dx (+)= the sum of dy W over `group`'s (module, dy), modules that all read the normed
+    /// rows x (q, k and v; gate and up), and their LoRA gradients (added to `grads`). Without
+    /// dropout the adapter's x A^T of all of them is in `h`, where the forward pass put it as
+    /// one product (`Model::lora_a_shared`); each module's dB and dh read and write its columns
+    /// of that h and of the shared dh, dA reads x through the norm with its kept 1 / rms, and
+    /// dx += dh A is one product over the gathered rows of the distinct A matrices (Phi-3's
+    /// fused modules share one, whose dh sums theirs). With dropout (a mask per module), x is
+    /// normed into `ws.xn` again and the modules go one by one, each x A^T recomputed.
     #[allow(clippy::too_many_arguments)]
     fn group_backward(
         &self,
@@ -972,16 +997,22 @@ impl Model {
         group: &[(Module, &wgpu::Buffer)],
         lora: &GpuAdapter,
         grads: &wgpu::Buffer,
-        (x, dx, h): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+        (normed, dx, h): (NormedRows<'_>, &wgpu::Buffer, &wgpu::Buffer),
         t: usize,
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
         let modules: Vec<Module> = group.iter().map(|g| g.0).collect();
         let at = match (drop, self.lora_a_layout(l, &modules, lora)) {
             (None, Some(shared)) => shared.at,
-            _ => {
+            (_, layout) => {
+                // The rows are read only where a module has an adapter.
+                if layout.is_some() {
+                    let (n_rows, dim, eps) = (t, self.config.hidden_size, self.config.rms_norm_eps);
+                    let norm = launch::RmsNorm { x: normed.x, w: normed.w, y: &ws.xn, n_rows, dim, eps };
+                    launch::rms_norm_forward(&self.ctx, enc, norm)?;
+                }
                 for (i, &(m, dy)) in group.iter().enumerate() {
-                    let input = ModuleInput { x, gated: None, h: None };
+                    let input = ModuleInput { x: &ws.xn, gated: None, h: None };
                     self.linear_backward(enc, ws, l, m, lora, grads, input, dy, dx, i > 0, t, drop)?;
                 }
                 return Ok(());
@@ -1044,11 +1075,12 @@ impl Model {
                 firsts.push((col, s.a));
             }
         }
-        // dA += dh^T x for each distinct A.
+        // dA += dh^T x for each distinct A, x read through the norm.
+        let through_norm = launch::RowInput::RmsNormKept { w: normed.w, inv_rms: normed.inv_rms };
         for &(col, a_at) in &firsts {
             let da = launch::WeightGrad {
                 dy: &ws.lora_dh,
-                x,
+                x: normed.x,
                 dw: grads,
                 dw_offset: a_at,
                 m: t,
@@ -1061,7 +1093,7 @@ impl Model {
                 ctx,
                 enc,
                 da,
-                launch::WeightGradCols { dy: Some((stride, col)), ..Default::default() },
+                launch::WeightGradCols { dy: Some((stride, col)), x: None, x_input: Some(through_norm) },
             )?;
         }
         // dx += dh A over the distinct A matrices' rows, gathered in the order of their columns
@@ -1271,13 +1303,9 @@ impl Model {
                 n: t * i,
             },
         )?;
-        launch::rms_norm_forward(
-            ctx,
-            enc,
-            launch::RmsNorm { x: &a.x_mid, w: &layer.ffn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
-        )?;
         let group = [(Module::GateProj, &ws.d_gate), (Module::UpProj, &ws.d_up)];
-        self.group_backward(enc, ws, l, &group, lora, grads, (&ws.xn, &ws.d_xn, &a.h_gate_up), t, drop)?;
+        let normed = NormedRows { x: &a.x_mid, w: &layer.ffn_norm, inv_rms: &a.inv_rms[1] };
+        self.group_backward(enc, ws, l, &group, lora, grads, (normed, &ws.d_xn, &a.h_gate_up), t, drop)?;
         launch::rms_norm_backward(
             ctx,
             enc,
@@ -1318,13 +1346,9 @@ impl Model {
             }
             None => (&ws.dq, &ws.dk),
         };
-        launch::rms_norm_forward(
-            ctx,
-            enc,
-            launch::RmsNorm { x: x_in, w: &layer.attn_norm, y: &ws.xn, n_rows: t, dim: h, eps },
-        )?;
         let group = [(Module::QProj, dq), (Module::KProj, dk), (Module::VProj, &ws.dv)];
-        self.group_backward(enc, ws, l, &group, lora, grads, (&ws.xn, &ws.d_xn, &a.h_qkv), t, drop)?;
+        let normed = NormedRows { x: x_in, w: &layer.attn_norm, inv_rms: &a.inv_rms[0] };
+        self.group_backward(enc, ws, l, &group, lora, grads, (normed, &ws.d_xn, &a.h_qkv), t, drop)?;
         launch::rms_norm_backward(
             ctx,
             enc,

@@ -75,6 +75,23 @@ pub fn rms_norm_forward(ctx: &GpuContext, enc: &mut Encoder, r: RmsNorm<'_>) -> 
     ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
 }
 
+/// [`rms_norm_forward`] that also keeps each row's 1 / rms = rsqrt(mean(x^2) + eps) in
+/// `inv_rms` (`n_rows` values), for weight gradients that read the normed rows through the norm
+/// ([`RowInput::RmsNormKept`](super::RowInput::RmsNormKept)) rather than have them written again.
+pub fn rms_norm_forward_keeping(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    r: RmsNorm<'_>,
+    inv_rms: &wgpu::Buffer,
+) -> Result<()> {
+    let RmsNorm { x, w, y, n_rows, dim, eps } = r;
+    if inv_rms.size() < 4 * n_rows as u64 {
+        return Err(Error::invalid("RMSNorm", format!("the buffer for 1 / rms holds fewer than its {n_rows} rows")));
+    }
+    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, n_rows2: 0 };
+    ctx.dispatch(enc, &RMS_NORM_KEEP, &p, &[x, w, y, inv_rms], groups_1d(p.n_rows))
+}
+
 /// Two RMSNorms of rows of the same width and epsilon in one dispatch (each tensor with its
 /// own weight and output), as Qwen3's and Gemma 3's per-head norms of q and k are.
 pub fn rms_norm_pair_forward(ctx: &GpuContext, enc: &mut Encoder, [a, b]: [RmsNorm<'_>; 2]) -> Result<()> {

@@ -277,9 +277,9 @@ fn check_gather(mm: Matmul<'_>, g: Gather) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The op before a product that it fuses into reading its input: any of these for one row
-/// ([`matvec_fused_forward`]), the gated activations for the x of a weight gradient
-/// ([`WeightGradCols::x_input`]).
+/// The op before a product that it fuses into reading its input: the norm and the gates for
+/// one row ([`matvec_fused_forward`]); the gates and the kept norm for the x of a weight
+/// gradient ([`WeightGradCols::x_input`]).
 #[derive(Debug, Clone, Copy)]
 pub enum RowInput<'a> {
     /// x RMS-normed as `rms_norm_forward` norms it: `x * w / sqrt(mean(x^2) + eps)`.
@@ -288,6 +288,15 @@ pub enum RowInput<'a> {
         w: &'a wgpu::Buffer,
         /// Added to the mean square.
         eps: f32,
+    },
+    /// x RMS-normed with each row's 1 / rms as `rms_norm_forward_keeping` kept it, read as that
+    /// norm wrote its rows: `w[k] * (x[m, k] * inv_rms[m])`. Many rows (a weight gradient),
+    /// which cannot sum a row's squares themselves.
+    RmsNormKept {
+        /// (k) the norm's weight.
+        w: &'a wgpu::Buffer,
+        /// (m) each row's 1 / rms.
+        inv_rms: &'a wgpu::Buffer,
     },
     /// `silu(x) * up` as `silu_mul_forward` computes it: x is the gate's output.
     SiluMul {
@@ -302,10 +311,11 @@ pub enum RowInput<'a> {
 }
 
 impl<'a> RowInput<'a> {
-    /// The kernel's `x_op` (common/params.wgsl) and its operand.
+    /// The kernel's `x_op` (common/params.wgsl) and its operand (`aux`).
     fn op(self) -> (u32, &'a wgpu::Buffer) {
         match self {
             RowInput::RmsNorm { w, .. } => (X_RMS_NORM, w),
+            RowInput::RmsNormKept { w, .. } => (X_RMS_KEPT, w),
             RowInput::SiluMul { up } => (X_SILU_MUL, up),
             RowInput::GeluMul { up } => (X_GELU_MUL, up),
         }
@@ -396,6 +406,10 @@ fn forward(
         forward(ctx, enc, Matmul { w: hi, ..mm }, fused, x_cols)?;
         let lo_plane = Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm };
         return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused }, x_cols);
+    }
+    if let Some(RowInput::RmsNormKept { .. }) = fused.input {
+        let why = "a one-row product norms its row itself (RowInput::RmsNorm); a kept 1 / rms is for weight gradients";
+        return Err(Error::invalid("matmul", why));
     }
     let Matmul { x, w, bias, y, m, n, k, out } = mm;
     let mut p = matmul_params(m, n, k, out)?;
@@ -797,7 +811,9 @@ pub struct WeightGradCols<'a> {
     pub x: Option<(usize, usize)>,
     /// The gated activation read as x ([`RowInput::SiluMul`], [`RowInput::GeluMul`]: x the
     /// gate, up laid out as x): down_proj's LoRA A gradient, for which the backward pass then
-    /// writes no gated rows.
+    /// writes no gated rows. Or the normed rows read through the norm with its kept 1 / rms
+    /// ([`RowInput::RmsNormKept`]: x the norm's input): the A gradients of the modules after a
+    /// norm, for which the backward pass norms nothing again.
     pub x_input: Option<RowInput<'a>>,
 }
 
@@ -827,7 +843,18 @@ pub fn matmul_backward_w_cols(
         let (stride, col) = cols.x.unwrap_or((g.k, 0));
         let end = (g.m.max(1) - 1) * stride + col + g.k;
         let why = match input {
-            RowInput::RmsNorm { .. } => Some("reads x through the gated activations only, not a norm".to_string()),
+            RowInput::RmsNorm { .. } => Some(
+                "reads x through a norm only with its rows' kept 1 / rms (RmsNormKept), not their sums".to_string(),
+            ),
+            RowInput::RmsNormKept { w, inv_rms } => {
+                if w.size() < 4 * g.k as u64 {
+                    Some(format!("the norm's weight holds fewer than the {} values of a row", g.k))
+                } else if inv_rms.size() < 4 * g.m as u64 {
+                    Some(format!("the kept 1 / rms holds fewer than the {} rows", g.m))
+                } else {
+                    None
+                }
+            }
             RowInput::SiluMul { up } | RowInput::GeluMul { up } => (up.size() < 4 * end as u64)
                 .then(|| format!("the up projection holds fewer than the {end} values the gate's rows reach")),
         };
@@ -849,17 +876,22 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
     p.x_col_offset = u32_of(x_cols.1, "x column")?;
     let aligned = [n, k, dy_cols.0, dy_cols.1, x_cols.0, x_cols.1].iter().all(|v| v.is_multiple_of(4));
     let mut cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
-    // simd8 reads x through the op in a variant of its own; the other families' loaders
-    // branch on p.x_op.
-    let (family, aux) = match cols.x_input {
+    // simd8 reads x through the op in a variant for the gates and one for the norm; the other
+    // families' loaders branch on p.x_op. Unused operands bind x as a dummy.
+    let (family, aux, rows) = match cols.x_input {
+        Some(RowInput::RmsNormKept { w, inv_rms }) => {
+            p.x_op = X_RMS_KEPT;
+            cost.bytes += 4.0 * (m + k) as f64;
+            (Family { simd8: &MATMUL_BACKWARD_W_SIMD8_NORMED, ..DENSE_DW }, w, inv_rms)
+        }
         Some(input) => {
             let (op, up) = input.op();
             p.x_op = op;
             cost.bytes += 4.0 * (m * k) as f64;
-            (Family { simd8: &MATMUL_BACKWARD_W_SIMD8_GATED, ..DENSE_DW }, up)
+            (Family { simd8: &MATMUL_BACKWARD_W_SIMD8_GATED, ..DENSE_DW }, up, x)
         }
-        None => (DENSE_DW, x),
+        None => (DENSE_DW, x, x),
     };
     let kernel = many_rows(kind_of(ctx, true), family, aligned, (p.n, p.k, p.m));
-    run_many_rows(ctx, enc, kernel, p, (&[dy, x, dy, dw], &[aux]), cost)
+    run_many_rows(ctx, enc, kernel, p, (&[dy, x, dy, dw], &[aux, rows]), cost)
 }
