@@ -312,10 +312,8 @@ fn a_weight_gradient_reads_the_gated_activation_through_the_op() {
                         ((products + gates) * 0.5 + ends) as f32
                     })
                     .collect();
-                let got = ctx.read_f32(&dwb, 5 + n * k).expect("readback");
                 let what = format!("{} dW through the {op} gate {m}x{n}x{k}", ctx.report.kernels.matmul_grad);
-                assert_close_slack(&what, &got[5..], &want, 0.0, 0.0, &slack);
-                assert_eq!(got[..5], dw0[..5], "{what}: wrote before its offset");
+                assert_dw_at(&ctx, &what, (&dwb, &dw0, 5), &want, &slack);
             }
             // A norm is not read through, and up must cover the gate's rows: a row short
             // (storage is padded to a few values, never a row of 8 or more).
@@ -343,6 +341,20 @@ fn a_weight_gradient_reads_the_gated_activation_through_the_op() {
             }
         }
     }
+}
+
+/// A weight gradient added at element `at` of a buffer that held `before`: its values within
+/// `slack` of `want`, and nothing before `at` written.
+fn assert_dw_at(
+    ctx: &GpuContext,
+    what: &str,
+    (dw, before, at): (&wgpu::Buffer, &[f32], usize),
+    want: &[f32],
+    slack: &[f32],
+) {
+    let got = ctx.read_f32(dw, at + want.len()).expect("readback");
+    assert_close_slack(what, &got[at..], want, 0.0, 0.0, slack);
+    assert_eq!(got[..at], before[..at], "{what}: wrote before its offset");
 }
 
 /// A weight gradient reading the normed rows through the norm (`RowInput::RmsNormKept`): x the
@@ -409,10 +421,8 @@ fn a_weight_gradient_reads_the_normed_rows_through_the_norm_with_its_kept_invers
                     ((2 * m + 16) as f64 * u * sum * 0.5 + ends) as f32
                 })
                 .collect();
-            let got = ctx.read_f32(&dwb, 3 + n * k).expect("readback");
             let what = format!("{} dW through the kept norm {m}x{n}x{k}", ctx.report.kernels.matmul_grad);
-            assert_close_slack(&what, &got[3..], &want, 0.0, 0.0, &slack);
-            assert_eq!(got[..3], dw0[..3], "{what}: wrote before its offset");
+            assert_dw_at(&ctx, &what, (&dwb, &dw0, 3), &want, &slack);
 
             // A weight short of a row, or four rows more than the 1 / rms holds (storage is
             // padded to whole vec4s), are refused, and so is a one-row product through a kept

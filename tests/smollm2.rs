@@ -144,8 +144,55 @@ fn f32_greedy_tokens_equal_transformers() {
 /// A short version of the main job on the real model: two AdamW steps on the bundled persona
 /// data lower the loss on its held-out validation samples. (Evaluation is deterministic, so any
 /// fall is the training's doing.)
+///
+/// Then QLoRA's path with f16 arithmetic: the base re-quantized to NF4 and coop16's products
+/// (f16 operands, f32 sums: the forward products, the LM head's and dX through the frozen
+/// weights), its matrix operations emulated where the adapter has no matrix units (lavapipe)
+/// with the same f16 operands and f32 sums. Before training its validation loss is the f32
+/// path's on the same NF4 weights within the bound `peft_parity` derives for a loss through f16
+/// products (each off by up to 2u of its mass, u = 2^-11, 8 in series a layer and the LM
+/// head's: 2u (8 L + 1) relative, plus 1e-4 for sums in another order), and two steps lower it.
 #[test]
-fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
+fn two_training_steps_on_the_persona_data_lower_the_validation_loss_with_f32_and_with_f16_arithmetic() {
+    use edgetune::gpu::KernelFamily;
+    let default = ctx();
+    let (before, after, losses) = two_persona_steps(default.clone(), Quant::default(), 2);
+    eprintln!("{}: validation loss {before:.4} -> {after:.4}; training losses {losses:?}", default.report.kernels);
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(after < before, "validation loss did not fall: {before} -> {after}");
+
+    if !(default.report.shader_f16 || default.report.cooperative_matrix) {
+        eprintln!("no f16 arithmetic here: the adapter has neither shader-f16 nor matrix units");
+        return;
+    }
+    // Every product on coop16's own tiles (by default small grids' gradients run on
+    // portable's), so that all of them take f16 operands.
+    let opts = GpuOptions {
+        kernels: Some(KernelFamily::Coop16),
+        emulate_coop: true,
+        tile128_min_groups: Some(0),
+        ..Default::default()
+    };
+    let coop = Arc::new(GpuContext::new(&opts).unwrap_or_else(|e| panic!("coop16 (emulated where need be): {e}")));
+    assert_eq!(coop.report.kernels.family, KernelFamily::Coop16);
+    let (reference, ..) = two_persona_steps(default.clone(), Quant::Nf4, 0);
+    let (before, after, losses) = two_persona_steps(coop.clone(), Quant::Nf4, 2);
+    eprintln!(
+        "NF4, {}: validation loss {before:.4} -> {after:.4} (f32 products: {reference:.4} before); training losses \
+         {losses:?}",
+        coop.report.kernels
+    );
+    let depth = 8 * 30 + 1; // SmolLM2's 30 layers
+    let bound = (1e-4 + 2.0 * depth as f32 / 2048.0) * reference;
+    assert!((before - reference).abs() <= bound, "f16 arithmetic {before} against f32's {reference} (bound {bound})");
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(after < before, "validation loss did not fall with f16 arithmetic: {before} -> {after}");
+}
+
+/// The validation loss before and after `steps` AdamW steps (the loss before when none) on the
+/// persona data with the main job's data settings, the base as `quant` says, and the steps'
+/// training losses.
+fn two_persona_steps(ctx: Arc<GpuContext>, quant: Quant, steps: u64) -> (f32, f32, Vec<f32>) {
     use edgetune::data::{self, DataConfig};
     use edgetune::lora::LoraConfig;
     use edgetune::model::llama::Model;
@@ -159,20 +206,23 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
     let cfg = DataConfig { max_len: 128, val_fraction: Some(0.1), system, ..Default::default() };
     let data = data::load(&persona, &tok, &cfg).expect("persona data");
     assert_eq!((data.train.len(), data.val.len()), (35, 4));
-    let load = LoadOptions { max_context: 256, ..Default::default() };
-    let model = std::sync::Arc::new(Model::open(ctx(), &path, &load).expect("model"));
+    let load = LoadOptions { max_context: 256, quant, ..Default::default() };
+    let model = std::sync::Arc::new(Model::open(ctx, &path, &load).expect("model"));
     let cfg = TrainConfig {
         lora: LoraConfig { r: 8, alpha: 16.0, ..Default::default() },
         learning_rate: Some(3e-3),
         lr_schedule: ScheduleKind::Constant,
-        max_steps: Some(2),
+        max_steps: Some(steps.max(1)),
         batch_tokens: Some(128),
-        eval_every: 2,
+        eval_every: steps.max(1),
         gradient_checkpointing: false,
         ..Default::default()
     };
     let mut trainer = Trainer::new(model.clone(), &data, cfg).expect("trainer");
     let before = trainer.evaluate().expect("eval").expect("validation samples");
+    if steps == 0 {
+        return (before, before, Vec::new());
+    }
     let mut losses = Vec::new();
     let out = trainer
         .run(|e| {
@@ -181,10 +231,7 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss() {
             }
         })
         .expect("training");
-    let after = out.best_val_loss.expect("evaluated at step 2");
-    eprintln!("validation loss {before:.4} -> {after:.4}; training losses {losses:?}");
-    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
-    assert!(after < before, "validation loss did not fall: {before} -> {after}");
+    (before, out.best_val_loss.expect("evaluated at the last step"), losses)
 }
 
 /// What a new user does: the bundled fact set (16 records, one fact each, written for these
