@@ -247,9 +247,9 @@ struct LayerActs {
 }
 
 impl LayerActs {
-    /// The tensors other than `stats` and `inv_rms`, each with the stage after which it is complete, in the
-    /// order of [`Model::act_sizes`]: q_raw and k_raw only for a model with q/k norms,
-    /// attn_out and mlp_out only for one with norms after attention and the MLP.
+    /// The tensors other than `stats` and `inv_rms`, each with the stage after which it is
+    /// complete, in the order of [`Model::act_sizes`]: q_raw and k_raw only for a model with q/k
+    /// norms, attn_out and mlp_out only for one with norms after attention and the MLP.
     fn tensors(&self, c: &ModelConfig) -> Vec<(Stage, &wgpu::Buffer)> {
         let mut all = vec![
             (Stage::Qkv, &self.q),
