@@ -215,7 +215,7 @@ struct NormedRows<'a> {
 }
 
 /// Activations of one layer that the backward pass reads. In a saved f16 set every tensor but
-/// `stats` and `inv_rms` holds packed halves (two per u32).
+/// `stats` and `inv_rms` hold packed halves (two per u32).
 #[derive(Debug)]
 struct LayerActs {
     q: wgpu::Buffer,     // (T, H*hd) after RoPE

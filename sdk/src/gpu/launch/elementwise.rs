@@ -70,9 +70,13 @@ pub struct RmsNorm<'a> {
 
 /// y = rms_norm(x) * w over rows of `dim`.
 pub fn rms_norm_forward(ctx: &GpuContext, enc: &mut Encoder, r: RmsNorm<'_>) -> Result<()> {
-    let RmsNorm { x, w, y, n_rows, dim, eps } = r;
-    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, n_rows2: 0 };
-    ctx.dispatch(enc, &RMS_NORM, &p, &[x, w, y], groups_1d(p.n_rows))
+    let p = one_norm_params(&r)?;
+    ctx.dispatch(enc, &RMS_NORM, &p, &[r.x, r.w, r.y], groups_1d(p.n_rows))
+}
+
+/// The params of one RMSNorm.
+fn one_norm_params(r: &RmsNorm<'_>) -> Result<RmsNormParams> {
+    Ok(RmsNormParams { n_rows: u32_of(r.n_rows, "rows")?, dim: u32_of(r.dim, "dim")?, eps: r.eps, n_rows2: 0 })
 }
 
 /// [`rms_norm_forward`] that also keeps each row's 1 / rms = rsqrt(mean(x^2) + eps) in
@@ -84,12 +88,12 @@ pub fn rms_norm_forward_keeping(
     r: RmsNorm<'_>,
     inv_rms: &wgpu::Buffer,
 ) -> Result<()> {
-    let RmsNorm { x, w, y, n_rows, dim, eps } = r;
-    if inv_rms.size() < 4 * n_rows as u64 {
-        return Err(Error::invalid("RMSNorm", format!("the buffer for 1 / rms holds fewer than its {n_rows} rows")));
+    if inv_rms.size() < 4 * r.n_rows as u64 {
+        let why = format!("the buffer for 1 / rms holds fewer than its {} rows", r.n_rows);
+        return Err(Error::invalid("RMSNorm", why));
     }
-    let p = RmsNormParams { n_rows: u32_of(n_rows, "rows")?, dim: u32_of(dim, "dim")?, eps, n_rows2: 0 };
-    ctx.dispatch(enc, &RMS_NORM_KEEP, &p, &[x, w, y, inv_rms], groups_1d(p.n_rows))
+    let p = one_norm_params(&r)?;
+    ctx.dispatch(enc, &RMS_NORM_KEEP, &p, &[r.x, r.w, r.y, inv_rms], groups_1d(p.n_rows))
 }
 
 /// Two RMSNorms of rows of the same width and epsilon in one dispatch (each tensor with its

@@ -879,8 +879,9 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
     // simd8 reads x through the op in a variant for the gates and one for the norm; the other
     // families' loaders branch on p.x_op. Unused operands bind x as a dummy.
     let (family, aux, rows) = match cols.x_input {
-        Some(RowInput::RmsNormKept { w, inv_rms }) => {
-            p.x_op = X_RMS_KEPT;
+        Some(input @ RowInput::RmsNormKept { inv_rms, .. }) => {
+            let (op, w) = input.op();
+            p.x_op = op;
             cost.bytes += 4.0 * (m + k) as f64;
             (Family { simd8: &MATMUL_BACKWARD_W_SIMD8_NORMED, ..DENSE_DW }, w, inv_rms)
         }
