@@ -15,6 +15,6 @@
 // Elements (n, k..k+3), k % 4 == 0: half of one packed word, under one scale.
 fn load_w4(n: u32, k: u32) -> vec4<f32> {
     let flat = n * p.k + k;
-    let c = block_coeffs(flat / p.block_size);
+    let c = block_coeffs(flat / BLOCK_SIZE);
     return nf4_vec4(w[flat / 8u], flat % 8u) * c.x + c.y;
 }

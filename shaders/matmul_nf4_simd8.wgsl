@@ -18,9 +18,9 @@ const LORA_B_BINDING: u32 = 8u;
 
 #include "common/simd8_forward.wgsl"
 
-// Words never straddle an NF4 block (block_size % 8 == 0), so one scale serves all eight.
+// Words never straddle an NF4 block (BLOCK_SIZE % 8 == 0), so one scale serves all eight.
 fn load_w8(n: u32, j: u32) -> Eight {
     let word = n * (p.k / 8u) + j;
-    let c = block_coeffs(word * 8u / p.block_size);
+    let c = block_coeffs(word / (BLOCK_SIZE / 8u));
     return Eight(nf4_vec4(w[word], 0u) * c.x + c.y, nf4_vec4(w[word], 4u) * c.x + c.y);
 }

@@ -36,7 +36,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             if (n < p.n) {
                 let flat = n * p.k + k;
                 let word = w[flat / 8u];
-                let bc = block_coeffs(flat / p.block_size);
+                let bc = block_coeffs(flat / BLOCK_SIZE);
                 for (var e = 0u; e < 8u; e++) {
                     let wv = nf4_value(word, e) * bc.x + bc.y;
                     for (var r = 0u; r < TM; r++) { acc[c * TM + r] += xv[r * 8u + e] * wv; }

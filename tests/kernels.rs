@@ -20,7 +20,41 @@ fn every_shader_compiles_on_the_adapter() {
         if s.uses_cooperative_matrix() && !ctx.report.cooperative_matrix {
             continue; // see the test below
         }
-        ctx.pipeline(s).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        let declared = shaders::overrides_in(&shaders::expand(s).expect("expand")).len();
+        let constant = (declared > 0).then_some(("BLOCK_SIZE", 64));
+        ctx.pipeline(s, constant).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+    }
+}
+
+/// The quantized kernels take their block size as a pipeline constant (`BLOCK_SIZE`), and
+/// every other kernel takes none: a pipeline asked for without the constant its shader
+/// declares, or with one it does not, is an error naming the shader and both lists (a
+/// quantized product compiled without its block size would otherwise be refused by wgpu with
+/// a less helpful message, or, with a default value, read the wrong scales).
+#[test]
+fn a_pipeline_gets_exactly_the_pipeline_constants_its_shader_declares() {
+    let ctx = ctx();
+    let quantized: Vec<_> = shaders::ALL_SHADERS
+        .iter()
+        .filter(|s| !shaders::overrides_in(&shaders::expand(s).expect("expand")).is_empty())
+        .map(|s| s.name)
+        .collect();
+    for name in ["matmul_nf4", "matvec_nf4.q4_1", "matmul_nf4_t128.q4_0", "matmul_nf4_backward_simd8"] {
+        assert!(quantized.contains(&name), "{name} declares no block size: {quantized:?}");
+    }
+    assert!(quantized.iter().all(|n| n.starts_with("matmul_nf4") || n.starts_with("matvec_nf4")), "{quantized:?}");
+    let missing = ctx.pipeline(&shaders::MATMUL_NF4, None).expect_err("no block size");
+    assert!(
+        missing.to_string().contains("matmul_nf4 declares the pipeline constants [\"BLOCK_SIZE\"] and was given []"),
+        "{missing}"
+    );
+    let extra = ctx.pipeline(&shaders::MATMUL, Some(("BLOCK_SIZE", 64))).expect_err("a dense matmul");
+    assert!(
+        extra.to_string().contains("matmul declares the pipeline constants [] and was given [\"BLOCK_SIZE\"]"),
+        "{extra}"
+    );
+    for block in [32, 64, 128] {
+        ctx.pipeline(&shaders::MATMUL_NF4, Some(("BLOCK_SIZE", block))).expect("a block size");
     }
 }
 
@@ -74,14 +108,23 @@ fn cooperative_matrix_kernels_validate_and_translate_to_spirv_and_msl() {
         let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
             .validate(&module)
             .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
-        let words = naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+        // The quantized kernels' block size is a pipeline constant, resolved as wgpu does
+        // before it hands a module to a back end.
+        let mut constants = naga::back::PipelineConstants::default();
+        for name in shaders::overrides_in(&source) {
+            constants.insert(name.to_string(), 64.0);
+        }
+        let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+            .unwrap_or_else(|e| panic!("{}: pipeline constants: {e}", s.name));
+        let (module, info) = (module.as_ref(), info.as_ref());
+        let words = naga::back::spv::write_vec(module, info, &naga::back::spv::Options::default(), None)
             .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", s.name));
         assert!(words.len() > 100, "{}: {} SPIR-V words", s.name, words.len());
         if coop8 {
             // Metal 2.3 is the first with simdgroup matrices (wgpu lists them only from there).
             let options = naga::back::msl::Options { lang_version: (2, 3), ..Default::default() };
             let pipeline = naga::back::msl::PipelineOptions::default();
-            let (msl, _) = naga::back::msl::write_string(&module, &info, &options, &pipeline)
+            let (msl, _) = naga::back::msl::write_string(module, info, &options, &pipeline)
                 .unwrap_or_else(|e| panic!("{}: MSL: {e}", s.name));
             for want in ["simdgroup_float8x8", "simdgroup_multiply_accumulate", "simdgroup_load", "simdgroup_store"] {
                 assert!(msl.contains(want), "{}: no {want} in its MSL", s.name);

@@ -6,7 +6,7 @@
 // (MatmulParams), the packed words `w` and their `absmax` scales.
 fn w_at(n: u32, k: u32) -> f32 {
     let flat = n * p.k + k;
-    let c = block_coeffs(flat / p.block_size);
+    let c = block_coeffs(flat / BLOCK_SIZE);
     return nf4_value(w[flat / 8u], flat % 8u) * c.x + c.y;
 }
 

@@ -82,7 +82,7 @@ struct MatmulParams {
     has_bias: u32,
     y_stride: u32,
     y_col_offset: u32,
-    block_size: u32,
+    _pad0: u32,
     accumulate: u32,
     alpha: f32,
     w_offset: u32,      // first element of w (LoRA matrices live in one flat buffer)

@@ -9,7 +9,7 @@ fn fetch_nf4_along_j(c0: u32, j0: u32, lid: u32) -> Chunk {
     let j = j0 + at.y;
     if (n >= p.n || j >= p.k) { return Chunk(vec4<f32>(0.0), vec4<f32>(0.0)); }
     let flat = n * p.k + j;
-    return nf4_word(w[flat / 8u], block_coeffs(flat / p.block_size));
+    return nf4_word(w[flat / 8u], block_coeffs(flat / BLOCK_SIZE));
 }
 
 // The input gradient's W operand, one packed word per thread: row n = j, columns k..k+7 (k a
@@ -20,5 +20,5 @@ fn fetch_nf4_along_rows(c0: u32, j0: u32, lid: u32) -> Chunk {
     let n = j0 + at.y;
     if (n >= p.n || k >= p.k) { return Chunk(vec4<f32>(0.0), vec4<f32>(0.0)); }
     let flat = n * p.k + k;
-    return nf4_word(w[flat / 8u], block_coeffs(flat / p.block_size));
+    return nf4_word(w[flat / 8u], block_coeffs(flat / BLOCK_SIZE));
 }

@@ -96,6 +96,17 @@ impl Shader {
     }
 }
 
+/// The pipeline constants (`override NAME: u32;`) that `source`, a shader's expanded source,
+/// declares, by name in order: the values a pipeline of it must be given (the quantized
+/// kernels' `BLOCK_SIZE`, `common/block_size.wgsl`).
+pub fn overrides_in(source: &str) -> Vec<&str> {
+    source
+        .lines()
+        .filter_map(|l| l.split("//").next()?.trim().strip_prefix("override "))
+        .filter_map(|rest| Some(rest.split(':').next()?.trim()))
+        .collect()
+}
+
 /// The value of `const NAME: u32 = Vu;` in `source`, if it declares one.
 fn const_u32(source: &str, name: &str) -> Option<u32> {
     let prefix = format!("const {name}: u32 = ");
@@ -350,6 +361,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/q4_0_code.wgsl", include_str!("../common/q4_0_code.wgsl")),
     ("common/q4_1_code.wgsl", include_str!("../common/q4_1_code.wgsl")),
     ("common/nf4_block.wgsl", include_str!("../common/nf4_block.wgsl")),
+    ("common/block_size.wgsl", include_str!("../common/block_size.wgsl")),
     ("common/q4_1_block.wgsl", include_str!("../common/q4_1_block.wgsl")),
     ("common/tile128.wgsl", include_str!("../common/tile128.wgsl")),
     ("common/tile_fetch.wgsl", include_str!("../common/tile_fetch.wgsl")),
@@ -578,7 +590,7 @@ pub const X_RMS_KEPT: u32 = 4;
 
 params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
-        m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, block_size: u32, accumulate: u32,
+        m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, _pad0: u32, accumulate: u32,
         alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, x_op: u32, norm_eps: f32,
         lora_rank: u32, lora_b: u32, lora_scale: f32, seg_rows: u32, w_offset1: u32, w_offset2: u32, lora_h: u32,
         x_stride: u32, x_col_offset: u32,

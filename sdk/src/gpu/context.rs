@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use super::family::{self, AdapterFacts, KernelFamily, Kernels};
 use super::memory::{self, GpuMemory};
 use super::profile::Profile;
-use super::shaders::{Binding, Shader, expand};
+use super::shaders::{Binding, Shader, expand, overrides_in};
 use crate::error::{Error, Result};
 use crate::gpu::dispatch::Commands;
 
@@ -147,7 +147,7 @@ pub struct GpuContext {
     pub report: AdapterReport,
     /// The device's limits (the adapter's own, not WebGPU's defaults).
     pub limits: wgpu::Limits,
-    pipelines: Mutex<HashMap<&'static str, Kernel>>,
+    pipelines: Mutex<HashMap<&'static str, Compiled>>,
     /// The first error wgpu reported outside an error scope; surfaced by [`GpuContext::check`].
     uncaptured: std::sync::Arc<Mutex<Option<String>>>,
     /// Why the device was lost, if it was; surfaced by [`GpuContext::check`].
@@ -588,27 +588,64 @@ impl GpuContext {
         }
     }
 
-    /// The compute pipeline for a shader, compiled on first use and cached. Compilation errors
-    /// are caught through an error scope and returned, never panicked on.
-    pub fn pipeline(&self, shader: &Shader) -> Result<wgpu::ComputePipeline> {
-        Ok(self.kernel(shader)?.pipeline)
+    /// The compute pipeline for a shader, compiled on first use and cached, with the value of
+    /// the pipeline constant it declares, if it declares one (the quantized kernels' block size,
+    /// `("BLOCK_SIZE", 64)`). Compilation errors are caught through an error scope and returned,
+    /// never panicked on; a constant the shader does not declare, or one it declares and is not
+    /// given, is an error naming both.
+    pub fn pipeline(&self, shader: &Shader, constant: Option<(&'static str, u32)>) -> Result<wgpu::ComputePipeline> {
+        Ok(self.kernel(shader, constant)?.pipeline)
     }
 
-    /// A shader's pipeline and bind-group layout, made on first use and cached. The layout is
-    /// written out from the shader's declarations (see [`Shader::bindings`]) rather than
-    /// derived by wgpu, because the params binding takes a dynamic offset.
-    pub(crate) fn kernel(&self, shader: &Shader) -> Result<Kernel> {
+    /// A shader's pipeline (for `constant`, see [`GpuContext::pipeline`]) and bind-group layout,
+    /// made on first use and cached. The module and layout are made once a shader and shared by
+    /// its pipelines for each constant's value. The layout is written out from the shader's
+    /// declarations (see [`Shader::bindings`]) rather than derived by wgpu, because the params
+    /// binding takes a dynamic offset.
+    pub(crate) fn kernel(&self, shader: &Shader, constant: Option<(&'static str, u32)>) -> Result<Kernel> {
         let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("pipeline cache poisoned".into()))?;
         let asked = shader.name;
-        if let Some(k) = cache.get(asked) {
-            return Ok(k.clone());
+        let compiled = match cache.entry(asked) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.compile(shader)?),
+        };
+        if let Some((_, pipeline)) = compiled.pipelines.iter().find(|(c, _)| *c == constant) {
+            return Ok(Kernel { pipeline: pipeline.clone(), layout: compiled.layout.clone() });
         }
+        let given: Vec<&str> = constant.iter().map(|c| c.0).collect();
+        if given != compiled.overrides {
+            return Err(Error::Gpu(format!(
+                "shader {asked} declares the pipeline constants {:?} and was given {given:?}",
+                compiled.overrides
+            )));
+        }
+        let values: Vec<(&str, f64)> = constant.iter().map(|&(name, v)| (name, f64::from(v))).collect();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(asked),
+            layout: Some(&compiled.pipeline_layout),
+            module: &compiled.module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &values, ..Default::default() },
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu(format!("shader {asked} failed to compile: {err}")));
+        }
+        Counters::add(&self.counters.pipelines);
+        compiled.pipelines.push((constant, pipeline.clone()));
+        Ok(Kernel { pipeline, layout: compiled.layout.clone() })
+    }
+
+    /// A shader's module and layouts, and the names of the pipeline constants it declares.
+    fn compile(&self, shader: &Shader) -> Result<Compiled> {
         let shader = if self.report.coop_emulated && shader.uses_cooperative_matrix() {
             super::shaders::emulated_twin(shader)?
         } else {
             shader
         };
         let source = expand(shader)?;
+        let overrides = overrides_in(&source).into_iter().map(str::to_owned).collect();
         let entries: Vec<wgpu::BindGroupLayoutEntry> = shader
             .bindings_in(&source)?
             .into_iter()
@@ -644,22 +681,22 @@ impl GpuContext {
             label: Some(shader.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(shader.name),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("shader {} failed to compile: {err}", shader.name)));
         }
-        Counters::add(&self.counters.pipelines);
-        let kernel = Kernel { pipeline, layout };
-        cache.insert(asked, kernel.clone());
-        Ok(kernel)
+        Ok(Compiled { module, layout, pipeline_layout, overrides, pipelines: Vec::new() })
     }
+}
+
+/// A shader as the pipeline cache holds it: its module and layouts, the pipeline constants it
+/// declares, and a pipeline for each value of them asked for so far.
+#[derive(Debug)]
+struct Compiled {
+    module: wgpu::ShaderModule,
+    layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+    overrides: Vec<String>,
+    pipelines: Vec<(Option<(&'static str, u32)>, wgpu::ComputePipeline)>,
 }
 
 /// A compiled shader: its pipeline and the layout of its one bind group.

@@ -219,7 +219,13 @@ impl GpuContext {
         buffers: &[&wgpu::Buffer],
         groups: [u32; 3],
     ) -> Result<()> {
-        self.record(enc, Dispatch { shader, buffers, groups }, bytemuck::bytes_of(params), Cost::default(), true)
+        self.record(
+            enc,
+            Dispatch { shader, buffers, groups, constant: None },
+            bytemuck::bytes_of(params),
+            Cost::default(),
+            true,
+        )
     }
 
     /// A slot of the uniform ring holding `bytes` for a dispatch recorded into `enc`: (buffer,
@@ -293,8 +299,8 @@ impl GpuContext {
         cost: Cost,
         may_submit: bool,
     ) -> Result<()> {
-        let Dispatch { shader, buffers, groups } = d;
-        let kernel = self.kernel(shader)?;
+        let Dispatch { shader, buffers, groups, constant } = d;
+        let kernel = self.kernel(shader, constant)?;
         let profiling = self.profiling();
         if profiling == Some(Timer::WallClock) {
             self.flush(enc)?;
@@ -369,6 +375,9 @@ pub struct Dispatch<'a> {
     pub buffers: &'a [&'a wgpu::Buffer],
     /// Workgroups in x, y and z.
     pub groups: [u32; 3],
+    /// The value of the pipeline constant the kernel declares, if it declares one (see
+    /// [`GpuContext::pipeline`]).
+    pub constant: Option<(&'static str, u32)>,
 }
 
 /// A readback on its way: see [`GpuContext::submit_and_map`].

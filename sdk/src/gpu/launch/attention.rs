@@ -95,7 +95,12 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
         None if slices.0 > 1 => return split_key_attention(ctx, enc, b, s, p, slices),
         None => (&ATTENTION, [p.n_tokens, p.n_heads, 1]),
     };
-    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, attention_cost(s, 4.0, 2.0))
+    ctx.dispatch_costed(
+        enc,
+        Dispatch { shader, buffers: &buffers, groups, constant: None },
+        &p,
+        attention_cost(s, 4.0, 2.0),
+    )
 }
 
 /// Split-key decoding (flash decoding): a few queries over many keys, as when decoding over a
@@ -123,9 +128,14 @@ fn split_key_attention(
     let groups = [p.n_tokens, p.n_heads, p.n_splits];
     let cost = attention_cost(s, 4.0, 1.0);
     let sliced = Cost { flops: cost.flops, bytes: cost.bytes + 4.0 * parts as f64 };
-    ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups }, &p, sliced)?;
+    ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups, constant: None }, &p, sliced)?;
     let combine_buffers = [&scratch, out, stats];
-    let d = Dispatch { shader: &ATTENTION_COMBINE, buffers: &combine_buffers, groups: [p.n_tokens, p.n_heads, 1] };
+    let d = Dispatch {
+        shader: &ATTENTION_COMBINE,
+        buffers: &combine_buffers,
+        groups: [p.n_tokens, p.n_heads, 1],
+        constant: None,
+    };
     let query_bytes = 4.0 * (s.n_tokens * s.n_heads * s.head_dim) as f64;
     let combined = Cost { flops: 2.0 * parts as f64, bytes: 4.0 * parts as f64 + query_bytes };
     // The two passes share the scratch buffer, so they run back to back.
@@ -243,7 +253,7 @@ fn blocked_kv_split(
     let kv_buffers = [q, k, v, key_start, b.dout, stats, &scratch, b.dv];
     let split = AttentionParams { head_split: 1, ..p };
     let groups = [p.n_tokens.div_ceil(64), p.n_heads, 1];
-    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups };
+    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups, constant: None };
     let cost = attention_cost(s, 8.0, 2.0);
     let written = Cost { flops: cost.flops, bytes: cost.bytes + 4.0 * partials as f64 };
     ctx.dispatch_costed(enc, kv_pass, &split, written)?;
@@ -253,6 +263,7 @@ fn blocked_kv_split(
         shader: &ATTENTION_BACKWARD_KV_REDUCE,
         buffers: &reduce_buffers,
         groups: groups_1d(u32_of(kv_floats / 2, "keys")?.div_ceil(64)),
+        constant: None,
     };
     let added = Cost { flops: partials as f64, bytes: 4.0 * (partials + kv_floats) as f64 };
     // The two passes share the scratch buffer, so they run back to back.
@@ -287,11 +298,11 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     };
     // Queries: scores again, dP = dO V and dQ = dS K (6 per pair); keys and values: scores,
     // dP, dV = P^T dO and dK = dS^T Q (8 per pair), with dK and dV written besides.
-    let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: q_groups };
+    let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: q_groups, constant: None };
     ctx.dispatch_costed(enc, q_pass, &p, attention_cost(s, 6.0, 4.0))?;
     if blocked && head_split(ctx, s) {
         return blocked_kv_split(ctx, enc, b, s, p, kvs);
     }
-    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups: kv_groups };
+    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups: kv_groups, constant: None };
     ctx.dispatch_costed(enc, kv_pass, &p, attention_cost(s, 8.0, 2.0))
 }

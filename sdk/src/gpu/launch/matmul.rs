@@ -164,7 +164,7 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         has_bias: 0,
         y_stride: u32_of(out.stride, "stride")?,
         y_col_offset: u32_of(out.col_offset, "column")?,
-        block_size: 0,
+        _pad0: 0,
         accumulate: out.accumulate as u32,
         alpha: out.alpha,
         w_offset: 0,
@@ -185,14 +185,17 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
     })
 }
 
-fn check_nf4(k: usize, block_size: usize) -> Result<()> {
-    if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) {
+/// The quantized kernels' pipeline constant, their block size (`common/block_size.wgsl`): a
+/// pipeline is compiled for each block size a model uses, so the kernels divide by a constant.
+/// They read whole packed words (8 codes), so K and the block size must be multiples of 8.
+fn block_constant(k: usize, block_size: usize) -> Result<Option<(&'static str, u32)>> {
+    if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) || block_size == 0 {
         return Err(Error::invalid(
             "NF4 matmul",
-            format!("needs K % 8 == 0 and block size % 8 == 0 (K {k}, block {block_size})"),
+            format!("needs K % 8 == 0 and a block size that is a positive multiple of 8 (K {k}, block {block_size})"),
         ));
     }
-    Ok(())
+    Ok(Some(("BLOCK_SIZE", u32_of(block_size, "block size")?)))
 }
 
 fn check_f16(k: usize) -> Result<()> {
@@ -443,6 +446,7 @@ fn forward(
     }
     // The bias binding must exist even when unused; x serves as a harmless dummy.
     let b = bias.unwrap_or(x);
+    let mut block = None;
     let (row, family, simd_ok, buffers): ([&'static Shader; 2], Family, bool, Vec<&wgpu::Buffer>) = match w {
         Weight::Dense(w) => ([&MATVEC, &MATVEC_SIMD8], DENSE, true, vec![x, w, b, y]),
         Weight::DenseAt(w, offset) => {
@@ -454,18 +458,15 @@ fn forward(
             ([&MATVEC_F16, &MATVEC_F16_SIMD8], F16, true, vec![x, w, b, y])
         }
         Weight::Nf4 { packed, absmax, block_size } => {
-            check_nf4(k, block_size)?;
-            p.block_size = u32_of(block_size, "block size")?;
+            block = block_constant(k, block_size)?;
             ([&MATVEC_NF4, &MATVEC_NF4_SIMD8], NF4, true, vec![x, packed, absmax, b, y])
         }
         Weight::Q4_0 { packed, scales } => {
-            check_nf4(k, Q4_0_BLOCK)?;
-            p.block_size = Q4_0_BLOCK as u32;
+            block = block_constant(k, Q4_0_BLOCK)?;
             ([&MATVEC_Q4_0, &MATVEC_Q4_0_SIMD8], Q4_0, true, vec![x, packed, scales, b, y])
         }
         Weight::Q4_1 { packed, coeffs, block_size } => {
-            check_nf4(k, block_size)?;
-            p.block_size = u32_of(block_size, "block size")?;
+            block = block_constant(k, block_size)?;
             ([&MATVEC_Q4_1, &MATVEC_Q4_1_SIMD8], Q4_1, true, vec![x, packed, coeffs, b, y])
         }
         Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
@@ -478,7 +479,8 @@ fn forward(
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
         _ => {
-            let kernel = many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, p.k));
+            let kernel =
+                ManyRows { constant: block, ..many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, p.k)) };
             return run_many_rows(ctx, enc, kernel, p, (&buffers, &[]), cost);
         }
     };
@@ -493,13 +495,15 @@ fn forward(
         cost.flops += 2.0 * (n * l.rank) as f64;
         cost.bytes += 4.0 * ((n + 1) * l.rank) as f64;
     }
-    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups }, &p, cost)
+    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups, constant: block }, &p, cost)
 }
 
 /// A many-row matmul's kernel and output shape: (rows, cols) outputs over a reduction of
 /// length `red`. See [`many_rows`] and [`run_many_rows`].
 struct ManyRows {
     shader: &'static Shader,
+    /// The quantized kernels' block size (see [`block_constant`]).
+    constant: Option<(&'static str, u32)>,
     groups: [u32; 3],
     tiled: bool,
     rows: u32,
@@ -622,7 +626,7 @@ fn many_rows(
         (KernelFamily::Tile128 | KernelFamily::Coop16, _) if big => (family.tile128, 128, true),
         _ => (family.portable, 64, true),
     };
-    ManyRows { shader, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
+    ManyRows { shader, constant: None, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
 }
 
 /// Below this many workgroups a tiled matmul splits its reduction (a large GPU runs a few
@@ -661,7 +665,12 @@ fn run_many_rows(
     let (splits, slice) = if k.tiled { split_of(k.groups[0] * k.groups[1], k.red) } else { (1, 0) };
     if splits < 2 {
         let all = [buffers, after_y].concat();
-        return ctx.dispatch_costed(enc, Dispatch { shader: k.shader, buffers: &all, groups: k.groups }, &p, cost);
+        return ctx.dispatch_costed(
+            enc,
+            Dispatch { shader: k.shader, buffers: &all, groups: k.groups, constant: k.constant },
+            &p,
+            cost,
+        );
     }
     let (rows, cols) = (k.rows as usize, k.cols as usize);
     let scratch = ctx.split_scratch(splits as usize * rows * cols)?;
@@ -675,11 +684,17 @@ fn run_many_rows(
     let out_bytes = 4.0 * (rows * cols) as f64 * if p.accumulate != 0 { 2.0 } else { 1.0 };
     let sliced = Cost { flops: cost.flops, bytes: cost.bytes - out_bytes + partials };
     let groups = [k.groups[0], k.groups[1], splits];
-    ctx.dispatch_costed(enc, Dispatch { shader: k.shader, buffers: &bound, groups }, &partial, sliced)?;
+    ctx.dispatch_costed(
+        enc,
+        Dispatch { shader: k.shader, buffers: &bound, groups, constant: k.constant },
+        &partial,
+        sliced,
+    )?;
     let reduce = MatmulParams { m: k.rows, n: k.cols, k: splits, ..p };
     let quads = u32_of(rows * cols.div_ceil(4), "outputs")?;
     let reduce_buffers = [&scratch, buffers[n - 2], buffers[n - 1]];
-    let d = Dispatch { shader: &MATMUL_SPLIT_REDUCE, buffers: &reduce_buffers, groups: groups_1d(quads.div_ceil(64)) };
+    let groups = groups_1d(quads.div_ceil(64));
+    let d = Dispatch { shader: &MATMUL_SPLIT_REDUCE, buffers: &reduce_buffers, groups, constant: None };
     let reduced = Cost { flops: (splits as usize * rows * cols) as f64, bytes: partials + out_bytes };
     ctx.record(enc, d, bytemuck::bytes_of(&reduce), reduced, false)
 }
@@ -738,6 +753,7 @@ fn backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>, gather: Opti
         aligned = aligned && g.offsets.iter().all(|o| o.is_multiple_of(4));
     }
     let g = dy.buf;
+    let mut block = None;
     let (family, simd_ok, buffers): (Family, bool, Vec<&wgpu::Buffer>) = match w {
         Weight::Dense(w) => (DENSE_DX, true, vec![g, w, g, dx]),
         Weight::DenseAt(w, offset) => {
@@ -749,23 +765,21 @@ fn backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>, gather: Opti
             (F16_DX, true, vec![g, w, g, dx])
         }
         Weight::Nf4 { packed, absmax, block_size } => {
-            check_nf4(k, block_size)?;
-            p.block_size = u32_of(block_size, "block size")?;
+            block = block_constant(k, block_size)?;
             (NF4_DX, true, vec![g, packed, absmax, g, dx])
         }
         Weight::Q4_0 { packed, scales } => {
-            check_nf4(k, Q4_0_BLOCK)?;
-            p.block_size = Q4_0_BLOCK as u32;
+            block = block_constant(k, Q4_0_BLOCK)?;
             (Q4_0_DX, true, vec![g, packed, scales, g, dx])
         }
         Weight::Q4_1 { packed, coeffs, block_size } => {
-            check_nf4(k, block_size)?;
-            p.block_size = u32_of(block_size, "block size")?;
+            block = block_constant(k, block_size)?;
             (Q4_1_DX, true, vec![g, packed, coeffs, g, dx])
         }
         Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
     };
-    let kernel = many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, p.n));
+    let kernel =
+        ManyRows { constant: block, ..many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, p.n)) };
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
     run_many_rows(ctx, enc, kernel, p, (&buffers, &[]), cost)
 }
