@@ -11,6 +11,11 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
+// The bindings after y (see common/matmul_forward.wgsl).
+const AUX_BINDING: u32 = 5u;
+const LORA_H_BINDING: u32 = 6u;
+const LORA_B_BINDING: u32 = 7u;
+
 // Element (n, k) of the f16 weight (K even, so a pair never straddles a row).
 fn w_at(n: u32, k: u32) -> f32 {
     let pair = unpack2x16float(w[(n * p.k + k) / 2u]);

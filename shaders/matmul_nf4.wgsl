@@ -13,4 +13,9 @@
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
+// The bindings after y (see common/matmul_forward.wgsl).
+const AUX_BINDING: u32 = 6u;
+const LORA_H_BINDING: u32 = 7u;
+const LORA_B_BINDING: u32 = 8u;
+
 #include "common/matmul_forward.wgsl"

@@ -12,6 +12,15 @@
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // (N) or a dummy
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // (M, y_stride)
 
-fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk { return fetch_nf4_along_j(c0, j0, lid); }
+// The bindings after y (see common/matmul_forward.wgsl).
+const AUX_BINDING: u32 = 6u;
+const LORA_H_BINDING: u32 = 7u;
+const LORA_B_BINDING: u32 = 8u;
+
+// Packed words while the step is W's, element by element in a fused LoRA B product's steps.
+fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk {
+    if (j0 >= p.k) { return fetch_generic_b(c0, j0, lid); }
+    return fetch_nf4_along_j(c0, j0, lid);
+}
 
 #include "common/matmul_forward.wgsl"

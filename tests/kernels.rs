@@ -785,7 +785,6 @@ fn matmul_nf4_matches_dequantized_reference() {
 /// refused, and so is a B that does not fit its buffer.
 #[test]
 fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_the_product() {
-    use edgetune::quant::gguf_blocks::{self, GgmlType};
     let u = 2f64.powi(-24);
     for ctx in gpus() {
         eprintln!("kernels: {}", ctx.report.kernels);
@@ -797,7 +796,15 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
             // h from element 2 of its buffer.
             let hb = ctx.storage_from("h", &[vec![9.0, -9.0], h.clone()].concat());
             let pb = ctx.storage_from("lora", &b_flat);
-            let lora = launch::RowLora { h: &hb, h_offset: 2, params: &pb, b_offset: 7, rank, scale: lora_scale };
+            let lora = launch::LoraB {
+                h: &hb,
+                h_offset: 2,
+                h_stride: rank,
+                params: &pb,
+                b_offset: 7,
+                rank,
+                scale: lora_scale,
+            };
             let b_row = |j: usize| &b_flat[7 + j * rank..7 + (j + 1) * rank];
             let delta: Vec<f64> = (0..n)
                 .map(|j| {
@@ -837,8 +844,6 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
                     gate_up,
                 ),
             ];
-            // Each format the shape allows: (label, weight, its dequantized values, their mass).
-            let mut formats: Vec<(String, launch::Weight<'_>, Vec<f32>, Vec<f32>)> = vec![];
             // The dense rows gathered from three blocks of a buffer, apart and out of order.
             let per = n.div_ceil(3);
             let starts = [2 * per * k + 8, 4, per * k + 6];
@@ -849,50 +854,10 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
             }
             let blocks_b = ctx.storage_from("blocks", &blocks);
             let gather = launch::Gather { rows: per, offsets: [starts[1], starts[2]] };
-            let dense = ctx.storage_from("w", &w);
-            let mut shifted = rand(3, seed + 5, 1.0);
-            shifted.extend(&w);
-            let at = ctx.storage_from("w at 3", &shifted);
-            let halves: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
-            let wh: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
-            let f16b = ctx.storage_from("w f16", &halves);
+            let on_gpu = Formats::new(&ctx, &w, (n, k), seed, 64);
+            let mut formats = on_gpu.list();
             let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
-            formats.push(("dense".into(), launch::Weight::Dense(&dense), w.clone(), abs(&w)));
-            formats.push(("dense at 3".into(), launch::Weight::DenseAt(&at, 3), w.clone(), abs(&w)));
             formats.push(("dense gathered".into(), launch::Weight::DenseAt(&blocks_b, starts[0]), w.clone(), abs(&w)));
-            formats.push(("f16".into(), launch::Weight::F16(&f16b), wh.clone(), abs(&wh)));
-            let nf4 = k.is_multiple_of(8).then(|| {
-                let q = nf4::quantize(&w, &[n, k], 64).expect("quantize");
-                (q.dequantize(), ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax))
-            });
-            if let Some((wd, pb, ab)) = &nf4 {
-                let w4 = launch::Weight::Nf4 { packed: pb, absmax: ab, block_size: 64 };
-                formats.push(("nf4".into(), w4, wd.clone(), abs(wd)));
-            }
-            let q4 = k.is_multiple_of(32).then(|| {
-                let q4_0 = gguf_blocks::quantize(GgmlType::Q4_0, &w).expect("quantize");
-                let (packed, scales) = gguf_blocks::q4_0_repacked(&q4_0, n * k).expect("repack");
-                let wd0 = gguf_blocks::dequantize(GgmlType::Q4_0, &q4_0, n * k).expect("dequantize");
-                let q4_1 = common::q4_1_blocks(n * k, seed + 6);
-                let (packed1, coeffs) = gguf_blocks::q4_1_repacked(&q4_1, n * k).expect("repack");
-                let wd1 = gguf_blocks::dequantize(GgmlType::Q4_1, &q4_1, n * k).expect("dequantize");
-                let bufs = [&packed, &packed1].map(|p| ctx.storage_from("codes", p));
-                let coeffs = [&scales, &coeffs].map(|c| ctx.storage_from("coefficients", c));
-                ([wd0, wd1], bufs, coeffs)
-            });
-            if let Some(([wd0, wd1], [p0, p1], [s0, c1])) = &q4 {
-                formats.push(("q4_0".into(), launch::Weight::Q4_0 { packed: p0, scales: s0 }, wd0.clone(), abs(wd0)));
-                let w1 = launch::Weight::Q4_1 { packed: p1, coeffs: c1, block_size: launch::Q4_0_BLOCK };
-                formats.push(("q4_1".into(), w1, wd1.clone(), abs(wd1)));
-            }
-            let planes = k.is_multiple_of(256).then(|| {
-                let blocks = common::planes_blocks(GgmlType::Q6K, n * k, seed + 7, 0.3);
-                let wd = gguf_blocks::dequantize(GgmlType::Q6K, &blocks, n * k).expect("dequantize");
-                (wd, common::PlanesOnGpu::new(&ctx, GgmlType::Q6K, &blocks, n * k))
-            });
-            if let Some((wd, planes)) = &planes {
-                formats.push(("q6_k planes".into(), planes.weight(), wd.clone(), planes.mass.clone()));
-            }
             for ((label, weight, wd, mass), (op, input, x, row, factor, gated)) in
                 formats.iter().flat_map(|f| ops.iter().map(move |o| (f, o)))
             {
@@ -923,7 +888,7 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
             }
             let two = launch::Matmul {
                 x: &xb,
-                w: launch::Weight::Dense(&dense),
+                w: launch::Weight::Dense(&on_gpu.dense),
                 bias: None,
                 y: &bb,
                 m: 2,
@@ -937,7 +902,7 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
             assert!(err.to_string().contains("one row, not 2"), "{err}");
             let one = launch::Matmul { m: 1, k, ..two };
             // Four values past its end: past the padding to whole vec4s too.
-            let past = launch::RowLora { b_offset: 11, ..lora };
+            let past = launch::LoraB { b_offset: 11, ..lora };
             let err = launch::matvec_fused_forward(
                 &ctx,
                 &mut enc,
@@ -954,6 +919,200 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
                 assert!(err.to_string().contains("do not fit"), "{err}");
             }
         }
+    }
+}
+
+/// Prompts and training add each adapted module's LoRA B product to its base product as more of
+/// the base product's reduction (`launch::matmul_lora_forward`): y = alpha (x W^T + (scale /
+/// alpha) h B^T) (+ bias) (+ y), one dispatch. In every family and weight format (NF4 in blocks
+/// of 32, Q4_0, Q4_1, Q6_K's two planes where K allows), against the twin's base product plus
+/// the B product summed in f64: M from 2 to 130, K of 8 to 576 (not a multiple of the tiles'
+/// step of 16, so zeros pad x's last step before h's columns), r of 1, 5, 8, 16 and 64, h read
+/// at a row stride and first column of a wider buffer, with a bias, alpha and accumulation; the
+/// tiled families split the long reductions of the small grids here (h's columns in the last
+/// slice). The bound (u = 2^-24): the kernel sums K + r products in f32 (any order: (K + r) u of
+/// their mass, alpha sum |x w| + scale sum |h B|, with scale / alpha rounded once more), the
+/// twin K products, so (2K + r + 16) u of the mass, plus 4u of the bias, the accumulated value
+/// and the result; coop16's f16 operands add `f16_slack` over both blocks of the reduction.
+/// Refused: one row, an h or B past its buffer, h's columns past its row, and alpha 0.
+#[test]
+fn a_many_row_product_with_a_lora_b_product_fused_in_matches_the_two_products() {
+    let u = 2f64.powi(-24);
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        // (rows, outputs, reduction, rank, h's row stride, h's first column)
+        let shapes = [
+            (2, 37, 40, 1, 1, 0),
+            (33, 70, 96, 16, 51, 17),
+            (130, 37, 8, 5, 5, 0),
+            (3, 37, 576, 64, 64, 0),
+            (17, 9, 256, 8, 26, 9),
+        ];
+        for (i, &(m, n, k, rank, h_stride, h_col)) in shapes.iter().enumerate() {
+            let seed = 900 + 10 * i as u64;
+            let x = rand(m * k, seed, 1.0);
+            let w = rand(n * k, seed + 1, 0.3);
+            let bias = rand(n, seed + 2, 0.5);
+            let y0 = rand(m * n, seed + 3, 2.0);
+            // h's rows at h_stride, from column h_col; B (n, rank) from element 7.
+            let h_all = rand(m * h_stride, seed + 4, 1.0);
+            let h_at = |r: usize, c: usize| h_all[r * h_stride + h_col + c];
+            let b_flat = rand(7 + n * rank, seed + 5, 0.5);
+            let b_at = |c: usize, j: usize| b_flat[7 + c * rank + j];
+            let (alpha, scale) = (0.75f32, 1.5f32);
+            let (xb, bb, hb, pb) = (
+                ctx.storage_from("x", &x),
+                ctx.storage_from("bias", &bias),
+                ctx.storage_from("h", &h_all),
+                ctx.storage_from("lora", &b_flat),
+            );
+            let lora = launch::LoraB { h: &hb, h_offset: h_col, h_stride, params: &pb, b_offset: 7, rank, scale };
+            let on_gpu = Formats::new(&ctx, &w, (n, k), seed, 32);
+            for (label, weight, wd, mass) in on_gpu.list() {
+                let y = ctx.storage_from("y", &y0);
+                let out = launch::OutCols::whole(n).scaled(alpha).accumulated();
+                let mm = launch::Matmul { x: &xb, w: weight, bias: Some(&bb), y: &y, m, n, k, out };
+                run(&ctx, |enc| launch::matmul_lora_forward(&ctx, enc, mm, lora, None));
+                let got = ctx.read_f32(&y, m * n).expect("readback");
+                let product = r::matmul_forward(&x, &wd, None, m, n, k);
+                let hb_sum = |r: usize, c: usize, f: fn(f64) -> f64| -> f64 {
+                    (0..rank).map(|j| f(f64::from(h_at(r, j)) * f64::from(b_at(c, j)))).sum()
+                };
+                let mut want = Vec::with_capacity(m * n);
+                let mut slack = f16_slack(
+                    f16_products(&ctx),
+                    (m, n, k + rank),
+                    alpha,
+                    |r, j| if j < k { x[r * k + j] } else { h_at(r, j - k) },
+                    |c, j| if j < k { wd[c * k + j] } else { scale / alpha * b_at(c, j - k) },
+                );
+                for r in 0..m {
+                    for c in 0..n {
+                        let at = r * n + c;
+                        let v =
+                            f64::from(alpha * product[at] + bias[c] + y0[at]) + f64::from(scale) * hb_sum(r, c, |v| v);
+                        want.push(v as f32);
+                        let xw: f64 = (0..k).map(|j| f64::from(x[r * k + j].abs() * mass[c * k + j])).sum();
+                        let mass = f64::from(alpha) * xw + f64::from(scale) * hb_sum(r, c, f64::abs);
+                        let ends = f64::from(bias[c].abs() + y0[at].abs()) + v.abs();
+                        let bound = ((2 * k + rank + 16) as f64 * u * mass + 4.0 * u * ends) as f32;
+                        if slack.len() == m * n {
+                            slack[at] += bound;
+                        } else {
+                            slack.push(bound);
+                        }
+                    }
+                }
+                assert_close_slack(
+                    &format!("{label} with a B of rank {rank} {m}x{n}x{k}"),
+                    &got,
+                    &want,
+                    0.0,
+                    0.0,
+                    &slack,
+                );
+            }
+            let mm = launch::Matmul {
+                x: &xb,
+                w: launch::Weight::Dense(&on_gpu.dense),
+                bias: None,
+                y: &bb,
+                m,
+                n,
+                k,
+                out: launch::OutCols::whole(n),
+            };
+            let mut enc = ctx.encoder();
+            let refused = [
+                (launch::Matmul { m: 1, y: &hb, ..mm }, lora, "reads one row"),
+                (mm, launch::LoraB { b_offset: 11, ..lora }, "does not fit"),
+                (mm, launch::LoraB { h_offset: h_stride - rank + 1, ..lora }, "do not fit h"),
+                (mm, launch::LoraB { h_stride: h_stride + 8, ..lora }, "do not fit h"),
+                (launch::Matmul { out: launch::OutCols::whole(n).scaled(0.0), ..mm }, lora, "alpha cannot be 0"),
+            ];
+            for (mm, lora, why) in refused {
+                let err = launch::matmul_lora_forward(&ctx, &mut enc, mm, lora, None).expect_err(why);
+                assert!(err.to_string().contains(why), "{err}");
+            }
+        }
+    }
+}
+
+/// A weight of (n, k) in each format its shape allows, on the GPU: dense, dense at an offset,
+/// f16, NF4 (K % 8 == 0, blocks of `block`), Q4_0 (K % 32 == 0, `w` quantized) and Q4_1 (random
+/// blocks), and Q6_K's two planes (K % 256 == 0, random blocks).
+struct Formats {
+    w: Vec<f32>,
+    dense: wgpu::Buffer,
+    at: wgpu::Buffer,
+    f16: (Vec<f32>, wgpu::Buffer),
+    nf4: Option<(Vec<f32>, wgpu::Buffer, wgpu::Buffer, usize)>,
+    /// Q4_0's and Q4_1's dequantized values, codes and coefficients.
+    q4: Option<Q4Pair>,
+    planes: Option<(Vec<f32>, common::PlanesOnGpu)>,
+}
+
+type Q4Pair = ([Vec<f32>; 2], [wgpu::Buffer; 2], [wgpu::Buffer; 2]);
+
+impl Formats {
+    fn new(ctx: &GpuContext, w: &[f32], (n, k): (usize, usize), seed: u64, block: usize) -> Formats {
+        use edgetune::quant::gguf_blocks::{self, GgmlType};
+        let mut shifted = rand(3, seed + 5, 1.0);
+        shifted.extend(w);
+        let halves: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let nf4 = k.is_multiple_of(8).then(|| {
+            let q = nf4::quantize(w, &[n, k], block).expect("quantize");
+            (q.dequantize(), ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax), block)
+        });
+        let q4 = k.is_multiple_of(32).then(|| {
+            let q4_0 = gguf_blocks::quantize(GgmlType::Q4_0, w).expect("quantize");
+            let (packed, scales) = gguf_blocks::q4_0_repacked(&q4_0, n * k).expect("repack");
+            let wd0 = gguf_blocks::dequantize(GgmlType::Q4_0, &q4_0, n * k).expect("dequantize");
+            let q4_1 = common::q4_1_blocks(n * k, seed + 6);
+            let (packed1, coeffs) = gguf_blocks::q4_1_repacked(&q4_1, n * k).expect("repack");
+            let wd1 = gguf_blocks::dequantize(GgmlType::Q4_1, &q4_1, n * k).expect("dequantize");
+            let bufs = [&packed, &packed1].map(|p| ctx.storage_from("codes", p));
+            let coeffs = [&scales, &coeffs].map(|c| ctx.storage_from("coefficients", c));
+            ([wd0, wd1], bufs, coeffs)
+        });
+        let planes = k.is_multiple_of(256).then(|| {
+            let blocks = common::planes_blocks(GgmlType::Q6K, n * k, seed + 7, 0.3);
+            let wd = gguf_blocks::dequantize(GgmlType::Q6K, &blocks, n * k).expect("dequantize");
+            (wd, common::PlanesOnGpu::new(ctx, GgmlType::Q6K, &blocks, n * k))
+        });
+        Formats {
+            w: w.to_vec(),
+            dense: ctx.storage_from("w", w),
+            at: ctx.storage_from("w at 3", &shifted),
+            f16: (halves.iter().map(|h| h.to_f32()).collect(), ctx.storage_from("w f16", &halves)),
+            nf4,
+            q4,
+            planes,
+        }
+    }
+
+    /// (label, the weight, its dequantized values, their mass: |w|, or |hi| + |lo| for planes).
+    fn list(&self) -> Vec<(String, launch::Weight<'_>, Vec<f32>, Vec<f32>)> {
+        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<f32>>();
+        let w = &self.w;
+        let mut out = vec![
+            ("dense".into(), launch::Weight::Dense(&self.dense), w.clone(), abs(w)),
+            ("dense at 3".into(), launch::Weight::DenseAt(&self.at, 3), w.clone(), abs(w)),
+            ("f16".into(), launch::Weight::F16(&self.f16.1), self.f16.0.clone(), abs(&self.f16.0)),
+        ];
+        if let Some((wd, pb, ab, block_size)) = &self.nf4 {
+            let w4 = launch::Weight::Nf4 { packed: pb, absmax: ab, block_size: *block_size };
+            out.push((format!("nf4 block {block_size}"), w4, wd.clone(), abs(wd)));
+        }
+        if let Some(([wd0, wd1], [p0, p1], [s0, c1])) = &self.q4 {
+            out.push(("q4_0".into(), launch::Weight::Q4_0 { packed: p0, scales: s0 }, wd0.clone(), abs(wd0)));
+            let w1 = launch::Weight::Q4_1 { packed: p1, coeffs: c1, block_size: launch::Q4_0_BLOCK };
+            out.push(("q4_1".into(), w1, wd1.clone(), abs(wd1)));
+        }
+        if let Some((wd, planes)) = &self.planes {
+            out.push(("q6_k planes".into(), planes.weight(), wd.clone(), planes.mass.clone()));
+        }
+        out
     }
 }
 

@@ -283,7 +283,8 @@ fn nf4_llama_with_peft_adapter() -> (Model, edgetune::lora::Adapter, GpuAdapter,
 
 /// The backward pass reads what the forward pass kept instead of computing it again: each
 /// adapted module's x A^T (no forward product in the backward pass at all: a step records as
-/// many as the forward pass alone, 11 a layer), and down_proj's dA reads act(gate) * up
+/// many as the forward pass alone, the 4 x A^T products a layer, each module's B product being
+/// summed by its base product), and down_proj's dA reads act(gate) * up
 /// through the op, so that only the forward pass runs the gate kernel (once a layer); the dA
 /// of the modules after the two norms read the normed rows through the norm with the 1 / rms
 /// the forward pass kept, so that only it norms (twice a layer, and the final norm once). With
@@ -313,7 +314,7 @@ fn a_training_step_reads_the_lora_products_its_forward_pass_kept_and_the_gate_an
         let dense = of(&|n| ["matmul", "matmul_simd8", "matmul_t128"].contains(&n.split('.').next().unwrap_or(n)));
         (dense, of(&|n| n == "silu_mul"), of(&|n| n.split('.').next() == Some("rms_norm")))
     };
-    let per_layer = 11 * layers as u64;
+    let per_layer = 4 * layers as u64;
     let layers = layers as u64;
     assert_eq!(count(false, false), (per_layer, layers, 2 * layers + 1), "the forward pass");
     assert_eq!(count(false, true), (per_layer, layers, 2 * layers + 1), "a step");

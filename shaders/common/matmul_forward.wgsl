@@ -1,24 +1,51 @@
 // The forward pass of a linear layer over many rows, y = x W^T: the element loaders and the
-// entry point for the tiled cores (common/matmul.wgsl, common/tile128.wgsl). The including
-// shader declares `x` and `w_at(n, k)`, the weight element (n, k) in its storage format. Row m
-// of x starts at m * x_stride + x_col_offset (K and 0 for a contiguous x; a LoRA B product reads
-// its module's columns of an h that several modules share).
+// entry point for the tiled cores (common/matmul.wgsl, common/tile128.wgsl and the
+// cooperative-matrix ones). The including shader declares `x`, `w_at(n, k)`, the weight element
+// (n, k) in its storage format, and the binding numbers after y: AUX_BINDING (bound, unused, so
+// that the one-row kernels' bindings are the same), LORA_H_BINDING and LORA_B_BINDING. Row m of
+// x starts at m * x_stride + x_col_offset (K and 0 for a contiguous x; a LoRA B product reads its
+// module's columns of an h that several modules share).
+//
+// With p.lora_rank > 0 a LoRA adapter's B product is fused in as more of the reduction: after
+// x's K columns (padded with zeros to a step of BK) come h's rank columns, h = x A^T from a
+// dispatch before (row m's at m * lora_h_stride + lora_h), against lora_scale * B (n, rank) from
+// element lora_b, so that
+//   y = alpha * (x W^T + lora_scale * h B^T) (+ bias) (+ y),
+// one dispatch and one pass over y instead of two. The launcher sets lora_scale to the
+// adapter's scale over alpha.
+
+@group(0) @binding(AUX_BINDING) var<storage, read> aux: array<f32>;            // unused: a dummy
+@group(0) @binding(LORA_H_BINDING) var<storage, read> lora_h: array<f32>;      // h, or a dummy
+@group(0) @binding(LORA_B_BINDING) var<storage, read> lora_b: array<f32>;      // B at lora_b, or a dummy
 
 // For common/tile128.wgsl: x and W are both contiguous along k, the reduction.
 const A_ALONG_ROWS: bool = false;
 const B_ALONG_ROWS: bool = false;
 
+// Where the B product's columns start in the reduction: K rounded up to a step, so that a step
+// reads x and W or h and B, never both.
+fn lora_start() -> u32 {
+    return (p.k + BK - 1u) / BK * BK;
+}
+
 fn load_a(m: u32, k: u32) -> f32 {
-    if (m >= p.m || k >= p.k) { return 0.0; }
-    return x[m * p.x_stride + p.x_col_offset + k];
+    if (m >= p.m) { return 0.0; }
+    if (k < p.k) { return x[m * p.x_stride + p.x_col_offset + k]; }
+    let i = k - min(k, lora_start());
+    if (k < lora_start() || i >= p.lora_rank) { return 0.0; }
+    return lora_h[m * p.lora_h_stride + p.lora_h + i];
 }
 
 fn load_b(n: u32, k: u32) -> f32 {
-    if (n >= p.n || k >= p.k) { return 0.0; }
-    return w_at(n, k);
+    if (n >= p.n) { return 0.0; }
+    if (k < p.k) { return w_at(n, k); }
+    let i = k - min(k, lora_start());
+    if (k < lora_start() || i >= p.lora_rank) { return 0.0; }
+    return p.lora_scale * lora_b[p.lora_b + n * p.lora_rank + i];
 }
 
 @compute @workgroup_size(TILE_THREADS)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    tiled_matmul(wg, lid, p.m, p.n, p.k);
+    let n_red = select(p.k, lora_start() + p.lora_rank, p.lora_rank != 0u);
+    tiled_matmul(wg, lid, p.m, p.n, n_red);
 }

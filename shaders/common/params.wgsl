@@ -97,9 +97,13 @@ struct MatmulParams {
     seg_rows: u32,      // dense one-row kernels: rows a block of w, gathered (common/dense_rows.wgsl)
     w_offset1: u32,     // the second block's first element
     w_offset2: u32,     // the third's
-    lora_h: u32,        // h's first element in lora_h
+    lora_h: u32,        // h's first element in lora_h (many rows: row m's is m * lora_h_stride + lora_h)
     x_stride: u32,      // many-row forward kernels: row stride of x (K when x is contiguous)
     x_col_offset: u32,  // and its first column read
+    lora_h_stride: u32, // many-row forward kernels: the row stride of h
+    _pad1: u32,
+    _pad2: u32,
+    _pad3: u32,
 }
 
 // dpo.wgsl and dpo_logps.wgsl: the pairs of a packed batch.

@@ -593,8 +593,8 @@ params!(/// every matmul kernel (`common/matmul.wgsl`)
         m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, _pad0: u32, accumulate: u32,
         alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, x_op: u32, norm_eps: f32,
         lora_rank: u32, lora_b: u32, lora_scale: f32, seg_rows: u32, w_offset1: u32, w_offset2: u32, lora_h: u32,
-        x_stride: u32, x_col_offset: u32,
-    } = 96);
+        x_stride: u32, x_col_offset: u32, lora_h_stride: u32, _pad1: u32, _pad2: u32, _pad3: u32,
+    } = 112);
 params!(/// `adamw.wgsl`
     AdamwParams {
         n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, grad_scale: f32, max_grad_norm: f32,

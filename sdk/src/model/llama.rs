@@ -830,10 +830,11 @@ impl Model {
     }
 
     /// y = x W^T (+ b), or y += that when `io.add_to_y` (a residual add in the product's
-    /// epilogue), plus the LoRA update scale * (x A^T) B^T when `lora` adapts this module. One
-    /// row (decoding) runs x A^T first and adds the B product in the base product's epilogue,
-    /// with the op before the products (`io.input`) fused into both. Where `io.lora_h_at` says
-    /// x A^T is already in h, the B product reads it there.
+    /// epilogue), plus the LoRA update scale * (x A^T) B^T when `lora` adapts this module: x A^T
+    /// first, then the base product with the B product in it. One row (decoding) adds the B
+    /// product in its epilogue, with the op before the products (`io.input`) fused into both;
+    /// many rows sum it as more of the reduction. Where `io.lora_h_at` says x A^T is already in
+    /// h, the B product reads it there.
     pub(crate) fn linear(
         &self,
         enc: &mut Encoder,
@@ -874,31 +875,36 @@ impl Model {
                         }
                     };
                     let (params, b_offset, rank, scale) = (&a.params, s.b, a.layout.r, a.scale);
-                    Some(launch::RowLora { h, h_offset, params, b_offset, rank, scale })
+                    Some(launch::LoraB { h, h_offset, h_stride: rank, params, b_offset, rank, scale })
                 }
                 None => None,
             };
             return launch::matvec_fused_forward(ctx, enc, mm, launch::Fused { input, lora, gather: None });
         }
-        launch::matmul_forward(ctx, enc, mm)?;
-        if let Some((a, s)) = slot {
-            let r = a.layout.r;
-            // This module's x A^T in h: (first column, row stride).
-            let (col, stride) = match lora_h_at {
-                Some(at) => at,
-                None => {
-                    let x = adapted(enc, s.group)?;
-                    launch::matmul_forward(ctx, enc, lora_a_product(x, (a, &s), h, (m, l.n_in)))?;
-                    (0, r)
-                }
-            };
-            let out = OutCols::whole(l.n_out).scaled(a.scale).accumulated();
-            let b_mm =
-                launch::Matmul { x: h, w: Weight::DenseAt(&a.params, s.b), bias: None, y, m, n: l.n_out, k: r, out };
-            let shared = launch::Shared { x_cols: Some((stride, col)), gather: None };
-            launch::matmul_shared_forward(ctx, enc, b_mm, shared)?;
-        }
-        Ok(())
+        let Some((a, s)) = slot else {
+            return launch::matmul_forward(ctx, enc, mm);
+        };
+        let r = a.layout.r;
+        // This module's x A^T in h: (first column, row stride).
+        let (col, stride) = match lora_h_at {
+            Some(at) => at,
+            None => {
+                let x = adapted(enc, s.group)?;
+                launch::matmul_forward(ctx, enc, lora_a_product(x, (a, &s), h, (m, l.n_in)))?;
+                (0, r)
+            }
+        };
+        // The B product as more of the base product's reduction: one dispatch for both.
+        let lora = launch::LoraB {
+            h,
+            h_offset: col,
+            h_stride: stride,
+            params: &a.params,
+            b_offset: s.b,
+            rank: r,
+            scale: a.scale,
+        };
+        launch::matmul_lora_forward(ctx, enc, mm, lora, None)
     }
 
     /// How [`Model::lora_a_shared`] lays out the x A^T of the adapted ones among `modules`

@@ -182,6 +182,10 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         lora_h: 0,
         x_stride: u32_of(k, "in features")?,
         x_col_offset: 0,
+        lora_h_stride: 0,
+        _pad1: 0,
+        _pad2: 0,
+        _pad3: 0,
     })
 }
 
@@ -268,6 +272,51 @@ pub fn matmul_shared_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>
     forward(ctx, enc, mm, Fused { gather: shared.gather, ..Fused::default() }, shared.x_cols)
 }
 
+/// [`matmul_forward`] of two rows or more with a LoRA adapter's B product fused in:
+/// `y[m, col_offset + n] (+)= alpha * x[m, c0 + j] . w[n, j] (+ bias[n]) + scale * h[m, :] .
+/// B[n, :]`, x read as `x_cols` says (see [`Shared::x_cols`]). The B product's rank columns
+/// are more of the reduction, after x's, so the base product and the adapter's take one
+/// dispatch and one pass over y instead of two; prompts and training run each adapted module
+/// so. Refused: one row (see [`matvec_fused_forward`]), an alpha of 0 (the B product is summed
+/// before alpha scales the sum), and an h or B that does not fit its buffer.
+pub fn matmul_lora_forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    mm: Matmul<'_>,
+    lora: LoraB<'_>,
+    x_cols: Option<(usize, usize)>,
+) -> Result<()> {
+    let bad = |what: String| Err(Error::invalid("matmul with a LoRA B product", what));
+    if mm.m < 2 {
+        return bad("reads one row: see matvec_fused_forward".into());
+    }
+    if !mm.out.alpha.is_normal() {
+        return bad(format!("sums the B product before alpha scales the sum, so alpha cannot be {}", mm.out.alpha));
+    }
+    let h_end = (mm.m - 1) * lora.h_stride + lora.h_offset + lora.rank;
+    if lora.rank == 0 || lora.h_offset + lora.rank > lora.h_stride || 4 * h_end as u64 > lora.h.size() {
+        return bad(format!(
+            "{} rows of h of rank {} from column {} with a row stride of {} do not fit h",
+            mm.m, lora.rank, lora.h_offset, lora.h_stride
+        ));
+    }
+    if 4 * (lora.b_offset + mm.n * lora.rank) as u64 > lora.params.size() {
+        return bad(format!(
+            "a B of rank {} for {} outputs from element {} does not fit",
+            lora.rank, mm.n, lora.b_offset
+        ));
+    }
+    if let Some((stride, col)) = x_cols
+        && (col + mm.k > stride || 4 * ((mm.m - 1) * stride + col + mm.k) as u64 > mm.x.size())
+    {
+        return bad(format!(
+            "{} rows of {} columns from column {col} with a row stride of {stride} do not fit x",
+            mm.m, mm.k
+        ));
+    }
+    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, x_cols)
+}
+
 /// Why rows gathered by `g` from `mm`'s dense weight do not fit, if they do not.
 fn check_gather(mm: Matmul<'_>, g: Gather) -> std::result::Result<(), String> {
     let Weight::DenseAt(w, first) = mm.w else {
@@ -325,14 +374,17 @@ impl<'a> RowInput<'a> {
     }
 }
 
-/// A LoRA adapter's B product that a one-row product adds in its epilogue (see
-/// [`matvec_fused_forward`]): `y[0, col_offset + n] += scale * h . B[n, :]`.
+/// A LoRA adapter's B product that a forward product adds to its own: `y[m, col_offset + n]
+/// += scale * h[m, :] . B[n, :]`. One row adds it in its epilogue ([`matvec_fused_forward`]),
+/// many rows sum it as more of their reduction ([`matmul_lora_forward`]).
 #[derive(Debug, Clone, Copy)]
-pub struct RowLora<'a> {
-    /// h = x A^T (rank values from element `h_offset`), from a dispatch before.
+pub struct LoraB<'a> {
+    /// h = x A^T (rank values a row from column `h_offset`), from a dispatch before.
     pub h: &'a wgpu::Buffer,
-    /// h's first element.
+    /// h's first column (one row: its first element).
     pub h_offset: usize,
+    /// h's row stride (many rows; one row reads row 0 only).
+    pub h_stride: usize,
     /// The adapter's flat parameters, holding B (n, rank) from element `b_offset`.
     pub params: &'a wgpu::Buffer,
     /// B's first element in `params`.
@@ -362,7 +414,7 @@ pub struct Fused<'a> {
     /// The op before the product.
     pub input: Option<RowInput<'a>>,
     /// The LoRA B product after it.
-    pub lora: Option<RowLora<'a>>,
+    pub lora: Option<LoraB<'a>>,
     /// Where the rows of a [`Weight::DenseAt`] come from.
     pub gather: Option<Gather>,
 }
@@ -380,7 +432,7 @@ pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>,
     if fused.input.is_some_and(|i| i.op().1.size() < 4 * mm.k as u64) {
         return bad(format!("the op's operand holds fewer than {} values", mm.k));
     }
-    let fits = |l: &RowLora<'_>| {
+    let fits = |l: &LoraB<'_>| {
         l.rank > 0
             && l.h.size() >= 4 * (l.h_offset + l.rank) as u64
             && l.params.size() >= 4 * (l.b_offset + mm.n * l.rank) as u64
@@ -435,7 +487,10 @@ fn forward(
         p.lora_rank = u32_of(l.rank, "LoRA rank")?;
         p.lora_b = u32_of(l.b_offset, "LoRA B offset")?;
         p.lora_h = u32_of(l.h_offset, "LoRA h offset")?;
-        p.lora_scale = l.scale;
+        p.lora_h_stride = u32_of(l.h_stride, "LoRA h row stride")?;
+        // One row adds the B product after its epilogue; many rows sum it with the base
+        // product, whose alpha then scales it too.
+        p.lora_scale = if m == 1 { l.scale } else { l.scale / out.alpha };
     }
     let mut gathered_ok = true;
     if let Some(g) = gather {
@@ -479,9 +534,18 @@ fn forward(
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
         _ => {
+            // A fused B product's columns follow x's in the reduction, from the step after K.
+            let red = lora.map_or(Ok(p.k), |l| u32_of(k.next_multiple_of(TILE_STEP) + l.rank, "reduction"))?;
             let kernel =
-                ManyRows { constant: block, ..many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, p.k)) };
-            return run_many_rows(ctx, enc, kernel, p, (&buffers, &[]), cost);
+                ManyRows { constant: block, ..many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red)) };
+            let mut cost = cost;
+            if let Some(l) = lora {
+                cost.flops += 2.0 * (m * n * l.rank) as f64;
+                cost.bytes += 4.0 * ((m + n) * l.rank) as f64;
+            }
+            // After y: the one-row kernels' op operand (unused here), h and B; x the dummy.
+            let after_y = [x, lora.map_or(x, |l| l.h), lora.map_or(x, |l| l.params)];
+            return run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost);
         }
     };
     // The one-row kernels bind what they fuse in last: x serves as the dummy.
@@ -628,6 +692,10 @@ fn many_rows(
     };
     ManyRows { shader, constant: None, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
 }
+
+/// The reduction step of every tiled core (`BK` in their WGSL): a fused LoRA B product's
+/// columns start at the first step after K.
+const TILE_STEP: usize = 16;
 
 /// Below this many workgroups a tiled matmul splits its reduction (a large GPU runs a few
 /// hundred such workgroups at once).
