@@ -8,6 +8,10 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
 
+// The bindings after y: a fused dh A's operands (common/lora_dx.wgsl).
+const LORA_H_BINDING: u32 = 5u;
+const LORA_B_BINDING: u32 = 6u;
+
 #include "common/simd8_dx.wgsl"
 
 fn load_w4(n: u32, k: u32) -> vec4<f32> {

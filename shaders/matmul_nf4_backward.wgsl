@@ -12,4 +12,8 @@
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
 
+// The bindings after y: a fused dh A's operands (common/lora_dx.wgsl).
+const LORA_H_BINDING: u32 = 6u;
+const LORA_B_BINDING: u32 = 7u;
+
 #include "common/matmul_dx.wgsl"

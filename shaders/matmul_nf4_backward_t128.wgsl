@@ -12,6 +12,14 @@
 @group(0) @binding(4) var<storage, read> bias: array<f32>;         // unused (has_bias = 0)
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;      // dx (M, y_stride)
 
-fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk { return fetch_nf4_along_rows(c0, j0, lid); }
+// The bindings after y: a fused dh A's operands (common/lora_dx.wgsl).
+const LORA_H_BINDING: u32 = 6u;
+const LORA_B_BINDING: u32 = 7u;
+
+// Packed words while the step is W's, element by element in a fused dh A's steps.
+fn fetch_b(c0: u32, j0: u32, lid: u32) -> Chunk {
+    if (j0 >= p.n) { return fetch_generic_b(c0, j0, lid); }
+    return fetch_nf4_along_rows(c0, j0, lid);
+}
 
 #include "common/matmul_dx.wgsl"

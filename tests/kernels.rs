@@ -1038,6 +1038,119 @@ fn a_many_row_product_with_a_lora_b_product_fused_in_matches_the_two_products() 
     }
 }
 
+/// Training's backward pass sums dh A into the input gradient through the base weight of the
+/// last module of each group that reads one input, as more of that product's reduction
+/// (`launch::matmul_backward_lora`): dx = alpha (dy W + (1 / alpha) dh A) (+ dx), A's rows
+/// gathered from three blocks of the adapter's buffer out of order. In every family and weight
+/// format (NF4 in blocks of 32, Q4_0, Q4_1, Q6_K's two planes where K allows), against the
+/// twin's input gradient plus dh A summed in f64: M from 2 to 130, N of 8 to 576 (not all
+/// multiples of 16, so zeros pad dy's last step before dh's columns), K of 8 to 256, dh of 3 to
+/// 64 columns over blocks of 1 to 64 rows, added to dx scaled; the tiled families split the
+/// long reductions of the small grids here. The bound (u = 2^-24): the kernel sums N + n
+/// products in f32, the twin N, so (2N + n + 16) u of alpha sum |dy w| + sum |dh A|, plus 4u
+/// of the accumulated value and the result; coop16's f16 operands add `f16_slack` over both
+/// blocks of the reduction. Refused: one row, alpha 0, a dh short of its rows and blocks of A
+/// past the buffer or too few for dh's columns.
+#[test]
+fn a_many_row_input_gradient_with_a_lora_dh_a_fused_in_matches_the_two_products() {
+    let u = 2f64.powi(-24);
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        // (rows m, the weight's rows n, its columns k, A's rows a block, dh's columns)
+        let shapes =
+            [(2, 37, 40, 1, 3), (33, 70, 96, 16, 48), (130, 12, 8, 5, 10), (3, 576, 64, 64, 64), (17, 40, 256, 8, 24)];
+        for (i, &(m, n, k, rows, cols)) in shapes.iter().enumerate() {
+            let seed = 1300 + 10 * i as u64;
+            let dy = rand(m * n, seed, 1.0);
+            let w = rand(n * k, seed + 1, 0.3);
+            let y0 = rand(m * k, seed + 2, 2.0);
+            let dh = rand(m * cols, seed + 3, 1.0);
+            // The blocks of A: block b's rows at starts[b], apart and out of order.
+            let starts = [2 * rows * k + 9, 5, rows * k + 7];
+            let params = rand(3 * rows * k + 9, seed + 4, 0.5);
+            let a_at = |j: usize, c: usize| params[starts[j / rows] + (j % rows) * k + c];
+            let alpha = 0.75f32;
+            let (dyb, dhb, pb) =
+                (ctx.storage_from("dy", &dy), ctx.storage_from("dh", &dh), ctx.storage_from("lora", &params));
+            let gather = launch::Gather { rows, offsets: [starts[1], starts[2]] };
+            let lora = launch::LoraDx { dh: &dhb, n: cols, params: &pb, first: starts[0], gather };
+            let on_gpu = Formats::new(&ctx, &w, (n, k), seed, 32);
+            for (label, weight, wd, mass) in on_gpu.list() {
+                let dx = ctx.storage_from("dx", &y0);
+                let out = launch::OutCols::whole(k).scaled(alpha).accumulated();
+                let g = launch::MatmulGrad { dy: launch::DyCols::whole(&dyb, n), w: weight, dx: &dx, m, n, k, out };
+                run(&ctx, |enc| launch::matmul_backward_lora(&ctx, enc, g, lora));
+                let got = ctx.read_f32(&dx, m * k).expect("readback");
+                let product = r::matmul_backward(&dy, &wd, m, n, k);
+                let dh_a = |r: usize, c: usize, f: fn(f64) -> f64| -> f64 {
+                    (0..cols).map(|j| f(f64::from(dh[r * cols + j]) * f64::from(a_at(j, c)))).sum()
+                };
+                let mut want = Vec::with_capacity(m * k);
+                let mut slack = f16_slack(
+                    f16_products(&ctx),
+                    (m, k, n + cols),
+                    alpha,
+                    |r, j| if j < n { dy[r * n + j] } else { dh[r * cols + j - n] },
+                    |c, j| if j < n { wd[j * k + c] } else { a_at(j - n, c) / alpha },
+                );
+                for r in 0..m {
+                    for c in 0..k {
+                        let at = r * k + c;
+                        let v = f64::from(alpha * product[at] + y0[at]) + dh_a(r, c, |v| v);
+                        want.push(v as f32);
+                        let dw: f64 = (0..n).map(|j| f64::from(dy[r * n + j].abs() * mass[j * k + c])).sum();
+                        let mass = f64::from(alpha) * dw + dh_a(r, c, f64::abs);
+                        let bound = ((2 * n + cols + 16) as f64 * u * mass
+                            + 4.0 * u * (f64::from(y0[at].abs()) + v.abs())) as f32;
+                        if slack.len() == m * k {
+                            slack[at] += bound;
+                        } else {
+                            slack.push(bound);
+                        }
+                    }
+                }
+                assert_close_slack(
+                    &format!("{label} dX with dh A of {cols} {m}x{n}x{k}"),
+                    &got,
+                    &want,
+                    0.0,
+                    0.0,
+                    &slack,
+                );
+            }
+            let g = launch::MatmulGrad {
+                dy: launch::DyCols::whole(&dyb, n),
+                w: launch::Weight::Dense(&on_gpu.dense),
+                dx: &dyb,
+                m,
+                n,
+                k,
+                out: launch::OutCols::whole(k),
+            };
+            let mut enc = ctx.encoder();
+            let refused = [
+                (launch::MatmulGrad { m: 1, ..g }, lora, "two rows or more"),
+                (launch::MatmulGrad { out: launch::OutCols::whole(k).scaled(0.0), ..g }, lora, "alpha cannot be 0"),
+                (g, launch::LoraDx { n: cols + 8, ..lora }, "dh holds fewer"),
+                (
+                    g,
+                    launch::LoraDx { gather: launch::Gather { rows, offsets: [starts[1], 3 * rows * k + 6] }, ..lora },
+                    "do not fit",
+                ),
+                (
+                    g,
+                    launch::LoraDx { gather: launch::Gather { rows: cols.div_ceil(3) - 1, ..gather }, ..lora },
+                    "do not fit",
+                ),
+            ];
+            for (g, lora, why) in refused {
+                let err = launch::matmul_backward_lora(&ctx, &mut enc, g, lora).expect_err(why);
+                assert!(err.to_string().contains(why), "{err}");
+            }
+        }
+    }
+}
+
 /// A weight of (n, k) in each format its shape allows, on the GPU: dense, dense at an offset,
 /// f16, NF4 (K % 8 == 0, blocks of `block`), Q4_0 (K % 32 == 0, `w` quantized) and Q4_1 (random
 /// blocks), and Q6_K's two planes (K % 256 == 0, random blocks).

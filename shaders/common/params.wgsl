@@ -100,10 +100,10 @@ struct MatmulParams {
     lora_h: u32,        // h's first element in lora_h (many rows: row m's is m * lora_h_stride + lora_h)
     x_stride: u32,      // many-row forward kernels: row stride of x (K when x is contiguous)
     x_col_offset: u32,  // and its first column read
-    lora_h_stride: u32, // many-row forward kernels: the row stride of h
-    _pad1: u32,
-    _pad2: u32,
-    _pad3: u32,
+    lora_h_stride: u32, // many-row forward and dX kernels: the row stride of h (dX: of dh)
+    lora_seg_rows: u32, // dX kernels: rows a block of the gathered A read from lora_b (0: none fused)
+    lora_w1: u32,       // its second block's first element
+    lora_w2: u32,       // its third's
 }
 
 // dpo.wgsl and dpo_logps.wgsl: the pairs of a packed batch.

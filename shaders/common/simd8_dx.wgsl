@@ -2,8 +2,11 @@
 // rasterizers (see common/simd8.wgsl): output columns are k, the reduction runs over n. The
 // including shader declares `p` (MatmulParams), `dy: array<vec4<f32>>` (M, dy_stride), `bias`,
 // `y` and `load_w4(n, k)`, which returns weight elements (n, k..k+3) in its storage format.
-// N, K, dy_stride and dy_col_offset must be multiples of 4.
+// N, K, dy_stride and dy_col_offset must be multiples of 4. The bindings after y are
+// LORA_H_BINDING and LORA_B_BINDING: with p.lora_rank > 0 a LoRA adapter's dh A is added to the
+// sums before the store, as common/matmul_dx.wgsl does for the tiled cores.
 #include "common/simd8.wgsl"
+#include "common/lora_dx.wgsl"
 
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
@@ -26,6 +29,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
 #end
 #for r in 0..32
         acc{r} += w * subgroupBroadcast(d{r / 8}, {r % 8}u);
+#end
+    }
+    // dh A: lane l loads dh's value of rows r0 + 8q + l, and every lane its four columns of
+    // A's row i, one row at a time.
+#for q in 0..4
+    let hrow{q} = min(r0 + {q * 8}u + lane, p.m - 1u) * p.lora_h_stride + p.lora_h;
+#end
+    for (var i = 0u; i < p.lora_rank; i++) {
+        let at = lora_a_row(i) + kc;
+        let a = p.lora_scale * vec4<f32>(lora_b[at], lora_b[at + 1u], lora_b[at + 2u], lora_b[at + 3u]);
+#for q in 0..4
+        let h{q} = lora_h[hrow{q} + i];
+#end
+#for r in 0..32
+        acc{r} += subgroupBroadcast(h{r / 8}, {r % 8}u) * a;
 #end
     }
 #for r in 0..32

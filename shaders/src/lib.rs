@@ -362,6 +362,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/q4_1_code.wgsl", include_str!("../common/q4_1_code.wgsl")),
     ("common/nf4_block.wgsl", include_str!("../common/nf4_block.wgsl")),
     ("common/block_size.wgsl", include_str!("../common/block_size.wgsl")),
+    ("common/lora_dx.wgsl", include_str!("../common/lora_dx.wgsl")),
     ("common/q4_1_block.wgsl", include_str!("../common/q4_1_block.wgsl")),
     ("common/tile128.wgsl", include_str!("../common/tile128.wgsl")),
     ("common/tile_fetch.wgsl", include_str!("../common/tile_fetch.wgsl")),
@@ -593,7 +594,7 @@ params!(/// every matmul kernel (`common/matmul.wgsl`)
         m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, _pad0: u32, accumulate: u32,
         alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, x_op: u32, norm_eps: f32,
         lora_rank: u32, lora_b: u32, lora_scale: f32, seg_rows: u32, w_offset1: u32, w_offset2: u32, lora_h: u32,
-        x_stride: u32, x_col_offset: u32, lora_h_stride: u32, _pad1: u32, _pad2: u32, _pad3: u32,
+        x_stride: u32, x_col_offset: u32, lora_h_stride: u32, lora_seg_rows: u32, lora_w1: u32, lora_w2: u32,
     } = 112);
 params!(/// `adamw.wgsl`
     AdamwParams {

@@ -1026,17 +1026,6 @@ impl Model {
         let mut stride = r;
         for (i, &(m, dy)) in group.iter().enumerate() {
             let lin = self.layers[l].linear(m);
-            let out = if i > 0 { OutCols::whole(n_in).accumulated() } else { OutCols::whole(n_in) };
-            let base = launch::MatmulGrad {
-                dy: DyCols::whole(dy, lin.n_out),
-                w: lin.weight(),
-                dx,
-                m: t,
-                n: lin.n_out,
-                k: n_in,
-                out,
-            };
-            launch::matmul_backward(ctx, enc, base)?;
             let (Some(s), Some((col, n))) = (lora.layout.slot(l, m), at[i]) else { continue };
             stride = n;
             // dB += scale * dy^T h (this module's columns of h).
@@ -1096,9 +1085,31 @@ impl Model {
                 launch::WeightGradCols { dy: Some((stride, col)), x: None, x_input: Some(through_norm) },
             )?;
         }
-        // dx += dh A over the distinct A matrices' rows, gathered in the order of their columns
-        // (firsts is: lora_a_shared numbers them in the order of the modules, as above).
+        // dx = the modules' dy W, plus dh A over the distinct A matrices' rows, gathered in the
+        // order of their columns (firsts is: lora_a_shared numbers them in the order of the
+        // modules, as above), which the last module's product sums as more of its reduction
+        // (two rows or more).
         let a_of = |j: usize| firsts.get(j).map_or(firsts[0].1, |f| f.1);
+        let gather = launch::Gather { rows: r, offsets: [a_of(1), a_of(2)] };
+        let fused = t >= 2;
+        for (i, &(m, dy)) in group.iter().enumerate() {
+            let lin = self.layers[l].linear(m);
+            let out = if i > 0 { OutCols::whole(n_in).accumulated() } else { OutCols::whole(n_in) };
+            let base = launch::MatmulGrad {
+                dy: DyCols::whole(dy, lin.n_out),
+                w: lin.weight(),
+                dx,
+                m: t,
+                n: lin.n_out,
+                k: n_in,
+                out,
+            };
+            if fused && i + 1 == group.len() {
+                let dh_a = launch::LoraDx { dh: &ws.lora_dh, n: stride, params: p, first: a_of(0), gather };
+                return launch::matmul_backward_lora(ctx, enc, base, dh_a);
+            }
+            launch::matmul_backward(ctx, enc, base)?;
+        }
         let dxa = launch::MatmulGrad {
             dy: DyCols::whole(&ws.lora_dh, stride),
             w: Weight::DenseAt(p, a_of(0)),
@@ -1108,7 +1119,7 @@ impl Model {
             k: n_in,
             out: OutCols::whole(n_in).accumulated(),
         };
-        launch::matmul_backward_gathered(ctx, enc, dxa, launch::Gather { rows: r, offsets: [a_of(1), a_of(2)] })
+        launch::matmul_backward_gathered(ctx, enc, dxa, gather)
     }
 
     /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`), for the input
@@ -1133,12 +1144,10 @@ impl Model {
         let lin = self.layers[l].linear(module);
         let (n_out, n_in) = (lin.n_out, lin.n_in);
         let out = if accumulate { OutCols::whole(n_in).accumulated() } else { OutCols::whole(n_in) };
-        launch::matmul_backward(
-            ctx,
-            enc,
-            launch::MatmulGrad { dy: DyCols::whole(dy, n_out), w: lin.weight(), dx, m: t, n: n_out, k: n_in, out },
-        )?;
-        let Some(s) = lora.layout.slot(l, module) else { return Ok(()) };
+        // dx (+)= dy W through the base weight: last, to sum dh A with it where it can.
+        let base =
+            launch::MatmulGrad { dy: DyCols::whole(dy, n_out), w: lin.weight(), dx, m: t, n: n_out, k: n_in, out };
+        let Some(s) = lora.layout.slot(l, module) else { return launch::matmul_backward(ctx, enc, base) };
         let (r, scale, p) = (lora.layout.r, lora.scale, &lora.params);
         let ModuleInput { x, gated, h } = input;
         // With dropout the adapter saw the masked input: rebuild it (same mask).
@@ -1217,10 +1226,17 @@ impl Model {
             },
             launch::WeightGradCols { x_input: gated, ..Default::default() },
         )?;
-        // dx += dh A, through the dropout mask when there is one.
+        // dx += dh A, through the dropout mask when there is one; otherwise the base product
+        // sums it as more of its reduction (two rows or more).
         let dh = DyCols::whole(&ws.lora_dh, r);
         match drop {
+            None if t >= 2 => {
+                let gather = launch::Gather { rows: r, offsets: [s.a, s.a] };
+                let dh_a = launch::LoraDx { dh: &ws.lora_dh, n: r, params: p, first: s.a, gather };
+                launch::matmul_backward_lora(ctx, enc, base, dh_a)
+            }
             None => {
+                launch::matmul_backward(ctx, enc, base)?;
                 let out = OutCols::whole(n_in).accumulated();
                 launch::matmul_backward(
                     ctx,
@@ -1229,6 +1245,7 @@ impl Model {
                 )
             }
             Some(d) => {
+                launch::matmul_backward(ctx, enc, base)?;
                 let out = OutCols::whole(n_in);
                 launch::matmul_backward(
                     ctx,

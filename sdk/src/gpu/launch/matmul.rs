@@ -183,9 +183,9 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         x_stride: u32_of(k, "in features")?,
         x_col_offset: 0,
         lora_h_stride: 0,
-        _pad1: 0,
-        _pad2: 0,
-        _pad3: 0,
+        lora_seg_rows: 0,
+        lora_w1: 0,
+        lora_w2: 0,
     })
 }
 
@@ -791,7 +791,49 @@ pub struct MatmulGrad<'a> {
 /// w (N, K). The weight itself gets no gradient here (frozen base, or see
 /// [`matmul_backward_w`]).
 pub fn matmul_backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>) -> Result<()> {
-    backward(ctx, enc, g, None)
+    backward(ctx, enc, g, None, None)
+}
+
+/// A LoRA adapter's dh A that a many-row input gradient sums as more of its reduction
+/// ([`matmul_backward_lora`]): `dx += dh[m, :] . A[:, k]`, the n rows of A gathered from up to
+/// three blocks of the adapter's buffer (the A matrices of the modules that read one input).
+#[derive(Debug, Clone, Copy)]
+pub struct LoraDx<'a> {
+    /// (m, n) dh, contiguous.
+    pub dh: &'a wgpu::Buffer,
+    /// Its columns, the rows of the gathered A.
+    pub n: usize,
+    /// The adapter's flat parameters, holding the A matrices ((rows, K) each).
+    pub params: &'a wgpu::Buffer,
+    /// The first block's first element.
+    pub first: usize,
+    /// Rows a block, and the first elements of blocks 1 and 2.
+    pub gather: Gather,
+}
+
+/// [`matmul_backward`] of two rows or more with a LoRA adapter's dh A fused in:
+/// `dx[m, col_offset + k] (+)= alpha * dy[m, :N] . w[:, k] + dh[m, :] . A[:, k]`. dh's columns
+/// are more of the reduction, after dy's, so the base weight's input gradient and the
+/// adapter's take one dispatch and one pass over dx instead of two: training's backward pass
+/// runs the last module of each group that reads one input so. Refused: one row, an alpha of
+/// 0, a dh short of its rows and blocks of A rows that do not fit.
+pub fn matmul_backward_lora(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>, lora: LoraDx<'_>) -> Result<()> {
+    let bad = |what: String| Err(Error::invalid("input gradient with a LoRA dh A", what));
+    if g.m < 2 {
+        return bad("fuses dh A into the gradient of two rows or more".into());
+    }
+    if !g.out.alpha.is_normal() {
+        return bad(format!("sums dh A before alpha scales the sum, so alpha cannot be {}", g.out.alpha));
+    }
+    if lora.n == 0 || 4 * (g.m * lora.n) as u64 > lora.dh.size() {
+        return bad(format!("dh holds fewer than {} rows of {} values", g.m, lora.n));
+    }
+    let LoraDx { first, gather: Gather { rows, offsets }, .. } = lora;
+    let ends = [first, offsets[0], offsets[1]].map(|o| 4 * (o + rows * g.k) as u64);
+    if rows == 0 || lora.n > 3 * rows || ends.iter().any(|&e| e > lora.params.size()) {
+        return bad(format!("{} rows of A gathered in blocks of {rows} do not fit", lora.n));
+    }
+    backward(ctx, enc, g, None, Some(lora))
 }
 
 /// [`matmul_backward`] through a [`Weight::DenseAt`] whose rows (the reduction's) are gathered
@@ -801,13 +843,19 @@ pub fn matmul_backward_gathered(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGr
     // The weight's rows are the reduction here: n of them, k long.
     let as_forward = Matmul { x: g.dy.buf, w: g.w, bias: None, y: g.dx, m: g.m, n: g.n, k: g.k, out: g.out };
     check_gather(as_forward, gather).map_err(|e| Error::invalid("gathered matmul gradient", e))?;
-    backward(ctx, enc, g, Some(gather))
+    backward(ctx, enc, g, Some(gather), None)
 }
 
-fn backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>, gather: Option<Gather>) -> Result<()> {
+fn backward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    g: MatmulGrad<'_>,
+    gather: Option<Gather>,
+    lora: Option<LoraDx<'_>>,
+) -> Result<()> {
     if let Some([hi, lo]) = g.w.planes() {
-        backward(ctx, enc, MatmulGrad { w: hi, ..g }, gather)?;
-        return backward(ctx, enc, MatmulGrad { w: lo, out: g.out.accumulated(), ..g }, gather);
+        backward(ctx, enc, MatmulGrad { w: hi, ..g }, gather, lora)?;
+        return backward(ctx, enc, MatmulGrad { w: lo, out: g.out.accumulated(), ..g }, gather, None);
     }
     let MatmulGrad { dy, w, dx, m, n, k, out } = g;
     let mut p = matmul_params(m, n, k, out)?;
@@ -846,10 +894,26 @@ fn backward(ctx: &GpuContext, enc: &mut Encoder, g: MatmulGrad<'_>, gather: Opti
         }
         Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
     };
+    let mut cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
+    let mut red = p.n;
+    if let Some(l) = lora {
+        // dh's columns follow dy's in the reduction, from the step after N.
+        red = u32_of(n.next_multiple_of(TILE_STEP) + l.n, "reduction")?;
+        p.lora_rank = u32_of(l.n, "dh columns")?;
+        p.lora_h_stride = p.lora_rank;
+        p.lora_b = u32_of(l.first, "A offset")?;
+        p.lora_seg_rows = u32_of(l.gather.rows, "rows a block")?;
+        p.lora_w1 = u32_of(l.gather.offsets[0], "A offset")?;
+        p.lora_w2 = u32_of(l.gather.offsets[1], "A offset")?;
+        p.lora_scale = 1.0 / out.alpha;
+        cost.flops += 2.0 * (m * k * l.n) as f64;
+        cost.bytes += 4.0 * ((m + k) * l.n) as f64;
+    }
     let kernel =
-        ManyRows { constant: block, ..many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, p.n)) };
-    let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * n, m * k), out.accumulate);
-    run_many_rows(ctx, enc, kernel, p, (&buffers, &[]), cost)
+        ManyRows { constant: block, ..many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, red)) };
+    // After dx: dh and the A matrices; dy the dummy.
+    let after_y = [lora.map_or(g, |l| l.dh), lora.map_or(g, |l| l.params)];
+    run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost)
 }
 
 /// A dense linear layer's weight gradient: dy (m, n) transposed times x (m, k), scaled by
