@@ -7,11 +7,9 @@
 @group(0) @binding(LORA_H_BINDING) var<storage, read> lora_h: array<f32>;      // dh, or a dummy
 @group(0) @binding(LORA_B_BINDING) var<storage, read> lora_b: array<f32>;      // the A matrices, or a dummy
 
+#include "common/gathered_row.wgsl"
+
 // Where row i of the gathered A starts in lora_b.
 fn lora_a_row(i: u32) -> u32 {
-    let block = i / p.lora_seg_rows;
-    var first = p.lora_b;
-    if (block == 1u) { first = p.lora_w1; }
-    if (block == 2u) { first = p.lora_w2; }
-    return first + (i % p.lora_seg_rows) * p.k;
+    return gathered_row(i, p.lora_seg_rows, vec3<u32>(p.lora_b, p.lora_w1, p.lora_w2));
 }

@@ -363,6 +363,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/nf4_block.wgsl", include_str!("../common/nf4_block.wgsl")),
     ("common/block_size.wgsl", include_str!("../common/block_size.wgsl")),
     ("common/lora_dx.wgsl", include_str!("../common/lora_dx.wgsl")),
+    ("common/gathered_row.wgsl", include_str!("../common/gathered_row.wgsl")),
     ("common/q4_1_block.wgsl", include_str!("../common/q4_1_block.wgsl")),
     ("common/tile128.wgsl", include_str!("../common/tile128.wgsl")),
     ("common/tile_fetch.wgsl", include_str!("../common/tile_fetch.wgsl")),
