@@ -257,15 +257,7 @@ pub fn matmul_shared_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>
     if mm.m < 2 {
         return bad("reads one row: see matvec_fused_forward".into());
     }
-    if let Some((stride, col)) = shared.x_cols {
-        let end = (mm.m - 1) * stride + col + mm.k;
-        if col + mm.k > stride || 4 * end as u64 > mm.x.size() {
-            return bad(format!(
-                "{} rows of {} columns from column {col} with a row stride of {stride} do not fit x",
-                mm.m, mm.k
-            ));
-        }
-    }
+    check_x_cols(mm, shared.x_cols).or_else(bad)?;
     if let Some(g) = shared.gather {
         check_gather(mm, g).or_else(bad)?;
     }
@@ -306,15 +298,21 @@ pub fn matmul_lora_forward(
             lora.rank, mm.n, lora.b_offset
         ));
     }
-    if let Some((stride, col)) = x_cols
-        && (col + mm.k > stride || 4 * ((mm.m - 1) * stride + col + mm.k) as u64 > mm.x.size())
-    {
-        return bad(format!(
+    check_x_cols(mm, x_cols).or_else(bad)?;
+    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, x_cols)
+}
+
+/// Why `mm`'s rows of k columns, read from x as `x_cols` says (see [`Shared::x_cols`]), do not
+/// fit x, if they do not.
+fn check_x_cols(mm: Matmul<'_>, x_cols: Option<(usize, usize)>) -> std::result::Result<(), String> {
+    let Some((stride, col)) = x_cols else { return Ok(()) };
+    if col + mm.k > stride || 4 * ((mm.m - 1) * stride + col + mm.k) as u64 > mm.x.size() {
+        return Err(format!(
             "{} rows of {} columns from column {col} with a row stride of {stride} do not fit x",
             mm.m, mm.k
         ));
     }
-    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, x_cols)
+    Ok(())
 }
 
 /// Why rows gathered by `g` from `mm`'s dense weight do not fit, if they do not.
