@@ -930,14 +930,12 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
 /// step of 16, so zeros pad x's last step before h's columns), r of 1, 5, 8, 16 and 64, h read
 /// at a row stride and first column of a wider buffer, with a bias, alpha and accumulation; the
 /// tiled families split the long reductions of the small grids here (h's columns in the last
-/// slice). The bound (u = 2^-24): the kernel sums K + r products in f32 (any order: (K + r) u of
-/// their mass, alpha sum |x w| + scale sum |h B|, with scale / alpha rounded once more), the
-/// twin K products, so (2K + r + 16) u of the mass, plus 4u of the bias, the accumulated value
-/// and the result; coop16's f16 operands add `f16_slack` over both blocks of the reduction.
+/// slice). The bound is `wanted_with_slack`'s over K + r products (their mass alpha sum |x w| +
+/// scale sum |h B|, with scale / alpha rounded once more), the bias and the accumulated value;
+/// coop16's f16 operands add `f16_slack` over both blocks of the reduction.
 /// Refused: one row, an h or B past its buffer, h's columns past its row, and alpha 0.
 #[test]
 fn a_many_row_product_with_a_lora_b_product_fused_in_matches_the_two_products() {
-    let u = 2f64.powi(-24);
     for ctx in gpus() {
         eprintln!("kernels: {}", ctx.report.kernels);
         // (rows, outputs, reduction, rank, h's row stride, h's first column)
@@ -978,31 +976,20 @@ fn a_many_row_product_with_a_lora_b_product_fused_in_matches_the_two_products() 
                 let hb_sum = |r: usize, c: usize, f: fn(f64) -> f64| -> f64 {
                     (0..rank).map(|j| f(f64::from(h_at(r, j)) * f64::from(b_at(c, j)))).sum()
                 };
-                let mut want = Vec::with_capacity(m * n);
-                let mut slack = f16_slack(
+                let f16 = f16_slack(
                     f16_products(&ctx),
                     (m, n, k + rank),
                     alpha,
                     |r, j| if j < k { x[r * k + j] } else { h_at(r, j - k) },
                     |c, j| if j < k { wd[c * k + j] } else { scale / alpha * b_at(c, j - k) },
                 );
-                for r in 0..m {
-                    for c in 0..n {
-                        let at = r * n + c;
-                        let v =
-                            f64::from(alpha * product[at] + bias[c] + y0[at]) + f64::from(scale) * hb_sum(r, c, |v| v);
-                        want.push(v as f32);
-                        let xw: f64 = (0..k).map(|j| f64::from(x[r * k + j].abs() * mass[c * k + j])).sum();
-                        let mass = f64::from(alpha) * xw + f64::from(scale) * hb_sum(r, c, f64::abs);
-                        let ends = f64::from(bias[c].abs() + y0[at].abs()) + v.abs();
-                        let bound = ((2 * k + rank + 16) as f64 * u * mass + 4.0 * u * ends) as f32;
-                        if slack.len() == m * n {
-                            slack[at] += bound;
-                        } else {
-                            slack.push(bound);
-                        }
-                    }
-                }
+                let (want, slack) = wanted_with_slack(f16, (m, n), (k, rank), |r, c| {
+                    let at = r * n + c;
+                    let v = f64::from(alpha * product[at] + bias[c] + y0[at]) + f64::from(scale) * hb_sum(r, c, |v| v);
+                    let xw: f64 = (0..k).map(|j| f64::from(x[r * k + j].abs() * mass[c * k + j])).sum();
+                    let mass = f64::from(alpha) * xw + f64::from(scale) * hb_sum(r, c, f64::abs);
+                    (v, mass, f64::from(bias[c].abs() + y0[at].abs()))
+                });
                 assert_close_slack(
                     &format!("{label} with a B of rank {rank} {m}x{n}x{k}"),
                     &got,
@@ -1046,14 +1033,12 @@ fn a_many_row_product_with_a_lora_b_product_fused_in_matches_the_two_products() 
 /// twin's input gradient plus dh A summed in f64: M from 2 to 130, N of 8 to 576 (not all
 /// multiples of 16, so zeros pad dy's last step before dh's columns), K of 8 to 256, dh of 3 to
 /// 64 columns over blocks of 1 to 64 rows, added to dx scaled; the tiled families split the
-/// long reductions of the small grids here. The bound (u = 2^-24): the kernel sums N + n
-/// products in f32, the twin N, so (2N + n + 16) u of alpha sum |dy w| + sum |dh A|, plus 4u
-/// of the accumulated value and the result; coop16's f16 operands add `f16_slack` over both
-/// blocks of the reduction. Refused: one row, alpha 0, a dh short of its rows and blocks of A
+/// long reductions of the small grids here. The bound is `wanted_with_slack`'s over N + n
+/// products (their mass alpha sum |dy w| + sum |dh A|) and the accumulated value; coop16's f16
+/// operands add `f16_slack` over both blocks of the reduction. Refused: one row, alpha 0, a dh short of its rows and blocks of A
 /// past the buffer or too few for dh's columns.
 #[test]
 fn a_many_row_input_gradient_with_a_lora_dh_a_fused_in_matches_the_two_products() {
-    let u = 2f64.powi(-24);
     for ctx in gpus() {
         eprintln!("kernels: {}", ctx.report.kernels);
         // (rows m, the weight's rows n, its columns k, A's rows a block, dh's columns)
@@ -1085,30 +1070,19 @@ fn a_many_row_input_gradient_with_a_lora_dh_a_fused_in_matches_the_two_products(
                 let dh_a = |r: usize, c: usize, f: fn(f64) -> f64| -> f64 {
                     (0..cols).map(|j| f(f64::from(dh[r * cols + j]) * f64::from(a_at(j, c)))).sum()
                 };
-                let mut want = Vec::with_capacity(m * k);
-                let mut slack = f16_slack(
+                let f16 = f16_slack(
                     f16_products(&ctx),
                     (m, k, n + cols),
                     alpha,
                     |r, j| if j < n { dy[r * n + j] } else { dh[r * cols + j - n] },
                     |c, j| if j < n { wd[j * k + c] } else { a_at(j - n, c) / alpha },
                 );
-                for r in 0..m {
-                    for c in 0..k {
-                        let at = r * k + c;
-                        let v = f64::from(alpha * product[at] + y0[at]) + dh_a(r, c, |v| v);
-                        want.push(v as f32);
-                        let dw: f64 = (0..n).map(|j| f64::from(dy[r * n + j].abs() * mass[j * k + c])).sum();
-                        let mass = f64::from(alpha) * dw + dh_a(r, c, f64::abs);
-                        let bound = ((2 * n + cols + 16) as f64 * u * mass
-                            + 4.0 * u * (f64::from(y0[at].abs()) + v.abs())) as f32;
-                        if slack.len() == m * k {
-                            slack[at] += bound;
-                        } else {
-                            slack.push(bound);
-                        }
-                    }
-                }
+                let (want, slack) = wanted_with_slack(f16, (m, k), (n, cols), |r, c| {
+                    let at = r * k + c;
+                    let v = f64::from(alpha * product[at] + y0[at]) + dh_a(r, c, |v| v);
+                    let dw: f64 = (0..n).map(|j| f64::from(dy[r * n + j].abs() * mass[j * k + c])).sum();
+                    (v, f64::from(alpha) * dw + dh_a(r, c, f64::abs), f64::from(y0[at].abs()))
+                });
                 assert_close_slack(
                     &format!("{label} dX with dh A of {cols} {m}x{n}x{k}"),
                     &got,
@@ -1149,6 +1123,32 @@ fn a_many_row_input_gradient_with_a_lora_dh_a_fused_in_matches_the_two_products(
             }
         }
     }
+}
+
+/// The wanted values of an (m, n) product whose reduction runs over `base` products and then
+/// `extra` more (a LoRA product fused in), and each one's slack, added to `f16`'s (empty where
+/// the kernel multiplies in f32). `exact(r, c)` gives the value in f64, the mass of its
+/// products (the sum of their magnitudes) and that of the other terms summed in (a bias, the
+/// accumulated value). The bound (u = 2^-24): the kernel sums base + extra products in f32 in
+/// any order, the twin base, so (2 base + extra + 16) u of the mass, plus 4u of the other terms
+/// and of the result.
+fn wanted_with_slack(
+    f16: Vec<f32>,
+    (m, n): (usize, usize),
+    (base, extra): (usize, usize),
+    exact: impl Fn(usize, usize) -> (f64, f64, f64),
+) -> (Vec<f32>, Vec<f32>) {
+    let u = 2f64.powi(-24);
+    let (mut want, mut slack) = (Vec::with_capacity(m * n), Vec::with_capacity(m * n));
+    for r in 0..m {
+        for c in 0..n {
+            let (v, mass, others) = exact(r, c);
+            want.push(v as f32);
+            let bound = ((2 * base + extra + 16) as f64 * u * mass + 4.0 * u * (others + v.abs())) as f32;
+            slack.push(bound + f16.get(r * n + c).copied().unwrap_or(0.0));
+        }
+    }
+    (want, slack)
 }
 
 /// A weight of (n, k) in each format its shape allows, on the GPU: dense, dense at an offset,
