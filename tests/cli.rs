@@ -914,8 +914,8 @@ fn gpu_opens_without_subgroups_when_the_environment_asks() {
     assert!(!out.status.success() && err.contains("EDGETUNE_NO_SUBGROUPS") && err.contains("\"yes\""), "{err}");
 }
 
-/// `EDGETUNE_TILE128_MIN_GROUPS` sets the grid below which tile128 products run on portable's
-/// tiles, which `edgetune gpu` reports with the family; a value that is no number is refused
+/// `EDGETUNE_TILE128_MIN_GROUPS` sets the grid below which tile128 products run on 64 x 64
+/// blocks (tile64), which `edgetune gpu` reports with the family; a value that is no number is refused
 /// naming the variable.
 #[test]
 fn gpu_reports_the_tile128_grid_threshold_from_the_environment() {
@@ -930,7 +930,9 @@ fn gpu_reports_the_tile128_grid_threshold_from_the_environment() {
     let out = gpu("64");
     let said = text(&out.stdout);
     assert!(
-        out.status.success() && said.contains("kernels: tile128") && said.contains("fewer than 64 128 x 128"),
+        out.status.success()
+            && said.contains("kernels: tile128")
+            && said.contains("fewer than 64 128 x 128 tiles on 64 x 64 (tile64)"),
         "{said}"
     );
     let out = gpu("0");

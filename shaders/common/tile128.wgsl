@@ -33,24 +33,8 @@ var<workgroup> a_tile: array<vec4<f32>, 528>;                      // (BK, 132) 
 var<workgroup> b_tile: array<vec4<f32>, 528>;
 
 #include "common/tile_fetch.wgsl"
+#include "common/tile_stage.wgsl"
 #include "common/matmul_store.wgsl"
-
-// Stores a chunk into a staged tile (a_tile when `is_a`): along j it is one column of 8 rows of
-// the transposed tile, along rows 8 consecutive floats of one row.
-fn put(is_a: bool, along: bool, lid: u32, c: Chunk) {
-    if (along) {
-        let at = along_rows(lid);
-        let i = at.y * STRIDE4 + at.x / 4u;
-        if (is_a) { a_tile[i] = c.lo; a_tile[i + 1u] = c.hi; } else { b_tile[i] = c.lo; b_tile[i + 1u] = c.hi; }
-        return;
-    }
-    let at = along_j(lid);
-    for (var e = 0u; e < 8u; e++) {
-        let v = select(c.hi[e % 4u], c.lo[e % 4u], e < 4u);
-        let i = (at.y + e) * STRIDE4 + at.x / 4u;
-        if (is_a) { a_tile[i][at.x % 4u] = v; } else { b_tile[i][at.x % 4u] = v; }
-    }
-}
 
 fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
     if (lid < 16u) { code_table[lid] = NF4_CODE[lid]; }

@@ -1,7 +1,9 @@
-// How the 128 x 128 tiled cores (common/tile128.wgsl, common/coop16.wgsl) fetch their operands
-// from storage: each of the 256 threads loads 8 values of each operand per reduction step of
-// 16, either 8 consecutive j of one row ("along j") or 8 consecutive rows at one j ("along
-// rows"), as `Chunk`s, which the core then stages in its own layout. An NF4 weight is fetched
+// How the tiled cores of the tile128 family (common/tile128.wgsl, common/tile64.wgsl,
+// common/coop16.wgsl, common/coop8.wgsl) fetch their operands from storage: each thread that
+// fetches an operand (all 256 of a 128 x 128 block; 128 of a 64 x 64 one, `lid` numbering them)
+// loads 8 values of it per reduction step of 16, either 8 consecutive j of one row ("along j")
+// or 8 consecutive rows at one j ("along rows"), as `Chunk`s, which the core then stages in its
+// own layout. The core declares BR, its block's rows (and columns). An NF4 weight is fetched
 // one packed word (8 codes) per thread through `code_table`, which the core fills from
 // NF4_CODE before its first barrier.
 //
@@ -22,8 +24,9 @@ fn along_j(lid: u32) -> vec2<u32> {
     return vec2<u32>(lid / 2u, (lid % 2u) * 8u);
 }
 
+// (BR rows of the block, the core's: BR / 8 threads cover a step's row of the reduction.)
 fn along_rows(lid: u32) -> vec2<u32> {
-    return vec2<u32>((lid % 16u) * 8u, lid / 16u);
+    return vec2<u32>((lid % (BR / 8u)) * 8u, lid / (BR / 8u));
 }
 
 fn fetch_generic_a(r0: u32, j0: u32, lid: u32) -> Chunk {

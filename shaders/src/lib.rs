@@ -223,6 +223,21 @@ shaders! {
     MATMUL_F16_BACKWARD_T128 = "matmul_f16_backward_t128";
     MATMUL_NF4_BACKWARD_T128 = "matmul_nf4_backward_t128";
     MATMUL_BACKWARD_W_T128 = "matmul_backward_w_t128";
+    // Its kernels on 64 x 64 blocks (shaders/common/tile64.wgsl), for products with small grids.
+    MATMUL_T64 = "matmul_t128" as "matmul_t128.tile64" [("common/tile128.wgsl", "common/tile64.wgsl")];
+    MATMUL_F16_T64 = "matmul_f16_t128" as "matmul_f16_t128.tile64" [("common/tile128.wgsl", "common/tile64.wgsl")];
+    MATMUL_NF4_T64 = "matmul_nf4_t128" as "matmul_nf4_t128.tile64" [("common/tile128.wgsl", "common/tile64.wgsl")];
+    MATMUL_Q4_0_T64 = "matmul_nf4_t128" as "matmul_nf4_t128.tile64.q4_0" [("common/tile128.wgsl", "common/tile64.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATMUL_Q4_1_T64 = "matmul_nf4_t128" as "matmul_nf4_t128.tile64.q4_1"
+        [("common/tile128.wgsl", "common/tile64.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_BACKWARD_T64 = "matmul_backward_t128" as "matmul_backward_t128.tile64" [("common/tile128.wgsl", "common/tile64.wgsl")];
+    MATMUL_F16_BACKWARD_T64 = "matmul_f16_backward_t128" as "matmul_f16_backward_t128.tile64" [("common/tile128.wgsl", "common/tile64.wgsl")];
+    MATMUL_NF4_BACKWARD_T64 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.tile64" [("common/tile128.wgsl", "common/tile64.wgsl")];
+    MATMUL_Q4_0_BACKWARD_T64 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.tile64.q4_0"
+        [("common/tile128.wgsl", "common/tile64.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATMUL_Q4_1_BACKWARD_T64 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.tile64.q4_1"
+        [("common/tile128.wgsl", "common/tile64.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_BACKWARD_W_T64 = "matmul_backward_w_t128" as "matmul_backward_w_t128.tile64" [("common/tile128.wgsl", "common/tile64.wgsl")];
     // The tiled families' attention, with its rows reduced by subgroup shuffles and (.shared)
     // in workgroup memory alone, for devices without subgroup operations.
     ATTENTION_T128 = "attention_t128";
@@ -366,6 +381,8 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/gathered_row.wgsl", include_str!("../common/gathered_row.wgsl")),
     ("common/q4_1_block.wgsl", include_str!("../common/q4_1_block.wgsl")),
     ("common/tile128.wgsl", include_str!("../common/tile128.wgsl")),
+    ("common/tile64.wgsl", include_str!("../common/tile64.wgsl")),
+    ("common/tile_stage.wgsl", include_str!("../common/tile_stage.wgsl")),
     ("common/tile_fetch.wgsl", include_str!("../common/tile_fetch.wgsl")),
     ("common/tile_nf4.wgsl", include_str!("../common/tile_nf4.wgsl")),
     ("common/coop16.wgsl", include_str!("../common/coop16.wgsl")),

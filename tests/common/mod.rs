@@ -140,7 +140,8 @@ pub fn gpu() -> edgetune::gpu::GpuContext {
 
 /// A context for every kernel family the adapter can run (see `edgetune::gpu::family`): the
 /// default one first, then each other family forced, so tests on lavapipe cover `simd8`,
-/// `portable` and `tile128`, and `coop16` and `coop8` with their matrix operations emulated.
+/// `portable` and `tile128` (on 128 x 128 tiles and, in a context of its own, on 64 x 64 ones,
+/// tile64), and `coop16` and `coop8` with their matrix operations emulated.
 #[allow(dead_code)]
 pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
     use edgetune::gpu::{GpuContext, GpuOptions, KernelFamily};
@@ -151,12 +152,17 @@ pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
             continue;
         }
         // tile128's kernels on every product, however small its grid, so that the tests'
-        // shapes reach them (by default small grids run on portable's tiles).
+        // shapes reach them (by default small grids run on 64 x 64 blocks, tile64).
         let opts = GpuOptions { kernels: Some(family), tile128_min_groups: Some(0), ..Default::default() };
         match GpuContext::new(&opts) {
             Ok(ctx) => {
                 assert_eq!(ctx.report.kernels.family, family, "a forced family was ignored");
                 all.push(ctx);
+                if family == KernelFamily::Tile128 {
+                    // And tile64 on every product, however large its grid.
+                    let opts = GpuOptions { tile128_min_groups: Some(u32::MAX), ..opts };
+                    all.push(GpuContext::new(&opts).unwrap_or_else(|e| panic!("tile128 on 64 x 64 blocks: {e}")));
+                }
             }
             // Only a family the adapter cannot run may be missing, and it says so.
             Err(e) => assert!(e.to_string().contains("needs"), "{family}: {e}"),

@@ -12,7 +12,8 @@
 //! | `coop8` | every many-row product: 128 x 128 tiles of 8 x 8 x 8 f32 cooperative-matrix fragments (Metal's simdgroup matrices) | as `tile128` | a GPU that lists that configuration and not coop16's, once its self-test passes |
 //!
 //! A product whose grid of 128 x 128 tiles is small (fewer than [`TILE128_MIN_GROUPS`]
-//! workgroups) runs on portable's 64 x 64 tiles in tile128, and for coop16's gradients; the
+//! workgroups) runs on 64 x 64 blocks in tile128, and for coop16's gradients: tile128's kernels
+//! on the `tile64` core (4 x 4 a thread, with tile128's staging, prefetch and NF4 words); the
 //! products on matrix units stay there (their split reductions fill the GPU).
 //! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for
 //! the LoRA input gradients and the weight gradients, reductions over tokens of two
@@ -96,8 +97,8 @@ pub struct Kernels {
     /// Attention forward and backward.
     pub attention: KernelFamily,
     /// Products whose grid of 128 x 128 tiles would have fewer workgroups than this run on
-    /// portable's 64 x 64 tiles (four times the workgroups) instead of tile128's: in the tile128
-    /// family, and for coop16's gradients. 0 keeps tile128 for every product. See
+    /// 64 x 64 blocks (four times the workgroups), tile128's kernels on its `tile64` core: in the
+    /// tile128 family, and for coop16's gradients. 0 keeps tile128 for every product. See
     /// [`TILE128_MIN_GROUPS`]. The same small-grid threshold splits the blocked attention's
     /// dK/dV pass by query head under GQA ([`crate::gpu::launch::head_split`]).
     pub tile128_min_groups: u32,
@@ -113,7 +114,7 @@ impl std::fmt::Display for Kernels {
         let tiles128 =
             [self.matmul, self.matmul_grad].iter().any(|k| matches!(k, KernelFamily::Tile128 | KernelFamily::Coop16));
         if tiles128 && self.tile128_min_groups > 0 {
-            write!(f, "; products of fewer than {} 128 x 128 tiles on portable's 64 x 64", self.tile128_min_groups)?;
+            write!(f, "; products of fewer than {} 128 x 128 tiles on 64 x 64 (tile64)", self.tile128_min_groups)?;
         }
         Ok(())
     }
@@ -140,12 +141,13 @@ pub struct AdapterFacts {
     pub coop_8x8_f32: bool,
 }
 
-/// Below this many workgroups of 128 x 128 tiles, a product runs on portable's 64 x 64 tiles
-/// instead (see [`Kernels::tile128_min_groups`]; `EDGETUNE_TILE128_MIN_GROUPS` or
-/// `GpuOptions::tile128_min_groups` sets another). On an H200 (132 multiprocessors), portable's
-/// whole training step was faster than tile128's for all three models measured at 512 tokens
-/// (1.2 to 2.4 times), where every product but the LM head's has 4 rows of at most 64 such
-/// tiles: a grid that leaves most of a large GPU idle. 512 is the grid the split-K rule fills
+/// Below this many workgroups of 128 x 128 tiles, a product runs on 64 x 64 blocks instead
+/// (tile128's kernels on the `tile64` core; see [`Kernels::tile128_min_groups`];
+/// `EDGETUNE_TILE128_MIN_GROUPS` or `GpuOptions::tile128_min_groups` sets another). On an H200
+/// (132 multiprocessors), portable's whole training step (64 x 64 tiles) was faster than
+/// tile128's for all three models measured at 512 tokens (1.2 to 2.4 times), where every
+/// product but the LM head's has 4 rows of at most 64 such tiles: a grid that leaves most of a
+/// large GPU idle. 512 is the grid the split-K rule fills
 /// to as well (a large GPU runs a few hundred workgroups at once); the bench script measures
 /// 0 beside it, so that a GPU run can set it.
 pub const TILE128_MIN_GROUPS: u32 = 512;

@@ -580,6 +580,8 @@ struct Family {
     portable: &'static Shader,
     simd8: &'static Shader,
     tile128: &'static Shader,
+    /// tile128's kernel on 64 x 64 blocks, for products whose 128 x 128 grid is small.
+    tile64: &'static Shader,
     coop16: Option<&'static Shader>,
     coop8: &'static Shader,
 }
@@ -588,6 +590,7 @@ const DENSE: Family = Family {
     portable: &MATMUL,
     simd8: &MATMUL_SIMD8,
     tile128: &MATMUL_T128,
+    tile64: &MATMUL_T64,
     coop16: Some(&MATMUL_COOP16),
     coop8: &MATMUL_COOP8,
 };
@@ -595,6 +598,7 @@ const F16: Family = Family {
     portable: &MATMUL_F16,
     simd8: &MATMUL_F16_SIMD8,
     tile128: &MATMUL_F16_T128,
+    tile64: &MATMUL_F16_T64,
     coop16: Some(&MATMUL_F16_COOP16),
     coop8: &MATMUL_F16_COOP8,
 };
@@ -602,6 +606,7 @@ const NF4: Family = Family {
     portable: &MATMUL_NF4,
     simd8: &MATMUL_NF4_SIMD8,
     tile128: &MATMUL_NF4_T128,
+    tile64: &MATMUL_NF4_T64,
     coop16: Some(&MATMUL_NF4_COOP16),
     coop8: &MATMUL_NF4_COOP8,
 };
@@ -609,6 +614,7 @@ const Q4_0: Family = Family {
     portable: &MATMUL_Q4_0,
     simd8: &MATMUL_Q4_0_SIMD8,
     tile128: &MATMUL_Q4_0_T128,
+    tile64: &MATMUL_Q4_0_T64,
     coop16: Some(&MATMUL_Q4_0_COOP16),
     coop8: &MATMUL_Q4_0_COOP8,
 };
@@ -616,6 +622,7 @@ const Q4_1: Family = Family {
     portable: &MATMUL_Q4_1,
     simd8: &MATMUL_Q4_1_SIMD8,
     tile128: &MATMUL_Q4_1_T128,
+    tile64: &MATMUL_Q4_1_T64,
     coop16: Some(&MATMUL_Q4_1_COOP16),
     coop8: &MATMUL_Q4_1_COOP8,
 };
@@ -623,6 +630,7 @@ const DENSE_DX: Family = Family {
     portable: &MATMUL_BACKWARD,
     simd8: &MATMUL_BACKWARD_SIMD8,
     tile128: &MATMUL_BACKWARD_T128,
+    tile64: &MATMUL_BACKWARD_T64,
     coop16: None,
     coop8: &MATMUL_BACKWARD_COOP8,
 };
@@ -630,6 +638,7 @@ const F16_DX: Family = Family {
     portable: &MATMUL_F16_BACKWARD,
     simd8: &MATMUL_F16_BACKWARD_SIMD8,
     tile128: &MATMUL_F16_BACKWARD_T128,
+    tile64: &MATMUL_F16_BACKWARD_T64,
     coop16: Some(&MATMUL_F16_BACKWARD_COOP16),
     coop8: &MATMUL_F16_BACKWARD_COOP8,
 };
@@ -637,6 +646,7 @@ const NF4_DX: Family = Family {
     portable: &MATMUL_NF4_BACKWARD,
     simd8: &MATMUL_NF4_BACKWARD_SIMD8,
     tile128: &MATMUL_NF4_BACKWARD_T128,
+    tile64: &MATMUL_NF4_BACKWARD_T64,
     coop16: Some(&MATMUL_NF4_BACKWARD_COOP16),
     coop8: &MATMUL_NF4_BACKWARD_COOP8,
 };
@@ -644,6 +654,7 @@ const Q4_0_DX: Family = Family {
     portable: &MATMUL_Q4_0_BACKWARD,
     simd8: &MATMUL_Q4_0_BACKWARD_SIMD8,
     tile128: &MATMUL_Q4_0_BACKWARD_T128,
+    tile64: &MATMUL_Q4_0_BACKWARD_T64,
     coop16: Some(&MATMUL_Q4_0_BACKWARD_COOP16),
     coop8: &MATMUL_Q4_0_BACKWARD_COOP8,
 };
@@ -651,6 +662,7 @@ const Q4_1_DX: Family = Family {
     portable: &MATMUL_Q4_1_BACKWARD,
     simd8: &MATMUL_Q4_1_BACKWARD_SIMD8,
     tile128: &MATMUL_Q4_1_BACKWARD_T128,
+    tile64: &MATMUL_Q4_1_BACKWARD_T64,
     coop16: Some(&MATMUL_Q4_1_BACKWARD_COOP16),
     coop8: &MATMUL_Q4_1_BACKWARD_COOP8,
 };
@@ -658,6 +670,7 @@ const DENSE_DW: Family = Family {
     portable: &MATMUL_BACKWARD_W,
     simd8: &MATMUL_BACKWARD_W_SIMD8,
     tile128: &MATMUL_BACKWARD_W_T128,
+    tile64: &MATMUL_BACKWARD_W_T64,
     coop16: None,
     coop8: &MATMUL_BACKWARD_W_COOP8,
 };
@@ -672,8 +685,9 @@ fn kind_of(ctx: &GpuContext, grads: bool) -> (KernelFamily, u32) {
 /// The kernel of `family` for a many-row matmul in the adapter's family `kind` (the forward's
 /// or the gradients'): simd8 (32 x 32 outputs per workgroup) when `simd_ok` says the shape
 /// suits it, coop16, coop8 or tile128 (128 x 128), else portable (64 x 64). tile128 gives a
-/// product whose grid would have fewer than `min_groups` workgroups to portable; the matrix
-/// units keep every product they run (a small grid's long reduction is split instead).
+/// product whose grid would have fewer than `min_groups` workgroups to its own kernel on 64 x 64
+/// blocks (tile64); the matrix units keep every product they run (a small grid's long
+/// reduction is split instead).
 fn many_rows(
     (kind, min_groups): (KernelFamily, u32),
     family: Family,
@@ -686,6 +700,7 @@ fn many_rows(
         (KernelFamily::Coop16, Some(coop)) => (coop, 128, true),
         (KernelFamily::Coop8, _) => (family.coop8, 128, true),
         (KernelFamily::Tile128 | KernelFamily::Coop16, _) if big => (family.tile128, 128, true),
+        (KernelFamily::Tile128 | KernelFamily::Coop16, _) => (family.tile64, 64, true),
         _ => (family.portable, 64, true),
     };
     ManyRows { shader, constant: None, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
