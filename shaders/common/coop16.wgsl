@@ -111,8 +111,7 @@ fn write_fragment(f: AccFrag, s: u32, lane: u32, block_row: u32, row0: u32, col0
 }
 
 fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
-    if (lid < 16u) { code_table[lid] = NF4_CODE[lid]; }
-    workgroupBarrier();
+    stage_code_table(lid);
     let r0 = wg.y * BR;
     let c0 = wg.x * BC;
     let s = lid / 32u;

@@ -28,17 +28,13 @@ const BR: u32 = 128u;
 const BC: u32 = 128u;
 const BK: u32 = 16u;
 const TILE_THREADS: u32 = 256u;
-const STRIDE4: u32 = 33u;                                          // vec4s per staged row: (128 + 4) / 4
-var<workgroup> a_tile: array<vec4<f32>, 528>;                      // (BK, 132) floats
-var<workgroup> b_tile: array<vec4<f32>, 528>;
 
 #include "common/tile_fetch.wgsl"
 #include "common/tile_stage.wgsl"
 #include "common/matmul_store.wgsl"
 
 fn tiled_matmul(wg: vec3<u32>, lid: u32, n_rows: u32, n_cols: u32, n_red: u32) {
-    if (lid < 16u) { code_table[lid] = NF4_CODE[lid]; }
-    workgroupBarrier();
+    stage_code_table(lid);
     let r0 = wg.y * BR;
     let c0 = wg.x * BC;
     let tx = lid % 16u;

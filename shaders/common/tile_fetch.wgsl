@@ -4,14 +4,20 @@
 // loads 8 values of it per reduction step of 16, either 8 consecutive j of one row ("along j")
 // or 8 consecutive rows at one j ("along rows"), as `Chunk`s, which the core then stages in its
 // own layout. The core declares BR, its block's rows (and columns). An NF4 weight is fetched
-// one packed word (8 codes) per thread through `code_table`, which the core fills from
-// NF4_CODE before its first barrier.
+// one packed word (8 codes) per thread through `code_table`, which the core fills
+// (stage_code_table) before its first fetch.
 //
 // The including shader declares `load_a(row, j)`, `load_b(col, j)` (0 outside the matrix) and
 // the maps `A_ALONG_ROWS` and `B_ALONG_ROWS`.
 #include "common/nf4_code.wgsl"
 
 var<workgroup> code_table: array<f32, 16>;                         // NF4 code book
+
+// Fills code_table from NF4_CODE, before the core's first fetch (every thread calls it).
+fn stage_code_table(lid: u32) {
+    if (lid < 16u) { code_table[lid] = NF4_CODE[lid]; }
+    workgroupBarrier();
+}
 
 // The 8 values one thread stages of one operand a step.
 struct Chunk {

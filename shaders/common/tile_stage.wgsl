@@ -1,6 +1,10 @@
 // How the tile128 and tile64 cores stage a fetched chunk (common/tile_fetch.wgsl): both operands
-// transposed, (BK, BR) with each row padded by 4 floats, as vec4s `a_tile` and `b_tile` of
-// STRIDE4 = (BR + 4) / 4 a row, which the including core declares.
+// transposed, (BK, BR) with each row padded by 4 floats (BR and BK the core's), as vec4s: 17 KiB
+// for tile128's blocks of 128, 8.5 KiB for tile64's of 64.
+
+const STRIDE4: u32 = (BR + 4u) / 4u;                               // vec4s per staged row
+var<workgroup> a_tile: array<vec4<f32>, BK * STRIDE4>;
+var<workgroup> b_tile: array<vec4<f32>, BK * STRIDE4>;
 
 // Stores a chunk into a staged tile (a_tile when `is_a`): along j it is one column of 8 rows of
 // the transposed tile, along rows 8 consecutive floats of one row.
