@@ -35,12 +35,12 @@ def fmt(x, digits=1):
 
 
 def kernels_of(o):
-    """The family of a run's products, and the grid below which tile128's are on 64 x 64 tiles."""
+    """The family of a run's products, and the grid below which tile128's are on 64 x 64 blocks (tile64)."""
     k = o.get("kernels") or {}
     matmul = k.get("matmul", "?")
     groups = k.get("tile128_min_groups")
     if matmul in ("tile128", "coop16") and groups is not None:
-        return f"{matmul}, 64 x 64 below {groups} tiles" if groups else f"{matmul}, 128 x 128 always"
+        return f"{matmul}, tile64 below {groups} tiles" if groups else f"{matmul}, 128 x 128 always"
     return matmul
 
 
