@@ -136,6 +136,47 @@ fn cooperative_matrix_kernels_validate_and_translate_to_spirv_and_msl() {
     }
 }
 
+/// Lavapipe runs every kernel through naga's SPIR-V back end only; Apple GPUs get them through
+/// its Metal back end and Windows through its HLSL one (DX12), which no test here can run. So
+/// each kernel but the cooperative-matrix ones (above) is translated to both as wgpu would
+/// translate it, its pipeline constants resolved first (MSL 2.3, HLSL shader model 6.2): a
+/// construct that naga validates and writes as SPIR-V but that one of those back ends refuses
+/// would fail pipeline creation on that platform, and fails here.
+#[test]
+fn every_kernel_translates_to_metal_and_hlsl() {
+    let mut count = 0;
+    for s in shaders::ALL_SHADERS.iter().filter(|s| !s.uses_cooperative_matrix()) {
+        let source = shaders::expand(s).expect("expand");
+        let module = naga::front::wgsl::parse_str(&source)
+            .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
+        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
+        let mut constants = naga::back::PipelineConstants::default();
+        for name in shaders::overrides_in(&source) {
+            constants.insert(name.to_string(), 64.0);
+        }
+        let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+            .unwrap_or_else(|e| panic!("{}: pipeline constants: {e}", s.name));
+        let (module, info) = (module.as_ref(), info.as_ref());
+        let options = naga::back::msl::Options { lang_version: (2, 3), ..Default::default() };
+        let (msl, _) =
+            naga::back::msl::write_string(module, info, &options, &naga::back::msl::PipelineOptions::default())
+                .unwrap_or_else(|e| panic!("{}: MSL: {e}", s.name));
+        assert!(msl.contains("kernel void"), "{}: no kernel in its MSL", s.name);
+        let options =
+            naga::back::hlsl::Options { shader_model: naga::back::hlsl::ShaderModel::V6_2, ..Default::default() };
+        let mut hlsl = String::new();
+        naga::back::hlsl::Writer::new(&mut hlsl, &options, &naga::back::hlsl::PipelineOptions::default())
+            .write(module, info, None)
+            .unwrap_or_else(|e| panic!("{}: HLSL: {e}", s.name));
+        assert!(hlsl.contains("[numthreads("), "{}: no compute entry point in its HLSL", s.name);
+        count += 1;
+    }
+    eprintln!("{count} kernels translated to MSL and HLSL");
+    assert!(count > 100, "only {count} kernels");
+}
+
 /// wgpu has no memory API: it is read from the backend under it (Vulkan's heaps, Metal's working
 /// set, DXGI's budget), and an unknown size must read as `None`, never as 0.
 #[test]
