@@ -73,6 +73,24 @@ fn every_shader_binds_at_most_the_default_number_of_storage_buffers() {
     eprintln!("the most storage buffers a kernel binds: {} ({})", most.0, most.1);
 }
 
+/// A kernel's expanded source parsed and validated by naga, the compiler wgpu uses, with its
+/// pipeline constants resolved as wgpu resolves them before it hands a module to a back end
+/// (the quantized kernels' block size: 64).
+fn resolved(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo) {
+    let module =
+        naga::front::wgsl::parse_str(source).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
+    let mut constants = naga::back::PipelineConstants::default();
+    for constant in shaders::overrides_in(source) {
+        constants.insert(constant.to_string(), 64.0);
+    }
+    let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+        .unwrap_or_else(|e| panic!("{name}: pipeline constants: {e}"));
+    (module.into_owned(), info.into_owned())
+}
+
 /// The cooperative-matrix kernels need matrix units, which lavapipe does not have, so no test
 /// here can run them (the start-up self-test runs them on a GPU that has them, before they are
 /// used). What can be checked without one is checked: each parses, validates with the
@@ -103,20 +121,8 @@ fn cooperative_matrix_kernels_validate_and_translate_to_spirv_and_msl() {
         let enables =
             if coop8 { "enable wgpu_cooperative_matrix;\n" } else { "enable f16;\nenable wgpu_cooperative_matrix;\n" };
         assert!(source.starts_with(enables), "{}: enables not hoisted", s.name);
-        let module = naga::front::wgsl::parse_str(&source)
-            .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
-        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
-        // The quantized kernels' block size is a pipeline constant, resolved as wgpu does
-        // before it hands a module to a back end.
-        let mut constants = naga::back::PipelineConstants::default();
-        for name in shaders::overrides_in(&source) {
-            constants.insert(name.to_string(), 64.0);
-        }
-        let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
-            .unwrap_or_else(|e| panic!("{}: pipeline constants: {e}", s.name));
-        let (module, info) = (module.as_ref(), info.as_ref());
+        let (module, info) = resolved(s.name, &source);
+        let (module, info) = (&module, &info);
         let words = naga::back::spv::write_vec(module, info, &naga::back::spv::Options::default(), None)
             .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", s.name));
         assert!(words.len() > 100, "{}: {} SPIR-V words", s.name, words.len());
@@ -147,18 +153,8 @@ fn every_kernel_translates_to_metal_and_hlsl() {
     let mut count = 0;
     for s in shaders::ALL_SHADERS.iter().filter(|s| !s.uses_cooperative_matrix()) {
         let source = shaders::expand(s).expect("expand");
-        let module = naga::front::wgsl::parse_str(&source)
-            .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
-        let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{}: {}", s.name, e.emit_to_string(&source)));
-        let mut constants = naga::back::PipelineConstants::default();
-        for name in shaders::overrides_in(&source) {
-            constants.insert(name.to_string(), 64.0);
-        }
-        let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
-            .unwrap_or_else(|e| panic!("{}: pipeline constants: {e}", s.name));
-        let (module, info) = (module.as_ref(), info.as_ref());
+        let (module, info) = resolved(s.name, &source);
+        let (module, info) = (&module, &info);
         let options = naga::back::msl::Options { lang_version: (2, 3), ..Default::default() };
         let (msl, _) =
             naga::back::msl::write_string(module, info, &options, &naga::back::msl::PipelineOptions::default())
