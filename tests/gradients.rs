@@ -597,9 +597,8 @@ fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
         let dxa = ctx.storage_from("dx", &dx0);
         let a = launch::RmsNormGrad { x: &xb, w: &wb, dy: &gb, dx: &dxa, n_rows: rows, dim, eps: 1e-5 };
         let b = launch::RmsNormGrad { x: &x2b, w: &w2b, dy: &g2b, dx: &dx2b, n_rows: rows + 2, ..a };
-        let before = ctx.counts().dispatches;
-        run(&ctx, |enc| launch::rms_norm_pair_backward(&ctx, enc, [a, b]));
-        assert_eq!(ctx.counts().dispatches - before, 1, "one dispatch for both");
+        let dispatches = run(&ctx, |enc| launch::rms_norm_pair_backward(&ctx, enc, [a, b]));
+        assert_eq!(dispatches, 1, "one dispatch for both");
         let got = (ctx.read_f32(&dxa, rows * dim).expect("read"), ctx.read_f32(&dx2b, (rows + 2) * dim).expect("read"));
         assert_close(&format!("rms_norm_backward pair, first {rows}x{dim}"), &got.0, &want, 1e-5, 1e-5);
         assert_close(&format!("rms_norm_backward pair, second {rows}x{dim}"), &got.1, &want2, 1e-5, 1e-5);
@@ -673,7 +672,7 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
         assert_eq!(ctx.report.subgroups, !no_subgroups && gpu().report.subgroups);
         ctx
     };
-    for ctx in gpus().into_iter().chain([split(false), split(true)]) {
+    for ctx in gpus().into_iter().chain([split(false), split(true)].map(std::sync::Arc::new)) {
         let k = &ctx.report.kernels;
         let must_split = k.attention == KernelFamily::Tile128 && k.tile128_min_groups > 0;
         let mut splits = 0;
@@ -734,8 +733,7 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
                 scale,
                 softcap,
             };
-            let before = ctx.counts();
-            run(&ctx, |enc| {
+            let dispatches = run(&ctx, |enc| {
                 let fwd = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ksb, out: &out, stats: &stats };
                 launch::attention_forward(&ctx, enc, fwd, s)?;
                 let b = AttentionGrads { fwd, dout: &gb, dq: &dq, dk: &dk, dv: &dv };
@@ -746,7 +744,7 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
             let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && hd <= 128;
             let split = blocked && launch::head_split(&ctx, s);
             splits += usize::from(split);
-            assert_eq!((ctx.counts() - before).dispatches, 3 + u64::from(split), "{label}: dispatches");
+            assert_eq!(dispatches, 3 + u64::from(split), "{label}: dispatches");
             // Dot products of hd terms and softmax sums over up to T keys, in another order.
             let tol = sum_tol(hd.max(t)) * 4.0;
             assert_close(&format!("{label} out"), &ctx.read_f32(&out, q.len()).expect("read"), &want_out, 1e-4, tol);
@@ -785,11 +783,7 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
     let tiled: Vec<_> = gpus().into_iter().filter(|c| c.report.kernels.family != KernelFamily::Simd8).collect();
     assert!(!tiled.is_empty(), "one context runs the tiled kernels");
     for ctx in tiled {
-        let dispatches = |f: &dyn Fn(&mut edgetune::gpu::Encoder) -> edgetune::Result<()>| {
-            let before = ctx.counts().dispatches;
-            run(&ctx, f);
-            ctx.counts().dispatches - before
-        };
+        let dispatches = |f: &dyn Fn(&mut edgetune::gpu::Encoder) -> edgetune::Result<()>| run(&ctx, f);
         // Forward, dense: y[:, 3..3 + n] of a (m, n + 5) buffer = y0 + 0.5 x W^T + b.
         let (m, n, k) = (5, 70, 600);
         let (x, w, b) = (rand(m * k, 1, 1.0), rand(n * k, 2, 0.5), rand(n, 3, 0.5));

@@ -1294,8 +1294,7 @@ fn rms_norm_silu_gelu_add_embedding_match_reference() {
         let (x2, w2) = (rand((rows + 2) * dim, 13, 3.0), rand(dim, 14, 1.0));
         let (x2b, w2b) = (ctx.storage_from("x2", &x2), ctx.storage_from("w2", &w2));
         let (ya, yb2) = (ctx.storage_zeroed("y", rows * dim), ctx.storage_zeroed("y2", (rows + 2) * dim));
-        let before = ctx.counts().dispatches;
-        run(&ctx, |enc| {
+        let dispatches = run(&ctx, |enc| {
             let a = launch::RmsNorm { x: &xb, w: &wb, y: &ya, n_rows: rows, dim, eps: 1e-5 };
             launch::rms_norm_pair_forward(
                 &ctx,
@@ -1303,7 +1302,7 @@ fn rms_norm_silu_gelu_add_embedding_match_reference() {
                 [a, launch::RmsNorm { x: &x2b, w: &w2b, y: &yb2, n_rows: rows + 2, ..a }],
             )
         });
-        assert_eq!(ctx.counts().dispatches - before, 1, "one dispatch for both");
+        assert_eq!(dispatches, 1, "one dispatch for both");
         let (got_a, got_b) =
             (ctx.read_f32(&ya, rows * dim).expect("read"), ctx.read_f32(&yb2, (rows + 2) * dim).expect("read"));
         assert_close("rms_norm pair, first", &got_a, &r::rms_norm_forward(&x, &w, 1e-5), 1e-5, 1e-6);
@@ -1437,7 +1436,7 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
         GpuOptions { kernels: Some(edgetune::gpu::KernelFamily::Tile128), no_subgroups: true, ..Default::default() };
     let plain = GpuContext::new(&opts).expect("tile128 without subgroups");
     assert!(!plain.report.subgroups, "the device was opened with subgroups");
-    for ctx in gpus().into_iter().chain([plain]) {
+    for ctx in gpus().into_iter().chain([std::sync::Arc::new(plain)]) {
         // Cases 1, 3 and 5 with Gemma 2's soft cap, at 0.3 (these scores reach about 1.5).
         for (i, &(t, h, kvh, hd, pos)) in [
             (1, 1, 1, 8, 0),
@@ -1502,12 +1501,10 @@ fn gpu_attention(ctx: &GpuContext, [q, k, v]: [&[f32]; 3], starts: &[usize], c: 
     let starts: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
     let ks = ctx.storage_from("key start", &starts);
     let (out, stats) = (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h));
-    let before = ctx.counts();
-    run(ctx, |enc| {
+    let dispatches = run(ctx, |enc| {
         let io = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ks, out: &out, stats: &stats };
         launch::attention_forward(ctx, enc, io, attention_shape(t, c))
     });
-    let dispatches = (ctx.counts() - before).dispatches;
     let lse = ctx.read_f32(&stats, 2 * t * h).expect("read").iter().step_by(2).copied().collect();
     GpuAttention { out: ctx.read_f32(&out, q.len()).expect("read"), lse, dispatches }
 }
@@ -1522,7 +1519,7 @@ fn gpu_attention(ctx: &GpuContext, [q, k, v]: [&[f32]; 3], starts: &[usize], c: 
 #[test]
 fn split_key_decoding_matches_reference() {
     use edgetune::gpu::KernelFamily;
-    let mut all = vec![ctx()];
+    let mut all = vec![std::sync::Arc::new(ctx())];
     all.extend(gpus());
     for ctx in all {
         for &(t, h, kvh, hd, pos, ref starts, softcap) in &[

@@ -235,7 +235,7 @@ fn decoding_over_a_long_cache_matches_a_prefill_in_every_family() {
         config["max_position_embeddings"] = 1024.into();
         std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
         let mut contexts = vec![ctx()];
-        contexts.extend(common::gpus().into_iter().map(Arc::new));
+        contexts.extend(common::gpus());
         contexts.retain(|c| c.report.kernels.family != KernelFamily::Coop16);
         assert!(contexts.len() >= 2, "portable and tile128 at least");
         let opts = LoadOptions { quant: Quant::None, ..Default::default() };
@@ -320,7 +320,8 @@ fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
     use edgetune::gpu::KernelFamily;
     use edgetune::lora::{Adapter, GpuAdapter, LoraConfig, Module};
     let mut contexts = vec![ctx()];
-    contexts.extend(common::gpus().into_iter().map(Arc::new));
+    // Contexts of its own: it counts what the model records on them.
+    contexts.extend(common::fresh_gpus().into_iter().map(Arc::new));
     contexts.retain(|c| c.report.kernels.family != KernelFamily::Coop16);
     // Phi-3's q, k and v are parts of one fused module with one A, and so are gate and up.
     for (ctx, kind) in contexts.iter().flat_map(|c| ["llama", "phi3"].map(|k| (c.clone(), k))) {

@@ -60,7 +60,7 @@ fn gradient_depth(layers: usize) -> usize {
 fn in_every_family(f: impl Fn(Arc<GpuContext>)) {
     for ctx in gpus() {
         eprintln!("kernels: {}", ctx.report.kernels);
-        f(Arc::new(ctx));
+        f(ctx);
     }
 }
 

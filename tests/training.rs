@@ -90,7 +90,7 @@ fn resuming_from_step_ten_gives_the_same_adapter_bytes_as_twenty_steps_straight(
     // Within one kernel family: each family sums in its own order.
     for ctx in common::gpus() {
         eprintln!("kernels: {}", ctx.report.kernels);
-        resume_matches_straight_run(Arc::new(ctx));
+        resume_matches_straight_run(ctx);
     }
 }
 

@@ -138,12 +138,23 @@ pub fn gpu() -> edgetune::gpu::GpuContext {
         .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
 }
 
-/// A context for every kernel family the adapter can run (see `edgetune::gpu::family`): the
-/// default one first, then each other family forced, so tests on lavapipe cover `simd8`,
+/// A context for every kernel family the adapter can run (see [`fresh_gpus`]), opened once for
+/// the test binary and shared by its tests, as an app shares one context between its threads:
+/// each family's start-up self-test runs once and each kernel is compiled once in each family,
+/// where a binary's tests would otherwise repeat both. The tests run in parallel threads, so
+/// two of them may record on one context at once (which the contexts support: README,
+/// *Reliability*); a test that reads a context's counters or profiles it, which see every
+/// thread's work, takes [`fresh_gpus`] instead.
+pub fn gpus() -> Vec<std::sync::Arc<edgetune::gpu::GpuContext>> {
+    static SHARED: std::sync::OnceLock<Vec<std::sync::Arc<edgetune::gpu::GpuContext>>> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| fresh_gpus().into_iter().map(std::sync::Arc::new).collect()).clone()
+}
+
+/// A new context for every kernel family the adapter can run (see `edgetune::gpu::family`):
+/// the default one first, then each other family forced, so tests on lavapipe cover `simd8`,
 /// `portable` and `tile128` (on 128 x 128 tiles and, in a context of its own, on 64 x 64 ones,
 /// tile64), and `coop16` and `coop8` with their matrix operations emulated.
-#[allow(dead_code)]
-pub fn gpus() -> Vec<edgetune::gpu::GpuContext> {
+pub fn fresh_gpus() -> Vec<edgetune::gpu::GpuContext> {
     use edgetune::gpu::{GpuContext, GpuOptions, KernelFamily};
     let default = gpu();
     let mut all = vec![];
@@ -210,11 +221,16 @@ pub fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// Records commands with `f` and submits them.
-pub fn run(ctx: &edgetune::gpu::GpuContext, f: impl FnOnce(&mut edgetune::gpu::Encoder) -> edgetune::Result<()>) {
+/// Records commands with `f` and submits them; returns how many dispatches `f` recorded.
+pub fn run(
+    ctx: &edgetune::gpu::GpuContext,
+    f: impl FnOnce(&mut edgetune::gpu::Encoder) -> edgetune::Result<()>,
+) -> u64 {
     let mut enc = ctx.encoder();
     f(&mut enc).expect("dispatch");
+    let recorded = enc.recorded();
     ctx.submit([enc.finish()]);
+    recorded
 }
 
 /// Random Q4_1 blocks (each block's f16 scale and minimum, 16 bytes of codes) for `n` values.

@@ -187,6 +187,7 @@ impl GpuContext {
             whole: false,
             hold: SlotHold { ring: self.uniforms.clone(), generation: 0, bytes: 0 },
             dispatches: 0,
+            recorded: 0,
         }
     }
 
@@ -277,6 +278,7 @@ impl GpuContext {
         }
         enc.hold.bytes += slot;
         enc.dispatches += 1;
+        enc.recorded += 1;
         ring.outstanding += slot;
         let buf = ring.buf.clone().ok_or_else(|| Error::Gpu("uniform ring missing".into()))?;
         Ok((buf, offset))
@@ -404,6 +406,8 @@ pub struct Encoder {
     hold: SlotHold,
     /// Dispatches recorded since it was last submitted.
     dispatches: u64,
+    /// Dispatches recorded since it was made.
+    recorded: u64,
 }
 
 impl Encoder {
@@ -412,6 +416,13 @@ impl Encoder {
     pub fn whole(mut self) -> Self {
         self.whole = true;
         self
+    }
+
+    /// Dispatches recorded into this encoder since it was made, submitted part-way or not:
+    /// what one piece of work records, where the context's [`GpuContext::counts`] also count
+    /// what other threads record on the same context.
+    pub fn recorded(&self) -> u64 {
+        self.recorded
     }
 
     /// Closes the open pass and finishes the commands, ready for [`GpuContext::submit`].
