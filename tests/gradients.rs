@@ -659,6 +659,16 @@ fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
     }
 }
 
+/// The blocked attention's backward passes combine rows over as many lanes as the subgroup
+/// has, read at run time (`common/attention_rows.wgsl`), where lavapipe's subgroups have 8: the
+/// test below again with subgroups of 4 lanes and, on a CPU with AVX-512, 16.
+#[test]
+fn attention_backward_kernels_match_twin_with_subgroups_of_4_and_16_lanes() {
+    for lanes in common::other_subgroup_sizes(&gpu()) {
+        common::rerun_with_subgroups_of("attention_backward_kernels_match_twin_on_packed_batches", lanes);
+    }
+}
+
 #[test]
 fn attention_backward_kernels_match_twin_on_packed_batches() {
     // And tile128 with its default small-grid threshold, under which GQA's dK/dV pass runs a

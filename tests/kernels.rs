@@ -1428,6 +1428,17 @@ fn rope_matches_reference() {
     }
 }
 
+/// The tiled families' attention combines each row's maximum and sum over as many lanes as the
+/// subgroup has, its size read at run time (`common/attention_rows.wgsl`), where lavapipe's
+/// subgroups have 8: the test below again with subgroups of 4 lanes and, on a CPU with AVX-512,
+/// 16.
+#[test]
+fn attention_matches_reference_with_subgroups_of_4_and_16_lanes() {
+    for lanes in common::other_subgroup_sizes(&ctx()) {
+        common::rerun_with_subgroups_of("attention_matches_reference_with_gqa_and_cache_offset", lanes);
+    }
+}
+
 #[test]
 fn attention_matches_reference_with_gqa_and_cache_offset() {
     // And tile128 on a device opened without subgroup operations, whose blocked forward kernel

@@ -133,9 +133,58 @@ pub fn assert_close_slack(what: &str, actual: &[f32], expected: &[f32], rel: f32
 }
 
 /// The GPU context for a test. A missing adapter fails the test: it is never a silent skip.
+/// In a run of [`rerun_with_subgroups_of`], the adapter must have subgroups of the size asked for.
 pub fn gpu() -> edgetune::gpu::GpuContext {
-    edgetune::gpu::GpuContext::new(&edgetune::gpu::GpuOptions::default())
-        .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"))
+    let ctx = edgetune::gpu::GpuContext::new(&edgetune::gpu::GpuOptions::default())
+        .unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}"));
+    if let Ok(lanes) = std::env::var(SUBGROUP_LANES) {
+        let lanes: u32 = lanes.parse().expect("a number of lanes");
+        assert_eq!(ctx.report.subgroup_size, (lanes, lanes), "{SUBGROUP_LANES}: the adapter's subgroup size");
+    }
+    ctx
+}
+
+/// Set by [`rerun_with_subgroups_of`] in the run it starts: the subgroup size its adapter must have.
+const SUBGROUP_LANES: &str = "EDGETUNE_TEST_SUBGROUP_LANES";
+
+/// The subgroup sizes other than its default of 8 that lavapipe can be given on this CPU, for
+/// [`rerun_with_subgroups_of`]: 4 (128-bit vectors, any CPU) and, with AVX-512, 16. Empty (and
+/// said) on another adapter, whose own size the tests run.
+pub fn other_subgroup_sizes(ctx: &edgetune::gpu::GpuContext) -> Vec<u32> {
+    if !ctx.report.name.starts_with("llvmpipe") {
+        eprintln!("{} runs the tests at its own subgroup size; other sizes are set on lavapipe only", ctx.report.name);
+        return vec![];
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        return vec![4, 16];
+    }
+    eprintln!("subgroups of 16 lanes need AVX-512, which this CPU lacks: 4 lanes only");
+    vec![4]
+}
+
+/// Runs this test binary's test `name` again in a child process whose lavapipe has subgroups
+/// of `lanes` lanes (`LP_NATIVE_VECTOR_WIDTH`, 32 bits a lane, which Mesa reads once, at
+/// start-up), where the default context must report that size ([`gpu`]). Fails, with the
+/// child's output, unless that one test ran and passed. Mesa's shader cache does not key its
+/// entries by the vector width: with the usual cache the child would run kernels compiled for
+/// 8 lanes (and leave ones compiled for its width to other processes), so it keeps a cache of
+/// its own for each width.
+pub fn rerun_with_subgroups_of(name: &str, lanes: u32) {
+    let exe = std::env::current_exe().expect("the test binary");
+    let home_cache = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache"));
+    let cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or(home_cache).unwrap_or_else(std::env::temp_dir);
+    let out = std::process::Command::new(exe)
+        .args([name, "--exact", "--nocapture"])
+        .env("LP_NATIVE_VECTOR_WIDTH", (32 * lanes).to_string())
+        .env("MESA_SHADER_CACHE_DIR", cache.join(format!("edgetune/mesa-shader-cache-{lanes}-lanes")))
+        .env(SUBGROUP_LANES, lanes.to_string())
+        .output()
+        .expect("run the test binary again");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let ran = text.contains("test result: ok. 1 passed");
+    assert!(out.status.success() && ran, "{name} with subgroups of {lanes} lanes:\n{text}");
+    eprintln!("{name}: passed with subgroups of {lanes} lanes");
 }
 
 /// A context for every kernel family the adapter can run (see [`fresh_gpus`]), opened once for
