@@ -5,9 +5,13 @@ use std::path::PathBuf;
 
 use safetensors::{Dtype, SafeTensors};
 
-/// The repository's `tests/reference/fixtures` folder.
+/// The repository's `tests/reference/fixtures` folder: `EDGETUNE_FIXTURES` when set, for test
+/// binaries built in one checkout and run in another (`scripts/gpu-tests.sh`), else this
+/// checkout's.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures")
+    std::env::var_os("EDGETUNE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures"))
 }
 
 /// A fixture safetensors file, loaded whole.
