@@ -73,6 +73,63 @@ fn every_shader_binds_at_most_the_default_number_of_storage_buffers() {
     eprintln!("the most storage buffers a kernel binds: {} ({})", most.0, most.1);
 }
 
+/// The kernel family table (`gpu/family.rs`) picks a family only where the adapter's workgroup
+/// memory holds its kernels, by constants written out by hand; each is checked here against what
+/// its kernels declare, measured by naga (`edgetune::gpu::workgroup_bytes`): every kernel fits
+/// the bound of the family that runs it, and each family's bound is its largest kernel's, exact.
+/// Every kernel outside the tiled and cooperative-matrix families fits 16 KiB (Vulkan's minimum,
+/// WebGPU's default), so those run on any adapter.
+#[test]
+fn every_kernel_fits_the_workgroup_memory_its_family_is_picked_for() {
+    use edgetune::gpu::family as f;
+    let bound = |name: &str| -> (&str, u32) {
+        let base = name.split('.').next().unwrap_or(name);
+        if name.contains(".coop16") {
+            ("coop16", f::COOP16_WORKGROUP_BYTES)
+        } else if name.contains(".coop8") {
+            ("coop8", f::COOP8_WORKGROUP_BYTES)
+        } else if name.contains(".tile64") {
+            ("tile64", f::TILE64_WORKGROUP_BYTES)
+        } else if base.starts_with("attention") && base.ends_with("_t128") {
+            ("tile128 attention", f::ATTENTION_T128_WORKGROUP_BYTES)
+        } else if base.ends_with("_t128") {
+            ("tile128", f::TILE128_WORKGROUP_BYTES)
+        } else {
+            ("any adapter", f::PORTABLE_WORKGROUP_BYTES)
+        }
+    };
+    let mut largest: std::collections::BTreeMap<&str, (u32, &str)> = Default::default();
+    for s in shaders::ALL_SHADERS {
+        let bytes = edgetune::gpu::workgroup_bytes(s.name, &shaders::expand(s).expect("expand"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (class, most) = bound(s.name);
+        assert!(bytes <= most, "{} uses {bytes} bytes of workgroup memory; {class} kernels may use {most}", s.name);
+        let entry = largest.entry(class).or_insert((0, ""));
+        *entry = (*entry).max((bytes, s.name));
+    }
+    eprintln!("the largest kernel of each class: {largest:?}");
+    for class in ["coop16", "coop8", "tile64", "tile128 attention", "tile128"] {
+        let name = largest.get(class).map_or("", |l| l.1);
+        let (_, constant) = bound(name);
+        assert_eq!(largest.get(class).map(|l| l.0), Some(constant), "{class}: the table's bytes against {name}'s");
+    }
+}
+
+/// wgpu does not hold a kernel to the device's workgroup memory (a driver given one past it
+/// may fail in ways that name nothing), so the context does: on a device opened with 16 KiB, a
+/// kernel that needs more is refused before it is compiled, naming it, its bytes and the
+/// limit, and its 64 x 64 variant compiles.
+#[test]
+fn a_kernel_past_the_devices_workgroup_memory_is_refused_naming_it() {
+    let ctx = common::small_workgroup_gpu();
+    for (s, bytes) in [(&shaders::MATMUL_T128, 16960), (&shaders::ATTENTION_T128, 25616)] {
+        let err = ctx.pipeline(s, None).expect_err("past 16 KiB").to_string();
+        let want = format!("shader {} uses {bytes} bytes of workgroup memory and this device allows 16384", s.name);
+        assert!(err.contains(&want), "{err}");
+    }
+    ctx.pipeline(&shaders::MATMUL_T64, None).expect("tile64 fits");
+}
+
 /// A kernel's expanded source parsed and validated by naga, the compiler wgpu uses, with its
 /// pipeline constants resolved as wgpu resolves them before it hands a module to a back end
 /// (the quantized kernels' block size: 64).
@@ -634,11 +691,16 @@ fn lora_gradient_products_read_blocks_of_columns_and_gather_rows() {
 fn tile128_gives_products_with_small_grids_to_its_64_x_64_variant() {
     use edgetune::gpu::family::TILE128_MIN_GROUPS;
     use edgetune::gpu::{KernelFamily, Timer};
-    let open = |min| {
-        let opts = GpuOptions { kernels: Some(KernelFamily::Tile128), tile128_min_groups: min, ..Default::default() };
+    let open = |min, max_workgroup_storage| {
+        let opts = GpuOptions {
+            kernels: Some(KernelFamily::Tile128),
+            tile128_min_groups: min,
+            max_workgroup_storage,
+            ..Default::default()
+        };
         GpuContext::new(&opts).expect("tile128 (lavapipe runs it)")
     };
-    let default = open(None);
+    let default = open(None, None);
     assert_eq!(default.report.kernels.tile128_min_groups, TILE128_MIN_GROUPS);
     let said = default.report.kernels.to_string();
     assert!(said.contains(&format!("fewer than {TILE128_MIN_GROUPS} 128 x 128 tiles")), "{said}");
@@ -653,11 +715,17 @@ fn tile128_gives_products_with_small_grids_to_its_64_x_64_variant() {
         r::matmul_backward(&dy, &w, m, n, k),
         r::matmul_backward_w(&dy, &x, m, n, k),
     ];
-    // Threshold, and whether each of the three (grids 3 x 2 = 6, 2 x 2 = 4, 2 x 3 = 6) runs tile128.
-    for (min, tiled) in
-        [(Some(0), [true; 3]), (Some(6), [true, false, true]), (Some(7), [false; 3]), (None, [false; 3])]
-    {
-        let ctx = open(min);
+    // Threshold, and whether each of the three (grids 3 x 2 = 6, 2 x 2 = 4, 2 x 3 = 6) runs tile128;
+    // last, a device with 16 KiB of workgroup memory, which holds only tile64's blocks.
+    for (min, cap, tiled) in [
+        (Some(0), None, [true; 3]),
+        (Some(6), None, [true, false, true]),
+        (Some(7), None, [false; 3]),
+        (None, None, [false; 3]),
+        (None, Some(16384), [false; 3]),
+    ] {
+        let ctx = open(min, cap);
+        let min = (min, cap);
         let (xb, wb, dyb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("dy", &dy));
         let (y, dx, dw) =
             (ctx.storage_zeroed("y", m * n), ctx.storage_zeroed("dx", m * k), ctx.storage_zeroed("dw", n * k));
@@ -777,9 +845,11 @@ fn matmul_over_two_planes_matches_dequantized_reference() {
     }
 }
 
+/// In every family, and in tile128 on a device with 16 KiB of workgroup memory (every product
+/// on tile64's blocks, each kernel held to that limit).
 #[test]
 fn matmul_nf4_matches_dequantized_reference() {
-    for ctx in gpus() {
+    for ctx in gpus().into_iter().chain([common::small_workgroup_gpu()]) {
         eprintln!("kernels: {}", ctx.report.kernels);
         // (3, 5, 40, 32): rows of 40 values, so NF4 blocks straddle rows (packed words never do).
         let shapes = [

@@ -234,6 +234,15 @@ fn llama_ten_step_adamw_curve_matches_peft() {
     curve("llama", false);
 }
 
+/// An adapter with 16 KiB of workgroup memory (Vulkan's minimum, WebGPU's default) gets tile128
+/// with every product on its 64 x 64 blocks (tile64) and attention on portable's kernels, and
+/// its context refuses any kernel past that limit: ten steps there, with gradient
+/// checkpointing, follow PEFT's curve, so nothing a step records needs more.
+#[test]
+fn llama_ten_step_adamw_curve_matches_peft_in_16_kib_of_workgroup_memory() {
+    curve_on(common::small_workgroup_gpu(), "llama", true);
+}
+
 #[test]
 fn qwen2_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("qwen2", true);

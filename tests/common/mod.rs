@@ -203,6 +203,31 @@ pub fn gpus() -> Vec<std::sync::Arc<edgetune::gpu::GpuContext>> {
     SHARED.get_or_init(|| fresh_gpus().into_iter().map(std::sync::Arc::new).collect()).clone()
 }
 
+/// tile128 on a device opened with 16 KiB of workgroup memory (Vulkan's minimum, WebGPU's
+/// default), shared by the test binary: what an adapter with that little gets, every product on
+/// tile64's 64 x 64 blocks and attention on portable's kernels. Each kernel the context compiles
+/// is measured against that limit and refused past it (`edgetune::gpu::workgroup`), so a test
+/// that runs on it fails if that family dispatches a kernel that needs more.
+pub fn small_workgroup_gpu() -> std::sync::Arc<edgetune::gpu::GpuContext> {
+    use edgetune::gpu::family::{PORTABLE_WORKGROUP_BYTES, TILE64_ONLY};
+    use edgetune::gpu::{GpuContext, GpuOptions, KernelFamily};
+    static SHARED: std::sync::OnceLock<std::sync::Arc<GpuContext>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let opts = GpuOptions {
+                kernels: Some(KernelFamily::Tile128),
+                max_workgroup_storage: Some(PORTABLE_WORKGROUP_BYTES),
+                ..Default::default()
+            };
+            let ctx = GpuContext::new(&opts).unwrap_or_else(|e| panic!("tile128 in 16 KiB: {e}"));
+            assert_eq!(ctx.report.max_compute_workgroup_storage_size, PORTABLE_WORKGROUP_BYTES);
+            let k = ctx.report.kernels;
+            assert_eq!((k.tile128_min_groups, k.attention), (TILE64_ONLY, KernelFamily::Portable), "{k}");
+            std::sync::Arc::new(ctx)
+        })
+        .clone()
+}
+
 /// A new context for every kernel family the adapter can run (see `edgetune::gpu::family`):
 /// the default one first, then each other family forced, so tests on lavapipe cover `simd8`,
 /// `portable` and `tile128` (on 128 x 128 tiles and, in a context of its own, on 64 x 64 ones,

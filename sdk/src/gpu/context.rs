@@ -45,6 +45,12 @@ pub struct GpuOptions {
     /// and for tests of those kernels); `EDGETUNE_NO_SUBGROUPS=1` does the same. The simd8
     /// family, which needs them, is then not picked.
     pub no_subgroups: bool,
+    /// Opens the device with at most this many bytes of workgroup memory a workgroup (the
+    /// adapter's own limit where that is less), so that the kernel table picks, and the context
+    /// runs, what an adapter with that much gets: for a driver that overstates its limit, and
+    /// for tests of the families small adapters get (Vulkan's minimum, and WebGPU's default, is
+    /// 16,384 bytes).
+    pub max_workgroup_storage: Option<u32>,
 }
 
 /// How long the host waits for the GPU by default: far longer than any one training step or
@@ -317,7 +323,10 @@ impl GpuContext {
         };
         let info = adapter.get_info();
         let features = adapter.features();
-        let limits = adapter.limits();
+        let mut limits = adapter.limits();
+        if let Some(cap) = opts.max_workgroup_storage {
+            limits.max_compute_workgroup_storage_size = limits.max_compute_workgroup_storage_size.min(cap);
+        }
         let mut required = wgpu::Features::empty();
         let no_subgroups = opts.no_subgroups || family::no_subgroups_from_env()?;
         let features = if no_subgroups { features - wgpu::Features::SUBGROUP } else { features };
@@ -360,10 +369,15 @@ impl GpuContext {
             Some(f) => Some(f),
             None => family::from_env()?,
         };
-        let mut kernels = family::choose(&facts, forced)?;
-        kernels.tile128_min_groups = match opts.tile128_min_groups {
-            Some(groups) => groups,
-            None => family::tile128_min_groups_from_env()?.unwrap_or(kernels.tile128_min_groups),
+        let kernels = family::choose(&facts, forced)?;
+        let kernels = match opts.tile128_min_groups {
+            Some(groups) => family::with_min_groups(kernels, &facts, Some(groups), "GpuOptions::tile128_min_groups")?,
+            None => family::with_min_groups(
+                kernels,
+                &facts,
+                family::tile128_min_groups_from_env()?,
+                "EDGETUNE_TILE128_MIN_GROUPS",
+            )?,
         };
         // Cooperative matrices are an experimental wgpu feature: asked for only when a family
         // that uses them is to be tried (and then only used after its self-test).
@@ -645,6 +659,17 @@ impl GpuContext {
             shader
         };
         let source = expand(shader)?;
+        // wgpu does not check this limit, and a driver may fail without a word (see
+        // gpu/workgroup.rs); the family table keeps the kernels it picks inside it.
+        let (bytes, limit) =
+            (super::workgroup_bytes(shader.name, &source)?, self.limits.max_compute_workgroup_storage_size);
+        if bytes > limit {
+            return Err(Error::Gpu(format!(
+                "shader {} uses {bytes} bytes of workgroup memory and this device allows {limit} \
+                 (max_compute_workgroup_storage_size)",
+                shader.name
+            )));
+        }
         let overrides = overrides_in(&source).into_iter().map(str::to_owned).collect();
         let entries: Vec<wgpu::BindGroupLayoutEntry> = shader
             .bindings_in(&source)?

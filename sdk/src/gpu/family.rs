@@ -7,7 +7,7 @@
 //! | --- | --- | --- | --- |
 //! | `portable` | 64 x 64 tiles, 4 x 4 a thread | a workgroup per (query, head) | anything else |
 //! | `simd8` | 32 x 32 blocks in 8-lane registers | 8 queries a workgroup | a CPU adapter with 8-lane subgroups (lavapipe) |
-//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 64 queries (forward, dQ) or 64 keys (dK, dV) a workgroup, register-tiled, rows reduced with subgroup shuffles (25 KiB; else portable) | a GPU with 17 KiB of workgroup memory |
+//! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 64 queries (forward, dQ) or 64 keys (dK, dV) a workgroup, register-tiled, rows reduced with subgroup shuffles (25 KiB; else portable) | a GPU with 16,960 bytes of workgroup memory; from 8,768, every product on 64 x 64 blocks (tile64) |
 //! | `coop16` | forward and input gradients through frozen weights: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums, each row of the activations or gradients scaled by a power of two into f16's range; other gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
 //! | `coop8` | every many-row product: 128 x 128 tiles of 8 x 8 x 8 f32 cooperative-matrix fragments (Metal's simdgroup matrices) | as `tile128` | a GPU that lists that configuration and not coop16's, once its self-test passes |
 //!
@@ -36,7 +36,8 @@ pub enum KernelFamily {
     Portable,
     /// 32 x 32 blocks in 8-lane registers, for CPU adapters with 8-lane subgroups (lavapipe).
     Simd8,
-    /// 128 x 128 tiles, 8 x 8 a thread, for GPUs with 17 KiB of workgroup memory.
+    /// 128 x 128 tiles, 8 x 8 a thread, for GPUs with 16,960 bytes of workgroup memory (from
+    /// 8,768, every product on its 64 x 64 blocks).
     Tile128,
     /// Cooperative-matrix (tensor core) products on f16 operands with f32 sums.
     Coop16,
@@ -99,7 +100,9 @@ pub struct Kernels {
     /// Products whose grid of 128 x 128 tiles would have fewer workgroups than this run on
     /// 64 x 64 blocks (four times the workgroups), tile128's kernels on its `tile64` core: in the
     /// tile128 family, and for coop16's gradients. 0 keeps tile128 for every product. See
-    /// [`TILE128_MIN_GROUPS`]. The same small-grid threshold splits the blocked attention's
+    /// [`TILE128_MIN_GROUPS`]. [`TILE64_ONLY`] (`u32::MAX`) runs every product on them: the
+    /// table's value for tile128 on an adapter whose workgroup memory holds tile64's blocks and
+    /// not tile128's. The same small-grid threshold splits the blocked attention's
     /// dK/dV pass by query head under GQA ([`crate::gpu::launch::head_split`]).
     pub tile128_min_groups: u32,
 }
@@ -113,7 +116,9 @@ impl std::fmt::Display for Kernels {
         )?;
         let tiles128 =
             [self.matmul, self.matmul_grad].iter().any(|k| matches!(k, KernelFamily::Tile128 | KernelFamily::Coop16));
-        if tiles128 && self.tile128_min_groups > 0 {
+        if tiles128 && self.tile128_min_groups == TILE64_ONLY {
+            write!(f, "; every product on 64 x 64 blocks (tile64)")?;
+        } else if tiles128 && self.tile128_min_groups > 0 {
             write!(f, "; products of fewer than {} 128 x 128 tiles on 64 x 64 (tile64)", self.tile128_min_groups)?;
         }
         Ok(())
@@ -152,13 +157,30 @@ pub struct AdapterFacts {
 /// 0 beside it, so that a GPU run can set it.
 pub const TILE128_MIN_GROUPS: u32 = 512;
 
+/// [`Kernels::tile128_min_groups`] that puts every product on 64 x 64 blocks (tile64).
+pub const TILE64_ONLY: u32 = u32::MAX;
+
 /// Workgroup memory the tile128 kernels declare: two (16, 132) f32 tiles and the NF4 code book.
+/// `tests/kernels.rs` checks each of these constants against what the kernels declare
+/// ([`crate::gpu::workgroup_bytes`]).
 pub const TILE128_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 4 + 16 * 4;
 
-/// Workgroup memory the tile128 attention kernels declare (the forward's and dQ's; dK/dV's 4
-/// bytes less): staged chunks of the operands (8 KiB), a 64 x 64 block of probabilities or
-/// their gradients in padded rows, and the block's key range.
-pub const ATTENTION_T128_WORKGROUP_BYTES: u32 = (512 + 64 * 17) * 16 + 8;
+/// Workgroup memory tile128's kernels on 64 x 64 blocks (the `.tile64` variants) declare: two
+/// (16, 68) f32 tiles and the NF4 code book. An adapter with this much and less than
+/// [`TILE128_WORKGROUP_BYTES`] runs the tile128 family with every product on them.
+pub const TILE64_WORKGROUP_BYTES: u32 = 2 * 16 * 68 * 4 + 16 * 4;
+
+/// Workgroup memory every kernel outside the tiled and cooperative-matrix families may use at
+/// most: Vulkan's smallest `maxComputeSharedMemorySize`, and WebGPU's default, so that the
+/// portable and simd8 kernels, the one-row products and the element-wise kernels run on any
+/// adapter.
+pub const PORTABLE_WORKGROUP_BYTES: u32 = 16384;
+
+/// Workgroup memory the tile128 attention kernels may take: staged chunks of the operands
+/// (8 KiB), a 64 x 64 block of probabilities or their gradients in padded rows, and the block's
+/// key range (8 bytes, or dK/dV's 4), which a driver may place before the 16-byte-aligned
+/// arrays and so pad to 16 (see [`crate::gpu::workgroup_bytes`]).
+pub const ATTENTION_T128_WORKGROUP_BYTES: u32 = (512 + 64 * 17) * 16 + 16;
 
 /// Workgroup memory the coop16 kernels declare: two (16, 136) f16 tiles, eight 16 x 16 f32
 /// fragments, the 128 rows' scale exponents and the NF4 code book.
@@ -167,6 +189,14 @@ pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 128 * 4
 /// Workgroup memory the coop8 kernels declare: two (16, 136) f32 tiles (the epilogue's scratch
 /// too) and the NF4 code book.
 pub const COOP8_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 4 + 16 * 4;
+
+// The order of the bounds that the table relies on: tile64 runs wherever the portable kernels
+// do, and an adapter that holds the matrix units' families or the blocked attention holds
+// tile128's tiles (so `kernels_of` gives only tile128 64 x 64 blocks throughout).
+const _: () = assert!(TILE64_WORKGROUP_BYTES <= PORTABLE_WORKGROUP_BYTES);
+const _: () = assert!(TILE128_WORKGROUP_BYTES <= COOP16_WORKGROUP_BYTES);
+const _: () = assert!(TILE128_WORKGROUP_BYTES <= COOP8_WORKGROUP_BYTES);
+const _: () = assert!(TILE128_WORKGROUP_BYTES <= ATTENTION_T128_WORKGROUP_BYTES);
 
 /// Why `family` cannot run on the adapter, or `None` when it can.
 pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
@@ -180,9 +210,10 @@ pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
                 )
             }),
         KernelFamily::Tile128 => {
-            (a.max_workgroup_storage < TILE128_WORKGROUP_BYTES || a.max_invocations < 256).then(|| {
+            (a.max_workgroup_storage < TILE64_WORKGROUP_BYTES || a.max_invocations < 256).then(|| {
                 format!(
-                    "needs {TILE128_WORKGROUP_BYTES} bytes of workgroup memory and 256 invocations a workgroup \
+                    "needs {TILE64_WORKGROUP_BYTES} bytes of workgroup memory (its 64 x 64 blocks; \
+                     {TILE128_WORKGROUP_BYTES} for 128 x 128 tiles) and 256 invocations a workgroup \
                      (this adapter: {} bytes, {} invocations)",
                     a.max_workgroup_storage, a.max_invocations
                 )
@@ -241,7 +272,34 @@ pub fn kernels_of(family: KernelFamily, a: &AdapterFacts) -> Kernels {
         KernelFamily::Coop16 | KernelFamily::Coop8 | KernelFamily::Tile128 => (family, family, blocked),
         KernelFamily::Portable => (family, family, family),
     };
-    Kernels { family, matmul, matmul_grad, attention, tile128_min_groups: TILE128_MIN_GROUPS }
+    // Coop16 and coop8 need more workgroup memory than tile128, so only tile128 is picked where
+    // its 128 x 128 tiles do not fit.
+    let tile128_min_groups = if family == KernelFamily::Tile128 && a.max_workgroup_storage < TILE128_WORKGROUP_BYTES {
+        TILE64_ONLY
+    } else {
+        TILE128_MIN_GROUPS
+    };
+    Kernels { family, matmul, matmul_grad, attention, tile128_min_groups }
+}
+
+/// `kernels` with the small-grid threshold asked for (`GpuOptions::tile128_min_groups`, else
+/// `EDGETUNE_TILE128_MIN_GROUPS`), where one was; `from` names where it came from. Asking for
+/// 128 x 128 tiles (any threshold but [`TILE64_ONLY`]) on an adapter that cannot hold them is an
+/// error, never a silent fallback.
+pub fn with_min_groups(kernels: Kernels, a: &AdapterFacts, asked: Option<u32>, from: &str) -> Result<Kernels> {
+    let Some(groups) = asked else { return Ok(kernels) };
+    if kernels.tile128_min_groups == TILE64_ONLY && groups != TILE64_ONLY {
+        return Err(Error::invalid(
+            from,
+            format!(
+                "{groups} asks for 128 x 128 tiles on grids of {groups} workgroups or more, which need \
+                 {TILE128_WORKGROUP_BYTES} bytes of workgroup memory; this adapter has {}, so every {} \
+                 product runs on 64 x 64 blocks (leave it unset)",
+                a.max_workgroup_storage, kernels.family
+            ),
+        ));
+    }
+    Ok(Kernels { tile128_min_groups: groups, ..kernels })
 }
 
 /// `EDGETUNE_TILE128_MIN_GROUPS`, if it is set (anything but a whole number is an error).
@@ -311,8 +369,18 @@ mod tests {
         assert_eq!(pick(facts(IntegratedGpu, (8, 32), 32768)), k(Tile128, Tile128, Tile128, Tile128));
         // Enough for the matmul tiles, not for the attention blocks.
         assert_eq!(pick(facts(IntegratedGpu, (8, 32), 20480)), k(Tile128, Tile128, Tile128, Portable));
-        // The WebGPU default of 16 KiB is too little for tile128.
-        assert_eq!(pick(facts(IntegratedGpu, (0, 0), 16384)), k(Portable, Portable, Portable, Portable));
+        // The WebGPU default of 16 KiB is too little for tile128's 128 x 128 tiles and enough for
+        // its 64 x 64 blocks (tile64): every product on them, attention portable.
+        let small = Kernels { tile128_min_groups: TILE64_ONLY, ..k(Tile128, Tile128, Tile128, Portable) };
+        assert_eq!(pick(facts(IntegratedGpu, (0, 0), 16384)), small);
+        assert_eq!(pick(facts(IntegratedGpu, (0, 0), TILE128_WORKGROUP_BYTES - 1)), small);
+        assert_eq!(pick(facts(IntegratedGpu, (0, 0), TILE64_WORKGROUP_BYTES)), small);
+        assert_eq!(
+            pick(facts(IntegratedGpu, (0, 0), TILE64_WORKGROUP_BYTES - 1)),
+            k(Portable, Portable, Portable, Portable)
+        );
+        assert_eq!(pick(facts(IntegratedGpu, (0, 0), TILE128_WORKGROUP_BYTES)), k(Tile128, Tile128, Tile128, Portable));
+        assert!(small.to_string().ends_with("every product on 64 x 64 blocks (tile64)"), "{small}");
         // Matrix units: the forward products on them, the gradients in f32.
         let coop = AdapterFacts { coop_16x16_f16: true, ..facts(DiscreteGpu, (32, 32), 49152) };
         assert_eq!(pick(coop), k(Coop16, Coop16, Coop16, Tile128));
@@ -324,7 +392,7 @@ mod tests {
         assert_eq!(pick(apple), k(Coop8, Coop8, Coop8, Tile128));
         assert_eq!(pick(AdapterFacts { coop_16x16_f16: true, ..apple }).family, Coop16);
         assert_eq!(pick(AdapterFacts { subgroup_size: (64, 64), ..apple }).family, Tile128);
-        assert_eq!(pick(AdapterFacts { max_workgroup_storage: 16384, ..apple }).family, Portable);
+        assert_eq!(pick(AdapterFacts { max_workgroup_storage: 16384, ..apple }), small);
     }
 
     #[test]
@@ -336,9 +404,24 @@ mod tests {
         );
         let err = choose(&gpu, Some(KernelFamily::Simd8)).expect_err("simd8 on a GPU").to_string();
         assert!(err.contains("simd8") && err.contains("8-lane"), "{err}");
+        let tiny = facts(wgpu::DeviceType::IntegratedGpu, (32, 32), 8192);
+        let err = choose(&tiny, Some(KernelFamily::Tile128)).expect_err("tile128 in 8 KiB").to_string();
+        assert!(err.contains("tile128") && err.contains("8192") && err.contains("8768"), "{err}");
+        // In 16 KiB, tile128 on 64 x 64 blocks: a threshold that asks for 128 x 128 tiles is
+        // refused, naming where it came from; asking for tile64 throughout is what it does.
         let small = facts(wgpu::DeviceType::IntegratedGpu, (32, 32), 16384);
-        let err = choose(&small, Some(KernelFamily::Tile128)).expect_err("tile128 in 16 KiB").to_string();
-        assert!(err.contains("tile128") && err.contains("16384"), "{err}");
+        let k = choose(&small, Some(KernelFamily::Tile128)).expect("tile128 on 64 x 64 blocks");
+        assert_eq!(k.tile128_min_groups, TILE64_ONLY);
+        let err = with_min_groups(k, &small, Some(0), "EDGETUNE_TILE128_MIN_GROUPS").expect_err("128 tiles");
+        let err = err.to_string();
+        assert!(err.contains("EDGETUNE_TILE128_MIN_GROUPS") && err.contains("16960") && err.contains("16384"), "{err}");
+        assert_eq!(with_min_groups(k, &small, Some(TILE64_ONLY), "x").expect("tile64"), k);
+        assert_eq!(with_min_groups(k, &small, None, "x").expect("the table's"), k);
+        // Where the tiles fit, any threshold is taken as asked.
+        let big = choose(&gpu, None).expect("tile128");
+        assert_eq!(with_min_groups(big, &gpu, Some(0), "x").expect("0").tile128_min_groups, 0);
+        let err = choose(&small, Some(KernelFamily::Coop8)).expect_err("coop8 in 16 KiB").to_string();
+        assert!(err.contains("17472"), "{err}");
         let err = choose(&gpu, Some(KernelFamily::Coop16)).expect_err("no matrix units").to_string();
         assert!(err.contains("coop16") && err.contains("cooperative 16x16 f16 false"), "{err}");
         let err = choose(&gpu, Some(KernelFamily::Coop8)).expect_err("no matrix units").to_string();

@@ -6,6 +6,7 @@ pub mod launch;
 pub mod memory;
 pub mod probe;
 pub mod profile;
+pub mod workgroup;
 pub use edgetune_shaders as shaders;
 
 pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions};
@@ -13,3 +14,4 @@ pub use dispatch::{BindGroups, Commands, Encoder, PendingRead};
 pub use family::{KernelFamily, Kernels};
 pub use memory::GpuMemory;
 pub use profile::{Cost, KernelTime, Timer};
+pub use workgroup::workgroup_bytes;
