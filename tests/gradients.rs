@@ -666,7 +666,7 @@ fn rms_norm_rope_silu_gelu_backward_kernels_match_twins() {
 /// test below again with subgroups of 4 lanes and, on a CPU with AVX-512, 16.
 #[test]
 fn attention_backward_kernels_match_twin_with_subgroups_of_4_and_16_lanes() {
-    for lanes in common::other_subgroup_sizes(&gpu()) {
+    for lanes in common::other_subgroup_sizes(&gpus()[0]) {
         common::rerun_with_subgroups_of("attention_backward_kernels_match_twin_on_packed_batches", lanes);
     }
 }

@@ -9,9 +9,11 @@ use edgetune::gpu::{launch, shaders};
 use edgetune::quant::nf4;
 use edgetune::reference as r;
 
+/// On the binary's shared default context, so that the default family's tests find their
+/// pipelines made.
 #[test]
 fn every_shader_compiles_on_the_adapter() {
-    let ctx = ctx();
+    let ctx = gpus().swap_remove(0);
     eprintln!("{}", ctx.report);
     for s in shaders::ALL_SHADERS {
         if s.uses_subgroups() && !ctx.report.subgroups {
@@ -1504,7 +1506,7 @@ fn rope_matches_reference() {
 /// 16.
 #[test]
 fn attention_matches_reference_with_subgroups_of_4_and_16_lanes() {
-    for lanes in common::other_subgroup_sizes(&ctx()) {
+    for lanes in common::other_subgroup_sizes(&gpus()[0]) {
         common::rerun_with_subgroups_of("attention_matches_reference_with_gqa_and_cache_offset", lanes);
     }
 }
