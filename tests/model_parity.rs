@@ -171,6 +171,53 @@ fn decode_matches_full(kind: &str) {
     }
 }
 
+/// A prompt longer than `LoadOptions::prefill_chunk` runs in chunks, each attending to what the
+/// ones before it put in the cache: the last position's logits, and the tokens decoded after
+/// them, are transformers' full forward's, for chunks of 1, 3, 4 (dividing the prompt or not,
+/// a last chunk of one token), the prompt less one and the whole prompt, and for Mistral with
+/// its sliding window of 4 across the chunks' edges. Each chunk is one submission. A prompt
+/// with a token outside the vocabulary in its last chunk, or one past the cache, is refused
+/// before any of it runs (the cache stays empty), and a chunk of 0 tokens is refused at load.
+#[test]
+fn a_long_prompt_runs_in_chunks_and_gives_the_full_forwards_logits() {
+    for kind in ["llama", "mistral"] {
+        let fx = Fixture::open(&format!("tiny_{kind}_expected.safetensors"));
+        let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
+        let full = fx.f32("logits");
+        let dir = fixtures().join(format!("tiny_{kind}"));
+        let prompt = ids.len() - 2;
+        for chunk in [1, 3, 4, prompt - 1, prompt] {
+            let opts = LoadOptions { quant: Quant::None, prefill_chunk: chunk, ..Default::default() };
+            // A context of its own: the submissions counted are this model's.
+            let model = Model::open(ctx(), &dir, &opts).expect("load");
+            let v = model.config.vocab_size;
+            let label = format!("{kind}, {prompt} tokens in chunks of {chunk}");
+            let mut cache = model.new_cache().expect("cache");
+            let mut bad = ids[..prompt].to_vec();
+            bad[prompt - 1] = v as u32;
+            let err = model.next_logits(&bad, &mut cache).expect_err("a token outside the vocabulary").to_string();
+            assert!(err.contains(&format!("{v} is outside the vocabulary")), "{label}: {err}");
+            let long = vec![1u32; cache.capacity + 1];
+            let err = model.next_logits(&long, &mut cache).expect_err("past the cache").to_string();
+            assert!(err.contains("exceed the context capacity"), "{label}: {err}");
+            assert_eq!(cache.len, 0, "{label}: a refused prompt ran");
+            let before = model.ctx.counts();
+            let last = model.next_logits(&ids[..prompt], &mut cache).expect("prefill");
+            let submits = (model.ctx.counts() - before).submits;
+            assert_eq!(submits, prompt.div_ceil(chunk) as u64, "{label}: submissions");
+            assert_eq!(cache.len, prompt, "{label}: cached");
+            assert_close(&format!("{label}: last row"), &last, &full[(prompt - 1) * v..prompt * v], 1e-4, 1e-4);
+            for (i, &id) in ids.iter().enumerate().skip(prompt) {
+                let step = model.next_logits(&[id], &mut cache).expect("decode step");
+                assert_close(&format!("{label}: position {i}"), &step, &full[i * v..(i + 1) * v], 1e-4, 1e-4);
+            }
+        }
+        let opts = LoadOptions { prefill_chunk: 0, ..Default::default() };
+        let err = Model::open(ctx(), &dir, &opts).expect_err("a chunk of 0").to_string();
+        assert!(err.contains("prefill_chunk") && err.contains("1 to 65535"), "{err}");
+    }
+}
+
 #[test]
 fn f16_tables_change_the_nf4_loss_by_f16_rounding_only() {
     let fx = Fixture::open("tiny_llama_expected.safetensors");

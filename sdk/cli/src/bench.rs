@@ -121,7 +121,7 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     let (prefill_ms, prefill_best_ms) = ms_stats(&prefill);
     let weights = model.weight_bytes;
     let kv = model.kv_cache_bytes();
-    let act = model.activation_bytes(prompt_tokens, 1, lora_rank);
+    let act = model.activation_bytes(prompt_tokens.min(model.prefill_chunk), 1, lora_rank);
     let runtime = ctx.runtime_bytes();
     let planned = weights + 2 * kv + act + runtime;
     let per_token = |n: u64| n as f64 / per.1;

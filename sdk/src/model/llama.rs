@@ -66,11 +66,29 @@ pub struct LoadOptions {
     /// With NF4, hold the embedding and lm_head tables as f16 (half the memory of f32). With
     /// `Quant::None` everything stays f32.
     pub f16_tables: bool,
+    /// The most prompt tokens one forward pass runs when the next token is asked for (1 to
+    /// 65,535; default [`PREFILL_CHUNK`]): a longer prompt runs in chunks of this many, each
+    /// attending to what the ones before it put in the KV cache, so its activations take no
+    /// more memory than this many tokens' ([`Model::activation_bytes`]) and no grid or
+    /// activation buffer grows with it (a GPU runs at most 65,535 workgroups along a
+    /// dimension, and binds at most `max_storage_buffer_binding_size` bytes of a buffer).
+    pub prefill_chunk: usize,
 }
+
+/// [`LoadOptions::prefill_chunk`] by default: 1,024 tokens, whose activations take about
+/// 133 MiB for Llama 3.2 1B and 240 MiB for Llama 3.1 8B ([`Model::activation_bytes`]), in
+/// passes whose products have 8 rows of 128 x 128 tiles.
+pub const PREFILL_CHUNK: usize = 1024;
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { quant: Quant::Gguf, block_size: nf4::DEFAULT_BLOCK_SIZE, max_context: 2048, f16_tables: true }
+        LoadOptions {
+            quant: Quant::Gguf,
+            block_size: nf4::DEFAULT_BLOCK_SIZE,
+            max_context: 2048,
+            f16_tables: true,
+            prefill_chunk: PREFILL_CHUNK,
+        }
     }
 }
 
@@ -224,6 +242,8 @@ pub struct Model {
     pub weight_bytes: u64,
     /// KV-cache capacity in tokens.
     pub max_context: usize,
+    /// The most prompt tokens one forward pass runs ([`LoadOptions::prefill_chunk`]).
+    pub prefill_chunk: usize,
     /// A hash of the source weights (names, shapes and sampled values), so that a training
     /// checkpoint can tell the model it was made with from another one.
     pub fingerprint: u64,
@@ -618,6 +638,12 @@ impl Uploader<'_> {
 impl Model {
     /// Uploads a model from a weight source.
     pub fn load(ctx: Arc<GpuContext>, config: ModelConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
+        if !(1..=65535).contains(&opts.prefill_chunk) {
+            return Err(Error::invalid(
+                "prefill_chunk",
+                format!("{} tokens: 1 to 65535 are expected (a GPU grid's largest dimension)", opts.prefill_chunk),
+            ));
+        }
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let mut up = Uploader { ctx: &ctx, src, cfg: c, opts, bytes: 0, hash: FNV_OFFSET };
@@ -697,6 +723,7 @@ impl Model {
             quant: opts.quant,
             weight_bytes,
             max_context,
+            prefill_chunk: opts.prefill_chunk,
             layers,
             embed,
             lm_head,
@@ -989,6 +1016,25 @@ impl Model {
         Ok(hidden)
     }
 
+    /// Refuses `ids` that are empty, do not fit the cache after what it holds, or hold a token
+    /// outside the vocabulary.
+    fn check_ids(&self, ids: &[u32], cache: &KvCache) -> Result<()> {
+        let (c, t) = (&self.config, ids.len());
+        if t == 0 {
+            return Err(Error::invalid("input", "no tokens to run"));
+        }
+        if cache.len + t > cache.capacity {
+            return Err(Error::invalid(
+                "context",
+                format!("{} cached + {t} new tokens exceed the context capacity of {}", cache.len, cache.capacity),
+            ));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+            return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {}", c.vocab_size)));
+        }
+        Ok(())
+    }
+
     /// Checks `ids`, then records their forward pass into a new encoder and returns it with the
     /// buffer that will hold the final normed hidden states. A one-token pass (decoding) runs
     /// in the cache's own buffers with the cache's bind groups, so after the first it creates
@@ -1002,18 +1048,7 @@ impl Model {
     ) -> Result<(Encoder, wgpu::Buffer)> {
         let c = &self.config;
         let t = ids.len();
-        if t == 0 {
-            return Err(Error::invalid("input", "no tokens to run"));
-        }
-        if cache.len + t > cache.capacity {
-            return Err(Error::invalid(
-                "context",
-                format!("{} cached + {t} new tokens exceed the context capacity of {}", cache.len, cache.capacity),
-            ));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {}", c.vocab_size)));
-        }
+        self.check_ids(ids, cache)?;
         let rank = lora.map_or(0, |a| a.layout.r);
         let owned;
         let (mut enc, a) = if t == 1 {
@@ -1385,6 +1420,7 @@ impl Model {
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
     ) -> Result<(Encoder, wgpu::Buffer)> {
+        let ids = self.prefill_leading_chunks(ids, cache, lora)?;
         // One token (decoding): the final norm rides in the LM head's products.
         let one = ids.len() == 1;
         let (mut enc, hidden) =
@@ -1399,6 +1435,30 @@ impl Model {
             self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?
         };
         Ok((enc, logits))
+    }
+
+    /// Of a prompt longer than [`Model::prefill_chunk`], runs all but its last chunk (each pass
+    /// at most that many tokens, submitted as it is recorded, adding to the cache what the next
+    /// one attends to) and returns the last, at most a chunk and at least one token, for the pass
+    /// that gives the logits. The whole prompt is checked first, so a prompt refused leaves the
+    /// cache as it was.
+    fn prefill_leading_chunks<'a>(
+        &self,
+        ids: &'a [u32],
+        cache: &mut KvCache,
+        lora: Option<&GpuAdapter>,
+    ) -> Result<&'a [u32]> {
+        let chunk = self.prefill_chunk;
+        if ids.len() <= chunk {
+            return Ok(ids);
+        }
+        self.check_ids(ids, cache)?;
+        let (leading, last) = ids.split_at((ids.len() - 1) / chunk * chunk);
+        for part in leading.chunks(chunk) {
+            let (enc, _) = self.record_hidden(part, cache, lora, FinalNorm::Fused)?;
+            self.ctx.submit([enc.finish()]);
+        }
+        Ok(last)
     }
 
     /// Runs `ids` and returns the logits of the last position.
