@@ -376,3 +376,78 @@ fn files_larger_than_their_kind_allows_are_refused_before_reading() {
     assert!(e.contains("split a large file into several in a folder"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A random-weight Llama of the given widths (one layer), opened with `opts` on the default
+/// adapter: shapes that reach the GPU's limits without a large model's weights.
+fn random_llama(
+    name: &str,
+    (hidden, mlp, heads, kv_heads, head_dim): (usize, usize, usize, usize, usize),
+    positions: usize,
+    opts: &edgetune::model::llama::LoadOptions,
+) -> edgetune::Result<edgetune::model::llama::Model> {
+    let d = tmpdir(name);
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": mlp, "num_hidden_layers": 1, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": 256,
+        "max_position_embeddings": positions, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": true,
+    });
+    let path = d.join("config.json");
+    std::fs::write(&path, config.to_string()).expect("config");
+    let (cfg, src) = edgetune::model::open_random(path.to_str().expect("a UTF-8 path"), 0)?;
+    let ctx = std::sync::Arc::new(common::gpu());
+    edgetune::model::llama::Model::load(ctx, cfg, &src, opts)
+}
+
+/// A GPU runs at most 65,535 workgroups along a grid dimension and binds at most
+/// `max_storage_buffer_binding_size` bytes of a buffer at once (128 MiB on lavapipe), and a pass
+/// runs a workgroup per token and binds each activation whole; wgpu would refuse such a pass
+/// only when it ran, in its own words. So: a training batch past either limit is refused when
+/// the workspace is planned, naming batch_tokens; a prompt asked for its next token runs in
+/// chunks that fit whatever `prefill_chunk` says (the same logits as smaller chunks), and one
+/// pass past the limit is refused naming it; a KV cache whose layer buffer cannot be bound is
+/// refused naming max_context and the most that fits.
+#[test]
+fn passes_past_the_gpus_grids_and_bindings_are_refused_or_run_in_chunks() {
+    use edgetune::model::llama::{LoadOptions, Quant};
+    use edgetune::model::training::WorkspacePlan;
+    let opts = |max_context, prefill_chunk| LoadOptions {
+        quant: Quant::Nf4,
+        max_context,
+        prefill_chunk,
+        ..Default::default()
+    };
+    // An MLP 65,536 wide: a binding holds binding / 256 KiB tokens of it (512 on lavapipe).
+    let binding = common::gpu().limits.max_storage_buffer_binding_size as usize;
+    let most = (binding / 4 / 65536).min(65535);
+    let wide = random_llama("wide-mlp", (64, 65536, 2, 1, 32), 1 << 17, &opts(most + 8, 1024)).expect("wide");
+    assert_eq!(wide.max_pass_tokens(4, 0), most);
+    wide.workspace_bytes(WorkspacePlan::new(most, 4)).expect("a batch that fits");
+    let err = err_of(wide.workspace_bytes(WorkspacePlan::new(most + 1, 4)));
+    for part in [format!("{} tokens in one pass", most + 1), format!("at most {most}"), "batch_tokens".into()] {
+        assert!(err.contains(&part), "{part}: {err}");
+    }
+    let ids: Vec<u32> = (0..most + 1).map(|i| (i * 7 % 256) as u32).collect();
+    let err = err_of(wide.forward_hidden(&ids, &mut wide.new_cache().expect("cache")));
+    assert!(err.contains(&format!("{} tokens in one pass", most + 1)) && err.contains("in chunks"), "{err}");
+    // Asked for the next token, the same prompt runs in chunks of at most `most` (two here),
+    // and gives the logits of chunks half as long.
+    let mut cache = wide.new_cache().expect("cache");
+    let got = wide.next_logits(&ids, &mut cache).expect("a prompt past one pass");
+    assert_eq!(cache.len, ids.len());
+    let halves = random_llama("wide-mlp", (64, 65536, 2, 1, 32), 1 << 17, &opts(most + 8, most / 2)).expect("wide");
+    let want = halves.next_logits(&ids, &mut halves.new_cache().expect("cache")).expect("halves");
+    common::assert_close("chunks that fit against half as long", &got, &want, 1e-4, 1e-4);
+    // A narrow model meets the grid's limit first.
+    let narrow = random_llama("narrow", (64, 128, 2, 1, 32), 4096, &opts(2048, 1024)).expect("narrow");
+    assert_eq!(narrow.max_pass_tokens(4, 0), 65535);
+    let err = err_of(narrow.workspace_bytes(WorkspacePlan::new(65536, 4)));
+    assert!(err.contains("65536 tokens in one pass") && err.contains("at most 65535"), "{err}");
+    // Keys of 32 heads of 128 (16 KiB a token): a cache twice the binding is refused.
+    let tokens = binding / (32 * 128 * 4) * 2;
+    let kv = random_llama("wide-kv", (64, 128, 32, 32, 128), tokens, &opts(tokens, 1024)).expect("wide kv");
+    let err = err_of(kv.new_cache());
+    let fits = binding / (32 * 128 * 4);
+    assert!(err.contains("max_context") && err.contains(&format!("at most {fits}")), "{err}");
+}

@@ -75,6 +75,10 @@ pub struct LoadOptions {
     pub prefill_chunk: usize,
 }
 
+/// The most workgroups a dispatch may run along one dimension (WebGPU's default and the
+/// Vulkan minimum, which wgpu holds every adapter to).
+const MAX_GRID_DIMENSION: usize = 65535;
+
 /// [`LoadOptions::prefill_chunk`] by default: 1,024 tokens, whose activations take about
 /// 133 MiB for Llama 3.2 1B and 240 MiB for Llama 3.1 8B ([`Model::activation_bytes`]), in
 /// passes whose products have 8 rows of 128 x 128 tiles.
@@ -638,7 +642,7 @@ impl Uploader<'_> {
 impl Model {
     /// Uploads a model from a weight source.
     pub fn load(ctx: Arc<GpuContext>, config: ModelConfig, src: &WeightSource, opts: &LoadOptions) -> Result<Self> {
-        if !(1..=65535).contains(&opts.prefill_chunk) {
+        if !(1..=MAX_GRID_DIMENSION).contains(&opts.prefill_chunk) {
             return Err(Error::invalid(
                 "prefill_chunk",
                 format!("{} tokens: 1 to 65535 are expected (a GPU grid's largest dimension)", opts.prefill_chunk),
@@ -779,6 +783,22 @@ impl Model {
         Self::load(ctx, cfg, &src, opts)
     }
 
+    /// The most tokens one pass (a prompt's chunk, or a training batch) can run with a LoRA
+    /// rank up to `rank` and, where not 0, rows of `wide` values besides (LoRA dropout's masked
+    /// inputs): a pass runs a workgroup per token along one grid dimension, of at most 65,535,
+    /// and binds each activation, `tokens` rows of the widest of the hidden, MLP and query
+    /// widths and the 3 r LoRA products, whole in one binding of at most
+    /// `max_storage_buffer_binding_size` bytes.
+    pub fn max_pass_tokens(&self, rank: usize, wide: usize) -> usize {
+        let c = &self.config;
+        let widest = [c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim, 3 * rank.max(1), wide]
+            .into_iter()
+            .max()
+            .unwrap_or(1);
+        let binding = (self.ctx.limits.max_storage_buffer_binding_size / 16 * 16) as usize;
+        (binding / 4 / widest).min(MAX_GRID_DIMENSION)
+    }
+
     /// Bytes of one KV cache (keys and values, every layer, full capacity).
     pub fn kv_cache_bytes(&self) -> u64 {
         let c = &self.config;
@@ -811,6 +831,19 @@ impl Model {
         let n = self.max_context * c.num_kv_heads * c.head_dim;
         let what = format!("a KV cache of {} tokens", self.max_context);
         let advice = "open the model with a smaller max_context";
+        // Each layer's keys (and values) are bound whole.
+        let (layer, binding) =
+            (crate::gpu::dispatch::storage_bytes(n), self.ctx.limits.max_storage_buffer_binding_size);
+        if layer > binding {
+            let most = binding as usize / 4 / (c.num_kv_heads * c.head_dim).max(1);
+            return Err(Error::invalid(
+                "max_context",
+                format!(
+                    "{what} needs {layer} bytes of keys a layer, more than the {binding} this GPU binds at once \
+                     (max_storage_buffer_binding_size): {advice} (at most {most})"
+                ),
+            ));
+        }
         self.ctx.allocating(&what, self.kv_cache_bytes(), advice, || {
             Ok(KvCache {
                 k: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("k cache", n)).collect(),
@@ -1070,6 +1103,17 @@ impl Model {
             // One submission per decoded token.
             (self.ctx.encoder_with(&cache.binds).whole(), &d.acts)
         } else {
+            let most = self.max_pass_tokens(rank, 0);
+            if t > most {
+                return Err(Error::invalid(
+                    "prompt",
+                    format!(
+                        "{t} tokens in one pass; this model runs at most {most} on this GPU (grids of 65,535 \
+                         workgroups, bindings of max_storage_buffer_binding_size): ask for the next token, which \
+                         runs a long prompt in chunks"
+                    ),
+                ));
+            }
             let what = format!("activations for {t} tokens");
             let planned = self.activation_bytes(t, 0, rank);
             owned = self.ctx.allocating(&what, planned, ACTIVATION_ADVICE, || Ok(self.acts(ids, rank)))?;
@@ -1448,7 +1492,7 @@ impl Model {
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
     ) -> Result<&'a [u32]> {
-        let chunk = self.prefill_chunk;
+        let chunk = self.prefill_chunk.min(self.max_pass_tokens(lora.map_or(0, |a| a.layout.r), 0)).max(1);
         if ids.len() <= chunk {
             return Ok(ids);
         }

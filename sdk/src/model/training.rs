@@ -442,6 +442,18 @@ impl Model {
         let ctx = &self.ctx;
         let (t, h, i) = (capacity, c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let wide = h.max(i).max(qd);
+        let most = self.max_pass_tokens(rank, if dropout { wide } else { 0 });
+        if capacity > most {
+            return Err(Error::invalid(
+                "batch capacity",
+                format!(
+                    "{capacity} tokens in one pass; this model trains at most {most} a pass on this GPU (grids of \
+                     65,535 workgroups, bindings of max_storage_buffer_binding_size): lower batch_tokens, or \
+                     data.max_len where one record is longer"
+                ),
+            ));
+        }
         let half = activations == Precision::F16;
         let bytes = Cell::new(0u64);
         let placeholder = dry.then(|| ctx.storage_zeroed("workspace plan", 1));
@@ -484,7 +496,6 @@ impl Model {
         let n_f32 = if checkpointing || half { 1 } else { c.num_layers };
         let n_saved = if half && !checkpointing { c.num_layers } else { 0 };
         let head_rows = self.head_rows(capacity);
-        let wide = h.max(i).max(qd);
         let mut ws = Workspace {
             capacity,
             checkpointing,
