@@ -17,7 +17,9 @@
 # measured besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them; a
 # family written FAMILY:N runs with EDGETUNE_TILE128_MIN_GROUPS=N (0: tile128's 128 x 128 tiles
 # for every product, not only those with large grids), and the adapter's own family is
-# measured with 0 too when it uses those tiles. Needs the Vulkan
+# measured with 0 too when it uses those tiles. BUDGET_S (seconds; default none) starts no run
+# after that many seconds and cuts each run's time limit to what is left, so a machine lent for
+# a fixed time still ends with the table of what ran and the list of what did not. Needs the Vulkan
 # loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
 # and peft for the PyTorch column (skipped, and said so, when they do not import).
 set -uo pipefail
@@ -62,52 +64,63 @@ elif ! python3 -c 'import torch, transformers, peft; assert torch.cuda.is_availa
 fi
 [ "$torch_ok" = 1 ] && : >"$out/torch.jsonl"
 start=$SECONDS
+skipped=()
+# Runs "$@", a run labelled $1 that may take up to $2 seconds, within what is left of BUDGET_S.
+run() {
+  local label="$1" limit="$2"
+  shift 2
+  if [ -n "${BUDGET_S:-}" ]; then
+    local left=$((BUDGET_S - (SECONDS - start)))
+    if [ "$left" -lt 20 ]; then
+      skipped+=("$label")
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit="$left"
+  fi
+  echo "== $label ($((SECONDS - start)) s)" >&2
+  timeout "$limit" "$@" || echo "bench-gpu.sh: $label failed" >&2
+}
+train=(--seq "$seq" --rank "$rank" --max-context "$seq" --json)
 for shape in $shapes; do
-  echo "== $shape: edgetune bench-train ($((SECONDS - start)) s)" >&2
-  timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" --steps "$steps" \
-    --max-context "$seq" --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench-train failed on $shape" >&2
+  run "$shape: edgetune bench-train" 300 "$bin" bench-train --random-weights "$shape" --steps "$steps" "${train[@]}" \
+    >>"$out/edgetune.jsonl"
   for family in $variants; do
     [ "$family" = "$picked" ] && continue
-    echo "== $shape: edgetune bench-train, $family kernels ($((SECONDS - start)) s)" >&2
-    with_kernels "$family" timeout 300 "$bin" bench-train --random-weights "$shape" --seq "$seq" --rank "$rank" \
-      --steps "$steps" --max-context "$seq" --json >>"$out/edgetune.jsonl" ||
-      echo "bench-gpu.sh: edgetune bench-train ($family kernels) failed on $shape" >&2
+    with_kernels "$family" run "$shape: edgetune bench-train, $family kernels" 300 \
+      "$bin" bench-train --random-weights "$shape" --steps "$steps" "${train[@]}" >>"$out/edgetune.jsonl"
   done
-  echo "== $shape: edgetune bench ($((SECONDS - start)) s)" >&2
-  timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 --repeat 3 \
-    --max-context 512 --json >>"$out/edgetune.jsonl" || echo "bench-gpu.sh: edgetune bench failed on $shape" >&2
+  run "$shape: edgetune bench" 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 \
+    --repeat 3 --max-context 512 --json >>"$out/edgetune.jsonl"
   # The same with a fresh adapter applied (not merged), as generation with a named adapter runs.
-  echo "== $shape: edgetune bench, LoRA r $rank applied ($((SECONDS - start)) s)" >&2
-  timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 --repeat 1 \
-    --max-context 512 --lora-rank "$rank" --json >>"$out/edgetune.jsonl" ||
-    echo "bench-gpu.sh: edgetune bench (LoRA applied) failed on $shape" >&2
+  run "$shape: edgetune bench, LoRA r $rank applied" 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 \
+    --decode-tokens 32 --repeat 1 --max-context 512 --lora-rank "$rank" --json >>"$out/edgetune.jsonl"
   # Decoding over a long cache, with split-key attention and without (EDGETUNE_SPLIT_KEYS_BELOW=0).
   for below in "" 0; do
-    echo "== $shape: edgetune bench, 2048-token cache, split keys below ${below:-default} ($((SECONDS - start)) s)" >&2
-    EDGETUNE_SPLIT_KEYS_BELOW="$below" timeout 200 "$bin" bench --random-weights "$shape" --prompt-tokens 2048 \
-      --decode-tokens 32 --repeat 1 --max-context 2112 --json >>"$out/edgetune.jsonl" ||
-      echo "bench-gpu.sh: edgetune bench (2048-token cache) failed on $shape" >&2
+    EDGETUNE_SPLIT_KEYS_BELOW="$below" run "$shape: edgetune bench, 2048-token cache, split keys below ${below:-default}" \
+      200 "$bin" bench --random-weights "$shape" --prompt-tokens 2048 --decode-tokens 32 --repeat 1 --max-context 2112 \
+      --json >>"$out/edgetune.jsonl"
   done
   if [ "$torch_ok" = 1 ]; then
-    echo "== $shape: PyTorch + PEFT ($((SECONDS - start)) s)" >&2
-    timeout 300 python3 "$here/bench_torch.py" --shape "$shape" --seq "$seq" --rank "$rank" --steps "$steps" \
-      --decode-tokens 32 >>"$out/torch.jsonl" || echo "bench-gpu.sh: PyTorch bench failed on $shape" >&2
+    run "$shape: PyTorch + PEFT" 300 python3 "$here/bench_torch.py" --shape "$shape" --seq "$seq" --rank "$rank" \
+      --steps "$steps" --decode-tokens 32 >>"$out/torch.jsonl"
   fi
 done
 profile="${PROFILE-llama-3.2-1b}"
 if [ -n "$profile" ]; then
-  echo "== $profile: edgetune bench-train --profile ($((SECONDS - start)) s)" >&2
-  timeout 300 "$bin" bench-train --random-weights "$profile" --seq "$seq" --rank "$rank" --steps 1 \
-    --checkpointing off --max-context "$seq" --profile --json >"$out/profile.json" ||
-    echo "bench-gpu.sh: edgetune bench-train --profile failed on $profile" >&2
+  profiled=(--random-weights "$profile" --steps 1 --checkpointing off --profile "${train[@]}")
+  run "$profile: edgetune bench-train --profile" 300 "$bin" bench-train "${profiled[@]}" >"$out/profile.json"
   # The same step in each other family, so the tables compare them kernel by kernel.
   for family in $variants; do
     [ "$family" = "$picked" ] && continue
-    echo "== $profile: edgetune bench-train --profile, $family kernels ($((SECONDS - start)) s)" >&2
-    with_kernels "$family" timeout 300 "$bin" bench-train --random-weights "$profile" --seq "$seq" \
-      --rank "$rank" --steps 1 --checkpointing off --max-context "$seq" --profile --json >"$out/profile-${family/:/-}.json" ||
-      echo "bench-gpu.sh: edgetune bench-train --profile ($family kernels) failed on $profile" >&2
+    with_kernels "$family" run "$profile: edgetune bench-train --profile, $family kernels" 300 \
+      "$bin" bench-train "${profiled[@]}" >"$out/profile-${family/:/-}.json"
   done
 fi
+if [ "${#skipped[@]}" -gt 0 ]; then
+  echo "bench-gpu.sh: BUDGET_S=$BUDGET_S ran out before ${#skipped[@]} runs, left out:"
+  printf '  %s\n' "${skipped[@]}"
+fi
+# A profile left out by the budget left an empty file behind its redirection.
+find "$out" -name 'profile*.json' -empty -delete
 echo "== done in $((SECONDS - start)) s; JSON lines in $out" >&2
 python3 "$here/bench_table.py" "$out"

@@ -192,3 +192,73 @@ fn split_key_decoding_adds_one_dispatch_a_layer_and_no_allocation() {
     assert_eq!(per(&split, "allocations_per_token"), 0.0, "{split}");
     let _ = std::fs::remove_file(&path);
 }
+
+/// `scripts/bench-gpu.sh`, the one command a machine with a GPU runs (often lent for a fixed
+/// time, with no toolchain), run here end to end on a tiny shape so that a change to the CLI or
+/// the table breaks it here rather than there: every run gives one JSON line (training in the
+/// adapter's family and in the forced one, decoding four ways), each profiled step its file,
+/// and the table a row per family and mode and a profile per family. With a budget too small
+/// for any run (BUDGET_S), nothing runs, each run is listed as left out, no empty profile is
+/// left behind, and the script still ends with its (empty) table.
+#[test]
+fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench-gpu.sh");
+    let dir = std::env::temp_dir().join(format!("edgetune-bench-gpu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp folder");
+    // The tiny Llama with room for the 2,048-token cache that the decoding runs fill.
+    let tiny = std::fs::read_to_string(common::fixtures().join("tiny_llama/config.json")).expect("config");
+    let mut config: serde_json::Value = serde_json::from_str(&tiny).expect("JSON");
+    config["max_position_embeddings"] = 4096.into();
+    let shape = dir.join("config.json");
+    std::fs::write(&shape, config.to_string()).expect("config");
+    let picked = {
+        let said = text(&edgetune(&["gpu"]).stdout);
+        let line = said.lines().find_map(|l| l.strip_prefix("kernels: ")).expect("a kernels line").to_string();
+        line.split_whitespace().next().expect("a family").to_string()
+    };
+    let forced = if picked == "portable" { "tile128" } else { "portable" };
+    let bench = |out: &std::path::Path, budget: Option<&str>| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script)
+            .arg(env!("CARGO_BIN_EXE_edgetune-under-test"))
+            .envs([("SEQ", "16"), ("RANK", "4"), ("STEPS", "1"), ("TORCH", "0"), ("FAMILIES", forced)])
+            .env("SHAPES", &shape)
+            .env("PROFILE", &shape)
+            .env("BENCH_OUT", out)
+            .env_remove("EDGETUNE_KERNELS");
+        if let Some(b) = budget {
+            cmd.env("BUDGET_S", b);
+        }
+        let o = cmd.output().expect("bash runs");
+        assert!(o.status.success(), "bench-gpu.sh: {}\n{}", text(&o.stdout), text(&o.stderr));
+        (text(&o.stdout), text(&o.stderr))
+    };
+    let out = dir.join("out");
+    let (table, log) = bench(&out, None);
+    assert!(!log.contains("failed"), "{log}");
+    let lines = std::fs::read_to_string(out.join("edgetune.jsonl")).expect("JSON lines");
+    let runs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let training: Vec<&serde_json::Value> = runs.iter().filter(|r| r.get("modes").is_some()).collect();
+    assert_eq!((training.len(), runs.len()), (2, 6), "{lines}");
+    let families: Vec<&str> = training.iter().filter_map(|r| r["kernels"]["family"].as_str()).collect();
+    assert_eq!(families, [picked.as_str(), forced], "{lines}");
+    for name in ["profile.json", &format!("profile-{forced}.json")] {
+        let p: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join(name)).expect(name)).expect("a profile");
+        assert!(p["modes"][0]["profile"].as_array().is_some_and(|k| !k.is_empty()), "{name}: no kernels");
+    }
+    let rows = |family: &str| table.lines().filter(|l| l.contains(&format!(" | {family} | "))).count();
+    assert_eq!((rows(&picked), rows(forced)), (2, 2), "checkpointing on and off each: {table}");
+    assert_eq!(table.matches("Profiled step").count(), 2, "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains(" | 2048 | ")).count(), 2, "{table}");
+    // A budget that no run fits: the eight runs are listed, and nothing is left behind.
+    let out = dir.join("none");
+    let (table, log) = bench(&out, Some("19"));
+    assert!(!log.lines().any(|l| l.starts_with("== ") && !l.starts_with("== done")), "a run started: {log}");
+    assert!(table.contains("BUDGET_S=19 ran out before 8 runs, left out:"), "{table}");
+    assert!(table.contains(&format!("edgetune bench-train, {forced} kernels")), "{table}");
+    assert_eq!(std::fs::read_to_string(out.join("edgetune.jsonl")).expect("JSON lines"), "");
+    assert!(!out.join("profile.json").exists(), "an empty profile was left");
+    let _ = std::fs::remove_dir_all(&dir);
+}
