@@ -262,3 +262,50 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     assert!(!out.join("profile.json").exists(), "an empty profile was left");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `scripts/gpu-tests.sh run`, which a machine with a GPU runs on test binaries built here,
+/// keeps its accounts: each binary runs from the checkout's `tests/` folder with
+/// `EDGETUNE_FIXTURES` naming its fixtures, gzipped or not; the summary adds their results;
+/// a failing one's output is shown and fails the run; a missing one counts as failed; and
+/// with BUDGET_S spent none starts and each is named as left out. (The binaries here are
+/// small scripts that print a test harness's result line: what is under test is the runner.)
+#[test]
+fn the_gpu_tests_runner_adds_results_and_keeps_to_its_budget() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("scripts/gpu-tests.sh");
+    let dir = std::env::temp_dir().join(format!("edgetune-gpu-tests-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp folder");
+    let tests_dir = root.join("tests").canonicalize().expect("tests folder");
+    let fixtures = tests_dir.join("reference/fixtures");
+    // Passes only where the runner put it: in tests/, with the fixtures named.
+    let good = format!(
+        "#!/bin/sh\n[ \"$(pwd -P)\" = '{}' ] && [ \"$EDGETUNE_FIXTURES\" = '{}' ] || exit 3\n\
+         echo 'test result: ok. 3 passed; 0 failed; 0 ignored'\n",
+        tests_dir.display(),
+        fixtures.display()
+    );
+    let bad = "#!/bin/sh\necho 'the failing assertion'\necho 'test result: FAILED. 1 passed; 2 failed;'\nexit 101\n";
+    std::fs::write(dir.join("good"), good).expect("write");
+    std::fs::write(dir.join("bad"), bad).expect("write");
+    let gz = Command::new("gzip").arg("-9").arg(dir.join("bad")).status().expect("gzip runs");
+    assert!(gz.success());
+    let run = |tests: &str, budget: Option<&str>| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg("run").arg(&dir).env("TESTS", tests);
+        if let Some(b) = budget {
+            cmd.env("BUDGET_S", b);
+        }
+        let o = cmd.output().expect("bash runs");
+        (o.status.success(), text(&o.stdout))
+    };
+    let (ok, said) = run("good", None);
+    assert!(ok && said.contains("gpu-tests: 3 passed, 0 failed"), "{said}");
+    let (ok, said) = run("good bad missing", None);
+    assert!(!ok && said.contains("gpu-tests: 4 passed, 3 failed"), "{said}");
+    assert!(said.contains("the failing assertion") && said.contains("missing: not in"), "{said}");
+    let (ok, said) = run("good bad", Some("19"));
+    assert!(!ok && said.contains("gpu-tests: 0 passed, 0 failed, 2 binaries left out"), "{said}");
+    assert!(said.contains("good: left out, BUDGET_S=19 spent"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
