@@ -75,8 +75,8 @@ pub struct LoadOptions {
     pub prefill_chunk: usize,
 }
 
-/// The most workgroups a dispatch may run along one dimension (WebGPU's default and the
-/// Vulkan minimum, which wgpu holds every adapter to).
+/// The most workgroups a dispatch may run along one dimension that every adapter allows
+/// (WebGPU's default and Vulkan's minimum), which the launchers' grids assume.
 const MAX_GRID_DIMENSION: usize = 65535;
 
 /// [`LoadOptions::prefill_chunk`] by default: 1,024 tokens, whose activations take about
