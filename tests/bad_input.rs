@@ -377,8 +377,9 @@ fn files_larger_than_their_kind_allows_are_refused_before_reading() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// A random-weight Llama of the given widths (one layer), opened with `opts` on the default
-/// adapter: shapes that reach the GPU's limits without a large model's weights.
+/// A random-weight Llama of the given widths (one layer, the tiny Llama's vocabulary of 320),
+/// opened with `opts` on the default adapter: shapes that reach the GPU's limits without a
+/// large model's weights.
 fn random_llama(
     name: &str,
     (hidden, mlp, heads, kv_heads, head_dim): (usize, usize, usize, usize, usize),
@@ -389,7 +390,7 @@ fn random_llama(
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "intermediate_size": mlp, "num_hidden_layers": 1, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": 256,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": 320,
         "max_position_embeddings": positions, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "tie_word_embeddings": true,
     });
@@ -450,4 +451,34 @@ fn passes_past_the_gpus_grids_and_bindings_are_refused_or_run_in_chunks() {
     let err = err_of(kv.new_cache());
     let fits = binding / (32 * 128 * 4);
     assert!(err.contains("max_context") && err.contains(&format!("at most {fits}")), "{err}");
+}
+
+/// The kernels bind an adapter's buffer whole (and training its gradients and AdamW moments,
+/// each as large), so an adapter past `max_storage_buffer_binding_size` is refused by
+/// `Trainer::new` before the adapter is made, naming lora.r and the most rank that fits.
+#[test]
+fn an_adapter_past_the_gpus_binding_is_refused_naming_the_rank() {
+    use edgetune::lora::{Layout, LoraConfig};
+    use edgetune::model::llama::{LoadOptions, Quant};
+    use edgetune::train::{TrainConfig, Trainer};
+    // A 131,072-wide MLP: a rank of LoRA on all seven modules takes 3 x (64 + 131,072) floats and
+    // a few hundred more, so the binding is passed below edgetune's largest rank on any GPU.
+    let opts = LoadOptions { quant: Quant::Nf4, max_context: 256, ..Default::default() };
+    let model = random_llama("wide-lora", (64, 131072, 2, 1, 32), 4096, &opts).expect("wide");
+    let per_rank = Layout::new(&model.config, &LoraConfig { r: 1, ..Default::default() }).expect("layout").len;
+    let binding = model.ctx.limits.max_storage_buffer_binding_size as usize;
+    let most = binding / 4 / per_rank;
+    assert!(most < edgetune::lora::MAX_RANK, "a rank past {binding} bytes is more than edgetune takes");
+    let fits = Layout::new(&model.config, &LoraConfig { r: most, ..Default::default() }).expect("layout");
+    model.check_adapter_binds(&fits).expect("the most that fits");
+    let tok = Tokenizer::open(&common::fixtures().join("tiny_llama")).expect("tokenizer");
+    let records = vec![serde_json::json!({"instruction": "Fact?", "output": "It is."}).to_string()];
+    let source = edgetune::data::Source::Records { name: "facts".into(), records };
+    let data = edgetune::data::load_sources(&[source], &tok, &Default::default()).expect("data");
+    let lora = LoraConfig { r: most + 1, ..Default::default() };
+    let cfg = TrainConfig { lora, max_steps: Some(1), ..Default::default() };
+    let err = err_of(Trainer::new(std::sync::Arc::new(model), &data, cfg));
+    for part in [format!("rank {}", most + 1), format!("lower lora.r (at most {most}"), "max_storage_buffer".into()] {
+        assert!(err.contains(&part), "{part}: {err}");
+    }
 }

@@ -61,7 +61,7 @@ impl Session {
         if expected != a.layout || a.params.len() != a.layout.len {
             return Err(Error::invalid("adapter", "its layout does not fit this model's shapes"));
         }
-        Ok(())
+        self.model.check_adapter_binds(&a.layout)
     }
 
     /// Keeps `adapter` on the GPU under `name` (replacing one of that name), beside any others:

@@ -799,6 +799,29 @@ impl Model {
         (binding / 4 / widest).min(MAX_GRID_DIMENSION)
     }
 
+    /// Refuses an adapter laid out as `layout` whose parameters do not fit one binding: the
+    /// kernels bind an adapter's buffer whole (and training its gradients and AdamW moments,
+    /// each as large), in at most `max_storage_buffer_binding_size` bytes.
+    pub fn check_adapter_binds(&self, layout: &crate::lora::Layout) -> Result<()> {
+        let (bytes, binding) =
+            (crate::gpu::dispatch::storage_bytes(layout.len), self.ctx.limits.max_storage_buffer_binding_size);
+        if bytes <= binding {
+            return Ok(());
+        }
+        let per_rank = (layout.len / layout.r.max(1)).max(1);
+        Err(Error::invalid(
+            "lora",
+            format!(
+                "an adapter of {} parameters (rank {}) takes {bytes} bytes, more than the {binding} this GPU binds \
+                 at once (max_storage_buffer_binding_size): lower lora.r (at most {} with these modules) or adapt \
+                 fewer modules",
+                layout.len,
+                layout.r,
+                binding as usize / 4 / per_rank
+            ),
+        ))
+    }
+
     /// Bytes of one KV cache (keys and values, every layer, full capacity).
     pub fn kv_cache_bytes(&self) -> u64 {
         let c = &self.config;

@@ -26,7 +26,7 @@ use crate::data::{DataConfig, Dataset};
 use crate::error::{Error, Result};
 use crate::gpu::PendingRead;
 use crate::gpu::launch::{DPO_STATS, DpoLoss};
-use crate::lora::{Adapter, GpuAdapter, LoraConfig};
+use crate::lora::{Adapter, GpuAdapter, Layout, LoraConfig};
 use crate::model::llama::Model;
 use crate::model::training::{Batch, DpoPass, Precision, Reference, Workspace, WorkspacePlan};
 use crate::prim::{FNV_OFFSET, fnv1a};
@@ -386,6 +386,9 @@ impl Trainer {
     /// Prepares training of a fresh adapter (PEFT's initialization, seeded by `cfg.lora.seed`).
     pub fn new(model: Arc<Model>, dataset: &Dataset, cfg: TrainConfig) -> Result<Self> {
         cfg.validate()?;
+        // Before the adapter is made on the host, which a rank past the GPU's bindings would
+        // make for nothing.
+        model.check_adapter_binds(&Layout::new(&model.config, &cfg.lora)?)?;
         let adapter = Adapter::new(&model.config, cfg.lora.clone())?;
         Self::with_adapter(model, dataset, cfg, adapter)
     }
@@ -396,6 +399,7 @@ impl Trainer {
     /// all and [`Trainer::chosen`] the automatic ones.
     pub fn with_adapter(model: Arc<Model>, dataset: &Dataset, mut cfg: TrainConfig, adapter: Adapter) -> Result<Self> {
         cfg.lora = adapter.config.clone();
+        model.check_adapter_binds(&adapter.layout)?;
         let RunPlan { config: mut cfg, mut chosen, rounds, val, resolved: run } =
             RunPlan::new(dataset, cfg, model.max_context)?;
         let batch_tokens = cfg.batch_tokens.unwrap_or_default();
