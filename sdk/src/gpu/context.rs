@@ -369,16 +369,11 @@ impl GpuContext {
             Some(f) => Some(f),
             None => family::from_env()?,
         };
-        let kernels = family::choose(&facts, forced)?;
-        let kernels = match opts.tile128_min_groups {
-            Some(groups) => family::with_min_groups(kernels, &facts, Some(groups), "GpuOptions::tile128_min_groups")?,
-            None => family::with_min_groups(
-                kernels,
-                &facts,
-                family::tile128_min_groups_from_env()?,
-                "EDGETUNE_TILE128_MIN_GROUPS",
-            )?,
+        let (asked, from) = match opts.tile128_min_groups {
+            Some(groups) => (Some(groups), "GpuOptions::tile128_min_groups"),
+            None => (family::tile128_min_groups_from_env()?, "EDGETUNE_TILE128_MIN_GROUPS"),
         };
+        let kernels = family::with_min_groups(family::choose(&facts, forced)?, &facts, asked, from)?;
         // Cooperative matrices are an experimental wgpu feature: asked for only when a family
         // that uses them is to be tried (and then only used after its self-test).
         let experimental = if kernels.family.uses_matrix_units() && !coop_emulated {
