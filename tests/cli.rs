@@ -914,6 +914,29 @@ fn gpu_opens_without_subgroups_when_the_environment_asks() {
     assert!(!out.status.success() && err.contains("EDGETUNE_NO_SUBGROUPS") && err.contains("\"yes\""), "{err}");
 }
 
+/// `EDGETUNE_SHADER_CHECKS` sets the checks wgpu adds to the kernels: `edgetune gpu` reports
+/// the setting (bounds by default), and a name that is not one is refused naming the variable
+/// and the names it takes.
+#[test]
+fn gpu_reports_the_shader_checks_the_environment_asks_for() {
+    let gpu = |value: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"));
+        cmd.arg("gpu").env_remove("EDGETUNE_SHADER_CHECKS");
+        if let Some(v) = value {
+            cmd.env("EDGETUNE_SHADER_CHECKS", v);
+        }
+        cmd.output().expect("runs")
+    };
+    for (value, says) in [(None, "bounds"), (Some("all"), "all"), (Some(" None "), "none"), (Some("bounds"), "bounds")] {
+        let out = gpu(value);
+        let said = text(&out.stdout);
+        assert!(out.status.success() && said.contains(&format!("shader checks: {says}\n")), "{value:?}: {said}");
+    }
+    let out = gpu(Some("off"));
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("EDGETUNE_SHADER_CHECKS") && err.contains("all, bounds, none"), "{err}");
+}
+
 /// `EDGETUNE_TILE128_MIN_GROUPS` sets the grid below which tile128 products run on 64 x 64
 /// blocks (tile64), which `edgetune gpu` reports with the family; a value that is no number is refused
 /// naming the variable.

@@ -117,6 +117,137 @@ fn every_kernel_fits_the_workgroup_memory_its_family_is_picked_for() {
     }
 }
 
+/// The context drops wgpu's loop counters from the kernels (`ShaderChecks::Bounds`, the
+/// default), which wgpu allows only for kernels whose every loop ends: a driver may treat an
+/// endless loop as unreachable. So every loop of every kernel has one of a few forms that end
+/// by their shape: `for (var v = ...; v < B (or <=, or && more); v++ or v += S)` with a step S
+/// of at least 1 (a positive literal or constant, or one of the named expressions below, each
+/// at least 1), `for (var v = ...; v > 0u; v >>= 1u)`, or `v <<= 1u` up to a bound of at
+/// most 2^31; no `loop` or `while`; and the loop's body never assigns v. (Counting up cannot
+/// wrap past 2^32: every bound is a size or a position of a buffer that one binding sees.)
+#[test]
+fn every_kernel_loop_counts_up_or_down_to_a_bound_by_a_fixed_step() {
+    // Steps that are not constants, and why each is at least 1.
+    let named_steps = [
+        // min(the subgroup's size, 16): a subgroup has at least the invocation that counts it.
+        "lanes",
+        // The grid's own workgroup count: a kernel that runs has at least one workgroup.
+        "p.n_groups * 256u",
+    ];
+    // Bounds of doubling loops, and why each is at most 2^31.
+    let doubling_bounds = ["lanes"]; // at most 16
+    let mut loops = 0;
+    for s in shaders::ALL_SHADERS {
+        let source = shaders::expand(s).expect("expand");
+        let code: String = source.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+        let words = |w: &str| code.split(|c: char| !(c.is_alphanumeric() || c == '_')).any(|x| x == w);
+        assert!(!words("loop") && !words("while"), "{}: a `loop` or `while`; write a bounded `for`", s.name);
+        let constant = |name: &str| -> Option<u64> {
+            let decl = code.split(&format!("const {name}: u32 = ")).nth(1)?;
+            decl.split(';').next()?.trim().trim_end_matches('u').parse().ok()
+        };
+        let mut rest = code.as_str();
+        while let Some(at) = rest.find("for (") {
+            loops += 1;
+            let after = &rest[at + 5..];
+            let header_end = after.find(") {").unwrap_or_else(|| panic!("{}: a `for` without `) {{`", s.name));
+            let header = &after[..header_end];
+            let parts: Vec<&str> = header.split(';').map(str::trim).collect();
+            let fail = |why: &str| panic!("{}: `for ({header})`: {why}", s.name);
+            if parts.len() != 3 {
+                fail("not `init; condition; update`");
+            }
+            let v = parts[0].strip_prefix("var ").and_then(|d| d.split('=').next()).map(str::trim);
+            let Some(v) = v.filter(|v| !v.is_empty()) else { fail("the loop's variable is not declared in it") };
+            let (cond, update) = (parts[1], parts[2]);
+            let bound = cond.strip_prefix(v).map(str::trim).unwrap_or_else(|| fail("the condition does not start with it"));
+            if update == format!("{v}++") || update.starts_with(&format!("{v} += ")) {
+                if !(bound.starts_with("< ") || bound.starts_with("<= ")) {
+                    fail("counts up to no `<` or `<=` bound");
+                }
+                let step = update.strip_prefix(&format!("{v} += ")).unwrap_or("1u");
+                let literal = step.trim_end_matches('u').parse::<u64>().ok();
+                let fixed = literal.or_else(|| constant(step));
+                if !(fixed.is_some_and(|n| n >= 1) || named_steps.contains(&step)) {
+                    fail("a step that is neither a positive constant nor a step known to be at least 1");
+                }
+            } else if update == format!("{v} >>= 1u") {
+                if bound != "> 0u" {
+                    fail("halves down to no `> 0u` bound");
+                }
+            } else if update == format!("{v} <<= 1u") {
+                let b = bound.strip_prefix("< ").unwrap_or_else(|| fail("doubles up to no `<` bound"));
+                if !doubling_bounds.contains(&b) {
+                    fail("doubles up to a bound not known to be at most 2^31");
+                }
+            } else {
+                fail("an update other than ++, += S, >>= 1u or <<= 1u");
+            }
+            // The body, to its matching brace, never assigns the loop's variable.
+            let body_start = header_end + 3;
+            let mut depth = 1;
+            let mut end = body_start;
+            for (i, c) in after[body_start..].char_indices() {
+                depth += match c {
+                    '{' => 1,
+                    '}' => -1,
+                    _ => 0,
+                };
+                if depth == 0 {
+                    end = body_start + i;
+                    break;
+                }
+            }
+            let body = &after[body_start..end];
+            let assigned = body.match_indices(v).any(|(i, _)| {
+                let before = body[..i].chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.');
+                let next = body[i + v.len()..].trim_start();
+                let op = ["=", "+=", "-=", "*=", "/=", "%=", "<<=", ">>=", "&=", "|=", "^=", "++", "--"]
+                    .iter()
+                    .any(|o| next.starts_with(o) && !next.starts_with("=="));
+                !before && body[i + v.len()..].chars().next().is_some_and(|c| !(c.is_alphanumeric() || c == '_')) && op
+            });
+            if assigned {
+                fail("the body assigns the loop's variable");
+            }
+            rest = &after[header_end..];
+        }
+    }
+    eprintln!("{loops} loops checked over {} kernels", shaders::ALL_SHADERS.len());
+    assert!(loops > 100, "only {loops} loops found: the search for `for (` is broken");
+}
+
+/// Each setting of the checks wgpu adds to the kernels (`GpuOptions::shader_checks`) opens a
+/// device that says so and runs tile128's NF4 product and blocked attention (loops over
+/// reduction steps, key tiles and subgroup lanes) as their CPU twins compute them; the default
+/// drops only the loop counters.
+#[test]
+fn every_shader_checks_setting_runs_the_loop_heavy_kernels_as_their_twins() {
+    use edgetune::gpu::{KernelFamily, ShaderChecks};
+    assert_eq!(ctx().report.shader_checks, ShaderChecks::Bounds, "the default");
+    for checks in ShaderChecks::ALL {
+        let opts =
+            GpuOptions { kernels: Some(KernelFamily::Tile128), shader_checks: Some(checks), ..Default::default() };
+        let ctx = GpuContext::new(&opts).unwrap_or_else(|e| panic!("{checks}: {e}"));
+        assert_eq!(ctx.report.shader_checks, checks);
+        assert!(ctx.report.to_string().contains(&format!("shader checks: {checks}\n")), "{}", ctx.report);
+        let (m, n, k, bs) = (130, 67, 200, 32);
+        let x = rand(m * k, 41, 1.0);
+        let w = rand(n * k, 42, 0.3);
+        let q = nf4::quantize(&w, &[n, k], bs).expect("quantize");
+        let wd = q.dequantize();
+        let want = r::matmul_forward(&x, &wd, None, m, n, k);
+        let (xb, pb, ab) = (ctx.storage_from("x", &x), ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax));
+        let w = launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs };
+        check_matmul(&ctx, &format!("matmul_nf4 with checks {checks}"), (&xb, w), (&x, &wd), None, &want, (m, n, k));
+        let (t, case) = (70, r::AttentionCase { n_heads: 4, n_kv_heads: 2, head_dim: 72, pos_offset: 3, softcap: None });
+        let (qv, kv, vv) = (rand(t * 4 * 72, 43, 1.0), rand((t + 3) * 2 * 72, 44, 1.0), rand((t + 3) * 2 * 72, 45, 1.0));
+        let want = r::attention_forward(&qv, &kv, &vv, &vec![0; t], case);
+        let got = gpu_attention(&ctx, [&qv, &kv, &vv], &vec![0; t], case);
+        assert_close(&format!("attention with checks {checks}"), &got.out, &want, 1e-4, 1e-5);
+    }
+}
+
 /// wgpu does not hold a kernel to the device's workgroup memory (a driver given one past it
 /// may fail in ways that name nothing), so the context does: on a device opened with 16 KiB, a
 /// kernel that needs more is refused before it is compiled, naming it, its bytes and the

@@ -51,6 +51,88 @@ pub struct GpuOptions {
     /// for tests of the families small adapters get (Vulkan's minimum, and WebGPU's default, is
     /// 16,384 bytes).
     pub max_workgroup_storage: Option<u32>,
+    /// The checks wgpu adds to the kernels as it translates them (see [`ShaderChecks`]); `None`
+    /// reads `EDGETUNE_SHADER_CHECKS`, else [`ShaderChecks::Bounds`].
+    pub shader_checks: Option<ShaderChecks>,
+}
+
+/// The checks that wgpu adds to a kernel as it translates it for the driver (its
+/// `ShaderRuntimeChecks`), which edgetune's kernels are written not to need.
+///
+/// By default wgpu gives every loop a 64-bit counter that breaks after 2^64 iterations (so that
+/// a driver cannot treat an endless loop as unreachable), clamps indices into arrays (and into
+/// buffers where the driver does not keep accesses in bounds itself) and guards integer
+/// division by zero. The loop counters keep drivers from unrolling loops: wgpu's issue #7698
+/// reports compute kernels 100 times slower with them (0.1 ms to 10 ms), and other projects on
+/// wgpu (vello) turned them off. Every loop of edgetune's kernels ends after a number of
+/// iterations set by its parameters, which a test holds each one to (`tests/kernels.rs`:
+/// `every_kernel_loop_counts_up_or_down_to_a_bound_by_a_fixed_step`), so the default drops the
+/// counters and keeps the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShaderChecks {
+    /// Everything wgpu adds by default: loop counters, index and buffer bounds, division guards.
+    All,
+    /// Index and buffer bounds and division guards, no loop counters (the default).
+    Bounds,
+    /// Nothing added: an index out of bounds or a division by zero in a kernel would be
+    /// undefined (the driver's own robust buffer access still applies where it has it). For
+    /// measuring what the checks cost.
+    None,
+}
+
+impl ShaderChecks {
+    /// Every setting.
+    pub const ALL: [ShaderChecks; 3] = [ShaderChecks::All, ShaderChecks::Bounds, ShaderChecks::None];
+
+    /// Its name, as `EDGETUNE_SHADER_CHECKS` and the reports spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ShaderChecks::All => "all",
+            ShaderChecks::Bounds => "bounds",
+            ShaderChecks::None => "none",
+        }
+    }
+
+    /// What wgpu is asked to add.
+    fn runtime_checks(self) -> wgpu::ShaderRuntimeChecks {
+        match self {
+            ShaderChecks::All => wgpu::ShaderRuntimeChecks::checked(),
+            ShaderChecks::Bounds => {
+                let mut checks = wgpu::ShaderRuntimeChecks::checked();
+                checks.force_loop_bounding = false;
+                checks
+            }
+            // What this leaves to the kernels is stated where the module is made (`compile`).
+            ShaderChecks::None => wgpu::ShaderRuntimeChecks::unchecked(),
+        }
+    }
+
+    /// The setting `EDGETUNE_SHADER_CHECKS` names, if it is set (anything else is an error).
+    pub fn from_env() -> Result<Option<ShaderChecks>> {
+        match std::env::var("EDGETUNE_SHADER_CHECKS") {
+            Ok(v) if !v.trim().is_empty() => {
+                v.parse().map(Some).map_err(|e| Error::invalid("EDGETUNE_SHADER_CHECKS", format!("{e}")))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+impl std::fmt::Display for ShaderChecks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ShaderChecks {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ShaderChecks::ALL.into_iter().find(|c| c.name().eq_ignore_ascii_case(s.trim())).ok_or_else(|| {
+            let names: Vec<&str> = ShaderChecks::ALL.iter().map(|c| c.name()).collect();
+            Error::invalid("shader checks", format!("{s:?} is not one of {}", names.join(", ")))
+        })
+    }
 }
 
 /// How long the host waits for the GPU by default: far longer than any one training step or
@@ -100,6 +182,8 @@ pub struct AdapterReport {
     pub forced: Option<KernelFamily>,
     /// The GPU's memory, where the backend reports it (Vulkan does); `None` means unknown.
     pub memory: Option<GpuMemory>,
+    /// The checks wgpu adds to the kernels (see [`ShaderChecks`]).
+    pub shader_checks: ShaderChecks,
 }
 
 impl std::fmt::Display for AdapterReport {
@@ -117,6 +201,7 @@ impl std::fmt::Display for AdapterReport {
         )?;
         let emulated = if self.coop_emulated { " (matrix operations emulated in plain WGSL)" } else { "" };
         writeln!(f, "kernels: {}{emulated}", self.kernels)?;
+        writeln!(f, "shader checks: {}", self.shader_checks)?;
         if let Some(t) = &self.coop_self_test {
             writeln!(f, "cooperative-matrix self-test: {t}")?;
         }
@@ -374,6 +459,10 @@ impl GpuContext {
             None => (family::tile128_min_groups_from_env()?, "EDGETUNE_TILE128_MIN_GROUPS"),
         };
         let kernels = family::with_min_groups(family::choose(&facts, forced)?, &facts, asked, from)?;
+        let shader_checks = match opts.shader_checks {
+            Some(c) => c,
+            None => ShaderChecks::from_env()?.unwrap_or(ShaderChecks::Bounds),
+        };
         // Cooperative matrices are an experimental wgpu feature: asked for only when a family
         // that uses them is to be tried (and then only used after its self-test).
         let experimental = if kernels.family.uses_matrix_units() && !coop_emulated {
@@ -416,6 +505,7 @@ impl GpuContext {
             facts,
             forced,
             memory: memory::query(&adapter),
+            shader_checks,
         };
         // wgpu's default handler panics on validation errors; record them and return them as
         // errors instead, so no panic escapes into an embedding application.
@@ -697,10 +787,12 @@ impl GpuContext {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(shader.name),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        let descriptor =
+            wgpu::ShaderModuleDescriptor { label: Some(shader.name), source: wgpu::ShaderSource::Wgsl(source.into()) };
+        // SAFETY: the kernels are this crate's own, and keep what dropping a check requires of
+        // them (see ShaderChecks): every loop ends (held by a test), and with `None`, which is
+        // asked for by name, indices stay in bounds and no divisor is zero.
+        let module = unsafe { self.device.create_shader_module_trusted(descriptor, self.report.shader_checks.runtime_checks()) };
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("shader {} failed to compile: {err}", shader.name)));
         }

@@ -9,7 +9,7 @@ pub mod profile;
 pub mod workgroup;
 pub use edgetune_shaders as shaders;
 
-pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions};
+pub use context::{AdapterReport, GpuContext, GpuCounts, GpuOptions, ShaderChecks};
 pub use dispatch::{BindGroups, Commands, Encoder, PendingRead};
 pub use family::{KernelFamily, Kernels};
 pub use memory::GpuMemory;
