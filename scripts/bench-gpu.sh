@@ -17,7 +17,10 @@
 # measured besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them; a
 # family written FAMILY:N runs with EDGETUNE_TILE128_MIN_GROUPS=N (0: tile128's 128 x 128 tiles
 # for every product, not only those with large grids), and the adapter's own family is
-# measured with 0 too when it uses those tiles. BUDGET_S (seconds; default none) starts no run
+# measured with 0 too when it uses those tiles. CHECKS (default "all none"; empty for none) lists
+# settings of EDGETUNE_SHADER_CHECKS whose training step (and profiled step) is measured in the
+# adapter's family besides the default (bounds: wgpu's checks without its loop counters), so the
+# table shows what wgpu's loop counters ("all") and its bounds checks ("none") cost. BUDGET_S (seconds; default none) starts no run
 # after that many seconds and cuts each run's time limit to what is left, so a machine lent for
 # a fixed time still ends with the table of what ran and the list of what did not. Needs the Vulkan
 # loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
@@ -48,6 +51,7 @@ fi
 picked="$("$bin" gpu | sed -n 's/^kernels: \([a-z0-9]*\).*/\1/p')"
 variants="${FAMILIES-tile128 tile128:0 portable}"
 case "$picked" in tile128 | coop16) [ -n "$variants" ] && variants="$variants $picked:0" ;; esac
+checks="${CHECKS-all none}"
 # Runs "$@" with the kernels of variant $1 (FAMILY or FAMILY:N, see FAMILIES above).
 with_kernels() {
   local v="$1" groups=""
@@ -84,6 +88,10 @@ train=(--seq "$seq" --rank "$rank" --max-context "$seq" --json)
 for shape in $shapes; do
   run "$shape: edgetune bench-train" 300 "$bin" bench-train --random-weights "$shape" --steps "$steps" "${train[@]}" \
     >>"$out/edgetune.jsonl"
+  for c in $checks; do
+    EDGETUNE_SHADER_CHECKS="$c" run "$shape: edgetune bench-train, shader checks $c" 300 \
+      "$bin" bench-train --random-weights "$shape" --steps "$steps" "${train[@]}" >>"$out/edgetune.jsonl"
+  done
   for family in $variants; do
     [ "$family" = "$picked" ] && continue
     with_kernels "$family" run "$shape: edgetune bench-train, $family kernels" 300 \
@@ -109,6 +117,10 @@ profile="${PROFILE-llama-3.2-1b}"
 if [ -n "$profile" ]; then
   profiled=(--random-weights "$profile" --steps 1 --checkpointing off --profile "${train[@]}")
   run "$profile: edgetune bench-train --profile" 300 "$bin" bench-train "${profiled[@]}" >"$out/profile.json"
+  for c in $checks; do
+    EDGETUNE_SHADER_CHECKS="$c" run "$profile: edgetune bench-train --profile, shader checks $c" 300 \
+      "$bin" bench-train "${profiled[@]}" >"$out/profile-checks-$c.json"
+  done
   # The same step in each other family, so the tables compare them kernel by kernel.
   for family in $variants; do
     [ "$family" = "$picked" ] && continue

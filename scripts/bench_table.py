@@ -35,13 +35,16 @@ def fmt(x, digits=1):
 
 
 def kernels_of(o):
-    """The family of a run's products, and the grid below which tile128's are on 64 x 64 blocks (tile64)."""
+    """The family of a run's products, the grid below which tile128's are on 64 x 64 blocks
+    (tile64), and the shader checks where they are not the default (bounds)."""
     k = o.get("kernels") or {}
     matmul = k.get("matmul", "?")
     groups = k.get("tile128_min_groups")
+    name = matmul
     if matmul in ("tile128", "coop16") and groups is not None:
-        return f"{matmul}, tile64 below {groups} tiles" if groups else f"{matmul}, 128 x 128 always"
-    return matmul
+        name = f"{matmul}, tile64 below {groups} tiles" if groups else f"{matmul}, 128 x 128 always"
+    checks = o.get("shader_checks", "bounds")
+    return name if checks == "bounds" else f"{name}, shader checks {checks}"
 
 
 def main():
@@ -94,7 +97,8 @@ def main():
 
 def profile_table(folder):
     """The slowest kernels of each profiled step (profile.json for the adapter's family,
-    profile-FAMILY.json for the others), if any was taken."""
+    profile-FAMILY.json for the others, profile-checks-C.json for its shader checks C), if any
+    was taken."""
     names = sorted(n for n in os.listdir(folder) if n.startswith("profile") and n.endswith(".json"))
     for name in names:
         one_profile(os.path.join(folder, name))

@@ -196,8 +196,9 @@ fn split_key_decoding_adds_one_dispatch_a_layer_and_no_allocation() {
 /// `scripts/bench-gpu.sh`, the one command a machine with a GPU runs (often lent for a fixed
 /// time, with no toolchain), run here end to end on a tiny shape so that a change to the CLI or
 /// the table breaks it here rather than there: every run gives one JSON line (training in the
-/// adapter's family and in the forced one, decoding four ways), each profiled step its file,
-/// and the table a row per family and mode and a profile per family. With a budget too small
+/// adapter's family, with wgpu's own shader checks and in the forced family; decoding four
+/// ways), each profiled step its file, and the table a row per family or setting and mode and
+/// a profile per family or setting. With a budget too small
 /// for any run (BUDGET_S), nothing runs, each run is listed as left out, no empty profile is
 /// left behind, and the script still ends with its (empty) table.
 #[test]
@@ -222,7 +223,7 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
         let mut cmd = Command::new("bash");
         cmd.arg(&script)
             .arg(env!("CARGO_BIN_EXE_edgetune-under-test"))
-            .envs([("SEQ", "16"), ("RANK", "4"), ("STEPS", "1"), ("TORCH", "0"), ("FAMILIES", forced)])
+            .envs([("SEQ", "16"), ("RANK", "4"), ("STEPS", "1"), ("TORCH", "0"), ("FAMILIES", forced), ("CHECKS", "all")])
             .env("SHAPES", &shape)
             .env("PROFILE", &shape)
             .env("BENCH_OUT", out)
@@ -240,24 +241,29 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     let lines = std::fs::read_to_string(out.join("edgetune.jsonl")).expect("JSON lines");
     let runs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
     let training: Vec<&serde_json::Value> = runs.iter().filter(|r| r.get("modes").is_some()).collect();
-    assert_eq!((training.len(), runs.len()), (2, 6), "{lines}");
-    let families: Vec<&str> = training.iter().filter_map(|r| r["kernels"]["family"].as_str()).collect();
-    assert_eq!(families, [picked.as_str(), forced], "{lines}");
-    for name in ["profile.json", &format!("profile-{forced}.json")] {
+    assert_eq!((training.len(), runs.len()), (3, 7), "{lines}");
+    let families: Vec<(&str, &str)> = training
+        .iter()
+        .filter_map(|r| Some((r["kernels"]["family"].as_str()?, r["shader_checks"].as_str()?)))
+        .collect();
+    assert_eq!(families, [(picked.as_str(), "bounds"), (picked.as_str(), "all"), (forced, "bounds")], "{lines}");
+    for name in ["profile.json", "profile-checks-all.json", &format!("profile-{forced}.json")] {
         let p: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join(name)).expect(name)).expect("a profile");
         assert!(p["modes"][0]["profile"].as_array().is_some_and(|k| !k.is_empty()), "{name}: no kernels");
     }
     let rows = |family: &str| table.lines().filter(|l| l.contains(&format!(" | {family} | "))).count();
-    assert_eq!((rows(&picked), rows(forced)), (2, 2), "checkpointing on and off each: {table}");
-    assert_eq!(table.matches("Profiled step").count(), 2, "{table}");
+    let all = format!("{picked}, shader checks all");
+    assert_eq!((rows(&picked), rows(&all), rows(forced)), (2, 2, 2), "checkpointing on and off each: {table}");
+    assert_eq!(table.matches("Profiled step").count(), 3, "{table}");
     assert_eq!(table.lines().filter(|l| l.contains(" | 2048 | ")).count(), 2, "{table}");
-    // A budget that no run fits: the eight runs are listed, and nothing is left behind.
+    // A budget that no run fits: the ten runs are listed, and nothing is left behind.
     let out = dir.join("none");
     let (table, log) = bench(&out, Some("19"));
     assert!(!log.lines().any(|l| l.starts_with("== ") && !l.starts_with("== done")), "a run started: {log}");
-    assert!(table.contains("BUDGET_S=19 ran out before 8 runs, left out:"), "{table}");
+    assert!(table.contains("BUDGET_S=19 ran out before 10 runs, left out:"), "{table}");
     assert!(table.contains(&format!("edgetune bench-train, {forced} kernels")), "{table}");
+    assert!(table.contains("edgetune bench-train --profile, shader checks all"), "{table}");
     assert_eq!(std::fs::read_to_string(out.join("edgetune.jsonl")).expect("JSON lines"), "");
     assert!(!out.join("profile.json").exists(), "an empty profile was left");
     let _ = std::fs::remove_dir_all(&dir);

@@ -56,6 +56,7 @@ fn with_header(l: &Loaded, m: &BenchModel, rest: Value) -> Value {
     let mut o = json!({
         "adapter": { "name": r.name, "backend": r.backend, "device_type": r.device_type, "driver": r.driver },
         "kernels": r.kernels,
+        "shader_checks": r.shader_checks,
         "model": l.name,
         "shape": m.random_weights,
         "quant": format!("{:?}", m.quant),

@@ -111,9 +111,10 @@ impl ShaderChecks {
     /// The setting `EDGETUNE_SHADER_CHECKS` names, if it is set (anything else is an error).
     pub fn from_env() -> Result<Option<ShaderChecks>> {
         match std::env::var("EDGETUNE_SHADER_CHECKS") {
-            Ok(v) if !v.trim().is_empty() => {
-                v.parse().map(Some).map_err(|e| Error::invalid("EDGETUNE_SHADER_CHECKS", format!("{e}")))
-            }
+            Ok(v) if !v.trim().is_empty() => v.parse().map(Some).map_err(|_| {
+                let names: Vec<&str> = ShaderChecks::ALL.iter().map(|c| c.name()).collect();
+                Error::invalid("EDGETUNE_SHADER_CHECKS", format!("{v:?} is not one of {}", names.join(", ")))
+            }),
             _ => Ok(None),
         }
     }
