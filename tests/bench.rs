@@ -223,7 +223,14 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
         let mut cmd = Command::new("bash");
         cmd.arg(&script)
             .arg(env!("CARGO_BIN_EXE_edgetune-under-test"))
-            .envs([("SEQ", "16"), ("RANK", "4"), ("STEPS", "1"), ("TORCH", "0"), ("FAMILIES", forced), ("CHECKS", "all")])
+            .envs([
+                ("SEQ", "16"),
+                ("RANK", "4"),
+                ("STEPS", "1"),
+                ("TORCH", "0"),
+                ("FAMILIES", forced),
+                ("CHECKS", "all"),
+            ])
             .env("SHAPES", &shape)
             .env("PROFILE", &shape)
             .env("BENCH_OUT", out)

@@ -927,14 +927,18 @@ fn gpu_reports_the_shader_checks_the_environment_asks_for() {
         }
         cmd.output().expect("runs")
     };
-    for (value, says) in [(None, "bounds"), (Some("all"), "all"), (Some(" None "), "none"), (Some("bounds"), "bounds")] {
+    for (value, says) in [(None, "bounds"), (Some("all"), "all"), (Some(" None "), "none"), (Some("bounds"), "bounds")]
+    {
         let out = gpu(value);
         let said = text(&out.stdout);
         assert!(out.status.success() && said.contains(&format!("shader checks: {says}\n")), "{value:?}: {said}");
     }
     let out = gpu(Some("off"));
     let err = text(&out.stderr);
-    assert!(!out.status.success() && err.contains("EDGETUNE_SHADER_CHECKS") && err.contains("all, bounds, none"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("EDGETUNE_SHADER_CHECKS") && err.contains("all, bounds, none"),
+        "{err}"
+    );
 }
 
 /// `EDGETUNE_TILE128_MIN_GROUPS` sets the grid below which tile128 products run on 64 x 64

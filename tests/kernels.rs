@@ -160,7 +160,8 @@ fn every_kernel_loop_counts_up_or_down_to_a_bound_by_a_fixed_step() {
             let v = parts[0].strip_prefix("var ").and_then(|d| d.split('=').next()).map(str::trim);
             let Some(v) = v.filter(|v| !v.is_empty()) else { fail("the loop's variable is not declared in it") };
             let (cond, update) = (parts[1], parts[2]);
-            let bound = cond.strip_prefix(v).map(str::trim).unwrap_or_else(|| fail("the condition does not start with it"));
+            let bound =
+                cond.strip_prefix(v).map(str::trim).unwrap_or_else(|| fail("the condition does not start with it"));
             if update == format!("{v}++") || update.starts_with(&format!("{v} += ")) {
                 if !(bound.starts_with("< ") || bound.starts_with("<= ")) {
                     fail("counts up to no `<` or `<=` bound");
@@ -237,11 +238,14 @@ fn every_shader_checks_setting_runs_the_loop_heavy_kernels_as_their_twins() {
         let q = nf4::quantize(&w, &[n, k], bs).expect("quantize");
         let wd = q.dequantize();
         let want = r::matmul_forward(&x, &wd, None, m, n, k);
-        let (xb, pb, ab) = (ctx.storage_from("x", &x), ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax));
+        let (xb, pb, ab) =
+            (ctx.storage_from("x", &x), ctx.storage_from("packed", &q.packed), ctx.storage_from("absmax", &q.absmax));
         let w = launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: bs };
         check_matmul(&ctx, &format!("matmul_nf4 with checks {checks}"), (&xb, w), (&x, &wd), None, &want, (m, n, k));
-        let (t, case) = (70, r::AttentionCase { n_heads: 4, n_kv_heads: 2, head_dim: 72, pos_offset: 3, softcap: None });
-        let (qv, kv, vv) = (rand(t * 4 * 72, 43, 1.0), rand((t + 3) * 2 * 72, 44, 1.0), rand((t + 3) * 2 * 72, 45, 1.0));
+        let (t, case) =
+            (70, r::AttentionCase { n_heads: 4, n_kv_heads: 2, head_dim: 72, pos_offset: 3, softcap: None });
+        let (qv, kv, vv) =
+            (rand(t * 4 * 72, 43, 1.0), rand((t + 3) * 2 * 72, 44, 1.0), rand((t + 3) * 2 * 72, 45, 1.0));
         let want = r::attention_forward(&qv, &kv, &vv, &vec![0; t], case);
         let got = gpu_attention(&ctx, [&qv, &kv, &vv], &vec![0; t], case);
         assert_close(&format!("attention with checks {checks}"), &got.out, &want, 1e-4, 1e-5);

@@ -793,7 +793,8 @@ impl GpuContext {
         // SAFETY: the kernels are this crate's own, and keep what dropping a check requires of
         // them (see ShaderChecks): every loop ends (held by a test), and with `None`, which is
         // asked for by name, indices stay in bounds and no divisor is zero.
-        let module = unsafe { self.device.create_shader_module_trusted(descriptor, self.report.shader_checks.runtime_checks()) };
+        let module =
+            unsafe { self.device.create_shader_module_trusted(descriptor, self.report.shader_checks.runtime_checks()) };
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("shader {} failed to compile: {err}", shader.name)));
         }

@@ -116,10 +116,17 @@ impl std::fmt::Display for Kernels {
         )?;
         let tiles128 =
             [self.matmul, self.matmul_grad].iter().any(|k| matches!(k, KernelFamily::Tile128 | KernelFamily::Coop16));
+        // coop16's own products stay on the matrix units whatever the threshold; only the
+        // gradients it leaves to tile128's kernels move to 64 x 64 blocks.
+        let (all, some) = if self.matmul == KernelFamily::Coop16 {
+            ("tile128's products (LoRA and weight gradients) all", "tile128's products (LoRA and weight gradients)")
+        } else {
+            ("every product", "products")
+        };
         if tiles128 && self.tile128_min_groups == TILE64_ONLY {
-            write!(f, "; every product on 64 x 64 blocks (tile64)")?;
+            write!(f, "; {all} on 64 x 64 blocks (tile64)")?;
         } else if tiles128 && self.tile128_min_groups > 0 {
-            write!(f, "; products of fewer than {} 128 x 128 tiles on 64 x 64 (tile64)", self.tile128_min_groups)?;
+            write!(f, "; {some} of fewer than {} 128 x 128 tiles on 64 x 64 (tile64)", self.tile128_min_groups)?;
         }
         Ok(())
     }
@@ -384,6 +391,16 @@ mod tests {
         // Matrix units: the forward products on them, the gradients in f32.
         let coop = AdapterFacts { coop_16x16_f16: true, ..facts(DiscreteGpu, (32, 32), 49152) };
         assert_eq!(pick(coop), k(Coop16, Coop16, Coop16, Tile128));
+        // Its threshold moves only the gradients it leaves to tile128's kernels.
+        let coop16 = |groups| Kernels { tile128_min_groups: groups, ..k(Coop16, Coop16, Coop16, Tile128) }.to_string();
+        assert!(
+            coop16(TILE64_ONLY)
+                .ends_with("; tile128's products (LoRA and weight gradients) all on 64 x 64 blocks (tile64)")
+        );
+        assert!(coop16(512).ends_with(
+            "; tile128's products (LoRA and weight gradients) of fewer than 512 128 x 128 tiles on 64 x 64 (tile64)"
+        ));
+        assert!(!coop16(0).contains("tile64"), "{}", coop16(0));
         // Not with 64-lane subgroups only.
         assert_eq!(pick(AdapterFacts { subgroup_size: (64, 64), ..coop }).family, Tile128);
         // Apple's 8 x 8 f32 simdgroup matrices (Metal lists subgroups of 4..64): every many-row
