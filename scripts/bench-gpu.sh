@@ -20,11 +20,12 @@
 # measured with 0 too when it uses those tiles. CHECKS (default "all none"; empty for none) lists
 # settings of EDGETUNE_SHADER_CHECKS whose training step (and profiled step) is measured in the
 # adapter's family besides the default (bounds: wgpu's checks without its loop counters), so the
-# table shows what wgpu's loop counters ("all") and its bounds checks ("none") cost. BUDGET_S (seconds; default none) starts no run
-# after that many seconds and cuts each run's time limit to what is left, so a machine lent for
-# a fixed time still ends with the table of what ran and the list of what did not. Needs the Vulkan
-# loader (libvulkan.so.1) and the GPU driver's Vulkan ICD; python3 with torch, transformers
-# and peft for the PyTorch column (skipped, and said so, when they do not import).
+# table shows what wgpu's loop counters ("all") and its remaining checks ("none") cost.
+# BUDGET_S (seconds; default none) starts no run after that many seconds and cuts each run's
+# time limit to what is left, so a machine lent for a fixed time still ends with the table of
+# what ran and the list of what did not. Needs the Vulkan loader (libvulkan.so.1) and the GPU
+# driver's Vulkan ICD; python3 with torch, transformers and peft for the PyTorch column
+# (skipped, and said so, when they do not import).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bin="${1:-}"
