@@ -123,8 +123,9 @@ fn every_kernel_fits_the_workgroup_memory_its_family_is_picked_for() {
 /// by their shape: `for (var v = ...; v < B (or <=, or && more); v++ or v += S)` with a step S
 /// of at least 1 (a positive literal or constant, or one of the named expressions below, each
 /// at least 1), `for (var v = ...; v > 0u; v >>= 1u)`, or `v <<= 1u` up to a bound of at
-/// most 2^31; no `loop` or `while`; and the loop's body never assigns v. (Counting up cannot
-/// wrap past 2^32: every bound is a size or a position of a buffer that one binding sees.)
+/// most 2^31; no `loop` or `while`; and the loop's body never assigns v or takes its address.
+/// (Counting up cannot wrap past 2^32: every bound is a size or a position of a buffer that one
+/// binding sees.)
 #[test]
 fn every_kernel_loop_counts_up_or_down_to_a_bound_by_a_fixed_step() {
     // Steps that are not constants, and why each is at least 1.
@@ -208,8 +209,11 @@ fn every_kernel_loop_counts_up_or_down_to_a_bound_by_a_fixed_step() {
                     .any(|o| next.starts_with(o) && !next.starts_with("=="));
                 !before && body[i + v.len()..].chars().next().is_some_and(|c| !(c.is_alphanumeric() || c == '_')) && op
             });
-            if assigned {
-                fail("the body assigns the loop's variable");
+            let pointed = body.match_indices(&format!("&{v}")).any(|(i, _)| {
+                body[i + 1 + v.len()..].chars().next().is_some_and(|c| !(c.is_alphanumeric() || c == '_'))
+            });
+            if assigned || pointed {
+                fail("the body assigns the loop's variable, or passes a pointer to it");
             }
             rest = &after[header_end..];
         }
