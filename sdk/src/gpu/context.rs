@@ -111,10 +111,9 @@ impl ShaderChecks {
     /// The setting `EDGETUNE_SHADER_CHECKS` names, if it is set (anything else is an error).
     pub fn from_env() -> Result<Option<ShaderChecks>> {
         match std::env::var("EDGETUNE_SHADER_CHECKS") {
-            Ok(v) if !v.trim().is_empty() => v.parse().map(Some).map_err(|_| {
-                let names: Vec<&str> = ShaderChecks::ALL.iter().map(|c| c.name()).collect();
-                Error::invalid("EDGETUNE_SHADER_CHECKS", format!("{v:?} is not one of {}", names.join(", ")))
-            }),
+            Ok(v) if !v.trim().is_empty() => {
+                family::named(&ShaderChecks::ALL, ShaderChecks::name, &v, "EDGETUNE_SHADER_CHECKS").map(Some)
+            }
             _ => Ok(None),
         }
     }
@@ -129,10 +128,7 @@ impl std::fmt::Display for ShaderChecks {
 impl std::str::FromStr for ShaderChecks {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        ShaderChecks::ALL.into_iter().find(|c| c.name().eq_ignore_ascii_case(s.trim())).ok_or_else(|| {
-            let names: Vec<&str> = ShaderChecks::ALL.iter().map(|c| c.name()).collect();
-            Error::invalid("shader checks", format!("{s:?} is not one of {}", names.join(", ")))
-        })
+        family::named(&ShaderChecks::ALL, ShaderChecks::name, s, "shader checks")
     }
 }
 

@@ -77,11 +77,17 @@ impl std::fmt::Display for KernelFamily {
 impl std::str::FromStr for KernelFamily {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        KernelFamily::ALL.into_iter().find(|f| f.name().eq_ignore_ascii_case(s.trim())).ok_or_else(|| {
-            let names: Vec<&str> = KernelFamily::ALL.iter().map(|f| f.name()).collect();
-            Error::invalid("kernel family", format!("{s:?} is not one of {}", names.join(", ")))
-        })
+        named(&KernelFamily::ALL, KernelFamily::name, s, "kernel family")
     }
+}
+
+/// The one of `all` whose `name` is `s` (any case, spaces around it ignored), else an error on
+/// `what` that lists the names.
+pub(crate) fn named<T: Copy>(all: &[T], name: fn(T) -> &'static str, s: &str, what: &str) -> Result<T> {
+    all.iter().copied().find(|&t| name(t).eq_ignore_ascii_case(s.trim())).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|&t| name(t)).collect();
+        Error::invalid(what, format!("{s:?} is not one of {}", names.join(", ")))
+    })
 }
 
 /// The family each op uses.
