@@ -7,8 +7,25 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
+vglog="$(mktemp)"
+pylog="$(mktemp)"
+fuzzlog="$(mktemp)"
+wheels="$(mktemp -d)"
+vgpid=""
+cleanup() {
+  # The cycle runs in a process group of its own (setsid): valgrind goes with its test.
+  if [ -n "$vgpid" ]; then kill -- "-$vgpid" 2>/dev/null || kill "$vgpid" 2>/dev/null || true; fi
+  rm -f "$log" "$vglog" "$pylog" "$fuzzlog"
+  rm -rf "$wheels"
+}
+trap cleanup EXIT
 status=0
+# Seconds since the last call, for the log's "time:" lines (where a slow run spent its time).
+mark=$SECONDS
+lap() {
+  echo "time: $1 $((SECONDS - mark)) s"
+  mark=$SECONDS
+}
 # llama.cpp (built once per machine into ~/.cache/edgetune) judges the GGUF adapters and merges;
 # if it cannot be built, those tests fail on their own, naming why.
 if py="$(bash "$(dirname "$0")/llama-cpp.sh")"; then
@@ -17,8 +34,28 @@ if py="$(bash "$(dirname "$0")/llama-cpp.sh")"; then
 else
   echo "test.sh: scripts/llama-cpp.sh failed; the llama.cpp tests will fail" >&2
 fi
+lap "llama.cpp"
+# The C cycle under valgrind (bindings/c/tests/c_programs.rs) keeps one core busy for up to a
+# quarter of an hour where Mesa's shader cache is cold, most of it lavapipe compiling the
+# kernels under valgrind: it starts as soon as the test binaries are built and runs beside
+# everything else, and its outcome joins the count at the end.
+valgrind_test=the_cycle_runs_clean_under_valgrind
+start_valgrind() {
+  local exe
+  exe="$(sed -n 's/^ *Executable tests\/c_programs\.rs (\(.*\))$/\1/p' "$log" | tail -n 1)"
+  if [ -z "$exe" ]; then
+    echo "test.sh: no c_programs test binary in cargo's output" >"$vglog"
+    return
+  fi
+  (cd bindings/c && exec setsid "$exe" --exact "$valgrind_test") >"$vglog" 2>&1 &
+  vgpid=$!
+}
 # The C tests link the C library, which `cargo test` does not build (it is no Rust dependency).
-{ cargo build --locked -p edgetune-capi && cargo test --workspace --locked --doc && cargo test --workspace --locked --all-targets --no-fail-fast; } 2>&1 | tee "$log" || status=$?
+{ cargo build --locked -p edgetune-capi && cargo test --workspace --locked --all-targets --no-run; } 2>&1 | tee "$log" || status=$?
+lap "build"
+if [ "$status" -eq 0 ]; then start_valgrind; else echo "test.sh: the build failed, so the valgrind cycle did not run" >"$vglog"; fi
+{ cargo test --workspace --locked --doc && cargo test --workspace --locked --all-targets --no-fail-fast -- --skip "$valgrind_test"; } 2>&1 | tee -a "$log" || status=$?
+lap "cargo test"
 passed=$({ grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" || true; } | awk '{s += $4} END {print s + 0}')
 failed=$({ grep -Eo '[0-9]+ failed;' "$log" || true; } | awk '{s += $1} END {print s + 0}')
 # A build error or a killed run fails no test of its own: count it, so the summary never reads
@@ -43,6 +80,7 @@ check() {
     status=1
   fi
   rm -f "$out"
+  lap "$name"
 }
 # The crates that publish pass `cargo publish --dry-run` in dependency order: each packages and
 # builds from its .crate file alone (each in its own folder, with nothing from outside it: the
@@ -101,9 +139,6 @@ check "cargo +$demo_msrv check edgetune-demo" env CARGO_TARGET_DIR="$HOME/.cache
 # `auditwheel repair`, which must find it within a manylinux policy and tag it so), a venv kept
 # outside the clone installs it, and the tests run from a scratch folder with no EDGETUNE_LIB,
 # so `import edgetune` and its library come from the installed wheel alone.
-pylog="$(mktemp)"
-wheels="$(mktemp -d)"
-trap 'rm -f "$log" "$pylog"; rm -rf "$wheels"' EXIT
 repo="$PWD"
 venv="$HOME/.cache/edgetune/py-test-venv-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
@@ -113,6 +148,7 @@ venv="$HOME/.cache/edgetune/py-test-venv-$(python3 -c 'import sys; print("%d.%d"
     (cd "$wheels" && env -u EDGETUNE_LIB EDGETUNE_TEST_INSTALLED=1 "$venv/bin/python" -m unittest discover -v \
       -s "$repo/bindings/python/tests" -t "$repo/bindings/python/tests")
 } 2>&1 | tee "$pylog" || status=1
+lap "python"
 py_ran=$({ grep -Eo '^Ran [0-9]+ tests?' "$pylog" || true; } | awk '{print $2}')
 py_failed=$({ grep -Eo '(failures|errors)=[0-9]+' "$pylog" || true; } | cut -d= -f2 | awk '{s += $1} END {print s + 0}')
 if [ -z "$py_ran" ]; then py_ran=0; py_failed=$((py_failed + 1)); status=1; fi
@@ -120,14 +156,28 @@ passed=$((passed + py_ran - py_failed))
 failed=$((failed + py_failed))
 # Every parser that reads outside input, fuzzed briefly (scripts/fuzz.sh; long runs are that
 # script with more seconds): each target that runs its time without a crash counts as a test.
-fuzzlog="$(mktemp)"
-trap 'rm -f "$log" "$pylog" "$fuzzlog"' EXIT
 bash "$(dirname "$0")/fuzz.sh" "${FUZZ_SECONDS:-30}" 2>&1 | tee "$fuzzlog" || status=1
+lap "fuzz"
 fuzz_ok=$({ grep -Ec '^[a-z_]+: [0-9]+ executions, no crash$' "$fuzzlog" || true; })
 fuzz_bad=$({ grep -Ec '^[a-z_]+: FAILED' "$fuzzlog" || true; })
 if [ "$fuzz_ok" -eq 0 ] && [ "$fuzz_bad" -eq 0 ]; then fuzz_bad=1; status=1; fi
 passed=$((passed + fuzz_ok))
 failed=$((failed + fuzz_bad))
+# The valgrind cycle started after the build: its libtest output, counted as cargo's is. A run
+# that printed no result (it was never started, or died) counts as a failure.
+if [ -n "$vgpid" ]; then
+  wait "$vgpid" || status=1
+  vgpid=""
+else
+  status=1
+fi
+lap "valgrind cycle (its wait after the rest)"
+cat "$vglog"
+vg_passed=$({ grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$vglog" || true; } | awk '{s += $4} END {print s + 0}')
+vg_failed=$({ grep -Eo '[0-9]+ failed;' "$vglog" || true; } | awk '{s += $1} END {print s + 0}')
+if [ "$vg_passed" -eq 0 ] && [ "$vg_failed" -eq 0 ]; then vg_failed=1; status=1; fi
+passed=$((passed + vg_passed))
+failed=$((failed + vg_failed))
 echo
 echo "summary: $passed passed, $failed failed"
 exit "$status"

@@ -84,7 +84,9 @@ fn train_save_load_generate_cycle() {
 /// process-wide statics built once and kept until exit (minijinja's built-in filters and tests,
 /// tokenizers' byte tables, a regex cache), reached through pointers into their middle. Nor do blocks that
 /// Mesa's lavapipe allocates and loses inside its own pipeline creation (`tests/lavapipe.supp`).
-/// Slow: about 16 minutes on two cores, most of it Mesa compiling the kernels under valgrind.
+/// Slow: about 15 minutes of one core where Mesa's shader cache is cold, most of it lavapipe
+/// compiling the kernels under valgrind; `scripts/test.sh` runs it on its own, beside the other
+/// tests, as soon as the test binaries are built (and skips it in its `cargo test`).
 #[test]
 fn the_cycle_runs_clean_under_valgrind() {
     let work = work_dir("valgrind");
