@@ -56,8 +56,11 @@ lap "build"
 if [ "$status" -eq 0 ]; then start_valgrind; else echo "test.sh: the build failed, so the valgrind cycle did not run" >"$vglog"; fi
 { cargo test --workspace --locked --doc && cargo test --workspace --locked --all-targets --no-fail-fast -- --skip "$valgrind_test"; } 2>&1 | tee -a "$log" || status=$?
 lap "cargo test"
-passed=$({ grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" || true; } | awk '{s += $4} END {print s + 0}')
-failed=$({ grep -Eo '[0-9]+ failed;' "$log" || true; } | awk '{s += $1} END {print s + 0}')
+# The tests a libtest log reports passed, and failed.
+libtest_passed() { { grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$1" || true; } | awk '{s += $4} END {print s + 0}'; }
+libtest_failed() { { grep -Eo '[0-9]+ failed;' "$1" || true; } | awk '{s += $1} END {print s + 0}'; }
+passed=$(libtest_passed "$log")
+failed=$(libtest_failed "$log")
 # A build error or a killed run fails no test of its own: count it, so the summary never reads
 # "0 failed" for a run that did not finish.
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
@@ -173,8 +176,8 @@ else
 fi
 lap "valgrind cycle (its wait after the rest)"
 cat "$vglog"
-vg_passed=$({ grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$vglog" || true; } | awk '{s += $4} END {print s + 0}')
-vg_failed=$({ grep -Eo '[0-9]+ failed;' "$vglog" || true; } | awk '{s += $1} END {print s + 0}')
+vg_passed=$(libtest_passed "$vglog")
+vg_failed=$(libtest_failed "$vglog")
 if [ "$vg_passed" -eq 0 ] && [ "$vg_failed" -eq 0 ]; then vg_failed=1; status=1; fi
 passed=$((passed + vg_passed))
 failed=$((failed + vg_failed))
