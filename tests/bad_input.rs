@@ -382,6 +382,17 @@ fn files_larger_than_their_kind_allows_are_refused_before_reading() {
 /// large model's weights.
 fn random_llama(
     name: &str,
+    dims: (usize, usize, usize, usize, usize),
+    positions: usize,
+    opts: &edgetune::model::llama::LoadOptions,
+) -> edgetune::Result<edgetune::model::llama::Model> {
+    random_llama_on(std::sync::Arc::new(common::gpu()), name, dims, positions, opts)
+}
+
+/// [`random_llama`] on the context `ctx`.
+fn random_llama_on(
+    ctx: std::sync::Arc<edgetune::gpu::GpuContext>,
+    name: &str,
     (hidden, mlp, heads, kv_heads, head_dim): (usize, usize, usize, usize, usize),
     positions: usize,
     opts: &edgetune::model::llama::LoadOptions,
@@ -397,7 +408,6 @@ fn random_llama(
     let path = d.join("config.json");
     std::fs::write(&path, config.to_string()).expect("config");
     let (cfg, src) = edgetune::model::open_random(path.to_str().expect("a UTF-8 path"), 0)?;
-    let ctx = std::sync::Arc::new(common::gpu());
     edgetune::model::llama::Model::load(ctx, cfg, &src, opts)
 }
 
@@ -405,10 +415,10 @@ fn random_llama(
 /// `max_storage_buffer_binding_size` bytes of a buffer at once (128 MiB on lavapipe), and a pass
 /// runs a workgroup per token and binds each activation whole; wgpu would refuse such a pass
 /// only when it ran, in its own words. So: a training batch past either limit is refused when
-/// the workspace is planned, naming batch_tokens; a prompt asked for its next token runs in
-/// chunks that fit whatever `prefill_chunk` says (the same logits as smaller chunks), and one
-/// pass past the limit is refused naming it; a KV cache whose layer buffer cannot be bound is
-/// refused naming max_context and the most that fits.
+/// the workspace is planned, naming batch_tokens; a prompt asked for its next token, and a text
+/// scored, run in passes that fit whatever `prefill_chunk` says (the same logits and losses as
+/// smaller passes, and as one pass over a prefix); a KV cache whose layer buffer cannot be
+/// bound is refused naming max_context and the most that fits.
 #[test]
 fn passes_past_the_gpus_grids_and_bindings_are_refused_or_run_in_chunks() {
     use edgetune::model::llama::{LoadOptions, Quant};
@@ -430,8 +440,6 @@ fn passes_past_the_gpus_grids_and_bindings_are_refused_or_run_in_chunks() {
         assert!(err.contains(&part), "{part}: {err}");
     }
     let ids: Vec<u32> = (0..most + 1).map(|i| (i * 7 % 256) as u32).collect();
-    let err = err_of(wide.forward_hidden(&ids, &mut wide.new_cache().expect("cache")));
-    assert!(err.contains(&format!("{} tokens in one pass", most + 1)) && err.contains("in chunks"), "{err}");
     // Asked for the next token, the same prompt runs in chunks of at most `most` (two here),
     // and gives the logits of chunks half as long.
     let mut cache = wide.new_cache().expect("cache");
@@ -440,6 +448,17 @@ fn passes_past_the_gpus_grids_and_bindings_are_refused_or_run_in_chunks() {
     let halves = random_llama("wide-mlp", (64, 65536, 2, 1, 32), 1 << 17, &opts(most + 8, most / 2)).expect("wide");
     let want = halves.next_logits(&ids, &mut halves.new_cache().expect("cache")).expect("halves");
     common::assert_close("chunks that fit against half as long", &got, &want, 1e-4, 1e-4);
+    // Scored, the same text runs as `most` tokens and then one (the decoding pass) with their
+    // hidden states copied into one buffer: every position's loss is the one passes half as long
+    // give, and, over the first half, the one a single pass over that half gives.
+    let mut cache = wide.new_cache().expect("cache");
+    let hidden = wide.forward_hidden(&ids, &mut cache).expect("a text past one pass");
+    assert_eq!((cache.len, hidden.size()), (ids.len(), (ids.len() * 64 * 4) as u64));
+    let got = wide.token_losses_with(&ids, None).expect("scored in passes");
+    let want = halves.token_losses_with(&ids, None).expect("scored in half passes");
+    common::assert_close("losses in passes against half as long", &got, &want, 1e-4, 1e-4);
+    let prefix = wide.token_losses_with(&ids[..most / 2 + 1], None).expect("one pass");
+    common::assert_close("losses in passes against one pass over a prefix", &got[..most / 2], &prefix, 1e-4, 1e-4);
     // A narrow model meets the grid's limit first.
     let narrow = random_llama("narrow", (64, 128, 2, 1, 32), 4096, &opts(2048, 1024)).expect("narrow");
     assert_eq!(narrow.max_pass_tokens(4, 0), 65535);
@@ -451,6 +470,54 @@ fn passes_past_the_gpus_grids_and_bindings_are_refused_or_run_in_chunks() {
     let err = err_of(kv.new_cache());
     let fits = binding / (32 * 128 * 4);
     assert!(err.contains("max_context") && err.contains(&format!("at most {fits}")), "{err}");
+}
+
+/// Where a GPU trains fewer tokens in one pass than the automatic `batch_tokens` would take
+/// (a 16,384-wide MLP on a device opened to bind 32 MiB at a time: 512), the rule stays within
+/// it and says why; a sample longer than that is refused when the run is planned, naming
+/// data.max_len and the most that fits, and an explicit batch_tokens past it when the
+/// workspace is.
+#[test]
+fn an_automatic_batch_stays_within_what_the_gpu_trains_in_one_pass() {
+    use edgetune::data::{DataConfig, Source};
+    use edgetune::gpu::{GpuContext, GpuOptions};
+    use edgetune::model::llama::{LoadOptions, Quant};
+    use edgetune::train::{TrainConfig, Trainer};
+    let gpu = GpuContext::new(&GpuOptions { max_storage_binding: Some(32 << 20), ..Default::default() }).expect("gpu");
+    assert_eq!(gpu.report.max_storage_buffer_binding_size, 32 << 20);
+    let most = 512;
+    let opts = LoadOptions { quant: Quant::Nf4, max_context: 2 * most, ..Default::default() };
+    let model = random_llama_on(std::sync::Arc::new(gpu), "wide-batch", (64, 16384, 2, 1, 32), 4 * most, &opts);
+    let model = std::sync::Arc::new(model.expect("wide"));
+    assert_eq!(model.max_batch_tokens(16, false), most);
+    let tok = Tokenizer::open(&common::fixtures().join("tiny_llama")).expect("tokenizer");
+    let load = |records: Vec<String>, max_len: usize| {
+        let source = Source::Records { name: "facts".into(), records };
+        edgetune::data::load_sources(&[source], &tok, &DataConfig { max_len, ..Default::default() }).expect("data")
+    };
+    let fact = |i: usize| serde_json::json!({"instruction": format!("Fact {i}?"), "output": format!("It is {i}.")});
+    // Enough facts that a quarter of their tokens is more than the GPU's pass.
+    let facts = load((0..400).map(|i| fact(i).to_string()).collect(), 512);
+    let tokens: usize = facts.train.iter().map(|s| s.ids.len()).sum();
+    assert!(tokens.div_ceil(4) > most, "{tokens} tokens");
+    let cfg = TrainConfig { max_steps: Some(1), ..Default::default() };
+    let t = Trainer::new(model.clone(), &facts, cfg.clone()).expect("an automatic batch that fits");
+    assert_eq!(t.config().batch_tokens, Some(most));
+    let why = &t.chosen().iter().find(|c| c.setting == "batch_tokens").expect("chosen").why;
+    assert!(why.starts_with("the most this GPU trains in one pass"), "{why}");
+    // One sample past the pass, within the context: about one and a half passes of words.
+    let per_word = tok.encode(&"Fact? ".repeat(64)).expect("tokens").len().div_ceil(64);
+    let words = "Fact? ".repeat(3 * most / 2 / per_word);
+    let long = serde_json::json!({"instruction": words, "output": "It is."}).to_string();
+    let data = load(vec![long, fact(1).to_string()], 2 * most - 8);
+    let longest = data.train.iter().map(|s| s.ids.len()).max().expect("samples");
+    assert!(longest > most && longest < 2 * most, "{longest} tokens");
+    let err = err_of(Trainer::new(model.clone(), &data, cfg.clone()));
+    for part in [format!("the longest sample has {longest} tokens"), format!("lower data.max_len to at most {most}")] {
+        assert!(err.contains(&part), "{part}: {err}");
+    }
+    let err = err_of(Trainer::new(model, &facts, TrainConfig { batch_tokens: Some(most + 64), ..cfg }));
+    assert!(err.contains("batch_tokens") && err.contains(&format!("at most {most}")), "{err}");
 }
 
 /// The kernels bind an adapter's buffer whole (and training its gradients and AdamW moments,

@@ -30,7 +30,7 @@ use edgetune::lora::{Adapter, TargetModules, merge, peft};
 use edgetune::model::llama::Quant;
 use edgetune::tokenizer::Tokenizer;
 use edgetune::train::schedule::ScheduleKind;
-use edgetune::train::{Method, RunPlan};
+use edgetune::train::{Method, ModelLimits, RunPlan};
 use edgetune::{Error, Result};
 use serde_json::json;
 
@@ -205,7 +205,7 @@ pub fn run(a: ExportJobArgs) -> Result<PathBuf> {
         None => Adapter::new(&model_cfg, cfg.lora.clone())?,
     };
     cfg.lora = adapter.config.clone();
-    let plan = RunPlan::new(&dataset, cfg, model_cfg.usable_context(t.max_context))?;
+    let plan = RunPlan::new(&dataset, cfg, ModelLimits::context(model_cfg.usable_context(t.max_context)))?;
     let cfg = &plan.config;
 
     // Everything is written to a sibling folder first and renamed at the end, so a failure

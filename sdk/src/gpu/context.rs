@@ -51,6 +51,11 @@ pub struct GpuOptions {
     /// for tests of the families small adapters get (Vulkan's minimum, and WebGPU's default, is
     /// 16,384 bytes).
     pub max_workgroup_storage: Option<u32>,
+    /// Opens the device with at most this many bytes bound of a storage buffer at once (the
+    /// adapter's own `max_storage_buffer_binding_size` where that is less), so that passes,
+    /// batches and caches are sized as on a GPU with that limit: for a driver that overstates it,
+    /// and for tests of what a GPU that binds little (WebGPU's default is 128 MiB) runs.
+    pub max_storage_binding: Option<u64>,
     /// The checks wgpu adds to the kernels as it translates them (see [`ShaderChecks`]); `None`
     /// reads `EDGETUNE_SHADER_CHECKS`, else [`ShaderChecks::Bounds`].
     pub shader_checks: Option<ShaderChecks>,
@@ -408,6 +413,9 @@ impl GpuContext {
         let mut limits = adapter.limits();
         if let Some(cap) = opts.max_workgroup_storage {
             limits.max_compute_workgroup_storage_size = limits.max_compute_workgroup_storage_size.min(cap);
+        }
+        if let Some(cap) = opts.max_storage_binding {
+            limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(cap);
         }
         let mut required = wgpu::Features::empty();
         let no_subgroups = opts.no_subgroups || family::no_subgroups_from_env()?;

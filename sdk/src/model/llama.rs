@@ -66,8 +66,9 @@ pub struct LoadOptions {
     /// With NF4, hold the embedding and lm_head tables as f16 (half the memory of f32). With
     /// `Quant::None` everything stays f32.
     pub f16_tables: bool,
-    /// The most prompt tokens one forward pass runs when the next token is asked for (1 to
-    /// 65,535; default [`PREFILL_CHUNK`]): a longer prompt runs in chunks of this many, each
+    /// The most tokens one forward pass runs when the next token is asked for or a text is run
+    /// whole ([`Model::forward_hidden`], scoring) (1 to 65,535; default [`PREFILL_CHUNK`]): a
+    /// longer input runs in chunks of this many, each
     /// attending to what the ones before it put in the KV cache, so its activations take no
     /// more memory than this many tokens' ([`Model::activation_bytes`]) and no grid or
     /// activation buffer grows with it (a GPU runs at most 65,535 workgroups along a
@@ -1055,7 +1056,9 @@ impl Model {
 
     /// Runs `ids` through the transformer at the cache's next positions and returns the final
     /// normed hidden states (T, hidden) on the GPU. The cache grows by `ids.len()`. For one
-    /// token the buffer is the cache's own, overwritten by its next one-token pass.
+    /// token the buffer is the cache's own, overwritten by its next one-token pass. More tokens
+    /// than one pass takes ([`Model::pass_chunk`]) run in passes of that many, each submitted
+    /// as it is recorded and copied into one buffer for them all.
     pub fn forward_hidden(&self, ids: &[u32], cache: &mut KvCache) -> Result<wgpu::Buffer> {
         self.forward_hidden_with(ids, cache, None)
     }
@@ -1067,9 +1070,44 @@ impl Model {
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
     ) -> Result<wgpu::Buffer> {
-        let (enc, hidden) = self.record_hidden(ids, cache, lora, FinalNorm::Written)?;
-        self.ctx.submit([enc.finish()]);
-        Ok(hidden)
+        let chunk = self.pass_chunk(lora);
+        if ids.len() <= chunk {
+            let (enc, hidden) = self.record_hidden(ids, cache, lora, FinalNorm::Written)?;
+            self.ctx.submit([enc.finish()]);
+            return Ok(hidden);
+        }
+        // The whole input is checked first, so one refused leaves the cache as it was.
+        self.check_ids(ids, cache)?;
+        let row = (self.config.hidden_size * 4) as u64;
+        let bytes = ids.len() as u64 * row;
+        if bytes > self.ctx.limits.max_buffer_size {
+            return Err(Error::invalid(
+                "input",
+                format!(
+                    "{} tokens: their hidden states take {bytes} bytes, more than the {} of this GPU's largest \
+                     buffer (max_buffer_size); give at most {} tokens",
+                    ids.len(),
+                    self.ctx.limits.max_buffer_size,
+                    self.ctx.limits.max_buffer_size / row
+                ),
+            ));
+        }
+        let what = format!("hidden states of {} tokens", ids.len());
+        let out = self.ctx.allocating(&what, bytes, ACTIVATION_ADVICE, || {
+            Ok(self.ctx.storage_zeroed("hidden states", ids.len() * self.config.hidden_size))
+        })?;
+        for (n, part) in ids.chunks(chunk).enumerate() {
+            let (mut enc, hidden) = self.record_hidden(part, cache, lora, FinalNorm::Written)?;
+            enc.copy_buffer_to_buffer(&hidden, 0, &out, (n * chunk) as u64 * row, part.len() as u64 * row);
+            self.ctx.submit([enc.finish()]);
+        }
+        Ok(out)
+    }
+
+    /// The most tokens one forward pass runs: [`Model::prefill_chunk`] within what the GPU runs in
+    /// one pass with `lora`'s rank ([`Model::max_pass_tokens`]).
+    pub fn pass_chunk(&self, lora: Option<&GpuAdapter>) -> usize {
+        self.prefill_chunk.min(self.max_pass_tokens(lora.map_or(0, |a| a.layout.r), 0)).max(1)
     }
 
     /// Refuses `ids` that are empty, do not fit the cache after what it holds, or hold a token
@@ -1094,7 +1132,8 @@ impl Model {
     /// Checks `ids`, then records their forward pass into a new encoder and returns it with the
     /// buffer that will hold the final normed hidden states. A one-token pass (decoding) runs
     /// in the cache's own buffers with the cache's bind groups, so after the first it creates
-    /// nothing; a longer one (a prompt) gets buffers of its own, freed when it is done.
+    /// nothing; a longer one (a prompt) gets buffers of its own, freed when it is done. Its
+    /// callers run longer inputs in passes of [`Model::pass_chunk`], which this refuses past.
     fn record_hidden(
         &self,
         ids: &[u32],
@@ -1132,8 +1171,8 @@ impl Model {
                     "prompt",
                     format!(
                         "{t} tokens in one pass; this model runs at most {most} on this GPU (grids of 65,535 \
-                         workgroups, bindings of max_storage_buffer_binding_size): ask for the next token, which \
-                         runs a long prompt in chunks"
+                         workgroups, bindings of max_storage_buffer_binding_size): run them in passes of at most \
+                         Model::pass_chunk tokens"
                     ),
                 ));
             }
@@ -1515,7 +1554,7 @@ impl Model {
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
     ) -> Result<&'a [u32]> {
-        let chunk = self.prefill_chunk.min(self.max_pass_tokens(lora.map_or(0, |a| a.layout.r), 0)).max(1);
+        let chunk = self.pass_chunk(lora);
         if ids.len() <= chunk {
             return Ok(ids);
         }

@@ -409,6 +409,20 @@ impl Model {
         sizes
     }
 
+    /// The most tokens one training batch can hold with LoRA rank up to `rank` and, where
+    /// `dropout`, room for LoRA dropout's masked inputs: [`Model::max_pass_tokens`] for the
+    /// widest row a training pass binds.
+    pub fn max_batch_tokens(&self, rank: usize, dropout: bool) -> usize {
+        self.max_pass_tokens(rank, if dropout { self.widest_input() } else { 0 })
+    }
+
+    /// The widest input of an adapted module (hidden, MLP or query width): a row of LoRA
+    /// dropout's masked input.
+    fn widest_input(&self) -> usize {
+        let c = &self.config;
+        c.hidden_size.max(c.intermediate_size).max(c.num_heads * c.head_dim)
+    }
+
     fn head_rows(&self, capacity: usize) -> usize {
         let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
         capacity.min(128).min((limit / (self.config.vocab_size * 4)).max(1))
@@ -442,8 +456,8 @@ impl Model {
         let ctx = &self.ctx;
         let (t, h, i) = (capacity, c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let wide = h.max(i).max(qd);
-        let most = self.max_pass_tokens(rank, if dropout { wide } else { 0 });
+        let wide = self.widest_input();
+        let most = self.max_batch_tokens(rank, dropout);
         if capacity > most {
             return Err(Error::invalid(
                 "batch capacity",
@@ -708,9 +722,7 @@ impl Model {
         if p <= 0.0 {
             return Ok(None);
         }
-        let c = &self.config;
-        let wide = c.hidden_size.max(c.intermediate_size).max(c.num_heads * c.head_dim);
-        if ws.lora_x.size() < (batch.len() * wide * 4) as u64 {
+        if ws.lora_x.size() < (batch.len() * self.widest_input() * 4) as u64 {
             return Err(Error::invalid(
                 "LoRA dropout",
                 format!("dropout {p} needs a workspace planned with dropout (Model::workspace_with)"),

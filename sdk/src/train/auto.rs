@@ -9,7 +9,8 @@
 //!    below then measure the first draw.
 //! 1. **Tokens per step.** About [`BATCHES_PER_EPOCH`] optimizer steps an epoch for a small
 //!    set: `batch_tokens` is the training tokens divided by that, rounded up to a multiple of 64,
-//!    at most [`MAX_AUTO_BATCH_TOKENS`] and never less than the longest sample. Sixteen short
+//!    at most [`MAX_AUTO_BATCH_TOKENS`] and the most the GPU trains in one pass (a wide model on
+//!    a GPU that binds 128 MiB at a time runs fewer), and never less than the longest sample. Sixteen short
 //!    records (773 tokens alone with SmolLM2's template, 521 as four conversations) then make
 //!    four steps of 192 tokens an epoch (256 alone), not one of 1024. Packing whole samples can make one or two more batches; rule 2 counts the
 //!    batches there are.
@@ -101,10 +102,10 @@ impl std::fmt::Display for Choice {
     }
 }
 
-/// Rule 1: tokens per packed micro-batch: [`epoch_share`] within the longest sample and
-/// [`MAX_AUTO_BATCH_TOKENS`].
-pub fn batch_tokens(shape: DataShape) -> usize {
-    epoch_share(shape.tokens).min(MAX_AUTO_BATCH_TOKENS).max(shape.longest)
+/// Rule 1: tokens per packed micro-batch: [`epoch_share`] within the longest sample,
+/// [`MAX_AUTO_BATCH_TOKENS`] and `gpu_most`, the most the GPU trains in one pass.
+pub fn batch_tokens(shape: DataShape, gpu_most: usize) -> usize {
+    epoch_share(shape.tokens).min(MAX_AUTO_BATCH_TOKENS).min(gpu_most).max(shape.longest)
 }
 
 /// An epoch's training tokens over [`BATCHES_PER_EPOCH`] steps, rounded up to a multiple of 64.

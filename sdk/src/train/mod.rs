@@ -15,5 +15,5 @@ pub use crate::model::training::Precision;
 pub use answers::{AnswerEval, EvalAnswers};
 pub use auto::Choice;
 pub use dpo::{DpoConfig, DpoLossKind, DpoReference, Method, Rewards};
-pub use plan::{PlannedStep, Round, RunPlan};
+pub use plan::{ModelLimits, PlannedStep, Round, RunPlan};
 pub use trainer::{CancelToken, Event, Outcome, StopReason, TrainConfig, Trainer, TrainingBytes};

@@ -49,6 +49,26 @@ pub(crate) struct Resolved {
     pub(crate) keep_best: bool,
 }
 
+/// What the model that trains a plan can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// Tokens of the model's context: a longer sample is refused, and conversations that reach
+    /// past it are trained a record at a time.
+    pub max_context: usize,
+    /// Tokens one training batch can hold on the GPU that trains it
+    /// ([`crate::model::llama::Model::max_batch_tokens`]): the automatic `batch_tokens` stays
+    /// within it, and a longer sample is refused.
+    pub max_batch_tokens: usize,
+}
+
+impl ModelLimits {
+    /// A model of `max_context` tokens, its batches bounded by nothing else: a job for another
+    /// trainer, on a GPU this process does not see.
+    pub fn context(max_context: usize) -> Self {
+        ModelLimits { max_context, max_batch_tokens: usize::MAX }
+    }
+}
+
 /// A run's plan: see the module's documentation.
 #[derive(Debug, Clone)]
 pub struct RunPlan {
@@ -66,9 +86,10 @@ pub struct RunPlan {
 }
 
 impl RunPlan {
-    /// Plans training on `dataset` with `cfg` (its adapter settings final) for a model that holds
-    /// `max_context` tokens. Settings left unset are chosen from the data ([`auto`]).
-    pub fn new(dataset: &Dataset, mut cfg: TrainConfig, max_context: usize) -> Result<RunPlan> {
+    /// Plans training on `dataset` with `cfg` (its adapter settings final) for a model within
+    /// `limits`. Settings left unset are chosen from the data ([`auto`]).
+    pub fn new(dataset: &Dataset, mut cfg: TrainConfig, limits: ModelLimits) -> Result<RunPlan> {
+        let ModelLimits { max_context, max_batch_tokens: gpu_most } = limits;
         cfg.validate()?;
         if dataset.train.is_empty() {
             return Err(Error::invalid("dataset", "has no training samples"));
@@ -112,22 +133,39 @@ impl RunPlan {
         }
         let all = draws.iter().flat_map(|d| d.iter());
         data::check_context(all.chain(&dataset.val), max_context, "data.max_len")?;
+        if shape.longest > gpu_most {
+            return Err(Error::invalid(
+                "data.max_len",
+                format!(
+                    "the longest sample has {} tokens, more than this GPU trains in one pass ({gpu_most}: grids of \
+                     65,535 workgroups, bindings of max_storage_buffer_binding_size); lower data.max_len to at \
+                     most {gpu_most}",
+                    shape.longest
+                ),
+            ));
+        }
         let mut chosen = Vec::new();
         if chaining.automatic {
             chosen.push(choice("data.chain", chain, chain_why));
         }
         cfg.data.chain = Some(chain);
         let batch_tokens = cfg.batch_tokens.unwrap_or_else(|| {
-            let b = auto::batch_tokens(shape);
+            let b = auto::batch_tokens(shape, gpu_most);
             let (per_epoch, most) = (auto::BATCHES_PER_EPOCH, auto::MAX_AUTO_BATCH_TOKENS);
             let share = auto::epoch_share(shape.tokens);
             let split = format!("{} training tokens over about {per_epoch} steps an epoch", shape.tokens);
+            let would = format!("{split} would be {share} tokens a step, rounded up to 64");
             let why = if b == share {
                 format!("{split}, rounded up to 64, within the longest sample ({}) and {most}", shape.longest)
             } else if b == shape.longest {
-                format!("the longest sample: {split} would be {share} tokens a step, rounded up to 64")
+                format!("the longest sample: {would}")
+            } else if b < most {
+                format!(
+                    "the most this GPU trains in one pass (grids of 65,535 workgroups, bindings of \
+                     max_storage_buffer_binding_size): {would}"
+                )
             } else {
-                format!("at most {most}: {split} would be {share} tokens a step, rounded up to 64")
+                format!("at most {most}: {would}")
             };
             chosen.push(choice("batch_tokens", b, why));
             b

@@ -20,7 +20,7 @@ use super::auto::Choice;
 use super::checkpoint::{Checkpoint, TrainState};
 use super::dpo::{DpoConfig, DpoReference, Method, Rewards};
 use super::optimizer::{AdamwConfig, Optimizer};
-use super::plan::{self, Resolved, Round, RunPlan, choice};
+use super::plan::{self, ModelLimits, Resolved, Round, RunPlan, choice};
 use super::schedule::{Schedule, ScheduleKind};
 use crate::data::{DataConfig, Dataset};
 use crate::error::{Error, Result};
@@ -400,8 +400,11 @@ impl Trainer {
     pub fn with_adapter(model: Arc<Model>, dataset: &Dataset, mut cfg: TrainConfig, adapter: Adapter) -> Result<Self> {
         cfg.lora = adapter.config.clone();
         model.check_adapter_binds(&adapter.layout)?;
-        let RunPlan { config: mut cfg, mut chosen, rounds, val, resolved: run } =
-            RunPlan::new(dataset, cfg, model.max_context)?;
+        let limits = ModelLimits {
+            max_context: model.max_context,
+            max_batch_tokens: model.max_batch_tokens(cfg.lora.r, cfg.lora.dropout > 0.0),
+        };
+        let RunPlan { config: mut cfg, mut chosen, rounds, val, resolved: run } = RunPlan::new(dataset, cfg, limits)?;
         let batch_tokens = cfg.batch_tokens.unwrap_or_default();
         let rounds: Vec<Vec<Batch>> = rounds.iter().map(batches).collect::<Result<_>>()?;
         let val = batches(&val)?;
