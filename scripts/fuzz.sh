@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes every parser that reads input from outside (the targets in fuzz/fuzz_targets) with
 # libFuzzer through cargo-fuzz, each for SECONDS (default 30), seeded from the repository's
-# fixtures, then prints one line per target: executions, and whether it crashed.
+# fixtures, then prints one line per target: executions, and whether it crashed. The targets
+# run side by side, one a core (FUZZ_JOBS overrides the number of cores).
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
@@ -76,15 +77,29 @@ JOBS
 pair "$fx/peft_llama_adapter/adapter_config.json" "$fx/peft_llama_adapter/adapter_model.safetensors" "$corpus/peft/seed-pair"
 pair "$fx/peft_llama_adapter/adapter_model.safetensors" "$fx/peft_llama_adapter/adapter_model.safetensors" "$corpus/checkpoint/seed-pair"
 
+# One target a core at a time (libFuzzer runs one process on one core), each into its own log,
+# reported in the order of the list once all have run.
+cores="${FUZZ_JOBS:-$(nproc)}"
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs"' EXIT
+fuzz_one() {
+  local t="$1"
+  cargo fuzz run -s none -O "$t" "$corpus/$t" -- -max_total_time="$seconds" -rss_limit_mb=2048 \
+    -malloc_limit_mb=1024 -timeout=10 -max_len=65536 -print_final_stats=1 >"$logs/$t.log" 2>&1
+  echo $? >"$logs/$t.rc"
+}
+for t in $targets; do
+  while [ "$(jobs -rp | wc -l)" -ge "$cores" ]; do wait -n; done
+  echo "== $t: ${seconds} s" >&2
+  fuzz_one "$t" &
+done
+wait
 status=0
 report=""
 for t in $targets; do
-  log="$(mktemp)"
-  echo "== $t: ${seconds} s" >&2
-  cargo fuzz run -s none -O "$t" "$corpus/$t" -- -max_total_time="$seconds" -rss_limit_mb=2048 \
-    -malloc_limit_mb=1024 -timeout=10 -max_len=65536 -print_final_stats=1 >"$log" 2>&1
-  rc=$?
-  runs=$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -Eo '[0-9]+$' | tail -1)
+  log="$logs/$t.log"
+  rc=$(cat "$logs/$t.rc" 2>/dev/null || echo 1)
+  runs=$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$log" 2>/dev/null | grep -Eo '[0-9]+$' | tail -1)
   if [ "$rc" -ne 0 ]; then
     status=1
     tail -40 "$log" >&2
@@ -92,7 +107,6 @@ for t in $targets; do
   else
     report+="$t: ${runs:-?} executions, no crash"$'\n'
   fi
-  rm -f "$log"
 done
 echo
 printf '%s' "$report"
