@@ -5,13 +5,15 @@
 // as in attention_t128.wgsl (common/attention_tiles.wgsl: rows are keys, columns queries):
 //   - for each tile, S^T = K Q^T and dP^T = V dO^T, a 4 x 4 block of each a thread; then P^T
 //     with the first pass's lse and dS^T = P^T (dP^T - delta) with its delta;
-//   - dV += P^T dO and dK += dS^T Q, 4 keys x 8 dims of each a thread.
+//   - dV += P^T dO and dK += dS^T Q, 4 keys x 8 dims of each a thread, 128 dims of the head at
+//     a time (a wider head takes a walk over the queries for each block of 128, S^T and dP^T
+//     computed again).
 // With p.head_split (GQA on a small grid) workgroup (x, y) takes query head y alone and writes
 // its share of dK and dV as partials, ((y % rep) T + key, dK or dV, Hkv * hd), into `dk`, which
 // is then the context's scratch; attention_backward_kv_reduce.wgsl adds the group's shares.
 // Query t sees key j when key_start[t] <= j <= t; key_start never decreases along a packed
 // batch, so the scan stops at the first query tile that starts past the block's samples.
-// Needs head_dim <= 128 (the launcher checks it).
+// Needs head_dim <= 256 (the launcher checks it).
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
@@ -66,60 +68,62 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let tr = lid / 16u;
     let tc = lid % 16u;
     let j_last = min(j0 + 64u, p.n_tokens) - 1u;
-    var acc_k: array<vec4<f32>, 8>;                                // (key i, half) at 2 i + half
-    var acc_v: array<vec4<f32>, 8>;
-    for (var hr = hr0; hr < hr1; hr++) {
-        let h = kvh * rep + hr;
-        // The first query that can see a key of this block is the block's first key.
-        for (var t0 = j0; t0 < p.n_tokens; t0 += 64u) {
-            if (lid == 0u) { tile_start = key_start[t0]; }
-            if (workgroupUniformLoad(&tile_start) > j_last) { break; }
-            tile = vec4<u32>(j0, t0, h, kvh);
-            let st = block_product(0u, 1u, lid);
-            let dpt = block_product(2u, 3u, lid);
-            // This thread's 4 queries: lse, delta and the first key each sees.
-            var qs: array<vec2<f32>, 4>;
-            var first = vec4<u32>(0xffffffffu);
-            for (var c = 0u; c < 4u; c++) {
-                let t = t0 + 4u * tc + c;
-                if (t < p.n_tokens) {
-                    qs[c] = stats[t * p.n_heads + h];
-                    first[c] = key_start[t];
-                }
-            }
-            var pm: array<vec4<f32>, 4>;
-            var ds: array<vec4<f32>, 4>;
-            for (var i = 0u; i < 4u; i++) {
-                let j = j0 + 4u * tr + i;
+    for (var d0 = 0u; d0 < hd; d0 += 128u) {
+        var acc_k = array<vec4<f32>, 8>();                         // (key i, half) at 2 i + half
+        var acc_v = array<vec4<f32>, 8>();
+        for (var hr = hr0; hr < hr1; hr++) {
+            let h = kvh * rep + hr;
+            // The first query that can see a key of this block is the block's first key.
+            for (var t0 = j0; t0 < p.n_tokens; t0 += 64u) {
+                if (lid == 0u) { tile_start = key_start[t0]; }
+                if (workgroupUniformLoad(&tile_start) > j_last) { break; }
+                tile = vec4<u32>(j0, t0, h, kvh);
+                let st = block_product(0u, 1u, lid);
+                let dpt = block_product(2u, 3u, lid);
+                // This thread's 4 queries: lse, delta and the first key each sees.
+                var qs: array<vec2<f32>, 4>;
+                var first = vec4<u32>(0xffffffffu);
                 for (var c = 0u; c < 4u; c++) {
                     let t = t0 + 4u * tc + c;
-                    let seen = j < p.n_tokens && t < p.n_tokens && t >= j && first[c] <= j;
-                    let x = st[i][c] * p.scale;
-                    let pr = select(0.0, exp(softcap(x) - qs[c].x), seen);
-                    pm[i][c] = pr;
-                    ds[i][c] = pr * softcap_grad(x) * (dpt[i][c] - qs[c].y);
+                    if (t < p.n_tokens) {
+                        qs[c] = stats[t * p.n_heads + h];
+                        first[c] = key_start[t];
+                    }
                 }
+                var pm: array<vec4<f32>, 4>;
+                var ds: array<vec4<f32>, 4>;
+                for (var i = 0u; i < 4u; i++) {
+                    let j = j0 + 4u * tr + i;
+                    for (var c = 0u; c < 4u; c++) {
+                        let t = t0 + 4u * tc + c;
+                        let seen = j < p.n_tokens && t < p.n_tokens && t >= j && first[c] <= j;
+                        let x = st[i][c] * p.scale;
+                        let pr = select(0.0, exp(softcap(x) - qs[c].x), seen);
+                        pm[i][c] = pr;
+                        ds[i][c] = pr * softcap_grad(x) * (dpt[i][c] - qs[c].y);
+                    }
+                }
+                store_block_t(pm, lid);
+                accumulate(&acc_v, 3u, d0, lid);
+                store_block_t(ds, lid);
+                accumulate(&acc_k, 1u, d0, lid);
             }
-            store_block_t(pm, lid);
-            accumulate(&acc_v, 3u, lid);
-            store_block_t(ds, lid);
-            accumulate(&acc_k, 1u, lid);
         }
-    }
-    for (var i = 0u; i < 4u; i++) {
-        let j = j0 + 4u * tr + i;
-        if (j >= p.n_tokens) { continue; }
-        var at_k = j * p.kv_stride + kvh * hd;
-        var at_v = at_k;
-        if (split) {
-            at_k = (hr0 * p.n_tokens + j) * 2u * p.kv_stride + kvh * hd;
-            at_v = at_k + p.kv_stride;
-        }
-        for (var e = 0u; e < 4u; e++) {
-            let d = 4u * tc + e;
-            if (d < hd) { put(split, at_k + d, at_v + d, vec2<f32>(acc_k[2u * i][e] * p.scale, acc_v[2u * i][e])); }
-            if (d + 64u < hd) {
-                put(split, at_k + d + 64u, at_v + d + 64u, vec2<f32>(acc_k[2u * i + 1u][e] * p.scale, acc_v[2u * i + 1u][e]));
+        for (var i = 0u; i < 4u; i++) {
+            let j = j0 + 4u * tr + i;
+            if (j >= p.n_tokens) { continue; }
+            var at_k = j * p.kv_stride + kvh * hd;
+            var at_v = at_k;
+            if (split) {
+                at_k = (hr0 * p.n_tokens + j) * 2u * p.kv_stride + kvh * hd;
+                at_v = at_k + p.kv_stride;
+            }
+            for (var e = 0u; e < 4u; e++) {
+                let d = d0 + 4u * tc + e;
+                if (d < hd) { put(split, at_k + d, at_v + d, vec2<f32>(acc_k[2u * i][e] * p.scale, acc_v[2u * i][e])); }
+                if (d + 64u < hd) {
+                    put(split, at_k + d + 64u, at_v + d + 64u, vec2<f32>(acc_k[2u * i + 1u][e] * p.scale, acc_v[2u * i + 1u][e]));
+                }
             }
         }
     }

@@ -7,9 +7,10 @@
 //     for the second pass;
 //   - for each tile, S = Q K^T and dP = dO V^T, a 4 x 4 block of each a thread; then
 //     P = exp(scale s - lse) (the forward pass's softmax) and dS = P (dP - delta);
-//   - dQ += dS K, 4 queries x 8 dims a thread.
+//   - dQ += dS K, 4 queries x 8 dims a thread, 128 dims of the head at a time (a wider head
+//     takes a walk over the keys for each block of 128, scores and dP computed again).
 // Keys, positions and the key_start rule are those of attention.wgsl, with pos_offset 0.
-// Needs head_dim <= 128 (the launcher checks it).
+// Needs head_dim <= 256 (the launcher checks it).
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
@@ -66,41 +67,41 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             lse[i] = stats[t * p.n_heads + h].x;
             let base = (t * p.n_heads + h) * hd;
             for (var e = 0u; e < 4u; e++) {
-                let d = 4u * tc + e;
-                if (d < hd) { part[i] += dout[base + d] * out[base + d]; }
-                if (d + 64u < hd) { part[i] += dout[base + d + 64u] * out[base + d + 64u]; }
+                for (var d = 4u * tc + e; d < hd; d += 64u) { part[i] += dout[base + d] * out[base + d]; }
             }
         }
     }
     let delta = rows_sum(part, lid, lanes);
     if (lid == 0u) { key_range = block_keys(t0); }
     let range = workgroupUniformLoad(&key_range);
-    var acc: array<vec4<f32>, 8>;                                  // (query i, half) at 2 i + half
-    for (var j0 = range.x; j0 <= range.y; j0 += 64u) {
-        tile = vec4<u32>(t0, j0, h, h / (p.n_heads / p.n_kv_heads));
-        let s = block_product(0u, 1u, lid);
-        let dp = block_product(2u, 3u, lid);
-        var ds: array<vec4<f32>, 4>;
-        for (var i = 0u; i < 4u; i++) {
-            for (var c = 0u; c < 4u; c++) {
-                let j = j0 + 4u * tc + c;
-                let x = s[i][c] * p.scale;
-                let pr = select(0.0, exp(softcap(x) - lse[i]), j >= first[i] && j <= last[i]);
-                ds[i][c] = pr * softcap_grad(x) * (dp[i][c] - delta[i]);
+    for (var d0 = 0u; d0 < hd; d0 += 128u) {
+        var acc = array<vec4<f32>, 8>();                           // (query i, half) at 2 i + half
+        for (var j0 = range.x; j0 <= range.y; j0 += 64u) {
+            tile = vec4<u32>(t0, j0, h, h / (p.n_heads / p.n_kv_heads));
+            let s = block_product(0u, 1u, lid);
+            let dp = block_product(2u, 3u, lid);
+            var ds: array<vec4<f32>, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                for (var c = 0u; c < 4u; c++) {
+                    let j = j0 + 4u * tc + c;
+                    let x = s[i][c] * p.scale;
+                    let pr = select(0.0, exp(softcap(x) - lse[i]), j >= first[i] && j <= last[i]);
+                    ds[i][c] = pr * softcap_grad(x) * (dp[i][c] - delta[i]);
+                }
             }
+            store_block_t(ds, lid);
+            accumulate(&acc, 1u, d0, lid);
         }
-        store_block_t(ds, lid);
-        accumulate(&acc, 1u, lid);
-    }
-    for (var i = 0u; i < 4u; i++) {
-        let t = t0 + 4u * tr + i;
-        if (t >= p.n_tokens) { continue; }
-        let base = (t * p.n_heads + h) * hd;
-        for (var e = 0u; e < 4u; e++) {
-            let d = 4u * tc + e;
-            if (d < hd) { dq[base + d] = acc[2u * i][e] * p.scale; }
-            if (d + 64u < hd) { dq[base + d + 64u] = acc[2u * i + 1u][e] * p.scale; }
+        for (var i = 0u; i < 4u; i++) {
+            let t = t0 + 4u * tr + i;
+            if (t >= p.n_tokens) { continue; }
+            let base = (t * p.n_heads + h) * hd;
+            for (var e = 0u; e < 4u; e++) {
+                let d = d0 + 4u * tc + e;
+                if (d < hd) { dq[base + d] = acc[2u * i][e] * p.scale; }
+                if (d + 64u < hd) { dq[base + d + 64u] = acc[2u * i + 1u][e] * p.scale; }
+            }
+            if (tc == 0u && d0 == 0u) { stats[t * p.n_heads + h] = vec2<f32>(lse[i], delta[i]); }
         }
-        if (tc == 0u) { stats[t * p.n_heads + h] = vec2<f32>(lse[i], delta[i]); }
     }
 }

@@ -10,8 +10,9 @@
 //     of probabilities, reduced the same way once at the end;
 //   - O += P V, 4 queries x 8 dims a thread.
 // Query t sits at position pos_offset + t and attends to keys key_start[t] ..= pos_offset + t,
-// as in attention.wgsl. Needs head_dim <= 128 and 25 KiB of workgroup memory; the launcher uses
-// attention.wgsl otherwise, and for one-token decoding steps.
+// as in attention.wgsl. A head of more than 128 dims is written 128 dims at a time, each block a
+// walk over the keys (common/attention_tiles.wgsl). Needs head_dim <= 256 and 25 KiB of
+// workgroup memory; the launcher uses attention.wgsl otherwise, and for one-token decoding steps.
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
@@ -64,51 +65,53 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     if (lid == 0u) { key_range = block_keys(t0); }
     let range = workgroupUniformLoad(&key_range);
-    var o: array<vec4<f32>, 8>;                                    // (query i, half) at 2 i + half
-    var run_max = vec4<f32>(NEG);
-    var run_sum = vec4<f32>(0.0);                                  // this thread's part
-    for (var j0 = range.x; j0 <= range.y; j0 += 64u) {
-        tile = vec4<u32>(t0, j0, h, h / (p.n_heads / p.n_kv_heads));
-        var s = block_product(0u, 1u, lid);
-        // Scaled, capped and masked scores, and each query's maximum over the tile.
-        var tile_max = vec4<f32>(NEG);
-        for (var i = 0u; i < 4u; i++) {
-            for (var c = 0u; c < 4u; c++) {
-                let j = j0 + 4u * tc + c;
-                var sc = NEG;
-                if (j >= first[i] && j <= last[i]) { sc = softcap(s[i][c] * p.scale); }
-                s[i][c] = sc;
-                tile_max[i] = max(tile_max[i], sc);
+    for (var d0 = 0u; d0 < hd; d0 += 128u) {
+        var o = array<vec4<f32>, 8>();                             // (query i, half) at 2 i + half
+        var run_max = vec4<f32>(NEG);
+        var run_sum = vec4<f32>(0.0);                              // this thread's part
+        for (var j0 = range.x; j0 <= range.y; j0 += 64u) {
+            tile = vec4<u32>(t0, j0, h, h / (p.n_heads / p.n_kv_heads));
+            var s = block_product(0u, 1u, lid);
+            // Scaled, capped and masked scores, and each query's maximum over the tile.
+            var tile_max = vec4<f32>(NEG);
+            for (var i = 0u; i < 4u; i++) {
+                for (var c = 0u; c < 4u; c++) {
+                    let j = j0 + 4u * tc + c;
+                    var sc = NEG;
+                    if (j >= first[i] && j <= last[i]) { sc = softcap(s[i][c] * p.scale); }
+                    s[i][c] = sc;
+                    tile_max[i] = max(tile_max[i], sc);
+                }
             }
-        }
-        let new_max = max(run_max, rows_max(tile_max, lid, lanes));
-        let corr = exp(run_max - new_max);
-        for (var i = 0u; i < 4u; i++) {
-            var part = 0.0;
-            for (var c = 0u; c < 4u; c++) {
-                let j = j0 + 4u * tc + c;
-                let pr = select(0.0, exp(s[i][c] - new_max[i]), j >= first[i] && j <= last[i]);
-                s[i][c] = pr;
-                part += pr;
+            let new_max = max(run_max, rows_max(tile_max, lid, lanes));
+            let corr = exp(run_max - new_max);
+            for (var i = 0u; i < 4u; i++) {
+                var part = 0.0;
+                for (var c = 0u; c < 4u; c++) {
+                    let j = j0 + 4u * tc + c;
+                    let pr = select(0.0, exp(s[i][c] - new_max[i]), j >= first[i] && j <= last[i]);
+                    s[i][c] = pr;
+                    part += pr;
+                }
+                run_sum[i] = run_sum[i] * corr[i] + part;
+                o[2u * i] *= corr[i];
+                o[2u * i + 1u] *= corr[i];
             }
-            run_sum[i] = run_sum[i] * corr[i] + part;
-            o[2u * i] *= corr[i];
-            o[2u * i + 1u] *= corr[i];
+            run_max = new_max;
+            store_block_t(s, lid);
+            accumulate(&o, 2u, d0, lid);
         }
-        run_max = new_max;
-        store_block_t(s, lid);
-        accumulate(&o, 2u, lid);
-    }
-    let total = rows_sum(run_sum, lid, lanes);
-    for (var i = 0u; i < 4u; i++) {
-        let t = t0 + 4u * tr + i;
-        if (t >= p.n_tokens) { continue; }
-        let base = (t * p.n_heads + h) * hd;
-        for (var e = 0u; e < 4u; e++) {
-            let d = 4u * tc + e;
-            if (d < hd) { out[base + d] = o[2u * i][e] / total[i]; }
-            if (d + 64u < hd) { out[base + d + 64u] = o[2u * i + 1u][e] / total[i]; }
+        let total = rows_sum(run_sum, lid, lanes);
+        for (var i = 0u; i < 4u; i++) {
+            let t = t0 + 4u * tr + i;
+            if (t >= p.n_tokens) { continue; }
+            let base = (t * p.n_heads + h) * hd;
+            for (var e = 0u; e < 4u; e++) {
+                let d = d0 + 4u * tc + e;
+                if (d < hd) { out[base + d] = o[2u * i][e] / total[i]; }
+                if (d + 64u < hd) { out[base + d + 64u] = o[2u * i + 1u][e] / total[i]; }
+            }
+            if (tc == 0u && d0 == 0u) { stats[t * p.n_heads + h] = vec2<f32>(run_max[i] + log(total[i]), 0.0); }
         }
-        if (tc == 0u) { stats[t * p.n_heads + h] = vec2<f32>(run_max[i] + log(total[i]), 0.0); }
     }
 }

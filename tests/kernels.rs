@@ -1671,6 +1671,10 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
             // multiple of the 16-dim chunks), and a full 128 behind a cache.
             (70, 4, 2, 72, 0),
             (130, 2, 1, 128, 9),
+            // Heads past 128 dims, which the blocked kernels write 128 dims at a time: Gemma's
+            // 256, and 200 (a second block of 72).
+            (70, 4, 2, 256, 0),
+            (66, 2, 1, 200, 6),
         ]
         .iter()
         .enumerate()
@@ -1784,10 +1788,10 @@ fn split_key_decoding_matches_reference() {
             let got = gpu_attention(&ctx, [&q, &k, &v], starts, case);
             let family = ctx.report.kernels.attention;
             // Which families fall back to the plain kernel: simd8 for a head it cannot unroll,
-            // tile128 and coop16 for one query or a head wider than their blocks.
+            // tile128 and coop16 for one query (their blocks take heads of up to 256 dims).
             let plain = match family {
                 KernelFamily::Simd8 => !(hd % 4 == 0 && hd <= 128),
-                KernelFamily::Tile128 | KernelFamily::Coop16 => t == 1 || hd > 128,
+                KernelFamily::Tile128 | KernelFamily::Coop16 => t == 1,
                 _ => true,
             };
             let s = attention_shape(t, case);

@@ -2,8 +2,10 @@
 // its two backward passes), FlashAttention-2's blocking written as small matmuls. A workgroup of
 // 256 threads works on a tile of 64 "rows" (queries, or keys in the dK/dV pass) against 64
 // "columns" (keys, or queries); thread (tr = lid / 16, tc = lid % 16) owns the 4 x 4 block of
-// rows 4 tr .. + 4 and columns 4 tc .. + 4, and 4 rows x 8 dims of what it accumulates over the
-// head (dims 4 tc .. + 4 and 64 + 4 tc .. + 4).
+// rows 4 tr .. + 4 and columns 4 tc .. + 4, and 4 rows x 8 dims of what it accumulates over a
+// block of 128 dims of the head from d0 (dims d0 + 4 tc .. + 4 and d0 + 64 + 4 tc .. + 4): a head
+// of up to 128 dims is one block; a wider one (Gemma's 256) takes a walk over the tiles a block,
+// each computing the scores again, so that the accumulators and workgroup memory stay this size.
 //   - block_product: sum_d A(row, d) B(col, d) over the head in chunks of 16 dims, both operands
 //     staged transposed (a vec4 of 4 rows or 4 columns a dim): 2 vec4 reads for 16 multiply-adds.
 //   - store_block_t then accumulate: out(row, dims) += sum_col M(row, col) C(col, dims), M
@@ -77,18 +79,19 @@ fn store_block_t(m: array<vec4<f32>, 4>, lid: u32) {
     }
 }
 
-// o[2 i + half] += sum over the tile's 64 columns of M(4 tr + i, column) C(column, dims of half),
-// M from `pt` and C = operand `c`. Called by every thread (it holds barriers).
-fn accumulate(o: ptr<function, array<vec4<f32>, 8>>, c: u32, lid: u32) {
+// o[2 i + half] += sum over the tile's 64 columns of M(4 tr + i, column) C(column, d0 + dims of
+// half), M from `pt` and C = operand `c`, d0 a multiple of 128 below head_dim. Called by every
+// thread (it holds barriers).
+fn accumulate(o: ptr<function, array<vec4<f32>, 8>>, c: u32, d0: u32, lid: u32) {
     let tr = lid / 16u;
     let tc = lid % 16u;
-    let dims = select(128u, 64u, p.head_dim <= 64u);               // dims of C staged
+    let dims = select(128u, 64u, p.head_dim - d0 <= 64u);          // dims of C staged
     for (var k0 = 0u; k0 < 64u; k0 += 16u) {
         for (var i = lid; i < 16u * dims; i += 256u) {
             let jj = i / dims;
             let d = i % dims;
             var v = 0.0;
-            if (d < p.head_dim) { v = operand(c, k0 + jj, d); }
+            if (d0 + d < p.head_dim) { v = operand(c, k0 + jj, d0 + d); }
             stage[jj * 32u + d / 4u][d % 4u] = v;
         }
         workgroupBarrier();

@@ -81,10 +81,10 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
     let AttentionIo { q, k, v, key_start, out, stats } = b;
     let p = attention_params(s)?;
     let buffers = [q, k, v, key_start, out, stats];
-    // Blocks of 64 queries where the family has them and the head fits; a decoding step's one
-    // query would leave 63 of 64 idle. Rows are reduced with subgroup shuffles where the adapter
-    // has them.
-    let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.head_dim <= 128 && s.n_tokens > 1;
+    // Blocks of 64 queries where the family has them (any head [`attention_params`] takes, up to
+    // 256 dims, 128 at a time); a decoding step's one query would leave 63 of 64 idle. Rows are
+    // reduced with subgroup shuffles where the adapter has them.
+    let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.n_tokens > 1;
     let slices = key_slices(ctx, s);
     let (shader, groups) = match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
         Some(shader) => (shader, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
@@ -282,7 +282,7 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     let kv_buffers = [q, k, v, key_start, b.dout, stats, b.dk, b.dv];
     let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
     let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
-    let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.head_dim <= 128;
+    let blocked = ctx.report.kernels.attention == KernelFamily::Tile128;
     let ((qs, q_groups), (kvs, kv_groups)) = match (q_pass, kv_pass) {
         (Some(qs), Some(kvs)) => {
             ((qs, [p.n_tokens.div_ceil(8), p.n_heads, 1]), (kvs, [p.n_tokens.div_ceil(8), p.n_kv_heads, 1]))
