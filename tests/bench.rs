@@ -23,6 +23,7 @@ fn named_shapes_have_their_published_parameter_counts() {
         ("smollm2-135m", 134_515_008),
         ("qwen2.5-0.5b", 494_032_768),
         ("qwen3-0.6b", 596_049_920),
+        ("gemma-3-1b", 999_885_952),
         ("llama-3.2-1b", 1_235_814_400),
         ("qwen2.5-1.5b", 1_543_714_304),
         ("llama-3.1-8b", 8_030_261_248),
@@ -38,6 +39,10 @@ fn named_shapes_have_their_published_parameter_counts() {
     assert!(qwen.qkv_bias && qwen.tie_word_embeddings);
     let (qwen3, _) = open_random("qwen3-0.6b", 0).expect("shape");
     assert!(qwen3.qk_norm && !qwen3.qkv_bias && qwen3.num_heads * qwen3.head_dim == 2 * qwen3.hidden_size);
+    // Heads of 256 dims, past the 128 that the blocked attention takes in one walk; five of
+    // every six layers slide over 512 keys.
+    let (gemma, _) = open_random("gemma-3-1b", 0).expect("shape");
+    assert!(gemma.qk_norm && gemma.sandwich_norms && gemma.head_dim == 256 && gemma.sliding_window == Some(512));
 }
 
 #[test]

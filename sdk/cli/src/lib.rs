@@ -58,7 +58,8 @@ struct BenchModel {
     #[arg(long, required_unless_present = "random_weights", conflicts_with = "random_weights")]
     model: Option<PathBuf>,
     /// No model file: random weights of a named shape (smollm2-135m, qwen2.5-0.5b, qwen3-0.6b,
-    /// llama-3.2-1b, qwen2.5-1.5b, llama-3.1-8b) or of a config.json, quantized like real ones.
+    /// gemma-3-1b, llama-3.2-1b, qwen2.5-1.5b, llama-3.1-8b) or of a config.json, quantized like
+    /// real ones.
     #[arg(long, value_name = "SHAPE")]
     random_weights: Option<String>,
     /// How linear weights are held on the GPU: gguf (a GGUF file's quantized tensors keep their

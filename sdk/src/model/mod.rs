@@ -35,10 +35,11 @@ pub fn open_weights(path: &Path) -> Result<(ModelConfig, WeightSource)> {
 
 /// The named shapes that benchmarks accept for random weights, with the Hugging Face
 /// `config.json` each was copied from.
-pub const SHAPES: [(&str, &str); 6] = [
+pub const SHAPES: [(&str, &str); 7] = [
     ("smollm2-135m", include_str!("shapes/smollm2-135m.json")),
     ("qwen2.5-0.5b", include_str!("shapes/qwen2.5-0.5b.json")),
     ("qwen3-0.6b", include_str!("shapes/qwen3-0.6b.json")),
+    ("gemma-3-1b", include_str!("shapes/gemma-3-1b.json")),
     ("llama-3.2-1b", include_str!("shapes/llama-3.2-1b.json")),
     ("qwen2.5-1.5b", include_str!("shapes/qwen2.5-1.5b.json")),
     ("llama-3.1-8b", include_str!("shapes/llama-3.1-8b.json")),
