@@ -474,9 +474,9 @@ fn passes_past_the_gpus_grids_and_bindings_are_refused_or_run_in_chunks() {
 
 /// Where a GPU trains fewer tokens in one pass than the automatic `batch_tokens` would take
 /// (a 16,384-wide MLP on a device opened to bind 32 MiB at a time: 512), the rule stays within
-/// it and says why; a sample longer than that is refused when the run is planned, naming
-/// data.max_len and the most that fits, and an explicit batch_tokens past it when the
-/// workspace is.
+/// it and says why, and trains records alone rather than chain them into longer conversations;
+/// a sample longer than that is refused when the run is planned, naming data.max_len and the
+/// most that fits, and an explicit batch_tokens past it when the workspace is.
 #[test]
 fn an_automatic_batch_stays_within_what_the_gpu_trains_in_one_pass() {
     use edgetune::data::{DataConfig, Source};
@@ -516,6 +516,17 @@ fn an_automatic_batch_stays_within_what_the_gpu_trains_in_one_pass() {
     for part in [format!("the longest sample has {longest} tokens"), format!("lower data.max_len to at most {most}")] {
         assert!(err.contains(&part), "{part}: {err}");
     }
+    // A small set that the rule would chain into conversations longer than the pass (each
+    // record a third of one, within the context) trains each record alone, and says why.
+    let third = "Fact? ".repeat(most / 3 / per_word);
+    let records = (0..12).map(|i| serde_json::json!({"instruction": third, "output": format!("It is {i}.")}));
+    let data = load(records.map(|r| r.to_string()).collect(), 2 * most - 8);
+    let chains = data.rounds.iter().flatten().map(|s| s.ids.len()).max().expect("chained");
+    assert!(chains > most && chains < 2 * most, "conversations of {chains} tokens");
+    let t = Trainer::new(model.clone(), &data, cfg.clone()).expect("records alone");
+    let why = &t.chosen().iter().find(|c| c.setting == "data.chain").expect("chain chosen").why;
+    assert_eq!(t.config().data.chain, Some(1), "{why}");
+    assert!(why.contains(&format!("reach {chains} tokens, over the {most} this GPU trains in one pass")), "{why}");
     let err = err_of(Trainer::new(model, &facts, TrainConfig { batch_tokens: Some(most + 64), ..cfg }));
     assert!(err.contains("batch_tokens") && err.contains(&format!("at most {most}")), "{err}");
 }

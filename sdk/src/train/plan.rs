@@ -96,15 +96,20 @@ impl RunPlan {
         }
         check_method(dataset, cfg.method)?;
         // Chained conversations (see `DataConfig::chain`), unless the rule chose them and they
-        // do not fit the model's context: then each record alone.
+        // do not fit the model's context, or one pass of its GPU: then each record alone.
         let chaining = &dataset.report.chaining;
         let longest_chain = dataset.rounds.iter().flatten().map(|s| s.ids.len()).max().unwrap_or(0);
-        let too_long = chaining.automatic && longest_chain > max_context;
+        let too_long = chaining.automatic && longest_chain > max_context.min(gpu_most);
         let (draws, chain, chain_why): (Vec<&[Sample]>, usize, String) = if dataset.rounds.is_empty() || too_long {
             let why = if too_long {
+                let over = if longest_chain > max_context {
+                    format!("the model's context of {max_context}")
+                } else {
+                    format!("the {gpu_most} this GPU trains in one pass")
+                };
                 format!(
                     "each record is trained alone (automatic: conversations of {} records reach {longest_chain} \
-                     tokens, over the model's context of {max_context})",
+                     tokens, over {over})",
                     chaining.records
                 )
             } else {
@@ -131,16 +136,16 @@ impl RunPlan {
                 ),
             ));
         }
-        let all = draws.iter().flat_map(|d| d.iter());
-        data::check_context(all.chain(&dataset.val), max_context, "data.max_len")?;
-        if shape.longest > gpu_most {
+        let all = || draws.iter().flat_map(|d| d.iter()).chain(&dataset.val);
+        data::check_context(all(), max_context, "data.max_len")?;
+        let longest = all().map(|s| s.ids.len()).max().unwrap_or(0);
+        if longest > gpu_most {
             return Err(Error::invalid(
                 "data.max_len",
                 format!(
-                    "the longest sample has {} tokens, more than this GPU trains in one pass ({gpu_most}: grids of \
-                     65,535 workgroups, bindings of max_storage_buffer_binding_size); lower data.max_len to at \
-                     most {gpu_most}",
-                    shape.longest
+                    "the longest sample has {longest} tokens, more than this GPU trains in one pass ({gpu_most}: \
+                     grids of 65,535 workgroups, bindings of max_storage_buffer_binding_size); lower data.max_len \
+                     to at most {gpu_most}"
                 ),
             ));
         }
