@@ -5,12 +5,13 @@
 //!
 //! 0. **Conversations.** Decided with the data ([`crate::data::DataConfig::chain`]): a small set
 //!    of one-question records trains as conversations of [`crate::data::AUTO_CHAIN_RECORDS`]
-//!    records, a fresh draw each epoch, unless they do not fit the model's context. The rules
-//!    below then measure the first draw.
+//!    records, a fresh draw each epoch, unless they do not fit the model's context or one pass of
+//!    its GPU ([`super::ModelLimits`]). The rules below then measure the first draw.
 //! 1. **Tokens per step.** About [`BATCHES_PER_EPOCH`] optimizer steps an epoch for a small
 //!    set: `batch_tokens` is the training tokens divided by that, rounded up to a multiple of 64,
 //!    at most [`MAX_AUTO_BATCH_TOKENS`] and the most the GPU trains in one pass (a wide model on
-//!    a GPU that binds 128 MiB at a time runs fewer), and never less than the longest sample. Sixteen short
+//!    a GPU that binds 128 MiB at a time runs fewer), and never less than the longest sample.
+//!    Sixteen short
 //!    records (773 tokens alone with SmolLM2's template, 521 as four conversations) then make
 //!    four steps of 192 tokens an epoch (256 alone), not one of 1024. Packing whole samples can make one or two more batches; rule 2 counts the
 //!    batches there are.
