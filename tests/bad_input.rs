@@ -531,6 +531,31 @@ fn an_automatic_batch_stays_within_what_the_gpu_trains_in_one_pass() {
     assert!(err.contains("batch_tokens") && err.contains(&format!("at most {most}")), "{err}");
 }
 
+/// Every position's logits of a text longer than one binding holds (500 rows of a 320-token
+/// vocabulary on a device opened to bind 256 KiB: 204 rows a binding) are formed and read back
+/// in chunks of rows, and equal those of the same model on the adapter's own limit bit for bit
+/// (the same kernels over the same rows: one forward pass and one chunk of the tables on
+/// either); its losses too.
+#[test]
+fn logits_past_one_binding_are_formed_in_chunks_of_rows() {
+    use edgetune::gpu::{GpuContext, GpuOptions};
+    use edgetune::model::llama::{LoadOptions, Quant};
+    let opts = LoadOptions { quant: Quant::Nf4, max_context: 512, ..Default::default() };
+    let small =
+        GpuContext::new(&GpuOptions { max_storage_binding: Some(256 << 10), ..Default::default() }).expect("gpu");
+    let narrow = random_llama_on(std::sync::Arc::new(small), "narrow-binding", (64, 128, 2, 1, 32), 512, &opts);
+    let narrow = narrow.expect("model");
+    let wide = random_llama("wide-binding", (64, 128, 2, 1, 32), 512, &opts).expect("model");
+    assert_eq!(narrow.logit_rows(), (256 << 10) / (320 * 4));
+    assert!(narrow.max_pass_tokens(0, 0) >= 500, "one forward pass");
+    let ids: Vec<u32> = (0..500).map(|i| (i * 11 % 320) as u32).collect();
+    let got = narrow.all_logits(&ids).expect("logits in chunks");
+    assert_eq!(got.len(), 500 * 320);
+    assert!(got == wide.all_logits(&ids).expect("logits"), "logits in chunks differ");
+    let losses = narrow.token_losses_with(&ids, None).expect("losses in chunks");
+    assert!(losses == wide.token_losses_with(&ids, None).expect("losses"), "losses in chunks differ");
+}
+
 /// The kernels bind an adapter's buffer whole (and training its gradients and AdamW moments,
 /// each as large), so an adapter past `max_storage_buffer_binding_size` is refused by
 /// `Trainer::new` before the adapter is made, naming lora.r and the most rank that fits.

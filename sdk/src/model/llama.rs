@@ -1646,14 +1646,29 @@ impl Model {
         self.all_logits_with(ids, None)
     }
 
-    /// [`Model::all_logits`] with a LoRA adapter applied (not merged).
+    /// [`Model::all_logits`] with a LoRA adapter applied (not merged). The logits are formed
+    /// and read back [`Model::logit_rows`] rows at a time, so that no buffer of them exceeds the
+    /// binding limit.
     pub fn all_logits_with(&self, ids: &[u32], lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
         let mut cache = self.new_cache()?;
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
-        let mut enc = self.ctx.encoder();
-        let logits = self.logits_gpu(&mut enc, &hidden, 0, ids.len())?;
-        self.ctx.submit([enc.finish()]);
-        self.ctx.read_f32(&logits, ids.len() * self.config.vocab_size)
+        let v = self.config.vocab_size;
+        let mut out = Vec::with_capacity(ids.len() * v);
+        for start in (0..ids.len()).step_by(self.logit_rows()) {
+            let rows = self.logit_rows().min(ids.len() - start);
+            let mut enc = self.ctx.encoder();
+            let logits = self.logits_gpu(&mut enc, &hidden, start, rows)?;
+            self.ctx.submit([enc.finish()]);
+            out.extend(self.ctx.read_f32(&logits, rows * v)?);
+        }
+        Ok(out)
+    }
+
+    /// Rows of logits formed at once outside training (scoring, [`Model::all_logits`]): at most
+    /// 256, and no more than one binding holds.
+    pub fn logit_rows(&self) -> usize {
+        let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
+        (limit / (self.config.vocab_size * 4)).clamp(1, 256)
     }
 
     /// Mean next-token cross-entropy of `ids` (each position predicts the next), as
@@ -1677,8 +1692,7 @@ impl Model {
         let mut cache = self.new_cache()?;
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let v = self.config.vocab_size;
-        let limit = self.ctx.limits.max_storage_buffer_binding_size as usize;
-        let chunk = (limit / (v * 4)).clamp(1, 256);
+        let chunk = self.logit_rows();
         let n = ids.len() - 1;
         let mut out = Vec::with_capacity(n);
         let mut start = 0;
