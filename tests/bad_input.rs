@@ -475,8 +475,9 @@ fn passes_past_the_gpus_grids_and_bindings_are_refused_or_run_in_chunks() {
 /// Where a GPU trains fewer tokens in one pass than the automatic `batch_tokens` would take
 /// (a 16,384-wide MLP on a device opened to bind 32 MiB at a time: 512), the rule stays within
 /// it and says why, and trains records alone rather than chain them into longer conversations;
-/// a sample longer than that is refused when the run is planned, naming data.max_len and the
-/// most that fits, and an explicit batch_tokens past it when the workspace is.
+/// a sample longer than that, trained or validating, is refused when the run is planned, naming
+/// data.max_len and the most that fits, and an explicit batch_tokens past it when the workspace
+/// is.
 #[test]
 fn an_automatic_batch_stays_within_what_the_gpu_trains_in_one_pass() {
     use edgetune::data::{DataConfig, Source};
@@ -509,13 +510,22 @@ fn an_automatic_batch_stays_within_what_the_gpu_trains_in_one_pass() {
     let per_word = tok.encode(&"Fact? ".repeat(64)).expect("tokens").len().div_ceil(64);
     let words = "Fact? ".repeat(3 * most / 2 / per_word);
     let long = serde_json::json!({"instruction": words, "output": "It is."}).to_string();
-    let data = load(vec![long, fact(1).to_string()], 2 * most - 8);
+    let data = load(vec![long.clone(), fact(1).to_string()], 2 * most - 8);
     let longest = data.train.iter().map(|s| s.ids.len()).max().expect("samples");
     assert!(longest > most && longest < 2 * most, "{longest} tokens");
     let err = err_of(Trainer::new(model.clone(), &data, cfg.clone()));
     for part in [format!("the longest sample has {longest} tokens"), format!("lower data.max_len to at most {most}")] {
         assert!(err.contains(&part), "{part}: {err}");
     }
+    // The same sample as the user's own validation record is refused alike.
+    let val = tmpdir("long-val").join("val.jsonl");
+    std::fs::write(&val, format!("{long}\n")).expect("validation file");
+    let source = Source::Records { name: "facts".into(), records: (0..12).map(|i| fact(i).to_string()).collect() };
+    let with_val = DataConfig { max_len: 2 * most - 8, val_data: Some(val), ..Default::default() };
+    let data = edgetune::data::load_sources(&[source], &tok, &with_val).expect("data");
+    assert_eq!((data.val.len(), data.val[0].ids.len()), (1, longest), "the long sample validates");
+    let err = err_of(Trainer::new(model.clone(), &data, cfg.clone()));
+    assert!(err.contains(&format!("the longest sample has {longest} tokens")), "{err}");
     // A small set that the rule would chain into conversations longer than the pass (each
     // record a third of one, within the context) trains each record alone, and says why.
     let third = "Fact? ".repeat(most / 3 / per_word);
