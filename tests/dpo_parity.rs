@@ -196,8 +196,11 @@ fn one_step_loss_rewards_and_gradients_match_trl_on_qwen2_with_rslora() {
     one_step_matches_trl("qwen2");
 }
 
-/// The fixture's preference records (TRL's conversational format) as a JSONL file.
+/// The fixture's preference records (TRL's conversational format) as a JSONL file of this
+/// call's own: the tests run in parallel threads, and one writing a shared file while another
+/// read it gave the reader an empty file ("holds no records").
 fn pair_records() -> std::path::PathBuf {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let tokens: Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("dpo_tokens_expected.json")).expect("token fixture"),
     )
@@ -206,7 +209,7 @@ fn pair_records() -> std::path::PathBuf {
         tokens["conversational"]["records"].as_array().expect("records").iter().map(Value::to_string).collect();
     let dir = std::env::temp_dir().join(format!("edgetune-dpo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let p = dir.join("pairs.jsonl");
+    let p = dir.join(format!("pairs-{}.jsonl", CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     std::fs::write(&p, lines.join("\n")).expect("write");
     p
 }
