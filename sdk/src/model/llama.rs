@@ -1654,8 +1654,9 @@ impl Model {
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let v = self.config.vocab_size;
         let mut out = Vec::with_capacity(ids.len() * v);
-        for start in (0..ids.len()).step_by(self.logit_rows()) {
-            let rows = self.logit_rows().min(ids.len() - start);
+        let chunk = self.logit_rows();
+        for start in (0..ids.len()).step_by(chunk) {
+            let rows = chunk.min(ids.len() - start);
             let mut enc = self.ctx.encoder();
             let logits = self.logits_gpu(&mut enc, &hidden, start, rows)?;
             self.ctx.submit([enc.finish()]);
