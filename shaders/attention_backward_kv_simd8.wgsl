@@ -16,7 +16,7 @@
 @group(0) @binding(7) var<storage, read_write> dk: array<vec4<f32>>; // (T, Hkv * hd)
 @group(0) @binding(8) var<storage, read_write> dv: array<vec4<f32>>; // (T, Hkv * hd)
 
-const HD4: u32 = 32u;   // vec4s per head the kernel is unrolled for (variants override it)
+const HD4: u32 = 32u;   // vec4s per head the kernel is unrolled for, at most 64 (variants override it)
 
 @compute @workgroup_size(8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
@@ -29,7 +29,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
     let hd4 = p.head_dim / 4u;
     let rep = p.n_heads / p.n_kv_heads;
     let row = jq * (p.kv_stride / 4u) + kvh * hd4;
-#for i in 0..32
+#for i in 0..64
     var k{i} = vec4<f32>();
     var v{i} = vec4<f32>();
     var dk{i} = vec4<f32>();
@@ -48,7 +48,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         for (var hr = 0u; hr < rep; hr++) {
             let h = kvh * rep + hr;
             let qb = (t * p.n_heads + h) * hd4;
-#for c in 0..4
+#for c in 0..8
             var ql{c} = vec4<f32>();
             var gl{c} = vec4<f32>();
             if ({c * 8}u < HD4 && {c * 8}u + lane < hd4) {
@@ -58,7 +58,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
 #end
             var s = 0.0;
             var dp = 0.0;
-#for i in 0..32
+#for i in 0..64
             var qt{i} = vec4<f32>();
             var gt{i} = vec4<f32>();
             if ({i}u < HD4 && {i}u < hd4) {
@@ -71,7 +71,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
             let st = stats[t * p.n_heads + h];
             let pv = select(0.0, exp(softcap(s) - st.x), seen);
             let ds = pv * (dp - st.y) * softcap_grad(s);
-#for i in 0..32
+#for i in 0..64
             if ({i}u < HD4 && {i}u < hd4) {
                 dv{i} += pv * gt{i};
                 dk{i} += ds * qt{i};
@@ -80,7 +80,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         }
     }
     if (valid) {
-#for i in 0..32
+#for i in 0..64
         if ({i}u < HD4 && {i}u < hd4) {
             dk[row + {i}u] = dk{i} * p.scale;
             dv[row + {i}u] = dv{i};

@@ -21,7 +21,7 @@
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let l = query_lane(wg, lane);
     var delta = 0.0;
-#for i in 0..32
+#for i in 0..64
     var q{i} = vec4<f32>();
     var g{i} = vec4<f32>();
     var dq{i} = vec4<f32>();
@@ -37,7 +37,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
     let j_hi = subgroupMax(select(0u, l.tq + 1u, l.valid));
     for (var j = j_lo; j < j_hi; j++) {
         let row = j * l.kv_row + l.kv_head;
-#for c in 0..4
+#for c in 0..8
         var kl{c} = vec4<f32>();
         var vl{c} = vec4<f32>();
         if ({c * 8}u < HD4 && {c * 8}u + lane < l.hd4) {
@@ -47,7 +47,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
 #end
         var s = 0.0;
         var dp = 0.0;
-#for i in 0..32
+#for i in 0..64
         var k{i} = vec4<f32>();
         if ({i}u < HD4 && {i}u < l.hd4) {
             k{i} = subgroupBroadcast(kl{i / 8}, {i % 8}u);
@@ -57,12 +57,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
 #end
         let seen = l.valid && j >= first_key && j <= l.tq;
         let ds = select(0.0, exp(softcap(s) - lse) * (dp - delta) * softcap_grad(s), seen);
-#for i in 0..32
+#for i in 0..64
         if ({i}u < HD4 && {i}u < l.hd4) { dq{i} += ds * k{i}; }
 #end
     }
     if (l.valid) {
-#for i in 0..32
+#for i in 0..64
         if ({i}u < HD4 && {i}u < l.hd4) { dq[l.base + {i}u] = dq{i} * p.scale; }
 #end
         stats[l.t * p.n_heads + l.h] = vec2<f32>(lse, delta);

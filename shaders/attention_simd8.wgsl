@@ -1,9 +1,10 @@
 // Causal GQA attention for CPU rasterizers (see common/simd8.wgsl for why): the same contract
 // as attention.wgsl, but a workgroup is one subgroup of 8 lanes that handles 8 consecutive
 // queries of one head, a query per lane. The 8 queries share every key and value row: each
-// row is loaded once, spread over the lanes (lane l holds vec4s l, l+8, l+16 and l+24 of it),
+// row is loaded once, spread over the lanes (lane l holds vec4s l, l+8, l+16, ... of it),
 // and handed round with subgroupBroadcast; each lane keeps its query and its output in
-// registers and runs its own online softmax. head_dim is a multiple of 4 and at most 4 * HD4.
+// registers and runs its own online softmax. head_dim is a multiple of 4 and at most 4 * HD4 (the
+// loops are written for 64 vec4s, a head of 256; the HD4 of a variant leaves the rest out).
 #include "common/params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: AttentionParams;
@@ -21,7 +22,7 @@
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) lane: u32) {
     let l = query_lane(wg, lane);
     // This lane's query, pre-scaled, and its visible keys first_key ..= last_key.
-#for i in 0..32
+#for i in 0..64
     var q{i} = vec4<f32>();
     var o{i} = vec4<f32>();
     if ({i}u < HD4 && {i}u < l.hd4) { q{i} = q[l.base + {i}u] * p.scale; }
@@ -35,7 +36,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
     var run_sum = 0.0;
     for (var j = j_lo; j < j_hi; j++) {
         let row = j * l.kv_row + l.kv_head;
-#for c in 0..4
+#for c in 0..8
         var k{c} = vec4<f32>();
         var v{c} = vec4<f32>();
         if ({c * 8}u < HD4 && {c * 8}u + lane < l.hd4) {
@@ -44,7 +45,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         }
 #end
         var s = 0.0;
-#for i in 0..32
+#for i in 0..64
         if ({i}u < HD4 && {i}u < l.hd4) { s += dot(q{i}, subgroupBroadcast(k{i / 8}, {i % 8}u)); }
 #end
         s = softcap(s);
@@ -54,12 +55,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         let pj = select(0.0, exp(s - new_max), seen);
         run_sum = run_sum * corr + pj;
         run_max = new_max;
-#for i in 0..32
+#for i in 0..64
         if ({i}u < HD4 && {i}u < l.hd4) { o{i} = o{i} * corr + pj * subgroupBroadcast(v{i / 8}, {i % 8}u); }
 #end
     }
     if (l.valid) {
-#for i in 0..32
+#for i in 0..64
         if ({i}u < HD4 && {i}u < l.hd4) { out[l.base + {i}u] = o{i} / run_sum; }
 #end
         stats[l.t * p.n_heads + l.h] = vec2<f32>(run_max + log(run_sum), 0.0);

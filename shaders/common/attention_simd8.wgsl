@@ -3,7 +3,7 @@
 // lanes over 8 consecutive queries of head wg.y; lanes past the last query load query T-1 and
 // store nothing. Rows are indexed in vec4s.
 
-const HD4: u32 = 32u;   // vec4s per head the kernel is unrolled for (variants override it)
+const HD4: u32 = 32u;   // vec4s per head the kernel is unrolled for, at most 64 (variants override it)
 
 struct QueryLane {
     h: u32,

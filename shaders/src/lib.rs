@@ -211,10 +211,13 @@ shaders! {
     MATMUL_BACKWARD_W_SIMD8_NORMED = "matmul_backward_w_simd8" as "matmul_backward_w_simd8.normed" [("X_NORMED", "1")];
     ATTENTION_SIMD8 = "attention_simd8";
     ATTENTION_SIMD8_HD64 = "attention_simd8" as "attention_simd8.hd64" [("HD4", "16")];
+    ATTENTION_SIMD8_HD256 = "attention_simd8" as "attention_simd8.hd256" [("HD4", "64")];
     ATTENTION_BACKWARD_Q_SIMD8 = "attention_backward_q_simd8";
     ATTENTION_BACKWARD_Q_SIMD8_HD64 = "attention_backward_q_simd8" as "attention_backward_q_simd8.hd64" [("HD4", "16")];
+    ATTENTION_BACKWARD_Q_SIMD8_HD256 = "attention_backward_q_simd8" as "attention_backward_q_simd8.hd256" [("HD4", "64")];
     ATTENTION_BACKWARD_KV_SIMD8 = "attention_backward_kv_simd8";
     ATTENTION_BACKWARD_KV_SIMD8_HD64 = "attention_backward_kv_simd8" as "attention_backward_kv_simd8.hd64" [("HD4", "16")];
+    ATTENTION_BACKWARD_KV_SIMD8_HD256 = "attention_backward_kv_simd8" as "attention_backward_kv_simd8.hd256" [("HD4", "64")];
     // The tile128 family for GPUs (shaders/common/tile128.wgsl).
     MATMUL_T128 = "matmul_t128";
     MATMUL_F16_T128 = "matmul_f16_t128";

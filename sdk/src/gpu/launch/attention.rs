@@ -86,15 +86,16 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
     // reduced with subgroup shuffles where the adapter has them.
     let blocked = ctx.report.kernels.attention == KernelFamily::Tile128 && s.n_tokens > 1;
     let slices = key_slices(ctx, s);
-    let (shader, groups) = match attention_simd8(ctx, s, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD64) {
-        Some(shader) => (shader, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
-        None if blocked => {
-            let shader = if ctx.report.subgroups { &ATTENTION_T128 } else { &ATTENTION_T128_SHARED };
-            (shader, [p.n_tokens.div_ceil(64), p.n_heads, 1])
-        }
-        None if slices.0 > 1 => return split_key_attention(ctx, enc, b, s, p, slices),
-        None => (&ATTENTION, [p.n_tokens, p.n_heads, 1]),
-    };
+    let (shader, groups) =
+        match attention_simd8(ctx, s, [&ATTENTION_SIMD8_HD64, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD256]) {
+            Some(shader) => (shader, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
+            None if blocked => {
+                let shader = if ctx.report.subgroups { &ATTENTION_T128 } else { &ATTENTION_T128_SHARED };
+                (shader, [p.n_tokens.div_ceil(64), p.n_heads, 1])
+            }
+            None if slices.0 > 1 => return split_key_attention(ctx, enc, b, s, p, slices),
+            None => (&ATTENTION, [p.n_tokens, p.n_heads, 1]),
+        };
     ctx.dispatch_costed(
         enc,
         Dispatch { shader, buffers: &buffers, groups, constant: None },
@@ -154,20 +155,13 @@ fn attention_cost(s: AttentionShape, per_pair: f64, tensors: f64) -> Cost {
 }
 
 /// The register-tiled attention variant for CPU rasterizers (8 queries per workgroup) where
-/// the adapter wants it and the head fits: head_dim a multiple of 4 up to 128, the smaller
-/// unrolling up to 64.
-fn attention_simd8(
-    ctx: &GpuContext,
-    s: AttentionShape,
-    full: &'static Shader,
-    hd64: &'static Shader,
-) -> Option<&'static Shader> {
-    let fits = s.head_dim.is_multiple_of(4) && s.head_dim <= 128;
-    match ctx.report.kernels.attention == KernelFamily::Simd8 && fits {
-        true if s.head_dim <= 64 => Some(hd64),
-        true => Some(full),
-        false => None,
+/// the adapter wants it and the head fits: head_dim a multiple of 4 up to 256, from `variants`
+/// (unrolled for heads of 64, 128 and 256 dims) the smallest that holds it.
+fn attention_simd8(ctx: &GpuContext, s: AttentionShape, variants: [&'static Shader; 3]) -> Option<&'static Shader> {
+    if ctx.report.kernels.attention != KernelFamily::Simd8 || !s.head_dim.is_multiple_of(4) {
+        return None;
     }
+    [64, 128, 256].iter().zip(variants).find(|&(&dims, _)| s.head_dim <= dims).map(|(_, shader)| shader)
 }
 
 /// The buffers of an attention call: queries, keys and values, each query's first visible key,
@@ -280,8 +274,16 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     let AttentionIo { q, k, v, key_start, out, stats } = b.fwd;
     let q_buffers = [q, k, v, key_start, out, b.dout, stats, b.dq];
     let kv_buffers = [q, k, v, key_start, b.dout, stats, b.dk, b.dv];
-    let q_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD64);
-    let kv_pass = attention_simd8(ctx, s, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD64);
+    let q_pass = attention_simd8(
+        ctx,
+        s,
+        [&ATTENTION_BACKWARD_Q_SIMD8_HD64, &ATTENTION_BACKWARD_Q_SIMD8, &ATTENTION_BACKWARD_Q_SIMD8_HD256],
+    );
+    let kv_pass = attention_simd8(
+        ctx,
+        s,
+        [&ATTENTION_BACKWARD_KV_SIMD8_HD64, &ATTENTION_BACKWARD_KV_SIMD8, &ATTENTION_BACKWARD_KV_SIMD8_HD256],
+    );
     let blocked = ctx.report.kernels.attention == KernelFamily::Tile128;
     let ((qs, q_groups), (kvs, kv_groups)) = match (q_pass, kv_pass) {
         (Some(qs), Some(kvs)) => {
