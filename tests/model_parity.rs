@@ -88,6 +88,24 @@ fn incremental_decoding_of_gemma3_matches_transformers() {
     decode_matches_full("gemma3");
 }
 
+/// Gemma 3 with its own heads of 256 dims (2 query heads, 1 kv head, a query scale of
+/// 1 / sqrt(256)), wider than one 128-dim block of the tiled attention kernels: the prompt's
+/// logits, and each decoded token's over the cache.
+#[test]
+fn tiny_gemma3_with_256_dim_heads_f32_logits_match_transformers() {
+    check("gemma3_wide", Quant::None);
+}
+
+#[test]
+fn tiny_gemma3_with_256_dim_heads_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("gemma3_wide", Quant::Nf4);
+}
+
+#[test]
+fn incremental_decoding_of_gemma3_with_256_dim_heads_matches_transformers() {
+    decode_matches_full("gemma3_wide");
+}
+
 /// Gemma 2: Gemma 3's embedding scale, (1 + w) sandwich norms, GeGLU and query scale (1 /
 /// sqrt(24)), no q/k norms, the first layer within a window of 4 and the second global, and
 /// both soft caps, on the attention scores (1.0) and the logits (1.5), each of which moves
@@ -240,8 +258,8 @@ fn f16_tables_change_the_nf4_loss_by_f16_rounding_only() {
 #[test]
 fn planned_weight_bytes_are_the_uploaded_bytes_for_every_architecture() {
     let ctx = ctx();
-    let models =
-        ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi4"].map(|k| format!("tiny_{k}"));
+    let models = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "gemma3_wide", "phi3", "phi4"]
+        .map(|k| format!("tiny_{k}"));
     let gguf = [
         "tiny_llama_spm.gguf",
         "tiny_qwen2_bpe.gguf",

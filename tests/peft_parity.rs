@@ -137,6 +137,14 @@ fn gemma3_lora_loss_and_gradients_match_peft() {
     one_step("gemma3");
 }
 
+/// Gemma 3 with its own heads of 256 dims, which the tiled families' attention accumulates
+/// 128 dims at a time and simd8 runs unrolled for 256: the loss and gradients of one step, in
+/// every kernel family.
+#[test]
+fn gemma3_with_256_dim_heads_lora_loss_and_gradients_match_peft() {
+    one_step("gemma3_wide");
+}
+
 /// Gemma 2: gradients back through both soft caps (the final logits' in the cross-entropy's
 /// backward, the attention scores' in every attention kernel), the sandwich norms, GeGLU and
 /// the alternating window, in every kernel family.
@@ -251,6 +259,11 @@ fn qwen2_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
 #[test]
 fn gemma3_ten_step_adamw_curve_matches_peft_with_gradient_checkpointing() {
     curve("gemma3", true);
+}
+
+#[test]
+fn gemma3_with_256_dim_heads_ten_step_adamw_curve_matches_peft() {
+    curve("gemma3_wide", false);
 }
 
 #[test]

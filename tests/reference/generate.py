@@ -14,6 +14,8 @@ changing what it writes; CI only reads the committed fixtures.
 
 The Qwen3 fixtures (`--only qwen3`) were written with torch 2.15 (CPU), transformers 5.24,
 peft 0.21.2 and bitsandbytes 0.50; they read the committed tiny_tokenizer.json.
+The Gemma 3 fixtures with 256-dim heads (`--only gemma3_wide`) were written with torch 2.15,
+transformers 5.25, peft 0.21.2 and bitsandbytes 0.50.2, from the same tokenizer.
 
 Outputs go to tests/reference/fixtures/ (a few hundred KB in all).
 """
@@ -171,7 +173,7 @@ def tiny_model(kind, tok):
                               Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4, "phi3": 5, "phi4": 6,
-                       "gemma2": 7}[kind])
+                       "gemma2": 7, "gemma3_wide": 8}[kind])
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -214,6 +216,18 @@ def tiny_model(kind, tok):
                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
                                tie_word_embeddings=True)
         model = Gemma3ForCausalLM(cfg)
+    elif kind == "gemma3_wide":
+        # Gemma 3's own heads: 256 dims (Gemma 3 1B's; 2 query heads sharing 1 kv head), wider
+        # than the 128 that the blocked attention kernels take in one block and that simd8's
+        # plain variant unrolls; its query scale 1 / sqrt(256); two layers, the first within a
+        # window of 4.
+        cfg = Gemma3TextConfig(**{**common, "num_attention_heads": 2, "num_key_value_heads": 1}, head_dim=256,
+                               query_pre_attn_scalar=256, sliding_window=4,
+                               layer_types=["sliding_attention", "full_attention"],
+                               rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                               tie_word_embeddings=True)
+        model = Gemma3ForCausalLM(cfg)
     elif kind == "gemma2":
         # Gemma 2: the first layer within a window of 4, the second global (Gemma 2 alternates),
         # a query scale of 1 / sqrt(24), and soft caps small enough to bend this tiny model's
@@ -236,7 +250,7 @@ def tiny_model(kind, tok):
                 p.normal_(0, 0.08)
             elif "bias" in n:
                 p.normal_(0, 0.1)
-            elif kind in ("gemma2", "gemma3"):
+            elif kind in ("gemma2", "gemma3", "gemma3_wide"):
                 p.copy_(0.1 * torch.randn_like(p))  # Gemma's norms scale by 1 + w
             else:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
@@ -247,7 +261,7 @@ def tiny_model(kind, tok):
     shutil.copy(os.path.join(OUT, "tiny_tokenizer.json"), os.path.join(d, "tokenizer.json"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
         template = {"qwen3": QWEN3_STYLE_TEMPLATE, "gemma2": GEMMA_STYLE_TEMPLATE,
-                    "gemma3": GEMMA_STYLE_TEMPLATE}.get(kind, CHAT_TEMPLATE)
+                    "gemma3": GEMMA_STYLE_TEMPLATE, "gemma3_wide": GEMMA_STYLE_TEMPLATE}.get(kind, CHAT_TEMPLATE)
         json.dump({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": None}, f, indent=1)
     ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
     x = torch.tensor([ids])
@@ -663,6 +677,16 @@ def gemma3_fixtures():
         json.dump(cases, fh, indent=1, ensure_ascii=False)
 
 
+def gemma3_wide_fixtures():
+    """Gemma 3 with its own 256-dim heads: the tiny model's logits from transformers (f32 and
+    NF4), and PEFT's adapter, gradients and 10-step curve."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    tiny_model("gemma3_wide", tok)
+    peft_fixture("gemma3_wide")
+
+
 def gemma2_fixtures():
     """Gemma 2: the tiny model's logits from transformers (f32 and NF4; eager attention, the
     only kind transformers soft-caps), PEFT's adapter and gradients, and the model as a GGUF
@@ -929,6 +953,7 @@ def main():
         "mistral": mistral_fixtures,
         "gemma3": gemma3_fixtures,
         "gemma2": gemma2_fixtures,
+        "gemma3_wide": gemma3_wide_fixtures,
         "phi3": phi3_fixtures,
     }
     for name, fn in steps.items():
