@@ -687,7 +687,7 @@ fn a_weight_gradient_reads_the_normed_rows_through_the_norm_with_its_kept_invers
             let g =
                 launch::WeightGrad { dy: &dyb, x: &xb, dw: &dwb, dw_offset: 3, m, n, k, alpha: 0.5, accumulate: true };
             let through = launch::RowInput::RmsNormKept { w: &wb, inv_rms: &invb };
-            let cols = launch::WeightGradCols { dy: Some((stride, col)), x: None, x_input: Some(through) };
+            let cols = launch::WeightGradCols { dy: Some((stride, col)), x_input: Some(through), ..Default::default() };
             run(&ctx, |enc| launch::matmul_backward_w_cols(&ctx, enc, g, cols));
             let want: Vec<f32> =
                 dw0[3..].iter().zip(r::matmul_backward_w(&dy, &xn, m, n, k)).map(|(a, b)| a + 0.5 * b).collect();
@@ -753,6 +753,9 @@ fn lora_gradient_products_read_blocks_of_columns_and_gather_rows() {
             (70, 16, 48, (48, 16), (52, 4), 8),
             (129, 8, 200, (24, 16), (203, 3), 3),
             (40, 24, 64, (24, 0), (128, 64), 8),
+            // A reduction over 300 tokens, which the tiled families split into slices and a
+            // second pass (which scatters the rows).
+            (300, 48, 64, (48, 0), (64, 0), 16),
         ];
         for (i, &(m, n, k, (sd, cd), (sx, cx), per)) in cases.iter().enumerate() {
             let seed = 700 + 10 * i as u64;
@@ -774,7 +777,7 @@ fn lora_gradient_products_read_blocks_of_columns_and_gather_rows() {
             let dwb = ctx.storage_from("dw", &dw0);
             let g =
                 launch::WeightGrad { dy: &dyb, x: &xb, dw: &dwb, dw_offset: 6, m, n, k, alpha: 0.5, accumulate: true };
-            let cols = launch::WeightGradCols { dy: Some((sd, cd)), x: Some((sx, cx)), x_input: None };
+            let cols = launch::WeightGradCols { dy: Some((sd, cd)), x: Some((sx, cx)), ..Default::default() };
             run(&ctx, |enc| launch::matmul_backward_w_cols(&ctx, enc, g, cols));
             let want: Vec<f32> =
                 dw0[6..].iter().zip(r::matmul_backward_w(&dy, &x, m, n, k)).map(|(a, b)| a + 0.5 * b).collect();
@@ -810,6 +813,30 @@ fn lora_gradient_products_read_blocks_of_columns_and_gather_rows() {
                 dx0.iter().zip(r::matmul_backward(&dy_n, &w[..n * k], m, n, k)).map(|(a, b)| a + b).collect();
             let what = format!("{} dX through gathered rows {m}x{n}x{k}", ctx.report.kernels.matmul_grad);
             assert_close(&what, &ctx.read_f32(&dxb, m * k).expect("readback"), &want, 1e-5, 1e-5 * (n as f32).sqrt());
+            // And the other way: dw (n, k) += 0.5 dy_n^T x, its rows scattered to the same
+            // blocks (order 1, 2, 0), x read from its block of columns; nothing else written.
+            let dwb = ctx.storage_from("blocks", &blocks);
+            let g = launch::WeightGrad {
+                dy: &dyn_b,
+                x: &xb,
+                dw: &dwb,
+                dw_offset: starts[0],
+                m,
+                n,
+                k,
+                alpha: 0.5,
+                accumulate: true,
+            };
+            let cols = launch::WeightGradCols { x: Some((sx, cx)), dw_rows: Some(gather), ..Default::default() };
+            run(&ctx, |enc| launch::matmul_backward_w_cols(&ctx, enc, g, cols));
+            let mut want = blocks.clone();
+            for (j, row) in r::matmul_backward_w(&dy_n, &x, m, n, k).chunks(k).enumerate() {
+                let at = starts[j / per] + (j % per) * k;
+                want[at..at + k].iter_mut().zip(row).for_each(|(w, d)| *w += 0.5 * d);
+            }
+            let what = format!("{} dW into scattered rows {m}x{n}x{k}", ctx.report.kernels.matmul_grad);
+            let got = ctx.read_f32(&dwb, blocks.len()).expect("readback");
+            assert_close(&what, &got, &want, 1e-5, 1e-5 * (m as f32).sqrt());
             // What does not fit is refused.
             let mut enc = ctx.encoder();
             let wide = launch::WeightGradCols { dy: Some((sd, sd - n + 1)), ..Default::default() };
@@ -818,6 +845,9 @@ fn lora_gradient_products_read_blocks_of_columns_and_gather_rows() {
             let few = launch::Gather { rows: per, offsets: [starts[1], 3 * per * k + 1] };
             let err = launch::matmul_backward_gathered(&ctx, &mut enc, dg, few).expect_err("a block past the buffer");
             assert!(err.to_string().contains("do not fit"), "{err}");
+            let few = launch::WeightGradCols { dw_rows: Some(few), ..Default::default() };
+            let err = launch::matmul_backward_w_cols(&ctx, &mut enc, g, few).expect_err("a block past dw");
+            assert!(err.to_string().contains("dw scattered") && err.to_string().contains("do not fit"), "{err}");
         }
     }
 }

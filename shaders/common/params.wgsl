@@ -82,7 +82,7 @@ struct MatmulParams {
     has_bias: u32,
     y_stride: u32,
     y_col_offset: u32,
-    _pad0: u32,
+    y_seg_rows: u32,    // output rows in blocks of this many, scattered (common/matmul_store.wgsl; 0: none)
     accumulate: u32,
     alpha: f32,
     w_offset: u32,      // first element of w (LoRA matrices live in one flat buffer)
@@ -104,6 +104,10 @@ struct MatmulParams {
     lora_seg_rows: u32, // dX kernels: rows a block of the gathered A read from lora_b (0: none fused)
     lora_w1: u32,       // its second block's first element
     lora_w2: u32,       // its third's
+    y_offset1: u32,     // y_seg_rows: the second block's first element (the first's is y_col_offset)
+    y_offset2: u32,     // and the third's
+    _pad0: u32,
+    _pad1: u32,
 }
 
 // dpo.wgsl and dpo_logps.wgsl: the pairs of a packed batch.

@@ -612,11 +612,12 @@ pub const X_RMS_KEPT: u32 = 4;
 
 params!(/// every matmul kernel (`common/matmul.wgsl`)
     MatmulParams {
-        m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, _pad0: u32, accumulate: u32,
+        m: u32, n: u32, k: u32, has_bias: u32, y_stride: u32, y_col_offset: u32, y_seg_rows: u32, accumulate: u32,
         alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, x_op: u32, norm_eps: f32,
         lora_rank: u32, lora_b: u32, lora_scale: f32, seg_rows: u32, w_offset1: u32, w_offset2: u32, lora_h: u32,
         x_stride: u32, x_col_offset: u32, lora_h_stride: u32, lora_seg_rows: u32, lora_w1: u32, lora_w2: u32,
-    } = 112);
+        y_offset1: u32, y_offset2: u32, _pad0: u32, _pad1: u32,
+    } = 128);
 params!(/// `adamw.wgsl`
     AdamwParams {
         n: u32, lr: f32, beta1: f32, beta2: f32, eps: f32, weight_decay: f32, grad_scale: f32, max_grad_norm: f32,

@@ -1087,33 +1087,36 @@ impl Model {
                 firsts.push((col, s.a));
             }
         }
-        // dA += dh^T x for each distinct A, x read through the norm.
-        let through_norm = launch::RowInput::RmsNormKept { w: normed.w, inv_rms: normed.inv_rms };
-        for &(col, a_at) in &firsts {
-            let da = launch::WeightGrad {
-                dy: &ws.lora_dh,
-                x: normed.x,
-                dw: grads,
-                dw_offset: a_at,
-                m: t,
-                n: r,
-                k: n_in,
-                alpha: 1.0,
-                accumulate: true,
-            };
-            launch::matmul_backward_w_cols(
-                ctx,
-                enc,
-                da,
-                launch::WeightGradCols { dy: Some((stride, col)), x: None, x_input: Some(through_norm) },
-            )?;
-        }
-        // dx = the modules' dy W, plus dh A over the distinct A matrices' rows, gathered in the
-        // order of their columns (firsts is: lora_a_shared numbers them in the order of the
-        // modules, as above), which the last module's product sums as more of its reduction
-        // (two rows or more).
+        // The distinct A matrices in the order of their columns of h and dh (firsts is already:
+        // lora_a_shared numbers them in the order of the modules, as above).
+        firsts.sort_by_key(|f| f.0);
         let a_of = |j: usize| firsts.get(j).map_or(firsts[0].1, |f| f.1);
-        let gather = launch::Gather { rows: r, offsets: [a_of(1), a_of(2)] };
+        let blocks = launch::Gather { rows: r, offsets: [a_of(1), a_of(2)] };
+        // dA += dh^T x for the distinct A matrices as one product over all of dh, x read once,
+        // through the norm; each block of r rows of the result goes where its A lies.
+        let through_norm = launch::RowInput::RmsNormKept { w: normed.w, inv_rms: normed.inv_rms };
+        let da = launch::WeightGrad {
+            dy: &ws.lora_dh,
+            x: normed.x,
+            dw: grads,
+            dw_offset: a_of(0),
+            m: t,
+            n: firsts.len() * r,
+            k: n_in,
+            alpha: 1.0,
+            accumulate: true,
+        };
+        let cols = launch::WeightGradCols {
+            dy: Some((stride, 0)),
+            x: None,
+            x_input: Some(through_norm),
+            dw_rows: Some(blocks),
+        };
+        launch::matmul_backward_w_cols(ctx, enc, da, cols)?;
+        // dx = the modules' dy W, plus dh A over the distinct A matrices' rows, gathered in the
+        // order of their columns, which the last module's product sums as more of its reduction
+        // (two rows or more).
+        let gather = blocks;
         let fused = t >= 2;
         for (i, &(m, dy)) in group.iter().enumerate() {
             let lin = self.layers[l].linear(m);

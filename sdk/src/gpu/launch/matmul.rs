@@ -164,7 +164,7 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         has_bias: 0,
         y_stride: u32_of(out.stride, "stride")?,
         y_col_offset: u32_of(out.col_offset, "column")?,
-        _pad0: 0,
+        y_seg_rows: 0,
         accumulate: out.accumulate as u32,
         alpha: out.alpha,
         w_offset: 0,
@@ -186,6 +186,10 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         lora_seg_rows: 0,
         lora_w1: 0,
         lora_w2: 0,
+        y_offset1: 0,
+        y_offset2: 0,
+        _pad0: 0,
+        _pad1: 0,
     })
 }
 
@@ -755,8 +759,18 @@ fn run_many_rows(
     }
     let (rows, cols) = (k.rows as usize, k.cols as usize);
     let scratch = ctx.split_scratch(splits as usize * rows * cols)?;
-    let partial =
-        MatmulParams { split_k: slice, alpha: 1.0, has_bias: 0, accumulate: 0, y_stride: k.cols, y_col_offset: 0, ..p };
+    // The slices go to the scratch buffer whole; the reduction writes the output as asked
+    // (scattered rows too).
+    let partial = MatmulParams {
+        split_k: slice,
+        alpha: 1.0,
+        has_bias: 0,
+        accumulate: 0,
+        y_stride: k.cols,
+        y_col_offset: 0,
+        y_seg_rows: 0,
+        ..p
+    };
     let n = buffers.len();
     let mut bound = [buffers, after_y].concat();
     bound[n - 1] = &scratch;
@@ -974,6 +988,10 @@ pub struct WeightGradCols<'a> {
     /// ([`RowInput::RmsNormKept`]: x the norm's input): the A gradients of the modules after a
     /// norm, for which the backward pass norms nothing again.
     pub x_input: Option<RowInput<'a>>,
+    /// dw's rows in blocks of `rows`, scattered: block 0 at `dw_offset`, blocks 1 and 2 at the
+    /// offsets (each block's rows `k` apart). The A gradients of up to three LoRA modules that
+    /// read one input, as one product over their shared dh, each block where its A lies.
+    pub dw_rows: Option<Gather>,
 }
 
 /// [`matmul_backward_w`] reading dy and x as blocks of columns of wider matrices (training's
@@ -1021,6 +1039,15 @@ pub fn matmul_backward_w_cols(
             return Err(Error::invalid("weight gradient", why));
         }
     }
+    if let Some(rows) = cols.dw_rows {
+        let ends = [g.dw_offset, rows.offsets[0], rows.offsets[1]].map(|o| 4 * (o + rows.rows * g.k) as u64);
+        if rows.rows == 0 || g.n > 3 * rows.rows || ends.iter().any(|&e| e > g.dw.size()) {
+            return Err(Error::invalid(
+                "weight gradient",
+                format!("{} rows of dw scattered in blocks of {} do not fit", g.n, rows.rows),
+            ));
+        }
+    }
     weight_grad(ctx, enc, g, cols)
 }
 
@@ -1033,6 +1060,11 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
     p.dy_col_offset = u32_of(dy_cols.1, "dy column")?;
     p.x_stride = u32_of(x_cols.0, "x stride")?;
     p.x_col_offset = u32_of(x_cols.1, "x column")?;
+    if let Some(rows) = cols.dw_rows {
+        p.y_seg_rows = u32_of(rows.rows, "rows a block")?;
+        p.y_offset1 = u32_of(rows.offsets[0], "block offset")?;
+        p.y_offset2 = u32_of(rows.offsets[1], "block offset")?;
+    }
     let aligned = [n, k, dy_cols.0, dy_cols.1, x_cols.0, x_cols.1].iter().all(|v| v.is_multiple_of(4));
     let mut cost = matmul_cost(m, n, k, 4.0 * (m * n) as f64, (m * k, n * k), accumulate);
     // simd8 reads x through the op in a variant for the gates and one for the norm; the other
