@@ -1116,7 +1116,6 @@ impl Model {
         // dx = the modules' dy W, plus dh A over the distinct A matrices' rows, gathered in the
         // order of their columns, which the last module's product sums as more of its reduction
         // (two rows or more).
-        let gather = blocks;
         let fused = t >= 2;
         for (i, &(m, dy)) in group.iter().enumerate() {
             let lin = self.layers[l].linear(m);
@@ -1131,7 +1130,7 @@ impl Model {
                 out,
             };
             if fused && i + 1 == group.len() {
-                let dh_a = launch::LoraDx { dh: &ws.lora_dh, n: stride, params: p, first: a_of(0), gather };
+                let dh_a = launch::LoraDx { dh: &ws.lora_dh, n: stride, params: p, first: a_of(0), gather: blocks };
                 return launch::matmul_backward_lora(ctx, enc, base, dh_a);
             }
             launch::matmul_backward(ctx, enc, base)?;
@@ -1145,7 +1144,7 @@ impl Model {
             k: n_in,
             out: OutCols::whole(n_in).accumulated(),
         };
-        launch::matmul_backward_gathered(ctx, enc, dxa, gather)
+        launch::matmul_backward_gathered(ctx, enc, dxa, blocks)
     }
 
     /// dx (+)= dy W, and the LoRA gradients of this module (added to `grads`), for the input

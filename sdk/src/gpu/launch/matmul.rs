@@ -324,11 +324,17 @@ fn check_gather(mm: Matmul<'_>, g: Gather) -> std::result::Result<(), String> {
     let Weight::DenseAt(w, first) = mm.w else {
         return Err("gathers the rows of a dense weight at an offset only".into());
     };
-    let ends = [first, g.offsets[0], g.offsets[1]].map(|o| 4 * (o + g.rows * mm.k) as u64);
-    if g.rows == 0 || mm.n > 3 * g.rows || ends.iter().any(|&e| e > w.size()) {
+    if !blocks_fit(first, g, (mm.n, mm.k), w.size()) {
         return Err(format!("{} rows gathered in blocks of {} do not fit", mm.n, g.rows));
     }
     Ok(())
+}
+
+/// Whether n rows of k values, in blocks of `g.rows` starting at `first` and `g.offsets`, lie
+/// within a buffer of `size` bytes (every block checked, as callers pass `first` for unused ones).
+fn blocks_fit(first: usize, g: Gather, (n, k): (usize, usize), size: u64) -> bool {
+    let ends = [first, g.offsets[0], g.offsets[1]].map(|o| 4 * (o + g.rows * k) as u64);
+    g.rows > 0 && n <= 3 * g.rows && ends.iter().all(|&e| e <= size)
 }
 
 /// The op before a product that it fuses into reading its input: the norm and the gates for
@@ -1039,14 +1045,13 @@ pub fn matmul_backward_w_cols(
             return Err(Error::invalid("weight gradient", why));
         }
     }
-    if let Some(rows) = cols.dw_rows {
-        let ends = [g.dw_offset, rows.offsets[0], rows.offsets[1]].map(|o| 4 * (o + rows.rows * g.k) as u64);
-        if rows.rows == 0 || g.n > 3 * rows.rows || ends.iter().any(|&e| e > g.dw.size()) {
-            return Err(Error::invalid(
-                "weight gradient",
-                format!("{} rows of dw scattered in blocks of {} do not fit", g.n, rows.rows),
-            ));
-        }
+    if let Some(rows) = cols.dw_rows
+        && !blocks_fit(g.dw_offset, rows, (g.n, g.k), g.dw.size())
+    {
+        return Err(Error::invalid(
+            "weight gradient",
+            format!("{} rows of dw scattered in blocks of {} do not fit", g.n, rows.rows),
+        ));
     }
     weight_grad(ctx, enc, g, cols)
 }
