@@ -528,10 +528,44 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         }
         v
     };
+    // The uninterrupted run, with its state after each step it checkpoints: copied as each
+    // checkpoint event comes (the copy may catch a later step's; its own step says which).
     let whole = dir.join("whole");
-    let straight =
-        Command::new(env!("CARGO_BIN_EXE_edgetune-under-test")).args(args(&whole, false)).output().expect("runs");
-    assert!(straight.status.success(), "{}", text(&straight.stderr));
+    let mut straight = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
+        .args(args(&whole, false))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("runs");
+    let mut states = std::collections::BTreeMap::new();
+    let copy = dir.join("copy.safetensors");
+    for line in BufReader::new(straight.stdout.take().expect("stdout")).lines() {
+        let Ok(line) = line else { break };
+        let event: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        if event["event"] == "checkpoint"
+            && std::fs::copy(whole.join("checkpoint.safetensors"), &copy).is_ok()
+            && let Ok(ck) = Checkpoint::load(&copy)
+        {
+            states.insert(ck.state.step, ck);
+        }
+    }
+    assert!(straight.wait().expect("exits").success(), "the uninterrupted run failed");
+    assert!(states.len() >= 24, "only {} of its 96 checkpoints were copied", states.len());
+    // Where a life's checkpoint departs from the uninterrupted run's at the same step.
+    let departs = |ck: &Checkpoint| -> Option<String> {
+        let same = states.get(&ck.state.step)?;
+        let differ = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        let (p, m, v) = (differ(&ck.params, &same.params), differ(&ck.m, &same.m), differ(&ck.v, &same.v));
+        (ck.state != same.state || p + m + v > 0).then(|| {
+            format!(
+                "step {}: {p} parameters, {m} first and {v} second moments of {} differ; state {:?} vs {:?}",
+                ck.state.step,
+                ck.params.len(),
+                ck.state,
+                same.state
+            )
+        })
+    };
 
     let run = dir.join("killed");
     let ckpt = run.join("checkpoint.safetensors");
@@ -581,13 +615,25 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
                 break;
             }
         }
-        // Whatever the kill interrupted, a whole checkpoint can be read.
+        // Whatever the kill interrupted, a whole checkpoint can be read, and it holds what the
+        // uninterrupted run held at its step: a life that strays is named where it does.
         if ckpt.exists() || edgetune::atomic::previous(&ckpt).exists() {
-            Checkpoint::load_or_previous(&ckpt).unwrap_or_else(|e| panic!("after the kill at {last_event}: {e}"));
+            let (ck, _) =
+                Checkpoint::load_or_previous(&ckpt).unwrap_or_else(|e| panic!("after the kill at {last_event}: {e}"));
+            if let Some(how) = departs(&ck) {
+                panic!(
+                    "life {lives} (kills so far {kills:?}) left a checkpoint unlike the uninterrupted run's at {how}"
+                );
+            }
         }
     }
     eprintln!("seed {seed}: {} kills over {lives} lives: {kills:?}", kills.len());
     assert!(kills.len() >= 20, "only {} kills landed", kills.len());
+    let (last, _) = Checkpoint::load_or_previous(&ckpt).expect("the last life's checkpoint");
+    assert_eq!(last.state.step, 96);
+    if let Some(how) = departs(&last) {
+        panic!("the last life ended unlike the uninterrupted run, at {how}");
+    }
     let read = |d: &std::path::Path| std::fs::read(d.join("adapter/adapter_model.safetensors")).expect("adapter");
     assert_eq!(read(&run), read(&whole), "the killed and resumed run's adapter differs from the uninterrupted one");
     let leftovers: Vec<String> = std::fs::read_dir(&run)
