@@ -502,9 +502,10 @@ fn train_chooses_settings_from_the_data_records_them_and_eval_data_scores_like_v
 /// by a seeded generator, each a random delay of up to 80 ms after a random step or checkpoint
 /// event of that life, so kills land inside steps and inside checkpoint writes; each time the
 /// next life resumes from what is on disk. After every kill, what is on disk must read back
-/// whole (a checkpoint, or the one before it), and no temporary file may be mistaken for one.
-/// The last life runs to the end, and its adapter must be the uninterrupted run's, byte for
-/// byte.
+/// whole (a checkpoint, or the one before it), no temporary file may be mistaken for one, and
+/// it must hold the uninterrupted run's parameters, AdamW moments and state at its step, bit for
+/// bit (so a failure names the life that strayed, where it started and how it was killed). The
+/// last life runs to the end, and its adapter must be the uninterrupted run's, byte for byte.
 #[cfg(unix)]
 #[test]
 fn train_killed_at_random_points_resumes_to_the_same_adapter() {
@@ -590,11 +591,18 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         let target = if kills.len() < 21 { Some((1 + next(4), next(80))) } else { None };
         let mut seen = 0;
         let mut last_event = String::new();
+        let mut began = String::new();
         let mut killed = false;
         for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
             let Ok(line) = line else { break };
             let event: serde_json::Value = serde_json::from_str(&line).expect("JSON");
             last_event = format!("{} {}", event["event"], event["step"]);
+            // Where the life started, and whether from the checkpoint before the last.
+            if event["event"] == "started" {
+                began = format!("from step {}", event["start_step"]);
+            } else if event["event"] == "warning" {
+                began.push_str(" (the one before)");
+            }
             if event["event"] == "step" || event["event"] == "checkpoint" {
                 seen += 1;
             }
@@ -605,7 +613,7 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
                 std::thread::sleep(std::time::Duration::from_millis(delay_ms));
                 child.kill().expect("SIGKILL");
                 killed = true;
-                kills.push(format!("{last_event} +{delay_ms} ms"));
+                kills.push(format!("{began}: {last_event} +{delay_ms} ms"));
             }
         }
         let status = child.wait().expect("exits");
