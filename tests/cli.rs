@@ -529,15 +529,19 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         }
         v
     };
+    // `train` into `out`, its events on a pipe.
+    let spawn = |out: &std::path::Path, resume: bool| {
+        Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
+            .args(args(out, resume))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("runs")
+    };
     // The uninterrupted run, with its state after each step it checkpoints: copied as each
     // checkpoint event comes (the copy may catch a later step's; its own step says which).
     let whole = dir.join("whole");
-    let mut straight = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
-        .args(args(&whole, false))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("runs");
+    let mut straight = spawn(&whole, false);
     let mut states = std::collections::BTreeMap::new();
     let copy = dir.join("copy.safetensors");
     for line in BufReader::new(straight.stdout.take().expect("stdout")).lines() {
@@ -581,12 +585,7 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         lives += 1;
         assert!(lives <= 80, "no progress after {lives} lives (kills at {kills:?})");
         let resume = ckpt.exists() || edgetune::atomic::previous(&ckpt).exists();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
-            .args(args(&run, resume))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("runs");
+        let mut child = spawn(&run, resume);
         // This life's kill point: after the k-th step or checkpoint event it reports, plus a delay.
         let target = if kills.len() < 21 { Some((1 + next(4), next(80))) } else { None };
         let mut seen = 0;
