@@ -599,7 +599,9 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
             // Where the life started, and whether from the checkpoint before the last.
             if event["event"] == "started" {
                 began = format!("from step {}", event["start_step"]);
-            } else if event["event"] == "warning" {
+            } else if event["event"] == "warning"
+                && event["message"].as_str().is_some_and(|m| m.contains("the checkpoint before it"))
+            {
                 began.push_str(" (the one before)");
             }
             if event["event"] == "step" || event["event"] == "checkpoint" {
