@@ -211,13 +211,8 @@ mod tests {
     fn a_checkpoint_reads_back_its_state_bit_for_bit() {
         let dir = std::env::temp_dir().join(format!("edgetune-checkpoint-{}", std::process::id()));
         let path = dir.join("ck.safetensors");
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut rng = crate::prim::Rng::new(51);
+        let mut next = || (u64::from(rng.next_u32()) << 32) | u64::from(rng.next_u32());
         for _ in 0..200 {
             // Sums of losses as a window holds them: tens to hundreds, all 52 mantissa bits used.
             let sum = 1.0 + (next() >> 11) as f64 / (1u64 << 53) as f64 * 500.0;
