@@ -6,7 +6,7 @@
 //! The file is written atomically (temporary file, then rename), so a crash or a full disk
 //! leaves the previous checkpoint intact.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
@@ -83,8 +83,33 @@ pub struct Checkpoint {
     pub best: Option<Vec<f32>>,
 }
 
-fn tensor_bytes(v: &[f32]) -> Vec<u8> {
-    bytemuck::cast_slice(v).to_vec()
+/// A safetensors file of 1-D F32 tensors with string metadata, laid out as the safetensors crate
+/// lays it out (tensors by name, offsets in that order, header padded with spaces to 8 bytes) but
+/// with the metadata's keys in sorted order: the crate takes them as a `HashMap` and writes them
+/// in the order of the process's random hash keys, so the same checkpoint saved twice would be
+/// different bytes.
+fn safetensors_bytes(tensors: &[(&str, &[f32])], meta: &BTreeMap<&str, String>) -> Result<Vec<u8>> {
+    let mut sorted = tensors.to_vec();
+    sorted.sort_by_key(|t| t.0);
+    let mut header = format!("{{\"__metadata__\":{}", json(meta)?);
+    let mut offset = 0;
+    for (name, v) in &sorted {
+        let end = offset + 4 * v.len();
+        let info = format!("{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{offset},{end}]}}", v.len());
+        header += &format!(",{}:{info}", json(name)?);
+        offset = end;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for (_, v) in &sorted {
+        out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    }
+    Ok(out)
 }
 
 fn json<T: Serialize>(v: &T) -> Result<String> {
@@ -95,31 +120,18 @@ impl Checkpoint {
     /// Writes the checkpoint to `path` atomically, keeping the one it replaces as
     /// [`previous`]`(path)` (see [`Checkpoint::load_or_previous`]).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors: Vec<(&str, Vec<u8>, usize)> = vec![
-            ("params", tensor_bytes(&self.params), self.params.len()),
-            ("adam_m", tensor_bytes(&self.m), self.m.len()),
-            ("adam_v", tensor_bytes(&self.v), self.v.len()),
-        ];
+        let mut tensors: Vec<(&str, &[f32])> = vec![("params", &self.params), ("adam_m", &self.m), ("adam_v", &self.v)];
         if let Some(b) = &self.best {
-            tensors.push(("best_params", tensor_bytes(b), b.len()));
+            tensors.push(("best_params", b));
         }
-        let views = tensors
-            .iter()
-            .map(|(name, bytes, n)| {
-                safetensors::tensor::TensorView::new(Dtype::F32, vec![*n], bytes)
-                    .map(|v| (name.to_string(), v))
-                    .map_err(|e| Error::invalid("checkpoint tensor", format!("{name}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let meta = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("state".to_string(), json(&self.state)?),
-            ("lora".to_string(), json(&self.lora)?),
-            ("model_fingerprint".to_string(), format!("{:016x}", self.model_fingerprint)),
-            ("plan_fingerprint".to_string(), format!("{:016x}", self.plan_fingerprint)),
+        let meta = BTreeMap::from([
+            ("format", FORMAT.to_string()),
+            ("state", json(&self.state)?),
+            ("lora", json(&self.lora)?),
+            ("model_fingerprint", format!("{:016x}", self.model_fingerprint)),
+            ("plan_fingerprint", format!("{:016x}", self.plan_fingerprint)),
         ]);
-        let data = safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::invalid("checkpoint", format!("serializing: {e}")))?;
+        let data = safetensors_bytes(&tensors, &meta)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
@@ -202,6 +214,8 @@ impl Checkpoint {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     /// A checkpoint reads back exactly what was written, the floats of its state (the training
@@ -245,5 +259,56 @@ mod tests {
             assert_eq!(back, ck);
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn example() -> Checkpoint {
+        Checkpoint {
+            state: TrainState { step: 7, window: (12.5, 3), best_val_loss: Some(2.25), ..TrainState::default() },
+            lora: LoraConfig::default(),
+            model_fingerprint: 0x0123_4567_89ab_cdef,
+            plan_fingerprint: 42,
+            params: vec![1.0, -2.5, 3.0e-8],
+            m: vec![0.5; 3],
+            v: vec![0.25; 3],
+            best: Some(vec![1.0, -2.0, 0.0]),
+        }
+    }
+
+    /// The same checkpoint saved again is the same bytes (each save's metadata map would
+    /// otherwise come out in another order), and it reads back as itself.
+    #[test]
+    fn the_same_checkpoint_is_the_same_bytes() {
+        let dir = std::env::temp_dir().join(format!("edgetune-checkpoint-bytes-{}", std::process::id()));
+        let path = dir.join("ck.safetensors");
+        let ck = example();
+        let mut first = None;
+        for i in 0..16 {
+            ck.save(&path).expect("save");
+            let bytes = std::fs::read(&path).expect("read");
+            let first = first.get_or_insert_with(|| bytes.clone());
+            assert!(bytes == *first, "save {i} wrote other bytes than the first");
+            assert_eq!(Checkpoint::load(&path).expect("load"), ck);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The file is laid out exactly as the safetensors crate lays out the same tensors (compared
+    /// where its output is deterministic: one metadata key), tensors given in any order.
+    #[test]
+    fn the_layout_is_the_safetensors_crate_s() {
+        let (a, b, c) = (vec![1.0f32, 2.0, -3.0], vec![0.125f32; 5], Vec::<f32>::new());
+        let tensors: Vec<(&str, &[f32])> = vec![("zeta", &a), ("alpha", &b), ("mid", &c)];
+        let meta = BTreeMap::from([("format", "pt".to_string())]);
+        let ours = safetensors_bytes(&tensors, &meta).expect("ours");
+        let bytes: Vec<Vec<u8>> =
+            tensors.iter().map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let views = tensors.iter().zip(&bytes).map(|((name, v), b)| {
+            (name.to_string(), safetensors::tensor::TensorView::new(Dtype::F32, vec![v.len()], b).expect("view"))
+        });
+        let theirs =
+            safetensors::tensor::serialize(views, Some(HashMap::from([("format".to_string(), "pt".to_string())])))
+                .expect("theirs");
+        assert_eq!(String::from_utf8_lossy(&ours[8..]), String::from_utf8_lossy(&theirs[8..]));
+        assert!(ours == theirs, "same header, other bytes");
     }
 }
