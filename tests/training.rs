@@ -102,6 +102,7 @@ fn resume_matches_straight_run(ctx: Arc<GpuContext>) {
     // 20 steps straight.
     let mut straight = Vec::new();
     let mut a = Trainer::new(m.clone(), &data, config()).expect("trainer");
+    a.set_checkpoint_path(dir.join("straight.ckpt"));
     let out_a = a.run(|e| straight.push(e.clone())).expect("straight run");
     assert_eq!((out_a.reason, out_a.steps), (StopReason::Completed, 20));
     peft::save(&dir.join("straight"), &out_a.adapter, "tiny").expect("save");
@@ -136,6 +137,7 @@ fn resume_matches_straight_run(ctx: Arc<GpuContext>) {
 
     let mut c = Trainer::new(m.clone(), &data, config()).expect("trainer");
     c.resume(&ckpt).expect("resume");
+    c.set_checkpoint_path(&ckpt);
     assert_eq!(c.steps_done(), 10);
     let mut second_half = Vec::new();
     let out_c = c.run(|e| second_half.push(e.clone())).expect("second half");
@@ -155,6 +157,10 @@ fn resume_matches_straight_run(ctx: Arc<GpuContext>) {
     joined.extend(steps(&second_half));
     assert_eq!(steps(&straight), joined, "step losses and gradient norms of the two runs");
     assert_eq!(adapter_bytes(&dir.join("straight")), adapter_bytes(&dir.join("resumed")), "best adapters differ");
+    // The whole state at step 20 too: parameters, AdamW's moments, the best adapter, the step,
+    // data cursor and evaluation history, as the final checkpoints' bytes.
+    let read = |p: &Path| std::fs::read(p).expect("final checkpoint");
+    assert!(read(&dir.join("straight.ckpt")) == read(&ckpt), "the final checkpoints differ");
     let last_c = c.adapter().expect("download");
     assert!(last_a.params.iter().zip(&last_c.params).all(|(x, y)| x.to_bits() == y.to_bits()), "last adapters differ");
 
