@@ -503,9 +503,11 @@ fn train_chooses_settings_from_the_data_records_them_and_eval_data_scores_like_v
 /// event of that life, so kills land inside steps and inside checkpoint writes; each time the
 /// next life resumes from what is on disk. After every kill, what is on disk must read back
 /// whole (a checkpoint, or the one before it), no temporary file may be mistaken for one, and
-/// it must hold the uninterrupted run's parameters, AdamW moments and state at its step, bit for
-/// bit (so a failure names the life that strayed, where it started and how it was killed). The
-/// last life runs to the end, and its adapter must be the uninterrupted run's, byte for byte.
+/// it must hold the uninterrupted run's parameters, AdamW moments, best adapter so far and state
+/// at its step, bit for bit (so a failure names the life that strayed, where it started and how
+/// it was killed). The last life runs to the end, and its adapter (the best by validation loss:
+/// the persona data validates on 4 restated records) must be the uninterrupted run's, byte for
+/// byte.
 #[cfg(unix)]
 #[test]
 fn train_killed_at_random_points_resumes_to_the_same_adapter() {
@@ -561,9 +563,15 @@ fn train_killed_at_random_points_resumes_to_the_same_adapter() {
         let same = states.get(&ck.state.step)?;
         let differ = |a: &[f32], b: &[f32]| a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
         let (p, m, v) = (differ(&ck.params, &same.params), differ(&ck.m, &same.m), differ(&ck.v, &same.v));
-        (ck.state != same.state || p + m + v > 0).then(|| {
+        // The best adapter so far (keep_best: the final adapter is this one), or which has none.
+        let best = match (&ck.best, &same.best) {
+            (Some(a), Some(b)) => differ(a, b),
+            (a, b) => usize::from(a.is_some() != b.is_some()) * ck.params.len(),
+        };
+        (ck.state != same.state || p + m + v + best > 0).then(|| {
             format!(
-                "step {}: {p} parameters, {m} first and {v} second moments of {} differ; state {:?} vs {:?}",
+                "step {}: {p} parameters, {m} first and {v} second moments, {best} of the best adapter, of {} differ; \
+                 state {:?} vs {:?}",
                 ck.state.step,
                 ck.params.len(),
                 ck.state,
