@@ -295,7 +295,7 @@ mod tests {
     /// The file is laid out exactly as the safetensors crate lays out the same tensors (compared
     /// where its output is deterministic: one metadata key), tensors given in any order.
     #[test]
-    fn the_layout_is_the_safetensors_crate_s() {
+    fn the_layout_is_the_one_the_safetensors_crate_writes() {
         let (a, b, c) = (vec![1.0f32, 2.0, -3.0], vec![0.125f32; 5], Vec::<f32>::new());
         let tensors: Vec<(&str, &[f32])> = vec![("zeta", &a), ("alpha", &b), ("mid", &c)];
         let meta = BTreeMap::from([("format", "pt".to_string())]);
