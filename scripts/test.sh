@@ -11,11 +11,16 @@ vglog="$(mktemp)"
 pylog="$(mktemp)"
 fuzzlog="$(mktemp)"
 wheels="$(mktemp -d)"
+# Every process of the run that opens a GPU context (test binaries, the CLI they spawn, the C
+# and Python tests) appends the name of each kernel it dispatches here; the last check holds
+# the names to every kernel lavapipe can run.
+kernellog="$(mktemp)"
+export EDGETUNE_KERNEL_LOG="$kernellog"
 vgpid=""
 cleanup() {
   # The cycle runs in a process group of its own (setsid): valgrind goes with its test.
   if [ -n "$vgpid" ]; then kill -- "-$vgpid" 2>/dev/null || kill "$vgpid" 2>/dev/null || true; fi
-  rm -f "$log" "$vglog" "$pylog" "$fuzzlog"
+  rm -f "$log" "$vglog" "$pylog" "$fuzzlog" "$kernellog"
   rm -rf "$wheels"
 }
 trap cleanup EXIT
@@ -181,6 +186,10 @@ vg_failed=$(libtest_failed "$vglog")
 if [ "$vg_passed" -eq 0 ] && [ "$vg_failed" -eq 0 ]; then vg_failed=1; status=1; fi
 passed=$((passed + vg_passed))
 failed=$((failed + vg_failed))
+# Every kernel but the cooperative-matrix ones (which need a GPU's matrix units; their emulated
+# twins run instead) was dispatched by some test above: a kernel added without a test, or a
+# test that stopped reaching one, fails here by name.
+check "every kernel lavapipe can run was dispatched" cargo run --locked --quiet -p edgetune-tests --bin kernel-coverage -- "$kernellog"
 echo
 echo "summary: $passed passed, $failed failed"
 exit "$status"

@@ -265,6 +265,10 @@ pub struct GpuContext {
     /// run fewer workgroups than this: `EDGETUNE_SPLIT_KEYS_BELOW` (0 never splits), else
     /// [`SPLIT_KEYS_BELOW`], read when the device is opened.
     pub(crate) split_keys_below: usize,
+    /// `EDGETUNE_KERNEL_LOG`, read when the device is opened: a file to which the name of each
+    /// kernel is appended the first time this context dispatches it (see
+    /// [`GpuContext::kernel`]), so that a test run can show which kernels it ran.
+    kernel_log: Option<std::path::PathBuf>,
 }
 
 /// Dispatches recorded before the encoder's contents are submitted without waiting.
@@ -568,6 +572,7 @@ impl GpuContext {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(SPLIT_KEYS_BELOW),
+            kernel_log: std::env::var_os("EDGETUNE_KERNEL_LOG").filter(|v| !v.is_empty()).map(Into::into),
         })
     }
 
@@ -698,7 +703,7 @@ impl GpuContext {
     /// never panicked on; a constant the shader does not declare, or one it declares and is not
     /// given, is an error naming both.
     pub fn pipeline(&self, shader: &Shader, constant: Option<(&'static str, u32)>) -> Result<wgpu::ComputePipeline> {
-        Ok(self.kernel(shader, constant)?.pipeline)
+        Ok(self.kernel(shader, constant, false)?.pipeline)
     }
 
     /// A shader's pipeline (for `constant`, see [`GpuContext::pipeline`]) and bind-group layout,
@@ -706,13 +711,28 @@ impl GpuContext {
     /// its pipelines for each constant's value. The layout is written out from the shader's
     /// declarations (see [`Shader::bindings`]) rather than derived by wgpu, because the params
     /// binding takes a dynamic offset.
-    pub(crate) fn kernel(&self, shader: &Shader, constant: Option<(&'static str, u32)>) -> Result<Kernel> {
+    ///
+    /// `dispatching`: the kernel is wanted for a dispatch (not only compiled); where
+    /// `EDGETUNE_KERNEL_LOG` names a file, the first such call for a shader appends the name of
+    /// the kernel that runs (a cooperative-matrix kernel's emulated twin where the context
+    /// emulates them) to it, one line, so that the processes of a test run can share one file.
+    pub(crate) fn kernel(
+        &self,
+        shader: &Shader,
+        constant: Option<(&'static str, u32)>,
+        dispatching: bool,
+    ) -> Result<Kernel> {
         let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("pipeline cache poisoned".into()))?;
         let asked = shader.name;
         let compiled = match cache.entry(asked) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(self.compile(shader)?),
         };
+        if let Some(path) = self.kernel_log.as_ref().filter(|_| dispatching && !compiled.dispatched) {
+            append_line(path, compiled.runs)
+                .map_err(|e| Error::Gpu(format!("EDGETUNE_KERNEL_LOG: cannot append to {}: {e}", path.display())))?;
+            compiled.dispatched = true;
+        }
         if let Some((_, pipeline)) = compiled.pipelines.iter().find(|(c, _)| *c == constant) {
             return Ok(Kernel { pipeline: pipeline.clone(), layout: compiled.layout.clone() });
         }
@@ -802,8 +822,24 @@ impl GpuContext {
         if let Some(err) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu(format!("shader {} failed to compile: {err}", shader.name)));
         }
-        Ok(Compiled { module, layout, pipeline_layout, overrides, pipelines: Vec::new() })
+        Ok(Compiled {
+            module,
+            layout,
+            pipeline_layout,
+            overrides,
+            pipelines: Vec::new(),
+            runs: shader.name,
+            dispatched: false,
+        })
     }
+}
+
+/// Appends `line` and a newline to the file at `path` (made if missing) in one write: to a file
+/// opened for appending, the operating system adds a short write whole, so lines from several
+/// processes do not interleave.
+fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new().create(true).append(true).open(path)?.write_all(format!("{line}\n").as_bytes())
 }
 
 /// A shader as the pipeline cache holds it: its module and layouts, the pipeline constants it
@@ -815,6 +851,10 @@ struct Compiled {
     pipeline_layout: wgpu::PipelineLayout,
     overrides: Vec<String>,
     pipelines: Vec<(Option<(&'static str, u32)>, wgpu::ComputePipeline)>,
+    /// The name of the shader compiled: the one asked for, or its emulated twin.
+    runs: &'static str,
+    /// Whether it has been dispatched (and logged, see [`GpuContext::kernel`]).
+    dispatched: bool,
 }
 
 /// A compiled shader: its pipeline and the layout of its one bind group.

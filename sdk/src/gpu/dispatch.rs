@@ -302,7 +302,7 @@ impl GpuContext {
         may_submit: bool,
     ) -> Result<()> {
         let Dispatch { shader, buffers, groups, constant } = d;
-        let kernel = self.kernel(shader, constant)?;
+        let kernel = self.kernel(shader, constant, true)?;
         let profiling = self.profiling();
         if profiling == Some(Timer::WallClock) {
             self.flush(enc)?;
