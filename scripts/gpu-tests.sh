@@ -16,7 +16,8 @@
 # matrix units where the adapter lists them. Needs the Vulkan loader (see the README's
 # Benchmarks section). BUDGET_S (seconds; default none) starts no binary after that many
 # seconds and cuts each one's limit to what is left; those left out are named and counted, and
-# the run then exits non-zero.
+# the run then exits non-zero. It also says how many kernels the tests dispatched and which
+# cooperative-matrix kernels ran on the matrix units (EDGETUNE_KERNEL_LOG).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -52,6 +53,9 @@ fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# Each test process appends the kernels it dispatches (once each) here: the summary names the
+# cooperative-matrix kernels that ran on the matrix units, not as their emulated twins.
+export EDGETUNE_KERNEL_LOG="$work/kernels.txt"
 passed=0
 failed=0
 left_out=0
@@ -94,5 +98,9 @@ for t in $tests; do
     echo "$t: $result ($((SECONDS - start)) s)"
   fi
 done
+if [ -s "$work/kernels.txt" ]; then
+  coop="$({ grep -E '[.]coop(16|8)([.]|$)' "$work/kernels.txt" || true; } | { grep -v '[.]emulated$' || true; } | sort -u | paste -sd ' ' -)"
+  echo "gpu-tests: $(sort -u "$work/kernels.txt" | wc -l) kernels dispatched; on the matrix units: ${coop:-none}"
+fi
 echo "gpu-tests: $passed passed, $failed failed$([ "$left_out" -gt 0 ] && echo ", $left_out binaries left out")"
 [ "$failed" -eq 0 ] && [ "$left_out" -eq 0 ]

@@ -285,7 +285,8 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
 /// keeps its accounts: each binary runs from the checkout's `tests/` folder with
 /// `EDGETUNE_FIXTURES` naming its fixtures, gzipped or not; the summary adds their results;
 /// a failing one's output is shown and fails the run; a missing one counts as failed; and
-/// with BUDGET_S spent none starts and each is named as left out. (The binaries here are
+/// with BUDGET_S spent none starts and each is named as left out; the cooperative-matrix
+/// kernels that the binaries dispatched on matrix units are named. (The binaries here are
 /// small scripts that print a test harness's result line: what is under test is the runner.)
 #[test]
 fn the_gpu_tests_runner_adds_results_and_keeps_to_its_budget() {
@@ -299,6 +300,7 @@ fn the_gpu_tests_runner_adds_results_and_keeps_to_its_budget() {
     // Passes only where the runner put it: in tests/, with the fixtures named.
     let good = format!(
         "#!/bin/sh\n[ \"$(pwd -P)\" = '{}' ] && [ \"$EDGETUNE_FIXTURES\" = '{}' ] || exit 3\n\
+         echo matmul_t128.coop16 >> \"$EDGETUNE_KERNEL_LOG\"; echo matmul_t128.coop16.emulated >> \"$EDGETUNE_KERNEL_LOG\"\n\
          echo 'test result: ok. 3 passed; 0 failed; 0 ignored'\n",
         tests_dir.display(),
         fixtures.display()
@@ -319,6 +321,9 @@ fn the_gpu_tests_runner_adds_results_and_keeps_to_its_budget() {
     };
     let (ok, said) = run("good", None);
     assert!(ok && said.contains("gpu-tests: 3 passed, 0 failed"), "{said}");
+    // The kernels its processes dispatched: the one that ran on matrix units is named, its
+    // emulated twin is not.
+    assert!(said.contains("gpu-tests: 2 kernels dispatched; on the matrix units: matmul_t128.coop16\n"), "{said}");
     let (ok, said) = run("good bad missing", None);
     assert!(!ok && said.contains("gpu-tests: 4 passed, 3 failed"), "{said}");
     assert!(said.contains("the failing assertion") && said.contains("missing: not in"), "{said}");

@@ -1032,3 +1032,81 @@ fn gpu_reports_the_tile128_grid_threshold_from_the_environment() {
     let err = text(&out.stderr);
     assert!(!out.status.success() && err.contains("EDGETUNE_TILE128_MIN_GROUPS") && err.contains("\"many\""), "{err}");
 }
+
+/// `EDGETUNE_KERNEL_LOG` names a file to which a process appends the name of each kernel it
+/// dispatches, once (what `scripts/test.sh` holds to every kernel): a prompt and a few decoded
+/// tokens on the tiny Llama with the portable family write the kernels of a prefill and of
+/// decoding, each once, each a kernel of this build; a file that cannot be written is an
+/// error naming the variable and the path, not a run that goes uncounted.
+#[test]
+fn the_kernel_log_names_each_kernel_a_run_dispatched_once() {
+    let dir = std::env::temp_dir().join(format!("edgetune-kernel-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let log = dir.join("kernels.txt");
+    let generate = |log: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
+            .args(["generate", "--model", &tiny(), "--prompt", "Paris is", "--max-tokens", "4", "--quant", "none"])
+            .env("EDGETUNE_KERNELS", "portable")
+            .env("EDGETUNE_KERNEL_LOG", log)
+            .output()
+            .expect("runs")
+    };
+    let out = generate(&log);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = std::fs::read_to_string(&log).expect("the log was written");
+    let mut names: Vec<&str> = said.lines().collect();
+    for n in &names {
+        assert!(edgetune::gpu::shaders::ALL_SHADERS.iter().any(|s| s.name == *n), "{n:?} is no kernel: {said}");
+    }
+    // The prompt's many-row products and the decoded tokens' one-row ones, attention, and
+    // greedy sampling on the GPU.
+    for k in ["embedding", "rms_norm", "matmul", "rope", "attention", "silu_mul", "matvec", "argmax"] {
+        assert!(names.contains(&k), "{k} missing: {said}");
+    }
+    let n = names.len();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), n, "a kernel was logged twice: {said}");
+
+    let missing = dir.join("no-such-folder").join("kernels.txt");
+    let out = generate(&missing);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("EDGETUNE_KERNEL_LOG") && err.contains("no-such-folder"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `kernel-coverage` (the last check of `scripts/test.sh`) passes a log that names every kernel
+/// lavapipe can run, and fails naming what is missing: a kernel no test dispatched, and with
+/// `--gpu` the cooperative-matrix kernels that only matrix units run; a line that names no
+/// kernel of this build fails naming its file and line.
+#[test]
+fn the_kernel_coverage_check_names_the_kernels_no_test_dispatched() {
+    use edgetune::gpu::shaders::ALL_SHADERS;
+    let dir = std::env::temp_dir().join(format!("edgetune-kernel-coverage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let check = |args: &[&str], lines: &[&str]| {
+        let log = dir.join("log.txt");
+        std::fs::write(&log, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_kernel-coverage")).args(args).arg(&log).output().expect("runs");
+        (out.status.success(), format!("{}{}", text(&out.stdout), text(&out.stderr)))
+    };
+    let runs: Vec<&str> = ALL_SHADERS.iter().filter(|s| !s.uses_cooperative_matrix()).map(|s| s.name).collect();
+    let coop: Vec<&str> = ALL_SHADERS.iter().filter(|s| s.uses_cooperative_matrix()).map(|s| s.name).collect();
+    assert!(!coop.is_empty() && runs.contains(&"dropout") && runs.contains(&"matmul_t128.coop16.emulated"));
+    // Every one, some twice (several processes share the log).
+    let twice: Vec<&str> = runs.iter().chain(&runs[..3]).copied().collect();
+    let (ok, said) = check(&[], &twice);
+    assert!(ok && said.contains(&format!("{0} of the {0} kernels lavapipe can run", runs.len())), "{said}");
+    let without: Vec<&str> = runs.iter().copied().filter(|n| *n != "dropout").collect();
+    let (ok, said) = check(&[], &without);
+    assert!(!ok && said.contains("1 never dispatched by the tests: dropout"), "{said}");
+    let (ok, said) = check(&["--gpu"], &runs);
+    assert!(!ok && said.contains(&format!("{} never dispatched", coop.len())) && said.contains(coop[0]), "{said}");
+    let mut unknown = runs.clone();
+    unknown.insert(1, "matmul_t256");
+    let (ok, said) = check(&[], &unknown);
+    assert!(!ok && said.contains("line 2: \"matmul_t256\" is no kernel of this build"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
