@@ -2489,3 +2489,41 @@ fn the_driver_running_out_of_memory_is_an_error_with_the_planned_bytes() {
     let small = ctx.storage_from("small", &[1.0f32, 2.0, 3.0, 4.0]);
     assert_eq!(ctx.read_f32(&small, 4).expect("read back"), [1.0, 2.0, 3.0, 4.0]);
 }
+
+/// The kernel log (`GpuOptions::kernel_log`, `EDGETUNE_KERNEL_LOG`; what `scripts/test.sh`
+/// holds to every kernel) names a kernel when a context first dispatches it, once, and not when
+/// it is only compiled; with the cooperative-matrix kernels emulated, the start-up self-test's
+/// kernels are named as the emulated twins that ran, never as the matrix-unit kernels.
+#[test]
+fn the_kernel_log_names_what_was_dispatched_once_and_not_what_was_compiled() {
+    use edgetune::gpu::KernelFamily;
+    let dir = std::env::temp_dir().join(format!("edgetune-kernel-log-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let log = dir.join("plain.txt");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let ctx = GpuContext::new(&GpuOptions { kernel_log: Some(log.clone()), ..Default::default() }).expect("adapter");
+    ctx.pipeline(&shaders::LOGIT_SOFTCAP, None).expect("compiles");
+    assert_eq!(read(&log), "", "compiling is not dispatching");
+    let (x, y) = (ctx.storage_from("x", &rand(10, 1, 1.0)), ctx.storage_from("y", &rand(10, 2, 1.0)));
+    for _ in 0..3 {
+        run(&ctx, |enc| launch::add_forward(&ctx, enc, &x, &y, 10));
+    }
+    run(&ctx, |enc| launch::logit_softcap(&ctx, enc, &y, 10, 2.0));
+    assert_eq!(read(&log), "add\nlogit_softcap\n");
+
+    let log = dir.join("coop16.txt");
+    let opts = GpuOptions {
+        kernels: Some(KernelFamily::Coop16),
+        emulate_coop: true,
+        kernel_log: Some(log.clone()),
+        ..Default::default()
+    };
+    let ctx = GpuContext::new(&opts).expect("coop16 emulated (lavapipe has shader-f16)");
+    assert!(ctx.report.coop_emulated, "{}", ctx.report);
+    let said = read(&log);
+    let names: Vec<&str> = said.lines().collect();
+    assert!(names.contains(&"matmul_nf4_t128.coop16.emulated"), "the self-test ran: {said}");
+    assert!(names.iter().all(|n| !n.contains(".coop16") || n.ends_with(".emulated")), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -59,6 +59,13 @@ pub struct GpuOptions {
     /// The checks wgpu adds to the kernels as it translates them (see [`ShaderChecks`]); `None`
     /// reads `EDGETUNE_SHADER_CHECKS`, else [`ShaderChecks::Bounds`].
     pub shader_checks: Option<ShaderChecks>,
+    /// A file to which the context appends the name of each kernel the first time it dispatches
+    /// it (compiling one does not count), a line each: the kernel that runs, so a
+    /// cooperative-matrix kernel's emulated twin where [`GpuOptions::emulate_coop`] runs them.
+    /// Several contexts and processes may share the file. A file that cannot be written makes
+    /// the dispatch an error naming it. `None` reads `EDGETUNE_KERNEL_LOG` (empty: no log); the
+    /// test script holds the log of the whole test run to every kernel.
+    pub kernel_log: Option<std::path::PathBuf>,
 }
 
 /// The checks that wgpu adds to a kernel as it translates it for the driver (its
@@ -265,9 +272,7 @@ pub struct GpuContext {
     /// run fewer workgroups than this: `EDGETUNE_SPLIT_KEYS_BELOW` (0 never splits), else
     /// [`SPLIT_KEYS_BELOW`], read when the device is opened.
     pub(crate) split_keys_below: usize,
-    /// `EDGETUNE_KERNEL_LOG`, read when the device is opened: a file to which the name of each
-    /// kernel is appended the first time this context dispatches it (see
-    /// [`GpuContext::kernel`]), so that a test run can show which kernels it ran.
+    /// See [`GpuOptions::kernel_log`] and [`GpuContext::kernel`].
     kernel_log: Option<std::path::PathBuf>,
 }
 
@@ -572,7 +577,10 @@ impl GpuContext {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(SPLIT_KEYS_BELOW),
-            kernel_log: std::env::var_os("EDGETUNE_KERNEL_LOG").filter(|v| !v.is_empty()).map(Into::into),
+            kernel_log: opts
+                .kernel_log
+                .clone()
+                .or_else(|| std::env::var_os("EDGETUNE_KERNEL_LOG").filter(|v| !v.is_empty()).map(Into::into)),
         })
     }
 
@@ -712,10 +720,10 @@ impl GpuContext {
     /// declarations (see [`Shader::bindings`]) rather than derived by wgpu, because the params
     /// binding takes a dynamic offset.
     ///
-    /// `dispatching`: the kernel is wanted for a dispatch (not only compiled); where
-    /// `EDGETUNE_KERNEL_LOG` names a file, the first such call for a shader appends the name of
-    /// the kernel that runs (a cooperative-matrix kernel's emulated twin where the context
-    /// emulates them) to it, one line, so that the processes of a test run can share one file.
+    /// `dispatching`: the kernel is wanted for a dispatch (not only compiled); where the context
+    /// keeps a kernel log ([`GpuOptions::kernel_log`]), the first such call for a shader appends
+    /// the name of the kernel that runs (a cooperative-matrix kernel's emulated twin where the
+    /// context emulates them) to it, one line.
     pub(crate) fn kernel(
         &self,
         shader: &Shader,
