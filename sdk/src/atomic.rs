@@ -57,13 +57,29 @@ pub fn previous(path: &Path) -> PathBuf {
 /// Writes and flushes `bytes` to a temporary file next to `path`, after removing temporary
 /// files of the same name that dead writers left; returns its path.
 pub fn write_temporary(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    write_temporary_with(path, |f| f.write_all(bytes))
+}
+
+/// Writes `path` atomically with what `write` writes to it (buffered), for a file too large to
+/// assemble in memory first.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let tmp = write_temporary_with(path, write)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })?;
+    sync_dir(path)
+}
+
+/// [`write_temporary`] with what `write` writes, through a buffer.
+fn write_temporary_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<PathBuf> {
     let (dir, name) = parts(path)?;
     remove_stale_temporaries(dir, &name);
     let tmp = dir.join(format!("{}{}", tmp_prefix(&name), std::process::id()));
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        write(&mut f)?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()
     })();
     written.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);

@@ -226,6 +226,20 @@ pub fn convert(model_path: &Path, out: &Path, dtype: MergeDtype) -> Result<usize
 }
 
 fn write_folder(model_path: &Path, adapter: Option<&Adapter>, out: &Path, dtype: MergeDtype) -> Result<usize> {
+    write_folder_in_shards(model_path, adapter, out, dtype, SHARD_BYTES)
+}
+
+/// [`write_folder`] with shards of at most `shard_bytes` of tensor data (a tensor larger than
+/// that has a shard of its own). The shards are cut from the tensors' sizes first; then each is
+/// converted, written and dropped before the next, so the merged model is never in memory whole
+/// (at most one shard, twice over as it is serialized).
+fn write_folder_in_shards(
+    model_path: &Path,
+    adapter: Option<&Adapter>,
+    out: &Path,
+    dtype: MergeDtype,
+    shard_bytes: usize,
+) -> Result<usize> {
     let (cfg, src) = crate::model::open_weights(model_path)?;
     if let Some(adapter) = adapter {
         let expected = Layout::new(&cfg, &adapter.config)?;
@@ -235,34 +249,24 @@ fn write_folder(model_path: &Path, adapter: Option<&Adapter>, out: &Path, dtype:
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let has_lm_head = !cfg.tie_word_embeddings && src.contains(&cfg, "lm_head.weight");
-    let st_dtype = match dtype {
-        MergeDtype::F16 => Dtype::F16,
-        MergeDtype::Bf16 => Dtype::BF16,
-        MergeDtype::F32 => Dtype::F32,
+    let (st_dtype, width) = match dtype {
+        MergeDtype::F16 => (Dtype::F16, 2),
+        MergeDtype::Bf16 => (Dtype::BF16, 2),
+        MergeDtype::F32 => (Dtype::F32, 4),
     };
-    // Convert tensor by tensor, cutting shards as they fill.
-    let mut shards: Vec<Vec<Converted>> = vec![Vec::new()];
-    let mut used = 0usize;
-    for (name, shape, slot) in tensor_list(&cfg, has_lm_head) {
-        let mut w = src.get(&cfg, &name, &shape)?;
-        if let Some(adapter) = adapter
-            && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
-        {
-            let (r, scale) = (adapter.layout.r, adapter.config.scale());
-            let a = &adapter.params[s.a..s.a + r * s.n_in];
-            let b = &adapter.params[s.b..s.b + s.n_out * r];
-            add_delta(&mut w, a, b, r, s.n_in, scale);
+    let tensors = tensor_list(&cfg, has_lm_head);
+    let size = |shape: &[usize]| shape.iter().product::<usize>() * width;
+    // Shards cut as they fill, in the tensors' order.
+    let mut shards: Vec<&[TensorSpec]> = Vec::new();
+    let (mut first, mut used) = (0, 0);
+    for (i, (_, shape, _)) in tensors.iter().enumerate() {
+        if used + size(shape) > shard_bytes && used > 0 {
+            shards.push(&tensors[first..i]);
+            (first, used) = (i, 0);
         }
-        let bytes = to_bytes(&w, dtype);
-        if used + bytes.len() > SHARD_BYTES && used > 0 {
-            shards.push(Vec::new());
-            used = 0;
-        }
-        used += bytes.len();
-        if let Some(last) = shards.last_mut() {
-            last.push((name, shape, bytes));
-        }
+        used += size(shape);
     }
+    shards.push(&tensors[first..]);
     let n = shards.len();
     let file_name = |i: usize| {
         if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", i + 1) }
@@ -270,7 +274,20 @@ fn write_folder(model_path: &Path, adapter: Option<&Adapter>, out: &Path, dtype:
     let mut weight_map = BTreeMap::new();
     let mut total = 0usize;
     for (i, shard) in shards.iter().enumerate() {
-        let views = shard
+        let mut converted: Vec<Converted> = Vec::with_capacity(shard.len());
+        for (name, shape, slot) in shard.iter() {
+            let mut w = src.get(&cfg, name, shape)?;
+            if let Some(adapter) = adapter
+                && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
+            {
+                let (r, scale) = (adapter.layout.r, adapter.config.scale());
+                let a = &adapter.params[s.a..s.a + r * s.n_in];
+                let b = &adapter.params[s.b..s.b + s.n_out * r];
+                add_delta(&mut w, a, b, r, s.n_in, scale);
+            }
+            converted.push((name.clone(), shape.clone(), to_bytes(&w, dtype)));
+        }
+        let views = converted
             .iter()
             .map(|(name, shape, bytes)| {
                 weight_map.insert(name.clone(), file_name(i));
@@ -440,4 +457,64 @@ fn adapted(name: &str, cfg: &ModelConfig) -> Option<(usize, Module)> {
     let module = rest.strip_suffix(".weight")?;
     let m = Module::adaptable(cfg).into_iter().find(|&m| super::gguf::module_name(m) == module)?;
     Some((layer.parse().ok()?, m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repository's tiny Llama: under `EDGETUNE_FIXTURES` when set (the unit tests of the
+    /// unpacked `.crate` file), else in the checkout the crate is built in.
+    fn tiny_llama() -> std::path::PathBuf {
+        std::env::var_os("EDGETUNE_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures"))
+            .join("tiny_llama")
+    }
+
+    /// Shards are cut from the tensors' sizes before any is converted: with shards of 40,000
+    /// bytes the tiny Llama is written as several `model-0000i-of-0000n` files and an index
+    /// whose total and map cover every tensor once, each shard within the size unless one
+    /// tensor alone is larger, and the folder, like the one-file conversion, loads to exactly
+    /// the model's tensors.
+    #[test]
+    fn a_model_written_in_many_shards_loads_as_the_model_it_came_from() {
+        let base = std::env::temp_dir().join(format!("edgetune-merge-shards-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (one, many) = (base.join("one"), base.join("many"));
+        let limit = 40_000;
+        let n1 = write_folder_in_shards(&tiny_llama(), None, &one, MergeDtype::F32, SHARD_BYTES).expect("one file");
+        let n = write_folder_in_shards(&tiny_llama(), None, &many, MergeDtype::F32, limit).expect("shards");
+        assert_eq!(n1, 1);
+        assert!(n > 2, "{n} shards");
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(many.join("model.safetensors.index.json")).expect("index"))
+                .expect("JSON");
+        // The fixture's own tensors (f32), which an f32 conversion keeps bit for bit.
+        let (cfg, src) = crate::model::open_weights(&tiny_llama()).expect("the fixture opens");
+        let tensors = tensor_list(&cfg, !cfg.tie_word_embeddings && src.contains(&cfg, "lm_head.weight"));
+        let map = index["weight_map"].as_object().expect("weight_map");
+        assert_eq!(map.len(), tensors.len());
+        let total: usize = tensors.iter().map(|(_, s, _)| 4 * s.iter().product::<usize>()).sum();
+        assert_eq!(index["metadata"]["total_size"], total);
+        for i in 1..=n {
+            let file = format!("model-{i:05}-of-{n:05}.safetensors");
+            let bytes = std::fs::read(many.join(&file)).expect("shard");
+            let st = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
+            let data: usize = st.tensors().iter().map(|(_, v)| v.data().len()).sum();
+            assert!(data <= limit || st.len() == 1, "{file}: {data} bytes in {} tensors", st.len());
+            for (name, _) in st.tensors() {
+                assert_eq!(map[&name], file, "{name}");
+            }
+        }
+        for folder in [&one, &many] {
+            let (cfg2, src2) = crate::model::open_weights(folder).expect("the output opens");
+            for (name, shape, _) in &tensors {
+                let a = src.get(&cfg, name, shape).expect("the fixture's");
+                let b = src2.get(&cfg2, name, shape).unwrap_or_else(|e| panic!("{}: {e}", folder.display()));
+                assert!(a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }

@@ -78,6 +78,17 @@ impl GgufWriter {
 
     /// The file's bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = self.header()?;
+        for t in &self.tensors {
+            out.extend_from_slice(&t.data);
+            pad(&mut out);
+        }
+        Ok(out)
+    }
+
+    /// Everything before the tensor data: magic, version, counts, metadata, the tensor table,
+    /// padding to [`ALIGNMENT`].
+    fn header(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend(3u32.to_le_bytes());
@@ -102,16 +113,22 @@ impl GgufWriter {
             offset += t.data.len().next_multiple_of(ALIGNMENT);
         }
         pad(&mut out);
-        for t in &self.tensors {
-            out.extend_from_slice(&t.data);
-            pad(&mut out);
-        }
         Ok(out)
     }
 
-    /// Writes the file atomically.
+    /// Writes the file atomically: [`GgufWriter::to_bytes`]'s bytes, the tensor data streamed
+    /// from where it is held rather than copied into one buffer first (a merged model's file is
+    /// as large as the model).
     pub fn write(&self, path: &Path) -> Result<()> {
-        crate::atomic::write_atomic(path, &self.to_bytes()?)
+        let header = self.header()?;
+        crate::atomic::write_atomic_with(path, |f| {
+            f.write_all(&header)?;
+            for t in &self.tensors {
+                f.write_all(&t.data)?;
+                f.write_all(&[0; ALIGNMENT][..t.data.len().next_multiple_of(ALIGNMENT) - t.data.len()])?;
+            }
+            Ok(())
+        })
     }
 }
 
@@ -195,12 +212,17 @@ mod tests {
         w.add_tensor("t.f32", &[3, 32], GgmlType::F32, &a).expect("f32");
         w.add_tensor("t.f16", &[3, 32], GgmlType::F16, &a).expect("f16");
         w.add_tensor("t.q8", &[3, 32], GgmlType::Q8_0, &a).expect("q8_0");
+        // After the Q8_0 data (102 bytes, padded to 128), so its place depends on the padding.
+        w.add_tensor("t.after", &[2, 32], GgmlType::F32, &a[..64]).expect("f32 after");
         let dir = std::env::temp_dir().join(format!("edgetune-gguf-write-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("t.gguf");
         w.write(&path).expect("write");
+        // The file streamed to disk is the layout built in memory, byte for byte.
+        assert!(std::fs::read(&path).expect("written") == w.to_bytes().expect("bytes"), "the streamed file differs");
         let g = GgufFile::open(&path).expect("reads back");
         assert_eq!(g.get_str("general.architecture").expect("arch"), "qwen2");
+        assert_eq!(g.tensor_f32("t.after").expect("the tensor after Q8_0"), (a[..64].to_vec(), vec![2, 32]));
         assert_eq!(g.metadata.len(), 3);
         assert_eq!(g.get("adapter.lora.alpha"), Some(&Value::F32(16.0)));
         let (f, shape) = g.tensor_f32("t.f32").expect("f32 tensor");
