@@ -23,12 +23,7 @@ fn parts(path: &Path) -> Result<(&Path, String)> {
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = write_temporary(path, bytes)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })?;
-    sync_dir(path)
+    write_atomic_with(path, |f| f.write_all(bytes).map_err(|e| Error::io(path, e)))
 }
 
 /// Writes `bytes` to `path` atomically and keeps what `path` held before as
@@ -57,12 +52,12 @@ pub fn previous(path: &Path) -> PathBuf {
 /// Writes and flushes `bytes` to a temporary file next to `path`, after removing temporary
 /// files of the same name that dead writers left; returns its path.
 pub fn write_temporary(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
-    write_temporary_with(path, |f| f.write_all(bytes))
+    write_temporary_with(path, |f| f.write_all(bytes).map_err(|e| Error::io(path, e)))
 }
 
 /// Writes `path` atomically with what `write` writes to it (buffered), for a file too large to
-/// assemble in memory first.
-pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+/// assemble in memory first. An error of `write` leaves no file behind, as a failed write does.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let tmp = write_temporary_with(path, write)?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -72,20 +67,20 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> std:
 }
 
 /// [`write_temporary`] with what `write` writes, through a buffer.
-fn write_temporary_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<PathBuf> {
+fn write_temporary_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<PathBuf> {
     let (dir, name) = parts(path)?;
     remove_stale_temporaries(dir, &name);
     let tmp = dir.join(format!("{}{}", tmp_prefix(&name), std::process::id()));
     let written = (|| {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?);
         write(&mut f)?;
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+        let f = f.into_inner().map_err(|e| Error::io(path, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(path, e))
     })();
-    written.map_err(|e| {
+    if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })?;
-    Ok(tmp)
+    }
+    written.map(|()| tmp)
 }
 
 /// Flushes the folder holding `path`, so a rename into it is on disk (where the platform can;

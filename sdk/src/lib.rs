@@ -70,6 +70,7 @@ pub mod model;
 pub mod prim;
 pub mod quant;
 pub mod reference;
+mod safetensors_write;
 pub mod score;
 pub mod session;
 pub mod tokenizer;

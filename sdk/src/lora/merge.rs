@@ -9,7 +9,7 @@
 //! files are copied. Weights go to shards of at most 2 GiB (`model.safetensors`, or
 //! `model-0000i-of-0000n.safetensors` with an index), each written atomically.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::Dtype;
@@ -17,13 +17,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{Adapter, Layout, Module};
-use crate::atomic::write_atomic;
+use crate::atomic::{write_atomic, write_atomic_with};
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig, RopeScaling};
 use crate::model::gguf::{GgufFile, Value};
 use crate::model::gguf_write::GgufWriter;
 use crate::model::weights::permute_rows;
 use crate::quant::gguf_blocks::GgmlType;
+use crate::safetensors_write::{Entry, header};
 
 /// The precision of the merged weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -55,9 +56,6 @@ const SHARD_BYTES: usize = 2 << 30;
 
 /// A tensor to write: its name, shape and, for an adaptable linear weight, (layer, module).
 type TensorSpec = (String, Vec<usize>, Option<(usize, Module)>);
-/// A converted tensor: name, shape and its f16/bf16 bytes.
-type Converted = (String, Vec<usize>, Vec<u8>);
-
 /// The Hugging Face names and shapes of every tensor of a Llama-family model.
 fn tensor_list(c: &ModelConfig, has_lm_head: bool) -> Vec<TensorSpec> {
     let h = c.hidden_size;
@@ -230,9 +228,9 @@ fn write_folder(model_path: &Path, adapter: Option<&Adapter>, out: &Path, dtype:
 }
 
 /// [`write_folder`] with shards of at most `shard_bytes` of tensor data (a tensor larger than
-/// that has a shard of its own). The shards are cut from the tensors' sizes first; then each is
-/// converted, written and dropped before the next, so the merged model is never in memory whole
-/// (at most one shard, twice over as it is serialized).
+/// that has a shard of its own). The shards are cut from the tensors' sizes first; then each
+/// file is written as a stream, each tensor converted as the file reaches it and dropped once
+/// written, so a merge holds one tensor at a time (in f32 and converted), not the merged model.
 fn write_folder_in_shards(
     model_path: &Path,
     adapter: Option<&Adapter>,
@@ -273,34 +271,41 @@ fn write_folder_in_shards(
     };
     let mut weight_map = BTreeMap::new();
     let mut total = 0usize;
+    let meta = BTreeMap::from([("format", "pt".to_string())]);
     for (i, shard) in shards.iter().enumerate() {
-        let mut converted: Vec<Converted> = Vec::with_capacity(shard.len());
-        for (name, shape, slot) in shard.iter() {
-            let mut w = src.get(&cfg, name, shape)?;
-            if let Some(adapter) = adapter
-                && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
-            {
-                let (r, scale) = (adapter.layout.r, adapter.config.scale());
-                let a = &adapter.params[s.a..s.a + r * s.n_in];
-                let b = &adapter.params[s.b..s.b + s.n_out * r];
-                add_delta(&mut w, a, b, r, s.n_in, scale);
-            }
-            converted.push((name.clone(), shape.clone(), to_bytes(&w, dtype)));
-        }
-        let views = converted
-            .iter()
-            .map(|(name, shape, bytes)| {
+        let mut entries: Vec<Entry<'_>> =
+            shard.iter().map(|(name, shape, _)| Entry { name, dtype: st_dtype, shape }).collect();
+        let head = header(&mut entries, &meta)?;
+        let path = out.join(file_name(i));
+        // Each tensor converted as the file reaches it and dropped once written.
+        write_atomic_with(&path, |f| {
+            f.write_all(&head).map_err(|e| Error::io(&path, e))?;
+            for e in &entries {
+                let Some((name, shape, slot)) = shard.iter().find(|t| t.0 == e.name) else {
+                    return Err(Error::invalid("merged model", format!("{} is in no shard", e.name)));
+                };
+                let mut w = src.get(&cfg, name, shape)?;
+                if let Some(adapter) = adapter
+                    && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
+                {
+                    let (r, scale) = (adapter.layout.r, adapter.config.scale());
+                    let a = &adapter.params[s.a..s.a + r * s.n_in];
+                    let b = &adapter.params[s.b..s.b + s.n_out * r];
+                    add_delta(&mut w, a, b, r, s.n_in, scale);
+                }
+                let bytes = to_bytes(&w, dtype);
+                if bytes.len() != e.bytes() {
+                    return Err(Error::invalid(
+                        "merged tensor",
+                        format!("{name}: {} bytes where its shape {shape:?} makes {}", bytes.len(), e.bytes()),
+                    ));
+                }
+                f.write_all(&bytes).map_err(|e| Error::io(&path, e))?;
                 weight_map.insert(name.clone(), file_name(i));
                 total += bytes.len();
-                safetensors::tensor::TensorView::new(st_dtype, shape.clone(), bytes)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| Error::invalid("merged tensor", format!("{name}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let data = safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::invalid("merged model", format!("serializing: {e}")))?;
-        write_atomic(&out.join(file_name(i)), &data)?;
+            }
+            Ok(())
+        })?;
     }
     if n > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
@@ -501,6 +506,10 @@ mod tests {
             let file = format!("model-{i:05}-of-{n:05}.safetensors");
             let bytes = std::fs::read(many.join(&file)).expect("shard");
             let st = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
+            // Laid out as the safetensors crate lays out the same tensors, byte for byte.
+            let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+            let theirs = safetensors::tensor::serialize(st.tensors(), Some(meta)).expect("serialize");
+            assert!(bytes == theirs, "{file}: not the crate's layout");
             let data: usize = st.tensors().iter().map(|(_, v)| v.data().len()).sum();
             assert!(data <= limit || st.len() == 1, "{file}: {data} bytes in {} tensors", st.len());
             for (name, _) in st.tensors() {

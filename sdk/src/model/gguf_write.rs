@@ -122,10 +122,11 @@ impl GgufWriter {
     pub fn write(&self, path: &Path) -> Result<()> {
         let header = self.header()?;
         crate::atomic::write_atomic_with(path, |f| {
-            f.write_all(&header)?;
+            let mut put = |bytes: &[u8]| f.write_all(bytes).map_err(|e| Error::io(path, e));
+            put(&header)?;
             for t in &self.tensors {
-                f.write_all(&t.data)?;
-                f.write_all(&[0; ALIGNMENT][..t.data.len().next_multiple_of(ALIGNMENT) - t.data.len()])?;
+                put(&t.data)?;
+                put(&[0; ALIGNMENT][..t.data.len().next_multiple_of(ALIGNMENT) - t.data.len()])?;
             }
             Ok(())
         })

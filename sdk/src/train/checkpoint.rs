@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::atomic::{previous, write_atomic_keeping_previous};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
+use crate::safetensors_write::{Entry, header};
 
 /// Written into every checkpoint; a file without it is not an edgetune checkpoint.
 pub const FORMAT: &str = "edgetune-checkpoint-1";
@@ -84,30 +85,19 @@ pub struct Checkpoint {
 }
 
 /// A safetensors file of 1-D F32 tensors with string metadata, laid out as the safetensors crate
-/// lays it out (tensors by name, offsets in that order, header padded with spaces to 8 bytes) but
-/// with the metadata's keys in sorted order: the crate takes them as a `HashMap` and writes them
-/// in the order of the process's random hash keys, so the same checkpoint saved twice would be
-/// different bytes.
+/// lays it out but with the metadata's keys in sorted order (see
+/// [`crate::safetensors_write::header`]), so that the same checkpoint saved twice is the same
+/// bytes.
 fn safetensors_bytes(tensors: &[(&str, &[f32])], meta: &BTreeMap<&str, String>) -> Result<Vec<u8>> {
-    let mut sorted = tensors.to_vec();
-    sorted.sort_by_key(|t| t.0);
-    let mut header = format!("{{\"__metadata__\":{}", json(meta)?);
-    let mut offset = 0;
-    for (name, v) in &sorted {
-        let end = offset + 4 * v.len();
-        let info = format!("{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{offset},{end}]}}", v.len());
-        header += &format!(",{}:{info}", json(name)?);
-        offset = end;
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    let mut out = Vec::with_capacity(8 + header.len() + offset);
-    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for (_, v) in &sorted {
-        out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    let lens: Vec<[usize; 1]> = tensors.iter().map(|(_, v)| [v.len()]).collect();
+    let mut entries: Vec<Entry<'_>> =
+        tensors.iter().zip(&lens).map(|((name, _), len)| Entry { name, dtype: Dtype::F32, shape: len }).collect();
+    let mut out = header(&mut entries, meta)?;
+    out.reserve(entries.iter().map(Entry::bytes).sum());
+    for e in &entries {
+        if let Some((_, v)) = tensors.iter().find(|(name, _)| *name == e.name) {
+            out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        }
     }
     Ok(out)
 }
