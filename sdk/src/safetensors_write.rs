@@ -24,19 +24,21 @@ impl Entry<'_> {
     }
 }
 
-/// Puts `tensors` in the order of their data in the file, the crate's (by descending element
-/// alignment, then by name), and returns everything before the data: the header's length (8
-/// bytes, little-endian) and the header (`__metadata__` first, its keys sorted where the crate
-/// writes them in the order of a `HashMap`, which differs from one process to the next; then each
-/// tensor's `dtype`, `shape` and `data_offsets`), padded with spaces to 8 bytes.
-pub(crate) fn header(tensors: &mut [Entry<'_>], meta: &BTreeMap<&str, String>) -> Result<Vec<u8>> {
+/// Everything before the data of a file of `tensors`: the header's length (8 bytes,
+/// little-endian) and the header (`__metadata__` first, its keys sorted where the crate writes
+/// them in the order of a `HashMap`, which differs from one process to the next; then each
+/// tensor's `dtype`, `shape` and `data_offsets`), padded with spaces to 8 bytes; and the order in
+/// which the tensors' data follow it (indices into `tensors`), the crate's: by descending
+/// element alignment, then by name.
+pub(crate) fn header(tensors: &[Entry<'_>], meta: &BTreeMap<&str, String>) -> Result<(Vec<u8>, Vec<usize>)> {
     fn json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String> {
         serde_json::to_string(v).map_err(|e| Error::invalid("safetensors header", e.to_string()))
     }
-    tensors.sort_by(|l, r| r.dtype.cmp(&l.dtype).then(l.name.cmp(r.name)));
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&l, &r| tensors[r].dtype.cmp(&tensors[l].dtype).then(tensors[l].name.cmp(tensors[r].name)));
     let mut head = format!("{{\"__metadata__\":{}", json(meta)?);
     let mut offset = 0;
-    for t in tensors.iter() {
+    for t in order.iter().map(|&i| &tensors[i]) {
         let end = offset + t.bytes();
         head += &format!(
             ",{}:{{\"dtype\":{},\"shape\":{},\"data_offsets\":[{offset},{end}]}}",
@@ -53,5 +55,5 @@ pub(crate) fn header(tensors: &mut [Entry<'_>], meta: &BTreeMap<&str, String>) -
     let mut out = Vec::with_capacity(8 + head.len());
     out.extend_from_slice(&(head.len() as u64).to_le_bytes());
     out.extend_from_slice(head.as_bytes());
-    Ok(out)
+    Ok((out, order))
 }

@@ -247,13 +247,13 @@ fn write_folder_in_shards(
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let has_lm_head = !cfg.tie_word_embeddings && src.contains(&cfg, "lm_head.weight");
-    let (st_dtype, width) = match dtype {
-        MergeDtype::F16 => (Dtype::F16, 2),
-        MergeDtype::Bf16 => (Dtype::BF16, 2),
-        MergeDtype::F32 => (Dtype::F32, 4),
+    let st_dtype = match dtype {
+        MergeDtype::F16 => Dtype::F16,
+        MergeDtype::Bf16 => Dtype::BF16,
+        MergeDtype::F32 => Dtype::F32,
     };
     let tensors = tensor_list(&cfg, has_lm_head);
-    let size = |shape: &[usize]| shape.iter().product::<usize>() * width;
+    let size = |shape: &[usize]| Entry { name: "", dtype: st_dtype, shape }.bytes();
     // Shards cut as they fill, in the tensors' order.
     let mut shards: Vec<&[TensorSpec]> = Vec::new();
     let (mut first, mut used) = (0, 0);
@@ -273,17 +273,15 @@ fn write_folder_in_shards(
     let mut total = 0usize;
     let meta = BTreeMap::from([("format", "pt".to_string())]);
     for (i, shard) in shards.iter().enumerate() {
-        let mut entries: Vec<Entry<'_>> =
+        let entries: Vec<Entry<'_>> =
             shard.iter().map(|(name, shape, _)| Entry { name, dtype: st_dtype, shape }).collect();
-        let head = header(&mut entries, &meta)?;
+        let (head, order) = header(&entries, &meta)?;
         let path = out.join(file_name(i));
         // Each tensor converted as the file reaches it and dropped once written.
         write_atomic_with(&path, |f| {
             f.write_all(&head).map_err(|e| Error::io(&path, e))?;
-            for e in &entries {
-                let Some((name, shape, slot)) = shard.iter().find(|t| t.0 == e.name) else {
-                    return Err(Error::invalid("merged model", format!("{} is in no shard", e.name)));
-                };
+            for t in order {
+                let ((name, shape, slot), e) = (&shard[t], &entries[t]);
                 let mut w = src.get(&cfg, name, shape)?;
                 if let Some(adapter) = adapter
                     && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))

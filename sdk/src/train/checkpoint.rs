@@ -90,14 +90,12 @@ pub struct Checkpoint {
 /// bytes.
 fn safetensors_bytes(tensors: &[(&str, &[f32])], meta: &BTreeMap<&str, String>) -> Result<Vec<u8>> {
     let lens: Vec<[usize; 1]> = tensors.iter().map(|(_, v)| [v.len()]).collect();
-    let mut entries: Vec<Entry<'_>> =
+    let entries: Vec<Entry<'_>> =
         tensors.iter().zip(&lens).map(|((name, _), len)| Entry { name, dtype: Dtype::F32, shape: len }).collect();
-    let mut out = header(&mut entries, meta)?;
+    let (mut out, order) = header(&entries, meta)?;
     out.reserve(entries.iter().map(Entry::bytes).sum());
-    for e in &entries {
-        if let Some((_, v)) = tensors.iter().find(|(name, _)| *name == e.name) {
-            out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
-        }
+    for i in order {
+        out.extend(tensors[i].1.iter().flat_map(|x| x.to_le_bytes()));
     }
     Ok(out)
 }
