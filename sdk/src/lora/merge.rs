@@ -16,7 +16,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::{Adapter, Layout, Module};
+use super::{Adapter, Layout, Module, Slot};
 use crate::atomic::{write_atomic, write_atomic_with};
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig, RopeScaling};
@@ -420,23 +420,19 @@ pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType
     let mut w = GgufWriter::with_metadata_of(&g);
     w.set("general.file_type", Value::U32(file_type(ty)));
     let mut merged = MergedGguf { tensors: 0, fell_back: 0 };
-    for name in g.tensors.keys() {
-        let (mut values, shape) = g.tensor_f32(name)?;
-        if let Some(s) = adapted(name, &cfg).and_then(|(l, m)| adapter.layout.slot(l, m)) {
-            let a = &adapter.params[s.a..s.a + r * s.n_in];
-            let mut b = adapter.params[s.b..s.b + s.n_out * r].to_vec();
-            if shape != [s.n_out, s.n_in] {
-                return Err(Error::Shape {
-                    path: model_path.to_path_buf(),
-                    tensor: name.clone(),
-                    actual: shape,
-                    expected: vec![s.n_out, s.n_in],
-                });
-            }
-            if let Some(h) = super::gguf::permuted_heads(&cfg, s.module) {
-                b = permute_rows(&b, &[s.n_out, r], h);
-            }
-            add_delta(&mut values, a, &b, r, s.n_in, scale);
+    // The file's layout first, from the base's shapes; then each tensor merged and quantized
+    // as the file reaches it, so no more than one is held.
+    for (name, info) in &g.tensors {
+        let shape = info.shape();
+        if let Some(s) = slot_of(name, &cfg, adapter)
+            && shape != [s.n_out, s.n_in]
+        {
+            return Err(Error::Shape {
+                path: model_path.to_path_buf(),
+                tensor: name.clone(),
+                actual: shape,
+                expected: vec![s.n_out, s.n_in],
+            });
         }
         let t = if shape.len() < 2 {
             GgmlType::F32
@@ -446,11 +442,27 @@ pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType
             merged.fell_back += 1;
             fallback(ty, shape[shape.len() - 1])
         };
-        w.add_tensor(name, &shape, t, &values)?;
+        w.declare_tensor(name, &shape, t)?;
         merged.tensors += 1;
     }
-    w.write(out)?;
+    w.write_with(out, |name| {
+        let (mut values, _) = g.tensor_f32(name)?;
+        if let Some(s) = slot_of(name, &cfg, adapter) {
+            let a = &adapter.params[s.a..s.a + r * s.n_in];
+            let mut b = adapter.params[s.b..s.b + s.n_out * r].to_vec();
+            if let Some(h) = super::gguf::permuted_heads(&cfg, s.module) {
+                b = permute_rows(&b, &[s.n_out, r], h);
+            }
+            add_delta(&mut values, a, &b, r, s.n_in, scale);
+        }
+        Ok(values)
+    })?;
     Ok(merged)
+}
+
+/// The adapter's slot for a GGUF weight, when the adapter adapts it.
+fn slot_of(name: &str, cfg: &ModelConfig, adapter: &Adapter) -> Option<Slot> {
+    adapted(name, cfg).and_then(|(l, m)| adapter.layout.slot(l, m))
 }
 
 /// (layer, module) of an adaptable GGUF weight (`blk.3.attn_q.weight`).

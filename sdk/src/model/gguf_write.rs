@@ -1,6 +1,8 @@
 //! GGUF v3 writer: metadata, the tensor table, and tensor data aligned to 32 bytes, laid out as
 //! llama.cpp's `gguf_write_to_file` and gguf-py's `GGUFWriter` lay it out. The file is written
-//! atomically ([`crate::atomic::write_atomic`]): a failure leaves no half-written file.
+//! atomically ([`crate::atomic::write_atomic_with`]): a failure leaves no half-written file. A
+//! tensor is either held (quantized when added) or declared and quantized as the file reaches
+//! it ([`GgufWriter::write_with`]), so a file as large as a model is written holding one tensor.
 
 use std::path::Path;
 
@@ -11,7 +13,7 @@ use crate::quant::gguf_blocks::{self, GgmlType};
 /// The alignment of tensor data (GGUF's default `general.alignment`).
 pub const ALIGNMENT: usize = 32;
 
-/// A GGUF file being assembled in memory.
+/// A GGUF file being assembled: its metadata, and its tensors held or declared.
 #[derive(Debug, Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
@@ -24,7 +26,10 @@ struct Tensor {
     /// Row-major (PyTorch) shape; GGUF stores it reversed.
     shape: Vec<usize>,
     ty: GgmlType,
-    data: Vec<u8>,
+    /// The quantized data, or `None` for a tensor declared to be given when written.
+    data: Option<Vec<u8>>,
+    /// The data's size in bytes, from its type and shape.
+    bytes: usize,
 }
 
 impl GgufWriter {
@@ -56,31 +61,25 @@ impl GgufWriter {
 
     /// Adds a tensor of row-major `shape`, quantized from f32 `values` to `ty`.
     pub fn add_tensor(&mut self, name: &str, shape: &[usize], ty: GgmlType, values: &[f32]) -> Result<()> {
-        if shape.iter().product::<usize>() != values.len() {
-            return Err(Error::invalid(
-                "GGUF tensor",
-                format!("`{name}`: shape {shape:?} does not hold {} values", values.len()),
-            ));
-        }
-        // ggml quantizes along rows: a row must be a whole number of blocks.
-        let row = shape.last().copied().unwrap_or(1);
-        if !row.is_multiple_of(ty.block().0) {
-            return Err(Error::invalid(
-                "GGUF tensor",
-                format!("`{name}`: rows of {row} values are not a whole number of {} blocks", ty.name()),
-            ));
-        }
-        let data =
-            gguf_blocks::quantize(ty, values).map_err(|e| Error::invalid("GGUF tensor", format!("`{name}`: {e}")))?;
-        self.tensors.push(Tensor { name: name.to_string(), shape: shape.to_vec(), ty, data });
+        let bytes = data_bytes(name, shape, ty)?;
+        let data = quantized(name, shape, ty, values)?;
+        self.tensors.push(Tensor { name: name.to_string(), shape: shape.to_vec(), ty, data: Some(data), bytes });
         Ok(())
     }
 
-    /// The file's bytes.
+    /// Declares a tensor of row-major `shape` and type `ty` whose values
+    /// [`GgufWriter::write_with`] asks for when the file reaches it.
+    pub fn declare_tensor(&mut self, name: &str, shape: &[usize], ty: GgmlType) -> Result<()> {
+        let bytes = data_bytes(name, shape, ty)?;
+        self.tensors.push(Tensor { name: name.to_string(), shape: shape.to_vec(), ty, data: None, bytes });
+        Ok(())
+    }
+
+    /// The file's bytes (every tensor held, none declared).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut out = self.header()?;
         for t in &self.tensors {
-            out.extend_from_slice(&t.data);
+            out.extend_from_slice(t.data.as_deref().ok_or_else(|| undeclared_values(&t.name))?);
             pad(&mut out);
         }
         Ok(out)
@@ -110,27 +109,71 @@ impl GgufWriter {
             }
             out.extend(gguf_blocks::type_id(t.ty).to_le_bytes());
             out.extend((offset as u64).to_le_bytes());
-            offset += t.data.len().next_multiple_of(ALIGNMENT);
+            offset += t.bytes.next_multiple_of(ALIGNMENT);
         }
         pad(&mut out);
         Ok(out)
     }
 
     /// Writes the file atomically: [`GgufWriter::to_bytes`]'s bytes, the tensor data streamed
-    /// from where it is held rather than copied into one buffer first (a merged model's file is
-    /// as large as the model).
+    /// from where it is held rather than copied into one buffer first.
     pub fn write(&self, path: &Path) -> Result<()> {
+        self.write_with(path, |name| Err(undeclared_values(name)))
+    }
+
+    /// Writes the file atomically as [`GgufWriter::write`] does, asking `values(name)` for each
+    /// declared tensor's f32 values as the file reaches it and quantizing them then: the file
+    /// holds one declared tensor at a time (a merged model's file is as large as the model). An
+    /// error from `values`, or values that do not fill the declared shape, leaves no file.
+    pub fn write_with(&self, path: &Path, mut values: impl FnMut(&str) -> Result<Vec<f32>>) -> Result<()> {
         let header = self.header()?;
         crate::atomic::write_atomic_with(path, |f| {
             let mut put = |bytes: &[u8]| f.write_all(bytes).map_err(|e| Error::io(path, e));
             put(&header)?;
             for t in &self.tensors {
-                put(&t.data)?;
-                put(&[0; ALIGNMENT][..t.data.len().next_multiple_of(ALIGNMENT) - t.data.len()])?;
+                let given;
+                let data = match &t.data {
+                    Some(d) => d,
+                    None => {
+                        given = quantized(&t.name, &t.shape, t.ty, &values(&t.name)?)?;
+                        &given
+                    }
+                };
+                put(data)?;
+                put(&[0; ALIGNMENT][..t.bytes.next_multiple_of(ALIGNMENT) - t.bytes])?;
             }
             Ok(())
         })
     }
+}
+
+/// The size of a tensor's data, or an error naming it when its rows are no whole number of
+/// `ty`'s blocks (ggml quantizes along rows).
+fn data_bytes(name: &str, shape: &[usize], ty: GgmlType) -> Result<usize> {
+    let row = shape.last().copied().unwrap_or(1);
+    if !row.is_multiple_of(ty.block().0) {
+        return Err(Error::invalid(
+            "GGUF tensor",
+            format!("`{name}`: rows of {row} values are not a whole number of {} blocks", ty.name()),
+        ));
+    }
+    ty.bytes_for(shape.iter().product())
+        .ok_or_else(|| Error::invalid("GGUF tensor", format!("`{name}`: shape {shape:?} is too large")))
+}
+
+/// `values` quantized to `ty`, once they are known to fill `shape`.
+fn quantized(name: &str, shape: &[usize], ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
+    if shape.iter().product::<usize>() != values.len() {
+        return Err(Error::invalid(
+            "GGUF tensor",
+            format!("`{name}`: shape {shape:?} does not hold {} values", values.len()),
+        ));
+    }
+    gguf_blocks::quantize(ty, values).map_err(|e| Error::invalid("GGUF tensor", format!("`{name}`: {e}")))
+}
+
+fn undeclared_values(name: &str) -> Error {
+    Error::invalid("GGUF tensor", format!("`{name}` was declared, and no values were given for it"))
 }
 
 fn pad(out: &mut Vec<u8>) {
@@ -243,6 +286,69 @@ mod tests {
         for t in g.tensors.values() {
             assert_eq!(t.offset % ALIGNMENT, 0, "{} misaligned", t.name);
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn declared_tensors_are_quantized_as_the_file_reaches_them() {
+        let dir = std::env::temp_dir().join(format!("edgetune-gguf-declared-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let values =
+            |i: usize, n: usize| -> Vec<f32> { (0..n).map(|j| ((i * 31 + j) % 17) as f32 / 5.0 - 1.5).collect() };
+        let tensors = [("a", [2, 64], GgmlType::Q8_0), ("b", [3, 32], GgmlType::F16), ("c", [1, 96], GgmlType::Q4_0)];
+        // The same tensors held from the start: the file the streamed one must equal.
+        let mut held = GgufWriter::new();
+        held.set("general.architecture", Value::String("llama".into()));
+        let mut declared = GgufWriter::new();
+        declared.set("general.architecture", Value::String("llama".into()));
+        for (i, (name, shape, ty)) in tensors.iter().enumerate() {
+            let v = values(i, shape.iter().product());
+            held.add_tensor(name, shape, *ty, &v).expect("held");
+            // The middle one stays held in the declared file too: both kinds in one file.
+            if i == 1 {
+                declared.add_tensor(name, shape, *ty, &v).expect("held among declared");
+            } else {
+                declared.declare_tensor(name, shape, *ty).expect("declared");
+            }
+        }
+        let e = declared.to_bytes().expect_err("to_bytes has no values for a declared tensor");
+        assert!(e.to_string().contains("`a` was declared"), "{e}");
+        let path = dir.join("declared.gguf");
+        let mut asked = Vec::new();
+        declared
+            .write_with(&path, |name| {
+                asked.push(name.to_string());
+                let i = tensors.iter().position(|t| t.0 == name).expect("a declared name");
+                Ok(values(i, tensors[i].1.iter().product()))
+            })
+            .expect("streamed");
+        assert_eq!(asked, ["a", "c"], "each declared tensor asked for once, in file order");
+        assert!(
+            std::fs::read(&path).expect("written") == held.to_bytes().expect("bytes"),
+            "differs from the held file"
+        );
+        // Values that do not fill a declared shape, an error from the source, or a plain write
+        // of a declared tensor: an error naming the tensor, and no file.
+        type Source = Box<dyn Fn(&str) -> Result<Vec<f32>>>;
+        let failing: [(&str, Source); 2] = [
+            ("`a`: shape [2, 64] does not hold 127 values", Box::new(|_: &str| Ok(vec![0.0; 127]))),
+            (
+                "no values for `a`",
+                Box::new(|name: &str| Err(Error::invalid("source", format!("no values for `{name}`")))),
+            ),
+        ];
+        for (i, (want, source)) in failing.iter().enumerate() {
+            let path = dir.join(format!("failed-{i}.gguf"));
+            let e = declared.write_with(&path, source).expect_err(want);
+            assert!(e.to_string().contains(want), "{e}");
+            assert!(!path.exists(), "a failed write left {}", path.display());
+        }
+        let e = declared.write(&dir.join("plain.gguf")).expect_err("write has no values for a declared tensor");
+        assert!(e.to_string().contains("`a` was declared"), "{e}");
+        let e = declared.declare_tensor("d", &[2, 20], GgmlType::Q8_0).expect_err("20 is no block");
+        assert!(e.to_string().contains("`d`"), "{e}");
+        let leftover: Vec<_> = std::fs::read_dir(&dir).expect("dir").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(leftover, ["declared.gguf"], "temporary files left behind");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
