@@ -54,10 +54,12 @@ fn midpoints() -> [f32; 15] {
     m
 }
 
-/// Index of the NF4 code for an already-scaled value in [-1, 1].
+/// Index of the NF4 code for an already-scaled value in [-1, 1]: how many midpoints lie strictly
+/// below it. The midpoints ascend, so counting every one that does is the same count as stopping
+/// at the first that does not, without a branch a value (NaN is below none: 0).
 #[inline]
 fn bucket(scaled: f32, mids: &[f32; 15]) -> u8 {
-    mids.iter().take_while(|&&m| m < scaled).count() as u8
+    mids.iter().map(|&m| u8::from(m < scaled)).sum()
 }
 
 /// Valid block sizes (bitsandbytes accepts powers of two from 32 to 4096).
@@ -69,34 +71,69 @@ pub fn check_block_size(block_size: usize) -> Result<(), String> {
     }
 }
 
-/// Quantizes a row-major tensor to NF4.
+/// Quantizes a row-major tensor to NF4. A large tensor is cut into runs of whole blocks that
+/// the machine's cores quantize side by side (each block's bytes depend on that block alone, so
+/// the result is the same however it is cut).
 pub fn quantize(data: &[f32], shape: &[usize], block_size: usize) -> Result<Nf4Tensor, String> {
     check_block_size(block_size)?;
     let n: usize = shape.iter().product();
     if n != data.len() {
         return Err(format!("shape {shape:?} holds {n} values but {} were given", data.len()));
     }
+    let mut packed = vec![0u8; n.div_ceil(2)];
+    let mut absmax = vec![0f32; n.div_ceil(block_size)];
+    let threads = if n < PARALLEL_FROM { 1 } else { std::thread::available_parallelism().map_or(1, |t| t.get()) };
+    // Runs of whole blocks: an even number of values (block sizes are powers of two from 32),
+    // so a run's bytes start at a whole byte.
+    let run = absmax.len().div_ceil(threads * RUNS_A_THREAD).max(1) * block_size;
+    let jobs: Vec<_> = data
+        .chunks(run)
+        .zip(packed.chunks_mut(run / 2))
+        .zip(absmax.chunks_mut(run / block_size))
+        .map(|((d, p), a)| std::sync::Mutex::new(Some((d, p, a))))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        while let Some(job) = jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            if let Some((d, p, a)) = job.lock().ok().and_then(|mut j| j.take()) {
+                quantize_run(d, block_size, p, a);
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.min(jobs.len()) {
+            // A thread that cannot be made leaves its runs to the others and to this one.
+            let _ = std::thread::Builder::new().name("edgetune-nf4".into()).spawn_scoped(s, work);
+        }
+        work();
+    });
+    Ok(Nf4Tensor { shape: shape.to_vec(), block_size, packed, absmax })
+}
+
+/// Below this many values a tensor is quantized on the calling thread alone.
+const PARALLEL_FROM: usize = 1 << 20;
+/// Runs a thread gets on average, so that threads that finish early take over the rest.
+const RUNS_A_THREAD: usize = 4;
+
+/// Quantizes `data` (whole blocks of `block_size`, the last possibly shorter) into `packed`
+/// (half as many bytes, rounded up) and `absmax` (one a block). Full blocks scale by the
+/// reciprocal of absmax and a short one divides, as bitsandbytes; an odd count's last byte has
+/// code 0.0's index in its low nibble.
+fn quantize_run(data: &[f32], block_size: usize, packed: &mut [u8], absmax: &mut [f32]) {
     let mids = midpoints();
-    let full = n - n % block_size;
-    let mut absmax = Vec::with_capacity(n.div_ceil(block_size));
-    let mut q = Vec::with_capacity(n + 1);
-    for block in data.chunks(block_size) {
+    for ((block, bytes), am_out) in data.chunks(block_size).zip(packed.chunks_mut(block_size / 2)).zip(absmax) {
         let am = block.iter().fold(0f32, |a, &x| a.max(x.abs()));
-        absmax.push(am);
+        *am_out = am;
         let am = am.max(1e-38);
-        if block.len() == block_size {
-            let inv = 1.0 / am;
-            q.extend(block.iter().map(|&x| bucket((x * inv).clamp(-1.0, 1.0), &mids)));
-        } else {
-            q.extend(block.iter().map(|&x| bucket((x / am).clamp(-1.0, 1.0), &mids)));
+        let code = |x: f32| {
+            let scaled = if block.len() == block_size { x * (1.0 / am) } else { x / am };
+            bucket(scaled.clamp(-1.0, 1.0), &mids)
+        };
+        for (pair, byte) in block.chunks(2).zip(bytes) {
+            let low = if pair.len() == 2 { code(pair[1]) } else { bucket(0.0, &mids) };
+            *byte = (code(pair[0]) << 4) | low;
         }
     }
-    debug_assert!(full <= q.len());
-    if q.len() % 2 == 1 {
-        q.push(bucket(0.0, &mids));
-    }
-    let packed = q.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect();
-    Ok(Nf4Tensor { shape: shape.to_vec(), block_size, packed, absmax })
 }
 
 impl Nf4Tensor {
@@ -247,6 +284,61 @@ mod tests {
         let x: Vec<f32> = (0..64).map(|i| NF4_CODE[i % 16] * 2.0).collect();
         let q = quantize(&x, &[1, 64], 64).expect("valid");
         assert_eq!(q.dequantize(), x);
+    }
+
+    /// A tensor large enough to be cut into runs for several threads gives the bytes of the
+    /// plain loop, one value at a time, that bitsandbytes' rounding is written as (the fixtures
+    /// in `tests/quant_fixtures.rs` hold that loop's rounding to bitsandbytes' own output): an
+    /// odd count, a short last block, zero blocks, ties on the midpoints, NaN and infinities.
+    #[test]
+    fn a_tensor_cut_into_runs_for_threads_quantizes_as_the_plain_loop() {
+        fn plain(data: &[f32], bs: usize) -> (Vec<u8>, Vec<f32>) {
+            let mids = midpoints();
+            let (mut q, mut absmax) = (Vec::new(), Vec::new());
+            for block in data.chunks(bs) {
+                let am = block.iter().fold(0f32, |a, &x| a.max(x.abs()));
+                absmax.push(am);
+                let am = am.max(1e-38);
+                let inv = 1.0 / am;
+                for &x in block {
+                    let s = if block.len() == bs { x * inv } else { x / am }.clamp(-1.0, 1.0);
+                    q.push(mids.iter().take_while(|&&m| m < s).count() as u8);
+                }
+            }
+            if q.len() % 2 == 1 {
+                q.push(7);
+            }
+            (q.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect(), absmax)
+        }
+        let mids = midpoints();
+        for (n, bs) in [(2 * PARALLEL_FROM + 37, 64), (PARALLEL_FROM + 4096 * 3, 4096), (3 * PARALLEL_FROM - 1, 32)] {
+            let mut state = n as u64;
+            let mut data: Vec<f32> = (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+                })
+                .collect();
+            // A block of zeros, a block whose values sit on the midpoints (absmax 1), and
+            // values no block should carry but a file may.
+            data[bs..2 * bs].fill(0.0);
+            for (i, x) in data[2 * bs..3 * bs].iter_mut().enumerate() {
+                *x = if i == 0 { 1.0 } else { mids[i % 15] };
+            }
+            data[5 * bs + 3] = f32::NAN;
+            data[7 * bs + 1] = f32::INFINITY;
+            data[9 * bs + 2] = f32::NEG_INFINITY;
+            let q = quantize(&data, &[n], bs).expect("valid");
+            let (packed, absmax) = plain(&data, bs);
+            assert_eq!(q.absmax.len(), absmax.len(), "n {n}, block {bs}: absmax count");
+            if let Some(i) = (0..absmax.len()).find(|&i| q.absmax[i].to_bits() != absmax[i].to_bits()) {
+                panic!("n {n}, block {bs}: absmax {i} is {}, the plain loop's {}", q.absmax[i], absmax[i]);
+            }
+            assert_eq!(q.packed.len(), packed.len(), "n {n}, block {bs}: packed length");
+            if let Some(i) = (0..packed.len()).find(|&i| q.packed[i] != packed[i]) {
+                panic!("n {n}, block {bs}: byte {i} is {:#04x}, the plain loop's {:#04x}", q.packed[i], packed[i]);
+            }
+        }
     }
 
     #[test]
