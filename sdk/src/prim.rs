@@ -2,8 +2,9 @@
 //! trainer, decoding, the GPU launchers), so that none of them imports another sideways or
 //! upward for them, and production code never leans on the tests' oracle (`reference/`, which
 //! keeps its own independent copies to check these against): FNV-1a, a PCG generator, the
-//! lowbias32 hash and dropout threshold, the RoPE table, AdamW's bias corrections and greedy
-//! argmax. This module imports nothing from the crate.
+//! lowbias32 hash and dropout threshold, the RoPE table, AdamW's bias corrections, greedy
+//! argmax, and the runs that spread work over the CPU's cores when a model loads. This module
+//! imports nothing from the crate.
 
 /// FNV-1a's 64-bit offset basis: the starting value of [`fnv1a`]. FNV-1a is the hash behind
 /// the model, plan and dropout-mask fingerprints: small, stable across platforms and versions.
@@ -104,6 +105,54 @@ pub fn argmax(x: &[f32]) -> u32 {
         }
     }
     best.0
+}
+
+/// Work on fewer values than this stays on the calling thread.
+const PARALLEL_FROM: usize = 1 << 20;
+/// Runs a core gets on average, so that cores that finish early take over the rest.
+const RUNS_A_CORE: usize = 4;
+
+/// How many of `units` (whole blocks of `values` values in all) each run of
+/// [`run_parallel`]'s jobs takes: all of them below [`PARALLEL_FROM`] values or on one core
+/// (one run, on the calling thread), else a share of the cores (never 0).
+pub(crate) fn units_a_run(units: usize, values: usize) -> usize {
+    let cores = if values < PARALLEL_FROM { 1 } else { cores() };
+    if cores < 2 {
+        return units.max(1);
+    }
+    units.div_ceil(cores * RUNS_A_CORE).max(1)
+}
+
+/// The cores this process may use, asked once (the answer reads cgroup files on Linux).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |c| c.get()))
+}
+
+/// Runs `work` on every job, on as many of the CPU's cores as there are jobs; the calling
+/// thread works too and returns when all are done. A thread that cannot be made leaves its jobs
+/// to the others. For work whose result does not depend on which thread does which job.
+pub(crate) fn run_parallel<J: Send>(jobs: Vec<J>, work: impl Fn(J) + Sync) {
+    if jobs.len() < 2 {
+        jobs.into_iter().for_each(work);
+        return;
+    }
+    let threads = cores().min(jobs.len());
+    let jobs: Vec<_> = jobs.into_iter().map(|j| std::sync::Mutex::new(Some(j))).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let take = || {
+        while let Some(job) = jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            if let Some(j) = job.lock().ok().and_then(|mut j| j.take()) {
+                work(j);
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            let _ = std::thread::Builder::new().name("edgetune-load".into()).spawn_scoped(s, take);
+        }
+        take();
+    });
 }
 
 #[cfg(test)]

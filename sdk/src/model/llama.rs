@@ -467,6 +467,9 @@ struct DecodeBuffers {
 /// What to change when a forward pass's buffers do not fit.
 const ACTIVATION_ADVICE: &str = "give a shorter prompt, or open the model with a smaller max_context";
 
+/// The model's fingerprint hashes every this many values of each tensor.
+const FINGERPRINT_STRIDE: usize = 61;
+
 struct Uploader<'a> {
     ctx: &'a GpuContext,
     src: &'a WeightSource,
@@ -482,10 +485,34 @@ impl Uploader<'_> {
         let v = self.src.get(self.cfg, name, shape)?;
         fnv1a(&mut self.hash, name.as_bytes());
         fnv1a(&mut self.hash, &(v.len() as u64).to_le_bytes());
-        for x in v.iter().step_by(61) {
-            fnv1a(&mut self.hash, &x.to_bits().to_le_bytes());
+        for i in (0..v.len()).step_by(FINGERPRINT_STRIDE) {
+            fnv1a(&mut self.hash, &v[i].to_bits().to_le_bytes());
         }
         Ok(v)
+    }
+
+    /// Feeds the fingerprint what [`Uploader::get`] would for a weight kept in its GGUF
+    /// `blocks` (in Hugging Face row order), dequantizing only the blocks it samples, each once:
+    /// a model hashes the same however its weights are held.
+    fn fingerprint_blocks(&mut self, name: &str, ty: GgmlType, blocks: &[u8], n: usize) -> Result<()> {
+        fnv1a(&mut self.hash, name.as_bytes());
+        fnv1a(&mut self.hash, &(n as u64).to_le_bytes());
+        let (values, bytes) = ty.block();
+        let mut held: Option<(usize, Vec<f32>)> = None;
+        for i in (0..n).step_by(FINGERPRINT_STRIDE) {
+            let b = i / values;
+            let block = match held {
+                Some((at, ref v)) if at == b => v,
+                _ => {
+                    let raw = blocks.get(b * bytes..(b + 1) * bytes).unwrap_or_default();
+                    let v = crate::quant::gguf_blocks::dequantize(ty, raw, values)
+                        .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
+                    &held.insert((b, v)).1
+                }
+            };
+            fnv1a(&mut self.hash, &block[i % values].to_bits().to_le_bytes());
+        }
+        Ok(())
     }
 
     /// A buffer holding `data`, counted in the weights' bytes; the driver running out of memory
@@ -516,10 +543,15 @@ impl Uploader<'_> {
 
     fn linear(&mut self, prefix: &str, n_out: usize, n_in: usize, bias: bool) -> Result<Linear> {
         let name = format!("{prefix}.weight");
-        let w = self.get(&name, &[n_out, n_in])?;
         let mut lin = match self.stored_blocks(&name, n_out, n_in)? {
-            Some((ty, blocks)) => self.blocks_linear(&name, ty, &blocks, n_out, n_in)?,
-            None => self.linear_of(&name, w, n_out, n_in)?,
+            Some((ty, blocks)) => {
+                self.fingerprint_blocks(&name, ty, &blocks, n_out * n_in)?;
+                self.blocks_linear(&name, ty, &blocks, n_out, n_in)?
+            }
+            None => {
+                let w = self.get(&name, &[n_out, n_in])?;
+                self.linear_of(&name, w, n_out, n_in)?
+            }
         };
         lin.bias = if bias { Some(self.vector(&format!("{prefix}.bias"), n_out)?) } else { None };
         Ok(lin)
@@ -530,8 +562,14 @@ impl Uploader<'_> {
     fn fused(&mut self, prefix: &str, rows: &[usize], n_in: usize) -> Result<Vec<Linear>> {
         let name = format!("{prefix}.weight");
         let total: usize = rows.iter().sum();
-        let w = self.get(&name, &[total, n_in])?;
         let blocks = self.stored_blocks(&name, total, n_in)?;
+        let w = match &blocks {
+            Some((ty, b)) => {
+                self.fingerprint_blocks(&name, *ty, b, total * n_in)?;
+                Vec::new()
+            }
+            None => self.get(&name, &[total, n_in])?,
+        };
         let mut first = 0;
         let mut parts = Vec::with_capacity(rows.len());
         for &n_out in rows {

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
 use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 
@@ -400,17 +399,20 @@ fn gguf_name(cfg: &ModelConfig, hf: &str) -> Option<String> {
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
-/// Little-endian F32, F16 or BF16 tensor bytes as f32 values.
+/// Little-endian F32, F16 or BF16 tensor bytes as f32 values (a large tensor decoded on the
+/// CPU's cores, as GGUF's are).
 pub(crate) fn decode_floats(dtype: Dtype, b: &[u8], path: &Path, name: &str) -> Result<Vec<f32>> {
-    Ok(match dtype {
-        Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    let ty = match dtype {
+        Dtype::F32 => GgmlType::F32,
+        Dtype::F16 => GgmlType::F16,
+        Dtype::BF16 => GgmlType::Bf16,
         other => {
             return Err(Error::unsupported(
                 path,
                 format!("dtype {other:?} of tensor `{name}` (expected F32, F16 or BF16)"),
             ));
         }
-    })
+    };
+    let n = b.len() / (dtype.bitsize() / 8);
+    crate::quant::gguf_blocks::dequantize(ty, b, n).map_err(|e| Error::format(path, format!("tensor `{name}`: {e}")))
 }

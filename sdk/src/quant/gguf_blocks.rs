@@ -555,7 +555,26 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
     if data.len() != need {
         return Err(format!("{} data holds {} bytes, expected {need} for {n} elements", ty.name(), data.len()));
     }
-    let mut out = Vec::with_capacity(n);
+    let (values, bytes) = ty.block();
+    let run = crate::prim::units_a_run(n / values, n);
+    if run * values >= n {
+        let mut out = Vec::with_capacity(n);
+        dequantize_run(ty, data, &mut out);
+        return Ok(out);
+    }
+    // Runs of whole blocks on the CPU's cores, each into its own part of the output.
+    let mut out = vec![0f32; n];
+    let jobs = data.chunks(run * bytes).zip(out.chunks_mut(run * values)).collect();
+    crate::prim::run_parallel(jobs, |(d, o): (&[u8], &mut [f32])| {
+        let mut v = Vec::with_capacity(o.len());
+        dequantize_run(ty, d, &mut v);
+        o.copy_from_slice(&v);
+    });
+    Ok(out)
+}
+
+/// Appends the values of `data`, whole blocks of `ty`, to `out`.
+fn dequantize_run(ty: GgmlType, data: &[u8], out: &mut Vec<f32>) {
     match ty {
         GgmlType::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         GgmlType::F16 => out.extend(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
@@ -630,7 +649,6 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
             }
         }
     }
-    Ok(out)
 }
 
 /// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8) of a Q4_K block.
@@ -645,6 +663,47 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tensor large enough to be dequantized in runs on several cores gives, in every type,
+    /// the values of its blocks dequantized one at a time (which the gguf-py fixtures of
+    /// `tests/quant_fixtures.rs` hold), bit for bit, in their places.
+    #[test]
+    fn a_tensor_dequantized_in_runs_is_its_blocks_one_at_a_time() {
+        let types = [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Bf16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ];
+        for ty in types {
+            let (values, bytes) = ty.block();
+            // Past the size dequantized on one thread, and no whole number of runs.
+            let blocks = (1 << 20) / values + 7;
+            let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ values as u64;
+            let data: Vec<u8> = (0..blocks * bytes)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (state >> 56) as u8
+                })
+                .collect();
+            let all = dequantize(ty, &data, blocks * values).expect("whole blocks");
+            assert_eq!(all.len(), blocks * values, "{}: values", ty.name());
+            for (i, block) in data.chunks(bytes).enumerate() {
+                let one = dequantize(ty, block, values).expect("one block");
+                let got = &all[i * values..(i + 1) * values];
+                if one.iter().zip(got).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                    panic!("{}: block {i} of {blocks} differs from the block alone", ty.name());
+                }
+            }
+        }
+    }
 
     #[test]
     fn q4_1_low_nibbles_are_the_first_half() {

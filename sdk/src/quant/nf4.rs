@@ -72,7 +72,7 @@ pub fn check_block_size(block_size: usize) -> Result<(), String> {
 }
 
 /// Quantizes a row-major tensor to NF4. A large tensor is cut into runs of whole blocks that
-/// the machine's cores quantize side by side (each block's bytes depend on that block alone, so
+/// the CPU's cores quantize side by side (each block's bytes depend on that block alone, so
 /// the result is the same however it is cut).
 pub fn quantize(data: &[f32], shape: &[usize], block_size: usize) -> Result<Nf4Tensor, String> {
     check_block_size(block_size)?;
@@ -82,38 +82,13 @@ pub fn quantize(data: &[f32], shape: &[usize], block_size: usize) -> Result<Nf4T
     }
     let mut packed = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0f32; n.div_ceil(block_size)];
-    let threads = if n < PARALLEL_FROM { 1 } else { std::thread::available_parallelism().map_or(1, |t| t.get()) };
     // Runs of whole blocks: an even number of values (block sizes are powers of two from 32),
     // so a run's bytes start at a whole byte.
-    let run = absmax.len().div_ceil(threads * RUNS_A_THREAD).max(1) * block_size;
-    let jobs: Vec<_> = data
-        .chunks(run)
-        .zip(packed.chunks_mut(run / 2))
-        .zip(absmax.chunks_mut(run / block_size))
-        .map(|((d, p), a)| std::sync::Mutex::new(Some((d, p, a))))
-        .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let work = || {
-        while let Some(job) = jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
-            if let Some((d, p, a)) = job.lock().ok().and_then(|mut j| j.take()) {
-                quantize_run(d, block_size, p, a);
-            }
-        }
-    };
-    std::thread::scope(|s| {
-        for _ in 1..threads.min(jobs.len()) {
-            // A thread that cannot be made leaves its runs to the others and to this one.
-            let _ = std::thread::Builder::new().name("edgetune-nf4".into()).spawn_scoped(s, work);
-        }
-        work();
-    });
+    let run = crate::prim::units_a_run(absmax.len(), n) * block_size;
+    let jobs = data.chunks(run).zip(packed.chunks_mut(run / 2)).zip(absmax.chunks_mut(run / block_size)).collect();
+    crate::prim::run_parallel(jobs, |((d, p), a)| quantize_run(d, block_size, p, a));
     Ok(Nf4Tensor { shape: shape.to_vec(), block_size, packed, absmax })
 }
-
-/// Below this many values a tensor is quantized on the calling thread alone.
-const PARALLEL_FROM: usize = 1 << 20;
-/// Runs a thread gets on average, so that threads that finish early take over the rest.
-const RUNS_A_THREAD: usize = 4;
 
 /// Quantizes `data` (whole blocks of `block_size`, the last possibly shorter) into `packed`
 /// (half as many bytes, rounded up) and `absmax` (one a block). Full blocks scale by the
@@ -311,7 +286,7 @@ mod tests {
             (q.chunks_exact(2).map(|p| (p[0] << 4) | p[1]).collect(), absmax)
         }
         let mids = midpoints();
-        for (n, bs) in [(2 * PARALLEL_FROM + 37, 64), (PARALLEL_FROM + 4096 * 3, 4096), (3 * PARALLEL_FROM - 1, 32)] {
+        for (n, bs) in [(2_000_037, 64), ((1 << 20) + 4096 * 3, 4096), (3_000_001, 32)] {
             let mut state = n as u64;
             let mut data: Vec<f32> = (0..n)
                 .map(|_| {
