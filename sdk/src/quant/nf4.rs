@@ -55,8 +55,8 @@ fn midpoints() -> [f32; 15] {
 }
 
 /// Index of the NF4 code for an already-scaled value in [-1, 1]: how many midpoints lie strictly
-/// below it. The midpoints ascend, so counting every one that does is the same count as stopping
-/// at the first that does not, without a branch a value (NaN is below none: 0).
+/// below it. The midpoints ascend, so counting all that do gives the count that stopping at the
+/// first that does not gives, with no branch on the value (NaN is above none: 0).
 #[inline]
 fn bucket(scaled: f32, mids: &[f32; 15]) -> u8 {
     mids.iter().map(|&m| u8::from(m < scaled)).sum()
