@@ -542,45 +542,37 @@ impl Uploader<'_> {
     }
 
     fn linear(&mut self, prefix: &str, n_out: usize, n_in: usize, bias: bool) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let mut lin = match self.stored_blocks(&name, n_out, n_in)? {
-            Some((ty, blocks)) => {
-                self.fingerprint_blocks(&name, ty, &blocks, n_out * n_in)?;
-                self.blocks_linear(&name, ty, &blocks, n_out, n_in)?
-            }
-            None => {
-                let w = self.get(&name, &[n_out, n_in])?;
-                self.linear_of(&name, w, n_out, n_in)?
-            }
-        };
+        let mut lin =
+            self.fused(prefix, &[n_out], n_in)?.pop().ok_or_else(|| Error::Gpu(format!("{prefix}: no layer")))?;
         lin.bias = if bias { Some(self.vector(&format!("{prefix}.bias"), n_out)?) } else { None };
         Ok(lin)
     }
 
-    /// The parts of a fused linear layer (Phi-3's `qkv_proj`, `gate_up_proj`), split by rows:
-    /// `rows` of each part, in order.
+    /// The parts of a linear layer, split by rows: `rows` of each part, in order (one part for
+    /// most layers; Phi-3's fused `qkv_proj` and `gate_up_proj` have several).
     fn fused(&mut self, prefix: &str, rows: &[usize], n_in: usize) -> Result<Vec<Linear>> {
         let name = format!("{prefix}.weight");
         let total: usize = rows.iter().sum();
-        let blocks = self.stored_blocks(&name, total, n_in)?;
-        let w = match &blocks {
-            Some((ty, b)) => {
-                self.fingerprint_blocks(&name, *ty, b, total * n_in)?;
-                Vec::new()
-            }
-            None => self.get(&name, &[total, n_in])?,
-        };
-        let mut first = 0;
         let mut parts = Vec::with_capacity(rows.len());
-        for &n_out in rows {
-            parts.push(match &blocks {
-                Some((ty, b)) => {
-                    let row = ty.bytes_for(n_in).expect("stored_blocks checked the row");
-                    self.blocks_linear(&name, *ty, &b[first * row..(first + n_out) * row], n_out, n_in)?
+        match self.stored_blocks(&name, total, n_in)? {
+            Some((ty, blocks)) => {
+                self.fingerprint_blocks(&name, ty, &blocks, total * n_in)?;
+                // stored_blocks checked that the blocks hold `total` whole rows.
+                let row = blocks.len() / total.max(1);
+                let mut left = &blocks[..];
+                for &n_out in rows {
+                    let (part, rest) = left.split_at(n_out * row);
+                    parts.push(self.blocks_linear(&name, ty, part, n_out, n_in)?);
+                    left = rest;
                 }
-                None => self.linear_of(&name, w[first * n_in..(first + n_out) * n_in].to_vec(), n_out, n_in)?,
-            });
-            first += n_out;
+            }
+            None => {
+                let mut w = self.get(&name, &[total, n_in])?;
+                for &n_out in rows {
+                    let rest = w.split_off(n_out * n_in);
+                    parts.push(self.linear_of(&name, std::mem::replace(&mut w, rest), n_out, n_in)?);
+                }
+            }
         }
         Ok(parts)
     }

@@ -557,97 +557,76 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
     }
     let (values, bytes) = ty.block();
     let run = crate::prim::units_a_run(n / values, n);
-    if run * values >= n {
-        let mut out = Vec::with_capacity(n);
-        dequantize_run(ty, data, &mut out);
-        return Ok(out);
-    }
-    // Runs of whole blocks on the CPU's cores, each into its own part of the output.
     let mut out = vec![0f32; n];
+    // Runs of whole blocks on the CPU's cores (one run when the tensor is small), each written
+    // into its own part of the output.
     let jobs = data.chunks(run * bytes).zip(out.chunks_mut(run * values)).collect();
-    crate::prim::run_parallel(jobs, |(d, o): (&[u8], &mut [f32])| {
-        let mut v = Vec::with_capacity(o.len());
-        dequantize_run(ty, d, &mut v);
-        o.copy_from_slice(&v);
-    });
+    crate::prim::run_parallel(jobs, |(d, o): (&[u8], &mut [f32])| dequantize_run(ty, d, o));
     Ok(out)
 }
 
-/// Appends the values of `data`, whole blocks of `ty`, to `out`.
-fn dequantize_run(ty: GgmlType, data: &[u8], out: &mut Vec<f32>) {
+/// Writes the values of `data`, whole blocks of `ty`, into `out`, which holds exactly as many.
+fn dequantize_run(ty: GgmlType, data: &[u8], out: &mut [f32]) {
+    fn each<const B: usize, const V: usize>(data: &[u8], out: &mut [f32], block: impl Fn(&[u8], &mut [f32])) {
+        data.chunks_exact(B).zip(out.chunks_exact_mut(V)).for_each(|(b, o)| block(b, o));
+    }
+    fn fill(o: &mut [f32], values: impl Iterator<Item = f32>) {
+        o.iter_mut().zip(values).for_each(|(o, v)| *o = v);
+    }
     match ty {
-        GgmlType::F32 => out.extend(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        GgmlType::F16 => out.extend(data.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        GgmlType::Bf16 => out.extend(data.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-        GgmlType::Q8_0 => {
-            for b in data.chunks_exact(34) {
-                let d = h(b, 0);
-                out.extend(b[2..34].iter().map(|&q| d * f32::from(q as i8)));
+        GgmlType::F32 => each::<4, 1>(data, out, |c, o| o[0] = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        GgmlType::F16 => each::<2, 1>(data, out, |c, o| o[0] = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        GgmlType::Bf16 => each::<2, 1>(data, out, |c, o| o[0] = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        GgmlType::Q8_0 => each::<34, 32>(data, out, |b, o| {
+            let d = h(b, 0);
+            fill(o, b[2..34].iter().map(|&q| d * f32::from(q as i8)));
+        }),
+        GgmlType::Q4_0 => each::<18, 32>(data, out, |b, o| {
+            let d = h(b, 0);
+            let qs = &b[2..18];
+            let low = qs.iter().map(|&q| d * (f32::from(q & 0xF) - 8.0));
+            fill(o, low.chain(qs.iter().map(|&q| d * (f32::from(q >> 4) - 8.0))));
+        }),
+        GgmlType::Q4_1 => each::<20, 32>(data, out, |b, o| {
+            let (d, m) = (h(b, 0), h(b, 2));
+            let qs = &b[4..20];
+            let low = qs.iter().map(|&q| d * f32::from(q & 0xF) + m);
+            fill(o, low.chain(qs.iter().map(|&q| d * f32::from(q >> 4) + m)));
+        }),
+        // ggml's dequantize_row_q5_0 / q5_1: d * (q - 16), or d * q + m.
+        GgmlType::Q5_0 => each::<22, 32>(data, out, |b, o| {
+            let d = h(b, 0);
+            fill(o, q5_codes(&b[2..6], &b[6..22]).iter().map(|&q| (i32::from(q) - 16) as f32 * d));
+        }),
+        GgmlType::Q5_1 => each::<24, 32>(data, out, |b, o| {
+            let (d, m) = (h(b, 0), h(b, 2));
+            fill(o, q5_codes(&b[4..8], &b[8..24]).iter().map(|&q| f32::from(q) * d + m));
+        }),
+        // ggml's dequantize_row_q5_K: d1 * q - m1 per sub-block.
+        GgmlType::Q5K => each::<176, 256>(data, out, |b, o| {
+            for ((d1, m1, u), o) in q5_k_sub_blocks(b).into_iter().zip(o.chunks_exact_mut(32)) {
+                fill(o, u.iter().map(|&q| d1 * f32::from(q) - m1));
             }
-        }
-        GgmlType::Q4_0 => {
-            for b in data.chunks_exact(18) {
-                let d = h(b, 0);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| d * (f32::from(q & 0xF) - 8.0)));
-                out.extend(qs.iter().map(|&q| d * (f32::from(q >> 4) - 8.0)));
+        }),
+        GgmlType::Q4K => each::<144, 256>(data, out, |b, o| {
+            let (d, dmin) = (h(b, 0), h(b, 2));
+            let scales = &b[4..16];
+            for (j, (q, o)) in b[16..144].chunks_exact(32).zip(o.chunks_exact_mut(64)).enumerate() {
+                let (sc1, m1) = scale_min_k4(2 * j, scales);
+                let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
+                let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
+                let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
+                let low = q.iter().map(|&v| d1 * f32::from(v & 0xF) - m1);
+                fill(o, low.chain(q.iter().map(|&v| d2 * f32::from(v >> 4) - m2)));
             }
-        }
-        GgmlType::Q4_1 => {
-            for b in data.chunks_exact(20) {
-                let (d, m) = (h(b, 0), h(b, 2));
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| d * f32::from(q & 0xF) + m));
-                out.extend(qs.iter().map(|&q| d * f32::from(q >> 4) + m));
+        }),
+        // ggml's dequantize_row_q6_K: d * sc * (q - 32) per sub-block of 16.
+        GgmlType::Q6K => each::<210, 256>(data, out, |b, o| {
+            let (u, scales) = q6_k_codes(b);
+            for ((chunk, s), o) in u.chunks_exact(16).zip(scales).zip(o.chunks_exact_mut(16)) {
+                fill(o, chunk.iter().map(|&q| s * (i32::from(q) - 32) as f32));
             }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            // ggml's dequantize_row_q5_0 / q5_1: d * (q - 16), or d * q + m.
-            let (size, at) = if ty == GgmlType::Q5_0 { (22, 2) } else { (24, 4) };
-            for b in data.chunks_exact(size) {
-                let d = h(b, 0);
-                let q = q5_codes(&b[at..at + 4], &b[at + 4..at + 20]);
-                if ty == GgmlType::Q5_0 {
-                    out.extend(q.iter().map(|&q| (i32::from(q) - 16) as f32 * d));
-                } else {
-                    let m = h(b, 2);
-                    out.extend(q.iter().map(|&q| f32::from(q) * d + m));
-                }
-            }
-        }
-        GgmlType::Q5K => {
-            // ggml's dequantize_row_q5_K: d1 * q - m1 per sub-block.
-            for b in data.chunks_exact(176) {
-                for (d1, m1, u) in q5_k_sub_blocks(b) {
-                    out.extend(u.iter().map(|&q| d1 * f32::from(q) - m1));
-                }
-            }
-        }
-        GgmlType::Q4K => {
-            for b in data.chunks_exact(144) {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let scales = &b[4..16];
-                let qs = &b[16..144];
-                for j in 0..4 {
-                    let (sc1, m1) = scale_min_k4(2 * j, scales);
-                    let (sc2, m2) = scale_min_k4(2 * j + 1, scales);
-                    let (d1, m1) = (d * f32::from(sc1), dmin * f32::from(m1));
-                    let (d2, m2) = (d * f32::from(sc2), dmin * f32::from(m2));
-                    let q = &qs[32 * j..32 * j + 32];
-                    out.extend(q.iter().map(|&v| d1 * f32::from(v & 0xF) - m1));
-                    out.extend(q.iter().map(|&v| d2 * f32::from(v >> 4) - m2));
-                }
-            }
-        }
-        GgmlType::Q6K => {
-            // ggml's dequantize_row_q6_K: d * sc * (q - 32) per sub-block of 16.
-            for b in data.chunks_exact(210) {
-                let (u, scales) = q6_k_codes(b);
-                for (chunk, s) in u.chunks_exact(16).zip(scales) {
-                    out.extend(chunk.iter().map(|&q| s * (i32::from(q) - 32) as f32));
-                }
-            }
-        }
+        }),
     }
 }
 
