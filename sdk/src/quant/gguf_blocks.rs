@@ -4,6 +4,7 @@
 //! Block layouts follow ggml's `ggml-common.h`. Every function takes the raw little-endian bytes
 //! of a whole tensor and the number of elements, and checks the byte length before reading.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// The ggml tensor types edgetune reads.
@@ -575,8 +576,15 @@ fn dequantize_run(ty: GgmlType, data: &[u8], out: &mut [f32]) {
     }
     match ty {
         GgmlType::F32 => each::<4, 1>(data, out, |c, o| o[0] = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-        GgmlType::F16 => each::<2, 1>(data, out, |c, o| o[0] = f16::from_le_bytes([c[0], c[1]]).to_f32()),
-        GgmlType::Bf16 => each::<2, 1>(data, out, |c, o| o[0] = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        // Halves in place (aligned, and the machine's order the file's) convert a vector at a time.
+        GgmlType::F16 => match bytemuck::try_cast_slice::<u8, f16>(data) {
+            Ok(halves) if cfg!(target_endian = "little") => halves.convert_to_f32_slice(out),
+            _ => each::<2, 1>(data, out, |c, o| o[0] = f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        },
+        GgmlType::Bf16 => match bytemuck::try_cast_slice::<u8, bf16>(data) {
+            Ok(halves) if cfg!(target_endian = "little") => halves.convert_to_f32_slice(out),
+            _ => each::<2, 1>(data, out, |c, o| o[0] = bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        },
         GgmlType::Q8_0 => each::<34, 32>(data, out, |b, o| {
             let d = h(b, 0);
             fill(o, b[2..34].iter().map(|&q| d * f32::from(q as i8)));
@@ -645,7 +653,9 @@ mod tests {
 
     /// A tensor large enough to be dequantized in runs on several cores gives, in every type,
     /// the values of its blocks dequantized one at a time (which the gguf-py fixtures of
-    /// `tests/quant_fixtures.rs` hold), bit for bit, in their places.
+    /// `tests/quant_fixtures.rs` hold), bit for bit, in their places; f16 and bf16 converted a
+    /// vector at a time where they lie aligned, one at a time where they do not (random bits:
+    /// NaNs, infinities and subnormals among them).
     #[test]
     fn a_tensor_dequantized_in_runs_is_its_blocks_one_at_a_time() {
         let types = [
@@ -674,8 +684,11 @@ mod tests {
                 .collect();
             let all = dequantize(ty, &data, blocks * values).expect("whole blocks");
             assert_eq!(all.len(), blocks * values, "{}: values", ty.name());
+            // Each block alone from an odd address: halves that cannot be viewed in place.
+            let mut odd = vec![0u8; bytes + 1];
             for (i, block) in data.chunks(bytes).enumerate() {
-                let one = dequantize(ty, block, values).expect("one block");
+                odd[1..].copy_from_slice(block);
+                let one = dequantize(ty, &odd[1..], values).expect("one block");
                 let got = &all[i * values..(i + 1) * values];
                 if one.iter().zip(got).any(|(a, b)| a.to_bits() != b.to_bits()) {
                     panic!("{}: block {i} of {blocks} differs from the block alone", ty.name());

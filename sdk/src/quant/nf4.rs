@@ -96,19 +96,37 @@ pub fn quantize(data: &[f32], shape: &[usize], block_size: usize) -> Result<Nf4T
 /// code 0.0's index in its low nibble.
 fn quantize_run(data: &[f32], block_size: usize, packed: &mut [u8], absmax: &mut [f32]) {
     let mids = midpoints();
+    let mut codes = vec![0u8; block_size];
     for ((block, bytes), am_out) in data.chunks(block_size).zip(packed.chunks_mut(block_size / 2)).zip(absmax) {
-        let am = block.iter().fold(0f32, |a, &x| a.max(x.abs()));
+        let am = block_absmax(block);
         *am_out = am;
         let am = am.max(1e-38);
-        let code = |x: f32| {
-            let scaled = if block.len() == block_size { x * (1.0 / am) } else { x / am };
-            bucket(scaled.clamp(-1.0, 1.0), &mids)
-        };
-        for (pair, byte) in block.chunks(2).zip(bytes) {
-            let low = if pair.len() == 2 { code(pair[1]) } else { bucket(0.0, &mids) };
-            *byte = (code(pair[0]) << 4) | low;
+        let codes = &mut codes[..block.len()];
+        // Straight loops over the block, which the compiler turns into vector instructions.
+        if block.len() == block_size {
+            let inv = 1.0 / am;
+            codes.iter_mut().zip(block).for_each(|(c, &x)| *c = bucket((x * inv).clamp(-1.0, 1.0), &mids));
+        } else {
+            codes.iter_mut().zip(block).for_each(|(c, &x)| *c = bucket((x / am).clamp(-1.0, 1.0), &mids));
+        }
+        for (pair, byte) in codes.chunks(2).zip(bytes) {
+            let low = if pair.len() == 2 { pair[1] } else { bucket(0.0, &mids) };
+            *byte = (pair[0] << 4) | low;
         }
     }
+}
+
+/// The largest magnitude in `block` (0 for an empty one; NaN ignored, as `f32::max` does),
+/// taken over eight lanes: the maximum of a set is the same in any order.
+fn block_absmax(block: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut whole = block.chunks_exact(8);
+    for c in &mut whole {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = l.max(x.abs());
+        }
+    }
+    whole.remainder().iter().chain(&lanes).fold(0f32, |a, &x| a.max(x.abs()))
 }
 
 impl Nf4Tensor {
