@@ -2,6 +2,7 @@
 //! linear weights held as NF4 (or f32 for parity checks), and the forward pass as a sequence of
 //! kernel launches recorded into one command encoder per call.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -480,7 +481,7 @@ struct Uploader<'a> {
     hash: u64,
 }
 
-impl Uploader<'_> {
+impl<'a> Uploader<'a> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let v = self.src.get(self.cfg, name, shape)?;
         fnv1a(&mut self.hash, name.as_bytes());
@@ -498,18 +499,15 @@ impl Uploader<'_> {
         fnv1a(&mut self.hash, name.as_bytes());
         fnv1a(&mut self.hash, &(n as u64).to_le_bytes());
         let (values, bytes) = ty.block();
-        let mut held: Option<(usize, Vec<f32>)> = None;
+        let (mut held, mut block) = (None, vec![0f32; values]);
         for i in (0..n).step_by(FINGERPRINT_STRIDE) {
             let b = i / values;
-            let block = match held {
-                Some((at, ref v)) if at == b => v,
-                _ => {
-                    let raw = blocks.get(b * bytes..(b + 1) * bytes).unwrap_or_default();
-                    let v = crate::quant::gguf_blocks::dequantize(ty, raw, values)
-                        .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
-                    &held.insert((b, v)).1
-                }
-            };
+            if held != Some(b) {
+                let raw = blocks.get(b * bytes..(b + 1) * bytes).unwrap_or_default();
+                crate::quant::gguf_blocks::dequantize_into(ty, raw, &mut block)
+                    .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
+                held = Some(b);
+            }
             fnv1a(&mut self.hash, &block[i % values].to_bits().to_le_bytes());
         }
         Ok(())
@@ -578,7 +576,7 @@ impl Uploader<'_> {
     }
 
     /// With `Quant::Gguf`, a linear weight's quantized blocks as the file stores them.
-    fn stored_blocks(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<(GgmlType, Vec<u8>)>> {
+    fn stored_blocks(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<(GgmlType, Cow<'a, [u8]>)>> {
         match self.opts.quant {
             Quant::Gguf => self.src.gguf_kept_blocks(self.cfg, name, [n_out, n_in]),
             _ => Ok(None),

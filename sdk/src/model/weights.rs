@@ -5,6 +5,7 @@
 //! files the q/k row permutation that llama.cpp applies is undone here, so the rest of edgetune
 //! sees one layout.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -201,13 +202,13 @@ impl WeightSource {
     /// the GGUF file stores them, rows in
     /// Hugging Face order (llama.cpp's q/k permutation undone by moving whole rows of blocks),
     /// when the source is a GGUF file that holds `hf_name` (n_out, n_in) so; `None` for any
-    /// other source or type.
+    /// other source or type. Borrowed from the mapped file where no row moves.
     pub fn gguf_kept_blocks(
         &self,
         cfg: &ModelConfig,
         hf_name: &str,
         expected: [usize; 2],
-    ) -> Result<Option<(GgmlType, Vec<u8>)>> {
+    ) -> Result<Option<(GgmlType, Cow<'_, [u8]>)>> {
         let WeightSource::Gguf(g) = self else { return Ok(None) };
         let Some(info) = gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)) else { return Ok(None) };
         let [n_out, n_in] = expected;
@@ -235,8 +236,8 @@ impl WeightSource {
         Ok(Some((
             info.ty,
             match heads {
-                Some(h) => move_qk_rows(bytes, &[n_out, row], h, false),
-                None => bytes.to_vec(),
+                Some(h) => Cow::Owned(move_qk_rows(bytes, &[n_out, row], h, false)),
+                None => Cow::Borrowed(bytes),
             },
         )))
     }

@@ -151,54 +151,49 @@ fn check_blocks(ty: GgmlType, data: &[u8], n: usize) -> Result<(), String> {
 /// holds element 2i in its high nibble and 2i+1 in its low one; ggml keeps element j of a
 /// block in the low nibble of byte j and element j + 16 in its high nibble) and each block's
 /// f16 scale d as an f32, exactly. value = (q - 8) * d, as [`dequantize`] computes it.
-pub fn q4_0_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
-    check_blocks(GgmlType::Q4_0, data, n)?;
-    let mut packed = Vec::with_capacity(n / 2);
-    let mut scales = Vec::with_capacity(n / 32);
-    for b in data.chunks_exact(18) {
-        scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-        pack_nibbles(&b[2..18], &mut packed);
-    }
-    Ok((packed, scales))
+pub fn q4_0_repacked(data: &[u8], n: usize) -> Result<Packed, String> {
+    let [out] = repacked_in_runs(GgmlType::Q4_0, data, n, |run, [out]| {
+        for b in run.chunks_exact(18) {
+            out.1.push(h(b, 0));
+            pack_nibbles(&b[2..18], &mut out.0);
+        }
+    })?;
+    Ok(out)
 }
 
 /// Q4_1 blocks (`n` values) as the GPU holds them: the codes in NF4's packing (as
 /// [`q4_0_repacked`]) and each block's f16 scale d and minimum m as two f32, exactly.
 /// value = q * d + m, as [`dequantize`] computes it.
-pub fn q4_1_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
-    check_blocks(GgmlType::Q4_1, data, n)?;
-    let mut packed = Vec::with_capacity(n / 2);
-    let mut coeffs = Vec::with_capacity(n / 16);
-    for b in data.chunks_exact(20) {
-        coeffs.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-        coeffs.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
-        pack_nibbles(&b[4..20], &mut packed);
-    }
-    Ok((packed, coeffs))
+pub fn q4_1_repacked(data: &[u8], n: usize) -> Result<Packed, String> {
+    let [out] = repacked_in_runs(GgmlType::Q4_1, data, n, |run, [out]| {
+        for b in run.chunks_exact(20) {
+            out.1.extend([h(b, 0), h(b, 2)]);
+            pack_nibbles(&b[4..20], &mut out.0);
+        }
+    })?;
+    Ok(out)
 }
 
 /// Q4_K super-blocks (`n` values) as the GPU holds Q4_1: each sub-block of 32 becomes a block
 /// with the codes in NF4's packing and two f32 coefficients, d1 = d · scale and -m1 = -(dmin ·
 /// min). Both products are exact in f32 (an f16 times a 6-bit integer), so q · d1 + (-m1) is
 /// ggml's `d1 * q - m1` bit for bit, as [`dequantize`] computes it.
-pub fn q4_k_repacked(data: &[u8], n: usize) -> Result<(Vec<u8>, Vec<f32>), String> {
-    check_blocks(GgmlType::Q4K, data, n)?;
-    let mut packed = Vec::with_capacity(n / 2);
-    let mut coeffs = Vec::with_capacity(n / 16);
-    for b in data.chunks_exact(144) {
-        let (d, dmin) = (h(b, 0), h(b, 2));
-        let (scales, qs) = (&b[4..16], &b[16..144]);
-        for j in 0..8 {
-            let (sc, m) = scale_min_k4(j, scales);
-            coeffs.push(d * f32::from(sc));
-            coeffs.push(-(dmin * f32::from(m)));
-            // Sub-block 2k is the low nibbles of qs[32k..32k + 32], 2k + 1 their high nibbles.
-            let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
-            let code = |e: usize| if j % 2 == 0 { q[e] & 0xF } else { q[e] >> 4 };
-            packed.extend((0..16).map(|i| (code(2 * i) << 4) | code(2 * i + 1)));
+pub fn q4_k_repacked(data: &[u8], n: usize) -> Result<Packed, String> {
+    let [out] = repacked_in_runs(GgmlType::Q4K, data, n, |run, [out]| {
+        for b in run.chunks_exact(144) {
+            let (d, dmin) = (h(b, 0), h(b, 2));
+            let (scales, qs) = (&b[4..16], &b[16..144]);
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, scales);
+                out.1.extend([d * f32::from(sc), -(dmin * f32::from(m))]);
+                // Sub-block 2k is the low nibbles of qs[32k..32k + 32], 2k + 1 their high nibbles.
+                let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+                let code = |e: usize| if j % 2 == 0 { q[e] & 0xF } else { q[e] >> 4 };
+                out.0.extend((0..16).map(|i| (code(2 * i) << 4) | code(2 * i + 1)));
+            }
         }
-    }
-    Ok((packed, coeffs))
+    })?;
+    Ok(out)
 }
 
 /// A tensor of 5-, 6- or 8-bit codes (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) as the GPU holds it: two
@@ -239,55 +234,87 @@ pub fn planes_block(ty: GgmlType) -> Option<usize> {
 /// the affine Q5_1 and Q5_K, 16 · s + m is rounded once, so the sum is within one rounding of
 /// ggml's `d * q + m`.
 pub fn planes_repacked(ty: GgmlType, data: &[u8], n: usize) -> Result<Planes, String> {
-    let not_planes = || format!("{} tensors are not held as two 4-bit planes", ty.name());
-    let block = planes_block(ty).ok_or_else(not_planes)?;
+    let block = planes_block(ty).ok_or_else(|| format!("{} tensors are not held as two 4-bit planes", ty.name()))?;
+    let [hi, lo] = repacked_in_runs(ty, data, n, |run, [hi, lo]| {
+        // A block of codes u with its scale s and minimum m.
+        let mut push = |s: f32, m: f32, u: &[u8]| {
+            hi.1.extend([16.0 * s, m]);
+            lo.1.extend([s, 0.0]);
+            for p in u.chunks_exact(2) {
+                hi.0.push(((p[0] >> 4) << 4) | (p[1] >> 4));
+                lo.0.push(((p[0] & 0xF) << 4) | (p[1] & 0xF));
+            }
+        };
+        match ty {
+            GgmlType::Q8_0 => {
+                for b in run.chunks_exact(34) {
+                    let d = h(b, 0);
+                    let u: [u8; 32] = std::array::from_fn(|i| (b[2 + i] as i8 as i16 + 128) as u8);
+                    push(d, -128.0 * d, &u);
+                }
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let (size, at) = if ty == GgmlType::Q5_0 { (22, 2) } else { (24, 4) };
+                for b in run.chunks_exact(size) {
+                    let d = h(b, 0);
+                    let m = if ty == GgmlType::Q5_0 { -16.0 * d } else { h(b, 2) };
+                    push(d, m, &q5_codes(&b[at..at + 4], &b[at + 4..at + 20]));
+                }
+            }
+            GgmlType::Q5K => {
+                for b in run.chunks_exact(176) {
+                    for (d1, m1, u) in q5_k_sub_blocks(b) {
+                        push(d1, -m1, &u);
+                    }
+                }
+            }
+            GgmlType::Q6K => {
+                for b in run.chunks_exact(210) {
+                    let (u, scales) = q6_k_codes(b);
+                    for (chunk, s) in u.chunks_exact(16).zip(scales) {
+                        push(s, -32.0 * s, chunk);
+                    }
+                }
+            }
+            // planes_block has refused the other types.
+            _ => {}
+        }
+    })?;
+    Ok(Planes { block, hi, lo })
+}
+
+/// 4-bit codes in NF4's packing and their blocks' f32 coefficients, as the GPU holds them.
+pub type Packed = (Vec<u8>, Vec<f32>);
+
+/// `P` planes of [`Packed`] from `data`, `n` values in whole blocks of `ty`: `repack` appends
+/// a run of blocks to each plane. A large tensor is cut into runs that the CPU's cores repack
+/// side by side, joined in order (each block's codes and coefficients depend on that block
+/// alone, so the planes are the same however it is cut).
+fn repacked_in_runs<const P: usize>(
+    ty: GgmlType,
+    data: &[u8],
+    n: usize,
+    repack: impl Fn(&[u8], &mut [Packed; P]) + Sync,
+) -> Result<[Packed; P], String> {
     check_blocks(ty, data, n)?;
-    let mut codes = Vec::with_capacity(n);
-    let mut affine = Vec::with_capacity(2 * n / block);
-    // (scale, minimum) of the next block, and its codes u.
-    let mut push = |s: f32, m: f32, u: &mut dyn Iterator<Item = u8>| {
-        affine.push((s, m));
-        codes.extend(u.take(block));
-    };
-    match ty {
-        GgmlType::Q8_0 => {
-            for b in data.chunks_exact(34) {
-                let d = h(b, 0);
-                push(d, -128.0 * d, &mut b[2..34].iter().map(|&q| (q as i8 as i16 + 128) as u8));
-            }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            let (size, at) = if ty == GgmlType::Q5_0 { (22, 2) } else { (24, 4) };
-            for b in data.chunks_exact(size) {
-                let d = h(b, 0);
-                let m = if ty == GgmlType::Q5_0 { -16.0 * d } else { h(b, 2) };
-                push(d, m, &mut q5_codes(&b[at..at + 4], &b[at + 4..at + 20]).into_iter());
-            }
-        }
-        GgmlType::Q5K => {
-            for b in data.chunks_exact(176) {
-                for (d1, m1, u) in q5_k_sub_blocks(b) {
-                    push(d1, -m1, &mut u.into_iter());
-                }
-            }
-        }
-        GgmlType::Q6K => {
-            for b in data.chunks_exact(210) {
-                let (u, scales) = q6_k_codes(b);
-                for (chunk, s) in u.chunks_exact(16).zip(scales) {
-                    push(s, -32.0 * s, &mut chunk.iter().copied());
-                }
-            }
-        }
-        _ => return Err(not_planes()),
+    let (values, bytes) = ty.block();
+    let run = crate::prim::units_a_run(n / values, n);
+    let mut parts: Vec<[Packed; P]> = data
+        .chunks(run * bytes)
+        .map(|d| std::array::from_fn(|_| (Vec::with_capacity(d.len() / bytes * values / 2), Vec::new())))
+        .collect();
+    let jobs = data.chunks(run * bytes).zip(parts.iter_mut()).collect();
+    crate::prim::run_parallel(jobs, |(d, out): (&[u8], &mut [Packed; P])| repack(d, out));
+    if parts.len() == 1
+        && let Some(one) = parts.pop()
+    {
+        return Ok(one);
     }
-    let pack = |f: fn(u8) -> u8| -> Vec<u8> { codes.chunks_exact(2).map(|p| (f(p[0]) << 4) | f(p[1])).collect() };
-    let (hi, lo) = (pack(|u| u >> 4), pack(|u| u & 0xF));
-    Ok(Planes {
-        block,
-        hi: (hi, affine.iter().flat_map(|&(s, m)| [16.0 * s, m]).collect()),
-        lo: (lo, affine.iter().flat_map(|&(s, _)| [s, 0.0]).collect()),
-    })
+    Ok(std::array::from_fn(|p| {
+        let codes: Vec<&[u8]> = parts.iter().map(|part| part[p].0.as_slice()).collect();
+        let coeffs: Vec<&[f32]> = parts.iter().map(|part| part[p].1.as_slice()).collect();
+        (codes.concat(), coeffs.concat())
+    }))
 }
 
 /// A Q5_K super-block's eight sub-blocks of 32: each one's scale d · sc and minimum dmin · m
@@ -552,10 +579,7 @@ fn h(b: &[u8], i: usize) -> f32 {
 
 /// Dequantizes `n` elements of type `ty` from `data`. Errors when the byte length does not match.
 pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, String> {
-    let need = ty.bytes_for(n).ok_or_else(|| format!("{n} elements is not a whole number of {} blocks", ty.name()))?;
-    if data.len() != need {
-        return Err(format!("{} data holds {} bytes, expected {need} for {n} elements", ty.name(), data.len()));
-    }
+    check_blocks(ty, data, n)?;
     let (values, bytes) = ty.block();
     let run = crate::prim::units_a_run(n / values, n);
     let mut out = vec![0f32; n];
@@ -564,6 +588,13 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
     let jobs = data.chunks(run * bytes).zip(out.chunks_mut(run * values)).collect();
     crate::prim::run_parallel(jobs, |(d, o): (&[u8], &mut [f32])| dequantize_run(ty, d, o));
     Ok(out)
+}
+
+/// [`dequantize`] into `out`, as many values as it holds, on this thread (for a few blocks).
+pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), String> {
+    check_blocks(ty, data, out.len())?;
+    dequantize_run(ty, data, out);
+    Ok(())
 }
 
 /// Writes the values of `data`, whole blocks of `ty`, into `out`, which holds exactly as many.
@@ -755,8 +786,8 @@ mod tests {
         };
         let (_, size) = ty.block();
         let f16_at: &[usize] = match ty {
-            GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
-            GgmlType::Q5_1 | GgmlType::Q5K => &[0, 2],
+            GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q4_0 => &[0],
+            GgmlType::Q5_1 | GgmlType::Q5K | GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
             GgmlType::Q6K => &[208],
             other => panic!("no random blocks of {}", other.name()),
         };
@@ -776,6 +807,55 @@ mod tests {
     /// whose minimum is a multiple of the scale (Q8_0, Q5_0, Q6_K), and within the one rounding
     /// of 16 · s + m for the affine ones: half an ulp of |16 s + m| <= 2^-24 (16 |s| + |m|),
     /// plus the sum's own half ulp of |value| (the two roundings of the sum in f32).
+    /// A tensor large enough to be repacked in runs on several cores gives, for every kept
+    /// type, the codes and coefficients of its blocks repacked one at a time, in their places.
+    #[test]
+    fn a_tensor_repacked_in_runs_is_its_blocks_one_at_a_time() {
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q4K,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+            GgmlType::Q8_0,
+        ];
+        let repacked = |ty: GgmlType, data: &[u8], n: usize| -> Vec<Packed> {
+            match ty {
+                GgmlType::Q4_0 => vec![q4_0_repacked(data, n).expect("whole blocks")],
+                GgmlType::Q4_1 => vec![q4_1_repacked(data, n).expect("whole blocks")],
+                GgmlType::Q4K => vec![q4_k_repacked(data, n).expect("whole blocks")],
+                _ => {
+                    let p = planes_repacked(ty, data, n).expect("whole blocks");
+                    vec![p.hi, p.lo]
+                }
+            }
+        };
+        for ty in types {
+            let (values, bytes) = ty.block();
+            // Past the size repacked on one thread, and no whole number of runs.
+            let blocks = (1 << 20) / values + 5;
+            let data = random_blocks(ty, blocks, 0xB10C + values as u64);
+            let all = repacked(ty, &data, blocks * values);
+            for (p, (codes, coeffs)) in all.iter().enumerate() {
+                assert_eq!(codes.len(), blocks * values / 2, "{} plane {p}: codes", ty.name());
+                let per_block = coeffs.len() / blocks;
+                assert_eq!(coeffs.len(), per_block * blocks, "{} plane {p}: coefficients", ty.name());
+                for (i, block) in data.chunks(bytes).enumerate() {
+                    let (one_codes, one_coeffs) = &repacked(ty, block, values)[p];
+                    let same_coeffs = one_coeffs
+                        .iter()
+                        .zip(&coeffs[i * per_block..(i + 1) * per_block])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    if one_codes[..] != codes[i * values / 2..(i + 1) * values / 2] || !same_coeffs {
+                        panic!("{} plane {p}: block {i} of {blocks} differs from the block alone", ty.name());
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn planes_add_up_to_the_dequantized_values() {
         for (ty, exact) in [
