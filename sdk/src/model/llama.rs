@@ -656,7 +656,8 @@ impl<'a> Uploader<'a> {
             let n = rows_per.min(rows - start);
             let part = &data[start * dim..(start + n) * dim];
             let buf = if f16 {
-                let halves: Vec<half::f16> = part.iter().map(|&v| half::f16::from_f32(v)).collect();
+                let mut halves = vec![half::f16::ZERO; part.len()];
+                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut halves[..], part);
                 self.buffer(name, &halves)?
             } else {
                 self.buffer(name, part)?
