@@ -320,18 +320,9 @@ fn random_values(n: usize, seed: u64, std: f32) -> Vec<f32> {
             *v = ((z >> 40) as f32 - (1u64 << 23) as f32) * scale;
         }
     };
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-    // Each thread takes a run of whole chunks; chunk i is seeded by i wherever it runs.
-    let per_thread = n.div_ceil(CHUNK).div_ceil(threads).max(1) * CHUNK;
-    std::thread::scope(|s| {
-        for (t, run) in out.chunks_mut(per_thread).enumerate() {
-            s.spawn(move || {
-                for (i, part) in run.chunks_mut(CHUNK).enumerate() {
-                    fill(t * per_thread / CHUNK + i, part);
-                }
-            });
-        }
-    });
+    // Chunk i is seeded by i, whichever core fills it.
+    let jobs = out.chunks_mut(CHUNK).enumerate().collect();
+    crate::prim::run_parallel(jobs, |(i, part): (usize, &mut [f32])| fill(i, part));
     out
 }
 
