@@ -16,14 +16,16 @@ fn sharded_bf16_checkpoint_matches_transformers() {
     let ids: Vec<u32> = fx.i64("ids").iter().map(|&i| i as u32).collect();
     let ctx =
         Arc::new(GpuContext::new(&GpuOptions::default()).unwrap_or_else(|e| panic!("GPU tests need an adapter: {e}")));
-    let model = Model::open(
-        ctx,
-        &fixtures().join("tiny_llama_bf16_sharded"),
-        &LoadOptions { quant: Quant::None, ..Default::default() },
-    )
-    .expect("sharded model loads");
+    let open = |quant| {
+        let opts = LoadOptions { quant, ..Default::default() };
+        Model::open(ctx.clone(), &fixtures().join("tiny_llama_bf16_sharded"), &opts).expect("sharded model loads")
+    };
+    let model = open(Quant::None);
     // bf16 values widen to f32 exactly on both sides; the rest is the f32 forward pass.
     assert_close("bf16 sharded logits", &model.all_logits(&ids).expect("forward"), &fx.f32("logits"), 1e-4, 1e-4);
+    // As NF4 the linear weights are quantized from the file's bf16 a chunk at a time, never
+    // decoded whole; the fingerprint (what a checkpoint resumes against) samples the same values.
+    assert_eq!(open(Quant::Nf4).fingerprint, model.fingerprint, "the NF4 model's fingerprint");
 }
 
 #[test]

@@ -471,6 +471,14 @@ const ACTIVATION_ADVICE: &str = "give a shorter prompt, or open the model with a
 /// The model's fingerprint hashes every this many values of each tensor.
 const FINGERPRINT_STRIDE: usize = 61;
 
+/// A linear weight's bytes in the file, which the uploader does not decode whole: blocks the
+/// GPU keeps (`kept`), or f32, f16 or bf16 values quantized to NF4 a chunk at a time.
+struct StoredRows<'a> {
+    kept: bool,
+    ty: GgmlType,
+    bytes: Cow<'a, [u8]>,
+}
+
 struct Uploader<'a> {
     ctx: &'a GpuContext,
     src: &'a WeightSource,
@@ -552,15 +560,19 @@ impl<'a> Uploader<'a> {
         let name = format!("{prefix}.weight");
         let total: usize = rows.iter().sum();
         let mut parts = Vec::with_capacity(rows.len());
-        match self.stored_blocks(&name, total, n_in)? {
-            Some((ty, blocks)) => {
-                self.fingerprint_blocks(&name, ty, &blocks, total * n_in)?;
-                // stored_blocks checked that the blocks hold `total` whole rows.
-                let row = blocks.len() / total.max(1);
-                let mut left = &blocks[..];
+        match self.stored_rows(&name, total, n_in)? {
+            Some(StoredRows { kept, ty, bytes }) => {
+                self.fingerprint_blocks(&name, ty, &bytes, total * n_in)?;
+                // stored_rows checked that the bytes hold `total` whole rows.
+                let row = bytes.len() / total.max(1);
+                let mut left = &bytes[..];
                 for &n_out in rows {
                     let (part, rest) = left.split_at(n_out * row);
-                    parts.push(self.blocks_linear(&name, ty, part, n_out, n_in)?);
+                    parts.push(if kept {
+                        self.blocks_linear(&name, ty, part, n_out, n_in)?
+                    } else {
+                        self.nf4_linear(&name, ty, part, n_out, n_in)?
+                    });
                     left = rest;
                 }
             }
@@ -575,12 +587,56 @@ impl<'a> Uploader<'a> {
         Ok(parts)
     }
 
-    /// With `Quant::Gguf`, a linear weight's quantized blocks as the file stores them.
-    fn stored_blocks(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<(GgmlType, Cow<'a, [u8]>)>> {
-        match self.opts.quant {
-            Quant::Gguf => self.src.gguf_kept_blocks(self.cfg, name, [n_out, n_in]),
-            _ => Ok(None),
+    /// A linear weight's bytes in the file, where they need not be decoded whole: with
+    /// `Quant::Gguf`, a GGUF file's blocks that the GPU keeps (`true`), and for NF4, f32, f16
+    /// or bf16 values that are quantized a chunk at a time (`false`).
+    fn stored_rows(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<StoredRows<'a>>> {
+        let shape = [n_out, n_in];
+        if self.opts.quant == Quant::Gguf
+            && let Some((ty, b)) = self.src.stored_rows(self.cfg, name, shape, GgmlType::kept_on_gpu)?
+        {
+            return Ok(Some(StoredRows { kept: true, ty, bytes: b }));
         }
+        if !self.nf4_fits(n_in) {
+            return Ok(None);
+        }
+        let floats = |ty| matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16);
+        Ok(self.src.stored_rows(self.cfg, name, shape, floats)?.map(|(ty, bytes)| StoredRows {
+            kept: false,
+            ty,
+            bytes,
+        }))
+    }
+
+    /// Whether linear weights of rows `n_in` long are held as NF4: the kernel reads whole packed
+    /// words of 8 values, so rows must hold whole words (every real model's do); other shapes
+    /// stay dense.
+    fn nf4_fits(&self, n_in: usize) -> bool {
+        self.opts.quant.four_bit() && n_in.is_multiple_of(8) && self.opts.block_size.is_multiple_of(8)
+    }
+
+    /// An NF4 linear layer from the f32, f16 or bf16 values `bytes` (n_out, n_in), decoded a
+    /// chunk at a time as they are quantized.
+    fn nf4_linear(&mut self, name: &str, ty: GgmlType, bytes: &[u8], n_out: usize, n_in: usize) -> Result<Linear> {
+        let bs = self.opts.block_size;
+        nf4::check_block_size(bs).map_err(|e| Error::invalid("NF4 block size", e))?;
+        let width = ty.block().1;
+        let q = nf4::quantize_from(&[n_out, n_in], bs, |first, out| {
+            let raw = bytes.get(first * width..(first + out.len()) * width).unwrap_or_default();
+            crate::quant::gguf_blocks::dequantize_into(ty, raw, out)
+        })
+        .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
+        self.nf4_weight(name, q, n_out, n_in)
+    }
+
+    /// An NF4 linear layer of tensor `name`, uploaded.
+    fn nf4_weight(&mut self, name: &str, q: nf4::Nf4Tensor, n_out: usize, n_in: usize) -> Result<Linear> {
+        let weight = LinearWeight::Nf4 {
+            packed: self.buffer(name, &q.packed)?,
+            absmax: self.buffer(name, &q.absmax)?,
+            block_size: q.block_size,
+        };
+        Ok(Linear { weight, bias: None, n_out, n_in })
     }
 
     /// A linear layer held in its GGUF blocks (see [`Weight::Q4_0`], [`Weight::Q4_1`],
@@ -615,31 +671,23 @@ impl<'a> Uploader<'a> {
 
     /// A linear layer without bias over the weights `w` (n_out, n_in) of tensor `name`.
     fn linear_of(&mut self, name: &str, w: Vec<f32>, n_out: usize, n_in: usize) -> Result<Linear> {
-        let name = name.to_string();
-        let bs = self.opts.block_size;
-        // The NF4 kernel reads whole packed words of 8 values, so rows must hold whole words
-        // (every real model's do); other shapes stay dense.
-        let weight = if self.opts.quant.four_bit() && n_in.is_multiple_of(8) && bs.is_multiple_of(8) {
-            let q = nf4::quantize(&w, &[n_out, n_in], bs).map_err(|e| Error::invalid("NF4 block size", e))?;
-            LinearWeight::Nf4 {
-                packed: self.buffer(&name, &q.packed)?,
-                absmax: self.buffer(&name, &q.absmax)?,
-                block_size: bs,
-            }
-        } else {
-            let limit = self.ctx.limits.max_storage_buffer_binding_size;
-            if (w.len() * 4) as u64 > limit {
-                return Err(Error::invalid(
-                    "quant",
-                    format!(
-                        "`{name}` in f32 takes {} MiB, more than this adapter binds at once ({} MiB); load it with nf4",
-                        (w.len() * 4) >> 20,
-                        limit >> 20
-                    ),
-                ));
-            }
-            LinearWeight::Dense(self.buffer(&name, &w)?)
-        };
+        if self.nf4_fits(n_in) {
+            let q = nf4::quantize(&w, &[n_out, n_in], self.opts.block_size)
+                .map_err(|e| Error::invalid("NF4 block size", e))?;
+            return self.nf4_weight(name, q, n_out, n_in);
+        }
+        let limit = self.ctx.limits.max_storage_buffer_binding_size;
+        if (w.len() * 4) as u64 > limit {
+            return Err(Error::invalid(
+                "quant",
+                format!(
+                    "`{name}` in f32 takes {} MiB, more than this adapter binds at once ({} MiB); load it with nf4",
+                    (w.len() * 4) >> 20,
+                    limit >> 20
+                ),
+            ));
+        }
+        let weight = LinearWeight::Dense(self.buffer(name, &w)?);
         Ok(Linear { weight, bias: None, n_out, n_in })
     }
 

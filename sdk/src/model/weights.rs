@@ -198,21 +198,40 @@ impl WeightSource {
         gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)).map(|t| t.ty)
     }
 
-    /// A linear weight's quantized blocks of a type the GPU keeps ([`GgmlType::kept_on_gpu`]) as
-    /// the GGUF file stores them, rows in
-    /// Hugging Face order (llama.cpp's q/k permutation undone by moving whole rows of blocks),
-    /// when the source is a GGUF file that holds `hf_name` (n_out, n_in) so; `None` for any
-    /// other source or type. Borrowed from the mapped file where no row moves.
-    pub fn gguf_kept_blocks(
+    /// A linear weight's bytes as the file stores them, when their type is one `keep` accepts
+    /// and the file holds `hf_name` as (n_out, n_in) = `expected`: a GGUF tensor's blocks, rows
+    /// in Hugging Face order (llama.cpp's q/k permutation undone by moving whole rows of
+    /// blocks), or a safetensors tensor's f32, f16 or bf16 values. Borrowed from the mapped file
+    /// where no row moves. `None` for a random source, another type, or a safetensors tensor
+    /// that [`WeightSource::get`] would refuse (it says why).
+    pub fn stored_rows(
         &self,
         cfg: &ModelConfig,
         hf_name: &str,
         expected: [usize; 2],
+        keep: impl Fn(GgmlType) -> bool,
     ) -> Result<Option<(GgmlType, Cow<'_, [u8]>)>> {
-        let WeightSource::Gguf(g) = self else { return Ok(None) };
-        let Some(info) = gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)) else { return Ok(None) };
         let [n_out, n_in] = expected;
-        let Some(row) = info.ty.bytes_for(n_in).filter(|_| info.ty.kept_on_gpu()) else { return Ok(None) };
+        let g = match self {
+            WeightSource::Gguf(g) => g,
+            WeightSource::SafeTensors { shards, index } => {
+                let Some(shard) = index.get(hf_name).and_then(|&i| shards.get(i)) else { return Ok(None) };
+                let Some(t) = shard.metadata.info(hf_name) else { return Ok(None) };
+                let ty = match t.dtype {
+                    Dtype::F32 => GgmlType::F32,
+                    Dtype::F16 => GgmlType::F16,
+                    Dtype::BF16 => GgmlType::Bf16,
+                    _ => return Ok(None),
+                };
+                // read_metadata validated every offset against the file length.
+                let b = &shard.mmap[shard.data_start + t.data_offsets.0..shard.data_start + t.data_offsets.1];
+                let fits = t.shape == expected && ty.bytes_for(n_out * n_in) == Some(b.len());
+                return Ok(if keep(ty) && fits { Some((ty, Cow::Borrowed(b))) } else { None });
+            }
+            WeightSource::Random { .. } => return Ok(None),
+        };
+        let Some(info) = gguf_name(cfg, hf_name).and_then(|n| g.tensors.get(&n)) else { return Ok(None) };
+        let Some(row) = info.ty.bytes_for(n_in).filter(|_| keep(info.ty)) else { return Ok(None) };
         if info.shape() != expected {
             return Err(Error::Shape {
                 path: g.path.clone(),

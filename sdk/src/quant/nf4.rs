@@ -75,19 +75,55 @@ pub fn check_block_size(block_size: usize) -> Result<(), String> {
 /// the CPU's cores quantize side by side (each block's bytes depend on that block alone, so
 /// the result is the same however it is cut).
 pub fn quantize(data: &[f32], shape: &[usize], block_size: usize) -> Result<Nf4Tensor, String> {
-    check_block_size(block_size)?;
     let n: usize = shape.iter().product();
     if n != data.len() {
         return Err(format!("shape {shape:?} holds {n} values but {} were given", data.len()));
     }
+    quantize_from(shape, block_size, |first, out| {
+        out.copy_from_slice(&data[first..first + out.len()]);
+        Ok(())
+    })
+}
+
+/// Values a core holds in f32 at a time in [`quantize_from`]: 256 KiB, a whole number of
+/// blocks of any valid size.
+const CHUNK: usize = 1 << 16;
+
+/// [`quantize`] of a tensor whose values `values(first, out)` writes into `out`, from value
+/// `first` on: a source in another format (bf16, f16) is decoded a chunk of 64 Ki values at a
+/// time on each core, never whole in f32. The first error `values` returns is the result.
+pub fn quantize_from(
+    shape: &[usize],
+    block_size: usize,
+    values: impl Fn(usize, &mut [f32]) -> Result<(), String> + Sync,
+) -> Result<Nf4Tensor, String> {
+    check_block_size(block_size)?;
+    let n: usize = shape.iter().product();
     let mut packed = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0f32; n.div_ceil(block_size)];
     // Runs of whole blocks: an even number of values (block sizes are powers of two from 32),
     // so a run's bytes start at a whole byte.
     let run = crate::prim::units_a_run(absmax.len(), n) * block_size;
-    let jobs = data.chunks(run).zip(packed.chunks_mut(run / 2)).zip(absmax.chunks_mut(run / block_size)).collect();
-    crate::prim::run_parallel(jobs, |((d, p), a)| quantize_run(d, block_size, p, a));
-    Ok(Nf4Tensor { shape: shape.to_vec(), block_size, packed, absmax })
+    let jobs = packed.chunks_mut(run / 2).zip(absmax.chunks_mut(run / block_size)).enumerate().collect();
+    let failed = std::sync::Mutex::new(None);
+    crate::prim::run_parallel(jobs, |(i, (p, a)): (usize, (&mut [u8], &mut [f32]))| {
+        let (first, len) = (i * run, run.min(n - i * run));
+        let mut chunk = vec![0f32; CHUNK.min(len)];
+        for at in (0..len).step_by(CHUNK) {
+            let v = &mut chunk[..CHUNK.min(len - at)];
+            if let Err(e) = values(first + at, v) {
+                if let Ok(mut f) = failed.lock() {
+                    f.get_or_insert(e);
+                }
+                return;
+            }
+            quantize_run(v, block_size, &mut p[at / 2..], &mut a[at / block_size..]);
+        }
+    });
+    match failed.into_inner().ok().flatten() {
+        Some(e) => Err(e),
+        None => Ok(Nf4Tensor { shape: shape.to_vec(), block_size, packed, absmax }),
+    }
 }
 
 /// [`quantize_run_portable`] in the widest vectors the CPU has: on x86-64, AVX2's 8 lanes
@@ -359,6 +395,19 @@ mod tests {
             let same_absmax = base_absmax.iter().zip(&absmax).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(base_packed == packed && same_absmax, "n {n}, block {bs}: the baseline build differs");
         }
+    }
+
+    /// A source's error is the result, whichever run meets it; the others stop.
+    #[test]
+    fn a_source_that_fails_is_the_error() {
+        let r = quantize_from(&[3_000_000], 64, |first, out| {
+            if first + out.len() > 2_000_000 {
+                return Err(format!("value {first} is unreadable"));
+            }
+            out.fill(0.5);
+            Ok(())
+        });
+        assert!(matches!(&r, Err(e) if e.ends_with("is unreadable")), "{r:?}");
     }
 
     #[test]
