@@ -6,6 +6,8 @@ use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
+use half::slice::HalfFloatSliceExt;
+
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::gpu::launch::{self, AttentionShape, OutCols, Q4_0_BLOCK, Q4Plane, RopeShape, Weight};
@@ -471,6 +473,56 @@ const ACTIVATION_ADVICE: &str = "give a shorter prompt, or open the model with a
 /// The model's fingerprint hashes every this many values of each tensor.
 const FINGERPRINT_STRIDE: usize = 61;
 
+/// A tensor's values: decoded whole, or its f32, f16 or bf16 bytes in the file, decoded a
+/// piece at a time.
+enum Floats<'a> {
+    Values(Vec<f32>),
+    Stored(GgmlType, Cow<'a, [u8]>),
+}
+
+impl Floats<'_> {
+    /// Values `first..first + out.len()` into `out`.
+    fn read(&self, first: usize, out: &mut [f32]) -> std::result::Result<(), String> {
+        let end = first + out.len();
+        match self {
+            Floats::Values(v) => {
+                out.copy_from_slice(v.get(first..end).ok_or_else(|| format!("no values {first}..{end}"))?);
+                Ok(())
+            }
+            Floats::Stored(ty, bytes) => {
+                let width = ty.block().1;
+                let raw = bytes.get(first * width..end * width).unwrap_or_default();
+                crate::quant::gguf_blocks::dequantize_into(*ty, raw, out)
+            }
+        }
+    }
+
+    /// Values `first..first + out.len()` into `out` through `put` (f32 to `out`'s element),
+    /// 64 Ki values a job on the CPU's cores.
+    fn read_as<T: Send>(
+        &self,
+        first: usize,
+        out: &mut [T],
+        put: impl Fn(&[f32], &mut [T]) + Sync,
+    ) -> std::result::Result<(), String> {
+        const PIECE: usize = 1 << 16;
+        let failed = std::sync::Mutex::new(None);
+        let jobs = out.chunks_mut(PIECE).enumerate().collect();
+        crate::prim::run_parallel(jobs, |(i, o): (usize, &mut [T])| {
+            let mut values = vec![0f32; o.len()];
+            match self.read(first + i * PIECE, &mut values) {
+                Ok(()) => put(&values, o),
+                Err(e) => {
+                    if let Ok(mut f) = failed.lock() {
+                        f.get_or_insert(e);
+                    }
+                }
+            }
+        });
+        failed.into_inner().ok().flatten().map_or(Ok(()), Err)
+    }
+}
+
 /// A linear weight's bytes in the file, which the uploader does not decode whole: blocks the
 /// GPU keeps (`kept`), or f32, f16 or bf16 values quantized to NF4 a chunk at a time.
 struct StoredRows<'a> {
@@ -620,12 +672,9 @@ impl<'a> Uploader<'a> {
     fn nf4_linear(&mut self, name: &str, ty: GgmlType, bytes: &[u8], n_out: usize, n_in: usize) -> Result<Linear> {
         let bs = self.opts.block_size;
         nf4::check_block_size(bs).map_err(|e| Error::invalid("NF4 block size", e))?;
-        let width = ty.block().1;
-        let q = nf4::quantize_from(&[n_out, n_in], bs, |first, out| {
-            let raw = bytes.get(first * width..(first + out.len()) * width).unwrap_or_default();
-            crate::quant::gguf_blocks::dequantize_into(ty, raw, out)
-        })
-        .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
+        let source = Floats::Stored(ty, Cow::Borrowed(bytes));
+        let q = nf4::quantize_from(&[n_out, n_in], bs, |first, out| source.read(first, out))
+            .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
         self.nf4_weight(name, q, n_out, n_in)
     }
 
@@ -692,23 +741,33 @@ impl<'a> Uploader<'a> {
     }
 
     fn table(&mut self, name: &str, rows: usize, dim: usize) -> Result<Table> {
-        let data = self.get(name, &[rows, dim])?;
+        // A table stored as floats is converted a piece at a time, never held whole in f32.
+        let floats = |ty| matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16);
+        let source = match self.src.stored_rows(self.cfg, name, [rows, dim], floats)? {
+            Some((ty, bytes)) => {
+                self.fingerprint_blocks(name, ty, &bytes, rows * dim)?;
+                Floats::Stored(ty, bytes)
+            }
+            None => Floats::Values(self.get(name, &[rows, dim])?),
+        };
         // f16 pairs need an even row length so that no pair straddles two rows.
         let f16 = self.opts.quant.four_bit() && self.opts.f16_tables && dim.is_multiple_of(2);
         let elem = if f16 { 2 } else { 4 };
         let limit = self.ctx.limits.max_storage_buffer_binding_size.min(self.ctx.limits.max_buffer_size) as usize;
         let rows_per = (limit / (dim * elem)).max(1);
+        let fail = |e: String| Error::format(self.src.path(), format!("tensor `{name}`: {e}"));
         let mut chunks = Vec::new();
         let mut start = 0;
         while start < rows {
             let n = rows_per.min(rows - start);
-            let part = &data[start * dim..(start + n) * dim];
             let buf = if f16 {
-                let mut halves = vec![half::f16::ZERO; part.len()];
-                half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut halves[..], part);
+                let mut halves = vec![half::f16::ZERO; n * dim];
+                source.read_as(start * dim, &mut halves, |v, o| o.convert_from_f32_slice(v)).map_err(fail)?;
                 self.buffer(name, &halves)?
             } else {
-                self.buffer(name, part)?
+                let mut values = vec![0f32; n * dim];
+                source.read_as(start * dim, &mut values, |v, o| o.copy_from_slice(v)).map_err(fail)?;
+                self.buffer(name, &values)?
             };
             chunks.push((buf, start, n));
             start += n;
