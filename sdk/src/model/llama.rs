@@ -473,8 +473,9 @@ const ACTIVATION_ADVICE: &str = "give a shorter prompt, or open the model with a
 /// The model's fingerprint hashes every this many values of each tensor.
 const FINGERPRINT_STRIDE: usize = 61;
 
-/// A tensor's values: decoded whole, or its f32, f16 or bf16 bytes in the file, decoded a
-/// piece at a time.
+/// A tensor's values: decoded whole, or its bytes in the file (f32, f16, bf16 or ggml blocks,
+/// rows of whole blocks), decoded a piece at a time (pieces that start and end on whole blocks:
+/// a row's start, or 64 Ki values on).
 enum Floats<'a> {
     Values(Vec<f32>),
     Stored(GgmlType, Cow<'a, [u8]>),
@@ -490,8 +491,11 @@ impl Floats<'_> {
                 Ok(())
             }
             Floats::Stored(ty, bytes) => {
-                let width = ty.block().1;
-                let raw = bytes.get(first * width..end * width).unwrap_or_default();
+                let (values, block) = ty.block();
+                if !first.is_multiple_of(values) {
+                    return Err(format!("value {first} starts no {} block", ty.name()));
+                }
+                let raw = bytes.get(first / values * block..end / values * block).unwrap_or_default();
                 crate::quant::gguf_blocks::dequantize_into(*ty, raw, out)
             }
         }
@@ -741,9 +745,9 @@ impl<'a> Uploader<'a> {
     }
 
     fn table(&mut self, name: &str, rows: usize, dim: usize) -> Result<Table> {
-        // A table stored as floats is converted a piece at a time, never held whole in f32.
-        let floats = |ty| matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16);
-        let source = match self.src.stored_rows(self.cfg, name, [rows, dim], floats)? {
+        // A stored table (floats, or GGUF blocks that rows hold whole) is decoded a piece at a
+        // time into its chunks, never held whole in f32.
+        let source = match self.src.stored_rows(self.cfg, name, [rows, dim], |_| true)? {
             Some((ty, bytes)) => {
                 self.fingerprint_blocks(name, ty, &bytes, rows * dim)?;
                 Floats::Stored(ty, bytes)
@@ -1856,5 +1860,41 @@ impl Model {
             start += rows;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stored values read in pieces across the cores (as a table's chunks are) are the tensor
+    /// dequantized whole, in every stored form, from a row's start past the first piece; a
+    /// piece that starts inside a block is an error, not values from the wrong place.
+    #[test]
+    fn stored_values_read_in_pieces_are_the_tensor_dequantized_whole() {
+        let n = 3 * (1 << 16) + 4 * 256;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect();
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0] {
+            let bytes = crate::quant::gguf_blocks::quantize(ty, &values).expect("a type with a writer");
+            let whole = crate::quant::gguf_blocks::dequantize(ty, &bytes, n).expect("whole blocks");
+            let source = Floats::Stored(ty, Cow::Borrowed(&bytes));
+            // From the start of a row of 1,024 values, past three pieces of 64 Ki.
+            let first = 1024;
+            let mut got = vec![0f32; n - first];
+            source.read_as(first, &mut got, |v, o| o.copy_from_slice(v)).expect("whole blocks");
+            if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != whole[first + i].to_bits()) {
+                panic!("{}: value {} is {}, dequantized whole {}", ty.name(), first + i, got[i], whole[first + i]);
+            }
+            if ty != GgmlType::F32 && ty != GgmlType::F16 {
+                let e = source.read(16, &mut [0f32; 32]).expect_err("inside a block");
+                assert!(e.contains("starts no"), "{e}");
+            }
+        }
     }
 }
