@@ -501,6 +501,11 @@ impl Floats<'_> {
         }
     }
 
+    /// The values quantized to NF4 (`shape`, blocks of `block_size`), a chunk at a time.
+    fn nf4(&self, shape: &[usize], block_size: usize) -> std::result::Result<nf4::Nf4Tensor, String> {
+        nf4::quantize_from(shape, block_size, |first, out| self.read(first, out))
+    }
+
     /// Values `first..first + out.len()` into `out` through `put` (f32 to `out`'s element),
     /// 64 Ki values a job on the CPU's cores.
     fn read_as<T: Send>(
@@ -528,7 +533,8 @@ impl Floats<'_> {
 }
 
 /// A linear weight's bytes in the file, which the uploader does not decode whole: blocks the
-/// GPU keeps (`kept`), or f32, f16 or bf16 values quantized to NF4 a chunk at a time.
+/// GPU keeps (`kept`), or values (f32, f16, bf16 or other ggml blocks) quantized to NF4 a
+/// chunk at a time.
 struct StoredRows<'a> {
     kept: bool,
     ty: GgmlType,
@@ -644,8 +650,8 @@ impl<'a> Uploader<'a> {
     }
 
     /// A linear weight's bytes in the file, where they need not be decoded whole: with
-    /// `Quant::Gguf`, a GGUF file's blocks that the GPU keeps (`true`), and for NF4, f32, f16
-    /// or bf16 values that are quantized a chunk at a time (`false`).
+    /// `Quant::Gguf`, a GGUF file's blocks that the GPU keeps (`true`), and for NF4 any other
+    /// stored values whose rows are whole blocks, quantized a chunk at a time (`false`).
     fn stored_rows(&self, name: &str, n_out: usize, n_in: usize) -> Result<Option<StoredRows<'a>>> {
         let shape = [n_out, n_in];
         if self.opts.quant == Quant::Gguf
@@ -656,8 +662,7 @@ impl<'a> Uploader<'a> {
         if !self.nf4_fits(n_in) {
             return Ok(None);
         }
-        let floats = |ty| matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::Bf16);
-        Ok(self.src.stored_rows(self.cfg, name, shape, floats)?.map(|(ty, bytes)| StoredRows {
+        Ok(self.src.stored_rows(self.cfg, name, shape, |_| true)?.map(|(ty, bytes)| StoredRows {
             kept: false,
             ty,
             bytes,
@@ -671,13 +676,13 @@ impl<'a> Uploader<'a> {
         self.opts.quant.four_bit() && n_in.is_multiple_of(8) && self.opts.block_size.is_multiple_of(8)
     }
 
-    /// An NF4 linear layer from the f32, f16 or bf16 values `bytes` (n_out, n_in), decoded a
+    /// An NF4 linear layer from the stored values `bytes` (n_out, n_in) of type `ty`, decoded a
     /// chunk at a time as they are quantized.
     fn nf4_linear(&mut self, name: &str, ty: GgmlType, bytes: &[u8], n_out: usize, n_in: usize) -> Result<Linear> {
         let bs = self.opts.block_size;
         nf4::check_block_size(bs).map_err(|e| Error::invalid("NF4 block size", e))?;
-        let source = Floats::Stored(ty, Cow::Borrowed(bytes));
-        let q = nf4::quantize_from(&[n_out, n_in], bs, |first, out| source.read(first, out))
+        let q = Floats::Stored(ty, Cow::Borrowed(bytes))
+            .nf4(&[n_out, n_in], bs)
             .map_err(|e| Error::format(self.src.path(), format!("tensor `{name}`: {e}")))?;
         self.nf4_weight(name, q, n_out, n_in)
     }
@@ -1895,6 +1900,31 @@ mod tests {
                 let e = source.read(16, &mut [0f32; 32]).expect_err("inside a block");
                 assert!(e.contains("starts no"), "{e}");
             }
+        }
+    }
+
+    /// A linear weight quantized to NF4 from its stored values a chunk at a time, in runs on
+    /// the cores, is NF4 of the values dequantized whole, byte for byte, in every stored form
+    /// (super-blocks of 256 included) and past the size quantized on one thread.
+    #[test]
+    fn nf4_from_stored_values_is_nf4_of_the_values_dequantized_whole() {
+        // An odd number of rows, so that runs of NF4 blocks cut evenly would end inside
+        // super-blocks of 256.
+        let (rows, cols) = (1101, 1024);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+            })
+            .collect();
+        for ty in [GgmlType::Bf16, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4K] {
+            let bytes = crate::quant::gguf_blocks::quantize(ty, &values).expect("a type with a writer");
+            let whole = crate::quant::gguf_blocks::dequantize(ty, &bytes, rows * cols).expect("whole blocks");
+            let want = nf4::quantize(&whole, &[rows, cols], 64).expect("valid");
+            let got = Floats::Stored(ty, Cow::Borrowed(&bytes)).nf4(&[rows, cols], 64).expect("valid");
+            let same_absmax = got.absmax.iter().zip(&want.absmax).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(got.packed == want.packed && same_absmax, "{}: NF4 differs from the whole tensor's", ty.name());
         }
     }
 }

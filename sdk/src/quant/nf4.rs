@@ -90,8 +90,9 @@ pub fn quantize(data: &[f32], shape: &[usize], block_size: usize) -> Result<Nf4T
 const CHUNK: usize = 1 << 16;
 
 /// [`quantize`] of a tensor whose values `values(first, out)` writes into `out`, from value
-/// `first` on: a source in another format (bf16, f16) is decoded a chunk of 64 Ki values at a
-/// time on each core, never whole in f32. The first error `values` returns is the result.
+/// `first` on: a source in another format (bf16, f16, ggml blocks) is decoded a chunk of 64 Ki
+/// values at a time on each core, never whole in f32 (`first` is always a multiple of 64 Ki).
+/// The first error `values` returns is the result.
 pub fn quantize_from(
     shape: &[usize],
     block_size: usize,
@@ -101,9 +102,10 @@ pub fn quantize_from(
     let n: usize = shape.iter().product();
     let mut packed = vec![0u8; n.div_ceil(2)];
     let mut absmax = vec![0f32; n.div_ceil(block_size)];
-    // Runs of whole blocks: an even number of values (block sizes are powers of two from 32),
-    // so a run's bytes start at a whole byte.
-    let run = crate::prim::units_a_run(absmax.len(), n) * block_size;
+    // Runs of whole chunks (so of whole blocks, an even number of values: a run's bytes start
+    // at a whole byte), unless one run takes the whole tensor: every `values` call starts a
+    // multiple of 64 Ki values in, on a block of any ggml type.
+    let run = (crate::prim::units_a_run(absmax.len(), n) * block_size).next_multiple_of(CHUNK);
     let jobs = packed.chunks_mut(run / 2).zip(absmax.chunks_mut(run / block_size)).enumerate().collect();
     let failed = std::sync::Mutex::new(None);
     crate::prim::run_parallel(jobs, |(i, (p, a)): (usize, (&mut [u8], &mut [f32]))| {
