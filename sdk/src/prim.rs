@@ -155,6 +155,20 @@ pub(crate) fn run_parallel<J: Send>(jobs: Vec<J>, work: impl Fn(J) + Sync) {
     });
 }
 
+/// [`run_parallel`] for work that can fail: the first error a job returns is the result (jobs
+/// not yet begun still run, and their errors are dropped).
+pub(crate) fn try_parallel<J: Send>(jobs: Vec<J>, work: impl Fn(J) -> Result<(), String> + Sync) -> Result<(), String> {
+    let failed = std::sync::Mutex::new(None);
+    run_parallel(jobs, |j| {
+        if let Err(e) = work(j)
+            && let Ok(mut f) = failed.lock()
+        {
+            f.get_or_insert(e);
+        }
+    });
+    failed.into_inner().ok().flatten().map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -515,20 +515,13 @@ impl Floats<'_> {
         put: impl Fn(&[f32], &mut [T]) + Sync,
     ) -> std::result::Result<(), String> {
         const PIECE: usize = 1 << 16;
-        let failed = std::sync::Mutex::new(None);
         let jobs = out.chunks_mut(PIECE).enumerate().collect();
-        crate::prim::run_parallel(jobs, |(i, o): (usize, &mut [T])| {
+        crate::prim::try_parallel(jobs, |(i, o): (usize, &mut [T])| {
             let mut values = vec![0f32; o.len()];
-            match self.read(first + i * PIECE, &mut values) {
-                Ok(()) => put(&values, o),
-                Err(e) => {
-                    if let Ok(mut f) = failed.lock() {
-                        f.get_or_insert(e);
-                    }
-                }
-            }
-        });
-        failed.into_inner().ok().flatten().map_or(Ok(()), Err)
+            self.read(first + i * PIECE, &mut values)?;
+            put(&values, o);
+            Ok(())
+        })
     }
 }
 

@@ -107,25 +107,17 @@ pub fn quantize_from(
     // multiple of 64 Ki values in, on a block of any ggml type.
     let run = (crate::prim::units_a_run(absmax.len(), n) * block_size).next_multiple_of(CHUNK);
     let jobs = packed.chunks_mut(run / 2).zip(absmax.chunks_mut(run / block_size)).enumerate().collect();
-    let failed = std::sync::Mutex::new(None);
-    crate::prim::run_parallel(jobs, |(i, (p, a)): (usize, (&mut [u8], &mut [f32]))| {
+    crate::prim::try_parallel(jobs, |(i, (p, a)): (usize, (&mut [u8], &mut [f32]))| {
         let (first, len) = (i * run, run.min(n - i * run));
         let mut chunk = vec![0f32; CHUNK.min(len)];
         for at in (0..len).step_by(CHUNK) {
             let v = &mut chunk[..CHUNK.min(len - at)];
-            if let Err(e) = values(first + at, v) {
-                if let Ok(mut f) = failed.lock() {
-                    f.get_or_insert(e);
-                }
-                return;
-            }
+            values(first + at, v)?;
             quantize_run(v, block_size, &mut p[at / 2..], &mut a[at / block_size..]);
         }
-    });
-    match failed.into_inner().ok().flatten() {
-        Some(e) => Err(e),
-        None => Ok(Nf4Tensor { shape: shape.to_vec(), block_size, packed, absmax }),
-    }
+        Ok(())
+    })?;
+    Ok(Nf4Tensor { shape: shape.to_vec(), block_size, packed, absmax })
 }
 
 /// [`quantize_run_portable`] in the widest vectors the CPU has: on x86-64, AVX2's 8 lanes
