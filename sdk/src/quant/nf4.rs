@@ -401,7 +401,7 @@ mod tests {
             out.fill(0.5);
             Ok(())
         });
-        assert!(matches!(&r, Err(e) if e.ends_with("is unreadable")), "{r:?}");
+        assert!(matches!(&r, Err(e) if e.ends_with("is unreadable")), "{:?}", r.as_ref().err());
     }
 
     #[test]
