@@ -183,7 +183,54 @@ fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
         };
         let (exact, kept, nf4) = (open(Quant::None), open(Quant::Gguf), open(Quant::Nf4));
         let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % exact.config.vocab_size as u32).collect();
-        common::assert_kept_blocks_compute_as_f32(&format!("{name}, Q4_0 kept"), [&exact, &kept, &nf4], &ids);
+        common::assert_kept_blocks_compute_as_f32(&format!("{name}, Q4_0 kept"), &path, [&exact, &kept, &nf4], &ids);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Embedding and output tables taller than one binding are uploaded in chunks of rows, each
+/// read from the file a piece at a time from its own first row: on a device opened to bind
+/// 16 KiB, the tiny Llama's 64-wide tables of (at least) 320 rows are five or more chunks in
+/// f32 and three or more in f16, read from the fixture's Q8_0 blocks (of 32, decoded from each
+/// chunk's first block) and from the same file dequantized to F32. Each model's
+/// logits equal, bit for bit, those of the same file on the adapter's own limit, where each
+/// table is one chunk: the same kernels over the same rows.
+#[test]
+fn tables_past_one_binding_load_in_chunks_of_rows_from_stored_values() {
+    use edgetune::lora::{Adapter, LoraConfig};
+    use edgetune::quant::gguf_blocks::GgmlType;
+    let binding = 16 << 10;
+    let narrow = Arc::new(
+        GpuContext::new(&GpuOptions { max_storage_binding: Some(binding as u64), ..Default::default() }).expect("gpu"),
+    );
+    let wide = ctx();
+    let dir = std::env::temp_dir().join(format!("edgetune-table-chunks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let source = fixtures().join("tiny_llama_spm.gguf");
+    let (cfg, _) = edgetune::model::open_weights(&source).expect("config");
+    let mut zero = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");
+    zero.params.iter_mut().for_each(|v| *v = 0.0);
+    let f32 = dir.join("tiny_llama_spm-f32.gguf");
+    edgetune::lora::merge::merge_gguf(&source, &zero, &f32, GgmlType::F32).expect("dequantize");
+    let table = |path: &std::path::Path| {
+        let g = GgufFile::open(path).expect("open");
+        g.tensors.get("token_embd.weight").expect("token_embd").ty
+    };
+    assert_eq!((table(&source), table(&f32)), (GgmlType::Q8_0, GgmlType::F32));
+    let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % cfg.vocab_size as u32).collect();
+    for path in [&source, &f32] {
+        for f16_tables in [false, true] {
+            let rows_a_binding = binding / (cfg.hidden_size * if f16_tables { 2 } else { 4 });
+            assert!(cfg.vocab_size > 2 * rows_a_binding, "{} rows in chunks of {rows_a_binding}", cfg.vocab_size);
+            let opts = LoadOptions { quant: Quant::Nf4, f16_tables, max_context: 32, ..Default::default() };
+            let open = |ctx: &Arc<GpuContext>| Model::open(ctx.clone(), path, &opts).expect("load");
+            let (chunked, whole) = (open(&narrow), open(&wide));
+            let (got, want) = (chunked.all_logits(&ids).expect("logits"), whole.all_logits(&ids).expect("logits"));
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+            if let Some(i) = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits()) {
+                panic!("{name}, f16 tables {f16_tables}: logit {i} is {} in chunks, {} whole", got[i], want[i]);
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -669,7 +669,7 @@ fn q4_k_tensors_kept_as_blocks_compute_with_the_files_own_values() {
     );
 
     let ids: Vec<u32> = vec![1, 45, 80, 120, 7, 300, 22, 9, 150, 61];
-    common::assert_kept_blocks_compute_as_f32("Q4_K kept", [&exact, &kept, &nf4], &ids);
+    common::assert_kept_blocks_compute_as_f32("Q4_K kept", &path, [&exact, &kept, &nf4], &ids);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -730,7 +730,7 @@ fn wider_codes_kept_as_two_planes_compute_with_the_files_own_values() {
         let (exact, kept, nf4) = (open(Quant::None), open(Quant::Gguf), open(Quant::Nf4));
         assert_eq!(exact.weight_bytes - kept.weight_bytes, (f32_bytes - held) as u64, "{name}: bytes held");
         let ids: Vec<u32> = vec![1, 45, 80, 120, 7, 300, 22, 9, 150, 61];
-        common::assert_kept_blocks_compute_as_f32(&format!("{name} kept"), [&exact, &kept, &nf4], &ids);
+        common::assert_kept_blocks_compute_as_f32(&format!("{name} kept"), &path, [&exact, &kept, &nf4], &ids);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

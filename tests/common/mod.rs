@@ -425,12 +425,15 @@ pub fn lora_grads(model: &edgetune::model::llama::Model, adapter: &edgetune::lor
     model.ctx.read_f32(&grads, adapter.layout.len).expect("grads")
 }
 
-/// A GGUF base held three ways (f32, its own blocks kept, NF4): the kept blocks give the f32
-/// path's logits and one LoRA step's gradients (the values are ggml's own, so only summation
-/// order differs: 1e-4, as in the f32 parity tests), where NF4's re-quantization moves the
-/// logits over ten times further.
+/// A GGUF base (`path`) held three ways (f32, its own blocks kept, NF4): the kept blocks give
+/// the f32 path's logits and one LoRA step's gradients (the values are ggml's own, so only
+/// summation order differs: 1e-4, as in the f32 parity tests), where NF4's re-quantization
+/// moves the logits over ten times further. The NF4 model re-quantizes the blocks a chunk at a
+/// time; its logits are, bit for bit, those of NF4 made from the same values through the float
+/// path ([`nf4_of_values`]), since both must hold the same NF4 bytes and the kernels are the same.
 pub fn assert_kept_blocks_compute_as_f32(
     what: &str,
+    path: &std::path::Path,
     [exact, kept, nf4]: [&edgetune::model::llama::Model; 3],
     ids: &[u32],
 ) {
@@ -446,9 +449,37 @@ pub fn assert_kept_blocks_compute_as_f32(
     let d = |a: &[f32]| a.iter().zip(&want).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     eprintln!("{what}: {:.2e} from the exact logits, NF4 {:.2e}", d(&got), d(&requantized));
     assert!(d(&requantized) > 10.0 * d(&got), "{what}: re-quantizing should cost more than summation order");
+    let from_values = nf4_of_values(exact.ctx.clone(), path).all_logits(ids).expect("nf4 of the values");
+    let differ = requantized.iter().zip(&from_values).position(|(a, b)| a.to_bits() != b.to_bits());
+    if let Some(i) = differ {
+        panic!(
+            "{what}: NF4 re-quantized from the blocks gives logit {i} = {}, NF4 of the same values as floats {}",
+            requantized[i], from_values[i]
+        );
+    }
     let adapter = moved_adapter(&exact.config);
     let (g_exact, g_kept) = (lora_grads(exact, &adapter, ids), lora_grads(kept, &adapter, ids));
     let scale = g_exact.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.0);
     assert_close(&format!("{what}: gradients"), &g_kept, &g_exact, 1e-4, 1e-4 * scale);
+}
+
+/// NF4 made from a GGUF's values through the float path: the file dequantized to F32 (by
+/// `merge_gguf` with an adapter of zeros, which adds nothing) beside it, then loaded as NF4 from
+/// those floats with f32 tables, as the tests above load theirs.
+pub fn nf4_of_values(
+    ctx: std::sync::Arc<edgetune::gpu::GpuContext>,
+    path: &std::path::Path,
+) -> edgetune::model::llama::Model {
+    use edgetune::model::llama::{LoadOptions, Quant};
+    let (cfg, _) = edgetune::model::open_weights(path).expect("config");
+    let mut zero = edgetune::lora::Adapter::new(&cfg, edgetune::lora::LoraConfig::default()).expect("adapter");
+    zero.params.iter_mut().for_each(|v| *v = 0.0);
+    let floats = path.with_extension("f32.gguf");
+    edgetune::lora::merge::merge_gguf(path, &zero, &floats, edgetune::quant::gguf_blocks::GgmlType::F32)
+        .expect("dequantize to F32");
+    let opts = LoadOptions { quant: Quant::Nf4, f16_tables: false, ..Default::default() };
+    let model = edgetune::model::llama::Model::open(ctx, &floats, &opts).expect("load the F32 file as NF4");
+    let _ = std::fs::remove_file(&floats);
+    model
 }
