@@ -121,8 +121,8 @@ pub fn quantize_from(
 }
 
 /// [`quantize_run_portable`] in the widest vectors the CPU has: on x86-64, AVX2's 8 lanes
-/// where the CPU has them (the baseline's SSE2 has 4). The same IEEE operations in the same
-/// order, so the same bytes.
+/// where the CPU has them (the baseline's SSE2 has 4), each code found by a binary search
+/// ([`nf4_codes_avx2`]). The same IEEE operations, so the same bytes.
 fn quantize_run(data: &[f32], block_size: usize, packed: &mut [u8], absmax: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -132,11 +132,65 @@ fn quantize_run(data: &[f32], block_size: usize, packed: &mut [u8], absmax: &mut
     quantize_run_portable(data, block_size, packed, absmax)
 }
 
-/// [`quantize_run_portable`] compiled for AVX2.
+/// [`quantize_run_portable`] for AVX2: full blocks through [`nf4_codes_avx2`], a short last
+/// block as the portable loop.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn quantize_run_avx2(data: &[f32], block_size: usize, packed: &mut [u8], absmax: &mut [f32]) {
-    quantize_run_portable(data, block_size, packed, absmax);
+    let mids = midpoints();
+    let full = data.len() / block_size;
+    let (whole, rest) = data.split_at(full * block_size);
+    let (whole_packed, rest_packed) = packed.split_at_mut(full * block_size / 2);
+    let (whole_absmax, rest_absmax) = absmax.split_at_mut(full);
+    let blocks = whole.chunks_exact(block_size).zip(whole_packed.chunks_exact_mut(block_size / 2));
+    for ((block, bytes), am_out) in blocks.zip(whole_absmax) {
+        let am = block_absmax(block);
+        *am_out = am;
+        nf4_codes_avx2(block, 1.0 / am.max(1e-38), &mids, bytes);
+    }
+    quantize_run_portable(rest, block_size, rest_packed, rest_absmax);
+}
+
+/// The NF4 codes of `block` (a multiple of 16 values) scaled by `inv`, packed two a byte
+/// (the first value in the high nibble) into `bytes`. Each code is how many midpoints lie
+/// strictly below the scaled value, as [`bucket`] counts them, found as its four bits by a
+/// binary search over the ascending midpoints, 8 values a vector: is m7 below the value (bit
+/// 3), then m3 or m11 (bit 2), then one of m1, m5, m9, m13 (bit 1), then one of the even ones
+/// (bit 0), each picked by the bits so far. The portable loop's clamp to [-1, 1] is left out:
+/// every midpoint lies inside, so a value past 1 has all 15 below it and one past -1 none,
+/// clamped or not, and a NaN has none.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn nf4_codes_avx2(block: &[f32], inv: f32, mids: &[f32; 15], bytes: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let m = mids;
+    let (m7, m3, m11) = (_mm256_set1_ps(m[7]), _mm256_set1_ps(m[3]), _mm256_set1_ps(m[11]));
+    let quarters = _mm256_setr_ps(m[1], m[5], m[9], m[13], 0.0, 0.0, 0.0, 0.0);
+    let evens = _mm256_setr_ps(m[0], m[2], m[4], m[6], m[8], m[10], m[12], m[14]);
+    let (inv, one) = (_mm256_set1_ps(inv), _mm256_set1_epi32(1));
+    // 1 where the midpoint `t` lies strictly below `s`, else 0.
+    let below = |t: __m256, s: __m256| _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(t, s)), one);
+    let codes = |x: &[f32]| {
+        // SAFETY: `x` holds 8 floats (a chunk of 8 below); an unaligned load reads exactly them.
+        let x = unsafe { _mm256_loadu_ps(x.as_ptr()) };
+        let s = _mm256_mul_ps(x, inv);
+        let b3 = below(m7, s);
+        let b2 = below(_mm256_blendv_ps(m3, m11, _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_setzero_si256(), b3))), s);
+        let i2 = _mm256_add_epi32(_mm256_add_epi32(b3, b3), b2);
+        let i1 = _mm256_add_epi32(_mm256_add_epi32(i2, i2), below(_mm256_permutevar8x32_ps(quarters, i2), s));
+        let c = _mm256_add_epi32(_mm256_add_epi32(i1, i1), below(_mm256_permutevar8x32_ps(evens, i1), s));
+        _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c))
+    };
+    for (x, out) in block.chunks_exact(16).zip(bytes.chunks_exact_mut(8)) {
+        // 16 codes as bytes; as 16-bit lanes each holds a pair, the first value's code low.
+        let pairs = _mm_packus_epi16(codes(&x[..8]), codes(&x[8..]));
+        let first = _mm_slli_epi16::<4>(_mm_and_si128(pairs, _mm_set1_epi16(0x00FF)));
+        let packed = _mm_packus_epi16(_mm_or_si128(first, _mm_srli_epi16::<8>(pairs)), _mm_setzero_si128());
+        let mut eight = [0u8; 16];
+        // SAFETY: `eight` holds 16 bytes, what an unaligned 128-bit store writes.
+        unsafe { _mm_storeu_si128(eight.as_mut_ptr().cast(), packed) };
+        out.copy_from_slice(&eight[..8]);
+    }
 }
 
 /// Quantizes `data` (whole blocks of `block_size`, the last possibly shorter) into `packed`
@@ -364,11 +418,17 @@ mod tests {
                     ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
                 })
                 .collect();
-            // A block of zeros, a block whose values sit on the midpoints (absmax 1), and
-            // values no block should carry but a file may.
+            // A block of zeros, a block whose values sit on the midpoints and one ulp from them
+            // on either side (absmax 1), and values no block should carry but a file may.
             data[bs..2 * bs].fill(0.0);
             for (i, x) in data[2 * bs..3 * bs].iter_mut().enumerate() {
-                *x = if i == 0 { 1.0 } else { mids[i % 15] };
+                let m = mids[i / 3 % 15];
+                *x = match (i, i % 3) {
+                    (0, _) => 1.0,
+                    (_, 0) => m,
+                    (_, 1) => f32::from_bits(m.to_bits() + 1),
+                    _ => f32::from_bits(m.to_bits() - 1),
+                };
             }
             data[5 * bs + 3] = f32::NAN;
             data[7 * bs + 1] = f32::INFINITY;
