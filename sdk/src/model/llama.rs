@@ -1883,19 +1883,24 @@ impl Model {
 mod tests {
     use super::*;
 
+    /// `n` values spread evenly over (-scale / 2, scale / 2), from a seeded LCG.
+    fn test_values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
     /// Stored values read in pieces across the cores (as a table's chunks are) are the tensor
     /// dequantized whole, in every stored form, from a row's start past the first piece; a
     /// piece that starts inside a block is an error, not values from the wrong place.
     #[test]
     fn stored_values_read_in_pieces_are_the_tensor_dequantized_whole() {
         let n = 3 * (1 << 16) + 4 * 256;
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect();
+        let values = test_values(n, 0x2545_f491_4f6c_dd1du64, 4.0);
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0] {
             let bytes = crate::quant::gguf_blocks::quantize(ty, &values).expect("a type with a writer");
             let whole = crate::quant::gguf_blocks::dequantize(ty, &bytes, n).expect("whole blocks");
@@ -1922,13 +1927,7 @@ mod tests {
         // An odd number of rows, so that runs of NF4 blocks cut evenly would end inside
         // super-blocks of 256.
         let (rows, cols) = (1101, 1024);
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let values: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-            })
-            .collect();
+        let values = test_values(rows * cols, 0x9e37_79b9_7f4a_7c15u64, 0.1);
         for ty in [GgmlType::Bf16, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4K] {
             let bytes = crate::quant::gguf_blocks::quantize(ty, &values).expect("a type with a writer");
             let whole = crate::quant::gguf_blocks::dequantize(ty, &bytes, rows * cols).expect("whole blocks");
@@ -1945,13 +1944,7 @@ mod tests {
     #[test]
     fn sampled_values_are_every_61st_of_the_tensor_dequantized_whole() {
         let n = 3_000_064;
-        let mut state = 7u64;
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-            })
-            .collect();
+        let values = test_values(n, 7, 0.1);
         for ty in [GgmlType::F32, GgmlType::Bf16, GgmlType::Q8_0, GgmlType::Q4K] {
             let bytes = crate::quant::gguf_blocks::quantize(ty, &values).expect("a type with a writer");
             let whole = crate::quant::gguf_blocks::dequantize(ty, &bytes, n).expect("whole blocks");
