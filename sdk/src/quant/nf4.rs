@@ -122,7 +122,7 @@ pub fn quantize_from(
 
 /// [`quantize_run_portable`] in the widest vectors the CPU has: on x86-64, AVX2's 8 lanes
 /// where the CPU has them (the baseline's SSE2 has 4), each code found by a binary search
-/// ([`nf4_codes_avx2`]). The same IEEE operations, so the same bytes.
+/// ([`nf4_codes_avx2`]). The same products and exact compares, so the same bytes.
 fn quantize_run(data: &[f32], block_size: usize, packed: &mut [u8], absmax: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -157,7 +157,7 @@ fn quantize_run_avx2(data: &[f32], block_size: usize, packed: &mut [u8], absmax:
 /// binary search over the ascending midpoints, 8 values a vector: is m7 below the value (bit
 /// 3), then m3 or m11 (bit 2), then one of m1, m5, m9, m13 (bit 1), then one of the even ones
 /// (bit 0), each picked by the bits so far. The portable loop's clamp to [-1, 1] is left out:
-/// every midpoint lies inside, so a value past 1 has all 15 below it and one past -1 none,
+/// every midpoint lies inside, so a value above 1 has all 15 below it and one below -1 none,
 /// clamped or not, and a NaN has none.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
