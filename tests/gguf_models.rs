@@ -162,7 +162,6 @@ fn chat_template_renders_as_transformers(kind: &str, n_cases: usize) {
 /// and phi3 (the fused qkv_proj in Q4_0) files.
 #[test]
 fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
-    use edgetune::lora::{Adapter, LoraConfig};
     use edgetune::quant::gguf_blocks::GgmlType;
     let ctx = ctx();
     let dir = std::env::temp_dir().join(format!("edgetune-q4_0-{}", std::process::id()));
@@ -170,10 +169,8 @@ fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
     for name in ["tiny_llama_spm", "tiny_gemma2_bpe", "tiny_gemma3_bpe", "tiny_phi3_bpe"] {
         let source = fixtures().join(format!("{name}.gguf"));
         let (cfg, _) = edgetune::model::open_weights(&source).expect("config");
-        let mut zero = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");
-        zero.params.iter_mut().for_each(|v| *v = 0.0);
         let path = dir.join(format!("{name}-q4_0.gguf"));
-        edgetune::lora::merge::merge_gguf(&source, &zero, &path, GgmlType::Q4_0).expect("re-encode");
+        common::reencoded_gguf(&source, &path, GgmlType::Q4_0);
         let g = GgufFile::open(&path).expect("open");
         let q4_0 = g.tensors.values().filter(|t| t.ty == GgmlType::Q4_0 && t.name.starts_with("blk.")).count();
         assert!(q4_0 >= 4 * cfg.num_layers, "{name}: {q4_0} Q4_0 matrices");
@@ -197,7 +194,6 @@ fn q4_0_tensors_kept_as_blocks_compute_with_the_files_own_values() {
 /// table is one chunk: the same kernels over the same rows.
 #[test]
 fn tables_past_one_binding_load_in_chunks_of_rows_from_stored_values() {
-    use edgetune::lora::{Adapter, LoraConfig};
     use edgetune::quant::gguf_blocks::GgmlType;
     let binding = 16 << 10;
     let narrow = Arc::new(
@@ -208,10 +204,8 @@ fn tables_past_one_binding_load_in_chunks_of_rows_from_stored_values() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let source = fixtures().join("tiny_llama_spm.gguf");
     let (cfg, _) = edgetune::model::open_weights(&source).expect("config");
-    let mut zero = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");
-    zero.params.iter_mut().for_each(|v| *v = 0.0);
     let f32 = dir.join("tiny_llama_spm-f32.gguf");
-    edgetune::lora::merge::merge_gguf(&source, &zero, &f32, GgmlType::F32).expect("dequantize");
+    common::reencoded_gguf(&source, &f32, GgmlType::F32);
     let table = |path: &std::path::Path| {
         let g = GgufFile::open(path).expect("open");
         g.tensors.get("token_embd.weight").expect("token_embd").ty

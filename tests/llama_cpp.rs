@@ -643,10 +643,8 @@ fn q4_k_tensors_kept_as_blocks_compute_with_the_files_own_values() {
     let base = dir.join("wide-f32.gguf");
     wide_base(&base);
     let (cfg, _) = edgetune::model::open_weights(&base).expect("config");
-    let mut zero = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");
-    zero.params.iter_mut().for_each(|v| *v = 0.0);
     let path = dir.join("wide-q4k.gguf");
-    let m = lora::merge::merge_gguf(&base, &zero, &path, GgmlType::Q4K).expect("re-encode");
+    let m = common::reencoded_gguf(&base, &path, GgmlType::Q4K);
     assert_eq!(m.fell_back, 0, "every matrix row is whole super-blocks");
     let g = GgufFile::open(&path).expect("open");
     let q4k = g.tensors.values().filter(|t| t.ty == GgmlType::Q4K && t.name.starts_with("blk.")).count();

@@ -464,22 +464,31 @@ pub fn assert_kept_blocks_compute_as_f32(
     assert_close(&format!("{what}: gradients"), &g_kept, &g_exact, 1e-4, 1e-4 * scale);
 }
 
-/// NF4 made from a GGUF's values through the float path: the file dequantized to F32 (by
-/// `merge_gguf` with an adapter of zeros, which adds nothing) beside it, then loaded as NF4 from
-/// those floats with f32 tables, as the tests above load theirs.
+/// NF4 made from a GGUF's values through the float path: the file dequantized to F32 beside it
+/// ([`reencoded_gguf`]), then loaded as NF4 from those floats with f32 tables, as the tests
+/// above load theirs.
 pub fn nf4_of_values(
     ctx: std::sync::Arc<edgetune::gpu::GpuContext>,
     path: &std::path::Path,
 ) -> edgetune::model::llama::Model {
     use edgetune::model::llama::{LoadOptions, Quant};
-    let (cfg, _) = edgetune::model::open_weights(path).expect("config");
-    let mut zero = edgetune::lora::Adapter::new(&cfg, edgetune::lora::LoraConfig::default()).expect("adapter");
-    zero.params.iter_mut().for_each(|v| *v = 0.0);
     let floats = path.with_extension("f32.gguf");
-    edgetune::lora::merge::merge_gguf(path, &zero, &floats, edgetune::quant::gguf_blocks::GgmlType::F32)
-        .expect("dequantize to F32");
+    reencoded_gguf(path, &floats, edgetune::quant::gguf_blocks::GgmlType::F32);
     let opts = LoadOptions { quant: Quant::Nf4, f16_tables: false, ..Default::default() };
     let model = edgetune::model::llama::Model::open(ctx, &floats, &opts).expect("load the F32 file as NF4");
     let _ = std::fs::remove_file(&floats);
     model
+}
+
+/// `source`'s tensors written again as `ty` to `out`, metadata and all: `merge_gguf` with an
+/// adapter of zeros, which adds nothing to any weight.
+pub fn reencoded_gguf(
+    source: &std::path::Path,
+    out: &std::path::Path,
+    ty: edgetune::quant::gguf_blocks::GgmlType,
+) -> edgetune::lora::merge::MergedGguf {
+    let (cfg, _) = edgetune::model::open_weights(source).expect("config");
+    let mut zero = edgetune::lora::Adapter::new(&cfg, edgetune::lora::LoraConfig::default()).expect("adapter");
+    zero.params.iter_mut().for_each(|v| *v = 0.0);
+    edgetune::lora::merge::merge_gguf(source, &zero, out, ty).expect("re-encode")
 }
