@@ -49,15 +49,28 @@ fn temp(name: &str) -> PathBuf {
 
 /// What llama.cpp computed: logits of every position, its greedy continuation and the margin
 /// between its two best logits at each greedy step.
+/// With a text in the request, llama.cpp's own tokenization of it too.
 struct Judged {
     logits: Vec<f32>,
     greedy: Vec<u32>,
     margins: Vec<f32>,
+    tokens: Option<Vec<u32>>,
 }
 
 fn llama_cpp(model: &Path, lora: Option<&Path>, ids: &[u32], greedy: usize, dir: &Path) -> Judged {
+    llama_cpp_on(model, lora, ids, greedy, dir, None)
+}
+
+fn llama_cpp_on(
+    model: &Path,
+    lora: Option<&Path>,
+    ids: &[u32],
+    greedy: usize,
+    dir: &Path,
+    text: Option<&str>,
+) -> Judged {
     let out = dir.join("logits.f32");
-    let req = json!({"model": model, "lora": lora, "ids": ids, "greedy": greedy, "out": out});
+    let req = json!({"model": model, "lora": lora, "ids": ids, "greedy": greedy, "out": out, "text": text});
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/llama_cpp_logits.py");
     let mut child = Command::new(python())
         .arg(&script)
@@ -84,6 +97,7 @@ fn llama_cpp(model: &Path, lora: Option<&Path>, ids: &[u32], greedy: usize, dir:
         logits,
         greedy: list("greedy").into_iter().map(|t| t as u32).collect(),
         margins: list("margins").into_iter().map(|m| m as f32).collect(),
+        tokens: v.get("tokens").map(|_| list("tokens").into_iter().map(|t| t as u32).collect()),
     }
 }
 
@@ -731,4 +745,262 @@ fn wider_codes_kept_as_two_planes_compute_with_the_files_own_values() {
         common::assert_kept_blocks_compute_as_f32(&format!("{name} kept"), &path, [&exact, &kept, &nf4], &ids);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cases of `hf_gguf_expected.json` (tests/reference/convert_hf_gguf.py): what llama.cpp's
+/// own convert_hf_to_gguf.py wrote for fixture folders, some with files replaced.
+fn hf_gguf_cases() -> Vec<Value> {
+    let bytes = std::fs::read(fixtures().join("hf_gguf_expected.json")).expect("hf_gguf_expected.json");
+    let v: Value = serde_json::from_slice(&bytes).expect("JSON");
+    let cases = v["cases"].as_array().expect("cases").clone();
+    assert_eq!(cases.len(), 4, "the fixture's cases");
+    cases
+}
+
+/// The case's folder: a copy of its fixture folder with the case's files replaced.
+fn hf_case_folder(case: &Value, dir: &Path) -> PathBuf {
+    let name = case["name"].as_str().expect("name");
+    let folder = dir.join(name);
+    std::fs::create_dir_all(&folder).expect("folder");
+    let base = fixtures().join(case["base"].as_str().expect("base"));
+    for e in std::fs::read_dir(&base).expect("fixture folder") {
+        let p = e.expect("entry").path();
+        std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
+    }
+    for (file, text) in case["edits"].as_object().expect("edits") {
+        std::fs::write(folder.join(file), text.as_str().expect("text")).expect("edit");
+    }
+    folder
+}
+
+/// A metadata value as gguf-py names it: [type, value], or ["ARRAY", element type, values].
+fn gguf_py_value(v: &edgetune::model::gguf::Value) -> Value {
+    use edgetune::model::gguf::Value as V;
+    let scalar = |v: &V| -> (&str, Value) {
+        match v {
+            V::U8(x) => ("UINT8", json!(x)),
+            V::I8(x) => ("INT8", json!(x)),
+            V::U16(x) => ("UINT16", json!(x)),
+            V::I16(x) => ("INT16", json!(x)),
+            V::U32(x) => ("UINT32", json!(x)),
+            V::I32(x) => ("INT32", json!(x)),
+            V::U64(x) => ("UINT64", json!(x)),
+            V::I64(x) => ("INT64", json!(x)),
+            V::F32(x) => ("FLOAT32", json!(f64::from(*x))),
+            V::F64(x) => ("FLOAT64", json!(x)),
+            V::Bool(x) => ("BOOL", json!(x)),
+            V::String(x) => ("STRING", json!(x)),
+            V::Array(_) => ("ARRAY", Value::Null),
+        }
+    };
+    match v {
+        V::Array(a) => {
+            let ty = a.first().map_or("UINT8", |x| scalar(x).0);
+            json!(["ARRAY", ty, a.iter().map(|x| scalar(x).1).collect::<Vec<_>>()])
+        }
+        other => {
+            let (ty, x) = scalar(other);
+            json!([ty, x])
+        }
+    }
+}
+
+fn fnv1a64(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{h:016x}")
+}
+
+/// edgetune's GGUF file of a Hugging Face folder is the one llama.cpp's own converter writes
+/// (`convert_hf_to_gguf.py --outtype f32`, tests/reference/convert_hf_gguf.py): every metadata
+/// key with its type and value (the tokens, their types, the merges, the special tokens and
+/// the add-BOS flags included), and every tensor's name, shape, type and bytes, q and k in
+/// llama.cpp's row order. Only the display name and size label, which the converter makes up
+/// from the folder's name and the parameter count, are not written. Llama 3's RoPE divisors
+/// (`rope_freqs.weight`) the converter computes in f32 with torch's pow, edgetune in f64 then
+/// rounded, so they agree within a few f32 roundings instead of bit for bit.
+#[test]
+fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
+    for case in hf_gguf_cases() {
+        let name = case["name"].as_str().expect("name");
+        let dir = temp(name);
+        let folder = hf_case_folder(&case, &dir);
+        let out = dir.join("ours.gguf");
+        let m = lora::merge::convert_gguf(&folder, &out, GgmlType::F32).expect("convert");
+        assert_eq!(m.fell_back, 0);
+        let g = GgufFile::open(&out).expect("ours opens");
+        let theirs = case["metadata"].as_object().expect("metadata");
+        let skipped = ["general.name", "general.size_label"];
+        for (k, v) in theirs.iter().filter(|(k, _)| !skipped.contains(&k.as_str())) {
+            let ours = g.metadata.get(k).unwrap_or_else(|| panic!("{name}: `{k}` is missing"));
+            assert_eq!(&gguf_py_value(ours), v, "{name}: `{k}`");
+        }
+        for k in g.metadata.keys() {
+            assert!(theirs.contains_key(k), "{name}: `{k}` is not in the converter's file");
+        }
+        let tensors = case["tensors"].as_object().expect("tensors");
+        assert_eq!(g.tensors.len(), tensors.len(), "{name}: tensors");
+        for (t, e) in tensors {
+            let info = g.tensors.get(t).unwrap_or_else(|| panic!("{name}: tensor `{t}` is missing"));
+            let shape: Vec<usize> = serde_json::from_value(e["shape"].clone()).expect("shape");
+            assert_eq!(info.shape(), shape, "{name}: `{t}`");
+            assert_eq!(info.ty.name(), e["type"].as_str().expect("type"), "{name}: `{t}`");
+            if t == "rope_freqs.weight" {
+                continue;
+            }
+            assert_eq!(fnv1a64(g.tensor_bytes(info)), e["fnv1a64"].as_str().expect("hash"), "{name}: `{t}`'s bytes");
+        }
+        if let Some(e) = tensors.get("rope_freqs.weight") {
+            // The converter's divisors, from the same config, computed again here as torch does
+            // would be a copy of its code; instead the divisors are held to their definition
+            // within the error of its f32 arithmetic: freq (pow, divide) and wavelength carry a
+            // few ulps, smooth = (omp / wavelen - lo) / (hi - lo) an absolute error of about
+            // hi * 4 * 2^-24, and d = 1 / ((1 - smooth) / factor + smooth) moves by at most
+            // factor^2 times that (its denominator is at least 1 / factor).
+            let (ours, _) = g.tensor_f32("rope_freqs.weight").expect("ours");
+            let (factor, hi) = (8.0f32, 4.0f32);
+            let bound = factor * factor * hi * 4.0 * f32::EPSILON / 2.0;
+            assert_eq!(ours.len(), e["shape"][0].as_u64().expect("len") as usize);
+            let cfg = edgetune::model::open_weights(&folder).expect("folder").0;
+            let inv = cfg.rope_inv_freq();
+            let (theta, dim) = (f64::from(cfg.rope_theta), cfg.head_dim as f64);
+            for (i, (d, f)) in ours.iter().zip(&inv).enumerate() {
+                // transformers' scaled frequency (edgetune's folder path) is the base over d.
+                let base = 1.0 / theta.powf((2 * i) as f64 / dim);
+                let implied = (base / f64::from(*f)) as f32;
+                assert!(
+                    (d - implied).abs() <= bound * d,
+                    "{name}: rope_freqs[{i}] = {d}, the folder's RoPE implies {implied}"
+                );
+            }
+            assert!(
+                ours.iter().any(|&d| d > 1.0 && d < factor),
+                "{name}: no divisor between 1 and the factor: smoothing untested"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The same files with an adapter merged run in llama.cpp as the folder runs in edgetune with
+/// the adapter applied unmerged (both f32; the f32 bound), continue greedily alike, and
+/// tokenize text as the folder's tokenizer does, in llama.cpp and in edgetune reading the file.
+#[test]
+fn a_folder_merged_to_gguf_runs_in_llama_cpp_as_the_folder_with_its_adapter() {
+    let text = "Paris is the capital of France. edgetune's 2024 run: I'VE 12345 apples\n\n<|im_end|>";
+    for case in hf_gguf_cases() {
+        let name = case["name"].as_str().expect("name");
+        let dir = temp(name);
+        let folder = hf_case_folder(&case, &dir);
+        let model =
+            Model::open(ctx(), &folder, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
+        let tok = Tokenizer::from_hf_dir(&folder).expect("tokenizer");
+        let ids = tok.encode_prompt(text).expect("encode");
+        let adapter = trained_looking_adapter(&model, 11);
+        let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+        let ours = model.all_logits_with(&ids, Some(&gpu)).expect("forward");
+        let moved = max_abs_diff(&ours, &model.all_logits(&ids).expect("base"));
+        assert!(moved > 0.05, "{name}: the adapter moves the logits by only {moved}");
+        let merged = dir.join("merged.gguf");
+        lora::merge::merge_gguf(&folder, &adapter, &merged, GgmlType::F32).expect("merge");
+        let judged = llama_cpp_on(&merged, None, &ids, 8, &dir, Some(text));
+        assert_eq!(judged.tokens.as_deref(), Some(ids.as_slice()), "{name}: llama.cpp tokenizes the text otherwise");
+        let from_file = Tokenizer::from_gguf(&GgufFile::open(&merged).expect("open")).expect("tokenizer of the file");
+        assert_eq!(
+            from_file.encode_prompt(text).expect("encode"),
+            ids,
+            "{name}: edgetune reading the file tokenizes otherwise"
+        );
+        let ratio = worst(&ours, &judged.logits, F32_REL, F32_ABS);
+        eprintln!(
+            "{name} merged from a folder: llama.cpp's logits at {ratio:.3} of the bound (max abs diff {:e})",
+            max_abs_diff(&ours, &judged.logits)
+        );
+        assert!(ratio <= 1.0, "{name}: llama.cpp's logits of the merged file are at {ratio} of the bound");
+        let g = greedy(&model, Some(&gpu), &tok, &ids, 8);
+        assert_same_greedy(
+            name,
+            &g,
+            &judged,
+            F32_ABS + F32_REL * judged.logits.iter().fold(0f32, |m, v| m.max(v.abs())),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The pre-tokenizers edgetune names in a GGUF file, as their tokenizer.json spells them.
+fn pre_tokenizers() -> Vec<(&'static str, Value)> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let byte_level =
+        |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+    let split = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
+    vec![
+        ("gpt-2", byte_level(true)),
+        (
+            "smollm",
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        ),
+        ("llama-bpe", json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]})),
+        ("qwen2", json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]})),
+    ]
+}
+
+/// Each pre-tokenizer a GGUF file is written with tokenizes as the folder's tokenizer.json does,
+/// in llama.cpp and in edgetune reading the file. The tiny tokenizer's last five merges are
+/// swapped for merges that only some splits allow ("1 1", "11 1", "Ġ 1", "' V", "'V E"), so
+/// that the four tokenize the text four ways (checked): a pre-tokenizer named wrongly changes
+/// the tokens. The post-processor is `ByteLevel`, as in Qwen2's and SmolLM's tokenizer.json.
+#[test]
+fn each_pre_tokenizer_written_to_gguf_tokenizes_as_the_folder_in_llama_cpp() {
+    let text = "I'VE 111 apples, 12345 of them\n\nx";
+    let mut seen: Vec<Vec<u32>> = Vec::new();
+    for (name, pre) in pre_tokenizers() {
+        let dir = temp(&format!("pre-{name}"));
+        let folder = dir.join("folder");
+        std::fs::create_dir_all(&folder).expect("folder");
+        for e in std::fs::read_dir(fixtures().join("tiny_qwen2")).expect("fixture") {
+            let p = e.expect("entry").path();
+            std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
+        }
+        let mut t: Value =
+            serde_json::from_slice(&std::fs::read(fixtures().join("tiny_tokenizer.json")).expect("tokenizer"))
+                .expect("JSON");
+        let merges = t["model"]["merges"].as_array_mut().expect("merges");
+        let gone: Vec<Value> = merges.drain(merges.len() - 5..).collect();
+        let vocab = t["model"]["vocab"].as_object_mut().expect("vocab");
+        for (m, id) in gone.iter().zip(315..) {
+            let made: String = m.as_array().expect("a pair").iter().map(|p| p.as_str().expect("part")).collect();
+            assert_eq!(vocab.remove(&made), Some(json!(id)), "merge {m} makes token {id}");
+        }
+        let new = [("1", "1"), ("11", "1"), ("Ġ", "1"), ("'", "V"), ("'V", "E")];
+        for ((l, r), id) in new.into_iter().zip(315..) {
+            vocab.insert(format!("{l}{r}"), json!(id));
+        }
+        let merges = t["model"]["merges"].as_array_mut().expect("merges");
+        merges.extend(new.into_iter().map(|(l, r)| json!([l, r])));
+        t["pre_tokenizer"] = pre;
+        // As Qwen2's and SmolLM's tokenizer.json: the converter then writes that no BOS is
+        // added (without the key llama.cpp adds one for Llama 3's split, as for a file with none).
+        t["post_processor"] =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+        std::fs::write(folder.join("tokenizer.json"), t.to_string()).expect("write");
+        let ids = Tokenizer::from_hf_dir(&folder).expect("tokenizer").encode_prompt(text).expect("encode");
+        let file = dir.join("model.gguf");
+        lora::merge::convert_gguf(&folder, &file, GgmlType::F32).expect("convert");
+        let g = GgufFile::open(&file).expect("open");
+        assert_eq!(g.get("tokenizer.ggml.pre").and_then(|v| v.as_str()), Some(name));
+        let judged = llama_cpp_on(&file, None, &ids, 0, &dir, Some(text));
+        assert_eq!(judged.tokens.as_deref(), Some(ids.as_slice()), "{name}: llama.cpp tokenizes otherwise");
+        assert_eq!(
+            Tokenizer::from_gguf(&g).expect("tokenizer").encode_prompt(text).expect("encode"),
+            ids,
+            "{name}: edgetune reading the file"
+        );
+        assert!(
+            !seen.contains(&ids),
+            "{name}: tokenizes as another pre-tokenizer does ({ids:?}): the text tells nothing apart"
+        );
+        seen.push(ids);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

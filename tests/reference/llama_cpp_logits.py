@@ -7,7 +7,9 @@ Reads one JSON request on stdin:
      "greedy": number of tokens to continue greedily, "out": "logits.f32"}
 and writes the logits of every position of `ids` to `out` (little-endian f32, row-major
 (len(ids), n_vocab)), then prints {"n_vocab": V, "greedy": [ids], "margins": [top-1 minus top-2 logit at each greedy
-step]} on stdout.
+step]} on stdout. With "text" in the request, the answer also holds "tokens": llama.cpp's own
+tokenization of the text (BOS added where the file says so, special and user-defined tokens
+matched whole).
 
 The KV cache is kept in f32 (llama.cpp's default is f16) so that an f32 base is computed in f32
 throughout, as edgetune computes it.
@@ -50,7 +52,10 @@ def main():
         greedy.append(tok)
         margins.append(float(top2[1] - top2[0]))
         llm.eval([tok])
-    print(json.dumps({"n_vocab": int(llm.n_vocab()), "greedy": greedy, "margins": margins}))
+    answer = {"n_vocab": int(llm.n_vocab()), "greedy": greedy, "margins": margins}
+    if req.get("text") is not None:
+        answer["tokens"] = [int(t) for t in llm.tokenize(req["text"].encode(), add_bos=True, special=True)]
+    print(json.dumps(answer))
 
 
 if __name__ == "__main__":

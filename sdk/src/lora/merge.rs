@@ -20,9 +20,10 @@ use super::{Adapter, Layout, Module, Slot};
 use crate::atomic::{write_atomic, write_atomic_with};
 use crate::error::{Error, Result};
 use crate::model::config::{Arch, ModelConfig, RopeScaling};
-use crate::model::gguf::{GgufFile, Value};
+use crate::model::gguf::Value;
 use crate::model::gguf_write::GgufWriter;
-use crate::model::weights::permute_rows;
+use crate::model::hf_gguf;
+use crate::model::weights::{WeightSource, gguf_name, permute_rows};
 use crate::quant::gguf_blocks::GgmlType;
 use crate::safetensors_write::{Entry, header};
 
@@ -388,43 +389,114 @@ fn file_type(ty: GgmlType) -> u32 {
     }
 }
 
-/// Merges `adapter` into the GGUF model at `model_path` and writes one GGUF file that llama.cpp,
-/// Ollama and LM Studio open as a model: the base's metadata (tokenizer, chat template,
-/// hyper-parameters) and tensor names, every matrix in `ty` (norms and other vectors stay F32,
-/// as llama.cpp's converter keeps them), with W + scale * B A in the file's own row order (the
-/// q/k permutation applied to the update).
+/// Merges `adapter` into the model at `model_path` and writes one GGUF file that llama.cpp,
+/// Ollama and LM Studio open as a model, every matrix in `ty` (norms and other vectors stay F32,
+/// as llama.cpp's converter keeps them), with W + scale * B A in the file's own row order.
+///
+/// From a GGUF base: the base's metadata (tokenizer, chat template, hyper-parameters) and
+/// tensor names, the q/k permutation applied to the update. From a Hugging Face folder (Llama,
+/// Mistral, Qwen2 or Qwen3 with a byte-level BPE tokenizer): the metadata, tensor names and q/k
+/// row order that llama.cpp's `convert_hf_to_gguf.py` writes for it (see `model::hf_gguf` and
+/// `tokenizer::gguf_vocab`); any other folder is refused with nothing written.
 pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType) -> Result<MergedGguf> {
+    write_gguf(model_path, Some(adapter), out, ty)
+}
+
+/// Writes the model at `model_path` (a Hugging Face folder, say) as one GGUF file with no
+/// adapter, as [`merge_gguf`] writes it: what llama.cpp's converter makes of a folder.
+pub fn convert_gguf(model_path: &Path, out: &Path, ty: GgmlType) -> Result<MergedGguf> {
+    write_gguf(model_path, None, out, ty)
+}
+
+fn write_gguf(model_path: &Path, adapter: Option<&Adapter>, out: &Path, ty: GgmlType) -> Result<MergedGguf> {
     if !GGUF_TYPES.contains(&ty) {
         return Err(Error::invalid(
             "merge type",
             format!("{} (expected one of {})", ty.name(), GGUF_TYPES.map(GgmlType::name).join(", ")),
         ));
     }
-    if model_path.is_dir() {
-        return Err(Error::invalid(
-            "merge",
-            format!(
-                "{}: a merged GGUF is written from a GGUF base (its tokenizer and metadata are copied); \
-                 convert the folder with llama.cpp's convert_hf_to_gguf.py, or merge to a folder",
-                model_path.display()
-            ),
-        ));
+    let (cfg, src) = crate::model::open_weights(model_path)?;
+    if let Some(adapter) = adapter {
+        let expected = Layout::new(&cfg, &adapter.config)?;
+        if expected != adapter.layout || adapter.params.len() != expected.len {
+            return Err(Error::invalid("adapter", "its shapes do not fit this model (an adapter for another model?)"));
+        }
     }
-    let g = GgufFile::open(model_path)?;
-    let cfg = ModelConfig::from_gguf(&g)?;
-    let expected = Layout::new(&cfg, &adapter.config)?;
-    if expected != adapter.layout || adapter.params.len() != expected.len {
-        return Err(Error::invalid("adapter", "its shapes do not fit this model (an adapter for another model?)"));
-    }
-    let (r, scale) = (adapter.layout.r, adapter.config.scale());
-    let mut w = GgufWriter::with_metadata_of(&g);
-    w.set("general.file_type", Value::U32(file_type(ty)));
     let mut merged = MergedGguf { tensors: 0, fell_back: 0 };
+    let mut matrix_type = |shape: &[usize]| {
+        if shape.len() < 2 {
+            GgmlType::F32
+        } else if shape[shape.len() - 1].is_multiple_of(ty.block().0) {
+            ty
+        } else {
+            merged.fell_back += 1;
+            fallback(ty, shape[shape.len() - 1])
+        }
+    };
+    let WeightSource::Gguf(g) = &src else {
+        // A Hugging Face folder: the converter's metadata and names, q and k permuted whole
+        // after the update is added in the folder's row order.
+        hf_gguf::check_writable(model_path, &cfg)?;
+        let mut w = GgufWriter::new();
+        for (k, v) in hf_gguf::hparams(model_path, &cfg)? {
+            w.set(&k, v);
+        }
+        w.set("general.file_type", Value::U32(file_type(ty)));
+        for (k, v) in
+            crate::tokenizer::gguf_vocab::gguf_metadata(model_path, cfg.vocab_size, cfg.arch.gguf_name() == "llama")?
+        {
+            w.set(&k, v);
+        }
+        let has_lm_head = !cfg.tie_word_embeddings && src.contains(&cfg, "lm_head.weight");
+        let tensors = tensor_list(&cfg, has_lm_head);
+        let mut names = std::collections::HashMap::new();
+        let divisors = hf_gguf::llama3_rope_divisors(&cfg);
+        if let Some(d) = &divisors {
+            w.declare_tensor("rope_freqs.weight", &[d.len()], GgmlType::F32)?;
+        }
+        for (i, (name, shape, _)) in tensors.iter().enumerate() {
+            let gguf = gguf_name(&cfg, name).ok_or_else(|| {
+                Error::unsupported(
+                    model_path,
+                    format!("tensor `{name}` has no GGUF name in a {} file", cfg.arch.gguf_name()),
+                )
+            })?;
+            w.declare_tensor(&gguf, shape, matrix_type(shape))?;
+            names.insert(gguf, i);
+        }
+        merged.tensors = names.len() + usize::from(divisors.is_some());
+        w.write_with(out, |gguf| {
+            let Some(&i) = names.get(gguf) else {
+                return divisors
+                    .clone()
+                    .ok_or_else(|| Error::invalid("merged tensor", format!("{gguf}: not declared")));
+            };
+            let (name, shape, slot) = &tensors[i];
+            let mut values = src.get(&cfg, name, shape)?;
+            if let Some(adapter) = adapter
+                && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
+            {
+                let r = adapter.layout.r;
+                let a = &adapter.params[s.a..s.a + r * s.n_in];
+                let b = &adapter.params[s.b..s.b + s.n_out * r];
+                add_delta(&mut values, a, b, r, s.n_in, adapter.config.scale());
+            }
+            if let Some(h) = hf_gguf::permuted_heads(&cfg, name) {
+                let rows = if shape.len() == 1 { vec![shape[0], 1] } else { shape.clone() };
+                values = permute_rows(&values, &rows, h);
+            }
+            Ok(values)
+        })?;
+        return Ok(merged);
+    };
+    let mut w = GgufWriter::with_metadata_of(g);
+    w.set("general.file_type", Value::U32(file_type(ty)));
     // The file's layout first, from the base's shapes; then each tensor merged and quantized
     // as the file reaches it, so no more than one is held.
     for (name, info) in &g.tensors {
         let shape = info.shape();
-        if let Some(s) = slot_of(name, &cfg, adapter)
+        if let Some(adapter) = adapter
+            && let Some(s) = slot_of(name, &cfg, adapter)
             && shape != [s.n_out, s.n_in]
         {
             return Err(Error::Shape {
@@ -434,26 +506,21 @@ pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType
                 expected: vec![s.n_out, s.n_in],
             });
         }
-        let t = if shape.len() < 2 {
-            GgmlType::F32
-        } else if shape[shape.len() - 1].is_multiple_of(ty.block().0) {
-            ty
-        } else {
-            merged.fell_back += 1;
-            fallback(ty, shape[shape.len() - 1])
-        };
-        w.declare_tensor(name, &shape, t)?;
+        w.declare_tensor(name, &shape, matrix_type(&shape))?;
         merged.tensors += 1;
     }
     w.write_with(out, |name| {
         let (mut values, _) = g.tensor_f32(name)?;
-        if let Some(s) = slot_of(name, &cfg, adapter) {
+        if let Some(adapter) = adapter
+            && let Some(s) = slot_of(name, &cfg, adapter)
+        {
+            let r = adapter.layout.r;
             let a = &adapter.params[s.a..s.a + r * s.n_in];
             let mut b = adapter.params[s.b..s.b + s.n_out * r].to_vec();
             if let Some(h) = super::gguf::permuted_heads(&cfg, s.module) {
                 b = permute_rows(&b, &[s.n_out, r], h);
             }
-            add_delta(&mut values, a, &b, r, s.n_in, scale);
+            add_delta(&mut values, a, &b, r, s.n_in, adapter.config.scale());
         }
         Ok(values)
     })?;

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod gguf;
 pub mod gguf_write;
+pub mod hf_gguf;
 pub mod llama;
 pub mod training;
 pub mod weights;

@@ -375,7 +375,7 @@ fn move_qk_rows<T: Copy + Default>(data: &[T], shape: &[usize], n_head: usize, t
 }
 
 /// Maps a Hugging Face tensor name to its GGUF name.
-fn gguf_name(cfg: &ModelConfig, hf: &str) -> Option<String> {
+pub fn gguf_name(cfg: &ModelConfig, hf: &str) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),

@@ -15,6 +15,8 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 use crate::error::{Error, Result};
 use crate::model::gguf::{GgufFile, Value};
 
+pub mod gguf_vocab;
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Message {
@@ -337,6 +339,14 @@ pub const TEMPLATE_FUEL_BASE: u64 = 1_000_000;
 /// [`TEMPLATE_FUEL_BASE`].
 pub const TEMPLATE_FUEL_PER_BYTE: u64 = 100;
 
+/// GPT-2's split (`ByteLevel`'s own regex; llama.cpp's `gpt2` pre-tokenizer).
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// Llama 3's split (llama.cpp's `llama-bpe`).
+const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's split (llama.cpp's `qwen2`).
+const QWEN2: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// A byte-level BPE (GPT-2 style) with the pre-tokenizer llama.cpp names `pre`.
 fn byte_level_bpe(
     source: &str,
@@ -353,9 +363,6 @@ fn byte_level_bpe(
             .map_err(|e| tok_err(source, e))?
             .into())
     };
-    const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let pres: Vec<PreTokenizerWrapper> = match pre {
         // SmolLM: digits one by one, then GPT-2's byte-level split.
         "smollm" => vec![Digits::new(true).into(), split(GPT2)?, byte_level.into()],

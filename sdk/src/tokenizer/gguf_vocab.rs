@@ -1,0 +1,382 @@
+//! A Hugging Face byte-level BPE tokenizer (`tokenizer.json`, `tokenizer_config.json`) written
+//! as GGUF metadata, as llama.cpp's `convert_hf_to_gguf.py` writes it (`_set_vocab_gpt2` and
+//! gguf-py's `SpecialVocab`): the tokens by id with their types, the merges, the pre-tokenizer's
+//! llama.cpp name, the special tokens' ids, whether BOS and EOS are added, and the chat template.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+
+use super::token_text;
+use crate::error::{Error, Result};
+use crate::model::gguf::Value;
+
+/// llama.cpp's token types (`llama_token_type`).
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+
+/// The special tokens the converter looks up, with the GGUF key each is written under (`cls`
+/// has no key in gguf-py: the converter skips it).
+const SPECIALS: [(&str, Option<&str>); 7] = [
+    ("bos", Some("tokenizer.ggml.bos_token_id")),
+    ("eos", Some("tokenizer.ggml.eos_token_id")),
+    ("unk", Some("tokenizer.ggml.unknown_token_id")),
+    ("sep", Some("tokenizer.ggml.seperator_token_id")),
+    ("pad", Some("tokenizer.ggml.padding_token_id")),
+    ("cls", None),
+    ("mask", Some("tokenizer.ggml.mask_token_id")),
+];
+
+fn read_json(path: &Path, limit: u64, what: &str) -> Result<Json> {
+    let bytes = crate::files::read(path, limit, what, "")?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
+}
+
+/// llama.cpp's name for the pre-tokenizer of `tokenizer.json` (`tokenizer.ggml.pre`): one of
+/// the four that edgetune's GGUF tokenizer builds, recognised by its structure and regex.
+pub fn pre_tokenizer_name(path: &Path, pre: &Json) -> Result<&'static str> {
+    let kind = |j: &Json| j.get("type").and_then(Json::as_str).unwrap_or("").to_string();
+    let byte_level = |j: &Json, regex: bool| {
+        kind(j) == "ByteLevel" && j.get("use_regex").and_then(Json::as_bool).unwrap_or(true) == regex
+    };
+    let split_regex = |j: &Json| -> Option<String> {
+        (kind(j) == "Split"
+            && j.get("behavior").and_then(Json::as_str) == Some("Isolated")
+            && !j.get("invert").and_then(Json::as_bool).unwrap_or(false))
+        .then(|| j.get("pattern")?.get("Regex")?.as_str().map(str::to_string))
+        .flatten()
+    };
+    let digits = |j: &Json| kind(j) == "Digits" && j.get("individual_digits").and_then(Json::as_bool) == Some(true);
+    let steps: Vec<&Json> = match kind(pre).as_str() {
+        "Sequence" => pre.get("pretokenizers").and_then(Json::as_array).map(|a| a.iter().collect()).unwrap_or_default(),
+        _ => vec![pre],
+    };
+    let name = match steps.as_slice() {
+        [b] if byte_level(b, true) => Some("gpt-2"),
+        [d, b] if digits(d) && byte_level(b, true) => Some("smollm"),
+        [s, b] if byte_level(b, false) => match split_regex(s).as_deref() {
+            Some(r) if r == super::LLAMA3 => Some("llama-bpe"),
+            Some(r) if r == super::QWEN2 => Some("qwen2"),
+            Some(r) if r == super::GPT2 => Some("gpt-2"),
+            _ => None,
+        },
+        _ => None,
+    };
+    name.ok_or_else(|| {
+        Error::unsupported(
+            path,
+            format!(
+                "pre_tokenizer {} (edgetune writes GGUF files for GPT-2's byte-level split, SmolLM's, Llama 3's and \
+                 Qwen2's; convert this model with llama.cpp's convert_hf_to_gguf.py)",
+                serde_json::to_string(pre).unwrap_or_default()
+            ),
+        )
+    })
+}
+
+/// Whether the converter marks an added token CONTROL although it is not special
+/// (`does_token_look_special`).
+fn looks_special(t: &str) -> bool {
+    matches!(t, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<｜") && t.ends_with("｜>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
+/// The tokenizer of the Hugging Face folder `dir` as the GGUF metadata llama.cpp's converter
+/// writes for it, `vocab_size` tokens long (`config.json`'s: ids the tokenizer lacks become
+/// `[PADi]`, unused). Byte-level BPE only: a SentencePiece-style `tokenizer.json` (byte
+/// fallback) is refused, as is a pre-tokenizer that edgetune cannot name. For a `llama` file
+/// (`llama`), also what the converter's `LlamaModel` adds: `add_prefix_space` of
+/// `tokenizer_config.json` as `tokenizer.ggml.add_space_prefix`, and no BOS added for a
+/// 49,152-token vocabulary (IBM Granite's small models; SmolLM's too).
+pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(String, Value)>> {
+    let path = dir.join("tokenizer.json");
+    let j = read_json(&path, crate::files::TOKENIZER_BYTES, "tokenizer.json")?;
+    let model = j.get("model").unwrap_or(&Json::Null);
+    let kind = model.get("type").and_then(Json::as_str).unwrap_or("");
+    if kind != "BPE" || model.get("byte_fallback").and_then(Json::as_bool).unwrap_or(false) {
+        return Err(Error::unsupported(
+            &path,
+            format!(
+                "a {} tokenizer{} (edgetune writes GGUF files for byte-level BPE tokenizers; convert this model \
+                 with llama.cpp's convert_hf_to_gguf.py)",
+                if kind.is_empty() { "model.type-less" } else { kind },
+                if kind == "BPE" { " with byte fallback (SentencePiece-style)" } else { "" }
+            ),
+        ));
+    }
+    let pre = pre_tokenizer_name(&path, j.get("pre_tokenizer").unwrap_or(&Json::Null))?;
+
+    // Tokens by id: the model's vocabulary, then the added tokens over it.
+    let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab_size];
+    let mut put = |id: Option<u64>, text: String, ty: i32| -> Result<()> {
+        let id = id.ok_or_else(|| Error::format(&path, format!("token `{text}` has no integer id")))? as usize;
+        let slot = tokens.get_mut(id).ok_or_else(|| {
+            Error::format(
+                &path,
+                format!("token `{text}` has id {id}, past the model's {vocab_size} tokens (config.json vocab_size)"),
+            )
+        })?;
+        *slot = Some((text, ty));
+        Ok(())
+    };
+    let vocab = model
+        .get("vocab")
+        .and_then(Json::as_object)
+        .ok_or_else(|| Error::format(&path, "model.vocab is not an object of tokens to ids"))?;
+    for (text, id) in vocab {
+        put(id.as_u64(), text.clone(), NORMAL)?;
+    }
+    let added: Vec<&Json> =
+        j.get("added_tokens").and_then(Json::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+    for t in &added {
+        let text = t.get("content").and_then(Json::as_str).unwrap_or("").to_string();
+        let special = t.get("special").and_then(Json::as_bool).unwrap_or(false);
+        let (text, ty) = if special || looks_special(&text) {
+            (text, CONTROL)
+        } else {
+            // Pre-normalized for llama.cpp, as the converter writes user-defined tokens.
+            (text.replace('▁', " "), USER_DEFINED)
+        };
+        put(t.get("id").and_then(Json::as_u64), text, ty)?;
+    }
+    let (texts, types): (Vec<Value>, Vec<Value>) = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            Some((text, ty)) => (Value::String(text), Value::I32(ty)),
+            None => (Value::String(format!("[PAD{i}]")), Value::I32(UNUSED)),
+        })
+        .unzip();
+
+    // Merges as "left right", a space inside a part written as U+0120 (gguf-py's SpecialVocab).
+    let merges: Vec<Value> = match model.get("merges").and_then(Json::as_array) {
+        None => Vec::new(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match m {
+                Json::String(s) => Ok(Value::String(s.clone())),
+                Json::Array(p) if p.len() == 2 && p.iter().all(Json::is_string) => Ok(Value::String(
+                    p.iter().filter_map(Json::as_str).map(|s| s.replace(' ', "\u{120}")).collect::<Vec<_>>().join(" "),
+                )),
+                _ => Err(Error::format(&path, format!("model.merges[{i}] is neither \"a b\" nor [\"a\", \"b\"]"))),
+            })
+            .collect::<Result<_>>()?,
+    };
+
+    let mut out: Vec<(String, Value)> = vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(texts)),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types)),
+    ];
+    if !merges.is_empty() {
+        out.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
+    }
+    out.extend(special_metadata(dir, &j, &added)?);
+    if llama {
+        let cfg_path = dir.join("tokenizer_config.json");
+        if cfg_path.is_file()
+            && let Some(b) = read_json(&cfg_path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")?
+                .get("add_prefix_space")
+                .and_then(Json::as_bool)
+        {
+            out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
+        }
+        if vocab_size == 49152 {
+            match out.iter_mut().find(|(k, _)| k == "tokenizer.ggml.add_bos_token") {
+                Some(slot) => slot.1 = Value::Bool(false),
+                None => out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false))),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The special tokens' ids, the add-BOS/EOS/SEP flags and the chat template, as gguf-py's
+/// `SpecialVocab` reads them: `tokenizer_config.json`'s `*_token` texts looked up among the
+/// added tokens, then `config.json`'s `*_token_id`; the flags from the post-processor
+/// (`ByteLevel` adds nothing; `TemplateProcessing` adds the special tokens around a single
+/// sequence and between a pair's), then `tokenizer_config.json`'s `add_*_token`; the chat
+/// template from `tokenizer_config.json`, else `chat_template.jinja` or `chat_template.json`.
+fn special_metadata(dir: &Path, tokenizer: &Json, added: &[&Json]) -> Result<Vec<(String, Value)>> {
+    let cfg_path = dir.join("tokenizer_config.json");
+    let mut tc: Option<serde_json::Map<String, Json>> = None;
+    if cfg_path.is_file() {
+        match read_json(&cfg_path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")? {
+            Json::Object(m) => tc = Some(m),
+            _ => return Err(Error::format(&cfg_path, "expected a JSON object")),
+        }
+    }
+    let text_of = |tc: &Option<serde_json::Map<String, Json>>, typ: &str| {
+        tc.as_ref().and_then(|c| token_text(c.get(&format!("{typ}_token"))))
+    };
+    let mut add: Vec<(&'static str, bool)> = Vec::new();
+    let set_add = |add: &mut Vec<(&'static str, bool)>, typ: &'static str, v: bool, keep: bool| match add
+        .iter_mut()
+        .find(|(t, _)| *t == typ)
+    {
+        Some(slot) if !keep => slot.1 = v,
+        Some(_) => {}
+        None => add.push((typ, v)),
+    };
+    let mut extra: Vec<&'static str> = Vec::new();
+    let processors: Vec<&Json> = match tokenizer.get("post_processor").filter(|p| !p.is_null()) {
+        None => Vec::new(),
+        Some(pp) => match pp.get("processors").and_then(Json::as_array) {
+            Some(a) => a.iter().collect(),
+            None => vec![pp],
+        },
+    };
+    let special_id =
+        |j: &Json| j.get("SpecialToken").and_then(|s| s.get("id")).and_then(Json::as_str).map(str::to_string);
+    let sequence_id = |j: &Json| j.get("Sequence").and_then(|s| s.get("id")).and_then(Json::as_str).map(str::to_string);
+    let list = |p: &Json, k: &str| p.get(k).and_then(Json::as_array).cloned();
+    for p in processors {
+        match p.get("type").and_then(Json::as_str) {
+            Some("ByteLevel") => {
+                set_add(&mut add, "bos", false, true);
+                set_add(&mut add, "eos", false, true);
+            }
+            Some("TemplateProcessing") => {
+                let (mut bos, mut eos) = (text_of(&tc, "bos"), text_of(&tc, "eos"));
+                let single = list(p, "single").unwrap_or_default();
+                let (mut first, mut last) = (None, None);
+                if single.len() > 1 {
+                    first = special_id(&single[0]);
+                    if let Some(f) = first.clone() {
+                        let cls = text_of(&tc, "cls");
+                        match tc.as_mut() {
+                            None => bos = Some(f.clone()),
+                            Some(c) if Some(&f) != bos.as_ref() && Some(&f) != cls.as_ref() => {
+                                if bos.is_none() {
+                                    c.insert("bos_token".into(), Json::String(f.clone()));
+                                    bos = Some(f.clone());
+                                }
+                                if cls.is_none() {
+                                    c.insert("cls_token".into(), Json::String(f.clone()));
+                                }
+                            }
+                            Some(_) => {}
+                        }
+                        let v = Some(&f) == bos.as_ref() || Some(&f) == text_of(&tc, "cls").as_ref();
+                        set_add(&mut add, "bos", v, false);
+                    }
+                    last = special_id(&single[single.len() - 1]);
+                    if let Some(l) = last.clone() {
+                        match tc.as_mut() {
+                            None => eos = Some(l.clone()),
+                            Some(c) if Some(&l) != eos.as_ref() => {
+                                // The old EOS becomes EOT (or EOM), the trailing token EOS.
+                                let moved = if !extra.contains(&"eot") { "eot" } else { "eom" };
+                                extra.push(moved);
+                                c.insert(format!("{moved}_token"), eos.clone().map_or(Json::Null, Json::String));
+                                c.insert("eos_token".into(), Json::String(l.clone()));
+                                eos = Some(l.clone());
+                            }
+                            Some(_) => {}
+                        }
+                        set_add(&mut add, "eos", Some(&l) == eos.as_ref(), false);
+                    }
+                }
+                // A pair "A [sep] [eos] B" adds a separator between the two sequences.
+                let pair = list(p, "pair").unwrap_or_default();
+                let start = usize::from(first.is_some() && pair.first().and_then(special_id) == first);
+                let stop = pair.len() - usize::from(last.is_some() && pair.last().and_then(special_id) == last);
+                let pair = if start <= stop { &pair[start..stop] } else { &[][..] };
+                if pair.len() > 2
+                    && sequence_id(&pair[0]).as_deref() == Some("A")
+                    && sequence_id(&pair[pair.len() - 1]).as_deref() == Some("B")
+                {
+                    let middle = &pair[1..pair.len() - 1];
+                    let sep = text_of(&tc, "sep");
+                    let closes =
+                        |j: &Json| special_id(j).is_some_and(|e| Some(&e) == sep.as_ref() || Some(&e) == eos.as_ref());
+                    let mut add_sep = closes(&middle[0]) && last.is_none();
+                    if middle.len() == 2 && closes(&middle[1]) {
+                        add_sep = true;
+                    }
+                    set_add(&mut add, "sep", add_sep, false);
+                    if add_sep
+                        && sep.is_none()
+                        && let Some(c) = tc.as_mut()
+                    {
+                        c.insert("sep_token".into(), eos.clone().map_or(Json::Null, Json::String));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let keys: Vec<(&'static str, Option<&'static str>)> = SPECIALS
+        .iter()
+        .copied()
+        .chain(extra.iter().map(|&e| {
+            (e, Some(if e == "eot" { "tokenizer.ggml.eot_token_id" } else { "tokenizer.ggml.eom_token_id" }))
+        }))
+        .collect();
+    let mut ids: Vec<(&'static str, u32)> = Vec::new();
+    let mut template = None;
+    // Without tokenizer_config.json the converter reads no token texts, flags or template.
+    if let Some(c) = &tc {
+        for &(typ, _) in &keys {
+            if let Some(v) = c.get(&format!("add_{typ}_token")).and_then(Json::as_bool)
+                && !add.iter().any(|(t, _)| *t == typ)
+            {
+                add.push((typ, v));
+            }
+            let Some(text) = token_text(c.get(&format!("{typ}_token"))) else { continue };
+            let id = added.iter().find(|a| a.get("content").and_then(Json::as_str) == Some(text.as_str()));
+            if let Some(id) = id.and_then(|a| a.get("id")).and_then(Json::as_u64)
+                && !ids.iter().any(|(t, _)| *t == typ)
+            {
+                ids.push((typ, id as u32));
+            }
+        }
+        template = match c.get("chat_template") {
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(_) => None,
+            None => {
+                let (jinja, json) = (dir.join("chat_template.jinja"), dir.join("chat_template.json"));
+                if jinja.is_file() {
+                    Some(crate::files::read_config(&jinja)?)
+                } else if json.is_file() {
+                    let j = read_json(&json, crate::files::TOKENIZER_BYTES, "chat_template.json")?;
+                    j.get("chat_template").and_then(Json::as_str).map(str::to_string)
+                } else {
+                    None
+                }
+            }
+        };
+    }
+    let config = dir.join("config.json");
+    if config.is_file() {
+        let c = read_json(&config, crate::files::TOKENIZER_BYTES, "config.json")?;
+        for &(typ, _) in &keys {
+            if let Some(id) = c.get(format!("{typ}_token_id").as_str()).and_then(Json::as_u64)
+                && !ids.iter().any(|(t, _)| *t == typ)
+            {
+                ids.push((typ, id as u32));
+            }
+        }
+    }
+    let mut out: Vec<(String, Value)> = Vec::new();
+    for (typ, id) in ids {
+        if let Some((_, Some(key))) = keys.iter().find(|(t, _)| *t == typ) {
+            out.push(((*key).into(), Value::U32(id)));
+        }
+    }
+    for (typ, v) in add {
+        if matches!(typ, "bos" | "eos" | "sep") {
+            out.push((format!("tokenizer.ggml.add_{typ}_token"), Value::Bool(v)));
+        }
+    }
+    if let Some(t) = template {
+        out.push(("tokenizer.chat_template".into(), Value::String(t)));
+    }
+    Ok(out)
+}

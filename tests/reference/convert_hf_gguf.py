@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Writes tests/reference/fixtures/hf_gguf_expected.json: what llama.cpp's own
+convert_hf_to_gguf.py writes for the tiny Hugging Face fixtures, the file that edgetune's GGUF
+written from a folder (`edgetune merge --format gguf` of a folder, `lora::merge::convert_gguf`)
+must match in tests/llama_cpp.rs: every metadata key with its GGUF type and value, and every
+tensor's name, shape, type and an FNV-1a 64 hash of its bytes (F32, so the bytes are the
+values).
+
+The converter is the one in the source distribution of llama-cpp-python 0.3.36 (the version
+scripts/llama-cpp.sh builds), run with torch and transformers:
+
+    python3 -m venv ~/.cache/edgetune/refvenv
+    ~/.cache/edgetune/refvenv/bin/pip install torch transformers safetensors sentencepiece numpy pyyaml
+    ~/.cache/edgetune/refvenv/bin/python tests/reference/convert_hf_gguf.py
+
+Written with torch 2.15, transformers 5.25 and that converter. One input is handed to the
+converter: the pre-tokenizer's name. The converter names it by hashing the token ids of a
+test string against a table of published tokenizers, and the tiny tokenizer is none of them;
+each case says which pre-tokenizer its tokenizer.json declares (tests/gguf_models.rs checks
+that edgetune names each one so that it tokenizes as the folder does).
+
+Each case is a fixture folder with some files replaced (`edits`, stored in the JSON so that the
+test builds the same folder): `tiny_llama_llama3` gives tiny Llama Llama 3's RoPE scaling and
+pre-tokenizer, a TemplateProcessing post-processor that adds BOS, BOS and padding tokens in
+tokenizer_config.json, an added token that is not special and two ids the tokenizer lacks.
+"""
+import copy
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIX = os.path.join(HERE, "fixtures")
+VERSION = "0.3.36"
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def fnv1a64(b: bytes) -> str:
+    h = 0xCBF29CE484222325
+    for x in b:
+        h = ((h ^ x) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+def llama3_edits():
+    with open(os.path.join(FIX, "tiny_llama", "config.json")) as f:
+        cfg = json.load(f)
+    cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cfg["bos_token_id"] = 0
+    with open(os.path.join(FIX, "tiny_tokenizer.json")) as f:
+        tok = json.load(f)
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    tok["post_processor"] = {"type": "TemplateProcessing",
+                             "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                        {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                                      {"Sequence": {"id": "A", "type_id": 0}},
+                                      {"SpecialToken": {"id": "<|endoftext|>", "type_id": 1}},
+                                      {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0],
+                                                                  "tokens": ["<|endoftext|>"]}}}
+    # The last three merges and the tokens they make go, so the tokenizer ends three ids short
+    # of the model's 320 (the converter writes [PADi] there); the first of those ids goes to an
+    # added token that is not special (llama.cpp's USER_DEFINED), where transformers puts it.
+    vocab, merges = tok["model"]["vocab"], tok["model"]["merges"]
+    top = sorted(vocab.items(), key=lambda x: -x[1])[:3]
+    made = {"".join(m if isinstance(m, list) else m.split(" ")) for m in merges[-3:]}
+    assert {t for t, _ in top} == made and max(i for _, i in top) == 319, (top, made)
+    del merges[-3:]
+    for t, _ in top:
+        vocab.pop(t)
+    tok["added_tokens"].append({"id": 317, "content": "edgetune", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": False})
+    tc = {"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}", "bos_token": "<|endoftext|>",
+          "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": True}
+    return {"config.json": json.dumps(cfg, indent=1), "tokenizer.json": json.dumps(tok, ensure_ascii=False),
+            "tokenizer_config.json": json.dumps(tc, indent=1)}
+
+
+CASES = [
+    {"name": "tiny_llama", "base": "tiny_llama", "pre": "gpt-2", "edits": {}},
+    {"name": "tiny_qwen2", "base": "tiny_qwen2", "pre": "gpt-2", "edits": {}},
+    {"name": "tiny_qwen3", "base": "tiny_qwen3", "pre": "gpt-2", "edits": {}},
+    {"name": "tiny_llama_llama3", "base": "tiny_llama", "pre": "llama-bpe", "edits": llama3_edits()},
+]
+
+
+def llama_cpp_source(work):
+    """convert_hf_to_gguf.py, its conversion package and gguf-py from llama-cpp-python's sdist."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={VERSION}", "-d", work], check=True)
+    with tarfile.open(os.path.join(work, f"llama_cpp_python-{VERSION}.tar.gz")) as t:
+        prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
+        members = [m for m in t.getmembers() if m.name.startswith(prefix) and (
+            m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith(prefix + "conversion/")
+            or m.name.startswith(prefix + "gguf-py/"))]
+        t.extractall(work, members=members, filter="data")
+    return os.path.join(work, prefix)
+
+
+def value(field):
+    import gguf
+    t = field.types
+    if t[0] == gguf.GGUFValueType.ARRAY:
+        return ["ARRAY", t[1].name, field.contents()]
+    return [t[0].name, field.contents()]
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="hf-gguf-")
+    src = llama_cpp_source(work)
+    sys.path.insert(0, os.path.join(src, "gguf-py"))
+    sys.path.insert(0, src)
+    import gguf
+    from conversion import base
+    out = {"converter": f"llama-cpp-python {VERSION} convert_hf_to_gguf.py --outtype f32", "cases": []}
+    for case in CASES:
+        folder = os.path.join(work, case["name"])
+        shutil.copytree(os.path.join(FIX, case["base"]), folder)
+        for name, text in case["edits"].items():
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(text)
+        base.TextModel.get_vocab_base_pre = lambda self, tok, pre=case["pre"]: pre
+        path = os.path.join(work, case["name"] + ".gguf")
+        sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", path, "--outtype", "f32"]
+        try:
+            runpy.run_path(os.path.join(src, "convert_hf_to_gguf.py"), run_name="__main__")
+        except SystemExit as e:
+            if e.code:
+                raise
+        r = gguf.GGUFReader(path)
+        meta = {k: value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+        tensors = {t.name: {"shape": [int(d) for d in reversed(t.shape)], "type": t.tensor_type.name,
+                            "fnv1a64": fnv1a64(bytes(t.data.tobytes()))} for t in r.tensors}
+        out["cases"].append({**copy.deepcopy(case), "metadata": meta, "tensors": tensors})
+        print(case["name"], len(meta), "keys", len(tensors), "tensors", file=sys.stderr)
+    with open(os.path.join(FIX, "hf_gguf_expected.json"), "w") as f:
+        json.dump(out, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
