@@ -112,6 +112,91 @@ fn bad_input_exits_non_zero_with_a_named_reason() {
     assert!(text(&out.stderr).contains("expected nf4, gguf or none"), "{}", text(&out.stderr));
 }
 
+/// `merge --format gguf` from a Hugging Face folder writes the library's file (the one
+/// tests/llama_cpp.rs holds to llama.cpp's converter and runs in llama.cpp) and a Modelfile
+/// naming it; what it cannot write as llama.cpp would read it is refused by name, with
+/// nothing written: another family, a sliding window, a SentencePiece-style tokenizer, a
+/// pre-tokenizer it cannot name.
+#[test]
+fn merge_to_gguf_from_a_folder_writes_the_librarys_file_or_refuses_by_name() {
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let fx = common::fixtures();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let merge = |model: &std::path::Path, adapter: &str, out: &std::path::Path| {
+        let adapter = fx.join(adapter);
+        edgetune(&[
+            "merge",
+            "--model",
+            &path(model),
+            "--adapter",
+            &path(&adapter),
+            "--format",
+            "gguf",
+            "--type",
+            "q8_0",
+            "--output",
+            &path(out),
+        ])
+    };
+    let qwen2 = fx.join("tiny_qwen2");
+    let out = dir.join("merged.gguf");
+    let run = merge(&qwen2, "peft_qwen2_adapter", &out);
+    assert!(run.status.success(), "{}", text(&run.stderr));
+    let (cfg, _) = edgetune::model::open_weights(&qwen2).expect("folder");
+    let adapter = edgetune::lora::load(&fx.join("peft_qwen2_adapter"), &cfg).expect("adapter");
+    let lib = dir.join("library.gguf");
+    edgetune::lora::merge::merge_gguf(&qwen2, &adapter, &lib, edgetune::quant::gguf_blocks::GgmlType::Q8_0)
+        .expect("merge");
+    assert!(
+        std::fs::read(&out).expect("cli file") == std::fs::read(&lib).expect("library file"),
+        "not the library's file"
+    );
+    let modelfile = std::fs::read_to_string(dir.join("Modelfile")).expect("Modelfile");
+    assert!(modelfile.contains("FROM /") && modelfile.contains("merged.gguf"), "{modelfile}");
+
+    let refused = |model: &std::path::Path, adapter: &str, expected: &[&str]| {
+        let out = dir.join("refused.gguf");
+        let run = merge(model, adapter, &out);
+        assert_eq!(run.status.code(), Some(1), "{}", text(&run.stderr));
+        let err = text(&run.stderr);
+        assert!(expected.iter().all(|e| err.contains(e)), "{err}");
+        assert!(!out.exists(), "a refused merge wrote {}", out.display());
+    };
+    refused(
+        &fx.join("tiny_gemma3"),
+        "peft_gemma3_adapter",
+        &["tiny_gemma3", "gemma3_text folder", "convert_hf_to_gguf.py"],
+    );
+    refused(&fx.join("tiny_mistral"), "peft_mistral_adapter", &["tiny_mistral", "sliding window of"]);
+    // tiny Qwen2 with its tokenizer.json changed, one field at a time.
+    let edited = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let folder = dir.join(name);
+        std::fs::create_dir_all(&folder).expect("folder");
+        for e in std::fs::read_dir(&qwen2).expect("fixture") {
+            let p = e.expect("entry").path();
+            std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
+        }
+        let file = folder.join("tokenizer.json");
+        let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("JSON");
+        edit(&mut t);
+        std::fs::write(&file, t.to_string()).expect("write");
+        folder
+    };
+    let spm = edited("spm", &|t| t["model"]["byte_fallback"] = true.into());
+    refused(&spm, "peft_qwen2_adapter", &["spm/tokenizer.json", "byte fallback", "convert_hf_to_gguf.py"]);
+    let split = edited("split", &|t| {
+        t["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+    });
+    refused(
+        &split,
+        "peft_qwen2_adapter",
+        &["split/tokenizer.json", "pre_tokenizer for a GGUF file: {\"type\":\"Whitespace\"}"],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn train_with_json_events_then_export_and_use_the_adapter() {
     let dir = std::env::temp_dir().join(format!("edgetune-cli-train-{}", std::process::id()));

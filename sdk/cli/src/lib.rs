@@ -208,7 +208,8 @@ enum Cmd {
         activations: Precision,
     },
     /// Merge an adapter into its base model: a Hugging Face folder (f16 or bf16), or with
-    /// `--format gguf` one GGUF file for llama.cpp, Ollama and LM Studio (from a GGUF base).
+    /// `--format gguf` one GGUF file for llama.cpp, Ollama and LM Studio (from a GGUF base, or
+    /// from a Llama, Mistral, Qwen2 or Qwen3 folder as llama.cpp's converter writes it).
     Merge {
         /// The base model: a Hugging Face folder or a .gguf file.
         #[arg(long)]

@@ -19,7 +19,7 @@ pub fn check_writable(dir: &Path, cfg: &ModelConfig) -> Result<()> {
         return Err(Error::unsupported(
             dir,
             format!(
-                "a GGUF file of a {} folder (edgetune writes them for Llama, Mistral, Qwen2 and Qwen3 folders); \
+                "GGUF file from a {} folder (edgetune writes them from Llama, Mistral, Qwen2 and Qwen3 folders); \
                  merge to a folder and convert it with llama.cpp's convert_hf_to_gguf.py",
                 cfg.arch.name()
             ),
@@ -29,7 +29,7 @@ pub fn check_writable(dir: &Path, cfg: &ModelConfig) -> Result<()> {
         return Err(Error::unsupported(
             dir,
             format!(
-                "a GGUF file of a model whose layers attend within a sliding window of {w} tokens: llama.cpp's \
+                "GGUF file from a folder whose layers attend within a sliding window of {w} tokens: llama.cpp's \
                  {} files hold no window, so llama.cpp would attend past it",
                 cfg.arch.gguf_name()
             ),
@@ -68,7 +68,7 @@ pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
         Some(other) => {
             return Err(Error::unsupported(
                 &cfg_path,
-                format!("a GGUF file of a model with RoPE scaling {other:?} (edgetune writes linear and llama3)"),
+                format!("GGUF file from a folder with RoPE scaling {other:?} (edgetune writes linear and llama3)"),
             ));
         }
     }

@@ -68,8 +68,8 @@ pub fn pre_tokenizer_name(path: &Path, pre: &Json) -> Result<&'static str> {
         Error::unsupported(
             path,
             format!(
-                "pre_tokenizer {} (edgetune writes GGUF files for GPT-2's byte-level split, SmolLM's, Llama 3's and \
-                 Qwen2's; convert this model with llama.cpp's convert_hf_to_gguf.py)",
+                "pre_tokenizer for a GGUF file: {} (edgetune names GPT-2's byte-level split, SmolLM's, Llama 3's \
+                 and Qwen2's; convert this model with llama.cpp's convert_hf_to_gguf.py)",
                 serde_json::to_string(pre).unwrap_or_default()
             ),
         )
@@ -101,7 +101,7 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(
         return Err(Error::unsupported(
             &path,
             format!(
-                "a {} tokenizer{} (edgetune writes GGUF files for byte-level BPE tokenizers; convert this model \
+                "tokenizer for a GGUF file: {}{} (edgetune writes byte-level BPE tokenizers; convert this model \
                  with llama.cpp's convert_hf_to_gguf.py)",
                 if kind.is_empty() { "model.type-less" } else { kind },
                 if kind == "BPE" { " with byte fallback (SentencePiece-style)" } else { "" }
