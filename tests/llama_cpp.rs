@@ -753,19 +753,29 @@ fn hf_gguf_cases() -> Vec<Value> {
     let bytes = std::fs::read(fixtures().join("hf_gguf_expected.json")).expect("hf_gguf_expected.json");
     let v: Value = serde_json::from_slice(&bytes).expect("JSON");
     let cases = v["cases"].as_array().expect("cases").clone();
-    assert_eq!(cases.len(), 4, "the fixture's cases");
+    assert_eq!(cases.len(), 5, "the fixture's cases");
     cases
 }
 
-/// The case's folder: a copy of its fixture folder with the case's files replaced.
+/// The text the fixture's cases were tokenized from by Hugging Face tokenizers.
+fn hf_gguf_text() -> String {
+    let bytes = std::fs::read(fixtures().join("hf_gguf_expected.json")).expect("hf_gguf_expected.json");
+    let v: Value = serde_json::from_slice(&bytes).expect("JSON");
+    v["text"].as_str().expect("text").to_string()
+}
+
+/// The case's folder: a copy of its fixture folder, the files of another fixture folder
+/// (`files`) copied over it, and the case's own files replaced.
 fn hf_case_folder(case: &Value, dir: &Path) -> PathBuf {
     let name = case["name"].as_str().expect("name");
     let folder = dir.join(name);
     std::fs::create_dir_all(&folder).expect("folder");
-    let base = fixtures().join(case["base"].as_str().expect("base"));
-    for e in std::fs::read_dir(&base).expect("fixture folder") {
-        let p = e.expect("entry").path();
-        std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
+    let sources = [case["base"].as_str(), case["files"].as_str()];
+    for base in sources.into_iter().flatten().map(|f| fixtures().join(f)) {
+        for e in std::fs::read_dir(&base).expect("fixture folder") {
+            let p = e.expect("entry").path();
+            std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
+        }
     }
     for (file, text) in case["edits"].as_object().expect("edits") {
         std::fs::write(folder.join(file), text.as_str().expect("text")).expect("edit");
@@ -883,10 +893,12 @@ fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
 
 /// The same files with an adapter merged run in llama.cpp as the folder runs in edgetune with
 /// the adapter applied unmerged (both f32; the f32 bound), continue greedily alike, and
-/// tokenize text as the folder's tokenizer does, in llama.cpp and in edgetune reading the file.
+/// tokenize text as Hugging Face tokenizers encodes it with the folder's tokenizer.json (BOS
+/// included where its post-processor adds it), in llama.cpp and in edgetune reading the file.
 #[test]
 fn a_folder_merged_to_gguf_runs_in_llama_cpp_as_the_folder_with_its_adapter() {
-    let text = "Paris is the capital of France. edgetune's 2024 run: I'VE 12345 apples\n\n<|im_end|>";
+    let text = hf_gguf_text();
+    let text = text.as_str();
     for case in hf_gguf_cases() {
         let name = case["name"].as_str().expect("name");
         let dir = temp(name);
@@ -895,6 +907,8 @@ fn a_folder_merged_to_gguf_runs_in_llama_cpp_as_the_folder_with_its_adapter() {
             Model::open(ctx(), &folder, &LoadOptions { quant: Quant::None, ..Default::default() }).expect("load");
         let tok = Tokenizer::from_hf_dir(&folder).expect("tokenizer");
         let ids = tok.encode_prompt(text).expect("encode");
+        let theirs: Vec<u32> = serde_json::from_value(case["tokenizers_ids"].clone()).expect("ids");
+        assert_eq!(ids, theirs, "{name}: the folder's prompt is not tokenized as Hugging Face tokenizers encodes it");
         let adapter = trained_looking_adapter(&model, 11);
         let gpu = GpuAdapter::upload(&model.ctx, &adapter);
         let ours = model.all_logits_with(&ids, Some(&gpu)).expect("forward");

@@ -4,16 +4,17 @@ convert_hf_to_gguf.py writes for the tiny Hugging Face fixtures, the file that e
 written from a folder (`edgetune merge --format gguf` of a folder, `lora::merge::convert_gguf`)
 must match in tests/llama_cpp.rs: every metadata key with its GGUF type and value, and every
 tensor's name, shape, type and an FNV-1a 64 hash of its bytes (F32, so the bytes are the
-values).
+values); and the ids Hugging Face tokenizers encodes a text to with each folder's tokenizer.json.
 
 The converter is the one in the source distribution of llama-cpp-python 0.3.36 (the version
 scripts/llama-cpp.sh builds), run with torch and transformers:
 
     python3 -m venv ~/.cache/edgetune/refvenv
-    ~/.cache/edgetune/refvenv/bin/pip install torch transformers safetensors sentencepiece numpy pyyaml
+    ~/.cache/edgetune/refvenv/bin/pip install torch transformers safetensors sentencepiece protobuf numpy pyyaml
     ~/.cache/edgetune/refvenv/bin/python tests/reference/convert_hf_gguf.py
 
-Written with torch 2.15, transformers 5.25 and that converter. One input is handed to the
+Written with torch 2.15, transformers 5.25, tokenizers 0.23.3, sentencepiece 0.2.3 and that
+converter. One input is handed to the
 converter: the pre-tokenizer's name. The converter names it by hashing the token ids of a
 test string against a table of published tokenizers, and the tiny tokenizer is none of them;
 each case says which pre-tokenizer its tokenizer.json declares (tests/gguf_models.rs checks
@@ -23,6 +24,10 @@ Each case is a fixture folder with some files replaced (`edits`, stored in the J
 test builds the same folder): `tiny_llama_llama3` gives tiny Llama Llama 3's RoPE scaling and
 pre-tokenizer, a TemplateProcessing post-processor that adds BOS, BOS and padding tokens in
 tokenizer_config.json, an added token that is not special and two ids the tokenizer lacks.
+A case may also copy the files of another fixture folder over its base (`files`):
+`tiny_llama_sentencepiece` gives tiny Llama a SentencePiece tokenizer (tokenizer.model, and the
+tokenizer.json transformers converts it to; `spm_tokenizer_files`), which the converter writes
+as a `llama` vocabulary with scores.
 """
 import copy
 import json
@@ -40,6 +45,13 @@ VERSION = "0.3.36"
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# Tokenized by Hugging Face tokenizers from each case's tokenizer.json (`encode(TEXT)`, special
+# tokens added as its post-processor adds them): the ids the folder's prompt must be in edgetune
+# and in llama.cpp. (Not transformers' AutoTokenizer: transformers 5 builds Qwen2's split from
+# its Qwen2 tokenizer class whatever the tiny tokenizer.json declares.)
+TEXT = "Paris is the capital of France. edgetune's 2024 run: I'VE 12345 apples\n\n<|im_end|>"
 
 
 def fnv1a64(b: bytes) -> str:
@@ -87,11 +99,45 @@ def llama3_edits():
             "tokenizer_config.json": json.dumps(tc, indent=1)}
 
 
+def spm_tokenizer_files():
+    """A SentencePiece BPE model (byte fallback, 320 pieces, so that tiny Llama's embeddings fit
+    it; no normalization, digits split, as Llama 2's) trained on a few sentences, with the tokenizer.json and tokenizer_config.json that
+    transformers converts it to: the files of a Llama 2 style folder. Written to
+    fixtures/tiny_spm_tokenizer."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    out = os.path.join(FIX, "tiny_spm_tokenizer")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix="spm-")
+    text = ["The quick brown fox jumps over the lazy dog.", "edgetune fine-tunes language models on any GPU.",
+            "Paris is the capital of France. Berlin is the capital of Germany.",
+            "Hello, world! 12345 tokens and more tokens."] * 30
+    with open(os.path.join(tmp, "corpus.txt"), "w") as f:
+        f.write("\n".join(text))
+    spm.SentencePieceTrainer.train(
+        input=os.path.join(tmp, "corpus.txt"), model_prefix=os.path.join(tmp, "sp"), vocab_size=320,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True, minloglevel=2)
+    src = os.path.join(tmp, "src")
+    os.makedirs(src)
+    shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(src, "tokenizer.model"))
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": True}, f)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    shutil.copy(os.path.join(src, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
+    shutil.rmtree(tmp)
+    return "tiny_spm_tokenizer"
+
+
 CASES = [
     {"name": "tiny_llama", "base": "tiny_llama", "pre": "gpt-2", "edits": {}},
     {"name": "tiny_qwen2", "base": "tiny_qwen2", "pre": "gpt-2", "edits": {}},
     {"name": "tiny_qwen3", "base": "tiny_qwen3", "pre": "gpt-2", "edits": {}},
     {"name": "tiny_llama_llama3", "base": "tiny_llama", "pre": "llama-bpe", "edits": llama3_edits()},
+    {"name": "tiny_llama_sentencepiece", "base": "tiny_llama", "files": "tiny_spm_tokenizer", "pre": None,
+     "edits": {}},
 ]
 
 
@@ -123,10 +169,14 @@ def main():
     sys.path.insert(0, src)
     import gguf
     from conversion import base
-    out = {"converter": f"llama-cpp-python {VERSION} convert_hf_to_gguf.py --outtype f32", "cases": []}
+    spm_tokenizer_files()
+    from tokenizers import Tokenizer
+    out = {"converter": f"llama-cpp-python {VERSION} convert_hf_to_gguf.py --outtype f32", "text": TEXT, "cases": []}
     for case in CASES:
         folder = os.path.join(work, case["name"])
         shutil.copytree(os.path.join(FIX, case["base"]), folder)
+        if case.get("files"):
+            shutil.copytree(os.path.join(FIX, case["files"]), folder, dirs_exist_ok=True)
         for name, text in case["edits"].items():
             with open(os.path.join(folder, name), "w") as f:
                 f.write(text)
@@ -142,7 +192,8 @@ def main():
         meta = {k: value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
         tensors = {t.name: {"shape": [int(d) for d in reversed(t.shape)], "type": t.tensor_type.name,
                             "fnv1a64": fnv1a64(bytes(t.data.tobytes()))} for t in r.tensors}
-        out["cases"].append({**copy.deepcopy(case), "metadata": meta, "tensors": tensors})
+        ids = Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).encode(TEXT).ids
+        out["cases"].append({**copy.deepcopy(case), "metadata": meta, "tensors": tensors, "tokenizers_ids": ids})
         print(case["name"], len(meta), "keys", len(tensors), "tensors", file=sys.stderr)
     with open(os.path.join(FIX, "hf_gguf_expected.json"), "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)

@@ -93,6 +93,31 @@ fn looks_special(t: &str) -> bool {
 /// `tokenizer_config.json` as `tokenizer.ggml.add_space_prefix`, and no BOS added for a
 /// 49,152-token vocabulary (IBM Granite's small models; SmolLM's too).
 pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(String, Value)>> {
+    let spm = dir.join("tokenizer.model");
+    let mut out =
+        if spm.is_file() { sentencepiece_metadata(dir, &spm, vocab_size)? } else { byte_level(dir, vocab_size)? };
+    if llama {
+        let cfg_path = dir.join("tokenizer_config.json");
+        if cfg_path.is_file()
+            && let Some(b) = read_json(&cfg_path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")?
+                .get("add_prefix_space")
+                .and_then(Json::as_bool)
+        {
+            out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
+        }
+        if vocab_size == 49152 {
+            match out.iter_mut().find(|(k, _)| k == "tokenizer.ggml.add_bos_token") {
+                Some(slot) => slot.1 = Value::Bool(false),
+                None => out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false))),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `_set_vocab_gpt2`: the tokens of `tokenizer.json` (byte-level BPE) by id, their types, the
+/// merges and the pre-tokenizer's name.
+fn byte_level(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.json");
     let j = read_json(&path, crate::files::TOKENIZER_BYTES, "tokenizer.json")?;
     let model = j.get("model").unwrap_or(&Json::Null);
@@ -104,7 +129,11 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(
                 "tokenizer for a GGUF file: {}{} (edgetune writes byte-level BPE tokenizers; convert this model \
                  with llama.cpp's convert_hf_to_gguf.py)",
                 if kind.is_empty() { "model.type-less" } else { kind },
-                if kind == "BPE" { " with byte fallback (SentencePiece-style)" } else { "" }
+                if kind == "BPE" {
+                    " with byte fallback (SentencePiece-style) and no tokenizer.model beside it"
+                } else {
+                    ""
+                }
             ),
         ));
     }
@@ -177,23 +206,157 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(
     if !merges.is_empty() {
         out.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
     }
-    out.extend(special_metadata(dir, &j, &added)?);
-    if llama {
-        let cfg_path = dir.join("tokenizer_config.json");
-        if cfg_path.is_file()
-            && let Some(b) = read_json(&cfg_path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")?
-                .get("add_prefix_space")
-                .and_then(Json::as_bool)
-        {
-            out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
+    out.extend(special_metadata(dir, &j, &added, None)?);
+    Ok(out)
+}
+
+/// A SentencePiece model's pieces (`tokenizer.model`, a `ModelProto`): each piece's text,
+/// score and type (field 1 of the model; fields 1, 2 and 3 of each piece), every other field
+/// skipped by its wire type.
+pub fn sentencepiece_pieces(path: &Path) -> Result<Vec<(String, f32, u64)>> {
+    let bytes = crate::files::read(path, crate::files::TOKENIZER_BYTES, "tokenizer.model", "")?;
+    parse_pieces(&bytes, path)
+}
+
+/// [`sentencepiece_pieces`] of the bytes of the file `path`.
+fn parse_pieces(bytes: &[u8], path: &Path) -> Result<Vec<(String, f32, u64)>> {
+    let bad = |at: usize, what: &str| Error::format(path, format!("not a SentencePiece model: {what} at byte {at}"));
+    // (field, wire type, start of the value, end of the value or the varint's value)
+    fn field(b: &[u8], at: &mut usize) -> Option<(u64, u64, usize, u64)> {
+        let varint = |at: &mut usize| -> Option<u64> {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let x = *b.get(*at)?;
+                *at += 1;
+                v |= u64::from(x & 0x7f) << shift;
+                if x < 0x80 {
+                    return Some(v);
+                }
+            }
+            None
+        };
+        let key = varint(at)?;
+        let start = *at;
+        let value = match key & 7 {
+            0 => varint(at)?,
+            1 => {
+                *at = at.checked_add(8).filter(|&e| e <= b.len())?;
+                *at as u64
+            }
+            2 => {
+                let n = usize::try_from(varint(at)?).ok()?;
+                let begin = *at;
+                *at = begin.checked_add(n).filter(|&e| e <= b.len())?;
+                return Some((key >> 3, 2, begin, *at as u64));
+            }
+            5 => {
+                *at = at.checked_add(4).filter(|&e| e <= b.len())?;
+                *at as u64
+            }
+            _ => return None,
+        };
+        Some((key >> 3, key & 7, start, value))
+    }
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let here = at;
+        let (f, wire, start, end) = field(bytes, &mut at).ok_or_else(|| bad(here, "a field cut short"))?;
+        if f != 1 || wire != 2 {
+            continue;
         }
-        if vocab_size == 49152 {
-            match out.iter_mut().find(|(k, _)| k == "tokenizer.ggml.add_bos_token") {
-                Some(slot) => slot.1 = Value::Bool(false),
-                None => out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false))),
+        let msg = &bytes[start..end as usize];
+        let (mut text, mut score, mut ty) = (None, 0f32, 1u64);
+        let mut p = 0;
+        while p < msg.len() {
+            let (g, w, s, v) = field(msg, &mut p).ok_or_else(|| bad(start + p, "a piece's field cut short"))?;
+            match (g, w) {
+                (1, 2) => {
+                    text = Some(
+                        std::str::from_utf8(&msg[s..v as usize])
+                            .map_err(|_| bad(start + s, "a piece that is not UTF-8"))?
+                            .to_string(),
+                    )
+                }
+                (2, 5) => score = f32::from_le_bytes([msg[s], msg[s + 1], msg[s + 2], msg[s + 3]]),
+                (3, 0) => ty = v,
+                _ => {}
+            }
+        }
+        pieces.push((text.ok_or_else(|| bad(start, "a piece with no text"))?, score, ty));
+    }
+    if pieces.is_empty() {
+        return Err(bad(0, "no pieces"));
+    }
+    Ok(pieces)
+}
+
+/// `_set_vocab_sentencepiece`: the pieces of `tokenizer.model` by id with their scores and
+/// types (SentencePiece's own user-defined pieces counted as normal, as the converter asks
+/// SentencePiece only whether a piece is unknown, control, unused or a byte), then
+/// `added_tokens.json` and `tokenizer_config.json`'s `added_tokens_decoder` over them, ids the
+/// model lacks as `[PADi]`; the special tokens from `tokenizer.json` and the configs.
+fn sentencepiece_metadata(dir: &Path, model: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000.0f32; vocab_size];
+    let mut types = vec![UNUSED; vocab_size];
+    for (id, (text, score, ty)) in sentencepiece_pieces(model)?.into_iter().enumerate().take(vocab_size) {
+        tokens[id] = text;
+        scores[id] = score;
+        types[id] = match ty {
+            2 => 2,
+            3 => CONTROL,
+            5 => UNUSED,
+            6 => 6,
+            _ => NORMAL,
+        };
+    }
+    let added_json = dir.join("added_tokens.json");
+    if added_json.is_file() {
+        let j = read_json(&added_json, crate::files::TOKENIZER_BYTES, "added_tokens.json")?;
+        for (text, id) in j.as_object().into_iter().flatten() {
+            let id = id.as_u64().ok_or_else(|| Error::format(&added_json, format!("`{text}` has no integer id")))?;
+            if let Some(i) = usize::try_from(id).ok().filter(|&i| i < vocab_size) {
+                (tokens[i], scores[i], types[i]) = (text.clone(), -1000.0, USER_DEFINED);
             }
         }
     }
+    let cfg_path = dir.join("tokenizer_config.json");
+    if cfg_path.is_file() {
+        let j = read_json(&cfg_path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")?;
+        for (id, t) in j.get("added_tokens_decoder").and_then(Json::as_object).into_iter().flatten() {
+            let i: usize = id
+                .parse()
+                .map_err(|_| Error::format(&cfg_path, format!("added_tokens_decoder key `{id}` is not a token id")))?;
+            let text = t.get("content").and_then(Json::as_str).unwrap_or("").to_string();
+            if i >= vocab_size {
+                continue;
+            }
+            let special = t.get("special").and_then(Json::as_bool).unwrap_or(false);
+            (tokens[i], types[i]) = if special || looks_special(&text) {
+                (text, CONTROL)
+            } else {
+                (text.replace('▁', " "), USER_DEFINED)
+            };
+            scores[i] = -1000.0;
+        }
+    }
+    let json_path = dir.join("tokenizer.json");
+    let j = if json_path.is_file() {
+        read_json(&json_path, crate::files::TOKENIZER_BYTES, "tokenizer.json")?
+    } else {
+        Json::Null
+    };
+    let added: Vec<&Json> =
+        j.get("added_tokens").and_then(Json::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+    let mut out: Vec<(String, Value)> = vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.scores".into(), Value::Array(scores.into_iter().map(Value::F32).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+    ];
+    out.extend(special_metadata(dir, &j, &added, Some(vocab_size))?);
     Ok(out)
 }
 
@@ -203,7 +366,12 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(
 /// (`ByteLevel` adds nothing; `TemplateProcessing` adds the special tokens around a single
 /// sequence and between a pair's), then `tokenizer_config.json`'s `add_*_token`; the chat
 /// template from `tokenizer_config.json`, else `chat_template.jinja` or `chat_template.json`.
-fn special_metadata(dir: &Path, tokenizer: &Json, added: &[&Json]) -> Result<Vec<(String, Value)>> {
+fn special_metadata(
+    dir: &Path,
+    tokenizer: &Json,
+    added: &[&Json],
+    n_vocab: Option<usize>,
+) -> Result<Vec<(String, Value)>> {
     let cfg_path = dir.join("tokenizer_config.json");
     let mut tc: Option<serde_json::Map<String, Json>> = None;
     if cfg_path.is_file() {
@@ -365,6 +533,8 @@ fn special_metadata(dir: &Path, tokenizer: &Json, added: &[&Json]) -> Result<Vec
         }
     }
     let mut out: Vec<(String, Value)> = Vec::new();
+    // Ids past `n_vocab` (where the converter knows it) are left out, as gguf-py leaves them.
+    ids.retain(|&(_, id)| n_vocab.is_none_or(|n| (id as usize) < n));
     for (typ, id) in ids {
         if let Some((_, Some(key))) = keys.iter().find(|(t, _)| *t == typ) {
             out.push(((*key).into(), Value::U32(id)));
@@ -379,4 +549,46 @@ fn special_metadata(dir: &Path, tokenizer: &Json, added: &[&Json]) -> Result<Vec
         out.push(("tokenizer.chat_template".into(), Value::String(t)));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixtures() -> std::path::PathBuf {
+        std::env::var_os("EDGETUNE_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures"))
+    }
+
+    /// The fixture's SentencePiece model (written by sentencepiece itself) reads as its pieces:
+    /// `<unk>` unknown, `<s>` and `</s>` control, the 256 byte pieces, then the rest normal with
+    /// scores that fall; every prefix of the file and every one-byte change of its first 600
+    /// bytes gives pieces or an error naming the file, never a panic.
+    #[test]
+    fn a_sentencepiece_model_reads_as_its_pieces_and_a_damaged_one_never_panics() {
+        let path = fixtures().join("tiny_spm_tokenizer/tokenizer.model");
+        let pieces = sentencepiece_pieces(&path).expect("the fixture reads");
+        assert_eq!(pieces.len(), 320);
+        assert_eq!((pieces[0].0.as_str(), pieces[0].2), ("<unk>", 2));
+        assert_eq!((pieces[1].0.as_str(), pieces[1].2), ("<s>", 3));
+        assert_eq!((pieces[2].0.as_str(), pieces[2].2), ("</s>", 3));
+        assert!(pieces[3..259].iter().enumerate().all(|(i, p)| p.0 == format!("<0x{i:02X}>") && p.2 == 6));
+        assert!(pieces[259..].iter().all(|p| p.2 == 1));
+        assert!(pieces[259..].windows(2).all(|w| w[0].1 >= w[1].1) && pieces[259].1 > pieces[319].1);
+        let bytes = std::fs::read(&path).expect("read");
+        let check = |b: &[u8]| {
+            if let Err(e) = parse_pieces(b, &path) {
+                assert!(e.to_string().contains("tokenizer.model: not a SentencePiece model"), "{e}");
+            }
+        };
+        for n in 0..bytes.len() {
+            check(&bytes[..n]);
+        }
+        for i in 0..600.min(bytes.len()) {
+            let mut b = bytes.clone();
+            b[i] ^= 0xa5;
+            check(&b);
+        }
+    }
 }

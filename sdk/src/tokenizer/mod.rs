@@ -59,6 +59,23 @@ fn tok_err(source: &str, what: impl std::fmt::Display) -> Error {
     Error::Tokenizer { source_name: source.to_string(), what: what.to_string() }
 }
 
+/// The special token that tokenizer.json's post-processor puts before a single sequence
+/// (`TemplateProcessing`, alone or in a `Sequence`), if any.
+fn leading_special(tokenizer: &Json) -> Option<String> {
+    let pp = tokenizer.get("post_processor")?;
+    let list: Vec<&Json> = match pp.get("processors").and_then(Json::as_array) {
+        Some(a) => a.iter().collect(),
+        None => vec![pp],
+    };
+    list.into_iter().filter(|p| p.get("type").and_then(Json::as_str) == Some("TemplateProcessing")).find_map(|p| {
+        let single = p.get("single")?.as_array()?;
+        if single.len() < 2 {
+            return None;
+        }
+        single[0].get("SpecialToken")?.get("id")?.as_str().map(str::to_string)
+    })
+}
+
 /// The text of a special token in tokenizer_config.json: a string or `{"content": ...}`.
 fn token_text(v: Option<&Json>) -> Option<String> {
     match v? {
@@ -88,12 +105,14 @@ impl Tokenizer {
             add_bos: false,
             bos_id: None,
         };
+        let mut add_bos_given = false;
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
             let text = crate::files::read_config(&cfg_path)?;
             let j: Json =
                 serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
             t.bos_token = token_text(j.get("bos_token"));
+            add_bos_given = j.get("add_bos_token").and_then(Json::as_bool).is_some();
             t.add_bos = j.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
             t.eos_token = token_text(j.get("eos_token"));
             t.chat_template = match j.get("chat_template") {
@@ -106,6 +125,18 @@ impl Tokenizer {
                     .map(str::to_string),
                 _ => None,
             };
+        }
+        // Without `add_bos_token`, BOS is added where tokenizer.json's post-processor adds it
+        // to a single sequence (Llama 3's and transformers' SentencePiece conversions), as
+        // transformers' tokenizer(text) adds it.
+        if !add_bos_given {
+            let json: Json = serde_json::from_slice(&bytes).map_err(|e| tok_err(&t.source, e))?;
+            if let Some(first) = leading_special(&json) {
+                if t.bos_token.is_none() {
+                    t.bos_token = Some(first.clone());
+                }
+                t.add_bos = t.bos_token.as_deref() == Some(first.as_str());
+            }
         }
         let jinja = dir.join("chat_template.jinja");
         if t.chat_template.is_none() && jinja.exists() {
