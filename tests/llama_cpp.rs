@@ -824,7 +824,8 @@ fn fnv1a64(bytes: &[u8]) -> String {
 /// (`convert_hf_to_gguf.py --outtype f32`, tests/reference/convert_hf_gguf.py): every metadata
 /// key with its type and value (the tokens, their types, the merges, the special tokens and
 /// the add-BOS flags included), and every tensor's name, shape, type and bytes, q and k in
-/// llama.cpp's row order. Only the display name and size label, which the converter makes up
+/// llama.cpp's row order; written as Q8_0, every tensor's type and blocks as the converter's
+/// `--outtype q8_0` writes them. Only the display name and size label, which the converter makes up
 /// from the folder's name and the parameter count, are not written. Llama 3's RoPE divisors
 /// (`rope_freqs.weight`) the converter computes in f32 with torch's pow, edgetune in f64 then
 /// rounded, so they agree within a few f32 roundings instead of bit for bit.
@@ -886,6 +887,25 @@ fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
                 ours.iter().any(|&d| d > 1.0 && d < factor),
                 "{name}: no divisor between 1 and the factor: smoothing untested"
             );
+        }
+        // Written as Q8_0, the same types as the converter's `--outtype q8_0` (norms and other
+        // vectors F32) and the same blocks.
+        let q8 = dir.join("ours-q8_0.gguf");
+        lora::merge::convert_gguf(&folder, &q8, GgmlType::Q8_0).expect("convert q8_0");
+        let g = GgufFile::open(&q8).expect("ours opens");
+        assert_eq!(g.get("general.file_type").and_then(|v| v.as_u64()), Some(7), "{name}: file type");
+        let tensors = case["q8_0_tensors"].as_object().expect("q8_0 tensors");
+        assert_eq!(g.tensors.len(), tensors.len(), "{name}: q8_0 tensors");
+        for (t, e) in tensors {
+            let info = g.tensors.get(t).unwrap_or_else(|| panic!("{name}: q8_0 tensor `{t}` is missing"));
+            assert_eq!(info.ty.name(), e["type"].as_str().expect("type"), "{name}: q8_0 `{t}`");
+            if t != "rope_freqs.weight" {
+                assert_eq!(
+                    fnv1a64(g.tensor_bytes(info)),
+                    e["fnv1a64"].as_str().expect("hash"),
+                    "{name}: q8_0 `{t}`'s bytes"
+                );
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -4,7 +4,8 @@ convert_hf_to_gguf.py writes for the tiny Hugging Face fixtures, the file that e
 written from a folder (`edgetune merge --format gguf` of a folder, `lora::merge::convert_gguf`)
 must match in tests/llama_cpp.rs: every metadata key with its GGUF type and value, and every
 tensor's name, shape, type and an FNV-1a 64 hash of its bytes (F32, so the bytes are the
-values); and the ids Hugging Face tokenizers encodes a text to with each folder's tokenizer.json.
+values), and each tensor's type and hash with `--outtype q8_0`; and the ids Hugging Face
+tokenizers encodes a text to with each folder's tokenizer.json.
 
 The converter is the one in the source distribution of llama-cpp-python 0.3.36 (the version
 scripts/llama-cpp.sh builds), run with torch and transformers:
@@ -114,11 +115,15 @@ def spm_tokenizer_files():
             "Hello, world! 12345 tokens and more tokens."] * 30
     with open(os.path.join(tmp, "corpus.txt"), "w") as f:
         f.write("\n".join(text))
+    # Relative paths, as the model records its trainer's input and prefix: the same bytes each run.
+    here = os.getcwd()
+    os.chdir(tmp)
     spm.SentencePieceTrainer.train(
-        input=os.path.join(tmp, "corpus.txt"), model_prefix=os.path.join(tmp, "sp"), vocab_size=320,
+        input="corpus.txt", model_prefix="sp", vocab_size=320,
         model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, minloglevel=2)
+    os.chdir(here)
     src = os.path.join(tmp, "src")
     os.makedirs(src)
     shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(src, "tokenizer.model"))
@@ -181,19 +186,27 @@ def main():
             with open(os.path.join(folder, name), "w") as f:
                 f.write(text)
         base.TextModel.get_vocab_base_pre = lambda self, tok, pre=case["pre"]: pre
-        path = os.path.join(work, case["name"] + ".gguf")
-        sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", path, "--outtype", "f32"]
-        try:
-            runpy.run_path(os.path.join(src, "convert_hf_to_gguf.py"), run_name="__main__")
-        except SystemExit as e:
-            if e.code:
-                raise
-        r = gguf.GGUFReader(path)
-        meta = {k: value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-        tensors = {t.name: {"shape": [int(d) for d in reversed(t.shape)], "type": t.tensor_type.name,
-                            "fnv1a64": fnv1a64(bytes(t.data.tobytes()))} for t in r.tensors}
+        def convert(outtype):
+            path = os.path.join(work, f"{case['name']}-{outtype}.gguf")
+            sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", path, "--outtype", outtype]
+            try:
+                runpy.run_path(os.path.join(src, "convert_hf_to_gguf.py"), run_name="__main__")
+            except SystemExit as e:
+                if e.code:
+                    raise
+            r = gguf.GGUFReader(path)
+            meta = {k: value(f) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+            tensors = {t.name: {"shape": [int(d) for d in reversed(t.shape)], "type": t.tensor_type.name,
+                                "fnv1a64": fnv1a64(bytes(t.data.tobytes()))} for t in r.tensors}
+            return meta, tensors
+
+        meta, tensors = convert("f32")
+        # Quantized by gguf-py's Q8_0 (norms and other vectors kept F32): the types and bytes.
+        q8_meta, q8_tensors = convert("q8_0")
+        assert q8_meta["general.file_type"] == ["UINT32", 7], q8_meta["general.file_type"]
         ids = Tokenizer.from_file(os.path.join(folder, "tokenizer.json")).encode(TEXT).ids
-        out["cases"].append({**copy.deepcopy(case), "metadata": meta, "tensors": tensors, "tokenizers_ids": ids})
+        out["cases"].append({**copy.deepcopy(case), "metadata": meta, "tensors": tensors, "q8_0_tensors": q8_tensors,
+                             "tokenizers_ids": ids})
         print(case["name"], len(meta), "keys", len(tensors), "tensors", file=sys.stderr)
     with open(os.path.join(FIX, "hf_gguf_expected.json"), "w") as f:
         json.dump(out, f, indent=1, ensure_ascii=False)
