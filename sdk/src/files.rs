@@ -69,6 +69,15 @@ pub fn map(path: &Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io(path, e))
 }
 
+/// The repository's test fixtures, for unit tests: under `EDGETUNE_FIXTURES` when set (the unit
+/// tests of the unpacked `.crate` file), else in the checkout the crate is built in.
+#[cfg(test)]
+pub(crate) fn test_fixtures() -> std::path::PathBuf {
+    std::env::var_os("EDGETUNE_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -545,13 +545,9 @@ fn adapted(name: &str, cfg: &ModelConfig) -> Option<(usize, Module)> {
 mod tests {
     use super::*;
 
-    /// The repository's tiny Llama: under `EDGETUNE_FIXTURES` when set (the unit tests of the
-    /// unpacked `.crate` file), else in the checkout the crate is built in.
+    /// The repository's tiny Llama.
     fn tiny_llama() -> std::path::PathBuf {
-        std::env::var_os("EDGETUNE_FIXTURES")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures"))
-            .join("tiny_llama")
+        crate::files::test_fixtures().join("tiny_llama")
     }
 
     /// Shards are cut from the tensors' sizes before any is converted: with shards of 40,000

@@ -555,19 +555,13 @@ fn special_metadata(
 mod tests {
     use super::*;
 
-    fn fixtures() -> std::path::PathBuf {
-        std::env::var_os("EDGETUNE_FIXTURES")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures"))
-    }
-
     /// The fixture's SentencePiece model (written by sentencepiece itself) reads as its pieces:
     /// `<unk>` unknown, `<s>` and `</s>` control, the 256 byte pieces, then the rest normal with
     /// scores that fall; every prefix of the file and every one-byte change of its first 600
     /// bytes gives pieces or an error naming the file, never a panic.
     #[test]
     fn a_sentencepiece_model_reads_as_its_pieces_and_a_damaged_one_never_panics() {
-        let path = fixtures().join("tiny_spm_tokenizer/tokenizer.model");
+        let path = crate::files::test_fixtures().join("tiny_spm_tokenizer/tokenizer.model");
         let pieces = sentencepiece_pieces(&path).expect("the fixture reads");
         assert_eq!(pieces.len(), 320);
         assert_eq!((pieces[0].0.as_str(), pieces[0].2), ("<unk>", 2));
