@@ -1,7 +1,9 @@
-//! A Hugging Face byte-level BPE tokenizer (`tokenizer.json`, `tokenizer_config.json`) written
-//! as GGUF metadata, as llama.cpp's `convert_hf_to_gguf.py` writes it (`_set_vocab_gpt2` and
-//! gguf-py's `SpecialVocab`): the tokens by id with their types, the merges, the pre-tokenizer's
-//! llama.cpp name, the special tokens' ids, whether BOS and EOS are added, and the chat template.
+//! A Hugging Face folder's tokenizer written as GGUF metadata, as llama.cpp's
+//! `convert_hf_to_gguf.py` writes it: a SentencePiece `tokenizer.model` as its pieces, scores
+//! and types (`_set_vocab_sentencepiece`), else a byte-level BPE `tokenizer.json` as its tokens
+//! by id with their types, the merges and the pre-tokenizer's llama.cpp name
+//! (`_set_vocab_gpt2`); with either, the special tokens' ids, whether BOS, EOS and a separator
+//! are added, and the chat template (gguf-py's `SpecialVocab`).
 
 use std::path::Path;
 
@@ -87,9 +89,10 @@ fn looks_special(t: &str) -> bool {
 
 /// The tokenizer of the Hugging Face folder `dir` as the GGUF metadata llama.cpp's converter
 /// writes for it, `vocab_size` tokens long (`config.json`'s: ids the tokenizer lacks become
-/// `[PADi]`, unused). Byte-level BPE only: a SentencePiece-style `tokenizer.json` (byte
-/// fallback) is refused, as is a pre-tokenizer that edgetune cannot name. For a `llama` file
-/// (`llama`), also what the converter's `LlamaModel` adds: `add_prefix_space` of
+/// `[PADi]`, unused): from `tokenizer.model` where the folder has one, else from a byte-level
+/// BPE `tokenizer.json`. A `tokenizer.json` with byte fallback and no `tokenizer.model` is
+/// refused, as is a pre-tokenizer that edgetune cannot name. For a `llama` file (`llama`),
+/// also what the converter's `LlamaModel` adds: `add_prefix_space` of
 /// `tokenizer_config.json` as `tokenizer.ggml.add_space_prefix`, and no BOS added for a
 /// 49,152-token vocabulary (IBM Granite's small models; SmolLM's too).
 pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(String, Value)>> {
@@ -126,8 +129,8 @@ fn byte_level(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
         return Err(Error::unsupported(
             &path,
             format!(
-                "tokenizer for a GGUF file: {}{} (edgetune writes byte-level BPE tokenizers; convert this model \
-                 with llama.cpp's convert_hf_to_gguf.py)",
+                "tokenizer for a GGUF file: {}{} (edgetune writes byte-level BPE and SentencePiece tokenizers; \
+                 convert this model with llama.cpp's convert_hf_to_gguf.py)",
                 if kind.is_empty() { "model.type-less" } else { kind },
                 if kind == "BPE" {
                     " with byte fallback (SentencePiece-style) and no tokenizer.model beside it"
