@@ -58,6 +58,10 @@ pub fn pre_tokenizer_name(path: &Path, pre: &Json) -> Result<&'static str> {
     let name = match steps.as_slice() {
         [b] if byte_level(b, true) => Some("gpt-2"),
         [d, b] if digits(d) && byte_level(b, true) => Some("smollm"),
+        // The same with ByteLevel's split spelled out (as edgetune writes it from a GGUF file).
+        [d, s, b] if digits(d) && byte_level(b, false) && split_regex(s).as_deref() == Some(super::GPT2) => {
+            Some("smollm")
+        }
         [s, b] if byte_level(b, false) => match split_regex(s).as_deref() {
             Some(r) if r == super::LLAMA3 => Some("llama-bpe"),
             Some(r) if r == super::QWEN2 => Some("qwen2"),
