@@ -395,9 +395,10 @@ fn file_type(ty: GgmlType) -> u32 {
 ///
 /// From a GGUF base: the base's metadata (tokenizer, chat template, hyper-parameters) and
 /// tensor names, the q/k permutation applied to the update. From a Hugging Face folder (Llama,
-/// Mistral, Qwen2 or Qwen3 with a byte-level BPE tokenizer): the metadata, tensor names and q/k
-/// row order that llama.cpp's `convert_hf_to_gguf.py` writes for it (see `model::hf_gguf` and
-/// `tokenizer::gguf_vocab`); any other folder is refused with nothing written.
+/// Mistral, Qwen2 or Qwen3 with a SentencePiece or byte-level BPE tokenizer): the metadata,
+/// tensor names and q/k row order that llama.cpp's `convert_hf_to_gguf.py` writes for it (see
+/// `model::hf_gguf` and `tokenizer::gguf_vocab`); any other folder is refused with nothing
+/// written.
 pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType) -> Result<MergedGguf> {
     write_gguf(model_path, Some(adapter), out, ty)
 }
@@ -422,73 +423,10 @@ fn write_gguf(model_path: &Path, adapter: Option<&Adapter>, out: &Path, ty: Ggml
             return Err(Error::invalid("adapter", "its shapes do not fit this model (an adapter for another model?)"));
         }
     }
-    let mut merged = MergedGguf { tensors: 0, fell_back: 0 };
-    let mut matrix_type = |shape: &[usize]| {
-        if shape.len() < 2 {
-            GgmlType::F32
-        } else if shape[shape.len() - 1].is_multiple_of(ty.block().0) {
-            ty
-        } else {
-            merged.fell_back += 1;
-            fallback(ty, shape[shape.len() - 1])
-        }
-    };
     let WeightSource::Gguf(g) = &src else {
-        // A Hugging Face folder: the converter's metadata and names, q and k permuted whole
-        // after the update is added in the folder's row order.
-        hf_gguf::check_writable(model_path, &cfg)?;
-        let mut w = GgufWriter::new();
-        for (k, v) in hf_gguf::hparams(model_path, &cfg)? {
-            w.set(&k, v);
-        }
-        w.set("general.file_type", Value::U32(file_type(ty)));
-        for (k, v) in
-            crate::tokenizer::gguf_vocab::gguf_metadata(model_path, cfg.vocab_size, cfg.arch.gguf_name() == "llama")?
-        {
-            w.set(&k, v);
-        }
-        let has_lm_head = !cfg.tie_word_embeddings && src.contains(&cfg, "lm_head.weight");
-        let tensors = tensor_list(&cfg, has_lm_head);
-        let mut names = std::collections::HashMap::new();
-        let divisors = hf_gguf::llama3_rope_divisors(&cfg);
-        if let Some(d) = &divisors {
-            w.declare_tensor("rope_freqs.weight", &[d.len()], GgmlType::F32)?;
-        }
-        for (i, (name, shape, _)) in tensors.iter().enumerate() {
-            let gguf = gguf_name(&cfg, name).ok_or_else(|| {
-                Error::unsupported(
-                    model_path,
-                    format!("tensor `{name}` has no GGUF name in a {} file", cfg.arch.gguf_name()),
-                )
-            })?;
-            w.declare_tensor(&gguf, shape, matrix_type(shape))?;
-            names.insert(gguf, i);
-        }
-        merged.tensors = names.len() + usize::from(divisors.is_some());
-        w.write_with(out, |gguf| {
-            let Some(&i) = names.get(gguf) else {
-                return divisors
-                    .clone()
-                    .ok_or_else(|| Error::invalid("merged tensor", format!("{gguf}: not declared")));
-            };
-            let (name, shape, slot) = &tensors[i];
-            let mut values = src.get(&cfg, name, shape)?;
-            if let Some(adapter) = adapter
-                && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
-            {
-                let r = adapter.layout.r;
-                let a = &adapter.params[s.a..s.a + r * s.n_in];
-                let b = &adapter.params[s.b..s.b + s.n_out * r];
-                add_delta(&mut values, a, b, r, s.n_in, adapter.config.scale());
-            }
-            if let Some(h) = hf_gguf::permuted_heads(&cfg, name) {
-                let rows = if shape.len() == 1 { vec![shape[0], 1] } else { shape.clone() };
-                values = permute_rows(&values, &rows, h);
-            }
-            Ok(values)
-        })?;
-        return Ok(merged);
+        return gguf_from_folder(model_path, &cfg, &src, adapter, out, ty);
     };
+    let mut merged = MergedGguf { tensors: 0, fell_back: 0 };
     let mut w = GgufWriter::with_metadata_of(g);
     w.set("general.file_type", Value::U32(file_type(ty)));
     // The file's layout first, from the base's shapes; then each tensor merged and quantized
@@ -506,7 +444,7 @@ fn write_gguf(model_path: &Path, adapter: Option<&Adapter>, out: &Path, ty: Ggml
                 expected: vec![s.n_out, s.n_in],
             });
         }
-        w.declare_tensor(name, &shape, matrix_type(&shape))?;
+        w.declare_tensor(name, &shape, tensor_type(ty, &shape, &mut merged.fell_back))?;
         merged.tensors += 1;
     }
     w.write_with(out, |name| {
@@ -521,6 +459,83 @@ fn write_gguf(model_path: &Path, adapter: Option<&Adapter>, out: &Path, ty: Ggml
                 b = permute_rows(&b, &[s.n_out, r], h);
             }
             add_delta(&mut values, a, &b, r, s.n_in, adapter.config.scale());
+        }
+        Ok(values)
+    })?;
+    Ok(merged)
+}
+
+/// The type a tensor of `shape` is written in for a file of `ty`: F32 for vectors, `ty` for
+/// matrices whose rows are whole blocks of it, else [`fallback`] (counted in `fell_back`).
+fn tensor_type(ty: GgmlType, shape: &[usize], fell_back: &mut usize) -> GgmlType {
+    match shape.last() {
+        _ if shape.len() < 2 => GgmlType::F32,
+        Some(&row) if row.is_multiple_of(ty.block().0) => ty,
+        Some(&row) => {
+            *fell_back += 1;
+            fallback(ty, row)
+        }
+        None => GgmlType::F32,
+    }
+}
+
+/// [`write_gguf`] of a Hugging Face folder: the converter's metadata and tensor names, q and k
+/// permuted whole after the update is added in the folder's row order.
+fn gguf_from_folder(
+    model_path: &Path,
+    cfg: &ModelConfig,
+    src: &WeightSource,
+    adapter: Option<&Adapter>,
+    out: &Path,
+    ty: GgmlType,
+) -> Result<MergedGguf> {
+    let mut merged = MergedGguf { tensors: 0, fell_back: 0 };
+    hf_gguf::check_writable(model_path, cfg)?;
+    let mut w = GgufWriter::new();
+    for (k, v) in hf_gguf::hparams(model_path, cfg)? {
+        w.set(&k, v);
+    }
+    w.set("general.file_type", Value::U32(file_type(ty)));
+    for (k, v) in
+        crate::tokenizer::gguf_vocab::gguf_metadata(model_path, cfg.vocab_size, cfg.arch.gguf_name() == "llama")?
+    {
+        w.set(&k, v);
+    }
+    let has_lm_head = !cfg.tie_word_embeddings && src.contains(cfg, "lm_head.weight");
+    let tensors = tensor_list(cfg, has_lm_head);
+    let mut names = std::collections::HashMap::new();
+    let divisors = hf_gguf::llama3_rope_divisors(cfg);
+    if let Some(d) = &divisors {
+        w.declare_tensor("rope_freqs.weight", &[d.len()], GgmlType::F32)?;
+    }
+    for (i, (name, shape, _)) in tensors.iter().enumerate() {
+        let gguf = gguf_name(cfg, name).ok_or_else(|| {
+            Error::unsupported(
+                model_path,
+                format!("tensor `{name}` has no GGUF name in a {} file", cfg.arch.gguf_name()),
+            )
+        })?;
+        w.declare_tensor(&gguf, shape, tensor_type(ty, shape, &mut merged.fell_back))?;
+        names.insert(gguf, i);
+    }
+    merged.tensors = names.len() + usize::from(divisors.is_some());
+    w.write_with(out, |gguf| {
+        let Some(&i) = names.get(gguf) else {
+            return divisors.clone().ok_or_else(|| Error::invalid("merged tensor", format!("{gguf}: not declared")));
+        };
+        let (name, shape, slot) = &tensors[i];
+        let mut values = src.get(cfg, name, shape)?;
+        if let Some(adapter) = adapter
+            && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
+        {
+            let r = adapter.layout.r;
+            let a = &adapter.params[s.a..s.a + r * s.n_in];
+            let b = &adapter.params[s.b..s.b + s.n_out * r];
+            add_delta(&mut values, a, b, r, s.n_in, adapter.config.scale());
+        }
+        if let Some(h) = hf_gguf::permuted_heads(cfg, name) {
+            let rows = if shape.len() == 1 { vec![shape[0], 1] } else { shape.clone() };
+            values = permute_rows(&values, &rows, h);
         }
         Ok(values)
     })?;
