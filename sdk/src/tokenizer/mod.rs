@@ -59,10 +59,9 @@ fn tok_err(source: &str, what: impl std::fmt::Display) -> Error {
     Error::Tokenizer { source_name: source.to_string(), what: what.to_string() }
 }
 
-/// The special token that tokenizer.json's post-processor puts before a single sequence
-/// (`TemplateProcessing`, alone or in a `Sequence`), if any.
-fn leading_special(tokenizer: &Json) -> Option<String> {
-    let pp = tokenizer.get("post_processor")?;
+/// The special token that a post-processor (as tokenizer.json spells it) puts before a single
+/// sequence (`TemplateProcessing`, alone or in a `Sequence`), if any.
+fn leading_special(pp: &Json) -> Option<String> {
     let list: Vec<&Json> = match pp.get("processors").and_then(Json::as_array) {
         Some(a) => a.iter().collect(),
         None => vec![pp],
@@ -105,15 +104,14 @@ impl Tokenizer {
             add_bos: false,
             bos_id: None,
         };
-        let mut add_bos_given = false;
+        let mut add_bos_token = None;
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.exists() {
             let text = crate::files::read_config(&cfg_path)?;
             let j: Json =
                 serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
             t.bos_token = token_text(j.get("bos_token"));
-            add_bos_given = j.get("add_bos_token").and_then(Json::as_bool).is_some();
-            t.add_bos = j.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
+            add_bos_token = j.get("add_bos_token").and_then(Json::as_bool);
             t.eos_token = token_text(j.get("eos_token"));
             t.chat_template = match j.get("chat_template") {
                 Some(Json::String(s)) => Some(s.clone()),
@@ -126,18 +124,22 @@ impl Tokenizer {
                 _ => None,
             };
         }
-        // Without `add_bos_token`, BOS is added where tokenizer.json's post-processor adds it
-        // to a single sequence (Llama 3's and transformers' SentencePiece conversions), as
-        // transformers' tokenizer(text) adds it.
-        if !add_bos_given {
-            let json: Json = serde_json::from_slice(&bytes).map_err(|e| tok_err(&t.source, e))?;
-            if let Some(first) = leading_special(&json) {
-                if t.bos_token.is_none() {
-                    t.bos_token = Some(first.clone());
+        // Without `add_bos_token`, BOS is added where the loaded tokenizer's post-processor adds
+        // it to a single sequence (Llama 3's and transformers' SentencePiece conversions), as
+        // Hugging Face tokenizers adds it.
+        t.add_bos = match add_bos_token {
+            Some(b) => b,
+            None => {
+                let pp = t.inner.get_post_processor().and_then(|pp| serde_json::to_value(pp).ok());
+                match pp.as_ref().and_then(leading_special) {
+                    Some(first) => {
+                        let bos = t.bos_token.get_or_insert_with(|| first.clone());
+                        *bos == first
+                    }
+                    None => false,
                 }
-                t.add_bos = t.bos_token.as_deref() == Some(first.as_str());
             }
-        }
+        };
         let jinja = dir.join("chat_template.jinja");
         if t.chat_template.is_none() && jinja.exists() {
             t.chat_template = Some(crate::files::read_config(&jinja)?);
