@@ -101,15 +101,14 @@ fn looks_special(t: &str) -> bool {
 /// 49,152-token vocabulary (IBM Granite's small models; SmolLM's too).
 pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(String, Value)>> {
     let spm = dir.join("tokenizer.model");
-    let mut out =
-        if spm.is_file() { sentencepiece_metadata(dir, &spm, vocab_size)? } else { byte_level(dir, vocab_size)? };
+    let tc = tokenizer_config(dir)?;
+    let mut out = if spm.is_file() {
+        sentencepiece_metadata(dir, &spm, &tc, vocab_size)?
+    } else {
+        byte_level(dir, &tc, vocab_size)?
+    };
     if llama {
-        let cfg_path = dir.join("tokenizer_config.json");
-        if cfg_path.is_file()
-            && let Some(b) = read_json(&cfg_path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")?
-                .get("add_prefix_space")
-                .and_then(Json::as_bool)
-        {
+        if let Some(b) = tc.as_ref().and_then(|c| c.get("add_prefix_space")).and_then(Json::as_bool) {
             out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
         }
         if vocab_size == 49152 {
@@ -122,9 +121,25 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(
     Ok(out)
 }
 
+/// The folder's `tokenizer_config.json` (`None` without one), which must be a JSON object.
+fn tokenizer_config(dir: &Path) -> Result<Option<serde_json::Map<String, Json>>> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    match read_json(&path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")? {
+        Json::Object(m) => Ok(Some(m)),
+        _ => Err(Error::format(&path, "expected a JSON object")),
+    }
+}
+
 /// `_set_vocab_gpt2`: the tokens of `tokenizer.json` (byte-level BPE) by id, their types, the
 /// merges and the pre-tokenizer's name.
-fn byte_level(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+fn byte_level(
+    dir: &Path,
+    tc: &Option<serde_json::Map<String, Json>>,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.json");
     let j = read_json(&path, crate::files::TOKENIZER_BYTES, "tokenizer.json")?;
     let model = j.get("model").unwrap_or(&Json::Null);
@@ -213,7 +228,7 @@ fn byte_level(dir: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
     if !merges.is_empty() {
         out.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
     }
-    out.extend(special_metadata(dir, &j, &added, None)?);
+    out.extend(special_metadata(dir, &j, &added, tc.clone(), None)?);
     Ok(out)
 }
 
@@ -303,7 +318,12 @@ fn parse_pieces(bytes: &[u8], path: &Path) -> Result<Vec<(String, f32, u64)>> {
 /// SentencePiece only whether a piece is unknown, control, unused or a byte), then
 /// `added_tokens.json` and `tokenizer_config.json`'s `added_tokens_decoder` over them, ids the
 /// model lacks as `[PADi]`; the special tokens from `tokenizer.json` and the configs.
-fn sentencepiece_metadata(dir: &Path, model: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+fn sentencepiece_metadata(
+    dir: &Path,
+    model: &Path,
+    tc: &Option<serde_json::Map<String, Json>>,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>> {
     let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
     let mut scores = vec![-10000.0f32; vocab_size];
     let mut types = vec![UNUSED; vocab_size];
@@ -328,9 +348,8 @@ fn sentencepiece_metadata(dir: &Path, model: &Path, vocab_size: usize) -> Result
             }
         }
     }
-    let cfg_path = dir.join("tokenizer_config.json");
-    if cfg_path.is_file() {
-        let j = read_json(&cfg_path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")?;
+    if let Some(j) = tc {
+        let cfg_path = dir.join("tokenizer_config.json");
         for (id, t) in j.get("added_tokens_decoder").and_then(Json::as_object).into_iter().flatten() {
             let i: usize = id
                 .parse()
@@ -363,7 +382,7 @@ fn sentencepiece_metadata(dir: &Path, model: &Path, vocab_size: usize) -> Result
         ("tokenizer.ggml.scores".into(), Value::Array(scores.into_iter().map(Value::F32).collect())),
         ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
     ];
-    out.extend(special_metadata(dir, &j, &added, Some(vocab_size))?);
+    out.extend(special_metadata(dir, &j, &added, tc.clone(), Some(vocab_size))?);
     Ok(out)
 }
 
@@ -373,20 +392,15 @@ fn sentencepiece_metadata(dir: &Path, model: &Path, vocab_size: usize) -> Result
 /// (`ByteLevel` adds nothing; `TemplateProcessing` adds the special tokens around a single
 /// sequence and between a pair's), then `tokenizer_config.json`'s `add_*_token`; the chat
 /// template from `tokenizer_config.json`, else `chat_template.jinja` or `chat_template.json`.
+/// `tc` is the folder's tokenizer_config.json, which the post-processor's special tokens may
+/// add to as gguf-py's does.
 fn special_metadata(
     dir: &Path,
     tokenizer: &Json,
     added: &[&Json],
+    mut tc: Option<serde_json::Map<String, Json>>,
     n_vocab: Option<usize>,
 ) -> Result<Vec<(String, Value)>> {
-    let cfg_path = dir.join("tokenizer_config.json");
-    let mut tc: Option<serde_json::Map<String, Json>> = None;
-    if cfg_path.is_file() {
-        match read_json(&cfg_path, crate::files::TOKENIZER_BYTES, "tokenizer_config.json")? {
-            Json::Object(m) => tc = Some(m),
-            _ => return Err(Error::format(&cfg_path, "expected a JSON object")),
-        }
-    }
     let text_of = |tc: &Option<serde_json::Map<String, Json>>, typ: &str| {
         tc.as_ref().and_then(|c| token_text(c.get(&format!("{typ}_token"))))
     };
