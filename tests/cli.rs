@@ -173,11 +173,7 @@ fn merge_to_gguf_from_a_folder_writes_the_librarys_file_or_refuses_by_name() {
     // tiny Qwen2 with its tokenizer.json changed, one field at a time.
     let edited = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let folder = dir.join(name);
-        std::fs::create_dir_all(&folder).expect("folder");
-        for e in std::fs::read_dir(&qwen2).expect("fixture") {
-            let p = e.expect("entry").path();
-            std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
-        }
+        common::copy_files(&qwen2, &folder);
         let file = folder.join("tokenizer.json");
         let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("JSON");
         edit(&mut t);

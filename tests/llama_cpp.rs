@@ -749,19 +749,13 @@ fn wider_codes_kept_as_two_planes_compute_with_the_files_own_values() {
 
 /// The cases of `hf_gguf_expected.json` (tests/reference/convert_hf_gguf.py): what llama.cpp's
 /// own convert_hf_to_gguf.py wrote for fixture folders, some with files replaced.
-fn hf_gguf_cases() -> Vec<Value> {
+/// Also the text the cases were tokenized from by Hugging Face tokenizers.
+fn hf_gguf_cases() -> (String, Vec<Value>) {
     let bytes = std::fs::read(fixtures().join("hf_gguf_expected.json")).expect("hf_gguf_expected.json");
     let v: Value = serde_json::from_slice(&bytes).expect("JSON");
     let cases = v["cases"].as_array().expect("cases").clone();
     assert_eq!(cases.len(), 5, "the fixture's cases");
-    cases
-}
-
-/// The text the fixture's cases were tokenized from by Hugging Face tokenizers.
-fn hf_gguf_text() -> String {
-    let bytes = std::fs::read(fixtures().join("hf_gguf_expected.json")).expect("hf_gguf_expected.json");
-    let v: Value = serde_json::from_slice(&bytes).expect("JSON");
-    v["text"].as_str().expect("text").to_string()
+    (v["text"].as_str().expect("text").to_string(), cases)
 }
 
 /// The case's folder: a copy of its fixture folder, the files of another fixture folder
@@ -769,13 +763,8 @@ fn hf_gguf_text() -> String {
 fn hf_case_folder(case: &Value, dir: &Path) -> PathBuf {
     let name = case["name"].as_str().expect("name");
     let folder = dir.join(name);
-    std::fs::create_dir_all(&folder).expect("folder");
-    let sources = [case["base"].as_str(), case["files"].as_str()];
-    for base in sources.into_iter().flatten().map(|f| fixtures().join(f)) {
-        for e in std::fs::read_dir(&base).expect("fixture folder") {
-            let p = e.expect("entry").path();
-            std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
-        }
+    for base in [case["base"].as_str(), case["files"].as_str()].into_iter().flatten() {
+        common::copy_files(&fixtures().join(base), &folder);
     }
     for (file, text) in case["edits"].as_object().expect("edits") {
         std::fs::write(folder.join(file), text.as_str().expect("text")).expect("edit");
@@ -831,7 +820,7 @@ fn fnv1a64(bytes: &[u8]) -> String {
 /// rounded, so they agree within a few f32 roundings instead of bit for bit.
 #[test]
 fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
-    for case in hf_gguf_cases() {
+    for case in hf_gguf_cases().1 {
         let name = case["name"].as_str().expect("name");
         let dir = temp(name);
         let folder = hf_case_folder(&case, &dir);
@@ -917,9 +906,9 @@ fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
 /// included where its post-processor adds it), in llama.cpp and in edgetune reading the file.
 #[test]
 fn a_folder_merged_to_gguf_runs_in_llama_cpp_as_the_folder_with_its_adapter() {
-    let text = hf_gguf_text();
+    let (text, cases) = hf_gguf_cases();
     let text = text.as_str();
-    for case in hf_gguf_cases() {
+    for case in cases {
         let name = case["name"].as_str().expect("name");
         let dir = temp(name);
         let folder = hf_case_folder(&case, &dir);
@@ -1002,11 +991,7 @@ fn each_pre_tokenizer_written_to_gguf_tokenizes_as_the_folder_in_llama_cpp() {
     for (name, pre) in pre_tokenizers() {
         let dir = temp(&format!("pre-{name}"));
         let folder = dir.join("folder");
-        std::fs::create_dir_all(&folder).expect("folder");
-        for e in std::fs::read_dir(fixtures().join("tiny_qwen2")).expect("fixture") {
-            let p = e.expect("entry").path();
-            std::fs::copy(&p, folder.join(p.file_name().expect("name"))).expect("copy");
-        }
+        common::copy_files(&fixtures().join("tiny_qwen2"), &folder);
         let mut t: Value =
             serde_json::from_slice(&std::fs::read(fixtures().join("tiny_tokenizer.json")).expect("tokenizer"))
                 .expect("JSON");

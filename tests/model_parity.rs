@@ -291,10 +291,7 @@ fn decoding_over_a_long_cache_matches_a_prefill_in_every_family() {
     use edgetune::gpu::launch::SPLIT_KEYS;
     for kind in ["llama", "mistral"] {
         let dir = std::env::temp_dir().join(format!("edgetune-long-cache-{kind}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp folder");
-        for e in std::fs::read_dir(fixtures().join(format!("tiny_{kind}"))).expect("fixture").flatten() {
-            std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
-        }
+        common::copy_files(&fixtures().join(format!("tiny_{kind}")), &dir);
         let mut config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("JSON");
         config["max_position_embeddings"] = 1024.into();

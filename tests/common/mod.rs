@@ -14,6 +14,16 @@ pub fn fixtures() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures"))
 }
 
+/// Copies the files of the folder `src` into `dst` (created if missing): a fixture folder to
+/// change a file of.
+pub fn copy_files(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).expect("folder");
+    for e in std::fs::read_dir(src).unwrap_or_else(|e| panic!("{}: {e}", src.display())) {
+        let p = e.expect("entry").path();
+        std::fs::copy(&p, dst.join(p.file_name().expect("name"))).expect("copy");
+    }
+}
+
 /// A fixture safetensors file, loaded whole.
 pub struct Fixture {
     bytes: Vec<u8>,
