@@ -23,7 +23,7 @@ use crate::model::config::{Arch, ModelConfig, RopeScaling};
 use crate::model::gguf::Value;
 use crate::model::gguf_write::GgufWriter;
 use crate::model::hf_gguf;
-use crate::model::weights::{WeightSource, gguf_name, permute_rows};
+use crate::model::weights::{WeightSource, gguf_name, gguf_permuted_heads, permute_rows};
 use crate::quant::gguf_blocks::GgmlType;
 use crate::safetensors_write::{Entry, header};
 
@@ -397,7 +397,8 @@ fn file_type(ty: GgmlType) -> u32 {
 /// tensor names, the q/k permutation applied to the update. From a Hugging Face folder (Llama,
 /// Mistral, Qwen2 or Qwen3 with a SentencePiece or byte-level BPE tokenizer): the metadata,
 /// tensor names and q/k row order that llama.cpp's `convert_hf_to_gguf.py` writes for it (see
-/// `model::hf_gguf` and `tokenizer::gguf_vocab`); any other folder is refused with nothing
+/// `model::hf_gguf`, `model::weights::gguf_permuted_heads` and `tokenizer::gguf_vocab`); any
+/// other folder is refused with nothing
 /// written.
 pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType) -> Result<MergedGguf> {
     write_gguf(model_path, Some(adapter), out, ty)
@@ -533,9 +534,8 @@ fn gguf_from_folder(
             let b = &adapter.params[s.b..s.b + s.n_out * r];
             add_delta(&mut values, a, b, r, s.n_in, adapter.config.scale());
         }
-        if let Some(h) = hf_gguf::permuted_heads(cfg, name) {
-            let rows = if shape.len() == 1 { vec![shape[0], 1] } else { shape.clone() };
-            values = permute_rows(&values, &rows, h);
+        if let Some(h) = gguf_permuted_heads(cfg, gguf) {
+            values = permute_rows(&values, shape, h);
         }
         Ok(values)
     })?;

@@ -117,17 +117,3 @@ pub fn llama3_rope_divisors(cfg: &ModelConfig) -> Option<Vec<f32>> {
             .collect(),
     )
 }
-
-/// The heads whose rows the converter permutes in the weight (or bias) of Hugging Face name
-/// `hf` (`LlamaModel.permute`, q and k of `llama` files), `None` for every other tensor.
-pub fn permuted_heads(cfg: &ModelConfig, hf: &str) -> Option<usize> {
-    if !cfg.arch.gguf_permutes_qk() {
-        return None;
-    }
-    let module = hf.rsplit('.').nth(1)?;
-    match module {
-        "q_proj" => Some(cfg.num_heads),
-        "k_proj" => Some(cfg.num_kv_heads),
-        _ => None,
-    }
-}

@@ -282,12 +282,8 @@ impl WeightSource {
                 let name = gguf_name(cfg, hf_name)
                     .ok_or_else(|| Error::MissingTensor { path: g.path.clone(), tensor: hf_name.into() })?;
                 let (mut data, shape) = g.tensor_f32(&name)?;
-                if cfg.arch.gguf_permutes_qk() {
-                    if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
-                        data = unpermute_rows(&data, &shape, cfg.num_heads);
-                    } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
-                        data = unpermute_rows(&data, &shape, cfg.num_kv_heads);
-                    }
+                if let Some(heads) = gguf_permuted_heads(cfg, &name) {
+                    data = unpermute_rows(&data, &shape, heads);
                 }
                 // llama.cpp's converter stores Gemma's norm weights as the 1 + w they scale by;
                 // the Hugging Face value is w.
@@ -343,6 +339,18 @@ fn random_values(n: usize, seed: u64, std: f32) -> Vec<f32> {
     let jobs = out.chunks_mut(CHUNK).enumerate().collect();
     crate::prim::run_parallel(jobs, |(i, part): (usize, &mut [f32])| fill(i, part));
     out
+}
+
+/// The heads whose rows llama.cpp's converter permutes in the GGUF tensor `name`: q's and k's
+/// weights and biases in the families whose files permute them (see [`permute_rows`]); `None`
+/// for every other tensor.
+pub fn gguf_permuted_heads(cfg: &ModelConfig, name: &str) -> Option<usize> {
+    let is = |m: &str| name.ends_with(&format!("{m}.weight")) || name.ends_with(&format!("{m}.bias"));
+    match cfg.arch.gguf_permutes_qk() {
+        true if is("attn_q") => Some(cfg.num_heads),
+        true if is("attn_k") => Some(cfg.num_kv_heads),
+        _ => None,
+    }
 }
 
 /// Undoes llama.cpp's q/k permutation: GGUF rows, viewed as (n_head, rows/n_head/2, 2), are
