@@ -164,10 +164,13 @@ fn merge_to_gguf_from_a_folder_writes_the_librarys_file_or_refuses_by_name() {
         assert!(expected.iter().all(|e| err.contains(e)), "{err}");
         assert!(!out.exists(), "a refused merge wrote {}", out.display());
     };
+    refused(&fx.join("tiny_phi3"), "peft_phi3_adapter", &["tiny_phi3", "phi3 folder", "convert_hf_to_gguf.py"]);
+    // The tiny Gemma's query_pre_attn_scalar (24) is not its heads' width (32), by which
+    // llama.cpp's gemma3 scales queries.
     refused(
         &fx.join("tiny_gemma3"),
         "peft_gemma3_adapter",
-        &["tiny_gemma3", "gemma3_text folder", "convert_hf_to_gguf.py"],
+        &["tiny_gemma3", "gemma3_text folder with query_pre_attn_scalar 24", "1 / sqrt(32)"],
     );
     refused(&fx.join("tiny_mistral"), "peft_mistral_adapter", &["tiny_mistral", "sliding window of"]);
     // tiny Qwen2 with its tokenizer.json changed, one field at a time.

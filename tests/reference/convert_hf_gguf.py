@@ -136,6 +136,69 @@ def spm_tokenizer_files():
     return "tiny_spm_tokenizer"
 
 
+def gemma_spm_tokenizer_files():
+    """A Gemma-style SentencePiece model: as spm_tokenizer_files, but with Gemma's ids (pad 0,
+    eos 1, bos 2, unk 3, then <mask> and the turn markers as user-defined pieces) and no dummy prefix (Gemma's
+    tokenizer adds no space before the text), with the tokenizer.json and tokenizer_config.json
+    transformers' GemmaTokenizer converts it to. Written to fixtures/tiny_gemma_spm_tokenizer."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    out = os.path.join(FIX, "tiny_gemma_spm_tokenizer")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix="spm-")
+    text = ["The quick brown fox jumps over the lazy dog.", "edgetune fine-tunes language models on any GPU.",
+            "Paris is the capital of France. Berlin is the capital of Germany.",
+            "Hello, world! 12345 tokens and more tokens.", "<start_of_turn>user Hi<end_of_turn>"] * 30
+    with open(os.path.join(tmp, "corpus.txt"), "w") as f:
+        f.write("\n".join(text))
+    here = os.getcwd()
+    os.chdir(tmp)
+    spm.SentencePieceTrainer.train(
+        input="corpus.txt", model_prefix="sp", vocab_size=320, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
+    os.chdir(here)
+    src = os.path.join(tmp, "src")
+    os.makedirs(src)
+    shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(src, "tokenizer.model"))
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+                   "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False}, f)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(out, "tokenizer.model"))
+    # transformers records where it read the model from, a temporary folder.
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    tc.pop("vocab_file", None)
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(tc, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    shutil.rmtree(tmp)
+    return "tiny_gemma_spm_tokenizer"
+
+
+def gemma_edits(base, generic_tokenizer=False, **ids):
+    """The tiny Gemma's config.json with query_pre_attn_scalar = head_dim, as every published
+    Gemma 2 and 3 below 27B has it (llama.cpp scales queries by 1 / sqrt(key_length), so the
+    fixture's 24 would change the model; edgetune refuses that folder), and `ids` set. With
+    `generic_tokenizer`, tokenizer_config.json names the generic tokenizer class: transformers'
+    Gemma tokenizer class adds Gemma's special tokens past the tiny byte-level vocabulary, which
+    the converter refuses."""
+    with open(os.path.join(FIX, base, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["query_pre_attn_scalar"] = cfg["head_dim"]
+    cfg.update(ids)
+    edits = {"config.json": json.dumps(cfg, indent=1)}
+    if generic_tokenizer:
+        with open(os.path.join(FIX, base, "tokenizer_config.json")) as f:
+            tc = json.load(f)
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+        edits["tokenizer_config.json"] = json.dumps(tc, indent=1)
+    return edits
+
+
 CASES = [
     {"name": "tiny_llama", "base": "tiny_llama", "pre": "gpt-2", "edits": {}},
     {"name": "tiny_qwen2", "base": "tiny_qwen2", "pre": "gpt-2", "edits": {}},
@@ -143,6 +206,11 @@ CASES = [
     {"name": "tiny_llama_llama3", "base": "tiny_llama", "pre": "llama-bpe", "edits": llama3_edits()},
     {"name": "tiny_llama_sentencepiece", "base": "tiny_llama", "files": "tiny_spm_tokenizer", "pre": None,
      "edits": {}},
+    {"name": "tiny_gemma3", "base": "tiny_gemma3", "pre": "gpt-2", "edits": gemma_edits("tiny_gemma3", generic_tokenizer=True)},
+    {"name": "tiny_gemma3_sentencepiece", "base": "tiny_gemma3", "files": "tiny_gemma_spm_tokenizer", "pre": None,
+     "edits": gemma_edits("tiny_gemma3", bos_token_id=2, eos_token_id=1)},
+    {"name": "tiny_gemma2_sentencepiece", "base": "tiny_gemma2", "files": "tiny_gemma_spm_tokenizer", "pre": None,
+     "edits": gemma_edits("tiny_gemma2", bos_token_id=2, eos_token_id=1)},
 ]
 
 
@@ -175,6 +243,7 @@ def main():
     import gguf
     from conversion import base
     spm_tokenizer_files()
+    gemma_spm_tokenizer_files()
     from tokenizers import Tokenizer
     out = {"converter": f"llama-cpp-python {VERSION} convert_hf_to_gguf.py --outtype f32", "text": TEXT, "cases": []}
     for case in CASES:

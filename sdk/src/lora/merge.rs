@@ -26,6 +26,7 @@ use crate::model::hf_gguf;
 use crate::model::weights::{WeightSource, gguf_name, gguf_permuted_heads, permute_rows};
 use crate::quant::gguf_blocks::GgmlType;
 use crate::safetensors_write::{Entry, header};
+use crate::tokenizer::gguf_vocab::ConverterClass;
 
 /// The precision of the merged weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -491,15 +492,17 @@ fn gguf_from_folder(
     ty: GgmlType,
 ) -> Result<MergedGguf> {
     let mut merged = MergedGguf { tensors: 0, fell_back: 0 };
-    hf_gguf::check_writable(model_path, cfg)?;
     let mut w = GgufWriter::new();
     for (k, v) in hf_gguf::hparams(model_path, cfg)? {
         w.set(&k, v);
     }
     w.set("general.file_type", Value::U32(file_type(ty)));
-    for (k, v) in
-        crate::tokenizer::gguf_vocab::gguf_metadata(model_path, cfg.vocab_size, cfg.arch.gguf_name() == "llama")?
-    {
+    let class = match cfg.arch {
+        Arch::Llama | Arch::Mistral => ConverterClass::Llama,
+        Arch::Gemma2 | Arch::Gemma3 => ConverterClass::Gemma,
+        _ => ConverterClass::Plain,
+    };
+    for (k, v) in crate::tokenizer::gguf_vocab::gguf_metadata(model_path, cfg.vocab_size, class)? {
         w.set(&k, v);
     }
     let has_lm_head = !cfg.tie_word_embeddings && src.contains(cfg, "lm_head.weight");
@@ -536,6 +539,10 @@ fn gguf_from_folder(
         }
         if let Some(h) = gguf_permuted_heads(cfg, gguf) {
             values = permute_rows(&values, shape, h);
+        }
+        // Gemma's norms scale by 1 + w: the converter stores that sum (the loader's inverse).
+        if cfg.norm_offset != 0.0 && gguf.ends_with("norm.weight") {
+            values.iter_mut().for_each(|v| *v += cfg.norm_offset);
         }
         Ok(values)
     })?;

@@ -190,6 +190,34 @@ fn field<'a>(j: &'a Json, key: &str) -> Option<&'a Json> {
     j.get(key).filter(|v| !v.is_null())
 }
 
+/// The layers llama.cpp's `arch` files attend within their sliding window, when the file has
+/// one: gemma2 the even layers (the first, the third, ...), gemma3 all but every sixth, other
+/// families every layer.
+pub(crate) fn llama_cpp_window_layers(arch: Arch, num_layers: usize) -> Vec<bool> {
+    (0..num_layers)
+        .map(|l| match arch {
+            Arch::Gemma2 => l % 2 == 0,
+            Arch::Gemma3 => (l + 1) % 6 != 0,
+            _ => true,
+        })
+        .collect()
+}
+
+/// What llama.cpp multiplies q . k by in `arch` files: 1 / sqrt(key_length), except for Gemma's
+/// 27B models (gemma3 with 62 layers, gemma2 with 46), 1 / sqrt(hidden / heads).
+pub(crate) fn llama_cpp_query_scale(
+    arch: Arch,
+    num_layers: usize,
+    hidden_size: usize,
+    num_heads: usize,
+    head_dim: usize,
+) -> f32 {
+    match (arch, num_layers) {
+        (Arch::Gemma3, 62) | (Arch::Gemma2, 46) => 1.0 / ((hidden_size / num_heads.max(1)) as f32).sqrt(),
+        _ => 1.0 / (head_dim as f32).sqrt(),
+    }
+}
+
 /// A soft cap (Gemma 2's `attn_logit_softcapping`, `final_logit_softcapping`) read from
 /// `key` of a config.json (absent or null: none); anything but a positive number is an error
 /// naming the key.
@@ -293,8 +321,13 @@ impl ModelConfig {
                 field(s, "rope_theta").and_then(Json::as_f64).unwrap_or(10000.0) as f32,
                 parse_hf_rope_scaling(path, s)?,
             )),
-            // transformers 4's Gemma 3 configs: `rope_local_base_freq`, unscaled.
-            None => field(&j, "rope_local_base_freq").and_then(Json::as_f64).map(|b| (b as f32, None)),
+            // transformers 4's Gemma 3 configs: `rope_local_base_freq`, unscaled; without it
+            // (in either version) transformers' default, 10000.
+            None => match field(&j, "rope_local_base_freq").and_then(Json::as_f64) {
+                Some(b) => Some((b as f32, None)),
+                None if arch == Arch::Gemma3 => Some((10000.0, None)),
+                None => None,
+            },
         };
         let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         let partial_rotary = field(&j, "partial_rotary_factor")
@@ -459,11 +492,13 @@ impl ModelConfig {
         let eos = g.get("tokenizer.ggml.eos_token_id").and_then(Value::as_u64).map(|v| v as u32);
         let num_layers = layer_count(path, &key("block_count"), u("block_count")?)?;
         let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
+        let rope_theta = g.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0) as f32;
         // As llama.cpp reads gemma3 files: every sixth layer attends to everything, the others
-        // within `attention.sliding_window` with an unscaled RoPE base of 10000; the query
-        // scale is 1 / sqrt(key_length), except for the 27B (62 layers), where it is
-        // 1 / sqrt(hidden / heads). gemma2: the even layers (the first, the third, ...) within
-        // the window, one RoPE base; the query scale likewise, its 27B having 46 layers.
+        // within `attention.sliding_window` with an unscaled RoPE base of `rope.freq_base_swa`
+        // (10000 without it); the query scale is 1 / sqrt(key_length), except for the 27B
+        // (62 layers), where it is 1 / sqrt(hidden / heads). gemma2: the even layers (the
+        // first, the third, ...) within the window, with the others' RoPE base unless
+        // `rope.freq_base_swa` gives one; the query scale likewise, its 27B having 46 layers.
         // phi3: `attention.sliding_window` on every layer, as llama.cpp reads it.
         let sliding_window = match arch {
             Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3 => {
@@ -471,16 +506,14 @@ impl ModelConfig {
             }
             _ => None,
         };
-        let window_layers = match (sliding_window, arch) {
-            (Some(_), Arch::Gemma2) => (0..num_layers).map(|l| l % 2 == 0).collect(),
-            (Some(_), Arch::Gemma3) => (0..num_layers).map(|l| (l + 1) % 6 != 0).collect(),
-            (Some(_), _) => vec![true; num_layers],
-            (None, _) => vec![false; num_layers],
+        let window_layers = match sliding_window {
+            Some(_) => llama_cpp_window_layers(arch, num_layers),
+            None => vec![false; num_layers],
         };
-        let query_scale = match (arch, num_layers) {
-            (Arch::Gemma3, 62) | (Arch::Gemma2, 46) => 1.0 / ((hidden_size / num_heads.max(1)) as f32).sqrt(),
-            _ => 1.0 / (head_dim as f32).sqrt(),
-        };
+        let query_scale = llama_cpp_query_scale(arch, num_layers, hidden_size, num_heads, head_dim);
+        // The sliding-window layers' RoPE base, where the file gives one (gemma3 defaults to
+        // 10000, gemma2 to the others' base).
+        let swa_base = g.get(&key("rope.freq_base_swa")).and_then(Value::as_f64).map(|b| b as f32);
         let cfg = ModelConfig {
             arch,
             hidden_size,
@@ -492,7 +525,7 @@ impl ModelConfig {
             vocab_size,
             rms_norm_eps: g.get(&key("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-6)
                 as f32,
-            rope_theta: g.get(&key("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0) as f32,
+            rope_theta,
             rope_scaling,
             rotary_dim,
             max_position_embeddings: u("context_length").unwrap_or(4096),
@@ -503,7 +536,11 @@ impl ModelConfig {
             eos_token_ids: eos.into_iter().collect(),
             sliding_window,
             window_layers,
-            sliding_rope: (arch == Arch::Gemma3).then_some((10000.0, None)),
+            sliding_rope: match (arch, swa_base) {
+                (Arch::Gemma3, b) => Some((b.unwrap_or(10000.0), None)),
+                (_, Some(b)) if b != rope_theta => Some((b, None)),
+                _ => None,
+            },
             hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
             query_scale,
             attn_softcap: gguf_softcap(path, &key("attn_logit_softcapping"), g.get(&key("attn_logit_softcapping")))?,

@@ -1,49 +1,118 @@
 //! A Hugging Face folder's hyper-parameters and tensor names as llama.cpp's
 //! `convert_hf_to_gguf.py` writes them into a GGUF file (its `TextModel`, `LlamaModel`,
-//! `Qwen2Model` and `Qwen3Model`), for the families whose files edgetune writes from a folder:
-//! Llama (and Mistral, which the converter writes as `llama`), Qwen2 and Qwen3.
+//! `Qwen2Model`, `Qwen3Model`, `Gemma2Model` and `Gemma3Model`), for the families whose files
+//! edgetune writes from a folder: Llama (and Mistral, which the converter writes as `llama`),
+//! Qwen2, Qwen3, Gemma 2 and Gemma 3, each refused where the converter's file would compute
+//! otherwise in llama.cpp than the folder does in transformers.
 
 use std::path::Path;
 
 use serde_json::Value as Json;
 
-use super::config::{Arch, ModelConfig, RopeScaling};
+use super::config::{Arch, ModelConfig, RopeScaling, llama_cpp_query_scale, llama_cpp_window_layers};
 use super::gguf::Value;
 use crate::error::{Error, Result};
 
-/// Whether edgetune writes a GGUF file for the model of `cfg` read from the folder `dir`: the
-/// families above, with no layer attending within a sliding window (llama.cpp's `llama`,
-/// `qwen2` and `qwen3` files hold no window, so the converter drops it).
-pub fn check_writable(dir: &Path, cfg: &ModelConfig) -> Result<()> {
-    if !matches!(cfg.arch, Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3) {
+/// Whether edgetune writes a GGUF file for the model of `cfg` read from the folder `dir` (whose
+/// `config.json` is `raw`): the families above, each as llama.cpp reads its files. Llama,
+/// Mistral, Qwen2 and Qwen3 with no layer attending within a sliding window (llama.cpp's
+/// `llama`, `qwen2` and `qwen3` files hold no window, so the converter drops it). Gemma with
+/// llama.cpp's query scale (it has no key for `query_pre_attn_scalar`), its pattern of window
+/// layers (a window length, no pattern, is written), its tied head, Gemma 2's soft caps and one
+/// RoPE base of 10000 (its files hold neither base nor scaling), Gemma 3's unscaled
+/// window layers and no attention soft cap, and Gemma 2's SentencePiece `tokenizer.model`.
+fn check_writable(dir: &Path, cfg: &ModelConfig, raw: &Json) -> Result<()> {
+    let arch = cfg.arch.gguf_name();
+    if !matches!(cfg.arch, Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3) {
         return Err(Error::unsupported(
             dir,
             format!(
-                "GGUF file from a {} folder (edgetune writes them from Llama, Mistral, Qwen2 and Qwen3 folders); \
-                 merge to a folder and convert it with llama.cpp's convert_hf_to_gguf.py",
+                "GGUF file from a {} folder (edgetune writes them from Llama, Mistral, Qwen2, Qwen3, Gemma 2 and \
+                 Gemma 3 folders); merge to a folder and convert it with llama.cpp's convert_hf_to_gguf.py",
                 cfg.arch.name()
             ),
         ));
     }
-    if let (Some(w), true) = (cfg.sliding_window, cfg.window_layers.iter().any(|&b| b)) {
-        return Err(Error::unsupported(
-            dir,
-            format!(
-                "GGUF file from a folder whose layers attend within a sliding window of {w} tokens: llama.cpp's \
-                 {} files hold no window, so llama.cpp would attend past it",
-                cfg.arch.gguf_name()
-            ),
+    let windowed = cfg.sliding_window.filter(|_| cfg.window_layers.iter().any(|&b| b));
+    let gemma = matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3);
+    if !gemma {
+        if let Some(w) = windowed {
+            return Err(Error::unsupported(
+                dir,
+                format!(
+                    "GGUF file from a folder whose layers attend within a sliding window of {w} tokens: llama.cpp's \
+                     {arch} files hold no window, so llama.cpp would attend past it"
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    let refuse =
+        |what: String| Err(Error::unsupported(dir, format!("GGUF file from a {} folder with {what}", cfg.arch.name())));
+    let scale = llama_cpp_query_scale(cfg.arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim);
+    if (cfg.query_scale - scale).abs() > 1e-6 * scale {
+        let named = raw.get("query_pre_attn_scalar").map_or_else(|| "none".to_string(), Json::to_string);
+        return refuse(format!(
+            "query_pre_attn_scalar {named}: llama.cpp's {arch} files scale queries by 1 / sqrt({}) (key_length, \
+             or hidden / heads for the 27B), which would change its attention",
+            (1.0 / (scale * scale)).round()
         ));
+    }
+    let pattern = llama_cpp_window_layers(cfg.arch, cfg.num_layers);
+    if windowed.is_none() || cfg.window_layers != pattern {
+        let list =
+            |v: &[bool]| v.iter().enumerate().filter(|(_, b)| **b).map(|(l, _)| l.to_string()).collect::<Vec<_>>();
+        return refuse(format!(
+            "a sliding window on layers [{}]: llama.cpp's {arch} files window layers [{}]",
+            if windowed.is_some() { list(&cfg.window_layers).join(", ") } else { String::new() },
+            list(&pattern).join(", ")
+        ));
+    }
+    if !cfg.tie_word_embeddings {
+        return refuse(
+            "its own lm_head (tie_word_embeddings false): llama.cpp's converter writes Gemma's head as the embeddings"
+                .into(),
+        );
+    }
+    if cfg.arch == Arch::Gemma2 {
+        if cfg.attn_softcap.is_none() || cfg.final_softcap.is_none() {
+            return refuse(
+                "no attn_logit_softcapping or final_logit_softcapping: llama.cpp caps gemma2's scores and logits"
+                    .into(),
+            );
+        }
+        if cfg.rope_theta != 10000.0 || cfg.rope_scaling.is_some() || cfg.sliding_rope.is_some() {
+            return refuse(format!(
+                "RoPE base {} or scaling: llama.cpp's gemma2 files hold neither, so llama.cpp would use a base of 10000",
+                cfg.rope_theta
+            ));
+        }
+        if !dir.join("tokenizer.model").is_file() {
+            return refuse(
+                "no tokenizer.model: llama.cpp's converter writes Gemma 2's SentencePiece vocabulary from it".into(),
+            );
+        }
+    } else {
+        if cfg.attn_softcap.is_some() {
+            return refuse("attn_logit_softcapping: llama.cpp's gemma3 files have no attention soft cap".into());
+        }
+        if cfg.sliding_rope.as_ref().is_some_and(|(_, s)| s.is_some()) {
+            return refuse(
+                "RoPE scaling on its sliding-window layers: llama.cpp's gemma3 scales only the others".into(),
+            );
+        }
     }
     Ok(())
 }
 
 /// The hyper-parameters the converter writes for the folder `dir` (whose `config.json` gave
-/// `cfg`), in its order; `general.file_type` and the tokenizer are the caller's.
+/// `cfg`), in its order, after refusing a folder whose file would not compute as the folder
+/// does (see [`check_writable`]); `general.file_type` and the tokenizer are the caller's.
 pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
     let cfg_path = dir.join("config.json");
     let raw: Json = serde_json::from_str(&crate::files::read_config(&cfg_path)?)
         .map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
+    check_writable(dir, cfg, &raw)?;
     let arch = cfg.arch.gguf_name();
     let u32_of = |v: usize, what: &str| {
         u32::try_from(v).map(Value::U32).map_err(|_| Error::format(&cfg_path, format!("{what} {v} is past 2^32")))
@@ -53,6 +122,25 @@ pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
         ("general.type".into(), Value::String("model".into())),
     ];
     let mut key = |k: &str, v: Value| out.push((format!("{arch}.{k}"), v));
+    let head_dim = u32_of(cfg.head_dim, "head_dim")?;
+    if cfg.arch == Arch::Gemma2 {
+        // `Gemma2Model` writes its own list: no RoPE keys, the soft caps and the window.
+        key("context_length", u32_of(cfg.max_position_embeddings, "max_position_embeddings")?);
+        key("embedding_length", u32_of(cfg.hidden_size, "hidden_size")?);
+        key("block_count", u32_of(cfg.num_layers, "num_hidden_layers")?);
+        key("feed_forward_length", u32_of(cfg.intermediate_size, "intermediate_size")?);
+        key("attention.head_count", u32_of(cfg.num_heads, "num_attention_heads")?);
+        key("attention.head_count_kv", u32_of(cfg.num_kv_heads, "num_key_value_heads")?);
+        key("attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps));
+        key("attention.key_length", head_dim.clone());
+        key("attention.value_length", head_dim);
+        for (k, v) in [("attn_logit_softcapping", cfg.attn_softcap), ("final_logit_softcapping", cfg.final_softcap)] {
+            key(k, Value::F32(v.unwrap_or_default()));
+        }
+        key("attention.sliding_window", u32_of(cfg.sliding_window.unwrap_or_default(), "sliding_window")?);
+        out.push(("general.quantization_version".into(), Value::U32(2)));
+        return Ok(out);
+    }
     key("block_count", u32_of(cfg.num_layers, "num_hidden_layers")?);
     key("context_length", u32_of(cfg.max_position_embeddings, "max_position_embeddings")?);
     key("embedding_length", u32_of(cfg.hidden_size, "hidden_size")?);
@@ -73,15 +161,24 @@ pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
         }
     }
     key("rope.freq_base", Value::F32(cfg.rope_theta));
+    if let Some((base, _)) = cfg.sliding_rope.as_ref().filter(|_| cfg.arch == Arch::Gemma3) {
+        key("rope.freq_base_swa", Value::F32(*base));
+    }
     key("attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps));
-    // The head's width only where config.json names it, as the converter writes it.
-    if raw.get("head_dim").is_some_and(|h| !h.is_null()) {
-        key("attention.key_length", u32_of(cfg.head_dim, "head_dim")?);
-        key("attention.value_length", u32_of(cfg.head_dim, "head_dim")?);
+    // The head's width where config.json names it, as `TextModel` writes it; always for Gemma 3.
+    if cfg.arch == Arch::Gemma3 || raw.get("head_dim").is_some_and(|h| !h.is_null()) {
+        key("attention.key_length", head_dim.clone());
+        key("attention.value_length", head_dim.clone());
+    }
+    if cfg.arch == Arch::Gemma3 {
+        if let Some(cap) = cfg.final_softcap {
+            key("final_logit_softcapping", Value::F32(cap));
+        }
+        key("attention.sliding_window", u32_of(cfg.sliding_window.unwrap_or_default(), "sliding_window")?);
     }
     if arch == "llama" {
         key("vocab_size", u32_of(cfg.vocab_size, "vocab_size")?);
-        key("rope.dimension_count", u32_of(cfg.head_dim, "head_dim")?);
+        key("rope.dimension_count", head_dim);
     }
     out.push(("general.quantization_version".into(), Value::U32(2)));
     Ok(out)

@@ -91,32 +91,51 @@ fn looks_special(t: &str) -> bool {
         || (t.starts_with("<unused") && t.ends_with('>'))
 }
 
+/// Which of the converter's model classes writes the vocabulary, for what each adds to
+/// `_set_vocab_sentencepiece` and `_set_vocab_gpt2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConverterClass {
+    /// `LlamaModel` (Llama, Mistral): `add_prefix_space` of `tokenizer_config.json` as
+    /// `tokenizer.ggml.add_space_prefix`, and no BOS added for a 49,152-token vocabulary (IBM
+    /// Granite's small models; SmolLM's too).
+    Llama,
+    /// `Gemma2Model`, `Gemma3Model`: a SentencePiece vocabulary with no space prefix; a
+    /// byte-level one (Gemma 3) with the embeddings cut to the tokenizer's tokens.
+    Gemma,
+    /// The others (`Qwen2Model`, `Qwen3Model`): nothing added.
+    Plain,
+}
+
 /// The tokenizer of the Hugging Face folder `dir` as the GGUF metadata llama.cpp's converter
 /// writes for it, `vocab_size` tokens long (`config.json`'s: ids the tokenizer lacks become
 /// `[PADi]`, unused): from `tokenizer.model` where the folder has one, else from a byte-level
-/// BPE `tokenizer.json`. A `tokenizer.json` with byte fallback and no `tokenizer.model` is
-/// refused, as is a pre-tokenizer that edgetune cannot name. For a `llama` file (`llama`),
-/// also what the converter's `LlamaModel` adds: `add_prefix_space` of
-/// `tokenizer_config.json` as `tokenizer.ggml.add_space_prefix`, and no BOS added for a
-/// 49,152-token vocabulary (IBM Granite's small models; SmolLM's too).
-pub fn gguf_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(String, Value)>> {
+/// BPE `tokenizer.json`, with what the converter's class adds (see [`ConverterClass`]). A
+/// `tokenizer.json` with byte fallback and no `tokenizer.model` is refused, as is a
+/// pre-tokenizer that edgetune cannot name.
+pub fn gguf_metadata(dir: &Path, vocab_size: usize, class: ConverterClass) -> Result<Vec<(String, Value)>> {
     let spm = dir.join("tokenizer.model");
     let tc = tokenizer_config(dir)?;
     let mut out = if spm.is_file() {
         sentencepiece_metadata(dir, &spm, &tc, vocab_size)?
     } else {
-        byte_level(dir, &tc, vocab_size)?
+        byte_level(dir, &tc, vocab_size, class)?
     };
-    if llama {
-        if let Some(b) = tc.as_ref().and_then(|c| c.get("add_prefix_space")).and_then(Json::as_bool) {
-            out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
-        }
-        if vocab_size == 49152 {
-            match out.iter_mut().find(|(k, _)| k == "tokenizer.ggml.add_bos_token") {
-                Some(slot) => slot.1 = Value::Bool(false),
-                None => out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false))),
+    match class {
+        ConverterClass::Llama => {
+            if let Some(b) = tc.as_ref().and_then(|c| c.get("add_prefix_space")).and_then(Json::as_bool) {
+                out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(b)));
+            }
+            if vocab_size == 49152 {
+                match out.iter_mut().find(|(k, _)| k == "tokenizer.ggml.add_bos_token") {
+                    Some(slot) => slot.1 = Value::Bool(false),
+                    None => out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false))),
+                }
             }
         }
+        ConverterClass::Gemma if spm.is_file() => {
+            out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)));
+        }
+        ConverterClass::Gemma | ConverterClass::Plain => {}
     }
     Ok(out)
 }
@@ -139,6 +158,7 @@ fn byte_level(
     dir: &Path,
     tc: &Option<serde_json::Map<String, Json>>,
     vocab_size: usize,
+    class: ConverterClass,
 ) -> Result<Vec<(String, Value)>> {
     let path = dir.join("tokenizer.json");
     let j = read_json(&path, crate::files::TOKENIZER_BYTES, "tokenizer.json")?;
@@ -183,6 +203,19 @@ fn byte_level(
     }
     let added: Vec<&Json> =
         j.get("added_tokens").and_then(Json::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+    // Gemma 3's converter cuts the embeddings to the vocabulary and added tokens it counts here,
+    // while listing `vocab_size` tokens: fewer rows than tokens, a file llama.cpp refuses.
+    if class == ConverterClass::Gemma && vocab.len() + added.len() < vocab_size {
+        return Err(Error::unsupported(
+            &path,
+            format!(
+                "GGUF file from a Gemma folder whose tokenizer.json has {} tokens and added tokens for the model's \
+                 {vocab_size} (config.json vocab_size): llama.cpp's converter cuts the embeddings to the tokenizer's \
+                 count, a file llama.cpp refuses",
+                vocab.len() + added.len()
+            ),
+        ));
+    }
     for t in &added {
         let text = t.get("content").and_then(Json::as_str).unwrap_or("").to_string();
         let special = t.get("special").and_then(Json::as_bool).unwrap_or(false);

@@ -221,7 +221,9 @@ impl Tokenizer {
                         merges_from_scores(&tokens, &scores)
                     }
                 };
-                (sentencepiece_bpe(&source, vocab, merges)?, true)
+                // llama.cpp prepends a space unless the file says not to (Gemma's).
+                let space_prefix = !matches!(g.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(false)));
+                (sentencepiece_bpe(&source, vocab, merges, space_prefix)?, true)
             }
             other => {
                 return Err(Error::unsupported(
@@ -410,11 +412,13 @@ fn byte_level_bpe(
 }
 
 /// A SentencePiece-style BPE as transformers' LlamaTokenizer builds it: `▁` for spaces with one
-/// prepended at the start, byte fallback for unknown characters.
+/// prepended at the start (with `space_prefix`; none, as in Gemma's tokenizer, without),
+/// byte fallback for unknown characters.
 fn sentencepiece_bpe(
     source: &str,
     vocab: tokenizers::models::bpe::Vocab,
     merges: Vec<(String, String)>,
+    space_prefix: bool,
 ) -> Result<tokenizers::Tokenizer> {
     use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecSeq, strip::Strip};
     use tokenizers::normalizers::replace::Replace;
@@ -426,14 +430,14 @@ fn sentencepiece_bpe(
         .build()
         .map_err(|e| tok_err(source, e))?;
     let mut inner = tokenizers::Tokenizer::new(bpe);
-    inner.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+    let prepend = if space_prefix { PrependScheme::First } else { PrependScheme::Never };
+    inner.with_pre_tokenizer(Some(Metaspace::new('▁', prepend, false)));
     let replace = Replace::new("▁", " ").map_err(|e| tok_err(source, e))?;
-    inner.with_decoder(Some(DecSeq::new(vec![
-        replace.into(),
-        ByteFallback::new().into(),
-        Fuse::new().into(),
-        Strip::new(' ', 1, 0).into(),
-    ])));
+    let mut decoders = vec![replace.into(), ByteFallback::new().into(), Fuse::new().into()];
+    if space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(DecSeq::new(decoders)));
     Ok(inner)
 }
 
