@@ -15,7 +15,7 @@ use common::{fixtures, rand};
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::infer::{self, GenerateOptions};
 use edgetune::lora::{self, Adapter, GpuAdapter, LoraConfig, Module, TargetModules};
-use edgetune::model::config::Activation;
+use edgetune::model::config::{Activation, ModelConfig};
 use edgetune::model::gguf::GgufFile;
 use edgetune::model::gguf_write::GgufWriter;
 use edgetune::model::llama::{LoadOptions, Model, Quant};
@@ -841,6 +841,18 @@ fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
         for k in g.metadata.keys() {
             assert!(theirs.contains_key(k), "{name}: `{k}` is not in the converter's file");
         }
+        // edgetune reading the file gets the folder's attention: windows, RoPE bases, caps,
+        // query scale (the scale as llama.cpp computes it, within f32 rounding).
+        let folder_cfg = edgetune::model::open_weights(&folder).expect("folder").0;
+        let file_cfg = ModelConfig::from_gguf(&g).expect("the file's configuration");
+        let attention = |c: &ModelConfig| {
+            format!(
+                "{:?}",
+                (c.sliding_window, &c.window_layers, &c.sliding_rope, c.rope_theta, c.attn_softcap, c.final_softcap)
+            )
+        };
+        assert_eq!(attention(&file_cfg), attention(&folder_cfg), "{name}: the file's attention");
+        assert!((file_cfg.query_scale - folder_cfg.query_scale).abs() <= 1e-6 * folder_cfg.query_scale, "{name}");
         let tensors = case["tensors"].as_object().expect("tensors");
         assert_eq!(g.tensors.len(), tensors.len(), "{name}: tensors");
         for (t, e) in tensors {

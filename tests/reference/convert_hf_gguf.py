@@ -28,7 +28,12 @@ tokenizer_config.json, an added token that is not special and two ids the tokeni
 A case may also copy the files of another fixture folder over its base (`files`):
 `tiny_llama_sentencepiece` gives tiny Llama a SentencePiece tokenizer (tokenizer.model, and the
 tokenizer.json transformers converts it to; `spm_tokenizer_files`), which the converter writes
-as a `llama` vocabulary with scores.
+as a `llama` vocabulary with scores. The Gemma cases set query_pre_attn_scalar to the heads'
+width (`gemma_edits`, as llama.cpp scales queries): `tiny_gemma3` keeps the tiny byte-level
+tokenizer (the converter's `_set_vocab_gpt2` for a Gemma 3 folder without tokenizer.model),
+`tiny_gemma3_sentencepiece` (with a RoPE base of its own on the window layers) and
+`tiny_gemma2_sentencepiece` take a Gemma-style SentencePiece tokenizer
+(`gemma_spm_tokenizer_files`), which the converter writes without a space prefix.
 """
 import copy
 import json
@@ -179,17 +184,19 @@ def gemma_spm_tokenizer_files():
     return "tiny_gemma_spm_tokenizer"
 
 
-def gemma_edits(base, generic_tokenizer=False, **ids):
+def gemma_edits(base, generic_tokenizer=False, local_base=None, **ids):
     """The tiny Gemma's config.json with query_pre_attn_scalar = head_dim, as every published
     Gemma 2 and 3 below 27B has it (llama.cpp scales queries by 1 / sqrt(key_length), so the
     fixture's 24 would change the model; edgetune refuses that folder), and `ids` set. With
     `generic_tokenizer`, tokenizer_config.json names the generic tokenizer class: transformers'
     Gemma tokenizer class adds Gemma's special tokens past the tiny byte-level vocabulary, which
-    the converter refuses."""
+    the converter refuses. With `local_base`, the sliding-window layers' RoPE base."""
     with open(os.path.join(FIX, base, "config.json")) as f:
         cfg = json.load(f)
     cfg["query_pre_attn_scalar"] = cfg["head_dim"]
     cfg.update(ids)
+    if local_base is not None:
+        cfg["rope_parameters"]["sliding_attention"]["rope_theta"] = local_base
     edits = {"config.json": json.dumps(cfg, indent=1)}
     if generic_tokenizer:
         with open(os.path.join(FIX, base, "tokenizer_config.json")) as f:
@@ -208,7 +215,7 @@ CASES = [
      "edits": {}},
     {"name": "tiny_gemma3", "base": "tiny_gemma3", "pre": "gpt-2", "edits": gemma_edits("tiny_gemma3", generic_tokenizer=True)},
     {"name": "tiny_gemma3_sentencepiece", "base": "tiny_gemma3", "files": "tiny_gemma_spm_tokenizer", "pre": None,
-     "edits": gemma_edits("tiny_gemma3", bos_token_id=2, eos_token_id=1)},
+     "edits": gemma_edits("tiny_gemma3", local_base=20000.0, bos_token_id=2, eos_token_id=1)},
     {"name": "tiny_gemma2_sentencepiece", "base": "tiny_gemma2", "files": "tiny_gemma_spm_tokenizer", "pre": None,
      "edits": gemma_edits("tiny_gemma2", bos_token_id=2, eos_token_id=1)},
 ]

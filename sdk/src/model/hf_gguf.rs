@@ -214,3 +214,45 @@ pub fn llama3_rope_divisors(cfg: &ModelConfig) -> Option<Vec<f32>> {
             .collect(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny Gemma fixture's configuration, with the query scale llama.cpp would use, and the
+    /// error `hparams` gives after `edit` (`None` when it writes the keys).
+    fn refusal(fixture: &str, edit: impl Fn(&mut ModelConfig)) -> Option<String> {
+        let dir = crate::files::test_fixtures().join(fixture);
+        let (mut cfg, _) = crate::model::open_weights(&dir).expect("fixture");
+        cfg.query_scale = llama_cpp_query_scale(cfg.arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim);
+        edit(&mut cfg);
+        hparams(&dir, &cfg).err().map(|e| e.to_string())
+    }
+
+    /// Each way a Gemma folder's GGUF file would compute otherwise in llama.cpp is refused by
+    /// name, and the tiny Gemma 3, its query scale set as llama.cpp's, is written.
+    #[test]
+    fn a_gemma_folder_llama_cpp_would_run_otherwise_is_refused_by_name() {
+        assert_eq!(refusal("tiny_gemma3", |_| {}), None);
+        let cases: Vec<(&str, Box<dyn Fn(&mut ModelConfig)>, &str)> = vec![
+            ("tiny_gemma3", Box::new(|c| c.query_scale = 1.0 / 24f32.sqrt()), "query_pre_attn_scalar 24"),
+            ("tiny_gemma3", Box::new(|c| c.window_layers[5] = true), "window layers [0, 1, 2, 3, 4]"),
+            ("tiny_gemma3", Box::new(|c| c.sliding_window = None), "a sliding window on layers []"),
+            ("tiny_gemma3", Box::new(|c| c.tie_word_embeddings = false), "its own lm_head"),
+            ("tiny_gemma3", Box::new(|c| c.attn_softcap = Some(50.0)), "no attention soft cap"),
+            (
+                "tiny_gemma3",
+                Box::new(|c| c.sliding_rope = Some((10000.0, Some(RopeScaling::Linear { factor: 2.0 })))),
+                "RoPE scaling on its sliding-window layers",
+            ),
+            ("tiny_gemma2", Box::new(|c| c.final_softcap = None), "final_logit_softcapping"),
+            ("tiny_gemma2", Box::new(|c| c.rope_theta = 500000.0), "RoPE base 500000"),
+            ("tiny_gemma2", Box::new(|_| {}), "no tokenizer.model"),
+            ("tiny_gemma2", Box::new(|c| c.window_layers = vec![true, true]), "window layers [0]"),
+        ];
+        for (fixture, edit, expected) in cases {
+            let err = refusal(fixture, edit).unwrap_or_else(|| panic!("{fixture}: `{expected}` was written"));
+            assert!(err.contains(expected) && err.contains(fixture), "{fixture}: {err}");
+        }
+    }
+}
