@@ -396,11 +396,11 @@ fn file_type(ty: GgmlType) -> u32 {
 ///
 /// From a GGUF base: the base's metadata (tokenizer, chat template, hyper-parameters) and
 /// tensor names, the q/k permutation applied to the update. From a Hugging Face folder (Llama,
-/// Mistral, Qwen2 or Qwen3 with a SentencePiece or byte-level BPE tokenizer): the metadata,
-/// tensor names and q/k row order that llama.cpp's `convert_hf_to_gguf.py` writes for it (see
-/// `model::hf_gguf`, `model::weights::gguf_permuted_heads` and `tokenizer::gguf_vocab`); any
-/// other folder is refused with nothing
-/// written.
+/// Mistral, Qwen2, Qwen3, Gemma 2 or Gemma 3 with a SentencePiece or byte-level BPE tokenizer):
+/// the metadata, tensor names, q/k row order and Gemma's 1 + w norms that llama.cpp's
+/// `convert_hf_to_gguf.py` writes for it (see `model::hf_gguf`,
+/// `model::weights::gguf_permuted_heads` and `tokenizer::gguf_vocab`); any other folder, or one
+/// whose file llama.cpp would run otherwise, is refused with nothing written.
 pub fn merge_gguf(model_path: &Path, adapter: &Adapter, out: &Path, ty: GgmlType) -> Result<MergedGguf> {
     write_gguf(model_path, Some(adapter), out, ty)
 }

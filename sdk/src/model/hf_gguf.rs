@@ -107,7 +107,7 @@ fn check_writable(dir: &Path, cfg: &ModelConfig, raw: &Json) -> Result<()> {
 
 /// The hyper-parameters the converter writes for the folder `dir` (whose `config.json` gave
 /// `cfg`), in its order, after refusing a folder whose file would not compute as the folder
-/// does (see [`check_writable`]); `general.file_type` and the tokenizer are the caller's.
+/// does (see `check_writable`); `general.file_type` and the tokenizer are the caller's.
 pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
     let cfg_path = dir.join("config.json");
     let raw: Json = serde_json::from_str(&crate::files::read_config(&cfg_path)?)
@@ -234,7 +234,8 @@ mod tests {
     #[test]
     fn a_gemma_folder_llama_cpp_would_run_otherwise_is_refused_by_name() {
         assert_eq!(refusal("tiny_gemma3", |_| {}), None);
-        let cases: Vec<(&str, Box<dyn Fn(&mut ModelConfig)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut ModelConfig)>;
+        let cases: Vec<(&str, Edit, &str)> = vec![
             ("tiny_gemma3", Box::new(|c| c.query_scale = 1.0 / 24f32.sqrt()), "query_pre_attn_scalar 24"),
             ("tiny_gemma3", Box::new(|c| c.window_layers[5] = true), "window layers [0, 1, 2, 3, 4]"),
             ("tiny_gemma3", Box::new(|c| c.sliding_window = None), "a sliding window on layers []"),
