@@ -105,83 +105,71 @@ def llama3_edits():
             "tokenizer_config.json": json.dumps(tc, indent=1)}
 
 
-def spm_tokenizer_files():
-    """A SentencePiece BPE model (byte fallback, 320 pieces, so that tiny Llama's embeddings fit
-    it; no normalization, digits split, as Llama 2's) trained on a few sentences, with the tokenizer.json and tokenizer_config.json that
-    transformers converts it to: the files of a Llama 2 style folder. Written to
-    fixtures/tiny_spm_tokenizer."""
+SPM_TEXT = ["The quick brown fox jumps over the lazy dog.", "edgetune fine-tunes language models on any GPU.",
+            "Paris is the capital of France. Berlin is the capital of Germany.",
+            "Hello, world! 12345 tokens and more tokens."]
+
+
+def sentencepiece_folder(name, text, tokenizer_config, **trainer):
+    """A SentencePiece BPE model (byte fallback, 320 pieces, so that the tiny models'
+    embeddings fit it; no normalization, digits split) trained on `text`, with the tokenizer.json
+    and tokenizer_config.json that transformers converts it to from `tokenizer_config` (its
+    tokenizer class and special tokens). Written to fixtures/`name`."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
-    out = os.path.join(FIX, "tiny_spm_tokenizer")
+    out = os.path.join(FIX, name)
     shutil.rmtree(out, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix="spm-")
-    text = ["The quick brown fox jumps over the lazy dog.", "edgetune fine-tunes language models on any GPU.",
-            "Paris is the capital of France. Berlin is the capital of Germany.",
-            "Hello, world! 12345 tokens and more tokens."] * 30
     with open(os.path.join(tmp, "corpus.txt"), "w") as f:
-        f.write("\n".join(text))
+        f.write("\n".join(text * 30))
     # Relative paths, as the model records its trainer's input and prefix: the same bytes each run.
     here = os.getcwd()
     os.chdir(tmp)
     spm.SentencePieceTrainer.train(
-        input="corpus.txt", model_prefix="sp", vocab_size=320,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, minloglevel=2)
+        input="corpus.txt", model_prefix="sp", vocab_size=320, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2, **trainer)
     os.chdir(here)
     src = os.path.join(tmp, "src")
     os.makedirs(src)
     shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(src, "tokenizer.model"))
     with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                   "unk_token": "<unk>", "add_bos_token": True}, f)
+        json.dump(tokenizer_config, f)
     AutoTokenizer.from_pretrained(src).save_pretrained(out)
     shutil.copy(os.path.join(src, "tokenizer.model"), os.path.join(out, "tokenizer.model"))
+    # transformers may record where it read the model from, a temporary folder.
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    if tc.pop("vocab_file", None) is not None:
+        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            json.dump(tc, f, indent=2, ensure_ascii=False)
+            f.write("\n")
     shutil.rmtree(tmp)
-    return "tiny_spm_tokenizer"
+    return name
+
+
+def spm_tokenizer_files():
+    """A Llama 2 style SentencePiece tokenizer (unk 0, bos 1, eos 2, the dummy prefix) as
+    transformers' LlamaTokenizer converts it. Written to fixtures/tiny_spm_tokenizer."""
+    return sentencepiece_folder(
+        "tiny_spm_tokenizer", SPM_TEXT,
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True},
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
 
 
 def gemma_spm_tokenizer_files():
-    """A Gemma-style SentencePiece model: as spm_tokenizer_files, but with Gemma's ids (pad 0,
-    eos 1, bos 2, unk 3, then <mask> and the turn markers as user-defined pieces) and no dummy prefix (Gemma's
-    tokenizer adds no space before the text), with the tokenizer.json and tokenizer_config.json
-    transformers' GemmaTokenizer converts it to. Written to fixtures/tiny_gemma_spm_tokenizer."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-    out = os.path.join(FIX, "tiny_gemma_spm_tokenizer")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix="spm-")
-    text = ["The quick brown fox jumps over the lazy dog.", "edgetune fine-tunes language models on any GPU.",
-            "Paris is the capital of France. Berlin is the capital of Germany.",
-            "Hello, world! 12345 tokens and more tokens.", "<start_of_turn>user Hi<end_of_turn>"] * 30
-    with open(os.path.join(tmp, "corpus.txt"), "w") as f:
-        f.write("\n".join(text))
-    here = os.getcwd()
-    os.chdir(tmp)
-    spm.SentencePieceTrainer.train(
-        input="corpus.txt", model_prefix="sp", vocab_size=320, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-        bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
-    os.chdir(here)
-    src = os.path.join(tmp, "src")
-    os.makedirs(src)
-    shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(src, "tokenizer.model"))
-    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
-                   "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False}, f)
-    AutoTokenizer.from_pretrained(src).save_pretrained(out)
-    shutil.copy(os.path.join(tmp, "sp.model"), os.path.join(out, "tokenizer.model"))
-    # transformers records where it read the model from, a temporary folder.
-    with open(os.path.join(out, "tokenizer_config.json")) as f:
-        tc = json.load(f)
-    tc.pop("vocab_file", None)
-    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
-        json.dump(tc, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    shutil.rmtree(tmp)
-    return "tiny_gemma_spm_tokenizer"
+    """A Gemma-style SentencePiece tokenizer: Gemma's ids (pad 0, eos 1, bos 2, unk 3, then <mask>
+    and the turn markers as user-defined pieces) and no dummy prefix (Gemma's tokenizer adds no
+    space before the text), as transformers' GemmaTokenizer converts it. Written to
+    fixtures/tiny_gemma_spm_tokenizer."""
+    return sentencepiece_folder(
+        "tiny_gemma_spm_tokenizer", SPM_TEXT + ["<start_of_turn>user Hi<end_of_turn>"],
+        {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+         "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False},
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        add_dummy_prefix=False)
 
 
 def gemma_edits(base, generic_tokenizer=False, local_base=None, **ids):

@@ -106,7 +106,7 @@ fn check_writable(dir: &Path, cfg: &ModelConfig, raw: &Json) -> Result<()> {
 }
 
 /// The hyper-parameters the converter writes for the folder `dir` (whose `config.json` gave
-/// `cfg`), in its order, after refusing a folder whose file would not compute as the folder
+/// `cfg`), after refusing a folder whose file would not compute as the folder
 /// does (see `check_writable`); `general.file_type` and the tokenizer are the caller's.
 pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
     let cfg_path = dir.join("config.json");
@@ -123,14 +123,15 @@ pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
     ];
     let mut key = |k: &str, v: Value| out.push((format!("{arch}.{k}"), v));
     let head_dim = u32_of(cfg.head_dim, "head_dim")?;
+    // The keys every class writes (`Gemma2Model` in another order, which readers ignore).
+    key("block_count", u32_of(cfg.num_layers, "num_hidden_layers")?);
+    key("context_length", u32_of(cfg.max_position_embeddings, "max_position_embeddings")?);
+    key("embedding_length", u32_of(cfg.hidden_size, "hidden_size")?);
+    key("feed_forward_length", u32_of(cfg.intermediate_size, "intermediate_size")?);
+    key("attention.head_count", u32_of(cfg.num_heads, "num_attention_heads")?);
+    key("attention.head_count_kv", u32_of(cfg.num_kv_heads, "num_key_value_heads")?);
     if cfg.arch == Arch::Gemma2 {
-        // `Gemma2Model` writes its own list: no RoPE keys, the soft caps and the window.
-        key("context_length", u32_of(cfg.max_position_embeddings, "max_position_embeddings")?);
-        key("embedding_length", u32_of(cfg.hidden_size, "hidden_size")?);
-        key("block_count", u32_of(cfg.num_layers, "num_hidden_layers")?);
-        key("feed_forward_length", u32_of(cfg.intermediate_size, "intermediate_size")?);
-        key("attention.head_count", u32_of(cfg.num_heads, "num_attention_heads")?);
-        key("attention.head_count_kv", u32_of(cfg.num_kv_heads, "num_key_value_heads")?);
+        // `Gemma2Model` writes no RoPE keys; the head's width, the soft caps and the window.
         key("attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps));
         key("attention.key_length", head_dim.clone());
         key("attention.value_length", head_dim);
@@ -141,12 +142,6 @@ pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
         out.push(("general.quantization_version".into(), Value::U32(2)));
         return Ok(out);
     }
-    key("block_count", u32_of(cfg.num_layers, "num_hidden_layers")?);
-    key("context_length", u32_of(cfg.max_position_embeddings, "max_position_embeddings")?);
-    key("embedding_length", u32_of(cfg.hidden_size, "hidden_size")?);
-    key("feed_forward_length", u32_of(cfg.intermediate_size, "intermediate_size")?);
-    key("attention.head_count", u32_of(cfg.num_heads, "num_attention_heads")?);
-    key("attention.head_count_kv", u32_of(cfg.num_kv_heads, "num_key_value_heads")?);
     match &cfg.rope_scaling {
         None | Some(RopeScaling::Llama3 { .. }) => {}
         Some(RopeScaling::Linear { factor }) => {
