@@ -33,7 +33,11 @@ width (`gemma_edits`, as llama.cpp scales queries): `tiny_gemma3` keeps the tiny
 tokenizer (the converter's `_set_vocab_gpt2` for a Gemma 3 folder without tokenizer.model),
 `tiny_gemma3_sentencepiece` (with a RoPE base of its own on the window layers) and
 `tiny_gemma2_sentencepiece` take a Gemma-style SentencePiece tokenizer
-(`gemma_spm_tokenizer_files`), which the converter writes without a space prefix.
+(`gemma_spm_tokenizer_files`), which the converter writes without a space prefix. The Phi cases
+name GPT2Tokenizer in tokenizer_config.json (`phi_edits`; the converter's Phi-3 class reads a
+byte-level vocabulary only for that class, as Phi-4-mini's), `tiny_phi4` with Phi-4-mini's
+partial LongRoPE; `tiny_phi3_sentencepiece` gives tiny Phi-3 the Llama-style SentencePiece
+tokenizer, which the converter writes by its Phi-3 rules.
 """
 import copy
 import json
@@ -172,6 +176,15 @@ def gemma_spm_tokenizer_files():
         add_dummy_prefix=False)
 
 
+def phi_edits(base):
+    """The tiny Phi's tokenizer_config.json naming transformers' GPT2Tokenizer, as Phi-4-mini's
+    does: the converter's Phi-3 class reads a byte-level vocabulary only for that class."""
+    with open(os.path.join(FIX, base, "tokenizer_config.json")) as f:
+        tc = json.load(f)
+    tc["tokenizer_class"] = "GPT2Tokenizer"
+    return {"tokenizer_config.json": json.dumps(tc, indent=1)}
+
+
 def gemma_edits(base, generic_tokenizer=False, local_base=None, **ids):
     """The tiny Gemma's config.json with query_pre_attn_scalar = head_dim, as every published
     Gemma 2 and 3 below 27B has it (llama.cpp scales queries by 1 / sqrt(key_length), so the
@@ -206,6 +219,10 @@ CASES = [
      "edits": gemma_edits("tiny_gemma3", local_base=20000.0, bos_token_id=2, eos_token_id=1)},
     {"name": "tiny_gemma2_sentencepiece", "base": "tiny_gemma2", "files": "tiny_gemma_spm_tokenizer", "pre": None,
      "edits": gemma_edits("tiny_gemma2", bos_token_id=2, eos_token_id=1)},
+    {"name": "tiny_phi3", "base": "tiny_phi3", "pre": "gpt-2", "edits": phi_edits("tiny_phi3")},
+    {"name": "tiny_phi4", "base": "tiny_phi4", "pre": "gpt-2", "edits": phi_edits("tiny_phi4")},
+    {"name": "tiny_phi3_sentencepiece", "base": "tiny_phi3", "files": "tiny_spm_tokenizer", "pre": None,
+     "edits": {}},
 ]
 
 

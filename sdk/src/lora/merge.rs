@@ -500,7 +500,8 @@ fn gguf_from_folder(
     let class = match cfg.arch {
         Arch::Llama | Arch::Mistral => ConverterClass::Llama,
         Arch::Gemma2 | Arch::Gemma3 => ConverterClass::Gemma,
-        _ => ConverterClass::Plain,
+        Arch::Phi3 => ConverterClass::Phi3,
+        Arch::Qwen2 | Arch::Qwen3 => ConverterClass::Plain,
     };
     for (k, v) in crate::tokenizer::gguf_vocab::gguf_metadata(model_path, cfg.vocab_size, class)? {
         w.set(&k, v);
@@ -508,9 +509,9 @@ fn gguf_from_folder(
     let has_lm_head = !cfg.tie_word_embeddings && src.contains(cfg, "lm_head.weight");
     let tensors = tensor_list(cfg, has_lm_head);
     let mut names = std::collections::HashMap::new();
-    let divisors = hf_gguf::llama3_rope_divisors(cfg);
-    if let Some(d) = &divisors {
-        w.declare_tensor("rope_freqs.weight", &[d.len()], GgmlType::F32)?;
+    let extra = hf_gguf::config_tensors(cfg);
+    for (name, values) in &extra {
+        w.declare_tensor(name, &[values.len()], GgmlType::F32)?;
     }
     for (i, (name, shape, _)) in tensors.iter().enumerate() {
         let gguf = gguf_name(cfg, name).ok_or_else(|| {
@@ -522,10 +523,14 @@ fn gguf_from_folder(
         w.declare_tensor(&gguf, shape, tensor_type(ty, shape, &mut merged.fell_back))?;
         names.insert(gguf, i);
     }
-    merged.tensors = names.len() + usize::from(divisors.is_some());
+    merged.tensors = names.len() + extra.len();
     w.write_with(out, |gguf| {
         let Some(&i) = names.get(gguf) else {
-            return divisors.clone().ok_or_else(|| Error::invalid("merged tensor", format!("{gguf}: not declared")));
+            return extra
+                .iter()
+                .find(|(name, _)| *name == gguf)
+                .map(|(_, values)| values.clone())
+                .ok_or_else(|| Error::invalid("merged tensor", format!("{gguf}: not declared")));
         };
         let (name, shape, slot) = &tensors[i];
         let mut values = src.get(cfg, name, shape)?;

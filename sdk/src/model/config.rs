@@ -501,8 +501,9 @@ impl ModelConfig {
         // `rope.freq_base_swa` gives one; the query scale likewise, its 27B having 46 layers.
         // phi3: `attention.sliding_window` on every layer, as llama.cpp reads it.
         let sliding_window = match arch {
+            // A window of 0 is none (the converter writes 0 for a Phi-3 config without one).
             Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3 => {
-                g.get(&key("attention.sliding_window")).and_then(Value::as_u64).map(|v| v as usize)
+                g.get(&key("attention.sliding_window")).and_then(Value::as_u64).filter(|&v| v > 0).map(|v| v as usize)
             }
             _ => None,
         };
@@ -789,7 +790,7 @@ fn rope_type(s: &Json) -> &str {
 
 /// LongRoPE's attention factor where the config gives none, as transformers computes it:
 /// sqrt(1 + ln(s) / ln(original)) for s = context / original > 1, else 1.
-fn longrope_attention_factor(context: usize, original: usize) -> f32 {
+pub(crate) fn longrope_attention_factor(context: usize, original: usize) -> f32 {
     let s = context as f64 / original.max(1) as f64;
     if s <= 1.0 { 1.0 } else { (1.0 + s.ln() / (original as f64).ln()).sqrt() as f32 }
 }

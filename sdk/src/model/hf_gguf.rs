@@ -1,15 +1,18 @@
 //! A Hugging Face folder's hyper-parameters and tensor names as llama.cpp's
 //! `convert_hf_to_gguf.py` writes them into a GGUF file (its `TextModel`, `LlamaModel`,
-//! `Qwen2Model`, `Qwen3Model`, `Gemma2Model` and `Gemma3Model`), for the families whose files
-//! edgetune writes from a folder: Llama (and Mistral, which the converter writes as `llama`),
-//! Qwen2, Qwen3, Gemma 2 and Gemma 3, each refused where the converter's file would compute
-//! otherwise in llama.cpp than the folder does in transformers.
+//! `Qwen2Model`, `Qwen3Model`, `Gemma2Model`, `Gemma3Model` and `Phi3MiniModel`), for the
+//! families whose files edgetune writes from a folder: Llama (and Mistral, which the converter
+//! writes as `llama`), Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 (Phi-3.5-mini, Phi-4-mini), each
+//! refused where the converter's file would compute otherwise in llama.cpp than the folder does
+//! in transformers.
 
 use std::path::Path;
 
 use serde_json::Value as Json;
 
-use super::config::{Arch, ModelConfig, RopeScaling, llama_cpp_query_scale, llama_cpp_window_layers};
+use super::config::{
+    Arch, ModelConfig, RopeScaling, llama_cpp_query_scale, llama_cpp_window_layers, longrope_attention_factor,
+};
 use super::gguf::Value;
 use crate::error::{Error, Result};
 
@@ -21,19 +24,37 @@ use crate::error::{Error, Result};
 /// layers (a window length, no pattern, is written), its tied head, Gemma 2's soft caps and one
 /// RoPE base of 10000 (its files hold neither base nor scaling), Gemma 3's unscaled
 /// window layers and no attention soft cap, and Gemma 2's SentencePiece `tokenizer.model`.
+/// Phi-3 with no window shorter than its context (llama.cpp runs phi3 files without one), RoPE
+/// unscaled or LongRoPE with the attention factor the converter computes (it reads no other).
 fn check_writable(dir: &Path, cfg: &ModelConfig, raw: &Json) -> Result<()> {
     let arch = cfg.arch.gguf_name();
-    if !matches!(cfg.arch, Arch::Llama | Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3) {
-        return Err(Error::unsupported(
-            dir,
-            format!(
-                "GGUF file from a {} folder (edgetune writes them from Llama, Mistral, Qwen2, Qwen3, Gemma 2 and \
-                 Gemma 3 folders); merge to a folder and convert it with llama.cpp's convert_hf_to_gguf.py",
-                cfg.arch.name()
-            ),
-        ));
-    }
     let windowed = cfg.sliding_window.filter(|_| cfg.window_layers.iter().any(|&b| b));
+    let refuse =
+        |what: String| Err(Error::unsupported(dir, format!("GGUF file from a {} folder with {what}", cfg.arch.name())));
+    if cfg.arch == Arch::Phi3 {
+        if let Some(w) = windowed.filter(|&w| w < cfg.max_position_embeddings) {
+            return refuse(format!(
+                "a sliding window of {w} tokens: llama.cpp runs phi3 files without their window, so it would \
+                 attend past it"
+            ));
+        }
+        return match &cfg.rope_scaling {
+            None => Ok(()),
+            Some(RopeScaling::LongRope { original_max_position, attention_factor, .. }) => {
+                let theirs = longrope_attention_factor(cfg.max_position_embeddings, *original_max_position);
+                if (attention_factor - theirs).abs() > 1e-6 * theirs {
+                    return refuse(format!(
+                        "a LongRoPE attention factor of {attention_factor}: llama.cpp's converter writes {theirs}, \
+                         from the contexts"
+                    ));
+                }
+                Ok(())
+            }
+            Some(other) => {
+                refuse(format!("RoPE scaling {other:?}: llama.cpp's converter writes only LongRoPE for phi3"))
+            }
+        };
+    }
     let gemma = matches!(cfg.arch, Arch::Gemma2 | Arch::Gemma3);
     if !gemma {
         if let Some(w) = windowed {
@@ -47,8 +68,6 @@ fn check_writable(dir: &Path, cfg: &ModelConfig, raw: &Json) -> Result<()> {
         }
         return Ok(());
     }
-    let refuse =
-        |what: String| Err(Error::unsupported(dir, format!("GGUF file from a {} folder with {what}", cfg.arch.name())));
     let scale = llama_cpp_query_scale(cfg.arch, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim);
     if (cfg.query_scale - scale).abs() > 1e-6 * scale {
         let named = raw.get("query_pre_attn_scalar").map_or_else(|| "none".to_string(), Json::to_string);
@@ -123,6 +142,36 @@ pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
     ];
     let mut key = |k: &str, v: Value| out.push((format!("{arch}.{k}"), v));
     let head_dim = u32_of(cfg.head_dim, "head_dim")?;
+    if cfg.arch == Arch::Phi3 {
+        // `Phi3MiniModel` writes its own list: the original context (transformers' default
+        // 4096 where the config names none), the rotary width, no head width, the window (0
+        // for none) and LongRoPE's attention factor.
+        let original = match &cfg.rope_scaling {
+            Some(RopeScaling::LongRope { original_max_position, attention_factor, .. }) => {
+                key("rope.scaling.attn_factor", Value::F32(*attention_factor));
+                *original_max_position
+            }
+            _ => ["rope_parameters", "rope_scaling"]
+                .iter()
+                .filter_map(|k| raw.get(*k))
+                .chain([&raw])
+                .find_map(|j| j.get("original_max_position_embeddings").and_then(Json::as_u64))
+                .map_or(4096, |v| v as usize),
+        };
+        key("context_length", u32_of(cfg.max_position_embeddings, "max_position_embeddings")?);
+        key("rope.scaling.original_context_length", u32_of(original, "original_max_position_embeddings")?);
+        key("embedding_length", u32_of(cfg.hidden_size, "hidden_size")?);
+        key("feed_forward_length", u32_of(cfg.intermediate_size, "intermediate_size")?);
+        key("block_count", u32_of(cfg.num_layers, "num_hidden_layers")?);
+        key("attention.head_count", u32_of(cfg.num_heads, "num_attention_heads")?);
+        key("attention.head_count_kv", u32_of(cfg.num_kv_heads, "num_key_value_heads")?);
+        key("attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_norm_eps));
+        key("rope.dimension_count", u32_of(cfg.rotary_dim, "the rotary width")?);
+        key("rope.freq_base", Value::F32(cfg.rope_theta));
+        key("attention.sliding_window", u32_of(cfg.sliding_window.unwrap_or_default(), "sliding_window")?);
+        out.push(("general.quantization_version".into(), Value::U32(2)));
+        return Ok(out);
+    }
     // The keys every class writes (`Gemma2Model` in another order, which readers ignore).
     key("block_count", u32_of(cfg.num_layers, "num_hidden_layers")?);
     key("context_length", u32_of(cfg.max_position_embeddings, "max_position_embeddings")?);
@@ -179,6 +228,18 @@ pub fn hparams(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, Value)>> {
     Ok(out)
 }
 
+/// The tensors the converter writes from the configuration, not the weights: Llama 3's
+/// `rope_freqs.weight` (see [`llama3_rope_divisors`]) and LongRoPE's factors
+/// (`rope_factors_long.weight`, `rope_factors_short.weight`).
+pub fn config_tensors(cfg: &ModelConfig) -> Vec<(&'static str, Vec<f32>)> {
+    match &cfg.rope_scaling {
+        Some(RopeScaling::LongRope { short_factor, long_factor, .. }) => {
+            vec![("rope_factors_long.weight", long_factor.clone()), ("rope_factors_short.weight", short_factor.clone())]
+        }
+        _ => llama3_rope_divisors(cfg).map(|d| ("rope_freqs.weight", d)).into_iter().collect(),
+    }
+}
+
 /// Llama 3's RoPE scaling as the divisor of each frequency, the `rope_freqs.weight` tensor the
 /// converter writes for it (`None` without that scaling): 1 for short wavelengths, `factor`
 /// for long ones, and between them the divisor that transformers' smooth interpolation makes.
@@ -224,11 +285,13 @@ mod tests {
         hparams(&dir, &cfg).err().map(|e| e.to_string())
     }
 
-    /// Each way a Gemma folder's GGUF file would compute otherwise in llama.cpp is refused by
-    /// name, and the tiny Gemma 3, its query scale set as llama.cpp's, is written.
+    /// Each way a Gemma or Phi-3 folder's GGUF file would compute otherwise in llama.cpp is
+    /// refused by name, and the tiny Gemma 3 (its query scale set as llama.cpp's) and Phi-4 are
+    /// written.
     #[test]
-    fn a_gemma_folder_llama_cpp_would_run_otherwise_is_refused_by_name() {
+    fn a_folder_llama_cpp_would_run_otherwise_is_refused_by_name() {
         assert_eq!(refusal("tiny_gemma3", |_| {}), None);
+        assert_eq!(refusal("tiny_phi4", |_| {}), None);
         type Edit = Box<dyn Fn(&mut ModelConfig)>;
         let cases: Vec<(&str, Edit, &str)> = vec![
             ("tiny_gemma3", Box::new(|c| c.query_scale = 1.0 / 24f32.sqrt()), "query_pre_attn_scalar 24"),
@@ -245,6 +308,21 @@ mod tests {
             ("tiny_gemma2", Box::new(|c| c.rope_theta = 500000.0), "RoPE base 500000"),
             ("tiny_gemma2", Box::new(|_| {}), "no tokenizer.model"),
             ("tiny_gemma2", Box::new(|c| c.window_layers = vec![true, true]), "window layers [0]"),
+            (
+                "tiny_phi3",
+                Box::new(|c| (c.sliding_window, c.window_layers) = (Some(64), vec![true, true])),
+                "a sliding window of 64 tokens",
+            ),
+            (
+                "tiny_phi4",
+                Box::new(|c| {
+                    if let Some(RopeScaling::LongRope { attention_factor, .. }) = &mut c.rope_scaling {
+                        *attention_factor = 1.0;
+                    }
+                }),
+                "LongRoPE attention factor of 1",
+            ),
+            ("tiny_phi3", Box::new(|c| c.rope_scaling = Some(RopeScaling::Linear { factor: 2.0 })), "Linear"),
         ];
         for (fixture, edit, expected) in cases {
             let err = refusal(fixture, edit).unwrap_or_else(|| panic!("{fixture}: `{expected}` was written"));

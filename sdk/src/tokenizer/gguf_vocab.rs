@@ -102,6 +102,11 @@ pub enum ConverterClass {
     /// `Gemma2Model`, `Gemma3Model`: a SentencePiece vocabulary with no space prefix; a
     /// byte-level one (Gemma 3) with the embeddings cut to the tokenizer's tokens.
     Gemma,
+    /// `Phi3MiniModel`: a byte-level vocabulary only where `tokenizer_config.json` names
+    /// `GPT2Tokenizer` (Phi-4-mini), else `tokenizer.model` with the added tokens of
+    /// `tokenizer_config.json` and `tokenizer.json` over it as they are (control where special,
+    /// else user-defined, none past the vocabulary).
+    Phi3,
     /// The others (`Qwen2Model`, `Qwen3Model`): nothing added.
     Plain,
 }
@@ -115,10 +120,30 @@ pub enum ConverterClass {
 pub fn gguf_metadata(dir: &Path, vocab_size: usize, class: ConverterClass) -> Result<Vec<(String, Value)>> {
     let spm = dir.join("tokenizer.model");
     let tc = tokenizer_config(dir)?;
-    let mut out = if spm.is_file() {
-        sentencepiece_metadata(dir, &spm, &tc, vocab_size)?
-    } else {
+    let byte_level_vocab = match (class, &tc) {
+        (ConverterClass::Phi3, Some(c)) => {
+            let named = c.get("tokenizer_class").and_then(Json::as_str).ok_or_else(|| {
+                Error::format(
+                    dir.join("tokenizer_config.json"),
+                    "no `tokenizer_class`, which llama.cpp's converter reads for a Phi-3 folder",
+                )
+            })?;
+            named == "GPT2Tokenizer"
+        }
+        (ConverterClass::Phi3, None) => false,
+        _ => !spm.is_file(),
+    };
+    if !byte_level_vocab && !spm.is_file() {
+        return Err(Error::unsupported(
+            &spm,
+            "missing: llama.cpp's converter reads a Phi-3 folder's tokenizer from it unless tokenizer_config.json \
+             names GPT2Tokenizer",
+        ));
+    }
+    let mut out = if byte_level_vocab {
         byte_level(dir, &tc, vocab_size, class)?
+    } else {
+        sentencepiece_metadata(dir, &spm, &tc, vocab_size, class)?
     };
     match class {
         ConverterClass::Llama => {
@@ -135,7 +160,7 @@ pub fn gguf_metadata(dir: &Path, vocab_size: usize, class: ConverterClass) -> Re
         ConverterClass::Gemma if spm.is_file() => {
             out.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)));
         }
-        ConverterClass::Gemma | ConverterClass::Plain => {}
+        ConverterClass::Gemma | ConverterClass::Phi3 | ConverterClass::Plain => {}
     }
     Ok(out)
 }
@@ -350,17 +375,34 @@ fn parse_pieces(bytes: &[u8], path: &Path) -> Result<Vec<(String, f32, u64)>> {
 /// types (SentencePiece's own user-defined pieces counted as normal, as the converter asks
 /// SentencePiece only whether a piece is unknown, control, unused or a byte), then
 /// `added_tokens.json` and `tokenizer_config.json`'s `added_tokens_decoder` over them, ids the
-/// model lacks as `[PADi]`; the special tokens from `tokenizer.json` and the configs.
+/// model lacks as `[PADi]`; the special tokens from `tokenizer.json` and the configs. Phi-3's
+/// class (see [`ConverterClass::Phi3`]) sets the added tokens its own way.
 fn sentencepiece_metadata(
     dir: &Path,
     model: &Path,
     tc: &Option<serde_json::Map<String, Json>>,
     vocab_size: usize,
+    class: ConverterClass,
 ) -> Result<Vec<(String, Value)>> {
+    let phi3 = class == ConverterClass::Phi3;
     let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
     let mut scores = vec![-10000.0f32; vocab_size];
     let mut types = vec![UNUSED; vocab_size];
-    for (id, (text, score, ty)) in sentencepiece_pieces(model)?.into_iter().enumerate().take(vocab_size) {
+    let pieces = sentencepiece_pieces(model)?;
+    // Phi-3's converter stops at no id, so a model with more pieces fails it.
+    let past = |file: &Path, what: &str, id: usize| {
+        Error::format(
+            file,
+            format!(
+                "{what} has id {id}, past the model's {vocab_size} tokens (config.json vocab_size), which \
+                 llama.cpp's converter refuses for a Phi-3 folder"
+            ),
+        )
+    };
+    if phi3 && pieces.len() > vocab_size {
+        return Err(past(model, "a piece", pieces.len() - 1));
+    }
+    for (id, (text, score, ty)) in pieces.into_iter().enumerate().take(vocab_size) {
         tokens[id] = text;
         scores[id] = score;
         types[id] = match ty {
@@ -381,23 +423,30 @@ fn sentencepiece_metadata(
             }
         }
     }
+    // An added token over the pieces: Phi-3's as it is (control where special), the others'
+    // also control where it looks special, else with `▁` written as a space.
+    let mut put = |i: usize, t: &Json| {
+        let text = t.get("content").and_then(Json::as_str).unwrap_or("").to_string();
+        let special = t.get("special").and_then(Json::as_bool).unwrap_or(false);
+        (tokens[i], types[i]) = match (special, phi3) {
+            (true, _) => (text, CONTROL),
+            (false, true) => (text, USER_DEFINED),
+            (false, false) if looks_special(&text) => (text, CONTROL),
+            (false, false) => (text.replace('▁', " "), USER_DEFINED),
+        };
+        scores[i] = -1000.0;
+    };
     if let Some(j) = tc {
         let cfg_path = dir.join("tokenizer_config.json");
         for (id, t) in j.get("added_tokens_decoder").and_then(Json::as_object).into_iter().flatten() {
             let i: usize = id
                 .parse()
                 .map_err(|_| Error::format(&cfg_path, format!("added_tokens_decoder key `{id}` is not a token id")))?;
-            let text = t.get("content").and_then(Json::as_str).unwrap_or("").to_string();
-            if i >= vocab_size {
-                continue;
+            match i < vocab_size {
+                true => put(i, t),
+                false if phi3 => return Err(past(&cfg_path, "added_tokens_decoder's token", i)),
+                false => {}
             }
-            let special = t.get("special").and_then(Json::as_bool).unwrap_or(false);
-            (tokens[i], types[i]) = if special || looks_special(&text) {
-                (text, CONTROL)
-            } else {
-                (text.replace('▁', " "), USER_DEFINED)
-            };
-            scores[i] = -1000.0;
         }
     }
     let json_path = dir.join("tokenizer.json");
@@ -408,6 +457,19 @@ fn sentencepiece_metadata(
     };
     let added: Vec<&Json> =
         j.get("added_tokens").and_then(Json::as_array).map(|a| a.iter().collect()).unwrap_or_default();
+    if phi3 {
+        for t in &added {
+            let id = t
+                .get("id")
+                .and_then(Json::as_u64)
+                .ok_or_else(|| Error::format(&json_path, "an added token has no integer id"))?
+                as usize;
+            if id >= vocab_size {
+                return Err(past(&json_path, "an added token", id));
+            }
+            put(id, t);
+        }
+    }
     let mut out: Vec<(String, Value)> = vec![
         ("tokenizer.ggml.model".into(), Value::String("llama".into())),
         ("tokenizer.ggml.pre".into(), Value::String("default".into())),
@@ -638,5 +700,39 @@ mod tests {
             b[i] ^= 0xa5;
             check(&b);
         }
+    }
+
+    /// A Phi-3 folder whose tokenizer llama.cpp's converter would not write is refused, naming
+    /// the file: no `tokenizer_class`, a SentencePiece class with no `tokenizer.model`, and an
+    /// added token past the vocabulary (the converter fails on each).
+    #[test]
+    fn a_phi3_tokenizer_the_converter_fails_on_is_refused_by_file() {
+        let fx = crate::files::test_fixtures();
+        let dir = std::env::temp_dir().join(format!("edgetune-phi3-vocab-{}", std::process::id()));
+        let copy = |from: &str| {
+            for e in std::fs::read_dir(fx.join(from)).expect("fixture").flatten() {
+                std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
+            }
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        copy("tiny_phi3");
+        let err = |dir: &Path| gguf_metadata(dir, 320, ConverterClass::Phi3).expect_err("refused").to_string();
+        let e = err(&dir);
+        assert!(e.contains("tokenizer_config.json") && e.contains("no `tokenizer_class`"), "{e}");
+        std::fs::write(dir.join("tokenizer_config.json"), r#"{"tokenizer_class": "LlamaTokenizer"}"#).expect("write");
+        let e = err(&dir);
+        assert!(e.contains("tokenizer.model") && e.contains("missing"), "{e}");
+        copy("tiny_spm_tokenizer");
+        assert!(gguf_metadata(&dir, 320, ConverterClass::Phi3).is_ok());
+        let mut t: Json =
+            serde_json::from_slice(&std::fs::read(dir.join("tokenizer.json")).expect("read")).expect("JSON");
+        t["added_tokens"].as_array_mut().expect("added").push(serde_json::json!({"id": 320, "content": "<extra>"}));
+        std::fs::write(dir.join("tokenizer.json"), t.to_string()).expect("write");
+        let e = err(&dir);
+        assert!(e.contains("tokenizer.json") && e.contains("id 320, past the model's 320 tokens"), "{e}");
+        // The other classes skip it, as the converter's `_set_vocab_sentencepiece` does.
+        assert!(gguf_metadata(&dir, 320, ConverterClass::Llama).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
