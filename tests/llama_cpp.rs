@@ -987,6 +987,7 @@ fn pre_tokenizers() -> Vec<(&'static str, Value)> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
     const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
     let byte_level =
         |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
     let split = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
@@ -998,6 +999,14 @@ fn pre_tokenizers() -> Vec<(&'static str, Value)> {
         ),
         ("llama-bpe", json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]})),
         ("qwen2", json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]})),
+        ("gpt-4o", json!({"type": "Sequence", "pretokenizers": [split(GPT4O), byte_level(false)]})),
+        // GPT-4o's split as some tokenizer.json files spell it: the non-matches removed.
+        (
+            "gpt-4o",
+            json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": GPT4O}, "behavior": "Removed", "invert": true}, byte_level(false)
+            ]}),
+        ),
         // GPT-2's and SmolLM's with ByteLevel's split spelled out, as edgetune writes a GGUF
         // file's tokenizer.json.
         ("gpt-2", json!({"type": "Sequence", "pretokenizers": [split(GPT2), byte_level(false)]})),
@@ -1011,14 +1020,14 @@ fn pre_tokenizers() -> Vec<(&'static str, Value)> {
 }
 
 /// Each pre-tokenizer a GGUF file is written with tokenizes as the folder's tokenizer.json does,
-/// in llama.cpp and in edgetune reading the file. The tiny tokenizer's last five merges are
-/// swapped for merges that only some splits allow ("1 1", "11 1", "Ġ 1", "' V", "'V E"), so
-/// that the four tokenize the text four ways (checked; two spellings of one split alike): a
-/// pre-tokenizer named wrongly changes the tokens. The post-processor is `ByteLevel`, as in
+/// in llama.cpp and in edgetune reading the file. The tiny tokenizer's last six merges are
+/// swapped for merges that only some splits allow ("1 1", "11 1", "Ġ 1", "' V", "'V E", and
+/// "x Q", which GPT-4o's split keeps apart), so that the five tokenize the text five ways
+/// (checked; two spellings of one split alike): a pre-tokenizer named wrongly changes the tokens. The post-processor is `ByteLevel`, as in
 /// Qwen2's and SmolLM's tokenizer.json.
 #[test]
 fn each_pre_tokenizer_written_to_gguf_tokenizes_as_the_folder_in_llama_cpp() {
-    let text = "I'VE 111 apples, 12345 of them\n\nx";
+    let text = "I'VE 111 apples, 12345 of them\n\nx xQ";
     let mut seen: Vec<(&str, Vec<u32>)> = Vec::new();
     for (name, pre) in pre_tokenizers() {
         let dir = temp(&format!("pre-{name}"));
@@ -1028,14 +1037,14 @@ fn each_pre_tokenizer_written_to_gguf_tokenizes_as_the_folder_in_llama_cpp() {
             serde_json::from_slice(&std::fs::read(fixtures().join("tiny_tokenizer.json")).expect("tokenizer"))
                 .expect("JSON");
         let merges = t["model"]["merges"].as_array_mut().expect("merges");
-        let gone: Vec<Value> = merges.drain(merges.len() - 5..).collect();
+        let gone: Vec<Value> = merges.drain(merges.len() - 6..).collect();
         let vocab = t["model"]["vocab"].as_object_mut().expect("vocab");
-        for (m, id) in gone.iter().zip(315..) {
+        for (m, id) in gone.iter().zip(314..) {
             let made: String = m.as_array().expect("a pair").iter().map(|p| p.as_str().expect("part")).collect();
             assert_eq!(vocab.remove(&made), Some(json!(id)), "merge {m} makes token {id}");
         }
-        let new = [("1", "1"), ("11", "1"), ("Ġ", "1"), ("'", "V"), ("'V", "E")];
-        for ((l, r), id) in new.into_iter().zip(315..) {
+        let new = [("1", "1"), ("11", "1"), ("Ġ", "1"), ("'", "V"), ("'V", "E"), ("x", "Q")];
+        for ((l, r), id) in new.into_iter().zip(314..) {
             vocab.insert(format!("{l}{r}"), json!(id));
         }
         let merges = t["model"]["merges"].as_array_mut().expect("merges");

@@ -37,7 +37,9 @@ fn read_json(path: &Path, limit: u64, what: &str) -> Result<Json> {
 }
 
 /// llama.cpp's name for the pre-tokenizer of `tokenizer.json` (`tokenizer.ggml.pre`): one of
-/// the four that edgetune's GGUF tokenizer builds, recognised by its structure and regex.
+/// the five that edgetune's GGUF tokenizer builds, recognised by its structure and regex (a
+/// split that keeps the matches, as `Isolated`, or as `Removed` inverted, which is the same for
+/// these regexes: each matches every character).
 pub fn pre_tokenizer_name(path: &Path, pre: &Json) -> Result<&'static str> {
     let kind = |j: &Json| j.get("type").and_then(Json::as_str).unwrap_or("").to_string();
     let byte_level = |j: &Json, regex: bool| {
@@ -45,8 +47,10 @@ pub fn pre_tokenizer_name(path: &Path, pre: &Json) -> Result<&'static str> {
     };
     let split_regex = |j: &Json| -> Option<String> {
         (kind(j) == "Split"
-            && j.get("behavior").and_then(Json::as_str) == Some("Isolated")
-            && !j.get("invert").and_then(Json::as_bool).unwrap_or(false))
+            && matches!(
+                (j.get("behavior").and_then(Json::as_str), j.get("invert").and_then(Json::as_bool).unwrap_or(false)),
+                (Some("Isolated"), false) | (Some("Removed"), true)
+            ))
         .then(|| j.get("pattern")?.get("Regex")?.as_str().map(str::to_string))
         .flatten()
     };
@@ -66,6 +70,7 @@ pub fn pre_tokenizer_name(path: &Path, pre: &Json) -> Result<&'static str> {
             Some(r) if r == super::LLAMA3 => Some("llama-bpe"),
             Some(r) if r == super::QWEN2 => Some("qwen2"),
             Some(r) if r == super::GPT2 => Some("gpt-2"),
+            Some(r) if r == super::GPT4O => Some("gpt-4o"),
             _ => None,
         },
         _ => None,
@@ -74,8 +79,8 @@ pub fn pre_tokenizer_name(path: &Path, pre: &Json) -> Result<&'static str> {
         Error::unsupported(
             path,
             format!(
-                "pre_tokenizer for a GGUF file: {} (edgetune names GPT-2's byte-level split, SmolLM's, Llama 3's \
-                 and Qwen2's; convert this model with llama.cpp's convert_hf_to_gguf.py)",
+                "pre_tokenizer for a GGUF file: {} (edgetune names GPT-2's byte-level split, SmolLM's, Llama 3's, \
+                 Qwen2's and GPT-4o's; convert this model with llama.cpp's convert_hf_to_gguf.py)",
                 serde_json::to_string(pre).unwrap_or_default()
             ),
         )

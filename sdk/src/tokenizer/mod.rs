@@ -378,6 +378,9 @@ pub const TEMPLATE_FUEL_PER_BYTE: u64 = 100;
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3's split (llama.cpp's `llama-bpe`).
 const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// GPT-4o's split, o200k (llama.cpp's `gpt-4o`: Phi-4-mini): words split where the case turns
+/// from lower to upper, contractions kept on the word, `/` and line breaks after punctuation.
+const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's split (llama.cpp's `qwen2`).
 const QWEN2: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -404,6 +407,7 @@ fn byte_level_bpe(
         "default" | "gpt2" | "gpt-2" => vec![split(GPT2)?, byte_level.into()],
         "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" | "dbrx" => vec![split(LLAMA3)?, byte_level.into()],
         "qwen2" | "deepseek-r1-qwen" => vec![split(QWEN2)?, byte_level.into()],
+        "gpt-4o" => vec![split(GPT4O)?, byte_level.into()],
         other => return Err(Error::unsupported(path, format!("pre-tokenizer `{other}` (tokenizer.ggml.pre)"))),
     };
     inner.with_pre_tokenizer(Some(Sequence::new(pres)));
