@@ -295,8 +295,14 @@ impl ModelConfig {
         let hidden_size = usize_of("hidden_size")?;
         let num_heads = usize_of("num_attention_heads")?;
         let num_kv_heads = field(&j, "num_key_value_heads").and_then(Json::as_u64).map_or(num_heads, |v| v as usize);
-        let head_dim =
-            field(&j, "head_dim").and_then(Json::as_u64).map_or(hidden_size / num_heads.max(1), |v| v as usize);
+        // Where config.json leaves a key out, transformers' Gemma config classes give their own
+        // defaults: heads 256 wide, a window of 4096, Gemma 3's RoPE base of 1,000,000 and Gemma
+        // 2's soft caps of 50 (scores) and 30 (logits); a key given as null stays none.
+        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
+        let absent = |key: &str| gemma && j.get(key).is_none();
+        let head_dim = field(&j, "head_dim")
+            .and_then(Json::as_u64)
+            .map_or(if absent("head_dim") { 256 } else { hidden_size / num_heads.max(1) }, |v| v as usize);
         // transformers 5 may nest rope_theta and the scaling inside `rope_parameters`, and for
         // models whose layer types differ (Gemma 3), one set per type.
         let rope_params = field(&j, "rope_parameters");
@@ -307,7 +313,7 @@ impl ModelConfig {
         let rope_theta = field(&j, "rope_theta")
             .or_else(|| full_rope.and_then(|r| field(r, "rope_theta")))
             .and_then(Json::as_f64)
-            .unwrap_or(10000.0) as f32;
+            .unwrap_or(if arch == Arch::Gemma3 { 1_000_000.0 } else { 10000.0 }) as f32;
         let scaling_json = field(&j, "rope_scaling").or(full_rope);
         let max_position_embeddings =
             field(&j, "max_position_embeddings").and_then(Json::as_u64).unwrap_or(4096) as usize;
@@ -329,7 +335,6 @@ impl ModelConfig {
                 None => None,
             },
         };
-        let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
         let partial_rotary = field(&j, "partial_rotary_factor")
             .or_else(|| full_rope.and_then(|r| field(r, "partial_rotary_factor")))
             .and_then(Json::as_f64)
@@ -368,6 +373,7 @@ impl ModelConfig {
         // Qwen2 and Qwen3 configs name a window that `use_sliding_window: false` turns off.
         let sliding_window = match field(&j, "use_sliding_window").and_then(Json::as_bool) {
             Some(false) => None,
+            _ if absent("sliding_window") => Some(4096),
             _ => field(&j, "sliding_window").and_then(Json::as_u64).map(|v| v as usize),
         };
         let window_layers = hf_window_layers(path, &j, arch, num_layers, sliding_window.is_some())?;
@@ -396,8 +402,14 @@ impl ModelConfig {
             sliding_rope,
             hidden_act,
             query_scale,
-            attn_softcap: softcap_of(path, "attn_logit_softcapping", &j)?,
-            final_softcap: softcap_of(path, "final_logit_softcapping", &j)?,
+            attn_softcap: match arch == Arch::Gemma2 && absent("attn_logit_softcapping") {
+                true => Some(50.0),
+                false => softcap_of(path, "attn_logit_softcapping", &j)?,
+            },
+            final_softcap: match arch == Arch::Gemma2 && absent("final_logit_softcapping") {
+                true => Some(30.0),
+                false => softcap_of(path, "final_logit_softcapping", &j)?,
+            },
             embedding_scale: if gemma { (hidden_size as f64).sqrt() as f32 } else { 1.0 },
             norm_offset: if gemma { 1.0 } else { 0.0 },
             sandwich_norms: gemma,
@@ -844,4 +856,42 @@ fn parse_hf_rope_scaling(path: &Path, s: &Json) -> Result<Option<RopeScaling>> {
             ));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Gemma config.json that leaves keys out reads as transformers reads it, with its config
+    /// classes' defaults (transformers 5.25: `Gemma2Config()` has soft caps 50 and 30, head_dim
+    /// 256, query_pre_attn_scalar 256, sliding_window 4096 and a RoPE base of 10000;
+    /// `Gemma3TextConfig()` no soft caps, head_dim 256, a window of 4096 on five layers in six,
+    /// RoPE bases of 1,000,000 and, on the window layers, 10000); a soft cap given as null is none.
+    #[test]
+    fn a_gemma_config_without_keys_gets_transformers_defaults() {
+        let path = Path::new("config.json");
+        let read = |model_type: &str, extra: &str| {
+            let text = format!(
+                r#"{{"model_type": "{model_type}", "hidden_size": 64, "num_attention_heads": 4,
+                    "num_hidden_layers": 6, "intermediate_size": 128, "vocab_size": 320{extra}}}"#
+            );
+            ModelConfig::from_hf_json(path, &text).expect("config")
+        };
+        let g2 = read("gemma2", "");
+        assert_eq!((g2.attn_softcap, g2.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(
+            (g2.head_dim, g2.query_scale, g2.rope_theta, g2.sliding_window),
+            (256, 1.0 / 16.0, 10000.0, Some(4096))
+        );
+        assert_eq!(g2.window_layers, [true, false, true, false, true, false]);
+        let g3 = read("gemma3_text", "");
+        assert_eq!((g3.attn_softcap, g3.final_softcap, g3.head_dim, g3.sliding_window), (None, None, 256, Some(4096)));
+        assert_eq!((g3.rope_theta, g3.sliding_rope.clone()), (1_000_000.0, Some((10000.0, None))));
+        assert_eq!(g3.window_layers, [true, true, true, true, true, false]);
+        let capped = read("gemma2", r#", "attn_logit_softcapping": null, "head_dim": 16"#);
+        assert_eq!((capped.attn_softcap, capped.final_softcap, capped.head_dim), (None, Some(30.0), 16));
+        // Other families keep their own: heads hidden / heads wide, no window.
+        let llama = read("llama", "");
+        assert_eq!((llama.head_dim, llama.sliding_window, llama.attn_softcap), (16, None, None));
+    }
 }
