@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 /// Mistral, Qwen2 and Qwen3 with no layer attending within a sliding window (llama.cpp's
 /// `llama`, `qwen2` and `qwen3` files hold no window, so the converter drops it). Gemma with
 /// llama.cpp's query scale (it has no key for `query_pre_attn_scalar`), its pattern of window
-/// layers (a window length, no pattern, is written), its tied head, Gemma 2's soft caps and one
+/// layers (a window length, no pattern, is written), Gemma 2's tied head, soft caps and one
 /// RoPE base of 10000 (its files hold neither base nor scaling), Gemma 3's unscaled
 /// window layers and no attention soft cap, and Gemma 2's SentencePiece `tokenizer.model`.
 /// Phi-3 with no window shorter than its context (llama.cpp runs phi3 files without one), RoPE
@@ -87,13 +87,14 @@ fn check_writable(dir: &Path, cfg: &ModelConfig, raw: &Json) -> Result<()> {
             list(&pattern).join(", ")
         ));
     }
-    if !cfg.tie_word_embeddings {
-        return refuse(
-            "its own lm_head (tie_word_embeddings false): llama.cpp's converter writes Gemma's head as the embeddings"
-                .into(),
-        );
-    }
     if cfg.arch == Arch::Gemma2 {
+        if !cfg.tie_word_embeddings {
+            return refuse(
+                "its own lm_head (tie_word_embeddings false): llama.cpp's converter drops Gemma 2's lm_head, so \
+                 llama.cpp would use the embeddings"
+                    .into(),
+            );
+        }
         if cfg.attn_softcap.is_none() || cfg.final_softcap.is_none() {
             return refuse(
                 "no attn_logit_softcapping or final_logit_softcapping: llama.cpp caps gemma2's scores and logits"
@@ -275,8 +276,8 @@ pub fn llama3_rope_divisors(cfg: &ModelConfig) -> Option<Vec<f32>> {
 mod tests {
     use super::*;
 
-    /// A tiny Gemma fixture's configuration, with the query scale llama.cpp would use, and the
-    /// error `hparams` gives after `edit` (`None` when it writes the keys).
+    /// A tiny fixture's configuration, with the query scale llama.cpp would use, and the error
+    /// `hparams` gives after `edit` (`None` when it writes the keys).
     fn refusal(fixture: &str, edit: impl Fn(&mut ModelConfig)) -> Option<String> {
         let dir = crate::files::test_fixtures().join(fixture);
         let (mut cfg, _) = crate::model::open_weights(&dir).expect("fixture");
@@ -297,7 +298,7 @@ mod tests {
             ("tiny_gemma3", Box::new(|c| c.query_scale = 1.0 / 24f32.sqrt()), "query_pre_attn_scalar 24"),
             ("tiny_gemma3", Box::new(|c| c.window_layers[5] = true), "window layers [0, 1, 2, 3, 4]"),
             ("tiny_gemma3", Box::new(|c| c.sliding_window = None), "a sliding window on layers []"),
-            ("tiny_gemma3", Box::new(|c| c.tie_word_embeddings = false), "its own lm_head"),
+            ("tiny_gemma2", Box::new(|c| c.tie_word_embeddings = false), "its own lm_head"),
             ("tiny_gemma3", Box::new(|c| c.attn_softcap = Some(50.0)), "no attention soft cap"),
             (
                 "tiny_gemma3",
