@@ -13,7 +13,7 @@ use std::sync::Arc;
 use common::{Fixture, assert_close, fixtures, gpu};
 use edgetune::data::{self, DataConfig};
 use edgetune::gpu::launch::{DPO_STATS, DpoLoss};
-use edgetune::lora::{Adapter, GpuAdapter, Layout, peft};
+use edgetune::lora::{Adapter, GpuAdapter, peft};
 use edgetune::model::llama::{LoadOptions, Model, Quant};
 use edgetune::model::training::{Batch, DpoPass, Reference, WorkspacePlan};
 use edgetune::tokenizer::Tokenizer;
@@ -176,7 +176,7 @@ fn one_step_matches_trl(family: &str) {
         // tensor's largest gradient.
         for sl in &adapter.layout.slots {
             for (is_b, off, len) in [(false, sl.a, 4 * sl.n_in), (true, sl.b, sl.n_out * 4)] {
-                let key = Layout::peft_key(sl, is_b);
+                let key = adapter.layout.peft_key(sl, is_b);
                 let want = fx.f32(&format!("{name}.grad.{key}"));
                 let got = &in_step.grads[off..off + len];
                 let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));

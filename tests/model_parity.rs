@@ -106,6 +106,19 @@ fn incremental_decoding_of_gemma3_with_256_dim_heads_matches_transformers() {
     decode_matches_full("gemma3_wide");
 }
 
+/// Gemma 3 as its 4B, 12B and 27B are published (`Gemma3ForConditionalGeneration`, model_type
+/// `gemma3`): the text model of a multimodal folder, its config nested in `text_config` and
+/// its tensors under `language_model.model.` beside a SigLIP vision tower, on text alone.
+#[test]
+fn tiny_multimodal_gemma3_text_model_f32_logits_match_transformers() {
+    check("gemma3_mm", Quant::None);
+}
+
+#[test]
+fn tiny_multimodal_gemma3_text_model_nf4_logits_match_transformers_on_bnb_dequantized_weights() {
+    check("gemma3_mm", Quant::Nf4);
+}
+
 /// Gemma 2: Gemma 3's embedding scale, (1 + w) sandwich norms, GeGLU and query scale (1 /
 /// sqrt(24)), no q/k norms, the first layer within a window of 4 and the second global, and
 /// both soft caps, on the attention scores (1.0) and the logits (1.5), each of which moves

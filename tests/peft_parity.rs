@@ -98,7 +98,7 @@ fn one_step_on(ctx: Arc<GpuContext>, kind: &str) {
     let mut worst = 0f32;
     for s in &adapter.layout.slots {
         for (is_b, off, len) in [(false, s.a, 4 * s.n_in), (true, s.b, s.n_out * 4)] {
-            let key = Layout::peft_key(s, is_b);
+            let key = adapter.layout.peft_key(s, is_b);
             let want = fx.f32(&format!("grad.{key}"));
             let got = &g[off..off + len];
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -155,6 +155,50 @@ fn gemma2_lora_loss_and_gradients_match_peft() {
 
 /// Phi-3: one adapter on the fused qkv_proj (its A shared by q, k and v, its B their rows) and
 /// one on gate_up_proj, as PEFT puts them.
+/// PEFT on the language model of a multimodal Gemma 3 (`Gemma3ForConditionalGeneration`, its
+/// keys under `model.language_model.layers`), none on its vision tower.
+#[test]
+fn multimodal_gemma3_lora_loss_and_gradients_match_peft() {
+    one_step("gemma3_mm");
+}
+
+#[test]
+fn multimodal_gemma3_ten_step_adamw_curve_matches_peft() {
+    curve("gemma3_mm", false);
+}
+
+/// An adapter on a multimodal Gemma 3 saved by edgetune is PEFT's folder again: the same keys
+/// (under `model.language_model.layers`) with the same values, and `target_modules` the same
+/// regex over the language model's modules (a list of names would also match the vision
+/// tower's q_proj, k_proj, v_proj, fc1, ...).
+#[test]
+fn a_multimodal_gemma3_adapter_saved_by_edgetune_is_the_peft_folder_it_loaded() {
+    let (cfg, _) = edgetune::model::open_weights(&fixtures().join("tiny_gemma3_mm")).expect("folder");
+    assert!(cfg.multimodal);
+    let theirs = fixtures().join("peft_gemma3_mm_adapter");
+    let adapter = peft::load(&theirs, &cfg).expect("PEFT's adapter loads");
+    let dir = std::env::temp_dir().join(format!("edgetune-mm-adapter-{}", std::process::id()));
+    peft::save(&dir, &adapter, "tiny_gemma3_mm").expect("save");
+    let read = |d: &std::path::Path| std::fs::read(d.join(peft::WEIGHTS_FILE)).expect("weights");
+    let (ours_bytes, theirs_bytes) = (read(&dir), read(&theirs));
+    let ours = safetensors::SafeTensors::deserialize(&ours_bytes).expect("ours");
+    let peft_file = safetensors::SafeTensors::deserialize(&theirs_bytes).expect("PEFT's");
+    let names = |st: &safetensors::SafeTensors| {
+        let mut n: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&ours), names(&peft_file));
+    for name in names(&peft_file) {
+        assert_eq!(ours.tensor(&name).expect("ours").data(), peft_file.tensor(&name).expect("PEFT's").data(), "{name}");
+    }
+    let config = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join(peft::CONFIG_FILE)).expect("config")).expect("JSON")
+    };
+    assert_eq!(config(&dir)["target_modules"], config(&theirs)["target_modules"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn phi3_fused_projection_lora_loss_and_gradients_match_peft() {
     one_step("phi3");
@@ -220,7 +264,7 @@ fn curve_on(ctx: Arc<GpuContext>, kind: &str, checkpointing: bool) {
     let mut worst = 0f32;
     for s in &trained.layout.slots {
         for (is_b, off, len) in [(false, s.a, 4 * s.n_in), (true, s.b, s.n_out * 4)] {
-            let want = fx.f32(&format!("trained.{}", Layout::peft_key(s, is_b)));
+            let want = fx.f32(&format!("trained.{}", adapter.layout.peft_key(s, is_b)));
             for (a, b) in trained.params[off..off + len].iter().zip(&want) {
                 let d = (a - b).abs();
                 worst = if d.is_nan() { f32::INFINITY } else { worst.max(d) };
@@ -454,6 +498,52 @@ fn merged_adapters_give_the_adapted_logits() {
     eprintln!("from GGUF: max logit difference {d:e}; the adapter moves logits by {}", max_diff(&want, &base_logits));
     assert!(d <= 16.0 * 2f32.powi(-11) * scale, "merged-from-GGUF logits differ by {d}");
     assert!(max_diff(&want, &base_logits) > 100.0 * d, "the adapter must matter for this test to mean anything");
+}
+
+/// A multimodal Gemma 3 merged to a folder is the folder again with the adapter in its text
+/// model: every tensor under the name it was stored under (so transformers loads it as it
+/// loaded the original), the vision tower's and projector's bytes unchanged (f32), its
+/// tokenizer files beside it, and its text model giving the adapted logits.
+#[test]
+fn a_multimodal_gemma3_merged_to_a_folder_keeps_its_vision_tower_and_gives_the_adapted_logits() {
+    use edgetune::lora::merge::{MergeDtype, merge};
+    let base = fixtures().join("tiny_gemma3_mm");
+    let opts = LoadOptions { quant: Quant::None, f16_tables: false, ..Default::default() };
+    let model = Model::open(ctx(), &base, &opts).expect("tiny model loads");
+    let adapter = peft::load(&fixtures().join("peft_gemma3_mm_adapter"), &model.config).expect("adapter");
+    let dir = std::env::temp_dir().join(format!("edgetune-merge-mm-{}", std::process::id()));
+    assert_eq!(merge(&base, &adapter, &dir, MergeDtype::F32).expect("merge"), 1);
+    let read = |d: &std::path::Path| std::fs::read(d.join("model.safetensors")).expect("weights");
+    let (before, after) = (read(&base), read(&dir));
+    let (before, after) = (
+        safetensors::SafeTensors::deserialize(&before).expect("base"),
+        safetensors::SafeTensors::deserialize(&after).expect("merged"),
+    );
+    let names = |st: &safetensors::SafeTensors| {
+        let mut n: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&after), names(&before));
+    let vision: Vec<String> = names(&before).into_iter().filter(|n| !n.starts_with("language_model.")).collect();
+    assert!(vision.len() > 10, "{vision:?}");
+    for n in &vision {
+        assert_eq!(after.tensor(n).expect("merged").data(), before.tensor(n).expect("base").data(), "{n}");
+    }
+    let q = "language_model.model.layers.0.self_attn.q_proj.weight";
+    assert_ne!(after.tensor(q).expect("merged").data(), before.tensor(q).expect("base").data(), "{q}");
+    assert!(dir.join("tokenizer.json").is_file() && dir.join("config.json").is_file());
+    let ids: Vec<u32> = vec![5, 80, 120, 33, 7, 250, 12, 91];
+    let gpu = GpuAdapter::upload(&model.ctx, &adapter);
+    let want = model.all_logits_with(&ids, Some(&gpu)).expect("adapted");
+    let merged = Model::open(ctx(), &dir, &opts).expect("merged folder loads");
+    assert!(merged.config.multimodal);
+    let got = merged.all_logits(&ids).expect("merged");
+    // The same f32 maths, the delta added to W once in f32: a few ulps of the logits.
+    assert_close("merged multimodal Gemma 3", &got, &want, 1e-4, 1e-4);
+    let moved = max_diff(&want, &model.all_logits(&ids).expect("base"));
+    assert!(moved > 0.05, "the adapter moves the logits by only {moved}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Loss and LoRA gradients of one forward/backward over batch "a" with the given workspace.

@@ -168,12 +168,13 @@ GEMMA_STYLE_TEMPLATE = (
 
 
 def tiny_model(kind, tok):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3Config, Gemma3ForCausalLM,
+                              Gemma3ForConditionalGeneration, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
                               MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                               Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed({"llama": 0, "qwen2": 1, "qwen3": 2, "mistral": 3, "gemma3": 4, "phi3": 5, "phi4": 6,
-                       "gemma2": 7, "gemma3_wide": 8}[kind])
+                       "gemma2": 7, "gemma3_wide": 8, "gemma3_mm": 9}[kind])
     common = dict(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
@@ -216,6 +217,21 @@ def tiny_model(kind, tok):
                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
                                tie_word_embeddings=True)
         model = Gemma3ForCausalLM(cfg)
+    elif kind == "gemma3_mm":
+        # Gemma 3 as its 4B, 12B and 27B are published: the text model inside
+        # Gemma3ForConditionalGeneration (`model_type: gemma3`, the text config nested, its
+        # tensors under `language_model.model.`), beside a tiny SigLIP vision tower and
+        # projector that text-only training leaves alone. The text model is tiny Gemma 3's shape
+        # with llama.cpp's query scale (query_pre_attn_scalar = head_dim).
+        text = dict(**{**common, "num_hidden_layers": 6}, head_dim=32, query_pre_attn_scalar=32, sliding_window=4,
+                    layer_types=["sliding_attention"] * 5 + ["full_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                    tie_word_embeddings=True)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                      patch_size=14)
+        cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+        model = Gemma3ForConditionalGeneration(cfg)
     elif kind == "gemma3_wide":
         # Gemma 3's own heads: 256 dims (Gemma 3 1B's; 2 query heads sharing 1 kv head), wider
         # than the 128 that the blocked attention kernels take in one block and that simd8's
@@ -250,7 +266,7 @@ def tiny_model(kind, tok):
                 p.normal_(0, 0.08)
             elif "bias" in n:
                 p.normal_(0, 0.1)
-            elif kind in ("gemma2", "gemma3", "gemma3_wide"):
+            elif kind in ("gemma2", "gemma3", "gemma3_wide", "gemma3_mm") and "vision" not in n:
                 p.copy_(0.1 * torch.randn_like(p))  # Gemma's norms scale by 1 + w
             else:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
@@ -261,7 +277,8 @@ def tiny_model(kind, tok):
     shutil.copy(os.path.join(OUT, "tiny_tokenizer.json"), os.path.join(d, "tokenizer.json"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
         template = {"qwen3": QWEN3_STYLE_TEMPLATE, "gemma2": GEMMA_STYLE_TEMPLATE,
-                    "gemma3": GEMMA_STYLE_TEMPLATE, "gemma3_wide": GEMMA_STYLE_TEMPLATE}.get(kind, CHAT_TEMPLATE)
+                    "gemma3": GEMMA_STYLE_TEMPLATE, "gemma3_wide": GEMMA_STYLE_TEMPLATE,
+                    "gemma3_mm": GEMMA_STYLE_TEMPLATE}.get(kind, CHAT_TEMPLATE)
         json.dump({"chat_template": template, "eos_token": "<|im_end|>", "bos_token": None}, f, indent=1)
     ids = tok.encode("Paris is the capital of France. The quick brown fox").ids
     x = torch.tensor([ids])
@@ -687,6 +704,17 @@ def gemma3_wide_fixtures():
     peft_fixture("gemma3_wide")
 
 
+def gemma3_mm_fixtures():
+    """Gemma 3 as a multimodal folder (Gemma3ForConditionalGeneration): the text model's logits
+    from transformers (f32 and NF4) on text alone, and PEFT's adapter on the language model,
+    gradients and 10-step curve."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(OUT, "tiny_tokenizer.json"))
+    tiny_model("gemma3_mm", tok)
+    peft_fixture("gemma3_mm")
+
+
 def gemma2_fixtures():
     """Gemma 2: the tiny model's logits from transformers (f32 and NF4; eager attention, the
     only kind transformers soft-caps), PEFT's adapter and gradients, and the model as a GGUF
@@ -832,7 +860,10 @@ def peft_fixture(kind):
     base_dir = os.path.join(OUT, f"tiny_{kind}")
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     rslora = kind == "qwen2"  # one model per scaling rule (qwen3: the plain one)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", use_rslora=rslora,
+    # The multimodal Gemma 3: every linear layer of the language model, none of the vision tower.
+    targets = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+               if kind == "gemma3_mm" else "all-linear")
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, use_rslora=rslora,
                      task_type="CAUSAL_LM")
     pm = get_peft_model(model, cfg)
     torch.manual_seed(7)
@@ -850,7 +881,8 @@ def peft_fixture(kind):
     with open(cpath) as f:
         acfg = json.load(f)
     acfg["base_model_name_or_path"] = f"tiny_{kind}"  # not this machine's path
-    acfg["target_modules"] = sorted(acfg["target_modules"])  # a set in PEFT: a stable order
+    if isinstance(acfg["target_modules"], list):
+        acfg["target_modules"] = sorted(acfg["target_modules"])  # a set in PEFT: a stable order
     with open(cpath, "w") as f:
         json.dump(acfg, f, indent=2, sort_keys=True)
 
@@ -954,6 +986,7 @@ def main():
         "gemma3": gemma3_fixtures,
         "gemma2": gemma2_fixtures,
         "gemma3_wide": gemma3_wide_fixtures,
+        "gemma3_mm": gemma3_mm_fixtures,
         "phi3": phi3_fixtures,
     }
     for name, fn in steps.items():

@@ -254,7 +254,22 @@ fn write_folder_in_shards(
         MergeDtype::Bf16 => Dtype::BF16,
         MergeDtype::F32 => Dtype::F32,
     };
-    let tensors = tensor_list(&cfg, has_lm_head);
+    let mut tensors = tensor_list(&cfg, has_lm_head);
+    if cfg.multimodal {
+        // A multimodal model's text tensors under the names they are stored under, and its
+        // other tensors (the vision tower, the projector) converted as they are.
+        let text: std::collections::HashSet<String> = tensors.iter().map(|t| t.0.clone()).collect();
+        let others: Vec<TensorSpec> = src
+            .list()
+            .into_iter()
+            .filter(|t| !text.contains(&crate::model::weights::text_model_name(&t.name)))
+            .map(|t| (t.name, t.shape, None))
+            .collect();
+        for t in &mut tensors {
+            t.0 = src.stored_name(&t.0).unwrap_or(&t.0).to_string();
+        }
+        tensors.extend(others);
+    }
     let size = |shape: &[usize]| Entry { name: "", dtype: st_dtype, shape }.bytes();
     // Shards cut as they fill, in the tensors' order.
     let mut shards: Vec<&[TensorSpec]> = Vec::new();
@@ -284,7 +299,7 @@ fn write_folder_in_shards(
             f.write_all(&head).map_err(|e| Error::io(&path, e))?;
             for t in order {
                 let ((name, shape, slot), e) = (&shard[t], &entries[t]);
-                let mut w = src.get(&cfg, name, shape)?;
+                let mut w = src.get(&cfg, &crate::model::weights::text_model_name(name), shape)?;
                 if let Some(adapter) = adapter
                     && let Some(s) = slot.and_then(|(l, m)| adapter.layout.slot(l, m))
                 {
@@ -329,8 +344,14 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
             "generation_config.json",
             "tokenizer.json",
             "tokenizer_config.json",
+            "tokenizer.model",
+            "added_tokens.json",
             "special_tokens_map.json",
             "chat_template.jinja",
+            "chat_template.json",
+            // A multimodal model's image processor.
+            "preprocessor_config.json",
+            "processor_config.json",
         ] {
             let from = model_path.join(f);
             if from.exists() {

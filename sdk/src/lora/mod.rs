@@ -292,6 +292,9 @@ pub struct Layout {
     index: Vec<[Option<(usize, usize, usize)>; 9]>,
     /// Floats in the flat buffer.
     pub len: usize,
+    /// Where PEFT puts the decoder layers: `model.layers`, or a multimodal model's
+    /// `model.language_model.layers`.
+    layers_path: &'static str,
 }
 
 impl Layout {
@@ -316,7 +319,8 @@ impl Layout {
                 off += cfg.r * (n_in + n_out);
             }
         }
-        Ok(Layout { r: cfg.r, slots, index, len: off })
+        let layers_path = if model.multimodal { "model.language_model.layers" } else { "model.layers" };
+        Ok(Layout { r: cfg.r, slots, index, len: off, layers_path })
     }
 
     /// The slot of a module, if it is adapted. For a part of a fused module (q of Phi-3's
@@ -327,10 +331,19 @@ impl Layout {
         Some(Slot { module, n_out, b: s.b + first * self.r, ..s })
     }
 
-    /// The PEFT key of a slot's A or B matrix.
-    pub fn peft_key(slot: &Slot, b: bool) -> String {
+    /// Whether the layout is of a multimodal model's language model (PEFT names its layers
+    /// under `model.language_model`).
+    pub fn multimodal(&self) -> bool {
+        self.layers_path != "model.layers"
+    }
+
+    /// The PEFT key of a slot's A or B matrix
+    /// (`base_model.model.model.layers.3.mlp.up_proj.lora_B.weight`; a multimodal model's under
+    /// `base_model.model.model.language_model.layers`).
+    pub fn peft_key(&self, slot: &Slot, b: bool) -> String {
         format!(
-            "base_model.model.model.layers.{}.{}.{}.lora_{}.weight",
+            "base_model.model.{}.{}.{}.{}.lora_{}.weight",
+            self.layers_path,
             slot.layer,
             slot.module.parent(),
             slot.module.name(),

@@ -9,7 +9,7 @@ use std::path::Path;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Value as Json, json};
 
-use super::{Adapter, Layout, LoraConfig, LoraHyper, Module};
+use super::{Adapter, LoraConfig, LoraHyper, Module};
 use crate::atomic::{sync_dir, write_temporary};
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
@@ -28,8 +28,8 @@ pub fn save(dir: &Path, adapter: &Adapter, base_model: &str) -> Result<()> {
     for s in &adapter.layout.slots {
         let a = &adapter.params[s.a..s.a + r * s.n_in];
         let b = &adapter.params[s.b..s.b + s.n_out * r];
-        bytes.push((Layout::peft_key(s, false), bytemuck::cast_slice(a).to_vec(), vec![r, s.n_in]));
-        bytes.push((Layout::peft_key(s, true), bytemuck::cast_slice(b).to_vec(), vec![s.n_out, r]));
+        bytes.push((adapter.layout.peft_key(s, false), bytemuck::cast_slice(a).to_vec(), vec![r, s.n_in]));
+        bytes.push((adapter.layout.peft_key(s, true), bytemuck::cast_slice(b).to_vec(), vec![s.n_out, r]));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
@@ -51,7 +51,15 @@ pub fn save(dir: &Path, adapter: &Adapter, base_model: &str) -> Result<()> {
         "r": r,
         "lora_alpha": c.alpha,
         "lora_dropout": c.dropout,
-        "target_modules": modules.iter().map(|m| m.name()).collect::<Vec<_>>(),
+        // A multimodal model's vision tower has modules of the same names: a regex over the
+        // language model's, as PEFT writes one.
+        "target_modules": match adapter.layout.multimodal() {
+            false => json!(modules.iter().map(|m| m.name()).collect::<Vec<_>>()),
+            true => json!(format!(
+                r".*language_model.*\.({})",
+                modules.iter().map(|m| m.name()).collect::<Vec<_>>().join("|")
+            )),
+        },
         "bias": "none",
         "fan_in_fan_out": false,
         "use_rslora": c.use_rslora,
@@ -136,7 +144,13 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<Adapter> {
     let hyper = LoraHyper { r, alpha, dropout, use_rslora };
     Adapter::from_file(&wpath, model, &present, hyper, |s, b| {
         let shape = if b { [s.n_out, r] } else { [r, s.n_in] };
-        let key = Layout::peft_key(s, b);
+        let key = format!(
+            "layers.{}.{}.{}.lora_{}.weight",
+            s.layer,
+            s.module.parent(),
+            s.module.name(),
+            if b { "B" } else { "A" }
+        );
         let name = st
             .names()
             .into_iter()
@@ -160,6 +174,10 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<Adapter> {
 /// `lora_B`, as in `lora_B.default.weight`, is accepted too).
 fn parse_key(name: &str) -> Option<(usize, Module, bool)> {
     let parts: Vec<&str> = name.split('.').collect();
+    // A multimodal model's vision tower has layers and modules of the same names.
+    if parts.iter().any(|p| p.starts_with("vision")) {
+        return None;
+    }
     let li = parts.iter().position(|&p| p == "layers")?;
     let layer = parts.get(li + 1)?.parse().ok()?;
     let lora = parts.iter().position(|&p| p == "lora_A" || p == "lora_B")?;

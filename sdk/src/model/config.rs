@@ -184,6 +184,22 @@ pub struct ModelConfig {
     /// The checkpoint fuses q, k and v into `qkv_proj` and gate and up into `gate_up_proj`
     /// (Phi-3); the model splits them by rows, and adapters sit on the fused modules.
     pub fused_projections: bool,
+    /// The text model of a multimodal checkpoint (Gemma 3's 4B, 12B and 27B,
+    /// `Gemma3ForConditionalGeneration`): its tensors are stored under `language_model.model.`
+    /// beside a vision tower, its PEFT keys under `model.language_model.`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub multimodal: bool,
+}
+
+/// The sizes transformers' config classes give a Gemma model whose config.json leaves them out
+/// (`Gemma2Config()`, `Gemma3TextConfig()`): a multimodal Gemma 3's `text_config` names only
+/// what differs from them.
+fn gemma_defaults(arch: Arch) -> Json {
+    let (vocab, context) = if arch == Arch::Gemma2 { (256000, 8192) } else { (262208, 131072) };
+    serde_json::json!({
+        "vocab_size": vocab, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "max_position_embeddings": context,
+    })
 }
 
 fn field<'a>(j: &'a Json, key: &str) -> Option<&'a Json> {
@@ -242,6 +258,23 @@ impl ModelConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(path: &Path, text: &str) -> Result<Self> {
         let j: Json = serde_json::from_str(text).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+        Self::from_hf_value(path, j)
+    }
+
+    /// [`from_hf_json`](Self::from_hf_json) of parsed JSON.
+    fn from_hf_value(path: &Path, mut j: Json) -> Result<Self> {
+        // Gemma's sizes where config.json leaves them out, as transformers gives them.
+        let gemma_arch = match field(&j, "model_type").and_then(Json::as_str) {
+            Some("gemma2") => Some(Arch::Gemma2),
+            Some("gemma3_text") => Some(Arch::Gemma3),
+            _ => None,
+        };
+        if let (Some(arch), Some(obj)) = (gemma_arch, j.as_object_mut()) {
+            for (k, v) in gemma_defaults(arch).as_object().into_iter().flatten() {
+                obj.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        let j = j;
         let usize_of = |key: &str| -> Result<usize> {
             field(&j, key)
                 .and_then(Json::as_u64)
@@ -262,11 +295,25 @@ impl ModelConfig {
             "gemma2" => Arch::Gemma2,
             "phi3" => Arch::Phi3,
             "gemma3" => {
-                return Err(Error::unsupported(
-                    path,
-                    "Gemma 3's multimodal checkpoints (model_type `gemma3`, a vision tower with a text model); \
-                     edgetune trains the text-only models (model_type `gemma3_text`, such as gemma-3-1b)",
-                ));
+                // The text model of a multimodal Gemma 3: its `text_config` (with the top level's
+                // head tying and EOS where it names none), trained on text alone.
+                let Some(text) = field(&j, "text_config").and_then(Json::as_object) else {
+                    return Err(Error::format(
+                        path,
+                        "model_type `gemma3` without a `text_config` object (a multimodal Gemma 3 names its text \
+                         model there)",
+                    ));
+                };
+                let mut merged = text.clone();
+                merged.insert("model_type".into(), Json::String("gemma3_text".into()));
+                for k in ["tie_word_embeddings", "eos_token_id"] {
+                    if let (None, Some(v)) = (merged.get(k), field(&j, k)) {
+                        merged.insert(k.into(), v.clone());
+                    }
+                }
+                let mut cfg = Self::from_hf_value(path, Json::Object(merged))?;
+                cfg.multimodal = true;
+                return Ok(cfg);
             }
             "gemma" => {
                 return Err(Error::unsupported(
@@ -414,6 +461,7 @@ impl ModelConfig {
             norm_offset: if gemma { 1.0 } else { 0.0 },
             sandwich_norms: gemma,
             fused_projections: arch == Arch::Phi3,
+            multimodal: false,
         };
         cfg.validate(path)?;
         Ok(cfg)
@@ -562,6 +610,7 @@ impl ModelConfig {
             norm_offset: if gemma { 1.0 } else { 0.0 },
             sandwich_norms: gemma,
             fused_projections: arch == Arch::Phi3,
+            multimodal: false,
         };
         cfg.validate(path)?;
         Ok(cfg)

@@ -44,8 +44,9 @@ pub enum WeightSource {
     SafeTensors {
         /// The weight files, each mapped.
         shards: Vec<Shard>,
-        /// Which shard holds each tensor.
-        index: BTreeMap<String, usize>,
+        /// Which shard holds each tensor, by the text model's name (see [`text_model_name`]),
+        /// and the name it is stored under.
+        index: BTreeMap<String, (usize, String)>,
     },
     /// A GGUF file (its tensors renamed to Hugging Face's names on the way).
     Gguf(Box<GgufFile>),
@@ -137,7 +138,7 @@ impl WeightSource {
         for (i, path) in files.into_iter().enumerate() {
             let shard = Shard::open(path)?;
             for name in shard.metadata.tensors().into_keys() {
-                index.insert(name, i);
+                index.insert(text_model_name(&name), (i, name));
             }
             shards.push(shard);
         }
@@ -158,8 +159,8 @@ impl WeightSource {
         match self {
             WeightSource::SafeTensors { shards, index } => index
                 .iter()
-                .filter_map(|(name, &i)| {
-                    let t = shards[i].metadata.info(name)?;
+                .filter_map(|(name, (i, stored))| {
+                    let t = shards[*i].metadata.info(stored)?;
                     Some(StoredTensor {
                         name: name.clone(),
                         shape: t.shape.clone(),
@@ -179,6 +180,15 @@ impl WeightSource {
                 })
                 .collect(),
             WeightSource::Random { .. } => Vec::new(),
+        }
+    }
+
+    /// The name a folder stores the tensor of Hugging Face name `hf_name` under, where it differs
+    /// (a multimodal model's text tensors; see [`text_model_name`]).
+    pub fn stored_name(&self, hf_name: &str) -> Option<&str> {
+        match self {
+            WeightSource::SafeTensors { index, .. } => index.get(hf_name).map(|(_, s)| s.as_str()),
+            _ => None,
         }
     }
 
@@ -215,8 +225,10 @@ impl WeightSource {
         let g = match self {
             WeightSource::Gguf(g) => g,
             WeightSource::SafeTensors { shards, index } => {
-                let Some(shard) = index.get(hf_name).and_then(|&i| shards.get(i)) else { return Ok(None) };
-                let Some(t) = shard.metadata.info(hf_name) else { return Ok(None) };
+                let Some((shard, stored)) = index.get(hf_name).and_then(|(i, s)| Some((shards.get(*i)?, s))) else {
+                    return Ok(None);
+                };
+                let Some(t) = shard.metadata.info(stored) else { return Ok(None) };
                 let ty = match t.dtype {
                     Dtype::F32 => GgmlType::F32,
                     Dtype::F16 => GgmlType::F16,
@@ -265,13 +277,13 @@ impl WeightSource {
     pub fn get(&self, cfg: &ModelConfig, hf_name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let (data, shape) = match self {
             WeightSource::SafeTensors { shards, index } => {
-                let &i = index
+                let (i, stored) = index
                     .get(hf_name)
                     .ok_or_else(|| Error::MissingTensor { path: shards[0].path.clone(), tensor: hf_name.into() })?;
-                let shard = &shards[i];
+                let shard = &shards[*i];
                 let t = shard
                     .metadata
-                    .info(hf_name)
+                    .info(stored)
                     .ok_or_else(|| Error::MissingTensor { path: shard.path.clone(), tensor: hf_name.into() })?;
                 // read_metadata validated every offset against the file length.
                 let b = &shard.mmap[shard.data_start + t.data_offsets.0..shard.data_start + t.data_offsets.1];
@@ -339,6 +351,22 @@ fn random_values(n: usize, seed: u64, std: f32) -> Vec<f32> {
     let jobs = out.chunks_mut(CHUNK).enumerate().collect();
     crate::prim::run_parallel(jobs, |(i, part): (usize, &mut [f32])| fill(i, part));
     out
+}
+
+/// The name edgetune gives a stored tensor: a multimodal checkpoint's text model as a text-only
+/// one's (`language_model.model.X`, as transformers saves Gemma 3's 4B and up, and
+/// `model.language_model.X`, its own module path, as `model.X`; `language_model.lm_head.weight`
+/// as `lm_head.weight`); every other name as it is.
+pub fn text_model_name(stored: &str) -> String {
+    for prefix in ["language_model.model.", "model.language_model."] {
+        if let Some(rest) = stored.strip_prefix(prefix) {
+            return format!("model.{rest}");
+        }
+    }
+    match stored {
+        "language_model.lm_head.weight" => "lm_head.weight".into(),
+        other => other.into(),
+    }
 }
 
 /// The heads whose rows llama.cpp's converter permutes in the GGUF tensor `name`: q's and k's
