@@ -758,7 +758,7 @@ fn hf_gguf_cases() -> (String, Vec<Value>) {
     let bytes = std::fs::read(fixtures().join("hf_gguf_expected.json")).expect("hf_gguf_expected.json");
     let v: Value = serde_json::from_slice(&bytes).expect("JSON");
     let cases = v["cases"].as_array().expect("cases").clone();
-    assert_eq!(cases.len(), 11, "the fixture's cases");
+    assert_eq!(cases.len(), 12, "the fixture's cases");
     (v["text"].as_str().expect("text").to_string(), cases)
 }
 

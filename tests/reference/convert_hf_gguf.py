@@ -32,7 +32,8 @@ as a `llama` vocabulary with scores. The Gemma cases set query_pre_attn_scalar t
 width (`gemma_edits`, as llama.cpp scales queries): `tiny_gemma3` keeps the tiny byte-level
 tokenizer (the converter's `_set_vocab_gpt2` for a Gemma 3 folder without tokenizer.model),
 `tiny_gemma3_sentencepiece` (with a RoPE base of its own on the window layers) and
-`tiny_gemma2_sentencepiece` take a Gemma-style SentencePiece tokenizer
+`tiny_gemma2_sentencepiece` take a Gemma-style SentencePiece tokenizer; `tiny_gemma3_mm` is
+a multimodal Gemma 3 folder, whose text model the converter writes
 (`gemma_spm_tokenizer_files`), which the converter writes without a space prefix. The Phi cases
 name GPT2Tokenizer in tokenizer_config.json (`phi_edits`; the converter's Phi-3 class reads a
 byte-level vocabulary only for that class, as Phi-4-mini's), `tiny_phi4` with Phi-4-mini's
@@ -194,10 +195,11 @@ def gemma_edits(base, generic_tokenizer=False, local_base=None, **ids):
     the converter refuses. With `local_base`, the sliding-window layers' RoPE base."""
     with open(os.path.join(FIX, base, "config.json")) as f:
         cfg = json.load(f)
-    cfg["query_pre_attn_scalar"] = cfg["head_dim"]
+    text = cfg.get("text_config", cfg)  # a multimodal Gemma 3's text model
+    text["query_pre_attn_scalar"] = text["head_dim"]
     cfg.update(ids)
     if local_base is not None:
-        cfg["rope_parameters"]["sliding_attention"]["rope_theta"] = local_base
+        text["rope_parameters"]["sliding_attention"]["rope_theta"] = local_base
     edits = {"config.json": json.dumps(cfg, indent=1)}
     if generic_tokenizer:
         with open(os.path.join(FIX, base, "tokenizer_config.json")) as f:
@@ -219,6 +221,8 @@ CASES = [
      "edits": gemma_edits("tiny_gemma3", local_base=20000.0, bos_token_id=2, eos_token_id=1)},
     {"name": "tiny_gemma2_sentencepiece", "base": "tiny_gemma2", "files": "tiny_gemma_spm_tokenizer", "pre": None,
      "edits": gemma_edits("tiny_gemma2", bos_token_id=2, eos_token_id=1)},
+    {"name": "tiny_gemma3_mm", "base": "tiny_gemma3_mm", "pre": "gpt-2",
+     "edits": gemma_edits("tiny_gemma3_mm", generic_tokenizer=True)},
     {"name": "tiny_phi3", "base": "tiny_phi3", "pre": "gpt-2", "edits": phi_edits("tiny_phi3")},
     {"name": "tiny_phi4", "base": "tiny_phi4", "pre": "gpt-2", "edits": phi_edits("tiny_phi4")},
     {"name": "tiny_phi3_sentencepiece", "base": "tiny_phi3", "files": "tiny_spm_tokenizer", "pre": None,
