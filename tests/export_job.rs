@@ -265,6 +265,15 @@ fn export_job_refuses_what_it_cannot_export() {
     assert!(!gpus.status.success() && text(&gpus.stderr).contains("gpus"), "{}", text(&gpus.stderr));
     let dpo = base(&["--method", "dpo"]);
     assert!(!dpo.status.success() && text(&dpo.stderr).contains("DPO"), "{}", text(&dpo.stderr));
+    let mm = fixtures().join("tiny_gemma3_mm").display().to_string();
+    let mut a: Vec<String> = ["export-job", "--model", &mm, "--data", &data, "--to", "trl"].map(String::from).to_vec();
+    a.extend(["--output".to_string(), dir.display().to_string()]);
+    let multimodal = edgetune(&a);
+    assert!(
+        !multimodal.status.success() && text(&multimodal.stderr).contains("tiny_gemma3_mm is a multimodal model"),
+        "{}",
+        text(&multimodal.stderr)
+    );
     assert!(!dir.exists(), "nothing written");
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("mine.txt"), "keep me").expect("file");

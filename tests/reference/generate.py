@@ -15,7 +15,8 @@ changing what it writes; CI only reads the committed fixtures.
 The Qwen3 fixtures (`--only qwen3`) were written with torch 2.15 (CPU), transformers 5.24,
 peft 0.21.2 and bitsandbytes 0.50; they read the committed tiny_tokenizer.json.
 The Gemma 3 fixtures with 256-dim heads (`--only gemma3_wide`) were written with torch 2.15,
-transformers 5.25, peft 0.21.2 and bitsandbytes 0.50.2, from the same tokenizer.
+transformers 5.25, peft 0.21.2 and bitsandbytes 0.50.2, from the same tokenizer, and so were the
+multimodal Gemma 3 fixtures (`--only gemma3_mm`).
 
 Outputs go to tests/reference/fixtures/ (a few hundred KB in all).
 """

@@ -198,6 +198,17 @@ pub fn run(a: ExportJobArgs) -> Result<PathBuf> {
         ));
     }
     let (model_cfg, _) = edgetune::model::open_weights(&t.model)?;
+    if model_cfg.multimodal {
+        // The trainers' `all-linear` and named targets would also adapt the vision tower.
+        return Err(invalid(
+            "model",
+            format!(
+                "{} is a multimodal model (its text model is trained here); export-job writes jobs for text-only \
+                 models",
+                t.model.display()
+            ),
+        ));
+    }
     let tok = Tokenizer::open(&t.model)?;
     let dataset = data::load(&t.data, &tok, &cfg.data)?;
     let adapter = match &t.init_adapter {
