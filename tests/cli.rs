@@ -53,6 +53,12 @@ fn info_generate_and_eval_work() {
         "{stdout}"
     );
     assert!(stdout.contains("rope: theta 1000000, linear scaling x2; sliding layers theta 10000"), "{stdout}");
+    assert!(!stdout.contains("multimodal"), "{stdout}");
+    let mm = common::fixtures().join("tiny_gemma3_mm");
+    let out = edgetune(&["info", mm.to_str().expect("path")]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("multimodal: the text model is trained; the vision tower is kept as it is"), "{stdout}");
+    assert!(stdout.contains("stored: 114 tensors"), "{stdout}");
     let gemma2 = common::fixtures().join("tiny_gemma2_bpe.gguf");
     let out = edgetune(&["info", gemma2.to_str().expect("path")]);
     let stdout = text(&out.stdout);

@@ -369,6 +369,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 cfg.intermediate_size,
                 cfg.vocab_size
             );
+            if cfg.multimodal {
+                println!("multimodal: the text model is trained; the vision tower is kept as it is");
+            }
             println!("rope: {}", rope_summary(&cfg));
             let mut features = vec![format!("tied embeddings: {}", cfg.tie_word_embeddings)];
             let flags = [
