@@ -136,6 +136,17 @@ fn chat_template_renders_as_transformers(kind: &str, n_cases: usize) {
     let from_dir = Tokenizer::from_hf_dir(&fixtures().join(format!("tiny_{kind}"))).expect("tokenizer");
     let gguf = GgufFile::open(fixtures().join(format!("tiny_{kind}_bpe.gguf"))).expect("open");
     let from_gguf = Tokenizer::from_gguf(&gguf).expect("tokenizer");
+    // The folder with its template in chat_template.json instead (as a multimodal model's
+    // processor keeps it), none in tokenizer_config.json.
+    let dir = std::env::temp_dir().join(format!("edgetune-template-{kind}-{}", std::process::id()));
+    common::copy_files(&fixtures().join(format!("tiny_{kind}")), &dir);
+    let tc_path = dir.join("tokenizer_config.json");
+    let mut tc: Value = serde_json::from_slice(&std::fs::read(&tc_path).expect("read")).expect("JSON");
+    let template = tc.as_object_mut().expect("object").remove("chat_template").expect("a template");
+    std::fs::write(&tc_path, tc.to_string()).expect("write");
+    std::fs::write(dir.join("chat_template.json"), serde_json::json!({ "chat_template": template }).to_string())
+        .expect("write");
+    let from_json = Tokenizer::from_hf_dir(&dir).expect("tokenizer");
     let cases = cases.as_array().expect("cases");
     assert_eq!(cases.len(), n_cases);
     for case in cases {
@@ -147,11 +158,12 @@ fn chat_template_renders_as_transformers(kind: &str, n_cases: usize) {
             .collect();
         let generation = case["add_generation_prompt"].as_bool().expect("flag");
         let want = case["text"].as_str().expect("text");
-        for (source, tok) in [("folder", &from_dir), ("GGUF", &from_gguf)] {
+        for (source, tok) in [("folder", &from_dir), ("GGUF", &from_gguf), ("chat_template.json", &from_json)] {
             let got = tok.apply_chat_template(&messages, generation).expect("renders");
             assert_eq!(got, want, "{source}: {} messages, generation prompt {generation}", messages.len());
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `Quant::Gguf` keeps a GGUF's Q4_0 tensors in their own blocks: on a file whose matrices are

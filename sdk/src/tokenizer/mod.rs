@@ -140,9 +140,15 @@ impl Tokenizer {
                 }
             }
         };
-        let jinja = dir.join("chat_template.jinja");
+        // Else the template file beside it: `chat_template.jinja`, or a multimodal model's
+        // processor template, `chat_template.json` (`{"chat_template": ...}`).
+        let (jinja, json) = (dir.join("chat_template.jinja"), dir.join("chat_template.json"));
         if t.chat_template.is_none() && jinja.exists() {
             t.chat_template = Some(crate::files::read_config(&jinja)?);
+        } else if t.chat_template.is_none() && json.exists() {
+            let j: Json = serde_json::from_str(&crate::files::read_config(&json)?)
+                .map_err(|e| Error::format(&json, format!("invalid JSON: {e}")))?;
+            t.chat_template = j.get("chat_template").and_then(Json::as_str).map(str::to_string);
         }
         if let Some(id) = t.eos_token.as_deref().and_then(|s| t.inner.token_to_id(s)) {
             t.eos_ids.push(id);
