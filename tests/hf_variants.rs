@@ -124,8 +124,23 @@ fn gemma3_configs_of_both_transformers_generations_are_read_and_the_rest_refused
         "rope_theta":1000000.0},"sliding_attention":{"rope_type":"default","rope_theta":10000.0}}"#)
     .expect("transformers 5 config");
     assert_eq!(new, old, "both generations of config describe the same model");
+    // A multimodal Gemma 3 (Gemma3ForConditionalGeneration): its text model from `text_config`,
+    // the head's tying and EOS from the top level where the text config names none.
+    let mm = ModelConfig::from_hf_json(
+        p,
+        &format!(
+            r#"{{"model_type":"gemma3","eos_token_id":[1,106],"tie_word_embeddings":true,"vision_config":{{}},
+            "text_config":{{{base},"model_type":"gemma3_text","query_pre_attn_scalar":168,"rope_theta":1000000.0,
+            "rope_local_base_freq":10000.0,"rope_scaling":{{"rope_type":"linear","factor":8.0}},
+            "sliding_window_pattern":6}}}}"#
+        ),
+    )
+    .expect("multimodal config");
+    assert!(mm.multimodal);
+    assert_eq!(mm.eos_token_ids, [1, 106]);
+    assert_eq!(ModelConfig { multimodal: false, eos_token_ids: old.eos_token_ids.clone(), ..mm }, old);
     for (extra, named) in [
-        (r#""model_type":"gemma3""#, "vision tower"),
+        (r#""model_type":"gemma3""#, "without a `text_config`"),
         (r#""model_type":"gemma""#, "Gemma 1"),
         (r#""model_type":"gemma3_text","final_logit_softcapping":0.0"#, "final_logit_softcapping"),
         (r#""model_type":"gemma3_text","use_bidirectional_attention":true"#, "embedding model"),
