@@ -196,6 +196,22 @@ fn a_multimodal_gemma3_adapter_saved_by_edgetune_is_the_peft_folder_it_loaded() 
         serde_json::from_slice(&std::fs::read(d.join(peft::CONFIG_FILE)).expect("config")).expect("JSON")
     };
     assert_eq!(config(&dir)["target_modules"], config(&theirs)["target_modules"]);
+    // With LoRA on the vision tower too (PEFT's `all-linear` on the whole model), the adapter
+    // is refused, naming a vision tensor: edgetune trains the text model only.
+    let bytes = std::fs::read(theirs.join(peft::WEIGHTS_FILE)).expect("weights");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("PEFT's");
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().map(|(n, v)| (n.to_string(), v)).collect();
+    let a = vec![0u8; 4 * 4 * 32];
+    let vision = "base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj.lora_A.weight";
+    views.push((
+        vision.into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 32], &a).expect("view"),
+    ));
+    std::fs::write(dir.join(peft::WEIGHTS_FILE), safetensors::tensor::serialize(views, None).expect("serialize"))
+        .expect("write");
+    let e = peft::load(&dir, &cfg).expect_err("vision LoRA refused").to_string();
+    assert!(e.contains(vision) && e.contains(peft::WEIGHTS_FILE), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -740,4 +740,16 @@ mod tests {
         assert!(gguf_metadata(&dir, 320, ConverterClass::Llama).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A Gemma 3 `tokenizer.json` with fewer tokens than the model is refused: the converter
+    /// would cut the embeddings to them while listing every id, a file llama.cpp refuses.
+    #[test]
+    fn a_gemma_tokenizer_shorter_than_the_model_is_refused() {
+        let dir = crate::files::test_fixtures().join("tiny_gemma3");
+        assert!(gguf_metadata(&dir, 323, ConverterClass::Gemma).is_ok());
+        let e = gguf_metadata(&dir, 324, ConverterClass::Gemma).expect_err("refused").to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("has 323 tokens") && e.contains("324"), "{e}");
+        // Other classes pad the missing ids, as the converter does.
+        assert!(gguf_metadata(&dir, 324, ConverterClass::Plain).is_ok());
+    }
 }
