@@ -2527,3 +2527,94 @@ fn the_kernel_log_names_what_was_dispatched_once_and_not_what_was_compiled() {
     assert!(names.iter().all(|n| !n.contains(".coop16") || n.ends_with(".emulated")), "{said}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Gathered LoRA (`launch::lora_rows_forward`): every row of a batch through its own adapter,
+/// A and B read from one buffer of several adapters through the row's table entry, added to
+/// the base product already in y. Ranks 1, 8, 16 and 64 side by side with rows that have no
+/// adapter (rank 0: y unchanged), 1 to 2,049 rows, inputs and outputs that are no multiple of
+/// the kernel's 64 lanes, a module's entries from the middle of the table. Against the twin,
+/// and both against the sums in f64: an f32 dot product of n terms is within n u sum|a b| of
+/// its exact value (u = 2^-24), so each output is within (n_in + r + 1) u scale sum_j |B_oj|
+/// sum_k |x_k A_jk| + u |y|, twice that between the kernel and the twin. Refused: h narrower
+/// than the rows' stride.
+#[test]
+fn gathered_lora_gives_each_row_its_own_adapter() {
+    let ctx = ctx();
+    // (rows, n_in, n_out)
+    for (case, &(rows, n_in, n_out)) in [(1, 40, 37), (5, 96, 130), (9, 576, 64), (2049, 24, 70)].iter().enumerate() {
+        let seed = 1300 + 10 * case as u64;
+        let ranks = [1usize, 8, 0, 16, 64];
+        // The adapters' A and B one after another from element 5, then junk.
+        let mut w = rand(5, seed, 1.0);
+        let mut slices = Vec::new();
+        for (i, &rank) in ranks.iter().enumerate() {
+            let a = w.len();
+            w.extend(rand(rank * n_in, seed + 1 + i as u64, 0.5));
+            let b = w.len();
+            w.extend(rand(n_out * rank, seed + 11 + i as u64, 0.5));
+            slices.push(r::LoraRow { a, b, rank, scale: 0.5 + i as f32 });
+        }
+        w.extend(rand(9, seed + 30, 1.0));
+        let row_of: Vec<r::LoraRow> = (0..rows).map(|t| slices[(t * 3 + case) % ranks.len()]).collect();
+        let table_row = 3;
+        let mut table = vec![u32::MAX; 4 * table_row];
+        for e in &row_of {
+            table.extend([e.a as u32, e.b as u32, e.rank as u32, e.scale.to_bits()]);
+        }
+        let x = rand(rows * n_in, seed + 40, 1.0);
+        let y0 = rand(rows * n_out, seed + 41, 2.0);
+        let h_stride = row_of.iter().map(|e| e.rank).max().unwrap_or(1).max(1);
+        let (xb, wb, tb, hb, yb) = (
+            ctx.storage_from("x", &x),
+            ctx.storage_from("adapters", &w),
+            ctx.storage_from("table", &table),
+            ctx.storage_zeroed("h", rows * h_stride),
+            ctx.storage_from("y", &y0),
+        );
+        let l = launch::LoraRows { x: &xb, w: &wb, table: &tb, table_row, h: &hb, h_stride, y: &yb, rows, n_in, n_out };
+        run(&ctx, |enc| launch::lora_rows_forward(&ctx, enc, l));
+        let got = ctx.read_f32(&yb, rows * n_out).expect("readback");
+        let mut twin = y0.clone();
+        r::lora_rows_forward(&x, &w, &row_of, (n_in, n_out), &mut twin);
+        let u = f64::from(f32::EPSILON) / 2.0;
+        let (mut exact, mut bound) = (Vec::new(), Vec::new());
+        for (t, e) in row_of.iter().enumerate() {
+            let xt = &x[t * n_in..(t + 1) * n_in];
+            let dot = |j: usize, f: fn(f64) -> f64| -> f64 {
+                (0..n_in).map(|k| f(f64::from(xt[k]) * f64::from(w[e.a + j * n_in + k]))).sum()
+            };
+            for o in 0..n_out {
+                let b = |j: usize| f64::from(w[e.b + o * e.rank + j]);
+                let v: f64 = (0..e.rank).map(|j| b(j) * dot(j, |v| v)).sum();
+                let mass: f64 = (0..e.rank).map(|j| b(j).abs() * dot(j, f64::abs)).sum();
+                let y = f64::from(y0[t * n_out + o]) + f64::from(e.scale) * v;
+                exact.push(y);
+                bound.push((n_in + e.rank + 1) as f64 * u * f64::from(e.scale) * mass + u * y.abs());
+            }
+        }
+        let what = format!("{rows} rows of {n_in} -> {n_out}");
+        for (i, ((&g, &tw), (&ex, &b))) in got.iter().zip(&twin).zip(exact.iter().zip(&bound)).enumerate() {
+            let (t, o) = (i / n_out, i % n_out);
+            let rank = row_of[t].rank;
+            assert!(
+                (f64::from(g) - ex).abs() <= b,
+                "{what}: row {t} (rank {rank}) output {o}: {g} vs exact {ex} (bound {b})"
+            );
+            assert!((f64::from(tw) - ex).abs() <= b, "{what}: the twin's row {t} output {o}: {tw} vs exact {ex}");
+            assert!((f64::from(g) - f64::from(tw)).abs() <= 2.0 * b, "{what}: row {t} output {o}: {g} vs twin {tw}");
+            if rank == 0 {
+                assert_eq!(g, y0[i], "{what}: row {t} has no adapter and keeps y");
+            }
+        }
+        let mut enc = ctx.encoder();
+        let narrow = launch::LoraRows { h_stride: 0, ..l };
+        let err = launch::lora_rows_forward(&ctx, &mut enc, narrow).expect_err("no rank");
+        assert!(err.to_string().contains("gathered LoRA"), "{err}");
+        if rows > 1 {
+            let short = ctx.storage_zeroed("h", (rows - 1) * h_stride);
+            let err =
+                launch::lora_rows_forward(&ctx, &mut enc, launch::LoraRows { h: &short, ..l }).expect_err("h short");
+            assert!(err.to_string().contains("h holds"), "{err}");
+        }
+    }
+}

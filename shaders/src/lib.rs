@@ -191,6 +191,9 @@ shaders! {
     MATMUL_SPLIT_REDUCE = "matmul_split_reduce";
     ARGMAX = "argmax";
     TOP_K = "top_k";
+    // Gathered LoRA: each row of a batch with its own adapter (decoding many users at once).
+    LORA_ROWS_A = "lora_rows" as "lora_rows.a" [];
+    LORA_ROWS_B = "lora_rows" as "lora_rows.b" [("B_PRODUCT", "1")];
     ADAMW_COMMIT = "adamw_commit";
     FINITE_CHECK = "finite_check";
     // Register-tiled variants for CPU rasterizers (shaders/common/simd8.wgsl).
@@ -629,6 +632,9 @@ params!(/// `argmax.wgsl`
     ArgmaxParams { n: u32, final_pass: u32, n_groups: u32, _pad: u32 } = 16);
 params!(/// `top_k.wgsl`
     TopKParams { n: u32, k: u32, final_pass: u32, chunk: u32 } = 16);
+params!(/// `lora_rows.wgsl`
+    LoraRowsParams { n_rows: u32, n_in: u32, n_out: u32, h_stride: u32, table_row: u32, _pad0: u32, _pad1: u32,
+        _pad2: u32 } = 32);
 params!(/// `attention.wgsl`
     AttentionParams {
         n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32,

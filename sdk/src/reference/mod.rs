@@ -126,6 +126,35 @@ pub fn matmul_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, n: u
     y
 }
 
+/// One row's adapter in the gathered LoRA twin: A (rank, n_in) at `a` and B (n_out, rank) at
+/// `b` in the adapters' shared parameters, and the factor of B A; rank 0 for none.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraRow {
+    /// A's first element.
+    pub a: usize,
+    /// B's first element.
+    pub b: usize,
+    /// The rank: A's rows and B's columns.
+    pub rank: usize,
+    /// The factor of B A.
+    pub scale: f32,
+}
+
+/// Gathered LoRA: each row t of x (rows, n_in) through its own adapter,
+/// y[t] += scale_t (x[t] A_t^T) B_t^T, y (rows, n_out).
+pub fn lora_rows_forward(x: &[f32], w: &[f32], rows: &[LoraRow], (n_in, n_out): (usize, usize), y: &mut [f32]) {
+    for (t, r) in rows.iter().enumerate() {
+        let xt = &x[t * n_in..(t + 1) * n_in];
+        let h: Vec<f32> = (0..r.rank)
+            .map(|j| xt.iter().zip(&w[r.a + j * n_in..r.a + (j + 1) * n_in]).map(|(a, b)| a * b).sum())
+            .collect();
+        for o in 0..n_out {
+            let bo = &w[r.b + o * r.rank..r.b + (o + 1) * r.rank];
+            y[t * n_out + o] += r.scale * h.iter().zip(bo).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+}
+
 /// The heads and options of the attention twins.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionCase {

@@ -1092,3 +1092,79 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
     let kernel = many_rows(kind_of(ctx, true), family, aligned, (p.n, p.k, p.m));
     run_many_rows(ctx, enc, kernel, p, (&[dy, x, dy, dw], &[aux, rows]), cost)
 }
+
+/// The operands of [`lora_rows_forward`]: a batch whose rows each carry their own adapter.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraRows<'a> {
+    /// The module's input, (rows, n_in).
+    pub x: &'a wgpu::Buffer,
+    /// Every resident adapter's A and B matrices.
+    pub w: &'a wgpu::Buffer,
+    /// (a, b, rank, scale bits) words a row: where its A (rank, n_in) and B (n_out, rank) sit in
+    /// `w`, rank 0 for a row without this module's adapter; this module's rows from
+    /// `table_row` on.
+    pub table: &'a wgpu::Buffer,
+    /// This module's first entry in `table`.
+    pub table_row: usize,
+    /// Scratch for x A^T, (rows, h_stride).
+    pub h: &'a wgpu::Buffer,
+    /// h's row width: at least every row's rank.
+    pub h_stride: usize,
+    /// The product the update is added to, (rows, n_out).
+    pub y: &'a wgpu::Buffer,
+    /// Rows of the batch.
+    pub rows: usize,
+    /// The module's input features.
+    pub n_in: usize,
+    /// The module's output features.
+    pub n_out: usize,
+}
+
+/// Gathered LoRA (`lora_rows.wgsl`): y[t] += scale_t (x[t] A_t^T) B_t^T, each row t through its
+/// own adapter's slices as the table gives them; two dispatches, the A product into h, then the
+/// B product added to y.
+pub fn lora_rows_forward(ctx: &GpuContext, enc: &mut Encoder, l: LoraRows<'_>) -> Result<()> {
+    let LoraRows { x, w, table, table_row, h, h_stride, y, rows, n_in, n_out } = l;
+    let floats = |b: &wgpu::Buffer| (b.size() / 4) as usize;
+    for (what, buffer, need) in [
+        ("x", x, rows * n_in),
+        ("h", h, rows * h_stride),
+        ("y", y, rows * n_out),
+        ("the adapter table", table, 4 * (table_row + rows)),
+    ] {
+        if floats(buffer) < need || rows == 0 || h_stride == 0 {
+            return Err(Error::invalid(
+                "gathered LoRA",
+                format!(
+                    "{rows} rows of {n_in} -> {n_out} with ranks up to {h_stride}: {what} holds {} values, not {need}",
+                    floats(buffer)
+                ),
+            ));
+        }
+    }
+    let p = LoraRowsParams {
+        n_rows: u32_of(rows, "rows")?,
+        n_in: u32_of(n_in, "inputs")?,
+        n_out: u32_of(n_out, "outputs")?,
+        h_stride: u32_of(h_stride, "rank")?,
+        table_row: u32_of(table_row, "table row")?,
+        ..Default::default()
+    };
+    let (r, hs) = (rows as f64, h_stride as f64);
+    let a_cost = Cost { flops: 2.0 * r * hs * n_in as f64, bytes: 4.0 * (r * n_in as f64 * (1.0 + hs) + r * hs) };
+    let dispatch = Dispatch {
+        shader: &LORA_ROWS_A,
+        buffers: &[x, w, table, h],
+        groups: [p.h_stride, p.n_rows, 1],
+        constant: None,
+    };
+    ctx.dispatch_costed(enc, dispatch, &p, a_cost)?;
+    let b_cost = Cost { flops: 2.0 * r * hs * n_out as f64, bytes: 4.0 * (r * hs + r * n_out as f64 * (2.0 + hs)) };
+    let groups = [p.n_out.div_ceil(64), p.n_rows, 1];
+    ctx.dispatch_costed(
+        enc,
+        Dispatch { shader: &LORA_ROWS_B, buffers: &[h, w, table, y], groups, constant: None },
+        &p,
+        b_cost,
+    )
+}
