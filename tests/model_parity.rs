@@ -449,3 +449,85 @@ fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
         }
     }
 }
+
+/// Decoding several sequences at once, each with its own adapter (`Model::decode_rows`: the
+/// base products over every row, gathered LoRA, each row's attention over its own cache) gives
+/// each sequence the logits that decoding it alone with its adapter gives, within the 1e-4 of
+/// the decode-versus-prefill test above (the products sum in another order). Four sequences of
+/// different lengths (past Mistral's window of 4 and Gemma 3's), two adapters of ranks 4 (every
+/// module) and 8 (o and down only) and one row on the base; after three steps a row is dropped
+/// and the others are reordered. Both sides take the same tokens, the argmax of the
+/// one-at-a-time logits. No step creates a buffer, and no bind group but at a new order.
+#[test]
+fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
+    use edgetune::lora::{Adapter, GpuAdapter, GpuAdapterSet, LoraConfig, TargetModules};
+    use edgetune::model::llama::DecodeRow;
+    for kind in ["llama", "mistral", "qwen3", "gemma2", "gemma3", "phi3"] {
+        let (ctx, model) = tiny(kind);
+        let moved = |cfg: LoraConfig, seed: u64| {
+            let mut a = Adapter::new(&model.config, cfg).expect("adapter");
+            let r = a.layout.r;
+            for (i, slot) in a.layout.slots.clone().iter().enumerate() {
+                let b = common::rand(slot.n_out * r, seed * 100 + i as u64, 0.3);
+                a.params[slot.b..slot.b + b.len()].copy_from_slice(&b);
+            }
+            GpuAdapter::upload(&ctx, &a)
+        };
+        let every = moved(LoraConfig { r: 4, seed: 1, ..Default::default() }, 1);
+        let names = TargetModules::Names(vec!["o_proj".into(), "down_proj".into()]);
+        let some = moved(LoraConfig { r: 8, alpha: 4.0, seed: 2, target_modules: names, ..Default::default() }, 2);
+        let set = GpuAdapterSet::new(&ctx, &[&every, &some]).expect("set");
+        let one = [Some(&every), Some(&some)];
+        let vocab = model.config.vocab_size;
+        let prompts: [Vec<u32>; 4] =
+            [7, 1, 11, 3].map(|n| (0..n).map(|i| ((i * 29 + n * 5 + 3) % vocab) as u32).collect());
+        let chosen = [Some(0), None, Some(1), Some(0)];
+        let (mut alone, mut together) = (Vec::new(), Vec::new());
+        let mut next = Vec::new();
+        for (p, a) in prompts.iter().zip(chosen) {
+            let lora = a.and_then(|i| one[i]);
+            let (mut c1, mut c2) = (model.new_cache().expect("cache"), model.new_cache().expect("cache"));
+            let logits = model.next_logits_with(p, &mut c1, lora).expect("prefill");
+            model.next_logits_with(p, &mut c2, lora).expect("prefill");
+            next.push(edgetune::reference::argmax(&logits));
+            alone.push(c1);
+            together.push(c2);
+        }
+        let mut decoder = model.rows_decoder(4, set.max_rank()).expect("decoder");
+        let mut order: Vec<usize> = vec![0, 1, 2, 3];
+        for step in 0..6 {
+            if step == 3 {
+                order = vec![3, 0, 2];
+            }
+            let before = ctx.counts();
+            let logits = {
+                let mut caches: Vec<Option<&mut edgetune::model::llama::KvCache>> =
+                    together.iter_mut().map(Some).collect();
+                let mut rows: Vec<DecodeRow<'_>> = order
+                    .iter()
+                    .map(|&i| DecodeRow { cache: caches[i].take().expect("once"), adapter: chosen[i], token: next[i] })
+                    .collect();
+                model.decode_rows(&mut decoder, &set, &mut rows).expect("decode rows")
+            };
+            let made = ctx.counts() - before;
+            // A new order pairs caches with other rows' buffers: bind groups for those, once.
+            if step != 0 && step != 3 {
+                assert_eq!((made.buffers, made.bind_groups), (0, 0), "{kind} step {step}: {made:?}");
+            }
+            assert_eq!(made.buffers, 0, "{kind} step {step}: {made:?}");
+            for (row, &i) in order.iter().enumerate() {
+                let lora = chosen[i].and_then(|a| one[a]);
+                let want = model.next_logits_with(&[next[i]], &mut alone[i], lora).expect("decode alone");
+                let got = &logits[row * vocab..(row + 1) * vocab];
+                assert_close(&format!("{kind} step {step}: sequence {i} in row {row}"), got, &want, 1e-4, 1e-4);
+                next[i] = edgetune::reference::argmax(&want);
+                assert_eq!(together[i].len, alone[i].len);
+            }
+        }
+        // The adapters must change the logits, or this tests nothing.
+        let base = model.next_logits(&prompts[0], &mut model.new_cache().expect("cache")).expect("base");
+        let with =
+            model.next_logits_with(&prompts[0], &mut model.new_cache().expect("cache"), Some(&every)).expect("lora");
+        assert!(base.iter().zip(&with).any(|(a, b)| (a - b).abs() > 1e-2), "{kind}: the adapter changes nothing");
+    }
+}

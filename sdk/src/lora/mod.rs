@@ -491,3 +491,100 @@ impl GpuAdapter {
         })
     }
 }
+
+/// Several adapters of one base resident at once, for decoding a batch whose sequences each
+/// have their own (gathered LoRA, as S-LoRA and Punica do: see
+/// [`crate::model::llama::Model::decode_rows`]): their A and B matrices copied one after
+/// another into one buffer, so a kernel reads any row's through a table of where each lies.
+#[derive(Debug)]
+pub struct GpuAdapterSet {
+    /// Every member's parameters, in the order given.
+    pub params: wgpu::Buffer,
+    /// Each member's layout, first float in `params` and factor of B A.
+    members: Vec<(Layout, usize, f32)>,
+}
+
+impl GpuAdapterSet {
+    /// Copies `adapters` (none is allowed: every row then runs the base) into one buffer; their
+    /// own buffers stay as they are. Refused where together they do not fit one binding
+    /// (`max_storage_buffer_binding_size`).
+    pub fn new(ctx: &crate::gpu::GpuContext, adapters: &[&GpuAdapter]) -> Result<Self> {
+        let floats: usize = adapters.iter().map(|a| a.layout.len).sum();
+        let limit = ctx.limits.max_storage_buffer_binding_size;
+        if (floats * 4) as u64 > limit {
+            return Err(Error::invalid(
+                "adapters",
+                format!(
+                    "{} adapters hold {} bytes together, more than the {limit} this GPU binds at once \
+                     (max_storage_buffer_binding_size): decode fewer adapters at a time",
+                    adapters.len(),
+                    floats * 4
+                ),
+            ));
+        }
+        let what = format!("{} resident adapters", adapters.len());
+        let params = ctx.allocating(&what, (floats.max(1) * 4) as u64, "decode fewer adapters at a time", || {
+            Ok(ctx.storage_zeroed("resident adapters", floats.max(1)))
+        })?;
+        let mut enc = ctx.encoder();
+        let mut members = Vec::with_capacity(adapters.len());
+        let mut at = 0;
+        for a in adapters {
+            enc.copy_buffer_to_buffer(&a.params, 0, &params, (at * 4) as u64, (a.layout.len * 4) as u64);
+            members.push((a.layout.clone(), at, a.scale));
+            at += a.layout.len;
+        }
+        ctx.submit([enc.finish()]);
+        Ok(GpuAdapterSet { params, members })
+    }
+
+    /// How many adapters it holds.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The largest rank among them (1 when it holds none).
+    pub fn max_rank(&self) -> usize {
+        self.members.iter().map(|m| m.0.r).max().unwrap_or(1).max(1)
+    }
+
+    /// Each member's layout.
+    pub fn layouts(&self) -> impl Iterator<Item = &Layout> {
+        self.members.iter().map(|m| &m.0)
+    }
+
+    /// The table that `lora_rows.wgsl` reads for a batch whose row t runs adapter `rows[t]`
+    /// (`None`: the base): for each layer, each module of [`Module::ALL`] and each row, the
+    /// words (A's first float, B's first float, rank, scale bits), rank 0 where the row's
+    /// adapter leaves the module out. Module m of layer l starts at entry
+    /// `(l * 7 + m.index()) * rows.len()`.
+    pub fn table(&self, rows: &[Option<usize>], n_layers: usize) -> Result<Vec<u32>> {
+        if let Some(bad) = rows.iter().flatten().find(|&&i| i >= self.members.len()) {
+            return Err(Error::invalid("adapter", format!("index {bad}, of {} resident adapters", self.members.len())));
+        }
+        let word = |v: usize| u32::try_from(v).map_err(|_| Error::invalid("adapters", "past the GPU's 32-bit indices"));
+        let mut out = Vec::with_capacity(n_layers * Module::ALL.len() * rows.len() * 4);
+        for l in 0..n_layers {
+            for m in Module::ALL {
+                for row in rows {
+                    let slot = row.and_then(|i| {
+                        let (layout, at, scale) = &self.members[i];
+                        layout.slot(l, m).map(|s| (s, layout.r, *at, *scale))
+                    });
+                    match slot {
+                        Some((s, r, at, scale)) => {
+                            out.extend([word(at + s.a)?, word(at + s.b)?, word(r)?, scale.to_bits()])
+                        }
+                        None => out.extend([0, 0, 0, 0]),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::gpu::launch::{self, AttentionShape, OutCols, Q4_0_BLOCK, Q4Plane, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
-use crate::lora::{GpuAdapter, Module};
+use crate::lora::{GpuAdapter, GpuAdapterSet, Module};
 use crate::model::config::{Activation, ModelConfig};
 use crate::model::weights::WeightSource;
 use crate::prim::{FNV_OFFSET, fnv1a};
@@ -280,7 +280,7 @@ pub struct KvCache {
 }
 
 /// The activations of a forward pass of `t` tokens.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Acts {
     t: usize,
     rank: usize,
@@ -346,6 +346,48 @@ pub(crate) struct BlockBuffers<'a> {
     /// position of the first token (inference); `None` reads `k` and `v` themselves at
     /// position 0 (a training batch).
     pub(crate) kv_cache: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer, usize)>,
+    /// Decoding several sequences at once ([`Model::decode_rows`]): row i's key and value go to
+    /// its own cache and its attention reads that cache; `kv_cache` is then `None`.
+    pub(crate) rows: Option<&'a RowsPass<'a>>,
+}
+
+/// Where a forward pass's keys and values go (see [`Model::record_forward`]).
+#[derive(Debug, Clone, Copy)]
+enum PassKv<'a> {
+    /// One sequence's layer buffers, from position pos.
+    Cache(&'a [wgpu::Buffer], &'a [wgpu::Buffer], usize),
+    /// Each row its own sequence's.
+    Rows(&'a RowsPass<'a>),
+}
+
+/// A pass of one token for each of several sequences ([`Model::decode_rows`]): each row's cache
+/// and scratch, and the rows' adapters.
+#[derive(Debug)]
+pub(crate) struct RowsPass<'a> {
+    caches: Vec<RowKv<'a>>,
+    lora: RowsLora<'a>,
+    /// One zero: the first key a row sees on a layer without a sliding window.
+    no_window: &'a wgpu::Buffer,
+}
+
+/// One row of a [`RowsPass`]: its cache's layer buffers, the position its token takes, and the
+/// one-query buffers its attention runs in.
+#[derive(Debug)]
+struct RowKv<'a> {
+    k: &'a [wgpu::Buffer],
+    v: &'a [wgpu::Buffer],
+    len: usize,
+    scratch: &'a RowScratch,
+}
+
+/// The adapters of a [`RowsPass`]'s rows: every resident adapter's parameters, the table of
+/// each row's slices ([`GpuAdapterSet::table`]) and h's row width (the largest rank).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RowsLora<'a> {
+    params: &'a wgpu::Buffer,
+    table: &'a wgpu::Buffer,
+    h_stride: usize,
+    rows: usize,
 }
 
 /// Where a block's forward pass puts the LoRA products x A^T of each group of modules that read
@@ -409,6 +451,9 @@ pub(crate) struct LinearIo<'a> {
     /// prompts and training run it for the modules that share an input at once (see
     /// [`Model::lora_a_shared`]).
     pub(crate) lora_h_at: Option<(usize, usize)>,
+    /// Each row's own adapter (decoding several sequences: [`Model::decode_rows`]), applied by
+    /// gathered LoRA after the base product.
+    pub(crate) rows_lora: Option<RowsLora<'a>>,
 }
 
 /// An attention or MLP branch's last projection (see [`Model::branch`]).
@@ -465,6 +510,51 @@ struct DecodeBuffers {
     logits: wgpu::Buffer,
     pick_partials: wgpu::Buffer,
     picked: wgpu::Buffer,
+}
+
+/// One row's one-query attention buffers in a [`RowsDecoder`].
+#[derive(Debug)]
+struct RowScratch {
+    q: wgpu::Buffer,
+    att: wgpu::Buffer,
+    stats: wgpu::Buffer,
+    /// The first key its query sees on a layer with a sliding window.
+    window_start: wgpu::Buffer,
+}
+
+/// The buffers for decoding up to [`RowsDecoder::max_rows`] sequences at once, each with its
+/// own cache and adapter ([`Model::decode_rows`]); made once by [`Model::rows_decoder`] and
+/// reused for every token, so that a step creates nothing after its first.
+#[derive(Debug)]
+pub struct RowsDecoder {
+    acts: Acts,
+    rows: Vec<RowScratch>,
+    no_window: wgpu::Buffer,
+    table: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    /// The adapters of the rows that the table was last written for.
+    table_rows: Option<Vec<Option<usize>>>,
+    max_rank: usize,
+    binds: Arc<BindGroups>,
+}
+
+impl RowsDecoder {
+    /// The most sequences one step decodes.
+    pub fn max_rows(&self) -> usize {
+        self.rows.len()
+    }
+}
+
+/// One sequence of a [`Model::decode_rows`] step: its cache, the adapter it runs (an index
+/// into the [`GpuAdapterSet`]; `None` runs the base model) and the token it takes next.
+#[derive(Debug)]
+pub struct DecodeRow<'a> {
+    /// The sequence's cache, which grows by the token.
+    pub cache: &'a mut KvCache,
+    /// Its adapter among the resident ones.
+    pub adapter: Option<usize>,
+    /// Its next token.
+    pub token: u32,
 }
 
 /// What to change when a forward pass's buffers do not fit.
@@ -1036,6 +1126,148 @@ impl Model {
         })
     }
 
+    /// Buffers for decoding up to `max_rows` sequences at once with adapters of rank up to
+    /// `max_rank` ([`GpuAdapterSet::max_rank`]; [`Model::decode_rows`]). Refused where their
+    /// logits would not fit one binding ([`Model::logit_rows`] rows).
+    pub fn rows_decoder(&self, max_rows: usize, max_rank: usize) -> Result<RowsDecoder> {
+        let c = &self.config;
+        let most = self.logit_rows().min(self.max_pass_tokens(max_rank, 0));
+        if max_rows == 0 || max_rows > most {
+            return Err(Error::invalid(
+                "rows",
+                format!(
+                    "{max_rows} sequences at once; this model on this GPU decodes 1 to {most} (their logits are bound whole)"
+                ),
+            ));
+        }
+        let rank = max_rank.max(1);
+        let (qd, heads) = (c.num_heads * c.head_dim, c.num_heads);
+        let planned = self.activation_bytes(max_rows, max_rows, rank)
+            + (max_rows * (2 * qd + 2 * heads + 1) + Module::ALL.len() * c.num_layers * max_rows * 4) as u64 * 4;
+        let ctx = &self.ctx;
+        ctx.allocating(&format!("decoding {max_rows} sequences at once"), planned, ACTIVATION_ADVICE, || {
+            Ok(RowsDecoder {
+                acts: self.acts(&vec![0; max_rows], rank),
+                rows: (0..max_rows)
+                    .map(|_| RowScratch {
+                        q: ctx.storage_zeroed("row q", qd),
+                        att: ctx.storage_zeroed("row attention", qd),
+                        stats: ctx.storage_zeroed("row attention stats", 2 * heads),
+                        window_start: ctx.storage_zeroed("row window start", 1),
+                    })
+                    .collect(),
+                no_window: ctx.storage_zeroed("no window", 1),
+                table: ctx.storage_zeroed("row adapters", Module::ALL.len() * c.num_layers * max_rows * 4),
+                logits: ctx.storage_zeroed("row logits", max_rows * c.vocab_size),
+                table_rows: None,
+                max_rank: rank,
+                binds: BindGroups::new(),
+            })
+        })
+    }
+
+    /// Refuses an adapter set made for another model: every slot of every member must be one of
+    /// this model's modules, with its shape.
+    fn check_adapter_set(&self, set: &GpuAdapterSet) -> Result<()> {
+        for (i, layout) in set.layouts().enumerate() {
+            for s in &layout.slots {
+                let fits = s.layer < self.layers.len() && {
+                    let l = self.layers[s.layer].linear(s.module);
+                    s.n_in == l.n_in
+                };
+                if !fits {
+                    return Err(Error::invalid(
+                        "adapter",
+                        format!(
+                            "resident adapter {i} adapts layer {} {:?} with {} inputs, which this model does not have",
+                            s.layer, s.module, s.n_in
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes one token of each of several sequences in one pass: the base model's products
+    /// run once over every row, each row's LoRA update comes from its own adapter among
+    /// `adapters` (gathered LoRA), and each row's attention reads its own cache, which grows by
+    /// its token. Returns the logits, (rows, vocab). The rows' caches are filled by prompts
+    /// run as usual ([`Model::next_logits_with`] with each row's adapter); `decoder` comes
+    /// from [`Model::rows_decoder`]. With one row this gives what the one-sequence step gives,
+    /// up to the order of the sums.
+    pub fn decode_rows(
+        &self,
+        decoder: &mut RowsDecoder,
+        adapters: &GpuAdapterSet,
+        rows: &mut [DecodeRow<'_>],
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let ctx = &self.ctx;
+        let t = rows.len();
+        if t == 0 || t > decoder.max_rows() {
+            return Err(Error::invalid(
+                "rows",
+                format!("{t} sequences; this decoder takes 1 to {}", decoder.max_rows()),
+            ));
+        }
+        if adapters.max_rank() > decoder.max_rank {
+            return Err(Error::invalid(
+                "adapters",
+                format!("rank {}, past the {} this decoder was made for", adapters.max_rank(), decoder.max_rank),
+            ));
+        }
+        self.check_adapter_set(adapters)?;
+        for (i, r) in rows.iter().enumerate() {
+            if r.token as usize >= c.vocab_size {
+                return Err(Error::invalid(
+                    "token id",
+                    format!("{} (row {i}) is outside the vocabulary of {}", r.token, c.vocab_size),
+                ));
+            }
+            if r.cache.len >= r.cache.capacity {
+                return Err(Error::invalid(
+                    "context",
+                    format!("row {i}: its cache holds its capacity of {}", r.cache.capacity),
+                ));
+            }
+        }
+        let chosen: Vec<Option<usize>> = rows.iter().map(|r| r.adapter).collect();
+        if decoder.table_rows.as_ref() != Some(&chosen) {
+            let table = adapters.table(&chosen, c.num_layers)?;
+            ctx.queue.write_buffer(&decoder.table, 0, bytemuck::cast_slice(&table));
+            decoder.table_rows = Some(chosen);
+        }
+        let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        let positions: Vec<u32> = rows.iter().map(|r| r.cache.len as u32).collect();
+        let a = Acts { t, ..decoder.acts.clone() };
+        ctx.queue.write_buffer(&a.ids, 0, bytemuck::cast_slice(&ids));
+        ctx.queue.write_buffer(&a.positions, 0, bytemuck::cast_slice(&positions));
+        if let Some(w) = c.sliding_window {
+            for (r, s) in rows.iter().zip(&decoder.rows) {
+                let start = window_starts(&[0], r.cache.len, w);
+                ctx.queue.write_buffer(&s.window_start, 0, bytemuck::cast_slice(&start));
+            }
+        }
+        let pass = RowsPass {
+            caches: rows
+                .iter()
+                .zip(&decoder.rows)
+                .map(|(r, scratch)| RowKv { k: &r.cache.k, v: &r.cache.v, len: r.cache.len, scratch })
+                .collect(),
+            lora: RowsLora { params: &adapters.params, table: &decoder.table, h_stride: decoder.max_rank, rows: t },
+            no_window: &decoder.no_window,
+        };
+        let mut enc = ctx.encoder_with(&decoder.binds).whole();
+        self.record_forward(&mut enc, &a, PassKv::Rows(&pass), None, FinalNorm::Written)?;
+        self.record_logits(&mut enc, &a.xn, &decoder.logits, t, None)?;
+        drop(pass);
+        for r in rows.iter_mut() {
+            r.cache.len += 1;
+        }
+        ctx.read_f32_after(enc, &decoder.logits, t * c.vocab_size)
+    }
+
     /// Activation buffers for a pass of `t` tokens with LoRA rank up to `rank`, `ids` uploaded.
     fn acts(&self, ids: &[u32], rank: usize) -> Acts {
         let c = &self.config;
@@ -1083,11 +1315,27 @@ impl Model {
         io: LinearIo<'_>,
         drop: Option<Dropout<'_>>,
     ) -> Result<()> {
-        let LinearIo { x, y, add_to_y, h, m, input, lora_h_at } = io;
+        let LinearIo { x, y, add_to_y, h, m, input, lora_h_at, rows_lora } = io;
         let l = self.layers[layer].linear(module);
         let ctx = &self.ctx;
         let base = if add_to_y { OutCols::whole(l.n_out).accumulated() } else { OutCols::whole(l.n_out) };
         let mm = launch::Matmul { x, w: l.weight(), bias: l.bias.as_ref(), y, m, n: l.n_out, k: l.n_in, out: base };
+        if let Some(r) = rows_lora {
+            // Each row its own adapter: the base product over every row, then gathered LoRA.
+            if input.is_some() || lora.is_some() || drop.is_some() || m != r.rows {
+                return Err(Error::invalid("linear", "rows with adapters of their own take x as it is, and no other"));
+            }
+            if m == 1 {
+                launch::matvec_fused_forward(ctx, enc, mm, launch::Fused::default())?;
+            } else {
+                launch::matmul_forward(ctx, enc, mm)?;
+            }
+            let table_row = (layer * Module::ALL.len() + module.index()) * m;
+            let (n_in, n_out) = (l.n_in, l.n_out);
+            let (w, table, h_stride) = (r.params, r.table, r.h_stride);
+            let rows = launch::LoraRows { x, w, table, table_row, h, h_stride, y, rows: m, n_in, n_out };
+            return launch::lora_rows_forward(ctx, enc, rows);
+        }
         let slot = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s)));
         if input.is_some() && (m != 1 || drop.is_some()) {
             return Err(Error::invalid("linear", "an op fused into the products needs one row and no dropout"));
@@ -1341,19 +1589,20 @@ impl Model {
             let starts = window_starts(&vec![0; t], cache.len, w);
             self.ctx.queue.write_buffer(&a.window_start, 0, bytemuck::cast_slice(&starts));
         }
-        self.record_forward(&mut enc, a, (&cache.k, &cache.v, cache.len), lora, final_norm)?;
+        self.record_forward(&mut enc, a, PassKv::Cache(&cache.k, &cache.v, cache.len), lora, final_norm)?;
         cache.len += t;
         Ok((enc, if final_norm == FinalNorm::Written { a.xn.clone() } else { a.x.clone() }))
     }
 
     /// Records the transformer over the activations `a` at positions pos.. of the KV cache
-    /// (`k_cache`, `v_cache`), ending with the final normed hidden states in `a.xn`, or with
-    /// the residual stream in `a.x` where the final norm is left to the product that reads it.
+    /// (`kv`), or each row at the next position of its own ([`PassKv::Rows`]), ending with the
+    /// final normed hidden states in `a.xn`, or with the residual stream in `a.x` where the
+    /// final norm is left to the product that reads it.
     fn record_forward(
         &self,
         enc: &mut Encoder,
         a: &Acts,
-        (k_cache, v_cache, pos): (&[wgpu::Buffer], &[wgpu::Buffer], usize),
+        kv: PassKv<'_>,
         lora: Option<&GpuAdapter>,
         final_norm: FinalNorm,
     ) -> Result<()> {
@@ -1399,7 +1648,14 @@ impl Model {
                 inv_rms: None,
                 positions: &a.positions,
                 key_start: if c.layer_window(l).is_some() { &a.window_start } else { &a.key_start },
-                kv_cache: Some((&k_cache[l], &v_cache[l], pos)),
+                kv_cache: match kv {
+                    PassKv::Cache(k_cache, v_cache, pos) => Some((&k_cache[l], &v_cache[l], pos)),
+                    PassKv::Rows(_) => None,
+                },
+                rows: match kv {
+                    PassKv::Rows(rows) => Some(rows),
+                    PassKv::Cache(..) => None,
+                },
             };
             self.block_forward(enc, l, &b, lora, t, None, &mut |_, _| Ok(()))?;
         }
@@ -1449,7 +1705,9 @@ impl Model {
             }
             Ok((b.xn, None))
         };
-        let io = |(x, input), y, (h, lora_h_at)| LinearIo { x, y, add_to_y: false, h, m: t, input, lora_h_at };
+        let rows_lora = b.rows.map(|r| r.lora);
+        let io =
+            |(x, input), y, (h, lora_h_at)| LinearIo { x, y, add_to_y: false, h, m: t, input, lora_h_at, rows_lora };
         // The x A^T of the modules that read one input run as one product, into h, but where
         // dropout gives each module's adapter a differently masked input.
         let shared = |enc: &mut Encoder, modules: &[Module], input, h| -> Result<Vec<(&wgpu::Buffer, _)>> {
@@ -1482,31 +1740,11 @@ impl Model {
         };
         launch::rope_forward(ctx, enc, [b.q, b.k], self.rope_table(l), rope)?;
         after(enc, Stage::Qkv)?;
-        let (keys, values) = match b.kv_cache {
-            Some((k_cache, v_cache, pos)) => {
-                let kvd = c.num_kv_heads * hd;
-                let (at, bytes) = ((pos * kvd * 4) as u64, (t * kvd * 4) as u64);
-                enc.copy_buffer_to_buffer(b.k, 0, k_cache, at, bytes);
-                enc.copy_buffer_to_buffer(b.v, 0, v_cache, at, bytes);
-                (k_cache, v_cache)
-            }
-            None => (b.k, b.v),
-        };
-        let shape = AttentionShape {
-            n_tokens: t,
-            n_heads: c.num_heads,
-            n_kv_heads: c.num_kv_heads,
-            head_dim: hd,
-            pos_offset: pos,
-            scale: c.query_scale,
-            softcap: c.attn_softcap,
-        };
-        launch::attention_forward(
-            ctx,
-            enc,
-            launch::AttentionIo { q: b.q, k: keys, v: values, key_start: b.key_start, out: b.att, stats: b.stats },
-            shape,
-        )?;
+        if let Some(rows) = b.rows {
+            self.rows_attention(enc, l, b, rows)?;
+        } else {
+            self.attention(enc, b, (t, pos))?;
+        }
         after(enc, Stage::Attention)?;
         let out = Branch {
             module: Module::OProj,
@@ -1545,6 +1783,59 @@ impl Model {
         after(enc, Stage::Out)
     }
 
+    /// Writes a block's keys and values into the KV cache where there is one and runs attention
+    /// over its `t` queries at positions pos.. (see [`Model::block_forward`]).
+    fn attention(&self, enc: &mut Encoder, b: &BlockBuffers<'_>, (t, pos): (usize, usize)) -> Result<()> {
+        let c = &self.config;
+        let (keys, values) = match b.kv_cache {
+            Some((k_cache, v_cache, pos)) => {
+                let kvd = c.num_kv_heads * c.head_dim;
+                let (at, bytes) = ((pos * kvd * 4) as u64, (t * kvd * 4) as u64);
+                enc.copy_buffer_to_buffer(b.k, 0, k_cache, at, bytes);
+                enc.copy_buffer_to_buffer(b.v, 0, v_cache, at, bytes);
+                (k_cache, v_cache)
+            }
+            None => (b.k, b.v),
+        };
+        let io = launch::AttentionIo { q: b.q, k: keys, v: values, key_start: b.key_start, out: b.att, stats: b.stats };
+        launch::attention_forward(&self.ctx, enc, io, self.attention_shape(t, pos))
+    }
+
+    /// Attention of `t` queries at positions pos.. with the model's heads, scale and cap.
+    pub(crate) fn attention_shape(&self, t: usize, pos: usize) -> AttentionShape {
+        let c = &self.config;
+        AttentionShape {
+            n_tokens: t,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            pos_offset: pos,
+            scale: c.query_scale,
+            softcap: c.attn_softcap,
+        }
+    }
+
+    /// [`Model::attention`] for rows that are each one token of their own sequence (layer l of
+    /// a [`RowsPass`]): row i's key and value go to position len_i of its cache, and its query
+    /// attends to that cache in its own one-query buffers (within the window on a layer with
+    /// one), its output copied back to row i.
+    fn rows_attention(&self, enc: &mut Encoder, l: usize, b: &BlockBuffers<'_>, rows: &RowsPass<'_>) -> Result<()> {
+        let c = &self.config;
+        let (qd, kvd) = ((c.num_heads * c.head_dim * 4) as u64, (c.num_kv_heads * c.head_dim * 4) as u64);
+        for (i, r) in rows.caches.iter().enumerate() {
+            let i = i as u64;
+            enc.copy_buffer_to_buffer(b.k, i * kvd, &r.k[l], r.len as u64 * kvd, kvd);
+            enc.copy_buffer_to_buffer(b.v, i * kvd, &r.v[l], r.len as u64 * kvd, kvd);
+            enc.copy_buffer_to_buffer(b.q, i * qd, &r.scratch.q, 0, qd);
+            let key_start = if c.layer_window(l).is_some() { &r.scratch.window_start } else { rows.no_window };
+            let s = &r.scratch;
+            let io = launch::AttentionIo { q: &s.q, k: &r.k[l], v: &r.v[l], key_start, out: &s.att, stats: &s.stats };
+            launch::attention_forward(&self.ctx, enc, io, self.attention_shape(1, r.len))?;
+            enc.copy_buffer_to_buffer(&s.att, 0, b.att, i * qd, qd);
+        }
+        Ok(())
+    }
+
     /// An attention or MLP branch added to the residual stream (`br.residual`: from, into):
     /// module `m`'s projection of `x`, added in the product's epilogue, or, where the layer has
     /// Gemma's norm after it, kept in `kept` (reported at its `stage`), normed into `b.xn` and
@@ -1565,7 +1856,17 @@ impl Model {
                 enc.copy_buffer_to_buffer(from, 0, into, 0, (t * h * 4) as u64);
             }
         };
-        let io = |y, add_to_y| LinearIo { x: br.x, y, add_to_y, h: br.lora_h, m: t, input: br.input, lora_h_at: None };
+        let rows_lora = b.rows.map(|r| r.lora);
+        let io = |y, add_to_y| LinearIo {
+            x: br.x,
+            y,
+            add_to_y,
+            h: br.lora_h,
+            m: t,
+            input: br.input,
+            lora_h_at: None,
+            rows_lora,
+        };
         let Some(w) = br.post_norm else {
             start_residual(enc);
             return self.linear(enc, (l, br.module), lora, io(into, true), drop);

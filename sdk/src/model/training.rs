@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::launch::{self, AttentionGrads, AttentionIo, AttentionShape, DyCols, OutCols, RopeShape, Weight};
+use crate::gpu::launch::{self, AttentionGrads, AttentionIo, DyCols, OutCols, RopeShape, Weight};
 use crate::gpu::{BindGroups, Encoder};
 use crate::lora::{GpuAdapter, Module};
 use crate::model::config::ModelConfig;
@@ -826,19 +826,6 @@ impl Model {
         }
     }
 
-    fn attention_shape(&self, t: usize) -> AttentionShape {
-        let c = &self.config;
-        AttentionShape {
-            n_tokens: t,
-            n_heads: c.num_heads,
-            n_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            pos_offset: 0,
-            scale: c.query_scale,
-            softcap: c.attn_softcap,
-        }
-    }
-
     /// Layer l's forward through [`Model::block_forward`], its activations in `a`; with `save`,
     /// each is also stored as f16 as soon as it is written.
     #[allow(clippy::too_many_arguments)]
@@ -879,6 +866,7 @@ impl Model {
             positions: &ws.positions,
             key_start: ws.key_start_of(&self.config, l),
             kv_cache: None,
+            rows: None,
         };
         // The activations complete at `stage`, stored as f16 before anything reads or
         // overwrites them.
@@ -1369,7 +1357,7 @@ impl Model {
         let key_start = ws.key_start_of(c, l);
         let fwd = AttentionIo { q: &a.q, k: &a.k, v: &a.v, key_start, out: &a.att, stats: &a.stats };
         let b = AttentionGrads { fwd, dout: &ws.d_att, dq: &ws.dq, dk: &ws.dk, dv: &ws.dv };
-        launch::attention_backward(ctx, enc, b, self.attention_shape(t))?;
+        launch::attention_backward(ctx, enc, b, self.attention_shape(t, 0))?;
         launch::rope_backward(ctx, enc, [&ws.dq, &ws.dk], self.rope_table(l), self.rope_shape(ws, t))?;
         // Through Qwen3's per-head norms (their weights frozen), both in one dispatch: the
         // backward adds into its output, so each starts from zero.
