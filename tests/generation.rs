@@ -260,3 +260,73 @@ fn resident_adapters_answer_in_alternation_as_each_alone_without_uploads() {
     assert!(s.drop_adapter("a") && !s.drop_adapter("a"));
     assert!(s.generate_with(Some("a"), prompt, &opts, |_| true).is_err());
 }
+
+/// Several users at once: `Session::generate_many` with two resident adapters and the base
+/// model across four requests gives each request what `generate_with` gives it alone, greedily
+/// and with seeded top-k sampling (each request draws from its own generator), while the steps
+/// decode the requests still going in one pass. Streamed pieces add up to each request's text;
+/// a callback returning false ends only its own request. Refused: an unknown adapter name and
+/// an empty prompt, naming the request.
+#[test]
+fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
+    use edgetune::lora::{Adapter, LoraConfig};
+    let mut s = session(128);
+    let make = |r: usize, seed: u64| {
+        let mut a = Adapter::new(&s.model.config, LoraConfig { r, seed, ..Default::default() }).expect("adapter");
+        for (i, slot) in a.layout.slots.clone().iter().enumerate() {
+            let b = common::rand(slot.n_out * r, seed * 100 + i as u64, 0.2);
+            a.params[slot.b..slot.b + b.len()].copy_from_slice(&b);
+        }
+        a
+    };
+    let (a, b) = (make(4, 1), make(8, 2));
+    s.keep_adapter("a", &a).expect("keep a");
+    s.keep_adapter("b", &b).expect("keep b");
+    let requests = [
+        (Some("a"), "Paris is the capital of"),
+        (None, "The cat"),
+        (Some("b"), "Once upon a time there was"),
+        (Some("a"), "One, two,"),
+    ];
+    for opts in [
+        GenerateOptions { max_new_tokens: 7, ..Default::default() },
+        GenerateOptions { max_new_tokens: 7, temperature: 0.8, top_k: 20, seed: 5, ..Default::default() },
+    ] {
+        let alone: Vec<_> =
+            requests.iter().map(|&(a, p)| s.generate_with(a, p, &opts, |_| true).expect("alone")).collect();
+        assert_ne!(alone[0].token_ids, alone[3].token_ids, "different prompts must differ, or this tests little");
+        let mut pieces = vec![String::new(); requests.len()];
+        let together = s
+            .generate_many(&requests, &opts, |i, piece| {
+                pieces[i].push_str(piece);
+                true
+            })
+            .expect("together");
+        for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+            assert_eq!(t.token_ids, a.token_ids, "request {i} with {opts:?}");
+            assert_eq!(
+                (&t.text, t.stop_reason, t.prompt_tokens),
+                (&a.text, a.stop_reason, a.prompt_tokens),
+                "request {i}"
+            );
+            assert_eq!(pieces[i], t.text, "request {i}: streamed pieces");
+        }
+    }
+    // Request 2 stops itself after its first piece; the others run to the limit.
+    let opts = GenerateOptions { max_new_tokens: 5, ..Default::default() };
+    let out = s.generate_many(&requests, &opts, |i, _| i != 2).expect("callback stop");
+    let reasons: Vec<StopReason> = out.iter().map(|g| g.stop_reason).collect();
+    assert_eq!(reasons[2], StopReason::Callback, "{reasons:?}");
+    let stopped = s.generate_with(requests[2].0, requests[2].1, &opts, |_| false).expect("alone, stopped");
+    assert_eq!((&out[2].token_ids, &out[2].text), (&stopped.token_ids, &stopped.text));
+    for i in [0, 1, 3] {
+        assert_eq!(
+            out[i].token_ids,
+            s.generate_with(requests[i].0, requests[i].1, &opts, |_| true).expect("alone").token_ids
+        );
+    }
+    let e = s.generate_many(&[(None, "hi"), (Some("c"), "hi")], &opts, |_, _| true).expect_err("unknown name");
+    assert!(e.to_string().contains("`c`"), "{e}");
+    let e = s.generate_many(&[(None, "hi"), (None, "")], &opts, |_, _| true).expect_err("empty prompt");
+    assert!(e.to_string().contains("request 1"), "{e}");
+}

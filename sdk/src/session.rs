@@ -125,6 +125,41 @@ impl Session {
         self.generate_on(self.resident(adapter)?, prompt, opts, on_text)
     }
 
+    /// Generates a continuation of several prompts at once, each with the resident adapter it
+    /// names ([`Session::keep_adapter`]) or the base model for `None`: each gets what
+    /// [`Session::generate_with`] gives it alone, and the steps decode one token of every
+    /// sequence in one pass ([`infer::generate_rows`]), so serving several users costs little
+    /// more than serving one. `on_text` gets each new piece of text with its request's index;
+    /// returning `false` ends that request.
+    pub fn generate_many(
+        &self,
+        requests: &[(Option<&str>, &str)],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<Generated>> {
+        let mut names: Vec<&str> = Vec::new();
+        let mut adapters: Vec<&GpuAdapter> = Vec::new();
+        let mut prompts = Vec::with_capacity(requests.len());
+        let mut chosen = Vec::with_capacity(requests.len());
+        for (i, &(name, prompt)) in requests.iter().enumerate() {
+            if prompt.is_empty() {
+                return Err(Error::invalid("prompt", format!("request {i} is empty")));
+            }
+            prompts.push(self.tokenizer.encode_prompt(prompt)?);
+            chosen.push(match (name, self.resident(name)?) {
+                (Some(n), Some(a)) => Some(names.iter().position(|&k| k == n).unwrap_or_else(|| {
+                    names.push(n);
+                    adapters.push(a);
+                    adapters.len() - 1
+                })),
+                _ => None,
+            });
+        }
+        let rows: Vec<infer::RowRequest<'_>> =
+            prompts.iter().zip(chosen).map(|(p, adapter)| infer::RowRequest { prompt_ids: p, adapter }).collect();
+        infer::generate_rows(&self.model, &adapters, &self.tokenizer, &rows, opts, on_text)
+    }
+
     fn generate_on(
         &self,
         lora: Option<&GpuAdapter>,

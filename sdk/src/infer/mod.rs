@@ -155,8 +155,6 @@ pub fn generate(
     if prompt_ids.is_empty() {
         return Err(Error::invalid("prompt", "is empty"));
     }
-    let mut eos: Vec<u32> = tokenizer.eos_ids.clone();
-    eos.extend(&model.config.eos_token_ids);
     let mut rng = Rng::new(opts.seed);
     let mut cache = model.new_cache()?;
     if prompt_ids.len() >= cache.capacity {
@@ -177,19 +175,53 @@ pub fn generate(
         }
     };
     let mut next = pick(prompt_ids, &mut cache, &mut rng)?;
-    let mut out: Vec<u32> = Vec::new();
-    let mut text = String::new();
+    let mut stream = Stream::new(model, tokenizer, prompt_ids.len());
     let stop_reason = loop {
-        if out.len() >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
+        if let Some(reason) = stream.take(next, opts, &mut on_text)? {
+            break reason;
         }
-        if eos.contains(&next) {
-            break StopReason::Eos;
+        if cache.len >= cache.capacity {
+            break StopReason::ContextFull;
         }
-        out.push(next);
+        next = pick(&[next], &mut cache, &mut rng)?;
+    };
+    Ok(stream.finish(stop_reason))
+}
+
+/// One sequence's continuation as its tokens come ([`generate`], [`generate_rows`]).
+struct Stream<'a> {
+    tokenizer: &'a Tokenizer,
+    eos: Vec<u32>,
+    out: Vec<u32>,
+    text: String,
+    prompt_tokens: usize,
+}
+
+impl<'a> Stream<'a> {
+    fn new(model: &Model, tokenizer: &'a Tokenizer, prompt_tokens: usize) -> Self {
+        let mut eos: Vec<u32> = tokenizer.eos_ids.clone();
+        eos.extend(&model.config.eos_token_ids);
+        Stream { tokenizer, eos, out: Vec::new(), text: String::new(), prompt_tokens }
+    }
+
+    /// Takes the token picked next, calling `on_text` with the text it completes; returns why
+    /// generation ends, if it does here.
+    fn take(
+        &mut self,
+        next: u32,
+        opts: &GenerateOptions,
+        on_text: &mut impl FnMut(&str) -> bool,
+    ) -> Result<Option<StopReason>> {
+        if self.out.len() >= opts.max_new_tokens {
+            return Ok(Some(StopReason::MaxTokens));
+        }
+        if self.eos.contains(&next) {
+            return Ok(Some(StopReason::Eos));
+        }
+        self.out.push(next);
         // Decode the whole continuation and emit what is new, so multi-byte characters split
         // across tokens come out whole.
-        let full = tokenizer.decode(&out)?;
+        let full = self.tokenizer.decode(&self.out)?;
         let mut stop_hit = false;
         let mut visible = full.clone();
         for s in &opts.stop {
@@ -198,20 +230,112 @@ pub fn generate(
                 stop_hit = true;
             }
         }
+        let text = &self.text;
         if visible.len() > text.len() && visible.is_char_boundary(text.len()) && !visible.ends_with('\u{FFFD}') {
             let piece = visible[text.len()..].to_string();
-            text = visible;
+            self.text = visible;
             if !on_text(&piece) {
-                break StopReason::Callback;
+                return Ok(Some(StopReason::Callback));
             }
         }
-        if stop_hit {
-            break StopReason::StopString;
+        Ok(stop_hit.then_some(StopReason::StopString))
+    }
+
+    fn finish(self, stop_reason: StopReason) -> Generated {
+        Generated { text: self.text, token_ids: self.out, prompt_tokens: self.prompt_tokens, stop_reason }
+    }
+}
+
+/// One sequence of [`generate_rows`]: its prompt and its adapter (an index into the adapters
+/// given; `None` for the base model).
+#[derive(Debug, Clone, Copy)]
+pub struct RowRequest<'a> {
+    /// Prompt token ids.
+    pub prompt_ids: &'a [u32],
+    /// Its adapter among those given.
+    pub adapter: Option<usize>,
+}
+
+/// Generates a continuation of several prompts at once, each with its own adapter among
+/// `adapters` (or none): every prompt runs alone with its adapter, then each step decodes one
+/// token of every sequence not yet ended in one pass ([`Model::decode_rows`]: the base model's
+/// products read its weights once for all of them). Each sequence samples with its own
+/// generator seeded by `opts.seed` and stops on its own, so it gets what [`generate`] gives it
+/// alone (up to the order of the sums). `on_text` gets each new piece of text with its
+/// sequence's index; returning `false` ends that sequence. Refused: more sequences than
+/// [`Model::rows_decoder`] takes at once.
+pub fn generate_rows(
+    model: &Model,
+    adapters: &[&GpuAdapter],
+    tokenizer: &Tokenizer,
+    requests: &[RowRequest<'_>],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(usize, &str) -> bool,
+) -> Result<Vec<Generated>> {
+    opts.validate()?;
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let lora = |i: usize| -> Result<Option<&GpuAdapter>> {
+        match requests[i].adapter {
+            None => Ok(None),
+            Some(a) => adapters.get(a).copied().map(Some).ok_or_else(|| {
+                Error::invalid("adapter", format!("request {i} names adapter {a}, of {} given", adapters.len()))
+            }),
         }
-        if cache.len >= cache.capacity {
-            break StopReason::ContextFull;
-        }
-        next = pick(&[next], &mut cache, &mut rng)?;
     };
-    Ok(Generated { text, token_ids: out, prompt_tokens: prompt_ids.len(), stop_reason })
+    let set = crate::lora::GpuAdapterSet::new(&model.ctx, adapters)?;
+    let mut decoder = model.rows_decoder(requests.len(), set.max_rank())?;
+    let (mut caches, mut streams, mut rngs, mut next) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, r) in requests.iter().enumerate() {
+        let lora = lora(i)?;
+        if r.prompt_ids.is_empty() {
+            return Err(Error::invalid("prompt", format!("request {i} is empty")));
+        }
+        let mut cache = model.new_cache()?;
+        if r.prompt_ids.len() >= cache.capacity {
+            return Err(Error::invalid(
+                "prompt",
+                format!("request {i}: {} tokens do not fit the context of {}", r.prompt_ids.len(), cache.capacity),
+            ));
+        }
+        let mut rng = Rng::new(opts.seed);
+        next.push(sample(&model.next_logits_with(r.prompt_ids, &mut cache, lora)?, opts, &mut rng));
+        caches.push(cache);
+        rngs.push(rng);
+        streams.push(Stream::new(model, tokenizer, r.prompt_ids.len()));
+    }
+    let mut ended: Vec<Option<StopReason>> = vec![None; requests.len()];
+    let vocab = model.config.vocab_size;
+    loop {
+        for (i, stream) in streams.iter_mut().enumerate() {
+            if ended[i].is_none() {
+                ended[i] = stream.take(next[i], opts, &mut |piece| on_text(i, piece))?;
+                if ended[i].is_none() && caches[i].len >= caches[i].capacity {
+                    ended[i] = Some(StopReason::ContextFull);
+                }
+            }
+        }
+        let going: Vec<usize> = (0..requests.len()).filter(|&i| ended[i].is_none()).collect();
+        if going.is_empty() {
+            break;
+        }
+        let logits = {
+            let mut rows: Vec<crate::model::llama::DecodeRow<'_>> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| ended[*i].is_none())
+                .map(|(i, cache)| crate::model::llama::DecodeRow {
+                    cache,
+                    adapter: requests[i].adapter,
+                    token: next[i],
+                })
+                .collect();
+            model.decode_rows(&mut decoder, &set, &mut rows)?
+        };
+        for (row, &i) in going.iter().enumerate() {
+            next[i] = sample(&logits[row * vocab..(row + 1) * vocab], opts, &mut rngs[i]);
+        }
+    }
+    Ok(streams.into_iter().zip(ended).map(|(s, e)| s.finish(e.unwrap_or(StopReason::MaxTokens))).collect())
 }

@@ -141,7 +141,7 @@ pub struct LoraRow {
 }
 
 /// Gathered LoRA: each row t of x (rows, n_in) through its own adapter,
-/// y[t] += scale_t (x[t] A_t^T) B_t^T, y (rows, n_out).
+/// `y[t] += scale_t (x[t] A_t^T) B_t^T`, y (rows, n_out).
 pub fn lora_rows_forward(x: &[f32], w: &[f32], rows: &[LoraRow], (n_in, n_out): (usize, usize), y: &mut [f32]) {
     for (t, r) in rows.iter().enumerate() {
         let xt = &x[t * n_in..(t + 1) * n_in];

@@ -1120,7 +1120,7 @@ pub struct LoraRows<'a> {
     pub n_out: usize,
 }
 
-/// Gathered LoRA (`lora_rows.wgsl`): y[t] += scale_t (x[t] A_t^T) B_t^T, each row t through its
+/// Gathered LoRA (`lora_rows.wgsl`): `y[t] += scale_t (x[t] A_t^T) B_t^T`, each row t through its
 /// own adapter's slices as the table gives them; two dispatches, the A product into h, then the
 /// B product added to y.
 pub fn lora_rows_forward(ctx: &GpuContext, enc: &mut Encoder, l: LoraRows<'_>) -> Result<()> {
