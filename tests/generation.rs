@@ -265,8 +265,9 @@ fn resident_adapters_answer_in_alternation_as_each_alone_without_uploads() {
 /// model across four requests gives each request what `generate_with` gives it alone, greedily
 /// and with seeded top-k sampling (each request draws from its own generator), while the steps
 /// decode the requests still going in one pass. Streamed pieces add up to each request's text;
-/// a callback returning false ends only its own request. Refused: an unknown adapter name and
-/// an empty prompt, naming the request.
+/// a callback returning false ends only its own request; `chat_many` answers conversations as
+/// `chat_with` does. Refused: an unknown adapter name, an empty prompt and a conversation
+/// without messages, naming the request.
 #[test]
 fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
     use edgetune::lora::{Adapter, LoraConfig};
@@ -325,6 +326,17 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
             s.generate_with(requests[i].0, requests[i].1, &opts, |_| true).expect("alone").token_ids
         );
     }
+    // Conversations, rendered with the chat template, as chat_with answers each alone.
+    let (hi, cat) =
+        ([Message::new("user", "Hi")], [Message::new("system", "Be brief."), Message::new("user", "Cats?")]);
+    let chats: [(Option<&str>, &[Message]); 3] = [(Some("b"), &hi), (None, &cat), (Some("a"), &cat)];
+    let many = s.chat_many(&chats, &opts, |_, _| true).expect("chat many");
+    for (i, (g, &(name, messages))) in many.iter().zip(&chats).enumerate() {
+        let alone = s.chat_with(name, messages, &opts, |_| true).expect("chat alone");
+        assert_eq!((&g.token_ids, g.prompt_tokens), (&alone.token_ids, alone.prompt_tokens), "conversation {i}");
+    }
+    let e = s.chat_many(&[(None, &hi), (None, &[])], &opts, |_, _| true).expect_err("no messages");
+    assert!(e.to_string().contains("request 1"), "{e}");
     let e = s.generate_many(&[(None, "hi"), (Some("c"), "hi")], &opts, |_, _| true).expect_err("unknown name");
     assert!(e.to_string().contains("`c`"), "{e}");
     let e = s.generate_many(&[(None, "hi"), (None, "")], &opts, |_, _| true).expect_err("empty prompt");

@@ -137,26 +137,58 @@ impl Session {
         opts: &GenerateOptions,
         on_text: impl FnMut(usize, &str) -> bool,
     ) -> Result<Vec<Generated>> {
-        let mut names: Vec<&str> = Vec::new();
-        let mut adapters: Vec<&GpuAdapter> = Vec::new();
         let mut prompts = Vec::with_capacity(requests.len());
-        let mut chosen = Vec::with_capacity(requests.len());
         for (i, &(name, prompt)) in requests.iter().enumerate() {
             if prompt.is_empty() {
                 return Err(Error::invalid("prompt", format!("request {i} is empty")));
             }
-            prompts.push(self.tokenizer.encode_prompt(prompt)?);
-            chosen.push(match (name, self.resident(name)?) {
-                (Some(n), Some(a)) => Some(names.iter().position(|&k| k == n).unwrap_or_else(|| {
+            prompts.push((name, self.tokenizer.encode_prompt(prompt)?));
+        }
+        self.generate_rows(&prompts, opts, on_text)
+    }
+
+    /// [`Session::generate_many`] for conversations: each request's messages rendered with the
+    /// chat template and its generation prompt, answered as [`Session::chat_with`] answers them
+    /// alone.
+    pub fn chat_many(
+        &self,
+        requests: &[(Option<&str>, &[Message])],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<Generated>> {
+        let mut prompts = Vec::with_capacity(requests.len());
+        for (i, &(name, messages)) in requests.iter().enumerate() {
+            if messages.is_empty() {
+                return Err(Error::invalid("messages", format!("request {i} has none")));
+            }
+            let text = self.tokenizer.apply_chat_template(messages, true)?;
+            prompts.push((name, self.tokenizer.encode(&text)?));
+        }
+        self.generate_rows(&prompts, opts, on_text)
+    }
+
+    /// Several requests' token ids, each with its resident adapter, through
+    /// [`infer::generate_rows`], each adapter passed once.
+    fn generate_rows(
+        &self,
+        requests: &[(Option<&str>, Vec<u32>)],
+        opts: &GenerateOptions,
+        on_text: impl FnMut(usize, &str) -> bool,
+    ) -> Result<Vec<Generated>> {
+        let mut names: Vec<&str> = Vec::new();
+        let mut adapters: Vec<&GpuAdapter> = Vec::new();
+        let mut rows = Vec::with_capacity(requests.len());
+        for (name, ids) in requests {
+            let adapter = match (name, self.resident(*name)?) {
+                (Some(n), Some(a)) => Some(names.iter().position(|k| k == n).unwrap_or_else(|| {
                     names.push(n);
                     adapters.push(a);
                     adapters.len() - 1
                 })),
                 _ => None,
-            });
+            };
+            rows.push(infer::RowRequest { prompt_ids: ids, adapter });
         }
-        let rows: Vec<infer::RowRequest<'_>> =
-            prompts.iter().zip(chosen).map(|(p, adapter)| infer::RowRequest { prompt_ids: p, adapter }).collect();
         infer::generate_rows(&self.model, &adapters, &self.tokenizer, &rows, opts, on_text)
     }
 
