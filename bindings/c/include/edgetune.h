@@ -185,6 +185,12 @@ typedef struct edgetune_trainer edgetune_trainer;
 typedef int32_t (*edgetune_token_callback)(void *userdata, const char *piece);
 
 /**
+ * Receives the text of one of several requests piece by piece (`edgetune_generate_many`): the
+ * request's index in the list and the piece; return 0 to end that request, non-zero to go on.
+ */
+typedef int32_t (*edgetune_request_callback)(void *userdata, size_t request, const char *piece);
+
+/**
  * A training event. Fields a kind does not set are 0 (NaN for `val_loss`, `perplexity`,
  * `best_val_loss` and the rewards). `message` is NULL or a string valid during the callback
  * only. The rewards are DPO's (TRL's `rewards/chosen` and so on), on step events and on
@@ -408,6 +414,33 @@ enum edgetune_status edgetune_generate(const struct edgetune_model *model,
                                        edgetune_token_callback on_token,
                                        void *userdata,
                                        char **out_text);
+
+/**
+ * Generates for several requests at once, each with the resident adapter it names (see
+ * `edgetune_model_keep_adapter`) or the base model: each request gets what
+ * `edgetune_generate` with `"adapter"` gives it alone, and each step decodes one token of
+ * every request still going in one pass, so serving several users costs little more than
+ * serving one.
+ *
+ * `requests_json` is a JSON array of objects `{"prompt": "...", "adapter": "name"}`
+ * (`adapter` may be left out or null for the base model). `options_json` may be NULL or take
+ * `edgetune_generate`'s options for every request (`max_new_tokens`, `temperature`, `top_k`,
+ * `top_p`, `seed`, `stop`, `chat`, `system`; not `adapter`); with a seed each request samples
+ * from its own generator. `on_token` may be NULL; it gets each piece of text with its
+ * request's index, and returning 0 from it ends that request only. `*out_results_json`
+ * receives a JSON array, one object a request in order, `{"text", "token_ids",
+ * "prompt_tokens", "stop_reason"}`, which the caller frees with `edgetune_string_free`.
+ *
+ * # Safety
+ * `model` is a live model, `requests_json` a string, `options_json` NULL or a string,
+ * `out_results_json` writable.
+ */
+enum edgetune_status edgetune_generate_many(const struct edgetune_model *model,
+                                            const char *requests_json,
+                                            const char *options_json,
+                                            edgetune_request_callback on_token,
+                                            void *userdata,
+                                            char **out_results_json);
 
 /**
  * The mean next-token loss of `text` under `model` with its current adapter (its perplexity is

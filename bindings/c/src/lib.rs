@@ -154,6 +154,11 @@ pub type edgetune_event_callback = Option<unsafe extern "C" fn(userdata: *mut c_
 /// Receives generated text piece by piece; return 0 to stop generating, non-zero to go on.
 pub type edgetune_token_callback = Option<unsafe extern "C" fn(userdata: *mut c_void, piece: *const c_char) -> i32>;
 
+/// Receives the text of one of several requests piece by piece (`edgetune_generate_many`): the
+/// request's index in the list and the piece; return 0 to end that request, non-zero to go on.
+pub type edgetune_request_callback =
+    Option<unsafe extern "C" fn(userdata: *mut c_void, request: usize, piece: *const c_char) -> i32>;
+
 /// A GPU context: the adapter and device that models are loaded onto (an opaque handle).
 #[derive(Debug)]
 pub struct edgetune_context {
@@ -850,6 +855,92 @@ pub unsafe extern "C" fn edgetune_generate(
         if let Some(slot) = unsafe { out_text.as_mut() } {
             *slot = CString::new(out.text.replace('\0', " ")).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
         }
+        Ok(())
+    })
+}
+
+/// One request of `edgetune_generate_many`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManyRequest {
+    prompt: String,
+    #[serde(default)]
+    adapter: Option<String>,
+}
+
+/// Generates for several requests at once, each with the resident adapter it names (see
+/// `edgetune_model_keep_adapter`) or the base model: each request gets what
+/// `edgetune_generate` with `"adapter"` gives it alone, and each step decodes one token of
+/// every request still going in one pass, so serving several users costs little more than
+/// serving one.
+///
+/// `requests_json` is a JSON array of objects `{"prompt": "...", "adapter": "name"}`
+/// (`adapter` may be left out or null for the base model). `options_json` may be NULL or take
+/// `edgetune_generate`'s options for every request (`max_new_tokens`, `temperature`, `top_k`,
+/// `top_p`, `seed`, `stop`, `chat`, `system`; not `adapter`); with a seed each request samples
+/// from its own generator. `on_token` may be NULL; it gets each piece of text with its
+/// request's index, and returning 0 from it ends that request only. `*out_results_json`
+/// receives a JSON array, one object a request in order, `{"text", "token_ids",
+/// "prompt_tokens", "stop_reason"}`, which the caller frees with `edgetune_string_free`.
+///
+/// # Safety
+/// `model` is a live model, `requests_json` a string, `options_json` NULL or a string,
+/// `out_results_json` writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_generate_many(
+    model: *const edgetune_model,
+    requests_json: *const c_char,
+    options_json: *const c_char,
+    on_token: edgetune_request_callback,
+    userdata: *mut c_void,
+    out_results_json: *mut *mut c_char,
+) -> edgetune_status {
+    guard(|| {
+        let out = unsafe { out_ptr(out_results_json, "out_results_json") }?;
+        let model = MODELS.get(model, "model")?;
+        let requests = unsafe { text(requests_json, "requests_json") }?;
+        let requests: Vec<ManyRequest> = serde_json::from_str(requests).map_err(|e| {
+            Fail::invalid(format!("requests_json: expected a JSON array of {{\"prompt\", \"adapter\"}} objects: {e}"))
+        })?;
+        let GenerateSettings { opts, chat, system, adapter } =
+            generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
+        if adapter.is_some() {
+            return Err(Fail::invalid(
+                "options_json: `adapter` is not taken here; name each request's in requests_json",
+            ));
+        }
+        if system.is_some() && !chat {
+            return Err(Fail::invalid("options_json: `system` needs \"chat\": true"));
+        }
+        let on_text = |request: usize, piece: &str| -> bool {
+            let Some(cb) = on_token else { return true };
+            let Ok(c) = CString::new(piece.replace('\0', " ")) else { return true };
+            // SAFETY: a C callback given by the caller, with its own userdata.
+            unsafe { cb(userdata, request, c.as_ptr()) != 0 }
+        };
+        let session = model.session.hold("model")?;
+        let results = if chat {
+            let conversations: Vec<Vec<Message>> = requests
+                .iter()
+                .map(|r| {
+                    let mut messages = Vec::new();
+                    if let Some(system) = &system {
+                        messages.push(Message::new("system", system.clone()));
+                    }
+                    messages.push(Message::new("user", r.prompt.clone()));
+                    messages
+                })
+                .collect();
+            let list: Vec<(Option<&str>, &[Message])> =
+                requests.iter().zip(&conversations).map(|(r, m)| (r.adapter.as_deref(), m.as_slice())).collect();
+            session.chat_many(&list, &opts, on_text)?
+        } else {
+            let list: Vec<(Option<&str>, &str)> =
+                requests.iter().map(|r| (r.adapter.as_deref(), r.prompt.as_str())).collect();
+            session.generate_many(&list, &opts, on_text)?
+        };
+        let json = serde_json::to_string(&results).map_err(|e| Fail::invalid(e.to_string()))?;
+        *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
         Ok(())
     })
 }

@@ -98,6 +98,18 @@ static int on_token(void *userdata, const char *piece) {
     return 1;
 }
 
+/* Each request's pieces of edgetune_generate_many, appended to its own buffer. */
+typedef struct {
+    char text[2][1024];
+} many_texts;
+static int on_request_token(void *userdata, size_t request, const char *piece) {
+    many_texts *m = userdata;
+    CHECK(request < 2 && piece != NULL);
+    CHECK(strlen(m->text[request]) + strlen(piece) < sizeof m->text[request]);
+    strcat(m->text[request], piece);
+    return 1;
+}
+
 /* No checkpoint by time (600 s by default): under valgrind the steps can take longer than
  * that, and the run below expects its one checkpoint, the one at the end. */
 static const char *CONFIG =
@@ -210,6 +222,22 @@ int main(int argc, char **argv) {
     CHECK(strcmp(applied, by_name) == 0);
     CHECK(edgetune_generate(model, boat, "{\"adapter\": \"nobody\"}", NULL, NULL, NULL) ==
           EDGETUNE_ERROR_INVALID_ARGUMENT);
+    /* Two users at once, one with the adapter and one on the base model: each answer is what
+     * it is alone. */
+    char requests[512], *results = NULL;
+    snprintf(requests, sizeof requests, "[{\"prompt\": \"%s\", \"adapter\": \"tuned\"}, {\"prompt\": \"%s\"}]", boat,
+             boat);
+    many_texts many = {0};
+    OK(edgetune_generate_many(model, requests, "{\"max_new_tokens\": 6, \"chat\": true}", on_request_token, &many,
+                              &results));
+    printf("many: %s\n", results);
+    CHECK(strcmp(many.text[0], by_name) == 0);
+    CHECK(strcmp(many.text[1], before) == 0);
+    CHECK(strstr(results, "\"stop_reason\"") != NULL);
+    edgetune_string_free(results);
+    CHECK(edgetune_generate_many(model, "[{\"prompt\": \"hi\", \"adapter\": \"nobody\"}]", NULL, NULL, NULL,
+                                 &results) == EDGETUNE_ERROR_INVALID_ARGUMENT);
+    CHECK(results == NULL);
     OK(edgetune_model_drop_adapter(model, "tuned"));
     CHECK(edgetune_model_drop_adapter(model, "tuned") == EDGETUNE_ERROR_INVALID_ARGUMENT);
     edgetune_string_free(applied);

@@ -46,6 +46,18 @@ int main(int argc, char **argv) {
           "needs \"chat\": true");
     FAILS(edgetune_generate(model, "Hi", "not json", NULL, NULL, NULL), EDGETUNE_ERROR_INVALID_ARGUMENT,
           "options_json");
+    char *results = NULL;
+    FAILS(edgetune_generate_many(model, NULL, NULL, NULL, NULL, &results), EDGETUNE_ERROR_NULL_ARGUMENT,
+          "`requests_json` is NULL");
+    FAILS(edgetune_generate_many(model, "[{\"prompt\": \"Hi\"}]", NULL, NULL, NULL, NULL),
+          EDGETUNE_ERROR_NULL_ARGUMENT, "`out_results_json` is NULL");
+    FAILS(edgetune_generate_many(model, "[{\"text\": \"Hi\"}]", NULL, NULL, NULL, &results),
+          EDGETUNE_ERROR_INVALID_ARGUMENT, "requests_json");
+    FAILS(edgetune_generate_many(model, "[{\"prompt\": \"\"}]", NULL, NULL, NULL, &results),
+          EDGETUNE_ERROR_INVALID_ARGUMENT, "request 0");
+    FAILS(edgetune_generate_many(model, "[{\"prompt\": \"Hi\"}]", "{\"adapter\": \"x\"}", NULL, NULL, &results),
+          EDGETUNE_ERROR_INVALID_ARGUMENT, "requests_json");
+    CHECK(results == NULL);
     float loss = 0;
     FAILS(edgetune_model_loss(model, "Hi", NULL), EDGETUNE_ERROR_NULL_ARGUMENT, "`out` is NULL");
     const char bad_utf8[] = {'H', (char)0xff, 'i', 0};
