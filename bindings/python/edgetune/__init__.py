@@ -274,6 +274,15 @@ class Context(_Handle):
 _QUANTS = {"nf4": 0, "none": 1, "gguf": 2}
 
 
+def _generate_options(*, chat: bool, stop: Optional[Iterable[str]], **values: Any) -> dict[str, Any]:
+    """The options JSON of ``edgetune_generate`` and ``edgetune_generate_many``: the values given."""
+    options: dict[str, Any] = {"chat": chat}
+    options.update({key: value for key, value in values.items() if value is not None})
+    if stop is not None:
+        options["stop"] = list(stop)
+    return options
+
+
 class Model(_Handle):
     """A model on the GPU with its tokenizer. Use :meth:`load`."""
 
@@ -334,20 +343,17 @@ class Model(_Handle):
         returning ``False`` from it stops generation. An exception it raises stops generation
         and is raised from here.
         """
-        options: dict[str, Any] = {"chat": chat}
-        for key, value in (
-            ("system", system),
-            ("max_new_tokens", max_new_tokens),
-            ("temperature", temperature),
-            ("top_k", top_k),
-            ("top_p", top_p),
-            ("seed", seed),
-            ("adapter", adapter),
-        ):
-            if value is not None:
-                options[key] = value
-        if stop is not None:
-            options["stop"] = list(stop)
+        options = _generate_options(
+            chat=chat,
+            system=system,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            adapter=adapter,
+        )
         raised: list[BaseException] = []
 
         def piece(_userdata, text: bytes) -> int:
@@ -367,6 +373,66 @@ class Model(_Handle):
             raise raised[0]
         _check(status)
         return text
+
+    def generate_many(
+        self,
+        requests: Iterable[Union[str, tuple[Optional[str], str]]],
+        *,
+        chat: bool = False,
+        system: Optional[str] = None,
+        max_new_tokens: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        stop: Optional[Iterable[str]] = None,
+        on_token: Optional[Callable[[int, str], Optional[bool]]] = None,
+    ) -> list[str]:
+        """Generates for several requests at once and returns their texts in order: each
+        request is ``(adapter, prompt)``, ``adapter`` the name of a resident adapter
+        (:meth:`keep_adapter`) or ``None`` for the base model, or just a prompt for the base
+        model. Each text is what :meth:`generate` with that ``adapter`` gives alone; each step
+        decodes one token of every request still going in one pass, so serving several users
+        costs little more than serving one. The options apply to every request (with a seed,
+        each samples from its own generator). ``on_token`` gets each piece of text with its
+        request's index; returning ``False`` ends that request only. An exception it raises
+        stops generation and is raised from here.
+        """
+        listed = []
+        for r in requests:
+            adapter, prompt = (None, r) if isinstance(r, str) else r
+            listed.append({"prompt": prompt, "adapter": adapter})
+        options = _generate_options(
+            chat=chat,
+            system=system,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+        )
+        raised: list[BaseException] = []
+
+        def piece(_userdata, request: int, text: bytes) -> int:
+            if raised:
+                return 0
+            try:
+                return 0 if on_token(request, text.decode("utf-8", "replace")) is False else 1
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the C call
+                raised.append(e)
+                return 0
+
+        callback = _native.REQUEST_CALLBACK(piece if on_token is not None else 0)
+        out = ctypes.c_void_p()
+        status = _lib.edgetune_generate_many(
+            self._handle, _c(json.dumps(listed)), _c(json.dumps(options)), callback, None, ctypes.byref(out)
+        )
+        results = json.loads(_take_string(out)) if out else []
+        if raised:
+            raise raised[0]
+        _check(status)
+        return [r["text"] for r in results]
 
     def stream(self, prompt: str, **options) -> Iterator[str]:
         """Yields the pieces of text as :meth:`generate` decodes them (generation runs on a

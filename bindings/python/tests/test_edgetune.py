@@ -86,6 +86,28 @@ class ModelTest(unittest.TestCase):
         self.assertIsInstance(next(stream), str)
         stream.close()  # stops the worker; must not hang
 
+    def test_several_requests_at_once_get_what_each_gets_alone(self):
+        prompts = ["Hello", "The boat", "A lamp in the"]
+        alone = [self.model.generate(p, max_new_tokens=6, temperature=0.7, seed=3) for p in prompts]
+        pieces = ["", "", ""]
+
+        def collect(i, piece):
+            pieces[i] += piece
+
+        many = self.model.generate_many(prompts, max_new_tokens=6, temperature=0.7, seed=3, on_token=collect)
+        self.assertEqual(many, alone)
+        self.assertEqual(pieces, alone)
+        # A callback returning False ends its own request only.
+        stopped = self.model.generate_many(
+            [(None, p) for p in prompts], max_new_tokens=6, on_token=lambda i, _p: i != 1
+        )
+        self.assertEqual(stopped[0], self.model.generate(prompts[0], max_new_tokens=6))
+        self.assertEqual(stopped[1], self.model.generate(prompts[1], max_new_tokens=6, on_token=lambda _p: False))
+        with self.assertRaises(KeyError):
+            self.model.generate_many(prompts, max_new_tokens=4, on_token=lambda i, p: {}["boom"])
+        with self.assertRaisesRegex(edgetune.EdgetuneError, "no resident adapter named `nobody`"):
+            self.model.generate_many([("nobody", "Hello")])
+
     def test_an_exception_in_the_token_callback_is_raised(self):
         def boom(_piece):
             raise KeyError("from the callback")
@@ -184,6 +206,9 @@ class ModelTest(unittest.TestCase):
             self.assertEqual(self.model.generate(question, chat=True, max_new_tokens=6), plain)
             with self.assertRaisesRegex(edgetune.EdgetuneError, "no resident adapter named `other`"):
                 self.model.generate(question, adapter="other")
+            # Both at once, each as alone.
+            both = self.model.generate_many([("tuned", question), (None, question)], chat=True, max_new_tokens=6)
+            self.assertEqual(both, [with_tuned, plain])
             self.model.drop_adapter("tuned")
             with self.assertRaises(edgetune.EdgetuneError):
                 self.model.drop_adapter("tuned")
@@ -391,6 +416,7 @@ class PackageTest(unittest.TestCase):
         "void": {None},
         "edgetune_token_callback": {_native.TOKEN_CALLBACK},
         "edgetune_event_callback": {_native.EVENT_CALLBACK},
+        "edgetune_request_callback": {_native.REQUEST_CALLBACK},
     }
 
     def expected(self, c_type: str) -> set:
