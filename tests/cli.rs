@@ -1201,3 +1201,38 @@ fn the_kernel_coverage_check_names_the_kernels_no_test_dispatched() {
     assert!(!ok && said.contains("line 2: \"matmul_t256\" is no kernel of this build"), "{said}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `generate` with several prompts and adapters decodes them together (`--rows` at a time,
+/// here 4 of the 6 answers, so a prompt's two answers fall in different groups), printing each
+/// prompt with each adapter's answer in order: each answer is what that prompt alone with that
+/// adapter alone gives.
+#[test]
+fn several_prompts_with_several_adapters_answer_each_as_alone() {
+    let dir = std::env::temp_dir().join(format!("edgetune-cli-many-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let prompts = ["Paris is", "The cat sat", "One, two,"];
+    let file = dir.join("prompts.txt");
+    std::fs::write(&file, prompts.join("\n") + "\n").expect("prompts");
+    let adapters =
+        ["peft_llama_adapter", "export_trl_llama_adapter"].map(|a| common::fixtures().join(a).display().to_string());
+    let model = tiny();
+    let run = |extra: &[&str]| {
+        let mut a = vec!["generate", "--model", &model, "--max-tokens", "5"];
+        a.extend(extra);
+        let out = edgetune(&a);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let mut want = String::new();
+    for p in prompts {
+        want += &format!("> {p}\n");
+        for a in &adapters {
+            want += &format!("[{a}]\n{}", run(&["--prompt", p, "--adapter", a]));
+        }
+        want += "\n";
+    }
+    let f = file.display().to_string();
+    let got = run(&["--prompts-file", &f, "--adapter", &adapters[0], "--adapter", &adapters[1], "--rows", "4"]);
+    assert_eq!(got, want);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -127,6 +127,10 @@ enum Cmd {
         /// Stop when this text is generated (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        /// With several prompts or adapters: how many answers are decoded together, each step
+        /// one token of each in one pass (each with its own KV cache of --max-context tokens).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        rows: u16,
     },
     /// Mean token loss and perplexity: of every token of a text file (--text), or of the
     /// assistant turns of chat records (--data), as training scores them, for the base model and
@@ -422,7 +426,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 (lora.len * 4) as f64 / 1048576.0
             );
         }
-        Cmd::Generate { m, prompt, prompts_file, chat, system, max_tokens, temperature, top_k, top_p, seed, stop } => {
+        Cmd::Generate {
+            m,
+            prompt,
+            prompts_file,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            rows,
+        } => {
             let prompts = match (prompt, prompts_file) {
                 (Some(p), _) => vec![p],
                 (None, Some(file)) => {
@@ -444,39 +461,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let _ = out.flush();
                 true
             };
-            let many = prompts.len() > 1 || resident.len() > 1;
-            // With several adapters, each prompt is answered by each, named before its answer.
+            let messages = |prompt: &str| {
+                let mut msgs = Vec::new();
+                if let Some(sys) = &system {
+                    msgs.push(Message::new("system", sys.clone()));
+                }
+                msgs.push(Message::new("user", prompt.to_string()));
+                msgs
+            };
+            if prompts.len() == 1 && resident.len() < 2 {
+                // One answer, streamed as it is decoded.
+                if chat {
+                    s.chat(&messages(&prompts[0]), &opts, print)?;
+                } else {
+                    print(&prompts[0]);
+                    s.generate(&prompts[0], &opts, print)?;
+                }
+                println!();
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Each prompt answered by each adapter, named before its answer; `rows` answers are
+            // decoded together, each with its own adapter, and printed in order.
             let adapters: Vec<Option<&str>> =
                 if resident.is_empty() { vec![None] } else { resident.iter().map(|n| Some(n.as_str())).collect() };
-            for prompt in prompts {
-                if many {
-                    println!("> {prompt}");
-                }
-                for &adapter in &adapters {
+            let pairs: Vec<(&str, Option<&str>)> =
+                prompts.iter().flat_map(|p| adapters.iter().map(move |&a| (p.as_str(), a))).collect();
+            for (g, group) in pairs.chunks(usize::from(rows)).enumerate() {
+                let answers = if chat {
+                    let convs: Vec<Vec<Message>> = group.iter().map(|(p, _)| messages(p)).collect();
+                    let list: Vec<(Option<&str>, &[Message])> =
+                        group.iter().zip(&convs).map(|(&(_, a), m)| (a, m.as_slice())).collect();
+                    s.chat_many(&list, &opts, |_, _| true)?
+                } else {
+                    let list: Vec<(Option<&str>, &str)> = group.iter().map(|&(p, a)| (a, p)).collect();
+                    s.generate_many(&list, &opts, |_, _| true)?
+                };
+                for (i, (&(prompt, adapter), answer)) in group.iter().zip(&answers).enumerate() {
+                    let at = g * usize::from(rows) + i;
+                    if at % adapters.len() == 0 {
+                        println!("> {prompt}");
+                    }
                     if let Some(name) = adapter {
                         println!("[{name}]");
                     }
-                    if chat {
-                        let mut msgs = Vec::new();
-                        if let Some(sys) = &system {
-                            msgs.push(Message::new("system", sys.clone()));
-                        }
-                        msgs.push(Message::new("user", prompt.clone()));
-                        match adapter {
-                            Some(_) => s.chat_with(adapter, &msgs, &opts, print)?,
-                            None => s.chat(&msgs, &opts, print)?,
-                        };
-                    } else {
-                        print(&prompt);
-                        match adapter {
-                            Some(_) => s.generate_with(adapter, &prompt, &opts, print)?,
-                            None => s.generate(&prompt, &opts, print)?,
-                        };
+                    println!("{}{}", if chat { "" } else { prompt }, answer.text);
+                    if at % adapters.len() == adapters.len() - 1 {
+                        println!();
                     }
-                    println!();
-                }
-                if many {
-                    println!();
                 }
             }
         }
