@@ -476,7 +476,7 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
         let every = moved(LoraConfig { r: 4, seed: 1, ..Default::default() }, 1);
         let names = TargetModules::Names(vec!["o_proj".into(), "down_proj".into()]);
         let some = moved(LoraConfig { r: 8, alpha: 4.0, seed: 2, target_modules: names, ..Default::default() }, 2);
-        let set = GpuAdapterSet::new(&ctx, &[&every, &some]).expect("set");
+        let set = GpuAdapterSet::new(&ctx, &[&every, &some], model.config.num_layers).expect("set");
         let one = [Some(&every), Some(&some)];
         let vocab = model.config.vocab_size;
         let prompts: [Vec<u32>; 4] =

@@ -74,12 +74,83 @@ pub struct ForwardBench {
     pub repeat: usize,
     /// A fresh adapter of this rank applied to every pass (0: none).
     pub lora_rank: usize,
+    /// Sequences also decoded together, each with its own adapter (1: not measured).
+    pub rows: usize,
+}
+
+/// Decoding `rows` sequences of `prompt` tokens, each with its own adapter of rank `rank`
+/// (moved off zero, so that every product runs): `decode_tokens` tokens of each, one sequence
+/// after another as [`edgetune::model::llama::Model::next_argmax_with`] decodes one, then all
+/// together with [`edgetune::model::llama::Model::decode_rows`]. Returns the tokens per second
+/// of each way and the buffers and bind groups a step of the second creates.
+fn rows_decode(
+    model: &edgetune::model::llama::Model,
+    (rows, rank): (usize, usize),
+    prompt: &[u32],
+    decode_tokens: usize,
+) -> Result<(f64, f64, f64)> {
+    use edgetune::lora::{Adapter, GpuAdapter, GpuAdapterSet, LoraConfig};
+    use edgetune::model::llama::DecodeRow;
+    let ctx = &model.ctx;
+    let adapters = (0..rows)
+        .map(|i| {
+            let mut a = Adapter::new(&model.config, LoraConfig { r: rank, seed: i as u64, ..Default::default() })?;
+            a.params.iter_mut().enumerate().for_each(|(j, v)| *v += 1e-3 * ((j % 5) as f32 - 2.0));
+            Ok(GpuAdapter::upload(ctx, &a))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let set = GpuAdapterSet::new(ctx, &adapters.iter().collect::<Vec<_>>(), model.config.num_layers)?;
+    let prefilled = |i: usize| -> Result<_> {
+        let mut cache = model.new_cache()?;
+        let next = model.next_argmax_with(prompt, &mut cache, Some(&adapters[i]))?;
+        Ok((cache, next))
+    };
+    // One after another; each cache's first one-token pass (its buffers) before the clock.
+    let mut alone = (0..rows).map(prefilled).collect::<Result<Vec<_>>>()?;
+    for (i, (cache, next)) in alone.iter_mut().enumerate() {
+        *next = model.next_argmax_with(&[*next], cache, Some(&adapters[i]))?;
+    }
+    let t = Instant::now();
+    for _ in 0..decode_tokens {
+        for (i, (cache, next)) in alone.iter_mut().enumerate() {
+            *next = model.next_argmax_with(&[*next], cache, Some(&adapters[i]))?;
+        }
+    }
+    let alone_s = t.elapsed().as_secs_f64();
+    drop(alone);
+    // Together, as generate_rows decodes them: the logits read back and picked on the CPU.
+    let mut together = (0..rows).map(prefilled).collect::<Result<Vec<_>>>()?;
+    let mut decoder = model.rows_decoder(rows, set.max_rank())?;
+    let v = model.config.vocab_size;
+    let (greedy, mut rng) = (edgetune::infer::GenerateOptions::default(), edgetune::infer::Rng::new(0));
+    let mut step = |together: &mut Vec<(edgetune::model::llama::KvCache, u32)>| -> Result<()> {
+        let mut batch: Vec<DecodeRow<'_>> = together
+            .iter_mut()
+            .enumerate()
+            .map(|(i, (cache, next))| DecodeRow { cache, adapter: Some(i), token: *next })
+            .collect();
+        let logits = model.decode_rows(&mut decoder, &set, &mut batch)?;
+        for (i, (_, next)) in together.iter_mut().enumerate() {
+            *next = edgetune::infer::sample(&logits[i * v..(i + 1) * v], &greedy, &mut rng);
+        }
+        Ok(())
+    };
+    step(&mut together)?;
+    let c0 = ctx.counts();
+    let t = Instant::now();
+    for _ in 0..decode_tokens {
+        step(&mut together)?;
+    }
+    let together_s = t.elapsed().as_secs_f64();
+    let n = (rows * decode_tokens) as f64;
+    let made = ctx.counts() - c0;
+    Ok((n / alone_s, n / together_s, (made.buffers + made.bind_groups) as f64 / decode_tokens as f64))
 }
 
 /// Prefill and decode throughput, GPU memory, and what each decoded token creates.
 pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()> {
     use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
-    let ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank } = *b;
+    let ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank, rows } = *b;
     let loaded = open(m, gpu, m.max_context)?;
     let Loaded { ref ctx, ref model, ref name, load_s } = loaded;
     let adapter = match lora_rank {
@@ -126,6 +197,12 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     let runtime = ctx.runtime_bytes();
     let planned = weights + 2 * kv + act + runtime;
     let per_token = |n: u64| n as f64 / per.1;
+    let rows_rank = lora_rank.max(16);
+    let together = if rows > 1 && decode_tokens > 0 {
+        Some(rows_decode(model, (rows, rows_rank), &ids[..prompt_tokens.clamp(1, 64)], decode_tokens)?)
+    } else {
+        None
+    };
     if m.json {
         let o = with_header(
             &loaded,
@@ -145,6 +222,14 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
                 "bind_groups_created_per_token": per_token(per.0.bind_groups),
                 "submits_per_token": per_token(per.0.submits),
                 "gpu_memory_bytes": { "planned": planned, "driver": peak, "driver_after_load": before },
+                "rows": together.map(|(alone, with, c)| json!({
+                    "sequences": rows,
+                    "lora_rank": rows_rank,
+                    "alone_tokens_per_s": alone,
+                    "together_tokens_per_s": with,
+                    "speedup": with / alone,
+                    "allocations_per_step": c,
+                })),
             }),
         );
         println!("{o}");
@@ -172,6 +257,13 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
             per_token(per.0.buffers),
             per_token(per.0.bind_groups),
             per_token(per.0.submits)
+        );
+    }
+    if let Some((alone, with, c)) = together {
+        println!(
+            "{rows} sequences, each with its own adapter (rank {rows_rank}): {alone:.2} tokens/s one after \
+             another, {with:.2} tokens/s together ({:.2}x); {c} buffers and bind groups created per step",
+            with / alone,
         );
     }
     println!(

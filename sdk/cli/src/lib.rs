@@ -277,6 +277,11 @@ enum Cmd {
         /// merged), as generation with a named adapter runs; 0 for none.
         #[arg(long, default_value_t = 0)]
         lora_rank: usize,
+        /// Also decode this many sequences of up to 64 prompt tokens, each with its own adapter
+        /// (of --lora-rank, at least 16), one after another and then together in one pass a
+        /// token, and compare their tokens/s; 1 for neither.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+        rows: u16,
     },
 }
 
@@ -346,8 +351,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ctx = edgetune::gpu::GpuContext::new(&gpu)?;
             println!("{}", ctx.report);
         }
-        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat, lora_rank } => {
-            bench::forward(&m, &gpu, &bench::ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank })?
+        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat, lora_rank, rows } => {
+            let rows = usize::from(rows);
+            bench::forward(&m, &gpu, &bench::ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank, rows })?
         }
         Cmd::Info { model } => {
             let (cfg, src) = edgetune::model::open_weights(&model)?;

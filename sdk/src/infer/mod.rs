@@ -284,7 +284,7 @@ pub fn generate_rows(
             }),
         }
     };
-    let set = crate::lora::GpuAdapterSet::new(&model.ctx, adapters)?;
+    let set = crate::lora::GpuAdapterSet::new(&model.ctx, adapters, model.config.num_layers)?;
     let mut decoder = model.rows_decoder(requests.len(), set.max_rank())?;
     let (mut caches, mut streams, mut rngs, mut next) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, r) in requests.iter().enumerate() {

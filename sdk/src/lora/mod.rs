@@ -494,48 +494,71 @@ impl GpuAdapter {
 
 /// Several adapters of one base resident at once, for decoding a batch whose sequences each
 /// have their own (gathered LoRA, as S-LoRA and Punica do: see
-/// [`crate::model::llama::Model::decode_rows`]): their A and B matrices copied one after
-/// another into one buffer, so a kernel reads any row's through a table of where each lies.
+/// [`crate::model::llama::Model::decode_rows`]): each decoder layer's A and B matrices of every
+/// member copied one after another into that layer's buffer, so a kernel reads any row's
+/// through a table of where each lies, and no binding holds more than a layer's.
 #[derive(Debug)]
 pub struct GpuAdapterSet {
-    /// Every member's parameters, in the order given.
-    pub params: wgpu::Buffer,
-    /// Each member's layout, first float in `params` and factor of B A.
-    members: Vec<(Layout, usize, f32)>,
+    /// Layer l's matrices of every member, in the order given.
+    pub layers: Vec<wgpu::Buffer>,
+    /// Each member's layout, factor of B A, and for each layer where its matrices start in
+    /// that layer's buffer less where they start in its own buffer.
+    members: Vec<(Layout, f32, Vec<isize>)>,
 }
 
 impl GpuAdapterSet {
-    /// Copies `adapters` (none is allowed: every row then runs the base) into one buffer; their
-    /// own buffers stay as they are. Refused where together they do not fit one binding
-    /// (`max_storage_buffer_binding_size`).
-    pub fn new(ctx: &crate::gpu::GpuContext, adapters: &[&GpuAdapter]) -> Result<Self> {
-        let floats: usize = adapters.iter().map(|a| a.layout.len).sum();
-        let limit = ctx.limits.max_storage_buffer_binding_size;
-        if (floats * 4) as u64 > limit {
-            return Err(Error::invalid(
-                "adapters",
-                format!(
-                    "{} adapters hold {} bytes together, more than the {limit} this GPU binds at once \
-                     (max_storage_buffer_binding_size): decode fewer adapters at a time",
-                    adapters.len(),
-                    floats * 4
-                ),
-            ));
+    /// Copies `adapters` (none is allowed: every row then runs the base) into one buffer a
+    /// decoder layer of `n_layers`; their own buffers stay as they are. Refused where a layer's
+    /// matrices of them all do not fit one binding (`max_storage_buffer_binding_size`), or an
+    /// adapter adapts a layer past `n_layers`.
+    pub fn new(ctx: &crate::gpu::GpuContext, adapters: &[&GpuAdapter], n_layers: usize) -> Result<Self> {
+        // Each member's matrices of each layer: one range of its buffer (slots go by layer).
+        let mut ranges = vec![vec![None::<(usize, usize)>; n_layers]; adapters.len()];
+        for (i, a) in adapters.iter().enumerate() {
+            for s in &a.layout.slots {
+                let end = s.b + s.n_out * a.layout.r;
+                let range = ranges[i].get_mut(s.layer).ok_or_else(|| {
+                    Error::invalid("adapter", format!("adapter {i} adapts layer {}, of a model of {n_layers}", s.layer))
+                })?;
+                *range = Some(range.map_or((s.a, end), |(from, to)| (from.min(s.a), to.max(end))));
+            }
         }
-        let what = format!("{} resident adapters", adapters.len());
-        let params = ctx.allocating(&what, (floats.max(1) * 4) as u64, "decode fewer adapters at a time", || {
-            Ok(ctx.storage_zeroed("resident adapters", floats.max(1)))
-        })?;
+        let limit = ctx.limits.max_storage_buffer_binding_size;
+        let mut layers = Vec::with_capacity(n_layers);
+        let mut members: Vec<(Layout, f32, Vec<isize>)> =
+            adapters.iter().map(|a| (a.layout.clone(), a.scale, vec![0; n_layers])).collect();
         let mut enc = ctx.encoder();
-        let mut members = Vec::with_capacity(adapters.len());
-        let mut at = 0;
-        for a in adapters {
-            enc.copy_buffer_to_buffer(&a.params, 0, &params, (at * 4) as u64, (a.layout.len * 4) as u64);
-            members.push((a.layout.clone(), at, a.scale));
-            at += a.layout.len;
+        for l in 0..n_layers {
+            let floats: usize = ranges.iter().filter_map(|r| r[l]).map(|(from, to)| to - from).sum();
+            if (floats * 4) as u64 > limit {
+                return Err(Error::invalid(
+                    "adapters",
+                    format!(
+                        "{} adapters hold {} bytes in layer {l}, more than the {limit} this GPU binds at once \
+                         (max_storage_buffer_binding_size): decode fewer adapters at a time",
+                        adapters.len(),
+                        floats * 4
+                    ),
+                ));
+            }
+            let what = format!("layer {l} of {} resident adapters", adapters.len());
+            let buffer =
+                ctx.allocating(&what, (floats.max(1) * 4) as u64, "decode fewer adapters at a time", || {
+                    Ok(ctx.storage_zeroed("resident adapters", floats.max(1)))
+                })?;
+            let mut at = 0;
+            for (i, a) in adapters.iter().enumerate() {
+                if let Some((from, to)) = ranges[i][l] {
+                    let bytes = ((to - from) * 4) as u64;
+                    enc.copy_buffer_to_buffer(&a.params, (from * 4) as u64, &buffer, (at * 4) as u64, bytes);
+                    members[i].2[l] = at as isize - from as isize;
+                    at += to - from;
+                }
+            }
+            layers.push(buffer);
         }
         ctx.submit([enc.finish()]);
-        Ok(GpuAdapterSet { params, members })
+        Ok(GpuAdapterSet { layers, members })
     }
 
     /// How many adapters it holds.
@@ -560,10 +583,11 @@ impl GpuAdapterSet {
 
     /// The table that `lora_rows.wgsl` reads for a batch whose row t runs adapter `rows[t]`
     /// (`None`: the base): for each layer, each module of [`Module::ALL`] and each row, the
-    /// words (A's first float, B's first float, rank, scale bits), rank 0 where the row's
-    /// adapter leaves the module out. Module m of layer l starts at entry
+    /// words (A's first float, B's first float in the layer's buffer, rank, scale bits), rank 0
+    /// where the row's adapter leaves the module out. Module m of layer l starts at entry
     /// `(l * 7 + m.index()) * rows.len()`.
-    pub fn table(&self, rows: &[Option<usize>], n_layers: usize) -> Result<Vec<u32>> {
+    pub fn table(&self, rows: &[Option<usize>]) -> Result<Vec<u32>> {
+        let n_layers = self.layers.len();
         if let Some(bad) = rows.iter().flatten().find(|&&i| i >= self.members.len()) {
             return Err(Error::invalid("adapter", format!("index {bad}, of {} resident adapters", self.members.len())));
         }
@@ -573,12 +597,13 @@ impl GpuAdapterSet {
             for m in Module::ALL {
                 for row in rows {
                     let slot = row.and_then(|i| {
-                        let (layout, at, scale) = &self.members[i];
-                        layout.slot(l, m).map(|s| (s, layout.r, *at, *scale))
+                        let (layout, scale, shift) = &self.members[i];
+                        layout.slot(l, m).map(|s| (s, layout.r, shift[l], *scale))
                     });
                     match slot {
-                        Some((s, r, at, scale)) => {
-                            out.extend([word(at + s.a)?, word(at + s.b)?, word(r)?, scale.to_bits()])
+                        Some((s, r, shift, scale)) => {
+                            let at = |v: usize| word(v.wrapping_add_signed(shift));
+                            out.extend([at(s.a)?, at(s.b)?, word(r)?, scale.to_bits()])
                         }
                         None => out.extend([0, 0, 0, 0]),
                     }

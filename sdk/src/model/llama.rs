@@ -384,7 +384,8 @@ struct RowKv<'a> {
 /// each row's slices ([`GpuAdapterSet::table`]) and h's row width (the largest rank).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowsLora<'a> {
-    params: &'a wgpu::Buffer,
+    /// Each layer's matrices of every resident adapter.
+    layers: &'a [wgpu::Buffer],
     table: &'a wgpu::Buffer,
     h_stride: usize,
     rows: usize,
@@ -532,6 +533,8 @@ pub struct RowsDecoder {
     no_window: wgpu::Buffer,
     table: wgpu::Buffer,
     logits: wgpu::Buffer,
+    /// Where the logits are read back through (more than the context's own staging holds).
+    staging: wgpu::Buffer,
     /// The adapters of the rows that the table was last written for.
     table_rows: Option<Vec<Option<usize>>>,
     max_rank: usize,
@@ -1143,7 +1146,9 @@ impl Model {
         let rank = max_rank.max(1);
         let (qd, heads) = (c.num_heads * c.head_dim, c.num_heads);
         let planned = self.activation_bytes(max_rows, max_rows, rank)
-            + (max_rows * (2 * qd + 2 * heads + 1) + Module::ALL.len() * c.num_layers * max_rows * 4) as u64 * 4;
+            + (max_rows * (2 * qd + 2 * heads + 1 + c.vocab_size) + Module::ALL.len() * c.num_layers * max_rows * 4)
+                as u64
+                * 4;
         let ctx = &self.ctx;
         ctx.allocating(&format!("decoding {max_rows} sequences at once"), planned, ACTIVATION_ADVICE, || {
             Ok(RowsDecoder {
@@ -1159,6 +1164,7 @@ impl Model {
                 no_window: ctx.storage_zeroed("no window", 1),
                 table: ctx.storage_zeroed("row adapters", Module::ALL.len() * c.num_layers * max_rows * 4),
                 logits: ctx.storage_zeroed("row logits", max_rows * c.vocab_size),
+                staging: ctx.staging("row logits readback", (max_rows * c.vocab_size * 4) as u64),
                 table_rows: None,
                 max_rank: rank,
                 binds: BindGroups::new(),
@@ -1234,7 +1240,7 @@ impl Model {
         }
         let chosen: Vec<Option<usize>> = rows.iter().map(|r| r.adapter).collect();
         if decoder.table_rows.as_ref() != Some(&chosen) {
-            let table = adapters.table(&chosen, c.num_layers)?;
+            let table = adapters.table(&chosen)?;
             ctx.queue.write_buffer(&decoder.table, 0, bytemuck::cast_slice(&table));
             decoder.table_rows = Some(chosen);
         }
@@ -1255,7 +1261,7 @@ impl Model {
                 .zip(&decoder.rows)
                 .map(|(r, scratch)| RowKv { k: &r.cache.k, v: &r.cache.v, len: r.cache.len, scratch })
                 .collect(),
-            lora: RowsLora { params: &adapters.params, table: &decoder.table, h_stride: decoder.max_rank, rows: t },
+            lora: RowsLora { layers: &adapters.layers, table: &decoder.table, h_stride: decoder.max_rank, rows: t },
             no_window: &decoder.no_window,
         };
         let mut enc = ctx.encoder_with(&decoder.binds).whole();
@@ -1265,7 +1271,11 @@ impl Model {
         for r in rows.iter_mut() {
             r.cache.len += 1;
         }
-        ctx.read_f32_after(enc, &decoder.logits, t * c.vocab_size)
+        ctx.check()?;
+        let bytes = (t * c.vocab_size * 4) as u64;
+        enc.copy_buffer_to_buffer(&decoder.logits, 0, &decoder.staging, 0, bytes);
+        let words = ctx.finish_read(ctx.submit_and_map(enc, &decoder.staging, bytes))?;
+        Ok(words.into_iter().map(f32::from_bits).collect())
     }
 
     /// Activation buffers for a pass of `t` tokens with LoRA rank up to `rank`, `ids` uploaded.
@@ -1332,7 +1342,7 @@ impl Model {
             }
             let table_row = (layer * Module::ALL.len() + module.index()) * m;
             let (n_in, n_out) = (l.n_in, l.n_out);
-            let (w, table, h_stride) = (r.params, r.table, r.h_stride);
+            let (w, table, h_stride) = (&r.layers[layer], r.table, r.h_stride);
             let rows = launch::LoraRows { x, w, table, table_row, h, h_stride, y, rows: m, n_in, n_out };
             return launch::lora_rows_forward(ctx, enc, rows);
         }
