@@ -100,9 +100,11 @@ for shape in $shapes; do
   done
   run "$shape: edgetune bench" 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 \
     --repeat 3 --max-context 512 --json >>"$out/edgetune.jsonl"
-  # The same with a fresh adapter applied (not merged), as generation with a named adapter runs.
-  run "$shape: edgetune bench, LoRA r $rank applied" 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 \
-    --decode-tokens 32 --repeat 1 --max-context 512 --lora-rank "$rank" --json >>"$out/edgetune.jsonl"
+  # The same with a fresh adapter applied (not merged), as generation with a named adapter runs;
+  # then 8 sequences, each with its own adapter, decoded one after another and together.
+  run "$shape: edgetune bench, LoRA r $rank applied, 8 rows" 200 "$bin" bench --random-weights "$shape" \
+    --prompt-tokens 128 --decode-tokens 32 --repeat 1 --max-context 512 --lora-rank "$rank" --rows 8 --json \
+    >>"$out/edgetune.jsonl"
   # Decoding over a long cache, with split-key attention and without (EDGETUNE_SPLIT_KEYS_BELOW=0).
   for below in "" 0; do
     EDGETUNE_SPLIT_KEYS_BELOW="$below" run "$shape: edgetune bench, 2048-token cache, split keys below ${below:-default}" \

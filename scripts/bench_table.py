@@ -92,6 +92,16 @@ def main():
               f"{o['dispatches_per_token']:.0f} | {o['allocations_per_token']:.0f} | "
               f"{fmt(t['prefill_tokens_per_s'] if t else None)} | {fmt(t['decode_tokens_per_s'] if t else None)} | "
               f"{fmt(ratio, 3)} |")
+    print()
+    print("| shape | sequences, each with its own adapter | LoRA rank | tokens/s one after another | "
+          "tokens/s together | together / one after another | allocations/step |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for o in ours:
+        r = o.get("rows")
+        if not r:
+            continue
+        print(f"| {o['shape']} | {r['sequences']} | {r['lora_rank']} | {fmt(r['alone_tokens_per_s'])} | "
+              f"{fmt(r['together_tokens_per_s'])} | {fmt(r['speedup'], 2)} | {r['allocations_per_step']:.0f} |")
     profile_table(folder)
 
 

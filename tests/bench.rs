@@ -269,6 +269,10 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     assert_eq!((rows(&picked), rows(&all), rows(forced)), (2, 2, 2), "checkpointing on and off each: {table}");
     assert_eq!(table.matches("Profiled step").count(), 3, "{table}");
     assert_eq!(table.lines().filter(|l| l.contains(" | 2048 | ")).count(), 2, "{table}");
+    // The 8 sequences with their own adapters: one row, which allocated nothing a step.
+    let together: Vec<&str> =
+        table.lines().filter(|l| l.starts_with(&format!("| {} | 8 | ", shape.display()))).collect();
+    assert!(together.len() == 1 && together[0].ends_with(" | 0 |"), "{table}");
     // A budget that no run fits: the ten runs are listed, and nothing is left behind.
     let out = dir.join("none");
     let (table, log) = bench(&out, Some("19"));
@@ -330,5 +334,36 @@ fn the_gpu_tests_runner_adds_results_and_keeps_to_its_budget() {
     let (ok, said) = run("good bad", Some("19"));
     assert!(!ok && said.contains("gpu-tests: 0 passed, 0 failed, 2 binaries left out"), "{said}");
     assert!(said.contains("good: left out, BUDGET_S=19 spent"), "{said}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `bench --rows N` decodes N sequences, each with its own adapter, one after another and then
+/// together (`Model::decode_rows`), and reports both rates; a step of the second creates
+/// nothing, even where the rows' logits are more than the context's kept staging buffer holds
+/// (a vocabulary of 100,000: 3 rows of logits are 1.2 MB).
+#[test]
+fn bench_rows_decodes_sequences_with_their_own_adapters_and_allocates_nothing_a_step() {
+    let dir = std::env::temp_dir().join(format!("edgetune-bench-rows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("tiny_llama/config.json")).expect("config"),
+    )
+    .expect("JSON");
+    cfg["vocab_size"] = 100_000.into();
+    let path = dir.join("config.json");
+    std::fs::write(&path, cfg.to_string()).expect("config");
+    let out = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
+        .args(["bench", "--random-weights", &path.display().to_string(), "--prompt-tokens", "8"])
+        .args(["--decode-tokens", "3", "--rows", "3", "--json"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let rows = &j["rows"];
+    assert_eq!((rows["sequences"].as_u64(), rows["lora_rank"].as_u64()), (Some(3), Some(16)), "{j}");
+    for k in ["alone_tokens_per_s", "together_tokens_per_s", "speedup"] {
+        assert!(rows[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {rows}");
+    }
+    assert_eq!(rows["allocations_per_step"].as_f64(), Some(0.0), "{rows}");
     let _ = std::fs::remove_dir_all(&dir);
 }
