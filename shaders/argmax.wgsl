@@ -4,6 +4,8 @@
 //   pass 1 (final_pass = 0): out[g] = the best (value bits, index) pair among the elements of
 //                             workgroup g (i = g*256 + lid + j * n_groups*256);
 //   pass 2 (final_pass = 1): one workgroup over the n pairs of pass 1; out[0] = the index.
+// Grid row y does the same for row y of several (decoding several sequences): its n values
+// from x[y * n], its pairs from out[y * 2 * n_groups] and its index into out[y].
 struct ArgmaxParams {
     n: u32,
     final_pass: u32,
@@ -32,13 +34,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var bi = NONE;
     if (p.final_pass == 0u) {
         for (var i = wg.x * 256u + lid; i < p.n; i += p.n_groups * 256u) {
-            let v = bitcast<f32>(x[i]);
+            let v = bitcast<f32>(x[wg.y * p.n + i]);
             if (v > bv) { bv = v; bi = i; }
         }
     } else {
         for (var j = lid; j < p.n; j += 256u) {
-            let v = bitcast<f32>(x[2u * j]);
-            let i = x[2u * j + 1u];
+            let v = bitcast<f32>(x[2u * (wg.y * p.n + j)]);
+            let i = x[2u * (wg.y * p.n + j) + 1u];
             if (better(v, i, bv, bi)) { bv = v; bi = i; }
         }
     }
@@ -54,10 +56,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     if (lid == 0u) {
         if (p.final_pass == 0u) {
-            out[2u * wg.x] = bitcast<u32>(best_v[0]);
-            out[2u * wg.x + 1u] = best_i[0];
+            out[2u * (wg.y * p.n_groups + wg.x)] = bitcast<u32>(best_v[0]);
+            out[2u * (wg.y * p.n_groups + wg.x) + 1u] = best_i[0];
         } else {
-            out[0] = select(best_i[0], 0u, best_i[0] == NONE);
+            out[wg.y] = select(best_i[0], 0u, best_i[0] == NONE);
         }
     }
 }

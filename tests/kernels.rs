@@ -2289,7 +2289,7 @@ fn an_unsubmitted_encoder_keeps_its_parameter_slots_while_another_goes_round_the
 /// Greedy decoding's argmax on the GPU against its twin and the CPU sampler, on vocabulary
 /// sizes from 1 to past the first pass's 256 workgroups of 4,096, with the maximum tied
 /// across workgroups (the lower index wins), NaNs (never chosen), and rows with nothing above
-/// -infinity (index 0).
+/// -infinity (index 0); and 1 to 5 rows side by side, each its own (`launch::argmax_rows`).
 #[test]
 fn argmax_matches_the_cpu_sampler() {
     let ctx = ctx();
@@ -2329,10 +2329,32 @@ fn argmax_matches_the_cpu_sampler() {
             assert_eq!(got, (n / 3) as u32, "the first of two equal maxima");
         }
     }
+    // Rows of logits side by side (decoding several sequences): each row's own index.
+    for (n, rows) in [(7, 3), (49_152, 5), (4097, 1)] {
+        let mut x = rand(n * rows, 77 + n as u64, 4.0);
+        if rows > 1 {
+            x[n + n / 3] = 9.0; // row 1: two equal maxima in different workgroups
+            x[2 * n - 1] = 9.0;
+            x[2 * n..3 * n].fill(f32::NEG_INFINITY); // row 2: nothing beats -infinity
+        }
+        let xb = ctx.storage_from("logits", &x);
+        let partials = ctx.storage_zeroed("partials", 2 * launch::argmax_groups(n) * rows);
+        let out = ctx.storage_from("out", &vec![u32::MAX; rows]);
+        run(&ctx, |enc| launch::argmax_rows(&ctx, enc, (&xb, &partials, &out), n, rows));
+        let got: Vec<u32> = ctx.read_f32(&out, rows).expect("read").iter().map(|v| v.to_bits()).collect();
+        let want: Vec<u32> = x.chunks(n).map(r::argmax).collect();
+        assert_eq!(got, want, "{rows} rows of {n}");
+        if rows > 1 {
+            assert_eq!((got[1], got[2]), ((n / 3) as u32, 0), "{rows} rows of {n}");
+        }
+    }
     let small = ctx.storage_zeroed("partials", 1);
     let x = ctx.storage_zeroed("x", 10_000);
     let mut enc = ctx.encoder();
     assert!(launch::argmax(&ctx, &mut enc, &x, &small, &small, 10_000).is_err(), "partials too small");
+    let (partials, out) = (ctx.storage_zeroed("partials", 2 * 3), ctx.storage_zeroed("out", 2));
+    let err = launch::argmax_rows(&ctx, &mut enc, (&x, &partials, &out), 5_000, 3).expect_err("out too small");
+    assert!(err.to_string().contains("3 rows of 5000 values"), "{err}");
 }
 
 /// Profiling sums every dispatch under its shader with the operations its launcher declares:

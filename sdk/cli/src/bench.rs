@@ -81,8 +81,9 @@ pub struct ForwardBench {
 /// Decoding `rows` sequences of `prompt` tokens, each with its own adapter of rank `rank`
 /// (moved off zero, so that every product runs): `decode_tokens` tokens of each, one sequence
 /// after another as [`edgetune::model::llama::Model::next_argmax_with`] decodes one, then all
-/// together with [`edgetune::model::llama::Model::decode_rows`]. Returns the tokens per second
-/// of each way and the buffers and bind groups a step of the second creates.
+/// together with [`edgetune::model::llama::Model::decode_rows_argmax`] (then two steps reading
+/// the logits back, as sampling does). Returns the tokens per second of each way and the
+/// buffers and bind groups a step of the second creates.
 fn rows_decode(
     model: &edgetune::model::llama::Model,
     (rows, rank): (usize, usize),
@@ -118,33 +119,37 @@ fn rows_decode(
     }
     let alone_s = t.elapsed().as_secs_f64();
     drop(alone);
-    // Together, as generate_rows decodes them: the logits read back and picked on the CPU.
+    // Together, as greedy generate_rows decodes them: each row's token picked on the GPU.
     let mut together = (0..rows).map(prefilled).collect::<Result<Vec<_>>>()?;
     let mut decoder = model.rows_decoder(rows, set.max_rank())?;
-    let v = model.config.vocab_size;
-    let (greedy, mut rng) = (edgetune::infer::GenerateOptions::default(), edgetune::infer::Rng::new(0));
-    let mut step = |together: &mut Vec<(edgetune::model::llama::KvCache, u32)>| -> Result<()> {
+    // A step picks greedily on the GPU, or (`sampled`) reads the rows' logits back as
+    // sampling does.
+    let mut step = |together: &mut Vec<(edgetune::model::llama::KvCache, u32)>, sampled: bool| -> Result<()> {
         let mut batch: Vec<DecodeRow<'_>> = together
             .iter_mut()
             .enumerate()
             .map(|(i, (cache, next))| DecodeRow { cache, adapter: Some(i), token: *next })
             .collect();
-        let logits = model.decode_rows(&mut decoder, &set, &mut batch)?;
-        for (i, (_, next)) in together.iter_mut().enumerate() {
-            *next = edgetune::infer::sample(&logits[i * v..(i + 1) * v], &greedy, &mut rng);
+        if sampled {
+            return model.decode_rows(&mut decoder, &set, &mut batch).map(drop);
         }
+        let picked = model.decode_rows_argmax(&mut decoder, &set, &mut batch)?;
+        together.iter_mut().zip(picked).for_each(|((_, next), id)| *next = id);
         Ok(())
     };
-    step(&mut together)?;
+    step(&mut together, false)?;
     let c0 = ctx.counts();
     let t = Instant::now();
     for _ in 0..decode_tokens {
-        step(&mut together)?;
+        step(&mut together, false)?;
     }
     let together_s = t.elapsed().as_secs_f64();
     let n = (rows * decode_tokens) as f64;
+    // Two steps more as sampling runs them, counted with the greedy ones.
+    step(&mut together, true)?;
+    step(&mut together, true)?;
     let made = ctx.counts() - c0;
-    Ok((n / alone_s, n / together_s, (made.buffers + made.bind_groups) as f64 / decode_tokens as f64))
+    Ok((n / alone_s, n / together_s, (made.buffers + made.bind_groups) as f64 / (decode_tokens + 2) as f64))
 }
 
 /// Prefill and decode throughput, GPU memory, and what each decoded token creates.

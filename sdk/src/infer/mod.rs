@@ -300,7 +300,11 @@ pub fn generate_rows(
             ));
         }
         let mut rng = Rng::new(opts.seed);
-        next.push(sample(&model.next_logits_with(r.prompt_ids, &mut cache, lora)?, opts, &mut rng));
+        next.push(if opts.temperature == 0.0 {
+            model.next_argmax_with(r.prompt_ids, &mut cache, lora)?
+        } else {
+            sample(&model.next_logits_with(r.prompt_ids, &mut cache, lora)?, opts, &mut rng)
+        });
         caches.push(cache);
         rngs.push(rng);
         streams.push(Stream::new(model, tokenizer, r.prompt_ids.len()));
@@ -320,21 +324,22 @@ pub fn generate_rows(
         if going.is_empty() {
             break;
         }
-        let logits = {
-            let mut rows: Vec<crate::model::llama::DecodeRow<'_>> = caches
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| ended[*i].is_none())
-                .map(|(i, cache)| crate::model::llama::DecodeRow {
-                    cache,
-                    adapter: requests[i].adapter,
-                    token: next[i],
-                })
-                .collect();
-            model.decode_rows(&mut decoder, &set, &mut rows)?
-        };
-        for (row, &i) in going.iter().enumerate() {
-            next[i] = sample(&logits[row * vocab..(row + 1) * vocab], opts, &mut rngs[i]);
+        let mut rows: Vec<crate::model::llama::DecodeRow<'_>> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| ended[*i].is_none())
+            .map(|(i, cache)| crate::model::llama::DecodeRow { cache, adapter: requests[i].adapter, token: next[i] })
+            .collect();
+        // Greedy decoding picks each row's token on the GPU and reads back its id; sampling
+        // reads back the rows' logits.
+        if opts.temperature == 0.0 {
+            let picked = model.decode_rows_argmax(&mut decoder, &set, &mut rows)?;
+            going.iter().zip(picked).for_each(|(&i, id)| next[i] = id);
+        } else {
+            let logits = model.decode_rows(&mut decoder, &set, &mut rows)?;
+            for (row, &i) in going.iter().enumerate() {
+                next[i] = sample(&logits[row * vocab..(row + 1) * vocab], opts, &mut rngs[i]);
+            }
         }
     }
     Ok(streams.into_iter().zip(ended).map(|(s, e)| s.finish(e.unwrap_or(StopReason::MaxTokens))).collect())

@@ -535,6 +535,9 @@ pub struct RowsDecoder {
     logits: wgpu::Buffer,
     /// Where the logits are read back through (more than the context's own staging holds).
     staging: wgpu::Buffer,
+    /// Greedy picks on the GPU: the argmax's partials, and each row's token.
+    pick_partials: wgpu::Buffer,
+    picked: wgpu::Buffer,
     /// The adapters of the rows that the table was last written for.
     table_rows: Option<Vec<Option<usize>>>,
     max_rank: usize,
@@ -1146,8 +1149,8 @@ impl Model {
         let rank = max_rank.max(1);
         let (qd, heads) = (c.num_heads * c.head_dim, c.num_heads);
         let planned = self.activation_bytes(max_rows, max_rows, rank)
-            + (max_rows * (2 * qd + 2 * heads + 1 + c.vocab_size) + Module::ALL.len() * c.num_layers * max_rows * 4)
-                as u64
+            + (max_rows * (2 * qd + 2 * heads + 2 + c.vocab_size + 2 * launch::argmax_groups(c.vocab_size))
+                + Module::ALL.len() * c.num_layers * max_rows * 4) as u64
                 * 4;
         let ctx = &self.ctx;
         ctx.allocating(&format!("decoding {max_rows} sequences at once"), planned, ACTIVATION_ADVICE, || {
@@ -1165,6 +1168,9 @@ impl Model {
                 table: ctx.storage_zeroed("row adapters", Module::ALL.len() * c.num_layers * max_rows * 4),
                 logits: ctx.storage_zeroed("row logits", max_rows * c.vocab_size),
                 staging: ctx.staging("row logits readback", (max_rows * c.vocab_size * 4) as u64),
+                pick_partials: ctx
+                    .storage_zeroed("row pick partials", 2 * launch::argmax_groups(c.vocab_size) * max_rows),
+                picked: ctx.storage_zeroed("row picks", max_rows),
                 table_rows: None,
                 max_rank: rank,
                 binds: BindGroups::new(),
@@ -1208,6 +1214,39 @@ impl Model {
         adapters: &GpuAdapterSet,
         rows: &mut [DecodeRow<'_>],
     ) -> Result<Vec<f32>> {
+        let ctx = &self.ctx;
+        let mut enc = self.record_rows(decoder, adapters, rows)?;
+        ctx.check()?;
+        let bytes = (rows.len() * self.config.vocab_size * 4) as u64;
+        enc.copy_buffer_to_buffer(&decoder.logits, 0, &decoder.staging, 0, bytes);
+        let words = ctx.finish_read(ctx.submit_and_map(enc, &decoder.staging, bytes))?;
+        Ok(words.into_iter().map(f32::from_bits).collect())
+    }
+
+    /// [`Model::decode_rows`] choosing each row's most likely next token on the GPU (the first of
+    /// equal maxima, as greedy sampling on the CPU chooses): one id a row read back instead of
+    /// its logits.
+    pub fn decode_rows_argmax(
+        &self,
+        decoder: &mut RowsDecoder,
+        adapters: &GpuAdapterSet,
+        rows: &mut [DecodeRow<'_>],
+    ) -> Result<Vec<u32>> {
+        let ctx = &self.ctx;
+        let mut enc = self.record_rows(decoder, adapters, rows)?;
+        let io = (&decoder.logits, &decoder.pick_partials, &decoder.picked);
+        launch::argmax_rows(ctx, &mut enc, io, self.config.vocab_size, rows.len())?;
+        Ok(ctx.read_f32_after(enc, &decoder.picked, rows.len())?.into_iter().map(f32::to_bits).collect())
+    }
+
+    /// Checks a [`Model::decode_rows`] step and records it, up to the rows' logits in the
+    /// decoder's buffer; the rows' caches count their tokens.
+    fn record_rows(
+        &self,
+        decoder: &mut RowsDecoder,
+        adapters: &GpuAdapterSet,
+        rows: &mut [DecodeRow<'_>],
+    ) -> Result<Encoder> {
         let c = &self.config;
         let ctx = &self.ctx;
         let t = rows.len();
@@ -1271,11 +1310,7 @@ impl Model {
         for r in rows.iter_mut() {
             r.cache.len += 1;
         }
-        ctx.check()?;
-        let bytes = (t * c.vocab_size * 4) as u64;
-        enc.copy_buffer_to_buffer(&decoder.logits, 0, &decoder.staging, 0, bytes);
-        let words = ctx.finish_read(ctx.submit_and_map(enc, &decoder.staging, bytes))?;
-        Ok(words.into_iter().map(f32::from_bits).collect())
+        Ok(enc)
     }
 
     /// Activation buffers for a pass of `t` tokens with LoRA rank up to `rank`, `ids` uploaded.

@@ -18,17 +18,38 @@ pub fn argmax(
     out: &wgpu::Buffer,
     n: usize,
 ) -> Result<()> {
+    argmax_rows(ctx, enc, (x, partials, out), n, 1)
+}
+
+/// [`argmax`] of each of `rows` rows of n values in x: `out[r]` the index within row r, through
+/// `partials` (2 * argmax_groups(n) words a row).
+pub fn argmax_rows(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    (x, partials, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+    n: usize,
+    rows: usize,
+) -> Result<()> {
     let g = argmax_groups(n);
-    if partials.size() < (2 * g * 4) as u64 || x.size() < (n * 4) as u64 {
+    let words = |b: &wgpu::Buffer| (b.size() / 4) as usize;
+    if words(partials) < 2 * g * rows || words(x) < n * rows || words(out) < rows || rows == 0 {
         return Err(Error::invalid(
             "argmax",
-            format!("{n} values need {} bytes of partials (got {})", 2 * g * 4, partials.size()),
+            format!(
+                "{rows} rows of {n} values need {} words of values, {} of partials and {rows} out (got {}, {} and {})",
+                n * rows,
+                2 * g * rows,
+                words(x),
+                words(partials),
+                words(out)
+            ),
         ));
     }
+    let r = u32_of(rows, "rows")?;
     let p1 = ArgmaxParams { n: u32_of(n, "values")?, final_pass: 0, n_groups: g as u32, _pad: 0 };
-    ctx.dispatch(enc, &ARGMAX, &p1, &[x, partials], [g as u32, 1, 1])?;
+    ctx.dispatch(enc, &ARGMAX, &p1, &[x, partials], [g as u32, r, 1])?;
     let p2 = ArgmaxParams { n: g as u32, final_pass: 1, n_groups: 1, _pad: 0 };
-    ctx.dispatch(enc, &ARGMAX, &p2, &[partials, out], [1, 1, 1])
+    ctx.dispatch(enc, &ARGMAX, &p2, &[partials, out], [1, r, 1])
 }
 
 /// The most candidates [`top_k`] returns.
