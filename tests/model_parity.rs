@@ -458,6 +458,8 @@ fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
 /// module) and 8 (o and down only) and one row on the base; after three steps a row is dropped
 /// and the others are reordered. Both sides take the same tokens, the argmax of the
 /// one-at-a-time logits. No step creates a buffer, and no bind group but at a new order.
+/// Refused: a cache of another model, an adapter index past the set, more rows than the
+/// decoder takes, adapters of a higher rank than it was made for.
 #[test]
 fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
     use edgetune::lora::{Adapter, GpuAdapter, GpuAdapterSet, LoraConfig, TargetModules};
@@ -530,4 +532,39 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
             model.next_logits_with(&prompts[0], &mut model.new_cache().expect("cache"), Some(&every)).expect("lora");
         assert!(base.iter().zip(&with).any(|(a, b)| (a - b).abs() > 1e-2), "{kind}: the adapter changes nothing");
     }
+    // Refused, naming what: a cache made by another model, an adapter index past the set, more
+    // rows than the decoder takes, and adapters of a higher rank than it was made for.
+    let ((ctx, llama), (_, gemma)) = (tiny("llama"), tiny("gemma2"));
+    let none = GpuAdapterSet::new(&ctx, &[], llama.config.num_layers).expect("empty set");
+    let mut decoder = llama.rows_decoder(2, 1).expect("decoder");
+    let (mut own, mut foreign) = (llama.new_cache().expect("cache"), gemma.new_cache().expect("cache"));
+    llama.next_logits(&[1, 2], &mut own).expect("prefill");
+    let mut refused = |rows: &mut [DecodeRow<'_>], set: &GpuAdapterSet, why: &str| {
+        let err = llama.decode_rows(&mut decoder, set, rows).expect_err(why);
+        assert!(err.to_string().contains(why), "{err}");
+    };
+    let mut third = llama.new_cache().expect("cache");
+    refused(
+        &mut [
+            DecodeRow { cache: &mut own, adapter: None, token: 1 },
+            DecodeRow { cache: &mut foreign, adapter: None, token: 1 },
+        ],
+        &none,
+        "row 1: its KV cache was made by another model",
+    );
+    refused(&mut [DecodeRow { cache: &mut own, adapter: Some(0), token: 1 }], &none, "index 0, of 0 resident");
+    refused(
+        &mut [
+            DecodeRow { cache: &mut own, adapter: None, token: 1 },
+            DecodeRow { cache: &mut third, adapter: None, token: 1 },
+            DecodeRow { cache: &mut foreign, adapter: None, token: 1 },
+        ],
+        &none,
+        "3 sequences; this decoder takes 1 to 2",
+    );
+    let a =
+        GpuAdapter::upload(&ctx, &Adapter::new(&llama.config, LoraConfig { r: 4, ..Default::default() }).expect("a"));
+    let four = GpuAdapterSet::new(&ctx, &[&a], llama.config.num_layers).expect("set");
+    refused(&mut [DecodeRow { cache: &mut own, adapter: Some(0), token: 1 }], &four, "rank 4, past the 1");
+    assert_eq!(own.len, 2, "a refused step leaves the cache as it was");
 }

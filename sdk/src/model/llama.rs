@@ -1270,6 +1270,11 @@ impl Model {
                     format!("{} (row {i}) is outside the vocabulary of {}", r.token, c.vocab_size),
                 ));
             }
+            let layer_bytes = crate::gpu::dispatch::storage_bytes(self.max_context * c.num_kv_heads * c.head_dim);
+            let own = r.cache.k.len() == self.layers.len() && r.cache.k.iter().all(|b| b.size() == layer_bytes);
+            if !own || r.cache.capacity != self.max_context {
+                return Err(Error::invalid("cache", format!("row {i}: its KV cache was made by another model")));
+            }
             if r.cache.len >= r.cache.capacity {
                 return Err(Error::invalid(
                     "context",
