@@ -629,17 +629,7 @@ fn special_metadata(
         template = match c.get("chat_template") {
             Some(Json::String(s)) => Some(s.clone()),
             Some(_) => None,
-            None => {
-                let (jinja, json) = (dir.join("chat_template.jinja"), dir.join("chat_template.json"));
-                if jinja.is_file() {
-                    Some(crate::files::read_config(&jinja)?)
-                } else if json.is_file() {
-                    let j = read_json(&json, crate::files::TOKENIZER_BYTES, "chat_template.json")?;
-                    j.get("chat_template").and_then(Json::as_str).map(str::to_string)
-                } else {
-                    None
-                }
-            }
+            None => super::template_file(dir)?,
         };
     }
     let config = dir.join("config.json");

@@ -59,6 +59,22 @@ fn tok_err(source: &str, what: impl std::fmt::Display) -> Error {
     Error::Tokenizer { source_name: source.to_string(), what: what.to_string() }
 }
 
+/// A folder's chat template from the file beside its `tokenizer_config.json`, where that has
+/// none: `chat_template.jinja`, else a multimodal model's processor template,
+/// `chat_template.json` (`{"chat_template": ...}`); `None` without either.
+pub(crate) fn template_file(dir: &Path) -> Result<Option<String>> {
+    let (jinja, json) = (dir.join("chat_template.jinja"), dir.join("chat_template.json"));
+    if jinja.is_file() {
+        return crate::files::read_config(&jinja).map(Some);
+    }
+    if !json.is_file() {
+        return Ok(None);
+    }
+    let j: Json = serde_json::from_str(&crate::files::read_config(&json)?)
+        .map_err(|e| Error::format(&json, format!("invalid JSON: {e}")))?;
+    Ok(j.get("chat_template").and_then(Json::as_str).map(str::to_string))
+}
+
 /// The special token that a post-processor (as tokenizer.json spells it) puts before a single
 /// sequence (`TemplateProcessing`, alone or in a `Sequence`), if any.
 fn leading_special(pp: &Json) -> Option<String> {
@@ -140,15 +156,8 @@ impl Tokenizer {
                 }
             }
         };
-        // Else the template file beside it: `chat_template.jinja`, or a multimodal model's
-        // processor template, `chat_template.json` (`{"chat_template": ...}`).
-        let (jinja, json) = (dir.join("chat_template.jinja"), dir.join("chat_template.json"));
-        if t.chat_template.is_none() && jinja.exists() {
-            t.chat_template = Some(crate::files::read_config(&jinja)?);
-        } else if t.chat_template.is_none() && json.exists() {
-            let j: Json = serde_json::from_str(&crate::files::read_config(&json)?)
-                .map_err(|e| Error::format(&json, format!("invalid JSON: {e}")))?;
-            t.chat_template = j.get("chat_template").and_then(Json::as_str).map(str::to_string);
+        if t.chat_template.is_none() {
+            t.chat_template = template_file(dir)?;
         }
         if let Some(id) = t.eos_token.as_deref().and_then(|s| t.inner.token_to_id(s)) {
             t.eos_ids.push(id);
