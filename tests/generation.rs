@@ -326,6 +326,15 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
             s.generate_with(requests[i].0, requests[i].1, &opts, |_| true).expect("alone").token_ids
         );
     }
+    // More new tokens than the context holds: each request's cache is the model's context, and
+    // each ends where it ends alone.
+    let long = GenerateOptions { max_new_tokens: 500, ..Default::default() };
+    let two = [(Some("a"), "Paris is the capital of"), (None, "The cat")];
+    let out = s.generate_many(&two, &long, |_, _| true).expect("past the context");
+    for (g, &(name, prompt)) in out.iter().zip(&two) {
+        let alone = s.generate_with(name, prompt, &long, |_| true).expect("alone");
+        assert_eq!((&g.token_ids, g.stop_reason), (&alone.token_ids, alone.stop_reason), "{prompt}");
+    }
     // Conversations, rendered with the chat template, as chat_with answers each alone.
     let (hi, cat) =
         ([Message::new("user", "Hi")], [Message::new("system", "Be brief."), Message::new("user", "Cats?")]);

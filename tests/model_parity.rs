@@ -458,8 +458,10 @@ fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
 /// module) and 8 (o and down only) and one row on the base; after three steps a row is dropped
 /// and the others are reordered. Both sides take the same tokens, the argmax of the
 /// one-at-a-time logits. No step creates a buffer, and no bind group but at a new order.
-/// Refused: a cache of another model, an adapter index past the set, more rows than the
-/// decoder takes, adapters of a higher rank than it was made for.
+/// The sequences decoded together have caches of just their prompt and new tokens
+/// (`Model::new_cache_for`); a full one is refused. Also refused: a cache of another model, an
+/// adapter index past the set, more rows than the decoder takes, adapters of a higher rank than
+/// it was made for.
 #[test]
 fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
     use edgetune::lora::{Adapter, GpuAdapter, GpuAdapterSet, LoraConfig, TargetModules};
@@ -488,7 +490,9 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
         let mut next = Vec::new();
         for (p, a) in prompts.iter().zip(chosen) {
             let lora = a.and_then(|i| one[i]);
-            let (mut c1, mut c2) = (model.new_cache().expect("cache"), model.new_cache().expect("cache"));
+            // Together, each with a cache of just its prompt and the 6 tokens it decodes.
+            let (mut c1, mut c2) =
+                (model.new_cache().expect("cache"), model.new_cache_for(p.len() + 6).expect("cache"));
             let logits = model.next_logits_with(p, &mut c1, lora).expect("prefill");
             model.next_logits_with(p, &mut c2, lora).expect("prefill");
             next.push(edgetune::reference::argmax(&logits));
@@ -526,6 +530,11 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
                 assert_eq!(together[i].len, alone[i].len);
             }
         }
+        // Sequence 0's cache is full: a step more is refused, naming it.
+        assert_eq!(together[0].len, together[0].capacity, "{kind}");
+        let mut full = [DecodeRow { cache: &mut together[0], adapter: None, token: 1 }];
+        let err = model.decode_rows(&mut decoder, &set, &mut full).expect_err("full");
+        assert!(err.to_string().contains("row 0: its cache holds its capacity of"), "{kind}: {err}");
         // The adapters must change the logits, or this tests nothing.
         let base = model.next_logits(&prompts[0], &mut model.new_cache().expect("cache")).expect("base");
         let with =

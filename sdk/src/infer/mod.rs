@@ -261,9 +261,10 @@ pub struct RowRequest<'a> {
 /// token of every sequence not yet ended in one pass ([`Model::decode_rows`]: the base model's
 /// products read its weights once for all of them). Each sequence samples with its own
 /// generator seeded by `opts.seed` and stops on its own, so it gets what [`generate`] gives it
-/// alone (up to the order of the sums). `on_text` gets each new piece of text with its
-/// sequence's index; returning `false` ends that sequence. Refused: more sequences than
-/// [`Model::rows_decoder`] takes at once.
+/// alone (up to the order of the sums). Each has a KV cache of its prompt and
+/// `opts.max_new_tokens` ([`Model::new_cache_for`]), not of the model's whole context.
+/// `on_text` gets each new piece of text with its sequence's index; returning `false` ends that
+/// sequence. Refused: more sequences than [`Model::rows_decoder`] takes at once.
 pub fn generate_rows(
     model: &Model,
     adapters: &[&GpuAdapter],
@@ -292,13 +293,15 @@ pub fn generate_rows(
         if r.prompt_ids.is_empty() {
             return Err(Error::invalid("prompt", format!("request {i} is empty")));
         }
-        let mut cache = model.new_cache()?;
-        if r.prompt_ids.len() >= cache.capacity {
+        if r.prompt_ids.len() >= model.max_context {
             return Err(Error::invalid(
                 "prompt",
-                format!("request {i}: {} tokens do not fit the context of {}", r.prompt_ids.len(), cache.capacity),
+                format!("request {i}: {} tokens do not fit the context of {}", r.prompt_ids.len(), model.max_context),
             ));
         }
+        // A cache of what the request can use: its prompt and new tokens (one more, so that
+        // only the model's context ends it, as when it runs alone).
+        let mut cache = model.new_cache_for(r.prompt_ids.len() + opts.max_new_tokens + 1)?;
         let mut rng = Rng::new(opts.seed);
         next.push(if opts.temperature == 0.0 {
             model.next_argmax_with(r.prompt_ids, &mut cache, lora)?

@@ -1103,9 +1103,16 @@ impl Model {
     /// An empty KV cache for one sequence ([`Model::kv_cache_bytes`]); the driver running out of
     /// memory is [`Error::OutOfMemory`].
     pub fn new_cache(&self) -> Result<KvCache> {
+        self.new_cache_for(self.max_context)
+    }
+
+    /// An empty KV cache of `tokens` positions (at least 1, at most the model's `max_context`):
+    /// for a sequence known to need no more, such as a prompt with a limit on its new tokens.
+    pub fn new_cache_for(&self, tokens: usize) -> Result<KvCache> {
         let c = &self.config;
-        let n = self.max_context * c.num_kv_heads * c.head_dim;
-        let what = format!("a KV cache of {} tokens", self.max_context);
+        let capacity = tokens.clamp(1, self.max_context.max(1));
+        let n = capacity * c.num_kv_heads * c.head_dim;
+        let what = format!("a KV cache of {capacity} tokens");
         let advice = "open the model with a smaller max_context";
         // Each layer's keys (and values) are bound whole.
         let (layer, binding) =
@@ -1120,12 +1127,12 @@ impl Model {
                 ),
             ));
         }
-        self.ctx.allocating(&what, self.kv_cache_bytes(), advice, || {
+        self.ctx.allocating(&what, (2 * c.num_layers * n * 4) as u64, advice, || {
             Ok(KvCache {
                 k: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("k cache", n)).collect(),
                 v: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("v cache", n)).collect(),
                 len: 0,
-                capacity: self.max_context,
+                capacity,
                 decode: None,
                 binds: BindGroups::new(),
             })
@@ -1270,9 +1277,9 @@ impl Model {
                     format!("{} (row {i}) is outside the vocabulary of {}", r.token, c.vocab_size),
                 ));
             }
-            let layer_bytes = crate::gpu::dispatch::storage_bytes(self.max_context * c.num_kv_heads * c.head_dim);
+            let layer_bytes = crate::gpu::dispatch::storage_bytes(r.cache.capacity * c.num_kv_heads * c.head_dim);
             let own = r.cache.k.len() == self.layers.len() && r.cache.k.iter().all(|b| b.size() == layer_bytes);
-            if !own || r.cache.capacity != self.max_context {
+            if !own || r.cache.capacity > self.max_context {
                 return Err(Error::invalid("cache", format!("row {i}: its KV cache was made by another model")));
             }
             if r.cache.len >= r.cache.capacity {
