@@ -504,6 +504,9 @@ pub struct GpuAdapterSet {
     /// Each member's layout, factor of B A, and for each layer where its matrices start in
     /// that layer's buffer less where they start in its own buffer.
     members: Vec<(Layout, f32, Vec<isize>)>,
+    /// Unique to this set among the process's sets, so that a table made for it is never
+    /// taken for another's.
+    id: u64,
 }
 
 impl GpuAdapterSet {
@@ -558,7 +561,14 @@ impl GpuAdapterSet {
             layers.push(buffer);
         }
         ctx.submit([enc.finish()]);
-        Ok(GpuAdapterSet { layers, members })
+        static SETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = SETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(GpuAdapterSet { layers, members, id })
+    }
+
+    /// This set's identity: no other set made in this process has it.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// How many adapters it holds.

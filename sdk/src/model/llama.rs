@@ -538,8 +538,8 @@ pub struct RowsDecoder {
     /// Greedy picks on the GPU: the argmax's partials, and each row's token.
     pick_partials: wgpu::Buffer,
     picked: wgpu::Buffer,
-    /// The adapters of the rows that the table was last written for.
-    table_rows: Option<Vec<Option<usize>>>,
+    /// The adapter set and the rows' adapters that the table was last written for.
+    table_rows: Option<(u64, Vec<Option<usize>>)>,
     max_rank: usize,
     binds: Arc<BindGroups>,
 }
@@ -1269,7 +1269,6 @@ impl Model {
                 format!("rank {}, past the {} this decoder was made for", adapters.max_rank(), decoder.max_rank),
             ));
         }
-        self.check_adapter_set(adapters)?;
         for (i, r) in rows.iter().enumerate() {
             if r.token as usize >= c.vocab_size {
                 return Err(Error::invalid(
@@ -1289,11 +1288,14 @@ impl Model {
                 ));
             }
         }
-        let chosen: Vec<Option<usize>> = rows.iter().map(|r| r.adapter).collect();
-        if decoder.table_rows.as_ref() != Some(&chosen) {
-            let table = adapters.table(&chosen)?;
+        // The table (and the check of the set against this model) only when the set or the
+        // rows' adapters change: a table made for one set is never read with another's buffers.
+        let key = (adapters.id(), rows.iter().map(|r| r.adapter).collect::<Vec<_>>());
+        if decoder.table_rows.as_ref() != Some(&key) {
+            self.check_adapter_set(adapters)?;
+            let table = adapters.table(&key.1)?;
             ctx.queue.write_buffer(&decoder.table, 0, bytemuck::cast_slice(&table));
-            decoder.table_rows = Some(chosen);
+            decoder.table_rows = Some(key);
         }
         let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let positions: Vec<u32> = rows.iter().map(|r| r.cache.len as u32).collect();
