@@ -137,14 +137,27 @@ fn same_seed_same_text_and_streaming_adds_up() {
     assert_ne!(a.token_ids, c.token_ids, "a different seed should change a 12-token sample");
 }
 
+/// Limits, stop strings and a callback's stop; three new tokens cost three passes (the prompt's
+/// and two one-token ones), as picking them by hand does: the last is never fed.
 #[test]
 fn limits_stop_strings_and_callback_stop() {
     let s = session(64);
+    let m = &s.model;
+    let before = m.ctx.counts();
+    let ids = s.tokenizer.encode("The quick").expect("encode");
+    let mut cache = m.new_cache_for(ids.len() + 3).expect("cache");
+    let mut picked = vec![m.next_argmax_with(&ids, &mut cache, None).expect("prefill")];
+    for _ in 0..2 {
+        picked.push(m.next_argmax_with(&picked[picked.len() - 1..], &mut cache, None).expect("decode"));
+    }
+    let by_hand = m.ctx.counts() - before;
+    let before = m.ctx.counts();
     let out = s
         .generate("The quick", &GenerateOptions { max_new_tokens: 3, ..Default::default() }, |_| true)
         .expect("generate");
-    assert_eq!(out.token_ids.len(), 3);
+    assert_eq!(out.token_ids, picked);
     assert_eq!(out.stop_reason, StopReason::MaxTokens);
+    assert_eq!((m.ctx.counts() - before).submits, by_hand.submits, "passes beyond the last token");
     let mut calls = 0;
     let out = s
         .generate("The quick", &GenerateOptions { max_new_tokens: 10, ..Default::default() }, |_| {

@@ -156,7 +156,7 @@ pub fn generate(
         return Err(Error::invalid("prompt", "is empty"));
     }
     let mut rng = Rng::new(opts.seed);
-    let mut cache = model.new_cache()?;
+    let mut cache = cache_for(model, prompt_ids.len(), opts)?;
     if prompt_ids.len() >= cache.capacity {
         return Err(Error::invalid(
             "prompt",
@@ -186,6 +186,12 @@ pub fn generate(
         next = pick(&[next], &mut cache, &mut rng)?;
     };
     Ok(stream.finish(stop_reason))
+}
+
+/// A KV cache of what one sequence can use: its prompt and its new tokens (of which the last is
+/// never fed), or the model's whole context where that is less.
+fn cache_for(model: &Model, prompt_tokens: usize, opts: &GenerateOptions) -> Result<KvCache> {
+    model.new_cache_for(prompt_tokens.saturating_add(opts.max_new_tokens))
 }
 
 /// One sequence's continuation as its tokens come ([`generate`], [`generate_rows`]).
@@ -238,7 +244,11 @@ impl<'a> Stream<'a> {
                 return Ok(Some(StopReason::Callback));
             }
         }
-        Ok(stop_hit.then_some(StopReason::StopString))
+        if stop_hit {
+            return Ok(Some(StopReason::StopString));
+        }
+        // The last token allowed ends it here, with no pass to pick one more.
+        Ok((self.out.len() >= opts.max_new_tokens).then_some(StopReason::MaxTokens))
     }
 
     fn finish(self, stop_reason: StopReason) -> Generated {
@@ -299,9 +309,7 @@ pub fn generate_rows(
                 format!("request {i}: {} tokens do not fit the context of {}", r.prompt_ids.len(), model.max_context),
             ));
         }
-        // A cache of what the request can use: its prompt and new tokens (one more, so that
-        // only the model's context ends it, as when it runs alone).
-        let mut cache = model.new_cache_for(r.prompt_ids.len() + opts.max_new_tokens + 1)?;
+        let mut cache = cache_for(model, r.prompt_ids.len(), opts)?;
         let mut rng = Rng::new(opts.seed);
         next.push(if opts.temperature == 0.0 {
             model.next_argmax_with(r.prompt_ids, &mut cache, lora)?

@@ -2166,7 +2166,7 @@ impl Model {
     /// and read back [`Model::logit_rows`] rows at a time, so that no buffer of them exceeds the
     /// binding limit.
     pub fn all_logits_with(&self, ids: &[u32], lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
-        let mut cache = self.new_cache()?;
+        let mut cache = self.new_cache_for(ids.len())?;
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let v = self.config.vocab_size;
         let mut out = Vec::with_capacity(ids.len() * v);
@@ -2206,7 +2206,7 @@ impl Model {
         if ids.len() < 2 {
             return Err(Error::invalid("text", "needs at least two tokens to score"));
         }
-        let mut cache = self.new_cache()?;
+        let mut cache = self.new_cache_for(ids.len())?;
         let hidden = self.forward_hidden_with(ids, &mut cache, lora)?;
         let v = self.config.vocab_size;
         let chunk = self.logit_rows();
