@@ -6,8 +6,14 @@
 // tile and exponentiates it, then the threads split the head dimension to accumulate the
 // weighted values. The softmax's log-sum-exp is stored per (query, head) for the backward pass.
 //
-// Split-key decoding (p.split_keys > 0): workgroup z takes only keys z * split_keys up to the
-// next slice, so that a few queries over a long cache still fill a GPU, and writes its
+// Queries of their own sequences (p.key_ends = 1, decoding several sequences at once): key_start
+// holds each query's range of keys, (first, end), in the buffers that hold every sequence's keys,
+// and the query attends to keys first .. end - 1 whatever its index; a query with no keys
+// (first = end) is left alone, so that a pass over some of the rows writes only theirs.
+//
+// Split-key decoding (p.split_keys > 0): workgroup z takes only the query's keys z * split_keys
+// up to the next slice, counted from its first key, so that a few queries over a long cache
+// still fill a GPU, and writes its
 // unnormalized partial into `out` (the context's scratch): per (query, head, slice) hd weighted
 // sums of values, then the slice's running max and sum of exponentials. attention_combine.wgsl
 // adds the slices; `stats` is not written.
@@ -18,14 +24,14 @@
 @group(0) @binding(1) var<storage, read> q: array<f32>;            // (T, H * hd)
 @group(0) @binding(2) var<storage, read> k_cache: array<f32>;      // (positions, Hkv * hd)
 @group(0) @binding(3) var<storage, read> v_cache: array<f32>;      // (positions, Hkv * hd)
-@group(0) @binding(4) var<storage, read> key_start: array<u32>;    // (T)
+@group(0) @binding(4) var<storage, read> key_start: array<u32>;    // (T), or (T, 2) with key_ends
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;    // (T, H * hd)
 @group(0) @binding(6) var<storage, read_write> stats: array<vec2<f32>>; // (T * H): (lse, delta)
 
 var<workgroup> qs: array<f32, 256>;
 var<workgroup> scores: array<f32, 64>;
 var<workgroup> probs: array<f32, 64>;
-var<workgroup> first_key: u32;
+var<workgroup> key_range: vec2<u32>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -37,12 +43,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let kvh = h / (p.n_heads / p.n_kv_heads);
     let q_base = (t * p.n_heads + h) * hd;
     for (var d = lid; d < hd; d += 64u) { qs[d] = q[q_base + d]; }
-    if (lid == 0u) { first_key = key_start[t]; }
-    var j_start = workgroupUniformLoad(&first_key);
-    var n_keys = p.pos_offset + t + 1u;
+    if (lid == 0u) {
+        if (p.key_ends != 0u) {
+            key_range = vec2<u32>(key_start[2u * t], key_start[2u * t + 1u]);
+        } else {
+            key_range = vec2<u32>(key_start[t], p.pos_offset + t + 1u);
+        }
+    }
+    let range = workgroupUniformLoad(&key_range);
+    if (p.key_ends != 0u && range.x >= range.y) { return; }
+    var j_start = range.x;
+    var n_keys = range.y;
     if (p.split_keys > 0u) {
-        j_start = max(j_start, slice * p.split_keys);
-        n_keys = min(n_keys, (slice + 1u) * p.split_keys);
+        j_start = range.x + slice * p.split_keys;
+        n_keys = min(n_keys, j_start + p.split_keys);
     }
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);   // dims lid, lid+64, lid+128, lid+192
     var run_max = -3.402823e38;

@@ -1838,6 +1838,61 @@ fn split_key_decoding_matches_reference() {
     }
 }
 
+/// Attention of rows that are each one query of its own sequence, every sequence's keys in one
+/// pool (decoding several sequences at once): against the CPU twin, in every family, one
+/// dispatch for all rows whose keys fit a slice and two (split keys, counted from each row's
+/// first key) where a row sees more, GQA, a head of 130 dims with the soft cap, a sliding
+/// window's first key inside a slot, and a row of no keys, whose output and statistics are
+/// left as they were.
+#[test]
+fn attention_over_rows_of_their_own_sequences_matches_reference() {
+    let mut all = vec![std::sync::Arc::new(ctx())];
+    all.extend(gpus());
+    let slot = 2100;
+    for ctx in all {
+        for &(h, kvh, hd, softcap, ref ranges) in &[
+            (4, 2, 64, None, vec![(0, 5), (slot + 40, slot + 250), (2 * slot, 2 * slot + 1)]),
+            (
+                4,
+                2,
+                64,
+                None,
+                vec![(0, 5), (slot, slot + 600), (2 * slot + 7, 2 * slot + 7), (3 * slot + 50, 3 * slot + 2099)],
+            ),
+            (2, 1, 130, Some(0.3), vec![(slot + 3, slot + 300), (0, 257), (3 * slot, 3 * slot)]),
+        ] {
+            let case = r::AttentionCase { n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0, softcap };
+            let t = ranges.len();
+            let q = rand(t * h * hd, 51, 1.0);
+            let (k, v) = (rand(4 * slot * kvh * hd, 52, 1.0), rand(4 * slot * kvh * hd, 53, 1.0));
+            let untouched = 7.0;
+            let mut want = vec![untouched; q.len()];
+            r::attention_rows_forward(&q, &k, &v, ranges, case, &mut want);
+            let table: Vec<u32> = ranges.iter().flat_map(|&(a, b)| [a as u32, b as u32]).collect();
+            let (qb, kb, vb) = (ctx.storage_from("q", &q), ctx.storage_from("k", &k), ctx.storage_from("v", &v));
+            let ks = ctx.storage_from("key ranges", &table);
+            let out = ctx.storage_from("o", &vec![untouched; q.len()]);
+            let stats = ctx.storage_from("stats", &vec![untouched; 2 * t * h]);
+            let most = ranges.iter().map(|&(a, b)| b - a).max().unwrap_or(0);
+            let all_keys = ranges.iter().map(|&(a, b)| b - a).sum();
+            let dispatches = run(&ctx, |enc| {
+                let io = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ks, out: &out, stats: &stats };
+                launch::attention_rows_forward(&ctx, enc, io, attention_shape(t, case), (most, all_keys))
+            });
+            let what =
+                format!("{} rows attention h{h}/{kvh} hd{hd} cap {softcap:?} {ranges:?}", ctx.report.kernels.attention);
+            let split = most > launch::SPLIT_KEYS && t * h < ctx.split_keys_below();
+            assert_eq!(dispatches, if split { 2 } else { 1 }, "{what}: dispatches");
+            assert_close(&what, &ctx.read_f32(&out, q.len()).expect("read"), &want, 1e-4, 1e-5);
+            let stats = ctx.read_f32(&stats, 2 * t * h).expect("read");
+            for (i, &(a, b)) in ranges.iter().enumerate() {
+                let kept = stats[2 * i * h..2 * (i + 1) * h].iter().all(|&x| x == untouched);
+                assert_eq!(kept, a == b, "{what}: row {i}'s statistics");
+            }
+        }
+    }
+}
+
 /// Which attention kernels each family runs, forward and backward, for heads of 6 to 256 dims
 /// (5 queries, no GQA): simd8 its own unrolled kernels for every head of up to 256 dims that is
 /// a multiple of 4 (the smallest of the variants for 64, 128 and 256 that holds it), the tiled

@@ -63,7 +63,7 @@ struct AttentionParams {
     split_keys: u32,  // attention.wgsl: keys per workgroup along z (split-key decoding); 0: all
     n_splits: u32,    // workgroups along z that split the keys (attention_combine.wgsl reads them)
     head_split: u32,  // attention_backward_kv_t128.wgsl: 1 = a workgroup per query head, into partials
-    _pad1: u32,
+    key_ends: u32,    // attention.wgsl, attention_combine.wgsl: 1 = key_start holds each query's (first, end)
 }
 
 // Every matmul and matvec kernel (forward, dX and dW).

@@ -638,7 +638,7 @@ params!(/// `lora_rows.wgsl`
 params!(/// `attention.wgsl`
     AttentionParams {
         n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32,
-        softcap: f32, split_keys: u32, n_splits: u32, head_split: u32, _pad1: u32,
+        softcap: f32, split_keys: u32, n_splits: u32, head_split: u32, key_ends: u32,
     } = 48);
 
 #[cfg(test)]

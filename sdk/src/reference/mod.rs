@@ -216,6 +216,33 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], key_start: &[usize], c
     out
 }
 
+/// Attention of rows that are each one query of its own sequence, all sequences' keys and values
+/// in `k` and `v`: row i of `q` attends to keys `ranges[i].0 .. ranges[i].1` (as the last query of
+/// [`attention_forward`] over them does) into row i of `out`; a row with an empty range keeps
+/// what `out` held. `c.pos_offset` is not read.
+pub fn attention_rows_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    ranges: &[(usize, usize)],
+    c: AttentionCase,
+    out: &mut [f32],
+) {
+    let width = c.n_heads * c.head_dim;
+    for (i, &(first, end)) in ranges.iter().enumerate() {
+        if first < end {
+            let one = AttentionCase { pos_offset: end - 1, ..c };
+            out[i * width..][..width].copy_from_slice(&attention_forward(
+                &q[i * width..][..width],
+                k,
+                v,
+                &[first],
+                one,
+            ));
+        }
+    }
+}
+
 /// Gemma 2's final logit soft cap: each x becomes cap · tanh(x / cap).
 pub fn logit_softcap(x: &[f32], cap: f32) -> Vec<f32> {
     x.iter().map(|&v| cap * (v / cap).tanh()).collect()

@@ -65,8 +65,13 @@ pub fn key_splits(ctx: &GpuContext, s: AttentionShape) -> usize {
 /// The slices of split-key attention and the keys of each (a multiple of 64): [`SPLIT_KEYS`]
 /// keys a slice, more past [`MAX_KEY_SPLITS`] slices.
 fn key_slices(ctx: &GpuContext, s: AttentionShape) -> (usize, usize) {
-    let keys = s.pos_offset + s.n_tokens;
-    if s.n_tokens * s.n_heads >= ctx.split_keys_below || keys <= SPLIT_KEYS {
+    slices_of(ctx, s.n_tokens * s.n_heads, s.pos_offset + s.n_tokens)
+}
+
+/// [`key_slices`] of a grid of `pairs` (query, head) workgroups whose queries see at most
+/// `keys` keys each; a query's slices count from its first key.
+fn slices_of(ctx: &GpuContext, pairs: usize, keys: usize) -> (usize, usize) {
+    if pairs >= ctx.split_keys_below || keys <= SPLIT_KEYS {
         return (1, keys);
     }
     let per_slice = keys.div_ceil(MAX_KEY_SPLITS).next_multiple_of(64).max(SPLIT_KEYS);
@@ -93,7 +98,9 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
                 let shader = if ctx.report.subgroups { &ATTENTION_T128 } else { &ATTENTION_T128_SHARED };
                 (shader, [p.n_tokens.div_ceil(64), p.n_heads, 1])
             }
-            None if slices.0 > 1 => return split_key_attention(ctx, enc, b, s, p, slices),
+            None if slices.0 > 1 => {
+                return split_key_attention(ctx, enc, b, (s, p), slices, attention_cost(s, 4.0, 1.0));
+            }
             None => (&ATTENTION, [p.n_tokens, p.n_heads, 1]),
         };
     ctx.dispatch_costed(
@@ -104,18 +111,50 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
     )
 }
 
-/// Split-key decoding (flash decoding): a few queries over many keys, as when decoding over a
-/// long cache, would give the plain kernel one workgroup per (query, head), each walking every
-/// key. Instead each of `splits` workgroups per (query, head) takes `per_slice` keys
-/// ([`key_slices`]) and writes its partial softmax into the context's scratch buffer, and
-/// `attention_combine.wgsl` adds the partials into `out` and `stats`.
-fn split_key_attention(
+/// Attention of rows that are each one query of its own sequence (decoding several sequences
+/// at once), whose keys and values all lie in `b.k` and `b.v`, as the caches of one pool do
+/// ([`crate::model::llama::Model::new_caches_for`]). `b.key_start` holds (first, end) for each
+/// row: row i of `b.q` attends to keys first .. end - 1 into row i of `b.out` (and `b.stats`),
+/// and a row with first = end is left as it is, so that a pass over some rows writes only
+/// theirs. `s.n_tokens` counts the rows and `s.pos_offset` is not read; `keys` are the most
+/// keys a row sees and those all rows see. One dispatch (two where the keys are split,
+/// [`key_splits`]) for every row, in every kernel family.
+pub fn attention_rows_forward(
     ctx: &GpuContext,
     enc: &mut Encoder,
     b: AttentionIo<'_>,
     s: AttentionShape,
-    p: AttentionParams,
+    (most, all): (usize, usize),
+) -> Result<()> {
+    let p = AttentionParams { key_ends: 1, pos_offset: 0, ..attention_params(s)? };
+    let hd = s.head_dim as f64;
+    let queries = (s.n_tokens * s.n_heads) as f64 * hd * 4.0;
+    let cost = Cost {
+        flops: 4.0 * hd * (all * s.n_heads) as f64,
+        bytes: all as f64 * (s.n_kv_heads as f64 * hd) * 4.0 * 2.0 + 2.0 * queries,
+    };
+    let slices = slices_of(ctx, s.n_tokens * s.n_heads, most);
+    if slices.0 > 1 {
+        return split_key_attention(ctx, enc, b, (s, p), slices, cost);
+    }
+    let AttentionIo { q, k, v, key_start, out, stats } = b;
+    let buffers = [q, k, v, key_start, out, stats];
+    let groups = [p.n_tokens, p.n_heads, 1];
+    ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups, constant: None }, &p, cost)
+}
+
+/// Split-key decoding (flash decoding): a few queries over many keys, as when decoding over a
+/// long cache, would give the plain kernel one workgroup per (query, head), each walking every
+/// key. Instead each of `splits` workgroups per (query, head) takes `per_slice` keys
+/// ([`key_slices`]) and writes its partial softmax into the context's scratch buffer, and
+/// `attention_combine.wgsl` adds the partials into `out` and `stats`. `cost`: the unsplit pass's.
+fn split_key_attention(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    b: AttentionIo<'_>,
+    (s, p): (AttentionShape, AttentionParams),
     (splits, per_slice): (usize, usize),
+    cost: Cost,
 ) -> Result<()> {
     let AttentionIo { q, k, v, key_start, out, stats } = b;
     let parts = s.n_tokens * s.n_heads * splits * (s.head_dim + 2);
@@ -127,10 +166,9 @@ fn split_key_attention(
     };
     let buffers = [q, k, v, key_start, &scratch, stats];
     let groups = [p.n_tokens, p.n_heads, p.n_splits];
-    let cost = attention_cost(s, 4.0, 1.0);
     let sliced = Cost { flops: cost.flops, bytes: cost.bytes + 4.0 * parts as f64 };
     ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups, constant: None }, &p, sliced)?;
-    let combine_buffers = [&scratch, out, stats];
+    let combine_buffers = [&scratch, key_start, out, stats];
     let d = Dispatch {
         shader: &ATTENTION_COMBINE,
         buffers: &combine_buffers,
