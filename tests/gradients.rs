@@ -745,6 +745,7 @@ fn attention_backward_kernels_match_twin_on_packed_batches() {
                 n_kv_heads: kvh,
                 head_dim: hd,
                 pos_offset: 0,
+                key_base: 0,
                 scale,
                 softcap,
             };

@@ -1716,13 +1716,13 @@ fn attention_matches_reference_with_gqa_and_cache_offset() {
             let v = rand((pos + t) * kvh * hd, 33, 1.0);
             let want = r::attention_forward(&q, &k, &v, &vec![0; t], case);
             let got = gpu_attention(&ctx, [&q, &k, &v], &vec![0; t], case);
-            assert_close(
-                &format!("attention t{t} h{h}/{kvh} hd{hd} pos{pos} cap {softcap:?}"),
-                &got.out,
-                &want,
-                1e-4,
-                1e-5,
-            );
+            let what = format!("{} attention t{t} h{h}/{kvh} hd{hd} pos{pos} cap {softcap:?}", ctx.report.kernels);
+            assert_close(&what, &got.out, &want, 1e-4, 1e-5);
+            // The same sequence in a pool of caches, behind 37 positions of another's larger keys.
+            let other = |seed| rand(37 * kvh * hd, seed, 3.0);
+            let (k_pool, v_pool) = ([other(34), k].concat(), [other(35), v].concat());
+            let at = gpu_attention_at(&ctx, [&q, &k_pool, &v_pool], &vec![0; t], case, 37);
+            assert_close(&format!("{what} at key 37"), &at.out, &want, 1e-4, 1e-5);
         }
     }
 }
@@ -1735,6 +1735,7 @@ fn attention_shape(t: usize, c: r::AttentionCase) -> launch::AttentionShape {
         n_kv_heads: c.n_kv_heads,
         head_dim: c.head_dim,
         pos_offset: c.pos_offset,
+        key_base: 0,
         scale: 1.0 / (c.head_dim as f32).sqrt(),
         softcap: c.softcap,
     }
@@ -1751,15 +1752,27 @@ struct GpuAttention {
 
 /// Runs `launch::attention_forward` on queries, keys and values with each query's first
 /// visible key (`starts`, one per query).
-fn gpu_attention(ctx: &GpuContext, [q, k, v]: [&[f32]; 3], starts: &[usize], c: r::AttentionCase) -> GpuAttention {
+fn gpu_attention(ctx: &GpuContext, kv: [&[f32]; 3], starts: &[usize], c: r::AttentionCase) -> GpuAttention {
+    gpu_attention_at(ctx, kv, starts, c, 0)
+}
+
+/// [`gpu_attention`] of a sequence whose position 0 lies at `key_base` of the keys and values
+/// (a cache's slot in a pool of caches), `starts` counted from there.
+fn gpu_attention_at(
+    ctx: &GpuContext,
+    [q, k, v]: [&[f32]; 3],
+    starts: &[usize],
+    c: r::AttentionCase,
+    key_base: usize,
+) -> GpuAttention {
     let (t, h) = (starts.len(), c.n_heads);
     let (qb, kb, vb) = (ctx.storage_from("q", q), ctx.storage_from("k", k), ctx.storage_from("v", v));
-    let starts: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
+    let starts: Vec<u32> = starts.iter().map(|&s| (key_base + s) as u32).collect();
     let ks = ctx.storage_from("key start", &starts);
     let (out, stats) = (ctx.storage_zeroed("o", q.len()), ctx.storage_zeroed("stats", 2 * t * h));
     let dispatches = run(ctx, |enc| {
         let io = launch::AttentionIo { q: &qb, k: &kb, v: &vb, key_start: &ks, out: &out, stats: &stats };
-        launch::attention_forward(ctx, enc, io, attention_shape(t, c))
+        launch::attention_forward(ctx, enc, io, launch::AttentionShape { key_base, ..attention_shape(t, c) })
     });
     let lse = ctx.read_f32(&stats, 2 * t * h).expect("read").iter().step_by(2).copied().collect();
     GpuAttention { out: ctx.read_f32(&out, q.len()).expect("read"), lse, dispatches }

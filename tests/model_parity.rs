@@ -458,8 +458,9 @@ fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
 /// module) and 8 (o and down only) and one row on the base; after three steps a row is dropped
 /// and the others are reordered. Both sides take the same tokens, the argmax of the
 /// one-at-a-time logits. No step creates a buffer, and no bind group but at a new order.
-/// The sequences decoded together have caches of just their prompt and new tokens
-/// (`Model::new_cache_for`); a full one is refused. Also refused: a cache of another model, an
+/// The sequences decoded together have caches of just their prompt and new tokens, three in one
+/// pool (`Model::new_caches_for`, two behind another's keys) and one alone (`new_cache_for`),
+/// their prompts run into them one at a time; a full one is refused. Also refused: a cache of another model, an
 /// adapter index past the set, more rows than the decoder takes, adapters of a higher rank than
 /// it was made for.
 #[test]
@@ -486,18 +487,20 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
         let prompts: [Vec<u32>; 4] =
             [7, 1, 11, 3].map(|n| (0..n).map(|i| ((i * 29 + n * 5 + 3) % vocab) as u32).collect());
         let chosen = [Some(0), None, Some(1), Some(0)];
-        let (mut alone, mut together) = (Vec::new(), Vec::new());
-        let mut next = Vec::new();
-        for (p, a) in prompts.iter().zip(chosen) {
+        let (mut alone, mut next) = (Vec::new(), Vec::new());
+        // Together, each with a cache of just its prompt and the 6 tokens it decodes: sequence
+        // 1's its own, the others' in one pool, 0 and 3 behind another's keys.
+        let sizes: Vec<usize> = prompts.iter().map(|p| p.len() + 6).collect();
+        let mut pooled = model.new_caches_for(&[sizes[2], sizes[0], sizes[3]]).expect("pool").into_iter();
+        let (c2, c0, c3) = (pooled.next().expect("2"), pooled.next().expect("0"), pooled.next().expect("3"));
+        let mut together = vec![c0, model.new_cache_for(sizes[1]).expect("cache"), c2, c3];
+        for ((p, a), c2) in prompts.iter().zip(chosen).zip(&mut together) {
             let lora = a.and_then(|i| one[i]);
-            // Together, each with a cache of just its prompt and the 6 tokens it decodes.
-            let (mut c1, mut c2) =
-                (model.new_cache().expect("cache"), model.new_cache_for(p.len() + 6).expect("cache"));
+            let mut c1 = model.new_cache().expect("cache");
             let logits = model.next_logits_with(p, &mut c1, lora).expect("prefill");
-            model.next_logits_with(p, &mut c2, lora).expect("prefill");
+            model.next_logits_with(p, c2, lora).expect("prefill");
             next.push(edgetune::reference::argmax(&logits));
             alone.push(c1);
-            together.push(c2);
         }
         let mut decoder = model.rows_decoder(4, set.max_rank()).expect("decoder");
         let mut order: Vec<usize> = vec![0, 1, 2, 3];
@@ -576,4 +579,41 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
     let four = GpuAdapterSet::new(&ctx, &[&a], llama.config.num_layers).expect("set");
     refused(&mut [DecodeRow { cache: &mut own, adapter: Some(0), token: 1 }], &four, "rank 4, past the 1");
     assert_eq!(own.len, 2, "a refused step leaves the cache as it was");
+}
+
+/// A step over rows whose caches share a pool records what a step over one row records (every
+/// product once over all rows, attention one dispatch a layer, one pick), and each pool more
+/// adds one attention dispatch a layer: on Llama and on Gemma 3, whose sliding-window layers
+/// read their own key ranges. Pooled or not, the picks agree.
+#[test]
+fn rows_whose_caches_share_a_pool_decode_in_as_many_dispatches_as_one_row() {
+    use edgetune::lora::GpuAdapterSet;
+    use edgetune::model::llama::{DecodeRow, KvCache};
+    for kind in ["llama", "gemma3"] {
+        let (ctx, model) = tiny(kind);
+        let set = GpuAdapterSet::new(&ctx, &[], model.config.num_layers).expect("set");
+        let mut decoder = model.rows_decoder(4, 1).expect("decoder");
+        let prompts: Vec<Vec<u32>> = [5u32, 9, 2, 7].iter().map(|&n| (1..=n).map(|i| i * 3 + n).collect()).collect();
+        let filled = |mut caches: Vec<KvCache>| {
+            for (c, p) in caches.iter_mut().zip(&prompts) {
+                model.next_logits(p, c).expect("prefill");
+            }
+            caches
+        };
+        let mut pooled = filled(model.new_caches_for(&[20; 4]).expect("pool"));
+        let mut apart = filled((0..4).map(|_| model.new_cache_for(20).expect("cache")).collect());
+        let mut step = |caches: &mut [KvCache]| {
+            let mut rows: Vec<DecodeRow<'_>> =
+                caches.iter_mut().map(|cache| DecodeRow { cache, adapter: None, token: 3 }).collect();
+            let before = ctx.counts();
+            let picked = model.decode_rows_argmax(&mut decoder, &set, &mut rows).expect("decode");
+            ((ctx.counts() - before).dispatches, picked)
+        };
+        let (one, _) = step(&mut pooled[..1]);
+        let (four, picked) = step(&mut pooled);
+        let (four_pools, picked_apart) = step(&mut apart);
+        assert_eq!(four, one, "{kind}: four rows of one pool");
+        assert_eq!(four_pools, one + 3 * model.config.num_layers as u64, "{kind}: four rows of four pools");
+        assert_eq!(picked[1..], picked_apart[1..], "{kind}");
+    }
 }

@@ -156,7 +156,7 @@ pub fn generate(
         return Err(Error::invalid("prompt", "is empty"));
     }
     let mut rng = Rng::new(opts.seed);
-    let mut cache = cache_for(model, prompt_ids.len(), opts)?;
+    let mut cache = model.new_cache_for(cache_tokens(prompt_ids.len(), opts))?;
     if prompt_ids.len() >= cache.capacity {
         return Err(Error::invalid(
             "prompt",
@@ -188,10 +188,10 @@ pub fn generate(
     Ok(stream.finish(stop_reason))
 }
 
-/// A KV cache of what one sequence can use: its prompt and its new tokens (of which the last is
-/// never fed), or the model's whole context where that is less.
-fn cache_for(model: &Model, prompt_tokens: usize, opts: &GenerateOptions) -> Result<KvCache> {
-    model.new_cache_for(prompt_tokens.saturating_add(opts.max_new_tokens))
+/// The KV cache positions one sequence can use: its prompt and its new tokens (of which the last
+/// is never fed); [`Model::new_cache_for`] holds the model's whole context where that is less.
+fn cache_tokens(prompt_tokens: usize, opts: &GenerateOptions) -> usize {
+    prompt_tokens.saturating_add(opts.max_new_tokens)
 }
 
 /// One sequence's continuation as its tokens come ([`generate`], [`generate_rows`]).
@@ -272,7 +272,8 @@ pub struct RowRequest<'a> {
 /// products read its weights once for all of them). Each sequence samples with its own
 /// generator seeded by `opts.seed` and stops on its own, so it gets what [`generate`] gives it
 /// alone (up to the order of the sums). Each has a KV cache of its prompt and
-/// `opts.max_new_tokens` ([`Model::new_cache_for`]), not of the model's whole context.
+/// `opts.max_new_tokens`, not of the model's whole context, in one pool with the others'
+/// ([`Model::new_caches_for`]), so that a step's attention is one dispatch a layer.
 /// `on_text` gets each new piece of text with its sequence's index; returning `false` ends that
 /// sequence. Refused: more sequences than [`Model::rows_decoder`] takes at once.
 pub fn generate_rows(
@@ -297,9 +298,8 @@ pub fn generate_rows(
     };
     let set = crate::lora::GpuAdapterSet::new(&model.ctx, adapters, model.config.num_layers)?;
     let mut decoder = model.rows_decoder(requests.len(), set.max_rank())?;
-    let (mut caches, mut streams, mut rngs, mut next) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, r) in requests.iter().enumerate() {
-        let lora = lora(i)?;
+        lora(i)?;
         if r.prompt_ids.is_empty() {
             return Err(Error::invalid("prompt", format!("request {i} is empty")));
         }
@@ -309,14 +309,19 @@ pub fn generate_rows(
                 format!("request {i}: {} tokens do not fit the context of {}", r.prompt_ids.len(), model.max_context),
             ));
         }
-        let mut cache = cache_for(model, r.prompt_ids.len(), opts)?;
+    }
+    // The caches in one pool, so that each step's attention is one dispatch a layer.
+    let sizes: Vec<usize> = requests.iter().map(|r| cache_tokens(r.prompt_ids.len(), opts)).collect();
+    let mut caches = model.new_caches_for(&sizes)?;
+    let (mut streams, mut rngs, mut next) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (r, cache)) in requests.iter().zip(&mut caches).enumerate() {
+        let lora = lora(i)?;
         let mut rng = Rng::new(opts.seed);
         next.push(if opts.temperature == 0.0 {
-            model.next_argmax_with(r.prompt_ids, &mut cache, lora)?
+            model.next_argmax_with(r.prompt_ids, cache, lora)?
         } else {
-            sample(&model.next_logits_with(r.prompt_ids, &mut cache, lora)?, opts, &mut rng)
+            sample(&model.next_logits_with(r.prompt_ids, cache, lora)?, opts, &mut rng)
         });
-        caches.push(cache);
         rngs.push(rng);
         streams.push(Stream::new(model, tokenizer, r.prompt_ids.len()));
     }

@@ -268,11 +268,18 @@ pub struct Model {
 /// buffers and bind groups of one-token forward passes, so that decoding a token makes none.
 #[derive(Debug)]
 pub struct KvCache {
+    /// Each layer's keys and values: the cache's own, or its pool's
+    /// ([`Model::new_caches_for`]), of which it holds positions base .. base + capacity.
     k: Vec<wgpu::Buffer>,
     v: Vec<wgpu::Buffer>,
+    base: usize,
+    /// Positions the layers' buffers hold (more than its capacity in a pool).
+    held: usize,
+    /// Which buffers: the caches of one pool share an id.
+    pool: u64,
     /// Positions filled so far.
     pub len: usize,
-    /// Positions it holds (the model's `max_context`).
+    /// Positions it holds (at most the model's `max_context`).
     pub capacity: usize,
     /// Made at the first one-token pass, for LoRA ranks up to its `rank`.
     decode: Option<DecodeBuffers>,
@@ -342,42 +349,60 @@ pub(crate) struct BlockBuffers<'a> {
     pub(crate) inv_rms: Option<[&'a wgpu::Buffer; 2]>,
     pub(crate) positions: &'a wgpu::Buffer,
     pub(crate) key_start: &'a wgpu::Buffer,
-    /// Where keys and values go and attention reads them: a KV cache's layer buffers and the
-    /// position of the first token (inference); `None` reads `k` and `v` themselves at
-    /// position 0 (a training batch).
-    pub(crate) kv_cache: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer, usize)>,
+    /// Where keys and values go and attention reads them: a KV cache's layer buffers
+    /// (inference); `None` reads `k` and `v` themselves at position 0 (a training batch).
+    pub(crate) kv_cache: Option<LayerKv<'a>>,
     /// Decoding several sequences at once ([`Model::decode_rows`]): row i's key and value go to
     /// its own cache and its attention reads that cache; `kv_cache` is then `None`.
     pub(crate) rows: Option<&'a RowsPass<'a>>,
 }
 
+/// One layer of a KV cache in a pass: its keys and values, where the sequence's position 0 lies
+/// in them (`base`: its slot in a pool of caches) and the position of the pass's first token.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerKv<'a> {
+    k: &'a wgpu::Buffer,
+    v: &'a wgpu::Buffer,
+    base: usize,
+    pos: usize,
+}
+
 /// Where a forward pass's keys and values go (see [`Model::record_forward`]).
 #[derive(Debug, Clone, Copy)]
 enum PassKv<'a> {
-    /// One sequence's layer buffers, from position pos.
-    Cache(&'a [wgpu::Buffer], &'a [wgpu::Buffer], usize),
+    /// One sequence's cache, from its length on.
+    Cache(&'a KvCache),
     /// Each row its own sequence's.
     Rows(&'a RowsPass<'a>),
 }
 
-/// A pass of one token for each of several sequences ([`Model::decode_rows`]): each row's cache
-/// and scratch, and the rows' adapters.
+/// A pass of one token for each of several sequences ([`Model::decode_rows`]): each row's cache,
+/// the rows grouped by their caches' pool, and the rows' adapters.
 #[derive(Debug)]
 pub(crate) struct RowsPass<'a> {
     caches: Vec<RowKv<'a>>,
+    groups: Vec<RowsGroup<'a>>,
     lora: RowsLora<'a>,
-    /// One zero: the first key a row sees on a layer without a sliding window.
-    no_window: &'a wgpu::Buffer,
 }
 
-/// One row of a [`RowsPass`]: its cache's layer buffers, the position its token takes, and the
-/// one-query buffers its attention runs in.
+/// One row of a [`RowsPass`]: its cache's layer buffers and where its token's key and value go
+/// in them.
 #[derive(Debug)]
 struct RowKv<'a> {
     k: &'a [wgpu::Buffer],
     v: &'a [wgpu::Buffer],
-    len: usize,
-    scratch: &'a RowScratch,
+    at: usize,
+}
+
+/// The rows of a [`RowsPass`] whose caches share a pool, which one attention dispatch a layer
+/// serves: a row of it (whose buffers it reads), and each row's (first, end) keys
+/// ([`launch::attention_rows_forward`]; none for the other groups' rows) with the most keys a
+/// row sees and those all see, on layers without a sliding window and on those with one.
+#[derive(Debug)]
+struct RowsGroup<'a> {
+    row: usize,
+    ranges: [&'a wgpu::Buffer; 2],
+    keys: [(usize, usize); 2],
 }
 
 /// The adapters of a [`RowsPass`]'s rows: every resident adapter's parameters, the table of
@@ -513,24 +538,15 @@ struct DecodeBuffers {
     picked: wgpu::Buffer,
 }
 
-/// One row's one-query attention buffers in a [`RowsDecoder`].
-#[derive(Debug)]
-struct RowScratch {
-    q: wgpu::Buffer,
-    att: wgpu::Buffer,
-    stats: wgpu::Buffer,
-    /// The first key its query sees on a layer with a sliding window.
-    window_start: wgpu::Buffer,
-}
-
 /// The buffers for decoding up to [`RowsDecoder::max_rows`] sequences at once, each with its
 /// own cache and adapter ([`Model::decode_rows`]); made once by [`Model::rows_decoder`] and
 /// reused for every token, so that a step creates nothing after its first.
 #[derive(Debug)]
 pub struct RowsDecoder {
     acts: Acts,
-    rows: Vec<RowScratch>,
-    no_window: wgpu::Buffer,
+    /// For each group of rows that can share a pool: the rows' key ranges on layers without a
+    /// sliding window and on those with one ([`RowsGroup`]).
+    ranges: Vec<[wgpu::Buffer; 2]>,
     table: wgpu::Buffer,
     logits: wgpu::Buffer,
     /// Where the logits are read back through (more than the context's own staging holds).
@@ -547,7 +563,7 @@ pub struct RowsDecoder {
 impl RowsDecoder {
     /// The most sequences one step decodes.
     pub fn max_rows(&self) -> usize {
-        self.rows.len()
+        self.ranges.len()
     }
 }
 
@@ -562,6 +578,9 @@ pub struct DecodeRow<'a> {
     /// Its next token.
     pub token: u32,
 }
+
+/// What to change when a KV cache does not fit.
+const KV_ADVICE: &str = "open the model with a smaller max_context";
 
 /// What to change when a forward pass's buffers do not fit.
 const ACTIVATION_ADVICE: &str = "give a shorter prompt, or open the model with a smaller max_context";
@@ -1109,34 +1128,82 @@ impl Model {
     /// An empty KV cache of `tokens` positions (at least 1, at most the model's `max_context`):
     /// for a sequence known to need no more, such as a prompt with a limit on its new tokens.
     pub fn new_cache_for(&self, tokens: usize) -> Result<KvCache> {
+        self.new_caches_for(&[tokens])?.pop().ok_or_else(|| Error::Gpu("no cache made".into()))
+    }
+
+    /// Empty KV caches of `tokens[i]` positions each (as [`Model::new_cache_for`] makes one),
+    /// sharing each layer's buffers, as many to a pool as one binding holds: the sequences that
+    /// [`Model::decode_rows`] decodes together, whose attention then runs in one dispatch a
+    /// layer for all the rows of a pool.
+    pub fn new_caches_for(&self, tokens: &[usize]) -> Result<Vec<KvCache>> {
         let c = &self.config;
-        let capacity = tokens.clamp(1, self.max_context.max(1));
-        let n = capacity * c.num_kv_heads * c.head_dim;
-        let what = format!("a KV cache of {capacity} tokens");
-        let advice = "open the model with a smaller max_context";
-        // Each layer's keys (and values) are bound whole.
-        let (layer, binding) =
-            (crate::gpu::dispatch::storage_bytes(n), self.ctx.limits.max_storage_buffer_binding_size);
-        if layer > binding {
-            let most = binding as usize / 4 / (c.num_kv_heads * c.head_dim).max(1);
-            return Err(Error::invalid(
-                "max_context",
-                format!(
-                    "{what} needs {layer} bytes of keys a layer, more than the {binding} this GPU binds at once \
-                     (max_storage_buffer_binding_size): {advice} (at most {most})"
-                ),
-            ));
+        let kvd = c.num_kv_heads * c.head_dim;
+        let binding = self.ctx.limits.max_storage_buffer_binding_size;
+        let fits = |positions: usize| crate::gpu::dispatch::storage_bytes(positions * kvd) <= binding;
+        let capacities: Vec<usize> = tokens.iter().map(|&t| t.clamp(1, self.max_context.max(1))).collect();
+        let mut caches = Vec::with_capacity(tokens.len());
+        let mut start = 0;
+        while start < capacities.len() {
+            // Each layer's keys (and values) are bound whole.
+            let mut end = start;
+            while end < capacities.len() && fits(capacities[start..=end].iter().sum()) {
+                end += 1;
+            }
+            if end == start {
+                let capacity = capacities[start];
+                let layer = crate::gpu::dispatch::storage_bytes(capacity * kvd);
+                let most = binding as usize / 4 / kvd.max(1);
+                return Err(Error::invalid(
+                    "max_context",
+                    format!(
+                        "a KV cache of {capacity} tokens needs {layer} bytes of keys a layer, more than the {binding} \
+                         this GPU binds at once (max_storage_buffer_binding_size): {KV_ADVICE} (at most {most})"
+                    ),
+                ));
+            }
+            caches.extend(self.kv_pool(&capacities[start..end])?);
+            start = end;
         }
-        self.ctx.allocating(&what, (2 * c.num_layers * n * 4) as u64, advice, || {
-            Ok(KvCache {
-                k: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("k cache", n)).collect(),
-                v: (0..c.num_layers).map(|_| self.ctx.storage_zeroed("v cache", n)).collect(),
-                len: 0,
-                capacity,
-                decode: None,
-                binds: BindGroups::new(),
+        Ok(caches)
+    }
+
+    /// Caches of these capacities in one pool of buffers, one after another.
+    fn kv_pool(&self, capacities: &[usize]) -> Result<Vec<KvCache>> {
+        static POOLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let c = &self.config;
+        let held: usize = capacities.iter().sum();
+        let n = held * c.num_kv_heads * c.head_dim;
+        let what = if capacities.len() == 1 {
+            format!("a KV cache of {held} tokens")
+        } else {
+            format!("{} KV caches of {held} tokens in all", capacities.len())
+        };
+        let (k, v): (Vec<wgpu::Buffer>, Vec<wgpu::Buffer>) =
+            self.ctx.allocating(&what, (2 * c.num_layers * n * 4) as u64, KV_ADVICE, || {
+                Ok((0..c.num_layers)
+                    .map(|_| (self.ctx.storage_zeroed("k cache", n), self.ctx.storage_zeroed("v cache", n)))
+                    .unzip())
+            })?;
+        let pool = POOLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut base = 0;
+        Ok(capacities
+            .iter()
+            .map(|&capacity| {
+                let cache = KvCache {
+                    k: k.clone(),
+                    v: v.clone(),
+                    base,
+                    held,
+                    pool,
+                    len: 0,
+                    capacity,
+                    decode: None,
+                    binds: BindGroups::new(),
+                };
+                base += capacity;
+                cache
             })
-        })
+            .collect())
     }
 
     /// Buffers for decoding up to `max_rows` sequences at once with adapters of rank up to
@@ -1154,24 +1221,17 @@ impl Model {
             ));
         }
         let rank = max_rank.max(1);
-        let (qd, heads) = (c.num_heads * c.head_dim, c.num_heads);
         let planned = self.activation_bytes(max_rows, max_rows, rank)
-            + (max_rows * (2 * qd + 2 * heads + 2 + c.vocab_size + 2 * launch::argmax_groups(c.vocab_size))
+            + (max_rows * (4 * max_rows + c.vocab_size + 2 * launch::argmax_groups(c.vocab_size))
                 + Module::ALL.len() * c.num_layers * max_rows * 4) as u64
                 * 4;
         let ctx = &self.ctx;
         ctx.allocating(&format!("decoding {max_rows} sequences at once"), planned, ACTIVATION_ADVICE, || {
             Ok(RowsDecoder {
                 acts: self.acts(&vec![0; max_rows], rank),
-                rows: (0..max_rows)
-                    .map(|_| RowScratch {
-                        q: ctx.storage_zeroed("row q", qd),
-                        att: ctx.storage_zeroed("row attention", qd),
-                        stats: ctx.storage_zeroed("row attention stats", 2 * heads),
-                        window_start: ctx.storage_zeroed("row window start", 1),
-                    })
+                ranges: (0..max_rows)
+                    .map(|_| [0, 1].map(|_| ctx.storage_zeroed("rows' key ranges", 2 * max_rows)))
                     .collect(),
-                no_window: ctx.storage_zeroed("no window", 1),
                 table: ctx.storage_zeroed("row adapters", Module::ALL.len() * c.num_layers * max_rows * 4),
                 logits: ctx.storage_zeroed("row logits", max_rows * c.vocab_size),
                 staging: ctx.staging("row logits readback", (max_rows * c.vocab_size * 4) as u64),
@@ -1276,9 +1336,9 @@ impl Model {
                     format!("{} (row {i}) is outside the vocabulary of {}", r.token, c.vocab_size),
                 ));
             }
-            let layer_bytes = crate::gpu::dispatch::storage_bytes(r.cache.capacity * c.num_kv_heads * c.head_dim);
+            let layer_bytes = crate::gpu::dispatch::storage_bytes(r.cache.held * c.num_kv_heads * c.head_dim);
             let own = r.cache.k.len() == self.layers.len() && r.cache.k.iter().all(|b| b.size() == layer_bytes);
-            if !own || r.cache.capacity > self.max_context {
+            if !own || r.cache.capacity > self.max_context || r.cache.base + r.cache.capacity > r.cache.held {
                 return Err(Error::invalid("cache", format!("row {i}: its KV cache was made by another model")));
             }
             if r.cache.len >= r.cache.capacity {
@@ -1302,20 +1362,41 @@ impl Model {
         let a = Acts { t, ..decoder.acts.clone() };
         ctx.queue.write_buffer(&a.ids, 0, bytemuck::cast_slice(&ids));
         ctx.queue.write_buffer(&a.positions, 0, bytemuck::cast_slice(&positions));
-        if let Some(w) = c.sliding_window {
-            for (r, s) in rows.iter().zip(&decoder.rows) {
-                let start = window_starts(&[0], r.cache.len, w);
-                ctx.queue.write_buffer(&s.window_start, 0, bytemuck::cast_slice(&start));
+        // The rows grouped by their caches' pool, each group's attention one dispatch a layer:
+        // a row's keys are its cache's first .. its new token (within the window where a layer
+        // has one), and the other groups' rows have none.
+        let mut pools: Vec<u64> = Vec::new();
+        for r in rows.iter() {
+            if !pools.contains(&r.cache.pool) {
+                pools.push(r.cache.pool);
             }
+        }
+        let mut groups = Vec::with_capacity(pools.len());
+        for (pool, ranges) in pools.iter().zip(&decoder.ranges) {
+            let mut keys = [(0, 0); 2];
+            for (windowed, buffer) in ranges.iter().enumerate().take(1 + usize::from(c.sliding_window.is_some())) {
+                let mut table = vec![0u32; 2 * t];
+                for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.cache.pool == *pool) {
+                    let (base, end) = (r.cache.base, r.cache.len + 1);
+                    let first = match c.sliding_window {
+                        Some(w) if windowed == 1 => end.saturating_sub(w),
+                        _ => 0,
+                    };
+                    table[2 * i..2 * i + 2].copy_from_slice(&[(base + first) as u32, (base + end) as u32]);
+                    keys[windowed] = (keys[windowed].0.max(end - first), keys[windowed].1 + end - first);
+                }
+                ctx.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&table));
+            }
+            let row = rows.iter().position(|r| r.cache.pool == *pool).unwrap_or(0);
+            groups.push(RowsGroup { row, ranges: [&ranges[0], &ranges[1]], keys });
         }
         let pass = RowsPass {
             caches: rows
                 .iter()
-                .zip(&decoder.rows)
-                .map(|(r, scratch)| RowKv { k: &r.cache.k, v: &r.cache.v, len: r.cache.len, scratch })
+                .map(|r| RowKv { k: &r.cache.k, v: &r.cache.v, at: r.cache.base + r.cache.len })
                 .collect(),
+            groups,
             lora: RowsLora { layers: &adapters.layers, table: &decoder.table, h_stride: decoder.max_rank, rows: t },
-            no_window: &decoder.no_window,
         };
         let mut enc = ctx.encoder_with(&decoder.binds).whole();
         self.record_forward(&mut enc, &a, PassKv::Rows(&pass), None, FinalNorm::Written)?;
@@ -1615,8 +1696,11 @@ impl Model {
                 cache.binds = BindGroups::new();
                 let planned = self.activation_bytes(1, 1, rank);
                 cache.decode = Some(self.ctx.allocating("decoding's buffers", planned, ACTIVATION_ADVICE, || {
+                    let acts = self.acts(ids, rank);
+                    // The cache's first key, for layers without a sliding window.
+                    self.ctx.queue.write_buffer(&acts.key_start, 0, bytemuck::bytes_of(&(cache.base as u32)));
                     Ok(DecodeBuffers {
-                        acts: self.acts(ids, rank),
+                        acts,
                         logits: self.ctx.storage_zeroed("logits", c.vocab_size),
                         pick_partials: self.ctx.storage_zeroed("pick partials", self.pick_partials(c.vocab_size)),
                         picked: self.ctx.storage_zeroed("picked", 2 * launch::MAX_TOP_K),
@@ -1642,13 +1726,16 @@ impl Model {
             let what = format!("activations for {t} tokens");
             let planned = self.activation_bytes(t, 0, rank);
             owned = self.ctx.allocating(&what, planned, ACTIVATION_ADVICE, || Ok(self.acts(ids, rank)))?;
+            if cache.base > 0 {
+                self.ctx.queue.write_buffer(&owned.key_start, 0, bytemuck::cast_slice(&vec![cache.base as u32; t]));
+            }
             (self.ctx.encoder(), &owned)
         };
         if let Some(w) = c.sliding_window {
-            let starts = window_starts(&vec![0; t], cache.len, w);
+            let starts = window_starts(&vec![cache.base as u32; t], cache.base + cache.len, w);
             self.ctx.queue.write_buffer(&a.window_start, 0, bytemuck::cast_slice(&starts));
         }
-        self.record_forward(&mut enc, a, PassKv::Cache(&cache.k, &cache.v, cache.len), lora, final_norm)?;
+        self.record_forward(&mut enc, a, PassKv::Cache(cache), lora, final_norm)?;
         cache.len += t;
         Ok((enc, if final_norm == FinalNorm::Written { a.xn.clone() } else { a.x.clone() }))
     }
@@ -1708,7 +1795,9 @@ impl Model {
                 positions: &a.positions,
                 key_start: if c.layer_window(l).is_some() { &a.window_start } else { &a.key_start },
                 kv_cache: match kv {
-                    PassKv::Cache(k_cache, v_cache, pos) => Some((&k_cache[l], &v_cache[l], pos)),
+                    PassKv::Cache(cache) => {
+                        Some(LayerKv { k: &cache.k[l], v: &cache.v[l], base: cache.base, pos: cache.len })
+                    }
                     PassKv::Rows(_) => None,
                 },
                 rows: match kv {
@@ -1748,7 +1837,7 @@ impl Model {
         let ctx = &self.ctx;
         let (h, hd, inter) = (c.hidden_size, c.head_dim, c.intermediate_size);
         let layer = &self.layers[l];
-        let pos = b.kv_cache.map_or(0, |kv| kv.2);
+        let pos = b.kv_cache.map_or(0, |kv| kv.pos);
         // Decoding (one row through the cache) fuses each norm, and the MLP's gate, into the
         // one-row products that read them; otherwise the normed and gated rows are written
         // (training keeps them for the backward).
@@ -1802,7 +1891,7 @@ impl Model {
         if let Some(rows) = b.rows {
             self.rows_attention(enc, l, b, rows)?;
         } else {
-            self.attention(enc, b, (t, pos))?;
+            self.attention(enc, b, t)?;
         }
         after(enc, Stage::Attention)?;
         let out = Branch {
@@ -1843,21 +1932,21 @@ impl Model {
     }
 
     /// Writes a block's keys and values into the KV cache where there is one and runs attention
-    /// over its `t` queries at positions pos.. (see [`Model::block_forward`]).
-    fn attention(&self, enc: &mut Encoder, b: &BlockBuffers<'_>, (t, pos): (usize, usize)) -> Result<()> {
+    /// over its `t` queries at the cache's positions (see [`Model::block_forward`]).
+    fn attention(&self, enc: &mut Encoder, b: &BlockBuffers<'_>, t: usize) -> Result<()> {
         let c = &self.config;
-        let (keys, values) = match b.kv_cache {
-            Some((k_cache, v_cache, pos)) => {
+        let (keys, values, shape) = match b.kv_cache {
+            Some(LayerKv { k, v, base, pos }) => {
                 let kvd = c.num_kv_heads * c.head_dim;
-                let (at, bytes) = ((pos * kvd * 4) as u64, (t * kvd * 4) as u64);
-                enc.copy_buffer_to_buffer(b.k, 0, k_cache, at, bytes);
-                enc.copy_buffer_to_buffer(b.v, 0, v_cache, at, bytes);
-                (k_cache, v_cache)
+                let (at, bytes) = (((base + pos) * kvd * 4) as u64, (t * kvd * 4) as u64);
+                enc.copy_buffer_to_buffer(b.k, 0, k, at, bytes);
+                enc.copy_buffer_to_buffer(b.v, 0, v, at, bytes);
+                (k, v, AttentionShape { key_base: base, ..self.attention_shape(t, pos) })
             }
-            None => (b.k, b.v),
+            None => (b.k, b.v, self.attention_shape(t, 0)),
         };
         let io = launch::AttentionIo { q: b.q, k: keys, v: values, key_start: b.key_start, out: b.att, stats: b.stats };
-        launch::attention_forward(&self.ctx, enc, io, self.attention_shape(t, pos))
+        launch::attention_forward(&self.ctx, enc, io, shape)
     }
 
     /// Attention of `t` queries at positions pos.. with the model's heads, scale and cap.
@@ -1869,28 +1958,42 @@ impl Model {
             n_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             pos_offset: pos,
+            key_base: 0,
             scale: c.query_scale,
             softcap: c.attn_softcap,
         }
     }
 
     /// [`Model::attention`] for rows that are each one token of their own sequence (layer l of
-    /// a [`RowsPass`]): row i's key and value go to position len_i of its cache, and its query
-    /// attends to that cache in its own one-query buffers (within the window on a layer with
-    /// one), its output copied back to row i.
+    /// a [`RowsPass`]): row i's key and value go to the next position of its cache, and one
+    /// dispatch for each pool of caches ([`Model::new_caches_for`]) runs the attention of its
+    /// rows, each over its own keys (within the window on a layer with one).
     fn rows_attention(&self, enc: &mut Encoder, l: usize, b: &BlockBuffers<'_>, rows: &RowsPass<'_>) -> Result<()> {
         let c = &self.config;
-        let (qd, kvd) = ((c.num_heads * c.head_dim * 4) as u64, (c.num_kv_heads * c.head_dim * 4) as u64);
+        let kvd = (c.num_kv_heads * c.head_dim * 4) as u64;
         for (i, r) in rows.caches.iter().enumerate() {
-            let i = i as u64;
-            enc.copy_buffer_to_buffer(b.k, i * kvd, &r.k[l], r.len as u64 * kvd, kvd);
-            enc.copy_buffer_to_buffer(b.v, i * kvd, &r.v[l], r.len as u64 * kvd, kvd);
-            enc.copy_buffer_to_buffer(b.q, i * qd, &r.scratch.q, 0, qd);
-            let key_start = if c.layer_window(l).is_some() { &r.scratch.window_start } else { rows.no_window };
-            let s = &r.scratch;
-            let io = launch::AttentionIo { q: &s.q, k: &r.k[l], v: &r.v[l], key_start, out: &s.att, stats: &s.stats };
-            launch::attention_forward(&self.ctx, enc, io, self.attention_shape(1, r.len))?;
-            enc.copy_buffer_to_buffer(&s.att, 0, b.att, i * qd, qd);
+            let (i, at) = (i as u64, r.at as u64);
+            enc.copy_buffer_to_buffer(b.k, i * kvd, &r.k[l], at * kvd, kvd);
+            enc.copy_buffer_to_buffer(b.v, i * kvd, &r.v[l], at * kvd, kvd);
+        }
+        let windowed = usize::from(c.layer_window(l).is_some());
+        for g in &rows.groups {
+            let r = &rows.caches[g.row];
+            let io = launch::AttentionIo {
+                q: b.q,
+                k: &r.k[l],
+                v: &r.v[l],
+                key_start: g.ranges[windowed],
+                out: b.att,
+                stats: b.stats,
+            };
+            launch::attention_rows_forward(
+                &self.ctx,
+                enc,
+                io,
+                self.attention_shape(rows.caches.len(), 0),
+                g.keys[windowed],
+            )?;
         }
         Ok(())
     }

@@ -16,6 +16,10 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Position of the first query: keys before it come from the cache (0 for a training batch).
     pub pos_offset: usize,
+    /// Where the sequence's position 0 lies in the key and value buffers: 0, or a cache's slot
+    /// in a pool of caches ([`crate::model::llama::Model::new_caches_for`]), whose queries'
+    /// first keys (`key_start`) are then at least this.
+    pub key_base: usize,
     /// What q . k is multiplied by before the softmax: 1 / sqrt(head_dim), or the model's own
     /// (Gemma's 1 / sqrt(query_pre_attn_scalar)).
     pub scale: f32,
@@ -39,7 +43,7 @@ fn attention_params(s: AttentionShape) -> Result<AttentionParams> {
         n_heads: u32_of(s.n_heads, "heads")?,
         n_kv_heads: u32_of(s.n_kv_heads, "kv heads")?,
         head_dim: u32_of(s.head_dim, "head_dim")?,
-        pos_offset: u32_of(s.pos_offset, "position")?,
+        pos_offset: u32_of(s.key_base + s.pos_offset, "position")?,
         kv_stride: u32_of(s.n_kv_heads * s.head_dim, "kv stride")?,
         scale: s.scale,
         softcap: s.softcap.unwrap_or(0.0),
@@ -79,8 +83,8 @@ fn slices_of(ctx: &GpuContext, pairs: usize, keys: usize) -> (usize, usize) {
 }
 
 /// Causal GQA attention of q (T, H*hd) over keys/values (positions, Hkv*hd): query t sits
-/// at position pos_offset + t and sees keys `key_start[t] ..= pos_offset + t` (key_start must
-/// not exceed that). Writes out (T, H*hd) and the softmax statistics `stats` (T*H pairs)
+/// at position key_base + pos_offset + t of them and sees keys `key_start[t] ..=` that
+/// (key_start must not exceed it, nor fall below key_base). Writes out (T, H*hd) and the softmax statistics `stats` (T*H pairs)
 /// that the backward pass needs.
 pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>, s: AttentionShape) -> Result<()> {
     let AttentionIo { q, k, v, key_start, out, stats } = b;
@@ -116,7 +120,7 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
 /// ([`crate::model::llama::Model::new_caches_for`]). `b.key_start` holds (first, end) for each
 /// row: row i of `b.q` attends to keys first .. end - 1 into row i of `b.out` (and `b.stats`),
 /// and a row with first = end is left as it is, so that a pass over some rows writes only
-/// theirs. `s.n_tokens` counts the rows and `s.pos_offset` is not read; `keys` are the most
+/// theirs. `s.n_tokens` counts the rows, and `s.pos_offset` and `s.key_base` are not read; `keys` are the most
 /// keys a row sees and those all rows see. One dispatch (two where the keys are split,
 /// [`key_splits`]) for every row, in every kernel family.
 pub fn attention_rows_forward(
@@ -126,7 +130,7 @@ pub fn attention_rows_forward(
     s: AttentionShape,
     (most, all): (usize, usize),
 ) -> Result<()> {
-    let p = AttentionParams { key_ends: 1, pos_offset: 0, ..attention_params(s)? };
+    let p = AttentionParams { key_ends: 1, pos_offset: 0, ..attention_params(AttentionShape { key_base: 0, ..s })? };
     let hd = s.head_dim as f64;
     let queries = (s.n_tokens * s.n_heads) as f64 * hd * 4.0;
     let cost = Cost {
