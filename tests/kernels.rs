@@ -1906,6 +1906,56 @@ fn attention_over_rows_of_their_own_sequences_matches_reference() {
     }
 }
 
+/// A pass's keys and values written into a KV cache (`kv_write.wgsl`) against the CPU twin: a
+/// sequence's tokens at positions from its first, and rows of their own sequences each at the
+/// end of its key range less one, a row of no keys not written; positions wider than a
+/// workgroup's 256 threads, and the rest of the cache left as it was.
+#[test]
+fn kv_write_matches_reference() {
+    let ctx = ctx();
+    for (width, ranged) in [(24, false), (300, false), (24, true), (300, true)] {
+        let (positions, rows, first) = (40, 4, 5);
+        let (k, v) = (rand(rows * width, 61, 1.0), rand(rows * width, 62, 1.0));
+        let (mut want_k, mut want_v) = (rand(positions * width, 63, 1.0), rand(positions * width, 64, 1.0));
+        let (k_cache, v_cache) = (ctx.storage_from("k cache", &want_k), ctx.storage_from("v cache", &want_v));
+        // Rows 0, 1 and 3 end their ranges at 9, 30 and 40 (row 2 has none).
+        let ranges: Vec<u32> = vec![2, 9, 12, 30, 17, 17, 39, 40];
+        let table = ctx.storage_from("ranges", &ranges);
+        let (at, positions_of): (_, Vec<Option<usize>>) = if ranged {
+            (
+                launch::KvAt::RangeEnds(&table),
+                ranges.chunks(2).map(|r| (r[0] < r[1]).then(|| r[1] as usize - 1)).collect(),
+            )
+        } else {
+            (launch::KvAt::From(first), (0..rows).map(|i| Some(first + i)).collect())
+        };
+        r::kv_write(&k, width, &positions_of, &mut want_k);
+        r::kv_write(&v, width, &positions_of, &mut want_v);
+        let (kb, vb) = (ctx.storage_from("k", &k), ctx.storage_from("v", &v));
+        let dispatches = run(&ctx, |enc| {
+            let w = launch::KvWrite { k: &kb, v: &vb, k_cache: &k_cache, v_cache: &v_cache, n_rows: rows, width, at };
+            launch::kv_write(&ctx, enc, w)
+        });
+        assert_eq!(dispatches, 1);
+        let what = format!("kv_write width {width} at {positions_of:?}");
+        // Moved, not computed: exact.
+        assert_close(
+            &format!("{what}: keys"),
+            &ctx.read_f32(&k_cache, positions * width).expect("read"),
+            &want_k,
+            0.0,
+            0.0,
+        );
+        assert_close(
+            &format!("{what}: values"),
+            &ctx.read_f32(&v_cache, positions * width).expect("read"),
+            &want_v,
+            0.0,
+            0.0,
+        );
+    }
+}
+
 /// Which attention kernels each family runs, forward and backward, for heads of 6 to 256 dims
 /// (5 queries, no GQA): simd8 its own unrolled kernels for every head of up to 256 dims that is
 /// a multiple of 4 (the smallest of the variants for 64, 128 and 256 that holds it), the tiled

@@ -582,9 +582,10 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
 }
 
 /// A step over rows whose caches share a pool records what a step over one row records (every
-/// product once over all rows, attention one dispatch a layer, one pick), and each pool more
-/// adds one attention dispatch a layer: on Llama and on Gemma 3, whose sliding-window layers
-/// read their own key ranges. Pooled or not, the picks agree.
+/// product once over all rows, the keys' writing and the attention one dispatch each a layer,
+/// one pick), all in one compute pass, and each pool more adds two dispatches a layer: on Llama
+/// and on Gemma 3, whose sliding-window layers read their own key ranges. Pooled or not, the
+/// picks agree.
 #[test]
 fn rows_whose_caches_share_a_pool_decode_in_as_many_dispatches_as_one_row() {
     use edgetune::lora::GpuAdapterSet;
@@ -607,13 +608,16 @@ fn rows_whose_caches_share_a_pool_decode_in_as_many_dispatches_as_one_row() {
                 caches.iter_mut().map(|cache| DecodeRow { cache, adapter: None, token: 3 }).collect();
             let before = ctx.counts();
             let picked = model.decode_rows_argmax(&mut decoder, &set, &mut rows).expect("decode");
-            ((ctx.counts() - before).dispatches, picked)
+            let made = ctx.counts() - before;
+            assert_eq!(made.passes, 1, "{kind}: a step is one compute pass");
+            (made.dispatches, picked)
         };
         let (one, _) = step(&mut pooled[..1]);
         let (four, picked) = step(&mut pooled);
         let (four_pools, picked_apart) = step(&mut apart);
         assert_eq!(four, one, "{kind}: four rows of one pool");
-        assert_eq!(four_pools, one + 3 * model.config.num_layers as u64, "{kind}: four rows of four pools");
+        // Each pool more: its keys and values written, and its attention.
+        assert_eq!(four_pools, one + 2 * 3 * model.config.num_layers as u64, "{kind}: four rows of four pools");
         assert_eq!(picked[1..], picked_apart[1..], "{kind}");
     }
 }

@@ -66,6 +66,13 @@ struct AttentionParams {
     key_ends: u32,    // attention.wgsl, attention_combine.wgsl: 1 = key_start holds each query's (first, end)
 }
 
+struct KvWriteParams {
+    n_rows: u32,
+    width: u32,       // floats of a position: n_kv_heads * head_dim
+    first: u32,       // the first row's position (without ranges)
+    ranges: u32,      // 1: each row's position is the end of its key range less one
+}
+
 // Every matmul and matvec kernel (forward, dX and dW).
 // MatmulParams.x_op: what a product fuses into reading its input x (with `aux`): a one-row
 // product any of the first four, a weight gradient's x the gated activations or X_RMS_KEPT.

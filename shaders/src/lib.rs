@@ -168,6 +168,8 @@ shaders! {
     // Split-key decoding: each workgroup of attention.wgsl takes one slice of the keys, and this
     // adds the slices' partial softmaxes.
     ATTENTION_COMBINE = "attention_combine";
+    // A pass's keys and values into the KV cache, inside the compute pass (a copy would end it).
+    KV_WRITE = "kv_write";
     ATTENTION_BACKWARD_KV_REDUCE = "attention_backward_kv_reduce";
     ADAMW = "adamw";
     GRAD_NORM = "grad_norm";
@@ -635,6 +637,8 @@ params!(/// `top_k.wgsl`
 params!(/// `lora_rows.wgsl`
     LoraRowsParams { n_rows: u32, n_in: u32, n_out: u32, h_stride: u32, table_row: u32, _pad0: u32, _pad1: u32,
         _pad2: u32 } = 32);
+params!(/// `kv_write.wgsl`
+    KvWriteParams { n_rows: u32, width: u32, first: u32, ranges: u32 } = 16);
 params!(/// `attention.wgsl`
     AttentionParams {
         n_tokens: u32, n_heads: u32, n_kv_heads: u32, head_dim: u32, pos_offset: u32, kv_stride: u32, scale: f32,

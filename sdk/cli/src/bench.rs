@@ -101,13 +101,16 @@ fn rows_decode(
         })
         .collect::<Result<Vec<_>>>()?;
     let set = GpuAdapterSet::new(ctx, &adapters.iter().collect::<Vec<_>>(), model.config.num_layers)?;
-    let prefilled = |i: usize| -> Result<_> {
-        let mut cache = model.new_cache()?;
-        let next = model.next_argmax_with(prompt, &mut cache, Some(&adapters[i]))?;
-        Ok((cache, next))
+    let prefilled = |caches: Vec<edgetune::model::llama::KvCache>| -> Result<Vec<_>> {
+        let mut out = Vec::with_capacity(caches.len());
+        for (i, mut cache) in caches.into_iter().enumerate() {
+            let next = model.next_argmax_with(prompt, &mut cache, Some(&adapters[i]))?;
+            out.push((cache, next));
+        }
+        Ok(out)
     };
     // One after another; each cache's first one-token pass (its buffers) before the clock.
-    let mut alone = (0..rows).map(prefilled).collect::<Result<Vec<_>>>()?;
+    let mut alone = prefilled((0..rows).map(|_| model.new_cache()).collect::<Result<Vec<_>>>()?)?;
     for (i, (cache, next)) in alone.iter_mut().enumerate() {
         *next = model.next_argmax_with(&[*next], cache, Some(&adapters[i]))?;
     }
@@ -119,8 +122,9 @@ fn rows_decode(
     }
     let alone_s = t.elapsed().as_secs_f64();
     drop(alone);
-    // Together, as greedy generate_rows decodes them: each row's token picked on the GPU.
-    let mut together = (0..rows).map(prefilled).collect::<Result<Vec<_>>>()?;
+    // Together, as greedy generate_rows decodes them: caches in one pool, of the prompt and
+    // every token the steps below take, and each row's token picked on the GPU.
+    let mut together = prefilled(model.new_caches_for(&vec![prompt.len() + decode_tokens + 3; rows])?)?;
     let mut decoder = model.rows_decoder(rows, set.max_rank())?;
     // A step picks greedily on the GPU, or (`sampled`) reads the rows' logits back as
     // sampling does.

@@ -327,6 +327,7 @@ pub(crate) struct Counters {
     pub(crate) bind_groups: AtomicU64,
     pub(crate) pipelines: AtomicU64,
     pub(crate) submits: AtomicU64,
+    pub(crate) passes: AtomicU64,
 }
 
 impl Counters {
@@ -350,6 +351,8 @@ pub struct GpuCounts {
     pub pipelines: u64,
     /// Queue submissions.
     pub submits: u64,
+    /// Compute passes begun outside profiling: a copy between two dispatches ends one.
+    pub passes: u64,
 }
 
 impl std::ops::Sub for GpuCounts {
@@ -361,6 +364,7 @@ impl std::ops::Sub for GpuCounts {
             bind_groups: self.bind_groups - o.bind_groups,
             pipelines: self.pipelines - o.pipelines,
             submits: self.submits - o.submits,
+            passes: self.passes - o.passes,
         }
     }
 }
@@ -612,6 +616,7 @@ impl GpuContext {
             bind_groups: get(&c.bind_groups),
             pipelines: get(&c.pipelines),
             submits: get(&c.submits),
+            passes: get(&c.passes),
         }
     }
 

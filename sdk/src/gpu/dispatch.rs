@@ -345,6 +345,9 @@ impl GpuContext {
                 self.add_wall_time(shader.name, t.elapsed().as_secs_f64(), cost);
             }
             None => {
+                if enc.pass.is_none() {
+                    Counters::add(&self.counters.passes);
+                }
                 let pass = enc.pass.get_or_insert_with(|| {
                     enc.enc
                         .begin_compute_pass(&wgpu::ComputePassDescriptor {

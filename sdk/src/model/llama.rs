@@ -376,31 +376,23 @@ enum PassKv<'a> {
     Rows(&'a RowsPass<'a>),
 }
 
-/// A pass of one token for each of several sequences ([`Model::decode_rows`]): each row's cache,
-/// the rows grouped by their caches' pool, and the rows' adapters.
+/// A pass of one token for each of `rows` sequences ([`Model::decode_rows`]): the rows grouped
+/// by their caches' pool, and the rows' adapters.
 #[derive(Debug)]
 pub(crate) struct RowsPass<'a> {
-    caches: Vec<RowKv<'a>>,
+    rows: usize,
     groups: Vec<RowsGroup<'a>>,
     lora: RowsLora<'a>,
 }
 
-/// One row of a [`RowsPass`]: its cache's layer buffers and where its token's key and value go
-/// in them.
-#[derive(Debug)]
-struct RowKv<'a> {
-    k: &'a [wgpu::Buffer],
-    v: &'a [wgpu::Buffer],
-    at: usize,
-}
-
-/// The rows of a [`RowsPass`] whose caches share a pool, which one attention dispatch a layer
-/// serves: a row of it (whose buffers it reads), and each row's (first, end) keys
-/// ([`launch::attention_rows_forward`]; none for the other groups' rows) with the most keys a
-/// row sees and those all see, on layers without a sliding window and on those with one.
+/// The rows of a [`RowsPass`] whose caches share a pool, whose keys and values one dispatch a
+/// layer writes and one attends over: the pool's layer buffers, and each row's (first, end)
+/// keys ([`launch::attention_rows_forward`]; none for the other groups' rows) with the most
+/// keys a row sees and those all see, on layers without a sliding window and on those with one.
 #[derive(Debug)]
 struct RowsGroup<'a> {
-    row: usize,
+    k: &'a [wgpu::Buffer],
+    v: &'a [wgpu::Buffer],
     ranges: [&'a wgpu::Buffer; 2],
     keys: [(usize, usize); 2],
 }
@@ -1387,14 +1379,11 @@ impl Model {
                 }
                 ctx.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&table));
             }
-            let row = rows.iter().position(|r| r.cache.pool == *pool).unwrap_or(0);
-            groups.push(RowsGroup { row, ranges: [&ranges[0], &ranges[1]], keys });
+            let Some(r) = rows.iter().find(|r| r.cache.pool == *pool) else { continue };
+            groups.push(RowsGroup { k: &r.cache.k, v: &r.cache.v, ranges: [&ranges[0], &ranges[1]], keys });
         }
         let pass = RowsPass {
-            caches: rows
-                .iter()
-                .map(|r| RowKv { k: &r.cache.k, v: &r.cache.v, at: r.cache.base + r.cache.len })
-                .collect(),
+            rows: t,
             groups,
             lora: RowsLora { layers: &adapters.layers, table: &decoder.table, h_stride: decoder.max_rank, rows: t },
         };
@@ -1937,10 +1926,10 @@ impl Model {
         let c = &self.config;
         let (keys, values, shape) = match b.kv_cache {
             Some(LayerKv { k, v, base, pos }) => {
-                let kvd = c.num_kv_heads * c.head_dim;
-                let (at, bytes) = (((base + pos) * kvd * 4) as u64, (t * kvd * 4) as u64);
-                enc.copy_buffer_to_buffer(b.k, 0, k, at, bytes);
-                enc.copy_buffer_to_buffer(b.v, 0, v, at, bytes);
+                let width = c.num_kv_heads * c.head_dim;
+                let at = launch::KvAt::From(base + pos);
+                let w = launch::KvWrite { k: b.k, v: b.v, k_cache: k, v_cache: v, n_rows: t, width, at };
+                launch::kv_write(&self.ctx, enc, w)?;
                 (k, v, AttentionShape { key_base: base, ..self.attention_shape(t, pos) })
             }
             None => (b.k, b.v, self.attention_shape(t, 0)),
@@ -1965,35 +1954,22 @@ impl Model {
     }
 
     /// [`Model::attention`] for rows that are each one token of their own sequence (layer l of
-    /// a [`RowsPass`]): row i's key and value go to the next position of its cache, and one
-    /// dispatch for each pool of caches ([`Model::new_caches_for`]) runs the attention of its
-    /// rows, each over its own keys (within the window on a layer with one).
+    /// a [`RowsPass`]): for each pool of caches ([`Model::new_caches_for`]), one dispatch writes
+    /// its rows' keys and values at the next position of their caches and one runs their
+    /// attention, each row over its own keys (within the window on a layer with one).
     fn rows_attention(&self, enc: &mut Encoder, l: usize, b: &BlockBuffers<'_>, rows: &RowsPass<'_>) -> Result<()> {
         let c = &self.config;
-        let kvd = (c.num_kv_heads * c.head_dim * 4) as u64;
-        for (i, r) in rows.caches.iter().enumerate() {
-            let (i, at) = (i as u64, r.at as u64);
-            enc.copy_buffer_to_buffer(b.k, i * kvd, &r.k[l], at * kvd, kvd);
-            enc.copy_buffer_to_buffer(b.v, i * kvd, &r.v[l], at * kvd, kvd);
-        }
         let windowed = usize::from(c.layer_window(l).is_some());
         for g in &rows.groups {
-            let r = &rows.caches[g.row];
-            let io = launch::AttentionIo {
-                q: b.q,
-                k: &r.k[l],
-                v: &r.v[l],
-                key_start: g.ranges[windowed],
-                out: b.att,
-                stats: b.stats,
-            };
-            launch::attention_rows_forward(
-                &self.ctx,
-                enc,
-                io,
-                self.attention_shape(rows.caches.len(), 0),
-                g.keys[windowed],
-            )?;
+            // Each row's token is the last key of its range in every layer's table.
+            let at = launch::KvAt::RangeEnds(g.ranges[0]);
+            let (k_cache, v_cache, n_rows) = (&g.k[l], &g.v[l], rows.rows);
+            let w =
+                launch::KvWrite { k: b.k, v: b.v, k_cache, v_cache, n_rows, width: c.num_kv_heads * c.head_dim, at };
+            launch::kv_write(&self.ctx, enc, w)?;
+            let key_start = g.ranges[windowed];
+            let io = launch::AttentionIo { q: b.q, k: k_cache, v: v_cache, key_start, out: b.att, stats: b.stats };
+            launch::attention_rows_forward(&self.ctx, enc, io, self.attention_shape(n_rows, 0), g.keys[windowed])?;
         }
         Ok(())
     }

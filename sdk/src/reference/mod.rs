@@ -243,6 +243,16 @@ pub fn attention_rows_forward(
     }
 }
 
+/// A pass's keys (or values), rows of `width`, written into a cache at positions `at[i]` (`None`:
+/// row i is not written).
+pub fn kv_write(rows: &[f32], width: usize, at: &[Option<usize>], cache: &mut [f32]) {
+    for (row, &at) in rows.chunks(width).zip(at) {
+        if let Some(j) = at {
+            cache[j * width..][..width].copy_from_slice(row);
+        }
+    }
+}
+
 /// Gemma 2's final logit soft cap: each x becomes cap · tanh(x / cap).
 pub fn logit_softcap(x: &[f32], cap: f32) -> Vec<f32> {
     x.iter().map(|&v| cap * (v / cap).tanh()).collect()

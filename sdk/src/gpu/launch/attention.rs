@@ -147,6 +147,55 @@ pub fn attention_rows_forward(
     ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups, constant: None }, &p, cost)
 }
 
+/// Where [`kv_write`] puts a pass's rows in the cache.
+#[derive(Debug, Clone, Copy)]
+pub enum KvAt<'a> {
+    /// Row i at position first + i (one sequence's tokens).
+    From(usize),
+    /// Row i at the end of its key range less one, in a table of (first, end) pairs as
+    /// [`attention_rows_forward`] reads; a row of no keys is not written.
+    RangeEnds(&'a wgpu::Buffer),
+}
+
+/// A [`kv_write`] call: `n_rows` rows of `width` floats of new keys `k` and values `v`, into a
+/// KV cache's layer buffers `k_cache` and `v_cache` at `at`.
+#[derive(Debug, Clone, Copy)]
+pub struct KvWrite<'a> {
+    /// (n_rows, width) new keys.
+    pub k: &'a wgpu::Buffer,
+    /// (n_rows, width) new values.
+    pub v: &'a wgpu::Buffer,
+    /// (positions, width) cached keys.
+    pub k_cache: &'a wgpu::Buffer,
+    /// (positions, width) cached values.
+    pub v_cache: &'a wgpu::Buffer,
+    /// Rows to write.
+    pub n_rows: usize,
+    /// Floats of a position: key heads times head width.
+    pub width: usize,
+    /// Where the rows go.
+    pub at: KvAt<'a>,
+}
+
+/// Writes a pass's keys and values into a KV cache in one dispatch, where two copies would end
+/// the compute pass (a decoded token's whole forward pass then stays one pass).
+pub fn kv_write(ctx: &GpuContext, enc: &mut Encoder, w: KvWrite<'_>) -> Result<()> {
+    let (first, ranges, table) = match w.at {
+        KvAt::From(first) => (first, 0, w.k),
+        KvAt::RangeEnds(table) => (0, 1, table),
+    };
+    let p = KvWriteParams {
+        n_rows: u32_of(w.n_rows, "rows")?,
+        width: u32_of(w.width, "key width")?,
+        first: u32_of(first, "position")?,
+        ranges,
+    };
+    let cost = Cost { flops: 0.0, bytes: 16.0 * (w.n_rows * w.width) as f64 };
+    let buffers = [w.k, w.v, table, w.k_cache, w.v_cache];
+    let d = Dispatch { shader: &KV_WRITE, buffers: &buffers, groups: [p.n_rows, 1, 1], constant: None };
+    ctx.dispatch_costed(enc, d, &p, cost)
+}
+
 /// Split-key decoding (flash decoding): a few queries over many keys, as when decoding over a
 /// long cache, would give the plain kernel one workgroup per (query, head), each walking every
 /// key. Instead each of `splits` workgroups per (query, head) takes `per_slice` keys
