@@ -1,5 +1,5 @@
 // Causal GQA attention for CPU rasterizers (see common/simd8.wgsl for why): the same contract
-// as attention.wgsl, but a workgroup is one subgroup of 8 lanes that handles 8 consecutive
+// as attention.wgsl (key_ends included; no split keys), but a workgroup is one subgroup of 8 lanes that handles 8 consecutive
 // queries of one head, a query per lane. The 8 queries share every key and value row: each
 // row is loaded once, spread over the lanes (lane l holds vec4s l, l+8, l+16, ... of it),
 // and handed round with subgroupBroadcast; each lane keeps its query and its output in
@@ -27,11 +27,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
     var o{i} = vec4<f32>();
     if ({i}u < HD4 && {i}u < l.hd4) { q{i} = q[l.base + {i}u] * p.scale; }
 #end
-    let first_key = key_start[l.tq];
-    let last_key = p.pos_offset + l.tq;
+    var first_key = key_start[l.tq];
+    var last_key = p.pos_offset + l.tq;
+    var valid = l.valid;
+    if (p.key_ends != 0u) {
+        // Rows of their own sequences (attention.wgsl's key_ends): a row of no keys is left alone.
+        let end = key_start[2u * l.tq + 1u];
+        first_key = key_start[2u * l.tq];
+        last_key = end - 1u;
+        valid = valid && first_key < end;
+    }
     // The keys any lane sees; lanes past the last query see none.
-    let j_lo = subgroupMin(select(0xffffffffu, first_key, l.valid));
-    let j_hi = subgroupMax(select(0u, last_key + 1u, l.valid));
+    let j_lo = subgroupMin(select(0xffffffffu, first_key, valid));
+    let j_hi = subgroupMax(select(0u, last_key + 1u, valid));
     var run_max = -3.402823e38;
     var run_sum = 0.0;
     for (var j = j_lo; j < j_hi; j++) {
@@ -49,7 +57,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         if ({i}u < HD4 && {i}u < l.hd4) { s += dot(q{i}, subgroupBroadcast(k{i / 8}, {i % 8}u)); }
 #end
         s = softcap(s);
-        let seen = l.valid && j >= first_key && j <= last_key;
+        let seen = valid && j >= first_key && j <= last_key;
         let new_max = select(run_max, max(run_max, s), seen);
         let corr = exp(run_max - new_max);
         let pj = select(0.0, exp(s - new_max), seen);
@@ -59,7 +67,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
         if ({i}u < HD4 && {i}u < l.hd4) { o{i} = o{i} * corr + pj * subgroupBroadcast(v{i / 8}, {i % 8}u); }
 #end
     }
-    if (l.valid) {
+    if (valid) {
 #for i in 0..64
         if ({i}u < HD4 && {i}u < l.hd4) { out[l.base + {i}u] = o{i} / run_sum; }
 #end

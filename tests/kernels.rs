@@ -1853,8 +1853,9 @@ fn split_key_decoding_matches_reference() {
 
 /// Attention of rows that are each one query of its own sequence, every sequence's keys in one
 /// pool (decoding several sequences at once): against the CPU twin, in every family, one
-/// dispatch for all rows whose keys fit a slice and two (split keys, counted from each row's
-/// first key) where a row sees more, GQA, a head of 130 dims with the soft cap, a sliding
+/// dispatch for all rows (simd8's kernel where it takes the head, 8 rows a workgroup, or the
+/// plain kernel), the plain kernel's two (split keys, counted from each row's first key) where
+/// a row sees more than a slice, GQA, a head of 130 dims with the soft cap, a sliding
 /// window's first key inside a slot, and a row of no keys, whose output and statistics are
 /// left as they were.
 #[test]
@@ -1873,6 +1874,15 @@ fn attention_over_rows_of_their_own_sequences_matches_reference() {
                 vec![(0, 5), (slot, slot + 600), (2 * slot + 7, 2 * slot + 7), (3 * slot + 50, 3 * slot + 2099)],
             ),
             (2, 1, 130, Some(0.3), vec![(slot + 3, slot + 300), (0, 257), (3 * slot, 3 * slot)]),
+            // Ten rows of 8-dim heads (two of simd8's 8-row workgroups), in no order, the
+            // second workgroup's first row with no keys.
+            (
+                3,
+                3,
+                8,
+                Some(0.3),
+                (0..10).map(|i| ((9 - i) * 400, (9 - i) * 400 + if i == 8 { 0 } else { 3 + 37 * i })).collect(),
+            ),
         ] {
             let case = r::AttentionCase { n_heads: h, n_kv_heads: kvh, head_dim: hd, pos_offset: 0, softcap };
             let t = ranges.len();
@@ -1894,7 +1904,9 @@ fn attention_over_rows_of_their_own_sequences_matches_reference() {
             });
             let what =
                 format!("{} rows attention h{h}/{kvh} hd{hd} cap {softcap:?} {ranges:?}", ctx.report.kernels.attention);
-            let split = most > launch::SPLIT_KEYS && t * h < ctx.split_keys_below();
+            // simd8 takes every head that is a multiple of 4 dims, unsplit; the plain kernel the rest.
+            let simd8 = ctx.report.kernels.attention == edgetune::gpu::KernelFamily::Simd8 && hd % 4 == 0;
+            let split = !simd8 && most > launch::SPLIT_KEYS && t * h < ctx.split_keys_below();
             assert_eq!(dispatches, if split { 2 } else { 1 }, "{what}: dispatches");
             assert_close(&what, &ctx.read_f32(&out, q.len()).expect("read"), &want, 1e-4, 1e-5);
             let stats = ctx.read_f32(&stats, 2 * t * h).expect("read");

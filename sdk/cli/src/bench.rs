@@ -82,14 +82,13 @@ pub struct ForwardBench {
 /// (moved off zero, so that every product runs): `decode_tokens` tokens of each, one sequence
 /// after another as [`edgetune::model::llama::Model::next_argmax_with`] decodes one, then all
 /// together with [`edgetune::model::llama::Model::decode_rows_argmax`] (then two steps reading
-/// the logits back, as sampling does). Returns the tokens per second of each way and the
-/// buffers and bind groups a step of the second creates.
+/// the logits back, as sampling does).
 fn rows_decode(
     model: &edgetune::model::llama::Model,
     (rows, rank): (usize, usize),
     prompt: &[u32],
     decode_tokens: usize,
-) -> Result<(f64, f64, f64)> {
+) -> Result<RowsFigures> {
     use edgetune::lora::{Adapter, GpuAdapter, GpuAdapterSet, LoraConfig};
     use edgetune::model::llama::DecodeRow;
     let ctx = &model.ctx;
@@ -153,7 +152,24 @@ fn rows_decode(
     step(&mut together, true)?;
     step(&mut together, true)?;
     let made = ctx.counts() - c0;
-    Ok((n / alone_s, n / together_s, (made.buffers + made.bind_groups) as f64 / (decode_tokens + 2) as f64))
+    let per_step = |n: u64| n as f64 / (decode_tokens + 2) as f64;
+    Ok(RowsFigures {
+        alone: n / alone_s,
+        together: n / together_s,
+        allocations: per_step(made.buffers + made.bind_groups),
+        dispatches: per_step(made.dispatches),
+        passes: per_step(made.passes),
+    })
+}
+
+/// What [`rows_decode`] measures: tokens per second one sequence after another and together,
+/// and what a step of the second creates and records.
+struct RowsFigures {
+    alone: f64,
+    together: f64,
+    allocations: f64,
+    dispatches: f64,
+    passes: f64,
 }
 
 /// Prefill and decode throughput, GPU memory, and what each decoded token creates.
@@ -230,14 +246,17 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
                 "buffers_created_per_token": per_token(per.0.buffers),
                 "bind_groups_created_per_token": per_token(per.0.bind_groups),
                 "submits_per_token": per_token(per.0.submits),
+                "compute_passes_per_token": per_token(per.0.passes),
                 "gpu_memory_bytes": { "planned": planned, "driver": peak, "driver_after_load": before },
-                "rows": together.map(|(alone, with, c)| json!({
+                "rows": together.as_ref().map(|r| json!({
                     "sequences": rows,
                     "lora_rank": rows_rank,
-                    "alone_tokens_per_s": alone,
-                    "together_tokens_per_s": with,
-                    "speedup": with / alone,
-                    "allocations_per_step": c,
+                    "alone_tokens_per_s": r.alone,
+                    "together_tokens_per_s": r.together,
+                    "speedup": r.together / r.alone,
+                    "allocations_per_step": r.allocations,
+                    "dispatches_per_step": r.dispatches,
+                    "compute_passes_per_step": r.passes,
                 })),
             }),
         );
@@ -261,18 +280,26 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
             decode * 1e3 / decode_tokens as f64
         );
         println!(
-            "  per token: {:.0} dispatches, {:.0} buffers and {:.0} bind groups created, {:.0} submits",
+            "  per token: {:.0} dispatches in {:.0} compute passes, {:.0} buffers and {:.0} bind groups created, \
+             {:.0} submits",
             per_token(per.0.dispatches),
+            per_token(per.0.passes),
             per_token(per.0.buffers),
             per_token(per.0.bind_groups),
             per_token(per.0.submits)
         );
     }
-    if let Some((alone, with, c)) = together {
+    if let Some(r) = together {
         println!(
-            "{rows} sequences, each with its own adapter (rank {rows_rank}): {alone:.2} tokens/s one after \
-             another, {with:.2} tokens/s together ({:.2}x); {c} buffers and bind groups created per step",
-            with / alone,
+            "{rows} sequences, each with its own adapter (rank {rows_rank}): {:.2} tokens/s one after another, \
+             {:.2} tokens/s together ({:.2}x); a step: {:.0} dispatches in {:.0} compute passes, {} buffers and \
+             bind groups created",
+            r.alone,
+            r.together,
+            r.together / r.alone,
+            r.dispatches,
+            r.passes,
+            r.allocations,
         );
     }
     println!(

@@ -120,9 +120,10 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
 /// ([`crate::model::llama::Model::new_caches_for`]). `b.key_start` holds (first, end) for each
 /// row: row i of `b.q` attends to keys first .. end - 1 into row i of `b.out` (and `b.stats`),
 /// and a row with first = end is left as it is, so that a pass over some rows writes only
-/// theirs. `s.n_tokens` counts the rows, and `s.pos_offset` and `s.key_base` are not read; `keys` are the most
-/// keys a row sees and those all rows see. One dispatch (two where the keys are split,
-/// [`key_splits`]) for every row, in every kernel family.
+/// theirs. `s.n_tokens` counts the rows, and `s.pos_offset` and `s.key_base` are not read;
+/// `keys` are the most keys a row sees and those all rows see. One dispatch for every row:
+/// simd8's kernel where it takes the head, else the plain kernel (two dispatches where it
+/// splits the keys, [`key_splits`]).
 pub fn attention_rows_forward(
     ctx: &GpuContext,
     enc: &mut Encoder,
@@ -137,14 +138,22 @@ pub fn attention_rows_forward(
         flops: 4.0 * hd * (all * s.n_heads) as f64,
         bytes: all as f64 * (s.n_kv_heads as f64 * hd) * 4.0 * 2.0 + 2.0 * queries,
     };
-    let slices = slices_of(ctx, s.n_tokens * s.n_heads, most);
-    if slices.0 > 1 {
-        return split_key_attention(ctx, enc, b, (s, p), slices, cost);
-    }
     let AttentionIo { q, k, v, key_start, out, stats } = b;
     let buffers = [q, k, v, key_start, out, stats];
-    let groups = [p.n_tokens, p.n_heads, 1];
-    ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups, constant: None }, &p, cost)
+    // simd8's lanes walk every key that any of their 8 rows sees, as many as the rows' own
+    // dispatches would walk one after another.
+    let (shader, groups) =
+        match attention_simd8(ctx, s, [&ATTENTION_SIMD8_HD64, &ATTENTION_SIMD8, &ATTENTION_SIMD8_HD256]) {
+            Some(shader) => (shader, [p.n_tokens.div_ceil(8), p.n_heads, 1]),
+            None => {
+                let slices = slices_of(ctx, s.n_tokens * s.n_heads, most);
+                if slices.0 > 1 {
+                    return split_key_attention(ctx, enc, b, (s, p), slices, cost);
+                }
+                (&ATTENTION, [p.n_tokens, p.n_heads, 1])
+            }
+        };
+    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups, constant: None }, &p, cost)
 }
 
 /// Where [`kv_write`] puts a pass's rows in the cache.
