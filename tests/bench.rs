@@ -138,10 +138,12 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     for k in ["prefill_tokens_per_s", "decode_tokens_per_s", "dispatches_per_token"] {
         assert!(j[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {j}");
     }
-    // A decoded token runs in its KV cache's buffers and bind groups, and is one submission.
+    // A decoded token runs in its KV cache's buffers and bind groups, and is one submission of
+    // one compute pass.
     assert_eq!(j["allocations_per_token"].as_f64(), Some(0.0), "{j}");
     assert!(j["dispatches_per_token"].as_f64().is_some_and(|d| d > 8.0), "{j}");
     assert_eq!(j["submits_per_token"].as_f64(), Some(1.0), "{j}");
+    assert_eq!(j["compute_passes_per_token"].as_f64(), Some(1.0), "{j}");
 
     // With an adapter applied, a decoded token runs one more dispatch for each of a layer's
     // inputs that adapted modules read (x A^T of q, k and v at once, of o, of gate and up at
@@ -366,5 +368,7 @@ fn bench_rows_decodes_sequences_with_their_own_adapters_and_allocates_nothing_a_
         assert!(rows[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {rows}");
     }
     assert_eq!(rows["allocations_per_step"].as_f64(), Some(0.0), "{rows}");
+    // The rows' caches share a pool: a step is one compute pass, the logits read back after it.
+    assert_eq!(rows["compute_passes_per_step"].as_f64(), Some(1.0), "{rows}");
     let _ = std::fs::remove_dir_all(&dir);
 }
