@@ -566,6 +566,47 @@ fn logits_past_one_binding_are_formed_in_chunks_of_rows() {
     assert!(losses == wide.token_losses_with(&ids, None).expect("losses"), "losses in chunks differ");
 }
 
+/// Caches decoded together share a pool as far as one binding holds them: on a device opened to
+/// bind 256 KiB (1,024 positions of this model's keys), four caches of 350 positions make two
+/// pools of two, so a rows step over two caches of different pools records two dispatches a
+/// layer more (their keys' writing and their attention) than over two of one pool, and gives
+/// the same picks; a cache past one binding is refused naming max_context and the most that
+/// fits, and so is a model whose RoPE table (2,048 positions of 32 floats here) would be.
+#[test]
+fn pools_of_caches_hold_what_one_binding_holds() {
+    use edgetune::gpu::{GpuContext, GpuOptions};
+    use edgetune::lora::GpuAdapterSet;
+    use edgetune::model::llama::{DecodeRow, KvCache, LoadOptions, Quant};
+    let small = std::sync::Arc::new(
+        GpuContext::new(&GpuOptions { max_storage_binding: Some(256 << 10), ..Default::default() }).expect("gpu"),
+    );
+    let opts = |max_context| LoadOptions { quant: Quant::None, max_context, ..Default::default() };
+    let dims = (64, 128, 2, 2, 32);
+    let err = err_of(random_llama_on(small.clone(), "long-rope", dims, 4096, &opts(4096)));
+    assert!(err.contains("max_context") && err.contains("RoPE table") && err.contains("(at most 2048)"), "{err}");
+    let m = random_llama_on(small, "pooled-caches", dims, 2048, &opts(2048)).expect("model");
+    let set = GpuAdapterSet::new(&m.ctx, &[], m.config.num_layers).expect("set");
+    let mut decoder = m.rows_decoder(2, 1).expect("decoder");
+    let mut caches = m.new_caches_for(&[350; 4]).expect("caches");
+    let mut step = |pair: [&mut KvCache; 2]| {
+        let mut rows: Vec<DecodeRow<'_>> =
+            pair.into_iter().zip([5, 9]).map(|(cache, token)| DecodeRow { cache, adapter: None, token }).collect();
+        let before = m.ctx.counts();
+        let picked = m.decode_rows_argmax(&mut decoder, &set, &mut rows).expect("step");
+        ((m.ctx.counts() - before).dispatches, picked)
+    };
+    let [c0, c1, c2, c3] = &mut caches[..] else { panic!("four caches") };
+    let (one_pool, picked) = step([&mut *c0, c1]);
+    let (two_pools, picked_apart) = step([&mut *c2, c3]);
+    assert_eq!(two_pools, one_pool, "caches 2 and 3 share the second pool");
+    assert_eq!(picked, picked_apart);
+    let (across, _) = step([c0, c2]);
+    assert_eq!(across, one_pool + 2 * m.config.num_layers as u64, "caches 0 and 2 are in different pools");
+    let err = err_of(m.new_caches_for(&[1024, 1025]));
+    assert!(err.contains("a KV cache of 1025 tokens") && err.contains("max_context"), "{err}");
+    assert!(err.contains("(at most 1024)"), "{err}");
+}
+
 /// The kernels bind an adapter's buffer whole (and training its gradients and AdamW moments,
 /// each as large), so an adapter past `max_storage_buffer_binding_size` is refused by
 /// `Trainer::new` before the adapter is made, naming lora.r and the most rank that fits.

@@ -272,6 +272,7 @@ pub struct KvCache {
     /// ([`Model::new_caches_for`]), of which it holds positions base .. base + capacity.
     k: Vec<wgpu::Buffer>,
     v: Vec<wgpu::Buffer>,
+    /// Its first position in them.
     base: usize,
     /// Positions the layers' buffers hold (more than its capacity in a pool).
     held: usize,
@@ -914,6 +915,22 @@ impl Model {
         }
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
+        let max_context = c.usable_context(opts.max_context);
+        // The RoPE table (a cos and a sin per rotated pair and position) is bound whole.
+        let (rope, binding) = (
+            crate::gpu::dispatch::storage_bytes(max_context * c.rope_inv_freq().len() * 2),
+            ctx.limits.max_storage_buffer_binding_size,
+        );
+        if rope > binding {
+            let most = binding as usize / 4 / (c.rope_inv_freq().len() * 2).max(1);
+            return Err(Error::invalid(
+                "max_context",
+                format!(
+                    "{max_context} positions need a RoPE table of {rope} bytes, more than the {binding} this GPU binds \
+                     at once (max_storage_buffer_binding_size): {KV_ADVICE} (at most {most})"
+                ),
+            ));
+        }
         let mut up = Uploader { ctx: &ctx, src, cfg: c, opts, bytes: 0, hash: FNV_OFFSET };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -973,7 +990,6 @@ impl Model {
         let tied = c.tie_word_embeddings || !src.contains(c, "lm_head.weight");
         let lm_head = if tied { None } else { Some(up.table("lm_head.weight", c.vocab_size, h)?) };
         let final_norm = up.norm("model.norm.weight", h)?;
-        let max_context = c.usable_context(opts.max_context);
         let mut table = crate::prim::rope_table(&c.rope_inv_freq(), max_context);
         let factor = c.rope_attention_factor();
         if factor != 1.0 {
@@ -1137,8 +1153,9 @@ impl Model {
         let mut start = 0;
         while start < capacities.len() {
             // Each layer's keys (and values) are bound whole.
-            let mut end = start;
-            while end < capacities.len() && fits(capacities[start..=end].iter().sum()) {
+            let (mut end, mut held) = (start, 0);
+            while end < capacities.len() && fits(held + capacities[end]) {
+                held += capacities[end];
                 end += 1;
             }
             if end == start {
@@ -1264,8 +1281,10 @@ impl Model {
     /// run once over every row, each row's LoRA update comes from its own adapter among
     /// `adapters` (gathered LoRA), and each row's attention reads its own cache, which grows by
     /// its token. Returns the logits, (rows, vocab). The rows' caches are filled by prompts
-    /// run as usual ([`Model::next_logits_with`] with each row's adapter); `decoder` comes
-    /// from [`Model::rows_decoder`]. With one row this gives what the one-sequence step gives,
+    /// run as usual ([`Model::next_logits_with`] with each row's adapter); caches of one pool
+    /// ([`Model::new_caches_for`]) have their keys written and their attention run in one
+    /// dispatch each a layer, and each pool more adds two. `decoder` comes from
+    /// [`Model::rows_decoder`]. With one row this gives what the one-sequence step gives,
     /// up to the order of the sums.
     pub fn decode_rows(
         &self,
