@@ -298,8 +298,9 @@ pub fn generate_rows(
     };
     let set = crate::lora::GpuAdapterSet::new(&model.ctx, adapters, model.config.num_layers)?;
     let mut decoder = model.rows_decoder(requests.len(), set.max_rank())?;
+    let mut loras = Vec::with_capacity(requests.len());
     for (i, r) in requests.iter().enumerate() {
-        lora(i)?;
+        loras.push(lora(i)?);
         if r.prompt_ids.is_empty() {
             return Err(Error::invalid("prompt", format!("request {i} is empty")));
         }
@@ -314,8 +315,7 @@ pub fn generate_rows(
     let sizes: Vec<usize> = requests.iter().map(|r| cache_tokens(r.prompt_ids.len(), opts)).collect();
     let mut caches = model.new_caches_for(&sizes)?;
     let (mut streams, mut rngs, mut next) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, (r, cache)) in requests.iter().zip(&mut caches).enumerate() {
-        let lora = lora(i)?;
+    for ((r, cache), lora) in requests.iter().zip(&mut caches).zip(loras) {
         let mut rng = Rng::new(opts.seed);
         next.push(if opts.temperature == 0.0 {
             model.next_argmax_with(r.prompt_ids, cache, lora)?

@@ -916,13 +916,14 @@ impl Model {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let max_context = c.usable_context(opts.max_context);
+        let inv_freq = c.rope_inv_freq();
         // The RoPE table (a cos and a sin per rotated pair and position) is bound whole.
         let (rope, binding) = (
-            crate::gpu::dispatch::storage_bytes(max_context * c.rope_inv_freq().len() * 2),
+            crate::gpu::dispatch::storage_bytes(max_context * inv_freq.len() * 2),
             ctx.limits.max_storage_buffer_binding_size,
         );
         if rope > binding {
-            let most = binding as usize / 4 / (c.rope_inv_freq().len() * 2).max(1);
+            let most = binding as usize / 4 / (inv_freq.len() * 2).max(1);
             return Err(Error::invalid(
                 "max_context",
                 format!(
@@ -990,7 +991,7 @@ impl Model {
         let tied = c.tie_word_embeddings || !src.contains(c, "lm_head.weight");
         let lm_head = if tied { None } else { Some(up.table("lm_head.weight", c.vocab_size, h)?) };
         let final_norm = up.norm("model.norm.weight", h)?;
-        let mut table = crate::prim::rope_table(&c.rope_inv_freq(), max_context);
+        let mut table = crate::prim::rope_table(&inv_freq, max_context);
         let factor = c.rope_attention_factor();
         if factor != 1.0 {
             table.iter_mut().for_each(|cs| *cs = cs.map(|v| v * factor));

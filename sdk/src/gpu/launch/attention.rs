@@ -131,7 +131,7 @@ pub fn attention_rows_forward(
     s: AttentionShape,
     (most, all): (usize, usize),
 ) -> Result<()> {
-    let p = AttentionParams { key_ends: 1, pos_offset: 0, ..attention_params(AttentionShape { key_base: 0, ..s })? };
+    let p = AttentionParams { key_ends: 1, pos_offset: 0, ..attention_params(s)? };
     let hd = s.head_dim as f64;
     let queries = (s.n_tokens * s.n_heads) as f64 * hd * 4.0;
     let cost = Cost {
