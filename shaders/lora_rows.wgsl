@@ -1,22 +1,25 @@
 // Gathered LoRA for a batch whose rows each carry their own adapter (decoding many sequences at
 // once, each with its user's adapter, as S-LoRA and Punica do): every resident adapter's A and
 // B matrices sit in one buffer `w`, and `table` gives each row's slices for the module being
-// run, so the base product stays one product over every row. Two dispatches of this shader:
-//   the A product (B_PRODUCT = 0): h[t, j] = x[t, :] . A_t[j, :] for j < h_stride (0 past the
-//     row's rank): a workgroup per (j, t), its 64 lanes over the n_in inputs;
-//   the B product (B_PRODUCT = 1): y[t, o] += scale_t * h[t, :rank_t] . B_t[o, :]: a lane per
-//     (o, t).
+// run, so the base product stays one product over every row. Two entry points (B_PRODUCT):
+//   the A product (B_PRODUCT = 0), for `modules` modules that read the same x (q, k and v; gate
+//     and up), their table entries `n_rows` apart: h[t, i * width + j] = x[t, :] . A_ti[j, :]
+//     for module i and j < width (0 past the row's rank): a workgroup per (i * width + j, t),
+//     its 64 lanes over the n_in inputs;
+//   the B product (B_PRODUCT = 1), for one module: y[t, o] += scale_t * h[t, h_col + (0 ..
+//     rank_t)] . B_t[o, :]: a lane per (o, t). (The many-row products fuse it instead where
+//     they can: common/lora_table.wgsl.)
 // A_t is (rank_t, n_in) at w[a_t], B_t (n_out, rank_t) at w[b_t]; a row with rank 0 (no adapter,
 // or one that leaves the module out) gets h = 0 and y as it was.
 struct LoraRowsParams {
     n_rows: u32,
     n_in: u32,
     n_out: u32,
-    h_stride: u32,    // h's row width: the largest rank among the rows
-    table_row: u32,   // this module's first entry in `table`; row t's entry is table_row + t
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    width: u32,       // a module's columns in h: the largest rank among the rows
+    table_row: u32,   // the (first) module's first entry in `table`; row t's is table_row + t
+    modules: u32,     // A: the modules side by side in h
+    h_stride: u32,    // h's row stride
+    h_col: u32,       // B: the module's first column in h
 }
 
 const B_PRODUCT: u32 = 0u;
@@ -38,17 +41,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let e = table[p.table_row + t];
         var acc = 0.0;
         for (var j = 0u; j < e.z; j++) {
-            acc += x[t * p.h_stride + j] * w[e.y + o * e.z + j];
+            acc += x[t * p.h_stride + p.h_col + j] * w[e.y + o * e.z + j];
         }
         if (e.z > 0u) {
             y[t * p.n_out + o] += bitcast<f32>(e.w) * acc;
         }
         return;
     }
-    // The grid is (h_stride, n_rows): every workgroup is inside it, so the barriers below are
-    // reached by all of its lanes.
-    let j = wg.x;
-    let e = table[p.table_row + t];
+    // The grid is (modules * width, n_rows): every workgroup is inside it, so the barriers below
+    // are reached by all of its lanes.
+    let j = wg.x % p.width;
+    let e = table[p.table_row + wg.x / p.width * p.n_rows + t];
     let n = select(0u, p.n_in, j < e.z);
     var acc = 0.0;
     for (var k = lid; k < n; k += 64u) {
@@ -60,5 +63,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if (lid < s) { partial[lid] += partial[lid + s]; }
         workgroupBarrier();
     }
-    if (lid == 0u) { y[t * p.h_stride + j] = partial[0]; }
+    if (lid == 0u) { y[t * p.h_stride + wg.x] = partial[0]; }
 }

@@ -2680,93 +2680,256 @@ fn the_kernel_log_names_what_was_dispatched_once_and_not_what_was_compiled() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Gathered LoRA (`launch::lora_rows_forward`): every row of a batch through its own adapter,
-/// A and B read from one buffer of several adapters through the row's table entry, added to
-/// the base product already in y. Ranks 1, 8, 16 and 64 side by side with rows that have no
-/// adapter (rank 0: y unchanged), 1 to 2,049 rows, inputs and outputs that are no multiple of
-/// the kernel's 64 lanes, a module's entries from the middle of the table. Against the twin,
-/// and both against the sums in f64: an f32 dot product of n terms is within n u sum|a b| of
-/// its exact value (u = 2^-24), so each output is within (n_in + r + 1) u scale sum_j |B_oj|
-/// sum_k |x_k A_jk| + u |y|, twice that between the kernel and the twin. Refused: h narrower
-/// than the rows' stride.
+/// Adapters of the given ranks one after another in one buffer from element 5, then junk, as a
+/// resident set holds them: the buffer and each adapter's slices, scales 0.5, 1.5, ...
+fn resident_adapters(ranks: &[usize], (n_in, n_out): (usize, usize), seed: u64) -> (Vec<f32>, Vec<r::LoraRow>) {
+    let mut w = rand(5, seed, 1.0);
+    let mut slices = Vec::new();
+    for (i, &rank) in ranks.iter().enumerate() {
+        let a = w.len();
+        w.extend(rand(rank * n_in, seed + 1 + i as u64, 0.5));
+        let b = w.len();
+        w.extend(rand(n_out * rank, seed + 11 + i as u64, 0.5));
+        slices.push(r::LoraRow { a, b, rank, scale: 0.5 + i as f32 });
+    }
+    w.extend(rand(9, seed + 30, 1.0));
+    (w, slices)
+}
+
+/// The table that `lora_rows.wgsl` reads: junk entries before `first`, then each module's rows.
+fn rows_table(first: usize, modules: &[&[r::LoraRow]]) -> Vec<u32> {
+    let mut table = vec![u32::MAX; 4 * first];
+    for e in modules.iter().flat_map(|m| m.iter()) {
+        table.extend([e.a as u32, e.b as u32, e.rank as u32, e.scale.to_bits()]);
+    }
+    table
+}
+
+/// Gathered LoRA's A products (`launch::lora_rows_a`): every row of a batch through its own
+/// adapter's A, for one to three modules that read the same x in one dispatch, their entries
+/// one after another from the middle of the table and their x A^T side by side in h. Ranks 1, 8,
+/// 16 and 64 beside rows without an adapter (rank 0), 1 to 2,049 rows, inputs that are no
+/// multiple of the kernel's 64 lanes, h full of NaN before: every value past a row's rank is
+/// written 0. Against the twin and both against the sums in f64: an f32 dot product of n terms
+/// is within n u sum |x a| of its exact value (u = 2^-24), twice that between kernel and twin.
+/// Refused: no rank, an h, x or table too short.
 #[test]
-fn gathered_lora_gives_each_row_its_own_adapter() {
+fn gathered_lora_a_products_give_each_row_its_own_adapter() {
     let ctx = ctx();
-    // (rows, n_in, n_out)
-    for (case, &(rows, n_in, n_out)) in [(1, 40, 37), (5, 96, 130), (9, 576, 64), (2049, 24, 70)].iter().enumerate() {
+    let u = f64::from(f32::EPSILON) / 2.0;
+    // (rows, n_in, modules)
+    for (case, &(rows, n_in, modules)) in [(1, 40, 1), (5, 96, 3), (9, 576, 2), (2049, 24, 3)].iter().enumerate() {
         let seed = 1300 + 10 * case as u64;
-        let ranks = [1usize, 8, 0, 16, 64];
-        // The adapters' A and B one after another from element 5, then junk.
-        let mut w = rand(5, seed, 1.0);
-        let mut slices = Vec::new();
-        for (i, &rank) in ranks.iter().enumerate() {
-            let a = w.len();
-            w.extend(rand(rank * n_in, seed + 1 + i as u64, 0.5));
-            let b = w.len();
-            w.extend(rand(n_out * rank, seed + 11 + i as u64, 0.5));
-            slices.push(r::LoraRow { a, b, rank, scale: 0.5 + i as f32 });
-        }
-        w.extend(rand(9, seed + 30, 1.0));
-        let row_of: Vec<r::LoraRow> = (0..rows).map(|t| slices[(t * 3 + case) % ranks.len()]).collect();
+        let (w, slices) = resident_adapters(&[1, 8, 0, 16, 64], (n_in, 3), seed);
+        let row_of: Vec<Vec<r::LoraRow>> =
+            (0..modules).map(|i| (0..rows).map(|t| slices[(t * 3 + case + i) % slices.len()]).collect()).collect();
+        let module_rows: Vec<&[r::LoraRow]> = row_of.iter().map(|m| m.as_slice()).collect();
+        let width = row_of.iter().flatten().map(|e| e.rank).max().unwrap_or(1).max(1);
         let table_row = 3;
-        let mut table = vec![u32::MAX; 4 * table_row];
-        for e in &row_of {
-            table.extend([e.a as u32, e.b as u32, e.rank as u32, e.scale.to_bits()]);
-        }
+        let table = rows_table(table_row, &module_rows);
         let x = rand(rows * n_in, seed + 40, 1.0);
-        let y0 = rand(rows * n_out, seed + 41, 2.0);
-        let h_stride = row_of.iter().map(|e| e.rank).max().unwrap_or(1).max(1);
-        let (xb, wb, tb, hb, yb) = (
+        let stride = modules * width;
+        let (xb, wb, tb, hb) = (
             ctx.storage_from("x", &x),
             ctx.storage_from("adapters", &w),
             ctx.storage_from("table", &table),
-            ctx.storage_zeroed("h", rows * h_stride),
-            ctx.storage_from("y", &y0),
+            ctx.storage_from("h", &vec![f32::NAN; rows * stride]),
         );
-        let l = launch::LoraRows { x: &xb, w: &wb, table: &tb, table_row, h: &hb, h_stride, y: &yb, rows, n_in, n_out };
-        run(&ctx, |enc| launch::lora_rows_forward(&ctx, enc, l));
-        let got = ctx.read_f32(&yb, rows * n_out).expect("readback");
-        let mut twin = y0.clone();
-        r::lora_rows_forward(&x, &w, &row_of, (n_in, n_out), &mut twin);
-        let u = f64::from(f32::EPSILON) / 2.0;
-        let (mut exact, mut bound) = (Vec::new(), Vec::new());
-        for (t, e) in row_of.iter().enumerate() {
-            let xt = &x[t * n_in..(t + 1) * n_in];
-            let dot = |j: usize, f: fn(f64) -> f64| -> f64 {
-                (0..n_in).map(|k| f(f64::from(xt[k]) * f64::from(w[e.a + j * n_in + k]))).sum()
-            };
-            for o in 0..n_out {
-                let b = |j: usize| f64::from(w[e.b + o * e.rank + j]);
-                let v: f64 = (0..e.rank).map(|j| b(j) * dot(j, |v| v)).sum();
-                let mass: f64 = (0..e.rank).map(|j| b(j).abs() * dot(j, f64::abs)).sum();
-                let y = f64::from(y0[t * n_out + o]) + f64::from(e.scale) * v;
-                exact.push(y);
-                bound.push((n_in + e.rank + 1) as f64 * u * f64::from(e.scale) * mass + u * y.abs());
-            }
-        }
-        let what = format!("{rows} rows of {n_in} -> {n_out}");
-        for (i, ((&g, &tw), (&ex, &b))) in got.iter().zip(&twin).zip(exact.iter().zip(&bound)).enumerate() {
-            let (t, o) = (i / n_out, i % n_out);
-            let rank = row_of[t].rank;
-            assert!(
-                (f64::from(g) - ex).abs() <= b,
-                "{what}: row {t} (rank {rank}) output {o}: {g} vs exact {ex} (bound {b})"
-            );
-            assert!((f64::from(tw) - ex).abs() <= b, "{what}: the twin's row {t} output {o}: {tw} vs exact {ex}");
-            assert!((f64::from(g) - f64::from(tw)).abs() <= 2.0 * b, "{what}: row {t} output {o}: {g} vs twin {tw}");
-            if rank == 0 {
-                assert_eq!(g, y0[i], "{what}: row {t} has no adapter and keeps y");
+        let adapters = launch::RowsAdapters { w: &wb, table: &tb, table_row, width };
+        let a = launch::LoraRowsA { x: &xb, adapters, modules, h: &hb, rows, n_in };
+        assert_eq!(run(&ctx, |enc| launch::lora_rows_a(&ctx, enc, a)), 1, "one dispatch for the modules");
+        let got = ctx.read_f32(&hb, rows * stride).expect("readback");
+        let twin = r::lora_rows_a(&x, &w, &module_rows, (n_in, width));
+        let what = format!("{rows} rows of {n_in}, {modules} modules");
+        for (i, module) in row_of.iter().enumerate() {
+            for (t, e) in module.iter().enumerate() {
+                let xt = &x[t * n_in..(t + 1) * n_in];
+                for j in 0..width {
+                    let at = t * stride + i * width + j;
+                    if j >= e.rank {
+                        assert_eq!(got[at].to_bits(), 0, "{what}: module {i} row {t} (rank {}) column {j}", e.rank);
+                        continue;
+                    }
+                    let a = &w[e.a + j * n_in..e.a + (j + 1) * n_in];
+                    let exact: f64 = xt.iter().zip(a).map(|(x, a)| f64::from(*x) * f64::from(*a)).sum();
+                    let mass: f64 = xt.iter().zip(a).map(|(x, a)| f64::from((x * a).abs())).sum();
+                    let bound = n_in as f64 * u * mass;
+                    let (g, tw) = (f64::from(got[at]), f64::from(twin[at]));
+                    assert!((g - exact).abs() <= bound, "{what}: module {i} row {t} column {j}: {g} vs {exact}");
+                    assert!((tw - exact).abs() <= bound, "{what}: the twin's module {i} row {t} column {j}");
+                    assert!((g - tw).abs() <= 2.0 * bound, "{what}: module {i} row {t} column {j}: {g} vs twin {tw}");
+                }
             }
         }
         let mut enc = ctx.encoder();
-        let narrow = launch::LoraRows { h_stride: 0, ..l };
-        let err = launch::lora_rows_forward(&ctx, &mut enc, narrow).expect_err("no rank");
-        assert!(err.to_string().contains("gathered LoRA"), "{err}");
-        if rows > 1 {
-            let short = ctx.storage_zeroed("h", (rows - 1) * h_stride);
-            let err =
-                launch::lora_rows_forward(&ctx, &mut enc, launch::LoraRows { h: &short, ..l }).expect_err("h short");
-            assert!(err.to_string().contains("h holds"), "{err}");
+        // Buffers are padded to 16 bytes: one a padded block shorter than asked.
+        let short = |need: usize| ctx.storage_zeroed("short", (need - 1) / 4 * 4);
+        let (short_h, short_x) = (short(rows * stride), short(rows * n_in));
+        let mut refused = vec![
+            (launch::LoraRowsA { adapters: launch::RowsAdapters { width: 0, ..adapters }, ..a }, "gathered LoRA"),
+            (launch::LoraRowsA { x: &short_x, ..a }, "x holds"),
+            (launch::LoraRowsA { adapters: launch::RowsAdapters { table_row: 4, ..adapters }, ..a }, "table holds"),
+        ];
+        if rows * stride > 4 {
+            refused.push((launch::LoraRowsA { h: &short_h, ..a }, "h holds"));
+        }
+        for (a, why) in refused {
+            let err = launch::lora_rows_a(&ctx, &mut enc, a).expect_err(why);
+            assert!(err.to_string().contains(why), "{what}: {err}");
+        }
+    }
+}
+
+/// Rows that each carry their own adapter add its B product to the base product over every row
+/// (`launch::matmul_rows_lora_forward`): y = x W^T (+ bias) (+ y) + scale_t h_t B_t^T, each row's
+/// B and scale from its table entry, its x A^T read at a row stride and first column of a wider
+/// h whose values past the row's rank are junk (never read as the row's). In every family and
+/// weight format, against the twin's base product plus the B products summed in f64: M from 2
+/// to 33, K of 40 to 320 (not a multiple of the tiles' step), slot widths of 1 to 64 with ranks
+/// 0 to the width. The simd8 kernels add the B products in their epilogue, the tiled cores as
+/// more of the reduction, M slots of the width, each zero but for its row, where M * width is
+/// at most K (one dispatch, as the product alone), else a second dispatch adds them. The bound is
+/// `wanted_with_slack`'s over K + width products (zeros add no rounding), the bias and the
+/// accumulated value; coop16's f16 operands add `f16_slack` over the whole reduction. Refused:
+/// one row, alpha other than 1, a block of y's columns, an h or table too short.
+#[test]
+fn a_many_row_product_with_each_rows_own_lora_b_matches_the_two_products() {
+    for ctx in gpus() {
+        eprintln!("kernels: {}", ctx.report.kernels);
+        // (rows, outputs, reduction, slot width, h's first column, h's row stride)
+        let shapes = [
+            (2, 37, 40, 1, 0, 1),
+            (9, 70, 96, 16, 16, 48),
+            (5, 37, 320, 64, 0, 64),
+            (33, 9, 256, 8, 8, 24),
+            (17, 37, 200, 8, 0, 8),
+        ];
+        for (i, &(m, n, k, width, h_col, h_stride)) in shapes.iter().enumerate() {
+            let seed = 1500 + 10 * i as u64;
+            let ranks = [1, width, 0, (width / 2).max(1)];
+            let (lw, slices) = resident_adapters(&ranks, (k, n), seed);
+            let rows: Vec<r::LoraRow> = (0..m).map(|t| slices[(t + i) % slices.len()]).collect();
+            let table_row = 2;
+            let table = rows_table(table_row, &[&rows]);
+            let x = rand(m * k, seed + 40, 1.0);
+            let w = rand(n * k, seed + 41, 0.3);
+            let bias = rand(n, seed + 42, 0.5);
+            let y0 = rand(m * n, seed + 43, 2.0);
+            let h = rand(m * h_stride, seed + 44, 1.0);
+            let h_at = |t: usize, j: usize| h[t * h_stride + h_col + j];
+            let b_at = |e: &r::LoraRow, c: usize, j: usize| if j < e.rank { lw[e.b + c * e.rank + j] } else { 0.0 };
+            let (xb, bb, hb, wb, tb) = (
+                ctx.storage_from("x", &x),
+                ctx.storage_from("bias", &bias),
+                ctx.storage_from("h", &h),
+                ctx.storage_from("adapters", &lw),
+                ctx.storage_from("table", &table),
+            );
+            let adapters = launch::RowsAdapters { w: &wb, table: &tb, table_row, width };
+            let b = launch::RowsB { adapters, h: &hb, h_col, h_stride };
+            let (wide_h, wide_b) = (ctx.storage_zeroed("h", m * m * width), ctx.storage_zeroed("B", n * m * width));
+            let mut twin_b = vec![0.0; m * n];
+            r::lora_rows_b(&h, (h_col, h_stride), &lw, &rows, n, &mut twin_b);
+            let on_gpu = Formats::new(&ctx, &w, (n, k), seed, 32);
+            for (label, weight, wd, mass) in on_gpu.list() {
+                let y = ctx.storage_from("y", &y0);
+                let out = launch::OutCols::whole(n).accumulated();
+                let mm = launch::Matmul { x: &xb, w: weight, bias: Some(&bb), y: &y, m, n, k, out };
+                let dispatches = run(&ctx, |enc| launch::matmul_rows_lora_forward(&ctx, enc, mm, b));
+                // What the product records alone, and with one adapter's B product as wide as
+                // the rows' slots (a reduction as long as the fused one: split alike).
+                let scratch = ctx.storage_zeroed("y", m * n);
+                let alone = run(&ctx, |enc| launch::matmul_forward(&ctx, enc, launch::Matmul { y: &scratch, ..mm }));
+                let slots = launch::LoraB {
+                    h: &wide_h,
+                    h_offset: 0,
+                    h_stride: m * width,
+                    params: &wide_b,
+                    b_offset: 0,
+                    rank: m * width,
+                    scale: 1.0,
+                };
+                let as_wide = run(&ctx, |enc| {
+                    launch::matmul_lora_forward(&ctx, enc, launch::Matmul { y: &scratch, ..mm }, slots, None)
+                });
+                let what = format!("{label} with rows' own B products of width {width} {m}x{n}x{k}");
+                let simd8 = ctx.report.kernels.matmul == edgetune::gpu::KernelFamily::Simd8;
+                if m * width <= k {
+                    assert_eq!(dispatches, as_wide, "{what}: fused into the product");
+                } else if !simd8 {
+                    assert_eq!(dispatches, alone + 1, "{what}: a tiled core adds them apart");
+                } else {
+                    assert!(dispatches == as_wide || dispatches == alone + 1, "{what}: {dispatches} vs {alone}");
+                }
+                let got = ctx.read_f32(&y, m * n).expect("readback");
+                let product = r::matmul_forward(&x, &wd, None, m, n, k);
+                let hb_sum = |t: usize, c: usize, f: fn(f64) -> f64| -> f64 {
+                    let e = &rows[t];
+                    (0..e.rank).map(|j| f(f64::from(h_at(t, j)) * f64::from(b_at(e, c, j)))).sum::<f64>()
+                        * f64::from(e.scale)
+                };
+                let f16 = f16_slack(
+                    f16_products(&ctx),
+                    (m, n, k + m * width),
+                    1.0,
+                    |t, j| match j.checked_sub(k) {
+                        None => x[t * k + j],
+                        Some(s) if s / width == t => h_at(t, s % width),
+                        Some(_) => 0.0,
+                    },
+                    |c, j| match j.checked_sub(k) {
+                        None => wd[c * k + j],
+                        Some(s) => rows[s / width].scale * b_at(&rows[s / width], c, s % width),
+                    },
+                );
+                let (want, slack) = wanted_with_slack(f16, (m, n), (k, width), |t, c| {
+                    let at = t * n + c;
+                    let v = f64::from(product[at] + bias[c] + y0[at]) + hb_sum(t, c, |v| v);
+                    let xw: f64 = (0..k).map(|j| f64::from(x[t * k + j].abs() * mass[c * k + j])).sum();
+                    (v, xw + hb_sum(t, c, f64::abs), f64::from(bias[c].abs() + y0[at].abs()))
+                });
+                assert_close_slack(&what, &got, &want, 0.0, 0.0, &slack);
+                // The twin's B products against the same sums.
+                for t in 0..m {
+                    for c in 0..n {
+                        let bound = (width + 2) as f64 * f64::from(f32::EPSILON) * hb_sum(t, c, f64::abs);
+                        let d = (f64::from(twin_b[t * n + c]) - hb_sum(t, c, |v| v)).abs();
+                        assert!(d <= bound, "{what}: the twin's row {t} output {c}");
+                    }
+                }
+            }
+            let mm = launch::Matmul {
+                x: &xb,
+                w: launch::Weight::Dense(&on_gpu.dense),
+                bias: None,
+                y: &bb,
+                m,
+                n,
+                k,
+                out: launch::OutCols::whole(n),
+            };
+            // One a padded block (16 bytes) shorter than needed.
+            let short_h = ctx.storage_zeroed("h", ((m - 1) * h_stride + h_col + width - 1) / 4 * 4);
+            let short_table = ctx.storage_from("table", &table[..table.len() - 4]);
+            let mut enc = ctx.encoder();
+            let mut refused = vec![
+                (launch::Matmul { m: 1, ..mm }, b, "reads one row"),
+                (launch::Matmul { out: launch::OutCols::whole(n).scaled(0.5), ..mm }, b, "alpha 1"),
+                (launch::Matmul { out: launch::OutCols::at(n + 1, 0), ..mm }, b, "whole rows"),
+                (mm, launch::RowsB { h_col: h_stride - width + 1, ..b }, "h holds"),
+                (
+                    mm,
+                    launch::RowsB { adapters: launch::RowsAdapters { table: &short_table, ..adapters }, ..b },
+                    "table holds",
+                ),
+            ];
+            if (m - 1) * h_stride + h_col + width > 4 {
+                refused.push((mm, launch::RowsB { h: &short_h, ..b }, "h holds"));
+            }
+            for (mm, b, why) in refused {
+                let err = launch::matmul_rows_lora_forward(&ctx, &mut enc, mm, b).expect_err(why);
+                assert!(err.to_string().contains(why), "{err}");
+            }
         }
     }
 }

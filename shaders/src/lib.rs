@@ -405,6 +405,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/matmul_dw.wgsl", include_str!("../common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../common/matvec.wgsl")),
+    ("common/lora_table.wgsl", include_str!("../common/lora_table.wgsl")),
     ("common/matmul_forward.wgsl", include_str!("../common/matmul_forward.wgsl")),
     ("common/matmul_dx.wgsl", include_str!("../common/matmul_dx.wgsl")),
     ("common/embedding.wgsl", include_str!("../common/embedding.wgsl")),
@@ -621,7 +622,7 @@ params!(/// every matmul kernel (`common/matmul.wgsl`)
         alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, x_op: u32, norm_eps: f32,
         lora_rank: u32, lora_b: u32, lora_scale: f32, seg_rows: u32, w_offset1: u32, w_offset2: u32, lora_h: u32,
         x_stride: u32, x_col_offset: u32, lora_h_stride: u32, lora_seg_rows: u32, lora_w1: u32, lora_w2: u32,
-        y_offset1: u32, y_offset2: u32, _pad0: u32, _pad1: u32,
+        y_offset1: u32, y_offset2: u32, lora_table: u32, _pad1: u32,
     } = 128);
 params!(/// `adamw.wgsl`
     AdamwParams {
@@ -635,8 +636,8 @@ params!(/// `argmax.wgsl`
 params!(/// `top_k.wgsl`
     TopKParams { n: u32, k: u32, final_pass: u32, chunk: u32 } = 16);
 params!(/// `lora_rows.wgsl`
-    LoraRowsParams { n_rows: u32, n_in: u32, n_out: u32, h_stride: u32, table_row: u32, _pad0: u32, _pad1: u32,
-        _pad2: u32 } = 32);
+    LoraRowsParams { n_rows: u32, n_in: u32, n_out: u32, width: u32, table_row: u32, modules: u32, h_stride: u32,
+        h_col: u32 } = 32);
 params!(/// `kv_write.wgsl`
     KvWriteParams { n_rows: u32, width: u32, first: u32, ranges: u32 } = 16);
 params!(/// `attention.wgsl`

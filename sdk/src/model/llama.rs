@@ -399,14 +399,24 @@ struct RowsGroup<'a> {
 }
 
 /// The adapters of a [`RowsPass`]'s rows: every resident adapter's parameters, the table of
-/// each row's slices ([`GpuAdapterSet::table`]) and h's row width (the largest rank).
+/// each row's slices ([`GpuAdapterSet::table`]) on the GPU and as written, and a module's
+/// columns in h (the largest rank).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowsLora<'a> {
     /// Each layer's matrices of every resident adapter.
     layers: &'a [wgpu::Buffer],
     table: &'a wgpu::Buffer,
-    h_stride: usize,
+    entries: &'a [u32],
+    width: usize,
     rows: usize,
+}
+
+impl RowsLora<'_> {
+    /// Layer l's adapters with module m's entries.
+    fn adapters(&self, l: usize, m: Module) -> launch::RowsAdapters<'_> {
+        let table_row = (l * Module::ALL.len() + m.index()) * self.rows;
+        launch::RowsAdapters { w: &self.layers[l], table: self.table, table_row, width: self.width }
+    }
 }
 
 /// Where a block's forward pass puts the LoRA products x A^T of each group of modules that read
@@ -440,6 +450,28 @@ fn lora_a_product<'a>(
 ) -> launch::Matmul<'a> {
     let r = a.layout.r;
     launch::Matmul { x, w: Weight::DenseAt(&a.params, s.a), bias: None, y: h, m, n: r, k, out: OutCols::whole(r) }
+}
+
+/// Rows with adapters of their own ([`RowsLora`]): the x A^T of `modules`, which read the same
+/// x of `n_in` features and follow each other in [`Module::ALL`], in one dispatch into h, each module's `r.width`
+/// columns after the one before's. Returns where each module's x A^T is in h, as (first column,
+/// row stride).
+fn lora_rows_shared(
+    enc: &mut Encoder,
+    ctx: &GpuContext,
+    (l, modules, n_in): (usize, &[Module], usize),
+    r: RowsLora<'_>,
+    (x, input): (&wgpu::Buffer, Option<launch::RowInput<'_>>),
+    h: &wgpu::Buffer,
+) -> Result<Vec<Option<(usize, usize)>>> {
+    let first = modules[0].index();
+    if input.is_some() || modules.iter().enumerate().any(|(i, m)| m.index() != first + i) {
+        return Err(Error::invalid("rows", "gathered x A^T of modules that follow each other, of x as it is"));
+    }
+    let a = launch::LoraRowsA { x, adapters: r.adapters(l, modules[0]), modules: modules.len(), h, rows: r.rows, n_in };
+    launch::lora_rows_a(ctx, enc, a)?;
+    let stride = modules.len() * r.width;
+    Ok((0..modules.len()).map(|i| Some((i * r.width, stride))).collect())
 }
 
 /// Whether a forward pass writes the final normed hidden states, or leaves the final norm to
@@ -547,8 +579,10 @@ pub struct RowsDecoder {
     /// Greedy picks on the GPU: the argmax's partials, and each row's token.
     pick_partials: wgpu::Buffer,
     picked: wgpu::Buffer,
-    /// The adapter set and the rows' adapters that the table was last written for.
+    /// The adapter set and the rows' adapters that the table was last written for, and the
+    /// table as written (one row reads its entries on the CPU).
     table_rows: Option<(u64, Vec<Option<usize>>)>,
+    table_words: Vec<u32>,
     max_rank: usize,
     binds: Arc<BindGroups>,
 }
@@ -1249,6 +1283,7 @@ impl Model {
                     .storage_zeroed("row pick partials", 2 * launch::argmax_groups(c.vocab_size) * max_rows),
                 picked: ctx.storage_zeroed("row picks", max_rows),
                 table_rows: None,
+                table_words: Vec::new(),
                 max_rank: rank,
                 binds: BindGroups::new(),
             })
@@ -1368,6 +1403,7 @@ impl Model {
             let table = adapters.table(&key.1)?;
             ctx.queue.write_buffer(&decoder.table, 0, bytemuck::cast_slice(&table));
             decoder.table_rows = Some(key);
+            decoder.table_words = table;
         }
         let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let positions: Vec<u32> = rows.iter().map(|r| r.cache.len as u32).collect();
@@ -1405,7 +1441,13 @@ impl Model {
         let pass = RowsPass {
             rows: t,
             groups,
-            lora: RowsLora { layers: &adapters.layers, table: &decoder.table, h_stride: decoder.max_rank, rows: t },
+            lora: RowsLora {
+                layers: &adapters.layers,
+                table: &decoder.table,
+                entries: &decoder.table_words,
+                width: decoder.max_rank,
+                rows: t,
+            },
         };
         let mut enc = ctx.encoder_with(&decoder.binds).whole();
         self.record_forward(&mut enc, &a, PassKv::Rows(&pass), None, FinalNorm::Written)?;
@@ -1470,20 +1512,38 @@ impl Model {
         let base = if add_to_y { OutCols::whole(l.n_out).accumulated() } else { OutCols::whole(l.n_out) };
         let mm = launch::Matmul { x, w: l.weight(), bias: l.bias.as_ref(), y, m, n: l.n_out, k: l.n_in, out: base };
         if let Some(r) = rows_lora {
-            // Each row its own adapter: the base product over every row, then gathered LoRA.
+            // Each row its own adapter (gathered LoRA): x A^T, then the base product over every
+            // row with each row's B product in it.
             if input.is_some() || lora.is_some() || drop.is_some() || m != r.rows {
                 return Err(Error::invalid("linear", "rows with adapters of their own take x as it is, and no other"));
             }
-            if m == 1 {
-                launch::matvec_fused_forward(ctx, enc, mm, launch::Fused::default())?;
-            } else {
-                launch::matmul_forward(ctx, enc, mm)?;
+            let adapters = r.adapters(layer, module);
+            let (h_col, h_stride) = match lora_h_at {
+                Some(at) => at,
+                None => {
+                    let a = launch::LoraRowsA { x, adapters, modules: 1, h, rows: m, n_in: l.n_in };
+                    launch::lora_rows_a(ctx, enc, a)?;
+                    (0, r.width)
+                }
+            };
+            if m > 1 {
+                return launch::matmul_rows_lora_forward(ctx, enc, mm, launch::RowsB { adapters, h, h_col, h_stride });
             }
-            let table_row = (layer * Module::ALL.len() + module.index()) * m;
-            let (n_in, n_out) = (l.n_in, l.n_out);
-            let (w, table, h_stride) = (&r.layers[layer], r.table, r.h_stride);
-            let rows = launch::LoraRows { x, w, table, table_row, h, h_stride, y, rows: m, n_in, n_out };
-            return launch::lora_rows_forward(ctx, enc, rows);
+            // One row: its entry, as the table has it, is the one-row product's LoRA B.
+            let e = r.entries.get(4 * adapters.table_row..4 * adapters.table_row + 4);
+            let Some(&[_, b, rank, scale]) = e else {
+                return Err(Error::invalid("rows", "the adapter table holds no entry for this row"));
+            };
+            let lora = (rank > 0).then(|| launch::LoraB {
+                h,
+                h_offset: h_col,
+                h_stride,
+                params: adapters.w,
+                b_offset: b as usize,
+                rank: rank as usize,
+                scale: f32::from_bits(scale),
+            });
+            return launch::matvec_fused_forward(ctx, enc, mm, launch::Fused { lora, ..Default::default() });
         }
         let slot = lora.and_then(|a| a.layout.slot(layer, module).map(|s| (a, s)));
         if input.is_some() && (m != 1 || drop.is_some()) {
@@ -1868,9 +1928,13 @@ impl Model {
         // The x A^T of the modules that read one input run as one product, into h, but where
         // dropout gives each module's adapter a differently masked input.
         let shared = |enc: &mut Encoder, modules: &[Module], input, h| -> Result<Vec<(&wgpu::Buffer, _)>> {
-            let at = match drop {
-                Some(_) => vec![None; modules.len()],
-                None => self.lora_a_shared(enc, (l, modules, t), lora, input, h)?,
+            let at = match (drop, rows_lora) {
+                (Some(_), _) => vec![None; modules.len()],
+                (None, Some(r)) => {
+                    let n_in = layer.linear(modules[0]).n_in;
+                    lora_rows_shared(enc, ctx, (l, modules, n_in), r, input, h)?
+                }
+                (None, None) => self.lora_a_shared(enc, (l, modules, t), lora, input, h)?,
             };
             Ok(at.into_iter().map(|at| (h, at)).collect())
         };

@@ -140,17 +140,40 @@ pub struct LoraRow {
     pub scale: f32,
 }
 
-/// Gathered LoRA: each row t of x (rows, n_in) through its own adapter,
-/// `y[t] += scale_t (x[t] A_t^T) B_t^T`, y (rows, n_out).
-pub fn lora_rows_forward(x: &[f32], w: &[f32], rows: &[LoraRow], (n_in, n_out): (usize, usize), y: &mut [f32]) {
+/// Gathered LoRA's A products: for each module i of `modules` (each a row's slices), `h[t, i *
+/// width + j] = x[t] . A_ti[j]` for j below row t's rank, 0 up to `width`; x (rows, n_in), h
+/// (rows, modules * width).
+pub fn lora_rows_a(x: &[f32], w: &[f32], modules: &[&[LoraRow]], (n_in, width): (usize, usize)) -> Vec<f32> {
+    let rows = modules.first().map_or(0, |m| m.len());
+    let stride = modules.len() * width;
+    let mut h = vec![0.0; rows * stride];
+    for (i, module) in modules.iter().enumerate() {
+        for (t, r) in module.iter().enumerate() {
+            let xt = &x[t * n_in..(t + 1) * n_in];
+            for j in 0..r.rank {
+                let a = &w[r.a + j * n_in..r.a + (j + 1) * n_in];
+                h[t * stride + i * width + j] = xt.iter().zip(a).map(|(x, a)| x * a).sum();
+            }
+        }
+    }
+    h
+}
+
+/// Gathered LoRA's B products: `y[t] += scale_t h_t B_t^T`, row t's x A^T from `h[t * h_stride
+/// + h_col ..]` (its rank of values), y (rows, n_out).
+pub fn lora_rows_b(
+    h: &[f32],
+    (h_col, h_stride): (usize, usize),
+    w: &[f32],
+    rows: &[LoraRow],
+    n_out: usize,
+    y: &mut [f32],
+) {
     for (t, r) in rows.iter().enumerate() {
-        let xt = &x[t * n_in..(t + 1) * n_in];
-        let h: Vec<f32> = (0..r.rank)
-            .map(|j| xt.iter().zip(&w[r.a + j * n_in..r.a + (j + 1) * n_in]).map(|(a, b)| a * b).sum())
-            .collect();
+        let ht = &h[t * h_stride + h_col..t * h_stride + h_col + r.rank];
         for o in 0..n_out {
             let bo = &w[r.b + o * r.rank..r.b + (o + 1) * r.rank];
-            y[t * n_out + o] += r.scale * h.iter().zip(bo).map(|(a, b)| a * b).sum::<f32>();
+            y[t * n_out + o] += r.scale * ht.iter().zip(bo).map(|(a, b)| a * b).sum::<f32>();
         }
     }
 }

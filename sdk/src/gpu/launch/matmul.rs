@@ -188,7 +188,7 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         lora_w2: 0,
         y_offset1: 0,
         y_offset2: 0,
-        _pad0: 0,
+        lora_table: 0,
         _pad1: 0,
     })
 }
@@ -237,7 +237,7 @@ pub struct Matmul<'a> {
 
 /// `y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n])`.
 pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
-    forward(ctx, enc, mm, Fused::default(), None)
+    forward(ctx, enc, mm, Fused::default(), Reads::default())
 }
 
 /// Where a many-row product ([`matmul_shared_forward`]) reads its operands.
@@ -265,7 +265,13 @@ pub fn matmul_shared_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>
     if let Some(g) = shared.gather {
         check_gather(mm, g).or_else(bad)?;
     }
-    forward(ctx, enc, mm, Fused { gather: shared.gather, ..Fused::default() }, shared.x_cols)
+    forward(
+        ctx,
+        enc,
+        mm,
+        Fused { gather: shared.gather, ..Fused::default() },
+        Reads { x_cols: shared.x_cols, table: None },
+    )
 }
 
 /// [`matmul_forward`] of two rows or more with a LoRA adapter's B product fused in:
@@ -303,7 +309,7 @@ pub fn matmul_lora_forward(
         ));
     }
     check_x_cols(mm, x_cols).or_else(bad)?;
-    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, x_cols)
+    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, Reads { x_cols, table: None })
 }
 
 /// Why `mm`'s rows of k columns, read from x as `x_cols` says (see [`Shared::x_cols`]), do not
@@ -454,22 +460,27 @@ pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>,
     if let Some(g) = fused.gather {
         check_gather(mm, g).or_else(bad)?;
     }
-    forward(ctx, enc, mm, fused, None)
+    forward(ctx, enc, mm, fused, Reads::default())
 }
 
-/// Records a forward product; `x_cols`: x's row stride and first column (many rows only).
-fn forward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    mm: Matmul<'_>,
-    fused: Fused<'_>,
+/// How a many-row product reads beyond x and the weight.
+#[derive(Clone, Copy, Default)]
+struct Reads<'a> {
+    /// x's row stride and first column (see [`Shared::x_cols`]).
     x_cols: Option<(usize, usize)>,
-) -> Result<()> {
+    /// With a [`LoraB`] made by [`matmul_rows_lora_forward`]: the rows' adapter table, each
+    /// row its own B (the LoraB's `b_offset` the module's first entry, its rank the slot width).
+    table: Option<&'a wgpu::Buffer>,
+}
+
+/// Records a forward product.
+fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>, reads: Reads<'_>) -> Result<()> {
     if let Some([hi, lo]) = mm.w.planes() {
-        forward(ctx, enc, Matmul { w: hi, ..mm }, fused, x_cols)?;
+        forward(ctx, enc, Matmul { w: hi, ..mm }, fused, reads)?;
         let lo_plane = Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm };
-        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused }, x_cols);
+        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused }, Reads { table: None, ..reads });
     }
+    let Reads { x_cols, table } = reads;
     if let Some(RowInput::RmsNormKept { .. }) = fused.input {
         let why = "a one-row product norms its row itself (RowInput::RmsNorm); a kept 1 / rms is for weight gradients";
         return Err(Error::invalid("matmul", why));
@@ -484,7 +495,10 @@ fn forward(
         x_ok = stride.is_multiple_of(4) && col.is_multiple_of(4);
     }
     p.has_bias = bias.is_some() as u32;
-    let Fused { input, lora, gather } = fused;
+    let Fused { input, mut lora, gather } = fused;
+    if table.is_some() && (m < 2 || input.is_some() || out.alpha != 1.0) {
+        return Err(Error::invalid("matmul", "gathered LoRA fuses into many-row products of x as it is, alpha 1"));
+    }
     if let Some(input) = input {
         p.x_op = input.op().0;
         if let RowInput::RmsNorm { eps, .. } = input {
@@ -499,6 +513,7 @@ fn forward(
         // One row adds the B product after its epilogue; many rows sum it with the base
         // product, whose alpha then scales it too.
         p.lora_scale = if m == 1 { l.scale } else { l.scale / out.alpha };
+        p.lora_table = table.is_some() as u32;
     }
     let mut gathered_ok = true;
     if let Some(g) = gather {
@@ -537,13 +552,25 @@ fn forward(
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
     let simd_ok = simd_ok && gathered_ok && x_ok && k.is_multiple_of(8);
+    // Each row's own B product (gathered LoRA) is added by lora_rows.wgsl after the product
+    // where a tiled core would sum more slot columns than the product has (common/lora_table.wgsl).
+    let mut apart = None;
+    if let (Some(l), Some(table)) = (lora, table) {
+        let simd8 = ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok;
+        if !simd8 && m * l.rank > k {
+            apart = Some((l, table));
+            lora = None;
+            (p.lora_rank, p.lora_table) = (0, 0);
+        }
+    }
+    let lora_columns = lora.map(|l| if p.lora_table != 0 { m * l.rank } else { l.rank });
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * k, m * n), out.accumulate);
     let (shader, groups) = match m {
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
         _ => {
             // A fused B product's columns follow x's in the reduction, from the step after K.
-            let red = lora.map_or(Ok(p.k), |l| u32_of(k.next_multiple_of(TILE_STEP) + l.rank, "reduction"))?;
+            let red = lora_columns.map_or(Ok(p.k), |c| u32_of(k.next_multiple_of(TILE_STEP) + c, "reduction"))?;
             let kernel =
                 ManyRows { constant: block, ..many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red)) };
             let mut cost = cost;
@@ -551,9 +578,24 @@ fn forward(
                 cost.flops += 2.0 * (m * n * l.rank) as f64;
                 cost.bytes += 4.0 * ((m + n) * l.rank) as f64;
             }
-            // After y: the one-row kernels' op operand (unused here), h and B; x the dummy.
-            let after_y = [x, lora.map_or(x, |l| l.h), lora.map_or(x, |l| l.params)];
-            return run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost);
+            // After y: the rows' adapter table (the one-row kernels' op operand), h and B; x
+            // the dummy.
+            let aux = if p.lora_table != 0 { table.unwrap_or(x) } else { x };
+            let after_y = [aux, lora.map_or(x, |l| l.h), lora.map_or(x, |l| l.params)];
+            run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost)?;
+            return match apart {
+                Some((l, table)) => {
+                    let rows = RowsAdapters { w: l.params, table, table_row: l.b_offset, width: l.rank };
+                    lora_rows_b(
+                        ctx,
+                        enc,
+                        RowsB { adapters: rows, h: l.h, h_col: l.h_offset, h_stride: l.h_stride },
+                        y,
+                        (m, n),
+                    )
+                }
+                None => Ok(()),
+            };
         }
     };
     // The one-row kernels bind what they fuse in last: x serves as the dummy.
@@ -1093,78 +1135,162 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
     run_many_rows(ctx, enc, kernel, p, (&[dy, x, dy, dw], &[aux, rows]), cost)
 }
 
-/// The operands of [`lora_rows_forward`]: a batch whose rows each carry their own adapter.
+/// The adapters of a batch whose rows each carry their own (gathered LoRA, `lora_rows.wgsl`):
+/// every resident adapter's A and B matrices in one buffer, and a table of four words a row
+/// and module, (A's first element, B's first element, rank, scale bits), rank 0 for a row
+/// without the module's adapter. A module's entries are consecutive, one a row.
 #[derive(Debug, Clone, Copy)]
-pub struct LoraRows<'a> {
-    /// The module's input, (rows, n_in).
-    pub x: &'a wgpu::Buffer,
-    /// Every resident adapter's A and B matrices.
+pub struct RowsAdapters<'a> {
+    /// Every resident adapter's A (rank, n_in) and B (n_out, rank) matrices.
     pub w: &'a wgpu::Buffer,
-    /// (a, b, rank, scale bits) words a row: where its A (rank, n_in) and B (n_out, rank) sit in
-    /// `w`, rank 0 for a row without this module's adapter; this module's rows from
-    /// `table_row` on.
+    /// The entries (every entry's matrices must lie in `w`).
     pub table: &'a wgpu::Buffer,
-    /// This module's first entry in `table`.
+    /// The (first) module's first entry.
     pub table_row: usize,
-    /// Scratch for x A^T, (rows, h_stride).
-    pub h: &'a wgpu::Buffer,
-    /// h's row width: at least every row's rank.
-    pub h_stride: usize,
-    /// The product the update is added to, (rows, n_out).
-    pub y: &'a wgpu::Buffer,
-    /// Rows of the batch.
-    pub rows: usize,
-    /// The module's input features.
-    pub n_in: usize,
-    /// The module's output features.
-    pub n_out: usize,
+    /// A module's columns in h: at least every row's rank.
+    pub width: usize,
 }
 
-/// Gathered LoRA (`lora_rows.wgsl`): `y[t] += scale_t (x[t] A_t^T) B_t^T`, each row t through its
-/// own adapter's slices as the table gives them; two dispatches, the A product into h, then the
-/// B product added to y.
-pub fn lora_rows_forward(ctx: &GpuContext, enc: &mut Encoder, l: LoraRows<'_>) -> Result<()> {
-    let LoraRows { x, w, table, table_row, h, h_stride, y, rows, n_in, n_out } = l;
-    let floats = |b: &wgpu::Buffer| (b.size() / 4) as usize;
-    for (what, buffer, need) in [
-        ("x", x, rows * n_in),
-        ("h", h, rows * h_stride),
-        ("y", y, rows * n_out),
-        ("the adapter table", table, 4 * (table_row + rows)),
-    ] {
-        if floats(buffer) < need || rows == 0 || h_stride == 0 {
-            return Err(Error::invalid(
-                "gathered LoRA",
-                format!(
-                    "{rows} rows of {n_in} -> {n_out} with ranks up to {h_stride}: {what} holds {} values, not {need}",
-                    floats(buffer)
-                ),
-            ));
-        }
+/// The operands of [`lora_rows_a`].
+#[derive(Debug, Clone, Copy)]
+pub struct LoraRowsA<'a> {
+    /// The modules' input, (rows, n_in).
+    pub x: &'a wgpu::Buffer,
+    /// The rows' adapters; the modules' entries follow each other, `rows` apart.
+    pub adapters: RowsAdapters<'a>,
+    /// Modules that read x (q, k and v: 3).
+    pub modules: usize,
+    /// The output, (rows, modules * width).
+    pub h: &'a wgpu::Buffer,
+    /// Rows of the batch.
+    pub rows: usize,
+    /// The modules' input features.
+    pub n_in: usize,
+}
+
+/// The B products that [`matmul_rows_lora_forward`] adds: row t's x A^T from `h[t * h_stride +
+/// h_col ..]`, as [`lora_rows_a`] wrote it.
+#[derive(Debug, Clone, Copy)]
+pub struct RowsB<'a> {
+    /// The rows' adapters, this module's entries from `table_row`.
+    pub adapters: RowsAdapters<'a>,
+    /// The rows' x A^T.
+    pub h: &'a wgpu::Buffer,
+    /// This module's first column in h.
+    pub h_col: usize,
+    /// h's row stride.
+    pub h_stride: usize,
+}
+
+/// The params of `modules` modules' `rows` rows, with their table entries checked.
+fn rows_params(
+    (rows, modules): (usize, usize),
+    (n_in, n_out): (usize, usize),
+    a: RowsAdapters<'_>,
+) -> Result<LoraRowsParams> {
+    let entries = (a.table.size() / 16) as usize;
+    if rows == 0 || modules == 0 || a.width == 0 || entries < a.table_row + modules * rows {
+        return Err(Error::invalid(
+            "gathered LoRA",
+            format!(
+                "{modules} modules of {rows} rows with ranks up to {} from entry {}: the adapter table holds {entries} entries",
+                a.width, a.table_row
+            ),
+        ));
     }
-    let p = LoraRowsParams {
+    Ok(LoraRowsParams {
         n_rows: u32_of(rows, "rows")?,
         n_in: u32_of(n_in, "inputs")?,
         n_out: u32_of(n_out, "outputs")?,
-        h_stride: u32_of(h_stride, "rank")?,
-        table_row: u32_of(table_row, "table row")?,
-        ..Default::default()
-    };
-    let (r, hs) = (rows as f64, h_stride as f64);
-    let a_cost = Cost { flops: 2.0 * r * hs * n_in as f64, bytes: 4.0 * (r * n_in as f64 * (1.0 + hs) + r * hs) };
-    let dispatch = Dispatch {
-        shader: &LORA_ROWS_A,
-        buffers: &[x, w, table, h],
-        groups: [p.h_stride, p.n_rows, 1],
-        constant: None,
-    };
-    ctx.dispatch_costed(enc, dispatch, &p, a_cost)?;
-    let b_cost = Cost { flops: 2.0 * r * hs * n_out as f64, bytes: 4.0 * (r * hs + r * n_out as f64 * (2.0 + hs)) };
+        width: u32_of(a.width, "rank")?,
+        table_row: u32_of(a.table_row, "table row")?,
+        modules: u32_of(modules, "modules")?,
+        h_stride: 0,
+        h_col: 0,
+    })
+}
+
+/// Why `rows` rows of h from column `col` with a row stride of `stride` and `width` columns a
+/// row do not fit h, if they do not.
+fn check_h(h: &wgpu::Buffer, rows: usize, (col, width, stride): (usize, usize, usize)) -> Result<()> {
+    if col + width > stride || 4 * ((rows - 1) * stride + col + width) as u64 > h.size() {
+        return Err(Error::invalid(
+            "gathered LoRA",
+            format!(
+                "{rows} rows of {width} from column {col} with a row stride of {stride}: h holds {} values",
+                h.size() / 4
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Gathered LoRA's A products (`lora_rows.wgsl`): `h[t, i * width + j] = x[t, :] . A_ti[j, :]`
+/// for each of `modules` modules that read x, each row t through its own adapter's A as the
+/// table gives it, 0 past the row's rank (and for a row without the module's adapter). One
+/// dispatch for the modules together.
+pub fn lora_rows_a(ctx: &GpuContext, enc: &mut Encoder, a: LoraRowsA<'_>) -> Result<()> {
+    let LoraRowsA { x, adapters, modules, h, rows, n_in } = a;
+    let mut p = rows_params((rows, modules), (n_in, 0), adapters)?;
+    let stride = modules * adapters.width;
+    if 4 * (rows * n_in) as u64 > x.size() {
+        let what = format!("{rows} rows of {n_in}: x holds {} values", x.size() / 4);
+        return Err(Error::invalid("gathered LoRA", what));
+    }
+    check_h(h, rows, (0, stride, stride))?;
+    p.h_stride = u32_of(stride, "h")?;
+    let (r, c) = (rows as f64, stride as f64);
+    let cost = Cost { flops: 2.0 * r * c * n_in as f64, bytes: 4.0 * (r * n_in as f64 * (1.0 + c) + r * c) };
+    let groups = [p.modules * p.width, p.n_rows, 1];
+    let d = Dispatch { shader: &LORA_ROWS_A, buffers: &[x, adapters.w, adapters.table, h], groups, constant: None };
+    ctx.dispatch_costed(enc, d, &p, cost)
+}
+
+/// Gathered LoRA's B products added to a whole (rows, n_out) y by their own dispatch
+/// (`lora_rows.wgsl`): `y[t] += scale_t h_t B_t^T`.
+fn lora_rows_b(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    b: RowsB<'_>,
+    y: &wgpu::Buffer,
+    (rows, n_out): (usize, usize),
+) -> Result<()> {
+    let mut p = rows_params((rows, 1), (0, n_out), b.adapters)?;
+    (p.h_stride, p.h_col) = (u32_of(b.h_stride, "h")?, u32_of(b.h_col, "h")?);
+    let (r, w) = (rows as f64, b.adapters.width as f64);
+    let cost = Cost { flops: 2.0 * r * w * n_out as f64, bytes: 4.0 * (r * w + r * n_out as f64 * (2.0 + w)) };
     let groups = [p.n_out.div_ceil(64), p.n_rows, 1];
-    ctx.dispatch_costed(
-        enc,
-        Dispatch { shader: &LORA_ROWS_B, buffers: &[h, w, table, y], groups, constant: None },
-        &p,
-        b_cost,
-    )
+    let d =
+        Dispatch { shader: &LORA_ROWS_B, buffers: &[b.h, b.adapters.w, b.adapters.table, y], groups, constant: None };
+    ctx.dispatch_costed(enc, d, &p, cost)
+}
+
+/// [`matmul_forward`] of two rows or more whose rows each add their own adapter's B product
+/// (gathered LoRA): `y[t, n] (+)= x[t, :] . w[n, :] (+ bias[n]) + scale_t * h[t, h_col + (0 ..
+/// rank_t)] . B_t[n, :]`, with h from [`lora_rows_a`]. One dispatch where the kernel sums it
+/// with the base product (common/lora_table.wgsl: the simd8 kernels always, the tiled ones
+/// where rows * width is at most K), else a second. Refused: one row (a row's own adapter is a
+/// [`LoraB`] for [`matvec_fused_forward`]), an alpha other than 1, an output that is not whole
+/// rows, an h or table that does not fit.
+pub fn matmul_rows_lora_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, b: RowsB<'_>) -> Result<()> {
+    let bad = |what: &str| Err(Error::invalid("matmul with gathered LoRA", what.to_string()));
+    if mm.m < 2 {
+        return bad("reads one row: give matvec_fused_forward the row's adapter as a LoraB");
+    }
+    if mm.out.alpha != 1.0 || mm.out.stride != mm.n || mm.out.col_offset != 0 {
+        return bad("writes whole rows of y with alpha 1 (the rows' scales are applied as they are)");
+    }
+    rows_params((mm.m, 1), (mm.k, mm.n), b.adapters)?;
+    check_h(b.h, mm.m, (b.h_col, b.adapters.width, b.h_stride))?;
+    let a = b.adapters;
+    let lora = LoraB {
+        h: b.h,
+        h_offset: b.h_col,
+        h_stride: b.h_stride,
+        params: a.w,
+        b_offset: a.table_row,
+        rank: a.width,
+        scale: 1.0,
+    };
+    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, Reads { x_cols: None, table: Some(a.table) })
 }
