@@ -452,6 +452,21 @@ fn lora_a_product<'a>(
     launch::Matmul { x, w: Weight::DenseAt(&a.params, s.a), bias: None, y: h, m, n: r, k, out: OutCols::whole(r) }
 }
 
+/// The key table of a rows step for the rows whose caches are in `pool`, on layers with
+/// `window` (or none): each row's (first, end) keys in the pool, its token the last, and (0, 0)
+/// for the other pools' rows; with the most keys a row of the pool sees and their sum.
+fn key_ranges(rows: &[DecodeRow<'_>], pool: u64, window: Option<usize>) -> (Vec<u32>, (usize, usize)) {
+    let mut table = vec![0u32; 2 * rows.len()];
+    let mut seen = (0, 0);
+    for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.cache.pool == pool) {
+        let (base, end) = (r.cache.base, r.cache.len + 1);
+        let first = window.map_or(0, |w| end.saturating_sub(w));
+        table[2 * i..2 * i + 2].copy_from_slice(&[(base + first) as u32, (base + end) as u32]);
+        seen = (seen.0.max(end - first), seen.1 + end - first);
+    }
+    (table, seen)
+}
+
 /// Rows with adapters of their own ([`RowsLora`]): the x A^T of `modules`, which read the same
 /// x of `n_in` features and follow each other in [`Module::ALL`], in one dispatch into h, each module's `r.width`
 /// columns after the one before's. Returns where each module's x A^T is in h, as (first column,
@@ -1422,18 +1437,13 @@ impl Model {
         let mut groups = Vec::with_capacity(pools.len());
         for (pool, ranges) in pools.iter().zip(&decoder.ranges) {
             let mut keys = [(0, 0); 2];
-            for (windowed, buffer) in ranges.iter().enumerate().take(1 + usize::from(c.sliding_window.is_some())) {
-                let mut table = vec![0u32; 2 * t];
-                for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.cache.pool == *pool) {
-                    let (base, end) = (r.cache.base, r.cache.len + 1);
-                    let first = match c.sliding_window {
-                        Some(w) if windowed == 1 => end.saturating_sub(w),
-                        _ => 0,
-                    };
-                    table[2 * i..2 * i + 2].copy_from_slice(&[(base + first) as u32, (base + end) as u32]);
-                    keys[windowed] = (keys[windowed].0.max(end - first), keys[windowed].1 + end - first);
-                }
-                ctx.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&table));
+            // Layers without a window, then (where the model has them) those with one.
+            for (windowed, window) in
+                [None, c.sliding_window].into_iter().enumerate().take(1 + usize::from(c.sliding_window.is_some()))
+            {
+                let (table, seen) = key_ranges(rows, *pool, window);
+                ctx.queue.write_buffer(&ranges[windowed], 0, bytemuck::cast_slice(&table));
+                keys[windowed] = seen;
             }
             let Some(r) = rows.iter().find(|r| r.cache.pool == *pool) else { continue };
             groups.push(RowsGroup { k: &r.cache.k, v: &r.cache.v, ranges: [&ranges[0], &ranges[1]], keys });
