@@ -2788,7 +2788,8 @@ fn gathered_lora_a_products_give_each_row_its_own_adapter() {
 /// to 33, K of 40 to 320 (not a multiple of the tiles' step), slot widths of 1 to 64 with ranks
 /// 0 to the width. The simd8 kernels add the B products in their epilogue, the tiled cores as
 /// more of the reduction, M slots of the width, each zero but for its row, where M * width is
-/// at most K (one dispatch, as the product alone), else a second dispatch adds them. The bound is
+/// at most K (as many dispatches as the product with one adapter's B product of rank M * width,
+/// whose reduction is split alike), else a dispatch after the product alone adds them. The bound is
 /// `wanted_with_slack`'s over K + width products (zeros add no rounding), the bias and the
 /// accumulated value; coop16's f16 operands add `f16_slack` over the whole reduction. Refused:
 /// one row, alpha other than 1, a block of y's columns, an h or table too short.
