@@ -113,7 +113,7 @@ struct MatmulParams {
     lora_w2: u32,       // its third's
     y_offset1: u32,     // y_seg_rows: the second block's first element (the first's is y_col_offset)
     y_offset2: u32,     // and the third's
-    lora_table: u32,    // many-row forward kernels: 1 when each row has its own adapter (common/lora_table.wgsl)
+    _pad0: u32,
     _pad1: u32,
 }
 

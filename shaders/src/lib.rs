@@ -405,7 +405,6 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/matmul_dw.wgsl", include_str!("../common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../common/matvec.wgsl")),
-    ("common/lora_table.wgsl", include_str!("../common/lora_table.wgsl")),
     ("common/matmul_forward.wgsl", include_str!("../common/matmul_forward.wgsl")),
     ("common/matmul_dx.wgsl", include_str!("../common/matmul_dx.wgsl")),
     ("common/embedding.wgsl", include_str!("../common/embedding.wgsl")),
@@ -622,7 +621,7 @@ params!(/// every matmul kernel (`common/matmul.wgsl`)
         alpha: f32, w_offset: u32, dy_stride: u32, dy_col_offset: u32, split_k: u32, x_op: u32, norm_eps: f32,
         lora_rank: u32, lora_b: u32, lora_scale: f32, seg_rows: u32, w_offset1: u32, w_offset2: u32, lora_h: u32,
         x_stride: u32, x_col_offset: u32, lora_h_stride: u32, lora_seg_rows: u32, lora_w1: u32, lora_w2: u32,
-        y_offset1: u32, y_offset2: u32, lora_table: u32, _pad1: u32,
+        y_offset1: u32, y_offset2: u32, _pad0: u32, _pad1: u32,
     } = 128);
 params!(/// `adamw.wgsl`
     AdamwParams {

@@ -468,9 +468,9 @@ fn key_ranges(rows: &[DecodeRow<'_>], pool: u64, window: Option<usize>) -> (Vec<
 }
 
 /// Rows with adapters of their own ([`RowsLora`]): the x A^T of `modules`, which read the same
-/// x of `n_in` features and follow each other in [`Module::ALL`], in one dispatch into h, each module's `r.width`
-/// columns after the one before's. Returns where each module's x A^T is in h, as (first column,
-/// row stride).
+/// x of `n_in` features and follow each other in [`Module::ALL`], in one dispatch into h, each
+/// module's `r.width` columns after the one before's. Returns where each module's x A^T is in
+/// h, as (first column, row stride).
 fn lora_rows_shared(
     enc: &mut Encoder,
     ctx: &GpuContext,

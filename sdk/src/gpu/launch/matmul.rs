@@ -188,7 +188,7 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
         lora_w2: 0,
         y_offset1: 0,
         y_offset2: 0,
-        lora_table: 0,
+        _pad0: 0,
         _pad1: 0,
     })
 }
@@ -237,7 +237,7 @@ pub struct Matmul<'a> {
 
 /// `y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n])`.
 pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
-    forward(ctx, enc, mm, Fused::default(), Reads::default())
+    forward(ctx, enc, mm, Fused::default(), None)
 }
 
 /// Where a many-row product ([`matmul_shared_forward`]) reads its operands.
@@ -265,13 +265,7 @@ pub fn matmul_shared_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>
     if let Some(g) = shared.gather {
         check_gather(mm, g).or_else(bad)?;
     }
-    forward(
-        ctx,
-        enc,
-        mm,
-        Fused { gather: shared.gather, ..Fused::default() },
-        Reads { x_cols: shared.x_cols, table: None },
-    )
+    forward(ctx, enc, mm, Fused { gather: shared.gather, ..Fused::default() }, shared.x_cols)
 }
 
 /// [`matmul_forward`] of two rows or more with a LoRA adapter's B product fused in:
@@ -309,7 +303,7 @@ pub fn matmul_lora_forward(
         ));
     }
     check_x_cols(mm, x_cols).or_else(bad)?;
-    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, Reads { x_cols, table: None })
+    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, x_cols)
 }
 
 /// Why `mm`'s rows of k columns, read from x as `x_cols` says (see [`Shared::x_cols`]), do not
@@ -460,27 +454,22 @@ pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>,
     if let Some(g) = fused.gather {
         check_gather(mm, g).or_else(bad)?;
     }
-    forward(ctx, enc, mm, fused, Reads::default())
+    forward(ctx, enc, mm, fused, None)
 }
 
-/// How a many-row product reads beyond x and the weight.
-#[derive(Clone, Copy, Default)]
-struct Reads<'a> {
-    /// x's row stride and first column (see [`Shared::x_cols`]).
+/// Records a forward product; `x_cols`: x's row stride and first column (many rows only).
+fn forward(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    mm: Matmul<'_>,
+    fused: Fused<'_>,
     x_cols: Option<(usize, usize)>,
-    /// With a [`LoraB`] made by [`matmul_rows_lora_forward`]: the rows' adapter table, each
-    /// row its own B (the LoraB's `b_offset` the module's first entry, its rank the slot width).
-    table: Option<&'a wgpu::Buffer>,
-}
-
-/// Records a forward product.
-fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>, reads: Reads<'_>) -> Result<()> {
+) -> Result<()> {
     if let Some([hi, lo]) = mm.w.planes() {
-        forward(ctx, enc, Matmul { w: hi, ..mm }, fused, reads)?;
+        forward(ctx, enc, Matmul { w: hi, ..mm }, fused, x_cols)?;
         let lo_plane = Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm };
-        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused }, Reads { table: None, ..reads });
+        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused }, x_cols);
     }
-    let Reads { x_cols, table } = reads;
     if let Some(RowInput::RmsNormKept { .. }) = fused.input {
         let why = "a one-row product norms its row itself (RowInput::RmsNorm); a kept 1 / rms is for weight gradients";
         return Err(Error::invalid("matmul", why));
@@ -495,10 +484,7 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
         x_ok = stride.is_multiple_of(4) && col.is_multiple_of(4);
     }
     p.has_bias = bias.is_some() as u32;
-    let Fused { input, mut lora, gather } = fused;
-    if table.is_some() && (m < 2 || input.is_some() || out.alpha != 1.0) {
-        return Err(Error::invalid("matmul", "gathered LoRA fuses into many-row products of x as it is, alpha 1"));
-    }
+    let Fused { input, lora, gather } = fused;
     if let Some(input) = input {
         p.x_op = input.op().0;
         if let RowInput::RmsNorm { eps, .. } = input {
@@ -513,7 +499,6 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
         // One row adds the B product after its epilogue; many rows sum it with the base
         // product, whose alpha then scales it too.
         p.lora_scale = if m == 1 { l.scale } else { l.scale / out.alpha };
-        p.lora_table = table.is_some() as u32;
     }
     let mut gathered_ok = true;
     if let Some(g) = gather {
@@ -552,25 +537,13 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
     let simd_ok = simd_ok && gathered_ok && x_ok && k.is_multiple_of(8);
-    // Each row's own B product (gathered LoRA) is added by lora_rows.wgsl after the product
-    // where a tiled core would sum more slot columns than the product has (common/lora_table.wgsl).
-    let mut apart = None;
-    if let (Some(l), Some(table)) = (lora, table) {
-        let simd8 = ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok;
-        if !simd8 && m * l.rank > k {
-            apart = Some((l, table));
-            lora = None;
-            (p.lora_rank, p.lora_table) = (0, 0);
-        }
-    }
-    let lora_columns = lora.map(|l| if p.lora_table != 0 { m * l.rank } else { l.rank });
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * k, m * n), out.accumulate);
     let (shader, groups) = match m {
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
         _ => {
             // A fused B product's columns follow x's in the reduction, from the step after K.
-            let red = lora_columns.map_or(Ok(p.k), |c| u32_of(k.next_multiple_of(TILE_STEP) + c, "reduction"))?;
+            let red = lora.map_or(Ok(p.k), |l| u32_of(k.next_multiple_of(TILE_STEP) + l.rank, "reduction"))?;
             let kernel =
                 ManyRows { constant: block, ..many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red)) };
             let mut cost = cost;
@@ -578,24 +551,9 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
                 cost.flops += 2.0 * (m * n * l.rank) as f64;
                 cost.bytes += 4.0 * ((m + n) * l.rank) as f64;
             }
-            // After y: the rows' adapter table (the one-row kernels' op operand), h and B; x
-            // the dummy.
-            let aux = if p.lora_table != 0 { table.unwrap_or(x) } else { x };
-            let after_y = [aux, lora.map_or(x, |l| l.h), lora.map_or(x, |l| l.params)];
-            run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost)?;
-            return match apart {
-                Some((l, table)) => {
-                    let rows = RowsAdapters { w: l.params, table, table_row: l.b_offset, width: l.rank };
-                    lora_rows_b(
-                        ctx,
-                        enc,
-                        RowsB { adapters: rows, h: l.h, h_col: l.h_offset, h_stride: l.h_stride },
-                        y,
-                        (m, n),
-                    )
-                }
-                None => Ok(()),
-            };
+            // After y: the one-row kernels' op operand (unused here), h and B; x the dummy.
+            let after_y = [x, lora.map_or(x, |l| l.h), lora.map_or(x, |l| l.params)];
+            return run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost);
         }
     };
     // The one-row kernels bind what they fuse in last: x serves as the dummy.
@@ -1188,8 +1146,12 @@ fn rows_params(
     (n_in, n_out): (usize, usize),
     a: RowsAdapters<'_>,
 ) -> Result<LoraRowsParams> {
+    if rows == 0 || modules == 0 || a.width == 0 {
+        let what = format!("{modules} modules of {rows} rows with a slot width of {}: none may be 0", a.width);
+        return Err(Error::invalid("gathered LoRA", what));
+    }
     let entries = (a.table.size() / 16) as usize;
-    if rows == 0 || modules == 0 || a.width == 0 || entries < a.table_row + modules * rows {
+    if entries < a.table_row + modules * rows {
         return Err(Error::invalid(
             "gathered LoRA",
             format!(
@@ -1267,11 +1229,9 @@ fn lora_rows_b(
 
 /// [`matmul_forward`] of two rows or more whose rows each add their own adapter's B product
 /// (gathered LoRA): `y[t, n] (+)= x[t, :] . w[n, :] (+ bias[n]) + scale_t * h[t, h_col + (0 ..
-/// rank_t)] . B_t[n, :]`, with h from [`lora_rows_a`]. One dispatch where the kernel sums it
-/// with the base product (common/lora_table.wgsl: the simd8 kernels always, the tiled ones
-/// where rows * width is at most K), else a second. Refused: one row (a row's own adapter is a
-/// [`LoraB`] for [`matvec_fused_forward`]), an alpha other than 1, an output that is not whole
-/// rows, an h or table that does not fit.
+/// rank_t)] . B_t[n, :]`, with h from [`lora_rows_a`]: the product, then `lora_rows.wgsl`'s B
+/// entry. Refused: one row (a row's own adapter is a [`LoraB`] for [`matvec_fused_forward`]),
+/// an alpha other than 1, an output that is not whole rows, an h or table that does not fit.
 pub fn matmul_rows_lora_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, b: RowsB<'_>) -> Result<()> {
     let bad = |what: &str| Err(Error::invalid("matmul with gathered LoRA", what.to_string()));
     if mm.m < 2 {
@@ -1282,15 +1242,6 @@ pub fn matmul_rows_lora_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<
     }
     rows_params((mm.m, 1), (mm.k, mm.n), b.adapters)?;
     check_h(b.h, mm.m, (b.h_col, b.adapters.width, b.h_stride))?;
-    let a = b.adapters;
-    let lora = LoraB {
-        h: b.h,
-        h_offset: b.h_col,
-        h_stride: b.h_stride,
-        params: a.w,
-        b_offset: a.table_row,
-        rank: a.width,
-        scale: 1.0,
-    };
-    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, Reads { x_cols: None, table: Some(a.table) })
+    matmul_forward(ctx, enc, mm)?;
+    lora_rows_b(ctx, enc, b, mm.y, (mm.m, mm.n))
 }
