@@ -22,42 +22,66 @@ fn every_shader_compiles_on_the_adapter() {
         if s.uses_cooperative_matrix() && !ctx.report.cooperative_matrix {
             continue; // see the test below
         }
-        let declared = shaders::overrides_in(&shaders::expand(s).expect("expand")).len();
-        let constant = (declared > 0).then_some(("BLOCK_SIZE", 64));
-        ctx.pipeline(s, constant).unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        // The constants without a default; those with one (ROWS_LORA) are left at it, as most
+        // pipelines are (the gathered-LoRA test makes the others, in every family).
+        let source = shaders::expand(s).expect("expand");
+        let required: Vec<_> = shaders::overrides_in(&source)
+            .iter()
+            .filter(|o| !o.optional)
+            .map(|o| (["BLOCK_SIZE"].into_iter().find(|n| *n == o.name).expect("a known constant"), 64))
+            .collect();
+        ctx.pipeline(s, &required).unwrap_or_else(|e| panic!("{}: {e}", s.name));
     }
 }
 
-/// The quantized kernels take their block size as a pipeline constant (`BLOCK_SIZE`), and
-/// every other kernel takes none: a pipeline asked for without the constant its shader
-/// declares, or with one it does not, is an error naming the shader and both lists (a
+/// The quantized kernels take their block size as a pipeline constant (`BLOCK_SIZE`), which
+/// has no default, and the many-row forward kernels `ROWS_LORA`, which has one (off); no other
+/// kernel declares one. A pipeline asked for without a constant its shader declares without a
+/// default, or with one it does not declare, is an error naming the shader and both lists (a
 /// quantized product compiled without its block size would otherwise be refused by wgpu with
 /// a less helpful message, or, with a default value, read the wrong scales).
 #[test]
 fn a_pipeline_gets_exactly_the_pipeline_constants_its_shader_declares() {
     let ctx = ctx();
-    let quantized: Vec<_> = shaders::ALL_SHADERS
-        .iter()
-        .filter(|s| !shaders::overrides_in(&shaders::expand(s).expect("expand")).is_empty())
-        .map(|s| s.name)
-        .collect();
+    let declaring = |optional: bool| -> Vec<&str> {
+        shaders::ALL_SHADERS
+            .iter()
+            .filter(|s| {
+                shaders::overrides_in(&shaders::expand(s).expect("expand")).iter().any(|o| o.optional == optional)
+            })
+            .map(|s| s.name)
+            .collect()
+    };
+    let (quantized, rows) = (declaring(false), declaring(true));
     for name in ["matmul_nf4", "matvec_nf4.q4_1", "matmul_nf4_t128.q4_0", "matmul_nf4_backward_simd8"] {
         assert!(quantized.contains(&name), "{name} declares no block size: {quantized:?}");
     }
     assert!(quantized.iter().all(|n| n.starts_with("matmul_nf4") || n.starts_with("matvec_nf4")), "{quantized:?}");
-    let missing = ctx.pipeline(&shaders::MATMUL_NF4, None).expect_err("no block size");
+    for name in ["matmul", "matmul_nf4_simd8.q4_1", "matmul_f16_t128.tile64", "matmul_nf4_t128.coop8.emulated"] {
+        assert!(rows.contains(&name), "{name} declares no ROWS_LORA: {rows:?}");
+    }
+    let forward_only = |n: &&str| !n.contains("backward") && !n.contains("one_row") && !n.starts_with("matvec");
+    assert!(rows.iter().all(|n| n.starts_with("matmul") && forward_only(n)), "{rows:?}");
+    let missing = ctx.pipeline(&shaders::MATMUL_NF4, &[("ROWS_LORA", 1)]).expect_err("no block size");
     assert!(
-        missing.to_string().contains("matmul_nf4 declares the pipeline constants [\"BLOCK_SIZE\"] and was given []"),
+        missing.to_string().contains(
+            "matmul_nf4 declares the pipeline constants [\"BLOCK_SIZE\"] (and the optional [\"ROWS_LORA\"]) and was given [\"ROWS_LORA\"]"
+        ),
         "{missing}"
     );
-    let extra = ctx.pipeline(&shaders::MATMUL, Some(("BLOCK_SIZE", 64))).expect_err("a dense matmul");
+    let extra = ctx.pipeline(&shaders::MATMUL_BACKWARD, &[("BLOCK_SIZE", 64)]).expect_err("a dense matmul");
     assert!(
-        extra.to_string().contains("matmul declares the pipeline constants [] and was given [\"BLOCK_SIZE\"]"),
+        extra.to_string().contains(
+            "matmul_backward declares the pipeline constants [] (and the optional []) and was given [\"BLOCK_SIZE\"]"
+        ),
         "{extra}"
     );
+    let not_rows = ctx.pipeline(&shaders::MATVEC_NF4, &[("BLOCK_SIZE", 64), ("ROWS_LORA", 1)]).expect_err("one row");
+    assert!(not_rows.to_string().contains("and was given [\"BLOCK_SIZE\", \"ROWS_LORA\"]"), "{not_rows}");
     for block in [32, 64, 128] {
-        ctx.pipeline(&shaders::MATMUL_NF4, Some(("BLOCK_SIZE", block))).expect("a block size");
+        ctx.pipeline(&shaders::MATMUL_NF4, &[("BLOCK_SIZE", block)]).expect("a block size");
     }
+    ctx.pipeline(&shaders::MATMUL, &[]).expect("ROWS_LORA off");
 }
 
 /// Every kernel binds no more storage buffers than WebGPU's default limit (8 a shader stage),
@@ -264,11 +288,11 @@ fn every_shader_checks_setting_runs_the_loop_heavy_kernels_as_their_twins() {
 fn a_kernel_past_the_devices_workgroup_memory_is_refused_naming_it() {
     let ctx = common::small_workgroup_gpu();
     for (s, bytes) in [(&shaders::MATMUL_T128, 16960), (&shaders::ATTENTION_T128, 25616)] {
-        let err = ctx.pipeline(s, None).expect_err("past 16 KiB").to_string();
+        let err = ctx.pipeline(s, &[]).expect_err("past 16 KiB").to_string();
         let want = format!("shader {} uses {bytes} bytes of workgroup memory and this device allows 16384", s.name);
         assert!(err.contains(&want), "{err}");
     }
-    ctx.pipeline(&shaders::MATMUL_T64, None).expect("tile64 fits");
+    ctx.pipeline(&shaders::MATMUL_T64, &[]).expect("tile64 fits");
 }
 
 /// A kernel's expanded source parsed and validated by naga, the compiler wgpu uses, with its
@@ -281,8 +305,8 @@ fn resolved(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo)
         .validate(&module)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(source)));
     let mut constants = naga::back::PipelineConstants::default();
-    for constant in shaders::overrides_in(source) {
-        constants.insert(constant.to_string(), 64.0);
+    for constant in shaders::overrides_in(source).iter().filter(|o| !o.optional) {
+        constants.insert(constant.name.to_string(), 64.0);
     }
     let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
         .unwrap_or_else(|e| panic!("{name}: pipeline constants: {e}"));
@@ -2655,7 +2679,7 @@ fn the_kernel_log_names_what_was_dispatched_once_and_not_what_was_compiled() {
     let log = dir.join("plain.txt");
     let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
     let ctx = GpuContext::new(&GpuOptions { kernel_log: Some(log.clone()), ..Default::default() }).expect("adapter");
-    ctx.pipeline(&shaders::LOGIT_SOFTCAP, None).expect("compiles");
+    ctx.pipeline(&shaders::LOGIT_SOFTCAP, &[]).expect("compiles");
     assert_eq!(read(&log), "", "compiling is not dispatching");
     let (x, y) = (ctx.storage_from("x", &rand(10, 1, 1.0)), ctx.storage_from("y", &rand(10, 2, 1.0)));
     for _ in 0..3 {
@@ -2785,11 +2809,13 @@ fn gathered_lora_a_products_give_each_row_its_own_adapter() {
 /// B and scale from its table entry, its x A^T read at a row stride and first column of a wider
 /// h whose values past the row's rank are junk (never read as the row's). In every family and
 /// weight format, against the twin's base product plus the B products summed in f64: M from 2
-/// to 33, K of 40 to 320 (not a multiple of the tiles' step), slot widths of 1 to 48 with ranks
-/// 0 to the width; one dispatch more than the product alone. The bound is
-/// `wanted_with_slack`'s over K + width products, the bias and the accumulated value; coop16's
-/// f16 operands add `f16_slack` over the product. Refused: one row, alpha other than 1, a block
-/// of y's columns, an h or table too short.
+/// to 33, K of 40 to 320 (not a multiple of the tiles' step), slot widths of 1 to 64 with ranks
+/// 0 to the width. The simd8 kernels add the B products in their epilogue, the tiled cores as
+/// more of the reduction, M slots of the width, each zero but for its row, where M * width is
+/// at most K (one dispatch, as the product alone), else a second dispatch adds them. The bound is
+/// `wanted_with_slack`'s over K + width products (zeros add no rounding), the bias and the
+/// accumulated value; coop16's f16 operands add `f16_slack` over the whole reduction. Refused:
+/// one row, alpha other than 1, a block of y's columns, an h or table too short.
 #[test]
 fn a_many_row_product_with_each_rows_own_lora_b_matches_the_two_products() {
     for ctx in gpus() {
@@ -2798,7 +2824,7 @@ fn a_many_row_product_with_each_rows_own_lora_b_matches_the_two_products() {
         let shapes = [
             (2, 37, 40, 1, 0, 1),
             (9, 70, 96, 16, 16, 48),
-            (5, 37, 320, 48, 0, 48),
+            (5, 37, 320, 64, 0, 64),
             (33, 9, 256, 8, 8, 24),
             (17, 37, 200, 8, 0, 8),
         ];
@@ -2825,6 +2851,7 @@ fn a_many_row_product_with_each_rows_own_lora_b_matches_the_two_products() {
             );
             let adapters = launch::RowsAdapters { w: &wb, table: &tb, table_row, width };
             let b = launch::RowsB { adapters, h: &hb, h_col, h_stride };
+            let (wide_h, wide_b) = (ctx.storage_zeroed("h", m * m * width), ctx.storage_zeroed("B", n * m * width));
             let mut twin_b = vec![0.0; m * n];
             r::lora_rows_b(&h, (h_col, h_stride), &lw, &rows, n, &mut twin_b);
             let on_gpu = Formats::new(&ctx, &w, (n, k), seed, 32);
@@ -2833,10 +2860,31 @@ fn a_many_row_product_with_each_rows_own_lora_b_matches_the_two_products() {
                 let out = launch::OutCols::whole(n).accumulated();
                 let mm = launch::Matmul { x: &xb, w: weight, bias: Some(&bb), y: &y, m, n, k, out };
                 let dispatches = run(&ctx, |enc| launch::matmul_rows_lora_forward(&ctx, enc, mm, b));
+                // What the product records alone, and with one adapter's B product as wide as
+                // the rows' slots (a reduction as long as the fused one: split alike).
                 let scratch = ctx.storage_zeroed("y", m * n);
                 let alone = run(&ctx, |enc| launch::matmul_forward(&ctx, enc, launch::Matmul { y: &scratch, ..mm }));
+                let slots = launch::LoraB {
+                    h: &wide_h,
+                    h_offset: 0,
+                    h_stride: m * width,
+                    params: &wide_b,
+                    b_offset: 0,
+                    rank: m * width,
+                    scale: 1.0,
+                };
+                let as_wide = run(&ctx, |enc| {
+                    launch::matmul_lora_forward(&ctx, enc, launch::Matmul { y: &scratch, ..mm }, slots, None)
+                });
                 let what = format!("{label} with rows' own B products of width {width} {m}x{n}x{k}");
-                assert_eq!(dispatches, alone + 1, "{what}: the product, then the B products");
+                let simd8 = ctx.report.kernels.matmul == edgetune::gpu::KernelFamily::Simd8;
+                if m * width <= k {
+                    assert_eq!(dispatches, as_wide, "{what}: fused into the product");
+                } else if !simd8 {
+                    assert_eq!(dispatches, alone + 1, "{what}: a tiled core adds them apart");
+                } else {
+                    assert!(dispatches == as_wide || dispatches == alone + 1, "{what}: {dispatches} vs {alone}");
+                }
                 let got = ctx.read_f32(&y, m * n).expect("readback");
                 let product = r::matmul_forward(&x, &wd, None, m, n, k);
                 let hb_sum = |t: usize, c: usize, f: fn(f64) -> f64| -> f64 {
@@ -2844,8 +2892,20 @@ fn a_many_row_product_with_each_rows_own_lora_b_matches_the_two_products() {
                     (0..e.rank).map(|j| f(f64::from(h_at(t, j)) * f64::from(b_at(e, c, j)))).sum::<f64>()
                         * f64::from(e.scale)
                 };
-                // coop16 sums the product on f16 operands; the B products are f32.
-                let f16 = f16_slack(f16_products(&ctx), (m, n, k), 1.0, |t, j| x[t * k + j], |c, j| wd[c * k + j]);
+                let f16 = f16_slack(
+                    f16_products(&ctx),
+                    (m, n, k + m * width),
+                    1.0,
+                    |t, j| match j.checked_sub(k) {
+                        None => x[t * k + j],
+                        Some(s) if s / width == t => h_at(t, s % width),
+                        Some(_) => 0.0,
+                    },
+                    |c, j| match j.checked_sub(k) {
+                        None => wd[c * k + j],
+                        Some(s) => rows[s / width].scale * b_at(&rows[s / width], c, s % width),
+                    },
+                );
                 let (want, slack) = wanted_with_slack(f16, (m, n), (k, width), |t, c| {
                     let at = t * n + c;
                     let v = f64::from(product[at] + bias[c] + y0[at]) + hb_sum(t, c, |v| v);

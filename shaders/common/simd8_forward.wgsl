@@ -7,12 +7,14 @@
 //
 // With p.lora_rank > 0 a LoRA adapter's B product is added to the sums before the store, as
 // common/matmul_forward.wgsl does for the tiled cores: y = alpha * (x W^T + lora_scale * h B^T)
-// (+ bias) (+ y), h's row m at m * lora_h_stride + lora_h, B (n, rank) from element lora_b.
+// (+ bias) (+ y), h's row m at m * lora_h_stride + lora_h, B (n, rank) from element lora_b. In a
+// pipeline made with ROWS_LORA each row adds its own adapter's (common/lora_table.wgsl).
 //
 // The `.one_row` variants (decoding, M = 1) include common/simd8_one_row.wgsl in its place.
 #include "common/simd8.wgsl"
+#include "common/lora_table.wgsl"
 
-@group(0) @binding(AUX_BINDING) var<storage, read> aux: array<f32>;            // unused: a dummy
+@group(0) @binding(AUX_BINDING) var<storage, read> aux: array<u32>;            // the rows' adapters (ROWS_LORA), or a dummy
 @group(0) @binding(LORA_H_BINDING) var<storage, read> lora_h: array<f32>;      // h, or a dummy
 @group(0) @binding(LORA_B_BINDING) var<storage, read> lora_b: array<f32>;      // B at lora_b, or a dummy
 
@@ -51,12 +53,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(subgroup_invocation_id) l
 #end
         }
     }
+    // Each row its own adapter: every lane adds its four columns of each row's B product.
+    if (ROWS_LORA) {
+        // A loop over the rows, its body compiled once, then an add to each row's sums.
+        var delta: array<vec4<f32>, 32>;
+        let cols = vec4<u32>(n0, n1, n2, n3);
+        for (var r = 0u; r < min(32u, p.m - r0); r++) {
+            delta[r] = lora_rows_delta(r0 + r, cols);
+        }
+#for r in 0..32
+        acc{r} += delta[{r}];
+#end
+    }
     // The B product: lane l loads h's value of rows r0 + 8q + l, and every lane its four
     // columns of B, one rank index at a time.
 #for q in 0..4
     let hrow{q} = min(r0 + {q * 8}u + lane, p.m - 1u) * p.lora_h_stride + p.lora_h;
 #end
-    for (var i = 0u; i < p.lora_rank; i++) {
+    let shared_rank = select(p.lora_rank, 0u, ROWS_LORA);
+    for (var i = 0u; i < shared_rank; i++) {
         let b = p.lora_scale * vec4<f32>(
 #for c in 0..4
             lora_b[p.lora_b + n{c} * p.lora_rank + i],

@@ -96,14 +96,22 @@ impl Shader {
     }
 }
 
-/// The pipeline constants (`override NAME: u32;`) that `source`, a shader's expanded source,
-/// declares, by name in order: the values a pipeline of it must be given (the quantized
-/// kernels' `BLOCK_SIZE`, `common/block_size.wgsl`).
-pub fn overrides_in(source: &str) -> Vec<&str> {
+/// A pipeline constant that a shader declares (`override NAME: T;`, or `override NAME: T = V;`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Override<'a> {
+    pub name: &'a str,
+    /// It has a default (`= V`), so a pipeline may leave it out (`ROWS_LORA`,
+    /// `common/lora_table.wgsl`); without one, every pipeline must be given it (the quantized
+    /// kernels' `BLOCK_SIZE`, `common/block_size.wgsl`).
+    pub optional: bool,
+}
+
+/// The pipeline constants that `source`, a shader's expanded source, declares, in order.
+pub fn overrides_in(source: &str) -> Vec<Override<'_>> {
     source
         .lines()
         .filter_map(|l| l.split("//").next()?.trim().strip_prefix("override "))
-        .filter_map(|rest| Some(rest.split(':').next()?.trim()))
+        .filter_map(|rest| Some(Override { name: rest.split(':').next()?.trim(), optional: rest.contains('=') }))
         .collect()
 }
 
@@ -405,6 +413,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/matmul_dw.wgsl", include_str!("../common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../common/matvec.wgsl")),
+    ("common/lora_table.wgsl", include_str!("../common/lora_table.wgsl")),
     ("common/matmul_forward.wgsl", include_str!("../common/matmul_forward.wgsl")),
     ("common/matmul_dx.wgsl", include_str!("../common/matmul_dx.wgsl")),
     ("common/embedding.wgsl", include_str!("../common/embedding.wgsl")),

@@ -710,20 +710,22 @@ impl GpuContext {
         }
     }
 
-    /// The compute pipeline for a shader, compiled on first use and cached, with the value of
-    /// the pipeline constant it declares, if it declares one (the quantized kernels' block size,
-    /// `("BLOCK_SIZE", 64)`). Compilation errors are caught through an error scope and returned,
-    /// never panicked on; a constant the shader does not declare, or one it declares and is not
+    /// The compute pipeline for a shader, compiled on first use and cached, with the values of
+    /// the pipeline constants it is made with: those the shader declares without a default
+    /// (the quantized kernels' block size, `("BLOCK_SIZE", 64)`) and any of those with one
+    /// (`("ROWS_LORA", 1)`: the many-row forward kernels summing each row's own adapter).
+    /// Compilation errors are caught through an error scope and returned, never panicked on; a
+    /// constant the shader does not declare, or one it declares without a default and is not
     /// given, is an error naming both.
-    pub fn pipeline(&self, shader: &Shader, constant: Option<(&'static str, u32)>) -> Result<wgpu::ComputePipeline> {
-        Ok(self.kernel(shader, constant, false)?.pipeline)
+    pub fn pipeline(&self, shader: &Shader, constants: &[(&'static str, u32)]) -> Result<wgpu::ComputePipeline> {
+        Ok(self.kernel(shader, constants, false)?.pipeline)
     }
 
-    /// A shader's pipeline (for `constant`, see [`GpuContext::pipeline`]) and bind-group layout,
-    /// made on first use and cached. The module and layout are made once a shader and shared by
-    /// its pipelines for each constant's value. The layout is written out from the shader's
-    /// declarations (see [`Shader::bindings`]) rather than derived by wgpu, because the params
-    /// binding takes a dynamic offset.
+    /// A shader's pipeline (for `constants`, see [`GpuContext::pipeline`]) and bind-group
+    /// layout, made on first use and cached. The module and layout are made once a shader and
+    /// shared by its pipelines for each set of constants. The layout is written out from the
+    /// shader's declarations (see [`Shader::bindings`]) rather than derived by wgpu, because the
+    /// params binding takes a dynamic offset.
     ///
     /// `dispatching`: the kernel is wanted for a dispatch (not only compiled); where the context
     /// keeps a kernel log ([`GpuOptions::kernel_log`]), the first such call for a shader appends
@@ -732,7 +734,7 @@ impl GpuContext {
     pub(crate) fn kernel(
         &self,
         shader: &Shader,
-        constant: Option<(&'static str, u32)>,
+        constants: &[(&'static str, u32)],
         dispatching: bool,
     ) -> Result<Kernel> {
         let mut cache = self.pipelines.lock().map_err(|_| Error::Gpu("pipeline cache poisoned".into()))?;
@@ -746,17 +748,24 @@ impl GpuContext {
                 .map_err(|e| Error::Gpu(format!("EDGETUNE_KERNEL_LOG: cannot append to {}: {e}", path.display())))?;
             compiled.dispatched = true;
         }
-        if let Some((_, pipeline)) = compiled.pipelines.iter().find(|(c, _)| *c == constant) {
+        if let Some((_, pipeline)) = compiled.pipelines.iter().find(|(c, _)| c == constants) {
             return Ok(Kernel { pipeline: pipeline.clone(), layout: compiled.layout.clone() });
         }
-        let given: Vec<&str> = constant.iter().map(|c| c.0).collect();
-        if given != compiled.overrides {
+        let declared = |name: &str| compiled.overrides.iter().any(|(n, _)| n == name);
+        let given = |name: &str| constants.iter().any(|(n, _)| *n == name);
+        let missing = compiled.overrides.iter().any(|(n, optional)| !optional && !given(n));
+        if missing || constants.iter().any(|(n, _)| !declared(n)) {
+            let names = |optional: bool| -> Vec<&str> {
+                compiled.overrides.iter().filter(|o| o.1 == optional).map(|o| o.0.as_str()).collect()
+            };
+            let given: Vec<&str> = constants.iter().map(|c| c.0).collect();
             return Err(Error::Gpu(format!(
-                "shader {asked} declares the pipeline constants {:?} and was given {given:?}",
-                compiled.overrides
+                "shader {asked} declares the pipeline constants {:?} (and the optional {:?}) and was given {given:?}",
+                names(false),
+                names(true)
             )));
         }
-        let values: Vec<(&str, f64)> = constant.iter().map(|&(name, v)| (name, f64::from(v))).collect();
+        let values: Vec<(&str, f64)> = constants.iter().map(|&(name, v)| (name, f64::from(v))).collect();
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(asked),
@@ -770,7 +779,7 @@ impl GpuContext {
             return Err(Error::Gpu(format!("shader {asked} failed to compile: {err}")));
         }
         Counters::add(&self.counters.pipelines);
-        compiled.pipelines.push((constant, pipeline.clone()));
+        compiled.pipelines.push((constants.to_vec(), pipeline.clone()));
         Ok(Kernel { pipeline, layout: compiled.layout.clone() })
     }
 
@@ -793,7 +802,7 @@ impl GpuContext {
                 shader.name
             )));
         }
-        let overrides = overrides_in(&source).into_iter().map(str::to_owned).collect();
+        let overrides = overrides_in(&source).into_iter().map(|o| (o.name.to_owned(), o.optional)).collect();
         let entries: Vec<wgpu::BindGroupLayoutEntry> = shader
             .bindings_in(&source)?
             .into_iter()
@@ -862,8 +871,9 @@ struct Compiled {
     module: wgpu::ShaderModule,
     layout: wgpu::BindGroupLayout,
     pipeline_layout: wgpu::PipelineLayout,
-    overrides: Vec<String>,
-    pipelines: Vec<(Option<(&'static str, u32)>, wgpu::ComputePipeline)>,
+    /// Each pipeline constant's name, and whether it has a default.
+    overrides: Vec<(String, bool)>,
+    pipelines: Vec<(Vec<(&'static str, u32)>, wgpu::ComputePipeline)>,
     /// The name of the shader compiled: the one asked for, or its emulated twin.
     runs: &'static str,
     /// Whether it has been dispatched (and logged, see [`GpuContext::kernel`]).

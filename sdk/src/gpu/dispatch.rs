@@ -222,7 +222,7 @@ impl GpuContext {
     ) -> Result<()> {
         self.record(
             enc,
-            Dispatch { shader, buffers, groups, constant: None },
+            Dispatch { shader, buffers, groups, constants: &[] },
             bytemuck::bytes_of(params),
             Cost::default(),
             true,
@@ -301,8 +301,8 @@ impl GpuContext {
         cost: Cost,
         may_submit: bool,
     ) -> Result<()> {
-        let Dispatch { shader, buffers, groups, constant } = d;
-        let kernel = self.kernel(shader, constant, true)?;
+        let Dispatch { shader, buffers, groups, constants } = d;
+        let kernel = self.kernel(shader, constants, true)?;
         let profiling = self.profiling();
         if profiling == Some(Timer::WallClock) {
             self.flush(enc)?;
@@ -380,9 +380,9 @@ pub struct Dispatch<'a> {
     pub buffers: &'a [&'a wgpu::Buffer],
     /// Workgroups in x, y and z.
     pub groups: [u32; 3],
-    /// The value of the pipeline constant the kernel declares, if it declares one (see
+    /// The values of the pipeline constants the kernel is made with (see
     /// [`GpuContext::pipeline`]).
-    pub constant: Option<(&'static str, u32)>,
+    pub constants: &'a [(&'static str, u32)],
 }
 
 /// A readback on its way: see [`GpuContext::submit_and_map`].

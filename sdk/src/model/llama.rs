@@ -1523,7 +1523,8 @@ impl Model {
         let mm = launch::Matmul { x, w: l.weight(), bias: l.bias.as_ref(), y, m, n: l.n_out, k: l.n_in, out: base };
         if let Some(r) = rows_lora {
             // Each row its own adapter (gathered LoRA): x A^T (where the modules that share x
-            // have not run it), then the base product over every row and each row's B product.
+            // have not run it), then the base product over every row with each row's B product
+            // in it.
             if input.is_some() || lora.is_some() || drop.is_some() || m != r.rows {
                 return Err(Error::invalid("linear", "rows with adapters of their own take x as it is, and no other"));
             }

@@ -109,7 +109,7 @@ pub fn attention_forward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionIo<'_>
         };
     ctx.dispatch_costed(
         enc,
-        Dispatch { shader, buffers: &buffers, groups, constant: None },
+        Dispatch { shader, buffers: &buffers, groups, constants: &[] },
         &p,
         attention_cost(s, 4.0, 2.0),
     )
@@ -153,7 +153,7 @@ pub fn attention_rows_forward(
                 (&ATTENTION, [p.n_tokens, p.n_heads, 1])
             }
         };
-    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups, constant: None }, &p, cost)
+    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups, constants: &[] }, &p, cost)
 }
 
 /// Where [`kv_write`] puts a pass's rows in the cache.
@@ -201,7 +201,7 @@ pub fn kv_write(ctx: &GpuContext, enc: &mut Encoder, w: KvWrite<'_>) -> Result<(
     };
     let cost = Cost { flops: 0.0, bytes: 16.0 * (w.n_rows * w.width) as f64 };
     let buffers = [w.k, w.v, table, w.k_cache, w.v_cache];
-    let d = Dispatch { shader: &KV_WRITE, buffers: &buffers, groups: [p.n_rows, 1, 1], constant: None };
+    let d = Dispatch { shader: &KV_WRITE, buffers: &buffers, groups: [p.n_rows, 1, 1], constants: &[] };
     ctx.dispatch_costed(enc, d, &p, cost)
 }
 
@@ -229,13 +229,13 @@ fn split_key_attention(
     let buffers = [q, k, v, key_start, &scratch, stats];
     let groups = [p.n_tokens, p.n_heads, p.n_splits];
     let sliced = Cost { flops: cost.flops, bytes: cost.bytes + 4.0 * parts as f64 };
-    ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups, constant: None }, &p, sliced)?;
+    ctx.dispatch_costed(enc, Dispatch { shader: &ATTENTION, buffers: &buffers, groups, constants: &[] }, &p, sliced)?;
     let combine_buffers = [&scratch, key_start, out, stats];
     let d = Dispatch {
         shader: &ATTENTION_COMBINE,
         buffers: &combine_buffers,
         groups: [p.n_tokens, p.n_heads, 1],
-        constant: None,
+        constants: &[],
     };
     let query_bytes = 4.0 * (s.n_tokens * s.n_heads * s.head_dim) as f64;
     let combined = Cost { flops: 2.0 * parts as f64, bytes: 4.0 * parts as f64 + query_bytes };
@@ -347,7 +347,7 @@ fn blocked_kv_split(
     let kv_buffers = [q, k, v, key_start, b.dout, stats, &scratch, b.dv];
     let split = AttentionParams { head_split: 1, ..p };
     let groups = [p.n_tokens.div_ceil(64), p.n_heads, 1];
-    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups, constant: None };
+    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups, constants: &[] };
     let cost = attention_cost(s, 8.0, 2.0);
     let written = Cost { flops: cost.flops, bytes: cost.bytes + 4.0 * partials as f64 };
     ctx.dispatch_costed(enc, kv_pass, &split, written)?;
@@ -357,7 +357,7 @@ fn blocked_kv_split(
         shader: &ATTENTION_BACKWARD_KV_REDUCE,
         buffers: &reduce_buffers,
         groups: groups_1d(u32_of(kv_floats / 2, "keys")?.div_ceil(64)),
-        constant: None,
+        constants: &[],
     };
     let added = Cost { flops: partials as f64, bytes: 4.0 * (partials + kv_floats) as f64 };
     // The two passes share the scratch buffer, so they run back to back.
@@ -400,11 +400,11 @@ pub fn attention_backward(ctx: &GpuContext, enc: &mut Encoder, b: AttentionGrads
     };
     // Queries: scores again, dP = dO V and dQ = dS K (6 per pair); keys and values: scores,
     // dP, dV = P^T dO and dK = dS^T Q (8 per pair), with dK and dV written besides.
-    let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: q_groups, constant: None };
+    let q_pass = Dispatch { shader: qs, buffers: &q_buffers, groups: q_groups, constants: &[] };
     ctx.dispatch_costed(enc, q_pass, &p, attention_cost(s, 6.0, 4.0))?;
     if blocked && head_split(ctx, s) {
         return blocked_kv_split(ctx, enc, b, s, p, kvs);
     }
-    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups: kv_groups, constant: None };
+    let kv_pass = Dispatch { shader: kvs, buffers: &kv_buffers, groups: kv_groups, constants: &[] };
     ctx.dispatch_costed(enc, kv_pass, &p, attention_cost(s, 8.0, 2.0))
 }

@@ -196,14 +196,39 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
 /// The quantized kernels' pipeline constant, their block size (`common/block_size.wgsl`): a
 /// pipeline is compiled for each block size a model uses, so the kernels divide by a constant.
 /// They read whole packed words (8 codes), so K and the block size must be multiples of 8.
-fn block_constant(k: usize, block_size: usize) -> Result<Option<(&'static str, u32)>> {
+fn block_constant(k: usize, block_size: usize) -> Result<Option<u32>> {
     if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) || block_size == 0 {
         return Err(Error::invalid(
             "NF4 matmul",
             format!("needs K % 8 == 0 and a block size that is a positive multiple of 8 (K {k}, block {block_size})"),
         ));
     }
-    Ok(Some(("BLOCK_SIZE", u32_of(block_size, "block size")?)))
+    Ok(Some(u32_of(block_size, "block size")?))
+}
+
+/// The pipeline constants a matmul kernel is made with.
+#[derive(Debug, Clone, Copy, Default)]
+struct Constants {
+    /// The quantized kernels' block size (see [`block_constant`]).
+    block: Option<u32>,
+    /// A many-row forward kernel summing each row's own adapter's B product
+    /// (`common/lora_table.wgsl`); off, that code is dead and compiles to nothing.
+    rows_lora: bool,
+}
+
+impl Constants {
+    /// The constants as a pipeline takes them: `list[..n]`.
+    fn list(self) -> ([(&'static str, u32); 2], usize) {
+        let mut list = [("", 0); 2];
+        let mut n = 0;
+        for (name, value) in [("BLOCK_SIZE", self.block), ("ROWS_LORA", self.rows_lora.then_some(1))] {
+            if let Some(v) = value {
+                list[n] = (name, v);
+                n += 1;
+            }
+        }
+        (list, n)
+    }
 }
 
 fn check_f16(k: usize) -> Result<()> {
@@ -237,7 +262,7 @@ pub struct Matmul<'a> {
 
 /// `y[m, col_offset + n] (+)= alpha * x[m, :] . w[n, :] (+ bias[n])`.
 pub fn matmul_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>) -> Result<()> {
-    forward(ctx, enc, mm, Fused::default(), None)
+    forward(ctx, enc, mm, Fused::default(), Reads::default())
 }
 
 /// Where a many-row product ([`matmul_shared_forward`]) reads its operands.
@@ -265,7 +290,13 @@ pub fn matmul_shared_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>
     if let Some(g) = shared.gather {
         check_gather(mm, g).or_else(bad)?;
     }
-    forward(ctx, enc, mm, Fused { gather: shared.gather, ..Fused::default() }, shared.x_cols)
+    forward(
+        ctx,
+        enc,
+        mm,
+        Fused { gather: shared.gather, ..Fused::default() },
+        Reads { x_cols: shared.x_cols, table: None },
+    )
 }
 
 /// [`matmul_forward`] of two rows or more with a LoRA adapter's B product fused in:
@@ -303,7 +334,7 @@ pub fn matmul_lora_forward(
         ));
     }
     check_x_cols(mm, x_cols).or_else(bad)?;
-    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, x_cols)
+    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, Reads { x_cols, table: None })
 }
 
 /// Why `mm`'s rows of k columns, read from x as `x_cols` says (see [`Shared::x_cols`]), do not
@@ -454,22 +485,27 @@ pub fn matvec_fused_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>,
     if let Some(g) = fused.gather {
         check_gather(mm, g).or_else(bad)?;
     }
-    forward(ctx, enc, mm, fused, None)
+    forward(ctx, enc, mm, fused, Reads::default())
 }
 
-/// Records a forward product; `x_cols`: x's row stride and first column (many rows only).
-fn forward(
-    ctx: &GpuContext,
-    enc: &mut Encoder,
-    mm: Matmul<'_>,
-    fused: Fused<'_>,
+/// How a many-row product reads beyond x and the weight.
+#[derive(Clone, Copy, Default)]
+struct Reads<'a> {
+    /// x's row stride and first column (see [`Shared::x_cols`]).
     x_cols: Option<(usize, usize)>,
-) -> Result<()> {
+    /// With a [`LoraB`] made by [`matmul_rows_lora_forward`]: the rows' adapter table, each
+    /// row its own B (the LoraB's `b_offset` the module's first entry, its rank the slot width).
+    table: Option<&'a wgpu::Buffer>,
+}
+
+/// Records a forward product.
+fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>, reads: Reads<'_>) -> Result<()> {
     if let Some([hi, lo]) = mm.w.planes() {
-        forward(ctx, enc, Matmul { w: hi, ..mm }, fused, x_cols)?;
+        forward(ctx, enc, Matmul { w: hi, ..mm }, fused, reads)?;
         let lo_plane = Matmul { w: lo, bias: None, out: mm.out.accumulated(), ..mm };
-        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused }, x_cols);
+        return forward(ctx, enc, lo_plane, Fused { lora: None, ..fused }, Reads { table: None, ..reads });
     }
+    let Reads { x_cols, table } = reads;
     if let Some(RowInput::RmsNormKept { .. }) = fused.input {
         let why = "a one-row product norms its row itself (RowInput::RmsNorm); a kept 1 / rms is for weight gradients";
         return Err(Error::invalid("matmul", why));
@@ -484,7 +520,10 @@ fn forward(
         x_ok = stride.is_multiple_of(4) && col.is_multiple_of(4);
     }
     p.has_bias = bias.is_some() as u32;
-    let Fused { input, lora, gather } = fused;
+    let Fused { input, mut lora, gather } = fused;
+    if table.is_some() && (m < 2 || input.is_some() || out.alpha != 1.0 || lora.is_none()) {
+        return Err(Error::invalid("matmul", "gathered LoRA fuses into many-row products of x as it is, alpha 1"));
+    }
     if let Some(input) = input {
         p.x_op = input.op().0;
         if let RowInput::RmsNorm { eps, .. } = input {
@@ -537,23 +576,49 @@ fn forward(
     // One row (decoding) splits the reduction over a workgroup (matvec); more rows use the
     // tiled kernels. CPU rasterizers get register-tiled variants of both where K allows.
     let simd_ok = simd_ok && gathered_ok && x_ok && k.is_multiple_of(8);
+    // Each row's own B product (gathered LoRA) is summed by the product (common/lora_table.wgsl)
+    // but where a tiled core would sum more slot columns than the product has: there
+    // lora_rows.wgsl adds it after.
+    let mut apart = None;
+    if let (Some(l), Some(table)) = (lora, table) {
+        let simd8 = ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok;
+        if !simd8 && m * l.rank > k {
+            apart = Some((l, table));
+            lora = None;
+            p.lora_rank = 0;
+        }
+    }
+    let rows_lora = table.is_some() && lora.is_some();
+    let lora_columns = lora.map(|l| if rows_lora { m * l.rank } else { l.rank });
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * k, m * n), out.accumulate);
     let (shader, groups) = match m {
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
         _ => {
             // A fused B product's columns follow x's in the reduction, from the step after K.
-            let red = lora.map_or(Ok(p.k), |l| u32_of(k.next_multiple_of(TILE_STEP) + l.rank, "reduction"))?;
-            let kernel =
-                ManyRows { constant: block, ..many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red)) };
+            let red = lora_columns.map_or(Ok(p.k), |c| u32_of(k.next_multiple_of(TILE_STEP) + c, "reduction"))?;
+            let kernel = ManyRows {
+                constants: Constants { block, rows_lora },
+                ..many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red))
+            };
             let mut cost = cost;
             if let Some(l) = lora {
                 cost.flops += 2.0 * (m * n * l.rank) as f64;
                 cost.bytes += 4.0 * ((m + n) * l.rank) as f64;
             }
-            // After y: the one-row kernels' op operand (unused here), h and B; x the dummy.
-            let after_y = [x, lora.map_or(x, |l| l.h), lora.map_or(x, |l| l.params)];
-            return run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost);
+            // After y: the rows' adapter table (the one-row kernels' op operand), h and B; x
+            // the dummy.
+            let aux = if rows_lora { table.unwrap_or(x) } else { x };
+            let after_y = [aux, lora.map_or(x, |l| l.h), lora.map_or(x, |l| l.params)];
+            run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost)?;
+            return match apart {
+                Some((l, table)) => {
+                    let rows = RowsAdapters { w: l.params, table, table_row: l.b_offset, width: l.rank };
+                    let b = RowsB { adapters: rows, h: l.h, h_col: l.h_offset, h_stride: l.h_stride };
+                    lora_rows_b(ctx, enc, b, y, (m, n))
+                }
+                None => Ok(()),
+            };
         }
     };
     // The one-row kernels bind what they fuse in last: x serves as the dummy.
@@ -567,15 +632,15 @@ fn forward(
         cost.flops += 2.0 * (n * l.rank) as f64;
         cost.bytes += 4.0 * ((n + 1) * l.rank) as f64;
     }
-    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups, constant: block }, &p, cost)
+    let (constants, c) = Constants { block, rows_lora: false }.list();
+    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups, constants: &constants[..c] }, &p, cost)
 }
 
 /// A many-row matmul's kernel and output shape: (rows, cols) outputs over a reduction of
 /// length `red`. See [`many_rows`] and [`run_many_rows`].
 struct ManyRows {
     shader: &'static Shader,
-    /// The quantized kernels' block size (see [`block_constant`]).
-    constant: Option<(&'static str, u32)>,
+    constants: Constants,
     groups: [u32; 3],
     tiled: bool,
     rows: u32,
@@ -713,7 +778,15 @@ fn many_rows(
         (KernelFamily::Tile128 | KernelFamily::Coop16, _) => (family.tile64, 64, true),
         _ => (family.portable, 64, true),
     };
-    ManyRows { shader, constant: None, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
+    ManyRows {
+        shader,
+        constants: Constants::default(),
+        groups: [cols.div_ceil(side), rows.div_ceil(side), 1],
+        tiled,
+        rows,
+        cols,
+        red,
+    }
 }
 
 /// The reduction step of every tiled core (`BK` in their WGSL): a fused LoRA B product's
@@ -754,11 +827,13 @@ fn run_many_rows(
     cost: Cost,
 ) -> Result<()> {
     let (splits, slice) = if k.tiled { split_of(k.groups[0] * k.groups[1], k.red) } else { (1, 0) };
+    let (constants, c) = k.constants.list();
+    let constants = &constants[..c];
     if splits < 2 {
         let all = [buffers, after_y].concat();
         return ctx.dispatch_costed(
             enc,
-            Dispatch { shader: k.shader, buffers: &all, groups: k.groups, constant: k.constant },
+            Dispatch { shader: k.shader, buffers: &all, groups: k.groups, constants },
             &p,
             cost,
         );
@@ -785,17 +860,12 @@ fn run_many_rows(
     let out_bytes = 4.0 * (rows * cols) as f64 * if p.accumulate != 0 { 2.0 } else { 1.0 };
     let sliced = Cost { flops: cost.flops, bytes: cost.bytes - out_bytes + partials };
     let groups = [k.groups[0], k.groups[1], splits];
-    ctx.dispatch_costed(
-        enc,
-        Dispatch { shader: k.shader, buffers: &bound, groups, constant: k.constant },
-        &partial,
-        sliced,
-    )?;
+    ctx.dispatch_costed(enc, Dispatch { shader: k.shader, buffers: &bound, groups, constants }, &partial, sliced)?;
     let reduce = MatmulParams { m: k.rows, n: k.cols, k: splits, ..p };
     let quads = u32_of(rows * cols.div_ceil(4), "outputs")?;
     let reduce_buffers = [&scratch, buffers[n - 2], buffers[n - 1]];
     let groups = groups_1d(quads.div_ceil(64));
-    let d = Dispatch { shader: &MATMUL_SPLIT_REDUCE, buffers: &reduce_buffers, groups, constant: None };
+    let d = Dispatch { shader: &MATMUL_SPLIT_REDUCE, buffers: &reduce_buffers, groups, constants: &[] };
     let reduced = Cost { flops: (splits as usize * rows * cols) as f64, bytes: partials + out_bytes };
     ctx.record(enc, d, bytemuck::bytes_of(&reduce), reduced, false)
 }
@@ -942,8 +1012,10 @@ fn backward(
         cost.flops += 2.0 * (m * k * l.n) as f64;
         cost.bytes += 4.0 * ((m + k) * l.n) as f64;
     }
-    let kernel =
-        ManyRows { constant: block, ..many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, red)) };
+    let kernel = ManyRows {
+        constants: Constants { block, rows_lora: false },
+        ..many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, red))
+    };
     // After dx: dh and the A matrices; dy the dummy.
     let after_y = [lora.map_or(g, |l| l.dh), lora.map_or(g, |l| l.params)];
     run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost)
@@ -1204,7 +1276,7 @@ pub fn lora_rows_a(ctx: &GpuContext, enc: &mut Encoder, a: LoraRowsA<'_>) -> Res
     let (r, c) = (rows as f64, stride as f64);
     let cost = Cost { flops: 2.0 * r * c * n_in as f64, bytes: 4.0 * (r * n_in as f64 * (1.0 + c) + r * c) };
     let groups = [p.modules * p.width, p.n_rows, 1];
-    let d = Dispatch { shader: &LORA_ROWS_A, buffers: &[x, adapters.w, adapters.table, h], groups, constant: None };
+    let d = Dispatch { shader: &LORA_ROWS_A, buffers: &[x, adapters.w, adapters.table, h], groups, constants: &[] };
     ctx.dispatch_costed(enc, d, &p, cost)
 }
 
@@ -1223,15 +1295,18 @@ fn lora_rows_b(
     let cost = Cost { flops: 2.0 * r * w * n_out as f64, bytes: 4.0 * (r * w + r * n_out as f64 * (2.0 + w)) };
     let groups = [p.n_out.div_ceil(64), p.n_rows, 1];
     let d =
-        Dispatch { shader: &LORA_ROWS_B, buffers: &[b.h, b.adapters.w, b.adapters.table, y], groups, constant: None };
+        Dispatch { shader: &LORA_ROWS_B, buffers: &[b.h, b.adapters.w, b.adapters.table, y], groups, constants: &[] };
     ctx.dispatch_costed(enc, d, &p, cost)
 }
 
 /// [`matmul_forward`] of two rows or more whose rows each add their own adapter's B product
 /// (gathered LoRA): `y[t, n] (+)= x[t, :] . w[n, :] (+ bias[n]) + scale_t * h[t, h_col + (0 ..
-/// rank_t)] . B_t[n, :]`, with h from [`lora_rows_a`]: the product, then `lora_rows.wgsl`'s B
-/// entry. Refused: one row (a row's own adapter is a [`LoraB`] for [`matvec_fused_forward`]),
-/// an alpha other than 1, an output that is not whole rows, an h or table that does not fit.
+/// rank_t)] . B_t[n, :]`, with h from [`lora_rows_a`]. One dispatch where the kernel, made with
+/// the pipeline constant `ROWS_LORA`, sums it with the base product (common/lora_table.wgsl:
+/// the simd8 kernels always, the tiled ones where rows * width is at most K), else the product
+/// and then `lora_rows.wgsl`'s B entry. Refused: one row (a row's own adapter is a [`LoraB`]
+/// for [`matvec_fused_forward`]), an alpha other than 1, an output that is not whole rows, an h
+/// or table that does not fit.
 pub fn matmul_rows_lora_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, b: RowsB<'_>) -> Result<()> {
     let bad = |what: &str| Err(Error::invalid("matmul with gathered LoRA", what.to_string()));
     if mm.m < 2 {
@@ -1242,6 +1317,15 @@ pub fn matmul_rows_lora_forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<
     }
     rows_params((mm.m, 1), (mm.k, mm.n), b.adapters)?;
     check_h(b.h, mm.m, (b.h_col, b.adapters.width, b.h_stride))?;
-    matmul_forward(ctx, enc, mm)?;
-    lora_rows_b(ctx, enc, b, mm.y, (mm.m, mm.n))
+    let a = b.adapters;
+    let lora = LoraB {
+        h: b.h,
+        h_offset: b.h_col,
+        h_stride: b.h_stride,
+        params: a.w,
+        b_offset: a.table_row,
+        rank: a.width,
+        scale: 1.0,
+    };
+    forward(ctx, enc, mm, Fused { lora: Some(lora), ..Fused::default() }, Reads { x_cols: None, table: Some(a.table) })
 }
