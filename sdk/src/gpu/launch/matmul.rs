@@ -597,10 +597,8 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
         _ => {
             // A fused B product's columns follow x's in the reduction, from the step after K.
             let red = lora_columns.map_or(Ok(p.k), |c| u32_of(k.next_multiple_of(TILE_STEP) + c, "reduction"))?;
-            let kernel = ManyRows {
-                constants: Constants { block, rows_lora },
-                ..many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red))
-            };
+            let constants = Constants { block, rows_lora };
+            let kernel = many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red), constants);
             let mut cost = cost;
             if let Some(l) = lora {
                 cost.flops += 2.0 * (m * n * l.rank) as f64;
@@ -762,12 +760,13 @@ fn kind_of(ctx: &GpuContext, grads: bool) -> (KernelFamily, u32) {
 /// suits it, coop16, coop8 or tile128 (128 x 128), else portable (64 x 64). tile128 gives a
 /// product whose grid would have fewer than `min_groups` workgroups to its own kernel on 64 x 64
 /// blocks (tile64); the matrix units keep every product they run (a small grid's long
-/// reduction is split instead).
+/// reduction is split instead). `constants`: the pipeline constants it is made with.
 fn many_rows(
     (kind, min_groups): (KernelFamily, u32),
     family: Family,
     simd_ok: bool,
     (rows, cols, red): (u32, u32, u32),
+    constants: Constants,
 ) -> ManyRows {
     let big = cols.div_ceil(128) * rows.div_ceil(128) >= min_groups;
     let (shader, side, tiled) = match (kind, family.coop16) {
@@ -778,15 +777,7 @@ fn many_rows(
         (KernelFamily::Tile128 | KernelFamily::Coop16, _) => (family.tile64, 64, true),
         _ => (family.portable, 64, true),
     };
-    ManyRows {
-        shader,
-        constants: Constants::default(),
-        groups: [cols.div_ceil(side), rows.div_ceil(side), 1],
-        tiled,
-        rows,
-        cols,
-        red,
-    }
+    ManyRows { shader, constants, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
 }
 
 /// The reduction step of every tiled core (`BK` in their WGSL): a fused LoRA B product's
@@ -1012,10 +1003,8 @@ fn backward(
         cost.flops += 2.0 * (m * k * l.n) as f64;
         cost.bytes += 4.0 * ((m + k) * l.n) as f64;
     }
-    let kernel = ManyRows {
-        constants: Constants { block, rows_lora: false },
-        ..many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, red))
-    };
+    let constants = Constants { block, rows_lora: false };
+    let kernel = many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, red), constants);
     // After dx: dh and the A matrices; dy the dummy.
     let after_y = [lora.map_or(g, |l| l.dh), lora.map_or(g, |l| l.params)];
     run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost)
@@ -1161,7 +1150,7 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
         }
         None => (DENSE_DW, x, x),
     };
-    let kernel = many_rows(kind_of(ctx, true), family, aligned, (p.n, p.k, p.m));
+    let kernel = many_rows(kind_of(ctx, true), family, aligned, (p.n, p.k, p.m), Constants::default());
     run_many_rows(ctx, enc, kernel, p, (&[dy, x, dy, dw], &[aux, rows]), cost)
 }
 
