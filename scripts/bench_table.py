@@ -109,8 +109,8 @@ def main():
 
 def profile_table(folder):
     """The slowest kernels of each profiled step (profile.json for the adapter's family,
-    profile-FAMILY.json for the others, profile-checks-C.json for its shader checks C), if any
-    was taken."""
+    profile-FAMILY.json for the others, profile-checks-C.json for its shader checks C) and of
+    the profiled prefill and decoding (profile-decode.json), if any was taken."""
     names = sorted(n for n in os.listdir(folder) if n.startswith("profile") and n.endswith(".json"))
     for name in names:
         one_profile(os.path.join(folder, name))
@@ -124,19 +124,43 @@ def one_profile(path):
         print(f"\n{os.path.basename(path)} unreadable: {e}")
         return
     family = kernels_of(p)
+    if "modes" not in p:
+        forward_profile(p, family)
+        return
     for m in p.get("modes", []):
-        kernels = m.get("profile", [])
-        total = sum(k["seconds"] for k in kernels) or 1e-12
         print()
         print(f"Profiled step of {p.get('model')} (seq {p.get('seq')}, {family} kernels, checkpointing "
               f"{'on' if m['checkpointing'] else 'off'}, timer {m.get('profile_timer')}, "
               f"step {m.get('step_ms', {}).get('median', 0):.1f} ms):")
+        kernel_rows(m.get("profile", []), 1)
+
+
+def kernel_rows(kernels, per):
+    """A table of the 15 slowest kernels: milliseconds and dispatches divided by `per` (the
+    tokens, for decoding), share of the whole, rates."""
+    total = sum(k["seconds"] for k in kernels) or 1e-12
+    print()
+    print("| kernel | ms | share | dispatches | GFLOP/s | GB/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for k in kernels[:15]:
+        print(f"| {k['kernel']} | {1e3 * k['seconds'] / per:.3f} | {100 * k['seconds'] / total:.1f} % | "
+              f"{k['dispatches'] / per:g} | {fmt(k.get('gflop_per_s'))} | {fmt(k.get('gbyte_per_s'))} |")
+
+
+def forward_profile(p, family):
+    """`edgetune bench --profile`'s prefill and decoding: each kernel's time (per token when
+    decoding) and the share of the wall-clock time spent in kernels."""
+    prof = p.get("profile") or {}
+    for name, what in (("prefill", "Profiled prefill"), ("decode", "Profiled decoding, per token,")):
+        d = prof.get(name)
+        if not d or not d.get("tokens"):
+            continue
+        per = d["tokens"] if name == "decode" else 1
         print()
-        print("| kernel | seconds | share | dispatches | GFLOP/s | GB/s |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
-        for k in kernels[:15]:
-            print(f"| {k['kernel']} | {k['seconds']:.4f} | {100 * k['seconds'] / total:.1f} % | {k['dispatches']} | "
-                  f"{fmt(k.get('gflop_per_s'))} | {fmt(k.get('gbyte_per_s'))} |")
+        print(f"{what} of {p.get('model')} ({d['tokens']} tokens, {family} kernels, timer {p.get('profile_timer')}): "
+              f"{d['wall_ms'] / per:.3f} ms, {d['kernel_ms'] / per:.3f} ms of it in kernels "
+              f"({100 * d['kernel_ms'] / max(d['wall_ms'], 1e-12):.0f} %):")
+        kernel_rows(d.get("kernels", []), per)
 
 
 if __name__ == "__main__":

@@ -127,9 +127,10 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     assert!(u("runtime") >= 4 << 20, "the 4 MiB parameter ring is counted: {mem}");
 
     // Encoders are submitted every 8 dispatches here, except a decoded token's, which is one
-    // submission however many it records.
+    // submission however many it records. Then one prefill and three tokens more, profiled.
     let out = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"))
         .args(["bench", "--random-weights", &cfg, "--prompt-tokens", "8", "--decode-tokens", "3", "--json"])
+        .arg("--profile")
         .env("EDGETUNE_FLUSH_EVERY", "8")
         .output()
         .expect("runs");
@@ -144,6 +145,22 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     assert!(j["dispatches_per_token"].as_f64().is_some_and(|d| d > 8.0), "{j}");
     assert_eq!(j["submits_per_token"].as_f64(), Some(1.0), "{j}");
     assert_eq!(j["compute_passes_per_token"].as_f64(), Some(1.0), "{j}");
+    // The profiled tokens record what the timed ones did, every dispatch timed, within the
+    // wall-clock time around them; the products declare their work.
+    assert!(j["profile_timer"].is_string(), "{j}");
+    for (pass, tokens) in [("prefill", 8), ("decode", 3)] {
+        let p = &j["profile"][pass];
+        let kernels = p["kernels"].as_array().unwrap_or_else(|| panic!("{pass} kernels in {j}"));
+        let dispatches: u64 = kernels.iter().map(|k| k["dispatches"].as_u64().expect("dispatches")).sum();
+        let seconds: f64 = kernels.iter().map(|k| k["seconds"].as_f64().expect("seconds")).sum();
+        assert_eq!((p["tokens"].as_u64(), p["dispatches"].as_u64()), (Some(tokens), Some(dispatches)), "{p}");
+        let ms = |k: &str| p[k].as_f64().unwrap_or_else(|| panic!("{k} in {p}"));
+        assert!((ms("kernel_ms") - seconds * 1e3).abs() <= 1e-9 * ms("kernel_ms"), "{p}");
+        assert!(ms("kernel_ms") > 0.0 && ms("kernel_ms") <= ms("wall_ms"), "{p}");
+        assert!(kernels.iter().any(|k| k["gflop_per_s"].as_f64().is_some_and(|g| g > 0.0)), "{p}");
+    }
+    let decoded = j["profile"]["decode"]["dispatches"].as_f64().expect("decode dispatches");
+    assert_eq!(Some(decoded / 3.0), j["dispatches_per_token"].as_f64(), "{j}");
 
     // With an adapter applied, a decoded token runs one more dispatch for each of a layer's
     // inputs that adapted modules read (x A^T of q, k and v at once, of o, of gate and up at
@@ -270,6 +287,18 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     let all = format!("{picked}, shader checks all");
     assert_eq!((rows(&picked), rows(&all), rows(forced)), (2, 2, 2), "checkpointing on and off each: {table}");
     assert_eq!(table.matches("Profiled step").count(), 3, "{table}");
+    // The profiled prefill and decoding: a table each, the decoding's per token.
+    let decode: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("profile-decode.json")).expect("decode profile"))
+            .expect("a profile");
+    assert_eq!(decode["profile"]["decode"]["tokens"].as_u64(), Some(32), "{decode}");
+    assert_eq!(table.matches("Profiled prefill of ").count(), 1, "{table}");
+    assert_eq!(table.matches("Profiled decoding, per token, of ").count(), 1, "{table}");
+    // RoPE runs once a layer a token: its row of the decoding table says so, not 32 times that.
+    let section = table.split("Profiled decoding, per token, of ").nth(1).expect("the decoding table");
+    let rope = section.lines().find(|l| l.starts_with("| rope | ")).expect("a rope row");
+    let layers = config["num_hidden_layers"].as_u64().expect("layers");
+    assert_eq!(rope.split(" | ").nth(3), Some(layers.to_string().as_str()), "{rope}");
     assert_eq!(table.lines().filter(|l| l.contains(" | 2048 | ")).count(), 2, "{table}");
     // The 8 sequences with their own adapters: one row, which allocated nothing a step.
     let together: Vec<&str> =
@@ -279,7 +308,8 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     let out = dir.join("none");
     let (table, log) = bench(&out, Some("19"));
     assert!(!log.lines().any(|l| l.starts_with("== ") && !l.starts_with("== done")), "a run started: {log}");
-    assert!(table.contains("BUDGET_S=19 ran out before 10 runs, left out:"), "{table}");
+    assert!(table.contains("BUDGET_S=19 ran out before 11 runs, left out:"), "{table}");
+    assert!(table.contains("edgetune bench --profile"), "{table}");
     assert!(table.contains(&format!("edgetune bench-train, {forced} kernels")), "{table}");
     assert!(table.contains("edgetune bench-train --profile, shader checks all"), "{table}");
     assert_eq!(std::fs::read_to_string(out.join("edgetune.jsonl")).expect("JSON lines"), "");

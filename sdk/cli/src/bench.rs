@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use edgetune::Result;
-use edgetune::gpu::{GpuContext, GpuOptions, Timer};
+use edgetune::gpu::{GpuContext, GpuOptions, KernelTime, Timer};
 use edgetune::model::llama::{LoadOptions, Model};
 use edgetune::train::Precision;
 use serde_json::{Value, json};
@@ -76,6 +76,101 @@ pub struct ForwardBench {
     pub lora_rank: usize,
     /// Sequences also decoded together, each with its own adapter (1: not measured).
     pub rows: usize,
+    /// Profile one more prefill and as many decoded tokens (see [`profile_forward`]).
+    pub profile: bool,
+}
+
+/// Per-shader totals of profiled work, slowest first, as [`GpuContext::stop_profiling`] gives
+/// them.
+type Kernels = Vec<(&'static str, KernelTime)>;
+
+/// The shaders of a profile as JSON: time, dispatches and rates of each.
+fn kernels_json(kernels: &Kernels) -> Value {
+    kernels
+        .iter()
+        .map(|(name, t)| {
+            json!({
+                "kernel": name, "seconds": t.seconds, "dispatches": t.dispatches,
+                "gflop_per_s": t.gflops(), "gbyte_per_s": t.gbytes_per_s(),
+            })
+        })
+        .collect()
+}
+
+/// Prints the 12 slowest shaders of a profile: time and dispatches divided by `per` (1 for a
+/// step, the tokens for decoding), share of the whole, and rates.
+fn print_kernels(kernels: &Kernels, per: f64) {
+    let total: f64 = kernels.iter().map(|(_, t)| t.seconds).sum();
+    let rate = |r: Option<f64>, unit: &str| r.map_or(String::new(), |r| format!(", {r:.1} {unit}"));
+    for (name, t) in kernels.iter().take(12) {
+        println!(
+            "    {name:<28} {:>9.3} ms {:>5.1}%  ({} dispatches{}{})",
+            t.seconds * 1e3 / per,
+            100.0 * t.seconds / total.max(1e-12),
+            t.dispatches as f64 / per,
+            rate(t.gflops(), "GFLOP/s"),
+            rate(t.gbytes_per_s(), "GB/s")
+        );
+    }
+}
+
+fn timer_text(t: Timer) -> &'static str {
+    match t {
+        Timer::GpuTimestamps => "GPU timestamps",
+        Timer::WallClock => "no timestamp queries on this adapter: wall-clock time, every dispatch waited for",
+    }
+}
+
+/// Profiled work: its wall-clock time and the time of each shader in it.
+struct Profiled {
+    tokens: usize,
+    wall_s: f64,
+    kernels: Kernels,
+}
+
+impl Profiled {
+    /// The time the dispatches themselves took: the sum over the shaders.
+    fn kernel_s(&self) -> f64 {
+        self.kernels.iter().map(|(_, t)| t.seconds).sum()
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "tokens": self.tokens,
+            "wall_ms": self.wall_s * 1e3,
+            "kernel_ms": self.kernel_s() * 1e3,
+            "dispatches": self.kernels.iter().map(|(_, t)| t.dispatches).sum::<u64>(),
+            "kernels": kernels_json(&self.kernels),
+        })
+    }
+}
+
+/// One more prefill of `ids` and `decode_tokens` decoded tokens after it, as
+/// [`forward`]'s timed runs, with every dispatch timed: which kernels a prompt and a decoded
+/// token spend their time in, and (against the wall clock) how much of a token's time is
+/// spent outside them (recording, submitting, waiting for the readback).
+fn profile_forward(
+    model: &Model,
+    ids: &[u32],
+    decode_tokens: usize,
+    lora: Option<&edgetune::lora::GpuAdapter>,
+) -> Result<(Timer, Profiled, Profiled)> {
+    let ctx = &model.ctx;
+    let mut cache = model.new_cache()?;
+    let timer = ctx.start_profiling(Timer::GpuTimestamps);
+    let t = Instant::now();
+    model.next_argmax_with(ids, &mut cache, lora)?;
+    let prefill = Profiled { tokens: ids.len(), wall_s: t.elapsed().as_secs_f64(), kernels: ctx.stop_profiling()? };
+    // The cache's first one-token pass makes its decoding buffers, unprofiled, as in the
+    // timed runs.
+    model.next_argmax_with(&ids[..1], &mut cache, lora)?;
+    ctx.start_profiling(timer);
+    let t = Instant::now();
+    for i in 0..decode_tokens {
+        model.next_argmax_with(&[ids[i % ids.len()]], &mut cache, lora)?;
+    }
+    let decode = Profiled { tokens: decode_tokens, wall_s: t.elapsed().as_secs_f64(), kernels: ctx.stop_profiling()? };
+    Ok((timer, prefill, decode))
 }
 
 /// Decoding `rows` sequences of `prompt` tokens, each with its own adapter of rank `rank`
@@ -175,7 +270,7 @@ struct RowsFigures {
 /// Prefill and decode throughput, GPU memory, and what each decoded token creates.
 pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()> {
     use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
-    let ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank, rows } = *b;
+    let ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank, rows, profile } = *b;
     let loaded = open(m, gpu, m.max_context)?;
     let Loaded { ref ctx, ref model, ref name, load_s } = loaded;
     let adapter = match lora_rank {
@@ -228,6 +323,7 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     } else {
         None
     };
+    let profiled = if profile { Some(profile_forward(model, &ids, decode_tokens, lora)?) } else { None };
     if m.json {
         let o = with_header(
             &loaded,
@@ -257,6 +353,11 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
                     "allocations_per_step": r.allocations,
                     "dispatches_per_step": r.dispatches,
                     "compute_passes_per_step": r.passes,
+                })),
+                "profile_timer": profiled.as_ref().map(|p| p.0),
+                "profile": profiled.as_ref().map(|(_, prefill, decode)| json!({
+                    "prefill": prefill.json(),
+                    "decode": decode.json(),
                 })),
             }),
         );
@@ -314,6 +415,27 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     match (before, peak) {
         (Some(b), Some(p)) => println!("driver allocator: {} allocated at peak ({} after loading)", mib(p), mib(b)),
         _ => println!("driver allocator: not reported by this backend"),
+    }
+    if let Some((timer, prefill, decode)) = profiled {
+        println!(
+            "profiled prefill of {} tokens ({}): {:.3} ms, {:.3} ms of it in kernels",
+            prefill.tokens,
+            timer_text(timer),
+            prefill.wall_s * 1e3,
+            prefill.kernel_s() * 1e3
+        );
+        print_kernels(&prefill.kernels, 1.0);
+        if decode.tokens > 0 {
+            let n = decode.tokens as f64;
+            println!(
+                "profiled decoding, per token of {}: {:.3} ms, {:.3} ms of it in kernels ({:.0} %)",
+                decode.tokens,
+                decode.wall_s * 1e3 / n,
+                decode.kernel_s() * 1e3 / n,
+                100.0 * decode.kernel_s() / decode.wall_s.max(1e-12)
+            );
+            print_kernels(&decode.kernels, n);
+        }
     }
     Ok(())
 }
@@ -410,12 +532,7 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
             kernels = ctx.stop_profiling()?;
             timer = Some(t);
             if !m.json {
-                match t {
-                    Timer::GpuTimestamps => println!("  one profiled step (GPU timestamps): {total:.2} s"),
-                    Timer::WallClock => println!(
-                        "  one profiled step (no timestamp queries on this adapter: wall-clock time, every dispatch waited for): {total:.2} s"
-                    ),
-                }
+                println!("  one profiled step ({}): {total:.2} s", timer_text(t));
             }
         }
         if m.json {
@@ -439,10 +556,7 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
                     "driver": peak,
                 },
                 "profile_timer": timer,
-                "profile": kernels.iter().map(|(name, t)| json!({
-                    "kernel": name, "seconds": t.seconds, "dispatches": t.dispatches,
-                    "gflop_per_s": t.gflops(), "gbyte_per_s": t.gbytes_per_s(),
-                })).collect::<Vec<_>>(),
+                "profile": kernels_json(&kernels),
             }));
             continue;
         }
@@ -474,18 +588,7 @@ pub fn train(m: &BenchModel, gpu: &GpuOptions, b: &TrainBench) -> Result<()> {
             Some(p) => println!("  driver allocator: {} allocated", mib(p)),
             None => println!("  driver allocator: not reported by this backend"),
         }
-        let total: f64 = kernels.iter().map(|(_, t)| t.seconds).sum();
-        let rate = |r: Option<f64>, unit: &str| r.map_or(String::new(), |r| format!(", {r:.1} {unit}"));
-        for (name, t) in kernels.iter().take(12) {
-            println!(
-                "    {name:<28} {:>8.3} s {:>5.1}%  ({} dispatches{}{})",
-                t.seconds,
-                100.0 * t.seconds / total.max(1e-12),
-                t.dispatches,
-                rate(t.gflops(), "GFLOP/s"),
-                rate(t.gbytes_per_s(), "GB/s")
-            );
-        }
+        print_kernels(&kernels, 1.0);
     }
     if m.json {
         let o = with_header(

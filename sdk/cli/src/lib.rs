@@ -282,6 +282,12 @@ enum Cmd {
         /// token, and compare their tokens/s; 1 for neither.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
         rows: u16,
+        /// After the timed runs, prefill the prompt once more and decode the same number of
+        /// tokens again, timing every dispatch (GPU timestamp queries where the adapter has them,
+        /// else wall-clock time with every dispatch waited for), and print each shader's time,
+        /// GFLOP/s and GB/s, and how much of a decoded token's time the GPU spent in kernels.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -351,9 +357,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ctx = edgetune::gpu::GpuContext::new(&gpu)?;
             println!("{}", ctx.report);
         }
-        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat, lora_rank, rows } => {
+        Cmd::Bench { m, prompt_tokens, decode_tokens, repeat, lora_rank, rows, profile } => {
             let rows = usize::from(rows);
-            bench::forward(&m, &gpu, &bench::ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank, rows })?
+            let b = bench::ForwardBench { prompt_tokens, decode_tokens, repeat, lora_rank, rows, profile };
+            bench::forward(&m, &gpu, &b)?
         }
         Cmd::Info { model } => {
             let (cfg, src) = edgetune::model::open_weights(&model)?;
