@@ -34,6 +34,13 @@ def fmt(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def host_ms(h):
+    """A decoded token's host time, recording / submitting / waiting for the GPU, in ms."""
+    if not h:
+        return "-"
+    return f"{h['recording']:.2f} / {h['submitting']:.2f} / {h['waiting']:.2f}"
+
+
 def kernels_of(o):
     """The family of a run's products, the grid below which tile128's are on 64 x 64 blocks
     (tile64), and the shader checks where they are not the default (bounds)."""
@@ -77,9 +84,9 @@ def main():
                   f"{mib(t['gpu_memory_bytes']) if t else '-'} | {fmt(ratio, 3)} |")
     print()
     print("| shape | prompt tokens | split keys below | LoRA rank | edgetune prefill tokens/s | "
-          "edgetune decode tokens/s | dispatches/token | allocations/token | PyTorch prefill tokens/s | "
-          "PyTorch decode tokens/s | edgetune / PyTorch (decode) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "edgetune decode tokens/s | host ms/token (recording / submitting / waiting) | dispatches/token | "
+          "allocations/token | PyTorch prefill tokens/s | PyTorch decode tokens/s | edgetune / PyTorch (decode) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for o in ours:
         if "decode_tokens_per_s" not in o:
             continue
@@ -89,7 +96,7 @@ def main():
         ratio = o["decode_tokens_per_s"] / t["decode_tokens_per_s"] if t else None
         print(f"| {o['shape']} | {o.get('prompt_tokens', '?')} | {o.get('split_keys_below', '-')} | "
               f"{o.get('lora_rank') or '-'} | {fmt(o['prefill_tokens_per_s'])} | {fmt(o['decode_tokens_per_s'])} | "
-              f"{o['dispatches_per_token']:.0f} | {o['allocations_per_token']:.0f} | "
+              f"{host_ms(o.get('host_ms_per_token'))} | {o['dispatches_per_token']:.0f} | {o['allocations_per_token']:.0f} | "
               f"{fmt(t['prefill_tokens_per_s'] if t else None)} | {fmt(t['decode_tokens_per_s'] if t else None)} | "
               f"{fmt(ratio, 3)} |")
     print()

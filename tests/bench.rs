@@ -145,6 +145,13 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     assert!(j["dispatches_per_token"].as_f64().is_some_and(|d| d > 8.0), "{j}");
     assert_eq!(j["submits_per_token"].as_f64(), Some(1.0), "{j}");
     assert_eq!(j["compute_passes_per_token"].as_f64(), Some(1.0), "{j}");
+    // The host's time a token: recording, submitting and waiting, the first what the wall
+    // clock leaves of a token's time after the other two, which the context counts.
+    let host = &j["host_ms_per_token"];
+    let h = |k: &str| host[k].as_f64().unwrap_or_else(|| panic!("{k} in {host}"));
+    let token_ms = 1e3 / j["decode_tokens_per_s"].as_f64().expect("decode tokens/s");
+    assert!(h("submitting") > 0.0 && h("waiting") > 0.0 && h("recording") > 0.0, "{host}");
+    assert!((h("recording") + h("submitting") + h("waiting") - token_ms).abs() <= 1e-6 * token_ms, "{host} {token_ms}");
     // The profiled tokens record what the timed ones did, every dispatch timed, within the
     // wall-clock time around them; the products declare their work.
     assert!(j["profile_timer"].is_string(), "{j}");
@@ -300,6 +307,12 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     let layers = config["num_hidden_layers"].as_u64().expect("layers");
     assert_eq!(rope.split(" | ").nth(3), Some(layers.to_string().as_str()), "{rope}");
     assert_eq!(table.lines().filter(|l| l.contains(" | 2048 | ")).count(), 2, "{table}");
+    // Each decoding row gives the host's milliseconds a token: recording / submitting / waiting.
+    for row in table.lines().filter(|l| l.contains(" | 2048 | ")) {
+        let host: Vec<f64> =
+            row.split(" | ").nth(6).expect("a host column").split(" / ").map(|v| v.parse().expect(row)).collect();
+        assert!(host.len() == 3 && host.iter().all(|&v| v >= 0.0) && host[2] > 0.0, "{row}");
+    }
     // The 8 sequences with their own adapters: one row, which allocated nothing a step.
     let together: Vec<&str> =
         table.lines().filter(|l| l.starts_with(&format!("| {} | 8 | ", shape.display()))).collect();

@@ -317,6 +317,11 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     let runtime = ctx.runtime_bytes();
     let planned = weights + 2 * kv + act + runtime;
     let per_token = |n: u64| n as f64 / per.1;
+    // The host's share of a decoded token: waiting for the GPU (its work and the driver's
+    // answer), submitting, and the rest of the wall-clock time, recording.
+    let ms = |ns: u64| ns as f64 * 1e-6 / per.1;
+    let (submit_ms, wait_ms) = (ms(per.0.submit_ns), ms(per.0.wait_ns));
+    let record_ms = (decode * 1e3 / per.1 - submit_ms - wait_ms).max(0.0);
     let rows_rank = lora_rank.max(16);
     let together = if rows > 1 && decode_tokens > 0 {
         Some(rows_decode(model, (rows, rows_rank), &ids[..prompt_tokens.clamp(1, 64)], decode_tokens)?)
@@ -343,6 +348,7 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
                 "bind_groups_created_per_token": per_token(per.0.bind_groups),
                 "submits_per_token": per_token(per.0.submits),
                 "compute_passes_per_token": per_token(per.0.passes),
+                "host_ms_per_token": { "recording": record_ms, "submitting": submit_ms, "waiting": wait_ms },
                 "gpu_memory_bytes": { "planned": planned, "driver": peak, "driver_after_load": before },
                 "rows": together.as_ref().map(|r| json!({
                     "sequences": rows,
@@ -388,6 +394,9 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
             per_token(per.0.buffers),
             per_token(per.0.bind_groups),
             per_token(per.0.submits)
+        );
+        println!(
+            "  per token: {record_ms:.3} ms recording, {submit_ms:.3} ms submitting, {wait_ms:.3} ms waiting for the GPU"
         );
     }
     if let Some(r) = together {

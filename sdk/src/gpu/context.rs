@@ -328,17 +328,26 @@ pub(crate) struct Counters {
     pub(crate) pipelines: AtomicU64,
     pub(crate) submits: AtomicU64,
     pub(crate) passes: AtomicU64,
+    pub(crate) submit_ns: AtomicU64,
+    pub(crate) wait_ns: AtomicU64,
 }
 
 impl Counters {
     pub(crate) fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Adds the time since `start` to `counter`, in nanoseconds.
+    fn add_time(counter: &AtomicU64, start: std::time::Instant) {
+        counter.fetch_add(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
 }
 
 /// How many dispatches the GPU layer has recorded and how many buffers, bind groups, compute
-/// pipelines and queue submissions it has made since the device was opened. Differences
-/// between two readings count what one training step or one decoded token costs.
+/// pipelines and queue submissions it has made since the device was opened, and the host's
+/// time in submitting and in waiting for the GPU. Differences between two readings count what
+/// one training step or one decoded token costs; the wall-clock time of that work less the two
+/// times is the host's recording (and whatever else it did).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GpuCounts {
     /// Compute dispatches recorded.
@@ -353,6 +362,12 @@ pub struct GpuCounts {
     pub submits: u64,
     /// Compute passes begun outside profiling: a copy between two dispatches ends one.
     pub passes: u64,
+    /// Nanoseconds spent in [`GpuContext::submit`] (on every thread): writing the kernel
+    /// parameters and handing the command buffers to the queue.
+    pub submit_ns: u64,
+    /// Nanoseconds spent in [`GpuContext::wait`] (on every thread): the GPU finishing work the
+    /// host waits for, and the driver telling it so.
+    pub wait_ns: u64,
 }
 
 impl std::ops::Sub for GpuCounts {
@@ -365,6 +380,8 @@ impl std::ops::Sub for GpuCounts {
             pipelines: self.pipelines - o.pipelines,
             submits: self.submits - o.submits,
             passes: self.passes - o.passes,
+            submit_ns: self.submit_ns - o.submit_ns,
+            wait_ns: self.wait_ns - o.wait_ns,
         }
     }
 }
@@ -617,6 +634,8 @@ impl GpuContext {
             pipelines: get(&c.pipelines),
             submits: get(&c.submits),
             passes: get(&c.passes),
+            submit_ns: get(&c.submit_ns),
+            wait_ns: get(&c.wait_ns),
         }
     }
 
@@ -625,6 +644,7 @@ impl GpuContext {
     /// through here. The parameter slots the encoders held are given back only once the queue
     /// has them, under the ring's lock, so no other thread can write over a slot in between.
     pub fn submit(&self, cmds: impl IntoIterator<Item = Commands>) -> wgpu::SubmissionIndex {
+        let start = std::time::Instant::now();
         Counters::add(&self.counters.submits);
         let mut cmds: Vec<Commands> = cmds.into_iter().collect();
         let buffers: Vec<wgpu::CommandBuffer> = cmds.iter_mut().filter_map(|c| c.buffer.take()).collect();
@@ -634,6 +654,7 @@ impl GpuContext {
         for c in &mut cmds {
             ring.release(c.hold.generation, std::mem::take(&mut c.hold.bytes));
         }
+        Counters::add_time(&self.counters.submit_ns, start);
         index
     }
 
@@ -693,7 +714,10 @@ impl GpuContext {
     /// a GPU that stops answering, or a lost device, is an error rather than a hang.
     pub fn wait(&self, submission: Option<wgpu::SubmissionIndex>) -> Result<()> {
         let timeout = Some(self.gpu_timeout);
-        match self.device.poll(wgpu::PollType::Wait { submission_index: submission, timeout }) {
+        let start = std::time::Instant::now();
+        let polled = self.device.poll(wgpu::PollType::Wait { submission_index: submission, timeout });
+        Counters::add_time(&self.counters.wait_ns, start);
+        match polled {
             Ok(_) => self.check(),
             Err(wgpu::PollError::Timeout) => {
                 self.check()?;
