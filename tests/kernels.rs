@@ -1226,6 +1226,79 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
     }
 }
 
+/// Which one-row kernel (decoding) each family runs, and what it gives: simd8 its own
+/// register-tiled kernels (portable's where a dense weight sits at an offset that is no multiple
+/// of 4), the GPU families (tile128, coop16, coop8) portable's kernels with their reduction in
+/// subgroup operations (`.subgroup`) where the device has them and portable's own on a device
+/// opened without them, portable its own. In every weight format, with the RMSNorm fused in
+/// (whose sum of squares the reduction adds too) and a bias, over 70 outputs (the last workgroup
+/// of 8 partly past them) and K = 256: against the twins' norm then product within
+/// (3K + 16) u sum |w xn| + 4u (|bias| + |y|), the bound of the fused one-row test above.
+/// `one_row_kernels_with_subgroups_of_4_and_16_lanes` runs it again at lavapipe's other widths.
+#[test]
+fn each_family_runs_its_own_one_row_kernels() {
+    use edgetune::gpu::{KernelFamily, Timer};
+    let u = 2f64.powi(-24);
+    let opts = GpuOptions { kernels: Some(KernelFamily::Tile128), no_subgroups: true, ..Default::default() };
+    let plain = GpuContext::new(&opts).expect("tile128 without subgroups");
+    assert!(!plain.report.subgroups, "the device was opened with subgroups");
+    let (n, k, eps) = (70, 256, 1e-6);
+    let (w, x, bias) = (rand(n * k, 61, 0.3), rand(k, 62, 30.0), rand(n, 64, 0.5));
+    let g: Vec<f32> = rand(k, 63, 0.5).iter().map(|v| v + 1.0).collect();
+    let xn = r::rms_norm_forward(&x, &g, eps);
+    for ctx in common::fresh_gpus().into_iter().chain([plain]) {
+        let family = ctx.report.kernels.matmul;
+        let reduced_in_subgroups = family.reduces_rows_in_subgroups() && ctx.report.subgroups;
+        let (xb, gb, bb) = (ctx.storage_from("x", &x), ctx.storage_from("g", &g), ctx.storage_from("b", &bias));
+        let formats = Formats::new(&ctx, &w, (n, k), 65, 64);
+        for (label, weight, wd, mass) in formats.list() {
+            let y = ctx.storage_zeroed("y", n);
+            let mm = launch::Matmul {
+                x: &xb,
+                w: weight,
+                bias: Some(&bb),
+                y: &y,
+                m: 1,
+                n,
+                k,
+                out: launch::OutCols::whole(n),
+            };
+            let fused = launch::Fused { input: Some(launch::RowInput::RmsNorm { w: &gb, eps }), ..Default::default() };
+            ctx.start_profiling(Timer::WallClock);
+            run(&ctx, |enc| launch::matvec_fused_forward(&ctx, enc, mm, fused));
+            let ran = ctx.stop_profiling().expect("profile");
+            let what = format!("{label} on {} (subgroups {})", ctx.report.kernels.family, ctx.report.subgroups);
+            assert!(!ran.is_empty(), "{what}: nothing ran");
+            for (name, _) in &ran {
+                let ok = match family {
+                    KernelFamily::Simd8 if label != "dense at 3" => name.contains("_simd8.one_row"),
+                    _ if reduced_in_subgroups => name.starts_with("matvec") && name.ends_with(".subgroup"),
+                    _ => name.starts_with("matvec") && !name.contains("subgroup"),
+                };
+                assert!(ok, "{what} ran {name}");
+            }
+            let got = ctx.read_f32(&y, n).expect("readback");
+            let product = r::matmul_forward(&xn, &wd, None, 1, n, k);
+            let want: Vec<f32> = (0..n).map(|j| product[j] + bias[j]).collect();
+            let slack: Vec<f32> = (0..n)
+                .map(|j| {
+                    let sum: f64 = (0..k).map(|c| f64::from(mass[j * k + c]) * f64::from(xn[c].abs())).sum();
+                    let ends = f64::from(bias[j].abs() + want[j].abs());
+                    ((3 * k + 16) as f64 * u * sum + 4.0 * u * ends) as f32
+                })
+                .collect();
+            assert_close_slack(&format!("rms norm matvec: {what}"), &got, &want, 0.0, 0.0, &slack);
+        }
+    }
+}
+
+#[test]
+fn one_row_kernels_with_subgroups_of_4_and_16_lanes() {
+    for lanes in common::other_subgroup_sizes(&gpus()[0]) {
+        common::rerun_with_subgroups_of("each_family_runs_its_own_one_row_kernels", lanes);
+    }
+}
+
 /// Prompts and training add each adapted module's LoRA B product to its base product as more of
 /// the base product's reduction (`launch::matmul_lora_forward`): y = alpha (x W^T + (scale /
 /// alpha) h B^T) (+ bias) (+ y), one dispatch. In every family and weight format (NF4 in blocks

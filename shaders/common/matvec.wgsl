@@ -4,7 +4,9 @@
 // Work split: a workgroup computes NB columns of the one output row. Its 64 threads stride
 // over the reduction dimension together, so neighbouring threads read neighbouring values,
 // each keeping NB partial sums; a tree reduction in workgroup memory adds the 64 partials.
-// (With many rows the tiled kernels of common/matmul.wgsl are far faster.)
+// (With many rows the tiled kernels of common/matmul.wgsl are far faster.) The partial sums are
+// added in workgroup memory (common/matvec_reduce.wgsl), or by the GPU families with subgroup
+// operations (common/matvec_reduce_subgroup.wgsl, the `.subgroup` variants).
 //
 // The epilogue writes y[row * y_stride + y_col_offset + col] = alpha * sum (+ bias[col]), or
 // adds that to y when `accumulate` is set (LoRA's second matmul, gradient accumulation).
@@ -26,7 +28,6 @@
 const TM: u32 = 1u;
 const NB: u32 = 8u;
 const WG: u32 = 64u;
-var<workgroup> red: array<f32, 2048>;                              // (TM * NB + 1, WG)
 var<private> sum_sq: f32;                                          // the squares x_in read
 
 // The LoRA B product's share of output (row, col): lora_scale * h[row, :] . B[col, :], or 0.
@@ -53,30 +54,17 @@ fn x_in(row: u32, k: u32) -> f32 {
     }
 }
 
-// Adds the partial sums of all threads and writes the (TM x NB) block at (r0, c0) of a
-// (n_rows, n_cols) output.
-fn reduce_and_store(acc: array<f32, 32>, lid: u32, r0: u32, c0: u32, n_rows: u32, n_cols: u32) {
-    for (var i = 0u; i < TM * NB; i++) { red[i * WG + lid] = acc[i]; }
-    red[TM * NB * WG + lid] = sum_sq;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (lid < s) {
-            for (var i = 0u; i <= TM * NB; i++) { red[i * WG + lid] += red[i * WG + lid + s]; }
-        }
-        workgroupBarrier();
-    }
+// Writes output (row, col) from its sum over the reduction and the sum of the squares that
+// x_in read (for X_RMS_NORM): the epilogue above.
+fn store_output(sum: f32, squares: f32, row: u32, col: u32) {
     var scale = p.alpha;
-    if (p.x_op == X_RMS_NORM) { scale *= inverseSqrt(red[TM * NB * WG] / f32(p.k) + p.norm_eps); }
-    if (lid < TM * NB) {
-        let c = c0 + lid / TM;
-        let r = r0 + lid % TM;
-        if (c < n_cols && r < n_rows) {
-            var v = scale * red[lid * WG];
-            if (p.has_bias != 0u) { v += bias[c]; }
-            v += lora_delta(r, c);
-            let i = r * p.y_stride + p.y_col_offset + c;
-            if (p.accumulate != 0u) { v += y[i]; }
-            y[i] = v;
-        }
-    }
+    if (p.x_op == X_RMS_NORM) { scale *= inverseSqrt(squares / f32(p.k) + p.norm_eps); }
+    var v = scale * sum;
+    if (p.has_bias != 0u) { v += bias[col]; }
+    v += lora_delta(row, col);
+    let i = row * p.y_stride + p.y_col_offset + col;
+    if (p.accumulate != 0u) { v += y[i]; }
+    y[i] = v;
 }
+
+#include "common/matvec_reduce.wgsl"

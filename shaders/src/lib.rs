@@ -172,6 +172,17 @@ shaders! {
     MATVEC = "matvec";
     MATVEC_NF4 = "matvec_nf4";
     MATVEC_F16 = "matvec_f16";
+    // The same with their reduction in subgroup operations, for the GPU families on adapters
+    // that have them (shaders/common/matvec_reduce_subgroup.wgsl).
+    MATVEC_SUBGROUP = "matvec" as "matvec.subgroup" [("common/matvec_reduce.wgsl", "common/matvec_reduce_subgroup.wgsl")];
+    MATVEC_NF4_SUBGROUP = "matvec_nf4" as "matvec_nf4.subgroup"
+        [("common/matvec_reduce.wgsl", "common/matvec_reduce_subgroup.wgsl")];
+    MATVEC_F16_SUBGROUP = "matvec_f16" as "matvec_f16.subgroup"
+        [("common/matvec_reduce.wgsl", "common/matvec_reduce_subgroup.wgsl")];
+    MATVEC_Q4_0_SUBGROUP = "matvec_nf4" as "matvec_nf4.q4_0.subgroup"
+        [("common/matvec_reduce.wgsl", "common/matvec_reduce_subgroup.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATVEC_Q4_1_SUBGROUP = "matvec_nf4" as "matvec_nf4.q4_1.subgroup"
+        [("common/matvec_reduce.wgsl", "common/matvec_reduce_subgroup.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
     ATTENTION = "attention";
     // Split-key decoding: each workgroup of attention.wgsl takes one slice of the keys, and this
     // adds the slices' partial softmaxes.
@@ -413,6 +424,8 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/matmul_dw.wgsl", include_str!("../common/matmul_dw.wgsl")),
     ("common/matmul.wgsl", include_str!("../common/matmul.wgsl")),
     ("common/matvec.wgsl", include_str!("../common/matvec.wgsl")),
+    ("common/matvec_reduce.wgsl", include_str!("../common/matvec_reduce.wgsl")),
+    ("common/matvec_reduce_subgroup.wgsl", include_str!("../common/matvec_reduce_subgroup.wgsl")),
     ("common/lora_table.wgsl", include_str!("../common/lora_table.wgsl")),
     ("common/matmul_forward.wgsl", include_str!("../common/matmul_forward.wgsl")),
     ("common/matmul_dx.wgsl", include_str!("../common/matmul_dx.wgsl")),

@@ -15,6 +15,9 @@
 //! workgroups) runs on 64 x 64 blocks in tile128, and for coop16's gradients: tile128's kernels
 //! on the `tile64` core (4 x 4 a thread, with tile128's staging, prefetch and NF4 words); the
 //! products on matrix units stay there (their split reductions fill the GPU).
+//! One-row products (decoding) run portable's `matvec` kernels in every family but simd8, which
+//! has its own; the GPU families (tile128, coop16, coop8) run them with their reduction in
+//! subgroup operations (`.subgroup`) where the adapter has them.
 //! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for
 //! the LoRA input gradients and the weight gradients, reductions over tokens of two
 //! gradient-sized operands). `GpuOptions::kernels` or
@@ -59,6 +62,13 @@ impl KernelFamily {
             KernelFamily::Coop16 => "coop16",
             KernelFamily::Coop8 => "coop8",
         }
+    }
+
+    /// Whether its one-row products (decoding) are portable's kernels with their reduction in
+    /// subgroup operations, where the adapter has them (the GPU families; simd8 has its own,
+    /// and portable runs on every adapter as it is).
+    pub fn reduces_rows_in_subgroups(self) -> bool {
+        matches!(self, KernelFamily::Tile128 | KernelFamily::Coop16 | KernelFamily::Coop8)
     }
 
     /// Whether the family multiplies on the adapter's matrix units (wgpu's experimental

@@ -549,27 +549,28 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
     // The bias binding must exist even when unused; x serves as a harmless dummy.
     let b = bias.unwrap_or(x);
     let mut block = None;
-    let (row, family, simd_ok, buffers): ([&'static Shader; 2], Family, bool, Vec<&wgpu::Buffer>) = match w {
-        Weight::Dense(w) => ([&MATVEC, &MATVEC_SIMD8], DENSE, true, vec![x, w, b, y]),
+    // The one-row kernels: [portable's, simd8's, portable's with subgroup operations].
+    let (row, family, simd_ok, buffers): ([&'static Shader; 3], Family, bool, Vec<&wgpu::Buffer>) = match w {
+        Weight::Dense(w) => ([&MATVEC, &MATVEC_SIMD8, &MATVEC_SUBGROUP], DENSE, true, vec![x, w, b, y]),
         Weight::DenseAt(w, offset) => {
             p.w_offset = u32_of(offset, "weight offset")?;
-            ([&MATVEC, &MATVEC_SIMD8], DENSE, offset.is_multiple_of(4), vec![x, w, b, y])
+            ([&MATVEC, &MATVEC_SIMD8, &MATVEC_SUBGROUP], DENSE, offset.is_multiple_of(4), vec![x, w, b, y])
         }
         Weight::F16(w) => {
             check_f16(k)?;
-            ([&MATVEC_F16, &MATVEC_F16_SIMD8], F16, true, vec![x, w, b, y])
+            ([&MATVEC_F16, &MATVEC_F16_SIMD8, &MATVEC_F16_SUBGROUP], F16, true, vec![x, w, b, y])
         }
         Weight::Nf4 { packed, absmax, block_size } => {
             block = block_constant(k, block_size)?;
-            ([&MATVEC_NF4, &MATVEC_NF4_SIMD8], NF4, true, vec![x, packed, absmax, b, y])
+            ([&MATVEC_NF4, &MATVEC_NF4_SIMD8, &MATVEC_NF4_SUBGROUP], NF4, true, vec![x, packed, absmax, b, y])
         }
         Weight::Q4_0 { packed, scales } => {
             block = block_constant(k, Q4_0_BLOCK)?;
-            ([&MATVEC_Q4_0, &MATVEC_Q4_0_SIMD8], Q4_0, true, vec![x, packed, scales, b, y])
+            ([&MATVEC_Q4_0, &MATVEC_Q4_0_SIMD8, &MATVEC_Q4_0_SUBGROUP], Q4_0, true, vec![x, packed, scales, b, y])
         }
         Weight::Q4_1 { packed, coeffs, block_size } => {
             block = block_constant(k, block_size)?;
-            ([&MATVEC_Q4_1, &MATVEC_Q4_1_SIMD8], Q4_1, true, vec![x, packed, coeffs, b, y])
+            ([&MATVEC_Q4_1, &MATVEC_Q4_1_SIMD8, &MATVEC_Q4_1_SUBGROUP], Q4_1, true, vec![x, packed, coeffs, b, y])
         }
         Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
     };
@@ -593,6 +594,9 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
     let cost = matmul_cost(m, n, k, w.bytes(n, k), (m * k, m * n), out.accumulate);
     let (shader, groups) = match m {
         1 if ctx.report.kernels.matmul == KernelFamily::Simd8 && simd_ok => (row[1], [p.n.div_ceil(32), 1, 1]),
+        1 if ctx.report.kernels.matmul.reduces_rows_in_subgroups() && ctx.report.subgroups => {
+            (row[2], [p.n.div_ceil(8), 1, 1])
+        }
         1 => (row[0], [p.n.div_ceil(8), 1, 1]),
         _ => {
             // A fused B product's columns follow x's in the reduction, from the step after K.
