@@ -12,9 +12,9 @@
 # PyTorch runs (the table then reads any torch.jsonl already in BENCH_OUT). PROFILE (a shape,
 # default llama-3.2-1b; empty for none) adds one profiled training step of that shape
 # (checkpointing off) whose per-kernel times and GFLOP/s go to profile.json, and the same in
-# each family of FAMILIES to profile-FAMILY.json, and one profiled prefill of 128 tokens and 32
-# decoded tokens of that shape in the adapter's family (profile-decode.json: each kernel's time,
-# and how much of a decoded token's time is spent in kernels at all). FAMILIES (default
+# each family of FAMILIES to profile-FAMILY.json. Each shape's decoding run (128 prompt tokens,
+# 32 decoded) also profiles one more prefill and 32 tokens (`bench --profile`: each kernel's time
+# per token, and how much of a decoded token's time is spent in kernels at all). FAMILIES (default
 # "tile128 tile128:0 portable"; empty for none) lists kernel families whose training step is
 # measured besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them; a
 # family written FAMILY:N runs with EDGETUNE_TILE128_MIN_GROUPS=N (0: tile128's 128 x 128 tiles
@@ -101,7 +101,7 @@ for shape in $shapes; do
       "$bin" bench-train --random-weights "$shape" --steps "$steps" "${train[@]}" >>"$out/edgetune.jsonl"
   done
   run "$shape: edgetune bench" 200 "$bin" bench --random-weights "$shape" --prompt-tokens 128 --decode-tokens 32 \
-    --repeat 3 --max-context 512 --json >>"$out/edgetune.jsonl"
+    --repeat 3 --max-context 512 --profile --json >>"$out/edgetune.jsonl"
   # The same with a fresh adapter applied (not merged), as generation with a named adapter runs;
   # then 8 sequences, each with its own adapter, decoded one after another and together.
   run "$shape: edgetune bench, LoRA r $rank applied, 8 rows" 200 "$bin" bench --random-weights "$shape" \
@@ -126,8 +126,6 @@ if [ -n "$profile" ]; then
     EDGETUNE_SHADER_CHECKS="$c" run "$profile: edgetune bench-train --profile, shader checks $c" 300 \
       "$bin" bench-train "${profiled[@]}" >"$out/profile-checks-$c.json"
   done
-  run "$profile: edgetune bench --profile" 200 "$bin" bench --random-weights "$profile" --prompt-tokens 128 \
-    --decode-tokens 32 --repeat 1 --max-context 512 --profile --json >"$out/profile-decode.json"
   # The same step in each other family, so the tables compare them kernel by kernel.
   for family in $variants; do
     [ "$family" = "$picked" ] && continue

@@ -112,12 +112,15 @@ def main():
               f"{fmt(r['together_tokens_per_s'])} | {fmt(r['speedup'], 2)} | {fmt(r.get('dispatches_per_step'), 0)} | "
               f"{fmt(r.get('compute_passes_per_step'), 0)} | {r['allocations_per_step']:.0f} |")
     profile_table(folder)
+    for o in ours:
+        if o.get("profile") and "decode_tokens_per_s" in o:
+            forward_profile(o, kernels_of(o))
 
 
 def profile_table(folder):
     """The slowest kernels of each profiled step (profile.json for the adapter's family,
-    profile-FAMILY.json for the others, profile-checks-C.json for its shader checks C) and of
-    the profiled prefill and decoding (profile-decode.json), if any was taken."""
+    profile-FAMILY.json for the others, profile-checks-C.json for its shader checks C), if any
+    was taken."""
     names = sorted(n for n in os.listdir(folder) if n.startswith("profile") and n.endswith(".json"))
     for name in names:
         one_profile(os.path.join(folder, name))
@@ -131,9 +134,6 @@ def one_profile(path):
         print(f"\n{os.path.basename(path)} unreadable: {e}")
         return
     family = kernels_of(p)
-    if "modes" not in p:
-        forward_profile(p, family)
-        return
     for m in p.get("modes", []):
         print()
         print(f"Profiled step of {p.get('model')} (seq {p.get('seq')}, {family} kernels, checkpointing "
