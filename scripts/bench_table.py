@@ -138,7 +138,8 @@ def one_profile(path):
         print()
         print(f"Profiled step of {p.get('model')} (seq {p.get('seq')}, {family} kernels, checkpointing "
               f"{'on' if m['checkpointing'] else 'off'}, timer {m.get('profile_timer')}, "
-              f"step {m.get('step_ms', {}).get('median', 0):.1f} ms):")
+              f"step {m.get('step_ms', {}).get('median', 0):.1f} ms unprofiled, "
+              f"{1e3 * sum(k['seconds'] for k in m.get('profile', [])):.1f} ms in kernels):")
         kernel_rows(m.get("profile", []), 1)
 
 

@@ -294,6 +294,7 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     let all = format!("{picked}, shader checks all");
     assert_eq!((rows(&picked), rows(&all), rows(forced)), (2, 2, 2), "checkpointing on and off each: {table}");
     assert_eq!(table.matches("Profiled step").count(), 3, "{table}");
+    assert_eq!(table.matches(" ms in kernels):").count(), 3, "each profiled step's kernels summed: {table}");
     // The first decoding run's profiled prefill and decoding: a table each, the decoding's per
     // token.
     let decode = runs.iter().find(|r| r["prompt_tokens"] == 128).expect("the 128-token decoding run");
