@@ -168,6 +168,26 @@ fn bench_train_and_bench_print_one_json_object_on_random_weights() {
     }
     let decoded = j["profile"]["decode"]["dispatches"].as_f64().expect("decode dispatches");
     assert_eq!(Some(decoded / 3.0), j["dispatches_per_token"].as_f64(), "{j}");
+    // More profiled dispatches than a query set holds (2,048 pairs): its timestamps are read
+    // part-way and every dispatch is still counted once.
+    let out = edgetune(&[
+        "bench",
+        "--random-weights",
+        &cfg,
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "100",
+        "--repeat",
+        "1",
+        "--profile",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let long: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+    let per = long["dispatches_per_token"].as_f64().expect("dispatches");
+    let decoded = long["profile"]["decode"]["dispatches"].as_f64().expect("decode dispatches");
+    assert!(decoded > 2048.0 && decoded == 100.0 * per, "{long}");
 
     // With an adapter applied, a decoded token runs one more dispatch for each of a layer's
     // inputs that adapted modules read (x A^T of q, k and v at once, of o, of gate and up at
