@@ -196,14 +196,14 @@ fn matmul_params(m: usize, n: usize, k: usize, out: OutCols) -> Result<MatmulPar
 /// The quantized kernels' pipeline constant, their block size (`common/block_size.wgsl`): a
 /// pipeline is compiled for each block size a model uses, so the kernels divide by a constant.
 /// They read whole packed words (8 codes), so K and the block size must be multiples of 8.
-fn block_constant(k: usize, block_size: usize) -> Result<Option<u32>> {
+fn block_constant(k: usize, block_size: usize) -> Result<u32> {
     if !k.is_multiple_of(8) || !block_size.is_multiple_of(8) || block_size == 0 {
         return Err(Error::invalid(
             "NF4 matmul",
             format!("needs K % 8 == 0 and a block size that is a positive multiple of 8 (K {k}, block {block_size})"),
         ));
     }
-    Ok(Some(u32_of(block_size, "block size")?))
+    u32_of(block_size, "block size")
 }
 
 /// The pipeline constants a matmul kernel is made with.
@@ -217,17 +217,25 @@ struct Constants {
 }
 
 impl Constants {
-    /// The constants as a pipeline takes them: `list[..n]`.
-    fn list(self) -> ([(&'static str, u32); 2], usize) {
-        let mut list = [("", 0); 2];
-        let mut n = 0;
+    /// The constants as a pipeline takes them (see [`ConstantList::get`]), without allocating.
+    fn list(self) -> ConstantList {
+        let mut list = ConstantList([("", 0); 2], 0);
         for (name, value) in [("BLOCK_SIZE", self.block), ("ROWS_LORA", self.rows_lora.then_some(1))] {
             if let Some(v) = value {
-                list[n] = (name, v);
-                n += 1;
+                list.0[list.1] = (name, v);
+                list.1 += 1;
             }
         }
-        (list, n)
+        list
+    }
+}
+
+/// [`Constants`] as (name, value) pairs: the first `.1` of `.0`.
+struct ConstantList([(&'static str, u32); 2], usize);
+
+impl ConstantList {
+    fn get(&self) -> &[(&'static str, u32)] {
+        &self.0[..self.1]
     }
 }
 
@@ -561,15 +569,15 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
             ([&MATVEC_F16, &MATVEC_F16_SIMD8, &MATVEC_F16_SUBGROUP], F16, true, vec![x, w, b, y])
         }
         Weight::Nf4 { packed, absmax, block_size } => {
-            block = block_constant(k, block_size)?;
+            block = Some(block_constant(k, block_size)?);
             ([&MATVEC_NF4, &MATVEC_NF4_SIMD8, &MATVEC_NF4_SUBGROUP], NF4, true, vec![x, packed, absmax, b, y])
         }
         Weight::Q4_0 { packed, scales } => {
-            block = block_constant(k, Q4_0_BLOCK)?;
+            block = Some(block_constant(k, Q4_0_BLOCK)?);
             ([&MATVEC_Q4_0, &MATVEC_Q4_0_SIMD8, &MATVEC_Q4_0_SUBGROUP], Q4_0, true, vec![x, packed, scales, b, y])
         }
         Weight::Q4_1 { packed, coeffs, block_size } => {
-            block = block_constant(k, block_size)?;
+            block = Some(block_constant(k, block_size)?);
             ([&MATVEC_Q4_1, &MATVEC_Q4_1_SIMD8, &MATVEC_Q4_1_SUBGROUP], Q4_1, true, vec![x, packed, coeffs, b, y])
         }
         Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
@@ -634,8 +642,8 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
         cost.flops += 2.0 * (n * l.rank) as f64;
         cost.bytes += 4.0 * ((n + 1) * l.rank) as f64;
     }
-    let (constants, c) = Constants { block, rows_lora: false }.list();
-    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups, constants: &constants[..c] }, &p, cost)
+    let constants = Constants { block, rows_lora: false }.list();
+    ctx.dispatch_costed(enc, Dispatch { shader, buffers: &buffers, groups, constants: constants.get() }, &p, cost)
 }
 
 /// A many-row matmul's kernel and output shape: (rows, cols) outputs over a reduction of
@@ -822,8 +830,8 @@ fn run_many_rows(
     cost: Cost,
 ) -> Result<()> {
     let (splits, slice) = if k.tiled { split_of(k.groups[0] * k.groups[1], k.red) } else { (1, 0) };
-    let (constants, c) = k.constants.list();
-    let constants = &constants[..c];
+    let list = k.constants.list();
+    let constants = list.get();
     if splits < 2 {
         let all = [buffers, after_y].concat();
         return ctx.dispatch_costed(
@@ -979,15 +987,15 @@ fn backward(
             (F16_DX, true, vec![g, w, g, dx])
         }
         Weight::Nf4 { packed, absmax, block_size } => {
-            block = block_constant(k, block_size)?;
+            block = Some(block_constant(k, block_size)?);
             (NF4_DX, true, vec![g, packed, absmax, g, dx])
         }
         Weight::Q4_0 { packed, scales } => {
-            block = block_constant(k, Q4_0_BLOCK)?;
+            block = Some(block_constant(k, Q4_0_BLOCK)?);
             (Q4_0_DX, true, vec![g, packed, scales, g, dx])
         }
         Weight::Q4_1 { packed, coeffs, block_size } => {
-            block = block_constant(k, block_size)?;
+            block = Some(block_constant(k, block_size)?);
             (Q4_1_DX, true, vec![g, packed, coeffs, g, dx])
         }
         Weight::Planes { .. } => return Err(Error::invalid("matmul", "two planes reach one kernel")),
