@@ -112,7 +112,7 @@ check "cargo publish --dry-run $crates" env CARGO_TARGET_DIR="$publish_target" \
 unit_tests_in() {
   local dir="$1" fixtures="$PWD/tests/reference/fixtures" version c
   version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
-  for c in $crates; do tar -xzf "$publish_target/package/$c-$version.crate" -C "$dir" || return 1; done
+  for c in $crates; do tar -m -xzf "$publish_target/package/$c-$version.crate" -C "$dir" || return 1; done
   for c in $crates; do
     (cd "$dir/$c-$version" && EDGETUNE_FIXTURES="$fixtures" cargo test --offline --lib --bins \
       --config "patch.crates-io.edgetune-shaders.path=\"$dir/edgetune-shaders-$version\"" \
@@ -121,7 +121,13 @@ unit_tests_in() {
 }
 unit_tests_from_crate_files() {
   local dir ok=0
-  dir="$(mktemp -d)"
+  # One folder in the target folder, emptied each run, not a new one: cargo names a path
+  # crate's build after its path, so each new folder left a new copy of these crates' builds
+  # (over a GiB) in the target folder, which then filled past its bound every few runs and was
+  # emptied. The files are unpacked with the time of unpacking (tar -m): a .crate file dates
+  # every file 2006-07-24, which cargo would take for sources older than the last run's build.
+  dir="$CARGO_TARGET_DIR/crate-files"
+  rm -rf "$dir" && mkdir -p "$dir" || return 1
   # The .crate files of this tree (the dry run above keeps its own in a folder of cargo's).
   rm -f "$publish_target"/package/*.crate
   env CARGO_TARGET_DIR="$publish_target" cargo package --no-verify --locked --allow-dirty $packages || return 1
