@@ -116,6 +116,8 @@ fn every_kernel_fits_the_workgroup_memory_its_family_is_picked_for() {
             ("coop8", f::COOP8_WORKGROUP_BYTES)
         } else if name.contains(".tile64") {
             ("tile64", f::TILE64_WORKGROUP_BYTES)
+        } else if name.contains(".narrow") {
+            ("narrow", f::NARROW_WORKGROUP_BYTES)
         } else if base.starts_with("attention") && base.ends_with("_t128") {
             ("tile128 attention", f::ATTENTION_T128_WORKGROUP_BYTES)
         } else if base.ends_with("_t128") {
@@ -134,7 +136,7 @@ fn every_kernel_fits_the_workgroup_memory_its_family_is_picked_for() {
         *entry = (*entry).max((bytes, s.name));
     }
     eprintln!("the largest kernel of each class: {largest:?}");
-    for class in ["coop16", "coop8", "tile64", "tile128 attention", "tile128"] {
+    for class in ["coop16", "coop8", "tile64", "narrow", "tile128 attention", "tile128"] {
         let name = largest.get(class).map_or("", |l| l.1);
         let (_, constant) = bound(name);
         assert_eq!(largest.get(class).map(|l| l.0), Some(constant), "{class}: the table's bytes against {name}'s");
@@ -959,6 +961,131 @@ fn tile128_gives_products_with_small_grids_to_its_64_x_64_variant() {
             let red = [k, n, m][i];
             let got = ctx.read_f32(buf, len).expect("read");
             assert_close(&format!("threshold {min:?}, product {i}"), &got, &wants[i], 1e-5, 1e-5 * (red as f32).sqrt());
+        }
+    }
+}
+
+/// tile128 runs the dense products with a side of at most `narrow_max` (48 by default; LoRA's
+/// x A^T, dh = dy B, dB and dA) on its narrow blocks, 256 x 16 where the narrow side is the
+/// columns (`.narrow`) and 16 x 256 where it is the rows (`.narrow_rows`), whatever their grid,
+/// and a product with sides of 64 on tile64 as before; narrow_max 0 gives every one to tile64.
+/// Ranks 1, 8, 16 and 48, 2,049 tokens and one, reductions that are no multiple of the blocks'
+/// step of 8 and splits of them: each output against the twin within what two f32 sums of the
+/// same red products in other orders may differ by, (2 red + 70) 2^-24 sum |a b| (γ of each
+/// sum, with up to 64 slices added after).
+#[test]
+fn tile128_runs_the_narrow_products_of_lora_on_narrow_blocks() {
+    use edgetune::gpu::{KernelFamily, Timer};
+    let open = |narrow_max| {
+        let opts = GpuOptions { kernels: Some(KernelFamily::Tile128), narrow_max, ..Default::default() };
+        GpuContext::new(&opts).expect("tile128 (lavapipe runs it)")
+    };
+    let default = open(None);
+    assert_eq!(default.report.kernels.narrow_max, edgetune::gpu::family::NARROW_MAX);
+    let said = default.report.kernels.to_string();
+    assert!(said.contains("LoRA's products (a side of at most 48) on 256 x 16 blocks"), "{said}");
+    // (product, m, n, k): the forward's outputs are (m, n) over k, the input gradient's (m, k)
+    // over n, the weight gradient's (n, k) over m.
+    let cases: [(&str, usize, usize, usize); 12] = [
+        ("x A^T, rank 16", 2049, 16, 200),
+        ("x A^T of q, k and v, rank 16", 300, 48, 77),
+        ("x A^T, rank 1", 70, 1, 576),
+        ("x A^T, rank 64", 300, 64, 200),
+        ("forward of 5 rows", 5, 300, 77),
+        ("dh = dy B, rank 8", 2049, 300, 8),
+        ("dh = dy B, rank 48", 90, 101, 48),
+        ("input gradient of 3 rows", 3, 100, 300),
+        ("dB, rank 8", 2049, 300, 8),
+        ("dB over one token, rank 16", 1, 300, 16),
+        ("dA, rank 16", 2049, 16, 300),
+        ("dA of q, k and v, rank 1", 517, 3, 131),
+    ];
+    for narrow_max in [None, Some(0)] {
+        let ctx = open(narrow_max);
+        for (i, &(what, m, n, k)) in cases.iter().enumerate() {
+            let kind = match what {
+                w if w.starts_with("x A") || w.starts_with("forward") => 0,
+                w if w.starts_with("dh") || w.starts_with("input") => 1,
+                _ => 2,
+            };
+            let seed = 300 + 10 * i as u64;
+            let (x, w, dy) = (rand(m * k, seed, 1.0), rand(n * k, seed + 1, 0.5), rand(m * n, seed + 2, 1.0));
+            // The output's shape, its reduction, the twin, and the operands of output (r, c).
+            let (rows, cols, red) = [(m, n, k), (m, k, n), (n, k, m)][kind];
+            let want = match kind {
+                0 => r::matmul_forward(&x, &w, None, m, n, k),
+                1 => r::matmul_backward(&dy, &w, m, n, k),
+                _ => r::matmul_backward_w(&dy, &x, m, n, k),
+            };
+            let term = |r: usize, c: usize, j: usize| match kind {
+                0 => x[r * k + j] * w[c * k + j],
+                1 => dy[r * n + j] * w[j * k + c],
+                _ => dy[j * n + r] * x[j * k + c],
+            };
+            let (xb, wb, dyb) = (ctx.storage_from("x", &x), ctx.storage_from("w", &w), ctx.storage_from("dy", &dy));
+            let out = ctx.storage_zeroed("out", rows * cols);
+            ctx.start_profiling(Timer::WallClock);
+            run(&ctx, |enc| {
+                let wt = launch::Weight::Dense(&wb);
+                match kind {
+                    0 => launch::matmul_forward(
+                        &ctx,
+                        enc,
+                        launch::Matmul { x: &xb, w: wt, bias: None, y: &out, m, n, k, out: launch::OutCols::whole(n) },
+                    ),
+                    1 => launch::matmul_backward(
+                        &ctx,
+                        enc,
+                        launch::MatmulGrad {
+                            dy: launch::DyCols::whole(&dyb, n),
+                            w: wt,
+                            dx: &out,
+                            m,
+                            n,
+                            k,
+                            out: launch::OutCols::whole(k),
+                        },
+                    ),
+                    _ => launch::matmul_backward_w(
+                        &ctx,
+                        enc,
+                        launch::WeightGrad {
+                            dy: &dyb,
+                            x: &xb,
+                            dw: &out,
+                            dw_offset: 0,
+                            m,
+                            n,
+                            k,
+                            alpha: 1.0,
+                            accumulate: false,
+                        },
+                    ),
+                }
+            });
+            let names: Vec<&str> = ctx.stop_profiling().expect("profile").iter().map(|(name, _)| *name).collect();
+            let base = ["matmul_t128", "matmul_backward_t128", "matmul_backward_w_t128"][kind];
+            let narrow = rows.min(cols) <= narrow_max.unwrap_or(48) as usize;
+            let variant = match (narrow, cols <= rows) {
+                (true, true) => "narrow",
+                (true, false) => "narrow_rows",
+                (false, _) => "tile64",
+            };
+            let kernel = format!("{base}.{variant}");
+            let said = format!("{what} ({m}, {n}, {k}), narrow_max {narrow_max:?}: {names:?}");
+            assert!(names.contains(&kernel.as_str()), "{said}: {kernel} did not run");
+            assert!(names.iter().all(|n| *n == kernel || *n == "matmul_split_reduce"), "{said}");
+            let got = ctx.read_f32(&out, rows * cols).expect("read");
+            let gamma = (2 * red + 70) as f64 * 2f64.powi(-24);
+            for (at, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                let (r, c) = (at / cols, at % cols);
+                let mass: f64 = (0..red).map(|j| f64::from(term(r, c, j)).abs()).sum();
+                let bound = gamma * mass;
+                assert!(
+                    (f64::from(g) - f64::from(e)).abs() <= bound,
+                    "{said}: output ({r}, {c}) {g} against the twin's {e} (bound {bound:e})"
+                );
+            }
         }
     }
 }

@@ -265,6 +265,17 @@ shaders! {
     MATMUL_Q4_1_BACKWARD_T64 = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.tile64.q4_1"
         [("common/tile128.wgsl", "common/tile64.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
     MATMUL_BACKWARD_W_T64 = "matmul_backward_w_t128" as "matmul_backward_w_t128.tile64" [("common/tile128.wgsl", "common/tile64.wgsl")];
+    // Its dense kernels on blocks of 256 x 16 and 16 x 256 (shaders/common/tile_narrow.wgsl), for
+    // the narrow products of LoRA: x A^T, dh = dy B, dB and dA.
+    MATMUL_NARROW = "matmul_t128" as "matmul_t128.narrow" [("common/tile128.wgsl", "common/tile_narrow.wgsl")];
+    MATMUL_NARROW_ROWS = "matmul_t128" as "matmul_t128.narrow_rows"
+        [("common/tile128.wgsl", "common/tile_narrow.wgsl"), ("BR", "16u"), ("BC", "256u")];
+    MATMUL_BACKWARD_NARROW = "matmul_backward_t128" as "matmul_backward_t128.narrow" [("common/tile128.wgsl", "common/tile_narrow.wgsl")];
+    MATMUL_BACKWARD_NARROW_ROWS = "matmul_backward_t128" as "matmul_backward_t128.narrow_rows"
+        [("common/tile128.wgsl", "common/tile_narrow.wgsl"), ("BR", "16u"), ("BC", "256u")];
+    MATMUL_BACKWARD_W_NARROW = "matmul_backward_w_t128" as "matmul_backward_w_t128.narrow" [("common/tile128.wgsl", "common/tile_narrow.wgsl")];
+    MATMUL_BACKWARD_W_NARROW_ROWS = "matmul_backward_w_t128" as "matmul_backward_w_t128.narrow_rows"
+        [("common/tile128.wgsl", "common/tile_narrow.wgsl"), ("BR", "16u"), ("BC", "256u")];
     // The tiled families' attention, with its rows reduced by subgroup shuffles and (.shared)
     // in workgroup memory alone, for devices without subgroup operations.
     ATTENTION_T128 = "attention_t128";
@@ -409,6 +420,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/q4_1_block.wgsl", include_str!("../common/q4_1_block.wgsl")),
     ("common/tile128.wgsl", include_str!("../common/tile128.wgsl")),
     ("common/tile64.wgsl", include_str!("../common/tile64.wgsl")),
+    ("common/tile_narrow.wgsl", include_str!("../common/tile_narrow.wgsl")),
     ("common/tile_stage.wgsl", include_str!("../common/tile_stage.wgsl")),
     ("common/tile_fetch.wgsl", include_str!("../common/tile_fetch.wgsl")),
     ("common/tile_nf4.wgsl", include_str!("../common/tile_nf4.wgsl")),

@@ -40,6 +40,10 @@ pub struct GpuOptions {
     /// (see [`super::family::TILE128_MIN_GROUPS`]; 0: tile128 for every product); `None` reads
     /// `EDGETUNE_TILE128_MIN_GROUPS`, else that constant.
     pub tile128_min_groups: Option<u32>,
+    /// Dense products with a side of at most this many rows or columns (LoRA's) run on
+    /// tile128's narrow blocks (see [`super::family::NARROW_MAX`]; 0: none); `None` reads
+    /// `EDGETUNE_NARROW_MAX`, else that constant.
+    pub narrow_max: Option<u32>,
     /// Opens the device without subgroup operations even where the adapter has them, so that
     /// the kernels that do without them run (for a driver whose subgroup operations are broken,
     /// and for tests of those kernels); `EDGETUNE_NO_SUBGROUPS=1` does the same. The simd8
@@ -494,6 +498,11 @@ impl GpuContext {
             None => (family::tile128_min_groups_from_env()?, "EDGETUNE_TILE128_MIN_GROUPS"),
         };
         let kernels = family::with_min_groups(family::choose(&facts, forced)?, &facts, asked, from)?;
+        let narrow_max = match opts.narrow_max {
+            Some(n) => n,
+            None => family::narrow_max_from_env()?.unwrap_or(kernels.narrow_max),
+        };
+        let kernels = family::Kernels { narrow_max, ..kernels };
         let shader_checks = match opts.shader_checks {
             Some(c) => c,
             None => ShaderChecks::from_env()?.unwrap_or(ShaderChecks::Bounds),

@@ -121,6 +121,11 @@ pub struct Kernels {
     /// not tile128's. The same small-grid threshold splits the blocked attention's
     /// dK/dV pass by query head under GQA ([`crate::gpu::launch::head_split`]).
     pub tile128_min_groups: u32,
+    /// Dense products with a side of at most this many rows or columns (LoRA's x A^T, dh = dy B,
+    /// dA and dB) run on blocks of 256 x 16 or 16 x 256, tile128's kernels on its `narrow`
+    /// core, in the tile128 family and for coop16's gradients, whatever their grid. 0 runs none
+    /// there. See [`NARROW_MAX`].
+    pub narrow_max: u32,
 }
 
 impl std::fmt::Display for Kernels {
@@ -139,6 +144,10 @@ impl std::fmt::Display for Kernels {
         } else {
             ("every product", "products")
         };
+        if tiles128 && self.narrow_max > 0 {
+            let which = if self.matmul == KernelFamily::Coop16 { "gradients" } else { "products" };
+            write!(f, "; LoRA's {which} (a side of at most {}) on 256 x 16 blocks", self.narrow_max)?;
+        }
         if tiles128 && self.tile128_min_groups == TILE64_ONLY {
             write!(f, "; {all} on 64 x 64 blocks (tile64)")?;
         } else if tiles128 && self.tile128_min_groups > 0 {
@@ -180,6 +189,14 @@ pub struct AdapterFacts {
 /// 0 beside it, so that a GPU run can set it.
 pub const TILE128_MIN_GROUPS: u32 = 512;
 
+/// The widest side a dense product may have to run on tile128's narrow blocks, 256 x 16 or
+/// 16 x 256 (the `.narrow` and `.narrow_rows` kernels; see [`Kernels::narrow_max`];
+/// `EDGETUNE_NARROW_MAX` or `GpuOptions::narrow_max` sets another): up to 48 (a rank-16
+/// adapter's x A^T for q, k and v) they do less padded work than 64 x 64 blocks, which leave
+/// three quarters of their outputs idle for a side of 16; at 64 the two do the same, and the
+/// square blocks read each operand fewer times.
+pub const NARROW_MAX: u32 = 48;
+
 /// [`Kernels::tile128_min_groups`] that puts every product on 64 x 64 blocks (tile64).
 pub const TILE64_ONLY: u32 = u32::MAX;
 
@@ -192,6 +209,10 @@ pub const TILE128_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 4 + 16 * 4;
 /// (16, 68) f32 tiles and the NF4 code book. An adapter with this much and less than
 /// [`TILE128_WORKGROUP_BYTES`] runs the tile128 family with every product on them.
 pub const TILE64_WORKGROUP_BYTES: u32 = 2 * 16 * 68 * 4 + 16 * 4;
+
+/// Workgroup memory tile128's kernels on narrow blocks (the `.narrow` and `.narrow_rows`
+/// variants) declare: (8, 256) and (8, 16) f32 tiles.
+pub const NARROW_WORKGROUP_BYTES: u32 = 8 * 256 * 4 + 8 * 16 * 4;
 
 /// Workgroup memory every kernel outside the tiled and cooperative-matrix families may use at
 /// most: Vulkan's smallest `maxComputeSharedMemorySize`, and WebGPU's default, so that the
@@ -214,9 +235,10 @@ pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 128 * 4
 pub const COOP8_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 4 + 16 * 4;
 
 // The order of the bounds that the table relies on: tile64 runs wherever the portable kernels
-// do, and an adapter that holds the matrix units' families or the blocked attention holds
+// do, the narrow blocks wherever tile64 does, and an adapter that holds the matrix units' families or the blocked attention holds
 // tile128's tiles (so `kernels_of` gives only tile128 64 x 64 blocks throughout).
 const _: () = assert!(TILE64_WORKGROUP_BYTES <= PORTABLE_WORKGROUP_BYTES);
+const _: () = assert!(NARROW_WORKGROUP_BYTES <= TILE64_WORKGROUP_BYTES);
 const _: () = assert!(TILE128_WORKGROUP_BYTES <= COOP16_WORKGROUP_BYTES);
 const _: () = assert!(TILE128_WORKGROUP_BYTES <= COOP8_WORKGROUP_BYTES);
 const _: () = assert!(TILE128_WORKGROUP_BYTES <= ATTENTION_T128_WORKGROUP_BYTES);
@@ -302,7 +324,7 @@ pub fn kernels_of(family: KernelFamily, a: &AdapterFacts) -> Kernels {
     } else {
         TILE128_MIN_GROUPS
     };
-    Kernels { family, matmul, matmul_grad, attention, tile128_min_groups }
+    Kernels { family, matmul, matmul_grad, attention, tile128_min_groups, narrow_max: NARROW_MAX }
 }
 
 /// `kernels` with the small-grid threshold asked for (`GpuOptions::tile128_min_groups`, else
@@ -327,10 +349,23 @@ pub fn with_min_groups(kernels: Kernels, a: &AdapterFacts, asked: Option<u32>, f
 
 /// `EDGETUNE_TILE128_MIN_GROUPS`, if it is set (anything but a whole number is an error).
 pub fn tile128_min_groups_from_env() -> Result<Option<u32>> {
-    match std::env::var("EDGETUNE_TILE128_MIN_GROUPS") {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).map_err(|_| {
-            Error::invalid("EDGETUNE_TILE128_MIN_GROUPS", format!("{v:?} is not a whole number of workgroups"))
-        }),
+    whole_from_env("EDGETUNE_TILE128_MIN_GROUPS", "workgroups")
+}
+
+/// `EDGETUNE_NARROW_MAX`, if it is set (anything but a whole number is an error).
+pub fn narrow_max_from_env() -> Result<Option<u32>> {
+    whole_from_env("EDGETUNE_NARROW_MAX", "rows or columns")
+}
+
+/// The whole number in environment variable `var`, if it is set; `what` names its unit in the
+/// error for anything else.
+fn whole_from_env(var: &str, what: &str) -> Result<Option<u32>> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::invalid(var, format!("{v:?} is not a whole number of {what}"))),
         _ => Ok(None),
     }
 }
@@ -385,6 +420,7 @@ mod tests {
             matmul_grad,
             attention,
             tile128_min_groups: TILE128_MIN_GROUPS,
+            narrow_max: NARROW_MAX,
         };
         assert_eq!(pick(facts(Cpu, (8, 8), 32768)), k(Simd8, Simd8, Simd8, Simd8));
         assert_eq!(pick(facts(Cpu, (4, 4), 32768)), k(Portable, Portable, Portable, Portable));
@@ -417,6 +453,10 @@ mod tests {
             "; tile128's products (LoRA and weight gradients) of fewer than 512 128 x 128 tiles on 64 x 64 (tile64)"
         ));
         assert!(!coop16(0).contains("tile64"), "{}", coop16(0));
+        assert!(coop16(0).contains("; LoRA's gradients (a side of at most 48) on 256 x 16 blocks"), "{}", coop16(0));
+        let none = Kernels { narrow_max: 0, ..k(Tile128, Tile128, Tile128, Tile128) }.to_string();
+        assert!(!none.contains("256 x 16"), "{none}");
+        assert!(k(Tile128, Tile128, Tile128, Tile128).to_string().contains("LoRA's products (a side of at most 48)"));
         // Not with 64-lane subgroups only.
         assert_eq!(pick(AdapterFacts { subgroup_size: (64, 64), ..coop }).family, Tile128);
         // Apple's 8 x 8 f32 simdgroup matrices (Metal lists subgroups of 4..64): every many-row

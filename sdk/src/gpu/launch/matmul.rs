@@ -610,6 +610,8 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
             // A fused B product's columns follow x's in the reduction, from the step after K.
             let red = lora_columns.map_or(Ok(p.k), |c| u32_of(k.next_multiple_of(TILE_STEP) + c, "reduction"))?;
             let constants = Constants { block, rows_lora };
+            // The narrow blocks take steps of 8, where a fused B product's columns start at one of 16.
+            let family = if lora.is_some() { Family { narrow: None, ..family } } else { family };
             let kernel = many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red), constants);
             let mut cost = cost;
             if let Some(l) = lora {
@@ -669,6 +671,9 @@ struct Family {
     tile64: &'static Shader,
     coop16: Option<&'static Shader>,
     coop8: &'static Shader,
+    /// tile128's kernels on blocks of 256 rows x 16 columns and 16 x 256, for products with a
+    /// narrow side (LoRA's); dense kernels only.
+    narrow: Option<[&'static Shader; 2]>,
 }
 
 const DENSE: Family = Family {
@@ -678,6 +683,7 @@ const DENSE: Family = Family {
     tile64: &MATMUL_T64,
     coop16: Some(&MATMUL_COOP16),
     coop8: &MATMUL_COOP8,
+    narrow: Some([&MATMUL_NARROW, &MATMUL_NARROW_ROWS]),
 };
 const F16: Family = Family {
     portable: &MATMUL_F16,
@@ -686,6 +692,7 @@ const F16: Family = Family {
     tile64: &MATMUL_F16_T64,
     coop16: Some(&MATMUL_F16_COOP16),
     coop8: &MATMUL_F16_COOP8,
+    narrow: None,
 };
 const NF4: Family = Family {
     portable: &MATMUL_NF4,
@@ -694,6 +701,7 @@ const NF4: Family = Family {
     tile64: &MATMUL_NF4_T64,
     coop16: Some(&MATMUL_NF4_COOP16),
     coop8: &MATMUL_NF4_COOP8,
+    narrow: None,
 };
 const Q4_0: Family = Family {
     portable: &MATMUL_Q4_0,
@@ -702,6 +710,7 @@ const Q4_0: Family = Family {
     tile64: &MATMUL_Q4_0_T64,
     coop16: Some(&MATMUL_Q4_0_COOP16),
     coop8: &MATMUL_Q4_0_COOP8,
+    narrow: None,
 };
 const Q4_1: Family = Family {
     portable: &MATMUL_Q4_1,
@@ -710,6 +719,7 @@ const Q4_1: Family = Family {
     tile64: &MATMUL_Q4_1_T64,
     coop16: Some(&MATMUL_Q4_1_COOP16),
     coop8: &MATMUL_Q4_1_COOP8,
+    narrow: None,
 };
 const DENSE_DX: Family = Family {
     portable: &MATMUL_BACKWARD,
@@ -718,6 +728,7 @@ const DENSE_DX: Family = Family {
     tile64: &MATMUL_BACKWARD_T64,
     coop16: None,
     coop8: &MATMUL_BACKWARD_COOP8,
+    narrow: Some([&MATMUL_BACKWARD_NARROW, &MATMUL_BACKWARD_NARROW_ROWS]),
 };
 const F16_DX: Family = Family {
     portable: &MATMUL_F16_BACKWARD,
@@ -726,6 +737,7 @@ const F16_DX: Family = Family {
     tile64: &MATMUL_F16_BACKWARD_T64,
     coop16: Some(&MATMUL_F16_BACKWARD_COOP16),
     coop8: &MATMUL_F16_BACKWARD_COOP8,
+    narrow: None,
 };
 const NF4_DX: Family = Family {
     portable: &MATMUL_NF4_BACKWARD,
@@ -734,6 +746,7 @@ const NF4_DX: Family = Family {
     tile64: &MATMUL_NF4_BACKWARD_T64,
     coop16: Some(&MATMUL_NF4_BACKWARD_COOP16),
     coop8: &MATMUL_NF4_BACKWARD_COOP8,
+    narrow: None,
 };
 const Q4_0_DX: Family = Family {
     portable: &MATMUL_Q4_0_BACKWARD,
@@ -742,6 +755,7 @@ const Q4_0_DX: Family = Family {
     tile64: &MATMUL_Q4_0_BACKWARD_T64,
     coop16: Some(&MATMUL_Q4_0_BACKWARD_COOP16),
     coop8: &MATMUL_Q4_0_BACKWARD_COOP8,
+    narrow: None,
 };
 const Q4_1_DX: Family = Family {
     portable: &MATMUL_Q4_1_BACKWARD,
@@ -750,6 +764,7 @@ const Q4_1_DX: Family = Family {
     tile64: &MATMUL_Q4_1_BACKWARD_T64,
     coop16: Some(&MATMUL_Q4_1_BACKWARD_COOP16),
     coop8: &MATMUL_Q4_1_BACKWARD_COOP8,
+    narrow: None,
 };
 const DENSE_DW: Family = Family {
     portable: &MATMUL_BACKWARD_W,
@@ -758,38 +773,55 @@ const DENSE_DW: Family = Family {
     tile64: &MATMUL_BACKWARD_W_T64,
     coop16: None,
     coop8: &MATMUL_BACKWARD_W_COOP8,
+    narrow: Some([&MATMUL_BACKWARD_W_NARROW, &MATMUL_BACKWARD_W_NARROW_ROWS]),
 };
 
-/// The adapter's family for many-row products (`grads`: for gradients) and its
-/// [`crate::gpu::Kernels::tile128_min_groups`].
-fn kind_of(ctx: &GpuContext, grads: bool) -> (KernelFamily, u32) {
-    let k = &ctx.report.kernels;
-    (if grads { k.matmul_grad } else { k.matmul }, k.tile128_min_groups)
+/// What picks a many-row product's kernel: the adapter's family for it (the forward's or the
+/// gradients'), its small-grid threshold ([`crate::gpu::Kernels::tile128_min_groups`]) and the
+/// widest side it gives the narrow blocks ([`crate::gpu::Kernels::narrow_max`]).
+#[derive(Clone, Copy)]
+struct Pick {
+    family: KernelFamily,
+    min_groups: u32,
+    narrow_max: u32,
 }
 
-/// The kernel of `family` for a many-row matmul in the adapter's family `kind` (the forward's
-/// or the gradients'): simd8 (32 x 32 outputs per workgroup) when `simd_ok` says the shape
-/// suits it, coop16, coop8 or tile128 (128 x 128), else portable (64 x 64). tile128 gives a
-/// product whose grid would have fewer than `min_groups` workgroups to its own kernel on 64 x 64
-/// blocks (tile64); the matrix units keep every product they run (a small grid's long
+/// The adapter's [`Pick`] for many-row products (`grads`: for gradients).
+fn kind_of(ctx: &GpuContext, grads: bool) -> Pick {
+    let k = &ctx.report.kernels;
+    let family = if grads { k.matmul_grad } else { k.matmul };
+    Pick { family, min_groups: k.tile128_min_groups, narrow_max: k.narrow_max }
+}
+
+/// The kernel of `family` for a many-row matmul as `pick` says: simd8 (32 x 32 outputs per
+/// workgroup) when `simd_ok` says the shape suits it, coop16, coop8 or tile128 (128 x 128),
+/// else portable (64 x 64). tile128 gives a product with a side of at most `pick.narrow_max`
+/// (LoRA's) to its dense kernels on 256 x 16 or 16 x 256 blocks (`.narrow`, `.narrow_rows`), and
+/// a product whose grid would have fewer than `pick.min_groups` workgroups to its own kernel on
+/// 64 x 64 blocks (tile64); the matrix units keep every product they run (a small grid's long
 /// reduction is split instead). `constants`: the pipeline constants it is made with.
 fn many_rows(
-    (kind, min_groups): (KernelFamily, u32),
+    pick: Pick,
     family: Family,
     simd_ok: bool,
     (rows, cols, red): (u32, u32, u32),
     constants: Constants,
 ) -> ManyRows {
-    let big = cols.div_ceil(128) * rows.div_ceil(128) >= min_groups;
-    let (shader, side, tiled) = match (kind, family.coop16) {
-        (KernelFamily::Simd8, _) if simd_ok => (family.simd8, 32, false),
-        (KernelFamily::Coop16, Some(coop)) => (coop, 128, true),
-        (KernelFamily::Coop8, _) => (family.coop8, 128, true),
-        (KernelFamily::Tile128 | KernelFamily::Coop16, _) if big => (family.tile128, 128, true),
-        (KernelFamily::Tile128 | KernelFamily::Coop16, _) => (family.tile64, 64, true),
-        _ => (family.portable, 64, true),
+    use KernelFamily::{Coop8, Coop16, Simd8, Tile128};
+    let big = cols.div_ceil(128) * rows.div_ceil(128) >= pick.min_groups;
+    let narrow = family.narrow.filter(|_| matches!(pick.family, Tile128 | Coop16) && rows.min(cols) <= pick.narrow_max);
+    let (shader, (block_rows, block_cols), tiled) = match (pick.family, family.coop16, narrow) {
+        (Simd8, ..) if simd_ok => (family.simd8, (32, 32), false),
+        (Coop16, Some(coop), _) => (coop, (128, 128), true),
+        (Coop8, ..) => (family.coop8, (128, 128), true),
+        (_, _, Some([narrow_cols, _])) if cols <= rows => (narrow_cols, (256, 16), true),
+        (_, _, Some([_, narrow_rows])) => (narrow_rows, (16, 256), true),
+        (Tile128 | Coop16, ..) if big => (family.tile128, (128, 128), true),
+        (Tile128 | Coop16, ..) => (family.tile64, (64, 64), true),
+        _ => (family.portable, (64, 64), true),
     };
-    ManyRows { shader, constants, groups: [cols.div_ceil(side), rows.div_ceil(side), 1], tiled, rows, cols, red }
+    let groups = [cols.div_ceil(block_cols), rows.div_ceil(block_rows), 1];
+    ManyRows { shader, constants, groups, tiled, rows, cols, red }
 }
 
 /// The reduction step of every tiled core (`BK` in their WGSL): a fused LoRA B product's
@@ -1016,6 +1048,8 @@ fn backward(
         cost.bytes += 4.0 * ((m + k) * l.n) as f64;
     }
     let constants = Constants { block, rows_lora: false };
+    // The narrow blocks take steps of 8, where a fused dh A's columns start at one of 16.
+    let family = if lora.is_some() { Family { narrow: None, ..family } } else { family };
     let kernel = many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, red), constants);
     // After dx: dh and the A matrices; dy the dummy.
     let after_y = [lora.map_or(g, |l| l.dh), lora.map_or(g, |l| l.params)];
