@@ -19,7 +19,8 @@
 # measured besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them; a
 # family written FAMILY:N runs with EDGETUNE_TILE128_MIN_GROUPS=N (0: tile128's 128 x 128 tiles
 # for every product, not only those with large grids), and the adapter's own family is
-# measured with 0 too when it uses those tiles. CHECKS (default "all none"; empty for none) lists
+# measured with 0 too when it uses those tiles; FAMILY:N:W runs with EDGETUNE_NARROW_MAX=W as
+# well (tile128::0: LoRA's narrow products on 64 x 64 blocks rather than 256 x 16 ones). CHECKS (default "all none"; empty for none) lists
 # settings of EDGETUNE_SHADER_CHECKS whose training step (and profiled step) is measured in the
 # adapter's family besides the default (bounds: wgpu's checks without its loop counters), so the
 # table shows what wgpu's loop counters ("all") and its remaining checks ("none") cost.
@@ -55,12 +56,13 @@ picked="$("$bin" gpu | sed -n 's/^kernels: \([a-z0-9]*\).*/\1/p')"
 variants="${FAMILIES-tile128 tile128:0 portable}"
 case "$picked" in tile128 | coop16) [ -n "$variants" ] && variants="$variants $picked:0" ;; esac
 checks="${CHECKS-all none}"
-# Runs "$@" with the kernels of variant $1 (FAMILY or FAMILY:N, see FAMILIES above).
+# Runs "$@" with the kernels of variant $1 (FAMILY, FAMILY:N or FAMILY:N:W, see FAMILIES above).
 with_kernels() {
-  local v="$1" groups=""
+  local v="$1" groups="" narrow=""
   shift
   case "$v" in *:*) groups="${v#*:}" ;; esac
-  EDGETUNE_KERNELS="${v%%:*}" EDGETUNE_TILE128_MIN_GROUPS="$groups" "$@"
+  case "$groups" in *:*) narrow="${groups#*:}" groups="${groups%%:*}" ;; esac
+  EDGETUNE_KERNELS="${v%%:*}" EDGETUNE_TILE128_MIN_GROUPS="$groups" EDGETUNE_NARROW_MAX="$narrow" "$@"
 }
 torch_ok=1
 if [ "${TORCH:-1}" = 0 ]; then
@@ -130,7 +132,7 @@ if [ -n "$profile" ]; then
   for family in $variants; do
     [ "$family" = "$picked" ] && continue
     with_kernels "$family" run "$profile: edgetune bench-train --profile, $family kernels" 300 \
-      "$bin" bench-train "${profiled[@]}" >"$out/profile-${family/:/-}.json"
+      "$bin" bench-train "${profiled[@]}" >"$out/profile-${family//:/-}.json"
   done
 fi
 if [ "${#skipped[@]}" -gt 0 ]; then

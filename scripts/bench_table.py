@@ -43,13 +43,17 @@ def host_ms(h):
 
 def kernels_of(o):
     """The family of a run's products, the grid below which tile128's are on 64 x 64 blocks
-    (tile64), and the shader checks where they are not the default (bounds)."""
+    (tile64), the widest side of its narrow blocks where it is not the default (48), and the
+    shader checks where they are not the default (bounds)."""
     k = o.get("kernels") or {}
     matmul = k.get("matmul", "?")
     groups = k.get("tile128_min_groups")
     name = matmul
     if matmul in ("tile128", "coop16") and groups is not None:
         name = f"{matmul}, tile64 below {groups} tiles" if groups else f"{matmul}, 128 x 128 always"
+    narrow = k.get("narrow_max")
+    if matmul in ("tile128", "coop16") and narrow is not None and narrow != 48:
+        name += f", narrow blocks up to {narrow}" if narrow else ", no narrow blocks"
     checks = o.get("shader_checks", "bounds")
     return name if checks == "bounds" else f"{name}, shader checks {checks}"
 

@@ -270,6 +270,8 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
         line.split_whitespace().next().expect("a family").to_string()
     };
     let forced = if picked == "portable" { "tile128" } else { "portable" };
+    // And tile128 with LoRA's narrow products on 64 x 64 blocks (EDGETUNE_NARROW_MAX=0).
+    let families = format!("{forced} tile128::0");
     let bench = |out: &std::path::Path, budget: Option<&str>| {
         let mut cmd = Command::new("bash");
         cmd.arg(&script)
@@ -279,7 +281,7 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
                 ("RANK", "4"),
                 ("STEPS", "1"),
                 ("TORCH", "0"),
-                ("FAMILIES", forced),
+                ("FAMILIES", &families),
                 ("CHECKS", "all"),
             ])
             .env("SHAPES", &shape)
@@ -299,22 +301,34 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     let lines = std::fs::read_to_string(out.join("edgetune.jsonl")).expect("JSON lines");
     let runs: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
     let training: Vec<&serde_json::Value> = runs.iter().filter(|r| r.get("modes").is_some()).collect();
-    assert_eq!((training.len(), runs.len()), (3, 7), "{lines}");
+    assert_eq!((training.len(), runs.len()), (4, 8), "{lines}");
     let families: Vec<(&str, &str)> = training
         .iter()
         .filter_map(|r| Some((r["kernels"]["family"].as_str()?, r["shader_checks"].as_str()?)))
         .collect();
-    assert_eq!(families, [(picked.as_str(), "bounds"), (picked.as_str(), "all"), (forced, "bounds")], "{lines}");
-    for name in ["profile.json", "profile-checks-all.json", &format!("profile-{forced}.json")] {
+    assert_eq!(
+        families,
+        [(picked.as_str(), "bounds"), (picked.as_str(), "all"), (forced, "bounds"), ("tile128", "bounds")],
+        "{lines}"
+    );
+    assert_eq!(training[3]["kernels"]["narrow_max"].as_u64(), Some(0), "{lines}");
+    for name in
+        ["profile.json", "profile-checks-all.json", &format!("profile-{forced}.json"), "profile-tile128--0.json"]
+    {
         let p: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join(name)).expect(name)).expect("a profile");
         assert!(p["modes"][0]["profile"].as_array().is_some_and(|k| !k.is_empty()), "{name}: no kernels");
     }
     let rows = |family: &str| table.lines().filter(|l| l.contains(&format!(" | {family} | "))).count();
     let all = format!("{picked}, shader checks all");
-    assert_eq!((rows(&picked), rows(&all), rows(forced)), (2, 2, 2), "checkpointing on and off each: {table}");
-    assert_eq!(table.matches("Profiled step").count(), 3, "{table}");
-    assert_eq!(table.matches(" ms in kernels):").count(), 3, "each profiled step's kernels summed: {table}");
+    let wide = "tile128, tile64 below 512 tiles, no narrow blocks";
+    assert_eq!(
+        (rows(&picked), rows(&all), rows(forced), rows(wide)),
+        (2, 2, 2, 2),
+        "checkpointing on and off each: {table}"
+    );
+    assert_eq!(table.matches("Profiled step").count(), 4, "{table}");
+    assert_eq!(table.matches(" ms in kernels):").count(), 4, "each profiled step's kernels summed: {table}");
     // The first decoding run's profiled prefill and decoding: a table each, the decoding's per
     // token.
     let decode = runs.iter().find(|r| r["prompt_tokens"] == 128).expect("the 128-token decoding run");
@@ -341,7 +355,7 @@ fn the_gpu_bench_script_runs_every_step_and_keeps_to_its_budget() {
     let out = dir.join("none");
     let (table, log) = bench(&out, Some("19"));
     assert!(!log.lines().any(|l| l.starts_with("== ") && !l.starts_with("== done")), "a run started: {log}");
-    assert!(table.contains("BUDGET_S=19 ran out before 10 runs, left out:"), "{table}");
+    assert!(table.contains("BUDGET_S=19 ran out before 12 runs, left out:"), "{table}");
     assert!(table.contains(&format!("edgetune bench-train, {forced} kernels")), "{table}");
     assert!(table.contains("edgetune bench-train --profile, shader checks all"), "{table}");
     assert_eq!(std::fs::read_to_string(out.join("edgetune.jsonl")).expect("JSON lines"), "");

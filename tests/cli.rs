@@ -1124,6 +1124,33 @@ fn gpu_reports_the_tile128_grid_threshold_from_the_environment() {
     assert!(!out.status.success() && err.contains("EDGETUNE_TILE128_MIN_GROUPS") && err.contains("\"many\""), "{err}");
 }
 
+/// `EDGETUNE_NARROW_MAX` sets the widest side of a product that tile128 runs on its narrow
+/// blocks, which `edgetune gpu` reports (0: none); a value that is no number is refused naming
+/// the variable.
+#[test]
+fn gpu_reports_the_narrow_blocks_side_from_the_environment() {
+    let gpu = |side: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgetune-under-test"));
+        cmd.arg("gpu").env("EDGETUNE_KERNELS", "tile128").env_remove("EDGETUNE_NARROW_MAX");
+        if let Some(side) = side {
+            cmd.env("EDGETUNE_NARROW_MAX", side);
+        }
+        cmd.output().expect("runs")
+    };
+    for (side, says) in [(None, "48"), (Some("32"), "32")] {
+        let out = gpu(side);
+        let said = text(&out.stdout);
+        let want = format!("LoRA's products (a side of at most {says}) on 256 x 16 blocks");
+        assert!(out.status.success() && said.contains(&want), "{side:?}: {said}");
+    }
+    let out = gpu(Some("0"));
+    let said = text(&out.stdout);
+    assert!(out.status.success() && !said.contains("256 x 16"), "0 runs no narrow blocks: {said}");
+    let out = gpu(Some("wide"));
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("EDGETUNE_NARROW_MAX") && err.contains("\"wide\""), "{err}");
+}
+
 /// `EDGETUNE_KERNEL_LOG` names a file to which a process appends the name of each kernel it
 /// dispatches, once (what `scripts/test.sh` holds to every kernel): a prompt and a few decoded
 /// tokens on the tiny Llama with the portable family write the kernels of a prefill and of

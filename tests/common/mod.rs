@@ -241,7 +241,8 @@ pub fn small_workgroup_gpu() -> std::sync::Arc<edgetune::gpu::GpuContext> {
 /// A new context for every kernel family the adapter can run (see `edgetune::gpu::family`):
 /// the default one first, then each other family forced, so tests on lavapipe cover `simd8`,
 /// `portable` and `tile128` (on 128 x 128 tiles and, in a context of its own, on 64 x 64 ones,
-/// tile64), and `coop16` and `coop8` with their matrix operations emulated.
+/// tile64, with LoRA's narrow products on the narrow blocks), and `coop16` and `coop8` with
+/// their matrix operations emulated.
 pub fn fresh_gpus() -> Vec<edgetune::gpu::GpuContext> {
     use edgetune::gpu::{GpuContext, GpuOptions, KernelFamily};
     let default = gpu();
@@ -253,13 +254,20 @@ pub fn fresh_gpus() -> Vec<edgetune::gpu::GpuContext> {
         // tile128's kernels on every product, however small its grid, so that the tests'
         // shapes reach them (by default small grids run on 64 x 64 blocks, tile64).
         let opts = GpuOptions { kernels: Some(family), tile128_min_groups: Some(0), ..Default::default() };
+        // Where tile128 is the family, narrow products too (by default they run on 256 x 16
+        // blocks).
+        let opts = match family {
+            KernelFamily::Tile128 => GpuOptions { narrow_max: Some(0), ..opts },
+            _ => opts,
+        };
         match GpuContext::new(&opts) {
             Ok(ctx) => {
                 assert_eq!(ctx.report.kernels.family, family, "a forced family was ignored");
                 all.push(ctx);
                 if family == KernelFamily::Tile128 {
-                    // And tile64 on every product, however large its grid.
-                    let opts = GpuOptions { tile128_min_groups: Some(u32::MAX), ..opts };
+                    // And tile64 on every product, however large its grid, but the narrow ones,
+                    // which run on the narrow blocks.
+                    let opts = GpuOptions { tile128_min_groups: Some(u32::MAX), narrow_max: None, ..opts };
                     all.push(GpuContext::new(&opts).unwrap_or_else(|e| panic!("tile128 on 64 x 64 blocks: {e}")));
                 }
             }

@@ -15,6 +15,10 @@
 //! workgroups) runs on 64 x 64 blocks in tile128, and for coop16's gradients: tile128's kernels
 //! on the `tile64` core (4 x 4 a thread, with tile128's staging, prefetch and NF4 words); the
 //! products on matrix units stay there (their split reductions fill the GPU).
+//! Before that, a dense product with a side of at most [`NARROW_MAX`] (LoRA's x A^T, dh = dy B,
+//! dA and dB) runs there on tile128's narrow blocks of 256 x 16 or 16 x 256 (`.narrow`,
+//! `.narrow_rows`), which leave no outputs idle where 64 x 64 blocks leave three quarters at a
+//! rank of 16.
 //! One-row products (decoding) run portable's `matvec` kernels in every family but simd8, which
 //! has its own; the GPU families (tile128, coop16, coop8) run them with their reduction in
 //! subgroup operations (`.subgroup`) where the adapter has them.
