@@ -20,10 +20,11 @@
 # family written FAMILY:N runs with EDGETUNE_TILE128_MIN_GROUPS=N (0: tile128's 128 x 128 tiles
 # for every product, not only those with large grids), and the adapter's own family is
 # measured with 0 too when it uses those tiles; FAMILY:N:W runs with EDGETUNE_NARROW_MAX=W as
-# well (tile128::0: LoRA's narrow products on 64 x 64 blocks rather than 256 x 16 ones). CHECKS (default "all none"; empty for none) lists
-# settings of EDGETUNE_SHADER_CHECKS whose training step (and profiled step) is measured in the
-# adapter's family besides the default (bounds: wgpu's checks without its loop counters), so the
-# table shows what wgpu's loop counters ("all") and its remaining checks ("none") cost.
+# well (tile128::0: LoRA's narrow products on 64 x 64 blocks rather than 256 x 16 ones).
+# CHECKS (default "all none"; empty for none) lists settings of EDGETUNE_SHADER_CHECKS whose
+# training step (and profiled step) is measured in the adapter's family besides the default
+# (bounds: wgpu's checks without its loop counters), so the table shows what wgpu's loop
+# counters ("all") and its remaining checks ("none") cost.
 # BUDGET_S (seconds; default none) starts no run after that many seconds and cuts each run's
 # time limit to what is left, so a machine lent for a fixed time still ends with the table of
 # what ran and the list of what did not. Needs the Vulkan loader (libvulkan.so.1) and the GPU

@@ -984,30 +984,26 @@ fn tile128_runs_the_narrow_products_of_lora_on_narrow_blocks() {
     assert_eq!(default.report.kernels.narrow_max, edgetune::gpu::family::NARROW_MAX);
     let said = default.report.kernels.to_string();
     assert!(said.contains("LoRA's products (a side of at most 48) on 256 x 16 blocks"), "{said}");
-    // (product, m, n, k): the forward's outputs are (m, n) over k, the input gradient's (m, k)
-    // over n, the weight gradient's (n, k) over m.
-    let cases: [(&str, usize, usize, usize); 12] = [
-        ("x A^T, rank 16", 2049, 16, 200),
-        ("x A^T of q, k and v, rank 16", 300, 48, 77),
-        ("x A^T, rank 1", 70, 1, 576),
-        ("x A^T, rank 64", 300, 64, 200),
-        ("forward of 5 rows", 5, 300, 77),
-        ("dh = dy B, rank 8", 2049, 300, 8),
-        ("dh = dy B, rank 48", 90, 101, 48),
-        ("input gradient of 3 rows", 3, 100, 300),
-        ("dB, rank 8", 2049, 300, 8),
-        ("dB over one token, rank 16", 1, 300, 16),
-        ("dA, rank 16", 2049, 16, 300),
-        ("dA of q, k and v, rank 1", 517, 3, 131),
+    // (what, product, m, n, k): the forward's (0) outputs are (m, n) over k, the input
+    // gradient's (1) (m, k) over n, the weight gradient's (2) (n, k) over m.
+    let (forward, input_grad, weight_grad) = (0, 1, 2);
+    let cases = [
+        ("x A^T, rank 16", forward, 2049, 16, 200),
+        ("x A^T of q, k and v, rank 16", forward, 300, 48, 77),
+        ("x A^T, rank 1", forward, 70, 1, 576),
+        ("x A^T, rank 64", forward, 300, 64, 200),
+        ("forward of 5 rows", forward, 5, 300, 77),
+        ("dh = dy B, rank 8", input_grad, 2049, 300, 8),
+        ("dh = dy B, rank 48", input_grad, 90, 101, 48),
+        ("input gradient of 3 rows", input_grad, 3, 100, 300),
+        ("dB, rank 8", weight_grad, 2049, 300, 8),
+        ("dB over one token, rank 16", weight_grad, 1, 300, 16),
+        ("dA, rank 16", weight_grad, 2049, 16, 300),
+        ("dA of q, k and v, rank 1", weight_grad, 517, 3, 131),
     ];
     for narrow_max in [None, Some(0)] {
         let ctx = open(narrow_max);
-        for (i, &(what, m, n, k)) in cases.iter().enumerate() {
-            let kind = match what {
-                w if w.starts_with("x A") || w.starts_with("forward") => 0,
-                w if w.starts_with("dh") || w.starts_with("input") => 1,
-                _ => 2,
-            };
+        for (i, &(what, kind, m, n, k)) in cases.iter().enumerate() {
             let seed = 300 + 10 * i as u64;
             let (x, w, dy) = (rand(m * k, seed, 1.0), rand(n * k, seed + 1, 0.5), rand(m * n, seed + 2, 1.0));
             // The output's shape, its reduction, the twin, and the operands of output (r, c).

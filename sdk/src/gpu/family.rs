@@ -239,8 +239,9 @@ pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 128 * 4
 pub const COOP8_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 4 + 16 * 4;
 
 // The order of the bounds that the table relies on: tile64 runs wherever the portable kernels
-// do, the narrow blocks wherever tile64 does, and an adapter that holds the matrix units' families or the blocked attention holds
-// tile128's tiles (so `kernels_of` gives only tile128 64 x 64 blocks throughout).
+// do, the narrow blocks wherever tile64 does, and an adapter that holds the matrix units'
+// families or the blocked attention holds tile128's tiles (so `kernels_of` gives only tile128
+// 64 x 64 blocks throughout).
 const _: () = assert!(TILE64_WORKGROUP_BYTES <= PORTABLE_WORKGROUP_BYTES);
 const _: () = assert!(NARROW_WORKGROUP_BYTES <= TILE64_WORKGROUP_BYTES);
 const _: () = assert!(TILE128_WORKGROUP_BYTES <= COOP16_WORKGROUP_BYTES);

@@ -612,7 +612,7 @@ fn forward(ctx: &GpuContext, enc: &mut Encoder, mm: Matmul<'_>, fused: Fused<'_>
             let constants = Constants { block, rows_lora };
             // The narrow blocks take steps of 8, where a fused B product's columns start at one of 16.
             let family = if lora.is_some() { Family { narrow: None, ..family } } else { family };
-            let kernel = many_rows(kind_of(ctx, false), family, simd_ok, (p.m, p.n, red), constants);
+            let kernel = many_rows(pick_of(ctx, false), family, simd_ok, (p.m, p.n, red), constants);
             let mut cost = cost;
             if let Some(l) = lora {
                 cost.flops += 2.0 * (m * n * l.rank) as f64;
@@ -787,7 +787,7 @@ struct Pick {
 }
 
 /// The adapter's [`Pick`] for many-row products (`grads`: for gradients).
-fn kind_of(ctx: &GpuContext, grads: bool) -> Pick {
+fn pick_of(ctx: &GpuContext, grads: bool) -> Pick {
     let k = &ctx.report.kernels;
     let family = if grads { k.matmul_grad } else { k.matmul };
     Pick { family, min_groups: k.tile128_min_groups, narrow_max: k.narrow_max }
@@ -1050,7 +1050,7 @@ fn backward(
     let constants = Constants { block, rows_lora: false };
     // The narrow blocks take steps of 8, where a fused dh A's columns start at one of 16.
     let family = if lora.is_some() { Family { narrow: None, ..family } } else { family };
-    let kernel = many_rows(kind_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, red), constants);
+    let kernel = many_rows(pick_of(ctx, true), family, aligned && simd_ok, (p.m, p.k, red), constants);
     // After dx: dh and the A matrices; dy the dummy.
     let after_y = [lora.map_or(g, |l| l.dh), lora.map_or(g, |l| l.params)];
     run_many_rows(ctx, enc, kernel, p, (&buffers, &after_y), cost)
@@ -1196,7 +1196,7 @@ fn weight_grad(ctx: &GpuContext, enc: &mut Encoder, g: WeightGrad<'_>, cols: Wei
         }
         None => (DENSE_DW, x, x),
     };
-    let kernel = many_rows(kind_of(ctx, true), family, aligned, (p.n, p.k, p.m), Constants::default());
+    let kernel = many_rows(pick_of(ctx, true), family, aligned, (p.n, p.k, p.m), Constants::default());
     run_many_rows(ctx, enc, kernel, p, (&[dy, x, dy, dw], &[aux, rows]), cost)
 }
 
