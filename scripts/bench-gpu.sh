@@ -15,8 +15,9 @@
 # each family of FAMILIES to profile-FAMILY.json. Each shape's decoding run (128 prompt tokens,
 # 32 decoded) also profiles one more prefill and 32 tokens (`bench --profile`: each kernel's time
 # per token, and how much of a decoded token's time is spent in kernels at all). FAMILIES (default
-# "tile128 tile128:0 portable"; empty for none) lists kernel families whose training step is
-# measured besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them; a
+# "tile128 tile128:0 portable half"; empty for none) lists kernel families whose training step
+# is measured besides the one the adapter gets (EDGETUNE_KERNELS), so the table compares them
+# (half, f16 arithmetic without matrix units, is never picked by the table: only measured); a
 # family written FAMILY:N runs with EDGETUNE_TILE128_MIN_GROUPS=N (0: tile128's 128 x 128 tiles
 # for every product, not only those with large grids), and the adapter's own family is
 # measured with 0 too when it uses those tiles; FAMILY:N:W runs with EDGETUNE_NARROW_MAX=W as
@@ -54,8 +55,8 @@ if ! { ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1'; } && [ -z "${LD_LIB
 fi
 "$bin" gpu || { echo "bench-gpu.sh: edgetune found no GPU adapter" >&2; exit 1; }
 picked="$("$bin" gpu | sed -n 's/^kernels: \([a-z0-9]*\).*/\1/p')"
-variants="${FAMILIES-tile128 tile128:0 portable}"
-case "$picked" in tile128 | coop16) [ -n "$variants" ] && variants="$variants $picked:0" ;; esac
+variants="${FAMILIES-tile128 tile128:0 portable half}"
+case "$picked" in tile128 | coop16 | half) [ -n "$variants" ] && variants="$variants $picked:0" ;; esac
 checks="${CHECKS-all none}"
 # Runs "$@" with the kernels of variant $1 (FAMILY, FAMILY:N or FAMILY:N:W, see FAMILIES above).
 with_kernels() {

@@ -49,10 +49,10 @@ def kernels_of(o):
     matmul = k.get("matmul", "?")
     groups = k.get("tile128_min_groups")
     name = matmul
-    if matmul in ("tile128", "coop16") and groups is not None:
+    if matmul in ("tile128", "coop16", "half") and groups is not None:
         name = f"{matmul}, tile64 below {groups} tiles" if groups else f"{matmul}, 128 x 128 always"
     narrow = k.get("narrow_max")
-    if matmul in ("tile128", "coop16") and narrow is not None and narrow != 48:
+    if matmul in ("tile128", "coop16", "half") and narrow is not None and narrow != 48:
         name += f", narrow blocks up to {narrow}" if narrow else ", no narrow blocks"
     checks = o.get("shader_checks", "bounds")
     return name if checks == "bounds" else f"{name}, shader checks {checks}"

@@ -831,7 +831,7 @@ fn long_reductions_split_over_workgroups_and_match_twins() {
         let product = f16_slack(on, (m, n, k), 0.5, |r, j| x[r * k + j], |c, j| w[c * k + j]);
         // The same bounds laid out as y, nothing beside the columns written.
         let slack: Vec<f32> =
-            if on {
+            if on.f16() {
                 (0..m * (n + 5))
                     .map(|i| {
                         if (3..3 + n).contains(&(i % (n + 5))) {

@@ -114,6 +114,8 @@ fn every_kernel_fits_the_workgroup_memory_its_family_is_picked_for() {
             ("coop16", f::COOP16_WORKGROUP_BYTES)
         } else if name.contains(".coop8") {
             ("coop8", f::COOP8_WORKGROUP_BYTES)
+        } else if name.contains(".half") {
+            ("half", f::HALF_WORKGROUP_BYTES)
         } else if name.contains(".tile64") {
             ("tile64", f::TILE64_WORKGROUP_BYTES)
         } else if name.contains(".narrow") {
@@ -136,7 +138,7 @@ fn every_kernel_fits_the_workgroup_memory_its_family_is_picked_for() {
         *entry = (*entry).max((bytes, s.name));
     }
     eprintln!("the largest kernel of each class: {largest:?}");
-    for class in ["coop16", "coop8", "tile64", "narrow", "tile128 attention", "tile128"] {
+    for class in ["coop16", "coop8", "half", "tile64", "narrow", "tile128 attention", "tile128"] {
         let name = largest.get(class).map_or("", |l| l.1);
         let (_, constant) = bound(name);
         assert_eq!(largest.get(class).map(|l| l.0), Some(constant), "{class}: the table's bytes against {name}'s");
@@ -3151,5 +3153,125 @@ fn a_many_row_product_with_each_rows_own_lora_b_matches_the_two_products() {
                 assert!(err.to_string().contains(why), "{err}");
             }
         }
+    }
+}
+
+/// The half family's products (shaders/common/tile128_half.wgsl: f16 operands, each product
+/// rounded to f16 and summed in f16 over runs of 8 steps, the runs summed in f32), forced, each
+/// output against the exact sum (f64) within `common::f16_slack`'s bound for f16 runs (from the
+/// maths: (8 + 2) u of sum_j |a b| with u = 2^-11, and f16's range floor) plus 2^-23 of the
+/// sum for the epilogue. The cases reach what the core does beyond tile128's: 2,049 tokens;
+/// reductions of 77, 78, 100, 200 and 576 (no multiple of the step; 576 split into slices); rows of
+/// activations past f16's largest value (10^6) and gradients below its smallest normal one
+/// (10^-6), which only the rows' power-of-two scales keep in range; and a weight with values of 2
+/// and 300, whose steps are summed exactly in f32 (300 times B's scale of 2^8 is past f16's
+/// range). Each ran on its `.half` kernel, and the first case's worst output is further from the
+/// exact sum than f32 sums can be ((2 red + 70) 2^-24 of its mass), so the products were f16.
+#[test]
+fn half_sums_products_in_f16_runs_within_their_bound() {
+    use common::Arith;
+    use edgetune::gpu::{KernelFamily, Timer};
+    let opts = GpuOptions { kernels: Some(KernelFamily::Half), ..Default::default() };
+    let ctx = GpuContext::new(&opts).expect("half (lavapipe has shader-f16)");
+    assert_eq!(f16_products(&ctx), Arith::F16Runs);
+    #[derive(Clone, Copy, PartialEq)]
+    enum W {
+        Nf4,
+        F16,
+        DenseWithLarge,
+    }
+    // (what, forward (else the input gradient), weight, m, n, k, scale of the odd rows of the
+    // activations or gradients, the kernel)
+    let cases = [
+        ("NF4 forward, 2049 tokens", true, W::Nf4, 2049, 70, 200, 1.0, "matmul_nf4_t128.half"),
+        ("NF4 forward, activations past f16's range", true, W::Nf4, 130, 64, 576, 1e6, "matmul_nf4_t128.half"),
+        (
+            "NF4 input gradient, gradients below f16's normal range",
+            false,
+            W::Nf4,
+            33,
+            576,
+            72,
+            1e-6,
+            "matmul_nf4_backward_t128.half",
+        ),
+        ("f16 input gradient", false, W::F16, 70, 77, 130, 1.0, "matmul_f16_backward_t128.half"),
+        ("f16 forward", true, W::F16, 17, 129, 78, 1.0, "matmul_f16_t128.half"),
+        ("dense forward, weights of 2 and 300", true, W::DenseWithLarge, 40, 20, 100, 1.0, "matmul_t128.half"),
+    ];
+    for (i, &(what, forward, weight, m, n, k, odd_scale, kernel)) in cases.iter().enumerate() {
+        let seed = 700 + 10 * i as u64;
+        // a: the activations (m, k) or gradients (m, n); odd rows scaled.
+        let red_a = if forward { k } else { n };
+        let mut a = rand(m * red_a, seed, 1.0);
+        for r in (1..m).step_by(2) {
+            a[r * red_a..(r + 1) * red_a].iter_mut().for_each(|v| *v *= odd_scale);
+        }
+        let mut w = rand(n * k, seed + 1, 0.3);
+        if weight == W::DenseWithLarge {
+            w[3 * k + 5] = 300.0;
+            w[7 * k + 60] = -2.0;
+            w[11 * k + 99] = 2.5;
+        }
+        let (wd, packed, absmax, halves) = match weight {
+            W::Nf4 => {
+                let q = nf4::quantize(&w, &[n, k], 64).expect("quantize");
+                (q.dequantize(), q.packed, q.absmax, vec![])
+            }
+            W::F16 => {
+                let h: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+                (h.iter().map(|v| v.to_f32()).collect(), vec![], vec![], h)
+            }
+            W::DenseWithLarge => (w.clone(), vec![], vec![], vec![]),
+        };
+        // (Unused buffers get one element: a binding is never empty.)
+        let packed = if packed.is_empty() { vec![0] } else { packed };
+        let absmax = if absmax.is_empty() { vec![0.0] } else { absmax };
+        let halves = if halves.is_empty() { vec![half::f16::ZERO] } else { halves };
+        let (pb, ab) = (ctx.storage_from("packed", &packed), ctx.storage_from("absmax", &absmax));
+        let (hb, db) = (ctx.storage_from("halves", &halves), ctx.storage_from("w", &wd));
+        let wt = match weight {
+            W::Nf4 => launch::Weight::Nf4 { packed: &pb, absmax: &ab, block_size: 64 },
+            W::F16 => launch::Weight::F16(&hb),
+            W::DenseWithLarge => launch::Weight::Dense(&db),
+        };
+        // The output (rows, cols) over red; b(c, j) the weight as the product reads it.
+        let (rows, cols, red) = if forward { (m, n, k) } else { (m, k, n) };
+        let b = |c: usize, j: usize| if forward { wd[c * k + j] } else { wd[j * k + c] };
+        let ab_buf = ctx.storage_from("a", &a);
+        let out = ctx.storage_zeroed("out", rows * cols);
+        ctx.start_profiling(Timer::WallClock);
+        run(&ctx, |enc| {
+            if forward {
+                let mm =
+                    launch::Matmul { x: &ab_buf, w: wt, bias: None, y: &out, m, n, k, out: launch::OutCols::whole(n) };
+                launch::matmul_forward(&ctx, enc, mm)
+            } else {
+                let dy = launch::DyCols::whole(&ab_buf, n);
+                let grad = launch::MatmulGrad { dy, w: wt, dx: &out, m, n, k, out: launch::OutCols::whole(k) };
+                launch::matmul_backward(&ctx, enc, grad)
+            }
+        });
+        let names: Vec<&str> = ctx.stop_profiling().expect("profile").iter().map(|(name, _)| *name).collect();
+        let said = format!("{what} ({m}, {n}, {k}): {names:?}");
+        assert!(names.contains(&kernel), "{said}: {kernel} did not run");
+        assert!(names.iter().all(|n| *n == kernel || *n == "matmul_split_reduce"), "{said}");
+        let got = ctx.read_f32(&out, rows * cols).expect("read");
+        let slack = f16_slack(Arith::F16Runs, (rows, cols, red), 1.0, |r, j| a[r * red + j], b);
+        let (mut past_f32, mut of_bound) = (0f64, 0f64);
+        for (at, &g) in got.iter().enumerate() {
+            let (r, c) = (at / cols, at % cols);
+            let terms = (0..red).map(|j| f64::from(a[r * red + j]) * f64::from(b(c, j)));
+            let (exact, mass) = terms.fold((0f64, 0f64), |(s, m), t| (s + t, m + t.abs()));
+            let err = (f64::from(g) - exact).abs();
+            let bound = f64::from(slack[at]) + 2f64.powi(-23) * exact.abs();
+            assert!(err <= bound, "{said}: output ({r}, {c}) {g} against the exact {exact} (bound {bound:e})");
+            past_f32 = past_f32.max(err / ((2 * red + 70) as f64 * 2f64.powi(-24) * mass));
+            of_bound = of_bound.max(err / bound);
+        }
+        if i == 0 {
+            assert!(past_f32 > 1.0, "{said}: every output within f32's bound ({past_f32}): no f16 arithmetic?");
+        }
+        eprintln!("{said}: worst error {past_f32:.1} times f32's bound, {of_bound:.3} of its own");
     }
 }

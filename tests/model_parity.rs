@@ -295,12 +295,11 @@ fn planned_weight_bytes_are_the_uploaded_bytes_for_every_architecture() {
 /// keys), in every kernel family: each decoded token's logits equal those of a prefill of the
 /// same prefix, which runs attention unsplit (its grid of query workgroups is large). The tiny
 /// Llama and Mistral models (the latter's window of 4 keys leaves all slices but the last
-/// empty) are read with a context of 1,024. coop16 is left out: its prefill multiplies with f16
-/// operands, so its logits and cache differ from f32 by f16 rounding (bounded by its own tests),
-/// and it decodes with tile128's attention, which runs here.
+/// empty) are read with a context of 1,024. coop16 and half are left out: their prefill multiplies
+/// with f16 operands, so their logits and cache differ from f32 by f16 rounding (bounded by their
+/// own tests), and they decode with tile128's attention, which runs here.
 #[test]
 fn decoding_over_a_long_cache_matches_a_prefill_in_every_family() {
-    use edgetune::gpu::KernelFamily;
     use edgetune::gpu::launch::SPLIT_KEYS;
     for kind in ["llama", "mistral"] {
         let dir = std::env::temp_dir().join(format!("edgetune-long-cache-{kind}-{}", std::process::id()));
@@ -311,7 +310,7 @@ fn decoding_over_a_long_cache_matches_a_prefill_in_every_family() {
         std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
         let mut contexts = vec![ctx()];
         contexts.extend(common::gpus());
-        contexts.retain(|c| c.report.kernels.family != KernelFamily::Coop16);
+        contexts.retain(|c| !common::f16_products(c).f16());
         assert!(contexts.len() >= 2, "portable and tile128 at least");
         let opts = LoadOptions { quant: Quant::None, ..Default::default() };
         for ctx in contexts {
@@ -389,15 +388,14 @@ fn decoding_fuses_the_norms_and_the_gate_into_the_products() {
 /// and B random: a fresh adapter's B is zero), the adapter moves them, and a token records one
 /// dispatch more than without it for each adapted input of a layer (4 with every module
 /// adapted). A prompt records one more for each adapted input and one for each adapted module
-/// (11 a layer where there were 14). coop16 is left out for the reason given above.
+/// (11 a layer where there were 14). coop16 and half are left out for the reason given above.
 #[test]
 fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
-    use edgetune::gpu::KernelFamily;
     use edgetune::lora::{Adapter, GpuAdapter, LoraConfig, Module};
     let mut contexts = vec![ctx()];
     // Contexts of its own: it counts what the model records on them.
     contexts.extend(common::fresh_gpus().into_iter().map(Arc::new));
-    contexts.retain(|c| c.report.kernels.family != KernelFamily::Coop16);
+    contexts.retain(|c| !common::f16_products(c).f16());
     // Phi-3's q, k and v are parts of one fused module with one A, and so are gate and up.
     for (ctx, kind) in contexts.iter().flat_map(|c| ["llama", "phi3"].map(|k| (c.clone(), k))) {
         let family = ctx.report.kernels.family;

@@ -406,6 +406,24 @@ shaders! {
     MATMUL_Q4_1_BACKWARD_COOP16_EMULATED = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.coop16.q4_1.emulated"
         [("common/tile128.wgsl", "common/coop16.wgsl"), ("common/coop_mma.wgsl", "common/coop_mma_emulated.wgsl"),
          ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    // The half family: coop16's set (the tile128 forward kernels, and the input gradients
+    // through frozen weights) on the f16-arithmetic core (shaders/common/tile128_half.wgsl), for
+    // adapters with f16 in shaders and no matrix units.
+    MATMUL_HALF = "matmul_t128" as "matmul_t128.half" [("common/tile128.wgsl", "common/tile128_half.wgsl")];
+    MATMUL_F16_HALF = "matmul_f16_t128" as "matmul_f16_t128.half" [("common/tile128.wgsl", "common/tile128_half.wgsl")];
+    MATMUL_NF4_HALF = "matmul_nf4_t128" as "matmul_nf4_t128.half" [("common/tile128.wgsl", "common/tile128_half.wgsl")];
+    MATMUL_F16_BACKWARD_HALF = "matmul_f16_backward_t128" as "matmul_f16_backward_t128.half"
+        [("common/tile128.wgsl", "common/tile128_half.wgsl")];
+    MATMUL_NF4_BACKWARD_HALF = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.half"
+        [("common/tile128.wgsl", "common/tile128_half.wgsl")];
+    MATMUL_Q4_0_HALF = "matmul_nf4_t128" as "matmul_nf4_t128.half.q4_0"
+        [("common/tile128.wgsl", "common/tile128_half.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATMUL_Q4_0_BACKWARD_HALF = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.half.q4_0"
+        [("common/tile128.wgsl", "common/tile128_half.wgsl"), ("common/nf4_code.wgsl", "common/q4_0_code.wgsl")];
+    MATMUL_Q4_1_HALF = "matmul_nf4_t128" as "matmul_nf4_t128.half.q4_1"
+        [("common/tile128.wgsl", "common/tile128_half.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
+    MATMUL_Q4_1_BACKWARD_HALF = "matmul_nf4_backward_t128" as "matmul_nf4_backward_t128.half.q4_1"
+        [("common/tile128.wgsl", "common/tile128_half.wgsl"), ("common/nf4_code.wgsl", "common/q4_1_code.wgsl"), ("common/nf4_block.wgsl", "common/q4_1_block.wgsl")];
 }
 
 const SNIPPETS: &[(&str, &str)] = &[
@@ -425,6 +443,7 @@ const SNIPPETS: &[(&str, &str)] = &[
     ("common/tile_fetch.wgsl", include_str!("../common/tile_fetch.wgsl")),
     ("common/tile_nf4.wgsl", include_str!("../common/tile_nf4.wgsl")),
     ("common/coop16.wgsl", include_str!("../common/coop16.wgsl")),
+    ("common/tile128_half.wgsl", include_str!("../common/tile128_half.wgsl")),
     ("common/coop_mma.wgsl", include_str!("../common/coop_mma.wgsl")),
     ("common/coop_mma_emulated.wgsl", include_str!("../common/coop_mma_emulated.wgsl")),
     ("common/coop8.wgsl", include_str!("../common/coop8.wgsl")),

@@ -75,41 +75,104 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f32], rel: f32, abs:
     assert_close_slack(what, actual, expected, rel, abs, &[]);
 }
 
-/// Whether `ctx` runs many-row products through frozen weights (forward, and input gradients
-/// through f16 and NF4 weights) on f16 operands: the coop16 family.
+/// The arithmetic of a context's many-row products through frozen weights (forward, and input
+/// gradients through f16 and NF4 weights).
 #[allow(dead_code)]
-pub fn f16_products(ctx: &edgetune::gpu::GpuContext) -> bool {
-    ctx.report.kernels.family == edgetune::gpu::KernelFamily::Coop16
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arith {
+    /// f32 operands and sums.
+    F32,
+    /// f16 operands, products exact in f32 and summed in f32: the coop16 family.
+    F16Operands,
+    /// f16 operands, products rounded to f16 and summed in f16 over runs of `HALF_RUN` steps,
+    /// the runs' sums in f32: the half family (shaders/common/tile128_half.wgsl).
+    F16Runs,
+}
+
+impl Arith {
+    /// Whether the operands are rounded to f16.
+    #[allow(dead_code)]
+    pub fn f16(self) -> bool {
+        self != Arith::F32
+    }
+
+    /// How many products in series a value may pass through before its error is a share of
+    /// its scale: what each product adds, as a share of its mass sum |a b| (see [`f16_slack`]).
+    #[allow(dead_code)]
+    pub fn per_product(self) -> f32 {
+        let u = 2f32.powi(-11);
+        match self {
+            Arith::F32 => 0.0,
+            Arith::F16Operands => 2.0 * u,
+            Arith::F16Runs => (HALF_RUN + 2) as f32 * u,
+        }
+    }
+}
+
+/// The steps of the reduction whose products the half family sums in f16 before adding them
+/// up in f32 (`HALF_RUN` in shaders/common/tile128_half.wgsl).
+pub const HALF_RUN: usize = 8;
+
+/// The arithmetic of `ctx`'s products through frozen weights ([`Arith`]).
+#[allow(dead_code)]
+pub fn f16_products(ctx: &edgetune::gpu::GpuContext) -> Arith {
+    match ctx.report.kernels.family {
+        edgetune::gpu::KernelFamily::Coop16 => Arith::F16Operands,
+        edgetune::gpu::KernelFamily::Half => Arith::F16Runs,
+        _ => Arith::F32,
+    }
 }
 
 /// For a product out[r, c] = scale * sum_j a(r, j) b(c, j) (rows x cols, row-major, j < red)
-/// that ran on f16 operands (`on`), how far each output may lie from the exact sum, on top of
-/// the f32 tolerance: each operand rounded to f16 (u = 2^-11, so 2u + u^2 of sum_j |a b|), f32
-/// sums in two orders (2 red 2^-24 of it), and f16's subnormals, which lose up to 2^-25 of b
-/// and of a once its row is scaled to a largest magnitude of 2^14 or more (so 2^-25 sum_j |a| +
-/// 2^-39 max_j |a| sum_j |b|). Empty when `on` is false.
+/// that ran with f16 arithmetic (`arith`), how far each output may lie from the exact sum, on top
+/// of the f32 tolerance. Empty for f32.
+///
+/// - f16 operands, f32 sums (coop16): each operand rounded to f16 (u = 2^-11, so 2u + u^2 of
+///   sum_j |a b|), f32 sums in two orders (2 red 2^-24 of it), and f16's subnormals, which lose
+///   up to 2^-25 of b and of a once its row is scaled to a largest magnitude of 2^14 or more (so
+///   2^-25 sum_j |a| + 2^-39 max_j |a| sum_j |b|).
+/// - f16 runs (half): the operands rounded (2u + u^2), each product rounded to f16 and a run of
+///   n = `HALF_RUN` summed in f16 (each product once, each of the n - 1 partial sums, which are
+///   at most the run's mass, once: n u of the run's mass, and to second order (n + 2)^2 u^2
+///   with the operands'), the runs' and slices' sums in f32 (2 red 2^-24); and f16's range floor:
+///   a's row is scaled by 2^e into [2^2, 2^3) (e = 3 - the exponent of its largest magnitude, in
+///   [0.5, 1) form; the whole row's, which is at most a slice's) and b by 2^8, and a scaled
+///   operand, product or partial sum below 2^-14 may lose up to 2^-14 (flushed to zero), so per
+///   step 2^-14 (|b| 2^8 + |a| 2^e + 2) in scaled units: 2^-(14 + e) sum_j |b| + 2^-22
+///   sum_j |a| + red 2^-(21 + e) once the scales are divided out. A step with |b| >= 2 is summed
+///   in f32 instead, within the same bound.
 #[allow(dead_code)]
 pub fn f16_slack(
-    on: bool,
+    arith: Arith,
     (rows, cols, red): (usize, usize, usize),
     scale: f32,
     a: impl Fn(usize, usize) -> f32,
     b: impl Fn(usize, usize) -> f32,
 ) -> Vec<f32> {
-    if !on {
+    if arith == Arith::F32 {
         return vec![];
     }
     let u = 2f64.powi(-11);
-    let per_mass = 2.0 * u + u * u + 2.0 * red as f64 * 2f64.powi(-24);
+    let f32_sums = 2.0 * red as f64 * 2f64.powi(-24);
+    let run = (HALF_RUN + 2) as f64;
+    let per_mass = match arith {
+        Arith::F16Runs => run * u + run * run * u * u + f32_sums,
+        _ => 2.0 * u + u * u + f32_sums,
+    };
     let b_sums: Vec<f64> = (0..cols).map(|c| (0..red).map(|j| f64::from(b(c, j).abs())).sum()).collect();
     let mut out = Vec::with_capacity(rows * cols);
     for r in 0..rows {
         let row: Vec<f64> = (0..red).map(|j| f64::from(a(r, j).abs())).collect();
         let (sum_a, top_a) = (row.iter().sum::<f64>(), row.iter().fold(0f64, |t, &v| t.max(v)));
+        // The exponent of half's row scale (as the kernel's half_scale_exp).
+        let e = if top_a > 0.0 { (3 - (top_a.log2().floor() as i32 + 1)).clamp(-126, 126) } else { 0 };
         for (c, &sum_b) in b_sums.iter().enumerate() {
             let mass: f64 = row.iter().enumerate().map(|(j, &v)| v * f64::from(b(c, j).abs())).sum();
-            let bound = per_mass * mass + 2f64.powi(-25) * sum_a + 2f64.powi(-39) * top_a * sum_b;
-            out.push((f64::from(scale.abs()) * bound) as f32);
+            let floor = match arith {
+                Arith::F16Runs => 2f64.powi(-14 - e) * sum_b + 2f64.powi(-22) * sum_a + red as f64 * 2f64.powi(-21 - e),
+                _ => 2f64.powi(-25) * sum_a + 2f64.powi(-39) * top_a * sum_b,
+            };
+            out.push((f64::from(scale.abs()) * (per_mass * mass + floor)) as f32);
         }
     }
     out

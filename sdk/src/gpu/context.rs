@@ -472,6 +472,7 @@ impl GpuContext {
                         && c.ab_type == wgpu::CooperativeScalarType::F16
                         && c.cr_type == wgpu::CooperativeScalarType::F32
                 }),
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
             coop_8x8_f32: features.contains(coop)
                 && adapter.cooperative_matrix_properties().iter().any(|c| {
                     (c.m_size, c.n_size, c.k_size) == (8, 8, 8)

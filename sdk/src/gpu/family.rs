@@ -10,21 +10,22 @@
 //! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 64 queries (forward, dQ) or 64 keys (dK, dV) a workgroup, register-tiled, rows reduced with subgroup shuffles (25 KiB; else portable) | a GPU with 16,960 bytes of workgroup memory; from 8,768, every product on 64 x 64 blocks (tile64) |
 //! | `coop16` | forward and input gradients through frozen weights: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums, each row of the activations or gradients scaled by a power of two into f16's range; other gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
 //! | `coop8` | every many-row product: 128 x 128 tiles of 8 x 8 x 8 f32 cooperative-matrix fragments (Metal's simdgroup matrices) | as `tile128` | a GPU that lists that configuration and not coop16's, once its self-test passes |
+//! | `half` | coop16's products with f16 arithmetic and no matrix units: tile128's 128 x 128 tiles staged as f16, each thread's 8 x 8 products multiplied in f16 and summed in f16 over runs of 8 steps, then in f32; rows scaled by powers of two into f16's range, a step with a weight of 2 or more summed exactly in f32; other gradients: `tile128` | as `tile128` | forced only (`EDGETUNE_KERNELS=half`), on a GPU with f16 in shaders, until a GPU has measured it |
 //!
 //! A product whose grid of 128 x 128 tiles is small (fewer than [`TILE128_MIN_GROUPS`]
-//! workgroups) runs on 64 x 64 blocks in tile128, and for coop16's gradients: tile128's kernels
+//! workgroups) runs on 64 x 64 blocks in tile128, and for coop16's and half's gradients: tile128's kernels
 //! on the `tile64` core (4 x 4 a thread, with tile128's staging, prefetch and NF4 words); the
 //! products on matrix units stay there (their split reductions fill the GPU).
 //! Before that, a dense product with a side of at most [`NARROW_MAX`] (LoRA's x A^T, dh = dy B,
-//! dA and dB) runs there on tile128's narrow blocks of 256 x 16 or 16 x 256 (`.narrow`,
+//! dA and dB) runs there (and in coop16's and half's gradients) on tile128's narrow blocks of 256 x 16 or 16 x 256 (`.narrow`,
 //! `.narrow_rows`), which leave no outputs idle where 64 x 64 blocks leave three quarters at a
 //! rank of 16.
 //! One-row products (decoding) run portable's `matvec` kernels in every family but simd8, which
-//! has its own; the GPU families (tile128, coop16, coop8) run them with their reduction in
+//! has its own; the GPU families (tile128, coop16, coop8, half) run them with their reduction in
 //! subgroup operations (`.subgroup`) where the adapter has them.
 //! A family that has no kernel of its own for an op uses the portable one (coop16: tile128 for
 //! the LoRA input gradients and the weight gradients, reductions over tokens of two
-//! gradient-sized operands). `GpuOptions::kernels` or
+//! gradient-sized operands; half likewise). `GpuOptions::kernels` or
 //! `EDGETUNE_KERNELS` forces a family (tests run each one the adapter can run); forcing one the
 //! adapter cannot run is an error, never a silent fallback. coop16 and coop8 are used only
 //! after a start-up self-test on the GPU (`gpu/probe.rs`): NF4 matmuls against exact sums
@@ -50,12 +51,21 @@ pub enum KernelFamily {
     Coop16,
     /// Cooperative-matrix products of 8 x 8 x 8 f32 fragments (Apple GPUs' simdgroup matrices).
     Coop8,
+    /// coop16's products in f16 arithmetic without matrix units (tile128's tiles staged as f16,
+    /// products summed in f16 over runs of 8 steps, then in f32).
+    Half,
 }
 
 impl KernelFamily {
     /// Every family.
-    pub const ALL: [KernelFamily; 5] =
-        [KernelFamily::Portable, KernelFamily::Simd8, KernelFamily::Tile128, KernelFamily::Coop16, KernelFamily::Coop8];
+    pub const ALL: [KernelFamily; 6] = [
+        KernelFamily::Portable,
+        KernelFamily::Simd8,
+        KernelFamily::Tile128,
+        KernelFamily::Coop16,
+        KernelFamily::Coop8,
+        KernelFamily::Half,
+    ];
 
     /// Its name, as `EDGETUNE_KERNELS` and the reports spell it.
     pub fn name(self) -> &'static str {
@@ -65,6 +75,7 @@ impl KernelFamily {
             KernelFamily::Tile128 => "tile128",
             KernelFamily::Coop16 => "coop16",
             KernelFamily::Coop8 => "coop8",
+            KernelFamily::Half => "half",
         }
     }
 
@@ -72,7 +83,13 @@ impl KernelFamily {
     /// subgroup operations, where the adapter has them (the GPU families; simd8 has its own,
     /// and portable runs on every adapter as it is).
     pub fn reduces_rows_in_subgroups(self) -> bool {
-        matches!(self, KernelFamily::Tile128 | KernelFamily::Coop16 | KernelFamily::Coop8)
+        matches!(self, KernelFamily::Tile128 | KernelFamily::Coop16 | KernelFamily::Coop8 | KernelFamily::Half)
+    }
+
+    /// Whether the family runs the forward products and the input gradients through frozen
+    /// weights on kernels of its own and leaves the other gradients to tile128's (coop16, half).
+    pub fn leaves_gradients_to_tile128(self) -> bool {
+        matches!(self, KernelFamily::Coop16 | KernelFamily::Half)
     }
 
     /// Whether the family multiplies on the adapter's matrix units (wgpu's experimental
@@ -139,17 +156,18 @@ impl std::fmt::Display for Kernels {
             "{} (matmul {}, matmul gradients {}, attention {})",
             self.family, self.matmul, self.matmul_grad, self.attention
         )?;
-        let tiles128 =
-            [self.matmul, self.matmul_grad].iter().any(|k| matches!(k, KernelFamily::Tile128 | KernelFamily::Coop16));
-        // coop16's own products stay on the matrix units whatever the threshold; only the
-        // gradients it leaves to tile128's kernels move to 64 x 64 blocks.
-        let (all, some) = if self.matmul == KernelFamily::Coop16 {
+        let tiles128 = [self.matmul, self.matmul_grad]
+            .iter()
+            .any(|k| *k == KernelFamily::Tile128 || k.leaves_gradients_to_tile128());
+        // coop16's and half's own products stay on their 128 x 128 tiles whatever the threshold;
+        // only the gradients they leave to tile128's kernels move to 64 x 64 blocks.
+        let (all, some) = if self.matmul.leaves_gradients_to_tile128() {
             ("tile128's products (LoRA and weight gradients) all", "tile128's products (LoRA and weight gradients)")
         } else {
             ("every product", "products")
         };
         if tiles128 && self.narrow_max > 0 {
-            let which = if self.matmul == KernelFamily::Coop16 { "gradients" } else { "products" };
+            let which = if self.matmul.leaves_gradients_to_tile128() { "gradients" } else { "products" };
             write!(f, "; LoRA's {which} (a side of at most {}) on 256 x 16 blocks", self.narrow_max)?;
         }
         if tiles128 && self.tile128_min_groups == TILE64_ONLY {
@@ -177,6 +195,8 @@ pub struct AdapterFacts {
     /// The adapter offers cooperative matrices with a 16 x 16 x 16 configuration of f16
     /// operands and f32 sums, and f16 in shaders.
     pub coop_16x16_f16: bool,
+    /// f16 arithmetic in shaders (`SHADER_F16`).
+    pub shader_f16: bool,
     /// The adapter offers cooperative matrices with an 8 x 8 x 8 configuration of f32 operands
     /// and f32 sums.
     pub coop_8x8_f32: bool,
@@ -234,6 +254,11 @@ pub const ATTENTION_T128_WORKGROUP_BYTES: u32 = (512 + 64 * 17) * 16 + 16;
 /// fragments, the 128 rows' scale exponents and the NF4 code book.
 pub const COOP16_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 2 + 8 * 256 * 4 + 128 * 4 + 16 * 4;
 
+/// Workgroup memory the half kernels declare: two (16, 132) f16 tiles, the 128 rows' scale
+/// exponents, the scan's 256 maxima, the NF4 code book and the flag of a step with a large weight
+/// (4 bytes, 8 at the tiles' alignment).
+pub const HALF_WORKGROUP_BYTES: u32 = 2 * 16 * 132 * 2 + 128 * 4 + 256 * 4 + 16 * 4 + 8;
+
 /// Workgroup memory the coop8 kernels declare: two (16, 136) f32 tiles (the epilogue's scratch
 /// too) and the NF4 code book.
 pub const COOP8_WORKGROUP_BYTES: u32 = 2 * 16 * 136 * 4 + 16 * 4;
@@ -247,6 +272,7 @@ const _: () = assert!(NARROW_WORKGROUP_BYTES <= TILE64_WORKGROUP_BYTES);
 const _: () = assert!(TILE128_WORKGROUP_BYTES <= COOP16_WORKGROUP_BYTES);
 const _: () = assert!(TILE128_WORKGROUP_BYTES <= COOP8_WORKGROUP_BYTES);
 const _: () = assert!(TILE128_WORKGROUP_BYTES <= ATTENTION_T128_WORKGROUP_BYTES);
+const _: () = assert!(HALF_WORKGROUP_BYTES <= TILE128_WORKGROUP_BYTES);
 
 /// Why `family` cannot run on the adapter, or `None` when it can.
 pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
@@ -273,6 +299,17 @@ pub fn unsupported(family: KernelFamily, a: &AdapterFacts) -> Option<String> {
             coop_unsupported("16 x 16 x 16 f16", "16x16 f16", a.coop_16x16_f16, COOP16_WORKGROUP_BYTES, a)
         }
         KernelFamily::Coop8 => coop_unsupported("8 x 8 x 8 f32", "8x8 f32", a.coop_8x8_f32, COOP8_WORKGROUP_BYTES, a),
+        KernelFamily::Half => {
+            let fits = a.max_workgroup_storage >= TILE128_WORKGROUP_BYTES && a.max_invocations >= 256;
+            (!(a.shader_f16 && fits)).then(|| {
+                format!(
+                    "needs f16 in shaders (shader-f16), {TILE128_WORKGROUP_BYTES} bytes of workgroup memory (its \
+                     gradients' 128 x 128 tiles) and 256 invocations a workgroup (this adapter: shader-f16 {}, {} \
+                     bytes, {} invocations)",
+                    a.shader_f16, a.max_workgroup_storage, a.max_invocations
+                )
+            })
+        }
     }
 }
 
@@ -319,7 +356,9 @@ pub fn kernels_of(family: KernelFamily, a: &AdapterFacts) -> Kernels {
     };
     let (matmul, matmul_grad, attention) = match family {
         KernelFamily::Simd8 => (family, family, family),
-        KernelFamily::Coop16 | KernelFamily::Coop8 | KernelFamily::Tile128 => (family, family, blocked),
+        KernelFamily::Coop16 | KernelFamily::Coop8 | KernelFamily::Tile128 | KernelFamily::Half => {
+            (family, family, blocked)
+        }
         KernelFamily::Portable => (family, family, family),
     };
     // Coop16 and coop8 need more workgroup memory than tile128, so only tile128 is picked where
@@ -410,6 +449,7 @@ mod tests {
             max_workgroup_storage: storage,
             max_invocations: 1024,
             coop_16x16_f16: false,
+            shader_f16: false,
             coop_8x8_f32: false,
         }
     }
@@ -506,6 +546,22 @@ mod tests {
         assert!(err.contains("coop8") && err.contains("cooperative 8x8 f32 false"), "{err}");
         assert_eq!("TILE128".parse::<KernelFamily>().expect("case-insensitive"), KernelFamily::Tile128);
         let err = "fast".parse::<KernelFamily>().expect_err("unknown").to_string();
-        assert!(err.contains("portable, simd8, tile128, coop16, coop8"), "{err}");
+        assert!(err.contains("portable, simd8, tile128, coop16, coop8, half"), "{err}");
+        // half: f16 in shaders and tile128's tiles; never picked by the table.
+        let err = choose(&gpu, Some(KernelFamily::Half)).expect_err("no shader-f16").to_string();
+        assert!(err.contains("half") && err.contains("shader-f16 false"), "{err}");
+        let f16 = AdapterFacts { shader_f16: true, ..gpu };
+        assert_eq!(choose(&f16, None).expect("the table's").family, KernelFamily::Tile128);
+        let half = choose(&f16, Some(KernelFamily::Half)).expect("half forced");
+        assert_eq!(
+            (half.matmul, half.matmul_grad, half.attention),
+            (KernelFamily::Half, KernelFamily::Half, KernelFamily::Tile128)
+        );
+        assert!(
+            half.to_string().contains("tile128's products (LoRA and weight gradients) of fewer than 512"),
+            "{half}"
+        );
+        let err = choose(&AdapterFacts { shader_f16: true, ..small }, Some(KernelFamily::Half)).expect_err("16 KiB");
+        assert!(err.to_string().contains("16960") && err.to_string().contains("16384"), "{err}");
     }
 }

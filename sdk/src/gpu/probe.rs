@@ -309,6 +309,7 @@ mod tests {
             max_workgroup_storage: 49152,
             max_invocations: 1024,
             coop_16x16_f16: true,
+            shader_f16: true,
             coop_8x8_f32: true,
         };
         for tested in [KernelFamily::Coop16, KernelFamily::Coop8] {

@@ -660,8 +660,9 @@ struct ManyRows {
     red: u32,
 }
 
-/// One many-row matmul in each kernel family (see [`crate::gpu::family`]); coop16 has the
-/// forward kernels and the input gradients through frozen (f16, NF4) weights, coop8 every one.
+/// One many-row matmul in each kernel family (see [`crate::gpu::family`]); coop16 and half have
+/// the forward kernels and the input gradients through frozen (f16, NF4) weights, coop8 every
+/// one.
 #[derive(Clone, Copy)]
 struct Family {
     portable: &'static Shader,
@@ -671,6 +672,7 @@ struct Family {
     tile64: &'static Shader,
     coop16: Option<&'static Shader>,
     coop8: &'static Shader,
+    half: Option<&'static Shader>,
     /// tile128's kernels on blocks of 256 rows x 16 columns and 16 x 256, for products with a
     /// narrow side (LoRA's); dense kernels only.
     narrow: Option<[&'static Shader; 2]>,
@@ -683,6 +685,7 @@ const DENSE: Family = Family {
     tile64: &MATMUL_T64,
     coop16: Some(&MATMUL_COOP16),
     coop8: &MATMUL_COOP8,
+    half: Some(&MATMUL_HALF),
     narrow: Some([&MATMUL_NARROW, &MATMUL_NARROW_ROWS]),
 };
 const F16: Family = Family {
@@ -692,6 +695,7 @@ const F16: Family = Family {
     tile64: &MATMUL_F16_T64,
     coop16: Some(&MATMUL_F16_COOP16),
     coop8: &MATMUL_F16_COOP8,
+    half: Some(&MATMUL_F16_HALF),
     narrow: None,
 };
 const NF4: Family = Family {
@@ -701,6 +705,7 @@ const NF4: Family = Family {
     tile64: &MATMUL_NF4_T64,
     coop16: Some(&MATMUL_NF4_COOP16),
     coop8: &MATMUL_NF4_COOP8,
+    half: Some(&MATMUL_NF4_HALF),
     narrow: None,
 };
 const Q4_0: Family = Family {
@@ -710,6 +715,7 @@ const Q4_0: Family = Family {
     tile64: &MATMUL_Q4_0_T64,
     coop16: Some(&MATMUL_Q4_0_COOP16),
     coop8: &MATMUL_Q4_0_COOP8,
+    half: Some(&MATMUL_Q4_0_HALF),
     narrow: None,
 };
 const Q4_1: Family = Family {
@@ -719,6 +725,7 @@ const Q4_1: Family = Family {
     tile64: &MATMUL_Q4_1_T64,
     coop16: Some(&MATMUL_Q4_1_COOP16),
     coop8: &MATMUL_Q4_1_COOP8,
+    half: Some(&MATMUL_Q4_1_HALF),
     narrow: None,
 };
 const DENSE_DX: Family = Family {
@@ -728,6 +735,7 @@ const DENSE_DX: Family = Family {
     tile64: &MATMUL_BACKWARD_T64,
     coop16: None,
     coop8: &MATMUL_BACKWARD_COOP8,
+    half: None,
     narrow: Some([&MATMUL_BACKWARD_NARROW, &MATMUL_BACKWARD_NARROW_ROWS]),
 };
 const F16_DX: Family = Family {
@@ -737,6 +745,7 @@ const F16_DX: Family = Family {
     tile64: &MATMUL_F16_BACKWARD_T64,
     coop16: Some(&MATMUL_F16_BACKWARD_COOP16),
     coop8: &MATMUL_F16_BACKWARD_COOP8,
+    half: Some(&MATMUL_F16_BACKWARD_HALF),
     narrow: None,
 };
 const NF4_DX: Family = Family {
@@ -746,6 +755,7 @@ const NF4_DX: Family = Family {
     tile64: &MATMUL_NF4_BACKWARD_T64,
     coop16: Some(&MATMUL_NF4_BACKWARD_COOP16),
     coop8: &MATMUL_NF4_BACKWARD_COOP8,
+    half: Some(&MATMUL_NF4_BACKWARD_HALF),
     narrow: None,
 };
 const Q4_0_DX: Family = Family {
@@ -755,6 +765,7 @@ const Q4_0_DX: Family = Family {
     tile64: &MATMUL_Q4_0_BACKWARD_T64,
     coop16: Some(&MATMUL_Q4_0_BACKWARD_COOP16),
     coop8: &MATMUL_Q4_0_BACKWARD_COOP8,
+    half: Some(&MATMUL_Q4_0_BACKWARD_HALF),
     narrow: None,
 };
 const Q4_1_DX: Family = Family {
@@ -764,6 +775,7 @@ const Q4_1_DX: Family = Family {
     tile64: &MATMUL_Q4_1_BACKWARD_T64,
     coop16: Some(&MATMUL_Q4_1_BACKWARD_COOP16),
     coop8: &MATMUL_Q4_1_BACKWARD_COOP8,
+    half: Some(&MATMUL_Q4_1_BACKWARD_HALF),
     narrow: None,
 };
 const DENSE_DW: Family = Family {
@@ -773,6 +785,7 @@ const DENSE_DW: Family = Family {
     tile64: &MATMUL_BACKWARD_W_T64,
     coop16: None,
     coop8: &MATMUL_BACKWARD_W_COOP8,
+    half: None,
     narrow: Some([&MATMUL_BACKWARD_W_NARROW, &MATMUL_BACKWARD_W_NARROW_ROWS]),
 };
 
@@ -794,7 +807,7 @@ fn pick_of(ctx: &GpuContext, grads: bool) -> Pick {
 }
 
 /// The kernel of `family` for a many-row matmul as `pick` says: simd8 (32 x 32 outputs per
-/// workgroup) when `simd_ok` says the shape suits it, coop16, coop8 or tile128 (128 x 128),
+/// workgroup) when `simd_ok` says the shape suits it, coop16, half, coop8 or tile128 (128 x 128),
 /// else portable (64 x 64). tile128 gives a product with a side of at most `pick.narrow_max`
 /// (LoRA's) to its dense kernels on 256 x 16 or 16 x 256 blocks (`.narrow`, `.narrow_rows`), and
 /// a product whose grid would have fewer than `pick.min_groups` workgroups to its own kernel on
@@ -807,17 +820,19 @@ fn many_rows(
     (rows, cols, red): (u32, u32, u32),
     constants: Constants,
 ) -> ManyRows {
-    use KernelFamily::{Coop8, Coop16, Simd8, Tile128};
+    use KernelFamily::{Coop8, Coop16, Half, Simd8, Tile128};
     let big = cols.div_ceil(128) * rows.div_ceil(128) >= pick.min_groups;
-    let narrow = family.narrow.filter(|_| matches!(pick.family, Tile128 | Coop16) && rows.min(cols) <= pick.narrow_max);
-    let (shader, (block_rows, block_cols), tiled) = match (pick.family, family.coop16, narrow) {
+    let tiles128 = pick.family == Tile128 || pick.family.leaves_gradients_to_tile128();
+    let narrow = family.narrow.filter(|_| tiles128 && rows.min(cols) <= pick.narrow_max);
+    let (shader, (block_rows, block_cols), tiled) = match (pick.family, family.coop16, family.half, narrow) {
         (Simd8, ..) if simd_ok => (family.simd8, (32, 32), false),
-        (Coop16, Some(coop), _) => (coop, (128, 128), true),
+        (Coop16, Some(coop), ..) => (coop, (128, 128), true),
+        (Half, _, Some(half), _) => (half, (128, 128), true),
         (Coop8, ..) => (family.coop8, (128, 128), true),
-        (_, _, Some([narrow_cols, _])) if cols <= rows => (narrow_cols, (256, 16), true),
-        (_, _, Some([_, narrow_rows])) => (narrow_rows, (16, 256), true),
-        (Tile128 | Coop16, ..) if big => (family.tile128, (128, 128), true),
-        (Tile128 | Coop16, ..) => (family.tile64, (64, 64), true),
+        (.., Some([narrow_cols, _])) if cols <= rows => (narrow_cols, (256, 16), true),
+        (.., Some([_, narrow_rows])) => (narrow_rows, (16, 256), true),
+        _ if tiles128 && big => (family.tile128, (128, 128), true),
+        _ if tiles128 => (family.tile64, (64, 64), true),
         _ => (family.portable, (64, 64), true),
     };
     let groups = [cols.div_ceil(block_cols), rows.div_ceil(block_rows), 1];
