@@ -3165,8 +3165,9 @@ fn a_many_row_product_with_each_rows_own_lora_b_matches_the_two_products() {
 /// activations past f16's largest value (10^6) and gradients below its smallest normal one
 /// (10^-6), which only the rows' power-of-two scales keep in range; and a weight with values of 2
 /// and 300, whose steps are summed exactly in f32 (300 times B's scale of 2^8 is past f16's
-/// range). Each ran on its `.half` kernel, and the first case's worst output is further from the
-/// exact sum than f32 sums can be ((2 red + 70) 2^-24 of its mass), so the products were f16.
+/// range). Each ran on its `.half` kernel (LoRA's x A^T of rank 16 on tile128's narrow blocks,
+/// in f32), and the first case's worst output is further from the exact sum than f32 sums can
+/// be ((2 red + 70) 2^-24 of its mass), so the products were f16.
 #[test]
 fn half_sums_products_in_f16_runs_within_their_bound() {
     use common::Arith;
@@ -3197,7 +3198,9 @@ fn half_sums_products_in_f16_runs_within_their_bound() {
         ),
         ("f16 input gradient", false, W::F16, 70, 77, 130, 1.0, "matmul_f16_backward_t128.half"),
         ("f16 forward", true, W::F16, 17, 129, 78, 1.0, "matmul_f16_t128.half"),
-        ("dense forward, weights of 2 and 300", true, W::DenseWithLarge, 40, 20, 100, 1.0, "matmul_t128.half"),
+        ("dense forward, weights of 2 and 300", true, W::DenseWithLarge, 70, 64, 100, 1.0, "matmul_t128.half"),
+        // LoRA's x A^T (16 columns) leaves f16 to tile128's narrow blocks.
+        ("x A^T, rank 16", true, W::DenseWithLarge, 2049, 16, 200, 1.0, "matmul_t128.narrow"),
     ];
     for (i, &(what, forward, weight, m, n, k, odd_scale, kernel)) in cases.iter().enumerate() {
         let seed = 700 + 10 * i as u64;

@@ -152,6 +152,10 @@ fn f32_greedy_tokens_equal_transformers() {
 /// path's on the same NF4 weights within the bound `peft_parity` derives for a loss through f16
 /// products (each off by up to 2u of its mass, u = 2^-11, 8 in series a layer and the LM
 /// head's: 2u (8 L + 1) relative, plus 1e-4 for sums in another order), and two steps lower it.
+/// And the same products in the half family (f16 products summed in f16 over runs of 8 steps,
+/// no matrix units): two steps lower its loss too. Its worst-case bound, 10u a product, is
+/// more than the loss itself through SmolLM2's 241 products in series, so its distance from the
+/// f32 path is printed, not asserted (`peft_parity` holds it to that bound on the tiny models).
 #[test]
 fn two_training_steps_on_the_persona_data_lower_the_validation_loss_with_f32_and_with_f16_arithmetic() {
     use edgetune::gpu::KernelFamily;
@@ -165,28 +169,38 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss_with_f32_and
         eprintln!("no f16 arithmetic here: the adapter has neither shader-f16 nor matrix units");
         return;
     }
-    // Every product on coop16's own tiles (by default small grids' gradients run on
-    // portable's), so that all of them take f16 operands.
-    let opts = GpuOptions {
-        kernels: Some(KernelFamily::Coop16),
-        emulate_coop: true,
-        tile128_min_groups: Some(0),
-        ..Default::default()
-    };
-    let coop = Arc::new(GpuContext::new(&opts).unwrap_or_else(|e| panic!("coop16 (emulated where need be): {e}")));
-    assert_eq!(coop.report.kernels.family, KernelFamily::Coop16);
     let (reference, ..) = two_persona_steps(default.clone(), Quant::Nf4, 0);
-    let (before, after, losses) = two_persona_steps(coop.clone(), Quant::Nf4, 2);
-    eprintln!(
-        "NF4, {}: validation loss {before:.4} -> {after:.4} (f32 products: {reference:.4} before); training losses \
-         {losses:?}",
-        coop.report.kernels
-    );
     let depth = 8 * 30 + 1; // SmolLM2's 30 layers
-    let bound = (1e-4 + 2.0 * depth as f32 / 2048.0) * reference;
-    assert!((before - reference).abs() <= bound, "f16 arithmetic {before} against f32's {reference} (bound {bound})");
-    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
-    assert!(after < before, "validation loss did not fall with f16 arithmetic: {before} -> {after}");
+    for family in [KernelFamily::Coop16, KernelFamily::Half] {
+        if family == KernelFamily::Half && !default.report.shader_f16 {
+            continue;
+        }
+        // Every product on the family's own tiles (by default small grids' gradients run on
+        // 64 x 64 blocks), so that all of them take f16 operands.
+        let opts = GpuOptions {
+            kernels: Some(family),
+            emulate_coop: family == KernelFamily::Coop16,
+            tile128_min_groups: Some(0),
+            ..Default::default()
+        };
+        let f16 = Arc::new(GpuContext::new(&opts).unwrap_or_else(|e| panic!("{family} (emulated where need be): {e}")));
+        assert_eq!(f16.report.kernels.family, family);
+        let (before, after, losses) = two_persona_steps(f16.clone(), Quant::Nf4, 2);
+        eprintln!(
+            "NF4, {}: validation loss {before:.4} -> {after:.4} (f32 products: {reference:.4} before); training \
+             losses {losses:?}",
+            f16.report.kernels
+        );
+        if family == KernelFamily::Coop16 {
+            let bound = (1e-4 + 2.0 * depth as f32 / 2048.0) * reference;
+            assert!(
+                (before - reference).abs() <= bound,
+                "f16 arithmetic {before} against f32's {reference} (bound {bound})"
+            );
+        }
+        assert!(losses.iter().all(|l| l.is_finite()), "{family}: {losses:?}");
+        assert!(after < before, "validation loss did not fall with {family}'s f16 arithmetic: {before} -> {after}");
+    }
 }
 
 /// The validation loss before and after `steps` AdamW steps (the loss before when none) on the

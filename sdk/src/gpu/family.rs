@@ -10,16 +10,16 @@
 //! | `tile128` | 128 x 128 tiles, 8 x 8 a thread, prefetched, NF4 a word at a time | 64 queries (forward, dQ) or 64 keys (dK, dV) a workgroup, register-tiled, rows reduced with subgroup shuffles (25 KiB; else portable) | a GPU with 16,960 bytes of workgroup memory; from 8,768, every product on 64 x 64 blocks (tile64) |
 //! | `coop16` | forward and input gradients through frozen weights: 128 x 128 tiles of 16 x 16 x 16 f16 cooperative-matrix fragments, f32 sums, each row of the activations or gradients scaled by a power of two into f16's range; other gradients: `tile128` | as `tile128` | a GPU that lists that configuration, once its self-test passes |
 //! | `coop8` | every many-row product: 128 x 128 tiles of 8 x 8 x 8 f32 cooperative-matrix fragments (Metal's simdgroup matrices) | as `tile128` | a GPU that lists that configuration and not coop16's, once its self-test passes |
-//! | `half` | coop16's products with f16 arithmetic and no matrix units: tile128's 128 x 128 tiles staged as f16, each thread's 8 x 8 products multiplied in f16 and summed in f16 over runs of 8 steps, then in f32; rows scaled by powers of two into f16's range, a step with a weight of 2 or more summed exactly in f32; other gradients: `tile128` | as `tile128` | forced only (`EDGETUNE_KERNELS=half`), on a GPU with f16 in shaders, until a GPU has measured it |
+//! | `half` | coop16's products with f16 arithmetic and no matrix units: tile128's 128 x 128 tiles staged as f16, each thread's 8 x 8 products multiplied in f16 and summed in f16 over runs of 8 steps, then in f32; rows scaled by powers of two into f16's range, a step with a weight of 2 or more summed exactly in f32; LoRA's narrow products (x A^T too) and other gradients: `tile128` | as `tile128` | forced only (`EDGETUNE_KERNELS=half`), on a GPU with f16 in shaders, until a GPU has measured it |
 //!
 //! A product whose grid of 128 x 128 tiles is small (fewer than [`TILE128_MIN_GROUPS`]
-//! workgroups) runs on 64 x 64 blocks in tile128, and for coop16's and half's gradients: tile128's kernels
-//! on the `tile64` core (4 x 4 a thread, with tile128's staging, prefetch and NF4 words); the
-//! products on matrix units stay there (their split reductions fill the GPU).
-//! Before that, a dense product with a side of at most [`NARROW_MAX`] (LoRA's x A^T, dh = dy B,
-//! dA and dB) runs there (and in coop16's and half's gradients) on tile128's narrow blocks of 256 x 16 or 16 x 256 (`.narrow`,
-//! `.narrow_rows`), which leave no outputs idle where 64 x 64 blocks leave three quarters at a
-//! rank of 16.
+//! workgroups) runs on 64 x 64 blocks in tile128, and for coop16's and half's gradients:
+//! tile128's kernels on the `tile64` core (4 x 4 a thread, with tile128's staging, prefetch and
+//! NF4 words); coop16's and half's own products stay on their tiles (their split reductions
+//! fill the GPU). Before that, a dense product with a side of at most [`NARROW_MAX`] (LoRA's
+//! x A^T, dh = dy B, dA and dB) runs there (and in half, and for coop16's gradients) on
+//! tile128's narrow blocks of 256 x 16 or 16 x 256 (`.narrow`, `.narrow_rows`), which leave no outputs
+//! idle where 64 x 64 blocks leave three quarters at a rank of 16.
 //! One-row products (decoding) run portable's `matvec` kernels in every family but simd8, which
 //! has its own; the GPU families (tile128, coop16, coop8, half) run them with their reduction in
 //! subgroup operations (`.subgroup`) where the adapter has them.
@@ -144,7 +144,7 @@ pub struct Kernels {
     pub tile128_min_groups: u32,
     /// Dense products with a side of at most this many rows or columns (LoRA's x A^T, dh = dy B,
     /// dA and dB) run on blocks of 256 x 16 or 16 x 256, tile128's kernels on its `narrow`
-    /// core, in the tile128 family and for coop16's gradients, whatever their grid. 0 runs none
+    /// core, in the tile128 and half families and for coop16's gradients, whatever their grid. 0 runs none
     /// there. See [`NARROW_MAX`].
     pub narrow_max: u32,
 }
@@ -167,7 +167,8 @@ impl std::fmt::Display for Kernels {
             ("every product", "products")
         };
         if tiles128 && self.narrow_max > 0 {
-            let which = if self.matmul.leaves_gradients_to_tile128() { "gradients" } else { "products" };
+            // coop16's forward products stay on the matrix units; half's narrow ones do not.
+            let which = if self.matmul == KernelFamily::Coop16 { "gradients" } else { "products" };
             write!(f, "; LoRA's {which} (a side of at most {}) on 256 x 16 blocks", self.narrow_max)?;
         }
         if tiles128 && self.tile128_min_groups == TILE64_ONLY {
@@ -558,7 +559,8 @@ mod tests {
             (KernelFamily::Half, KernelFamily::Half, KernelFamily::Tile128)
         );
         assert!(
-            half.to_string().contains("tile128's products (LoRA and weight gradients) of fewer than 512"),
+            half.to_string().contains("tile128's products (LoRA and weight gradients) of fewer than 512")
+                && half.to_string().contains("LoRA's products (a side of at most 48) on 256 x 16"),
             "{half}"
         );
         let err = choose(&AdapterFacts { shader_f16: true, ..small }, Some(KernelFamily::Half)).expect_err("16 KiB");

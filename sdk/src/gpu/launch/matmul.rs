@@ -808,8 +808,9 @@ fn pick_of(ctx: &GpuContext, grads: bool) -> Pick {
 
 /// The kernel of `family` for a many-row matmul as `pick` says: simd8 (32 x 32 outputs per
 /// workgroup) when `simd_ok` says the shape suits it, coop16, half, coop8 or tile128 (128 x 128),
-/// else portable (64 x 64). tile128 gives a product with a side of at most `pick.narrow_max`
-/// (LoRA's) to its dense kernels on 256 x 16 or 16 x 256 blocks (`.narrow`, `.narrow_rows`), and
+/// else portable (64 x 64). tile128 (and half, whose f16 products would leave most of a
+/// 128 x 128 tile idle) gives a product with a side of at most `pick.narrow_max` (LoRA's) to its
+/// dense kernels on 256 x 16 or 16 x 256 blocks (`.narrow`, `.narrow_rows`), and
 /// a product whose grid would have fewer than `pick.min_groups` workgroups to its own kernel on
 /// 64 x 64 blocks (tile64); the matrix units keep every product they run (a small grid's long
 /// reduction is split instead). `constants`: the pipeline constants it is made with.
@@ -827,7 +828,7 @@ fn many_rows(
     let (shader, (block_rows, block_cols), tiled) = match (pick.family, family.coop16, family.half, narrow) {
         (Simd8, ..) if simd_ok => (family.simd8, (32, 32), false),
         (Coop16, Some(coop), ..) => (coop, (128, 128), true),
-        (Half, _, Some(half), _) => (half, (128, 128), true),
+        (Half, _, Some(half), None) => (half, (128, 128), true),
         (Coop8, ..) => (family.coop8, (128, 128), true),
         (.., Some([narrow_cols, _])) if cols <= rows => (narrow_cols, (256, 16), true),
         (.., Some([_, narrow_rows])) => (narrow_rows, (16, 256), true),
