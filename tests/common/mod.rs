@@ -96,8 +96,8 @@ impl Arith {
         self != Arith::F32
     }
 
-    /// How many products in series a value may pass through before its error is a share of
-    /// its scale: what each product adds, as a share of its mass sum |a b| (see [`f16_slack`]).
+    /// What one product through frozen weights may add to an output's error, as a share of its
+    /// mass sum |a b| (to first order; [`f16_slack`] derives it): 0 in f32.
     #[allow(dead_code)]
     pub fn per_product(self) -> f32 {
         let u = 2f32.powi(-11);
