@@ -1353,7 +1353,7 @@ fn a_one_row_product_with_its_norm_or_gate_and_lora_fused_matches_the_ops_then_t
 
 /// Which one-row kernel (decoding) each family runs, and what it gives: simd8 its own
 /// register-tiled kernels (portable's where a dense weight sits at an offset that is no multiple
-/// of 4), the GPU families (tile128, coop16, coop8) portable's kernels with their reduction in
+/// of 4), the GPU families (tile128, coop16, coop8, half) portable's kernels with their reduction in
 /// subgroup operations (`.subgroup`) where the device has them and portable's own on a device
 /// opened without them, portable its own. In every weight format, with the RMSNorm fused in
 /// (whose sum of squares the reduction adds too) and a bias, over 70 outputs (the last workgroup
