@@ -660,9 +660,9 @@ struct ManyRows {
     red: u32,
 }
 
-/// One many-row matmul in each kernel family (see [`crate::gpu::family`]); coop16 and half have
-/// the forward kernels and the input gradients through frozen (f16, NF4) weights, coop8 every
-/// one.
+/// One many-row matmul in each kernel family (see [`crate::gpu::family`]); the families with f16
+/// products ([`F16Products`]) have the forward kernels and the input gradients through frozen
+/// (f16, NF4) weights, coop8 every one.
 #[derive(Clone, Copy)]
 struct Family {
     portable: &'static Shader,
@@ -670,12 +670,31 @@ struct Family {
     tile128: &'static Shader,
     /// tile128's kernel on 64 x 64 blocks, for products whose 128 x 128 grid is small.
     tile64: &'static Shader,
-    coop16: Option<&'static Shader>,
     coop8: &'static Shader,
-    half: Option<&'static Shader>,
+    /// coop16's and half's kernels, where they have this product.
+    f16: Option<F16Products>,
     /// tile128's kernels on blocks of 256 rows x 16 columns and 16 x 256, for products with a
     /// narrow side (LoRA's); dense kernels only.
     narrow: Option<[&'static Shader; 2]>,
+}
+
+/// A product's kernels in the two families whose products take f16 operands: coop16 (matrix
+/// units) and half (f16 arithmetic without them).
+#[derive(Clone, Copy)]
+struct F16Products {
+    coop16: &'static Shader,
+    half: &'static Shader,
+}
+
+impl F16Products {
+    /// `family`'s kernel, when it is one of the two.
+    fn of(self, family: KernelFamily) -> Option<&'static Shader> {
+        match family {
+            KernelFamily::Coop16 => Some(self.coop16),
+            KernelFamily::Half => Some(self.half),
+            _ => None,
+        }
+    }
 }
 
 const DENSE: Family = Family {
@@ -683,9 +702,8 @@ const DENSE: Family = Family {
     simd8: &MATMUL_SIMD8,
     tile128: &MATMUL_T128,
     tile64: &MATMUL_T64,
-    coop16: Some(&MATMUL_COOP16),
     coop8: &MATMUL_COOP8,
-    half: Some(&MATMUL_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_COOP16, half: &MATMUL_HALF }),
     narrow: Some([&MATMUL_NARROW, &MATMUL_NARROW_ROWS]),
 };
 const F16: Family = Family {
@@ -693,9 +711,8 @@ const F16: Family = Family {
     simd8: &MATMUL_F16_SIMD8,
     tile128: &MATMUL_F16_T128,
     tile64: &MATMUL_F16_T64,
-    coop16: Some(&MATMUL_F16_COOP16),
     coop8: &MATMUL_F16_COOP8,
-    half: Some(&MATMUL_F16_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_F16_COOP16, half: &MATMUL_F16_HALF }),
     narrow: None,
 };
 const NF4: Family = Family {
@@ -703,9 +720,8 @@ const NF4: Family = Family {
     simd8: &MATMUL_NF4_SIMD8,
     tile128: &MATMUL_NF4_T128,
     tile64: &MATMUL_NF4_T64,
-    coop16: Some(&MATMUL_NF4_COOP16),
     coop8: &MATMUL_NF4_COOP8,
-    half: Some(&MATMUL_NF4_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_NF4_COOP16, half: &MATMUL_NF4_HALF }),
     narrow: None,
 };
 const Q4_0: Family = Family {
@@ -713,9 +729,8 @@ const Q4_0: Family = Family {
     simd8: &MATMUL_Q4_0_SIMD8,
     tile128: &MATMUL_Q4_0_T128,
     tile64: &MATMUL_Q4_0_T64,
-    coop16: Some(&MATMUL_Q4_0_COOP16),
     coop8: &MATMUL_Q4_0_COOP8,
-    half: Some(&MATMUL_Q4_0_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_Q4_0_COOP16, half: &MATMUL_Q4_0_HALF }),
     narrow: None,
 };
 const Q4_1: Family = Family {
@@ -723,9 +738,8 @@ const Q4_1: Family = Family {
     simd8: &MATMUL_Q4_1_SIMD8,
     tile128: &MATMUL_Q4_1_T128,
     tile64: &MATMUL_Q4_1_T64,
-    coop16: Some(&MATMUL_Q4_1_COOP16),
     coop8: &MATMUL_Q4_1_COOP8,
-    half: Some(&MATMUL_Q4_1_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_Q4_1_COOP16, half: &MATMUL_Q4_1_HALF }),
     narrow: None,
 };
 const DENSE_DX: Family = Family {
@@ -733,9 +747,8 @@ const DENSE_DX: Family = Family {
     simd8: &MATMUL_BACKWARD_SIMD8,
     tile128: &MATMUL_BACKWARD_T128,
     tile64: &MATMUL_BACKWARD_T64,
-    coop16: None,
     coop8: &MATMUL_BACKWARD_COOP8,
-    half: None,
+    f16: None,
     narrow: Some([&MATMUL_BACKWARD_NARROW, &MATMUL_BACKWARD_NARROW_ROWS]),
 };
 const F16_DX: Family = Family {
@@ -743,9 +756,8 @@ const F16_DX: Family = Family {
     simd8: &MATMUL_F16_BACKWARD_SIMD8,
     tile128: &MATMUL_F16_BACKWARD_T128,
     tile64: &MATMUL_F16_BACKWARD_T64,
-    coop16: Some(&MATMUL_F16_BACKWARD_COOP16),
     coop8: &MATMUL_F16_BACKWARD_COOP8,
-    half: Some(&MATMUL_F16_BACKWARD_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_F16_BACKWARD_COOP16, half: &MATMUL_F16_BACKWARD_HALF }),
     narrow: None,
 };
 const NF4_DX: Family = Family {
@@ -753,9 +765,8 @@ const NF4_DX: Family = Family {
     simd8: &MATMUL_NF4_BACKWARD_SIMD8,
     tile128: &MATMUL_NF4_BACKWARD_T128,
     tile64: &MATMUL_NF4_BACKWARD_T64,
-    coop16: Some(&MATMUL_NF4_BACKWARD_COOP16),
     coop8: &MATMUL_NF4_BACKWARD_COOP8,
-    half: Some(&MATMUL_NF4_BACKWARD_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_NF4_BACKWARD_COOP16, half: &MATMUL_NF4_BACKWARD_HALF }),
     narrow: None,
 };
 const Q4_0_DX: Family = Family {
@@ -763,9 +774,8 @@ const Q4_0_DX: Family = Family {
     simd8: &MATMUL_Q4_0_BACKWARD_SIMD8,
     tile128: &MATMUL_Q4_0_BACKWARD_T128,
     tile64: &MATMUL_Q4_0_BACKWARD_T64,
-    coop16: Some(&MATMUL_Q4_0_BACKWARD_COOP16),
     coop8: &MATMUL_Q4_0_BACKWARD_COOP8,
-    half: Some(&MATMUL_Q4_0_BACKWARD_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_Q4_0_BACKWARD_COOP16, half: &MATMUL_Q4_0_BACKWARD_HALF }),
     narrow: None,
 };
 const Q4_1_DX: Family = Family {
@@ -773,9 +783,8 @@ const Q4_1_DX: Family = Family {
     simd8: &MATMUL_Q4_1_BACKWARD_SIMD8,
     tile128: &MATMUL_Q4_1_BACKWARD_T128,
     tile64: &MATMUL_Q4_1_BACKWARD_T64,
-    coop16: Some(&MATMUL_Q4_1_BACKWARD_COOP16),
     coop8: &MATMUL_Q4_1_BACKWARD_COOP8,
-    half: Some(&MATMUL_Q4_1_BACKWARD_HALF),
+    f16: Some(F16Products { coop16: &MATMUL_Q4_1_BACKWARD_COOP16, half: &MATMUL_Q4_1_BACKWARD_HALF }),
     narrow: None,
 };
 const DENSE_DW: Family = Family {
@@ -783,9 +792,8 @@ const DENSE_DW: Family = Family {
     simd8: &MATMUL_BACKWARD_W_SIMD8,
     tile128: &MATMUL_BACKWARD_W_T128,
     tile64: &MATMUL_BACKWARD_W_T64,
-    coop16: None,
     coop8: &MATMUL_BACKWARD_W_COOP8,
-    half: None,
+    f16: None,
     narrow: Some([&MATMUL_BACKWARD_W_NARROW, &MATMUL_BACKWARD_W_NARROW_ROWS]),
 };
 
@@ -821,14 +829,15 @@ fn many_rows(
     (rows, cols, red): (u32, u32, u32),
     constants: Constants,
 ) -> ManyRows {
-    use KernelFamily::{Coop8, Coop16, Half, Simd8, Tile128};
+    use KernelFamily::{Coop8, Coop16, Simd8, Tile128};
     let big = cols.div_ceil(128) * rows.div_ceil(128) >= pick.min_groups;
     let tiles128 = pick.family == Tile128 || pick.family.leaves_gradients_to_tile128();
     let narrow = family.narrow.filter(|_| tiles128 && rows.min(cols) <= pick.narrow_max);
-    let (shader, (block_rows, block_cols), tiled) = match (pick.family, family.coop16, family.half, narrow) {
+    // The matrix units keep a narrow product; half leaves it to the narrow blocks.
+    let f16 = family.f16.and_then(|k| k.of(pick.family)).filter(|_| pick.family == Coop16 || narrow.is_none());
+    let (shader, (block_rows, block_cols), tiled) = match (pick.family, f16, narrow) {
         (Simd8, ..) if simd_ok => (family.simd8, (32, 32), false),
-        (Coop16, Some(coop), ..) => (coop, (128, 128), true),
-        (Half, _, Some(half), None) => (half, (128, 128), true),
+        (_, Some(f16), _) => (f16, (128, 128), true),
         (Coop8, ..) => (family.coop8, (128, 128), true),
         (.., Some([narrow_cols, _])) if cols <= rows => (narrow_cols, (256, 16), true),
         (.., Some([_, narrow_rows])) => (narrow_rows, (16, 256), true),
