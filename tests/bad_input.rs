@@ -345,6 +345,40 @@ fn an_adapter_rank_its_tensors_do_not_bear_out_is_refused_before_allocating() {
     assert!(e.contains("adapter_model.safetensors") && e.contains("[4096, 131072]"), "{e}");
 }
 
+/// A PEFT adapter that lacks one matrix of a module it adapts elsewhere is refused, naming the
+/// missing tensor by the key PEFT would have written for it (and the file); one that lacks a
+/// module on one layer only is refused naming the layer and the module (the kernels adapt a
+/// module on every layer or on none).
+#[test]
+fn a_peft_adapter_missing_a_matrix_or_a_layers_module_is_refused_naming_it() {
+    let d = tmpdir("missing-lora");
+    let fx = common::fixtures().join("peft_llama_adapter");
+    std::fs::copy(fx.join("adapter_config.json"), d.join("adapter_config.json")).expect("copy");
+    let bytes = std::fs::read(fx.join("adapter_model.safetensors")).expect("read");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("fixture");
+    let config = common::fixtures().join("tiny_llama/config.json");
+    let model =
+        edgetune::model::config::ModelConfig::from_hf_json(&config, &std::fs::read_to_string(&config).expect("read"))
+            .expect("tiny Llama");
+    // The adapter's error with the fixture's tensors but those whose names `gone` accepts.
+    let load_without = |gone: &dyn Fn(&str) -> bool| {
+        let kept: Vec<_> = st.tensors().into_iter().filter(|(name, _)| !gone(name)).collect();
+        assert!(kept.len() < st.len(), "the fixture holds what is taken out");
+        std::fs::write(d.join("adapter_model.safetensors"), safetensors::serialize(kept, None).expect("serialize"))
+            .expect("write");
+        err_of(edgetune::lora::peft::load(&d, &model))
+    };
+    let b = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight";
+    let e = load_without(&|name| name == b);
+    assert!(e.contains("adapter_model.safetensors") && e.contains(&format!("tensor `{b}` is missing")), "{e}");
+    let e = load_without(&|name| name.contains(".layers.1.self_attn.v_proj."));
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("only some layers: layer 1 has no `v_proj` adapter"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// A file that edgetune reads whole and that is larger than its kind allows is refused from its
 /// size, naming the file and the limit, before anything is allocated for it. The files are
 /// sparse (their length set, no data written), so each takes no disk and no time; read whole,

@@ -160,7 +160,7 @@ pub fn load(path: &Path, model: &ModelConfig) -> Result<Adapter> {
     };
     let hyper = LoraHyper { r, alpha, dropout: 0.0, use_rslora: false };
     super::LoraConfig { r, alpha, ..Default::default() }.validate().map_err(|e| Error::format(path, e.to_string()))?;
-    Adapter::from_file(path, model, &present, hyper, |s, b| {
+    Adapter::from_file(path, model, &present, hyper, |_, s, b| {
         let name = tensor_name(s.layer, s.module, b);
         let (values, shape) = g.tensor_f32(&name)?;
         let expected = if b { vec![s.n_out, r] } else { vec![r, s.n_in] };

@@ -394,7 +394,7 @@ impl Adapter {
         model: &ModelConfig,
         present: &BTreeSet<(usize, Module)>,
         hyper: LoraHyper,
-        mut read: impl FnMut(&Slot, bool) -> Result<Vec<f32>>,
+        mut read: impl FnMut(&Layout, &Slot, bool) -> Result<Vec<f32>>,
     ) -> Result<Self> {
         if let Some(&(l, m)) = present.iter().find(|&&(l, _)| l >= model.num_layers) {
             return Err(Error::format(
@@ -431,7 +431,7 @@ impl Adapter {
         let mut params = Vec::new();
         for s in &layout.slots {
             for (b, off, n) in [(false, s.a, hyper.r * s.n_in), (true, s.b, s.n_out * hyper.r)] {
-                let v = read(s, b)?;
+                let v = read(&layout, s, b)?;
                 if v.len() != n {
                     return Err(Error::format(
                         path,

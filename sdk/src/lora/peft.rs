@@ -142,20 +142,13 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<Adapter> {
         present.insert((parsed.0, parsed.1));
     }
     let hyper = LoraHyper { r, alpha, dropout, use_rslora };
-    Adapter::from_file(&wpath, model, &present, hyper, |s, b| {
+    Adapter::from_file(&wpath, model, &present, hyper, |layout, s, b| {
         let shape = if b { [s.n_out, r] } else { [r, s.n_in] };
-        let key = format!(
-            "layers.{}.{}.{}.lora_{}.weight",
-            s.layer,
-            s.module.parent(),
-            s.module.name(),
-            if b { "B" } else { "A" }
-        );
         let name = st
             .names()
             .into_iter()
             .find(|n| parse_key(n).is_some_and(|p| p == (s.layer, s.module, b)))
-            .ok_or_else(|| Error::MissingTensor { path: wpath.clone(), tensor: key.clone() })?;
+            .ok_or_else(|| Error::MissingTensor { path: wpath.clone(), tensor: layout.peft_key(s, b) })?;
         let t = st.tensor(name).map_err(|e| Error::format(&wpath, format!("`{name}`: {e}")))?;
         if t.shape() != shape {
             return Err(Error::Shape {
