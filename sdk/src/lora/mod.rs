@@ -292,9 +292,9 @@ pub struct Layout {
     index: Vec<[Option<(usize, usize, usize)>; 9]>,
     /// Floats in the flat buffer.
     pub len: usize,
-    /// Where PEFT puts the decoder layers: `model.layers`, or a multimodal model's
-    /// `model.language_model.layers`.
-    layers_path: &'static str,
+    /// Whether the model is a multimodal model's language model, whose decoder layers PEFT puts
+    /// under `model.language_model.layers` (else `model.layers`).
+    multimodal: bool,
 }
 
 impl Layout {
@@ -319,8 +319,7 @@ impl Layout {
                 off += cfg.r * (n_in + n_out);
             }
         }
-        let layers_path = if model.multimodal { "model.language_model.layers" } else { "model.layers" };
-        Ok(Layout { r: cfg.r, slots, index, len: off, layers_path })
+        Ok(Layout { r: cfg.r, slots, index, len: off, multimodal: model.multimodal })
     }
 
     /// The slot of a module, if it is adapted. For a part of a fused module (q of Phi-3's
@@ -334,7 +333,7 @@ impl Layout {
     /// Whether the layout is of a multimodal model's language model (PEFT names its layers
     /// under `model.language_model`).
     pub fn multimodal(&self) -> bool {
-        self.layers_path != "model.layers"
+        self.multimodal
     }
 
     /// The PEFT key of a slot's A or B matrix
@@ -343,7 +342,7 @@ impl Layout {
     pub fn peft_key(&self, slot: &Slot, b: bool) -> String {
         format!(
             "base_model.model.{}.{}.{}.{}.lora_{}.weight",
-            self.layers_path,
+            if self.multimodal { "model.language_model.layers" } else { "model.layers" },
             slot.layer,
             slot.module.parent(),
             slot.module.name(),
