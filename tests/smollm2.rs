@@ -151,16 +151,21 @@ fn f32_greedy_tokens_equal_transformers() {
 /// with the same f16 operands and f32 sums. Before training its validation loss is the f32
 /// path's on the same NF4 weights within the bound `peft_parity` derives for a loss through f16
 /// products (each off by up to 2u of its mass, u = 2^-11, 8 in series a layer and the LM
-/// head's: 2u (8 L + 1) relative, plus 1e-4 for sums in another order), and two steps lower it.
+/// head's: 2u (8 L + 1) relative, plus 1e-4 for sums in another order), and one step lowers it.
 /// And the same products in the half family (f16 products summed in f16 over runs of 8 steps,
-/// no matrix units): two steps lower its loss too. Its worst-case bound, 10u a product, is
+/// no matrix units): one step lowers its loss too. Its worst-case bound, 10u a product, is
 /// more than the loss itself through SmolLM2's 241 products in series, so its distance from the
 /// f32 path is printed, not asserted (`peft_parity` holds it to that bound on the tiny models).
+/// The f16 families train one step where f32 trains two: on lavapipe their 128 x 128 tiles run
+/// about ten times slower than simd8's (the two f32 steps take 41 s on a two-core machine, a
+/// step of coop16's emulated products 101 s and of half's 84 s), and one step already moves
+/// the loss far past any doubt (measured 3.8471 -> 3.7179 with coop16, 3.8460 -> 3.7165 with
+/// half; evaluation is deterministic).
 #[test]
-fn two_training_steps_on_the_persona_data_lower_the_validation_loss_with_f32_and_with_f16_arithmetic() {
+fn training_steps_on_the_persona_data_lower_the_validation_loss_with_f32_and_with_f16_arithmetic() {
     use edgetune::gpu::KernelFamily;
     let default = ctx();
-    let (before, after, losses) = two_persona_steps(default.clone(), Quant::default(), 2);
+    let (before, after, losses) = persona_steps(default.clone(), Quant::default(), 2);
     eprintln!("{}: validation loss {before:.4} -> {after:.4}; training losses {losses:?}", default.report.kernels);
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     assert!(after < before, "validation loss did not fall: {before} -> {after}");
@@ -169,7 +174,7 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss_with_f32_and
         eprintln!("no f16 arithmetic here: the adapter has neither shader-f16 nor matrix units");
         return;
     }
-    let (reference, ..) = two_persona_steps(default.clone(), Quant::Nf4, 0);
+    let (reference, ..) = persona_steps(default.clone(), Quant::Nf4, 0);
     let depth = 8 * 30 + 1; // SmolLM2's 30 layers
     for family in [KernelFamily::Coop16, KernelFamily::Half] {
         if family == KernelFamily::Half && !default.report.shader_f16 {
@@ -185,7 +190,7 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss_with_f32_and
         };
         let f16 = Arc::new(GpuContext::new(&opts).unwrap_or_else(|e| panic!("{family} (emulated where need be): {e}")));
         assert_eq!(f16.report.kernels.family, family);
-        let (before, after, losses) = two_persona_steps(f16.clone(), Quant::Nf4, 2);
+        let (before, after, losses) = persona_steps(f16.clone(), Quant::Nf4, 1);
         eprintln!(
             "NF4, {}: validation loss {before:.4} -> {after:.4} (f32 products: {reference:.4} before); training \
              losses {losses:?}",
@@ -206,7 +211,7 @@ fn two_training_steps_on_the_persona_data_lower_the_validation_loss_with_f32_and
 /// The validation loss before and after `steps` AdamW steps (the loss before when none) on the
 /// persona data with the main job's data settings, the base as `quant` says, and the steps'
 /// training losses.
-fn two_persona_steps(ctx: Arc<GpuContext>, quant: Quant, steps: u64) -> (f32, f32, Vec<f32>) {
+fn persona_steps(ctx: Arc<GpuContext>, quant: Quant, steps: u64) -> (f32, f32, Vec<f32>) {
     use edgetune::data::{self, DataConfig};
     use edgetune::lora::LoraConfig;
     use edgetune::model::llama::Model;
