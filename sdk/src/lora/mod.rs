@@ -386,8 +386,9 @@ impl Adapter {
     }
 
     /// An adapter read from a file (`path`, for errors) that adapts the (layer, module) pairs in
-    /// `present`: every layer must carry the same modules. `read(slot, is_b)` gives A (r, n_in)
-    /// or B (n_out, r) of a slot, row-major, with its shape checked by the caller.
+    /// `present`: every layer must carry the same modules. `read(layout, slot, is_b)` gives A
+    /// (r, n_in) or B (n_out, r) of a slot of the adapter's layout (which names its PEFT keys),
+    /// row-major, with its shape checked by the caller.
     pub(crate) fn from_file(
         path: &Path,
         model: &ModelConfig,
