@@ -133,21 +133,21 @@ pub fn load(dir: &Path, model: &ModelConfig) -> Result<Adapter> {
     let wpath = dir.join(WEIGHTS_FILE);
     let bytes = crate::files::map(&wpath)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&wpath, format!("not safetensors: {e}")))?;
-    // Which modules the file adapts, from its keys (target_modules may be a regex).
-    let mut present: BTreeSet<(usize, Module)> = BTreeSet::new();
+    // Which modules the file adapts, from its keys (target_modules may be a regex), and each
+    // matrix's tensor name, parsed once.
+    let mut names: HashMap<(usize, Module, bool), &str> = HashMap::new();
     for name in st.names() {
         let parsed = parse_key(name).ok_or_else(|| {
             Error::unsupported(&wpath, format!("tensor `{name}` (expected ...layers.N.<module>.lora_A/lora_B.weight)"))
         })?;
-        present.insert((parsed.0, parsed.1));
+        names.entry(parsed).or_insert(name);
     }
+    let present: BTreeSet<(usize, Module)> = names.keys().map(|&(layer, module, _)| (layer, module)).collect();
     let hyper = LoraHyper { r, alpha, dropout, use_rslora };
     Adapter::from_file(&wpath, model, &present, hyper, |layout, s, b| {
         let shape = if b { [s.n_out, r] } else { [r, s.n_in] };
-        let name = st
-            .names()
-            .into_iter()
-            .find(|n| parse_key(n).is_some_and(|p| p == (s.layer, s.module, b)))
+        let name = *names
+            .get(&(s.layer, s.module, b))
             .ok_or_else(|| Error::MissingTensor { path: wpath.clone(), tensor: layout.peft_key(s, b) })?;
         let t = st.tensor(name).map_err(|e| Error::format(&wpath, format!("`{name}`: {e}")))?;
         if t.shape() != shape {
