@@ -366,3 +366,53 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
     let e = s.generate_many(&[(None, "hi"), (None, "")], &opts, |_, _| true).expect_err("empty prompt");
     assert!(e.to_string().contains("request 1"), "{e}");
 }
+
+/// `Session::score_answers` decodes the held-out answers many rows at a time (each exchange's
+/// base answer beside its adapter's, `infer::ANSWER_ROWS` rows a pass): each answer is the one
+/// `chat_with` gives alone, greedily and with seeded sampling, over more exchanges than one pass
+/// holds; progress counts every record once, in order, up to the total.
+#[test]
+fn scored_answers_decoded_together_are_each_what_chat_gives_alone() {
+    use edgetune::data::formats::{Record, Sourced};
+    use edgetune::infer::ANSWER_ROWS;
+    use edgetune::lora::{Adapter, LoraConfig};
+    let mut s = session(128);
+    let mut a = Adapter::new(&s.model.config, LoraConfig { r: 8, seed: 3, ..Default::default() }).expect("adapter");
+    for (i, slot) in a.layout.slots.clone().iter().enumerate() {
+        let b = common::rand(slot.n_out * 8, 300 + i as u64, 0.2);
+        a.params[slot.b..slot.b + b.len()].copy_from_slice(&b);
+    }
+    s.keep_adapter("a", &a).expect("keep");
+    s.set_adapter(Some(&a)).expect("apply");
+    // Two rows an exchange: more exchanges than one pass of rows holds, the last pass part-full.
+    let n = ANSWER_ROWS / 2 + 3;
+    let questions: Vec<String> = (0..n).map(|i| format!("Question {i}: what comes after {}?", i * 7)).collect();
+    let records: Vec<Sourced> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| Sourced {
+            record: Record::Chat(vec![Message::new("user", q.as_str()), Message::new("assistant", "Eight.")]),
+            file: "held-out.jsonl".into(),
+            line: i + 1,
+        })
+        .collect();
+    for opts in [
+        GenerateOptions { max_new_tokens: 6, ..Default::default() },
+        GenerateOptions { max_new_tokens: 6, temperature: 0.9, top_k: 30, seed: 11, ..Default::default() },
+    ] {
+        let mut progress = Vec::new();
+        let report = s.score_answers(&records, None, &opts, |i, total| progress.push((i, total))).expect("scores");
+        assert_eq!(progress, (1..=n).map(|i| (i, n)).collect::<Vec<_>>(), "progress");
+        assert_eq!(report.answers.len(), n);
+        let mut differ = 0;
+        for (answer, q) in report.answers.iter().zip(&questions) {
+            let prompt = [Message::new("user", q.as_str())];
+            let base = s.chat_with(None, &prompt, &opts, |_| true).expect("base alone").text;
+            let tuned = s.chat_with(Some("a"), &prompt, &opts, |_| true).expect("adapter alone").text;
+            assert_eq!((&answer.question, &answer.base), (q, &base), "{opts:?}");
+            assert_eq!(answer.adapter.as_ref(), Some(&tuned), "{q} with {opts:?}");
+            differ += usize::from(base != tuned);
+        }
+        assert!(differ > 0, "the adapter must change some answer, or this tests little");
+    }
+}

@@ -309,8 +309,10 @@ impl Session {
     /// ROUGE-L; see [`crate::score`]). Each record is a conversation whose last message is the
     /// assistant's reference answer, or a preference pair of conversations whose chosen answer
     /// is the reference; the messages before it (with `system` put first where the record has
-    /// no system message, as training does) are the prompt. `progress` is called
-    /// with (answered, total) after each record.
+    /// no system message, as training does) are the prompt. The answers are decoded many at a
+    /// time, each exchange's base answer beside its adapter's ([`infer::chat_rows`]): each is
+    /// what [`Session::chat_with`] gives alone. `progress` is called with (answered, total) for
+    /// each record, as each pass of many ends.
     pub fn score_answers(
         &self,
         records: &[crate::data::formats::Sourced],
@@ -320,13 +322,22 @@ impl Session {
     ) -> Result<AnswerReport> {
         opts.validate()?;
         let exchanges = crate::data::exchanges(records, system)?;
+        // Each exchange's base answer, then its adapter's, decoded many rows at a time.
+        let adapters: Vec<&GpuAdapter> = self.adapter.iter().collect();
+        let per = 1 + adapters.len();
+        let requests: Vec<(Option<usize>, &[Message])> =
+            exchanges.iter().flat_map(|x| (0..per).map(|k| (k.checked_sub(1), x.prompt.as_slice()))).collect();
+        let mut reported = 0;
+        let texts = infer::chat_rows(&self.model, &adapters, &self.tokenizer, &requests, opts, |n| {
+            while reported < n / per {
+                reported += 1;
+                progress(reported, exchanges.len());
+            }
+        })?;
         let mut answers = Vec::with_capacity(exchanges.len());
-        for (i, x) in exchanges.iter().enumerate() {
-            let base = self.chat_on(None, &x.prompt, opts, |_| true)?.text;
-            let adapted = match &self.adapter {
-                Some(a) => Some(self.chat_on(Some(a), &x.prompt, opts, |_| true)?.text),
-                None => None,
-            };
+        for (x, texts) in exchanges.iter().zip(texts.chunks(per)) {
+            let base = texts[0].text.clone();
+            let adapted = texts.get(1).map(|g| g.text.clone());
             let reference = &x.reference;
             answers.push(ScoredAnswer {
                 file: x.file.clone(),
@@ -338,7 +349,6 @@ impl Session {
                 adapter_scores: adapted.as_deref().map(|a| AnswerScores::of(a, reference)),
                 adapter: adapted,
             });
-            progress(i + 1, exchanges.len());
         }
         let base = AnswerScores::mean(&answers.iter().map(|a| a.base_scores).collect::<Vec<_>>());
         let adapter = self

@@ -1265,12 +1265,19 @@ impl Model {
             .collect())
     }
 
+    /// The most sequences one decoding step takes with adapters of rank up to `max_rank`
+    /// ([`Model::rows_decoder`]): their logits in one binding ([`Model::logit_rows`]), their
+    /// rows in one pass ([`Model::max_pass_tokens`]).
+    pub fn most_decode_rows(&self, max_rank: usize) -> usize {
+        self.logit_rows().min(self.max_pass_tokens(max_rank, 0))
+    }
+
     /// Buffers for decoding up to `max_rows` sequences at once with adapters of rank up to
     /// `max_rank` ([`GpuAdapterSet::max_rank`]; [`Model::decode_rows`]). Refused where their
     /// logits would not fit one binding ([`Model::logit_rows`] rows).
     pub fn rows_decoder(&self, max_rows: usize, max_rank: usize) -> Result<RowsDecoder> {
         let c = &self.config;
-        let most = self.logit_rows().min(self.max_pass_tokens(max_rank, 0));
+        let most = self.most_decode_rows(max_rank);
         if max_rows == 0 || max_rows > most {
             return Err(Error::invalid(
                 "rows",

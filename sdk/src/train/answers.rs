@@ -48,12 +48,13 @@ impl AnswerEval {
     }
 
     /// The mean scores of the answers `model` gives with `lora` (the base with `None`).
+    /// They are decoded many at a time ([`infer::chat_rows`]).
     pub fn mean_scores(&self, model: &Model, lora: Option<&GpuAdapter>) -> Result<AnswerScores> {
-        let mut all = Vec::with_capacity(self.exchanges.len());
-        for x in &self.exchanges {
-            let answer = infer::chat(model, lora, &self.tokenizer, &x.prompt, &self.opts, |_| true)?.text;
-            all.push(AnswerScores::of(&answer, &x.reference));
-        }
+        let adapters: Vec<&GpuAdapter> = lora.into_iter().collect();
+        let requests: Vec<_> = self.exchanges.iter().map(|x| (lora.map(|_| 0), x.prompt.as_slice())).collect();
+        let answers = infer::chat_rows(model, &adapters, &self.tokenizer, &requests, &self.opts, |_| {})?;
+        let all: Vec<AnswerScores> =
+            answers.iter().zip(&self.exchanges).map(|(a, x)| AnswerScores::of(&a.text, &x.reference)).collect();
         Ok(AnswerScores::mean(&all))
     }
 }
