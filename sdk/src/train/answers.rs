@@ -47,14 +47,27 @@ impl AnswerEval {
         Ok(())
     }
 
-    /// The mean scores of the answers `model` gives with `lora` (the base with `None`).
-    /// They are decoded many at a time ([`infer::chat_rows`]).
-    pub fn mean_scores(&self, model: &Model, lora: Option<&GpuAdapter>) -> Result<AnswerScores> {
-        let adapters: Vec<&GpuAdapter> = lora.into_iter().collect();
-        let requests: Vec<_> = self.exchanges.iter().map(|x| (lora.map(|_| 0), x.prompt.as_slice())).collect();
-        let answers = infer::chat_rows(model, &adapters, &self.tokenizer, &requests, &self.opts, |_| {})?;
-        let all: Vec<AnswerScores> =
-            answers.iter().zip(&self.exchanges).map(|(a, x)| AnswerScores::of(&a.text, &x.reference)).collect();
-        Ok(AnswerScores::mean(&all))
+    /// The mean scores of the answers `model` gives with `adapter`, beside the base model's in
+    /// `base`: where that is still `None`, the base's answers are decoded beside the adapter's
+    /// and their scores kept there (they are the same at every evaluation point). All are
+    /// decoded many at a time ([`infer::chat_rows`]).
+    pub fn scores(&self, model: &Model, adapter: &GpuAdapter, base: &mut Option<AnswerScores>) -> Result<EvalAnswers> {
+        // Each exchange's base answer (while it has none), then its adapter's.
+        let per = 1 + usize::from(base.is_none());
+        let requests: Vec<_> = self
+            .exchanges
+            .iter()
+            .flat_map(|x| (0..per).map(move |k| ((k + 1 == per).then_some(0), x.prompt.as_slice())))
+            .collect();
+        let answers = infer::chat_rows(model, &[adapter], &self.tokenizer, &requests, &self.opts, |_| {})?;
+        let mean = |k: usize| {
+            let all: Vec<AnswerScores> = answers
+                .chunks(per)
+                .zip(&self.exchanges)
+                .map(|(a, x)| AnswerScores::of(&a[k].text, &x.reference))
+                .collect();
+            AnswerScores::mean(&all)
+        };
+        Ok(EvalAnswers { base: *base.get_or_insert_with(|| mean(0)), adapter: mean(per - 1) })
     }
 }

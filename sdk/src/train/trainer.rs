@@ -678,12 +678,7 @@ impl Trainer {
     /// The held-out answers' mean scores now, if the run scores answers.
     fn answer_scores(&mut self) -> Result<Option<EvalAnswers>> {
         let Some((eval, base)) = &mut self.answers else { return Ok(None) };
-        let base = match base {
-            Some(b) => *b,
-            None => *base.insert(eval.mean_scores(&self.model, None)?),
-        };
-        let adapter = eval.mean_scores(&self.model, Some(&self.adapter))?;
-        Ok(Some(EvalAnswers { base, adapter }))
+        eval.scores(&self.model, &self.adapter, base).map(Some)
     }
 
     /// Runs an evaluation and updates the best adapter; returns whether to stop early.
