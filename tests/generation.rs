@@ -370,7 +370,8 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
 /// `Session::score_answers` decodes the held-out answers many rows at a time (each exchange's
 /// base answer beside its adapter's, `infer::ANSWER_ROWS` rows a pass): each answer is the one
 /// `chat_with` gives alone, greedily and with seeded sampling, over more exchanges than one pass
-/// holds; progress counts every record once, in order, up to the total.
+/// holds; progress counts every record once, in order, up to the total. A record whose prompt
+/// does not fit the context is refused by its file and line before anything is answered.
 #[test]
 fn scored_answers_decoded_together_are_each_what_chat_gives_alone() {
     use edgetune::data::formats::{Record, Sourced};
@@ -415,4 +416,18 @@ fn scored_answers_decoded_together_are_each_what_chat_gives_alone() {
         }
         assert!(differ > 0, "the adapter must change some answer, or this tests little");
     }
+    // A prompt past the context is refused naming its record's file and line, before any pass.
+    let long = "word ".repeat(200);
+    let mut bad = records;
+    bad.push(Sourced {
+        record: Record::Chat(vec![Message::new("user", long), Message::new("assistant", "Eight.")]),
+        file: "held-out.jsonl".into(),
+        line: n + 1,
+    });
+    let mut progress = 0;
+    let opts = GenerateOptions { max_new_tokens: 6, ..Default::default() };
+    let e = s.score_answers(&bad, None, &opts, |_, _| progress += 1).expect_err("too long").to_string();
+    let line = format!("held-out.jsonl line {}", n + 1);
+    assert!(e.contains(&line) && e.contains("do not fit the context of 128"), "{e}");
+    assert_eq!(progress, 0, "refused before any answer");
 }

@@ -325,8 +325,10 @@ impl Session {
         // Each exchange's base answer, then its adapter's, decoded many rows at a time.
         let adapters: Vec<&GpuAdapter> = self.adapter.iter().collect();
         let per = 1 + adapters.len();
-        let requests: Vec<(Option<usize>, &[Message])> =
-            exchanges.iter().flat_map(|x| (0..per).map(|k| (k.checked_sub(1), x.prompt.as_slice()))).collect();
+        let requests: Vec<infer::ChatRequest<'_>> = exchanges
+            .iter()
+            .flat_map(|x| (0..per).map(|k| infer::ChatRequest::exchange(x, k.checked_sub(1))))
+            .collect();
         let mut reported = 0;
         let texts = infer::chat_rows(&self.model, &adapters, &self.tokenizer, &requests, opts, |n| {
             while reported < n / per {

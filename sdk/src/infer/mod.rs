@@ -301,7 +301,7 @@ pub fn generate_rows(
     let mut loras = Vec::with_capacity(requests.len());
     for (i, r) in requests.iter().enumerate() {
         loras.push(lora(i)?);
-        check_row_prompt(model, i, r.prompt_ids)?;
+        check_row_prompt(model, &format!("request {i}"), r.prompt_ids)?;
     }
     // The caches in one pool, so that each step's attention is one dispatch a layer.
     let sizes: Vec<usize> = requests.iter().map(|r| cache_tokens(r.prompt_ids.len(), opts)).collect();
@@ -353,15 +353,16 @@ pub fn generate_rows(
     Ok(streams.into_iter().zip(ended).map(|(s, e)| s.finish(e.unwrap_or(StopReason::MaxTokens))).collect())
 }
 
-/// Refuses request `i`'s prompt where it is empty or leaves no room in the context.
-fn check_row_prompt(model: &Model, i: usize, ids: &[u32]) -> Result<()> {
+/// Refuses the prompt of the request `what` names where it is empty or leaves no room in the
+/// context.
+fn check_row_prompt(model: &Model, what: &str, ids: &[u32]) -> Result<()> {
     if ids.is_empty() {
-        return Err(Error::invalid("prompt", format!("request {i} is empty")));
+        return Err(Error::invalid("prompt", format!("{what} is empty")));
     }
     if ids.len() >= model.max_context {
         return Err(Error::invalid(
             "prompt",
-            format!("request {i}: {} tokens do not fit the context of {}", ids.len(), model.max_context),
+            format!("{what}: {} tokens do not fit the context of {}", ids.len(), model.max_context),
         ));
     }
     Ok(())
@@ -373,8 +374,26 @@ fn check_row_prompt(model: &Model, i: usize, ids: &[u32]) -> Result<()> {
 /// often.
 pub const ANSWER_ROWS: usize = 16;
 
-/// Answers conversations, each with its adapter among `adapters` (an index; `None` for the
-/// base model), rendered with the chat template and its generation prompt: through
+/// One conversation of [`chat_rows`].
+#[derive(Debug, Clone)]
+pub struct ChatRequest<'a> {
+    /// Its messages, rendered with the chat template and its generation prompt.
+    pub messages: &'a [crate::tokenizer::Message],
+    /// Its adapter among those given; `None` for the base model.
+    pub adapter: Option<usize>,
+    /// Where it comes from, for errors about it (a file and line, say).
+    pub source: String,
+}
+
+impl<'a> ChatRequest<'a> {
+    /// A held-out exchange's prompt ([`crate::data::exchanges`]) to answer with `adapter`, named
+    /// by its file and line.
+    pub fn exchange(x: &'a crate::data::Exchange, adapter: Option<usize>) -> Self {
+        ChatRequest { messages: &x.prompt, adapter, source: format!("{} line {}", x.file.display(), x.line) }
+    }
+}
+
+/// Answers conversations, each with its adapter among `adapters`: through
 /// [`generate_rows`], [`ANSWER_ROWS`] at a time (fewer where [`Model::most_decode_rows`] takes
 /// fewer), so each gets what [`chat`] gives it alone (up to the order of the sums) while a step
 /// decodes a token of each in one pass. `done` gets the number answered after each pass.
@@ -382,18 +401,18 @@ pub fn chat_rows(
     model: &Model,
     adapters: &[&GpuAdapter],
     tokenizer: &Tokenizer,
-    requests: &[(Option<usize>, &[crate::tokenizer::Message])],
+    requests: &[ChatRequest<'_>],
     opts: &GenerateOptions,
     mut done: impl FnMut(usize),
 ) -> Result<Vec<Generated>> {
     opts.validate()?;
     let mut prompts = Vec::with_capacity(requests.len());
-    for (i, &(_, messages)) in requests.iter().enumerate() {
-        if messages.is_empty() {
-            return Err(Error::invalid("messages", format!("request {i} has none")));
+    for r in requests {
+        if r.messages.is_empty() {
+            return Err(Error::invalid("messages", format!("{} has none", r.source)));
         }
-        let ids = tokenizer.encode(&tokenizer.apply_chat_template(messages, true)?)?;
-        check_row_prompt(model, i, &ids)?;
+        let ids = tokenizer.encode(&tokenizer.apply_chat_template(r.messages, true)?)?;
+        check_row_prompt(model, &r.source, &ids)?;
         prompts.push(ids);
     }
     let rank = adapters.iter().map(|a| a.layout.r).max().unwrap_or(1).max(1);
@@ -401,7 +420,7 @@ pub fn chat_rows(
     let mut out = Vec::with_capacity(requests.len());
     for (chunk, ids) in requests.chunks(rows).zip(prompts.chunks(rows)) {
         let rows: Vec<RowRequest<'_>> =
-            chunk.iter().zip(ids).map(|(&(adapter, _), ids)| RowRequest { prompt_ids: ids, adapter }).collect();
+            chunk.iter().zip(ids).map(|(r, ids)| RowRequest { prompt_ids: ids, adapter: r.adapter }).collect();
         out.extend(generate_rows(model, adapters, tokenizer, &rows, opts, |_, _| true)?);
         done(out.len());
     }

@@ -57,7 +57,7 @@ impl AnswerEval {
         let requests: Vec<_> = self
             .exchanges
             .iter()
-            .flat_map(|x| (0..per).map(move |k| ((k + 1 == per).then_some(0), x.prompt.as_slice())))
+            .flat_map(|x| (0..per).map(move |k| infer::ChatRequest::exchange(x, (k + 1 == per).then_some(0))))
             .collect();
         let answers = infer::chat_rows(model, &[adapter], &self.tokenizer, &requests, &self.opts, |_| {})?;
         let mean = |k: usize| {
