@@ -662,7 +662,9 @@ impl Trainer {
     /// and reports their mean scores (exact match, token F1, ROUGE-L) in [`Event::Eval`] beside
     /// the base model's, as `edgetune eval --generate` does for a finished adapter. Evaluation
     /// points need validation samples (`eval_every` sets when); a run without them is an error
-    /// here. Generation keeps its own small KV cache beside training's memory while it runs.
+    /// here. Generation keeps its own small KV caches, decoding buffers for up to
+    /// [`crate::infer::ANSWER_ROWS`] rows and a copy of the adapter beside training's memory while it
+    /// runs ([`crate::infer::chat_rows`]).
     pub fn score_answers_at_evals(&mut self, eval: AnswerEval) -> Result<()> {
         eval.check()?;
         if self.val.is_empty() {
