@@ -1081,7 +1081,7 @@ fn the_method_must_fit_the_data() {
 /// final adapter's own answers as the references, the last evaluation scores 1 on every count,
 /// the first (an earlier adapter) and the base model less, as `Session::score_answers` has them;
 /// scoring does not disturb training. A run without validation samples has no evaluation points
-/// to score at.
+/// to score at; an exchange past the context is refused before the run.
 #[test]
 fn answers_scored_at_evaluations_are_those_of_the_adapter_then() {
     use edgetune::Session;
@@ -1140,7 +1140,15 @@ fn answers_scored_at_evaluations_are_those_of_the_adapter_then() {
     assert!(report.base.exact < 1.0 && seen[0].1.adapter.exact < 1.0, "earlier answers differ: {seen:?}");
 
     // No validation samples, no evaluation points: an error that says what to give.
-    let mut none = Trainer::new(session.model.clone(), &dataset("llama", 0.0), cfg).expect("trainer");
-    let e = none.score_answers_at_evals(eval).expect_err("no validation").to_string();
+    let mut none = Trainer::new(session.model.clone(), &dataset("llama", 0.0), cfg.clone()).expect("trainer");
+    let e = none.score_answers_at_evals(eval.clone()).expect_err("no validation").to_string();
     assert!(e.contains("no validation samples") && e.contains("val_data"), "{e}");
+    // An exchange whose prompt does not fit the context: refused by its file and line before
+    // the run, which would otherwise stop at its first evaluation.
+    let mut long = eval;
+    let too_long = vec![Message::new("user", "word ".repeat(4 * session.model.max_context))];
+    long.exchanges[1].prompt = too_long;
+    let mut t = Trainer::new(session.model.clone(), &data, cfg).expect("trainer");
+    let e = t.score_answers_at_evals(long).expect_err("too long").to_string();
+    assert!(e.contains("held-out line 2") && e.contains("do not fit the context"), "{e}");
 }

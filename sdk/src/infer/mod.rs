@@ -393,6 +393,22 @@ impl<'a> ChatRequest<'a> {
     }
 }
 
+/// Each request's prompt ids, its messages rendered with the chat template and its generation
+/// prompt; a request without messages, or whose prompt leaves no room in the model's context,
+/// is refused naming its source.
+pub fn chat_prompts(model: &Model, tokenizer: &Tokenizer, requests: &[ChatRequest<'_>]) -> Result<Vec<Vec<u32>>> {
+    let mut prompts = Vec::with_capacity(requests.len());
+    for r in requests {
+        if r.messages.is_empty() {
+            return Err(Error::invalid("messages", format!("{} has none", r.source)));
+        }
+        let ids = tokenizer.encode(&tokenizer.apply_chat_template(r.messages, true)?)?;
+        check_row_prompt(model, &r.source, &ids)?;
+        prompts.push(ids);
+    }
+    Ok(prompts)
+}
+
 /// Answers conversations, each with its adapter among `adapters`: through
 /// [`generate_rows`], [`ANSWER_ROWS`] at a time (fewer where [`Model::most_decode_rows`] takes
 /// fewer), so each gets what [`chat`] gives it alone (up to the order of the sums) while a step
@@ -406,17 +422,10 @@ pub fn chat_rows(
     mut done: impl FnMut(usize),
 ) -> Result<Vec<Generated>> {
     opts.validate()?;
-    let mut prompts = Vec::with_capacity(requests.len());
-    for r in requests {
-        if r.messages.is_empty() {
-            return Err(Error::invalid("messages", format!("{} has none", r.source)));
-        }
-        let ids = tokenizer.encode(&tokenizer.apply_chat_template(r.messages, true)?)?;
-        check_row_prompt(model, &r.source, &ids)?;
-        prompts.push(ids);
-    }
+    let prompts = chat_prompts(model, tokenizer, requests)?;
     let rank = adapters.iter().map(|a| a.layout.r).max().unwrap_or(1).max(1);
-    let rows = ANSWER_ROWS.min(model.most_decode_rows(rank));
+    // At least one, so that a model no row fits is refused by the decoder, in words.
+    let rows = ANSWER_ROWS.min(model.most_decode_rows(rank)).max(1);
     let mut out = Vec::with_capacity(requests.len());
     for (chunk, ids) in requests.chunks(rows).zip(prompts.chunks(rows)) {
         let rows: Vec<RowRequest<'_>> =

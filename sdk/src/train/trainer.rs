@@ -26,6 +26,7 @@ use crate::data::{DataConfig, Dataset};
 use crate::error::{Error, Result};
 use crate::gpu::PendingRead;
 use crate::gpu::launch::{DPO_STATS, DpoLoss};
+use crate::infer;
 use crate::lora::{Adapter, GpuAdapter, Layout, LoraConfig};
 use crate::model::llama::Model;
 use crate::model::training::{Batch, DpoPass, Precision, Reference, Workspace, WorkspacePlan};
@@ -662,7 +663,8 @@ impl Trainer {
     /// and reports their mean scores (exact match, token F1, ROUGE-L) in [`Event::Eval`] beside
     /// the base model's, as `edgetune eval --generate` does for a finished adapter. Evaluation
     /// points need validation samples (`eval_every` sets when); a run without them is an error
-    /// here. Generation keeps its own small KV caches, decoding buffers for up to
+    /// here, as is an exchange whose prompt does not fit the model's context (by its file and
+    /// line). Generation keeps its own small KV caches, decoding buffers for up to
     /// [`crate::infer::ANSWER_ROWS`] rows and a copy of the adapter beside training's memory while it
     /// runs ([`crate::infer::chat_rows`]).
     pub fn score_answers_at_evals(&mut self, eval: AnswerEval) -> Result<()> {
@@ -673,6 +675,9 @@ impl Trainer {
                 "runs at evaluation points, and this run has no validation samples: give validation data (val_data)",
             ));
         }
+        // Every prompt fits the context, or the run would stop at its first evaluation.
+        let requests: Vec<_> = eval.exchanges.iter().map(|x| infer::ChatRequest::exchange(x, None)).collect();
+        infer::chat_prompts(&self.model, &eval.tokenizer, &requests)?;
         self.answers = Some((eval, None));
         Ok(())
     }
