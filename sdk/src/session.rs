@@ -156,14 +156,13 @@ impl Session {
         opts: &GenerateOptions,
         on_text: impl FnMut(usize, &str) -> bool,
     ) -> Result<Vec<Generated>> {
-        let mut prompts = Vec::with_capacity(requests.len());
-        for (i, &(name, messages)) in requests.iter().enumerate() {
-            if messages.is_empty() {
-                return Err(Error::invalid("messages", format!("request {i} has none")));
-            }
-            let text = self.tokenizer.apply_chat_template(messages, true)?;
-            prompts.push((name, self.tokenizer.encode(&text)?));
-        }
+        let chats: Vec<infer::ChatRequest<'_>> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, messages))| infer::ChatRequest { messages, adapter: None, source: format!("request {i}") })
+            .collect();
+        let ids = infer::chat_prompts(&self.model, &self.tokenizer, &chats)?;
+        let prompts: Vec<_> = requests.iter().zip(ids).map(|(&(name, _), ids)| (name, ids)).collect();
         self.generate_rows(&prompts, opts, on_text)
     }
 
