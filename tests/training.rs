@@ -104,12 +104,12 @@ fn resume_matches_straight_run(ctx: Arc<GpuContext>, total: u64, i: usize) {
     let m = model(&ctx, "llama");
     let data = dataset("llama", 0.25);
     let dir = tmp(&format!("resume-{i}-{}", ctx.report.kernels.family));
-    let config = || TrainConfig { max_steps: Some(total), ..config() };
+    let run_config = || TrainConfig { max_steps: Some(total), ..config() };
     let half = total / 2;
 
     // All the steps straight.
     let mut straight = Vec::new();
-    let mut a = Trainer::new(m.clone(), &data, config()).expect("trainer");
+    let mut a = Trainer::new(m.clone(), &data, run_config()).expect("trainer");
     a.set_checkpoint_path(dir.join("straight.ckpt"));
     let out_a = a.run(|e| straight.push(e.clone())).expect("straight run");
     assert_eq!((out_a.reason, out_a.steps), (StopReason::Completed, total));
@@ -118,7 +118,7 @@ fn resume_matches_straight_run(ctx: Arc<GpuContext>, total: u64, i: usize) {
 
     // Half of them, cancelled from another thread, then resumed from the checkpoint for the rest.
     let ckpt = dir.join("run.ckpt");
-    let mut b = Trainer::new(m.clone(), &data, config()).expect("trainer");
+    let mut b = Trainer::new(m.clone(), &data, run_config()).expect("trainer");
     b.set_checkpoint_path(&ckpt);
     let token = b.cancel_token();
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -146,7 +146,7 @@ fn resume_matches_straight_run(ctx: Arc<GpuContext>, total: u64, i: usize) {
     );
     drop(b);
 
-    let mut c = Trainer::new(m.clone(), &data, config()).expect("trainer");
+    let mut c = Trainer::new(m.clone(), &data, run_config()).expect("trainer");
     c.resume(&ckpt).expect("resume");
     c.set_checkpoint_path(&ckpt);
     assert_eq!(c.steps_done(), half);
