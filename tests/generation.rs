@@ -88,6 +88,64 @@ fn greedy_decoding_on_the_gpu_picks_what_the_cpu_sampler_picks() {
     assert_eq!(second, sample(&m.next_logits(&[first], &mut on_cpu).expect("decode"), &greedy, &mut rng));
 }
 
+/// A step fed by the last step's pick on the GPU (`StepToken::Picked`) can be submitted before
+/// that pick is read back, and the tokens are those of a step at a time; a cache whose last
+/// pass did not pick by argmax refuses it. Greedy generation runs that way: when the first
+/// token's text is streamed, the pass that picks the second has already been submitted.
+#[test]
+fn a_step_fed_by_the_last_pick_on_the_gpu_runs_ahead_of_the_host() {
+    use edgetune::model::llama::StepToken;
+    let s = session(64);
+    let m = &s.model;
+    let prompt = s.tokenizer.encode("Paris is").expect("encode");
+    let mut cache = m.new_cache().expect("cache");
+    let mut one_at_a_time = vec![m.next_argmax_with(&prompt, &mut cache, None).expect("prefill")];
+    for _ in 0..12 {
+        let last = one_at_a_time[one_at_a_time.len() - 1];
+        one_at_a_time.push(m.next_argmax_with(&[last], &mut cache, None).expect("decode"));
+    }
+    assert!(
+        one_at_a_time.windows(2).any(|w| w[0] != w[1]),
+        "a sequence of one repeated token would not show which step fed which: {one_at_a_time:?}"
+    );
+    let staging = [m.ctx.staging("id", 4), m.ctx.staging("id", 4)];
+    let mut cache = m.new_cache().expect("cache");
+    let first = m.next_argmax_with(&prompt, &mut cache, None).expect("prefill");
+    let e = m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[0]).expect_err("after a prompt's pass");
+    assert!(e.to_string().contains("one-token step that picked by argmax"), "{e}");
+    assert_eq!(cache.len, prompt.len(), "a refused step leaves the cache as it was");
+    let mut chained = vec![first];
+    let mut pending = m.submit_argmax(StepToken::Id(first), &mut cache, None, &staging[0]).expect("step");
+    for k in 1..12 {
+        let before = m.ctx.counts();
+        let next = m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[k % 2]).expect("chained step");
+        let c = m.ctx.counts() - before;
+        assert_eq!((c.buffers, c.bind_groups, c.submits), (0, 0, 1), "a chained step creates nothing: {c:?}");
+        chained.push(m.ctx.finish_read(pending).expect("read")[0]);
+        pending = next;
+    }
+    chained.push(m.ctx.finish_read(pending).expect("read")[0]);
+    assert_eq!(chained, one_at_a_time);
+    // A top-k pass picks no id into the cache's buffer for the next step.
+    let last = chained[chained.len() - 1];
+    m.next_top_k_with(&[last], &mut cache, None, 4).expect("top-k");
+    m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[0]).expect_err("after a top-k pass");
+
+    let start = m.ctx.counts().submits;
+    let mut seen = Vec::new();
+    let opts = GenerateOptions { max_new_tokens: one_at_a_time.len(), ..Default::default() };
+    let g = s
+        .generate("Paris is", &opts, |_| {
+            seen.push(m.ctx.counts().submits - start);
+            true
+        })
+        .expect("generate");
+    assert_eq!(g.token_ids, one_at_a_time[..g.token_ids.len()]);
+    assert_eq!(g.token_ids[0], first);
+    assert!(!seen.is_empty() && !s.tokenizer.decode(&g.token_ids[..1]).expect("decode").is_empty());
+    assert_eq!(seen[0], 2, "the prompt's pass, and the step after the first token before its text is streamed");
+}
+
 /// Seeded sampling with a top-k cut takes its candidates from the GPU: the same tokens as
 /// sampling the whole row of logits on the CPU with the same seed, and the same text twice.
 #[test]

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::launch::MAX_TOP_K;
 use crate::lora::GpuAdapter;
-use crate::model::llama::{KvCache, Model};
+use crate::model::llama::{KvCache, Model, StepToken};
 use crate::tokenizer::Tokenizer;
 
 /// How to pick tokens and when to stop.
@@ -176,6 +176,10 @@ pub fn generate(
     };
     let mut next = pick(prompt_ids, &mut cache, &mut rng)?;
     let mut stream = Stream::new(model, tokenizer, prompt_ids.len());
+    if opts.temperature == 0.0 {
+        let stop_reason = greedy(model, lora, &mut cache, &mut stream, next, opts, &mut on_text)?;
+        return Ok(stream.finish(stop_reason));
+    }
     let stop_reason = loop {
         if let Some(reason) = stream.take(next, opts, &mut on_text)? {
             break reason;
@@ -186,6 +190,49 @@ pub fn generate(
         next = pick(&[next], &mut cache, &mut rng)?;
     };
     Ok(stream.finish(stop_reason))
+}
+
+/// Greedy decoding after the prompt's pass picked `first`, with the host a step behind the
+/// GPU: each step takes as its token the id the step before picked on the GPU
+/// ([`StepToken::Picked`]), so it is submitted before that id is read back, and the GPU runs the
+/// steps back to back while the host reads each id, streams its text and records the step after.
+/// The tokens are those of a step at a time ([`Model::next_argmax_with`]); when one ends the
+/// sequence, the step already submitted after it is not read.
+fn greedy(
+    model: &Model,
+    lora: Option<&GpuAdapter>,
+    cache: &mut KvCache,
+    stream: &mut Stream<'_>,
+    first: u32,
+    opts: &GenerateOptions,
+    on_text: &mut impl FnMut(&str) -> bool,
+) -> Result<StopReason> {
+    // Two readbacks in flight at most: the step being read and the one submitted after it.
+    let staging = [model.ctx.staging("greedy id", 4), model.ctx.staging("greedy id", 4)];
+    // Tokens picked so far, the prompt's pass's included: no step picks past the last allowed.
+    let mut picked = 1;
+    let mut room = |cache: &KvCache| {
+        let go = cache.len < cache.capacity && picked < opts.max_new_tokens;
+        picked += usize::from(go);
+        go
+    };
+    let mut ahead =
+        if room(cache) { Some(model.submit_argmax(StepToken::Id(first), cache, lora, &staging[0])?) } else { None };
+    let (mut token, mut slot) = (first, 1);
+    loop {
+        if let Some(reason) = stream.take(token, opts, on_text)? {
+            // A step submitted after the last token goes unread, dropped with the cache.
+            return Ok(reason);
+        }
+        let Some(pending) = ahead.take() else {
+            return Ok(StopReason::ContextFull);
+        };
+        if room(cache) {
+            ahead = Some(model.submit_argmax(StepToken::Picked, cache, lora, &staging[slot])?);
+            slot ^= 1;
+        }
+        token = model.ctx.finish_read(pending)?[0];
+    }
 }
 
 /// The KV cache positions one sequence can use: its prompt and its new tokens (of which the last

@@ -284,6 +284,9 @@ pub struct KvCache {
     pub capacity: usize,
     /// Made at the first one-token pass, for LoRA ranks up to its `rank`.
     decode: Option<DecodeBuffers>,
+    /// Whether `decode.picked` holds what the last pass picked by argmax, for a next step fed
+    /// by it ([`StepToken::Picked`]).
+    argmax_picked: bool,
     binds: Arc<BindGroups>,
 }
 
@@ -566,6 +569,24 @@ pub(crate) enum Stage {
     GateUp,
     /// The block's output (the down projection's LoRA product is complete).
     Out,
+}
+
+/// The token of a one-token step ([`Model::submit_argmax`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepToken {
+    /// This id, from the host.
+    Id(u32),
+    /// The id the cache's previous one-token step picked by argmax ([`Model::submit_argmax`],
+    /// [`Model::next_argmax_with`]), copied on the GPU: the host need not have read it back.
+    Picked,
+}
+
+/// What a forward pass runs: token ids from the host, or one token that the cache's last step
+/// picked on the GPU ([`StepToken::Picked`]).
+#[derive(Debug, Clone, Copy)]
+enum StepInput<'a> {
+    Ids(&'a [u32]),
+    Picked,
 }
 
 /// What a KV cache keeps for decoding: one token's activations, its logits, and the partials
@@ -1257,6 +1278,7 @@ impl Model {
                     len: 0,
                     capacity,
                     decode: None,
+                    argmax_picked: false,
                     binds: BindGroups::new(),
                 };
                 base += capacity;
@@ -1703,7 +1725,7 @@ impl Model {
     ) -> Result<wgpu::Buffer> {
         let chunk = self.pass_chunk(lora);
         if ids.len() <= chunk {
-            let (enc, hidden) = self.record_hidden(ids, cache, lora, FinalNorm::Written)?;
+            let (enc, hidden) = self.record_hidden(StepInput::Ids(ids), cache, lora, FinalNorm::Written)?;
             self.ctx.submit([enc.finish()]);
             return Ok(hidden);
         }
@@ -1728,7 +1750,7 @@ impl Model {
             Ok(self.ctx.storage_zeroed("hidden states", ids.len() * self.config.hidden_size))
         })?;
         for (n, part) in ids.chunks(chunk).enumerate() {
-            let (mut enc, hidden) = self.record_hidden(part, cache, lora, FinalNorm::Written)?;
+            let (mut enc, hidden) = self.record_hidden(StepInput::Ids(part), cache, lora, FinalNorm::Written)?;
             enc.copy_buffer_to_buffer(&hidden, 0, &out, (n * chunk) as u64 * row, part.len() as u64 * row);
             self.ctx.submit([enc.finish()]);
         }
@@ -1767,15 +1789,31 @@ impl Model {
     /// callers run longer inputs in passes of [`Model::pass_chunk`], which this refuses past.
     fn record_hidden(
         &self,
-        ids: &[u32],
+        input: StepInput<'_>,
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
         final_norm: FinalNorm,
     ) -> Result<(Encoder, wgpu::Buffer)> {
         let c = &self.config;
+        let rank = lora.map_or(0, |a| a.layout.r);
+        let ids = match input {
+            StepInput::Ids(ids) => ids,
+            StepInput::Picked => {
+                if !cache.argmax_picked || cache.decode.as_ref().is_none_or(|d| d.acts.rank < rank) {
+                    return Err(Error::invalid(
+                        "token",
+                        "a step fed by the last step's pick needs the cache's last pass to be a one-token step \
+                         that picked by argmax (with an adapter of at most its rank)",
+                    ));
+                }
+                // Any id in the vocabulary: only the capacity is checked, the token comes from the GPU.
+                &[0][..]
+            }
+        };
         let t = ids.len();
         self.check_ids(ids, cache)?;
-        let rank = lora.map_or(0, |a| a.layout.r);
+        // Until a one-token pass's argmax is recorded after it.
+        cache.argmax_picked = false;
         let owned;
         let (mut enc, a) = if t == 1 {
             if cache.decode.as_ref().is_none_or(|d| d.acts.rank < rank) {
@@ -1795,9 +1833,14 @@ impl Model {
                 })?);
             }
             let d = cache.decode.as_ref().ok_or_else(|| Error::Gpu("decode buffers missing".into()))?;
-            self.ctx.queue.write_buffer(&d.acts.ids, 0, bytemuck::cast_slice(ids));
             // One submission per decoded token.
-            (self.ctx.encoder_with(&cache.binds).whole(), &d.acts)
+            let mut enc = self.ctx.encoder_with(&cache.binds).whole();
+            match input {
+                StepInput::Ids(ids) => self.ctx.queue.write_buffer(&d.acts.ids, 0, bytemuck::cast_slice(ids)),
+                // The id the last step's argmax left in the first word of `picked`.
+                StepInput::Picked => enc.copy_buffer_to_buffer(&d.picked, 0, &d.acts.ids, 0, 4),
+            }
+            (enc, &d.acts)
         } else {
             let most = self.max_pass_tokens(rank, 0);
             if t > most {
@@ -2219,15 +2262,21 @@ impl Model {
     /// encoder and the logits buffer (the cache's own for one token).
     fn record_next_logits(
         &self,
-        ids: &[u32],
+        input: StepInput<'_>,
         cache: &mut KvCache,
         lora: Option<&GpuAdapter>,
     ) -> Result<(Encoder, wgpu::Buffer)> {
-        let ids = self.prefill_leading_chunks(ids, cache, lora)?;
+        let (input, t) = match input {
+            StepInput::Ids(ids) => {
+                let last = self.prefill_leading_chunks(ids, cache, lora)?;
+                (StepInput::Ids(last), last.len())
+            }
+            StepInput::Picked => (StepInput::Picked, 1),
+        };
         // One token (decoding): the final norm rides in the LM head's products.
-        let one = ids.len() == 1;
+        let one = t == 1;
         let (mut enc, hidden) =
-            self.record_hidden(ids, cache, lora, if one { FinalNorm::Fused } else { FinalNorm::Written })?;
+            self.record_hidden(input, cache, lora, if one { FinalNorm::Fused } else { FinalNorm::Written })?;
         let logits = if one {
             // A one-token pass ran in the cache's decoding buffers.
             let d = cache.decode.as_ref().ok_or_else(|| Error::Gpu("decode buffers missing".into()))?;
@@ -2235,7 +2284,7 @@ impl Model {
             self.record_logits(&mut enc, &hidden, &d.logits, 1, Some(norm))?;
             d.logits.clone()
         } else {
-            self.logits_gpu(&mut enc, &hidden, ids.len() - 1, 1)?
+            self.logits_gpu(&mut enc, &hidden, t - 1, 1)?
         };
         Ok((enc, logits))
     }
@@ -2258,7 +2307,7 @@ impl Model {
         self.check_ids(ids, cache)?;
         let (leading, last) = ids.split_at((ids.len() - 1) / chunk * chunk);
         for part in leading.chunks(chunk) {
-            let (enc, _) = self.record_hidden(part, cache, lora, FinalNorm::Fused)?;
+            let (enc, _) = self.record_hidden(StepInput::Ids(part), cache, lora, FinalNorm::Fused)?;
             self.ctx.submit([enc.finish()]);
         }
         Ok(last)
@@ -2272,7 +2321,7 @@ impl Model {
     /// [`Model::next_logits`] with a LoRA adapter applied (not merged).
     /// One submission: the forward pass, the logits and their copy back.
     pub fn next_logits_with(&self, ids: &[u32], cache: &mut KvCache, lora: Option<&GpuAdapter>) -> Result<Vec<f32>> {
-        let (enc, logits) = self.record_next_logits(ids, cache, lora)?;
+        let (enc, logits) = self.record_next_logits(StepInput::Ids(ids), cache, lora)?;
         self.ctx.read_f32_after(enc, &logits, self.config.vocab_size)
     }
 
@@ -2292,7 +2341,7 @@ impl Model {
         words: usize,
         pick: impl FnOnce(&mut Encoder, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer) -> Result<()>,
     ) -> Result<Vec<u32>> {
-        let (mut enc, logits) = self.record_next_logits(ids, cache, lora)?;
+        let (mut enc, logits) = self.record_next_logits(StepInput::Ids(ids), cache, lora)?;
         let owned;
         let (partials, picked) = match (&cache.decode, ids.len()) {
             (Some(d), 1) => (&d.pick_partials, &d.picked),
@@ -2317,7 +2366,42 @@ impl Model {
         let out = self.next_picked(ids, cache, lora, 1, |enc, logits, partials, picked| {
             launch::argmax(ctx, enc, logits, partials, picked, v)
         })?;
+        // A one-token pass picked into the cache's own buffer, which a next step can read.
+        cache.argmax_picked = ids.len() == 1;
         Ok(out[0])
+    }
+
+    /// Submits a one-token step of `cache` whose token is `token`, with its argmax (as
+    /// [`Model::next_argmax_with`] picks it), and starts reading the id it picks back into
+    /// `staging` (4 bytes at least, [`GpuContext::staging`]) without waiting:
+    /// [`GpuContext::finish_read`] returns it as its first word. With [`StepToken::Picked`] the
+    /// step's token is the one the cache's previous step picked, copied on the GPU, so the next
+    /// step can be submitted before the host has read the last one back and the GPU runs the
+    /// steps back to back (greedy decoding in [`crate::infer::generate`]); that needs a one-token
+    /// step of the cache before it (for an adapter of at least this rank). Until the read is
+    /// finished, `staging` must not be used again.
+    pub fn submit_argmax(
+        &self,
+        token: StepToken,
+        cache: &mut KvCache,
+        lora: Option<&GpuAdapter>,
+        staging: &wgpu::Buffer,
+    ) -> Result<crate::gpu::PendingRead> {
+        self.ctx.check()?;
+        let id;
+        let input = match token {
+            StepToken::Id(i) => {
+                id = [i];
+                StepInput::Ids(&id)
+            }
+            StepToken::Picked => StepInput::Picked,
+        };
+        let (mut enc, logits) = self.record_next_logits(input, cache, lora)?;
+        let d = cache.decode.as_ref().ok_or_else(|| Error::Gpu("decode buffers missing".into()))?;
+        launch::argmax(&self.ctx, &mut enc, &logits, &d.pick_partials, &d.picked, self.config.vocab_size)?;
+        enc.copy_buffer_to_buffer(&d.picked, 0, staging, 0, 4);
+        cache.argmax_picked = true;
+        Ok(self.ctx.submit_and_map(enc, staging, 4))
     }
 
     /// Runs `ids` and returns the `k` (at most [`launch::MAX_TOP_K`]) most likely next tokens
