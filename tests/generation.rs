@@ -126,10 +126,17 @@ fn a_step_fed_by_the_last_pick_on_the_gpu_runs_ahead_of_the_host() {
     }
     chained.push(m.ctx.finish_read(pending).expect("read")[0]);
     assert_eq!(chained, one_at_a_time);
-    // A top-k pass picks no id into the cache's buffer for the next step.
+    // A top-k pass, or a step decoded with other rows, picks no id into the cache's buffer for
+    // the next step.
     let last = chained[chained.len() - 1];
     m.next_top_k_with(&[last], &mut cache, None, 4).expect("top-k");
     m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[0]).expect_err("after a top-k pass");
+    m.next_argmax_with(&[last], &mut cache, None).expect("decode");
+    let set = edgetune::lora::GpuAdapterSet::new(&m.ctx, &[], m.config.num_layers).expect("no adapters");
+    let mut decoder = m.rows_decoder(1, 1).expect("decoder");
+    let mut rows = [edgetune::model::llama::DecodeRow { cache: &mut cache, adapter: None, token: last }];
+    m.decode_rows_argmax(&mut decoder, &set, &mut rows).expect("rows step");
+    m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[0]).expect_err("after a rows step");
 
     let start = m.ctx.counts().submits;
     let mut seen = Vec::new();

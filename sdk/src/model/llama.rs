@@ -1494,6 +1494,8 @@ impl Model {
         drop(pass);
         for r in rows.iter_mut() {
             r.cache.len += 1;
+            // The rows' picks go to the decoder's buffers, not the cache's.
+            r.cache.argmax_picked = false;
         }
         Ok(enc)
     }
