@@ -2379,9 +2379,10 @@ impl Model {
     /// [`GpuContext::finish_read`] returns it as its first word. With [`StepToken::Picked`] the
     /// step's token is the one the cache's previous step picked, copied on the GPU, so the next
     /// step can be submitted before the host has read the last one back and the GPU runs the
-    /// steps back to back (greedy decoding in [`crate::infer::generate`]); that needs a one-token
-    /// step of the cache before it (for an adapter of at least this rank). Until the read is
-    /// finished, `staging` must not be used again.
+    /// steps back to back (greedy decoding in [`crate::infer::generate`]); that needs the cache's
+    /// last pass to be a one-token step that picked by argmax (this or
+    /// [`Model::next_argmax_with`]), else it is refused. Until the read is finished, `staging`
+    /// must not be used again.
     pub fn submit_argmax(
         &self,
         token: StepToken,
