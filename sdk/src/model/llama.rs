@@ -2391,12 +2391,8 @@ impl Model {
         staging: &wgpu::Buffer,
     ) -> Result<crate::gpu::PendingRead> {
         self.ctx.check()?;
-        let id;
-        let input = match token {
-            StepToken::Id(i) => {
-                id = [i];
-                StepInput::Ids(&id)
-            }
+        let input = match &token {
+            StepToken::Id(id) => StepInput::Ids(std::slice::from_ref(id)),
             StepToken::Picked => StepInput::Picked,
         };
         let (mut enc, logits) = self.record_next_logits(input, cache, lora)?;
