@@ -90,31 +90,39 @@ check() {
   rm -f "$out"
   lap "$name"
 }
-# The crates that publish pass `cargo publish --dry-run` in dependency order: each packages and
-# builds from its .crate file alone (each in its own folder, with nothing from outside it: the
-# integration tests are their own member, tests/), against crates.io's index for the rest.
+# The crates that publish pass `cargo publish --dry-run` (packaging, manifests, and resolution
+# against crates.io's index, each crate's siblings through a local overlay registry), in
+# dependency order. `--no-verify`: that each builds and passes its unit tests from its .crate
+# file alone is the next check's, which builds in the workspace's target folder and so
+# shares its dependencies' builds (the verification built them all again, at opt-level 0, in
+# a folder of its own: eight minutes where that folder was cold).
 msrv_crates="edgetune-shaders edgetune edgetune-cli edgetune-capi"
 crates="$msrv_crates edgetune-demo"
 packages=$(printf -- '-p %s ' $crates)
-# cargo verifies each crate against its siblings through a local overlay registry: it unpacks
-# them under $CARGO_HOME/registry/src/-<hash>/ and builds them as registry crates, which it never
-# unpacks or rebuilds again for the same version. A copy or a build left by an earlier run (of
-# the shaders before a change) would stand in for this one, so both go first; the verification
-# builds in a target folder of its own, so that the workspace's builds stay.
 publish_target="$HOME/.cache/edgetune/publish-target"
-rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/edgetune*-[0-9]* "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/-*/edgetune* \
-  "$publish_target"/debug/.fingerprint/edgetune* "$publish_target"/debug/deps/*edgetune* "$publish_target"/debug/build/edgetune*
+# cargo unpacks the overlay's copies under $CARGO_HOME/registry and never again for the same
+# version: a copy left by an earlier run (of the shaders before a change) would stand in for
+# this one's, so they go first.
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/edgetune*-[0-9]* "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/-*/edgetune*
 check "cargo publish --dry-run $crates" env CARGO_TARGET_DIR="$publish_target" \
-  cargo publish --dry-run --locked --allow-dirty $packages
+  cargo publish --dry-run --no-verify --locked --allow-dirty $packages
 # Their unit tests pass from the .crate files alone, unpacked in a scratch folder (each crate's
 # sibling dependencies patched to the unpacked siblings). The C crate's load the repository's
-# tiny models, named by EDGETUNE_FIXTURES.
+# tiny models, named by EDGETUNE_FIXTURES. An unpacked crate is a workspace of its own, without
+# the workspace's [profile] sections: they are given here as they are in Cargo.toml, so that
+# the dependencies' builds from `cargo test` above serve (built to another profile, each
+# dependency would compile again: thirteen minutes where none had been).
+profile_config=(
+  --config 'profile.dev.debug="line-tables-only"'
+  --config 'profile.test.opt-level=2' --config 'profile.test.debug="line-tables-only"'
+  --config 'profile.dev.package."*".opt-level=2' --config 'profile.dev.package."*".debug=false'
+)
 unit_tests_in() {
   local dir="$1" fixtures="$PWD/tests/reference/fixtures" version c
   version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"
   for c in $crates; do tar -m -xzf "$publish_target/package/$c-$version.crate" -C "$dir" || return 1; done
   for c in $crates; do
-    (cd "$dir/$c-$version" && EDGETUNE_FIXTURES="$fixtures" cargo test --offline --lib --bins \
+    (cd "$dir/$c-$version" && EDGETUNE_FIXTURES="$fixtures" cargo test --offline --lib --bins "${profile_config[@]}" \
       --config "patch.crates-io.edgetune-shaders.path=\"$dir/edgetune-shaders-$version\"" \
       --config "patch.crates-io.edgetune.path=\"$dir/edgetune-$version\"") || return 1
   done
@@ -146,7 +154,11 @@ msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)"
 check "cargo +$msrv check $msrv_crates" env CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" \
   cargo "+$msrv" check --locked --all-targets $(printf -- '-p %s ' $msrv_crates)
 demo_msrv="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' demo-app/Cargo.toml)"
-check "cargo +$demo_msrv check edgetune-demo" env CARGO_TARGET_DIR="$HOME/.cache/edgetune/msrv-target" \
+# Where that toolchain is the very compiler of the builds above (the demo's minimum is often the
+# newest stable), its check shares their target folder and what `cargo doc` checked there.
+demo_target="$HOME/.cache/edgetune/msrv-target"
+if [ "$(rustc --version)" = "$(rustup run "$demo_msrv" rustc --version 2>/dev/null)" ]; then demo_target="$CARGO_TARGET_DIR"; fi
+check "cargo +$demo_msrv check edgetune-demo" env CARGO_TARGET_DIR="$demo_target" \
   cargo "+$demo_msrv" check --locked --all-targets -p edgetune-demo
 # The Python package's tests, against the wheel as a user installs it: scripts/wheel.sh builds
 # it as it is published (`pip wheel`, setuptools-rust compiling the C library into it, then
@@ -170,7 +182,7 @@ passed=$((passed + py_ran - py_failed))
 failed=$((failed + py_failed))
 # Every parser that reads outside input, fuzzed briefly (scripts/fuzz.sh; long runs are that
 # script with more seconds): each target that runs its time without a crash counts as a test.
-bash "$(dirname "$0")/fuzz.sh" "${FUZZ_SECONDS:-30}" 2>&1 | tee "$fuzzlog" || status=1
+bash "$(dirname "$0")/fuzz.sh" "${FUZZ_SECONDS:-15}" 2>&1 | tee "$fuzzlog" || status=1
 lap "fuzz"
 fuzz_ok=$({ grep -Ec '^[a-z_]+: [0-9]+ executions, no crash$' "$fuzzlog" || true; })
 fuzz_bad=$({ grep -Ec '^[a-z_]+: FAILED' "$fuzzlog" || true; })
