@@ -247,7 +247,7 @@ fn persona_steps(ctx: Arc<GpuContext>, quant: Quant, steps: u64, measured: Measu
     assert_eq!((data.train.len(), data.val.len()), (35, 4));
     if measured == Measured::Trained {
         // One record, not the conversations of records that training chains them into: the
-        // shortest (the first of those), so that the slow families' evaluations are short.
+        // shortest (the first such where several are), so that the slow families' passes are short.
         let shortest = data.train.iter().min_by_key(|s| s.ids.len()).expect("a training sample").clone();
         eprintln!("one sample: line {}, {} tokens", shortest.line, shortest.ids.len());
         data.train = vec![shortest];
