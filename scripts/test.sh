@@ -100,10 +100,6 @@ msrv_crates="edgetune-shaders edgetune edgetune-cli edgetune-capi"
 crates="$msrv_crates edgetune-demo"
 packages=$(printf -- '-p %s ' $crates)
 publish_target="$HOME/.cache/edgetune/publish-target"
-# cargo unpacks the overlay's copies under $CARGO_HOME/registry and never again for the same
-# version: a copy left by an earlier run (of the shaders before a change) would stand in for
-# this one's, so they go first.
-rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/edgetune*-[0-9]* "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/-*/edgetune*
 check "cargo publish --dry-run $crates" env CARGO_TARGET_DIR="$publish_target" \
   cargo publish --dry-run --no-verify --locked --allow-dirty $packages
 # Their unit tests pass from the .crate files alone, unpacked in a scratch folder (each crate's
