@@ -610,7 +610,7 @@ fn logits_past_one_binding_are_formed_in_chunks_of_rows() {
 fn pools_of_caches_hold_what_one_binding_holds() {
     use edgetune::gpu::{GpuContext, GpuOptions};
     use edgetune::lora::GpuAdapterSet;
-    use edgetune::model::llama::{DecodeRow, KvCache, LoadOptions, Quant};
+    use edgetune::model::llama::{DecodeRow, KvCache, LoadOptions, Quant, RowToken};
     let small = std::sync::Arc::new(
         GpuContext::new(&GpuOptions { max_storage_binding: Some(256 << 10), ..Default::default() }).expect("gpu"),
     );
@@ -623,8 +623,11 @@ fn pools_of_caches_hold_what_one_binding_holds() {
     let mut decoder = m.rows_decoder(2, 1).expect("decoder");
     let mut caches = m.new_caches_for(&[350; 4]).expect("caches");
     let mut step = |pair: [&mut KvCache; 2]| {
-        let mut rows: Vec<DecodeRow<'_>> =
-            pair.into_iter().zip([5, 9]).map(|(cache, token)| DecodeRow { cache, adapter: None, token }).collect();
+        let mut rows: Vec<DecodeRow<'_>> = pair
+            .into_iter()
+            .zip([5, 9])
+            .map(|(cache, token)| DecodeRow { cache, adapter: None, token: RowToken::Id(token) })
+            .collect();
         let before = m.ctx.counts();
         let picked = m.decode_rows_argmax(&mut decoder, &set, &mut rows).expect("step");
         ((m.ctx.counts() - before).dispatches, picked)

@@ -416,7 +416,8 @@ fn the_gpu_tests_runner_adds_results_and_keeps_to_its_budget() {
 }
 
 /// `bench --rows N` decodes N sequences, each with its own adapter, one after another and then
-/// together (`Model::decode_rows_argmax`, then two steps of `Model::decode_rows`, which reads
+/// together (`Model::submit_rows_argmax`, each step fed by the picks of the one before on the
+/// GPU as greedy generation runs them, then two steps of `Model::decode_rows`, which reads
 /// the logits back as sampling does), and reports both rates; a step of the second creates
 /// nothing, even where the rows' logits are more than the context's kept staging buffer holds
 /// (a vocabulary of 100,000: 3 rows of logits are 1.2 MB).

@@ -94,7 +94,7 @@ fn greedy_decoding_on_the_gpu_picks_what_the_cpu_sampler_picks() {
 /// token's text is streamed, the pass that picks the second has already been submitted.
 #[test]
 fn a_step_fed_by_the_last_pick_on_the_gpu_runs_ahead_of_the_host() {
-    use edgetune::model::llama::StepToken;
+    use edgetune::model::llama::{RowToken, StepToken};
     let s = session(64);
     let m = &s.model;
     let prompt = s.tokenizer.encode("Paris is").expect("encode");
@@ -134,7 +134,7 @@ fn a_step_fed_by_the_last_pick_on_the_gpu_runs_ahead_of_the_host() {
     m.next_argmax_with(&[last], &mut cache, None).expect("decode");
     let set = edgetune::lora::GpuAdapterSet::new(&m.ctx, &[], m.config.num_layers).expect("no adapters");
     let mut decoder = m.rows_decoder(1, 1).expect("decoder");
-    let mut rows = [edgetune::model::llama::DecodeRow { cache: &mut cache, adapter: None, token: last }];
+    let mut rows = [edgetune::model::llama::DecodeRow { cache: &mut cache, adapter: None, token: RowToken::Id(last) }];
     m.decode_rows_argmax(&mut decoder, &set, &mut rows).expect("rows step");
     m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[0]).expect_err("after a rows step");
 
@@ -344,7 +344,8 @@ fn resident_adapters_answer_in_alternation_as_each_alone_without_uploads() {
 /// Several users at once: `Session::generate_many` with two resident adapters and the base
 /// model across four requests gives each request what `generate_with` gives it alone, greedily
 /// and with seeded top-k sampling (each request draws from its own generator), while the steps
-/// decode the requests still going in one pass. Streamed pieces add up to each request's text;
+/// decode the requests still going in one pass (greedily, each step submitted before the one
+/// before is read back). Streamed pieces add up to each request's text;
 /// a callback returning false ends only its own request; `chat_many` answers conversations as
 /// `chat_with` does. Refused: an unknown adapter name, an empty prompt and a conversation
 /// without messages, naming the request.
@@ -377,12 +378,18 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
             requests.iter().map(|&(a, p)| s.generate_with(a, p, &opts, |_| true).expect("alone")).collect();
         assert_ne!(alone[0].token_ids, alone[3].token_ids, "different prompts must differ, or this tests little");
         let mut pieces = vec![String::new(); requests.len()];
+        let (start, mut seen) = (s.model.ctx.counts().submits, Vec::new());
         let together = s
             .generate_many(&requests, &opts, |i, piece| {
                 pieces[i].push_str(piece);
+                seen.push(s.model.ctx.counts().submits - start);
                 true
             })
             .expect("together");
+        // The adapter set's copy and the prompts' passes; greedily, also the step after the
+        // first tokens, submitted before their text streamed.
+        let ahead = u64::from(opts.temperature == 0.0);
+        assert_eq!(seen.first(), Some(&(1 + requests.len() as u64 + ahead)), "{opts:?}: {seen:?}");
         for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
             assert_eq!(t.token_ids, a.token_ids, "request {i} with {opts:?}");
             assert_eq!(

@@ -465,7 +465,7 @@ fn decoding_with_an_adapter_matches_a_prefill_with_it_in_every_family() {
 #[test]
 fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
     use edgetune::lora::{Adapter, GpuAdapter, GpuAdapterSet, LoraConfig, TargetModules};
-    use edgetune::model::llama::DecodeRow;
+    use edgetune::model::llama::{DecodeRow, RowToken};
     for kind in ["llama", "mistral", "qwen3", "gemma2", "gemma3", "phi3"] {
         let (ctx, model) = tiny(kind);
         let moved = |cfg: LoraConfig, seed: u64| {
@@ -516,7 +516,11 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
                     together.iter_mut().map(Some).collect();
                 let mut rows: Vec<DecodeRow<'_>> = order
                     .iter()
-                    .map(|&i| DecodeRow { cache: caches[i].take().expect("once"), adapter: chosen[i], token: next[i] })
+                    .map(|&i| DecodeRow {
+                        cache: caches[i].take().expect("once"),
+                        adapter: chosen[i],
+                        token: RowToken::Id(next[i]),
+                    })
                     .collect();
                 model.decode_rows(&mut decoder, &set, &mut rows).expect("decode rows")
             };
@@ -537,7 +541,7 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
         }
         // Sequence 0's cache is full: a step more is refused, naming it.
         assert_eq!(together[0].len, together[0].capacity, "{kind}");
-        let mut full = [DecodeRow { cache: &mut together[0], adapter: None, token: 1 }];
+        let mut full = [DecodeRow { cache: &mut together[0], adapter: None, token: RowToken::Id(1) }];
         let err = model.decode_rows(&mut decoder, &set, &mut full).expect_err("full");
         assert!(err.to_string().contains("row 0: its cache holds its capacity of"), "{kind}: {err}");
         // The adapters must change the logits, or this tests nothing.
@@ -560,18 +564,22 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
     let mut third = llama.new_cache().expect("cache");
     refused(
         &mut [
-            DecodeRow { cache: &mut own, adapter: None, token: 1 },
-            DecodeRow { cache: &mut foreign, adapter: None, token: 1 },
+            DecodeRow { cache: &mut own, adapter: None, token: RowToken::Id(1) },
+            DecodeRow { cache: &mut foreign, adapter: None, token: RowToken::Id(1) },
         ],
         &none,
         "row 1: its KV cache was made by another model",
     );
-    refused(&mut [DecodeRow { cache: &mut own, adapter: Some(0), token: 1 }], &none, "index 0, of 0 resident");
+    refused(
+        &mut [DecodeRow { cache: &mut own, adapter: Some(0), token: RowToken::Id(1) }],
+        &none,
+        "index 0, of 0 resident",
+    );
     refused(
         &mut [
-            DecodeRow { cache: &mut own, adapter: None, token: 1 },
-            DecodeRow { cache: &mut third, adapter: None, token: 1 },
-            DecodeRow { cache: &mut foreign, adapter: None, token: 1 },
+            DecodeRow { cache: &mut own, adapter: None, token: RowToken::Id(1) },
+            DecodeRow { cache: &mut third, adapter: None, token: RowToken::Id(1) },
+            DecodeRow { cache: &mut foreign, adapter: None, token: RowToken::Id(1) },
         ],
         &none,
         "3 sequences; this decoder takes 1 to 2",
@@ -579,7 +587,11 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
     let a =
         GpuAdapter::upload(&ctx, &Adapter::new(&llama.config, LoraConfig { r: 4, ..Default::default() }).expect("a"));
     let four = GpuAdapterSet::new(&ctx, &[&a], llama.config.num_layers).expect("set");
-    refused(&mut [DecodeRow { cache: &mut own, adapter: Some(0), token: 1 }], &four, "rank 4, past the 1");
+    refused(
+        &mut [DecodeRow { cache: &mut own, adapter: Some(0), token: RowToken::Id(1) }],
+        &four,
+        "rank 4, past the 1",
+    );
     assert_eq!(own.len, 2, "a refused step leaves the cache as it was");
 }
 
@@ -591,7 +603,7 @@ fn decoding_several_sequences_at_once_gives_each_the_logits_it_gets_alone() {
 #[test]
 fn rows_whose_caches_share_a_pool_decode_in_as_many_dispatches_as_one_row() {
     use edgetune::lora::GpuAdapterSet;
-    use edgetune::model::llama::{DecodeRow, KvCache};
+    use edgetune::model::llama::{DecodeRow, KvCache, RowToken};
     for kind in ["llama", "gemma3"] {
         let (ctx, model) = tiny(kind);
         let set = GpuAdapterSet::new(&ctx, &[], model.config.num_layers).expect("set");
@@ -607,7 +619,7 @@ fn rows_whose_caches_share_a_pool_decode_in_as_many_dispatches_as_one_row() {
         let mut apart = filled((0..4).map(|_| model.new_cache_for(20).expect("cache")).collect());
         let mut step = |caches: &mut [KvCache]| {
             let mut rows: Vec<DecodeRow<'_>> =
-                caches.iter_mut().map(|cache| DecodeRow { cache, adapter: None, token: 3 }).collect();
+                caches.iter_mut().map(|cache| DecodeRow { cache, adapter: None, token: RowToken::Id(3) }).collect();
             let before = ctx.counts();
             let picked = model.decode_rows_argmax(&mut decoder, &set, &mut rows).expect("decode");
             let made = ctx.counts() - before;
@@ -621,5 +633,97 @@ fn rows_whose_caches_share_a_pool_decode_in_as_many_dispatches_as_one_row() {
         // Each pool more: its keys and values written, and its attention.
         assert_eq!(four_pools, one + 2 * 3 * model.config.num_layers as u64, "{kind}: four rows of four pools");
         assert_eq!(picked[1..], picked_apart[1..], "{kind}");
+    }
+}
+
+/// A rows step whose rows take what the step before picked for them on the GPU
+/// (`RowToken::Picked`, `Model::submit_rows_argmax`) is submitted before the host reads those
+/// picks back, and picks what the same steps fed from the host pick (`decode_rows_argmax`):
+/// over steps that keep the rows, drop one, reorder them (runs of picks copied apart) and put a
+/// row fed from the host between picked ones. A chained step over the rows of the one before
+/// creates nothing and is one submission. Refused, leaving the caches as they were: the pick of
+/// a row past the last step's, and any pick after a step that read its logits back.
+#[test]
+fn rows_steps_fed_by_the_last_picks_on_the_gpu_pick_what_steps_fed_by_the_host_pick() {
+    use edgetune::lora::GpuAdapterSet;
+    use edgetune::model::llama::{DecodeRow, KvCache, RowToken};
+    // The sequences each step decodes, in its order: all, all, one dropped, reordered, the
+    // dropped one back between two picked rows, the same.
+    let steps: [&[usize]; 6] = [&[0, 1, 2, 3], &[0, 1, 2, 3], &[0, 2, 3], &[3, 0, 2], &[3, 1, 0], &[3, 1, 0]];
+    // A step's rows: the caches `feed` names, in its order, each with its token.
+    fn rows<'c>(caches: &'c mut [KvCache], feed: &[(usize, RowToken)]) -> Vec<DecodeRow<'c>> {
+        let mut slots: Vec<Option<&mut KvCache>> = caches.iter_mut().map(Some).collect();
+        feed.iter()
+            .map(|&(i, token)| DecodeRow { cache: slots[i].take().expect("once"), adapter: None, token })
+            .collect()
+    }
+    for kind in ["llama", "gemma3"] {
+        let (ctx, model) = tiny(kind);
+        let set = GpuAdapterSet::new(&ctx, &[], model.config.num_layers).expect("set");
+        let prompts: Vec<Vec<u32>> = [5u32, 9, 2, 7].iter().map(|&n| (1..=n).map(|i| i * 3 + n).collect()).collect();
+        // Caches of one pool holding the prompts, the prompts' picks, and a decoder.
+        let start = || {
+            let mut caches = model.new_caches_for(&[24; 4]).expect("pool");
+            let first: Vec<u32> = caches
+                .iter_mut()
+                .zip(&prompts)
+                .map(|(c, p)| model.next_argmax_with(p, c, None).expect("prefill"))
+                .collect();
+            (caches, first, model.rows_decoder(4, 1).expect("decoder"))
+        };
+        // Fed from the host: each step's picks read back before the next step.
+        let (mut caches, mut next, mut decoder) = start();
+        let mut want = Vec::new();
+        for seqs in steps {
+            let feed: Vec<(usize, RowToken)> = seqs.iter().map(|&i| (i, RowToken::Id(next[i]))).collect();
+            let picked = model.decode_rows_argmax(&mut decoder, &set, &mut rows(&mut caches, &feed)).expect("step");
+            seqs.iter().zip(&picked).for_each(|(&i, &id)| next[i] = id);
+            want.push(picked);
+        }
+        assert!(
+            want.iter().any(|ids| ids.windows(2).any(|w| w[0] != w[1])),
+            "{kind}: rows that all pick one token would not show which row took which pick: {want:?}"
+        );
+        // Chained: each step submitted before the one before is read back.
+        let (mut caches, mut next, mut decoder) = start();
+        let staging = [ctx.staging("ids", 16), ctx.staging("ids", 16)];
+        let (mut got, mut pending) = (Vec::new(), None);
+        let mut read = |pending: Option<(edgetune::gpu::PendingRead, &[usize])>, next: &mut Vec<u32>| {
+            if let Some((p, seqs)) = pending {
+                let ids = ctx.finish_read(p).expect("read");
+                seqs.iter().zip(&ids).for_each(|(&i, &id)| next[i] = id);
+                got.push(ids);
+            }
+        };
+        for (s, seqs) in steps.into_iter().enumerate() {
+            let last: &[usize] = if s == 0 { &[] } else { steps[s - 1] };
+            let feed: Vec<(usize, RowToken)> = seqs
+                .iter()
+                .map(|&i| (i, last.iter().position(|&l| l == i).map_or(RowToken::Id(next[i]), RowToken::Picked)))
+                .collect();
+            let before = ctx.counts();
+            let submitted = model
+                .submit_rows_argmax(&mut decoder, &set, &mut rows(&mut caches, &feed), &staging[s % 2])
+                .expect("chained step");
+            let made = ctx.counts() - before;
+            if seqs == last {
+                assert_eq!((made.buffers, made.bind_groups, made.submits), (0, 0, 1), "{kind} step {s}: {made:?}");
+            }
+            read(pending.replace((submitted, seqs)), &mut next);
+        }
+        read(pending, &mut next);
+        assert_eq!(got, want, "{kind}");
+        // Refused, the caches as they were: a row past the last step's three, then any pick
+        // after a step that read its logits back.
+        let lens: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        let refused = |caches: &mut [KvCache], decoder: &mut _, picks: usize| {
+            let e = model.decode_rows_argmax(decoder, &set, &mut rows(caches, &[(0, RowToken::Picked(picks))]));
+            let e = e.expect_err("a pick past the last step's rows").to_string();
+            assert!(e.contains(&format!("its row {picks}, and that step picked {picks} rows by argmax")), "{e}");
+        };
+        refused(&mut caches, &mut decoder, 3);
+        assert_eq!(caches.iter().map(|c| c.len).collect::<Vec<_>>(), lens, "{kind}");
+        model.decode_rows(&mut decoder, &set, &mut rows(&mut caches, &[(2, RowToken::Id(1))])).expect("logits");
+        refused(&mut caches, &mut decoder, 0);
     }
 }

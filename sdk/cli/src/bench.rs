@@ -176,8 +176,9 @@ fn profile_forward(
 /// Decoding `rows` sequences of `prompt` tokens, each with its own adapter of rank `rank`
 /// (moved off zero, so that every product runs): `decode_tokens` tokens of each, one sequence
 /// after another as [`edgetune::model::llama::Model::next_argmax_with`] decodes one, then all
-/// together with [`edgetune::model::llama::Model::decode_rows_argmax`] (then two steps reading
-/// the logits back, as sampling does).
+/// together as greedy [`edgetune::infer::generate_rows`] decodes them
+/// ([`edgetune::model::llama::Model::submit_rows_argmax`], each step fed by the one before's picks
+/// on the GPU), then two steps reading the logits back, as sampling does.
 fn rows_decode(
     model: &edgetune::model::llama::Model,
     (rows, rank): (usize, usize),
@@ -185,7 +186,7 @@ fn rows_decode(
     decode_tokens: usize,
 ) -> Result<RowsFigures> {
     use edgetune::lora::{Adapter, GpuAdapter, GpuAdapterSet, LoraConfig};
-    use edgetune::model::llama::DecodeRow;
+    use edgetune::model::llama::{DecodeRow, KvCache, RowToken};
     let ctx = &model.ctx;
     let adapters = (0..rows)
         .map(|i| {
@@ -195,7 +196,7 @@ fn rows_decode(
         })
         .collect::<Result<Vec<_>>>()?;
     let set = GpuAdapterSet::new(ctx, &adapters.iter().collect::<Vec<_>>(), model.config.num_layers)?;
-    let prefilled = |caches: Vec<edgetune::model::llama::KvCache>| -> Result<Vec<_>> {
+    let prefilled = |caches: Vec<KvCache>| -> Result<Vec<_>> {
         let mut out = Vec::with_capacity(caches.len());
         for (i, mut cache) in caches.into_iter().enumerate() {
             let next = model.next_argmax_with(prompt, &mut cache, Some(&adapters[i]))?;
@@ -217,35 +218,35 @@ fn rows_decode(
     let alone_s = t.elapsed().as_secs_f64();
     drop(alone);
     // Together, as greedy generate_rows decodes them: caches in one pool, of the prompt and
-    // every token the steps below take, and each row's token picked on the GPU.
+    // every token the steps below take, each row's token picked on the GPU and each step
+    // submitted before the one before is read back.
     let mut together = prefilled(model.new_caches_for(&vec![prompt.len() + decode_tokens + 3; rows])?)?;
     let mut decoder = model.rows_decoder(rows, set.max_rank())?;
-    // A step picks greedily on the GPU, or (`sampled`) reads the rows' logits back as
-    // sampling does.
-    let mut step = |together: &mut Vec<(edgetune::model::llama::KvCache, u32)>, sampled: bool| -> Result<()> {
-        let mut batch: Vec<DecodeRow<'_>> = together
+    // A step's rows, each with its adapter and the token the host holds for it or (`picked`)
+    // the one the step before picked for it.
+    fn batch(together: &mut [(KvCache, u32)], picked: bool) -> Vec<DecodeRow<'_>> {
+        let token = |i: usize, next: u32| if picked { RowToken::Picked(i) } else { RowToken::Id(next) };
+        together
             .iter_mut()
             .enumerate()
-            .map(|(i, (cache, next))| DecodeRow { cache, adapter: Some(i), token: *next })
-            .collect();
-        if sampled {
-            return model.decode_rows(&mut decoder, &set, &mut batch).map(drop);
-        }
-        let picked = model.decode_rows_argmax(&mut decoder, &set, &mut batch)?;
-        together.iter_mut().zip(picked).for_each(|((_, next), id)| *next = id);
-        Ok(())
-    };
-    step(&mut together, false)?;
+            .map(|(i, (cache, next))| DecodeRow { cache, adapter: Some(i), token: token(i, *next) })
+            .collect()
+    }
+    model.decode_rows_argmax(&mut decoder, &set, &mut batch(&mut together, false))?;
+    let staging = staging_pair(ctx, 4 * rows as u64);
     let c0 = ctx.counts();
     let t = Instant::now();
-    for _ in 0..decode_tokens {
-        step(&mut together, false)?;
-    }
+    let last = chained(ctx, &staging, decode_tokens, |staging| {
+        model.submit_rows_argmax(&mut decoder, &set, &mut batch(&mut together, true), staging)
+    })?;
     let together_s = t.elapsed().as_secs_f64();
+    together.iter_mut().zip(last).for_each(|((_, next), id)| *next = id);
     let n = (rows * decode_tokens) as f64;
-    // Two steps more as sampling runs them, counted with the greedy ones.
-    step(&mut together, true)?;
-    step(&mut together, true)?;
+    // Two steps more as sampling runs them (the rows' logits read back), counted with the
+    // greedy ones.
+    for _ in 0..2 {
+        model.decode_rows(&mut decoder, &set, &mut batch(&mut together, false))?;
+    }
     let made = ctx.counts() - c0;
     let per_step = |n: u64| n as f64 / (decode_tokens + 2) as f64;
     Ok(RowsFigures {
@@ -255,6 +256,29 @@ fn rows_decode(
         dispatches: per_step(made.dispatches),
         passes: per_step(made.passes),
     })
+}
+
+/// Two staging buffers of `bytes` for [`chained`] steps.
+fn staging_pair(ctx: &GpuContext, bytes: u64) -> [wgpu::Buffer; 2] {
+    [ctx.staging("bench ids", bytes), ctx.staging("bench ids", bytes)]
+}
+
+/// Runs `steps` (at least one) decoding steps as greedy generation runs them: each submitted by
+/// `submit`, which reads its ids back into the one of `staging` it is given, before the one
+/// before is read back, so that the GPU runs them back to back. Returns the last step's words.
+fn chained(
+    ctx: &GpuContext,
+    staging: &[wgpu::Buffer; 2],
+    steps: usize,
+    mut submit: impl FnMut(&wgpu::Buffer) -> Result<edgetune::gpu::PendingRead>,
+) -> Result<Vec<u32>> {
+    let mut pending = submit(&staging[0])?;
+    for i in 1..steps {
+        let next = submit(&staging[i % 2])?;
+        ctx.finish_read(pending)?;
+        pending = next;
+    }
+    ctx.finish_read(pending)
 }
 
 /// What [`rows_decode`] measures: tokens per second one sequence after another and together,
@@ -312,18 +336,14 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     // Decoding as greedy generation runs it: each step fed by the last one's pick on the GPU and
     // submitted before that pick is read back, so the GPU runs the steps back to back.
     let chained = if decode_tokens > 0 {
-        let staging = [ctx.staging("bench id", 4), ctx.staging("bench id", 4)];
         let mut cache = model.new_cache()?;
         model.next_argmax_with(&ids, &mut cache, lora)?;
         model.next_argmax_with(&ids[..1], &mut cache, lora)?;
+        let staging = staging_pair(ctx, 4);
         let t = Instant::now();
-        let mut pending = model.submit_argmax(StepToken::Picked, &mut cache, lora, &staging[0])?;
-        for i in 1..decode_tokens {
-            let next = model.submit_argmax(StepToken::Picked, &mut cache, lora, &staging[i % 2])?;
-            ctx.finish_read(pending)?;
-            pending = next;
-        }
-        ctx.finish_read(pending)?;
+        self::chained(ctx, &staging, decode_tokens, |staging| {
+            model.submit_argmax(StepToken::Picked, &mut cache, lora, staging)
+        })?;
         decode_tokens as f64 / t.elapsed().as_secs_f64()
     } else {
         0.0

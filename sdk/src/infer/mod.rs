@@ -2,9 +2,11 @@
 //! stop strings, token limit) and streaming through a callback.
 
 use crate::error::{Error, Result};
+use crate::gpu::PendingRead;
 use crate::gpu::launch::MAX_TOP_K;
 use crate::lora::GpuAdapter;
-use crate::model::llama::{KvCache, Model, StepToken};
+use crate::lora::GpuAdapterSet;
+use crate::model::llama::{DecodeRow, KvCache, Model, RowToken, RowsDecoder, StepToken};
 use crate::tokenizer::Tokenizer;
 
 /// How to pick tokens and when to stop.
@@ -364,40 +366,151 @@ pub fn generate_rows(
         rngs.push(rng);
         streams.push(Stream::new(model, tokenizer, r.prompt_ids.len()));
     }
-    let mut ended: Vec<Option<StopReason>> = vec![None; requests.len()];
-    let vocab = model.config.vocab_size;
+    let mut rows = Rows { model, decoder: &mut decoder, set: &set, requests, caches: &mut caches };
+    let ended = if opts.temperature == 0.0 {
+        greedy_rows(&mut rows, &mut streams, next, opts, &mut on_text)?
+    } else {
+        sample_rows(&mut rows, &mut streams, (&mut rngs, next), opts, &mut on_text)?
+    };
+    Ok(streams.into_iter().zip(ended).map(|(s, e)| s.finish(e)).collect())
+}
+
+/// What the steps of [`generate_rows`] decode with: its requests, with a cache each.
+struct Rows<'a, 'p> {
+    model: &'a Model,
+    decoder: &'a mut RowsDecoder,
+    set: &'a GpuAdapterSet,
+    requests: &'a [RowRequest<'p>],
+    caches: &'a mut [KvCache],
+}
+
+impl Rows<'_, '_> {
+    /// The rows of a step: the requests `feed` names (in the order of the requests), each with
+    /// its token.
+    fn step<'c>(
+        caches: &'c mut [KvCache],
+        requests: &[RowRequest<'_>],
+        feed: &[(usize, RowToken)],
+    ) -> Vec<DecodeRow<'c>> {
+        let mut feed = feed.iter().peekable();
+        caches
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, cache)| {
+                let &(_, token) = feed.next_if(|f| f.0 == i)?;
+                Some(DecodeRow { cache, adapter: requests[i].adapter, token })
+            })
+            .collect()
+    }
+
+    /// Submits the greedy step of the requests `feed` names ([`Model::submit_rows_argmax`]),
+    /// reading their ids into `staging`; returns the read and the requests, or `None` where
+    /// `feed` names none.
+    fn submit(
+        &mut self,
+        feed: &[(usize, RowToken)],
+        staging: &wgpu::Buffer,
+    ) -> Result<Option<(PendingRead, Vec<usize>)>> {
+        if feed.is_empty() {
+            return Ok(None);
+        }
+        let mut rows = Self::step(self.caches, self.requests, feed);
+        let pending = self.model.submit_rows_argmax(self.decoder, self.set, &mut rows, staging)?;
+        Ok(Some((pending, feed.iter().map(|f| f.0).collect())))
+    }
+}
+
+/// Greedy decoding of [`generate_rows`] after the prompts' passes picked `tokens`, with the
+/// host a step behind the GPU as in [`greedy`]: each step's rows take as their tokens the ids
+/// the step before picked for them on the GPU ([`RowToken::Picked`]), so a step is submitted
+/// before the ids of the one before are read back. A step decodes the sequences of the step
+/// before that had not ended when it was submitted: a sequence that ends has had one step
+/// submitted after its last token, which is not read.
+fn greedy_rows(
+    rows: &mut Rows<'_, '_>,
+    streams: &mut [Stream<'_>],
+    mut tokens: Vec<u32>,
+    opts: &GenerateOptions,
+    on_text: &mut impl FnMut(usize, &str) -> bool,
+) -> Result<Vec<StopReason>> {
+    let n = streams.len();
+    let ctx = &rows.model.ctx;
+    // Two readbacks in flight at most: the step being read and the one submitted after it.
+    let staging = [ctx.staging("rows' ids", 4 * n as u64), ctx.staging("rows' ids", 4 * n as u64)];
+    // Each sequence's tokens picked so far, its prompt's pass's included: no step picks past
+    // the last allowed.
+    let mut picked = vec![1; n];
+    let mut room = |i: usize, cache: &KvCache| {
+        let go = cache.len < cache.capacity && picked[i] < opts.max_new_tokens;
+        picked[i] += usize::from(go);
+        go
+    };
+    let feed: Vec<(usize, RowToken)> =
+        (0..n).filter(|&i| room(i, &rows.caches[i])).map(|i| (i, RowToken::Id(tokens[i]))).collect();
+    let mut ahead = rows.submit(&feed, &staging[0])?;
+    let mut slot = 1;
+    let mut ended: Vec<Option<StopReason>> = vec![None; n];
+    loop {
+        for (i, stream) in streams.iter_mut().enumerate() {
+            if ended[i].is_none() {
+                ended[i] = stream.take(tokens[i], opts, &mut |piece| on_text(i, piece))?;
+            }
+        }
+        // A sequence going on that the step in flight does not decode has filled its cache.
+        let decoded: &[usize] = ahead.as_ref().map_or(&[], |a| &a.1);
+        for (i, e) in ended.iter_mut().enumerate() {
+            if e.is_none() && !decoded.contains(&i) {
+                *e = Some(StopReason::ContextFull);
+            }
+        }
+        let Some((pending, decoded)) = ahead.take() else { break };
+        let feed: Vec<(usize, RowToken)> = decoded
+            .iter()
+            .enumerate()
+            .filter(|&(_, &i)| ended[i].is_none() && room(i, &rows.caches[i]))
+            .map(|(row, &i)| (i, RowToken::Picked(row)))
+            .collect();
+        ahead = rows.submit(&feed, &staging[slot])?;
+        slot ^= 1;
+        let ids = ctx.finish_read(pending)?;
+        decoded.iter().zip(ids).for_each(|(&i, id)| tokens[i] = id);
+    }
+    Ok(ended.into_iter().map(|e| e.unwrap_or(StopReason::MaxTokens)).collect())
+}
+
+/// Sampling in [`generate_rows`] after the prompts' passes picked `next`: each step reads back
+/// the rows' logits, and each sequence draws from its own generator.
+fn sample_rows(
+    rows: &mut Rows<'_, '_>,
+    streams: &mut [Stream<'_>],
+    (rngs, mut next): (&mut [Rng], Vec<u32>),
+    opts: &GenerateOptions,
+    on_text: &mut impl FnMut(usize, &str) -> bool,
+) -> Result<Vec<StopReason>> {
+    let n = streams.len();
+    let vocab = rows.model.config.vocab_size;
+    let mut ended: Vec<Option<StopReason>> = vec![None; n];
     loop {
         for (i, stream) in streams.iter_mut().enumerate() {
             if ended[i].is_none() {
                 ended[i] = stream.take(next[i], opts, &mut |piece| on_text(i, piece))?;
-                if ended[i].is_none() && caches[i].len >= caches[i].capacity {
+                if ended[i].is_none() && rows.caches[i].len >= rows.caches[i].capacity {
                     ended[i] = Some(StopReason::ContextFull);
                 }
             }
         }
-        let going: Vec<usize> = (0..requests.len()).filter(|&i| ended[i].is_none()).collect();
+        let going: Vec<(usize, RowToken)> =
+            (0..n).filter(|&i| ended[i].is_none()).map(|i| (i, RowToken::Id(next[i]))).collect();
         if going.is_empty() {
             break;
         }
-        let mut rows: Vec<crate::model::llama::DecodeRow<'_>> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| ended[*i].is_none())
-            .map(|(i, cache)| crate::model::llama::DecodeRow { cache, adapter: requests[i].adapter, token: next[i] })
-            .collect();
-        // Greedy decoding picks each row's token on the GPU and reads back its id; sampling
-        // reads back the rows' logits.
-        if opts.temperature == 0.0 {
-            let picked = model.decode_rows_argmax(&mut decoder, &set, &mut rows)?;
-            going.iter().zip(picked).for_each(|(&i, id)| next[i] = id);
-        } else {
-            let logits = model.decode_rows(&mut decoder, &set, &mut rows)?;
-            for (row, &i) in going.iter().enumerate() {
-                next[i] = sample(&logits[row * vocab..(row + 1) * vocab], opts, &mut rngs[i]);
-            }
+        let mut step = Rows::step(rows.caches, rows.requests, &going);
+        let logits = rows.model.decode_rows(rows.decoder, rows.set, &mut step)?;
+        for (row, &(i, _)) in going.iter().enumerate() {
+            next[i] = sample(&logits[row * vocab..(row + 1) * vocab], opts, &mut rngs[i]);
         }
     }
-    Ok(streams.into_iter().zip(ended).map(|(s, e)| s.finish(e.unwrap_or(StopReason::MaxTokens))).collect())
+    Ok(ended.into_iter().map(|e| e.unwrap_or(StopReason::MaxTokens)).collect())
 }
 
 /// Refuses the prompt of the request `what` names where it is empty or leaves no room in the

@@ -581,6 +581,17 @@ pub enum StepToken {
     Picked,
 }
 
+/// The token of a row of a [`Model::decode_rows`] step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowToken {
+    /// This id, from the host.
+    Id(u32),
+    /// The id that the decoder's previous step picked by argmax for its row at this index
+    /// ([`Model::submit_rows_argmax`], [`Model::decode_rows_argmax`]), copied on the GPU: the
+    /// host need not have read it back.
+    Picked(usize),
+}
+
 /// What a forward pass runs: token ids from the host, or one token that the cache's last step
 /// picked on the GPU ([`StepToken::Picked`]).
 #[derive(Debug, Clone, Copy)]
@@ -615,6 +626,9 @@ pub struct RowsDecoder {
     /// Greedy picks on the GPU: the argmax's partials, and each row's token.
     pick_partials: wgpu::Buffer,
     picked: wgpu::Buffer,
+    /// The rows whose tokens the last step picked into `picked` by argmax (0 where it did not
+    /// pick), which a step's [`RowToken::Picked`] rows can take.
+    picked_rows: usize,
     /// The adapter set and the rows' adapters that the table was last written for, and the
     /// table as written (one row reads its entries on the CPU).
     table_rows: Option<(u64, Vec<Option<usize>>)>,
@@ -639,7 +653,7 @@ pub struct DecodeRow<'a> {
     /// Its adapter among the resident ones.
     pub adapter: Option<usize>,
     /// Its next token.
-    pub token: u32,
+    pub token: RowToken,
 }
 
 /// What to change when a KV cache does not fit.
@@ -1326,6 +1340,7 @@ impl Model {
                 pick_partials: ctx
                     .storage_zeroed("row pick partials", 2 * launch::argmax_groups(c.vocab_size) * max_rows),
                 picked: ctx.storage_zeroed("row picks", max_rows),
+                picked_rows: 0,
                 table_rows: None,
                 table_words: Vec::new(),
                 max_rank: rank,
@@ -1390,11 +1405,44 @@ impl Model {
         adapters: &GpuAdapterSet,
         rows: &mut [DecodeRow<'_>],
     ) -> Result<Vec<u32>> {
-        let ctx = &self.ctx;
+        let enc = self.record_rows_argmax(decoder, adapters, rows)?;
+        Ok(self.ctx.read_f32_after(enc, &decoder.picked, rows.len())?.into_iter().map(f32::to_bits).collect())
+    }
+
+    /// Submits a [`Model::decode_rows_argmax`] step and starts reading the rows' ids back into
+    /// `staging` (4 bytes a row at least, [`GpuContext::staging`]) without waiting:
+    /// [`GpuContext::finish_read`] returns them as its first `rows.len()` words. Rows whose
+    /// token is [`RowToken::Picked`] take what this step's predecessor picked, copied on the
+    /// GPU, so the next step can be submitted before the host has read this one back and the
+    /// GPU runs the steps back to back (greedy decoding in [`crate::infer::generate_rows`]).
+    /// Until the read is finished, `staging` must not be used again.
+    pub fn submit_rows_argmax(
+        &self,
+        decoder: &mut RowsDecoder,
+        adapters: &GpuAdapterSet,
+        rows: &mut [DecodeRow<'_>],
+        staging: &wgpu::Buffer,
+    ) -> Result<crate::gpu::PendingRead> {
+        self.ctx.check()?;
+        let mut enc = self.record_rows_argmax(decoder, adapters, rows)?;
+        let bytes = 4 * rows.len() as u64;
+        enc.copy_buffer_to_buffer(&decoder.picked, 0, staging, 0, bytes);
+        Ok(self.ctx.submit_and_map(enc, staging, bytes))
+    }
+
+    /// Records a [`Model::decode_rows`] step and the argmax of each row's logits into the
+    /// decoder's `picked`, where the next step's [`RowToken::Picked`] rows find them.
+    fn record_rows_argmax(
+        &self,
+        decoder: &mut RowsDecoder,
+        adapters: &GpuAdapterSet,
+        rows: &mut [DecodeRow<'_>],
+    ) -> Result<Encoder> {
         let mut enc = self.record_rows(decoder, adapters, rows)?;
         let io = (&decoder.logits, &decoder.pick_partials, &decoder.picked);
-        launch::argmax_rows(ctx, &mut enc, io, self.config.vocab_size, rows.len())?;
-        Ok(ctx.read_f32_after(enc, &decoder.picked, rows.len())?.into_iter().map(f32::to_bits).collect())
+        launch::argmax_rows(&self.ctx, &mut enc, io, self.config.vocab_size, rows.len())?;
+        decoder.picked_rows = rows.len();
+        Ok(enc)
     }
 
     /// Checks a [`Model::decode_rows`] step and records it, up to the rows' logits in the
@@ -1421,11 +1469,24 @@ impl Model {
             ));
         }
         for (i, r) in rows.iter().enumerate() {
-            if r.token as usize >= c.vocab_size {
-                return Err(Error::invalid(
-                    "token id",
-                    format!("{} (row {i}) is outside the vocabulary of {}", r.token, c.vocab_size),
-                ));
+            match r.token {
+                RowToken::Id(id) if id as usize >= c.vocab_size => {
+                    return Err(Error::invalid(
+                        "token id",
+                        format!("{id} (row {i}) is outside the vocabulary of {}", c.vocab_size),
+                    ));
+                }
+                RowToken::Picked(j) if j >= decoder.picked_rows => {
+                    return Err(Error::invalid(
+                        "token",
+                        format!(
+                            "row {i} takes what the decoder's last step picked for its row {j}, and that step picked \
+                             {} rows by argmax",
+                            decoder.picked_rows
+                        ),
+                    ));
+                }
+                _ => {}
             }
             let layer_bytes = crate::gpu::dispatch::storage_bytes(r.cache.held * c.num_kv_heads * c.head_dim);
             let own = r.cache.k.len() == self.layers.len() && r.cache.k.iter().all(|b| b.size() == layer_bytes);
@@ -1449,11 +1510,35 @@ impl Model {
             decoder.table_rows = Some(key);
             decoder.table_words = table;
         }
-        let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
         let positions: Vec<u32> = rows.iter().map(|r| r.cache.len as u32).collect();
         let a = Acts { t, ..decoder.acts.clone() };
-        ctx.queue.write_buffer(&a.ids, 0, bytemuck::cast_slice(&ids));
         ctx.queue.write_buffer(&a.positions, 0, bytemuck::cast_slice(&positions));
+        let mut enc = ctx.encoder_with(&decoder.binds).whole();
+        // The rows' ids: runs of ids from the host written, runs of picks copied on the GPU
+        // (the last step's picks, in `picked` until this step's argmax).
+        let mut i = 0;
+        while i < t {
+            let n = match rows[i].token {
+                RowToken::Id(_) => {
+                    let run: Vec<u32> = rows[i..]
+                        .iter()
+                        .map_while(|r| match r.token {
+                            RowToken::Id(id) => Some(id),
+                            RowToken::Picked(_) => None,
+                        })
+                        .collect();
+                    ctx.queue.write_buffer(&a.ids, 4 * i as u64, bytemuck::cast_slice(&run));
+                    run.len()
+                }
+                RowToken::Picked(j) => {
+                    let n = rows[i..].iter().zip(j..).take_while(|(r, k)| r.token == RowToken::Picked(*k)).count();
+                    enc.copy_buffer_to_buffer(&decoder.picked, 4 * j as u64, &a.ids, 4 * i as u64, 4 * n as u64);
+                    n
+                }
+            };
+            i += n;
+        }
+        decoder.picked_rows = 0;
         // The rows grouped by their caches' pool, each group's attention one dispatch a layer:
         // a row's keys are its cache's first .. its new token (within the window where a layer
         // has one), and the other groups' rows have none.
@@ -1488,7 +1573,6 @@ impl Model {
                 rows: t,
             },
         };
-        let mut enc = ctx.encoder_with(&decoder.binds).whole();
         self.record_forward(&mut enc, &a, PassKv::Rows(&pass), None, FinalNorm::Written)?;
         self.record_logits(&mut enc, &a.xn, &decoder.logits, t, None)?;
         drop(pass);
