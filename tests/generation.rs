@@ -90,7 +90,7 @@ fn greedy_decoding_on_the_gpu_picks_what_the_cpu_sampler_picks() {
 
 /// A step fed by the last step's pick on the GPU (`StepToken::Picked`) can be submitted before
 /// that pick is read back, and the tokens are those of a step at a time; a cache whose last
-/// pass did not pick by argmax refuses it. Greedy generation runs that way: when the first
+/// pass did not pick by argmax refuses it, as does a full one. Greedy generation runs that way: when the first
 /// token's text is streamed, the pass that picks the second has already been submitted.
 #[test]
 fn a_step_fed_by_the_last_pick_on_the_gpu_runs_ahead_of_the_host() {
@@ -137,6 +137,14 @@ fn a_step_fed_by_the_last_pick_on_the_gpu_runs_ahead_of_the_host() {
     let mut rows = [edgetune::model::llama::DecodeRow { cache: &mut cache, adapter: None, token: RowToken::Id(last) }];
     m.decode_rows_argmax(&mut decoder, &set, &mut rows).expect("rows step");
     m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[0]).expect_err("after a rows step");
+    // Nor past the cache's capacity: a cache of the prompt and two tokens takes one chained step.
+    let mut cache = m.new_cache_for(prompt.len() + 2).expect("cache");
+    m.next_argmax_with(&prompt, &mut cache, None).expect("prefill");
+    m.next_argmax_with(&[first], &mut cache, None).expect("decode");
+    let pending = m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[0]).expect("the last position");
+    m.ctx.finish_read(pending).expect("read");
+    let e = m.submit_argmax(StepToken::Picked, &mut cache, None, &staging[1]).expect_err("past the capacity");
+    assert!(e.to_string().contains("exceed the context capacity"), "{e}");
 
     let start = m.ctx.counts().submits;
     let mut seen = Vec::new();

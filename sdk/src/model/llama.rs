@@ -1330,7 +1330,7 @@ impl Model {
         let ctx = &self.ctx;
         ctx.allocating(&format!("decoding {max_rows} sequences at once"), planned, ACTIVATION_ADVICE, || {
             Ok(RowsDecoder {
-                acts: self.acts(&vec![0; max_rows], rank),
+                acts: self.acts(max_rows, rank),
                 ranges: (0..max_rows)
                     .map(|_| [0, 1].map(|_| ctx.storage_zeroed("rows' key ranges", 2 * max_rows)))
                     .collect(),
@@ -1584,18 +1584,18 @@ impl Model {
         Ok(enc)
     }
 
-    /// Activation buffers for a pass of `t` tokens with LoRA rank up to `rank`, `ids` uploaded.
-    fn acts(&self, ids: &[u32], rank: usize) -> Acts {
+    /// Activation buffers for a pass of `t` tokens with LoRA rank up to `rank`, their ids to be
+    /// written.
+    fn acts(&self, t: usize, rank: usize) -> Acts {
         let c = &self.config;
         let ctx = &self.ctx;
-        let t = ids.len();
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
         let positions: Vec<u32> = (0..t as u32).collect();
         Acts {
             t,
             rank,
-            ids: ctx.storage_from("ids", ids),
+            ids: ctx.storage_zeroed("ids", t),
             x: ctx.storage_zeroed("x", t * h),
             xn: ctx.storage_zeroed("xn", t * h),
             q: ctx.storage_zeroed("q", t * qd),
@@ -1852,18 +1852,24 @@ impl Model {
     /// Refuses `ids` that are empty, do not fit the cache after what it holds, or hold a token
     /// outside the vocabulary.
     fn check_ids(&self, ids: &[u32], cache: &KvCache) -> Result<()> {
-        let (c, t) = (&self.config, ids.len());
-        if t == 0 {
+        if ids.is_empty() {
             return Err(Error::invalid("input", "no tokens to run"));
         }
+        self.check_room(ids.len(), cache)?;
+        let v = self.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {v}")));
+        }
+        Ok(())
+    }
+
+    /// Refuses `t` tokens more where they do not fit the cache after what it holds.
+    fn check_room(&self, t: usize, cache: &KvCache) -> Result<()> {
         if cache.len + t > cache.capacity {
             return Err(Error::invalid(
                 "context",
                 format!("{} cached + {t} new tokens exceed the context capacity of {}", cache.len, cache.capacity),
             ));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            return Err(Error::invalid("token id", format!("{bad} is outside the vocabulary of {}", c.vocab_size)));
         }
         Ok(())
     }
@@ -1882,8 +1888,11 @@ impl Model {
     ) -> Result<(Encoder, wgpu::Buffer)> {
         let c = &self.config;
         let rank = lora.map_or(0, |a| a.layout.r);
-        let ids = match input {
-            StepInput::Ids(ids) => ids,
+        let t = match input {
+            StepInput::Ids(ids) => {
+                self.check_ids(ids, cache)?;
+                ids.len()
+            }
             StepInput::Picked => {
                 if !cache.argmax_picked || cache.decode.as_ref().is_none_or(|d| d.acts.rank < rank) {
                     return Err(Error::invalid(
@@ -1892,12 +1901,11 @@ impl Model {
                          that picked by argmax (with an adapter of at most its rank)",
                     ));
                 }
-                // Any id in the vocabulary: only the capacity is checked, the token comes from the GPU.
-                &[0][..]
+                // The token comes from the GPU, an argmax over the vocabulary.
+                self.check_room(1, cache)?;
+                1
             }
         };
-        let t = ids.len();
-        self.check_ids(ids, cache)?;
         // Until a one-token pass's argmax is recorded after it.
         cache.argmax_picked = false;
         let owned;
@@ -1907,7 +1915,7 @@ impl Model {
                 cache.binds = BindGroups::new();
                 let planned = self.activation_bytes(1, 1, rank);
                 cache.decode = Some(self.ctx.allocating("decoding's buffers", planned, ACTIVATION_ADVICE, || {
-                    let acts = self.acts(ids, rank);
+                    let acts = self.acts(1, rank);
                     // The cache's first key, for layers without a sliding window.
                     self.ctx.queue.write_buffer(&acts.key_start, 0, bytemuck::bytes_of(&(cache.base as u32)));
                     Ok(DecodeBuffers {
@@ -1941,7 +1949,11 @@ impl Model {
             }
             let what = format!("activations for {t} tokens");
             let planned = self.activation_bytes(t, 0, rank);
-            owned = self.ctx.allocating(&what, planned, ACTIVATION_ADVICE, || Ok(self.acts(ids, rank)))?;
+            owned = self.ctx.allocating(&what, planned, ACTIVATION_ADVICE, || Ok(self.acts(t, rank)))?;
+            // A pass of more than one token is fed from the host.
+            if let StepInput::Ids(ids) = input {
+                self.ctx.queue.write_buffer(&owned.ids, 0, bytemuck::cast_slice(ids));
+            }
             if cache.base > 0 {
                 self.ctx.queue.write_buffer(&owned.key_start, 0, bytemuck::cast_slice(&vec![cache.base as u32; t]));
             }
