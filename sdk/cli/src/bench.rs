@@ -176,7 +176,8 @@ fn profile_forward(
 /// Decoding `rows` sequences of `prompt` tokens, each with its own adapter of rank `rank`
 /// (moved off zero, so that every product runs): `decode_tokens` tokens of each, one sequence
 /// after another as [`edgetune::model::llama::Model::next_argmax_with`] decodes one, then all
-/// together as greedy [`edgetune::infer::generate_rows`] decodes them
+/// together a step at a time ([`edgetune::model::llama::Model::decode_rows_argmax`], each step's
+/// ids read back before the next) and as greedy [`edgetune::infer::generate_rows`] decodes them
 /// ([`edgetune::model::llama::Model::submit_rows_argmax`], each step fed by the one before's picks
 /// on the GPU), then two steps reading the logits back, as sampling does.
 fn rows_decode(
@@ -220,7 +221,7 @@ fn rows_decode(
     // Together, as greedy generate_rows decodes them: caches in one pool, of the prompt and
     // every token the steps below take, each row's token picked on the GPU and each step
     // submitted before the one before is read back.
-    let mut together = prefilled(model.new_caches_for(&vec![prompt.len() + decode_tokens + 3; rows])?)?;
+    let mut together = prefilled(model.new_caches_for(&vec![prompt.len() + 2 * decode_tokens + 3; rows])?)?;
     let mut decoder = model.rows_decoder(rows, set.max_rank())?;
     // A step's rows, each with its adapter and the token the host holds for it or (`picked`)
     // the one the step before picked for it.
@@ -232,7 +233,19 @@ fn rows_decode(
             .map(|(i, (cache, next))| DecodeRow { cache, adapter: Some(i), token: token(i, *next) })
             .collect()
     }
-    model.decode_rows_argmax(&mut decoder, &set, &mut batch(&mut together, false))?;
+    // A step at a time: each step's ids read back before the next is recorded (the first
+    // step, before the clock, makes the decoder's bind groups).
+    let mut stepwise = || -> Result<()> {
+        let picked = model.decode_rows_argmax(&mut decoder, &set, &mut batch(&mut together, false))?;
+        together.iter_mut().zip(picked).for_each(|((_, next), id)| *next = id);
+        Ok(())
+    };
+    stepwise()?;
+    let t = Instant::now();
+    for _ in 0..decode_tokens {
+        stepwise()?;
+    }
+    let stepwise_s = t.elapsed().as_secs_f64();
     let staging = staging_pair(ctx, 4 * rows as u64);
     let c0 = ctx.counts();
     let t = Instant::now();
@@ -252,6 +265,7 @@ fn rows_decode(
     Ok(RowsFigures {
         alone: n / alone_s,
         together: n / together_s,
+        stepwise: n / stepwise_s,
         allocations: per_step(made.buffers + made.bind_groups),
         dispatches: per_step(made.dispatches),
         passes: per_step(made.passes),
@@ -286,6 +300,8 @@ fn chained(
 struct RowsFigures {
     alone: f64,
     together: f64,
+    /// Together, each step read back before the next is recorded.
+    stepwise: f64,
     allocations: f64,
     dispatches: f64,
     passes: f64,
@@ -395,6 +411,7 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
                     "lora_rank": rows_rank,
                     "alone_tokens_per_s": r.alone,
                     "together_tokens_per_s": r.together,
+                    "together_stepwise_tokens_per_s": r.stepwise,
                     "speedup": r.together / r.alone,
                     "allocations_per_step": r.allocations,
                     "dispatches_per_step": r.dispatches,
@@ -447,11 +464,12 @@ pub fn forward(m: &BenchModel, gpu: &GpuOptions, b: &ForwardBench) -> Result<()>
     if let Some(r) = together {
         println!(
             "{rows} sequences, each with its own adapter (rank {rows_rank}): {:.2} tokens/s one after another, \
-             {:.2} tokens/s together ({:.2}x); a step: {:.0} dispatches in {:.0} compute passes, {} buffers and \
-             bind groups created",
+             {:.2} tokens/s together ({:.2}x; {:.2} tokens/s with each step read back before the next); a step: \
+             {:.0} dispatches in {:.0} compute passes, {} buffers and bind groups created",
             r.alone,
             r.together,
             r.together / r.alone,
+            r.stepwise,
             r.dispatches,
             r.passes,
             r.allocations,
