@@ -218,9 +218,8 @@ fn rows_decode(
     }
     let alone_s = t.elapsed().as_secs_f64();
     drop(alone);
-    // Together, as greedy generate_rows decodes them: caches in one pool, of the prompt and
-    // every token the steps below take, each row's token picked on the GPU and each step
-    // submitted before the one before is read back.
+    // Together: caches in one pool, of the prompt and every token the steps below take, each
+    // row's token picked on the GPU.
     let mut together = prefilled(model.new_caches_for(&vec![prompt.len() + 2 * decode_tokens + 3; rows])?)?;
     let mut decoder = model.rows_decoder(rows, set.max_rank())?;
     // A step's rows, each with its adapter and the token the host holds for it or (`picked`)

@@ -385,8 +385,8 @@ struct Rows<'a, 'p> {
 }
 
 impl Rows<'_, '_> {
-    /// The rows of a step: the requests `feed` names (in the order of the requests), each with
-    /// its token.
+    /// The rows of a step: the requests `feed` names, each with its token; `feed` is in the
+    /// order of the requests, as the rows are.
     fn step<'c>(
         caches: &'c mut [KvCache],
         requests: &[RowRequest<'_>],
