@@ -447,6 +447,64 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
     assert!(e.to_string().contains("request 1"), "{e}");
 }
 
+/// More requests than rows (`infer::generate_queue`, 5 requests in 2 rows): each row takes the
+/// next request when its own ends, so a request that ends early (its callback stops it at its
+/// first piece) frees its row for the next while the other row's request goes on; each request
+/// still gets what `generate` gives it alone, greedily and with seeded sampling. Refused: no
+/// rows.
+#[test]
+fn a_queue_of_more_requests_than_rows_gives_each_what_it_gets_alone() {
+    use edgetune::infer::{RowRequest, RowsJob, generate, generate_queue};
+    use edgetune::lora::{Adapter, GpuAdapter, LoraConfig};
+    let s = session(128);
+    let m = &s.model;
+    let mut a = Adapter::new(&m.config, LoraConfig { r: 4, seed: 3, ..Default::default() }).expect("adapter");
+    for (i, slot) in a.layout.slots.clone().iter().enumerate() {
+        let b = common::rand(slot.n_out * 4, 300 + i as u64, 0.2);
+        a.params[slot.b..slot.b + b.len()].copy_from_slice(&b);
+    }
+    let a = GpuAdapter::upload(&m.ctx, &a);
+    let texts = ["Paris is the capital of", "The cat", "Once upon a time there was", "One, two,", "Hello there"];
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| s.tokenizer.encode_prompt(t).expect("encode")).collect();
+    let requests: Vec<RowRequest<'_>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, ids)| RowRequest { prompt_ids: ids, adapter: (i % 2 == 0).then_some(0) })
+        .collect();
+    // Requests 0 and 2 stop at their first piece.
+    let stops = |i: usize| i == 0 || i == 2;
+    for opts in [
+        GenerateOptions { max_new_tokens: 12, ..Default::default() },
+        GenerateOptions { max_new_tokens: 12, temperature: 0.8, top_k: 20, seed: 5, ..Default::default() },
+    ] {
+        let job = RowsJob { model: m, adapters: &[&a], tokenizer: &s.tokenizer, requests: &requests, opts: &opts };
+        let mut order = Vec::new();
+        let out = generate_queue(&job, 2, |i, _| {
+            order.push(i);
+            !stops(i)
+        })
+        .expect("queue");
+        for (i, g) in out.iter().enumerate() {
+            let lora = requests[i].adapter.map(|_| &a);
+            let alone = generate(m, lora, &s.tokenizer, &ids[i], &opts, |_| !stops(i)).expect("alone");
+            assert_eq!(
+                (&g.token_ids, &g.text, g.stop_reason),
+                (&alone.token_ids, &alone.text, alone.stop_reason),
+                "request {i} with {opts:?}"
+            );
+        }
+        assert_eq!(out[0].stop_reason, StopReason::Callback);
+        // Request 2 took request 0's row while request 1 went on in the other.
+        let first_of_2 = order.iter().position(|&i| i == 2).expect("request 2 streamed");
+        let last_of_1 = order.iter().rposition(|&i| i == 1).expect("request 1 streamed");
+        assert!(first_of_2 < last_of_1, "{opts:?}: pieces by request {order:?}");
+    }
+    let opts = GenerateOptions::default();
+    let job = RowsJob { model: m, adapters: &[&a], tokenizer: &s.tokenizer, requests: &requests, opts: &opts };
+    let e = generate_queue(&job, 0, |_, _| true).expect_err("no rows");
+    assert!(e.to_string().contains("0 sequences at once"), "{e}");
+}
+
 /// `Session::score_answers` decodes the held-out answers many rows at a time (each exchange's
 /// base answer beside its adapter's, `infer::ANSWER_ROWS` rows a pass): each answer is the one
 /// `chat_with` gives alone, greedily and with seeded sampling, over more exchanges than one pass

@@ -129,8 +129,9 @@ impl Session {
     /// names ([`Session::keep_adapter`]) or the base model for `None`: each gets what
     /// [`Session::generate_with`] gives it alone, and the steps decode one token of every
     /// sequence in one pass ([`infer::generate_rows`]), so serving several users costs little
-    /// more than serving one. `on_text` gets each new piece of text with its request's index;
-    /// returning `false` ends that request.
+    /// more than serving one. Any number of requests: a step takes as many as the GPU decodes at
+    /// once, and each row takes the next request when its own ends. `on_text` gets each new
+    /// piece of text with its request's index; returning `false` ends that request.
     pub fn generate_many(
         &self,
         requests: &[(Option<&str>, &str)],
@@ -311,7 +312,7 @@ impl Session {
     /// no system message, as training does) are the prompt. The answers are decoded many at a
     /// time, each exchange's base answer beside its adapter's ([`infer::chat_rows`]): each is
     /// what [`Session::chat_with`] gives alone. `progress` is called with (answered, total) for
-    /// each record, as each pass of many ends.
+    /// each record, as the answers end.
     pub fn score_answers(
         &self,
         records: &[crate::data::formats::Sourced],

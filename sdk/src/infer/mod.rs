@@ -322,73 +322,226 @@ pub struct RowRequest<'a> {
 /// generator seeded by `opts.seed` and stops on its own, so it gets what [`generate`] gives it
 /// alone (up to the order of the sums). Each has a KV cache of its prompt and
 /// `opts.max_new_tokens`, not of the model's whole context, in one pool with the others'
-/// ([`Model::new_caches_for`]), so that a step's attention is one dispatch a layer.
+/// ([`Model::new_caches_for`]), so that a step's attention is one dispatch a layer. Greedy
+/// decoding keeps the GPU a step ahead of the host: each step is submitted before the ids of
+/// the one before are read back ([`Model::submit_rows_argmax`]). More sequences than a step
+/// takes ([`Model::most_decode_rows`]) are decoded as [`generate_queue`] decodes them.
 /// `on_text` gets each new piece of text with its sequence's index; returning `false` ends that
-/// sequence. Refused: more sequences than [`Model::rows_decoder`] takes at once.
+/// sequence.
 pub fn generate_rows(
     model: &Model,
     adapters: &[&GpuAdapter],
     tokenizer: &Tokenizer,
     requests: &[RowRequest<'_>],
     opts: &GenerateOptions,
-    mut on_text: impl FnMut(usize, &str) -> bool,
+    on_text: impl FnMut(usize, &str) -> bool,
 ) -> Result<Vec<Generated>> {
+    let rank = adapters.iter().map(|a| a.layout.r).max().unwrap_or(1).max(1);
+    let rows = requests.len().min(model.most_decode_rows(rank)).max(1);
+    generate_queue(&RowsJob { model, adapters, tokenizer, requests, opts }, rows, on_text)
+}
+
+/// Requests to decode together ([`generate_queue`]): each with its adapter among `adapters`.
+#[derive(Debug, Clone, Copy)]
+pub struct RowsJob<'a, 'p> {
+    /// The model.
+    pub model: &'a Model,
+    /// The adapters the requests name.
+    pub adapters: &'a [&'a GpuAdapter],
+    /// The model's tokenizer, for the text.
+    pub tokenizer: &'a Tokenizer,
+    /// The requests.
+    pub requests: &'a [RowRequest<'p>],
+    /// How to pick tokens and when to stop.
+    pub opts: &'a GenerateOptions,
+}
+
+/// Generates a continuation of each of `job`'s requests, decoding `rows` of them at a time as
+/// [`generate_rows`] does: each row decodes a request until it ends, then takes the next request
+/// not yet started, whose prompt runs alone in the row's cache before it joins the rows' steps;
+/// so a long answer holds one row, not a pass of many. Each request gets what [`generate`] gives
+/// it alone (up to the order of the sums). Where every request has a row, each row's cache holds
+/// its request's prompt and `max_new_tokens`; else each holds the longest request's. `on_text`
+/// gets each new piece of text with its request's index; returning `false` ends that request.
+/// Refused: more rows than [`Model::rows_decoder`] takes.
+pub fn generate_queue(
+    job: &RowsJob<'_, '_>,
+    rows: usize,
+    on_text: impl FnMut(usize, &str) -> bool,
+) -> Result<Vec<Generated>> {
+    decode_rows_queue(job, rows, on_text, |_| {})
+}
+
+/// [`generate_queue`], with `done` given the number of requests ended whenever it grows.
+fn decode_rows_queue(
+    run: &RowsJob<'_, '_>,
+    rows: usize,
+    mut on_text: impl FnMut(usize, &str) -> bool,
+    done: impl FnMut(usize),
+) -> Result<Vec<Generated>> {
+    let RowsJob { model, adapters, requests, opts, .. } = *run;
     opts.validate()?;
     if requests.is_empty() {
         return Ok(Vec::new());
     }
-    let lora = |i: usize| -> Result<Option<&GpuAdapter>> {
-        match requests[i].adapter {
-            None => Ok(None),
-            Some(a) => adapters.get(a).copied().map(Some).ok_or_else(|| {
-                Error::invalid("adapter", format!("request {i} names adapter {a}, of {} given", adapters.len()))
-            }),
-        }
-    };
-    let set = crate::lora::GpuAdapterSet::new(&model.ctx, adapters, model.config.num_layers)?;
-    let mut decoder = model.rows_decoder(requests.len(), set.max_rank())?;
     let mut loras = Vec::with_capacity(requests.len());
     for (i, r) in requests.iter().enumerate() {
-        loras.push(lora(i)?);
+        loras.push(match r.adapter {
+            None => None,
+            Some(a) => Some(*adapters.get(a).ok_or_else(|| {
+                Error::invalid("adapter", format!("request {i} names adapter {a}, of {} given", adapters.len()))
+            })?),
+        });
         check_row_prompt(model, &format!("request {i}"), r.prompt_ids)?;
     }
+    let set = GpuAdapterSet::new(&model.ctx, adapters, model.config.num_layers)?;
+    let decoder = model.rows_decoder(rows, set.max_rank())?;
     // The caches in one pool, so that each step's attention is one dispatch a layer.
-    let sizes: Vec<usize> = requests.iter().map(|r| cache_tokens(r.prompt_ids.len(), opts)).collect();
-    let mut caches = model.new_caches_for(&sizes)?;
-    let (mut streams, mut rngs, mut next) = (Vec::new(), Vec::new(), Vec::new());
-    for ((r, cache), lora) in requests.iter().zip(&mut caches).zip(loras) {
-        let mut rng = Rng::new(opts.seed);
-        next.push(if opts.temperature == 0.0 {
-            model.next_argmax_with(r.prompt_ids, cache, lora)?
-        } else {
-            sample(&model.next_logits_with(r.prompt_ids, cache, lora)?, opts, &mut rng)
-        });
-        rngs.push(rng);
-        streams.push(Stream::new(model, tokenizer, r.prompt_ids.len()));
+    let mut sizes: Vec<usize> = requests.iter().map(|r| cache_tokens(r.prompt_ids.len(), opts)).collect();
+    if requests.len() > rows {
+        sizes = vec![sizes.iter().copied().max().unwrap_or(1); rows];
     }
-    let mut rows = Rows { model, decoder: &mut decoder, set: &set, requests, caches: &mut caches };
-    let ended = if opts.temperature == 0.0 {
-        greedy_rows(&mut rows, &mut streams, next, opts, &mut on_text)?
-    } else {
-        sample_rows(&mut rows, &mut streams, (&mut rngs, next), opts, &mut on_text)?
+    let caches = model.new_caches_for(&sizes)?;
+    let mut q = Queue {
+        run,
+        loras,
+        set,
+        decoder,
+        caches,
+        request: vec![None; rows],
+        token: vec![0; rows],
+        fresh: vec![false; rows],
+        picked: vec![0; rows],
+        streams: (0..requests.len()).map(|_| None).collect(),
+        rngs: vec![Rng::new(opts.seed); requests.len()],
+        ended: vec![None; requests.len()],
+        started: 0,
+        done,
     };
-    Ok(streams.into_iter().zip(ended).map(|(s, e)| s.finish(e)).collect())
+    if opts.temperature == 0.0 {
+        q.greedy(&mut on_text)?
+    } else {
+        q.sampled(&mut on_text)?
+    }
+    let Queue { streams, ended, .. } = q;
+    streams
+        .into_iter()
+        .zip(ended)
+        .map(|(s, e)| {
+            let s = s.ok_or_else(|| Error::Gpu("a request was never started".into()))?;
+            Ok(s.finish(e.unwrap_or(StopReason::MaxTokens)))
+        })
+        .collect()
 }
 
-/// What the steps of [`generate_rows`] decode with: its requests, with a cache each.
-struct Rows<'a, 'p> {
-    model: &'a Model,
-    decoder: &'a mut RowsDecoder,
-    set: &'a GpuAdapterSet,
-    requests: &'a [RowRequest<'p>],
-    caches: &'a mut [KvCache],
+/// The state of [`decode_rows_queue`]: which request each row decodes, and each request's
+/// text so far.
+struct Queue<'r, 'a, 'p, D> {
+    run: &'r RowsJob<'a, 'p>,
+    loras: Vec<Option<&'a GpuAdapter>>,
+    set: GpuAdapterSet,
+    decoder: RowsDecoder,
+    /// A cache a row.
+    caches: Vec<KvCache>,
+    /// The request each row decodes (or decoded last).
+    request: Vec<Option<usize>>,
+    /// Each row's last token, and whether it is still to be taken by its request's stream.
+    token: Vec<u32>,
+    fresh: Vec<bool>,
+    /// The tokens picked for each row's request so far, its prompt's pass's included: no step
+    /// picks past the last allowed.
+    picked: Vec<usize>,
+    streams: Vec<Option<Stream<'a>>>,
+    rngs: Vec<Rng>,
+    ended: Vec<Option<StopReason>>,
+    /// Requests given a row so far (they start in order).
+    started: usize,
+    done: D,
 }
 
-impl Rows<'_, '_> {
-    /// The rows of a step: the requests `feed` names, each with its token; `feed` is in the
-    /// order of the requests, as the rows are.
+impl<D: FnMut(usize)> Queue<'_, '_, '_, D> {
+    /// The request `row` decodes, if that has not ended.
+    fn active(&self, row: usize) -> Option<usize> {
+        self.request[row].filter(|&r| self.ended[r].is_none())
+    }
+
+    /// Whether no row decodes a request and none is left to start.
+    fn finished(&self) -> bool {
+        self.started == self.run.requests.len() && (0..self.caches.len()).all(|row| self.active(row).is_none())
+    }
+
+    /// Whether `row` may decode one more token (counted as picked when it may).
+    fn room(&mut self, row: usize) -> bool {
+        let cache = &self.caches[row];
+        let go = cache.len < cache.capacity && self.picked[row] < self.run.opts.max_new_tokens;
+        self.picked[row] += usize::from(go);
+        go
+    }
+
+    /// Gives each row that is free and not in `busy` (rows of a step whose ids are not yet read)
+    /// the next request not yet started: its prompt runs alone in the row's cache and picks its
+    /// first token, to be taken.
+    fn start(&mut self, busy: &[usize]) -> Result<()> {
+        let RowsJob { model, tokenizer, requests, opts, .. } = *self.run;
+        for row in 0..self.caches.len() {
+            if self.started == requests.len() {
+                break;
+            }
+            if self.active(row).is_some() || busy.contains(&row) {
+                continue;
+            }
+            let (r, prompt) = (self.started, requests[self.started].prompt_ids);
+            self.started += 1;
+            let cache = &mut self.caches[row];
+            cache.len = 0;
+            self.token[row] = if opts.temperature == 0.0 {
+                model.next_argmax_with(prompt, cache, self.loras[r])?
+            } else {
+                sample(&model.next_logits_with(prompt, cache, self.loras[r])?, opts, &mut self.rngs[r])
+            };
+            self.request[row] = Some(r);
+            (self.fresh[row], self.picked[row]) = (true, 1);
+            self.streams[r] = Some(Stream::new(model, tokenizer, prompt.len()));
+        }
+        Ok(())
+    }
+
+    /// Each row's fresh token taken by its request's stream, which may end the request.
+    fn take(&mut self, on_text: &mut impl FnMut(usize, &str) -> bool) -> Result<()> {
+        let before = self.ended.iter().filter(|e| e.is_some()).count();
+        for row in 0..self.caches.len() {
+            let Some(r) = self.active(row).filter(|_| self.fresh[row]) else { continue };
+            self.fresh[row] = false;
+            let Some(stream) = self.streams[r].as_mut() else { continue };
+            self.ended[r] = stream.take(self.token[row], self.run.opts, &mut |piece| on_text(r, piece))?;
+        }
+        self.report(before);
+        Ok(())
+    }
+
+    /// Calls `done` where requests ended since `before` were.
+    fn report(&mut self, before: usize) {
+        let now = self.ended.iter().filter(|e| e.is_some()).count();
+        if now > before {
+            (self.done)(now);
+        }
+    }
+
+    /// Ends the requests of `rows` with [`StopReason::ContextFull`]: their caches are full.
+    fn full(&mut self, rows: impl Iterator<Item = usize>) {
+        let before = self.ended.iter().filter(|e| e.is_some()).count();
+        for row in rows {
+            if let Some(r) = self.active(row) {
+                self.ended[r] = Some(StopReason::ContextFull);
+            }
+        }
+        self.report(before);
+    }
+
+    /// A step's rows: those `feed` names (in the order of the rows), each with its token.
     fn step<'c>(
         caches: &'c mut [KvCache],
+        request: &[Option<usize>],
         requests: &[RowRequest<'_>],
         feed: &[(usize, RowToken)],
     ) -> Vec<DecodeRow<'c>> {
@@ -396,121 +549,101 @@ impl Rows<'_, '_> {
         caches
             .iter_mut()
             .enumerate()
-            .filter_map(|(i, cache)| {
-                let &(_, token) = feed.next_if(|f| f.0 == i)?;
-                Some(DecodeRow { cache, adapter: requests[i].adapter, token })
+            .filter_map(|(row, cache)| {
+                let &(_, token) = feed.next_if(|f| f.0 == row)?;
+                let adapter = request[row].and_then(|r| requests[r].adapter);
+                Some(DecodeRow { cache, adapter, token })
             })
             .collect()
     }
 
-    /// Submits the greedy step of the requests `feed` names ([`Model::submit_rows_argmax`]),
-    /// reading their ids into `staging`; returns the read and the requests, or `None` where
-    /// `feed` names none.
-    fn submit(
-        &mut self,
-        feed: &[(usize, RowToken)],
-        staging: &wgpu::Buffer,
-    ) -> Result<Option<(PendingRead, Vec<usize>)>> {
-        if feed.is_empty() {
-            return Ok(None);
-        }
-        let mut rows = Self::step(self.caches, self.requests, feed);
-        let pending = self.model.submit_rows_argmax(self.decoder, self.set, &mut rows, staging)?;
-        Ok(Some((pending, feed.iter().map(|f| f.0).collect())))
-    }
-}
-
-/// Greedy decoding of [`generate_rows`] after the prompts' passes picked `tokens`, with the
-/// host a step behind the GPU as in [`greedy`]: each step's rows take as their tokens the ids
-/// the step before picked for them on the GPU ([`RowToken::Picked`]), so a step is submitted
-/// before the ids of the one before are read back. A step decodes the sequences of the step
-/// before that had not ended when it was submitted: a sequence that ends has had one step
-/// submitted after its last token, which is not read.
-fn greedy_rows(
-    rows: &mut Rows<'_, '_>,
-    streams: &mut [Stream<'_>],
-    mut tokens: Vec<u32>,
-    opts: &GenerateOptions,
-    on_text: &mut impl FnMut(usize, &str) -> bool,
-) -> Result<Vec<StopReason>> {
-    let n = streams.len();
-    let ctx = &rows.model.ctx;
-    // Two readbacks in flight at most: the step being read and the one submitted after it.
-    let staging = [ctx.staging("rows' ids", 4 * n as u64), ctx.staging("rows' ids", 4 * n as u64)];
-    // Each sequence's tokens picked so far, its prompt's pass's included: no step picks past
-    // the last allowed.
-    let mut picked = vec![1; n];
-    let mut room = |i: usize, cache: &KvCache| {
-        let go = cache.len < cache.capacity && picked[i] < opts.max_new_tokens;
-        picked[i] += usize::from(go);
-        go
-    };
-    let feed: Vec<(usize, RowToken)> =
-        (0..n).filter(|&i| room(i, &rows.caches[i])).map(|i| (i, RowToken::Id(tokens[i]))).collect();
-    let mut ahead = rows.submit(&feed, &staging[0])?;
-    let mut slot = 1;
-    let mut ended: Vec<Option<StopReason>> = vec![None; n];
-    loop {
-        for (i, stream) in streams.iter_mut().enumerate() {
-            if ended[i].is_none() {
-                ended[i] = stream.take(tokens[i], opts, &mut |piece| on_text(i, piece))?;
+    /// Greedy decoding with the host a step behind the GPU, as in [`greedy`]: each step's rows
+    /// take as their tokens the ids the step before picked for them on the GPU
+    /// ([`RowToken::Picked`]), or the first token of a request just started
+    /// ([`RowToken::Id`]), so a step is submitted before the ids of the one before are read
+    /// back. A request that ends has had one step submitted after its last token, which is not
+    /// read; its row takes the next request once that step's ids are read.
+    fn greedy(&mut self, on_text: &mut impl FnMut(usize, &str) -> bool) -> Result<()> {
+        let RowsJob { model, requests, .. } = *self.run;
+        let ctx = &model.ctx;
+        let bytes = 4 * self.caches.len() as u64;
+        // Two readbacks in flight at most: the step being read and the one submitted after it.
+        let staging = [ctx.staging("rows' ids", bytes), ctx.staging("rows' ids", bytes)];
+        let mut slot = 0;
+        // The step in flight and its rows.
+        let mut ahead: Option<(PendingRead, Vec<usize>)> = None;
+        loop {
+            self.take(on_text)?;
+            // A request going on that the step in flight does not decode has filled its cache.
+            let decoded: &[usize] = ahead.as_ref().map_or(&[], |a| &a.1);
+            let unfed: Vec<usize> = (0..self.caches.len()).filter(|row| !decoded.contains(row)).collect();
+            self.full(unfed.into_iter());
+            if self.finished() {
+                // A step submitted after the last tokens goes unread.
+                return Ok(());
             }
-        }
-        // A sequence going on that the step in flight does not decode has filled its cache.
-        let decoded: &[usize] = ahead.as_ref().map_or(&[], |a| &a.1);
-        for (i, e) in ended.iter_mut().enumerate() {
-            if e.is_none() && !decoded.contains(&i) {
-                *e = Some(StopReason::ContextFull);
+            let pending = ahead.take();
+            let busy: &[usize] = pending.as_ref().map_or(&[], |p| &p.1);
+            self.start(busy)?;
+            let mut feed = Vec::new();
+            for row in 0..self.caches.len() {
+                if self.active(row).is_none() {
+                    continue;
+                }
+                let token = match busy.iter().position(|&b| b == row) {
+                    Some(at) => RowToken::Picked(at),
+                    None => RowToken::Id(self.token[row]),
+                };
+                if self.room(row) {
+                    feed.push((row, token));
+                }
             }
-        }
-        let Some((pending, decoded)) = ahead.take() else { break };
-        let feed: Vec<(usize, RowToken)> = decoded
-            .iter()
-            .enumerate()
-            .filter(|&(_, &i)| ended[i].is_none() && room(i, &rows.caches[i]))
-            .map(|(row, &i)| (i, RowToken::Picked(row)))
-            .collect();
-        ahead = rows.submit(&feed, &staging[slot])?;
-        slot ^= 1;
-        let ids = ctx.finish_read(pending)?;
-        decoded.iter().zip(ids).for_each(|(&i, id)| tokens[i] = id);
-    }
-    Ok(ended.into_iter().map(|e| e.unwrap_or(StopReason::MaxTokens)).collect())
-}
-
-/// Sampling in [`generate_rows`] after the prompts' passes picked `next`: each step reads back
-/// the rows' logits, and each sequence draws from its own generator.
-fn sample_rows(
-    rows: &mut Rows<'_, '_>,
-    streams: &mut [Stream<'_>],
-    (rngs, mut next): (&mut [Rng], Vec<u32>),
-    opts: &GenerateOptions,
-    on_text: &mut impl FnMut(usize, &str) -> bool,
-) -> Result<Vec<StopReason>> {
-    let n = streams.len();
-    let vocab = rows.model.config.vocab_size;
-    let mut ended: Vec<Option<StopReason>> = vec![None; n];
-    loop {
-        for (i, stream) in streams.iter_mut().enumerate() {
-            if ended[i].is_none() {
-                ended[i] = stream.take(next[i], opts, &mut |piece| on_text(i, piece))?;
-                if ended[i].is_none() && rows.caches[i].len >= rows.caches[i].capacity {
-                    ended[i] = Some(StopReason::ContextFull);
+            if !feed.is_empty() {
+                let mut rows = Self::step(&mut self.caches, &self.request, requests, &feed);
+                let read = model.submit_rows_argmax(&mut self.decoder, &self.set, &mut rows, &staging[slot])?;
+                ahead = Some((read, feed.iter().map(|f| f.0).collect()));
+                slot ^= 1;
+            }
+            if let Some((read, rows)) = pending {
+                let ids = ctx.finish_read(read)?;
+                for (&row, id) in rows.iter().zip(ids) {
+                    self.token[row] = id;
+                    self.fresh[row] = true;
                 }
             }
         }
-        let going: Vec<(usize, RowToken)> =
-            (0..n).filter(|&i| ended[i].is_none()).map(|i| (i, RowToken::Id(next[i]))).collect();
-        if going.is_empty() {
-            break;
-        }
-        let mut step = Rows::step(rows.caches, rows.requests, &going);
-        let logits = rows.model.decode_rows(rows.decoder, rows.set, &mut step)?;
-        for (row, &(i, _)) in going.iter().enumerate() {
-            next[i] = sample(&logits[row * vocab..(row + 1) * vocab], opts, &mut rngs[i]);
+    }
+
+    /// Sampling: each step reads back the rows' logits, and each request draws from its own
+    /// generator.
+    fn sampled(&mut self, on_text: &mut impl FnMut(usize, &str) -> bool) -> Result<()> {
+        let RowsJob { model, requests, opts, .. } = *self.run;
+        let vocab = model.config.vocab_size;
+        loop {
+            self.start(&[])?;
+            self.take(on_text)?;
+            let filled: Vec<usize> =
+                (0..self.caches.len()).filter(|&row| self.caches[row].len >= self.caches[row].capacity).collect();
+            self.full(filled.into_iter());
+            if self.finished() {
+                return Ok(());
+            }
+            let feed: Vec<(usize, RowToken)> = (0..self.caches.len())
+                .filter(|&row| self.active(row).is_some())
+                .map(|row| (row, RowToken::Id(self.token[row])))
+                .collect();
+            if feed.is_empty() {
+                continue;
+            }
+            let mut rows = Self::step(&mut self.caches, &self.request, requests, &feed);
+            let logits = model.decode_rows(&mut self.decoder, &self.set, &mut rows)?;
+            for (at, &(row, _)) in feed.iter().enumerate() {
+                let r = self.request[row].ok_or_else(|| Error::Gpu("a decoded row has no request".into()))?;
+                self.token[row] = sample(&logits[at * vocab..(at + 1) * vocab], opts, &mut self.rngs[r]);
+                self.fresh[row] = true;
+            }
         }
     }
-    Ok(ended.into_iter().map(|e| e.unwrap_or(StopReason::MaxTokens)).collect())
 }
 
 /// Refuses the prompt of the request `what` names where it is empty or leaves no room in the
@@ -569,29 +702,25 @@ pub fn chat_prompts(model: &Model, tokenizer: &Tokenizer, requests: &[ChatReques
     Ok(prompts)
 }
 
-/// Answers conversations, each with its adapter among `adapters`: through
-/// [`generate_rows`], [`ANSWER_ROWS`] at a time (fewer where [`Model::most_decode_rows`] takes
-/// fewer), so each gets what [`chat`] gives it alone (up to the order of the sums) while a step
-/// decodes a token of each in one pass. `done` gets the number answered after each pass.
+/// Answers conversations, each with its adapter among `adapters`, [`ANSWER_ROWS`] at a time
+/// (fewer where [`Model::most_decode_rows`] takes fewer) as [`generate_queue`] decodes them,
+/// each row taking the next conversation when its answer ends: each gets what [`chat`] gives it
+/// alone (up to the order of the sums) while a step decodes a token of many in one pass. `done`
+/// gets the number answered whenever it grows.
 pub fn chat_rows(
     model: &Model,
     adapters: &[&GpuAdapter],
     tokenizer: &Tokenizer,
     requests: &[ChatRequest<'_>],
     opts: &GenerateOptions,
-    mut done: impl FnMut(usize),
+    done: impl FnMut(usize),
 ) -> Result<Vec<Generated>> {
     opts.validate()?;
     let prompts = chat_prompts(model, tokenizer, requests)?;
     let rank = adapters.iter().map(|a| a.layout.r).max().unwrap_or(1).max(1);
     // At least one, so that a model no row fits is refused by the decoder, in words.
-    let rows = ANSWER_ROWS.min(model.most_decode_rows(rank)).max(1);
-    let mut out = Vec::with_capacity(requests.len());
-    for (chunk, ids) in requests.chunks(rows).zip(prompts.chunks(rows)) {
-        let rows: Vec<RowRequest<'_>> =
-            chunk.iter().zip(ids).map(|(r, ids)| RowRequest { prompt_ids: ids, adapter: r.adapter }).collect();
-        out.extend(generate_rows(model, adapters, tokenizer, &rows, opts, |_, _| true)?);
-        done(out.len());
-    }
-    Ok(out)
+    let rows = ANSWER_ROWS.min(model.most_decode_rows(rank)).min(requests.len()).max(1);
+    let requests: Vec<RowRequest<'_>> =
+        requests.iter().zip(&prompts).map(|(r, ids)| RowRequest { prompt_ids: ids, adapter: r.adapter }).collect();
+    decode_rows_queue(&RowsJob { model, adapters, tokenizer, requests: &requests, opts }, rows, |_, _| true, done)
 }
