@@ -363,7 +363,8 @@ pub struct RowsJob<'a, 'p> {
 /// it alone (up to the order of the sums). Where every request has a row, each row's cache holds
 /// its request's prompt and `max_new_tokens`; else each holds the longest request's. `on_text`
 /// gets each new piece of text with its request's index; returning `false` ends that request.
-/// Refused: more rows than [`Model::rows_decoder`] takes.
+/// Refused: no rows, or more than [`Model::rows_decoder`] takes (of which at most one a request
+/// is made).
 pub fn generate_queue(
     job: &RowsJob<'_, '_>,
     rows: usize,
@@ -394,6 +395,8 @@ fn decode_rows_queue(
         });
         check_row_prompt(model, &format!("request {i}"), r.prompt_ids)?;
     }
+    // No more rows than requests (none is refused by the decoder).
+    let rows = rows.min(requests.len());
     let set = GpuAdapterSet::new(&model.ctx, adapters, model.config.num_layers)?;
     let decoder = model.rows_decoder(rows, set.max_rank())?;
     // The caches in one pool, so that each step's attention is one dispatch a layer.
