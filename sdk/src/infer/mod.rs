@@ -336,9 +336,16 @@ pub fn generate_rows(
     opts: &GenerateOptions,
     on_text: impl FnMut(usize, &str) -> bool,
 ) -> Result<Vec<Generated>> {
-    let rank = adapters.iter().map(|a| a.layout.r).max().unwrap_or(1).max(1);
-    let rows = requests.len().min(model.most_decode_rows(rank)).max(1);
+    let rows = rows_for(model, adapters, requests.len());
     generate_queue(&RowsJob { model, adapters, tokenizer, requests, opts }, rows, on_text)
+}
+
+/// `wanted` rows, or fewer where a step with `adapters` takes fewer
+/// ([`Model::most_decode_rows`]); at least one, so that a model no row fits is refused by the
+/// decoder, in words.
+fn rows_for(model: &Model, adapters: &[&GpuAdapter], wanted: usize) -> usize {
+    let rank = adapters.iter().map(|a| a.layout.r).max().unwrap_or(1).max(1);
+    wanted.min(model.most_decode_rows(rank)).max(1)
 }
 
 /// Requests to decode together ([`generate_queue`]): each with its adapter among `adapters`.
@@ -418,6 +425,7 @@ fn decode_rows_queue(
         streams: (0..requests.len()).map(|_| None).collect(),
         rngs: vec![Rng::new(opts.seed); requests.len()],
         ended: vec![None; requests.len()],
+        ended_count: 0,
         started: 0,
         done,
     };
@@ -457,6 +465,8 @@ struct Queue<'r, 'a, 'p, D> {
     streams: Vec<Option<Stream<'a>>>,
     rngs: Vec<Rng>,
     ended: Vec<Option<StopReason>>,
+    /// Requests ended so far.
+    ended_count: usize,
     /// Requests given a row so far (they start in order).
     started: usize,
     done: D,
@@ -511,34 +521,31 @@ impl<D: FnMut(usize)> Queue<'_, '_, '_, D> {
 
     /// Each row's fresh token taken by its request's stream, which may end the request.
     fn take(&mut self, on_text: &mut impl FnMut(usize, &str) -> bool) -> Result<()> {
-        let before = self.ended.iter().filter(|e| e.is_some()).count();
         for row in 0..self.caches.len() {
             let Some(r) = self.active(row).filter(|_| self.fresh[row]) else { continue };
             self.fresh[row] = false;
             let Some(stream) = self.streams[r].as_mut() else { continue };
-            self.ended[r] = stream.take(self.token[row], self.run.opts, &mut |piece| on_text(r, piece))?;
+            if let Some(reason) = stream.take(self.token[row], self.run.opts, &mut |piece| on_text(r, piece))? {
+                self.end(r, reason);
+            }
         }
-        self.report(before);
         Ok(())
     }
 
-    /// Calls `done` where requests ended since `before` were.
-    fn report(&mut self, before: usize) {
-        let now = self.ended.iter().filter(|e| e.is_some()).count();
-        if now > before {
-            (self.done)(now);
-        }
+    /// Ends request `r` for `reason`, and tells `done` how many have ended.
+    fn end(&mut self, r: usize, reason: StopReason) {
+        self.ended[r] = Some(reason);
+        self.ended_count += 1;
+        (self.done)(self.ended_count);
     }
 
     /// Ends the requests of `rows` with [`StopReason::ContextFull`]: their caches are full.
     fn full(&mut self, rows: impl Iterator<Item = usize>) {
-        let before = self.ended.iter().filter(|e| e.is_some()).count();
         for row in rows {
             if let Some(r) = self.active(row) {
-                self.ended[r] = Some(StopReason::ContextFull);
+                self.end(r, StopReason::ContextFull);
             }
         }
-        self.report(before);
     }
 
     /// A step's rows: those `feed` names (in the order of the rows), each with its token.
@@ -720,9 +727,7 @@ pub fn chat_rows(
 ) -> Result<Vec<Generated>> {
     opts.validate()?;
     let prompts = chat_prompts(model, tokenizer, requests)?;
-    let rank = adapters.iter().map(|a| a.layout.r).max().unwrap_or(1).max(1);
-    // At least one, so that a model no row fits is refused by the decoder, in words.
-    let rows = ANSWER_ROWS.min(model.most_decode_rows(rank)).min(requests.len()).max(1);
+    let rows = rows_for(model, adapters, ANSWER_ROWS.min(requests.len()));
     let requests: Vec<RowRequest<'_>> =
         requests.iter().zip(&prompts).map(|(r, ids)| RowRequest { prompt_ids: ids, adapter: r.adapter }).collect();
     decode_rows_queue(&RowsJob { model, adapters, tokenizer, requests: &requests, opts }, rows, |_, _| true, done)
