@@ -916,6 +916,105 @@ fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
     }
 }
 
+/// A GGUF file written as a Hugging Face folder (`merge` of a GGUF base) keeps its tokenizer:
+/// that folder written as GGUF again carries every `tokenizer.*` key of the first file with its
+/// value (the special tokens' ids, the add-token flags, the template), for each case's file as
+/// the converter writes it (held to its output key by key above) and for that file naming an
+/// unknown, a padding, a mask and a separator token (two added tokens, which the converter
+/// finds by their texts in tokenizer_config.json, and two plain ones, which it takes from
+/// config.json) and stating add-EOS and add-separator flags. Cases with a SentencePiece
+/// vocabulary are left out (the folder has no tokenizer.model, which GGUF writing needs and
+/// says so), and Llama 3's RoPE divisors (which config.json cannot hold) are refused by name.
+#[test]
+fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
+    use edgetune::model::gguf::Value as V;
+    let tokenizer_keys = |path: &Path| {
+        let g = GgufFile::open(path).expect("opens");
+        g.metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), gguf_py_value(v)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let mut files = 0;
+    for case in hf_gguf_cases().1 {
+        let name = case["name"].as_str().expect("name");
+        let dir = temp(name);
+        let folder = hf_case_folder(&case, &dir);
+        let first = dir.join("first.gguf");
+        lora::merge::convert_gguf(&folder, &first, GgmlType::F32).expect("convert");
+        let g = GgufFile::open(&first).expect("first opens");
+        if g.get_str("tokenizer.ggml.model").expect("model") == "llama" {
+            continue;
+        }
+        // The same file naming the other special tokens: two control tokens (added tokens in
+        // the folder) and two plain ones.
+        let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
+            Some(V::Array(a)) => a.iter().map(|v| v.as_u64().expect("type")).collect(),
+            _ => panic!("{name}: no token types"),
+        };
+        let of =
+            |ty: u64| types.iter().enumerate().filter(|(_, t)| **t == ty).map(|(i, _)| i as u32).collect::<Vec<_>>();
+        let (control, plain) = (of(3), of(1));
+        assert!(control.len() >= 2 && plain.len() >= 2, "{name}: control tokens {control:?}");
+        let named = dir.join("named.gguf");
+        let mut w = GgufWriter::with_metadata_of(&g);
+        for (key, id) in [
+            ("unknown", control[0]),
+            ("mask", control[1]),
+            ("padding", plain[plain.len() - 1]),
+            ("seperator", plain[plain.len() - 2]),
+        ] {
+            w.set(&format!("tokenizer.ggml.{key}_token_id"), V::U32(id));
+        }
+        w.set("tokenizer.ggml.add_eos_token", V::Bool(false));
+        w.set("tokenizer.ggml.add_sep_token", V::Bool(false));
+        for t in g.tensors.keys() {
+            let (v, shape) = g.tensor_f32(t).expect("tensor");
+            w.add_tensor(t, &shape, GgmlType::F32, &v).expect("tensor");
+        }
+        w.write(&named).expect("write");
+        for file in [first, named] {
+            let cfg = ModelConfig::from_gguf(&GgufFile::open(&file).expect("opens")).expect("config");
+            let adapter = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");
+            let back = dir.join("folder");
+            let _ = std::fs::remove_dir_all(&back);
+            if let Err(e) = lora::merge::merge(&file, &adapter, &back, lora::merge::MergeDtype::F32) {
+                assert!(e.to_string().contains("per-dimension RoPE factors"), "{name}: {e}");
+                break;
+            }
+            // transformers reads the tokens by their texts from tokenizer_config.json, the
+            // model's padding id from config.json.
+            let read = |f: &str| -> Value {
+                serde_json::from_slice(&std::fs::read(back.join(f)).expect("read")).expect("JSON")
+            };
+            let (tc, config) = (read("tokenizer_config.json"), read("config.json"));
+            let g = GgufFile::open(&file).expect("opens");
+            let tokens = match g.get("tokenizer.ggml.tokens") {
+                Some(V::Array(a)) => a.iter().map(|v| v.as_str().expect("text").to_string()).collect::<Vec<_>>(),
+                _ => panic!("{name}: no tokens"),
+            };
+            for (typ, key) in [("unk", "unknown"), ("mask", "mask"), ("pad", "padding"), ("sep", "seperator")] {
+                let id = g.get(&format!("tokenizer.ggml.{key}_token_id")).and_then(|v| v.as_u64());
+                let text = id.map(|i| json!(tokens[i as usize]));
+                assert_eq!(tc.get(format!("{typ}_token")), text.as_ref(), "{name}: {typ}_token");
+                assert_eq!(config.get(format!("{typ}_token_id")), id.map(|i| json!(i)).as_ref(), "{name}: {typ}");
+            }
+            let second = dir.join("second.gguf");
+            let m = lora::merge::convert_gguf(&back, &second, GgmlType::F32).expect("folder to GGUF");
+            assert_eq!(m.fell_back, 0);
+            let (want, got) = (tokenizer_keys(&file), tokenizer_keys(&second));
+            for (k, v) in &want {
+                assert_eq!(got.get(k), Some(v), "{name} {}: `{k}`", file.display());
+            }
+            assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}: the tokenizer keys");
+            files += 1;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    assert!(files >= 14, "{files} files written as a folder and back");
+}
+
 /// The same files with an adapter merged, and written with no adapter and given the adapter as
 /// a GGUF LoRA file, run in llama.cpp as the folder runs in edgetune with the adapter applied
 /// unmerged (both f32; the f32 bound, or for Gemma twice the engines' distance on the base

@@ -362,9 +362,21 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
         }
         return Ok(());
     }
-    write_json(&out.join("config.json"), &hf_config(cfg, dtype)?)?;
     let tok = crate::tokenizer::Tokenizer::open(model_path)?;
-    let (tokenizer_json, tokenizer_config) = tok.hf_files(cfg.max_position_embeddings)?;
+    let mut config = hf_config(cfg, dtype)?;
+    // The other special tokens by id as well: transformers' `pad_token_id`, and what the
+    // converter reads for a token that is not an added one.
+    for (key, id) in tok.special_token_ids() {
+        config[key] = json!(id);
+    }
+    write_json(&out.join("config.json"), &config)?;
+    let (tokenizer_json, mut tokenizer_config) = tok.hf_files(cfg.max_position_embeddings)?;
+    // A Phi-3 folder's tokenizer is its tokenizer.model unless this class is named (Phi-4-mini's
+    // folder names it): llama.cpp's converter reads a byte-level vocabulary only then.
+    let gguf = crate::model::gguf::GgufFile::open(model_path)?;
+    if cfg.arch == Arch::Phi3 && gguf.get("tokenizer.ggml.model").and_then(Value::as_str) == Some("gpt2") {
+        tokenizer_config["tokenizer_class"] = json!("GPT2Tokenizer");
+    }
     write_atomic(&out.join("tokenizer.json"), tokenizer_json.as_bytes())?;
     write_json(&out.join("tokenizer_config.json"), &tokenizer_config)?;
     let generation = json!({

@@ -53,7 +53,28 @@ pub struct Tokenizer {
     pub add_bos: bool,
     /// The beginning-of-sequence token's id, if the model has one.
     pub bos_id: Option<u32>,
+    /// What a GGUF file states beyond BOS and EOS, kept for [`Tokenizer::hf_files`] (empty for a
+    /// folder, whose files are copied as they are).
+    gguf_states: GgufStates,
 }
+
+/// A GGUF file's other special tokens (unknown, separator, padding, mask: their ids) and the
+/// add-BOS/EOS/separator flags it states, as gguf-py names them (`tokenizer.ggml.{typ}_token_id`,
+/// `tokenizer.ggml.add_{typ}_token`).
+#[derive(Debug, Clone, Default)]
+struct GgufStates {
+    ids: Vec<(&'static str, u32)>,
+    flags: Vec<(&'static str, bool)>,
+}
+
+/// The special tokens of a GGUF file that a folder carries by name beside BOS and EOS, with the
+/// key gguf-py writes each under (`cls` has none).
+const OTHER_SPECIALS: [(&str, &str); 4] = [
+    ("unk", "tokenizer.ggml.unknown_token_id"),
+    ("sep", "tokenizer.ggml.seperator_token_id"),
+    ("pad", "tokenizer.ggml.padding_token_id"),
+    ("mask", "tokenizer.ggml.mask_token_id"),
+];
 
 fn tok_err(source: &str, what: impl std::fmt::Display) -> Error {
     Error::Tokenizer { source_name: source.to_string(), what: what.to_string() }
@@ -119,6 +140,7 @@ impl Tokenizer {
             chat_template: None,
             add_bos: false,
             bos_id: None,
+            gguf_states: GgufStates::default(),
         };
         let mut add_bos_token = None;
         let cfg_path = dir.join("tokenizer_config.json");
@@ -266,6 +288,19 @@ impl Tokenizer {
         let name_of = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned());
         let bos_id = id_of("tokenizer.ggml.bos_token_id");
         let eos_id = id_of("tokenizer.ggml.eos_token_id");
+        let gguf_states = GgufStates {
+            ids: OTHER_SPECIALS
+                .iter()
+                .filter_map(|&(typ, key)| id_of(key).filter(|&i| (i as usize) < tokens.len()).map(|i| (typ, i)))
+                .collect(),
+            flags: ["bos", "eos", "sep"]
+                .into_iter()
+                .filter_map(|typ| match g.get(&format!("tokenizer.ggml.add_{typ}_token")) {
+                    Some(Value::Bool(b)) => Some((typ, *b)),
+                    _ => None,
+                })
+                .collect(),
+        };
         Ok(Tokenizer {
             inner,
             source,
@@ -278,6 +313,7 @@ impl Tokenizer {
                 _ => default_add_bos,
             } && bos_id.is_some(),
             bos_id,
+            gguf_states,
         })
     }
 
@@ -287,20 +323,39 @@ impl Tokenizer {
     }
 
     /// The tokenizer as Hugging Face files: `tokenizer.json` text and the `tokenizer_config.json`
-    /// value (chat template, BOS/EOS tokens), so that a model read from GGUF can be written as a
-    /// folder that transformers loads.
+    /// value (chat template; the BOS, EOS and, from a GGUF file, unknown, separator, padding and
+    /// mask tokens by their texts; the add-token flags the file states, and add-BOS where BOS is
+    /// added unstated, as in a SentencePiece vocabulary), so that a model read from GGUF can be
+    /// written as a folder that transformers loads, and that llama.cpp's converter writes as
+    /// GGUF again with the same special tokens.
     pub fn hf_files(&self, model_max_length: usize) -> Result<(String, serde_json::Value)> {
         let text = self.inner.to_string(true).map_err(|e| tok_err(&self.source, e))?;
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
-            "add_bos_token": self.add_bos,
             "chat_template": self.chat_template,
             "model_max_length": model_max_length,
             "clean_up_tokenization_spaces": false,
         });
+        for &(typ, id) in &self.gguf_states.ids {
+            if let Some(t) = self.inner.id_to_token(id) {
+                config[format!("{typ}_token")] = Json::String(t);
+            }
+        }
+        for &(typ, v) in &self.gguf_states.flags {
+            config[format!("add_{typ}_token")] = Json::Bool(v);
+        }
+        if self.add_bos {
+            config["add_bos_token"] = Json::Bool(true);
+        }
         Ok((text, config))
+    }
+
+    /// The ids of the special tokens a GGUF file names beside BOS and EOS, under the keys of a
+    /// Hugging Face `config.json` (`pad_token_id`, `unk_token_id`, ...); none for a folder.
+    pub fn special_token_ids(&self) -> Vec<(String, u32)> {
+        self.gguf_states.ids.iter().map(|&(typ, id)| (format!("{typ}_token_id"), id)).collect()
     }
 
     /// Token ids of `text`; special-token text such as `<|im_start|>` maps to its id.
