@@ -9,6 +9,7 @@ use edgetune::Session;
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::infer::{GenerateOptions, Rng, StopReason, sample};
 use edgetune::model::llama::{LoadOptions, Quant};
+use edgetune::session::{ManyRequests, Prompt};
 use edgetune::tokenizer::Message;
 
 fn session(max_context: usize) -> Session {
@@ -439,6 +440,60 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
         let alone = s.chat_with(name, messages, &opts, |_| true).expect("chat alone");
         assert_eq!((&g.token_ids, g.prompt_tokens), (&alone.token_ids, alone.prompt_tokens), "conversation {i}");
     }
+    // Prompts and conversations in one call, `rows` at a time: each request's end is told as
+    // it ends, with what it generated; in one row each ends before the next starts, in three
+    // the one stopped at its first piece ends while others go on.
+    let mixed: [(Option<&str>, Prompt); 5] = [
+        (Some("a"), Prompt::Text("Paris is the capital of")),
+        (Some("b"), Prompt::Chat(&hi)),
+        (None, Prompt::Text("The cat")),
+        (Some("a"), Prompt::Chat(&cat)),
+        (Some("b"), Prompt::Text("One, two,")),
+    ];
+    let alone: Vec<_> = mixed
+        .iter()
+        .map(|&(name, p)| match p {
+            Prompt::Text(t) => s.generate_with(name, t, &opts, |_| true),
+            Prompt::Chat(m) => s.chat_with(name, m, &opts, |_| true),
+        })
+        .collect::<Result<_, _>>()
+        .expect("alone");
+    for rows in [1, 3, 0] {
+        let job = ManyRequests { requests: &mixed, opts: &opts, rows };
+        let events: std::cell::RefCell<Vec<(bool, usize)>> = Default::default();
+        let mut told = vec![None; mixed.len()];
+        let out = s
+            .answer_many(
+                &job,
+                |i, _| {
+                    events.borrow_mut().push((false, i));
+                    true
+                },
+                |i, g| {
+                    events.borrow_mut().push((true, i));
+                    assert!(told[i].replace(g.token_ids.clone()).is_none(), "request {i} ended twice");
+                },
+            )
+            .expect("answer many");
+        let events = events.into_inner();
+        for (i, (g, a)) in out.iter().zip(&alone).enumerate() {
+            assert_eq!((&g.token_ids, &g.text), (&a.token_ids, &a.text), "rows {rows}: request {i}");
+            assert_eq!(told[i].as_ref(), Some(&g.token_ids), "rows {rows}: request {i}'s end");
+        }
+        // In one row the requests run one after another: each ends before the next streams.
+        let ends: Vec<usize> = events.iter().filter(|e| e.0).map(|e| e.1).collect();
+        let order: Vec<usize> = events.iter().map(|e| e.1).collect();
+        if rows == 1 {
+            assert!(order.windows(2).all(|w| w[0] <= w[1]), "{order:?}");
+            assert_eq!(ends, [0, 1, 2, 3, 4]);
+        } else {
+            assert!(order.windows(2).any(|w| w[0] > w[1]), "rows {rows}: requests interleave: {order:?}");
+        }
+    }
+    let stop_1 = s
+        .answer_many(&ManyRequests { requests: &mixed, opts: &opts, rows: 3 }, |i, _| i != 1, |_, _| {})
+        .expect("stopped");
+    assert_eq!(stop_1[1].stop_reason, StopReason::Callback);
     let e = s.chat_many(&[(None, &hi), (None, &[])], &opts, |_, _| true).expect_err("no messages");
     assert!(e.to_string().contains("request 1"), "{e}");
     let e = s.generate_many(&[(None, "hi"), (Some("c"), "hi")], &opts, |_, _| true).expect_err("unknown name");

@@ -13,6 +13,28 @@ use crate::score::AnswerScores;
 use crate::tokenizer::{Message, Tokenizer};
 use crate::train::Rewards;
 
+/// A request of [`Session::answer_many`].
+#[derive(Debug, Clone, Copy)]
+pub enum Prompt<'a> {
+    /// A plain prompt, continued as [`Session::generate_with`] continues it.
+    Text(&'a str),
+    /// Chat messages, answered as [`Session::chat_with`] answers them.
+    Chat(&'a [Message]),
+}
+
+/// Requests that [`Session::answer_many`] decodes together.
+#[derive(Debug, Clone, Copy)]
+pub struct ManyRequests<'a> {
+    /// Each request with the resident adapter it names ([`Session::keep_adapter`]), or `None`
+    /// for the base model.
+    pub requests: &'a [(Option<&'a str>, Prompt<'a>)],
+    /// How to pick tokens and when to stop, for every request.
+    pub opts: &'a GenerateOptions,
+    /// The most requests a step decodes together; 0 for as many as a step takes
+    /// ([`crate::model::llama::Model::most_decode_rows`]), and never more.
+    pub rows: usize,
+}
+
 /// A loaded model ready to generate and score text.
 #[derive(Debug)]
 pub struct Session {
@@ -138,14 +160,8 @@ impl Session {
         opts: &GenerateOptions,
         on_text: impl FnMut(usize, &str) -> bool,
     ) -> Result<Vec<Generated>> {
-        let mut prompts = Vec::with_capacity(requests.len());
-        for (i, &(name, prompt)) in requests.iter().enumerate() {
-            if prompt.is_empty() {
-                return Err(Error::invalid("prompt", format!("request {i} is empty")));
-            }
-            prompts.push((name, self.tokenizer.encode_prompt(prompt)?));
-        }
-        self.generate_rows(&prompts, opts, on_text)
+        let requests: Vec<_> = requests.iter().map(|&(name, p)| (name, Prompt::Text(p))).collect();
+        self.answer_many(&ManyRequests { requests: &requests, opts, rows: 0 }, on_text, |_, _| {})
     }
 
     /// [`Session::generate_many`] for conversations: each request's messages rendered with the
@@ -157,30 +173,41 @@ impl Session {
         opts: &GenerateOptions,
         on_text: impl FnMut(usize, &str) -> bool,
     ) -> Result<Vec<Generated>> {
-        let chats: Vec<infer::ChatRequest<'_>> = requests
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, messages))| infer::ChatRequest { messages, adapter: None, source: format!("request {i}") })
-            .collect();
-        let ids = infer::chat_prompts(&self.model, &self.tokenizer, &chats)?;
-        let prompts: Vec<_> = requests.iter().zip(ids).map(|(&(name, _), ids)| (name, ids)).collect();
-        self.generate_rows(&prompts, opts, on_text)
+        let requests: Vec<_> = requests.iter().map(|&(name, m)| (name, Prompt::Chat(m))).collect();
+        self.answer_many(&ManyRequests { requests: &requests, opts, rows: 0 }, on_text, |_, _| {})
     }
 
-    /// Several requests' token ids, each with its resident adapter, through
-    /// [`infer::generate_rows`], each adapter passed once.
-    fn generate_rows(
+    /// Plain prompts and conversations decoded together, each with the resident adapter it
+    /// names, as [`Session::generate_many`] and [`Session::chat_many`] decode them, `job.rows`
+    /// at most at a time: each row takes the next request when its own ends
+    /// ([`infer::generate_queue_each`]). `on_text` gets each new piece of text with its
+    /// request's index (returning `false` ends that request), and `on_end` each request's index
+    /// and what it generated as soon as it ends, in the order they end, so that an app can hand
+    /// back a short answer while long ones go on.
+    pub fn answer_many(
         &self,
-        requests: &[(Option<&str>, Vec<u32>)],
-        opts: &GenerateOptions,
+        job: &ManyRequests<'_>,
         on_text: impl FnMut(usize, &str) -> bool,
+        on_end: impl FnMut(usize, &Generated),
     ) -> Result<Vec<Generated>> {
+        let mut prompts = Vec::with_capacity(job.requests.len());
+        for (i, &(_, prompt)) in job.requests.iter().enumerate() {
+            prompts.push(match prompt {
+                Prompt::Text("") => return Err(Error::invalid("prompt", format!("request {i} is empty"))),
+                Prompt::Text(text) => self.tokenizer.encode_prompt(text)?,
+                Prompt::Chat(messages) => {
+                    let chat = infer::ChatRequest { messages, adapter: None, source: format!("request {i}") };
+                    infer::chat_prompts(&self.model, &self.tokenizer, &[chat])?.swap_remove(0)
+                }
+            });
+        }
+        // Each adapter passed once.
         let mut names: Vec<&str> = Vec::new();
         let mut adapters: Vec<&GpuAdapter> = Vec::new();
-        let mut rows = Vec::with_capacity(requests.len());
-        for (name, ids) in requests {
-            let adapter = match (name, self.resident(*name)?) {
-                (Some(n), Some(a)) => Some(names.iter().position(|k| k == n).unwrap_or_else(|| {
+        let mut rows = Vec::with_capacity(prompts.len());
+        for (&(name, _), ids) in job.requests.iter().zip(&prompts) {
+            let adapter = match (name, self.resident(name)?) {
+                (Some(n), Some(a)) => Some(names.iter().position(|k| *k == n).unwrap_or_else(|| {
                     names.push(n);
                     adapters.push(a);
                     adapters.len() - 1
@@ -189,7 +216,16 @@ impl Session {
             };
             rows.push(infer::RowRequest { prompt_ids: ids, adapter });
         }
-        infer::generate_rows(&self.model, &adapters, &self.tokenizer, &rows, opts, on_text)
+        let wanted = if job.rows == 0 { rows.len() } else { job.rows };
+        let n = infer::rows_for(&self.model, &adapters, wanted);
+        let run = infer::RowsJob {
+            model: &self.model,
+            adapters: &adapters,
+            tokenizer: &self.tokenizer,
+            requests: &rows,
+            opts: job.opts,
+        };
+        infer::generate_queue_each(&run, n, on_text, on_end)
     }
 
     fn generate_on(

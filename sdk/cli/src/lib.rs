@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use edgetune::gpu::GpuOptions;
 use edgetune::infer::GenerateOptions;
 use edgetune::model::llama::{LoadOptions, Quant};
+use edgetune::session::{ManyRequests, Prompt};
 use edgetune::tokenizer::Message;
 use edgetune::train::Precision;
 use edgetune::{Error, Result, Session};
@@ -128,7 +129,8 @@ enum Cmd {
         #[arg(long)]
         stop: Vec<String>,
         /// With several prompts or adapters: how many answers are decoded together, each step
-        /// one token of each in one pass (each with its own KV cache of --max-context tokens).
+        /// one token of each in one pass, a row taking the next answer when its own ends (each
+        /// row's KV cache holds the longest prompt and --max-tokens).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         rows: u16,
     },
@@ -494,35 +496,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             // Each prompt answered by each adapter, named before its answer; `rows` answers are
-            // decoded together, each with its own adapter, and printed in order.
+            // decoded together, each with its own adapter, a row taking the next answer when its
+            // own ends; each is printed as soon as it and those before it have ended.
             let adapters: Vec<Option<&str>> =
                 if resident.is_empty() { vec![None] } else { resident.iter().map(|n| Some(n.as_str())).collect() };
             let pairs: Vec<(&str, Option<&str>)> =
                 prompts.iter().flat_map(|p| adapters.iter().map(move |&a| (p.as_str(), a))).collect();
-            for (g, group) in pairs.chunks(usize::from(rows)).enumerate() {
-                let answers = if chat {
-                    let convs: Vec<Vec<Message>> = group.iter().map(|(p, _)| messages(p)).collect();
-                    let list: Vec<(Option<&str>, &[Message])> =
-                        group.iter().zip(&convs).map(|(&(_, a), m)| (a, m.as_slice())).collect();
-                    s.chat_many(&list, &opts, |_, _| true)?
-                } else {
-                    let list: Vec<(Option<&str>, &str)> = group.iter().map(|&(p, a)| (a, p)).collect();
-                    s.generate_many(&list, &opts, |_, _| true)?
-                };
-                for (i, (&(prompt, adapter), answer)) in group.iter().zip(&answers).enumerate() {
-                    let at = g * usize::from(rows) + i;
-                    if at % adapters.len() == 0 {
-                        println!("> {prompt}");
+            let convs: Vec<Vec<Message>> =
+                if chat { pairs.iter().map(|(p, _)| messages(p)).collect() } else { Vec::new() };
+            let requests: Vec<(Option<&str>, Prompt)> = pairs
+                .iter()
+                .enumerate()
+                .map(|(i, &(p, a))| (a, if chat { Prompt::Chat(&convs[i]) } else { Prompt::Text(p) }))
+                .collect();
+            let mut ended: Vec<Option<String>> = vec![None; pairs.len()];
+            let mut printed = 0;
+            let job = ManyRequests { requests: &requests, opts: &opts, rows: usize::from(rows) };
+            s.answer_many(
+                &job,
+                |_, _| true,
+                |i, answer| {
+                    ended[i] = Some(answer.text.clone());
+                    while let Some(text) = ended.get_mut(printed).and_then(Option::take) {
+                        let (prompt, adapter) = pairs[printed];
+                        if printed % adapters.len() == 0 {
+                            println!("> {prompt}");
+                        }
+                        if let Some(name) = adapter {
+                            println!("[{name}]");
+                        }
+                        println!("{}{text}", if chat { "" } else { prompt });
+                        if printed % adapters.len() == adapters.len() - 1 {
+                            println!();
+                        }
+                        printed += 1;
                     }
-                    if let Some(name) = adapter {
-                        println!("[{name}]");
-                    }
-                    println!("{}{}", if chat { "" } else { prompt }, answer.text);
-                    if at % adapters.len() == adapters.len() - 1 {
-                        println!();
-                    }
-                }
-            }
+                },
+            )?;
         }
         Cmd::Train(args) => {
             if !train::run(*args, &gpu)? {

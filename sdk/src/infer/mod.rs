@@ -343,7 +343,7 @@ pub fn generate_rows(
 /// `wanted` rows, or fewer where a step with `adapters` takes fewer
 /// ([`Model::most_decode_rows`]); at least one, so that a model no row fits is refused by the
 /// decoder, in words.
-fn rows_for(model: &Model, adapters: &[&GpuAdapter], wanted: usize) -> usize {
+pub fn rows_for(model: &Model, adapters: &[&GpuAdapter], wanted: usize) -> usize {
     let rank = adapters.iter().map(|a| a.layout.r).max().unwrap_or(1).max(1);
     wanted.min(model.most_decode_rows(rank)).max(1)
 }
@@ -377,15 +377,16 @@ pub fn generate_queue(
     rows: usize,
     on_text: impl FnMut(usize, &str) -> bool,
 ) -> Result<Vec<Generated>> {
-    decode_rows_queue(job, rows, on_text, |_| {})
+    generate_queue_each(job, rows, on_text, |_, _| {})
 }
 
-/// [`generate_queue`], with `done` given the number of requests ended whenever it grows.
-fn decode_rows_queue(
+/// [`generate_queue`], with `on_end` given each request's index and what it generated as soon
+/// as it ends (requests end in any order), so that an answer can be used while longer ones go on.
+pub fn generate_queue_each(
     run: &RowsJob<'_, '_>,
     rows: usize,
     mut on_text: impl FnMut(usize, &str) -> bool,
-    done: impl FnMut(usize),
+    on_end: impl FnMut(usize, &Generated),
 ) -> Result<Vec<Generated>> {
     let RowsJob { model, adapters, requests, opts, .. } = *run;
     opts.validate()?;
@@ -424,30 +425,21 @@ fn decode_rows_queue(
         picked: vec![0; rows],
         streams: (0..requests.len()).map(|_| None).collect(),
         rngs: vec![Rng::new(opts.seed); requests.len()],
-        ended: vec![None; requests.len()],
-        ended_count: 0,
+        ended: (0..requests.len()).map(|_| None).collect(),
         started: 0,
-        done,
+        on_end,
     };
     if opts.temperature == 0.0 {
         q.greedy(&mut on_text)?
     } else {
         q.sampled(&mut on_text)?
     }
-    let Queue { streams, ended, .. } = q;
-    streams
-        .into_iter()
-        .zip(ended)
-        .map(|(s, e)| {
-            let s = s.ok_or_else(|| Error::Gpu("a request was never started".into()))?;
-            Ok(s.finish(e.unwrap_or(StopReason::MaxTokens)))
-        })
-        .collect()
+    q.ended.into_iter().map(|g| g.ok_or_else(|| Error::Gpu("a request never ended".into()))).collect()
 }
 
-/// The state of [`decode_rows_queue`]: which request each row decodes, and each request's
+/// The state of [`generate_queue_each`]: which request each row decodes, and each request's
 /// text so far.
-struct Queue<'r, 'a, 'p, D> {
+struct Queue<'r, 'a, 'p, E> {
     run: &'r RowsJob<'a, 'p>,
     loras: Vec<Option<&'a GpuAdapter>>,
     set: GpuAdapterSet,
@@ -462,17 +454,17 @@ struct Queue<'r, 'a, 'p, D> {
     /// The tokens picked for each row's request so far, its prompt's pass's included: no step
     /// picks past the last allowed.
     picked: Vec<usize>,
+    /// Each request's text so far, until it ends.
     streams: Vec<Option<Stream<'a>>>,
     rngs: Vec<Rng>,
-    ended: Vec<Option<StopReason>>,
-    /// Requests ended so far.
-    ended_count: usize,
+    /// What each request generated, once it has ended.
+    ended: Vec<Option<Generated>>,
     /// Requests given a row so far (they start in order).
     started: usize,
-    done: D,
+    on_end: E,
 }
 
-impl<D: FnMut(usize)> Queue<'_, '_, '_, D> {
+impl<E: FnMut(usize, &Generated)> Queue<'_, '_, '_, E> {
     /// The request `row` decodes, if that has not ended.
     fn active(&self, row: usize) -> Option<usize> {
         self.request[row].filter(|&r| self.ended[r].is_none())
@@ -526,26 +518,29 @@ impl<D: FnMut(usize)> Queue<'_, '_, '_, D> {
             self.fresh[row] = false;
             let Some(stream) = self.streams[r].as_mut() else { continue };
             if let Some(reason) = stream.take(self.token[row], self.run.opts, &mut |piece| on_text(r, piece))? {
-                self.end(r, reason);
+                self.end(r, reason)?;
             }
         }
         Ok(())
     }
 
-    /// Ends request `r` for `reason`, and tells `done` how many have ended.
-    fn end(&mut self, r: usize, reason: StopReason) {
-        self.ended[r] = Some(reason);
-        self.ended_count += 1;
-        (self.done)(self.ended_count);
+    /// Ends request `r` for `reason`, and gives `on_end` what it generated.
+    fn end(&mut self, r: usize, reason: StopReason) -> Result<()> {
+        let stream = self.streams[r].take().ok_or_else(|| Error::Gpu(format!("request {r} ended twice")))?;
+        let generated = stream.finish(reason);
+        (self.on_end)(r, &generated);
+        self.ended[r] = Some(generated);
+        Ok(())
     }
 
     /// Ends the requests of `rows` with [`StopReason::ContextFull`]: their caches are full.
-    fn full(&mut self, rows: impl Iterator<Item = usize>) {
+    fn full(&mut self, rows: impl Iterator<Item = usize>) -> Result<()> {
         for row in rows {
             if let Some(r) = self.active(row) {
-                self.end(r, StopReason::ContextFull);
+                self.end(r, StopReason::ContextFull)?;
             }
         }
+        Ok(())
     }
 
     /// A step's rows: those `feed` names (in the order of the rows), each with its token.
@@ -587,7 +582,7 @@ impl<D: FnMut(usize)> Queue<'_, '_, '_, D> {
             // A request going on that the step in flight does not decode has filled its cache.
             let decoded: &[usize] = ahead.as_ref().map_or(&[], |a| &a.1);
             let unfed: Vec<usize> = (0..self.caches.len()).filter(|row| !decoded.contains(row)).collect();
-            self.full(unfed.into_iter());
+            self.full(unfed.into_iter())?;
             if self.finished() {
                 // A step submitted after the last tokens goes unread.
                 return Ok(());
@@ -634,7 +629,7 @@ impl<D: FnMut(usize)> Queue<'_, '_, '_, D> {
             self.take(on_text)?;
             let filled: Vec<usize> =
                 (0..self.caches.len()).filter(|&row| self.caches[row].len >= self.caches[row].capacity).collect();
-            self.full(filled.into_iter());
+            self.full(filled.into_iter())?;
             if self.finished() {
                 return Ok(());
             }
@@ -723,12 +718,22 @@ pub fn chat_rows(
     tokenizer: &Tokenizer,
     requests: &[ChatRequest<'_>],
     opts: &GenerateOptions,
-    done: impl FnMut(usize),
+    mut done: impl FnMut(usize),
 ) -> Result<Vec<Generated>> {
     opts.validate()?;
     let prompts = chat_prompts(model, tokenizer, requests)?;
     let rows = rows_for(model, adapters, ANSWER_ROWS.min(requests.len()));
     let requests: Vec<RowRequest<'_>> =
         requests.iter().zip(&prompts).map(|(r, ids)| RowRequest { prompt_ids: ids, adapter: r.adapter }).collect();
-    decode_rows_queue(&RowsJob { model, adapters, tokenizer, requests: &requests, opts }, rows, |_, _| true, done)
+    let mut answered = 0;
+    let job = RowsJob { model, adapters, tokenizer, requests: &requests, opts };
+    generate_queue_each(
+        &job,
+        rows,
+        |_, _| true,
+        |_, _| {
+            answered += 1;
+            done(answered);
+        },
+    )
 }
