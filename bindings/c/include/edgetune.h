@@ -191,6 +191,15 @@ typedef int32_t (*edgetune_token_callback)(void *userdata, const char *piece);
 typedef int32_t (*edgetune_request_callback)(void *userdata, size_t request, const char *piece);
 
 /**
+ * Told that one of several requests has ended (`edgetune_generate_many_each`), as soon as it
+ * ends: the request's index in the list and its result as a JSON object, `{"text",
+ * "token_ids", "prompt_tokens", "stop_reason"}`, valid during the call only.
+ */
+typedef void (*edgetune_request_end_callback)(void *userdata,
+                                              size_t request,
+                                              const char *result_json);
+
+/**
  * A training event. Fields a kind does not set are 0 (NaN for `val_loss`, `perplexity`,
  * `best_val_loss` and the rewards). `message` is NULL or a string valid during the callback
  * only. The rewards are DPO's (TRL's `rewards/chosen` and so on), on step events and on
@@ -420,12 +429,14 @@ enum edgetune_status edgetune_generate(const struct edgetune_model *model,
  * `edgetune_model_keep_adapter`) or the base model: each request gets what
  * `edgetune_generate` with `"adapter"` gives it alone, and each step decodes one token of
  * every request still going in one pass, so serving several users costs little more than
- * serving one.
+ * serving one. A step decodes as many requests as fit (or `"rows"`), and each of its rows
+ * takes the next request when its own ends.
  *
  * `requests_json` is a JSON array of objects `{"prompt": "...", "adapter": "name"}`
  * (`adapter` may be left out or null for the base model). `options_json` may be NULL or take
  * `edgetune_generate`'s options for every request (`max_new_tokens`, `temperature`, `top_k`,
- * `top_p`, `seed`, `stop`, `chat`, `system`; not `adapter`); with a seed each request samples
+ * `top_p`, `seed`, `stop`, `chat`, `system`; not `adapter`), and `rows`, the most requests a
+ * step decodes together (0, the default: as many as fit); with a seed each request samples
  * from its own generator. `on_token` may be NULL; it gets each piece of text with its
  * request's index, and returning 0 from it ends that request only. `*out_results_json`
  * receives a JSON array, one object a request in order, `{"text", "token_ids",
@@ -441,6 +452,23 @@ enum edgetune_status edgetune_generate_many(const struct edgetune_model *model,
                                             edgetune_request_callback on_token,
                                             void *userdata,
                                             char **out_results_json);
+
+/**
+ * `edgetune_generate_many`, with `on_end` (which may be NULL) told each request's end as soon
+ * as it ends, in the order the requests end: its index and its result as a JSON object, the
+ * one `*out_results_json` later holds at that index, so that an app can hand back a short
+ * answer while longer ones go on. `userdata` goes to both callbacks.
+ *
+ * # Safety
+ * As `edgetune_generate_many`.
+ */
+enum edgetune_status edgetune_generate_many_each(const struct edgetune_model *model,
+                                                 const char *requests_json,
+                                                 const char *options_json,
+                                                 edgetune_request_callback on_token,
+                                                 edgetune_request_end_callback on_end,
+                                                 void *userdata,
+                                                 char **out_results_json);
 
 /**
  * The mean next-token loss of `text` under `model` with its current adapter (its perplexity is

@@ -37,6 +37,7 @@ use edgetune::infer::GenerateOptions;
 use edgetune::lora::{Adapter, peft};
 use edgetune::model::llama::{LoadOptions, Quant};
 use edgetune::quant::gguf_blocks::GgmlType;
+use edgetune::session::{ManyRequests, Prompt};
 use edgetune::tokenizer::Message;
 use edgetune::train::{AnswerEval, CancelToken, Event, StopReason, TrainConfig, Trainer};
 use edgetune::{Error, Session};
@@ -158,6 +159,12 @@ pub type edgetune_token_callback = Option<unsafe extern "C" fn(userdata: *mut c_
 /// request's index in the list and the piece; return 0 to end that request, non-zero to go on.
 pub type edgetune_request_callback =
     Option<unsafe extern "C" fn(userdata: *mut c_void, request: usize, piece: *const c_char) -> i32>;
+
+/// Told that one of several requests has ended (`edgetune_generate_many_each`), as soon as it
+/// ends: the request's index in the list and its result as a JSON object, `{"text",
+/// "token_ids", "prompt_tokens", "stop_reason"}`, valid during the call only.
+pub type edgetune_request_end_callback =
+    Option<unsafe extern "C" fn(userdata: *mut c_void, request: usize, result_json: *const c_char)>;
 
 /// A GPU context: the adapter and device that models are loaded onto (an opaque handle).
 #[derive(Debug)]
@@ -731,11 +738,19 @@ struct GenerateSettings {
     system: Option<String>,
     /// A resident adapter by name (`edgetune_model_keep_adapter`).
     adapter: Option<String>,
+    /// The most requests decoded together (`edgetune_generate_many`); 0 for as many as fit.
+    rows: Option<usize>,
 }
 
 fn generate_settings(json: Option<&str>) -> Result<GenerateSettings, Fail> {
     let Some(json) = json else {
-        return Ok(GenerateSettings { opts: GenerateOptions::default(), chat: false, system: None, adapter: None });
+        return Ok(GenerateSettings {
+            opts: GenerateOptions::default(),
+            chat: false,
+            system: None,
+            adapter: None,
+            rows: None,
+        });
     };
     let bad = |e: serde_json::Error| Fail::invalid(format!("options_json: {e}"));
     let mut v: serde_json::Value = serde_json::from_str(json).map_err(bad)?;
@@ -750,7 +765,15 @@ fn generate_settings(json: Option<&str>) -> Result<GenerateSettings, Fail> {
         Some(_) => Err(Fail::invalid(format!("options_json: `{key}` must be a string"))),
     };
     let (system, adapter) = (string("system")?, string("adapter")?);
-    Ok(GenerateSettings { opts: serde_json::from_value(v).map_err(bad)?, chat, system, adapter })
+    let rows = match obj.remove("rows") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(r) => Some(
+            r.as_u64()
+                .and_then(|r| usize::try_from(r).ok())
+                .ok_or_else(|| Fail::invalid("options_json: `rows` must be a whole number (0: as many as fit)"))?,
+        ),
+    };
+    Ok(GenerateSettings { opts: serde_json::from_value(v).map_err(bad)?, chat, system, adapter, rows })
 }
 
 /// Keeps `adapter` on the GPU beside `model` under `name` (replacing one of that name), so
@@ -824,8 +847,11 @@ pub unsafe extern "C" fn edgetune_generate(
         }
         let model = MODELS.get(model, "model")?;
         let prompt = unsafe { text(prompt, "prompt") }?;
-        let GenerateSettings { opts, chat, system, adapter } =
+        let GenerateSettings { opts, chat, system, adapter, rows } =
             generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
+        if rows.is_some() {
+            return Err(Fail::invalid("options_json: `rows` is taken by edgetune_generate_many only"));
+        }
         let on_text = |piece: &str| -> bool {
             let Some(cb) = on_token else { return true };
             let Ok(c) = CString::new(piece.replace('\0', " ")) else { return true };
@@ -872,12 +898,14 @@ struct ManyRequest {
 /// `edgetune_model_keep_adapter`) or the base model: each request gets what
 /// `edgetune_generate` with `"adapter"` gives it alone, and each step decodes one token of
 /// every request still going in one pass, so serving several users costs little more than
-/// serving one.
+/// serving one. A step decodes as many requests as fit (or `"rows"`), and each of its rows
+/// takes the next request when its own ends.
 ///
 /// `requests_json` is a JSON array of objects `{"prompt": "...", "adapter": "name"}`
 /// (`adapter` may be left out or null for the base model). `options_json` may be NULL or take
 /// `edgetune_generate`'s options for every request (`max_new_tokens`, `temperature`, `top_k`,
-/// `top_p`, `seed`, `stop`, `chat`, `system`; not `adapter`); with a seed each request samples
+/// `top_p`, `seed`, `stop`, `chat`, `system`; not `adapter`), and `rows`, the most requests a
+/// step decodes together (0, the default: as many as fit); with a seed each request samples
 /// from its own generator. `on_token` may be NULL; it gets each piece of text with its
 /// request's index, and returning 0 from it ends that request only. `*out_results_json`
 /// receives a JSON array, one object a request in order, `{"text", "token_ids",
@@ -895,54 +923,106 @@ pub unsafe extern "C" fn edgetune_generate_many(
     userdata: *mut c_void,
     out_results_json: *mut *mut c_char,
 ) -> edgetune_status {
-    guard(|| {
-        let out = unsafe { out_ptr(out_results_json, "out_results_json") }?;
-        let model = MODELS.get(model, "model")?;
-        let requests = unsafe { text(requests_json, "requests_json") }?;
-        let requests: Vec<ManyRequest> = serde_json::from_str(requests).map_err(|e| {
-            Fail::invalid(format!("requests_json: expected a JSON array of {{\"prompt\", \"adapter\"}} objects: {e}"))
-        })?;
-        let GenerateSettings { opts, chat, system, adapter } =
-            generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
-        if adapter.is_some() {
-            return Err(Fail::invalid(
-                "options_json: `adapter` is not taken here; name each request's in requests_json",
-            ));
-        }
-        if system.is_some() && !chat {
-            return Err(Fail::invalid("options_json: `system` needs \"chat\": true"));
-        }
-        let on_text = |request: usize, piece: &str| -> bool {
-            let Some(cb) = on_token else { return true };
-            let Ok(c) = CString::new(piece.replace('\0', " ")) else { return true };
-            // SAFETY: a C callback given by the caller, with its own userdata.
-            unsafe { cb(userdata, request, c.as_ptr()) != 0 }
-        };
-        let session = model.session.hold("model")?;
-        let results = if chat {
-            let conversations: Vec<Vec<Message>> = requests
-                .iter()
-                .map(|r| {
-                    let mut messages = Vec::new();
-                    if let Some(system) = &system {
-                        messages.push(Message::new("system", system.clone()));
-                    }
-                    messages.push(Message::new("user", r.prompt.clone()));
-                    messages
-                })
-                .collect();
-            let list: Vec<(Option<&str>, &[Message])> =
-                requests.iter().zip(&conversations).map(|(r, m)| (r.adapter.as_deref(), m.as_slice())).collect();
-            session.chat_many(&list, &opts, on_text)?
-        } else {
-            let list: Vec<(Option<&str>, &str)> =
-                requests.iter().map(|r| (r.adapter.as_deref(), r.prompt.as_str())).collect();
-            session.generate_many(&list, &opts, on_text)?
-        };
-        let json = serde_json::to_string(&results).map_err(|e| Fail::invalid(e.to_string()))?;
-        *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
-        Ok(())
-    })
+    let call = ManyCall { model, requests_json, options_json, on_token, on_end: None, userdata, out_results_json };
+    // SAFETY: the caller's arguments, as this function's contract states them.
+    guard(|| unsafe { generate_many(call) })
+}
+
+/// `edgetune_generate_many`, with `on_end` (which may be NULL) told each request's end as soon
+/// as it ends, in the order the requests end: its index and its result as a JSON object, the
+/// one `*out_results_json` later holds at that index, so that an app can hand back a short
+/// answer while longer ones go on. `userdata` goes to both callbacks.
+///
+/// # Safety
+/// As `edgetune_generate_many`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn edgetune_generate_many_each(
+    model: *const edgetune_model,
+    requests_json: *const c_char,
+    options_json: *const c_char,
+    on_token: edgetune_request_callback,
+    on_end: edgetune_request_end_callback,
+    userdata: *mut c_void,
+    out_results_json: *mut *mut c_char,
+) -> edgetune_status {
+    let call = ManyCall { model, requests_json, options_json, on_token, on_end, userdata, out_results_json };
+    // SAFETY: the caller's arguments, as this function's contract states them.
+    guard(|| unsafe { generate_many(call) })
+}
+
+/// The arguments of `edgetune_generate_many_each`.
+struct ManyCall {
+    model: *const edgetune_model,
+    requests_json: *const c_char,
+    options_json: *const c_char,
+    on_token: edgetune_request_callback,
+    on_end: edgetune_request_end_callback,
+    userdata: *mut c_void,
+    out_results_json: *mut *mut c_char,
+}
+
+/// The body of `edgetune_generate_many_each`, run inside `guard`.
+///
+/// # Safety
+/// As `edgetune_generate_many`.
+unsafe fn generate_many(call: ManyCall) -> Result<(), Fail> {
+    let ManyCall { model, requests_json, options_json, on_token, on_end, userdata, out_results_json } = call;
+    let out = unsafe { out_ptr(out_results_json, "out_results_json") }?;
+    let model = MODELS.get(model, "model")?;
+    let requests = unsafe { text(requests_json, "requests_json") }?;
+    let requests: Vec<ManyRequest> = serde_json::from_str(requests).map_err(|e| {
+        Fail::invalid(format!("requests_json: expected a JSON array of {{\"prompt\", \"adapter\"}} objects: {e}"))
+    })?;
+    let GenerateSettings { opts, chat, system, adapter, rows } =
+        generate_settings(unsafe { opt_text(options_json, "options_json") }?)?;
+    if adapter.is_some() {
+        return Err(Fail::invalid("options_json: `adapter` is not taken here; name each request's in requests_json"));
+    }
+    if system.is_some() && !chat {
+        return Err(Fail::invalid("options_json: `system` needs \"chat\": true"));
+    }
+    let on_text = |request: usize, piece: &str| -> bool {
+        let Some(cb) = on_token else { return true };
+        let Ok(c) = CString::new(piece.replace('\0', " ")) else { return true };
+        // SAFETY: a C callback given by the caller, with its own userdata.
+        unsafe { cb(userdata, request, c.as_ptr()) != 0 }
+    };
+    let ended = |request: usize, result: &edgetune::infer::Generated| {
+        let Some(cb) = on_end else { return };
+        let Ok(json) = serde_json::to_string(result) else { return };
+        let Ok(c) = CString::new(json) else { return };
+        // SAFETY: a C callback given by the caller, with its own userdata.
+        unsafe { cb(userdata, request, c.as_ptr()) }
+    };
+    let session = model.session.hold("model")?;
+    let conversations: Vec<Vec<Message>> = if chat {
+        requests
+            .iter()
+            .map(|r| {
+                let mut messages = Vec::new();
+                if let Some(system) = &system {
+                    messages.push(Message::new("system", system.clone()));
+                }
+                messages.push(Message::new("user", r.prompt.clone()));
+                messages
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let list: Vec<(Option<&str>, Prompt)> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let prompt = if chat { Prompt::Chat(&conversations[i]) } else { Prompt::Text(&r.prompt) };
+            (r.adapter.as_deref(), prompt)
+        })
+        .collect();
+    let job = ManyRequests { requests: &list, opts: &opts, rows: rows.unwrap_or(0) };
+    let results = session.answer_many(&job, on_text, ended)?;
+    let json = serde_json::to_string(&results).map_err(|e| Fail::invalid(e.to_string()))?;
+    *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
+    Ok(())
 }
 
 /// The mean next-token loss of `text` under `model` with its current adapter (its perplexity is

@@ -110,6 +110,27 @@ static int on_request_token(void *userdata, size_t request, const char *piece) {
     return 1;
 }
 
+/* Each request's pieces and end as edgetune_generate_many_each tells them: its pieces, its
+ * result JSON, and how many requests had ended when its first piece came. */
+typedef struct {
+    many_texts texts;
+    char result[2][2048];
+    int ended, ended_before_first[2], pieces[2];
+} many_ends;
+static int on_each_token(void *userdata, size_t request, const char *piece) {
+    many_ends *m = userdata;
+    CHECK(request < 2);
+    if (m->pieces[request]++ == 0) m->ended_before_first[request] = m->ended;
+    return on_request_token(&m->texts, request, piece);
+}
+static void on_each_end(void *userdata, size_t request, const char *result_json) {
+    many_ends *m = userdata;
+    CHECK(request < 2 && result_json != NULL && m->result[request][0] == 0);
+    CHECK(strlen(result_json) < sizeof m->result[request]);
+    strcpy(m->result[request], result_json);
+    m->ended++;
+}
+
 /* No checkpoint by time (600 s by default): under valgrind the steps can take longer than
  * that, and the run below expects its one checkpoint, the one at the end. */
 static const char *CONFIG =
@@ -234,6 +255,19 @@ int main(int argc, char **argv) {
     CHECK(strcmp(many.text[0], by_name) == 0);
     CHECK(strcmp(many.text[1], before) == 0);
     CHECK(strstr(results, "\"stop_reason\"") != NULL);
+    /* The same requests in one row: the first ends, and is told with its result, before the
+     * second streams; each result is the one the array holds. */
+    char *each = NULL;
+    many_ends ends = {0};
+    OK(edgetune_generate_many_each(model, requests, "{\"max_new_tokens\": 6, \"chat\": true, \"rows\": 1}",
+                                   on_each_token, on_each_end, &ends, &each));
+    CHECK(strcmp(each, results) == 0);
+    CHECK(ends.ended == 2 && ends.ended_before_first[0] == 0 && ends.ended_before_first[1] == 1);
+    CHECK(strcmp(ends.texts.text[0], by_name) == 0 && strcmp(ends.texts.text[1], before) == 0);
+    char joined[4200];
+    snprintf(joined, sizeof joined, "[%s,%s]", ends.result[0], ends.result[1]);
+    CHECK(strcmp(joined, results) == 0);
+    edgetune_string_free(each);
     edgetune_string_free(results);
     CHECK(edgetune_generate_many(model, "[{\"prompt\": \"hi\", \"adapter\": \"nobody\"}]", NULL, NULL, NULL,
                                  &results) == EDGETUNE_ERROR_INVALID_ARGUMENT);

@@ -57,6 +57,13 @@ int main(int argc, char **argv) {
           EDGETUNE_ERROR_INVALID_ARGUMENT, "request 0");
     FAILS(edgetune_generate_many(model, "[{\"prompt\": \"Hi\"}]", "{\"adapter\": \"x\"}", NULL, NULL, &results),
           EDGETUNE_ERROR_INVALID_ARGUMENT, "requests_json");
+    FAILS(edgetune_generate_many(model, "[{\"prompt\": \"Hi\"}]", "{\"rows\": -1}", NULL, NULL, &results),
+          EDGETUNE_ERROR_INVALID_ARGUMENT, "`rows` must be a whole number");
+    FAILS(edgetune_generate_many_each(model, "[{\"prompt\": \"Hi\"}]", "{\"rows\": \"2\"}", NULL, NULL, NULL,
+                                      &results),
+          EDGETUNE_ERROR_INVALID_ARGUMENT, "`rows` must be a whole number");
+    FAILS(edgetune_generate(model, "Hi", "{\"rows\": 2}", NULL, NULL, NULL), EDGETUNE_ERROR_INVALID_ARGUMENT,
+          "`rows` is taken by edgetune_generate_many only");
     CHECK(results == NULL);
     float loss = 0;
     FAILS(edgetune_model_loss(model, "Hi", NULL), EDGETUNE_ERROR_NULL_ARGUMENT, "`out` is NULL");

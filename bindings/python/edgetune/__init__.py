@@ -386,17 +386,21 @@ class Model(_Handle):
         top_p: Optional[float] = None,
         seed: Optional[int] = None,
         stop: Optional[Iterable[str]] = None,
+        rows: Optional[int] = None,
         on_token: Optional[Callable[[int, str], Optional[bool]]] = None,
+        on_end: Optional[Callable[[int, str], None]] = None,
     ) -> list[str]:
         """Generates for several requests at once and returns their texts in order: each
         request is ``(adapter, prompt)``, ``adapter`` the name of a resident adapter
         (:meth:`keep_adapter`) or ``None`` for the base model, or just a prompt for the base
         model. Each text is what :meth:`generate` with that ``adapter`` gives alone; each step
-        decodes one token of every request still going in one pass, so serving several users
-        costs little more than serving one. The options apply to every request (with a seed,
-        each samples from its own generator). ``on_token`` gets each piece of text with its
-        request's index; returning ``False`` ends that request only. An exception it raises
-        stops generation and is raised from here.
+        decodes one token of every request still going in one pass (at most ``rows``, else as
+        many as fit, a row taking the next request when its own ends), so serving several
+        users costs little more than serving one. The options apply to every request (with a
+        seed, each samples from its own generator). ``on_token`` gets each piece of text with
+        its request's index; returning ``False`` ends that request only. ``on_end`` gets each
+        request's index and text as soon as it ends, in the order they end. An exception either
+        raises stops generation and is raised from here.
         """
         listed = []
         for r in requests:
@@ -411,6 +415,7 @@ class Model(_Handle):
             top_p=top_p,
             seed=seed,
             stop=stop,
+            rows=rows,
         )
         raised: list[BaseException] = []
 
@@ -423,10 +428,25 @@ class Model(_Handle):
                 raised.append(e)
                 return 0
 
+        def ended(_userdata, request: int, result: bytes) -> None:
+            if raised:
+                return
+            try:
+                on_end(request, json.loads(result)["text"])
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the C call
+                raised.append(e)
+
         callback = _native.REQUEST_CALLBACK(piece if on_token is not None else 0)
+        end_callback = _native.REQUEST_END_CALLBACK(ended if on_end is not None else 0)
         out = ctypes.c_void_p()
-        status = _lib.edgetune_generate_many(
-            self._handle, _c(json.dumps(listed)), _c(json.dumps(options)), callback, None, ctypes.byref(out)
+        status = _lib.edgetune_generate_many_each(
+            self._handle,
+            _c(json.dumps(listed)),
+            _c(json.dumps(options)),
+            callback,
+            end_callback,
+            None,
+            ctypes.byref(out),
         )
         results = json.loads(_take_string(out)) if out else []
         if raised:

@@ -78,6 +78,7 @@ class Event(ctypes.Structure):
 EVENT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(Event))
 TOKEN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_char_p)
 REQUEST_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+REQUEST_END_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 
 _P = ctypes.c_void_p  # every handle is opaque
 _S = ctypes.c_char_p
@@ -102,6 +103,7 @@ _PROTOTYPES = {
     "edgetune_model_set_adapter": (_STATUS, [_P, _P]),
     "edgetune_generate": (_STATUS, [_P, _S, _S, TOKEN_CALLBACK, _P, _OUT]),
     "edgetune_generate_many": (_STATUS, [_P, _S, _S, REQUEST_CALLBACK, _P, _OUT]),
+    "edgetune_generate_many_each": (_STATUS, [_P, _S, _S, REQUEST_CALLBACK, REQUEST_END_CALLBACK, _P, _OUT]),
     "edgetune_model_loss": (_STATUS, [_P, _S, ctypes.POINTER(ctypes.c_float)]),
     "edgetune_score_answers": (_STATUS, [_P, _S, _S, _OUT]),
     "edgetune_trainer_new": (_STATUS, [_P, _S, _OUT]),

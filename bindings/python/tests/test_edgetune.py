@@ -105,6 +105,25 @@ class ModelTest(unittest.TestCase):
         self.assertEqual(stopped[1], self.model.generate(prompts[1], max_new_tokens=6, on_token=lambda _p: False))
         with self.assertRaises(KeyError):
             self.model.generate_many(prompts, max_new_tokens=4, on_token=lambda i, p: {}["boom"])
+        # In one row each request ends, and is told with its text, before the next streams.
+        events = []
+        one_row = self.model.generate_many(
+            prompts,
+            max_new_tokens=6,
+            temperature=0.7,
+            seed=3,
+            rows=1,
+            on_token=lambda i, _p: events.append(("piece", i)),
+            on_end=lambda i, text: events.append(("end", i, text)),
+        )
+        self.assertEqual(one_row, alone)
+        ends = [e for e in events if e[0] == "end"]
+        self.assertEqual(ends, [("end", i, alone[i]) for i in range(3)])
+        self.assertEqual([e[1] for e in events], sorted(e[1] for e in events))
+        with self.assertRaises(KeyError):
+            self.model.generate_many(prompts, max_new_tokens=4, on_end=lambda i, t: {}["boom"])
+        with self.assertRaisesRegex(edgetune.EdgetuneError, "`rows` must be a whole number"):
+            self.model.generate_many(prompts, rows=-1)
         with self.assertRaisesRegex(edgetune.EdgetuneError, "no resident adapter named `nobody`"):
             self.model.generate_many([("nobody", "Hello")])
 
@@ -417,6 +436,7 @@ class PackageTest(unittest.TestCase):
         "edgetune_token_callback": {_native.TOKEN_CALLBACK},
         "edgetune_event_callback": {_native.EVENT_CALLBACK},
         "edgetune_request_callback": {_native.REQUEST_CALLBACK},
+        "edgetune_request_end_callback": {_native.REQUEST_END_CALLBACK},
     }
 
     def expected(self, c_type: str) -> set:
