@@ -6,7 +6,9 @@
 //   pass 2 (final_pass = 1): one workgroup takes the n pairs of pass 1 and writes the k best to
 //                             out[0 .. 2k] as (value bits, index) pairs.
 // Each is k rounds of a workgroup-wide maximum over the elements after the last one chosen;
-// an index of NONE marks a missing element (fewer than k values).
+// an index of NONE marks a missing element (fewer than k values). Grid row y does the same for
+// row y of several (decoding several sequences): its n values of x, its pass-1 pairs and its k
+// pairs out, each row's after the row before's.
 struct TopKParams {
     n: u32,
     k: u32,
@@ -39,12 +41,21 @@ fn before(k: u32, i: u32, bk: u32, bi: u32) -> bool {
 }
 
 @compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
     var start = 0u;
     var end = p.n;
+    // Where this row's values (or pairs) start in x, and its pairs in out.
+    var xo = wg.y * 2u * p.n;
+    var oo = wg.y * 2u * p.k;
     if (p.final_pass == 0u) {
         start = wg.x * p.chunk;
         end = min(p.n, start + p.chunk);
+        xo = wg.y * p.n;
+        oo = wg.y * 2u * p.k * groups.x;
     }
     if (lid == 0u) { last = vec2<u32>(0u, NONE); }
     workgroupBarrier();
@@ -57,10 +68,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             var k = 0u;
             var i = j;
             if (p.final_pass == 0u) {
-                k = key_of(x[j]);
+                k = key_of(x[xo + j]);
             } else {
-                k = x[2u * j];
-                i = x[2u * j + 1u];
+                k = x[xo + 2u * j];
+                i = x[xo + 2u * j + 1u];
             }
             // Only what comes after the last one chosen (everything, in the first round).
             let after = li == NONE || k < lk || (k == lk && i > li);
@@ -80,11 +91,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let k = best_k[0];
             let i = best_i[0];
             if (p.final_pass == 0u) {
-                out[2u * (wg.x * p.k + r)] = k;
-                out[2u * (wg.x * p.k + r) + 1u] = i;
+                out[oo + 2u * (wg.x * p.k + r)] = k;
+                out[oo + 2u * (wg.x * p.k + r) + 1u] = i;
             } else {
-                out[2u * r] = bits_of(k);
-                out[2u * r + 1u] = i;
+                out[oo + 2u * r] = bits_of(k);
+                out[oo + 2u * r + 1u] = i;
             }
             // Once nothing is left, every later round finds nothing too.
             if (i != NONE) { last = vec2<u32>(k, i); }

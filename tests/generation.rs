@@ -382,6 +382,8 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
     for opts in [
         GenerateOptions { max_new_tokens: 7, ..Default::default() },
         GenerateOptions { max_new_tokens: 7, temperature: 0.8, top_k: 20, seed: 5, ..Default::default() },
+        // Sampling from the whole row: the rows' logits read back.
+        GenerateOptions { max_new_tokens: 7, temperature: 0.8, top_p: 0.9, seed: 6, ..Default::default() },
     ] {
         let alone: Vec<_> =
             requests.iter().map(|&(a, p)| s.generate_with(a, p, &opts, |_| true).expect("alone")).collect();

@@ -2743,7 +2743,8 @@ fn profiling_counts_every_dispatch_with_its_declared_cost() {
 
 /// Sampling's top-k on the GPU against the CPU sampler's order (highest first by
 /// `f32::total_cmp`, the lower index first among equal values): ties within and across
-/// workgroups, -0.0 below +0.0, NaNs (a positive NaN above +infinity), fewer values than k.
+/// workgroups, -0.0 below +0.0, NaNs (a positive NaN above +infinity), fewer values than k;
+/// and 1 to 5 rows side by side, each its own (`launch::top_k_rows`).
 #[test]
 fn top_k_matches_the_cpu_samplers_order() {
     let ctx = ctx();
@@ -2777,8 +2778,30 @@ fn top_k_matches_the_cpu_samplers_order() {
         }
         assert_eq!(words.chunks(2).filter(|p| p[1] == u32::MAX).count(), k.saturating_sub(n), "missing ones marked");
     }
+    // Rows of logits side by side (sampling several sequences): each row's own candidates,
+    // indices within the row, including a row whose values all tie and one past a workgroup.
+    for (n, k, rows) in [(7, 3, 3), (49_152, 40, 4), (5000, 256, 2), (300, 1, 5)] {
+        let mut x = rand(n * rows, 91 + n as u64, 8.0);
+        x[n..2 * n].fill(1.5);
+        x[n * rows - 1] = 99.0;
+        let xb = ctx.storage_from("logits", &x);
+        let partials = ctx.storage_zeroed("partials", launch::top_k_partials(n, k) * rows);
+        let out = ctx.storage_from("out", &vec![0.5f32; 2 * k * rows]);
+        run(&ctx, |enc| launch::top_k_rows(&ctx, enc, (&xb, &partials, &out), (n, k), rows));
+        let words: Vec<u32> = ctx.read_f32(&out, 2 * k * rows).expect("read").iter().map(|v| v.to_bits()).collect();
+        for (r, (row, got)) in x.chunks(n).zip(words.chunks(2 * k)).enumerate() {
+            let mut want: Vec<u32> = (0..n as u32).collect();
+            want.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            want.truncate(k);
+            let pairs: Vec<(u32, u32)> = got.chunks(2).filter(|p| p[1] != u32::MAX).map(|p| (p[1], p[0])).collect();
+            let want: Vec<(u32, u32)> = want.iter().map(|&i| (i, row[i as usize].to_bits())).collect();
+            assert_eq!(pairs, want, "row {r} of {rows} rows of {n}, k {k}");
+        }
+    }
     let x = ctx.storage_zeroed("x", 100);
     let mut enc = ctx.encoder();
+    let e = launch::top_k_rows(&ctx, &mut enc, (&x, &x, &x), (50, 4), 3).expect_err("x too small for 3 rows");
+    assert!(e.to_string().contains("3 rows"), "{e}");
     assert!(launch::top_k(&ctx, &mut enc, &x, &x, &x, 100, 0).is_err(), "k = 0");
     assert!(launch::top_k(&ctx, &mut enc, &x, &x, &x, 100, launch::MAX_TOP_K + 1).is_err(), "k too large");
     let small = ctx.storage_zeroed("small", 1);

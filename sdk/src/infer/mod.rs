@@ -501,6 +501,9 @@ impl<E: FnMut(usize, &Generated)> Queue<'_, '_, '_, E> {
             cache.len = 0;
             self.token[row] = if opts.temperature == 0.0 {
                 model.next_argmax_with(prompt, cache, self.loras[r])?
+            } else if (1..=MAX_TOP_K).contains(&opts.top_k) {
+                let candidates = model.next_top_k_with(prompt, cache, self.loras[r], opts.top_k)?;
+                sample_candidates(&candidates, opts, &mut self.rngs[r])
             } else {
                 sample(&model.next_logits_with(prompt, cache, self.loras[r])?, opts, &mut self.rngs[r])
             };
@@ -619,8 +622,8 @@ impl<E: FnMut(usize, &Generated)> Queue<'_, '_, '_, E> {
         }
     }
 
-    /// Sampling: each step reads back the rows' logits, and each request draws from its own
-    /// generator.
+    /// Sampling: each step reads back each row's top-k candidates, chosen on the GPU (or its
+    /// logits, without a top-k the GPU takes), and each request draws from its own generator.
     fn sampled(&mut self, on_text: &mut impl FnMut(usize, &str) -> bool) -> Result<()> {
         let RowsJob { model, requests, opts, .. } = *self.run;
         let vocab = model.config.vocab_size;
@@ -641,10 +644,20 @@ impl<E: FnMut(usize, &Generated)> Queue<'_, '_, '_, E> {
                 continue;
             }
             let mut rows = Self::step(&mut self.caches, &self.request, requests, &feed);
-            let logits = model.decode_rows(&mut self.decoder, &self.set, &mut rows)?;
+            let on_gpu = (1..=MAX_TOP_K).contains(&opts.top_k);
+            let (candidates, logits) = if on_gpu {
+                (model.decode_rows_top_k(&mut self.decoder, &self.set, &mut rows, opts.top_k)?, Vec::new())
+            } else {
+                (Vec::new(), model.decode_rows(&mut self.decoder, &self.set, &mut rows)?)
+            };
             for (at, &(row, _)) in feed.iter().enumerate() {
                 let r = self.request[row].ok_or_else(|| Error::Gpu("a decoded row has no request".into()))?;
-                self.token[row] = sample(&logits[at * vocab..(at + 1) * vocab], opts, &mut self.rngs[r]);
+                let rng = &mut self.rngs[r];
+                self.token[row] = if on_gpu {
+                    sample_candidates(&candidates[at], opts, rng)
+                } else {
+                    sample(&logits[at * vocab..(at + 1) * vocab], opts, rng)
+                };
                 self.fresh[row] = true;
             }
         }

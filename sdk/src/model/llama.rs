@@ -629,6 +629,9 @@ pub struct RowsDecoder {
     /// The rows whose tokens the last step picked into `picked` by argmax (0 where it did not
     /// pick), which a step's [`RowToken::Picked`] rows can take.
     picked_rows: usize,
+    /// Sampling's candidates chosen on the GPU ([`Model::decode_rows_top_k`]), made at the first
+    /// such step: for k candidates a row, the partials and the rows' (value, id) pairs.
+    top_k: Option<(usize, wgpu::Buffer, wgpu::Buffer)>,
     /// The adapter set and the rows' adapters that the table was last written for, and the
     /// table as written (one row reads its entries on the CPU).
     table_rows: Option<(u64, Vec<Option<usize>>)>,
@@ -1341,6 +1344,7 @@ impl Model {
                     .storage_zeroed("row pick partials", 2 * launch::argmax_groups(c.vocab_size) * max_rows),
                 picked: ctx.storage_zeroed("row picks", max_rows),
                 picked_rows: 0,
+                top_k: None,
                 table_rows: None,
                 table_words: Vec::new(),
                 max_rank: rank,
@@ -1407,6 +1411,39 @@ impl Model {
     ) -> Result<Vec<u32>> {
         let enc = self.record_rows_argmax(decoder, adapters, rows)?;
         Ok(self.ctx.read_f32_after(enc, &decoder.picked, rows.len())?.into_iter().map(f32::to_bits).collect())
+    }
+
+    /// [`Model::decode_rows`] choosing each row's `k` (at most [`launch::MAX_TOP_K`]) most
+    /// likely next tokens on the GPU, with their logits, as [`Model::next_top_k_with`] chooses
+    /// them for one sequence: 2k words a row read back instead of its logits. Sampling from
+    /// them gives what sampling from the row's logits with a top-k of `k` gives.
+    pub fn decode_rows_top_k(
+        &self,
+        decoder: &mut RowsDecoder,
+        adapters: &GpuAdapterSet,
+        rows: &mut [DecodeRow<'_>],
+        k: usize,
+    ) -> Result<Vec<Vec<(u32, f32)>>> {
+        let (v, ctx) = (self.config.vocab_size, &self.ctx);
+        if !(1..=launch::MAX_TOP_K).contains(&k) {
+            return Err(Error::invalid("top-k", format!("k must be in 1..={} (got {k})", launch::MAX_TOP_K)));
+        }
+        if decoder.top_k.as_ref().is_none_or(|t| t.0 != k) {
+            let n = decoder.max_rows();
+            let partials = ctx.storage_zeroed("row top-k partials", launch::top_k_partials(v, k) * n);
+            decoder.top_k = Some((k, partials, ctx.storage_zeroed("row top-k", 2 * k * n)));
+        }
+        let mut enc = self.record_rows(decoder, adapters, rows)?;
+        let (_, partials, out) = decoder.top_k.as_ref().ok_or_else(|| Error::Gpu("top-k buffers missing".into()))?;
+        launch::top_k_rows(ctx, &mut enc, (&decoder.logits, partials, out), (v, k), rows.len())?;
+        let words = ctx.read_f32_after(enc, out, 2 * k * rows.len())?;
+        Ok(words
+            .chunks(2 * k)
+            .map(|row| {
+                let ids = row.chunks(2).map(|p| (p[1].to_bits(), p[0]));
+                ids.filter(|p| p.0 != u32::MAX).collect()
+            })
+            .collect())
     }
 
     /// Submits a [`Model::decode_rows_argmax`] step and starts reading the rows' ids back into

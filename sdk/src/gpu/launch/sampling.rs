@@ -78,25 +78,41 @@ pub fn top_k(
     n: usize,
     k: usize,
 ) -> Result<()> {
+    top_k_rows(ctx, enc, (x, partials, out), (n, k), 1)
+}
+
+/// [`top_k`] of each of `rows` rows of n values in x: row r's k pairs at `out[2k r ..]`, its
+/// indices within the row, through `partials` ([`top_k_partials`] words a row).
+pub fn top_k_rows(
+    ctx: &GpuContext,
+    enc: &mut Encoder,
+    (x, partials, out): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+    (n, k): (usize, usize),
+    rows: usize,
+) -> Result<()> {
     if k == 0 || k > MAX_TOP_K {
         return Err(Error::invalid("top-k", format!("k must be in 1..={MAX_TOP_K} (got {k})")));
     }
     let (groups, chunk) = top_k_split(n);
-    let need = |words: usize| (words * 4) as u64;
-    if partials.size() < need(top_k_partials(n, k)) || out.size() < need(2 * k) || x.size() < need(n) {
+    let need = |words: usize| (words * rows * 4) as u64;
+    if rows == 0 || partials.size() < need(top_k_partials(n, k)) || out.size() < need(2 * k) || x.size() < need(n) {
         return Err(Error::invalid(
             "top-k",
             format!(
-                "{k} of {n} values need {} bytes of partials and {} of output (got {} and {})",
+                "{k} of {n} values in {rows} rows need {} bytes of values, {} of partials and {} of output (got {}, \
+                 {} and {})",
+                need(n),
                 need(top_k_partials(n, k)),
                 need(2 * k),
+                x.size(),
                 partials.size(),
                 out.size()
             ),
         ));
     }
+    let r = u32_of(rows, "rows")?;
     let p1 = TopKParams { n: u32_of(n, "values")?, k: k as u32, final_pass: 0, chunk: u32_of(chunk, "values")? };
-    ctx.dispatch(enc, &TOP_K, &p1, &[x, partials], [groups as u32, 1, 1])?;
+    ctx.dispatch(enc, &TOP_K, &p1, &[x, partials], [groups as u32, r, 1])?;
     let p2 = TopKParams { n: (groups * k) as u32, k: k as u32, final_pass: 1, chunk: 0 };
-    ctx.dispatch(enc, &TOP_K, &p2, &[partials, out], [1, 1, 1])
+    ctx.dispatch(enc, &TOP_K, &p2, &[partials, out], [1, r, 1])
 }
