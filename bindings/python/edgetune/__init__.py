@@ -420,8 +420,11 @@ class Model(_Handle):
         raised: list[BaseException] = []
 
         def piece(_userdata, request: int, text: bytes) -> int:
+            # Once a callback has raised, every request ends at its next piece.
             if raised:
                 return 0
+            if on_token is None:
+                return 1
             try:
                 return 0 if on_token(request, text.decode("utf-8", "replace")) is False else 1
             except BaseException as e:  # noqa: BLE001 - re-raised below, after the C call
@@ -436,7 +439,7 @@ class Model(_Handle):
             except BaseException as e:  # noqa: BLE001 - re-raised below, after the C call
                 raised.append(e)
 
-        callback = _native.REQUEST_CALLBACK(piece if on_token is not None else 0)
+        callback = _native.REQUEST_CALLBACK(piece if on_token is not None or on_end is not None else 0)
         end_callback = _native.REQUEST_END_CALLBACK(ended if on_end is not None else 0)
         out = ctypes.c_void_p()
         status = _lib.edgetune_generate_many_each(

@@ -120,8 +120,16 @@ class ModelTest(unittest.TestCase):
         ends = [e for e in events if e[0] == "end"]
         self.assertEqual(ends, [("end", i, alone[i]) for i in range(3)])
         self.assertEqual([e[1] for e in events], sorted(e[1] for e in events))
+        # An exception in on_end ends the requests still going at their next piece.
+        ended = []
+
+        def boom(i, _text):
+            ended.append(i)
+            raise KeyError("boom")
+
         with self.assertRaises(KeyError):
-            self.model.generate_many(prompts, max_new_tokens=4, on_end=lambda i, t: {}["boom"])
+            self.model.generate_many(prompts, max_new_tokens=4, rows=1, on_end=boom)
+        self.assertEqual(ended, [0])
         with self.assertRaisesRegex(edgetune.EdgetuneError, "`rows` must be a whole number"):
             self.model.generate_many(prompts, rows=-1)
         with self.assertRaisesRegex(edgetune.EdgetuneError, "no resident adapter named `nobody`"):

@@ -383,12 +383,12 @@ pub fn generate_queue(
 /// [`generate_queue`], with `on_end` given each request's index and what it generated as soon
 /// as it ends (requests end in any order), so that an answer can be used while longer ones go on.
 pub fn generate_queue_each(
-    run: &RowsJob<'_, '_>,
+    job: &RowsJob<'_, '_>,
     rows: usize,
     mut on_text: impl FnMut(usize, &str) -> bool,
     on_end: impl FnMut(usize, &Generated),
 ) -> Result<Vec<Generated>> {
-    let RowsJob { model, adapters, requests, opts, .. } = *run;
+    let RowsJob { model, adapters, requests, opts, .. } = *job;
     opts.validate()?;
     if requests.is_empty() {
         return Ok(Vec::new());
@@ -414,7 +414,7 @@ pub fn generate_queue_each(
     }
     let caches = model.new_caches_for(&sizes)?;
     let mut q = Queue {
-        run,
+        run: job,
         loras,
         set,
         decoder,
