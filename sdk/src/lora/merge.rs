@@ -373,8 +373,7 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
     let (tokenizer_json, mut tokenizer_config) = tok.hf_files(cfg.max_position_embeddings)?;
     // A Phi-3 folder's tokenizer is its tokenizer.model unless this class is named (Phi-4-mini's
     // folder names it): llama.cpp's converter reads a byte-level vocabulary only then.
-    let gguf = crate::model::gguf::GgufFile::open(model_path)?;
-    if cfg.arch == Arch::Phi3 && gguf.get("tokenizer.ggml.model").and_then(Value::as_str) == Some("gpt2") {
+    if cfg.arch == Arch::Phi3 && tok.is_gguf_byte_level() {
         tokenizer_config["tokenizer_class"] = json!("GPT2Tokenizer");
     }
     write_atomic(&out.join("tokenizer.json"), tokenizer_json.as_bytes())?;

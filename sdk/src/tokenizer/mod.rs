@@ -60,11 +60,12 @@ pub struct Tokenizer {
 
 /// A GGUF file's other special tokens (unknown, separator, padding, mask: their ids) and the
 /// add-BOS/EOS/separator flags it states, as gguf-py names them (`tokenizer.ggml.{typ}_token_id`,
-/// `tokenizer.ggml.add_{typ}_token`).
+/// `tokenizer.ggml.add_{typ}_token`), and whether its vocabulary is byte-level BPE (`gpt2`).
 #[derive(Debug, Clone, Default)]
 struct GgufStates {
     ids: Vec<(&'static str, u32)>,
     flags: Vec<(&'static str, bool)>,
+    byte_level: bool,
 }
 
 /// The special tokens of a GGUF file that a folder carries by name beside BOS and EOS, with the
@@ -300,6 +301,7 @@ impl Tokenizer {
                     _ => None,
                 })
                 .collect(),
+            byte_level: model == "gpt2",
         };
         Ok(Tokenizer {
             inner,
@@ -350,6 +352,12 @@ impl Tokenizer {
             config["add_bos_token"] = Json::Bool(true);
         }
         Ok((text, config))
+    }
+
+    /// Whether the tokenizer was read from a GGUF file's byte-level BPE vocabulary
+    /// (`tokenizer.ggml.model` `gpt2`).
+    pub fn is_gguf_byte_level(&self) -> bool {
+        self.gguf_states.byte_level
     }
 
     /// The ids of the special tokens a GGUF file names beside BOS and EOS, under the keys of a
