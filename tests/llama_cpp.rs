@@ -928,11 +928,11 @@ fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
 #[test]
 fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
     use edgetune::model::gguf::Value as V;
-    let tokenizer_keys = |path: &Path| {
+    let keys = |path: &Path, tokenizer: bool| {
         let g = GgufFile::open(path).expect("opens");
         g.metadata
             .iter()
-            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .filter(|(k, _)| k.starts_with("tokenizer.") == tokenizer && !k.starts_with("general."))
             .map(|(k, v)| (k.clone(), gguf_py_value(v)))
             .collect::<std::collections::BTreeMap<_, _>>()
     };
@@ -979,10 +979,7 @@ fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
             let adapter = Adapter::new(&cfg, LoraConfig::default()).expect("adapter");
             let back = dir.join("folder");
             let _ = std::fs::remove_dir_all(&back);
-            if let Err(e) = lora::merge::merge(&file, &adapter, &back, lora::merge::MergeDtype::F32) {
-                assert!(e.to_string().contains("per-dimension RoPE factors"), "{name}: {e}");
-                break;
-            }
+            lora::merge::merge(&file, &adapter, &back, lora::merge::MergeDtype::F32).expect("merge to a folder");
             // transformers reads the tokens by their texts from tokenizer_config.json, the
             // model's padding id from config.json.
             let read = |f: &str| -> Value {
@@ -1003,16 +1000,32 @@ fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
             let second = dir.join("second.gguf");
             let m = lora::merge::convert_gguf(&back, &second, GgmlType::F32).expect("folder to GGUF");
             assert_eq!(m.fell_back, 0);
-            let (want, got) = (tokenizer_keys(&file), tokenizer_keys(&second));
-            for (k, v) in &want {
-                assert_eq!(got.get(k), Some(v), "{name} {}: `{k}`", file.display());
+            // The tokenizer's keys, the model's (Llama 3's RoPE scaling, said in config.json as
+            // its parameters, among them), and every tensor come back as they were.
+            // The folder names the heads' width, so the converter writes it where the first
+            // folder left it out (the same value).
+            let width = |k: &str| k.ends_with(".attention.key_length") || k.ends_with(".attention.value_length");
+            let head_dim = json!(["UINT32", config["head_dim"]]);
+            for tokenizer in [true, false] {
+                let (want, mut got) = (keys(&file, tokenizer), keys(&second, tokenizer));
+                for (k, v) in &want {
+                    assert_eq!(got.get(k), Some(v), "{name} {}: `{k}`", file.display());
+                }
+                got.retain(|k, v| want.contains_key(k) || !(width(k) && *v == head_dim));
+                assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}: the keys");
             }
-            assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{name}: the tokenizer keys");
+            let h = GgufFile::open(&second).expect("second opens");
+            assert_eq!(h.tensors.keys().collect::<Vec<_>>(), g.tensors.keys().collect::<Vec<_>>(), "{name}");
+            for t in g.tensors.keys() {
+                let bits =
+                    |f: &GgufFile| f.tensor_f32(t).expect("tensor").0.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert!(bits(&h) == bits(&g), "{name}: `{t}` differs");
+            }
             files += 1;
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
-    assert!(files >= 14, "{files} files written as a folder and back");
+    assert!(files >= 16, "{files} files written as a folder and back");
 }
 
 /// The same files with an adapter merged, and written with no adapter and given the adapter as

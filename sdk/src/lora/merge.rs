@@ -159,18 +159,39 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
             .collect();
         j["layer_types"] = json!(types);
     }
-    match &c.rope_scaling {
-        None => {}
-        Some(RopeScaling::Linear { factor }) => j["rope_scaling"] = json!({"rope_type": "linear", "factor": factor}),
-        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position }) => {
-            j["rope_scaling"] = json!({
-                "rope_type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_max_position,
-            })
+    // Llama 3's scaling, or a GGUF file's per-frequency divisors that are Llama 3's scaling,
+    // said as its parameters.
+    let llama3 = match &c.rope_scaling {
+        Some(s @ RopeScaling::Llama3 { .. }) => Some(s.clone()),
+        Some(RopeScaling::Factors(divisors)) => {
+            Some(RopeScaling::llama3_from_divisors(divisors, c.rope_theta, c.rotary_dim).ok_or_else(|| {
+                Error::invalid(
+                    "merge",
+                    "this GGUF's per-dimension RoPE factors (rope_freqs.weight) are not Llama 3's RoPE scaling, \
+                     the only such factors config.json can express",
+                )
+            })?)
         }
+        _ => None,
+    };
+    if let Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position }) = llama3 {
+        // A whole context as the integer transformers expects.
+        let context = if original_max_position.fract() == 0.0 {
+            json!(original_max_position as u64)
+        } else {
+            json!(original_max_position)
+        };
+        j["rope_scaling"] = json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": context,
+        });
+    }
+    match &c.rope_scaling {
+        None | Some(RopeScaling::Llama3 { .. } | RopeScaling::Factors(_)) => {}
+        Some(RopeScaling::Linear { factor }) => j["rope_scaling"] = json!({"rope_type": "linear", "factor": factor}),
         Some(RopeScaling::LongRope { short_factor, long_factor, original_max_position, attention_factor }) => {
             j["rope_scaling"] = json!({
                 "rope_type": "longrope",
@@ -180,12 +201,6 @@ pub fn hf_config(c: &ModelConfig, dtype: MergeDtype) -> Result<serde_json::Value
                 "original_max_position_embeddings": original_max_position,
             });
             j["original_max_position_embeddings"] = json!(original_max_position);
-        }
-        Some(RopeScaling::Factors(_)) => {
-            return Err(Error::invalid(
-                "merge",
-                "this GGUF stores per-dimension RoPE factors, which config.json cannot express",
-            ));
         }
     }
     Ok(j)

@@ -113,6 +113,104 @@ pub enum RopeScaling {
     },
 }
 
+/// The wavelength of RoPE's frequency `i` of `dim / 2` with base `theta`, as llama.cpp's
+/// converter computes it (2π over the frequency), for Llama 3's scaling.
+fn llama3_wavelength(theta: f32, i: usize, dim: usize) -> f64 {
+    let freq = 1.0 / f64::from(theta).powf((2 * i) as f64 / dim as f64);
+    2.0 * std::f64::consts::PI / freq
+}
+
+impl RopeScaling {
+    /// Llama 3's scaling as the divisor of each of the `dim / 2` frequencies of base `theta`
+    /// (`None` for any other scaling): 1 for wavelengths shorter than `original_max_position /
+    /// high_freq_factor`, `factor` for those longer than `original_max_position /
+    /// low_freq_factor`, and between them the divisor transformers' smooth interpolation makes.
+    /// This is the `rope_freqs.weight` tensor llama.cpp's converter writes, computed as it does.
+    pub fn llama3_divisors(&self, theta: f32, dim: usize) -> Option<Vec<f32>> {
+        let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } = *self else {
+            return None;
+        };
+        let (factor, lo, hi, omp) = (
+            f64::from(factor),
+            f64::from(low_freq_factor),
+            f64::from(high_freq_factor),
+            f64::from(original_max_position),
+        );
+        Some(
+            (0..dim / 2)
+                .map(|i| {
+                    let wavelen = llama3_wavelength(theta, i, dim);
+                    let d = if wavelen < omp / hi {
+                        1.0
+                    } else if wavelen > omp / lo {
+                        factor
+                    } else {
+                        let smooth = (omp / wavelen - lo) / (hi - lo);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    };
+                    d as f32
+                })
+                .collect(),
+        )
+    }
+
+    /// Llama 3's scaling recovered from its divisors (a GGUF's `rope_freqs.weight`), so that a
+    /// folder written from the file says it in config.json; `None` where no Llama 3 scaling
+    /// gives these divisors, or where they leave it undetermined (fewer than two frequencies
+    /// between the kept and the fully scaled ones).
+    ///
+    /// Between those, 1 / divisor = (1 - s) / factor + s with s = (L / wavelength - lo) / (hi -
+    /// lo), linear in 1 / wavelength, so two such frequencies give L / (hi - lo) and lo / (hi -
+    /// lo). Scaling L, lo and hi together changes no divisor (nor transformers' frequencies,
+    /// computed from the same formula), so lo is taken as 1, as every Llama 3 model has it. The
+    /// context L is rounded to a whole number of tokens and hi to thousandths, each kept only
+    /// where the divisors computed back agree with the given ones within what the converter's
+    /// f32 arithmetic moves them: s carries about 4 f32 roundings of terms up to hi / (hi - lo),
+    /// and d = 1 / ((1 - s) / factor + s) moves relatively by up to d (1 - 1 / factor) ≤ factor
+    /// times the error of s.
+    pub fn llama3_from_divisors(divisors: &[f32], theta: f32, dim: usize) -> Option<RopeScaling> {
+        if divisors.len() != dim / 2 || divisors.iter().any(|d| !d.is_finite()) {
+            return None;
+        }
+        let factor = divisors.iter().copied().fold(1.0f32, f32::max);
+        if factor <= 1.0 {
+            return None;
+        }
+        let f = f64::from(factor);
+        // (1 / wavelength, s) of each frequency strictly between the kept and the scaled.
+        let band: Vec<(f64, f64)> = (divisors.iter().enumerate())
+            .filter(|&(_, &d)| d > 1.0 && d < factor)
+            .map(|(i, &d)| {
+                let wavelen = llama3_wavelength(theta, i, dim);
+                (1.0 / wavelen, (1.0 / f64::from(d) - 1.0 / f) / (1.0 - 1.0 / f))
+            })
+            .collect();
+        let (&(u0, s0), &(u1, s1)) = (band.first()?, band.last()?);
+        if band.len() < 2 || u0 == u1 {
+            return None;
+        }
+        let slope = (s1 - s0) / (u1 - u0); // L / (hi - lo)
+        let lo_over = slope * u0 - s0; // lo / (hi - lo)
+        if !(slope > 0.0 && lo_over > 0.0) {
+            return None;
+        }
+        let (hi, omp) = (1.0 + 1.0 / lo_over, slope / lo_over);
+        let candidates = [(omp.round(), (hi * 1000.0).round() / 1000.0), (omp.round(), hi), (omp, hi)];
+        candidates.into_iter().find_map(|(omp, hi)| {
+            let scaling = RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: 1.0,
+                high_freq_factor: hi as f32,
+                original_max_position: omp as f32,
+            };
+            let back = scaling.llama3_divisors(theta, dim)?;
+            let tol = (4.0 * f * hi / (hi - 1.0) + 1.0) * f64::from(f32::EPSILON);
+            let agree = back.iter().zip(divisors).all(|(&a, &b)| f64::from((a - b).abs()) <= tol * f64::from(b));
+            agree.then_some(scaling)
+        })
+    }
+}
+
 /// The model's hyper-parameters.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelConfig {
@@ -910,6 +1008,80 @@ fn parse_hf_rope_scaling(path: &Path, s: &Json) -> Result<Option<RopeScaling>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn llama3(factor: f32, lo: f32, hi: f32, context: f32) -> RopeScaling {
+        RopeScaling::Llama3 { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position: context }
+    }
+
+    /// Llama 3.1's and 3.2's scaling (θ 500,000; heads of 128 and 64; factors 8 and 32; low and
+    /// high frequency factors 1 and 4 over 8,192 tokens) and the tiny fixture's come back from
+    /// their divisors exactly, as does the same scaling said with L, lo and hi doubled (the same
+    /// divisors); divisors that are no Llama 3 scaling, or that leave it undetermined, give none.
+    #[test]
+    fn llama3_scaling_comes_back_from_its_divisors() {
+        for (theta, dim, scaling) in [
+            (500_000.0, 128, llama3(8.0, 1.0, 4.0, 8192.0)),
+            (500_000.0, 64, llama3(32.0, 1.0, 4.0, 8192.0)),
+            (10_000.0, 16, llama3(8.0, 1.0, 4.0, 64.0)),
+            (500_000.0, 128, llama3(16.0, 1.0, 2.5, 32768.0)),
+        ] {
+            let divisors = scaling.llama3_divisors(theta, dim).expect("divisors");
+            assert_eq!(RopeScaling::llama3_from_divisors(&divisors, theta, dim), Some(scaling.clone()));
+            let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } = scaling
+            else {
+                unreachable!()
+            };
+            // The converter computes the divisors in f32 (torch), not in f64 then rounded: its
+            // formula in f32 arithmetic gives the scaling too.
+            let (lo, hi, omp) = (low_freq_factor, high_freq_factor, original_max_position);
+            let f32_divisors: Vec<f32> = (0..dim / 2)
+                .map(|i| {
+                    let freq = 1.0 / theta.powf((2 * i) as f32 / dim as f32);
+                    let wavelen = 2.0 * std::f32::consts::PI / freq;
+                    if wavelen < omp / hi {
+                        1.0
+                    } else if wavelen > omp / lo {
+                        factor
+                    } else {
+                        let smooth = (omp / wavelen - lo) / (hi - lo);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect();
+            assert_eq!(RopeScaling::llama3_from_divisors(&f32_divisors, theta, dim), Some(scaling.clone()));
+            let doubled = llama3(factor, 2.0 * low_freq_factor, 2.0 * high_freq_factor, 2.0 * original_max_position);
+            let same = doubled.llama3_divisors(theta, dim).expect("divisors");
+            assert_eq!(same, divisors);
+            assert_eq!(RopeScaling::llama3_from_divisors(&same, theta, dim), Some(scaling.clone()));
+            // One divisor between the kept and the scaled ones moved by 1e-3: no Llama 3 scaling
+            // where three or more lie between; with two, they fix L and hi, and the scaling found
+            // gives the moved divisors.
+            let between = divisors.iter().filter(|&&d| d > 1.0 && d < factor).count();
+            let i = divisors.iter().position(|&d| d > 1.0 && d < factor).expect("a smooth divisor");
+            let mut moved = divisors.clone();
+            moved[i] *= 1.0 + 1e-3;
+            match RopeScaling::llama3_from_divisors(&moved, theta, dim) {
+                None => assert!(between >= 3, "{moved:?}"),
+                Some(s) => {
+                    assert_eq!(between, 2, "{moved:?}: {s:?}");
+                    let back = s.llama3_divisors(theta, dim).expect("divisors");
+                    assert!(back.iter().zip(&moved).all(|(a, b)| (a - b).abs() <= 1e-5 * b), "{back:?}");
+                }
+            }
+            // The wrong base (where three or more divisors lie between), or a divisor missing.
+            if between >= 3 {
+                assert_eq!(RopeScaling::llama3_from_divisors(&divisors, theta * 2.0, dim), None);
+            }
+            assert_eq!(RopeScaling::llama3_from_divisors(&divisors[1..], theta, dim), None);
+        }
+        // Every frequency divided alike (linear scaling), none divided, LongRoPE-like rising
+        // factors, and a step with one divisor between (undetermined).
+        let step = llama3(8.0, 1.0, 1.5, 64.0).llama3_divisors(10_000.0, 16).expect("divisors");
+        assert_eq!(step.iter().filter(|&&d| d > 1.0 && d < 8.0).count(), 1, "{step:?}");
+        for divisors in [vec![4.0; 8], vec![1.0; 8], (0..8).map(|i| 1.0 + i as f32 * 0.5).collect(), step] {
+            assert_eq!(RopeScaling::llama3_from_divisors(&divisors, 10_000.0, 16), None, "{divisors:?}");
+        }
+    }
 
     /// A Gemma config.json that leaves keys out reads as transformers reads it, with its config
     /// classes' defaults (transformers 5.25: `Gemma2Config()` has soft caps 50 and 30, head_dim

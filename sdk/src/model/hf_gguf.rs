@@ -242,34 +242,9 @@ pub fn config_tensors(cfg: &ModelConfig) -> Vec<(&'static str, Vec<f32>)> {
 }
 
 /// Llama 3's RoPE scaling as the divisor of each frequency, the `rope_freqs.weight` tensor the
-/// converter writes for it (`None` without that scaling): 1 for short wavelengths, `factor`
-/// for long ones, and between them the divisor that transformers' smooth interpolation makes.
+/// converter writes for it (`None` without that scaling; see [`RopeScaling::llama3_divisors`]).
 pub fn llama3_rope_divisors(cfg: &ModelConfig) -> Option<Vec<f32>> {
-    let Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position }) =
-        cfg.rope_scaling
-    else {
-        return None;
-    };
-    let (factor, lo, hi, omp) =
-        (f64::from(factor), f64::from(low_freq_factor), f64::from(high_freq_factor), f64::from(original_max_position));
-    let dim = cfg.head_dim as f64;
-    Some(
-        (0..cfg.head_dim / 2)
-            .map(|i| {
-                let freq = 1.0 / f64::from(cfg.rope_theta).powf((2 * i) as f64 / dim);
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                let d = if wavelen < omp / hi {
-                    1.0
-                } else if wavelen > omp / lo {
-                    factor
-                } else {
-                    let smooth = (omp / wavelen - lo) / (hi - lo);
-                    1.0 / ((1.0 - smooth) / factor + smooth)
-                };
-                d as f32
-            })
-            .collect(),
-    )
+    cfg.rope_scaling.as_ref()?.llama3_divisors(cfg.rope_theta, cfg.head_dim)
 }
 
 #[cfg(test)]

@@ -60,12 +60,15 @@ pub struct Tokenizer {
 
 /// A GGUF file's other special tokens (unknown, separator, padding, mask: their ids) and the
 /// add-BOS/EOS/separator flags it states, as gguf-py names them (`tokenizer.ggml.{typ}_token_id`,
-/// `tokenizer.ggml.add_{typ}_token`), and whether its vocabulary is byte-level BPE (`gpt2`).
+/// `tokenizer.ggml.add_{typ}_token`), whether its vocabulary is byte-level BPE (`gpt2`), and
+/// the placeholders llama.cpp's converter writes for ids the folder's tokenizer lacks (`[PADi]`
+/// at id i, unused: tokens no text encodes to, left out of a folder written from the file).
 #[derive(Debug, Clone, Default)]
 struct GgufStates {
     ids: Vec<(&'static str, u32)>,
     flags: Vec<(&'static str, bool)>,
     byte_level: bool,
+    placeholders: Vec<String>,
 }
 
 /// The special tokens of a GGUF file that a folder carries by name beside BOS and EOS, with the
@@ -302,6 +305,10 @@ impl Tokenizer {
                 })
                 .collect(),
             byte_level: model == "gpt2",
+            placeholders: (tokens.iter().zip(&types).enumerate())
+                .filter(|&(i, (t, &ty))| ty == 5 && *t == format!("[PAD{i}]"))
+                .map(|(_, (t, _))| t.clone())
+                .collect(),
         };
         Ok(Tokenizer {
             inner,
@@ -331,7 +338,18 @@ impl Tokenizer {
     /// written as a folder that transformers loads, and that llama.cpp's converter writes as
     /// GGUF again with the same special tokens.
     pub fn hf_files(&self, model_max_length: usize) -> Result<(String, serde_json::Value)> {
-        let text = self.inner.to_string(true).map_err(|e| tok_err(&self.source, e))?;
+        let mut text = self.inner.to_string(true).map_err(|e| tok_err(&self.source, e))?;
+        if !self.gguf_states.placeholders.is_empty() {
+            // The converter's placeholders for ids the folder's tokenizer lacked: the folder
+            // lacks them again (config.json's vocab_size still counts them).
+            let mut j: Json = serde_json::from_str(&text).map_err(|e| tok_err(&self.source, e))?;
+            if let Some(vocab) = j.pointer_mut("/model/vocab").and_then(Json::as_object_mut) {
+                for t in &self.gguf_states.placeholders {
+                    vocab.remove(t);
+                }
+            }
+            text = serde_json::to_string_pretty(&j).map_err(|e| tok_err(&self.source, e))?;
+        }
         let mut config = serde_json::json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token,
