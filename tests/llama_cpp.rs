@@ -937,16 +937,14 @@ fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
             .collect::<std::collections::BTreeMap<_, _>>()
     };
     let mut files = 0;
-    for case in hf_gguf_cases().1 {
+    let (text, cases) = hf_gguf_cases();
+    for case in cases {
         let name = case["name"].as_str().expect("name");
         let dir = temp(name);
         let folder = hf_case_folder(&case, &dir);
         let first = dir.join("first.gguf");
         lora::merge::convert_gguf(&folder, &first, GgmlType::F32).expect("convert");
         let g = GgufFile::open(&first).expect("first opens");
-        if g.get_str("tokenizer.ggml.model").expect("model") == "llama" {
-            continue;
-        }
         // The same file naming the other special tokens: two control tokens (added tokens in
         // the folder) and two plain ones.
         let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
@@ -969,6 +967,28 @@ fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
         }
         w.set("tokenizer.ggml.add_eos_token", V::Bool(false));
         w.set("tokenizer.ggml.add_sep_token", V::Bool(false));
+        if g.get_str("tokenizer.ggml.model").expect("model") == "llama" {
+            // A SentencePiece vocabulary with a user-defined token, as the converter writes an
+            // added token (score -1000), one the text does not hold (SentencePiece matches a
+            // user-defined piece whole, so it would encode the text otherwise).
+            let texts = match g.get("tokenizer.ggml.tokens") {
+                Some(V::Array(a)) => a.iter().map(|v| v.as_str().expect("text").to_string()).collect::<Vec<_>>(),
+                _ => panic!("{name}: no tokens"),
+            };
+            let user = *plain[..plain.len() - 2]
+                .iter()
+                .rev()
+                .find(|&&i| !text.contains(&texts[i as usize].replace('▁', " ")))
+                .expect("a token the text does not hold");
+            let mut scores = match g.get("tokenizer.ggml.scores") {
+                Some(V::Array(a)) => a.clone(),
+                _ => panic!("{name}: no scores"),
+            };
+            scores[user as usize] = V::F32(-1000.0);
+            let kinds = types.iter().enumerate().map(|(i, &t)| V::I32(if i == user as usize { 4 } else { t as i32 }));
+            w.set("tokenizer.ggml.scores", V::Array(scores));
+            w.set("tokenizer.ggml.token_type", V::Array(kinds.collect()));
+        }
         for t in g.tensors.keys() {
             let (v, shape) = g.tensor_f32(t).expect("tensor");
             w.add_tensor(t, &shape, GgmlType::F32, &v).expect("tensor");
@@ -987,6 +1007,27 @@ fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
             };
             let (tc, config) = (read("tokenizer_config.json"), read("config.json"));
             let g = GgufFile::open(&file).expect("opens");
+            if g.get_str("tokenizer.ggml.model").expect("model") == "llama" {
+                // SentencePiece loads the folder's tokenizer.model with the file's pieces,
+                // scores and kinds, and encodes the text as the first folder's model does.
+                let script =
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/sentencepiece_model.py");
+                let out = Command::new(python())
+                    .arg(&script)
+                    .arg(back.join("tokenizer.model"))
+                    .arg(folder.join("tokenizer.model"))
+                    .arg(&file)
+                    .arg(&text)
+                    .output()
+                    .expect("run sentencepiece_model.py");
+                assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+                let judged: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+                assert_eq!(judged["mismatches"], json!([]), "{name} {}", file.display());
+                assert_eq!(judged["trailing"], json!([]), "{name}");
+                assert!(judged["pieces"].as_u64() > Some(256), "{name}: {judged}");
+                assert!(judged["ours_ids"].as_array().is_some_and(|a| a.len() > 10), "{name}: {judged}");
+                assert_eq!(judged["ours_ids"], judged["original_ids"], "{name}");
+            }
             let tokens = match g.get("tokenizer.ggml.tokens") {
                 Some(V::Array(a)) => a.iter().map(|v| v.as_str().expect("text").to_string()).collect::<Vec<_>>(),
                 _ => panic!("{name}: no tokens"),
@@ -1025,7 +1066,7 @@ fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
-    assert!(files >= 16, "{files} files written as a folder and back");
+    assert!(files >= 24, "{files} files written as a folder and back");
 }
 
 /// The same files with an adapter merged, and written with no adapter and given the adapter as

@@ -393,6 +393,9 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
     }
     write_atomic(&out.join("tokenizer.json"), tokenizer_json.as_bytes())?;
     write_json(&out.join("tokenizer_config.json"), &tokenizer_config)?;
+    for (name, bytes) in tok.hf_sentencepiece_files() {
+        write_atomic(&out.join(name), &bytes)?;
+    }
     let generation = json!({
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": match cfg.eos_token_ids.as_slice() { [one] => json!(one), many => json!(many) },

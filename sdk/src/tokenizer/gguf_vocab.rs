@@ -376,6 +376,133 @@ fn parse_pieces(bytes: &[u8], path: &Path) -> Result<Vec<(String, f32, u64)>> {
     Ok(pieces)
 }
 
+/// A SentencePiece vocabulary as a GGUF file holds it (`tokenizer.ggml.model` `llama`), for
+/// writing back as `tokenizer.model`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SentencePieceVocab {
+    /// Each token's text, by id.
+    pub tokens: Vec<String>,
+    /// Each token's score.
+    pub scores: Vec<f32>,
+    /// Each token's llama.cpp type (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused,
+    /// 6 byte), which SentencePiece's piece types number alike.
+    pub types: Vec<u64>,
+    /// Whether a space is put before the text (SentencePiece's `add_dummy_prefix`).
+    pub space_prefix: bool,
+    /// The ids of the unknown token, BOS, EOS and padding, where the file names them.
+    pub unk: Option<u32>,
+    /// See `unk`.
+    pub bos: Option<u32>,
+    /// See `unk`.
+    pub eos: Option<u32>,
+    /// See `unk`.
+    pub pad: Option<u32>,
+}
+
+/// Protocol-buffer fields, as SentencePiece's `sentencepiece_model.proto` numbers them.
+struct Proto(Vec<u8>);
+
+impl Proto {
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+    /// An integer field (int32, enum, bool: wire type 0; negative int32 as ten bytes).
+    fn int(&mut self, field: u64, v: i64) {
+        self.varint(field << 3);
+        self.varint(v as u64);
+    }
+    /// A length-delimited field (a string, bytes or a message).
+    fn bytes(&mut self, field: u64, b: &[u8]) {
+        self.varint((field << 3) | 2);
+        self.varint(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+    fn float(&mut self, field: u64, v: f32) {
+        self.varint((field << 3) | 5);
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// The `tokenizer.model` (a SentencePiece `ModelProto`) of a GGUF file's SentencePiece
+/// vocabulary, such that llama.cpp's converter reads back the same tokens, scores and types
+/// (`_set_vocab_sentencepiece`), and `added_tokens.json`, which gives the user-defined tokens
+/// that type back (the converter asks SentencePiece only whether a piece is unknown, control,
+/// unused or a byte, and reads the rest as normal), where there are any. The converter's
+/// trailing `[PADi]` placeholders (ids the folder's tokenizer lacked) are left out, as it
+/// writes them again from config.json's vocabulary size. A BPE model: each piece with its text,
+/// score and type; byte fallback where byte pieces are; the unknown, BOS, EOS and padding
+/// pieces named; identity normalization with the file's space prefix.
+///
+/// The unknown piece SentencePiece needs is the token of the unknown type, else the token the
+/// file names as unknown (Phi-3's converter writes it as a control token, as its added tokens
+/// say, over the type it reads from the model). `None` where SentencePiece would not load the
+/// model: no unknown piece or more than one, a piece empty or given twice, or a byte piece that
+/// is not `<0xXX>`.
+pub fn sentencepiece_files(v: &SentencePieceVocab) -> Option<(Vec<u8>, Option<String>)> {
+    let placeholder = |i: usize| v.types.get(i) == Some(&(UNUSED as u64)) && v.tokens[i] == format!("[PAD{i}]");
+    let n = (0..v.tokens.len()).rev().find(|&i| !placeholder(i)).map_or(0, |i| i + 1);
+    let (tokens, types) = (&v.tokens[..n], &v.types[..n]);
+    let mut seen = std::collections::HashSet::new();
+    for (t, &ty) in tokens.iter().zip(types) {
+        let byte_ok = ty != 6
+            || (t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok());
+        if t.is_empty() || !seen.insert(t.as_str()) || !byte_ok {
+            return None;
+        }
+    }
+    if types.iter().filter(|&&t| t == 2).count() > 1 {
+        return None;
+    }
+    let unk = types.iter().position(|&t| t == 2).or(v.unk.map(|i| i as usize).filter(|&i| i < n))?;
+    let mut model = Proto(Vec::new());
+    let mut user_defined = serde_json::Map::new();
+    for (i, (t, &ty)) in tokens.iter().zip(types).enumerate() {
+        let mut piece = Proto(Vec::new());
+        piece.bytes(1, t.as_bytes());
+        piece.float(2, v.scores.get(i).copied().unwrap_or(0.0));
+        piece.int(
+            3,
+            if i == unk {
+                2
+            } else if (1..=6).contains(&ty) {
+                ty as i64
+            } else {
+                1
+            },
+        );
+        model.bytes(1, &piece.0);
+        if ty == USER_DEFINED as u64 {
+            user_defined.insert(t.clone(), Json::from(i));
+        }
+    }
+    let id = |x: Option<u32>| x.filter(|&i| (i as usize) < n).map_or(-1, i64::from);
+    let mut trainer = Proto(Vec::new());
+    trainer.int(3, 2); // model_type: BPE
+    trainer.int(4, n as i64); // vocab_size
+    trainer.int(35, i64::from(types.contains(&6))); // byte_fallback
+    for (field, x) in [(40, Some(unk as u32)), (41, v.bos), (42, v.eos), (43, v.pad)] {
+        trainer.int(field, id(x));
+    }
+    for (field, x) in [(45, Some(unk as u32)), (46, v.bos), (47, v.eos), (48, v.pad)] {
+        if let Some(i) = x.filter(|&i| (i as usize) < n) {
+            trainer.bytes(field, tokens[i as usize].as_bytes());
+        }
+    }
+    model.bytes(2, &trainer.0);
+    let mut normalizer = Proto(Vec::new());
+    normalizer.bytes(1, b"identity");
+    normalizer.int(3, i64::from(v.space_prefix)); // add_dummy_prefix
+    normalizer.int(4, 0); // remove_extra_whitespaces
+    normalizer.int(5, 1); // escape_whitespaces
+    model.bytes(3, &normalizer.0);
+    let added = (!user_defined.is_empty()).then(|| Json::Object(user_defined).to_string());
+    Some((model.0, added))
+}
+
 /// `_set_vocab_sentencepiece`: the pieces of `tokenizer.model` by id with their scores and
 /// types (SentencePiece's own user-defined pieces counted as normal, as the converter asks
 /// SentencePiece only whether a piece is unknown, control, unused or a byte), then
@@ -665,6 +792,42 @@ fn special_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fixture's SentencePiece model written back from its pieces reads as the same pieces
+    /// (the converter's trailing placeholders left out, a user-defined token listed for
+    /// added_tokens.json); a vocabulary SentencePiece would not load gives no model.
+    #[test]
+    fn a_sentencepiece_vocabulary_is_written_as_a_model_where_sentencepiece_would_load_it() {
+        let path = crate::files::test_fixtures().join("tiny_spm_tokenizer/tokenizer.model");
+        let pieces = sentencepiece_pieces(&path).expect("the fixture reads");
+        let mut v = SentencePieceVocab {
+            tokens: pieces.iter().map(|p| p.0.clone()).chain(["[PAD320]".into(), "[PAD321]".into()]).collect(),
+            scores: pieces.iter().map(|p| p.1).chain([-10000.0; 2]).collect(),
+            types: pieces.iter().map(|p| p.2).chain([5; 2]).collect(),
+            space_prefix: true,
+            unk: Some(0),
+            bos: Some(1),
+            eos: Some(2),
+            pad: None,
+        };
+        v.types[300] = 4;
+        let (model, added) = sentencepiece_files(&v).expect("a model");
+        let mut want = pieces.clone();
+        want[300].2 = 4;
+        assert_eq!(parse_pieces(&model, &path).expect("reads"), want);
+        assert_eq!(added, Some(format!("{{\"{}\":300}}", v.tokens[300])));
+        let refused = |edit: &dyn Fn(&mut SentencePieceVocab)| {
+            let mut w = v.clone();
+            edit(&mut w);
+            sentencepiece_files(&w).is_none()
+        };
+        assert!(refused(&|w| w.tokens[10] = w.tokens[11].clone()), "a piece given twice");
+        assert!(refused(&|w| w.tokens[10] = String::new()), "an empty piece");
+        assert!(refused(&|w| w.tokens[3] = "<0xZZ>".into()), "a byte piece that is no byte");
+        assert!(refused(&|w| w.types[1] = 2), "two unknown pieces");
+        assert!(refused(&|w| (w.types[0], w.unk) = (1, None)), "no unknown piece");
+        assert!(!refused(&|w| (w.types[0], w.unk) = (3, Some(0))), "the named unknown token");
+    }
 
     /// The fixture's SentencePiece model (written by sentencepiece itself) reads as its pieces:
     /// `<unk>` unknown, `<s>` and `</s>` control, the 256 byte pieces, then the rest normal with
