@@ -9,7 +9,7 @@ use edgetune::Session;
 use edgetune::gpu::{GpuContext, GpuOptions};
 use edgetune::infer::{GenerateOptions, Rng, StopReason, sample};
 use edgetune::model::llama::{LoadOptions, Quant};
-use edgetune::session::{ManyRequests, Prompt};
+use edgetune::session::{AnswerEvent, ManyRequests, Prompt};
 use edgetune::tokenizer::Message;
 
 fn session(max_context: usize) -> Session {
@@ -462,22 +462,21 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
         .expect("alone");
     for rows in [1, 3, 0] {
         let job = ManyRequests { requests: &mixed, opts: &opts, rows };
-        let events: std::cell::RefCell<Vec<(bool, usize)>> = Default::default();
+        let mut events: Vec<(bool, usize)> = Vec::new();
         let mut told = vec![None; mixed.len()];
         let out = s
-            .answer_many(
-                &job,
-                |i, _| {
-                    events.borrow_mut().push((false, i));
-                    true
-                },
-                |i, g| {
-                    events.borrow_mut().push((true, i));
-                    assert!(told[i].replace(g.token_ids.clone()).is_none(), "request {i} ended twice");
-                },
-            )
+            .answer_many(&job, |event| {
+                match event {
+                    AnswerEvent::Text { request, .. } => events.push((false, request)),
+                    AnswerEvent::End { request, generated } => {
+                        events.push((true, request));
+                        let again = told[request].replace(generated.token_ids.clone());
+                        assert!(again.is_none(), "request {request} ended twice");
+                    }
+                }
+                true
+            })
             .expect("answer many");
-        let events = events.into_inner();
         for (i, (g, a)) in out.iter().zip(&alone).enumerate() {
             assert_eq!((&g.token_ids, &g.text), (&a.token_ids, &a.text), "rows {rows}: request {i}");
             assert_eq!(told[i].as_ref(), Some(&g.token_ids), "rows {rows}: request {i}'s end");
@@ -493,7 +492,9 @@ fn many_requests_with_their_own_adapters_get_what_each_gets_alone() {
         }
     }
     let stop_1 = s
-        .answer_many(&ManyRequests { requests: &mixed, opts: &opts, rows: 3 }, |i, _| i != 1, |_, _| {})
+        .answer_many(&ManyRequests { requests: &mixed, opts: &opts, rows: 3 }, |event| {
+            !matches!(event, AnswerEvent::Text { request: 1, .. })
+        })
         .expect("stopped");
     assert_eq!(stop_1[1].stop_reason, StopReason::Callback);
     let e = s.chat_many(&[(None, &hi), (None, &[])], &opts, |_, _| true).expect_err("no messages");

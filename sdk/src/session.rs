@@ -35,6 +35,33 @@ pub struct ManyRequests<'a> {
     pub rows: usize,
 }
 
+/// What [`Session::answer_many`] tells as its requests decode, each with its request's index.
+#[derive(Debug, Clone, Copy)]
+pub enum AnswerEvent<'a> {
+    /// A new piece of a request's text.
+    Text {
+        /// The request's index.
+        request: usize,
+        /// The piece.
+        text: &'a str,
+    },
+    /// A request ended, with what it generated (the entry the call returns for it).
+    End {
+        /// The request's index.
+        request: usize,
+        /// What it generated.
+        generated: &'a Generated,
+    },
+}
+
+/// An [`AnswerEvent`] handler that passes the pieces of text to `on_text` and nothing else.
+fn texts_only(mut on_text: impl FnMut(usize, &str) -> bool) -> impl FnMut(AnswerEvent<'_>) -> bool {
+    move |event| match event {
+        AnswerEvent::Text { request, text } => on_text(request, text),
+        AnswerEvent::End { .. } => true,
+    }
+}
+
 /// A loaded model ready to generate and score text.
 #[derive(Debug)]
 pub struct Session {
@@ -161,7 +188,7 @@ impl Session {
         on_text: impl FnMut(usize, &str) -> bool,
     ) -> Result<Vec<Generated>> {
         let requests: Vec<_> = requests.iter().map(|&(name, p)| (name, Prompt::Text(p))).collect();
-        self.answer_many(&ManyRequests { requests: &requests, opts, rows: 0 }, on_text, |_, _| {})
+        self.answer_many(&ManyRequests { requests: &requests, opts, rows: 0 }, texts_only(on_text))
     }
 
     /// [`Session::generate_many`] for conversations: each request's messages rendered with the
@@ -174,21 +201,21 @@ impl Session {
         on_text: impl FnMut(usize, &str) -> bool,
     ) -> Result<Vec<Generated>> {
         let requests: Vec<_> = requests.iter().map(|&(name, m)| (name, Prompt::Chat(m))).collect();
-        self.answer_many(&ManyRequests { requests: &requests, opts, rows: 0 }, on_text, |_, _| {})
+        self.answer_many(&ManyRequests { requests: &requests, opts, rows: 0 }, texts_only(on_text))
     }
 
     /// Plain prompts and conversations decoded together, each with the resident adapter it
     /// names, as [`Session::generate_many`] and [`Session::chat_many`] decode them, `job.rows`
     /// at most at a time: each row takes the next request when its own ends
-    /// ([`infer::generate_queue_each`]). `on_text` gets each new piece of text with its
-    /// request's index (returning `false` ends that request), and `on_end` each request's index
-    /// and what it generated as soon as it ends, in the order they end, so that an app can hand
-    /// back a short answer while long ones go on.
+    /// ([`infer::generate_queue_each`]). `on_event` is told each new piece of text
+    /// ([`AnswerEvent::Text`]; returning `false` ends that request) and each request's end with
+    /// what it generated as soon as it ends ([`AnswerEvent::End`], in the order they end; what
+    /// it returns is not read), so that an app can hand back a short answer while long ones go
+    /// on, with one closure and one state for both.
     pub fn answer_many(
         &self,
         job: &ManyRequests<'_>,
-        on_text: impl FnMut(usize, &str) -> bool,
-        on_end: impl FnMut(usize, &Generated),
+        on_event: impl FnMut(AnswerEvent<'_>) -> bool,
     ) -> Result<Vec<Generated>> {
         let mut prompts = Vec::with_capacity(job.requests.len());
         for (i, &(_, prompt)) in job.requests.iter().enumerate() {
@@ -225,7 +252,16 @@ impl Session {
             requests: &rows,
             opts: job.opts,
         };
-        infer::generate_queue_each(&run, n, on_text, on_end)
+        // The queue tells pieces and ends one at a time, never one inside the other.
+        let on_event = std::cell::RefCell::new(on_event);
+        infer::generate_queue_each(
+            &run,
+            n,
+            |request, text| (on_event.borrow_mut())(AnswerEvent::Text { request, text }),
+            |request, generated| {
+                (on_event.borrow_mut())(AnswerEvent::End { request, generated });
+            },
+        )
     }
 
     fn generate_on(

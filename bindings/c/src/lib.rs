@@ -37,7 +37,7 @@ use edgetune::infer::GenerateOptions;
 use edgetune::lora::{Adapter, peft};
 use edgetune::model::llama::{LoadOptions, Quant};
 use edgetune::quant::gguf_blocks::GgmlType;
-use edgetune::session::{ManyRequests, Prompt};
+use edgetune::session::{AnswerEvent, ManyRequests, Prompt};
 use edgetune::tokenizer::Message;
 use edgetune::train::{AnswerEval, CancelToken, Event, StopReason, TrainConfig, Trainer};
 use edgetune::{Error, Session};
@@ -981,18 +981,23 @@ unsafe fn generate_many(call: ManyCall) -> Result<(), Fail> {
     if system.is_some() && !chat {
         return Err(Fail::invalid("options_json: `system` needs \"chat\": true"));
     }
-    let on_text = |request: usize, piece: &str| -> bool {
-        let Some(cb) = on_token else { return true };
-        let Ok(c) = CString::new(piece.replace('\0', " ")) else { return true };
-        // SAFETY: a C callback given by the caller, with its own userdata.
-        unsafe { cb(userdata, request, c.as_ptr()) != 0 }
-    };
-    let ended = |request: usize, result: &edgetune::infer::Generated| {
-        let Some(cb) = on_end else { return };
-        let Ok(json) = serde_json::to_string(result) else { return };
-        let Ok(c) = CString::new(json) else { return };
-        // SAFETY: a C callback given by the caller, with its own userdata.
-        unsafe { cb(userdata, request, c.as_ptr()) }
+    let on_event = |event: AnswerEvent<'_>| -> bool {
+        match event {
+            AnswerEvent::Text { request, text } => {
+                let Some(cb) = on_token else { return true };
+                let Ok(c) = CString::new(text.replace('\0', " ")) else { return true };
+                // SAFETY: a C callback given by the caller, with its own userdata.
+                unsafe { cb(userdata, request, c.as_ptr()) != 0 }
+            }
+            AnswerEvent::End { request, generated } => {
+                let Some(cb) = on_end else { return true };
+                let Ok(json) = serde_json::to_string(generated) else { return true };
+                let Ok(c) = CString::new(json) else { return true };
+                // SAFETY: a C callback given by the caller, with its own userdata.
+                unsafe { cb(userdata, request, c.as_ptr()) };
+                true
+            }
+        }
     };
     let session = model.session.hold("model")?;
     let conversations: Vec<Vec<Message>> = if chat {
@@ -1019,7 +1024,7 @@ unsafe fn generate_many(call: ManyCall) -> Result<(), Fail> {
         })
         .collect();
     let job = ManyRequests { requests: &list, opts: &opts, rows: rows.unwrap_or(0) };
-    let results = session.answer_many(&job, on_text, ended)?;
+    let results = session.answer_many(&job, on_event)?;
     let json = serde_json::to_string(&results).map_err(|e| Fail::invalid(e.to_string()))?;
     *out = CString::new(json).map_err(|e| Fail::invalid(e.to_string()))?.into_raw();
     Ok(())

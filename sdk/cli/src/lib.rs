@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 use edgetune::gpu::GpuOptions;
 use edgetune::infer::GenerateOptions;
 use edgetune::model::llama::{LoadOptions, Quant};
-use edgetune::session::{ManyRequests, Prompt};
+use edgetune::session::{AnswerEvent, ManyRequests, Prompt};
 use edgetune::tokenizer::Message;
 use edgetune::train::Precision;
 use edgetune::{Error, Result, Session};
@@ -512,10 +512,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut ended: Vec<Option<String>> = vec![None; pairs.len()];
             let mut printed = 0;
             let job = ManyRequests { requests: &requests, opts: &opts, rows: usize::from(rows) };
-            s.answer_many(
-                &job,
-                |_, _| true,
-                |i, answer| {
+            s.answer_many(&job, |event| {
+                if let AnswerEvent::End { request: i, generated: answer } = event {
                     ended[i] = Some(answer.text.clone());
                     while let Some(text) = ended.get_mut(printed).and_then(Option::take) {
                         let (prompt, adapter) = pairs[printed];
@@ -531,8 +529,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         printed += 1;
                     }
-                },
-            )?;
+                }
+                true
+            })?;
         }
         Cmd::Train(args) => {
             if !train::run(*args, &gpu)? {
