@@ -26,7 +26,7 @@ use crate::model::hf_gguf;
 use crate::model::weights::{WeightSource, gguf_name, gguf_permuted_heads, permute_rows};
 use crate::quant::gguf_blocks::GgmlType;
 use crate::safetensors_write::{Entry, header};
-use crate::tokenizer::gguf_vocab::ConverterClass;
+use crate::tokenizer::gguf_vocab::{ConverterClass, SentencePieceVocab, sentencepiece_files};
 
 /// The precision of the merged weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -377,7 +377,8 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
         }
         return Ok(());
     }
-    let tok = crate::tokenizer::Tokenizer::open(model_path)?;
+    let gguf = crate::model::gguf::GgufFile::open(model_path)?;
+    let tok = crate::tokenizer::Tokenizer::from_gguf(&gguf)?;
     let mut config = hf_config(cfg, dtype)?;
     // The other special tokens by id as well: transformers' `pad_token_id`, and what the
     // converter reads for a token that is not an added one.
@@ -393,8 +394,14 @@ fn write_side_files(model_path: &Path, cfg: &ModelConfig, out: &Path, dtype: Mer
     }
     write_atomic(&out.join("tokenizer.json"), tokenizer_json.as_bytes())?;
     write_json(&out.join("tokenizer_config.json"), &tokenizer_config)?;
-    for (name, bytes) in tok.hf_sentencepiece_files() {
-        write_atomic(&out.join(name), &bytes)?;
+    // A SentencePiece vocabulary also as the tokenizer.model llama.cpp's converter reads it
+    // from, and its user-defined tokens in added_tokens.json, where SentencePiece would load it.
+    let sentencepiece = SentencePieceVocab::from_gguf(&gguf).and_then(|v| sentencepiece_files(&v));
+    if let Some((model, added)) = sentencepiece {
+        write_atomic(&out.join("tokenizer.model"), &model)?;
+        if let Some(added) = added {
+            write_atomic(&out.join("added_tokens.json"), added.as_bytes())?;
+        }
     }
     let generation = json!({
         "bos_token_id": cfg.bos_token_id,

@@ -125,7 +125,8 @@ impl RopeScaling {
     /// (`None` for any other scaling): 1 for wavelengths shorter than `original_max_position /
     /// high_freq_factor`, `factor` for those longer than `original_max_position /
     /// low_freq_factor`, and between them the divisor transformers' smooth interpolation makes.
-    /// This is the `rope_freqs.weight` tensor llama.cpp's converter writes, computed as it does.
+    /// This is the `rope_freqs.weight` tensor llama.cpp's converter writes, computed here in f64
+    /// and rounded (the converter's f32 arithmetic agrees within a few roundings).
     pub fn llama3_divisors(&self, theta: f32, dim: usize) -> Option<Vec<f32>> {
         let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } = *self else {
             return None;
@@ -196,7 +197,7 @@ impl RopeScaling {
         }
         let (hi, omp) = (1.0 + 1.0 / lo_over, slope / lo_over);
         let candidates = [(omp.round(), (hi * 1000.0).round() / 1000.0), (omp.round(), hi), (omp, hi)];
-        candidates.into_iter().find_map(|(omp, hi)| {
+        candidates.into_iter().filter(|&(_, hi)| hi > 1.0).find_map(|(omp, hi)| {
             let scaling = RopeScaling::Llama3 {
                 factor,
                 low_freq_factor: 1.0,

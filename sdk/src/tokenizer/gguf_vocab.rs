@@ -399,6 +399,30 @@ pub struct SentencePieceVocab {
     pub pad: Option<u32>,
 }
 
+impl SentencePieceVocab {
+    /// The SentencePiece vocabulary of a GGUF file (`None` for another tokenizer model).
+    pub fn from_gguf(g: &crate::model::gguf::GgufFile) -> Option<Self> {
+        if g.get("tokenizer.ggml.model").and_then(Value::as_str) != Some("llama") {
+            return None;
+        }
+        let array = |key: &str| match g.get(key) {
+            Some(Value::Array(a)) => a.as_slice(),
+            _ => &[],
+        };
+        let id = |key: &str| g.get(key).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok());
+        Some(SentencePieceVocab {
+            tokens: array("tokenizer.ggml.tokens").iter().map(|v| v.as_str().unwrap_or("").to_string()).collect(),
+            scores: array("tokenizer.ggml.scores").iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+            types: array("tokenizer.ggml.token_type").iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
+            space_prefix: !matches!(g.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(false))),
+            unk: id("tokenizer.ggml.unknown_token_id"),
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos: id("tokenizer.ggml.eos_token_id"),
+            pad: id("tokenizer.ggml.padding_token_id"),
+        })
+    }
+}
+
 /// Protocol-buffer fields, as SentencePiece's `sentencepiece_model.proto` numbers them.
 struct Proto(Vec<u8>);
 
@@ -441,8 +465,11 @@ impl Proto {
 /// file names as unknown (Phi-3's converter writes it as a control token, as its added tokens
 /// say, over the type it reads from the model). `None` where SentencePiece would not load the
 /// model: no unknown piece or more than one, a piece empty or given twice, or a byte piece that
-/// is not `<0xXX>`.
+/// is not `<0xXX>`; and where the file's tokens, scores and types differ in number.
 pub fn sentencepiece_files(v: &SentencePieceVocab) -> Option<(Vec<u8>, Option<String>)> {
+    if v.types.len() != v.tokens.len() || v.scores.len() != v.tokens.len() {
+        return None;
+    }
     let placeholder = |i: usize| v.types.get(i) == Some(&(UNUSED as u64)) && v.tokens[i] == format!("[PAD{i}]");
     let n = (0..v.tokens.len()).rev().find(|&i| !placeholder(i)).map_or(0, |i| i + 1);
     let (tokens, types) = (&v.tokens[..n], &v.types[..n]);
@@ -463,7 +490,7 @@ pub fn sentencepiece_files(v: &SentencePieceVocab) -> Option<(Vec<u8>, Option<St
     for (i, (t, &ty)) in tokens.iter().zip(types).enumerate() {
         let mut piece = Proto(Vec::new());
         piece.bytes(1, t.as_bytes());
-        piece.float(2, v.scores.get(i).copied().unwrap_or(0.0));
+        piece.float(2, v.scores[i]);
         piece.int(
             3,
             if i == unk {
@@ -827,6 +854,8 @@ mod tests {
         assert!(refused(&|w| w.types[1] = 2), "two unknown pieces");
         assert!(refused(&|w| (w.types[0], w.unk) = (1, None)), "no unknown piece");
         assert!(!refused(&|w| (w.types[0], w.unk) = (3, Some(0))), "the named unknown token");
+        assert!(refused(&|w| w.types.truncate(100)), "fewer types than tokens");
+        assert!(refused(&|w| w.scores.truncate(319)), "fewer scores than tokens");
     }
 
     /// The fixture's SentencePiece model (written by sentencepiece itself) reads as its pieces:

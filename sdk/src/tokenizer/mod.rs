@@ -69,7 +69,6 @@ struct GgufStates {
     flags: Vec<(&'static str, bool)>,
     byte_level: bool,
     placeholders: Vec<String>,
-    sentencepiece: Option<gguf_vocab::SentencePieceVocab>,
 }
 
 /// The special tokens of a GGUF file that a folder carries by name beside BOS and EOS, with the
@@ -310,19 +309,6 @@ impl Tokenizer {
                 .filter(|&(i, (t, &ty))| ty == 5 && *t == format!("[PAD{i}]"))
                 .map(|(_, (t, _))| t.clone())
                 .collect(),
-            sentencepiece: (model == "llama").then(|| gguf_vocab::SentencePieceVocab {
-                scores: match g.get("tokenizer.ggml.scores") {
-                    Some(Value::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-                    _ => vec![0.0; tokens.len()],
-                },
-                tokens: tokens.clone(),
-                types: types.clone(),
-                space_prefix: !matches!(g.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(false))),
-                unk: id_of("tokenizer.ggml.unknown_token_id"),
-                bos: bos_id,
-                eos: eos_id,
-                pad: id_of("tokenizer.ggml.padding_token_id"),
-            }),
         };
         Ok(Tokenizer {
             inner,
@@ -384,22 +370,6 @@ impl Tokenizer {
             config["add_bos_token"] = Json::Bool(true);
         }
         Ok((text, config))
-    }
-
-    /// From a GGUF file's SentencePiece vocabulary, the files a Hugging Face folder carries it
-    /// in beside `tokenizer.json`: `tokenizer.model`, which llama.cpp's converter reads the
-    /// tokens, scores and types from, and `added_tokens.json` where user-defined tokens are
-    /// (see [`gguf_vocab::sentencepiece_files`]). None for other tokenizers, or where
-    /// SentencePiece would not load the vocabulary as a model (no unknown token, a token given
-    /// twice).
-    pub fn hf_sentencepiece_files(&self) -> Vec<(&'static str, Vec<u8>)> {
-        let Some((model, added)) = self.gguf_states.sentencepiece.as_ref().and_then(gguf_vocab::sentencepiece_files)
-        else {
-            return vec![];
-        };
-        let mut out = vec![("tokenizer.model", model)];
-        out.extend(added.map(|a| ("added_tokens.json", a.into_bytes())));
-        out
     }
 
     /// Whether the tokenizer was read from a GGUF file's byte-level BPE vocabulary
