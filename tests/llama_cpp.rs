@@ -916,17 +916,19 @@ fn a_folder_written_as_gguf_is_what_llama_cpps_converter_writes() {
     }
 }
 
-/// A GGUF file written as a Hugging Face folder (`merge` of a GGUF base) keeps its tokenizer:
-/// that folder written as GGUF again carries every `tokenizer.*` key of the first file with its
-/// value (the special tokens' ids, the add-token flags, the template), for each case's file as
-/// the converter writes it (held to its output key by key above) and for that file naming an
-/// unknown, a padding, a mask and a separator token (two added tokens, which the converter
-/// finds by their texts in tokenizer_config.json, and two plain ones, which it takes from
-/// config.json) and stating add-EOS and add-separator flags. Cases with a SentencePiece
-/// vocabulary are left out (the folder has no tokenizer.model, which GGUF writing needs and
-/// says so), and Llama 3's RoPE divisors (which config.json cannot hold) are refused by name.
+/// A GGUF file written as a Hugging Face folder (`merge` of a GGUF base) keeps what it holds:
+/// that folder written as GGUF again carries every key of the first file with its value (the
+/// tokenizer's tokens, types, scores, special tokens' ids, add-token flags and template, and the
+/// model's hyper-parameters) and every tensor bit for bit (Llama 3's `rope_freqs.weight`
+/// through the RoPE scaling config.json says), for each case's file as the converter writes it
+/// (held to its output key by key above) and for that file naming an unknown, a padding, a
+/// mask and a separator token (two added tokens, which the converter finds by their texts in
+/// tokenizer_config.json, and two plain ones, which it takes from config.json), stating add-EOS
+/// and add-separator flags and, for a SentencePiece vocabulary, with a user-defined token. A
+/// SentencePiece vocabulary goes through the folder's tokenizer.model, which SentencePiece
+/// itself judges (`sentencepiece_model.py`).
 #[test]
-fn a_gguf_written_as_a_folder_and_back_keeps_its_tokenizer_metadata() {
+fn a_gguf_written_as_a_folder_and_back_keeps_its_metadata_and_tensors() {
     use edgetune::model::gguf::Value as V;
     let keys = |path: &Path, tokenizer: bool| {
         let g = GgufFile::open(path).expect("opens");
